@@ -1,0 +1,351 @@
+//! The kernel/user ABI of meshnet.
+//!
+//! Everything both sides must agree on lives here and only here: map names, map keys and
+//! values, counters and limits. Every type is `#[repr(C)]` with explicit padding and a
+//! compile-time size and offset check, so a layout change cannot slip through unnoticed.
+//! A map whose layout changes gets a new versioned name (`_v1` → `_v2`), so a newer agent
+//! never misreads a map an older one pinned.
+//!
+//! Byte order is part of every field name: `_be` fields hold network byte order exactly as
+//! on the wire (the eBPF side copies them from packets without swapping).
+#![no_std]
+
+pub mod names {
+    //! Map and program names. Kernel object names are at most 15 bytes.
+
+    /// LPM trie: remote pod CIDR → peer.
+    pub const ROUTES: &str = "mn_routes_v1";
+    /// Hash: peer id → that peer's gateways.
+    pub const PEERS: &str = "mn_peers_v1";
+    /// LRU hash: a pod's original flow → its translation.
+    pub const NAT_FWD: &str = "mn_nat_fwd_v1";
+    /// LRU hash: a translated reply tuple → the original flow.
+    pub const NAT_REV: &str = "mn_nat_rev_v1";
+    /// Per-CPU array of `u64` counters indexed by [`crate::Counter`].
+    pub const STATS: &str = "mn_stats_v1";
+    /// Hash: peer id → peer name. Only user space reads it, so that dumps and `explain`
+    /// can name peers without a running agent or its config.
+    pub const PEER_NAMES: &str = "mn_names_v1";
+
+    /// Every map, for pinning, dumping and detaching.
+    pub const ALL_MAPS: [&str; 6] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES];
+
+    /// tc ingress on the host side of pod interfaces: what pods send. The names are long
+    /// and specific because a netlink tc filter is found again by its name.
+    pub const PROG_FROM_POD: &str = "meshnet_from_pod";
+    /// tc egress on the host side of pod interfaces: what pods receive.
+    pub const PROG_TO_POD: &str = "meshnet_to_pod";
+    /// An empty tc program, the floor in benchmarks.
+    pub const PROG_EMPTY: &str = "meshnet_empty";
+}
+
+pub mod limits {
+    //! Map sizes and per-value limits.
+
+    /// Remote CIDRs across all peers.
+    pub const MAX_ROUTES: u32 = 131_072;
+    /// Peers (remote clusters).
+    pub const MAX_PEERS: u32 = 1024;
+    /// Gateways per peer. One peer value holds them all so that a gateway set changes in
+    /// one atomic map update.
+    pub const MAX_GATEWAYS: usize = 8;
+    /// Default flow-state size; the config overrides it.
+    pub const DEFAULT_NAT_ENTRIES: u32 = 65_536;
+    /// How many alternative source ports a colliding flow tries before giving up.
+    pub const REMAP_ATTEMPTS: u32 = 8;
+    /// Remapped source ports come from this range. It sits above the usual Linux
+    /// ephemeral range (32768–60999) so that a remapped port rarely equals a port the
+    /// pod's own sockets pick.
+    pub const REMAP_PORT_MIN: u16 = 61_000;
+    pub const REMAP_PORT_SPAN: u16 = 4_500;
+}
+
+/// Datapath counters, one slot each in the per-CPU stats map.
+///
+/// The discriminants are the map indices, so they never change meaning; new counters go at
+/// the end.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A packet from a pod rewritten towards a peer's gateway.
+    Redirected = 0,
+    /// A reply rewritten back to the remote pod's address.
+    ReverseTranslated = 1,
+    /// New flow to a remote CIDR whose peer has no gateway for the protocol (UDP without a
+    /// UDP NodePort), passed unchanged.
+    NoGatewayForProto = 2,
+    /// New flow to a remote CIDR whose peer has gateways, but all are down; dropped.
+    NoLiveGateway = 3,
+    /// A flow that collided with another one's translated tuple and got another source port.
+    PortRemap = 4,
+    /// Flow state could not be recorded (map full or every remap port taken); dropped so
+    /// that no reply comes back untranslatable.
+    NatInsertFailed = 5,
+    /// An IPv4 header with IHL < 5 or a total length shorter than its header.
+    Malformed = 6,
+    /// A packet too short for the headers it claims.
+    Truncated = 7,
+    /// An IPv4 fragment of a flow meshnet would translate; dropped whole (never half
+    /// translated).
+    FragmentDropped = 8,
+    /// A packet from a pod to a remote CIDR with a protocol other than TCP or UDP; passed.
+    UnsupportedProto = 9,
+    /// A helper that rewrites the packet failed; dropped.
+    RewriteFailed = 10,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Redirected,
+        Counter::ReverseTranslated,
+        Counter::NoGatewayForProto,
+        Counter::NoLiveGateway,
+        Counter::PortRemap,
+        Counter::NatInsertFailed,
+        Counter::Malformed,
+        Counter::Truncated,
+        Counter::FragmentDropped,
+        Counter::UnsupportedProto,
+        Counter::RewriteFailed,
+    ];
+
+    /// The stable name used in dumps and metrics.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::ReverseTranslated => "reverse_translated",
+            Counter::NoGatewayForProto => "no_gateway_for_proto",
+            Counter::NoLiveGateway => "no_live_gateway",
+            Counter::PortRemap => "port_remap",
+            Counter::NatInsertFailed => "nat_insert_failed",
+            Counter::Malformed => "malformed",
+            Counter::Truncated => "truncated",
+            Counter::FragmentDropped => "fragment_dropped",
+            Counter::UnsupportedProto => "unsupported_proto",
+            Counter::RewriteFailed => "rewrite_failed",
+        }
+    }
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Value of the route trie. The key is an LPM key whose data is the network address in
+/// network byte order (`u32` holding the wire bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RouteValue {
+    pub peer_id: u32,
+}
+
+/// A peer's name as stored in `mn_names_v1`: NUL-padded UTF-8 (Kubernetes cluster names
+/// are DNS labels of at most 63 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PeerName {
+    pub bytes: [u8; 64],
+}
+
+/// [`Gateway::flags`]: the gateway takes new flows.
+pub const GW_UP: u32 = 1;
+
+/// One east-west gateway of a peer: a node IP and its NodePorts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Gateway {
+    /// Node IP, network byte order.
+    pub addr_be: u32,
+    /// TCP NodePort, network byte order.
+    pub tcp_port_be: u16,
+    /// UDP NodePort, network byte order; 0 when the gateway takes no UDP.
+    pub udp_port_be: u16,
+    /// [`GW_UP`] and future flags.
+    pub flags: u32,
+}
+
+/// All gateways of one peer, so that a gateway set is replaced in one map update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PeerGateways {
+    /// Valid entries at the front of `gateways`.
+    pub count: u32,
+    pub gateways: [Gateway; limits::MAX_GATEWAYS],
+}
+
+/// A flow as the datapath sees it at one point: addresses and ports in network byte order.
+///
+/// Used for both NAT maps: in `mn_nat_fwd_v1` it is the pod's original flow (src = pod,
+/// dst = remote pod); in `mn_nat_rev_v1` it is the reply as it reaches the pod's interface
+/// (src = gateway, dst = pod with the possibly remapped port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// [`NatFwd::flags`] / [`NatRev::flags`]: a FIN was seen from the pod.
+pub const FLOW_FIN_POD: u32 = 1;
+/// A FIN was seen from the gateway side.
+pub const FLOW_FIN_PEER: u32 = 2;
+/// A RST was seen in either direction.
+pub const FLOW_RST: u32 = 4;
+/// The flow's source port was remapped because of a collision.
+pub const FLOW_REMAPPED: u32 = 8;
+
+/// Forward translation of one pod flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NatFwd {
+    /// Gateway node IP the flow was pinned to.
+    pub gw_addr_be: u32,
+    /// Gateway NodePort for the flow's protocol.
+    pub gw_port_be: u16,
+    /// Source port on the wire: the pod's own, or the remapped one.
+    pub nat_sport_be: u16,
+    pub peer_id: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` of the last packet from the pod.
+    pub last_seen_ns: u64,
+}
+
+/// Reverse translation: how to restore a reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NatRev {
+    /// The remote pod the pod believes it talks to.
+    pub remote_addr_be: u32,
+    pub remote_port_be: u16,
+    /// The pod's own source port (differs from the wire port after a remap).
+    pub pod_port_be: u16,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last reply.
+    pub last_seen_ns: u64,
+}
+
+impl FlowKey {
+    /// The forward key of the flow a reverse entry restores.
+    #[must_use]
+    pub const fn fwd_of_rev(rev_key: &FlowKey, rev: &NatRev) -> FlowKey {
+        FlowKey {
+            src_be: rev_key.dst_be,
+            dst_be: rev.remote_addr_be,
+            sport_be: rev.pod_port_be,
+            dport_be: rev.remote_port_be,
+            proto: rev_key.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The reverse key under which replies to a translated flow arrive.
+    #[must_use]
+    pub const fn rev_of_fwd(fwd_key: &FlowKey, fwd: &NatFwd) -> FlowKey {
+        FlowKey {
+            src_be: fwd.gw_addr_be,
+            dst_be: fwd_key.src_be,
+            sport_be: fwd.gw_port_be,
+            dport_be: fwd.nat_sport_be,
+            proto: fwd_key.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The flow hash that picks a gateway and remap ports. Shared so that user space
+/// (`meshnet explain`) predicts exactly what the datapath picks. It only needs to spread
+/// flows, not resist an adversary: a pod can at worst steer its own flows.
+#[must_use]
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    // murmur3's finaliser over the tuple words: cheap, branch-free, good avalanche.
+    let mut h = seed ^ 0x9e37_79b9;
+    h = mix(h, key.src_be);
+    h = mix(h, key.dst_be);
+    h = mix(h, (key.sport_be as u32) << 16 | key.dport_be as u32);
+    h = mix(h, key.proto as u32);
+    fmix(h)
+}
+
+#[inline(always)]
+const fn mix(h: u32, w: u32) -> u32 {
+    let k = w.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Index of the gateway a new flow starts its search at; the datapath then takes the first
+/// live gateway from there on, wrapping around.
+#[must_use]
+#[inline(always)]
+pub const fn gateway_start(key: &FlowKey, count: u32) -> u32 {
+    if count == 0 {
+        0
+    } else {
+        flow_hash(key, 0) % count
+    }
+}
+
+/// The `attempt`-th alternative source port (host byte order) for a colliding flow.
+#[must_use]
+#[inline(always)]
+pub const fn remap_port(key: &FlowKey, attempt: u32) -> u16 {
+    let h = flow_hash(key, attempt.wrapping_add(1));
+    limits::REMAP_PORT_MIN + (h % limits::REMAP_PORT_SPAN as u32) as u16
+}
+
+// Layout pins: the eBPF object and the agent are built separately, so these are what keeps
+// them agreeing.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<RouteValue>() == 4);
+    assert!(size_of::<PeerName>() == 64);
+    assert!(size_of::<Gateway>() == 12);
+    assert!(offset_of!(Gateway, udp_port_be) == 6);
+    assert!(size_of::<PeerGateways>() == 4 + 12 * limits::MAX_GATEWAYS);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(offset_of!(FlowKey, proto) == 12);
+    assert!(size_of::<NatFwd>() == 24);
+    assert!(offset_of!(NatFwd, last_seen_ns) == 16);
+    assert!(size_of::<NatRev>() == 24);
+    assert!(offset_of!(NatRev, last_seen_ns) == 16);
+    assert!(Counter::ALL.len() == Counter::COUNT as usize);
+    assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
+};
+
+// aya's own marker for map keys and values; the orphan rule puts it here, behind `user`.
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: every type is repr(C), Copy, and has no padding or invalid bit patterns
+    // (checked by bytemuck's Pod derive on the same types).
+    unsafe impl aya::Pod for super::RouteValue {}
+    unsafe impl aya::Pod for super::Gateway {}
+    unsafe impl aya::Pod for super::PeerGateways {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::NatFwd {}
+    unsafe impl aya::Pod for super::NatRev {}
+    unsafe impl aya::Pod for super::PeerName {}
+}

@@ -1,0 +1,42 @@
+//! The maps, named from `meshnet_common::names` so that user space finds them by the same
+//! constants.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use meshnet_common::{limits, Counter, FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
+
+// The `name = "..."` strings must equal meshnet_common::names; the attribute takes a
+// literal, so user space checks every name in the loaded object against those constants.
+
+#[map(name = "mn_routes_v1")]
+pub static ROUTES: LpmTrie<u32, RouteValue> = LpmTrie::with_max_entries(limits::MAX_ROUTES, 0);
+
+#[map(name = "mn_peers_v1")]
+pub static PEERS: HashMap<u32, PeerGateways> = HashMap::with_max_entries(limits::MAX_PEERS, 0);
+
+/// Sized by the agent at load time from the config.
+#[map(name = "mn_nat_fwd_v1")]
+pub static NAT_FWD: LruHashMap<FlowKey, NatFwd> =
+    LruHashMap::with_max_entries(limits::DEFAULT_NAT_ENTRIES, 0);
+
+#[map(name = "mn_nat_rev_v1")]
+pub static NAT_REV: LruHashMap<FlowKey, NatRev> =
+    LruHashMap::with_max_entries(limits::DEFAULT_NAT_ENTRIES, 0);
+
+/// Written and read by user space only; it lives in the object so that the loader creates
+/// and pins it with the others.
+#[map(name = "mn_names_v1")]
+pub static PEER_NAMES: HashMap<u32, PeerName> = HashMap::with_max_entries(limits::MAX_PEERS, 0);
+
+#[map(name = "mn_stats_v1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = STATS.get_ptr_mut(c as u32) {
+        // SAFETY: a per-CPU slot, written only by this CPU with preemption disabled.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,197 @@
+//! Packet parsing: the only place that knows header layouts and offsets.
+//!
+//! Headers are read with direct packet access. When a header is not in the linear part of
+//! the skb, it is pulled in with `bpf_skb_pull_data` first; pulling changes no byte, so a
+//! packet meshnet does not translate still leaves byte-identical.
+
+use aya_ebpf::programs::TcContext;
+use meshnet_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+const IP_MIN_HLEN: usize = 20;
+/// Offsets inside the IPv4 header.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_CSUM: usize = 16;
+const UDP_CSUM: usize = 6;
+/// `frag_off` bits: MF and the offset, in network byte order.
+const IP_MF_OFFSET_BE: u16 = 0x3fff_u16.to_be();
+const IP_OFFSET_BE: u16 = 0x1fff_u16.to_be();
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    proto_be: u16,
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len_be: u16,
+    id_be: u16,
+    frag_off_be: u16,
+    ttl: u8,
+    proto: u8,
+    csum: u16,
+    saddr_be: u32,
+    daddr_be: u32,
+}
+
+/// An IPv4 packet meshnet may translate.
+pub struct Ipv4 {
+    pub proto: u8,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    /// MF set or a non-zero offset.
+    pub is_fragment: bool,
+    /// Offset zero: the fragment (or whole packet) that carries the L4 header.
+    pub has_l4: bool,
+    pub l4_off: usize,
+}
+
+/// The L4 part of a TCP or UDP packet.
+pub struct Ports {
+    /// Both ports as one word in wire order (source port first), so both can be rewritten
+    /// with one store and one checksum update.
+    pub ports: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// TCP flags byte; 0 for UDP.
+    pub tcp_flags: u8,
+    /// Offset of the L4 checksum field.
+    pub csum_off: usize,
+}
+
+/// Makes `len` bytes from the start of the packet readable with direct access, pulling
+/// non-linear data in when needed.
+#[inline(always)]
+fn ensure(ctx: &TcContext, len: usize) -> Result<(), Counter> {
+    if ctx.data() + len <= ctx.data_end() {
+        return Ok(());
+    }
+    if (ctx.len() as usize) < len {
+        return Err(Counter::Truncated);
+    }
+    ctx.pull_data(len as u32).map_err(|_| Counter::Truncated)?;
+    if ctx.data() + len <= ctx.data_end() {
+        Ok(())
+    } else {
+        Err(Counter::Truncated)
+    }
+}
+
+/// A pointer to a `T` at `off`, after the bounds check the verifier wants to see.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// Parses Ethernet and IPv4. `Ok(None)` is a packet that is not IPv4 (IPv6, ARP, ...).
+#[inline(always)]
+pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
+    if ctx.len() < ETH_HLEN as u32 {
+        return Ok(None);
+    }
+    ensure(ctx, ETH_HLEN)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::Truncated)?;
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    if unsafe { (*eth).proto_be } != ETH_P_IP_BE {
+        return Ok(None);
+    }
+    ensure(ctx, ETH_HLEN + IP_MIN_HLEN)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::Truncated)?;
+    // SAFETY: as above.
+    let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be) = unsafe {
+        (
+            (*ip).ver_ihl,
+            u16::from_be((*ip).tot_len_be) as usize,
+            (*ip).frag_off_be,
+            (*ip).proto,
+            (*ip).saddr_be,
+            (*ip).daddr_be,
+        )
+    };
+    if ver_ihl >> 4 != 4 {
+        return Err(Counter::Malformed);
+    }
+    // The header length comes from IHL, so IP options are skipped, never misread as L4.
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ihl < IP_MIN_HLEN || tot_len < ihl {
+        return Err(Counter::Malformed);
+    }
+    if (ctx.len() as usize) < ETH_HLEN + tot_len {
+        return Err(Counter::Truncated);
+    }
+    let is_fragment = frag_off_be & IP_MF_OFFSET_BE != 0;
+    let has_l4 = frag_off_be & IP_OFFSET_BE == 0;
+    Ok(Some(Ipv4 {
+        proto,
+        saddr_be,
+        daddr_be,
+        is_fragment,
+        has_l4,
+        l4_off: ETH_HLEN + ihl,
+    }))
+}
+
+/// Parses the TCP or UDP header of `ip`. `Ok(None)` for other protocols and for fragments
+/// without an L4 header. A header shorter than its minimum is `Truncated`, so a packet is
+/// never rewritten when its checksum field is not there to be fixed.
+#[inline(always)]
+pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, Counter> {
+    if !ip.has_l4 {
+        return Ok(None);
+    }
+    let (min_len, csum) = match ip.proto {
+        IPPROTO_TCP => (TCP_MIN_HLEN, TCP_CSUM),
+        IPPROTO_UDP => (UDP_HLEN, UDP_CSUM),
+        _ => return Ok(None),
+    };
+    // l4_off is at most ETH_HLEN + 60, which keeps the verifier's range tracking happy.
+    let l4_off = ip.l4_off & 0x7f;
+    ensure(ctx, l4_off + min_len)?;
+    let start = ctx.data();
+    if start + l4_off + min_len > ctx.data_end() {
+        return Err(Counter::Truncated);
+    }
+    let p = (start + l4_off) as *const u8;
+    // SAFETY: the check above covers min_len bytes at l4_off; the TCP flags byte (13) and
+    // both ports (0..4) lie within the 8 or 20 bytes checked.
+    let (ports, tcp_flags) = unsafe {
+        let ports = core::ptr::read_unaligned(p.cast::<u32>());
+        let flags = if ip.proto == IPPROTO_TCP { *p.add(13) } else { 0 };
+        (ports, flags)
+    };
+    // The word holds the wire bytes; on a little-endian host its low half is the source port.
+    let bytes = ports.to_ne_bytes();
+    Ok(Some(Ports {
+        ports,
+        sport_be: u16::from_ne_bytes([bytes[0], bytes[1]]),
+        dport_be: u16::from_ne_bytes([bytes[2], bytes[3]]),
+        tcp_flags,
+        csum_off: l4_off + csum,
+    }))
+}
+
+/// Packs two wire-order ports into the word layout of [`Ports::ports`].
+#[inline(always)]
+pub fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
+    let s = sport_be.to_ne_bytes();
+    let d = dport_be.to_ne_bytes();
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+}

@@ -1,0 +1,458 @@
+//! The agent's configuration: parsing, full validation, and the desired datapath state it
+//! describes.
+//!
+//! Validation is complete before anything touches the datapath, and every error names the
+//! field and the value, e.g. `peers[0].podCIDRs[0]: "10.245.0.0/33" is not a valid CIDR`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use ipnet::Ipv4Net;
+use meshnet_common::{limits, Gateway, PeerGateways, GW_UP};
+use serde::{Deserialize, Serialize};
+
+/// The config file as written.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawConfig {
+    pub cluster: String,
+    #[serde(rename = "podCIDRs", default)]
+    pub pod_cidrs: Vec<String>,
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+    #[serde(default)]
+    pub nat: RawNat,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPeer {
+    pub name: String,
+    #[serde(rename = "podCIDRs", default)]
+    pub pod_cidrs: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<RawGateway>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawGateway {
+    pub address: String,
+    pub port: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawNat {
+    /// Size of each flow-state map (forward and reverse).
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+}
+
+impl Default for RawNat {
+    fn default() -> Self {
+        Self { max_flows: default_max_flows() }
+    }
+}
+
+fn default_max_flows() -> u32 {
+    limits::DEFAULT_NAT_ENTRIES
+}
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub cluster: String,
+    pub pod_cidrs: Vec<Ipv4Net>,
+    /// Interface names or globs (`cni0`, `cali*`).
+    pub interfaces: Vec<String>,
+    pub peers: Vec<Peer>,
+    pub max_flows: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// The id that keys this peer in the datapath: a hash of the name, so that it is the
+    /// same across reloads and restarts without any state of its own.
+    pub id: u32,
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub gateways: Vec<GatewayAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GatewayAddr {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub udp_port: Option<u16>,
+}
+
+/// One validation failure: the field path and what is wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid YAML for a meshnet config: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: invalid config:\n  {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid { path: String, errors: Vec<FieldError> },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: shown, source },
+            ConfigError::Invalid { errors, .. } => ConfigError::Invalid { path: shown, errors },
+            e @ ConfigError::Read { .. } => e,
+        })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "<config>".into(),
+            source,
+        })?;
+        raw.validate().map_err(|errors| ConfigError::Invalid {
+            path: "<config>".into(),
+            errors,
+        })
+    }
+}
+
+/// A stable 32-bit id for a peer name (FNV-1a).
+#[must_use]
+pub fn peer_id(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError { field: field.into(), message: message.into() });
+    }
+
+    fn cidr(&mut self, field: String, value: &str) -> Option<Ipv4Net> {
+        let Ok(net) = value.parse::<Ipv4Net>() else {
+            if value.contains(':') {
+                self.err(field, format!("{value:?} is IPv6, which meshnet does not support yet"));
+            } else {
+                self.err(field, format!("{value:?} is not a valid CIDR"));
+            }
+            return None;
+        };
+        if net.trunc() != net {
+            self.err(field, format!("{value:?} has host bits set; did you mean \"{}\"?", net.trunc()));
+            return None;
+        }
+        Some(net)
+    }
+
+    fn port(&mut self, field: String, value: u32) -> Option<u16> {
+        match u16::try_from(value) {
+            Ok(p) if p != 0 => Some(p),
+            _ => {
+                self.err(field, format!("{value} is not a valid port (1-65535)"));
+                None
+            }
+        }
+    }
+}
+
+impl RawConfig {
+    /// Validates everything and returns every problem at once.
+    pub fn validate(&self) -> Result<Config, Vec<FieldError>> {
+        let mut c = Checker { errors: Vec::new() };
+        if self.cluster.trim().is_empty() {
+            c.err("cluster", "must not be empty");
+        }
+        let pod_cidrs: Vec<Ipv4Net> = self
+            .pod_cidrs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| c.cidr(format!("podCIDRs[{i}]"), s))
+            .collect();
+        if self.interfaces.is_empty() {
+            c.err("interfaces", "must name at least one interface or glob (e.g. cni0, cali*)");
+        }
+        for (i, pattern) in self.interfaces.iter().enumerate() {
+            if pattern.is_empty() || pattern.len() > 15 && !pattern.contains(['*', '?', '[']) {
+                c.err(format!("interfaces[{i}]"), format!("{pattern:?} is not a valid interface name"));
+            } else if glob::Pattern::new(pattern).is_err() {
+                c.err(format!("interfaces[{i}]"), format!("{pattern:?} is not a valid glob"));
+            }
+        }
+        if self.nat.max_flows < 1024 {
+            c.err("nat.maxFlows", format!("{} is too small (at least 1024)", self.nat.max_flows));
+        }
+
+        let mut names = BTreeSet::new();
+        let mut ids = BTreeMap::new();
+        // Every CIDR seen so far with its owner, for the overlap checks.
+        let mut claimed: Vec<(Ipv4Net, String)> =
+            pod_cidrs.iter().map(|n| (*n, "the local podCIDRs".to_string())).collect();
+        let mut peers = Vec::new();
+        for (pi, raw) in self.peers.iter().enumerate() {
+            let at = format!("peers[{pi}]");
+            if raw.name.trim().is_empty() {
+                c.err(format!("{at}.name"), "must not be empty");
+            } else if !names.insert(raw.name.clone()) {
+                c.err(format!("{at}.name"), format!("{:?} is not unique", raw.name));
+            } else if raw.name == self.cluster {
+                c.err(format!("{at}.name"), format!("{:?} is this cluster's own name", raw.name));
+            }
+            let id = peer_id(&raw.name);
+            if let Some(other) = ids.insert(id, raw.name.clone()) {
+                if other != raw.name {
+                    c.err(format!("{at}.name"), format!("{:?} hashes to the same id as {other:?}; rename one", raw.name));
+                }
+            }
+            if raw.pod_cidrs.is_empty() {
+                c.err(format!("{at}.podCIDRs"), "must list at least one CIDR");
+            }
+            let mut cidrs = Vec::new();
+            for (ci, s) in raw.pod_cidrs.iter().enumerate() {
+                let field = format!("{at}.podCIDRs[{ci}]");
+                let Some(net) = c.cidr(field.clone(), s) else { continue };
+                if net.prefix_len() == 0 {
+                    c.err(field, format!("{s:?} would send all traffic to the peer; refusing a default route"));
+                    continue;
+                }
+                if let Some((other, owner)) = claimed.iter().find(|(o, _)| o.contains(&net) || net.contains(o)) {
+                    c.err(field, format!("{s:?} overlaps {other} of {owner}"));
+                    continue;
+                }
+                claimed.push((net, format!("peer {:?}", raw.name)));
+                cidrs.push(net);
+            }
+            if raw.gateways.is_empty() {
+                c.err(format!("{at}.gateways"), "must list at least one gateway");
+            }
+            if raw.gateways.len() > limits::MAX_GATEWAYS {
+                c.err(
+                    format!("{at}.gateways"),
+                    format!("{} gateways; at most {} per peer", raw.gateways.len(), limits::MAX_GATEWAYS),
+                );
+            }
+            let mut gateways = Vec::new();
+            for (gi, g) in raw.gateways.iter().enumerate() {
+                let gat = format!("{at}.gateways[{gi}]");
+                let address = match g.address.parse::<Ipv4Addr>() {
+                    Ok(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+                        c.err(format!("{gat}.address"), format!("{:?} is not a unicast address", g.address));
+                        None
+                    }
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        c.err(format!("{gat}.address"), format!("{:?} is not a valid IPv4 address", g.address));
+                        None
+                    }
+                };
+                let port = c.port(format!("{gat}.port"), g.port);
+                let udp_port = match g.udp_port {
+                    Some(p) => c.port(format!("{gat}.udpPort"), p).map(Some),
+                    None => Some(None),
+                };
+                if let (Some(address), Some(port), Some(udp_port)) = (address, port, udp_port) {
+                    let gw = GatewayAddr { address, port, udp_port };
+                    if gateways.contains(&gw) {
+                        c.err(gat, format!("{}:{} is listed twice", address, port));
+                    } else {
+                        gateways.push(gw);
+                    }
+                }
+            }
+            peers.push(Peer { name: raw.name.clone(), id, pod_cidrs: cidrs, gateways });
+        }
+        if c.errors.is_empty() {
+            Ok(Config {
+                cluster: self.cluster.clone(),
+                pod_cidrs,
+                interfaces: self.interfaces.clone(),
+                peers,
+                max_flows: self.nat.max_flows,
+            })
+        } else {
+            Err(c.errors)
+        }
+    }
+}
+
+/// What the datapath maps should hold for a config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub routes: BTreeMap<Ipv4Net, u32>,
+    pub peers: BTreeMap<u32, PeerGateways>,
+    /// Peer names by id, for dumps and logs.
+    pub peer_names: BTreeMap<u32, String>,
+}
+
+impl Config {
+    #[must_use]
+    pub fn desired(&self) -> Desired {
+        let mut d = Desired::default();
+        for p in &self.peers {
+            d.peer_names.insert(p.id, p.name.clone());
+            for net in &p.pod_cidrs {
+                d.routes.insert(*net, p.id);
+            }
+            let mut value = PeerGateways::default();
+            for (slot, g) in value.gateways.iter_mut().zip(&p.gateways) {
+                *slot = gateway_value(g, true);
+            }
+            value.count = u32::try_from(p.gateways.len().min(limits::MAX_GATEWAYS)).unwrap_or(0);
+            d.peers.insert(p.id, value);
+        }
+        d
+    }
+}
+
+#[must_use]
+pub fn gateway_value(g: &GatewayAddr, up: bool) -> Gateway {
+    Gateway {
+        addr_be: u32::from_ne_bytes(g.address.octets()),
+        tcp_port_be: g.port.to_be(),
+        udp_port_be: g.udp_port.unwrap_or(0).to_be(),
+        flags: if up { GW_UP } else { 0 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster: cluster1
+podCIDRs: ["10.244.0.0/16"]
+interfaces: [cni0, "cali*"]
+peers:
+  - name: cluster2
+    podCIDRs: ["10.245.0.0/16"]
+    gateways:
+      - address: 192.0.2.2
+        port: 31674
+        udpPort: 31675
+"#;
+
+    fn errors(yaml: &str) -> Vec<String> {
+        match Config::from_yaml(yaml) {
+            Err(ConfigError::Invalid { errors, .. }) => errors.iter().map(ToString::to_string).collect(),
+            other => panic!("expected validation errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = Config::from_yaml(GOOD).unwrap();
+        assert_eq!(c.cluster, "cluster1");
+        assert_eq!(c.interfaces, ["cni0", "cali*"]);
+        assert_eq!(c.peers[0].gateways[0].udp_port, Some(31675));
+        assert_eq!(c.max_flows, limits::DEFAULT_NAT_ENTRIES);
+        let d = c.desired();
+        let id = peer_id("cluster2");
+        assert_eq!(d.routes[&"10.245.0.0/16".parse().unwrap()], id);
+        let pg = d.peers[&id];
+        assert_eq!(pg.count, 1);
+        assert_eq!(pg.gateways[0].addr_be.to_ne_bytes(), [192, 0, 2, 2]);
+        assert_eq!(u16::from_be(pg.gateways[0].tcp_port_be), 31674);
+        assert_eq!(u16::from_be(pg.gateways[0].udp_port_be), 31675);
+        assert_eq!(pg.gateways[0].flags, GW_UP);
+    }
+
+    #[test]
+    fn bad_cidr_names_field_and_value() {
+        let y = GOOD.replace("10.245.0.0/16", "10.245.0.0/33");
+        assert_eq!(errors(&y), [r#"peers[0].podCIDRs[0]: "10.245.0.0/33" is not a valid CIDR"#]);
+    }
+
+    #[test]
+    fn host_bits_and_ipv6_are_refused() {
+        let y = GOOD.replace("10.245.0.0/16", "10.245.0.1/16");
+        assert!(errors(&y)[0].contains("did you mean \"10.245.0.0/16\""));
+        let y = GOOD.replace("\"10.245.0.0/16\"", "\"fd00::/64\"");
+        assert!(errors(&y)[0].contains("IPv6"));
+    }
+
+    #[test]
+    fn overlaps_are_refused() {
+        let y = GOOD.replace("10.245.0.0/16", "10.244.1.0/24");
+        assert_eq!(
+            errors(&y),
+            [r#"peers[0].podCIDRs[0]: "10.244.1.0/24" overlaps 10.244.0.0/16 of the local podCIDRs"#]
+        );
+        let y = format!(
+            "{GOOD}  - name: cluster3\n    podCIDRs: [\"10.0.0.0/8\"]\n    gateways: [{{address: 192.0.2.3, port: 30000}}]\n"
+        );
+        let e = errors(&y);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("peers[1].podCIDRs[0]: \"10.0.0.0/8\" overlaps"), "{e:?}");
+        let y = GOOD.replace("10.245.0.0/16", "0.0.0.0/0");
+        assert!(errors(&y)[0].contains("refusing a default route"));
+    }
+
+    #[test]
+    fn duplicate_peer_names_and_bad_gateways() {
+        let y = format!(
+            "{GOOD}  - name: cluster2\n    podCIDRs: [\"10.246.0.0/16\"]\n    gateways: [{{address: 192.0.2.300, port: 0, udpPort: 70000}}]\n"
+        );
+        assert_eq!(
+            errors(&y),
+            [
+                r#"peers[1].name: "cluster2" is not unique"#,
+                r#"peers[1].gateways[0].address: "192.0.2.300" is not a valid IPv4 address"#,
+                "peers[1].gateways[0].port: 0 is not a valid port (1-65535)",
+                "peers[1].gateways[0].udpPort: 70000 is not a valid port (1-65535)",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_missing_interfaces() {
+        let y = GOOD.replace("udpPort", "udp_port");
+        assert!(matches!(Config::from_yaml(&y), Err(ConfigError::Parse { .. })));
+        let y = GOOD.replace("interfaces: [cni0, \"cali*\"]", "interfaces: []");
+        assert!(errors(&y)[0].starts_with("interfaces: must name at least one"));
+    }
+
+    #[test]
+    fn peer_ids_are_stable() {
+        // Pinned state outlives the agent, so the id of a name must never change.
+        assert_eq!(peer_id("cluster2"), 0x2cd5_b4c4);
+        assert_ne!(peer_id("cluster2"), peer_id("cluster3"));
+    }
+}

@@ -1,0 +1,340 @@
+//! Loading the embedded eBPF object, attaching it to interfaces, and removing it again.
+//!
+//! Maps are pinned by name under the pin directory and reused when they are already there,
+//! so flow state outlives the agent. tcx links are pinned (a tcx link dies with its last
+//! fd); netlink clsact filters live on in the kernel by themselves and are found again by
+//! their fixed priority and handle, or by their program name.
+
+use std::{collections::BTreeSet, io, path::Path};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::MapInfo,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use meshnet_common::names;
+use tracing::{debug, info, warn};
+
+use crate::pins::{Direction, Pins};
+
+/// The eBPF object, embedded at build time (see build.rs), so the binary ships alone.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshnet.bpf.o"));
+
+/// Priority and handle of meshnet's netlink tc filters. Fixed, so that a restarted agent
+/// replaces its own filter in place (no window without one) instead of stacking another.
+pub const NL_PRIORITY: u16 = 0x4d4e; // "MN"
+pub const NL_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// How programs are attached to interfaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum AttachMode {
+    /// tcx links where the kernel has them (>= 6.6), netlink clsact otherwise or when tcx
+    /// is refused.
+    #[default]
+    Auto,
+    /// tcx links only.
+    Tcx,
+    /// netlink clsact filters only (the path kernels before 6.6 take).
+    Netlink,
+}
+
+/// How one interface and direction ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    Tcx,
+    Netlink,
+}
+
+impl Direction {
+    fn tc(self) -> TcAttachType {
+        match self {
+            Direction::Ingress => TcAttachType::Ingress,
+            Direction::Egress => TcAttachType::Egress,
+        }
+    }
+}
+
+/// The loaded object with its maps pinned.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    pub pins: Pins,
+}
+
+impl Datapath {
+    /// Loads the embedded object, reusing maps already pinned under `pins`, and loads (but
+    /// does not attach) the programs.
+    pub fn load(pins: &Pins, max_flows: u32) -> anyhow::Result<Self> {
+        Self::load_object(pins, max_flows, EBPF_OBJECT)
+    }
+
+    pub fn load_object(pins: &Pins, max_flows: u32, object: &[u8]) -> anyhow::Result<Self> {
+        pins.prepare()?;
+        check_pinned_layouts(pins, max_flows)?;
+        let fresh: Vec<_> = names::ALL_MAPS.iter().map(|n| pins.map(n)).filter(|p| !p.exists()).collect();
+        let loaded = Self::load_pinned(pins, max_flows, object);
+        if loaded.is_err() {
+            // Leave no half-made state behind: drop the pins this attempt created.
+            for p in fresh {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        loaded
+    }
+
+    /// Loads the embedded object with fresh, unpinned maps: for packet tests and benchmarks
+    /// through BPF_PROG_TEST_RUN, which need no interface and no bpffs.
+    pub fn load_unpinned(max_flows: u32) -> anyhow::Result<Ebpf> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::NAT_FWD, max_flows);
+        loader.map_max_entries(names::NAT_REV, max_flows);
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading meshnet's eBPF object")?;
+        for prog in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY] {
+            let p: &mut SchedClassifier = ebpf.program_mut(prog).context("program missing")?.try_into()?;
+            p.load().with_context(|| format!("the kernel refused program {prog}"))?;
+        }
+        Ok(ebpf)
+    }
+
+    fn load_pinned(pins: &Pins, max_flows: u32, object: &[u8]) -> anyhow::Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<_> = names::ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.map_max_entries(names::NAT_FWD, max_flows);
+        loader.map_max_entries(names::NAT_REV, max_flows);
+        let mut ebpf = loader.load(object).context(
+            "loading meshnet's eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN and a kernel with \
+             LPM and LRU maps; `meshnet doctor` checks the kernel, docs/kernel-upgrade.md explains)",
+        )?;
+        for name in names::ALL_MAPS {
+            if ebpf.map(name).is_none() {
+                bail!("the embedded eBPF object has no map {name}: it was built from another version");
+            }
+        }
+        for prog in [names::PROG_FROM_POD, names::PROG_TO_POD] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("the embedded eBPF object has no program {prog}"))?
+                .try_into()?;
+            p.load().with_context(|| format!("the kernel refused program {prog}"))?;
+        }
+        Ok(Self { ebpf, pins: pins.clone() })
+    }
+
+    /// Attaches `from_pod` (ingress) and `to_pod` (egress) to `iface`, replacing meshnet's
+    /// previous programs there atomically if it had any.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Attached> {
+        let mut how = Attached::Tcx;
+        for dir in [Direction::Ingress, Direction::Egress] {
+            how = self.attach_one(iface, dir, mode)?;
+        }
+        Ok(how)
+    }
+
+    fn attach_one(&mut self, iface: &str, dir: Direction, mode: AttachMode) -> anyhow::Result<Attached> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(dir.program())
+            .context("program missing")?
+            .try_into()?;
+        let link_pin = self.pins.link(iface, dir);
+        let try_tcx = match mode {
+            AttachMode::Tcx => true,
+            AttachMode::Netlink => false,
+            AttachMode::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
+        };
+        if try_tcx {
+            match attach_tcx(prog, iface, dir, &link_pin) {
+                Ok(()) => {
+                    // A netlink filter an earlier agent left here (before a kernel upgrade,
+                    // or with --attach-mode netlink) would run a second, stale copy.
+                    let _ = tc::qdisc_detach_program(iface, dir.tc(), dir.program());
+                    return Ok(Attached::Tcx);
+                }
+                Err(e) if mode == AttachMode::Auto => {
+                    warn!(iface, direction = dir.as_str(), error = %format!("{e:#}"), "tcx attach refused; falling back to netlink clsact");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        attach_netlink(prog, iface, dir)?;
+        if link_pin.exists() {
+            // The other way round: retire our tcx link now that the filter is in place.
+            if let Ok(link) = PinnedLink::from_pin(&link_pin) {
+                let _ = link.unpin();
+            }
+        }
+        Ok(Attached::Netlink)
+    }
+}
+
+fn attach_tcx(prog: &mut SchedClassifier, iface: &str, dir: Direction, link_pin: &Path) -> anyhow::Result<()> {
+    // Checked by path: BPF_OBJ_GET on a missing pin answers EPERM on some kernels, not ENOENT.
+    if link_pin.exists() {
+        // Our link from an earlier agent: swap the program inside it, which the kernel does
+        // atomically, so no packet goes untranslated.
+        let old = PinnedLink::from_pin(link_pin)
+            .with_context(|| format!("opening pinned link {}", link_pin.display()))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+        let id = prog.attach_to_link(link).context("replacing the program in a pinned tcx link")?;
+        // The pin keeps the link; dropping our fd must not detach it.
+        let _fd: FdLink = prog.take_link(id)?.try_into()?;
+        debug!(iface, direction = dir.as_str(), "replaced program in pinned tcx link");
+    } else {
+        let id = prog
+            .attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .with_context(|| format!("tcx attach to {iface} {}", dir.as_str()))?;
+        let fd: FdLink = prog.take_link(id)?.try_into()?;
+        fd.pin(link_pin).with_context(|| format!("pinning tcx link at {}", link_pin.display()))?;
+        debug!(iface, direction = dir.as_str(), "attached new tcx link");
+    }
+    Ok(())
+}
+
+fn attach_netlink(prog: &mut SchedClassifier, iface: &str, dir: Direction) -> anyhow::Result<()> {
+    if let Err(e) = tc::qdisc_add_clsact(iface) {
+        // EEXIST: the interface already has a clsact qdisc (ours or another tool's).
+        let exists = matches!(&e, tc::TcError::NetlinkError(ne) if ne.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(e).with_context(|| format!("adding clsact qdisc to {iface}"));
+        }
+    }
+    let existing = SchedClassifierLink::attached(iface, dir.tc(), NL_PRIORITY, NL_HANDLE, None)?;
+    let id = match prog.attach_to_link(existing) {
+        Ok(id) => {
+            debug!(iface, direction = dir.as_str(), "replaced program in netlink filter");
+            id
+        }
+        Err(_) => prog
+            .attach_with_options(
+                iface,
+                dir.tc(),
+                TcAttachOptions::Netlink(NlOptions { priority: NL_PRIORITY, handle: NL_HANDLE, classid: None }),
+            )
+            .with_context(|| format!("netlink tc attach to {iface} {}", dir.as_str()))?,
+    };
+    // A netlink filter outlives the agent only if aya does not detach it on drop.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Refuses to reuse a pinned map whose type or sizes differ from this build's: aya would
+/// reuse it without looking, and the programs would misread it.
+fn check_pinned_layouts(pins: &Pins, max_flows: u32) -> anyhow::Result<()> {
+    use meshnet_common::{FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
+    let expect: [(&str, usize, usize); 6] = [
+        (names::ROUTES, 8, size_of::<RouteValue>()),
+        (names::PEERS, 4, size_of::<PeerGateways>()),
+        (names::NAT_FWD, size_of::<FlowKey>(), size_of::<NatFwd>()),
+        (names::NAT_REV, size_of::<FlowKey>(), size_of::<NatRev>()),
+        (names::STATS, 4, 8),
+        (names::PEER_NAMES, 4, size_of::<PeerName>()),
+    ];
+    for (name, key, value) in expect {
+        let path = pins.map(name);
+        let info = match MapInfo::from_pin(&path) {
+            Ok(info) => info,
+            Err(_) if !path.exists() => continue,
+            Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+        };
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            bail!(
+                "{} has key/value sizes {}/{}, this build expects {key}/{value}; it was pinned by an \
+                 incompatible build. Run `meshnet detach --pin-path {}` (this drops flow state) and start again",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                pins.root().display()
+            );
+        }
+        if (name == names::NAT_FWD || name == names::NAT_REV) && info.max_entries() != max_flows {
+            warn!(
+                map = name,
+                pinned = info.max_entries(),
+                configured = max_flows,
+                "the pinned flow map keeps its size; a new nat.maxFlows takes effect after `meshnet detach`"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Interfaces in this network namespace whose names match any of `patterns`.
+pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeSet<String>> {
+    let globs: Vec<glob::Pattern> = patterns
+        .iter()
+        .map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface glob {p:?}")))
+        .collect::<Result<_, _>>()?;
+    let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
+    Ok(all
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+        .filter(|name| globs.iter().any(|g| g.matches(name)))
+        .collect())
+}
+
+/// What `detach` removed.
+#[derive(Debug, Default)]
+pub struct DetachReport {
+    pub tcx_links: usize,
+    pub netlink_filters: usize,
+    pub pins: usize,
+}
+
+/// Removes everything meshnet installed: its tcx links, its netlink filters (found by their
+/// program names, which no other tool uses), and every pin under `pins`. Filters and links of
+/// other tools are never touched.
+pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
+    let mut report = DetachReport::default();
+    if let Ok(entries) = std::fs::read_dir(pins.links_dir()) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match PinnedLink::from_pin(&path) {
+                Ok(link) => {
+                    // Unpinning drops the last reference once our fd closes: the kernel then
+                    // detaches the tcx link.
+                    let fd = link.unpin().with_context(|| format!("unpinning {}", path.display()))?;
+                    drop(fd);
+                    report.tcx_links += 1;
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "not a link pin; removing it");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+    let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
+    for iface in all.iter().filter_map(|i| i.name().to_str().ok().map(str::to_owned)) {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            match tc::qdisc_detach_program(&iface, dir.tc(), dir.program()) {
+                Ok(()) => report.netlink_filters += 1,
+                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                // No clsact qdisc on this interface: nothing of ours there.
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => warn!(iface, direction = dir.as_str(), error = %e, "could not look for meshnet filters"),
+            }
+        }
+    }
+    for name in names::ALL_MAPS {
+        let path = pins.map(name);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            report.pins += 1;
+        }
+    }
+    for dir in [pins.links_dir(), pins.maps_dir()] {
+        let _ = std::fs::remove_dir(dir);
+    }
+    // The root itself goes too unless it is a mount point (EBUSY) or holds foreign pins.
+    let _ = std::fs::remove_dir(pins.root());
+    info!(?report, "detached");
+    Ok(report)
+}

@@ -1,0 +1,288 @@
+//! `meshnet maps dump`: the pinned maps joined into readable rows, as a table or as JSON.
+//!
+//! The JSON shapes are a stable interface (documented in docs/operations.md):
+//! - `routes`: `[{cidr, peer, gateways: [{address, port, udpPort, up}]}]`
+//! - `gateways`: `[{peer, address, port, udpPort, up}]`
+//! - `nat`: `[{proto, pod, remote, gateway, natPort, idleSeconds, state}]`, endpoints as
+//!   `ip:port` strings, `natPort` null unless the source port was remapped
+//! - `stats`: `{counter: value}`
+//!
+//! A map whose pin is missing is reported and skipped.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use meshnet_common::{
+    names, Gateway, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
+};
+use serde::Serialize;
+
+use crate::{
+    maps::{self, addr_of_be, ControlMaps},
+    pins::Pins,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    Routes,
+    Gateways,
+    Nat,
+    Stats,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRow {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    pub address: String,
+    pub port: u16,
+    pub udp_port: Option<u16>,
+    pub up: bool,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct RouteRow {
+    pub cidr: String,
+    pub peer: String,
+    pub gateways: Vec<GatewayRow>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NatRow {
+    pub proto: String,
+    pub pod: String,
+    pub remote: String,
+    pub gateway: String,
+    pub nat_port: Option<u16>,
+    pub idle_seconds: u64,
+    pub state: String,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Dump {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<RouteRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<Vec<GatewayRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<Vec<NatRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<BTreeMap<&'static str, u64>>,
+    /// Maps that could not be read, with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+}
+
+fn gateway_row(peer: Option<String>, g: &Gateway) -> GatewayRow {
+    let udp = u16::from_be(g.udp_port_be);
+    GatewayRow {
+        peer,
+        address: addr_of_be(g.addr_be).to_string(),
+        port: u16::from_be(g.tcp_port_be),
+        udp_port: (udp != 0).then_some(udp),
+        up: g.flags & GW_UP != 0,
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        other => other.to_string(),
+    }
+}
+
+fn flow_state(proto: u8, flags: u32) -> String {
+    if proto != IPPROTO_TCP {
+        return "active".into();
+    }
+    if flags & FLOW_RST != 0 {
+        "reset".into()
+    } else if flags & (FLOW_FIN_POD | FLOW_FIN_PEER) == FLOW_FIN_POD | FLOW_FIN_PEER {
+        "closed".into()
+    } else if flags & (FLOW_FIN_POD | FLOW_FIN_PEER) != 0 {
+        "closing".into()
+    } else {
+        "established".into()
+    }
+}
+
+/// Nanoseconds on the clock `bpf_ktime_get_ns` reads.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// Reads what `what` asks for from the pinned maps.
+#[must_use]
+pub fn collect(pins: &Pins, what: What) -> Dump {
+    let mut dump = Dump::default();
+    let want = |w: What| what == w || what == What::All;
+    let control = match ControlMaps::open(pins) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            if what != What::Stats {
+                dump.missing.push(format!("{e:#}"));
+            }
+            None
+        }
+    };
+    if let Some(m) = &control {
+        let peer_names: BTreeMap<u32, String> =
+            m.names.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect();
+        let name_of = |id: u32| peer_names.get(&id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
+        let peers: BTreeMap<u32, _> = m.peers.iter().flatten().collect();
+        if want(What::Routes) {
+            let rows = match m.current_routes() {
+                Ok(routes) => routes
+                    .into_iter()
+                    .map(|(net, id)| RouteRow {
+                        cidr: net.to_string(),
+                        peer: name_of(id),
+                        gateways: peers
+                            .get(&id)
+                            .map(|pg| pg.gateways[..(pg.count as usize).min(pg.gateways.len())].iter().map(|g| gateway_row(None, g)).collect())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                Err(e) => {
+                    dump.missing.push(format!("{}: {e:#}", names::ROUTES));
+                    Vec::new()
+                }
+            };
+            dump.routes = Some(rows);
+        }
+        if want(What::Gateways) {
+            let mut rows = Vec::new();
+            for (id, pg) in &peers {
+                for g in &pg.gateways[..(pg.count as usize).min(pg.gateways.len())] {
+                    rows.push(gateway_row(Some(name_of(*id)), g));
+                }
+            }
+            dump.gateways = Some(rows);
+        }
+        if want(What::Nat) {
+            let now = monotonic_ns();
+            let mut rows: Vec<NatRow> = m
+                .nat_fwd
+                .iter()
+                .flatten()
+                .map(|(k, f)| NatRow {
+                    proto: proto_name(k.proto),
+                    pod: format!("{}:{}", addr_of_be(k.src_be), u16::from_be(k.sport_be)),
+                    remote: format!("{}:{}", addr_of_be(k.dst_be), u16::from_be(k.dport_be)),
+                    gateway: format!("{}:{}", addr_of_be(f.gw_addr_be), u16::from_be(f.gw_port_be)),
+                    nat_port: (f.flags & FLOW_REMAPPED != 0).then(|| u16::from_be(f.nat_sport_be)),
+                    idle_seconds: now.saturating_sub(f.last_seen_ns) / 1_000_000_000,
+                    state: flow_state(k.proto, f.flags),
+                })
+                .collect();
+            rows.sort_by(|a, b| (&a.proto, &a.pod, &a.remote).cmp(&(&b.proto, &b.pod, &b.remote)));
+            dump.nat = Some(rows);
+        }
+    }
+    if want(What::Stats) {
+        match maps::read_stats(pins) {
+            Ok(s) => dump.stats = Some(s),
+            Err(e) => dump.missing.push(format!("{e:#}")),
+        }
+    }
+    dump
+}
+
+/// Renders a dump as aligned text tables.
+#[must_use]
+pub fn table(d: &Dump) -> String {
+    let mut out = String::new();
+    if let Some(routes) = &d.routes {
+        let rows: Vec<Vec<String>> = routes
+            .iter()
+            .map(|r| {
+                let gws = r
+                    .gateways
+                    .iter()
+                    .map(|g| format!("{}:{}{}{}", g.address, g.port, g.udp_port.map(|u| format!("/udp:{u}")).unwrap_or_default(), if g.up { "" } else { " (down)" }))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                vec![r.cidr.clone(), r.peer.clone(), gws]
+            })
+            .collect();
+        render(&mut out, "routes", &["CIDR", "PEER", "GATEWAYS"], &rows);
+    }
+    if let Some(gws) = &d.gateways {
+        let rows: Vec<Vec<String>> = gws
+            .iter()
+            .map(|g| {
+                vec![
+                    g.peer.clone().unwrap_or_default(),
+                    g.address.clone(),
+                    g.port.to_string(),
+                    g.udp_port.map_or("-".into(), |p| p.to_string()),
+                    if g.up { "up".into() } else { "down".into() },
+                ]
+            })
+            .collect();
+        render(&mut out, "gateways", &["PEER", "ADDRESS", "TCP", "UDP", "STATE"], &rows);
+    }
+    if let Some(nat) = &d.nat {
+        let rows: Vec<Vec<String>> = nat
+            .iter()
+            .map(|n| {
+                vec![
+                    n.proto.clone(),
+                    n.pod.clone(),
+                    n.remote.clone(),
+                    n.gateway.clone(),
+                    n.nat_port.map_or("-".into(), |p| p.to_string()),
+                    format!("{}s", n.idle_seconds),
+                    n.state.clone(),
+                ]
+            })
+            .collect();
+        render(&mut out, "nat", &["PROTO", "POD", "REMOTE", "VIA GATEWAY", "NAT PORT", "IDLE", "STATE"], &rows);
+    }
+    if let Some(stats) = &d.stats {
+        let rows: Vec<Vec<String>> = stats.iter().map(|(k, v)| vec![(*k).to_string(), v.to_string()]).collect();
+        render(&mut out, "stats", &["COUNTER", "VALUE"], &rows);
+    }
+    for m in &d.missing {
+        let _ = writeln!(out, "missing: {m}");
+    }
+    out
+}
+
+fn render(out: &mut String, title: &str, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let _ = writeln!(out, "# {title} ({} entries)", rows.len());
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let _ = writeln!(out, "{}", line(header.to_vec()));
+    for r in rows {
+        let _ = writeln!(out, "{}", line(r.iter().map(String::as_str).collect()));
+    }
+    out.push('\n');
+}

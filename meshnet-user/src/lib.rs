@@ -1,0 +1,8 @@
+//! meshnet's user space: the node agent, the CLI, and what they share.
+
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod dump;
+pub mod maps;
+pub mod pins;
