@@ -301,18 +301,32 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The argv that runs `meshnet agent` inside `ns`.
+    #[must_use]
+    pub fn argv(ns: &NetNs, config: &Path, pin_path: &Path, extra: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            "nsenter".to_string(),
+            format!("--net={}", ns.path().display()),
+            meshnet_bin().display().to_string(),
+            "agent".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--pin-path".into(),
+            pin_path.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| (*s).to_string()));
+        v
+    }
+
     /// Starts `meshnet agent` in `ns` and waits until it reports ready.
     pub fn start(ns: &NetNs, config: &Path, pin_path: &Path, extra: &[&str]) -> Self {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", ns.path().display()))
-            .arg(meshnet_bin())
-            .args(["agent", "--config"])
-            .arg(config)
-            .arg("--pin-path")
-            .arg(pin_path)
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .env("MESHNET_LOG", "info");
+        Self::spawn(&Self::argv(ns, config, pin_path, extra))
+    }
+
+    /// Runs `argv` (which ends up exec'ing `meshnet agent`) and waits until it is ready.
+    pub fn spawn(argv: &[String]) -> Self {
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).env("MESHNET_LOG", "info");
         let mut child = ChildGuard::spawn(&mut cmd);
         child.wait_for_line("meshnet agent ready", Duration::from_secs(30));
         Self { child }
