@@ -12,7 +12,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use meshnet_common::{
-    names, Gateway, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
+    names, FlowKey, Gateway, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::Serialize;
 
@@ -178,14 +178,20 @@ pub fn collect(pins: &Pins, what: What) -> Dump {
                 .nat_fwd
                 .iter()
                 .flatten()
-                .map(|(k, f)| NatRow {
-                    proto: proto_name(k.proto),
-                    pod: format!("{}:{}", addr_of_be(k.src_be), u16::from_be(k.sport_be)),
-                    remote: format!("{}:{}", addr_of_be(k.dst_be), u16::from_be(k.dport_be)),
-                    gateway: format!("{}:{}", addr_of_be(f.gw_addr_be), u16::from_be(f.gw_port_be)),
-                    nat_port: (f.flags & FLOW_REMAPPED != 0).then(|| u16::from_be(f.nat_sport_be)),
-                    idle_seconds: now.saturating_sub(f.last_seen_ns) / 1_000_000_000,
-                    state: flow_state(k.proto, f.flags),
+                .map(|(k, f)| {
+                    // Each direction records its own FINs; the state needs both.
+                    let rev = m.nat_rev.get(&FlowKey::rev_of_fwd(&k, &f), 0).ok();
+                    let flags = f.flags | rev.map_or(0, |r| r.flags);
+                    let last = f.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
+                    NatRow {
+                        proto: proto_name(k.proto),
+                        pod: format!("{}:{}", addr_of_be(k.src_be), u16::from_be(k.sport_be)),
+                        remote: format!("{}:{}", addr_of_be(k.dst_be), u16::from_be(k.dport_be)),
+                        gateway: format!("{}:{}", addr_of_be(f.gw_addr_be), u16::from_be(f.gw_port_be)),
+                        nat_port: (f.flags & FLOW_REMAPPED != 0).then(|| u16::from_be(f.nat_sport_be)),
+                        idle_seconds: now.saturating_sub(last) / 1_000_000_000,
+                        state: flow_state(k.proto, flags),
+                    }
                 })
                 .collect();
             rows.sort_by(|a, b| (&a.proto, &a.pod, &a.remote).cmp(&(&b.proto, &b.pod, &b.remote)));
