@@ -148,6 +148,11 @@ fn note_tcp_flags_fwd(flags: &mut u32, tcp: u8) {
 
 #[inline(always)]
 fn note_tcp_flags_rev(flags: &mut u32, tcp: u8) {
+    if tcp & TCP_SYN != 0 {
+        // The peer's SYN-ACK of a new connection reusing the tuple: as on the pod side, the
+        // old connection's close no longer applies.
+        *flags &= !(FLOW_FIN_POD | FLOW_FIN_PEER | FLOW_RST);
+    }
     if tcp & TCP_FIN != 0 {
         *flags |= FLOW_FIN_PEER;
     }

@@ -58,6 +58,8 @@ pub struct Ipv4 {
     /// Offset zero: the fragment (or whole packet) that carries the L4 header.
     pub has_l4: bool,
     pub l4_off: usize,
+    /// Where the datagram ends (`ETH_HLEN` + total length); bytes after it are link padding.
+    pub end: usize,
 }
 
 /// The L4 part of a TCP or UDP packet.
@@ -146,6 +148,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
         is_fragment,
         has_l4,
         l4_off: ETH_HLEN + ihl,
+        end: ETH_HLEN + tot_len,
     }))
 }
 
@@ -164,6 +167,11 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, Counter> {
     };
     // l4_off is at most ETH_HLEN + 60, which keeps the verifier's range tracking happy.
     let l4_off = ip.l4_off & 0x7f;
+    // The header must lie inside the datagram, not in padding after it: a checksum field
+    // beyond the total length is not part of the packet and cannot be fixed.
+    if l4_off + min_len > ip.end {
+        return Err(Counter::Truncated);
+    }
     ensure(ctx, l4_off + min_len)?;
     let start = ctx.data();
     if start + l4_off + min_len > ctx.data_end() {

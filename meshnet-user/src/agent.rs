@@ -1,64 +1,130 @@
 //! The node agent: load, sync the maps to the config, attach to the pod interfaces, then
-//! keep following the config and the interfaces until told to stop. Stopping leaves the
-//! datapath in place; `meshnet detach` removes it.
+//! follow the config, the interfaces and the gateways' health, and expire idle flows, until
+//! told to stop. Stopping leaves the datapath in place; `meshnet detach` removes it.
 
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
-    datapath::{matching_interfaces, AttachMode, Datapath},
+    datapath::{detach_interface, matching_interfaces, AttachMode, Datapath},
+    dump::monotonic_ns,
+    health::{self, GatewayId, Health},
     maps::ControlMaps,
-    pins::{Direction, Pins},
+    metrics::{self, GatewayLabel, Metrics, ResultLabel},
+    netlink::LinkEvents,
+    pins::Pins,
 };
 
 pub struct AgentOptions {
     pub config: PathBuf,
     pub pins: Pins,
     pub attach_mode: AttachMode,
-    /// How often interfaces are rescanned for pods that came or went.
+    /// How often interfaces are rescanned besides netlink link events, and how often the
+    /// config file is checked for changes.
     pub rescan: Duration,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 struct Agent {
     opts: AgentOptions,
     config: Config,
+    config_text: String,
     datapath: Datapath,
     maps: ControlMaps,
     attached: BTreeSet<String>,
+    health: Health,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // A bad config fails here, before anything is loaded or attached.
     let config = Config::load(&opts.config)?;
+    let config_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
     let datapath = Datapath::load(&opts.pins, config.max_flows)?;
     let maps = ControlMaps::open(&opts.pins)?;
-    let mut agent = Agent { opts, config, datapath, maps, attached: BTreeSet::new() };
-    let report = agent.maps.sync(&agent.config.desired()).context("filling the maps")?;
-    info!(?report, cluster = %agent.config.cluster, peers = agent.config.peers.len(), "maps synced");
+    let health = Health::from_pinned(&maps.current_peers()?);
+    let metrics = Arc::new(Metrics::new(opts.pins.clone()));
+    if let Some(addr) = opts.metrics_addr {
+        let m = metrics.clone();
+        let listener_ok = tokio::net::TcpListener::bind(addr).await.map(drop);
+        listener_ok.with_context(|| format!("--metrics-addr {addr}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m).await {
+                error!(error = %format!("{e:#}"), "metrics server failed");
+            }
+        });
+    }
+    let mut agent = Agent { opts, config, config_text, datapath, maps, attached: BTreeSet::new(), health, metrics };
+    agent.sync().context("filling the maps")?;
     agent.rescan_interfaces()?;
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
     }
+    agent.metrics.ready.store(true, Ordering::Relaxed);
     info!(pin_path = %agent.opts.pins.root().display(), interfaces = ?agent.attached, "meshnet agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let links = match LinkEvents::new() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(error = %e, "no netlink link events; relying on periodic rescans");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(agent.opts.rescan);
+    let mut gc = tokio::time::interval(agent.config.gc.interval);
+    let mut probe_tick = tokio::time::interval(agent.config.health.interval);
+    let (probe_tx, mut probe_rx) = mpsc::channel::<Vec<(GatewayId, bool)>>(4);
+    let mut probing = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => agent.reload(),
-            _ = tick.tick() => {
-                if let Err(e) = agent.rescan_interfaces() {
-                    warn!(error = %format!("{e:#}"), "interface rescan failed");
+            _ = hup.recv() => agent.reload("SIGHUP"),
+            r = async { links.as_ref().unwrap().changed().await }, if links.is_some() => {
+                if let Err(e) = r {
+                    warn!(error = %e, "reading link events");
                 }
+                agent.rescan_logged();
+            }
+            _ = tick.tick() => {
+                agent.reload_if_changed();
+                agent.rescan_logged();
+            }
+            _ = gc.tick() => agent.collect_garbage(),
+            _ = probe_tick.tick(), if agent.config.health.enabled && !probing => {
+                probing = true;
+                let targets = Health::targets(&agent.config);
+                let timeout = agent.config.health.timeout;
+                let tx = probe_tx.clone();
+                tokio::spawn(async move {
+                    let mut set = tokio::task::JoinSet::new();
+                    for gw in targets {
+                        set.spawn(async move { (gw, health::probe(gw, timeout).await) });
+                    }
+                    let results = set.join_all().await;
+                    let _ = tx.send(results).await;
+                });
+            }
+            Some(results) = probe_rx.recv() => {
+                probing = false;
+                agent.apply_probes(&results);
             }
         }
     }
@@ -67,23 +133,98 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 }
 
 impl Agent {
+    /// Writes the config's desired state, with gateway health applied, into the maps.
+    fn sync(&mut self) -> anyhow::Result<()> {
+        let targets = Health::targets(&self.config);
+        self.health.retain(&targets);
+        let mut desired = self.config.desired();
+        desired.apply_health(&self.health.down());
+        let report = self.maps.sync(&desired)?;
+        if !report.is_noop() {
+            info!(?report, cluster = %self.config.cluster, peers = self.config.peers.len(), "maps synced");
+        }
+        self.metrics.synced();
+        self.metrics.gateway_up.clear();
+        for p in &self.config.peers {
+            for g in &p.gateways {
+                let label = GatewayLabel { peer: p.name.clone(), address: g.address.to_string(), port: g.port.to_string() };
+                self.metrics.gateway_up.get_or_create(&label).set(i64::from(self.health.is_up(&(g.address, g.port))));
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the config when its content changed (a ConfigMap update swaps the file).
+    fn reload_if_changed(&mut self) {
+        match std::fs::read_to_string(&self.opts.config) {
+            Ok(text) if text != self.config_text => self.reload("file changed"),
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "config file unreadable; keeping the current config"),
+        }
+    }
+
     /// Re-reads the config. An invalid one is logged and the old state keeps serving.
-    fn reload(&mut self) {
+    fn reload(&mut self, why: &str) {
+        let text = std::fs::read_to_string(&self.opts.config).unwrap_or_default();
+        // Remember this content either way, so a bad file is reported once, not every tick.
+        self.config_text = text;
         let config = match Config::load(&self.opts.config) {
             Ok(c) => c,
             Err(e) => {
-                error!(error = %e, "reload refused; keeping the previous config");
+                error!(why, error = %e, "reload refused; keeping the previous config");
+                self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
                 return;
             }
         };
-        match self.maps.sync(&config.desired()) {
-            Ok(report) => info!(?report, "config reloaded"),
+        if config.max_flows != self.config.max_flows {
+            warn!("nat.maxFlows changes take effect after `meshnet detach` and a restart");
+        }
+        let old = std::mem::replace(&mut self.config, config);
+        match self.sync() {
+            Ok(()) => {
+                info!(why, "config reloaded");
+                self.metrics.reloads.get_or_create(&ResultLabel { result: "ok".into() }).inc();
+            }
             Err(e) => {
-                error!(error = %format!("{e:#}"), "applying the new config failed");
+                error!(why, error = %format!("{e:#}"), "applying the new config failed; restoring the previous one");
+                self.config = old;
+                let _ = self.sync();
+                self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
                 return;
             }
         }
-        self.config = config;
+        self.rescan_logged();
+    }
+
+    fn apply_probes(&mut self, results: &[(GatewayId, bool)]) {
+        let threshold = self.config.health.failure_threshold;
+        let mut changed = false;
+        for (gw, ok) in results {
+            if self.health.record(*gw, *ok, threshold) {
+                changed = true;
+                if *ok {
+                    info!(gateway = %format!("{}:{}", gw.0, gw.1), "gateway up");
+                } else {
+                    warn!(gateway = %format!("{}:{}", gw.0, gw.1), "gateway down; moving its flows to live gateways");
+                }
+            }
+        }
+        if changed {
+            if let Err(e) = self.sync() {
+                error!(error = %format!("{e:#}"), "applying gateway health failed");
+            }
+        }
+    }
+
+    fn collect_garbage(&mut self) {
+        let report = self.maps.expire(monotonic_ns(), &self.config.gc);
+        if report.flows + report.orphans > 0 {
+            debug!(?report, "expired idle flows");
+            self.metrics.gc_expired.inc_by(u64::try_from(report.flows).unwrap_or(0));
+        }
+    }
+
+    fn rescan_logged(&mut self) {
         if let Err(e) = self.rescan_interfaces() {
             warn!(error = %format!("{e:#}"), "interface rescan failed");
         }
@@ -103,14 +244,11 @@ impl Agent {
         }
         let gone: Vec<String> = self.attached.difference(&present).cloned().collect();
         for iface in gone {
-            info!(iface, "interface gone");
-            for dir in [Direction::Ingress, Direction::Egress] {
-                // The kernel already dropped the attachment with the device; the pin is all
-                // that is left of it.
-                let _ = std::fs::remove_file(self.opts.pins.link(&iface, dir));
-            }
+            info!(iface, "interface gone or no longer matching; detaching");
+            detach_interface(&self.opts.pins, &iface);
             self.attached.remove(&iface);
         }
+        self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
         Ok(())
     }
 }

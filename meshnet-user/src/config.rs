@@ -9,6 +9,7 @@ use std::{
     fmt,
     net::Ipv4Addr,
     path::Path,
+    time::Duration,
 };
 
 use ipnet::Ipv4Net;
@@ -28,6 +29,8 @@ pub struct RawConfig {
     pub peers: Vec<RawPeer>,
     #[serde(default)]
     pub nat: RawNat,
+    #[serde(default)]
+    pub health: RawHealth,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -50,21 +53,48 @@ pub struct RawGateway {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct RawNat {
     /// Size of each flow-state map (forward and reverse).
-    #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// A UDP flow idle this long is expired.
+    pub udp_timeout_seconds: u64,
+    /// A TCP flow that saw FINs from both sides or a RST, idle this long, is expired.
+    pub tcp_closed_timeout_seconds: u64,
+    /// An established TCP flow idle this long is expired. Long, since an idle but open
+    /// connection must keep working.
+    pub tcp_timeout_seconds: u64,
+    /// How often the garbage collector walks the flow state.
+    pub gc_interval_seconds: u64,
 }
 
 impl Default for RawNat {
     fn default() -> Self {
-        Self { max_flows: default_max_flows() }
+        Self {
+            max_flows: limits::DEFAULT_NAT_ENTRIES,
+            udp_timeout_seconds: 120,
+            tcp_closed_timeout_seconds: 10,
+            tcp_timeout_seconds: 86_400,
+            gc_interval_seconds: 5,
+        }
     }
 }
 
-fn default_max_flows() -> u32 {
-    limits::DEFAULT_NAT_ENTRIES
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RawHealth {
+    /// Probe gateways (a TCP connect to nodeIP:NodePort) and mark them down or up.
+    pub enabled: bool,
+    pub interval_seconds: u64,
+    pub timeout_milliseconds: u64,
+    /// Consecutive failed probes before a gateway is marked down (one success marks it up).
+    pub failure_threshold: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self { enabled: true, interval_seconds: 2, timeout_milliseconds: 1000, failure_threshold: 2 }
+    }
 }
 
 /// A validated config.
@@ -76,6 +106,26 @@ pub struct Config {
     pub interfaces: Vec<String>,
     pub peers: Vec<Peer>,
     pub max_flows: u32,
+    pub gc: GcConfig,
+    pub health: HealthConfig,
+}
+
+/// Flow-state expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcConfig {
+    pub udp_timeout: Duration,
+    pub tcp_closed_timeout: Duration,
+    pub tcp_timeout: Duration,
+    pub interval: Duration,
+}
+
+/// Gateway health probing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failure_threshold: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +172,8 @@ pub enum ConfigError {
         #[source]
         source: serde_yaml::Error,
     },
-    #[error("{path}: invalid config:\n  {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    // One line, so that a log line holds the whole reason.
+    #[error("{path}: invalid config: {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid { path: String, errors: Vec<FieldError> },
 }
 
@@ -220,6 +271,21 @@ impl RawConfig {
         if self.nat.max_flows < 1024 {
             c.err("nat.maxFlows", format!("{} is too small (at least 1024)", self.nat.max_flows));
         }
+        for (field, v) in [
+            ("nat.udpTimeoutSeconds", self.nat.udp_timeout_seconds),
+            ("nat.tcpClosedTimeoutSeconds", self.nat.tcp_closed_timeout_seconds),
+            ("nat.tcpTimeoutSeconds", self.nat.tcp_timeout_seconds),
+            ("nat.gcIntervalSeconds", self.nat.gc_interval_seconds),
+            ("health.intervalSeconds", self.health.interval_seconds),
+            ("health.timeoutMilliseconds", self.health.timeout_milliseconds),
+        ] {
+            if v == 0 {
+                c.err(field, "must be at least 1");
+            }
+        }
+        if self.health.failure_threshold == 0 {
+            c.err("health.failureThreshold", "must be at least 1");
+        }
 
         let mut names = BTreeSet::new();
         let mut ids = BTreeMap::new();
@@ -306,6 +372,18 @@ impl RawConfig {
                 interfaces: self.interfaces.clone(),
                 peers,
                 max_flows: self.nat.max_flows,
+                gc: GcConfig {
+                    udp_timeout: Duration::from_secs(self.nat.udp_timeout_seconds),
+                    tcp_closed_timeout: Duration::from_secs(self.nat.tcp_closed_timeout_seconds),
+                    tcp_timeout: Duration::from_secs(self.nat.tcp_timeout_seconds),
+                    interval: Duration::from_secs(self.nat.gc_interval_seconds),
+                },
+                health: HealthConfig {
+                    enabled: self.health.enabled,
+                    interval: Duration::from_secs(self.health.interval_seconds),
+                    timeout: Duration::from_millis(self.health.timeout_milliseconds),
+                    failure_threshold: self.health.failure_threshold,
+                },
             })
         } else {
             Err(c.errors)
@@ -339,6 +417,19 @@ impl Config {
             d.peers.insert(p.id, value);
         }
         d
+    }
+}
+
+impl Desired {
+    /// Marks the gateways in `down` (by address and TCP port) as down.
+    pub fn apply_health(&mut self, down: &BTreeSet<(Ipv4Addr, u16)>) {
+        for pg in self.peers.values_mut() {
+            let n = (pg.count as usize).min(pg.gateways.len());
+            for g in &mut pg.gateways[..n] {
+                let key = (Ipv4Addr::from(g.addr_be.to_ne_bytes()), u16::from_be(g.tcp_port_be));
+                g.flags = if down.contains(&key) { g.flags & !GW_UP } else { g.flags | GW_UP };
+            }
+        }
     }
 }
 

@@ -280,6 +280,20 @@ pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeSet<Strin
         .collect())
 }
 
+/// Removes meshnet's programs from one interface (tcx link and netlink filters), e.g. when
+/// it no longer matches the config. Also right for an interface that is already gone: then
+/// only the pins are left to remove.
+pub fn detach_interface(pins: &Pins, iface: &str) {
+    for dir in [Direction::Ingress, Direction::Egress] {
+        let pin = pins.link(iface, dir);
+        if let Ok(link) = PinnedLink::from_pin(&pin) {
+            let _ = link.unpin();
+        }
+        let _ = std::fs::remove_file(&pin);
+        let _ = tc::qdisc_detach_program(iface, dir.tc(), dir.program());
+    }
+}
+
 /// What `detach` removed.
 #[derive(Debug, Default)]
 pub struct DetachReport {

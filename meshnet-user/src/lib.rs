@@ -4,5 +4,8 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod dump;
+pub mod health;
 pub mod maps;
+pub mod metrics;
+pub mod netlink;
 pub mod pins;

@@ -41,9 +41,13 @@ enum Command {
         /// How to attach to interfaces.
         #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
         attach_mode: AttachMode,
-        /// Seconds between interface rescans (pods come and go).
+        /// Seconds between interface rescans and config-file checks. Link events from
+        /// netlink trigger a rescan at once; this is the safety net.
         #[arg(long, default_value_t = 1.0)]
         rescan_seconds: f64,
+        /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9090).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Remove everything meshnet installed: its tc programs and links on every interface,
     /// and every pin under --pin-path. Flow state is lost.
@@ -93,13 +97,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let pins = Pins::new(&cli.pin_path);
     match cli.command {
-        Command::Agent { config, attach_mode, rescan_seconds } => {
+        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(agent::run(AgentOptions {
                 config,
                 pins,
                 attach_mode,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
+                metrics_addr,
             }))?;
         }
         Command::Detach => {

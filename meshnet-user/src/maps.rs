@@ -10,10 +10,14 @@ use aya::maps::{
 };
 use ipnet::Ipv4Net;
 use meshnet_common::{
-    names, Counter, FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue,
+    names, Counter, FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, FLOW_FIN_PEER, FLOW_FIN_POD,
+    FLOW_RST, GW_UP, IPPROTO_TCP,
 };
 
-use crate::{config::Desired, pins::Pins};
+use crate::{
+    config::{Desired, GcConfig},
+    pins::Pins,
+};
 
 pub type Routes = LpmTrie<MapData, u32, RouteValue>;
 pub type Peers = HashMap<MapData, u32, PeerGateways>;
@@ -139,15 +143,14 @@ impl ControlMaps {
 
     /// Makes the maps hold `desired`, touching only what differs. New routes and gateways go
     /// in before anything is removed, so no packet meets a half-applied state that drops it;
-    /// flows of withdrawn routes or gateways are purged last so they re-resolve.
+    /// flows of withdrawn routes or of gateways that are gone or down are purged last, so
+    /// their next packet picks a live gateway.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
         let mut report = SyncReport::default();
         let cur_peers = self.current_peers()?;
         for (id, want) in &desired.peers {
-            let keep_health = cur_peers.get(id).map(|cur| merge_health(cur, want));
-            let value = keep_health.unwrap_or(*want);
-            if cur_peers.get(id) != Some(&value) {
-                self.peers.insert(id, value, 0).context("writing the peer map")?;
+            if cur_peers.get(id) != Some(want) {
+                self.peers.insert(id, *want, 0).context("writing the peer map")?;
                 report.peers_written += 1;
             }
             let name = peer_name_value(desired.peer_names.get(id).map_or("", String::as_str));
@@ -183,7 +186,8 @@ impl ControlMaps {
     }
 
     /// Removes flow state that no longer matches the desired routes and gateways: the flow's
-    /// destination left every remote CIDR, moved to another peer, or its gateway is gone.
+    /// destination left every remote CIDR, moved to another peer, or its gateway is gone or
+    /// down.
     pub fn purge_flows(&mut self, desired: &Desired) -> anyhow::Result<usize> {
         let mut doomed = Vec::new();
         for item in self.nat_fwd.iter() {
@@ -198,8 +202,9 @@ impl ControlMaps {
             let gateway_ok = owner.is_some_and(|id| {
                 id == fwd.peer_id
                     && desired.peers.get(&id).is_some_and(|pg| {
-                        pg.gateways[..pg.count as usize].iter().any(|g| {
-                            g.addr_be == fwd.gw_addr_be
+                        pg.gateways[..(pg.count as usize).min(pg.gateways.len())].iter().any(|g| {
+                            g.flags & GW_UP != 0
+                                && g.addr_be == fwd.gw_addr_be
                                 && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be)
                         })
                     })
@@ -216,18 +221,61 @@ impl ControlMaps {
     }
 }
 
-/// The desired gateway set, with the up/down state of gateways that were already there.
-fn merge_health(cur: &PeerGateways, want: &PeerGateways) -> PeerGateways {
-    let mut out = *want;
-    for g in out.gateways.iter_mut().take(want.count as usize) {
-        if let Some(old) = cur.gateways[..(cur.count as usize).min(cur.gateways.len())]
-            .iter()
-            .find(|o| o.addr_be == g.addr_be && o.tcp_port_be == g.tcp_port_be && o.udp_port_be == g.udp_port_be)
-        {
-            g.flags = old.flags;
+/// What one garbage-collection pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    pub flows: usize,
+    pub orphans: usize,
+}
+
+impl ControlMaps {
+    /// Expires idle flows: UDP after `udp_timeout`, TCP that saw both FINs or a RST after
+    /// `tcp_closed_timeout`, other TCP after `tcp_timeout`. `now_ns` is on the clock the
+    /// datapath stamps with (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC). Reverse entries whose
+    /// forward entry the LRU evicted go too once idle as long.
+    pub fn expire(&mut self, now_ns: u64, gc: &GcConfig) -> GcReport {
+        let mut report = GcReport::default();
+        let timeout = |proto: u8, flags: u32| -> u64 {
+            let d = if proto != IPPROTO_TCP {
+                gc.udp_timeout
+            } else if flags & FLOW_RST != 0 || flags & (FLOW_FIN_POD | FLOW_FIN_PEER) == FLOW_FIN_POD | FLOW_FIN_PEER {
+                gc.tcp_closed_timeout
+            } else {
+                gc.tcp_timeout
+            };
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+        };
+        let mut doomed = Vec::new();
+        let mut live_rev = std::collections::HashSet::new();
+        for (key, fwd) in self.nat_fwd.iter().flatten() {
+            let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
+            let rev = self.nat_rev.get(&rev_key, 0).ok();
+            let flags = fwd.flags | rev.map_or(0, |r| r.flags);
+            let last = fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
+            if now_ns.saturating_sub(last) > timeout(key.proto, flags) {
+                doomed.push((key, rev_key));
+            } else {
+                live_rev.insert(rev_key);
+            }
         }
+        for (key, rev_key) in &doomed {
+            let _ = self.nat_fwd.remove(key);
+            let _ = self.nat_rev.remove(rev_key);
+        }
+        report.flows = doomed.len();
+        let orphans: Vec<FlowKey> = self
+            .nat_rev
+            .iter()
+            .flatten()
+            .filter(|(k, r)| !live_rev.contains(k) && now_ns.saturating_sub(r.last_seen_ns) > timeout(k.proto, r.flags))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &orphans {
+            let _ = self.nat_rev.remove(k);
+        }
+        report.orphans = orphans.len();
+        report
     }
-    out
 }
 
 /// Sums the per-CPU counters of the pinned stats map.

@@ -200,11 +200,13 @@ impl Topology {
         self.opts
     }
 
-    /// Writes `text` as node1's config file and returns its path.
-    #[must_use]
+    /// Writes `text` as node1's config file, atomically as a ConfigMap update does, and
+    /// returns its path.
     pub fn write_config(&self, text: &str) -> PathBuf {
         let p = self.dir.0.join("meshnet.yaml");
-        std::fs::write(&p, text).unwrap();
+        let tmp = self.dir.0.join(".meshnet.yaml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
         p
     }
 

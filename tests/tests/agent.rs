@@ -1,0 +1,308 @@
+//! The agent as an operator runs it: reloads, a bad reload, restarts that keep flows,
+//! interface hot-plug, gateway failover, flow expiry and metrics.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddrV4, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use meshnet_tests::{
+    peer::{self, IO_TIMEOUT},
+    poll,
+    topo::{self, app_a, app_b, node1_config, Options, Topology, POD_INTERFACES},
+    Agent,
+};
+use nix::sys::signal::Signal;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn start(t: &Topology, config: &str, extra: &[&str]) -> Agent {
+    let cfg = t.write_config(config);
+    Agent::start(&t.node1, &cfg, &t.pin_path(), extra)
+}
+
+fn routes(t: &Topology) -> Vec<(String, String, Vec<String>)> {
+    t.dump_json("routes")["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let gws = r["gateways"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| format!("{}:{}{}", g["address"].as_str().unwrap(), g["port"], if g["up"].as_bool().unwrap() { "" } else { " down" }))
+                .collect();
+            (r["cidr"].as_str().unwrap().to_string(), r["peer"].as_str().unwrap().to_string(), gws)
+        })
+        .collect()
+}
+
+fn nat(t: &Topology) -> Vec<serde_json::Value> {
+    t.dump_json("nat")["nat"].as_array().unwrap().clone()
+}
+
+fn request(t: &Topology, target: SocketAddrV4, msg: &str) -> String {
+    let m = msg.to_string();
+    t.client.run(move || peer::tcp_request(target, &m)).unwrap_or_else(|e| panic!("request to {target}: {e}"))
+}
+
+/// A TCP connection from the client pod to a remote pod, held open across agent restarts.
+struct Held {
+    s: TcpStream,
+    target: SocketAddrV4,
+}
+
+impl Held {
+    fn open(t: &Topology, target: SocketAddrV4) -> Self {
+        let s = t.client.run(move || {
+            let mut s = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT).unwrap();
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            write!(s, "TO {target}\n").unwrap();
+            s
+        });
+        Self { s, target }
+    }
+
+    fn exchange(&mut self, msg: &str) -> String {
+        writeln!(self.s, "{msg}").unwrap();
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            self.s.read_exact(&mut byte).unwrap_or_else(|e| panic!("held connection broke at {msg:?}: {e}"));
+            buf.push(byte[0]);
+        }
+        let line = String::from_utf8(buf).unwrap();
+        assert_eq!(line.trim_end(), format!("app {} got {msg}", self.target));
+        line
+    }
+}
+
+fn config_with_cluster3(port2: u16) -> String {
+    format!(
+        "{}  - name: cluster3\n    podCIDRs: [\"10.246.0.0/16\"]\n    gateways: [{{address: 192.0.2.3, port: 30000}}]\n",
+        node1_config(POD_INTERFACES).replace(&format!("port: {}", topo::NODEPORT_TCP), &format!("port: {port2}"))
+    )
+}
+
+#[test]
+fn reload_adds_changes_and_removes_peers() {
+    let t = Topology::new(Options::default());
+    // A second NodePort on node2 for the same gateway, to move cluster2's gateway to.
+    t.node2.exec(&format!(
+        "iptables -t nat -A PREROUTING -d {} -p tcp --dport 31999 -j DNAT --to-destination {}:{}",
+        topo::NODE2_LAN,
+        topo::GW_IP,
+        topo::GW_PORT
+    ));
+    let agent = start(&t, &node1_config(POD_INTERFACES), &[]);
+    assert_eq!(request(&t, app_a(), "v1"), "app 10.245.0.20:8080 got v1");
+    assert_eq!(nat(&t).len(), 1);
+
+    // Add a peer by rewriting the file: the agent notices the change by itself.
+    t.write_config(&config_with_cluster3(topo::NODEPORT_TCP));
+    let added = poll(WAIT, || routes(&t).iter().any(|r| r.0 == "10.246.0.0/16" && r.1 == "cluster3").then_some(()));
+    assert!(added.is_some(), "cluster3 never appeared: {:?}\n{}", routes(&t), agent.child.output());
+
+    // Change cluster2's NodePort and signal: its old flows are purged, new ones use the new port.
+    t.write_config(&config_with_cluster3(31999));
+    agent.child.signal(Signal::SIGHUP);
+    let changed = poll(WAIT, || routes(&t).iter().any(|r| r.0 == "10.245.0.0/16" && r.2 == ["192.0.2.2:31999"]).then_some(()));
+    assert!(changed.is_some(), "gateway port never changed: {:?}", routes(&t));
+    assert!(nat(&t).iter().all(|f| f["gateway"] != "192.0.2.2:31674"), "flows via the old port survived: {:?}", nat(&t));
+    assert_eq!(request(&t, app_b(), "v2"), "app 10.245.0.21:8080 got v2");
+    assert!(nat(&t).iter().any(|f| f["gateway"] == "192.0.2.2:31999"));
+
+    // Remove cluster3 again.
+    t.write_config(&node1_config(POD_INTERFACES).replace(&format!("port: {}", topo::NODEPORT_TCP), "port: 31999"));
+    let removed = poll(WAIT, || routes(&t).iter().all(|r| r.1 != "cluster3").then_some(()));
+    assert!(removed.is_some(), "cluster3 still routed: {:?}", routes(&t));
+    assert_eq!(routes(&t).len(), 1);
+}
+
+#[test]
+fn bad_reload_keeps_serving_the_old_state() {
+    let t = Topology::new(Options::default());
+    let mut agent = start(&t, &node1_config(POD_INTERFACES), &[]);
+    let before = routes(&t);
+    t.write_config(&node1_config(POD_INTERFACES).replace("10.245.0.0/16", "10.245.0.0/33"));
+    agent.child.signal(Signal::SIGHUP);
+    let line = agent.child.wait_for_line("reload refused", WAIT);
+    assert!(line.contains("10.245.0.0/33"), "{line}");
+    assert_eq!(routes(&t), before);
+    assert_eq!(request(&t, app_a(), "still"), "app 10.245.0.20:8080 got still");
+    assert!(agent.child.stop(), "the agent died on a bad config:\n{}", agent.child.output());
+}
+
+/// Program ids attached to a pod interface on node1 (tcx), to tell program instances apart.
+fn tcx_prog_ids(t: &Topology) -> Vec<u32> {
+    t.node1.run(|| {
+        let (_, progs) =
+            aya::programs::SchedClassifier::query_tcx("vethc", aya::programs::TcAttachType::Ingress).unwrap();
+        progs.iter().map(aya::programs::ProgramInfo::id).collect()
+    })
+}
+
+fn held_across_restarts(mode: &str) {
+    let t = Topology::new(Options { strict_checksums: true });
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &["--attach-mode", mode]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("one");
+    let ids_before = if mode == "tcx" { tcx_prog_ids(&t) } else { Vec::new() };
+
+    assert!(agent.child.stop());
+    held.exchange("agent stopped");
+
+    // A new agent (as after an upgrade) loads new program instances and swaps them in,
+    // adopting the pinned flow state.
+    let mut agent = start(&t, &cfg, &["--attach-mode", mode]);
+    held.exchange("agent restarted");
+    if mode == "tcx" {
+        let ids_after = tcx_prog_ids(&t);
+        assert_eq!(ids_after.len(), 1, "exactly one meshnet program on the interface: {ids_after:?}");
+        assert_ne!(ids_before, ids_after, "the restart did not replace the program");
+    } else {
+        let filters = t.node1.exec("tc filter show dev vethc ingress");
+        assert_eq!(filters.matches("meshnet_from_pod").count(), 1, "{filters}");
+    }
+    // The flow kept its state: still one entry for it, not a new translation.
+    let flows: Vec<_> = nat(&t).into_iter().filter(|f| f["remote"] == "10.245.0.20:8080").collect();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert!(agent.child.stop());
+    held.exchange("stopped again");
+}
+
+#[test]
+fn held_connection_survives_restart_tcx() {
+    held_across_restarts("tcx");
+}
+
+#[test]
+fn held_connection_survives_restart_netlink() {
+    held_across_restarts("netlink");
+}
+
+#[test]
+fn pods_created_after_start_are_covered() {
+    let t = Topology::new(Options::default());
+    let mut agent = start(&t, &node1_config(POD_INTERFACES), &["--rescan-seconds", "3600"]);
+    // A new pod appears after the agent started; netlink tells the agent at once (the
+    // periodic rescan is an hour away here).
+    let late = meshnet_tests::NetNs::new("late");
+    t.node1.ip(&format!("link add vethlate type veth peer name eth0 netns {}", late.name));
+    t.node1.ip("link set vethlate master cni0 up");
+    late.ip("addr add 10.244.0.30/24 dev eth0");
+    late.ip("link set eth0 up");
+    late.ip("route add default via 10.244.0.1");
+    agent.child.wait_for_line("iface=\"vethlate\"", WAIT);
+    let reply = late.run(|| peer::tcp_request(app_b(), "late pod")).unwrap();
+    assert_eq!(reply, "app 10.245.0.21:8080 got late pod");
+    // And forgotten when it goes.
+    t.node1.ip("link del vethlate");
+    agent.child.wait_for_line("no longer matching", WAIT);
+}
+
+#[test]
+fn gateway_failover() {
+    let t = Topology::new(Options::default());
+    // cluster2 gets a second gateway address on node2, with the same NodePort rules.
+    t.node2.ip("addr add 192.0.2.3/24 dev lan0");
+    t.node2.exec(&format!(
+        "iptables -t nat -A PREROUTING -d 192.0.2.3 -p tcp --dport {} -j DNAT --to-destination {}:{}",
+        topo::NODEPORT_TCP,
+        topo::GW_IP,
+        topo::GW_PORT
+    ));
+    let cfg = node1_config(POD_INTERFACES).replace(
+        "        udpPort: 31675\n",
+        "        udpPort: 31675\n      - address: 192.0.2.3\n        port: 31674\n",
+    ) + "health:\n  intervalSeconds: 1\n  timeoutMilliseconds: 300\n  failureThreshold: 1\n";
+    let _agent = start(&t, &cfg, &[]);
+    // Both gateways carry flows.
+    for i in 0..16 {
+        let target = if i % 2 == 0 { app_a() } else { app_b() };
+        request(&t, target, &format!("warm {i}"));
+    }
+    let via: std::collections::BTreeSet<String> = nat(&t).iter().map(|f| f["gateway"].as_str().unwrap().to_string()).collect();
+    assert_eq!(via.len(), 2, "flows did not spread over both gateways: {via:?}");
+
+    // 192.0.2.3 dies.
+    t.node2.exec("iptables -t raw -I PREROUTING -d 192.0.2.3 -j DROP");
+    let down = poll(WAIT, || {
+        routes(&t).iter().any(|r| r.2.contains(&"192.0.2.3:31674 down".to_string())).then_some(())
+    });
+    assert!(down.is_some(), "gateway never marked down: {:?}", routes(&t));
+    assert!(nat(&t).iter().all(|f| f["gateway"] != "192.0.2.3:31674"), "flows pinned to the dead gateway were kept");
+    for i in 0..16 {
+        let target = if i % 2 == 0 { app_a() } else { app_b() };
+        request(&t, target, &format!("after {i}"));
+    }
+    assert!(nat(&t).iter().all(|f| f["gateway"] == "192.0.2.2:31674"));
+
+    // It comes back.
+    t.node2.exec("iptables -t raw -D PREROUTING -d 192.0.2.3 -j DROP");
+    let up = poll(WAIT, || routes(&t).iter().all(|r| r.2.iter().all(|g| !g.ends_with("down"))).then_some(()));
+    assert!(up.is_some(), "gateway never came back: {:?}", routes(&t));
+}
+
+#[test]
+fn idle_and_closed_flows_expire() {
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES)
+        + "nat:\n  udpTimeoutSeconds: 1\n  tcpClosedTimeoutSeconds: 1\n  tcpTimeoutSeconds: 3600\n  gcIntervalSeconds: 1\n";
+    let _agent = start(&t, &cfg, &[]);
+    let mut held = Held::open(&t, app_b());
+    held.exchange("keep me");
+    t.client.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        peer::udp_request(&s, app_a(), "expire me").unwrap()
+    });
+    assert_eq!(request(&t, app_a(), "closed"), "app 10.245.0.20:8080 got closed");
+    assert_eq!(nat(&t).len(), 3);
+    let expired = poll(WAIT, || (nat(&t).len() == 1).then_some(()));
+    assert!(expired.is_some(), "idle UDP and closed TCP flows were not expired: {:?}", nat(&t));
+    let left = nat(&t);
+    assert_eq!(left[0]["remote"], "10.245.0.21:8080", "the open TCP flow must stay: {left:?}");
+    assert_eq!(left[0]["state"], "established");
+    held.exchange("still here");
+}
+
+fn http_get(t: &Topology, path: &str) -> String {
+    let path = path.to_string();
+    t.node1.run(move || {
+        let mut s = TcpStream::connect_timeout(&"127.0.0.1:9464".parse().unwrap(), IO_TIMEOUT).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+#[test]
+fn metrics_health_and_readiness() {
+    let t = Topology::new(Options::default());
+    let _agent = start(&t, &node1_config(POD_INTERFACES), &["--metrics-addr", "127.0.0.1:9464"]);
+    request(&t, app_a(), "count me");
+    assert!(http_get(&t, "/healthz").starts_with("HTTP/1.0 200"));
+    assert!(http_get(&t, "/readyz").starts_with("HTTP/1.0 200"));
+    let m = http_get(&t, "/metrics");
+    for needle in [
+        "meshnet_datapath_packets_total{event=\"redirected\"}",
+        "meshnet_map_entries{map=\"mn_routes_v1\"} 1",
+        "meshnet_map_entries{map=\"mn_nat_fwd_v1\"} 1",
+        "meshnet_gateway_up{peer=\"cluster2\",address=\"192.0.2.2\",port=\"31674\"} 1",
+        "meshnet_last_sync_timestamp_seconds",
+        "meshnet_attached_interfaces 2",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
+    let redirected: u64 = m
+        .lines()
+        .find(|l| l.starts_with("meshnet_datapath_packets_total{event=\"redirected\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(redirected >= 3, "{redirected}");
+}
