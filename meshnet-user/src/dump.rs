@@ -292,3 +292,61 @@ fn render(out: &mut String, title: &str, header: &[&str], rows: &[Vec<String>]) 
     }
     out.push('\n');
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Dump {
+        Dump {
+            routes: Some(vec![RouteRow {
+                cidr: "10.245.0.0/16".into(),
+                peer: "cluster2".into(),
+                gateways: vec![
+                    GatewayRow { peer: None, address: "192.0.2.2".into(), port: 31674, udp_port: Some(31675), up: true },
+                    GatewayRow { peer: None, address: "192.0.2.3".into(), port: 31674, udp_port: None, up: false },
+                ],
+            }]),
+            gateways: Some(vec![GatewayRow {
+                peer: Some("cluster2".into()),
+                address: "192.0.2.2".into(),
+                port: 31674,
+                udp_port: Some(31675),
+                up: true,
+            }]),
+            nat: Some(vec![NatRow {
+                proto: "udp".into(),
+                pod: "10.244.0.10:5300".into(),
+                remote: "10.245.0.21:8080".into(),
+                gateway: "192.0.2.2:31675".into(),
+                nat_port: Some(62_111),
+                idle_seconds: 3,
+                state: "active".into(),
+            }]),
+            stats: Some(BTreeMap::from([("redirected", 7), ("port_remap", 1)])),
+            missing: vec![],
+        }
+    }
+
+    #[test]
+    fn table_and_json_are_golden() {
+        let d = sample();
+        let table = table(&d);
+        let json = serde_json::to_string_pretty(&d).unwrap();
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/testdata");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(dir.join("dump_table.txt"), &table).unwrap();
+            std::fs::write(dir.join("dump.json"), &json).unwrap();
+        }
+        assert_eq!(table, std::fs::read_to_string(dir.join("dump_table.txt")).unwrap());
+        assert_eq!(json, std::fs::read_to_string(dir.join("dump.json")).unwrap());
+    }
+
+    #[test]
+    fn tcp_state_needs_both_fins() {
+        assert_eq!(flow_state(IPPROTO_TCP, FLOW_FIN_POD), "closing");
+        assert_eq!(flow_state(IPPROTO_TCP, FLOW_FIN_POD | FLOW_FIN_PEER), "closed");
+        assert_eq!(flow_state(IPPROTO_TCP, FLOW_RST), "reset");
+        assert_eq!(flow_state(IPPROTO_UDP, FLOW_RST), "active");
+    }
+}

@@ -92,6 +92,89 @@ impl SyncReport {
     }
 }
 
+/// The changes that take the maps from their current content to a desired state, in the
+/// order they are applied: gateways and routes in, then removals.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub peer_writes: Vec<(u32, PeerGateways)>,
+    /// A route, its peer, and whether it is new (else it moves to another peer).
+    pub route_writes: Vec<(Ipv4Net, u32, bool)>,
+    pub route_removals: Vec<Ipv4Net>,
+    pub peer_removals: Vec<u32>,
+}
+
+impl Plan {
+    #[must_use]
+    pub fn new(cur_routes: &BTreeMap<Ipv4Net, u32>, cur_peers: &BTreeMap<u32, PeerGateways>, desired: &Desired) -> Self {
+        Self {
+            peer_writes: desired
+                .peers
+                .iter()
+                .filter(|(id, want)| cur_peers.get(id) != Some(want))
+                .map(|(id, want)| (*id, *want))
+                .collect(),
+            route_writes: desired
+                .routes
+                .iter()
+                .filter(|(net, id)| cur_routes.get(net) != Some(id))
+                .map(|(net, id)| (*net, *id, !cur_routes.contains_key(net)))
+                .collect(),
+            route_removals: cur_routes.keys().filter(|n| !desired.routes.contains_key(n)).copied().collect(),
+            peer_removals: cur_peers.keys().filter(|id| !desired.peers.contains_key(id)).copied().collect(),
+        }
+    }
+
+    fn report(&self) -> SyncReport {
+        SyncReport {
+            routes_added: self.route_writes.iter().filter(|r| r.2).count(),
+            routes_updated: self.route_writes.iter().filter(|r| !r.2).count(),
+            routes_removed: self.route_removals.len(),
+            peers_written: self.peer_writes.len(),
+            peers_removed: self.peer_removals.len(),
+            flows_purged: 0,
+        }
+    }
+
+    /// One line per change, for logs and golden tests.
+    #[must_use]
+    pub fn render(&self, names: &BTreeMap<u32, String>) -> String {
+        let name = |id: &u32| names.get(id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
+        let mut out = String::new();
+        for (id, pg) in &self.peer_writes {
+            out.push_str(&format!("write peer {}: {}\n", name(id), render_gateways(pg)));
+        }
+        for (net, id, new) in &self.route_writes {
+            out.push_str(&format!("{} route {net} -> {}\n", if *new { "add" } else { "move" }, name(id)));
+        }
+        for net in &self.route_removals {
+            out.push_str(&format!("remove route {net}\n"));
+        }
+        for id in &self.peer_removals {
+            out.push_str(&format!("remove peer {}\n", name(id)));
+        }
+        out
+    }
+}
+
+/// A peer's gateways as `addr:tcp[/udp:port][ down], ...`.
+#[must_use]
+pub fn render_gateways(pg: &PeerGateways) -> String {
+    pg.gateways[..(pg.count as usize).min(pg.gateways.len())]
+        .iter()
+        .map(|g| {
+            let udp = u16::from_be(g.udp_port_be);
+            format!(
+                "{}:{}{}{}",
+                addr_of_be(g.addr_be),
+                u16::from_be(g.tcp_port_be),
+                if udp == 0 { String::new() } else { format!("/udp:{udp}") },
+                if g.flags & GW_UP == 0 { " down" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The control-plane maps, open for writing.
 pub struct ControlMaps {
     pub routes: Routes,
@@ -146,41 +229,27 @@ impl ControlMaps {
     /// flows of withdrawn routes or of gateways that are gone or down are purged last, so
     /// their next packet picks a live gateway.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
-        let mut report = SyncReport::default();
-        let cur_peers = self.current_peers()?;
-        for (id, want) in &desired.peers {
-            if cur_peers.get(id) != Some(want) {
-                self.peers.insert(id, *want, 0).context("writing the peer map")?;
-                report.peers_written += 1;
-            }
+        let plan = Plan::new(&self.current_routes()?, &self.current_peers()?, desired);
+        for (id, value) in &plan.peer_writes {
+            self.peers.insert(id, *value, 0).context("writing the peer map")?;
+        }
+        for id in desired.peers.keys() {
             let name = peer_name_value(desired.peer_names.get(id).map_or("", String::as_str));
             if self.names.get(id, 0).ok() != Some(name) {
                 self.names.insert(id, name, 0).context("writing the peer-name map")?;
             }
         }
-        let cur_routes = self.current_routes()?;
-        for (net, id) in &desired.routes {
-            match cur_routes.get(net) {
-                Some(cur) if cur == id => {}
-                Some(_) => {
-                    self.routes.insert(&route_key(net), RouteValue { peer_id: *id }, 0)?;
-                    report.routes_updated += 1;
-                }
-                None => {
-                    self.routes.insert(&route_key(net), RouteValue { peer_id: *id }, 0)?;
-                    report.routes_added += 1;
-                }
-            }
+        for (net, id, _) in &plan.route_writes {
+            self.routes.insert(&route_key(net), RouteValue { peer_id: *id }, 0).context("writing a route")?;
         }
-        for net in cur_routes.keys().filter(|n| !desired.routes.contains_key(n)) {
+        for net in &plan.route_removals {
             self.routes.remove(&route_key(net)).context("removing a route")?;
-            report.routes_removed += 1;
         }
-        for id in cur_peers.keys().filter(|id| !desired.peers.contains_key(id)) {
+        for id in &plan.peer_removals {
             self.peers.remove(id).context("removing a peer")?;
             let _ = self.names.remove(id);
-            report.peers_removed += 1;
         }
+        let mut report = plan.report();
         report.flows_purged = self.purge_flows(desired)?;
         Ok(report)
     }
@@ -296,4 +365,86 @@ pub fn sum_stats(stats: &Stats) -> anyhow::Result<BTreeMap<&'static str, u64>> {
         out.insert(c.name(), values.iter().sum());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::Config;
+
+    const V1: &str = r#"
+cluster: cluster1
+podCIDRs: ["10.244.0.0/16"]
+interfaces: ["veth*"]
+peers:
+  - name: cluster2
+    podCIDRs: ["10.245.0.0/16", "10.250.0.0/24"]
+    gateways:
+      - {address: 192.0.2.2, port: 31674, udpPort: 31675}
+  - name: cluster3
+    podCIDRs: ["10.246.0.0/16"]
+    gateways:
+      - {address: 192.0.2.3, port: 30000}
+"#;
+
+    /// cluster2 gets a second gateway and loses a CIDR, cluster3 leaves, cluster4 arrives,
+    /// and 10.246.0.0/16 moves from cluster3 to cluster4.
+    const V2: &str = r#"
+cluster: cluster1
+podCIDRs: ["10.244.0.0/16"]
+interfaces: ["veth*"]
+peers:
+  - name: cluster2
+    podCIDRs: ["10.245.0.0/16"]
+    gateways:
+      - {address: 192.0.2.2, port: 31674, udpPort: 31675}
+      - {address: 192.0.2.12, port: 31674}
+  - name: cluster4
+    podCIDRs: ["10.246.0.0/16", "10.247.0.0/16"]
+    gateways:
+      - {address: 192.0.2.4, port: 32000}
+"#;
+
+    /// Compares with a checked-in file under src/testdata; UPDATE_GOLDEN=1 rewrites it.
+    fn golden(name: &str, actual: &str) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/testdata").join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(actual, expected, "{name} differs from the golden file (UPDATE_GOLDEN=1 to accept)");
+    }
+
+    fn names(d: &Desired, more: &Desired) -> BTreeMap<u32, String> {
+        d.peer_names.iter().chain(&more.peer_names).map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    #[test]
+    fn first_sync_plan_is_golden() {
+        let d = Config::from_yaml(V1).unwrap().desired();
+        let plan = Plan::new(&BTreeMap::new(), &BTreeMap::new(), &d);
+        golden("plan_initial.txt", &plan.render(&d.peer_names));
+        assert_eq!(plan.report().routes_added, 3);
+    }
+
+    #[test]
+    fn reload_plan_touches_only_the_difference() {
+        let d1 = Config::from_yaml(V1).unwrap().desired();
+        let d2 = Config::from_yaml(V2).unwrap().desired();
+        let plan = Plan::new(&d1.routes, &d1.peers, &d2);
+        golden("plan_reload.txt", &plan.render(&names(&d1, &d2)));
+        // Applying the same config again changes nothing.
+        assert_eq!(Plan::new(&d2.routes, &d2.peers, &d2), Plan::default());
+    }
+
+    #[test]
+    fn health_marks_only_the_dead_gateway() {
+        let mut d = Config::from_yaml(V2).unwrap().desired();
+        d.apply_health(&std::collections::BTreeSet::from([("192.0.2.12".parse().unwrap(), 31674)]));
+        let before = Config::from_yaml(V2).unwrap().desired();
+        let plan = Plan::new(&before.routes, &before.peers, &d);
+        golden("plan_gateway_down.txt", &plan.render(&d.peer_names));
+    }
 }
