@@ -1,0 +1,1173 @@
+//! Packet-level tests of meshnet's tc programs through `BPF_PROG_TEST_RUN`.
+//!
+//! Every test loads its own copy of the embedded object (maps belong to one load), fills
+//! the control maps from a config exactly as the agent does, and runs hand-built Ethernet
+//! frames through `meshnet_from_pod` (what a pod sends) and `meshnet_to_pod` (what it
+//! receives).
+//!
+//! Expected outputs are built independently with etherparse, which computes its own IPv4
+//! header and TCP/UDP checksums: a translated frame must equal, byte for byte, the frame a
+//! correct sender would have built with the translated addresses and ports. On top of that,
+//! every translated frame's checksums are verified against etherparse's calculation, and
+//! every run checks exactly which counters moved (all others must stay put).
+//!
+//! Needs root (loading eBPF): `cargo test -p meshnet-tests --test packets`.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::{
+    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions},
+    sys::SyscallError,
+    Ebpf,
+};
+use etherparse::{
+    IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4HeaderSlice, PacketBuilder, TcpHeader,
+    TcpHeaderSlice, TcpOptionElement, UdpHeaderSlice,
+};
+use meshnet::{
+    config::{peer_id, Config},
+    datapath::Datapath,
+    maps::{self, ControlMaps, Stats},
+};
+use meshnet_common::{
+    gateway_start,
+    limits::{REMAP_PORT_MIN, REMAP_PORT_SPAN},
+    names, remap_port, FlowKey, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, GW_UP,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+
+// ---------------------------------------------------------------------------------------
+// Constants
+// ---------------------------------------------------------------------------------------
+
+/// `TC_ACT_OK`: meshnet translated the packet.
+const OK: u32 = 0;
+/// `TC_ACT_SHOT`: meshnet dropped the packet.
+const SHOT: u32 = 2;
+/// `TC_ACT_UNSPEC` (-1): not meshnet's; the packet goes on unchanged.
+const UNSPEC: u32 = u32::MAX;
+
+const FROM_POD: &str = names::PROG_FROM_POD;
+const TO_POD: &str = names::PROG_TO_POD;
+
+const ETH_HLEN: usize = 14;
+const POD_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x0a];
+const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+
+/// A pod of this cluster (10.244.0.0/16).
+const POD: [u8; 4] = [10, 244, 0, 10];
+/// Another pod of this cluster.
+const LOCAL_POD: [u8; 4] = [10, 244, 0, 20];
+/// Pods of cluster2 (10.245.0.0/16).
+const REMOTE: [u8; 4] = [10, 245, 0, 20];
+const REMOTE2: [u8; 4] = [10, 245, 0, 21];
+/// In no configured CIDR at all.
+const ELSEWHERE: [u8; 4] = [198, 51, 100, 7];
+/// cluster2's east-west gateway nodes and their `NodePort`s.
+const GW: [u8; 4] = [192, 0, 2, 2];
+const GW2: [u8; 4] = [192, 0, 2, 3];
+const GW_TCP: u16 = 31674;
+const GW_UDP: u16 = 31675;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+const PAYLOAD: &[u8] = b"GET / HTTP/1.1\r\nHost: app\r\n\r\n";
+
+const CONFIG: &str = r#"
+cluster: cluster1
+podCIDRs: ["10.244.0.0/16"]
+interfaces: ["veth*"]
+peers:
+  - name: cluster2
+    podCIDRs: ["10.245.0.0/16"]
+    gateways:
+      - address: 192.0.2.2
+        port: 31674
+        udpPort: 31675
+"#;
+
+/// [`CONFIG`] with a second gateway (appended to the last list in the file).
+fn two_gateways() -> String {
+    format!("{CONFIG}      - address: 192.0.2.3\n        port: 31674\n        udpPort: 31675\n")
+}
+
+/// [`CONFIG`] without a UDP `NodePort`.
+fn without_udp_port() -> String {
+    let c = CONFIG.replace("        udpPort: 31675\n", "");
+    assert!(!c.contains("udpPort"));
+    c
+}
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// One freshly loaded object with its control maps filled from a config.
+struct Harness {
+    ebpf: Ebpf,
+    maps: ControlMaps,
+    stats: Stats,
+}
+
+impl Harness {
+    fn new(yaml: &str) -> Self {
+        meshnet_tests::require_root();
+        let config = Config::from_yaml(yaml).unwrap();
+        let mut ebpf = Datapath::load_unpinned(config.max_flows).unwrap();
+        let mut maps = ControlMaps::from_ebpf(&mut ebpf).unwrap();
+        maps.sync(&config.desired()).unwrap();
+        let stats = maps::take_stats(&mut ebpf).unwrap();
+        Self { ebpf, maps, stats }
+    }
+
+    /// Runs `prog` once on `pkt`: the verdict and the packet as the program left it.
+    fn try_run(&self, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        // Room to spare: a program that grew the packet must not fail with ENOSPC here.
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn run(&self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(prog, pkt).unwrap()
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        maps::sum_stats(&self.stats).unwrap()
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        *self.counters().get(name).unwrap_or_else(|| panic!("no counter named {name:?}"))
+    }
+
+    /// Runs `pkt`, asserts the verdict and that exactly the counters in `moved` grew by the
+    /// given amounts (every other counter unchanged), and returns the output packet.
+    fn expect(&self, what: &str, prog: &str, pkt: &[u8], verdict: u32, moved: &[(&str, u64)]) -> Vec<u8> {
+        let before = self.counters();
+        let (v, out) = self.run(prog, pkt);
+        assert_eq!(v, verdict, "{what}: {prog} returned {} instead of {}", verdict_name(v), verdict_name(verdict));
+        assert_counter_delta(what, &before, &self.counters(), moved);
+        out
+    }
+
+    /// Like [`Harness::expect`] for packets that must pass untouched: verdict UNSPEC and the
+    /// output byte-identical to the input.
+    fn expect_unchanged(&self, what: &str, prog: &str, pkt: &[u8], moved: &[(&str, u64)]) {
+        let out = self.expect(what, prog, pkt, UNSPEC, moved);
+        assert_bytes_eq(what, &out, pkt);
+    }
+
+    fn nat_fwd(&self) -> Vec<(FlowKey, NatFwd)> {
+        let mut v: Vec<_> = self.maps.nat_fwd.iter().map(Result::unwrap).collect();
+        v.sort_by_key(|(k, _)| (k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto));
+        v
+    }
+
+    fn nat_rev(&self) -> Vec<(FlowKey, NatRev)> {
+        let mut v: Vec<_> = self.maps.nat_rev.iter().map(Result::unwrap).collect();
+        v.sort_by_key(|(k, _)| (k.src_be, k.dst_be, k.sport_be, k.dport_be, k.proto));
+        v
+    }
+
+    /// Number of forward and reverse flow entries.
+    fn flow_counts(&self) -> (usize, usize) {
+        (self.maps.nat_fwd.keys().count(), self.maps.nat_rev.keys().count())
+    }
+
+    fn fwd_of(&self, key: &FlowKey) -> NatFwd {
+        self.maps.nat_fwd.get(key, 0).unwrap()
+    }
+
+    fn rev_of(&self, key: &FlowKey) -> NatRev {
+        self.maps.nat_rev.get(key, 0).unwrap()
+    }
+
+    /// Sets the up flag of cluster2's gateway at `addr`, the way the agent's health checks do:
+    /// by rewriting the peer's whole gateway set.
+    fn set_gateway_up(&mut self, addr: [u8; 4], up: bool) {
+        let id = peer_id("cluster2");
+        let mut pg = self.maps.peers.get(&id, 0).unwrap();
+        let n = pg.count as usize;
+        let gw = pg.gateways[..n]
+            .iter_mut()
+            .find(|g| g.addr_be.to_ne_bytes() == addr)
+            .unwrap_or_else(|| panic!("no gateway {addr:?}"));
+        gw.flags = if up { GW_UP } else { 0 };
+        self.maps.peers.insert(id, pg, 0).unwrap();
+    }
+}
+
+fn verdict_name(v: u32) -> String {
+    match v {
+        OK => "TC_ACT_OK".into(),
+        SHOT => "TC_ACT_SHOT".into(),
+        UNSPEC => "TC_ACT_UNSPEC".into(),
+        other => format!("{other}"),
+    }
+}
+
+fn assert_counter_delta(
+    what: &str,
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+    moved: &[(&str, u64)],
+) {
+    for (name, _) in moved {
+        assert!(after.contains_key(name), "{what}: no counter named {name:?}");
+    }
+    for (name, now) in after {
+        let want = moved.iter().find(|(n, _)| n == name).map_or(0, |(_, d)| *d);
+        assert_eq!(now - before[name], want, "{what}: counter {name} grew by {} instead of {want}", now - before[name]);
+    }
+}
+
+fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8]) {
+    if got != want {
+        let diffs: Vec<String> = (0..got.len().max(want.len()))
+            .filter(|&i| got.get(i) != want.get(i))
+            .map(|i| format!("@{i}: {:02x?} != {:02x?}", got.get(i), want.get(i)))
+            .collect();
+        panic!(
+            "{what}: packet differs ({} vs {} bytes): {}\n got: {got:02x?}\nwant: {want:02x?}",
+            got.len(),
+            want.len(),
+            diffs.join(", ")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Building packets
+// ---------------------------------------------------------------------------------------
+
+type Ep = ([u8; 4], u16);
+
+#[derive(Clone, Copy, Debug)]
+enum L4 {
+    /// TCP with these flag bits.
+    Tcp(u8),
+    Udp,
+    /// ICMP echo request; the "ports" are the echo id and sequence number.
+    Icmp,
+}
+
+fn ip_header(src: [u8; 4], dst: [u8; 4]) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, src, dst).unwrap();
+    ip.identification = 0x4d4e;
+    ip
+}
+
+fn tcp_header(sport: u16, dport: u16, flags: u8) -> TcpHeader {
+    let mut h = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
+    h.fin = flags & FIN != 0;
+    h.syn = flags & SYN != 0;
+    h.rst = flags & RST != 0;
+    h.psh = flags & PSH != 0;
+    h.ack = flags & ACK != 0;
+    if h.ack {
+        h.acknowledgment_number = 0x2000_0001;
+    }
+    if h.syn {
+        // A realistic SYN: TCP options make the TCP header longer than its minimum.
+        h.set_options(&[TcpOptionElement::MaximumSegmentSize(1460), TcpOptionElement::WindowScale(7)]).unwrap();
+    }
+    h
+}
+
+/// An Ethernet + IPv4 frame as a correct sender builds it: lengths and checksums filled in
+/// by etherparse.
+fn frame(ip: Ipv4Header, sport: u16, dport: u16, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(POD_MAC, HOST_MAC).ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()));
+    let mut out = Vec::new();
+    match l4 {
+        L4::Tcp(flags) => b.tcp_header(tcp_header(sport, dport, flags)).write(&mut out, payload),
+        L4::Udp => b.udp(sport, dport).write(&mut out, payload),
+        L4::Icmp => b.icmpv4_echo_request(sport, dport).write(&mut out, payload),
+    }
+    .unwrap();
+    out
+}
+
+fn pkt(src: Ep, dst: Ep, l4: L4, payload: &[u8]) -> Vec<u8> {
+    frame(ip_header(src.0, dst.0), src.1, dst.1, l4, payload)
+}
+
+/// An IPv4 fragment without an L4 header (fragment offset > 0), carrying `payload`.
+fn later_fragment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: IpNumber,
+    offset_units: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = ip_header(src, dst);
+    ip.dont_fragment = false;
+    ip.more_fragments = more;
+    ip.fragment_offset = IpFragOffset::try_new(offset_units).unwrap();
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
+        .ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()))
+        .write(&mut out, proto, payload)
+        .unwrap();
+    out
+}
+
+/// The first fragment (offset 0, MF set) of a datagram: carries the L4 header.
+fn first_fragment(src: Ep, dst: Ep, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let mut ip = ip_header(src.0, dst.0);
+    ip.dont_fragment = false;
+    ip.more_fragments = true;
+    frame(ip, src.1, dst.1, l4, payload)
+}
+
+fn ipv6_tcp() -> Vec<u8> {
+    let src = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 244, 0, 10];
+    let dst = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 245, 0, 20];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
+        .ipv6(src, dst, 64)
+        .tcp_header(tcp_header(40000, 8080, SYN))
+        .write(&mut out, b"")
+        .unwrap();
+    out
+}
+
+/// An ARP request "who has 10.245.0.20? tell 10.244.0.10".
+fn arp_request() -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&[0xff; 6]);
+    out.extend_from_slice(&POD_MAC);
+    out.extend_from_slice(&[0x08, 0x06]);
+    out.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01]);
+    out.extend_from_slice(&POD_MAC);
+    out.extend_from_slice(&POD);
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&REMOTE);
+    out
+}
+
+/// Rewrites the IPv4 header of `frame` through `edit`, with a correct header checksum.
+fn edit_ip_header(frame: &mut [u8], edit: impl FnOnce(&mut Ipv4Header)) {
+    let mut ip = Ipv4HeaderSlice::from_slice(&frame[ETH_HLEN..]).unwrap().to_header();
+    edit(&mut ip);
+    ip.header_checksum = ip.calc_header_checksum();
+    let bytes = ip.to_bytes();
+    frame[ETH_HLEN..ETH_HLEN + bytes.len()].copy_from_slice(&bytes);
+}
+
+fn ep(addr: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr), port)
+}
+
+fn flow_key(src: Ep, dst: Ep, proto: u8) -> FlowKey {
+    FlowKey {
+        src_be: u32::from_ne_bytes(src.0),
+        dst_be: u32::from_ne_bytes(dst.0),
+        sport_be: src.1.to_be(),
+        dport_be: dst.1.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Checking packets
+// ---------------------------------------------------------------------------------------
+
+/// What a packet says, read back with etherparse after checking its checksums.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    proto: IpNumber,
+    ip_options: Vec<u8>,
+    l4_checksum: u16,
+    payload: Vec<u8>,
+}
+
+/// Parses an Ethernet + IPv4 + TCP/UDP frame and asserts that the IPv4 header checksum and
+/// the L4 checksum (over the pseudo-header) are what etherparse computes. A UDP checksum of
+/// zero ("none") is accepted here; callers assert whether zero is what they expect.
+fn checked(frame: &[u8]) -> Seen {
+    let ip = Ipv4HeaderSlice::from_slice(&frame[ETH_HLEN..]).unwrap();
+    let hdr = ip.to_header();
+    assert_eq!(hdr.header_checksum, hdr.calc_header_checksum(), "IPv4 header checksum of {frame:02x?}");
+    let l4 = ETH_HLEN + hdr.header_len();
+    let end = ETH_HLEN + usize::from(hdr.total_len);
+    let seg = &frame[l4..end];
+    let (sport, dport, l4_checksum, payload) = match hdr.protocol {
+        IpNumber::TCP => {
+            let tcp = TcpHeaderSlice::from_slice(seg).unwrap();
+            let payload = &seg[tcp.slice().len()..];
+            let want = tcp.calc_checksum_ipv4(&ip, payload).unwrap();
+            assert_eq!(tcp.checksum(), want, "TCP checksum of {frame:02x?}");
+            (tcp.source_port(), tcp.destination_port(), tcp.checksum(), payload)
+        }
+        IpNumber::UDP => {
+            let udp = UdpHeaderSlice::from_slice(seg).unwrap();
+            assert_eq!(usize::from(udp.length()), seg.len(), "UDP length");
+            let payload = &seg[8..];
+            if udp.checksum() != 0 {
+                let want = udp.to_header().calc_checksum_ipv4(&hdr, payload).unwrap();
+                assert_eq!(udp.checksum(), want, "UDP checksum of {frame:02x?}");
+            }
+            (udp.source_port(), udp.destination_port(), udp.checksum(), payload)
+        }
+        other => panic!("not TCP or UDP: {other:?}"),
+    };
+    Seen {
+        src: ep(hdr.source, sport),
+        dst: ep(hdr.destination, dport),
+        proto: hdr.protocol,
+        ip_options: hdr.options.to_vec(),
+        l4_checksum,
+        payload: payload.to_vec(),
+    }
+}
+
+/// Asserts a translated packet: the verdict was OK (checked by the caller), the output is
+/// exactly `want` (built independently), its checksums are valid, and it goes `src` → `dst`.
+fn assert_translated(what: &str, out: &[u8], want: &[u8], src: Ep, dst: Ep) {
+    assert_bytes_eq(what, out, want);
+    let s = checked(out);
+    assert_eq!((s.src, s.dst), (ep(src.0, src.1), ep(dst.0, dst.1)), "{what}: addresses");
+}
+
+// ---------------------------------------------------------------------------------------
+// 1, 2: the basic forward and reverse translation
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn syn_to_remote_pod_is_redirected_to_the_gateway() {
+    let h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+
+    let syn = pkt(pod, remote, L4::Tcp(SYN), b"");
+    let out = h.expect("SYN", FROM_POD, &syn, OK, &[("redirected", 1)]);
+    assert_translated("SYN", &out, &pkt(pod, gw, L4::Tcp(SYN), b""), pod, gw);
+    assert_eq!(h.flow_counts(), (1, 1));
+    assert_eq!(h.counter("redirected"), 1);
+
+    // A second packet of the flow, with data: the same translation, no new state.
+    let state_before = h.nat_fwd();
+    let data = pkt(pod, remote, L4::Tcp(ACK | PSH), PAYLOAD);
+    let out = h.expect("data", FROM_POD, &data, OK, &[("redirected", 1)]);
+    assert_translated("data", &out, &pkt(pod, gw, L4::Tcp(ACK | PSH), PAYLOAD), pod, gw);
+    assert_eq!(checked(&out).payload, PAYLOAD);
+    assert_eq!(h.flow_counts(), (1, 1));
+    let strip = |v: Vec<(FlowKey, NatFwd)>| {
+        v.into_iter().map(|(k, f)| (k, NatFwd { last_seen_ns: 0, ..f })).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(h.nat_fwd()), strip(state_before));
+    assert_eq!(h.counter("redirected"), 2);
+}
+
+#[test]
+fn reply_from_gateway_is_restored_to_the_remote_pod() {
+    let h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    h.expect("SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+
+    let cases: [(&str, L4, &[u8]); 3] = [
+        ("SYN-ACK", L4::Tcp(SYN | ACK), b""),
+        ("data", L4::Tcp(ACK | PSH), b"HTTP/1.1 200 OK\r\n\r\nhello"),
+        ("bare ACK", L4::Tcp(ACK), b""),
+    ];
+    for (i, (what, l4, payload)) in cases.into_iter().enumerate() {
+        let reply = pkt(gw, pod, l4, payload);
+        let out = h.expect(what, TO_POD, &reply, OK, &[("reverse_translated", 1)]);
+        assert_translated(what, &out, &pkt(remote, pod, l4, payload), remote, pod);
+        assert_eq!(checked(&out).payload, payload);
+        assert_eq!(h.counter("reverse_translated"), i as u64 + 1);
+    }
+    // Replies create no state.
+    assert_eq!(h.flow_counts(), (1, 1));
+}
+
+/// Ethernet pads short frames to 60 bytes; the padding is not part of the IP datagram, so it
+/// must be neither checksummed nor touched.
+#[test]
+fn ethernet_padding_is_preserved_and_not_checksummed() {
+    let h = Harness::new(CONFIG);
+    let pad = |mut f: Vec<u8>| {
+        f.resize(60.max(f.len()), 0);
+        f
+    };
+    let cases = [
+        ("TCP ACK", (POD, 40000), (REMOTE, 8080), (GW, GW_TCP), L4::Tcp(ACK)),
+        ("UDP", (POD, 5000), (REMOTE, 53), (GW, GW_UDP), L4::Udp),
+    ];
+    for (what, pod, remote, gw, l4) in cases {
+        let input = pad(pkt(pod, remote, l4, b"x"));
+        assert_eq!(input.len(), 60, "{what}: the test frame must be padded");
+        let out = h.expect(what, FROM_POD, &input, OK, &[("redirected", 1)]);
+        assert_translated(what, &out, &pad(pkt(pod, gw, l4, b"x")), pod, gw);
+        let reply = pad(pkt(gw, pod, l4, b"y"));
+        let out = h.expect(what, TO_POD, &reply, OK, &[("reverse_translated", 1)]);
+        assert_translated(what, &out, &pad(pkt(remote, pod, l4, b"y")), remote, pod);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3: misses
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn traffic_meshnet_does_not_own_passes_unchanged() {
+    let h = Harness::new(CONFIG);
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("same-cluster TCP", FROM_POD, pkt((POD, 40000), (LOCAL_POD, 8080), L4::Tcp(SYN), b"")),
+        ("same-cluster UDP", FROM_POD, pkt((POD, 5000), (LOCAL_POD, 53), L4::Udp, b"q")),
+        ("TCP to an unrelated address", FROM_POD, pkt((POD, 40000), (ELSEWHERE, 443), L4::Tcp(SYN), b"")),
+        ("TCP straight to the gateway node", FROM_POD, pkt((POD, 40000), (GW, GW_TCP), L4::Tcp(SYN), b"")),
+        ("UDP to an unrelated address", FROM_POD, pkt((POD, 5000), (ELSEWHERE, 53), L4::Udp, b"q")),
+        ("IPv6 TCP", FROM_POD, ipv6_tcp()),
+        ("ARP request for a remote pod", FROM_POD, arp_request()),
+        (
+            "to_pod: reply-shaped packet without a flow",
+            TO_POD,
+            pkt((GW, GW_TCP), (POD, 40000), L4::Tcp(SYN | ACK), b""),
+        ),
+        ("to_pod: UDP without a flow", TO_POD, pkt((GW, GW_UDP), (POD, 5000), L4::Udp, b"a")),
+        ("to_pod: same-cluster TCP", TO_POD, pkt((LOCAL_POD, 8080), (POD, 40000), L4::Tcp(ACK), b"")),
+        ("to_pod: IPv6", TO_POD, ipv6_tcp()),
+        ("to_pod: ARP", TO_POD, arp_request()),
+    ];
+    for (what, prog, input) in &cases {
+        h.expect_unchanged(what, prog, input, &[]);
+    }
+    assert_eq!(h.flow_counts(), (0, 0), "misses must create no flow state");
+
+    // With a flow in place, replies that differ from its reply tuple in any one field are
+    // still not meshnet's.
+    h.expect("SYN", FROM_POD, &pkt((POD, 40000), (REMOTE, 8080), L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    let near_misses: Vec<(&str, Vec<u8>)> = vec![
+        ("other gateway port", pkt((GW, GW_UDP), (POD, 40000), L4::Tcp(ACK), b"")),
+        ("other protocol", pkt((GW, GW_TCP), (POD, 40000), L4::Udp, b"")),
+        ("other pod port", pkt((GW, GW_TCP), (POD, 40001), L4::Tcp(ACK), b"")),
+        ("other pod", pkt((GW, GW_TCP), (LOCAL_POD, 40000), L4::Tcp(ACK), b"")),
+        ("other gateway", pkt((GW2, GW_TCP), (POD, 40000), L4::Tcp(ACK), b"")),
+        ("from the remote pod itself", pkt((REMOTE, 8080), (POD, 40000), L4::Tcp(ACK), b"")),
+    ];
+    for (what, input) in &near_misses {
+        h.expect_unchanged(what, TO_POD, input, &[]);
+    }
+    assert_eq!(h.flow_counts(), (1, 1));
+}
+
+#[test]
+fn icmp_to_remote_pod_is_counted_unsupported_and_passes() {
+    let h = Harness::new(CONFIG);
+    let echo = pkt((POD, 0x1234), (REMOTE, 1), L4::Icmp, b"ping");
+    h.expect_unchanged("ICMP echo to a remote pod", FROM_POD, &echo, &[("unsupported_proto", 1)]);
+    h.expect_unchanged("again", FROM_POD, &echo, &[("unsupported_proto", 1)]);
+    assert_eq!(h.counter("unsupported_proto"), 2);
+    // Not remote: not counted.
+    let local = pkt((POD, 0x1234), (LOCAL_POD, 1), L4::Icmp, b"ping");
+    h.expect_unchanged("ICMP echo to a local pod", FROM_POD, &local, &[]);
+    let inbound = pkt((REMOTE, 0x1234), (POD, 1), L4::Icmp, b"ping");
+    h.expect_unchanged("ICMP to a pod", TO_POD, &inbound, &[]);
+    assert_eq!(h.flow_counts(), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// 4: collisions
+// ---------------------------------------------------------------------------------------
+
+/// Two flows from one pod port to two remote pods would become one tuple towards the
+/// gateway; the second one gets another source port, and replies to each are restored to
+/// their own remote pod.
+fn colliding_flows(l4: L4, proto: u8, sport: u16, dport: u16, gw_port: u16, reply_l4: L4) {
+    let h = Harness::new(CONFIG);
+    let pod = (POD, sport);
+    let gw = (GW, gw_port);
+    let (a, b) = ((REMOTE, dport), (REMOTE2, dport));
+
+    let out = h.expect("flow A", FROM_POD, &pkt(pod, a, l4, b"a"), OK, &[("redirected", 1)]);
+    assert_translated("flow A", &out, &pkt(pod, gw, l4, b"a"), pod, gw);
+
+    let out = h.expect("flow B", FROM_POD, &pkt(pod, b, l4, b"b"), OK, &[("redirected", 1), ("port_remap", 1)]);
+    let s = checked(&out);
+    let wire = s.src.port();
+    assert_ne!(wire, sport, "flow B kept the colliding source port");
+    assert!(
+        (REMAP_PORT_MIN..REMAP_PORT_MIN + REMAP_PORT_SPAN).contains(&wire),
+        "remapped port {wire} outside [{REMAP_PORT_MIN}, {})",
+        REMAP_PORT_MIN + REMAP_PORT_SPAN
+    );
+    // The first alternative is free, so it is the one the shared hash predicts.
+    assert_eq!(wire, remap_port(&flow_key(pod, b, proto), 0));
+    let b_wire = (POD, wire);
+    assert_translated("flow B", &out, &pkt(b_wire, gw, l4, b"b"), b_wire, gw);
+
+    // State: two forward entries, two distinct reply tuples; only B is marked remapped.
+    assert_eq!(h.flow_counts(), (2, 2));
+    let fwd_a = h.fwd_of(&flow_key(pod, a, proto));
+    let fwd_b = h.fwd_of(&flow_key(pod, b, proto));
+    assert_eq!((u16::from_be(fwd_a.nat_sport_be), fwd_a.flags & FLOW_REMAPPED), (sport, 0));
+    assert_eq!((u16::from_be(fwd_b.nat_sport_be), fwd_b.flags & FLOW_REMAPPED), (wire, FLOW_REMAPPED));
+
+    // Later packets of both flows keep their translations without remapping again.
+    let out = h.expect("flow A again", FROM_POD, &pkt(pod, a, l4, b"a2"), OK, &[("redirected", 1)]);
+    assert_translated("flow A again", &out, &pkt(pod, gw, l4, b"a2"), pod, gw);
+    let out = h.expect("flow B again", FROM_POD, &pkt(pod, b, l4, b"b2"), OK, &[("redirected", 1)]);
+    assert_translated("flow B again", &out, &pkt(b_wire, gw, l4, b"b2"), b_wire, gw);
+
+    // Replies.
+    let out = h.expect("reply A", TO_POD, &pkt(gw, pod, reply_l4, b"ra"), OK, &[("reverse_translated", 1)]);
+    assert_translated("reply A", &out, &pkt(a, pod, reply_l4, b"ra"), a, pod);
+    let out = h.expect("reply B", TO_POD, &pkt(gw, b_wire, reply_l4, b"rb"), OK, &[("reverse_translated", 1)]);
+    assert_translated("reply B", &out, &pkt(b, pod, reply_l4, b"rb"), b, pod);
+    assert_eq!(h.flow_counts(), (2, 2));
+}
+
+#[test]
+fn colliding_udp_flows_get_a_remapped_source_port() {
+    colliding_flows(L4::Udp, IPPROTO_UDP, 5000, 53, GW_UDP, L4::Udp);
+}
+
+#[test]
+fn colliding_tcp_flows_get_a_remapped_source_port() {
+    colliding_flows(L4::Tcp(SYN), IPPROTO_TCP, 40000, 8080, GW_TCP, L4::Tcp(SYN | ACK));
+}
+
+// ---------------------------------------------------------------------------------------
+// 5: UDP checksums
+// ---------------------------------------------------------------------------------------
+
+const UDP_CSUM_OFF: usize = ETH_HLEN + 20 + 6;
+
+fn without_udp_checksum(mut f: Vec<u8>) -> Vec<u8> {
+    f[UDP_CSUM_OFF..UDP_CSUM_OFF + 2].copy_from_slice(&[0, 0]);
+    f
+}
+
+#[test]
+fn udp_without_checksum_stays_without_checksum() {
+    let h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 5000), (REMOTE, 53), (GW, GW_UDP));
+    let query = without_udp_checksum(pkt(pod, remote, L4::Udp, b"query"));
+    let out = h.expect("query", FROM_POD, &query, OK, &[("redirected", 1)]);
+    assert_translated("query", &out, &without_udp_checksum(pkt(pod, gw, L4::Udp, b"query")), pod, gw);
+    assert_eq!(checked(&out).l4_checksum, 0);
+
+    let answer = without_udp_checksum(pkt(gw, pod, L4::Udp, b"answer"));
+    let out = h.expect("answer", TO_POD, &answer, OK, &[("reverse_translated", 1)]);
+    assert_translated("answer", &out, &without_udp_checksum(pkt(remote, pod, L4::Udp, b"answer")), remote, pod);
+    assert_eq!(checked(&out).l4_checksum, 0);
+}
+
+#[test]
+fn udp_with_checksum_gets_a_valid_one() {
+    let h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 5000), (REMOTE, 53), (GW, GW_UDP));
+    let query = pkt(pod, remote, L4::Udp, b"query");
+    assert_ne!(checked(&query).l4_checksum, 0);
+    let out = h.expect("query", FROM_POD, &query, OK, &[("redirected", 1)]);
+    assert_translated("query", &out, &pkt(pod, gw, L4::Udp, b"query"), pod, gw);
+    assert_ne!(checked(&out).l4_checksum, 0);
+
+    let answer = pkt(gw, pod, L4::Udp, b"answer");
+    let out = h.expect("answer", TO_POD, &answer, OK, &[("reverse_translated", 1)]);
+    assert_translated("answer", &out, &pkt(remote, pod, L4::Udp, b"answer"), remote, pod);
+    assert_ne!(checked(&out).l4_checksum, 0);
+}
+
+/// A translated UDP datagram whose checksum computes to zero must carry 0xffff (RFC 768):
+/// zero on the wire would mean "no checksum".
+#[test]
+fn udp_checksum_that_computes_to_zero_is_sent_as_ffff() {
+    let h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 5001), (REMOTE, 53), (GW, GW_UDP));
+    // Pick the last payload word so that the translated datagram sums to zero: with that word
+    // zero, the checksum is c; adding c to the sum makes it 0xffff, i.e. a checksum of zero.
+    let c = checked(&pkt(pod, gw, L4::Udp, &[0x55, 0x66, 0, 0])).l4_checksum;
+    assert_ne!(c, 0xffff, "pick another payload");
+    let payload = [0x55, 0x66, c.to_be_bytes()[0], c.to_be_bytes()[1]];
+    let want = pkt(pod, gw, L4::Udp, &payload);
+    assert_eq!(checked(&want).l4_checksum, 0xffff, "the test payload does not produce a zero checksum");
+
+    let out = h.expect("query", FROM_POD, &pkt(pod, remote, L4::Udp, &payload), OK, &[("redirected", 1)]);
+    assert_translated("query", &out, &want, pod, gw);
+    assert_eq!(checked(&out).l4_checksum, 0xffff);
+}
+
+// ---------------------------------------------------------------------------------------
+// 6: IP options and bad headers
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn ip_options_are_skipped_and_preserved() {
+    let h = Harness::new(CONFIG);
+    // Record route with room for nine addresses: the longest header there is (IHL 15).
+    let mut rr_full = vec![7, 39, 4];
+    rr_full.resize(40, 0);
+    let options: [(&str, Vec<u8>); 4] = [
+        ("NOP NOP NOP EOL (IHL 6)", vec![1, 1, 1, 0]),
+        ("router alert (IHL 6)", vec![148, 4, 0, 0]),
+        ("record route, one slot + EOL (IHL 7)", vec![7, 7, 4, 0, 0, 0, 0, 0]),
+        ("record route, nine slots (IHL 15)", rr_full),
+    ];
+    let with = |opts: &[u8], src: [u8; 4], dst: [u8; 4]| {
+        let mut ip = ip_header(src, dst);
+        ip.options = opts.try_into().unwrap();
+        ip
+    };
+    for (i, (what, opts)) in options.iter().enumerate() {
+        let sport = 40000 + u16::try_from(i).unwrap();
+        for (l4, remote, gw) in [(L4::Tcp(SYN), (REMOTE, 8080), (GW, GW_TCP)), (L4::Udp, (REMOTE, 53), (GW, GW_UDP))] {
+            let what = format!("{what}, {l4:?}");
+            let pod = (POD, sport);
+            let input = frame(with(opts, POD, remote.0), sport, remote.1, l4, PAYLOAD);
+            assert_eq!(usize::from(input[ETH_HLEN] & 0x0f) * 4, 20 + opts.len(), "{what}: IHL of the test packet");
+            let out = h.expect(&what, FROM_POD, &input, OK, &[("redirected", 1)]);
+            let want = frame(with(opts, POD, gw.0), sport, gw.1, l4, PAYLOAD);
+            assert_translated(&what, &out, &want, pod, gw);
+            let s = checked(&out);
+            assert_eq!(s.ip_options, *opts, "{what}: options");
+            assert_eq!(s.payload, PAYLOAD, "{what}: payload");
+
+            let reply_l4 = if let L4::Tcp(_) = l4 { L4::Tcp(SYN | ACK) } else { l4 };
+            let reply = frame(with(opts, gw.0, POD), gw.1, sport, reply_l4, b"r");
+            let out = h.expect(&what, TO_POD, &reply, OK, &[("reverse_translated", 1)]);
+            let want = frame(with(opts, remote.0, POD), remote.1, sport, reply_l4, b"r");
+            assert_translated(&what, &out, &want, remote, pod);
+            assert_eq!(checked(&out).ip_options, *opts, "{what}: reply options");
+        }
+    }
+}
+
+#[test]
+fn malformed_ipv4_headers_pass_unchanged_and_are_counted() {
+    let h = Harness::new(CONFIG);
+    let good = pkt((POD, 40000), (REMOTE, 8080), L4::Tcp(SYN), b"");
+    let mut cases: Vec<(String, Vec<u8>)> = (0..5u8)
+        .map(|ihl| {
+            let mut f = good.clone();
+            f[ETH_HLEN] = 0x40 | ihl;
+            (format!("IHL {ihl}"), f)
+        })
+        .collect();
+    let mut v6_in_v4 = good.clone();
+    v6_in_v4[ETH_HLEN] = 0x65;
+    cases.push(("version 6 behind an IPv4 ethertype".into(), v6_in_v4));
+    let mut short_total = good.clone();
+    edit_ip_header(&mut short_total, |ip| ip.total_len = 19);
+    cases.push(("total length 19, shorter than the header".into(), short_total));
+    let mut ihl_beyond_total = good.clone();
+    edit_ip_header(&mut ihl_beyond_total, |ip| {
+        ip.options = [1, 1, 1, 0].into();
+        ip.total_len = 20;
+    });
+    // The options overwrote the first 4 TCP bytes; what matters is that tot_len < IHL*4.
+    cases.push(("total length 20 with IHL 6".into(), ihl_beyond_total));
+
+    for prog in [FROM_POD, TO_POD] {
+        for (what, input) in &cases {
+            h.expect_unchanged(&format!("{prog}: {what}"), prog, input, &[("malformed", 1)]);
+        }
+    }
+    assert_eq!(h.counter("malformed"), 2 * cases.len() as u64);
+    assert_eq!(h.flow_counts(), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// 7: fragments
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn fragments_to_remote_pods_are_dropped() {
+    let h = Harness::new(CONFIG);
+    let big = [0xab_u8; 64];
+    let remote_cases: Vec<(&str, Vec<u8>)> = vec![
+        ("first UDP fragment", first_fragment((POD, 5000), (REMOTE, 53), L4::Udp, &big)),
+        ("last UDP fragment", later_fragment(POD, REMOTE, IpNumber::UDP, 9, false, &big)),
+        ("middle UDP fragment", later_fragment(POD, REMOTE, IpNumber::UDP, 9, true, &big)),
+        ("first TCP fragment", first_fragment((POD, 40000), (REMOTE, 8080), L4::Tcp(ACK), &big)),
+        ("later TCP fragment", later_fragment(POD, REMOTE, IpNumber::TCP, 185, false, &big)),
+    ];
+    for (what, input) in &remote_cases {
+        h.expect(what, FROM_POD, input, SHOT, &[("fragment_dropped", 1)]);
+    }
+    assert_eq!(h.counter("fragment_dropped"), remote_cases.len() as u64);
+    assert_eq!(h.flow_counts(), (0, 0), "a dropped fragment must create no flow");
+
+    let other_cases: Vec<(&str, Vec<u8>)> = vec![
+        ("first fragment to a local pod", first_fragment((POD, 5000), (LOCAL_POD, 53), L4::Udp, &big)),
+        ("later fragment to a local pod", later_fragment(POD, LOCAL_POD, IpNumber::UDP, 9, false, &big)),
+        ("later fragment to an unrelated address", later_fragment(POD, ELSEWHERE, IpNumber::UDP, 9, true, &big)),
+        ("to_pod: later fragment from a gateway", later_fragment(GW, POD, IpNumber::UDP, 9, false, &big)),
+    ];
+    for (what, input) in &other_cases {
+        let prog = if what.starts_with("to_pod") { TO_POD } else { FROM_POD };
+        h.expect_unchanged(what, prog, input, &[]);
+    }
+
+    // DF alone is not a fragment: translated.
+    let df = pkt((POD, 5000), (REMOTE, 53), L4::Udp, &big);
+    assert!(Ipv4HeaderSlice::from_slice(&df[ETH_HLEN..]).unwrap().dont_fragment());
+    let out = h.expect("DF set", FROM_POD, &df, OK, &[("redirected", 1)]);
+    assert_translated("DF set", &out, &pkt((POD, 5000), (GW, GW_UDP), L4::Udp, &big), (POD, 5000), (GW, GW_UDP));
+
+    // The first fragment of a reply to that (now translated) flow cannot be translated
+    // whole either: dropped.
+    let reply = first_fragment((GW, GW_UDP), (POD, 5000), L4::Udp, &big);
+    h.expect("to_pod: first fragment of a reply", TO_POD, &reply, SHOT, &[("fragment_dropped", 1)]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 8: truncation
+// ---------------------------------------------------------------------------------------
+
+fn is_einval(r: &Result<(u32, Vec<u8>), ProgramError>) -> bool {
+    matches!(r, Err(ProgramError::SyscallError(SyscallError { io_error, .. })) if io_error.raw_os_error() == Some(libc::EINVAL))
+}
+
+/// Runs every prefix of `full` (each shorter than the headers it claims) through `prog`.
+///
+/// Prefixes under `ETH_HLEN` are refused by the kernel (EINVAL) before any program runs.
+/// Newer kernels (6.18 here) also refuse IPv4-ethertype frames too short for an IPv4 header
+/// (under 34 bytes); whether this kernel does is found out with the empty program, and our
+/// programs must then be refused the same way. Every prefix the kernel runs must pass
+/// unchanged with verdict UNSPEC and count exactly one of truncated/malformed.
+fn every_prefix_passes_unchanged(h: &Harness, prog: &str, full: &[u8]) {
+    let mut ran = 0;
+    for len in 0..full.len() {
+        let input = &full[..len];
+        let what = format!("{prog}: first {len} of {} bytes", full.len());
+        let before = h.counters();
+        let result = h.try_run(prog, input);
+        let kernel_refuses = is_einval(&h.try_run(names::PROG_EMPTY, input));
+        if len < ETH_HLEN || kernel_refuses {
+            assert!(len < ETH_HLEN + 20, "{what}: the kernel refused a frame with a whole IPv4 header");
+            assert!(kernel_refuses, "{what}: the kernel ran the empty program on a frame shorter than ETH_HLEN");
+            assert!(is_einval(&result), "{what}: expected EINVAL, got {result:?}");
+            assert_counter_delta(&what, &before, &h.counters(), &[]);
+            continue;
+        }
+        let (verdict, out) = result.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        ran += 1;
+        assert_eq!(verdict, UNSPEC, "{what}: verdict {}", verdict_name(verdict));
+        assert_bytes_eq(&what, &out, input);
+        let after = h.counters();
+        let bad = |c: &BTreeMap<&str, u64>| c["truncated"] + c["malformed"];
+        assert_eq!(bad(&after) - bad(&before), 1, "{what}: truncated+malformed");
+        let others: Vec<_> =
+            after.iter().filter(|(n, v)| !["truncated", "malformed"].contains(n) && before[*n] != **v).collect();
+        assert!(others.is_empty(), "{what}: unexpected counters moved: {others:?}");
+    }
+    // At least every prefix that holds a whole IPv4 header went through the program.
+    assert!(ran >= full.len() - (ETH_HLEN + 20), "only {ran} prefixes of {} bytes ran", full.len());
+}
+
+#[test]
+fn truncated_tcp_passes_unchanged() {
+    let h = Harness::new(CONFIG);
+    let mut ip = ip_header(POD, REMOTE);
+    ip.identification = 7;
+    let mut full = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
+        .ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()))
+        .tcp(40000, 8080, 1, 64240)
+        .syn()
+        .write(&mut full, b"")
+        .unwrap();
+    assert_eq!(full.len(), 54);
+    every_prefix_passes_unchanged(&h, FROM_POD, &full);
+    assert_eq!(h.flow_counts(), (0, 0));
+    // The whole packet is translated: the prefixes failed for being short, nothing else.
+    h.expect("whole SYN", FROM_POD, &full, OK, &[("redirected", 1)]);
+}
+
+#[test]
+fn truncated_udp_passes_unchanged() {
+    let h = Harness::new(CONFIG);
+    let full = pkt((POD, 5000), (REMOTE, 53), L4::Udp, b"");
+    assert_eq!(full.len(), 42);
+    every_prefix_passes_unchanged(&h, FROM_POD, &full);
+    assert_eq!(h.flow_counts(), (0, 0));
+    h.expect("whole datagram", FROM_POD, &full, OK, &[("redirected", 1)]);
+}
+
+/// Replies of existing flows, cut short, are not rewritten either.
+#[test]
+fn truncated_replies_pass_unchanged() {
+    let h = Harness::new(CONFIG);
+    h.expect("SYN", FROM_POD, &pkt((POD, 40000), (REMOTE, 8080), L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    h.expect("UDP", FROM_POD, &pkt((POD, 5000), (REMOTE, 53), L4::Udp, b""), OK, &[("redirected", 1)]);
+    let tcp_reply = pkt((GW, GW_TCP), (POD, 40000), L4::Tcp(ACK), b"");
+    let udp_reply = pkt((GW, GW_UDP), (POD, 5000), L4::Udp, b"");
+    every_prefix_passes_unchanged(&h, TO_POD, &tcp_reply);
+    every_prefix_passes_unchanged(&h, TO_POD, &udp_reply);
+    h.expect("whole TCP reply", TO_POD, &tcp_reply, OK, &[("reverse_translated", 1)]);
+    h.expect("whole UDP reply", TO_POD, &udp_reply, OK, &[("reverse_translated", 1)]);
+}
+
+/// An IP datagram whose total length ends inside the L4 header it claims, in a frame long
+/// enough to hold that header (e.g. Ethernet padding behind it): the L4 checksum field is not
+/// part of the datagram, so it cannot be fixed and the packet must not be rewritten.
+#[test]
+fn l4_header_beyond_ip_total_length_is_not_rewritten() {
+    let h = Harness::new(CONFIG);
+    let cases = [
+        ("TCP, 8 of 20 header bytes in the datagram", pkt((POD, 40000), (REMOTE, 8080), L4::Tcp(ACK), b""), 28),
+        (
+            "UDP, 4 of 8 header bytes in the datagram",
+            pkt((POD, 5000), (REMOTE, 53), L4::Udp, b"padpadpadpadpadpad"),
+            24,
+        ),
+    ];
+    for (what, mut input, total_len) in cases {
+        edit_ip_header(&mut input, |ip| ip.total_len = total_len);
+        let before = h.counters();
+        let (verdict, out) = h.run(FROM_POD, &input);
+        assert_eq!(verdict, UNSPEC, "{what}: verdict {}", verdict_name(verdict));
+        assert_bytes_eq(what, &out, &input);
+        let after = h.counters();
+        assert_eq!(
+            after["truncated"] + after["malformed"] - before["truncated"] - before["malformed"],
+            1,
+            "{what}: truncated+malformed"
+        );
+        assert_eq!(after["redirected"], before["redirected"], "{what}");
+    }
+    assert_eq!(h.flow_counts(), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// 9: a peer without UDP
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn udp_to_a_peer_without_udp_nodeport_passes() {
+    let h = Harness::new(&without_udp_port());
+    let udp = pkt((POD, 5000), (REMOTE, 53), L4::Udp, b"q");
+    h.expect_unchanged("UDP", FROM_POD, &udp, &[("no_gateway_for_proto", 1)]);
+    h.expect_unchanged("UDP again", FROM_POD, &udp, &[("no_gateway_for_proto", 1)]);
+    assert_eq!(h.flow_counts(), (0, 0));
+
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    let out = h.expect("TCP", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    assert_translated("TCP", &out, &pkt(pod, gw, L4::Tcp(SYN), b""), pod, gw);
+}
+
+#[test]
+fn udp_only_uses_gateways_with_a_udp_nodeport() {
+    // 192.0.2.2 takes TCP only; 192.0.2.3 takes both.
+    let yaml =
+        format!("{}      - address: 192.0.2.3\n        port: 31674\n        udpPort: 31675\n", without_udp_port());
+    let h = Harness::new(&yaml);
+    let mut tcp_gateways = [0; 2];
+    for i in 0..32u16 {
+        let pod = (POD, 5000 + i);
+        let out = h.expect("UDP", FROM_POD, &pkt(pod, (REMOTE, 53), L4::Udp, b"q"), OK, &[("redirected", 1)]);
+        assert_translated("UDP", &out, &pkt(pod, (GW2, GW_UDP), L4::Udp, b"q"), pod, (GW2, GW_UDP));
+
+        let pod = (POD, 40000 + i);
+        let out = h.expect("TCP", FROM_POD, &pkt(pod, (REMOTE, 8080), L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+        let dst = checked(&out).dst;
+        tcp_gateways[usize::from(*dst.ip() == Ipv4Addr::from(GW2))] += 1;
+        assert_eq!(dst.port(), GW_TCP);
+    }
+    assert!(tcp_gateways.iter().all(|n| *n > 0), "TCP should use both gateways: {tcp_gateways:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 10: gateways
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn flows_spread_over_live_gateways_and_stick_to_theirs() {
+    let mut h = Harness::new(&two_gateways());
+    let id = peer_id("cluster2");
+    let pg = h.maps.peers.get(&id, 0).unwrap();
+    assert_eq!(pg.count, 2);
+    assert!(pg.gateways[..2].iter().all(|g| g.flags & GW_UP != 0), "both gateways start up");
+    let gateways = [GW, GW2];
+
+    // 64 flows: the gateway each gets is the one the shared hash predicts, and both are used.
+    let flow = |i: u16| ((POD, 40000 + i), ([10, 245, 0, 20 + (i % 8) as u8], 8080));
+    let predicted = |src: Ep, dst: Ep| gateways[gateway_start(&flow_key(src, dst, IPPROTO_TCP), 2) as usize];
+    let mut pinned = Vec::new();
+    for i in 0..64 {
+        let (src, dst) = flow(i);
+        let out = h.expect("new flow", FROM_POD, &pkt(src, dst, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+        let gw = (predicted(src, dst), GW_TCP);
+        assert_translated("new flow", &out, &pkt(src, gw, L4::Tcp(SYN), b""), src, gw);
+        pinned.push((src, dst, gw));
+    }
+    let on_second = pinned.iter().filter(|(_, _, gw)| gw.0 == GW2).count();
+    assert!(on_second > 0 && on_second < 64, "64 flows should use both gateways ({on_second} on 192.0.2.3)");
+
+    // Every later packet of every flow goes to the same gateway.
+    let all_stick = |h: &Harness, what: &str| {
+        for (src, dst, gw) in &pinned {
+            let out = h.expect(what, FROM_POD, &pkt(*src, *dst, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
+            assert_translated(what, &out, &pkt(*src, *gw, L4::Tcp(ACK), PAYLOAD), *src, *gw);
+        }
+    };
+    all_stick(&h, "established flow");
+    all_stick(&h, "established flow, again");
+    assert_eq!(h.flow_counts(), (64, 64));
+
+    // 192.0.2.3 goes down: new flows all go to 192.0.2.2, including those whose hash starts
+    // at 192.0.2.3. The datapath itself never moves an established flow: its state pins the
+    // gateway, and only the agent (by purging that state) sends it elsewhere.
+    h.set_gateway_up(GW2, false);
+    let mut would_have_been_second = 0;
+    for i in 0..64 {
+        let src = (POD, 50000 + i);
+        let dst = ([10, 245, 1, 20 + (i % 8) as u8], 8080);
+        if predicted(src, dst) == GW2 {
+            would_have_been_second += 1;
+        }
+        let out = h.expect(
+            "new flow, one gateway down",
+            FROM_POD,
+            &pkt(src, dst, L4::Tcp(SYN), b""),
+            OK,
+            &[("redirected", 1)],
+        );
+        assert_translated(
+            "new flow, one gateway down",
+            &out,
+            &pkt(src, (GW, GW_TCP), L4::Tcp(SYN), b""),
+            src,
+            (GW, GW_TCP),
+        );
+    }
+    assert!(would_have_been_second > 0, "no new flow would have started at 192.0.2.3; the test proves nothing");
+    all_stick(&h, "established flow after a gateway went down");
+
+    // Both down: a new flow is dropped, without state.
+    h.set_gateway_up(GW, false);
+    let counts = h.flow_counts();
+    let new = pkt((POD, 60000), (REMOTE, 8080), L4::Tcp(SYN), b"");
+    h.expect("new flow, all gateways down", FROM_POD, &new, SHOT, &[("no_live_gateway", 1)]);
+    let udp = pkt((POD, 60000), (REMOTE, 53), L4::Udp, b"q");
+    h.expect("new UDP flow, all gateways down", FROM_POD, &udp, SHOT, &[("no_live_gateway", 1)]);
+    assert_eq!(h.flow_counts(), counts);
+
+    // 192.0.2.3 back up: a new flow whose hash starts there goes there again.
+    h.set_gateway_up(GW2, true);
+    let (src, dst) =
+        (0..1000).map(|i: u16| ((POD, 1024 + i), (REMOTE, 8080))).find(|(s, d)| predicted(*s, *d) == GW2).unwrap();
+    let out =
+        h.expect("new flow, 192.0.2.3 back", FROM_POD, &pkt(src, dst, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    assert_translated(
+        "new flow, 192.0.2.3 back",
+        &out,
+        &pkt(src, (GW2, GW_TCP), L4::Tcp(SYN), b""),
+        src,
+        (GW2, GW_TCP),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 11: flow state
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_new_flow_records_forward_and_reverse_state() {
+    let h = Harness::new(CONFIG);
+    assert_eq!(h.flow_counts(), (0, 0));
+    h.expect("SYN", FROM_POD, &pkt((POD, 40000), (REMOTE, 8080), L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+
+    let fwd = h.nat_fwd();
+    assert_eq!(fwd.len(), 1);
+    let (k, f) = fwd[0];
+    // Keys and values hold network byte order: the bytes in memory are the wire bytes.
+    assert_eq!(k.src_be.to_ne_bytes(), POD);
+    assert_eq!(k.dst_be.to_ne_bytes(), REMOTE);
+    assert_eq!(k.sport_be.to_ne_bytes(), 40000u16.to_be_bytes());
+    assert_eq!(k.dport_be.to_ne_bytes(), 8080u16.to_be_bytes());
+    assert_eq!((k.proto, k._pad), (IPPROTO_TCP, [0; 3]));
+    assert_eq!(f.gw_addr_be.to_ne_bytes(), GW);
+    assert_eq!(f.gw_port_be.to_ne_bytes(), GW_TCP.to_be_bytes());
+    assert_eq!(f.nat_sport_be.to_ne_bytes(), 40000u16.to_be_bytes());
+    assert_eq!(f.peer_id, peer_id("cluster2"));
+    assert_eq!(f.flags, 0);
+    assert_ne!(f.last_seen_ns, 0);
+
+    let rev = h.nat_rev();
+    assert_eq!(rev.len(), 1);
+    let (rk, r) = rev[0];
+    assert_eq!(rk.src_be.to_ne_bytes(), GW);
+    assert_eq!(rk.dst_be.to_ne_bytes(), POD);
+    assert_eq!(rk.sport_be.to_ne_bytes(), GW_TCP.to_be_bytes());
+    assert_eq!(rk.dport_be.to_ne_bytes(), 40000u16.to_be_bytes());
+    assert_eq!((rk.proto, rk._pad), (IPPROTO_TCP, [0; 3]));
+    assert_eq!(r.remote_addr_be.to_ne_bytes(), REMOTE);
+    assert_eq!(r.remote_port_be.to_ne_bytes(), 8080u16.to_be_bytes());
+    assert_eq!(r.pod_port_be.to_ne_bytes(), 40000u16.to_be_bytes());
+    assert_eq!((r.flags, r._pad), (0, 0));
+    assert_ne!(r.last_seen_ns, 0);
+
+    // The two entries point at each other as meshnet-common says.
+    assert_eq!(FlowKey::rev_of_fwd(&k, &f), rk);
+    assert_eq!(FlowKey::fwd_of_rev(&rk, &r), k);
+    assert_eq!(k, flow_key((POD, 40000), (REMOTE, 8080), IPPROTO_TCP));
+
+    // A UDP flow gets its own pair of entries with the UDP NodePort.
+    h.expect("UDP", FROM_POD, &pkt((POD, 5000), (REMOTE, 53), L4::Udp, b"q"), OK, &[("redirected", 1)]);
+    assert_eq!(h.flow_counts(), (2, 2));
+    let uk = flow_key((POD, 5000), (REMOTE, 53), IPPROTO_UDP);
+    let uf = h.fwd_of(&uk);
+    assert_eq!(uf.gw_port_be.to_ne_bytes(), GW_UDP.to_be_bytes());
+    let ur = h.rev_of(&FlowKey::rev_of_fwd(&uk, &uf));
+    assert_eq!(FlowKey::fwd_of_rev(&FlowKey::rev_of_fwd(&uk, &uf), &ur), uk);
+}
+
+/// FIN and RST are recorded per direction; a new SYN on a reused tuple clears the old close.
+#[test]
+fn tcp_close_flags_are_recorded_per_direction() {
+    let h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    let fk = flow_key(pod, remote, IPPROTO_TCP);
+    let rk = flow_key(gw, pod, IPPROTO_TCP);
+    let flags = |h: &Harness| (h.fwd_of(&fk).flags, h.rev_of(&rk).flags);
+    let from_pod = |h: &Harness, f: u8| {
+        h.expect("from pod", FROM_POD, &pkt(pod, remote, L4::Tcp(f), b""), OK, &[("redirected", 1)]);
+    };
+    let from_gw = |h: &Harness, f: u8| {
+        h.expect("from gateway", TO_POD, &pkt(gw, pod, L4::Tcp(f), b""), OK, &[("reverse_translated", 1)]);
+    };
+
+    from_pod(&h, SYN);
+    from_gw(&h, SYN | ACK);
+    from_pod(&h, ACK);
+    assert_eq!(flags(&h), (0, 0));
+    from_pod(&h, FIN | ACK);
+    assert_eq!(flags(&h), (FLOW_FIN_POD, 0));
+    from_gw(&h, FIN | ACK);
+    assert_eq!(flags(&h), (FLOW_FIN_POD, FLOW_FIN_PEER));
+
+    // The tuple is reused for a new connection, which the peer resets.
+    from_pod(&h, SYN);
+    assert_eq!(flags(&h).0, 0, "a new SYN clears the pod side's close");
+    from_gw(&h, RST | ACK);
+    assert_eq!(flags(&h).1 & FLOW_RST, FLOW_RST);
+
+    // And reused once more: after the handshake neither side may still say closed or reset.
+    from_pod(&h, SYN);
+    from_gw(&h, SYN | ACK);
+    from_pod(&h, ACK);
+    let (f, r) = flags(&h);
+    assert_eq!(f | r, 0, "flags after a fresh handshake on a reused tuple: fwd {f:#x}, rev {r:#x}");
+    assert_eq!(h.flow_counts(), (1, 1));
+}
