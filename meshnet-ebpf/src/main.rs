@@ -11,6 +11,11 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 /// tc ingress on the host side of pod interfaces: sees what pods send.
 #[classifier]
 pub fn meshnet_from_pod(ctx: TcContext) -> i32 {
+    #[cfg(feature = "upgrade-canary")]
+    // SAFETY: a helper without arguments; its result is deliberately unused.
+    unsafe {
+        aya_ebpf::helpers::bpf_get_smp_processor_id();
+    }
     nat::egress_from_pod(&ctx)
 }
 

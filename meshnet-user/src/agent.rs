@@ -36,6 +36,8 @@ pub struct AgentOptions {
     /// config file is checked for changes.
     pub rescan: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    /// An eBPF object to load instead of the embedded one.
+    pub ebpf_object: Option<PathBuf>,
 }
 
 struct Agent {
@@ -54,7 +56,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // A bad config fails here, before anything is loaded or attached.
     let config = Config::load(&opts.config)?;
     let config_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
-    let datapath = Datapath::load(&opts.pins, config.max_flows)?;
+    let datapath = match &opts.ebpf_object {
+        Some(path) => {
+            let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Datapath::load_object(&opts.pins, config.max_flows, &object)?
+        }
+        None => Datapath::load(&opts.pins, config.max_flows)?,
+    };
     let maps = ControlMaps::open(&opts.pins)?;
     let health = Health::from_pinned(&maps.current_peers()?);
     let metrics = Arc::new(Metrics::new(opts.pins.clone()));

@@ -48,6 +48,9 @@ enum Command {
         /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9090).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Load this eBPF object instead of the embedded one (for testing builds).
+        #[arg(long, hide = true)]
+        ebpf_object: Option<PathBuf>,
     },
     /// Remove everything meshnet installed: its tc programs and links on every interface,
     /// and every pin under --pin-path. Flow state is lost.
@@ -97,7 +100,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let pins = Pins::new(&cli.pin_path);
     match cli.command {
-        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr } => {
+        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr, ebpf_object } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(agent::run(AgentOptions {
                 config,
@@ -105,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 attach_mode,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 metrics_addr,
+                ebpf_object,
             }))?;
         }
         Command::Detach => {

@@ -306,3 +306,39 @@ fn metrics_health_and_readiness() {
         .unwrap();
     assert!(redirected >= 3, "{redirected}");
 }
+
+/// (id, tag) of the tcx program on the client's interface: the tag hashes the instructions.
+fn tcx_prog(t: &Topology) -> (u32, u64) {
+    t.node1.run(|| {
+        let (_, progs) =
+            aya::programs::SchedClassifier::query_tcx("vethc", aya::programs::TcAttachType::Ingress).unwrap();
+        assert_eq!(progs.len(), 1, "exactly one program on the interface");
+        (progs[0].id(), progs[0].tag())
+    })
+}
+
+/// An upgrade to a build whose programs differ, and back, under a held connection.
+#[test]
+fn held_connection_survives_upgrade_and_downgrade() {
+    let canary = std::env::var("MESHNET_UPGRADE_OBJECT")
+        .expect("MESHNET_UPGRADE_OBJECT is unset: run this test through `cargo xtask test`, which builds the variant object");
+    let t = Topology::new(Options { strict_checksums: true });
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &[]);
+    let mut held = Held::open(&t, app_b());
+    held.exchange("on the old build");
+    let old = tcx_prog(&t);
+    assert!(agent.child.stop());
+
+    let mut agent = start(&t, &cfg, &["--ebpf-object", &canary]);
+    let new = tcx_prog(&t);
+    assert_ne!(old.1, new.1, "the upgrade did not change the program's instructions");
+    held.exchange("on the new build");
+    assert!(agent.child.stop());
+
+    let _agent = start(&t, &cfg, &[]);
+    assert_eq!(tcx_prog(&t).1, old.1, "the downgrade did not bring the old program back");
+    held.exchange("back on the old build");
+    let flows: Vec<_> = nat(&t).into_iter().filter(|f| f["remote"] == "10.245.0.21:8080").collect();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+}

@@ -181,6 +181,12 @@ fn setup() -> anyhow::Result<()> {
 /// Builds the eBPF object and copies it to target/ebpf/meshnet.bpf.o, where meshnet's
 /// build.rs embeds it from.
 fn build_ebpf(release: bool) -> anyhow::Result<PathBuf> {
+    build_ebpf_variant(release, None)
+}
+
+/// Builds the eBPF object, or with `feature` a variant of it (into its own target dir and
+/// file, target/ebpf/meshnet-FEATURE.bpf.o).
+fn build_ebpf_variant(release: bool, feature: Option<&str>) -> anyhow::Result<PathBuf> {
     let missing = ebpf_prerequisites();
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|(w, h)| format!("  - {w} (`{h}`)")).collect();
@@ -203,12 +209,20 @@ fn build_ebpf(release: bool) -> anyhow::Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
+    let target_dir = match feature {
+        Some(f) => {
+            cmd.args(["--features", f]);
+            dir.join("target").join(f)
+        }
+        None => dir.join("target"),
+    };
+    cmd.arg("--target-dir").arg(&target_dir);
     run(&mut cmd).context("building the eBPF object")?;
     let profile = if release { "release" } else { "debug" };
-    let built = dir.join("target/bpfel-unknown-none").join(profile).join("meshnet");
+    let built = target_dir.join("bpfel-unknown-none").join(profile).join("meshnet");
     let dest_dir = root.join("target/ebpf");
     std::fs::create_dir_all(&dest_dir)?;
-    let dest = dest_dir.join("meshnet.bpf.o");
+    let dest = dest_dir.join(feature.map_or_else(|| "meshnet.bpf.o".to_string(), |f| format!("meshnet-{f}.bpf.o")));
     std::fs::copy(&built, &dest).with_context(|| format!("copying {}", built.display()))?;
     println!("xtask: eBPF object at {}", dest.display());
     Ok(dest)
@@ -247,9 +261,12 @@ fn prepare() -> anyhow::Result<PathBuf> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("test")?;
     let bin = prepare()?;
+    // A build with different program instructions, for the upgrade-under-a-live-flow test.
+    let canary = build_ebpf_variant(true, Some("upgrade-canary"))?;
     let mut cmd = cargo();
     cmd.args(["test", "--locked", "--workspace", "--no-fail-fast"])
         .env("MESHNET_BIN", &bin)
+        .env("MESHNET_UPGRADE_OBJECT", &canary)
         .stdout(Stdio::piped());
     if !args.is_empty() {
         cmd.arg("--").args(args);
