@@ -17,8 +17,11 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+use ipnet::Ipv4Net;
+
 use crate::{
-    config::Config,
+    config::{Config, RawConfig, RawPeer},
+    discovery::source::{self, ApiUpdate, SourceOptions},
     datapath::{detach_interface, matching_interfaces, AttachMode, Datapath},
     dump::monotonic_ns,
     health::{self, GatewayId, Health},
@@ -38,12 +41,20 @@ pub struct AgentOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// An eBPF object to load instead of the embedded one.
     pub ebpf_object: Option<PathBuf>,
+    /// Also follow peers published through the Kubernetes API.
+    pub kube: Option<SourceOptions>,
 }
 
 struct Agent {
     opts: AgentOptions,
+    /// The effective config: the file merged with what the API published.
     config: Config,
     config_text: String,
+    /// The file as parsed, before the API's peers are merged in.
+    file: RawConfig,
+    /// Published peers; `None` until the API watch first synced (with --kube).
+    api_peers: Option<Vec<RawPeer>>,
+    node_cidrs: Vec<Ipv4Net>,
     datapath: Datapath,
     maps: ControlMaps,
     attached: BTreeSet<String>,
@@ -54,8 +65,8 @@ struct Agent {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // A bad config fails here, before anything is loaded or attached.
-    let config = Config::load(&opts.config)?;
-    let config_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
+    let (file, config_text) = RawConfig::load(&opts.config)?;
+    let config = file.validated(&opts.config.display().to_string())?;
     let datapath = match &opts.ebpf_object {
         Some(path) => {
             let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -76,8 +87,31 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             }
         });
     }
-    let mut agent = Agent { opts, config, config_text, datapath, maps, attached: BTreeSet::new(), health, metrics };
-    agent.sync().context("filling the maps")?;
+    let (api_tx, mut api_rx) = mpsc::channel::<ApiUpdate>(16);
+    if let Some(src) = opts.kube.clone() {
+        source::spawn(src, api_tx).await.context("--kube")?;
+    }
+    let api_peers = if opts.kube.is_some() { None } else { Some(Vec::new()) };
+    let mut agent = Agent {
+        opts,
+        config,
+        config_text,
+        file,
+        api_peers,
+        node_cidrs: Vec::new(),
+        datapath,
+        maps,
+        attached: BTreeSet::new(),
+        health,
+        metrics,
+    };
+    if agent.api_peers.is_some() {
+        agent.sync().context("filling the maps")?;
+    } else {
+        // Until the API has been heard, the pinned maps (from before a restart) keep
+        // serving as they are: nothing is withdrawn on the strength of an empty start.
+        info!("waiting for the published peers before changing the maps");
+    }
     agent.rescan_interfaces()?;
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
@@ -134,6 +168,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 probing = false;
                 agent.apply_probes(&results);
             }
+            Some(update) = api_rx.recv() => agent.api_update(update),
         }
     }
     info!("stopping; the datapath stays in place (`meshnet detach` removes it)");
@@ -141,6 +176,51 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 }
 
 impl Agent {
+    /// Merges what the API published with the file and applies it if valid.
+    fn api_update(&mut self, update: ApiUpdate) {
+        match update {
+            ApiUpdate::Peers(peers) => {
+                info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers changed");
+                self.api_peers = Some(peers);
+            }
+            ApiUpdate::NodeCidrs(c) => self.node_cidrs = c,
+            ApiUpdate::Error(e) => {
+                warn!(error = %e, "Kubernetes API watch failing; the datapath keeps its state");
+                return;
+            }
+        }
+        if self.api_peers.is_some() {
+            self.apply_effective("API update");
+        }
+    }
+
+    /// Validates the file merged with the API's peers and, if valid, syncs the maps to it.
+    fn apply_effective(&mut self, why: &str) -> bool {
+        let merged = self.file.with_api(self.api_peers.as_deref().unwrap_or_default(), &self.node_cidrs);
+        let config = match merged.validated(&self.opts.config.display().to_string()) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(why, error = %e, "reload refused; keeping the previous state");
+                self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
+                return false;
+            }
+        };
+        if config.max_flows != self.config.max_flows {
+            warn!("nat.maxFlows changes take effect after `meshnet detach` and a restart");
+        }
+        let old = std::mem::replace(&mut self.config, config);
+        if let Err(e) = self.sync() {
+            error!(why, error = %format!("{e:#}"), "applying the new state failed; restoring the previous one");
+            self.config = old;
+            let _ = self.sync();
+            self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
+            return false;
+        }
+        self.metrics.reloads.get_or_create(&ResultLabel { result: "ok".into() }).inc();
+        self.rescan_logged();
+        true
+    }
+
     /// Writes the config's desired state, with gateway health applied, into the maps.
     fn sync(&mut self) -> anyhow::Result<()> {
         let targets = Health::targets(&self.config);
@@ -173,35 +253,31 @@ impl Agent {
 
     /// Re-reads the config. An invalid one is logged and the old state keeps serving.
     fn reload(&mut self, why: &str) {
-        let text = std::fs::read_to_string(&self.opts.config).unwrap_or_default();
-        // Remember this content either way, so a bad file is reported once, not every tick.
-        self.config_text = text;
-        let config = match Config::load(&self.opts.config) {
-            Ok(c) => c,
+        let (file, text) = match RawConfig::load(&self.opts.config) {
+            Ok(x) => x,
             Err(e) => {
+                // Remember this content, so a bad file is reported once, not every tick.
+                self.config_text = std::fs::read_to_string(&self.opts.config).unwrap_or_default();
                 error!(why, error = %e, "reload refused; keeping the previous config");
                 self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
                 return;
             }
         };
-        if config.max_flows != self.config.max_flows {
-            warn!("nat.maxFlows changes take effect after `meshnet detach` and a restart");
-        }
-        let old = std::mem::replace(&mut self.config, config);
-        match self.sync() {
-            Ok(()) => {
-                info!(why, "config reloaded");
-                self.metrics.reloads.get_or_create(&ResultLabel { result: "ok".into() }).inc();
+        self.config_text = text;
+        let previous = std::mem::replace(&mut self.file, file);
+        if self.api_peers.is_none() {
+            // Still waiting for the API: validate the file alone, apply later.
+            if let Err(e) = self.file.validated(&self.opts.config.display().to_string()) {
+                error!(why, error = %e, "reload refused; keeping the previous config");
+                self.file = previous;
             }
-            Err(e) => {
-                error!(why, error = %format!("{e:#}"), "applying the new config failed; restoring the previous one");
-                self.config = old;
-                let _ = self.sync();
-                self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
-                return;
-            }
+            return;
         }
-        self.rescan_logged();
+        if self.apply_effective(why) {
+            info!(why, "config reloaded");
+        } else {
+            self.file = previous;
+        }
     }
 
     fn apply_probes(&mut self, results: &[(GatewayId, bool)]) {

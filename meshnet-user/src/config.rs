@@ -179,27 +179,50 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        Self::from_yaml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse { path: shown, source },
-            ConfigError::Invalid { errors, .. } => ConfigError::Invalid { path: shown, errors },
-            e @ ConfigError::Read { .. } => e,
-        })
+        RawConfig::load(path)?.0.validated(&path.display().to_string())
     }
 
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "<config>".into(),
-            source,
-        })?;
-        raw.validate().map_err(|errors| ConfigError::Invalid {
-            path: "<config>".into(),
-            errors,
-        })
+        RawConfig::from_yaml(text, "<config>")?.validated("<config>")
+    }
+}
+
+impl RawConfig {
+    /// Reads and parses a config file, without validating it; also returns its text.
+    pub fn load(path: &Path) -> Result<(Self, String), ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        Ok((Self::from_yaml(&text, &shown)?, text))
+    }
+
+    pub fn from_yaml(text: &str, shown: &str) -> Result<Self, ConfigError> {
+        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: shown.into(), source })
+    }
+
+    /// Validates, naming `shown` (a path) in the error.
+    pub fn validated(&self, shown: &str) -> Result<Config, ConfigError> {
+        self.validate().map_err(|errors| ConfigError::Invalid { path: shown.into(), errors })
+    }
+
+    /// This config with peers published through the Kubernetes API and this node's pod
+    /// CIDRs from its Node object. A peer in the file wins over a published peer of the same
+    /// name, so an operator can always pin a peer by hand.
+    #[must_use]
+    pub fn with_api(&self, peers: &[RawPeer], node_cidrs: &[ipnet::Ipv4Net]) -> RawConfig {
+        let mut out = self.clone();
+        for p in peers {
+            if !out.peers.iter().any(|q| q.name == p.name) {
+                out.peers.push(p.clone());
+            }
+        }
+        for c in node_cidrs {
+            let c = c.to_string();
+            let covered = out.pod_cidrs.iter().filter_map(|x| x.parse::<Ipv4Net>().ok()).any(|x| x.contains(&c.parse::<Ipv4Net>().unwrap_or(x)));
+            if !covered {
+                out.pod_cidrs.push(c);
+            }
+        }
+        out
     }
 }
 

@@ -3,7 +3,10 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod doctor;
+pub mod discovery;
 pub mod dump;
+pub mod explain;
 pub mod health;
 pub mod maps;
 pub mod metrics;

@@ -3,6 +3,12 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+use meshnet::discovery::{
+    controller::{self, ControllerOptions},
+    mesh_networks,
+    resolve::{AddressType, ResolveOptions},
+    source::SourceOptions,
+};
 use meshnet::{
     agent::{self, AgentOptions},
     config::Config,
@@ -51,6 +57,59 @@ enum Command {
         /// Load this eBPF object instead of the embedded one (for testing builds).
         #[arg(long, hide = true)]
         ebpf_object: Option<PathBuf>,
+        /// Also take peers from the Kubernetes API: the ConfigMap `meshnet-peers` that
+        /// `meshnet controller` publishes, and this node's pod CIDRs. Peers in --config win
+        /// over published peers of the same name.
+        #[arg(long)]
+        kube: bool,
+        #[command(flatten)]
+        kube_args: KubeArgs,
+        /// This node's name (the DaemonSet passes it from the downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+    },
+    /// Run the cluster controller: resolve peers from Istio's remote secrets and the remote
+    /// API servers, and publish them for the agents (one replica, with leader election).
+    Controller {
+        #[command(flatten)]
+        kube_args: KubeArgs,
+        #[command(flatten)]
+        discovery: DiscoveryArgs,
+        /// Pod CIDRs of a remote cluster whose CNI does not use node podCIDRs, as
+        /// CLUSTER=CIDR[,CIDR...]; repeatable. Overrides the secret's annotation.
+        #[arg(long, value_name = "CLUSTER=CIDRS", value_parser = parse_cluster_cidrs)]
+        pod_cidrs: Vec<(String, Vec<ipnet::Ipv4Net>)>,
+        /// Seconds between probes of each remote API server; a failed probe marks the peer
+        /// stale (its last known state stays published).
+        #[arg(long, default_value_t = 5)]
+        probe_interval_seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        probe_timeout_seconds: u64,
+        /// Take the Lease `meshnet-controller` before publishing.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// This replica's identity in the lease.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Serve Prometheus metrics, /healthz and /readyz (503 while a peer is stale).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// Print Istio's meshNetworks for the mesh from discovery (the block operators used to
+    /// hand-edit in every cluster); --apply writes it into the istio ConfigMap.
+    MeshNetworks {
+        #[command(flatten)]
+        kube_args: KubeArgs,
+        #[command(flatten)]
+        discovery: DiscoveryArgs,
+        /// This cluster's name in the mesh (Istio's multiCluster.clusterName).
+        #[arg(long, env = "MESHNET_CLUSTER")]
+        cluster: String,
+        #[arg(long, short, value_enum, default_value_t = MeshOutput::Yaml)]
+        output: MeshOutput,
+        /// Patch the istio ConfigMap's meshNetworks key, keeping every other key.
+        #[arg(long)]
+        apply: bool,
     },
     /// Remove everything meshnet installed: its tc programs and links on every interface,
     /// and every pin under --pin-path. Flow state is lost.
@@ -66,6 +125,91 @@ enum Command {
         #[command(subcommand)]
         command: MapsCommand,
     },
+    /// Say what the datapath does with a packet a pod sends, and why.
+    ///
+    /// Shows the flow-state entry that matches or, for a new flow, the route, the peer's
+    /// gateways and their health, the gateway the flow is pinned to and whether its source
+    /// port gets remapped. Reads the pinned maps; no running agent needed. Exits with status
+    /// 2 when a map cannot be read.
+    Explain {
+        /// The sending pod: IP, or IP:PORT to match its flow exactly (without the port, every
+        /// live flow from the IP to the destination is listed).
+        #[arg(value_name = "SRC_IP[:PORT]")]
+        src: meshnet::explain::Source,
+        /// The destination the pod sends to, as IP:PORT.
+        #[arg(value_name = "DST_IP:PORT", value_parser = meshnet::explain::parse_destination)]
+        dst: std::net::SocketAddrV4,
+        /// Transport protocol.
+        #[arg(long, value_enum, default_value_t = meshnet::explain::Proto::Tcp)]
+        proto: meshnet::explain::Proto,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = meshnet::explain::Output::Text)]
+        output: meshnet::explain::Output,
+    },
+    /// Check that this node can run meshnet.
+    ///
+    /// Checks the kernel version and features, the bpffs, the capabilities and, with
+    /// --config, the config, its interfaces and the masquerade of pod traffic. Prints one line
+    /// per check with a fix for each problem; exits with status 1 when a check fails.
+    Doctor {
+        /// Also check this config file (YAML) and what it refers to on this node.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// How to reach the local cluster's API server.
+#[derive(clap::Args, Clone)]
+struct KubeArgs {
+    /// A kubeconfig for the local cluster; in-cluster config when absent.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// meshnet's namespace, where the peers ConfigMap and the controller's lease live.
+    #[arg(long, default_value = "meshnet")]
+    namespace: String,
+}
+
+/// Where Istio keeps its remote secrets and east-west gateway, and how to read them.
+#[derive(clap::Args, Clone)]
+struct DiscoveryArgs {
+    /// Istio's namespace (remote secrets, the gateway Service, the istio ConfigMap).
+    #[arg(long, default_value = "istio-system")]
+    istio_namespace: String,
+    /// The east-west gateway Service.
+    #[arg(long, default_value = "istio-eastwestgateway")]
+    gateway_service: String,
+    /// The Service port whose nodePort carries mesh traffic.
+    #[arg(long, default_value = "tls")]
+    gateway_port_name: String,
+    /// Which node address gateways are reached at (a node's meshnet.io/gateway-address
+    /// annotation overrides it).
+    #[arg(long, value_enum, default_value_t = AddressType::InternalIp)]
+    address_type: AddressType,
+}
+
+impl DiscoveryArgs {
+    fn resolve(&self) -> ResolveOptions {
+        ResolveOptions {
+            gateway_service: self.gateway_service.clone(),
+            gateway_port_name: self.gateway_port_name.clone(),
+            address_type: self.address_type,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MeshOutput {
+    Yaml,
+    Json,
+}
+
+fn parse_cluster_cidrs(s: &str) -> Result<(String, Vec<ipnet::Ipv4Net>), String> {
+    let (cluster, cidrs) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected CLUSTER=CIDR[,CIDR]"))?;
+    let nets = cidrs
+        .split(',')
+        .map(|c| c.trim().parse::<ipnet::Ipv4Net>().map_err(|_| format!("{c:?} is not a valid IPv4 CIDR")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((cluster.to_string(), nets))
 }
 
 #[derive(Subcommand)]
@@ -100,7 +244,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let pins = Pins::new(&cli.pin_path);
     match cli.command {
-        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr, ebpf_object } => {
+        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr, ebpf_object, kube, kube_args, node_name } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(agent::run(AgentOptions {
                 config,
@@ -109,7 +253,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 metrics_addr,
                 ebpf_object,
+                kube: kube.then(|| SourceOptions { kubeconfig: kube_args.kubeconfig, namespace: kube_args.namespace, node_name }),
             }))?;
+        }
+        Command::Controller {
+            kube_args,
+            discovery,
+            pod_cidrs,
+            probe_interval_seconds,
+            probe_timeout_seconds,
+            leader_election,
+            identity,
+            metrics_addr,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(controller::run(ControllerOptions {
+                kubeconfig: kube_args.kubeconfig,
+                namespace: kube_args.namespace,
+                istio_namespace: discovery.istio_namespace.clone(),
+                resolve: discovery.resolve(),
+                pod_cidrs: pod_cidrs.into_iter().collect(),
+                probe_interval: Duration::from_secs(probe_interval_seconds.max(1)),
+                probe_timeout: Duration::from_secs(probe_timeout_seconds.max(1)),
+                leader_election,
+                identity: identity.unwrap_or_else(|| {
+                    nix::unistd::gethostname().map_or_else(|_| "meshnet-controller".into(), |h| h.to_string_lossy().into_owned())
+                }),
+                metrics_addr,
+            }))?;
+        }
+        Command::MeshNetworks { kube_args, discovery, cluster, output, apply } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let opts = mesh_networks::Options {
+                kubeconfig: kube_args.kubeconfig,
+                istio_namespace: discovery.istio_namespace.clone(),
+                resolve: discovery.resolve(),
+                cluster,
+            };
+            rt.block_on(async {
+                let (mn, client) = mesh_networks::generate(&opts).await?;
+                match output {
+                    MeshOutput::Yaml => print!("{}", mn.to_yaml()),
+                    MeshOutput::Json => println!("{}", serde_json::to_string_pretty(&mn)?),
+                }
+                if apply {
+                    mesh_networks::apply(&client, &opts.istio_namespace, &mn).await?;
+                    eprintln!("applied to {}/istio (key meshNetworks)", opts.istio_namespace);
+                }
+                anyhow::Ok(())
+            })?;
         }
         Command::Detach => {
             let r = datapath::detach(&pins)?;
@@ -143,6 +335,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !d.missing.is_empty() {
                 return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Explain { src, dst, proto, output } => {
+            use meshnet::explain;
+            let snapshot = explain::Snapshot::load(&pins, src.addr);
+            let e = explain::explain(&snapshot, &explain::Query { src, dst, proto });
+            match output {
+                explain::Output::Text => print!("{}", e.text()),
+                explain::Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+            }
+            if !e.missing.is_empty() {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Doctor { config } => {
+            let checks = meshnet::doctor::run(&pins, config.as_deref());
+            print!("{}", meshnet::doctor::render(&checks));
+            if meshnet::doctor::failed(&checks) {
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

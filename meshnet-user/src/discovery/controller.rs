@@ -1,0 +1,657 @@
+//! `meshnet controller`: one replica (with leader election) that holds the remote clusters'
+//! credentials, watches the local and remote API servers, and publishes the resolved peers
+//! into the ConfigMap `meshnet-peers`, which every node's agent follows.
+//!
+//! Failure isolation: every remote cluster has its own task. A remote API server that fails
+//! or hangs only makes its own peer stale; its last known state stays published. Nothing is
+//! withdrawn before the watch that would justify it has synced, and a restarted controller
+//! starts from what it published before, so a restart never flushes the agents' maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Endpoints, Node, Secret, Service},
+};
+use kube::{
+    api::{ObjectMeta, PostParams},
+    runtime::watcher,
+    Api, Client, ResourceExt as _,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{debug, error, info, warn};
+
+use super::{
+    kubeconfig,
+    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, POD_CIDRS_ANNOTATION, REMOTE_SECRET_LABEL},
+    watch::{snapshots, Update},
+};
+use crate::config::RawPeer;
+
+/// The published object and its keys.
+pub const PEERS_CONFIGMAP: &str = "meshnet-peers";
+pub const PEERS_KEY: &str = "peers.yaml";
+pub const STATUS_KEY: &str = "status.yaml";
+pub const LEASE_NAME: &str = "meshnet-controller";
+
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    pub kubeconfig: Option<PathBuf>,
+    /// meshnet's namespace: the published ConfigMap and the lease live here.
+    pub namespace: String,
+    /// Where Istio's remote secrets, the gateway Service and the `istio` ConfigMap live.
+    pub istio_namespace: String,
+    pub resolve: ResolveOptions,
+    /// Per-cluster pod CIDR overrides from the command line.
+    pub pod_cidrs: BTreeMap<String, Vec<Ipv4Net>>,
+    /// How often each remote API server is probed; a failed probe marks its peer stale.
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    pub leader_election: bool,
+    pub identity: String,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// A peer's health as published beside it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    /// The remote API server is unreachable or failing: the peer is its last known state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
+    /// Why the peer is refused (overlapping CIDRs, a refused kubeconfig, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// The last problem seen, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Parses the published peers.
+pub fn parse_published(cm: &ConfigMap) -> (Vec<RawPeer>, BTreeMap<String, PeerStatus>) {
+    let data = cm.data.clone().unwrap_or_default();
+    let peers = data.get(PEERS_KEY).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default();
+    let status = data.get(STATUS_KEY).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default();
+    (peers, status)
+}
+
+enum Msg {
+    Secrets(Update<Secret>),
+    LocalNodes(Update<Node>),
+    Istio(Update<ConfigMap>),
+    Remote { name: String, generation: u64, event: RemoteEvent },
+}
+
+enum RemoteEvent {
+    View(Box<ClusterView>),
+    Healthy,
+    Failed(String),
+    Refused(String),
+}
+
+struct Remote {
+    /// Which secret and key it came from, and a hash of the kubeconfig, to notice changes.
+    fingerprint: (String, u64),
+    generation: u64,
+    task: JoinHandle<()>,
+    pod_cidrs: Option<Vec<Ipv4Net>>,
+    view: Option<ClusterView>,
+    stale: bool,
+    error: Option<String>,
+    refused: Option<String>,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct State {
+    opts: ControllerOptions,
+    client: Client,
+    tx: mpsc::Sender<Msg>,
+    remotes: BTreeMap<String, Remote>,
+    next_generation: u64,
+    secrets_synced: bool,
+    local_cidrs: Option<Vec<Ipv4Net>>,
+    istio: Option<Option<ConfigMap>>,
+    /// The last good peer of each remote: published while it is stale or not yet synced.
+    last_good: BTreeMap<String, RawPeer>,
+    published: Option<(String, String)>,
+    leader: bool,
+    metrics: Arc<ControllerMetrics>,
+}
+
+/// Runs the controller until SIGTERM or SIGINT.
+pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
+    let client = super::local_client(opts.kubeconfig.as_deref()).await?;
+    let metrics = Arc::new(ControllerMetrics::new());
+    if let Some(addr) = opts.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
+        let m = metrics.clone();
+        tokio::spawn(async move { m.serve(listener).await });
+    }
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
+    let ns = opts.istio_namespace.clone();
+    spawn_watch(
+        tx.clone(),
+        Api::<Secret>::namespaced(client.clone(), &ns),
+        watcher::Config::default().labels(&format!("{REMOTE_SECRET_LABEL}=true")),
+        Msg::Secrets,
+    );
+    spawn_watch(tx.clone(), Api::<Node>::all(client.clone()), watcher::Config::default(), Msg::LocalNodes);
+    spawn_watch(
+        tx.clone(),
+        Api::<ConfigMap>::namespaced(client.clone(), &ns),
+        watcher::Config::default().fields("metadata.name=istio"),
+        Msg::Istio,
+    );
+
+    let mut state = State {
+        client: client.clone(),
+        tx: tx.clone(),
+        remotes: BTreeMap::new(),
+        next_generation: 0,
+        secrets_synced: false,
+        local_cidrs: None,
+        istio: None,
+        last_good: BTreeMap::new(),
+        published: None,
+        leader: !opts.leader_election,
+        metrics,
+        opts,
+    };
+    // Start from what was published before: peers whose remote has not synced yet keep it.
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &state.opts.namespace);
+    match cms.get_opt(PEERS_CONFIGMAP).await {
+        Ok(Some(cm)) => {
+            let (peers, _) = parse_published(&cm);
+            info!(peers = peers.len(), "starting from the published peers");
+            state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
+        }
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "could not read the published peers; starting empty"),
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut lease_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut dirty = false;
+    let mut debounce = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
+    info!(namespace = %state.opts.namespace, istio_namespace = %state.opts.istio_namespace, "meshnet controller started");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = lease_tick.tick(), if state.opts.leader_election => {
+                let was = state.leader;
+                state.leader = renew_lease(&state.client, &state.opts).await;
+                if state.leader != was {
+                    info!(leader = state.leader, identity = %state.opts.identity, "leadership changed");
+                    dirty = true;
+                    debounce.as_mut().reset(tokio::time::Instant::now());
+                }
+            }
+            Some(msg) = rx.recv() => {
+                state.handle(msg);
+                // Coalesce bursts (a relist delivers many events) into one publish.
+                if !dirty {
+                    dirty = true;
+                    debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(50));
+                }
+            }
+            () = &mut debounce, if dirty => {
+                dirty = false;
+                debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
+                if let Err(e) = state.publish().await {
+                    error!(error = %format!("{e:#}"), "publishing peers failed; retrying");
+                    state.metrics.publish_errors.inc();
+                    dirty = true;
+                    debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    info!("controller stopping; the published peers stay as they are");
+    Ok(())
+}
+
+fn spawn_watch<K>(tx: mpsc::Sender<Msg>, api: Api<K>, config: watcher::Config, wrap: fn(Update<K>) -> Msg)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(snapshots(api, config));
+        while let Some(u) = s.next().await {
+            if tx.send(wrap(u)).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+impl State {
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Secrets(Update::Snapshot(secrets)) => {
+                self.secrets_synced = true;
+                self.reconcile_remotes(&secrets);
+            }
+            Msg::LocalNodes(Update::Snapshot(nodes)) => {
+                self.local_cidrs = Some(resolve::node_pod_cidrs(nodes.values()));
+            }
+            Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.into_values().next()),
+            Msg::Secrets(Update::Error(e)) | Msg::LocalNodes(Update::Error(e)) | Msg::Istio(Update::Error(e)) => {
+                warn!(error = %e, "local API watch failed; keeping the last known state");
+            }
+            Msg::Remote { name, generation, event } => {
+                let Some(r) = self.remotes.get_mut(&name).filter(|r| r.generation == generation) else { return };
+                match event {
+                    RemoteEvent::View(v) => {
+                        r.view = Some(*v);
+                        r.stale = false;
+                        r.error = None;
+                    }
+                    RemoteEvent::Healthy => {
+                        if r.stale {
+                            info!(peer = %name, "remote API server reachable again");
+                        }
+                        r.stale = r.view.is_none();
+                        r.error = None;
+                    }
+                    RemoteEvent::Failed(e) => {
+                        if !r.stale {
+                            warn!(peer = %name, error = %e, "remote API server failing; keeping its last known state");
+                        }
+                        r.stale = true;
+                        r.error = Some(e);
+                    }
+                    RemoteEvent::Refused(e) => {
+                        error!(peer = %name, error = %e, "remote cluster refused");
+                        r.refused = Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts, restarts or stops remote tasks to match the remote secrets.
+    fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
+        let mut wanted: BTreeMap<String, (String, String, Option<Vec<Ipv4Net>>)> = BTreeMap::new();
+        for (sname, secret) in secrets {
+            let cidrs = secret
+                .annotations()
+                .get(POD_CIDRS_ANNOTATION)
+                .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
+            for (cluster, data) in secret.data.iter().flatten() {
+                let text = String::from_utf8_lossy(&data.0).into_owned();
+                let origin = format!("{}/{sname}[{cluster}]", self.opts.istio_namespace);
+                wanted.insert(cluster.clone(), (origin, text, cidrs.clone()));
+            }
+        }
+        self.remotes.retain(|name, _| {
+            let keep = wanted.contains_key(name);
+            if !keep {
+                info!(peer = %name, "remote secret removed; withdrawing the peer");
+            }
+            keep
+        });
+        self.last_good.retain(|name, _| wanted.contains_key(name));
+        for (name, (origin, text, cidrs)) in wanted {
+            let fp = (origin.clone(), hash(&text));
+            if self.remotes.get(&name).is_some_and(|r| r.fingerprint == fp) {
+                if let Some(r) = self.remotes.get_mut(&name) {
+                    r.pod_cidrs = cidrs;
+                }
+                continue;
+            }
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            let task = tokio::spawn(remote_task(
+                name.clone(),
+                generation,
+                origin,
+                text,
+                self.opts.clone(),
+                self.tx.clone(),
+            ));
+            info!(peer = %name, "watching remote cluster");
+            self.remotes.insert(
+                name,
+                Remote { fingerprint: fp, generation, task, pod_cidrs: cidrs, view: None, stale: true, error: None, refused: None },
+            );
+        }
+    }
+
+    /// Whether every source a withdrawal could be based on has synced.
+    fn synced(&self) -> bool {
+        self.secrets_synced && self.local_cidrs.is_some() && self.istio.is_some()
+    }
+
+    /// The peers to publish and their status.
+    fn desired(&mut self) -> (Vec<RawPeer>, BTreeMap<String, PeerStatus>) {
+        let mut peers = Vec::new();
+        let mut status: BTreeMap<String, PeerStatus> = BTreeMap::new();
+        for (name, r) in &self.remotes {
+            let mut st = PeerStatus { stale: r.stale, refused: r.refused.clone(), error: r.error.clone() };
+            if r.refused.is_some() {
+                status.insert(name.clone(), st);
+                continue;
+            }
+            let cidrs = self.opts.pod_cidrs.get(name).cloned().or_else(|| r.pod_cidrs.clone());
+            let fresh = r.view.as_ref().filter(|_| !r.stale).map(|v| resolve::peer(name, &resolve::resolve(v, &self.opts.resolve, cidrs.as_deref())));
+            match fresh {
+                Some(Ok(p)) => {
+                    self.last_good.insert(name.clone(), p.clone());
+                    peers.push(p);
+                }
+                other => {
+                    if let Some(Err(problem)) = other {
+                        st.error = Some(problem);
+                    }
+                    // Keep serving the last known state of a stale or unresolvable peer.
+                    if let Some(p) = self.last_good.get(name) {
+                        st.stale = true;
+                        peers.push(p.clone());
+                    }
+                }
+            }
+            status.insert(name.clone(), st);
+        }
+        // Networks written by hand in Istio's meshNetworks, for clusters without a secret.
+        if let Some(Some(cm)) = &self.istio {
+            let text = cm.data.as_ref().and_then(|d| d.get("meshNetworks")).cloned().unwrap_or_default();
+            match MeshNetworks::parse(&text) {
+                Ok(mn) => {
+                    for p in mn.peers(None) {
+                        let overlaps_discovered = peers.iter().any(|q| q.name == p.name);
+                        let local_network = p.pod_cidrs.iter().filter_map(|c| c.parse::<Ipv4Net>().ok()).any(|n| {
+                            self.local_cidrs.iter().flatten().any(|l| l.contains(&n) || n.contains(l))
+                        });
+                        if !overlaps_discovered && !local_network {
+                            status.entry(p.name.clone()).or_default();
+                            peers.push(p);
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "istio ConfigMap: meshNetworks is not valid YAML; ignoring it"),
+            }
+        }
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        let (kept, refused) = resolve::refuse_overlaps(self.local_cidrs.as_deref().unwrap_or_default(), peers);
+        for (name, why) in refused {
+            let st = status.entry(name.clone()).or_default();
+            if st.refused.as_deref() != Some(why.as_str()) {
+                warn!(peer = %name, reason = %why, "peer refused: overlapping CIDRs");
+                self.metrics.refused.get_or_create(&PeerLabel { peer: name.clone() }).inc();
+            }
+            st.refused = Some(why);
+        }
+        (kept, status)
+    }
+
+    async fn publish(&mut self) -> anyhow::Result<()> {
+        if !self.synced() {
+            debug!("not publishing until the local watches have synced");
+            return Ok(());
+        }
+        let (peers, status) = self.desired();
+        self.metrics.observe(&status, peers.len());
+        if !self.leader {
+            return Ok(());
+        }
+        let text = (serde_yaml::to_string(&peers)?, serde_yaml::to_string(&status)?);
+        if self.published.as_ref() == Some(&text) {
+            return Ok(());
+        }
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
+        let data: BTreeMap<String, String> = [(PEERS_KEY.to_string(), text.0.clone()), (STATUS_KEY.to_string(), text.1.clone())].into();
+        match api.get_opt(PEERS_CONFIGMAP).await? {
+            Some(mut cm) => {
+                cm.data = Some(data);
+                api.replace(PEERS_CONFIGMAP, &PostParams::default(), &cm).await?;
+            }
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(PEERS_CONFIGMAP.into()),
+                        namespace: Some(self.opts.namespace.clone()),
+                        labels: Some([("app.kubernetes.io/managed-by".to_string(), "meshnet-controller".to_string())].into()),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(data),
+                    ..ConfigMap::default()
+                };
+                api.create(&PostParams::default(), &cm).await?;
+            }
+        }
+        info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
+        self.metrics.published();
+        self.published = Some(text);
+        Ok(())
+    }
+}
+
+fn hash(s: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+/// One remote cluster: vet its kubeconfig, then watch its nodes, gateway Service and
+/// Endpoints, and probe its API server.
+async fn remote_task(name: String, generation: u64, origin: String, text: String, opts: ControllerOptions, tx: mpsc::Sender<Msg>) {
+    let send = |event: RemoteEvent| {
+        let tx = tx.clone();
+        let name = name.clone();
+        async move { tx.send(Msg::Remote { name, generation, event }).await.is_ok() }
+    };
+    let client = match kubeconfig::vet(&text, &origin) {
+        Ok(kc) => match kubeconfig::client(kc, &origin).await {
+            Ok(c) => c,
+            Err(e) => {
+                send(RemoteEvent::Refused(e.to_string())).await;
+                return;
+            }
+        },
+        Err(e) => {
+            send(RemoteEvent::Refused(e.to_string())).await;
+            return;
+        }
+    };
+    let ns = opts.istio_namespace.as_str();
+    let by_name = format!("metadata.name={}", opts.resolve.gateway_service);
+    let mut nodes = std::pin::pin!(snapshots(Api::<Node>::all(client.clone()), watcher::Config::default()));
+    let mut svcs = std::pin::pin!(snapshots(Api::<Service>::namespaced(client.clone(), ns), watcher::Config::default().fields(&by_name)));
+    let mut eps = std::pin::pin!(snapshots(Api::<Endpoints>::namespaced(client.clone(), ns), watcher::Config::default().fields(&by_name)));
+    let mut view = ClusterView::default();
+    let mut synced = [false; 3];
+    let mut probe = tokio::time::interval(opts.probe_interval);
+    loop {
+        let update = tokio::select! {
+            Some(u) = nodes.next() => match u {
+                Update::Snapshot(s) => { view.nodes = s; synced[0] = true; None }
+                Update::Error(e) => Some(e),
+            },
+            Some(u) = svcs.next() => match u {
+                Update::Snapshot(s) => { view.service = s.into_values().next(); synced[1] = true; None }
+                Update::Error(e) => Some(e),
+            },
+            Some(u) = eps.next() => match u {
+                Update::Snapshot(s) => { view.endpoints = s.into_values().next(); synced[2] = true; None }
+                Update::Error(e) => Some(e),
+            },
+            _ = probe.tick() => {
+                // A watch can hang without an error; a bounded request cannot.
+                let ok = tokio::time::timeout(opts.probe_timeout, client.apiserver_version()).await;
+                let event = match ok {
+                    Ok(Ok(_)) => RemoteEvent::Healthy,
+                    Ok(Err(e)) => RemoteEvent::Failed(format!("API server: {e}")),
+                    Err(_) => RemoteEvent::Failed(format!("API server did not answer within {:?}", opts.probe_timeout)),
+                };
+                if !send(event).await { return; }
+                continue;
+            }
+        };
+        let event = match update {
+            Some(e) => RemoteEvent::Failed(format!("watch: {e}")),
+            None if synced.iter().all(|s| *s) => RemoteEvent::View(Box::new(view.clone())),
+            None => continue,
+        };
+        if !send(event).await {
+            return;
+        }
+    }
+}
+
+/// Takes or renews the controller lease; true while this replica leads.
+async fn renew_lease(client: &Client, opts: &ControllerOptions) -> bool {
+    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
+    const DURATION_SECS: i32 = 15;
+    let api = Api::<Lease>::namespaced(client.clone(), &opts.namespace);
+    let now = Timestamp::now();
+    let result = async {
+        match api.get_opt(LEASE_NAME).await? {
+            None => {
+                let mut lease = Lease::default();
+                lease.metadata.name = Some(LEASE_NAME.into());
+                lease.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(opts.identity.clone()),
+                    lease_duration_seconds: Some(DURATION_SECS),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    ..Default::default()
+                });
+                api.create(&PostParams::default(), &lease).await?;
+                Ok::<bool, kube::Error>(true)
+            }
+            Some(mut lease) => {
+                let spec = lease.spec.get_or_insert_with(Default::default);
+                let ours = spec.holder_identity.as_deref() == Some(opts.identity.as_str());
+                let expired = spec.renew_time.as_ref().is_none_or(|t| {
+                    now.as_second() - t.0.as_second() > i64::from(spec.lease_duration_seconds.unwrap_or(DURATION_SECS))
+                });
+                if !ours && !expired {
+                    return Ok(false);
+                }
+                if !ours {
+                    spec.acquire_time = Some(MicroTime(now));
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                }
+                spec.holder_identity = Some(opts.identity.clone());
+                spec.lease_duration_seconds = Some(DURATION_SECS);
+                spec.renew_time = Some(MicroTime(now));
+                // The resourceVersion in `lease` makes this a compare-and-swap.
+                api.replace(LEASE_NAME, &PostParams::default(), &lease).await?;
+                Ok(true)
+            }
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e| {
+        debug!(error = %e, "lease not taken");
+        false
+    })
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+/// The controller's metrics and probes.
+pub struct ControllerMetrics {
+    registry: prometheus_client::registry::Registry,
+    stale: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::gauge::Gauge>,
+    refused: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::counter::Counter>,
+    peers: prometheus_client::metrics::gauge::Gauge,
+    publish_errors: prometheus_client::metrics::counter::Counter,
+    last_publish: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    stale_names: std::sync::Mutex<BTreeSet<String>>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl ControllerMetrics {
+    fn new() -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("meshnet_controller");
+        let m = Self {
+            registry: prometheus_client::registry::Registry::default(),
+            stale: prometheus_client::metrics::family::Family::default(),
+            refused: prometheus_client::metrics::family::Family::default(),
+            peers: prometheus_client::metrics::gauge::Gauge::default(),
+            publish_errors: prometheus_client::metrics::counter::Counter::default(),
+            last_publish: prometheus_client::metrics::gauge::Gauge::default(),
+            stale_names: std::sync::Mutex::new(BTreeSet::new()),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        };
+        registry.register("peer_stale", "1 while a peer's API server fails and its last known state is served", m.stale.clone());
+        registry.register("peer_refused", "Peers refused (overlapping CIDRs)", m.refused.clone());
+        registry.register("peers", "Peers published", m.peers.clone());
+        registry.register("publish_errors", "Failed writes of the peers object", m.publish_errors.clone());
+        registry.register("last_publish_timestamp_seconds", "Unix time of the last publish", m.last_publish.clone());
+        Self { registry, ..m }
+    }
+
+    fn observe(&self, status: &BTreeMap<String, PeerStatus>, peers: usize) {
+        self.stale.clear();
+        let mut names = BTreeSet::new();
+        for (name, st) in status {
+            self.stale.get_or_create(&PeerLabel { peer: name.clone() }).set(i64::from(st.stale));
+            if st.stale {
+                names.insert(name.clone());
+            }
+        }
+        self.peers.set(i64::try_from(peers).unwrap_or(0));
+        *self.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = names;
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn published(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.last_publish.set(now);
+    }
+
+    async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        use axum::{extract::State, http::StatusCode, routing::get, Router};
+        let app = Router::new()
+            .route(
+                "/metrics",
+                get(|State(m): State<Arc<Self>>| async move {
+                    let mut out = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
+                    out
+                }),
+            )
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(|State(m): State<Arc<Self>>| async move {
+                    let stale = m.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                    if !m.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: local watches not synced\n".to_string())
+                    } else if stale.is_empty() {
+                        (StatusCode::OK, "ready\n".to_string())
+                    } else {
+                        let list = stale.into_iter().collect::<Vec<_>>().join(", ");
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("stale peers: {list}\n"))
+                    }
+                }),
+            )
+            .with_state(self);
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "metrics server stopped");
+        }
+    }
+}

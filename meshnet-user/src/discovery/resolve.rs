@@ -1,0 +1,378 @@
+//! From Kubernetes objects to meshnet peers and Istio `meshNetworks`: the pure part of
+//! discovery, tested without an API server.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{RawGateway, RawPeer};
+
+/// Node annotation that overrides the address a gateway on that node is reached at.
+pub const ADDRESS_ANNOTATION: &str = "meshnet.io/gateway-address";
+/// Remote-secret annotation that overrides a remote cluster's pod CIDRs (comma-separated), for
+/// CNIs that do not use node podCIDRs.
+pub const POD_CIDRS_ANNOTATION: &str = "meshnet.io/pod-cidrs";
+/// Namespace label Istio reads a cluster's network name from.
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// Label of Istio's remote secrets.
+pub const REMOTE_SECRET_LABEL: &str = "istio/multiCluster";
+
+/// Which node address a gateway is reached at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum AddressType {
+    #[default]
+    #[value(name = "InternalIP")]
+    InternalIp,
+    #[value(name = "ExternalIP")]
+    ExternalIp,
+}
+
+impl AddressType {
+    fn kube_name(self) -> &'static str {
+        match self {
+            AddressType::InternalIp => "InternalIP",
+            AddressType::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveOptions {
+    /// The east-west gateway Service, in the Istio namespace.
+    pub gateway_service: String,
+    /// The Service port whose nodePort carries the mesh traffic (Istio's `tls`, 15443).
+    pub gateway_port_name: String,
+    pub address_type: AddressType,
+}
+
+impl Default for ResolveOptions {
+    fn default() -> Self {
+        Self {
+            gateway_service: "istio-eastwestgateway".into(),
+            gateway_port_name: "tls".into(),
+            address_type: AddressType::InternalIp,
+        }
+    }
+}
+
+/// What discovery read from one cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub nodes: BTreeMap<String, Node>,
+    pub service: Option<Service>,
+    pub endpoints: Option<Endpoints>,
+}
+
+/// A cluster's pod CIDRs, gateway NodePort and gateway addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub port: Option<u16>,
+    pub addresses: Vec<Ipv4Addr>,
+    /// Why something could not be resolved.
+    pub problems: Vec<String>,
+}
+
+/// The IPv4 pod CIDRs of all nodes, aggregated.
+#[must_use]
+pub fn node_pod_cidrs<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<Ipv4Net> {
+    let mut nets = Vec::new();
+    for n in nodes {
+        let Some(spec) = &n.spec else { continue };
+        let mut all: Vec<&String> = spec.pod_cidrs.iter().flatten().collect();
+        all.extend(spec.pod_cidr.iter());
+        nets.extend(all.into_iter().filter_map(|c| c.parse::<Ipv4Net>().ok()).map(|n| n.trunc()));
+    }
+    Ipv4Net::aggregate(&nets)
+}
+
+fn node_address(node: &Node, ty: AddressType) -> Option<Ipv4Addr> {
+    if let Some(a) = node.metadata.annotations.as_ref().and_then(|a| a.get(ADDRESS_ANNOTATION)) {
+        return a.parse().ok();
+    }
+    node.status
+        .as_ref()?
+        .addresses
+        .iter()
+        .flatten()
+        .filter(|a| a.type_ == ty.kube_name())
+        .find_map(|a| a.address.parse().ok())
+}
+
+/// Resolves a cluster's gateway and pod CIDRs. `pod_cidrs` overrides the nodes' podCIDRs.
+#[must_use]
+pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ipv4Net]>) -> Resolved {
+    let mut r = Resolved {
+        pod_cidrs: pod_cidrs.map_or_else(|| node_pod_cidrs(view.nodes.values()), <[Ipv4Net]>::to_vec),
+        ..Resolved::default()
+    };
+    if r.pod_cidrs.is_empty() {
+        r.problems.push(format!("no node has an IPv4 podCIDR; set the {POD_CIDRS_ANNOTATION} annotation on the remote secret"));
+    }
+    let Some(svc) = &view.service else {
+        r.problems.push(format!("Service {} not found", opts.gateway_service));
+        return r;
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    r.port = spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(opts.gateway_port_name.as_str()))
+        .and_then(|p| p.node_port)
+        .and_then(|p| u16::try_from(p).ok());
+    if r.port.is_none() {
+        r.problems.push(format!(
+            "Service {} has no nodePort for port {:?} (is it type NodePort?)",
+            opts.gateway_service, opts.gateway_port_name
+        ));
+    }
+    // Nodes where a ready gateway pod runs. With externalTrafficPolicy: Local only those
+    // answer on the NodePort; with Cluster any node would, but a node running the gateway
+    // saves a hop, so meshnet uses those in both cases.
+    let gateway_nodes: BTreeSet<&str> = view
+        .endpoints
+        .iter()
+        .flat_map(|e| e.subsets.iter().flatten())
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter_map(|a| a.node_name.as_deref())
+        .collect();
+    for name in gateway_nodes {
+        match view.nodes.get(name).and_then(|n| node_address(n, opts.address_type)) {
+            Some(a) => r.addresses.push(a),
+            None => r.problems.push(format!("node {name} has no {} address", opts.address_type.kube_name())),
+        }
+    }
+    r.addresses.sort_unstable();
+    r.addresses.dedup();
+    if r.addresses.is_empty() {
+        r.problems.push(format!("no ready endpoint of Service {} on a known node", opts.gateway_service));
+    }
+    r
+}
+
+/// The peer a resolved cluster becomes, or why it cannot be one.
+pub fn peer(name: &str, r: &Resolved) -> Result<RawPeer, String> {
+    let (Some(port), false, false) = (r.port, r.addresses.is_empty(), r.pod_cidrs.is_empty()) else {
+        return Err(r.problems.join("; "));
+    };
+    Ok(RawPeer {
+        name: name.to_string(),
+        pod_cidrs: r.pod_cidrs.iter().map(ToString::to_string).collect(),
+        gateways: r
+            .addresses
+            .iter()
+            .take(meshnet_common::limits::MAX_GATEWAYS)
+            .map(|a| RawGateway { address: a.to_string(), port: u32::from(port), udp_port: None })
+            .collect(),
+    })
+}
+
+/// Drops peers whose CIDRs overlap the local ones, an earlier peer's (by name), or cover
+/// everything. Returns the kept peers and, for each refused one, why.
+#[must_use]
+pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+    let mut claimed: Vec<(Ipv4Net, String)> = local.iter().map(|n| (*n, "the local cluster".to_string())).collect();
+    let mut kept = Vec::new();
+    let mut refused = BTreeMap::new();
+    'peers: for p in peers {
+        let nets: Vec<Ipv4Net> = p.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+        for n in &nets {
+            if n.prefix_len() == 0 {
+                refused.insert(p.name.clone(), format!("claims {n}, all of IPv4"));
+                continue 'peers;
+            }
+            if let Some((o, owner)) = claimed.iter().find(|(o, _)| o.contains(n) || n.contains(o)) {
+                refused.insert(p.name.clone(), format!("claims {n}, which overlaps {o} of {owner}"));
+                continue 'peers;
+            }
+        }
+        claimed.extend(nets.into_iter().map(|n| (n, format!("peer {}", p.name))));
+        kept.push(p);
+    }
+    (kept, refused)
+}
+
+/// Istio's `meshNetworks`, in the shape of the `istio` ConfigMap's key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshNetworks {
+    #[serde(default)]
+    pub networks: BTreeMap<String, Network>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    #[serde(default)]
+    pub endpoints: Vec<NetworkEndpoint>,
+    #[serde(default)]
+    pub gateways: Vec<NetworkGateway>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkEndpoint {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_registry: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_cidr: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkGateway {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_service_name: Option<String>,
+    pub port: u32,
+}
+
+impl MeshNetworks {
+    pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text)
+    }
+
+    /// Peers described by hand-written networks with `fromCidr` endpoints and gateway
+    /// addresses, except `local_network`.
+    #[must_use]
+    pub fn peers(&self, local_network: Option<&str>) -> Vec<RawPeer> {
+        self.networks
+            .iter()
+            .filter(|(name, _)| Some(name.as_str()) != local_network)
+            .filter_map(|(name, net)| {
+                let cidrs: Vec<String> = net.endpoints.iter().filter_map(|e| e.from_cidr.clone()).collect();
+                let gateways: Vec<RawGateway> = net
+                    .gateways
+                    .iter()
+                    .filter_map(|g| Some(RawGateway { address: g.address.clone()?, port: g.port, udp_port: None }))
+                    .collect();
+                (!cidrs.is_empty() && !gateways.is_empty()).then(|| RawPeer { name: name.clone(), pod_cidrs: cidrs, gateways })
+            })
+            .collect()
+    }
+
+    /// Adds or replaces the network of one cluster with its gateways.
+    pub fn set_cluster(&mut self, network: &str, cluster: &str, addresses: &[Ipv4Addr], port: u16) {
+        self.networks.insert(
+            network.to_string(),
+            Network {
+                endpoints: vec![NetworkEndpoint { from_registry: Some(cluster.to_string()), from_cidr: None }],
+                gateways: addresses
+                    .iter()
+                    .map(|a| NetworkGateway { address: Some(a.to_string()), registry_service_name: None, port: u32::from(port) })
+                    .collect(),
+            },
+        );
+    }
+
+    /// The YAML under the `meshNetworks` key, as the seed writes it.
+    #[must_use]
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{EndpointAddress, EndpointSubset, NodeAddress, NodeSpec, NodeStatus, ServicePort, ServiceSpec};
+
+    use super::*;
+
+    fn node(name: &str, ip: &str, cidr: &str) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.spec = Some(NodeSpec { pod_cidr: Some(cidr.into()), pod_cidrs: Some(vec![cidr.into()]), ..NodeSpec::default() });
+        n.status = Some(NodeStatus {
+            addresses: Some(vec![
+                NodeAddress { type_: "InternalIP".into(), address: ip.into() },
+                NodeAddress { type_: "Hostname".into(), address: name.into() },
+            ]),
+            ..NodeStatus::default()
+        });
+        n
+    }
+
+    fn view() -> ClusterView {
+        let mut svc = Service::default();
+        svc.spec = Some(ServiceSpec {
+            ports: Some(vec![
+                ServicePort { name: Some("status-port".into()), port: 15021, node_port: Some(30021), ..ServicePort::default() },
+                ServicePort { name: Some("tls".into()), port: 15443, node_port: Some(32361), ..ServicePort::default() },
+            ]),
+            ..ServiceSpec::default()
+        });
+        let mut ep = Endpoints::default();
+        ep.subsets = Some(vec![EndpointSubset {
+            addresses: Some(vec![EndpointAddress { ip: "10.245.0.10".into(), node_name: Some("n2".into()), ..EndpointAddress::default() }]),
+            ..EndpointSubset::default()
+        }]);
+        ClusterView {
+            nodes: [("n2".into(), node("n2", "10.20.144.165", "10.245.0.0/24")), ("n3".into(), node("n3", "10.20.144.166", "10.245.1.0/24"))]
+                .into(),
+            service: Some(svc),
+            endpoints: Some(ep),
+        }
+    }
+
+    #[test]
+    fn resolves_gateway_node_nodeport_and_aggregated_cidrs() {
+        let r = resolve(&view(), &ResolveOptions::default(), None);
+        assert_eq!(r.port, Some(32361));
+        assert_eq!(r.addresses, ["10.20.144.165".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(r.pod_cidrs, ["10.245.0.0/23".parse::<Ipv4Net>().unwrap()]);
+        let p = peer("cluster2", &r).unwrap();
+        assert_eq!(p.gateways, [RawGateway { address: "10.20.144.165".into(), port: 32361, udp_port: None }]);
+    }
+
+    #[test]
+    fn annotation_overrides_the_address() {
+        let mut v = view();
+        v.nodes.get_mut("n2").unwrap().metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), "192.0.2.99".to_string())].into());
+        assert_eq!(resolve(&v, &ResolveOptions::default(), None).addresses, ["192.0.2.99".parse::<Ipv4Addr>().unwrap()]);
+        let ext = ResolveOptions { address_type: AddressType::ExternalIp, ..ResolveOptions::default() };
+        let r = resolve(&view(), &ext, None);
+        assert!(r.addresses.is_empty());
+        assert!(peer("c", &r).unwrap_err().contains("no ExternalIP address"));
+    }
+
+    #[test]
+    fn missing_service_or_port_is_explained() {
+        let mut v = view();
+        v.service = None;
+        assert!(peer("c", &resolve(&v, &ResolveOptions::default(), None)).unwrap_err().contains("Service istio-eastwestgateway not found"));
+        let other = ResolveOptions { gateway_port_name: "mtls".into(), ..ResolveOptions::default() };
+        assert!(peer("c", &resolve(&view(), &other, None)).unwrap_err().contains("no nodePort for port \"mtls\""));
+    }
+
+    #[test]
+    fn overlapping_and_default_routes_are_refused() {
+        let p = |name: &str, cidr: &str| RawPeer { name: name.into(), pod_cidrs: vec![cidr.into()], gateways: vec![] };
+        let (kept, refused) = refuse_overlaps(
+            &["10.244.0.0/16".parse().unwrap()],
+            vec![p("a", "10.245.0.0/16"), p("b", "10.245.1.0/24"), p("c", "10.244.5.0/24"), p("d", "0.0.0.0/0"), p("e", "10.246.0.0/16")],
+        );
+        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a", "e"]);
+        assert_eq!(refused["b"], "claims 10.245.1.0/24, which overlaps 10.245.0.0/16 of peer a");
+        assert_eq!(refused["c"], "claims 10.244.5.0/24, which overlaps 10.244.0.0/16 of the local cluster");
+        assert_eq!(refused["d"], "claims 0.0.0.0/0, all of IPv4");
+    }
+
+    #[test]
+    fn mesh_networks_round_trip_and_peers() {
+        let seed = "networks:\n  network1:\n    endpoints:\n      - fromRegistry: cluster1\n    gateways:\n      - address: 10.20.144.83\n        port: 31674\n  network3:\n    endpoints:\n      - fromCidr: 10.250.0.0/16\n    gateways:\n      - address: 10.20.144.170\n        port: 30443\n";
+        let m = MeshNetworks::parse(seed).unwrap();
+        assert_eq!(MeshNetworks::parse(&m.to_yaml()).unwrap(), m);
+        let peers = m.peers(Some("network1"));
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].name, "network3");
+        assert_eq!(peers[0].pod_cidrs, ["10.250.0.0/16"]);
+    }
+}

@@ -1,0 +1,79 @@
+//! `meshnet agent --kube`: the agent's side of discovery. It watches only the published
+//! `meshnet-peers` ConfigMap and its own Node (for the local pod CIDRs), never a Secret, and
+//! hands what it sees to the agent, which merges it with the static config.
+
+use std::path::PathBuf;
+
+use futures::StreamExt as _;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::{runtime::watcher, Api};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::{
+    controller::{parse_published, PEERS_CONFIGMAP},
+    resolve,
+    watch::{snapshots, Update},
+};
+use crate::config::RawPeer;
+
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub kubeconfig: Option<PathBuf>,
+    /// meshnet's namespace, where the controller publishes.
+    pub namespace: String,
+    /// This node's name, for its pod CIDRs (the downward API gives it as NODE_NAME).
+    pub node_name: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum ApiUpdate {
+    /// The published peers (after the watch synced; empty when nothing is published).
+    Peers(Vec<RawPeer>),
+    /// This node's pod CIDRs.
+    NodeCidrs(Vec<Ipv4Net>),
+    /// A watch failed; the agent keeps what it has.
+    Error(String),
+}
+
+/// Starts the watches; updates arrive on `tx`. Connecting fails only on a bad kubeconfig:
+/// an unreachable API server just means no updates (the datapath keeps its state).
+pub async fn spawn(opts: SourceOptions, tx: mpsc::Sender<ApiUpdate>) -> anyhow::Result<()> {
+    let client = super::local_client(opts.kubeconfig.as_deref()).await?;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &opts.namespace);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={PEERS_CONFIGMAP}"));
+    let ptx = tx.clone();
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(snapshots(cms, cfg));
+        while let Some(u) = s.next().await {
+            let msg = match u {
+                Update::Snapshot(m) => ApiUpdate::Peers(m.values().next().map(|cm| parse_published(cm).0).unwrap_or_default()),
+                Update::Error(e) => ApiUpdate::Error(format!("watching {PEERS_CONFIGMAP}: {e}")),
+            };
+            if ptx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    match opts.node_name {
+        Some(node) => {
+            let nodes = Api::<Node>::all(client);
+            let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+            tokio::spawn(async move {
+                let mut s = std::pin::pin!(snapshots(nodes, cfg));
+                while let Some(u) = s.next().await {
+                    let msg = match u {
+                        Update::Snapshot(m) => ApiUpdate::NodeCidrs(resolve::node_pod_cidrs(m.values())),
+                        Update::Error(e) => ApiUpdate::Error(format!("watching node {node}: {e}")),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        None => warn!("no --node-name (or NODE_NAME): the local pod CIDRs come from the config file only"),
+    }
+    Ok(())
+}

@@ -1,0 +1,880 @@
+//! `meshnet doctor`: checks that this node can run meshnet, one line per check, with a fix
+//! for each problem.
+//!
+//! Each check's verdict is a pure function of what was read (kernel release, `CapEff`,
+//! `iptables-save` text, probe results), so that the judgement is unit-tested; [`run`] does
+//! the reading. Kernel problems point at docs/kernel-upgrade.md.
+
+use std::{
+    fmt::{self, Write as _},
+    net::Ipv4Addr,
+    path::Path,
+    process::Command,
+};
+
+use aya::{maps::MapType, programs::ProgramType};
+use ipnet::Ipv4Net;
+use meshnet_common::names;
+use serde::Serialize;
+
+use crate::{config::Config, datapath, pins::Pins};
+
+const KERNEL_DOC: &str = "see docs/kernel-upgrade.md";
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Info,
+    Warn,
+    Fail,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Level::Ok => "OK",
+            Level::Info => "INFO",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        })
+    }
+}
+
+/// One check: what was looked at, how it came out, and how to fix a problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub level: Level,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn new(name: impl Into<String>, level: Level, detail: impl Into<String>) -> Self {
+        Self { name: name.into(), level, detail: detail.into(), fix: None }
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+/// Renders the checks, one line each (a problem's fix on the next line), and a summary.
+#[must_use]
+pub fn render(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let _ = writeln!(out, "{:<4}  {}: {}", c.level, c.name, c.detail);
+        if let Some(fix) = &c.fix {
+            let _ = writeln!(out, "      fix: {fix}");
+        }
+    }
+    let count = |l: Level| checks.iter().filter(|c| c.level == l).count();
+    let _ = writeln!(
+        out,
+        "{} ok, {} info, {} warnings, {} failures",
+        count(Level::Ok),
+        count(Level::Info),
+        count(Level::Warn),
+        count(Level::Fail)
+    );
+    out
+}
+
+/// Whether any check failed (the exit status is then non-zero).
+#[must_use]
+pub fn failed(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.level == Level::Fail)
+}
+
+/// Runs every check. With `config`, also checks the config and what it refers to on this
+/// node.
+#[must_use]
+pub fn run(pins: &Pins, config: Option<&Path>) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string());
+    let kernel = release.as_ref().ok().and_then(|r| KernelRelease::parse(r));
+    checks.push(match &release {
+        Ok(r) => kernel_check(r),
+        Err(e) => Check::new("kernel version", Level::Warn, format!("cannot read /proc/sys/kernel/osrelease: {e}")),
+    });
+    checks.push(btf_check(Path::new("/sys/kernel/btf/vmlinux").exists()));
+    for (what, ty, since) in [
+        ("LPM trie (remote CIDRs)", MapType::LpmTrie, "4.11"),
+        ("LRU hash (flow state)", MapType::LruHash, "4.10"),
+        ("hash (peers)", MapType::Hash, "3.19"),
+        ("per-CPU array (counters)", MapType::PerCpuArray, "4.6"),
+    ] {
+        let r = aya::sys::is_map_supported(ty).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+        checks.push(probe_check(&format!("map type {what}"), since, r));
+    }
+    let r = aya::sys::is_program_supported(ProgramType::SchedClassifier)
+        .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+    checks.push(probe_check("program type SchedClassifier (tc)", "4.1", r));
+    checks.push(attach_check(kernel));
+    checks.push(bpffs_check(pins));
+    checks.push(pins_check(pins));
+    let status = std::fs::read_to_string("/proc/self/status").ok();
+    checks.push(caps_check(status.as_deref().and_then(parse_cap_eff), kernel));
+    if let Some(path) = config {
+        config_checks(path, &mut checks);
+    }
+    checks
+}
+
+/// A kernel release, as in `uname -r`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelRelease {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl KernelRelease {
+    #[must_use]
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
+        Self { major, minor, patch }
+    }
+
+    /// Parses the leading `MAJOR.MINOR[.PATCH]` of a release such as `6.1.0-18-amd64` or
+    /// `3.10.0-862.el7.x86_64`.
+    #[must_use]
+    pub fn parse(release: &str) -> Option<Self> {
+        let mut parts = release.trim().splitn(3, '.');
+        let num = |s: Option<&str>| -> Option<u32> {
+            let s = s?;
+            let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            s[..end].parse().ok()
+        };
+        let major = num(parts.next())?;
+        let minor = num(parts.next())?;
+        let patch = num(parts.next()).unwrap_or(0);
+        Some(Self { major, minor, patch })
+    }
+}
+
+impl fmt::Display for KernelRelease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// The oldest kernel meshnet runs on: clsact with direct action (4.5), LPM trie (4.11),
+/// LRU hash (4.10), bounded loops (5.3); 5.4 is the first LTS with all of them.
+pub const MIN_KERNEL: KernelRelease = KernelRelease::new(5, 4, 0);
+/// tcx links.
+pub const TCX_KERNEL: KernelRelease = KernelRelease::new(6, 6, 0);
+/// `CAP_BPF` and `CAP_PERFMON`.
+pub const CAP_BPF_KERNEL: KernelRelease = KernelRelease::new(5, 8, 0);
+
+#[must_use]
+pub fn kernel_check(release: &str) -> Check {
+    const NAME: &str = "kernel version";
+    let Some(k) = KernelRelease::parse(release) else {
+        return Check::new(NAME, Level::Warn, format!("cannot parse the kernel release {release:?}"))
+            .fix(format!("check by hand that the kernel is 5.4 or newer; {KERNEL_DOC}"));
+    };
+    if k < MIN_KERNEL {
+        let why = if k.major < 4 {
+            format!(
+                "{release} is far older than 5.4: meshnet needs tc clsact direct-action programs, LPM-trie and \
+                 LRU-hash maps and bounded loops (5.3), none of which a 3.x kernel (such as CentOS 7's 3.10) has, \
+                 so it cannot run meshnet at all"
+            )
+        } else {
+            format!(
+                "{release} is older than 5.4: meshnet's programs use bounded loops (5.3) and LPM-trie and LRU-hash \
+                 maps; 5.4 is the oldest kernel it supports"
+            )
+        };
+        return Check::new(NAME, Level::Fail, why)
+            .fix(format!("upgrade the node's kernel to 5.4 or newer (6.6 or newer for tcx links); {KERNEL_DOC}"));
+    }
+    Check::new(NAME, Level::Ok, format!("{release} (5.4 or newer)"))
+}
+
+#[must_use]
+pub fn btf_check(present: bool) -> Check {
+    const NAME: &str = "kernel BTF";
+    if present {
+        Check::new(NAME, Level::Ok, "/sys/kernel/btf/vmlinux present (meshnet does not need it)")
+    } else {
+        Check::new(
+            NAME,
+            Level::Info,
+            "/sys/kernel/btf/vmlinux absent; meshnet does not need it (its object has no CO-RE relocations)",
+        )
+    }
+}
+
+/// A feature probe's outcome: `Ok(supported)` or why probing failed.
+#[must_use]
+pub fn probe_check(name: &str, since: &str, probed: Result<bool, String>) -> Check {
+    match probed {
+        Ok(true) => Check::new(name, Level::Ok, "supported"),
+        Ok(false) => Check::new(name, Level::Fail, format!("not supported by this kernel (it came in {since})"))
+            .fix(format!("use a kernel of 5.4 or newer built with CONFIG_BPF_SYSCALL and CONFIG_NET_CLS_BPF; {KERNEL_DOC}")),
+        Err(e) => Check::new(name, Level::Warn, format!("could not probe: {e}"))
+            .fix("run `meshnet doctor` as root, or with the capabilities the agent gets, so that it can create test maps and programs"),
+    }
+}
+
+/// Which attach path `--attach-mode auto` takes on this kernel.
+#[must_use]
+pub fn attach_check(kernel: Option<KernelRelease>) -> Check {
+    const NAME: &str = "attach path";
+    match kernel {
+        Some(k) if k >= TCX_KERNEL => Check::new(
+            NAME,
+            Level::Ok,
+            "tcx links (kernel 6.6 or newer); `--attach-mode auto` falls back to netlink clsact filters if tcx is refused",
+        ),
+        Some(_) => Check::new(
+            NAME,
+            Level::Info,
+            "netlink clsact filters: tcx needs kernel 6.6; meshnet supports both paths, and a restart replaces its filter in place",
+        ),
+        None => Check::new(NAME, Level::Info, "unknown kernel: `--attach-mode auto` tries tcx, then netlink clsact filters"),
+    }
+}
+
+/// Whether the pin directory (or, before the agent creates it, its nearest existing
+/// ancestor) is on a bpffs.
+#[must_use]
+pub fn bpffs_check(pins: &Pins) -> Check {
+    let root = pins.root();
+    let Some(probe) = root.ancestors().find(|a| a.exists()) else {
+        return bpffs_verdict(root, root, Err("no part of the path exists".into()));
+    };
+    bpffs_verdict(root, probe, crate::pins::is_bpffs(probe).map_err(|e| format!("{e:#}")))
+}
+
+#[must_use]
+pub fn bpffs_verdict(root: &Path, probed: &Path, is_bpffs: Result<bool, String>) -> Check {
+    const NAME: &str = "bpffs";
+    let at = if probed == root {
+        root.display().to_string()
+    } else {
+        format!("{} (checked at {}, the nearest existing directory)", root.display(), probed.display())
+    };
+    let fix = format!(
+        "`mount -t bpf bpf /sys/fs/bpf` (persistently: `bpffs /sys/fs/bpf bpf defaults 0 0` in /etc/fstab; in a pod, \
+         mount the host's /sys/fs/bpf), or pass --pin-path DIR on a bpffs; {KERNEL_DOC}"
+    );
+    match is_bpffs {
+        Ok(true) => Check::new(NAME, Level::Ok, format!("{at} is on a bpffs")),
+        Ok(false) => Check::new(
+            NAME,
+            Level::Fail,
+            format!("{at} is not on a bpffs: pinned maps and links could not outlive the agent, which refuses to start"),
+        )
+        .fix(fix),
+        Err(e) => Check::new(NAME, Level::Fail, format!("cannot check {at}: {e}")).fix(fix),
+    }
+}
+
+/// Which of meshnet's maps are pinned (informational: an agent has run with this
+/// --pin-path).
+#[must_use]
+pub fn pins_check(pins: &Pins) -> Check {
+    let present: Vec<&str> = names::ALL_MAPS.iter().copied().filter(|n| pins.map(n).exists()).collect();
+    pins_verdict(&pins.maps_dir(), &present)
+}
+
+#[must_use]
+pub fn pins_verdict(maps_dir: &Path, present: &[&str]) -> Check {
+    const NAME: &str = "pinned maps";
+    let all = names::ALL_MAPS.len();
+    if present.len() == all {
+        Check::new(NAME, Level::Ok, format!("all {all} maps pinned under {}", maps_dir.display()))
+    } else if present.is_empty() {
+        Check::new(
+            NAME,
+            Level::Info,
+            format!("none under {}: no agent has run with this --pin-path yet", maps_dir.display()),
+        )
+    } else {
+        let missing: Vec<&str> = names::ALL_MAPS.iter().copied().filter(|n| !present.contains(n)).collect();
+        Check::new(
+            NAME,
+            Level::Warn,
+            format!("{} of {all} maps pinned under {}; missing {}", present.len(), maps_dir.display(), missing.join(", ")),
+        )
+        .fix("restart the agent, which pins the maps it misses (or run `meshnet detach` and start it again)")
+    }
+}
+
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// The `CapEff` mask of a `/proc/PID/status` text.
+#[must_use]
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+#[must_use]
+pub fn caps_check(cap_eff: Option<u64>, kernel: Option<KernelRelease>) -> Check {
+    const NAME: &str = "capabilities";
+    let fix = "run the agent as root, or grant it CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (CAP_SYS_ADMIN and \
+               CAP_NET_ADMIN on kernels before 5.8), e.g. securityContext.capabilities.add: [BPF, NET_ADMIN, PERFMON]; \
+               doctor checks its own capabilities, so run it the way the agent runs";
+    let Some(mask) = cap_eff else {
+        return Check::new(NAME, Level::Warn, "cannot read CapEff from /proc/self/status").fix(fix);
+    };
+    let has = |c: u32| mask & (1u64 << c) != 0;
+    let present: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .iter()
+    .filter(|(c, _)| has(*c))
+    .map(|(_, n)| *n)
+    .collect();
+    let shown = if present.is_empty() { "none of CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN".into() } else { present.join(", ") };
+    let detail = format!("effective: {shown} (CapEff {mask:016x})");
+    let (sys, bpf, net, perf) = (has(CAP_SYS_ADMIN), has(CAP_BPF), has(CAP_NET_ADMIN), has(CAP_PERFMON));
+    if !(sys || bpf && net) {
+        return Check::new(
+            NAME,
+            Level::Fail,
+            format!("{detail}: loading programs needs CAP_SYS_ADMIN, or CAP_BPF with CAP_NET_ADMIN"),
+        )
+        .fix(fix);
+    }
+    if !sys && kernel.is_some_and(|k| k < CAP_BPF_KERNEL) {
+        return Check::new(
+            NAME,
+            Level::Fail,
+            format!("{detail}: kernels before 5.8 have no CAP_BPF, so loading programs needs CAP_SYS_ADMIN"),
+        )
+        .fix(fix);
+    }
+    if !net {
+        return Check::new(
+            NAME,
+            Level::Warn,
+            format!("{detail}: without CAP_NET_ADMIN, netlink tc filters (kernels before 6.6, --attach-mode netlink) cannot be attached"),
+        )
+        .fix(fix);
+    }
+    if !sys && !perf {
+        // Seen on 6.18: "pointer arithmetic with it prohibited for !root" on meshnet_from_pod.
+        return Check::new(
+            NAME,
+            Level::Fail,
+            format!(
+                "{detail}: without CAP_PERFMON (or CAP_SYS_ADMIN) the verifier forbids the packet-pointer arithmetic \
+                 meshnet's programs do and refuses them"
+            ),
+        )
+        .fix(fix);
+    }
+    Check::new(NAME, Level::Ok, detail)
+}
+
+fn config_checks(path: &Path, checks: &mut Vec<Check>) {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            checks.push(
+                Check::new("config", Level::Fail, e.to_string().replace('\n', " "))
+                    .fix(format!("correct the fields named above; `meshnet check --config {}` validates without touching anything", path.display())),
+            );
+            return;
+        }
+    };
+    checks.push(Check::new(
+        "config",
+        Level::Ok,
+        format!(
+            "{} is valid: cluster {}, {} peers, {} routes",
+            path.display(),
+            cfg.cluster,
+            cfg.peers.len(),
+            cfg.desired().routes.len()
+        ),
+    ));
+    let mut matched = std::collections::BTreeSet::new();
+    for pattern in &cfg.interfaces {
+        let found = datapath::matching_interfaces(std::slice::from_ref(pattern)).map_err(|e| format!("{e:#}"));
+        if let Ok(f) = &found {
+            matched.extend(f.iter().cloned());
+        }
+        checks.push(interfaces_check(pattern, found.map(|f| f.into_iter().collect())));
+    }
+    let bridges: Vec<String> =
+        matched.iter().filter(|i| Path::new("/sys/class/net").join(i).join("bridge").exists()).cloned().collect();
+    if !matched.is_empty() {
+        let br_netfilter = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists();
+        checks.push(bridge_check(&bridges, br_netfilter));
+    }
+    let gateways: Vec<Ipv4Addr> = cfg.peers.iter().flat_map(|p| p.gateways.iter().map(|g| g.address)).collect();
+    checks.push(masquerade_check(iptables_nat_rules(), &cfg.pod_cidrs, &gateways));
+}
+
+/// One `interfaces` pattern and the interfaces it matches in this network namespace.
+#[must_use]
+pub fn interfaces_check(pattern: &str, found: Result<Vec<String>, String>) -> Check {
+    let name = format!("interfaces {pattern:?}");
+    match found {
+        Err(e) => Check::new(name, Level::Fail, e).fix("correct the pattern in `interfaces`"),
+        Ok(f) if f.is_empty() => Check::new(
+            name,
+            Level::Warn,
+            "matches no interface in this network namespace (if no pods run on this node yet, that is expected: the \
+             agent rescans every --rescan-seconds)",
+        )
+        .fix(
+            "list the pods' host-side interfaces with `ip -o link` and match those (`veth*` for bridge CNIs such as \
+             flannel, `cali*` for Calico, `lxc*` for Cilium)",
+        ),
+        Ok(f) => {
+            const SHOWN: usize = 5;
+            let more = if f.len() > SHOWN { format!(" and {} more", f.len() - SHOWN) } else { String::new() };
+            let list: Vec<&str> = f.iter().take(SHOWN).map(String::as_str).collect();
+            Check::new(name, Level::Ok, format!("matches {}: {}{more}", f.len(), list.join(", ")))
+        }
+    }
+}
+
+/// Matched interfaces that are bridges.
+#[must_use]
+pub fn bridge_check(bridges: &[String], br_netfilter: bool) -> Check {
+    const NAME: &str = "bridges";
+    if bridges.is_empty() {
+        return Check::new(NAME, Level::Ok, "no matched interface is a bridge");
+    }
+    let loaded = if br_netfilter { "br_netfilter is loaded here" } else { "Kubernetes nodes load br_netfilter" };
+    Check::new(
+        NAME,
+        Level::Warn,
+        format!(
+            "{} matched but {} a bridge: {loaded}, so conntrack tracks a pod's packet on the bridge before the bridge \
+             device's tc hook could rewrite it",
+            bridges.join(", "),
+            if bridges.len() == 1 { "is" } else { "are" }
+        ),
+    )
+    .fix("match the pods' host-side veths (e.g. `veth*` for a cni0 bridge) instead of the bridge; see README.md, \"Running the agent\"")
+}
+
+/// The nat table as `iptables-save -t nat` prints it, also from the legacy backend when
+/// iptables-nft says it has tables. `None`: iptables-save is not installed.
+fn iptables_nat_rules() -> Option<Result<String, String>> {
+    let run = |cmd: &str| -> Option<Result<String, String>> {
+        match Command::new(cmd).args(["-t", "nat"]).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(Err(format!("{cmd}: {e}"))),
+            Ok(o) if !o.status.success() => {
+                Some(Err(format!("{cmd} -t nat: {}", String::from_utf8_lossy(&o.stderr).trim())))
+            }
+            Ok(o) => Some(Ok(format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))),
+        }
+    };
+    let mut text = run("iptables-save")?;
+    if let Ok(t) = &mut text {
+        if t.contains("iptables-legacy tables present") {
+            if let Some(Ok(legacy)) = run("iptables-legacy-save") {
+                t.push_str(&legacy);
+            }
+        }
+    }
+    Some(text)
+}
+
+/// MASQUERADE and SNAT rules of an `iptables-save` nat table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Masquerade {
+    /// Rules that can apply to pod traffic leaving for a peer's gateways.
+    pub pod_rules: Vec<String>,
+    /// Rules that cannot: for other sources or destinations, or only for marked packets
+    /// (kube-proxy's service masquerade).
+    pub other_rules: Vec<String>,
+}
+
+/// Splits an iptables-save rule into words, keeping quoted comments whole.
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => cur.extend(chars.next()),
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn net_of(s: &str) -> Option<Ipv4Net> {
+    s.parse::<Ipv4Net>().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Finds the rules of an `iptables-save -t nat` text that give pod traffic leaving for the
+/// gateways the node's address: MASQUERADE or SNAT whose source match (if any) covers the
+/// pod CIDRs and whose destination match (if any) covers a gateway. An empty `pod_cidrs`
+/// or `gateways` does not restrict.
+#[must_use]
+pub fn find_masquerade(iptables_save: &str, pod_cidrs: &[Ipv4Net], gateways: &[Ipv4Addr]) -> Masquerade {
+    let mut m = Masquerade::default();
+    // Chains that return every unmarked packet early (kube-proxy's KUBE-POSTROUTING:
+    // `-m mark ! --mark 0x4000/0x4000 -j RETURN`): their later rules see marked packets only.
+    let mut mark_gated = std::collections::HashSet::new();
+    for line in iptables_save.lines() {
+        let line = line.trim();
+        if !line.starts_with("-A ") {
+            continue;
+        }
+        let w = words(line);
+        let chain = w.get(1).cloned().unwrap_or_default();
+        let target = w.iter().position(|x| x == "-j" || x == "--jump").and_then(|i| w.get(i + 1));
+        let negated_mark = w.windows(2).any(|p| p[0] == "!" && p[1] == "--mark");
+        if target.is_some_and(|t| t == "RETURN") && negated_mark {
+            mark_gated.insert(chain.clone());
+        }
+        if !matches!(target.map(String::as_str), Some("MASQUERADE" | "SNAT")) {
+            continue;
+        }
+        let mut applies = !mark_gated.contains(&chain);
+        let mut negate = false;
+        let mut i = 0;
+        while i < w.len() {
+            let opt = w[i].as_str();
+            let value = w.get(i + 1).map(String::as_str).unwrap_or_default();
+            match opt {
+                "!" => {
+                    negate = true;
+                    i += 1;
+                    continue;
+                }
+                "-s" | "--source" => {
+                    if let Some(net) = net_of(value) {
+                        let ok = if negate {
+                            // Excludes a source: fine unless it excludes every pod CIDR.
+                            pod_cidrs.is_empty() || !pod_cidrs.iter().all(|p| net.contains(p))
+                        } else {
+                            pod_cidrs.is_empty() || pod_cidrs.iter().any(|p| overlaps(net, *p))
+                        };
+                        applies &= ok;
+                    }
+                }
+                "-d" | "--destination" => {
+                    if let Some(net) = net_of(value) {
+                        let ok = gateways.is_empty() || gateways.iter().any(|g| net.contains(g) != negate);
+                        applies &= ok;
+                    }
+                }
+                // Only packets kube-proxy marked for a service, never a pod's own traffic.
+                "--mark" if !negate => applies = false,
+                _ => {}
+            }
+            negate = false;
+            i += 1;
+        }
+        if applies {
+            m.pod_rules.push(line.to_string());
+        } else {
+            m.other_rules.push(line.to_string());
+        }
+    }
+    m
+}
+
+/// Whether pod traffic leaving the node is masqueraded. `rules`: `None` when iptables-save
+/// is not installed.
+#[must_use]
+pub fn masquerade_check(rules: Option<Result<String, String>>, pod_cidrs: &[Ipv4Net], gateways: &[Ipv4Addr]) -> Check {
+    const NAME: &str = "masquerade";
+    let cidrs = if pod_cidrs.is_empty() {
+        "POD_CIDR".to_string()
+    } else {
+        pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    };
+    let why = "the peer's gateway replies to the packet's source address, and a pod address is not routable from \
+               the peer's network: translated packets must leave with the node's address";
+    let fix = format!(
+        "make sure the CNI masquerades pod traffic leaving the cluster (flannel: --ip-masq; Calico: natOutgoing on the \
+         IP pool), or add `iptables -t nat -A POSTROUTING -s {cidrs} ! -d {cidrs} -j MASQUERADE`"
+    );
+    let text = match rules {
+        None => {
+            return Check::new(NAME, Level::Warn, format!("iptables-save not found, so this was not checked; {why}"))
+                .fix(fix)
+        }
+        Some(Err(e)) => return Check::new(NAME, Level::Warn, format!("could not read the nat table: {e}; {why}")).fix(fix),
+        Some(Ok(t)) => t,
+    };
+    let m = find_masquerade(&text, pod_cidrs, gateways);
+    if let Some(rule) = m.pod_rules.first() {
+        let more = if m.pod_rules.len() > 1 { format!(" (and {} more)", m.pod_rules.len() - 1) } else { String::new() };
+        return Check::new(NAME, Level::Ok, format!("pod traffic leaving the node is masqueraded: `{rule}`{more}"));
+    }
+    let seen = if m.other_rules.is_empty() {
+        "no MASQUERADE or SNAT rule in the nat table".to_string()
+    } else {
+        format!(
+            "{} MASQUERADE/SNAT rule(s) in the nat table, none for pod sources {cidrs} towards the gateways (e.g. `{}`)",
+            m.other_rules.len(),
+            m.other_rules[0]
+        )
+    };
+    Check::new(NAME, Level::Warn, format!("{seen}; {why}")).fix(fix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(KernelRelease::parse("6.18.0-1-amd64"), Some(KernelRelease::new(6, 18, 0)));
+        assert_eq!(KernelRelease::parse("3.10.0-862.el7.x86_64"), Some(KernelRelease::new(3, 10, 0)));
+        assert_eq!(KernelRelease::parse("5.4"), Some(KernelRelease::new(5, 4, 0)));
+        assert_eq!(KernelRelease::parse("5.15.0-91-generic\n"), Some(KernelRelease::new(5, 15, 0)));
+        assert_eq!(KernelRelease::parse("6.1.55+"), Some(KernelRelease::new(6, 1, 55)));
+        assert_eq!(KernelRelease::parse("6.8-rc1"), Some(KernelRelease::new(6, 8, 0)));
+        assert_eq!(KernelRelease::parse("linux"), None);
+        assert_eq!(KernelRelease::parse("6"), None);
+        assert!(KernelRelease::new(5, 10, 0) > KernelRelease::new(5, 4, 200));
+    }
+
+    #[test]
+    fn kernel_versions_are_judged() {
+        let c = kernel_check("3.10.0-862.el7.x86_64");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("cannot run meshnet at all"), "{}", c.detail);
+        assert!(c.fix.unwrap().contains("docs/kernel-upgrade.md"));
+        let c = kernel_check("4.19.0-25-amd64");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("bounded loops"));
+        assert_eq!(kernel_check("5.4.0-42-generic").level, Level::Ok);
+        assert_eq!(kernel_check("6.18.0").level, Level::Ok);
+        assert_eq!(kernel_check("weird").level, Level::Warn);
+    }
+
+    #[test]
+    fn the_attach_path_follows_the_kernel() {
+        let c = attach_check(Some(KernelRelease::new(6, 6, 0)));
+        assert_eq!(c.level, Level::Ok);
+        assert!(c.detail.starts_with("tcx"));
+        let c = attach_check(Some(KernelRelease::new(6, 1, 0)));
+        assert_eq!(c.level, Level::Info);
+        assert!(c.detail.starts_with("netlink clsact") && c.detail.contains("6.6"));
+    }
+
+    #[test]
+    fn btf_is_never_a_problem() {
+        assert_eq!(btf_check(true).level, Level::Ok);
+        assert_eq!(btf_check(false).level, Level::Info);
+    }
+
+    #[test]
+    fn probes_map_to_levels() {
+        assert_eq!(probe_check("map type LPM trie", "4.11", Ok(true)).level, Level::Ok);
+        let c = probe_check("map type LPM trie", "4.11", Ok(false));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.fix.unwrap().contains("docs/kernel-upgrade.md"));
+        assert_eq!(probe_check("x", "4.1", Err("EPERM".into())).level, Level::Warn);
+    }
+
+    #[test]
+    fn parses_cap_eff() {
+        let status = "Name:\tmeshnet\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(parse_cap_eff(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(parse_cap_eff("CapEff:\t0000000000000000\n"), Some(0));
+        assert_eq!(parse_cap_eff("Name: x\n"), None);
+        assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
+    }
+
+    fn mask(caps: &[u32]) -> u64 {
+        caps.iter().fold(0, |m, c| m | 1 << c)
+    }
+
+    #[test]
+    fn capabilities_are_judged() {
+        let new = Some(KernelRelease::new(6, 6, 0));
+        let old = Some(KernelRelease::new(5, 4, 0));
+        assert_eq!(caps_check(Some(0x1ff_ffff_ffff), new).level, Level::Ok);
+        assert_eq!(caps_check(Some(mask(&[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON])), new).level, Level::Ok);
+        assert_eq!(caps_check(Some(mask(&[CAP_SYS_ADMIN, CAP_NET_ADMIN])), old).level, Level::Ok);
+        let c = caps_check(Some(0), new);
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("none of"));
+        assert!(c.fix.is_some());
+        assert_eq!(caps_check(Some(mask(&[CAP_BPF, CAP_PERFMON])), new).level, Level::Fail);
+        // CAP_BPF does not exist before 5.8.
+        assert_eq!(caps_check(Some(mask(&[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON])), old).level, Level::Fail);
+        // SYS_ADMIN alone loads programs but cannot add netlink filters.
+        assert_eq!(caps_check(Some(mask(&[CAP_SYS_ADMIN])), new).level, Level::Warn);
+        // Without CAP_PERFMON the verifier refuses meshnet_from_pod.
+        assert_eq!(caps_check(Some(mask(&[CAP_BPF, CAP_NET_ADMIN])), new).level, Level::Fail);
+        assert_eq!(caps_check(Some(mask(&[CAP_SYS_ADMIN, CAP_NET_ADMIN])), new).level, Level::Ok);
+        assert_eq!(caps_check(None, new).level, Level::Warn);
+    }
+
+    #[test]
+    fn bpffs_and_pins_verdicts() {
+        let root = Path::new("/sys/fs/bpf/meshnet");
+        assert_eq!(bpffs_verdict(root, root, Ok(true)).level, Level::Ok);
+        let c = bpffs_verdict(root, Path::new("/sys/fs/bpf"), Ok(false));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("checked at /sys/fs/bpf"));
+        assert!(c.fix.as_deref().unwrap().contains("mount -t bpf bpf /sys/fs/bpf"));
+        assert_eq!(bpffs_verdict(root, root, Err("EACCES".into())).level, Level::Fail);
+
+        let dir = Path::new("/sys/fs/bpf/meshnet/maps");
+        assert_eq!(pins_verdict(dir, &names::ALL_MAPS).level, Level::Ok);
+        assert_eq!(pins_verdict(dir, &[]).level, Level::Info);
+        let c = pins_verdict(dir, &[names::ROUTES]);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains(names::NAT_FWD));
+    }
+
+    #[test]
+    fn interfaces_and_bridges() {
+        assert_eq!(interfaces_check("veth*", Ok(vec!["veth1".into()])).level, Level::Ok);
+        let c = interfaces_check("cali*", Ok(vec![]));
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("no pods run"));
+        let many: Vec<String> = (0..8).map(|i| format!("veth{i}")).collect();
+        assert!(interfaces_check("veth*", Ok(many)).detail.ends_with("veth4 and 3 more"));
+        assert_eq!(bridge_check(&[], true).level, Level::Ok);
+        let c = bridge_check(&["cni0".into()], true);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("cni0 matched but is a bridge"));
+        assert!(c.fix.unwrap().contains("README.md"));
+    }
+
+    const FLANNEL: &str = r#"# Generated by iptables-save v1.8.9 (nf_tables) on Mon Jan  1 00:00:00 2024
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:FLANNEL-POSTRTG - [0:0]
+:KUBE-POSTROUTING - [0:0]
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/24 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+COMMIT
+"#;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn finds_the_cni_masquerade() {
+        let gw = [Ipv4Addr::new(192, 0, 2, 2)];
+        let m = find_masquerade(FLANNEL, &[net("10.244.0.0/16")], &gw);
+        assert_eq!(m.pod_rules.len(), 1, "{m:?}");
+        assert!(m.pod_rules[0].starts_with("-A FLANNEL-POSTRTG -s 10.244.0.0/16"));
+        // kube-proxy's last KUBE-POSTROUTING rule looks unconditional, but the chain returns
+        // every unmarked packet first.
+        assert_eq!(m.other_rules.len(), 1);
+        assert!(m.other_rules[0].starts_with("-A KUBE-POSTROUTING"));
+        // The older form with the mark on the MASQUERADE rule itself does not count either.
+        let kube = "-A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE\n";
+        let m = find_masquerade(kube, &[net("10.244.0.0/16")], &gw);
+        assert!(m.pod_rules.is_empty());
+        assert_eq!(m.other_rules.len(), 1);
+        let c = masquerade_check(Some(Ok(kube.into())), &[net("10.244.0.0/16")], &gw);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("none for pod sources 10.244.0.0/16"), "{}", c.detail);
+    }
+
+    #[test]
+    fn masquerade_rules_for_other_sources_or_destinations_do_not_count() {
+        let gw = [Ipv4Addr::new(192, 0, 2, 2)];
+        let pods = [net("10.244.0.0/16")];
+        let docker = "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n";
+        assert!(find_masquerade(docker, &pods, &gw).pod_rules.is_empty());
+        // The demo's node2 rule: only towards the gateway pod.
+        let to_gw_pod = "-A POSTROUTING -d 10.245.0.10/32 -o cni0 -m conntrack --ctstate DNAT -j MASQUERADE\n";
+        assert!(find_masquerade(to_gw_pod, &pods, &gw).pod_rules.is_empty());
+        // Excluding the gateways' network.
+        let not_gw = "-A POSTROUTING -s 10.244.0.0/16 ! -d 192.0.2.0/24 -j MASQUERADE\n";
+        assert!(find_masquerade(not_gw, &pods, &gw).pod_rules.is_empty());
+        // The demo's node1 rule, an SNAT, and Calico's ipset-based rule count.
+        for rule in [
+            "-A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE",
+            "-A POSTROUTING -s 10.244.0.0/16 -o eth0 -j SNAT --to-source 192.0.2.1",
+            "-A cali-nat-outgoing -m comment --comment \"cali:flqWnvo8yq4ULQLa\" -m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst -j MASQUERADE --random-fully",
+            "-A POSTROUTING -j MASQUERADE",
+        ] {
+            assert_eq!(find_masquerade(rule, &pods, &gw).pod_rules.len(), 1, "{rule}");
+        }
+    }
+
+    #[test]
+    fn masquerade_verdicts() {
+        let pods = [net("10.244.0.0/16")];
+        let ok = masquerade_check(Some(Ok(FLANNEL.into())), &pods, &[]);
+        assert_eq!(ok.level, Level::Ok);
+        assert!(ok.detail.contains("`-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4"), "{}", ok.detail);
+        let two = format!("{FLANNEL}-A POSTROUTING -s 10.244.0.0/16 -j MASQUERADE\n");
+        assert!(masquerade_check(Some(Ok(two)), &pods, &[]).detail.ends_with("(and 1 more)"));
+        // Masquerading what is *not* marked applies to pods.
+        let unmarked = "-A POSTROUTING -m mark ! --mark 0x1 -j MASQUERADE\n";
+        assert_eq!(find_masquerade(unmarked, &pods, &[]).pod_rules.len(), 1);
+        let none = masquerade_check(Some(Ok("*nat\nCOMMIT\n".into())), &pods, &[]);
+        assert_eq!(none.level, Level::Warn);
+        assert!(none.detail.starts_with("no MASQUERADE or SNAT rule"));
+        assert!(none.fix.unwrap().contains("-s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE"));
+        assert_eq!(masquerade_check(None, &pods, &[]).level, Level::Warn);
+        assert_eq!(masquerade_check(Some(Err("permission denied".into())), &pods, &[]).level, Level::Warn);
+    }
+
+    #[test]
+    fn words_keep_quoted_comments() {
+        assert_eq!(
+            words(r#"-A X -m comment --comment "a -s b" -j MASQUERADE"#),
+            ["-A", "X", "-m", "comment", "--comment", "a -s b", "-j", "MASQUERADE"]
+        );
+    }
+
+    #[test]
+    fn renders_one_line_per_check_with_fixes() {
+        let checks = vec![
+            Check::new("kernel version", Level::Ok, "6.18.0 (5.4 or newer)"),
+            Check::new("bpffs", Level::Fail, "/x is not on a bpffs").fix("mount it"),
+        ];
+        let out = render(&checks);
+        assert_eq!(
+            out,
+            "OK    kernel version: 6.18.0 (5.4 or newer)\nFAIL  bpffs: /x is not on a bpffs\n      fix: mount it\n\
+             1 ok, 0 info, 0 warnings, 1 failures\n"
+        );
+        assert!(failed(&checks));
+        assert!(!failed(&checks[..1]));
+    }
+}
