@@ -226,7 +226,10 @@ impl Agent {
         let targets = Health::targets(&self.config);
         self.health.retain(&targets);
         let mut desired = self.config.desired();
-        desired.apply_health(&self.health.down());
+        // Without probing nothing can bring a gateway back, so none is held down.
+        if self.config.health.enabled {
+            desired.apply_health(&self.health.down());
+        }
         let report = self.maps.sync(&desired)?;
         if !report.is_noop() {
             info!(?report, cluster = %self.config.cluster, peers = self.config.peers.len(), "maps synced");
