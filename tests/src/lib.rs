@@ -5,6 +5,7 @@
 //! Every guard removes what it made when dropped, also when a test panics. Processes are
 //! only ever ended by the pid this code started.
 
+pub mod fakeapi;
 pub mod peer;
 pub mod topo;
 

@@ -129,6 +129,8 @@ struct State {
     /// The last good peer of each remote: published while it is stale or not yet synced.
     last_good: BTreeMap<String, RawPeer>,
     published: Option<(String, String)>,
+    /// Peers refused for overlapping CIDRs, with why: logged and counted once each.
+    overlapping: BTreeMap<String, String>,
     leader: bool,
     metrics: Arc<ControllerMetrics>,
 }
@@ -168,6 +170,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         istio: None,
         last_good: BTreeMap::new(),
         published: None,
+        overlapping: BTreeMap::new(),
         leader: !opts.leader_election,
         metrics,
         opts,
@@ -390,14 +393,14 @@ impl State {
         }
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         let (kept, refused) = resolve::refuse_overlaps(self.local_cidrs.as_deref().unwrap_or_default(), peers);
-        for (name, why) in refused {
-            let st = status.entry(name.clone()).or_default();
-            if st.refused.as_deref() != Some(why.as_str()) {
+        for (name, why) in &refused {
+            if self.overlapping.get(name) != Some(why) {
                 warn!(peer = %name, reason = %why, "peer refused: overlapping CIDRs");
                 self.metrics.refused.get_or_create(&PeerLabel { peer: name.clone() }).inc();
             }
-            st.refused = Some(why);
+            status.entry(name.clone()).or_default().refused = Some(why.clone());
         }
+        self.overlapping = refused;
         (kept, status)
     }
 

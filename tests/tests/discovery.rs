@@ -1,0 +1,359 @@
+//! Kubernetes discovery end to end, against in-process API servers that speak the list and
+//! watch protocol with the objects a 1.18 cluster returns: from the remote cluster's API
+//! through `meshnet controller` into the published ConfigMap, and from there through
+//! `meshnet agent --kube` into the datapath's maps.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use base64::Engine as _;
+use meshnet_tests::{
+    fakeapi::{FakeApi, Mode},
+    meshnet, poll, require_root,
+    topo::TempDir,
+    Agent, Bpffs, ChildGuard, NetNs,
+};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn namespace(name: &str, network: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"topology.istio.io/network": network}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+}
+
+fn node(name: &str, ip: &str, cidr: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "node-role.kubernetes.io/master": ""}},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+            "nodeInfo": {"kubeletVersion": "v1.18.2", "kernelVersion": "5.4.225-1.el7.elrepo.x86_64", "osImage": "CentOS Linux 7 (Core)", "containerRuntimeVersion": "docker://19.3.8"}
+        }
+    })
+}
+
+fn gateway_service(node_port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "istio-eastwestgateway", "namespace": "istio-system", "labels": {"istio": "eastwestgateway"}},
+        "spec": {
+            "type": "NodePort", "externalTrafficPolicy": "Cluster", "clusterIP": "10.96.0.50",
+            "selector": {"istio": "eastwestgateway"},
+            "ports": [
+                {"name": "status-port", "protocol": "TCP", "port": 15021, "targetPort": 15021, "nodePort": 30021},
+                {"name": "tls", "protocol": "TCP", "port": 15443, "targetPort": 15443, "nodePort": node_port},
+                {"name": "tls-istiod", "protocol": "TCP", "port": 15012, "targetPort": 15012, "nodePort": 30012}
+            ]
+        },
+        "status": {"loadBalancer": {}}
+    })
+}
+
+fn gateway_endpoints(pod_ip: &str, node_name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "istio-eastwestgateway", "namespace": "istio-system"},
+        "subsets": [{
+            "addresses": [{"ip": pod_ip, "nodeName": node_name, "targetRef": {"kind": "Pod", "namespace": "istio-system", "name": "istio-eastwestgateway-5b8f7c9d4-x2x7q"}}],
+            "ports": [{"name": "tls", "port": 15443, "protocol": "TCP"}, {"name": "status-port", "port": 15021, "protocol": "TCP"}]
+        }]
+    })
+}
+
+fn remote_secret(cluster: &str, kubeconfig: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {
+            "name": format!("istio-remote-secret-{cluster}"), "namespace": "istio-system",
+            "labels": {"istio/multiCluster": "true"},
+            "annotations": {"networking.istio.io/cluster": cluster}
+        },
+        "data": {cluster: base64::engine::general_purpose::STANDARD.encode(kubeconfig)}
+    })
+}
+
+fn istio_configmap(mesh_networks: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system", "labels": {"istio.io/rev": "default"}},
+        "data": {
+            "mesh": "defaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n  meshId: mesh1\n  proxyMetadata:\n    ISTIO_META_DNS_CAPTURE: \"true\"\n    ISTIO_META_DNS_AUTO_ALLOCATE: \"true\"\ntrustDomain: cluster.local\n",
+            "meshNetworks": mesh_networks
+        }
+    })
+}
+
+/// A cluster's objects: the Istio namespace with its network, one node, the gateway.
+fn seed_cluster(api: &FakeApi, network: &str, node_name: &str, ip: &str, cidr: &str, node_port: u16, gw_pod: &str) {
+    api.apply(namespace("istio-system", network));
+    api.apply(namespace("meshnet", ""));
+    api.apply(node(node_name, ip, cidr));
+    api.apply(gateway_service(node_port));
+    api.apply(gateway_endpoints(gw_pod, node_name));
+}
+
+/// One namespace that holds the API servers, the controller and an agent with a veth.
+struct Mesh {
+    ns: NetNs,
+    local: FakeApi,
+    remote: FakeApi,
+    dir: TempDir,
+    bpffs: Bpffs,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        require_root();
+        let ns = NetNs::new("kd");
+        ns.ip("link add vethp type veth peer name vethq");
+        ns.ip("link set vethp up");
+        let local = FakeApi::start(Some(&ns.path()));
+        let remote = FakeApi::start(Some(&ns.path()));
+        seed_cluster(&local, "network1", "node1", "10.20.144.83", "10.244.0.0/24", 31674, "10.244.0.5");
+        seed_cluster(&remote, "network2", "node2", "10.20.144.165", "10.245.0.0/24", 32361, "10.245.0.5");
+        local.apply(istio_configmap(""));
+        local.apply(remote_secret("cluster2", &remote.kubeconfig("cluster2")));
+        let dir = TempDir::new();
+        std::fs::write(dir.0.join("local.yaml"), local.kubeconfig("cluster1")).unwrap();
+        // Health probes off: the gateway addresses are the seed's LAN addresses, which no
+        // test may send traffic to.
+        std::fs::write(
+            dir.0.join("agent.yaml"),
+            "cluster: cluster1\npodCIDRs: []\ninterfaces: [vethp]\npeers: []\nhealth: {enabled: false}\n",
+        )
+        .unwrap();
+        Self { ns, local, remote, dir, bpffs: Bpffs::new() }
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.0.join("local.yaml")
+    }
+
+    fn controller(&self, extra: &[&str]) -> ChildGuard {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns.path().display()))
+            .arg(meshnet_tests::meshnet_bin())
+            .args(["controller", "--kubeconfig"])
+            .arg(self.kubeconfig())
+            .args(["--probe-interval-seconds", "1", "--probe-timeout-seconds", "1", "--metrics-addr", "127.0.0.1:9465"])
+            .args(extra)
+            .env("MESHNET_LOG", "info");
+        let mut c = ChildGuard::spawn(&mut cmd);
+        c.wait_for_line("meshnet controller started", WAIT);
+        c
+    }
+
+    fn agent(&self) -> Agent {
+        let cfg = self.dir.0.join("agent.yaml");
+        let kc = self.kubeconfig().display().to_string();
+        Agent::start(&self.ns, &cfg, &self.bpffs.pin_path(), &["--kube", "--kubeconfig", &kc, "--node-name", "node1"])
+    }
+
+    /// The published object as the controller wrote it into the local API.
+    fn published(&self) -> Option<(Value, Value)> {
+        let cm = self.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-peers")?;
+        let peers: Value = serde_yaml::from_str(cm["data"]["peers.yaml"].as_str()?).ok()?;
+        let status: Value = serde_yaml::from_str(cm["data"]["status.yaml"].as_str()?).ok()?;
+        Some((peers, status))
+    }
+
+    /// The agent's routes as `cidr peer gateways` lines.
+    fn routes(&self) -> Vec<String> {
+        let out = meshnet(&self.ns, &format!("maps dump routes -o json --pin-path {}", self.bpffs.pin_path().display()));
+        let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+        v["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let gws: Vec<String> =
+                    r["gateways"].as_array().unwrap().iter().map(|g| format!("{}:{}", g["address"].as_str().unwrap(), g["port"])).collect();
+                format!("{} {} {}", r["cidr"].as_str().unwrap(), r["peer"].as_str().unwrap(), gws.join(","))
+            })
+            .collect()
+    }
+
+    fn wait_routes(&self, want: &[&str], what: &str) {
+        let ok = poll(WAIT, || (self.routes() == want).then_some(()));
+        assert!(ok.is_some(), "{what}: routes are {:?}, want {want:?}; published {:?}", self.routes(), self.published());
+    }
+
+    fn http(&self, port: u16, path: &str) -> String {
+        let path = path.to_string();
+        self.ns.run(move || {
+            let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+    }
+}
+
+fn status_of<'a>(status: &'a Value, peer: &str) -> &'a Value {
+    &status[peer]
+}
+
+#[test]
+fn api_changes_reach_the_agents_maps() {
+    let m = Mesh::new();
+    let _controller = m.controller(&[]);
+    let _agent = m.agent();
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "initial discovery");
+
+    // The gateway's NodePort changes.
+    m.remote.apply(gateway_service(32999));
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32999"], "NodePort change");
+
+    // The gateway pod moves to a new node.
+    m.remote.apply(node("node3", "10.20.144.166", "10.245.1.0/24"));
+    m.remote.apply(gateway_endpoints("10.245.1.7", "node3"));
+    m.wait_routes(&["10.245.0.0/23 cluster2 10.20.144.166:32999"], "gateway pod moved");
+
+    // History is compacted: the controller's watches get 410 Gone, relist, and still follow.
+    m.remote.compact();
+    m.remote.apply(gateway_service(31000));
+    m.wait_routes(&["10.245.0.0/23 cluster2 10.20.144.166:31000"], "change after a compaction");
+
+    // A peer is added, and removed again.
+    let third = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.246.0.0/24", 30443, "10.246.0.5");
+    m.local.apply(remote_secret("cluster3", &third.kubeconfig("cluster3")));
+    m.wait_routes(
+        &["10.245.0.0/23 cluster2 10.20.144.166:31000", "10.246.0.0/24 cluster3 10.20.144.170:30443"],
+        "peer added",
+    );
+    m.local.delete("v1", "Secret", Some("istio-system"), "istio-remote-secret-cluster3");
+    m.wait_routes(&["10.245.0.0/23 cluster2 10.20.144.166:31000"], "peer removed");
+}
+
+#[test]
+fn remote_outage_keeps_the_last_state_and_marks_it_stale() {
+    let m = Mesh::new();
+    let _controller = m.controller(&[]);
+    let _agent = m.agent();
+    let want = ["10.245.0.0/24 cluster2 10.20.144.165:32361"];
+    m.wait_routes(&want, "initial discovery");
+    for mode in [Mode::Error, Mode::Hang] {
+        m.remote.set_mode(mode);
+        let stale = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster2")["stale"] == true));
+        let (peers, _) = stale.unwrap_or_else(|| panic!("{mode:?}: cluster2 never marked stale: {:?}", m.published()));
+        assert_eq!(peers[0]["name"], "cluster2", "{mode:?}: the stale peer must stay published");
+        let ready = m.http(9465, "/readyz");
+        assert!(ready.starts_with("HTTP/1.0 503") && ready.contains("stale peers: cluster2"), "{ready}");
+        let metrics = m.http(9465, "/metrics");
+        assert!(metrics.contains("meshnet_controller_peer_stale{peer=\"cluster2\"} 1"), "{metrics}");
+        assert_eq!(m.routes(), want, "{mode:?}: the agent's maps changed during a remote outage");
+        m.remote.set_mode(Mode::Normal);
+        let fresh = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster2").get("stale").is_none()));
+        assert!(fresh.is_some(), "{mode:?}: cluster2 stayed stale after recovery: {:?}", m.published());
+    }
+    // The other direction still works after the outages.
+    m.remote.apply(gateway_service(32000));
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32000"], "change after recovery");
+}
+
+#[test]
+fn overlapping_cidrs_are_refused() {
+    let m = Mesh::new();
+    let third = FakeApi::start(Some(&m.ns.path()));
+    // cluster3 claims a CIDR inside the local cluster's.
+    seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.244.0.128/25", 30443, "10.244.0.130");
+    m.local.apply(remote_secret("cluster3", &third.kubeconfig("cluster3")));
+    let _controller = m.controller(&[]);
+    let _agent = m.agent();
+    let refused = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster3")["refused"].is_string()));
+    let (peers, status) = refused.unwrap_or_else(|| panic!("cluster3 never refused: {:?}", m.published()));
+    assert!(status["cluster3"]["refused"].as_str().unwrap().contains("overlaps 10.244.0.0/24 of the local cluster"), "{status}");
+    assert!(peers.as_array().unwrap().iter().all(|p| p["name"] != "cluster3"));
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "only cluster2");
+    let metrics = m.http(9465, "/metrics");
+    assert!(metrics.contains("meshnet_controller_peer_refused_total{peer=\"cluster3\"} 1"), "{metrics}");
+}
+
+#[test]
+fn exec_plugin_in_a_remote_secret_is_refused_and_never_run() {
+    let m = Mesh::new();
+    let marker = m.dir.0.join("pwned");
+    let evil = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: evil\n  cluster:\n    server: {}\nusers:\n- name: evil\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: /bin/sh\n      args: [\"-c\", \"touch {}\"]\ncontexts:\n- name: evil\n  context: {{cluster: evil, user: evil}}\ncurrent-context: evil\n",
+        m.remote.url(),
+        marker.display()
+    );
+    m.local.apply(remote_secret("evil", &evil));
+    let mut controller = m.controller(&[]);
+    let refused = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "evil")["refused"].is_string()));
+    let (_, status) = refused.unwrap_or_else(|| panic!("the exec kubeconfig was not refused: {:?}", m.published()));
+    let why = status["evil"]["refused"].as_str().unwrap();
+    assert!(why.contains("`exec`") && why.contains("runs a program"), "{why}");
+    assert!(!why.contains(&marker.display().to_string()), "the refusal leaks the secret's content: {why}");
+    controller.wait_for_line("remote cluster refused", WAIT);
+    assert!(!controller.output().contains("touch"), "the secret's content reached the logs");
+    // The legitimate peer is unaffected.
+    let ok = poll(WAIT, || m.published().filter(|(p, _)| p.as_array().is_some_and(|a| a.iter().any(|p| p["name"] == "cluster2"))));
+    assert!(ok.is_some());
+    assert!(!marker.exists(), "the exec plugin ran");
+}
+
+#[test]
+fn local_api_outage_leaves_the_datapath_and_restarts_never_flush() {
+    let m = Mesh::new();
+    let mut controller = m.controller(&[]);
+    let mut agent = m.agent();
+    let want = ["10.245.0.0/24 cluster2 10.20.144.165:32361"];
+    m.wait_routes(&want, "initial discovery");
+
+    m.local.set_mode(Mode::Error);
+    agent.child.wait_for_line("Kubernetes API watch failing", WAIT);
+    assert_eq!(m.routes(), want);
+    // A restarted agent while the API is down keeps the pinned state.
+    assert!(agent.child.stop());
+    let agent = m.agent();
+    assert_eq!(m.routes(), want, "a restart during an API outage flushed the maps");
+
+    // A restarted controller while the remote is down keeps the peer published.
+    assert!(controller.stop());
+    m.local.set_mode(Mode::Normal);
+    m.remote.set_mode(Mode::Error);
+    let _controller = m.controller(&[]);
+    let stale = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster2")["stale"] == true));
+    let (peers, _) = stale.unwrap_or_else(|| panic!("{:?}", m.published()));
+    assert_eq!(peers.as_array().unwrap().len(), 1, "a controller restart withdrew a peer it could not reach");
+    assert_eq!(m.routes(), want);
+    drop(agent);
+}
+
+fn mesh_networks_cmd(m: &Mesh, extra: &str) -> meshnet_tests::CmdOut {
+    meshnet(&m.ns, &format!("mesh-networks --kubeconfig {} --cluster cluster1 {extra}", m.kubeconfig().display()))
+}
+
+/// `meshnet mesh-networks` reproduces the block the user hand-wrote in every cluster.
+#[test]
+fn mesh_networks_reproduce_the_seed() {
+    let m = Mesh::new();
+    let out = mesh_networks_cmd(&m, "");
+    assert!(out.ok, "{}", out.stderr);
+    let expected = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/seed-mesh-networks.yaml")).unwrap();
+    let got: Value = serde_yaml::from_str(&out.stdout).unwrap();
+    let want: Value = serde_yaml::from_str(&expected).unwrap();
+    assert_eq!(got, want, "got:\n{}", out.stdout);
+
+    let out = mesh_networks_cmd(&m, "--apply");
+    assert!(out.ok, "{}", out.stderr);
+    let cm = m.local.get("v1", "ConfigMap", Some("istio-system"), "istio").unwrap();
+    let applied: Value = serde_yaml::from_str(cm["data"]["meshNetworks"].as_str().unwrap()).unwrap();
+    assert_eq!(applied, want);
+    assert!(cm["data"]["mesh"].as_str().unwrap().contains("meshId: mesh1"), "--apply dropped the other keys");
+
+    let json = mesh_networks_cmd(&m, "-o json");
+    let as_json: Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(as_json, want);
+}
