@@ -91,6 +91,9 @@ enum Command {
         /// This replica's identity in the lease.
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
+        /// Seconds a lease holds without renewal before another replica takes over.
+        #[arg(long, default_value_t = 15)]
+        lease_duration_seconds: u64,
         /// Serve Prometheus metrics, /healthz and /readyz (503 while a peer is stale).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -264,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             probe_timeout_seconds,
             leader_election,
             identity,
+            lease_duration_seconds,
             metrics_addr,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -279,6 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 identity: identity.unwrap_or_else(|| {
                     nix::unistd::gethostname().map_or_else(|_| "meshnet-controller".into(), |h| h.to_string_lossy().into_owned())
                 }),
+                lease_duration: Duration::from_secs(lease_duration_seconds.max(1)),
                 metrics_addr,
             }))?;
         }

@@ -142,7 +142,8 @@ impl Mesh {
             .arg(meshnet_tests::meshnet_bin())
             .args(["controller", "--kubeconfig"])
             .arg(self.kubeconfig())
-            .args(["--probe-interval-seconds", "1", "--probe-timeout-seconds", "1", "--metrics-addr", "127.0.0.1:9465"])
+            .args(["--probe-interval-seconds", "1", "--probe-timeout-seconds", "1"])
+            .args(if extra.contains(&"--metrics-addr") { &[][..] } else { &["--metrics-addr", "127.0.0.1:9465"][..] })
             .args(extra)
             .env("MESHNET_LOG", "info");
         let mut c = ChildGuard::spawn(&mut cmd);
@@ -356,4 +357,31 @@ fn mesh_networks_reproduce_the_seed() {
     let json = mesh_networks_cmd(&m, "-o json");
     let as_json: Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(as_json, want);
+}
+
+#[test]
+fn a_second_controller_takes_over_when_the_leader_stops() {
+    let m = Mesh::new();
+    let holder = || {
+        m.local
+            .get("coordination.k8s.io/v1", "Lease", Some("meshnet"), "meshnet-controller")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    };
+    let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "2"]);
+    let leader = poll(WAIT, holder).expect("nobody took the lease");
+    assert_eq!(leader, "ctrl-a");
+    let mut b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
+    let published = poll(WAIT, || m.published().filter(|(p, _)| p[0]["name"] == "cluster2"));
+    assert!(published.is_some());
+    // b waits while a renews.
+    assert!(b.output().lines().all(|l| !l.contains("leader=true")), "two leaders:\n{}", b.output());
+    assert!(a.stop());
+    let took_over = poll(WAIT, || (holder().as_deref() == Some("ctrl-b")).then_some(()));
+    assert!(took_over.is_some(), "ctrl-b never took the lease:\n{}", b.output());
+    // The new leader publishes changes.
+    m.remote.apply(gateway_service(30999));
+    let followed = poll(WAIT, || {
+        m.published().filter(|(p, _)| p[0]["gateways"][0]["port"] == 30999)
+    });
+    assert!(followed.is_some(), "the new leader did not publish: {:?}\n{}", m.published(), b.output());
 }

@@ -59,6 +59,8 @@ pub struct ControllerOptions {
     pub probe_timeout: Duration,
     pub leader_election: bool,
     pub identity: String,
+    /// How long a lease holds without renewal; another replica takes over after that.
+    pub lease_duration: Duration,
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -189,7 +191,8 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut lease_tick = tokio::time::interval(Duration::from_secs(2));
+    // Renew well within the lease, so that one late renewal does not hand over leadership.
+    let mut lease_tick = tokio::time::interval((state.opts.lease_duration / 4).max(Duration::from_millis(250)));
     let mut dirty = false;
     let mut debounce = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
     info!(namespace = %state.opts.namespace, istio_namespace = %state.opts.istio_namespace, "meshnet controller started");
@@ -522,7 +525,7 @@ async fn remote_task(name: String, generation: u64, origin: String, text: String
 /// Takes or renews the controller lease; true while this replica leads.
 async fn renew_lease(client: &Client, opts: &ControllerOptions) -> bool {
     use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
-    const DURATION_SECS: i32 = 15;
+    let duration_secs = i32::try_from(opts.lease_duration.as_secs().max(1)).unwrap_or(15);
     let api = Api::<Lease>::namespaced(client.clone(), &opts.namespace);
     let now = Timestamp::now();
     let result = async {
@@ -532,7 +535,7 @@ async fn renew_lease(client: &Client, opts: &ControllerOptions) -> bool {
                 lease.metadata.name = Some(LEASE_NAME.into());
                 lease.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
                     holder_identity: Some(opts.identity.clone()),
-                    lease_duration_seconds: Some(DURATION_SECS),
+                    lease_duration_seconds: Some(duration_secs),
                     acquire_time: Some(MicroTime(now)),
                     renew_time: Some(MicroTime(now)),
                     ..Default::default()
@@ -544,7 +547,7 @@ async fn renew_lease(client: &Client, opts: &ControllerOptions) -> bool {
                 let spec = lease.spec.get_or_insert_with(Default::default);
                 let ours = spec.holder_identity.as_deref() == Some(opts.identity.as_str());
                 let expired = spec.renew_time.as_ref().is_none_or(|t| {
-                    now.as_second() - t.0.as_second() > i64::from(spec.lease_duration_seconds.unwrap_or(DURATION_SECS))
+                    now.as_second() - t.0.as_second() > i64::from(spec.lease_duration_seconds.unwrap_or(duration_secs))
                 });
                 if !ours && !expired {
                     return Ok(false);
@@ -554,7 +557,7 @@ async fn renew_lease(client: &Client, opts: &ControllerOptions) -> bool {
                     spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
                 }
                 spec.holder_identity = Some(opts.identity.clone());
-                spec.lease_duration_seconds = Some(DURATION_SECS);
+                spec.lease_duration_seconds = Some(duration_secs);
                 spec.renew_time = Some(MicroTime(now));
                 // The resourceVersion in `lease` makes this a compare-and-swap.
                 api.replace(LEASE_NAME, &PostParams::default(), &lease).await?;
