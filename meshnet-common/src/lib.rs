@@ -9,6 +9,11 @@
 //! Byte order is part of every field name: `_be` fields hold network byte order exactly as
 //! on the wire (the eBPF side copies them from packets without swapping).
 #![no_std]
+// The hash helpers are shared with the eBPF programs, where a call instead of an inlined body
+// costs verifier states and a helper frame on every packet.
+#![expect(clippy::inline_always, reason = "the hash helpers must inline into the eBPF programs")]
+// `_pad` fields are explicit padding of the ABI structs, never read.
+#![allow(clippy::pub_underscore_fields)]
 
 pub mod names {
     //! Map and program names. Kernel object names are at most 15 bytes.
@@ -314,7 +319,9 @@ pub const fn gateway_start(key: &FlowKey, count: u32) -> u32 {
 #[inline(always)]
 pub const fn remap_port(key: &FlowKey, attempt: u32) -> u16 {
     let h = flow_hash(key, attempt.wrapping_add(1));
-    limits::REMAP_PORT_MIN + (h % limits::REMAP_PORT_SPAN as u32) as u16
+    #[expect(clippy::cast_possible_truncation, reason = "the remainder is below REMAP_PORT_SPAN, a u16")]
+    let offset = (h % limits::REMAP_PORT_SPAN as u32) as u16;
+    limits::REMAP_PORT_MIN + offset
 }
 
 // Layout pins: the eBPF object and the agent are built separately, so these are what keeps

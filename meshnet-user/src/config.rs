@@ -380,7 +380,7 @@ impl RawConfig {
                 if let (Some(address), Some(port), Some(udp_port)) = (address, port, udp_port) {
                     let gw = GatewayAddr { address, port, udp_port };
                     if gateways.contains(&gw) {
-                        c.err(gat, format!("{}:{} is listed twice", address, port));
+                        c.err(gat, format!("{address}:{port} is listed twice"));
                     } else {
                         gateways.push(gw);
                     }

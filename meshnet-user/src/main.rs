@@ -256,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 metrics_addr,
                 ebpf_object,
-                kube: kube.then(|| SourceOptions { kubeconfig: kube_args.kubeconfig, namespace: kube_args.namespace, node_name }),
+                kube: kube.then_some(SourceOptions { kubeconfig: kube_args.kubeconfig, namespace: kube_args.namespace, node_name }),
             }))?;
         }
         Command::Controller {

@@ -1,7 +1,7 @@
 //! Typed access to the pinned maps: syncing them to a desired state, and reading them back
 //! for dumps. Works from pins alone, so the CLI needs no running agent.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use anyhow::Context as _;
 use aya::maps::{
@@ -57,7 +57,7 @@ pub fn addr_of_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
-fn route_key(net: &Ipv4Net) -> Key<u32> {
+fn route_key(net: Ipv4Net) -> Key<u32> {
     Key::new(u32::from(net.prefix_len()), addr_be(net.network()))
 }
 
@@ -141,16 +141,16 @@ impl Plan {
         let name = |id: &u32| names.get(id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
         let mut out = String::new();
         for (id, pg) in &self.peer_writes {
-            out.push_str(&format!("write peer {}: {}\n", name(id), render_gateways(pg)));
+            let _ = writeln!(out, "write peer {}: {}", name(id), render_gateways(pg));
         }
         for (net, id, new) in &self.route_writes {
-            out.push_str(&format!("{} route {net} -> {}\n", if *new { "add" } else { "move" }, name(id)));
+            let _ = writeln!(out, "{} route {net} -> {}", if *new { "add" } else { "move" }, name(id));
         }
         for net in &self.route_removals {
-            out.push_str(&format!("remove route {net}\n"));
+            let _ = writeln!(out, "remove route {net}");
         }
         for id in &self.peer_removals {
-            out.push_str(&format!("remove peer {}\n", name(id)));
+            let _ = writeln!(out, "remove peer {}", name(id));
         }
         out
     }
@@ -208,7 +208,7 @@ impl ControlMaps {
 
     pub fn current_routes(&self) -> anyhow::Result<BTreeMap<Ipv4Net, u32>> {
         let mut out = BTreeMap::new();
-        for item in self.routes.iter() {
+        for item in &self.routes {
             let (k, v) = item.context("reading the route map")?;
             let prefix = u8::try_from(k.prefix_len()).unwrap_or(32);
             let net = Ipv4Net::new(addr_of_be(k.data()), prefix).context("bad prefix in route map")?;
@@ -240,10 +240,10 @@ impl ControlMaps {
             }
         }
         for (net, id, _) in &plan.route_writes {
-            self.routes.insert(&route_key(net), RouteValue { peer_id: *id }, 0).context("writing a route")?;
+            self.routes.insert(&route_key(*net), RouteValue { peer_id: *id }, 0).context("writing a route")?;
         }
         for net in &plan.route_removals {
-            self.routes.remove(&route_key(net)).context("removing a route")?;
+            self.routes.remove(&route_key(*net)).context("removing a route")?;
         }
         for id in &plan.peer_removals {
             self.peers.remove(id).context("removing a peer")?;
@@ -259,7 +259,7 @@ impl ControlMaps {
     /// down.
     pub fn purge_flows(&mut self, desired: &Desired) -> anyhow::Result<usize> {
         let mut doomed = Vec::new();
-        for item in self.nat_fwd.iter() {
+        for item in &self.nat_fwd {
             let Ok((key, fwd)) = item else { continue };
             let dst = addr_of_be(key.dst_be);
             let owner = desired

@@ -27,7 +27,7 @@ impl LinkEvents {
             }
             let fd = OwnedFd::from_raw_fd(raw);
             let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as u16;
+            addr.nl_family = libc::sa_family_t::try_from(libc::AF_NETLINK).unwrap_or_default();
             addr.nl_groups = libc::RTMGRP_LINK as u32;
             let len = u32::try_from(size_of::<libc::sockaddr_nl>()).unwrap_or(12);
             if libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) < 0 {

@@ -102,5 +102,5 @@ impl Pins {
 pub fn is_bpffs(path: &Path) -> anyhow::Result<bool> {
     let st = nix::sys::statfs::statfs(path)
         .map_err(|e| anyhow::anyhow!("statfs {}: {e}", path.display()))?;
-    Ok(i64::from(st.filesystem_type().0) == BPF_FS_MAGIC)
+    Ok(st.filesystem_type().0 == BPF_FS_MAGIC)
 }

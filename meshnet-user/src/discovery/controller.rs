@@ -80,6 +80,7 @@ pub struct PeerStatus {
 }
 
 /// Parses the published peers.
+#[must_use] 
 pub fn parse_published(cm: &ConfigMap) -> (Vec<RawPeer>, BTreeMap<String, PeerStatus>) {
     let data = cm.data.clone().unwrap_or_default();
     let peers = data.get(PEERS_KEY).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default();
@@ -127,6 +128,8 @@ struct State {
     next_generation: u64,
     secrets_synced: bool,
     local_cidrs: Option<Vec<Ipv4Net>>,
+    /// `None` until the watch synced; then the ConfigMap, if it exists.
+    #[expect(clippy::option_option, reason = "not synced yet differs from synced and absent")]
     istio: Option<Option<ConfigMap>>,
     /// The last good peer of each remote: published while it is stale or not yet synced.
     last_good: BTreeMap<String, RawPeer>,
@@ -194,7 +197,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     // Renew well within the lease, so that one late renewal does not hand over leadership.
     let mut lease_tick = tokio::time::interval((state.opts.lease_duration / 4).max(Duration::from_millis(250)));
     let mut dirty = false;
-    let mut debounce = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
+    let mut debounce = Box::pin(tokio::time::sleep(Duration::from_hours(1)));
     info!(namespace = %state.opts.namespace, istio_namespace = %state.opts.istio_namespace, "meshnet controller started");
     loop {
         tokio::select! {
@@ -219,7 +222,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             }
             () = &mut debounce, if dirty => {
                 dirty = false;
-                debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
+                debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_hours(1));
                 if let Err(e) = state.publish().await {
                     error!(error = %format!("{e:#}"), "publishing peers failed; retrying");
                     state.metrics.publish_errors.inc();
@@ -423,24 +426,21 @@ impl State {
         }
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
         let data: BTreeMap<String, String> = [(PEERS_KEY.to_string(), text.0.clone()), (STATUS_KEY.to_string(), text.1.clone())].into();
-        match api.get_opt(PEERS_CONFIGMAP).await? {
-            Some(mut cm) => {
-                cm.data = Some(data);
-                api.replace(PEERS_CONFIGMAP, &PostParams::default(), &cm).await?;
-            }
-            None => {
-                let cm = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(PEERS_CONFIGMAP.into()),
-                        namespace: Some(self.opts.namespace.clone()),
-                        labels: Some([("app.kubernetes.io/managed-by".to_string(), "meshnet-controller".to_string())].into()),
-                        ..ObjectMeta::default()
-                    },
-                    data: Some(data),
-                    ..ConfigMap::default()
-                };
-                api.create(&PostParams::default(), &cm).await?;
-            }
+        if let Some(mut cm) = api.get_opt(PEERS_CONFIGMAP).await? {
+            cm.data = Some(data);
+            api.replace(PEERS_CONFIGMAP, &PostParams::default(), &cm).await?;
+        } else {
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(PEERS_CONFIGMAP.into()),
+                    namespace: Some(self.opts.namespace.clone()),
+                    labels: Some([("app.kubernetes.io/managed-by".to_string(), "meshnet-controller".to_string())].into()),
+                    ..ObjectMeta::default()
+                },
+                data: Some(data),
+                ..ConfigMap::default()
+            };
+            api.create(&PostParams::default(), &cm).await?;
         }
         info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
         self.metrics.published();

@@ -56,24 +56,21 @@ pub async fn spawn(opts: SourceOptions, tx: mpsc::Sender<ApiUpdate>) -> anyhow::
             }
         }
     });
-    match opts.node_name {
-        Some(node) => {
-            let nodes = Api::<Node>::all(client);
-            let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
-            tokio::spawn(async move {
-                let mut s = std::pin::pin!(snapshots(nodes, cfg));
-                while let Some(u) = s.next().await {
-                    let msg = match u {
-                        Update::Snapshot(m) => ApiUpdate::NodeCidrs(resolve::node_pod_cidrs(m.values())),
-                        Update::Error(e) => ApiUpdate::Error(format!("watching node {node}: {e}")),
-                    };
-                    if tx.send(msg).await.is_err() {
-                        break;
-                    }
+    if let Some(node) = opts.node_name {
+        let nodes = Api::<Node>::all(client);
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(snapshots(nodes, cfg));
+            while let Some(u) = s.next().await {
+                let msg = match u {
+                    Update::Snapshot(m) => ApiUpdate::NodeCidrs(resolve::node_pod_cidrs(m.values())),
+                    Update::Error(e) => ApiUpdate::Error(format!("watching node {node}: {e}")),
+                };
+                if tx.send(msg).await.is_err() {
+                    break;
                 }
-            });
-        }
-        None => warn!("no --node-name (or NODE_NAME): the local pod CIDRs come from the config file only"),
-    }
+            }
+        });
+    } else { warn!("no --node-name (or NODE_NAME): the local pod CIDRs come from the config file only") }
     Ok(())
 }
