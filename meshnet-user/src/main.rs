@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use meshnet::discovery::{
     controller::{self, ControllerOptions},
     mesh_networks,
-    resolve::{AddressType, ResolveOptions},
+    resolve::{AddressType, ResolveOptions, SecretSource, REMOTE_SECRET_SELECTOR},
     source::SourceOptions,
 };
 use meshnet::{
@@ -188,9 +188,23 @@ struct DiscoveryArgs {
     /// annotation overrides it).
     #[arg(long, value_enum, default_value_t = AddressType::InternalIp)]
     address_type: AddressType,
+    /// Namespace of the secrets holding the remote clusters' kubeconfigs; defaults to
+    /// --istio-namespace (Istio's own remote secrets).
+    #[arg(long)]
+    remote_secret_namespace: Option<String>,
+    /// Label selector of those secrets.
+    #[arg(long, default_value = REMOTE_SECRET_SELECTOR)]
+    remote_secret_selector: String,
 }
 
 impl DiscoveryArgs {
+    fn secrets(&self) -> SecretSource {
+        SecretSource {
+            namespace: self.remote_secret_namespace.clone().unwrap_or_else(|| self.istio_namespace.clone()),
+            selector: self.remote_secret_selector.clone(),
+        }
+    }
+
     fn resolve(&self) -> ResolveOptions {
         ResolveOptions {
             gateway_service: self.gateway_service.clone(),
@@ -275,6 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kubeconfig: kube_args.kubeconfig,
                 namespace: kube_args.namespace,
                 istio_namespace: discovery.istio_namespace.clone(),
+                secrets: discovery.secrets(),
                 resolve: discovery.resolve(),
                 pod_cidrs: pod_cidrs.into_iter().collect(),
                 probe_interval: Duration::from_secs(probe_interval_seconds.max(1)),
@@ -292,6 +307,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = mesh_networks::Options {
                 kubeconfig: kube_args.kubeconfig,
                 istio_namespace: discovery.istio_namespace.clone(),
+                secrets: discovery.secrets(),
                 resolve: discovery.resolve(),
                 cluster,
             };

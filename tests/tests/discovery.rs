@@ -385,3 +385,17 @@ fn a_second_controller_takes_over_when_the_leader_stops() {
     });
     assert!(followed.is_some(), "the new leader did not publish: {:?}\n{}", m.published(), b.output());
 }
+
+/// meshnet's own read-only remote secrets, apart from Istio's (docs/istio.md).
+#[test]
+fn remote_secrets_can_live_apart_from_istios() {
+    let m = Mesh::new();
+    m.local.delete("v1", "Secret", Some("istio-system"), "istio-remote-secret-cluster2");
+    let mut own = remote_secret("cluster2", &m.remote.kubeconfig("cluster2"));
+    own["metadata"] = json!({"name": "meshnet-remote-cluster2", "namespace": "meshnet", "labels": {"meshnet.io/remote": "true"}});
+    m.local.apply(own);
+    let _controller =
+        m.controller(&["--remote-secret-namespace", "meshnet", "--remote-secret-selector", "meshnet.io/remote=true"]);
+    let _agent = m.agent();
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "discovery through meshnet's own secret");
+}

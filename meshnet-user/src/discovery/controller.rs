@@ -33,7 +33,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     kubeconfig,
-    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, POD_CIDRS_ANNOTATION, REMOTE_SECRET_LABEL},
+    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
 use crate::config::RawPeer;
@@ -51,6 +51,9 @@ pub struct ControllerOptions {
     pub namespace: String,
     /// Where Istio's remote secrets, the gateway Service and the `istio` ConfigMap live.
     pub istio_namespace: String,
+    /// Where the remote clusters' kubeconfigs are: Istio's remote secrets by default, or
+    /// meshnet's own read-only ones (docs/istio.md).
+    pub secrets: SecretSource,
     pub resolve: ResolveOptions,
     /// Per-cluster pod CIDR overrides from the command line.
     pub pod_cidrs: BTreeMap<String, Vec<Ipv4Net>>,
@@ -153,8 +156,8 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     let ns = opts.istio_namespace.clone();
     spawn_watch(
         tx.clone(),
-        Api::<Secret>::namespaced(client.clone(), &ns),
-        watcher::Config::default().labels(&format!("{REMOTE_SECRET_LABEL}=true")),
+        Api::<Secret>::namespaced(client.clone(), &opts.secrets.namespace),
+        watcher::Config::default().labels(&opts.secrets.selector),
         Msg::Secrets,
     );
     spawn_watch(tx.clone(), Api::<Node>::all(client.clone()), watcher::Config::default(), Msg::LocalNodes);
@@ -305,7 +308,7 @@ impl State {
                 .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
             for (cluster, data) in secret.data.iter().flatten() {
                 let text = String::from_utf8_lossy(&data.0).into_owned();
-                let origin = format!("{}/{sname}[{cluster}]", self.opts.istio_namespace);
+                let origin = format!("{}/{sname}[{cluster}]", self.opts.secrets.namespace);
                 wanted.insert(cluster.clone(), (origin, text, cidrs.clone()));
             }
         }

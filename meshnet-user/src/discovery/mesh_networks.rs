@@ -13,13 +13,14 @@ use tracing::warn;
 
 use super::{
     kubeconfig,
-    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, NETWORK_LABEL, REMOTE_SECRET_LABEL},
+    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, NETWORK_LABEL},
 };
 
 #[derive(Debug, Clone)]
 pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     pub istio_namespace: String,
+    pub secrets: SecretSource,
     pub resolve: ResolveOptions,
     /// This cluster's name in the mesh (Istio's `multiCluster.clusterName`).
     pub cluster: String,
@@ -51,13 +52,13 @@ pub async fn generate(opts: &Options) -> anyhow::Result<(MeshNetworks, Client)> 
     let client = super::local_client(opts.kubeconfig.as_deref()).await?;
     let mut clusters: BTreeMap<String, Client> = BTreeMap::new();
     clusters.insert(opts.cluster.clone(), client.clone());
-    let secrets = Api::<Secret>::namespaced(client.clone(), &opts.istio_namespace)
-        .list(&ListParams::default().labels(&format!("{REMOTE_SECRET_LABEL}=true")))
+    let secrets = Api::<Secret>::namespaced(client.clone(), &opts.secrets.namespace)
+        .list(&ListParams::default().labels(&opts.secrets.selector))
         .await
-        .context("listing Istio's remote secrets")?;
+        .context("listing the remote secrets")?;
     for s in &secrets.items {
         for (cluster, data) in s.data.iter().flatten() {
-            let origin = format!("{}/{}[{cluster}]", opts.istio_namespace, s.name_any());
+            let origin = format!("{}/{}[{cluster}]", opts.secrets.namespace, s.name_any());
             let text = String::from_utf8_lossy(&data.0);
             match kubeconfig::vet(&text, &origin) {
                 Ok(kc) => match kubeconfig::client(kc, &origin).await {

@@ -19,8 +19,16 @@ pub const ADDRESS_ANNOTATION: &str = "meshnet.io/gateway-address";
 pub const POD_CIDRS_ANNOTATION: &str = "meshnet.io/pod-cidrs";
 /// Namespace label Istio reads a cluster's network name from.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
-/// Label of Istio's remote secrets.
-pub const REMOTE_SECRET_LABEL: &str = "istio/multiCluster";
+/// Label selector of Istio's remote secrets, the default source of remote credentials.
+pub const REMOTE_SECRET_SELECTOR: &str = "istio/multiCluster=true";
+
+/// Where remote-cluster credentials are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSource {
+    pub namespace: String,
+    /// A label selector, e.g. `istio/multiCluster=true`.
+    pub selector: String,
+}
 
 /// Which node address a gateway is reached at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
