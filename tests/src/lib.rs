@@ -356,3 +356,37 @@ pub fn meshnet(ns: &NetNs, args: &str) -> CmdOut {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Whether the running kernel is at least `major.minor`, as the agent's `--attach-mode auto`
+/// judges it (aya's reading of the kernel version, which knows Debian's and Ubuntu's ways).
+#[must_use]
+pub fn kernel_at_least(major: u8, minor: u8) -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(major, minor, 0))
+}
+
+/// The running kernel's release (`uname -r`).
+#[must_use]
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".to_string(), |s| s.trim().to_string())
+}
+
+/// Reports that the current test is skipped because the kernel lacks `feature`. The line
+/// goes straight to stdout, past libtest's capture, so a skip is never silent;
+/// `cargo xtask test` counts these lines as skipped tests.
+pub fn skip(feature: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let line = format!("skipped: needs {feature}, kernel is {}: {test}\n", kernel_release());
+    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+}
+
+/// `true` (and the test should go on) when the kernel has tcx links (6.6+); otherwise prints
+/// "skipped: needs tcx (kernel >= 6.6)" and returns `false`: the test returns early.
+#[must_use]
+pub fn skip_unless_tcx() -> bool {
+    if kernel_at_least(6, 6) {
+        return true;
+    }
+    skip("tcx (kernel >= 6.6)");
+    false
+}

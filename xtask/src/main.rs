@@ -9,12 +9,17 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod manifests;
+mod vm;
+
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// Debian packages the tests and the demo run: ip/bridge (iproute2), the CNI-style
 /// masquerade and kube-proxy-style NodePort rules (iptables), checksum offload switches
-/// (ethtool), mount/umount (mount).
-const APT_PACKAGES: [&str; 4] = ["iproute2", "iptables", "ethtool", "mount"];
+/// (ethtool), mount/umount (mount), and the throughput load generator of the benchmarks
+/// (iperf3).
+const APT_PACKAGES: [&str; 5] = ["iproute2", "iptables", "ethtool", "mount", "iperf3"];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "meshnet's project tasks")]
@@ -33,8 +38,11 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Set up if needed, build everything, and run every test (root required).
+    /// Set up if needed, build everything, and run every test (root required): on the host,
+    /// then the datapath tests in VMs on the kernel matrix (see xtask/src/vm.rs).
     Test {
+        #[command(flatten)]
+        vm: vm::VmArgs,
         /// Extra arguments for `cargo test` after `--`, e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
@@ -42,6 +50,19 @@ enum Task {
     /// Build a two-cluster topology in network namespaces and show traffic to a remote pod
     /// failing without meshnet and crossing with it (root required).
     Demo,
+    /// Run the benchmarks and write docs/benchmarks.md, docs/benchmarks.json and the plots
+    /// (root required).
+    Bench {
+        /// Fewer and shorter repeats: a few minutes instead of a longer full run.
+        #[arg(long)]
+        quick: bool,
+        /// Only some parts: micro (per-packet cost), e2e (network namespaces), control.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Write the report here instead of docs/.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,8 +70,9 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup(),
         Task::BuildEbpf { release } => build_ebpf(release).map(|_| ()),
-        Task::Test { args } => test(&args),
+        Task::Test { args, vm } => vm::test(&args, &vm, test),
         Task::Demo => demo(),
+        Task::Bench { quick, only, out_dir } => bench::bench(&bench::Options { quick, only, out_dir }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,6 +188,10 @@ fn setup() -> anyhow::Result<()> {
         .with_context(|| format!("apt-get install failed; run `{cmd}` by hand"))?;
         did.push(format!("Debian packages {}", apt.join(", ")));
     }
+    // The manifest tests' validator and kubectl (see manifests.rs).
+    did.extend(manifests::setup(&root_dir(), is_root())?);
+    // QEMU, virtme-ng and the kernels of the VM matrix (see vm.rs).
+    did.extend(vm::setup(is_root())?);
     let left = ebpf_prerequisites();
     if !left.is_empty() {
         bail!("still missing after setup: {}", left.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(", "));
@@ -251,14 +277,15 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 }
 
 fn prepare() -> anyhow::Result<PathBuf> {
-    if !ebpf_prerequisites().is_empty() || !missing_apt_packages().is_empty() {
+    if !ebpf_prerequisites().is_empty() || !missing_apt_packages().is_empty() || manifests::missing(&root_dir()) {
         setup()?;
     }
     build_ebpf(true)?;
     build_meshnet()
 }
 
-fn test(args: &[String]) -> anyhow::Result<()> {
+/// The whole suite on the host's kernel.
+fn test(args: &[String]) -> anyhow::Result<vm::Counts> {
     require_root("test")?;
     let bin = prepare()?;
     // A build with different program instructions, for the upgrade-under-a-live-flow test.
@@ -272,30 +299,23 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         cmd.arg("--").args(args);
     }
     let mut child = cmd.spawn().context("running cargo test")?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    // "test result:" lines, and meshnet-tests' "skipped: needs ..." lines.
+    let mut counts = vm::Counts::default();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let num = |label: &str| -> u64 {
-                rest.split(';')
-                    .find_map(|part| part.trim().strip_suffix(label).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok()))
-                    .unwrap_or(0)
-            };
-            passed += num(" passed");
-            failed += num(" failed");
-            ignored += num(" ignored");
-        }
+        counts.scan(&line);
     }
     let status = child.wait()?;
-    println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
+    let (passed, failed, skipped) = (counts.passed, counts.failed, counts.skipped);
+    println!("\nhost suite: {passed} passed, {failed} failed, {skipped} skipped");
     if !status.success() || failed > 0 {
         bail!("tests failed");
     }
     if passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    Ok(counts)
 }
 
 fn demo() -> anyhow::Result<()> {

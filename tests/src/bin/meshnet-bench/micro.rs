@@ -1,0 +1,716 @@
+//! Per-packet cost of the tc programs through `BPF_PROG_TEST_RUN`.
+//!
+//! The trap: with `repeat`, the kernel runs the program again and again on the one skb it
+//! built, so from the second run on a rewriting program sees the packet it already
+//! rewrote. For `meshnet_from_pod` that rewritten packet (pod → gateway NodePort) is a miss,
+//! so a naive `repeat` measures the miss path. Three methods avoid it, and each checks the
+//! datapath counters afterwards to prove which path ran:
+//!
+//! - **A, fixed-point flow entries, amortised.** Besides the real flow, the NAT maps get an
+//!   entry for the *rewritten* tuple that translates it to itself (gateway → the same
+//!   gateway; remote pod → the same remote pod for replies). Every one of the `repeat` runs
+//!   then takes the full hit path (hash hit, flag and timestamp update, three checksum
+//!   helpers, two stores), with identical instructions, and `redirected` (or
+//!   `reverse_translated`) grows by exactly `repeat`. One syscall runs 10^6 packets.
+//! - **B, one syscall per fresh packet.** `repeat = 1`; the kernel copies a fresh packet in
+//!   for every call and times that one run (which includes one clock read). Used for new
+//!   flows (every call a new source address/port, so a genuinely new flow with its LPM walk
+//!   and both state inserts), and for the hot path and the empty program measured the same
+//!   way in the same loop, interleaved.
+//! - **C, new flows through a chain of routes, amortised.** Each gateway is itself routed to
+//!   the next peer's gateway, so every run of one `repeat` loop translates a flow it has never
+//!   seen (see [`chain_new_flows`]).
+//!
+//! Figures are the kernel's per-run times (`BPF_PROG_TEST_RUN`'s duration: integer ns, and
+//! the loop stops its clock while it yields the CPU to other tasks); wall times of the
+//! syscalls are kept beside them.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    Ebpf,
+};
+use etherparse::{PacketBuilder, TcpHeader, TcpOptionElement};
+use meshnet::{
+    config::{peer_id, Config},
+    datapath::Datapath,
+    maps::{self, addr_be, ControlMaps, Stats},
+};
+use meshnet_common::{limits, names, FlowKey, Gateway, NatRev, PeerGateways, RouteValue, GW_UP, IPPROTO_TCP};
+use serde_json::{json, Value};
+
+use crate::stats::{ratios, round, trimmed_mean, Stat};
+
+const CONFIG: &str = r#"
+cluster: cluster1
+podCIDRs: ["10.244.0.0/16"]
+interfaces: ["veth*"]
+peers:
+  - name: cluster2
+    podCIDRs: ["10.245.0.0/16"]
+    gateways:
+      - {address: 192.0.2.2, port: 31674, udpPort: 31675}
+"#;
+
+const POD: [u8; 4] = [10, 244, 0, 10];
+const LOCAL_POD: [u8; 4] = [10, 244, 0, 20];
+const REMOTE: [u8; 4] = [10, 245, 0, 20];
+const GW: [u8; 4] = [192, 0, 2, 2];
+const GW_TCP: u16 = 31674;
+const POD_PORT: u16 = 40_000;
+const APP_PORT: u16 = 8080;
+const UNSPEC: u32 = u32::MAX;
+const OK: u32 = 0;
+
+pub struct Params {
+    /// Runs per syscall for method A.
+    pub repeat: u32,
+    /// Repeats of every method-A figure (and batches of method B).
+    pub reps: usize,
+    /// New flows (method-B calls) per route configuration, in batches of `new_flow_batch`.
+    pub new_flows: usize,
+    pub new_flow_batch: usize,
+    pub cidr_counts: Vec<usize>,
+    /// Another build of the eBPF object to measure instead of the embedded one.
+    pub object: Option<Vec<u8>>,
+    /// Benchmark-only builds (cargo features of meshnet-ebpf) for the cost breakdown.
+    pub variants: Vec<(String, Vec<u8>)>,
+}
+
+impl Params {
+    #[must_use]
+    pub fn new(quick: bool) -> Self {
+        let env = |k: &str| std::env::var(k).ok();
+        Self {
+            repeat: 1_000_000,
+            reps: if quick { 7 } else { 15 },
+            // Development knobs, not for published figures.
+            new_flows: env("MNBENCH_NEW_FLOWS").and_then(|v| v.parse().ok()).unwrap_or(1_000_000),
+            new_flow_batch: 50_000,
+            cidr_counts: env("MNBENCH_CIDRS").map_or_else(
+                || vec![1, 1_000, 10_000, 100_000],
+                |v| v.split(',').filter_map(|n| n.parse().ok()).collect(),
+            ),
+            object: None,
+            variants: Vec::new(),
+        }
+    }
+}
+
+/// Which prefixes fill the route trie besides cluster2's 10.245.0.0/16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixSet {
+    /// /24s spread evenly over 11.0.0.0–222.255.255.255: far from the addresses the
+    /// benchmark looks up (all in 10.0.0.0/8), so a lookup leaves their part of the trie
+    /// within the first 8 bits.
+    Sparse,
+    /// /28s spread evenly over 10.0.0.0/8 around 10.244.0.0/16 (local) and 10.245.0.0/16
+    /// (remote): a lookup walks the trie down among them.
+    Dense,
+}
+
+impl PrefixSet {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefixSet::Sparse => "sparse",
+            PrefixSet::Dense => "dense",
+        }
+    }
+}
+
+/// `count` prefixes of `set`, as (prefix length, network address).
+#[must_use]
+pub fn prefixes(set: PrefixSet, count: usize) -> Vec<(u32, [u8; 4])> {
+    if count == 0 {
+        return Vec::new();
+    }
+    match set {
+        PrefixSet::Sparse => {
+            // /24 slots from 11.0.0.0 up to 223.0.0.0, minus the gateway's 192.0.2.0/24.
+            let first: u64 = 11 << 16;
+            let span: u64 = (223 << 16) - first;
+            let skip = (192u64 << 16) | 2;
+            let mut out = Vec::with_capacity(count);
+            let mut j = 0u64;
+            while out.len() < count {
+                let slot = first + j * span / count as u64;
+                j += 1;
+                let slot = if slot == skip { slot + 1 } else { slot };
+                let a = (slot << 8) as u32;
+                out.push((24, a.to_be_bytes()));
+            }
+            out
+        }
+        PrefixSet::Dense => {
+            // /28 slots of 10.0.0.0/8 (2^20 of them), minus the 8192 of 10.244.0.0/15.
+            let hole_start: u64 = (244 << 16) >> 4; // /28 index of 10.244.0.0
+            let hole: u64 = 2 << 12;
+            let allowed: u64 = (1 << 20) - hole;
+            (0..count as u64)
+                .map(|j| {
+                    let mut slot = j * allowed / count as u64;
+                    if slot >= hole_start {
+                        slot += hole;
+                    }
+                    let a = (10u32 << 24) | ((slot as u32) << 4);
+                    (28, a.to_be_bytes())
+                })
+                .collect()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packets
+// ---------------------------------------------------------------------------------------
+
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8> {
+    let mut h = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
+    if syn {
+        h.syn = true;
+        h.set_options(&[TcpOptionElement::MaximumSegmentSize(1460), TcpOptionElement::WindowScale(7)]).unwrap();
+    } else {
+        h.ack = true;
+        h.psh = true;
+        h.acknowledgment_number = 0x2000_0001;
+    }
+    let payload: &[u8] = if syn { b"" } else { b"GET / HTTP/1.1\r\nHost: app\r\n\r\n" };
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 10], [2, 0, 0, 0, 0, 1])
+        .ipv4(src, dst, 64)
+        .tcp_header(h)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+fn sum16(data: &[u8]) -> u32 {
+    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// Recomputes the IPv4 and TCP checksums of an Ethernet + IPv4 (no options) + TCP frame.
+fn fix_checksums(f: &mut [u8]) {
+    f[24] = 0;
+    f[25] = 0;
+    let c = fold(sum16(&f[14..34]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let tot = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    let l4_len = tot - 20;
+    f[34 + 16] = 0;
+    f[34 + 17] = 0;
+    let pseudo = sum16(&f[26..34]) + u32::from(f[23]) + l4_len as u32;
+    let c = fold(pseudo + sum16(&f[34..34 + l4_len]));
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The `i`-th new flow's SYN: a distinct pod address and source port each time.
+fn new_flow_syn(template: &mut [u8], i: usize) {
+    let (ip, port) = new_flow_tuple(i);
+    template[26..30].copy_from_slice(&ip);
+    template[34..36].copy_from_slice(&port.to_be_bytes());
+    fix_checksums(template);
+}
+
+// ---------------------------------------------------------------------------------------
+// The loaded datapath
+// ---------------------------------------------------------------------------------------
+
+struct Dp {
+    ebpf: Ebpf,
+    maps: ControlMaps,
+    stats: Stats,
+}
+
+struct Run {
+    ret: u32,
+    /// The kernel's per-run average.
+    kernel: Duration,
+    /// The whole syscall, measured here.
+    wall: Duration,
+}
+
+impl Dp {
+    fn load(max_flows: u32, object: Option<&[u8]>) -> anyhow::Result<Self> {
+        let config = Config::from_yaml(CONFIG)?;
+        let mut ebpf = match object {
+            None => Datapath::load_unpinned(max_flows)?,
+            // As Datapath::load_unpinned does with the embedded object.
+            Some(object) => {
+                let mut loader = aya::EbpfLoader::new();
+                loader.map_max_entries(names::NAT_FWD, max_flows);
+                loader.map_max_entries(names::NAT_REV, max_flows);
+                let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+                for name in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY] {
+                    let p: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+                    p.load().with_context(|| format!("loading {name}"))?;
+                }
+                ebpf
+            }
+        };
+        let mut maps = ControlMaps::from_ebpf(&mut ebpf)?;
+        maps.sync(&config.desired())?;
+        let stats = maps::take_stats(&mut ebpf)?;
+        Ok(Self { ebpf, maps, stats })
+    }
+
+
+    fn add_routes(&mut self, list: &[(u32, [u8; 4])]) -> anyhow::Result<()> {
+        let value = RouteValue { peer_id: peer_id("cluster2") };
+        for (len, addr) in list {
+            self.maps
+                .routes
+                .insert(&Key::new(*len, addr_be((*addr).into())), value, 0)
+                .context("inserting a route")?;
+        }
+        Ok(())
+    }
+}
+
+fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
+    FlowKey {
+        src_be: addr_be(src.into()),
+        dst_be: addr_be(dst.into()),
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+fn test_run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> anyhow::Result<Run> {
+    let t = Instant::now();
+    let r = prog
+        .test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() })
+        .context("BPF_PROG_TEST_RUN")?;
+    let wall = t.elapsed();
+    Ok(Run { ret: r.return_value, kernel: r.duration, wall })
+}
+
+fn counter(stats: &Stats, name: &str) -> u64 {
+    maps::sum_stats(stats).map_or(0, |m| m[name])
+}
+
+fn prog<'a>(ebpf: &'a Ebpf, name: &str) -> &'a SchedClassifier {
+    ebpf.program(name).expect("program").try_into().expect("a tc program")
+}
+
+// ---------------------------------------------------------------------------------------
+// Measuring
+// ---------------------------------------------------------------------------------------
+
+/// Method-A figures for one case: ns/packet per repeat.
+#[derive(Default)]
+struct Amortised {
+    wall: Vec<f64>,
+    kernel: Vec<f64>,
+}
+
+/// One method-A case: a program, its packet, the counter that must grow by `repeat` (every
+/// run translated) or none (no translation counter may move), and the verdict.
+struct Case<'a> {
+    name: &'static str,
+    prog: &'a SchedClassifier,
+    pkt: &'a [u8],
+    counter: Option<&'static str>,
+    verdict: u32,
+}
+
+/// Runs one case `repeat` times in one syscall and checks which path ran: the kernel's
+/// per-run average (integer ns; it leaves out the time other tasks ran when the loop yielded
+/// the CPU) and the syscall's wall time per run.
+fn amortised(dp: &Dp, c: &Case<'_>, repeat: u32) -> anyhow::Result<(f64, f64)> {
+    let translations = || -> u64 { ["redirected", "reverse_translated"].iter().map(|n| counter(&dp.stats, n)).sum() };
+    let before = translations();
+    let own_before = c.counter.map_or(0, |n| counter(&dp.stats, n));
+    let r = test_run(c.prog, c.pkt, repeat)?;
+    ensure!(r.ret == c.verdict, "{}: verdict {} instead of {}", c.name, r.ret, c.verdict);
+    if let Some(n) = c.counter {
+        // Every run took the translating path, not only the first.
+        let moved = counter(&dp.stats, n) - own_before;
+        ensure!(moved == u64::from(repeat), "{}: {n} grew by {moved}, not {repeat}", c.name);
+    } else {
+        ensure!(translations() == before, "{}: a translation counter moved", c.name);
+    }
+    Ok((r.kernel.as_nanos() as f64, r.wall.as_secs_f64() * 1e9 / f64::from(repeat)))
+}
+
+/// The measured packets.
+struct Packets {
+    hot: Vec<u8>,
+    reply: Vec<u8>,
+    miss: Vec<u8>,
+}
+
+impl Packets {
+    fn new() -> Self {
+        Self {
+            hot: tcp(POD, POD_PORT, REMOTE, APP_PORT, false),
+            reply: tcp(GW, GW_TCP, POD, POD_PORT, false),
+            miss: tcp(POD, POD_PORT, LOCAL_POD, APP_PORT, false),
+        }
+    }
+}
+
+/// Establishes the measured flow the ordinary way (its first packet through `from_pod`), and
+/// adds the fixed-point entries for method A. With `naive`, first shows the trap: a plain
+/// `repeat` over the flow's packet.
+fn establish(dp: &mut Dp, pk: &Packets, repeat: u32, naive: Option<&mut Value>) -> anyhow::Result<()> {
+    let from_pod = prog(&dp.ebpf, names::PROG_FROM_POD);
+    let before = counter(&dp.stats, "redirected");
+    let r = test_run(from_pod, &pk.hot, 1)?;
+    ensure!(
+        r.ret == OK && counter(&dp.stats, "redirected") == before + 1,
+        "the first packet was not translated (verdict {})",
+        r.ret
+    );
+    if let Some(naive) = naive {
+        let before = counter(&dp.stats, "redirected");
+        let r = test_run(from_pod, &pk.hot, repeat)?;
+        let translated = counter(&dp.stats, "redirected") - before;
+        *naive = json!({
+            "ns_per_packet": round(r.kernel.as_nanos() as f64),
+            "repeat": repeat,
+            "runs_that_translated": translated,
+        });
+    }
+    // The fixed points: the rewritten packet's tuples translate to themselves.
+    let fwd = dp.maps.nat_fwd.get(&key(POD, POD_PORT, REMOTE, APP_PORT), 0).context("the flow's state")?;
+    ensure!(fwd.gw_addr_be == addr_be(GW.into()) && fwd.gw_port_be == GW_TCP.to_be(), "unexpected flow state");
+    dp.maps.nat_fwd.insert(key(POD, POD_PORT, GW, GW_TCP), fwd, 0)?;
+    let rev = NatRev {
+        remote_addr_be: addr_be(REMOTE.into()),
+        remote_port_be: APP_PORT.to_be(),
+        pod_port_be: POD_PORT.to_be(),
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: 0,
+    };
+    dp.maps.nat_rev.insert(key(REMOTE, APP_PORT, POD, POD_PORT), rev, 0)?;
+    Ok(())
+}
+
+fn cases<'a>(ebpf: &'a Ebpf, pk: &'a Packets) -> [Case<'a>; 4] {
+    let from_pod = prog(ebpf, names::PROG_FROM_POD);
+    [
+        Case { name: "empty", prog: prog(ebpf, names::PROG_EMPTY), pkt: &pk.hot, counter: None, verdict: UNSPEC },
+        Case { name: "hot", prog: from_pod, pkt: &pk.hot, counter: Some("redirected"), verdict: OK },
+        Case { name: "reply", prog: prog(ebpf, names::PROG_TO_POD), pkt: &pk.reply, counter: Some("reverse_translated"), verdict: OK },
+        Case { name: "miss", prog: from_pod, pkt: &pk.miss, counter: None, verdict: UNSPEC },
+    ]
+}
+
+/// The `i`-th new flow's pod address and source port.
+fn new_flow_tuple(i: usize) -> ([u8; 4], u16) {
+    ([10, 244, 1, 10 + (i / 50_000) as u8], 10_000 + (i % 50_000) as u16)
+}
+
+/// Method B for one route configuration: `batches` batches of `batch` new flows, each new
+/// flow interleaved with an empty-program call and a hot-path call. The flow maps have the
+/// default size (`nat.maxFlows` 65,536, what a node runs) and are emptied of the batch's flows
+/// between batches, so no insert ever meets a full map.
+fn per_call(dp: &mut Dp, pk: &Packets, batch: usize, batches: usize) -> anyhow::Result<Value> {
+    let from_pod = prog(&dp.ebpf, names::PROG_FROM_POD);
+    let empty = prog(&dp.ebpf, names::PROG_EMPTY);
+    let redirected_before = counter(&dp.stats, "redirected");
+    let mut syn = tcp(POD, 1, REMOTE, APP_PORT, true);
+    let (mut new_b, mut empty_b, mut hot_b) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut new_s, mut empty_s, mut hot_s) = (Vec::with_capacity(batch), Vec::with_capacity(batch), Vec::with_capacity(batch));
+    let ns = |r: Run| u32::try_from(r.kernel.as_nanos()).unwrap_or(u32::MAX);
+    for b in 0..batches {
+        for i in b * batch..(b + 1) * batch {
+            new_flow_syn(&mut syn, i);
+            let r = test_run(from_pod, &syn, 1)?;
+            if r.ret != OK {
+                bail!("new flow {i}: verdict {}", r.ret);
+            }
+            new_s.push(ns(r));
+            empty_s.push(ns(test_run(empty, &pk.hot, 1)?));
+            hot_s.push(ns(test_run(from_pod, &pk.hot, 1)?));
+        }
+        new_b.push(trimmed_mean(&mut new_s));
+        empty_b.push(trimmed_mean(&mut empty_s));
+        hot_b.push(trimmed_mean(&mut hot_s));
+        new_s.clear();
+        empty_s.clear();
+        hot_s.clear();
+        for i in b * batch..(b + 1) * batch {
+            let (ip, port) = new_flow_tuple(i);
+            dp.maps.nat_fwd.remove(&key(ip, port, REMOTE, APP_PORT)).context("removing a new flow")?;
+            dp.maps.nat_rev.remove(&key(GW, GW_TCP, ip, port)).context("removing a new flow's reply tuple")?;
+        }
+    }
+    let total = (batch * batches) as u64;
+    let moved = counter(&dp.stats, "redirected") - redirected_before;
+    ensure!(moved == 2 * total, "method B: redirected grew by {moved}, expected {}", 2 * total);
+    for c in ["port_remap", "nat_insert_failed"] {
+        ensure!(counter(&dp.stats, c) == 0, "method B: {c} = {}", counter(&dp.stats, c));
+    }
+    let net = |v: &[f64]| -> Vec<f64> { v.iter().zip(&empty_b).map(|(x, e)| x - e).collect() };
+    Ok(json!({
+        "batch": batch,
+        "new_flows": total,
+        "flow_map_entries": limits::DEFAULT_NAT_ENTRIES,
+        "empty": { "ns": Stat::of(&empty_b).json() },
+        "new_flow": {
+            "ns": Stat::of(&new_b).json(),
+            "ratio_to_empty": Stat::of(&ratios(&new_b, &empty_b)).json(),
+            "net_ns": Stat::of(&net(&new_b)).json(),
+        },
+        "hot": {
+            "ns": Stat::of(&hot_b).json(),
+            "ratio_to_empty": Stat::of(&ratios(&hot_b, &empty_b)).json(),
+            "net_ns": Stat::of(&net(&hot_b)).json(),
+        },
+    }))
+}
+
+/// Length of the chain of peers for method C.
+const CHAIN: usize = 1000;
+
+/// The chain's `k`-th gateway: 240.0.x.y (reserved space, outside both prefix sets).
+fn chain_gw(k: usize) -> [u8; 4] {
+    [240, 0, (k >> 8) as u8, k as u8]
+}
+
+/// Method C: new flows, amortised. A chain of routes makes every run of one `repeat` loop a
+/// genuinely new flow: the first run translates the SYN to cluster2's gateway 192.0.2.2;
+/// 192.0.2.2/32 is itself routed to a peer whose gateway is 240.0.0.0, which is routed to a
+/// peer whose gateway is 240.0.0.1, and so on for `CHAIN` peers. So run k sees the packet
+/// run k−1 rewrote, a flow it has never seen: LPM hit, gateway choice, reply-tuple claim,
+/// both inserts and the rewrite, `CHAIN + 1` times per syscall. Every syscall sends a SYN
+/// from a new source port, so every flow is new; `redirected` must grow by `CHAIN + 1` per
+/// syscall and the flow maps are emptied of them between batches.
+fn chain_new_flows(p: &Params) -> anyhow::Result<Value> {
+    let mut dp = Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?;
+    let gw_port_be = GW_TCP.to_be();
+    let route = |dp: &mut Dp, dst: [u8; 4], peer: usize, gw: [u8; 4]| -> anyhow::Result<()> {
+        let id = peer_id(&format!("chain-{peer}"));
+        let mut pg = PeerGateways { count: 1, ..Default::default() };
+        pg.gateways[0] = Gateway { addr_be: addr_be(gw.into()), tcp_port_be: gw_port_be, udp_port_be: 0, flags: GW_UP };
+        dp.maps.peers.insert(id, pg, 0)?;
+        dp.maps.routes.insert(&Key::new(32, addr_be(dst.into())), RouteValue { peer_id: id }, 0)?;
+        Ok(())
+    };
+    route(&mut dp, GW, 0, chain_gw(0))?;
+    for k in 1..CHAIN {
+        route(&mut dp, chain_gw(k - 1), k, chain_gw(k))?;
+    }
+    let from_pod = prog(&dp.ebpf, names::PROG_FROM_POD);
+    let empty = prog(&dp.ebpf, names::PROG_EMPTY);
+    let repeat = u32::try_from(CHAIN + 1)?;
+    let per_batch = limits::DEFAULT_NAT_ENTRIES as usize * 7 / 10 / (CHAIN + 1);
+    let syscalls = p.new_flows.div_ceil(CHAIN + 1);
+    let mut syn = tcp(POD, 1, REMOTE, APP_PORT, true);
+    let (mut new_b, mut empty_b, mut wall_b) = (Vec::new(), Vec::new(), Vec::new());
+    let mut done = 0;
+    while done < syscalls {
+        let n = per_batch.min(syscalls - done);
+        let (mut w, mut e, mut kn) = (0.0, 0.0, 0.0);
+        for i in done..done + n {
+            new_flow_syn(&mut syn, i);
+            let before = counter(&dp.stats, "redirected");
+            let r = test_run(from_pod, &syn, repeat)?;
+            let moved = counter(&dp.stats, "redirected") - before;
+            ensure!(r.ret == OK && moved == u64::from(repeat), "chain {i}: verdict {}, {moved} translations", r.ret);
+            w += r.wall.as_secs_f64() * 1e9 / f64::from(repeat);
+            kn += r.kernel.as_nanos() as f64;
+            let r = test_run(empty, &syn, repeat)?;
+            e += r.kernel.as_nanos() as f64;
+        }
+        new_b.push(kn / n as f64);
+        empty_b.push(e / n as f64);
+        wall_b.push(w / n as f64);
+        for i in done..done + n {
+            let (ip, port) = new_flow_tuple(i);
+            let mut dsts = vec![(REMOTE, APP_PORT), (GW, GW_TCP)];
+            dsts.extend((0..CHAIN - 1).map(|k| (chain_gw(k), GW_TCP)));
+            for (dst, dport) in dsts {
+                dp.maps.nat_fwd.remove(&key(ip, port, dst, dport)).context("removing a chained flow")?;
+            }
+            let mut gws = vec![GW];
+            gws.extend((0..CHAIN).map(chain_gw));
+            for gw in gws {
+                dp.maps.nat_rev.remove(&key(gw, GW_TCP, ip, port)).context("removing a chained reply tuple")?;
+            }
+        }
+        done += n;
+    }
+    for c in ["port_remap", "nat_insert_failed"] {
+        ensure!(counter(&dp.stats, c) == 0, "method C: {c} = {}", counter(&dp.stats, c));
+    }
+    Ok(json!({
+        "chain": CHAIN + 1,
+        "new_flows": syscalls * (CHAIN + 1),
+        "routes": dp.maps.routes.iter().count(),
+        "flow_map_entries": limits::DEFAULT_NAT_ENTRIES,
+        "empty": { "ns": Stat::of(&empty_b).json() },
+        "new_flow": {
+            "ns": Stat::of(&new_b).json(),
+            "wall_ns": Stat::of(&wall_b).json(),
+            "ratio_to_empty": Stat::of(&ratios(&new_b, &empty_b)).json(),
+            "net_ns": Stat::of(&new_b.iter().zip(&empty_b).map(|(n, e)| n - e).collect::<Vec<_>>()).json(),
+        },
+    }))
+}
+
+fn measure_config(p: &Params, n: usize, set: PrefixSet, naive: Option<&mut Value>) -> anyhow::Result<Value> {
+    let mut dp = Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?;
+    dp.add_routes(&prefixes(set, n - 1))?;
+    let routes = dp.maps.routes.iter().count();
+    ensure!(routes == n, "the route trie holds {routes} prefixes, expected {n}");
+    let pk = Packets::new();
+    establish(&mut dp, &pk, p.repeat, naive)?;
+
+    let cs = cases(&dp.ebpf, &pk);
+    let mut am: Vec<Amortised> = (0..cs.len()).map(|_| Amortised::default()).collect();
+    for _ in 0..p.reps {
+        for (c, a) in cs.iter().zip(&mut am) {
+            let (kernel, wall) = amortised(&dp, c, p.repeat)?;
+            a.wall.push(wall);
+            a.kernel.push(kernel);
+        }
+    }
+    let floor = am[0].kernel.clone();
+    let mut a = serde_json::Map::new();
+    for (c, m) in cs.iter().zip(&am) {
+        a.insert(
+            c.name.to_string(),
+            json!({
+                "ns": Stat::of(&m.kernel).json(),
+                "wall_ns": Stat::of(&m.wall).json(),
+                "ratio_to_empty": Stat::of(&ratios(&m.kernel, &floor)).json(),
+            }),
+        );
+    }
+    let b = per_call(&mut dp, &pk, p.new_flow_batch, p.new_flows / p.new_flow_batch)?;
+    Ok(json!({ "cidrs": n, "set": set.name(), "amortised": a, "per_call": b }))
+}
+
+/// The default object and the benchmark variants side by side, one CIDR, method A: what
+/// the rewrite and the clock read cost, by difference.
+fn breakdown(p: &Params) -> anyhow::Result<Value> {
+    let pk = Packets::new();
+    let mut dps = vec![("default".to_string(), Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?)];
+    for (name, obj) in &p.variants {
+        dps.push((name.clone(), Dp::load(limits::DEFAULT_NAT_ENTRIES, Some(obj))?));
+    }
+    for (_, dp) in &mut dps {
+        establish(dp, &pk, p.repeat, None)?;
+    }
+    let mut am: Vec<Vec<Amortised>> = dps.iter().map(|_| (0..4).map(|_| Amortised::default()).collect()).collect();
+    for _ in 0..p.reps {
+        for ((_, dp), m) in dps.iter().zip(&mut am) {
+            for (c, a) in cases(&dp.ebpf, &pk).iter().zip(m.iter_mut()) {
+                let (kernel, wall) = amortised(dp, c, p.repeat)?;
+                a.wall.push(wall);
+                a.kernel.push(kernel);
+            }
+        }
+    }
+    let mut out = serde_json::Map::new();
+    let names = ["empty", "hot", "reply", "miss"];
+    for (i, (name, _)) in dps.iter().enumerate() {
+        let mut v = serde_json::Map::new();
+        for (j, case) in names.iter().enumerate() {
+            let mine = &am[i][j].kernel;
+            let dflt = &am[0][j].kernel;
+            v.insert(
+                (*case).to_string(),
+                json!({
+                    "ns": Stat::of(mine).json(),
+                    // What the default build spends on the part this variant leaves out.
+                    "default_minus_this": Stat::of(&dflt.iter().zip(mine).map(|(d, m)| d - m).collect::<Vec<_>>()).json(),
+                }),
+            );
+        }
+        out.insert(name.clone(), Value::Object(v));
+    }
+    Ok(Value::Object(out))
+}
+
+/// Every route configuration; the 1-CIDR one is shared by both sets.
+pub fn run(p: &Params) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let mut configs = Vec::new();
+    let mut naive = Value::Null;
+    for &n in &p.cidr_counts {
+        for set in [PrefixSet::Sparse, PrefixSet::Dense] {
+            if n == 1 && set == PrefixSet::Dense {
+                continue;
+            }
+            eprintln!("bench: datapath, {n} CIDRs ({})", if n == 1 { "one" } else { set.name() });
+            let first = configs.is_empty();
+            let mut c = measure_config(p, n, set, first.then_some(&mut naive))
+                .with_context(|| format!("{n} CIDRs, {}", set.name()))?;
+            if n == 1 {
+                c["set"] = json!("both");
+            }
+            configs.push(c);
+        }
+    }
+    eprintln!("bench: datapath, new flows amortised over a chain of routes");
+    let chained = chain_new_flows(p).context("new flows through a chain of routes")?;
+    let parts = if p.variants.is_empty() {
+        Value::Null
+    } else {
+        eprintln!("bench: datapath, cost breakdown against the benchmark variants");
+        breakdown(p)?
+    };
+    Ok(json!({
+        "repeat": p.repeat,
+        "reps": p.reps,
+        "configs": configs,
+        "naive_repeat": naive,
+        "new_flow_chain": chained,
+        "breakdown": parts,
+        "seconds": round(started.elapsed().as_secs_f64()),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_sets_are_distinct_and_keep_clear_of_the_benchmark_addresses() {
+        for set in [PrefixSet::Sparse, PrefixSet::Dense] {
+            for n in [1, 999, 99_999] {
+                let v = prefixes(set, n);
+                assert_eq!(v.len(), n);
+                let mut seen = std::collections::BTreeSet::new();
+                for (len, a) in &v {
+                    assert!(seen.insert(*a), "{set:?}: {a:?} twice");
+                    let mask = u32::MAX << (32 - len);
+                    let net = u32::from_be_bytes(*a);
+                    for probe in [POD, LOCAL_POD, REMOTE, GW] {
+                        assert_ne!(u32::from_be_bytes(probe) & mask, net, "{set:?} covers {probe:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn new_flow_syns_have_valid_checksums() {
+        let mut f = tcp(POD, 1, REMOTE, APP_PORT, true);
+        let orig = f.clone();
+        new_flow_syn(&mut f, 0);
+        assert_ne!(f, orig);
+        let parsed = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else { panic!() };
+        let Some(etherparse::TransportSlice::Tcp(t)) = parsed.transport else { panic!() };
+        let want = t.to_header().calc_checksum_ipv4(&ip.header().to_header(), t.payload()).unwrap();
+        assert_eq!(t.checksum(), want);
+        assert_eq!(ip.header().to_header().calc_header_checksum(), ip.header().header_checksum());
+    }
+}

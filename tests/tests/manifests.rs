@@ -1,0 +1,350 @@
+//! deploy/ against Kubernetes 1.18, offline: every manifest, and what `kubectl apply -k
+//! deploy/` would apply (rendered by the kustomize that kubectl 1.18 embeds), validated by
+//! `kubernetes-validate` against its bundled 1.18 schemas in strict mode, which rejects
+//! unknown fields (a typo) and fields or API versions newer than 1.18. Negative checks prove
+//! the validator is that strict. `cargo xtask setup` installs both tools under target/tools
+//! (see xtask/src/manifests.rs); nothing here uses the network.
+//!
+//! Also: the ConfigMap holds a config meshnet accepts, the workloads' arguments parse, and
+//! the probes use the port of --metrics-addr.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn deploy() -> PathBuf {
+    root().join("deploy")
+}
+
+/// A tool from target/tools, or from an environment variable; fails clearly when missing.
+fn tool(var: &str, default: &str) -> PathBuf {
+    let path = std::env::var_os(var).map_or_else(|| root().join(default), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup` (it installs the manifest validator and kubectl 1.20 under \
+         target/tools), or set {var}",
+        path.display()
+    );
+    path
+}
+
+fn validator() -> PathBuf {
+    tool("MESHNET_KUBERNETES_VALIDATE", "target/tools/venv/bin/kubernetes-validate")
+}
+
+fn kubectl() -> PathBuf {
+    tool("MESHNET_KUBECTL", "target/tools/kubectl-1.20/usr/bin/kubectl")
+}
+
+/// What the validator said about one file.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// `kind/name` of every resource that passed against 1.18.
+    passed: BTreeSet<String>,
+    /// Every other line: ERROR (invalid), WARN (no 1.18 schema for that kind and API version,
+    /// which the validator itself lets pass), FATAL.
+    problems: Vec<String>,
+}
+
+fn validate(path: &Path) -> Verdict {
+    let out = Command::new(validator())
+        .args(["--kubernetes-version", "1.18.0", "--strict"])
+        .arg(path)
+        .output()
+        .expect("running kubernetes-validate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut v = Verdict::default();
+    for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let passed = line
+            .strip_prefix("INFO ")
+            .and_then(|l| l.split_once(" passed for resource "))
+            .and_then(|(_, rest)| rest.strip_suffix(" against version 1.18"));
+        match passed {
+            Some(resource) => {
+                v.passed.insert(resource.to_string());
+            }
+            None => v.problems.push(line.to_string()),
+        }
+    }
+    if !out.status.success() && v.problems.is_empty() {
+        v.problems.push(format!("exit status {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    v
+}
+
+fn assert_valid(path: &Path) -> BTreeSet<String> {
+    let v = validate(path);
+    assert!(v.problems.is_empty(), "{} is not valid for Kubernetes 1.18:\n{}", path.display(), v.problems.join("\n"));
+    assert!(!v.passed.is_empty(), "{}: the validator found no resource", path.display());
+    v.passed
+}
+
+/// The full manifests in deploy/: not the kustomization, not meshnet's own config file,
+/// not the partial patches under deploy/patches (checked through the rendering).
+fn manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .filter(|p| !matches!(p.file_name().and_then(|n| n.to_str()), Some("kustomization.yaml" | "config.example.yaml")))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("meshnet-manifests-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `kubectl kustomize DIR` with kubectl 1.20, whose kustomize (v2.0.3) is kubectl 1.18's.
+fn render(dir: &Path) -> String {
+    let out = Command::new(kubectl()).arg("kustomize").arg(dir).output().expect("running kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The objects `kubectl apply -k deploy/` creates.
+const KUSTOMIZED: [&str; 16] = [
+    "namespace/meshnet",
+    "configmap/meshnet-config",
+    "serviceaccount/meshnet-agent",
+    "clusterrole/meshnet-agent",
+    "clusterrolebinding/meshnet-agent",
+    "role/meshnet-agent",
+    "rolebinding/meshnet-agent",
+    "daemonset/meshnet-agent",
+    "serviceaccount/meshnet-controller",
+    "role/meshnet-controller",
+    "rolebinding/meshnet-controller",
+    "clusterrole/meshnet-controller",
+    "clusterrolebinding/meshnet-controller",
+    "deployment/meshnet-controller",
+    // The controller's Role and RoleBinding exist twice (istio-system and meshnet); the
+    // validator names them by kind and name only.
+    "role/meshnet-controller",
+    "rolebinding/meshnet-controller",
+];
+
+#[test]
+fn every_manifest_is_valid_for_kubernetes_1_18() {
+    let files = manifests();
+    assert!(files.len() >= 8, "expected the deploy manifests, found {files:?}");
+    let mut all = BTreeSet::new();
+    for f in &files {
+        all.extend(assert_valid(f));
+    }
+    for want in KUSTOMIZED.iter().chain(&["role/meshnet-mesh-networks", "clusterrole/meshnet-remote-reader", "secret/meshnet-remote-reader-token"]) {
+        assert!(all.contains(*want), "{want} is in no manifest; found {all:?}");
+    }
+}
+
+/// The resources kustomization.yaml lists (a plain `resources:` list of files).
+fn kustomization_resources(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.starts_with("resources:") {
+            inside = true;
+        } else if inside {
+            match line.trim_start().strip_prefix("- ") {
+                Some(item) if line.starts_with(' ') => out.push(item.trim().to_string()),
+                _ if line.trim().is_empty() || line.trim_start().starts_with('#') => {}
+                _ => inside = false,
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_kustomization_lists_every_cluster_manifest() {
+    let text = std::fs::read_to_string(deploy().join("kustomization.yaml")).unwrap();
+    let listed = kustomization_resources(&text);
+    assert!(!listed.is_empty(), "no resources in deploy/kustomization.yaml");
+    for r in &listed {
+        assert!(deploy().join(r).is_file(), "deploy/kustomization.yaml lists {r}, which does not exist");
+    }
+    // Applied on their own, by design.
+    let separate = ["mesh-networks-rbac.yaml", "remote-reader.yaml", "detach.yaml"];
+    for f in manifests() {
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(
+            listed.contains(&name) || separate.contains(&name.as_str()),
+            "deploy/{name} is neither in kustomization.yaml nor one of the manifests applied separately ({separate:?})"
+        );
+    }
+}
+
+#[test]
+fn kubectl_1_18s_kustomize_renders_a_valid_deployment() {
+    let scratch = Scratch::new("render");
+    let rendered = render(&deploy());
+    let out = scratch.write("rendered.yaml", &rendered);
+    let passed = assert_valid(&out);
+    let want: BTreeSet<String> = KUSTOMIZED.iter().map(ToString::to_string).collect();
+    assert_eq!(passed, want, "kubectl apply -k deploy/ would apply other objects than expected");
+    // The default capabilities.
+    let caps = added_capabilities(&rendered);
+    assert_eq!(caps, ["BPF", "NET_ADMIN", "PERFMON"], "{rendered}");
+    assert!(rendered.contains("image: meshnet:0.1.0"));
+}
+
+/// The `capabilities.add` list of the agent in rendered YAML (kubectl's block style).
+fn added_capabilities(rendered: &str) -> Vec<String> {
+    let lines: Vec<&str> = rendered.lines().collect();
+    let at = lines.iter().position(|l| l.trim() == "add:").expect("no capabilities.add");
+    let indent = lines[at].len() - lines[at].trim_start().len();
+    lines[at + 1..]
+        .iter()
+        .take_while(|l| l.trim_start().starts_with("- ") && l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.trim_start().trim_start_matches("- ").to_string())
+        .collect()
+}
+
+#[test]
+fn the_older_kernel_variant_renders_with_sys_admin() {
+    let scratch = Scratch::new("older-kernel");
+    let dir = scratch.0.join("deploy");
+    std::fs::create_dir_all(dir.join("patches")).unwrap();
+    for f in std::fs::read_dir(deploy()).unwrap().map(|e| e.unwrap().path()).filter(|f| f.is_file()) {
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(deploy().join("patches/older-kernel.yaml"), dir.join("patches/older-kernel.yaml")).unwrap();
+    // Enable it exactly as kustomization.yaml tells the reader to: uncomment two lines.
+    let k = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    let commented = "# patchesStrategicMerge:\n#   - patches/older-kernel.yaml\n";
+    assert!(k.contains(commented), "deploy/kustomization.yaml no longer has the commented older-kernel lines");
+    std::fs::write(dir.join("kustomization.yaml"), k.replace(commented, "patchesStrategicMerge:\n  - patches/older-kernel.yaml\n"))
+        .unwrap();
+    let rendered = render(&dir);
+    let out = scratch.write("rendered.yaml", &rendered);
+    let passed = assert_valid(&out);
+    assert!(passed.contains("daemonset/meshnet-agent"));
+    assert_eq!(added_capabilities(&rendered), ["SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE"], "{rendered}");
+    // The patch replaced the list and kept the rest of the container.
+    for kept in ["- --kube", "mountPropagation: HostToContainer", "readOnlyRootFilesystem: true", "- ALL"] {
+        assert!(rendered.contains(kept), "{kept} lost by the patch:\n{rendered}");
+    }
+}
+
+/// The validator is strict: a typo'd field, a field newer than 1.18 and an API version
+/// 1.18 does not serve are each refused.
+#[test]
+fn the_validator_refuses_typos_and_newer_apis() {
+    let scratch = Scratch::new("negative");
+    let agent = std::fs::read_to_string(deploy().join("agent.yaml")).unwrap();
+    assert!(agent.contains("      hostNetwork: true\n"));
+    let typo = scratch.write("typo.yaml", &agent.replace("      hostNetwork: true\n", "      hostNetwrok: true\n"));
+    let v = validate(&typo);
+    assert!(v.passed.is_empty(), "a typo'd field passed: {v:?}");
+    assert!(v.problems.iter().any(|p| p.starts_with("ERROR") && p.contains("'hostNetwrok' was unexpected")), "{v:?}");
+
+    // securityContext.seccompProfile arrived in 1.19.
+    let seccomp = agent.replacen(
+        "          securityContext:\n",
+        "          securityContext:\n            seccompProfile:\n              type: RuntimeDefault\n",
+        1,
+    );
+    assert_ne!(seccomp, agent);
+    let v = validate(&scratch.write("seccomp.yaml", &seccomp));
+    assert!(v.problems.iter().any(|p| p.contains("'seccompProfile' was unexpected")), "{v:?}");
+
+    // policy/v1 arrived in 1.21: the validator only warns, and that counts as a problem here.
+    let pdb = "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: meshnet\nspec:\n  maxUnavailable: 1\n";
+    let v = validate(&scratch.write("pdb.yaml", pdb));
+    assert!(v.passed.is_empty() && v.problems.iter().any(|p| p.contains("policy/v1")), "{v:?}");
+}
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(deploy().join(name)).unwrap()
+}
+
+/// The ConfigMap's `config.yaml`, a literal block scalar.
+fn embedded_config(configmap: &str) -> String {
+    let mut lines = configmap.lines().skip_while(|l| l.trim() != "config.yaml: |").skip(1);
+    let first = lines.next().expect("config.yaml: | is empty");
+    let indent = first.len() - first.trim_start().len();
+    std::iter::once(first)
+        .chain(lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent))
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_configmap_holds_a_valid_config() {
+    let text = embedded_config(&read("config.yaml"));
+    let c = meshnet::config::Config::from_yaml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(c.cluster, "cluster1");
+    assert_eq!(c.interfaces, ["veth*"]);
+}
+
+/// A container's `args:` list (one `- item` per line).
+fn args(manifest: &str) -> Vec<String> {
+    let lines: Vec<&str> = manifest.lines().collect();
+    let at = lines.iter().position(|l| l.trim() == "args:").expect("no args:");
+    lines[at + 1..]
+        .iter()
+        .map(|l| l.trim())
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l[2..].trim_matches('"').to_string())
+        .collect()
+}
+
+/// The workloads' arguments are ones `meshnet` accepts: clap parses (and validates) every
+/// argument before it acts on a trailing --help.
+#[test]
+fn the_workloads_arguments_parse() {
+    let bin = meshnet_tests::meshnet_bin();
+    for (file, want) in [
+        ("agent.yaml", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "0.0.0.0:9464"]),
+        ("controller.yaml", vec!["controller", "--leader-election", "true", "--metrics-addr", "0.0.0.0:9464"]),
+    ] {
+        let manifest = read(file);
+        let a = args(&manifest);
+        assert_eq!(a, want, "{file}");
+        let out = Command::new(&bin).args(&a).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{file}: meshnet {a:?} does not parse:\n{}", String::from_utf8_lossy(&out.stderr));
+        // Both probes on the --metrics-addr port.
+        let port = a.last().unwrap().rsplit(':').next().unwrap();
+        for probe in ["path: /healthz", "path: /readyz"] {
+            let at = manifest.find(probe).unwrap_or_else(|| panic!("{file}: no {probe} probe"));
+            assert!(manifest[at..].lines().nth(1).unwrap().trim() == format!("port: {port}"), "{file}: {probe} not on {port}");
+        }
+    }
+    // The downward-API variables the binary reads.
+    assert!(read("agent.yaml").contains("- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName"));
+    assert!(read("controller.yaml").contains("- name: POD_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name"));
+}
