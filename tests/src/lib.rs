@@ -329,7 +329,7 @@ impl Agent {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).env("MESHNET_LOG", "info");
         let mut child = ChildGuard::spawn(&mut cmd);
-        child.wait_for_line("meshnet agent ready", Duration::from_secs(30));
+        child.wait_for_line("meshnet agent ready", Duration::from_secs(120));
         Self { child }
     }
 }

@@ -15,7 +15,7 @@ use meshnet_tests::{
 };
 use nix::sys::signal::Signal;
 
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(60);
 
 fn start(t: &Topology, config: &str, extra: &[&str]) -> Agent {
     let cfg = t.write_config(config);

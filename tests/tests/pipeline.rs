@@ -163,7 +163,7 @@ fn pipeline(mode: &str, wrap_no_btf: bool) {
     traffic_passes(&p);
     let before = counter(&p.node, &pin, "malformed");
     send_malformed(&p);
-    let seen = poll(Duration::from_secs(5), || (counter(&p.node, &pin, "malformed") > before).then_some(()));
+    let seen = poll(Duration::from_secs(30), || (counter(&p.node, &pin, "malformed") > before).then_some(()));
     assert!(seen.is_some(), "the ingress program never counted the malformed frame");
 
     // Stopping the agent leaves the datapath in place.
