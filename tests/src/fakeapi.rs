@@ -235,16 +235,7 @@ impl FakeApi {
     }
 
     pub fn delete(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) {
-        let probe = json!({"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace}});
-        let collection = collection_of(&probe);
-        let mut st = self.shared.store.lock().unwrap();
-        let Some(mut obj) = st.objects.get_mut(&collection).and_then(|m| m.remove(name)) else { return };
-        st.rv += 1;
-        let rv = st.rv;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let ev = Event { rv, collection, kind: "DELETED", object: obj };
-        st.history.push(ev.clone());
-        let _ = self.shared.events.send(ev);
+        FakeApiRef(self.shared.clone()).delete(api_version, kind, namespace, name);
     }
 
     /// An object as stored, if present.
