@@ -390,6 +390,14 @@ impl Bench {
             let _ = node.try_exec("sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_time_wait=1");
         }
         t.client.exec("sysctl -qw net.ipv4.ip_local_port_range=\"1024 65000\"");
+        // The server closes first, so the gateway pod keeps each connection in TIME_WAIT for
+        // 60 s, and client ports come round again within that. A new SYN on such a tuple is
+        // only accepted if its TCP timestamp is newer. Linux offsets timestamps by a hash of
+        // the address pair, which differs between the floor mode (to 192.0.2.2) and the others
+        // (to 10.245.0.20): without this, a mode following another would see a share of its
+        // SYNs refused and retried. Timestamps without the per-destination offset keep them
+        // monotonic across modes.
+        t.client.exec("sysctl -qw net.ipv4.tcp_timestamps=2");
         let echo = EchoServer::start(&t.gw, SocketAddr::from((GW_IP, RR_PORT)), 16)?;
         let iperf = ChildGuard::spawn(Command::new("ip").args([
             "netns",
@@ -451,6 +459,8 @@ struct Series {
     crr_p99_us: Vec<f64>,
     crr_max_ms: Vec<f64>,
     crr_failed: u64,
+    /// CPU seconds the agent process used while the mode's workloads ran.
+    agent_cpu_s: Vec<f64>,
 }
 
 pub fn run(p: &Params) -> anyhow::Result<Value> {
@@ -468,11 +478,15 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             b.enter(mode)?;
             let (rr_target, bulk_target) = mode.targets();
             let before = b.redirected();
+            let agent_cpu_before = cpu_seconds(b.agent.child.pid());
             probe(&b.t.client, rr_target)?;
-            let (gbps, retrans) = bulk(&b.t.client, bulk_target, p.bulk_secs)?;
-            let (mut lat, secs) = rr(&b.t.client, rr_target, p.rr_secs)?;
+            // Development knob, not for published figures: only the connection-rate workload.
+            let crr_only = std::env::var_os("MNBENCH_CRR_ONLY").is_some();
+            let (gbps, retrans) = if crr_only { (f64::NAN, 0) } else { bulk(&b.t.client, bulk_target, p.bulk_secs)? };
+            let (mut lat, secs) = if crr_only { (vec![0], 1.0) } else { rr(&b.t.client, rr_target, p.rr_secs)? };
             let c = crr(&b.t.client, rr_target, p.crr_secs, p.crr_concurrency);
             ensure!(!c.times.is_empty(), "{}: no connection succeeded", mode.name());
+            let agent_cpu = cpu_seconds(b.agent.child.pid()) - agent_cpu_before;
             let moved = b.redirected() - before;
             // meshnet carried this mode's traffic, or none of it.
             if mode == Mode::Meshnet {
@@ -492,6 +506,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             s.crr_p99_us.push(f64::from(quantile_sorted(&c.times, 0.99)) / 1e3);
             s.crr_max_ms.push(f64::from(*c.times.last().unwrap()) / 1e6);
             s.crr_failed += c.failed;
+            s.agent_cpu_s.push(agent_cpu);
         }
     }
     b.enter(Mode::Floor)?;
@@ -515,6 +530,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 "crr_p99_us": Stat::of(&s.crr_p99_us).json(),
                 "crr_max_ms": Stat::of(&s.crr_max_ms).json(),
                 "crr_failed": s.crr_failed,
+                "agent_cpu_s": Stat::of(&s.agent_cpu_s).json(),
             }),
         );
         ratio_to_floor.insert(
@@ -558,6 +574,17 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         },
         "seconds": round(started.elapsed().as_secs_f64()),
     }))
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return f64::NAN };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 fn first_line(cmd: &str) -> String {

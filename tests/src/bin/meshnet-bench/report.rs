@@ -860,7 +860,12 @@ fn e2e_section(md: &mut String, e2e: &Value, dp: &Value) {
          first). {} repeats. Each run is checked: meshnet's `redirected` counter grows in the \
          meshnet mode and stays put in the others. Conntrack's TIME_WAIT timeout is 1 s in the node \
          namespaces (all modes alike) so that the connection-rate runs do not fill the conntrack \
-         table. The load generators are bounded in time and count and only reach addresses inside \
+         table, and the client pod sends TCP timestamps without the per-destination offset \
+         (`net.ipv4.tcp_timestamps=2`): the gateway keeps every closed connection in TIME_WAIT \
+         for 60 s, client ports come round again within that, and a SYN on such a tuple is only \
+         accepted with a newer timestamp; with offsets that differ between the floor mode's \
+         destination and the others', a mode that follows another saw a fifth of its SYNs \
+         refused and retried, and the connection rates were noise. The load generators are bounded in time and count and only reach addresses inside \
          the benchmark's namespaces.\n",
         e2e["versions"]["iptables"].as_str().unwrap_or("?"),
         p["bulk_secs"],
