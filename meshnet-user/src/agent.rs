@@ -43,6 +43,8 @@ pub struct AgentOptions {
     pub ebpf_object: Option<PathBuf>,
     /// Also follow peers published through the Kubernetes API.
     pub kube: Option<SourceOptions>,
+    /// How long to wait for another agent holding the pin directory.
+    pub lock_wait: Duration,
 }
 
 struct Agent {
@@ -67,6 +69,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // A bad config fails here, before anything is loaded or attached.
     let (file, config_text) = RawConfig::load(&opts.config)?;
     let config = file.validated(&opts.config.display().to_string())?;
+    // One agent per pin directory, held until this process exits.
+    opts.pins.prepare()?;
+    let pins = opts.pins.clone();
+    let wait = opts.lock_wait;
+    let _lock = tokio::task::spawn_blocking(move || {
+        pins.lock(wait, |holder| warn!(pin_path = %pins.root().display(), "another meshnet agent{holder} holds the pin directory; waiting for it to stop"))
+    })
+    .await??;
     let datapath = match &opts.ebpf_object {
         Some(path) => {
             let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -67,6 +67,10 @@ enum Command {
         /// This node's name (the DaemonSet passes it from the downward API).
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// How long to wait for another agent that holds --pin-path (a rolling update's old
+        /// pod) before giving up with an error. Nothing is loaded or changed while waiting.
+        #[arg(long, default_value_t = 60.0)]
+        lock_wait_seconds: f64,
     },
     /// Run the cluster controller: resolve peers from Istio's remote secrets and the remote
     /// API servers, and publish them for the agents (one replica, with leader election).
@@ -261,7 +265,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let pins = Pins::new(&cli.pin_path);
     match cli.command {
-        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr, ebpf_object, kube, kube_args, node_name } => {
+        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr, ebpf_object, kube, kube_args, node_name, lock_wait_seconds } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(agent::run(AgentOptions {
                 config,
@@ -271,6 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_addr,
                 ebpf_object,
                 kube: kube.then_some(SourceOptions { kubeconfig: kube_args.kubeconfig, namespace: kube_args.namespace, node_name }),
+                lock_wait: Duration::from_secs_f64(lock_wait_seconds.max(0.0)),
             }))?;
         }
         Command::Controller {
@@ -325,6 +330,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
         }
         Command::Detach => {
+            // A running agent would attach again at its next rescan, so detaching under it
+            // would only leave the node half done.
+            let _lock = match pins.root().is_dir().then(|| pins.lock(Duration::ZERO, |_| {})) {
+                Some(Err(meshnet::pins::LockError::Held { path, holder, .. })) => anyhow::bail!(
+                    "a meshnet agent{holder} is running on {path}; stop it first (delete the DaemonSet, \
+                     or kill the process), then detach"
+                ),
+                Some(r) => Some(r?),
+                None => None,
+            };
             let r = datapath::detach(&pins)?;
             println!(
                 "detached: {} tcx links, {} netlink filters, {} map pins removed from {}",

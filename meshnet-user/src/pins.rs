@@ -104,3 +104,73 @@ pub fn is_bpffs(path: &Path) -> anyhow::Result<bool> {
         .map_err(|e| anyhow::anyhow!("statfs {}: {e}", path.display()))?;
     Ok(st.filesystem_type().0 == BPF_FS_MAGIC)
 }
+
+/// An exclusive hold on a pin directory, released when dropped (or when the process dies,
+/// however it dies: the kernel drops `flock`s with the last open file).
+///
+/// Two agents on one node (a rolling update with surge, a force-deleted pod whose process
+/// lingers, an operator's manual run) would otherwise both rewrite the same maps and swap
+/// each other's programs.
+#[derive(Debug)]
+pub struct PinLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Why the pin directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "another meshnet agent holds {path}{holder}, and it did not let go within {waited:?}. \
+         Two agents on one node would fight over the same maps and programs: stop the other \
+         one first (`kubectl -n meshnet get pods -o wide` for the node, or the process named \
+         here), or give this one its own --pin-path"
+    )]
+    Held { path: String, holder: String, waited: std::time::Duration },
+    #[error("locking {path}: {source}")]
+    Io { path: String, #[source] source: std::io::Error },
+}
+
+impl Pins {
+    /// Takes the pin directory's lock, waiting up to `wait` for another holder to go, and
+    /// calling `waiting` every ten seconds while it waits (for a log line).
+    pub fn lock(&self, wait: std::time::Duration, mut waiting: impl FnMut(&str)) -> Result<PinLock, LockError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.root.display().to_string();
+        let io = |source| LockError::Io { path: path.clone(), source };
+        let start = std::time::Instant::now();
+        let mut tries = 0_u32;
+        let mut file = std::fs::File::open(&self.root).map_err(io)?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(PinLock { _lock: lock }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let holder = lock_holder(&self.root).map_or_else(String::new, |pid| format!(" (pid {pid})"));
+                    if start.elapsed() >= wait {
+                        return Err(LockError::Held { path, holder, waited: wait });
+                    }
+                    if tries % 10 == 0 {
+                        waiting(&holder);
+                    }
+                    tries += 1;
+                    file = f;
+                    std::thread::sleep(std::time::Duration::from_secs(1).min(wait.saturating_sub(start.elapsed())));
+                }
+                Err((_, e)) => return Err(io(e.into())),
+            }
+        }
+    }
+}
+
+/// The pid holding a `flock` on `path`, from /proc/locks. Best effort: the kernel shows it
+/// in our pid namespace, and a holder in another pod's namespace shows as 0 (left out).
+fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(path).ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 1234 00:1f:5678 0 EOF"
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (kind, pid, dev_ino) = (f.get(1)?, f.get(4)?, f.get(5)?);
+        (*kind == "FLOCK" && dev_ino.rsplit(':').next()?.parse::<u64>().ok()? == ino).then(|| pid.parse().ok().filter(|p| *p != 0))?
+    })
+}

@@ -367,3 +367,41 @@ fn held_connection_survives_upgrade_and_downgrade() {
     let flows: Vec<_> = nat(&t).into_iter().filter(|f| f["remote"] == "10.245.0.21:8080").collect();
     assert_eq!(flows.len(), 1, "{flows:?}");
 }
+
+#[test]
+fn a_second_agent_on_the_same_pins_waits_and_never_touches_the_maps() {
+    let t = Topology::new(Options::default());
+    let mut first = start(&t, &node1_config(POD_INTERFACES), &[]);
+    let before = routes(&t);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("one");
+
+    // The second agent's config differs, so any write of its would show in the maps.
+    let cfg2 = t.dir.0.join("second.yaml");
+    std::fs::write(&cfg2, config_with_cluster3(topo::NODEPORT_TCP)).unwrap();
+    let argv = Agent::argv(&t.node1, &cfg2, &t.pin_path(), &["--lock-wait-seconds", "2"]);
+    let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second agent ran beside the first:\n{stderr}");
+    assert!(stderr.contains("another meshnet agent") && stderr.contains(&t.pin_path().display().to_string()), "{stderr}");
+    assert_eq!(routes(&t), before, "the refused agent changed the maps");
+    held.exchange("two");
+
+    // `detach` under a running agent is refused too: the agent would attach again.
+    let out = t.meshnet("detach");
+    assert!(!out.ok && out.stderr.contains("stop it first"), "{out:?}");
+    assert_eq!(routes(&t), before);
+
+    // One that may wait takes over as soon as the first stops, with the flow intact.
+    let argv = Agent::argv(&t.node1, &cfg2, &t.pin_path(), &["--lock-wait-seconds", "120"]);
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env("MESHNET_LOG", "info");
+    let mut second = meshnet_tests::ChildGuard::spawn(&mut cmd);
+    second.wait_for_line("holds the pin directory; waiting", WAIT);
+    assert_eq!(routes(&t), before);
+    assert!(first.child.stop(), "{}", first.child.output());
+    second.wait_for_line("meshnet agent ready", WAIT);
+    let added = poll(WAIT, || routes(&t).iter().any(|r| r.1 == "cluster3").then_some(()));
+    assert!(added.is_some(), "the second agent never applied its config: {:?}", routes(&t));
+    held.exchange("three");
+}
