@@ -88,14 +88,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let health = Health::from_pinned(&maps.current_peers()?);
     let metrics = Arc::new(Metrics::new(opts.pins.clone()));
     if let Some(addr) = opts.metrics_addr {
-        let m = metrics.clone();
-        let listener_ok = tokio::net::TcpListener::bind(addr).await.map(drop);
-        listener_ok.with_context(|| format!("--metrics-addr {addr}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
-                error!(error = %format!("{e:#}"), "metrics server failed");
-            }
-        });
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
     let (api_tx, mut api_rx) = mpsc::channel::<ApiUpdate>(16);
     if let Some(src) = opts.kube.clone() {

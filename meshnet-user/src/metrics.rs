@@ -2,13 +2,19 @@
 //!
 //! Datapath counters and map occupancy are read from the pinned maps at scrape time, so the
 //! numbers are those of the kernel, not of the agent's memory.
+//!
+//! The agent shares the host's network namespace, so anything on the node may reach this
+//! server. A map walk is one syscall per entry (a full flow table is 2 × 65,536 of them), so
+//! walks are cached for [`SCRAPE_CACHE`] and run one at a time, and at most
+//! [`MAX_SCRAPES`] scrapes may be in flight: the rest get a 503 at once. Nobody on the host
+//! can make the agent spend more than one walk per cache period.
 
 use std::{
-    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
+    time::{Duration, Instant},
 };
 
 use aya::maps::MapInfo;
@@ -45,6 +51,11 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// How long one walk of the maps serves scrapes.
+pub const SCRAPE_CACHE: Duration = Duration::from_secs(2);
+/// Scrapes in flight at once; more are refused with 503.
+pub const MAX_SCRAPES: usize = 4;
+
 /// The agent's metrics. Cheap to share: every field is atomic.
 pub struct Metrics {
     registry: Registry,
@@ -56,8 +67,13 @@ pub struct Metrics {
     pub last_sync: Gauge<f64, AtomicU64>,
     pub gc_expired: Counter,
     pub attached_interfaces: Gauge,
+    /// Walks of the maps for scrapes: what a scraper can make the agent spend.
+    map_walks: Counter,
     pub ready: AtomicBool,
     pins: Pins,
+    /// The last rendering and when it was made; the lock also makes walks one at a time.
+    rendered: Mutex<Option<(Instant, String)>>,
+    scrapes: tokio::sync::Semaphore,
 }
 
 impl Metrics {
@@ -73,8 +89,11 @@ impl Metrics {
             last_sync: Gauge::default(),
             gc_expired: Counter::default(),
             attached_interfaces: Gauge::default(),
+            map_walks: Counter::default(),
             ready: AtomicBool::new(false),
             pins,
+            rendered: Mutex::new(None),
+            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
             registry: Registry::default(),
         };
         registry.register("datapath_packets", "Datapath events by counter, summed over CPUs", m.datapath.clone());
@@ -89,6 +108,7 @@ impl Metrics {
         );
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());
+        registry.register("metrics_map_walks", "Walks of the maps made for scrapes (cached, one at a time)", m.map_walks.clone());
         Self { registry, ..m }
     }
 
@@ -102,6 +122,7 @@ impl Metrics {
 
     /// Refreshes the kernel-side numbers from the pinned maps.
     fn refresh(&self) {
+        self.map_walks.inc();
         if let Ok(stats) = maps::read_stats(&self.pins) {
             for (name, v) in stats {
                 self.datapath.get_or_create(&EventLabel { event: name.to_string() }).inner().store(v, Ordering::Relaxed);
@@ -124,18 +145,23 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
+    /// The text exposition format, from a walk of the maps at most [`SCRAPE_CACHE`] old.
     #[must_use]
     pub fn render(&self) -> String {
+        let mut cached = self.rendered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, text)) = cached.as_ref().filter(|(at, _)| at.elapsed() < SCRAPE_CACHE) {
+            return text.clone();
+        }
         self.refresh();
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
+        *cached = Some((Instant::now(), out.clone()));
         out
     }
 }
 
-/// Serves /metrics, /healthz and /readyz until the process exits.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+/// Serves /metrics, /healthz and /readyz on `listener` until the process exits.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     let app = Router::new()
         .route("/metrics", get(scrape))
         // Liveness is only that the agent answers: it never depends on the API server or on
@@ -143,18 +169,22 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "serving metrics, /healthz and /readyz");
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving metrics, /healthz and /readyz");
+    }
     if let Err(e) = axum::serve(listener, app).await {
         warn!(error = %e, "metrics server stopped");
     }
-    Ok(())
 }
 
-async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn scrape(State(m): State<Arc<Metrics>>) -> axum::response::Response {
+    let Ok(_permit) = m.scrapes.try_acquire() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many scrapes in flight\n").into_response();
+    };
     // Map reads are syscalls; keep them off the runtime's thread.
-    let body = tokio::task::spawn_blocking(move || m.render()).await.unwrap_or_default();
-    ([("content-type", "text/plain; version=0.0.4")], body)
+    let r = m.clone();
+    let body = tokio::task::spawn_blocking(move || r.render()).await.unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -162,5 +192,42 @@ async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: the datapath is not loaded and synced yet\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(Pins::new("/nonexistent/meshnet-test")))
+    }
+
+    fn walks(text: &str) -> u64 {
+        text.lines().find_map(|l| l.strip_prefix("meshnet_metrics_map_walks_total ")?.parse().ok()).unwrap()
+    }
+
+    #[test]
+    fn scrapes_within_the_cache_period_share_one_walk() {
+        let m = metrics();
+        let first = m.render();
+        assert_eq!(walks(&first), 1);
+        for _ in 0..50 {
+            assert_eq!(m.render(), first);
+        }
+        // Expire the cache by hand rather than by waiting.
+        m.rendered.lock().unwrap().as_mut().unwrap().0 -= SCRAPE_CACHE;
+        assert_eq!(walks(&m.render()), 2);
+    }
+
+    #[tokio::test]
+    async fn scrapes_past_the_bound_are_refused_at_once() {
+        let m = metrics();
+        let held: Vec<_> = (0..MAX_SCRAPES).map(|_| m.scrapes.try_acquire().unwrap()).collect();
+        let r = scrape(State(m.clone())).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(m.rendered.lock().unwrap().is_none(), "a refused scrape walked the maps");
+        drop(held);
+        assert_eq!(scrape(State(m.clone())).await.status(), StatusCode::OK);
     }
 }

@@ -254,7 +254,7 @@ fn the_older_kernel_variant_renders_with_sys_admin() {
     assert!(passed.contains("daemonset/meshnet-agent"));
     assert_eq!(added_capabilities(&rendered), ["SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE"], "{rendered}");
     // The patch replaced the list and kept the rest of the container.
-    for kept in ["- --kube", "mountPropagation: HostToContainer", "readOnlyRootFilesystem: true", "- ALL"] {
+    for kept in ["- --kube", "mountPath: /sys/fs/bpf/meshnet", "readOnlyRootFilesystem: true", "- ALL"] {
         assert!(rendered.contains(kept), "{kept} lost by the patch:\n{rendered}");
     }
 }
@@ -329,7 +329,7 @@ fn args(manifest: &str) -> Vec<String> {
 fn the_workloads_arguments_parse() {
     let bin = meshnet_tests::meshnet_bin();
     for (file, want) in [
-        ("agent.yaml", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "0.0.0.0:9464"]),
+        ("agent.yaml", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "127.0.0.1:9464"]),
         ("controller.yaml", vec!["controller", "--leader-election", "true", "--metrics-addr", "0.0.0.0:9464"]),
     ] {
         let manifest = read(file);
@@ -343,6 +343,19 @@ fn the_workloads_arguments_parse() {
             let at = manifest.find(probe).unwrap_or_else(|| panic!("{file}: no {probe} probe"));
             assert!(manifest[at..].lines().nth(1).unwrap().trim() == format!("port: {port}"), "{file}: {probe} not on {port}");
         }
+    }
+    // The agent is on the host's network: its metrics stay on the node's loopback, where the
+    // kubelet's probes reach them, and it sees only meshnet's own pins.
+    let agent = read("agent.yaml");
+    for probe in ["path: /healthz", "path: /readyz"] {
+        let at = agent.find(probe).unwrap();
+        assert_eq!(agent[..at].lines().last().unwrap().trim(), "", "{probe}");
+        assert_eq!(agent[..at].trim_end().lines().last().unwrap().trim(), "host: 127.0.0.1", "agent.yaml: {probe} not on loopback");
+    }
+    for file in ["agent.yaml", "detach.yaml"] {
+        let m = read(file);
+        assert!(m.contains("path: /sys/fs/bpf/meshnet\n"), "{file}: does not mount /sys/fs/bpf/meshnet");
+        assert!(!m.contains("path: /sys/fs/bpf\n") && !m.contains("mountPath: /sys/fs/bpf\n"), "{file}: mounts all of bpffs");
     }
     // The downward-API variables the binary reads.
     assert!(read("agent.yaml").contains("- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName"));
