@@ -148,7 +148,7 @@ impl Pins {
                     if start.elapsed() >= wait {
                         return Err(LockError::Held { path, holder, waited: wait });
                     }
-                    if tries % 10 == 0 {
+                    if tries.is_multiple_of(10) {
                         waiting(&holder);
                     }
                     tries += 1;

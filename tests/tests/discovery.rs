@@ -399,3 +399,63 @@ fn remote_secrets_can_live_apart_from_istios() {
     let _agent = m.agent();
     m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "discovery through meshnet's own secret");
 }
+
+fn lease(holder: &str, renew_time: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "meshnet-controller", "namespace": "meshnet"},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 2, "acquireTime": renew_time, "renewTime": renew_time}
+    })
+}
+
+fn lease_holder(m: &Mesh) -> Option<String> {
+    m.local
+        .get("coordination.k8s.io/v1", "Lease", Some("meshnet"), "meshnet-controller")
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+}
+
+/// Lease decisions never compare clocks across nodes: a live leader whose clock runs far
+/// behind keeps its lease, and a dead one whose clock ran far ahead loses it after one lease
+/// duration, both by this replica's own clock.
+#[test]
+fn leader_election_ignores_other_nodes_clocks() {
+    let m = Mesh::new();
+    // A live leader with a clock 26 years behind: it renews every 300 ms.
+    m.local.apply(lease("ghost", "2000-01-01T00:00:00.000000Z"));
+    let mut c = m.controller(&["--identity", "ctrl", "--lease-duration-seconds", "2"]);
+    for i in 1..=30 {
+        let at = std::time::Instant::now();
+        assert_eq!(lease_holder(&m).as_deref(), Some("ghost"), "took the lease of a live leader:\n{}", c.output());
+        m.local.apply(lease("ghost", &format!("2000-01-01T00:00:{i:02}.000000Z")));
+        // Paced renewals, like a real leader's: this is the live leader, not a wait for a result.
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(at.elapsed()));
+    }
+    assert_eq!(lease_holder(&m).as_deref(), Some("ghost"));
+    assert!(m.published().is_none(), "a follower published: {:?}", m.published());
+    // It dies with a clock that was 73 years ahead: taken over after a lease duration.
+    m.local.apply(lease("ghost", "2099-01-01T00:00:00.000000Z"));
+    let took = poll(WAIT, || (lease_holder(&m).as_deref() == Some("ctrl")).then_some(()));
+    assert!(took.is_some(), "never took the dead leader's lease:\n{}", c.output());
+    let published = poll(WAIT, || m.published().filter(|(p, _)| p[0]["name"] == "cluster2"));
+    assert!(published.is_some(), "the new leader did not publish:\n{}", c.output());
+    // Stopping hands the lease back at once instead of leaving it to expire.
+    assert!(c.stop());
+    assert_eq!(lease_holder(&m), None, "the lease was not released on stop");
+}
+
+/// The controller owns meshnet-peers: a hand edit or a deletion (or a late write of a replica
+/// that lost the lease) is put right without any other change to wait for.
+#[test]
+fn the_controller_repairs_its_published_object() {
+    let m = Mesh::new();
+    let _c = m.controller(&[]);
+    let good = poll(WAIT, || m.published().filter(|(p, _)| p[0]["name"] == "cluster2")).expect("nothing published");
+    let mut cm = m.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-peers").unwrap();
+    cm["data"]["peers.yaml"] = json!("- name: evil\n  podCIDRs: [10.99.0.0/16]\n  gateways: [{address: 192.0.2.66, port: 30000}]\n");
+    m.local.apply(cm);
+    let repaired = poll(WAIT, || m.published().filter(|p| *p == good));
+    assert!(repaired.is_some(), "hand edit not repaired: {:?}", m.published());
+    m.local.delete("v1", "ConfigMap", Some("meshnet"), "meshnet-peers");
+    let recreated = poll(WAIT, || m.published().filter(|p| *p == good));
+    assert!(recreated.is_some(), "deleted object not recreated");
+}

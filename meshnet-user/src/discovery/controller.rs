@@ -32,7 +32,8 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    kubeconfig,
+    bounded, kubeconfig,
+    leader::Elector,
     resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
@@ -93,6 +94,8 @@ pub fn parse_published(cm: &ConfigMap) -> (Vec<RawPeer>, BTreeMap<String, PeerSt
 
 enum Msg {
     Secrets(Update<Secret>),
+    /// What `meshnet-peers` holds now, whoever wrote it.
+    Published(Update<ConfigMap>),
     LocalNodes(Update<Node>),
     Istio(Update<ConfigMap>),
     Remote { name: String, generation: u64, event: RemoteEvent },
@@ -161,6 +164,14 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         Msg::Secrets,
     );
     spawn_watch(tx.clone(), Api::<Node>::all(client.clone()), watcher::Config::default(), Msg::LocalNodes);
+    // Our own object, so that a hand edit, a deletion or a write from a replica that has
+    // lost the lease is put right.
+    spawn_watch(
+        tx.clone(),
+        Api::<ConfigMap>::namespaced(client.clone(), &opts.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={PEERS_CONFIGMAP}")),
+        Msg::Published,
+    );
     spawn_watch(
         tx.clone(),
         Api::<ConfigMap>::namespaced(client.clone(), &ns),
@@ -185,20 +196,29 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     };
     // Start from what was published before: peers whose remote has not synced yet keep it.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &state.opts.namespace);
-    match cms.get_opt(PEERS_CONFIGMAP).await {
+    match bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await {
         Ok(Some(cm)) => {
             let (peers, _) = parse_published(&cm);
             info!(peers = peers.len(), "starting from the published peers");
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
         }
         Ok(None) => {}
-        Err(e) => warn!(error = %e, "could not read the published peers; starting empty"),
+        Err(e) => warn!(error = %format!("{e:#}"), "could not read the published peers; starting empty"),
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Renew well within the lease, so that one late renewal does not hand over leadership.
     let mut lease_tick = tokio::time::interval((state.opts.lease_duration / 4).max(Duration::from_millis(250)));
+    let mut elector = Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &state.opts.namespace),
+        LEASE_NAME,
+        &state.opts.identity,
+        state.opts.lease_duration,
+    );
+    // The loop's pulse for /healthz: every branch below is bounded (API calls by
+    // API_TIMEOUT), so a loop that stops beating is wedged and the pod should restart.
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut dirty = false;
     let mut debounce = Box::pin(tokio::time::sleep(Duration::from_hours(1)));
     info!(namespace = %state.opts.namespace, istio_namespace = %state.opts.istio_namespace, "meshnet controller started");
@@ -206,11 +226,15 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = heartbeat.tick() => state.metrics.beat(),
             _ = lease_tick.tick(), if state.opts.leader_election => {
                 let was = state.leader;
-                state.leader = renew_lease(&state.client, &state.opts).await;
+                state.leader = elector.tick().await;
                 if state.leader != was {
                     info!(leader = state.leader, identity = %state.opts.identity, "leadership changed");
+                    // A new leader writes what it sees, whatever it believes was published:
+                    // a write of the old leader's may have landed since.
+                    state.published = None;
                     dirty = true;
                     debounce.as_mut().reset(tokio::time::Instant::now());
                 }
@@ -234,6 +258,9 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    if state.opts.leader_election {
+        elector.release().await;
     }
     info!("controller stopping; the published peers stay as they are");
     Ok(())
@@ -264,7 +291,18 @@ impl State {
                 self.local_cidrs = Some(resolve::node_pod_cidrs(nodes.values()));
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.into_values().next()),
-            Msg::Secrets(Update::Error(e)) | Msg::LocalNodes(Update::Error(e)) | Msg::Istio(Update::Error(e)) => {
+            Msg::Published(Update::Snapshot(cms)) => {
+                let data = cms.into_values().next().and_then(|cm| cm.data).unwrap_or_default();
+                let seen = (data.get(PEERS_KEY).cloned().unwrap_or_default(), data.get(STATUS_KEY).cloned().unwrap_or_default());
+                if self.published.as_ref().is_some_and(|p| *p != seen) {
+                    warn!("meshnet-peers was changed or deleted by someone else; rewriting it");
+                    self.published = None;
+                }
+            }
+            Msg::Secrets(Update::Error(e))
+            | Msg::LocalNodes(Update::Error(e))
+            | Msg::Istio(Update::Error(e))
+            | Msg::Published(Update::Error(e)) => {
                 warn!(error = %e, "local API watch failed; keeping the last known state");
             }
             Msg::Remote { name, generation, event } => {
@@ -429,9 +467,11 @@ impl State {
         }
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
         let data: BTreeMap<String, String> = [(PEERS_KEY.to_string(), text.0.clone()), (STATUS_KEY.to_string(), text.1.clone())].into();
-        if let Some(mut cm) = api.get_opt(PEERS_CONFIGMAP).await? {
+        if let Some(mut cm) = bounded("reading meshnet-peers", api.get_opt(PEERS_CONFIGMAP)).await? {
             cm.data = Some(data);
-            api.replace(PEERS_CONFIGMAP, &PostParams::default(), &cm).await?;
+            // With the resourceVersion just read: a concurrent write fails this one (and it
+            // is retried) rather than being overwritten unseen.
+            bounded("writing meshnet-peers", api.replace(PEERS_CONFIGMAP, &PostParams::default(), &cm)).await?;
         } else {
             let cm = ConfigMap {
                 metadata: ObjectMeta {
@@ -443,7 +483,7 @@ impl State {
                 data: Some(data),
                 ..ConfigMap::default()
             };
-            api.create(&PostParams::default(), &cm).await?;
+            bounded("creating meshnet-peers", api.create(&PostParams::default(), &cm)).await?;
         }
         info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
         self.metrics.published();
@@ -525,56 +565,6 @@ async fn remote_task(name: String, generation: u64, origin: String, text: String
     }
 }
 
-/// Takes or renews the controller lease; true while this replica leads.
-async fn renew_lease(client: &Client, opts: &ControllerOptions) -> bool {
-    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
-    let duration_secs = i32::try_from(opts.lease_duration.as_secs().max(1)).unwrap_or(15);
-    let api = Api::<Lease>::namespaced(client.clone(), &opts.namespace);
-    let now = Timestamp::now();
-    let result = async {
-        match api.get_opt(LEASE_NAME).await? {
-            None => {
-                let mut lease = Lease::default();
-                lease.metadata.name = Some(LEASE_NAME.into());
-                lease.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
-                    holder_identity: Some(opts.identity.clone()),
-                    lease_duration_seconds: Some(duration_secs),
-                    acquire_time: Some(MicroTime(now)),
-                    renew_time: Some(MicroTime(now)),
-                    ..Default::default()
-                });
-                api.create(&PostParams::default(), &lease).await?;
-                Ok::<bool, kube::Error>(true)
-            }
-            Some(mut lease) => {
-                let spec = lease.spec.get_or_insert_with(Default::default);
-                let ours = spec.holder_identity.as_deref() == Some(opts.identity.as_str());
-                let expired = spec.renew_time.as_ref().is_none_or(|t| {
-                    now.as_second() - t.0.as_second() > i64::from(spec.lease_duration_seconds.unwrap_or(duration_secs))
-                });
-                if !ours && !expired {
-                    return Ok(false);
-                }
-                if !ours {
-                    spec.acquire_time = Some(MicroTime(now));
-                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-                }
-                spec.holder_identity = Some(opts.identity.clone());
-                spec.lease_duration_seconds = Some(duration_secs);
-                spec.renew_time = Some(MicroTime(now));
-                // The resourceVersion in `lease` makes this a compare-and-swap.
-                api.replace(LEASE_NAME, &PostParams::default(), &lease).await?;
-                Ok(true)
-            }
-        }
-    }
-    .await;
-    result.unwrap_or_else(|e| {
-        debug!(error = %e, "lease not taken");
-        false
-    })
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct PeerLabel {
     pub peer: String,
@@ -590,7 +580,13 @@ pub struct ControllerMetrics {
     last_publish: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
     stale_names: std::sync::Mutex<BTreeSet<String>>,
     ready: std::sync::atomic::AtomicBool,
+    /// When the control loop last went round, in ms since `started`.
+    beat_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
+
+/// A control loop silent this long is wedged: /healthz fails, and the kubelet restarts it.
+const WEDGED: Duration = Duration::from_mins(1);
 
 impl ControllerMetrics {
     fn new() -> Self {
@@ -604,6 +600,8 @@ impl ControllerMetrics {
             last_publish: prometheus_client::metrics::gauge::Gauge::default(),
             stale_names: std::sync::Mutex::new(BTreeSet::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
+            beat_ms: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
         };
         registry.register("peer_stale", "1 while a peer's API server fails and its last known state is served", m.stale.clone());
         registry.register("peer_refused", "Peers refused (overlapping CIDRs)", m.refused.clone());
@@ -627,6 +625,17 @@ impl ControllerMetrics {
         self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    fn beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.beat_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the control loop last went round.
+    fn silent_for(&self) -> Duration {
+        let beat = Duration::from_millis(self.beat_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(beat)
+    }
+
     fn published(&self) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         self.last_publish.set(now);
@@ -643,7 +652,17 @@ impl ControllerMetrics {
                     out
                 }),
             )
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/healthz",
+                get(|State(m): State<Arc<Self>>| async move {
+                    let silent = m.silent_for();
+                    if silent > WEDGED {
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("control loop wedged: silent for {}s\n", silent.as_secs()))
+                    } else {
+                        (StatusCode::OK, "ok\n".to_string())
+                    }
+                }),
+            )
             .route(
                 "/readyz",
                 get(|State(m): State<Arc<Self>>| async move {
@@ -662,5 +681,22 @@ impl ControllerMetrics {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "metrics server stopped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_control_loop_is_wedged_until_it_beats_again() {
+        let mut m = ControllerMetrics::new();
+        m.beat();
+        assert!(m.silent_for() < WEDGED);
+        // As if the loop had last gone round two minutes ago.
+        m.started -= Duration::from_secs(120);
+        assert!(m.silent_for() > WEDGED);
+        m.beat();
+        assert!(m.silent_for() < WEDGED);
     }
 }
