@@ -3,7 +3,7 @@
 //! told to stop. Stopping leaves the datapath in place; `meshnet detach` removes it.
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
@@ -59,7 +59,9 @@ struct Agent {
     node_cidrs: Vec<Ipv4Net>,
     datapath: Datapath,
     maps: ControlMaps,
-    attached: BTreeSet<String>,
+    /// Attached interfaces with the index each had then: a name can come back as another
+    /// device (a pod re-created between two events) and a device can be renamed.
+    attached: BTreeMap<String, u32>,
     health: Health,
     metrics: Arc<Metrics>,
 }
@@ -105,7 +107,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         node_cidrs: Vec::new(),
         datapath,
         maps,
-        attached: BTreeSet::new(),
+        attached: BTreeMap::new(),
         health,
         metrics,
     };
@@ -121,7 +123,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
     }
     agent.metrics.ready.store(true, Ordering::Relaxed);
-    info!(pin_path = %agent.opts.pins.root().display(), interfaces = ?agent.attached, "meshnet agent ready");
+    info!(pin_path = %agent.opts.pins.root().display(), interfaces = ?agent.attached.keys().collect::<Vec<_>>(), "meshnet agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -321,23 +323,28 @@ impl Agent {
         }
     }
 
-    /// Attaches to matching interfaces not attached yet, and forgets those that are gone.
+    /// Attaches to matching interfaces not attached yet, and forgets those that are gone,
+    /// renamed or re-created as another device.
     fn rescan_interfaces(&mut self) -> anyhow::Result<()> {
         let present = matching_interfaces(&self.config.interfaces)?;
-        for iface in present.difference(&self.attached.clone()) {
+        let gone: Vec<(String, u32)> =
+            self.attached.iter().filter(|(name, index)| present.get(*name) != Some(index)).map(|(n, i)| (n.clone(), *i)).collect();
+        for (iface, index) in gone {
+            info!(iface, ifindex = index, "interface gone, renamed, re-created or no longer matching; detaching");
+            detach_interface(&self.opts.pins, &iface, Some(index));
+            self.attached.remove(&iface);
+        }
+        for (iface, index) in &present {
+            if self.attached.contains_key(iface) {
+                continue;
+            }
             match self.datapath.attach(iface, self.opts.attach_mode) {
                 Ok(how) => {
-                    info!(iface, ?how, "attached");
-                    self.attached.insert(iface.clone());
+                    info!(iface, ifindex = index, ?how, "attached");
+                    self.attached.insert(iface.clone(), *index);
                 }
                 Err(e) => warn!(iface, error = %format!("{e:#}"), "attach failed; will retry"),
             }
-        }
-        let gone: Vec<String> = self.attached.difference(&present).cloned().collect();
-        for iface in gone {
-            info!(iface, "interface gone or no longer matching; detaching");
-            detach_interface(&self.opts.pins, &iface);
-            self.attached.remove(&iface);
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
         Ok(())

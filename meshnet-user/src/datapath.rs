@@ -5,7 +5,7 @@
 //! fd); netlink clsact filters live on in the kernel by themselves and are found again by
 //! their fixed priority and handle, or by their program name.
 
-use std::{collections::BTreeSet, io, path::Path};
+use std::{collections::BTreeMap, io, path::Path};
 
 use anyhow::{bail, Context as _};
 use aya::{
@@ -133,7 +133,15 @@ impl Datapath {
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Attached> {
         let mut how = Attached::Tcx;
         for dir in [Direction::Ingress, Direction::Egress] {
-            how = self.attach_one(iface, dir, mode)?;
+            match self.attach_one(iface, dir, mode) {
+                Ok(h) => how = h,
+                Err(e) => {
+                    // Half a pair is worse than none: from_pod alone would send a pod's
+                    // packets to the gateway with no to_pod to restore the replies.
+                    detach_interface(&self.pins, iface, None);
+                    return Err(e);
+                }
+            }
         }
         Ok(how)
     }
@@ -151,7 +159,21 @@ impl Datapath {
             AttachMode::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
         };
         if try_tcx {
-            match attach_tcx(prog, iface, dir, &link_pin) {
+            match attach_tcx(prog, iface, dir, &link_pin).or_else(|e| {
+                // A pinned link can outlive its interface (a pod re-created under the same
+                // name while no agent ran): the kernel refuses to update a link whose device
+                // is gone, and one whose device was renamed away is no longer this
+                // interface's. Either way it goes, and a new link is made.
+                if !link_pin.exists() {
+                    return Err(e);
+                }
+                debug!(iface, direction = dir.as_str(), error = %format!("{e:#}"), "stale tcx link; replacing it");
+                if let Ok(link) = PinnedLink::from_pin(&link_pin) {
+                    let _ = link.unpin();
+                }
+                let _ = std::fs::remove_file(&link_pin);
+                attach_tcx(prog, iface, dir, &link_pin)
+            }) {
                 Ok(()) => {
                     // A netlink filter an earlier agent left here (before a kernel upgrade,
                     // or with --attach-mode netlink) would run a second, stale copy.
@@ -186,6 +208,14 @@ fn attach_tcx(prog: &mut SchedClassifier, iface: &str, dir: Direction, link_pin:
         let id = prog.attach_to_link(link).context("replacing the program in a pinned tcx link")?;
         // The pin keeps the link; dropping our fd must not detach it.
         let _fd: FdLink = prog.take_link(id)?.try_into()?;
+        // The pin is named after the interface, but the link follows the device it was made
+        // on: after a rename, or a device deleted and re-created under this name, it is not
+        // this interface's.
+        let ours = prog.info()?.id();
+        let (_, on_iface) = SchedClassifier::query_tcx(iface, dir.tc()).with_context(|| format!("querying tcx on {iface}"))?;
+        if !on_iface.iter().any(|p| p.id() == ours) {
+            anyhow::bail!("pinned link {} is not on {iface}", link_pin.display());
+        }
         debug!(iface, direction = dir.as_str(), "replaced program in pinned tcx link");
     } else {
         let id = prog
@@ -267,7 +297,7 @@ fn check_pinned_layouts(pins: &Pins, max_flows: u32) -> anyhow::Result<()> {
 }
 
 /// Interfaces in this network namespace whose names match any of `patterns`.
-pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeSet<String>> {
+pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
     let globs: Vec<glob::Pattern> = patterns
         .iter()
         .map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface glob {p:?}")))
@@ -275,23 +305,39 @@ pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeSet<Strin
     let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
     Ok(all
         .iter()
-        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
-        .filter(|name| globs.iter().any(|g| g.matches(name)))
+        .filter_map(|i| Some((i.name().to_str().ok()?.to_owned(), i.index())))
+        .filter(|(name, _)| globs.iter().any(|g| g.matches(name)))
         .collect())
 }
 
 /// Removes meshnet's programs from one interface (tcx link and netlink filters), e.g. when
 /// it no longer matches the config. Also right for an interface that is already gone: then
-/// only the pins are left to remove.
-pub fn detach_interface(pins: &Pins, iface: &str) {
+/// only the pins are left to remove. With the `ifindex` it had when attached, a renamed
+/// interface is found under its new name, so its netlink filters go too.
+pub fn detach_interface(pins: &Pins, iface: &str, ifindex: Option<u32>) {
+    let current = ifindex.and_then(name_of_index);
     for dir in [Direction::Ingress, Direction::Egress] {
         let pin = pins.link(iface, dir);
+        // Unpinning drops the last reference of the link, which detaches it wherever its
+        // device now is.
         if let Ok(link) = PinnedLink::from_pin(&pin) {
             let _ = link.unpin();
         }
         let _ = std::fs::remove_file(&pin);
-        let _ = tc::qdisc_detach_program(iface, dir.tc(), dir.program());
+        let _ = tc::qdisc_detach_program(current.as_deref().unwrap_or(iface), dir.tc(), dir.program());
     }
+}
+
+/// The current name of an interface index, if it still exists.
+fn name_of_index(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success if_indextoname wrote a NUL-terminated name into `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_str().ok().map(str::to_owned)
 }
 
 /// What `detach` removed.

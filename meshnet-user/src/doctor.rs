@@ -410,9 +410,9 @@ fn config_checks(path: &Path, checks: &mut Vec<Check>) {
     for pattern in &cfg.interfaces {
         let found = datapath::matching_interfaces(std::slice::from_ref(pattern)).map_err(|e| format!("{e:#}"));
         if let Ok(f) = &found {
-            matched.extend(f.iter().cloned());
+            matched.extend(f.keys().cloned());
         }
-        checks.push(interfaces_check(pattern, found.map(|f| f.into_iter().collect())));
+        checks.push(interfaces_check(pattern, found.map(|f| f.into_keys().collect())));
     }
     let bridges: Vec<String> =
         matched.iter().filter(|i| Path::new("/sys/class/net").join(i).join("bridge").exists()).cloned().collect();

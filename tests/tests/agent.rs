@@ -405,3 +405,57 @@ fn a_second_agent_on_the_same_pins_waits_and_never_touches_the_maps() {
     assert!(added.is_some(), "the second agent never applied its config: {:?}", routes(&t));
     held.exchange("three");
 }
+
+/// Re-creates the client pod's veth under the same name, as a pod re-created on the node.
+fn recreate_client_veth(t: &Topology) {
+    t.node1.exec(&format!(
+        "ip link del vethc && ip link add vethc type veth peer name eth0 netns {} && ip link set vethc master cni0 up",
+        t.client.name
+    ));
+    t.client.ip(&format!("addr add {}/24 dev eth0", topo::CLIENT_IP));
+    t.client.ip("link set eth0 up");
+    t.client.ip("route add default via 10.244.0.1");
+}
+
+/// Whether any meshnet program is on `iface` in node1, by tcx or a netlink filter.
+fn meshnet_on(t: &Topology, iface: &'static str) -> bool {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let tcx = t.node1.run(move || {
+        [TcAttachType::Ingress, TcAttachType::Egress].into_iter().any(|d| {
+            SchedClassifier::query_tcx(iface, d)
+                .map(|(_, ps)| ps.iter().any(|p| p.name_as_str().is_some_and(|n| n.starts_with("meshnet"))))
+                .unwrap_or(false)
+        })
+    });
+    let nl = ["ingress", "egress"]
+        .iter()
+        .any(|d| t.node1.exec(&format!("tc filter show dev {iface} {d} 2>/dev/null || true")).contains("meshnet"));
+    tcx || nl
+}
+
+#[test]
+fn interfaces_are_tracked_by_index() {
+    let t = Topology::new(Options::default());
+    let mut agent = start(&t, &node1_config(POD_INTERFACES), &["--rescan-seconds", "3600"]);
+    assert_eq!(request(&t, app_a(), "before"), "app 10.245.0.20:8080 got before");
+
+    // A pod re-created under the same veth name between two of the agent's looks (held
+    // still here, so that it sees both changes at once): the new device gets the programs.
+    agent.child.signal(Signal::SIGSTOP);
+    recreate_client_veth(&t);
+    agent.child.signal(Signal::SIGCONT);
+    let ok = poll(WAIT, || t.client.run(|| peer::tcp_request(app_a(), "recreated")).ok());
+    assert_eq!(ok.as_deref(), Some("app 10.245.0.20:8080 got recreated"), "{}", agent.child.output());
+
+    // The same while no agent runs: the pinned link of the old device is stale.
+    assert!(agent.child.stop());
+    recreate_client_veth(&t);
+    let _agent = start(&t, &node1_config(POD_INTERFACES), &["--rescan-seconds", "3600"]);
+    assert_eq!(request(&t, app_a(), "restarted"), "app 10.245.0.20:8080 got restarted");
+
+    // A renamed interface that no longer matches loses its programs for real.
+    assert!(meshnet_on(&t, "vethc2"));
+    t.node1.exec("ip link set vethc2 down && ip link set vethc2 name other0 && ip link set other0 up");
+    let detached = poll(WAIT, || (!meshnet_on(&t, "other0")).then_some(()));
+    assert!(detached.is_some(), "meshnet is still on the renamed interface");
+}
