@@ -1,5 +1,6 @@
 //! deploy/ against Kubernetes 1.18, offline: every manifest, and what `kubectl apply -k
-//! deploy/` would apply (rendered by the kustomize that kubectl 1.18 embeds), validated by
+//! deploy/overlays/NAME` would apply for each overlay (rendered by the kustomize that kubectl
+//! 1.18 embeds), validated by
 //! `kubernetes-validate` against its bundled 1.18 schemas in strict mode, which rejects
 //! unknown fields (a typo) and fields or API versions newer than 1.18. Negative checks prove
 //! the validator is that strict. `cargo xtask setup` installs both tools under target/tools
@@ -85,11 +86,12 @@ fn assert_valid(path: &Path) -> BTreeSet<String> {
     v.passed
 }
 
-/// The full manifests in deploy/: not the kustomization, not meshnet's own config file,
-/// not the partial patches under deploy/patches (checked through the rendering).
+/// The full manifests in deploy/ and deploy/base/: not the kustomizations, not meshnet's own
+/// config file, not the overlays' partial patches (checked through the rendering).
 fn manifests() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy())
-        .unwrap()
+    let mut files: Vec<PathBuf> = [deploy(), deploy().join("base")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .filter(|p| !matches!(p.file_name().and_then(|n| n.to_str()), Some("kustomization.yaml" | "config.example.yaml")))
@@ -135,7 +137,7 @@ fn render(dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The objects `kubectl apply -k deploy/` creates.
+/// The objects `kubectl apply -k deploy/overlays/NAME` creates, for either overlay.
 const KUSTOMIZED: [&str; 16] = [
     "namespace/meshnet",
     "configmap/meshnet-config",
@@ -190,35 +192,63 @@ fn kustomization_resources(text: &str) -> Vec<String> {
 
 #[test]
 fn the_kustomization_lists_every_cluster_manifest() {
-    let text = std::fs::read_to_string(deploy().join("kustomization.yaml")).unwrap();
+    let base = deploy().join("base");
+    let text = std::fs::read_to_string(base.join("kustomization.yaml")).unwrap();
     let listed = kustomization_resources(&text);
-    assert!(!listed.is_empty(), "no resources in deploy/kustomization.yaml");
+    assert!(!listed.is_empty(), "no resources in deploy/base/kustomization.yaml");
     for r in &listed {
-        assert!(deploy().join(r).is_file(), "deploy/kustomization.yaml lists {r}, which does not exist");
+        assert!(base.join(r).is_file(), "deploy/base/kustomization.yaml lists {r}, which does not exist");
     }
-    // Applied on their own, by design.
+    // Everything in base/ is in it; what is applied on its own lives in deploy/.
     let separate = ["mesh-networks-rbac.yaml", "remote-reader.yaml", "detach.yaml"];
     for f in manifests() {
         let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        let in_base = f.parent() == Some(base.as_path());
         assert!(
-            listed.contains(&name) || separate.contains(&name.as_str()),
-            "deploy/{name} is neither in kustomization.yaml nor one of the manifests applied separately ({separate:?})"
+            if in_base { listed.contains(&name) } else { separate.contains(&name.as_str()) },
+            "{} is neither in base/kustomization.yaml nor one of the manifests applied separately ({separate:?})",
+            f.display()
         );
     }
 }
 
-#[test]
-fn kubectl_1_18s_kustomize_renders_a_valid_deployment() {
-    let scratch = Scratch::new("render");
-    let rendered = render(&deploy());
+/// Renders one overlay as kubectl 1.18 would, validates it, and returns the text.
+fn rendered_overlay(name: &str) -> String {
+    let scratch = Scratch::new(name);
+    let rendered = render(&deploy().join("overlays").join(name));
     let out = scratch.write("rendered.yaml", &rendered);
     let passed = assert_valid(&out);
     let want: BTreeSet<String> = KUSTOMIZED.iter().map(ToString::to_string).collect();
-    assert_eq!(passed, want, "kubectl apply -k deploy/ would apply other objects than expected");
-    // The default capabilities.
-    let caps = added_capabilities(&rendered);
-    assert_eq!(caps, ["BPF", "NET_ADMIN", "PERFMON"], "{rendered}");
+    assert_eq!(passed, want, "kubectl apply -k deploy/overlays/{name} would apply other objects than expected");
     assert!(rendered.contains("image: meshnet:0.1.0"));
+    // The patch replaced the capability list and kept the rest of the container.
+    for kept in ["- --kube", "mountPath: /sys/fs/bpf/meshnet", "readOnlyRootFilesystem: true", "- ALL", "host: 127.0.0.1"] {
+        assert!(rendered.contains(kept), "{name}: {kept} lost:\n{rendered}");
+    }
+    rendered
+}
+
+#[test]
+fn the_modern_overlay_renders_with_cap_bpf() {
+    assert_eq!(added_capabilities(&rendered_overlay("modern")), ["BPF", "NET_ADMIN", "PERFMON"]);
+}
+
+/// The user's stack: ELRepo 5.4 has no CAP_BPF and Docker 19.03 refuses to start a container
+/// that asks for it.
+#[test]
+fn the_centos7_docker19_overlay_renders_without_cap_bpf() {
+    assert_eq!(added_capabilities(&rendered_overlay("centos7-docker19")), ["SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE"]);
+}
+
+/// The README's install line is the overlay of the user's stack.
+#[test]
+fn the_readme_installs_the_users_overlay() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(readme.contains("kubectl apply -k deploy/overlays/centos7-docker19"), "README has no install line for the user's stack");
+    for overlay in std::fs::read_dir(deploy().join("overlays")).unwrap() {
+        let name = overlay.unwrap().file_name();
+        assert!(readme.contains(&format!("deploy/overlays/{}", name.to_str().unwrap())), "README does not name overlay {name:?}");
+    }
 }
 
 /// The `capabilities.add` list of the agent in rendered YAML (kubectl's block style).
@@ -233,38 +263,12 @@ fn added_capabilities(rendered: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn the_older_kernel_variant_renders_with_sys_admin() {
-    let scratch = Scratch::new("older-kernel");
-    let dir = scratch.0.join("deploy");
-    std::fs::create_dir_all(dir.join("patches")).unwrap();
-    for f in std::fs::read_dir(deploy()).unwrap().map(|e| e.unwrap().path()).filter(|f| f.is_file()) {
-        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
-    }
-    std::fs::copy(deploy().join("patches/older-kernel.yaml"), dir.join("patches/older-kernel.yaml")).unwrap();
-    // Enable it exactly as kustomization.yaml tells the reader to: uncomment two lines.
-    let k = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
-    let commented = "# patchesStrategicMerge:\n#   - patches/older-kernel.yaml\n";
-    assert!(k.contains(commented), "deploy/kustomization.yaml no longer has the commented older-kernel lines");
-    std::fs::write(dir.join("kustomization.yaml"), k.replace(commented, "patchesStrategicMerge:\n  - patches/older-kernel.yaml\n"))
-        .unwrap();
-    let rendered = render(&dir);
-    let out = scratch.write("rendered.yaml", &rendered);
-    let passed = assert_valid(&out);
-    assert!(passed.contains("daemonset/meshnet-agent"));
-    assert_eq!(added_capabilities(&rendered), ["SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE"], "{rendered}");
-    // The patch replaced the list and kept the rest of the container.
-    for kept in ["- --kube", "mountPath: /sys/fs/bpf/meshnet", "readOnlyRootFilesystem: true", "- ALL"] {
-        assert!(rendered.contains(kept), "{kept} lost by the patch:\n{rendered}");
-    }
-}
-
 /// The validator is strict: a typo'd field, a field newer than 1.18 and an API version
 /// 1.18 does not serve are each refused.
 #[test]
 fn the_validator_refuses_typos_and_newer_apis() {
     let scratch = Scratch::new("negative");
-    let agent = std::fs::read_to_string(deploy().join("agent.yaml")).unwrap();
+    let agent = std::fs::read_to_string(deploy().join("base/agent.yaml")).unwrap();
     assert!(agent.contains("      hostNetwork: true\n"));
     let typo = scratch.write("typo.yaml", &agent.replace("      hostNetwork: true\n", "      hostNetwrok: true\n"));
     let v = validate(&typo);
@@ -305,7 +309,7 @@ fn embedded_config(configmap: &str) -> String {
 
 #[test]
 fn the_configmap_holds_a_valid_config() {
-    let text = embedded_config(&read("config.yaml"));
+    let text = embedded_config(&read("base/config.yaml"));
     let c = meshnet::config::Config::from_yaml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(c.cluster, "cluster1");
     assert_eq!(c.interfaces, ["veth*"]);
@@ -329,8 +333,8 @@ fn args(manifest: &str) -> Vec<String> {
 fn the_workloads_arguments_parse() {
     let bin = meshnet_tests::meshnet_bin();
     for (file, want) in [
-        ("agent.yaml", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "127.0.0.1:9464"]),
-        ("controller.yaml", vec!["controller", "--leader-election", "true", "--metrics-addr", "0.0.0.0:9464"]),
+        ("base/agent.yaml", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "127.0.0.1:9464"]),
+        ("base/controller.yaml", vec!["controller", "--leader-election", "true", "--metrics-addr", "0.0.0.0:9464"]),
     ] {
         let manifest = read(file);
         let a = args(&manifest);
@@ -346,18 +350,18 @@ fn the_workloads_arguments_parse() {
     }
     // The agent is on the host's network: its metrics stay on the node's loopback, where the
     // kubelet's probes reach them, and it sees only meshnet's own pins.
-    let agent = read("agent.yaml");
+    let agent = read("base/agent.yaml");
     for probe in ["path: /healthz", "path: /readyz"] {
         let at = agent.find(probe).unwrap();
         assert_eq!(agent[..at].lines().last().unwrap().trim(), "", "{probe}");
         assert_eq!(agent[..at].trim_end().lines().last().unwrap().trim(), "host: 127.0.0.1", "agent.yaml: {probe} not on loopback");
     }
-    for file in ["agent.yaml", "detach.yaml"] {
+    for file in ["base/agent.yaml", "detach.yaml"] {
         let m = read(file);
         assert!(m.contains("path: /sys/fs/bpf/meshnet\n"), "{file}: does not mount /sys/fs/bpf/meshnet");
         assert!(!m.contains("path: /sys/fs/bpf\n") && !m.contains("mountPath: /sys/fs/bpf\n"), "{file}: mounts all of bpffs");
     }
     // The downward-API variables the binary reads.
-    assert!(read("agent.yaml").contains("- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName"));
-    assert!(read("controller.yaml").contains("- name: POD_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name"));
+    assert!(read("base/agent.yaml").contains("- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName"));
+    assert!(read("base/controller.yaml").contains("- name: POD_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name"));
 }

@@ -6,7 +6,7 @@
 //!   rejects unknown fields), so validation needs no network.
 //! - kubectl 1.20 from Debian's `kubernetes-client`, unpacked, not installed (it would clash
 //!   with another kubectl). kubectl 1.14 to 1.20 embed kustomize v2.0.3, so it renders
-//!   deploy/kustomization.yaml as the user's kubectl 1.18 does.
+//!   deploy/overlays/* as the user's kubectl 1.18 does.
 
 use std::{
     path::{Path, PathBuf},
