@@ -754,8 +754,23 @@ current-context: x
             ("/var/run/secrets/kubernetes.io/serviceaccount/token", "tokenFile"),
         ] {
             let field = format!("{what}: {smuggled}");
+            let base = kubeconfig("    token: abc", "");
+            let users = |with: &str| base.replace("- name: cluster2\n  user:\n    token: abc\n", with);
             let cases = [
-                // The reported bypass: the field sits under an anchor elsewhere and is merged in.
+                // The reported bypass: a whole user sits under an anchor elsewhere and is merged
+                // into the list, where a check that does not expand merges sees no `user` at all.
+                (
+                    format!(
+                        "preferences:\n  extensions:\n  - name: d\n    extension: &evil {{name: cluster2, user: {{{field}}}}}\n{}",
+                        users("- <<: *evil\n")
+                    ),
+                    "anchor",
+                ),
+                (users(&format!("- name: cluster2\n  <<: {{user: {{{field}}}}}\n")), "merge key"),
+                (
+                    base.replace("users:\n- name: cluster2\n  user:\n    token: abc\n", &format!("<<: {{users: [{{name: cluster2, user: {{{field}}}}}]}}\n")),
+                    "merge key",
+                ),
                 (
                     format!("x-defaults: &evil\n  {field}\n{}", kubeconfig("    <<: *evil\n    token: abc", "")),
                     "anchor",
@@ -782,10 +797,12 @@ current-context: x
                 (format!("{}---\n{}", kubeconfig("    token: abc", ""), kubeconfig(&format!("    {field}"), "")), "more than one YAML document"),
                 (format!("---\n{}---\n{}", kubeconfig(&format!("    {field}"), ""), kubeconfig("    token: abc", "")), "more than one YAML document"),
             ];
-            // The reported bypass is real: kube's own parser expands the merge.
-            let kube_sees = Kubeconfig::from_yaml(&cases[0].0).unwrap();
-            let user = kube_sees.auth_infos[0].auth_info.as_ref().unwrap();
-            assert!(user.exec.is_some() || user.token_file.is_some(), "kube does not see the smuggled {what}");
+            // The reported bypasses are real: kube's own parser expands the merges.
+            for (text, _) in &cases[..3] {
+                let kube_sees = Kubeconfig::from_yaml(text).unwrap();
+                let user = kube_sees.auth_infos[0].auth_info.as_ref().unwrap();
+                assert!(user.exec.is_some() || user.token_file.is_some(), "kube does not see the smuggled {what} in:\n{text}");
+            }
             for (text, reason) in cases {
                 refused(&text, reason);
             }
