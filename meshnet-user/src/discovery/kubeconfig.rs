@@ -568,6 +568,10 @@ pub async fn client(kc: Kubeconfig, origin: &str) -> Result<kube::Client, VetErr
     if !matches!(config.cluster_url.scheme_str(), Some("https" | "http")) || config.cluster_url.host().is_none() {
         return Err(unusable("the server must be an http or https URL with a host"));
     }
+    // Credentials in the URL would ride along in every error message that quotes it.
+    if config.cluster_url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(unusable("the server URL must not hold credentials"));
+    }
     if let Some(ca) = &cluster.certificate_authority_data {
         let pem = decode(ca).ok_or_else(|| unusable("certificate-authority-data is not base64"))?;
         let certs: Vec<Vec<u8>> = pem::parse_many(&pem)
@@ -875,6 +879,15 @@ current-context: x
     }
 
     #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        for depth in [100, 300, 100_000] {
+            let deep = format!("extensions: {}{}\n{ISTIOCTL}", "[".repeat(depth), "]".repeat(depth));
+            let _ = vet(&deep, "s");
+        }
+        assert!(vet(&format!("extensions: {}{}\n{ISTIOCTL}", "[".repeat(100_000), "]".repeat(100_000)), "s").is_err());
+    }
+
+    #[test]
     fn client_errors_are_fixed_texts() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let bad_ca = |ca: &str| ISTIOCTL.replace("certificate-authority-data: Zm9v", &format!("certificate-authority-data: {ca}"));
@@ -884,6 +897,7 @@ current-context: x
             (bad_ca(&format!("{TOKEN}!")), "not base64"),
             (bad_ca(&pem), "could not be loaded"),
             (ISTIOCTL.replace("https://192.0.2.2:6443", &format!("socks5://{TOKEN}")), "http or https"),
+            (ISTIOCTL.replace("https://192.0.2.2:6443", &format!("https://admin:{TOKEN}@192.0.2.2:6443")), "must not hold credentials"),
         ] {
             let e = rt.block_on(client(vet(&text, "s").unwrap(), "s")).err().unwrap().to_string();
             assert!(e.contains(what) && !e.contains("s3cr3t") && !e.contains(&body), "{e}");
