@@ -325,9 +325,9 @@ fn one_user(body: &str) -> String {
 
 /// Remote secrets that smuggle an exec plugin or a tokenFile past a check that reads YAML
 /// differently from kube (merge keys, anchors, tags, duplicates, several documents, JSON).
-/// Returns the peer names, the marker files the exec plugins would create, and the token
-/// the tokenFile holds.
-fn smuggling_secrets(m: &Mesh) -> (Vec<&'static str>, Vec<PathBuf>, String) {
+/// Returns the peer names, the marker files the exec plugins would create, the token the
+/// tokenFile holds and a watch on that file.
+fn smuggling_secrets(m: &Mesh) -> (Vec<&'static str>, Vec<PathBuf>, String, OpenWatch) {
     let url = m.remote.url();
     let markers: Vec<PathBuf> = (0..4).map(|i| m.dir.0.join(format!("pwned-{i}"))).collect();
     let exec = |i: usize| {
@@ -364,7 +364,32 @@ fn smuggling_secrets(m: &Mesh) -> (Vec<&'static str>, Vec<PathBuf>, String) {
     for (name, text) in &secrets {
         m.local.apply(remote_secret(name, text));
     }
-    (secrets.iter().map(|(n, _)| *n).collect(), markers, token)
+    (secrets.iter().map(|(n, _)| *n).collect(), markers, token, OpenWatch::new(&token_file))
+}
+
+/// Notices any open or read of one file, by any process (inotify).
+struct OpenWatch(std::os::fd::OwnedFd);
+
+impl OpenWatch {
+    fn new(path: &Path) -> Self {
+        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        // SAFETY: plain syscalls; the fd is owned from here on.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let wd = unsafe { libc::inotify_add_watch(std::os::fd::AsRawFd::as_raw_fd(&fd), c.as_ptr(), libc::IN_OPEN | libc::IN_ACCESS) };
+        assert!(wd >= 0, "inotify_add_watch: {}", std::io::Error::last_os_error());
+        Self(fd)
+    }
+
+    /// Whether the file was opened or read since the watch began.
+    fn touched(&self) -> bool {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads into a buffer of the given length.
+        let n = unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&self.0), buf.as_mut_ptr().cast(), buf.len()) };
+        n > 0
+    }
 }
 
 /// True when any request to either API server carried `token`.
@@ -375,7 +400,13 @@ fn token_was_sent(m: &Mesh, token: &str) -> bool {
 #[test]
 fn smuggled_exec_and_token_files_are_refused_never_run_and_never_read() {
     let m = Mesh::new();
-    let (names, markers, token) = smuggling_secrets(&m);
+    let (names, markers, token, token_file) = smuggling_secrets(&m);
+    // The watch sees opens on this machine, or its silence below would prove nothing.
+    let probe = m.dir.0.join("probe");
+    std::fs::write(&probe, "x").unwrap();
+    let probe_watch = OpenWatch::new(&probe);
+    std::fs::read(&probe).unwrap();
+    assert!(probe_watch.touched(), "inotify does not report opens here");
     let controller = m.controller(&[]);
     let all_refused = poll(WAIT, || m.published().filter(|(_, s)| names.iter().all(|n| status_of(s, n)["refused"].is_string())));
     let (peers, status) = all_refused.unwrap_or_else(|| panic!("not all refused: {:?}\n{}", m.published(), controller.output()));
@@ -390,6 +421,7 @@ fn smuggled_exec_and_token_files_are_refused_never_run_and_never_read() {
     for marker in &markers {
         assert!(!marker.exists(), "an exec plugin ran: {}", marker.display());
     }
+    assert!(!token_file.touched(), "the controller opened the tokenFile");
     assert!(!token_was_sent(&m, &token), "the controller sent the token from the tokenFile");
     assert!(!controller.output().contains(&token), "the token file's content reached the logs");
 }
@@ -440,7 +472,7 @@ fn a_malformed_kubeconfig_never_leaks_its_token() {
 #[test]
 fn mesh_networks_refuses_smuggled_credentials_and_keeps_tokens_out_of_its_output() {
     let m = Mesh::new();
-    let (names, markers, token) = smuggling_secrets(&m);
+    let (names, markers, token, token_file) = smuggling_secrets(&m);
     let leaky = unique("leaky-token");
     let url = m.remote.url();
     m.local.apply(remote_secret("leaky", &kubeconfig_with(&url, &format!("preferences: {{colors: {leaky}}}\n"), "", &one_user(&format!("    token: {leaky}")))));
@@ -450,6 +482,7 @@ fn mesh_networks_refuses_smuggled_credentials_and_keeps_tokens_out_of_its_output
     for marker in &markers {
         assert!(!marker.exists(), "an exec plugin ran: {}", marker.display());
     }
+    assert!(!token_file.touched(), "mesh-networks opened the tokenFile");
     assert!(!token_was_sent(&m, &token), "mesh-networks sent the token from the tokenFile");
     assert_eq!(out.stderr.matches("skipping cluster").count(), names.len() + 1, "{}", out.stderr);
     for secret in [&token, &leaky] {

@@ -559,8 +559,17 @@ fn decode(data: &str) -> Option<Vec<u8>> {
 // Async as kube's loader was, which the callers await; building the config by hand needs no I/O.
 #[allow(clippy::unused_async)]
 pub async fn client(kc: Kubeconfig, origin: &str) -> Result<kube::Client, VetError> {
-    check_typed(&kc, origin)?;
-    let (cluster, user, context) = select(&kc, origin)?;
+    let config = config(&kc, origin)?;
+    kube::Client::try_from(config).map_err(|_| VetError::Unusable {
+        origin: origin.into(),
+        what: "the CA, client certificate or key could not be loaded, or the token is not a valid header value",
+    })
+}
+
+/// The `kube::Config` for a kubeconfig's current context, from its allowed fields only.
+fn config(kc: &Kubeconfig, origin: &str) -> Result<kube::Config, VetError> {
+    check_typed(kc, origin)?;
+    let (cluster, user, context) = select(kc, origin)?;
     let unusable = |what| VetError::Unusable { origin: origin.into(), what };
     let server = cluster.server.as_deref().unwrap_or_default();
     let url = server.parse().map_err(|_| unusable("the server is not a URL"))?;
@@ -606,9 +615,7 @@ pub async fn client(kc: Kubeconfig, origin: &str) -> Result<kube::Client, VetErr
         client_key_data: key.map(SecretString::from),
         ..AuthInfo::default()
     };
-    kube::Client::try_from(config).map_err(|_| {
-        unusable("the CA, client certificate or key could not be loaded, or the token is not a valid header value")
-    })
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -876,6 +883,28 @@ current-context: x
         }
         let e = vet(&ISTIOCTL.replace("preferences: {}", "preferences: {colors: maybe}"), "s").unwrap_err();
         assert!(e.to_string().contains("(line 14, column"), "{e}");
+    }
+
+    /// Nothing of the client's configuration comes from this host: no proxy (kube's loader
+    /// would take `HTTPS_PROXY`), no file, no program, no impersonation, TLS verified.
+    #[test]
+    fn the_client_config_holds_nothing_local() {
+        let text = ISTIOCTL.replace("    certificate-authority-data: Zm9v\n", "").replace(
+            "    token: s3cr3t-T0KEN-4f9c2a7e",
+            "    token: s3cr3t-T0KEN-4f9c2a7e\n    client-certificate-data: Zm9v\n    client-key-data: YmFy",
+        );
+        let c = config(&vet(&text, "s").unwrap(), "s").unwrap();
+        assert_eq!(c.cluster_url.to_string(), "https://192.0.2.2:6443/");
+        assert!(c.proxy_url.is_none() && c.root_cert_file.is_none() && c.root_cert.is_none());
+        assert!(!c.accept_invalid_certs && c.headers.is_empty());
+        let a = &c.auth_info;
+        assert_eq!(a.token.as_ref().unwrap().expose_secret(), TOKEN);
+        assert_eq!(a.client_certificate_data.as_deref(), Some("Zm9v"));
+        assert_eq!(a.client_key_data.as_ref().unwrap().expose_secret(), "YmFy");
+        assert!(a.token_file.is_none() && a.exec.is_none() && a.auth_provider.is_none());
+        assert!(a.client_certificate.is_none() && a.client_key.is_none() && a.username.is_none() && a.password.is_none());
+        assert!(a.impersonate.is_none() && a.impersonate_groups.is_none() && a.impersonate_uid.is_none());
+        assert!(a.impersonate_user_extra.is_none() && a.other.is_empty());
     }
 
     #[test]
