@@ -112,14 +112,13 @@ fn why(field: Option<&str>) -> &'static str {
     }
 }
 
-/// The part of a YAML document meshnet looks at, built from the parser's events.
-#[derive(Debug)]
+/// The part of a YAML document meshnet looks at, built from the parser's events. No
+/// `Debug`: it holds the secret's values.
 struct Node {
     at: At,
     kind: Kind,
 }
 
-#[derive(Debug)]
 enum Kind {
     Null,
     Scalar(String),
@@ -307,7 +306,12 @@ const KUBECONFIG: Shape = Shape::Map(&[
 /// to name the field when serde-saphyr later reports only a position.
 fn check(node: &Node, shape: &Shape, path: &str, origin: &str, places: &mut Vec<(At, String)>) -> Result<(), VetError> {
     places.push((node.at, path.to_owned()));
-    let wrong = |why: &'static str| VetError::Invalid { origin: origin.into(), path: path.to_owned(), why, at: Some(node.at) };
+    let wrong = |why: &'static str| VetError::Invalid {
+        origin: origin.into(),
+        path: if path.is_empty() { "the document".into() } else { path.to_owned() },
+        why,
+        at: Some(node.at),
+    };
     match (shape, &node.kind) {
         (Shape::Ignored, _) | (_, Kind::Null) | (Shape::Str | Shape::Bool, Kind::Scalar(_)) => Ok(()),
         (Shape::Str, _) => Err(wrong("must be a string")),
@@ -881,6 +885,8 @@ current-context: x
             assert!(!msg.contains(TOKEN) && !msg.contains("s3cr3t") && !msg.contains("T0KEN"), "token leaks: {msg}");
             assert!(!format!("{e:?}").contains("s3cr3t"), "token leaks into Debug: {e:?}");
         }
+        assert!(vet("just text", "s").unwrap_err().to_string().contains("`the document` must be a mapping"));
+        assert!(vet("", "s").unwrap_err().to_string().contains("empty kubeconfig"));
         let e = vet(&ISTIOCTL.replace("preferences: {}", "preferences: {colors: maybe}"), "s").unwrap_err();
         assert!(e.to_string().contains("(line 14, column"), "{e}");
     }
