@@ -17,7 +17,7 @@ use std::{
 use axum::{
     body::{Body, Bytes},
     extract::{Query, State},
-    http::{Method, StatusCode, Uri},
+    http::{header, HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     Router,
 };
@@ -52,8 +52,21 @@ struct Store {
     floor: u64,
 }
 
+/// One request as the server received it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// The body of a write (empty for reads).
+    pub body: String,
+}
+
 struct Shared {
     store: Mutex<Store>,
+    /// Every request, to tell which credentials clients sent and what they wrote.
+    requests: Mutex<Vec<Request>>,
     events: broadcast::Sender<Event>,
     mode: watch::Sender<(Mode, u64)>,
 }
@@ -173,7 +186,7 @@ impl FakeApi {
     pub fn start(netns: Option<&std::path::Path>) -> Self {
         let (events, _) = broadcast::channel(4096);
         let (mode, _) = watch::channel((Mode::Normal, 0));
-        let shared = Arc::new(Shared { store: Mutex::new(Store::default()), events, mode });
+        let shared = Arc::new(Shared { store: Mutex::new(Store::default()), requests: Mutex::new(Vec::new()), events, mode });
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let s = shared.clone();
@@ -245,6 +258,18 @@ impl FakeApi {
         self.shared.store.lock().unwrap().objects.get(&collection_of(&probe))?.get(name).cloned()
     }
 
+    /// Every request received so far, oldest first.
+    #[must_use]
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// Every object stored, as JSON text.
+    #[must_use]
+    pub fn dump(&self) -> String {
+        serde_json::to_string(&self.shared.store.lock().unwrap().objects).unwrap()
+    }
+
     /// Forgets history, as etcd compaction does: watches from older versions get 410 Gone,
     /// and open watches are closed so that clients must come back with what they have.
     pub fn compact(&self) {
@@ -271,7 +296,20 @@ impl Drop for FakeApi {
     }
 }
 
-async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, Query(q): Query<BTreeMap<String, String>>, body: Bytes) -> Response {
+async fn handle(
+    State(s): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    s.requests.lock().unwrap().push(Request {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        authorization: headers.get(header::AUTHORIZATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    });
     let mut mode_rx = s.mode.subscribe();
     let (mode, _) = *mode_rx.borrow();
     match mode {

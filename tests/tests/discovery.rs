@@ -304,6 +304,192 @@ fn exec_plugin_in_a_remote_secret_is_refused_and_never_run() {
     assert!(!marker.exists(), "the exec plugin ran");
 }
 
+/// A string no test and no process has seen before, to look for afterwards.
+fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{what}-{}-{nanos}", std::process::id())
+}
+
+/// A one-cluster kubeconfig with `before` at the top, `cluster_extra` in the cluster and
+/// `users` (with its `users:` line) for the users.
+fn kubeconfig_with(server: &str, before: &str, cluster_extra: &str, users: &str) -> String {
+    format!(
+        "{before}apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n{cluster_extra}{users}contexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n"
+    )
+}
+
+/// The `users` list with one user `u` of this body.
+fn one_user(body: &str) -> String {
+    format!("users:\n- name: u\n  user:\n{body}\n")
+}
+
+/// Remote secrets that smuggle an exec plugin or a tokenFile past a check that reads YAML
+/// differently from kube (merge keys, anchors, tags, duplicates, several documents, JSON).
+/// Returns the peer names, the marker files the exec plugins would create, the token the
+/// tokenFile holds and a watch on that file.
+fn smuggling_secrets(m: &Mesh) -> (Vec<&'static str>, Vec<PathBuf>, String, OpenWatch) {
+    let url = m.remote.url();
+    let markers: Vec<PathBuf> = (0..4).map(|i| m.dir.0.join(format!("pwned-{i}"))).collect();
+    let exec = |i: usize| {
+        format!(
+            "{{apiVersion: client.authentication.k8s.io/v1beta1, command: /bin/sh, args: [\"-c\", \"touch {}\"]}}",
+            markers[i].display()
+        )
+    };
+    let token = unique("controller-token");
+    let token_file = m.dir.0.join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let tf = token_file.display().to_string();
+    let anchored = |what: &str| format!("preferences:\n  extensions:\n  - name: defaults\n    extension: &evil {{name: u, user: {{{what}}}}}\n");
+    let secrets = [
+        // The reported bypass: a whole user sits under an anchor elsewhere and is merged into
+        // the list, where a check that does not expand merges sees no `user` at all.
+        ("evil-anchor", kubeconfig_with(&url, &anchored(&format!("exec: {}", exec(0))), "", "users:\n- <<: *evil\n")),
+        // A merge needs no anchor, at the entry or at the top.
+        ("evil-merge", kubeconfig_with(&url, "", "", &format!("users:\n- name: u\n  <<: {{user: {{exec: {}}}}}\n", exec(1)))),
+        ("evil-top-merge", kubeconfig_with(&url, "", "", &format!("<<: {{users: [{{name: u, user: {{exec: {}}}}}]}}\n", exec(2)))),
+        ("evil-multidoc", format!("kind: Config\n---\n{}", kubeconfig_with(&url, "", "", &one_user(&format!("    exec: {}", exec(3)))))),
+        ("evil-tokenfile-anchor", kubeconfig_with(&url, &anchored(&format!("tokenFile: {tf}")), "", "users:\n- <<: *evil\n")),
+        ("evil-tokenfile-merge", kubeconfig_with(&url, "", "", &format!("users:\n- name: u\n  <<: {{user: {{tokenFile: {tf}}}}}\n"))),
+        ("evil-tokenfile-top-merge", kubeconfig_with(&url, "", "", &format!("<<: {{users: [{{name: u, user: {{tokenFile: {tf}}}}}]}}\n"))),
+        ("evil-tokenfile-tag", kubeconfig_with(&url, "", "", &format!("users:\n- !!map {{name: u, user: {{tokenFile: {tf}}}}}\n"))),
+        ("evil-tokenfile-dup", kubeconfig_with(&url, "", "", &format!("{}{}", one_user("    token: harmless"), one_user(&format!("    tokenFile: {tf}"))))),
+        (
+            "evil-tokenfile-json",
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Config","clusters":[{{"name":"c","cluster":{{"server":"{url}"}}}}],"users":[{{"name":"u","<<":{{"user":{{"tokenFile":"{tf}"}}}}}}],"contexts":[{{"name":"x","context":{{"cluster":"c","user":"u"}}}}],"current-context":"x"}}"#
+            ),
+        ),
+    ];
+    for (name, text) in &secrets {
+        m.local.apply(remote_secret(name, text));
+    }
+    (secrets.iter().map(|(n, _)| *n).collect(), markers, token, OpenWatch::new(&token_file))
+}
+
+/// Notices any open or read of one file, by any process (inotify).
+struct OpenWatch(std::os::fd::OwnedFd);
+
+impl OpenWatch {
+    fn new(path: &Path) -> Self {
+        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        // SAFETY: plain syscalls; the fd is owned from here on.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let wd = unsafe { libc::inotify_add_watch(std::os::fd::AsRawFd::as_raw_fd(&fd), c.as_ptr(), libc::IN_OPEN | libc::IN_ACCESS) };
+        assert!(wd >= 0, "inotify_add_watch: {}", std::io::Error::last_os_error());
+        Self(fd)
+    }
+
+    /// Whether the file was opened or read since the watch began.
+    fn touched(&self) -> bool {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads into a buffer of the given length.
+        let n = unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&self.0), buf.as_mut_ptr().cast(), buf.len()) };
+        n > 0
+    }
+}
+
+/// True when any request to either API server carried `token`.
+fn token_was_sent(m: &Mesh, token: &str) -> bool {
+    [&m.local, &m.remote].iter().any(|api| api.requests().iter().any(|r| r.authorization.as_deref().is_some_and(|a| a.contains(token))))
+}
+
+#[test]
+fn smuggled_exec_and_token_files_are_refused_never_run_and_never_read() {
+    let m = Mesh::new();
+    let (names, markers, token, token_file) = smuggling_secrets(&m);
+    // The watch sees opens on this machine, or its silence below would prove nothing.
+    let probe = m.dir.0.join("probe");
+    std::fs::write(&probe, "x").unwrap();
+    let probe_watch = OpenWatch::new(&probe);
+    std::fs::read(&probe).unwrap();
+    assert!(probe_watch.touched(), "inotify does not report opens here");
+    let controller = m.controller(&[]);
+    let all_refused = poll(WAIT, || m.published().filter(|(_, s)| names.iter().all(|n| status_of(s, n)["refused"].is_string())));
+    let (peers, status) = all_refused.unwrap_or_else(|| panic!("not all refused: {:?}\n{}", m.published(), controller.output()));
+    for n in &names {
+        let why = status_of(&status, n)["refused"].as_str().unwrap();
+        assert!(!why.contains(&m.dir.0.display().to_string()), "{n}: the refusal quotes the secret: {why}");
+    }
+    assert!(peers.as_array().unwrap().iter().all(|p| !p["name"].as_str().unwrap().starts_with("evil")), "{peers}");
+    // The legitimate peer is unaffected.
+    let ok = poll(WAIT, || m.published().filter(|(p, _)| p.as_array().is_some_and(|a| a.iter().any(|p| p["name"] == "cluster2"))));
+    assert!(ok.is_some(), "{:?}", m.published());
+    for marker in &markers {
+        assert!(!marker.exists(), "an exec plugin ran: {}", marker.display());
+    }
+    assert!(!token_file.touched(), "the controller opened the tokenFile");
+    assert!(!token_was_sent(&m, &token), "the controller sent the token from the tokenFile");
+    assert!(!controller.output().contains(&token), "the token file's content reached the logs");
+}
+
+/// A kubeconfig with a mistake next to its token: the refusal says where, and the token
+/// reaches no log line, no metric and no object the controller writes.
+#[test]
+fn a_malformed_kubeconfig_never_leaks_its_token() {
+    let m = Mesh::new();
+    let url = m.remote.url();
+    let token = unique("leaky-token");
+    let user = one_user(&format!("    token: {token}"));
+    let secrets = [
+        // The token is the wrongly typed value itself.
+        ("leaky-colors", kubeconfig_with(&url, &format!("preferences: {{colors: {token}}}\n"), "", &user), "`preferences.colors`"),
+        ("leaky-server", kubeconfig_with(&format!("[{url}]"), "", "", &user), "`clusters[0].cluster.server` must be a string"),
+        ("leaky-syntax", kubeconfig_with(&url, "", "", &one_user(&format!("    token: \"{token}\n    x: ["))), "not valid YAML"),
+        ("leaky-ca", kubeconfig_with(&url, "", &format!("    certificate-authority-data: {token}\n"), &user), "certificate-authority-data is not base64"),
+    ];
+    for (name, text, _) in &secrets {
+        m.local.apply(remote_secret(name, text));
+    }
+    let mut controller = m.controller(&[]);
+    let all_refused =
+        poll(WAIT, || m.published().filter(|(_, s)| secrets.iter().all(|(n, _, _)| status_of(s, n)["refused"].is_string())));
+    let (_, status) = all_refused.unwrap_or_else(|| panic!("not all refused: {:?}\n{}", m.published(), controller.output()));
+    for (name, _, why) in &secrets {
+        let got = status_of(&status, name)["refused"].as_str().unwrap();
+        assert!(got.contains(why), "{name}: want {why:?} in {got:?}");
+    }
+    controller.wait_for_line("remote cluster refused", WAIT);
+    let metrics = m.http(9465, "/metrics");
+    assert!(metrics.contains("meshnet_"), "{metrics}");
+    assert!(!controller.output().contains(&token), "the token reached the controller's log:\n{}", controller.output());
+    assert!(!metrics.contains(&token), "the token reached the metrics");
+    let cm = m.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-peers").unwrap();
+    assert!(!cm.to_string().contains(&token), "the token reached the published ConfigMap");
+    // The remote secrets hold it base64-encoded, which a token with `-` never matches.
+    assert!(!m.local.dump().contains(&token), "the token reached an object in the API");
+    for r in m.local.requests() {
+        assert!(!r.body.contains(&token), "{} {} wrote the token", r.method, r.path);
+    }
+    assert!(!token_was_sent(&m, &token), "a refused kubeconfig was used");
+}
+
+/// `meshnet mesh-networks` runs on an operator's machine: the same secrets must neither run
+/// anything there, nor read its files, nor print a token.
+#[test]
+fn mesh_networks_refuses_smuggled_credentials_and_keeps_tokens_out_of_its_output() {
+    let m = Mesh::new();
+    let (names, markers, token, token_file) = smuggling_secrets(&m);
+    let leaky = unique("leaky-token");
+    let url = m.remote.url();
+    m.local.apply(remote_secret("leaky", &kubeconfig_with(&url, &format!("preferences: {{colors: {leaky}}}\n"), "", &one_user(&format!("    token: {leaky}")))));
+    let out = mesh_networks_cmd(&m, "");
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("network2"), "the legitimate cluster is gone:\n{}", out.stdout);
+    for marker in &markers {
+        assert!(!marker.exists(), "an exec plugin ran: {}", marker.display());
+    }
+    assert!(!token_file.touched(), "mesh-networks opened the tokenFile");
+    assert!(!token_was_sent(&m, &token), "mesh-networks sent the token from the tokenFile");
+    assert_eq!(out.stderr.matches("skipping cluster").count(), names.len() + 1, "{}", out.stderr);
+    for secret in [&token, &leaky] {
+        assert!(!out.stdout.contains(secret.as_str()) && !out.stderr.contains(secret.as_str()), "a token reached the output:\n{}", out.stderr);
+    }
+}
+
 #[test]
 fn local_api_outage_leaves_the_datapath_and_restarts_never_flush() {
     let m = Mesh::new();
