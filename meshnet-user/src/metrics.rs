@@ -56,7 +56,13 @@ pub struct Metrics {
     pub last_sync: Gauge<f64, AtomicU64>,
     pub gc_expired: Counter,
     pub attached_interfaces: Gauge,
+    /// Published peers not applied as published (unreadable or refused).
+    pub api_peers_rejected: Gauge,
+    /// 1 while the published object as a whole is missing or unreadable.
+    pub api_peers_unreadable: Gauge,
     pub ready: AtomicBool,
+    /// Why the node serves something other than what was published, one line each.
+    problems: std::sync::Mutex<Vec<String>>,
     pins: Pins,
 }
 
@@ -73,7 +79,10 @@ impl Metrics {
             last_sync: Gauge::default(),
             gc_expired: Counter::default(),
             attached_interfaces: Gauge::default(),
+            api_peers_rejected: Gauge::default(),
+            api_peers_unreadable: Gauge::default(),
             ready: AtomicBool::new(false),
+            problems: std::sync::Mutex::new(Vec::new()),
             pins,
             registry: Registry::default(),
         };
@@ -89,7 +98,22 @@ impl Metrics {
         );
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());
+        registry.register(
+            "api_peers_rejected",
+            "Published peers not applied as published (unreadable or invalid); each keeps its last good state",
+            m.api_peers_rejected.clone(),
+        );
+        registry.register(
+            "api_peers_unreadable",
+            "1 while the published peers object is missing or unreadable; the last good peers stay",
+            m.api_peers_unreadable.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Sets why the node is not ready (empty: nothing wrong).
+    pub fn set_problems(&self, problems: Vec<String>) {
+        *self.problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = problems;
     }
 
     /// Marks a successful sync now.
@@ -158,9 +182,14 @@ async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
+    let problems = m.problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    if !m.ready.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the datapath is not loaded and synced yet\n".to_string())
+    } else if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the datapath is not loaded and synced yet\n")
+        // The datapath serves; what it serves is not what was published, and that needs a
+        // human. Every line names the peer and field.
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("\nnot ready: ")))
     }
 }
