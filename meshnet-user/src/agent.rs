@@ -182,10 +182,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(opts.pins.clone()));
     if let Some(addr) = opts.metrics_addr {
         let m = metrics.clone();
-        let listener_ok = tokio::net::TcpListener::bind(addr).await.map(drop);
-        listener_ok.with_context(|| format!("--metrics-addr {addr}"))?;
+        // Bound before "ready" is logged, so that /readyz answers from then on.
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
+            if let Err(e) = metrics::serve(listener, m).await {
                 error!(error = %format!("{e:#}"), "metrics server failed");
             }
         });

@@ -4,7 +4,6 @@
 //! numbers are those of the kernel, not of the agent's memory.
 
 use std::{
-    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -159,7 +158,7 @@ impl Metrics {
 }
 
 /// Serves /metrics, /healthz and /readyz until the process exits.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/metrics", get(scrape))
         // Liveness is only that the agent answers: it never depends on the API server or on
@@ -167,8 +166,9 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "serving metrics, /healthz and /readyz");
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving metrics, /healthz and /readyz");
+    }
     if let Err(e) = axum::serve(listener, app).await {
         warn!(error = %e, "metrics server stopped");
     }
