@@ -376,7 +376,7 @@ fn a_second_controller_takes_over_when_the_leader_stops() {
     let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "2"]);
     let leader = poll(WAIT, holder).expect("nobody took the lease");
     assert_eq!(leader, "ctrl-a");
-    let mut b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
+    let b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
     let published = poll(WAIT, || m.published().filter(|(p, _)| p[0]["name"] == "cluster2"));
     assert!(published.is_some());
     // b waits while a renews.
