@@ -81,7 +81,7 @@ enum Command {
         pod_cidrs: Vec<(String, Vec<ipnet::Ipv4Net>)>,
         /// This cluster's Service CIDRs (kube-apiserver's --service-cluster-ip-range),
         /// comma-separated or repeated: a peer that claims one is refused.
-        #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+        #[arg(long, visible_alias = "service-cidr", value_name = "CIDR", value_delimiter = ',')]
         service_cidrs: Vec<ipnet::Ipv4Net>,
         /// The only pod CIDRs a remote cluster may claim, as CLUSTER=CIDR[,CIDR...];
         /// repeatable. A claim outside them refuses the peer. Wins over the remote secret's

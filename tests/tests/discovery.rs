@@ -20,7 +20,7 @@ use meshnet_tests::{
 };
 use serde_json::{json, Value};
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_mins(1);
 
 fn namespace(name: &str, network: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"topology.istio.io/network": network}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})

@@ -261,6 +261,17 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &state.opts.namespace);
     match cms.get_opt(PEERS_CONFIGMAP).await {
         Ok(Some(cm)) => {
+            match Published::parse(Some(&cm)) {
+                Published::Unreadable(e) => warn!(error = %e, "the published peers are unreadable; starting without them"),
+                Published::Entries(entries) => {
+                    for e in entries {
+                        if let PublishedEntry::Bad { index, name, error } = e {
+                            warn!(index, peer = ?name, error = %error, "a published peer is unreadable; starting without it");
+                        }
+                    }
+                }
+                Published::Missing => {}
+            }
             let (peers, _) = parse_published(&cm);
             info!(peers = peers.len(), "starting from the published peers");
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
