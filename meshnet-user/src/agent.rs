@@ -314,7 +314,9 @@ impl Agent {
     /// Logs what changed among the published peers' problems, and sets the readiness and
     /// metrics from them: a node that serves stale peers says so.
     fn report_api(&mut self) {
-        let problems = self.api.problems();
+        // A published peer the file pins by hand is not used, so its problems are not ours.
+        let mut problems = self.api.problems();
+        problems.retain(|peer, _| !self.file.peers.iter().any(|p| &p.name == peer));
         for (peer, why) in &problems {
             if self.api.reported.get(peer) != Some(why) {
                 error!(peer = %peer, reason = %why, "published peers: not applying");
