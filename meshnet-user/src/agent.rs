@@ -20,14 +20,17 @@ use tracing::{debug, error, info, warn};
 use ipnet::Ipv4Net;
 
 use crate::{
-    config::{Config, RawConfig, RawPeer},
-    discovery::source::{self, ApiUpdate, SourceOptions},
+    config::{Config, ConfigError, RawConfig, RawPeer},
+    discovery::{
+        controller::{Published, PublishedEntry, PEERS_CONFIGMAP},
+        source::{self, ApiUpdate, SourceOptions},
+    },
     datapath::{detach_interface, matching_interfaces, AttachMode, Datapath},
     dump::monotonic_ns,
     health::{self, GatewayId, Health},
     maps::ControlMaps,
     metrics::{self, GatewayLabel, Metrics, ResultLabel},
-    netlink::LinkEvents,
+    netlink::{self, LinkEvents},
     pins::Pins,
 };
 
@@ -47,6 +50,106 @@ pub struct AgentOptions {
     pub lock_wait: Duration,
 }
 
+/// The published peers as the agent follows them: peer by peer, so that one the agent
+/// cannot read or validate keeps its last good state and costs nothing else.
+#[derive(Debug, Default)]
+struct ApiPeers {
+    /// Whether a readable peer list was seen (always, without --kube). Until then the
+    /// pinned maps keep serving as they are: nothing is withdrawn on an empty start.
+    heard: bool,
+    /// The newest published version of each peer; `None` when its entry is unreadable.
+    latest: BTreeMap<String, Option<RawPeer>>,
+    /// The last publish had an entry without a readable name, so a peer missing from it
+    /// may be that entry: nothing is withdrawn on its strength.
+    incomplete: bool,
+    /// The version of each published peer that the maps hold (after a restart: what the
+    /// pinned maps hold).
+    last_good: BTreeMap<String, RawPeer>,
+    /// Why entries could not be read, by peer name (or `peers[i]`).
+    unreadable: BTreeMap<String, String>,
+    /// Why published peers were refused by validation, by name.
+    refused: BTreeMap<String, String>,
+    /// Why the object as a whole cannot be used (missing, unreadable).
+    object: Option<String>,
+    /// What was reported last, so each problem is logged once.
+    reported: BTreeMap<String, String>,
+}
+
+impl ApiPeers {
+    /// A publish: only a readable list changes what is wanted, and only it may withdraw.
+    fn published(&mut self, p: Published) {
+        match p {
+            Published::Missing => {
+                self.object = Some(format!(
+                    "ConfigMap {PEERS_CONFIGMAP} does not exist (deleted, or not published yet); keeping the last good peers"
+                ));
+            }
+            Published::Unreadable(e) => {
+                self.object = Some(format!("ConfigMap {PEERS_CONFIGMAP} is unreadable: {e}; keeping the last good peers"));
+            }
+            Published::Entries(entries) => {
+                self.object = None;
+                self.heard = true;
+                self.latest.clear();
+                self.unreadable.clear();
+                self.incomplete = false;
+                for e in entries {
+                    match e {
+                        PublishedEntry::Peer(p) => {
+                            self.latest.insert(p.name.clone(), Some(p));
+                        }
+                        PublishedEntry::Bad { name: Some(name), error, .. } => {
+                            self.unreadable.insert(name.clone(), error);
+                            self.latest.entry(name).or_insert(None);
+                        }
+                        PublishedEntry::Bad { index, name: None, error } => {
+                            self.unreadable.insert(format!("peers[{index}]"), error);
+                            self.incomplete = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each peer's versions to try, newest first, then the last good one.
+    fn candidates(&self) -> BTreeMap<String, Vec<RawPeer>> {
+        let mut out: BTreeMap<String, Vec<RawPeer>> = BTreeMap::new();
+        for (name, newest) in &self.latest {
+            let v: Vec<RawPeer> = newest.iter().chain(self.last_good.get(name)).cloned().collect();
+            out.insert(name.clone(), v);
+        }
+        if self.incomplete {
+            for (name, p) in &self.last_good {
+                out.entry(name.clone()).or_insert_with(|| vec![p.clone()]);
+            }
+        }
+        out
+    }
+
+    /// Every current problem, by peer (or `object`), worded for a log line and /readyz.
+    fn problems(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let Some(o) = &self.object {
+            out.insert(String::new(), o.clone());
+        }
+        let kept = |name: &str| {
+            if self.last_good.contains_key(name) {
+                "keeping its last good state"
+            } else {
+                "not applied"
+            }
+        };
+        for (name, e) in &self.unreadable {
+            out.insert(name.clone(), format!("published peer {name:?} is unreadable ({e}); {}", kept(name)));
+        }
+        for (name, e) in &self.refused {
+            out.insert(name.clone(), format!("published peer {name:?} refused: {e}; {}", kept(name)));
+        }
+        out
+    }
+}
+
 struct Agent {
     opts: AgentOptions,
     /// The effective config: the file merged with what the API published.
@@ -54,8 +157,8 @@ struct Agent {
     config_text: String,
     /// The file as parsed, before the API's peers are merged in.
     file: RawConfig,
-    /// Published peers; `None` until the API watch first synced (with --kube).
-    api_peers: Option<Vec<RawPeer>>,
+    /// What the API published, and what of it the maps hold.
+    api: ApiPeers,
     node_cidrs: Vec<Ipv4Net>,
     datapath: Datapath,
     maps: ControlMaps,
@@ -70,7 +173,7 @@ struct Agent {
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // A bad config fails here, before anything is loaded or attached.
     let (file, config_text) = RawConfig::load(&opts.config)?;
-    let config = file.validated(&opts.config.display().to_string())?;
+    let config = file.validated_on(&opts.config.display().to_string(), &netlink::local_addresses())?;
     // One agent per pin directory, held until this process exits.
     opts.pins.prepare()?;
     let pins = opts.pins.clone();
@@ -97,13 +200,19 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if let Some(src) = opts.kube.clone() {
         source::spawn(src, api_tx).await.context("--kube")?;
     }
-    let api_peers = if opts.kube.is_some() { None } else { Some(Vec::new()) };
+    let mut api = ApiPeers { heard: opts.kube.is_none(), ..ApiPeers::default() };
+    if opts.kube.is_some() {
+        // What the maps hold is each published peer's last good state, until a readable
+        // publish says otherwise.
+        api.last_good = maps.pinned_peers().unwrap_or_default();
+        api.last_good.retain(|name, _| !file.peers.iter().any(|p| &p.name == name));
+    }
     let mut agent = Agent {
         opts,
         config,
         config_text,
         file,
-        api_peers,
+        api,
         node_cidrs: Vec::new(),
         datapath,
         maps,
@@ -111,12 +220,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         health,
         metrics,
     };
-    if agent.api_peers.is_some() {
+    if agent.api.heard {
         agent.sync().context("filling the maps")?;
     } else {
         // Until the API has been heard, the pinned maps (from before a restart) keep
         // serving as they are: nothing is withdrawn on the strength of an empty start.
         info!("waiting for the published peers before changing the maps");
+        agent.api.object = Some(format!("waiting for ConfigMap {PEERS_CONFIGMAP}"));
+        agent.report_api();
     }
     agent.rescan_interfaces()?;
     if agent.attached.is_empty() {
@@ -182,12 +293,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 }
 
 impl Agent {
-    /// Merges what the API published with the file and applies it if valid.
+    /// Merges what the API published with the file and applies what is valid.
     fn api_update(&mut self, update: ApiUpdate) {
         match update {
-            ApiUpdate::Peers(peers) => {
-                info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers changed");
-                self.api_peers = Some(peers);
+            ApiUpdate::Peers(published) => {
+                let readable = matches!(published, Published::Entries(_));
+                self.api.published(published);
+                if readable {
+                    info!(peers = ?self.api.latest.keys().collect::<Vec<_>>(), "published peers changed");
+                } else {
+                    self.report_api();
+                    return;
+                }
             }
             ApiUpdate::NodeCidrs(c) => self.node_cidrs = c,
             ApiUpdate::Error(e) => {
@@ -195,22 +312,50 @@ impl Agent {
                 return;
             }
         }
-        if self.api_peers.is_some() {
+        if self.api.heard {
             self.apply_effective("API update");
         }
     }
 
-    /// Validates the file merged with the API's peers and, if valid, syncs the maps to it.
+    /// Logs what changed among the published peers' problems, and sets the readiness and
+    /// metrics from them: a node that serves stale peers says so.
+    fn report_api(&mut self) {
+        // A published peer the file pins by hand is not used, so its problems are not ours.
+        let mut problems = self.api.problems();
+        problems.retain(|peer, _| !self.file.peers.iter().any(|p| &p.name == peer));
+        for (peer, why) in &problems {
+            if self.api.reported.get(peer) != Some(why) {
+                error!(peer = %peer, reason = %why, "published peers: not applying");
+            }
+        }
+        for peer in self.api.reported.keys() {
+            if !problems.contains_key(peer) {
+                info!(peer = %peer, "published peers: problem resolved");
+            }
+        }
+        let peers = problems.keys().filter(|k| !k.is_empty()).count();
+        self.metrics.api_peers_rejected.set(i64::try_from(peers).unwrap_or(i64::MAX));
+        self.metrics.api_peers_unreadable.set(i64::from(self.api.object.is_some()));
+        self.metrics.set_problems(problems.values().cloned().collect());
+        self.api.reported = problems;
+    }
+
+    /// Validates the file (with this node's pod CIDRs) as a whole, adds the published peers
+    /// one by one, and syncs the maps to the result. Only an invalid file is refused whole.
     fn apply_effective(&mut self, why: &str) -> bool {
-        let merged = self.file.with_api(self.api_peers.as_deref().unwrap_or_default(), &self.node_cidrs);
-        let config = match merged.validated(&self.opts.config.display().to_string()) {
-            Ok(c) => c,
-            Err(e) => {
+        let shown = self.opts.config.display().to_string();
+        let file = self.file.with_node_cidrs(&self.node_cidrs);
+        let candidates = if self.api.heard { self.api.candidates() } else { BTreeMap::new() };
+        let merged = match file.merge_api(&netlink::local_addresses(), &candidates) {
+            Ok(m) => m,
+            Err(errors) => {
+                let e = ConfigError::Invalid { path: shown, errors };
                 error!(why, error = %e, "reload refused; keeping the previous state");
                 self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
                 return false;
             }
         };
+        let config = merged.config;
         if config.max_flows != self.config.max_flows {
             warn!("nat.maxFlows changes take effect after `meshnet detach` and a restart");
         }
@@ -222,6 +367,15 @@ impl Agent {
             self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
             return false;
         }
+        if self.api.heard {
+            self.api.last_good = merged.applied;
+            self.api.refused = merged
+                .rejected
+                .into_iter()
+                .map(|(name, errors)| (name, errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
+                .collect();
+        }
+        self.report_api();
         self.metrics.reloads.get_or_create(&ResultLabel { result: "ok".into() }).inc();
         self.rescan_logged();
         true
@@ -274,9 +428,9 @@ impl Agent {
         };
         self.config_text = text;
         let previous = std::mem::replace(&mut self.file, file);
-        if self.api_peers.is_none() {
+        if !self.api.heard {
             // Still waiting for the API: validate the file alone, apply later.
-            if let Err(e) = self.file.validated(&self.opts.config.display().to_string()) {
+            if let Err(e) = self.file.validated_on(&self.opts.config.display().to_string(), &netlink::local_addresses()) {
                 error!(why, error = %e, "reload refused; keeping the previous config");
                 self.file = previous;
             }
@@ -348,5 +502,50 @@ impl Agent {
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawGateway;
+
+    fn peer(name: &str, cidr: &str) -> RawPeer {
+        RawPeer {
+            name: name.into(),
+            pod_cidrs: vec![cidr.into()],
+            gateways: vec![RawGateway { address: "10.20.144.165".into(), port: 32361, udp_port: None }],
+        }
+    }
+
+    fn names(c: &BTreeMap<String, Vec<RawPeer>>) -> Vec<String> {
+        c.iter().map(|(n, v)| format!("{n}:{}", v.iter().map(|p| p.pod_cidrs[0].as_str()).collect::<Vec<_>>().join(","))).collect()
+    }
+
+    #[test]
+    fn only_a_readable_publish_withdraws() {
+        let mut api = ApiPeers { heard: false, ..ApiPeers::default() };
+        api.last_good = [("a".to_string(), peer("a", "10.1.0.0/16")), ("b".to_string(), peer("b", "10.2.0.0/16"))].into();
+        // Deleted or garbage: nothing changes, and the agent says why.
+        api.published(Published::Missing);
+        assert!(!api.heard);
+        assert!(api.problems()[""].contains("does not exist"));
+        api.published(Published::Unreadable("not a list".into()));
+        assert!(api.problems()[""].contains("unreadable: not a list"));
+        // A readable publish: a's newest first, then its last good; b is gone.
+        api.published(Published::Entries(vec![PublishedEntry::Peer(peer("a", "10.9.0.0/16"))]));
+        assert!(api.heard && api.object.is_none());
+        assert_eq!(names(&api.candidates()), ["a:10.9.0.0/16,10.1.0.0/16"]);
+        // An unreadable entry with a name keeps that peer's last good state only.
+        api.published(Published::Entries(vec![
+            PublishedEntry::Bad { index: 0, name: Some("a".into()), error: "unknown field `weight`".into() },
+            PublishedEntry::Peer(peer("c", "10.3.0.0/16")),
+        ]));
+        assert_eq!(names(&api.candidates()), ["a:10.1.0.0/16", "c:10.3.0.0/16"]);
+        assert_eq!(api.problems()["a"], "published peer \"a\" is unreadable (unknown field `weight`); keeping its last good state");
+        // An entry without a readable name could be any peer: none is withdrawn.
+        api.published(Published::Entries(vec![PublishedEntry::Bad { index: 0, name: None, error: "garbage".into() }]));
+        assert_eq!(names(&api.candidates()), ["a:10.1.0.0/16", "b:10.2.0.0/16"]);
+        assert!(api.problems()["peers[0]"].contains("garbage"));
     }
 }

@@ -23,6 +23,10 @@ pub struct RawConfig {
     pub cluster: String,
     #[serde(rename = "podCIDRs", default)]
     pub pod_cidrs: Vec<String>,
+    /// This cluster's Service CIDRs, which no peer may claim (kube-apiserver's
+    /// `--service-cluster-ip-range`).
+    #[serde(rename = "serviceCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    pub service_cidrs: Vec<String>,
     #[serde(default)]
     pub interfaces: Vec<String>,
     #[serde(default)]
@@ -102,6 +106,7 @@ impl Default for RawHealth {
 pub struct Config {
     pub cluster: String,
     pub pod_cidrs: Vec<Ipv4Net>,
+    pub service_cidrs: Vec<Ipv4Net>,
     /// Interface names or globs (`cni0`, `cali*`).
     pub interfaces: Vec<String>,
     pub peers: Vec<Peer>,
@@ -201,25 +206,22 @@ impl RawConfig {
 
     /// Validates, naming `shown` (a path) in the error.
     pub fn validated(&self, shown: &str) -> Result<Config, ConfigError> {
-        self.validate().map_err(|errors| ConfigError::Invalid { path: shown.into(), errors })
+        self.validated_on(shown, &BTreeSet::new())
     }
 
-    /// This config with peers published through the Kubernetes API and this node's pod
-    /// CIDRs from its Node object. A peer in the file wins over a published peer of the same
-    /// name, so an operator can always pin a peer by hand.
+    /// Validates on a node with `local_addresses`, naming `shown` (a path) in the error.
+    pub fn validated_on(&self, shown: &str, local_addresses: &BTreeSet<Ipv4Addr>) -> Result<Config, ConfigError> {
+        self.validate_on(local_addresses).map_err(|errors| ConfigError::Invalid { path: shown.into(), errors })
+    }
+
+    /// This config with this node's pod CIDRs from its Node object added to the local ones.
     #[must_use]
-    pub fn with_api(&self, peers: &[RawPeer], node_cidrs: &[ipnet::Ipv4Net]) -> RawConfig {
+    pub fn with_node_cidrs(&self, node_cidrs: &[Ipv4Net]) -> RawConfig {
         let mut out = self.clone();
-        for p in peers {
-            if !out.peers.iter().any(|q| q.name == p.name) {
-                out.peers.push(p.clone());
-            }
-        }
         for c in node_cidrs {
-            let c = c.to_string();
-            let covered = out.pod_cidrs.iter().filter_map(|x| x.parse::<Ipv4Net>().ok()).any(|x| x.contains(&c.parse::<Ipv4Net>().unwrap_or(x)));
+            let covered = out.pod_cidrs.iter().filter_map(|x| x.parse::<Ipv4Net>().ok()).any(|x| x.contains(c));
             if !covered {
-                out.pod_cidrs.push(c);
+                out.pod_cidrs.push(c.to_string());
             }
         }
         out
@@ -230,6 +232,80 @@ impl RawConfig {
 #[must_use]
 pub fn peer_id(name: &str) -> u32 {
     name.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+/// Address ranges that no peer may claim as pod CIDRs, with what they are. Routing any of
+/// them to a remote gateway would hand that cluster traffic the node never meant to send
+/// it: the cloud metadata service (and the node credentials it serves), loopback services,
+/// multicast.
+pub const RESERVED_RANGES: [(Ipv4Net, &str); 5] = [
+    (net(0, 0, 0, 0, 8), "\"this network\" (0.0.0.0/8)"),
+    (net(127, 0, 0, 0, 8), "loopback"),
+    (net(169, 254, 0, 0, 16), "link-local, where cloud metadata services answer"),
+    (net(224, 0, 0, 0, 4), "multicast"),
+    (net(240, 0, 0, 0, 4), "reserved (240.0.0.0/4, with broadcast)"),
+];
+
+const fn net(o1: u8, o2: u8, o3: u8, o4: u8, len: u8) -> Ipv4Net {
+    match Ipv4Net::new(Ipv4Addr::new(o1, o2, o3, o4), len) {
+        Ok(net) => net,
+        Err(_) => panic!("bad reserved range"),
+    }
+}
+
+/// What the reserved-range rules know about the local side: the one place that decides
+/// which remote pod CIDRs and gateway addresses are dangerous. The agent's validator and the
+/// controller both use it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reserved {
+    /// The local cluster's Service CIDRs.
+    pub service_cidrs: Vec<Ipv4Net>,
+    /// The node's own addresses (the agent), or every local node's (the controller).
+    pub local_addresses: BTreeSet<Ipv4Addr>,
+}
+
+impl Reserved {
+    /// Why `cidr` must not be routed to a peer, or `None` if it may.
+    #[must_use]
+    pub fn refuse_cidr(&self, cidr: Ipv4Net) -> Option<String> {
+        let overlaps = |o: &Ipv4Net| o.contains(&cidr) || cidr.contains(o);
+        if cidr.prefix_len() == 0 {
+            return Some(format!("{cidr} would send all traffic to the peer; refusing a default route"));
+        }
+        if let Some((r, what)) = RESERVED_RANGES.iter().find(|(r, _)| overlaps(r)) {
+            return Some(format!("{cidr} overlaps {r}, {what}"));
+        }
+        if let Some(s) = self.service_cidrs.iter().find(|s| overlaps(s)) {
+            return Some(format!("{cidr} overlaps the local Service CIDR {s}"));
+        }
+        if let Some(a) = self.local_addresses.iter().find(|a| cidr.contains(*a)) {
+            return Some(format!("{cidr} covers {a}, an address of this node"));
+        }
+        None
+    }
+
+    /// Why `a` must not be a gateway address, or `None` if it may.
+    #[must_use]
+    pub fn refuse_gateway(&self, a: Ipv4Addr) -> Option<String> {
+        let what = if a.is_unspecified() {
+            "unspecified"
+        } else if a.is_broadcast() {
+            "broadcast"
+        } else if a.is_multicast() {
+            "multicast"
+        } else if a.is_loopback() {
+            "loopback"
+        } else if a.is_link_local() {
+            "link-local"
+        } else if let Some((_, what)) = RESERVED_RANGES.iter().find(|(r, _)| r.contains(&a)) {
+            what
+        } else if self.local_addresses.contains(&a) {
+            return Some(format!("{a} is an address of this node; the peer's traffic would stay here"));
+        } else {
+            return None;
+        };
+        Some(format!("{a} is not a unicast address of a remote node ({what})"))
+    }
 }
 
 struct Checker {
@@ -268,10 +344,194 @@ impl Checker {
     }
 }
 
+/// What the peers validated so far hold: names, ids and CIDRs, for uniqueness and overlaps.
+struct Claims<'a> {
+    cluster: &'a str,
+    reserved: &'a Reserved,
+    names: BTreeSet<String>,
+    ids: BTreeMap<u32, String>,
+    /// Every CIDR seen so far with its owner.
+    cidrs: Vec<(Ipv4Net, String)>,
+}
+
+impl<'a> Claims<'a> {
+    fn new(cluster: &'a str, reserved: &'a Reserved, local: &[Ipv4Net]) -> Self {
+        Self {
+            cluster,
+            reserved,
+            names: BTreeSet::new(),
+            ids: BTreeMap::new(),
+            cidrs: local.iter().map(|n| (*n, "the local podCIDRs".to_string())).collect(),
+        }
+    }
+
+    /// Checks one peer against the rules and what is claimed; errors go to `c`, with field
+    /// paths under `at`. Claims nothing: `commit` does, once the caller accepts the peer.
+    fn check(&self, c: &mut Checker, at: &str, raw: &RawPeer) -> Peer {
+        let field = |f: &str| if at.is_empty() { f.to_string() } else { format!("{at}.{f}") };
+        if raw.name.trim().is_empty() {
+            c.err(field("name"), "must not be empty");
+        } else if self.names.contains(&raw.name) {
+            c.err(field("name"), format!("{:?} is not unique", raw.name));
+        } else if raw.name == self.cluster {
+            c.err(field("name"), format!("{:?} is this cluster's own name", raw.name));
+        }
+        let id = peer_id(&raw.name);
+        if let Some(other) = self.ids.get(&id).filter(|o| **o != raw.name) {
+            c.err(field("name"), format!("{:?} hashes to the same id as {other:?}; rename one", raw.name));
+        }
+        if raw.pod_cidrs.is_empty() {
+            c.err(field("podCIDRs"), "must list at least one CIDR");
+        }
+        let mut cidrs: Vec<Ipv4Net> = Vec::new();
+        for (ci, s) in raw.pod_cidrs.iter().enumerate() {
+            let f = field(&format!("podCIDRs[{ci}]"));
+            let Some(net) = c.cidr(f.clone(), s) else { continue };
+            if let Some(why) = self.reserved.refuse_cidr(net) {
+                c.err(f, format!("{s:?} refused: {why}"));
+                continue;
+            }
+            let mine = cidrs.iter().map(|n| (n, format!("peer {:?}", raw.name)));
+            let theirs = self.cidrs.iter().map(|(n, o)| (n, o.clone()));
+            if let Some((other, owner)) = theirs.chain(mine).find(|(o, _)| o.contains(&net) || net.contains(*o)) {
+                c.err(f, format!("{s:?} overlaps {other} of {owner}"));
+                continue;
+            }
+            cidrs.push(net);
+        }
+        if raw.gateways.is_empty() {
+            c.err(field("gateways"), "must list at least one gateway");
+        }
+        if raw.gateways.len() > limits::MAX_GATEWAYS {
+            c.err(field("gateways"), format!("{} gateways; at most {} per peer", raw.gateways.len(), limits::MAX_GATEWAYS));
+        }
+        let mut gateways = Vec::new();
+        for (gi, g) in raw.gateways.iter().enumerate() {
+            let gat = field(&format!("gateways[{gi}]"));
+            let address = if let Ok(a) = g.address.parse::<Ipv4Addr>() {
+                if let Some(why) = self.reserved.refuse_gateway(a) {
+                    c.err(format!("{gat}.address"), format!("{:?} refused: {why}", g.address));
+                    None
+                } else {
+                    Some(a)
+                }
+            } else {
+                c.err(format!("{gat}.address"), format!("{:?} is not a valid IPv4 address", g.address));
+                None
+            };
+            let port = c.port(format!("{gat}.port"), g.port);
+            let udp_port = match g.udp_port {
+                Some(p) => c.port(format!("{gat}.udpPort"), p).map(Some),
+                None => Some(None),
+            };
+            if let (Some(address), Some(port), Some(udp_port)) = (address, port, udp_port) {
+                let gw = GatewayAddr { address, port, udp_port };
+                if gateways.contains(&gw) {
+                    c.err(gat, format!("{address}:{port} is listed twice"));
+                } else {
+                    gateways.push(gw);
+                }
+            }
+        }
+        Peer { name: raw.name.clone(), id, pod_cidrs: cidrs, gateways }
+    }
+
+    fn commit(&mut self, p: &Peer) {
+        self.names.insert(p.name.clone());
+        self.ids.insert(p.id, p.name.clone());
+        self.cidrs.extend(p.pod_cidrs.iter().map(|n| (*n, format!("peer {:?}", p.name))));
+    }
+}
+
+/// Validates one peer on its own, with the agent's rules: what the controller checks before
+/// it publishes a peer. Field paths are relative to the peer (`podCIDRs[0]`). Overlaps with
+/// other peers are not checked here.
+pub fn validate_peer(raw: &RawPeer, reserved: &Reserved) -> Result<Peer, Vec<FieldError>> {
+    let claims = Claims::new("", reserved, &[]);
+    let mut c = Checker { errors: Vec::new() };
+    let p = claims.check(&mut c, "", raw);
+    if c.errors.is_empty() {
+        Ok(p)
+    } else {
+        Err(c.errors)
+    }
+}
+
+/// A config with published peers merged in one by one: see [`RawConfig::merge_api`].
+#[derive(Debug, Clone)]
+pub struct Merged {
+    pub config: Config,
+    /// The version of each published peer that is in `config`.
+    pub applied: BTreeMap<String, RawPeer>,
+    /// Published peers whose newest version was refused, with every problem.
+    pub rejected: BTreeMap<String, Vec<FieldError>>,
+}
+
 impl RawConfig {
     /// Validates everything and returns every problem at once.
     pub fn validate(&self) -> Result<Config, Vec<FieldError>> {
+        self.validate_on(&BTreeSet::new())
+    }
+
+    /// Validates, also refusing peers that claim one of `local_addresses` (this node's).
+    pub fn validate_on(&self, local_addresses: &BTreeSet<Ipv4Addr>) -> Result<Config, Vec<FieldError>> {
         let mut c = Checker { errors: Vec::new() };
+        let (mut config, reserved) = self.validate_local(&mut c, local_addresses);
+        let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs);
+        for (pi, raw) in self.peers.iter().enumerate() {
+            let p = claims.check(&mut c, &format!("peers[{pi}]"), raw);
+            claims.commit(&p);
+            config.peers.push(p);
+        }
+        if c.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(c.errors)
+        }
+    }
+
+    /// Validates this (file) config as a whole, then adds published peers one at a time, so
+    /// that one bad peer costs only itself. `published` lists, by name, the versions of each
+    /// peer in order of preference (the newest, then the last one that was applied): the
+    /// first that passes is taken. A peer of the file wins over a published one of the same
+    /// name. Fails only when the file itself is invalid.
+    pub fn merge_api(
+        &self,
+        local_addresses: &BTreeSet<Ipv4Addr>,
+        published: &BTreeMap<String, Vec<RawPeer>>,
+    ) -> Result<Merged, Vec<FieldError>> {
+        let mut config = self.validate_on(local_addresses)?;
+        let mut c = Checker { errors: Vec::new() };
+        let (_, reserved) = self.validate_local(&mut c, local_addresses);
+        let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs);
+        for p in &config.peers {
+            claims.commit(p);
+        }
+        let mut merged = Merged { config: config.clone(), applied: BTreeMap::new(), rejected: BTreeMap::new() };
+        for (name, versions) in published {
+            if self.peers.iter().any(|p| &p.name == name) {
+                continue;
+            }
+            for (i, raw) in versions.iter().enumerate() {
+                let mut c = Checker { errors: Vec::new() };
+                let p = claims.check(&mut c, "", raw);
+                if c.errors.is_empty() {
+                    claims.commit(&p);
+                    config.peers.push(p);
+                    merged.applied.insert(name.clone(), raw.clone());
+                    break;
+                }
+                if i == 0 {
+                    merged.rejected.insert(name.clone(), c.errors);
+                }
+            }
+        }
+        merged.config = config;
+        Ok(merged)
+    }
+
+    /// Everything but the peers: a config with no peers, and the reserved ranges it implies.
+    fn validate_local(&self, c: &mut Checker, local_addresses: &BTreeSet<Ipv4Addr>) -> (Config, Reserved) {
         if self.cluster.trim().is_empty() {
             c.err("cluster", "must not be empty");
         }
@@ -280,6 +540,12 @@ impl RawConfig {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| c.cidr(format!("podCIDRs[{i}]"), s))
+            .collect();
+        let service_cidrs: Vec<Ipv4Net> = self
+            .service_cidrs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| c.cidr(format!("serviceCIDRs[{i}]"), s))
             .collect();
         if self.interfaces.is_empty() {
             c.err("interfaces", "must name at least one interface or glob (e.g. cni0, cali*)");
@@ -309,108 +575,28 @@ impl RawConfig {
         if self.health.failure_threshold == 0 {
             c.err("health.failureThreshold", "must be at least 1");
         }
-
-        let mut names = BTreeSet::new();
-        let mut ids = BTreeMap::new();
-        // Every CIDR seen so far with its owner, for the overlap checks.
-        let mut claimed: Vec<(Ipv4Net, String)> =
-            pod_cidrs.iter().map(|n| (*n, "the local podCIDRs".to_string())).collect();
-        let mut peers = Vec::new();
-        for (pi, raw) in self.peers.iter().enumerate() {
-            let at = format!("peers[{pi}]");
-            if raw.name.trim().is_empty() {
-                c.err(format!("{at}.name"), "must not be empty");
-            } else if !names.insert(raw.name.clone()) {
-                c.err(format!("{at}.name"), format!("{:?} is not unique", raw.name));
-            } else if raw.name == self.cluster {
-                c.err(format!("{at}.name"), format!("{:?} is this cluster's own name", raw.name));
-            }
-            let id = peer_id(&raw.name);
-            if let Some(other) = ids.insert(id, raw.name.clone()) {
-                if other != raw.name {
-                    c.err(format!("{at}.name"), format!("{:?} hashes to the same id as {other:?}; rename one", raw.name));
-                }
-            }
-            if raw.pod_cidrs.is_empty() {
-                c.err(format!("{at}.podCIDRs"), "must list at least one CIDR");
-            }
-            let mut cidrs = Vec::new();
-            for (ci, s) in raw.pod_cidrs.iter().enumerate() {
-                let field = format!("{at}.podCIDRs[{ci}]");
-                let Some(net) = c.cidr(field.clone(), s) else { continue };
-                if net.prefix_len() == 0 {
-                    c.err(field, format!("{s:?} would send all traffic to the peer; refusing a default route"));
-                    continue;
-                }
-                if let Some((other, owner)) = claimed.iter().find(|(o, _)| o.contains(&net) || net.contains(o)) {
-                    c.err(field, format!("{s:?} overlaps {other} of {owner}"));
-                    continue;
-                }
-                claimed.push((net, format!("peer {:?}", raw.name)));
-                cidrs.push(net);
-            }
-            if raw.gateways.is_empty() {
-                c.err(format!("{at}.gateways"), "must list at least one gateway");
-            }
-            if raw.gateways.len() > limits::MAX_GATEWAYS {
-                c.err(
-                    format!("{at}.gateways"),
-                    format!("{} gateways; at most {} per peer", raw.gateways.len(), limits::MAX_GATEWAYS),
-                );
-            }
-            let mut gateways = Vec::new();
-            for (gi, g) in raw.gateways.iter().enumerate() {
-                let gat = format!("{at}.gateways[{gi}]");
-                let address = match g.address.parse::<Ipv4Addr>() {
-                    Ok(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
-                        c.err(format!("{gat}.address"), format!("{:?} is not a unicast address", g.address));
-                        None
-                    }
-                    Ok(a) => Some(a),
-                    Err(_) => {
-                        c.err(format!("{gat}.address"), format!("{:?} is not a valid IPv4 address", g.address));
-                        None
-                    }
-                };
-                let port = c.port(format!("{gat}.port"), g.port);
-                let udp_port = match g.udp_port {
-                    Some(p) => c.port(format!("{gat}.udpPort"), p).map(Some),
-                    None => Some(None),
-                };
-                if let (Some(address), Some(port), Some(udp_port)) = (address, port, udp_port) {
-                    let gw = GatewayAddr { address, port, udp_port };
-                    if gateways.contains(&gw) {
-                        c.err(gat, format!("{address}:{port} is listed twice"));
-                    } else {
-                        gateways.push(gw);
-                    }
-                }
-            }
-            peers.push(Peer { name: raw.name.clone(), id, pod_cidrs: cidrs, gateways });
-        }
-        if c.errors.is_empty() {
-            Ok(Config {
-                cluster: self.cluster.clone(),
-                pod_cidrs,
-                interfaces: self.interfaces.clone(),
-                peers,
-                max_flows: self.nat.max_flows,
-                gc: GcConfig {
-                    udp_timeout: Duration::from_secs(self.nat.udp_timeout_seconds),
-                    tcp_closed_timeout: Duration::from_secs(self.nat.tcp_closed_timeout_seconds),
-                    tcp_timeout: Duration::from_secs(self.nat.tcp_timeout_seconds),
-                    interval: Duration::from_secs(self.nat.gc_interval_seconds),
-                },
-                health: HealthConfig {
-                    enabled: self.health.enabled,
-                    interval: Duration::from_secs(self.health.interval_seconds),
-                    timeout: Duration::from_millis(self.health.timeout_milliseconds),
-                    failure_threshold: self.health.failure_threshold,
-                },
-            })
-        } else {
-            Err(c.errors)
-        }
+        let reserved = Reserved { service_cidrs: service_cidrs.clone(), local_addresses: local_addresses.clone() };
+        let config = Config {
+            cluster: self.cluster.clone(),
+            pod_cidrs,
+            service_cidrs,
+            interfaces: self.interfaces.clone(),
+            peers: Vec::new(),
+            max_flows: self.nat.max_flows,
+            gc: GcConfig {
+                udp_timeout: Duration::from_secs(self.nat.udp_timeout_seconds),
+                tcp_closed_timeout: Duration::from_secs(self.nat.tcp_closed_timeout_seconds),
+                tcp_timeout: Duration::from_secs(self.nat.tcp_timeout_seconds),
+                interval: Duration::from_secs(self.nat.gc_interval_seconds),
+            },
+            health: HealthConfig {
+                enabled: self.health.enabled,
+                interval: Duration::from_secs(self.health.interval_seconds),
+                timeout: Duration::from_millis(self.health.timeout_milliseconds),
+                failure_threshold: self.health.failure_threshold,
+            },
+        };
+        (config, reserved)
     }
 }
 
@@ -569,5 +755,140 @@ peers:
         // FNV-1a("cluster2"), computed independently.
         assert_eq!(peer_id("cluster2"), 0x5c43_8ced);
         assert_ne!(peer_id("cluster2"), peer_id("cluster3"));
+    }
+
+    fn peer(name: &str, cidr: &str, gw: &str) -> RawPeer {
+        RawPeer {
+            name: name.into(),
+            pod_cidrs: vec![cidr.into()],
+            gateways: vec![RawGateway { address: gw.into(), port: 31674, udp_port: None }],
+        }
+    }
+
+    fn node() -> Reserved {
+        Reserved {
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            local_addresses: ["10.20.144.83".parse().unwrap()].into(),
+        }
+    }
+
+    /// Each dangerous claim and the exact words that refuse it.
+    #[test]
+    fn reserved_ranges_are_refused_with_why() {
+        let cases = [
+            ("169.254.169.254/32", "169.254.169.254/32 overlaps 169.254.0.0/16, link-local, where cloud metadata services answer"),
+            ("169.0.0.0/8", "169.0.0.0/8 overlaps 169.254.0.0/16, link-local, where cloud metadata services answer"),
+            ("127.0.0.0/24", "127.0.0.0/24 overlaps 127.0.0.0/8, loopback"),
+            ("224.0.0.0/8", "224.0.0.0/8 overlaps 224.0.0.0/4, multicast"),
+            ("255.255.255.255/32", "255.255.255.255/32 overlaps 240.0.0.0/4, reserved (240.0.0.0/4, with broadcast)"),
+            ("0.0.0.0/8", "0.0.0.0/8 overlaps 0.0.0.0/8, \"this network\" (0.0.0.0/8)"),
+            ("128.0.0.0/1", "128.0.0.0/1 overlaps 169.254.0.0/16, link-local, where cloud metadata services answer"),
+            ("10.96.0.0/24", "10.96.0.0/24 overlaps the local Service CIDR 10.96.0.0/12"),
+            ("10.0.0.0/8", "10.0.0.0/8 overlaps the local Service CIDR 10.96.0.0/12"),
+            ("10.20.144.0/24", "10.20.144.0/24 covers 10.20.144.83, an address of this node"),
+            ("0.0.0.0/0", "0.0.0.0/0 would send all traffic to the peer; refusing a default route"),
+        ];
+        for (cidr, want) in cases {
+            assert_eq!(node().refuse_cidr(cidr.parse().unwrap()).as_deref(), Some(want), "{cidr}");
+        }
+        for ok in ["10.245.0.0/16", "192.168.0.0/16", "100.64.0.0/10", "172.16.0.0/12"] {
+            assert_eq!(node().refuse_cidr(ok.parse().unwrap()), None, "{ok}");
+        }
+        let gw = |a: &str| node().refuse_gateway(a.parse().unwrap());
+        for (a, what) in [
+            ("0.0.0.0", "unspecified"),
+            ("255.255.255.255", "broadcast"),
+            ("239.1.1.1", "multicast"),
+            ("127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("0.1.2.3", "\"this network\" (0.0.0.0/8)"),
+            ("240.0.0.1", "reserved (240.0.0.0/4, with broadcast)"),
+        ] {
+            assert_eq!(gw(a), Some(format!("{a} is not a unicast address of a remote node ({what})")));
+        }
+        assert_eq!(gw("10.20.144.83").as_deref(), Some("10.20.144.83 is an address of this node; the peer's traffic would stay here"));
+        assert_eq!(gw("10.20.144.165"), None);
+    }
+
+    #[test]
+    fn the_config_validator_applies_the_reserved_rules() {
+        let y = GOOD.replace("10.245.0.0/16", "169.254.169.254/32");
+        assert_eq!(
+            errors(&y),
+            [r#"peers[0].podCIDRs[0]: "169.254.169.254/32" refused: 169.254.169.254/32 overlaps 169.254.0.0/16, link-local, where cloud metadata services answer"#]
+        );
+        let y = GOOD.replace("interfaces:", "serviceCIDRs: [\"10.245.0.0/16\"]\ninterfaces:");
+        assert_eq!(
+            errors(&y),
+            [r#"peers[0].podCIDRs[0]: "10.245.0.0/16" refused: 10.245.0.0/16 overlaps the local Service CIDR 10.245.0.0/16"#]
+        );
+        let y = GOOD.replace("interfaces:", "serviceCIDRs: [\"10.96.0.1/12\"]\ninterfaces:");
+        assert!(errors(&y)[0].starts_with("serviceCIDRs[0]: \"10.96.0.1/12\" has host bits set"));
+        let y = GOOD.replace("192.0.2.2", "127.0.0.1");
+        assert!(errors(&y)[0].starts_with("peers[0].gateways[0].address: \"127.0.0.1\" refused:"), "{:?}", errors(&y));
+        // The node's own addresses are known to the agent, not to `meshnet check`.
+        let raw = RawConfig::from_yaml(GOOD, "x").unwrap();
+        let local: BTreeSet<Ipv4Addr> = ["192.0.2.2".parse().unwrap()].into();
+        let e = raw.validate_on(&local).unwrap_err();
+        assert_eq!(e[0].to_string(), r#"peers[0].gateways[0].address: "192.0.2.2" refused: 192.0.2.2 is an address of this node; the peer's traffic would stay here"#);
+        let c = Config::from_yaml(&GOOD.replace("interfaces:", "serviceCIDRs: [\"10.96.0.0/12\"]\ninterfaces:")).unwrap();
+        assert_eq!(c.service_cidrs, ["10.96.0.0/12".parse::<Ipv4Net>().unwrap()]);
+    }
+
+    #[test]
+    fn a_single_peer_is_validated_with_relative_fields() {
+        assert!(validate_peer(&peer("c2", "10.245.0.0/16", "10.20.144.165"), &node()).is_ok());
+        let mut bad = peer("c3", "fd00::/64", "gw.example.com");
+        bad.gateways[0].port = 70000;
+        bad.gateways.extend((0..8).map(|i| RawGateway { address: format!("10.20.144.{}", 170 + i), port: 30000, udp_port: None }));
+        let e: Vec<String> = validate_peer(&bad, &node()).unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            e,
+            [
+                r#"podCIDRs[0]: "fd00::/64" is IPv6, which meshnet does not support yet"#,
+                "gateways: 9 gateways; at most 8 per peer",
+                r#"gateways[0].address: "gw.example.com" is not a valid IPv4 address"#,
+                "gateways[0].port: 70000 is not a valid port (1-65535)",
+            ]
+        );
+    }
+
+    /// Published peers are added one at a time: a bad one falls back to its last good
+    /// version or is left out, and the others apply.
+    #[test]
+    fn published_peers_merge_one_by_one() {
+        let file = RawConfig::from_yaml(&GOOD.replace("podCIDRs: [\"10.244.0.0/16\"]", "podCIDRs: [\"10.244.0.0/16\"]\nserviceCIDRs: [\"10.96.0.0/12\"]"), "f").unwrap();
+        let good = peer("c3", "10.246.0.0/16", "10.20.144.170");
+        let old = peer("c4", "10.247.0.0/16", "10.20.144.171");
+        let hijack = peer("c4", "169.254.169.254/32", "10.20.144.171");
+        let new_only_bad = peer("c5", "10.96.0.0/24", "10.20.144.172");
+        let shadowed = peer("cluster2", "10.248.0.0/16", "10.20.144.173");
+        let overlapping = peer("c6", "10.246.1.0/24", "10.20.144.174");
+        let published: BTreeMap<String, Vec<RawPeer>> = [
+            ("c3".to_string(), vec![good.clone()]),
+            ("c4".to_string(), vec![hijack, old.clone()]),
+            ("c5".to_string(), vec![new_only_bad]),
+            ("c6".to_string(), vec![overlapping]),
+            ("cluster2".to_string(), vec![shadowed]),
+        ]
+        .into();
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        let names: Vec<&str> = m.config.peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["cluster2", "c3", "c4"]);
+        assert_eq!(m.config.peers[0].pod_cidrs, ["10.245.0.0/16".parse::<Ipv4Net>().unwrap()], "the file's peer wins");
+        assert_eq!(m.applied, [("c3".to_string(), good), ("c4".to_string(), old)].into());
+        let rejected: Vec<String> =
+            m.rejected.iter().map(|(n, e)| format!("{n}: {}", e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))).collect();
+        assert_eq!(
+            rejected,
+            [
+                r#"c4: podCIDRs[0]: "169.254.169.254/32" refused: 169.254.169.254/32 overlaps 169.254.0.0/16, link-local, where cloud metadata services answer"#,
+                r#"c5: podCIDRs[0]: "10.96.0.0/24" refused: 10.96.0.0/24 overlaps the local Service CIDR 10.96.0.0/12"#,
+                r#"c6: podCIDRs[0]: "10.246.1.0/24" overlaps 10.246.0.0/16 of peer "c3""#,
+            ]
+        );
+        // An invalid file is refused whole, whatever was published.
+        let broken = RawConfig { interfaces: vec![], ..file };
+        assert!(broken.merge_api(&BTreeSet::new(), &published).is_err());
     }
 }

@@ -17,7 +17,7 @@ use ipnet::Ipv4Net;
 use meshnet_common::names;
 use serde::Serialize;
 
-use crate::{config::Config, datapath, pins::Pins};
+use crate::{config::RawConfig, datapath, netlink, pins::Pins};
 
 const KERNEL_DOC: &str = "see docs/kernel-upgrade.md";
 
@@ -385,7 +385,10 @@ pub fn caps_check(cap_eff: Option<u64>, kernel: Option<KernelRelease>) -> Check 
 }
 
 fn config_checks(path: &Path, checks: &mut Vec<Check>) {
-    let cfg = match Config::load(path) {
+    // On the node, with the node's own addresses: what the agent itself would refuse.
+    let loaded = RawConfig::load(path)
+        .and_then(|(raw, _)| raw.validated_on(&path.display().to_string(), &netlink::local_addresses()));
+    let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
             checks.push(

@@ -83,6 +83,15 @@ enum Command {
         /// CLUSTER=CIDR[,CIDR...]; repeatable. Overrides the secret's annotation.
         #[arg(long, value_name = "CLUSTER=CIDRS", value_parser = parse_cluster_cidrs)]
         pod_cidrs: Vec<(String, Vec<ipnet::Ipv4Net>)>,
+        /// This cluster's Service CIDRs (kube-apiserver's --service-cluster-ip-range),
+        /// comma-separated or repeated: a peer that claims one is refused.
+        #[arg(long, visible_alias = "service-cidr", value_name = "CIDR", value_delimiter = ',')]
+        service_cidrs: Vec<ipnet::Ipv4Net>,
+        /// The only pod CIDRs a remote cluster may claim, as CLUSTER=CIDR[,CIDR...];
+        /// repeatable. A claim outside them refuses the peer. Wins over the remote secret's
+        /// meshnet.io/allowed-cidrs annotation.
+        #[arg(long, value_name = "CLUSTER=CIDRS", value_parser = parse_cluster_cidrs)]
+        allowed_cidrs: Vec<(String, Vec<ipnet::Ipv4Net>)>,
         /// Seconds between probes of each remote API server; a failed probe marks the peer
         /// stale (its last known state stays published).
         #[arg(long, default_value_t = 5)]
@@ -282,6 +291,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kube_args,
             discovery,
             pod_cidrs,
+            service_cidrs,
+            allowed_cidrs,
             probe_interval_seconds,
             probe_timeout_seconds,
             leader_election,
@@ -297,6 +308,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secrets: discovery.secrets(),
                 resolve: discovery.resolve(),
                 pod_cidrs: pod_cidrs.into_iter().collect(),
+                service_cidrs,
+                allowed_cidrs: allowed_cidrs.into_iter().fold(std::collections::BTreeMap::new(), |mut m, (cluster, nets)| {
+                    m.entry(cluster).or_insert_with(Vec::new).extend(nets);
+                    m
+                }),
                 probe_interval: Duration::from_secs(probe_interval_seconds.max(1)),
                 probe_timeout: Duration::from_secs(probe_timeout_seconds.max(1)),
                 leader_election,

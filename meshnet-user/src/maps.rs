@@ -224,6 +224,31 @@ impl ControlMaps {
             .collect()
     }
 
+    /// The peers the pinned maps serve, as config peers (a restarted agent's last good
+    /// state). Peers without a name entry are left out: they cannot be matched to anything.
+    pub fn pinned_peers(&self) -> anyhow::Result<BTreeMap<String, crate::config::RawPeer>> {
+        let routes = self.current_routes()?;
+        let mut out = BTreeMap::new();
+        for (id, pg) in self.current_peers()? {
+            let Ok(name) = self.names.get(&id, 0).map(|v| peer_name_of(&v)) else { continue };
+            if name.is_empty() {
+                continue;
+            }
+            let n = (pg.count as usize).min(pg.gateways.len());
+            let gateways = pg.gateways[..n]
+                .iter()
+                .map(|g| crate::config::RawGateway {
+                    address: addr_of_be(g.addr_be).to_string(),
+                    port: u32::from(u16::from_be(g.tcp_port_be)),
+                    udp_port: Some(u32::from(u16::from_be(g.udp_port_be))).filter(|p| *p != 0),
+                })
+                .collect();
+            let pod_cidrs = routes.iter().filter(|(_, v)| **v == id).map(|(k, _)| k.to_string()).collect();
+            out.insert(name.clone(), crate::config::RawPeer { name, pod_cidrs, gateways });
+        }
+        Ok(out)
+    }
+
     /// Makes the maps hold `desired`, touching only what differs. New routes and gateways go
     /// in before anything is removed, so no packet meets a half-applied state that drops it;
     /// flows of withdrawn routes or of gateways that are gone or down are purged last, so

@@ -69,7 +69,13 @@ pub struct Metrics {
     pub attached_interfaces: Gauge,
     /// Walks of the maps for scrapes: what a scraper can make the agent spend.
     map_walks: Counter,
+    /// Published peers not applied as published (unreadable or refused).
+    pub api_peers_rejected: Gauge,
+    /// 1 while the published object as a whole is missing or unreadable.
+    pub api_peers_unreadable: Gauge,
     pub ready: AtomicBool,
+    /// Why the node serves something other than what was published, one line each.
+    problems: std::sync::Mutex<Vec<String>>,
     pins: Pins,
     /// The last rendering and when it was made; the lock also makes walks one at a time.
     rendered: Mutex<Option<(Instant, String)>>,
@@ -90,7 +96,10 @@ impl Metrics {
             gc_expired: Counter::default(),
             attached_interfaces: Gauge::default(),
             map_walks: Counter::default(),
+            api_peers_rejected: Gauge::default(),
+            api_peers_unreadable: Gauge::default(),
             ready: AtomicBool::new(false),
+            problems: std::sync::Mutex::new(Vec::new()),
             pins,
             rendered: Mutex::new(None),
             scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
@@ -109,7 +118,22 @@ impl Metrics {
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());
         registry.register("metrics_map_walks", "Walks of the maps made for scrapes (cached, one at a time)", m.map_walks.clone());
+        registry.register(
+            "api_peers_rejected",
+            "Published peers not applied as published (unreadable or invalid); each keeps its last good state",
+            m.api_peers_rejected.clone(),
+        );
+        registry.register(
+            "api_peers_unreadable",
+            "1 while the published peers object is missing or unreadable; the last good peers stay",
+            m.api_peers_unreadable.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Sets why the node is not ready (empty: nothing wrong).
+    pub fn set_problems(&self, problems: Vec<String>) {
+        *self.problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = problems;
     }
 
     /// Marks a successful sync now.
@@ -188,10 +212,15 @@ async fn scrape(State(m): State<Arc<Metrics>>) -> axum::response::Response {
 }
 
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
+    let problems = m.problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    if !m.ready.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the datapath is not loaded and synced yet\n".to_string())
+    } else if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the datapath is not loaded and synced yet\n")
+        // The datapath serves; what it serves is not what was published, and that needs a
+        // human. Every line names the peer and field.
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("\nnot ready: ")))
     }
 }
 

@@ -72,3 +72,12 @@ impl LinkEvents {
         }
     }
 }
+
+/// This host's IPv4 addresses (every interface), which no peer may claim.
+#[must_use]
+pub fn local_addresses() -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return std::collections::BTreeSet::new() };
+    addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(nix::sys::socket::SockaddrIn::ip))
+        .collect()
+}

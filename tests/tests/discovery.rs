@@ -20,7 +20,7 @@ use meshnet_tests::{
 };
 use serde_json::{json, Value};
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_mins(1);
 
 fn namespace(name: &str, network: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"topology.istio.io/network": network}}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
@@ -152,9 +152,15 @@ impl Mesh {
     }
 
     fn agent(&self) -> Agent {
+        self.agent_with(&[])
+    }
+
+    fn agent_with(&self, extra: &[&str]) -> Agent {
         let cfg = self.dir.0.join("agent.yaml");
         let kc = self.kubeconfig().display().to_string();
-        Agent::start(&self.ns, &cfg, &self.bpffs.pin_path(), &["--kube", "--kubeconfig", &kc, "--node-name", "node1"])
+        let mut args = vec!["--kube", "--kubeconfig", &kc, "--node-name", "node1"];
+        args.extend_from_slice(extra);
+        Agent::start(&self.ns, &cfg, &self.bpffs.pin_path(), &args)
     }
 
     /// The published object as the controller wrote it into the local API.
@@ -556,7 +562,7 @@ fn a_second_controller_takes_over_when_the_leader_stops() {
     let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "2"]);
     let leader = poll(WAIT, holder).expect("nobody took the lease");
     assert_eq!(leader, "ctrl-a");
-    let mut b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
+    let b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
     let published = poll(WAIT, || m.published().filter(|(p, _)| p[0]["name"] == "cluster2"));
     assert!(published.is_some());
     // b waits while a renews.
@@ -644,4 +650,197 @@ fn the_controller_repairs_its_published_object() {
     m.local.delete("v1", "ConfigMap", Some("meshnet"), "meshnet-peers");
     let recreated = poll(WAIT, || m.published().filter(|p| *p == good));
     assert!(recreated.is_some(), "deleted object not recreated");
+}
+
+/// The published object, written by hand (or by a controller of another version).
+fn peers_configmap(peers_yaml: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "meshnet-peers", "namespace": "meshnet"},
+        "data": {"peers.yaml": peers_yaml, "status.yaml": "{}\n"}
+    })
+}
+
+fn refused_reason(m: &Mesh, peer: &str) -> String {
+    let refused = poll(WAIT, || m.published().and_then(|(_, s)| s[peer]["refused"].as_str().map(str::to_owned)));
+    refused.unwrap_or_else(|| panic!("{peer} never refused: {:?}", m.published()))
+}
+
+/// Anyone who can edit a remote cluster's Nodes must not be able to take the node's cloud
+/// metadata service, the local Services or a local address, nor point the gateway anywhere.
+#[test]
+fn remote_claims_on_reserved_ranges_are_refused() {
+    let m = Mesh::new();
+    let metadata = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&metadata, "network3", "node4", "10.20.144.170", "169.254.169.254/32", 30443, "10.246.0.5");
+    m.local.apply(remote_secret("cluster3", &metadata.kubeconfig("cluster3")));
+    let services = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&services, "network4", "node5", "10.20.144.171", "10.96.0.0/24", 30444, "10.247.0.5");
+    m.local.apply(remote_secret("cluster4", &services.kubeconfig("cluster4")));
+    let mut controller = m.controller(&["--service-cidrs", "10.96.0.0/12"]);
+    let _agent = m.agent();
+
+    let why = refused_reason(&m, "cluster3");
+    assert_eq!(
+        why,
+        r#"podCIDRs[0]: "169.254.169.254/32" refused: 169.254.169.254/32 overlaps 169.254.0.0/16, link-local, where cloud metadata services answer"#
+    );
+    let why = refused_reason(&m, "cluster4");
+    assert_eq!(why, r#"podCIDRs[0]: "10.96.0.0/24" refused: 10.96.0.0/24 overlaps the local Service CIDR 10.96.0.0/12"#);
+    let want = ["10.245.0.0/24 cluster2 10.20.144.165:32361"];
+    m.wait_routes(&want, "only cluster2");
+    let (peers, _) = m.published().unwrap();
+    assert_eq!(peers.as_array().unwrap().len(), 1, "{peers}");
+    controller.wait_for_line("peer refused", WAIT);
+    let metrics = m.http(9465, "/metrics");
+    assert!(metrics.contains("meshnet_controller_peer_refused_total{peer=\"cluster3\"} 1"), "{metrics}");
+
+    // cluster2's node points its gateway at the local node's address, which is not one of
+    // its own: the peer is refused and withdrawn, and comes back when the annotation goes.
+    let mut n2 = node("node2", "10.20.144.165", "10.245.0.0/24");
+    n2["metadata"]["annotations"] = json!({"meshnet.io/gateway-address": "10.20.144.83"});
+    m.remote.apply(n2);
+    let why = refused_reason(&m, "cluster2");
+    assert!(why.contains("meshnet.io/gateway-address \"10.20.144.83\" is not one of its addresses (10.20.144.165)"), "{why}");
+    m.wait_routes(&[], "cluster2 withdrawn");
+    m.remote.apply(node("node2", "10.20.144.165", "10.245.0.0/24"));
+    m.wait_routes(&want, "cluster2 back");
+    assert!(m.routes().iter().all(|r| !r.starts_with("169.254.") && !r.starts_with("10.96.")), "{:?}", m.routes());
+}
+
+/// An allow-list on the remote secret bounds what the remote may claim; the controller's
+/// flag wins over it.
+#[test]
+fn allow_lists_bound_what_a_remote_may_claim() {
+    let m = Mesh::new();
+    let mut secret = remote_secret("cluster2", &m.remote.kubeconfig("cluster2"));
+    secret["metadata"]["annotations"]["meshnet.io/allowed-cidrs"] = json!("10.245.0.0/24");
+    m.local.apply(secret);
+    let mut controller = m.controller(&[]);
+    let _agent = m.agent();
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "inside the allow-list");
+
+    // A second node widens the claim to 10.245.0.0/23: refused, and withdrawn.
+    m.remote.apply(node("node3", "10.20.144.166", "10.245.1.0/24"));
+    let why = refused_reason(&m, "cluster2");
+    assert_eq!(
+        why,
+        r#"podCIDRs[0]: "10.245.0.0/23" is outside the CIDRs this cluster may claim (10.245.0.0/24; annotation meshnet.io/allowed-cidrs)"#
+    );
+    m.wait_routes(&[], "claim outside the allow-list");
+
+    // The operator's flag wins over the annotation.
+    assert!(controller.stop());
+    let _controller = m.controller(&["--allowed-cidrs", "cluster2=10.245.0.0/16"]);
+    m.wait_routes(&["10.245.0.0/23 cluster2 10.20.144.165:32361"], "allowed by --allowed-cidrs");
+}
+
+/// Hand-written Istio meshNetworks entries that no agent could apply are refused one by
+/// one; the good ones and every later update still reach the agents.
+#[test]
+fn a_bad_mesh_networks_entry_spoils_only_itself() {
+    let m = Mesh::new();
+    let networks = "networks:
+  network1:
+    endpoints: [{fromRegistry: cluster1}]
+    gateways: [{address: 10.20.144.83, port: 31674}]
+  hostname:
+    endpoints: [{fromCidr: 10.250.0.0/16}]
+    gateways: [{address: gw.example.com, port: 15443}]
+  ipv6:
+    endpoints: [{fromCidr: \"fd00:10:250::/64\"}]
+    gateways: [{address: 10.20.144.171, port: 30443}]
+  bigport:
+    endpoints: [{fromCidr: 10.251.0.0/16}]
+    gateways: [{address: 10.20.144.172, port: 70000}]
+  hostbits:
+    endpoints: [{fromCidr: 10.252.0.1/16}]
+    gateways: [{address: 10.20.144.173, port: 30443}]
+  misshapen:
+    endpoints: {fromCidr: 10.253.0.0/16}
+    gateways: [{address: 10.20.144.174, port: 30443}]
+  good:
+    endpoints: [{fromCidr: 10.254.0.0/16}]
+    gateways: [{address: 10.20.144.175, port: 30443}]
+";
+    m.local.apply(istio_configmap(networks));
+    let _controller = m.controller(&[]);
+    let _agent = m.agent();
+    m.wait_routes(
+        &["10.245.0.0/24 cluster2 10.20.144.165:32361", "10.254.0.0/16 good 10.20.144.175:30443"],
+        "the good network beside the bad ones",
+    );
+    for (peer, field) in [
+        ("hostname", "gateways[0].address: \"gw.example.com\" is not a valid IPv4 address"),
+        ("ipv6", "podCIDRs[0]: \"fd00:10:250::/64\" is IPv6"),
+        ("bigport", "gateways[0].port: 70000 is not a valid port"),
+        ("hostbits", "podCIDRs[0]: \"10.252.0.1/16\" has host bits set"),
+        ("misshapen", "meshNetworks: "),
+    ] {
+        let why = refused_reason(&m, peer);
+        assert!(why.contains(field), "{peer}: {why}");
+    }
+    // Later updates still apply.
+    m.remote.apply(gateway_service(32999));
+    m.wait_routes(
+        &["10.245.0.0/24 cluster2 10.20.144.165:32999", "10.254.0.0/16 good 10.20.144.175:30443"],
+        "an update after the bad entries",
+    );
+}
+
+/// The agent follows the published object peer by peer: garbage, a deleted object or one
+/// peer it cannot read or accept leave the maps as they were, and /readyz says why.
+#[test]
+fn a_deleted_or_corrupted_publish_keeps_the_agents_maps() {
+    let m = Mesh::new();
+    let c2 = |port: u16| format!("- name: cluster2\n  podCIDRs: [10.245.0.0/24]\n  gateways: [{{address: 10.20.144.165, port: {port}}}]\n");
+    let c3 = "- name: cluster3\n  podCIDRs: [10.246.0.0/24]\n  gateways: [{address: 10.20.144.170, port: 30443}]\n";
+    m.local.apply(peers_configmap(&format!("{}{c3}", c2(32361))));
+    let mut agent = m.agent_with(&["--metrics-addr", "127.0.0.1:9470"]);
+    let both = ["10.245.0.0/24 cluster2 10.20.144.165:32361", "10.246.0.0/24 cluster3 10.20.144.170:30443"];
+    m.wait_routes(&both, "initial publish");
+    let ready = poll(WAIT, || Some(m.http(9470, "/readyz")).filter(|r| r.starts_with("HTTP/1.0 200")));
+    assert!(ready.is_some(), "{}", m.http(9470, "/readyz"));
+    let not_ready = |needle: &str| {
+        let r = poll(WAIT, || Some(m.http(9470, "/readyz")).filter(|r| r.starts_with("HTTP/1.0 503") && r.contains(needle)));
+        r.unwrap_or_else(|| panic!("/readyz never said {needle:?}: {}", m.http(9470, "/readyz")))
+    };
+
+    // Garbage instead of a list.
+    m.local.apply(peers_configmap("{{{ not: [yaml"));
+    not_ready("meshnet-peers is unreadable");
+    assert_eq!(m.routes(), both, "garbage changed the maps");
+    assert!(m.http(9470, "/metrics").contains("meshnet_api_peers_unreadable 1"));
+
+    // One peer with a field this agent does not know (a newer controller) and one that claims
+    // the metadata service: each keeps its last good state (or stays out), the rest applies.
+    let c3_newer = "- name: cluster3\n  podCIDRs: [10.246.0.0/24]\n  gateways: [{address: 10.20.144.171, port: 30443}]\n  weight: 3\n";
+    let c4_hijack = "- name: cluster4\n  podCIDRs: [169.254.169.254/32]\n  gateways: [{address: 10.20.144.172, port: 30443}]\n";
+    m.local.apply(peers_configmap(&format!("{}{c3_newer}{c4_hijack}", c2(32999))));
+    let updated = ["10.245.0.0/24 cluster2 10.20.144.165:32999", "10.246.0.0/24 cluster3 10.20.144.170:30443"];
+    m.wait_routes(&updated, "the good peer updated, the unreadable one kept");
+    let r = not_ready("cluster3");
+    assert!(r.contains("unknown field `weight`") && r.contains("keeping its last good state"), "{r}");
+    assert!(r.contains(r#"published peer "cluster4" refused: podCIDRs[0]: "169.254.169.254/32" refused"#), "{r}");
+    let metrics = m.http(9470, "/metrics");
+    assert!(metrics.contains("meshnet_api_peers_rejected 2"), "{metrics}");
+    agent.child.wait_for_line("published peers: not applying", WAIT);
+
+    // A restart meanwhile starts from the pinned state, not from nothing.
+    assert!(agent.child.stop());
+    let _agent = m.agent_with(&["--metrics-addr", "127.0.0.1:9470"]);
+    not_ready("cluster3");
+    assert_eq!(m.routes(), updated, "a restart lost the unreadable peer's last good state");
+
+    // The object deleted: nothing is withdrawn.
+    m.local.delete("v1", "ConfigMap", Some("meshnet"), "meshnet-peers");
+    not_ready("does not exist");
+    assert_eq!(m.routes(), updated, "deleting the object withdrew peers");
+
+    // A readable publish that omits cluster3 withdraws it, and the agent is ready again.
+    m.local.apply(peers_configmap(&c2(32999)));
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32999"], "a good publish without cluster3");
+    let ready = poll(WAIT, || Some(m.http(9470, "/readyz")).filter(|r| r.starts_with("HTTP/1.0 200")));
+    assert!(ready.is_some(), "{}", m.http(9470, "/readyz"));
+    assert!(m.routes().iter().all(|r| !r.starts_with("169.254.")));
 }

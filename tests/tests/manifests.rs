@@ -315,13 +315,14 @@ fn the_configmap_holds_a_valid_config() {
     assert_eq!(c.interfaces, ["veth*"]);
 }
 
-/// A container's `args:` list (one `- item` per line).
+/// A container's `args:` list (one `- item` per line, comments skipped).
 fn args(manifest: &str) -> Vec<String> {
     let lines: Vec<&str> = manifest.lines().collect();
     let at = lines.iter().position(|l| l.trim() == "args:").expect("no args:");
     lines[at + 1..]
         .iter()
         .map(|l| l.trim())
+        .filter(|l| !l.starts_with('#'))
         .take_while(|l| l.starts_with("- "))
         .map(|l| l[2..].trim_matches('"').to_string())
         .collect()
@@ -334,7 +335,10 @@ fn the_workloads_arguments_parse() {
     let bin = meshnet_tests::meshnet_bin();
     for (file, want) in [
         ("base/agent.yaml", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "127.0.0.1:9464"]),
-        ("base/controller.yaml", vec!["controller", "--leader-election", "true", "--metrics-addr", "0.0.0.0:9464"]),
+        (
+            "base/controller.yaml",
+            vec!["controller", "--leader-election", "true", "--service-cidrs", "10.96.0.0/12", "--metrics-addr", "0.0.0.0:9464"],
+        ),
     ] {
         let manifest = read(file);
         let a = args(&manifest);

@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -34,10 +34,10 @@ use tracing::{debug, error, info, warn};
 use super::{
     bounded, kubeconfig,
     leader::Elector,
-    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, POD_CIDRS_ANNOTATION},
+    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
-use crate::config::RawPeer;
+use crate::config::{self, RawPeer, Reserved};
 
 /// The published object and its keys.
 pub const PEERS_CONFIGMAP: &str = "meshnet-peers";
@@ -58,6 +58,11 @@ pub struct ControllerOptions {
     pub resolve: ResolveOptions,
     /// Per-cluster pod CIDR overrides from the command line.
     pub pod_cidrs: BTreeMap<String, Vec<Ipv4Net>>,
+    /// The local cluster's Service CIDRs, which no peer may claim.
+    pub service_cidrs: Vec<Ipv4Net>,
+    /// Per-cluster allow-lists from the command line: the only CIDRs that cluster may claim.
+    /// They win over the remote secret's annotation.
+    pub allowed_cidrs: BTreeMap<String, Vec<Ipv4Net>>,
     /// How often each remote API server is probed; a failed probe marks its peer stale.
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
@@ -83,12 +88,74 @@ pub struct PeerStatus {
     pub error: Option<String>,
 }
 
-/// Parses the published peers.
-#[must_use] 
+/// One entry of the published peer list, parsed on its own so that one entry the reader
+/// cannot understand (a field from a newer controller, a hand edit) spoils nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishedEntry {
+    Peer(RawPeer),
+    /// Not a peer this reader understands; `name` when the entry has a readable one.
+    Bad { index: usize, name: Option<String>, error: String },
+}
+
+/// What the published ConfigMap says about the peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// There is no such ConfigMap (not published yet, or deleted).
+    Missing,
+    /// The ConfigMap exists but its peer list cannot be read at all.
+    Unreadable(String),
+    /// The list, entry by entry.
+    Entries(Vec<PublishedEntry>),
+}
+
+impl Published {
+    /// Parses the published peers: a YAML list whose entries are parsed one by one.
+    #[must_use]
+    pub fn parse(cm: Option<&ConfigMap>) -> Self {
+        let Some(cm) = cm else { return Self::Missing };
+        let Some(text) = cm.data.as_ref().and_then(|d| d.get(PEERS_KEY)) else {
+            return Self::Unreadable(format!("the ConfigMap has no key {PEERS_KEY}"));
+        };
+        if text.trim().is_empty() {
+            return Self::Unreadable(format!("{PEERS_KEY} is empty (an empty publish is written as [])"));
+        }
+        let values: Vec<serde_yaml::Value> = match serde_yaml::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return Self::Unreadable(format!("{PEERS_KEY} is not a YAML list: {e}")),
+        };
+        let mut seen = BTreeSet::new();
+        let entries = values
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| {
+                let name = v.get("name").and_then(serde_yaml::Value::as_str).map(str::to_owned);
+                match serde_yaml::from_value::<RawPeer>(v) {
+                    Ok(p) if !seen.insert(p.name.clone()) => {
+                        PublishedEntry::Bad { index, name: Some(p.name), error: "listed twice; the first entry counts".into() }
+                    }
+                    Ok(p) => PublishedEntry::Peer(p),
+                    Err(e) => PublishedEntry::Bad { index, name, error: e.to_string() },
+                }
+            })
+            .collect();
+        Self::Entries(entries)
+    }
+}
+
+/// Parses the published peers, keeping the entries that can be read, and their status.
+#[must_use]
 pub fn parse_published(cm: &ConfigMap) -> (Vec<RawPeer>, BTreeMap<String, PeerStatus>) {
-    let data = cm.data.clone().unwrap_or_default();
-    let peers = data.get(PEERS_KEY).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default();
-    let status = data.get(STATUS_KEY).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default();
+    let peers = match Published::parse(Some(cm)) {
+        Published::Entries(e) => e
+            .into_iter()
+            .filter_map(|e| match e {
+                PublishedEntry::Peer(p) => Some(p),
+                PublishedEntry::Bad { .. } => None,
+            })
+            .collect(),
+        Published::Missing | Published::Unreadable(_) => Vec::new(),
+    };
+    let status = cm.data.as_ref().and_then(|d| d.get(STATUS_KEY)).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default();
     (peers, status)
 }
 
@@ -114,6 +181,9 @@ struct Remote {
     generation: u64,
     task: JoinHandle<()>,
     pod_cidrs: Option<Vec<Ipv4Net>>,
+    /// The secret's allow-list annotation: `Err` when it is unreadable, which refuses the
+    /// peer rather than allowing everything.
+    allowed: Option<Result<Vec<Ipv4Net>, String>>,
     view: Option<ClusterView>,
     stale: bool,
     error: Option<String>,
@@ -134,14 +204,17 @@ struct State {
     next_generation: u64,
     secrets_synced: bool,
     local_cidrs: Option<Vec<Ipv4Net>>,
+    /// Every local node's addresses: no peer may claim them or use them as a gateway.
+    local_addresses: BTreeSet<Ipv4Addr>,
     /// `None` until the watch synced; then the ConfigMap, if it exists.
     #[expect(clippy::option_option, reason = "not synced yet differs from synced and absent")]
     istio: Option<Option<ConfigMap>>,
     /// The last good peer of each remote: published while it is stale or not yet synced.
     last_good: BTreeMap<String, RawPeer>,
     published: Option<(String, String)>,
-    /// Peers refused for overlapping CIDRs, with why: logged and counted once each.
-    overlapping: BTreeMap<String, String>,
+    /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
+    /// counted once each.
+    refusals: BTreeMap<String, String>,
     leader: bool,
     metrics: Arc<ControllerMetrics>,
 }
@@ -186,10 +259,11 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         next_generation: 0,
         secrets_synced: false,
         local_cidrs: None,
+        local_addresses: BTreeSet::new(),
         istio: None,
         last_good: BTreeMap::new(),
         published: None,
-        overlapping: BTreeMap::new(),
+        refusals: BTreeMap::new(),
         leader: !opts.leader_election,
         metrics,
         opts,
@@ -198,6 +272,17 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &state.opts.namespace);
     match bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await {
         Ok(Some(cm)) => {
+            match Published::parse(Some(&cm)) {
+                Published::Unreadable(e) => warn!(error = %e, "the published peers are unreadable; starting without them"),
+                Published::Entries(entries) => {
+                    for e in entries {
+                        if let PublishedEntry::Bad { index, name, error } = e {
+                            warn!(index, peer = ?name, error = %error, "a published peer is unreadable; starting without it");
+                        }
+                    }
+                }
+                Published::Missing => {}
+            }
             let (peers, _) = parse_published(&cm);
             info!(peers = peers.len(), "starting from the published peers");
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
@@ -289,6 +374,7 @@ impl State {
             }
             Msg::LocalNodes(Update::Snapshot(nodes)) => {
                 self.local_cidrs = Some(resolve::node_pod_cidrs(nodes.values()));
+                self.local_addresses = nodes.values().flat_map(resolve::node_addresses).collect();
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.into_values().next()),
             Msg::Published(Update::Snapshot(cms)) => {
@@ -338,16 +424,18 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        let mut wanted: BTreeMap<String, (String, String, Option<Vec<Ipv4Net>>)> = BTreeMap::new();
+        type Wanted = (String, String, Option<Vec<Ipv4Net>>, Option<Result<Vec<Ipv4Net>, String>>);
+        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
         for (sname, secret) in secrets {
             let cidrs = secret
                 .annotations()
                 .get(POD_CIDRS_ANNOTATION)
                 .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
+            let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_allowed(v));
             for (cluster, data) in secret.data.iter().flatten() {
                 let text = String::from_utf8_lossy(&data.0).into_owned();
                 let origin = format!("{}/{sname}[{cluster}]", self.opts.secrets.namespace);
-                wanted.insert(cluster.clone(), (origin, text, cidrs.clone()));
+                wanted.insert(cluster.clone(), (origin, text, cidrs.clone(), allowed.clone()));
             }
         }
         self.remotes.retain(|name, _| {
@@ -358,11 +446,12 @@ impl State {
             keep
         });
         self.last_good.retain(|name, _| wanted.contains_key(name));
-        for (name, (origin, text, cidrs)) in wanted {
+        for (name, (origin, text, cidrs, allowed)) in wanted {
             let fp = (origin.clone(), hash(&text));
             if self.remotes.get(&name).is_some_and(|r| r.fingerprint == fp) {
                 if let Some(r) = self.remotes.get_mut(&name) {
                     r.pod_cidrs = cidrs;
+                    r.allowed = allowed;
                 }
                 continue;
             }
@@ -379,7 +468,17 @@ impl State {
             info!(peer = %name, "watching remote cluster");
             self.remotes.insert(
                 name,
-                Remote { fingerprint: fp, generation, task, pod_cidrs: cidrs, view: None, stale: true, error: None, refused: None },
+                Remote {
+                    fingerprint: fp,
+                    generation,
+                    task,
+                    pod_cidrs: cidrs,
+                    allowed,
+                    view: None,
+                    stale: true,
+                    error: None,
+                    refused: None,
+                },
             );
         }
     }
@@ -389,10 +488,33 @@ impl State {
         self.secrets_synced && self.local_cidrs.is_some() && self.istio.is_some()
     }
 
+    /// What the reserved-range rules know about this cluster.
+    fn reserved(&self) -> Reserved {
+        Reserved { service_cidrs: self.opts.service_cidrs.clone(), local_addresses: self.local_addresses.clone() }
+    }
+
+    /// Why `p` must not be published, if it must not: the agent's own validator (so that no
+    /// agent ever receives a peer it would refuse) and the cluster's allow-list.
+    fn vet(&self, p: &RawPeer, allowed: Option<&Result<Vec<Ipv4Net>, String>>, reserved: &Reserved) -> Option<String> {
+        if let Err(errors) = config::validate_peer(p, reserved) {
+            return Some(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+        }
+        if let Some(list) = self.opts.allowed_cidrs.get(&p.name) {
+            return resolve::outside_allowed(p, list, "--allowed-cidrs");
+        }
+        match allowed {
+            Some(Ok(list)) => resolve::outside_allowed(p, list, &format!("annotation {ALLOWED_CIDRS_ANNOTATION}")),
+            Some(Err(e)) => Some(format!("annotation {ALLOWED_CIDRS_ANNOTATION}: {e}")),
+            None => None,
+        }
+    }
+
     /// The peers to publish and their status.
     fn desired(&mut self) -> (Vec<RawPeer>, BTreeMap<String, PeerStatus>) {
+        let reserved = self.reserved();
         let mut peers = Vec::new();
         let mut status: BTreeMap<String, PeerStatus> = BTreeMap::new();
+        let mut refused: BTreeMap<String, String> = BTreeMap::new();
         for (name, r) in &self.remotes {
             let mut st = PeerStatus { stale: r.stale, refused: r.refused.clone(), error: r.error.clone() };
             if r.refused.is_some() {
@@ -400,20 +522,35 @@ impl State {
                 continue;
             }
             let cidrs = self.opts.pod_cidrs.get(name).cloned().or_else(|| r.pod_cidrs.clone());
-            let fresh = r.view.as_ref().filter(|_| !r.stale).map(|v| resolve::peer(name, &resolve::resolve(v, &self.opts.resolve, cidrs.as_deref())));
-            match fresh {
+            let resolved = r.view.as_ref().filter(|_| !r.stale).map(|v| resolve::resolve(v, &self.opts.resolve, cidrs.as_deref()));
+            if let Some(why) = resolved.as_ref().filter(|x| !x.refusals.is_empty()).map(|x| x.refusals.join("; ")) {
+                refused.insert(name.clone(), why);
+                status.insert(name.clone(), st);
+                continue;
+            }
+            match resolved.map(|x| resolve::peer(name, &x)) {
                 Some(Ok(p)) => {
-                    self.last_good.insert(name.clone(), p.clone());
-                    peers.push(p);
+                    if let Some(why) = self.vet(&p, r.allowed.as_ref(), &reserved) {
+                        refused.insert(name.clone(), why);
+                    } else {
+                        self.last_good.insert(name.clone(), p.clone());
+                        peers.push(p);
+                    }
                 }
                 other => {
                     if let Some(Err(problem)) = other {
                         st.error = Some(problem);
                     }
-                    // Keep serving the last known state of a stale or unresolvable peer.
+                    // Keep serving the last known state of a stale or unresolvable peer, if
+                    // today's rules still pass it.
                     if let Some(p) = self.last_good.get(name) {
                         st.stale = true;
-                        peers.push(p.clone());
+                        match self.vet(p, r.allowed.as_ref(), &reserved) {
+                            Some(why) => {
+                                refused.insert(name.clone(), why);
+                            }
+                            None => peers.push(p.clone()),
+                        }
                     }
                 }
             }
@@ -422,32 +559,42 @@ impl State {
         // Networks written by hand in Istio's meshNetworks, for clusters without a secret.
         if let Some(Some(cm)) = &self.istio {
             let text = cm.data.as_ref().and_then(|d| d.get("meshNetworks")).cloned().unwrap_or_default();
-            match MeshNetworks::parse(&text) {
-                Ok(mn) => {
-                    for p in mn.peers(None) {
-                        let overlaps_discovered = peers.iter().any(|q| q.name == p.name);
-                        let local_network = p.pod_cidrs.iter().filter_map(|c| c.parse::<Ipv4Net>().ok()).any(|n| {
-                            self.local_cidrs.iter().flatten().any(|l| l.contains(&n) || n.contains(l))
-                        });
-                        if !overlaps_discovered && !local_network {
-                            status.entry(p.name.clone()).or_default();
-                            peers.push(p);
-                        }
-                    }
+            let (mn, broken) = MeshNetworks::parse_each(&text).unwrap_or_else(|e| {
+                warn!(error = %e, "istio ConfigMap: meshNetworks is not valid YAML; ignoring it");
+                (MeshNetworks::default(), BTreeMap::new())
+            });
+            for (name, why) in broken {
+                status.entry(name.clone()).or_default();
+                refused.insert(name, format!("meshNetworks: {why}"));
+            }
+            for p in mn.peers(None) {
+                let overlaps_discovered = peers.iter().any(|q| q.name == p.name) || self.remotes.contains_key(&p.name);
+                let local_network = p.pod_cidrs.iter().filter_map(|c| c.parse::<Ipv4Net>().ok()).any(|n| {
+                    self.local_cidrs.iter().flatten().any(|l| l.contains(&n) || n.contains(l))
+                });
+                if overlaps_discovered || local_network {
+                    continue;
                 }
-                Err(e) => warn!(error = %e, "istio ConfigMap: meshNetworks is not valid YAML; ignoring it"),
+                status.entry(p.name.clone()).or_default();
+                match self.vet(&p, None, &reserved) {
+                    Some(why) => {
+                        refused.insert(p.name.clone(), format!("meshNetworks: {why}"));
+                    }
+                    None => peers.push(p),
+                }
             }
         }
         peers.sort_by(|a, b| a.name.cmp(&b.name));
-        let (kept, refused) = resolve::refuse_overlaps(self.local_cidrs.as_deref().unwrap_or_default(), peers);
+        let (kept, overlapping) = resolve::refuse_overlaps(self.local_cidrs.as_deref().unwrap_or_default(), peers);
+        refused.extend(overlapping);
         for (name, why) in &refused {
-            if self.overlapping.get(name) != Some(why) {
-                warn!(peer = %name, reason = %why, "peer refused: overlapping CIDRs");
+            if self.refusals.get(name) != Some(why) {
+                warn!(peer = %name, reason = %why, "peer refused");
                 self.metrics.refused.get_or_create(&PeerLabel { peer: name.clone() }).inc();
             }
             status.entry(name.clone()).or_default().refused = Some(why.clone());
         }
-        self.overlapping = refused;
+        self.refusals = refused;
         (kept, status)
     }
 
@@ -490,6 +637,16 @@ impl State {
         self.published = Some(text);
         Ok(())
     }
+}
+
+/// The allow-list annotation's CIDRs. Any entry that is not a CIDR makes the whole list
+/// unreadable: a typo must not widen what a remote may claim.
+fn parse_allowed(v: &str) -> Result<Vec<Ipv4Net>, String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse::<Ipv4Net>().map_err(|_| format!("{c:?} is not an IPv4 CIDR; refusing the peer until it is fixed")))
+        .collect()
 }
 
 fn hash(s: &str) -> u64 {
@@ -604,7 +761,11 @@ impl ControllerMetrics {
             started: std::time::Instant::now(),
         };
         registry.register("peer_stale", "1 while a peer's API server fails and its last known state is served", m.stale.clone());
-        registry.register("peer_refused", "Peers refused (overlapping CIDRs)", m.refused.clone());
+        registry.register(
+            "peer_refused",
+            "Peers refused (reserved ranges, allow-lists, invalid fields, overlapping CIDRs), counted once per reason",
+            m.refused.clone(),
+        );
         registry.register("peers", "Peers published", m.peers.clone());
         registry.register("publish_errors", "Failed writes of the peers object", m.publish_errors.clone());
         registry.register("last_publish_timestamp_seconds", "Unix time of the last publish", m.last_publish.clone());
@@ -698,5 +859,42 @@ mod tests {
         assert!(m.silent_for() > WEDGED);
         m.beat();
         assert!(m.silent_for() < WEDGED);
+    }
+
+    fn cm(peers: Option<&str>) -> ConfigMap {
+        ConfigMap { data: peers.map(|p| [(PEERS_KEY.to_string(), p.to_string())].into()), ..ConfigMap::default() }
+    }
+
+    #[test]
+    fn published_peers_are_parsed_one_by_one() {
+        let text = "- name: c2\n  podCIDRs: [10.245.0.0/16]\n  gateways: [{address: 10.20.144.165, port: 32361}]\n\
+                    - name: c3\n  podCIDRs: [10.246.0.0/16]\n  gateways: [{address: 10.20.144.170, port: 30443}]\n  weight: 3\n\
+                    - podCIDRs: oops\n\
+                    - name: c2\n  podCIDRs: [10.247.0.0/16]\n  gateways: [{address: 10.20.144.171, port: 30443}]\n";
+        let Published::Entries(e) = Published::parse(Some(&cm(Some(text)))) else { panic!("not parsed") };
+        assert_eq!(e.len(), 4);
+        assert!(matches!(&e[0], PublishedEntry::Peer(p) if p.name == "c2" && p.pod_cidrs == ["10.245.0.0/16"]));
+        assert!(matches!(&e[1], PublishedEntry::Bad { index: 1, name: Some(n), error } if n == "c3" && error.contains("unknown field `weight`")), "{:?}", e[1]);
+        assert!(matches!(&e[2], PublishedEntry::Bad { index: 2, name: None, .. }), "{:?}", e[2]);
+        assert!(matches!(&e[3], PublishedEntry::Bad { index: 3, name: Some(n), error } if n == "c2" && error.contains("listed twice")));
+        assert_eq!(parse_published(&cm(Some(text))).0.len(), 1);
+    }
+
+    #[test]
+    fn missing_or_garbage_is_never_an_empty_list() {
+        assert_eq!(Published::parse(None), Published::Missing);
+        for bad in [None, Some(""), Some("{{{ not yaml"), Some("name: c2\n"), Some("42")] {
+            assert!(matches!(Published::parse(Some(&cm(bad))), Published::Unreadable(_)), "{bad:?}");
+        }
+        assert_eq!(Published::parse(Some(&cm(Some("[]\n")))), Published::Entries(vec![]));
+    }
+
+    #[test]
+    fn allow_list_annotations_fail_closed() {
+        assert_eq!(parse_allowed(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
+        assert_eq!(
+            parse_allowed("10.245.0.0/16,10.246.0.0"),
+            Err("\"10.246.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into())
+        );
     }
 }

@@ -84,6 +84,9 @@ pub async fn generate(opts: &Options) -> anyhow::Result<(MeshNetworks, Client)> 
     let mut discovered_registries = Vec::new();
     for (name, c) in &clusters {
         match read_cluster(c, opts, name).await {
+            Ok((_, r)) if !r.refusals.is_empty() => {
+                warn!(cluster = %name, refused = %r.refusals.join("; "), "cluster refused");
+            }
             Ok((network, r)) => match r.port {
                 Some(port) if !r.addresses.is_empty() => {
                     out.set_cluster(&network, name, &r.addresses, port);

@@ -17,6 +17,9 @@ pub const ADDRESS_ANNOTATION: &str = "meshnet.io/gateway-address";
 /// Remote-secret annotation that overrides a remote cluster's pod CIDRs (comma-separated), for
 /// CNIs that do not use node podCIDRs.
 pub const POD_CIDRS_ANNOTATION: &str = "meshnet.io/pod-cidrs";
+/// Remote-secret annotation that limits the pod CIDRs a remote cluster may claim
+/// (comma-separated); a claim outside it refuses the peer.
+pub const ALLOWED_CIDRS_ANNOTATION: &str = "meshnet.io/allowed-cidrs";
 /// Namespace label Istio reads a cluster's network name from.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 /// Label selector of Istio's remote secrets, the default source of remote credentials.
@@ -84,6 +87,8 @@ pub struct Resolved {
     pub addresses: Vec<Ipv4Addr>,
     /// Why something could not be resolved.
     pub problems: Vec<String>,
+    /// Why the cluster must not become a peer at all (it claims what it may not).
+    pub refusals: Vec<String>,
 }
 
 /// The IPv4 pod CIDRs of all nodes, aggregated.
@@ -99,17 +104,34 @@ pub fn node_pod_cidrs<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<Ipv4
     Ipv4Net::aggregate(&nets)
 }
 
-fn node_address(node: &Node, ty: AddressType) -> Option<Ipv4Addr> {
+/// Every IPv4 address a node's status lists.
+#[must_use]
+pub fn node_addresses(node: &Node) -> BTreeSet<Ipv4Addr> {
+    node.status.iter().flat_map(|s| s.addresses.iter().flatten()).filter_map(|a| a.address.parse().ok()).collect()
+}
+
+/// The address a gateway on `node` is reached at, or why the node's annotation is refused:
+/// whoever can annotate a remote Node must not be able to point traffic anywhere, so the
+/// annotation may only pick one of the node's own addresses.
+fn node_address(node: &Node, ty: AddressType) -> Result<Option<Ipv4Addr>, String> {
     if let Some(a) = node.metadata.annotations.as_ref().and_then(|a| a.get(ADDRESS_ANNOTATION)) {
-        return a.parse().ok();
+        let own = node_addresses(node);
+        let listed = own.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        return match a.trim().parse::<Ipv4Addr>() {
+            Ok(addr) if own.contains(&addr) => Ok(Some(addr)),
+            Ok(_) => Err(format!("gateways: node {name}'s {ADDRESS_ANNOTATION} {a:?} is not one of its addresses ({listed})")),
+            Err(_) => Err(format!("gateways: node {name}'s {ADDRESS_ANNOTATION} {a:?} is not an IPv4 address")),
+        };
     }
-    node.status
-        .as_ref()?
-        .addresses
-        .iter()
+    Ok(node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
         .flatten()
         .filter(|a| a.type_ == ty.kube_name())
-        .find_map(|a| a.address.parse().ok())
+        .find_map(|a| a.address.parse().ok()))
 }
 
 /// Resolves a cluster's gateway and pod CIDRs. `pod_cidrs` overrides the nodes' podCIDRs.
@@ -151,9 +173,10 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
         .filter_map(|a| a.node_name.as_deref())
         .collect();
     for name in gateway_nodes {
-        match view.nodes.get(name).and_then(|n| node_address(n, opts.address_type)) {
-            Some(a) => r.addresses.push(a),
-            None => r.problems.push(format!("node {name} has no {} address", opts.address_type.kube_name())),
+        match view.nodes.get(name).map(|n| node_address(n, opts.address_type)) {
+            Some(Ok(Some(a))) => r.addresses.push(a),
+            Some(Err(why)) => r.refusals.push(why),
+            Some(Ok(None)) | None => r.problems.push(format!("node {name} has no {} address", opts.address_type.kube_name())),
         }
     }
     r.addresses.sort_unstable();
@@ -178,6 +201,16 @@ pub fn peer(name: &str, r: &Resolved) -> Result<RawPeer, String> {
             .take(meshnet_common::limits::MAX_GATEWAYS)
             .map(|a| RawGateway { address: a.to_string(), port: u32::from(port), udp_port: None })
             .collect(),
+    })
+}
+
+/// Why `peer` claims pod CIDRs outside `allowed` (the remote's allow-list), if it does.
+#[must_use]
+pub fn outside_allowed(peer: &RawPeer, allowed: &[Ipv4Net], source: &str) -> Option<String> {
+    let list = allowed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    peer.pod_cidrs.iter().enumerate().find_map(|(i, c)| {
+        let inside = c.parse::<Ipv4Net>().is_ok_and(|n| allowed.iter().any(|a| a.contains(&n)));
+        (!inside).then(|| format!("podCIDRs[{i}]: {c:?} is outside the CIDRs this cluster may claim ({list}; {source})"))
     })
 }
 
@@ -248,6 +281,33 @@ impl MeshNetworks {
         serde_yaml::from_str(text)
     }
 
+    /// Parses network by network: one entry of the wrong shape (a string port, a list where
+    /// a map belongs) is returned with why, and the others still count.
+    pub fn parse_each(text: &str) -> Result<(Self, BTreeMap<String, String>), serde_yaml::Error> {
+        #[derive(Deserialize)]
+        struct Loose {
+            #[serde(default)]
+            networks: BTreeMap<String, serde_yaml::Value>,
+        }
+        if text.trim().is_empty() {
+            return Ok((Self::default(), BTreeMap::new()));
+        }
+        let loose: Loose = serde_yaml::from_str(text)?;
+        let mut out = Self::default();
+        let mut broken = BTreeMap::new();
+        for (name, v) in loose.networks {
+            match serde_yaml::from_value::<Network>(v) {
+                Ok(n) => {
+                    out.networks.insert(name, n);
+                }
+                Err(e) => {
+                    broken.insert(name, e.to_string());
+                }
+            }
+        }
+        Ok((out, broken))
+    }
+
     /// Peers described by hand-written networks with `fromCidr` endpoints and gateway
     /// addresses, except `local_network`.
     #[must_use]
@@ -309,19 +369,23 @@ mod tests {
     }
 
     fn view() -> ClusterView {
-        let mut svc = Service::default();
-        svc.spec = Some(ServiceSpec {
-            ports: Some(vec![
-                ServicePort { name: Some("status-port".into()), port: 15021, node_port: Some(30021), ..ServicePort::default() },
-                ServicePort { name: Some("tls".into()), port: 15443, node_port: Some(32361), ..ServicePort::default() },
-            ]),
-            ..ServiceSpec::default()
-        });
-        let mut ep = Endpoints::default();
-        ep.subsets = Some(vec![EndpointSubset {
-            addresses: Some(vec![EndpointAddress { ip: "10.245.0.10".into(), node_name: Some("n2".into()), ..EndpointAddress::default() }]),
-            ..EndpointSubset::default()
-        }]);
+        let svc = Service {
+            spec: Some(ServiceSpec {
+                ports: Some(vec![
+                    ServicePort { name: Some("status-port".into()), port: 15021, node_port: Some(30021), ..ServicePort::default() },
+                    ServicePort { name: Some("tls".into()), port: 15443, node_port: Some(32361), ..ServicePort::default() },
+                ]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        };
+        let ep = Endpoints {
+            subsets: Some(vec![EndpointSubset {
+                addresses: Some(vec![EndpointAddress { ip: "10.245.0.10".into(), node_name: Some("n2".into()), ..EndpointAddress::default() }]),
+                ..EndpointSubset::default()
+            }]),
+            ..Endpoints::default()
+        };
         ClusterView {
             nodes: [("n2".into(), node("n2", "10.20.144.165", "10.245.0.0/24")), ("n3".into(), node("n3", "10.20.144.166", "10.245.1.0/24"))]
                 .into(),
@@ -341,14 +405,47 @@ mod tests {
     }
 
     #[test]
-    fn annotation_overrides_the_address() {
+    fn annotation_picks_one_of_the_nodes_own_addresses() {
         let mut v = view();
-        v.nodes.get_mut("n2").unwrap().metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), "192.0.2.99".to_string())].into());
-        assert_eq!(resolve(&v, &ResolveOptions::default(), None).addresses, ["192.0.2.99".parse::<Ipv4Addr>().unwrap()]);
+        let n2 = v.nodes.get_mut("n2").unwrap();
+        n2.status.as_mut().unwrap().addresses.as_mut().unwrap().push(NodeAddress { type_: "ExternalIP".into(), address: "192.0.2.99".into() });
+        n2.metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), "192.0.2.99".to_string())].into());
+        let r = resolve(&v, &ResolveOptions::default(), None);
+        assert_eq!(r.addresses, ["192.0.2.99".parse::<Ipv4Addr>().unwrap()]);
+        assert!(r.refusals.is_empty());
         let ext = ResolveOptions { address_type: AddressType::ExternalIp, ..ResolveOptions::default() };
         let r = resolve(&view(), &ext, None);
         assert!(r.addresses.is_empty());
         assert!(peer("c", &r).unwrap_err().contains("no ExternalIP address"));
+    }
+
+    /// Whoever can annotate a remote Node must not be able to point the gateway anywhere.
+    #[test]
+    fn annotation_outside_the_nodes_addresses_refuses_the_cluster() {
+        for (value, why) in [
+            ("169.254.169.254", r#"gateways: node n2's meshnet.io/gateway-address "169.254.169.254" is not one of its addresses (10.20.144.165)"#),
+            ("10.20.144.166", r#"gateways: node n2's meshnet.io/gateway-address "10.20.144.166" is not one of its addresses (10.20.144.165)"#),
+            ("gw.example.com", r#"gateways: node n2's meshnet.io/gateway-address "gw.example.com" is not an IPv4 address"#),
+        ] {
+            let mut v = view();
+            v.nodes.get_mut("n2").unwrap().metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), value.to_string())].into());
+            let r = resolve(&v, &ResolveOptions::default(), None);
+            assert_eq!(r.refusals, [why], "{value}");
+            assert!(r.addresses.is_empty(), "{value}");
+        }
+    }
+
+    #[test]
+    fn allow_lists_bound_the_claims() {
+        let p = RawPeer { name: "c2".into(), pod_cidrs: vec!["10.245.0.0/24".into(), "10.246.0.0/16".into()], gateways: vec![] };
+        let allowed: Vec<Ipv4Net> = vec!["10.245.0.0/16".parse().unwrap()];
+        assert_eq!(
+            outside_allowed(&p, &allowed, "--allowed-cidrs").as_deref(),
+            Some(r#"podCIDRs[1]: "10.246.0.0/16" is outside the CIDRs this cluster may claim (10.245.0.0/16; --allowed-cidrs)"#)
+        );
+        let wide: Vec<Ipv4Net> = vec!["10.244.0.0/14".parse().unwrap()];
+        assert_eq!(outside_allowed(&p, &wide, "x"), None);
+        assert!(outside_allowed(&p, &[], "x").is_some(), "an empty allow-list allows nothing");
     }
 
     #[test]
@@ -382,5 +479,16 @@ mod tests {
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].name, "network3");
         assert_eq!(peers[0].pod_cidrs, ["10.250.0.0/16"]);
+    }
+
+    #[test]
+    fn one_malformed_network_spoils_only_itself() {
+        let text = "networks:\n  bad:\n    endpoints: {fromCidr: 10.1.0.0/16}\n    gateways: [{address: 10.20.144.1, port: high}]\n  good:\n    endpoints: [{fromCidr: 10.250.0.0/16}]\n    gateways: [{address: 10.20.144.170, port: 30443}]\n  hostname:\n    endpoints: [{fromCidr: 10.251.0.0/16}]\n    gateways: [{address: gw.example.com, port: 70000}]\n";
+        let (m, broken) = MeshNetworks::parse_each(text).unwrap();
+        assert_eq!(broken.keys().collect::<Vec<_>>(), ["bad"]);
+        // The hostname network parses; the validator refuses it (see the controller).
+        let names: Vec<String> = m.peers(None).into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["good", "hostname"]);
+        assert!(MeshNetworks::parse_each("networks: [1, 2]").is_err());
     }
 }

@@ -12,11 +12,10 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::{
-    controller::{parse_published, PEERS_CONFIGMAP},
+    controller::{Published, PEERS_CONFIGMAP},
     resolve,
     watch::{snapshots, Update},
 };
-use crate::config::RawPeer;
 
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
@@ -29,8 +28,9 @@ pub struct SourceOptions {
 
 #[derive(Debug)]
 pub enum ApiUpdate {
-    /// The published peers (after the watch synced; empty when nothing is published).
-    Peers(Vec<RawPeer>),
+    /// The published peers, after the watch synced and whenever the object changes. Only
+    /// `Published::Entries` may withdraw a peer: a missing or unreadable object never does.
+    Peers(Published),
     /// This node's pod CIDRs.
     NodeCidrs(Vec<Ipv4Net>),
     /// A watch failed; the agent keeps what it has.
@@ -48,7 +48,7 @@ pub async fn spawn(opts: SourceOptions, tx: mpsc::Sender<ApiUpdate>) -> anyhow::
         let mut s = std::pin::pin!(snapshots(cms, cfg));
         while let Some(u) = s.next().await {
             let msg = match u {
-                Update::Snapshot(m) => ApiUpdate::Peers(m.values().next().map(|cm| parse_published(cm).0).unwrap_or_default()),
+                Update::Snapshot(m) => ApiUpdate::Peers(Published::parse(m.values().next())),
                 Update::Error(e) => ApiUpdate::Error(format!("watching {PEERS_CONFIGMAP}: {e}")),
             };
             if ptx.send(msg).await.is_err() {
