@@ -22,7 +22,7 @@ use ipnet::Ipv4Net;
 use crate::{
     config::{Config, ConfigError, RawConfig, RawPeer},
     discovery::{
-        controller::{Published, PublishedEntry, PEERS_CONFIGMAP},
+        published::{Published, PublishedEntry, PEERS_CONFIGMAP},
         source::{self, ApiUpdate, SourceOptions},
     },
     datapath::{detach_interface, matching_interfaces, AttachMode, Datapath},

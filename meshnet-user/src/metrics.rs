@@ -78,7 +78,7 @@ pub struct Metrics {
     problems: std::sync::Mutex<Vec<String>>,
     pins: Pins,
     /// The last rendering and when it was made; the lock also makes walks one at a time.
-    rendered: Mutex<Option<(Instant, String)>>,
+    last_walk: Mutex<Option<Instant>>,
     scrapes: tokio::sync::Semaphore,
 }
 
@@ -101,7 +101,7 @@ impl Metrics {
             ready: AtomicBool::new(false),
             problems: std::sync::Mutex::new(Vec::new()),
             pins,
-            rendered: Mutex::new(None),
+            last_walk: Mutex::new(None),
             scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
             registry: Registry::default(),
         };
@@ -169,17 +169,19 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format, from a walk of the maps at most [`SCRAPE_CACHE`] old.
+    /// The text exposition format. The kernel-side numbers come from a walk of the maps at
+    /// most [`SCRAPE_CACHE`] old; the agent's own numbers are always current.
     #[must_use]
     pub fn render(&self) -> String {
-        let mut cached = self.rendered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, text)) = cached.as_ref().filter(|(at, _)| at.elapsed() < SCRAPE_CACHE) {
-            return text.clone();
+        {
+            let mut last = self.last_walk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_none_or(|at| at.elapsed() >= SCRAPE_CACHE) {
+                self.refresh();
+                *last = Some(Instant::now());
+            }
         }
-        self.refresh();
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
-        *cached = Some((Instant::now(), out.clone()));
         out
     }
 }
@@ -244,8 +246,13 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(m.render(), first);
         }
+        // The agent's own numbers are current all the same.
+        m.gc_expired.inc();
+        let text = m.render();
+        assert!(text.contains("meshnet_gc_expired_flows_total 1"), "{text}");
+        assert_eq!(walks(&text), 1);
         // Expire the cache by hand rather than by waiting.
-        m.rendered.lock().unwrap().as_mut().unwrap().0 -= SCRAPE_CACHE;
+        *m.last_walk.lock().unwrap().as_mut().unwrap() -= SCRAPE_CACHE;
         assert_eq!(walks(&m.render()), 2);
     }
 
@@ -255,7 +262,7 @@ mod tests {
         let held: Vec<_> = (0..MAX_SCRAPES).map(|_| m.scrapes.try_acquire().unwrap()).collect();
         let r = scrape(State(m.clone())).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(m.rendered.lock().unwrap().is_none(), "a refused scrape walked the maps");
+        assert!(m.last_walk.lock().unwrap().is_none(), "a refused scrape walked the maps");
         drop(held);
         assert_eq!(scrape(State(m.clone())).await.status(), StatusCode::OK);
     }

@@ -347,6 +347,7 @@ async fn handle(
         }
         (Method::POST, None) => write(&s, &collection, body, true),
         (Method::PUT, Some(_)) => write(&s, &collection, body, false),
+        (Method::PATCH, Some(name)) => server_side_apply(&s, &collection, &name, &headers, &q, &body),
         (Method::DELETE, Some(name)) => {
             let (api_version, kind) = kind_of_collection(&collection);
             let ns = collection.split('/').skip_while(|x| *x != "namespaces").nth(1).map(str::to_owned);
@@ -374,6 +375,46 @@ impl FakeApiRef {
         st.history.push(ev.clone());
         let _ = self.0.events.send(ev);
     }
+}
+
+/// Server-side apply (the only PATCH the fake serves), as far as meshnet uses it: one field
+/// manager that forces, so the applied object's fields replace the stored ones (`data`
+/// whole, labels merged), and a missing object is created. What a 1.18 API server checks
+/// is checked: the content type and a field manager.
+fn server_side_apply(s: &Arc<Shared>, collection: &str, name: &str, headers: &HeaderMap, q: &BTreeMap<String, String>, body: &Bytes) -> Response {
+    if headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) != Some("application/apply-patch+yaml") {
+        return status(415, "UnsupportedMediaType", "only server-side apply is served");
+    }
+    if q.get("fieldManager").is_none_or(String::is_empty) {
+        return status(422, "Invalid", "fieldManager is required for apply patch");
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "body is not JSON");
+    };
+    if patch["metadata"]["name"].as_str() != Some(name) {
+        return status(400, "BadRequest", "metadata.name does not match the path");
+    }
+    let current = s.store.lock().unwrap().objects.get(collection).and_then(|m| m.get(name)).cloned();
+    let Some(mut obj) = current else {
+        return write(s, collection, Bytes::from(serde_json::to_vec(&patch).unwrap()), true);
+    };
+    for (k, v) in patch.as_object().unwrap() {
+        if k == "metadata" {
+            for (mk, mv) in v.as_object().into_iter().flatten() {
+                if mv.is_object() && obj["metadata"][mk].is_object() {
+                    for (lk, lv) in mv.as_object().unwrap() {
+                        obj["metadata"][mk][lk] = lv.clone();
+                    }
+                } else {
+                    obj["metadata"][mk] = mv.clone();
+                }
+            }
+        } else {
+            obj[k] = v.clone();
+        }
+    }
+    obj["metadata"]["resourceVersion"] = Value::Null;
+    write(s, collection, Bytes::from(serde_json::to_vec(&obj).unwrap()), false)
 }
 
 fn write(s: &Arc<Shared>, collection: &str, body: Bytes, create: bool) -> Response {

@@ -167,7 +167,9 @@ impl Mesh {
     fn published(&self) -> Option<(Value, Value)> {
         let cm = self.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-peers")?;
         let peers: Value = serde_yaml::from_str(cm["data"]["peers.yaml"].as_str()?).ok()?;
-        let status: Value = serde_yaml::from_str(cm["data"]["status.yaml"].as_str()?).ok()?;
+        // The status lives apart, in an object the agents do not watch.
+        let st = self.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-status")?;
+        let status: Value = serde_yaml::from_str(st["data"]["status.yaml"].as_str()?).ok()?;
         Some((peers, status))
     }
 
@@ -249,6 +251,8 @@ fn remote_outage_keeps_the_last_state_and_marks_it_stale() {
     let _agent = m.agent();
     let want = ["10.245.0.0/24 cluster2 10.20.144.165:32361"];
     m.wait_routes(&want, "initial discovery");
+    let peers_version = || m.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-peers").unwrap()["metadata"]["resourceVersion"].clone();
+    let before = peers_version();
     for mode in [Mode::Error, Mode::Hang] {
         m.remote.set_mode(mode);
         let stale = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster2")["stale"] == true));
@@ -263,6 +267,9 @@ fn remote_outage_keeps_the_last_state_and_marks_it_stale() {
         let fresh = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster2").get("stale").is_none()));
         assert!(fresh.is_some(), "{mode:?}: cluster2 stayed stale after recovery: {:?}", m.published());
     }
+    // Health went back and forth in meshnet-status only: the object every agent watches was
+    // not written once.
+    assert_eq!(peers_version(), before, "status churn rewrote meshnet-peers");
     // The other direction still works after the outages.
     m.remote.apply(gateway_service(32000));
     m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32000"], "change after recovery");

@@ -23,26 +23,22 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Endpoints, Node, Secret, Service},
 };
 use kube::{
-    api::{ObjectMeta, PostParams},
+    api::{ObjectMeta, Patch, PatchParams},
     runtime::watcher,
     Api, Client, ResourceExt as _,
 };
-use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
 use super::{
     bounded, kubeconfig,
     leader::Elector,
+    published::{self, PeerStatus, Published, PublishedEntry, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
     resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
 use crate::config::{self, RawPeer, Reserved};
 
-/// The published object and its keys.
-pub const PEERS_CONFIGMAP: &str = "meshnet-peers";
-pub const PEERS_KEY: &str = "peers.yaml";
-pub const STATUS_KEY: &str = "status.yaml";
 pub const LEASE_NAME: &str = "meshnet-controller";
 
 #[derive(Debug, Clone)]
@@ -71,92 +67,6 @@ pub struct ControllerOptions {
     /// How long a lease holds without renewal; another replica takes over after that.
     pub lease_duration: Duration,
     pub metrics_addr: Option<SocketAddr>,
-}
-
-/// A peer's health as published beside it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerStatus {
-    /// The remote API server is unreachable or failing: the peer is its last known state.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub stale: bool,
-    /// Why the peer is refused (overlapping CIDRs, a refused kubeconfig, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refused: Option<String>,
-    /// The last problem seen, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// One entry of the published peer list, parsed on its own so that one entry the reader
-/// cannot understand (a field from a newer controller, a hand edit) spoils nothing else.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PublishedEntry {
-    Peer(RawPeer),
-    /// Not a peer this reader understands; `name` when the entry has a readable one.
-    Bad { index: usize, name: Option<String>, error: String },
-}
-
-/// What the published ConfigMap says about the peers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Published {
-    /// There is no such ConfigMap (not published yet, or deleted).
-    Missing,
-    /// The ConfigMap exists but its peer list cannot be read at all.
-    Unreadable(String),
-    /// The list, entry by entry.
-    Entries(Vec<PublishedEntry>),
-}
-
-impl Published {
-    /// Parses the published peers: a YAML list whose entries are parsed one by one.
-    #[must_use]
-    pub fn parse(cm: Option<&ConfigMap>) -> Self {
-        let Some(cm) = cm else { return Self::Missing };
-        let Some(text) = cm.data.as_ref().and_then(|d| d.get(PEERS_KEY)) else {
-            return Self::Unreadable(format!("the ConfigMap has no key {PEERS_KEY}"));
-        };
-        if text.trim().is_empty() {
-            return Self::Unreadable(format!("{PEERS_KEY} is empty (an empty publish is written as [])"));
-        }
-        let values: Vec<serde_yaml::Value> = match serde_yaml::from_str(text) {
-            Ok(v) => v,
-            Err(e) => return Self::Unreadable(format!("{PEERS_KEY} is not a YAML list: {e}")),
-        };
-        let mut seen = BTreeSet::new();
-        let entries = values
-            .into_iter()
-            .enumerate()
-            .map(|(index, v)| {
-                let name = v.get("name").and_then(serde_yaml::Value::as_str).map(str::to_owned);
-                match serde_yaml::from_value::<RawPeer>(v) {
-                    Ok(p) if !seen.insert(p.name.clone()) => {
-                        PublishedEntry::Bad { index, name: Some(p.name), error: "listed twice; the first entry counts".into() }
-                    }
-                    Ok(p) => PublishedEntry::Peer(p),
-                    Err(e) => PublishedEntry::Bad { index, name, error: e.to_string() },
-                }
-            })
-            .collect();
-        Self::Entries(entries)
-    }
-}
-
-/// Parses the published peers, keeping the entries that can be read, and their status.
-#[must_use]
-pub fn parse_published(cm: &ConfigMap) -> (Vec<RawPeer>, BTreeMap<String, PeerStatus>) {
-    let peers = match Published::parse(Some(cm)) {
-        Published::Entries(e) => e
-            .into_iter()
-            .filter_map(|e| match e {
-                PublishedEntry::Peer(p) => Some(p),
-                PublishedEntry::Bad { .. } => None,
-            })
-            .collect(),
-        Published::Missing | Published::Unreadable(_) => Vec::new(),
-    };
-    let status = cm.data.as_ref().and_then(|d| d.get(STATUS_KEY)).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default();
-    (peers, status)
 }
 
 enum Msg {
@@ -211,7 +121,9 @@ struct State {
     istio: Option<Option<ConfigMap>>,
     /// The last good peer of each remote: published while it is stale or not yet synced.
     last_good: BTreeMap<String, RawPeer>,
-    published: Option<(String, String)>,
+    /// What this replica last wrote (or saw written) of each object: `peers.yaml`, then
+    /// `status.yaml`. `None` makes the next publish write it.
+    published: (Option<String>, Option<String>),
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -262,7 +174,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         local_addresses: BTreeSet::new(),
         istio: None,
         last_good: BTreeMap::new(),
-        published: None,
+        published: (None, None),
         refusals: BTreeMap::new(),
         leader: !opts.leader_election,
         metrics,
@@ -283,7 +195,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
                 }
                 Published::Missing => {}
             }
-            let (peers, _) = parse_published(&cm);
+            let peers = published::readable_peers(&cm);
             info!(peers = peers.len(), "starting from the published peers");
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
         }
@@ -319,7 +231,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
                     info!(leader = state.leader, identity = %state.opts.identity, "leadership changed");
                     // A new leader writes what it sees, whatever it believes was published:
                     // a write of the old leader's may have landed since.
-                    state.published = None;
+                    state.published = (None, None);
                     dirty = true;
                     debounce.as_mut().reset(tokio::time::Instant::now());
                 }
@@ -378,11 +290,10 @@ impl State {
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.into_values().next()),
             Msg::Published(Update::Snapshot(cms)) => {
-                let data = cms.into_values().next().and_then(|cm| cm.data).unwrap_or_default();
-                let seen = (data.get(PEERS_KEY).cloned().unwrap_or_default(), data.get(STATUS_KEY).cloned().unwrap_or_default());
-                if self.published.as_ref().is_some_and(|p| *p != seen) {
-                    warn!("meshnet-peers was changed or deleted by someone else; rewriting it");
-                    self.published = None;
+                let seen = cms.into_values().next().and_then(|cm| cm.data).and_then(|mut d| d.remove(PEERS_KEY));
+                if self.published.0.is_some() && self.published.0 != seen {
+                    warn!("{PEERS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
+                    self.published.0 = None;
                 }
             }
             Msg::Secrets(Update::Error(e))
@@ -608,36 +519,44 @@ impl State {
         if !self.leader {
             return Ok(());
         }
-        let text = (serde_yaml::to_string(&peers)?, serde_yaml::to_string(&status)?);
-        if self.published.as_ref() == Some(&text) {
-            return Ok(());
+        let peers_text = serde_yaml::to_string(&peers)?;
+        if self.published.0.as_ref() != Some(&peers_text) {
+            self.apply(PEERS_CONFIGMAP, PEERS_KEY, &peers_text).await?;
+            info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
+            self.metrics.published();
+            self.published.0 = Some(peers_text);
         }
+        let status_text = serde_yaml::to_string(&status)?;
+        if self.published.1.as_ref() != Some(&status_text) {
+            self.apply(STATUS_CONFIGMAP, STATUS_KEY, &status_text).await?;
+            self.published.1 = Some(status_text);
+        }
+        Ok(())
+    }
+
+    /// Writes one of the controller's ConfigMaps with server-side apply: the controller owns
+    /// every field it writes, and its write wins over an edit by hand (the same as what a
+    /// new leader must do over a late write of the old one). Creates it if it is missing.
+    async fn apply(&self, name: &str, key: &str, text: &str) -> anyhow::Result<()> {
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
-        let data: BTreeMap<String, String> = [(PEERS_KEY.to_string(), text.0.clone()), (STATUS_KEY.to_string(), text.1.clone())].into();
-        if let Some(mut cm) = bounded("reading meshnet-peers", api.get_opt(PEERS_CONFIGMAP)).await? {
-            cm.data = Some(data);
-            // With the resourceVersion just read: a concurrent write fails this one (and it
-            // is retried) rather than being overwritten unseen.
-            bounded("writing meshnet-peers", api.replace(PEERS_CONFIGMAP, &PostParams::default(), &cm)).await?;
-        } else {
-            let cm = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(PEERS_CONFIGMAP.into()),
-                    namespace: Some(self.opts.namespace.clone()),
-                    labels: Some([("app.kubernetes.io/managed-by".to_string(), "meshnet-controller".to_string())].into()),
-                    ..ObjectMeta::default()
-                },
-                data: Some(data),
-                ..ConfigMap::default()
-            };
-            bounded("creating meshnet-peers", api.create(&PostParams::default(), &cm)).await?;
-        }
-        info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
-        self.metrics.published();
-        self.published = Some(text);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(self.opts.namespace.clone()),
+                labels: Some([("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            data: Some([(key.to_string(), text.to_string())].into()),
+            ..ConfigMap::default()
+        };
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        bounded(&format!("writing {name}"), api.patch(name, &params, &Patch::Apply(&cm))).await?;
         Ok(())
     }
 }
+
+/// The field manager of the controller's server-side applies.
+const FIELD_MANAGER: &str = "meshnet-controller";
 
 /// The allow-list annotation's CIDRs. Any entry that is not a CIDR makes the whole list
 /// unreadable: a typo must not widen what a remote may claim.
@@ -859,34 +778,6 @@ mod tests {
         assert!(m.silent_for() > WEDGED);
         m.beat();
         assert!(m.silent_for() < WEDGED);
-    }
-
-    fn cm(peers: Option<&str>) -> ConfigMap {
-        ConfigMap { data: peers.map(|p| [(PEERS_KEY.to_string(), p.to_string())].into()), ..ConfigMap::default() }
-    }
-
-    #[test]
-    fn published_peers_are_parsed_one_by_one() {
-        let text = "- name: c2\n  podCIDRs: [10.245.0.0/16]\n  gateways: [{address: 10.20.144.165, port: 32361}]\n\
-                    - name: c3\n  podCIDRs: [10.246.0.0/16]\n  gateways: [{address: 10.20.144.170, port: 30443}]\n  weight: 3\n\
-                    - podCIDRs: oops\n\
-                    - name: c2\n  podCIDRs: [10.247.0.0/16]\n  gateways: [{address: 10.20.144.171, port: 30443}]\n";
-        let Published::Entries(e) = Published::parse(Some(&cm(Some(text)))) else { panic!("not parsed") };
-        assert_eq!(e.len(), 4);
-        assert!(matches!(&e[0], PublishedEntry::Peer(p) if p.name == "c2" && p.pod_cidrs == ["10.245.0.0/16"]));
-        assert!(matches!(&e[1], PublishedEntry::Bad { index: 1, name: Some(n), error } if n == "c3" && error.contains("unknown field `weight`")), "{:?}", e[1]);
-        assert!(matches!(&e[2], PublishedEntry::Bad { index: 2, name: None, .. }), "{:?}", e[2]);
-        assert!(matches!(&e[3], PublishedEntry::Bad { index: 3, name: Some(n), error } if n == "c2" && error.contains("listed twice")));
-        assert_eq!(parse_published(&cm(Some(text))).0.len(), 1);
-    }
-
-    #[test]
-    fn missing_or_garbage_is_never_an_empty_list() {
-        assert_eq!(Published::parse(None), Published::Missing);
-        for bad in [None, Some(""), Some("{{{ not yaml"), Some("name: c2\n"), Some("42")] {
-            assert!(matches!(Published::parse(Some(&cm(bad))), Published::Unreadable(_)), "{bad:?}");
-        }
-        assert_eq!(Published::parse(Some(&cm(Some("[]\n")))), Published::Entries(vec![]));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod kubeconfig;
 pub mod leader;
 pub mod mesh_networks;
+pub mod published;
 pub mod resolve;
 pub mod source;
 pub mod watch;

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::{
-    controller::{Published, PEERS_CONFIGMAP},
+    published::{Published, PEERS_CONFIGMAP},
     resolve,
     watch::{snapshots, Update},
 };
