@@ -265,7 +265,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
 
 fn spawn_watch<K>(tx: mpsc::Sender<Msg>, api: Api<K>, config: watcher::Config, wrap: fn(Update<K>) -> Msg)
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource + super::watch::Relevant + PartialEq + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     tokio::spawn(async move {
         let mut s = std::pin::pin!(snapshots(api, config));
@@ -520,13 +520,25 @@ impl State {
             return Ok(());
         }
         let peers_text = serde_yaml::to_string(&peers)?;
-        if self.published.0.as_ref() != Some(&peers_text) {
+        let mut status_text = serde_yaml::to_string(&status)?;
+        if let Some(why) = too_large(&peers_text) {
+            // Retrying could never succeed: the agents keep what was last published, and the
+            // status says why nothing newer reaches them.
+            if self.metrics.too_large.get() == 0 {
+                error!(bytes = peers_text.len(), "{why}");
+            }
+            self.metrics.too_large.set(1);
+            status_text = format!("{status_text}# {why}\n");
+        } else if self.published.0.as_ref() != Some(&peers_text) {
+            self.metrics.too_large.set(0);
             self.apply(PEERS_CONFIGMAP, PEERS_KEY, &peers_text).await?;
             info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
             self.metrics.published();
             self.published.0 = Some(peers_text);
         }
-        let status_text = serde_yaml::to_string(&status)?;
+        if too_large(&status_text).is_some() {
+            status_text = format!("# {} peers; the status of each is too large to publish\n", status.len());
+        }
         if self.published.1.as_ref() != Some(&status_text) {
             self.apply(STATUS_CONFIGMAP, STATUS_KEY, &status_text).await?;
             self.published.1 = Some(status_text);
@@ -553,6 +565,22 @@ impl State {
         bounded(&format!("writing {name}"), api.patch(name, &params, &Patch::Apply(&cm))).await?;
         Ok(())
     }
+}
+
+/// What one ConfigMap key may hold: the API server refuses objects over 1 MiB (etcd's
+/// request limit), and the rest of the object needs some room.
+const MAX_PUBLISHED_BYTES: usize = 1_000_000;
+
+/// Why `text` cannot be published, if it cannot.
+fn too_large(text: &str) -> Option<String> {
+    (text.len() > MAX_PUBLISHED_BYTES).then(|| {
+        format!(
+            "not publishing: {PEERS_KEY} would be {} bytes, over the {MAX_PUBLISHED_BYTES} a ConfigMap can hold; \
+             the agents keep the last published peers. Fewer, aggregated pod CIDRs per peer \
+             (--pod-cidrs or the {POD_CIDRS_ANNOTATION} annotation) make it fit",
+            text.len()
+        )
+    })
 }
 
 /// The field manager of the controller's server-side applies.
@@ -653,6 +681,8 @@ pub struct ControllerMetrics {
     refused: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::counter::Counter>,
     peers: prometheus_client::metrics::gauge::Gauge,
     publish_errors: prometheus_client::metrics::counter::Counter,
+    /// 1 while the peers are too large for one ConfigMap and are not published.
+    too_large: prometheus_client::metrics::gauge::Gauge,
     last_publish: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
     stale_names: std::sync::Mutex<BTreeSet<String>>,
     ready: std::sync::atomic::AtomicBool,
@@ -673,6 +703,7 @@ impl ControllerMetrics {
             refused: prometheus_client::metrics::family::Family::default(),
             peers: prometheus_client::metrics::gauge::Gauge::default(),
             publish_errors: prometheus_client::metrics::counter::Counter::default(),
+            too_large: prometheus_client::metrics::gauge::Gauge::default(),
             last_publish: prometheus_client::metrics::gauge::Gauge::default(),
             stale_names: std::sync::Mutex::new(BTreeSet::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -687,6 +718,7 @@ impl ControllerMetrics {
         );
         registry.register("peers", "Peers published", m.peers.clone());
         registry.register("publish_errors", "Failed writes of the peers object", m.publish_errors.clone());
+        registry.register("publish_too_large", "1 while the peers exceed what one ConfigMap holds and are not published", m.too_large.clone());
         registry.register("last_publish_timestamp_seconds", "Unix time of the last publish", m.last_publish.clone());
         Self { registry, ..m }
     }
@@ -767,6 +799,13 @@ impl ControllerMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_past_a_configmaps_limit_are_refused_with_a_reason() {
+        assert_eq!(too_large(&"x".repeat(MAX_PUBLISHED_BYTES)), None);
+        let why = too_large(&"x".repeat(MAX_PUBLISHED_BYTES + 1)).unwrap();
+        assert!(why.contains("1000001 bytes") && why.contains("keep the last published peers"), "{why}");
+    }
 
     #[test]
     fn a_silent_control_loop_is_wedged_until_it_beats_again() {
