@@ -21,7 +21,7 @@ const VARIANTS: [&str; 2] = ["bench-no-rewrite", "bench-no-clock"];
 
 pub struct Options {
     pub quick: bool,
-    /// Only these parts (micro, e2e, control); all when empty.
+    /// Only these parts (micro, e2e, control, discovery); all when empty.
     pub only: Vec<String>,
     /// Where the report goes; docs/ by default.
     pub out_dir: Option<PathBuf>,

@@ -108,6 +108,8 @@ impl Drop for Remote {
 
 struct State {
     opts: ControllerOptions,
+    /// Turns for remotes' initial lists.
+    lists: Arc<tokio::sync::Semaphore>,
     client: Client,
     tx: mpsc::Sender<Msg>,
     remotes: BTreeMap<String, Remote>,
@@ -165,6 +167,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     );
 
     let mut state = State {
+        lists: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LISTS)),
         client: client.clone(),
         tx: tx.clone(),
         remotes: BTreeMap::new(),
@@ -375,6 +378,7 @@ impl State {
                 text,
                 self.opts.clone(),
                 self.tx.clone(),
+                self.lists.clone(),
             ));
             info!(peer = %name, "watching remote cluster");
             self.remotes.insert(
@@ -605,7 +609,24 @@ fn hash(s: &str) -> u64 {
 
 /// One remote cluster: vet its kubeconfig, then watch its nodes, gateway Service and
 /// Endpoints, and probe its API server.
-async fn remote_task(name: String, generation: u64, origin: String, text: String, opts: ControllerOptions, tx: mpsc::Sender<Msg>) {
+/// Remotes listing their objects at once. An initial list of a large cluster is its whole
+/// node set in memory at one time, several times over while it is decoded; fifty of them at
+/// once is what would set the controller's peak memory, not what it keeps.
+const CONCURRENT_LISTS: usize = 4;
+/// How long a remote may hold its turn to list before the next one goes anyway: a remote
+/// that hangs must not hold every other back.
+const LIST_TURN: Duration = Duration::from_secs(30);
+
+#[expect(clippy::too_many_arguments, reason = "one task's whole context, passed once at its start")]
+async fn remote_task(
+    name: String,
+    generation: u64,
+    origin: String,
+    text: String,
+    opts: ControllerOptions,
+    tx: mpsc::Sender<Msg>,
+    lists: Arc<tokio::sync::Semaphore>,
+) {
     let send = |event: RemoteEvent| {
         let tx = tx.clone();
         let name = name.clone();
@@ -632,7 +653,13 @@ async fn remote_task(name: String, generation: u64, origin: String, text: String
     let mut view = ClusterView::default();
     let mut synced = [false; 3];
     let mut probe = tokio::time::interval(opts.probe_interval);
+    // The watches list when first polled, below.
+    let mut turn = lists.acquire_owned().await.ok();
+    let turn_started = tokio::time::Instant::now();
     loop {
+        if turn.is_some() && (synced.iter().all(|s| *s) || turn_started.elapsed() > LIST_TURN) {
+            turn = None;
+        }
         let update = tokio::select! {
             Some(u) = nodes.next() => match u {
                 Update::Snapshot(s) => { view.nodes = s; synced[0] = true; None }

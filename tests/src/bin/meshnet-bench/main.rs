@@ -4,7 +4,7 @@
 //! raw results as JSON and renders the report (Markdown and SVG plots) from them.
 //!
 //! ```text
-//! meshnet-bench [--quick] [--only micro,e2e,control] [--out-dir DIR]
+//! meshnet-bench [--quick] [--only micro,e2e,control,discovery] [--out-dir DIR]
 //! meshnet-bench --render DIR/benchmarks.json [--out-dir DIR]
 //! ```
 //!
@@ -24,6 +24,7 @@
 )]
 
 mod control;
+mod discovery;
 mod e2e;
 mod micro;
 mod report;
@@ -44,7 +45,7 @@ struct Args {
     variants: Vec<(String, PathBuf)>,
 }
 
-const PARTS: [&str; 3] = ["micro", "e2e", "control"];
+const PARTS: [&str; 4] = ["micro", "e2e", "control", "discovery"];
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args { quick: false, only: Vec::new(), out_dir: PathBuf::from("docs"), render: None, object: None, variants: Vec::new() };
@@ -73,7 +74,7 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--render" => args.render = Some(it.next().context("--render needs a value")?.into()),
             "-h" | "--help" => {
-                println!("usage: meshnet-bench [--quick] [--only micro,e2e,control] [--out-dir DIR] | --render JSON [--out-dir DIR]");
+                println!("usage: meshnet-bench [--quick] [--only micro,e2e,control,discovery] [--out-dir DIR] | --render JSON [--out-dir DIR]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -121,6 +122,10 @@ fn real_main() -> anyhow::Result<()> {
     }
     if wanted("control") {
         results["control"] = control::run(&control::Params::new(args.quick))?;
+    }
+    if wanted("discovery") {
+        results["discovery"] = discovery::run(&discovery::Params::new(args.quick))?;
+        results["discovery"]["meta"] = json!({"date": results["meta"]["date"], "git": results["meta"]["git"]});
     }
     results["meta"]["seconds"] = json!(stats::round(started.elapsed().as_secs_f64()));
     results["meta"]["load_after"] = json!(report::loadavg());
