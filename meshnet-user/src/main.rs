@@ -333,13 +333,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cluster,
             };
             rt.block_on(async {
-                let (mn, client) = mesh_networks::generate(&opts).await?;
+                let generated = mesh_networks::generate(&opts).await?;
                 match output {
-                    MeshOutput::Yaml => print!("{}", mn.to_yaml()),
-                    MeshOutput::Json => println!("{}", serde_json::to_string_pretty(&mn)?),
+                    MeshOutput::Yaml => print!("{}", generated.networks.to_yaml()),
+                    MeshOutput::Json => println!("{}", serde_json::to_string_pretty(&generated.networks)?),
                 }
                 if apply {
-                    mesh_networks::apply(&client, &opts.istio_namespace, &mn).await?;
+                    mesh_networks::apply(&opts.istio_namespace, &generated).await?;
                     eprintln!("applied to {}/istio (key meshNetworks)", opts.istio_namespace);
                 }
                 anyhow::Ok(())

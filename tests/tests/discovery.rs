@@ -558,6 +558,43 @@ fn mesh_networks_reproduce_the_seed() {
     assert_eq!(as_json, want);
 }
 
+/// `--apply` is a read-modify-write of the istio ConfigMap: an edit that lands after the
+/// read and before the write is not lost; the write is refused instead.
+#[test]
+fn mesh_networks_apply_never_loses_a_concurrent_edit() {
+    use meshnet::discovery::{mesh_networks, resolve};
+    let m = Mesh::new();
+    let opts = mesh_networks::Options {
+        kubeconfig: Some(m.kubeconfig()),
+        istio_namespace: "istio-system".into(),
+        secrets: resolve::SecretSource { namespace: "istio-system".into(), selector: resolve::REMOTE_SECRET_SELECTOR.into() },
+        resolve: resolve::ResolveOptions::default(),
+        cluster: "cluster1".into(),
+    };
+    let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let o = opts.clone();
+    let generated = m.ns.run(move || rt().block_on(mesh_networks::generate(&o)).unwrap());
+    // Someone edits meshNetworks by hand meanwhile.
+    let edit = "networks:\n  handmade:\n    endpoints: [{fromCidr: 10.99.0.0/16}]\n    gateways: [{address: 192.0.2.99, port: 15443}]\n";
+    m.local.apply(istio_configmap(edit));
+    let err = m.ns.run(move || rt().block_on(mesh_networks::apply("istio-system", &generated))).unwrap_err();
+    assert!(format!("{err:#}").contains("changed while meshNetworks was being built"), "{err:#}");
+    let cm = m.local.get("v1", "ConfigMap", Some("istio-system"), "istio").unwrap();
+    assert_eq!(cm["data"]["meshNetworks"], edit, "the hand edit was overwritten");
+    // Run again, it keeps the hand-made network and adds the discovered ones.
+    let o = opts.clone();
+    m.ns.run(move || {
+        rt().block_on(async {
+            let g = mesh_networks::generate(&o).await?;
+            mesh_networks::apply("istio-system", &g).await
+        })
+    })
+    .unwrap();
+    let cm = m.local.get("v1", "ConfigMap", Some("istio-system"), "istio").unwrap();
+    let applied = cm["data"]["meshNetworks"].as_str().unwrap();
+    assert!(applied.contains("handmade") && applied.contains("network2"), "{applied}");
+}
+
 #[test]
 fn a_second_controller_takes_over_when_the_leader_stops() {
     let m = Mesh::new();

@@ -48,7 +48,16 @@ async fn read_cluster(client: &Client, opts: &Options, name: &str) -> anyhow::Re
 
 /// Builds `meshNetworks` from the local cluster and every remote secret's cluster. Networks
 /// already in the `istio` ConfigMap that discovery does not produce are kept.
-pub async fn generate(opts: &Options) -> anyhow::Result<(MeshNetworks, Client)> {
+/// What `generate` made, and from which version of the `istio` ConfigMap: `apply` writes
+/// only over that very version.
+pub struct Generated {
+    pub networks: MeshNetworks,
+    pub client: Client,
+    /// The resourceVersion of the `istio` ConfigMap the kept networks were read from.
+    pub based_on: Option<String>,
+}
+
+pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     let client = super::local_client(opts.kubeconfig.as_deref()).await?;
     let mut clusters: BTreeMap<String, Client> = BTreeMap::new();
     clusters.insert(opts.cluster.clone(), client.clone());
@@ -71,10 +80,12 @@ pub async fn generate(opts: &Options) -> anyhow::Result<(MeshNetworks, Client)> 
             }
         }
     }
-    let existing = Api::<ConfigMap>::namespaced(client.clone(), &opts.istio_namespace)
+    let istio = Api::<ConfigMap>::namespaced(client.clone(), &opts.istio_namespace)
         .get_opt("istio")
         .await
-        .context("reading the istio ConfigMap")?
+        .context("reading the istio ConfigMap")?;
+    let based_on = istio.as_ref().and_then(|cm| cm.metadata.resource_version.clone());
+    let existing = istio
         .and_then(|cm| cm.data?.get("meshNetworks").cloned())
         .map(|t| MeshNetworks::parse(&t))
         .transpose()
@@ -109,15 +120,22 @@ pub async fn generate(opts: &Options) -> anyhow::Result<(MeshNetworks, Client)> 
             out.networks.insert(name, net);
         }
     }
-    Ok((out, client))
+    Ok(Generated { networks: out, client, based_on })
 }
 
-/// Writes `meshNetworks` into the `istio` ConfigMap, keeping every other key.
-pub async fn apply(client: &Client, istio_namespace: &str, mn: &MeshNetworks) -> anyhow::Result<()> {
-    let api = Api::<ConfigMap>::namespaced(client.clone(), istio_namespace);
+/// Writes `meshNetworks` into the `istio` ConfigMap, keeping every other key, but only over
+/// the version `generate` read: the networks kept from it must not have changed meanwhile.
+pub async fn apply(istio_namespace: &str, g: &Generated) -> anyhow::Result<()> {
+    let api = Api::<ConfigMap>::namespaced(g.client.clone(), istio_namespace);
     let mut cm = api.get("istio").await.context("reading the istio ConfigMap")?;
-    cm.data.get_or_insert_with(BTreeMap::new).insert("meshNetworks".into(), mn.to_yaml());
-    // The resourceVersion read above makes this fail rather than overwrite a concurrent edit.
-    api.replace("istio", &PostParams::default(), &cm).await.context("updating the istio ConfigMap")?;
-    Ok(())
+    cm.data.get_or_insert_with(BTreeMap::new).insert("meshNetworks".into(), g.networks.to_yaml());
+    // The version the kept networks came from, not the one just read: an edit in between
+    // makes the API server refuse this write (409) instead of it being lost.
+    cm.metadata.resource_version.clone_from(&g.based_on);
+    match api.replace("istio", &PostParams::default(), &cm).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => anyhow::bail!(
+            "the istio ConfigMap changed while meshNetworks was being built; nothing was written. Run the command again"
+        ),
+        r => r.map(drop).context("updating the istio ConfigMap"),
+    }
 }
