@@ -572,12 +572,25 @@ fn mesh_networks_apply_never_loses_a_concurrent_edit() {
         cluster: "cluster1".into(),
     };
     let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // One client, so one runtime: the read and the write run in a thread of the test
+    // namespace, and the hand edit lands between them.
+    let (read_tx, read_rx) = std::sync::mpsc::channel();
+    let (edited_tx, edited_rx) = std::sync::mpsc::channel::<()>();
     let o = opts.clone();
-    let generated = m.ns.run(move || rt().block_on(mesh_networks::generate(&o)).unwrap());
+    let writer = m.ns.spawn(move || {
+        rt().block_on(async {
+            let generated = mesh_networks::generate(&o).await.unwrap();
+            read_tx.send(()).unwrap();
+            edited_rx.recv().unwrap();
+            mesh_networks::apply("istio-system", &generated).await
+        })
+    });
+    read_rx.recv().unwrap();
     // Someone edits meshNetworks by hand meanwhile.
     let edit = "networks:\n  handmade:\n    endpoints: [{fromCidr: 10.99.0.0/16}]\n    gateways: [{address: 192.0.2.99, port: 15443}]\n";
     m.local.apply(istio_configmap(edit));
-    let err = m.ns.run(move || rt().block_on(mesh_networks::apply("istio-system", &generated))).unwrap_err();
+    edited_tx.send(()).unwrap();
+    let err = writer.join().unwrap().unwrap_err();
     assert!(format!("{err:#}").contains("changed while meshNetworks was being built"), "{err:#}");
     let cm = m.local.get("v1", "ConfigMap", Some("istio-system"), "istio").unwrap();
     assert_eq!(cm["data"]["meshNetworks"], edit, "the hand edit was overwritten");
