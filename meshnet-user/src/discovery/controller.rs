@@ -291,9 +291,9 @@ impl State {
                 self.local_cidrs = Some(resolve::node_pod_cidrs(nodes.values()));
                 self.local_addresses = nodes.values().flat_map(resolve::node_addresses).collect();
             }
-            Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.into_values().next()),
+            Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.values().next().cloned()),
             Msg::Published(Update::Snapshot(cms)) => {
-                let seen = cms.into_values().next().and_then(|cm| cm.data).and_then(|mut d| d.remove(PEERS_KEY));
+                let seen = cms.values().next().and_then(|cm| cm.data.as_ref()?.get(PEERS_KEY).cloned());
                 if self.published.0.is_some() && self.published.0 != seen {
                     warn!("{PEERS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
                     self.published.0 = None;
@@ -666,11 +666,11 @@ async fn remote_task(
                 Update::Error(e) => Some(e),
             },
             Some(u) = svcs.next() => match u {
-                Update::Snapshot(s) => { view.service = s.into_values().next(); synced[1] = true; None }
+                Update::Snapshot(s) => { view.service = s.values().next().cloned(); synced[1] = true; None }
                 Update::Error(e) => Some(e),
             },
             Some(u) = eps.next() => match u {
-                Update::Snapshot(s) => { view.endpoints = s.into_values().next(); synced[2] = true; None }
+                Update::Snapshot(s) => { view.endpoints = s.values().next().cloned(); synced[2] = true; None }
                 Update::Error(e) => Some(e),
             },
             _ = probe.tick() => {

@@ -74,7 +74,8 @@ impl Default for ResolveOptions {
 /// What discovery read from one cluster.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
-    pub nodes: BTreeMap<String, Node>,
+    /// Shared with the watch that keeps it (see watch.rs).
+    pub nodes: std::sync::Arc<BTreeMap<String, Node>>,
     pub service: Option<Service>,
     pub endpoints: Option<Endpoints>,
 }
@@ -387,8 +388,9 @@ mod tests {
             ..Endpoints::default()
         };
         ClusterView {
-            nodes: [("n2".into(), node("n2", "10.20.144.165", "10.245.0.0/24")), ("n3".into(), node("n3", "10.20.144.166", "10.245.1.0/24"))]
-                .into(),
+            nodes: std::sync::Arc::new(
+                [("n2".into(), node("n2", "10.20.144.165", "10.245.0.0/24")), ("n3".into(), node("n3", "10.20.144.166", "10.245.1.0/24"))].into(),
+            ),
             service: Some(svc),
             endpoints: Some(ep),
         }
@@ -407,7 +409,7 @@ mod tests {
     #[test]
     fn annotation_picks_one_of_the_nodes_own_addresses() {
         let mut v = view();
-        let n2 = v.nodes.get_mut("n2").unwrap();
+        let n2 = std::sync::Arc::make_mut(&mut v.nodes).get_mut("n2").unwrap();
         n2.status.as_mut().unwrap().addresses.as_mut().unwrap().push(NodeAddress { type_: "ExternalIP".into(), address: "192.0.2.99".into() });
         n2.metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), "192.0.2.99".to_string())].into());
         let r = resolve(&v, &ResolveOptions::default(), None);
@@ -428,7 +430,7 @@ mod tests {
             ("gw.example.com", r#"gateways: node n2's meshnet.io/gateway-address "gw.example.com" is not an IPv4 address"#),
         ] {
             let mut v = view();
-            v.nodes.get_mut("n2").unwrap().metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), value.to_string())].into());
+            std::sync::Arc::make_mut(&mut v.nodes).get_mut("n2").unwrap().metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), value.to_string())].into());
             let r = resolve(&v, &ResolveOptions::default(), None);
             assert_eq!(r.refusals, [why], "{value}");
             assert!(r.addresses.is_empty(), "{value}");

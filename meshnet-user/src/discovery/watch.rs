@@ -9,7 +9,7 @@
 //! whole set and a recomputation of every peer: per event the work is O(log n), and the
 //! initial list O(n), never O(n²).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{
@@ -35,11 +35,21 @@ fn meta(m: ObjectMeta) -> ObjectMeta {
     ObjectMeta { name: m.name, namespace: m.namespace, labels: m.labels, annotations: m.annotations, ..ObjectMeta::default() }
 }
 
+/// A node's name and, of its annotations, only the one discovery reads: a real node carries
+/// a dozen labels and annotations (kubeadm's, the CNI's), times every node of every remote.
+fn node_meta(m: ObjectMeta) -> ObjectMeta {
+    let annotations = m
+        .annotations
+        .map(|a| a.into_iter().filter(|(k, _)| k == super::resolve::ADDRESS_ANNOTATION).collect::<BTreeMap<_, _>>())
+        .filter(|a| !a.is_empty());
+    ObjectMeta { name: m.name, annotations, ..ObjectMeta::default() }
+}
+
 impl Relevant for Node {
     fn relevant(self) -> Self {
         let spec = self.spec.unwrap_or_default();
         Node {
-            metadata: meta(self.metadata),
+            metadata: node_meta(self.metadata),
             spec: Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: spec.pod_cidrs, ..NodeSpec::default() }),
             status: Some(NodeStatus { addresses: self.status.and_then(|s| s.addresses), ..NodeStatus::default() }),
         }
@@ -83,8 +93,9 @@ impl Relevant for k8s_openapi::api::coordination::v1::Lease {}
 /// What a watched set did.
 #[derive(Debug)]
 pub enum Update<K> {
-    /// The complete current set, keyed by name.
-    Snapshot(BTreeMap<String, K>),
+    /// The complete current set, keyed by name. Shared, not copied: the watch and every
+    /// holder of its latest snapshot hold one map between them, and a change copies it once.
+    Snapshot(Arc<BTreeMap<String, K>>),
     /// The watch failed; it retries with backoff. The last snapshot still stands.
     Error(String),
 }
@@ -94,7 +105,7 @@ pub fn snapshots<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = 
 where
     K: Resource + Relevant + PartialEq + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let mut current: BTreeMap<String, K> = BTreeMap::new();
+    let mut current: Arc<BTreeMap<String, K>> = Arc::default();
     let mut pending: BTreeMap<String, K> = BTreeMap::new();
     let mut synced = false;
     watcher(api, config).default_backoff().filter_map(move |ev| {
@@ -108,20 +119,27 @@ where
                 None
             }
             Ok(watcher::Event::InitDone) => {
-                current = std::mem::take(&mut pending);
+                current = Arc::new(std::mem::take(&mut pending));
                 synced = true;
                 Some(Update::Snapshot(current.clone()))
             }
             Ok(watcher::Event::Apply(o)) => {
                 let name = o.name_any();
                 let o = o.relevant();
-                let changed = current.get(&name) != Some(&o);
-                current.insert(name, o);
-                (synced && changed).then(|| Update::Snapshot(current.clone()))
+                if current.get(&name) == Some(&o) {
+                    return std::future::ready(None);
+                }
+                // Copies the map only while a consumer still holds the previous snapshot.
+                Arc::make_mut(&mut current).insert(name, o);
+                synced.then(|| Update::Snapshot(current.clone()))
             }
             Ok(watcher::Event::Delete(o)) => {
-                let gone = current.remove(&o.name_any()).is_some();
-                (synced && gone).then(|| Update::Snapshot(current.clone()))
+                let name = o.name_any();
+                if !current.contains_key(&name) {
+                    return std::future::ready(None);
+                }
+                Arc::make_mut(&mut current).remove(&name);
+                synced.then(|| Update::Snapshot(current.clone()))
             }
             Err(e) => Some(Update::Error(e.to_string())),
         };
