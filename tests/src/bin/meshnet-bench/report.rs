@@ -252,6 +252,11 @@ pub fn write(results: &Value, out_dir: &Path) -> anyhow::Result<()> {
         load("load_before"),
         load("load_after"),
     );
+    // A part measured on its own and merged into an earlier run's results says so, so that
+    // no figure is read as being of a commit it was not measured on.
+    if let Some(note) = meta["note"].as_str() {
+        let _ = writeln!(md, "**Note:** {note}\n");
+    }
     md.push_str(
         "How to read the numbers: every figure is the **median over repeats**, with the spread \
          (min–max over the repeats) in brackets. Every ratio is taken per repeat between two figures \
