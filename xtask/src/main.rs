@@ -264,9 +264,9 @@ fn build_ebpf() -> anyhow::Result<PathBuf> {
 /// Builds the eBPF object, or with `feature` a variant of it (into its own target dir and
 /// file, target/ebpf/meshnet-FEATURE.bpf.o).
 ///
-/// Always with the release profile. Without LTO and a single codegen unit the programs'
-/// calls into core are left as BPF subprograms ending in `unreachable`, and the kernel
-/// refuses the object ("last insn is not an exit or jmp"): no other profile is offered.
+/// Always with the release profile, the one every test loads: the debug profile's object
+/// was once refused by the kernel ("last insn is not an exit or jmp", from core's panic
+/// paths that debug assertions kept), and a second profile would be a second object to test.
 fn build_ebpf_variant(feature: Option<&str>) -> anyhow::Result<PathBuf> {
     let missing = ebpf_prerequisites();
     if !missing.is_empty() {
