@@ -50,7 +50,8 @@ enum Task {
     /// x86_64-unknown-linux-musl at target/x86_64-unknown-linux-musl/release/meshnet.
     BuildStatic,
     /// Set up if needed, build everything, and run every test (root required): on the host,
-    /// then the datapath tests in VMs on the kernel matrix (see xtask/src/vm.rs).
+    /// then the pipeline tests again against the static binary, then the datapath tests in
+    /// VMs on the kernel matrix (see xtask/src/vm.rs).
     Test {
         #[command(flatten)]
         vm: vm::VmArgs,
@@ -131,42 +132,67 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// The eBPF side's toolchain, read from its `rust-toolchain.toml` (the one place it is
-/// named).
-fn ebpf_toolchain() -> anyhow::Result<String> {
-    let path = root_dir().join(EBPF_TOOLCHAIN_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    toolchain_channel(&text).with_context(|| format!("no `channel = \"...\"` line in {}", path.display()))
+/// The eBPF side's pinned toolchain, from its `rust-toolchain.toml` (the one place it is
+/// named): the dated nightly, and the `rustc --version` line that build prints.
+struct EbpfPin {
+    channel: String,
+    rustc: String,
 }
 
-fn toolchain_channel(toml: &str) -> Option<String> {
-    toml.lines().find_map(|l| {
+fn ebpf_pin() -> anyhow::Result<EbpfPin> {
+    let path = root_dir().join(EBPF_TOOLCHAIN_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_pin(&text).with_context(|| format!("{} needs `channel = \"...\"` and `# rustc: ...` lines", path.display()))
+}
+
+fn parse_pin(toml: &str) -> Option<EbpfPin> {
+    let channel = toml.lines().find_map(|l| {
         let (key, value) = l.split_once('=')?;
         (key.trim() == "channel").then(|| value.trim().trim_matches('"').to_string())
-    })
+    })?;
+    let rustc = toml.lines().find_map(|l| l.strip_prefix("# rustc: "))?.trim().to_string();
+    Some(EbpfPin { channel, rustc })
+}
+
+/// The installed toolchain to build the eBPF side with: the pinned one, or, where only an
+/// undated `nightly` is installed (and the pinned one cannot be fetched), that one when it
+/// is the very same build. Any other compiler is refused, so the object never changes under
+/// the same source without the pin changing.
+fn ebpf_toolchain() -> anyhow::Result<String> {
+    let pin = ebpf_pin()?;
+    let version = |t: &str| output(clean(Command::new("rustup")).args(["run", t, "rustc", "--version"])).map(|v| v.trim().to_string());
+    match version(&pin.channel) {
+        Some(v) if v == pin.rustc => return Ok(pin.channel),
+        Some(v) => bail!("{} reports `{v}`, but {EBPF_TOOLCHAIN_FILE} expects `{}`", pin.channel, pin.rustc),
+        None => {}
+    }
+    if version("nightly").as_deref() == Some(pin.rustc.as_str()) {
+        return Ok("nightly".to_string());
+    }
+    bail!("the Rust toolchain {} (or a `nightly` that is `{}`)", pin.channel, pin.rustc)
 }
 
 /// What is missing for an eBPF build, each with how to get it.
 fn ebpf_prerequisites() -> Vec<(String, String)> {
     let mut missing = Vec::new();
-    let nightly = match ebpf_toolchain() {
-        Ok(t) => t,
+    let pin = match ebpf_pin() {
+        Ok(p) => p,
         Err(e) => return vec![(format!("{e:#}"), format!("git checkout {EBPF_TOOLCHAIN_FILE}"))],
     };
-    let version = output(clean(Command::new("rustup")).args(["run", &nightly, "rustc", "--version"]));
-    if version.is_none() {
-        missing.push((
-            format!("the Rust toolchain {nightly}"),
-            format!("rustup toolchain install {nightly} --profile minimal --component rust-src"),
-        ));
-    } else {
-        let comps = output(clean(Command::new("rustup")).args(["component", "list", "--toolchain", &nightly, "--installed"]))
-            .unwrap_or_default();
-        if !comps.lines().any(|l| l.starts_with("rust-src")) {
-            missing.push((
-                format!("rust-src for {nightly}"),
-                format!("rustup component add rust-src --toolchain {nightly}"),
-            ));
+    match ebpf_toolchain() {
+        Err(e) => missing.push((
+            format!("{e:#}"),
+            format!("rustup toolchain install {} --profile minimal --component rust-src", pin.channel),
+        )),
+        Ok(nightly) => {
+            let comps = output(clean(Command::new("rustup")).args(["component", "list", "--toolchain", &nightly, "--installed"]))
+                .unwrap_or_default();
+            if !comps.lines().any(|l| l.starts_with("rust-src")) {
+                missing.push((
+                    format!("rust-src for {nightly}"),
+                    format!("rustup component add rust-src --toolchain {nightly}"),
+                ));
+            }
         }
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
@@ -382,7 +408,9 @@ fn test(args: &[String]) -> anyhow::Result<vm::Counts> {
     let bin = prepare()?;
     // A build with different program instructions, for the upgrade-under-a-live-flow test.
     let canary = build_ebpf_variant(Some("upgrade-canary"))?;
+    let started = std::time::Instant::now();
     let static_bin = build_static()?;
+    println!("xtask: the static build took {}s", started.elapsed().as_secs());
     let mut cmd = cargo("test");
     cmd.args(["--workspace", "--no-fail-fast"])
         .env("MESHNET_BIN", &bin)
@@ -447,7 +475,7 @@ mod tests {
 
     #[test]
     fn ebpf_toolchain_is_a_dated_nightly() {
-        let t = ebpf_toolchain().unwrap();
+        let t = ebpf_pin().unwrap().channel;
         let date = t.strip_prefix("nightly-").unwrap_or_else(|| panic!("{t} is not a dated nightly"));
         let parts: Vec<&str> = date.split('-').collect();
         assert!(
@@ -457,9 +485,11 @@ mod tests {
     }
 
     #[test]
-    fn toolchain_channel_reads_the_channel_line() {
-        assert_eq!(toolchain_channel("[toolchain]\nchannel = \"nightly-2026-05-20\"\n").as_deref(), Some("nightly-2026-05-20"));
-        assert_eq!(toolchain_channel("[toolchain]\ncomponents = [\"rust-src\"]\n"), None);
+    fn pin_reads_the_channel_and_the_rustc_line() {
+        let pin = parse_pin("# rustc: rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\n[toolchain]\nchannel = \"nightly-2026-05-20\"\n").unwrap();
+        assert_eq!((pin.channel.as_str(), pin.rustc.as_str()), ("nightly-2026-05-20", "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)"));
+        assert!(parse_pin("[toolchain]\nchannel = \"nightly-2026-05-20\"\n").is_none());
+        assert!(parse_pin("# rustc: x\n[toolchain]\ncomponents = [\"rust-src\"]\n").is_none());
     }
 
     /// The README's `cargo xtask build-ebpf` and the older `--release` both parse, and
