@@ -90,10 +90,15 @@ impl Datapath {
     /// Loads the embedded object with fresh, unpinned maps: for packet tests and benchmarks
     /// through BPF_PROG_TEST_RUN, which need no interface and no bpffs.
     pub fn load_unpinned(max_flows: u32) -> anyhow::Result<Ebpf> {
+        Self::load_unpinned_object(max_flows, EBPF_OBJECT)
+    }
+
+    /// [`Self::load_unpinned`] for another object (a build's output, a variant).
+    pub fn load_unpinned_object(max_flows: u32, object: &[u8]) -> anyhow::Result<Ebpf> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::NAT_FWD, max_flows);
         loader.map_max_entries(names::NAT_REV, max_flows);
-        let mut ebpf = loader.load(EBPF_OBJECT).context("loading meshnet's eBPF object")?;
+        let mut ebpf = loader.load(object).context("loading meshnet's eBPF object")?;
         for prog in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY] {
             let p: &mut SchedClassifier = ebpf.program_mut(prog).context("program missing")?.try_into()?;
             p.load().with_context(|| format!("the kernel refused program {prog}"))?;

@@ -247,7 +247,7 @@ pub fn attach_check(kernel: Option<KernelRelease>) -> Check {
 #[must_use]
 pub fn bpffs_check(pins: &Pins) -> Check {
     let root = pins.root();
-    let Some(probe) = root.ancestors().find(|a| a.exists()) else {
+    let Some(probe) = pins.probe_dir() else {
         return bpffs_verdict(root, root, Err("no part of the path exists".into()));
     };
     bpffs_verdict(root, probe, crate::pins::is_bpffs(probe).map_err(|e| format!("{e:#}")))

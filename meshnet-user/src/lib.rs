@@ -11,4 +11,6 @@ pub mod health;
 pub mod maps;
 pub mod metrics;
 pub mod netlink;
+#[cfg(test)]
+mod objcheck;
 pub mod pins;
