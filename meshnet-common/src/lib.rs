@@ -20,12 +20,20 @@ pub mod names {
 
     /// LPM trie: remote pod CIDR → peer.
     pub const ROUTES: &str = "mn_routes_v1";
-    /// Hash: peer id → that peer's gateways.
-    pub const PEERS: &str = "mn_peers_v1";
-    /// LRU hash: a pod's original flow → its translation.
-    pub const NAT_FWD: &str = "mn_nat_fwd_v1";
-    /// LRU hash: a translated reply tuple → the original flow.
-    pub const NAT_REV: &str = "mn_nat_rev_v1";
+    /// Hash (not preallocated, so a replaced value is never read torn): peer id → that
+    /// peer's gateways.
+    pub const PEERS: &str = "mn_peers_v2";
+    /// The preallocated peer map of releases before v2; migrated like the flow maps.
+    pub const PEERS_V1: &str = "mn_peers_v1";
+    /// Hash (not LRU: nothing is evicted, the agent's GC expires idle flows): a pod's
+    /// original flow → its translation.
+    pub const NAT_FWD: &str = "mn_nat_fwd_v2";
+    /// Hash: a translated reply tuple → the original flow.
+    pub const NAT_REV: &str = "mn_nat_rev_v2";
+    /// The flow maps of releases before v2 (LRU hashes with the same key and value sizes).
+    /// An agent that finds them pinned migrates their entries into the v2 maps.
+    pub const NAT_FWD_V1: &str = "mn_nat_fwd_v1";
+    pub const NAT_REV_V1: &str = "mn_nat_rev_v1";
     /// Per-CPU array of `u64` counters indexed by [`crate::Counter`].
     pub const STATS: &str = "mn_stats_v1";
     /// Hash: peer id → peer name. Only user space reads it, so that dumps and `explain`
@@ -56,6 +64,10 @@ pub mod limits {
     pub const MAX_GATEWAYS: usize = 8;
     /// Default flow-state size; the config overrides it.
     pub const DEFAULT_NAT_ENTRIES: u32 = 65_536;
+    /// A flow idle at least this long has its other half checked (and re-created if it is
+    /// missing) on its next packet. Busy flows pay nothing for the check; the only ways to
+    /// lose a half are races with the agent's GC and purges, which heal within this time.
+    pub const HALF_CHECK_NS: u64 = 1_000_000_000;
     /// How many alternative source ports a colliding flow tries before giving up.
     pub const REMAP_ATTEMPTS: u32 = 8;
     /// Remapped source ports come from this range. It sits above the usual Linux
@@ -93,14 +105,26 @@ pub enum Counter {
     /// An IPv4 fragment of a flow meshnet would translate; dropped whole (never half
     /// translated).
     FragmentDropped = 8,
-    /// A packet from a pod to a remote CIDR with a protocol other than TCP or UDP; passed.
+    /// A packet from a pod to a remote CIDR with a protocol other than TCP or UDP (ping
+    /// included); dropped, since it cannot be translated and must not leave untranslated.
     UnsupportedProto = 9,
     /// A helper that rewrites the packet failed; dropped.
     RewriteFailed = 10,
+    /// A new flow found the flow table full; dropped. Established flows are never evicted
+    /// to make room.
+    NatTableFull = 11,
+    /// A flow whose reverse entry was missing got it re-created from its forward entry.
+    RevRestored = 12,
+    /// A flow whose forward entry was missing got it re-created from its reverse entry, so
+    /// it keeps its gateway and port.
+    FwdRestored = 13,
+    /// A packet to a remote CIDR that could not be parsed (malformed or truncated IPv4 or
+    /// L4 header); dropped rather than sent untranslated.
+    RemoteParseError = 14,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -113,6 +137,10 @@ impl Counter {
         Counter::FragmentDropped,
         Counter::UnsupportedProto,
         Counter::RewriteFailed,
+        Counter::NatTableFull,
+        Counter::RevRestored,
+        Counter::FwdRestored,
+        Counter::RemoteParseError,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -130,6 +158,10 @@ impl Counter {
             Counter::FragmentDropped => "fragment_dropped",
             Counter::UnsupportedProto => "unsupported_proto",
             Counter::RewriteFailed => "rewrite_failed",
+            Counter::NatTableFull => "nat_table_full",
+            Counter::RevRestored => "rev_restored",
+            Counter::FwdRestored => "fwd_restored",
+            Counter::RemoteParseError => "remote_parse_error",
         }
     }
 }
@@ -185,8 +217,8 @@ pub struct PeerGateways {
 
 /// A flow as the datapath sees it at one point: addresses and ports in network byte order.
 ///
-/// Used for both NAT maps: in `mn_nat_fwd_v1` it is the pod's original flow (src = pod,
-/// dst = remote pod); in `mn_nat_rev_v1` it is the reply as it reaches the pod's interface
+/// Used for both NAT maps: in `mn_nat_fwd_v2` it is the pod's original flow (src = pod,
+/// dst = remote pod); in `mn_nat_rev_v2` it is the reply as it reaches the pod's interface
 /// (src = gateway, dst = pod with the possibly remapped port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -239,7 +271,9 @@ pub struct NatRev {
     pub pod_port_be: u16,
     /// `FLOW_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The flow's peer, so that a lost forward entry can be re-created from this one
+    /// (`_pad`, always 0, in the v1 layout).
+    pub peer_id: u32,
     /// `bpf_ktime_get_ns()` of the last reply.
     pub last_seen_ns: u64,
 }
@@ -255,6 +289,32 @@ impl FlowKey {
             dport_be: rev.remote_port_be,
             proto: rev_key.proto,
             _pad: [0; 3],
+        }
+    }
+
+    /// The forward entry a reverse entry implies: the inverse of [`FlowKey::rev_of_fwd`].
+    #[must_use]
+    pub const fn fwd_value_of_rev(rev_key: &FlowKey, rev: &NatRev, now_ns: u64) -> NatFwd {
+        NatFwd {
+            gw_addr_be: rev_key.src_be,
+            gw_port_be: rev_key.sport_be,
+            nat_sport_be: rev_key.dport_be,
+            peer_id: rev.peer_id,
+            flags: rev.flags | if rev_key.dport_be == rev.pod_port_be { 0 } else { FLOW_REMAPPED },
+            last_seen_ns: now_ns,
+        }
+    }
+
+    /// The reverse entry a forward entry implies.
+    #[must_use]
+    pub const fn rev_value_of_fwd(fwd_key: &FlowKey, fwd: &NatFwd, now_ns: u64) -> NatRev {
+        NatRev {
+            remote_addr_be: fwd_key.dst_be,
+            remote_port_be: fwd_key.dport_be,
+            pod_port_be: fwd_key.sport_be,
+            flags: fwd.flags & !FLOW_REMAPPED,
+            peer_id: fwd.peer_id,
+            last_seen_ns: now_ns,
         }
     }
 
@@ -338,6 +398,7 @@ const _: () = {
     assert!(size_of::<NatFwd>() == 24);
     assert!(offset_of!(NatFwd, last_seen_ns) == 16);
     assert!(size_of::<NatRev>() == 24);
+    assert!(offset_of!(NatRev, peer_id) == 12);
     assert!(offset_of!(NatRev, last_seen_ns) == 16);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);

@@ -5,7 +5,7 @@
 //! trie is only walked for a flow's first packet and for traffic meshnet does not own.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -32,7 +32,14 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     let ip = match parse::ipv4(ctx) {
         Ok(Some(ip)) => ip,
         Ok(None) => return PASS,
-        Err(c) => return counted(c, PASS),
+        Err(bad) => {
+            // Untranslatable and bound for a remote CIDR: sent as it is, it would leave by the
+            // default route still addressed to a remote pod.
+            return match bad.daddr_be {
+                Some(d) if is_remote(d) => counted2(bad.counter, Counter::RemoteParseError, DROP),
+                _ => counted(bad.counter, PASS),
+            };
+        }
     };
     if ip.is_fragment {
         // Only the first fragment carries the ports that pick the flow's gateway and port, so
@@ -43,9 +50,16 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     let l4 = match parse::ports(ctx, &ip) {
         Ok(Some(l4)) => l4,
         Ok(None) => {
-            return if is_remote(ip.daddr_be) { counted(Counter::UnsupportedProto, PASS) } else { PASS };
+            // ICMP (ping), SCTP, ...: there is no port to translate them by.
+            return if is_remote(ip.daddr_be) { counted(Counter::UnsupportedProto, DROP) } else { PASS };
         }
-        Err(c) => return counted(c, PASS),
+        Err(c) => {
+            return if is_remote(ip.daddr_be) {
+                counted2(c, Counter::RemoteParseError, DROP)
+            } else {
+                counted(c, PASS)
+            };
+        }
     };
     let key = FlowKey {
         src_be: ip.saddr_be,
@@ -58,13 +72,21 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     let now = now_ns();
     let fwd = match NAT_FWD.get_ptr_mut(&key) {
         Some(fwd) => {
-            // SAFETY: a map value pointer from a successful lookup; concurrent writers only
-            // touch the timestamp and flag bits, where a lost update is harmless.
-            unsafe {
+            // SAFETY: a map value pointer from a successful lookup of a map whose elements are
+            // freed only after an RCU grace period; concurrent writers only touch the
+            // timestamp and flag bits, where a lost update is harmless.
+            let (fwd, idle, rst_was) = unsafe {
+                let idle = now.saturating_sub((*fwd).last_seen_ns) >= limits::HALF_CHECK_NS;
+                let rst_was = (*fwd).flags & FLOW_RST != 0;
                 (*fwd).last_seen_ns = now;
-                note_tcp_flags_fwd(&mut (*fwd).flags, l4.tcp_flags);
-                *fwd
+                note_tcp_flags(&mut (*fwd).flags, l4.tcp_flags, FLOW_FIN_POD);
+                (*fwd, idle, rst_was)
+            };
+            let rst_now = fwd.flags & FLOW_RST != 0;
+            if idle || rst_was != rst_now {
+                check_rev(&key, &fwd, now, rst_now);
             }
+            fwd
         }
         None => match new_flow(&key, now) {
             Ok(Some(fwd)) => fwd,
@@ -78,13 +100,63 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     counted(Counter::Redirected, DONE)
 }
 
+/// The forward path's look at the reverse half, on the first packet after an idle spell or
+/// when the RST state changed: re-creates a missing reverse entry (lost to a race with the
+/// agent's GC), and mirrors the RST bit so that either direction can clear it.
+#[inline(always)]
+fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
+    let rev_key = FlowKey::rev_of_fwd(key, fwd);
+    match NAT_REV.get_ptr_mut(&rev_key) {
+        // SAFETY: as in egress_from_pod.
+        Some(rev) => unsafe {
+            if rst {
+                (*rev).flags |= FLOW_RST;
+            } else {
+                (*rev).flags &= !FLOW_RST;
+            }
+        },
+        None => {
+            let rev = FlowKey::rev_value_of_fwd(key, fwd, now);
+            match NAT_REV.insert(&rev_key, &rev, BPF_NOEXIST as u64) {
+                Ok(()) => count(Counter::RevRestored),
+                Err(E2BIG_NEG) => count(Counter::NatTableFull),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// The reverse path's counterpart of [`check_rev`].
+#[inline(always)]
+fn check_fwd(rev_key: &FlowKey, rev: &NatRev, now: u64, rst: bool) {
+    let key = FlowKey::fwd_of_rev(rev_key, rev);
+    match NAT_FWD.get_ptr_mut(&key) {
+        // SAFETY: as in egress_from_pod.
+        Some(fwd) => unsafe {
+            if rst {
+                (*fwd).flags |= FLOW_RST;
+            } else {
+                (*fwd).flags &= !FLOW_RST;
+            }
+        },
+        None => {
+            let fwd = FlowKey::fwd_value_of_rev(rev_key, rev, now);
+            match NAT_FWD.insert(&key, &fwd, BPF_NOEXIST as u64) {
+                Ok(()) => count(Counter::FwdRestored),
+                Err(E2BIG_NEG) => count(Counter::NatTableFull),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
 /// `to_pod`: what a pod receives.
 #[inline(always)]
 pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
     let ip = match parse::ipv4(ctx) {
         Ok(Some(ip)) => ip,
         Ok(None) => return PASS,
-        Err(c) => return counted(c, PASS),
+        Err(bad) => return counted(bad.counter, PASS),
     };
     let l4 = match parse::ports(ctx, &ip) {
         Ok(Some(l4)) => l4,
@@ -106,17 +178,27 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         // The first fragment of a reply to a translated flow; the rest cannot be matched.
         return counted(Counter::FragmentDropped, DROP);
     }
+    let now = now_ns();
     // SAFETY: as in egress_from_pod.
-    let rev = unsafe {
-        (*rev).last_seen_ns = now_ns();
-        note_tcp_flags_rev(&mut (*rev).flags, l4.tcp_flags);
-        *rev
+    let (rev, idle, rst_was) = unsafe {
+        let idle = now.saturating_sub((*rev).last_seen_ns) >= limits::HALF_CHECK_NS;
+        let rst_was = (*rev).flags & FLOW_RST != 0;
+        (*rev).last_seen_ns = now;
+        note_tcp_flags(&mut (*rev).flags, l4.tcp_flags, FLOW_FIN_PEER);
+        (*rev, idle, rst_was)
     };
+    let rst_now = rev.flags & FLOW_RST != 0;
+    if idle || rst_was != rst_now {
+        check_fwd(&key, &rev, now, rst_now);
+    }
     if rewrite_rev(ctx, &ip, &l4, &rev).is_err() {
         return counted(Counter::RewriteFailed, DROP);
     }
     counted(Counter::ReverseTranslated, DONE)
 }
+
+/// `-E2BIG`: what an insert into a full hash map answers.
+const E2BIG_NEG: i32 = -7;
 
 /// The flow timestamp clock (`CLOCK_MONOTONIC`, as the agent's GC reads it).
 #[inline(always)]
@@ -135,39 +217,38 @@ fn counted(c: Counter, verdict: i32) -> i32 {
 }
 
 #[inline(always)]
+fn counted2(why: Counter, what: Counter, verdict: i32) -> i32 {
+    count(why);
+    count(what);
+    verdict
+}
+
+#[inline(always)]
 fn is_remote(daddr_be: u32) -> bool {
     ROUTES.get(Key::new(32, daddr_be)).is_some()
 }
 
+/// Follows what TCP does with the flow's close bits. `fin` is the FIN bit of this direction.
+/// A RST marks the flow as closing, but any later segment without one clears the mark
+/// again: a RST the receiver ignored (out of window) must not get a live connection expired.
 #[inline(always)]
-fn note_tcp_flags_fwd(flags: &mut u32, tcp: u8) {
-    if tcp & (TCP_FIN | TCP_RST | TCP_SYN) == 0 {
+fn note_tcp_flags(flags: &mut u32, tcp: u8, fin: u32) {
+    if tcp == 0 {
+        // UDP.
         return;
     }
-    if tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 {
-        // A new connection reusing the tuple: the old one's close no longer applies.
+    if tcp & TCP_SYN != 0 && (fin == FLOW_FIN_PEER || tcp & TCP_ACK == 0) {
+        // A new connection reusing the tuple (the pod's SYN or the peer's SYN-ACK): the old
+        // one's close no longer applies.
         *flags &= !(FLOW_FIN_POD | FLOW_FIN_PEER | FLOW_RST);
     }
     if tcp & TCP_FIN != 0 {
-        *flags |= FLOW_FIN_POD;
+        *flags |= fin;
     }
     if tcp & TCP_RST != 0 {
         *flags |= FLOW_RST;
-    }
-}
-
-#[inline(always)]
-fn note_tcp_flags_rev(flags: &mut u32, tcp: u8) {
-    if tcp & TCP_SYN != 0 {
-        // The peer's SYN-ACK of a new connection reusing the tuple: as on the pod side, the
-        // old connection's close no longer applies.
-        *flags &= !(FLOW_FIN_POD | FLOW_FIN_PEER | FLOW_RST);
-    }
-    if tcp & TCP_FIN != 0 {
-        *flags |= FLOW_FIN_PEER;
-    }
-    if tcp & TCP_RST != 0 {
-        *flags |= FLOW_RST;
+    } else {
+        *flags &= !FLOW_RST;
     }
 }
 
@@ -179,8 +260,9 @@ fn new_flow(key: &FlowKey, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
         return Ok(None);
     };
     let peer_id = route.peer_id;
-    // SAFETY: PEERS is only replaced whole by user space, which the kernel does atomically
-    // for hash maps (the old value stays valid for this RCU read section).
+    // SAFETY: PEERS is only replaced whole by user space. It is not preallocated, so the
+    // kernel swaps in a new element and frees the old one only after this RCU read section:
+    // the value read here is never torn.
     let Some(peer) = (unsafe { PEERS.get(&peer_id) }) else {
         return Err((Counter::NoLiveGateway, DROP));
     };
@@ -233,57 +315,83 @@ fn new_flow(key: &FlowKey, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
         flags: 0,
         last_seen_ns: now,
     };
-    let rev = NatRev {
-        remote_addr_be: key.dst_be,
-        remote_port_be: key.dport_be,
-        pod_port_be: key.sport_be,
-        flags: 0,
-        _pad: 0,
-        last_seen_ns: now,
-    };
+    let rev = FlowKey::rev_value_of_fwd(key, &fwd, now);
     let mut rev_key = FlowKey::rev_of_fwd(key, &fwd);
-    // Claiming the reply tuple with NOEXIST is what detects a collision: two flows from one
-    // pod port to different remote pods would otherwise become one tuple towards the gateway,
-    // and the gateway and the node's conntrack would merge them.
-    if !claim(&rev_key, &rev) {
-        let mut claimed = false;
+    // Claiming the reply tuple is what detects a collision: two flows from one pod port to
+    // different remote pods would otherwise become one tuple towards the gateway, and the
+    // gateway and the node's conntrack would merge them.
+    let mut claimed = claim(&rev_key, &rev);
+    if let Claim::Taken = claimed {
         for attempt in 0..limits::REMAP_ATTEMPTS {
             rev_key.dport_be = remap_port(key, attempt).to_be();
-            if claim(&rev_key, &rev) {
-                claimed = true;
+            claimed = claim(&rev_key, &rev);
+            if !matches!(claimed, Claim::Taken) {
                 break;
             }
         }
-        if !claimed {
-            return Err((Counter::NatInsertFailed, DROP));
+        if !matches!(claimed, Claim::Taken | Claim::Full) {
+            fwd.nat_sport_be = rev_key.dport_be;
+            fwd.flags |= FLOW_REMAPPED;
+            count(Counter::PortRemap);
         }
-        fwd.nat_sport_be = rev_key.dport_be;
-        fwd.flags |= FLOW_REMAPPED;
-        count(Counter::PortRemap);
     }
-    if NAT_FWD.insert(key, &fwd, BPF_ANY as u64).is_err() {
-        let _ = NAT_REV.remove(&rev_key);
-        return Err((Counter::NatInsertFailed, DROP));
+    let inserted_rev = match claimed {
+        Claim::Inserted => true,
+        Claim::Held => false,
+        Claim::Taken => return Err((Counter::NatInsertFailed, DROP)),
+        Claim::Full => return Err((Counter::NatTableFull, DROP)),
+    };
+    match NAT_FWD.insert(key, &fwd, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(Some(fwd)),
+        Err(e) => {
+            // Another CPU created this flow meanwhile: both picked the same gateway and port
+            // from the same inputs, so its entry serves this packet too.
+            // SAFETY: a read-only copy of a value from a successful lookup.
+            if let Some(cur) = unsafe { NAT_FWD.get(key) } {
+                return Ok(Some(*cur));
+            }
+            if inserted_rev {
+                let _ = NAT_REV.remove(&rev_key);
+            }
+            Err((if e == E2BIG_NEG { Counter::NatTableFull } else { Counter::NatInsertFailed }, DROP))
+        }
     }
-    Ok(Some(fwd))
 }
 
-/// Takes the reply tuple `rev_key` for this flow. True when it is now this flow's: newly
-/// inserted, or already holding this very flow (its forward entry was evicted or is being
-/// created on another CPU).
+/// The outcome of claiming a reply tuple.
+enum Claim {
+    /// Newly inserted for this flow.
+    Inserted,
+    /// Already holding this very flow: its forward entry was lost (and it keeps its tuple),
+    /// or another CPU is creating it.
+    Held,
+    /// Another flow's.
+    Taken,
+    /// Free, but the table is full.
+    Full,
+}
+
+/// Takes the reply tuple `rev_key` for this flow. It is looked up before the insert is
+/// tried, so a probe of a taken tuple costs one lookup and changes nothing.
 #[inline(always)]
-fn claim(rev_key: &FlowKey, rev: &NatRev) -> bool {
-    if NAT_REV.insert(rev_key, rev, BPF_NOEXIST as u64).is_ok() {
-        return true;
+fn claim(rev_key: &FlowKey, rev: &NatRev) -> Claim {
+    let same = |cur: &NatRev| {
+        cur.remote_addr_be == rev.remote_addr_be
+            && cur.remote_port_be == rev.remote_port_be
+            && cur.pod_port_be == rev.pod_port_be
+    };
+    // SAFETY: read-only looks at values from successful lookups.
+    if let Some(cur) = unsafe { NAT_REV.get(rev_key) } {
+        return if same(cur) { Claim::Held } else { Claim::Taken };
     }
-    // SAFETY: read-only look at a value pointer from a successful lookup.
-    match unsafe { NAT_REV.get(rev_key) } {
-        Some(cur) => {
-            cur.remote_addr_be == rev.remote_addr_be
-                && cur.remote_port_be == rev.remote_port_be
-                && cur.pod_port_be == rev.pod_port_be
-        }
-        None => false,
+    match NAT_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
+        Ok(()) => Claim::Inserted,
+        Err(E2BIG_NEG) => Claim::Full,
+        // EEXIST: another CPU took it between the lookup and the insert.
+        Err(_) => match unsafe { NAT_REV.get(rev_key) } {
+            Some(cur) if same(cur) => Claim::Held,
+            _ => Claim::Taken,
+        },
     }
 }
 

@@ -103,9 +103,24 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
+/// An IPv4 packet that could not be parsed: why, and its destination when the fixed part of
+/// the header was there to read it (so that a packet bound for a remote CIDR is dropped, not
+/// passed untranslated).
+pub struct BadIpv4 {
+    pub counter: Counter,
+    pub daddr_be: Option<u32>,
+}
+
+impl From<Counter> for BadIpv4 {
+    #[inline(always)]
+    fn from(counter: Counter) -> Self {
+        Self { counter, daddr_be: None }
+    }
+}
+
 /// Parses Ethernet and IPv4. `Ok(None)` is a packet that is not IPv4 (IPv6, ARP, ...).
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
+pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
     if ctx.len() < ETH_HLEN as u32 {
         return Ok(None);
     }
@@ -128,16 +143,17 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
             (*ip).daddr_be,
         )
     };
+    let bad = |counter| BadIpv4 { counter, daddr_be: Some(daddr_be) };
     if ver_ihl >> 4 != 4 {
-        return Err(Counter::Malformed);
+        return Err(bad(Counter::Malformed));
     }
     // The header length comes from IHL, so IP options are skipped, never misread as L4.
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ihl < IP_MIN_HLEN || tot_len < ihl {
-        return Err(Counter::Malformed);
+        return Err(bad(Counter::Malformed));
     }
     if (ctx.len() as usize) < ETH_HLEN + tot_len {
-        return Err(Counter::Truncated);
+        return Err(bad(Counter::Truncated));
     }
     let is_fragment = frag_off_be & IP_MF_OFFSET_BE != 0;
     let has_l4 = frag_off_be & IP_OFFSET_BE == 0;

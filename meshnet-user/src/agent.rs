@@ -117,6 +117,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         info!("waiting for the published peers before changing the maps");
     }
     agent.rescan_interfaces()?;
+    // This build's programs now run on every interface: what the old ones added to maps
+    // being migrated is copied over, and the old maps go.
+    agent.datapath.finish_migration().context("migrating the old maps")?;
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
     }
@@ -210,7 +213,7 @@ impl Agent {
             }
         };
         if config.max_flows != self.config.max_flows {
-            warn!("nat.maxFlows changes take effect after `meshnet detach` and a restart");
+            warn!("a new nat.maxFlows takes effect when the agent restarts, which migrates every flow into maps of the new size");
         }
         let old = std::mem::replace(&mut self.config, config);
         if let Err(e) = self.sync() {
@@ -309,7 +312,7 @@ impl Agent {
 
     fn collect_garbage(&mut self) {
         let report = self.maps.expire(monotonic_ns(), &self.config.gc);
-        if report.flows + report.orphans > 0 {
+        if report.flows + report.orphans + report.revs_restored > 0 {
             debug!(?report, "expired idle flows");
             self.metrics.gc_expired.inc_by(u64::try_from(report.flows).unwrap_or(0));
         }

@@ -10,5 +10,6 @@ pub mod explain;
 pub mod health;
 pub mod maps;
 pub mod metrics;
+pub mod migrate;
 pub mod netlink;
 pub mod pins;

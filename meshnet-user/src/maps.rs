@@ -283,25 +283,55 @@ impl ControlMaps {
             }
         }
         for (key, fwd) in &doomed {
-            let _ = self.nat_fwd.remove(key);
-            let _ = self.nat_rev.remove(&FlowKey::rev_of_fwd(key, fwd));
+            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
         }
         Ok(doomed.len())
     }
+
+    /// Removes both halves of a flow without ever leaving a forward entry without its
+    /// reverse one. The datapath runs concurrently and may re-create the forward entry (a
+    /// packet of the flow arrives just then and starts it again, on the tuple it held when
+    /// the reverse entry is still there); it then gets its reverse half back here.
+    pub fn remove_flow(&mut self, key: &FlowKey, rev_key: &FlowKey) {
+        // Reverse first: a reverse entry without its forward one is harmless (replies are
+        // still restored; the forward path re-creates its half), the other way round is not.
+        let _ = self.nat_rev.remove(rev_key);
+        let _ = self.nat_fwd.remove(key);
+        self.ensure_rev(key);
+    }
+
+    /// Re-creates the reverse entry of the flow `key` if the flow has a forward entry but
+    /// not its reverse one. True when it did.
+    pub fn ensure_rev(&mut self, key: &FlowKey) -> bool {
+        let Ok(fwd) = self.nat_fwd.get(key, 0) else { return false };
+        let rev_key = FlowKey::rev_of_fwd(key, &fwd);
+        if self.nat_rev.get(&rev_key, 0).is_ok() {
+            return false;
+        }
+        self.nat_rev
+            .insert(rev_key, FlowKey::rev_value_of_fwd(key, &fwd, fwd.last_seen_ns), BPF_NOEXIST)
+            .is_ok()
+    }
 }
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 /// What one garbage-collection pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GcReport {
     pub flows: usize,
     pub orphans: usize,
+    /// Forward entries that had lost their reverse half and got it back.
+    pub revs_restored: usize,
 }
 
 impl ControlMaps {
     /// Expires idle flows: UDP after `udp_timeout`, TCP that saw both FINs or a RST after
     /// `tcp_closed_timeout`, other TCP after `tcp_timeout`. `now_ns` is on the clock the
-    /// datapath stamps with (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC). Reverse entries whose
-    /// forward entry the LRU evicted go too once idle as long.
+    /// datapath stamps with (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC). Reverse entries without
+    /// a forward entry go too once idle as long. Forward entries found without their reverse
+    /// half get it back.
     pub fn expire(&mut self, now_ns: u64, gc: &GcConfig) -> GcReport {
         let mut report = GcReport::default();
         let timeout = |proto: u8, flags: u32| -> u64 {
@@ -316,6 +346,7 @@ impl ControlMaps {
         };
         let mut doomed = Vec::new();
         let mut live_rev = std::collections::HashSet::new();
+        let mut half = Vec::new();
         for (key, fwd) in self.nat_fwd.iter().flatten() {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
             let rev = self.nat_rev.get(&rev_key, 0).ok();
@@ -324,12 +355,14 @@ impl ControlMaps {
             if now_ns.saturating_sub(last) > timeout(key.proto, flags) {
                 doomed.push((key, rev_key));
             } else {
+                if rev.is_none() {
+                    half.push(key);
+                }
                 live_rev.insert(rev_key);
             }
         }
         for (key, rev_key) in &doomed {
-            let _ = self.nat_fwd.remove(key);
-            let _ = self.nat_rev.remove(rev_key);
+            self.remove_flow(key, rev_key);
         }
         report.flows = doomed.len();
         let orphans: Vec<FlowKey> = self
@@ -340,9 +373,21 @@ impl ControlMaps {
             .map(|(k, _)| k)
             .collect();
         for k in &orphans {
+            let Ok(rev) = self.nat_rev.get(k, 0) else { continue };
+            let fwd_key = FlowKey::fwd_of_rev(k, &rev);
+            if self.nat_fwd.get(&fwd_key, 0).is_ok() {
+                // Its forward half came back (the flow restarted) since the first pass.
+                continue;
+            }
             let _ = self.nat_rev.remove(k);
+            self.ensure_rev(&fwd_key);
+            report.orphans += 1;
         }
-        report.orphans = orphans.len();
+        for key in &half {
+            if self.ensure_rev(key) {
+                report.revs_restored += 1;
+            }
+        }
         report
     }
 }
