@@ -325,14 +325,15 @@ pub fn flow_table_check(pins: &Pins) -> Option<Check> {
 #[must_use]
 pub fn flow_table_verdict(entries: usize, capacity: u32, refused: u64) -> Check {
     const NAME: &str = "flow table";
-    let pct = if capacity == 0 { 100.0 } else { entries as f64 * 100.0 / f64::from(capacity) };
-    let fill = format!("{entries} of {capacity} flows ({pct:.0}%) in {}", names::NAT_FWD);
+    let (n, cap) = (entries as u64, u64::from(capacity.max(1)));
+    let pct = n * 100 / cap;
+    let fill = format!("{entries} of {capacity} flows ({pct}%) in {}", names::NAT_FWD);
     let fix = "raise nat.maxFlows and restart the agent (its flows are migrated into the larger maps), or lower \
                the nat timeouts; established flows are never evicted, so a full table refuses new ones";
     if refused > 0 {
         Check::new(NAME, Level::Warn, format!("{fill}; {refused} new flows were refused because the table was full (nat_table_full)"))
             .fix(fix)
-    } else if pct > 80.0 {
+    } else if n * 5 > cap * 4 {
         Check::new(NAME, Level::Warn, format!("{fill}: over 80% full; new flows are refused when it is full")).fix(fix)
     } else {
         Check::new(NAME, Level::Ok, fill)

@@ -9,7 +9,7 @@
 //! clear message and left in place: flow state is never silently replaced by an empty map.
 //!
 //! A map that keeps its name but must be recreated (a new `nat.maxFlows`) is re-pinned under
-//! `<name>.migrating` first, so that an agent killed mid-migration finds it again.
+//! `<name>_migrating` first, so that an agent killed mid-migration finds it again.
 
 use std::path::PathBuf;
 
@@ -68,8 +68,14 @@ fn migratable(name: &str) -> bool {
     [names::NAT_FWD, names::NAT_REV, names::PEERS, names::STATS].contains(&name)
 }
 
+/// Where a map being migrated is kept meanwhile. bpffs refuses names with a dot.
+#[must_use]
+pub fn migrating_name(name: &str) -> String {
+    format!("{name}_migrating")
+}
+
 fn migrating_pin(pins: &Pins, name: &str) -> PathBuf {
-    pins.map(&format!("{name}.migrating"))
+    pins.map(&migrating_name(name))
 }
 
 /// One old map to copy from.
@@ -106,7 +112,7 @@ fn matches(info: &MapInfo, spec: &Spec) -> bool {
 
 impl Migration {
     /// Looks at what is pinned under `pins` before the object is loaded: moves every map this
-    /// build must recreate out of the loader's way (re-pinned under `<name>.migrating`), and
+    /// build must recreate out of the loader's way (re-pinned under `<name>_migrating`), and
     /// refuses maps it cannot migrate. Nothing is changed when it refuses.
     pub fn prepare(pins: &Pins, max_flows: u32) -> anyhow::Result<Self> {
         let mut sources = Vec::new();

@@ -405,3 +405,168 @@ fn a_second_agent_on_the_same_pins_waits_and_never_touches_the_maps() {
     assert!(added.is_some(), "the second agent never applied its config: {:?}", routes(&t));
     held.exchange("three");
 }
+
+// ---------------------------------------------------------------------------------------
+// Upgrades across a map layout change
+// ---------------------------------------------------------------------------------------
+
+mod raw_bpf {
+    //! Creating and pinning maps of the pre-v2 layouts as an older build did, with plain
+    //! `bpf(2)` calls: this build's object cannot make them any more.
+    use std::{
+        ffi::CString,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        path::Path,
+    };
+
+    pub const HASH: u32 = 1;
+    pub const PERCPU_ARRAY: u32 = 6;
+    pub const LRU_HASH: u32 = 9;
+
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    /// Creates a map and pins it at `path`.
+    pub fn create_pinned(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32, map_flags: u32) {
+        let attr = MapCreate { map_type, key_size, value_size, max_entries, map_flags };
+        // SAFETY: BPF_MAP_CREATE with a valid attr of the size passed.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw const attr, size_of::<MapCreate>()) };
+        assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd the kernel just returned.
+        let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
+        let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let pin = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap(), file_flags: 0 };
+        // SAFETY: BPF_OBJ_PIN with a valid attr; `c` outlives the call.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &raw const pin, size_of::<ObjPin>()) };
+        assert_eq!(r, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(path: &std::path::Path) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
+    let data = aya::maps::MapData::from_pin(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// Turns node1's pinned state into what a pre-v2 agent leaves: LRU flow maps under the v1
+/// names holding every flow (reverse entries without a peer id), a preallocated peer map
+/// under its v1 name, and an 11-slot counter map; this build's flow and peer pins are gone.
+/// A planted flow that no packet will ever touch tells whether the flows were migrated.
+fn downgrade_pins(t: &Topology, planted: (meshnet_common::FlowKey, meshnet_common::NatFwd)) {
+    use meshnet_common::{names, FlowKey, NatFwd, NatRev, PeerGateways};
+    let maps = t.pin_path().join("maps");
+    let fwd: Vec<(FlowKey, NatFwd)> = open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).iter().map(Result::unwrap).collect();
+    let rev: Vec<(FlowKey, NatRev)> = open_hash::<FlowKey, NatRev>(&maps.join(names::NAT_REV)).iter().map(Result::unwrap).collect();
+    let peers: Vec<(u32, PeerGateways)> = open_hash::<u32, PeerGateways>(&maps.join(names::PEERS)).iter().map(Result::unwrap).collect();
+    assert!(!fwd.is_empty() && !peers.is_empty());
+    for n in [names::NAT_FWD, names::NAT_REV, names::PEERS, names::STATS] {
+        std::fs::remove_file(maps.join(n)).unwrap();
+    }
+    let (fwd_v1, rev_v1, peers_v1) = (maps.join(names::NAT_FWD_V1), maps.join(names::NAT_REV_V1), maps.join(names::PEERS_V1));
+    raw_bpf::create_pinned(&fwd_v1, raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
+    raw_bpf::create_pinned(&rev_v1, raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
+    raw_bpf::create_pinned(&peers_v1, raw_bpf::HASH, 4, u32::try_from(size_of::<PeerGateways>()).unwrap(), 1024, 0);
+    raw_bpf::create_pinned(&maps.join(names::STATS), raw_bpf::PERCPU_ARRAY, 4, 8, 11, 0);
+    let mut m = open_hash::<FlowKey, NatFwd>(&fwd_v1);
+    for (k, v) in fwd.iter().chain([&planted]) {
+        m.insert(k, v, 0).unwrap();
+    }
+    let mut m = open_hash::<FlowKey, NatRev>(&rev_v1);
+    let planted_rev = FlowKey::rev_value_of_fwd(&planted.0, &planted.1, planted.1.last_seen_ns);
+    for (k, v) in rev.iter().chain([&(FlowKey::rev_of_fwd(&planted.0, &planted.1), planted_rev)]) {
+        m.insert(k, NatRev { peer_id: 0, ..*v }, 0).unwrap();
+    }
+    let mut m = open_hash::<u32, PeerGateways>(&peers_v1);
+    for (k, v) in &peers {
+        m.insert(k, v, 0).unwrap();
+    }
+}
+
+/// An agent that finds an older build's maps (other names, LRU type, fewer counters)
+/// copies every flow into its own maps before it swaps programs, removes the old pins, and
+/// a connection held across the upgrade keeps working.
+#[test]
+fn an_upgrade_across_the_map_layout_change_keeps_every_flow() {
+    use meshnet_common::{names, FlowKey, NatFwd};
+    let t = Topology::new(Options { strict_checksums: true });
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &[]);
+    let mut held = Held::open(&t, app_b());
+    held.exchange("before the upgrade");
+    assert!(agent.child.stop());
+
+    let f = nat(&t)[0].clone();
+    let real = open_hash::<FlowKey, NatFwd>(&t.pin_path().join("maps").join(names::NAT_FWD)).iter().next().unwrap().unwrap();
+    let planted_key = FlowKey { sport_be: 1234u16.to_be(), ..real.0 };
+    let planted = NatFwd { nat_sport_be: 1234u16.to_be(), ..real.1 };
+    downgrade_pins(&t, (planted_key, planted));
+
+    let _agent = start(&t, &cfg, &[]);
+    let maps = t.pin_path().join("maps");
+    for old in [names::NAT_FWD_V1, names::NAT_REV_V1, names::PEERS_V1] {
+        assert!(!maps.join(old).exists(), "{old} still pinned after the migration");
+    }
+    let flows = nat(&t);
+    // The planted flow saw no packet since: only the migration can have put it there, with
+    // its reverse entry and the peer id the v1 reverse entry lacked.
+    let planted_row: Vec<_> = flows.iter().filter(|r| r["pod"].as_str().is_some_and(|p| p.ends_with(":1234"))).collect();
+    assert_eq!(planted_row.len(), 1, "the planted flow was not migrated: {flows:?}");
+    let rev = open_hash::<FlowKey, meshnet_common::NatRev>(&maps.join(names::NAT_REV));
+    let r = rev.get(&FlowKey::rev_of_fwd(&planted_key, &planted), 0).expect("the planted flow's reverse entry");
+    assert_eq!(r.peer_id, planted.peer_id, "the v1 reverse entry's peer id was not filled in");
+    assert!(flows.iter().any(|r| r["remote"] == f["remote"] && r["pod"] == f["pod"]), "{flows:?}");
+    // The counters grew to this build's set.
+    assert!(t.dump_json("stats")["stats"]["nat_table_full"].is_u64());
+    held.exchange("after the upgrade");
+}
+
+/// A larger nat.maxFlows takes effect at the next restart, which moves every flow into maps
+/// of the new size: no detach, and a held connection keeps working. A pinned flow map this
+/// build cannot convert is refused, and left as it is.
+#[test]
+fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
+    use meshnet_common::names;
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &[]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("small table");
+    let before = nat(&t);
+    assert!(agent.child.stop());
+
+    let bigger = format!("{cfg}nat:\n  maxFlows: 131072\n");
+    let mut agent = start(&t, &bigger, &[]);
+    let path = t.pin_path().join("maps").join(names::NAT_FWD);
+    let info = aya::maps::MapInfo::from_pin(&path).unwrap();
+    assert_eq!(info.max_entries(), 131_072);
+    assert!(!t.pin_path().join("maps").join(format!("{}_migrating", names::NAT_FWD)).exists());
+    assert_eq!(nat(&t).len(), before.len(), "flows lost in the resize: {:?}", nat(&t));
+    held.exchange("big table");
+    assert!(agent.child.stop());
+
+    // A map of an unknown layout where the reverse flow map belongs.
+    let rev = t.pin_path().join("maps").join(names::NAT_REV);
+    std::fs::remove_file(&rev).unwrap();
+    raw_bpf::create_pinned(&rev, raw_bpf::HASH, 16, 8, 1024, 0);
+    let cfg_path = t.write_config(&bigger);
+    let out = std::process::Command::new("nsenter")
+        .args(Agent::argv(&t.node1, &cfg_path, &t.pin_path(), &[])[1..].iter())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the agent accepted a map it cannot use: {text}");
+    assert!(text.contains("cannot be used by this build") && text.contains(names::NAT_REV), "{text}");
+    assert_eq!(aya::maps::MapInfo::from_pin(&rev).unwrap().value_size(), 8, "the refused map was replaced");
+}
