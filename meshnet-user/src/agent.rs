@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -61,6 +61,8 @@ struct Agent {
     maps: ControlMaps,
     attached: BTreeSet<String>,
     health: Health,
+    /// Down gateways past their grace period whose flows the last sync purged.
+    evicted: BTreeSet<GatewayId>,
     metrics: Arc<Metrics>,
 }
 
@@ -107,6 +109,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         maps,
         attached: BTreeSet::new(),
         health,
+        evicted: BTreeSet::new(),
         metrics,
     };
     if agent.api_peers.is_some() {
@@ -234,10 +237,17 @@ impl Agent {
         self.health.retain(&targets);
         let mut desired = self.config.desired();
         // Without probing nothing can bring a gateway back, so none is held down.
-        if self.config.health.enabled {
+        let evict = if self.config.health.enabled {
             desired.apply_health(&self.health.down());
+            self.health.down_past(self.config.health.down_grace, Instant::now())
+        } else {
+            BTreeSet::new()
+        };
+        let report = self.maps.sync_evicting(&desired, &evict)?;
+        if evict != self.evicted && !evict.is_empty() {
+            warn!(gateways = ?evict, grace = ?self.config.health.down_grace, flows = report.flows_purged, "gateways down past their grace period; their flows were purged and start again on live gateways");
         }
-        let report = self.maps.sync(&desired)?;
+        self.evicted = evict;
         if !report.is_noop() {
             info!(?report, cluster = %self.config.cluster, peers = self.config.peers.len(), "maps synced");
         }
@@ -291,17 +301,22 @@ impl Agent {
     }
 
     fn apply_probes(&mut self, results: &[(GatewayId, bool)]) {
-        let threshold = self.config.health.failure_threshold;
+        let (fall, rise) = (self.config.health.failure_threshold, self.config.health.rise_threshold);
+        let now = Instant::now();
         let mut changed = false;
         for (gw, ok) in results {
-            if self.health.record(*gw, *ok, threshold) {
+            if self.health.record(*gw, *ok, fall, rise, now) {
                 changed = true;
                 if *ok {
                     info!(gateway = %format!("{}:{}", gw.0, gw.1), "gateway up");
                 } else {
-                    warn!(gateway = %format!("{}:{}", gw.0, gw.1), "gateway down; moving its flows to live gateways");
+                    warn!(gateway = %format!("{}:{}", gw.0, gw.1), grace = ?self.config.health.down_grace, "gateway down; new flows avoid it, its flows stay through the grace period");
                 }
             }
+        }
+        // A gateway that has now been down past its grace period gets its flows purged.
+        if self.health.down_past(self.config.health.down_grace, now) != self.evicted {
+            changed = true;
         }
         if changed {
             if let Err(e) = self.sync() {

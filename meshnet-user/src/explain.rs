@@ -869,9 +869,9 @@ fn existing_flow(snap: &Snapshot, ex: &mut Explanation, key: &FlowKey, fwd: &Nat
         match now {
             Some(gw) if gw.flags & GW_UP != 0 => ex.step(format!("gateway {} of peer {peer} is up", row.gateway)),
             Some(_) => ex.step(format!(
-                "gateway {} of peer {peer} is marked down: the datapath keeps using it for this flow until the agent \
-                 purges the flow (it does when it applies a health change or a reload); the next packet then starts a \
-                 new flow on a live gateway",
+                "gateway {} of peer {peer} is marked down: it takes no new flows, but this established flow stays on \
+                 it until the gateway has been down longer than health.downGraceSeconds; the agent then purges the flow \
+                 and its next packet starts a new flow on a live gateway",
                 row.gateway
             )),
             None => ex.step(format!(

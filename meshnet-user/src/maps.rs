@@ -1,7 +1,11 @@
 //! Typed access to the pinned maps: syncing them to a desired state, and reading them back
 //! for dumps. Works from pins alone, so the CLI needs no running agent.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::Ipv4Addr,
+};
 
 use anyhow::Context as _;
 use aya::maps::{
@@ -226,9 +230,15 @@ impl ControlMaps {
 
     /// Makes the maps hold `desired`, touching only what differs. New routes and gateways go
     /// in before anything is removed, so no packet meets a half-applied state that drops it;
-    /// flows of withdrawn routes or of gateways that are gone or down are purged last, so
-    /// their next packet picks a live gateway.
+    /// flows of withdrawn routes or of gateways that are gone are purged last, so their next
+    /// packet picks a live gateway. Flows of a gateway that is merely down stay.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
+        self.sync_evicting(desired, &BTreeSet::new())
+    }
+
+    /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
+    /// and TCP port): those down longer than their grace period.
+    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<SyncReport> {
         let plan = Plan::new(&self.current_routes()?, &self.current_peers()?, desired);
         for (id, value) in &plan.peer_writes {
             self.peers.insert(id, *value, 0).context("writing the peer map")?;
@@ -250,14 +260,14 @@ impl ControlMaps {
             let _ = self.names.remove(id);
         }
         let mut report = plan.report();
-        report.flows_purged = self.purge_flows(desired)?;
+        report.flows_purged = self.purge_flows(desired, evict)?;
         Ok(report)
     }
 
     /// Removes flow state that no longer matches the desired routes and gateways: the flow's
     /// destination left every remote CIDR, moved to another peer, or its gateway is gone or
-    /// down.
-    pub fn purge_flows(&mut self, desired: &Desired) -> anyhow::Result<usize> {
+    /// in `evict`. A gateway marked down only takes no new flows; its flows stay.
+    pub fn purge_flows(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<usize> {
         let mut doomed = Vec::new();
         for item in &self.nat_fwd {
             let Ok((key, fwd)) = item else { continue };
@@ -272,7 +282,7 @@ impl ControlMaps {
                 id == fwd.peer_id
                     && desired.peers.get(&id).is_some_and(|pg| {
                         pg.gateways[..(pg.count as usize).min(pg.gateways.len())].iter().any(|g| {
-                            g.flags & GW_UP != 0
+                            !evict.contains(&(addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be)))
                                 && g.addr_be == fwd.gw_addr_be
                                 && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be)
                         })

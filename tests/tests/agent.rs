@@ -207,6 +207,16 @@ fn pods_created_after_start_are_covered() {
     agent.child.wait_for_line("no longer matching", WAIT);
 }
 
+/// The gateway (address and port) node1's flow from the client's local `port` is pinned to.
+fn gateway_of(t: &Topology, port: u16) -> Option<String> {
+    let suffix = format!(":{port}");
+    nat(&t).iter().find(|f| f["pod"].as_str().is_some_and(|p| p.ends_with(&suffix))).map(|f| f["gateway"].as_str().unwrap().to_string())
+}
+
+/// A gateway that stops accepting new connections is marked down: new flows avoid it, the
+/// connections held through it keep working (none is reset or moved) until it has been down
+/// longer than `health.downGraceSeconds`, and then its flows are purged. It comes back after
+/// `riseThreshold` good probes.
 #[test]
 fn gateway_failover() {
     let t = Topology::new(Options::default());
@@ -218,34 +228,63 @@ fn gateway_failover() {
         topo::GW_IP,
         topo::GW_PORT
     ));
-    let cfg = node1_config(POD_INTERFACES).replace(
+    let base = node1_config(POD_INTERFACES).replace(
         "        udpPort: 31675\n",
         "        udpPort: 31675\n      - address: 192.0.2.3\n        port: 31674\n",
-    ) + "health:\n  intervalSeconds: 1\n  timeoutMilliseconds: 300\n  failureThreshold: 1\n";
-    let _agent = start(&t, &cfg, &[]);
-    // Both gateways carry flows.
-    for i in 0..16 {
-        let target = if i % 2 == 0 { app_a() } else { app_b() };
-        request(&t, target, &format!("warm {i}"));
-    }
-    let via: std::collections::BTreeSet<String> = nat(&t).iter().map(|f| f["gateway"].as_str().unwrap().to_string()).collect();
-    assert_eq!(via.len(), 2, "flows did not spread over both gateways: {via:?}");
+    ) + "health:\n  intervalSeconds: 1\n  timeoutMilliseconds: 300\n  failureThreshold: 1\n  riseThreshold: 2\n";
+    let cfg = format!("{base}  downGraceSeconds: 3600\n");
+    let _agent = start(&t, &cfg, &["--rescan-seconds", "1"]);
 
-    // 192.0.2.3 dies.
-    t.node2.exec("iptables -t raw -I PREROUTING -d 192.0.2.3 -j DROP");
+    // Connections held through both gateways.
+    let mut held: Vec<(Held, String)> = Vec::new();
+    for i in 0..64 {
+        let target = if i % 2 == 0 { app_a() } else { app_b() };
+        let mut h = Held::open(&t, target);
+        h.exchange("hello");
+        let port = h.s.local_addr().unwrap().port();
+        let gw = gateway_of(&t, port).unwrap_or_else(|| panic!("no flow for local port {port}: {:?}", nat(&t)));
+        held.push((h, gw));
+        let on = |g: &str| held.iter().filter(|(_, x)| x == g).count();
+        if on("192.0.2.2:31674") >= 3 && on("192.0.2.3:31674") >= 3 {
+            break;
+        }
+    }
+    let on_dead = held.iter().filter(|(_, g)| g == "192.0.2.3:31674").count();
+    assert!(on_dead >= 3, "flows did not spread over both gateways: {:?}", nat(&t));
+
+    // 192.0.2.3 stalls new connections: its SYNs are dropped; established ones still flow.
+    t.node2.exec("iptables -t raw -I PREROUTING -d 192.0.2.3 -p tcp --syn -j DROP");
     let down = poll(WAIT, || {
         routes(&t).iter().any(|r| r.2.contains(&"192.0.2.3:31674 down".to_string())).then_some(())
     });
     assert!(down.is_some(), "gateway never marked down: {:?}", routes(&t));
-    assert!(nat(&t).iter().all(|f| f["gateway"] != "192.0.2.3:31674"), "flows pinned to the dead gateway were kept");
+    // Not one held connection was reset or moved.
+    for (i, (h, gw)) in held.iter_mut().enumerate() {
+        h.exchange(&format!("while down {i}"));
+        let port = h.s.local_addr().unwrap().port();
+        assert_eq!(gateway_of(&t, port).as_deref(), Some(gw.as_str()), "a held flow was moved or purged");
+    }
+    // New flows avoid it.
+    let before: usize = nat(&t).iter().filter(|f| f["gateway"] == "192.0.2.3:31674").count();
     for i in 0..16 {
         let target = if i % 2 == 0 { app_a() } else { app_b() };
-        request(&t, target, &format!("after {i}"));
+        request(&t, target, &format!("new {i}"));
     }
-    assert!(nat(&t).iter().all(|f| f["gateway"] == "192.0.2.2:31674"));
+    let after: usize = nat(&t).iter().filter(|f| f["gateway"] == "192.0.2.3:31674").count();
+    assert_eq!(after, before, "a new flow went to the down gateway: {:?}", nat(&t));
+
+    // Past its grace period, the dead gateway's flows are purged.
+    t.write_config(&format!("{base}  downGraceSeconds: 1\n"));
+    let purged = poll(WAIT, || nat(&t).iter().all(|f| f["gateway"] != "192.0.2.3:31674").then_some(()));
+    assert!(purged.is_some(), "flows of a gateway down past its grace period were kept: {:?}", nat(&t));
+    for (i, (h, gw)) in held.iter_mut().enumerate() {
+        if gw == "192.0.2.2:31674" {
+            h.exchange(&format!("live gateway {i}"));
+        }
+    }
 
     // It comes back.
-    t.node2.exec("iptables -t raw -D PREROUTING -d 192.0.2.3 -j DROP");
+    t.node2.exec("iptables -t raw -D PREROUTING -d 192.0.2.3 -p tcp --syn -j DROP");
     let up = poll(WAIT, || routes(&t).iter().all(|r| r.2.iter().all(|g| !g.ends_with("down"))).then_some(()));
     assert!(up.is_some(), "gateway never came back: {:?}", routes(&t));
 }
@@ -299,7 +338,8 @@ fn metrics_health_and_readiness() {
     for needle in [
         "meshnet_datapath_packets_total{event=\"redirected\"}",
         "meshnet_map_entries{map=\"mn_routes_v1\"} 1",
-        "meshnet_map_entries{map=\"mn_nat_fwd_v1\"} 1",
+        "meshnet_map_entries{map=\"mn_nat_fwd_v2\"} 1",
+        "meshnet_datapath_packets_total{event=\"nat_table_full\"} 0",
         "meshnet_gateway_up{peer=\"cluster2\",address=\"192.0.2.2\",port=\"31674\"} 1",
         "meshnet_last_sync_timestamp_seconds",
         "meshnet_attached_interfaces 2",
