@@ -255,8 +255,42 @@ pub struct NatFwd {
     pub peer_id: u32,
     /// `FLOW_*` bits.
     pub flags: u32,
+    /// The pod's interface (host side) the flow was seen on, so that the flows of a pod are
+    /// purged when its interface goes.
+    pub ifindex: u32,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last packet from the pod.
     pub last_seen_ns: u64,
+}
+
+/// [`NatFwd`] as releases before v2 laid it out (in `mn_nat_fwd_v1`), for migration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NatFwdV1 {
+    pub gw_addr_be: u32,
+    pub gw_port_be: u16,
+    pub nat_sport_be: u16,
+    pub peer_id: u32,
+    pub flags: u32,
+    pub last_seen_ns: u64,
+}
+
+impl NatFwdV1 {
+    /// The v2 entry; the interface is unknown (0) until the flow's next packet.
+    #[must_use]
+    pub const fn upgrade(self) -> NatFwd {
+        NatFwd {
+            gw_addr_be: self.gw_addr_be,
+            gw_port_be: self.gw_port_be,
+            nat_sport_be: self.nat_sport_be,
+            peer_id: self.peer_id,
+            flags: self.flags,
+            ifindex: 0,
+            _pad: 0,
+            last_seen_ns: self.last_seen_ns,
+        }
+    }
 }
 
 /// Reverse translation: how to restore a reply.
@@ -294,8 +328,10 @@ impl FlowKey {
 
     /// The forward entry a reverse entry implies: the inverse of [`FlowKey::rev_of_fwd`].
     #[must_use]
-    pub const fn fwd_value_of_rev(rev_key: &FlowKey, rev: &NatRev, now_ns: u64) -> NatFwd {
+    pub const fn fwd_value_of_rev(rev_key: &FlowKey, rev: &NatRev, ifindex: u32, now_ns: u64) -> NatFwd {
         NatFwd {
+            ifindex,
+            _pad: 0,
             gw_addr_be: rev_key.src_be,
             gw_port_be: rev_key.sport_be,
             nat_sport_be: rev_key.dport_be,
@@ -395,8 +431,11 @@ const _: () = {
     assert!(size_of::<PeerGateways>() == 4 + 12 * limits::MAX_GATEWAYS);
     assert!(size_of::<FlowKey>() == 16);
     assert!(offset_of!(FlowKey, proto) == 12);
-    assert!(size_of::<NatFwd>() == 24);
-    assert!(offset_of!(NatFwd, last_seen_ns) == 16);
+    assert!(size_of::<NatFwd>() == 32);
+    assert!(offset_of!(NatFwd, ifindex) == 16);
+    assert!(offset_of!(NatFwd, last_seen_ns) == 24);
+    assert!(size_of::<NatFwdV1>() == 24);
+    assert!(offset_of!(NatFwdV1, last_seen_ns) == 16);
     assert!(size_of::<NatRev>() == 24);
     assert!(offset_of!(NatRev, peer_id) == 12);
     assert!(offset_of!(NatRev, last_seen_ns) == 16);
@@ -414,6 +453,7 @@ mod user {
     unsafe impl aya::Pod for super::PeerGateways {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::NatFwd {}
+    unsafe impl aya::Pod for super::NatFwdV1 {}
     unsafe impl aya::Pod for super::NatRev {}
     unsafe impl aya::Pod for super::PeerName {}
 }

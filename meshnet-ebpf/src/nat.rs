@@ -78,6 +78,10 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             let (fwd, idle, rst_was) = unsafe {
                 let idle = now.saturating_sub((*fwd).last_seen_ns) >= limits::HALF_CHECK_NS;
                 let rst_was = (*fwd).flags & FLOW_RST != 0;
+                if (*fwd).ifindex == 0 {
+                    // Migrated from a release that did not record it.
+                    (*fwd).ifindex = ifindex(ctx);
+                }
                 (*fwd).last_seen_ns = now;
                 note_tcp_flags(&mut (*fwd).flags, l4.tcp_flags, FLOW_FIN_POD);
                 (*fwd, idle, rst_was)
@@ -88,7 +92,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             }
             fwd
         }
-        None => match new_flow(&key, now) {
+        None => match new_flow(&key, ifindex(ctx), now) {
             Ok(Some(fwd)) => fwd,
             Ok(None) => return PASS,
             Err((c, verdict)) => return counted(c, verdict),
@@ -128,7 +132,7 @@ fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
 
 /// The reverse path's counterpart of [`check_rev`].
 #[inline(always)]
-fn check_fwd(rev_key: &FlowKey, rev: &NatRev, now: u64, rst: bool) {
+fn check_fwd(rev_key: &FlowKey, rev: &NatRev, ifindex: u32, now: u64, rst: bool) {
     let key = FlowKey::fwd_of_rev(rev_key, rev);
     match NAT_FWD.get_ptr_mut(&key) {
         // SAFETY: as in egress_from_pod.
@@ -140,7 +144,7 @@ fn check_fwd(rev_key: &FlowKey, rev: &NatRev, now: u64, rst: bool) {
             }
         },
         None => {
-            let fwd = FlowKey::fwd_value_of_rev(rev_key, rev, now);
+            let fwd = FlowKey::fwd_value_of_rev(rev_key, rev, ifindex, now);
             match NAT_FWD.insert(&key, &fwd, BPF_NOEXIST as u64) {
                 Ok(()) => count(Counter::FwdRestored),
                 Err(E2BIG_NEG) => count(Counter::NatTableFull),
@@ -189,7 +193,8 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
     };
     let rst_now = rev.flags & FLOW_RST != 0;
     if idle || rst_was != rst_now {
-        check_fwd(&key, &rev, now, rst_now);
+        // The pod's interface: to_pod runs on the same host-side interface as from_pod.
+        check_fwd(&key, &rev, ifindex(ctx), now, rst_now);
     }
     if rewrite_rev(ctx, &ip, &l4, &rev).is_err() {
         return counted(Counter::RewriteFailed, DROP);
@@ -199,6 +204,13 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
 
 /// `-E2BIG`: what an insert into a full hash map answers.
 const E2BIG_NEG: i32 = -7;
+
+/// The interface the packet is on.
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's `__sk_buff`, valid for the whole program run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
 
 /// The flow timestamp clock (`CLOCK_MONOTONIC`, as the agent's GC reads it).
 #[inline(always)]
@@ -255,7 +267,7 @@ fn note_tcp_flags(flags: &mut u32, tcp: u8, fin: u32) {
 /// Sets up translation for a flow's first packet. `Ok(None)`: not meshnet's to translate.
 /// `Err`: a counter and the verdict to return.
 #[inline(always)]
-fn new_flow(key: &FlowKey, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
+fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
     let Some(route) = ROUTES.get(Key::new(32, key.dst_be)) else {
         return Ok(None);
     };
@@ -313,6 +325,8 @@ fn new_flow(key: &FlowKey, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
         nat_sport_be: key.sport_be,
         peer_id,
         flags: 0,
+        ifindex,
+        _pad: 0,
         last_seen_ns: now,
     };
     let rev = FlowKey::rev_value_of_fwd(key, &fwd, now);

@@ -60,6 +60,8 @@ struct Agent {
     datapath: Datapath,
     maps: ControlMaps,
     attached: BTreeSet<String>,
+    /// The interface index of each attached interface, to purge its pod's flows when it goes.
+    ifindexes: std::collections::BTreeMap<String, u32>,
     health: Health,
     /// Down gateways past their grace period whose flows the last sync purged.
     evicted: BTreeSet<GatewayId>,
@@ -108,6 +110,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         datapath,
         maps,
         attached: BTreeSet::new(),
+        ifindexes: std::collections::BTreeMap::new(),
         health,
         evicted: BTreeSet::new(),
         metrics,
@@ -347,6 +350,9 @@ impl Agent {
                 Ok(how) => {
                     info!(iface, ?how, "attached");
                     self.attached.insert(iface.clone());
+                    if let Ok(idx) = nix::net::if_::if_nametoindex(iface.as_str()) {
+                        self.ifindexes.insert(iface.clone(), idx);
+                    }
                 }
                 Err(e) => warn!(iface, error = %format!("{e:#}"), "attach failed; will retry"),
             }
@@ -356,6 +362,12 @@ impl Agent {
             info!(iface, "interface gone or no longer matching; detaching");
             detach_interface(&self.opts.pins, &iface);
             self.attached.remove(&iface);
+            if let Some(idx) = self.ifindexes.remove(&iface) {
+                let n = self.maps.purge_interface(idx);
+                if n > 0 {
+                    info!(iface, flows = n, "purged the flows of the interface's pod");
+                }
+            }
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
         Ok(())

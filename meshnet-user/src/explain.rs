@@ -738,6 +738,8 @@ fn new_flow(snap: &Snapshot, q: &Query, key: &FlowKey, peer_id: u32, gws: &[Gate
         nat_sport_be: key.sport_be,
         peer_id,
         flags: 0,
+        ifindex: 0,
+        _pad: 0,
         last_seen_ns: 0,
     };
     let sport = u16::from_be(key.sport_be);
@@ -948,6 +950,8 @@ mod tests {
             nat_sport_be: nat_sport.to_be(),
             peer_id: PEER,
             flags: if remapped { FLOW_REMAPPED } else { 0 },
+            ifindex: 0,
+            _pad: 0,
             last_seen_ns,
         };
         let rev = NatRev {

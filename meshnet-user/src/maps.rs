@@ -298,6 +298,17 @@ impl ControlMaps {
         Ok(doomed.len())
     }
 
+    /// Removes the flows first seen on the interface `ifindex` (a pod's, now gone), so that
+    /// they do not hold table room and reply tuples until they time out.
+    pub fn purge_interface(&mut self, ifindex: u32) -> usize {
+        let doomed: Vec<(FlowKey, NatFwd)> =
+            self.nat_fwd.iter().flatten().filter(|(_, f)| f.ifindex == ifindex && ifindex != 0).collect();
+        for (key, fwd) in &doomed {
+            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
+        }
+        doomed.len()
+    }
+
     /// Removes both halves of a flow without ever leaving a forward entry without its
     /// reverse one. The datapath runs concurrently and may re-create the forward entry (a
     /// packet of the flow arrives just then and starts it again, on the tuple it held when

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
-use meshnet_common::{limits, names, Counter, FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
+use meshnet_common::{limits, names, Counter, FlowKey, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue};
 use tracing::{info, warn};
 
 use crate::pins::Pins;
@@ -203,13 +203,17 @@ fn check_migratable(pins: &Pins, spec: &Spec, info: &MapInfo, path: &std::path::
         MapType::Hash => matches!(info.map_type(), Ok(MapType::Hash | MapType::LruHash)),
         other => info.map_type().is_ok_and(|t| t == other),
     };
-    if !ty_ok || info.key_size() != spec.key || info.value_size() != spec.value {
+    // The forward flow value grew in v2 (the pod's interface); v1 entries are converted.
+    let value_ok = info.value_size() == spec.value || (spec.name == names::NAT_FWD && info.value_size() == size::<NatFwdV1>());
+    if !ty_ok || info.key_size() != spec.key || !value_ok {
         return refuse("its key or value layout is not one this build knows how to convert".into());
     }
     if spec.ty == MapType::Hash && spec.name != names::PEERS {
-        // Both flow values are 24 bytes (checked above against this build's layouts).
-        let m = HashMap::<_, FlowKey, [u8; 24]>::try_from(Map::from_map_data(MapData::from_pin(path)?)?)?;
-        let n = m.keys().count() as u64;
+        let map = Map::from_map_data(MapData::from_pin(path)?)?;
+        let n = match info.value_size() {
+            24 => HashMap::<_, FlowKey, [u8; 24]>::try_from(map)?.keys().count(),
+            _ => HashMap::<_, FlowKey, [u8; 32]>::try_from(map)?.keys().count(),
+        } as u64;
         if n > u64::from(spec.max_entries) {
             return refuse(format!(
                 "it holds {n} flows and nat.maxFlows is {}; raise nat.maxFlows to at least {n}",
@@ -238,11 +242,15 @@ fn peer_of_rev(sources: &[Source], pins: &Pins, rev_key: &FlowKey, rev: &NatRev)
     if let Some(f) = open_pinned(pins, names::NAT_FWD).ok().and_then(lookup) {
         return f.peer_id;
     }
+    let lookup_v1 = |m: Map| HashMap::<_, FlowKey, NatFwdV1>::try_from(m).ok().and_then(|h| h.get(&fwd_key, 0).ok());
     sources
         .iter()
         .filter(|s| s.target == names::NAT_FWD)
-        .find_map(|s| as_hash(&s.data).ok().and_then(lookup))
-        .map_or(0, |f| f.peer_id)
+        .find_map(|s| {
+            let f = as_hash(&s.data).ok().and_then(lookup).map(|f| f.peer_id);
+            f.or_else(|| as_hash(&s.data).ok().and_then(lookup_v1).map(|f| f.peer_id))
+        })
+        .unwrap_or(0)
 }
 
 fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Result<usize> {
@@ -250,9 +258,13 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
     let old = as_hash(&s.data)?;
     match s.target {
         t if t == names::NAT_FWD => {
-            let old = HashMap::<_, FlowKey, NatFwd>::try_from(old)?;
             let mut new = HashMap::<_, FlowKey, NatFwd>::try_from(open_pinned(pins, t)?)?;
-            for (k, v) in old.iter().flatten() {
+            let entries: Vec<(FlowKey, NatFwd)> = if s.data.info()?.value_size() == size::<NatFwdV1>() {
+                HashMap::<_, FlowKey, NatFwdV1>::try_from(old)?.iter().flatten().map(|(k, v)| (k, v.upgrade())).collect()
+            } else {
+                HashMap::<_, FlowKey, NatFwd>::try_from(old)?.iter().flatten().collect()
+            };
+            for (k, v) in entries {
                 copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
             }
         }

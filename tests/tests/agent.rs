@@ -202,9 +202,15 @@ fn pods_created_after_start_are_covered() {
     agent.child.wait_for_line("iface=\"vethlate\"", WAIT);
     let reply = late.run(|| peer::tcp_request(app_b(), "late pod")).unwrap();
     assert_eq!(reply, "app 10.245.0.21:8080 got late pod");
-    // And forgotten when it goes.
+    let of_late = |t: &Topology| nat(t).iter().filter(|f| f["pod"].as_str().is_some_and(|p| p.starts_with("10.244.0.30:"))).count();
+    assert_eq!(of_late(&t), 1, "{:?}", nat(&t));
+    let others = nat(&t).len() - 1;
+    // And forgotten when it goes, with its flows.
     t.node1.ip("link del vethlate");
     agent.child.wait_for_line("no longer matching", WAIT);
+    let purged = poll(WAIT, || (of_late(&t) == 0).then_some(()));
+    assert!(purged.is_some(), "the flows of a deleted pod were kept: {:?}", nat(&t));
+    assert_eq!(nat(&t).len(), others, "flows of other pods were purged too");
 }
 
 /// The gateway (address and port) node1's flow from the client's local `port` is pinned to.
@@ -519,9 +525,17 @@ fn downgrade_pins(t: &Topology, planted: (meshnet_common::FlowKey, meshnet_commo
     raw_bpf::create_pinned(&rev_v1, raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
     raw_bpf::create_pinned(&peers_v1, raw_bpf::HASH, 4, u32::try_from(size_of::<PeerGateways>()).unwrap(), 1024, 0);
     raw_bpf::create_pinned(&maps.join(names::STATS), raw_bpf::PERCPU_ARRAY, 4, 8, 11, 0);
-    let mut m = open_hash::<FlowKey, NatFwd>(&fwd_v1);
+    let mut m = open_hash::<FlowKey, meshnet_common::NatFwdV1>(&fwd_v1);
     for (k, v) in fwd.iter().chain([&planted]) {
-        m.insert(k, v, 0).unwrap();
+        let v1 = meshnet_common::NatFwdV1 {
+            gw_addr_be: v.gw_addr_be,
+            gw_port_be: v.gw_port_be,
+            nat_sport_be: v.nat_sport_be,
+            peer_id: v.peer_id,
+            flags: v.flags,
+            last_seen_ns: v.last_seen_ns,
+        };
+        m.insert(k, v1, 0).unwrap();
     }
     let mut m = open_hash::<FlowKey, NatRev>(&rev_v1);
     let planted_rev = FlowKey::rev_value_of_fwd(&planted.0, &planted.1, planted.1.last_seen_ns);

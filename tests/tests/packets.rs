@@ -1141,6 +1141,7 @@ fn a_new_flow_records_forward_and_reverse_state() {
     assert_eq!(f.nat_sport_be.to_ne_bytes(), 40000u16.to_be_bytes());
     assert_eq!(f.peer_id, peer_id("cluster2"));
     assert_eq!(f.flags, 0);
+    assert_ne!(f.ifindex, 0, "the pod's interface is recorded");
     assert_ne!(f.last_seen_ns, 0);
 
     let rev = h.nat_rev();
