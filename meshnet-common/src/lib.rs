@@ -121,10 +121,13 @@ pub enum Counter {
     /// A packet to a remote CIDR that could not be parsed (malformed or truncated IPv4 or
     /// L4 header); dropped rather than sent untranslated.
     RemoteParseError = 14,
+    /// An ICMP error (destination unreachable, fragmentation needed, time exceeded) about a
+    /// translated flow, translated back so that the pod's socket sees it.
+    IcmpErrorTranslated = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -141,6 +144,7 @@ impl Counter {
         Counter::RevRestored,
         Counter::FwdRestored,
         Counter::RemoteParseError,
+        Counter::IcmpErrorTranslated,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -162,10 +166,12 @@ impl Counter {
             Counter::RevRestored => "rev_restored",
             Counter::FwdRestored => "fwd_restored",
             Counter::RemoteParseError => "remote_parse_error",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
         }
     }
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 

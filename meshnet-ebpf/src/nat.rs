@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use meshnet_common::{
     gateway_start, limits, remap_port, Counter, FlowKey, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
-    FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_UDP,
+    FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_ICMP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -162,6 +162,9 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         Ok(None) => return PASS,
         Err(bad) => return counted(bad.counter, PASS),
     };
+    if ip.proto == IPPROTO_ICMP {
+        return icmp_to_pod(ctx, &ip);
+    }
     let l4 = match parse::ports(ctx, &ip) {
         Ok(Some(l4)) => l4,
         Ok(None) => return PASS,
@@ -200,6 +203,62 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         return counted(Counter::RewriteFailed, DROP);
     }
     counted(Counter::ReverseTranslated, DONE)
+}
+
+/// An ICMP error about a translated flow quotes the packet as it left: `pod:wire port ->
+/// gateway:NodePort`. No socket of the pod matches that, so "fragmentation needed" would
+/// never reach PMTU discovery, and unreachables would be lost. The quoted header is
+/// translated back as the flow's replies are (Cilium's
+/// `snat_v4_rev_nat_handle_icmp_frag_needed`, Katran's `handle_icmp.h`): the quoted
+/// destination becomes the remote pod, the quoted ports the pod's own and the remote pod's,
+/// with the quoted IP checksum and the ICMP checksum fixed. The outer header stays: Linux
+/// matches an ICMP error to its socket by the quoted header, whoever sent it.
+#[inline(always)]
+fn icmp_to_pod(ctx: &TcContext, ip: &Ipv4) -> i32 {
+    let e = match parse::icmp_error(ctx, ip) {
+        Ok(Some(e)) => e,
+        Ok(None) => return PASS,
+        Err(c) => return counted(c, PASS),
+    };
+    // The reply tuple of the quoted flow.
+    let key = FlowKey {
+        src_be: e.inner_daddr_be,
+        dst_be: e.inner_saddr_be,
+        sport_be: e.inner_dport_be,
+        dport_be: e.inner_sport_be,
+        proto: e.inner_proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    let Some(rev) = (unsafe { NAT_REV.get(&key) }).copied() else {
+        return PASS;
+    };
+    if e.inner_saddr_be != ip.daddr_be {
+        // Quotes a packet another host sent: not about this pod's flow.
+        return PASS;
+    }
+    if rewrite_icmp(ctx, &e, &rev).is_err() {
+        return counted(Counter::RewriteFailed, DROP);
+    }
+    counted(Counter::IcmpErrorTranslated, DONE)
+}
+
+#[inline(always)]
+fn rewrite_icmp(ctx: &TcContext, e: &parse::IcmpError, rev: &NatRev) -> Result<(), i64> {
+    let inner_off = e.inner_off & 0xff;
+    let inner_csum_off = inner_off + 10;
+    let (old_addr, new_addr) = (e.inner_daddr_be as u64, rev.remote_addr_be as u64);
+    ctx.l3_csum_replace(inner_csum_off, old_addr, new_addr, 4)?;
+    let new_csum = parse::load_u16(ctx, inner_csum_off).ok_or(-1_i64)?;
+    let new_ports = parse::ports_word(rev.pod_port_be, rev.remote_port_be);
+    // The ICMP checksum covers the quoted bytes (no pseudo-header): every changed word.
+    let icmp_csum_off = e.icmp_csum_off & 0x7f;
+    ctx.l4_csum_replace(icmp_csum_off, e.inner_csum as u64, new_csum as u64, 2)?;
+    ctx.l4_csum_replace(icmp_csum_off, old_addr, new_addr, 4)?;
+    ctx.l4_csum_replace(icmp_csum_off, e.inner_ports as u64, new_ports as u64, 4)?;
+    ctx.store(inner_off + 16, &rev.remote_addr_be, 0)?;
+    ctx.store(inner_off + 20, &new_ports, 0)?;
+    Ok(())
 }
 
 /// `-E2BIG`: what an insert into a full hash map answers.

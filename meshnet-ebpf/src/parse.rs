@@ -219,3 +219,84 @@ pub fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
     let d = dport_be.to_ne_bytes();
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }
+
+/// ICMP types whose message quotes the packet it is about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_HLEN: usize = 8;
+
+/// An ICMP error quoting a TCP or UDP packet: the quoted header's offsets and tuple.
+pub struct IcmpError {
+    /// Offset of the ICMP checksum.
+    pub icmp_csum_off: usize,
+    /// Offset of the quoted IPv4 header.
+    pub inner_off: usize,
+    pub inner_proto: u8,
+    pub inner_saddr_be: u32,
+    pub inner_daddr_be: u32,
+    /// The quoted ports as one word in wire order.
+    pub inner_ports: u32,
+    pub inner_sport_be: u16,
+    pub inner_dport_be: u16,
+    pub inner_csum: u16,
+}
+
+/// Parses an ICMP destination-unreachable or time-exceeded message that quotes a TCP or UDP
+/// packet (an IPv4 header without options and at least the 8 bytes with the ports).
+/// `Ok(None)`: any other ICMP message.
+#[inline(always)]
+pub fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<IcmpError>, Counter> {
+    if !ip.has_l4 || ip.is_fragment {
+        return Ok(None);
+    }
+    let l4_off = ip.l4_off & 0x7f;
+    let need = l4_off + ICMP_HLEN + IP_MIN_HLEN + 8;
+    if need > ip.end {
+        return Ok(None);
+    }
+    ensure(ctx, need)?;
+    // Bounds-checked from the pointer itself, with a constant length, which is the form
+    // every verifier follows.
+    let p = ctx.data() + l4_off;
+    if p + ICMP_HLEN + IP_MIN_HLEN + 8 > ctx.data_end() {
+        return Err(Counter::Truncated);
+    }
+    let p = p as *const u8;
+    // SAFETY: the check above covers `need` bytes from the start of the packet, which is
+    // the ICMP header, the quoted IPv4 header and 8 bytes after it.
+    unsafe {
+        let ty = *p;
+        if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED {
+            return Ok(None);
+        }
+        let inner = p.add(ICMP_HLEN);
+        let inner_proto = *inner.add(9);
+        if *inner != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
+            return Ok(None);
+        }
+        let inner_ports = core::ptr::read_unaligned(inner.add(IP_MIN_HLEN).cast::<u32>());
+        let b = inner_ports.to_ne_bytes();
+        Ok(Some(IcmpError {
+            icmp_csum_off: l4_off + 2,
+            inner_off: l4_off + ICMP_HLEN,
+            inner_proto,
+            inner_saddr_be: core::ptr::read_unaligned(inner.add(12).cast::<u32>()),
+            inner_daddr_be: core::ptr::read_unaligned(inner.add(16).cast::<u32>()),
+            inner_ports,
+            inner_sport_be: u16::from_ne_bytes([b[0], b[1]]),
+            inner_dport_be: u16::from_ne_bytes([b[2], b[3]]),
+            inner_csum: core::ptr::read_unaligned(inner.add(10).cast::<u16>()),
+        }))
+    }
+}
+
+/// Reads the 16-bit word at `off` (bounds-checked, for a checksum just rewritten).
+#[inline(always)]
+pub fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
+    let start = ctx.data();
+    if start + off + 2 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: checked to lie inside the packet.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const u16) })
+}

@@ -13,6 +13,10 @@
 //!    a peer without a UDP `NodePort`); none up: dropped;
 //! 4. the reply tuple (`mn_nat_rev_v2`): when another flow holds it, the first free port of
 //!    [`remap_port`]'s candidates; none free: dropped;
+//!
+//! On the way back, `meshnet_to_pod` also translates ICMP errors about translated flows
+//! (`icmp_error_translated`); the `--proto icmp` explanation says so.
+//!
 //! 5. a new flow in a full table (`nat.maxFlows` flows) is dropped and counted `nat_table_full`:
 //!    established flows are never evicted for it.
 
@@ -528,7 +532,9 @@ fn unsupported_proto(snap: &Snapshot, q: &Query, ex: &mut Explanation) {
         format!(
             "dropped: meshnet translates only TCP and UDP (by their ports) and {} has no port; sent as it is, it would \
              leave by the default route still addressed to a remote pod. Malformed or truncated TCP/UDP to a remote \
-             CIDR is dropped the same way (counted malformed or truncated, and remote_parse_error)",
+             CIDR is dropped the same way (counted malformed or truncated, and remote_parse_error). The other way, ICMP \
+             errors (unreachable, fragmentation needed, time exceeded) about a translated flow are translated back \
+             before they reach the pod (icmp_error_translated)",
             q.proto.as_str().to_uppercase()
         ),
     );
@@ -1046,6 +1052,7 @@ mod tests {
         assert_eq!(e.verdict, Verdict::DropUnsupportedProto);
         assert_eq!(e.counters, ["unsupported_proto"]);
         assert!(e.action.contains("only TCP and UDP"), "{}", e.action);
+        assert!(e.action.contains("icmp_error_translated"), "{}", e.action);
         let e = explain(&s, &query("10.244.0.10", "10.244.0.20:1", Proto::Icmp));
         assert_eq!(e.verdict, Verdict::PassNotMeshnet);
     }

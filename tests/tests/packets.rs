@@ -1369,3 +1369,75 @@ fn an_rst_followed_by_traffic_does_not_doom_the_flow() {
     h.expect("final RST", TO_POD, &pkt(gw, pod, L4::Tcp(RST | ACK), b""), OK, &[("reverse_translated", 1)]);
     assert_eq!(flags(&h), (FLOW_RST, FLOW_RST));
 }
+
+// ---------------------------------------------------------------------------------------
+// ICMP errors about translated flows
+// ---------------------------------------------------------------------------------------
+
+/// A router between the nodes (a VPN hop with a smaller MTU, say).
+const ROUTER: [u8; 4] = [192, 0, 2, 254];
+
+/// An ICMP error from `ROUTER` to the pod quoting the first 28 bytes (IPv4 header and 8 L4
+/// bytes) of `quoted`, a whole frame.
+fn icmp_error(icmp: etherparse::Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(HOST_MAC, POD_MAC)
+        .ipv4(ROUTER, POD, 64)
+        .icmpv4(icmp)
+        .write(&mut out, &quoted[ETH_HLEN..ETH_HLEN + 28])
+        .unwrap();
+    out
+}
+
+/// "Fragmentation needed", port unreachable and time exceeded about translated flows reach
+/// the pod quoting the packet as the pod sent it (remote pod address and ports, the pod's
+/// own port even when remapped), with valid quoted IP and ICMP checksums; the result must
+/// equal, byte for byte, what etherparse builds from the untranslated quote.
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    use etherparse::{icmpv4, Icmpv4Type};
+    let h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    h.expect("SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    // A colliding UDP flow, so that one quote carries a remapped port.
+    let (upod, ua, ub) = ((POD, 5000), (REMOTE, 53), (REMOTE2, 53));
+    h.expect("UDP a", FROM_POD, &pkt(upod, ua, L4::Udp, b"q"), OK, &[("redirected", 1)]);
+    h.expect("UDP b", FROM_POD, &pkt(upod, ub, L4::Udp, b"q"), OK, &[("redirected", 1), ("port_remap", 1)]);
+    let fb = h.fwd_of(&flow_key(upod, ub, IPPROTO_UDP));
+    let wire = u16::from_be(fb.nat_sport_be);
+    assert_ne!(wire, 5000);
+
+    let frag_needed = Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let port_unreach = Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port);
+    let ttl = Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
+    let tcp_sent = pkt(pod, gw, L4::Tcp(ACK | PSH), PAYLOAD);
+    let tcp_pod = pkt(pod, remote, L4::Tcp(ACK | PSH), PAYLOAD);
+    for (what, icmp) in [("fragmentation needed", frag_needed.clone()), ("time exceeded", ttl)] {
+        let out = h.expect(what, TO_POD, &icmp_error(icmp.clone(), &tcp_sent), OK, &[("icmp_error_translated", 1)]);
+        assert_bytes_eq(what, &out, &icmp_error(icmp, &tcp_pod));
+    }
+
+    // UDP: the quoted UDP checksum is left as it was (nothing checks it), so the expected
+    // quote carries the original one.
+    let udp_sent = pkt((POD, wire), (GW, GW_UDP), L4::Udp, b"q");
+    let mut udp_pod = pkt(upod, ub, L4::Udp, b"q");
+    let csum = ETH_HLEN + 20 + 6;
+    udp_pod[csum..csum + 2].copy_from_slice(&udp_sent[csum..csum + 2]);
+    let out = h.expect("port unreachable", TO_POD, &icmp_error(port_unreach.clone(), &udp_sent), OK, &[("icmp_error_translated", 1)]);
+    assert_bytes_eq("port unreachable", &out, &icmp_error(port_unreach, &udp_pod));
+
+    // Not about a translated flow, or not an error: unchanged.
+    let others = [
+        ("about a flow meshnet does not know", icmp_error(frag_needed.clone(), &pkt((POD, 40001), gw, L4::Tcp(ACK), b""))),
+        ("about a local flow", icmp_error(frag_needed, &pkt(pod, (LOCAL_POD, 80), L4::Tcp(ACK), b""))),
+        ("an echo reply", pkt((REMOTE, 1), (POD, 1), L4::Icmp, b"pong")),
+    ];
+    for (what, input) in &others {
+        h.expect_unchanged(what, TO_POD, input, &[]);
+    }
+    // Cut short before the quoted ports: not translated.
+    let cut = icmp_error(Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port), &tcp_sent);
+    let mut short = cut[..cut.len() - 4].to_vec();
+    edit_ip_header(&mut short, |ip| ip.total_len -= 4);
+    h.expect_unchanged("truncated quote", TO_POD, &short, &[]);
+}
