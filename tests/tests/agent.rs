@@ -216,7 +216,7 @@ fn pods_created_after_start_are_covered() {
 /// The gateway (address and port) node1's flow from the client's local `port` is pinned to.
 fn gateway_of(t: &Topology, port: u16) -> Option<String> {
     let suffix = format!(":{port}");
-    nat(&t).iter().find(|f| f["pod"].as_str().is_some_and(|p| p.ends_with(&suffix))).map(|f| f["gateway"].as_str().unwrap().to_string())
+    nat(t).iter().find(|f| f["pod"].as_str().is_some_and(|p| p.ends_with(&suffix))).map(|f| f["gateway"].as_str().unwrap().to_string())
 }
 
 /// A gateway that stops accepting new connections is marked down: new flows avoid it, the
