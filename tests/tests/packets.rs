@@ -1441,3 +1441,45 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
     edit_ip_header(&mut short, |ip| ip.total_len -= 4);
     h.expect_unchanged("truncated quote", TO_POD, &short, &[]);
 }
+
+// ---------------------------------------------------------------------------------------
+// The agent's GC against the real maps
+// ---------------------------------------------------------------------------------------
+
+fn gc_config(closed_secs: u64) -> meshnet::config::GcConfig {
+    use std::time::Duration;
+    meshnet::config::GcConfig {
+        udp_timeout: Duration::from_secs(120),
+        tcp_closed_timeout: Duration::from_secs(closed_secs),
+        tcp_timeout: Duration::from_secs(86_400),
+        interval: Duration::from_secs(5),
+    }
+}
+
+/// GC never leaves a forward entry without its reverse one: a live flow found without its
+/// reverse half gets it back, and expiring a flow removes both halves.
+#[test]
+fn gc_restores_a_missing_reverse_half_and_expires_whole_flows() {
+    let mut h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    h.expect("SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    let rk = flow_key(gw, pod, IPPROTO_TCP);
+    let rev = h.rev_of(&rk);
+    h.maps.nat_rev.remove(&rk).unwrap();
+    let now = meshnet::dump::monotonic_ns();
+    let report = h.maps.expire(now, &gc_config(10));
+    assert_eq!((report.flows, report.revs_restored), (0, 1));
+    assert_eq!(h.flow_counts(), (1, 1));
+    assert_eq!(NatRev { last_seen_ns: 0, ..h.rev_of(&rk) }, NatRev { last_seen_ns: 0, ..rev });
+
+    // A stray RST followed by traffic: the flow is not closed, so the closed timeout does not
+    // apply to it.
+    h.expect("stray RST", TO_POD, &pkt(gw, pod, L4::Tcp(RST), b""), OK, &[("reverse_translated", 1)]);
+    h.expect("data", FROM_POD, &pkt(pod, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
+    let later = meshnet::dump::monotonic_ns() + 5_000_000_000;
+    assert_eq!(h.maps.expire(later, &gc_config(1)).flows, 0, "a flow with traffic after a stray RST was expired");
+    // A RST that is the last word: expired after the closed timeout, both halves at once.
+    h.expect("final RST", TO_POD, &pkt(gw, pod, L4::Tcp(RST), b""), OK, &[("reverse_translated", 1)]);
+    assert_eq!(h.maps.expire(later, &gc_config(1)).flows, 1);
+    assert_eq!(h.flow_counts(), (0, 0));
+}
