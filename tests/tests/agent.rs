@@ -624,3 +624,38 @@ fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
     assert!(text.contains("cannot be used by this build") && text.contains(names::NAT_REV), "{text}");
     assert_eq!(aya::maps::MapInfo::from_pin(&rev).unwrap().value_size(), 8, "the refused map was replaced");
 }
+
+/// The flow table filled to 150 % of `nat.maxFlows` with new flows while 100 TCP
+/// connections are held: every held connection keeps working, the new flows past the
+/// table's size are refused and counted, and doctor warns.
+#[test]
+fn a_full_flow_table_refuses_new_flows_and_held_connections_live_on() {
+    const MAX: usize = 1024;
+    const HELD: usize = 100;
+    let t = Topology::new(Options::default());
+    let cfg = format!("{}nat:\n  maxFlows: {MAX}\n", node1_config(POD_INTERFACES));
+    let _agent = start(&t, &cfg, &[]);
+    let mut held: Vec<Held> = (0..HELD).map(|i| Held::open(&t, if i % 2 == 0 { app_a() } else { app_b() })).collect();
+    for (i, h) in held.iter_mut().enumerate() {
+        h.exchange(&format!("hello {i}"));
+    }
+    // New UDP flows, one datagram each from its own port, to 150 % of the table.
+    let new = MAX * 3 / 2;
+    t.client.run(move || {
+        for i in 0..new {
+            let port = 20_000 + u16::try_from(i).unwrap();
+            let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+            s.send_to(b"fill", app_a()).unwrap();
+        }
+    });
+    let refused = HELD + new - MAX;
+    let counted = poll(WAIT, || (t.counter("nat_table_full") >= refused as u64).then_some(()));
+    assert!(counted.is_some(), "nat_table_full is {}, expected {refused}", t.counter("nat_table_full"));
+    assert_eq!(t.counter("nat_table_full"), refused as u64);
+    assert_eq!(nat(&t).len(), MAX);
+    for (i, h) in held.iter_mut().enumerate() {
+        h.exchange(&format!("still here {i}"));
+    }
+    let doctor = t.meshnet("doctor");
+    assert!(doctor.stdout.contains("flow table") && doctor.stdout.contains("nat_table_full"), "{}", doctor.stdout);
+}
