@@ -23,8 +23,8 @@ use crate::{
 /// Verdict for traffic meshnet does not own: let the next tc program (or tcx link) decide.
 pub const PASS: i32 = TC_ACT_UNSPEC;
 /// Verdict for a packet meshnet translated.
-const DONE: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DONE: i32 = TC_ACT_OK;
+const DROP: i32 = TC_ACT_SHOT;
 
 /// `from_pod`: what a pod sends.
 #[inline(always)]
@@ -70,7 +70,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
         _pad: [0; 3],
     };
     let now = now_ns();
-    let fwd = match NAT_FWD.get_ptr_mut(&key) {
+    let fwd = match NAT_FWD.get_ptr_mut(key) {
         Some(fwd) => {
             // SAFETY: a map value pointer from a successful lookup of a map whose elements are
             // freed only after an RCU grace period; concurrent writers only touch the
@@ -110,7 +110,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
     let rev_key = FlowKey::rev_of_fwd(key, fwd);
-    match NAT_REV.get_ptr_mut(&rev_key) {
+    match NAT_REV.get_ptr_mut(rev_key) {
         // SAFETY: as in egress_from_pod.
         Some(rev) => unsafe {
             if rst {
@@ -121,7 +121,7 @@ fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
         },
         None => {
             let rev = FlowKey::rev_value_of_fwd(key, fwd, now);
-            match NAT_REV.insert(&rev_key, &rev, BPF_NOEXIST as u64) {
+            match NAT_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
                 Ok(()) => count(Counter::RevRestored),
                 Err(E2BIG_NEG) => count(Counter::NatTableFull),
                 Err(_) => {}
@@ -134,7 +134,7 @@ fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
 #[inline(always)]
 fn check_fwd(rev_key: &FlowKey, rev: &NatRev, ifindex: u32, now: u64, rst: bool) {
     let key = FlowKey::fwd_of_rev(rev_key, rev);
-    match NAT_FWD.get_ptr_mut(&key) {
+    match NAT_FWD.get_ptr_mut(key) {
         // SAFETY: as in egress_from_pod.
         Some(fwd) => unsafe {
             if rst {
@@ -145,7 +145,7 @@ fn check_fwd(rev_key: &FlowKey, rev: &NatRev, ifindex: u32, now: u64, rst: bool)
         },
         None => {
             let fwd = FlowKey::fwd_value_of_rev(rev_key, rev, ifindex, now);
-            match NAT_FWD.insert(&key, &fwd, BPF_NOEXIST as u64) {
+            match NAT_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
                 Ok(()) => count(Counter::FwdRestored),
                 Err(E2BIG_NEG) => count(Counter::NatTableFull),
                 Err(_) => {}
@@ -178,7 +178,7 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let Some(rev) = NAT_REV.get_ptr_mut(&key) else {
+    let Some(rev) = NAT_REV.get_ptr_mut(key) else {
         return PASS;
     };
     if ip.is_fragment {
@@ -230,7 +230,7 @@ fn icmp_to_pod(ctx: &TcContext, ip: &Ipv4) -> i32 {
         _pad: [0; 3],
     };
     // SAFETY: a read-only copy of a value from a successful lookup.
-    let Some(rev) = (unsafe { NAT_REV.get(&key) }).copied() else {
+    let Some(rev) = (unsafe { NAT_REV.get(key) }).copied() else {
         return PASS;
     };
     if e.inner_saddr_be != ip.daddr_be {
@@ -334,7 +334,7 @@ fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Co
     // SAFETY: PEERS is only replaced whole by user space. It is not preallocated, so the
     // kernel swaps in a new element and frees the old one only after this RCU read section:
     // the value read here is never torn.
-    let Some(peer) = (unsafe { PEERS.get(&peer_id) }) else {
+    let Some(peer) = (unsafe { PEERS.get(peer_id) }) else {
         return Err((Counter::NoLiveGateway, DROP));
     };
     let n = if peer.count as usize > limits::MAX_GATEWAYS {
@@ -414,7 +414,7 @@ fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Co
         Claim::Taken => return Err((Counter::NatInsertFailed, DROP)),
         Claim::Full => return Err((Counter::NatTableFull, DROP)),
     };
-    match NAT_FWD.insert(key, &fwd, BPF_NOEXIST as u64) {
+    match NAT_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
         Ok(()) => Ok(Some(fwd)),
         Err(e) => {
             // Another CPU created this flow meanwhile: both picked the same gateway and port
@@ -424,7 +424,7 @@ fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Co
                 return Ok(Some(*cur));
             }
             if inserted_rev {
-                let _ = NAT_REV.remove(&rev_key);
+                let _ = NAT_REV.remove(rev_key);
             }
             Err((if e == E2BIG_NEG { Counter::NatTableFull } else { Counter::NatInsertFailed }, DROP))
         }
