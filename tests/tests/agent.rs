@@ -688,3 +688,30 @@ fn pmtu_discovery_works_through_a_smaller_mtu_lan() {
     assert_eq!(reply.len(), format!("app {target} got \n").len() + (1 << 20), "the 1 MB echo came back short");
     assert!(t.counter("icmp_error_translated") > before, "no ICMP error was translated: PMTU discovery did not run");
 }
+
+/// A gateway NodePort that nobody serves: TCP is refused at once (the node's RST is restored
+/// like any reply), and UDP gets the node's "port unreachable" translated back, so the pod's
+/// connected socket sees ECONNREFUSED instead of waiting for a timeout.
+#[test]
+fn an_unserved_nodeport_fails_fast_with_the_pod_seeing_the_unreachable() {
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES)
+        .replace(&format!("port: {}", topo::NODEPORT_TCP), "port: 31698")
+        .replace(&format!("udpPort: {}", topo::NODEPORT_UDP), "udpPort: 31699")
+        + "health:\n  enabled: false\n";
+    let _agent = start(&t, &cfg, &[]);
+    let target = app_a();
+    let tcp = t.client.run(move || TcpStream::connect_timeout(&target.into(), IO_TIMEOUT).map(|_| ()));
+    assert_eq!(tcp.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    let before = t.counter("icmp_error_translated");
+    let udp = t.client.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.connect(target).unwrap();
+        s.send(b"anyone?").unwrap();
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).map(|_| ())
+    });
+    assert_eq!(udp.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(t.counter("icmp_error_translated"), before + 1);
+}
