@@ -677,7 +677,7 @@ fn pmtu_discovery_works_through_a_smaller_mtu_lan() {
         let mut s = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT).unwrap();
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        write!(s, "TO {target}\n").unwrap();
+        writeln!(s, "TO {target}").unwrap();
         let msg = "x".repeat(1 << 20);
         s.write_all(msg.as_bytes()).unwrap();
         s.write_all(b"\n").unwrap();
