@@ -825,7 +825,8 @@ fn claim_reply(rev_map: &HashMap<FlowKey, NatRev>, key: &FlowKey, mut rev_key: F
         )),
         Holder::Same => ex.step(format!(
             "reply tuple {} already restores this very flow (its forward entry was lost): it is reused, so the flow \
-             keeps its gateway and port",
+             keeps its gateway and port (a reply after 1 s idle would have re-created the forward entry too, counted \
+             fwd_restored)",
             reply.tuple
         )),
         Holder::Other(other) => {
