@@ -40,8 +40,13 @@ pub mod names {
     /// can name peers without a running agent or its config.
     pub const PEER_NAMES: &str = "mn_names_v1";
 
+    /// LRU hash: an IPv4 datagram being fragmented (src, dst, IP id, proto) → the ports its
+    /// first fragment carried, so that later fragments follow the same translation. LRU is
+    /// right here: an entry lives for one datagram, and losing one loses only that datagram.
+    pub const FRAGS: &str = "mn_frags_v1";
+
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 6] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES];
+    pub const ALL_MAPS: [&str; 7] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
     /// and specific because a netlink tc filter is found again by its name.
@@ -62,6 +67,8 @@ pub mod limits {
     /// Gateways per peer. One peer value holds them all so that a gateway set changes in
     /// one atomic map update.
     pub const MAX_GATEWAYS: usize = 8;
+    /// Datagrams being fragmented at once, per node.
+    pub const MAX_FRAGS: u32 = 8192;
     /// Default flow-state size; the config overrides it.
     pub const DEFAULT_NAT_ENTRIES: u32 = 65_536;
     /// A flow idle at least this long has its other half checked (and re-created if it is
@@ -102,8 +109,8 @@ pub enum Counter {
     Malformed = 6,
     /// A packet too short for the headers it claims.
     Truncated = 7,
-    /// An IPv4 fragment of a flow meshnet would translate; dropped whole (never half
-    /// translated).
+    /// A later IPv4 fragment to a remote CIDR whose first fragment was not seen (it arrived
+    /// first, or its flow could not be set up); dropped, never sent untranslated.
     FragmentDropped = 8,
     /// A packet from a pod to a remote CIDR with a protocol other than TCP or UDP (ping
     /// included); dropped, since it cannot be translated and must not leave untranslated.
@@ -124,10 +131,12 @@ pub enum Counter {
     /// An ICMP error (destination unreachable, fragmentation needed, time exceeded) about a
     /// translated flow, translated back so that the pod's socket sees it.
     IcmpErrorTranslated = 15,
+    /// A later IPv4 fragment (without L4 header) translated like its first fragment.
+    FragmentTranslated = 16,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -145,6 +154,7 @@ impl Counter {
         Counter::FwdRestored,
         Counter::RemoteParseError,
         Counter::IcmpErrorTranslated,
+        Counter::FragmentTranslated,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -167,6 +177,7 @@ impl Counter {
             Counter::FwdRestored => "fwd_restored",
             Counter::RemoteParseError => "remote_parse_error",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::FragmentTranslated => "fragment_translated",
         }
     }
 }
@@ -236,6 +247,27 @@ pub struct FlowKey {
     pub dport_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+/// Key of `mn_frags_v1`: one IPv4 datagram as RFC 791 identifies its fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `mn_frags_v1`: the ports of the datagram's first fragment, as it arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
 }
 
 /// [`NatFwd::flags`] / [`NatRev::flags`]: a FIN was seen from the pod.
@@ -441,6 +473,8 @@ const _: () = {
     assert!(offset_of!(NatFwd, ifindex) == 16);
     assert!(offset_of!(NatFwd, last_seen_ns) == 24);
     assert!(size_of::<NatFwdV1>() == 24);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragPorts>() == 4);
     assert!(offset_of!(NatFwdV1, last_seen_ns) == 16);
     assert!(size_of::<NatRev>() == 24);
     assert!(offset_of!(NatRev, peer_id) == 12);
@@ -460,6 +494,8 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::NatFwd {}
     unsafe impl aya::Pod for super::NatFwdV1 {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragPorts {}
     unsafe impl aya::Pod for super::NatRev {}
     unsafe impl aya::Pod for super::PeerName {}
 }

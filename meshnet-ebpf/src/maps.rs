@@ -4,9 +4,9 @@
 use aya_ebpf::{
     macros::map,
     bindings::BPF_F_NO_PREALLOC,
-    maps::{HashMap, LpmTrie, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
-use meshnet_common::{limits, Counter, FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
+use meshnet_common::{limits, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
 
 // The `name = "..."` strings must equal meshnet_common::names; the attribute takes a
 // literal, so user space checks every name in the loaded object against those constants.
@@ -31,6 +31,9 @@ pub static NAT_FWD: HashMap<FlowKey, NatFwd> =
 #[map(name = "mn_nat_rev_v2")]
 pub static NAT_REV: HashMap<FlowKey, NatRev> =
     HashMap::with_max_entries(limits::DEFAULT_NAT_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "mn_frags_v1")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(limits::MAX_FRAGS, 0);
 
 /// Written and read by user space only; it lives in the object so that the loader creates
 /// and pins it with the others.

@@ -5,18 +5,18 @@
 //! trie is only walked for a flow's first packet and for traffic meshnet does not own.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use meshnet_common::{
-    gateway_start, limits, remap_port, Counter, FlowKey, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
+    gateway_start, limits, remap_port, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
     FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_ICMP, IPPROTO_UDP,
 };
 
 use crate::{
-    maps::{count, NAT_FWD, NAT_REV, PEERS, ROUTES},
+    maps::{count, FRAGS, NAT_FWD, NAT_REV, PEERS, ROUTES},
     parse::{self, Ipv4, Ports, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -41,11 +41,9 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             };
         }
     };
-    if ip.is_fragment {
-        // Only the first fragment carries the ports that pick the flow's gateway and port, so
-        // a fragmented datagram cannot be translated consistently without reassembly: drop
-        // every fragment bound for a remote CIDR rather than let one through half-translated.
-        return if is_remote(ip.daddr_be) { counted(Counter::FragmentDropped, DROP) } else { PASS };
+    if !ip.has_l4 {
+        // A later fragment: it follows its first fragment's translation.
+        return later_fragment_fwd(ctx, &ip);
     }
     let l4 = match parse::ports(ctx, &ip) {
         Ok(Some(l4)) => l4,
@@ -101,7 +99,78 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     if rewrite_fwd(ctx, &ip, &l4, &fwd).is_err() {
         return counted(Counter::RewriteFailed, DROP);
     }
+    if ip.is_fragment {
+        // The first fragment carries the ports; the rest of the datagram finds them here.
+        remember_fragment(&ip, &l4);
+    }
     counted(Counter::Redirected, DONE)
+}
+
+/// Records the ports of a first fragment under the datagram's identity (as it arrived).
+#[inline(always)]
+fn remember_fragment(ip: &Ipv4, l4: &Ports) {
+    let key = FragKey { src_be: ip.saddr_be, dst_be: ip.daddr_be, id_be: ip.id_be, proto: ip.proto, _pad: 0 };
+    let _ = FRAGS.insert(&key, &FragPorts { sport_be: l4.sport_be, dport_be: l4.dport_be }, BPF_ANY as u64);
+}
+
+/// The ports of the datagram a later fragment belongs to, from its first fragment.
+#[inline(always)]
+fn fragment_ports(ip: &Ipv4) -> Option<FragPorts> {
+    let key = FragKey { src_be: ip.saddr_be, dst_be: ip.daddr_be, id_be: ip.id_be, proto: ip.proto, _pad: 0 };
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    unsafe { FRAGS.get(&key) }.copied()
+}
+
+/// A later fragment from a pod: only its destination address changes (the ports, which a
+/// remap may change, are in the first fragment). Without its first fragment it cannot be
+/// told which flow it belongs to: dropped if bound for a remote CIDR.
+#[inline(always)]
+fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
+    let fwd = fragment_ports(ip).and_then(|p| {
+        let key = FlowKey {
+            src_be: ip.saddr_be,
+            dst_be: ip.daddr_be,
+            sport_be: p.sport_be,
+            dport_be: p.dport_be,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        // SAFETY: as above.
+        unsafe { NAT_FWD.get(&key) }.copied()
+    });
+    let Some(fwd) = fwd else {
+        return if is_remote(ip.daddr_be) { counted(Counter::FragmentDropped, DROP) } else { PASS };
+    };
+    let (old, new) = (ip.daddr_be as u64, fwd.gw_addr_be as u64);
+    if ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4).is_err() || ctx.store(IP_DST_OFF, &fwd.gw_addr_be, 0).is_err() {
+        return counted(Counter::RewriteFailed, DROP);
+    }
+    counted(Counter::FragmentTranslated, DONE)
+}
+
+/// A later fragment of a reply: only its source address changes back.
+#[inline(always)]
+fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
+    let rev = fragment_ports(ip).and_then(|p| {
+        let key = FlowKey {
+            src_be: ip.saddr_be,
+            dst_be: ip.daddr_be,
+            sport_be: p.sport_be,
+            dport_be: p.dport_be,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        // SAFETY: as above.
+        unsafe { NAT_REV.get(&key) }.copied()
+    });
+    let Some(rev) = rev else {
+        return PASS;
+    };
+    let (old, new) = (ip.saddr_be as u64, rev.remote_addr_be as u64);
+    if ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4).is_err() || ctx.store(IP_SRC_OFF, &rev.remote_addr_be, 0).is_err() {
+        return counted(Counter::RewriteFailed, DROP);
+    }
+    counted(Counter::FragmentTranslated, DONE)
 }
 
 /// The forward path's look at the reverse half, on the first packet after an idle spell or
@@ -165,6 +234,9 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
     if ip.proto == IPPROTO_ICMP {
         return icmp_to_pod(ctx, &ip);
     }
+    if !ip.has_l4 {
+        return later_fragment_rev(ctx, &ip);
+    }
     let l4 = match parse::ports(ctx, &ip) {
         Ok(Some(l4)) => l4,
         Ok(None) => return PASS,
@@ -182,8 +254,8 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         return PASS;
     };
     if ip.is_fragment {
-        // The first fragment of a reply to a translated flow; the rest cannot be matched.
-        return counted(Counter::FragmentDropped, DROP);
+        // The first fragment of a reply: the rest of the datagram finds its ports here.
+        remember_fragment(&ip, &l4);
     }
     let now = now_ns();
     // SAFETY: as in egress_from_pod.

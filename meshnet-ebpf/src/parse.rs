@@ -55,6 +55,8 @@ pub struct Ipv4 {
     pub daddr_be: u32,
     /// MF set or a non-zero offset.
     pub is_fragment: bool,
+    /// The IP identification, which ties the fragments of a datagram together.
+    pub id_be: u16,
     /// Offset zero: the fragment (or whole packet) that carries the L4 header.
     pub has_l4: bool,
     pub l4_off: usize,
@@ -133,7 +135,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
     ensure(ctx, ETH_HLEN + IP_MIN_HLEN)?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::Truncated)?;
     // SAFETY: as above.
-    let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be) = unsafe {
+    let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be, id_be) = unsafe {
         (
             (*ip).ver_ihl,
             u16::from_be((*ip).tot_len_be) as usize,
@@ -141,6 +143,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
             (*ip).proto,
             (*ip).saddr_be,
             (*ip).daddr_be,
+            (*ip).id_be,
         )
     };
     let bad = |counter| BadIpv4 { counter, daddr_be: Some(daddr_be) };
@@ -162,6 +165,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
         saddr_be,
         daddr_be,
         is_fragment,
+        id_be,
         has_l4,
         l4_off: ETH_HLEN + ihl,
         end: ETH_HLEN + tot_len,

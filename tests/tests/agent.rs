@@ -715,3 +715,25 @@ fn an_unserved_nodeport_fails_fast_with_the_pod_seeing_the_unreachable() {
     assert_eq!(udp.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
     assert_eq!(t.counter("icmp_error_translated"), before + 1);
 }
+
+/// 8 KB UDP datagrams, fragmented on the way out and on the way back, cross both ways.
+#[test]
+fn large_udp_datagrams_cross_both_ways_fragmented() {
+    let t = Topology::new(Options::default());
+    let _agent = start(&t, &node1_config(POD_INTERFACES), &[]);
+    let target = app_a();
+    let msg = "u".repeat(8192);
+    let m = msg.clone();
+    let reply = t.client.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.send_to(format!("TO {target}\n{m}").as_bytes(), target).unwrap();
+        let mut buf = vec![0u8; 65_536];
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        assert_eq!(from, std::net::SocketAddr::V4(target), "the reply's source was not restored");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    });
+    assert_eq!(reply, format!("app {target} got {msg}"));
+    assert!(t.counter("fragment_translated") >= 10, "the datagrams were not fragmented: {}", t.counter("fragment_translated"));
+    assert_eq!(t.counter("fragment_dropped"), 0);
+}

@@ -809,28 +809,45 @@ fn malformed_variants(good: &[u8]) -> Vec<(String, Vec<u8>)> {
 // 7: fragments
 // ---------------------------------------------------------------------------------------
 
+/// A fragmented datagram to a remote pod is translated fragment by fragment: the first one
+/// (with the ports) like any packet of its flow, the later ones by the ports their first
+/// fragment carried (tracked by source, destination, IP id and protocol). A later fragment
+/// whose first fragment was not seen is dropped and counted; replies come back the same way.
 #[test]
-fn fragments_to_remote_pods_are_dropped() {
+fn fragments_to_remote_pods_are_translated() {
     let h = Harness::new(CONFIG);
     let big = [0xab_u8; 64];
-    let remote_cases: Vec<(&str, Vec<u8>)> = vec![
-        ("first UDP fragment", first_fragment((POD, 5000), (REMOTE, 53), L4::Udp, &big)),
-        ("last UDP fragment", later_fragment(POD, REMOTE, IpNumber::UDP, 9, false, &big)),
-        ("middle UDP fragment", later_fragment(POD, REMOTE, IpNumber::UDP, 9, true, &big)),
-        ("first TCP fragment", first_fragment((POD, 40000), (REMOTE, 8080), L4::Tcp(ACK), &big)),
-        ("later TCP fragment", later_fragment(POD, REMOTE, IpNumber::TCP, 185, false, &big)),
-    ];
-    for (what, input) in &remote_cases {
-        h.expect(what, FROM_POD, input, SHOT, &[("fragment_dropped", 1)]);
+    let (pod, remote, gw) = ((POD, 5000), (REMOTE, 53), (GW, GW_UDP));
+
+    // A later fragment before its first: dropped, and it creates no state.
+    let early = later_fragment(POD, REMOTE, IpNumber::UDP, 9, false, &big);
+    h.expect("later fragment before the first", FROM_POD, &early, SHOT, &[("fragment_dropped", 1)]);
+    assert_eq!(h.flow_counts(), (0, 0));
+
+    let first = first_fragment(pod, remote, L4::Udp, &big);
+    let out = h.expect("first UDP fragment", FROM_POD, &first, OK, &[("redirected", 1)]);
+    assert_bytes_eq("first UDP fragment", &out, &first_fragment(pod, gw, L4::Udp, &big));
+    for (what, offset, more) in [("middle UDP fragment", 9, true), ("last UDP fragment", 18, false)] {
+        let input = later_fragment(POD, REMOTE, IpNumber::UDP, offset, more, &big);
+        let out = h.expect(what, FROM_POD, &input, OK, &[("fragment_translated", 1)]);
+        assert_bytes_eq(what, &out, &later_fragment(POD, GW, IpNumber::UDP, offset, more, &big));
+        checked_ip(&out);
     }
-    assert_eq!(h.counter("fragment_dropped"), remote_cases.len() as u64);
-    assert_eq!(h.flow_counts(), (0, 0), "a dropped fragment must create no flow");
+    assert_eq!(h.flow_counts(), (1, 1));
+
+    // The reply, fragmented too.
+    let reply_first = first_fragment(gw, pod, L4::Udp, &big);
+    let out = h.expect("first reply fragment", TO_POD, &reply_first, OK, &[("reverse_translated", 1)]);
+    assert_bytes_eq("first reply fragment", &out, &first_fragment(remote, pod, L4::Udp, &big));
+    let reply_last = later_fragment(GW, POD, IpNumber::UDP, 9, false, &big);
+    let out = h.expect("last reply fragment", TO_POD, &reply_last, OK, &[("fragment_translated", 1)]);
+    assert_bytes_eq("last reply fragment", &out, &later_fragment(REMOTE, POD, IpNumber::UDP, 9, false, &big));
 
     let other_cases: Vec<(&str, Vec<u8>)> = vec![
         ("first fragment to a local pod", first_fragment((POD, 5000), (LOCAL_POD, 53), L4::Udp, &big)),
         ("later fragment to a local pod", later_fragment(POD, LOCAL_POD, IpNumber::UDP, 9, false, &big)),
         ("later fragment to an unrelated address", later_fragment(POD, ELSEWHERE, IpNumber::UDP, 9, true, &big)),
-        ("to_pod: later fragment from a gateway", later_fragment(GW, POD, IpNumber::UDP, 9, false, &big)),
+        ("to_pod: later fragment of an unknown datagram", later_fragment(GW2, POD, IpNumber::UDP, 9, false, &big)),
     ];
     for (what, input) in &other_cases {
         let prog = if what.starts_with("to_pod") { TO_POD } else { FROM_POD };
@@ -838,15 +855,16 @@ fn fragments_to_remote_pods_are_dropped() {
     }
 
     // DF alone is not a fragment: translated.
-    let df = pkt((POD, 5000), (REMOTE, 53), L4::Udp, &big);
+    let df = pkt((POD, 5001), (REMOTE, 53), L4::Udp, &big);
     assert!(Ipv4HeaderSlice::from_slice(&df[ETH_HLEN..]).unwrap().dont_fragment());
     let out = h.expect("DF set", FROM_POD, &df, OK, &[("redirected", 1)]);
-    assert_translated("DF set", &out, &pkt((POD, 5000), (GW, GW_UDP), L4::Udp, &big), (POD, 5000), (GW, GW_UDP));
+    assert_translated("DF set", &out, &pkt((POD, 5001), (GW, GW_UDP), L4::Udp, &big), (POD, 5001), (GW, GW_UDP));
+}
 
-    // The first fragment of a reply to that (now translated) flow cannot be translated
-    // whole either: dropped.
-    let reply = first_fragment((GW, GW_UDP), (POD, 5000), L4::Udp, &big);
-    h.expect("to_pod: first fragment of a reply", TO_POD, &reply, SHOT, &[("fragment_dropped", 1)]);
+/// The IPv4 header checksum of a frame is valid.
+fn checked_ip(frame: &[u8]) {
+    let ip = Ipv4HeaderSlice::from_slice(&frame[ETH_HLEN..]).unwrap();
+    assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum(), "IPv4 header checksum");
 }
 
 // ---------------------------------------------------------------------------------------
