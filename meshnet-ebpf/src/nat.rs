@@ -110,7 +110,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn remember_fragment(ip: &Ipv4, l4: &Ports) {
     let key = FragKey { src_be: ip.saddr_be, dst_be: ip.daddr_be, id_be: ip.id_be, proto: ip.proto, _pad: 0 };
-    let _ = FRAGS.insert(&key, &FragPorts { sport_be: l4.sport_be, dport_be: l4.dport_be }, BPF_ANY as u64);
+    let _ = FRAGS.insert(key, FragPorts { sport_be: l4.sport_be, dport_be: l4.dport_be }, BPF_ANY as u64);
 }
 
 /// The ports of the datagram a later fragment belongs to, from its first fragment.
@@ -118,7 +118,7 @@ fn remember_fragment(ip: &Ipv4, l4: &Ports) {
 fn fragment_ports(ip: &Ipv4) -> Option<FragPorts> {
     let key = FragKey { src_be: ip.saddr_be, dst_be: ip.daddr_be, id_be: ip.id_be, proto: ip.proto, _pad: 0 };
     // SAFETY: a read-only copy of a value from a successful lookup.
-    unsafe { FRAGS.get(&key) }.copied()
+    unsafe { FRAGS.get(key) }.copied()
 }
 
 /// A later fragment from a pod: only its destination address changes (the ports, which a
@@ -136,7 +136,7 @@ fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
             _pad: [0; 3],
         };
         // SAFETY: as above.
-        unsafe { NAT_FWD.get(&key) }.copied()
+        unsafe { NAT_FWD.get(key) }.copied()
     });
     let Some(fwd) = fwd else {
         return if is_remote(ip.daddr_be) { counted(Counter::FragmentDropped, DROP) } else { PASS };
@@ -161,7 +161,7 @@ fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
             _pad: [0; 3],
         };
         // SAFETY: as above.
-        unsafe { NAT_REV.get(&key) }.copied()
+        unsafe { NAT_REV.get(key) }.copied()
     });
     let Some(rev) = rev else {
         return PASS;
