@@ -6,6 +6,9 @@
 
 use std::{env, fs, path::PathBuf};
 
+#[path = "src/objcheck.rs"]
+mod objcheck;
+
 fn main() {
     println!("cargo:rerun-if-env-changed=MESHNET_EBPF_OBJECT");
     println!("cargo:rerun-if-env-changed=MESHNET_EBPF_STUB");
@@ -19,12 +22,26 @@ fn main() {
         PathBuf::from,
     );
     println!("cargo:rerun-if-changed={}", src.display());
-    if let Err(e) = fs::copy(&src, &out) {
+    let object = fs::read(&src).unwrap_or_else(|e| {
         panic!(
             "\n\nmeshnet embeds its eBPF object, which is missing at {} ({e}).\n\
              Build it first with `cargo xtask build-ebpf` (after `cargo xtask setup` on a new machine),\n\
              or set MESHNET_EBPF_STUB=1 for a check-only build.\n\n",
             src.display()
-        );
+        )
+    });
+    match objcheck::functions_without_exit(&object) {
+        Ok(bad) if bad.is_empty() => {}
+        Ok(bad) => {
+            let list: Vec<String> = bad.iter().map(|(f, op)| format!("{f} (ends in opcode {op:#04x})")).collect();
+            panic!(
+                "\n\nthe eBPF object at {} would be refused by the kernel (\"last insn is not an exit or jmp\"): \
+                 {}.\nRebuild it with `cargo xtask build-ebpf`, which uses the release profile.\n\n",
+                src.display(),
+                list.join(", ")
+            );
+        }
+        Err(e) => panic!("\n\nthe eBPF object at {} is unreadable: {e}\n\n", src.display()),
     }
+    fs::write(&out, &object).unwrap();
 }

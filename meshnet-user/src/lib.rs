@@ -10,5 +10,8 @@ pub mod explain;
 pub mod health;
 pub mod maps;
 pub mod metrics;
+pub mod migrate;
 pub mod netlink;
+#[cfg(test)]
+mod objcheck;
 pub mod pins;

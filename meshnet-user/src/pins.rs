@@ -7,9 +7,6 @@ use meshnet_common::names;
 /// The default pin directory on a node.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/meshnet";
 
-/// `statfs` magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 #[derive(Debug, Clone)]
 pub struct Pins {
     root: PathBuf,
@@ -78,17 +75,34 @@ impl Pins {
         self.links_dir().join(format!("{safe}@{}", dir.as_str()))
     }
 
+    /// The directory whose filesystem decides where pins land: the root itself, or before
+    /// the agent first creates it, its nearest existing ancestor.
+    #[must_use]
+    pub fn probe_dir(&self) -> Option<&Path> {
+        self.root.ancestors().find(|a| a.exists())
+    }
+
     /// Creates the directory tree; fails with a fix when the root is not on a bpffs.
+    ///
+    /// The filesystem is checked before anything is created: on a node without a bpffs,
+    /// `/sys/fs/bpf` is a sysfs directory that refuses `mkdir` with EPERM, which says
+    /// nothing about the missing mount, and on a writable filesystem the check would come
+    /// after a stray directory had been left behind.
     pub fn prepare(&self) -> anyhow::Result<()> {
         use anyhow::Context as _;
-        std::fs::create_dir_all(&self.root)
-            .with_context(|| format!("creating pin directory {}", self.root.display()))?;
-        if !is_bpffs(&self.root)? {
+        let probe = self
+            .probe_dir()
+            .with_context(|| format!("no part of the pin path {} exists", self.root.display()))?;
+        if !is_bpffs(probe)? {
+            let at = if probe == self.root {
+                self.root.display().to_string()
+            } else {
+                format!("{} (checked at {}, the nearest existing directory)", self.root.display(), probe.display())
+            };
             anyhow::bail!(
-                "{} is not on a bpffs, so pinned maps and links would not survive the agent; \
+                "{at} is not on a bpffs, so pinned maps and links would not survive the agent; \
                  mount one with `mount -t bpf bpf /sys/fs/bpf` (see docs/kernel-upgrade.md) or \
-                 pass --pin-path DIR on a bpffs",
-                self.root.display()
+                 pass --pin-path DIR on a bpffs"
             );
         }
         for d in [self.maps_dir(), self.links_dir()] {
@@ -102,7 +116,60 @@ impl Pins {
 pub fn is_bpffs(path: &Path) -> anyhow::Result<bool> {
     let st = nix::sys::statfs::statfs(path)
         .map_err(|e| anyhow::anyhow!("statfs {}: {e}", path.display()))?;
-    Ok(st.filesystem_type().0 == BPF_FS_MAGIC)
+    Ok(st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of this test's own under the temp dir (not a bpffs), removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("meshnet-pins-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn off_bpffs_is_refused_before_anything_is_created() {
+        let s = Scratch::new("off");
+        assert!(!is_bpffs(&s.0).unwrap(), "the temp dir is a bpffs here; the test needs one that is not");
+        let pins = Pins::new(s.0.join("a/meshnet"));
+        let err = format!("{:#}", pins.prepare().unwrap_err());
+        assert!(err.contains("is not on a bpffs"), "{err}");
+        assert!(err.contains(&format!("checked at {}", s.0.display())), "{err}");
+        assert!(err.contains("mount -t bpf bpf /sys/fs/bpf"), "{err}");
+        assert!(!s.0.join("a").exists(), "prepare created directories off a bpffs");
+    }
+
+    #[test]
+    fn existing_dir_off_bpffs_is_refused() {
+        let s = Scratch::new("existing");
+        let err = format!("{:#}", Pins::new(&s.0).prepare().unwrap_err());
+        assert!(err.starts_with(&format!("{} is not on a bpffs", s.0.display())), "{err}");
+        assert!(!s.0.join("maps").exists());
+    }
+
+    /// A node without a bpffs mounted: /sys/fs/bpf is then a plain sysfs directory, where
+    /// `mkdir` answers EPERM. The error must name the missing bpffs, not the mkdir.
+    #[test]
+    fn sysfs_without_bpffs_names_the_missing_mount() {
+        let absent = Path::new("/sys/fs").join(format!("meshnet-absent-{}", std::process::id()));
+        assert!(Path::new("/sys/fs").is_dir() && !absent.exists());
+        let err = format!("{:#}", Pins::new(absent.join("meshnet")).prepare().unwrap_err());
+        assert!(err.contains("is not on a bpffs") && err.contains("checked at /sys/fs,"), "{err}");
+        assert!(!err.contains("Operation not permitted") && !err.contains("creating"), "{err}");
+    }
 }
 
 /// An exclusive hold on a pin directory, released when dropped (or when the process dies,

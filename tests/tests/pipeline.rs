@@ -211,3 +211,27 @@ fn bad_config_fails_before_touching_anything() {
     assert!(!fs.pin_path().exists(), "a bad config still created pins");
     assert_eq!(attached(&p), (false, false));
 }
+
+/// No bpffs at the pin path: the agent says so, with the fix, before it creates anything,
+/// both on a writable filesystem and under /sys/fs, where a node without the mount has a
+/// sysfs directory that refuses `mkdir` (EPERM).
+#[test]
+fn missing_bpffs_is_named_before_anything_is_created() {
+    require_root();
+    let p = pair();
+    let dir = TempDir::new();
+    let cfg = dir.0.join("c.yaml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let sysfs_pin = Path::new("/sys/fs").join(format!("meshnet-absent-{}", std::process::id())).join("meshnet");
+    assert!(!sysfs_pin.parent().unwrap().exists());
+    for (pin, probed) in [(dir.0.join("bpf/meshnet"), dir.0.clone()), (sysfs_pin, "/sys/fs".into())] {
+        let out = meshnet(&p.node, &format!("agent --config {} --pin-path {}", cfg.display(), pin.display()));
+        assert!(!out.ok, "the agent started without a bpffs at {}", pin.display());
+        let want = format!("{} (checked at {}, the nearest existing directory) is not on a bpffs", pin.display(), probed.display());
+        assert!(out.stderr.contains(&want), "no `{want}` in:\n{}", out.stderr);
+        assert!(out.stderr.contains("mount -t bpf bpf /sys/fs/bpf"), "no fix in:\n{}", out.stderr);
+        assert!(!out.stderr.contains("Operation not permitted"), "{}", out.stderr);
+        assert!(!pin.parent().unwrap().exists(), "the agent created {} off a bpffs", pin.parent().unwrap().display());
+        assert_eq!(attached(&p), (false, false));
+    }
+}

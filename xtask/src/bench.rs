@@ -36,14 +36,12 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     if !ebpf_prerequisites().is_empty() || !missing_apt_packages().is_empty() {
         setup()?;
     }
-    build_ebpf(true)?;
+    build_ebpf()?;
     let mut variants = Vec::new();
     for v in VARIANTS {
-        variants.push((v, build_ebpf_variant(true, Some(v))?));
+        variants.push((v, build_ebpf_variant(Some(v))?));
     }
-    run(cargo().args([
-        "build",
-        "--locked",
+    run(cargo("build").args([
         "--release",
         "-p",
         "meshnet",

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | build-static | test | demo | bench`.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -13,13 +13,19 @@ mod bench;
 mod manifests;
 mod vm;
 
-const NIGHTLY: &str = "nightly";
+/// Where the eBPF side's toolchain is pinned (a dated nightly): `rust-toolchain.toml` makes a
+/// plain `cargo build` in meshnet-ebpf/ take the same one that xtask names explicitly.
+const EBPF_TOOLCHAIN_FILE: &str = "meshnet-ebpf/rust-toolchain.toml";
 const BPF_LINKER_VERSION: &str = "0.10.0";
+/// The target of the one binary shipped for nodes: statically linked against musl, so it
+/// runs on any distribution's userland (CentOS 7's glibc 2.17 included) and in an empty
+/// image.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Debian packages the tests and the demo run: ip/bridge (iproute2), the CNI-style
 /// masquerade and kube-proxy-style NodePort rules (iptables), checksum offload switches
-/// (ethtool), mount/umount (mount), and the throughput load generator of the benchmarks
-/// (iperf3).
-const APT_PACKAGES: [&str; 5] = ["iproute2", "iptables", "ethtool", "mount", "iperf3"];
+/// (ethtool), mount/umount (mount), the throughput load generator of the benchmarks
+/// (iperf3), and musl-gcc for the C parts (ring) of the static build (musl-tools).
+const APT_PACKAGES: [&str; 6] = ["iproute2", "iptables", "ethtool", "mount", "iperf3", "musl-tools"];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "meshnet's project tasks")]
@@ -32,14 +38,20 @@ struct Cli {
 enum Task {
     /// Install what building and testing need, and say what was done. Idempotent.
     Setup,
-    /// Build the eBPF object (needs `cargo xtask setup` once).
+    /// Build the eBPF object into target/ebpf/meshnet.bpf.o, where the `meshnet` build embeds
+    /// it from (needs `cargo xtask setup` once). Always the release profile: the kernel
+    /// refuses what the debug profile makes.
     BuildEbpf {
-        /// Build with the release profile (LTO).
+        /// Accepted for older scripts: the release profile is the only one.
         #[arg(long)]
         release: bool,
     },
+    /// Build the node artifact: the eBPF object, then `meshnet` statically linked for
+    /// x86_64-unknown-linux-musl at target/x86_64-unknown-linux-musl/release/meshnet.
+    BuildStatic,
     /// Set up if needed, build everything, and run every test (root required): on the host,
-    /// then the datapath tests in VMs on the kernel matrix (see xtask/src/vm.rs).
+    /// then the pipeline tests again against the static binary, then the datapath tests in
+    /// VMs on the kernel matrix (see xtask/src/vm.rs).
     Test {
         #[command(flatten)]
         vm: vm::VmArgs,
@@ -69,7 +81,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup(),
-        Task::BuildEbpf { release } => build_ebpf(release).map(|_| ()),
+        Task::BuildEbpf { release: _ } => build_ebpf().map(|_| ()),
+        Task::BuildStatic => build_static().map(|_| ()),
         Task::Test { args, vm } => vm::test(&args, &vm, test),
         Task::Demo => demo(),
         Task::Bench { quick, only, out_dir } => bench::bench(&bench::Options { quick, only, out_dir }),
@@ -119,23 +132,67 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// The eBPF side's pinned toolchain, from its `rust-toolchain.toml` (the one place it is
+/// named): the dated nightly, and the `rustc --version` line that build prints.
+struct EbpfPin {
+    channel: String,
+    rustc: String,
+}
+
+fn ebpf_pin() -> anyhow::Result<EbpfPin> {
+    let path = root_dir().join(EBPF_TOOLCHAIN_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_pin(&text).with_context(|| format!("{} needs `channel = \"...\"` and `# rustc: ...` lines", path.display()))
+}
+
+fn parse_pin(toml: &str) -> Option<EbpfPin> {
+    let channel = toml.lines().find_map(|l| {
+        let (key, value) = l.split_once('=')?;
+        (key.trim() == "channel").then(|| value.trim().trim_matches('"').to_string())
+    })?;
+    let rustc = toml.lines().find_map(|l| l.strip_prefix("# rustc: "))?.trim().to_string();
+    Some(EbpfPin { channel, rustc })
+}
+
+/// The installed toolchain to build the eBPF side with: the pinned one, or, where only an
+/// undated `nightly` is installed (and the pinned one cannot be fetched), that one when it
+/// is the very same build. Any other compiler is refused, so the object never changes under
+/// the same source without the pin changing.
+fn ebpf_toolchain() -> anyhow::Result<String> {
+    let pin = ebpf_pin()?;
+    let version = |t: &str| output(clean(Command::new("rustup")).args(["run", t, "rustc", "--version"])).map(|v| v.trim().to_string());
+    match version(&pin.channel) {
+        Some(v) if v == pin.rustc => return Ok(pin.channel),
+        Some(v) => bail!("{} reports `{v}`, but {EBPF_TOOLCHAIN_FILE} expects `{}`", pin.channel, pin.rustc),
+        None => {}
+    }
+    if version("nightly").as_deref() == Some(pin.rustc.as_str()) {
+        return Ok("nightly".to_string());
+    }
+    bail!("the Rust toolchain {} (or a `nightly` that is `{}`)", pin.channel, pin.rustc)
+}
+
 /// What is missing for an eBPF build, each with how to get it.
 fn ebpf_prerequisites() -> Vec<(String, String)> {
     let mut missing = Vec::new();
-    let nightly = output(clean(Command::new("rustup")).args(["run", NIGHTLY, "rustc", "--version"]));
-    if nightly.is_none() {
-        missing.push((
-            "the nightly Rust toolchain".to_string(),
-            "this machine kind ships one; elsewhere: rustup toolchain install nightly".to_string(),
-        ));
-    } else {
-        let comps = output(clean(Command::new("rustup")).args(["component", "list", "--toolchain", NIGHTLY, "--installed"]))
-            .unwrap_or_default();
-        if !comps.lines().any(|l| l.starts_with("rust-src")) {
-            missing.push((
-                "rust-src for the nightly toolchain".to_string(),
-                format!("rustup component add rust-src --toolchain {NIGHTLY}"),
-            ));
+    let pin = match ebpf_pin() {
+        Ok(p) => p,
+        Err(e) => return vec![(format!("{e:#}"), format!("git checkout {EBPF_TOOLCHAIN_FILE}"))],
+    };
+    match ebpf_toolchain() {
+        Err(e) => missing.push((
+            format!("{e:#}"),
+            format!("rustup toolchain install {} --profile minimal --component rust-src", pin.channel),
+        )),
+        Ok(nightly) => {
+            let comps = output(clean(Command::new("rustup")).args(["component", "list", "--toolchain", &nightly, "--installed"]))
+                .unwrap_or_default();
+            if !comps.lines().any(|l| l.starts_with("rust-src")) {
+                missing.push((
+                    format!("rust-src for {nightly}"),
+                    format!("rustup component add rust-src --toolchain {nightly}"),
+                ));
+            }
         }
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
@@ -146,6 +203,24 @@ fn ebpf_prerequisites() -> Vec<(String, String)> {
         ));
     }
     missing
+}
+
+/// What is missing for the static build: the musl target of the toolchain that builds the
+/// workspace (musl-gcc comes with the Debian packages).
+fn static_prerequisites() -> Vec<(String, String)> {
+    // Named explicitly: setup runs its commands without the outer cargo's RUSTUP_TOOLCHAIN.
+    let toolchain = output(Command::new("rustup").current_dir(root_dir()).args(["show", "active-toolchain"]))
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "stable".to_string());
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed", "--toolchain", &toolchain]))
+        .unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == STATIC_TARGET) {
+        return Vec::new();
+    }
+    vec![(
+        format!("the Rust target {STATIC_TARGET} for {toolchain}"),
+        format!("rustup target add --toolchain {toolchain} {STATIC_TARGET}"),
+    )]
 }
 
 fn missing_apt_packages() -> Vec<&'static str> {
@@ -161,14 +236,16 @@ fn missing_apt_packages() -> Vec<&'static str> {
 
 fn setup() -> anyhow::Result<()> {
     let mut did = Vec::new();
-    for (what, how) in ebpf_prerequisites() {
+    for (what, how) in ebpf_prerequisites().into_iter().chain(static_prerequisites()) {
         println!("xtask setup: installing {what}: {how}");
         let mut parts = how.split_whitespace();
         let program = parts.next().unwrap();
         if program != "rustup" && program != "cargo" {
             bail!("{what} is missing and cannot be installed here: {how}");
         }
-        run(clean(Command::new(program)).args(parts))
+        // Run from the repository root: a `rustup target add` is for the toolchain that
+        // builds the workspace.
+        run(clean(Command::new(program)).current_dir(root_dir()).args(parts))
             .with_context(|| format!("installing {what}; install it by hand with `{how}`"))?;
         did.push(what);
     }
@@ -192,7 +269,7 @@ fn setup() -> anyhow::Result<()> {
     did.extend(manifests::setup(&root_dir(), is_root())?);
     // QEMU, virtme-ng and the kernels of the VM matrix (see vm.rs).
     did.extend(vm::setup(is_root())?);
-    let left = ebpf_prerequisites();
+    let left: Vec<_> = ebpf_prerequisites().into_iter().chain(static_prerequisites()).collect();
     if !left.is_empty() {
         bail!("still missing after setup: {}", left.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(", "));
     }
@@ -206,35 +283,38 @@ fn setup() -> anyhow::Result<()> {
 
 /// Builds the eBPF object and copies it to target/ebpf/meshnet.bpf.o, where meshnet's
 /// build.rs embeds it from.
-fn build_ebpf(release: bool) -> anyhow::Result<PathBuf> {
-    build_ebpf_variant(release, None)
+fn build_ebpf() -> anyhow::Result<PathBuf> {
+    build_ebpf_variant(None)
 }
 
 /// Builds the eBPF object, or with `feature` a variant of it (into its own target dir and
 /// file, target/ebpf/meshnet-FEATURE.bpf.o).
-fn build_ebpf_variant(release: bool, feature: Option<&str>) -> anyhow::Result<PathBuf> {
+///
+/// Always with the release profile, the one every test loads: the debug profile's object
+/// was once refused by the kernel ("last insn is not an exit or jmp", from core's panic
+/// paths that debug assertions kept), and a second profile would be a second object to test.
+fn build_ebpf_variant(feature: Option<&str>) -> anyhow::Result<PathBuf> {
     let missing = ebpf_prerequisites();
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|(w, h)| format!("  - {w} (`{h}`)")).collect();
         bail!("the eBPF build needs:\n{}\nRun `cargo xtask setup` to install them.", list.join("\n"));
     }
+    let nightly = ebpf_toolchain()?;
     let root = root_dir();
     let dir = root.join("meshnet-ebpf");
     let mut cmd = clean(Command::new("rustup"));
     cmd.current_dir(&dir).args([
         "run",
-        NIGHTLY,
+        &nightly,
         "cargo",
         "build",
         "--locked",
+        "--release",
         "-Z",
         "build-std=core",
         "--target",
         "bpfel-unknown-none",
     ]);
-    if release {
-        cmd.arg("--release");
-    }
     let target_dir = match feature {
         Some(f) => {
             cmd.args(["--features", f]);
@@ -244,26 +324,55 @@ fn build_ebpf_variant(release: bool, feature: Option<&str>) -> anyhow::Result<Pa
     };
     cmd.arg("--target-dir").arg(&target_dir);
     run(&mut cmd).context("building the eBPF object")?;
-    let profile = if release { "release" } else { "debug" };
-    let built = target_dir.join("bpfel-unknown-none").join(profile).join("meshnet");
+    let built = target_dir.join("bpfel-unknown-none/release/meshnet");
     let dest_dir = root.join("target/ebpf");
     std::fs::create_dir_all(&dest_dir)?;
     let dest = dest_dir.join(feature.map_or_else(|| "meshnet.bpf.o".to_string(), |f| format!("meshnet-{f}.bpf.o")));
-    std::fs::copy(&built, &dest).with_context(|| format!("copying {}", built.display()))?;
+    let object = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // An unchanged object keeps its mtime, so that build.rs (rerun-if-changed) does not
+    // make cargo rebuild meshnet and every test for nothing; a changed one goes in through
+    // a rename, so that a build embedding it never reads half of it.
+    if std::fs::read(&dest).ok().as_deref() != Some(object.as_slice()) {
+        let tmp = dest.with_extension(format!("o.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, &object).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    }
     println!("xtask: eBPF object at {}", dest.display());
     Ok(dest)
 }
 
-fn cargo() -> Command {
+/// `cargo SUBCOMMAND --locked` from the repository root: every cargo run of xtask builds
+/// with the versions in Cargo.lock.
+fn cargo(subcommand: &str) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root_dir());
+    cmd.current_dir(root_dir()).args([subcommand, "--locked"]);
     cmd
 }
 
 /// Builds the `meshnet` binary with the object embedded; returns its path.
 fn build_meshnet() -> anyhow::Result<PathBuf> {
-    run(cargo().args(["build", "--locked", "-p", "meshnet", "--bin", "meshnet"]))?;
+    run(cargo("build").args(["-p", "meshnet", "--bin", "meshnet"]))?;
     Ok(root_dir().join("target/debug/meshnet"))
+}
+
+/// The static `meshnet` for nodes: release profile, musl, the release eBPF object
+/// embedded. Returns its path.
+fn build_static() -> anyhow::Result<PathBuf> {
+    let missing: Vec<_> = static_prerequisites().into_iter().chain(ebpf_prerequisites()).collect();
+    let no_musl_gcc = output(Command::new("musl-gcc").arg("--version")).is_none();
+    if !missing.is_empty() || no_musl_gcc {
+        let mut list: Vec<String> = missing.iter().map(|(w, h)| format!("  - {w} (`{h}`)")).collect();
+        if no_musl_gcc {
+            list.push("  - musl-gcc, for ring's C code (Debian: `apt-get install musl-tools`)".to_string());
+        }
+        bail!("the static build needs:\n{}\nRun `cargo xtask setup` to install them.", list.join("\n"));
+    }
+    build_ebpf()?;
+    run(cargo("build").args(["--release", "-p", "meshnet", "--bin", "meshnet", "--target", STATIC_TARGET]))
+        .context("building the static meshnet")?;
+    let bin = root_dir().join("target").join(STATIC_TARGET).join("release/meshnet");
+    println!("xtask: static meshnet at {}", bin.display());
+    Ok(bin)
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
@@ -277,39 +386,51 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 }
 
 fn prepare() -> anyhow::Result<PathBuf> {
-    if !ebpf_prerequisites().is_empty() || !missing_apt_packages().is_empty() || manifests::missing(&root_dir()) {
+    if !ebpf_prerequisites().is_empty()
+        || !static_prerequisites().is_empty()
+        || !missing_apt_packages().is_empty()
+        || manifests::missing(&root_dir())
+    {
         setup()?;
     }
-    build_ebpf(true)?;
+    build_ebpf()?;
     build_meshnet()
 }
 
-/// The whole suite on the host's kernel.
+/// The host suite's tests that run a second time against the static binary: they start
+/// `meshnet` as a process (MESHNET_BIN), so they exercise the shipped artifact itself:
+/// loading with and without kernel BTF, both attach paths, the bpffs checks, `detach`.
+const STATIC_SMOKE_TESTS: [&str; 1] = ["pipeline"];
+
+/// The whole suite on the host's kernel, then its smoke tests against the static binary.
 fn test(args: &[String]) -> anyhow::Result<vm::Counts> {
     require_root("test")?;
     let bin = prepare()?;
     // A build with different program instructions, for the upgrade-under-a-live-flow test.
-    let canary = build_ebpf_variant(true, Some("upgrade-canary"))?;
-    let mut cmd = cargo();
-    cmd.args(["test", "--locked", "--workspace", "--no-fail-fast"])
+    let canary = build_ebpf_variant(Some("upgrade-canary"))?;
+    let started = std::time::Instant::now();
+    let static_bin = build_static()?;
+    println!("xtask: the static build took {}s", started.elapsed().as_secs());
+    let mut cmd = cargo("test");
+    cmd.args(["--workspace", "--no-fail-fast"])
         .env("MESHNET_BIN", &bin)
         .env("MESHNET_UPGRADE_OBJECT", &canary)
-        .stdout(Stdio::piped());
-    if !args.is_empty() {
-        cmd.arg("--").args(args);
+        .env("MESHNET_STATIC_BIN", &static_bin);
+    let mut counts = counted(cmd, args)?;
+    println!("\nxtask: the smoke tests again, against the static binary {}", static_bin.display());
+    let mut cmd = cargo("test");
+    cmd.args(["-p", "meshnet-tests", "--no-fail-fast"])
+        .env("MESHNET_BIN", &static_bin)
+        .env("MESHNET_UPGRADE_OBJECT", &canary)
+        .env("MESHNET_STATIC_BIN", &static_bin);
+    for t in STATIC_SMOKE_TESTS {
+        cmd.args(["--test", t]);
     }
-    let mut child = cmd.spawn().context("running cargo test")?;
-    // "test result:" lines, and meshnet-tests' "skipped: needs ..." lines.
-    let mut counts = vm::Counts::default();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line?;
-        println!("{line}");
-        counts.scan(&line);
-    }
-    let status = child.wait()?;
+    let smoke = counted(cmd, args)?;
+    counts.add(smoke);
     let (passed, failed, skipped) = (counts.passed, counts.failed, counts.skipped);
-    println!("\nhost suite: {passed} passed, {failed} failed, {skipped} skipped");
-    if !status.success() || failed > 0 {
+    println!("\nhost suite: {passed} passed, {failed} failed, {skipped} skipped (of which the static binary's smoke tests: {} passed, {} failed, {} skipped)", smoke.passed, smoke.failed, smoke.skipped);
+    if failed > 0 {
         bail!("tests failed");
     }
     if passed == 0 {
@@ -318,10 +439,76 @@ fn test(args: &[String]) -> anyhow::Result<vm::Counts> {
     Ok(counts)
 }
 
+/// Runs a `cargo test` (with `args` after `--`), echoing its output and counting its
+/// results ("test result:" lines, and meshnet-tests' "skipped: needs ..." lines). A
+/// failing run counts at least one failure, also when it failed before printing a result.
+fn counted(mut cmd: Command, args: &[String]) -> anyhow::Result<vm::Counts> {
+    cmd.stdout(Stdio::piped());
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let mut counts = vm::Counts::default();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        counts.scan(&line);
+    }
+    let status = child.wait()?;
+    if !status.success() && counts.failed == 0 {
+        counts.failed = 1;
+    }
+    Ok(counts)
+}
+
 fn demo() -> anyhow::Result<()> {
     require_root("demo")?;
     let bin = prepare()?;
-    run(cargo()
-        .args(["run", "--locked", "--quiet", "-p", "meshnet-tests", "--bin", "meshnet-demo"])
+    run(cargo("run")
+        .args(["--quiet", "-p", "meshnet-tests", "--bin", "meshnet-demo"])
         .env("MESHNET_BIN", &bin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ebpf_toolchain_is_a_dated_nightly() {
+        let t = ebpf_pin().unwrap().channel;
+        let date = t.strip_prefix("nightly-").unwrap_or_else(|| panic!("{t} is not a dated nightly"));
+        let parts: Vec<&str> = date.split('-').collect();
+        assert!(
+            parts.len() == 3 && parts.iter().zip([4, 2, 2]).all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_digit())),
+            "{t} is not nightly-YYYY-MM-DD"
+        );
+    }
+
+    #[test]
+    fn pin_reads_the_channel_and_the_rustc_line() {
+        let pin = parse_pin("# rustc: rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\n[toolchain]\nchannel = \"nightly-2026-05-20\"\n").unwrap();
+        assert_eq!((pin.channel.as_str(), pin.rustc.as_str()), ("nightly-2026-05-20", "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)"));
+        assert!(parse_pin("[toolchain]\nchannel = \"nightly-2026-05-20\"\n").is_none());
+        assert!(parse_pin("# rustc: x\n[toolchain]\ncomponents = [\"rust-src\"]\n").is_none());
+    }
+
+    /// The README's `cargo xtask build-ebpf` and the older `--release` both parse, and
+    /// there is no flag for another profile.
+    #[test]
+    fn build_ebpf_takes_no_profile_choice() {
+        for argv in [&["xtask", "build-ebpf"][..], &["xtask", "build-ebpf", "--release"]] {
+            assert!(matches!(Cli::try_parse_from(argv).unwrap().task, Task::BuildEbpf { .. }), "{argv:?}");
+        }
+        assert!(Cli::try_parse_from(["xtask", "build-ebpf", "--debug"]).is_err());
+        assert!(matches!(Cli::try_parse_from(["xtask", "build-static"]).unwrap().task, Task::BuildStatic));
+    }
+
+    #[test]
+    fn cargo_runs_are_locked() {
+        for sub in ["build", "test", "run"] {
+            let cmd = cargo(sub);
+            let args: Vec<_> = cmd.get_args().collect();
+            assert_eq!(args, [sub, "--locked"]);
+        }
+    }
 }

@@ -153,7 +153,7 @@ impl Counts {
         }
     }
 
-    fn add(&mut self, o: Counts) {
+    pub fn add(&mut self, o: Counts) {
         self.passed += o.passed;
         self.failed += o.failed;
         self.skipped += o.skipped;
@@ -459,8 +459,8 @@ fn resolve_kernels(vm: &VmArgs) -> anyhow::Result<Vec<Kernel>> {
 
 /// The datapath test executables, built on the host (the host run built them already).
 fn test_executables() -> anyhow::Result<BTreeMap<String, PathBuf>> {
-    let out = cargo()
-        .args(["test", "--locked", "--no-run", "-p", "meshnet-tests", "--message-format=json"])
+    let out = cargo("test")
+        .args(["--no-run", "-p", "meshnet-tests", "--message-format=json"])
         .stderr(Stdio::inherit())
         .output()
         .context("cargo test --no-run")?;
@@ -810,7 +810,7 @@ pub fn test(args: &[String], vm: &VmArgs, host: fn(&[String]) -> anyhow::Result<
         host_secs = t.elapsed().as_secs();
     } else {
         super::prepare()?;
-        super::build_ebpf_variant(true, Some("upgrade-canary"))?;
+        super::build_ebpf_variant(Some("upgrade-canary"))?;
     }
 
     let mut guests = Vec::new();
