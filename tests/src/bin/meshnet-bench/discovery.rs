@@ -172,7 +172,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         .env("MESHNET_LOG", "warn");
     let controller = ChildGuard::spawn(&mut cmd);
     let kc = kubeconfig.display().to_string();
-    let _agent = Agent::start(&ns, &cfg, &bpffs.pin_path(), &["--kube", "--kubeconfig", &kc, "--node-name", "local1"]);
+    let agent = Agent::start(&ns, &cfg, &bpffs.pin_path(), &["--kube", "--kubeconfig", &kc, "--node-name", "local1"]);
     let pin = bpffs.pin_path();
     let want = p.clusters;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -252,5 +252,9 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         "controller_rss_mb": round(rss_now),
     });
     eprintln!("bench: discovery: {out}");
+    // The API servers wait for their open requests before they stop, and the controller's
+    // and agent's watches are open until those processes end: end them first.
+    drop(agent);
+    drop(controller);
     Ok(out)
 }
