@@ -703,7 +703,7 @@ peers:
     fn health_hysteresis_and_grace_default_and_are_checked() {
         let c = Config::from_yaml(GOOD).unwrap();
         assert_eq!((c.health.failure_threshold, c.health.rise_threshold), (2, 2));
-        assert_eq!(c.health.down_grace, Duration::from_secs(60));
+        assert_eq!(c.health.down_grace, Duration::from_mins(1));
         let c = Config::from_yaml(&format!("{GOOD}health:\n  riseThreshold: 3\n  downGraceSeconds: 0\n")).unwrap();
         assert_eq!((c.health.rise_threshold, c.health.down_grace), (3, Duration::ZERO));
         let e = errors(&format!("{GOOD}health:\n  riseThreshold: 0\n  downGraceSeconds: 86401\n"));

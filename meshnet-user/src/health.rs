@@ -138,15 +138,15 @@ mod tests {
     #[test]
     fn flows_are_kept_through_the_grace_period_only() {
         let t0 = Instant::now();
-        let grace = Duration::from_secs(60);
+        let grace = Duration::from_mins(1);
         let mut h = Health::default();
         assert!(h.record(GW, false, 1, 2, t0));
-        assert!(h.down_past(grace, t0 + Duration::from_secs(60)).is_empty());
+        assert!(h.down_past(grace, t0 + Duration::from_mins(1)).is_empty());
         assert_eq!(h.down_past(grace, t0 + Duration::from_secs(61)), BTreeSet::from([GW]));
         // Back up: no longer past anything, and a later fall starts a new grace period.
         assert!(!h.record(GW, true, 1, 2, t0));
         assert!(h.record(GW, true, 1, 2, t0));
-        assert!(h.down_past(grace, t0 + Duration::from_secs(120)).is_empty());
+        assert!(h.down_past(grace, t0 + Duration::from_mins(2)).is_empty());
         let t1 = t0 + Duration::from_secs(200);
         assert!(h.record(GW, false, 1, 2, t1));
         assert!(h.down_past(grace, t1 + Duration::from_secs(30)).is_empty());

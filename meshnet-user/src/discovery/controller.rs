@@ -617,7 +617,6 @@ const CONCURRENT_LISTS: usize = 4;
 /// that hangs must not hold every other back.
 const LIST_TURN: Duration = Duration::from_secs(30);
 
-#[expect(clippy::too_many_arguments, reason = "one task's whole context, passed once at its start")]
 async fn remote_task(
     name: String,
     generation: u64,
@@ -840,7 +839,7 @@ mod tests {
         m.beat();
         assert!(m.silent_for() < WEDGED);
         // As if the loop had last gone round two minutes ago.
-        m.started -= Duration::from_secs(120);
+        m.started -= Duration::from_mins(2);
         assert!(m.silent_for() > WEDGED);
         m.beat();
         assert!(m.silent_for() < WEDGED);
