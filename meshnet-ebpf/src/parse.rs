@@ -55,8 +55,6 @@ pub struct Ipv4 {
     pub daddr_be: u32,
     /// MF set or a non-zero offset.
     pub is_fragment: bool,
-    /// The IP identification, which ties the fragments of a datagram together.
-    pub id_be: u16,
     /// Offset zero: the fragment (or whole packet) that carries the L4 header.
     pub has_l4: bool,
     pub l4_off: usize,
@@ -105,24 +103,9 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
-/// An IPv4 packet that could not be parsed: why, and its destination when the fixed part of
-/// the header was there to read it (so that a packet bound for a remote CIDR is dropped, not
-/// passed untranslated).
-pub struct BadIpv4 {
-    pub counter: Counter,
-    pub daddr_be: Option<u32>,
-}
-
-impl From<Counter> for BadIpv4 {
-    #[inline(always)]
-    fn from(counter: Counter) -> Self {
-        Self { counter, daddr_be: None }
-    }
-}
-
 /// Parses Ethernet and IPv4. `Ok(None)` is a packet that is not IPv4 (IPv6, ARP, ...).
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
+pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
     if ctx.len() < ETH_HLEN as u32 {
         return Ok(None);
     }
@@ -135,7 +118,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
     ensure(ctx, ETH_HLEN + IP_MIN_HLEN)?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::Truncated)?;
     // SAFETY: as above.
-    let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be, id_be) = unsafe {
+    let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be) = unsafe {
         (
             (*ip).ver_ihl,
             u16::from_be((*ip).tot_len_be) as usize,
@@ -143,20 +126,18 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
             (*ip).proto,
             (*ip).saddr_be,
             (*ip).daddr_be,
-            (*ip).id_be,
         )
     };
-    let bad = |counter| BadIpv4 { counter, daddr_be: Some(daddr_be) };
     if ver_ihl >> 4 != 4 {
-        return Err(bad(Counter::Malformed));
+        return Err(Counter::Malformed);
     }
     // The header length comes from IHL, so IP options are skipped, never misread as L4.
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ihl < IP_MIN_HLEN || tot_len < ihl {
-        return Err(bad(Counter::Malformed));
+        return Err(Counter::Malformed);
     }
     if (ctx.len() as usize) < ETH_HLEN + tot_len {
-        return Err(bad(Counter::Truncated));
+        return Err(Counter::Truncated);
     }
     let is_fragment = frag_off_be & IP_MF_OFFSET_BE != 0;
     let has_l4 = frag_off_be & IP_OFFSET_BE == 0;
@@ -165,7 +146,6 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
         saddr_be,
         daddr_be,
         is_fragment,
-        id_be,
         has_l4,
         l4_off: ETH_HLEN + ihl,
         end: ETH_HLEN + tot_len,
@@ -222,85 +202,4 @@ pub fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
     let s = sport_be.to_ne_bytes();
     let d = dport_be.to_ne_bytes();
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
-}
-
-/// ICMP types whose message quotes the packet it is about.
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_HLEN: usize = 8;
-
-/// An ICMP error quoting a TCP or UDP packet: the quoted header's offsets and tuple.
-pub struct IcmpError {
-    /// Offset of the ICMP checksum.
-    pub icmp_csum_off: usize,
-    /// Offset of the quoted IPv4 header.
-    pub inner_off: usize,
-    pub inner_proto: u8,
-    pub inner_saddr_be: u32,
-    pub inner_daddr_be: u32,
-    /// The quoted ports as one word in wire order.
-    pub inner_ports: u32,
-    pub inner_sport_be: u16,
-    pub inner_dport_be: u16,
-    pub inner_csum: u16,
-}
-
-/// Parses an ICMP destination-unreachable or time-exceeded message that quotes a TCP or UDP
-/// packet (an IPv4 header without options and at least the 8 bytes with the ports).
-/// `Ok(None)`: any other ICMP message.
-#[inline(always)]
-pub fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<IcmpError>, Counter> {
-    if !ip.has_l4 || ip.is_fragment {
-        return Ok(None);
-    }
-    let l4_off = ip.l4_off & 0x7f;
-    let need = l4_off + ICMP_HLEN + IP_MIN_HLEN + 8;
-    if need > ip.end {
-        return Ok(None);
-    }
-    ensure(ctx, need)?;
-    // Bounds-checked from the pointer itself, with a constant length, which is the form
-    // every verifier follows.
-    let p = ctx.data() + l4_off;
-    if p + ICMP_HLEN + IP_MIN_HLEN + 8 > ctx.data_end() {
-        return Err(Counter::Truncated);
-    }
-    let p = p as *const u8;
-    // SAFETY: the check above covers `need` bytes from the start of the packet, which is
-    // the ICMP header, the quoted IPv4 header and 8 bytes after it.
-    unsafe {
-        let ty = *p;
-        if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED {
-            return Ok(None);
-        }
-        let inner = p.add(ICMP_HLEN);
-        let inner_proto = *inner.add(9);
-        if *inner != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
-            return Ok(None);
-        }
-        let inner_ports = core::ptr::read_unaligned(inner.add(IP_MIN_HLEN).cast::<u32>());
-        let b = inner_ports.to_ne_bytes();
-        Ok(Some(IcmpError {
-            icmp_csum_off: l4_off + 2,
-            inner_off: l4_off + ICMP_HLEN,
-            inner_proto,
-            inner_saddr_be: core::ptr::read_unaligned(inner.add(12).cast::<u32>()),
-            inner_daddr_be: core::ptr::read_unaligned(inner.add(16).cast::<u32>()),
-            inner_ports,
-            inner_sport_be: u16::from_ne_bytes([b[0], b[1]]),
-            inner_dport_be: u16::from_ne_bytes([b[2], b[3]]),
-            inner_csum: core::ptr::read_unaligned(inner.add(10).cast::<u16>()),
-        }))
-    }
-}
-
-/// Reads the 16-bit word at `off` (bounds-checked, for a checksum just rewritten).
-#[inline(always)]
-pub fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
-    let start = ctx.data();
-    if start + off + 2 > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: checked to lie inside the packet.
-    Some(unsafe { core::ptr::read_unaligned((start + off) as *const u16) })
 }
