@@ -20,20 +20,33 @@ pub mod names {
 
     /// LPM trie: remote pod CIDR → peer.
     pub const ROUTES: &str = "mn_routes_v1";
-    /// Hash: peer id → that peer's gateways.
-    pub const PEERS: &str = "mn_peers_v1";
-    /// LRU hash: a pod's original flow → its translation.
-    pub const NAT_FWD: &str = "mn_nat_fwd_v1";
-    /// LRU hash: a translated reply tuple → the original flow.
-    pub const NAT_REV: &str = "mn_nat_rev_v1";
+    /// Hash (not preallocated, so a replaced value is never read torn): peer id → that
+    /// peer's gateways.
+    pub const PEERS: &str = "mn_peers_v2";
+    /// The preallocated peer map of releases before v2; migrated like the flow maps.
+    pub const PEERS_V1: &str = "mn_peers_v1";
+    /// Hash (not LRU: nothing is evicted, the agent's GC expires idle flows): a pod's
+    /// original flow → its translation.
+    pub const NAT_FWD: &str = "mn_nat_fwd_v2";
+    /// Hash: a translated reply tuple → the original flow.
+    pub const NAT_REV: &str = "mn_nat_rev_v2";
+    /// The flow maps of releases before v2 (LRU hashes with the same key and value sizes).
+    /// An agent that finds them pinned migrates their entries into the v2 maps.
+    pub const NAT_FWD_V1: &str = "mn_nat_fwd_v1";
+    pub const NAT_REV_V1: &str = "mn_nat_rev_v1";
     /// Per-CPU array of `u64` counters indexed by [`crate::Counter`].
     pub const STATS: &str = "mn_stats_v1";
     /// Hash: peer id → peer name. Only user space reads it, so that dumps and `explain`
     /// can name peers without a running agent or its config.
     pub const PEER_NAMES: &str = "mn_names_v1";
 
+    /// LRU hash: an IPv4 datagram being fragmented (src, dst, IP id, proto) → the ports its
+    /// first fragment carried, so that later fragments follow the same translation. LRU is
+    /// right here: an entry lives for one datagram, and losing one loses only that datagram.
+    pub const FRAGS: &str = "mn_frags_v1";
+
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 6] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES];
+    pub const ALL_MAPS: [&str; 7] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
     /// and specific because a netlink tc filter is found again by its name.
@@ -54,8 +67,14 @@ pub mod limits {
     /// Gateways per peer. One peer value holds them all so that a gateway set changes in
     /// one atomic map update.
     pub const MAX_GATEWAYS: usize = 8;
+    /// Datagrams being fragmented at once, per node.
+    pub const MAX_FRAGS: u32 = 8192;
     /// Default flow-state size; the config overrides it.
     pub const DEFAULT_NAT_ENTRIES: u32 = 65_536;
+    /// A flow idle at least this long has its other half checked (and re-created if it is
+    /// missing) on its next packet. Busy flows pay nothing for the check; the only ways to
+    /// lose a half are races with the agent's GC and purges, which heal within this time.
+    pub const HALF_CHECK_NS: u64 = 1_000_000_000;
     /// How many alternative source ports a colliding flow tries before giving up.
     pub const REMAP_ATTEMPTS: u32 = 8;
     /// Remapped source ports come from this range. It sits above the usual Linux
@@ -90,17 +109,34 @@ pub enum Counter {
     Malformed = 6,
     /// A packet too short for the headers it claims.
     Truncated = 7,
-    /// An IPv4 fragment of a flow meshnet would translate; dropped whole (never half
-    /// translated).
+    /// A later IPv4 fragment to a remote CIDR whose first fragment was not seen (it arrived
+    /// first, or its flow could not be set up); dropped, never sent untranslated.
     FragmentDropped = 8,
-    /// A packet from a pod to a remote CIDR with a protocol other than TCP or UDP; passed.
+    /// A packet from a pod to a remote CIDR with a protocol other than TCP or UDP (ping
+    /// included); dropped, since it cannot be translated and must not leave untranslated.
     UnsupportedProto = 9,
     /// A helper that rewrites the packet failed; dropped.
     RewriteFailed = 10,
+    /// A new flow found the flow table full; dropped. Established flows are never evicted
+    /// to make room.
+    NatTableFull = 11,
+    /// A flow whose reverse entry was missing got it re-created from its forward entry.
+    RevRestored = 12,
+    /// A flow whose forward entry was missing got it re-created from its reverse entry, so
+    /// it keeps its gateway and port.
+    FwdRestored = 13,
+    /// A packet to a remote CIDR that could not be parsed (malformed or truncated IPv4 or
+    /// L4 header); dropped rather than sent untranslated.
+    RemoteParseError = 14,
+    /// An ICMP error (destination unreachable, fragmentation needed, time exceeded) about a
+    /// translated flow, translated back so that the pod's socket sees it.
+    IcmpErrorTranslated = 15,
+    /// A later IPv4 fragment (without L4 header) translated like its first fragment.
+    FragmentTranslated = 16,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -113,6 +149,12 @@ impl Counter {
         Counter::FragmentDropped,
         Counter::UnsupportedProto,
         Counter::RewriteFailed,
+        Counter::NatTableFull,
+        Counter::RevRestored,
+        Counter::FwdRestored,
+        Counter::RemoteParseError,
+        Counter::IcmpErrorTranslated,
+        Counter::FragmentTranslated,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -130,10 +172,17 @@ impl Counter {
             Counter::FragmentDropped => "fragment_dropped",
             Counter::UnsupportedProto => "unsupported_proto",
             Counter::RewriteFailed => "rewrite_failed",
+            Counter::NatTableFull => "nat_table_full",
+            Counter::RevRestored => "rev_restored",
+            Counter::FwdRestored => "fwd_restored",
+            Counter::RemoteParseError => "remote_parse_error",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::FragmentTranslated => "fragment_translated",
         }
     }
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -185,8 +234,8 @@ pub struct PeerGateways {
 
 /// A flow as the datapath sees it at one point: addresses and ports in network byte order.
 ///
-/// Used for both NAT maps: in `mn_nat_fwd_v1` it is the pod's original flow (src = pod,
-/// dst = remote pod); in `mn_nat_rev_v1` it is the reply as it reaches the pod's interface
+/// Used for both NAT maps: in `mn_nat_fwd_v2` it is the pod's original flow (src = pod,
+/// dst = remote pod); in `mn_nat_rev_v2` it is the reply as it reaches the pod's interface
 /// (src = gateway, dst = pod with the possibly remapped port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -198,6 +247,27 @@ pub struct FlowKey {
     pub dport_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+/// Key of `mn_frags_v1`: one IPv4 datagram as RFC 791 identifies its fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `mn_frags_v1`: the ports of the datagram's first fragment, as it arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
 }
 
 /// [`NatFwd::flags`] / [`NatRev::flags`]: a FIN was seen from the pod.
@@ -223,8 +293,42 @@ pub struct NatFwd {
     pub peer_id: u32,
     /// `FLOW_*` bits.
     pub flags: u32,
+    /// The pod's interface (host side) the flow was seen on, so that the flows of a pod are
+    /// purged when its interface goes.
+    pub ifindex: u32,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last packet from the pod.
     pub last_seen_ns: u64,
+}
+
+/// [`NatFwd`] as releases before v2 laid it out (in `mn_nat_fwd_v1`), for migration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NatFwdV1 {
+    pub gw_addr_be: u32,
+    pub gw_port_be: u16,
+    pub nat_sport_be: u16,
+    pub peer_id: u32,
+    pub flags: u32,
+    pub last_seen_ns: u64,
+}
+
+impl NatFwdV1 {
+    /// The v2 entry; the interface is unknown (0) until the flow's next packet.
+    #[must_use]
+    pub const fn upgrade(self) -> NatFwd {
+        NatFwd {
+            gw_addr_be: self.gw_addr_be,
+            gw_port_be: self.gw_port_be,
+            nat_sport_be: self.nat_sport_be,
+            peer_id: self.peer_id,
+            flags: self.flags,
+            ifindex: 0,
+            _pad: 0,
+            last_seen_ns: self.last_seen_ns,
+        }
+    }
 }
 
 /// Reverse translation: how to restore a reply.
@@ -239,7 +343,9 @@ pub struct NatRev {
     pub pod_port_be: u16,
     /// `FLOW_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The flow's peer, so that a lost forward entry can be re-created from this one
+    /// (`_pad`, always 0, in the v1 layout).
+    pub peer_id: u32,
     /// `bpf_ktime_get_ns()` of the last reply.
     pub last_seen_ns: u64,
 }
@@ -255,6 +361,34 @@ impl FlowKey {
             dport_be: rev.remote_port_be,
             proto: rev_key.proto,
             _pad: [0; 3],
+        }
+    }
+
+    /// The forward entry a reverse entry implies: the inverse of [`FlowKey::rev_of_fwd`].
+    #[must_use]
+    pub const fn fwd_value_of_rev(rev_key: &FlowKey, rev: &NatRev, ifindex: u32, now_ns: u64) -> NatFwd {
+        NatFwd {
+            ifindex,
+            _pad: 0,
+            gw_addr_be: rev_key.src_be,
+            gw_port_be: rev_key.sport_be,
+            nat_sport_be: rev_key.dport_be,
+            peer_id: rev.peer_id,
+            flags: rev.flags | if rev_key.dport_be == rev.pod_port_be { 0 } else { FLOW_REMAPPED },
+            last_seen_ns: now_ns,
+        }
+    }
+
+    /// The reverse entry a forward entry implies.
+    #[must_use]
+    pub const fn rev_value_of_fwd(fwd_key: &FlowKey, fwd: &NatFwd, now_ns: u64) -> NatRev {
+        NatRev {
+            remote_addr_be: fwd_key.dst_be,
+            remote_port_be: fwd_key.dport_be,
+            pod_port_be: fwd_key.sport_be,
+            flags: fwd.flags & !FLOW_REMAPPED,
+            peer_id: fwd.peer_id,
+            last_seen_ns: now_ns,
         }
     }
 
@@ -335,9 +469,15 @@ const _: () = {
     assert!(size_of::<PeerGateways>() == 4 + 12 * limits::MAX_GATEWAYS);
     assert!(size_of::<FlowKey>() == 16);
     assert!(offset_of!(FlowKey, proto) == 12);
-    assert!(size_of::<NatFwd>() == 24);
-    assert!(offset_of!(NatFwd, last_seen_ns) == 16);
+    assert!(size_of::<NatFwd>() == 32);
+    assert!(offset_of!(NatFwd, ifindex) == 16);
+    assert!(offset_of!(NatFwd, last_seen_ns) == 24);
+    assert!(size_of::<NatFwdV1>() == 24);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragPorts>() == 4);
+    assert!(offset_of!(NatFwdV1, last_seen_ns) == 16);
     assert!(size_of::<NatRev>() == 24);
+    assert!(offset_of!(NatRev, peer_id) == 12);
     assert!(offset_of!(NatRev, last_seen_ns) == 16);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
@@ -353,6 +493,9 @@ mod user {
     unsafe impl aya::Pod for super::PeerGateways {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::NatFwd {}
+    unsafe impl aya::Pod for super::NatFwdV1 {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragPorts {}
     unsafe impl aya::Pod for super::NatRev {}
     unsafe impl aya::Pod for super::PeerName {}
 }

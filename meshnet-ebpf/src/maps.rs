@@ -3,9 +3,10 @@
 
 use aya_ebpf::{
     macros::map,
+    bindings::BPF_F_NO_PREALLOC,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
-use meshnet_common::{limits, Counter, FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
+use meshnet_common::{limits, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
 
 // The `name = "..."` strings must equal meshnet_common::names; the attribute takes a
 // literal, so user space checks every name in the loaded object against those constants.
@@ -13,17 +14,26 @@ use meshnet_common::{limits, Counter, FlowKey, NatFwd, NatRev, PeerGateways, Pee
 #[map(name = "mn_routes_v1")]
 pub static ROUTES: LpmTrie<u32, RouteValue> = LpmTrie::with_max_entries(limits::MAX_ROUTES, 0);
 
-#[map(name = "mn_peers_v1")]
-pub static PEERS: HashMap<u32, PeerGateways> = HashMap::with_max_entries(limits::MAX_PEERS, 0);
+// Not preallocated: a preallocated hash hands a replaced or deleted element straight to the
+// next insert, while a program on another CPU may still be reading it (a torn peer value, or
+// a flow translated with another flow's state). Without preallocation the kernel frees
+// elements only after an RCU grace period.
+#[map(name = "mn_peers_v2")]
+pub static PEERS: HashMap<u32, PeerGateways> = HashMap::with_max_entries(limits::MAX_PEERS, BPF_F_NO_PREALLOC);
 
+/// Flow state: plain hashes, not LRU, so that no established flow is ever evicted to make
+/// room for a new one; when full, new flows are refused. The agent's GC expires idle flows.
 /// Sized by the agent at load time from the config.
-#[map(name = "mn_nat_fwd_v1")]
-pub static NAT_FWD: LruHashMap<FlowKey, NatFwd> =
-    LruHashMap::with_max_entries(limits::DEFAULT_NAT_ENTRIES, 0);
+#[map(name = "mn_nat_fwd_v2")]
+pub static NAT_FWD: HashMap<FlowKey, NatFwd> =
+    HashMap::with_max_entries(limits::DEFAULT_NAT_ENTRIES, BPF_F_NO_PREALLOC);
 
-#[map(name = "mn_nat_rev_v1")]
-pub static NAT_REV: LruHashMap<FlowKey, NatRev> =
-    LruHashMap::with_max_entries(limits::DEFAULT_NAT_ENTRIES, 0);
+#[map(name = "mn_nat_rev_v2")]
+pub static NAT_REV: HashMap<FlowKey, NatRev> =
+    HashMap::with_max_entries(limits::DEFAULT_NAT_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "mn_frags_v1")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(limits::MAX_FRAGS, 0);
 
 /// Written and read by user space only; it lives in the object so that the loader creates
 /// and pins it with the others.

@@ -11,20 +11,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use meshnet_common::{
-    gateway_start, limits, remap_port, Counter, FlowKey, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
-    FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_UDP,
+    gateway_start, limits, remap_port, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
+    FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_ICMP, IPPROTO_UDP,
 };
 
 use crate::{
-    maps::{count, NAT_FWD, NAT_REV, PEERS, ROUTES},
+    maps::{count, FRAGS, NAT_FWD, NAT_REV, PEERS, ROUTES},
     parse::{self, Ipv4, Ports, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Verdict for traffic meshnet does not own: let the next tc program (or tcx link) decide.
 pub const PASS: i32 = TC_ACT_UNSPEC;
 /// Verdict for a packet meshnet translated.
-const DONE: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DONE: i32 = TC_ACT_OK;
+const DROP: i32 = TC_ACT_SHOT;
 
 /// `from_pod`: what a pod sends.
 #[inline(always)]
@@ -32,20 +32,32 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     let ip = match parse::ipv4(ctx) {
         Ok(Some(ip)) => ip,
         Ok(None) => return PASS,
-        Err(c) => return counted(c, PASS),
+        Err(bad) => {
+            // Untranslatable and bound for a remote CIDR: sent as it is, it would leave by the
+            // default route still addressed to a remote pod.
+            return match bad.daddr_be {
+                Some(d) if is_remote(d) => counted2(bad.counter, Counter::RemoteParseError, DROP),
+                _ => counted(bad.counter, PASS),
+            };
+        }
     };
-    if ip.is_fragment {
-        // Only the first fragment carries the ports that pick the flow's gateway and port, so
-        // a fragmented datagram cannot be translated consistently without reassembly: drop
-        // every fragment bound for a remote CIDR rather than let one through half-translated.
-        return if is_remote(ip.daddr_be) { counted(Counter::FragmentDropped, DROP) } else { PASS };
+    if !ip.has_l4 {
+        // A later fragment: it follows its first fragment's translation.
+        return later_fragment_fwd(ctx, &ip);
     }
     let l4 = match parse::ports(ctx, &ip) {
         Ok(Some(l4)) => l4,
         Ok(None) => {
-            return if is_remote(ip.daddr_be) { counted(Counter::UnsupportedProto, PASS) } else { PASS };
+            // ICMP (ping), SCTP, ...: there is no port to translate them by.
+            return if is_remote(ip.daddr_be) { counted(Counter::UnsupportedProto, DROP) } else { PASS };
         }
-        Err(c) => return counted(c, PASS),
+        Err(c) => {
+            return if is_remote(ip.daddr_be) {
+                counted2(c, Counter::RemoteParseError, DROP)
+            } else {
+                counted(c, PASS)
+            };
+        }
     };
     let key = FlowKey {
         src_be: ip.saddr_be,
@@ -56,17 +68,29 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
         _pad: [0; 3],
     };
     let now = now_ns();
-    let fwd = match NAT_FWD.get_ptr_mut(&key) {
+    let fwd = match NAT_FWD.get_ptr_mut(key) {
         Some(fwd) => {
-            // SAFETY: a map value pointer from a successful lookup; concurrent writers only
-            // touch the timestamp and flag bits, where a lost update is harmless.
-            unsafe {
+            // SAFETY: a map value pointer from a successful lookup of a map whose elements are
+            // freed only after an RCU grace period; concurrent writers only touch the
+            // timestamp and flag bits, where a lost update is harmless.
+            let (fwd, idle, rst_was) = unsafe {
+                let idle = now.saturating_sub((*fwd).last_seen_ns) >= limits::HALF_CHECK_NS;
+                let rst_was = (*fwd).flags & FLOW_RST != 0;
+                if (*fwd).ifindex == 0 {
+                    // Migrated from a release that did not record it.
+                    (*fwd).ifindex = ifindex(ctx);
+                }
                 (*fwd).last_seen_ns = now;
-                note_tcp_flags_fwd(&mut (*fwd).flags, l4.tcp_flags);
-                *fwd
+                note_tcp_flags(&mut (*fwd).flags, l4.tcp_flags, FLOW_FIN_POD);
+                (*fwd, idle, rst_was)
+            };
+            let rst_now = fwd.flags & FLOW_RST != 0;
+            if idle || rst_was != rst_now {
+                check_rev(&key, &fwd, now, rst_now);
             }
+            fwd
         }
-        None => match new_flow(&key, now) {
+        None => match new_flow(&key, ifindex(ctx), now) {
             Ok(Some(fwd)) => fwd,
             Ok(None) => return PASS,
             Err((c, verdict)) => return counted(c, verdict),
@@ -75,7 +99,128 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     if rewrite_fwd(ctx, &ip, &l4, &fwd).is_err() {
         return counted(Counter::RewriteFailed, DROP);
     }
+    if ip.is_fragment {
+        // The first fragment carries the ports; the rest of the datagram finds them here.
+        remember_fragment(&ip, &l4);
+    }
     counted(Counter::Redirected, DONE)
+}
+
+/// Records the ports of a first fragment under the datagram's identity (as it arrived).
+#[inline(always)]
+fn remember_fragment(ip: &Ipv4, l4: &Ports) {
+    let key = FragKey { src_be: ip.saddr_be, dst_be: ip.daddr_be, id_be: ip.id_be, proto: ip.proto, _pad: 0 };
+    let _ = FRAGS.insert(key, FragPorts { sport_be: l4.sport_be, dport_be: l4.dport_be }, BPF_ANY as u64);
+}
+
+/// The ports of the datagram a later fragment belongs to, from its first fragment.
+#[inline(always)]
+fn fragment_ports(ip: &Ipv4) -> Option<FragPorts> {
+    let key = FragKey { src_be: ip.saddr_be, dst_be: ip.daddr_be, id_be: ip.id_be, proto: ip.proto, _pad: 0 };
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    unsafe { FRAGS.get(key) }.copied()
+}
+
+/// A later fragment from a pod: only its destination address changes (the ports, which a
+/// remap may change, are in the first fragment). Without its first fragment it cannot be
+/// told which flow it belongs to: dropped if bound for a remote CIDR.
+#[inline(always)]
+fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
+    let fwd = fragment_ports(ip).and_then(|p| {
+        let key = FlowKey {
+            src_be: ip.saddr_be,
+            dst_be: ip.daddr_be,
+            sport_be: p.sport_be,
+            dport_be: p.dport_be,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        // SAFETY: as above.
+        unsafe { NAT_FWD.get(key) }.copied()
+    });
+    let Some(fwd) = fwd else {
+        return if is_remote(ip.daddr_be) { counted(Counter::FragmentDropped, DROP) } else { PASS };
+    };
+    let (old, new) = (ip.daddr_be as u64, fwd.gw_addr_be as u64);
+    if ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4).is_err() || ctx.store(IP_DST_OFF, &fwd.gw_addr_be, 0).is_err() {
+        return counted(Counter::RewriteFailed, DROP);
+    }
+    counted(Counter::FragmentTranslated, DONE)
+}
+
+/// A later fragment of a reply: only its source address changes back.
+#[inline(always)]
+fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
+    let rev = fragment_ports(ip).and_then(|p| {
+        let key = FlowKey {
+            src_be: ip.saddr_be,
+            dst_be: ip.daddr_be,
+            sport_be: p.sport_be,
+            dport_be: p.dport_be,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        // SAFETY: as above.
+        unsafe { NAT_REV.get(key) }.copied()
+    });
+    let Some(rev) = rev else {
+        return PASS;
+    };
+    let (old, new) = (ip.saddr_be as u64, rev.remote_addr_be as u64);
+    if ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4).is_err() || ctx.store(IP_SRC_OFF, &rev.remote_addr_be, 0).is_err() {
+        return counted(Counter::RewriteFailed, DROP);
+    }
+    counted(Counter::FragmentTranslated, DONE)
+}
+
+/// The forward path's look at the reverse half, on the first packet after an idle spell or
+/// when the RST state changed: re-creates a missing reverse entry (lost to a race with the
+/// agent's GC), and mirrors the RST bit so that either direction can clear it.
+#[inline(always)]
+fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
+    let rev_key = FlowKey::rev_of_fwd(key, fwd);
+    match NAT_REV.get_ptr_mut(rev_key) {
+        // SAFETY: as in egress_from_pod.
+        Some(rev) => unsafe {
+            if rst {
+                (*rev).flags |= FLOW_RST;
+            } else {
+                (*rev).flags &= !FLOW_RST;
+            }
+        },
+        None => {
+            let rev = FlowKey::rev_value_of_fwd(key, fwd, now);
+            match NAT_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
+                Ok(()) => count(Counter::RevRestored),
+                Err(E2BIG_NEG) => count(Counter::NatTableFull),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// The reverse path's counterpart of [`check_rev`].
+#[inline(always)]
+fn check_fwd(rev_key: &FlowKey, rev: &NatRev, ifindex: u32, now: u64, rst: bool) {
+    let key = FlowKey::fwd_of_rev(rev_key, rev);
+    match NAT_FWD.get_ptr_mut(key) {
+        // SAFETY: as in egress_from_pod.
+        Some(fwd) => unsafe {
+            if rst {
+                (*fwd).flags |= FLOW_RST;
+            } else {
+                (*fwd).flags &= !FLOW_RST;
+            }
+        },
+        None => {
+            let fwd = FlowKey::fwd_value_of_rev(rev_key, rev, ifindex, now);
+            match NAT_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
+                Ok(()) => count(Counter::FwdRestored),
+                Err(E2BIG_NEG) => count(Counter::NatTableFull),
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 /// `to_pod`: what a pod receives.
@@ -84,8 +229,14 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
     let ip = match parse::ipv4(ctx) {
         Ok(Some(ip)) => ip,
         Ok(None) => return PASS,
-        Err(c) => return counted(c, PASS),
+        Err(bad) => return counted(bad.counter, PASS),
     };
+    if ip.proto == IPPROTO_ICMP {
+        return icmp_to_pod(ctx, &ip);
+    }
+    if !ip.has_l4 {
+        return later_fragment_rev(ctx, &ip);
+    }
     let l4 = match parse::ports(ctx, &ip) {
         Ok(Some(l4)) => l4,
         Ok(None) => return PASS,
@@ -99,23 +250,97 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let Some(rev) = NAT_REV.get_ptr_mut(&key) else {
+    let Some(rev) = NAT_REV.get_ptr_mut(key) else {
         return PASS;
     };
     if ip.is_fragment {
-        // The first fragment of a reply to a translated flow; the rest cannot be matched.
-        return counted(Counter::FragmentDropped, DROP);
+        // The first fragment of a reply: the rest of the datagram finds its ports here.
+        remember_fragment(&ip, &l4);
     }
+    let now = now_ns();
     // SAFETY: as in egress_from_pod.
-    let rev = unsafe {
-        (*rev).last_seen_ns = now_ns();
-        note_tcp_flags_rev(&mut (*rev).flags, l4.tcp_flags);
-        *rev
+    let (rev, idle, rst_was) = unsafe {
+        let idle = now.saturating_sub((*rev).last_seen_ns) >= limits::HALF_CHECK_NS;
+        let rst_was = (*rev).flags & FLOW_RST != 0;
+        (*rev).last_seen_ns = now;
+        note_tcp_flags(&mut (*rev).flags, l4.tcp_flags, FLOW_FIN_PEER);
+        (*rev, idle, rst_was)
     };
+    let rst_now = rev.flags & FLOW_RST != 0;
+    if idle || rst_was != rst_now {
+        // The pod's interface: to_pod runs on the same host-side interface as from_pod.
+        check_fwd(&key, &rev, ifindex(ctx), now, rst_now);
+    }
     if rewrite_rev(ctx, &ip, &l4, &rev).is_err() {
         return counted(Counter::RewriteFailed, DROP);
     }
     counted(Counter::ReverseTranslated, DONE)
+}
+
+/// An ICMP error about a translated flow quotes the packet as it left: `pod:wire port ->
+/// gateway:NodePort`. No socket of the pod matches that, so "fragmentation needed" would
+/// never reach PMTU discovery, and unreachables would be lost. The quoted header is
+/// translated back as the flow's replies are (Cilium's
+/// `snat_v4_rev_nat_handle_icmp_frag_needed`, Katran's `handle_icmp.h`): the quoted
+/// destination becomes the remote pod, the quoted ports the pod's own and the remote pod's,
+/// with the quoted IP checksum and the ICMP checksum fixed. The outer header stays: Linux
+/// matches an ICMP error to its socket by the quoted header, whoever sent it.
+#[inline(always)]
+fn icmp_to_pod(ctx: &TcContext, ip: &Ipv4) -> i32 {
+    let e = match parse::icmp_error(ctx, ip) {
+        Ok(Some(e)) => e,
+        Ok(None) => return PASS,
+        Err(c) => return counted(c, PASS),
+    };
+    // The reply tuple of the quoted flow.
+    let key = FlowKey {
+        src_be: e.inner_daddr_be,
+        dst_be: e.inner_saddr_be,
+        sport_be: e.inner_dport_be,
+        dport_be: e.inner_sport_be,
+        proto: e.inner_proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    let Some(rev) = (unsafe { NAT_REV.get(key) }).copied() else {
+        return PASS;
+    };
+    if e.inner_saddr_be != ip.daddr_be {
+        // Quotes a packet another host sent: not about this pod's flow.
+        return PASS;
+    }
+    if rewrite_icmp(ctx, &e, &rev).is_err() {
+        return counted(Counter::RewriteFailed, DROP);
+    }
+    counted(Counter::IcmpErrorTranslated, DONE)
+}
+
+#[inline(always)]
+fn rewrite_icmp(ctx: &TcContext, e: &parse::IcmpError, rev: &NatRev) -> Result<(), i64> {
+    let inner_off = e.inner_off & 0xff;
+    let inner_csum_off = inner_off + 10;
+    let (old_addr, new_addr) = (e.inner_daddr_be as u64, rev.remote_addr_be as u64);
+    ctx.l3_csum_replace(inner_csum_off, old_addr, new_addr, 4)?;
+    let new_csum = parse::load_u16(ctx, inner_csum_off).ok_or(-1_i64)?;
+    let new_ports = parse::ports_word(rev.pod_port_be, rev.remote_port_be);
+    // The ICMP checksum covers the quoted bytes (no pseudo-header): every changed word.
+    let icmp_csum_off = e.icmp_csum_off & 0x7f;
+    ctx.l4_csum_replace(icmp_csum_off, e.inner_csum as u64, new_csum as u64, 2)?;
+    ctx.l4_csum_replace(icmp_csum_off, old_addr, new_addr, 4)?;
+    ctx.l4_csum_replace(icmp_csum_off, e.inner_ports as u64, new_ports as u64, 4)?;
+    ctx.store(inner_off + 16, &rev.remote_addr_be, 0)?;
+    ctx.store(inner_off + 20, &new_ports, 0)?;
+    Ok(())
+}
+
+/// `-E2BIG`: what an insert into a full hash map answers.
+const E2BIG_NEG: i32 = -7;
+
+/// The interface the packet is on.
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's `__sk_buff`, valid for the whole program run.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// The flow timestamp clock (`CLOCK_MONOTONIC`, as the agent's GC reads it).
@@ -135,53 +360,53 @@ fn counted(c: Counter, verdict: i32) -> i32 {
 }
 
 #[inline(always)]
+fn counted2(why: Counter, what: Counter, verdict: i32) -> i32 {
+    count(why);
+    count(what);
+    verdict
+}
+
+#[inline(always)]
 fn is_remote(daddr_be: u32) -> bool {
     ROUTES.get(Key::new(32, daddr_be)).is_some()
 }
 
+/// Follows what TCP does with the flow's close bits. `fin` is the FIN bit of this direction.
+/// A RST marks the flow as closing, but any later segment without one clears the mark
+/// again: a RST the receiver ignored (out of window) must not get a live connection expired.
 #[inline(always)]
-fn note_tcp_flags_fwd(flags: &mut u32, tcp: u8) {
-    if tcp & (TCP_FIN | TCP_RST | TCP_SYN) == 0 {
+fn note_tcp_flags(flags: &mut u32, tcp: u8, fin: u32) {
+    if tcp == 0 {
+        // UDP.
         return;
     }
-    if tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 {
-        // A new connection reusing the tuple: the old one's close no longer applies.
+    if tcp & TCP_SYN != 0 && (fin == FLOW_FIN_PEER || tcp & TCP_ACK == 0) {
+        // A new connection reusing the tuple (the pod's SYN or the peer's SYN-ACK): the old
+        // one's close no longer applies.
         *flags &= !(FLOW_FIN_POD | FLOW_FIN_PEER | FLOW_RST);
     }
     if tcp & TCP_FIN != 0 {
-        *flags |= FLOW_FIN_POD;
+        *flags |= fin;
     }
     if tcp & TCP_RST != 0 {
         *flags |= FLOW_RST;
-    }
-}
-
-#[inline(always)]
-fn note_tcp_flags_rev(flags: &mut u32, tcp: u8) {
-    if tcp & TCP_SYN != 0 {
-        // The peer's SYN-ACK of a new connection reusing the tuple: as on the pod side, the
-        // old connection's close no longer applies.
-        *flags &= !(FLOW_FIN_POD | FLOW_FIN_PEER | FLOW_RST);
-    }
-    if tcp & TCP_FIN != 0 {
-        *flags |= FLOW_FIN_PEER;
-    }
-    if tcp & TCP_RST != 0 {
-        *flags |= FLOW_RST;
+    } else {
+        *flags &= !FLOW_RST;
     }
 }
 
 /// Sets up translation for a flow's first packet. `Ok(None)`: not meshnet's to translate.
 /// `Err`: a counter and the verdict to return.
 #[inline(always)]
-fn new_flow(key: &FlowKey, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
+fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
     let Some(route) = ROUTES.get(Key::new(32, key.dst_be)) else {
         return Ok(None);
     };
     let peer_id = route.peer_id;
-    // SAFETY: PEERS is only replaced whole by user space, which the kernel does atomically
-    // for hash maps (the old value stays valid for this RCU read section).
-    let Some(peer) = (unsafe { PEERS.get(&peer_id) }) else {
+    // SAFETY: PEERS is only replaced whole by user space. It is not preallocated, so the
+    // kernel swaps in a new element and frees the old one only after this RCU read section:
+    // the value read here is never torn.
+    let Some(peer) = (unsafe { PEERS.get(peer_id) }) else {
         return Err((Counter::NoLiveGateway, DROP));
     };
     let n = if peer.count as usize > limits::MAX_GATEWAYS {
@@ -231,59 +456,92 @@ fn new_flow(key: &FlowKey, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
         nat_sport_be: key.sport_be,
         peer_id,
         flags: 0,
-        last_seen_ns: now,
-    };
-    let rev = NatRev {
-        remote_addr_be: key.dst_be,
-        remote_port_be: key.dport_be,
-        pod_port_be: key.sport_be,
-        flags: 0,
+        ifindex,
         _pad: 0,
         last_seen_ns: now,
     };
+    let rev = FlowKey::rev_value_of_fwd(key, &fwd, now);
     let mut rev_key = FlowKey::rev_of_fwd(key, &fwd);
-    // Claiming the reply tuple with NOEXIST is what detects a collision: two flows from one
-    // pod port to different remote pods would otherwise become one tuple towards the gateway,
-    // and the gateway and the node's conntrack would merge them.
-    if !claim(&rev_key, &rev) {
-        let mut claimed = false;
+    // Claiming the reply tuple is what detects a collision: two flows from one pod port to
+    // different remote pods would otherwise become one tuple towards the gateway, and the
+    // gateway and the node's conntrack would merge them.
+    let mut claimed = claim(&rev_key, &rev);
+    if let Claim::Taken = claimed {
         for attempt in 0..limits::REMAP_ATTEMPTS {
             rev_key.dport_be = remap_port(key, attempt).to_be();
-            if claim(&rev_key, &rev) {
-                claimed = true;
+            claimed = claim(&rev_key, &rev);
+            if !matches!(claimed, Claim::Taken) {
                 break;
             }
         }
-        if !claimed {
-            return Err((Counter::NatInsertFailed, DROP));
+        if !matches!(claimed, Claim::Taken | Claim::Full) {
+            fwd.nat_sport_be = rev_key.dport_be;
+            fwd.flags |= FLOW_REMAPPED;
         }
-        fwd.nat_sport_be = rev_key.dport_be;
-        fwd.flags |= FLOW_REMAPPED;
-        count(Counter::PortRemap);
     }
-    if NAT_FWD.insert(key, &fwd, BPF_ANY as u64).is_err() {
-        let _ = NAT_REV.remove(&rev_key);
-        return Err((Counter::NatInsertFailed, DROP));
+    let inserted_rev = match claimed {
+        Claim::Inserted => true,
+        Claim::Held => false,
+        Claim::Taken => return Err((Counter::NatInsertFailed, DROP)),
+        Claim::Full => return Err((Counter::NatTableFull, DROP)),
+    };
+    match NAT_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            // Counted once the flow exists: a remap whose flow is then refused is no remap.
+            if fwd.flags & FLOW_REMAPPED != 0 {
+                count(Counter::PortRemap);
+            }
+            Ok(Some(fwd))
+        }
+        Err(e) => {
+            // Another CPU created this flow meanwhile: both picked the same gateway and port
+            // from the same inputs, so its entry serves this packet too.
+            // SAFETY: a read-only copy of a value from a successful lookup.
+            if let Some(cur) = unsafe { NAT_FWD.get(key) } {
+                return Ok(Some(*cur));
+            }
+            if inserted_rev {
+                let _ = NAT_REV.remove(rev_key);
+            }
+            Err((if e == E2BIG_NEG { Counter::NatTableFull } else { Counter::NatInsertFailed }, DROP))
+        }
     }
-    Ok(Some(fwd))
 }
 
-/// Takes the reply tuple `rev_key` for this flow. True when it is now this flow's: newly
-/// inserted, or already holding this very flow (its forward entry was evicted or is being
-/// created on another CPU).
+/// The outcome of claiming a reply tuple.
+enum Claim {
+    /// Newly inserted for this flow.
+    Inserted,
+    /// Already holding this very flow: its forward entry was lost (and it keeps its tuple),
+    /// or another CPU is creating it.
+    Held,
+    /// Another flow's.
+    Taken,
+    /// Free, but the table is full.
+    Full,
+}
+
+/// Takes the reply tuple `rev_key` for this flow. It is looked up before the insert is
+/// tried, so a probe of a taken tuple costs one lookup and changes nothing.
 #[inline(always)]
-fn claim(rev_key: &FlowKey, rev: &NatRev) -> bool {
-    if NAT_REV.insert(rev_key, rev, BPF_NOEXIST as u64).is_ok() {
-        return true;
+fn claim(rev_key: &FlowKey, rev: &NatRev) -> Claim {
+    let same = |cur: &NatRev| {
+        cur.remote_addr_be == rev.remote_addr_be
+            && cur.remote_port_be == rev.remote_port_be
+            && cur.pod_port_be == rev.pod_port_be
+    };
+    // SAFETY: read-only looks at values from successful lookups.
+    if let Some(cur) = unsafe { NAT_REV.get(rev_key) } {
+        return if same(cur) { Claim::Held } else { Claim::Taken };
     }
-    // SAFETY: read-only look at a value pointer from a successful lookup.
-    match unsafe { NAT_REV.get(rev_key) } {
-        Some(cur) => {
-            cur.remote_addr_be == rev.remote_addr_be
-                && cur.remote_port_be == rev.remote_port_be
-                && cur.pod_port_be == rev.pod_port_be
-        }
-        None => false,
+    match NAT_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
+        Ok(()) => Claim::Inserted,
+        Err(E2BIG_NEG) => Claim::Full,
+        // EEXIST: another CPU took it between the lookup and the insert.
+        Err(_) => match unsafe { NAT_REV.get(rev_key) } {
+            Some(cur) if same(cur) => Claim::Held,
+            _ => Claim::Taken,
+        },
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Ipv4 {
     pub daddr_be: u32,
     /// MF set or a non-zero offset.
     pub is_fragment: bool,
+    /// The IP identification, which ties the fragments of a datagram together.
+    pub id_be: u16,
     /// Offset zero: the fragment (or whole packet) that carries the L4 header.
     pub has_l4: bool,
     pub l4_off: usize,
@@ -103,9 +105,24 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
+/// An IPv4 packet that could not be parsed: why, and its destination when the fixed part of
+/// the header was there to read it (so that a packet bound for a remote CIDR is dropped, not
+/// passed untranslated).
+pub struct BadIpv4 {
+    pub counter: Counter,
+    pub daddr_be: Option<u32>,
+}
+
+impl From<Counter> for BadIpv4 {
+    #[inline(always)]
+    fn from(counter: Counter) -> Self {
+        Self { counter, daddr_be: None }
+    }
+}
+
 /// Parses Ethernet and IPv4. `Ok(None)` is a packet that is not IPv4 (IPv6, ARP, ...).
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
+pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
     if ctx.len() < ETH_HLEN as u32 {
         return Ok(None);
     }
@@ -118,7 +135,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
     ensure(ctx, ETH_HLEN + IP_MIN_HLEN)?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::Truncated)?;
     // SAFETY: as above.
-    let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be) = unsafe {
+    let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be, id_be) = unsafe {
         (
             (*ip).ver_ihl,
             u16::from_be((*ip).tot_len_be) as usize,
@@ -126,18 +143,20 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
             (*ip).proto,
             (*ip).saddr_be,
             (*ip).daddr_be,
+            (*ip).id_be,
         )
     };
+    let bad = |counter| BadIpv4 { counter, daddr_be: Some(daddr_be) };
     if ver_ihl >> 4 != 4 {
-        return Err(Counter::Malformed);
+        return Err(bad(Counter::Malformed));
     }
     // The header length comes from IHL, so IP options are skipped, never misread as L4.
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ihl < IP_MIN_HLEN || tot_len < ihl {
-        return Err(Counter::Malformed);
+        return Err(bad(Counter::Malformed));
     }
     if (ctx.len() as usize) < ETH_HLEN + tot_len {
-        return Err(Counter::Truncated);
+        return Err(bad(Counter::Truncated));
     }
     let is_fragment = frag_off_be & IP_MF_OFFSET_BE != 0;
     let has_l4 = frag_off_be & IP_OFFSET_BE == 0;
@@ -146,6 +165,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
         saddr_be,
         daddr_be,
         is_fragment,
+        id_be,
         has_l4,
         l4_off: ETH_HLEN + ihl,
         end: ETH_HLEN + tot_len,
@@ -160,40 +180,60 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, Counter> {
     if !ip.has_l4 {
         return Ok(None);
     }
-    let (min_len, csum) = match ip.proto {
-        IPPROTO_TCP => (TCP_MIN_HLEN, TCP_CSUM),
-        IPPROTO_UDP => (UDP_HLEN, UDP_CSUM),
-        _ => return Ok(None),
-    };
+    // One arm per protocol, each with a constant length checked right before its reads. A
+    // shared variable length lets LLVM re-test the protocol after `pull_data`, from a stack
+    // slot that 5.10's verifier does not tie to the register it was tested in: that
+    // verifier then sees the TCP flags read on the UDP path, with 8 bytes proven.
+    match ip.proto {
+        IPPROTO_TCP => {
+            let p = l4_header::<TCP_MIN_HLEN>(ctx, ip)?;
+            // SAFETY: l4_header proved TCP_MIN_HLEN bytes at p; both ports (0..4) and the
+            // flags byte (13) lie within them.
+            let (ports, flags) = unsafe { (core::ptr::read_unaligned(p.cast::<u32>()), *p.add(13)) };
+            Ok(Some(Ports::new(ports, flags, (ip.l4_off & 0x7f) + TCP_CSUM)))
+        }
+        IPPROTO_UDP => {
+            let p = l4_header::<UDP_HLEN>(ctx, ip)?;
+            // SAFETY: l4_header proved UDP_HLEN bytes at p; both ports lie within them.
+            let ports = unsafe { core::ptr::read_unaligned(p.cast::<u32>()) };
+            Ok(Some(Ports::new(ports, 0, (ip.l4_off & 0x7f) + UDP_CSUM)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The start of `ip`'s L4 header, once `LEN` bytes of it are proven inside both the
+/// datagram and the linear packet data.
+#[inline(always)]
+fn l4_header<const LEN: usize>(ctx: &TcContext, ip: &Ipv4) -> Result<*const u8, Counter> {
     // l4_off is at most ETH_HLEN + 60, which keeps the verifier's range tracking happy.
     let l4_off = ip.l4_off & 0x7f;
     // The header must lie inside the datagram, not in padding after it: a checksum field
     // beyond the total length is not part of the packet and cannot be fixed.
-    if l4_off + min_len > ip.end {
+    if l4_off + LEN > ip.end {
         return Err(Counter::Truncated);
     }
-    ensure(ctx, l4_off + min_len)?;
-    let start = ctx.data();
-    if start + l4_off + min_len > ctx.data_end() {
+    ensure(ctx, l4_off + LEN)?;
+    let p = ctx.data() + l4_off;
+    if p + LEN > ctx.data_end() {
         return Err(Counter::Truncated);
     }
-    let p = (start + l4_off) as *const u8;
-    // SAFETY: the check above covers min_len bytes at l4_off; the TCP flags byte (13) and
-    // both ports (0..4) lie within the 8 or 20 bytes checked.
-    let (ports, tcp_flags) = unsafe {
-        let ports = core::ptr::read_unaligned(p.cast::<u32>());
-        let flags = if ip.proto == IPPROTO_TCP { *p.add(13) } else { 0 };
-        (ports, flags)
-    };
-    // The word holds the wire bytes; on a little-endian host its low half is the source port.
-    let bytes = ports.to_ne_bytes();
-    Ok(Some(Ports {
-        ports,
-        sport_be: u16::from_ne_bytes([bytes[0], bytes[1]]),
-        dport_be: u16::from_ne_bytes([bytes[2], bytes[3]]),
-        tcp_flags,
-        csum_off: l4_off + csum,
-    }))
+    Ok(p as *const u8)
+}
+
+impl Ports {
+    #[inline(always)]
+    fn new(ports: u32, tcp_flags: u8, csum_off: usize) -> Self {
+        // The word holds the wire bytes; on a little-endian host its low half is the source port.
+        let b = ports.to_ne_bytes();
+        Self {
+            ports,
+            sport_be: u16::from_ne_bytes([b[0], b[1]]),
+            dport_be: u16::from_ne_bytes([b[2], b[3]]),
+            tcp_flags,
+            csum_off,
+        }
+    }
 }
 
 /// Packs two wire-order ports into the word layout of [`Ports::ports`].
@@ -202,4 +242,85 @@ pub fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
     let s = sport_be.to_ne_bytes();
     let d = dport_be.to_ne_bytes();
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+}
+
+/// ICMP types whose message quotes the packet it is about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_HLEN: usize = 8;
+
+/// An ICMP error quoting a TCP or UDP packet: the quoted header's offsets and tuple.
+pub struct IcmpError {
+    /// Offset of the ICMP checksum.
+    pub icmp_csum_off: usize,
+    /// Offset of the quoted IPv4 header.
+    pub inner_off: usize,
+    pub inner_proto: u8,
+    pub inner_saddr_be: u32,
+    pub inner_daddr_be: u32,
+    /// The quoted ports as one word in wire order.
+    pub inner_ports: u32,
+    pub inner_sport_be: u16,
+    pub inner_dport_be: u16,
+    pub inner_csum: u16,
+}
+
+/// Parses an ICMP destination-unreachable or time-exceeded message that quotes a TCP or UDP
+/// packet (an IPv4 header without options and at least the 8 bytes with the ports).
+/// `Ok(None)`: any other ICMP message.
+#[inline(always)]
+pub fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<IcmpError>, Counter> {
+    if !ip.has_l4 || ip.is_fragment {
+        return Ok(None);
+    }
+    let l4_off = ip.l4_off & 0x7f;
+    let need = l4_off + ICMP_HLEN + IP_MIN_HLEN + 8;
+    if need > ip.end {
+        return Ok(None);
+    }
+    ensure(ctx, need)?;
+    // Bounds-checked from the pointer itself, with a constant length, which is the form
+    // every verifier follows.
+    let p = ctx.data() + l4_off;
+    if p + ICMP_HLEN + IP_MIN_HLEN + 8 > ctx.data_end() {
+        return Err(Counter::Truncated);
+    }
+    let p = p as *const u8;
+    // SAFETY: the check above covers `need` bytes from the start of the packet, which is
+    // the ICMP header, the quoted IPv4 header and 8 bytes after it.
+    unsafe {
+        let ty = *p;
+        if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED {
+            return Ok(None);
+        }
+        let inner = p.add(ICMP_HLEN);
+        let inner_proto = *inner.add(9);
+        if *inner != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
+            return Ok(None);
+        }
+        let inner_ports = core::ptr::read_unaligned(inner.add(IP_MIN_HLEN).cast::<u32>());
+        let b = inner_ports.to_ne_bytes();
+        Ok(Some(IcmpError {
+            icmp_csum_off: l4_off + 2,
+            inner_off: l4_off + ICMP_HLEN,
+            inner_proto,
+            inner_saddr_be: core::ptr::read_unaligned(inner.add(12).cast::<u32>()),
+            inner_daddr_be: core::ptr::read_unaligned(inner.add(16).cast::<u32>()),
+            inner_ports,
+            inner_sport_be: u16::from_ne_bytes([b[0], b[1]]),
+            inner_dport_be: u16::from_ne_bytes([b[2], b[3]]),
+            inner_csum: core::ptr::read_unaligned(inner.add(10).cast::<u16>()),
+        }))
+    }
+}
+
+/// Reads the 16-bit word at `off` (bounds-checked, for a checksum just rewritten).
+#[inline(always)]
+pub fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
+    let start = ctx.data();
+    if start + off + 2 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: checked to lie inside the packet.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const u16) })
 }

@@ -3,11 +3,11 @@
 //! told to stop. Stopping leaves the datapath in place; `meshnet detach` removes it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -166,6 +166,8 @@ struct Agent {
     /// device (a pod re-created between two events) and a device can be renamed.
     attached: BTreeMap<String, u32>,
     health: Health,
+    /// Down gateways past their grace period whose flows the last sync purged.
+    evicted: BTreeSet<GatewayId>,
     metrics: Arc<Metrics>,
 }
 
@@ -218,6 +220,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         maps,
         attached: BTreeMap::new(),
         health,
+        evicted: BTreeSet::new(),
         metrics,
     };
     if agent.api.heard {
@@ -230,6 +233,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         agent.report_api();
     }
     agent.rescan_interfaces()?;
+    // This build's programs now run on every interface: what the old ones added to maps
+    // being migrated is copied over, and the old maps go.
+    agent.datapath.finish_migration().context("migrating the old maps")?;
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
     }
@@ -357,7 +363,7 @@ impl Agent {
         };
         let config = merged.config;
         if config.max_flows != self.config.max_flows {
-            warn!("nat.maxFlows changes take effect after `meshnet detach` and a restart");
+            warn!("a new nat.maxFlows takes effect when the agent restarts, which migrates every flow into maps of the new size");
         }
         let old = std::mem::replace(&mut self.config, config);
         if let Err(e) = self.sync() {
@@ -387,10 +393,17 @@ impl Agent {
         self.health.retain(&targets);
         let mut desired = self.config.desired();
         // Without probing nothing can bring a gateway back, so none is held down.
-        if self.config.health.enabled {
+        let evict = if self.config.health.enabled {
             desired.apply_health(&self.health.down());
+            self.health.down_past(self.config.health.down_grace, Instant::now())
+        } else {
+            BTreeSet::new()
+        };
+        let report = self.maps.sync_evicting(&desired, &evict)?;
+        if evict != self.evicted && !evict.is_empty() {
+            warn!(gateways = ?evict, grace = ?self.config.health.down_grace, flows = report.flows_purged, "gateways down past their grace period; their flows were purged and start again on live gateways");
         }
-        let report = self.maps.sync(&desired)?;
+        self.evicted = evict;
         if !report.is_noop() {
             info!(?report, cluster = %self.config.cluster, peers = self.config.peers.len(), "maps synced");
         }
@@ -444,17 +457,22 @@ impl Agent {
     }
 
     fn apply_probes(&mut self, results: &[(GatewayId, bool)]) {
-        let threshold = self.config.health.failure_threshold;
+        let (fall, rise) = (self.config.health.failure_threshold, self.config.health.rise_threshold);
+        let now = Instant::now();
         let mut changed = false;
         for (gw, ok) in results {
-            if self.health.record(*gw, *ok, threshold) {
+            if self.health.record(*gw, *ok, fall, rise, now) {
                 changed = true;
                 if *ok {
                     info!(gateway = %format!("{}:{}", gw.0, gw.1), "gateway up");
                 } else {
-                    warn!(gateway = %format!("{}:{}", gw.0, gw.1), "gateway down; moving its flows to live gateways");
+                    warn!(gateway = %format!("{}:{}", gw.0, gw.1), grace = ?self.config.health.down_grace, "gateway down; new flows avoid it, its flows stay through the grace period");
                 }
             }
+        }
+        // A gateway that has now been down past its grace period gets its flows purged.
+        if self.health.down_past(self.config.health.down_grace, now) != self.evicted {
+            changed = true;
         }
         if changed {
             if let Err(e) = self.sync() {
@@ -465,7 +483,7 @@ impl Agent {
 
     fn collect_garbage(&mut self) {
         let report = self.maps.expire(monotonic_ns(), &self.config.gc);
-        if report.flows + report.orphans > 0 {
+        if report.flows + report.orphans + report.revs_restored > 0 {
             debug!(?report, "expired idle flows");
             self.metrics.gc_expired.inc_by(u64::try_from(report.flows).unwrap_or(0));
         }
@@ -487,6 +505,12 @@ impl Agent {
             info!(iface, ifindex = index, "interface gone, renamed, re-created or no longer matching; detaching");
             detach_interface(&self.opts.pins, &iface, Some(index));
             self.attached.remove(&iface);
+            // Flows made through that device belong to a pod that is gone (or no longer
+            // translated): they would only hold table space until they expire.
+            let n = self.maps.purge_interface(index);
+            if n > 0 {
+                info!(iface, flows = n, "purged the flows of the interface's pod");
+            }
         }
         for (iface, index) in &present {
             if self.attached.contains_key(iface) {

@@ -91,13 +91,25 @@ pub struct RawHealth {
     pub enabled: bool,
     pub interval_seconds: u64,
     pub timeout_milliseconds: u64,
-    /// Consecutive failed probes before a gateway is marked down (one success marks it up).
+    /// Consecutive failed probes before a gateway is marked down.
     pub failure_threshold: u32,
+    /// Consecutive successful probes before a down gateway is marked up again.
+    pub rise_threshold: u32,
+    /// How long flows pinned to a down gateway are kept (a down gateway only stops taking
+    /// new flows); past it they are purged and start again on a live gateway.
+    pub down_grace_seconds: u64,
 }
 
 impl Default for RawHealth {
     fn default() -> Self {
-        Self { enabled: true, interval_seconds: 2, timeout_milliseconds: 1000, failure_threshold: 2 }
+        Self {
+            enabled: true,
+            interval_seconds: 2,
+            timeout_milliseconds: 1000,
+            failure_threshold: 2,
+            rise_threshold: 2,
+            down_grace_seconds: 60,
+        }
     }
 }
 
@@ -131,6 +143,8 @@ pub struct HealthConfig {
     pub interval: Duration,
     pub timeout: Duration,
     pub failure_threshold: u32,
+    pub rise_threshold: u32,
+    pub down_grace: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -575,6 +589,13 @@ impl RawConfig {
         if self.health.failure_threshold == 0 {
             c.err("health.failureThreshold", "must be at least 1");
         }
+        if self.health.rise_threshold == 0 {
+            c.err("health.riseThreshold", "must be at least 1");
+        }
+        // A day: beyond it a dead gateway's flows would outlive any TCP timeout anyway.
+        if self.health.down_grace_seconds > 86_400 {
+            c.err("health.downGraceSeconds", format!("{} is more than a day (86400)", self.health.down_grace_seconds));
+        }
         let reserved = Reserved { service_cidrs: service_cidrs.clone(), local_addresses: local_addresses.clone() };
         let config = Config {
             cluster: self.cluster.clone(),
@@ -594,6 +615,8 @@ impl RawConfig {
                 interval: Duration::from_secs(self.health.interval_seconds),
                 timeout: Duration::from_millis(self.health.timeout_milliseconds),
                 failure_threshold: self.health.failure_threshold,
+                rise_threshold: self.health.rise_threshold,
+                down_grace: Duration::from_secs(self.health.down_grace_seconds),
             },
         };
         (config, reserved)
@@ -674,6 +697,18 @@ peers:
             Err(ConfigError::Invalid { errors, .. }) => errors.iter().map(ToString::to_string).collect(),
             other => panic!("expected validation errors, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn health_hysteresis_and_grace_default_and_are_checked() {
+        let c = Config::from_yaml(GOOD).unwrap();
+        assert_eq!((c.health.failure_threshold, c.health.rise_threshold), (2, 2));
+        assert_eq!(c.health.down_grace, Duration::from_mins(1));
+        let c = Config::from_yaml(&format!("{GOOD}health:\n  riseThreshold: 3\n  downGraceSeconds: 0\n")).unwrap();
+        assert_eq!((c.health.rise_threshold, c.health.down_grace), (3, Duration::ZERO));
+        let e = errors(&format!("{GOOD}health:\n  riseThreshold: 0\n  downGraceSeconds: 86401\n"));
+        assert!(e.iter().any(|m| m.contains("health.riseThreshold")), "{e:?}");
+        assert!(e.iter().any(|m| m.contains("health.downGraceSeconds")), "{e:?}");
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::{collections::BTreeMap, io, path::Path};
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::MapInfo,
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -21,7 +20,10 @@ use aya::{
 use meshnet_common::names;
 use tracing::{debug, info, warn};
 
-use crate::pins::{Direction, Pins};
+use crate::{
+    migrate::Migration,
+    pins::{Direction, Pins},
+};
 
 /// The eBPF object, embedded at build time (see build.rs), so the binary ships alone.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshnet.bpf.o"));
@@ -64,6 +66,8 @@ impl Direction {
 pub struct Datapath {
     pub ebpf: Ebpf,
     pub pins: Pins,
+    /// Old maps whose entries are still to be carried over (see [`crate::migrate`]).
+    migration: Option<Migration>,
 }
 
 impl Datapath {
@@ -75,16 +79,41 @@ impl Datapath {
 
     pub fn load_object(pins: &Pins, max_flows: u32, object: &[u8]) -> anyhow::Result<Self> {
         pins.prepare()?;
-        check_pinned_layouts(pins, max_flows)?;
+        let migration = Migration::prepare(pins, max_flows)?;
         let fresh: Vec<_> = names::ALL_MAPS.iter().map(|n| pins.map(n)).filter(|p| !p.exists()).collect();
-        let loaded = Self::load_pinned(pins, max_flows, object);
-        if loaded.is_err() {
-            // Leave no half-made state behind: drop the pins this attempt created.
-            for p in fresh {
-                let _ = std::fs::remove_file(p);
+        let loaded = Self::load_pinned(pins, max_flows, object).and_then(|dp| {
+            if !migration.is_empty() {
+                // Before any program of this build runs, so that the first packets already
+                // find their flows.
+                let n = migration.copy(pins, true)?;
+                info!(entries = n, "copied the old maps' entries into this build's maps");
+            }
+            Ok(dp)
+        });
+        match loaded {
+            Ok(mut dp) => {
+                dp.migration = Some(migration);
+                Ok(dp)
+            }
+            Err(e) => {
+                // Leave no half-made state behind: drop the pins this attempt created, and
+                // put back the maps moved aside for migration.
+                for p in fresh {
+                    let _ = std::fs::remove_file(p);
+                }
+                migration.restore(pins);
+                Err(e)
             }
         }
-        loaded
+    }
+
+    /// Ends a migration once this build's programs are attached everywhere: copies what the
+    /// old programs added meanwhile and removes the old pins.
+    pub fn finish_migration(&mut self) -> anyhow::Result<()> {
+        match self.migration.take() {
+            Some(m) if !m.is_empty() => m.finish(&self.pins),
+            _ => Ok(()),
+        }
     }
 
     /// Loads the embedded object with fresh, unpinned maps: for packet tests and benchmarks
@@ -130,7 +159,7 @@ impl Datapath {
                 .try_into()?;
             p.load().with_context(|| format!("the kernel refused program {prog}"))?;
         }
-        Ok(Self { ebpf, pins: pins.clone() })
+        Ok(Self { ebpf, pins: pins.clone(), migration: None })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to `iface`, replacing meshnet's
@@ -260,47 +289,6 @@ fn attach_netlink(prog: &mut SchedClassifier, iface: &str, dir: Direction) -> an
     Ok(())
 }
 
-/// Refuses to reuse a pinned map whose type or sizes differ from this build's: aya would
-/// reuse it without looking, and the programs would misread it.
-fn check_pinned_layouts(pins: &Pins, max_flows: u32) -> anyhow::Result<()> {
-    use meshnet_common::{FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
-    let expect: [(&str, usize, usize); 6] = [
-        (names::ROUTES, 8, size_of::<RouteValue>()),
-        (names::PEERS, 4, size_of::<PeerGateways>()),
-        (names::NAT_FWD, size_of::<FlowKey>(), size_of::<NatFwd>()),
-        (names::NAT_REV, size_of::<FlowKey>(), size_of::<NatRev>()),
-        (names::STATS, 4, 8),
-        (names::PEER_NAMES, 4, size_of::<PeerName>()),
-    ];
-    for (name, key, value) in expect {
-        let path = pins.map(name);
-        let info = match MapInfo::from_pin(&path) {
-            Ok(info) => info,
-            Err(_) if !path.exists() => continue,
-            Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
-        };
-        if info.key_size() as usize != key || info.value_size() as usize != value {
-            bail!(
-                "{} has key/value sizes {}/{}, this build expects {key}/{value}; it was pinned by an \
-                 incompatible build. Run `meshnet detach --pin-path {}` (this drops flow state) and start again",
-                path.display(),
-                info.key_size(),
-                info.value_size(),
-                pins.root().display()
-            );
-        }
-        if (name == names::NAT_FWD || name == names::NAT_REV) && info.max_entries() != max_flows {
-            warn!(
-                map = name,
-                pinned = info.max_entries(),
-                configured = max_flows,
-                "the pinned flow map keeps its size; a new nat.maxFlows takes effect after `meshnet detach`"
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Interfaces in this network namespace whose names match any of `patterns`.
 pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
     let globs: Vec<glob::Pattern> = patterns
@@ -388,8 +376,10 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
             }
         }
     }
-    for name in names::ALL_MAPS {
-        let path = pins.map(name);
+    let legacy = [names::NAT_FWD_V1, names::NAT_REV_V1, names::PEERS_V1].map(String::from);
+    let migrating = names::ALL_MAPS.map(crate::migrate::migrating_name);
+    for name in names::ALL_MAPS.iter().map(|n| (*n).to_string()).chain(legacy).chain(migrating) {
+        let path = pins.map(&name);
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             report.pins += 1;

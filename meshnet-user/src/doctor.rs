@@ -14,7 +14,7 @@ use std::{
 
 use aya::{maps::MapType, programs::ProgramType};
 use ipnet::Ipv4Net;
-use meshnet_common::names;
+use meshnet_common::{names, Counter};
 use serde::Serialize;
 
 use crate::{config::RawConfig, datapath, netlink, pins::Pins};
@@ -105,8 +105,7 @@ pub fn run(pins: &Pins, config: Option<&Path>) -> Vec<Check> {
     checks.push(btf_check(Path::new("/sys/kernel/btf/vmlinux").exists()));
     for (what, ty, since) in [
         ("LPM trie (remote CIDRs)", MapType::LpmTrie, "4.11"),
-        ("LRU hash (flow state)", MapType::LruHash, "4.10"),
-        ("hash (peers)", MapType::Hash, "3.19"),
+        ("hash (flow state, peers)", MapType::Hash, "3.19"),
         ("per-CPU array (counters)", MapType::PerCpuArray, "4.6"),
     ] {
         let r = aya::sys::is_map_supported(ty).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
@@ -118,6 +117,9 @@ pub fn run(pins: &Pins, config: Option<&Path>) -> Vec<Check> {
     checks.push(attach_check(kernel));
     checks.push(bpffs_check(pins));
     checks.push(pins_check(pins));
+    if let Some(c) = flow_table_check(pins) {
+        checks.push(c);
+    }
     let status = std::fs::read_to_string("/proc/self/status").ok();
     checks.push(caps_check(status.as_deref().and_then(parse_cap_eff), kernel));
     if let Some(path) = config {
@@ -305,6 +307,36 @@ pub fn pins_verdict(maps_dir: &Path, present: &[&str]) -> Check {
             format!("{} of {all} maps pinned under {}; missing {}", present.len(), maps_dir.display(), missing.join(", ")),
         )
         .fix("restart the agent, which pins the maps it misses (or run `meshnet detach` and start it again)")
+    }
+}
+
+/// How full the flow table is and whether new flows were refused for lack of room. `None`
+/// when nothing is pinned yet.
+#[must_use]
+pub fn flow_table_check(pins: &Pins) -> Option<Check> {
+    let info = aya::maps::MapInfo::from_pin(pins.map(names::NAT_FWD)).ok()?;
+    let fwd: crate::maps::NatFwdMap = crate::maps::open(pins, names::NAT_FWD).ok()?;
+    let entries = fwd.keys().count();
+    let refused = crate::maps::read_stats(pins).ok().and_then(|s| s.get(Counter::NatTableFull.name()).copied()).unwrap_or(0);
+    Some(flow_table_verdict(entries, info.max_entries(), refused))
+}
+
+/// Warns when the table is over 80 % full or new flows were refused (`nat_table_full`).
+#[must_use]
+pub fn flow_table_verdict(entries: usize, capacity: u32, refused: u64) -> Check {
+    const NAME: &str = "flow table";
+    let (n, cap) = (entries as u64, u64::from(capacity.max(1)));
+    let pct = n * 100 / cap;
+    let fill = format!("{entries} of {capacity} flows ({pct}%) in {}", names::NAT_FWD);
+    let fix = "raise nat.maxFlows and restart the agent (its flows are migrated into the larger maps), or lower \
+               the nat timeouts; established flows are never evicted, so a full table refuses new ones";
+    if refused > 0 {
+        Check::new(NAME, Level::Warn, format!("{fill}; {refused} new flows were refused because the table was full (nat_table_full)"))
+            .fix(fix)
+    } else if n * 5 > cap * 4 {
+        Check::new(NAME, Level::Warn, format!("{fill}: over 80% full; new flows are refused when it is full")).fix(fix)
+    } else {
+        Check::new(NAME, Level::Ok, fill)
     }
 }
 
@@ -713,6 +745,19 @@ mod tests {
         assert_eq!(parse_cap_eff("CapEff:\t0000000000000000\n"), Some(0));
         assert_eq!(parse_cap_eff("Name: x\n"), None);
         assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn flow_table_warns_when_nearly_full_or_refusing() {
+        assert_eq!(flow_table_verdict(10, 100, 0).level, Level::Ok);
+        assert_eq!(flow_table_verdict(80, 100, 0).level, Level::Ok);
+        let c = flow_table_verdict(81, 100, 0);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("81%"), "{}", c.detail);
+        let c = flow_table_verdict(3, 100, 7);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("7 new flows were refused") && c.detail.contains("nat_table_full"), "{}", c.detail);
+        assert!(c.fix.unwrap().contains("nat.maxFlows"));
     }
 
     fn mask(caps: &[u32]) -> u64 {

@@ -4,13 +4,21 @@
 //! that every outcome is unit-tested without a kernel; [`Snapshot::load`] reads the pinned
 //! maps. The logic follows `meshnet_from_pod` step by step (`meshnet-ebpf/src/nat.rs`):
 //!
-//! 1. flow state (`mn_nat_fwd_v1`) first: an existing flow keeps its gateway and port;
+//! 0. anything but TCP and UDP (ICMP, `--proto icmp`) to a remote CIDR is dropped and counted
+//!    `unsupported_proto`: it has no port to translate by and must not leave untranslated;
+//! 1. flow state (`mn_nat_fwd_v2`) first: an existing flow keeps its gateway and port;
 //! 2. otherwise the route trie (`mn_routes_v1`): a miss is not meshnet's and passes unchanged;
-//! 3. the peer's gateways (`mn_peers_v1`): the first gateway with a `NodePort` for the protocol
+//! 3. the peer's gateways (`mn_peers_v2`): the first gateway with a `NodePort` for the protocol
 //!    and marked up, in cyclic order from [`gateway_start`]; none with a port: passed (UDP to
 //!    a peer without a UDP `NodePort`); none up: dropped;
-//! 4. the reply tuple (`mn_nat_rev_v1`): when another flow holds it, the first free port of
-//!    [`remap_port`]'s candidates; none free: dropped.
+//! 4. the reply tuple (`mn_nat_rev_v2`): when another flow holds it, the first free port of
+//!    [`remap_port`]'s candidates; none free: dropped;
+//!
+//! On the way back, `meshnet_to_pod` also translates ICMP errors about translated flows
+//! (`icmp_error_translated`); the `--proto icmp` explanation says so.
+//!
+//! 5. a new flow in a full table (`nat.maxFlows` flows) is dropped and counted `nat_table_full`:
+//!    established flows are never evicted for it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -40,6 +48,8 @@ pub enum Proto {
     #[default]
     Tcp,
     Udp,
+    /// Any ICMP message (ping): meshnet cannot translate it. The destination port is ignored.
+    Icmp,
 }
 
 impl Proto {
@@ -48,6 +58,7 @@ impl Proto {
         match self {
             Proto::Tcp => IPPROTO_TCP,
             Proto::Udp => IPPROTO_UDP,
+            Proto::Icmp => 1,
         }
     }
 
@@ -56,6 +67,7 @@ impl Proto {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
         }
     }
 
@@ -64,6 +76,7 @@ impl Proto {
         match self {
             Proto::Tcp => g.tcp_port_be,
             Proto::Udp => g.udp_port_be,
+            Proto::Icmp => 0,
         }
     }
 }
@@ -148,6 +161,10 @@ pub struct Snapshot {
     pub names: BTreeMap<u32, String>,
     pub nat_fwd: Option<HashMap<FlowKey, NatFwd>>,
     pub nat_rev: Option<HashMap<FlowKey, NatRev>>,
+    /// Entries of the forward and the reverse flow map (every pod's) and their capacity
+    /// (`nat.maxFlows`): a new flow needs a forward slot, and a reverse one unless its reply
+    /// tuple's entry survived.
+    pub nat_fill: Option<(usize, usize, u32)>,
     /// `CLOCK_MONOTONIC` now, the clock of the entries' `last_seen_ns`.
     pub now_ns: u64,
     /// Maps that could not be read, with why.
@@ -174,11 +191,34 @@ impl Snapshot {
                 .map(|m| m.iter().flatten().filter(|(k, _)| k.dst_be == pod_be).collect()),
             &mut missing,
         );
+        let nat_fill = maps::open::<maps::NatFwdMap>(pins, names::NAT_FWD).ok().and_then(|fwd| {
+            let rev = maps::open::<maps::NatRevMap>(pins, names::NAT_REV).ok()?;
+            let cap = aya::maps::MapInfo::from_pin(pins.map(names::NAT_FWD)).ok()?.max_entries();
+            Some((fwd.keys().count(), rev.keys().count(), cap))
+        });
         // Names are a nicety: without them peers show by id, so a missing map is no gap.
         let names = maps::open::<maps::Names>(pins, names::PEER_NAMES)
             .map(|m| m.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect())
             .unwrap_or_default();
-        Snapshot { routes, peers, names, nat_fwd, nat_rev, now_ns: monotonic_ns(), missing }
+        Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), missing }
+    }
+
+    /// The same view of maps already open, such as an unpinned load's, whose flow table
+    /// holds `capacity` entries: tests hold `explain` to the program itself with it.
+    pub fn of_maps(m: &maps::ControlMaps, capacity: u32, pod: Ipv4Addr) -> anyhow::Result<Self> {
+        let pod_be = addr_be(pod);
+        let fwd: HashMap<FlowKey, NatFwd> = m.nat_fwd.iter().collect::<Result<_, _>>()?;
+        let nat_fill = Some((fwd.len(), m.nat_rev.keys().count(), capacity));
+        Ok(Snapshot {
+            routes: Some(m.current_routes()?),
+            peers: Some(m.peers.iter().collect::<Result<_, _>>()?),
+            names: m.names.iter().map(|r| r.map(|(id, n)| (id, maps::peer_name_of(&n)))).collect::<Result<_, _>>()?,
+            nat_fwd: Some(fwd.into_iter().filter(|(k, _)| k.src_be == pod_be).collect()),
+            nat_rev: Some(m.nat_rev.iter().filter(|r| r.as_ref().map_or(true, |(k, _)| k.dst_be == pod_be)).collect::<Result<_, _>>()?),
+            nat_fill,
+            now_ns: monotonic_ns(),
+            missing: Vec::new(),
+        })
     }
 
     fn peer_name(&self, id: u32) -> String {
@@ -222,6 +262,11 @@ pub enum Verdict {
     DropNoLiveGateway,
     /// The reply tuple and every remap candidate are taken by other flows: dropped.
     DropNoFreePort,
+    /// A new flow while the flow table is full: dropped (established flows are never
+    /// evicted to make room).
+    DropTableFull,
+    /// Neither TCP nor UDP, to a remote CIDR: dropped, it cannot be translated.
+    DropUnsupportedProto,
     /// A map needed to decide could not be read.
     Unknown,
 }
@@ -471,6 +516,10 @@ fn holder(rev_map: &HashMap<FlowKey, NatRev>, rev_key: &FlowKey, want: &NatRev) 
 #[must_use]
 pub fn explain(snap: &Snapshot, q: &Query) -> Explanation {
     let mut ex = Explanation::new(q, snap.missing.clone());
+    if q.proto == Proto::Icmp {
+        unsupported_proto(snap, q, &mut ex);
+        return ex;
+    }
     if flow_state_stage(snap, q, &mut ex).is_break() {
         return ex;
     }
@@ -482,6 +531,33 @@ pub fn explain(snap: &Snapshot, q: &Query) -> Explanation {
         Some(key) => new_flow(snap, q, &key, peer_id, gws, &mut ex),
     }
     ex
+}
+
+/// Step 0: a protocol without ports.
+fn unsupported_proto(snap: &Snapshot, q: &Query, ex: &mut Explanation) {
+    let dst = *q.dst.ip();
+    let Some(routes) = &snap.routes else {
+        ex.finish(Verdict::Unknown, &[], format!("cannot tell: the route map {} could not be read", names::ROUTES));
+        return;
+    };
+    let Some((net, peer_id)) = longest_match(routes, dst) else {
+        ex.step(format!("route: no remote CIDR contains {dst}"));
+        ex.finish(Verdict::PassNotMeshnet, &[], "not meshnet's: passes unchanged");
+        return;
+    };
+    ex.step(format!("route: {dst} is in {net}, peer {}", snap.peer_name(peer_id)));
+    ex.finish(
+        Verdict::DropUnsupportedProto,
+        &["unsupported_proto"],
+        format!(
+            "dropped: meshnet translates only TCP and UDP (by their ports) and {} has no port; sent as it is, it would \
+             leave by the default route still addressed to a remote pod. Malformed or truncated TCP/UDP to a remote \
+             CIDR is dropped the same way (counted malformed or truncated, and remote_parse_error). The other way, ICMP \
+             errors (unreachable, fragmentation needed, time exceeded) about a translated flow are translated back \
+             before they reach the pod (icmp_error_translated)",
+            q.proto.as_str().to_uppercase()
+        ),
+    );
 }
 
 /// Step 1: flow state, looked up before anything else. Breaks when an entry decides.
@@ -688,6 +764,8 @@ fn new_flow(snap: &Snapshot, q: &Query, key: &FlowKey, peer_id: u32, gws: &[Gate
         nat_sport_be: key.sport_be,
         peer_id,
         flags: 0,
+        ifindex: 0,
+        _pad: 0,
         last_seen_ns: 0,
     };
     let sport = u16::from_be(key.sport_be);
@@ -706,9 +784,31 @@ fn new_flow(snap: &Snapshot, q: &Query, key: &FlowKey, peer_id: u32, gws: &[Gate
         );
         return;
     };
-    let reply = claim_reply(rev_map, key, rev_key, ex);
+    let (reply, needs_rev) = claim_reply(rev_map, key, rev_key, ex);
     let (taken, nat_port) = (reply.taken_by.is_some(), reply.nat_port);
     ex.reply = Some(reply);
+    // The datapath's order: a reply tuple with no free remap port is refused before any
+    // insert; then the reverse entry (unless it survived), then the forward one.
+    let full = snap.nat_fill.and_then(|(fwd, rev, cap)| {
+        let cap_n = cap as usize;
+        if needs_rev && rev >= cap_n {
+            Some((rev, cap, names::NAT_REV))
+        } else if fwd >= cap_n {
+            Some((fwd, cap, names::NAT_FWD))
+        } else {
+            None
+        }
+    });
+    if let (Some((entries, cap, map)), false) = (full, taken && nat_port.is_none()) {
+        ex.step(format!("flow table: {entries} of {cap} entries in {map}: full"));
+        ex.finish(
+            Verdict::DropTableFull,
+            &["nat_table_full"],
+            "dropped: the flow table is full and established flows are never evicted for a new one; raise \
+             nat.maxFlows (the agent migrates its flows on restart) or lower the nat timeouts",
+        );
+        return;
+    }
     match (taken, nat_port) {
         (false, _) => ex.finish(
             Verdict::Redirect,
@@ -739,26 +839,38 @@ fn tuple(rev_key: &FlowKey) -> String {
 
 /// The datapath's claim of the reply tuple `rev_key` for the new flow `key`: taken by another
 /// flow, it tries the remap ports in order.
-fn claim_reply(rev_map: &HashMap<FlowKey, NatRev>, key: &FlowKey, mut rev_key: FlowKey, ex: &mut Explanation) -> ReplyInfo {
+/// Also says whether the flow needs a new reverse entry (not when its own survived).
+fn claim_reply(
+    rev_map: &HashMap<FlowKey, NatRev>,
+    key: &FlowKey,
+    mut rev_key: FlowKey,
+    ex: &mut Explanation,
+) -> (ReplyInfo, bool) {
     let want = NatRev {
         remote_addr_be: key.dst_be,
         remote_port_be: key.dport_be,
         pod_port_be: key.sport_be,
         flags: 0,
-        _pad: 0,
+        peer_id: 0,
         last_seen_ns: 0,
     };
     let mut reply = ReplyInfo { tuple: tuple(&rev_key), taken_by: None, remap: Vec::new(), nat_port: None };
+    let mut needs_rev = true;
     match holder(rev_map, &rev_key, &want) {
         Holder::Free => ex.step(format!(
             "reply tuple {} is free: the source port stays {}",
             reply.tuple,
             u16::from_be(key.sport_be)
         )),
-        Holder::Same => ex.step(format!(
-            "reply tuple {} already restores this very flow (its forward entry was evicted): it is reused",
+        Holder::Same => {
+            needs_rev = false;
+            ex.step(format!(
+            "reply tuple {} already restores this very flow (its forward entry was lost): it is reused, so the flow \
+             keeps its gateway and port (a reply after 1 s idle would have re-created the forward entry too, counted \
+             fwd_restored)",
             reply.tuple
-        )),
+        ));
+        }
         Holder::Other(other) => {
             let mut text = format!(
                 "reply tuple {} is taken by the flow {other}: the source port is remapped to the first free of:",
@@ -768,7 +880,11 @@ fn claim_reply(rev_map: &HashMap<FlowKey, NatRev>, key: &FlowKey, mut rev_key: F
             for attempt in 0..limits::REMAP_ATTEMPTS {
                 let port = remap_port(key, attempt);
                 rev_key.dport_be = port.to_be();
-                let taken_by = match holder(rev_map, &rev_key, &want) {
+                let held = holder(rev_map, &rev_key, &want);
+                if reply.nat_port.is_none() && matches!(held, Holder::Same) {
+                    needs_rev = false;
+                }
+                let taken_by = match held {
                     Holder::Free | Holder::Same => None,
                     Holder::Other(flow) => Some(flow),
                 };
@@ -786,7 +902,7 @@ fn claim_reply(rev_map: &HashMap<FlowKey, NatRev>, key: &FlowKey, mut rev_key: F
             ex.step(text);
         }
     }
-    reply
+    (reply, needs_rev)
 }
 
 fn existing_flow(snap: &Snapshot, ex: &mut Explanation, key: &FlowKey, fwd: &NatFwd) {
@@ -808,9 +924,9 @@ fn existing_flow(snap: &Snapshot, ex: &mut Explanation, key: &FlowKey, fwd: &Nat
         match now {
             Some(gw) if gw.flags & GW_UP != 0 => ex.step(format!("gateway {} of peer {peer} is up", row.gateway)),
             Some(_) => ex.step(format!(
-                "gateway {} of peer {peer} is marked down: the datapath keeps using it for this flow until the agent \
-                 purges the flow (it does when it applies a health change or a reload); the next packet then starts a \
-                 new flow on a live gateway",
+                "gateway {} of peer {peer} is marked down: it takes no new flows, but this established flow stays on \
+                 it until the gateway has been down longer than health.downGraceSeconds; the agent then purges the flow \
+                 and its next packet starts a new flow on a live gateway",
                 row.gateway
             )),
             None => ex.step(format!(
@@ -821,7 +937,8 @@ fn existing_flow(snap: &Snapshot, ex: &mut Explanation, key: &FlowKey, fwd: &Nat
     }
     if snap.nat_rev.is_some() && !row.reply_entry {
         ex.step(format!(
-            "the reverse entry in {} is gone (evicted?): replies to this flow pass untranslated",
+            "the reverse entry in {} is missing: the next packet of the flow after 1 s idle re-creates it (counted \
+             rev_restored), as does the agent's next GC pass; until then replies to this flow pass untranslated",
             names::NAT_REV
         ));
     }
@@ -866,6 +983,7 @@ mod tests {
             names: BTreeMap::from([(PEER, "cluster2".to_string())]),
             nat_fwd: Some(HashMap::new()),
             nat_rev: Some(HashMap::new()),
+            nat_fill: None,
             now_ns: 100_000_000_000,
             missing: Vec::new(),
         }
@@ -885,6 +1003,8 @@ mod tests {
             nat_sport_be: nat_sport.to_be(),
             peer_id: PEER,
             flags: if remapped { FLOW_REMAPPED } else { 0 },
+            ifindex: 0,
+            _pad: 0,
             last_seen_ns,
         };
         let rev = NatRev {
@@ -892,7 +1012,7 @@ mod tests {
             remote_port_be: key.dport_be,
             pod_port_be: key.sport_be,
             flags: 0,
-            _pad: 0,
+            peer_id: PEER,
             last_seen_ns,
         };
         s.nat_rev.as_mut().unwrap().insert(FlowKey::rev_of_fwd(&key, &fwd), rev);
@@ -956,6 +1076,35 @@ mod tests {
     }
 
     #[test]
+    fn a_new_flow_in_a_full_table_is_dropped_but_an_existing_one_is_not() {
+        let gws = [gw(2, 31674, 0, true)];
+        let mut s = snapshot(&gws);
+        add_flow(&mut s, key(40000, REMOTE, 8080, Proto::Tcp), &gws[0], 40000, 0);
+        s.nat_fill = Some((1, 1, 1));
+        let e = explain(&s, &query("10.244.0.10:40001", "10.245.0.20:8080", Proto::Tcp));
+        assert_eq!(e.verdict, Verdict::DropTableFull);
+        assert_eq!(e.counters, ["nat_table_full"]);
+        assert!(e.action.contains("never evicted"), "{}", e.action);
+        let e = explain(&s, &query("10.244.0.10:40000", "10.245.0.20:8080", Proto::Tcp));
+        assert_eq!(e.verdict, Verdict::ExistingFlow);
+        s.nat_fill = Some((0, 0, 1));
+        let e = explain(&s, &query("10.244.0.10:40001", "10.245.0.20:8080", Proto::Tcp));
+        assert_eq!(e.verdict, Verdict::Redirect);
+    }
+
+    #[test]
+    fn icmp_to_a_remote_pod_is_dropped_and_says_why() {
+        let s = snapshot(&[gw(2, 31674, 0, true)]);
+        let e = explain(&s, &query("10.244.0.10", "10.245.0.20:1", Proto::Icmp));
+        assert_eq!(e.verdict, Verdict::DropUnsupportedProto);
+        assert_eq!(e.counters, ["unsupported_proto"]);
+        assert!(e.action.contains("only TCP and UDP"), "{}", e.action);
+        assert!(e.action.contains("icmp_error_translated"), "{}", e.action);
+        let e = explain(&s, &query("10.244.0.10", "10.244.0.20:1", Proto::Icmp));
+        assert_eq!(e.verdict, Verdict::PassNotMeshnet);
+    }
+
+    #[test]
     fn an_existing_flow_without_its_reverse_entry_is_flagged() {
         let gws = [gw(2, 31674, 0, true)];
         let mut s = snapshot(&gws);
@@ -965,7 +1114,7 @@ mod tests {
         let e = explain(&s, &query("10.244.0.10:40000", "10.245.0.20:8080", Proto::Tcp));
         assert_eq!(e.verdict, Verdict::ExistingFlow);
         assert!(!e.flow.unwrap().reply_entry);
-        assert!(e.steps.iter().any(|s| s.contains("replies to this flow pass untranslated")));
+        assert!(e.steps.iter().any(|s| s.contains("re-creates it")));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod explain;
 pub mod health;
 pub mod maps;
 pub mod metrics;
+pub mod migrate;
 pub mod netlink;
 #[cfg(test)]
 mod objcheck;

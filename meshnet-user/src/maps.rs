@@ -1,7 +1,11 @@
 //! Typed access to the pinned maps: syncing them to a desired state, and reading them back
 //! for dumps. Works from pins alone, so the CLI needs no running agent.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::Ipv4Addr,
+};
 
 use anyhow::Context as _;
 use aya::maps::{
@@ -251,9 +255,15 @@ impl ControlMaps {
 
     /// Makes the maps hold `desired`, touching only what differs. New routes and gateways go
     /// in before anything is removed, so no packet meets a half-applied state that drops it;
-    /// flows of withdrawn routes or of gateways that are gone or down are purged last, so
-    /// their next packet picks a live gateway.
+    /// flows of withdrawn routes or of gateways that are gone are purged last, so their next
+    /// packet picks a live gateway. Flows of a gateway that is merely down stay.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
+        self.sync_evicting(desired, &BTreeSet::new())
+    }
+
+    /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
+    /// and TCP port): those down longer than their grace period.
+    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<SyncReport> {
         let plan = Plan::new(&self.current_routes()?, &self.current_peers()?, desired);
         for (id, value) in &plan.peer_writes {
             self.peers.insert(id, *value, 0).context("writing the peer map")?;
@@ -275,14 +285,14 @@ impl ControlMaps {
             let _ = self.names.remove(id);
         }
         let mut report = plan.report();
-        report.flows_purged = self.purge_flows(desired)?;
+        report.flows_purged = self.purge_flows(desired, evict)?;
         Ok(report)
     }
 
     /// Removes flow state that no longer matches the desired routes and gateways: the flow's
     /// destination left every remote CIDR, moved to another peer, or its gateway is gone or
-    /// down.
-    pub fn purge_flows(&mut self, desired: &Desired) -> anyhow::Result<usize> {
+    /// in `evict`. A gateway marked down only takes no new flows; its flows stay.
+    pub fn purge_flows(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<usize> {
         let mut doomed = Vec::new();
         for item in &self.nat_fwd {
             let Ok((key, fwd)) = item else { continue };
@@ -297,7 +307,7 @@ impl ControlMaps {
                 id == fwd.peer_id
                     && desired.peers.get(&id).is_some_and(|pg| {
                         pg.gateways[..(pg.count as usize).min(pg.gateways.len())].iter().any(|g| {
-                            g.flags & GW_UP != 0
+                            !evict.contains(&(addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be)))
                                 && g.addr_be == fwd.gw_addr_be
                                 && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be)
                         })
@@ -308,25 +318,66 @@ impl ControlMaps {
             }
         }
         for (key, fwd) in &doomed {
-            let _ = self.nat_fwd.remove(key);
-            let _ = self.nat_rev.remove(&FlowKey::rev_of_fwd(key, fwd));
+            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
         }
         Ok(doomed.len())
     }
+
+    /// Removes the flows first seen on the interface `ifindex` (a pod's, now gone), so that
+    /// they do not hold table room and reply tuples until they time out.
+    pub fn purge_interface(&mut self, ifindex: u32) -> usize {
+        let doomed: Vec<(FlowKey, NatFwd)> =
+            self.nat_fwd.iter().flatten().filter(|(_, f)| f.ifindex == ifindex && ifindex != 0).collect();
+        for (key, fwd) in &doomed {
+            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
+        }
+        doomed.len()
+    }
+
+    /// Removes both halves of a flow without ever leaving a forward entry without its
+    /// reverse one. The datapath runs concurrently and may re-create the forward entry (a
+    /// packet of the flow arrives just then and starts it again, on the tuple it held when
+    /// the reverse entry is still there); it then gets its reverse half back here.
+    pub fn remove_flow(&mut self, key: &FlowKey, rev_key: &FlowKey) {
+        // Reverse first: a reverse entry without its forward one is harmless (replies are
+        // still restored; the forward path re-creates its half), the other way round is not.
+        let _ = self.nat_rev.remove(rev_key);
+        let _ = self.nat_fwd.remove(key);
+        self.ensure_rev(key);
+    }
+
+    /// Re-creates the reverse entry of the flow `key` if the flow has a forward entry but
+    /// not its reverse one. True when it did.
+    pub fn ensure_rev(&mut self, key: &FlowKey) -> bool {
+        let Ok(fwd) = self.nat_fwd.get(key, 0) else { return false };
+        let rev_key = FlowKey::rev_of_fwd(key, &fwd);
+        if self.nat_rev.get(&rev_key, 0).is_ok() {
+            return false;
+        }
+        self.nat_rev
+            .insert(rev_key, FlowKey::rev_value_of_fwd(key, &fwd, fwd.last_seen_ns), BPF_NOEXIST)
+            .is_ok()
+    }
 }
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 /// What one garbage-collection pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GcReport {
     pub flows: usize,
     pub orphans: usize,
+    /// Forward entries that had lost their reverse half and got it back.
+    pub revs_restored: usize,
 }
 
 impl ControlMaps {
     /// Expires idle flows: UDP after `udp_timeout`, TCP that saw both FINs or a RST after
     /// `tcp_closed_timeout`, other TCP after `tcp_timeout`. `now_ns` is on the clock the
-    /// datapath stamps with (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC). Reverse entries whose
-    /// forward entry the LRU evicted go too once idle as long.
+    /// datapath stamps with (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC). Reverse entries without
+    /// a forward entry go too once idle as long. Forward entries found without their reverse
+    /// half get it back.
     pub fn expire(&mut self, now_ns: u64, gc: &GcConfig) -> GcReport {
         let mut report = GcReport::default();
         let timeout = |proto: u8, flags: u32| -> u64 {
@@ -341,6 +392,7 @@ impl ControlMaps {
         };
         let mut doomed = Vec::new();
         let mut live_rev = std::collections::HashSet::new();
+        let mut half = Vec::new();
         for (key, fwd) in self.nat_fwd.iter().flatten() {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
             let rev = self.nat_rev.get(&rev_key, 0).ok();
@@ -349,12 +401,14 @@ impl ControlMaps {
             if now_ns.saturating_sub(last) > timeout(key.proto, flags) {
                 doomed.push((key, rev_key));
             } else {
+                if rev.is_none() {
+                    half.push(key);
+                }
                 live_rev.insert(rev_key);
             }
         }
         for (key, rev_key) in &doomed {
-            let _ = self.nat_fwd.remove(key);
-            let _ = self.nat_rev.remove(rev_key);
+            self.remove_flow(key, rev_key);
         }
         report.flows = doomed.len();
         let orphans: Vec<FlowKey> = self
@@ -365,9 +419,21 @@ impl ControlMaps {
             .map(|(k, _)| k)
             .collect();
         for k in &orphans {
+            let Ok(rev) = self.nat_rev.get(k, 0) else { continue };
+            let fwd_key = FlowKey::fwd_of_rev(k, &rev);
+            if self.nat_fwd.get(&fwd_key, 0).is_ok() {
+                // Its forward half came back (the flow restarted) since the first pass.
+                continue;
+            }
             let _ = self.nat_rev.remove(k);
+            self.ensure_rev(&fwd_key);
+            report.orphans += 1;
         }
-        report.orphans = orphans.len();
+        for key in &half {
+            if self.ensure_rev(key) {
+                report.revs_restored += 1;
+            }
+        }
         report
     }
 }

@@ -202,11 +202,27 @@ fn pods_created_after_start_are_covered() {
     agent.child.wait_for_line("iface=\"vethlate\"", WAIT);
     let reply = late.run(|| peer::tcp_request(app_b(), "late pod")).unwrap();
     assert_eq!(reply, "app 10.245.0.21:8080 got late pod");
-    // And forgotten when it goes.
+    let of_late = |t: &Topology| nat(t).iter().filter(|f| f["pod"].as_str().is_some_and(|p| p.starts_with("10.244.0.30:"))).count();
+    assert_eq!(of_late(&t), 1, "{:?}", nat(&t));
+    let others = nat(&t).len() - 1;
+    // And forgotten when it goes, with its flows.
     t.node1.ip("link del vethlate");
     agent.child.wait_for_line("no longer matching", WAIT);
+    let purged = poll(WAIT, || (of_late(&t) == 0).then_some(()));
+    assert!(purged.is_some(), "the flows of a deleted pod were kept: {:?}", nat(&t));
+    assert_eq!(nat(&t).len(), others, "flows of other pods were purged too");
 }
 
+/// The gateway (address and port) node1's flow from the client's local `port` is pinned to.
+fn gateway_of(t: &Topology, port: u16) -> Option<String> {
+    let suffix = format!(":{port}");
+    nat(t).iter().find(|f| f["pod"].as_str().is_some_and(|p| p.ends_with(&suffix))).map(|f| f["gateway"].as_str().unwrap().to_string())
+}
+
+/// A gateway that stops accepting new connections is marked down: new flows avoid it, the
+/// connections held through it keep working (none is reset or moved) until it has been down
+/// longer than `health.downGraceSeconds`, and then its flows are purged. It comes back after
+/// `riseThreshold` good probes.
 #[test]
 fn gateway_failover() {
     let t = Topology::new(Options::default());
@@ -218,34 +234,63 @@ fn gateway_failover() {
         topo::GW_IP,
         topo::GW_PORT
     ));
-    let cfg = node1_config(POD_INTERFACES).replace(
+    let base = node1_config(POD_INTERFACES).replace(
         "        udpPort: 31675\n",
         "        udpPort: 31675\n      - address: 192.0.2.3\n        port: 31674\n",
-    ) + "health:\n  intervalSeconds: 1\n  timeoutMilliseconds: 300\n  failureThreshold: 1\n";
-    let _agent = start(&t, &cfg, &[]);
-    // Both gateways carry flows.
-    for i in 0..16 {
-        let target = if i % 2 == 0 { app_a() } else { app_b() };
-        request(&t, target, &format!("warm {i}"));
-    }
-    let via: std::collections::BTreeSet<String> = nat(&t).iter().map(|f| f["gateway"].as_str().unwrap().to_string()).collect();
-    assert_eq!(via.len(), 2, "flows did not spread over both gateways: {via:?}");
+    ) + "health:\n  intervalSeconds: 1\n  timeoutMilliseconds: 300\n  failureThreshold: 1\n  riseThreshold: 2\n";
+    let cfg = format!("{base}  downGraceSeconds: 3600\n");
+    let _agent = start(&t, &cfg, &["--rescan-seconds", "1"]);
 
-    // 192.0.2.3 dies.
-    t.node2.exec("iptables -t raw -I PREROUTING -d 192.0.2.3 -j DROP");
+    // Connections held through both gateways.
+    let mut held: Vec<(Held, String)> = Vec::new();
+    for i in 0..64 {
+        let target = if i % 2 == 0 { app_a() } else { app_b() };
+        let mut h = Held::open(&t, target);
+        h.exchange("hello");
+        let port = h.s.local_addr().unwrap().port();
+        let gw = gateway_of(&t, port).unwrap_or_else(|| panic!("no flow for local port {port}: {:?}", nat(&t)));
+        held.push((h, gw));
+        let on = |g: &str| held.iter().filter(|(_, x)| x == g).count();
+        if on("192.0.2.2:31674") >= 3 && on("192.0.2.3:31674") >= 3 {
+            break;
+        }
+    }
+    let on_dead = held.iter().filter(|(_, g)| g == "192.0.2.3:31674").count();
+    assert!(on_dead >= 3, "flows did not spread over both gateways: {:?}", nat(&t));
+
+    // 192.0.2.3 stalls new connections: its SYNs are dropped; established ones still flow.
+    t.node2.exec("iptables -t raw -I PREROUTING -d 192.0.2.3 -p tcp --syn -j DROP");
     let down = poll(WAIT, || {
         routes(&t).iter().any(|r| r.2.contains(&"192.0.2.3:31674 down".to_string())).then_some(())
     });
     assert!(down.is_some(), "gateway never marked down: {:?}", routes(&t));
-    assert!(nat(&t).iter().all(|f| f["gateway"] != "192.0.2.3:31674"), "flows pinned to the dead gateway were kept");
+    // Not one held connection was reset or moved.
+    for (i, (h, gw)) in held.iter_mut().enumerate() {
+        h.exchange(&format!("while down {i}"));
+        let port = h.s.local_addr().unwrap().port();
+        assert_eq!(gateway_of(&t, port).as_deref(), Some(gw.as_str()), "a held flow was moved or purged");
+    }
+    // New flows avoid it.
+    let before: usize = nat(&t).iter().filter(|f| f["gateway"] == "192.0.2.3:31674").count();
     for i in 0..16 {
         let target = if i % 2 == 0 { app_a() } else { app_b() };
-        request(&t, target, &format!("after {i}"));
+        request(&t, target, &format!("new {i}"));
     }
-    assert!(nat(&t).iter().all(|f| f["gateway"] == "192.0.2.2:31674"));
+    let after: usize = nat(&t).iter().filter(|f| f["gateway"] == "192.0.2.3:31674").count();
+    assert_eq!(after, before, "a new flow went to the down gateway: {:?}", nat(&t));
+
+    // Past its grace period, the dead gateway's flows are purged.
+    t.write_config(&format!("{base}  downGraceSeconds: 1\n"));
+    let purged = poll(WAIT, || nat(&t).iter().all(|f| f["gateway"] != "192.0.2.3:31674").then_some(()));
+    assert!(purged.is_some(), "flows of a gateway down past its grace period were kept: {:?}", nat(&t));
+    for (i, (h, gw)) in held.iter_mut().enumerate() {
+        if gw == "192.0.2.2:31674" {
+            h.exchange(&format!("live gateway {i}"));
+        }
+    }
 
     // It comes back.
-    t.node2.exec("iptables -t raw -D PREROUTING -d 192.0.2.3 -j DROP");
+    t.node2.exec("iptables -t raw -D PREROUTING -d 192.0.2.3 -p tcp --syn -j DROP");
     let up = poll(WAIT, || routes(&t).iter().all(|r| r.2.iter().all(|g| !g.ends_with("down"))).then_some(()));
     assert!(up.is_some(), "gateway never came back: {:?}", routes(&t));
 }
@@ -299,7 +344,8 @@ fn metrics_health_and_readiness() {
     for needle in [
         "meshnet_datapath_packets_total{event=\"redirected\"}",
         "meshnet_map_entries{map=\"mn_routes_v1\"} 1",
-        "meshnet_map_entries{map=\"mn_nat_fwd_v1\"} 1",
+        "meshnet_map_entries{map=\"mn_nat_fwd_v2\"} 1",
+        "meshnet_datapath_packets_total{event=\"nat_table_full\"} 0",
         "meshnet_gateway_up{peer=\"cluster2\",address=\"192.0.2.2\",port=\"31674\"} 1",
         "meshnet_last_sync_timestamp_seconds",
         "meshnet_attached_interfaces 2",
@@ -458,4 +504,290 @@ fn interfaces_are_tracked_by_index() {
     t.node1.exec("ip link set vethc2 down && ip link set vethc2 name other0 && ip link set other0 up");
     let detached = poll(WAIT, || (!meshnet_on(&t, "other0")).then_some(()));
     assert!(detached.is_some(), "meshnet is still on the renamed interface");
+}
+
+// ---------------------------------------------------------------------------------------
+// Upgrades across a map layout change
+// ---------------------------------------------------------------------------------------
+
+mod raw_bpf {
+    //! Creating and pinning maps of the pre-v2 layouts as an older build did, with plain
+    //! `bpf(2)` calls: this build's object cannot make them any more.
+    use std::{
+        ffi::CString,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        path::Path,
+    };
+
+    pub const HASH: u32 = 1;
+    pub const PERCPU_ARRAY: u32 = 6;
+    pub const LRU_HASH: u32 = 9;
+
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    /// Creates a map and pins it at `path`.
+    pub fn create_pinned(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32, map_flags: u32) {
+        let attr = MapCreate { map_type, key_size, value_size, max_entries, map_flags };
+        // SAFETY: BPF_MAP_CREATE with a valid attr of the size passed.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw const attr, size_of::<MapCreate>()) };
+        assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd the kernel just returned.
+        let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
+        let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let pin = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap(), file_flags: 0 };
+        // SAFETY: BPF_OBJ_PIN with a valid attr; `c` outlives the call.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &raw const pin, size_of::<ObjPin>()) };
+        assert_eq!(r, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(path: &std::path::Path) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
+    let data = aya::maps::MapData::from_pin(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// Turns node1's pinned state into what a pre-v2 agent leaves: LRU flow maps under the v1
+/// names holding every flow (reverse entries without a peer id), a preallocated peer map
+/// under its v1 name, and an 11-slot counter map; this build's flow and peer pins are gone.
+/// A planted flow that no packet will ever touch tells whether the flows were migrated.
+fn downgrade_pins(t: &Topology, planted: (meshnet_common::FlowKey, meshnet_common::NatFwd)) {
+    use meshnet_common::{names, FlowKey, NatFwd, NatRev, PeerGateways};
+    let maps = t.pin_path().join("maps");
+    let fwd: Vec<(FlowKey, NatFwd)> = open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).iter().map(Result::unwrap).collect();
+    let rev: Vec<(FlowKey, NatRev)> = open_hash::<FlowKey, NatRev>(&maps.join(names::NAT_REV)).iter().map(Result::unwrap).collect();
+    let peers: Vec<(u32, PeerGateways)> = open_hash::<u32, PeerGateways>(&maps.join(names::PEERS)).iter().map(Result::unwrap).collect();
+    assert!(!fwd.is_empty() && !peers.is_empty());
+    for n in [names::NAT_FWD, names::NAT_REV, names::PEERS, names::STATS] {
+        std::fs::remove_file(maps.join(n)).unwrap();
+    }
+    let (fwd_v1, rev_v1, peers_v1) = (maps.join(names::NAT_FWD_V1), maps.join(names::NAT_REV_V1), maps.join(names::PEERS_V1));
+    raw_bpf::create_pinned(&fwd_v1, raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
+    raw_bpf::create_pinned(&rev_v1, raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
+    raw_bpf::create_pinned(&peers_v1, raw_bpf::HASH, 4, u32::try_from(size_of::<PeerGateways>()).unwrap(), 1024, 0);
+    raw_bpf::create_pinned(&maps.join(names::STATS), raw_bpf::PERCPU_ARRAY, 4, 8, 11, 0);
+    let mut m = open_hash::<FlowKey, meshnet_common::NatFwdV1>(&fwd_v1);
+    for (k, v) in fwd.iter().chain([&planted]) {
+        let v1 = meshnet_common::NatFwdV1 {
+            gw_addr_be: v.gw_addr_be,
+            gw_port_be: v.gw_port_be,
+            nat_sport_be: v.nat_sport_be,
+            peer_id: v.peer_id,
+            flags: v.flags,
+            last_seen_ns: v.last_seen_ns,
+        };
+        m.insert(k, v1, 0).unwrap();
+    }
+    let mut m = open_hash::<FlowKey, NatRev>(&rev_v1);
+    let planted_rev = FlowKey::rev_value_of_fwd(&planted.0, &planted.1, planted.1.last_seen_ns);
+    for (k, v) in rev.iter().chain([&(FlowKey::rev_of_fwd(&planted.0, &planted.1), planted_rev)]) {
+        m.insert(k, NatRev { peer_id: 0, ..*v }, 0).unwrap();
+    }
+    let mut m = open_hash::<u32, PeerGateways>(&peers_v1);
+    for (k, v) in &peers {
+        m.insert(k, v, 0).unwrap();
+    }
+}
+
+/// An agent that finds an older build's maps (other names, LRU type, fewer counters)
+/// copies every flow into its own maps before it swaps programs, removes the old pins, and
+/// a connection held across the upgrade keeps working.
+#[test]
+fn an_upgrade_across_the_map_layout_change_keeps_every_flow() {
+    use meshnet_common::{names, FlowKey, NatFwd};
+    let t = Topology::new(Options { strict_checksums: true });
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &[]);
+    let mut held = Held::open(&t, app_b());
+    held.exchange("before the upgrade");
+    assert!(agent.child.stop());
+
+    let f = nat(&t)[0].clone();
+    let real = open_hash::<FlowKey, NatFwd>(&t.pin_path().join("maps").join(names::NAT_FWD)).iter().next().unwrap().unwrap();
+    let planted_key = FlowKey { sport_be: 1234u16.to_be(), ..real.0 };
+    let planted = NatFwd { nat_sport_be: 1234u16.to_be(), ..real.1 };
+    downgrade_pins(&t, (planted_key, planted));
+
+    let _agent = start(&t, &cfg, &[]);
+    let maps = t.pin_path().join("maps");
+    for old in [names::NAT_FWD_V1, names::NAT_REV_V1, names::PEERS_V1] {
+        assert!(!maps.join(old).exists(), "{old} still pinned after the migration");
+    }
+    let flows = nat(&t);
+    // The planted flow saw no packet since: only the migration can have put it there, with
+    // its reverse entry and the peer id the v1 reverse entry lacked.
+    let planted_row: Vec<_> = flows.iter().filter(|r| r["pod"].as_str().is_some_and(|p| p.ends_with(":1234"))).collect();
+    assert_eq!(planted_row.len(), 1, "the planted flow was not migrated: {flows:?}");
+    let rev = open_hash::<FlowKey, meshnet_common::NatRev>(&maps.join(names::NAT_REV));
+    let r = rev.get(&FlowKey::rev_of_fwd(&planted_key, &planted), 0).expect("the planted flow's reverse entry");
+    assert_eq!(r.peer_id, planted.peer_id, "the v1 reverse entry's peer id was not filled in");
+    assert!(flows.iter().any(|r| r["remote"] == f["remote"] && r["pod"] == f["pod"]), "{flows:?}");
+    // The counters grew to this build's set.
+    assert!(t.dump_json("stats")["stats"]["nat_table_full"].is_u64());
+    held.exchange("after the upgrade");
+}
+
+/// A larger nat.maxFlows takes effect at the next restart, which moves every flow into maps
+/// of the new size: no detach, and a held connection keeps working. A pinned flow map this
+/// build cannot convert is refused, and left as it is.
+#[test]
+fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
+    use meshnet_common::names;
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &[]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("small table");
+    let before = nat(&t);
+    assert!(agent.child.stop());
+
+    let bigger = format!("{cfg}nat:\n  maxFlows: 131072\n");
+    let mut agent = start(&t, &bigger, &[]);
+    let path = t.pin_path().join("maps").join(names::NAT_FWD);
+    let info = aya::maps::MapInfo::from_pin(&path).unwrap();
+    assert_eq!(info.max_entries(), 131_072);
+    assert!(!t.pin_path().join("maps").join(format!("{}_migrating", names::NAT_FWD)).exists());
+    assert_eq!(nat(&t).len(), before.len(), "flows lost in the resize: {:?}", nat(&t));
+    held.exchange("big table");
+    assert!(agent.child.stop());
+
+    // A map of an unknown layout where the reverse flow map belongs.
+    let rev = t.pin_path().join("maps").join(names::NAT_REV);
+    std::fs::remove_file(&rev).unwrap();
+    raw_bpf::create_pinned(&rev, raw_bpf::HASH, 16, 8, 1024, 0);
+    let cfg_path = t.write_config(&bigger);
+    let out = std::process::Command::new("nsenter")
+        .args(Agent::argv(&t.node1, &cfg_path, &t.pin_path(), &[])[1..].iter())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the agent accepted a map it cannot use: {text}");
+    assert!(text.contains("cannot be used by this build") && text.contains(names::NAT_REV), "{text}");
+    assert_eq!(aya::maps::MapInfo::from_pin(&rev).unwrap().value_size(), 8, "the refused map was replaced");
+}
+
+/// The flow table filled to 150 % of `nat.maxFlows` with new flows while 100 TCP
+/// connections are held: every held connection keeps working, the new flows past the
+/// table's size are refused and counted, and doctor warns.
+#[test]
+fn a_full_flow_table_refuses_new_flows_and_held_connections_live_on() {
+    const MAX: usize = 1024;
+    const HELD: usize = 100;
+    let t = Topology::new(Options::default());
+    let cfg = format!("{}nat:\n  maxFlows: {MAX}\n", node1_config(POD_INTERFACES));
+    let _agent = start(&t, &cfg, &[]);
+    let mut held: Vec<Held> = (0..HELD).map(|i| Held::open(&t, if i % 2 == 0 { app_a() } else { app_b() })).collect();
+    for (i, h) in held.iter_mut().enumerate() {
+        h.exchange(&format!("hello {i}"));
+    }
+    // New UDP flows, one datagram each from its own port, to 150 % of the table.
+    let new = MAX * 3 / 2;
+    t.client.run(move || {
+        for i in 0..new {
+            let port = 20_000 + u16::try_from(i).unwrap();
+            let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+            s.send_to(b"fill", app_a()).unwrap();
+        }
+    });
+    let refused = HELD + new - MAX;
+    let counted = poll(WAIT, || (t.counter("nat_table_full") >= refused as u64).then_some(()));
+    assert!(counted.is_some(), "nat_table_full is {}, expected {refused}", t.counter("nat_table_full"));
+    assert_eq!(t.counter("nat_table_full"), refused as u64);
+    assert_eq!(nat(&t).len(), MAX);
+    for (i, h) in held.iter_mut().enumerate() {
+        h.exchange(&format!("still here {i}"));
+    }
+    let doctor = t.meshnet("doctor");
+    assert!(doctor.stdout.contains("flow table") && doctor.stdout.contains("nat_table_full"), "{}", doctor.stdout);
+}
+
+/// A 1 MB transfer from a pod to a remote pod across a LAN whose MTU (1400) is smaller than
+/// the pods' (1500), with DF set: node1 answers the first full-size segment with
+/// "fragmentation needed" quoting the translated packet, meshnet translates the quote back,
+/// and the pod's PMTU discovery shrinks its segments. Without that the transfer stalls.
+#[test]
+fn pmtu_discovery_works_through_a_smaller_mtu_lan() {
+    use std::io::BufRead as _;
+    let t = Topology::new(Options::default());
+    t.node1.ip("link set lan0 mtu 1400");
+    t.node2.ip("link set lan0 mtu 1400");
+    let _agent = start(&t, &node1_config(POD_INTERFACES), &[]);
+    let target = app_a();
+    let before = t.counter("icmp_error_translated");
+    let reply = t.client.run(move || {
+        let mut s = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        writeln!(s, "TO {target}").unwrap();
+        let msg = "x".repeat(1 << 20);
+        s.write_all(msg.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    });
+    assert_eq!(reply.len(), format!("app {target} got \n").len() + (1 << 20), "the 1 MB echo came back short");
+    assert!(t.counter("icmp_error_translated") > before, "no ICMP error was translated: PMTU discovery did not run");
+}
+
+/// A gateway NodePort that nobody serves: TCP is refused at once (the node's RST is restored
+/// like any reply), and UDP gets the node's "port unreachable" translated back, so the pod's
+/// connected socket sees ECONNREFUSED instead of waiting for a timeout.
+#[test]
+fn an_unserved_nodeport_fails_fast_with_the_pod_seeing_the_unreachable() {
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES)
+        .replace(&format!("port: {}", topo::NODEPORT_TCP), "port: 31698")
+        .replace(&format!("udpPort: {}", topo::NODEPORT_UDP), "udpPort: 31699")
+        + "health:\n  enabled: false\n";
+    let _agent = start(&t, &cfg, &[]);
+    let target = app_a();
+    let tcp = t.client.run(move || TcpStream::connect_timeout(&target.into(), IO_TIMEOUT).map(|_| ()));
+    assert_eq!(tcp.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    let before = t.counter("icmp_error_translated");
+    let udp = t.client.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.connect(target).unwrap();
+        s.send(b"anyone?").unwrap();
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).map(|_| ())
+    });
+    assert_eq!(udp.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(t.counter("icmp_error_translated"), before + 1);
+}
+
+/// 8 KB UDP datagrams, fragmented on the way out and on the way back, cross both ways.
+#[test]
+fn large_udp_datagrams_cross_both_ways_fragmented() {
+    let t = Topology::new(Options::default());
+    let _agent = start(&t, &node1_config(POD_INTERFACES), &[]);
+    let target = app_a();
+    let msg = "u".repeat(8192);
+    let m = msg.clone();
+    let reply = t.client.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.send_to(format!("TO {target}\n{m}").as_bytes(), target).unwrap();
+        let mut buf = vec![0u8; 65_536];
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        assert_eq!(from, std::net::SocketAddr::V4(target), "the reply's source was not restored");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    });
+    assert_eq!(reply, format!("app {target} got {msg}"));
+    assert!(t.counter("fragment_translated") >= 10, "the datagrams were not fragmented: {}", t.counter("fragment_translated"));
+    assert_eq!(t.counter("fragment_dropped"), 0);
 }

@@ -392,7 +392,7 @@ fn establish(dp: &mut Dp, pk: &Packets, repeat: u32, naive: Option<&mut Value>) 
         remote_port_be: APP_PORT.to_be(),
         pod_port_be: POD_PORT.to_be(),
         flags: 0,
-        _pad: 0,
+        peer_id: 0,
         last_seen_ns: 0,
     };
     dp.maps.nat_rev.insert(key(REMOTE, APP_PORT, POD, POD_PORT), rev, 0)?;

@@ -1,0 +1,303 @@
+//! Keeping flow state across upgrades and `nat.maxFlows` changes.
+//!
+//! aya reuses a pinned map by name without looking at it. A pinned map this build cannot use
+//! as it is (another type, flags or size, or the pre-v2 names of the flow and peer maps) is
+//! migrated: its entries are copied into the map this build creates, once right after the
+//! load (before the programs are swapped) and once more after the swap, for the flows the
+//! old programs created in between. Only then are the old pins removed. A map that cannot be
+//! migrated (its key or value layout is unknown, or its entries do not fit) is refused with a
+//! clear message and left in place: flow state is never silently replaced by an empty map.
+//!
+//! A map that keeps its name but must be recreated (a new `nat.maxFlows`) is re-pinned under
+//! `<name>_migrating` first, so that an agent killed mid-migration finds it again.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
+use meshnet_common::{limits, names, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue};
+use tracing::{info, warn};
+
+use crate::pins::Pins;
+
+/// `BPF_F_NO_PREALLOC`.
+const NO_PREALLOC: u32 = 1;
+/// `BPF_NOEXIST`.
+const NOEXIST: u64 = 1;
+
+/// What this build wants a pinned map to be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spec {
+    pub name: &'static str,
+    pub ty: MapType,
+    pub key: u32,
+    pub value: u32,
+    pub flags: u32,
+    pub max_entries: u32,
+}
+
+fn size<T>() -> u32 {
+    u32::try_from(size_of::<T>()).unwrap_or(u32::MAX)
+}
+
+/// Every map of this build, as the embedded object defines it (flow maps sized `max_flows`).
+#[must_use]
+pub fn specs(max_flows: u32) -> [Spec; 7] {
+    let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags: NO_PREALLOC, max_entries: max_flows };
+    [
+        Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
+        Spec { name: names::PEERS, ty: MapType::Hash, key: 4, value: size::<PeerGateways>(), flags: NO_PREALLOC, max_entries: limits::MAX_PEERS },
+        flow(names::NAT_FWD, size::<NatFwd>()),
+        flow(names::NAT_REV, size::<NatRev>()),
+        Spec { name: names::STATS, ty: MapType::PerCpuArray, key: 4, value: 8, flags: 0, max_entries: Counter::COUNT },
+        Spec { name: names::PEER_NAMES, ty: MapType::Hash, key: 4, value: size::<PeerName>(), flags: 0, max_entries: limits::MAX_PEERS },
+        Spec { name: names::FRAGS, ty: MapType::LruHash, key: size::<FragKey>(), value: size::<FragPorts>(), flags: 0, max_entries: limits::MAX_FRAGS },
+    ]
+}
+
+/// The maps whose content can be carried over, with the older names they may be found under.
+fn legacy_names(name: &str) -> &'static [&'static str] {
+    match name {
+        n if n == names::NAT_FWD => &[names::NAT_FWD_V1],
+        n if n == names::NAT_REV => &[names::NAT_REV_V1],
+        n if n == names::PEERS => &[names::PEERS_V1],
+        _ => &[],
+    }
+}
+
+fn migratable(name: &str) -> bool {
+    [names::NAT_FWD, names::NAT_REV, names::PEERS, names::STATS].contains(&name)
+}
+
+/// Where a map being migrated is kept meanwhile. bpffs refuses names with a dot.
+#[must_use]
+pub fn migrating_name(name: &str) -> String {
+    format!("{name}_migrating")
+}
+
+fn migrating_pin(pins: &Pins, name: &str) -> PathBuf {
+    pins.map(&migrating_name(name))
+}
+
+/// One old map to copy from.
+struct Source {
+    target: &'static str,
+    path: PathBuf,
+    data: MapData,
+}
+
+/// Old maps found at load time, copied into the new ones until [`Migration::finish`].
+#[derive(Default)]
+pub struct Migration {
+    sources: Vec<Source>,
+}
+
+fn describe(info: &MapInfo) -> String {
+    format!(
+        "type {:?}, key/value {}/{} bytes, flags {:#x}, {} entries",
+        info.map_type().map_or_else(|e| e.to_string(), |t| format!("{t:?}")),
+        info.key_size(),
+        info.value_size(),
+        info.map_flags(),
+        info.max_entries()
+    )
+}
+
+fn matches(info: &MapInfo, spec: &Spec) -> bool {
+    info.map_type().is_ok_and(|t| t == spec.ty)
+        && info.key_size() == spec.key
+        && info.value_size() == spec.value
+        && info.map_flags() == spec.flags
+        && info.max_entries() == spec.max_entries
+}
+
+impl Migration {
+    /// Looks at what is pinned under `pins` before the object is loaded: moves every map this
+    /// build must recreate out of the loader's way (re-pinned under `<name>_migrating`), and
+    /// refuses maps it cannot migrate. Nothing is changed when it refuses.
+    pub fn prepare(pins: &Pins, max_flows: u32) -> anyhow::Result<Self> {
+        let mut sources = Vec::new();
+        let mut moves = Vec::new();
+        for spec in specs(max_flows) {
+            let path = pins.map(spec.name);
+            if path.exists() {
+                let info = MapInfo::from_pin(&path).with_context(|| format!("inspecting {}", path.display()))?;
+                if !matches(&info, &spec) {
+                    check_migratable(pins, &spec, &info, &path)?;
+                    moves.push((spec, path));
+                }
+            }
+            for old in [migrating_pin(pins, spec.name)].into_iter().chain(legacy_names(spec.name).iter().map(|n| pins.map(n))) {
+                if old.exists() {
+                    let info = MapInfo::from_pin(&old).with_context(|| format!("inspecting {}", old.display()))?;
+                    check_migratable(pins, &spec, &info, &old)?;
+                    let data = MapData::from_pin(&old).with_context(|| format!("opening {}", old.display()))?;
+                    sources.push(Source { target: spec.name, path: old, data });
+                }
+            }
+        }
+        for (spec, path) in moves {
+            let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            let aside = migrating_pin(pins, spec.name);
+            data.pin(&aside).with_context(|| format!("re-pinning {} at {}", path.display(), aside.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            info!(map = spec.name, from = %aside.display(), "the pinned map differs from what this build needs; migrating its entries");
+            sources.push(Source { target: spec.name, path: aside, data });
+        }
+        Ok(Self { sources })
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// Puts the moved-aside maps back where they were (the load failed).
+    pub fn restore(self, pins: &Pins) {
+        for s in self.sources {
+            let home = pins.map(s.target);
+            if s.path == migrating_pin(pins, s.target) && !home.exists() && s.data.pin(&home).is_ok() {
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+    }
+
+    /// Copies every entry of the old maps into the new pinned ones, leaving entries already
+    /// there alone (the new programs' own are newer). Stats are added only on the first pass.
+    pub fn copy(&self, pins: &Pins, first: bool) -> anyhow::Result<usize> {
+        let mut copied = 0;
+        for s in &self.sources {
+            copied += copy_one(pins, s, first, &self.sources)
+                .with_context(|| format!("migrating {} into {}", s.path.display(), s.target))?;
+        }
+        Ok(copied)
+    }
+
+    /// The second pass after the programs were swapped, then the old pins go.
+    pub fn finish(self, pins: &Pins) -> anyhow::Result<()> {
+        let copied = self.copy(pins, false)?;
+        for s in &self.sources {
+            if let Err(e) = std::fs::remove_file(&s.path) {
+                warn!(path = %s.path.display(), error = %e, "could not remove a migrated map's pin");
+            }
+        }
+        info!(maps = self.sources.len(), late_entries = copied, "migration finished; old maps unpinned");
+        Ok(())
+    }
+}
+
+fn check_migratable(pins: &Pins, spec: &Spec, info: &MapInfo, path: &std::path::Path) -> anyhow::Result<()> {
+    let refuse = |why: String| -> anyhow::Result<()> {
+        bail!(
+            "{} ({}) cannot be used by this build, which needs {}: {why}. Nothing was changed. If losing its \
+             state is acceptable, run `meshnet detach --pin-path {}` and start again",
+            path.display(),
+            describe(info),
+            format_args!("type {:?}, key/value {}/{} bytes, {} entries", spec.ty, spec.key, spec.value, spec.max_entries),
+            pins.root().display()
+        )
+    };
+    if !migratable(spec.name) {
+        return refuse("only the flow, peer and counter maps can be migrated".into());
+    }
+    let ty_ok = match spec.ty {
+        MapType::Hash => matches!(info.map_type(), Ok(MapType::Hash | MapType::LruHash)),
+        other => info.map_type().is_ok_and(|t| t == other),
+    };
+    // The forward flow value grew in v2 (the pod's interface); v1 entries are converted.
+    let value_ok = info.value_size() == spec.value || (spec.name == names::NAT_FWD && info.value_size() == size::<NatFwdV1>());
+    if !ty_ok || info.key_size() != spec.key || !value_ok {
+        return refuse("its key or value layout is not one this build knows how to convert".into());
+    }
+    if spec.ty == MapType::Hash && spec.name != names::PEERS {
+        let map = Map::from_map_data(MapData::from_pin(path)?)?;
+        let n = match info.value_size() {
+            24 => HashMap::<_, FlowKey, [u8; 24]>::try_from(map)?.keys().count(),
+            _ => HashMap::<_, FlowKey, [u8; 32]>::try_from(map)?.keys().count(),
+        } as u64;
+        if n > u64::from(spec.max_entries) {
+            return refuse(format!(
+                "it holds {n} flows and nat.maxFlows is {}; raise nat.maxFlows to at least {n}",
+                spec.max_entries
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn open_pinned(pins: &Pins, name: &str) -> anyhow::Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+fn as_hash(data: &MapData) -> anyhow::Result<Map> {
+    let info = data.info()?;
+    Ok(Map::from_map_data(MapData::from_id(info.id())?)?)
+}
+
+/// The peer id of the flow `rev_key`/`rev` restores, for v1 reverse entries (which had none).
+fn peer_of_rev(sources: &[Source], pins: &Pins, rev_key: &FlowKey, rev: &NatRev) -> u32 {
+    let fwd_key = FlowKey::fwd_of_rev(rev_key, rev);
+    let lookup = |m: Map| HashMap::<_, FlowKey, NatFwd>::try_from(m).ok().and_then(|h| h.get(&fwd_key, 0).ok());
+    if let Some(f) = open_pinned(pins, names::NAT_FWD).ok().and_then(lookup) {
+        return f.peer_id;
+    }
+    let lookup_v1 = |m: Map| HashMap::<_, FlowKey, NatFwdV1>::try_from(m).ok().and_then(|h| h.get(&fwd_key, 0).ok());
+    sources
+        .iter()
+        .filter(|s| s.target == names::NAT_FWD)
+        .find_map(|s| {
+            let f = as_hash(&s.data).ok().and_then(lookup).map(|f| f.peer_id);
+            f.or_else(|| as_hash(&s.data).ok().and_then(lookup_v1).map(|f| f.peer_id))
+        })
+        .unwrap_or(0)
+}
+
+fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Result<usize> {
+    let mut copied = 0;
+    let old = as_hash(&s.data)?;
+    match s.target {
+        t if t == names::NAT_FWD => {
+            let mut new = HashMap::<_, FlowKey, NatFwd>::try_from(open_pinned(pins, t)?)?;
+            let entries: Vec<(FlowKey, NatFwd)> = if s.data.info()?.value_size() == size::<NatFwdV1>() {
+                HashMap::<_, FlowKey, NatFwdV1>::try_from(old)?.iter().flatten().map(|(k, v)| (k, v.upgrade())).collect()
+            } else {
+                HashMap::<_, FlowKey, NatFwd>::try_from(old)?.iter().flatten().collect()
+            };
+            for (k, v) in entries {
+                copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
+            }
+        }
+        t if t == names::NAT_REV => {
+            let old = HashMap::<_, FlowKey, NatRev>::try_from(old)?;
+            let mut new = HashMap::<_, FlowKey, NatRev>::try_from(open_pinned(pins, t)?)?;
+            for (k, mut v) in old.iter().flatten() {
+                if v.peer_id == 0 {
+                    v.peer_id = peer_of_rev(all, pins, &k, &v);
+                }
+                copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
+            }
+        }
+        t if t == names::PEERS => {
+            let old = HashMap::<_, u32, PeerGateways>::try_from(old)?;
+            let mut new = HashMap::<_, u32, PeerGateways>::try_from(open_pinned(pins, t)?)?;
+            for (k, v) in old.iter().flatten() {
+                copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
+            }
+        }
+        t if t == names::STATS && first => {
+            let old = PerCpuArray::<_, u64>::try_from(old)?;
+            let mut new = PerCpuArray::<_, u64>::try_from(open_pinned(pins, t)?)?;
+            for i in 0..old.len().min(new.len()) {
+                let (Ok(a), Ok(b)) = (old.get(&i, 0), new.get(&i, 0)) else { continue };
+                let sum: Vec<u64> = a.iter().zip(b.iter()).map(|(x, y)| x + y).collect();
+                if let Ok(values) = PerCpuValues::try_from(sum) {
+                    copied += usize::from(new.set(i, values, 0).is_ok());
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(copied)
+}
