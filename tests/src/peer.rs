@@ -84,7 +84,9 @@ pub fn app(ns: &NetNs, ip: &str, port: u16) -> Server {
                 serve_tcp(tcp, stop, move |s| {
                     let mut w = s.try_clone().unwrap();
                     for line in BufReader::new(s).lines().map_while(Result::ok) {
-                        if writeln!(w, "app {me} got {line}").is_err() {
+                        // One write per line: write! issues one per piece, and Nagle holds
+                        // the second back for the peer's delayed ACK (40 ms a line).
+                        if w.write_all(format!("app {me} got {line}\n").as_bytes()).is_err() {
                             break;
                         }
                     }
@@ -198,7 +200,7 @@ pub fn tcp_request(target: SocketAddrV4, msg: &str) -> std::io::Result<String> {
 pub fn tcp_exchange(s: TcpStream, target: SocketAddrV4, msg: &str) -> std::io::Result<String> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     let mut w = s.try_clone()?;
-    write!(w, "TO {target}\n{msg}\n")?;
+    w.write_all(format!("TO {target}\n{msg}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     Ok(line.trim_end().to_string())

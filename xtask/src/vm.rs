@@ -548,6 +548,9 @@ export RUST_BACKTRACE=1
 # TEST_RUN costs a hundred times more, and what a guest adds is its kernel's verdicts on
 # the same program, which 50,000 cover.
 export MESHNET_MUTATIONS=50000
+# The agent soak (held flows across restarts): 1,000 TCP, 200 UDP and 20 restarts on the
+# host; the guests check the same on their attach path at a tenth of the flows.
+export MESHNET_SOAK=100,20,4
 ip link set lo up
 status=0
 run_tests() {
