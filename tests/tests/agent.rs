@@ -541,6 +541,58 @@ mod raw_bpf {
         file_flags: u32,
     }
 
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+    }
+
+    /// Loads another tool's tc program, named "foreign_pass", that passes every packet on
+    /// (`TC_ACT_UNSPEC`, which is also tcx's "next"), and pins it at `path`.
+    pub fn load_pinned_pass_program(path: &Path) {
+        const SCHED_CLS: u32 = 3;
+        // r0 = -1; exit
+        let insns: [u64; 2] = [0xb7 | (u64::from(u32::MAX) << 32), 0x95];
+        let license = CString::new("GPL").unwrap();
+        let mut prog_name = [0u8; 16];
+        prog_name[..12].copy_from_slice(b"foreign_pass");
+        let attr = ProgLoad {
+            prog_type: SCHED_CLS,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 0,
+            log_size: 0,
+            log_buf: 0,
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name,
+        };
+        // SAFETY: BPF_PROG_LOAD with a valid attr of the size passed; `insns` and `license`
+        // outlive the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, &raw const attr, size_of::<ProgLoad>()) };
+        assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd the kernel just returned.
+        let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
+        pin(path, &fd);
+    }
+
+    fn pin(path: &Path, fd: &OwnedFd) {
+        let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let pin = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap(), file_flags: 0 };
+        // SAFETY: BPF_OBJ_PIN with a valid attr; `c` outlives the call.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &raw const pin, size_of::<ObjPin>()) };
+        assert_eq!(r, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+
     /// Creates a map and pins it at `path`.
     pub fn create_pinned(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32, map_flags: u32) {
         let attr = MapCreate { map_type, key_size, value_size, max_entries, map_flags };
@@ -549,11 +601,7 @@ mod raw_bpf {
         assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
         // SAFETY: a new fd the kernel just returned.
         let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
-        let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        let pin = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap(), file_flags: 0 };
-        // SAFETY: BPF_OBJ_PIN with a valid attr; `c` outlives the call.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &raw const pin, size_of::<ObjPin>()) };
-        assert_eq!(r, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
+        pin(path, &fd);
     }
 }
 
@@ -880,4 +928,90 @@ fn held_flows_survive_twenty_restarts_and_an_upgrade() {
     for c in ["nat_table_full", "nat_insert_failed", "fwd_restored", "rewrite_failed"] {
         assert_eq!(t.counter(c), 0, "{c}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Other tools' programs on the same hooks
+// ---------------------------------------------------------------------------------------
+
+/// Another tool's program on the client pod's hook, attached before meshnet's and after it
+/// (netlink: priorities 1 and 65000 around meshnet's; tcx: first and last). Through
+/// meshnet's start, its restart and `meshnet detach`, both stay attached and keep running,
+/// and meshnet translates with them there; detach removes only meshnet's own.
+fn foreign_programs_keep_working(mode: &str) {
+    use aya::programs::{
+        tc::{NlOptions, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+    };
+    let t = Topology::new(Options::default());
+    // Run counts are kept only while someone asks for them (kernel >= 5.8).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    // Two instances: tcx refuses the same program twice on one hook.
+    let pins = [t.pin_path().with_file_name("foreign_first"), t.pin_path().with_file_name("foreign_last")];
+    for pin in &pins {
+        raw_bpf::load_pinned_pass_program(pin);
+    }
+    let tcx = mode == "tcx";
+    let foreign: Vec<SchedClassifier> = t.node1.run(move || {
+        [(1, LinkOrder::first(), &pins[0]), (65000, LinkOrder::last(), &pins[1])]
+            .into_iter()
+            .map(|(priority, order, pin)| {
+                let mut p = SchedClassifier::from_pin(pin).unwrap();
+                let opts = if tcx { TcAttachOptions::TcxOrder(order) } else { TcAttachOptions::Netlink(NlOptions { priority, ..Default::default() }) };
+                if !tcx {
+                    let _ = aya::programs::tc::qdisc_add_clsact("vethc");
+                }
+                p.attach_with_options("vethc", TcAttachType::Ingress, opts).unwrap();
+                p
+            })
+            .collect()
+    });
+    let runs = |foreign: &[SchedClassifier]| -> Vec<u64> { foreign.iter().map(|p| p.info().unwrap().run_count()).collect() };
+    let on_hook = |t: &Topology| -> usize {
+        if tcx {
+            t.node1.run(|| SchedClassifier::query_tcx("vethc", TcAttachType::Ingress).unwrap().1.iter().filter(|p| p.name_as_str() == Some("foreign_pass")).count())
+        } else {
+            t.node1.exec("tc filter show dev vethc ingress").lines().filter(|l| l.contains("foreign_pass")).count()
+        }
+    };
+    assert_eq!(on_hook(&t), 2);
+
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &["--attach-mode", mode]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("with foreign programs");
+    let before = runs(&foreign);
+    assert_eq!(request(&t, app_b(), "translated"), "app 10.245.0.21:8080 got translated");
+    let after = runs(&foreign);
+    assert!(after[0] > before[0], "the program before meshnet's stopped running: {before:?} -> {after:?}");
+    assert!(meshnet_on(&t, "vethc") && on_hook(&t) == 2);
+
+    assert!(agent.child.stop());
+    let _agent = start(&t, &cfg, &["--attach-mode", mode]);
+    held.exchange("after a restart");
+    assert_eq!(on_hook(&t), 2, "a restart touched the other tool's programs");
+    drop(_agent);
+
+    let out = t.meshnet("detach");
+    assert!(out.ok, "{out:?}");
+    assert!(!meshnet_on(&t, "vethc"), "meshnet still attached after detach");
+    assert_eq!(on_hook(&t), 2, "detach removed the other tool's programs");
+    // Both still run on what the pod sends, with meshnet gone.
+    let before = runs(&foreign);
+    t.client.run(|| UdpSocket::bind("0.0.0.0:0").unwrap().send_to(b"anyone?", "10.244.0.1:9").unwrap());
+    let after = runs(&foreign);
+    assert!(after.iter().zip(&before).all(|(a, b)| a > b), "a foreign program stopped running after detach: {before:?} -> {after:?}");
+}
+
+#[test]
+fn foreign_programs_keep_working_netlink() {
+    foreign_programs_keep_working("netlink");
+}
+
+#[test]
+fn foreign_programs_keep_working_tcx() {
+    if !skip_unless_tcx() {
+        return;
+    }
+    foreign_programs_keep_working("tcx");
 }
