@@ -495,7 +495,10 @@ fn q(s: impl AsRef<std::ffi::OsStr>) -> String {
 /// modules, then a page-cached view of the host's root to chroot into (uncached 9p makes every
 /// exec of a 100 MB test binary cost seconds under emulation), then the tests.
 const GUEST_PRELUDE: &str = r#"
-echo "guest: kernel $(uname -r), $(nproc) CPUs"
+# Everything goes to a file in the read-write run directory, which the host follows: the
+# console sometimes loses a 5.10 guest's whole output.
+exec >>"$OUT/log" 2>&1
+echo "guest: kernel $(uname -r), $(nproc) CPUs, clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource), booted in $(cut -d' ' -f1 /proc/uptime)s"
 uname -r > "$OUT/uname"
 # The kernel's own module requests (veth, bridge, clsact, cls_bpf, nf_tables...) must find this
 # kernel's modules, which are not under the host's /lib/modules: point modprobe at them.
@@ -699,15 +702,17 @@ fn run_guest(
             }
         })
     };
-    let mut counts = Counts::default();
+    let follower = {
+        let (done, tag, log) = (done.clone(), tag.clone(), out.join("log"));
+        std::thread::spawn(move || follow_guest_log(&log, &tag, &done))
+    };
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line?;
-        println!("{tag} {line}");
-        counts.scan(&line);
+        println!("{tag} {}", line?);
     }
     let exit = child.wait()?;
     done.store(true, Ordering::Relaxed);
     let _ = watchdog.join();
+    let counts = follower.join().unwrap_or_default();
     let _ = err_reader.join();
     let secs = started.elapsed().as_secs();
     let uname = std::fs::read_to_string(out.join("uname")).map(|s| s.trim().to_string()).unwrap_or_default();
@@ -727,6 +732,39 @@ fn run_guest(
     }
     let ok = exit.success() && counts.failed == 0 && !timed_out.load(Ordering::Relaxed) && !uname.is_empty();
     Ok(GuestResult { kernel: k.clone(), uname, counts, ok, secs, per_target })
+}
+
+/// Prints the guest's log (OUT/log) line by line as it grows, counting test results, until
+/// `done` is set; then reads what is left and returns the counts.
+fn follow_guest_log(log: &Path, tag: &str, done: &AtomicBool) -> Counts {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut counts = Counts::default();
+    let (mut offset, mut pending) = (0u64, Vec::new());
+    loop {
+        let finished = done.load(Ordering::Relaxed);
+        if let Ok(mut f) = std::fs::File::open(log) {
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                if let Ok(n) = f.read_to_end(&mut pending) {
+                    offset += n as u64;
+                }
+            }
+        }
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line[..nl]);
+            println!("{tag} {line}");
+            counts.scan(&line);
+        }
+        if finished {
+            if !pending.is_empty() {
+                let line = String::from_utf8_lossy(&pending);
+                println!("{tag} {line}");
+                counts.scan(&line);
+            }
+            return counts;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 extern "C" {
