@@ -8,6 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Command,
@@ -65,15 +66,15 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<()> {
     }
     // The modes are the image's: a COPY keeps them, and the caller's umask must not change
     // the digest.
-    let stage = |name: &str, data: &[u8], mode: u32| -> anyhow::Result<()> {
+    let put = |name: &str, data: &[u8], mode: u32| -> anyhow::Result<()> {
         let p = context.join(name);
         std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", p.display()))
     };
-    stage("meshnet", &bytes, 0o755)?;
+    put("meshnet", &bytes, 0o755)?;
     let (license, third_party) = licences()?;
-    stage("LICENSE", license.as_bytes(), 0o644)?;
-    stage("THIRD-PARTY-LICENSES", third_party.as_bytes(), 0o644)?;
+    put("LICENSE", license.as_bytes(), 0o644)?;
+    put("THIRD-PARTY-LICENSES", third_party.as_bytes(), 0o644)?;
 
     let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(s) => s.trim().parse::<u64>().with_context(|| format!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds"))?,
@@ -121,7 +122,7 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<()> {
     // The storage holds vfs copies of everything; the archives are what is kept.
     std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
 
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     println!("xtask: image {tag}: image ID {id}, OCI manifest digest {}", digest.trim());
     println!("xtask: docker-archive (`docker load -i`) at {} ({} bytes)", docker.display(), size(&docker));
     println!("xtask: OCI archive at {} ({} bytes)", oci.display(), size(&oci));
@@ -184,6 +185,7 @@ impl Buildah {
 /// Refuses what a FROM scratch image cannot run: not an x86-64 ELF executable, or one that
 /// asks for a program interpreter (a dynamically linked build).
 fn check_static(bytes: &[u8]) -> anyhow::Result<()> {
+    const PT_INTERP: u32 = 3;
     let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     let u64_at = |o: usize| bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
@@ -196,7 +198,9 @@ fn check_static(bytes: &[u8]) -> anyhow::Result<()> {
     };
     for i in 0..usize::from(phnum) {
         let at = usize::try_from(phoff)? + i * usize::from(phentsize);
-        const PT_INTERP: u32 = 3;
+        if bytes.len() < at + usize::from(phentsize) {
+            bail!("truncated ELF program headers");
+        }
         match u32_at(at) {
             None => bail!("truncated ELF program headers"),
             Some(PT_INTERP) => bail!("it is dynamically linked (it asks for a program interpreter)"),
@@ -309,7 +313,7 @@ fn licences() -> anyhow::Result<(String, String)> {
         .collect();
     own_files.sort();
     for f in own_files {
-        license.push_str(&format!("\n==> {} <==\n{}\n", f.file_name().unwrap().to_string_lossy(), std::fs::read_to_string(&f)?));
+        let _ = write!(license, "\n==> {} <==\n{}\n", f.file_name().unwrap().to_string_lossy(), std::fs::read_to_string(&f)?);
     }
 
     let mut text = format!(
@@ -321,10 +325,10 @@ fn licences() -> anyhow::Result<(String, String)> {
     );
     let mut texts: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (title, crates) in [("Crates of the meshnet program", &user), ("Crates of the eBPF object", &ebpf)] {
-        text.push_str(&format!("\n{title} (name version: licence)\n\n"));
+        let _ = write!(text, "\n{title} (name version: licence)\n\n");
         // Workspace crates (no source) are meshnet's own, under LICENSE.
         for c in crates.iter().skip(1).filter(|c| !c.workspace) {
-            text.push_str(&format!("  {} {}: {}\n", c.name, c.version, c.license));
+            let _ = writeln!(text, "  {} {}: {}", c.name, c.version, c.license);
             for (file, body) in licence_texts(c) {
                 texts.entry(body.trim_start_matches(['\n', '\r']).trim_end().to_string()).or_default().push(format!("{} {} {file}", c.name, c.version));
             }
@@ -334,7 +338,7 @@ fn licences() -> anyhow::Result<(String, String)> {
     for (body, users) in texts {
         let mut users = users;
         users.dedup();
-        text.push_str(&format!("\n==> {} <==\n\n{body}\n", users.join(", ")));
+        let _ = write!(text, "\n==> {} <==\n\n{body}\n", users.join(", "));
     }
     Ok((license, text))
 }
