@@ -21,7 +21,7 @@ use std::{
 };
 
 use meshnet_tests::{
-    peer,
+    peer, poll,
     topo::{self, app_a, Options, TempDir, Topology},
     ChildGuard, NetNs,
 };
@@ -411,15 +411,15 @@ fn status_caps(status: &str, field: &str) -> u64 {
 }
 
 /// GET `path` from the agent's metrics address in the node's namespace: the status line.
-fn http_status(ns: &NetNs, addr: &str, path: &str) -> String {
+fn http_status(ns: &NetNs, addr: &str, path: &str) -> Option<String> {
     let (addr, path) = (addr.to_string(), path.to_string());
     ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
         let mut reply = String::new();
         let _ = s.read_to_string(&mut reply);
-        reply.lines().next().unwrap_or_default().to_string()
+        reply.lines().next().map(str::to_string)
     })
 }
 
@@ -461,7 +461,8 @@ fn agent_from_image(root: &Path, manifest: &str, caps: &[String]) {
     assert_eq!((status_caps(&status, "CapInh:"), status_caps(&status, "CapAmb:")), (0, 0), "{manifest}");
     assert!(status.lines().any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])), "{manifest}: privileges can be gained");
     assert!(status.lines().any(|l| l.split_whitespace().nth(1) == Some("0") && l.starts_with("Uid:")), "{manifest}: not uid 0");
-    assert!(http_status(&t.node1, &metrics, "/readyz").contains(" 200 "), "{manifest}: /readyz is not 200");
+    let ready = poll(Duration::from_secs(10), || http_status(&t.node1, &metrics, "/readyz").filter(|l| l.contains(" 200 ")));
+    assert!(ready.is_some(), "{manifest}: /readyz is not 200: {:?}", http_status(&t.node1, &metrics, "/readyz"));
 
     let reply = t.client.run(|| peer::tcp_request(app_a(), "from the image")).unwrap_or_else(|e| panic!("{manifest}: TCP to app-a: {e}"));
     assert_eq!(reply, "app 10.245.0.20:8080 got from the image", "{manifest}");
