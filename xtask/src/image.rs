@@ -39,6 +39,14 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<()> {
     if output(Command::new("buildah").arg("--version")).is_none() {
         bail!("`cargo xtask image` needs buildah: run `cargo xtask setup` (or `apt-get install buildah`)");
     }
+    let root = root_dir();
+    let out = args.out_dir.clone().unwrap_or_else(|| root.join("target/image"));
+    // Absolute, so that the summary printed at the end names the files wherever the command
+    // ran from.
+    let out = std::path::absolute(&out).with_context(|| format!("resolving {}", out.display()))?;
+    if out.to_string_lossy().contains(':') {
+        bail!("{} contains a `:`, which buildah's archive references (`docker-archive:PATH:TAG`) cannot take", out.display());
+    }
     let binary = match &args.binary {
         Some(b) => {
             println!("xtask: putting {} in the image (not rebuilding it)", b.display());
@@ -51,11 +59,6 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<()> {
         format!("{} cannot run in a FROM scratch image; `cargo xtask build-static` builds the one that can", binary.display())
     })?;
 
-    let root = root_dir();
-    let out = args.out_dir.clone().unwrap_or_else(|| root.join("target/image"));
-    // Relative paths would be taken from the repository root by cargo's `run` but from the
-    // caller's directory by the shell that named them.
-    let out = std::path::absolute(&out).with_context(|| format!("resolving {}", out.display()))?;
     let context = out.join("context");
     let state = out.join("buildah");
     for dir in [&context, &state] {
