@@ -659,8 +659,13 @@ pub fn masquerade_check(rules: Option<Result<String, String>>, pod_cidrs: &[Ipv4
     );
     let text = match rules {
         None => {
-            return Check::new(NAME, Level::Warn, format!("iptables-save not found, so this was not checked; {why}"))
-                .fix(fix)
+            // The image is FROM scratch: in the agent's pod there is no iptables to ask.
+            return Check::new(
+                NAME,
+                Level::Warn,
+                format!("cannot judge without iptables: iptables-save not found (the meshnet image has none), so this was not checked; {why}"),
+            )
+            .fix(format!("run `meshnet doctor --config FILE` on the node itself, where iptables is; {fix}"))
         }
         Some(Err(e)) => return Check::new(NAME, Level::Warn, format!("could not read the nat table: {e}; {why}")).fix(fix),
         Some(Ok(t)) => t,

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | build-static | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build-ebpf | build-static | image | test | demo | bench`.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -10,6 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod image;
 mod manifests;
 mod vm;
 
@@ -24,8 +25,9 @@ pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Debian packages the tests and the demo run: ip/bridge (iproute2), the CNI-style
 /// masquerade and kube-proxy-style NodePort rules (iptables), checksum offload switches
 /// (ethtool), mount/umount (mount), the throughput load generator of the benchmarks
-/// (iperf3), and musl-gcc for the C parts (ring) of the static build (musl-tools).
-const APT_PACKAGES: [&str; 6] = ["iproute2", "iptables", "ethtool", "mount", "iperf3", "musl-tools"];
+/// (iperf3), musl-gcc for the C parts (ring) of the static build (musl-tools), and the
+/// daemonless image builder of `cargo xtask image` (buildah).
+const APT_PACKAGES: [&str; 7] = ["iproute2", "iptables", "ethtool", "mount", "iperf3", "musl-tools", "buildah"];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "meshnet's project tasks")]
@@ -49,6 +51,10 @@ enum Task {
     /// Build the node artifact: the eBPF object, then `meshnet` statically linked for
     /// x86_64-unknown-linux-musl at target/x86_64-unknown-linux-musl/release/meshnet.
     BuildStatic,
+    /// Build the OCI image (deploy/Dockerfile: FROM scratch, the static `meshnet` and its
+    /// licences) with buildah, without a daemon, reproducibly, into
+    /// target/image/meshnet-VERSION.docker.tar (`docker load -i`) and .oci.tar.
+    Image(image::ImageArgs),
     /// Set up if needed, build everything, and run every test (root required): on the host,
     /// then the pipeline tests again against the static binary, then the datapath tests in
     /// VMs on the kernel matrix (see xtask/src/vm.rs).
@@ -83,6 +89,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::BuildEbpf { release: _ } => build_ebpf().map(|_| ()),
         Task::BuildStatic => build_static().map(|_| ()),
+        Task::Image(args) => image::image(&args),
         Task::Test { args, vm } => vm::test(&args, &vm, test),
         Task::Demo => demo(),
         Task::Bench { quick, only, out_dir } => bench::bench(&bench::Options { quick, only, out_dir }),
