@@ -558,6 +558,7 @@ mod raw_bpf {
     /// Loads another tool's tc program, named "foreign_pass", that passes every packet on
     /// (`TC_ACT_UNSPEC`, which is also tcx's "next"), and pins it at `path`.
     pub fn load_pinned_pass_program(path: &Path) {
+        lift_memlock_limit();
         const SCHED_CLS: u32 = 3;
         // r0 = -1; exit
         let insns: [u64; 2] = [0xb7 | (u64::from(u32::MAX) << 32), 0x95];
@@ -593,8 +594,17 @@ mod raw_bpf {
         assert_eq!(r, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
     }
 
+    /// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK, whose default
+    /// (8 MB, or 64 KB) holds no 65,536-entry map: without this, 5.10 says EPERM.
+    fn lift_memlock_limit() {
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: setrlimit with a valid rlimit struct.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
+    }
+
     /// Creates a map and pins it at `path`.
     pub fn create_pinned(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32, map_flags: u32) {
+        lift_memlock_limit();
         let attr = MapCreate { map_type, key_size, value_size, max_entries, map_flags };
         // SAFETY: BPF_MAP_CREATE with a valid attr of the size passed.
         let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw const attr, size_of::<MapCreate>()) };
