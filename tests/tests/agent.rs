@@ -215,18 +215,13 @@ fn pods_created_after_start_are_covered() {
     assert_eq!(nat(&t).len(), others, "flows of other pods were purged too");
 }
 
-/// The gateway (address and port) node1's flow from the client's local `port` is pinned to.
-fn gateway_of(t: &Topology, port: u16) -> Option<String> {
-    let suffix = format!(":{port}");
-    nat(t).iter().find(|f| f["pod"].as_str().is_some_and(|p| p.ends_with(&suffix))).map(|f| f["gateway"].as_str().unwrap().to_string())
-}
-
-/// A gateway that stops accepting new connections is marked down: new flows avoid it, the
-/// connections held through it keep working (none is reset or moved) until it has been down
-/// longer than `health.downGraceSeconds`, and then its flows are purged. It comes back after
-/// `riseThreshold` good probes.
+/// A gateway that stops accepting new connections (for 10 s and more) is marked down: new
+/// flows avoid it, the 100 connections held through it keep working (none is reset or
+/// moved) until it has been down longer than `health.downGraceSeconds`, and then its flows
+/// are purged. It comes back after `riseThreshold` good probes.
 #[test]
 fn gateway_failover() {
+    raise_open_files_limit();
     let t = Topology::new(Options::default());
     // cluster2 gets a second gateway address on node2, with the same NodePort rules.
     t.node2.ip("addr add 192.0.2.3/24 dev lan0");
@@ -243,34 +238,54 @@ fn gateway_failover() {
     let cfg = format!("{base}  downGraceSeconds: 3600\n");
     let _agent = start(&t, &cfg, &["--rescan-seconds", "1"]);
 
-    // Connections held through both gateways.
+    // Connections held through both gateways: 100 at least through the one that will stall
+    // (`MESHNET_STALL_HELD` scales it), opened in batches, with one flow dump per batch.
+    let want: usize = std::env::var("MESHNET_STALL_HELD").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    let on = |held: &[(Held, String)], g: &str| held.iter().filter(|(_, x)| x == g).count();
     let mut held: Vec<(Held, String)> = Vec::new();
-    for i in 0..64 {
-        let target = if i % 2 == 0 { app_a() } else { app_b() };
-        let mut h = Held::open(&t, target);
-        h.exchange("hello");
-        let port = h.s.local_addr().unwrap().port();
-        let gw = gateway_of(&t, port).unwrap_or_else(|| panic!("no flow for local port {port}: {:?}", nat(&t)));
-        held.push((h, gw));
-        let on = |g: &str| held.iter().filter(|(_, x)| x == g).count();
-        if on("192.0.2.2:31674") >= 3 && on("192.0.2.3:31674") >= 3 {
-            break;
+    while on(&held, "192.0.2.3:31674") < want || on(&held, "192.0.2.2:31674") < 3 {
+        assert!(held.len() < want * 6, "flows did not spread over both gateways: {:?}", nat(&t));
+        let batch: Vec<Held> = (0..want).map(|i| Held::open(&t, if i % 2 == 0 { app_a() } else { app_b() })).collect();
+        let flows = nat(&t);
+        for mut h in batch {
+            h.exchange("hello");
+            // A local port can serve two connections to different remotes: both name a flow.
+            let pod = format!("{}:{}", topo::CLIENT_IP, h.s.local_addr().unwrap().port());
+            let gw = flows
+                .iter()
+                .find(|f| f["pod"] == pod.as_str() && f["remote"] == h.target.to_string().as_str())
+                .map(|f| f["gateway"].as_str().unwrap().to_string())
+                .unwrap_or_else(|| panic!("no flow for {pod} -> {}: {flows:?}", h.target));
+            held.push((h, gw));
         }
     }
-    let on_dead = held.iter().filter(|(_, g)| g == "192.0.2.3:31674").count();
-    assert!(on_dead >= 3, "flows did not spread over both gateways: {:?}", nat(&t));
+    let pinned = |t: &Topology| -> std::collections::BTreeMap<(String, String), String> {
+        nat(t)
+            .iter()
+            .filter_map(|f| Some(((f["pod"].as_str()?.to_string(), f["remote"].as_str()?.to_string()), f["gateway"].as_str()?.to_string())))
+            .collect()
+    };
 
-    // 192.0.2.3 stalls new connections: its SYNs are dropped; established ones still flow.
+    // 192.0.2.3 stalls new connections for 10 s and more: its SYNs are dropped; established
+    // ones still flow.
+    let stalled = std::time::Instant::now();
     t.node2.exec("iptables -t raw -I PREROUTING -d 192.0.2.3 -p tcp --syn -j DROP");
     let down = poll(WAIT, || {
         routes(&t).iter().any(|r| r.2.contains(&"192.0.2.3:31674 down".to_string())).then_some(())
     });
     assert!(down.is_some(), "gateway never marked down: {:?}", routes(&t));
-    // Not one held connection was reset or moved.
-    for (i, (h, gw)) in held.iter_mut().enumerate() {
-        h.exchange(&format!("while down {i}"));
-        let port = h.s.local_addr().unwrap().port();
-        assert_eq!(gateway_of(&t, port).as_deref(), Some(gw.as_str()), "a held flow was moved or purged");
+    // Not one held connection is reset or moved, for as long as the stall lasts.
+    let mut round = 0;
+    while round < 2 || stalled.elapsed() < Duration::from_secs(10) {
+        for (i, (h, _)) in held.iter_mut().enumerate() {
+            h.exchange(&format!("while down {round} {i}"));
+        }
+        let now = pinned(&t);
+        for (h, gw) in &held {
+            let key = (format!("{}:{}", topo::CLIENT_IP, h.s.local_addr().unwrap().port()), h.target.to_string());
+            assert_eq!(now.get(&key), Some(gw), "the held flow {key:?} was moved or purged in round {round}");
+        }
+        round += 1;
     }
     // New flows avoid it.
     let before: usize = nat(&t).iter().filter(|f| f["gateway"] == "192.0.2.3:31674").count();

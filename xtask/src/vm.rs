@@ -67,7 +67,8 @@ const MATRIX: [MatrixKernel; 3] = [
         why: "Debian 12's kernel: no tcx, so the netlink clsact path",
         // Its attach path is 5.10's, which runs every test: here the kernel's own verdicts
         // (verifier, load paths, every packet test) run whole, the namespace tests as the
-        // subset. That keeps the matrix inside half of CI's time.
+        // subset. Under emulation every namespace test costs minutes; this keeps the suite
+        // near 45 minutes.
         whole: &["verifier", "pipeline", "packets"],
     },
     MatrixKernel {
@@ -75,7 +76,8 @@ const MATRIX: [MatrixKernel; 3] = [
         suite: "bookworm",
         meta: "linux-image-6.12-amd64",
         why: "Debian 12's newer kernel: tcx links",
-        whole: &GUEST_TESTS,
+        // The host (6.18) runs every test on tcx: here too the kernel's own verdicts whole.
+        whole: &["verifier", "pipeline", "packets"],
     },
 ];
 
@@ -105,9 +107,9 @@ const SUBSET: [(&str, &[&str]); 5] = [
     ),
 ];
 
-/// A guest that has run this long (four times what one takes) is stopped and counted as
-/// failed, so that a hung guest cannot eat CI's 90 minutes.
-const GUEST_TIMEOUT_MINUTES: u64 = 20;
+/// A guest that has run this long (half again what the slowest, 5.10 with every test,
+/// takes) is stopped and counted as failed, so that a hung guest cannot eat CI's 90 minutes.
+const GUEST_TIMEOUT_MINUTES: u64 = 30;
 
 /// The VM options of `cargo xtask test`.
 #[derive(clap::Args, Debug, Default)]
@@ -579,6 +581,10 @@ export MESHNET_MUTATIONS=50000
 # The agent soak (held flows across restarts): 1,000 TCP, 200 UDP and 20 restarts on the
 # host; the guests check the same on their attach path at a tenth of the flows.
 export MESHNET_SOAK=100,20,4
+# explain against the program: 4 rounds of 200 packets (16 on the host); random tuples
+# through veth with partial checksums: 1,000 (10,000 on the host); flows held through a
+# stalled gateway: 10 (100 on the host).
+export MESHNET_DIFF_ROUNDS=4 MESHNET_TUPLES=1000 MESHNET_STALL_HELD=10
 ip link set lo up
 status=0
 run_tests() {
