@@ -333,13 +333,8 @@ mod tests {
         let d = sample();
         let table = table(&d);
         let json = serde_json::to_string_pretty(&d).unwrap();
-        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/testdata");
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(dir.join("dump_table.txt"), &table).unwrap();
-            std::fs::write(dir.join("dump.json"), &json).unwrap();
-        }
-        assert_eq!(table, std::fs::read_to_string(dir.join("dump_table.txt")).unwrap());
-        assert_eq!(json, std::fs::read_to_string(dir.join("dump.json")).unwrap());
+        crate::golden::check("dump_table.txt", &table);
+        crate::golden::check("dump.json", &json);
     }
 
     #[test]

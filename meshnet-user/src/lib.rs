@@ -7,6 +7,8 @@ pub mod doctor;
 pub mod discovery;
 pub mod dump;
 pub mod explain;
+#[cfg(test)]
+mod golden;
 pub mod health;
 pub mod maps;
 pub mod metrics;

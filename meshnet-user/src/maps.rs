@@ -460,7 +460,6 @@ pub fn sum_stats(stats: &Stats) -> anyhow::Result<BTreeMap<&'static str, u64>> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
 
     use super::*;
     use crate::config::Config;
@@ -498,16 +497,6 @@ peers:
       - {address: 192.0.2.4, port: 32000}
 "#;
 
-    /// Compares with a checked-in file under src/testdata; UPDATE_GOLDEN=1 rewrites it.
-    fn golden(name: &str, actual: &str) {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/testdata").join(name);
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, actual).unwrap();
-        }
-        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(actual, expected, "{name} differs from the golden file (UPDATE_GOLDEN=1 to accept)");
-    }
-
     fn names(d: &Desired, more: &Desired) -> BTreeMap<u32, String> {
         d.peer_names.iter().chain(&more.peer_names).map(|(k, v)| (*k, v.clone())).collect()
     }
@@ -516,7 +505,7 @@ peers:
     fn first_sync_plan_is_golden() {
         let d = Config::from_yaml(V1).unwrap().desired();
         let plan = Plan::new(&BTreeMap::new(), &BTreeMap::new(), &d);
-        golden("plan_initial.txt", &plan.render(&d.peer_names));
+        crate::golden::check("plan_initial.txt", &plan.render(&d.peer_names));
         assert_eq!(plan.report().routes_added, 3);
     }
 
@@ -525,7 +514,7 @@ peers:
         let d1 = Config::from_yaml(V1).unwrap().desired();
         let d2 = Config::from_yaml(V2).unwrap().desired();
         let plan = Plan::new(&d1.routes, &d1.peers, &d2);
-        golden("plan_reload.txt", &plan.render(&names(&d1, &d2)));
+        crate::golden::check("plan_reload.txt", &plan.render(&names(&d1, &d2)));
         // Applying the same config again changes nothing.
         assert_eq!(Plan::new(&d2.routes, &d2.peers, &d2), Plan::default());
     }
@@ -536,6 +525,6 @@ peers:
         d.apply_health(&std::collections::BTreeSet::from([("192.0.2.12".parse().unwrap(), 31674)]));
         let before = Config::from_yaml(V2).unwrap().desired();
         let plan = Plan::new(&before.routes, &before.peers, &d);
-        golden("plan_gateway_down.txt", &plan.render(&d.peer_names));
+        crate::golden::check("plan_gateway_down.txt", &plan.render(&d.peer_names));
     }
 }

@@ -31,13 +31,15 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    bounded, kubeconfig,
+    bounded,
+    desired::{self, Desired, Inputs, RemoteInput},
+    kubeconfig,
     leader::Elector,
     published::{self, PeerStatus, Published, PublishedEntry, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
-    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, POD_CIDRS_ANNOTATION},
+    resolve::{self, ClusterView, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
-use crate::config::{self, RawPeer, Reserved};
+use crate::config::{RawPeer, Reserved};
 
 pub const LEASE_NAME: &str = "meshnet-controller";
 
@@ -73,7 +75,7 @@ enum Msg {
     Secrets(Update<Secret>),
     /// What `meshnet-peers` holds now, whoever wrote it.
     Published(Update<ConfigMap>),
-    LocalNodes(Update<Node>),
+    LocalNodes(Update<NodeInfo>),
     Istio(Update<ConfigMap>),
     Remote { name: String, generation: u64, event: RemoteEvent },
 }
@@ -266,7 +268,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_watch<K>(tx: mpsc::Sender<Msg>, api: Api<K>, config: watcher::Config, wrap: fn(Update<K>) -> Msg)
+fn spawn_watch<K>(tx: mpsc::Sender<Msg>, api: Api<K>, config: watcher::Config, wrap: fn(Update<K::Kept>) -> Msg)
 where
     K: kube::Resource + super::watch::Relevant + PartialEq + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
@@ -408,109 +410,49 @@ impl State {
         Reserved { service_cidrs: self.opts.service_cidrs.clone(), local_addresses: self.local_addresses.clone() }
     }
 
-    /// Why `p` must not be published, if it must not: the agent's own validator (so that no
-    /// agent ever receives a peer it would refuse) and the cluster's allow-list.
-    fn vet(&self, p: &RawPeer, allowed: Option<&Result<Vec<Ipv4Net>, String>>, reserved: &Reserved) -> Option<String> {
-        if let Err(errors) = config::validate_peer(p, reserved) {
-            return Some(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
-        }
-        if let Some(list) = self.opts.allowed_cidrs.get(&p.name) {
-            return resolve::outside_allowed(p, list, "--allowed-cidrs");
-        }
-        match allowed {
-            Some(Ok(list)) => resolve::outside_allowed(p, list, &format!("annotation {ALLOWED_CIDRS_ANNOTATION}")),
-            Some(Err(e)) => Some(format!("annotation {ALLOWED_CIDRS_ANNOTATION}: {e}")),
-            None => None,
-        }
-    }
-
-    /// The peers to publish and their status.
-    fn desired(&mut self) -> (Vec<RawPeer>, BTreeMap<String, PeerStatus>) {
+    /// Decides what to publish and takes note of it: each peer resolved now becomes its
+    /// remote's last good state, and each new refusal is logged and counted once.
+    fn desired(&mut self) -> Desired {
         let reserved = self.reserved();
-        let mut peers = Vec::new();
-        let mut status: BTreeMap<String, PeerStatus> = BTreeMap::new();
-        let mut refused: BTreeMap<String, String> = BTreeMap::new();
-        for (name, r) in &self.remotes {
-            let mut st = PeerStatus { stale: r.stale, refused: r.refused.clone(), error: r.error.clone() };
-            if r.refused.is_some() {
-                status.insert(name.clone(), st);
-                continue;
-            }
-            let cidrs = self.opts.pod_cidrs.get(name).cloned().or_else(|| r.pod_cidrs.clone());
-            let resolved = r.view.as_ref().filter(|_| !r.stale).map(|v| resolve::resolve(v, &self.opts.resolve, cidrs.as_deref()));
-            if let Some(why) = resolved.as_ref().filter(|x| !x.refusals.is_empty()).map(|x| x.refusals.join("; ")) {
-                refused.insert(name.clone(), why);
-                status.insert(name.clone(), st);
-                continue;
-            }
-            match resolved.map(|x| resolve::peer(name, &x)) {
-                Some(Ok(p)) => {
-                    if let Some(why) = self.vet(&p, r.allowed.as_ref(), &reserved) {
-                        refused.insert(name.clone(), why);
-                    } else {
-                        self.last_good.insert(name.clone(), p.clone());
-                        peers.push(p);
-                    }
-                }
-                other => {
-                    if let Some(Err(problem)) = other {
-                        st.error = Some(problem);
-                    }
-                    // Keep serving the last known state of a stale or unresolvable peer, if
-                    // today's rules still pass it.
-                    if let Some(p) = self.last_good.get(name) {
-                        st.stale = true;
-                        match self.vet(p, r.allowed.as_ref(), &reserved) {
-                            Some(why) => {
-                                refused.insert(name.clone(), why);
-                            }
-                            None => peers.push(p.clone()),
-                        }
-                    }
-                }
-            }
-            status.insert(name.clone(), st);
+        let d = {
+            let remotes: BTreeMap<String, RemoteInput<'_>> = self
+                .remotes
+                .iter()
+                .map(|(name, r)| {
+                    let input = RemoteInput {
+                        view: r.view.as_ref(),
+                        stale: r.stale,
+                        error: r.error.as_deref(),
+                        refused: r.refused.as_deref(),
+                        pod_cidrs: r.pod_cidrs.as_deref(),
+                        allowed: r.allowed.as_ref(),
+                    };
+                    (name.clone(), input)
+                })
+                .collect();
+            desired::desired(&Inputs {
+                remotes: &remotes,
+                resolve: &self.opts.resolve,
+                pod_cidrs: &self.opts.pod_cidrs,
+                allowed_cidrs: &self.opts.allowed_cidrs,
+                reserved: &reserved,
+                local_cidrs: self.local_cidrs.as_deref().unwrap_or_default(),
+                istio: self.istio.as_ref().and_then(Option::as_ref),
+                last_good: &self.last_good,
+            })
+        };
+        for w in &d.warnings {
+            warn!("{w}");
         }
-        // Networks written by hand in Istio's meshNetworks, for clusters without a secret.
-        if let Some(Some(cm)) = &self.istio {
-            let text = cm.data.as_ref().and_then(|d| d.get("meshNetworks")).cloned().unwrap_or_default();
-            let (mn, broken) = MeshNetworks::parse_each(&text).unwrap_or_else(|e| {
-                warn!(error = %e, "istio ConfigMap: meshNetworks is not valid YAML; ignoring it");
-                (MeshNetworks::default(), BTreeMap::new())
-            });
-            for (name, why) in broken {
-                status.entry(name.clone()).or_default();
-                refused.insert(name, format!("meshNetworks: {why}"));
-            }
-            for p in mn.peers(None) {
-                let overlaps_discovered = peers.iter().any(|q| q.name == p.name) || self.remotes.contains_key(&p.name);
-                let local_network = p.pod_cidrs.iter().filter_map(|c| c.parse::<Ipv4Net>().ok()).any(|n| {
-                    self.local_cidrs.iter().flatten().any(|l| l.contains(&n) || n.contains(l))
-                });
-                if overlaps_discovered || local_network {
-                    continue;
-                }
-                status.entry(p.name.clone()).or_default();
-                match self.vet(&p, None, &reserved) {
-                    Some(why) => {
-                        refused.insert(p.name.clone(), format!("meshNetworks: {why}"));
-                    }
-                    None => peers.push(p),
-                }
-            }
-        }
-        peers.sort_by(|a, b| a.name.cmp(&b.name));
-        let (kept, overlapping) = resolve::refuse_overlaps(self.local_cidrs.as_deref().unwrap_or_default(), peers);
-        refused.extend(overlapping);
-        for (name, why) in &refused {
+        self.last_good.extend(d.resolved.iter().map(|(n, p)| (n.clone(), p.clone())));
+        for (name, why) in &d.refused {
             if self.refusals.get(name) != Some(why) {
                 warn!(peer = %name, reason = %why, "peer refused");
                 self.metrics.refused.get_or_create(&PeerLabel { peer: name.clone() }).inc();
             }
-            status.entry(name.clone()).or_default().refused = Some(why.clone());
         }
-        self.refusals = refused;
-        (kept, status)
+        self.refusals.clone_from(&d.refused);
+        d
     }
 
     async fn publish(&mut self) -> anyhow::Result<()> {
@@ -518,7 +460,7 @@ impl State {
             debug!("not publishing until the local watches have synced");
             return Ok(());
         }
-        let (peers, status) = self.desired();
+        let Desired { peers, status, .. } = self.desired();
         self.metrics.observe(&status, peers.len());
         if !self.leader {
             return Ok(());

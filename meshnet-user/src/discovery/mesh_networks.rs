@@ -33,7 +33,7 @@ async fn read_cluster(client: &Client, opts: &Options, name: &str) -> anyhow::Re
     let svcs = Api::<Service>::namespaced(client.clone(), ns);
     let eps = Api::<Endpoints>::namespaced(client.clone(), ns);
     let view = ClusterView {
-        nodes: std::sync::Arc::new(nodes.items.into_iter().map(|n| (n.name_any(), n)).collect()),
+        nodes: std::sync::Arc::new(nodes.items.into_iter().map(|n| (n.name_any(), n.into())).collect()),
         service: svcs.get_opt(&opts.resolve.gateway_service).await.context("reading the gateway Service")?,
         endpoints: eps.get_opt(&opts.resolve.gateway_service).await.context("reading the gateway Endpoints")?,
     };

@@ -3,6 +3,7 @@
 //! `meshNetworks` generator.
 
 pub mod controller;
+pub mod desired;
 pub mod kubeconfig;
 pub mod leader;
 pub mod mesh_networks;

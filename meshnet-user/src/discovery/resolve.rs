@@ -71,11 +71,57 @@ impl Default for ResolveOptions {
     }
 }
 
+/// What discovery reads of a Node, and nothing else. Every node of every remote cluster is
+/// held for as long as the controller runs, so this is kept small.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Its IPv4 pod CIDRs (`podCIDRs`, and `podCIDR` of clusters that set only that).
+    pub pod_cidrs: Box<[Ipv4Net]>,
+    /// Its IPv4 addresses in the order its status lists them, and of which type each is.
+    pub addresses: Box<[(NodeAddressType, Ipv4Addr)]>,
+    /// Its [`ADDRESS_ANNOTATION`], as written.
+    pub gateway_address: Option<Box<str>>,
+}
+
+/// A node address's `type`, of the ones discovery tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAddressType {
+    Internal,
+    External,
+    Other,
+}
+
+impl From<Node> for NodeInfo {
+    fn from(node: Node) -> Self {
+        let spec = node.spec.unwrap_or_default();
+        let mut pod_cidrs: Vec<Ipv4Net> =
+            spec.pod_cidrs.into_iter().flatten().chain(spec.pod_cidr).filter_map(|c| c.parse::<Ipv4Net>().ok()).map(|n| n.trunc()).collect();
+        pod_cidrs.sort_unstable();
+        pod_cidrs.dedup();
+        let addresses = node
+            .status
+            .and_then(|s| s.addresses)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                let ty = match a.type_.as_str() {
+                    "InternalIP" => NodeAddressType::Internal,
+                    "ExternalIP" => NodeAddressType::External,
+                    _ => NodeAddressType::Other,
+                };
+                Some((ty, a.address.parse().ok()?))
+            })
+            .collect();
+        let gateway_address = node.metadata.annotations.and_then(|mut a| a.remove(ADDRESS_ANNOTATION)).map(String::into_boxed_str);
+        NodeInfo { pod_cidrs: pod_cidrs.into(), addresses, gateway_address }
+    }
+}
+
 /// What discovery read from one cluster.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     /// Shared with the watch that keeps it (see watch.rs).
-    pub nodes: std::sync::Arc<BTreeMap<String, Node>>,
+    pub nodes: std::sync::Arc<BTreeMap<String, NodeInfo>>,
     pub service: Option<Service>,
     pub endpoints: Option<Endpoints>,
 }
@@ -94,45 +140,35 @@ pub struct Resolved {
 
 /// The IPv4 pod CIDRs of all nodes, aggregated.
 #[must_use]
-pub fn node_pod_cidrs<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<Ipv4Net> {
-    let mut nets = Vec::new();
-    for n in nodes {
-        let Some(spec) = &n.spec else { continue };
-        let mut all: Vec<&String> = spec.pod_cidrs.iter().flatten().collect();
-        all.extend(spec.pod_cidr.iter());
-        nets.extend(all.into_iter().filter_map(|c| c.parse::<Ipv4Net>().ok()).map(|n| n.trunc()));
-    }
+pub fn node_pod_cidrs<'a>(nodes: impl IntoIterator<Item = &'a NodeInfo>) -> Vec<Ipv4Net> {
+    let nets: Vec<Ipv4Net> = nodes.into_iter().flat_map(|n| n.pod_cidrs.iter().copied()).collect();
     Ipv4Net::aggregate(&nets)
 }
 
 /// Every IPv4 address a node's status lists.
 #[must_use]
-pub fn node_addresses(node: &Node) -> BTreeSet<Ipv4Addr> {
-    node.status.iter().flat_map(|s| s.addresses.iter().flatten()).filter_map(|a| a.address.parse().ok()).collect()
+pub fn node_addresses(node: &NodeInfo) -> BTreeSet<Ipv4Addr> {
+    node.addresses.iter().map(|(_, a)| *a).collect()
 }
 
-/// The address a gateway on `node` is reached at, or why the node's annotation is refused:
-/// whoever can annotate a remote Node must not be able to point traffic anywhere, so the
-/// annotation may only pick one of the node's own addresses.
-fn node_address(node: &Node, ty: AddressType) -> Result<Option<Ipv4Addr>, String> {
-    if let Some(a) = node.metadata.annotations.as_ref().and_then(|a| a.get(ADDRESS_ANNOTATION)) {
+/// The address a gateway on node `name` is reached at, or why the node's annotation is
+/// refused: whoever can annotate a remote Node must not be able to point traffic anywhere,
+/// so the annotation may only pick one of the node's own addresses.
+fn node_address(name: &str, node: &NodeInfo, ty: AddressType) -> Result<Option<Ipv4Addr>, String> {
+    if let Some(a) = &node.gateway_address {
         let own = node_addresses(node);
         let listed = own.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        let name = node.metadata.name.as_deref().unwrap_or_default();
         return match a.trim().parse::<Ipv4Addr>() {
             Ok(addr) if own.contains(&addr) => Ok(Some(addr)),
             Ok(_) => Err(format!("gateways: node {name}'s {ADDRESS_ANNOTATION} {a:?} is not one of its addresses ({listed})")),
             Err(_) => Err(format!("gateways: node {name}'s {ADDRESS_ANNOTATION} {a:?} is not an IPv4 address")),
         };
     }
-    Ok(node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == ty.kube_name())
-        .find_map(|a| a.address.parse().ok()))
+    let want = match ty {
+        AddressType::InternalIp => NodeAddressType::Internal,
+        AddressType::ExternalIp => NodeAddressType::External,
+    };
+    Ok(node.addresses.iter().find(|(t, _)| *t == want).map(|(_, a)| *a))
 }
 
 /// Resolves a cluster's gateway and pod CIDRs. `pod_cidrs` overrides the nodes' podCIDRs.
@@ -174,7 +210,7 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
         .filter_map(|a| a.node_name.as_deref())
         .collect();
     for name in gateway_nodes {
-        match view.nodes.get(name).map(|n| node_address(n, opts.address_type)) {
+        match view.nodes.get(name).map(|n| node_address(name, n, opts.address_type)) {
             Some(Ok(Some(a))) => r.addresses.push(a),
             Some(Err(why)) => r.refusals.push(why),
             Some(Ok(None)) | None => r.problems.push(format!("node {name} has no {} address", opts.address_type.kube_name())),
@@ -389,11 +425,31 @@ mod tests {
         };
         ClusterView {
             nodes: std::sync::Arc::new(
-                [("n2".into(), node("n2", "10.20.144.165", "10.245.0.0/24")), ("n3".into(), node("n3", "10.20.144.166", "10.245.1.0/24"))].into(),
+                [("n2".into(), node("n2", "10.20.144.165", "10.245.0.0/24").into()), ("n3".into(), node("n3", "10.20.144.166", "10.245.1.0/24").into())]
+                    .into(),
             ),
             service: Some(svc),
             endpoints: Some(ep),
         }
+    }
+
+    /// A node is kept as what discovery reads of it: a heartbeat, a label or another
+    /// annotation leaves it equal, and what it does read survives the projection.
+    #[test]
+    fn a_node_is_kept_as_what_discovery_reads() {
+        let mut n = node("n2", "10.20.144.165", "10.245.0.7/24");
+        n.spec.as_mut().unwrap().pod_cidrs.as_mut().unwrap().push("fd00::/64".into());
+        n.status.as_mut().unwrap().addresses.as_mut().unwrap().push(NodeAddress { type_: "ExternalIP".into(), address: "192.0.2.99".into() });
+        n.metadata.annotations = Some([(ADDRESS_ANNOTATION.into(), "192.0.2.99".into()), ("other".into(), "x".into())].into());
+        let info = NodeInfo::from(n.clone());
+        assert_eq!(*info.pod_cidrs, ["10.245.0.0/24".parse::<Ipv4Net>().unwrap()]);
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(*info.addresses, [(NodeAddressType::Internal, ip("10.20.144.165")), (NodeAddressType::External, ip("192.0.2.99"))]);
+        assert_eq!(info.gateway_address.as_deref(), Some("192.0.2.99"));
+        n.metadata.labels = Some([("kubernetes.io/hostname".into(), "n2".into())].into());
+        n.metadata.resource_version = Some("42".into());
+        n.status.as_mut().unwrap().conditions = Some(vec![k8s_openapi::api::core::v1::NodeCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() }]);
+        assert_eq!(NodeInfo::from(n), info);
     }
 
     #[test]
@@ -409,9 +465,10 @@ mod tests {
     #[test]
     fn annotation_picks_one_of_the_nodes_own_addresses() {
         let mut v = view();
-        let n2 = std::sync::Arc::make_mut(&mut v.nodes).get_mut("n2").unwrap();
+        let mut n2 = node("n2", "10.20.144.165", "10.245.0.0/24");
         n2.status.as_mut().unwrap().addresses.as_mut().unwrap().push(NodeAddress { type_: "ExternalIP".into(), address: "192.0.2.99".into() });
         n2.metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), "192.0.2.99".to_string())].into());
+        std::sync::Arc::make_mut(&mut v.nodes).insert("n2".into(), n2.into());
         let r = resolve(&v, &ResolveOptions::default(), None);
         assert_eq!(r.addresses, ["192.0.2.99".parse::<Ipv4Addr>().unwrap()]);
         assert!(r.refusals.is_empty());
@@ -430,7 +487,7 @@ mod tests {
             ("gw.example.com", r#"gateways: node n2's meshnet.io/gateway-address "gw.example.com" is not an IPv4 address"#),
         ] {
             let mut v = view();
-            std::sync::Arc::make_mut(&mut v.nodes).get_mut("n2").unwrap().metadata.annotations = Some([(ADDRESS_ANNOTATION.to_string(), value.to_string())].into());
+            std::sync::Arc::make_mut(&mut v.nodes).get_mut("n2").unwrap().gateway_address = Some(value.into());
             let r = resolve(&v, &ResolveOptions::default(), None);
             assert_eq!(r.refusals, [why], "{value}");
             assert!(r.addresses.is_empty(), "{value}");

@@ -12,9 +12,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, EndpointAddress, EndpointSubset, Endpoints, Node, NodeSpec, NodeStatus, Secret, Service, ServiceSpec,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, EndpointAddress, EndpointSubset, Endpoints, Node, Secret, Service, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     runtime::{watcher, WatchStreamExt as _},
@@ -22,41 +20,31 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
+use super::resolve::NodeInfo;
+
 /// The part of an object discovery reads; the rest (status heartbeats, managed fields,
 /// resource versions) is dropped before it is stored or compared.
 pub trait Relevant: Sized {
-    #[must_use]
-    fn relevant(self) -> Self {
-        self
-    }
+    /// What is kept of the object.
+    type Kept: PartialEq + Clone + std::fmt::Debug + Send + Sync + 'static;
+    fn relevant(self) -> Self::Kept;
 }
 
 fn meta(m: ObjectMeta) -> ObjectMeta {
     ObjectMeta { name: m.name, namespace: m.namespace, labels: m.labels, annotations: m.annotations, ..ObjectMeta::default() }
 }
 
-/// A node's name and, of its annotations, only the one discovery reads: a real node carries
-/// a dozen labels and annotations (kubeadm's, the CNI's), times every node of every remote.
-fn node_meta(m: ObjectMeta) -> ObjectMeta {
-    let annotations = m
-        .annotations
-        .map(|a| a.into_iter().filter(|(k, _)| k == super::resolve::ADDRESS_ANNOTATION).collect::<BTreeMap<_, _>>())
-        .filter(|a| !a.is_empty());
-    ObjectMeta { name: m.name, annotations, ..ObjectMeta::default() }
-}
-
+/// Nodes are most of what the controller holds (every node of every remote cluster), so they
+/// are kept as the compact [`NodeInfo`], about 100 bytes, not as a `Node` of about 2 KB.
 impl Relevant for Node {
-    fn relevant(self) -> Self {
-        let spec = self.spec.unwrap_or_default();
-        Node {
-            metadata: node_meta(self.metadata),
-            spec: Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: spec.pod_cidrs, ..NodeSpec::default() }),
-            status: Some(NodeStatus { addresses: self.status.and_then(|s| s.addresses), ..NodeStatus::default() }),
-        }
+    type Kept = NodeInfo;
+    fn relevant(self) -> NodeInfo {
+        NodeInfo::from(self)
     }
 }
 
 impl Relevant for Service {
+    type Kept = Self;
     fn relevant(self) -> Self {
         let spec = self.spec.unwrap_or_default();
         Service {
@@ -68,6 +56,7 @@ impl Relevant for Service {
 }
 
 impl Relevant for Endpoints {
+    type Kept = Self;
     fn relevant(self) -> Self {
         // Addresses without their targetRef, whose resourceVersion moves with every update of
         // the gateway pod.
@@ -86,9 +75,17 @@ impl Relevant for Endpoints {
     }
 }
 
-impl Relevant for Secret {}
-impl Relevant for ConfigMap {}
-impl Relevant for k8s_openapi::api::coordination::v1::Lease {}
+macro_rules! kept_whole {
+    ($($t:ty),*) => {$(
+        impl Relevant for $t {
+            type Kept = Self;
+            fn relevant(self) -> Self {
+                self
+            }
+        }
+    )*};
+}
+kept_whole!(Secret, ConfigMap, k8s_openapi::api::coordination::v1::Lease);
 
 /// What a watched set did.
 #[derive(Debug)]
@@ -101,12 +98,12 @@ pub enum Update<K> {
 }
 
 /// Watches `api` with `config` and yields complete snapshots.
-pub fn snapshots<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = Update<K>> + Send
+pub fn snapshots<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = Update<K::Kept>> + Send
 where
-    K: Resource + Relevant + PartialEq + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Relevant + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    let mut current: Arc<BTreeMap<String, K>> = Arc::default();
-    let mut pending: BTreeMap<String, K> = BTreeMap::new();
+    let mut current: Arc<BTreeMap<String, K::Kept>> = Arc::default();
+    let mut pending: BTreeMap<String, K::Kept> = BTreeMap::new();
     let mut synced = false;
     watcher(api, config).default_backoff().filter_map(move |ev| {
         let out = match ev {
@@ -149,7 +146,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition};
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition, NodeSpec, NodeStatus};
 
     use super::*;
 
