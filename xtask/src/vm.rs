@@ -48,6 +48,8 @@ struct MatrixKernel {
     /// The test targets that run whole on this kernel by default; the others run the
     /// `SUBSET`.
     whole: &'static [&'static str],
+    /// Whether the host's udevd works in this guest (see [`HIDE_UDEV`]).
+    udev: bool,
 }
 
 /// The default matrix. The ELRepo and EL kernels our users run are in no registry this
@@ -59,6 +61,7 @@ const MATRIX: [MatrixKernel; 3] = [
         meta: "linux-image-amd64",
         why: "Debian 11's kernel: an older verifier, no tcx, so the netlink clsact path",
         whole: &GUEST_TESTS,
+        udev: false,
     },
     MatrixKernel {
         label: "6.1",
@@ -70,6 +73,7 @@ const MATRIX: [MatrixKernel; 3] = [
         // subset. Under emulation every namespace test costs minutes; this keeps the suite
         // near 45 minutes.
         whole: &["verifier", "pipeline", "packets"],
+        udev: true,
     },
     MatrixKernel {
         label: "6.12",
@@ -78,6 +82,7 @@ const MATRIX: [MatrixKernel; 3] = [
         why: "Debian 12's newer kernel: tcx links",
         // The host (6.18) runs every test on tcx: here too the kernel's own verdicts whole.
         whole: &["verifier", "pipeline", "packets"],
+        udev: true,
     },
 ];
 
@@ -143,7 +148,19 @@ struct Kernel {
     why: String,
     /// The test targets run whole (the others run `SUBSET`), unless `--quick-matrix`.
     whole: &'static [&'static str],
+    /// Whether the guest runs the host's udevd; see [`HIDE_UDEV`].
+    udev: bool,
 }
+
+/// Runs virtme-run (`$0`, its arguments after) with the host's udevd out of the guest's sight.
+/// On 5.10 the host's systemd-udevd (Debian 12's, 252) never answers in the guest, and
+/// virtme-ng-init's `udevadm settle` waits out its 300 s before going on without it: the
+/// guest's script then runs on the console, as it does without udev. virtme-ng-init looks
+/// for udevd only in `/usr/lib/systemd` (`/lib` is a link to it), so an empty, read-only
+/// tmpfs there, in a mount namespace of virtme-run's own, skips udev; the host's mounts do
+/// not change. Measured: the 5.10 guest reached its script after 350 s with udev, 32 s
+/// without.
+const HIDE_UDEV: &str = r#"mount -t tmpfs -o ro,mode=0755 meshnet-no-udev /usr/lib/systemd && exec "$0" "$@""#;
 
 /// What one run (the host's or a guest's) counted.
 #[derive(Debug, Default, Clone, Copy)]
@@ -444,7 +461,7 @@ fn kernel_from_image(label: String, image: &Path, why: String) -> anyhow::Result
             image.display()
         );
     }
-    Ok(Kernel { label, image, release, mod_root, why, whole: &GUEST_TESTS })
+    Ok(Kernel { label, image, release, mod_root, why, whole: &GUEST_TESTS, udev: true })
 }
 
 fn matrix_kernel(label: &str) -> anyhow::Result<Kernel> {
@@ -453,7 +470,7 @@ fn matrix_kernel(label: &str) -> anyhow::Result<Kernel> {
     fetch_debian_kernel(m.suite, &pkg)?;
     let release = package_release(&pkg);
     let image = kernels_dir().join(&pkg).join("boot").join(format!("vmlinuz-{release}"));
-    Ok(Kernel { whole: m.whole, ..kernel_from_image(label.to_string(), &image, format!("{} ({pkg})", m.why))? })
+    Ok(Kernel { whole: m.whole, udev: m.udev, ..kernel_from_image(label.to_string(), &image, format!("{} ({pkg})", m.why))? })
 }
 
 fn resolve_kernels(vm: &VmArgs) -> anyhow::Result<Vec<Kernel>> {
@@ -679,7 +696,13 @@ fn run_guest(
     tests.push_str("exit $status\n");
     std::fs::write(out.join("tests.sh"), tests)?;
 
-    let mut cmd = Command::new(virtme);
+    let mut cmd = if k.udev {
+        Command::new(virtme)
+    } else {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "--", "sh", "-c", HIDE_UDEV]).arg(virtme);
+        c
+    };
     cmd.arg("--kimg")
         .arg(&k.image)
         .args(["--mods", if k.mod_root.is_some() { "auto" } else { "none" }])
