@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Endpoints, Node, Secret, Service},
+    core::v1::{ConfigMap, Node, Secret},
 };
 use kube::{
     api::{ObjectMeta, Patch, PatchParams},
@@ -33,9 +33,10 @@ use tracing::{debug, error, info, warn};
 use super::{
     bounded,
     desired::{self, Desired, Inputs, RemoteInput},
-    kubeconfig,
     leader::Elector,
-    published::{self, PeerStatus, Published, PublishedEntry, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
+    probes::{ControllerMetrics, PeerLabel},
+    remote::{self, RemoteEvent},
+    published::{self, Published, PublishedEntry, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
     resolve::{self, ClusterView, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
@@ -78,13 +79,6 @@ enum Msg {
     LocalNodes(Update<NodeInfo>),
     Istio(Update<ConfigMap>),
     Remote { name: String, generation: u64, event: RemoteEvent },
-}
-
-enum RemoteEvent {
-    View(Box<ClusterView>),
-    Healthy,
-    Failed(String),
-    Refused(String),
 }
 
 struct Remote {
@@ -169,7 +163,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     );
 
     let mut state = State {
-        lists: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LISTS)),
+        lists: Arc::new(tokio::sync::Semaphore::new(remote::CONCURRENT_LISTS)),
         client: client.clone(),
         tx: tx.clone(),
         remotes: BTreeMap::new(),
@@ -373,13 +367,13 @@ impl State {
             }
             self.next_generation += 1;
             let generation = self.next_generation;
-            let task = tokio::spawn(remote_task(
-                name.clone(),
-                generation,
+            let who = name.clone();
+            let task = tokio::spawn(remote::remote_task(
                 origin,
                 text,
                 self.opts.clone(),
                 self.tx.clone(),
+                move |event| Msg::Remote { name: who.clone(), generation, event },
                 self.lists.clone(),
             ));
             info!(peer = %name, "watching remote cluster");
@@ -549,221 +543,6 @@ fn hash(s: &str) -> u64 {
     h.finish()
 }
 
-/// One remote cluster: vet its kubeconfig, then watch its nodes, gateway Service and
-/// Endpoints, and probe its API server.
-/// Remotes listing their objects at once. An initial list of a large cluster is its whole
-/// node set in memory at one time, several times over while it is decoded; fifty of them at
-/// once is what would set the controller's peak memory, not what it keeps.
-const CONCURRENT_LISTS: usize = 4;
-/// How long a remote may hold its turn to list before the next one goes anyway: a remote
-/// that hangs must not hold every other back.
-const LIST_TURN: Duration = Duration::from_secs(30);
-
-async fn remote_task(
-    name: String,
-    generation: u64,
-    origin: String,
-    text: String,
-    opts: ControllerOptions,
-    tx: mpsc::Sender<Msg>,
-    lists: Arc<tokio::sync::Semaphore>,
-) {
-    let send = |event: RemoteEvent| {
-        let tx = tx.clone();
-        let name = name.clone();
-        async move { tx.send(Msg::Remote { name, generation, event }).await.is_ok() }
-    };
-    let client = match kubeconfig::vet(&text, &origin) {
-        Ok(kc) => match kubeconfig::client(kc, &origin).await {
-            Ok(c) => c,
-            Err(e) => {
-                send(RemoteEvent::Refused(e.to_string())).await;
-                return;
-            }
-        },
-        Err(e) => {
-            send(RemoteEvent::Refused(e.to_string())).await;
-            return;
-        }
-    };
-    let ns = opts.istio_namespace.as_str();
-    let by_name = format!("metadata.name={}", opts.resolve.gateway_service);
-    let mut nodes = std::pin::pin!(snapshots(Api::<Node>::all(client.clone()), watcher::Config::default()));
-    let mut svcs = std::pin::pin!(snapshots(Api::<Service>::namespaced(client.clone(), ns), watcher::Config::default().fields(&by_name)));
-    let mut eps = std::pin::pin!(snapshots(Api::<Endpoints>::namespaced(client.clone(), ns), watcher::Config::default().fields(&by_name)));
-    let mut view = ClusterView::default();
-    let mut synced = [false; 3];
-    let mut probe = tokio::time::interval(opts.probe_interval);
-    // The watches list when first polled, below.
-    let mut turn = lists.acquire_owned().await.ok();
-    let turn_started = tokio::time::Instant::now();
-    loop {
-        if turn.is_some() && (synced.iter().all(|s| *s) || turn_started.elapsed() > LIST_TURN) {
-            turn = None;
-        }
-        let update = tokio::select! {
-            Some(u) = nodes.next() => match u {
-                Update::Snapshot(s) => { view.nodes = s; synced[0] = true; None }
-                Update::Error(e) => Some(e),
-            },
-            Some(u) = svcs.next() => match u {
-                Update::Snapshot(s) => { view.service = s.values().next().cloned(); synced[1] = true; None }
-                Update::Error(e) => Some(e),
-            },
-            Some(u) = eps.next() => match u {
-                Update::Snapshot(s) => { view.endpoints = s.values().next().cloned(); synced[2] = true; None }
-                Update::Error(e) => Some(e),
-            },
-            _ = probe.tick() => {
-                // A watch can hang without an error; a bounded request cannot.
-                let ok = tokio::time::timeout(opts.probe_timeout, client.apiserver_version()).await;
-                let event = match ok {
-                    Ok(Ok(_)) => RemoteEvent::Healthy,
-                    Ok(Err(e)) => RemoteEvent::Failed(format!("API server: {e}")),
-                    Err(_) => RemoteEvent::Failed(format!("API server did not answer within {:?}", opts.probe_timeout)),
-                };
-                if !send(event).await { return; }
-                continue;
-            }
-        };
-        let event = match update {
-            Some(e) => RemoteEvent::Failed(format!("watch: {e}")),
-            None if synced.iter().all(|s| *s) => RemoteEvent::View(Box::new(view.clone())),
-            None => continue,
-        };
-        if !send(event).await {
-            return;
-        }
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub struct PeerLabel {
-    pub peer: String,
-}
-
-/// The controller's metrics and probes.
-pub struct ControllerMetrics {
-    registry: prometheus_client::registry::Registry,
-    stale: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::gauge::Gauge>,
-    refused: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::counter::Counter>,
-    peers: prometheus_client::metrics::gauge::Gauge,
-    publish_errors: prometheus_client::metrics::counter::Counter,
-    /// 1 while the peers are too large for one ConfigMap and are not published.
-    too_large: prometheus_client::metrics::gauge::Gauge,
-    last_publish: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
-    stale_names: std::sync::Mutex<BTreeSet<String>>,
-    ready: std::sync::atomic::AtomicBool,
-    /// When the control loop last went round, in ms since `started`.
-    beat_ms: std::sync::atomic::AtomicU64,
-    started: std::time::Instant,
-}
-
-/// A control loop silent this long is wedged: /healthz fails, and the kubelet restarts it.
-const WEDGED: Duration = Duration::from_mins(1);
-
-impl ControllerMetrics {
-    fn new() -> Self {
-        let mut registry = prometheus_client::registry::Registry::with_prefix("meshnet_controller");
-        let m = Self {
-            registry: prometheus_client::registry::Registry::default(),
-            stale: prometheus_client::metrics::family::Family::default(),
-            refused: prometheus_client::metrics::family::Family::default(),
-            peers: prometheus_client::metrics::gauge::Gauge::default(),
-            publish_errors: prometheus_client::metrics::counter::Counter::default(),
-            too_large: prometheus_client::metrics::gauge::Gauge::default(),
-            last_publish: prometheus_client::metrics::gauge::Gauge::default(),
-            stale_names: std::sync::Mutex::new(BTreeSet::new()),
-            ready: std::sync::atomic::AtomicBool::new(false),
-            beat_ms: std::sync::atomic::AtomicU64::new(0),
-            started: std::time::Instant::now(),
-        };
-        registry.register("peer_stale", "1 while a peer's API server fails and its last known state is served", m.stale.clone());
-        registry.register(
-            "peer_refused",
-            "Peers refused (reserved ranges, allow-lists, invalid fields, overlapping CIDRs), counted once per reason",
-            m.refused.clone(),
-        );
-        registry.register("peers", "Peers published", m.peers.clone());
-        registry.register("publish_errors", "Failed writes of the peers object", m.publish_errors.clone());
-        registry.register("publish_too_large", "1 while the peers exceed what one ConfigMap holds and are not published", m.too_large.clone());
-        registry.register("last_publish_timestamp_seconds", "Unix time of the last publish", m.last_publish.clone());
-        Self { registry, ..m }
-    }
-
-    fn observe(&self, status: &BTreeMap<String, PeerStatus>, peers: usize) {
-        self.stale.clear();
-        let mut names = BTreeSet::new();
-        for (name, st) in status {
-            self.stale.get_or_create(&PeerLabel { peer: name.clone() }).set(i64::from(st.stale));
-            if st.stale {
-                names.insert(name.clone());
-            }
-        }
-        self.peers.set(i64::try_from(peers).unwrap_or(0));
-        *self.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = names;
-        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn beat(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.beat_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How long since the control loop last went round.
-    fn silent_for(&self) -> Duration {
-        let beat = Duration::from_millis(self.beat_ms.load(std::sync::atomic::Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(beat)
-    }
-
-    fn published(&self) {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        self.last_publish.set(now);
-    }
-
-    async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
-        use axum::{extract::State, http::StatusCode, routing::get, Router};
-        let app = Router::new()
-            .route(
-                "/metrics",
-                get(|State(m): State<Arc<Self>>| async move {
-                    let mut out = String::new();
-                    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
-                    out
-                }),
-            )
-            .route(
-                "/healthz",
-                get(|State(m): State<Arc<Self>>| async move {
-                    let silent = m.silent_for();
-                    if silent > WEDGED {
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("control loop wedged: silent for {}s\n", silent.as_secs()))
-                    } else {
-                        (StatusCode::OK, "ok\n".to_string())
-                    }
-                }),
-            )
-            .route(
-                "/readyz",
-                get(|State(m): State<Arc<Self>>| async move {
-                    let stale = m.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                    if !m.ready.load(std::sync::atomic::Ordering::Relaxed) {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: local watches not synced\n".to_string())
-                    } else if stale.is_empty() {
-                        (StatusCode::OK, "ready\n".to_string())
-                    } else {
-                        let list = stale.into_iter().collect::<Vec<_>>().join(", ");
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("stale peers: {list}\n"))
-                    }
-                }),
-            )
-            .with_state(self);
-        if let Err(e) = axum::serve(listener, app).await {
-            warn!(error = %e, "metrics server stopped");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,18 +552,6 @@ mod tests {
         assert_eq!(too_large(&"x".repeat(MAX_PUBLISHED_BYTES)), None);
         let why = too_large(&"x".repeat(MAX_PUBLISHED_BYTES + 1)).unwrap();
         assert!(why.contains("1000001 bytes") && why.contains("keep the last published peers"), "{why}");
-    }
-
-    #[test]
-    fn a_silent_control_loop_is_wedged_until_it_beats_again() {
-        let mut m = ControllerMetrics::new();
-        m.beat();
-        assert!(m.silent_for() < WEDGED);
-        // As if the loop had last gone round two minutes ago.
-        m.started -= Duration::from_mins(2);
-        assert!(m.silent_for() > WEDGED);
-        m.beat();
-        assert!(m.silent_for() < WEDGED);
     }
 
     #[test]

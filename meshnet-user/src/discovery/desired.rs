@@ -104,15 +104,14 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             continue;
         }
         match resolved.map(|x| resolve::peer(name, &x)) {
-            Some(Ok(p)) => match vet(&p, allowed, r.allowed, i.reserved) {
-                Some(why) => {
+            Some(Ok(p)) => {
+                if let Some(why) = vet(&p, allowed, r.allowed, i.reserved) {
                     d.refused.insert(name.clone(), why);
-                }
-                None => {
+                } else {
                     d.resolved.insert(name.clone(), p.clone());
                     peers.push(p);
                 }
-            },
+            }
             other => {
                 if let Some(Err(problem)) = other {
                     st.error = Some(problem);

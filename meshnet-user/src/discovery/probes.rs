@@ -1,0 +1,155 @@
+//! The controller's metrics, `/healthz` and `/readyz`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use tracing::warn;
+
+use super::published::PeerStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+/// The controller's metrics and probes.
+pub struct ControllerMetrics {
+    registry: prometheus_client::registry::Registry,
+    stale: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::gauge::Gauge>,
+    pub(super) refused: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::counter::Counter>,
+    peers: prometheus_client::metrics::gauge::Gauge,
+    pub(super) publish_errors: prometheus_client::metrics::counter::Counter,
+    /// 1 while the peers are too large for one ConfigMap and are not published.
+    pub(super) too_large: prometheus_client::metrics::gauge::Gauge,
+    last_publish: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    stale_names: std::sync::Mutex<BTreeSet<String>>,
+    ready: std::sync::atomic::AtomicBool,
+    /// When the control loop last went round, in ms since `started`.
+    beat_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+}
+
+/// A control loop silent this long is wedged: /healthz fails, and the kubelet restarts it.
+const WEDGED: Duration = Duration::from_mins(1);
+
+impl ControllerMetrics {
+    pub(super) fn new() -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("meshnet_controller");
+        let m = Self {
+            registry: prometheus_client::registry::Registry::default(),
+            stale: prometheus_client::metrics::family::Family::default(),
+            refused: prometheus_client::metrics::family::Family::default(),
+            peers: prometheus_client::metrics::gauge::Gauge::default(),
+            publish_errors: prometheus_client::metrics::counter::Counter::default(),
+            too_large: prometheus_client::metrics::gauge::Gauge::default(),
+            last_publish: prometheus_client::metrics::gauge::Gauge::default(),
+            stale_names: std::sync::Mutex::new(BTreeSet::new()),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            beat_ms: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        };
+        registry.register("peer_stale", "1 while a peer's API server fails and its last known state is served", m.stale.clone());
+        registry.register(
+            "peer_refused",
+            "Peers refused (reserved ranges, allow-lists, invalid fields, overlapping CIDRs), counted once per reason",
+            m.refused.clone(),
+        );
+        registry.register("peers", "Peers published", m.peers.clone());
+        registry.register("publish_errors", "Failed writes of the peers object", m.publish_errors.clone());
+        registry.register("publish_too_large", "1 while the peers exceed what one ConfigMap holds and are not published", m.too_large.clone());
+        registry.register("last_publish_timestamp_seconds", "Unix time of the last publish", m.last_publish.clone());
+        Self { registry, ..m }
+    }
+
+    pub(super) fn observe(&self, status: &BTreeMap<String, PeerStatus>, peers: usize) {
+        self.stale.clear();
+        let mut names = BTreeSet::new();
+        for (name, st) in status {
+            self.stale.get_or_create(&PeerLabel { peer: name.clone() }).set(i64::from(st.stale));
+            if st.stale {
+                names.insert(name.clone());
+            }
+        }
+        self.peers.set(i64::try_from(peers).unwrap_or(0));
+        *self.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = names;
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.beat_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the control loop last went round.
+    fn silent_for(&self) -> Duration {
+        let beat = Duration::from_millis(self.beat_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(beat)
+    }
+
+    pub(super) fn published(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.last_publish.set(now);
+    }
+
+    pub(super) async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        use axum::{extract::State, http::StatusCode, routing::get, Router};
+        let app = Router::new()
+            .route(
+                "/metrics",
+                get(|State(m): State<Arc<Self>>| async move {
+                    let mut out = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
+                    out
+                }),
+            )
+            .route(
+                "/healthz",
+                get(|State(m): State<Arc<Self>>| async move {
+                    let silent = m.silent_for();
+                    if silent > WEDGED {
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("control loop wedged: silent for {}s\n", silent.as_secs()))
+                    } else {
+                        (StatusCode::OK, "ok\n".to_string())
+                    }
+                }),
+            )
+            .route(
+                "/readyz",
+                get(|State(m): State<Arc<Self>>| async move {
+                    let stale = m.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                    if !m.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: local watches not synced\n".to_string())
+                    } else if stale.is_empty() {
+                        (StatusCode::OK, "ready\n".to_string())
+                    } else {
+                        let list = stale.into_iter().collect::<Vec<_>>().join(", ");
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("stale peers: {list}\n"))
+                    }
+                }),
+            )
+            .with_state(self);
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "metrics server stopped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_control_loop_is_wedged_until_it_beats_again() {
+        let mut m = ControllerMetrics::new();
+        m.beat();
+        assert!(m.silent_for() < WEDGED);
+        // As if the loop had last gone round two minutes ago.
+        m.started -= Duration::from_mins(2);
+        assert!(m.silent_for() > WEDGED);
+        m.beat();
+        assert!(m.silent_for() < WEDGED);
+    }
+}
