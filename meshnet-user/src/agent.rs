@@ -127,6 +127,11 @@ impl ApiPeers {
         out
     }
 
+    /// Each published peer's last good version, as the only one to try.
+    fn pinned(&self) -> BTreeMap<String, Vec<RawPeer>> {
+        self.last_good.iter().map(|(name, p)| (name.clone(), vec![p.clone()])).collect()
+    }
+
     /// Every current problem, by peer (or `object`), worded for a log line and /readyz.
     fn problems(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
@@ -226,11 +231,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if agent.api.heard {
         agent.sync().context("filling the maps")?;
     } else {
-        // Until the API has been heard, the pinned maps (from before a restart) keep
-        // serving as they are: nothing is withdrawn on the strength of an empty start.
-        info!("waiting for the published peers before changing the maps");
+        // Until the API has been heard, the published peers in the pinned maps (from before
+        // a restart) keep serving as they are: nothing is withdrawn on the strength of an
+        // empty start. The file's own peers apply now.
+        info!("waiting for the published peers; applying the file's peers over the pinned state");
         agent.api.object = Some(format!("waiting for ConfigMap {PEERS_CONFIGMAP}"));
-        agent.report_api();
+        if !agent.apply_effective("start") {
+            anyhow::bail!("the config cannot be applied over the pinned state");
+        }
     }
     agent.rescan_interfaces()?;
     // This build's programs now run on every interface: what the old ones added to maps
@@ -351,7 +359,9 @@ impl Agent {
     fn apply_effective(&mut self, why: &str) -> bool {
         let shown = self.opts.config.display().to_string();
         let file = self.file.with_node_cidrs(&self.node_cidrs);
-        let candidates = if self.api.heard { self.api.candidates() } else { BTreeMap::new() };
+        // Before the API is heard, the published peers are what the pinned maps hold: the
+        // file's peers apply now, even through an API outage, and withdraw nothing else.
+        let candidates = if self.api.heard { self.api.candidates() } else { self.api.pinned() };
         let merged = match file.merge_api(&netlink::local_addresses(), &candidates) {
             Ok(m) => m,
             Err(errors) => {
@@ -441,14 +451,6 @@ impl Agent {
         };
         self.config_text = text;
         let previous = std::mem::replace(&mut self.file, file);
-        if !self.api.heard {
-            // Still waiting for the API: validate the file alone, apply later.
-            if let Err(e) = self.file.validated_on(&self.opts.config.display().to_string(), &netlink::local_addresses()) {
-                error!(why, error = %e, "reload refused; keeping the previous config");
-                self.file = previous;
-            }
-            return;
-        }
         if self.apply_effective(why) {
             info!(why, "config reloaded");
         } else {

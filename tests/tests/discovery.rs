@@ -514,7 +514,18 @@ fn local_api_outage_leaves_the_datapath_and_restarts_never_flush() {
     m.local.set_mode(Mode::Error);
     agent.child.wait_for_line("Kubernetes API watch failing", WAIT);
     assert_eq!(m.routes(), want);
-    // A restarted agent while the API is down keeps the pinned state.
+    // A restarted agent while the API is down keeps the pinned state, and applies the
+    // file's own peers at once: an outage must not hold back what needs no API.
+    assert!(agent.child.stop());
+    let cfg = m.dir.0.join("agent.yaml");
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, original.replace("peers: []", "peers: [{name: byhand, podCIDRs: [10.250.0.0/16], gateways: [{address: 10.20.144.170, port: 30443}]}]")).unwrap();
+    let mut agent = m.agent();
+    let with_file = ["10.245.0.0/24 cluster2 10.20.144.165:32361", "10.250.0.0/16 byhand 10.20.144.170:30443"];
+    m.wait_routes(&with_file, "the file's peer during an API outage");
+    // So does a file edited while the API is still down; the published peer stays.
+    std::fs::write(&cfg, &original).unwrap();
+    m.wait_routes(&want, "a file edit during an API outage");
     assert!(agent.child.stop());
     let agent = m.agent();
     assert_eq!(m.routes(), want, "a restart during an API outage flushed the maps");
