@@ -79,7 +79,6 @@ pub struct Metrics {
     pins: Pins,
     /// The last rendering and when it was made; the lock also makes walks one at a time.
     last_walk: Mutex<Option<Instant>>,
-    scrapes: tokio::sync::Semaphore,
 }
 
 impl Metrics {
@@ -102,7 +101,6 @@ impl Metrics {
             problems: std::sync::Mutex::new(Vec::new()),
             pins,
             last_walk: Mutex::new(None),
-            scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES),
             registry: Registry::default(),
         };
         registry.register("datapath_packets", "Datapath events by counter, summed over CPUs", m.datapath.clone());
@@ -187,14 +185,31 @@ impl Metrics {
 }
 
 /// Serves /metrics, /healthz and /readyz on `listener` until the process exits.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+/// What a meshnet process answers on its metrics address. The agent and the controller
+/// each say what their answers are; [`serve`] serves them the same way.
+pub trait Probes: Send + Sync + 'static {
+    /// The `/metrics` body. It runs off the runtime's threads: it may make syscalls.
+    fn render(&self) -> String;
+    /// `/healthz`: `Err` with the reason when the process should be restarted.
+    fn healthz(&self) -> Result<(), String>;
+    /// `/readyz`: `Err` with the reason, one line per problem, when it is not ready.
+    fn readyz(&self) -> Result<(), String>;
+}
+
+struct Served<P> {
+    probes: Arc<P>,
+    scrapes: tokio::sync::Semaphore,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until it fails. At most
+/// [`MAX_SCRAPES`] scrapes are in flight; more get a 503 at once.
+pub async fn serve<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>) {
+    let state = Arc::new(Served { probes, scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES) });
     let app = Router::new()
-        .route("/metrics", get(scrape))
-        // Liveness is only that the agent answers: it never depends on the API server or on
-        // the datapath, whose state outlives the agent anyway.
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .with_state(metrics);
+        .route("/metrics", get(scrape::<P>))
+        .route("/healthz", get(|State(s): State<Arc<Served<P>>>| async move { answer(s.probes.healthz(), "ok\n") }))
+        .route("/readyz", get(|State(s): State<Arc<Served<P>>>| async move { answer(s.probes.readyz(), "ready\n") }))
+        .with_state(state);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving metrics, /healthz and /readyz");
     }
@@ -203,26 +218,44 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-async fn scrape(State(m): State<Arc<Metrics>>) -> axum::response::Response {
-    let Ok(_permit) = m.scrapes.try_acquire() else {
+fn answer(r: Result<(), String>, ok: &'static str) -> (StatusCode, String) {
+    match r {
+        Ok(()) => (StatusCode::OK, ok.to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", why.trim_end())),
+    }
+}
+
+async fn scrape<P: Probes>(State(s): State<Arc<Served<P>>>) -> axum::response::Response {
+    let Ok(_permit) = s.scrapes.try_acquire() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many scrapes in flight\n").into_response();
     };
-    // Map reads are syscalls; keep them off the runtime's thread.
-    let r = m.clone();
-    let body = tokio::task::spawn_blocking(move || r.render()).await.unwrap_or_default();
+    let p = s.probes.clone();
+    let body = tokio::task::spawn_blocking(move || p.render()).await.unwrap_or_default();
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
-async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    let problems = m.problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    if !m.ready.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the datapath is not loaded and synced yet\n".to_string())
-    } else if problems.is_empty() {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        // The datapath serves; what it serves is not what was published, and that needs a
-        // human. Every line names the peer and field.
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("\nnot ready: ")))
+impl Probes for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+
+    /// Liveness is only that the agent answers: it never depends on the API server or on
+    /// the datapath, whose state outlives the agent anyway.
+    fn healthz(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn readyz(&self) -> Result<(), String> {
+        let problems = self.problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if !self.ready.load(Ordering::Relaxed) {
+            Err("not ready: the datapath is not loaded and synced yet".into())
+        } else if problems.is_empty() {
+            Ok(())
+        } else {
+            // The datapath serves; what it serves is not what was published, and that needs
+            // a human. Every line names the peer and field.
+            Err(format!("not ready: {}", problems.join("\nnot ready: ")))
+        }
     }
 }
 
@@ -259,11 +292,12 @@ mod tests {
     #[tokio::test]
     async fn scrapes_past_the_bound_are_refused_at_once() {
         let m = metrics();
-        let held: Vec<_> = (0..MAX_SCRAPES).map(|_| m.scrapes.try_acquire().unwrap()).collect();
-        let r = scrape(State(m.clone())).await;
+        let s = Arc::new(Served { probes: m.clone(), scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES) });
+        let held: Vec<_> = (0..MAX_SCRAPES).map(|_| s.scrapes.try_acquire().unwrap()).collect();
+        let r = scrape(State(s.clone())).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(m.last_walk.lock().unwrap().is_none(), "a refused scrape walked the maps");
         drop(held);
-        assert_eq!(scrape(State(m.clone())).await.status(), StatusCode::OK);
+        assert_eq!(scrape(State(s)).await.status(), StatusCode::OK);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod fakeapi;
 pub mod peer;
+pub mod raw_bpf;
 pub mod topo;
 
 use std::{

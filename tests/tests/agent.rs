@@ -527,109 +527,6 @@ fn interfaces_are_tracked_by_index() {
 // Upgrades across a map layout change
 // ---------------------------------------------------------------------------------------
 
-mod raw_bpf {
-    //! Creating and pinning maps of the pre-v2 layouts as an older build did, with plain
-    //! `bpf(2)` calls: this build's object cannot make them any more.
-    use std::{
-        ffi::CString,
-        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        path::Path,
-    };
-
-    pub const HASH: u32 = 1;
-    pub const PERCPU_ARRAY: u32 = 6;
-    pub const LRU_HASH: u32 = 9;
-
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-
-    #[repr(C)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-    }
-
-    /// Loads another tool's tc program, named "foreign_pass", that passes every packet on
-    /// (`TC_ACT_UNSPEC`, which is also tcx's "next"), and pins it at `path`.
-    pub fn load_pinned_pass_program(path: &Path) {
-        lift_memlock_limit();
-        const SCHED_CLS: u32 = 3;
-        // r0 = -1; exit
-        let insns: [u64; 2] = [0xb7 | (u64::from(u32::MAX) << 32), 0x95];
-        let license = CString::new("GPL").unwrap();
-        let mut prog_name = [0u8; 16];
-        prog_name[..12].copy_from_slice(b"foreign_pass");
-        let attr = ProgLoad {
-            prog_type: SCHED_CLS,
-            insn_cnt: 2,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 0,
-            log_size: 0,
-            log_buf: 0,
-            kern_version: 0,
-            prog_flags: 0,
-            prog_name,
-        };
-        // SAFETY: BPF_PROG_LOAD with a valid attr of the size passed; `insns` and `license`
-        // outlive the call.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, &raw const attr, size_of::<ProgLoad>()) };
-        assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
-        // SAFETY: a new fd the kernel just returned.
-        let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
-        pin(path, &fd);
-    }
-
-    fn pin(path: &Path, fd: &OwnedFd) {
-        let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        let pin = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap(), file_flags: 0 };
-        // SAFETY: BPF_OBJ_PIN with a valid attr; `c` outlives the call.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &raw const pin, size_of::<ObjPin>()) };
-        assert_eq!(r, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-
-    /// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK, whose default
-    /// (8 MB, or 64 KB) holds no 65,536-entry map: without this, 5.10 says EPERM.
-    fn lift_memlock_limit() {
-        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-        // SAFETY: setrlimit with a valid rlimit struct.
-        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
-    }
-
-    /// Creates a map and pins it at `path`.
-    pub fn create_pinned(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32, map_flags: u32) {
-        lift_memlock_limit();
-        let attr = MapCreate { map_type, key_size, value_size, max_entries, map_flags };
-        // SAFETY: BPF_MAP_CREATE with a valid attr of the size passed.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw const attr, size_of::<MapCreate>()) };
-        assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
-        // SAFETY: a new fd the kernel just returned.
-        let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
-        pin(path, &fd);
-    }
-}
-
 fn open_hash<K: aya::Pod, V: aya::Pod>(path: &std::path::Path) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
     let data = aya::maps::MapData::from_pin(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
@@ -650,10 +547,10 @@ fn downgrade_pins(t: &Topology, planted: (meshnet_common::FlowKey, meshnet_commo
         std::fs::remove_file(maps.join(n)).unwrap();
     }
     let (fwd_v1, rev_v1, peers_v1) = (maps.join(names::NAT_FWD_V1), maps.join(names::NAT_REV_V1), maps.join(names::PEERS_V1));
-    raw_bpf::create_pinned(&fwd_v1, raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
-    raw_bpf::create_pinned(&rev_v1, raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
-    raw_bpf::create_pinned(&peers_v1, raw_bpf::HASH, 4, u32::try_from(size_of::<PeerGateways>()).unwrap(), 1024, 0);
-    raw_bpf::create_pinned(&maps.join(names::STATS), raw_bpf::PERCPU_ARRAY, 4, 8, 11, 0);
+    meshnet_tests::raw_bpf::create_pinned(&fwd_v1, meshnet_tests::raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
+    meshnet_tests::raw_bpf::create_pinned(&rev_v1, meshnet_tests::raw_bpf::LRU_HASH, 16, 24, 65_536, 0);
+    meshnet_tests::raw_bpf::create_pinned(&peers_v1, meshnet_tests::raw_bpf::HASH, 4, u32::try_from(size_of::<PeerGateways>()).unwrap(), 1024, 0);
+    meshnet_tests::raw_bpf::create_pinned(&maps.join(names::STATS), meshnet_tests::raw_bpf::PERCPU_ARRAY, 4, 8, 11, 0);
     let mut m = open_hash::<FlowKey, meshnet_common::NatFwdV1>(&fwd_v1);
     for (k, v) in fwd.iter().chain([&planted]) {
         let v1 = meshnet_common::NatFwdV1 {
@@ -742,7 +639,7 @@ fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
     // A map of an unknown layout where the reverse flow map belongs.
     let rev = t.pin_path().join("maps").join(names::NAT_REV);
     std::fs::remove_file(&rev).unwrap();
-    raw_bpf::create_pinned(&rev, raw_bpf::HASH, 16, 8, 1024, 0);
+    meshnet_tests::raw_bpf::create_pinned(&rev, meshnet_tests::raw_bpf::HASH, 16, 8, 1024, 0);
     let cfg_path = t.write_config(&bigger);
     let out = std::process::Command::new("nsenter")
         .args(Agent::argv(&t.node1, &cfg_path, &t.pin_path(), &[])[1..].iter())
@@ -974,7 +871,7 @@ fn foreign_programs_keep_working(mode: &str) {
     // Two instances: tcx refuses the same program twice on one hook.
     let pins = [t.pin_path().with_file_name("foreign_first"), t.pin_path().with_file_name("foreign_last")];
     for pin in &pins {
-        raw_bpf::load_pinned_pass_program(pin);
+        meshnet_tests::raw_bpf::load_pinned_pass_program(pin);
     }
     let tcx = mode == "tcx";
     let foreign: Vec<SchedClassifier> = t.node1.run(move || {

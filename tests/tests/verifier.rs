@@ -16,18 +16,16 @@
 use std::{
     collections::{BTreeMap, HashSet},
     ffi::CStr,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _},
 };
 
 use aya::maps::MapData;
 use aya_obj::generated::bpf_insn;
 use meshnet::datapath::EBPF_OBJECT;
 use meshnet_common::names;
-use meshnet_tests::{kernel_release, require_root};
+use meshnet_tests::{kernel_release, raw_bpf, require_root};
 use serde_json::json;
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 /// `BPF_LOG_LEVEL1`: the summary line only, on success.
 const BPF_LOG_LEVEL1: u32 = 1;
 /// `BPF_LOG_STATS` (5.2+): the summary plus verification time and stack depth.
@@ -36,23 +34,6 @@ const BPF_LOG_STATS: u32 = 4;
 const OLD_LIMIT: u64 = 131_072;
 /// The share of the verifier's budget a program may use: 1/4.
 const BUDGET_DIVISOR: u64 = 4;
-
-/// The head of `union bpf_attr` for `BPF_PROG_LOAD`, up to `prog_name` (kernel 4.15+); the
-/// kernel treats the fields after it as zero.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-}
 
 #[derive(Debug)]
 struct Stats {
@@ -69,31 +50,12 @@ fn load_with_stats(name: &str, insns: &[bpf_insn], license: &CStr) -> String {
     let mut last_err = None;
     for level in [BPF_LOG_STATS, BPF_LOG_LEVEL1] {
         let mut buf = vec![0u8; 1 << 20];
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_SCHED_CLS,
-            insn_cnt: u32::try_from(insns.len()).unwrap(),
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: level,
-            log_size: u32::try_from(buf.len()).unwrap(),
-            log_buf: buf.as_mut_ptr() as u64,
-            ..Default::default()
-        };
-        for (d, s) in attr.prog_name.iter_mut().zip(name.bytes().take(15)) {
-            *d = s;
-        }
-        // SAFETY: every pointer in attr refers to live buffers of the stated sizes, and the
-        // size passed is that of attr.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &raw mut attr, size_of::<ProgLoadAttr>())
-        };
+        let loaded = raw_bpf::prog_load(raw_bpf::PROG_TYPE_SCHED_CLS, name, insns, license, level, &mut buf);
         let log = String::from_utf8_lossy(&buf[..buf.iter().position(|b| *b == 0).unwrap_or(buf.len())]).into_owned();
-        if fd >= 0 {
-            // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-            drop(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) });
-            return log;
-        }
-        let err = std::io::Error::last_os_error();
+        let err = match loaded {
+            Ok(_fd) => return log,
+            Err(e) => e,
+        };
         // Kernels before 5.2 refuse the STATS level with EINVAL: try the plain log.
         if level == BPF_LOG_STATS && err.raw_os_error() == Some(libc::EINVAL) {
             last_err = Some((err, log));

@@ -135,8 +135,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(ControllerMetrics::new());
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
-        let m = metrics.clone();
-        tokio::spawn(async move { m.serve(listener).await });
+        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     }
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     let ns = opts.istio_namespace.clone();

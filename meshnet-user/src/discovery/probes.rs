@@ -2,11 +2,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::Arc,
     time::Duration,
 };
-
-use tracing::warn;
 
 use super::published::PeerStatus;
 
@@ -93,46 +90,32 @@ impl ControllerMetrics {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         self.last_publish.set(now);
     }
+}
 
-    pub(super) async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
-        use axum::{extract::State, http::StatusCode, routing::get, Router};
-        let app = Router::new()
-            .route(
-                "/metrics",
-                get(|State(m): State<Arc<Self>>| async move {
-                    let mut out = String::new();
-                    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
-                    out
-                }),
-            )
-            .route(
-                "/healthz",
-                get(|State(m): State<Arc<Self>>| async move {
-                    let silent = m.silent_for();
-                    if silent > WEDGED {
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("control loop wedged: silent for {}s\n", silent.as_secs()))
-                    } else {
-                        (StatusCode::OK, "ok\n".to_string())
-                    }
-                }),
-            )
-            .route(
-                "/readyz",
-                get(|State(m): State<Arc<Self>>| async move {
-                    let stale = m.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                    if !m.ready.load(std::sync::atomic::Ordering::Relaxed) {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: local watches not synced\n".to_string())
-                    } else if stale.is_empty() {
-                        (StatusCode::OK, "ready\n".to_string())
-                    } else {
-                        let list = stale.into_iter().collect::<Vec<_>>().join(", ");
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("stale peers: {list}\n"))
-                    }
-                }),
-            )
-            .with_state(self);
-        if let Err(e) = axum::serve(listener, app).await {
-            warn!(error = %e, "metrics server stopped");
+impl crate::metrics::Probes for ControllerMetrics {
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn healthz(&self) -> Result<(), String> {
+        let silent = self.silent_for();
+        if silent > WEDGED {
+            Err(format!("control loop wedged: silent for {}s", silent.as_secs()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn readyz(&self) -> Result<(), String> {
+        let stale = self.stale_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            Err("not ready: local watches not synced".into())
+        } else if stale.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("stale peers: {}", stale.into_iter().collect::<Vec<_>>().join(", ")))
         }
     }
 }
