@@ -232,6 +232,19 @@ pub struct PeerGateways {
     pub gateways: [Gateway; limits::MAX_GATEWAYS],
 }
 
+impl PeerGateways {
+    /// The valid gateways: the first `count`, never more than the array holds, whatever a
+    /// map entry's `count` says.
+    #[must_use]
+    pub fn live(&self) -> &[Gateway] {
+        &self.gateways[..(self.count as usize).min(limits::MAX_GATEWAYS)]
+    }
+
+    pub fn live_mut(&mut self) -> &mut [Gateway] {
+        &mut self.gateways[..(self.count as usize).min(limits::MAX_GATEWAYS)]
+    }
+}
+
 /// A flow as the datapath sees it at one point: addresses and ports in network byte order.
 ///
 /// Used for both NAT maps: in `mn_nat_fwd_v2` it is the pod's original flow (src = pod,

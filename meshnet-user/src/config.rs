@@ -656,8 +656,7 @@ impl Desired {
     /// Marks the gateways in `down` (by address and TCP port) as down.
     pub fn apply_health(&mut self, down: &BTreeSet<(Ipv4Addr, u16)>) {
         for pg in self.peers.values_mut() {
-            let n = (pg.count as usize).min(pg.gateways.len());
-            for g in &mut pg.gateways[..n] {
+            for g in pg.live_mut() {
                 let key = (Ipv4Addr::from(g.addr_be.to_ne_bytes()), u16::from_be(g.tcp_port_be));
                 g.flags = if down.contains(&key) { g.flags & !GW_UP } else { g.flags | GW_UP };
             }

@@ -152,7 +152,7 @@ pub fn collect(pins: &Pins, what: What) -> Dump {
                         peer: name_of(id),
                         gateways: peers
                             .get(&id)
-                            .map(|pg| pg.gateways[..(pg.count as usize).min(pg.gateways.len())].iter().map(|g| gateway_row(None, g)).collect())
+                            .map(|pg| pg.live().iter().map(|g| gateway_row(None, g)).collect())
                             .unwrap_or_default(),
                     })
                     .collect(),
@@ -166,7 +166,7 @@ pub fn collect(pins: &Pins, what: What) -> Dump {
         if want(What::Gateways) {
             let mut rows = Vec::new();
             for (id, pg) in &peers {
-                for g in &pg.gateways[..(pg.count as usize).min(pg.gateways.len())] {
+                for g in pg.live() {
                     rows.push(gateway_row(Some(name_of(*id)), g));
                 }
             }

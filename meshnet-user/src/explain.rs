@@ -467,12 +467,6 @@ fn describe_flow_row(r: &FlowRow) -> String {
     format!("{} -> {} via {}{nat}, idle {}s, {}{rev}", r.pod, r.remote, r.gateway, r.idle_seconds, r.state)
 }
 
-/// The gateways of a peer value, at most [`limits::MAX_GATEWAYS`].
-fn gateways_of(pg: &PeerGateways) -> &[Gateway] {
-    let n = (pg.count as usize).min(limits::MAX_GATEWAYS);
-    &pg.gateways[..n]
-}
-
 /// The datapath's gateway choice for a new flow whose hash starts at slot `start`: the first
 /// gateway with a port for the protocol and marked up, cyclically from `start`.
 #[must_use]
@@ -634,7 +628,7 @@ fn route_stage<'s>(snap: &'s Snapshot, q: &Query, ex: &mut Explanation) -> Optio
         ex.finish(Verdict::DropNoLiveGateway, &["no_live_gateway"], "dropped: the peer has no gateways");
         return None;
     };
-    let gws = gateways_of(pg);
+    let gws = pg.live();
     ex.gateways = gws
         .iter()
         .zip(0u32..)
@@ -917,7 +911,7 @@ fn existing_flow(snap: &Snapshot, ex: &mut Explanation, key: &FlowKey, fwd: &Nat
     // gateway; the agent purges flows whose gateway is down or left the config.
     if let Some(peers) = &snap.peers {
         let now = peers.get(&fwd.peer_id).and_then(|pg| {
-            gateways_of(pg).iter().find(|gw| {
+            pg.live().iter().find(|gw| {
                 gw.addr_be == fwd.gw_addr_be && (gw.tcp_port_be == fwd.gw_port_be || gw.udp_port_be == fwd.gw_port_be)
             })
         });

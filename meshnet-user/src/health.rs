@@ -45,7 +45,7 @@ impl Health {
         let mut state = BTreeMap::new();
         let now = Instant::now();
         for pg in peers.values() {
-            for g in &pg.gateways[..(pg.count as usize).min(pg.gateways.len())] {
+            for g in pg.live() {
                 let id = (Ipv4Addr::from(g.addr_be.to_ne_bytes()), u16::from_be(g.tcp_port_be));
                 let up = g.flags & GW_UP != 0;
                 state.insert(id, State { up, streak: 0, down_since: (!up).then_some(now) });

@@ -163,7 +163,7 @@ impl Plan {
 /// A peer's gateways as `addr:tcp[/udp:port][ down], ...`.
 #[must_use]
 pub fn render_gateways(pg: &PeerGateways) -> String {
-    pg.gateways[..(pg.count as usize).min(pg.gateways.len())]
+    pg.live()
         .iter()
         .map(|g| {
             let udp = u16::from_be(g.udp_port_be);
@@ -238,8 +238,8 @@ impl ControlMaps {
             if name.is_empty() {
                 continue;
             }
-            let n = (pg.count as usize).min(pg.gateways.len());
-            let gateways = pg.gateways[..n]
+            let gateways = pg
+                .live()
                 .iter()
                 .map(|g| crate::config::RawGateway {
                     address: addr_of_be(g.addr_be).to_string(),
@@ -306,7 +306,7 @@ impl ControlMaps {
             let gateway_ok = owner.is_some_and(|id| {
                 id == fwd.peer_id
                     && desired.peers.get(&id).is_some_and(|pg| {
-                        pg.gateways[..(pg.count as usize).min(pg.gateways.len())].iter().any(|g| {
+                        pg.live().iter().any(|g| {
                             !evict.contains(&(addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be)))
                                 && g.addr_be == fwd.gw_addr_be
                                 && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be)
