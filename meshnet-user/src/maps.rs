@@ -96,35 +96,129 @@ impl SyncReport {
     }
 }
 
+/// What the control maps hold now: where a [`Plan`] starts from.
+#[derive(Debug, Default, Clone)]
+pub struct Current {
+    pub routes: BTreeMap<Ipv4Net, u32>,
+    pub peers: BTreeMap<u32, PeerGateways>,
+    pub names: BTreeMap<u32, String>,
+    /// The forward flow entries.
+    pub flows: Vec<(FlowKey, NatFwd)>,
+}
+
+/// Why a flow's state is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purge {
+    /// Its destination is in no remote CIDR any more.
+    RouteGone,
+    /// Its destination now belongs to another peer.
+    PeerChanged,
+    /// Its gateway is no longer one of its peer's.
+    GatewayGone,
+    /// Its gateway has been down past its grace period.
+    Evicted,
+}
+
+impl Purge {
+    fn as_str(self) -> &'static str {
+        match self {
+            Purge::RouteGone => "route withdrawn",
+            Purge::PeerChanged => "route moved to another peer",
+            Purge::GatewayGone => "gateway removed",
+            Purge::Evicted => "gateway down past its grace period",
+        }
+    }
+}
+
+/// Longest-prefix match over a desired route set: at most one hash lookup per prefix length
+/// in use, so that a purge costs O(flows × 33), not O(flows × routes).
+struct RouteLookup {
+    /// The mask of each prefix length in use and its routes (by network address), longest
+    /// first.
+    by_len: Vec<(u32, std::collections::HashMap<u32, u32>)>,
+}
+
+impl RouteLookup {
+    fn new(routes: &BTreeMap<Ipv4Net, u32>) -> Self {
+        let mut by_len: BTreeMap<std::cmp::Reverse<u8>, std::collections::HashMap<u32, u32>> = BTreeMap::new();
+        for (net, id) in routes {
+            by_len.entry(std::cmp::Reverse(net.prefix_len())).or_default().insert(u32::from(net.network()), *id);
+        }
+        let mask = |len: u8| Ipv4Net::new(Ipv4Addr::UNSPECIFIED, len).map_or(0, |n| u32::from(n.netmask()));
+        Self { by_len: by_len.into_iter().map(|(len, m)| (mask(len.0), m)).collect() }
+    }
+
+    fn get(&self, addr: Ipv4Addr) -> Option<u32> {
+        let a = u32::from(addr);
+        self.by_len.iter().find_map(|(mask, m)| m.get(&(a & mask)).copied())
+    }
+}
+
 /// The changes that take the maps from their current content to a desired state, in the
-/// order they are applied: gateways and routes in, then removals.
+/// order they are applied: gateways, names and routes in, then removals, then the flows
+/// that the new state leaves without a route or a gateway.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub peer_writes: Vec<(u32, PeerGateways)>,
+    pub name_writes: Vec<(u32, String)>,
     /// A route, its peer, and whether it is new (else it moves to another peer).
     pub route_writes: Vec<(Ipv4Net, u32, bool)>,
     pub route_removals: Vec<Ipv4Net>,
+    /// Peers removed, with their names.
     pub peer_removals: Vec<u32>,
+    pub flow_purges: Vec<(FlowKey, NatFwd, Purge)>,
 }
 
 impl Plan {
+    /// The plan from `cur` to `desired`, purging also the flows of the gateways in `evict`
+    /// (by address and TCP port). A gateway that is merely down keeps its flows.
     #[must_use]
-    pub fn new(cur_routes: &BTreeMap<Ipv4Net, u32>, cur_peers: &BTreeMap<u32, PeerGateways>, desired: &Desired) -> Self {
+    pub fn new(cur: &Current, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> Self {
+        let lookup = RouteLookup::new(&desired.routes);
+        let flow_purges = cur
+            .flows
+            .iter()
+            .filter_map(|(key, fwd)| {
+                let why = match lookup.get(addr_of_be(key.dst_be)) {
+                    None => Purge::RouteGone,
+                    Some(id) if id != fwd.peer_id => Purge::PeerChanged,
+                    Some(id) => {
+                        let same = |g: &&meshnet_common::Gateway| {
+                            g.addr_be == fwd.gw_addr_be && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be)
+                        };
+                        match desired.peers.get(&id).and_then(|pg| pg.live().iter().find(same)) {
+                            None => Purge::GatewayGone,
+                            Some(g) if evict.contains(&(addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be))) => Purge::Evicted,
+                            Some(_) => return None,
+                        }
+                    }
+                };
+                Some((*key, *fwd, why))
+            })
+            .collect();
         Self {
             peer_writes: desired
                 .peers
                 .iter()
-                .filter(|(id, want)| cur_peers.get(id) != Some(want))
+                .filter(|(id, want)| cur.peers.get(id) != Some(want))
                 .map(|(id, want)| (*id, *want))
+                .collect(),
+            name_writes: desired
+                .peers
+                .keys()
+                // As the map stores it: cut to its 64 bytes.
+                .map(|id| (*id, peer_name_of(&peer_name_value(desired.peer_names.get(id).map_or("", String::as_str)))))
+                .filter(|(id, name)| cur.names.get(id) != Some(name))
                 .collect(),
             route_writes: desired
                 .routes
                 .iter()
-                .filter(|(net, id)| cur_routes.get(net) != Some(id))
-                .map(|(net, id)| (*net, *id, !cur_routes.contains_key(net)))
+                .filter(|(net, id)| cur.routes.get(net) != Some(id))
+                .map(|(net, id)| (*net, *id, !cur.routes.contains_key(net)))
                 .collect(),
-            route_removals: cur_routes.keys().filter(|n| !desired.routes.contains_key(n)).copied().collect(),
-            peer_removals: cur_peers.keys().filter(|id| !desired.peers.contains_key(id)).copied().collect(),
+            route_removals: cur.routes.keys().filter(|n| !desired.routes.contains_key(n)).copied().collect(),
+            peer_removals: cur.peers.keys().filter(|id| !desired.peers.contains_key(id)).copied().collect(),
+            flow_purges,
         }
     }
 
@@ -135,7 +229,7 @@ impl Plan {
             routes_removed: self.route_removals.len(),
             peers_written: self.peer_writes.len(),
             peers_removed: self.peer_removals.len(),
-            flows_purged: 0,
+            flows_purged: self.flow_purges.len(),
         }
     }
 
@@ -147,6 +241,9 @@ impl Plan {
         for (id, pg) in &self.peer_writes {
             let _ = writeln!(out, "write peer {}: {}", name(id), render_gateways(pg));
         }
+        for (id, n) in &self.name_writes {
+            let _ = writeln!(out, "name peer {id:08x}: {n}");
+        }
         for (net, id, new) in &self.route_writes {
             let _ = writeln!(out, "{} route {net} -> {}", if *new { "add" } else { "move" }, name(id));
         }
@@ -155,6 +252,20 @@ impl Plan {
         }
         for id in &self.peer_removals {
             let _ = writeln!(out, "remove peer {}", name(id));
+        }
+        for (key, fwd, why) in &self.flow_purges {
+            let _ = writeln!(
+                out,
+                "purge flow {}:{} -> {}:{} proto {} via {}:{}: {}",
+                addr_of_be(key.src_be),
+                u16::from_be(key.sport_be),
+                addr_of_be(key.dst_be),
+                u16::from_be(key.dport_be),
+                key.proto,
+                addr_of_be(fwd.gw_addr_be),
+                u16::from_be(fwd.gw_port_be),
+                why.as_str()
+            );
         }
         out
     }
@@ -264,15 +375,28 @@ impl ControlMaps {
     /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
     /// and TCP port): those down longer than their grace period.
     pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<SyncReport> {
-        let plan = Plan::new(&self.current_routes()?, &self.current_peers()?, desired);
+        let plan = Plan::new(&self.current()?, desired, evict);
+        self.apply(&plan)?;
+        Ok(plan.report())
+    }
+
+    /// What the control maps hold now.
+    pub fn current(&self) -> anyhow::Result<Current> {
+        Ok(Current {
+            routes: self.current_routes()?,
+            peers: self.current_peers()?,
+            names: self.names.iter().flatten().map(|(id, v)| (id, peer_name_of(&v))).collect(),
+            flows: self.nat_fwd.iter().flatten().collect(),
+        })
+    }
+
+    /// Carries out `plan`, in its order.
+    pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
         for (id, value) in &plan.peer_writes {
             self.peers.insert(id, *value, 0).context("writing the peer map")?;
         }
-        for id in desired.peers.keys() {
-            let name = peer_name_value(desired.peer_names.get(id).map_or("", String::as_str));
-            if self.names.get(id, 0).ok() != Some(name) {
-                self.names.insert(id, name, 0).context("writing the peer-name map")?;
-            }
+        for (id, name) in &plan.name_writes {
+            self.names.insert(id, peer_name_value(name), 0).context("writing the peer-name map")?;
         }
         for (net, id, _) in &plan.route_writes {
             self.routes.insert(&route_key(*net), RouteValue { peer_id: *id }, 0).context("writing a route")?;
@@ -284,43 +408,10 @@ impl ControlMaps {
             self.peers.remove(id).context("removing a peer")?;
             let _ = self.names.remove(id);
         }
-        let mut report = plan.report();
-        report.flows_purged = self.purge_flows(desired, evict)?;
-        Ok(report)
-    }
-
-    /// Removes flow state that no longer matches the desired routes and gateways: the flow's
-    /// destination left every remote CIDR, moved to another peer, or its gateway is gone or
-    /// in `evict`. A gateway marked down only takes no new flows; its flows stay.
-    pub fn purge_flows(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<usize> {
-        let mut doomed = Vec::new();
-        for item in &self.nat_fwd {
-            let Ok((key, fwd)) = item else { continue };
-            let dst = addr_of_be(key.dst_be);
-            let owner = desired
-                .routes
-                .iter()
-                .filter(|(net, _)| net.contains(&dst))
-                .max_by_key(|(net, _)| net.prefix_len())
-                .map(|(_, id)| *id);
-            let gateway_ok = owner.is_some_and(|id| {
-                id == fwd.peer_id
-                    && desired.peers.get(&id).is_some_and(|pg| {
-                        pg.live().iter().any(|g| {
-                            !evict.contains(&(addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be)))
-                                && g.addr_be == fwd.gw_addr_be
-                                && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be)
-                        })
-                    })
-            });
-            if !gateway_ok {
-                doomed.push((key, fwd));
-            }
-        }
-        for (key, fwd) in &doomed {
+        for (key, fwd, _) in &plan.flow_purges {
             self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
         }
-        Ok(doomed.len())
+        Ok(())
     }
 
     /// Removes the flows first seen on the interface `ifindex` (a pod's, now gone), so that
@@ -504,7 +595,7 @@ peers:
     #[test]
     fn first_sync_plan_is_golden() {
         let d = Config::from_yaml(V1).unwrap().desired();
-        let plan = Plan::new(&BTreeMap::new(), &BTreeMap::new(), &d);
+        let plan = Plan::new(&Current::default(), &d, &BTreeSet::new());
         crate::golden::check("plan_initial.txt", &plan.render(&d.peer_names));
         assert_eq!(plan.report().routes_added, 3);
     }
@@ -513,10 +604,10 @@ peers:
     fn reload_plan_touches_only_the_difference() {
         let d1 = Config::from_yaml(V1).unwrap().desired();
         let d2 = Config::from_yaml(V2).unwrap().desired();
-        let plan = Plan::new(&d1.routes, &d1.peers, &d2);
+        let plan = Plan::new(&current(&d1, vec![]), &d2, &BTreeSet::new());
         crate::golden::check("plan_reload.txt", &plan.render(&names(&d1, &d2)));
         // Applying the same config again changes nothing.
-        assert_eq!(Plan::new(&d2.routes, &d2.peers, &d2), Plan::default());
+        assert_eq!(Plan::new(&current(&d2, vec![]), &d2, &BTreeSet::new()), Plan::default());
     }
 
     #[test]
@@ -524,7 +615,96 @@ peers:
         let mut d = Config::from_yaml(V2).unwrap().desired();
         d.apply_health(&std::collections::BTreeSet::from([("192.0.2.12".parse().unwrap(), 31674)]));
         let before = Config::from_yaml(V2).unwrap().desired();
-        let plan = Plan::new(&before.routes, &before.peers, &d);
+        let plan = Plan::new(&current(&before, vec![]), &d, &BTreeSet::new());
         crate::golden::check("plan_gateway_down.txt", &plan.render(&d.peer_names));
+    }
+
+    /// The maps as they are after applying `d` with `flows` in the flow table.
+    fn current(d: &Desired, flows: Vec<(FlowKey, NatFwd)>) -> Current {
+        Current { routes: d.routes.clone(), peers: d.peers.clone(), names: d.peer_names.clone(), flows }
+    }
+
+    /// A flow from a local pod to `dst`, held on gateway `gw` of peer `peer`.
+    fn flow(sport: u16, dst: &str, peer: &str, gw: &str) -> (FlowKey, NatFwd) {
+        let (addr, port) = gw.split_once(':').unwrap();
+        let key = FlowKey {
+            src_be: addr_be("10.244.0.5".parse().unwrap()),
+            dst_be: addr_be(dst.parse().unwrap()),
+            sport_be: sport.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: 6,
+            ..FlowKey::default()
+        };
+        let fwd = NatFwd {
+            gw_addr_be: addr_be(addr.parse().unwrap()),
+            gw_port_be: port.parse::<u16>().unwrap().to_be(),
+            peer_id: crate::config::peer_id(peer),
+            ..NatFwd::default()
+        };
+        (key, fwd)
+    }
+
+    /// A reload purges exactly the flows it leaves without their route, peer or gateway, and
+    /// the flows of a gateway evicted after its grace period; a flow whose gateway is only
+    /// down stays, and so does every flow the new state still carries.
+    #[test]
+    fn purges_are_part_of_the_plan() {
+        let d1 = Config::from_yaml(V1).unwrap().desired();
+        let d2 = Config::from_yaml(V2).unwrap().desired();
+        let mut flows: Vec<(FlowKey, NatFwd)> = d1
+            .routes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (net, id))| {
+                let dst = Ipv4Addr::from(u32::from(net.network()) + 9).to_string();
+                let name = &d1.peer_names[id];
+                d1.peers[id].live().iter().enumerate().map(move |(j, g)| {
+                    let gw = format!("{}:{}", addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be));
+                    flow(u16::try_from(40_000 + 10 * i + j).unwrap(), &dst, name, &gw)
+                }).collect::<Vec<_>>()
+            })
+            .collect();
+        // A flow on a gateway that cluster2 no longer lists.
+        flows.push(flow(41_000, "10.245.0.77", "cluster2", "192.0.2.99:31674"));
+        let plan = Plan::new(&current(&d1, flows.clone()), &d2, &BTreeSet::new());
+        crate::golden::check("plan_purges.txt", &plan.render(&names(&d1, &d2)));
+        assert_eq!(plan.report().flows_purged, plan.flow_purges.len());
+        // The same state again purges nothing more than the flows it already purged.
+        let kept: Vec<_> = flows.iter().filter(|f| !plan.flow_purges.iter().any(|p| p.0 == f.0)).copied().collect();
+        assert!(!kept.is_empty(), "the fixture keeps no flow");
+        assert!(Plan::new(&current(&d2, kept.clone()), &d2, &BTreeSet::new()).flow_purges.is_empty());
+        // Down is not evicted: only the eviction set removes a live gateway's flows.
+        let mut down = d2.clone();
+        let all_gws: BTreeSet<(Ipv4Addr, u16)> =
+            d2.peers.values().flat_map(|pg| pg.live().iter().map(|g| (addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be)))).collect();
+        down.apply_health(&all_gws);
+        assert!(Plan::new(&current(&d2, kept.clone()), &down, &BTreeSet::new()).flow_purges.is_empty());
+        let evicted = Plan::new(&current(&d2, kept.clone()), &down, &all_gws);
+        assert_eq!(evicted.flow_purges.len(), kept.len());
+        assert!(evicted.flow_purges.iter().all(|p| p.2 == Purge::Evicted));
+    }
+
+    /// The purge's route lookup agrees with a plain longest-prefix match.
+    #[test]
+    fn route_lookup_is_the_longest_prefix_match() {
+        let mut rng = 0x9e37_79b9_u32;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 17;
+            rng ^= rng << 5;
+            rng
+        };
+        let mut routes = BTreeMap::new();
+        for i in 0..2000u32 {
+            let len = u8::try_from(8 + next() % 25).unwrap();
+            let prefix = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 | (next() & 0x00ff_ffff)), len).unwrap().trunc();
+            routes.insert(prefix, i);
+        }
+        let lookup = RouteLookup::new(&routes);
+        for _ in 0..5_000 {
+            let a = Ipv4Addr::from(0x0a00_0000 | (next() & 0x00ff_ffff));
+            let want = routes.iter().filter(|(n, _)| n.contains(&a)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, id)| *id);
+            assert_eq!(lookup.get(a), want, "{a}");
+        }
     }
 }
