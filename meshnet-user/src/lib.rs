@@ -1,6 +1,7 @@
 //! meshnet's user space: the node agent, the CLI, and what they share.
 
 pub mod agent;
+pub mod batch;
 pub mod config;
 pub mod datapath;
 pub mod doctor;

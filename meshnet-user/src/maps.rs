@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::Ipv4Addr,
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use anyhow::Context as _;
@@ -297,28 +298,60 @@ pub struct ControlMaps {
     pub names: Names,
     pub nat_fwd: NatFwdMap,
     pub nat_rev: NatRevMap,
+    /// Second fds to the two flow maps, for whole-table reads in batches (see batch.rs).
+    flow_fds: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// A second fd to the hash map `name` of `ebpf`, for batch reads.
+fn dup_fd(map: Option<&Map>) -> Option<OwnedFd> {
+    match map? {
+        Map::HashMap(d) => d.fd().as_fd().try_clone_to_owned().ok(),
+        _ => None,
+    }
 }
 
 impl ControlMaps {
     pub fn open(pins: &Pins) -> anyhow::Result<Self> {
+        let dup = |name: &str| MapData::from_pin(pins.map(name)).ok().and_then(|d| d.fd().as_fd().try_clone_to_owned().ok());
         Ok(Self {
             routes: open(pins, names::ROUTES)?,
             peers: open(pins, names::PEERS)?,
             names: open(pins, names::PEER_NAMES)?,
             nat_fwd: open(pins, names::NAT_FWD)?,
             nat_rev: open(pins, names::NAT_REV)?,
+            flow_fds: dup(names::NAT_FWD).zip(dup(names::NAT_REV)),
         })
     }
 
     /// Takes the control maps out of a loaded object (unpinned use: tests, benchmarks).
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let flow_fds = dup_fd(ebpf.map(names::NAT_FWD)).zip(dup_fd(ebpf.map(names::NAT_REV)));
         Ok(Self {
             routes: take(ebpf, names::ROUTES)?,
             peers: take(ebpf, names::PEERS)?,
             names: take(ebpf, names::PEER_NAMES)?,
             nat_fwd: take(ebpf, names::NAT_FWD)?,
             nat_rev: take(ebpf, names::NAT_REV)?,
+            flow_fds,
         })
+    }
+
+    /// Every forward flow entry: in batches where the kernel has them, else entry by entry.
+    #[must_use]
+    pub fn forward_flows(&self) -> Vec<(FlowKey, NatFwd)> {
+        self.flow_fds
+            .as_ref()
+            .and_then(|(fwd, _)| crate::batch::lookup_all(fwd.as_fd()).ok())
+            .unwrap_or_else(|| self.nat_fwd.iter().flatten().collect())
+    }
+
+    /// Every reverse flow entry, read as [`ControlMaps::forward_flows`] reads the forward ones.
+    #[must_use]
+    pub fn reverse_flows(&self) -> Vec<(FlowKey, NatRev)> {
+        self.flow_fds
+            .as_ref()
+            .and_then(|(_, rev)| crate::batch::lookup_all(rev.as_fd()).ok())
+            .unwrap_or_else(|| self.nat_rev.iter().flatten().collect())
     }
 
     pub fn current_routes(&self) -> anyhow::Result<BTreeMap<Ipv4Net, u32>> {
@@ -386,7 +419,7 @@ impl ControlMaps {
             routes: self.current_routes()?,
             peers: self.current_peers()?,
             names: self.names.iter().flatten().map(|(id, v)| (id, peer_name_of(&v))).collect(),
-            flows: self.nat_fwd.iter().flatten().collect(),
+            flows: self.forward_flows(),
         })
     }
 
@@ -417,8 +450,10 @@ impl ControlMaps {
     /// Removes the flows first seen on the interface `ifindex` (a pod's, now gone), so that
     /// they do not hold table room and reply tuples until they time out.
     pub fn purge_interface(&mut self, ifindex: u32) -> usize {
-        let doomed: Vec<(FlowKey, NatFwd)> =
-            self.nat_fwd.iter().flatten().filter(|(_, f)| f.ifindex == ifindex && ifindex != 0).collect();
+        if ifindex == 0 {
+            return 0;
+        }
+        let doomed: Vec<(FlowKey, NatFwd)> = self.forward_flows().into_iter().filter(|(_, f)| f.ifindex == ifindex).collect();
         for (key, fwd) in &doomed {
             self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
         }
@@ -484,9 +519,12 @@ impl ControlMaps {
         let mut doomed = Vec::new();
         let mut live_rev = std::collections::HashSet::new();
         let mut half = Vec::new();
-        for (key, fwd) in self.nat_fwd.iter().flatten() {
+        // Both tables read whole, the reverse one first: a flow that starts meanwhile has its
+        // reverse half in before its forward one, so it is never seen as half a flow.
+        let revs: std::collections::HashMap<FlowKey, NatRev> = self.reverse_flows().into_iter().collect();
+        for (key, fwd) in self.forward_flows() {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
-            let rev = self.nat_rev.get(&rev_key, 0).ok();
+            let rev = revs.get(&rev_key).copied();
             let flags = fwd.flags | rev.map_or(0, |r| r.flags);
             let last = fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
             if now_ns.saturating_sub(last) > timeout(key.proto, flags) {
@@ -502,12 +540,10 @@ impl ControlMaps {
             self.remove_flow(key, rev_key);
         }
         report.flows = doomed.len();
-        let orphans: Vec<FlowKey> = self
-            .nat_rev
+        let orphans: Vec<FlowKey> = revs
             .iter()
-            .flatten()
-            .filter(|(k, r)| !live_rev.contains(k) && now_ns.saturating_sub(r.last_seen_ns) > timeout(k.proto, r.flags))
-            .map(|(k, _)| k)
+            .filter(|(k, r)| !live_rev.contains(*k) && now_ns.saturating_sub(r.last_seen_ns) > timeout(k.proto, r.flags))
+            .map(|(k, _)| *k)
             .collect();
         for k in &orphans {
             let Ok(rev) = self.nat_rev.get(k, 0) else { continue };

@@ -154,8 +154,8 @@ impl Metrics {
             let entries = [
                 (names::ROUTES, m.routes.keys().count()),
                 (names::PEERS, m.peers.keys().count()),
-                (names::NAT_FWD, m.nat_fwd.keys().count()),
-                (names::NAT_REV, m.nat_rev.keys().count()),
+                (names::NAT_FWD, m.forward_flows().len()),
+                (names::NAT_REV, m.reverse_flows().len()),
             ];
             for (name, n) in entries {
                 let label = MapLabel { map: name.to_string() };
