@@ -101,18 +101,20 @@ fn proto_name(p: u8) -> String {
     }
 }
 
-fn flow_state(proto: u8, flags: u32) -> String {
+/// A flow's state as the dumps and `explain` name it, from its protocol and flags.
+#[must_use]
+pub fn flow_state(proto: u8, flags: u32) -> &'static str {
     if proto != IPPROTO_TCP {
-        return "active".into();
+        return "active";
     }
     if flags & FLOW_RST != 0 {
-        "reset".into()
+        "reset"
     } else if flags & (FLOW_FIN_POD | FLOW_FIN_PEER) == FLOW_FIN_POD | FLOW_FIN_PEER {
-        "closed".into()
+        "closed"
     } else if flags & (FLOW_FIN_POD | FLOW_FIN_PEER) != 0 {
-        "closing".into()
+        "closing"
     } else {
-        "established".into()
+        "established"
     }
 }
 
@@ -190,7 +192,7 @@ pub fn collect(pins: &Pins, what: What) -> Dump {
                         gateway: format!("{}:{}", addr_of_be(f.gw_addr_be), u16::from_be(f.gw_port_be)),
                         nat_port: (f.flags & FLOW_REMAPPED != 0).then(|| u16::from_be(f.nat_sport_be)),
                         idle_seconds: now.saturating_sub(last) / 1_000_000_000,
-                        state: flow_state(k.proto, flags),
+                        state: flow_state(k.proto, flags).into(),
                     }
                 })
                 .collect();

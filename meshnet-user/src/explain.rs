@@ -30,13 +30,13 @@ use std::{
 
 use ipnet::Ipv4Net;
 use meshnet_common::{
-    gateway_start, limits, names, remap_port, FlowKey, Gateway, NatFwd, NatRev, PeerGateways, FLOW_FIN_PEER,
-    FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
+    gateway_start, limits, names, remap_port, FlowKey, Gateway, NatFwd, NatRev, PeerGateways,
+    FLOW_REMAPPED, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::Serialize;
 
 use crate::{
-    dump::monotonic_ns,
+    dump::{flow_state, monotonic_ns},
     maps::{self, addr_be, addr_of_be},
     pins::Pins,
 };
@@ -232,16 +232,7 @@ fn keep<T>(r: anyhow::Result<T>, missing: &mut Vec<String>) -> Option<T> {
 }
 
 fn read_routes(pins: &Pins) -> anyhow::Result<BTreeMap<Ipv4Net, u32>> {
-    let m: maps::Routes = maps::open(pins, names::ROUTES)?;
-    let mut out = BTreeMap::new();
-    for item in &m {
-        let (k, v) = item.map_err(|e| anyhow::anyhow!("reading {}: {e}", names::ROUTES))?;
-        let prefix = u8::try_from(k.prefix_len()).unwrap_or(32);
-        if let Ok(net) = Ipv4Net::new(addr_of_be(k.data()), prefix) {
-            out.insert(net, v.peer_id);
-        }
-    }
-    Ok(out)
+    maps::routes_of(&maps::open(pins, names::ROUTES)?)
 }
 
 /// What the datapath does with the packet.
@@ -429,21 +420,6 @@ impl Explanation {
 
 fn endpoint(addr_be: u32, port_be: u16) -> String {
     format!("{}:{}", addr_of_be(addr_be), u16::from_be(port_be))
-}
-
-fn flow_state(proto: u8, flags: u32) -> &'static str {
-    if proto != IPPROTO_TCP {
-        return "active";
-    }
-    if flags & FLOW_RST != 0 {
-        "reset"
-    } else if flags & (FLOW_FIN_POD | FLOW_FIN_PEER) == FLOW_FIN_POD | FLOW_FIN_PEER {
-        "closed"
-    } else if flags & (FLOW_FIN_POD | FLOW_FIN_PEER) != 0 {
-        "closing"
-    } else {
-        "established"
-    }
 }
 
 fn flow_row(snap: &Snapshot, key: &FlowKey, f: &NatFwd) -> FlowRow {

@@ -79,6 +79,18 @@ pub fn peer_name_of(v: &PeerName) -> String {
     String::from_utf8_lossy(&v.bytes[..end]).into_owned()
 }
 
+/// Every route of a route map, by CIDR, with its peer id.
+pub fn routes_of(routes: &Routes) -> anyhow::Result<BTreeMap<Ipv4Net, u32>> {
+    let mut out = BTreeMap::new();
+    for item in routes {
+        let (k, v) = item.with_context(|| format!("reading {}", names::ROUTES))?;
+        let prefix = u8::try_from(k.prefix_len()).unwrap_or(32);
+        let net = Ipv4Net::new(addr_of_be(k.data()), prefix).with_context(|| format!("a bad prefix in {}", names::ROUTES))?;
+        out.insert(net, v.peer_id);
+    }
+    Ok(out)
+}
+
 /// What one sync changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
@@ -355,14 +367,7 @@ impl ControlMaps {
     }
 
     pub fn current_routes(&self) -> anyhow::Result<BTreeMap<Ipv4Net, u32>> {
-        let mut out = BTreeMap::new();
-        for item in &self.routes {
-            let (k, v) = item.context("reading the route map")?;
-            let prefix = u8::try_from(k.prefix_len()).unwrap_or(32);
-            let net = Ipv4Net::new(addr_of_be(k.data()), prefix).context("bad prefix in route map")?;
-            out.insert(net, v.peer_id);
-        }
-        Ok(out)
+        routes_of(&self.routes)
     }
 
     pub fn current_peers(&self) -> anyhow::Result<BTreeMap<u32, PeerGateways>> {
