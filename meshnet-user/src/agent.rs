@@ -265,8 +265,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut probe_tick = tokio::time::interval(agent.config.health.interval);
     let (probe_tx, mut probe_rx) = mpsc::channel::<Vec<(GatewayId, bool)>>(4);
     let mut probing = false;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
+            due = heartbeat.tick() => agent.metrics.pulse.beat(due.into_std()),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => agent.reload("SIGHUP"),

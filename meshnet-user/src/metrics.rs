@@ -67,6 +67,9 @@ pub struct Metrics {
     pub last_sync: Gauge<f64, AtomicU64>,
     pub gc_expired: Counter,
     pub attached_interfaces: Gauge,
+    /// The agent loop's pulse, for `/healthz` and `loop_longest_stall_seconds`.
+    pub pulse: Pulse,
+    longest_stall: Gauge<f64, AtomicU64>,
     /// Walks of the maps for scrapes: what a scraper can make the agent spend.
     map_walks: Counter,
     /// Published peers not applied as published (unreadable or refused).
@@ -94,6 +97,8 @@ impl Metrics {
             last_sync: Gauge::default(),
             gc_expired: Counter::default(),
             attached_interfaces: Gauge::default(),
+            pulse: Pulse::default(),
+            longest_stall: Gauge::default(),
             map_walks: Counter::default(),
             api_peers_rejected: Gauge::default(),
             api_peers_unreadable: Gauge::default(),
@@ -115,6 +120,11 @@ impl Metrics {
         );
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());
+        registry.register(
+            "loop_longest_stall_seconds",
+            "The longest one turn of the agent's loop (a sync, a GC pass, a rescan) has held it since the start",
+            m.longest_stall.clone(),
+        );
         registry.register("metrics_map_walks", "Walks of the maps made for scrapes (cached, one at a time)", m.map_walks.clone());
         registry.register(
             "api_peers_rejected",
@@ -178,13 +188,75 @@ impl Metrics {
                 *last = Some(Instant::now());
             }
         }
+        self.longest_stall.set(self.pulse.longest_stall().as_secs_f64());
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
     }
 }
 
-/// Serves /metrics, /healthz and /readyz on `listener` until the process exits.
+/// A control loop silent this long is wedged: `/healthz` fails, and the kubelet restarts it.
+pub const WEDGED: Duration = Duration::from_mins(1);
+
+/// A control loop's pulse: the loop beats once a second, and `/healthz` fails once it has
+/// been silent for [`WEDGED`]. Every branch of a loop is bounded, so one that stops beating
+/// is stuck, and a restart is what helps.
+pub struct Pulse {
+    /// When the loop last beat, in ms since `started`; `NOT_YET` before its first beat: the
+    /// start (a lock wait, a migration) is not the loop, and must not count as silence.
+    beat_ms: AtomicU64,
+    started: Instant,
+    /// The longest the loop has kept a beat waiting, in ms: how long one turn held the loop.
+    longest_stall_ms: AtomicU64,
+}
+
+impl Default for Pulse {
+    fn default() -> Self {
+        Self { beat_ms: AtomicU64::new(NOT_YET), started: Instant::now(), longest_stall_ms: AtomicU64::new(0) }
+    }
+}
+
+const NOT_YET: u64 = u64::MAX;
+
+impl Pulse {
+    /// A beat that was due at `due` (the loop's interval tick).
+    pub fn beat(&self, due: Instant) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.beat_ms.store(ms(self.started.elapsed()), Ordering::Relaxed);
+        self.longest_stall_ms.fetch_max(ms(Instant::now().saturating_duration_since(due)), Ordering::Relaxed);
+    }
+
+    /// How long since the loop last beat.
+    #[must_use]
+    pub fn silent_for(&self) -> Duration {
+        match self.beat_ms.load(Ordering::Relaxed) {
+            NOT_YET => Duration::ZERO,
+            beat => self.started.elapsed().saturating_sub(Duration::from_millis(beat)),
+        }
+    }
+
+    /// The longest one turn of the loop has kept it from beating.
+    #[must_use]
+    pub fn longest_stall(&self) -> Duration {
+        Duration::from_millis(self.longest_stall_ms.load(Ordering::Relaxed))
+    }
+
+    /// `/healthz`'s answer.
+    pub fn healthz(&self) -> Result<(), String> {
+        let silent = self.silent_for();
+        if silent > WEDGED {
+            Err(format!("control loop wedged: silent for {}s", silent.as_secs()))
+        } else {
+            Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    pub fn pretend_started_earlier(&mut self, by: Duration) {
+        self.started -= by;
+    }
+}
+
 /// What a meshnet process answers on its metrics address. The agent and the controller
 /// each say what their answers are; [`serve`] serves them the same way.
 pub trait Probes: Send + Sync + 'static {
@@ -239,10 +311,10 @@ impl Probes for Metrics {
         Metrics::render(self)
     }
 
-    /// Liveness is only that the agent answers: it never depends on the API server or on
-    /// the datapath, whose state outlives the agent anyway.
+    /// Liveness is only that the agent's loop goes round: it never depends on the API server
+    /// or on the datapath, whose state outlives the agent anyway.
     fn healthz(&self) -> Result<(), String> {
-        Ok(())
+        self.pulse.healthz()
     }
 
     fn readyz(&self) -> Result<(), String> {
@@ -299,5 +371,19 @@ mod tests {
         assert!(m.last_walk.lock().unwrap().is_none(), "a refused scrape walked the maps");
         drop(held);
         assert_eq!(scrape(State(s)).await.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn the_pulse_counts_silence_only_once_the_loop_beats() {
+        let mut p = Pulse::default();
+        p.pretend_started_earlier(Duration::from_mins(5));
+        assert!(p.healthz().is_ok(), "a long start counted as a wedged loop");
+        p.beat(Instant::now() - Duration::from_secs(3));
+        assert!(p.longest_stall() >= Duration::from_secs(3), "a late beat was not taken as a stall");
+        assert!(p.healthz().is_ok());
+        p.pretend_started_earlier(Duration::from_mins(2));
+        assert!(p.healthz().unwrap_err().contains("silent for 1"), "{:?}", p.healthz());
+        p.beat(Instant::now());
+        assert!(p.healthz().is_ok());
     }
 }

@@ -366,6 +366,7 @@ fn metrics_health_and_readiness() {
         "meshnet_gateway_up{peer=\"cluster2\",address=\"192.0.2.2\",port=\"31674\"} 1",
         "meshnet_last_sync_timestamp_seconds",
         "meshnet_attached_interfaces 2",
+        "meshnet_loop_longest_stall_seconds ",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }

@@ -221,7 +221,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = heartbeat.tick() => state.metrics.beat(),
+            due = heartbeat.tick() => state.metrics.pulse.beat(due.into_std()),
             _ = lease_tick.tick(), if state.opts.leader_election => {
                 let was = state.leader;
                 state.leader = elector.tick().await;

@@ -1,9 +1,6 @@
 //! The controller's metrics, `/healthz` and `/readyz`.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::published::PeerStatus;
 
@@ -24,13 +21,8 @@ pub struct ControllerMetrics {
     last_publish: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
     stale_names: std::sync::Mutex<BTreeSet<String>>,
     ready: std::sync::atomic::AtomicBool,
-    /// When the control loop last went round, in ms since `started`.
-    beat_ms: std::sync::atomic::AtomicU64,
-    started: std::time::Instant,
+    pub(super) pulse: crate::metrics::Pulse,
 }
-
-/// A control loop silent this long is wedged: /healthz fails, and the kubelet restarts it.
-const WEDGED: Duration = Duration::from_mins(1);
 
 impl ControllerMetrics {
     pub(super) fn new() -> Self {
@@ -45,8 +37,7 @@ impl ControllerMetrics {
             last_publish: prometheus_client::metrics::gauge::Gauge::default(),
             stale_names: std::sync::Mutex::new(BTreeSet::new()),
             ready: std::sync::atomic::AtomicBool::new(false),
-            beat_ms: std::sync::atomic::AtomicU64::new(0),
-            started: std::time::Instant::now(),
+            pulse: crate::metrics::Pulse::default(),
         };
         registry.register("peer_stale", "1 while a peer's API server fails and its last known state is served", m.stale.clone());
         registry.register(
@@ -75,17 +66,6 @@ impl ControllerMetrics {
         self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(super) fn beat(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.beat_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How long since the control loop last went round.
-    fn silent_for(&self) -> Duration {
-        let beat = Duration::from_millis(self.beat_ms.load(std::sync::atomic::Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(beat)
-    }
-
     pub(super) fn published(&self) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         self.last_publish.set(now);
@@ -100,12 +80,7 @@ impl crate::metrics::Probes for ControllerMetrics {
     }
 
     fn healthz(&self) -> Result<(), String> {
-        let silent = self.silent_for();
-        if silent > WEDGED {
-            Err(format!("control loop wedged: silent for {}s", silent.as_secs()))
-        } else {
-            Ok(())
-        }
+        self.pulse.healthz()
     }
 
     fn readyz(&self) -> Result<(), String> {
@@ -122,17 +97,21 @@ impl crate::metrics::Probes for ControllerMetrics {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
     fn a_silent_control_loop_is_wedged_until_it_beats_again() {
+        use crate::metrics::{Probes as _, WEDGED};
         let mut m = ControllerMetrics::new();
-        m.beat();
-        assert!(m.silent_for() < WEDGED);
+        m.pulse.beat(std::time::Instant::now());
+        assert!(m.healthz().is_ok());
         // As if the loop had last gone round two minutes ago.
-        m.started -= Duration::from_mins(2);
-        assert!(m.silent_for() > WEDGED);
-        m.beat();
-        assert!(m.silent_for() < WEDGED);
+        m.pulse.pretend_started_earlier(Duration::from_mins(2));
+        assert!(m.pulse.silent_for() > WEDGED);
+        assert!(m.healthz().unwrap_err().contains("control loop wedged"));
+        m.pulse.beat(std::time::Instant::now());
+        assert!(m.healthz().is_ok());
     }
 }
