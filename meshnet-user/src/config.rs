@@ -358,6 +358,33 @@ impl Checker {
     }
 }
 
+/// CIDRs with their owners, for overlap checks in O(log n) each: two CIDRs overlap only if
+/// one contains the other, so a CIDR overlaps the set if one of its at most 33 supernets is
+/// in it, or if some CIDR in it starts within its range.
+#[derive(Default)]
+struct CidrSet {
+    by_start: BTreeMap<(u32, u8), String>,
+}
+
+impl CidrSet {
+    fn insert(&mut self, net: Ipv4Net, owner: String) {
+        self.by_start.entry((u32::from(net.network()), net.prefix_len())).or_insert(owner);
+    }
+
+    /// A CIDR of the set that overlaps `net`, and its owner.
+    fn overlap(&self, net: Ipv4Net) -> Option<(Ipv4Net, &str)> {
+        for len in 0..=net.prefix_len() {
+            let sup = Ipv4Net::new(net.network(), len).ok()?.trunc();
+            if let Some(owner) = self.by_start.get(&(u32::from(sup.network()), len)) {
+                return Some((sup, owner.as_str()));
+            }
+        }
+        let (start, end) = (u32::from(net.network()), u32::from(net.broadcast()));
+        let ((first, len), owner) = self.by_start.range((start, 0)..=(end, 32)).next()?;
+        Some((Ipv4Net::new(Ipv4Addr::from(*first), *len).ok()?, owner.as_str()))
+    }
+}
+
 /// What the peers validated so far hold: names, ids and CIDRs, for uniqueness and overlaps.
 struct Claims<'a> {
     cluster: &'a str,
@@ -365,7 +392,7 @@ struct Claims<'a> {
     names: BTreeSet<String>,
     ids: BTreeMap<u32, String>,
     /// Every CIDR seen so far with its owner.
-    cidrs: Vec<(Ipv4Net, String)>,
+    cidrs: CidrSet,
 }
 
 impl<'a> Claims<'a> {
@@ -375,7 +402,13 @@ impl<'a> Claims<'a> {
             reserved,
             names: BTreeSet::new(),
             ids: BTreeMap::new(),
-            cidrs: local.iter().map(|n| (*n, "the local podCIDRs".to_string())).collect(),
+            cidrs: {
+                let mut set = CidrSet::default();
+                for n in local {
+                    set.insert(*n, "the local podCIDRs".to_string());
+                }
+                set
+            },
         }
     }
 
@@ -398,6 +431,8 @@ impl<'a> Claims<'a> {
             c.err(field("podCIDRs"), "must list at least one CIDR");
         }
         let mut cidrs: Vec<Ipv4Net> = Vec::new();
+        let mut mine = CidrSet::default();
+        let me = format!("peer {:?}", raw.name);
         for (ci, s) in raw.pod_cidrs.iter().enumerate() {
             let f = field(&format!("podCIDRs[{ci}]"));
             let Some(net) = c.cidr(f.clone(), s) else { continue };
@@ -405,12 +440,11 @@ impl<'a> Claims<'a> {
                 c.err(f, format!("{s:?} refused: {why}"));
                 continue;
             }
-            let mine = cidrs.iter().map(|n| (n, format!("peer {:?}", raw.name)));
-            let theirs = self.cidrs.iter().map(|(n, o)| (n, o.clone()));
-            if let Some((other, owner)) = theirs.chain(mine).find(|(o, _)| o.contains(&net) || net.contains(*o)) {
+            if let Some((other, owner)) = self.cidrs.overlap(net).or_else(|| mine.overlap(net)) {
                 c.err(f, format!("{s:?} overlaps {other} of {owner}"));
                 continue;
             }
+            mine.insert(net, me.clone());
             cidrs.push(net);
         }
         if raw.gateways.is_empty() {
@@ -453,7 +487,10 @@ impl<'a> Claims<'a> {
     fn commit(&mut self, p: &Peer) {
         self.names.insert(p.name.clone());
         self.ids.insert(p.id, p.name.clone());
-        self.cidrs.extend(p.pod_cidrs.iter().map(|n| (*n, format!("peer {:?}", p.name))));
+        let owner = format!("peer {:?}", p.name);
+        for n in &p.pod_cidrs {
+            self.cidrs.insert(*n, owner.clone());
+        }
     }
 }
 
@@ -924,5 +961,35 @@ peers:
         // An invalid file is refused whole, whatever was published.
         let broken = RawConfig { interfaces: vec![], ..file };
         assert!(broken.merge_api(&BTreeSet::new(), &published).is_err());
+    }
+
+    /// The overlap index finds an overlap exactly when a scan of every claimed CIDR does, and
+    /// names a CIDR that really overlaps.
+    #[test]
+    fn cidr_overlaps_match_a_full_scan() {
+        let mut rng = 0x2545_f491_u32;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 17;
+            rng ^= rng << 5;
+            rng
+        };
+        let mut set = CidrSet::default();
+        let mut all: Vec<Ipv4Net> = Vec::new();
+        for _ in 0..3000 {
+            let len = u8::try_from(4 + next() % 29).unwrap();
+            let cidr = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 ^ (next() & 0x0fff_ffff)), len).unwrap().trunc();
+            let scan = all.iter().any(|o| o.contains(&cidr) || cidr.contains(o));
+            let found = set.overlap(cidr);
+            assert_eq!(found.is_some(), scan, "{cidr}");
+            if let Some((other, _)) = found {
+                assert!(other.contains(&cidr) || cidr.contains(&other), "{cidr} does not overlap {other}");
+            }
+            // Keep claims overlapping now and then, as a config's local CIDRs may.
+            if !scan || next() % 8 == 0 {
+                set.insert(cidr, String::new());
+                all.push(cidr);
+            }
+        }
     }
 }
