@@ -693,7 +693,9 @@ fn run_guest(
         }
         writeln!(tests, "{line}")?;
     }
-    tests.push_str("exit $status\n");
+    // The guest's verdict, in a file: without udev (see HIDE_UDEV) virtme-run cannot pass
+    // the script's exit code back, so the host reads this instead.
+    tests.push_str("echo \"$status\" > \"$OUT/status\"\nexit $status\n");
     std::fs::write(out.join("tests.sh"), tests)?;
 
     let mut cmd = if k.udev {
@@ -785,7 +787,13 @@ fn run_guest(
     if uname.is_empty() {
         println!("{tag} the guest never started its script ({exit})");
     }
-    let ok = exit.success() && counts.failed == 0 && !timed_out.load(Ordering::Relaxed) && !uname.is_empty();
+    let status = std::fs::read_to_string(out.join("status")).map(|s| s.trim().to_string()).unwrap_or_default();
+    if status.is_empty() {
+        println!("{tag} the guest's script did not finish ({exit})");
+    } else if !exit.success() && status == "0" {
+        println!("{tag} virtme-run said {exit}; the guest's script finished with status 0");
+    }
+    let ok = status == "0" && counts.failed == 0 && !timed_out.load(Ordering::Relaxed) && !uname.is_empty();
     Ok(GuestResult { kernel: k.clone(), uname, counts, ok, secs, per_target })
 }
 
