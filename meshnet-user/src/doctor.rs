@@ -506,8 +506,21 @@ pub fn bridge_check(bridges: &[String], br_netfilter: bool) -> Check {
 }
 
 /// The nat table as `iptables-save -t nat` prints it, also from the legacy backend when
-/// iptables-nft says it has tables. `None`: iptables-save is not installed.
+/// iptables-nft says it has tables. Without iptables-save (in the agent's pod: the image has
+/// none), the legacy table is read from the kernel directly. `None`: nothing to judge by:
+/// no iptables-save, and no legacy nat table with rules (the host's rules, if any, are in
+/// nftables).
 fn iptables_nat_rules() -> Option<Result<String, String>> {
+    iptables_save_nat().or_else(|| match crate::iptables::legacy_nat_rules() {
+        Ok(Some(text)) if text.lines().any(|l| l.starts_with("-A ")) => Some(Ok(text)),
+        Ok(_) => None,
+        Err(e) => Some(Err(format!("reading the legacy nat table from the kernel: {e}"))),
+    })
+}
+
+/// `iptables-save -t nat`, and `iptables-legacy-save` where iptables-nft says there are
+/// legacy tables too. `None`: iptables-save is not installed.
+fn iptables_save_nat() -> Option<Result<String, String>> {
     let run = |cmd: &str| -> Option<Result<String, String>> {
         match Command::new(cmd).args(["-t", "nat"]).output() {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -663,7 +676,10 @@ pub fn masquerade_check(rules: Option<Result<String, String>>, pod_cidrs: &[Ipv4
             return Check::new(
                 NAME,
                 Level::Warn,
-                format!("cannot judge without iptables: iptables-save not found (the meshnet image has none), so this was not checked; {why}"),
+                format!(
+                    "cannot judge: iptables-save not found (the meshnet image has none) and the kernel has no legacy nat \
+                     table with rules (on an nftables host the rules are there), so this was not checked; {why}"
+                ),
             )
             .fix(format!("run `meshnet doctor --config FILE` on the node itself, where iptables is; {fix}"))
         }

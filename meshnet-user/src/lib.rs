@@ -11,6 +11,7 @@ pub mod explain;
 #[cfg(test)]
 mod golden;
 pub mod health;
+pub mod iptables;
 pub mod maps;
 pub mod metrics;
 pub mod migrate;

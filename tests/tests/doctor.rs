@@ -1,0 +1,65 @@
+//! `meshnet doctor` in the agent's pod has no iptables binaries (the image is FROM scratch):
+//! it reads the legacy nat table from the kernel itself. This checks that reading against
+//! `iptables-legacy-save` on the same rules, in a namespace of the test's own.
+
+use std::net::Ipv4Addr;
+
+use meshnet::doctor::find_masquerade;
+use meshnet_tests::{require_root, skip, NetNs};
+
+const POD_RULE: &str = "-A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE";
+
+/// The rules of a kubeadm node with flannel and Docker, as iptables-legacy writes them.
+const RULES: &[&str] = &[
+    "-N KUBE-POSTROUTING",
+    "-A PREROUTING -d 10.20.144.160/32 -p tcp --dport 32361 -j DNAT --to-destination 10.244.0.9:15443",
+    "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+    "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE",
+    POD_RULE,
+    "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+    "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+    "-A KUBE-POSTROUTING -j MASQUERADE",
+];
+
+fn read(ns: &NetNs) -> String {
+    ns.run(meshnet::iptables::legacy_nat_rules).expect("reading the nat table").expect("a legacy nat table")
+}
+
+#[test]
+fn the_legacy_nat_table_reads_as_iptables_save_prints_it() {
+    require_root();
+    let ns = NetNs::new("mnipt");
+    let (ok, out) = ns.try_exec("iptables-legacy -t nat -L -n");
+    if !ok {
+        eprintln!("{out}");
+        skip("iptables-legacy with the ip_tables modules");
+        return;
+    }
+    for r in RULES {
+        ns.exec(&format!("iptables-legacy -t nat {r}"));
+    }
+    let saved = ns.exec("iptables-legacy-save -t nat");
+    let read_back = read(&ns);
+    // Rules made only of what doctor reads come out in iptables-save's own words.
+    for line in [POD_RULE, RULES[3], RULES[5], RULES[7], "-A POSTROUTING -m comment -j KUBE-POSTROUTING"] {
+        let expected_in_save = line != "-A POSTROUTING -m comment -j KUBE-POSTROUTING";
+        assert!(!expected_in_save || saved.lines().any(|l| l == line), "fixture: {line:?} not in iptables-legacy-save:\n{saved}");
+        assert!(read_back.lines().any(|l| l == line), "{line:?} not read back:\n{read_back}");
+    }
+    assert_eq!(read_back.lines().count(), RULES.len() - 1, "{read_back}");
+
+    // doctor's verdict is the same from either.
+    let pods = vec!["10.244.0.0/16".parse().unwrap()];
+    let gws: Vec<Ipv4Addr> = vec!["10.20.144.165".parse().unwrap()];
+    let (from_save, from_kernel) = (find_masquerade(&saved, &pods, &gws), find_masquerade(&read_back, &pods, &gws));
+    assert_eq!(from_kernel.pod_rules, [POD_RULE]);
+    assert_eq!(from_kernel.pod_rules.len(), from_save.pod_rules.len());
+    assert_eq!(from_kernel.other_rules.len(), from_save.other_rules.len(), "{from_kernel:?}\n{from_save:?}");
+
+    // Without the CNI's rule nothing masquerades pod traffic: kube-proxy's only sees marked
+    // packets, Docker's only its bridge's.
+    ns.exec(&format!("iptables-legacy -t nat {}", POD_RULE.replacen("-A", "-D", 1)));
+    let without = find_masquerade(&read(&ns), &pods, &gws);
+    assert!(without.pod_rules.is_empty(), "{without:?}");
+    assert_eq!(without.other_rules.len(), 2, "{without:?}");
+}
