@@ -511,11 +511,27 @@ pub fn bridge_check(bridges: &[String], br_netfilter: bool) -> Check {
 /// no iptables-save, and no legacy nat table with rules (the host's rules, if any, are in
 /// nftables).
 fn iptables_nat_rules() -> Option<Result<String, String>> {
-    iptables_save_nat().or_else(|| match crate::iptables::legacy_nat_rules() {
-        Ok(Some(text)) if text.lines().any(|l| l.starts_with("-A ")) => Some(Ok(text)),
-        Ok(_) => None,
-        Err(e) => Some(Err(format!("reading the legacy nat table from the kernel: {e}"))),
-    })
+    iptables_save_nat().or_else(kernel_nat_rules)
+}
+
+/// Without iptables-save: the legacy nat table and the IPv4 rules of nftables, from the
+/// kernel. `None` when neither could be read.
+fn kernel_nat_rules() -> Option<Result<String, String>> {
+    let mut text = String::new();
+    let mut errors = Vec::new();
+    match crate::iptables::legacy_nat_rules() {
+        Ok(t) => text.push_str(&t.unwrap_or_default()),
+        Err(e) => errors.push(format!("the legacy nat table: {e}")),
+    }
+    match crate::nftables::ipv4_rules() {
+        Ok(t) => text.push_str(&t),
+        Err(e) => errors.push(format!("nftables: {e}")),
+    }
+    match (text.lines().any(|l| l.starts_with("-A ")), errors.len()) {
+        (true, _) | (false, 0) => Some(Ok(text)),
+        (false, 1) => Some(Err(errors.join("; "))),
+        (false, _) => None,
+    }
 }
 
 /// `iptables-save -t nat`, and `iptables-legacy-save` where iptables-nft says there are
@@ -677,8 +693,8 @@ pub fn masquerade_check(rules: Option<Result<String, String>>, pod_cidrs: &[Ipv4
                 NAME,
                 Level::Warn,
                 format!(
-                    "cannot judge: iptables-save not found (the meshnet image has none) and the kernel has no legacy nat \
-                     table with rules (on an nftables host the rules are there), so this was not checked; {why}"
+                    "cannot judge: iptables-save not found (the meshnet image has none), and neither the legacy nat table \
+                     nor nftables could be read from the kernel, so this was not checked; {why}"
                 ),
             )
             .fix(format!("run `meshnet doctor --config FILE` on the node itself, where iptables is; {fix}"))

@@ -16,6 +16,7 @@ pub mod maps;
 pub mod metrics;
 pub mod migrate;
 pub mod netlink;
+pub mod nftables;
 #[cfg(test)]
 mod objcheck;
 pub mod pins;

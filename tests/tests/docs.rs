@@ -181,7 +181,7 @@ fn doctor_check_names_are_the_codes() {
 fn metric_names_are_the_registered_ones() {
     let ops = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
     let agent = std::fs::read_to_string(root().join("meshnet-user/src/metrics.rs")).unwrap();
-    let controller = std::fs::read_to_string(root().join("meshnet-user/src/discovery/controller.rs")).unwrap();
+    let controller = std::fs::read_to_string(root().join("meshnet-user/src/discovery/probes.rs")).unwrap();
     let mut seen = 0;
     for (i, _) in ops.match_indices("`meshnet_") {
         let name = &ops[i + 1..];

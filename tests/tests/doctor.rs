@@ -63,3 +63,36 @@ fn the_legacy_nat_table_reads_as_iptables_save_prints_it() {
     assert!(without.pod_rules.is_empty(), "{without:?}");
     assert_eq!(without.other_rules.len(), 2, "{without:?}");
 }
+
+/// The same for a host whose iptables is iptables-nft: the rules live in nftables, and doctor
+/// reads them over netlink.
+#[test]
+fn the_nftables_nat_table_reads_as_iptables_save_prints_it() {
+    require_root();
+    let ns = NetNs::new("mnnft");
+    let (ok, out) = ns.try_exec("iptables-nft -t nat -L -n");
+    if !ok {
+        eprintln!("{out}");
+        skip("iptables-nft with nf_tables");
+        return;
+    }
+    for r in RULES {
+        ns.exec(&format!("iptables-nft -t nat {r}"));
+    }
+    let saved = ns.exec("iptables-nft-save -t nat");
+    let read_back = ns.run(meshnet::nftables::ipv4_rules).expect("reading the nat table");
+    for line in [POD_RULE, RULES[3], RULES[5], RULES[7]] {
+        assert!(saved.lines().any(|l| l == line), "fixture: {line:?} not in iptables-nft-save:\n{saved}");
+        assert!(read_back.lines().any(|l| l == line), "{line:?} not read back:\n{read_back}");
+    }
+    assert_eq!(read_back.lines().count(), RULES.len() - 1, "{read_back}");
+    let pods = vec!["10.244.0.0/16".parse().unwrap()];
+    let gws: Vec<Ipv4Addr> = vec!["10.20.144.165".parse().unwrap()];
+    let (from_save, from_kernel) = (find_masquerade(&saved, &pods, &gws), find_masquerade(&read_back, &pods, &gws));
+    assert_eq!(from_kernel.pod_rules, [POD_RULE]);
+    assert_eq!(from_kernel.other_rules.len(), from_save.other_rules.len(), "{from_kernel:?}\n{from_save:?}");
+    ns.exec(&format!("iptables-nft -t nat {}", POD_RULE.replacen("-A", "-D", 1)));
+    let without = find_masquerade(&ns.run(meshnet::nftables::ipv4_rules).unwrap(), &pods, &gws);
+    assert!(without.pod_rules.is_empty(), "{without:?}");
+    assert_eq!(without.other_rules.len(), 2, "{without:?}");
+}
