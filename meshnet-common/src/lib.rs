@@ -45,8 +45,14 @@ pub mod names {
     /// right here: an entry lives for one datagram, and losing one loses only that datagram.
     pub const FRAGS: &str = "mn_frags_v1";
 
+    /// Array of one `u64`: the flow clock. The agent publishes `CLOCK_MONOTONIC` there about
+    /// once a second, and the datapath stamps flows with it instead of reading the clock per
+    /// packet, so that a flow's entry is written once a second at most. While it is zero (no
+    /// agent has run yet: packet tests, benchmarks) the datapath reads the kernel's clock.
+    pub const CLOCK: &str = "mn_clock_v1";
+
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 7] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS];
+    pub const ALL_MAPS: [&str; 8] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
     /// and specific because a netlink tc filter is found again by its name.

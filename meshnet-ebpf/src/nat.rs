@@ -16,8 +16,8 @@ use meshnet_common::{
 };
 
 use crate::{
-    maps::{count, FRAGS, NAT_FWD, NAT_REV, PEERS, ROUTES},
-    parse::{self, Ipv4, Ports, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{count, CLOCK, FRAGS, NAT_FWD, NAT_REV, PEERS, ROUTES},
+    parse::{self, Addr, Ipv4, Ports, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Verdict for traffic meshnet does not own: let the next tc program (or tcx link) decide.
@@ -72,17 +72,28 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
         Some(fwd) => {
             // SAFETY: a map value pointer from a successful lookup of a map whose elements are
             // freed only after an RCU grace period; concurrent writers only touch the
-            // timestamp and flag bits, where a lost update is harmless.
+            // timestamp and flag bits, where a lost update is harmless. The entry is written
+            // only when something changed: the clock ticks once a second, so an established
+            // flow's packets write nothing in between.
             let (fwd, idle, rst_was) = unsafe {
-                let idle = now.saturating_sub((*fwd).last_seen_ns) >= limits::HALF_CHECK_NS;
-                let rst_was = (*fwd).flags & FLOW_RST != 0;
-                if (*fwd).ifindex == 0 {
+                let mut cur = *fwd;
+                let idle = now.saturating_sub(cur.last_seen_ns) >= limits::HALF_CHECK_NS;
+                let rst_was = cur.flags & FLOW_RST != 0;
+                if cur.ifindex == 0 {
                     // Migrated from a release that did not record it.
-                    (*fwd).ifindex = ifindex(ctx);
+                    cur.ifindex = ifindex(ctx);
+                    (*fwd).ifindex = cur.ifindex;
                 }
-                (*fwd).last_seen_ns = now;
-                note_tcp_flags(&mut (*fwd).flags, l4.tcp_flags, FLOW_FIN_POD);
-                (*fwd, idle, rst_was)
+                if now > cur.last_seen_ns {
+                    cur.last_seen_ns = now;
+                    (*fwd).last_seen_ns = now;
+                }
+                let flags = cur.flags;
+                note_tcp_flags(&mut cur.flags, l4.tcp_flags, FLOW_FIN_POD);
+                if cur.flags != flags {
+                    (*fwd).flags = cur.flags;
+                }
+                (cur, idle, rst_was)
             };
             let rst_now = fwd.flags & FLOW_RST != 0;
             if idle || rst_was != rst_now {
@@ -141,8 +152,7 @@ fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
     let Some(fwd) = fwd else {
         return if is_remote(ip.daddr_be) { counted(Counter::FragmentDropped, DROP) } else { PASS };
     };
-    let (old, new) = (ip.daddr_be as u64, fwd.gw_addr_be as u64);
-    if ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4).is_err() || ctx.store(IP_DST_OFF, &fwd.gw_addr_be, 0).is_err() {
+    if parse::set_addr(ctx, Addr::Dst, fwd.gw_addr_be).is_err() {
         return counted(Counter::RewriteFailed, DROP);
     }
     counted(Counter::FragmentTranslated, DONE)
@@ -166,8 +176,7 @@ fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
     let Some(rev) = rev else {
         return PASS;
     };
-    let (old, new) = (ip.saddr_be as u64, rev.remote_addr_be as u64);
-    if ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4).is_err() || ctx.store(IP_SRC_OFF, &rev.remote_addr_be, 0).is_err() {
+    if parse::set_addr(ctx, Addr::Src, rev.remote_addr_be).is_err() {
         return counted(Counter::RewriteFailed, DROP);
     }
     counted(Counter::FragmentTranslated, DONE)
@@ -258,13 +267,21 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         remember_fragment(&ip, &l4);
     }
     let now = now_ns();
-    // SAFETY: as in egress_from_pod.
+    // SAFETY: as in egress_from_pod, which also says why only changes are written.
     let (rev, idle, rst_was) = unsafe {
-        let idle = now.saturating_sub((*rev).last_seen_ns) >= limits::HALF_CHECK_NS;
-        let rst_was = (*rev).flags & FLOW_RST != 0;
-        (*rev).last_seen_ns = now;
-        note_tcp_flags(&mut (*rev).flags, l4.tcp_flags, FLOW_FIN_PEER);
-        (*rev, idle, rst_was)
+        let mut cur = *rev;
+        let idle = now.saturating_sub(cur.last_seen_ns) >= limits::HALF_CHECK_NS;
+        let rst_was = cur.flags & FLOW_RST != 0;
+        if now > cur.last_seen_ns {
+            cur.last_seen_ns = now;
+            (*rev).last_seen_ns = now;
+        }
+        let flags = cur.flags;
+        note_tcp_flags(&mut cur.flags, l4.tcp_flags, FLOW_FIN_PEER);
+        if cur.flags != flags {
+            (*rev).flags = cur.flags;
+        }
+        (cur, idle, rst_was)
     };
     let rst_now = rev.flags & FLOW_RST != 0;
     if idle || rst_was != rst_now {
@@ -343,14 +360,18 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// The flow timestamp clock (`CLOCK_MONOTONIC`, as the agent's GC reads it).
+/// The flow timestamp clock (`CLOCK_MONOTONIC`, as the agent's GC reads it): the tick the
+/// agent publishes, an inlined array read. Without an agent, the kernel's clock.
 #[inline(always)]
 fn now_ns() -> u64 {
     if cfg!(feature = "bench-no-clock") {
         return 0;
     }
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    match CLOCK.get(0) {
+        Some(&tick) if tick != 0 => tick,
+        // SAFETY: a helper without arguments.
+        _ => unsafe { bpf_ktime_get_ns() },
+    }
 }
 
 #[inline(always)]
@@ -563,15 +584,10 @@ fn rewrite_fwd(ctx: &TcContext, ip: &Ipv4, l4: &Ports, fwd: &NatFwd) -> Result<(
     if cfg!(feature = "bench-no-rewrite") {
         return Ok(());
     }
-    let mangle = l4_flags(ip);
     let new_ports = parse::ports_word(fwd.nat_sport_be, fwd.gw_port_be);
-    let (old_addr, new_addr) = (ip.daddr_be as u64, fwd.gw_addr_be as u64);
-    ctx.l4_csum_replace(l4.csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR as u64 | mangle | 4)?;
-    ctx.l4_csum_replace(l4.csum_off, l4.ports as u64, new_ports as u64, mangle | 4)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr, new_addr, 4)?;
-    ctx.store(IP_DST_OFF, &fwd.gw_addr_be, 0)?;
-    ctx.store(ip.l4_off & 0x7f, &new_ports, 0)?;
-    Ok(())
+    parse::set_addr(ctx, Addr::Dst, fwd.gw_addr_be)?;
+    parse::set_ports(ctx, ip, new_ports)?;
+    fix_l4_csum(ctx, ip, l4, ip.daddr_be, fwd.gw_addr_be, new_ports)
 }
 
 /// Rewrites a reply's source back to the remote pod and its destination port back to the
@@ -581,13 +597,20 @@ fn rewrite_rev(ctx: &TcContext, ip: &Ipv4, l4: &Ports, rev: &NatRev) -> Result<(
     if cfg!(feature = "bench-no-rewrite") {
         return Ok(());
     }
-    let mangle = l4_flags(ip);
     let new_ports = parse::ports_word(rev.remote_port_be, rev.pod_port_be);
-    let (old_addr, new_addr) = (ip.saddr_be as u64, rev.remote_addr_be as u64);
-    ctx.l4_csum_replace(l4.csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR as u64 | mangle | 4)?;
+    parse::set_addr(ctx, Addr::Src, rev.remote_addr_be)?;
+    parse::set_ports(ctx, ip, new_ports)?;
+    fix_l4_csum(ctx, ip, l4, ip.saddr_be, rev.remote_addr_be, new_ports)
+}
+
+/// Fixes the L4 checksum for an address (in the pseudo-header) and the ports word that
+/// changed. The kernel's helper, because the right update depends on the skb's checksum
+/// state: with CHECKSUM_PARTIAL (local sockets through veth) the field holds only the
+/// pseudo-header's sum, which the port change must not touch.
+#[inline(always)]
+fn fix_l4_csum(ctx: &TcContext, ip: &Ipv4, l4: &Ports, old_addr: u32, new_addr: u32, new_ports: u32) -> Result<(), i64> {
+    let mangle = l4_flags(ip);
+    ctx.l4_csum_replace(l4.csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangle | 4)?;
     ctx.l4_csum_replace(l4.csum_off, l4.ports as u64, new_ports as u64, mangle | 4)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr, new_addr, 4)?;
-    ctx.store(IP_SRC_OFF, &rev.remote_addr_be, 0)?;
-    ctx.store(ip.l4_off & 0x7f, &new_ports, 0)?;
     Ok(())
 }

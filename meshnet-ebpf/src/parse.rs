@@ -11,9 +11,9 @@ pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
 const IP_MIN_HLEN: usize = 20;
 /// Offsets inside the IPv4 header.
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
-pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_CSUM: usize = 16;
@@ -312,6 +312,64 @@ pub fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<IcmpError>, Count
             inner_csum: core::ptr::read_unaligned(inner.add(10).cast::<u16>()),
         }))
     }
+}
+
+/// Which address of an IPv4 header a rewrite replaces.
+#[derive(Clone, Copy)]
+pub enum Addr {
+    Src,
+    Dst,
+}
+
+/// Replaces one address of the IPv4 header in place and updates the header checksum
+/// inline: direct packet access, no helper call. The L4 checksum is the caller's to fix:
+/// how depends on the skb's checksum state, which only the kernel's helpers know on 5.x.
+#[inline(always)]
+pub fn set_addr(ctx: &TcContext, which: Addr, new_be: u32) -> Result<(), i64> {
+    let start = ctx.data();
+    if start + ETH_HLEN + IP_MIN_HLEN > ctx.data_end() {
+        return Err(-1);
+    }
+    let hdr = (start + ETH_HLEN) as *mut u8;
+    let addr_off = match which {
+        Addr::Src => IP_SRC_OFF - ETH_HLEN,
+        Addr::Dst => IP_DST_OFF - ETH_HLEN,
+    };
+    // SAFETY: the check above covers the fixed IPv4 header; both addresses and the
+    // checksum lie within it. The tc prologue has made the header writable (unshared).
+    unsafe {
+        let addr = hdr.add(addr_off).cast::<u32>();
+        let csum = hdr.add(IP_CSUM_OFF - ETH_HLEN).cast::<u16>();
+        let old_be = core::ptr::read_unaligned(addr);
+        core::ptr::write_unaligned(addr, new_be);
+        core::ptr::write_unaligned(csum, csum_replace4(core::ptr::read_unaligned(csum), old_be, new_be));
+    }
+    Ok(())
+}
+
+/// Replaces the ports word (source and destination port, as [`Ports::ports`]) at the start
+/// of `ip`'s L4 header in place. Only the L4 checksum covers ports: the caller fixes it.
+#[inline(always)]
+pub fn set_ports(ctx: &TcContext, ip: &Ipv4, ports: u32) -> Result<(), i64> {
+    let l4_off = ip.l4_off & 0x7f;
+    let p = ctx.data() + l4_off;
+    if p + 4 > ctx.data_end() {
+        return Err(-1);
+    }
+    // SAFETY: checked to lie inside the packet.
+    unsafe { core::ptr::write_unaligned(p as *mut u32, ports) };
+    Ok(())
+}
+
+/// A checksum updated for one 32-bit field changed from `old` to `new` (RFC 1624, eqn. 3:
+/// HC' = ~(~HC + ~m + m'), as the kernel's `csum_replace4`). Words are summed as they lie
+/// in memory, in whichever byte order: a one's-complement sum does not depend on it.
+#[inline(always)]
+pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check) + ((!old) >> 16) + ((!old) & 0xffff) + (new >> 16) + (new & 0xffff);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// Reads the 16-bit word at `off` (bounds-checked, for a checksum just rewritten).

@@ -167,6 +167,8 @@ struct Agent {
     node_cidrs: Vec<Ipv4Net>,
     datapath: Datapath,
     maps: ControlMaps,
+    /// The last flow clock publish failed (logged once until one succeeds).
+    clock_failed: bool,
     /// Attached interfaces with the index each had then: a name can come back as another
     /// device (a pod re-created between two events) and a device can be renamed.
     attached: BTreeMap<String, u32>,
@@ -196,7 +198,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
         None => Datapath::load(&opts.pins, config.max_flows)?,
     };
-    let maps = ControlMaps::open(&opts.pins)?;
+    let mut maps = ControlMaps::open(&opts.pins)?;
+    // Before any program of this build is attached, so that its first flows get this
+    // clock's stamps.
+    maps.publish_clock(monotonic_ns())?;
     let health = Health::from_pinned(&maps.current_peers()?);
     let metrics = Arc::new(Metrics::new(opts.pins.clone()));
     if let Some(addr) = opts.metrics_addr {
@@ -223,6 +228,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         node_cidrs: Vec::new(),
         datapath,
         maps,
+        clock_failed: false,
         attached: BTreeMap::new(),
         health,
         evicted: BTreeSet::new(),
@@ -268,7 +274,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            due = heartbeat.tick() => agent.metrics.pulse.beat(due.into_std()),
+            due = heartbeat.tick() => {
+                agent.metrics.pulse.beat(due.into_std());
+                agent.publish_clock();
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => agent.reload("SIGHUP"),
@@ -485,8 +494,22 @@ impl Agent {
         }
     }
 
+    /// The datapath's flow clock, once a second (see `meshnet_common::names::CLOCK`).
+    fn publish_clock(&mut self) {
+        if let Err(e) = self.maps.publish_clock(monotonic_ns()) {
+            if !self.clock_failed {
+                error!(error = %format!("{e:#}"), "publishing the flow clock failed; the GC expires nothing more until it works again");
+                self.clock_failed = true;
+            }
+        } else {
+            self.clock_failed = false;
+        }
+    }
+
     fn collect_garbage(&mut self) {
-        let report = self.maps.expire(monotonic_ns(), &self.config.gc);
+        // The datapath's clock, not the wall's: see ControlMaps::published_clock.
+        let now = self.maps.published_clock().unwrap_or_else(monotonic_ns);
+        let report = self.maps.expire(now, &self.config.gc);
         if report.flows + report.orphans + report.revs_restored > 0 {
             debug!(?report, "expired idle flows");
             self.metrics.gc_expired.inc_by(u64::try_from(report.flows).unwrap_or(0));

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, Map, MapData, PerCpuArray,
+    Array, HashMap, Map, MapData, PerCpuArray,
 };
 use ipnet::Ipv4Net;
 use meshnet_common::{
@@ -30,6 +30,7 @@ pub type Names = HashMap<MapData, u32, PeerName>;
 pub type NatFwdMap = HashMap<MapData, FlowKey, NatFwd>;
 pub type NatRevMap = HashMap<MapData, FlowKey, NatRev>;
 pub type Stats = PerCpuArray<MapData, u64>;
+pub type Clock = Array<MapData, u64>;
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<T>
 where
@@ -312,6 +313,32 @@ pub struct ControlMaps {
     pub nat_rev: NatRevMap,
     /// Second fds to the two flow maps, for whole-table reads in batches (see batch.rs).
     flow_fds: Option<(OwnedFd, OwnedFd)>,
+    /// The flow clock; absent in pins of releases that stamped flows with the kernel's clock.
+    clock: Option<Clock>,
+    /// The last tick published.
+    clock_published: Option<u64>,
+    /// Set by the first [`ControlMaps::publish_clock`] if it found an older tick there.
+    clock_gap: Option<ClockGap>,
+}
+
+/// A spell when no agent published the flow clock: the datapath stamped every flow it saw
+/// with the last tick, `stale`, until this agent published `resumed`. A flow stamped `stale`
+/// may have been busy all along, so the GC counts it as seen at `resumed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockGap {
+    pub stale: u64,
+    pub resumed: u64,
+}
+
+impl ClockGap {
+    /// When a flow stamped `last_seen` was last seen, for all the GC can tell.
+    #[must_use]
+    pub fn last_seen(gap: Option<Self>, last_seen: u64) -> u64 {
+        match gap {
+            Some(g) if last_seen >= g.stale && last_seen < g.resumed => g.resumed,
+            _ => last_seen,
+        }
+    }
 }
 
 /// A second fd to the hash map `name` of `ebpf`, for batch reads.
@@ -332,6 +359,9 @@ impl ControlMaps {
             nat_fwd: open(pins, names::NAT_FWD)?,
             nat_rev: open(pins, names::NAT_REV)?,
             flow_fds: dup(names::NAT_FWD).zip(dup(names::NAT_REV)),
+            clock: open(pins, names::CLOCK).ok(),
+            clock_published: None,
+            clock_gap: None,
         })
     }
 
@@ -345,7 +375,34 @@ impl ControlMaps {
             nat_fwd: take(ebpf, names::NAT_FWD)?,
             nat_rev: take(ebpf, names::NAT_REV)?,
             flow_fds,
+            clock: take(ebpf, names::CLOCK).ok(),
+            clock_published: None,
+            clock_gap: None,
         })
+    }
+
+    /// Publishes `now_ns` (CLOCK_MONOTONIC) as the datapath's flow clock. The first call
+    /// notes how long the clock stood still before it, for the GC (see [`ClockGap`]).
+    pub fn publish_clock(&mut self, now_ns: u64) -> anyhow::Result<()> {
+        let Some(clock) = self.clock.as_mut() else {
+            anyhow::bail!("no flow clock map ({}) in the pinned maps", names::CLOCK);
+        };
+        if self.clock_published.is_none() {
+            let stale = clock.get(&0, 0).context("reading the flow clock")?;
+            if stale != 0 {
+                self.clock_gap = Some(ClockGap { stale, resumed: now_ns });
+            }
+        }
+        clock.set(0, now_ns, 0).context("publishing the flow clock")?;
+        self.clock_published = Some(now_ns);
+        Ok(())
+    }
+
+    /// The last tick published: the GC's "now". Should publishing stop working, the
+    /// datapath stamps busy flows with the last tick, and measured from it none looks idle.
+    #[must_use]
+    pub fn published_clock(&self) -> Option<u64> {
+        self.clock_published
     }
 
     /// Every forward flow entry: in batches where the kernel has them, else entry by entry.
@@ -506,7 +563,7 @@ pub struct GcReport {
 impl ControlMaps {
     /// Expires idle flows: UDP after `udp_timeout`, TCP that saw both FINs or a RST after
     /// `tcp_closed_timeout`, other TCP after `tcp_timeout`. `now_ns` is on the clock the
-    /// datapath stamps with (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC). Reverse entries without
+    /// datapath stamps with (CLOCK_MONOTONIC: the published tick, or `bpf_ktime_get_ns`). Reverse entries without
     /// a forward entry go too once idle as long. Forward entries found without their reverse
     /// half get it back.
     pub fn expire(&mut self, now_ns: u64, gc: &GcConfig) -> GcReport {
@@ -531,7 +588,7 @@ impl ControlMaps {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
             let rev = revs.get(&rev_key).copied();
             let flags = fwd.flags | rev.map_or(0, |r| r.flags);
-            let last = fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
+            let last = ClockGap::last_seen(self.clock_gap, fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)));
             if now_ns.saturating_sub(last) > timeout(key.proto, flags) {
                 doomed.push((key, rev_key));
             } else {
@@ -547,7 +604,10 @@ impl ControlMaps {
         report.flows = doomed.len();
         let orphans: Vec<FlowKey> = revs
             .iter()
-            .filter(|(k, r)| !live_rev.contains(*k) && now_ns.saturating_sub(r.last_seen_ns) > timeout(k.proto, r.flags))
+            .filter(|(k, r)| {
+                !live_rev.contains(*k)
+                    && now_ns.saturating_sub(ClockGap::last_seen(self.clock_gap, r.last_seen_ns)) > timeout(k.proto, r.flags)
+            })
             .map(|(k, _)| *k)
             .collect();
         for k in &orphans {
@@ -723,6 +783,18 @@ peers:
         let evicted = Plan::new(&current(&d2, kept.clone()), &down, &all_gws);
         assert_eq!(evicted.flow_purges.len(), kept.len());
         assert!(evicted.flow_purges.iter().all(|p| p.2 == Purge::Evicted));
+    }
+
+    /// After a spell without an agent, a flow stamped with the stale tick may have been busy
+    /// all along: the GC counts it as seen when the clock resumed. Flows idle since before
+    /// the spell keep their stamp.
+    #[test]
+    fn a_clock_gap_counts_flows_stamped_with_the_stale_tick_as_seen_at_resume() {
+        let gap = Some(ClockGap { stale: 100, resumed: 500 });
+        assert_eq!(ClockGap::last_seen(gap, 100), 500);
+        assert_eq!(ClockGap::last_seen(gap, 99), 99);
+        assert_eq!(ClockGap::last_seen(gap, 600), 600);
+        assert_eq!(ClockGap::last_seen(None, 100), 100);
     }
 
     /// The purge's route lookup agrees with a plain longest-prefix match.

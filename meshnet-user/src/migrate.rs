@@ -42,7 +42,7 @@ fn size<T>() -> u32 {
 
 /// Every map of this build, as the embedded object defines it (flow maps sized `max_flows`).
 #[must_use]
-pub fn specs(max_flows: u32) -> [Spec; 7] {
+pub fn specs(max_flows: u32) -> [Spec; 8] {
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags: NO_PREALLOC, max_entries: max_flows };
     [
         Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
@@ -52,6 +52,7 @@ pub fn specs(max_flows: u32) -> [Spec; 7] {
         Spec { name: names::STATS, ty: MapType::PerCpuArray, key: 4, value: 8, flags: 0, max_entries: Counter::COUNT },
         Spec { name: names::PEER_NAMES, ty: MapType::Hash, key: 4, value: size::<PeerName>(), flags: 0, max_entries: limits::MAX_PEERS },
         Spec { name: names::FRAGS, ty: MapType::LruHash, key: size::<FragKey>(), value: size::<FragPorts>(), flags: 0, max_entries: limits::MAX_FRAGS },
+        Spec { name: names::CLOCK, ty: MapType::Array, key: 4, value: 8, flags: 0, max_entries: 1 },
     ]
 }
 

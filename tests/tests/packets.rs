@@ -1474,6 +1474,45 @@ fn gc_config(closed_secs: u64) -> meshnet::config::GcConfig {
     }
 }
 
+/// With a published flow clock the datapath stamps flows with it, not the kernel's clock,
+/// and writes an established flow's entries only when it has moved on: between two ticks a
+/// flow's packets write nothing. A tick a second later counts as an idle spell, which is when
+/// the forward path looks at its reverse half.
+#[test]
+fn established_flows_are_stamped_with_the_published_clock_and_written_only_when_it_ticks() {
+    let mut h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    let (fk, rk) = (flow_key(pod, remote, IPPROTO_TCP), flow_key(gw, pod, IPPROTO_TCP));
+    // Far from the kernel's clock, so that a stamp from it cannot pass for the tick.
+    let tick = meshnet::dump::monotonic_ns() + 1_000 * 1_000_000_000;
+    h.maps.publish_clock(tick).unwrap();
+    assert_eq!(h.maps.published_clock(), Some(tick));
+    h.expect("SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    assert_eq!((h.fwd_of(&fk).last_seen_ns, h.rev_of(&rk).last_seen_ns), (tick, tick));
+
+    // Entries stamped ahead of the clock: a packet that wrote them would set them back.
+    let f = h.fwd_of(&fk);
+    h.maps.nat_fwd.insert(fk, NatFwd { last_seen_ns: tick + 1, ..f }, 0).unwrap();
+    let r = h.rev_of(&rk);
+    h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: tick + 1, ..r }, 0).unwrap();
+    h.expect("data", FROM_POD, &pkt(pod, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
+    h.expect("reply", TO_POD, &pkt(gw, pod, L4::Tcp(ACK), b"ok"), OK, &[("reverse_translated", 1)]);
+    assert_eq!((h.fwd_of(&fk).last_seen_ns, h.rev_of(&rk).last_seen_ns), (tick + 1, tick + 1));
+    // A flag change is written at once, whatever the clock.
+    h.expect("FIN", FROM_POD, &pkt(pod, remote, L4::Tcp(FIN | ACK), b""), OK, &[("redirected", 1)]);
+    assert_eq!(h.fwd_of(&fk).flags & FLOW_FIN_POD, FLOW_FIN_POD);
+    assert_eq!(h.fwd_of(&fk).last_seen_ns, tick + 1);
+
+    // The clock ticks two seconds on: the next packets stamp the new tick, and the first
+    // one, after what is an idle spell by the tick, finds the reverse half gone and
+    // restores it.
+    h.maps.nat_rev.remove(&rk).unwrap();
+    h.maps.publish_clock(tick + 2_000_000_000).unwrap();
+    h.expect("after a tick", FROM_POD, &pkt(pod, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1), ("rev_restored", 1)]);
+    assert_eq!(h.fwd_of(&fk).last_seen_ns, tick + 2_000_000_000);
+    assert_eq!(h.rev_of(&rk).last_seen_ns, tick + 2_000_000_000);
+}
+
 /// GC never leaves a forward entry without its reverse one: a live flow found without its
 /// reverse half gets it back, and expiring a flow removes both halves.
 #[test]

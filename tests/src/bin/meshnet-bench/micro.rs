@@ -259,6 +259,8 @@ impl Dp {
         };
         let mut maps = ControlMaps::from_ebpf(&mut ebpf)?;
         maps.sync(&config.desired())?;
+        // As the agent does: with a flow clock published the datapath reads no clock.
+        maps.publish_clock(meshnet::dump::monotonic_ns())?;
         let stats = maps::take_stats(&mut ebpf)?;
         Ok(Self { ebpf, maps, stats })
     }
