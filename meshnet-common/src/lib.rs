@@ -8,7 +8,7 @@
 //!
 //! Byte order is part of every field name: `_be` fields hold network byte order exactly as
 //! on the wire (the eBPF side copies them from packets without swapping).
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 // The hash helpers are shared with the eBPF programs, where a call instead of an inlined body
 // costs verifier states and a helper frame on every packet.
 #![expect(clippy::inline_always, reason = "the hash helpers must inline into the eBPF programs")]
@@ -51,8 +51,21 @@ pub mod names {
     /// agent has run yet: packet tests, benchmarks) the datapath reads the kernel's clock.
     pub const CLOCK: &str = "mn_clock_v1";
 
+    /// Array of one [`crate::LocalCidrs`]: this cluster's own pod CIDRs. Traffic between the
+    /// cluster's pods, most of what a node carries and never meshnet's, passes `from_pod`
+    /// without a flow lookup or a trie walk.
+    pub const LOCAL: &str = "mn_local_v1";
+
+    /// Array of 1024 `u64`: a bitmap of the ports any gateway has had (TCP and UDP), bit
+    /// `port % 64` of word `port / 64`. A reply to a translated flow comes from a gateway's
+    /// NodePort, so `to_pod` passes packets from any other port without a flow lookup. Bits
+    /// are set before a gateway is published and never cleared while the maps live, so no
+    /// flow's port is ever missing. Bit 0 (port 0, never a gateway's) says the bitmap is in
+    /// use; until it is set, `to_pod` looks every packet up.
+    pub const GW_PORTS: &str = "mn_gw_ports_v1";
+
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 8] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK];
+    pub const ALL_MAPS: [&str; 10] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
     /// and specific because a netlink tc filter is found again by its name.
@@ -73,6 +86,11 @@ pub mod limits {
     /// Gateways per peer. One peer value holds them all so that a gateway set changes in
     /// one atomic map update.
     pub const MAX_GATEWAYS: usize = 8;
+    /// This cluster's pod CIDRs the datapath recognises without a lookup; more are fine,
+    /// their traffic just takes the lookups.
+    pub const MAX_LOCAL_CIDRS: usize = 8;
+    /// Words of the gateway-port bitmap (`names::GW_PORTS`): 65,536 bits.
+    pub const GW_PORT_WORDS: u32 = 1024;
     /// Datagrams being fragmented at once, per node.
     pub const MAX_FRAGS: u32 = 8192;
     /// Default flow-state size; the config overrides it.
@@ -208,6 +226,32 @@ pub struct RouteValue {
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct PeerName {
     pub bytes: [u8; 64],
+}
+
+/// One of this cluster's pod CIDRs: address and mask, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LocalNet {
+    pub addr_be: u32,
+    pub mask_be: u32,
+}
+
+/// This cluster's pod CIDRs, as `mn_local_v1` holds them. An array value is overwritten in
+/// place, so a program could read one half-written; `seq` guards it as a seqlock. User space
+/// writes the whole value three times: the old nets with `seq` made odd, the new nets with
+/// `seq` still odd, the new nets with `seq` made even. A program that reads an odd `seq`, or
+/// a different `seq` after the nets than before, does not trust what it read and takes the
+/// lookups, as it would without this map: a torn read costs time, never a wrong verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LocalCidrs {
+    pub seq: u32,
+    /// How many of `nets` are in use; the slots past it repeat the first, so that the
+    /// datapath can test every slot without testing `count`.
+    pub count: u32,
+    pub nets: [LocalNet; limits::MAX_LOCAL_CIDRS],
 }
 
 /// [`Gateway::flags`]: the gateway takes new flows.
@@ -370,17 +414,23 @@ pub struct NatRev {
 }
 
 impl FlowKey {
+    /// A key with its padding zeroed. Built from whole words: a literal with `_pad: [0; 3]`
+    /// compiles, in the eBPF object, to a call of `memset` (a BPF-to-BPF call with a byte
+    /// loop) on every packet.
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> FlowKey {
+        let (s, d) = (sport_be.to_ne_bytes(), dport_be.to_ne_bytes());
+        let words = [src_be, dst_be, u32::from_ne_bytes([s[0], s[1], d[0], d[1]]), u32::from_ne_bytes([proto, 0, 0, 0])];
+        // SAFETY: FlowKey is repr(C): four 4-byte words (the ports share the third, proto and
+        // the padding the fourth), 16 bytes, alignment 4, any bit pattern valid.
+        unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+    }
+
     /// The forward key of the flow a reverse entry restores.
     #[must_use]
     pub const fn fwd_of_rev(rev_key: &FlowKey, rev: &NatRev) -> FlowKey {
-        FlowKey {
-            src_be: rev_key.dst_be,
-            dst_be: rev.remote_addr_be,
-            sport_be: rev.pod_port_be,
-            dport_be: rev.remote_port_be,
-            proto: rev_key.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(rev_key.dst_be, rev.remote_addr_be, rev.pod_port_be, rev.remote_port_be, rev_key.proto)
     }
 
     /// The forward entry a reverse entry implies: the inverse of [`FlowKey::rev_of_fwd`].
@@ -414,14 +464,7 @@ impl FlowKey {
     /// The reverse key under which replies to a translated flow arrive.
     #[must_use]
     pub const fn rev_of_fwd(fwd_key: &FlowKey, fwd: &NatFwd) -> FlowKey {
-        FlowKey {
-            src_be: fwd.gw_addr_be,
-            dst_be: fwd_key.src_be,
-            sport_be: fwd.gw_port_be,
-            dport_be: fwd.nat_sport_be,
-            proto: fwd_key.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(fwd.gw_addr_be, fwd_key.src_be, fwd.gw_port_be, fwd.nat_sport_be, fwd_key.proto)
     }
 }
 
@@ -517,4 +560,21 @@ mod user {
     unsafe impl aya::Pod for super::FragPorts {}
     unsafe impl aya::Pod for super::NatRev {}
     unsafe impl aya::Pod for super::PeerName {}
+    unsafe impl aya::Pod for super::LocalNet {}
+    unsafe impl aya::Pod for super::LocalCidrs {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlowKey;
+
+    /// The word-built key is the field-by-field one, padding zeroed.
+    #[test]
+    fn flow_key_new_sets_every_field_and_zeroes_the_padding() {
+        let k = FlowKey::new(0x0a0b_0c0d, 0x1121_3141, 0xabcd, 0x1234, 17);
+        assert_eq!(
+            k,
+            FlowKey { src_be: 0x0a0b_0c0d, dst_be: 0x1121_3141, sport_be: 0xabcd, dport_be: 0x1234, proto: 17, _pad: [0; 3] }
+        );
+    }
 }

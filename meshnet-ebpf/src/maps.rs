@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
-use meshnet_common::{limits, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
+use meshnet_common::{limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
 
 // The `name = "..."` strings must equal meshnet_common::names; the attribute takes a
 // literal, so user space checks every name in the loaded object against those constants.
@@ -47,6 +47,14 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUN
 /// which the verifier inlines: no helper call.
 #[map(name = "mn_clock_v1")]
 pub static CLOCK: Array<u64> = Array::with_max_entries(1, 0);
+
+/// This cluster's pod CIDRs (see `meshnet_common::LocalCidrs`).
+#[map(name = "mn_local_v1")]
+pub static LOCAL: Array<LocalCidrs> = Array::with_max_entries(1, 0);
+
+/// The ports gateways have had (see `meshnet_common::names::GW_PORTS`).
+#[map(name = "mn_gw_ports_v1")]
+pub static GW_PORTS: Array<u64> = Array::with_max_entries(limits::GW_PORT_WORDS, 0);
 
 #[inline(always)]
 pub fn count(c: Counter) {

@@ -16,7 +16,7 @@ use meshnet_common::{
 };
 
 use crate::{
-    maps::{count, CLOCK, FRAGS, NAT_FWD, NAT_REV, PEERS, ROUTES},
+    maps::{count, CLOCK, FRAGS, GW_PORTS, LOCAL, NAT_FWD, NAT_REV, PEERS, ROUTES},
     parse::{self, Addr, Ipv4, Ports, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -41,6 +41,10 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             };
         }
     };
+    if is_local(ip.daddr_be) {
+        // Between this cluster's pods: never meshnet's, and most of a node's packets.
+        return PASS;
+    }
     if !ip.has_l4 {
         // A later fragment: it follows its first fragment's translation.
         return later_fragment_fwd(ctx, &ip);
@@ -59,14 +63,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             };
         }
     };
-    let key = FlowKey {
-        src_be: ip.saddr_be,
-        dst_be: ip.daddr_be,
-        sport_be: l4.sport_be,
-        dport_be: l4.dport_be,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(ip.saddr_be, ip.daddr_be, l4.sport_be, l4.dport_be, ip.proto);
     let now = now_ns();
     let fwd = match NAT_FWD.get_ptr_mut(key) {
         Some(fwd) => {
@@ -138,14 +135,7 @@ fn fragment_ports(ip: &Ipv4) -> Option<FragPorts> {
 #[inline(always)]
 fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
     let fwd = fragment_ports(ip).and_then(|p| {
-        let key = FlowKey {
-            src_be: ip.saddr_be,
-            dst_be: ip.daddr_be,
-            sport_be: p.sport_be,
-            dport_be: p.dport_be,
-            proto: ip.proto,
-            _pad: [0; 3],
-        };
+        let key = FlowKey::new(ip.saddr_be, ip.daddr_be, p.sport_be, p.dport_be, ip.proto);
         // SAFETY: as above.
         unsafe { NAT_FWD.get(key) }.copied()
     });
@@ -162,14 +152,7 @@ fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
 #[inline(always)]
 fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
     let rev = fragment_ports(ip).and_then(|p| {
-        let key = FlowKey {
-            src_be: ip.saddr_be,
-            dst_be: ip.daddr_be,
-            sport_be: p.sport_be,
-            dport_be: p.dport_be,
-            proto: ip.proto,
-            _pad: [0; 3],
-        };
+        let key = FlowKey::new(ip.saddr_be, ip.daddr_be, p.sport_be, p.dport_be, ip.proto);
         // SAFETY: as above.
         unsafe { NAT_REV.get(key) }.copied()
     });
@@ -251,14 +234,11 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         Ok(None) => return PASS,
         Err(c) => return counted(c, PASS),
     };
-    let key = FlowKey {
-        src_be: ip.saddr_be,
-        dst_be: ip.daddr_be,
-        sport_be: l4.sport_be,
-        dport_be: l4.dport_be,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(ip.saddr_be, ip.daddr_be, l4.sport_be, l4.dport_be, ip.proto);
+    if !may_be_gateway_port(l4.sport_be) {
+        // Not from a gateway, so no reply of a translated flow: most of what pods receive.
+        return PASS;
+    }
     let Some(rev) = NAT_REV.get_ptr_mut(key) else {
         return PASS;
     };
@@ -310,14 +290,7 @@ fn icmp_to_pod(ctx: &TcContext, ip: &Ipv4) -> i32 {
         Err(c) => return counted(c, PASS),
     };
     // The reply tuple of the quoted flow.
-    let key = FlowKey {
-        src_be: e.inner_daddr_be,
-        dst_be: e.inner_saddr_be,
-        sport_be: e.inner_dport_be,
-        dport_be: e.inner_sport_be,
-        proto: e.inner_proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(e.inner_daddr_be, e.inner_saddr_be, e.inner_dport_be, e.inner_sport_be, e.inner_proto);
     // SAFETY: a read-only copy of a value from a successful lookup.
     let Some(rev) = (unsafe { NAT_REV.get(key) }).copied() else {
         return PASS;
@@ -385,6 +358,48 @@ fn counted2(why: Counter, what: Counter, verdict: i32) -> i32 {
     count(why);
     count(what);
     verdict
+}
+
+/// Whether `daddr_be` is in one of this cluster's pod CIDRs, as far as a consistent read of
+/// `mn_local_v1` tells (its seqlock: see `meshnet_common::LocalCidrs`). `false` when unsure:
+/// the caller then takes the lookups, which pass such traffic anyway.
+#[inline(always)]
+fn is_local(daddr_be: u32) -> bool {
+    let Some(l) = LOCAL.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: a value pointer of an array map, valid for the program run. Volatile reads keep
+    // the seqlock's order: `seq`, then the nets, then `seq` again.
+    unsafe {
+        let seq = core::ptr::read_volatile(core::ptr::addr_of!((*l).seq));
+        if seq & 1 != 0 {
+            return false;
+        }
+        if core::ptr::read_volatile(core::ptr::addr_of!((*l).count)) == 0 {
+            return false;
+        }
+        // Every slot, at constant offsets: slots past `count` repeat the first, so none needs
+        // a test of `count`, and each match leaves at once (a flag carried through the slots
+        // would multiply the verifier's states by two per slot).
+        for i in 0..limits::MAX_LOCAL_CIDRS {
+            let net = core::ptr::read_volatile(core::ptr::addr_of!((*l).nets[i]));
+            if daddr_be & net.mask_be == net.addr_be {
+                return core::ptr::read_volatile(core::ptr::addr_of!((*l).seq)) == seq;
+            }
+        }
+        false
+    }
+}
+
+/// Whether a packet from `port_be` could be a gateway's reply: its bit in `mn_gw_ports_v1`,
+/// or `true` while that bitmap is not in use yet (its bit 0 clear).
+#[inline(always)]
+fn may_be_gateway_port(port_be: u16) -> bool {
+    let port = u32::from(u16::from_be(port_be));
+    match (GW_PORTS.get(0), GW_PORTS.get(port >> 6)) {
+        (Some(&w0), Some(&w)) => w0 & 1 == 0 || w & (1 << (port & 63)) != 0,
+        _ => true,
+    }
 }
 
 #[inline(always)]

@@ -667,12 +667,14 @@ pub struct Desired {
     pub peers: BTreeMap<u32, PeerGateways>,
     /// Peer names by id, for dumps and logs.
     pub peer_names: BTreeMap<u32, String>,
+    /// This cluster's pod CIDRs, whose traffic the datapath passes without lookups.
+    pub local: Vec<Ipv4Net>,
 }
 
 impl Config {
     #[must_use]
     pub fn desired(&self) -> Desired {
-        let mut d = Desired::default();
+        let mut d = Desired { local: self.pod_cidrs.clone(), ..Desired::default() };
         for p in &self.peers {
             d.peer_names.insert(p.id, p.name.clone());
             for net in &p.pod_cidrs {

@@ -15,7 +15,7 @@ use aya::maps::{
 };
 use ipnet::Ipv4Net;
 use meshnet_common::{
-    names, Counter, FlowKey, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, FLOW_FIN_PEER, FLOW_FIN_POD,
+    limits, names, Counter, FlowKey, LocalCidrs, LocalNet, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, FLOW_FIN_PEER, FLOW_FIN_POD,
     FLOW_RST, GW_UP, IPPROTO_TCP,
 };
 
@@ -31,6 +31,8 @@ pub type NatFwdMap = HashMap<MapData, FlowKey, NatFwd>;
 pub type NatRevMap = HashMap<MapData, FlowKey, NatRev>;
 pub type Stats = PerCpuArray<MapData, u64>;
 pub type Clock = Array<MapData, u64>;
+pub type LocalMap = Array<MapData, LocalCidrs>;
+pub type GwPorts = Array<MapData, u64>;
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<T>
 where
@@ -315,6 +317,10 @@ pub struct ControlMaps {
     flow_fds: Option<(OwnedFd, OwnedFd)>,
     /// The flow clock; absent in pins of releases that stamped flows with the kernel's clock.
     clock: Option<Clock>,
+    /// This cluster's pod CIDRs; absent in pins of older releases.
+    pub local: Option<LocalMap>,
+    /// The gateway-port bitmap; absent in pins of older releases.
+    pub gw_ports: Option<GwPorts>,
     /// The last tick published.
     clock_published: Option<u64>,
     /// Set by the first [`ControlMaps::publish_clock`] if it found an older tick there.
@@ -360,6 +366,8 @@ impl ControlMaps {
             nat_rev: open(pins, names::NAT_REV)?,
             flow_fds: dup(names::NAT_FWD).zip(dup(names::NAT_REV)),
             clock: open(pins, names::CLOCK).ok(),
+            local: open(pins, names::LOCAL).ok(),
+            gw_ports: open(pins, names::GW_PORTS).ok(),
             clock_published: None,
             clock_gap: None,
         })
@@ -376,9 +384,61 @@ impl ControlMaps {
             nat_rev: take(ebpf, names::NAT_REV)?,
             flow_fds,
             clock: take(ebpf, names::CLOCK).ok(),
+            local: take(ebpf, names::LOCAL).ok(),
+            gw_ports: take(ebpf, names::GW_PORTS).ok(),
             clock_published: None,
             clock_gap: None,
         })
+    }
+
+    /// Publishes this cluster's pod CIDRs (the first [`limits::MAX_LOCAL_CIDRS`]) for the
+    /// datapath, with the seqlock's three writes (see [`LocalCidrs`]) when they changed.
+    pub fn publish_local(&mut self, nets: &[Ipv4Net]) -> anyhow::Result<()> {
+        let Some(map) = self.local.as_mut() else {
+            // Pins of a release without it: the datapath takes its lookups.
+            return Ok(());
+        };
+        let cur = map.get(&0, 0).context("reading the local CIDR map")?;
+        let mut next = LocalCidrs { seq: cur.seq, ..LocalCidrs::default() };
+        let used = nets.iter().take(limits::MAX_LOCAL_CIDRS).map(|n| LocalNet { addr_be: addr_be(n.network()), mask_be: addr_be(n.netmask()) });
+        let first = used.clone().next().unwrap_or_default();
+        for (slot, net) in next.nets.iter_mut().zip(used.chain(std::iter::repeat(first))) {
+            *slot = net;
+        }
+        next.count = u32::try_from(nets.len().min(limits::MAX_LOCAL_CIDRS)).unwrap_or(0);
+        if cur.seq & 1 == 0 && (cur.count, cur.nets) == (next.count, next.nets) {
+            return Ok(());
+        }
+        let odd = cur.seq | 1;
+        let write = |map: &mut LocalMap, v: LocalCidrs| map.set(0, v, 0).context("writing the local CIDR map");
+        if cur.seq & 1 == 0 {
+            write(map, LocalCidrs { seq: odd, ..cur })?;
+        }
+        write(map, LocalCidrs { seq: odd, ..next })?;
+        write(map, LocalCidrs { seq: odd.wrapping_add(1), ..next })
+    }
+
+    /// Sets the bits of `ports_be` (network byte order; 0 is skipped) in the gateway-port
+    /// bitmap, then its in-use bit. Bits are never cleared: see `names::GW_PORTS`.
+    pub fn mark_gateway_ports(&mut self, ports_be: impl Iterator<Item = u16>) -> anyhow::Result<()> {
+        let Some(map) = self.gw_ports.as_mut() else {
+            return Ok(());
+        };
+        let mut words: BTreeMap<u32, u64> = BTreeMap::new();
+        for port in ports_be.map(u16::from_be).filter(|p| *p != 0) {
+            *words.entry(u32::from(port) >> 6).or_default() |= 1 << (port & 63);
+        }
+        for (i, bits) in words {
+            let cur = map.get(&i, 0).context("reading the gateway-port bitmap")?;
+            if cur | bits != cur {
+                map.set(i, cur | bits, 0).context("writing the gateway-port bitmap")?;
+            }
+        }
+        let w0 = map.get(&0, 0).context("reading the gateway-port bitmap")?;
+        if w0 & 1 == 0 {
+            map.set(0, w0 | 1, 0).context("writing the gateway-port bitmap")?;
+        }
+        Ok(())
     }
 
     /// Publishes `now_ns` (CLOCK_MONOTONIC) as the datapath's flow clock. The first call
@@ -470,8 +530,14 @@ impl ControlMaps {
     /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
     /// and TCP port): those down longer than their grace period.
     pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<SyncReport> {
-        let plan = Plan::new(&self.current()?, desired, evict);
+        let current = self.current()?;
+        // Before any gateway is published: a flow's replies must never find its port unmarked.
+        let ports = desired.peers.values().chain(current.peers.values()).flat_map(|p| p.live().iter().flat_map(|g| [g.tcp_port_be, g.udp_port_be]));
+        self.mark_gateway_ports(ports.chain(current.flows.iter().map(|(_, f)| f.gw_port_be)))?;
+        let plan = Plan::new(&current, desired, evict);
         self.apply(&plan)?;
+        // After the routes: a CIDR moving from a peer to this cluster leaves the routes first.
+        self.publish_local(&desired.local)?;
         Ok(plan.report())
     }
 

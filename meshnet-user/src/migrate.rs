@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
-use meshnet_common::{limits, names, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue};
+use meshnet_common::{limits, names, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue};
 use tracing::{info, warn};
 
 use crate::pins::Pins;
@@ -42,7 +42,7 @@ fn size<T>() -> u32 {
 
 /// Every map of this build, as the embedded object defines it (flow maps sized `max_flows`).
 #[must_use]
-pub fn specs(max_flows: u32) -> [Spec; 8] {
+pub fn specs(max_flows: u32) -> [Spec; 10] {
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags: NO_PREALLOC, max_entries: max_flows };
     [
         Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
@@ -53,6 +53,8 @@ pub fn specs(max_flows: u32) -> [Spec; 8] {
         Spec { name: names::PEER_NAMES, ty: MapType::Hash, key: 4, value: size::<PeerName>(), flags: 0, max_entries: limits::MAX_PEERS },
         Spec { name: names::FRAGS, ty: MapType::LruHash, key: size::<FragKey>(), value: size::<FragPorts>(), flags: 0, max_entries: limits::MAX_FRAGS },
         Spec { name: names::CLOCK, ty: MapType::Array, key: 4, value: 8, flags: 0, max_entries: 1 },
+        Spec { name: names::LOCAL, ty: MapType::Array, key: 4, value: size::<LocalCidrs>(), flags: 0, max_entries: 1 },
+        Spec { name: names::GW_PORTS, ty: MapType::Array, key: 4, value: 8, flags: 0, max_entries: limits::GW_PORT_WORDS },
     ]
 }
 

@@ -1513,6 +1513,72 @@ fn established_flows_are_stamped_with_the_published_clock_and_written_only_when_
     assert_eq!(h.rev_of(&rk).last_seen_ns, tick + 2_000_000_000);
 }
 
+/// Traffic to this cluster's own pod CIDRs passes before any lookup: even a route over a
+/// local pod's address (which validation never lets in) is not consulted. While the local
+/// CIDR map is mid-write (an odd seqlock count, or the count changing under the read), the
+/// datapath does not trust it and takes the lookups as before.
+#[test]
+fn traffic_to_local_pods_passes_without_lookups_unless_the_local_map_is_mid_write() {
+    let mut h = Harness::new(CONFIG);
+    let local = h.maps.local.as_ref().unwrap().get(&0, 0).unwrap();
+    assert_eq!((local.seq % 2, local.count), (0, 1), "the config's podCIDRs are published");
+    let route = aya::maps::lpm_trie::Key::new(32, maps::addr_be(LOCAL_POD.into()));
+    h.maps.routes.insert(&route, meshnet_common::RouteValue { peer_id: peer_id("cluster2") }, 0).unwrap();
+    let syn = pkt((POD, 40000), (LOCAL_POD, 8080), L4::Tcp(SYN), b"");
+    h.expect_unchanged("to a local pod", FROM_POD, &syn, &[]);
+    assert_eq!(h.flow_counts(), (0, 0));
+
+    let map = h.maps.local.as_mut().unwrap();
+    map.set(0, meshnet_common::LocalCidrs { seq: local.seq + 1, ..local }, 0).unwrap();
+    h.expect("mid-write", FROM_POD, &syn, OK, &[("redirected", 1)]);
+    assert_eq!(h.flow_counts(), (1, 1));
+
+    // Publishing again completes the write; an unchanged set writes nothing.
+    let nets: Vec<ipnet::Ipv4Net> = vec!["10.244.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()];
+    h.maps.publish_local(&nets).unwrap();
+    let after = h.maps.local.as_ref().unwrap().get(&0, 0).unwrap();
+    assert_eq!((after.seq % 2, after.count), (0, 2));
+    assert_eq!(after.nets[1].addr_be, maps::addr_be([10, 246, 0, 0].into()));
+    assert_eq!(after.nets[1].mask_be, maps::addr_be([255, 255, 255, 0].into()));
+    h.maps.publish_local(&nets).unwrap();
+    assert_eq!(h.maps.local.as_ref().unwrap().get(&0, 0).unwrap().seq, after.seq);
+    let other = pkt((POD, 40001), ([10, 246, 0, 9], 8080), L4::Tcp(SYN), b"");
+    h.expect_unchanged("to the second local CIDR", FROM_POD, &other, &[]);
+}
+
+/// `to_pod` looks up only packets from a port some gateway has had: a reverse entry keyed
+/// by any other source port (which no flow of the datapath's making has) is never consulted.
+/// Until the bitmap is in use (its bit 0 clear), every packet is looked up. Marking is
+/// additive: a gateway removed from the config keeps its port's bit.
+#[test]
+fn replies_are_looked_up_only_from_gateway_ports() {
+    let mut h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    h.expect("SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    h.expect("reply", TO_POD, &pkt(gw, pod, L4::Tcp(ACK), b""), OK, &[("reverse_translated", 1)]);
+    // A reverse entry planted under a port no gateway has.
+    let rev = h.rev_of(&flow_key(gw, pod, IPPROTO_TCP));
+    let odd = flow_key((GW, 12345), pod, IPPROTO_TCP);
+    h.maps.nat_rev.insert(odd, rev, 0).unwrap();
+    let from_odd = pkt((GW, 12345), pod, L4::Tcp(ACK), b"");
+    h.expect_unchanged("from another port", TO_POD, &from_odd, &[]);
+
+    let bits = h.maps.gw_ports.as_mut().unwrap();
+    let w0 = bits.get(&0, 0).unwrap();
+    assert_eq!(w0 & 1, 1, "the bitmap is in use");
+    let word = bits.get(&u32::from(GW_TCP >> 6), 0).unwrap();
+    assert_ne!(word & (1 << (GW_TCP & 63)), 0, "the gateway's port is marked");
+    bits.set(0, w0 & !1, 0).unwrap();
+    h.expect("bitmap not in use", TO_POD, &from_odd, OK, &[("reverse_translated", 1)]);
+
+    // A sync without the gateway keeps its port marked, and marks the bitmap in use again.
+    h.maps.sync(&Config::from_yaml(&without_udp_port()).unwrap().desired()).unwrap();
+    h.maps.sync(&meshnet::config::Desired::default()).unwrap();
+    let bits = h.maps.gw_ports.as_ref().unwrap();
+    assert_eq!(bits.get(&0, 0).unwrap() & 1, 1);
+    assert_ne!(bits.get(&u32::from(GW_UDP >> 6), 0).unwrap() & (1 << (GW_UDP & 63)), 0);
+}
+
 /// GC never leaves a forward entry without its reverse one: a live flow found without its
 /// reverse half gets it back, and expiring a flow removes both halves.
 #[test]

@@ -57,11 +57,15 @@ peers:
 
 const POD: [u8; 4] = [10, 244, 0, 10];
 const LOCAL_POD: [u8; 4] = [10, 244, 0, 20];
+/// A Service IP (before kube-proxy's DNAT): neither a local pod nor a remote CIDR, so
+/// `from_pod` looks it up in the flow hash and the route trie.
+const SERVICE: [u8; 4] = [10, 96, 0, 10];
 const REMOTE: [u8; 4] = [10, 245, 0, 20];
 const GW: [u8; 4] = [192, 0, 2, 2];
 const GW_TCP: u16 = 31674;
 const POD_PORT: u16 = 40_000;
 const APP_PORT: u16 = 8080;
+const DB_PORT: u16 = 5432;
 const UNSPEC: u32 = u32::MAX;
 const OK: u32 = 0;
 
@@ -259,8 +263,9 @@ impl Dp {
         };
         let mut maps = ControlMaps::from_ebpf(&mut ebpf)?;
         maps.sync(&config.desired())?;
-        // As the agent does: with a flow clock published the datapath reads no clock.
-        maps.publish_clock(meshnet::dump::monotonic_ns())?;
+        // As the agent does: with a flow clock published the datapath reads no clock. Objects
+        // of earlier builds, measured for comparison, have no clock map.
+        let _ = maps.publish_clock(meshnet::dump::monotonic_ns());
         let stats = maps::take_stats(&mut ebpf)?;
         Ok(Self { ebpf, maps, stats })
     }
@@ -351,6 +356,8 @@ struct Packets {
     hot: Vec<u8>,
     reply: Vec<u8>,
     miss: Vec<u8>,
+    local: Vec<u8>,
+    foreign: Vec<u8>,
 }
 
 impl Packets {
@@ -358,7 +365,11 @@ impl Packets {
         Self {
             hot: tcp(POD, POD_PORT, REMOTE, APP_PORT, false),
             reply: tcp(GW, GW_TCP, POD, POD_PORT, false),
-            miss: tcp(POD, POD_PORT, LOCAL_POD, APP_PORT, false),
+            miss: tcp(POD, POD_PORT, SERVICE, APP_PORT, false),
+            local: tcp(POD, POD_PORT, LOCAL_POD, APP_PORT, false),
+            // A local pod's answer, from a port no gateway has (APP_PORT is marked as one for
+            // the reply's fixed point).
+            foreign: tcp(LOCAL_POD, DB_PORT, POD, POD_PORT, false),
         }
     }
 }
@@ -398,18 +409,27 @@ fn establish(dp: &mut Dp, pk: &Packets, repeat: u32, naive: Option<&mut Value>) 
         last_seen_ns: 0,
     };
     dp.maps.nat_rev.insert(key(REMOTE, APP_PORT, POD, POD_PORT), rev, 0)?;
+    // Its source port is the remote pod's, and `to_pod` looks up only packets from ports a
+    // gateway has had: marked as one.
+    dp.maps.mark_gateway_ports(std::iter::once(APP_PORT.to_be()))?;
     Ok(())
 }
 
-fn cases<'a>(ebpf: &'a Ebpf, pk: &'a Packets) -> [Case<'a>; 4] {
+/// The measured cases; their names key the results, in [`CASES`]' order.
+fn cases<'a>(ebpf: &'a Ebpf, pk: &'a Packets) -> [Case<'a>; 6] {
     let from_pod = prog(ebpf, names::PROG_FROM_POD);
+    let to_pod = prog(ebpf, names::PROG_TO_POD);
     [
         Case { name: "empty", prog: prog(ebpf, names::PROG_EMPTY), pkt: &pk.hot, counter: None, verdict: UNSPEC },
         Case { name: "hot", prog: from_pod, pkt: &pk.hot, counter: Some("redirected"), verdict: OK },
-        Case { name: "reply", prog: prog(ebpf, names::PROG_TO_POD), pkt: &pk.reply, counter: Some("reverse_translated"), verdict: OK },
+        Case { name: "reply", prog: to_pod, pkt: &pk.reply, counter: Some("reverse_translated"), verdict: OK },
         Case { name: "miss", prog: from_pod, pkt: &pk.miss, counter: None, verdict: UNSPEC },
+        Case { name: "local", prog: from_pod, pkt: &pk.local, counter: None, verdict: UNSPEC },
+        Case { name: "foreign", prog: to_pod, pkt: &pk.foreign, counter: None, verdict: UNSPEC },
     ]
 }
+
+pub const CASES: [&str; 6] = ["empty", "hot", "reply", "miss", "local", "foreign"];
 
 /// The `i`-th new flow's pod address and source port.
 fn new_flow_tuple(i: usize) -> ([u8; 4], u16) {
@@ -609,7 +629,7 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
     for (_, dp) in &mut dps {
         establish(dp, &pk, p.repeat, None)?;
     }
-    let mut am: Vec<Vec<Amortised>> = dps.iter().map(|_| (0..4).map(|_| Amortised::default()).collect()).collect();
+    let mut am: Vec<Vec<Amortised>> = dps.iter().map(|_| CASES.iter().map(|_| Amortised::default()).collect()).collect();
     for _ in 0..p.reps {
         for ((_, dp), m) in dps.iter().zip(&mut am) {
             for (c, a) in cases(&dp.ebpf, &pk).iter().zip(m.iter_mut()) {
@@ -620,7 +640,7 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
         }
     }
     let mut out = serde_json::Map::new();
-    let names = ["empty", "hot", "reply", "miss"];
+    let names = CASES;
     for (i, (name, _)) in dps.iter().enumerate() {
         let mut v = serde_json::Map::new();
         for (j, case) in names.iter().enumerate() {
@@ -686,7 +706,7 @@ mod tests {
     #[test]
     fn prefix_sets_are_distinct_and_keep_clear_of_the_benchmark_addresses() {
         for set in [PrefixSet::Sparse, PrefixSet::Dense] {
-            for n in [1, 999, 99_999] {
+            for n in [1, 999, 9_999, 99_999] {
                 let v = prefixes(set, n);
                 assert_eq!(v.len(), n);
                 let mut seen = std::collections::BTreeSet::new();
@@ -694,7 +714,7 @@ mod tests {
                     assert!(seen.insert(*a), "{set:?}: {a:?} twice");
                     let mask = u32::MAX << (32 - len);
                     let net = u32::from_be_bytes(*a);
-                    for probe in [POD, LOCAL_POD, REMOTE, GW] {
+                    for probe in [POD, LOCAL_POD, REMOTE, GW, SERVICE] {
                         assert_ne!(u32::from_be_bytes(probe) & mask, net, "{set:?} covers {probe:?}");
                     }
                 }

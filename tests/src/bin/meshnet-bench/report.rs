@@ -139,7 +139,8 @@ fn datapath_svg(dp: &Value) -> String {
         ("empty program (floor)", "#888888", vec!["amortised", "empty", "ns"]),
         ("from_pod, established flow", "#1a9850", vec!["amortised", "hot", "ns"]),
         ("to_pod, reply", "#3060c0", vec!["amortised", "reply", "ns"]),
-        ("from_pod, miss (same cluster)", "#e08010", vec!["amortised", "miss", "ns"]),
+        ("from_pod, miss (a Service IP)", "#e08010", vec!["amortised", "miss", "ns"]),
+        ("from_pod, to a local pod", "#9050b0", vec!["amortised", "local", "ns"]),
     ];
     let right = [
         ("empty program, one call per packet (floor)", "#888888", vec!["per_call", "empty", "ns"]),
@@ -341,34 +342,54 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
                 let part = |v: &str, c: &str| at(&bd[v], &[c, "default_minus_this"]);
                 if bd.is_object() {
                     format!(
-                        "the floor is only {:.0} ns, and of the hot path's {:.0} ns above it the packet \
-                         rewrite takes {:.0} ns (five kernel helper calls: three checksum updates, two \
-                         stores) and the clock read for the flow's last-seen time {:.0} ns, measured \
-                         with benchmark builds that leave each out (section 1); parsing, the flow \
-                         lookup and the counters are the remaining {:.0} ns. Helper calls are what \
-                         costs here. Ways to lower it, not attempted in this work, which only \
-                         measures: write the address, the ports and the IP header checksum with \
-                         direct packet access (only the L4 checksum needs a helper, because only the \
-                         kernel knows the skb's checksum state), and take the timestamp from a \
-                         cheaper clock (`bpf_ktime_get_coarse_ns`, kernel 5.11+, with a fallback for \
-                         the 5.4 kernels meshnet supports) and only after a flow lookup hits (today \
-                         the miss path pays for it too). Even then, estimating from the same \
-                         measurements (floor, the {:.0} ns rest, two of the five helper calls), the \
-                         hot path would stay around {:.1}× here.",
-                        med(&a["empty"]["ns"]),
-                        med(&a["hot"]["ns"]) - med(&a["empty"]["ns"]),
+                        "in the cost breakdown's own loop (section 1) the floor is {:.0} ns, and of the \
+                         hot path's {:.0} ns above it the packet \
+                         rewrite takes {:.0} ns (two `bpf_l4_csum_replace` calls, the address, ports \
+                         and IP checksum being written in place) and the flow clock's read {:.0} ns, \
+                         measured with benchmark builds that leave each out; parsing, the flow lookup \
+                         and the per-CPU counter are the remaining {:.0} ns. The L4 \
+                         checksum helpers are what is left to take: they stay because only the \
+                         kernel knows the skb's checksum state before 6.2; a variant that reads \
+                         `ip_summed` (`bpf_cast_to_kern_ctx`, 6.2+) and updates the checksum inline, \
+                         chosen at load time, is not built yet.",
+                        at(&bd["default"], &["empty", "ns"]),
+                        at(&bd["default"], &["hot", "ns"]) - at(&bd["default"], &["empty", "ns"]),
                         part("bench-no-rewrite", "hot"),
                         part("bench-no-clock", "hot"),
-                        med(&a["hot"]["ns"]) - med(&a["empty"]["ns"]) - part("bench-no-rewrite", "hot") - part("bench-no-clock", "hot"),
-                        med(&a["hot"]["ns"]) - med(&a["empty"]["ns"]) - part("bench-no-rewrite", "hot") - part("bench-no-clock", "hot"),
-                        (med(&a["hot"]["ns"]) - part("bench-no-rewrite", "hot") * 3.0 / 5.0 - part("bench-no-clock", "hot"))
-                            / med(&a["empty"]["ns"]),
+                        at(&bd["default"], &["hot", "ns"])
+                            - at(&bd["default"], &["empty", "ns"])
+                            - part("bench-no-rewrite", "hot")
+                            - part("bench-no-clock", "hot"),
                     )
                 } else {
                     "the cost breakdown was not measured in this run (no benchmark variants given).".into()
                 }
             },
         });
+        for (case, what) in [
+            ("local", "traffic meshnet does not own: `from_pod` to a pod of this cluster, 1 CIDR"),
+            ("foreign", "traffic meshnet does not own: `to_pod` from a port no gateway has, 1 CIDR"),
+        ] {
+            if a[case].is_object() {
+                let r = med(&a[case]["ratio_to_empty"]);
+                out.push(Target {
+                    what: what.into(),
+                    measured: format!("{:.1} ns vs {:.1} ns for the empty program: {r:.2}×", med(&a[case]["ns"]), med(&a["empty"]["ns"])),
+                    goal: "≤ 1.5× the empty program".into(),
+                    met: r <= 1.5,
+                    why: if case == "local" {
+                        "what is left is parsing the Ethernet and IPv4 headers and reading the local \
+                         CIDRs (an inlined array read, up to 8 compares); the flow lookup and the trie \
+                         walk are skipped. The rest is the verifier's prologue for a program that \
+                         writes packets directly (an unclone check) and the program's own setup."
+                    } else {
+                        "what is left is parsing the Ethernet, IPv4 and L4 headers and two inlined \
+                         array reads of the gateway-port bitmap; the flow lookup is skipped."
+                    }
+                    .into(),
+                });
+            }
+        }
         for (set, what) in [("sparse", "sparse"), ("dense", "dense")] {
             let hot: Vec<(u64, f64)> =
                 cs.iter().filter(|c| c.set == set || c.set == "both").map(|c| (c.cidrs, med(&c.v["amortised"]["hot"]["ns"]))).collect();
@@ -488,6 +509,17 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
                 .into(),
         });
     }
+    if let Some(apply) = cp["routes_10k"]["apply_ms"]["median"].as_f64() {
+        out.push(Target {
+            what: "10,000 routes applied (config with SIGHUP → all in the route map)".into(),
+            measured: format!("{apply:.0} ms (withdrawn: {} ms)", fmt_opt(&cp["routes_10k"]["withdraw_ms"], 0)),
+            goal: "≤ 100 ms".into(),
+            met: apply <= 100.0,
+            why: "validating the config and one map update per route: the LPM trie has no batch \
+                  update."
+                .into(),
+        });
+    }
     if let Some(idle) = cp["resources"]["idle"].as_object() {
         let rss = idle["rss_mb"].as_f64().unwrap_or(f64::NAN);
         out.push(Target {
@@ -570,8 +602,8 @@ fn datapath_section(md: &mut String, dp: &Value) {
          replies, misses). Besides the real flow, the flow maps get one entry for the *rewritten* \
          tuple that translates it to itself (gateway → the same gateway; for replies, remote pod → \
          the same remote pod). Each of the {repeat} runs then takes the full hit path with the \
-         same instructions (hash hit, timestamp and TCP-flag update, three checksum helpers, two \
-         stores), and `redirected` (or `reverse_translated`) must grow by exactly {repeat} per \
+         same instructions (hash hit, flow-clock read, TCP-flag check, the in-place rewrite and \
+         two L4 checksum helpers; with the clock standing still the entries are not written), and `redirected` (or `reverse_translated`) must grow by exactly {repeat} per \
          call. {reps} repeats per figure, the cases interleaved; the floor is the empty tc \
          program `meshnet_empty` of the same object, run on the same packet in the same loop.\n\
          - **B — one syscall per fresh packet** (`repeat = 1`; new flows, and the hot path and the \
@@ -608,21 +640,29 @@ fn datapath_section(md: &mut String, dp: &Value) {
     md.push_str("![datapath cost per packet](benchmarks-datapath.svg)\n\n");
     md.push_str(
         "Method A, ns per packet [spread], and the ratio to the empty program measured beside it:\n\n\
-         | remote CIDRs | prefixes | empty program (floor) | `from_pod`, established flow (hot path) | `to_pod`, reply | `from_pod`, miss (same-cluster traffic) |\n\
-         |---:|---|---|---|---|---|\n",
+         | remote CIDRs | prefixes | empty program (floor) | `from_pod`, established flow (hot path) | `to_pod`, reply | `from_pod` to a Service IP (flow and trie miss) | `from_pod` to a local pod | `to_pod`, not from a gateway port |\n\
+         |---:|---|---|---|---|---|---|---|\n",
     );
     for c in &cs {
         let a = &c.v["amortised"];
-        let cell = |k: &str| format!("{} · **{:.2}×**", fmt_opt(&a[k]["ns"], 0), med(&a[k]["ratio_to_empty"]));
+        let cell = |k: &str| {
+            if a[k].is_object() {
+                format!("{} · **{:.2}×**", fmt_opt(&a[k]["ns"], 0), med(&a[k]["ratio_to_empty"]))
+            } else {
+                "–".into()
+            }
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             count_label(c.cidrs),
             if c.set == "both" { "–" } else { c.set },
             fmt_opt(&a["empty"]["ns"], 0),
             cell("hot"),
             cell("reply"),
-            cell("miss")
+            cell("miss"),
+            cell("local"),
+            cell("foreign")
         );
     }
     md.push_str(
@@ -670,14 +710,14 @@ fn datapath_section(md: &mut String, dp: &Value) {
             md,
             "**Where the hot path's time goes.** Two benchmark-only builds of the datapath \
              (cargo features of meshnet-ebpf, never deployed: `bench-no-rewrite` keeps all flow \
-             handling but leaves the packet unchanged; `bench-no-clock` skips the \
-             `bpf_ktime_get_ns` timestamp) were loaded beside the default build and measured with \
+             handling but leaves the packet unchanged; `bench-no-clock` skips reading the flow \
+             clock) were loaded beside the default build and measured with \
              method A in the same loop, 1 CIDR. Per packet of an established flow:\n\n\
              | part | ns [spread over repeats] |\n|---|---|\n\
              | the whole hot path (default build) | {} |\n\
              | floor: the empty program (test loop, program call and return) | {} |\n\
-             | packet rewrite: three checksum helpers (`bpf_l4_csum_replace` ×2, `bpf_l3_csum_replace`) and two `bpf_skb_store_bytes` | {} |\n\
-             | clock read for the flow's last-seen time (`bpf_ktime_get_ns`) | {} |\n\
+             | packet rewrite: address, ports and IP checksum (RFC 1624) written in place, and two `bpf_l4_csum_replace` | {} |\n\
+             | the flow clock's read (the tick the agent publishes in `mn_clock_v1`: an inlined array read) | {} |\n\
              | the rest: parsing, the flow-state hash lookup, TCP flag bookkeeping, the per-CPU counter | {:.0} (by difference) |\n\n\
              Replies (`to_pod`) have the same structure: rewrite {} ns, clock {} ns.\n",
             fmt_opt(&d["hot"]["ns"], 0),
@@ -688,6 +728,32 @@ fn datapath_section(md: &mut String, dp: &Value) {
             fmt_opt(&rw["reply"]["default_minus_this"], 0),
             fmt_opt(&ck["reply"]["default_minus_this"], 0),
         );
+        // Whole builds given with `--variant NAME=OBJECT` besides the benchmark-only ones: an
+        // earlier release measured in the same loop, say.
+        if let Some(all) = bd.as_object() {
+            for (name, v) in all.iter().filter(|(n, _)| *n != "default" && !n.starts_with("bench-")) {
+                let _ = writeln!(
+                    md,
+                    "**This build against `{name}`**, another object given with `--variant`, measured in \
+                     the same loop (ns per packet [spread]; the change is the median of the per-repeat \
+                     differences, negative where this build is cheaper):\n\n\
+                     | case | `{name}` | this build | change |\n|---|---|---|---|"
+                );
+                for case in crate::micro::CASES {
+                    if v[case].is_object() {
+                        let _ = writeln!(
+                            md,
+                            "| {} | {} | {} | {} |",
+                            case_label(case),
+                            fmt_opt(&v[case]["ns"], 0),
+                            fmt_opt(&d[case]["ns"], 0),
+                            fmt_opt(&v[case]["default_minus_this"], 0)
+                        );
+                    }
+                }
+                md.push('\n');
+            }
+        }
     }
 
     let last = cs.iter().map(|c| c.cidrs).max().unwrap_or(1);
@@ -697,8 +763,9 @@ fn datapath_section(md: &mut String, dp: &Value) {
          the route trie: `from_pod` looks the flow up in the flow-state hash *before* the trie, so \
          their cost stays flat for both prefix sets (hot path {:.0} ns at 1 CIDR; {:.0} ns sparse and \
          {:.0} ns dense at {} CIDRs). The trie is walked only by a flow's first packet and by \
-         traffic meshnet does not own (the miss column: e.g. pod-to-pod traffic inside the \
-         cluster). The kernel's LPM trie is a binary trie: a lookup visits one node per branching \
+         traffic meshnet does not own that is not between this cluster's pods (the miss column: a \
+         Service IP before kube-proxy's DNAT; pod-to-pod traffic inside the cluster passes before \
+         any lookup, the local column). The kernel's LPM trie is a binary trie: a lookup visits one node per branching \
          level on the address's path. With the sparse set nothing else lies in 10.0.0.0/8, so a \
          lookup for a 10.x address leaves the populated part of the trie within the first 8 bits \
          whatever the count (miss {:.0} → {:.0} ns, new flow {:.0} → {:.0} ns from 1 to {} CIDRs: \
@@ -775,14 +842,14 @@ fn reference_section(md: &mut String, cs: &[Cfg<'_>], chain: &Value, bd: &Value)
         } else if beats_hot {
             "In this run that makes meshnet cheaper per packet than the reference from 10,000 dense \
              prefixes on (where the reference's trie walk alone reaches 4×), but not at small prefix \
-             counts: there meshnet's fixed per-packet work — the rewrite's five helper calls and a \
-             clock read, measured above — costs more than the reference's single lookup. Its \
+             counts: there meshnet's fixed per-packet work — the rewrite with its two checksum \
+             helper calls, measured above — costs more than the reference's single lookup. Its \
              figure is an \"LPM hit\", a lookup; meshnet's includes rewriting the packet."
         } else {
             "In this run that does **not** make meshnet cheaper per packet than the reference's \
              figures, up to 10,000 dense prefixes: meshnet's flat per-packet cost is dominated by \
-             fixed work the reference's \"LPM hit\" (a lookup) does not include — the rewrite's \
-             five helper calls and a clock read, measured above. A flat cost only wins against a \
+             fixed work the reference's \"LPM hit\" (a lookup) does not include — the rewrite with \
+             its two checksum helper calls, measured above. A flat cost only wins against a \
              growing one beyond some prefix count, and on this machine that point lies above \
              10,000 dense prefixes (the reference was not measured beyond). New flows, too, cost more here than \
              the reference's first-packet figure."
@@ -799,6 +866,19 @@ fn reference_section(md: &mut String, cs: &[Cfg<'_>], chain: &Value, bd: &Value)
         rewrite,
         new_net - miss_net - rewrite,
     );
+}
+
+/// How the report names a case of method A.
+fn case_label(case: &str) -> &'static str {
+    match case {
+        "empty" => "the empty program (floor)",
+        "hot" => "`from_pod`, established flow (hot path)",
+        "reply" => "`to_pod`, reply",
+        "miss" => "`from_pod` to a Service IP (flow and trie miss)",
+        "local" => "`from_pod` to a local pod",
+        "foreign" => "`to_pod`, not from a gateway port",
+        _ => "?",
+    }
 }
 
 fn dp_cores(e2e: &Value) -> f64 {
@@ -950,8 +1030,9 @@ fn control_section(md: &mut String, cp: &Value) {
         md,
         "\nApplying 10,000 routes (a peer with 10,000 /24s added to the config, SIGHUP, until the \
          last of them is in the map; the count is then checked): {} ms. Withdrawing them again: {} ms. \
-         That includes validating the config (each CIDR is checked against every other for \
-         overlaps), diffing it against the maps and one map update per route.\n",
+         That includes validating the config (overlaps found through an index by address and \
+         prefix length), diffing it against the maps and one map update per route (the kernel's \
+         LPM trie has no batch update).\n",
         fmt_opt(&r["apply_ms"], 0),
         fmt_opt(&r["withdraw_ms"], 0),
     );
