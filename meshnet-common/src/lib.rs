@@ -237,6 +237,11 @@ pub struct LocalNet {
     pub mask_be: u32,
 }
 
+impl LocalNet {
+    /// Matches no address: any address masked with 0 is 0, never `u32::MAX`.
+    pub const NONE: LocalNet = LocalNet { addr_be: u32::MAX, mask_be: 0 };
+}
+
 /// This cluster's pod CIDRs, as `mn_local_v1` holds them. An array value is overwritten in
 /// place, so a program could read one half-written; `seq` guards it as a seqlock. User space
 /// writes the whole value three times: the old nets with `seq` made odd, the new nets with
@@ -248,7 +253,7 @@ pub struct LocalNet {
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct LocalCidrs {
     pub seq: u32,
-    /// How many of `nets` are in use; the slots past it repeat the first, so that the
+    /// How many of `nets` are in use; the slots past it hold [`LocalNet::NONE`], so that the
     /// datapath can test every slot without testing `count`.
     pub count: u32,
     pub nets: [LocalNet; limits::MAX_LOCAL_CIDRS],

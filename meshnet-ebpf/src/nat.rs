@@ -378,8 +378,8 @@ fn is_local(daddr_be: u32) -> bool {
         if core::ptr::read_volatile(core::ptr::addr_of!((*l).count)) == 0 {
             return false;
         }
-        // Every slot, at constant offsets: slots past `count` repeat the first, so none needs
-        // a test of `count`, and each match leaves at once (a flag carried through the slots
+        // Every slot, at constant offsets: slots past `count` match nothing, so none needs a
+        // test of `count`, and each match leaves at once (a flag carried through the slots
         // would multiply the verifier's states by two per slot).
         for i in 0..limits::MAX_LOCAL_CIDRS {
             let net = core::ptr::read_volatile(core::ptr::addr_of!((*l).nets[i]));

@@ -323,13 +323,21 @@ pub struct ControlMaps {
     pub gw_ports: Option<GwPorts>,
     /// The last tick published.
     clock_published: Option<u64>,
-    /// Set by the first [`ControlMaps::publish_clock`] if it found an older tick there.
-    clock_gap: Option<ClockGap>,
+    /// The spells the flow clock stood still, newest last (at most [`MAX_CLOCK_GAPS`]).
+    clock_gaps: Vec<ClockGap>,
 }
 
-/// A spell when no agent published the flow clock: the datapath stamped every flow it saw
-/// with the last tick, `stale`, until this agent published `resumed`. A flow stamped `stale`
-/// may have been busy all along, so the GC counts it as seen at `resumed`.
+/// Ticks further apart than this mean the clock stood still in between.
+const CLOCK_GAP_NS: u64 = 2_000_000_000;
+/// Gaps remembered; older ones are long past any flow timeout in practice.
+const MAX_CLOCK_GAPS: usize = 64;
+
+/// A spell when the flow clock stood still (no agent ran, or its loop or its publishes
+/// stalled): the datapath stamped every flow it saw with the last tick, `stale`, until
+/// `resumed` was published. A flow stamped `stale` may have been busy all along, so the GC
+/// counts it as seen at `resumed`. Gaps live in the agent's memory: in a crash loop, a gap
+/// before the last restart is forgotten, and a flow idle since it may expire up to that
+/// gap's length early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClockGap {
     pub stale: u64,
@@ -339,12 +347,17 @@ pub struct ClockGap {
 impl ClockGap {
     /// When a flow stamped `last_seen` was last seen, for all the GC can tell.
     #[must_use]
-    pub fn last_seen(gap: Option<Self>, last_seen: u64) -> u64 {
-        match gap {
-            Some(g) if last_seen >= g.stale && last_seen < g.resumed => g.resumed,
-            _ => last_seen,
-        }
+    pub fn last_seen(gaps: &[Self], last_seen: u64) -> u64 {
+        gaps.iter().fold(last_seen, |last, g| if last >= g.stale && last < g.resumed { g.resumed } else { last })
     }
+}
+
+/// `nets` as `mn_local_v1` holds them: the first [`limits::MAX_LOCAL_CIDRS`].
+fn local_nets(nets: &[Ipv4Net]) -> Vec<LocalNet> {
+    nets.iter()
+        .take(limits::MAX_LOCAL_CIDRS)
+        .map(|n| LocalNet { addr_be: addr_be(n.network()), mask_be: addr_be(n.netmask()) })
+        .collect()
 }
 
 /// A second fd to the hash map `name` of `ebpf`, for batch reads.
@@ -369,7 +382,7 @@ impl ControlMaps {
             local: open(pins, names::LOCAL).ok(),
             gw_ports: open(pins, names::GW_PORTS).ok(),
             clock_published: None,
-            clock_gap: None,
+            clock_gaps: Vec::new(),
         })
     }
 
@@ -387,22 +400,33 @@ impl ControlMaps {
             local: take(ebpf, names::LOCAL).ok(),
             gw_ports: take(ebpf, names::GW_PORTS).ok(),
             clock_published: None,
-            clock_gap: None,
+            clock_gaps: Vec::new(),
         })
     }
 
     /// Publishes this cluster's pod CIDRs (the first [`limits::MAX_LOCAL_CIDRS`]) for the
     /// datapath, with the seqlock's three writes (see [`LocalCidrs`]) when they changed.
     pub fn publish_local(&mut self, nets: &[Ipv4Net]) -> anyhow::Result<()> {
+        self.write_local(&local_nets(nets))
+    }
+
+    /// The local CIDRs `mn_local_v1` holds now.
+    fn published_local(&self) -> anyhow::Result<Vec<LocalNet>> {
+        let Some(map) = self.local.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let cur = map.get(&0, 0).context("reading the local CIDR map")?;
+        Ok(cur.nets.iter().take(cur.count as usize).copied().collect())
+    }
+
+    fn write_local(&mut self, nets: &[LocalNet]) -> anyhow::Result<()> {
         let Some(map) = self.local.as_mut() else {
             // Pins of a release without it: the datapath takes its lookups.
             return Ok(());
         };
         let cur = map.get(&0, 0).context("reading the local CIDR map")?;
         let mut next = LocalCidrs { seq: cur.seq, ..LocalCidrs::default() };
-        let used = nets.iter().take(limits::MAX_LOCAL_CIDRS).map(|n| LocalNet { addr_be: addr_be(n.network()), mask_be: addr_be(n.netmask()) });
-        let first = used.clone().next().unwrap_or_default();
-        for (slot, net) in next.nets.iter_mut().zip(used.chain(std::iter::repeat(first))) {
+        for (slot, net) in next.nets.iter_mut().zip(nets.iter().copied().chain(std::iter::repeat(LocalNet::NONE))) {
             *slot = net;
         }
         next.count = u32::try_from(nets.len().min(limits::MAX_LOCAL_CIDRS)).unwrap_or(0);
@@ -416,6 +440,15 @@ impl ControlMaps {
         }
         write(map, LocalCidrs { seq: odd, ..next })?;
         write(map, LocalCidrs { seq: odd.wrapping_add(1), ..next })
+    }
+
+    /// Whether the gateway-port bitmap is in use (bit 0); `true` without the map, which then
+    /// needs no marking.
+    fn gateway_ports_in_use(&self) -> anyhow::Result<bool> {
+        let Some(map) = self.gw_ports.as_ref() else {
+            return Ok(true);
+        };
+        Ok(map.get(&0, 0).context("reading the gateway-port bitmap")? & 1 != 0)
     }
 
     /// Sets the bits of `ports_be` (network byte order; 0 is skipped) in the gateway-port
@@ -441,19 +474,24 @@ impl ControlMaps {
         Ok(())
     }
 
-    /// Publishes `now_ns` (CLOCK_MONOTONIC) as the datapath's flow clock. The first call
-    /// notes how long the clock stood still before it, for the GC (see [`ClockGap`]).
+    /// Publishes `now_ns` (CLOCK_MONOTONIC) as the datapath's flow clock, noting for the GC
+    /// when it stood still since the last tick, this agent's or a previous one's (see
+    /// [`ClockGap`]).
     pub fn publish_clock(&mut self, now_ns: u64) -> anyhow::Result<()> {
         let Some(clock) = self.clock.as_mut() else {
             anyhow::bail!("no flow clock map ({}) in the pinned maps", names::CLOCK);
         };
-        if self.clock_published.is_none() {
-            let stale = clock.get(&0, 0).context("reading the flow clock")?;
-            if stale != 0 {
-                self.clock_gap = Some(ClockGap { stale, resumed: now_ns });
-            }
-        }
+        let prev = match self.clock_published {
+            Some(p) => p,
+            None => clock.get(&0, 0).context("reading the flow clock")?,
+        };
         clock.set(0, now_ns, 0).context("publishing the flow clock")?;
+        if prev != 0 && now_ns.saturating_sub(prev) > CLOCK_GAP_NS {
+            if self.clock_gaps.len() == MAX_CLOCK_GAPS {
+                self.clock_gaps.remove(0);
+            }
+            self.clock_gaps.push(ClockGap { stale: prev, resumed: now_ns });
+        }
         self.clock_published = Some(now_ns);
         Ok(())
     }
@@ -532,12 +570,19 @@ impl ControlMaps {
     pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<SyncReport> {
         let current = self.current()?;
         // Before any gateway is published: a flow's replies must never find its port unmarked.
+        // The first time, reverse entries too: one whose forward half was lost (a state
+        // `to_pod` repairs) may be all a flow of an earlier release has left.
         let ports = desired.peers.values().chain(current.peers.values()).flat_map(|p| p.live().iter().flat_map(|g| [g.tcp_port_be, g.udp_port_be]));
-        self.mark_gateway_ports(ports.chain(current.flows.iter().map(|(_, f)| f.gw_port_be)))?;
+        let revs = if self.gateway_ports_in_use()? { Vec::new() } else { self.reverse_flows() };
+        self.mark_gateway_ports(ports.chain(current.flows.iter().map(|(_, f)| f.gw_port_be)).chain(revs.iter().map(|(k, _)| k.sport_be)))?;
+        // A CIDR leaving this cluster (for a peer) stops being local before its route goes in;
+        // one joining it becomes local once the peer's route is gone.
+        let desired_local = local_nets(&desired.local);
+        let staying: Vec<LocalNet> = self.published_local()?.into_iter().filter(|n| desired_local.contains(n)).collect();
+        self.write_local(&staying)?;
         let plan = Plan::new(&current, desired, evict);
         self.apply(&plan)?;
-        // After the routes: a CIDR moving from a peer to this cluster leaves the routes first.
-        self.publish_local(&desired.local)?;
+        self.write_local(&desired_local)?;
         Ok(plan.report())
     }
 
@@ -654,7 +699,7 @@ impl ControlMaps {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
             let rev = revs.get(&rev_key).copied();
             let flags = fwd.flags | rev.map_or(0, |r| r.flags);
-            let last = ClockGap::last_seen(self.clock_gap, fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)));
+            let last = ClockGap::last_seen(&self.clock_gaps, fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)));
             if now_ns.saturating_sub(last) > timeout(key.proto, flags) {
                 doomed.push((key, rev_key));
             } else {
@@ -672,7 +717,7 @@ impl ControlMaps {
             .iter()
             .filter(|(k, r)| {
                 !live_rev.contains(*k)
-                    && now_ns.saturating_sub(ClockGap::last_seen(self.clock_gap, r.last_seen_ns)) > timeout(k.proto, r.flags)
+                    && now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, r.last_seen_ns)) > timeout(k.proto, r.flags)
             })
             .map(|(k, _)| *k)
             .collect();
@@ -856,11 +901,12 @@ peers:
     /// the spell keep their stamp.
     #[test]
     fn a_clock_gap_counts_flows_stamped_with_the_stale_tick_as_seen_at_resume() {
-        let gap = Some(ClockGap { stale: 100, resumed: 500 });
-        assert_eq!(ClockGap::last_seen(gap, 100), 500);
-        assert_eq!(ClockGap::last_seen(gap, 99), 99);
-        assert_eq!(ClockGap::last_seen(gap, 600), 600);
-        assert_eq!(ClockGap::last_seen(None, 100), 100);
+        let gaps = [ClockGap { stale: 100, resumed: 500 }, ClockGap { stale: 700, resumed: 900 }];
+        assert_eq!(ClockGap::last_seen(&gaps, 100), 500);
+        assert_eq!(ClockGap::last_seen(&gaps, 99), 99);
+        assert_eq!(ClockGap::last_seen(&gaps, 600), 600);
+        assert_eq!(ClockGap::last_seen(&gaps, 700), 900);
+        assert_eq!(ClockGap::last_seen(&[], 100), 100);
     }
 
     /// The purge's route lookup agrees with a plain longest-prefix match.

@@ -1511,6 +1511,31 @@ fn established_flows_are_stamped_with_the_published_clock_and_written_only_when_
     h.expect("after a tick", FROM_POD, &pkt(pod, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1), ("rev_restored", 1)]);
     assert_eq!(h.fwd_of(&fk).last_seen_ns, tick + 2_000_000_000);
     assert_eq!(h.rev_of(&rk).last_seen_ns, tick + 2_000_000_000);
+
+    // The clock stands still for 200 s (the agent's loop stalled, or it was away): a UDP
+    // flow stamped with the last tick may have been busy all along, and is not expired by
+    // the first GC after the clock moves on, whatever its 120 s timeout; a flow idle since
+    // before the stall is.
+    let t1 = tick + 3_000_000_000;
+    h.maps.publish_clock(t1).unwrap();
+    let (upod, uremote) = ((POD, 5000), (REMOTE, 53));
+    h.expect("UDP", FROM_POD, &pkt(upod, uremote, L4::Udp, b"q"), OK, &[("redirected", 1)]);
+    let uk = flow_key(upod, uremote, IPPROTO_UDP);
+    assert_eq!(h.fwd_of(&uk).last_seen_ns, t1);
+    let (opod, oremote) = ((POD, 5001), (REMOTE, 53));
+    h.expect("old UDP", FROM_POD, &pkt(opod, oremote, L4::Udp, b"q"), OK, &[("redirected", 1)]);
+    let ok = flow_key(opod, oremote, IPPROTO_UDP);
+    let old = h.fwd_of(&ok);
+    h.maps.nat_fwd.insert(ok, NatFwd { last_seen_ns: t1 - 1, ..old }, 0).unwrap();
+    let orev = FlowKey::rev_of_fwd(&ok, &old);
+    let r = h.rev_of(&orev);
+    h.maps.nat_rev.insert(orev, NatRev { last_seen_ns: t1 - 1, ..r }, 0).unwrap();
+    let t2 = t1 + 200_000_000_000;
+    h.maps.publish_clock(t2).unwrap();
+    let report = h.maps.expire(t2, &gc_config(10));
+    assert_eq!(report.flows, 1, "only the flow idle since before the stall expires");
+    assert!(h.maps.nat_fwd.get(&uk, 0).is_ok(), "a flow stamped during the stall was expired");
+    assert!(h.maps.nat_fwd.get(&ok, 0).is_err());
 }
 
 /// Traffic to this cluster's own pod CIDRs passes before any lookup: even a route over a
@@ -1570,6 +1595,19 @@ fn replies_are_looked_up_only_from_gateway_ports() {
     assert_ne!(word & (1 << (GW_TCP & 63)), 0, "the gateway's port is marked");
     bits.set(0, w0 & !1, 0).unwrap();
     h.expect("bitmap not in use", TO_POD, &from_odd, OK, &[("reverse_translated", 1)]);
+
+    // A flow whose gateway port is no peer's (left by an earlier release, say) gets its
+    // port marked by the next sync before anything else happens, so its replies are looked
+    // up until the same sync purges it (its gateway is not in the config).
+    let stray = NatFwd { gw_port_be: 40404u16.to_be(), nat_sport_be: 40002u16.to_be(), ..h.fwd_of(&flow_key(pod, remote, IPPROTO_TCP)) };
+    let stray_key = flow_key((POD, 40002), remote, IPPROTO_TCP);
+    h.maps.nat_fwd.insert(stray_key, stray, 0).unwrap();
+    h.maps.nat_rev.insert(FlowKey::rev_of_fwd(&stray_key, &stray), NatRev { pod_port_be: 40002u16.to_be(), ..rev }, 0).unwrap();
+    h.maps.sync(&Config::from_yaml(CONFIG).unwrap().desired()).unwrap();
+    let bits = h.maps.gw_ports.as_ref().unwrap();
+    assert_eq!(bits.get(&0, 0).unwrap() & 1, 1);
+    assert_ne!(bits.get(&(40404 >> 6), 0).unwrap() & (1 << (40404 & 63)), 0, "the stray flow's port is marked");
+    assert!(h.maps.nat_fwd.get(&stray_key, 0).is_err(), "the flow of a gateway not in the config is purged");
 
     // A sync without the gateway keeps its port marked, and marks the bitmap in use again.
     h.maps.sync(&Config::from_yaml(&without_udp_port()).unwrap().desired()).unwrap();
