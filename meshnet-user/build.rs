@@ -1,31 +1,41 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`, so `meshnet` ships as one file.
+//! Embeds the eBPF objects built by `cargo xtask build-ebpf`, so `meshnet` ships as one file:
+//! the datapath and its logging build (`--datapath-log`).
 //!
-//! MESHNET_EBPF_OBJECT points at another object; MESHNET_EBPF_STUB=1 embeds an empty one so
-//! that `cargo check` and clippy work without the eBPF toolchain (such a binary refuses to
-//! load anything).
+//! MESHNET_EBPF_OBJECT and MESHNET_EBPF_LOG_OBJECT point at other objects; MESHNET_EBPF_STUB=1
+//! embeds empty ones so that `cargo check` and clippy work without the eBPF toolchain (such a
+//! binary refuses to load anything).
 
-use std::{env, fs, path::PathBuf};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
 
 #[path = "src/objcheck.rs"]
 mod objcheck;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=MESHNET_EBPF_OBJECT");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     println!("cargo:rerun-if-env-changed=MESHNET_EBPF_STUB");
-    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("meshnet.bpf.o");
-    if env::var_os("MESHNET_EBPF_STUB").is_some_and(|v| v == "1") {
-        fs::write(&out, b"").unwrap();
-        return;
+    let stub = env::var_os("MESHNET_EBPF_STUB").is_some_and(|v| v == "1");
+    for (file, var) in [("meshnet.bpf.o", "MESHNET_EBPF_OBJECT"), ("meshnet-datapath-log.bpf.o", "MESHNET_EBPF_LOG_OBJECT")] {
+        println!("cargo:rerun-if-env-changed={var}");
+        let out = out_dir.join(file);
+        if stub {
+            fs::write(&out, b"").unwrap();
+            continue;
+        }
+        let src = env::var_os(var).map_or_else(|| manifest_dir.join("../target/ebpf").join(file), PathBuf::from);
+        embed(&src, &out);
     }
-    let src = env::var_os("MESHNET_EBPF_OBJECT").map_or_else(
-        || PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap()).join("../target/ebpf/meshnet.bpf.o"),
-        PathBuf::from,
-    );
+}
+
+fn embed(src: &Path, out: &Path) {
     println!("cargo:rerun-if-changed={}", src.display());
-    let object = fs::read(&src).unwrap_or_else(|e| {
+    let object = fs::read(src).unwrap_or_else(|e| {
         panic!(
-            "\n\nmeshnet embeds its eBPF object, which is missing at {} ({e}).\n\
-             Build it first with `cargo xtask build-ebpf` (after `cargo xtask setup` on a new machine),\n\
+            "\n\nmeshnet embeds its eBPF objects, and one is missing at {} ({e}).\n\
+             Build them first with `cargo xtask build-ebpf` (after `cargo xtask setup` on a new machine),\n\
              or set MESHNET_EBPF_STUB=1 for a check-only build.\n\n",
             src.display()
         )
@@ -43,5 +53,5 @@ fn main() {
         }
         Err(e) => panic!("\n\nthe eBPF object at {} is unreadable: {e}\n\n", src.display()),
     }
-    fs::write(&out, &object).unwrap();
+    fs::write(out, &object).unwrap();
 }

@@ -64,6 +64,21 @@ pub mod names {
     /// use; until it is set, `to_pod` looks every packet up.
     pub const GW_PORTS: &str = "mn_gw_ports_v1";
 
+    /// Only in the logging object (`--datapath-log`): per CPU, the rate limit of its log
+    /// lines ([`crate::LogBudget`]). Not pinned: it lives as long as the programs that use it.
+    pub const LOG_BUDGET: &str = "mn_log_budget_v1";
+    /// Only in the logging object: the per-CPU slot where a translating program notes a
+    /// decision for [`PROG_LOG`]. Kernel-side only.
+    pub const LOG_EVENT: &str = "mn_log_event_v1";
+    /// Only in the logging object: a program array whose slot 0 the agent fills with
+    /// [`PROG_LOG`] after loading. Not pinned.
+    pub const LOG_PROGS: &str = "mn_log_progs_v1";
+    /// aya-log's ring buffer, only in the logging object. The name is aya-log's.
+    pub const LOG_RING: &str = "AYA_LOGS";
+    /// aya-log's level global, patched at load time to the agent's level for
+    /// `meshnet::datapath`, so that filtered lines are never written. The name is aya-log's.
+    pub const LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+
     /// Every map, for pinning, dumping and detaching.
     pub const ALL_MAPS: [&str; 10] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS];
 
@@ -72,6 +87,9 @@ pub mod names {
     pub const PROG_FROM_POD: &str = "meshnet_from_pod";
     /// tc egress on the host side of pod interfaces: what pods receive.
     pub const PROG_TO_POD: &str = "meshnet_to_pod";
+    /// Only in the logging object: writes the line of a decision the two programs above
+    /// tail-call it with. Never attached.
+    pub const PROG_LOG: &str = "meshnet_log";
     /// An empty tc program, the floor in benchmarks.
     pub const PROG_EMPTY: &str = "meshnet_empty";
 }
@@ -106,6 +124,14 @@ pub mod limits {
     /// pod's own sockets pick.
     pub const REMAP_PORT_MIN: u16 = 61_000;
     pub const REMAP_PORT_SPAN: u16 = 4_500;
+    /// Log lines the logging object writes per CPU and second; the rest are counted in
+    /// [`crate::LogBudget::suppressed`]. A drop flood from one pod would otherwise fill the ring
+    /// and the agent's log.
+    pub const LOG_LINES_PER_SEC: u32 = 100;
+    /// The logging object also stops writing while its ring (aya-log's, 128 KiB) is more
+    /// than this full, so that however many CPUs log at once, the ring never overflows
+    /// unseen: what is not written is counted.
+    pub const LOG_RING_HIGH_WATER: u64 = 64 * 1024;
 }
 
 /// Datapath counters, one slot each in the per-CPU stats map.
@@ -257,6 +283,20 @@ pub struct LocalCidrs {
     /// datapath can test every slot without testing `count`.
     pub count: u32,
     pub nets: [LocalNet; limits::MAX_LOCAL_CIDRS],
+}
+
+/// One CPU's share of the logging object's rate limit (`names::LOG_BUDGET`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LogBudget {
+    /// The second (flow clock / 10^9) that `used` counts in.
+    pub second: u64,
+    pub used: u32,
+    pub _pad: u32,
+    /// Lines not written since the programs were loaded: over the per-second budget, or the
+    /// ring above its high-water mark.
+    pub suppressed: u64,
 }
 
 /// [`Gateway::flags`]: the gateway takes new flows.
@@ -547,6 +587,7 @@ const _: () = {
     assert!(offset_of!(NatRev, peer_id) == 12);
     assert!(offset_of!(NatRev, last_seen_ns) == 16);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
+    assert!(size_of::<LogBudget>() == 24);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
 };
 
@@ -567,6 +608,7 @@ mod user {
     unsafe impl aya::Pod for super::PeerName {}
     unsafe impl aya::Pod for super::LocalNet {}
     unsafe impl aya::Pod for super::LocalCidrs {}
+    unsafe impl aya::Pod for super::LogBudget {}
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod log;
 mod maps;
 mod nat;
 mod parse;
@@ -23,6 +24,14 @@ pub fn meshnet_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn meshnet_to_pod(ctx: TcContext) -> i32 {
     nat::ingress_to_pod(&ctx)
+}
+
+/// The logging object's line writer: tail-called by the two programs above at each decision
+/// (see `log`), never attached.
+#[cfg(feature = "datapath-log")]
+#[classifier]
+pub fn meshnet_log(ctx: TcContext) -> i32 {
+    log::program::run(&ctx)
 }
 
 /// The floor for benchmarks: an empty tc program in the same object, built the same way.

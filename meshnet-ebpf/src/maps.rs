@@ -56,6 +56,21 @@ pub static LOCAL: Array<LocalCidrs> = Array::with_max_entries(1, 0);
 #[map(name = "mn_gw_ports_v1")]
 pub static GW_PORTS: Array<u64> = Array::with_max_entries(limits::GW_PORT_WORDS, 0);
 
+/// The logging object's rate limit (see `meshnet_common::names::LOG_BUDGET`).
+#[cfg(feature = "datapath-log")]
+#[map(name = "mn_log_budget_v1")]
+pub static LOG_BUDGET: PerCpuArray<meshnet_common::LogBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// The decision a translating program hands to `meshnet_log` (see `crate::log`).
+#[cfg(feature = "datapath-log")]
+#[map(name = "mn_log_event_v1")]
+pub static LOG_EVENT: PerCpuArray<crate::log::Event> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: `meshnet_log`, put there by the agent after loading.
+#[cfg(feature = "datapath-log")]
+#[map(name = "mn_log_progs_v1")]
+pub static LOG_PROGS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = STATS.get_ptr_mut(c as u32) {

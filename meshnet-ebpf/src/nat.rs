@@ -16,6 +16,7 @@ use meshnet_common::{
 };
 
 use crate::{
+    log,
     maps::{count, CLOCK, FRAGS, GW_PORTS, LOCAL, NAT_FWD, NAT_REV, PEERS, ROUTES},
     parse::{self, Addr, Ipv4, Ports, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -36,7 +37,10 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             // Untranslatable and bound for a remote CIDR: sent as it is, it would leave by the
             // default route still addressed to a remote pod.
             return match bad.daddr_be {
-                Some(d) if is_remote(d) => counted2(bad.counter, Counter::RemoteParseError, DROP),
+                Some(d) if is_remote(d) => {
+                    let verdict = counted2(bad.counter, Counter::RemoteParseError, DROP);
+                    log::dropped(ctx, bad.counter, 0, 0, 0, d, 0, verdict)
+                }
                 _ => counted(bad.counter, PASS),
             };
         }
@@ -53,11 +57,12 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
         Ok(Some(l4)) => l4,
         Ok(None) => {
             // ICMP (ping), SCTP, ...: there is no port to translate them by.
-            return if is_remote(ip.daddr_be) { counted(Counter::UnsupportedProto, DROP) } else { PASS };
+            return if is_remote(ip.daddr_be) { drop_packet(ctx, Counter::UnsupportedProto, &ip, None) } else { PASS };
         }
         Err(c) => {
             return if is_remote(ip.daddr_be) {
-                counted2(c, Counter::RemoteParseError, DROP)
+                let verdict = counted2(c, Counter::RemoteParseError, DROP);
+                log::dropped(ctx, c, ip.proto, ip.saddr_be, 0, ip.daddr_be, 0, verdict)
             } else {
                 counted(c, PASS)
             };
@@ -65,7 +70,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
     };
     let key = FlowKey::new(ip.saddr_be, ip.daddr_be, l4.sport_be, l4.dport_be, ip.proto);
     let now = now_ns();
-    let fwd = match NAT_FWD.get_ptr_mut(key) {
+    let (fwd, new) = match NAT_FWD.get_ptr_mut(key) {
         Some(fwd) => {
             // SAFETY: a map value pointer from a successful lookup of a map whose elements are
             // freed only after an RCU grace period; concurrent writers only touch the
@@ -96,22 +101,29 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             if idle || rst_was != rst_now {
                 check_rev(&key, &fwd, now, rst_now);
             }
-            fwd
+            (fwd, false)
         }
         None => match new_flow(&key, ifindex(ctx), now) {
-            Ok(Some(fwd)) => fwd,
+            Ok(Some(fwd)) => (fwd, true),
             Ok(None) => return PASS,
-            Err((c, verdict)) => return counted(c, verdict),
+            Err((c, verdict)) => {
+                count(c);
+                return if verdict == DROP { log::refused(ctx, c, &key, verdict) } else { verdict };
+            }
         },
     };
     if rewrite_fwd(ctx, &ip, &l4, &fwd).is_err() {
-        return counted(Counter::RewriteFailed, DROP);
+        return drop_packet(ctx, Counter::RewriteFailed, &ip, Some(&l4));
     }
     if ip.is_fragment {
         // The first fragment carries the ports; the rest of the datagram finds them here.
         remember_fragment(&ip, &l4);
     }
-    counted(Counter::Redirected, DONE)
+    count(Counter::Redirected);
+    if new {
+        return log::new_flow(ctx, &key, fwd.gw_addr_be, fwd.gw_port_be, fwd.nat_sport_be, DONE);
+    }
+    DONE
 }
 
 /// Records the ports of a first fragment under the datagram's identity (as it arrived).
@@ -140,10 +152,10 @@ fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
         unsafe { NAT_FWD.get(key) }.copied()
     });
     let Some(fwd) = fwd else {
-        return if is_remote(ip.daddr_be) { counted(Counter::FragmentDropped, DROP) } else { PASS };
+        return if is_remote(ip.daddr_be) { drop_packet(ctx, Counter::FragmentDropped, ip, None) } else { PASS };
     };
     if parse::set_addr(ctx, Addr::Dst, fwd.gw_addr_be).is_err() {
-        return counted(Counter::RewriteFailed, DROP);
+        return drop_packet(ctx, Counter::RewriteFailed, ip, None);
     }
     counted(Counter::FragmentTranslated, DONE)
 }
@@ -160,7 +172,7 @@ fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
         return PASS;
     };
     if parse::set_addr(ctx, Addr::Src, rev.remote_addr_be).is_err() {
-        return counted(Counter::RewriteFailed, DROP);
+        return drop_packet(ctx, Counter::RewriteFailed, ip, None);
     }
     counted(Counter::FragmentTranslated, DONE)
 }
@@ -269,7 +281,7 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         check_fwd(&key, &rev, ifindex(ctx), now, rst_now);
     }
     if rewrite_rev(ctx, &ip, &l4, &rev).is_err() {
-        return counted(Counter::RewriteFailed, DROP);
+        return drop_packet(ctx, Counter::RewriteFailed, &ip, Some(&l4));
     }
     counted(Counter::ReverseTranslated, DONE)
 }
@@ -300,9 +312,10 @@ fn icmp_to_pod(ctx: &TcContext, ip: &Ipv4) -> i32 {
         return PASS;
     }
     if rewrite_icmp(ctx, &e, &rev).is_err() {
-        return counted(Counter::RewriteFailed, DROP);
+        return drop_packet(ctx, Counter::RewriteFailed, ip, None);
     }
-    counted(Counter::IcmpErrorTranslated, DONE)
+    count(Counter::IcmpErrorTranslated);
+    log::icmp_translated(ctx, e.inner_proto, e.inner_saddr_be, rev.pod_port_be, rev.remote_addr_be, rev.remote_port_be, DONE)
 }
 
 #[inline(always)]
@@ -336,7 +349,7 @@ fn ifindex(ctx: &TcContext) -> u32 {
 /// The flow timestamp clock (`CLOCK_MONOTONIC`, as the agent's GC reads it): the tick the
 /// agent publishes, an inlined array read. Without an agent, the kernel's clock.
 #[inline(always)]
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     if cfg!(feature = "bench-no-clock") {
         return 0;
     }
@@ -351,6 +364,15 @@ fn now_ns() -> u64 {
 fn counted(c: Counter, verdict: i32) -> i32 {
     count(c);
     verdict
+}
+
+/// Drops a packet for `why`: counted, and logged by the logging object. `l4`: its ports,
+/// where they were read.
+#[inline(always)]
+fn drop_packet(ctx: &TcContext, why: Counter, ip: &Ipv4, l4: Option<&Ports>) -> i32 {
+    let (sport_be, dport_be) = l4.map_or((0, 0), |p| (p.sport_be, p.dport_be));
+    count(why);
+    log::dropped(ctx, why, ip.proto, ip.saddr_be, sport_be, ip.daddr_be, dport_be, DROP)
 }
 
 #[inline(always)]

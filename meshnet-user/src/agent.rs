@@ -26,6 +26,7 @@ use crate::{
         source::{self, ApiUpdate, SourceOptions},
     },
     datapath::{detach_interface, matching_interfaces, AttachMode, Datapath},
+    datapath_log,
     dump::monotonic_ns,
     health::{self, GatewayId, Health},
     maps::ControlMaps,
@@ -44,6 +45,8 @@ pub struct AgentOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// An eBPF object to load instead of the embedded one.
     pub ebpf_object: Option<PathBuf>,
+    /// Load the logging build of the datapath (also asked for by the config's `datapathLog`).
+    pub datapath_log: bool,
     /// Also follow peers published through the Kubernetes API.
     pub kube: Option<SourceOptions>,
     /// How long to wait for another agent holding the pin directory.
@@ -191,12 +194,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         pins.lock(wait, |holder| warn!(pin_path = %pins.root().display(), "another meshnet agent{holder} holds the pin directory; waiting for it to stop"))
     })
     .await??;
-    let datapath = match &opts.ebpf_object {
+    let (choice, why_not) = datapath_log::choose_here(opts.datapath_log || config.datapath_log);
+    if let Some(why) = why_not {
+        warn!("{why}");
+    }
+    let mut datapath = match &opts.ebpf_object {
         Some(path) => {
             let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Datapath::load_object(&opts.pins, config.max_flows, &object)?
+            Datapath::load_object(&opts.pins, config.max_flows, &object, choice)?
         }
-        None => Datapath::load(&opts.pins, config.max_flows)?,
+        None => Datapath::load(&opts.pins, config.max_flows, choice)?,
     };
     let mut maps = ControlMaps::open(&opts.pins)?;
     // Before any program of this build is attached, so that its first flows get this
@@ -204,6 +211,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     maps.publish_clock(monotonic_ns())?;
     let health = Health::from_pinned(&maps.current_peers()?);
     let metrics = Arc::new(Metrics::new(opts.pins.clone()));
+    // Before any program is attached, so that no line of this build's is written unread.
+    datapath_log::spawn(&mut datapath.ebpf, metrics.clone())?;
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
         tokio::spawn(metrics::serve(listener, metrics.clone()));
@@ -383,6 +392,9 @@ impl Agent {
             }
         };
         let config = merged.config;
+        if config.datapath_log != self.config.datapath_log {
+            warn!("a new datapathLog takes effect when the agent restarts: the logging build is another eBPF object");
+        }
         if config.max_flows != self.config.max_flows {
             warn!("a new nat.maxFlows takes effect when the agent restarts, which migrates every flow into maps of the new size");
         }

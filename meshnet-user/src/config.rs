@@ -35,6 +35,9 @@ pub struct RawConfig {
     pub nat: RawNat,
     #[serde(default)]
     pub health: RawHealth,
+    /// Load the datapath build that logs its decisions (as `meshnet agent --datapath-log`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub datapath_log: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -125,6 +128,8 @@ pub struct Config {
     pub max_flows: u32,
     pub gc: GcConfig,
     pub health: HealthConfig,
+    /// Whether the datapath's logging build is asked for (`datapathLog`).
+    pub datapath_log: bool,
 }
 
 /// Flow-state expiry.
@@ -655,6 +660,7 @@ impl RawConfig {
                 rise_threshold: self.health.rise_threshold,
                 down_grace: Duration::from_secs(self.health.down_grace_seconds),
             },
+            datapath_log: self.datapath_log,
         };
         (config, reserved)
     }

@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, io, path::Path};
 
 use anyhow::{bail, Context as _};
 use aya::{
+    maps::ProgramArray,
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -21,17 +22,38 @@ use meshnet_common::names;
 use tracing::{debug, info, warn};
 
 use crate::{
+    datapath_log::Choice,
     migrate::Migration,
     pins::{Direction, Pins},
 };
 
 /// The eBPF object, embedded at build time (see build.rs), so the binary ships alone.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshnet.bpf.o"));
+/// Its logging build (`--datapath-log`, see [`crate::datapath_log`]): the same maps and
+/// programs, plus aya-log's ring buffer and the log lines.
+pub static EBPF_LOG_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshnet-datapath-log.bpf.o"));
 
 /// Priority and handle of meshnet's netlink tc filters. Fixed, so that a restarted agent
 /// replaces its own filter in place (no window without one) instead of stacking another.
 pub const NL_PRIORITY: u16 = 0x4d4e; // "MN"
 pub const NL_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// Loads the logging object's line writer and puts it where the translating programs
+/// tail-call it; nothing for an object without it. Before any program is attached, so that
+/// no decision goes unlogged. The kernel empties the slot once no process holds the program
+/// array (the agent exited): the programs then return their verdicts without a line.
+fn install_log_program(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let Some(prog) = ebpf.program_mut(names::PROG_LOG) else { return Ok(()) };
+    let prog: &mut SchedClassifier = prog.try_into()?;
+    prog.load().with_context(|| format!("the kernel refused program {}", names::PROG_LOG))?;
+    let fd = prog.fd()?.try_clone()?;
+    let mut slots: ProgramArray<_> = ebpf
+        .map_mut(names::LOG_PROGS)
+        .with_context(|| format!("the logging object has no map {}", names::LOG_PROGS))?
+        .try_into()?;
+    slots.set(0, &fd, 0).context("installing the datapath's log program")?;
+    Ok(())
+}
 
 /// How programs are attached to interfaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -71,17 +93,23 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded object, reusing maps already pinned under `pins`, and loads (but
-    /// does not attach) the programs.
-    pub fn load(pins: &Pins, max_flows: u32) -> anyhow::Result<Self> {
-        Self::load_object(pins, max_flows, EBPF_OBJECT)
+    /// Loads the embedded object `choice` names, reusing maps already pinned under `pins`,
+    /// and loads (but does not attach) the programs.
+    pub fn load(pins: &Pins, max_flows: u32, choice: Choice) -> anyhow::Result<Self> {
+        let object = match choice {
+            Choice::Default => EBPF_OBJECT,
+            Choice::Logging { .. } => EBPF_LOG_OBJECT,
+        };
+        Self::load_object(pins, max_flows, object, choice)
     }
 
-    pub fn load_object(pins: &Pins, max_flows: u32, object: &[u8]) -> anyhow::Result<Self> {
+    /// [`Self::load`] with another object; with [`Choice::Logging`] its log level is set,
+    /// if it has one.
+    pub fn load_object(pins: &Pins, max_flows: u32, object: &[u8], choice: Choice) -> anyhow::Result<Self> {
         pins.prepare()?;
         let migration = Migration::prepare(pins, max_flows)?;
         let fresh: Vec<_> = names::ALL_MAPS.iter().map(|n| pins.map(n)).filter(|p| !p.exists()).collect();
-        let loaded = Self::load_pinned(pins, max_flows, object).and_then(|dp| {
+        let loaded = Self::load_pinned(pins, max_flows, object, choice).and_then(|dp| {
             if !migration.is_empty() {
                 // Before any program of this build runs, so that the first packets already
                 // find their flows.
@@ -132,11 +160,20 @@ impl Datapath {
             let p: &mut SchedClassifier = ebpf.program_mut(prog).context("program missing")?.try_into()?;
             p.load().with_context(|| format!("the kernel refused program {prog}"))?;
         }
+        install_log_program(&mut ebpf)?;
         Ok(ebpf)
     }
 
-    fn load_pinned(pins: &Pins, max_flows: u32, object: &[u8]) -> anyhow::Result<Self> {
+    fn load_pinned(pins: &Pins, max_flows: u32, object: &[u8], choice: Choice) -> anyhow::Result<Self> {
+        let level = match choice {
+            Choice::Logging { level } => Some(level),
+            Choice::Default => None,
+        };
         let mut loader = EbpfLoader::new();
+        if let Some(level) = &level {
+            // Not required to exist: any object may be loaded with --ebpf-object.
+            loader.override_global(names::LOG_LEVEL, level, false);
+        }
         let paths: Vec<_> = names::ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -159,6 +196,7 @@ impl Datapath {
                 .try_into()?;
             p.load().with_context(|| format!("the kernel refused program {prog}"))?;
         }
+        install_log_program(&mut ebpf)?;
         Ok(Self { ebpf, pins: pins.clone(), migration: None })
     }
 

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod batch;
 pub mod config;
 pub mod datapath;
+pub mod datapath_log;
 pub mod doctor;
 pub mod discovery;
 pub mod dump;

@@ -57,6 +57,12 @@ enum Command {
         /// Load this eBPF object instead of the embedded one (for testing builds).
         #[arg(long, hide = true)]
         ebpf_object: Option<PathBuf>,
+        /// Load the datapath's logging build: new flows, drops, refusals and translated ICMP
+        /// errors are logged under the target `meshnet::datapath` (rate-limited; never an
+        /// established flow's packets). Needs kernel 5.8+ (BPF ring buffers); on an older
+        /// kernel the agent says so and loads the default build. Also `datapathLog: true`.
+        #[arg(long)]
+        datapath_log: bool,
         /// Also take peers from the Kubernetes API: the ConfigMap `meshnet-peers` that
         /// `meshnet controller` publishes, and this node's pod CIDRs. Peers in --config win
         /// over published peers of the same name.
@@ -274,7 +280,18 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let pins = Pins::new(&cli.pin_path);
     match cli.command {
-        Command::Agent { config, attach_mode, rescan_seconds, metrics_addr, ebpf_object, kube, kube_args, node_name, lock_wait_seconds } => {
+        Command::Agent {
+            config,
+            attach_mode,
+            rescan_seconds,
+            metrics_addr,
+            ebpf_object,
+            datapath_log,
+            kube,
+            kube_args,
+            node_name,
+            lock_wait_seconds,
+        } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(agent::run(AgentOptions {
                 config,
@@ -283,6 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 metrics_addr,
                 ebpf_object,
+                datapath_log,
                 kube: kube.then_some(SourceOptions { kubeconfig: kube_args.kubeconfig, namespace: kube_args.namespace, node_name }),
                 lock_wait: Duration::from_secs_f64(lock_wait_seconds.max(0.0)),
             }))?;

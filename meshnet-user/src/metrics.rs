@@ -77,6 +77,10 @@ pub struct Metrics {
     /// 1 while the published object as a whole is missing or unreadable.
     pub api_peers_unreadable: Gauge,
     pub ready: AtomicBool,
+    /// 1 while the logging object's lines are read (`--datapath-log`).
+    pub datapath_log_enabled: Gauge,
+    /// Datapath log lines the logging object's rate limit held back.
+    pub datapath_log_suppressed: Counter,
     /// Why the node serves something other than what was published, one line each.
     problems: std::sync::Mutex<Vec<String>>,
     pins: Pins,
@@ -103,6 +107,8 @@ impl Metrics {
             api_peers_rejected: Gauge::default(),
             api_peers_unreadable: Gauge::default(),
             ready: AtomicBool::new(false),
+            datapath_log_enabled: Gauge::default(),
+            datapath_log_suppressed: Counter::default(),
             problems: std::sync::Mutex::new(Vec::new()),
             pins,
             last_walk: Mutex::new(None),
@@ -135,6 +141,16 @@ impl Metrics {
             "api_peers_unreadable",
             "1 while the published peers object is missing or unreadable; the last good peers stay",
             m.api_peers_unreadable.clone(),
+        );
+        registry.register(
+            "datapath_log_enabled",
+            "1 while the datapath's logging build runs and its lines are read (--datapath-log)",
+            m.datapath_log_enabled.clone(),
+        );
+        registry.register(
+            "datapath_log_suppressed",
+            "Datapath log lines held back by the logging build's rate limit (the datapath counters count every event)",
+            m.datapath_log_suppressed.clone(),
         );
         Self { registry, ..m }
     }

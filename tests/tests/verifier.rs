@@ -21,7 +21,7 @@ use std::{
 
 use aya::maps::MapData;
 use aya_obj::generated::bpf_insn;
-use meshnet::datapath::EBPF_OBJECT;
+use meshnet::datapath::{EBPF_LOG_OBJECT, EBPF_OBJECT};
 use meshnet_common::names;
 use meshnet_tests::{kernel_release, raw_bpf, require_root};
 use serde_json::json;
@@ -37,7 +37,7 @@ const BUDGET_DIVISOR: u64 = 4;
 
 #[derive(Debug)]
 struct Stats {
-    program: &'static str,
+    program: String,
     instructions: usize,
     processed: u64,
     limit: u64,
@@ -73,7 +73,7 @@ fn number_after(log: &str, key: &str) -> Option<u64> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-fn parse(program: &'static str, instructions: usize, log: &str) -> Stats {
+fn parse(program: String, instructions: usize, log: &str) -> Stats {
     let processed = number_after(log, "processed ").unwrap_or_else(|| panic!("no processed count in the log of {program}:\n{log}"));
     let limit = number_after(log, "(limit ").unwrap_or(OLD_LIMIT);
     // "stack depth 64+0+16": one number per function (the program and its subprograms).
@@ -92,9 +92,9 @@ fn parse(program: &'static str, instructions: usize, log: &str) -> Stats {
     Stats { program, instructions, processed, limit, stack_depth, verification_usec: number_after(log, "verification time ") }
 }
 
-/// Every program of the embedded object, loaded with statistics.
-fn measure() -> Vec<Stats> {
-    let mut obj = aya_obj::Object::parse(EBPF_OBJECT).expect("parsing the embedded object");
+/// `programs` of `object`, loaded with statistics, named with `prefix`.
+fn measure(object: &[u8], programs: &[&str], prefix: &str) -> Vec<Stats> {
+    let mut obj = aya_obj::Object::parse(object).expect("parsing the embedded object");
     // The maps, created by aya from the object's own definitions (kept alive while loading).
     let maps: BTreeMap<String, MapData> = obj
         .maps
@@ -112,13 +112,13 @@ fn measure() -> Vec<Stats> {
     )
     .expect("relocating map references");
     obj.relocate_calls(&text_sections).expect("relocating calls");
-    [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY]
-        .into_iter()
+    programs
+        .iter()
         .map(|program| {
-            let prog = obj.programs.get(program).unwrap_or_else(|| panic!("the object has no program {program}"));
+            let prog = obj.programs.get(*program).unwrap_or_else(|| panic!("the object has no program {program}"));
             let insns = &obj.functions[&prog.function_key()].instructions;
             let log = load_with_stats(program, insns, &obj.license);
-            parse(program, insns.len(), &log)
+            parse(format!("{prefix}{program}"), insns.len(), &log)
         })
         .collect()
 }
@@ -127,14 +127,21 @@ fn measure() -> Vec<Stats> {
 fn verifier_budget() {
     require_root();
     let release = kernel_release();
-    let stats = measure();
+    let mut stats = measure(EBPF_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY], "");
+    // The logging build (`--datapath-log`) where the kernel can load it: its translating
+    // programs carry a tail call per decision, its line writer aya-log's formatting.
+    if meshnet::datapath_log::ring_buffers_supported() {
+        stats.extend(measure(EBPF_LOG_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_LOG], "log:"));
+    } else {
+        println!("the logging build is not measured: this kernel has no BPF ring buffers");
+    }
     println!("verifier statistics on {release}:");
-    println!("{:<18} {:>7} {:>10} {:>9} {:>7} {:>11}", "PROGRAM", "INSNS", "PROCESSED", "OF LIMIT", "STACK", "VERIFY TIME");
+    println!("{:<22} {:>7} {:>10} {:>9} {:>7} {:>11}", "PROGRAM", "INSNS", "PROCESSED", "OF LIMIT", "STACK", "VERIFY TIME");
     for s in &stats {
         #[allow(clippy::cast_precision_loss)]
         let share = 100.0 * s.processed as f64 / s.limit as f64;
         println!(
-            "{:<18} {:>7} {:>10} {:>8.2}% {:>7} {:>11}",
+            "{:<22} {:>7} {:>10} {:>8.2}% {:>7} {:>11}",
             s.program,
             s.instructions,
             s.processed,

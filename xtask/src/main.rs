@@ -288,10 +288,17 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the eBPF object and copies it to target/ebpf/meshnet.bpf.o, where meshnet's
-/// build.rs embeds it from.
+/// The second object meshnet ships: the datapath that also logs its decisions through
+/// aya-log (`meshnet agent --datapath-log`).
+const LOGGING_FEATURE: &str = "datapath-log";
+
+/// Builds the eBPF objects meshnet embeds (see meshnet-user/build.rs): the datapath, to
+/// target/ebpf/meshnet.bpf.o, and its logging build, to target/ebpf/meshnet-datapath-log.bpf.o.
+/// Returns the first.
 fn build_ebpf() -> anyhow::Result<PathBuf> {
-    build_ebpf_variant(None)
+    let object = build_ebpf_variant(None)?;
+    build_ebpf_variant(Some(LOGGING_FEATURE))?;
+    Ok(object)
 }
 
 /// Builds the eBPF object, or with `feature` a variant of it (into its own target dir and

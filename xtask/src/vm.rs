@@ -88,15 +88,16 @@ const MATRIX: [MatrixKernel; 3] = [
 
 /// The datapath test targets of `meshnet-tests` that run in the VMs. Others (config,
 /// discovery, manifests) do not touch the kernel and run on the host only.
-const GUEST_TESTS: [&str; 5] = ["verifier", "pipeline", "packets", "e2e", "agent"];
+const GUEST_TESTS: [&str; 6] = ["verifier", "pipeline", "packets", "e2e", "agent", "datapath_log"];
 
 /// The subset run in each VM with `--quick-matrix`, and on a matrix kernel for the targets
 /// its `whole` leaves out; a `--kernel PATH` guest runs every datapath test. The subset: the verifier's
 /// statistics, loading with and without kernel BTF, both attach paths, every packet test
 /// (`BPF_PROG_TEST_RUN`, no namespaces, fast), a redirected request with its reply in both
 /// checksum modes, a held connection across agent restarts, and another tool's programs
-/// beside meshnet's (netlink everywhere, tcx where the kernel has it).
-const SUBSET: [(&str, &[&str]); 5] = [
+/// beside meshnet's (netlink everywhere, tcx where the kernel has it), and the logging build's
+/// lines and rate limit (every matrix kernel has ring buffers).
+const SUBSET: [(&str, &[&str]); 6] = [
     ("verifier", &[]),
     ("pipeline", &["tcx_pipeline", "netlink_pipeline", "loads_without_kernel_btf"]),
     ("packets", &[]),
@@ -108,6 +109,14 @@ const SUBSET: [(&str, &[&str]); 5] = [
             "held_connection_survives_restart_tcx",
             "foreign_programs_keep_working_netlink",
             "foreign_programs_keep_working_tcx",
+        ],
+    ),
+    (
+        "datapath_log",
+        &[
+            "the_default_object_has_no_ring_buffer_and_no_logging_instruction",
+            "logs_a_new_flow_and_a_drop",
+            "a_drop_flood_is_rate_limited_and_every_drop_accounted_for",
         ],
     ),
 ];
