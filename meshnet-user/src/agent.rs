@@ -183,6 +183,11 @@ struct Agent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    // Taken first: a SIGTERM that comes while the agent starts (or right after it said it is
+    // ready) stops it cleanly once it has started, instead of killing it half-way.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     // A bad config fails here, before anything is loaded or attached.
     let (file, config_text) = RawConfig::load(&opts.config)?;
     let config = file.validated_on(&opts.config.display().to_string(), &netlink::local_addresses())?;
@@ -194,7 +199,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         pins.lock(wait, |holder| warn!(pin_path = %pins.root().display(), "another meshnet agent{holder} holds the pin directory; waiting for it to stop"))
     })
     .await??;
-    let (choice, why_not) = datapath_log::choose_here(opts.datapath_log || config.datapath_log);
+    let node_asks = match &opts.kube {
+        Some(src) => source::node_asks_for_datapath_log(src).await,
+        None => false,
+    };
+    let (choice, why_not) = datapath_log::choose_here(opts.datapath_log || config.datapath_log || node_asks);
     if let Some(why) = why_not {
         warn!("{why}");
     }
@@ -265,9 +274,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     agent.metrics.ready.store(true, Ordering::Relaxed);
     info!(pin_path = %agent.opts.pins.root().display(), interfaces = ?agent.attached.keys().collect::<Vec<_>>(), "meshnet agent ready");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let links = match LinkEvents::new() {
         Ok(l) => Some(l),
         Err(e) => {

@@ -916,3 +916,32 @@ fn a_deleted_or_corrupted_publish_keeps_the_agents_maps() {
     assert!(ready.is_some(), "{}", m.http(9470, "/readyz"));
     assert!(m.routes().iter().all(|r| !r.starts_with("169.254.")));
 }
+
+/// `meshnet.io/datapath-log: "true"` on its Node makes that node's agent load the logging
+/// build (on a kernel with ring buffers), and only that agent: another node's sees nothing.
+#[test]
+fn a_node_annotation_turns_datapath_logging_on_for_that_node() {
+    if !meshnet::datapath_log::ring_buffers_supported() {
+        meshnet_tests::skip("BPF ring buffers (5.8)");
+        return;
+    }
+    let m = Mesh::new();
+    let mut agent = m.agent();
+    assert!(!agent.child.output().contains("datapath logging on"), "{}", agent.child.output());
+    assert!(agent.child.stop(), "{}", agent.child.output());
+    drop(agent);
+    let mut n = m.local.get("v1", "Node", None, "node1").expect("node1");
+    n["metadata"]["annotations"] = json!({"meshnet.io/datapath-log": "true"});
+    m.local.apply(n);
+    let mut agent = m.agent();
+    assert!(agent.child.output().contains("datapath logging on"), "{}", agent.child.output());
+    assert!(agent.child.stop(), "{}", agent.child.output());
+    drop(agent);
+    // Any other value is not a yes, and says so.
+    let mut n = m.local.get("v1", "Node", None, "node1").expect("node1");
+    n["metadata"]["annotations"] = json!({"meshnet.io/datapath-log": "yes"});
+    m.local.apply(n);
+    let agent = m.agent();
+    let out = agent.child.output();
+    assert!(!out.contains("datapath logging on") && out.contains("the annotation is not \"true\""), "{out}");
+}

@@ -37,6 +37,44 @@ pub enum ApiUpdate {
     Error(String),
 }
 
+/// The annotation on a Node that asks its agent for the datapath's logging build
+/// (`--datapath-log`): logging on one node while debugging, without touching the DaemonSet or
+/// the config every node shares. Read when the agent starts.
+pub const DATAPATH_LOG_ANNOTATION: &str = "meshnet.io/datapath-log";
+
+/// How long the agent's start waits for its Node before it loads the default build.
+const NODE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whether this node's Node object carries `meshnet.io/datapath-log: "true"`. Read once,
+/// before the datapath loads; an API server that cannot say so within a few seconds means
+/// no, so that an outage never holds the datapath back.
+pub async fn node_asks_for_datapath_log(opts: &SourceOptions) -> bool {
+    let Some(node) = opts.node_name.as_deref() else { return false };
+    let read = async {
+        let client = super::local_client(opts.kubeconfig.as_deref()).await?;
+        // The whole object rather than its metadata only: once per start, and the shape
+        // every API server (1.18 too) and the tests' fake serve alike.
+        let meta = Api::<Node>::all(client).get(node).await?;
+        anyhow::Ok(meta.metadata.annotations.and_then(|a| a.get(DATAPATH_LOG_ANNOTATION).cloned()))
+    };
+    match tokio::time::timeout(NODE_READ_TIMEOUT, read).await {
+        Ok(Ok(Some(v))) if v == "true" => true,
+        Ok(Ok(Some(v))) => {
+            warn!(node, annotation = DATAPATH_LOG_ANNOTATION, value = %v, "the annotation is not \"true\"; datapath logging stays off");
+            false
+        }
+        Ok(Ok(None)) => false,
+        Ok(Err(e)) => {
+            warn!(node, error = %e, "could not read this node's {DATAPATH_LOG_ANNOTATION} annotation; datapath logging stays off unless asked for by flag or config");
+            false
+        }
+        Err(_) => {
+            warn!(node, "the API server did not answer within {NODE_READ_TIMEOUT:?}; this node's {DATAPATH_LOG_ANNOTATION} annotation is not read");
+            false
+        }
+    }
+}
+
 /// Starts the watches; updates arrive on `tx`. Connecting fails only on a bad kubeconfig:
 /// an unreachable API server just means no updates (the datapath keeps its state).
 pub async fn spawn(opts: SourceOptions, tx: mpsc::Sender<ApiUpdate>) -> anyhow::Result<()> {
