@@ -115,6 +115,9 @@ pub fn run(pins: &Pins, config: Option<&Path>) -> Vec<Check> {
         .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
     checks.push(probe_check("program type SchedClassifier (tc)", "4.1", r));
     checks.push(attach_check(kernel));
+    checks.push(datapath_log_check(
+        aya::sys::is_map_supported(MapType::RingBuf).map_err(|e| format!("{:#}", anyhow::Error::from(e))),
+    ));
     checks.push(bpffs_check(pins));
     checks.push(pins_check(pins));
     if let Some(c) = flow_table_check(pins) {
@@ -222,6 +225,22 @@ pub fn probe_check(name: &str, since: &str, probed: Result<bool, String>) -> Che
             .fix(format!("use a kernel of 5.4 or newer built with CONFIG_BPF_SYSCALL and CONFIG_NET_CLS_BPF; {KERNEL_DOC}")),
         Err(e) => Check::new(name, Level::Warn, format!("could not probe: {e}"))
             .fix("run `meshnet doctor` as root, or with the capabilities the agent gets, so that it can create test maps and programs"),
+    }
+}
+
+/// Whether `--datapath-log` can load the logging build here (BPF ring buffers, 5.8). Never a
+/// failure: meshnet runs without it.
+#[must_use]
+pub fn datapath_log_check(ring_buffers: Result<bool, String>) -> Check {
+    const NAME: &str = "datapath logging";
+    match ring_buffers {
+        Ok(true) => Check::new(NAME, Level::Ok, "available: BPF ring buffers are supported, so `--datapath-log` loads the logging build"),
+        Ok(false) => Check::new(
+            NAME,
+            Level::Info,
+            "not available: BPF ring buffers need kernel 5.8; with `--datapath-log` the agent says so and loads the default build (the counters still count every drop)",
+        ),
+        Err(e) => Check::new(NAME, Level::Info, format!("could not probe BPF ring buffers: {e}")),
     }
 }
 
@@ -758,6 +777,17 @@ mod tests {
         let c = attach_check(Some(KernelRelease::new(6, 1, 0)));
         assert_eq!(c.level, Level::Info);
         assert!(c.detail.starts_with("netlink clsact") && c.detail.contains("6.6"));
+    }
+
+    #[test]
+    fn datapath_logging_is_never_a_failure() {
+        let c = datapath_log_check(Ok(true));
+        assert_eq!(c.level, Level::Ok);
+        assert!(c.detail.starts_with("available"));
+        let c = datapath_log_check(Ok(false));
+        assert_eq!(c.level, Level::Info);
+        assert!(c.detail.contains("5.8") && c.detail.contains("default build"), "{}", c.detail);
+        assert_eq!(datapath_log_check(Err("EPERM".into())).level, Level::Info);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
     sync::Mutex,
 };
 
-use meshnet::datapath::{Datapath, EBPF_OBJECT};
+use meshnet::datapath::{Datapath, EBPF_LOG_OBJECT, EBPF_OBJECT};
 use meshnet_common::names;
 use meshnet_tests::require_root;
 
@@ -79,6 +79,20 @@ fn embedded_object_loads() {
     require_root();
     assert!(!EBPF_OBJECT.is_empty(), "this build embedded the MESHNET_EBPF_STUB placeholder");
     loads("the object embedded by build.rs", EBPF_OBJECT);
+}
+
+#[test]
+fn embedded_logging_object_loads_with_its_line_writer() {
+    require_root();
+    if !meshnet::datapath_log::ring_buffers_supported() {
+        meshnet_tests::skip("BPF ring buffers (5.8)");
+        return;
+    }
+    assert!(!EBPF_LOG_OBJECT.is_empty(), "this build embedded the MESHNET_EBPF_STUB placeholder");
+    loads("the logging object embedded by build.rs", EBPF_LOG_OBJECT);
+    let mut ebpf = Datapath::load_unpinned_object(1024, EBPF_LOG_OBJECT).unwrap();
+    let p = ebpf.program_mut(names::PROG_LOG).expect("the logging object has no line writer");
+    assert!(p.fd().is_ok(), "{} is not loaded", names::PROG_LOG);
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! `cargo xtask bench [--quick]`: builds what the benchmarks measure and runs them.
 //!
-//! Builds the release eBPF object (embedded in `meshnet`), the two benchmark-only variants of
-//! it (`bench-no-rewrite`, `bench-no-clock`: the datapath with one part taken out, so that its
-//! cost shows by difference), the release `meshnet` binary (the agent under test) and the
+//! Builds the release eBPF objects (embedded in `meshnet`: the datapath and its logging build,
+//! which is measured beside it), the two benchmark-only variants of it (`bench-no-rewrite`,
+//! `bench-no-clock`: the datapath with one part taken out, so that its cost shows by
+//! difference), the release `meshnet` binary (the agent under test) and the
 //! `meshnet-bench` binary, then runs `meshnet-bench`, which writes docs/benchmarks.md,
 //! docs/benchmarks.json and the plots beside them.
 
@@ -70,6 +71,10 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     for (name, path) in &variants {
         cmd.arg("--variant").arg(format!("{name}={}", path.display()));
     }
+    // The logging build, which build_ebpf made beside the default one: what it costs, measured
+    // in the same loop.
+    let logging = root.join("target/ebpf").join(format!("meshnet-{}.bpf.o", super::LOGGING_FEATURE));
+    cmd.arg("--variant").arg(format!("{}={}", super::LOGGING_FEATURE, logging.display()));
     let started = Instant::now();
     run(&mut cmd)?;
     println!(

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use aya::{
-    maps::lpm_trie::Key,
+    maps::{lpm_trie::Key, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
     Ebpf,
 };
@@ -39,7 +39,7 @@ use meshnet::{
     datapath::Datapath,
     maps::{self, addr_be, ControlMaps, Stats},
 };
-use meshnet_common::{limits, names, FlowKey, Gateway, NatRev, PeerGateways, RouteValue, GW_UP, IPPROTO_TCP};
+use meshnet_common::{limits, names, FlowKey, Gateway, LogBudget, NatRev, PeerGateways, RouteValue, GW_UP, IPPROTO_TCP};
 use serde_json::{json, Value};
 
 use crate::stats::{ratios, round, trimmed_mean, Stat};
@@ -68,6 +68,8 @@ const APP_PORT: u16 = 8080;
 const DB_PORT: u16 = 5432;
 const UNSPEC: u32 = u32::MAX;
 const OK: u32 = 0;
+/// `TC_ACT_SHOT`: a dropped packet.
+const SHOT: u32 = 2;
 
 pub struct Params {
     /// Runs per syscall for method A.
@@ -191,6 +193,16 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8>
     out
 }
 
+fn icmp_echo(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 10], [2, 0, 0, 0, 0, 1])
+        .ipv4(src, dst, 64)
+        .icmpv4_echo_request(0x4d4e, 1)
+        .write(&mut out, b"meshnet")
+        .unwrap();
+    out
+}
+
 fn sum16(data: &[u8]) -> u32 {
     data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
 }
@@ -246,20 +258,10 @@ struct Run {
 impl Dp {
     fn load(max_flows: u32, object: Option<&[u8]>) -> anyhow::Result<Self> {
         let config = Config::from_yaml(CONFIG)?;
+        // As the agent loads it (the logging build's line writer installed too).
         let mut ebpf = match object {
             None => Datapath::load_unpinned(max_flows)?,
-            // As Datapath::load_unpinned does with the embedded object.
-            Some(object) => {
-                let mut loader = aya::EbpfLoader::new();
-                loader.map_max_entries(names::NAT_FWD, max_flows);
-                loader.map_max_entries(names::NAT_REV, max_flows);
-                let mut ebpf = loader.load(object).context("loading the eBPF object")?;
-                for name in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY] {
-                    let p: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
-                    p.load().with_context(|| format!("loading {name}"))?;
-                }
-                ebpf
-            }
+            Some(object) => Datapath::load_unpinned_object(max_flows, object)?,
         };
         let mut maps = ControlMaps::from_ebpf(&mut ebpf)?;
         maps.sync(&config.desired())?;
@@ -353,6 +355,8 @@ fn amortised(dp: &Dp, c: &Case<'_>, repeat: u32) -> anyhow::Result<(f64, f64)> {
 
 /// The measured packets.
 struct Packets {
+    /// ICMP to a remote pod: dropped (gateway mode translates TCP and UDP only).
+    drop: Vec<u8>,
     hot: Vec<u8>,
     reply: Vec<u8>,
     miss: Vec<u8>,
@@ -363,6 +367,7 @@ struct Packets {
 impl Packets {
     fn new() -> Self {
         Self {
+            drop: icmp_echo(POD, REMOTE),
             hot: tcp(POD, POD_PORT, REMOTE, APP_PORT, false),
             reply: tcp(GW, GW_TCP, POD, POD_PORT, false),
             miss: tcp(POD, POD_PORT, SERVICE, APP_PORT, false),
@@ -640,6 +645,10 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
         }
     }
     let mut out = serde_json::Map::new();
+    let mut decided = Vec::new();
+    for (_, dp) in &mut dps {
+        decided.push(decisions(dp, &pk, p)?);
+    }
     let names = CASES;
     for (i, (name, _)) in dps.iter().enumerate() {
         let mut v = serde_json::Map::new();
@@ -655,9 +664,68 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
                 }),
             );
         }
+        v.insert("decisions".into(), decided[i].clone());
         out.insert(name.clone(), Value::Object(v));
     }
     Ok(Value::Object(out))
+}
+
+/// Single runs of the drop packet per sample in [`decisions`].
+const DROP_SAMPLES: usize = 400;
+
+/// What a build spends on decisions, where the logging build differs from the default one:
+/// a drop (ICMP to a remote pod) amortised over `repeat` runs, where the logging build holds
+/// all but its budget's first lines back; the same drop run by run with its line written
+/// (the ring drained and the line budget made fresh before every run; in the default build,
+/// the same single runs without a line); and a new flow, method B.
+fn decisions(dp: &mut Dp, pk: &Packets, p: &Params) -> anyhow::Result<Value> {
+    let drop_case = Case {
+        name: "drop",
+        prog: prog(&dp.ebpf, names::PROG_FROM_POD),
+        pkt: &pk.drop,
+        counter: Some("unsupported_proto"),
+        verdict: SHOT,
+    };
+    let mut amortised_ns = Vec::new();
+    for _ in 0..p.reps {
+        amortised_ns.push(amortised(dp, &drop_case, p.repeat)?.0);
+    }
+    let logging = dp.ebpf.map(names::LOG_RING).is_some();
+    let mut ring: Option<RingBuf<MapData>> = match dp.ebpf.take_map(names::LOG_RING) {
+        Some(m) => Some(m.try_into()?),
+        None => None,
+    };
+    let mut budget: Option<PerCpuArray<MapData, LogBudget>> = match dp.ebpf.take_map(names::LOG_BUDGET) {
+        Some(m) => Some(m.try_into()?),
+        None => None,
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let from_pod = prog(&dp.ebpf, names::PROG_FROM_POD);
+    let (mut single, mut lines) = (Vec::with_capacity(DROP_SAMPLES), 0);
+    for _ in 0..DROP_SAMPLES {
+        if let (Some(ring), Some(budget)) = (ring.as_mut(), budget.as_mut()) {
+            while ring.next().is_some() {}
+            budget.set(0, PerCpuValues::try_from(vec![LogBudget::default(); cpus])?, 0)?;
+        }
+        let r = test_run(from_pod, &pk.drop, 1)?;
+        ensure!(r.ret == SHOT, "drop: verdict {}", r.ret);
+        single.push(r.kernel.as_nanos() as f64);
+        if let Some(ring) = ring.as_mut() {
+            if ring.next().is_some() {
+                lines += 1;
+            }
+        }
+    }
+    if logging {
+        ensure!(lines == DROP_SAMPLES, "the logging build wrote {lines} lines for {DROP_SAMPLES} drops with a fresh budget");
+    }
+    let nf = per_call(dp, pk, p.new_flow_batch.min(5_000), 2)?;
+    Ok(json!({
+        "drop": { "ns": Stat::of(&amortised_ns).json() },
+        "drop_single": { "ns": Stat::of(&single).json(), "lines": lines, "samples": DROP_SAMPLES },
+        "new_flow": nf["new_flow"],
+        "empty_single": nf["empty"],
+    }))
 }
 
 /// Every route configuration; the 1-CIDR one is shared by both sets.

@@ -563,6 +563,9 @@ fn first_last_rules(e2e: &Value) -> Option<(u64, u64)> {
 }
 
 /// A figure at a path inside a configuration's results.
+/// The `--variant` name `cargo xtask bench` gives the logging build (meshnet-ebpf's feature).
+const LOGGING_VARIANT: &str = "datapath-log";
+
 fn at(v: &Value, path: &[&str]) -> f64 {
     let mut v = v;
     for p in path {
@@ -732,6 +735,21 @@ fn datapath_section(md: &mut String, dp: &Value) {
         // earlier release measured in the same loop, say.
         if let Some(all) = bd.as_object() {
             for (name, v) in all.iter().filter(|(n, _)| *n != "default" && !n.starts_with("bench-")) {
+                if name == LOGGING_VARIANT {
+                    let _ = writeln!(
+                        md,
+                        "**The logging build (`meshnet agent --datapath-log`)** is `{name}` below. An \
+                         established flow's packet never reaches a log line in it, so its hot path and \
+                         replies cost what the default build's do; it differs at decisions, where the \
+                         translating program notes the event and tail-calls the line writer. With the \
+                         ring unread (nobody reads it in a benchmark) and the budget of {} lines per CPU \
+                         and second spent, a decision costs the tail call and the budget check, and its \
+                         line is counted as held back; \"with its line written\" drains the ring and \
+                         makes the budget fresh before every single run. The default build's decisions \
+                         write nothing.\n",
+                        meshnet_common::limits::LOG_LINES_PER_SEC
+                    );
+                }
                 let _ = writeln!(
                     md,
                     "**This build against `{name}`**, another object given with `--variant`, measured in \
@@ -749,6 +767,17 @@ fn datapath_section(md: &mut String, dp: &Value) {
                             fmt_opt(&d[case]["ns"], 0),
                             fmt_opt(&v[case]["default_minus_this"], 0)
                         );
+                    }
+                }
+                // Decisions: medians of separate samples, so the change is theirs.
+                for (path, label) in [
+                    (["decisions", "drop", "ns"], "a drop (ICMP to a remote pod), amortised"),
+                    (["decisions", "drop_single", "ns"], "a drop run by run (the logging build: with its line written)"),
+                    (["decisions", "new_flow", "ns"], "a new flow (method B; the logging build: line held back)"),
+                ] {
+                    let (theirs, mine) = (at(v, &path), at(d, &path));
+                    if theirs.is_finite() && mine.is_finite() {
+                        let _ = writeln!(md, "| {label} | {theirs:.0} | {mine:.0} | {:+.0} |", mine - theirs);
                     }
                 }
                 md.push('\n');
