@@ -623,6 +623,81 @@ fn measure_config(p: &Params, n: usize, set: PrefixSet, naive: Option<&mut Value
     Ok(json!({ "cidrs": n, "set": set.name(), "amortised": a, "per_call": b }))
 }
 
+/// Room the full-map figures leave in the flow maps: the new flows measured there.
+const FULL_ROOM: usize = 1_000;
+/// Established flows sampled per repeat of the full-map figures.
+const FULL_SAMPLES: usize = 5_000;
+/// Where the full maps' flows start in [`new_flow_tuple`]'s numbering, clear of the new
+/// flows [`per_call`] makes.
+const FULL_BASE: usize = 100_000;
+
+/// The flow maps full (65,536 entries each, less [`FULL_ROOM`]: what a busy node holds), so
+/// that the hash lookups miss the CPU caches as they do there: method B over a different
+/// established flow at every run, in a shuffled order, for `from_pod`'s hot path and
+/// `to_pod`'s replies, each run beside an empty-program run; and new flows (method B) into
+/// the room left. The other figures run one flow over and over, whose bucket and entry stay
+/// in the cache.
+fn full_maps(p: &Params) -> anyhow::Result<Value> {
+    let mut dp = Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?;
+    let pk = Packets::new();
+    // One more entry of room: `per_call` also runs the established-flow packet, whose flow
+    // it creates.
+    let live = limits::DEFAULT_NAT_ENTRIES as usize - FULL_ROOM - 1;
+    let (from_pod, to_pod, empty) = (prog(&dp.ebpf, names::PROG_FROM_POD), prog(&dp.ebpf, names::PROG_TO_POD), prog(&dp.ebpf, names::PROG_EMPTY));
+    let mut syn = tcp(POD, 1, REMOTE, APP_PORT, true);
+    let (mut hot, mut reply) = (Vec::with_capacity(live), Vec::with_capacity(live));
+    for i in FULL_BASE..FULL_BASE + live {
+        new_flow_syn(&mut syn, i);
+        let r = test_run(from_pod, &syn, 1)?;
+        ensure!(r.ret == OK, "filling the flow maps: flow {i} got verdict {}", r.ret);
+        let (ip, port) = new_flow_tuple(i);
+        hot.push(tcp(ip, port, REMOTE, APP_PORT, false));
+        reply.push(tcp(GW, GW_TCP, ip, port, false));
+    }
+    let held = dp.maps.nat_fwd.keys().count();
+    ensure!(held == live, "the forward flow map holds {held} flows, expected {live}");
+    let mut rng = fastrand::Rng::with_seed(0x6d65_7368);
+    let ns = |r: Run| u32::try_from(r.kernel.as_nanos()).unwrap_or(u32::MAX);
+    let (mut empty_b, mut hot_b, mut reply_b) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut e, mut h, mut rp) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..p.reps {
+        for _ in 0..FULL_SAMPLES {
+            let k = rng.usize(..live);
+            e.push(ns(test_run(empty, &pk.hot, 1)?));
+            let r = test_run(from_pod, &hot[k], 1)?;
+            ensure!(r.ret == OK, "full maps: flow {k}'s packet got verdict {}", r.ret);
+            h.push(ns(r));
+            let r = test_run(to_pod, &reply[rng.usize(..live)], 1)?;
+            ensure!(r.ret == OK, "full maps: a reply got verdict {}", r.ret);
+            rp.push(ns(r));
+        }
+        empty_b.push(trimmed_mean(&mut e));
+        hot_b.push(trimmed_mean(&mut h));
+        reply_b.push(trimmed_mean(&mut rp));
+        e.clear();
+        h.clear();
+        rp.clear();
+    }
+    let nf = per_call(&mut dp, &pk, FULL_ROOM, p.reps)?;
+    let figure = |v: &[f64]| {
+        json!({
+            "ns": Stat::of(v).json(),
+            "ratio_to_empty": Stat::of(&ratios(v, &empty_b)).json(),
+            "net_ns": Stat::of(&v.iter().zip(&empty_b).map(|(x, e)| x - e).collect::<Vec<_>>()).json(),
+        })
+    };
+    Ok(json!({
+        "flows": live,
+        "capacity": limits::DEFAULT_NAT_ENTRIES,
+        "samples_per_repeat": FULL_SAMPLES,
+        "empty": { "ns": Stat::of(&empty_b).json() },
+        "hot": figure(&hot_b),
+        "reply": figure(&reply_b),
+        "new_flow": nf["new_flow"],
+        "new_flow_empty": nf["empty"],
+    }))
+}
+
 /// The default object and the benchmark variants side by side, one CIDR, method A: what
 /// the rewrite and the clock read cost, by difference.
 fn breakdown(p: &Params) -> anyhow::Result<Value> {
@@ -748,6 +823,8 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             configs.push(c);
         }
     }
+    eprintln!("bench: datapath, flow maps full");
+    let full = full_maps(p).context("full flow maps")?;
     eprintln!("bench: datapath, new flows amortised over a chain of routes");
     let chained = chain_new_flows(p).context("new flows through a chain of routes")?;
     let parts = if p.variants.is_empty() {
@@ -762,6 +839,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         "configs": configs,
         "naive_repeat": naive,
         "new_flow_chain": chained,
+        "full_maps": full,
         "breakdown": parts,
         "seconds": round(started.elapsed().as_secs_f64()),
     }))
