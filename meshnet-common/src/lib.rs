@@ -64,8 +64,9 @@ pub mod names {
     /// use; until it is set, `to_pod` looks every packet up.
     pub const GW_PORTS: &str = "mn_gw_ports_v1";
 
-    /// Only in the logging object (`--datapath-log`): per CPU, the rate limit of its log
-    /// lines ([`crate::LogBudget`]). Not pinned: it lives as long as the programs that use it.
+    /// Only in the logging object (`--datapath-log`): the node's rate limit of its log lines
+    /// ([`crate::LogBudget`], an array of one). Not pinned: it lives as long as the programs
+    /// that use it.
     pub const LOG_BUDGET: &str = "mn_log_budget_v1";
     /// Only in the logging object: the per-CPU slot where a translating program notes a
     /// decision for [`PROG_LOG`]. Kernel-side only.
@@ -124,10 +125,10 @@ pub mod limits {
     /// pod's own sockets pick.
     pub const REMAP_PORT_MIN: u16 = 61_000;
     pub const REMAP_PORT_SPAN: u16 = 4_500;
-    /// Log lines the logging object writes per CPU and second; the rest are counted in
-    /// [`crate::LogBudget::suppressed`]. A drop flood from one pod would otherwise fill the ring
-    /// and the agent's log.
-    pub const LOG_LINES_PER_SEC: u32 = 100;
+    /// Log lines the logging object writes per second on a node, whatever its number of
+    /// CPUs; the rest are counted in [`crate::LogBudget::suppressed`]. A drop flood would
+    /// otherwise fill the ring and the agent's log.
+    pub const LOG_LINES_PER_SEC: u32 = 200;
     /// The logging object also stops writing while its ring (aya-log's, 128 KiB) is more
     /// than this full, so that however many CPUs log at once, the ring never overflows
     /// unseen: what is not written is counted.
@@ -285,7 +286,7 @@ pub struct LocalCidrs {
     pub nets: [LocalNet; limits::MAX_LOCAL_CIDRS],
 }
 
-/// One CPU's share of the logging object's rate limit (`names::LOG_BUDGET`).
+/// The logging object's rate limit (`names::LOG_BUDGET`), shared by the node's CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]

@@ -11,7 +11,7 @@
 //! translating programs gain one map write and one tail call per decision. If the tail call
 //! fails (no log program in the slot), the caller returns the same verdict itself.
 //!
-//! Lines are rate-limited per CPU and held back while aya-log's ring is filling up, and what
+//! Lines are rate-limited per node and held back while aya-log's ring is filling up, and what
 //! is held back is counted, so that a flood of drops costs a counter increment per packet,
 //! not a line.
 
@@ -54,9 +54,23 @@ fn emit(ctx: &TcContext, e: Event) -> i32 {
     use crate::maps::{LOG_EVENT, LOG_PROGS};
     if let Some(slot) = LOG_EVENT.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot; the tail call runs next on this CPU, before any other
-        // program of this CPU can write it.
+        // program of this CPU can write it. Field by field and volatile: a whole-struct
+        // store became a call of `memset` for the zeroed fields, a BPF-to-BPF call, and
+        // kernels before 5.10 (and any without a JIT that allows it) refuse a program that
+        // both calls a BPF function and tail-calls.
         unsafe {
-            *slot = e;
+            use core::ptr::{addr_of_mut, write_volatile};
+            write_volatile(addr_of_mut!((*slot).kind), e.kind);
+            write_volatile(addr_of_mut!((*slot).why), e.why);
+            write_volatile(addr_of_mut!((*slot).verdict), e.verdict);
+            write_volatile(addr_of_mut!((*slot).proto), e.proto);
+            write_volatile(addr_of_mut!((*slot).src_be), e.src_be);
+            write_volatile(addr_of_mut!((*slot).dst_be), e.dst_be);
+            write_volatile(addr_of_mut!((*slot).gw_be), e.gw_be);
+            write_volatile(addr_of_mut!((*slot).sport_be), e.sport_be);
+            write_volatile(addr_of_mut!((*slot).dport_be), e.dport_be);
+            write_volatile(addr_of_mut!((*slot).gw_port_be), e.gw_port_be);
+            write_volatile(addr_of_mut!((*slot).nat_sport_be), e.nat_sport_be);
             LOG_PROGS.tail_call(ctx, 0);
         }
     }
@@ -202,8 +216,19 @@ pub mod program {
     }
 
     /// Whether a line at `level` may be written now; a line that may not is counted.
+    ///
+    /// The budget is the node's, not each CPU's, so that a flood spread over many CPUs is
+    /// held to the same rate. Its counters are bumped with atomic adds whose result is not
+    /// read (`lock xadd`, in every kernel's verifier; a fetching add needs 5.12), so CPUs
+    /// that test the budget at the same instant may pass it together: the overshoot is at
+    /// most one line per CPU and second. Starting a new second is a plain store that two
+    /// CPUs may both make; either way `used` restarts near 0.
     #[inline(always)]
     fn may_log(level: Level) -> bool {
+        use core::{
+            intrinsics::{atomic_xadd, AtomicOrdering::Relaxed},
+            ptr::{addr_of_mut, read_volatile, write_volatile},
+        };
         if !level_enabled(level) {
             return false;
         }
@@ -212,17 +237,20 @@ pub mod program {
         // SAFETY: the AYA_LOGS map itself (RingBuf is a transparent map definition), as
         // bpf_ringbuf_query takes it; the query only reads the ring's positions.
         let queued = unsafe { bpf_ringbuf_query(core::ptr::addr_of!(AYA_LOGS).cast_mut().cast(), BPF_RB_AVAIL_DATA) };
-        // SAFETY: a per-CPU slot, written only by this CPU with preemption disabled.
+        // SAFETY: a map value pointer, valid for the program run; every access is volatile
+        // or atomic, as other CPUs use the same value.
         unsafe {
-            if (*b).second != second {
-                (*b).second = second;
-                (*b).used = 0;
+            if read_volatile(addr_of_mut!((*b).second)) != second {
+                write_volatile(addr_of_mut!((*b).second), second);
+                write_volatile(addr_of_mut!((*b).used), 0);
             }
-            if (*b).used >= limits::LOG_LINES_PER_SEC || queued > limits::LOG_RING_HIGH_WATER {
-                (*b).suppressed += 1;
+            if read_volatile(addr_of_mut!((*b).used)) >= limits::LOG_LINES_PER_SEC || queued > limits::LOG_RING_HIGH_WATER {
+                // The target's core has no atomic types (no compare-and-swap), but LLVM
+                // lowers an add whose result is unused to BPF's atomic add.
+                atomic_xadd::<u64, u64, { Relaxed }>(addr_of_mut!((*b).suppressed), 1);
                 return false;
             }
-            (*b).used += 1;
+            atomic_xadd::<u32, u32, { Relaxed }>(addr_of_mut!((*b).used), 1);
         }
         true
     }

@@ -59,7 +59,7 @@ pub static GW_PORTS: Array<u64> = Array::with_max_entries(limits::GW_PORT_WORDS,
 /// The logging object's rate limit (see `meshnet_common::names::LOG_BUDGET`).
 #[cfg(feature = "datapath-log")]
 #[map(name = "mn_log_budget_v1")]
-pub static LOG_BUDGET: PerCpuArray<meshnet_common::LogBudget> = PerCpuArray::with_max_entries(1, 0);
+pub static LOG_BUDGET: Array<meshnet_common::LogBudget> = Array::with_max_entries(1, 0);
 
 /// The decision a translating program hands to `meshnet_log` (see `crate::log`).
 #[cfg(feature = "datapath-log")]

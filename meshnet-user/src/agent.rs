@@ -183,8 +183,9 @@ struct Agent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
-    // Taken first: a SIGTERM that comes while the agent starts (or right after it said it is
-    // ready) stops it cleanly once it has started, instead of killing it half-way.
+    // Taken first: a SIGTERM while the agent waits (for the pin lock, for its Node) stops it
+    // before it loads anything; one while it loads and attaches, or right after it said it
+    // is ready, stops it cleanly once it has started, instead of killing it half-way.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -195,24 +196,55 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     opts.pins.prepare()?;
     let pins = opts.pins.clone();
     let wait = opts.lock_wait;
-    let _lock = tokio::task::spawn_blocking(move || {
+    let lock = tokio::task::spawn_blocking(move || {
         pins.lock(wait, |holder| warn!(pin_path = %pins.root().display(), "another meshnet agent{holder} holds the pin directory; waiting for it to stop"))
-    })
-    .await??;
-    let node_asks = match &opts.kube {
-        Some(src) => source::node_asks_for_datapath_log(src).await,
-        None => false,
+    });
+    let _lock = tokio::select! {
+        held = lock => held??,
+        _ = term.recv() => {
+            stopped_before_start("waiting for the pin directory");
+            return Ok(());
+        }
+        _ = int.recv() => {
+            stopped_before_start("waiting for the pin directory");
+            return Ok(());
+        }
     };
-    let (choice, why_not) = datapath_log::choose_here(opts.datapath_log || config.datapath_log || node_asks);
+    let wanted = opts.datapath_log || config.datapath_log;
+    let node_asks = match &opts.kube {
+        Some(src) if !wanted => tokio::select! {
+            asks = source::node_asks_for_datapath_log(src) => asks,
+            _ = term.recv() => {
+            stopped_before_start("reading this node's annotations");
+            return Ok(());
+        }
+            _ = int.recv() => {
+            stopped_before_start("reading this node's annotations");
+            return Ok(());
+        }
+        },
+        _ => false,
+    };
+    let (choice, why_not) = datapath_log::choose_here(wanted || node_asks);
     if let Some(why) = why_not {
         warn!("{why}");
     }
-    let mut datapath = match &opts.ebpf_object {
-        Some(path) => {
-            let object = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Datapath::load_object(&opts.pins, config.max_flows, &object, choice)?
+    let object = match &opts.ebpf_object {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
+    let load = |choice| match &object {
+        Some(object) => Datapath::load_object(&opts.pins, config.max_flows, object, choice),
+        None => Datapath::load(&opts.pins, config.max_flows, choice),
+    };
+    let mut datapath = match load(choice) {
+        Ok(dp) => dp,
+        // Logging is a debugging aid: a kernel that refuses its build still gets the datapath.
+        Err(e) if choice != datapath_log::Choice::Default => {
+            warn!(error = %format!("{e:#}"), "the datapath's logging build did not load; loading the default build, without datapath logs");
+            load(datapath_log::Choice::Default)?
         }
-        None => Datapath::load(&opts.pins, config.max_flows, choice)?,
+        Err(e) => return Err(e),
     };
     let mut maps = ControlMaps::open(&opts.pins)?;
     // Before any program of this build is attached, so that its first flows get this
@@ -330,6 +362,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     info!("stopping; the datapath stays in place (`meshnet detach` removes it)");
     Ok(())
+}
+
+/// What the agent says when told to stop before it loaded anything.
+fn stopped_before_start(while_: &str) {
+    info!("stopped while {while_}; nothing was loaded or changed");
 }
 
 impl Agent {

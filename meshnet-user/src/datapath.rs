@@ -27,6 +27,10 @@ use crate::{
     pins::{Direction, Pins},
 };
 
+/// This module's own log target: its default, the module path `meshnet::datapath`, is the
+/// target of the datapath's own lines (`crate::datapath_log::TARGET`).
+const LOG: &str = "meshnet::loader";
+
 /// The eBPF object, embedded at build time (see build.rs), so the binary ships alone.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshnet.bpf.o"));
 /// Its logging build (`--datapath-log`, see [`crate::datapath_log`]): the same maps and
@@ -114,7 +118,7 @@ impl Datapath {
                 // Before any program of this build runs, so that the first packets already
                 // find their flows.
                 let n = migration.copy(pins, true)?;
-                info!(entries = n, "copied the old maps' entries into this build's maps");
+                info!(target: LOG, entries = n, "copied the old maps' entries into this build's maps");
             }
             Ok(dp)
         });
@@ -239,7 +243,7 @@ impl Datapath {
                 if !link_pin.exists() {
                     return Err(e);
                 }
-                debug!(iface, direction = dir.as_str(), error = %format!("{e:#}"), "stale tcx link; replacing it");
+                debug!(target: LOG, iface, direction = dir.as_str(), error = %format!("{e:#}"), "stale tcx link; replacing it");
                 if let Ok(link) = PinnedLink::from_pin(&link_pin) {
                     let _ = link.unpin();
                 }
@@ -253,7 +257,7 @@ impl Datapath {
                     return Ok(Attached::Tcx);
                 }
                 Err(e) if mode == AttachMode::Auto => {
-                    warn!(iface, direction = dir.as_str(), error = %format!("{e:#}"), "tcx attach refused; falling back to netlink clsact");
+                    warn!(target: LOG, iface, direction = dir.as_str(), error = %format!("{e:#}"), "tcx attach refused; falling back to netlink clsact");
                 }
                 Err(e) => return Err(e),
             }
@@ -288,14 +292,14 @@ fn attach_tcx(prog: &mut SchedClassifier, iface: &str, dir: Direction, link_pin:
         if !on_iface.iter().any(|p| p.id() == ours) {
             anyhow::bail!("pinned link {} is not on {iface}", link_pin.display());
         }
-        debug!(iface, direction = dir.as_str(), "replaced program in pinned tcx link");
+        debug!(target: LOG, iface, direction = dir.as_str(), "replaced program in pinned tcx link");
     } else {
         let id = prog
             .attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::default()))
             .with_context(|| format!("tcx attach to {iface} {}", dir.as_str()))?;
         let fd: FdLink = prog.take_link(id)?.try_into()?;
         fd.pin(link_pin).with_context(|| format!("pinning tcx link at {}", link_pin.display()))?;
-        debug!(iface, direction = dir.as_str(), "attached new tcx link");
+        debug!(target: LOG, iface, direction = dir.as_str(), "attached new tcx link");
     }
     Ok(())
 }
@@ -311,7 +315,7 @@ fn attach_netlink(prog: &mut SchedClassifier, iface: &str, dir: Direction) -> an
     let existing = SchedClassifierLink::attached(iface, dir.tc(), NL_PRIORITY, NL_HANDLE, None)?;
     let id = match prog.attach_to_link(existing) {
         Ok(id) => {
-            debug!(iface, direction = dir.as_str(), "replaced program in netlink filter");
+            debug!(target: LOG, iface, direction = dir.as_str(), "replaced program in netlink filter");
             id
         }
         Err(_) => prog
@@ -396,7 +400,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
                     report.tcx_links += 1;
                 }
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "not a link pin; removing it");
+                    warn!(target: LOG, path = %path.display(), error = %e, "not a link pin; removing it");
                     let _ = std::fs::remove_file(&path);
                 }
             }
@@ -410,7 +414,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
                 Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
                 // No clsact qdisc on this interface: nothing of ours there.
                 Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => warn!(iface, direction = dir.as_str(), error = %e, "could not look for meshnet filters"),
+                Err(e) => warn!(target: LOG, iface, direction = dir.as_str(), error = %e, "could not look for meshnet filters"),
             }
         }
     }
@@ -428,6 +432,6 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
     }
     // The root itself goes too unless it is a mount point (EBUSY) or holds foreign pins.
     let _ = std::fs::remove_dir(pins.root());
-    info!(?report, "detached");
+    info!(target: LOG, ?report, "detached");
     Ok(report)
 }

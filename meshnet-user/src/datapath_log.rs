@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
-    maps::{MapData, PerCpuArray},
+    maps::{Array, MapData},
     Ebpf,
 };
 use aya_log::EbpfLogger;
@@ -137,7 +137,7 @@ pub fn spawn(ebpf: &mut Ebpf, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         return Ok(());
     }
     let logger = EbpfLogger::init_with_logger(ebpf, ToTracing).context("reading the datapath's log ring")?;
-    let budget: PerCpuArray<MapData, LogBudget> = ebpf
+    let budget: Array<MapData, LogBudget> = ebpf
         .take_map(names::LOG_BUDGET)
         .context("the logging object has no rate-limit map")?
         .try_into()?;
@@ -147,16 +147,24 @@ pub fn spawn(ebpf: &mut Ebpf, metrics: Arc<Metrics>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("polling the datapath's log ring: {e}"))?;
     metrics.datapath_log_enabled.set(1);
     info!(target: TARGET, "datapath logging on: new flows, drops, refusals and translated ICMP errors are logged here");
-    tokio::spawn(read(ring, budget, metrics));
+    let reader = tokio::spawn(read(ring, budget, metrics.clone()));
+    // aya-log panics on a record it cannot decode: the agent goes on, and says that the
+    // datapath's lines stopped.
+    tokio::spawn(async move {
+        if let Err(e) = reader.await {
+            warn!(target: TARGET, error = %e, "reading the datapath's log ring failed; datapath logging stops (the datapath is not affected)");
+            metrics.datapath_log_enabled.set(0);
+        }
+    });
     Ok(())
 }
 
-/// Lines the budget held back, summed over CPUs.
-fn suppressed(budget: &PerCpuArray<MapData, LogBudget>) -> u64 {
-    budget.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().map(|b| b.suppressed).sum())
+/// Lines the budget held back since the programs were loaded.
+fn suppressed(budget: &Array<MapData, LogBudget>) -> u64 {
+    budget.get(&0, 0).map_or(0, |b| b.suppressed)
 }
 
-async fn read(mut ring: AsyncFd<EbpfLogger<ToTracing>>, budget: PerCpuArray<MapData, LogBudget>, metrics: Arc<Metrics>) {
+async fn read(mut ring: AsyncFd<EbpfLogger<ToTracing>>, budget: Array<MapData, LogBudget>, metrics: Arc<Metrics>) {
     let mut reported = suppressed(&budget);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {

@@ -59,6 +59,7 @@ pub async fn node_asks_for_datapath_log(opts: &SourceOptions) -> bool {
     };
     match tokio::time::timeout(NODE_READ_TIMEOUT, read).await {
         Ok(Ok(Some(v))) if v == "true" => true,
+        Ok(Ok(Some(v))) if v == "false" => false,
         Ok(Ok(Some(v))) => {
             warn!(node, annotation = DATAPATH_LOG_ANNOTATION, value = %v, "the annotation is not \"true\"; datapath logging stays off");
             false
