@@ -104,7 +104,7 @@ fn section(part: &str) -> &str {
 
 /// A run of some parts only (`--only`) goes into the earlier results in place of those parts,
 /// so that the report keeps the sections it did not measure; the note says which is which.
-fn merge(mut earlier: Value, run: Value, only: &[String]) -> Value {
+fn merge(mut earlier: Value, run: &Value, only: &[String]) -> Value {
     let old_meta = earlier["meta"].clone();
     for part in only {
         earlier[section(part)] = run[section(part)].clone();
@@ -171,7 +171,7 @@ fn real_main() -> anyhow::Result<()> {
     if !args.only.is_empty() {
         if let Ok(text) = std::fs::read_to_string(&json_path) {
             let earlier: Value = serde_json::from_str(&text).with_context(|| format!("reading {}", json_path.display()))?;
-            results = merge(earlier, results, &args.only);
+            results = merge(earlier, &results, &args.only);
         }
     }
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
@@ -187,7 +187,7 @@ mod tests {
     fn an_only_run_replaces_its_sections_and_keeps_the_others() {
         let earlier = json!({"meta": {"date": "D0", "git": "g0", "note": "old"}, "datapath": {"x": 1}, "e2e": {"y": 1}, "control": {"z": 1}});
         let run = json!({"meta": {"date": "D1", "git": "g1"}, "e2e": {"y": 2}});
-        let m = merge(earlier, run, &["e2e".to_string()]);
+        let m = merge(earlier, &run, &["e2e".to_string()]);
         assert_eq!(m["e2e"]["y"], 2);
         assert_eq!(m["datapath"]["x"], 1);
         assert_eq!(m["control"]["z"], 1);
