@@ -93,6 +93,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// The key of each part in the results.
+fn section(part: &str) -> &str {
+    if part == "micro" {
+        "datapath"
+    } else {
+        part
+    }
+}
+
+/// A run of some parts only (`--only`) goes into the earlier results in place of those parts,
+/// so that the report keeps the sections it did not measure; the note says which is which.
+fn merge(mut earlier: Value, run: &Value, only: &[String]) -> Value {
+    let old_meta = earlier["meta"].clone();
+    for part in only {
+        earlier[section(part)] = run[section(part)].clone();
+    }
+    let kept: Vec<&str> =
+        PARTS.iter().copied().filter(|p| !only.iter().any(|o| o == p) && earlier[section(p)].is_object()).collect();
+    let mut note = format!(
+        "This run measured only {} (`--only {}`). {} kept from the earlier results of this file \
+         (run of {}, commit {}).",
+        only.join(", "),
+        only.join(","),
+        if kept.is_empty() { "Nothing else was".to_string() } else { format!("The other sections ({}) are", kept.join(", ")) },
+        old_meta["date"].as_str().unwrap_or("?"),
+        old_meta["git"].as_str().unwrap_or("?"),
+    );
+    if let Some(old) = old_meta["note"].as_str() {
+        note.push_str(&format!(" The earlier results' note, which may speak of sections measured again since: {old}"));
+    }
+    let mut merged = earlier;
+    merged["meta"] = run["meta"].clone();
+    merged["meta"]["note"] = json!(note);
+    merged
+}
+
 fn real_main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if let Some(json_path) = &args.render {
@@ -119,6 +155,7 @@ fn real_main() -> anyhow::Result<()> {
     }
     if wanted("e2e") {
         results["e2e"] = e2e::run(&e2e::Params::new(args.quick))?;
+        results["e2e"]["meta"] = json!({"date": results["meta"]["date"], "git": results["meta"]["git"], "mode": results["meta"]["mode"], "load_before": results["meta"]["load_before"]});
     }
     if wanted("control") {
         results["control"] = control::run(&control::Params::new(args.quick))?;
@@ -131,7 +168,31 @@ fn real_main() -> anyhow::Result<()> {
     results["meta"]["load_after"] = json!(report::loadavg());
     std::fs::create_dir_all(&args.out_dir)?;
     let json_path = args.out_dir.join("benchmarks.json");
+    if !args.only.is_empty() {
+        if let Ok(text) = std::fs::read_to_string(&json_path) {
+            let earlier: Value = serde_json::from_str(&text).with_context(|| format!("reading {}", json_path.display()))?;
+            results = merge(earlier, &results, &args.only);
+        }
+    }
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
     eprintln!("bench: raw results in {}", json_path.display());
     report::write(&results, &args.out_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_only_run_replaces_its_sections_and_keeps_the_others() {
+        let earlier = json!({"meta": {"date": "D0", "git": "g0", "note": "old"}, "datapath": {"x": 1}, "e2e": {"y": 1}, "control": {"z": 1}});
+        let run = json!({"meta": {"date": "D1", "git": "g1"}, "e2e": {"y": 2}});
+        let m = merge(earlier, &run, &["e2e".to_string()]);
+        assert_eq!(m["e2e"]["y"], 2);
+        assert_eq!(m["datapath"]["x"], 1);
+        assert_eq!(m["control"]["z"], 1);
+        assert_eq!(m["meta"]["date"], "D1");
+        let note = m["meta"]["note"].as_str().unwrap();
+        assert!(note.contains("micro, control") && note.contains("D0") && note.contains("old"), "{note}");
+    }
 }

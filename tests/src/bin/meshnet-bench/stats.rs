@@ -3,6 +3,10 @@
 
 use serde_json::{json, Value};
 
+/// How far the repeats of a figure may lie from their median, relative, for the median to be
+/// believed: a figure whose spread leaves ±10 % of it is void, and so is a target that uses it.
+pub const SPREAD_LIMIT: f64 = 0.10;
+
 /// The median and spread of repeated measurements of one figure.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stat {
@@ -22,6 +26,23 @@ impl Stat {
             return Self { median: f64::NAN, min: f64::NAN, max: f64::NAN, values: values.to_vec() };
         }
         Self { median: median_sorted(&v), min: v[0], max: v[v.len() - 1], values: values.to_vec() }
+    }
+
+    /// Whether the repeats disagree too much to believe the median: the lowest or the highest
+    /// lies more than `limit` (relative) from it. A figure that was not measured is void too.
+    #[must_use]
+    pub fn void(&self, limit: f64) -> bool {
+        let ok = self.median.is_finite()
+            && self.min >= self.median - limit * self.median.abs()
+            && self.max <= self.median + limit * self.median.abs();
+        !ok
+    }
+
+    /// The spread as percentages of the median, `(below, above)`: `(-12.0, 3.5)`.
+    #[must_use]
+    pub fn spread_pct(&self) -> (f64, f64) {
+        let m = self.median.abs();
+        ((self.min - self.median) / m * 100.0, (self.max - self.median) / m * 100.0)
     }
 
     #[must_use]
@@ -104,6 +125,20 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 10.0));
         assert_eq!(Stat::of(&[5.0, 1.0, 3.0]).median, 3.0);
         assert!(Stat::of(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn void_when_a_repeat_leaves_ten_percent_of_the_median() {
+        // The floor: 1,223 conn/s with repeats from 803 to 11,108.
+        assert!(Stat::of(&[803.0, 1_223.0, 11_108.0]).void(SPREAD_LIMIT));
+        assert!(!Stat::of(&[9_500.0, 10_000.0, 10_400.0]).void(SPREAD_LIMIT));
+        // Exactly at the edge is still believed; just past it on either side is not.
+        assert!(!Stat::of(&[90.0, 100.0, 110.0]).void(SPREAD_LIMIT));
+        assert!(Stat::of(&[89.9, 100.0, 100.0]).void(SPREAD_LIMIT));
+        assert!(Stat::of(&[100.0, 100.0, 110.1]).void(SPREAD_LIMIT));
+        assert!(Stat::of(&[]).void(SPREAD_LIMIT));
+        let (lo, hi) = Stat::of(&[90.0, 100.0, 105.0]).spread_pct();
+        assert!((lo + 10.0).abs() < 1e-9 && (hi - 5.0).abs() < 1e-9);
     }
 
     #[test]
