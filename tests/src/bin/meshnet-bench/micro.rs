@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use aya::{
-    maps::{lpm_trie::Key, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{lpm_trie::Key, Array, MapData, RingBuf},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
     Ebpf,
 };
@@ -719,11 +719,19 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
             }
         }
     }
-    let mut out = serde_json::Map::new();
-    let mut decided = Vec::new();
+    // Decisions, round by round with every build in each round, as the cases above: the
+    // machine's speed drifts over minutes, and only figures taken side by side compare.
+    let mut logs = Vec::new();
     for (_, dp) in &mut dps {
-        decided.push(decisions(dp, &pk, p)?);
+        logs.push(LogMaps::take(dp)?);
     }
+    let mut dec: Vec<Decisions> = dps.iter().map(|_| Decisions::default()).collect();
+    for _ in 0..p.reps {
+        for (((_, dp), l), d) in dps.iter_mut().zip(&mut logs).zip(&mut dec) {
+            decision_round(dp, l, &pk, p, d)?;
+        }
+    }
+    let mut out = serde_json::Map::new();
     let names = CASES;
     for (i, (name, _)) in dps.iter().enumerate() {
         let mut v = serde_json::Map::new();
@@ -739,21 +747,62 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
                 }),
             );
         }
-        v.insert("decisions".into(), decided[i].clone());
+        let figure = |mine: &[f64], dflt: &[f64]| {
+            json!({
+                "ns": Stat::of(mine).json(),
+                "default_minus_this": Stat::of(&dflt.iter().zip(mine).map(|(d, m)| d - m).collect::<Vec<_>>()).json(),
+            })
+        };
+        let (d, d0) = (&dec[i], &dec[0]);
+        v.insert(
+            "decisions".into(),
+            json!({
+                "drop": figure(&d.drop, &d0.drop),
+                "drop_single": figure(&d.single, &d0.single),
+                "new_flow": figure(&d.new_flow, &d0.new_flow),
+                "lines_written": d.lines,
+                "single_runs_per_round": DROP_SAMPLES,
+            }),
+        );
         out.insert(name.clone(), Value::Object(v));
     }
     Ok(Value::Object(out))
 }
 
-/// Single runs of the drop packet per sample in [`decisions`].
-const DROP_SAMPLES: usize = 400;
+/// Single runs of the drop packet per round in [`decision_round`].
+const DROP_SAMPLES: usize = 60;
+/// New flows per round in [`decision_round`].
+const DECISION_NEW_FLOWS: usize = 1_000;
 
-/// What a build spends on decisions, where the logging build differs from the default one:
-/// a drop (ICMP to a remote pod) amortised over `repeat` runs, where the logging build holds
-/// all but its budget's first lines back; the same drop run by run with its line written
-/// (the ring drained and the line budget made fresh before every run; in the default build,
-/// the same single runs without a line); and a new flow, method B.
-fn decisions(dp: &mut Dp, pk: &Packets, p: &Params) -> anyhow::Result<Value> {
+/// The logging build's ring and budget, taken out of its object so that a round can empty
+/// the one and refresh the other; `None` for a build without them.
+struct LogMaps(Option<(RingBuf<MapData>, Array<MapData, LogBudget>)>);
+
+impl LogMaps {
+    fn take(dp: &mut Dp) -> anyhow::Result<Self> {
+        let (Some(ring), Some(budget)) = (dp.ebpf.take_map(names::LOG_RING), dp.ebpf.take_map(names::LOG_BUDGET)) else {
+            return Ok(Self(None));
+        };
+        Ok(Self(Some((ring.try_into()?, budget.try_into()?))))
+    }
+}
+
+/// Per-round figures of [`decision_round`], ns.
+#[derive(Default)]
+struct Decisions {
+    drop: Vec<f64>,
+    single: Vec<f64>,
+    new_flow: Vec<f64>,
+    lines: usize,
+}
+
+/// One round of what a build spends on decisions, where the logging build differs from the
+/// default one: a drop (ICMP to a remote pod) amortised over `repeat` runs, where the
+/// logging build holds all but its budget's first lines back; the same drop run by run with
+/// its line written (the ring drained and the line budget made fresh before every run; in
+/// the other builds, the same single runs without a line), their trimmed mean; and new
+/// flows, method B.
+fn decision_round(dp: &mut Dp, logs: &mut LogMaps, pk: &Packets, p: &Params, out: &mut Decisions) -> anyhow::Result<()> {
     let drop_case = Case {
         name: "drop",
         prog: prog(&dp.ebpf, names::PROG_FROM_POD),
@@ -761,46 +810,26 @@ fn decisions(dp: &mut Dp, pk: &Packets, p: &Params) -> anyhow::Result<Value> {
         counter: Some("unsupported_proto"),
         verdict: SHOT,
     };
-    let mut amortised_ns = Vec::new();
-    for _ in 0..p.reps {
-        amortised_ns.push(amortised(dp, &drop_case, p.repeat)?.0);
-    }
-    let logging = dp.ebpf.map(names::LOG_RING).is_some();
-    let mut ring: Option<RingBuf<MapData>> = match dp.ebpf.take_map(names::LOG_RING) {
-        Some(m) => Some(m.try_into()?),
-        None => None,
-    };
-    let mut budget: Option<PerCpuArray<MapData, LogBudget>> = match dp.ebpf.take_map(names::LOG_BUDGET) {
-        Some(m) => Some(m.try_into()?),
-        None => None,
-    };
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    out.drop.push(amortised(dp, &drop_case, p.repeat)?.0);
     let from_pod = prog(&dp.ebpf, names::PROG_FROM_POD);
-    let (mut single, mut lines) = (Vec::with_capacity(DROP_SAMPLES), 0);
+    let mut single = Vec::with_capacity(DROP_SAMPLES);
     for _ in 0..DROP_SAMPLES {
-        if let (Some(ring), Some(budget)) = (ring.as_mut(), budget.as_mut()) {
+        if let Some((ring, budget)) = logs.0.as_mut() {
             while ring.next().is_some() {}
-            budget.set(0, PerCpuValues::try_from(vec![LogBudget::default(); cpus])?, 0)?;
+            budget.set(0, LogBudget::default(), 0)?;
         }
         let r = test_run(from_pod, &pk.drop, 1)?;
         ensure!(r.ret == SHOT, "drop: verdict {}", r.ret);
-        single.push(r.kernel.as_nanos() as f64);
-        if let Some(ring) = ring.as_mut() {
-            if ring.next().is_some() {
-                lines += 1;
-            }
+        single.push(u32::try_from(r.kernel.as_nanos()).unwrap_or(u32::MAX));
+        if let Some((ring, _)) = logs.0.as_mut() {
+            ensure!(ring.next().is_some(), "the logging build wrote no line for a drop with a fresh budget");
+            out.lines += 1;
         }
     }
-    if logging {
-        ensure!(lines == DROP_SAMPLES, "the logging build wrote {lines} lines for {DROP_SAMPLES} drops with a fresh budget");
-    }
-    let nf = per_call(dp, pk, p.new_flow_batch.min(5_000), 2)?;
-    Ok(json!({
-        "drop": { "ns": Stat::of(&amortised_ns).json() },
-        "drop_single": { "ns": Stat::of(&single).json(), "lines": lines, "samples": DROP_SAMPLES },
-        "new_flow": nf["new_flow"],
-        "empty_single": nf["empty"],
-    }))
+    out.single.push(trimmed_mean(&mut single));
+    let nf = per_call(dp, pk, DECISION_NEW_FLOWS, 1)?;
+    out.new_flow.push(nf["new_flow"]["ns"]["median"].as_f64().unwrap_or(f64::NAN));
+    Ok(())
 }
 
 /// Every route configuration; the 1-CIDR one is shared by both sets.
