@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
 use tracing::{debug, error, info, warn};
@@ -199,30 +199,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let lock = tokio::task::spawn_blocking(move || {
         pins.lock(wait, |holder| warn!(pin_path = %pins.root().display(), "another meshnet agent{holder} holds the pin directory; waiting for it to stop"))
     });
-    let _lock = tokio::select! {
-        held = lock => held??,
-        _ = term.recv() => {
-            stopped_before_start("waiting for the pin directory");
-            return Ok(());
-        }
-        _ = int.recv() => {
-            stopped_before_start("waiting for the pin directory");
-            return Ok(());
-        }
+    let Some(held) = unless_stopped(lock, &mut term, &mut int).await else {
+        stopped_before_start("waiting for the pin directory");
+        return Ok(());
     };
+    let _lock = held??;
     let wanted = opts.datapath_log || config.datapath_log;
     let node_asks = match &opts.kube {
-        Some(src) if !wanted => tokio::select! {
-            asks = source::node_asks_for_datapath_log(src) => asks,
-            _ = term.recv() => {
-            stopped_before_start("reading this node's annotations");
-            return Ok(());
+        Some(src) if !wanted => {
+            let Some(asks) = unless_stopped(source::node_asks_for_datapath_log(src), &mut term, &mut int).await else {
+                stopped_before_start("reading this node's annotations");
+                return Ok(());
+            };
+            asks
         }
-            _ = int.recv() => {
-            stopped_before_start("reading this node's annotations");
-            return Ok(());
-        }
-        },
         _ => false,
     };
     let (choice, why_not) = datapath_log::choose_here(wanted || node_asks);
@@ -362,6 +352,15 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     info!("stopping; the datapath stays in place (`meshnet detach` removes it)");
     Ok(())
+}
+
+/// `fut`'s output, or `None` when SIGTERM or SIGINT comes first.
+async fn unless_stopped<T>(fut: impl std::future::Future<Output = T>, term: &mut Signal, int: &mut Signal) -> Option<T> {
+    tokio::select! {
+        out = fut => Some(out),
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+    }
 }
 
 /// What the agent says when told to stop before it loaded anything.

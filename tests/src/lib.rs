@@ -358,6 +358,26 @@ pub fn meshnet(ns: &NetNs, args: &str) -> CmdOut {
     }
 }
 
+/// `GET path` over HTTP/1.0 from the server at `addr` inside `ns`, the whole answer. Waits up
+/// to a minute for the server to listen: the agent says "ready" once the datapath is, and its
+/// metrics server binds on a task of its own, which on a slow (emulated) machine can come a
+/// moment later.
+#[must_use]
+pub fn http_get(ns: &NetNs, addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let path = path.to_string();
+    ns.run(move || {
+        let wait = Duration::from_mins(1);
+        let mut s = poll(wait, || std::net::TcpStream::connect_timeout(&addr, peer::IO_TIMEOUT).ok())
+            .unwrap_or_else(|| panic!("nothing listens on {addr} within {wait:?}"));
+        s.set_read_timeout(Some(peer::IO_TIMEOUT)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
 /// Whether the running kernel is at least `major.minor`, as the agent's `--attach-mode auto`
 /// judges it (aya's reading of the kernel version, which knows Debian's and Ubuntu's ways).
 #[must_use]

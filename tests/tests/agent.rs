@@ -335,19 +335,7 @@ fn idle_and_closed_flows_expire() {
 }
 
 fn http_get(t: &Topology, path: &str) -> String {
-    let path = path.to_string();
-    t.node1.run(move || {
-        // The agent says "ready" once the datapath is; its metrics server binds on a task of
-        // its own, which on a slow (emulated) machine can come a moment later.
-        let addr = "127.0.0.1:9464".parse().unwrap();
-        let mut s = poll(WAIT, || TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok())
-            .unwrap_or_else(|| panic!("nothing listens on {addr} within {WAIT:?}"));
-        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
+    meshnet_tests::http_get(&t.node1, "127.0.0.1:9464".parse().unwrap(), path)
 }
 
 #[test]

@@ -9,8 +9,7 @@
 //! is either a line or counted as held back.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -238,15 +237,7 @@ fn a_drop_flood_is_rate_limited_and_every_drop_accounted_for() {
 }
 
 fn metrics(t: &Topology) -> String {
-    t.node1.run(|| {
-        let addr = "127.0.0.1:9471".parse().unwrap();
-        let mut s = poll(WAIT, || TcpStream::connect_timeout(&addr, peer::IO_TIMEOUT).ok()).expect("no metrics server");
-        s.set_read_timeout(Some(peer::IO_TIMEOUT)).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
+    meshnet_tests::http_get(&t.node1, "127.0.0.1:9471".parse().unwrap(), "/metrics")
 }
 
 /// The logging build through the netlink attach path, the one kernels before 6.6 take.
