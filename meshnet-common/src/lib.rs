@@ -80,8 +80,25 @@ pub mod names {
     /// `meshnet::datapath`, so that filtered lines are never written. The name is aya-log's.
     pub const LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
+    /// Tunnel mode. LPM trie: a tunnel peer's node pod CIDR → that node
+    /// ([`crate::TunnelNode`]). `from_pod` encapsulates what a pod sends there.
+    pub const TUN_ROUTES: &str = "mn_tun_routes_v1";
+    /// Hash: a tunnel peer node's address → its peer id. The decapsulating program takes
+    /// tunnel packets only from these addresses.
+    pub const TUN_NODES: &str = "mn_tun_nodes_v1";
+    /// Hash of one entry (key 0): this node's tunnel settings ([`crate::TunnelConfig`]).
+    /// A hash, not an array, so that an update replaces the value whole: a program never
+    /// reads half of the old pod CIDRs and half of the new.
+    pub const TUN_CONFIG: &str = "mn_tun_cfg_v1";
+    /// Per-CPU hash: peer id → packets and bytes through the tunnel ([`crate::TunnelStats`]).
+    /// The agent creates an entry per tunnel peer; the datapath only adds to them.
+    pub const TUN_STATS: &str = "mn_tun_stats_v1";
+
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 10] = [ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS];
+    pub const ALL_MAPS: [&str; 14] = [
+        ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
+        TUN_STATS,
+    ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
     /// and specific because a netlink tc filter is found again by its name.
@@ -93,6 +110,15 @@ pub mod names {
     pub const PROG_LOG: &str = "meshnet_log";
     /// An empty tc program, the floor in benchmarks.
     pub const PROG_EMPTY: &str = "meshnet_empty";
+    /// Tunnel mode: tc ingress on the uplinks, where tunnel packets arrive. Decapsulates
+    /// what peers' nodes send to this node's tunnel port, before netfilter sees it.
+    pub const PROG_TUNNEL_IN: &str = "meshnet_tun_in";
+
+    /// Load-time constant of the object (a `.rodata` global the agent sets): non-zero when
+    /// the kernel has `bpf_redirect_neigh` (5.10). Below that, the programs resolve the next
+    /// hop with `bpf_fib_lookup`; the verifier prunes the branch the constant rules out, so
+    /// an older kernel never sees the helper it lacks.
+    pub const GLOBAL_HAVE_REDIRECT_NEIGH: &str = "MN_HAVE_REDIRECT_NEIGH";
 }
 
 pub mod limits {
@@ -133,6 +159,36 @@ pub mod limits {
     /// than this full, so that however many CPUs log at once, the ring never overflows
     /// unseen: what is not written is counted.
     pub const LOG_RING_HIGH_WATER: u64 = 64 * 1024;
+    /// Tunnel peer nodes' pod CIDRs across all tunnel peers.
+    pub const MAX_TUNNEL_ROUTES: u32 = 16_384;
+    /// Tunnel peer nodes across all tunnel peers.
+    pub const MAX_TUNNEL_NODES: u32 = 4096;
+    /// This node's own pod CIDRs, the only destinations the tunnel delivers to.
+    pub const MAX_NODE_CIDRS: usize = 4;
+}
+
+pub mod tunnel {
+    //! The tunnel's wire format: outer IPv4, UDP, then meshnet's own header, then the pod's
+    //! IPv4 packet unchanged.
+
+    /// `b"MN"`: the first bytes after the outer UDP header.
+    pub const MAGIC: u16 = 0x4d4e;
+    pub const VERSION: u8 = 1;
+    /// Outer IPv4 header, without options.
+    pub const OUTER_IP_LEN: u32 = 20;
+    pub const UDP_LEN: u32 = 8;
+    /// meshnet's header ([`crate::TunnelHeader`]).
+    pub const HEADER_LEN: u32 = 8;
+    /// What the tunnel adds to every packet.
+    pub const OVERHEAD: u32 = OUTER_IP_LEN + UDP_LEN + HEADER_LEN;
+    /// The outer UDP source port is a hash of the inner flow within this range (the usual
+    /// Linux ephemeral range, as VXLAN does), so that RSS and ECMP spread the flows.
+    pub const SPORT_MIN: u16 = 32_768;
+    pub const SPORT_SPAN: u16 = 28_232;
+    /// IPv4 and TCP headers without options: an MSS is the MTU less these.
+    pub const IP_TCP_LEN: u32 = 40;
+    /// Outer TTL.
+    pub const TTL: u8 = 64;
 }
 
 /// Datapath counters, one slot each in the per-CPU stats map.
@@ -184,10 +240,40 @@ pub enum Counter {
     IcmpErrorTranslated = 15,
     /// A later IPv4 fragment (without L4 header) translated like its first fragment.
     FragmentTranslated = 16,
+    /// Tunnel mode: a packet from a pod encapsulated toward a peer's node.
+    TunnelEncap = 17,
+    /// A tunnel packet decapsulated and delivered to a local pod.
+    TunnelDecap = 18,
+    /// A TCP SYN or SYN-ACK whose MSS was lowered so that its segments fit the tunnel.
+    TunnelMssClamped = 19,
+    /// A packet too large for the tunnel: the pod was sent an ICMP "fragmentation needed"
+    /// with the tunnel's MTU (DF set).
+    TunnelFragNeeded = 20,
+    /// A packet too large for the tunnel without DF, split into two fragments that each fit.
+    TunnelFragmented = 21,
+    /// A packet that could not be encapsulated, split or answered (a helper failed, or an
+    /// oversized packet of a kind that cannot be split); dropped.
+    TunnelEncapFailed = 22,
+    /// No neighbour entry for the next hop toward a peer node (kernels before 5.10, which
+    /// cannot resolve it from BPF); dropped until the kernel has resolved it.
+    TunnelNoNeighbour = 23,
+    /// To this node's tunnel port, but not from a known peer node: dropped.
+    TunnelUnknownNode = 24,
+    /// To the tunnel port, from a peer node, with a truncated or malformed meshnet header
+    /// (magic, version) or inner packet: dropped.
+    TunnelBadHeader = 25,
+    /// A tunnel header naming another cluster than the sending node's: dropped.
+    TunnelWrongCluster = 26,
+    /// An inner source outside the sending peer's pod CIDRs (spoofing): dropped.
+    TunnelSpoofedSource = 27,
+    /// An inner destination outside this node's pod CIDRs: dropped, never forwarded on.
+    TunnelNotLocal = 28,
+    /// A decapsulated packet that could not be delivered (a helper failed); dropped.
+    TunnelDecapFailed = 29,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 30;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -206,6 +292,19 @@ impl Counter {
         Counter::RemoteParseError,
         Counter::IcmpErrorTranslated,
         Counter::FragmentTranslated,
+        Counter::TunnelEncap,
+        Counter::TunnelDecap,
+        Counter::TunnelMssClamped,
+        Counter::TunnelFragNeeded,
+        Counter::TunnelFragmented,
+        Counter::TunnelEncapFailed,
+        Counter::TunnelNoNeighbour,
+        Counter::TunnelUnknownNode,
+        Counter::TunnelBadHeader,
+        Counter::TunnelWrongCluster,
+        Counter::TunnelSpoofedSource,
+        Counter::TunnelNotLocal,
+        Counter::TunnelDecapFailed,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -229,6 +328,19 @@ impl Counter {
             Counter::RemoteParseError => "remote_parse_error",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::FragmentTranslated => "fragment_translated",
+            Counter::TunnelEncap => "tunnel_encap",
+            Counter::TunnelDecap => "tunnel_decap",
+            Counter::TunnelMssClamped => "tunnel_mss_clamped",
+            Counter::TunnelFragNeeded => "tunnel_frag_needed",
+            Counter::TunnelFragmented => "tunnel_fragmented",
+            Counter::TunnelEncapFailed => "tunnel_encap_failed",
+            Counter::TunnelNoNeighbour => "tunnel_no_neighbour",
+            Counter::TunnelUnknownNode => "tunnel_unknown_node",
+            Counter::TunnelBadHeader => "tunnel_bad_header",
+            Counter::TunnelWrongCluster => "tunnel_wrong_cluster",
+            Counter::TunnelSpoofedSource => "tunnel_spoofed_source",
+            Counter::TunnelNotLocal => "tunnel_not_local",
+            Counter::TunnelDecapFailed => "tunnel_decap_failed",
         }
     }
 }
@@ -298,6 +410,88 @@ pub struct LogBudget {
     /// Lines not written since the programs were loaded: over the per-second budget, or the
     /// ring above its high-water mark.
     pub suppressed: u64,
+}
+
+/// One node of a tunnel peer, as `mn_tun_routes_v1` maps that node's pod CIDR to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TunnelNode {
+    /// The peer node's address: the outer destination.
+    pub addr_be: u32,
+    /// This node's address toward it: the outer source.
+    pub src_be: u32,
+    /// The peer's tunnel NodePort: the outer UDP destination port.
+    pub port_be: u16,
+    pub _pad: u16,
+    pub peer_id: u32,
+    /// This node's interface toward the peer node.
+    pub ifindex: u32,
+    /// That interface's MTU: what an outer packet may not exceed.
+    pub mtu: u32,
+}
+
+/// [`TunnelConfig::flags`]: deliver decapsulated packets with `bpf_redirect_neigh` straight
+/// to the pod's interface, bypassing the node's netfilter; without it they go through the
+/// stack (routing, FORWARD, NetworkPolicy) as if they had arrived unencapsulated.
+pub const TUN_DELIVER_REDIRECT: u32 = 1;
+
+/// This node's tunnel settings (`mn_tun_cfg_v1`, key 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TunnelConfig {
+    /// This cluster's id (`peer_id` of its name), written into every tunnel header.
+    pub cluster_id: u32,
+    /// This node's tunnel port: the only UDP port the decapsulating program takes.
+    pub port_be: u16,
+    pub _pad: u16,
+    /// `TUN_*` bits.
+    pub flags: u32,
+    /// The MTU of this node's uplinks: an MSS arriving through the tunnel is clamped to it.
+    pub mtu: u32,
+    /// This node's pod CIDRs, the only inner destinations delivered. Unused slots hold
+    /// [`LocalNet::NONE`].
+    pub nets: [LocalNet; limits::MAX_NODE_CIDRS],
+}
+
+/// Packets and bytes through the tunnel with one peer (`mn_tun_stats_v1`, per CPU). Bytes
+/// are the inner packets' IPv4 lengths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TunnelStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+/// meshnet's header, right after the outer UDP header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TunnelHeader {
+    /// [`tunnel::MAGIC`], network byte order.
+    pub magic_be: u16,
+    /// [`tunnel::VERSION`].
+    pub version: u8,
+    /// Reserved, 0.
+    pub flags: u8,
+    /// The sending cluster's id, network byte order.
+    pub cluster_be: u32,
+}
+
+/// The outer UDP source port of an inner flow (host byte order): a hash of its addresses,
+/// protocol and ports (0 for a protocol without them), so that one flow keeps one outer
+/// tuple and different flows spread over receive queues and ECMP paths.
+#[must_use]
+#[inline(always)]
+pub const fn tunnel_sport(key: &FlowKey) -> u16 {
+    let h = flow_hash(key, 0x7475_6e6e);
+    #[expect(clippy::cast_possible_truncation, reason = "the remainder is below SPORT_SPAN, a u16")]
+    let offset = (h % tunnel::SPORT_SPAN as u32) as u16;
+    tunnel::SPORT_MIN + offset
 }
 
 /// [`Gateway::flags`]: the gateway takes new flows.
@@ -589,6 +783,12 @@ const _: () = {
     assert!(offset_of!(NatRev, last_seen_ns) == 16);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
     assert!(size_of::<LogBudget>() == 24);
+    assert!(size_of::<TunnelNode>() == 24);
+    assert!(offset_of!(TunnelNode, peer_id) == 12);
+    assert!(size_of::<TunnelConfig>() == 16 + 8 * limits::MAX_NODE_CIDRS);
+    assert!(size_of::<TunnelStats>() == 32);
+    assert!(size_of::<TunnelHeader>() == tunnel::HEADER_LEN as usize);
+    assert!(tunnel::SPORT_MIN as u32 + tunnel::SPORT_SPAN as u32 <= 61_000);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
 };
 
@@ -610,6 +810,9 @@ mod user {
     unsafe impl aya::Pod for super::LocalNet {}
     unsafe impl aya::Pod for super::LocalCidrs {}
     unsafe impl aya::Pod for super::LogBudget {}
+    unsafe impl aya::Pod for super::TunnelNode {}
+    unsafe impl aya::Pod for super::TunnelConfig {}
+    unsafe impl aya::Pod for super::TunnelStats {}
 }
 
 #[cfg(test)]

@@ -4,9 +4,12 @@
 use aya_ebpf::{
     macros::map,
     bindings::BPF_F_NO_PREALLOC,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
-use meshnet_common::{limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue};
+use meshnet_common::{
+    limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig, TunnelNode,
+    TunnelStats,
+};
 
 // The `name = "..."` strings must equal meshnet_common::names; the attribute takes a
 // literal, so user space checks every name in the loaded object against those constants.
@@ -55,6 +58,19 @@ pub static LOCAL: Array<LocalCidrs> = Array::with_max_entries(1, 0);
 /// The ports gateways have had (see `meshnet_common::names::GW_PORTS`).
 #[map(name = "mn_gw_ports_v1")]
 pub static GW_PORTS: Array<u64> = Array::with_max_entries(limits::GW_PORT_WORDS, 0);
+
+/// Tunnel mode (see `meshnet_common::names::TUN_ROUTES` and the three after it).
+#[map(name = "mn_tun_routes_v1")]
+pub static TUN_ROUTES: LpmTrie<u32, TunnelNode> = LpmTrie::with_max_entries(limits::MAX_TUNNEL_ROUTES, BPF_F_NO_PREALLOC);
+
+#[map(name = "mn_tun_nodes_v1")]
+pub static TUN_NODES: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_TUNNEL_NODES, BPF_F_NO_PREALLOC);
+
+#[map(name = "mn_tun_cfg_v1")]
+pub static TUN_CONFIG: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+#[map(name = "mn_tun_stats_v1")]
+pub static TUN_STATS: PerCpuHashMap<u32, TunnelStats> = PerCpuHashMap::with_max_entries(limits::MAX_PEERS, 0);
 
 /// The logging object's rate limit (see `meshnet_common::names::LOG_BUDGET`).
 #[cfg(feature = "datapath-log")]

@@ -15,7 +15,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
-use meshnet_common::{limits, names, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue};
+use meshnet_common::{
+    limits, names, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig,
+    TunnelNode, TunnelStats,
+};
 use tracing::{info, warn};
 
 use crate::pins::Pins;
@@ -42,7 +45,7 @@ fn size<T>() -> u32 {
 
 /// Every map of this build, as the embedded object defines it (flow maps sized `max_flows`).
 #[must_use]
-pub fn specs(max_flows: u32) -> [Spec; 10] {
+pub fn specs(max_flows: u32) -> [Spec; 14] {
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags: NO_PREALLOC, max_entries: max_flows };
     [
         Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
@@ -55,6 +58,10 @@ pub fn specs(max_flows: u32) -> [Spec; 10] {
         Spec { name: names::CLOCK, ty: MapType::Array, key: 4, value: 8, flags: 0, max_entries: 1 },
         Spec { name: names::LOCAL, ty: MapType::Array, key: 4, value: size::<LocalCidrs>(), flags: 0, max_entries: 1 },
         Spec { name: names::GW_PORTS, ty: MapType::Array, key: 4, value: 8, flags: 0, max_entries: limits::GW_PORT_WORDS },
+        Spec { name: names::TUN_ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<TunnelNode>(), flags: NO_PREALLOC, max_entries: limits::MAX_TUNNEL_ROUTES },
+        Spec { name: names::TUN_NODES, ty: MapType::Hash, key: 4, value: 4, flags: NO_PREALLOC, max_entries: limits::MAX_TUNNEL_NODES },
+        Spec { name: names::TUN_CONFIG, ty: MapType::Hash, key: 4, value: size::<TunnelConfig>(), flags: NO_PREALLOC, max_entries: 1 },
+        Spec { name: names::TUN_STATS, ty: MapType::PerCpuHash, key: 4, value: size::<TunnelStats>(), flags: 0, max_entries: limits::MAX_PEERS },
     ]
 }
 
