@@ -9,6 +9,7 @@ pub mod fakeapi;
 pub mod peer;
 pub mod raw_bpf;
 pub mod topo;
+pub mod tunnel_topo;
 
 use std::{
     fs::File,

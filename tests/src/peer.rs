@@ -30,8 +30,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Stops its server threads on drop.
 pub struct Server {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) threads: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Server {
@@ -43,7 +43,7 @@ impl Drop for Server {
     }
 }
 
-fn serve_tcp(listener: TcpListener, stop: Arc<AtomicBool>, handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static) {
+pub(crate) fn serve_tcp(listener: TcpListener, stop: Arc<AtomicBool>, handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static) {
     listener.set_nonblocking(true).unwrap();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -57,7 +57,7 @@ fn serve_tcp(listener: TcpListener, stop: Arc<AtomicBool>, handle: impl Fn(TcpSt
     }
 }
 
-fn serve_udp(sock: UdpSocket, stop: Arc<AtomicBool>, handle: impl Fn(&UdpSocket, &[u8], SocketAddr) + Send + Sync + Clone + 'static) {
+pub(crate) fn serve_udp(sock: UdpSocket, stop: Arc<AtomicBool>, handle: impl Fn(&UdpSocket, &[u8], SocketAddr) + Send + Sync + Clone + 'static) {
     sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let sock = Arc::new(sock);
     let mut buf = vec![0u8; 65_536];

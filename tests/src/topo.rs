@@ -112,7 +112,8 @@ impl Drop for TempDir {
     }
 }
 
-fn node(tag: &str, cni_ip: &str, pod_cidr: &str) -> NetNs {
+/// A node: a `cni0` bridge at `cni_ip`, forwarding on, and the CNI's masquerade of its pods.
+pub(crate) fn node(tag: &str, cni_ip: &str, pod_cidr: &str) -> NetNs {
     let n = NetNs::new(tag);
     n.ip("link add cni0 type bridge");
     n.ip(&format!("addr add {cni_ip}/24 dev cni0"));
@@ -123,7 +124,8 @@ fn node(tag: &str, cni_ip: &str, pod_cidr: &str) -> NetNs {
     n
 }
 
-fn pod(node: &NetNs, tag: &str, host_if: &str, ip: &str, gw: &str) -> NetNs {
+/// A pod on `node`'s bridge: `eth0` at `ip`/24 in its own namespace, `host_if` on the node.
+pub(crate) fn pod(node: &NetNs, tag: &str, host_if: &str, ip: &str, gw: &str) -> NetNs {
     let p = NetNs::new(tag);
     node.ip(&format!("link add {host_if} type veth peer name eth0 netns {}", p.name));
     node.ip(&format!("link set {host_if} master cni0 up"));
@@ -131,6 +133,17 @@ fn pod(node: &NetNs, tag: &str, host_if: &str, ip: &str, gw: &str) -> NetNs {
     p.ip("link set eth0 up");
     p.ip(&format!("route add default via {gw}"));
     p
+}
+
+/// kube-proxy's NodePort rules on node2 for the east-west gateway, with its masquerade of
+/// NodePort traffic (externalTrafficPolicy: Cluster).
+pub(crate) fn gateway_nodeports(node2: &NetNs) {
+    for (proto, port) in [("tcp", NODEPORT_TCP), ("udp", NODEPORT_UDP)] {
+        node2.exec(&format!(
+            "iptables -t nat -A PREROUTING -d {NODE2_LAN} -p {proto} --dport {port} -j DNAT --to-destination {GW_IP}:{GW_PORT}"
+        ));
+    }
+    node2.exec(&format!("iptables -t nat -A POSTROUTING -d {GW_IP} -o cni0 -m conntrack --ctstate DNAT -j MASQUERADE"));
 }
 
 impl Topology {
@@ -144,14 +157,7 @@ impl Topology {
         node2.ip(&format!("addr add {NODE2_LAN}/24 dev lan0"));
         node1.ip("link set lan0 up");
         node2.ip("link set lan0 up");
-        // kube-proxy's NodePort rules for the east-west gateway, with its masquerade of
-        // NodePort traffic (externalTrafficPolicy: Cluster).
-        for (proto, port) in [("tcp", NODEPORT_TCP), ("udp", NODEPORT_UDP)] {
-            node2.exec(&format!(
-                "iptables -t nat -A PREROUTING -d {NODE2_LAN} -p {proto} --dport {port} -j DNAT --to-destination {GW_IP}:{GW_PORT}"
-            ));
-        }
-        node2.exec(&format!("iptables -t nat -A POSTROUTING -d {GW_IP} -o cni0 -m conntrack --ctstate DNAT -j MASQUERADE"));
+        gateway_nodeports(&node2);
 
         let client = pod(&node1, "c", "vethc", &CLIENT_IP.to_string(), "10.244.0.1");
         let client2 = pod(&node1, "c2", "vethc2", &CLIENT2_IP.to_string(), "10.244.0.1");

@@ -25,9 +25,10 @@ pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Debian packages the tests and the demo run: ip/bridge (iproute2), the CNI-style
 /// masquerade and kube-proxy-style NodePort rules (iptables), checksum offload switches
 /// (ethtool), mount/umount (mount), the throughput load generator of the benchmarks
-/// (iperf3), musl-gcc for the C parts (ring) of the static build (musl-tools), and the
-/// daemonless image builder of `cargo xtask image` (buildah).
-const APT_PACKAGES: [&str; 7] = ["iproute2", "iptables", "ethtool", "mount", "iperf3", "musl-tools", "buildah"];
+/// (iperf3), musl-gcc for the C parts (ring) of the static build (musl-tools), the
+/// daemonless image builder of `cargo xtask image` (buildah), and `ping` for tunnel mode's
+/// ICMP test (iputils-ping).
+const APT_PACKAGES: [&str; 8] = ["iproute2", "iptables", "ethtool", "mount", "iperf3", "musl-tools", "buildah", "iputils-ping"];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "meshnet's project tasks")]

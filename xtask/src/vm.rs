@@ -88,16 +88,18 @@ const MATRIX: [MatrixKernel; 3] = [
 
 /// The datapath test targets of `meshnet-tests` that run in the VMs. Others (config,
 /// discovery, manifests) do not touch the kernel and run on the host only.
-const GUEST_TESTS: [&str; 6] = ["verifier", "pipeline", "packets", "e2e", "agent", "datapath_log"];
+const GUEST_TESTS: [&str; 7] = ["verifier", "pipeline", "packets", "e2e", "agent", "datapath_log", "tunnel"];
 
 /// The subset run in each VM with `--quick-matrix`, and on a matrix kernel for the targets
 /// its `whole` leaves out; a `--kernel PATH` guest runs every datapath test. The subset: the verifier's
 /// statistics, loading with and without kernel BTF, both attach paths, every packet test
 /// (`BPF_PROG_TEST_RUN`, no namespaces, fast), a redirected request with its reply in both
 /// checksum modes, a held connection across agent restarts, and another tool's programs
-/// beside meshnet's (netlink everywhere, tcx where the kernel has it), and the logging build's
-/// lines and rate limit (every matrix kernel has ring buffers).
-const SUBSET: [(&str, &[&str]); 6] = [
+/// beside meshnet's (netlink everywhere, tcx where the kernel has it), the logging build's
+/// lines and rate limit (every matrix kernel has ring buffers), and tunnel mode's TCP both
+/// ways, ping, refused tunnel packets and MTU cases, each with both deliveries (the stack,
+/// and `bpf_redirect_neigh`, whose behaviour is the kernel's).
+const SUBSET: [(&str, &[&str]); 7] = [
     ("verifier", &[]),
     ("pipeline", &["tcx_pipeline", "netlink_pipeline", "loads_without_kernel_btf"]),
     ("packets", &[]),
@@ -117,6 +119,19 @@ const SUBSET: [(&str, &[&str]); 6] = [
             "the_default_object_has_no_ring_buffer_and_no_logging_instruction",
             "logs_a_new_flow_and_a_drop",
             "a_drop_flood_is_rate_limited_and_every_drop_accounted_for",
+        ],
+    ),
+    (
+        "tunnel",
+        &[
+            "tcp_both_ways_with_pod_ips_preserved_stack",
+            "tcp_both_ways_with_pod_ips_preserved_redirect",
+            "ping_crosses_stack",
+            "ping_crosses_redirect",
+            "foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_stack",
+            "foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_redirect",
+            "mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_stack",
+            "mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_redirect",
         ],
     ),
 ];

@@ -1,0 +1,787 @@
+//! Tunnel mode across two simulated clusters whose nodes admit nothing from each other but
+//! the tunnel NodePort (see `meshnet_tests::tunnel_topo`): pods reach the other cluster's pods
+//! over TCP, UDP and ICMP, both ways, with their own addresses; every remote pod IP reaches
+//! that pod; a thousand flows at once and flows held through agent restarts all complete;
+//! what arrives on the tunnel port without being a peer node's well-formed packet for a local
+//! pod is dropped and counted; the tunnel's 36 bytes are absorbed by MSS clamping,
+//! fragmentation and PMTU discovery; and tunnel and gateway peers work side by side. Both
+//! deliveries (through the stack, and `bpf_redirect_neigh`) and both attach paths.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use meshnet::config::peer_id;
+use meshnet_tests::{
+    peer::IO_TIMEOUT,
+    poll,
+    topo::{APP_A, APP_B, APP_PORT, CLIENT2_IP, CLIENT_IP, GW_IP, GW_PORT, NODE1_LAN, NODE2_LAN, NODEPORT_TCP},
+    tunnel_topo::{
+        bulk_echo, pattern, raise_open_files_limit, tcp_line, tcp_request, udp_request, Agents, Delivery, Node, Options, Pod,
+        Side, TunnelTopology, APP_A_POD, APP_B_POD, CLIENT, CLIENT2, OVERHEAD, TUNNEL_PORT,
+    },
+    NetNs,
+};
+
+const WAIT: Duration = Duration::from_mins(1);
+/// The MTU of the pods' and the LAN's interfaces (veth's default).
+const MTU: u32 = 1500;
+/// The largest MSS that fits the tunnel: MTU less the overhead and IPv4 and TCP headers.
+const TUNNEL_MSS: u32 = MTU - OVERHEAD - 40;
+
+fn setup(opts: Options) -> (TunnelTopology, Agents) {
+    let t = TunnelTopology::new(opts);
+    let agents = t.start_agents();
+    (t, agents)
+}
+
+fn opts(delivery: Delivery) -> Options {
+    Options::new(delivery)
+}
+
+fn netlink(delivery: Delivery) -> Options {
+    Options { attach_mode: Some("netlink"), ..Options::new(delivery) }
+}
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+/// A request line from `ns` to `to`; asserts the answer came from that pod and named `src`,
+/// the requesting pod's own address, as the peer it saw.
+fn tcp_check(ns: &NetNs, src: Ipv4Addr, to: Pod, msg: &str) {
+    let m = msg.to_string();
+    let (reply, local) =
+        ns.run(move || tcp_request(to.app(), &m)).unwrap_or_else(|e| panic!("TCP from {src} to {} ({msg}): {e}", to.app()));
+    assert_eq!(local.ip(), IpAddr::V4(src));
+    assert_eq!(reply, to.reply(msg, local), "{} must answer, seeing {src} itself", to.name);
+}
+
+/// A datagram from `ns` to `to`; asserts the answer came from that pod's address and named
+/// `src` as the peer.
+fn udp_check(ns: &NetNs, src: Ipv4Addr, to: Pod, msg: &str) {
+    let m = msg.to_string();
+    let (reply, from, port) = ns
+        .run(move || udp_request(to.app(), m.as_bytes()))
+        .unwrap_or_else(|e| panic!("UDP from {src} to {} ({msg}): {e}", to.app()));
+    assert_eq!(from, SocketAddr::V4(to.app()), "the answer must come from the pod addressed");
+    assert_eq!(reply, to.reply(msg, v4(src, port)), "{} must answer, seeing {src} itself", to.name);
+}
+
+fn count(c: &serde_json::Map<String, serde_json::Value>, name: &str) -> u64 {
+    c.get(name).and_then(serde_json::Value::as_u64).unwrap_or_else(|| panic!("no counter {name} in {c:?}"))
+}
+
+#[test]
+fn remote_pods_are_unreachable_without_meshnet() {
+    let t = TunnelTopology::new(opts(Delivery::Stack));
+    let err = t.client.run(|| tcp_request(APP_A_POD.app(), "x")).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)), "expected unreachable, got {err}");
+
+    // Routed plainly between the nodes, a pod's packet leaves node1 masqueraded and node2's
+    // filter drops it: what later gets through is the tunnel's doing.
+    t.node1.ns.ip(&format!("route add 10.245.0.0/16 via {NODE2_LAN}"));
+    t.node2.ns.ip(&format!("route add 10.244.0.0/16 via {NODE1_LAN}"));
+    let before = t.node2.lan_drops("FORWARD");
+    let sock = t.client.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    let dropped = poll(WAIT, || {
+        sock.send_to(b"routed plainly", APP_A_POD.app()).unwrap();
+        (t.node2.lan_drops("FORWARD") > before).then_some(())
+    });
+    assert!(dropped.is_some(), "node2's FORWARD filter never dropped the plainly routed datagram");
+    assert!(!t.server(APP_A_POD).saw(b"routed plainly"), "app-a got a plainly routed datagram past node2's filter");
+}
+
+// ---------------------------------------------------------------------------------------
+// TCP, UDP and ICMP both ways, pod addresses preserved
+// ---------------------------------------------------------------------------------------
+
+fn tcp_both_ways(opts: Options) {
+    let (t, _agents) = setup(opts);
+    tcp_check(&t.client, CLIENT_IP, APP_A_POD, "hello from cluster1");
+    tcp_check(&t.app_a, APP_A, CLIENT, "hello from cluster2");
+
+    for (node, peer) in [(&t.node1, "cluster2"), (&t.node2, "cluster1")] {
+        let c = node.counters();
+        for name in ["tunnel_encap", "tunnel_decap"] {
+            assert!(count(&c, name) > 0, "{}: {name} is 0: {c:?}", node.cluster);
+        }
+        let row = node.tunnel_peer(peer);
+        for field in ["txPackets", "txBytes", "rxPackets", "rxBytes"] {
+            assert!(row[field].as_u64().is_some_and(|n| n > 0), "{}: {peer}'s {field}: {row}", node.cluster);
+        }
+    }
+
+    // What node1's tables say: its own settings, and cluster2's node behind its pod CIDR.
+    let tun = t.node1.dump_json("tunnel")["tunnel"].clone();
+    let settings = &tun["settings"];
+    assert_eq!(settings["port"], TUNNEL_PORT, "{tun}");
+    assert_eq!(settings["delivery"], opts.delivery.as_str(), "{tun}");
+    assert_eq!(settings["clusterId"], peer_id("cluster1"), "{tun}");
+    assert_eq!(settings["mtu"], MTU, "{tun}");
+    let routes = tun["routes"].as_array().unwrap_or_else(|| panic!("no routes: {tun}"));
+    assert_eq!(routes.len(), 1, "{tun}");
+    let r = &routes[0];
+    assert_eq!(r["cidr"], "10.245.0.0/24", "{tun}");
+    assert_eq!(r["peer"], "cluster2", "{tun}");
+    assert_eq!(r["node"], NODE2_LAN, "{tun}");
+    assert_eq!(r["port"], TUNNEL_PORT, "{tun}");
+    assert_eq!(r["source"], NODE1_LAN, "the outer source must be node1's address toward node2: {tun}");
+}
+
+#[test]
+fn tcp_both_ways_with_pod_ips_preserved_stack() {
+    tcp_both_ways(opts(Delivery::Stack));
+}
+
+#[test]
+fn tcp_both_ways_with_pod_ips_preserved_redirect() {
+    tcp_both_ways(opts(Delivery::Redirect));
+}
+
+#[test]
+fn tcp_both_ways_with_pod_ips_preserved_netlink() {
+    tcp_both_ways(netlink(Delivery::Stack));
+}
+
+fn udp_both_ways(opts: Options) {
+    let (t, _agents) = setup(opts);
+    udp_check(&t.client, CLIENT_IP, APP_A_POD, "datagram from cluster1");
+    udp_check(&t.app_a, APP_A, CLIENT, "datagram from cluster2");
+}
+
+#[test]
+fn udp_both_ways_stack() {
+    udp_both_ways(opts(Delivery::Stack));
+}
+
+#[test]
+fn udp_both_ways_redirect() {
+    udp_both_ways(opts(Delivery::Redirect));
+}
+
+fn ping(opts: Options) {
+    let (t, _agents) = setup(opts);
+    let before = t.node2.counter("tunnel_decap");
+    for (ns, dst) in [(&t.client, APP_A), (&t.client, APP_B), (&t.app_a, CLIENT_IP)] {
+        let (ok, out) = ns.try_exec(&format!("ping -n -c 3 -i 0.2 -W 10 {dst}"));
+        assert!(ok && out.contains("3 packets transmitted, 3 received"), "ping {dst}:\n{out}");
+    }
+    // Six echo requests and three replies reached node2 through the tunnel.
+    let after = t.node2.counter("tunnel_decap");
+    assert!(after >= before + 9, "node2 decapsulated {} packets for 9 ICMP messages", after - before);
+}
+
+#[test]
+fn ping_crosses_stack() {
+    ping(opts(Delivery::Stack));
+}
+
+#[test]
+fn ping_crosses_redirect() {
+    ping(opts(Delivery::Redirect));
+}
+
+#[test]
+fn ping_crosses_redirect_netlink() {
+    ping(netlink(Delivery::Redirect));
+}
+
+/// Every remote pod IP is that pod: with two pods behind one node (as behind one Service),
+/// .21 is answered by app-b and .20 by app-a, over and over, from both client pods.
+#[test]
+fn each_remote_pod_ip_reaches_exactly_that_pod() {
+    let (t, _agents) = setup(opts(Delivery::Stack));
+    for round in 0..5 {
+        for (ns, src) in [(&t.client, CLIENT_IP), (&t.client2, CLIENT2_IP)] {
+            for to in [APP_B_POD, APP_A_POD] {
+                let msg = format!("round {round} from {src} to {}", to.ip);
+                tcp_check(ns, src, to, &msg);
+                udp_check(ns, src, to, &msg);
+            }
+        }
+    }
+    // The reverse way too: app-b reaches client2, not client.
+    tcp_check(&t.app_b, APP_B, CLIENT2, "to client2");
+    udp_check(&t.app_b, APP_B, CLIENT2, "to client2");
+    let to_b = t.server(APP_B_POD).seen.lock().unwrap().len();
+    assert_eq!(to_b, 10, "app-b received {to_b} datagrams for the 10 addressed to it");
+}
+
+// ---------------------------------------------------------------------------------------
+// Scale and restarts
+// ---------------------------------------------------------------------------------------
+
+/// 1,000 TCP connections from one pod to two remote pods: all open at once, then each
+/// exchanges a line, then each closes cleanly (the server's end follows ours, no reset).
+#[test]
+fn a_thousand_concurrent_flows() {
+    const FLOWS: usize = 1000;
+    raise_open_files_limit();
+    let (t, _agents) = setup(opts(Delivery::Redirect));
+    let failures = t.client.run(|| {
+        let conns: Vec<(usize, Pod, TcpStream)> = (0..FLOWS)
+            .map(|i| {
+                let to = if i % 2 == 0 { APP_A_POD } else { APP_B_POD };
+                let s = TcpStream::connect_timeout(&to.app().into(), IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {i} to {}: {e}", to.app()));
+                (i, to, s)
+            })
+            .collect();
+        // All are open; now every one exchanges, at once.
+        let exchanged: Vec<_> = conns
+            .into_iter()
+            .map(|(i, to, s)| {
+                std::thread::spawn(move || {
+                    let msg = format!("flow {i}");
+                    let got = tcp_line(&s, &msg).map_err(|e| e.to_string()).and_then(|r| {
+                        let want = to.reply(&msg, s.local_addr().unwrap());
+                        if r == want { Ok(()) } else { Err(format!("got {r:?}, want {want:?}")) }
+                    });
+                    (i, s, got)
+                })
+            })
+            .map(|h| h.join().unwrap())
+            .collect();
+        // All have exchanged; now every one closes, and sees the server close after it.
+        let closed: Vec<_> = exchanged
+            .into_iter()
+            .map(|(i, s, got)| {
+                std::thread::spawn(move || {
+                    let closed = got.and_then(|()| {
+                        s.shutdown(std::net::Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+                        let mut rest = Vec::new();
+                        match (&s).read_to_end(&mut rest) {
+                            Ok(0) => Ok(()),
+                            Ok(n) => Err(format!("{n} unexpected bytes before the close")),
+                            Err(e) => Err(format!("close: {e}")),
+                        }
+                    });
+                    closed.err().map(|e| format!("flow {i}: {e}"))
+                })
+            })
+            .collect();
+        closed.into_iter().filter_map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    });
+    assert!(failures.is_empty(), "{} of {FLOWS} flows failed: {:?}", failures.len(), &failures[..failures.len().min(10)]);
+    let encap = t.node1.counter("tunnel_encap");
+    assert!(encap >= 3 * FLOWS as u64, "node1 encapsulated only {encap} packets for {FLOWS} connections");
+}
+
+/// A flow exchanging continuously on its own thread inside a pod until `stop`.
+struct Flow {
+    name: String,
+    done: Arc<AtomicU64>,
+    handle: Option<JoinHandle<Result<u64, String>>>,
+}
+
+impl Flow {
+    /// A TCP connection from `ns` (pod address `src`) to `to`, exchanging lines of 16, 1,500
+    /// and 6,000 bytes in turn; at `stop` it closes and expects the server's clean close.
+    fn tcp(ns: &NetNs, src: Ipv4Addr, to: Pod, stop: &Arc<AtomicBool>) -> Self {
+        let (done, stop) = (Arc::new(AtomicU64::new(0)), stop.clone());
+        let counter = done.clone();
+        let handle = ns.spawn(move || -> Result<u64, String> {
+            let conn = TcpStream::connect_timeout(&to.app().into(), IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+            conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let local = conn.local_addr().unwrap();
+            if local.ip() != IpAddr::V4(src) {
+                return Err(format!("local address {local}"));
+            }
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = format!("seq {n} {}", "x".repeat([16, 1500, 6000][usize::try_from(n % 3).unwrap()]));
+                (&conn).write_all(format!("{msg}\n").as_bytes()).map_err(|e| format!("write of seq {n}: {e}"))?;
+                let mut line = String::new();
+                reader.read_line(&mut line).map_err(|e| format!("answer to seq {n}: {e}"))?;
+                if line.trim_end() != to.reply(&msg, local) {
+                    return Err(format!("answer to seq {n}: {:.100}", line.trim_end()));
+                }
+                n += 1;
+                counter.store(n, Ordering::Relaxed);
+                // Paced, to leave the (few) CPUs to the agents starting meanwhile.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            conn.shutdown(std::net::Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+            let mut rest = Vec::new();
+            match reader.read_to_end(&mut rest) {
+                Ok(0) => Ok(n),
+                Ok(k) => Err(format!("{k} unexpected bytes before the close")),
+                Err(e) => Err(format!("close: {e}")),
+            }
+        });
+        Self { name: format!("tcp {src} -> {}", to.app()), done, handle: Some(handle) }
+    }
+
+    /// Datagrams from one socket in `ns` to `to`, each answered before the next is sent.
+    fn udp(ns: &NetNs, src: Ipv4Addr, to: Pod, stop: &Arc<AtomicBool>) -> Self {
+        let (done, stop) = (Arc::new(AtomicU64::new(0)), stop.clone());
+        let counter = done.clone();
+        let handle = ns.spawn(move || -> Result<u64, String> {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let local = v4(src, s.local_addr().unwrap().port());
+            let mut buf = vec![0u8; 65_536];
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = format!("datagram {n}");
+                s.send_to(msg.as_bytes(), to.app()).map_err(|e| format!("send of {n}: {e}"))?;
+                let (k, from) = s.recv_from(&mut buf).map_err(|e| format!("answer to datagram {n}: {e}"))?;
+                let reply = String::from_utf8_lossy(&buf[..k]);
+                if from != SocketAddr::V4(to.app()) || reply != to.reply(&msg, local) {
+                    return Err(format!("answer to datagram {n} from {from}: {reply:.100}"));
+                }
+                n += 1;
+                counter.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(n)
+        });
+        Self { name: format!("udp {src} -> {}", to.app()), done, handle: Some(handle) }
+    }
+
+    /// The flow's result, when its thread has ended.
+    fn failed(&mut self) -> Option<String> {
+        if !self.handle.as_ref().is_some_and(JoinHandle::is_finished) {
+            return None;
+        }
+        match self.handle.take().unwrap().join().unwrap() {
+            Ok(n) => Some(format!("{} ended by itself after {n} exchanges", self.name)),
+            Err(e) => Some(format!("{}: {e}", self.name)),
+        }
+    }
+}
+
+/// Waits until every flow has made two more exchanges; panics with the first failure.
+fn progress(flows: &mut [Flow], when: &str) {
+    let marks: Vec<u64> = flows.iter().map(|f| f.done.load(Ordering::Relaxed)).collect();
+    let moved = poll(WAIT, || {
+        for f in flows.iter_mut() {
+            if let Some(e) = f.failed() {
+                panic!("{when}: {e}");
+            }
+        }
+        flows.iter().zip(&marks).all(|(f, m)| f.done.load(Ordering::Relaxed) >= m + 2).then_some(())
+    });
+    if moved.is_none() {
+        let stuck: Vec<_> = flows.iter().zip(&marks).filter(|(f, m)| f.done.load(Ordering::Relaxed) < *m + 2).map(|(f, _)| &f.name).collect();
+        panic!("{when}: no progress within {WAIT:?} on {stuck:?}");
+    }
+}
+
+/// TCP connections both ways and UDP flows both ways exchange continuously while each node's
+/// agent is stopped (SIGTERM) and started again, ten times: the datapath carries on while the
+/// agent is down and after it is back, no exchange is lost or answered wrongly, no
+/// connection is reset, and each closes cleanly at the end.
+#[test]
+fn no_flow_lost_across_ten_restarts_of_both_agents() {
+    const RESTARTS: usize = 10;
+    let (t, Agents { node1: mut agent1, node2: mut agent2 }) = setup(opts(Delivery::Stack));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut flows = vec![
+        Flow::tcp(&t.client, CLIENT_IP, APP_A_POD, &stop),
+        Flow::tcp(&t.client, CLIENT_IP, APP_B_POD, &stop),
+        Flow::tcp(&t.client2, CLIENT2_IP, APP_A_POD, &stop),
+        Flow::tcp(&t.app_a, APP_A, CLIENT, &stop),
+        Flow::udp(&t.client, CLIENT_IP, APP_B_POD, &stop),
+        Flow::udp(&t.app_b, APP_B, CLIENT2, &stop),
+    ];
+    progress(&mut flows, "at the start");
+    for r in 0..RESTARTS {
+        for side in [Side::Node1, Side::Node2] {
+            let agent = if side == Side::Node1 { &mut agent1 } else { &mut agent2 };
+            assert!(agent.child.stop(), "{side:?}'s agent did not stop cleanly:\n{}", agent.child.output());
+            progress(&mut flows, &format!("with {side:?}'s agent stopped ({r})"));
+            *agent = t.start_agent(side);
+            progress(&mut flows, &format!("after {side:?}'s restart {r}"));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in &mut flows {
+        let n = f.handle.take().unwrap().join().unwrap().unwrap_or_else(|e| panic!("{}: {e}", f.name));
+        assert!(n >= 4 * RESTARTS as u64 * 2, "{}: only {n} exchanges", f.name);
+    }
+    for node in [&t.node1, &t.node2] {
+        let c = node.counters();
+        for name in ["tunnel_encap_failed", "tunnel_decap_failed"] {
+            assert_eq!(count(&c, name), 0, "{}: {name}", node.cluster);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the tunnel port refuses
+// ---------------------------------------------------------------------------------------
+
+/// The source port of crafted inner packets, where the client pod listens for the answer.
+const CRAFTED_PORT: u16 = 40_000;
+/// Each refused case is sent this many times: its counter must rise by exactly that.
+const CRAFTED_TIMES: u64 = 3;
+const DROP_COUNTERS: [&str; 5] =
+    ["tunnel_unknown_node", "tunnel_bad_header", "tunnel_wrong_cluster", "tunnel_spoofed_source", "tunnel_not_local"];
+
+/// meshnet's tunnel header.
+fn tunnel_header(magic: u16, version: u8, cluster: u32) -> Vec<u8> {
+    [&magic.to_be_bytes()[..], &[version, 0], &cluster.to_be_bytes()].concat()
+}
+
+
+/// One crafted datagram from node1 to node2's tunnel port: its outer source and options,
+/// meshnet's header, and an inner IPv4/UDP packet to `APP_PORT` with valid checksums.
+#[derive(Clone, Copy, Debug)]
+struct Craft {
+    what: &'static str,
+    /// node2's counter that must count it.
+    counter: &'static str,
+    from: Ipv4Addr,
+    /// Outer IP options: three NOPs and an end.
+    options: bool,
+    /// Outer DF off and a 3,000-byte payload: the kernel fragments it on the LAN.
+    fragment: bool,
+    magic: u16,
+    version: u8,
+    cluster: u32,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    /// Bytes appended after the inner packet (positive) or cut from its end (negative).
+    tail: i32,
+}
+
+impl Craft {
+    /// Well formed: from node1, cluster1's header, client to app-a.
+    fn well_formed() -> Self {
+        Self {
+            what: "well formed",
+            counter: "tunnel_decap",
+            from: NODE1_LAN.parse().unwrap(),
+            options: false,
+            fragment: false,
+            magic: 0x4d4e,
+            version: 1,
+            cluster: peer_id("cluster1"),
+            src: CLIENT_IP,
+            dst: APP_A,
+            tail: 0,
+        }
+    }
+
+    fn datagram(&self, payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv4(self.src.octets(), self.dst.octets(), 64).udp(CRAFTED_PORT, APP_PORT);
+        let mut d = tunnel_header(self.magic, self.version, self.cluster);
+        b.write(&mut d, payload).unwrap();
+        match usize::try_from(self.tail) {
+            Ok(n) => d.extend(std::iter::repeat_n(0u8, n)),
+            Err(_) => d.truncate(d.len() - usize::try_from(self.tail.unsigned_abs()).unwrap()),
+        }
+        d
+    }
+
+    /// Sends it `times` times, each inner payload naming it and its number, with a zero
+    /// outer UDP checksum as the tunnel's own packets have; returns the payloads.
+    fn send(self, t: &TunnelTopology, times: u64) -> Vec<Vec<u8>> {
+        let payloads: Vec<Vec<u8>> = (0..times)
+            .map(|i| {
+                let mut p = format!("crafted {} #{i}", self.what).into_bytes();
+                if self.fragment {
+                    p.resize(3000, b'.');
+                }
+                p
+            })
+            .collect();
+        let datagrams: Vec<Vec<u8>> = payloads.iter().map(|p| self.datagram(p)).collect();
+        t.node1.ns.run(move || {
+            let s = UdpSocket::bind((self.from, 0)).unwrap_or_else(|e| panic!("bind {}: {e}", self.from));
+            let fd = s.as_raw_fd();
+            let set = |level: i32, name: i32, value: &[u8]| {
+                // SAFETY: setsockopt on a socket this closure owns, with a live buffer and its length.
+                let rc = unsafe { libc::setsockopt(fd, level, name, value.as_ptr().cast(), u32::try_from(value.len()).unwrap()) };
+                assert_eq!(rc, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+            };
+            set(libc::SOL_SOCKET, libc::SO_NO_CHECK, &1i32.to_ne_bytes());
+            if self.options {
+                set(libc::IPPROTO_IP, libc::IP_OPTIONS, &[1, 1, 1, 0]);
+            }
+            if self.fragment {
+                set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, &libc::IP_PMTUDISC_DONT.to_ne_bytes());
+            }
+            for d in datagrams {
+                s.send_to(&d, (NODE2_LAN, TUNNEL_PORT)).unwrap();
+            }
+        });
+        payloads
+    }
+}
+
+/// Crafted datagrams to node2's tunnel port, each refused for one reason: its counter rises
+/// by exactly what was sent, nothing is decapsulated and app-a sees none. Then a well-formed
+/// one, crafted the same way, is delivered and answered through the tunnel: the refusals are
+/// the checks' doing, not the crafting's.
+fn foreign_and_spoofed(opts: Options) {
+    let (t, _agents) = setup(opts);
+    t.node1.ns.ip("addr add 192.0.2.99/24 dev lan0");
+    let answers = t.client.run(|| UdpSocket::bind((CLIENT_IP, CRAFTED_PORT)).unwrap());
+    answers.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+
+    let ok = Craft::well_formed();
+    let refused = [
+        Craft { what: "from an unknown node", counter: "tunnel_unknown_node", from: Ipv4Addr::new(192, 0, 2, 99), ..ok },
+        Craft { what: "with a bad magic", counter: "tunnel_bad_header", magic: 0x5858, ..ok },
+        Craft { what: "of version 2", counter: "tunnel_bad_header", version: 2, ..ok },
+        Craft { what: "with bytes after the inner packet", counter: "tunnel_bad_header", tail: 4, ..ok },
+        Craft { what: "with the inner packet cut short", counter: "tunnel_bad_header", tail: -4, ..ok },
+        Craft { what: "with outer IP options", counter: "tunnel_bad_header", options: true, ..ok },
+        Craft { what: "naming cluster3", counter: "tunnel_wrong_cluster", cluster: peer_id("cluster3"), ..ok },
+        Craft { what: "naming cluster2, the receiver", counter: "tunnel_wrong_cluster", cluster: peer_id("cluster2"), ..ok },
+        Craft { what: "from 10.99.0.1", counter: "tunnel_spoofed_source", src: Ipv4Addr::new(10, 99, 0, 1), ..ok },
+        Craft { what: "from app-b, a pod of cluster2", counter: "tunnel_spoofed_source", src: APP_B, ..ok },
+        Craft {
+            what: "from cluster1's CIDR outside node1's pods",
+            counter: "tunnel_spoofed_source",
+            src: Ipv4Addr::new(10, 244, 1, 5),
+            ..ok
+        },
+        Craft { what: "to node2's own address", counter: "tunnel_not_local", dst: NODE2_LAN.parse().unwrap(), ..ok },
+        Craft { what: "to cluster2's CIDR outside node2's pods", counter: "tunnel_not_local", dst: Ipv4Addr::new(10, 245, 1, 5), ..ok },
+    ];
+    let before = t.node2.counters();
+    let payloads: Vec<Vec<u8>> = refused.iter().flat_map(|c| c.send(&t, CRAFTED_TIMES)).collect();
+    let want = |name: &str| count(&before, name) + CRAFTED_TIMES * refused.iter().filter(|c| c.counter == name).count() as u64;
+    let counted = poll(WAIT, || {
+        let c = t.node2.counters();
+        DROP_COUNTERS.iter().all(|n| count(&c, n) >= want(n)).then_some(())
+    });
+    let after = t.node2.counters();
+    let show = |c: &serde_json::Map<String, serde_json::Value>| {
+        let rise = |n: &str| format!("{n} +{} (want +{})", count(c, n) - count(&before, n), want(n) - count(&before, n));
+        DROP_COUNTERS.iter().chain(&["tunnel_decap"]).map(|n| rise(n)).collect::<Vec<_>>()
+    };
+    assert!(counted.is_some(), "node2 never counted every refused datagram: {:?}", show(&after));
+    for n in DROP_COUNTERS {
+        assert_eq!(count(&after, n), want(n), "{n} rose by another number than was sent: {:?}", show(&after));
+    }
+    assert_eq!(count(&after, "tunnel_decap"), count(&before, "tunnel_decap"), "a refused datagram was decapsulated");
+
+    let good = ok.send(&t, 1).pop().unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = answers.recv_from(&mut buf).expect("no answer to the well-formed datagram");
+    assert_eq!(from, SocketAddr::V4(APP_A_POD.app()));
+    let good_text = String::from_utf8(good.clone()).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), APP_A_POD.reply(&good_text, v4(CLIENT_IP, CRAFTED_PORT)));
+    assert_eq!(t.node2.counter("tunnel_decap"), count(&before, "tunnel_decap") + 1);
+    // app-a has answered the well-formed datagram, sent after every refused one.
+    let seen = t.server(APP_A_POD).seen.lock().unwrap().clone();
+    assert_eq!(seen, [(v4(CLIENT_IP, CRAFTED_PORT), good)], "app-a received refused datagrams");
+    assert!(payloads.iter().all(|p| !t.server(APP_A_POD).saw(p)));
+
+    // Fragmented on the LAN, a tunnel packet is refused: its first fragment as a bad header
+    // (the rest carry no UDP header to tell the tunnel port by), and no part reaches app-a.
+    let fragmented = Craft { what: "fragmented on the LAN", counter: "tunnel_bad_header", fragment: true, ..ok };
+    let before = t.node2.counters();
+    let payloads = fragmented.send(&t, CRAFTED_TIMES);
+    let bad = |c: &serde_json::Map<String, serde_json::Value>| count(c, "tunnel_bad_header") - count(&before, "tunnel_bad_header");
+    let counted = poll(WAIT, || (bad(&t.node2.counters()) >= CRAFTED_TIMES).then_some(()));
+    let after = t.node2.counters();
+    assert!(counted.is_some(), "the fragmented datagrams were not refused: bad headers +{}", bad(&after));
+    assert!(bad(&after) <= 2 * CRAFTED_TIMES, "more bad headers than fragments: +{}", bad(&after));
+    assert_eq!(count(&after, "tunnel_decap"), count(&before, "tunnel_decap"), "a fragment was decapsulated");
+    assert!(payloads.iter().all(|p| !t.server(APP_A_POD).saw(&p[..20])), "app-a received a fragmented tunnel packet");
+}
+
+#[test]
+fn foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_stack() {
+    foreign_and_spoofed(opts(Delivery::Stack));
+}
+
+#[test]
+fn foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_redirect() {
+    foreign_and_spoofed(opts(Delivery::Redirect));
+}
+
+#[test]
+fn foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_netlink() {
+    foreign_and_spoofed(netlink(Delivery::Redirect));
+}
+
+// ---------------------------------------------------------------------------------------
+// MTU: pods and LAN at 1,500
+// ---------------------------------------------------------------------------------------
+
+/// `IP_MTU` of a connected socket: its path MTU.
+fn ip_mtu(s: &UdpSocket) -> u32 {
+    let mut v: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap();
+    // SAFETY: getsockopt into a c_int with its length.
+    let rc = unsafe { libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut v).cast(), &raw mut len) };
+    assert_eq!(rc, 0, "IP_MTU: {}", std::io::Error::last_os_error());
+    u32::try_from(v).unwrap()
+}
+
+/// A payload of `len` bytes that the pod servers answer with a summary, so that the answer
+/// is small whatever the path MTU.
+fn summary_request(len: usize) -> Vec<u8> {
+    let mut p = format!("?{len} bytes").into_bytes();
+    p.resize(len, b'.');
+    p
+}
+
+/// From `ns` (pod address `src`), a connected UDP socket with `IP_PMTUDISC_DO` sends a
+/// 1,472-byte payload to `to`: a 1,500-byte packet with DF, too large for the tunnel. `node`
+/// answers "fragmentation needed" with the tunnel's MTU, the socket's path MTU drops to
+/// 1,464, and a 1,436-byte payload, which fits, gets through and is answered.
+fn path_mtu_discovery(ns: &NetNs, src: Ipv4Addr, to: Pod, node: &Node) {
+    let before = node.counter("tunnel_frag_needed");
+    let s = ns.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(to.app()).unwrap();
+        let v = libc::IP_PMTUDISC_DO;
+        let len = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap();
+        // SAFETY: setsockopt with a c_int and its length.
+        let rc = unsafe { libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, (&raw const v).cast(), len) };
+        assert_eq!(rc, 0, "IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    });
+    assert_eq!(ip_mtu(&s), MTU, "the path MTU from {src} to {} before", to.app());
+    let too_big = summary_request(1472);
+    // Sent again while the MTU has not dropped: once it has, the kernel refuses it locally.
+    let lowered = poll(WAIT, || {
+        let _ = s.send(&too_big);
+        (ip_mtu(&s) == MTU - OVERHEAD).then_some(())
+    });
+    assert!(lowered.is_some(), "the path MTU from {src} to {} stayed {}", to.app(), ip_mtu(&s));
+    assert!(node.counter("tunnel_frag_needed") > before, "{}: frag_needed not counted", node.cluster);
+    // The ICMP error left EMSGSIZE pending on the socket; it would fail the next receive.
+    let _ = s.take_error();
+    let fits = summary_request(1436);
+    s.send(&fits).unwrap_or_else(|e| panic!("a 1,436-byte payload from {src}: {e}"));
+    let mut buf = vec![0u8; 65_536];
+    let n = s.recv(&mut buf).unwrap_or_else(|e| panic!("no answer to the 1,436-byte payload from {src} to {}: {e}", to.app()));
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), to.summary(&fits, s.local_addr().unwrap()));
+}
+
+fn mtu(opts: Options) {
+    let (t, _agents) = setup(opts);
+    for ns in [&t.node1.ns, &t.node2.ns] {
+        assert!(ns.ip("link show lan0").contains(&format!("mtu {MTU} ")));
+    }
+    let before = (t.node1.counters(), t.node2.counters());
+
+    // 1 MB each way, echoed byte for byte. Each SYN and SYN-ACK had its MSS clamped by the
+    // node that sent it through the tunnel, so no segment needed fragmenting.
+    for (ns, to, seed) in [(&t.client, APP_A_POD, 1), (&t.app_a, CLIENT, 2)] {
+        let data = Arc::new(pattern(1 << 20, seed));
+        let d = data.clone();
+        let (back, mss) = ns.run(move || bulk_echo(to.bulk(), d)).unwrap_or_else(|e| panic!("1 MB to {}: {e}", to.bulk()));
+        assert_eq!(back.len(), data.len(), "the 1 MB echo from {} came back short", to.name);
+        if let Some(i) = back.iter().zip(data.iter()).position(|(a, b)| a != b) {
+            panic!("the 1 MB echo from {} differs from byte {i} on", to.name);
+        }
+        assert!(mss <= TUNNEL_MSS, "the MSS toward {} is {mss}: the SYN-ACK was not clamped to {TUNNEL_MSS}", to.name);
+    }
+    let after = (t.node1.counters(), t.node2.counters());
+    for (node, b, a) in [(&t.node1, &before.0, &after.0), (&t.node2, &before.1, &after.1)] {
+        let clamped = count(a, "tunnel_mss_clamped") - count(b, "tunnel_mss_clamped");
+        assert!(clamped >= 2, "{}: clamped {clamped} of the SYN and SYN-ACK it sent", node.cluster);
+        let needed = count(a, "tunnel_frag_needed") - count(b, "tunnel_frag_needed");
+        assert_eq!(needed, 0, "{}: {needed} TCP segments did not fit the tunnel", node.cluster);
+    }
+
+    // 8 KB datagrams: the pod's kernel fragments them at 1,500 without DF, each fragment too
+    // large for the tunnel is split in two, app-a reassembles the datagram and answers it
+    // whole, and its answer comes back the same way.
+    let (port, exchanged) = t.client.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut buf = vec![0u8; 65_536];
+        let exchanged: Vec<_> = (0..20)
+            .map(|i| {
+                let msg = format!("{i:02} {}", "u".repeat(8189));
+                s.send_to(msg.as_bytes(), APP_A_POD.app()).unwrap();
+                let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("no answer to 8 KB datagram {i}: {e}"));
+                (msg, String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+            })
+            .collect();
+        (s.local_addr().unwrap().port(), exchanged)
+    });
+    for (msg, reply, from) in exchanged {
+        assert_eq!(from, SocketAddr::V4(APP_A_POD.app()));
+        assert!(reply == APP_A_POD.reply(&msg, v4(CLIENT_IP, port)), "the answer to {:.2}… is not whole ({} bytes)", msg, reply.len());
+    }
+    for (node, b) in [(&t.node1, &before.0), (&t.node2, &before.1)] {
+        let split = node.counter("tunnel_fragmented") - count(b, "tunnel_fragmented");
+        assert!(split >= 20, "{}: only {split} packets fragmented for the tunnel", node.cluster);
+    }
+
+    path_mtu_discovery(&t.client, CLIENT_IP, APP_A_POD, &t.node1);
+    path_mtu_discovery(&t.app_a, APP_A, CLIENT, &t.node2);
+}
+
+#[test]
+fn mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_stack() {
+    mtu(opts(Delivery::Stack));
+}
+
+#[test]
+fn mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_redirect() {
+    mtu(opts(Delivery::Redirect));
+}
+
+// ---------------------------------------------------------------------------------------
+// With a gateway peer
+// ---------------------------------------------------------------------------------------
+
+/// node1 has cluster2 as a tunnel peer and cluster3 (10.246.0.0/16) as a gateway peer behind
+/// node2's east-west gateway NodePort, as in the gateway-mode topology. A connection through
+/// each, held open together, exchanges in turn: the gateway's arrives from the gateway pod
+/// (its relay), the tunnel's from the client pod itself.
+#[test]
+fn gateway_and_tunnel_peers_side_by_side() {
+    let t = TunnelTopology::new(Options { gateway: true, ..opts(Delivery::Stack) });
+    // node2 admits the gateway's NodePort too (kube-proxy DNATs it to the gateway pod).
+    t.node2.ns.exec(&format!(
+        "iptables -I FORWARD 1 -i lan0 -p tcp -d {GW_IP} --dport {GW_PORT} -m conntrack --ctstate DNAT --ctorigdstport {NODEPORT_TCP} -j ACCEPT"
+    ));
+    let config1 = format!(
+        "{}  - name: cluster3\n    podCIDRs: [\"10.246.0.0/16\"]\n    gateways:\n      - address: {NODE2_LAN}\n        port: {NODEPORT_TCP}\n",
+        t.config(Side::Node1)
+    );
+    let _agent1 = t.start_agent_with(Side::Node1, &config1);
+    let _agent2 = t.start_agent(Side::Node2);
+
+    let via_gateway = SocketAddrV4::new(Ipv4Addr::new(10, 246, 0, 21), APP_PORT);
+    let (gw_conn, tunnel_conn) = t.client.run(move || {
+        let connect = |to: SocketAddrV4| TcpStream::connect_timeout(&to.into(), IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {to}: {e}"));
+        (connect(via_gateway), connect(APP_A_POD.app()))
+    });
+    // The gateway routes by the first line (Istio: by SNI), whatever pod IP was addressed.
+    (&gw_conn).write_all(format!("TO {}\n", APP_B_POD.app()).as_bytes()).unwrap();
+    let tunnel_local = tunnel_conn.local_addr().unwrap();
+    for i in 0..5 {
+        let msg = format!("exchange {i}");
+        let reply = tcp_line(&gw_conn, &msg).unwrap_or_else(|e| panic!("through the gateway, {msg}: {e}"));
+        let (head, seen) = reply.rsplit_once(" from ").unwrap_or_else(|| panic!("{reply}"));
+        assert_eq!(head, format!("app-b {} got {msg}", APP_B_POD.app()));
+        assert!(seen.starts_with(&format!("{GW_IP}:")), "through the gateway app-b saw {seen}, not the gateway pod");
+        let reply = tcp_line(&tunnel_conn, &msg).unwrap_or_else(|e| panic!("through the tunnel, {msg}: {e}"));
+        assert_eq!(reply, APP_A_POD.reply(&msg, tunnel_local));
+    }
+    tcp_check(&t.client2, CLIENT2_IP, APP_B_POD, "a new tunnel flow beside them");
+    udp_check(&t.client2, CLIENT2_IP, APP_A_POD, "a new tunnel datagram beside them");
+
+    let nat = t.node1.dump_json("nat")["nat"].as_array().cloned().unwrap_or_default();
+    assert!(
+        nat.iter().any(|f| f["remote"] == via_gateway.to_string() && f["gateway"] == format!("{NODE2_LAN}:{NODEPORT_TCP}")),
+        "no gateway flow in node1's NAT table: {nat:?}"
+    );
+    assert!(nat.iter().all(|f| !f["remote"].as_str().unwrap_or_default().starts_with("10.245.")), "a tunnel flow was translated: {nat:?}");
+    let c = t.node1.counters();
+    assert!(count(&c, "redirected") >= 1 && count(&c, "tunnel_encap") > 0, "{c:?}");
+}
