@@ -130,6 +130,21 @@ pub struct Config {
     pub health: HealthConfig,
     /// Whether the datapath's logging build is asked for (`datapathLog`).
     pub datapath_log: bool,
+    pub tunnel: Option<TunnelSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSettings {
+    pub port: u16,
+    pub interfaces: Vec<String>,
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub delivery: Delivery,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Stack,
+    Redirect,
 }
 
 /// Flow-state expiry.
@@ -661,6 +676,7 @@ impl RawConfig {
                 down_grace: Duration::from_secs(self.health.down_grace_seconds),
             },
             datapath_log: self.datapath_log,
+            tunnel: None,
         };
         (config, reserved)
     }
@@ -675,6 +691,9 @@ pub struct Desired {
     pub peer_names: BTreeMap<u32, String>,
     /// This cluster's pod CIDRs, whose traffic the datapath passes without lookups.
     pub local: Vec<Ipv4Net>,
+    pub tun_routes: BTreeMap<Ipv4Net, meshnet_common::TunnelNode>,
+    pub tun_nodes: BTreeMap<Ipv4Addr, u32>,
+    pub tun_config: Option<meshnet_common::TunnelConfig>,
 }
 
 impl Config {
