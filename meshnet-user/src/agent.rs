@@ -620,6 +620,7 @@ mod tests {
             name: name.into(),
             pod_cidrs: vec![cidr.into()],
             gateways: vec![RawGateway { address: "10.20.144.165".into(), port: 32361, udp_port: None }],
+            ..RawPeer::default()
         }
     }
 
