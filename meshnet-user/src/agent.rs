@@ -489,13 +489,6 @@ impl Agent {
             BTreeSet::new()
         };
         let report = self.maps.sync_evicting(&desired, &evict)?;
-        if let (Some(c), Some(t)) = (desired.tun_config.as_mut(), self.config.tunnel.as_ref()) {
-            // Without its own pod CIDRs in the config, a node delivers to those its Node
-            // object lists, when the API told them.
-            if t.pod_cidrs.is_empty() && !self.node_cidrs.is_empty() {
-                c.nets = tunnel::node_nets(&self.node_cidrs);
-            }
-        }
         self.desired = desired;
         self.sync_tunnel()?;
         if evict != self.evicted && !evict.is_empty() {
@@ -690,6 +683,7 @@ mod tests {
             name: name.into(),
             pod_cidrs: vec![cidr.into()],
             gateways: vec![RawGateway { address: "10.20.144.165".into(), port: 32361, udp_port: None }],
+            ..RawPeer::default()
         }
     }
 

@@ -568,7 +568,7 @@ impl ControlMaps {
                 })
                 .collect();
             let pod_cidrs = routes.iter().filter(|(_, v)| **v == id).map(|(k, _)| k.to_string()).collect();
-            out.insert(name.clone(), crate::config::RawPeer { name, pod_cidrs, gateways });
+            out.insert(name.clone(), crate::config::RawPeer { name, pod_cidrs, gateways, ..Default::default() });
         }
         Ok(out)
     }

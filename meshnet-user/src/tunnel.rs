@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuHashMap, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{limits, names, LocalNet, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 
 use crate::{
@@ -230,17 +230,6 @@ impl TunnelMaps {
         }
         Ok(report)
     }
-}
-
-/// `nets` as `TunnelConfig::nets` holds them: the first [`limits::MAX_NODE_CIDRS`], the
-/// other slots matching nothing.
-#[must_use]
-pub fn node_nets(nets: &[Ipv4Net]) -> [LocalNet; limits::MAX_NODE_CIDRS] {
-    let mut out = [LocalNet::NONE; limits::MAX_NODE_CIDRS];
-    for (slot, n) in out.iter_mut().zip(nets) {
-        *slot = LocalNet { addr_be: addr_be(n.network()), mask_be: addr_be(n.netmask()) };
-    }
-    out
 }
 
 /// The paths to every node `desired` tunnels to; nodes without a route are left out.
