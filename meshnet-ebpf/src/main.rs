@@ -9,6 +9,7 @@ mod log;
 mod maps;
 mod nat;
 mod parse;
+mod tunnel;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -27,6 +28,12 @@ pub fn meshnet_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn meshnet_to_pod(ctx: TcContext) -> i32 {
     nat::ingress_to_pod(&ctx)
+}
+
+/// tc ingress on the uplinks (tunnel mode): takes tunnel packets off before netfilter.
+#[classifier]
+pub fn meshnet_tun_in(ctx: TcContext) -> i32 {
+    tunnel::decap(&ctx)
 }
 
 /// The logging object's line writer: tail-called by the two programs above at each decision

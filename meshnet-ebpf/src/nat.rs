@@ -49,6 +49,10 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
         // Between this cluster's pods: never meshnet's, and most of a node's packets.
         return PASS;
     }
+    if let Some(node) = crate::tunnel::route(ip.daddr_be) {
+        // A tunnel peer's pod: any protocol, fragments included, carried whole.
+        return crate::tunnel::encap(ctx, &ip, &node);
+    }
     if !ip.has_l4 {
         // A later fragment: it follows its first fragment's translation.
         return later_fragment_fwd(ctx, &ip);
@@ -426,7 +430,7 @@ fn may_be_gateway_port(port_be: u16) -> bool {
 
 #[inline(always)]
 fn is_remote(daddr_be: u32) -> bool {
-    ROUTES.get(Key::new(32, daddr_be)).is_some()
+    ROUTES.get(Key::new(32, daddr_be)).is_some() || crate::tunnel::route(daddr_be).is_some()
 }
 
 /// Follows what TCP does with the flow's close bits. `fin` is the FIN bit of this direction.

@@ -5,11 +5,11 @@
 //! packet meshnet does not translate still leaves byte-identical.
 
 use aya_ebpf::programs::TcContext;
-use meshnet_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
+use meshnet_common::{tunnel, Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
-const IP_MIN_HLEN: usize = 20;
+pub const IP_MIN_HLEN: usize = 20;
 /// Offsets inside the IPv4 header.
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
@@ -381,4 +381,300 @@ pub fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
     }
     // SAFETY: checked to lie inside the packet.
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const u16) })
+}
+
+/// The fields of the IPv4 header at `ETH_HLEN` that tunnelling rewrites or copies.
+pub struct IpHeader {
+    pub tos: u8,
+    pub tot_len: u16,
+    /// Flags and fragment offset, host byte order.
+    pub frag_off: u16,
+    /// Header length in bytes.
+    pub ihl: usize,
+}
+
+pub const IP_DF: u16 = 0x4000;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
+
+#[inline(always)]
+pub fn ip_header(ctx: &TcContext) -> Option<IpHeader> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    unsafe {
+        Some(IpHeader {
+            tos: (*ip).tos,
+            tot_len: u16::from_be((*ip).tot_len_be),
+            frag_off: u16::from_be((*ip).frag_off_be),
+            ihl: (((*ip).ver_ihl & 0x0f) as usize) * 4,
+        })
+    }
+}
+
+/// Rewrites the total length and the fragment field of the IPv4 header at `ETH_HLEN`, with
+/// its checksum: what splitting a datagram into fragments changes.
+#[inline(always)]
+pub fn set_ip_len_frag(ctx: &TcContext, tot_len: u16, frag_off: u16) -> Result<(), ()> {
+    let start = ctx.data();
+    if start + ETH_HLEN + IP_MIN_HLEN > ctx.data_end() {
+        return Err(());
+    }
+    let hdr = (start + ETH_HLEN) as *mut u8;
+    // SAFETY: checked above; the words lie in the fixed header.
+    unsafe {
+        let w0 = hdr.cast::<u32>();
+        let w1 = hdr.add(4).cast::<u32>();
+        let csum = hdr.add(10).cast::<u16>();
+        let (old0, old1) = (core::ptr::read_unaligned(w0), core::ptr::read_unaligned(w1));
+        let mut b0 = old0.to_ne_bytes();
+        let mut b1 = old1.to_ne_bytes();
+        let l = tot_len.to_be_bytes();
+        let f = frag_off.to_be_bytes();
+        (b0[2], b0[3], b1[2], b1[3]) = (l[0], l[1], f[0], f[1]);
+        let (new0, new1) = (u32::from_ne_bytes(b0), u32::from_ne_bytes(b1));
+        core::ptr::write_unaligned(w0, new0);
+        core::ptr::write_unaligned(w1, new1);
+        let c = csum_replace4(core::ptr::read_unaligned(csum), old0, new0);
+        core::ptr::write_unaligned(csum, csum_replace4(c, old1, new1));
+    }
+    Ok(())
+}
+
+/// The IPv4 header checksum of five words as they lie in memory.
+#[inline(always)]
+fn ipv4_csum(w: &[u32; 5]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 5 {
+        sum += (w[i] >> 16) + (w[i] & 0xffff);
+        i += 1;
+    }
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Five words of an IPv4 header without options, checksum filled in.
+#[inline(always)]
+fn ipv4_words(tos: u8, tot_len: u16, frag_off: u16, proto: u8, src_be: u32, dst_be: u32) -> [u32; 5] {
+    let l = tot_len.to_be_bytes();
+    let f = frag_off.to_be_bytes();
+    let mut w = [
+        u32::from_ne_bytes([0x45, tos, l[0], l[1]]),
+        u32::from_ne_bytes([0, 0, f[0], f[1]]),
+        u32::from_ne_bytes([tunnel::TTL, proto, 0, 0]),
+        src_be,
+        dst_be,
+    ];
+    let c = ipv4_csum(&w).to_ne_bytes();
+    w[2] = u32::from_ne_bytes([tunnel::TTL, proto, c[0], c[1]]);
+    w
+}
+
+/// Writes the tunnel's outer headers (IPv4, UDP, meshnet's) into the room just made after
+/// the Ethernet header. `inner_len`: the inner packet's IPv4 total length. The outer UDP
+/// checksum is 0, which IPv4 allows (RFC 768) and VXLAN does too: the inner packet keeps its
+/// own checksums, and the outer IPv4 header has its checksum.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one header's fields")]
+pub fn write_outer(ctx: &TcContext, tos: u8, inner_len: u16, src_be: u32, dst_be: u32, sport: u16, dport_be: u16, cluster_id: u32) -> Result<(), ()> {
+    const LEN: usize = tunnel::OVERHEAD as usize;
+    let start = ctx.data();
+    if start + ETH_HLEN + LEN > ctx.data_end() {
+        return Err(());
+    }
+    let ip_len = inner_len.wrapping_add(LEN as u16);
+    let udp_len = (inner_len.wrapping_add((tunnel::UDP_LEN + tunnel::HEADER_LEN) as u16)).to_be_bytes();
+    let ip = ipv4_words(tos, ip_len, IP_DF, IPPROTO_UDP, src_be, dst_be);
+    let sp = sport.to_be_bytes();
+    let dp = dport_be.to_ne_bytes();
+    let m = tunnel::MAGIC.to_be_bytes();
+    let words: [u32; 9] = [
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        ip[4],
+        u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]),
+        u32::from_ne_bytes([udp_len[0], udp_len[1], 0, 0]),
+        u32::from_ne_bytes([m[0], m[1], tunnel::VERSION, 0]),
+        cluster_id.to_be(),
+    ];
+    let p = (start + ETH_HLEN) as *mut u32;
+    // SAFETY: checked above: LEN (36) bytes after the Ethernet header, nine words.
+    unsafe {
+        let mut i = 0;
+        while i < 9 {
+            core::ptr::write_unaligned(p.add(i), words[i]);
+            i += 1;
+        }
+        // The Ethernet type stays IPv4, the outer header's.
+    }
+    Ok(())
+}
+
+/// A packet that arrived on the tunnel port, as far as the fixed-size headers tell.
+pub struct TunnelPacket {
+    /// The outer IPv4 total length.
+    pub outer_len: u16,
+    pub magic_be: u16,
+    pub version: u8,
+    pub cluster_be: u32,
+    pub inner_ver_ihl: u8,
+    pub inner_len: u16,
+    pub inner_saddr_be: u32,
+    pub inner_daddr_be: u32,
+}
+
+/// Reads the headers of a tunnel packet: `ip` is the outer header (without options, checked
+/// by the caller), then UDP, meshnet's header and the inner IPv4 header's fixed part.
+#[inline(always)]
+pub fn tunnel_packet(ctx: &TcContext, ip: &Ipv4) -> Result<TunnelPacket, Counter> {
+    const NEED: usize = ETH_HLEN + tunnel::OVERHEAD as usize + IP_MIN_HLEN;
+    if ip.end < NEED {
+        return Err(Counter::TunnelBadHeader);
+    }
+    ensure(ctx, NEED).map_err(|_| Counter::TunnelBadHeader)?;
+    let start = ctx.data();
+    if start + NEED > ctx.data_end() {
+        return Err(Counter::TunnelBadHeader);
+    }
+    let p = start as *const u8;
+    // SAFETY: NEED bytes from the start are inside the packet.
+    unsafe {
+        let hdr = p.add(ETH_HLEN + (tunnel::OUTER_IP_LEN + tunnel::UDP_LEN) as usize);
+        let inner = p.add(ETH_HLEN + tunnel::OVERHEAD as usize);
+        Ok(TunnelPacket {
+            outer_len: (ip.end - ETH_HLEN) as u16,
+            magic_be: core::ptr::read_unaligned(hdr.cast::<u16>()),
+            version: *hdr.add(2),
+            cluster_be: core::ptr::read_unaligned(hdr.add(4).cast::<u32>()),
+            inner_ver_ihl: *inner,
+            inner_len: u16::from_be(core::ptr::read_unaligned(inner.add(2).cast::<u16>())),
+            inner_saddr_be: core::ptr::read_unaligned(inner.add(12).cast::<u32>()),
+            inner_daddr_be: core::ptr::read_unaligned(inner.add(16).cast::<u32>()),
+        })
+    }
+}
+
+/// The TCP MSS option kind and its length.
+const TCPOPT_MSS: u8 = 2;
+const TCPOLEN_MSS: u8 = 4;
+/// Options examined at most: a SYN carries a handful, and MSS comes first in practice.
+const TCP_MAX_OPTIONS: usize = 8;
+
+/// Lowers the MSS option of a TCP SYN or SYN-ACK to `max` if it is larger. Read and written
+/// through the skb helpers, at offsets the verifier need not prove: this runs once per
+/// connection. The checksum is fixed with `bpf_l4_csum_replace`, which leaves a
+/// CHECKSUM_PARTIAL packet's field alone, as it must.
+#[inline(always)]
+pub fn clamp_mss(ctx: &TcContext, ip: &Ipv4, l4: &Ports, max: u16) -> bool {
+    let l4_off = ip.l4_off & 0x7f;
+    let Ok(doff) = ctx.load::<u8>(l4_off + 12) else {
+        return false;
+    };
+    let end = (l4_off + ((doff >> 4) as usize) * 4).min(ip.end);
+    let mut off = l4_off + TCP_MIN_HLEN;
+    for _ in 0..TCP_MAX_OPTIONS {
+        if off + 4 > end {
+            return false;
+        }
+        let Ok(kind) = ctx.load::<u8>(off) else { return false };
+        match kind {
+            0 => return false,
+            1 => {
+                off += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let Ok(len) = ctx.load::<u8>(off + 1) else { return false };
+        if kind == TCPOPT_MSS && len == TCPOLEN_MSS {
+            let Ok(mss_be) = ctx.load::<u16>(off + 2) else { return false };
+            if u16::from_be(mss_be) <= max {
+                return false;
+            }
+            let new_be = max.to_be();
+            if ctx.store(off + 2, &new_be, 0).is_err() {
+                return false;
+            }
+            return ctx.l4_csum_replace(l4.csum_off, u64::from(mss_be), u64::from(new_be), 2).is_ok();
+        }
+        if len < 2 {
+            return false;
+        }
+        off += len as usize;
+    }
+    false
+}
+
+/// ICMP "destination unreachable", code "fragmentation needed".
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// What an ICMP error quotes of the packet it is about: its header (without options) and
+/// the first 8 bytes after it, the ports and the TCP sequence number.
+const ICMP_QUOTE: usize = IP_MIN_HLEN + 8;
+/// The ICMP error's own IPv4 and ICMP headers.
+pub const ICMP_ERROR_ROOM: i32 = (IP_MIN_HLEN + ICMP_HLEN) as i32;
+/// Where the packet ends once only its quoted part is left.
+pub const ICMP_QUOTE_END: u32 = (ETH_HLEN + ICMP_QUOTE) as u32;
+
+/// Turns a packet already cut to [`ICMP_QUOTE_END`] bytes, with [`ICMP_ERROR_ROOM`] bytes
+/// made after its Ethernet header, into an ICMP "fragmentation needed" (RFC 1191) back to
+/// its sender: from `src_be`, announcing `mtu`. The Ethernet addresses are swapped so that
+/// the frame goes back where it came from.
+#[inline(always)]
+pub fn write_frag_needed(ctx: &TcContext, sender_be: u32, src_be: u32, mtu: u16) -> Result<(), ()> {
+    const LEN: usize = ETH_HLEN + ICMP_ERROR_ROOM as usize + ICMP_QUOTE;
+    let start = ctx.data();
+    if start + LEN > ctx.data_end() {
+        return Err(());
+    }
+    let ip = ipv4_words(0xc0, (ICMP_ERROR_ROOM as usize + ICMP_QUOTE) as u16, 0, IPPROTO_ICMP, src_be, sender_be);
+    let m = mtu.to_be_bytes();
+    let icmp_w1 = u32::from_ne_bytes([0, 0, m[0], m[1]]);
+    // SAFETY: checked above: the whole frame is inside the packet.
+    unsafe {
+        let eth = start as *mut [u8; 6];
+        let (dst, src) = (core::ptr::read_unaligned(eth), core::ptr::read_unaligned(eth.add(1)));
+        core::ptr::write_unaligned(eth, src);
+        core::ptr::write_unaligned(eth.add(1), dst);
+        let p = (start + ETH_HLEN) as *mut u32;
+        let mut i = 0;
+        while i < 5 {
+            core::ptr::write_unaligned(p.add(i), ip[i]);
+            i += 1;
+        }
+        let icmp = p.add(5);
+        core::ptr::write_unaligned(icmp, u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]));
+        core::ptr::write_unaligned(icmp.add(1), icmp_w1);
+        // The ICMP checksum covers its header and the quote: 9 words.
+        let mut sum: u32 = 0;
+        let mut j = 0;
+        while j < (ICMP_HLEN + ICMP_QUOTE) / 4 {
+            let w = core::ptr::read_unaligned(icmp.add(j));
+            sum += (w >> 16) + (w & 0xffff);
+            j += 1;
+        }
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let c = (!(sum as u16)).to_ne_bytes();
+        core::ptr::write_unaligned(icmp, u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, c[0], c[1]]));
+    }
+    Ok(())
+}
+
+/// Writes the Ethernet addresses (a next hop's, from a FIB lookup).
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), ()> {
+    let start = ctx.data();
+    if start + ETH_HLEN > ctx.data_end() {
+        return Err(());
+    }
+    let eth = start as *mut [u8; 6];
+    // SAFETY: checked above.
+    unsafe {
+        core::ptr::write_unaligned(eth, dst);
+        core::ptr::write_unaligned(eth.add(1), src);
+    }
+    Ok(())
 }

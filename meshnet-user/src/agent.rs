@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use ipnet::Ipv4Net;
 
 use crate::{
-    config::{Config, ConfigError, RawConfig, RawPeer},
+    config::{Config, ConfigError, Desired, RawConfig, RawPeer},
     discovery::{
         published::{Published, PublishedEntry, PEERS_CONFIGMAP},
         source::{self, ApiUpdate, SourceOptions},
@@ -33,6 +33,7 @@ use crate::{
     metrics::{self, GatewayLabel, Metrics, ResultLabel},
     netlink::{self, LinkEvents},
     pins::Pins,
+    tunnel::{self, TunnelMaps},
 };
 
 pub struct AgentOptions {
@@ -179,6 +180,14 @@ struct Agent {
     /// Down gateways past their grace period whose flows the last sync purged.
     evicted: BTreeSet<GatewayId>,
     metrics: Arc<Metrics>,
+    tunnel: TunnelMaps,
+    /// The desired state of the last sync, whose tunnel part each rescan re-applies with
+    /// fresh paths to the peer nodes.
+    desired: Desired,
+    /// Uplinks with the decapsulating program, and their index then (as `attached`).
+    uplinks: BTreeMap<String, u32>,
+    /// Peer nodes without a route from here, as last reported.
+    unresolved: Vec<std::net::Ipv4Addr>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -237,6 +246,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     let mut maps = ControlMaps::open(&opts.pins)?;
+    let tunnel = TunnelMaps::open(&opts.pins)?;
     // Before any program of this build is attached, so that its first flows get this
     // clock's stamps.
     maps.publish_clock(monotonic_ns())?;
@@ -273,6 +283,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         health,
         evicted: BTreeSet::new(),
         metrics,
+        tunnel,
+        desired: Desired::default(),
+        uplinks: BTreeMap::new(),
+        unresolved: Vec::new(),
     };
     if agent.api.heard {
         agent.sync().context("filling the maps")?;
@@ -475,6 +489,8 @@ impl Agent {
             BTreeSet::new()
         };
         let report = self.maps.sync_evicting(&desired, &evict)?;
+        self.desired = desired;
+        self.sync_tunnel()?;
         if evict != self.evicted && !evict.is_empty() {
             warn!(gateways = ?evict, grace = ?self.config.health.down_grace, flows = report.flows_purged, "gateways down past their grace period; their flows were purged and start again on live gateways");
         }
@@ -489,6 +505,24 @@ impl Agent {
                 let label = GatewayLabel { peer: p.name.clone(), address: g.address.to_string(), port: g.port.to_string() };
                 self.metrics.gateway_up.get_or_create(&label).set(i64::from(self.health.is_up(&(g.address, g.port))));
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the tunnel part of the last desired state, with the paths to the peer nodes
+    /// as the kernel's routes give them now.
+    fn sync_tunnel(&mut self) -> anyhow::Result<()> {
+        let paths = tunnel::resolve_all(&self.desired);
+        let mtu = self.uplinks.keys().filter_map(|i| tunnel::mtu_of(i).ok()).min().unwrap_or(tunnel::DEFAULT_MTU);
+        let report = self.tunnel.sync(&self.desired, &paths, mtu)?;
+        if report.unresolved != self.unresolved {
+            if !report.unresolved.is_empty() {
+                warn!(nodes = ?report.unresolved, "no route to these tunnel peer nodes; their pods are unreachable until there is one");
+            }
+            self.unresolved.clone_from(&report.unresolved);
+        }
+        if !report.is_noop() {
+            info!(?report, "tunnel maps synced");
         }
         Ok(())
     }
@@ -606,6 +640,35 @@ impl Agent {
             }
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
+        self.rescan_uplinks(&present)?;
+        self.sync_tunnel()
+    }
+
+    /// The uplinks' side of a rescan: the decapsulating program on every interface the
+    /// tunnel section names, except pod interfaces (one program per direction and device).
+    fn rescan_uplinks(&mut self, pods: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+        let patterns = self.config.tunnel.as_ref().map(|t| t.interfaces.clone()).unwrap_or_default();
+        let mut present = if patterns.is_empty() { BTreeMap::new() } else { matching_interfaces(&patterns)? };
+        present.retain(|name, _| !pods.contains_key(name));
+        let gone: Vec<(String, u32)> =
+            self.uplinks.iter().filter(|(name, index)| present.get(*name) != Some(index)).map(|(n, i)| (n.clone(), *i)).collect();
+        for (iface, index) in gone {
+            info!(iface, ifindex = index, "uplink gone or no longer named by tunnel.interfaces; detaching");
+            detach_interface(&self.opts.pins, &iface, Some(index));
+            self.uplinks.remove(&iface);
+        }
+        for (iface, index) in &present {
+            if self.uplinks.contains_key(iface) {
+                continue;
+            }
+            match self.datapath.attach_uplink(iface, self.opts.attach_mode) {
+                Ok(how) => {
+                    info!(iface, ifindex = index, ?how, "attached to uplink");
+                    self.uplinks.insert(iface.to_string(), *index);
+                }
+                Err(e) => warn!(iface, error = %format!("{e:#}"), "uplink attach failed; will retry"),
+            }
+        }
         Ok(())
     }
 }
@@ -620,6 +683,7 @@ mod tests {
             name: name.into(),
             pod_cidrs: vec![cidr.into()],
             gateways: vec![RawGateway { address: "10.20.144.165".into(), port: 32361, udp_port: None }],
+            ..RawPeer::default()
         }
     }
 

@@ -13,7 +13,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use meshnet_common::{limits, Gateway, PeerGateways, GW_UP};
+use meshnet_common::{limits, Gateway, LocalNet, PeerGateways, TunnelConfig, TunnelNode, GW_UP, TUN_DELIVER_REDIRECT};
 use serde::{Deserialize, Serialize};
 
 /// The config file as written.
@@ -29,6 +29,9 @@ pub struct RawConfig {
     pub service_cidrs: Vec<String>,
     #[serde(default)]
     pub interfaces: Vec<String>,
+    /// This node's side of tunnel mode; required when any peer is `mode: tunnel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<RawTunnel>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
     #[serde(default)]
@@ -40,14 +43,89 @@ pub struct RawConfig {
     pub datapath_log: bool,
 }
 
+/// This node's tunnel side as written (`tunnel:`).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawTunnel {
+    /// This cluster's tunnel NodePort (UDP).
+    pub port: u32,
+    /// The uplinks where tunnel packets arrive: names or globs, as the top-level `interfaces`.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// This node's own pod CIDRs, the only destinations delivered to. Empty: the Node
+    /// object's (see [`RawConfig::with_node_cidrs`]), else the cluster's `podCIDRs`.
+    #[serde(rename = "podCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Delivery::is_stack")]
+    pub delivery: Delivery,
+}
+
+/// How decapsulated packets reach the local pod.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Through the node's stack (routing, FORWARD, NetworkPolicy), as if they had arrived
+    /// unencapsulated.
+    #[default]
+    Stack,
+    /// Redirected straight to the pod's interface, bypassing the node's netfilter.
+    Redirect,
+}
+
+impl Delivery {
+    #[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
+    fn is_stack(&self) -> bool {
+        *self == Delivery::Stack
+    }
+}
+
+/// How a peer's pod CIDRs are reached.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerMode {
+    /// DNAT to the peer's east-west gateway NodePorts.
+    #[default]
+    Gateway,
+    /// Encapsulated in UDP to the peer node that hosts the destination pod.
+    Tunnel,
+}
+
+impl PeerMode {
+    #[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
+    fn is_gateway(&self) -> bool {
+        *self == PeerMode::Gateway
+    }
+}
+
+// Every field added since gateway peers is skipped when empty: the controller publishes
+// peers to other clusters, whose older agents refuse unknown fields, and a gateway peer must
+// read the same to them as before.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawPeer {
     pub name: String,
+    /// `gateway` when absent, which is what every peer published before tunnel mode means.
+    #[serde(default, skip_serializing_if = "PeerMode::is_gateway")]
+    pub mode: PeerMode,
     #[serde(rename = "podCIDRs", default)]
     pub pod_cidrs: Vec<String>,
     #[serde(default)]
     pub gateways: Vec<RawGateway>,
+    /// The peer's tunnel NodePort (UDP); `mode: tunnel` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u32>,
+    /// The peer's nodes and the pod CIDRs each hosts; `mode: tunnel` only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<RawTunnelNode>,
+}
+
+/// One node of a tunnel peer as written.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawTunnelNode {
+    pub address: String,
+    #[serde(rename = "podCIDRs", default)]
+    pub pod_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -124,6 +202,8 @@ pub struct Config {
     pub service_cidrs: Vec<Ipv4Net>,
     /// Interface names or globs (`cni0`, `cali*`).
     pub interfaces: Vec<String>,
+    /// This node's tunnel side, when the config has one.
+    pub tunnel: Option<TunnelSettings>,
     pub peers: Vec<Peer>,
     pub max_flows: u32,
     pub gc: GcConfig,
@@ -152,6 +232,30 @@ pub struct HealthConfig {
     pub down_grace: Duration,
 }
 
+/// This node's tunnel side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSettings {
+    /// This cluster's tunnel NodePort (UDP), the only port decapsulated.
+    pub port: u16,
+    /// Uplink names or globs, where tunnel packets arrive.
+    pub interfaces: Vec<String>,
+    /// This node's own pod CIDRs as configured; empty means the cluster's `pod_cidrs`.
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub delivery: Delivery,
+}
+
+impl TunnelSettings {
+    /// The pod CIDRs the tunnel delivers to on this node.
+    #[must_use]
+    pub fn delivered<'a>(&'a self, config: &'a Config) -> &'a [Ipv4Net] {
+        if self.pod_cidrs.is_empty() {
+            &config.pod_cidrs
+        } else {
+            &self.pod_cidrs
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub name: String,
@@ -159,7 +263,31 @@ pub struct Peer {
     /// same across reloads and restarts without any state of its own.
     pub id: u32,
     pub pod_cidrs: Vec<Ipv4Net>,
+    /// Empty for a tunnel peer.
     pub gateways: Vec<GatewayAddr>,
+    /// `Some` exactly for a `mode: tunnel` peer.
+    pub tunnel: Option<PeerTunnel>,
+}
+
+impl Peer {
+    #[must_use]
+    pub fn is_tunnel(&self) -> bool {
+        self.tunnel.is_some()
+    }
+}
+
+/// A tunnel peer's side: its tunnel NodePort and its nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTunnel {
+    pub port: u16,
+    pub nodes: Vec<TunnelNodeAddr>,
+}
+
+/// One node of a tunnel peer: where its pods' CIDRs are sent encapsulated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelNodeAddr {
+    pub address: Ipv4Addr,
+    pub pod_cidrs: Vec<Ipv4Net>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -233,7 +361,8 @@ impl RawConfig {
         self.validate_on(local_addresses).map_err(|errors| ConfigError::Invalid { path: shown.into(), errors })
     }
 
-    /// This config with this node's pod CIDRs from its Node object added to the local ones.
+    /// This config with this node's pod CIDRs from its Node object added to the local ones,
+    /// and taken as the tunnel's when `tunnel.podCIDRs` is not given.
     #[must_use]
     pub fn with_node_cidrs(&self, node_cidrs: &[Ipv4Net]) -> RawConfig {
         let mut out = self.clone();
@@ -242,6 +371,11 @@ impl RawConfig {
             if !covered {
                 out.pod_cidrs.push(c.to_string());
             }
+        }
+        // The node's own CIDRs, not the cluster's: the tunnel then delivers only to pods that
+        // are here, instead of forwarding inner packets on to other nodes.
+        if let Some(t) = out.tunnel.as_mut().filter(|t| t.pod_cidrs.is_empty()) {
+            t.pod_cidrs = node_cidrs.iter().map(ToString::to_string).collect();
         }
         out
     }
@@ -352,6 +486,15 @@ impl Checker {
         Some(net)
     }
 
+    /// An interface name or glob, as `interfaces` and `tunnel.interfaces` take them.
+    fn interface(&mut self, field: String, pattern: &str) {
+        if pattern.is_empty() || pattern.len() > 15 && !pattern.contains(['*', '?', '[']) {
+            self.err(field, format!("{pattern:?} is not a valid interface name"));
+        } else if glob::Pattern::new(pattern).is_err() {
+            self.err(field, format!("{pattern:?} is not a valid glob"));
+        }
+    }
+
     fn port(&mut self, field: String, value: u32) -> Option<u16> {
         match u16::try_from(value) {
             Ok(p) if p != 0 => Some(p),
@@ -390,21 +533,43 @@ impl CidrSet {
     }
 }
 
-/// What the peers validated so far hold: names, ids and CIDRs, for uniqueness and overlaps.
+/// What the peers validated so far hold: names, ids, CIDRs and tunnel nodes, for uniqueness,
+/// overlaps and the datapath's limits.
 struct Claims<'a> {
     cluster: &'a str,
     reserved: &'a Reserved,
+    /// Whether tunnel peers may be taken: this node has a `tunnel:` section.
+    tunnel: bool,
     names: BTreeSet<String>,
     ids: BTreeMap<u32, String>,
     /// Every CIDR seen so far with its owner.
     cidrs: CidrSet,
+    /// Every tunnel node so far with its peer's name.
+    tun_nodes: BTreeMap<Ipv4Addr, String>,
+    /// The tunnel nodes' pod CIDRs so far, each a `mn_tun_routes_v1` entry.
+    tun_routes: usize,
+}
+
+/// `f` under the field path `at` (empty for a peer checked on its own).
+fn under(at: &str, f: &str) -> String {
+    if at.is_empty() {
+        f.to_string()
+    } else {
+        format!("{at}.{f}")
+    }
+}
+
+/// Whether `n` entries exceed the map limit `max`.
+fn over(n: usize, max: u32) -> bool {
+    u32::try_from(n).map_or(true, |n| n > max)
 }
 
 impl<'a> Claims<'a> {
-    fn new(cluster: &'a str, reserved: &'a Reserved, local: &[Ipv4Net]) -> Self {
+    fn new(cluster: &'a str, reserved: &'a Reserved, local: &[Ipv4Net], tunnel: bool) -> Self {
         Self {
             cluster,
             reserved,
+            tunnel,
             names: BTreeSet::new(),
             ids: BTreeMap::new(),
             cidrs: {
@@ -414,13 +579,15 @@ impl<'a> Claims<'a> {
                 }
                 set
             },
+            tun_nodes: BTreeMap::new(),
+            tun_routes: 0,
         }
     }
 
     /// Checks one peer against the rules and what is claimed; errors go to `c`, with field
     /// paths under `at`. Claims nothing: `commit` does, once the caller accepts the peer.
     fn check(&self, c: &mut Checker, at: &str, raw: &RawPeer) -> Peer {
-        let field = |f: &str| if at.is_empty() { f.to_string() } else { format!("{at}.{f}") };
+        let field = |f: &str| under(at, f);
         if raw.name.trim().is_empty() {
             c.err(field("name"), "must not be empty");
         } else if self.names.contains(&raw.name) {
@@ -436,11 +603,15 @@ impl<'a> Claims<'a> {
             c.err(field("podCIDRs"), "must list at least one CIDR");
         }
         let mut cidrs: Vec<Ipv4Net> = Vec::new();
+        // Every CIDR that parses, refused or not: a node's CIDR inside a refused one has
+        // already cost the peer an error, and needs no second.
+        let mut parsed: Vec<Ipv4Net> = Vec::new();
         let mut mine = CidrSet::default();
         let me = format!("peer {:?}", raw.name);
         for (ci, s) in raw.pod_cidrs.iter().enumerate() {
             let f = field(&format!("podCIDRs[{ci}]"));
             let Some(net) = c.cidr(f.clone(), s) else { continue };
+            parsed.push(net);
             if let Some(why) = self.reserved.refuse_cidr(net) {
                 c.err(f, format!("{s:?} refused: {why}"));
                 continue;
@@ -452,26 +623,32 @@ impl<'a> Claims<'a> {
             mine.insert(net, me.clone());
             cidrs.push(net);
         }
+        let (gateways, tunnel) = match raw.mode {
+            PeerMode::Gateway => {
+                if let Some(p) = raw.tunnel_port {
+                    c.err(field("tunnelPort"), format!("{p} given, but it is only for mode: tunnel"));
+                }
+                if !raw.nodes.is_empty() {
+                    c.err(field("nodes"), format!("{} nodes given, but they are only for mode: tunnel", raw.nodes.len()));
+                }
+                (self.check_gateways(c, at, raw), None)
+            }
+            PeerMode::Tunnel => (Vec::new(), Some(self.check_tunnel(c, at, raw, &parsed))),
+        };
+        Peer { name: raw.name.clone(), id, pod_cidrs: cidrs, gateways, tunnel }
+    }
+
+    fn check_gateways(&self, c: &mut Checker, at: &str, raw: &RawPeer) -> Vec<GatewayAddr> {
         if raw.gateways.is_empty() {
-            c.err(field("gateways"), "must list at least one gateway");
+            c.err(under(at, "gateways"), "must list at least one gateway");
         }
         if raw.gateways.len() > limits::MAX_GATEWAYS {
-            c.err(field("gateways"), format!("{} gateways; at most {} per peer", raw.gateways.len(), limits::MAX_GATEWAYS));
+            c.err(under(at, "gateways"), format!("{} gateways; at most {} per peer", raw.gateways.len(), limits::MAX_GATEWAYS));
         }
         let mut gateways = Vec::new();
         for (gi, g) in raw.gateways.iter().enumerate() {
-            let gat = field(&format!("gateways[{gi}]"));
-            let address = if let Ok(a) = g.address.parse::<Ipv4Addr>() {
-                if let Some(why) = self.reserved.refuse_gateway(a) {
-                    c.err(format!("{gat}.address"), format!("{:?} refused: {why}", g.address));
-                    None
-                } else {
-                    Some(a)
-                }
-            } else {
-                c.err(format!("{gat}.address"), format!("{:?} is not a valid IPv4 address", g.address));
-                None
-            };
+            let gat = under(at, &format!("gateways[{gi}]"));
+            let address = self.remote_node(c, format!("{gat}.address"), &g.address);
             let port = c.port(format!("{gat}.port"), g.port);
             let udp_port = match g.udp_port {
                 Some(p) => c.port(format!("{gat}.udpPort"), p).map(Some),
@@ -486,7 +663,97 @@ impl<'a> Claims<'a> {
                 }
             }
         }
-        Peer { name: raw.name.clone(), id, pod_cidrs: cidrs, gateways }
+        gateways
+    }
+
+    /// A tunnel peer's port and nodes. `parsed` are the peer's pod CIDRs that parse: each
+    /// node's CIDRs must lie inside them, so that the peer's CIDRs stay the only ones it
+    /// claims and the overlap checks between peers cover its nodes too.
+    fn check_tunnel(&self, c: &mut Checker, at: &str, raw: &RawPeer, parsed: &[Ipv4Net]) -> PeerTunnel {
+        let field = |f: &str| under(at, f);
+        if !self.tunnel {
+            c.err(field("mode"), "\"tunnel\" needs this node's tunnel: section (port, interfaces), which the config lacks");
+        }
+        if !raw.gateways.is_empty() {
+            c.err(
+                field("gateways"),
+                format!("{} gateways given; a mode: tunnel peer has none (its nodes take the traffic)", raw.gateways.len()),
+            );
+        }
+        let port = if let Some(p) = raw.tunnel_port {
+            c.port(field("tunnelPort"), p)
+        } else {
+            c.err(field("tunnelPort"), "required for mode: tunnel (the peer's tunnel NodePort, UDP)");
+            None
+        };
+        if raw.nodes.is_empty() {
+            c.err(field("nodes"), "must list at least one node for mode: tunnel");
+        }
+        let total = self.tun_nodes.len() + raw.nodes.len();
+        if over(total, limits::MAX_TUNNEL_NODES) {
+            let n = raw.nodes.len();
+            c.err(field("nodes"), format!("{n} nodes make {total} across the tunnel peers; at most {}", limits::MAX_TUNNEL_NODES));
+        }
+        let routes: usize = raw.nodes.iter().map(|n| n.pod_cidrs.len()).sum();
+        let total = self.tun_routes + routes;
+        if over(total, limits::MAX_TUNNEL_ROUTES) {
+            c.err(
+                field("nodes"),
+                format!("{routes} node podCIDRs make {total} across the tunnel peers; at most {}", limits::MAX_TUNNEL_ROUTES),
+            );
+        }
+        let mut nodes: Vec<TunnelNodeAddr> = Vec::new();
+        let mut node_cidrs = CidrSet::default();
+        for (ni, n) in raw.nodes.iter().enumerate() {
+            let nat = field(&format!("nodes[{ni}]"));
+            let mut address = self.remote_node(c, format!("{nat}.address"), &n.address);
+            // One node, one peer: the decapsulating side knows a peer by its node's address.
+            if let Some(a) = address {
+                if nodes.iter().any(|o| o.address == a) {
+                    c.err(format!("{nat}.address"), format!("{:?} is listed twice", n.address));
+                    address = None;
+                } else if let Some(owner) = self.tun_nodes.get(&a) {
+                    c.err(format!("{nat}.address"), format!("{:?} is already a node of peer {owner:?}", n.address));
+                    address = None;
+                }
+            }
+            if n.pod_cidrs.is_empty() {
+                c.err(format!("{nat}.podCIDRs"), "must list at least one CIDR");
+            }
+            let mut pod_cidrs = Vec::new();
+            for (ci, s) in n.pod_cidrs.iter().enumerate() {
+                let f = format!("{nat}.podCIDRs[{ci}]");
+                let Some(net) = c.cidr(f.clone(), s) else { continue };
+                if !parsed.iter().any(|p| p.contains(&net)) {
+                    c.err(f, format!("{s:?} is not inside any of the peer's podCIDRs"));
+                    continue;
+                }
+                if let Some((other, owner)) = node_cidrs.overlap(net) {
+                    c.err(f, format!("{s:?} overlaps {other} of {owner}"));
+                    continue;
+                }
+                node_cidrs.insert(net, format!("node {:?}", n.address));
+                pod_cidrs.push(net);
+            }
+            if let Some(address) = address {
+                nodes.push(TunnelNodeAddr { address, pod_cidrs });
+            }
+        }
+        PeerTunnel { port: port.unwrap_or(0), nodes }
+    }
+
+    /// A remote node's address (a gateway's or a tunnel node's), or `None` with the reason
+    /// in `c`.
+    fn remote_node(&self, c: &mut Checker, field: String, value: &str) -> Option<Ipv4Addr> {
+        let Ok(a) = value.parse::<Ipv4Addr>() else {
+            c.err(field, format!("{value:?} is not a valid IPv4 address"));
+            return None;
+        };
+        if let Some(why) = self.reserved.refuse_gateway(a) {
+            c.err(field, format!("{value:?} refused: {why}"));
+            return None;
+        }
+        Some(a)
     }
 
     fn commit(&mut self, p: &Peer) {
@@ -496,6 +763,10 @@ impl<'a> Claims<'a> {
         for n in &p.pod_cidrs {
             self.cidrs.insert(*n, owner.clone());
         }
+        for n in p.tunnel.iter().flat_map(|t| &t.nodes) {
+            self.tun_nodes.insert(n.address, p.name.clone());
+            self.tun_routes += n.pod_cidrs.len();
+        }
     }
 }
 
@@ -503,7 +774,8 @@ impl<'a> Claims<'a> {
 /// it publishes a peer. Field paths are relative to the peer (`podCIDRs[0]`). Overlaps with
 /// other peers are not checked here.
 pub fn validate_peer(raw: &RawPeer, reserved: &Reserved) -> Result<Peer, Vec<FieldError>> {
-    let claims = Claims::new("", reserved, &[]);
+    // Whether this node can take a tunnel peer is each agent's to say, from its own config.
+    let claims = Claims::new("", reserved, &[], true);
     let mut c = Checker { errors: Vec::new() };
     let p = claims.check(&mut c, "", raw);
     if c.errors.is_empty() {
@@ -533,7 +805,7 @@ impl RawConfig {
     pub fn validate_on(&self, local_addresses: &BTreeSet<Ipv4Addr>) -> Result<Config, Vec<FieldError>> {
         let mut c = Checker { errors: Vec::new() };
         let (mut config, reserved) = self.validate_local(&mut c, local_addresses);
-        let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs);
+        let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs, self.tunnel.is_some());
         for (pi, raw) in self.peers.iter().enumerate() {
             let p = claims.check(&mut c, &format!("peers[{pi}]"), raw);
             claims.commit(&p);
@@ -559,7 +831,7 @@ impl RawConfig {
         let mut config = self.validate_on(local_addresses)?;
         let mut c = Checker { errors: Vec::new() };
         let (_, reserved) = self.validate_local(&mut c, local_addresses);
-        let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs);
+        let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs, self.tunnel.is_some());
         for p in &config.peers {
             claims.commit(p);
         }
@@ -607,12 +879,9 @@ impl RawConfig {
             c.err("interfaces", "must name at least one interface or glob (e.g. cni0, cali*)");
         }
         for (i, pattern) in self.interfaces.iter().enumerate() {
-            if pattern.is_empty() || pattern.len() > 15 && !pattern.contains(['*', '?', '[']) {
-                c.err(format!("interfaces[{i}]"), format!("{pattern:?} is not a valid interface name"));
-            } else if glob::Pattern::new(pattern).is_err() {
-                c.err(format!("interfaces[{i}]"), format!("{pattern:?} is not a valid glob"));
-            }
+            c.interface(format!("interfaces[{i}]"), pattern);
         }
+        let tunnel = self.tunnel.as_ref().map(|t| t.validate(c, &pod_cidrs));
         if self.nat.max_flows < 1024 {
             c.err("nat.maxFlows", format!("{} is too small (at least 1024)", self.nat.max_flows));
         }
@@ -644,6 +913,7 @@ impl RawConfig {
             pod_cidrs,
             service_cidrs,
             interfaces: self.interfaces.clone(),
+            tunnel,
             peers: Vec::new(),
             max_flows: self.nat.max_flows,
             gc: GcConfig {
@@ -666,6 +936,43 @@ impl RawConfig {
     }
 }
 
+impl RawTunnel {
+    /// The `tunnel:` section against the cluster's (valid) pod CIDRs.
+    fn validate(&self, c: &mut Checker, cluster_cidrs: &[Ipv4Net]) -> TunnelSettings {
+        let port = c.port("tunnel.port".into(), self.port).unwrap_or(0);
+        if self.interfaces.is_empty() {
+            c.err("tunnel.interfaces", "must name at least one uplink interface or glob (e.g. eth0, ens*)");
+        }
+        for (i, pattern) in self.interfaces.iter().enumerate() {
+            c.interface(format!("tunnel.interfaces[{i}]"), pattern);
+        }
+        if self.pod_cidrs.len() > limits::MAX_NODE_CIDRS {
+            c.err("tunnel.podCIDRs", format!("{} CIDRs; at most {} per node", self.pod_cidrs.len(), limits::MAX_NODE_CIDRS));
+        } else if self.pod_cidrs.is_empty() && cluster_cidrs.len() > limits::MAX_NODE_CIDRS {
+            c.err(
+                "tunnel.podCIDRs",
+                format!(
+                    "not given, so the cluster's {} podCIDRs would be delivered to; at most {}: list this node's own",
+                    cluster_cidrs.len(),
+                    limits::MAX_NODE_CIDRS
+                ),
+            );
+        }
+        let mut pod_cidrs = Vec::new();
+        for (i, s) in self.pod_cidrs.iter().enumerate() {
+            let f = format!("tunnel.podCIDRs[{i}]");
+            let Some(net) = c.cidr(f.clone(), s) else { continue };
+            // Anything else would have the tunnel deliver into another cluster's addresses.
+            if !cluster_cidrs.is_empty() && !cluster_cidrs.iter().any(|o| o.contains(&net)) {
+                c.err(f, format!("{s:?} is not inside any of the cluster's podCIDRs"));
+                continue;
+            }
+            pod_cidrs.push(net);
+        }
+        TunnelSettings { port, interfaces: self.interfaces.clone(), pod_cidrs, delivery: self.delivery }
+    }
+}
+
 /// What the datapath maps should hold for a config.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
@@ -675,6 +982,15 @@ pub struct Desired {
     pub peer_names: BTreeMap<u32, String>,
     /// This cluster's pod CIDRs, whose traffic the datapath passes without lookups.
     pub local: Vec<Ipv4Net>,
+    /// Tunnel peers' node pod CIDRs → their node (`mn_tun_routes_v1`). Only the peer's side
+    /// is filled; `src_be`, `ifindex` and `mtu` are 0 for the agent to fill from the
+    /// kernel's route to each node.
+    pub tun_routes: BTreeMap<Ipv4Net, TunnelNode>,
+    /// Tunnel peers' node addresses → peer id (`mn_tun_nodes_v1`).
+    pub tun_nodes: BTreeMap<Ipv4Addr, u32>,
+    /// This node's tunnel settings (`mn_tun_cfg_v1`) when the config has a `tunnel:`
+    /// section; `mtu` is 0 for the agent to fill from the uplinks.
+    pub tun_config: Option<TunnelConfig>,
 }
 
 impl Config {
@@ -683,6 +999,23 @@ impl Config {
         let mut d = Desired { local: self.pod_cidrs.clone(), ..Desired::default() };
         for p in &self.peers {
             d.peer_names.insert(p.id, p.name.clone());
+            // A tunnel peer is none of the gateway datapath's: a route to it there would
+            // send its traffic to a gateway it does not have.
+            if let Some(t) = &p.tunnel {
+                for n in &t.nodes {
+                    d.tun_nodes.insert(n.address, p.id);
+                    let node = TunnelNode {
+                        addr_be: u32::from_ne_bytes(n.address.octets()),
+                        port_be: t.port.to_be(),
+                        peer_id: p.id,
+                        ..TunnelNode::default()
+                    };
+                    for net in &n.pod_cidrs {
+                        d.tun_routes.insert(*net, node);
+                    }
+                }
+                continue;
+            }
             for net in &p.pod_cidrs {
                 d.routes.insert(*net, p.id);
             }
@@ -693,11 +1026,37 @@ impl Config {
             value.count = u32::try_from(p.gateways.len().min(limits::MAX_GATEWAYS)).unwrap_or(0);
             d.peers.insert(p.id, value);
         }
+        d.tun_config = self.tunnel.as_ref().map(|t| self.tunnel_config(t));
         d
+    }
+
+    fn tunnel_config(&self, t: &TunnelSettings) -> TunnelConfig {
+        let mut value = TunnelConfig {
+            cluster_id: peer_id(&self.cluster),
+            port_be: t.port.to_be(),
+            flags: match t.delivery {
+                Delivery::Stack => 0,
+                Delivery::Redirect => TUN_DELIVER_REDIRECT,
+            },
+            nets: [LocalNet::NONE; limits::MAX_NODE_CIDRS],
+            ..TunnelConfig::default()
+        };
+        // Validation keeps the list within the slots; were it longer, the rest would only
+        // not be delivered to.
+        for (slot, n) in value.nets.iter_mut().zip(t.delivered(self)) {
+            *slot = LocalNet { addr_be: u32::from_ne_bytes(n.network().octets()), mask_be: u32::from_ne_bytes(n.netmask().octets()) };
+        }
+        value
     }
 }
 
 impl Desired {
+    /// The ids of the tunnel peers: every one has at least one node.
+    #[must_use]
+    pub fn tunnel_peers(&self) -> BTreeSet<u32> {
+        self.tun_nodes.values().copied().collect()
+    }
+
     /// Marks the gateways in `down` (by address and TCP port) as down.
     pub fn apply_health(&mut self, down: &BTreeSet<(Ipv4Addr, u16)>) {
         for pg in self.peers.values_mut() {
@@ -841,6 +1200,7 @@ peers:
             name: name.into(),
             pod_cidrs: vec![cidr.into()],
             gateways: vec![RawGateway { address: gw.into(), port: 31674, udp_port: None }],
+            ..RawPeer::default()
         }
     }
 
@@ -999,5 +1359,369 @@ peers:
                 all.push(cidr);
             }
         }
+    }
+
+    /// The tunnel example of the docs: a tunnel peer beside a gateway peer.
+    const TUNNEL: &str = r#"
+cluster: cluster1
+podCIDRs: ["10.244.0.0/16"]
+interfaces: ["veth*"]
+tunnel:
+  port: 31800
+  interfaces: ["lan0", "eth*"]
+  podCIDRs: ["10.244.0.0/24"]
+  delivery: redirect
+peers:
+  - name: cluster2
+    mode: tunnel
+    podCIDRs: ["10.245.0.0/16"]
+    tunnelPort: 31801
+    nodes:
+      - address: 192.0.2.2
+        podCIDRs: ["10.245.0.0/24", "10.245.7.0/24"]
+      - address: 192.0.2.4
+        podCIDRs: ["10.245.1.0/24"]
+  - name: cluster3
+    podCIDRs: ["10.246.0.0/16"]
+    gateways: [{address: 192.0.2.3, port: 31674}]
+"#;
+
+    fn strings(e: &[FieldError]) -> Vec<String> {
+        e.iter().map(ToString::to_string).collect()
+    }
+
+    fn tunnel_peer(name: &str, cidr: &str, nodes: &[(&str, &[&str])]) -> RawPeer {
+        RawPeer {
+            name: name.into(),
+            mode: PeerMode::Tunnel,
+            pod_cidrs: vec![cidr.into()],
+            tunnel_port: Some(31800),
+            nodes: nodes
+                .iter()
+                .map(|(a, c)| RawTunnelNode { address: (*a).into(), pod_cidrs: c.iter().map(|c| (*c).to_string()).collect() })
+                .collect(),
+            ..RawPeer::default()
+        }
+    }
+
+    /// `n` tunnel nodes 172.16.0.0 + i, each with a /32 of 100.64.0.0/10.
+    fn numbered_nodes(n: u32) -> Vec<RawTunnelNode> {
+        (0..n)
+            .map(|i| RawTunnelNode {
+                address: Ipv4Addr::from(0xac10_0000 + i).to_string(),
+                pod_cidrs: vec![format!("{}/32", Ipv4Addr::from(0x6440_0000 + i))],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parses_the_documented_tunnel_example() {
+        let c = Config::from_yaml(TUNNEL).unwrap();
+        let t = c.tunnel.as_ref().unwrap();
+        assert_eq!((t.port, t.delivery), (31800, Delivery::Redirect));
+        assert_eq!(t.interfaces, ["lan0", "eth*"]);
+        assert_eq!(t.pod_cidrs, ["10.244.0.0/24".parse::<Ipv4Net>().unwrap()]);
+        let pt = c.peers[0].tunnel.as_ref().unwrap();
+        assert!(c.peers[0].gateways.is_empty());
+        assert_eq!(pt.port, 31801);
+        assert_eq!(pt.nodes[1], TunnelNodeAddr { address: Ipv4Addr::new(192, 0, 2, 4), pod_cidrs: vec!["10.245.1.0/24".parse().unwrap()] });
+        assert!(!c.peers[1].is_tunnel());
+        assert_eq!(c.peers[1].gateways[0].port, 31674);
+        // Defaults: no podCIDRs and no delivery.
+        let y = TUNNEL.replace("  podCIDRs: [\"10.244.0.0/24\"]\n  delivery: redirect\n", "");
+        let t = Config::from_yaml(&y).unwrap().tunnel.unwrap();
+        assert_eq!((t.pod_cidrs.len(), t.delivery), (0, Delivery::Stack));
+    }
+
+    /// The tunnel peer fills only the tunnel maps, the gateway peer only the gateway ones.
+    #[test]
+    fn desired_state_of_mixed_peers() {
+        let d = Config::from_yaml(TUNNEL).unwrap().desired();
+        let (c2, c3) = (peer_id("cluster2"), peer_id("cluster3"));
+        assert_eq!(d.routes, [("10.246.0.0/16".parse().unwrap(), c3)].into());
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), [c3]);
+        assert_eq!(d.peer_names, [(c2, "cluster2".to_string()), (c3, "cluster3".to_string())].into());
+        assert_eq!(d.tunnel_peers(), [c2].into());
+        let node = |o4: u8| TunnelNode {
+            addr_be: u32::from_ne_bytes([192, 0, 2, o4]),
+            src_be: 0,
+            port_be: 31801_u16.to_be(),
+            _pad: 0,
+            peer_id: c2,
+            ifindex: 0,
+            mtu: 0,
+        };
+        let want: BTreeMap<Ipv4Net, TunnelNode> = [
+            ("10.245.0.0/24".parse().unwrap(), node(2)),
+            ("10.245.1.0/24".parse().unwrap(), node(4)),
+            ("10.245.7.0/24".parse().unwrap(), node(2)),
+        ]
+        .into();
+        assert_eq!(d.tun_routes, want);
+        assert_eq!(d.tun_nodes, [(Ipv4Addr::new(192, 0, 2, 2), c2), (Ipv4Addr::new(192, 0, 2, 4), c2)].into());
+        let tc = d.tun_config.unwrap();
+        assert_eq!((tc.cluster_id, u16::from_be(tc.port_be), tc.flags, tc.mtu), (peer_id("cluster1"), 31800, TUN_DELIVER_REDIRECT, 0));
+        assert_eq!(tc.nets[0], LocalNet { addr_be: u32::from_ne_bytes([10, 244, 0, 0]), mask_be: u32::from_ne_bytes([255, 255, 255, 0]) });
+        assert_eq!(tc.nets[1..], [LocalNet::NONE; limits::MAX_NODE_CIDRS - 1]);
+
+        // Without tunnel.podCIDRs the cluster's are delivered to; stack delivery sets no flag.
+        let y = TUNNEL.replace("  podCIDRs: [\"10.244.0.0/24\"]\n  delivery: redirect\n", "");
+        let tc = Config::from_yaml(&y).unwrap().desired().tun_config.unwrap();
+        assert_eq!(tc.flags, 0);
+        assert_eq!(tc.nets[0], LocalNet { addr_be: u32::from_ne_bytes([10, 244, 0, 0]), mask_be: u32::from_ne_bytes([255, 255, 0, 0]) });
+        assert_eq!(tc.nets[1], LocalNet::NONE);
+        // A config without a tunnel section has nothing of the tunnel.
+        let d = Config::from_yaml(GOOD).unwrap().desired();
+        assert_eq!((d.tun_routes.len(), d.tun_nodes.len(), d.tun_config), (0, 0, None));
+    }
+
+    /// The agent takes the Node object's CIDRs as the tunnel's when none are configured.
+    #[test]
+    fn node_cidrs_fill_an_empty_tunnel_pod_cidrs() {
+        let y = TUNNEL.replace("  podCIDRs: [\"10.244.0.0/24\"]\n", "");
+        let raw = RawConfig::from_yaml(&y, "x").unwrap();
+        let node: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(raw.with_node_cidrs(&[node]).tunnel.unwrap().pod_cidrs, ["10.244.3.0/24"]);
+        let raw = RawConfig::from_yaml(TUNNEL, "x").unwrap();
+        assert_eq!(raw.with_node_cidrs(&[node]).tunnel.unwrap().pod_cidrs, ["10.244.0.0/24"], "configured ones stay");
+    }
+
+    /// Gateway peers, in the file and as the controller publishes them, serialize exactly as
+    /// before tunnel mode, and a peer published before it reads as a gateway peer.
+    #[test]
+    fn gateway_peers_serialize_as_before() {
+        let raw = RawConfig::from_yaml(GOOD, "x").unwrap();
+        assert_eq!(
+            serde_yaml::to_string(&raw).unwrap(),
+            "cluster: cluster1\npodCIDRs:\n- 10.244.0.0/16\ninterfaces:\n- cni0\n- cali*\npeers:\n- name: cluster2\n  podCIDRs:\n  \
+             - 10.245.0.0/16\n  gateways:\n  - address: 192.0.2.2\n    port: 31674\n    udpPort: 31675\nnat:\n  maxFlows: 65536\n  \
+             udpTimeoutSeconds: 120\n  tcpClosedTimeoutSeconds: 10\n  tcpTimeoutSeconds: 86400\n  gcIntervalSeconds: 5\nhealth:\n  \
+             enabled: true\n  intervalSeconds: 2\n  timeoutMilliseconds: 1000\n  failureThreshold: 2\n  riseThreshold: 2\n  downGraceSeconds: 60\n"
+        );
+        let json = r#"{"name":"cluster2","podCIDRs":["10.245.0.0/16"],"gateways":[{"address":"192.0.2.2","port":31674,"udpPort":31675}]}"#;
+        assert_eq!(serde_json::to_string(&raw.peers[0]).unwrap(), json);
+        let old: RawPeer = serde_json::from_str(json).unwrap();
+        assert_eq!((old.mode, old.tunnel_port, old.nodes.len()), (PeerMode::Gateway, None, 0));
+        // Written out explicitly it means the same.
+        let explicit: RawPeer = serde_yaml::from_str("name: c2\nmode: gateway\npodCIDRs: [10.245.0.0/16]\ngateways: []\n").unwrap();
+        assert_eq!(explicit.mode, PeerMode::Gateway);
+        assert_eq!(serde_yaml::to_string(&explicit).unwrap(), "name: c2\npodCIDRs:\n- 10.245.0.0/16\ngateways: []\n");
+        // A tunnel peer round-trips.
+        let raw = RawConfig::from_yaml(TUNNEL, "x").unwrap();
+        let text = serde_yaml::to_string(&raw.peers[0]).unwrap();
+        assert!(text.contains("mode: tunnel\n") && text.contains("tunnelPort: 31801\n"), "{text}");
+        assert_eq!(serde_yaml::from_str::<RawPeer>(&text).unwrap(), raw.peers[0]);
+        assert_eq!(RawConfig::from_yaml(&serde_yaml::to_string(&raw).unwrap(), "x").unwrap(), raw);
+    }
+
+    #[test]
+    fn unknown_mode_or_delivery_names_field_and_value() {
+        for (from, to, field) in
+            [("mode: tunnel", "mode: tunel", "peers[0].mode"), ("delivery: redirect", "delivery: xdp", "tunnel.delivery")]
+        {
+            let e = Config::from_yaml(&TUNNEL.replace(from, to)).unwrap_err().to_string();
+            let value = to.split(' ').nth(1).unwrap();
+            assert!(e.contains(&format!("{field}: unknown variant `{value}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn gateway_and_tunnel_fields_stay_apart() {
+        let y = format!(
+            "{GOOD}    tunnelPort: 31800\n    nodes: [{{address: 192.0.2.9, podCIDRs: [10.245.0.0/24]}}]\n\
+             tunnel: {{port: 31800, interfaces: [eth0]}}\n"
+        );
+        assert_eq!(
+            errors(&y),
+            [
+                "peers[0].tunnelPort: 31800 given, but it is only for mode: tunnel",
+                "peers[0].nodes: 1 nodes given, but they are only for mode: tunnel",
+            ]
+        );
+        let y = TUNNEL
+            .replace("    tunnelPort: 31801\n", "    gateways: [{address: 192.0.2.3, port: 31674}]\n")
+            .replace("    nodes:\n      - address: 192.0.2.2\n        podCIDRs: [\"10.245.0.0/24\", \"10.245.7.0/24\"]\n      - address: 192.0.2.4\n        podCIDRs: [\"10.245.1.0/24\"]\n", "");
+        assert_eq!(
+            errors(&y),
+            [
+                "peers[0].gateways: 1 gateways given; a mode: tunnel peer has none (its nodes take the traffic)",
+                "peers[0].tunnelPort: required for mode: tunnel (the peer's tunnel NodePort, UDP)",
+                "peers[0].nodes: must list at least one node for mode: tunnel",
+            ]
+        );
+        let e = errors(&TUNNEL.replace("tunnelPort: 31801", "tunnelPort: 65536"));
+        assert_eq!(e, ["peers[0].tunnelPort: 65536 is not a valid port (1-65535)"]);
+    }
+
+    #[test]
+    fn tunnel_nodes_are_checked() {
+        let y = TUNNEL
+            .replace("192.0.2.4", "127.0.0.1")
+            .replace("[\"10.245.0.0/24\", \"10.245.7.0/24\"]", "[\"10.245.0.0/24\", \"10.247.0.0/24\", \"10.245.0.128/25\", \"10.245.9.1/24\"]")
+            .replace(
+                "[\"10.245.1.0/24\"]\n",
+                "[\"10.245.1.0/24\"]\n      - address: 192.0.2.2\n        podCIDRs: []\n      - address: node-a\n        podCIDRs: [\"10.245.2.0/24\"]\n",
+            );
+        assert_eq!(
+            errors(&y),
+            [
+                r#"peers[0].nodes[0].podCIDRs[1]: "10.247.0.0/24" is not inside any of the peer's podCIDRs"#,
+                r#"peers[0].nodes[0].podCIDRs[2]: "10.245.0.128/25" overlaps 10.245.0.0/24 of node "192.0.2.2""#,
+                r#"peers[0].nodes[0].podCIDRs[3]: "10.245.9.1/24" has host bits set; did you mean "10.245.9.0/24"?"#,
+                r#"peers[0].nodes[1].address: "127.0.0.1" refused: 127.0.0.1 is not a unicast address of a remote node (loopback)"#,
+                r#"peers[0].nodes[2].address: "192.0.2.2" is listed twice"#,
+                "peers[0].nodes[2].podCIDRs: must list at least one CIDR",
+                r#"peers[0].nodes[3].address: "node-a" is not a valid IPv4 address"#,
+            ]
+        );
+        // Two nodes of one peer never share pod CIDRs.
+        let y = TUNNEL.replace("[\"10.245.1.0/24\"]", "[\"10.245.0.0/23\"]");
+        assert_eq!(errors(&y), [r#"peers[0].nodes[1].podCIDRs[0]: "10.245.0.0/23" overlaps 10.245.0.0/24 of node "192.0.2.2""#]);
+        // This node's own address is refused as a tunnel node, as it is as a gateway.
+        let raw = RawConfig::from_yaml(TUNNEL, "x").unwrap();
+        let e = raw.validate_on(&["192.0.2.4".parse().unwrap()].into()).unwrap_err();
+        assert_eq!(
+            strings(&e),
+            [r#"peers[0].nodes[1].address: "192.0.2.4" refused: 192.0.2.4 is an address of this node; the peer's traffic would stay here"#]
+        );
+    }
+
+    /// A node belongs to one peer, and peers' CIDRs are claimed as gateway peers' are.
+    #[test]
+    fn tunnel_peers_claim_like_gateway_peers() {
+        let y = format!(
+            "{TUNNEL}  - name: cluster4\n    mode: tunnel\n    podCIDRs: [\"10.245.128.0/17\", \"10.248.0.0/16\"]\n    tunnelPort: 31800\n    \
+             nodes: [{{address: 192.0.2.4, podCIDRs: [\"10.248.0.0/24\"]}}]\n"
+        );
+        assert_eq!(
+            errors(&y),
+            [
+                r#"peers[2].podCIDRs[0]: "10.245.128.0/17" overlaps 10.245.0.0/16 of peer "cluster2""#,
+                r#"peers[2].nodes[0].address: "192.0.2.4" is already a node of peer "cluster2""#,
+            ]
+        );
+        let e = errors(&TUNNEL.replace("10.245.0.0/16", "10.244.128.0/17"));
+        assert!(e[0].starts_with(r#"peers[0].podCIDRs[0]: "10.244.128.0/17" overlaps 10.244.0.0/16 of the local podCIDRs"#), "{e:?}");
+    }
+
+    #[test]
+    fn a_tunnel_peer_needs_the_tunnel_section() {
+        let y = TUNNEL.replace(
+            "tunnel:\n  port: 31800\n  interfaces: [\"lan0\", \"eth*\"]\n  podCIDRs: [\"10.244.0.0/24\"]\n  delivery: redirect\n",
+            "",
+        );
+        assert_eq!(errors(&y), [r#"peers[0].mode: "tunnel" needs this node's tunnel: section (port, interfaces), which the config lacks"#]);
+        // Published, it is the peer's problem only.
+        let file = RawConfig::from_yaml(GOOD, "f").unwrap();
+        let t = tunnel_peer("c5", "10.247.0.0/16", &[("10.20.144.170", &["10.247.0.0/24"])]);
+        let published: BTreeMap<String, Vec<RawPeer>> = [("c5".to_string(), vec![t.clone()])].into();
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert_eq!(m.config.peers.len(), 1);
+        assert_eq!(
+            strings(&m.rejected["c5"]),
+            [r#"mode: "tunnel" needs this node's tunnel: section (port, interfaces), which the config lacks"#]
+        );
+        // With the section it applies, and its nodes count against the file's.
+        let file = RawConfig::from_yaml(TUNNEL, "f").unwrap();
+        let taken = tunnel_peer("c6", "10.249.0.0/16", &[("192.0.2.2", &["10.249.0.0/24"])]);
+        let published: BTreeMap<String, Vec<RawPeer>> = [("c5".to_string(), vec![t.clone()]), ("c6".to_string(), vec![taken])].into();
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert_eq!(m.applied, [("c5".to_string(), t)].into());
+        assert_eq!(strings(&m.rejected["c6"]), [r#"nodes[0].address: "192.0.2.2" is already a node of peer "cluster2""#]);
+        assert_eq!(m.config.desired().tun_nodes[&"10.20.144.170".parse().unwrap()], peer_id("c5"));
+    }
+
+    #[test]
+    fn the_tunnel_section_is_checked() {
+        let y = TUNNEL
+            .replace("port: 31800", "port: 0")
+            .replace("interfaces: [\"lan0\", \"eth*\"]", "interfaces: [\"a-very-long-interface\", \"eth[\"]")
+            .replace("podCIDRs: [\"10.244.0.0/24\"]", "podCIDRs: [\"10.244.0.0/24\", \"10.9.0.0/24\", \"10.244.1.1/24\"]");
+        assert_eq!(
+            errors(&y),
+            [
+                "tunnel.port: 0 is not a valid port (1-65535)",
+                r#"tunnel.interfaces[0]: "a-very-long-interface" is not a valid interface name"#,
+                r#"tunnel.interfaces[1]: "eth[" is not a valid glob"#,
+                r#"tunnel.podCIDRs[1]: "10.9.0.0/24" is not inside any of the cluster's podCIDRs"#,
+                r#"tunnel.podCIDRs[2]: "10.244.1.1/24" has host bits set; did you mean "10.244.1.0/24"?"#,
+            ]
+        );
+        let y = TUNNEL.replace("interfaces: [\"lan0\", \"eth*\"]", "interfaces: []");
+        assert_eq!(errors(&y), ["tunnel.interfaces: must name at least one uplink interface or glob (e.g. eth0, ens*)"]);
+        let y = TUNNEL.replace("[\"10.244.0.0/24\"]", "[10.244.0.0/24, 10.244.1.0/24, 10.244.2.0/24, 10.244.3.0/24, 10.244.4.0/24]");
+        assert_eq!(errors(&y), ["tunnel.podCIDRs: 5 CIDRs; at most 4 per node"]);
+        // Left to default, the cluster's podCIDRs must fit the slots.
+        let y = TUNNEL.replace("  podCIDRs: [\"10.244.0.0/24\"]\n", "").replace(
+            "podCIDRs: [\"10.244.0.0/16\"]",
+            "podCIDRs: [10.240.0.0/16, 10.241.0.0/16, 10.242.0.0/16, 10.243.0.0/16, 10.244.0.0/16]",
+        );
+        assert_eq!(
+            errors(&y),
+            ["tunnel.podCIDRs: not given, so the cluster's 5 podCIDRs would be delivered to; at most 4: list this node's own"]
+        );
+        // Without cluster podCIDRs (the agent adds the Node's), any valid CIDR is taken.
+        let y = TUNNEL.replace("podCIDRs: [\"10.244.0.0/16\"]\n", "");
+        assert!(Config::from_yaml(&y).is_ok());
+    }
+
+    /// The controller's check of one peer applies the tunnel rules, limits included.
+    #[test]
+    fn a_single_tunnel_peer_is_validated() {
+        let ok = tunnel_peer("c2", "10.245.0.0/16", &[("10.20.144.165", &["10.245.0.0/24"])]);
+        let p = validate_peer(&ok, &node()).unwrap();
+        assert_eq!(p.tunnel.unwrap().nodes[0].pod_cidrs, ["10.245.0.0/24".parse::<Ipv4Net>().unwrap()]);
+        let bad = tunnel_peer("c2", "10.245.0.0/16", &[("10.20.144.83", &["10.246.0.0/24"])]);
+        assert_eq!(
+            strings(&validate_peer(&bad, &node()).unwrap_err()),
+            [
+                r#"nodes[0].address: "10.20.144.83" refused: 10.20.144.83 is an address of this node; the peer's traffic would stay here"#,
+                r#"nodes[0].podCIDRs[0]: "10.246.0.0/24" is not inside any of the peer's podCIDRs"#,
+            ]
+        );
+        // One more node than the map holds.
+        let mut many = tunnel_peer("c2", "100.64.0.0/10", &[]);
+        many.nodes = numbered_nodes(limits::MAX_TUNNEL_NODES + 1);
+        let e = strings(&validate_peer(&many, &node()).unwrap_err());
+        assert_eq!(e, ["nodes: 4097 nodes make 4097 across the tunnel peers; at most 4096"]);
+        // The limit is across peers: with the file's two nodes, a published peer may add 4094.
+        let file = RawConfig::from_yaml(TUNNEL, "f").unwrap();
+        let mut fits = tunnel_peer("c4", "100.64.0.0/10", &[]);
+        fits.nodes = numbered_nodes(limits::MAX_TUNNEL_NODES - 2);
+        let mut over = fits.clone();
+        over.nodes = numbered_nodes(limits::MAX_TUNNEL_NODES - 1);
+        assert!(file.merge_api(&BTreeSet::new(), &[("c4".to_string(), vec![fits])].into()).unwrap().rejected.is_empty());
+        let m = file.merge_api(&BTreeSet::new(), &[("c4".to_string(), vec![over])].into()).unwrap();
+        assert_eq!(strings(&m.rejected["c4"]), ["nodes: 4095 nodes make 4097 across the tunnel peers; at most 4096"]);
+        // One more pod CIDR than the route map holds, on one node.
+        let mut wide = tunnel_peer("c2", "100.64.0.0/10", &[("172.16.0.1", &[])]);
+        wide.nodes[0].pod_cidrs = (0..=limits::MAX_TUNNEL_ROUTES).map(|i| format!("{}/32", Ipv4Addr::from(0x6440_0000 + i))).collect();
+        let e = strings(&validate_peer(&wide, &node()).unwrap_err());
+        assert_eq!(e, ["nodes: 16385 node podCIDRs make 16385 across the tunnel peers; at most 16384"]);
+    }
+
+    /// deploy/config.example.yaml is valid as shipped, and with its tunnel part uncommented
+    /// (the lines whose comment is YAML: `tunnel:`, a list item or an indented line).
+    #[test]
+    fn the_example_config_is_valid_with_its_tunnel_part() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config.example.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let plain = Config::from_yaml(&text).unwrap();
+        assert!(plain.tunnel.is_none() && plain.peers.iter().all(|p| !p.is_tunnel()));
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                let indent = &l[..l.len() - l.trim_start().len()];
+                match l.trim_start().strip_prefix("# ") {
+                    Some(rest) if rest.starts_with("tunnel:") || rest.starts_with("- ") || rest.starts_with(' ') => {
+                        format!("{indent}{rest}\n")
+                    }
+                    _ => format!("{l}\n"),
+                }
+            })
+            .collect();
+        let c = Config::from_yaml(&uncommented).unwrap();
+        assert_eq!(c.tunnel.unwrap().port, 31800);
+        assert_eq!(c.peers.iter().filter(|p| p.is_tunnel()).count(), 1);
     }
 }

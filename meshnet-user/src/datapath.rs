@@ -59,6 +59,13 @@ fn install_log_program(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the kernel has `bpf_redirect_neigh` (5.10), as the object's load-time constant
+/// `names::GLOBAL_HAVE_REDIRECT_NEIGH` wants it.
+#[must_use]
+pub fn have_redirect_neigh() -> u8 {
+    u8::from(KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 10, 0)))
+}
+
 /// How programs are attached to interfaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum AttachMode {
@@ -82,7 +89,7 @@ pub enum Attached {
 impl Direction {
     fn tc(self) -> TcAttachType {
         match self {
-            Direction::Ingress => TcAttachType::Ingress,
+            Direction::Ingress | Direction::Uplink => TcAttachType::Ingress,
             Direction::Egress => TcAttachType::Egress,
         }
     }
@@ -159,8 +166,10 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::NAT_FWD, max_flows);
         loader.map_max_entries(names::NAT_REV, max_flows);
+        let neigh = have_redirect_neigh();
+        loader.override_global(names::GLOBAL_HAVE_REDIRECT_NEIGH, &neigh, false);
         let mut ebpf = loader.load(object).context("loading meshnet's eBPF object")?;
-        for prog in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY] {
+        for prog in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_TUNNEL_IN, names::PROG_EMPTY] {
             let p: &mut SchedClassifier = ebpf.program_mut(prog).context("program missing")?.try_into()?;
             p.load().with_context(|| format!("the kernel refused program {prog}"))?;
         }
@@ -178,6 +187,9 @@ impl Datapath {
             // Not required to exist: any object may be loaded with --ebpf-object.
             loader.override_global(names::LOG_LEVEL, level, false);
         }
+        // Not required either: an object from before tunnel mode has no such global.
+        let neigh = have_redirect_neigh();
+        loader.override_global(names::GLOBAL_HAVE_REDIRECT_NEIGH, &neigh, false);
         let paths: Vec<_> = names::ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -193,7 +205,7 @@ impl Datapath {
                 bail!("the embedded eBPF object has no map {name}: it was built from another version");
             }
         }
-        for prog in [names::PROG_FROM_POD, names::PROG_TO_POD] {
+        for prog in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_TUNNEL_IN] {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(prog)
                 .with_context(|| format!("the embedded eBPF object has no program {prog}"))?
@@ -220,6 +232,11 @@ impl Datapath {
             }
         }
         Ok(how)
+    }
+
+    /// Attaches the tunnel's decapsulating program (ingress) to the uplink `iface`.
+    pub fn attach_uplink(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Attached> {
+        self.attach_one(iface, Direction::Uplink, mode)
     }
 
     fn attach_one(&mut self, iface: &str, dir: Direction, mode: AttachMode) -> anyhow::Result<Attached> {
@@ -351,7 +368,7 @@ pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeMap<Strin
 /// interface is found under its new name, so its netlink filters go too.
 pub fn detach_interface(pins: &Pins, iface: &str, ifindex: Option<u32>) {
     let current = ifindex.and_then(name_of_index);
-    for dir in [Direction::Ingress, Direction::Egress] {
+    for dir in [Direction::Ingress, Direction::Egress, Direction::Uplink] {
         let pin = pins.link(iface, dir);
         // Unpinning drops the last reference of the link, which detaches it wherever its
         // device now is.
@@ -408,7 +425,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
     }
     let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
     for iface in all.iter().filter_map(|i| i.name().to_str().ok().map(str::to_owned)) {
-        for dir in [Direction::Ingress, Direction::Egress] {
+        for dir in [Direction::Ingress, Direction::Egress, Direction::Uplink] {
             match tc::qdisc_detach_program(&iface, dir.tc(), dir.program()) {
                 Ok(()) => report.netlink_filters += 1,
                 Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}

@@ -475,7 +475,121 @@ fn config_checks(path: &Path, checks: &mut Vec<Check>) {
         checks.push(bridge_check(&bridges, br_netfilter));
     }
     let gateways: Vec<Ipv4Addr> = cfg.peers.iter().flat_map(|p| p.gateways.iter().map(|g| g.address)).collect();
-    checks.push(masquerade_check(iptables_nat_rules(), &cfg.pod_cidrs, &gateways));
+    // Tunnel traffic leaves encapsulated before netfilter: only gateway peers need it.
+    if !gateways.is_empty() || cfg.peers.iter().all(|p| p.tunnel.is_none()) {
+        checks.push(masquerade_check(iptables_nat_rules(), &cfg.pod_cidrs, &gateways));
+    }
+    if let Some(t) = &cfg.tunnel {
+        let found = datapath::matching_interfaces(&t.interfaces).map_err(|e| format!("{e:#}"));
+        let uplinks: Vec<String> = found.as_ref().map(|f| f.keys().cloned().collect()).unwrap_or_default();
+        checks.push(uplinks_check(&t.interfaces, found.map(|f| f.into_keys().collect()), &matched));
+        checks.push(tunnel_port_check(t.port, iptables_save("nat"), crate::netlink::udp_listeners().as_deref()));
+        if t.delivery == crate::config::Delivery::Stack {
+            let peers: Vec<Ipv4Net> = cfg.peers.iter().filter(|p| p.tunnel.is_some()).flat_map(|p| p.pod_cidrs.iter().copied()).collect();
+            checks.push(forward_check(iptables_save("filter"), &uplinks, &peers));
+        }
+    }
+}
+
+/// The tunnel's uplinks: `tunnel.interfaces` must match an interface here, and not a pod
+/// interface (`pods`): one device carries one program per direction.
+#[must_use]
+pub fn uplinks_check(patterns: &[String], found: Result<Vec<String>, String>, pods: &std::collections::BTreeSet<String>) -> Check {
+    const NAME: &str = "tunnel uplinks";
+    let shown = patterns.join(", ");
+    match found {
+        Err(e) => Check::new(NAME, Level::Fail, e).fix("correct the patterns in `tunnel.interfaces`"),
+        Ok(f) if f.is_empty() => Check::new(
+            NAME,
+            Level::Fail,
+            format!("tunnel.interfaces ({shown}) matches no interface here: tunnel packets from peers would reach no meshnet program and be refused by the stack"),
+        )
+        .fix("name the interfaces peer nodes' packets arrive on: `ip route get PEER_NODE_IP` shows it (e.g. eth0, ens192, bond0)"),
+        Ok(f) => {
+            let both: Vec<&String> = f.iter().filter(|i| pods.contains(*i)).collect();
+            if both.is_empty() {
+                Check::new(NAME, Level::Ok, format!("tunnel packets are taken off on {}", f.join(", ")))
+            } else {
+                Check::new(NAME, Level::Warn, format!("{} matched by both `interfaces` and `tunnel.interfaces`: the agent keeps them pod interfaces", both.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")))
+                    .fix("make the two lists disjoint")
+            }
+        }
+    }
+}
+
+/// The tunnel port's reservation: a NodePort Service (`meshnet-tunnel`) keeps any other
+/// Service from taking the port, and kube-proxy's rules for it show it exists. A local
+/// socket on the port would never see a packet (the uplink program takes them first), so it
+/// is a sign of a clash.
+#[must_use]
+pub fn tunnel_port_check(port: u16, nat: Option<Result<String, String>>, listeners: Option<&[u16]>) -> Check {
+    const NAME: &str = "tunnel port";
+    if listeners.is_some_and(|l| l.contains(&port)) {
+        return Check::new(NAME, Level::Warn, format!("a local UDP socket is bound to {port}: the tunnel takes every packet to that port before it could"))
+            .fix("give the tunnel another port, or move that service");
+    }
+    let reserved = nat.as_ref().and_then(|r| r.as_ref().ok()).is_some_and(|t| {
+        t.lines().any(|l| l.starts_with("-A KUBE-NODEPORTS") && l.contains("-p udp") && l.contains(&format!("--dport {port}")))
+    });
+    if reserved {
+        Check::new(NAME, Level::Ok, format!("UDP {port} is a NodePort of a Service (kube-proxy has its rule): no other Service can take it"))
+    } else {
+        Check::new(
+            NAME,
+            Level::Warn,
+            format!("no kube-proxy NodePort rule for UDP {port}: unless the meshnet-tunnel Service reserves it, another Service may be given the port"),
+        )
+        .fix(format!("apply deploy/base/tunnel-service.yaml with nodePort {port} (docs/operations.md, \"Tunnel mode\"), and open UDP {port} between the nodes"))
+    }
+}
+
+/// With `delivery: stack`, decapsulated packets are forwarded by the node as if they had
+/// arrived on the uplink from the peer's pods: a FORWARD policy or rule that drops what
+/// comes in on the uplink drops them too.
+#[must_use]
+pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String], peer_cidrs: &[Ipv4Net]) -> Check {
+    const NAME: &str = "tunnel FORWARD rules";
+    let text = match filter {
+        None => return Check::new(NAME, Level::Info, "iptables-save not found: FORWARD rules not checked"),
+        Some(Err(e)) => return Check::new(NAME, Level::Warn, format!("could not read the filter table: {e}")),
+        Some(Ok(t)) => t,
+    };
+    let fix = format!(
+        "accept what the tunnel delivers before the drop, e.g. `iptables -I FORWARD -i {} -s {} -j ACCEPT`, or set tunnel.delivery: redirect (straight to the pod, past netfilter and NetworkPolicy)",
+        uplinks.first().map_or("UPLINK", String::as_str),
+        peer_cidrs.first().map_or_else(|| "PEER_POD_CIDR".to_string(), ToString::to_string)
+    );
+    let mut policy_drop = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with(":FORWARD DROP") {
+            policy_drop = true;
+        }
+        if !line.starts_with("-A FORWARD ") {
+            continue;
+        }
+        let w = words(line);
+        let arg = |opt: &str| w.windows(2).find(|p| p[0] == opt).map(|p| p[1].clone());
+        let negated = w.iter().any(|x| x == "!");
+        let iface_ok = arg("-i").is_none_or(|i| uplinks.iter().any(|u| glob::Pattern::new(&i.replace('+', "*")).is_ok_and(|g| g.matches(u))));
+        let src_ok = arg("-s").is_none_or(|s| net_of(&s).is_some_and(|n| peer_cidrs.iter().any(|p| overlaps(n, *p))));
+        if !iface_ok || !src_ok || negated {
+            continue;
+        }
+        match arg("-j").as_deref() {
+            // The first verdict that can apply decides, for the heuristic's purposes.
+            Some("ACCEPT") if arg("-s").is_some() || arg("-m").is_none() => {
+                return Check::new(NAME, Level::Ok, format!("decapsulated traffic is accepted: `{line}`"));
+            }
+            Some("DROP" | "REJECT") if arg("-d").is_none() && arg("-p").is_none() => {
+                return Check::new(NAME, Level::Warn, format!("`{line}` drops what arrives on the uplink, decapsulated pod traffic included")).fix(fix);
+            }
+            _ => {}
+        }
+    }
+    if policy_drop {
+        return Check::new(NAME, Level::Warn, "the FORWARD policy is DROP and no rule accepts the peers' pod traffic from the uplink").fix(fix);
+    }
+    Check::new(NAME, Level::Ok, "no FORWARD rule drops what the tunnel delivers")
 }
 
 /// One `interfaces` pattern and the interfaces it matches in this network namespace.
@@ -556,12 +670,18 @@ fn kernel_nat_rules() -> Option<Result<String, String>> {
 /// `iptables-save -t nat`, and `iptables-legacy-save` where iptables-nft says there are
 /// legacy tables too. `None`: iptables-save is not installed.
 fn iptables_save_nat() -> Option<Result<String, String>> {
+    iptables_save("nat")
+}
+
+/// `iptables-save -t TABLE`, with the legacy backend's rules where iptables-nft says there
+/// are some. `None`: iptables-save is not installed.
+fn iptables_save(table: &str) -> Option<Result<String, String>> {
     let run = |cmd: &str| -> Option<Result<String, String>> {
-        match Command::new(cmd).args(["-t", "nat"]).output() {
+        match Command::new(cmd).args(["-t", table]).output() {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => Some(Err(format!("{cmd}: {e}"))),
             Ok(o) if !o.status.success() => {
-                Some(Err(format!("{cmd} -t nat: {}", String::from_utf8_lossy(&o.stderr).trim())))
+                Some(Err(format!("{cmd} -t {table}: {}", String::from_utf8_lossy(&o.stderr).trim())))
             }
             Ok(o) => Some(Ok(format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))),
         }
@@ -991,5 +1111,50 @@ COMMIT
         );
         assert!(failed(&checks));
         assert!(!failed(&checks[..1]));
+    }
+}
+
+#[cfg(test)]
+mod tunnel_tests {
+    use super::*;
+
+    fn filter(rules: &str) -> Option<Result<String, String>> {
+        Some(Ok(format!("*filter\n:INPUT ACCEPT [0:0]\n{rules}\nCOMMIT\n")))
+    }
+
+    #[test]
+    fn forward_rules_that_drop_decapsulated_traffic_are_named() {
+        let up = ["eth0".to_string()];
+        let peers = ["10.245.0.0/16".parse().unwrap()];
+        let c = forward_check(filter(":FORWARD ACCEPT [0:0]\n-A FORWARD -i eth0 -j DROP"), &up, &peers);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.detail.contains("-A FORWARD -i eth0 -j DROP") && c.fix.as_deref().unwrap().contains("10.245.0.0/16"), "{c:?}");
+        let c = forward_check(filter(":FORWARD DROP [0:0]"), &up, &peers);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        let c = forward_check(filter(":FORWARD DROP [0:0]\n-A FORWARD -i eth0 -s 10.245.0.0/16 -j ACCEPT\n-A FORWARD -i eth0 -j DROP"), &up, &peers);
+        assert_eq!(c.level, Level::Ok, "{c:?}");
+        // A drop on another interface does not touch the tunnel's packets.
+        let c = forward_check(filter(":FORWARD ACCEPT [0:0]\n-A FORWARD -i wlan+ -j DROP"), &up, &peers);
+        assert_eq!(c.level, Level::Ok, "{c:?}");
+        assert_eq!(forward_check(None, &up, &peers).level, Level::Info);
+    }
+
+    #[test]
+    fn the_tunnel_port_is_reserved_by_a_nodeport_and_free_of_sockets() {
+        let nat = |r: &str| Some(Ok(format!("*nat\n{r}\nCOMMIT\n")));
+        let rule = "-A KUBE-NODEPORTS -p udp -m comment --comment \"kube-system/meshnet-tunnel\" -m udp --dport 31800 -j KUBE-EXT-X";
+        assert_eq!(tunnel_port_check(31800, nat(rule), Some(&[53])).level, Level::Ok);
+        assert_eq!(tunnel_port_check(31801, nat(rule), Some(&[])).level, Level::Warn);
+        let c = tunnel_port_check(31800, nat(rule), Some(&[31800]));
+        assert!(c.level == Level::Warn && c.detail.contains("socket"), "{c:?}");
+    }
+
+    #[test]
+    fn uplinks_must_match_and_not_be_pod_interfaces() {
+        let pods = std::collections::BTreeSet::from(["veth1".to_string()]);
+        let p = ["eth*".to_string()];
+        assert_eq!(uplinks_check(&p, Ok(vec![]), &pods).level, Level::Fail);
+        assert_eq!(uplinks_check(&p, Ok(vec!["eth0".into()]), &pods).level, Level::Ok);
+        assert_eq!(uplinks_check(&p, Ok(vec!["veth1".into()]), &pods).level, Level::Warn);
     }
 }

@@ -6,6 +6,9 @@
 //! - `nat`: `[{proto, pod, remote, gateway, natPort, idleSeconds, state}]`, endpoints as
 //!   `ip:port` strings, `natPort` null unless the source port was remapped
 //! - `stats`: `{counter: value}`
+//! - `tunnel`: `{settings: {clusterId, port, delivery, mtu, podCIDRs} | null, routes: [{cidr,
+//!   peer, node, port, source, ifindex, mtu}], peers: [{peer, nodes, txPackets, txBytes,
+//!   rxPackets, rxBytes}]}`
 //!
 //! A map whose pin is missing is reported and skipped.
 
@@ -27,6 +30,9 @@ pub enum What {
     Gateways,
     Nat,
     Stats,
+    /// Tunnel mode: this node's tunnel settings, the peer nodes' pod CIDRs, and packets and
+    /// bytes per peer.
+    Tunnel,
     All,
 }
 
@@ -77,6 +83,8 @@ pub struct Dump {
     pub nat: Option<Vec<NatRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<BTreeMap<&'static str, u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<crate::tunnel::TunnelDump>,
     /// Maps that could not be read, with why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
@@ -199,6 +207,14 @@ pub fn collect(pins: &Pins, what: What) -> Dump {
             rows.sort_by(|a, b| (&a.proto, &a.pod, &a.remote).cmp(&(&b.proto, &b.pod, &b.remote)));
             dump.nat = Some(rows);
         }
+        if want(What::Tunnel) {
+            match crate::tunnel::TunnelMaps::open(pins) {
+                Ok(t) => dump.tunnel = Some(t.dump(&peer_names)),
+                // Pins of a release before tunnel mode have none: nothing to show in `all`.
+                Err(e) if what == What::Tunnel => dump.missing.push(format!("{e:#}")),
+                Err(_) => {}
+            }
+        }
     }
     if want(What::Stats) {
         match maps::read_stats(pins) {
@@ -264,6 +280,35 @@ pub fn table(d: &Dump) -> String {
         let rows: Vec<Vec<String>> = stats.iter().map(|(k, v)| vec![(*k).to_string(), v.to_string()]).collect();
         render(&mut out, "stats", &["COUNTER", "VALUE"], &rows);
     }
+    if let Some(t) = &d.tunnel {
+        let settings: Vec<Vec<String>> = t
+            .settings
+            .iter()
+            .map(|s| vec![s.port.to_string(), s.delivery.to_string(), s.mtu.to_string(), format!("{:08x}", s.cluster_id), s.pod_cidrs.join(",")])
+            .collect();
+        render(&mut out, "tunnel settings", &["PORT", "DELIVERY", "MTU", "CLUSTER ID", "POD CIDRS"], &settings);
+        let routes: Vec<Vec<String>> = t
+            .routes
+            .iter()
+            .map(|r| vec![r.cidr.clone(), r.peer.clone(), format!("{}:{}", r.node, r.port), r.source.clone(), r.ifindex.to_string(), r.mtu.to_string()])
+            .collect();
+        render(&mut out, "tunnel routes", &["CIDR", "PEER", "NODE", "SOURCE", "IFINDEX", "MTU"], &routes);
+        let peers: Vec<Vec<String>> = t
+            .peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.peer.clone(),
+                    p.nodes.join(","),
+                    p.tx_packets.to_string(),
+                    p.tx_bytes.to_string(),
+                    p.rx_packets.to_string(),
+                    p.rx_bytes.to_string(),
+                ]
+            })
+            .collect();
+        render(&mut out, "tunnel peers", &["PEER", "NODES", "TX PACKETS", "TX BYTES", "RX PACKETS", "RX BYTES"], &peers);
+    }
     for m in &d.missing {
         let _ = writeln!(out, "missing: {m}");
     }
@@ -326,6 +371,7 @@ mod tests {
                 state: "active".into(),
             }]),
             stats: Some(BTreeMap::from([("redirected", 7), ("port_remap", 1)])),
+            tunnel: None,
             missing: vec![],
         }
     }

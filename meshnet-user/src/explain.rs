@@ -19,6 +19,11 @@
 //!
 //! 5. a new flow in a full table (`nat.maxFlows` flows) is dropped and counted `nat_table_full`:
 //!    established flows are never evicted for it.
+//!
+//! Tunnel mode comes before all of these: a destination in a tunnel peer node's pod CIDR
+//! (`mn_tun_routes_v1`) is encapsulated toward that node, whatever the protocol. With
+//! `--from-node`, [`explain_decap`] says what `meshnet_tun_in` does with a tunnel packet from
+//! that node carrying the packet: every check it makes, in its order.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,8 +35,8 @@ use std::{
 
 use ipnet::Ipv4Net;
 use meshnet_common::{
-    gateway_start, limits, names, remap_port, FlowKey, Gateway, NatFwd, NatRev, PeerGateways,
-    FLOW_REMAPPED, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
+    gateway_start, limits, names, remap_port, tunnel, tunnel_sport, FlowKey, Gateway, NatFwd, NatRev, PeerGateways,
+    TunnelConfig, TunnelNode, FLOW_REMAPPED, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::Serialize;
 
@@ -167,6 +172,11 @@ pub struct Snapshot {
     pub nat_fill: Option<(usize, usize, u32)>,
     /// `CLOCK_MONOTONIC` now, the clock of the entries' `last_seen_ns`.
     pub now_ns: u64,
+    /// Tunnel mode: the peer nodes' pod CIDRs, the node table and this node's settings
+    /// (empty without tunnel maps: pins of an older release).
+    pub tun_routes: BTreeMap<Ipv4Net, TunnelNode>,
+    pub tun_nodes: BTreeMap<Ipv4Addr, u32>,
+    pub tun_config: Option<TunnelConfig>,
     /// Maps that could not be read, with why.
     pub missing: Vec<String>,
 }
@@ -200,7 +210,11 @@ impl Snapshot {
         let names = maps::open::<maps::Names>(pins, names::PEER_NAMES)
             .map(|m| m.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect())
             .unwrap_or_default();
-        Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), missing }
+        let (tun_routes, tun_nodes, tun_config) = match crate::tunnel::TunnelMaps::open(pins) {
+            Ok(t) => (t.current_routes(), t.current_nodes(), t.current_config()),
+            Err(_) => Default::default(),
+        };
+        Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), tun_routes, tun_nodes, tun_config, missing }
     }
 
     /// The same view of maps already open, such as an unpinned load's, whose flow table
@@ -217,6 +231,9 @@ impl Snapshot {
             nat_rev: Some(m.nat_rev.iter().filter(|r| r.as_ref().map_or(true, |(k, _)| k.dst_be == pod_be)).collect::<Result<_, _>>()?),
             nat_fill,
             now_ns: monotonic_ns(),
+            tun_routes: BTreeMap::new(),
+            tun_nodes: BTreeMap::new(),
+            tun_config: None,
             missing: Vec::new(),
         })
     }
@@ -258,6 +275,12 @@ pub enum Verdict {
     DropTableFull,
     /// Neither TCP nor UDP, to a remote CIDR: dropped, it cannot be translated.
     DropUnsupportedProto,
+    /// Tunnel mode: encapsulated toward the peer node that hosts the destination.
+    TunnelEncap,
+    /// Tunnel mode (`--from-node`): decapsulated and delivered to the pod.
+    TunnelDeliver,
+    /// Tunnel mode (`--from-node`): the tunnel packet is refused and dropped.
+    TunnelDrop,
     /// A map needed to decide could not be read.
     Unknown,
 }
@@ -486,6 +509,9 @@ fn holder(rev_map: &HashMap<FlowKey, NatRev>, rev_key: &FlowKey, want: &NatRev) 
 #[must_use]
 pub fn explain(snap: &Snapshot, q: &Query) -> Explanation {
     let mut ex = Explanation::new(q, snap.missing.clone());
+    if tunnel_stage(snap, q, &mut ex).is_break() {
+        return ex;
+    }
     if q.proto == Proto::Icmp {
         unsupported_proto(snap, q, &mut ex);
         return ex;
@@ -500,6 +526,109 @@ pub fn explain(snap: &Snapshot, q: &Query) -> Explanation {
         None => new_flow_any_port(q.proto, gws, &mut ex),
         Some(key) => new_flow(snap, q, &key, peer_id, gws, &mut ex),
     }
+    ex
+}
+
+fn tunnel_match(snap: &Snapshot, addr: Ipv4Addr) -> Option<(Ipv4Net, TunnelNode)> {
+    snap.tun_routes.iter().filter(|(net, _)| net.contains(&addr)).max_by_key(|(net, _)| net.prefix_len()).map(|(n, v)| (*n, *v))
+}
+
+/// Tunnel mode, before everything else: a tunnel peer node's pod.
+fn tunnel_stage(snap: &Snapshot, q: &Query, ex: &mut Explanation) -> ControlFlow<()> {
+    let dst = *q.dst.ip();
+    let Some((net, node)) = tunnel_match(snap, dst) else {
+        if !snap.tun_routes.is_empty() {
+            ex.step(format!("tunnel: {dst} is in no tunnel peer node's pod CIDR ({})", names::TUN_ROUTES));
+        }
+        return ControlFlow::Continue(());
+    };
+    let key = FlowKey::new(
+        addr_be(q.src.addr),
+        addr_be(dst),
+        if q.proto == Proto::Icmp { 0 } else { q.src.port.unwrap_or(0).to_be() },
+        if q.proto == Proto::Icmp { 0 } else { q.dst.port().to_be() },
+        q.proto.number(),
+    );
+    let sport = if q.src.port.is_some() || q.proto == Proto::Icmp {
+        format!("outer source port {}", tunnel_sport(&key))
+    } else {
+        "outer source port a hash of the flow (give the source port to see it)".to_string()
+    };
+    ex.route = Some(RouteInfo { cidr: net.to_string(), peer: snap.peer_name(node.peer_id), peer_id: node.peer_id });
+    ex.step(format!(
+        "tunnel: {dst} is in {net}, the pod CIDR of node {} of peer {} (tunnel mode)",
+        addr_of_be(node.addr_be),
+        snap.peer_name(node.peer_id)
+    ));
+    let room = node.mtu.saturating_sub(tunnel::OVERHEAD);
+    ex.step(format!(
+        "size: up to {room} bytes (the interface's MTU {} less the tunnel's {}) go whole; TCP SYNs have their MSS \
+         clamped to {} (tunnel_mss_clamped); a larger packet with DF set is answered with ICMP \"fragmentation needed\", \
+         MTU {room} (tunnel_frag_needed); one without DF is split in two fragments that fit (tunnel_fragmented)",
+        node.mtu,
+        tunnel::OVERHEAD,
+        room.saturating_sub(tunnel::IP_TCP_LEN)
+    ));
+    ex.finish(
+        Verdict::TunnelEncap,
+        &["tunnel_encap"],
+        format!(
+            "encapsulated: outer IPv4/UDP from {} to {}:{} ({sport}) with meshnet's header, out of interface index {}; \
+             the pod's packet inside is unchanged, addresses included",
+            addr_of_be(node.src_be),
+            addr_of_be(node.addr_be),
+            u16::from_be(node.port_be),
+            node.ifindex
+        ),
+    );
+    ControlFlow::Break(())
+}
+
+/// What `meshnet_tun_in` does with a tunnel packet from the node `from` (its outer source)
+/// carrying `q` (inner source and destination), given the maps in `snap`.
+#[must_use]
+pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation {
+    let mut ex = Explanation::new(q, snap.missing.clone());
+    let Some(cfg) = snap.tun_config else {
+        ex.step(format!("tunnel settings ({}): none, this node takes no tunnel packets", names::TUN_CONFIG));
+        ex.finish(Verdict::PassNotMeshnet, &[], "not meshnet's: passes unchanged (no tunnel on this node)");
+        return ex;
+    };
+    ex.step(format!("tunnel port: UDP {} (anything to another port passes untouched)", u16::from_be(cfg.port_be)));
+    let Some(peer_id) = snap.tun_nodes.get(&from).copied() else {
+        ex.step(format!("node: {from} is no tunnel peer's node ({})", names::TUN_NODES));
+        ex.finish(Verdict::TunnelDrop, &["tunnel_unknown_node"], "dropped: not from a known peer node");
+        return ex;
+    };
+    let peer = snap.peer_name(peer_id);
+    ex.step(format!("node: {from} is a node of peer {peer}; its header must carry that cluster's id {peer_id:08x} (else tunnel_wrong_cluster, and a bad magic or version tunnel_bad_header)"));
+    let src = q.src.addr;
+    match tunnel_match(snap, src) {
+        Some((net, n)) if n.peer_id == peer_id => ex.step(format!("inner source: {src} is in {net}, of peer {peer}")),
+        _ => {
+            ex.step(format!("inner source: {src} is in no pod CIDR of peer {peer}'s nodes"));
+            ex.finish(Verdict::TunnelDrop, &["tunnel_spoofed_source"], "dropped: a peer may only send from its own pods");
+            return ex;
+        }
+    }
+    let dst = *q.dst.ip();
+    let local = cfg.nets.iter().filter(|n| n.mask_be != 0).find(|n| addr_be(dst) & n.mask_be == n.addr_be);
+    let Some(n) = local else {
+        ex.step(format!("inner destination: {dst} is not in this node's pod CIDRs"));
+        ex.finish(Verdict::TunnelDrop, &["tunnel_not_local"], "dropped: the tunnel delivers only to this node's pods");
+        return ex;
+    };
+    ex.step(format!(
+        "inner destination: {dst} is in {}/{}, this node's",
+        addr_of_be(n.addr_be),
+        u32::from_be(n.mask_be).count_ones()
+    ));
+    let how = if cfg.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 {
+        "straight to the pod's interface (bpf_redirect_neigh), past netfilter"
+    } else {
+        "through the node's stack, as if it had arrived unencapsulated: routing, FORWARD rules and NetworkPolicy see it"
+    };
+    ex.finish(Verdict::TunnelDeliver, &["tunnel_decap"], format!("decapsulated and delivered {how}; a TCP SYN has its MSS clamped to {}", cfg.mtu.saturating_sub(tunnel::OVERHEAD + tunnel::IP_TCP_LEN)));
     ex
 }
 
@@ -956,6 +1085,7 @@ mod tests {
             nat_fill: None,
             now_ns: 100_000_000_000,
             missing: Vec::new(),
+            ..Snapshot::default()
         }
     }
 
@@ -1307,5 +1437,73 @@ mod tests {
         assert!(v.get("flow").is_none() && v.get("missing").is_none());
         let e = explain(&snapshot(&gws), &query("10.244.0.10:40000", "10.244.0.2:80", Proto::Tcp));
         assert_eq!(serde_json::to_value(&e).unwrap()["verdict"], "passNotMeshnet");
+    }
+}
+
+#[cfg(test)]
+mod tunnel_tests {
+    use super::*;
+    use meshnet_common::LocalNet;
+
+    fn snapshot() -> Snapshot {
+        let node = TunnelNode {
+            addr_be: addr_be(Ipv4Addr::new(192, 0, 2, 2)),
+            src_be: addr_be(Ipv4Addr::new(192, 0, 2, 1)),
+            port_be: 31801u16.to_be(),
+            _pad: 0,
+            peer_id: 7,
+            ifindex: 3,
+            mtu: 1500,
+        };
+        let mut nets = [LocalNet::NONE; limits::MAX_NODE_CIDRS];
+        nets[0] = LocalNet { addr_be: addr_be(Ipv4Addr::new(10, 244, 0, 0)), mask_be: addr_be(Ipv4Addr::new(255, 255, 255, 0)) };
+        Snapshot {
+            routes: Some(BTreeMap::new()),
+            peers: Some(BTreeMap::new()),
+            names: BTreeMap::from([(7, "cluster2".to_string())]),
+            nat_fwd: Some(HashMap::new()),
+            nat_rev: Some(HashMap::new()),
+            tun_routes: BTreeMap::from([("10.245.0.0/24".parse().unwrap(), node)]),
+            tun_nodes: BTreeMap::from([(Ipv4Addr::new(192, 0, 2, 2), 7)]),
+            tun_config: Some(TunnelConfig { cluster_id: 1, port_be: 31800u16.to_be(), _pad: 0, flags: 0, mtu: 1500, nets }),
+            ..Snapshot::default()
+        }
+    }
+
+    fn q(src: &str, dst: &str, proto: Proto) -> Query {
+        Query { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto }
+    }
+
+    #[test]
+    fn a_tunnel_peers_pod_is_encapsulated_whatever_the_protocol() {
+        let s = snapshot();
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp] {
+            let e = explain(&s, &q("10.244.0.10:40000", "10.245.0.20:8080", proto));
+            assert_eq!(e.verdict, Verdict::TunnelEncap, "{proto:?}: {}", e.text());
+            assert_eq!(e.counters, ["tunnel_encap"]);
+            assert!(e.action.contains("192.0.2.2:31801"), "{}", e.action);
+            assert!(e.steps.iter().any(|s| s.contains("MTU 1464")), "{:?}", e.steps);
+        }
+        // Outside the nodes' pod CIDRs the gateway path decides (here: no route, passes).
+        let e = explain(&s, &q("10.244.0.10:40000", "10.245.9.9:8080", Proto::Tcp));
+        assert_eq!(e.verdict, Verdict::PassNotMeshnet, "{}", e.text());
+    }
+
+    #[test]
+    fn decapsulation_names_the_check_that_refuses() {
+        let s = snapshot();
+        let cases = [
+            ("192.0.2.2", "10.245.0.20:1", "10.244.0.10:2", Verdict::TunnelDeliver, "tunnel_decap"),
+            ("192.0.2.9", "10.245.0.20:1", "10.244.0.10:2", Verdict::TunnelDrop, "tunnel_unknown_node"),
+            ("192.0.2.2", "10.99.0.1:1", "10.244.0.10:2", Verdict::TunnelDrop, "tunnel_spoofed_source"),
+            ("192.0.2.2", "10.245.0.20:1", "10.244.1.10:2", Verdict::TunnelDrop, "tunnel_not_local"),
+        ];
+        for (from, src, dst, verdict, counter) in cases {
+            let e = explain_decap(&s, from.parse().unwrap(), &q(src, dst, Proto::Udp));
+            assert_eq!((e.verdict, e.counters.as_slice()), (verdict, [counter].as_slice()), "{from} {src} {dst}: {}", e.text());
+        }
+        let none = Snapshot { tun_config: None, ..snapshot() };
+        let e = explain_decap(&none, "192.0.2.2".parse().unwrap(), &q("10.245.0.20:1", "10.244.0.10:2", Proto::Udp));
+        assert_eq!(e.verdict, Verdict::PassNotMeshnet);
     }
 }

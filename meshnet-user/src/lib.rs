@@ -21,3 +21,4 @@ pub mod nftables;
 #[cfg(test)]
 mod objcheck;
 pub mod pins;
+pub mod tunnel;

@@ -167,6 +167,11 @@ enum Command {
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = meshnet::explain::Output::Text)]
         output: meshnet::explain::Output,
+        /// Tunnel mode: explain what this node does with a tunnel packet from this peer node
+        /// (its outer source address) carrying the packet, instead of what a local pod's
+        /// packet meets.
+        #[arg(long, value_name = "NODE_IP")]
+        from_node: Option<std::net::Ipv4Addr>,
     },
     /// Check that this node can run meshnet.
     ///
@@ -407,10 +412,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::Explain { src, dst, proto, output } => {
+        Command::Explain { src, dst, proto, output, from_node } => {
             use meshnet::explain;
             let snapshot = explain::Snapshot::load(&pins, src.addr);
-            let e = explain::explain(&snapshot, &explain::Query { src, dst, proto });
+            let q = explain::Query { src, dst, proto };
+            let e = match from_node {
+                Some(node) => explain::explain_decap(&snapshot, node, &q),
+                None => explain::explain(&snapshot, &q),
+            };
             match output {
                 explain::Output::Text => print!("{}", e.text()),
                 explain::Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),

@@ -182,6 +182,8 @@ pub struct Plan {
     pub route_removals: Vec<Ipv4Net>,
     /// Peers removed, with their names.
     pub peer_removals: Vec<u32>,
+    /// Names of peers that are gone without a gateway entry to remove (tunnel peers).
+    pub name_removals: Vec<u32>,
     pub flow_purges: Vec<(FlowKey, NatFwd, Purge)>,
 }
 
@@ -219,9 +221,14 @@ impl Plan {
                 .filter(|(id, want)| cur.peers.get(id) != Some(want))
                 .map(|(id, want)| (*id, *want))
                 .collect(),
+            // Every peer's name, tunnel peers' too (they have no gateway entry): dumps and
+            // metrics name them from this map.
             name_writes: desired
                 .peers
                 .keys()
+                .chain(desired.peer_names.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
                 // As the map stores it: cut to its 64 bytes.
                 .map(|id| (*id, peer_name_of(&peer_name_value(desired.peer_names.get(id).map_or("", String::as_str)))))
                 .filter(|(id, name)| cur.names.get(id) != Some(name))
@@ -234,6 +241,12 @@ impl Plan {
                 .collect(),
             route_removals: cur.routes.keys().filter(|n| !desired.routes.contains_key(n)).copied().collect(),
             peer_removals: cur.peers.keys().filter(|id| !desired.peers.contains_key(id)).copied().collect(),
+            name_removals: cur
+                .names
+                .keys()
+                .filter(|id| !desired.peers.contains_key(id) && !desired.peer_names.contains_key(id) && !cur.peers.contains_key(id))
+                .copied()
+                .collect(),
             flow_purges,
         }
     }
@@ -268,6 +281,9 @@ impl Plan {
         }
         for id in &self.peer_removals {
             let _ = writeln!(out, "remove peer {}", name(id));
+        }
+        for id in &self.name_removals {
+            let _ = writeln!(out, "forget name of peer {}", name(id));
         }
         for (key, fwd, why) in &self.flow_purges {
             let _ = writeln!(
@@ -552,7 +568,7 @@ impl ControlMaps {
                 })
                 .collect();
             let pod_cidrs = routes.iter().filter(|(_, v)| **v == id).map(|(k, _)| k.to_string()).collect();
-            out.insert(name.clone(), crate::config::RawPeer { name, pod_cidrs, gateways });
+            out.insert(name.clone(), crate::config::RawPeer { name, pod_cidrs, gateways, ..Default::default() });
         }
         Ok(out)
     }
@@ -612,6 +628,9 @@ impl ControlMaps {
         }
         for id in &plan.peer_removals {
             self.peers.remove(id).context("removing a peer")?;
+            let _ = self.names.remove(id);
+        }
+        for id in &plan.name_removals {
             let _ = self.names.remove(id);
         }
         for (key, fwd, _) in &plan.flow_purges {

@@ -46,6 +46,14 @@ pub struct GatewayLabel {
     pub port: String,
 }
 
+/// Tunnel traffic with one peer, in one direction (`tx`: encapsulated toward it, `rx`:
+/// decapsulated from it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabel {
+    pub peer: String,
+    pub direction: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
@@ -63,6 +71,8 @@ pub struct Metrics {
     map_entries: Family<MapLabel, Gauge>,
     map_capacity: Family<MapLabel, Gauge>,
     pub gateway_up: Family<GatewayLabel, Gauge>,
+    tunnel_packets: Family<TunnelLabel, Counter>,
+    tunnel_bytes: Family<TunnelLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub last_sync: Gauge<f64, AtomicU64>,
     pub gc_expired: Counter,
@@ -97,6 +107,8 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             gateway_up: Family::default(),
+            tunnel_packets: Family::default(),
+            tunnel_bytes: Family::default(),
             reloads: Family::default(),
             last_sync: Gauge::default(),
             gc_expired: Counter::default(),
@@ -118,6 +130,8 @@ impl Metrics {
         registry.register("map_entries", "Entries in each meshnet map", m.map_entries.clone());
         registry.register("map_capacity", "max_entries of each meshnet map", m.map_capacity.clone());
         registry.register("gateway_up", "1 when a gateway passes its health probe", m.gateway_up.clone());
+        registry.register("tunnel_packets", "Tunnel mode: packets per peer and direction, summed over CPUs", m.tunnel_packets.clone());
+        registry.register("tunnel_bytes", "Tunnel mode: inner IPv4 bytes per peer and direction", m.tunnel_bytes.clone());
         registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
         registry.register(
             "last_sync_timestamp_seconds",
@@ -188,6 +202,18 @@ impl Metrics {
                 self.map_entries.get_or_create(&label).set(i64::try_from(n).unwrap_or(i64::MAX));
                 if let Ok(info) = MapInfo::from_pin(self.pins.map(name)) {
                     self.map_capacity.get_or_create(&label).set(i64::from(info.max_entries()));
+                }
+            }
+            let names: std::collections::BTreeMap<u32, String> =
+                m.names.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect();
+            if let Ok(t) = crate::tunnel::TunnelMaps::open(&self.pins) {
+                for (id, s) in t.peer_stats() {
+                    let peer = names.get(&id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
+                    for (direction, packets, bytes) in [("tx", s.tx_packets, s.tx_bytes), ("rx", s.rx_packets, s.rx_bytes)] {
+                        let label = TunnelLabel { peer: peer.clone(), direction: direction.into() };
+                        self.tunnel_packets.get_or_create(&label).inner().store(packets, Ordering::Relaxed);
+                        self.tunnel_bytes.get_or_create(&label).inner().store(bytes, Ordering::Relaxed);
+                    }
                 }
             }
         }

@@ -81,3 +81,16 @@ pub fn local_addresses() -> std::collections::BTreeSet<std::net::Ipv4Addr> {
         .filter_map(|a| a.address?.as_sockaddr_in().map(nix::sys::socket::SockaddrIn::ip))
         .collect()
 }
+
+/// The local UDP ports with a socket bound, from /proc/net/udp (this network namespace's,
+/// when /proc is the process's own). `None` when it cannot be read.
+#[must_use]
+pub fn udp_listeners() -> Option<Vec<u16>> {
+    let text = std::fs::read_to_string("/proc/self/net/udp").ok()?;
+    Some(
+        text.lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1)?.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()))
+            .collect(),
+    )
+}

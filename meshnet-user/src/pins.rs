@@ -19,6 +19,8 @@ pub enum Direction {
     Ingress,
     /// tc egress: `to_pod`.
     Egress,
+    /// tc ingress of an uplink (tunnel mode): `tun_in`.
+    Uplink,
 }
 
 impl Direction {
@@ -27,6 +29,7 @@ impl Direction {
         match self {
             Direction::Ingress => "ingress",
             Direction::Egress => "egress",
+            Direction::Uplink => "uplink",
         }
     }
 
@@ -35,6 +38,7 @@ impl Direction {
         match self {
             Direction::Ingress => names::PROG_FROM_POD,
             Direction::Egress => names::PROG_TO_POD,
+            Direction::Uplink => names::PROG_TUNNEL_IN,
         }
     }
 }

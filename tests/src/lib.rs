@@ -8,6 +8,7 @@
 pub mod fakeapi;
 pub mod peer;
 pub mod raw_bpf;
+pub mod testrun;
 pub mod topo;
 pub mod tunnel_topo;
 

@@ -27,6 +27,7 @@ use etherparse::{
     IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4HeaderSlice, PacketBuilder, TcpHeader,
     TcpHeaderSlice, TcpOptionElement, UdpHeaderSlice,
 };
+use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name};
 use meshnet::{
     config::{peer_id, Config},
     datapath::Datapath,
@@ -213,45 +214,6 @@ impl Harness {
             .unwrap_or_else(|| panic!("no gateway {addr:?}"));
         gw.flags = if up { GW_UP } else { 0 };
         self.maps.peers.insert(id, pg, 0).unwrap();
-    }
-}
-
-fn verdict_name(v: u32) -> String {
-    match v {
-        OK => "TC_ACT_OK".into(),
-        SHOT => "TC_ACT_SHOT".into(),
-        UNSPEC => "TC_ACT_UNSPEC".into(),
-        other => format!("{other}"),
-    }
-}
-
-fn assert_counter_delta(
-    what: &str,
-    before: &BTreeMap<&'static str, u64>,
-    after: &BTreeMap<&'static str, u64>,
-    moved: &[(&str, u64)],
-) {
-    for (name, _) in moved {
-        assert!(after.contains_key(name), "{what}: no counter named {name:?}");
-    }
-    for (name, now) in after {
-        let want = moved.iter().find(|(n, _)| n == name).map_or(0, |(_, d)| *d);
-        assert_eq!(now - before[name], want, "{what}: counter {name} grew by {} instead of {want}", now - before[name]);
-    }
-}
-
-fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8]) {
-    if got != want {
-        let diffs: Vec<String> = (0..got.len().max(want.len()))
-            .filter(|&i| got.get(i) != want.get(i))
-            .map(|i| format!("@{i}: {:02x?} != {:02x?}", got.get(i), want.get(i)))
-            .collect();
-        panic!(
-            "{what}: packet differs ({} vs {} bytes): {}\n got: {got:02x?}\nwant: {want:02x?}",
-            got.len(),
-            want.len(),
-            diffs.join(", ")
-        );
     }
 }
 

@@ -127,7 +127,7 @@ fn measure(object: &[u8], programs: &[&str], prefix: &str) -> Vec<Stats> {
 fn verifier_budget() {
     require_root();
     let release = kernel_release();
-    let mut stats = measure(EBPF_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_EMPTY], "");
+    let mut stats = measure(EBPF_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_TUNNEL_IN, names::PROG_EMPTY], "");
     // The logging build (`--datapath-log`) where the kernel can load it: its translating
     // programs carry a tail call per decision, its line writer aya-log's formatting.
     if meshnet::datapath_log::ring_buffers_supported() {

@@ -211,7 +211,7 @@ mod tests {
     }
 
     fn peer(name: &str, addr: &str, cidr: &str) -> RawPeer {
-        RawPeer { name: name.into(), pod_cidrs: vec![cidr.into()], gateways: vec![RawGateway { address: addr.into(), port: 32361, udp_port: None }] }
+        RawPeer { name: name.into(), pod_cidrs: vec![cidr.into()], gateways: vec![RawGateway { address: addr.into(), port: 32361, udp_port: None }], ..RawPeer::default() }
     }
 
     fn istio(mesh_networks: &str) -> ConfigMap {

@@ -238,6 +238,7 @@ pub fn peer(name: &str, r: &Resolved) -> Result<RawPeer, String> {
             .take(meshnet_common::limits::MAX_GATEWAYS)
             .map(|a| RawGateway { address: a.to_string(), port: u32::from(port), udp_port: None })
             .collect(),
+        ..RawPeer::default()
     })
 }
 
@@ -359,7 +360,12 @@ impl MeshNetworks {
                     .iter()
                     .filter_map(|g| Some(RawGateway { address: g.address.clone()?, port: g.port, udp_port: None }))
                     .collect();
-                (!cidrs.is_empty() && !gateways.is_empty()).then(|| RawPeer { name: name.clone(), pod_cidrs: cidrs, gateways })
+                (!cidrs.is_empty() && !gateways.is_empty()).then(|| RawPeer {
+                    name: name.clone(),
+                    pod_cidrs: cidrs,
+                    gateways,
+                    ..RawPeer::default()
+                })
             })
             .collect()
     }
@@ -496,7 +502,7 @@ mod tests {
 
     #[test]
     fn allow_lists_bound_the_claims() {
-        let p = RawPeer { name: "c2".into(), pod_cidrs: vec!["10.245.0.0/24".into(), "10.246.0.0/16".into()], gateways: vec![] };
+        let p = RawPeer { name: "c2".into(), pod_cidrs: vec!["10.245.0.0/24".into(), "10.246.0.0/16".into()], ..RawPeer::default() };
         let allowed: Vec<Ipv4Net> = vec!["10.245.0.0/16".parse().unwrap()];
         assert_eq!(
             outside_allowed(&p, &allowed, "--allowed-cidrs").as_deref(),
@@ -518,7 +524,7 @@ mod tests {
 
     #[test]
     fn overlapping_and_default_routes_are_refused() {
-        let p = |name: &str, cidr: &str| RawPeer { name: name.into(), pod_cidrs: vec![cidr.into()], gateways: vec![] };
+        let p = |name: &str, cidr: &str| RawPeer { name: name.into(), pod_cidrs: vec![cidr.into()], ..RawPeer::default() };
         let (kept, refused) = refuse_overlaps(
             &["10.244.0.0/16".parse().unwrap()],
             vec![p("a", "10.245.0.0/16"), p("b", "10.245.1.0/24"), p("c", "10.244.5.0/24"), p("d", "0.0.0.0/0"), p("e", "10.246.0.0/16")],

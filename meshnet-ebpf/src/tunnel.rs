@@ -1,0 +1,372 @@
+//! Tunnel mode: a pod's packet to a tunnel peer's pod CIDR leaves encapsulated in UDP to the
+//! peer node that hosts the destination, at the peer's tunnel NodePort; the peer node's
+//! uplink program takes the outer headers off and hands the packet, addresses untouched, to
+//! its pod. There is no per-flow state on either side: every packet is routed by the
+//! node tables the agent publishes, so a restart or an upgrade loses nothing.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::{BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_NET},
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use meshnet_common::{tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
+
+use crate::{
+    maps::{count, TUN_CONFIG, TUN_NODES, TUN_ROUTES, TUN_STATS},
+    nat::PASS,
+    parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
+};
+
+/// Set by the agent at load time (`names::GLOBAL_HAVE_REDIRECT_NEIGH`).
+#[unsafe(no_mangle)]
+static MN_HAVE_REDIRECT_NEIGH: u8 = 0;
+
+#[inline(always)]
+fn have_redirect_neigh() -> bool {
+    // SAFETY: a global of the object's read-only data; volatile so that the load-time value
+    // is read, not the compile-time 0.
+    unsafe { core::ptr::read_volatile(&raw const MN_HAVE_REDIRECT_NEIGH) != 0 }
+}
+
+/// A packet split because it was too large is marked with this tag and, in the low 16 bits,
+/// how many payload bytes its first part took; the marked copy comes round again through
+/// `from_pod`, which drops those bytes and sends the rest. A pod cannot forge the mark: the
+/// kernel clears it when a packet crosses into the host's namespace.
+const SPLIT_TAG: u32 = 0x4d4e_0000;
+const SPLIT_TAG_MASK: u32 = 0xffff_0000;
+/// `bpf_skb_adjust_room` removes at most this many bytes at once.
+const SPLIT_MAX: u32 = 0xff8;
+
+/// The flags of the encapsulating `bpf_skb_adjust_room`: IPv4 in UDP, with meshnet's
+/// header declared as the inner "L2" header so that GSO segments a large TCP send into
+/// packets that each carry the whole outer stack.
+const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+    | ((tunnel::HEADER_LEN as u64) << 56);
+
+const AF_INET: u8 = 2;
+const DROP: i32 = TC_ACT_SHOT;
+
+/// The peer node whose pod CIDR holds `daddr_be`, for a tunnel peer.
+#[inline(always)]
+pub fn route(daddr_be: u32) -> Option<TunnelNode> {
+    TUN_ROUTES.get(Key::new(32, daddr_be)).copied()
+}
+
+#[inline(always)]
+fn config() -> Option<TunnelConfig> {
+    // SAFETY: a read-only copy of a value from a successful lookup; the map is not
+    // preallocated, so an update replaces the value whole and this one stays valid.
+    unsafe { TUN_CONFIG.get(&0) }.copied()
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's `__sk_buff`, valid for the whole program run.
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+/// Whether the skb is a GSO packet: its segments are cut after encapsulation, with the
+/// overhead taken off their size by `bpf_skb_adjust_room`, so its length is no MTU problem.
+#[inline(always)]
+fn is_gso(ctx: &TcContext) -> bool {
+    // SAFETY: as above; `gso_segs` is in `__sk_buff` since 5.1.
+    unsafe { (*ctx.skb.skb).gso_segs != 0 }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// `from_pod`'s tunnel branch: `ip` is bound for `node`'s pod CIDR.
+#[inline(always)]
+pub fn encap(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> i32 {
+    match encap_or_why(ctx, ip, node) {
+        Ok(verdict) => verdict,
+        Err(why) => {
+            count(why);
+            DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Counter> {
+    let cfg = config().ok_or(Counter::TunnelEncapFailed)?;
+    let tag = mark(ctx);
+    let remainder = tag & SPLIT_TAG_MASK == SPLIT_TAG;
+    if remainder {
+        ctx.set_mark(0);
+        drop_first_part(ctx, tag & !SPLIT_TAG_MASK)?;
+    }
+    let mut key = FlowKey::new(ip.saddr_be, ip.daddr_be, 0, 0, ip.proto);
+    // A remainder is a later fragment now, whatever `ip` said of the packet before.
+    if !remainder && ip.has_l4 && (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) {
+        if let Ok(Some(l4)) = parse::ports(ctx, ip) {
+            key = FlowKey::new(ip.saddr_be, ip.daddr_be, l4.sport_be, l4.dport_be, ip.proto);
+            if l4.tcp_flags & TCP_SYN != 0 && clamp(ctx, ip, &l4, node.mtu) {
+                count(Counter::TunnelMssClamped);
+            }
+        }
+    }
+    let mut hdr = parse::ip_header(ctx).ok_or(Counter::TunnelEncapFailed)?;
+    if u32::from(hdr.tot_len) + tunnel::OVERHEAD > node.mtu && !is_gso(ctx) {
+        if hdr.frag_off & IP_DF != 0 {
+            return frag_needed(ctx, ip, node);
+        }
+        split(ctx, &hdr, node)?;
+        hdr = parse::ip_header(ctx).ok_or(Counter::TunnelEncapFailed)?;
+    }
+    ctx.adjust_room(tunnel::OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS).map_err(|_| Counter::TunnelEncapFailed)?;
+    parse::write_outer(ctx, hdr.tos, hdr.tot_len, node.src_be, node.addr_be, tunnel_sport(&key), node.port_be, cfg.cluster_id)
+        .map_err(|()| Counter::TunnelEncapFailed)?;
+    add_stats(node.peer_id, u64::from(hdr.tot_len), true);
+    count(Counter::TunnelEncap);
+    transmit(ctx, node)
+}
+
+/// Lowers the MSS of a SYN so that a full segment fits the tunnel toward a link of `mtu`.
+#[inline(always)]
+fn clamp(ctx: &TcContext, ip: &Ipv4, l4: &parse::Ports, mtu: u32) -> bool {
+    let max = mtu.saturating_sub(tunnel::OVERHEAD + tunnel::IP_TCP_LEN).min(u32::from(u16::MAX));
+    max != 0 && parse::clamp_mss(ctx, ip, l4, max as u16)
+}
+
+/// Sends the encapsulated packet out of the interface toward `node`.
+#[inline(always)]
+fn transmit(ctx: &TcContext, node: &TunnelNode) -> Result<i32, Counter> {
+    if have_redirect_neigh() {
+        // SAFETY: a helper call without a next hop of our own: the kernel routes the outer
+        // destination and resolves its neighbour, queueing the packet until it has.
+        return Ok(unsafe { bpf_redirect_neigh(node.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+    }
+    let hop = fib_lookup_v4(ctx, node.src_be, node.addr_be, node.ifindex, BPF_FIB_LOOKUP_OUTPUT);
+    match hop.rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            parse::set_macs(ctx, hop.dmac, hop.smac).map_err(|()| Counter::TunnelEncapFailed)?;
+            // SAFETY: a helper call with plain values.
+            Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Counter::TunnelNoNeighbour),
+        _ => Err(Counter::TunnelEncapFailed),
+    }
+}
+
+/// The next hop of an IPv4 route: the kernel's FIB lookup (`flags`: its `BPF_FIB_LOOKUP_*`).
+/// The helper's 64-byte argument is filled word by word through a pointer and never moved:
+/// a zeroing literal or a copy compiles to a `memset` call, which kernels before 5.10 refuse
+/// beside tail calls (the logging build has them).
+#[inline(always)]
+fn fib_lookup_v4(ctx: &TcContext, src_be: u32, dst_be: u32, ifindex: u32, flags: u32) -> NextHop {
+    let mut p = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    let w = p.as_mut_ptr().cast::<u64>();
+    // Offsets: family 0, ifindex 8, ipv4_src 16, ipv4_dst 32; everything else zero.
+    let words = [u64::from(AF_INET), u64::from(ifindex), u64::from(src_be), 0, u64::from(dst_be), 0, 0, 0];
+    // SAFETY: eight words fill the 64-byte struct, any bit pattern valid; the helper gets
+    // a pointer to it with its size, and its results are read through the same pointer.
+    unsafe {
+        let mut i = 0;
+        while i < 8 {
+            core::ptr::write_volatile(w.add(i), words[i]);
+            i += 1;
+        }
+        let rc = fib_lookup(ctx.skb.skb.cast(), p.as_mut_ptr(), size_of::<bpf_fib_lookup>() as i32, flags) as u32;
+        let r = p.as_ptr();
+        NextHop { rc, ifindex: core::ptr::read_volatile(&raw const (*r).ifindex), dmac: (*r).dmac, smac: (*r).smac }
+    }
+}
+
+/// What [`fib_lookup_v4`] found.
+struct NextHop {
+    rc: u32,
+    ifindex: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+}
+
+#[inline(always)]
+fn add_stats(peer_id: u32, bytes: u64, tx: bool) {
+    if let Some(s) = TUN_STATS.get_ptr_mut(&peer_id) {
+        // SAFETY: a per-CPU value, written only by this CPU with preemption disabled.
+        unsafe {
+            if tx {
+                (*s).tx_packets += 1;
+                (*s).tx_bytes += bytes;
+            } else {
+                (*s).rx_packets += 1;
+                (*s).rx_bytes += bytes;
+            }
+        }
+    }
+}
+
+/// A packet with DF set that the tunnel cannot carry: it becomes an ICMP "fragmentation
+/// needed" back to the pod, announcing what fits, so that its path MTU discovery works.
+#[inline(always)]
+fn frag_needed(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Counter> {
+    let hdr = parse::ip_header(ctx).ok_or(Counter::TunnelEncapFailed)?;
+    if hdr.ihl != IP_MIN_HLEN {
+        // An ICMP error quotes the header whole; with options it would not be the fixed
+        // size built here. Such packets are rare enough to drop.
+        return Err(Counter::TunnelEncapFailed);
+    }
+    let mtu = node.mtu.saturating_sub(tunnel::OVERHEAD).min(u32::from(u16::MAX)) as u16;
+    let sender = ip.saddr_be;
+    // SAFETY: the context's skb; the helper bounds the new length itself.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, parse::ICMP_QUOTE_END, 0) } != 0 {
+        return Err(Counter::TunnelEncapFailed);
+    }
+    ctx.adjust_room(parse::ICMP_ERROR_ROOM, BPF_ADJ_ROOM_MAC, 0).map_err(|_| Counter::TunnelEncapFailed)?;
+    parse::write_frag_needed(ctx, sender, node.src_be, mtu).map_err(|()| Counter::TunnelEncapFailed)?;
+    count(Counter::TunnelFragNeeded);
+    // SAFETY: a helper call with plain values: out of this same interface, to the pod.
+    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+}
+
+/// A packet without DF that the tunnel cannot carry whole: a copy marked with the split
+/// point goes round again (see [`SPLIT_TAG`]), and this one is cut to a first fragment
+/// that fits. The pod that receives them reassembles the datagram, as after any router
+/// that fragments.
+#[inline(always)]
+fn split(ctx: &TcContext, hdr: &parse::IpHeader, node: &TunnelNode) -> Result<(), Counter> {
+    if hdr.ihl != IP_MIN_HLEN {
+        return Err(Counter::TunnelEncapFailed);
+    }
+    let first = (node.mtu.saturating_sub(tunnel::OVERHEAD + IP_MIN_HLEN as u32) & !7).min(SPLIT_MAX);
+    let payload = u32::from(hdr.tot_len).saturating_sub(IP_MIN_HLEN as u32);
+    if first == 0 || payload <= first {
+        return Err(Counter::TunnelEncapFailed);
+    }
+    ctx.set_mark(SPLIT_TAG | first);
+    let cloned = ctx.clone_redirect(ifindex(ctx), u64::from(BPF_F_INGRESS));
+    ctx.set_mark(0);
+    cloned.map_err(|_| Counter::TunnelEncapFailed)?;
+    let len = IP_MIN_HLEN as u32 + first;
+    // SAFETY: the context's skb; the helper bounds the new length itself.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, ETH_HLEN as u32 + len, 0) } != 0 {
+        return Err(Counter::TunnelEncapFailed);
+    }
+    parse::set_ip_len_frag(ctx, len as u16, hdr.frag_off | IP_MF).map_err(|()| Counter::TunnelEncapFailed)?;
+    count(Counter::TunnelFragmented);
+    Ok(())
+}
+
+/// The copy [`split`] sent round: its first `first` payload bytes went in the first
+/// fragment, the rest is this one, at the fragment offset after them.
+#[inline(always)]
+fn drop_first_part(ctx: &TcContext, first: u32) -> Result<(), Counter> {
+    let hdr = parse::ip_header(ctx).ok_or(Counter::TunnelEncapFailed)?;
+    let payload = u32::from(hdr.tot_len).saturating_sub(IP_MIN_HLEN as u32);
+    if hdr.ihl != IP_MIN_HLEN || first == 0 || first & 7 != 0 || first >= payload {
+        return Err(Counter::TunnelEncapFailed);
+    }
+    ctx.adjust_room(-(first as i32), BPF_ADJ_ROOM_NET, 0).map_err(|_| Counter::TunnelEncapFailed)?;
+    let offset = (hdr.frag_off & IP_OFFSET_MASK) + (first / 8) as u16;
+    let frag = (hdr.frag_off & !IP_OFFSET_MASK) | (offset & IP_OFFSET_MASK);
+    parse::set_ip_len_frag(ctx, (u32::from(hdr.tot_len) - first) as u16, frag).map_err(|()| Counter::TunnelEncapFailed)
+}
+
+/// tc ingress on an uplink: takes tunnel packets off the wire, before netfilter, and
+/// delivers their inner packet. Anything sent to the tunnel port that fails a check is
+/// dropped and counted; everything else passes untouched.
+#[inline(always)]
+pub fn decap(ctx: &TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return PASS;
+    };
+    let Ok(Some(ip)) = parse::ipv4(ctx) else {
+        return PASS;
+    };
+    if ip.proto != IPPROTO_UDP || !ip.has_l4 {
+        return PASS;
+    }
+    let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
+        return PASS;
+    };
+    if l4.dport_be != cfg.port_be {
+        return PASS;
+    }
+    match decap_or_why(ctx, &ip, &cfg) {
+        Ok(verdict) => verdict,
+        Err(why) => {
+            count(why);
+            DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, Counter> {
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    let peer_id = unsafe { TUN_NODES.get(&ip.saddr_be) }.copied().ok_or(Counter::TunnelUnknownNode)?;
+    // meshnet never sends fragments or outer options.
+    if ip.is_fragment || ip.l4_off != ETH_HLEN + IP_MIN_HLEN {
+        return Err(Counter::TunnelBadHeader);
+    }
+    let t = parse::tunnel_packet(ctx, ip)?;
+    if t.magic_be != tunnel::MAGIC.to_be() || t.version != tunnel::VERSION {
+        return Err(Counter::TunnelBadHeader);
+    }
+    if u32::from_be(t.cluster_be) != peer_id {
+        return Err(Counter::TunnelWrongCluster);
+    }
+    if t.inner_ver_ihl >> 4 != 4
+        || usize::from(t.inner_ver_ihl & 0x0f) * 4 < IP_MIN_HLEN
+        || u32::from(t.inner_len) + tunnel::OVERHEAD != u32::from(t.outer_len)
+    {
+        return Err(Counter::TunnelBadHeader);
+    }
+    match route(t.inner_saddr_be) {
+        Some(n) if n.peer_id == peer_id => {}
+        _ => return Err(Counter::TunnelSpoofedSource),
+    }
+    if !is_node_local(cfg, t.inner_daddr_be) {
+        return Err(Counter::TunnelNotLocal);
+    }
+    ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0).map_err(|_| Counter::TunnelDecapFailed)?;
+    add_stats(peer_id, u64::from(t.inner_len), false);
+    count(Counter::TunnelDecap);
+    if let Ok(Some(inner)) = parse::ipv4(ctx) {
+        if inner.proto == IPPROTO_TCP {
+            if let Ok(Some(l4)) = parse::ports(ctx, &inner) {
+                if l4.tcp_flags & TCP_SYN != 0 && clamp(ctx, &inner, &l4, cfg.mtu) {
+                    count(Counter::TunnelMssClamped);
+                }
+            }
+        }
+    }
+    Ok(deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be))
+}
+
+/// Hands a decapsulated packet to its pod: straight to the pod's interface when asked and
+/// the kernel can (no netfilter on the way), else through the stack, which routes it as if
+/// it had arrived unencapsulated (FORWARD rules and NetworkPolicy see it).
+#[inline(always)]
+fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32 {
+    if cfg.flags & TUN_DELIVER_REDIRECT == 0 {
+        return TC_ACT_OK;
+    }
+    let hop = fib_lookup_v4(ctx, src_be, dst_be, ifindex(ctx), 0);
+    if have_redirect_neigh() && (hop.rc == BPF_FIB_LKUP_RET_SUCCESS || hop.rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // SAFETY: a helper call without a next hop: the kernel resolves the pod's address.
+        return unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    if hop.rc == BPF_FIB_LKUP_RET_SUCCESS && parse::set_macs(ctx, hop.dmac, hop.smac).is_ok() {
+        // SAFETY: a helper call with plain values.
+        return unsafe { bpf_redirect(hop.ifindex, 0) } as i32;
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn is_node_local(cfg: &TunnelConfig, addr_be: u32) -> bool {
+    let hit = |n: &LocalNet| addr_be & n.mask_be == n.addr_be;
+    hit(&cfg.nets[0]) || hit(&cfg.nets[1]) || hit(&cfg.nets[2]) || hit(&cfg.nets[3])
+}

@@ -1,0 +1,332 @@
+//! Tunnel mode's side of the agent: the path to each peer node (this node's source address,
+//! interface and MTU toward it, from the kernel's routes), and the tunnel maps kept equal
+//! to the desired state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+};
+
+use anyhow::Context as _;
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    HashMap, MapData, PerCpuHashMap, PerCpuValues,
+};
+use ipnet::Ipv4Net;
+use meshnet_common::{names, TunnelConfig, TunnelNode, TunnelStats};
+use serde::Serialize;
+
+use crate::{
+    config::Desired,
+    maps::{addr_be, addr_of_be, open},
+    pins::Pins,
+};
+
+pub type TunRoutes = LpmTrie<MapData, u32, TunnelNode>;
+pub type TunNodes = HashMap<MapData, u32, u32>;
+pub type TunConfigMap = HashMap<MapData, u32, TunnelConfig>;
+pub type TunStats = PerCpuHashMap<MapData, u32, TunnelStats>;
+
+/// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
+/// side before any uplink is attached: Ethernet's.
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// How this node reaches one peer node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePath {
+    /// This node's address toward it: the outer source.
+    pub src: Ipv4Addr,
+    pub ifindex: u32,
+    pub mtu: u32,
+}
+
+/// The kernel's route to `dst`: the source address it would use (a connected UDP socket
+/// asks the routing table without sending anything), the interface that holds that address,
+/// and its MTU.
+pub fn resolve(dst: Ipv4Addr) -> io::Result<NodePath> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    sock.connect((dst, 9))?;
+    let SocketAddr::V4(local) = sock.local_addr()? else {
+        return Err(io::Error::other("no IPv4 source address"));
+    };
+    let src = *local.ip();
+    let name = nix::ifaddrs::getifaddrs()?
+        .find(|ifa| ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).is_some_and(|a| a.ip() == src))
+        .map(|ifa| ifa.interface_name)
+        .ok_or_else(|| io::Error::other(format!("no interface holds {src}")))?;
+    let ifindex = nix::net::if_::if_nametoindex(name.as_str())?;
+    Ok(NodePath { src, ifindex, mtu: mtu_of(&name).unwrap_or(DEFAULT_MTU) })
+}
+
+/// An interface's MTU (SIOCGIFMTU: the namespace's own view, whatever /sys shows).
+pub fn mtu_of(iface: &str) -> io::Result<u32> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    // SAFETY: an ifreq zeroed and filled with a NUL-terminated name shorter than IFNAMSIZ;
+    // the ioctl writes only into it.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        let bytes = iface.as_bytes();
+        if bytes.len() >= req.ifr_name.len() {
+            return Err(io::Error::other("interface name too long"));
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        if libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCGIFMTU, &raw mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        u32::try_from(req.ifr_ifru.ifru_mtu).map_err(|_| io::Error::other("negative MTU"))
+    }
+}
+
+/// The tunnel maps, open for writing.
+pub struct TunnelMaps {
+    pub routes: TunRoutes,
+    pub nodes: TunNodes,
+    pub config: TunConfigMap,
+    pub stats: TunStats,
+}
+
+/// What a sync changed, for the agent's log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TunnelReport {
+    pub routes_written: usize,
+    pub routes_removed: usize,
+    pub nodes_written: usize,
+    pub nodes_removed: usize,
+    pub config_changed: bool,
+    /// Peer nodes without a route from here: their pod CIDRs are not routed until they have.
+    pub unresolved: Vec<Ipv4Addr>,
+}
+
+impl TunnelReport {
+    #[must_use]
+    pub fn is_noop(&self) -> bool {
+        *self == Self { unresolved: self.unresolved.clone(), ..Self::default() }
+    }
+}
+
+fn route_key(net: Ipv4Net) -> Key<u32> {
+    Key::new(u32::from(net.prefix_len()), addr_be(net.network()))
+}
+
+impl TunnelMaps {
+    pub fn open(pins: &Pins) -> anyhow::Result<Self> {
+        Ok(Self {
+            routes: open(pins, names::TUN_ROUTES)?,
+            nodes: open(pins, names::TUN_NODES)?,
+            config: open(pins, names::TUN_CONFIG)?,
+            stats: open(pins, names::TUN_STATS)?,
+        })
+    }
+
+    /// Takes the tunnel maps out of a loaded object (unpinned use: packet tests).
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("the object has no map {name}"));
+        let (r, n, c, s) = (take(names::TUN_ROUTES)?, take(names::TUN_NODES)?, take(names::TUN_CONFIG)?, take(names::TUN_STATS)?);
+        let bad = |name: &'static str| move |e: aya::maps::MapError| anyhow::anyhow!("map {name}: {e}");
+        Ok(Self {
+            routes: TunRoutes::try_from(r).map_err(bad(names::TUN_ROUTES))?,
+            nodes: TunNodes::try_from(n).map_err(bad(names::TUN_NODES))?,
+            config: TunConfigMap::try_from(c).map_err(bad(names::TUN_CONFIG))?,
+            stats: TunStats::try_from(s).map_err(bad(names::TUN_STATS))?,
+        })
+    }
+
+    /// The routes the trie holds now.
+    pub fn current_routes(&self) -> BTreeMap<Ipv4Net, TunnelNode> {
+        self.routes
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((Ipv4Net::new(addr_of_be(k.data()), u8::try_from(k.prefix_len()).ok()?).ok()?, v)))
+            .collect()
+    }
+
+    pub fn current_nodes(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.nodes.iter().flatten().map(|(k, v)| (addr_of_be(k), v)).collect()
+    }
+
+    pub fn current_config(&self) -> Option<TunnelConfig> {
+        self.config.get(&0, 0).ok()
+    }
+
+    /// Packets and bytes per peer id, summed over the CPUs.
+    pub fn peer_stats(&self) -> BTreeMap<u32, TunnelStats> {
+        self.stats
+            .iter()
+            .flatten()
+            .map(|(id, per_cpu)| {
+                let sum = per_cpu.iter().fold(TunnelStats::default(), |a, s| TunnelStats {
+                    tx_packets: a.tx_packets + s.tx_packets,
+                    tx_bytes: a.tx_bytes + s.tx_bytes,
+                    rx_packets: a.rx_packets + s.rx_packets,
+                    rx_bytes: a.rx_bytes + s.rx_bytes,
+                });
+                (id, sum)
+            })
+            .collect()
+    }
+
+    /// Makes the maps hold `desired`'s tunnel state, with each node's path from `paths` (a
+    /// node missing there is not routed) and `mtu`, the uplinks' MTU, for the decapsulating
+    /// side. The settings and the node table go in before the routes that lead to them, and
+    /// routes go before the nodes and settings they used: no packet is encapsulated toward a
+    /// node the peer would not take it from, or decapsulated with half a configuration.
+    pub fn sync(&mut self, desired: &Desired, paths: &BTreeMap<Ipv4Addr, NodePath>, mtu: u32) -> anyhow::Result<TunnelReport> {
+        let mut report = TunnelReport::default();
+        let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, ..c });
+        if let Some(c) = want_config {
+            if self.current_config() != Some(c) {
+                self.config.insert(0, c, 0).context("writing the tunnel settings")?;
+                report.config_changed = true;
+            }
+        }
+        let peers: BTreeSet<u32> = desired.tun_nodes.values().copied().collect();
+        let have_stats: BTreeSet<u32> = self.stats.keys().flatten().collect();
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        for id in peers.difference(&have_stats) {
+            let zero = PerCpuValues::try_from(vec![TunnelStats::default(); cpus]).context("per-CPU values")?;
+            self.stats.insert(id, zero, 0).context("creating a tunnel peer's counters")?;
+        }
+        let nodes = self.current_nodes();
+        for (addr, id) in &desired.tun_nodes {
+            if nodes.get(addr) != Some(id) {
+                self.nodes.insert(addr_be(*addr), *id, 0).context("writing the tunnel node table")?;
+                report.nodes_written += 1;
+            }
+        }
+        let routes = self.current_routes();
+        let mut wanted = BTreeMap::new();
+        for (net, node) in &desired.tun_routes {
+            let addr = addr_of_be(node.addr_be);
+            let Some(path) = paths.get(&addr) else {
+                if !report.unresolved.contains(&addr) {
+                    report.unresolved.push(addr);
+                }
+                continue;
+            };
+            let value = TunnelNode { src_be: addr_be(path.src), ifindex: path.ifindex, mtu: path.mtu, ..*node };
+            wanted.insert(*net, value);
+            if routes.get(net) != Some(&value) {
+                self.routes.insert(&route_key(*net), value, 0).context("writing a tunnel route")?;
+                report.routes_written += 1;
+            }
+        }
+        for net in routes.keys().filter(|n| !wanted.contains_key(n)) {
+            self.routes.remove(&route_key(*net)).context("removing a tunnel route")?;
+            report.routes_removed += 1;
+        }
+        for addr in nodes.keys().filter(|a| !desired.tun_nodes.contains_key(a)) {
+            self.nodes.remove(&addr_be(*addr)).context("removing a tunnel node")?;
+            report.nodes_removed += 1;
+        }
+        for id in have_stats.difference(&peers) {
+            let _ = self.stats.remove(id);
+        }
+        if want_config.is_none() && self.current_config().is_some() {
+            self.config.remove(&0).context("removing the tunnel settings")?;
+            report.config_changed = true;
+        }
+        Ok(report)
+    }
+}
+
+/// The paths to every node `desired` tunnels to; nodes without a route are left out.
+#[must_use]
+pub fn resolve_all(desired: &Desired) -> BTreeMap<Ipv4Addr, NodePath> {
+    desired.tun_nodes.keys().filter_map(|a| resolve(*a).ok().map(|p| (*a, p))).collect()
+}
+
+/// `meshnet maps dump tunnel`'s rows.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelRouteRow {
+    pub cidr: String,
+    pub peer: String,
+    pub node: String,
+    pub port: u16,
+    pub source: String,
+    pub ifindex: u32,
+    pub mtu: u32,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelPeerRow {
+    pub peer: String,
+    pub nodes: Vec<String>,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelSettingsRow {
+    pub cluster_id: u32,
+    pub port: u16,
+    pub delivery: &'static str,
+    pub mtu: u32,
+    pub pod_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TunnelDump {
+    pub settings: Option<TunnelSettingsRow>,
+    pub routes: Vec<TunnelRouteRow>,
+    pub peers: Vec<TunnelPeerRow>,
+}
+
+impl TunnelMaps {
+    /// What the tunnel maps hold, peers named by `names` (id → name).
+    #[must_use]
+    pub fn dump(&self, names: &BTreeMap<u32, String>) -> TunnelDump {
+        let name = |id: u32| names.get(&id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
+        let settings = self.current_config().map(|c| TunnelSettingsRow {
+            cluster_id: c.cluster_id,
+            port: u16::from_be(c.port_be),
+            delivery: if c.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 { "redirect" } else { "stack" },
+            mtu: c.mtu,
+            pod_cidrs: c
+                .nets
+                .iter()
+                .filter(|n| n.mask_be != 0)
+                .filter_map(|n| Ipv4Net::with_netmask(addr_of_be(n.addr_be), addr_of_be(n.mask_be)).ok())
+                .map(|n| n.to_string())
+                .collect(),
+        });
+        let routes = self
+            .current_routes()
+            .into_iter()
+            .map(|(net, n)| TunnelRouteRow {
+                cidr: net.to_string(),
+                peer: name(n.peer_id),
+                node: addr_of_be(n.addr_be).to_string(),
+                port: u16::from_be(n.port_be),
+                source: addr_of_be(n.src_be).to_string(),
+                ifindex: n.ifindex,
+                mtu: n.mtu,
+            })
+            .collect();
+        let nodes = self.current_nodes();
+        let stats = self.peer_stats();
+        let ids: BTreeSet<u32> = nodes.values().copied().chain(stats.keys().copied()).collect();
+        let peers = ids
+            .into_iter()
+            .map(|id| {
+                let s = stats.get(&id).copied().unwrap_or_default();
+                TunnelPeerRow {
+                    peer: name(id),
+                    nodes: nodes.iter().filter(|(_, p)| **p == id).map(|(a, _)| a.to_string()).collect(),
+                    tx_packets: s.tx_packets,
+                    tx_bytes: s.tx_bytes,
+                    rx_packets: s.rx_packets,
+                    rx_bytes: s.rx_bytes,
+                }
+            })
+            .collect();
+        TunnelDump { settings, routes, peers }
+    }
+}

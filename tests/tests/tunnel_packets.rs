@@ -1,0 +1,373 @@
+//! Tunnel mode's programs, packet by packet, through `BPF_PROG_TEST_RUN`: what
+//! `meshnet_from_pod` makes of a packet to a tunnel peer's pod, and what `meshnet_tun_in`
+//! accepts, rejects (the adversarial cases: every check of the decapsulation, and every
+//! truncation of a valid tunnel packet) or leaves alone.
+//!
+//! Expected packets are built independently with etherparse; outer headers are checked
+//! field by field against the wire format in `meshnet_common::tunnel`.
+//!
+//! Needs root (loading eBPF): `cargo test -p meshnet-tests --test tunnel_packets`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::{
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    Ebpf,
+};
+use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, PacketBuilder, TcpHeader, TcpHeaderSlice, TcpOptionElement};
+use meshnet::{
+    config::{peer_id, Config},
+    datapath::Datapath,
+    maps::{self, ControlMaps, Stats},
+    tunnel::{NodePath, TunnelMaps},
+};
+use meshnet_common::{names, tunnel, tunnel_sport, FlowKey, IPPROTO_ICMP, IPPROTO_UDP};
+use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, OK, REDIRECT, SHOT, UNSPEC};
+
+const ETH_HLEN: usize = 14;
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// A pod of this node (cluster1, node pod CIDR 10.244.0.0/24).
+const POD: [u8; 4] = [10, 244, 0, 10];
+/// A pod of cluster1 on another node: not this node's to deliver to.
+const OTHER_NODE_POD: [u8; 4] = [10, 244, 1, 10];
+/// Pods of cluster2 on its two nodes.
+const REMOTE: [u8; 4] = [10, 245, 0, 20];
+const REMOTE_NODE2: [u8; 4] = [10, 245, 1, 20];
+const NODE: [u8; 4] = [192, 0, 2, 1];
+const PEER_NODE: [u8; 4] = [192, 0, 2, 2];
+const PEER_NODE2: [u8; 4] = [192, 0, 2, 3];
+const STRANGER: [u8; 4] = [192, 0, 2, 99];
+/// This node's tunnel port, and cluster2's (different, so that a mix-up shows).
+const PORT: u16 = 31800;
+const PEER_PORT: u16 = 31801;
+const MTU: u32 = 1500;
+
+const CONFIG: &str = r#"
+cluster: cluster1
+podCIDRs: ["10.244.0.0/16"]
+interfaces: ["veth*"]
+tunnel:
+  port: 31800
+  interfaces: ["lan0"]
+  podCIDRs: ["10.244.0.0/24"]
+peers:
+  - name: cluster2
+    mode: tunnel
+    podCIDRs: ["10.245.0.0/16"]
+    tunnelPort: 31801
+    nodes:
+      - address: 192.0.2.2
+        podCIDRs: ["10.245.0.0/24"]
+      - address: 192.0.2.3
+        podCIDRs: ["10.245.1.0/24"]
+"#;
+
+struct Harness {
+    ebpf: Ebpf,
+    _maps: ControlMaps,
+    tunnel: TunnelMaps,
+    stats: Stats,
+}
+
+impl Harness {
+    fn new() -> Self {
+        meshnet_tests::require_root();
+        let config = Config::from_yaml(CONFIG).unwrap();
+        let mut ebpf = Datapath::load_unpinned(config.max_flows).unwrap();
+        let mut maps = ControlMaps::from_ebpf(&mut ebpf).unwrap();
+        let desired = config.desired();
+        maps.sync(&desired).unwrap();
+        let mut tunnel = TunnelMaps::from_ebpf(&mut ebpf).unwrap();
+        // The paths the agent would resolve from the kernel's routes.
+        let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: 1, mtu: MTU };
+        let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
+        let report = tunnel.sync(&desired, &paths, MTU).unwrap();
+        assert_eq!((report.routes_written, report.nodes_written), (2, 2), "{report:?}");
+        let stats = maps::take_stats(&mut ebpf).unwrap();
+        Self { ebpf, _maps: maps, tunnel, stats }
+    }
+
+    fn run(&self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = p
+            .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+            .unwrap();
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        maps::sum_stats(&self.stats).unwrap()
+    }
+
+    fn expect(&self, what: &str, prog: &str, pkt: &[u8], verdict: u32, moved: &[(&str, u64)]) -> Vec<u8> {
+        let before = self.counters();
+        let (v, out) = self.run(prog, pkt);
+        assert_eq!(v, verdict, "{what}: {prog} returned {} instead of {}", verdict_name(v), verdict_name(verdict));
+        assert_counter_delta(what, &before, &self.counters(), moved);
+        out
+    }
+
+    fn peer_stats(&self) -> meshnet_common::TunnelStats {
+        self.tunnel.peer_stats().get(&peer_id("cluster2")).copied().unwrap_or_default()
+    }
+}
+
+fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC).ipv4(src, dst, 64).udp(sport, dport).write(&mut out, payload).unwrap();
+    out
+}
+
+fn with_df(mut frame: Vec<u8>, df: bool) -> Vec<u8> {
+    let mut ip = Ipv4HeaderSlice::from_slice(&frame[ETH_HLEN..]).unwrap().to_header();
+    ip.dont_fragment = df;
+    ip.header_checksum = ip.calc_header_checksum();
+    frame[ETH_HLEN..ETH_HLEN + 20].copy_from_slice(&ip.to_bytes());
+    frame
+}
+
+fn tcp_syn(src: [u8; 4], dst: [u8; 4], mss: u16) -> Vec<u8> {
+    let mut h = TcpHeader::new(40000, 8080, 0x1000_0000, 64240);
+    h.syn = true;
+    h.set_options(&[TcpOptionElement::MaximumSegmentSize(mss), TcpOptionElement::WindowScale(7)]).unwrap();
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC).ipv4(src, dst, 64).tcp_header(h).write(&mut out, &[]).unwrap();
+    out
+}
+
+fn ping(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC).ipv4(src, dst, 64).icmpv4_echo_request(7, 1).write(&mut out, b"ping").unwrap();
+    out
+}
+
+/// meshnet's header for `cluster`.
+fn header(magic: u16, version: u8, cluster: u32) -> [u8; 8] {
+    let m = magic.to_be_bytes();
+    let c = cluster.to_be_bytes();
+    [m[0], m[1], version, 0, c[0], c[1], c[2], c[3]]
+}
+
+/// A tunnel packet as a peer node sends it: outer IPv4/UDP to this node's port, `hdr`, and
+/// the inner IPv4 packet (a frame without its Ethernet header).
+fn tunnel_packet(outer_src: [u8; 4], dport: u16, hdr: [u8; 8], inner_frame: &[u8]) -> Vec<u8> {
+    let mut payload = hdr.to_vec();
+    payload.extend_from_slice(&inner_frame[ETH_HLEN..]);
+    let mut out = Vec::new();
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, outer_src, NODE).unwrap();
+    ip.dont_fragment = true;
+    PacketBuilder::ethernet2(PEER_MAC, HOST_MAC)
+        .ip(etherparse::IpHeaders::Ipv4(ip, etherparse::Ipv4Extensions::default()))
+        .udp(40123, dport)
+        .write(&mut out, &payload)
+        .unwrap();
+    // The tunnel's outer UDP checksum is 0, as meshnet sends it.
+    out[ETH_HLEN + 20 + 6..ETH_HLEN + 20 + 8].copy_from_slice(&[0, 0]);
+    out
+}
+
+fn good_header() -> [u8; 8] {
+    header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster2"))
+}
+
+/// Checks the outer headers `from_pod` put in front of `inner` (a frame), and returns them.
+fn check_encap(what: &str, out: &[u8], inner: &[u8], node: [u8; 4], key: &FlowKey) {
+    let o = tunnel::OVERHEAD as usize;
+    assert_eq!(out.len(), inner.len() + o, "{what}: length");
+    assert_bytes_eq(&format!("{what}: Ethernet header"), &out[..ETH_HLEN], &inner[..ETH_HLEN]);
+    let ip = Ipv4HeaderSlice::from_slice(&out[ETH_HLEN..]).unwrap().to_header();
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{what}: outer IPv4 checksum");
+    assert_eq!((ip.source, ip.destination), (NODE, node), "{what}: outer addresses");
+    assert_eq!(ip.protocol, IpNumber::UDP, "{what}: outer protocol");
+    assert!(ip.dont_fragment, "{what}: outer DF");
+    assert_eq!(usize::from(ip.total_len), inner.len() - ETH_HLEN + o, "{what}: outer length");
+    let inner_ip = Ipv4HeaderSlice::from_slice(&inner[ETH_HLEN..]).unwrap();
+    assert_eq!(ip.dscp.value() << 2 | ip.ecn.value(), inner_ip.dcp().value() << 2 | inner_ip.ecn().value(), "{what}: outer TOS copied");
+    let u = &out[ETH_HLEN + 20..ETH_HLEN + 28];
+    let sport = u16::from_be_bytes([u[0], u[1]]);
+    assert_eq!(sport, tunnel_sport(key), "{what}: outer source port is the inner flow's hash");
+    assert!((tunnel::SPORT_MIN..tunnel::SPORT_MIN + tunnel::SPORT_SPAN).contains(&sport));
+    assert_eq!(u16::from_be_bytes([u[2], u[3]]), PEER_PORT, "{what}: the peer's tunnel port");
+    assert_eq!(usize::from(u16::from_be_bytes([u[4], u[5]])), inner.len() - ETH_HLEN + 16, "{what}: UDP length");
+    assert_eq!(&u[6..8], &[0, 0], "{what}: UDP checksum 0");
+    assert_eq!(&out[ETH_HLEN + 28..ETH_HLEN + 36], &header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster1")), "{what}: header");
+    assert_bytes_eq(&format!("{what}: inner packet"), &out[ETH_HLEN + o..], &inner[ETH_HLEN..]);
+}
+
+#[test]
+fn a_packet_to_a_tunnel_peers_pod_leaves_encapsulated_to_the_node_that_hosts_it() {
+    let h = Harness::new();
+    let cases: Vec<(&str, Vec<u8>, [u8; 4], FlowKey)> = vec![
+        ("udp", udp(POD, REMOTE, 5000, 53, b"query"), PEER_NODE, FlowKey::new(be(POD), be(REMOTE), 5000u16.to_be(), 53u16.to_be(), IPPROTO_UDP)),
+        ("udp to the second node", udp(POD, REMOTE_NODE2, 5000, 53, b"q"), PEER_NODE2, FlowKey::new(be(POD), be(REMOTE_NODE2), 5000u16.to_be(), 53u16.to_be(), IPPROTO_UDP)),
+        ("ping", ping(POD, REMOTE), PEER_NODE, FlowKey::new(be(POD), be(REMOTE), 0, 0, IPPROTO_ICMP)),
+    ];
+    let mut bytes = 0;
+    for (what, inner, node, key) in &cases {
+        let out = h.expect(what, names::PROG_FROM_POD, inner, REDIRECT, &[("tunnel_encap", 1)]);
+        check_encap(what, &out, inner, *node, key);
+        bytes += (inner.len() - ETH_HLEN) as u64;
+    }
+    let s = h.peer_stats();
+    assert_eq!((s.tx_packets, s.tx_bytes, s.rx_packets), (3, bytes, 0));
+    // A pod of the peer's CIDR on no node it lists is not routed: gateway mode has no route
+    // either, so it passes, as without meshnet.
+    let pkt = udp(POD, [10, 245, 9, 9], 5000, 53, b"q");
+    let (v, out) = h.run(names::PROG_FROM_POD, &pkt);
+    assert_eq!((v, out), (UNSPEC, pkt));
+}
+
+#[test]
+fn a_syn_through_the_tunnel_has_its_mss_clamped_to_what_fits() {
+    let h = Harness::new();
+    let max = (MTU - tunnel::OVERHEAD - tunnel::IP_TCP_LEN) as u16;
+    let syn = tcp_syn(POD, REMOTE, 1460);
+    let out = h.expect("syn", names::PROG_FROM_POD, &syn, REDIRECT, &[("tunnel_encap", 1), ("tunnel_mss_clamped", 1)]);
+    let inner = &out[ETH_HLEN + tunnel::OVERHEAD as usize..];
+    let ip = Ipv4HeaderSlice::from_slice(inner).unwrap();
+    let tcp = TcpHeaderSlice::from_slice(&inner[20..]).unwrap().to_header();
+    let mss = tcp.options_iterator().find_map(|o| match o.unwrap() {
+        TcpOptionElement::MaximumSegmentSize(m) => Some(m),
+        _ => None,
+    });
+    assert_eq!(mss, Some(max));
+    let want = tcp.calc_checksum_ipv4(&ip.to_header(), &[]).unwrap();
+    assert_eq!(tcp.checksum, want, "TCP checksum after the clamp");
+    // An MSS already small enough is left alone.
+    let small = tcp_syn(POD, REMOTE, 1200);
+    let out = h.expect("small syn", names::PROG_FROM_POD, &small, REDIRECT, &[("tunnel_encap", 1)]);
+    assert_bytes_eq("small syn", &out[ETH_HLEN + tunnel::OVERHEAD as usize..], &small[ETH_HLEN..]);
+    // And on the way in, a SYN-ACK to this node's pod is clamped too.
+    let synack = tcp_syn(REMOTE, POD, 1460);
+    let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &synack);
+    let out = h.expect("syn in", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1), ("tunnel_mss_clamped", 1)]);
+    let tcp = TcpHeaderSlice::from_slice(&out[ETH_HLEN + 20..]).unwrap().to_header();
+    assert!(tcp.options_iterator().any(|o| matches!(o, Ok(TcpOptionElement::MaximumSegmentSize(m)) if m == max)));
+}
+
+#[test]
+fn a_df_packet_too_large_for_the_tunnel_gets_fragmentation_needed_back() {
+    let h = Harness::new();
+    let big = with_df(udp(POD, REMOTE, 5000, 9000, &[0x5a; 1472]), true);
+    assert_eq!(big.len(), ETH_HLEN + 1500);
+    let out = h.expect("DF 1500", names::PROG_FROM_POD, &big, REDIRECT, &[("tunnel_frag_needed", 1)]);
+    assert_eq!(&out[..6], &POD_MAC, "back to the pod");
+    assert_eq!(&out[6..12], &HOST_MAC);
+    let ip = Ipv4HeaderSlice::from_slice(&out[ETH_HLEN..]).unwrap().to_header();
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    assert_eq!((ip.source, ip.destination, ip.protocol), (NODE, POD, IpNumber::ICMP));
+    let icmp = &out[ETH_HLEN + 20..];
+    assert_eq!(icmp.len(), 8 + 28);
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "destination unreachable, fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), (MTU - tunnel::OVERHEAD) as u16, "the tunnel's MTU");
+    assert_eq!(etherparse::checksum::Sum16BitWords::new().add_slice(icmp).ones_complement(), 0, "ICMP checksum");
+    assert_bytes_eq("quote", &icmp[8..], &big[ETH_HLEN..ETH_HLEN + 28]);
+    // One byte less than the limit fits.
+    let fits = with_df(udp(POD, REMOTE, 5000, 9000, &[0x5a; 1436]), true);
+    h.expect("DF 1464", names::PROG_FROM_POD, &fits, REDIRECT, &[("tunnel_encap", 1)]);
+}
+
+#[test]
+fn a_valid_tunnel_packet_is_delivered_unchanged_and_counted() {
+    let h = Harness::new();
+    for (what, inner) in [("udp", udp(REMOTE, POD, 53, 5000, b"answer")), ("ping", ping(REMOTE, POD)), ("from the second node", udp(REMOTE_NODE2, POD, 1, 2, b"x"))] {
+        let src = if what == "from the second node" { PEER_NODE2 } else { PEER_NODE };
+        let pkt = tunnel_packet(src, PORT, good_header(), &inner);
+        let out = h.expect(what, names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+        assert_bytes_eq(what, &out[ETH_HLEN..], &inner[ETH_HLEN..]);
+    }
+    assert_eq!(h.peer_stats().rx_packets, 3);
+}
+
+#[test]
+fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
+    let h = Harness::new();
+    let inner = udp(REMOTE, POD, 53, 5000, b"answer");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("unknown node", tunnel_packet(STRANGER, PORT, good_header(), &inner), "tunnel_unknown_node"),
+        ("bad magic", tunnel_packet(PEER_NODE, PORT, header(0x4d4f, tunnel::VERSION, peer_id("cluster2")), &inner), "tunnel_bad_header"),
+        ("bad version", tunnel_packet(PEER_NODE, PORT, header(tunnel::MAGIC, 2, peer_id("cluster2")), &inner), "tunnel_bad_header"),
+        ("wrong cluster", tunnel_packet(PEER_NODE, PORT, header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster3")), &inner), "tunnel_wrong_cluster"),
+        ("own cluster", tunnel_packet(PEER_NODE, PORT, header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster1")), &inner), "tunnel_wrong_cluster"),
+        ("spoofed source", tunnel_packet(PEER_NODE, PORT, good_header(), &udp([10, 99, 0, 1], POD, 53, 5000, b"x")), "tunnel_spoofed_source"),
+        ("source of this cluster", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(OTHER_NODE_POD, POD, 53, 5000, b"x")), "tunnel_spoofed_source"),
+        ("to another node's pod", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, OTHER_NODE_POD, 53, 5000, b"x")), "tunnel_not_local"),
+        ("to the node itself", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, NODE, 53, 5000, b"x")), "tunnel_not_local"),
+        ("to a third party", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, [8, 8, 8, 8], 53, 53, b"x")), "tunnel_not_local"),
+    ];
+    for (what, pkt, counter) in &cases {
+        h.expect(what, names::PROG_TUNNEL_IN, pkt, SHOT, &[(counter, 1)]);
+    }
+    // Lengths that disagree: a longer outer packet (trailing bytes smuggled after the inner
+    // one), and an inner packet claiming more than is there.
+    let mut longer = tunnel_packet(PEER_NODE, PORT, good_header(), &inner);
+    longer.extend_from_slice(b"junk");
+    fix_outer_lengths(&mut longer);
+    h.expect("outer longer than inner", names::PROG_TUNNEL_IN, &longer, SHOT, &[("tunnel_bad_header", 1)]);
+    let mut claims = tunnel_packet(PEER_NODE, PORT, good_header(), &inner);
+    let at = ETH_HLEN + tunnel::OVERHEAD as usize + 2;
+    let l = u16::from_be_bytes([claims[at], claims[at + 1]]) + 4;
+    claims[at..at + 2].copy_from_slice(&l.to_be_bytes());
+    h.expect("inner longer than sent", names::PROG_TUNNEL_IN, &claims, SHOT, &[("tunnel_bad_header", 1)]);
+    assert_eq!(h.peer_stats().rx_packets, 0, "nothing rejected was counted as received");
+}
+
+/// Makes the outer IPv4 and UDP lengths (and the IPv4 checksum) cover the whole frame.
+fn fix_outer_lengths(frame: &mut [u8]) {
+    let ip_len = (frame.len() - ETH_HLEN) as u16;
+    frame[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&ip_len.to_be_bytes());
+    frame[ETH_HLEN + 20 + 4..ETH_HLEN + 20 + 6].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    let mut ip = Ipv4HeaderSlice::from_slice(&frame[ETH_HLEN..]).unwrap().to_header();
+    ip.header_checksum = ip.calc_header_checksum();
+    frame[ETH_HLEN..ETH_HLEN + 20].copy_from_slice(&ip.to_bytes());
+}
+
+#[test]
+fn traffic_not_for_the_tunnel_port_passes_untouched() {
+    let h = Harness::new();
+    let inner = udp(REMOTE, POD, 53, 5000, b"answer");
+    for (what, pkt) in [
+        ("another UDP port", tunnel_packet(PEER_NODE, PORT + 1, good_header(), &inner)),
+        ("the peer's port, not ours", tunnel_packet(PEER_NODE, PEER_PORT, good_header(), &inner)),
+        ("plain UDP from the LAN", udp(PEER_NODE, NODE, 40000, 53, b"dns")),
+        ("TCP to the tunnel port number", {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(PEER_MAC, HOST_MAC).ipv4(PEER_NODE, NODE, 64).tcp(40000, PORT, 1, 1000).write(&mut out, b"x").unwrap();
+            out
+        }),
+    ] {
+        let before = h.counters();
+        let (v, out) = h.run(names::PROG_TUNNEL_IN, &pkt);
+        assert_eq!(v, UNSPEC, "{what}: {}", verdict_name(v));
+        assert_bytes_eq(what, &out, &pkt);
+        assert_counter_delta(what, &before, &h.counters(), &[]);
+    }
+}
+
+#[test]
+fn no_truncation_of_a_tunnel_packet_is_delivered_or_crashes_the_program() {
+    let h = Harness::new();
+    let full = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
+    for len in 0..full.len() {
+        let mut pkt = full[..len].to_vec();
+        if len >= ETH_HLEN + 28 {
+            // Lengths consistent with what is left, so that every check past the first is
+            // reached with too little packet.
+            fix_outer_lengths(&mut pkt);
+        }
+        let (v, _) = h.run(names::PROG_TUNNEL_IN, &pkt);
+        assert!(v == UNSPEC || v == SHOT, "{len} bytes: {}", verdict_name(v));
+    }
+    assert_eq!(h.counters()["tunnel_decap"], 0, "a truncated packet was delivered");
+    assert!(h.counters()["tunnel_bad_header"] > 0, "the truncations reached the header checks");
+}
+
+fn be(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
