@@ -38,6 +38,8 @@ pub const NODE1_PODS: &str = "10.244.0.0/24";
 pub const NODE2_PODS: &str = "10.245.0.0/24";
 /// Every pod's byte-for-byte TCP echo, for bulk transfers.
 pub const BULK_PORT: u16 = 9000;
+/// The comment on the FORWARD rule that admits the remote pods' packets from `lan0`.
+const DECAPSULATED: &str = "remote-pods-from-lan0";
 /// The outer headers the tunnel adds: IPv4, UDP and meshnet's 8 bytes.
 pub const OVERHEAD: u32 = 36;
 
@@ -286,8 +288,21 @@ impl Node {
         }
         self.ns.exec(&format!("iptables -A INPUT -i lan0 -p udp --dport {TUNNEL_PORT} -j ACCEPT"));
         self.ns.exec("iptables -A INPUT -i lan0 -j DROP");
-        self.ns.exec(&format!("iptables -A FORWARD -i lan0 -s {remote_pods} -d {local_pods} -j ACCEPT"));
+        self.ns.exec(&format!(
+            "iptables -A FORWARD -i lan0 -s {remote_pods} -d {local_pods} -m comment --comment {DECAPSULATED} -j ACCEPT"
+        ));
         self.ns.exec("iptables -A FORWARD -i lan0 -j DROP");
+    }
+
+    /// Packets FORWARD admitted as the remote cluster's pods' from `lan0`: decapsulated
+    /// packets delivered through the stack, which `delivery: redirect` bypasses.
+    #[must_use]
+    pub fn forwarded_from_remote_pods(&self) -> u64 {
+        let out = self.ns.exec("iptables -L FORWARD -v -x -n");
+        out.lines()
+            .filter(|l| l.contains(DECAPSULATED))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// Packets the last rule of `chain` (`-i lan0 -j DROP`) dropped.

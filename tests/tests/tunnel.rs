@@ -120,6 +120,16 @@ fn tcp_both_ways(opts: Options) {
         }
     }
 
+    // Through the stack, decapsulated packets pass each node's FORWARD filter; redirected,
+    // they go straight to the pod.
+    for node in [&t.node1, &t.node2] {
+        let forwarded = node.forwarded_from_remote_pods();
+        match opts.delivery {
+            Delivery::Stack => assert!(forwarded > 0, "{}: no decapsulated packet went through FORWARD", node.cluster),
+            Delivery::Redirect => assert_eq!(forwarded, 0, "{}: redirected packets went through FORWARD", node.cluster),
+        }
+    }
+
     // What node1's tables say: its own settings, and cluster2's node behind its pod CIDR.
     let tun = t.node1.dump_json("tunnel")["tunnel"].clone();
     let settings = &tun["settings"];
