@@ -428,6 +428,129 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
 }
 
 // ---------------------------------------------------------------------------------------
+// On the wire
+// ---------------------------------------------------------------------------------------
+
+/// Collects the frames of `iface` inside `ns`, both ways, from a packet socket on a thread of
+/// its own until the returned flag is set. A packet socket sees a frame arriving before tc
+/// ingress (so before decapsulation) and one leaving after tc egress.
+fn capture(ns: &NetNs, iface: &'static str) -> (Arc<AtomicBool>, JoinHandle<Vec<Vec<u8>>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let s = stop.clone();
+    let handle = ns.spawn(move || {
+        let all = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
+        let sock = socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, Some(i32::from(all).into())).unwrap();
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "no {iface}");
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        sa.sll_protocol = all;
+        sa.sll_ifindex = i32::try_from(ifindex).unwrap();
+        let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>()).unwrap();
+        // SAFETY: bind with a sockaddr_ll and its length.
+        let rc = unsafe { libc::bind(sock.as_raw_fd(), (&raw const sa).cast(), len) };
+        assert_eq!(rc, 0, "bind to {iface}: {}", std::io::Error::last_os_error());
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        while !s.load(Ordering::Relaxed) {
+            if let Ok(n) = (&sock).read(&mut buf) {
+                frames.push(buf[..n].to_vec());
+            }
+        }
+        frames
+    });
+    ready_rx.recv().unwrap();
+    (stop, handle)
+}
+
+/// Whether an IPv4 header's checksum is right.
+fn ipv4_checksum_ok(h: &etherparse::Ipv4HeaderSlice) -> bool {
+    let header = h.to_header();
+    header.header_checksum == header.calc_header_checksum()
+}
+
+/// The tunnel's packets as node2's `lan0` sees them, both ways: outer IPv4 without options,
+/// DF set, TTL 64, between the nodes' addresses, UDP to the tunnel port from a port in
+/// 32768..61000 that depends on the inner flow only, checksum 0; meshnet's header (`MN`,
+/// version 1, flags 0, the sending cluster's id); then the pod's IPv4 packet, its length 36
+/// bytes less than the outer one's. Nothing else between the pods crosses the LAN.
+#[test]
+fn the_wire_format_on_the_lan() {
+    const FLOWS: u16 = 8;
+    let (t, _agents) = setup(opts(Delivery::Stack));
+    let (stop, frames) = capture(&t.node2.ns, "lan0");
+    for i in 0..FLOWS {
+        tcp_check(&t.client, CLIENT_IP, APP_A_POD, &format!("wire {i}"));
+        udp_check(&t.app_a, APP_A, CLIENT, &format!("wire {i}"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let frames = frames.join().unwrap();
+
+    let cluster_of = |ip: Ipv4Addr| match ip.to_string() {
+        a if a == NODE1_LAN => Some("cluster1"),
+        a if a == NODE2_LAN => Some("cluster2"),
+        _ => None,
+    };
+    let pods = [CLIENT_IP, APP_A];
+    // Inner flow (addresses, protocol, ports) -> outer source ports seen.
+    let mut sports: std::collections::BTreeMap<Vec<u8>, std::collections::BTreeSet<u16>> = std::collections::BTreeMap::new();
+    let mut tunnelled = [0usize; 2];
+    for f in &frames {
+        if f.len() < 14 || f[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &f[14..];
+        let outer = etherparse::Ipv4HeaderSlice::from_slice(ip).unwrap_or_else(|e| panic!("{e}: {ip:02x?}"));
+        let (src, dst) = (outer.source_addr(), outer.destination_addr());
+        assert!(!pods.contains(&src) && !pods.contains(&dst), "a pod's packet crossed the LAN unencapsulated: {src} -> {dst}");
+        let (Some(sender), Some(_)) = (cluster_of(src), cluster_of(dst)) else { continue };
+        let what = format!("{src} -> {dst}: {:02x?}", &ip[..ip.len().min(64)]);
+        assert_eq!(outer.protocol(), etherparse::IpNumber::UDP, "only the tunnel between the nodes: {what}");
+        assert_eq!(outer.ihl(), 5, "outer options: {what}");
+        assert!(outer.dont_fragment(), "outer DF: {what}");
+        assert!(!outer.more_fragments() && outer.fragments_offset().value() == 0, "outer fragment: {what}");
+        assert_eq!(outer.ttl(), 64, "outer TTL: {what}");
+        assert!(ipv4_checksum_ok(&outer), "outer IPv4 checksum: {what}");
+        let total = usize::from(outer.total_len());
+        assert!(total <= ip.len(), "outer length {total} past the frame: {what}");
+        let ip = &ip[..total];
+        let udp = etherparse::UdpHeaderSlice::from_slice(&ip[20..]).unwrap();
+        assert_eq!(udp.destination_port(), TUNNEL_PORT, "{what}");
+        assert!((32_768..61_000).contains(&udp.source_port()), "outer source port {}: {what}", udp.source_port());
+        assert_eq!(udp.checksum(), 0, "outer UDP checksum: {what}");
+        assert_eq!(usize::from(udp.length()), total - 20, "outer UDP length: {what}");
+        assert_eq!(&ip[28..32], &[b'M', b'N', 1, 0], "meshnet header: {what}");
+        assert_eq!(ip[32..36], peer_id(sender).to_be_bytes(), "cluster id of {sender}: {what}");
+        let inner = etherparse::Ipv4HeaderSlice::from_slice(&ip[36..]).unwrap_or_else(|e| panic!("inner: {e}: {what}"));
+        assert_eq!(usize::from(inner.total_len()) + 36, total, "inner length: {what}");
+        assert!(ipv4_checksum_ok(&inner), "inner IPv4 checksum: {what}");
+        let want = if sender == "cluster1" { (CLIENT_IP, APP_A) } else { (APP_A, CLIENT_IP) };
+        assert_eq!((inner.source_addr(), inner.destination_addr()), want, "inner addresses: {what}");
+        let l4 = 36 + usize::from(inner.ihl()) * 4;
+        let mut flow = ip[36 + 9..36 + 20].to_vec(); // protocol, checksum, addresses
+        flow.drain(1..3);
+        flow.extend_from_slice(&ip[l4..l4 + 4]);
+        sports.entry(flow).or_default().insert(udp.source_port());
+        tunnelled[usize::from(sender == "cluster2")] += 1;
+    }
+    // Each way: SYN, ACK, request, FIN and ACK at least per TCP connection, one datagram
+    // per UDP exchange.
+    let each_way = 4 * usize::from(FLOWS);
+    assert!(tunnelled.iter().all(|n| *n >= each_way), "tunnel packets each way: {tunnelled:?} of {} frames", frames.len());
+    for (flow, ports) in &sports {
+        assert_eq!(ports.len(), 1, "one inner flow {flow:02x?} left from several outer ports {ports:?}");
+    }
+    let distinct: std::collections::BTreeSet<u16> = sports.values().flatten().copied().collect();
+    assert!(distinct.len() > 1, "{} inner flows all left from outer port {distinct:?}", sports.len());
+}
+
+// ---------------------------------------------------------------------------------------
 // What the tunnel port refuses
 // ---------------------------------------------------------------------------------------
 
