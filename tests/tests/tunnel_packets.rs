@@ -381,3 +381,53 @@ fn be(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
 }
 
+
+/// `meshnet explain` against the programs themselves, for tunnel packets both ways: every
+/// combination of sender, source, destination and protocol, with the verdict and the
+/// counters each side names.
+#[test]
+fn explain_says_what_the_programs_do() {
+    use meshnet::explain::{explain, explain_decap, Proto, Query, Snapshot, Verdict};
+    let h = Harness::new();
+    let snap = Snapshot::of_maps(&h._maps, 65_536, Ipv4Addr::from(POD)).unwrap().with_tunnel(&h.tunnel);
+    let addrs = [POD, OTHER_NODE_POD, REMOTE, REMOTE_NODE2, [10, 245, 9, 9], [10, 99, 0, 1], NODE];
+    let mut seen = BTreeMap::<String, u32>::new();
+    for dst in addrs {
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp] {
+            let q = Query { src: format!("{}:40000", Ipv4Addr::from(POD)).parse().unwrap(), dst: format!("{}:8080", Ipv4Addr::from(dst)).parse().unwrap(), proto };
+            let pkt = match proto {
+                Proto::Tcp => tcp_syn(POD, dst, 1200),
+                Proto::Udp => udp(POD, dst, 40000, 8080, b"x"),
+                Proto::Icmp => ping(POD, dst),
+            };
+            let ex = explain(&snap, &q);
+            if !matches!(ex.verdict, Verdict::TunnelEncap | Verdict::PassNotMeshnet | Verdict::DropUnsupportedProto) {
+                continue;
+            }
+            let counters: Vec<(&str, u64)> = ex.counters.iter().map(|c| (*c, 1)).collect();
+            let want = match ex.verdict {
+                Verdict::TunnelEncap => REDIRECT,
+                _ => UNSPEC,
+            };
+            h.expect(&format!("from_pod {q:?}: {}", ex.text()), names::PROG_FROM_POD, &pkt, want, &counters);
+            *seen.entry(format!("{:?}", ex.verdict)).or_default() += 1;
+        }
+    }
+    for from in [PEER_NODE, PEER_NODE2, STRANGER] {
+        for src in addrs {
+            for dst in addrs {
+                let q = Query { src: format!("{}:53", Ipv4Addr::from(src)).parse().unwrap(), dst: format!("{}:5000", Ipv4Addr::from(dst)).parse().unwrap(), proto: Proto::Udp };
+                let ex = explain_decap(&snap, Ipv4Addr::from(from), &q);
+                let pkt = tunnel_packet(from, PORT, good_header(), &udp(src, dst, 53, 5000, b"x"));
+                let want = if ex.verdict == Verdict::TunnelDeliver { OK } else { SHOT };
+                let counters: Vec<(&str, u64)> = ex.counters.iter().map(|c| (*c, 1)).collect();
+                h.expect(&format!("tun_in from {from:?} {q:?}: {}", ex.text()), names::PROG_TUNNEL_IN, &pkt, want, &counters);
+                *seen.entry(format!("decap {:?} {:?}", ex.verdict, ex.counters)).or_default() += 1;
+            }
+        }
+    }
+    // Every outcome was met, so that the comparison covered each.
+    for v in ["TunnelEncap", "PassNotMeshnet", "decap TunnelDeliver [\"tunnel_decap\"]", "decap TunnelDrop [\"tunnel_unknown_node\"]", "decap TunnelDrop [\"tunnel_spoofed_source\"]", "decap TunnelDrop [\"tunnel_not_local\"]"] {
+        assert!(seen.contains_key(v), "never met {v}: {seen:?}");
+    }
+}
