@@ -664,7 +664,7 @@ impl Agent {
             match self.datapath.attach_uplink(iface, self.opts.attach_mode) {
                 Ok(how) => {
                     info!(iface, ifindex = index, ?how, "attached to uplink");
-                    self.uplinks.insert(iface.to_string(), *index);
+                    self.uplinks.insert(iface.clone(), *index);
                 }
                 Err(e) => warn!(iface, error = %format!("{e:#}"), "uplink attach failed; will retry"),
             }

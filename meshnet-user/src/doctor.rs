@@ -483,7 +483,7 @@ fn config_checks(path: &Path, checks: &mut Vec<Check>) {
         let found = datapath::matching_interfaces(&t.interfaces).map_err(|e| format!("{e:#}"));
         let uplinks: Vec<String> = found.as_ref().map(|f| f.keys().cloned().collect()).unwrap_or_default();
         checks.push(uplinks_check(&t.interfaces, found.map(|f| f.into_keys().collect()), &matched));
-        checks.push(tunnel_port_check(t.port, iptables_save("nat"), crate::netlink::udp_listeners().as_deref()));
+        checks.push(tunnel_port_check(t.port, iptables_save("nat").as_ref(), crate::netlink::udp_listeners().as_deref()));
         if t.delivery == crate::config::Delivery::Stack {
             let peers: Vec<Ipv4Net> = cfg.peers.iter().filter(|p| p.tunnel.is_some()).flat_map(|p| p.pod_cidrs.iter().copied()).collect();
             checks.push(forward_check(iptables_save("filter"), &uplinks, &peers));
@@ -522,13 +522,13 @@ pub fn uplinks_check(patterns: &[String], found: Result<Vec<String>, String>, po
 /// socket on the port would never see a packet (the uplink program takes them first), so it
 /// is a sign of a clash.
 #[must_use]
-pub fn tunnel_port_check(port: u16, nat: Option<Result<String, String>>, listeners: Option<&[u16]>) -> Check {
+pub fn tunnel_port_check(port: u16, nat: Option<&Result<String, String>>, listeners: Option<&[u16]>) -> Check {
     const NAME: &str = "tunnel port";
     if listeners.is_some_and(|l| l.contains(&port)) {
         return Check::new(NAME, Level::Warn, format!("a local UDP socket is bound to {port}: the tunnel takes every packet to that port before it could"))
             .fix("give the tunnel another port, or move that service");
     }
-    let reserved = nat.as_ref().and_then(|r| r.as_ref().ok()).is_some_and(|t| {
+    let reserved = nat.and_then(|r| r.as_ref().ok()).is_some_and(|t| {
         t.lines().any(|l| l.starts_with("-A KUBE-NODEPORTS") && l.contains("-p udp") && l.contains(&format!("--dport {port}")))
     });
     if reserved {
@@ -1118,6 +1118,7 @@ COMMIT
 mod tunnel_tests {
     use super::*;
 
+    #[expect(clippy::unnecessary_wraps, reason = "forward_check takes what iptables_save returns")]
     fn filter(rules: &str) -> Option<Result<String, String>> {
         Some(Ok(format!("*filter\n:INPUT ACCEPT [0:0]\n{rules}\nCOMMIT\n")))
     }
@@ -1141,11 +1142,11 @@ mod tunnel_tests {
 
     #[test]
     fn the_tunnel_port_is_reserved_by_a_nodeport_and_free_of_sockets() {
-        let nat = |r: &str| Some(Ok(format!("*nat\n{r}\nCOMMIT\n")));
+        let nat = |r: &str| Ok(format!("*nat\n{r}\nCOMMIT\n"));
         let rule = "-A KUBE-NODEPORTS -p udp -m comment --comment \"kube-system/meshnet-tunnel\" -m udp --dport 31800 -j KUBE-EXT-X";
-        assert_eq!(tunnel_port_check(31800, nat(rule), Some(&[53])).level, Level::Ok);
-        assert_eq!(tunnel_port_check(31801, nat(rule), Some(&[])).level, Level::Warn);
-        let c = tunnel_port_check(31800, nat(rule), Some(&[31800]));
+        assert_eq!(tunnel_port_check(31800, Some(&nat(rule)), Some(&[53])).level, Level::Ok);
+        assert_eq!(tunnel_port_check(31801, Some(&nat(rule)), Some(&[])).level, Level::Warn);
+        let c = tunnel_port_check(31800, Some(&nat(rule)), Some(&[31800]));
         assert!(c.level == Level::Warn && c.detail.contains("socket"), "{c:?}");
     }
 

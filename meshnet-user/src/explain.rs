@@ -238,6 +238,12 @@ impl Snapshot {
         })
     }
 
+    /// This snapshot with the tunnel maps of `t` (an unpinned load's, in tests).
+    #[must_use]
+    pub fn with_tunnel(self, t: &crate::tunnel::TunnelMaps) -> Self {
+        Self { tun_routes: t.current_routes(), tun_nodes: t.current_nodes(), tun_config: t.current_config(), ..self }
+    }
+
     fn peer_name(&self, id: u32) -> String {
         self.names.get(&id).cloned().unwrap_or_else(|| format!("#{id:08x}"))
     }

@@ -42,21 +42,32 @@ pub struct NodePath {
 }
 
 /// The kernel's route to `dst`: the source address it would use (a connected UDP socket
-/// asks the routing table without sending anything), the interface that holds that address,
-/// and its MTU.
-pub fn resolve(dst: Ipv4Addr) -> io::Result<NodePath> {
+/// asks the routing table without sending anything), the interface that holds that address
+/// (among `addrs`, this namespace's addresses by interface), and its MTU.
+fn resolve_with(dst: Ipv4Addr, addrs: &[(Ipv4Addr, String)]) -> io::Result<NodePath> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     sock.connect((dst, 9))?;
     let SocketAddr::V4(local) = sock.local_addr()? else {
         return Err(io::Error::other("no IPv4 source address"));
     };
     let src = *local.ip();
-    let name = nix::ifaddrs::getifaddrs()?
-        .find(|ifa| ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).is_some_and(|a| a.ip() == src))
-        .map(|ifa| ifa.interface_name)
-        .ok_or_else(|| io::Error::other(format!("no interface holds {src}")))?;
+    let name = addrs.iter().find(|(a, _)| *a == src).map(|(_, n)| n).ok_or_else(|| io::Error::other(format!("no interface holds {src}")))?;
     let ifindex = nix::net::if_::if_nametoindex(name.as_str())?;
-    Ok(NodePath { src, ifindex, mtu: mtu_of(&name).unwrap_or(DEFAULT_MTU) })
+    Ok(NodePath { src, ifindex, mtu: mtu_of(name).unwrap_or(DEFAULT_MTU) })
+}
+
+/// This namespace's IPv4 addresses with the interface that holds each.
+fn interface_addresses() -> Vec<(Ipv4Addr, String)> {
+    nix::ifaddrs::getifaddrs()
+        .map(|all| {
+            all.filter_map(|ifa| Some((ifa.address.as_ref()?.as_sockaddr_in()?.ip(), ifa.interface_name.clone()))).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// [`resolve_with`] for one node.
+pub fn resolve(dst: Ipv4Addr) -> io::Result<NodePath> {
+    resolve_with(dst, &interface_addresses())
 }
 
 /// An interface's MTU (SIOCGIFMTU: the namespace's own view, whatever /sys shows).
@@ -71,7 +82,7 @@ pub fn mtu_of(iface: &str) -> io::Result<u32> {
             return Err(io::Error::other("interface name too long"));
         }
         for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
+            *d = s.cast_signed();
         }
         if libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCGIFMTU, &raw mut req) < 0 {
             return Err(io::Error::last_os_error());
@@ -135,6 +146,7 @@ impl TunnelMaps {
     }
 
     /// The routes the trie holds now.
+    #[must_use]
     pub fn current_routes(&self) -> BTreeMap<Ipv4Net, TunnelNode> {
         self.routes
             .iter()
@@ -143,15 +155,18 @@ impl TunnelMaps {
             .collect()
     }
 
+    #[must_use]
     pub fn current_nodes(&self) -> BTreeMap<Ipv4Addr, u32> {
         self.nodes.iter().flatten().map(|(k, v)| (addr_of_be(k), v)).collect()
     }
 
+    #[must_use]
     pub fn current_config(&self) -> Option<TunnelConfig> {
         self.config.get(&0, 0).ok()
     }
 
     /// Packets and bytes per peer id, summed over the CPUs.
+    #[must_use]
     pub fn peer_stats(&self) -> BTreeMap<u32, TunnelStats> {
         self.stats
             .iter()
@@ -235,7 +250,11 @@ impl TunnelMaps {
 /// The paths to every node `desired` tunnels to; nodes without a route are left out.
 #[must_use]
 pub fn resolve_all(desired: &Desired) -> BTreeMap<Ipv4Addr, NodePath> {
-    desired.tun_nodes.keys().filter_map(|a| resolve(*a).ok().map(|p| (*a, p))).collect()
+    if desired.tun_nodes.is_empty() {
+        return BTreeMap::new();
+    }
+    let addrs = interface_addresses();
+    desired.tun_nodes.keys().filter_map(|a| resolve_with(*a, &addrs).ok().map(|p| (*a, p))).collect()
 }
 
 /// `meshnet maps dump tunnel`'s rows.
