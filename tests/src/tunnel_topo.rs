@@ -69,12 +69,17 @@ pub struct Options {
     pub attach_mode: Option<&'static str>,
     /// Also build topo.rs's east-west gateway pod and its NodePorts on node2.
     pub gateway: bool,
+    /// Checksum offload off on every veth, so that every receiver verifies full checksums:
+    /// a checksum the tunnel got wrong (the MSS clamp rewrites a TCP option, fragmentation
+    /// IPv4 headers) then loses the packet. Segmentation offload goes with it, so pods send
+    /// MSS-sized segments instead of GSO packets.
+    pub strict_checksums: bool,
 }
 
 impl Options {
     #[must_use]
     pub fn new(delivery: Delivery) -> Self {
-        Self { delivery, attach_mode: None, gateway: false }
+        Self { delivery, attach_mode: None, gateway: false, strict_checksums: false }
     }
 }
 
@@ -397,6 +402,17 @@ impl TunnelTopology {
         } else {
             (None, None)
         };
+        if opts.strict_checksums {
+            let mut ifs = vec![(&node1.ns, "lan0"), (&node1.ns, "vethc"), (&node1.ns, "vethc2")];
+            ifs.extend([(&node2.ns, "lan0"), (&node2.ns, "vetha"), (&node2.ns, "vethb")]);
+            ifs.extend([(&client, "eth0"), (&client2, "eth0"), (&app_a, "eth0"), (&app_b, "eth0")]);
+            if let Some(gw) = &gw {
+                ifs.extend([(&node2.ns, "vethgw"), (gw, "eth0")]);
+            }
+            for (ns, i) in ifs {
+                ns.exec(&format!("ethtool -K {i} rx off tx off >/dev/null"));
+            }
+        }
         let servers = vec![
             PodServer::start(&client, CLIENT),
             PodServer::start(&client2, CLIENT2),

@@ -20,12 +20,13 @@ use std::{
 };
 
 use meshnet::config::peer_id;
+use nix::sys::signal::Signal;
 use meshnet_tests::{
     peer::IO_TIMEOUT,
     poll,
     topo::{APP_A, APP_B, APP_PORT, CLIENT2_IP, CLIENT_IP, GW_IP, GW_PORT, NODE1_LAN, NODE2_LAN, NODEPORT_TCP},
     tunnel_topo::{
-        bulk_echo, pattern, raise_open_files_limit, tcp_line, tcp_request, udp_request, Agents, Delivery, Node, Options, Pod,
+        bulk_echo, pattern, raise_open_files_limit, tcp_line, tcp_request, tunnel_config, udp_request, Agents, Delivery, Node, Options, Pod,
         Side, TunnelTopology, APP_A_POD, APP_B_POD, CLIENT, CLIENT2, OVERHEAD, TUNNEL_PORT,
     },
     NetNs,
@@ -388,9 +389,10 @@ fn progress(flows: &mut [Flow], when: &str) {
 }
 
 /// TCP connections both ways and UDP flows both ways exchange continuously while each node's
-/// agent is stopped (SIGTERM) and started again, ten times: the datapath carries on while the
-/// agent is down and after it is back, no exchange is lost or answered wrongly, no
-/// connection is reset, and each closes cleanly at the end.
+/// agent is stopped and started again, ten times (SIGTERM, and every other time SIGKILL, as a
+/// crash or an OOM kill would): the datapath carries on while the agent is down and after it
+/// is back, no exchange is lost or answered wrongly, no connection is reset, and each closes
+/// cleanly at the end.
 #[test]
 fn no_flow_lost_across_ten_restarts_of_both_agents() {
     const RESTARTS: usize = 10;
@@ -408,7 +410,15 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
     for r in 0..RESTARTS {
         for side in [Side::Node1, Side::Node2] {
             let agent = if side == Side::Node1 { &mut agent1 } else { &mut agent2 };
-            assert!(agent.child.stop(), "{side:?}'s agent did not stop cleanly:\n{}", agent.child.output());
+            if r % 2 == 0 {
+                assert!(agent.child.stop(), "{side:?}'s agent did not stop cleanly:\n{}", agent.child.output());
+            } else {
+                agent.child.signal(Signal::SIGKILL);
+                // Dead once a zombie; the guard reaps it when replaced below.
+                let stat = format!("/proc/{}/stat", agent.child.pid());
+                let dead = poll(WAIT, || std::fs::read_to_string(&stat).ok().filter(|s| s.contains(") Z ")));
+                assert!(dead.is_some(), "{side:?}'s agent outlived SIGKILL");
+            }
             progress(&mut flows, &format!("with {side:?}'s agent stopped ({r})"));
             *agent = t.start_agent(side);
             progress(&mut flows, &format!("after {side:?}'s restart {r}"));
@@ -425,6 +435,43 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
             assert_eq!(count(&c, name), 0, "{}: {name}", node.cluster);
         }
     }
+}
+
+/// The agents follow their config files: node2 switches from stack to redirect delivery
+/// under a held connection, which carries on; node1 drops its tunnel peer and a new
+/// connection to cluster2 fails as it does without meshnet; with the peer back, new
+/// connections cross again and the held one still answers.
+#[test]
+fn reloads_switch_the_delivery_and_remove_and_restore_the_peer() {
+    let (t, _agents) = setup(opts(Delivery::Stack));
+    let held = t.client.run(|| TcpStream::connect_timeout(&APP_A_POD.app().into(), IO_TIMEOUT).unwrap());
+    let local = held.local_addr().unwrap();
+    let exchange = |msg: &str| {
+        let reply = tcp_line(&held, msg).unwrap_or_else(|e| panic!("held connection, {msg}: {e}"));
+        assert_eq!(reply, APP_A_POD.reply(msg, local));
+    };
+    exchange("through the stack");
+
+    t.node2.write_config(&tunnel_config(Delivery::Redirect, Side::Node2));
+    let switched = poll(WAIT, || (t.node2.dump_json("tunnel")["tunnel"]["settings"]["delivery"] == "redirect").then_some(()));
+    assert!(switched.is_some(), "node2 never switched to redirect: {}", t.node2.dump_json("tunnel"));
+    let forwarded = t.node2.forwarded_from_remote_pods();
+    exchange("redirected");
+    tcp_check(&t.client, CLIENT_IP, APP_B_POD, "a new flow, redirected");
+    assert_eq!(t.node2.forwarded_from_remote_pods(), forwarded, "node2 still delivers through the stack");
+
+    let routes = || t.node1.dump_json("tunnel")["tunnel"]["routes"].as_array().map_or(0, Vec::len);
+    let config1 = t.config(Side::Node1);
+    let without_peer = format!("{}peers: []\n", &config1[..config1.find("peers:").unwrap()]);
+    t.node1.write_config(&without_peer);
+    assert!(poll(WAIT, || (routes() == 0).then_some(())).is_some(), "cluster2's route stayed on node1");
+    let err = t.client.run(|| tcp_request(APP_B_POD.app(), "no peer")).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)), "without the peer: {err}");
+
+    t.node1.write_config(&config1);
+    assert!(poll(WAIT, || (routes() == 1).then_some(())).is_some(), "cluster2's route never came back on node1");
+    tcp_check(&t.client, CLIENT_IP, APP_B_POD, "the peer is back");
+    exchange("the peer is back");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -865,6 +912,16 @@ fn mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_stack() {
 #[test]
 fn mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_redirect() {
     mtu(opts(Delivery::Redirect));
+}
+
+#[test]
+fn mtu_cases_with_full_checksums_verified_stack() {
+    mtu(Options { strict_checksums: true, ..opts(Delivery::Stack) });
+}
+
+#[test]
+fn mtu_cases_with_full_checksums_verified_redirect() {
+    mtu(Options { strict_checksums: true, ..opts(Delivery::Redirect) });
 }
 
 // ---------------------------------------------------------------------------------------
