@@ -233,8 +233,9 @@ impl Node {
         self.bpffs.pin_path()
     }
 
-    /// Writes `text` as this node's config file, atomically as a ConfigMap update does.
-    #[must_use]
+    /// Writes `text` as this node's config file, atomically as a ConfigMap update does, and
+    /// returns its path. A running agent notices the change by itself.
+    #[allow(clippy::must_use_candidate, reason = "rewriting a running agent's config needs no path back")]
     pub fn write_config(&self, text: &str) -> PathBuf {
         let p = self.dir.0.join("meshnet.yaml");
         let tmp = self.dir.0.join(".meshnet.yaml.new");
