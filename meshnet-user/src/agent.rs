@@ -188,7 +188,14 @@ struct Agent {
     uplinks: BTreeMap<String, u32>,
     /// Peer nodes without a route from here, as last reported.
     unresolved: Vec<std::net::Ipv4Addr>,
+    /// When the peer nodes' neighbour entries were last refreshed (kernels without
+    /// `bpf_redirect_neigh`; see `tunnel::warm_neighbours`).
+    neighbours_warmed: Option<Instant>,
 }
+
+/// How often the peer nodes' neighbour entries are refreshed where the datapath cannot
+/// resolve them itself: well within the kernel's default `gc_stale_time` (60 s).
+const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -287,6 +294,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         desired: Desired::default(),
         uplinks: BTreeMap::new(),
         unresolved: Vec::new(),
+        neighbours_warmed: None,
     };
     if agent.api.heard {
         agent.sync().context("filling the maps")?;
@@ -515,6 +523,13 @@ impl Agent {
         let paths = tunnel::resolve_all(&self.desired);
         let mtu = self.uplinks.keys().filter_map(|i| tunnel::mtu_of(i).ok()).min().unwrap_or(tunnel::DEFAULT_MTU);
         let report = self.tunnel.sync(&self.desired, &paths, mtu)?;
+        if crate::datapath::have_redirect_neigh() == 0
+            && !paths.is_empty()
+            && (report.routes_written > 0 || self.neighbours_warmed.is_none_or(|t| t.elapsed() >= NEIGHBOUR_REFRESH))
+        {
+            tunnel::warm_neighbours(&paths);
+            self.neighbours_warmed = Some(Instant::now());
+        }
         if report.unresolved != self.unresolved {
             if !report.unresolved.is_empty() {
                 warn!(nodes = ?report.unresolved, "no route to these tunnel peer nodes; their pods are unreachable until there is one");

@@ -247,6 +247,17 @@ impl TunnelMaps {
     }
 }
 
+/// Without `bpf_redirect_neigh` the datapath finds a peer node's next hop with a FIB lookup,
+/// which uses the neighbour table but never fills it: a node nothing else talks to would
+/// stay unresolved (its packets dropped, `tunnel_no_neighbour`). An empty datagram to the
+/// discard port makes the kernel resolve it, and keeps the entry from going stale for long.
+pub fn warm_neighbours(paths: &BTreeMap<Ipv4Addr, NodePath>) {
+    let Ok(sock) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else { return };
+    for node in paths.keys() {
+        let _ = sock.send_to(&[], (*node, 9));
+    }
+}
+
 /// The paths to every node `desired` tunnels to; nodes without a route are left out.
 #[must_use]
 pub fn resolve_all(desired: &Desired) -> BTreeMap<Ipv4Addr, NodePath> {
