@@ -74,12 +74,16 @@ pub struct Options {
     /// IPv4 headers) then loses the packet. Segmentation offload goes with it, so pods send
     /// MSS-sized segments instead of GSO packets.
     pub strict_checksums: bool,
+    /// Agents with `MESHNET_NO_REDIRECT_NEIGH=1`: the datapath takes the path of kernels
+    /// before 5.10 (a FIB lookup and `bpf_redirect`, the agent keeping the peer nodes'
+    /// neighbour entries resolved), which no kernel of the matrix would take by itself.
+    pub no_redirect_neigh: bool,
 }
 
 impl Options {
     #[must_use]
     pub fn new(delivery: Delivery) -> Self {
-        Self { delivery, attach_mode: None, gateway: false, strict_checksums: false }
+        Self { delivery, attach_mode: None, gateway: false, strict_checksums: false, no_redirect_neigh: false }
     }
 }
 
@@ -455,7 +459,11 @@ impl TunnelTopology {
         let node = self.node(side);
         let cfg = node.write_config(config);
         let extra: Vec<&str> = self.opts.attach_mode.map(|m| vec!["--attach-mode", m]).unwrap_or_default();
-        Agent::start(&node.ns, &cfg, &node.pin_path(), &extra)
+        let mut argv = Agent::argv(&node.ns, &cfg, &node.pin_path(), &extra);
+        if self.opts.no_redirect_neigh {
+            argv.splice(0..0, ["env".to_string(), format!("{}=1", meshnet::datapath::NO_REDIRECT_NEIGH_ENV)]);
+        }
+        Agent::spawn(&argv)
     }
 
     #[must_use]

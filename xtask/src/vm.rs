@@ -98,7 +98,9 @@ const GUEST_TESTS: [&str; 7] = ["verifier", "pipeline", "packets", "e2e", "agent
 /// beside meshnet's (netlink everywhere, tcx where the kernel has it), the logging build's
 /// lines and rate limit (every matrix kernel has ring buffers), and tunnel mode's TCP both
 /// ways, ping, refused tunnel packets and MTU cases, each with both deliveries (the stack,
-/// and `bpf_redirect_neigh`, whose behaviour is the kernel's).
+/// and `bpf_redirect_neigh`, whose behaviour is the kernel's), and TCP and the MTU cases
+/// again on the path of kernels before 5.10 (a FIB lookup and `bpf_redirect`), which no
+/// kernel of the matrix takes by itself.
 const SUBSET: [(&str, &[&str]); 7] = [
     ("verifier", &[]),
     ("pipeline", &["tcx_pipeline", "netlink_pipeline", "loads_without_kernel_btf"]),
@@ -126,12 +128,14 @@ const SUBSET: [(&str, &[&str]); 7] = [
         &[
             "tcp_both_ways_with_pod_ips_preserved_stack",
             "tcp_both_ways_with_pod_ips_preserved_redirect",
+            "tcp_both_ways_with_pod_ips_preserved_fib_lookup_redirect",
             "ping_crosses_stack",
             "ping_crosses_redirect",
             "foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_stack",
             "foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_redirect",
             "mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_stack",
             "mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_redirect",
+            "mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_fib_lookup_redirect",
         ],
     ),
 ];
