@@ -181,12 +181,6 @@ fn tcp_both_ways_with_pod_ips_preserved_netlink() {
     tcp_both_ways(netlink(Delivery::Stack));
 }
 
-fn udp_both_ways(opts: Options) {
-    let (t, _agents) = setup(opts);
-    udp_check(&t.client, CLIENT_IP, APP_A_POD, "datagram from cluster1");
-    udp_check(&t.app_a, APP_A, CLIENT, "datagram from cluster2");
-}
-
 #[test]
 fn tcp_both_ways_with_pod_ips_preserved_fib_lookup_stack() {
     tcp_both_ways(fib_lookup(Delivery::Stack));
@@ -195,6 +189,12 @@ fn tcp_both_ways_with_pod_ips_preserved_fib_lookup_stack() {
 #[test]
 fn tcp_both_ways_with_pod_ips_preserved_fib_lookup_redirect() {
     tcp_both_ways(fib_lookup(Delivery::Redirect));
+}
+
+fn udp_both_ways(opts: Options) {
+    let (t, _agents) = setup(opts);
+    udp_check(&t.client, CLIENT_IP, APP_A_POD, "datagram from cluster1");
+    udp_check(&t.app_a, APP_A, CLIENT, "datagram from cluster2");
 }
 
 #[test]
@@ -505,6 +505,53 @@ fn reloads_switch_the_delivery_and_remove_and_restore_the_peer() {
     assert!(poll(WAIT, || (routes() == 1).then_some(())).is_some(), "cluster2's route never came back on node1");
     tcp_check(&t.client, CLIENT_IP, APP_B_POD, "the peer is back");
     exchange("the peer is back");
+}
+
+/// Whether any meshnet program is on `iface` in `ns`, by tcx or a netlink filter.
+fn meshnet_on(ns: &NetNs, iface: &'static str) -> bool {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let tcx = ns.run(move || {
+        [TcAttachType::Ingress, TcAttachType::Egress].into_iter().any(|d| {
+            SchedClassifier::query_tcx(iface, d)
+                .map(|(_, ps)| ps.iter().any(|p| p.name_as_str().is_some_and(|n| n.starts_with("meshnet"))))
+                .unwrap_or(false)
+        })
+    });
+    let nl = ["ingress", "egress"]
+        .iter()
+        .any(|d| ns.exec(&format!("tc filter show dev {iface} {d} 2>/dev/null || true")).contains("meshnet"));
+    tcx || nl
+}
+
+/// `meshnet detach` takes the tunnel off a node: no meshnet program stays on its uplink or
+/// its pods' interfaces, its pins go, and its pods' packets to the other cluster are no
+/// longer encapsulated (without a route they are unreachable, as before meshnet).
+fn detach(opts: Options) {
+    let (t, Agents { node1: mut agent1, node2: _agent2 }) = setup(opts);
+    tcp_check(&t.client, CLIENT_IP, APP_A_POD, "before the detach");
+    for iface in ["lan0", "vethc"] {
+        assert!(meshnet_on(&t.node1.ns, iface), "no meshnet program on node1's {iface} before the detach");
+    }
+    assert!(agent1.child.stop());
+    let out = t.node1.meshnet("detach");
+    assert!(out.ok, "detach: {}{}", out.stdout, out.stderr);
+    for iface in ["lan0", "vethc", "vethc2"] {
+        assert!(!meshnet_on(&t.node1.ns, iface), "a meshnet program stayed on node1's {iface}");
+    }
+    let pins = t.node1.pin_path();
+    assert!(!pins.exists() || std::fs::read_dir(&pins).unwrap().next().is_none(), "pins left in {}", pins.display());
+    let err = t.client.run(|| tcp_request(APP_A_POD.app(), "after the detach")).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)), "after the detach: {err}");
+}
+
+#[test]
+fn detach_takes_the_tunnel_off_the_node() {
+    detach(opts(Delivery::Stack));
+}
+
+#[test]
+fn detach_takes_the_tunnel_off_the_node_netlink() {
+    detach(netlink(Delivery::Redirect));
 }
 
 // ---------------------------------------------------------------------------------------
