@@ -513,8 +513,7 @@ fn meshnet_on(ns: &NetNs, iface: &'static str) -> bool {
     let tcx = ns.run(move || {
         [TcAttachType::Ingress, TcAttachType::Egress].into_iter().any(|d| {
             SchedClassifier::query_tcx(iface, d)
-                .map(|(_, ps)| ps.iter().any(|p| p.name_as_str().is_some_and(|n| n.starts_with("meshnet"))))
-                .unwrap_or(false)
+                .is_ok_and(|(_, ps)| ps.iter().any(|p| p.name_as_str().is_some_and(|n| n.starts_with("meshnet"))))
         })
     });
     let nl = ["ingress", "egress"]
