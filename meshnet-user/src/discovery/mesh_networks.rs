@@ -139,7 +139,10 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
             continue;
         }
         if tunnel_only {
+            // Nothing here reaches this cluster through its gateway: a hand-written entry of
+            // its own has nothing left to say either.
             local_network = network_of(c, opts).await.ok().flatten();
+            discovered_registries.push(name.clone());
             continue;
         }
         match read_cluster(c, opts, name).await {
