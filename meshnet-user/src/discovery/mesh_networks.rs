@@ -67,8 +67,6 @@ pub struct Generated {
     pub client: Client,
     /// The resourceVersion of the `istio` ConfigMap the kept networks were read from.
     pub based_on: Option<String>,
-    /// The remote clusters in tunnel mode: no entry of theirs is written.
-    pub tunnel: Vec<String>,
     /// Which Istio setup applies, one line each, for the operator: `-o yaml` prints them as
     /// comments above the block, `-o json` on stderr.
     pub notes: Vec<String>,
@@ -177,7 +175,7 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
         }
     }
     let notes = setup_notes(&opts.cluster, local_network.as_deref(), &tunnel, &out);
-    Ok(Generated { networks: out, client, based_on, tunnel: tunnel.into_iter().map(|(n, _)| n).collect(), notes })
+    Ok(Generated { networks: out, client, based_on, notes })
 }
 
 /// Which Istio setup applies, given the remotes in tunnel mode (with their network labels)
