@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::{BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_NET},
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
     maps::lpm_trie::Key,
@@ -124,7 +124,11 @@ fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Co
         split(ctx, &hdr, node)?;
         hdr = parse::ip_header(ctx).ok_or(Counter::TunnelEncapFailed)?;
     }
-    ctx.adjust_room(tunnel::OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS).map_err(|_| Counter::TunnelEncapFailed)?;
+    // A UDP GSO send (UDP_SEGMENT, as QUIC stacks do) keeps its segment size: the kernel
+    // refuses to shrink it, since the size delimits the datagrams. Its datagrams fit the
+    // tunnel when the sender sized them for the path (its PMTU), not for the pod's MTU.
+    let flags = if ip.proto == IPPROTO_UDP && is_gso(ctx) { ENCAP_FLAGS | u64::from(BPF_F_ADJ_ROOM_FIXED_GSO) } else { ENCAP_FLAGS };
+    ctx.adjust_room(tunnel::OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags).map_err(|_| Counter::TunnelEncapFailed)?;
     parse::write_outer(ctx, hdr.tos, hdr.tot_len, node.src_be, node.addr_be, tunnel_sport(&key), node.port_be, cfg.cluster_id)
         .map_err(|()| Counter::TunnelEncapFailed)?;
     add_stats(node.peer_id, u64::from(hdr.tot_len), true);
@@ -330,7 +334,10 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
     if !is_node_local(cfg, t.inner_daddr_be) {
         return Err(Counter::TunnelNotLocal);
     }
-    ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0).map_err(|_| Counter::TunnelDecapFailed)?;
+    // As on the way in: a UDP GSO packet (two veths on one host pass them whole) keeps its
+    // segment size; a TCP one gets back the 36 bytes its segments lost.
+    let flags = if t.inner_proto == IPPROTO_UDP && is_gso(ctx) { u64::from(BPF_F_ADJ_ROOM_FIXED_GSO) } else { 0 };
+    ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags).map_err(|_| Counter::TunnelDecapFailed)?;
     add_stats(peer_id, u64::from(t.inner_len), false);
     count(Counter::TunnelDecap);
     if let Ok(Some(inner)) = parse::ipv4(ctx) {

@@ -273,7 +273,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if opts.kube.is_some() {
         // What the maps hold is each published peer's last good state, until a readable
         // publish says otherwise.
-        api.last_good = maps.pinned_peers().unwrap_or_default();
+        api.last_good = maps.pinned_peers(Some(&tunnel)).unwrap_or_default();
         api.last_good.retain(|name, _| !file.peers.iter().any(|p| &p.name == name));
     }
     let mut agent = Agent {

@@ -6,12 +6,12 @@ use clap::{Parser, Subcommand};
 use meshnet::discovery::{
     controller::{self, ControllerOptions},
     mesh_networks,
-    resolve::{AddressType, ResolveOptions, SecretSource, REMOTE_SECRET_SELECTOR},
+    resolve::{AddressType, ResolveOptions, SecretSource, REMOTE_SECRET_SELECTOR, TUNNEL_SERVICE},
     source::SourceOptions,
 };
 use meshnet::{
     agent::{self, AgentOptions},
-    config::Config,
+    config::{Config, PeerMode},
     datapath::{self, AttachMode},
     dump,
     pins::{Pins, DEFAULT_PIN_PATH},
@@ -98,6 +98,10 @@ enum Command {
         /// meshnet.io/allowed-cidrs annotation.
         #[arg(long, value_name = "CLUSTER=CIDRS", value_parser = parse_cluster_cidrs)]
         allowed_cidrs: Vec<(String, Vec<ipnet::Ipv4Net>)>,
+        /// The Service whose UDP nodePort is a remote cluster's tunnel port, read from the
+        /// remote's namespace of --namespace's name (tunnel-mode remotes only).
+        #[arg(long, default_value = TUNNEL_SERVICE)]
+        tunnel_service: String,
         /// Seconds between probes of each remote API server; a failed probe marks the peer
         /// stale (its last known state stays published).
         #[arg(long, default_value_t = 5)]
@@ -219,6 +223,14 @@ struct DiscoveryArgs {
     /// Label selector of those secrets.
     #[arg(long, default_value = REMOTE_SECRET_SELECTOR)]
     remote_secret_selector: String,
+    /// How a remote cluster's pods are reached, as CLUSTER=gateway|tunnel; repeatable. Wins
+    /// over the remote secret's meshnet.io/mode annotation.
+    #[arg(long = "mode", value_name = "CLUSTER=MODE", value_parser = parse_cluster_mode)]
+    modes: Vec<(String, PeerMode)>,
+    /// The mode of a remote cluster with neither --mode nor the annotation: gateway (through
+    /// its east-west gateway) or tunnel (encapsulated to the node that hosts the pod).
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, default_value = "gateway")]
+    default_mode: PeerMode,
 }
 
 impl DiscoveryArgs {
@@ -234,8 +246,26 @@ impl DiscoveryArgs {
             gateway_service: self.gateway_service.clone(),
             gateway_port_name: self.gateway_port_name.clone(),
             address_type: self.address_type,
+            ..ResolveOptions::default()
         }
     }
+
+    fn modes(&self) -> std::collections::BTreeMap<String, PeerMode> {
+        self.modes.iter().cloned().collect()
+    }
+}
+
+fn parse_mode(s: &str) -> Result<PeerMode, String> {
+    match s {
+        "gateway" => Ok(PeerMode::Gateway),
+        "tunnel" => Ok(PeerMode::Tunnel),
+        _ => Err(format!("{s:?}: expected gateway or tunnel")),
+    }
+}
+
+fn parse_cluster_mode(s: &str) -> Result<(String, PeerMode), String> {
+    let (cluster, mode) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected CLUSTER=gateway or CLUSTER=tunnel"))?;
+    Ok((cluster.to_string(), parse_mode(mode)?))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -316,6 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pod_cidrs,
             service_cidrs,
             allowed_cidrs,
+            tunnel_service,
             probe_interval_seconds,
             probe_timeout_seconds,
             leader_election,
@@ -329,7 +360,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 namespace: kube_args.namespace,
                 istio_namespace: discovery.istio_namespace.clone(),
                 secrets: discovery.secrets(),
-                resolve: discovery.resolve(),
+                resolve: ResolveOptions { tunnel_service, ..discovery.resolve() },
+                modes: discovery.modes(),
+                default_mode: discovery.default_mode,
                 pod_cidrs: pod_cidrs.into_iter().collect(),
                 service_cidrs,
                 allowed_cidrs: allowed_cidrs.into_iter().fold(std::collections::BTreeMap::new(), |mut m, (cluster, nets)| {
@@ -354,12 +387,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secrets: discovery.secrets(),
                 resolve: discovery.resolve(),
                 cluster,
+                modes: discovery.modes(),
+                default_mode: discovery.default_mode,
             };
             rt.block_on(async {
                 let generated = mesh_networks::generate(&opts).await?;
+                // The notes stay out of what --apply writes and of the JSON, which scripts
+                // hand to Istio as it is.
                 match output {
-                    MeshOutput::Yaml => print!("{}", generated.networks.to_yaml()),
-                    MeshOutput::Json => println!("{}", serde_json::to_string_pretty(&generated.networks)?),
+                    MeshOutput::Yaml => {
+                        for n in &generated.notes {
+                            println!("# {n}");
+                        }
+                        print!("{}", generated.networks.to_yaml());
+                    }
+                    MeshOutput::Json => {
+                        for n in &generated.notes {
+                            eprintln!("{n}");
+                        }
+                        println!("{}", serde_json::to_string_pretty(&generated.networks)?);
+                    }
                 }
                 if apply {
                     mesh_networks::apply(&opts.istio_namespace, &generated).await?;

@@ -82,6 +82,44 @@ pub fn peer_name_of(v: &PeerName) -> String {
     String::from_utf8_lossy(&v.bytes[..end]).into_owned()
 }
 
+/// The tunnel peers that `routes` (`mn_tun_routes_v1`: a node's pod CIDR → that node, its
+/// peer and the peer's tunnel port) serve, as config peers, named by `name_of` (peer id →
+/// name; a peer without a name is left out).
+///
+/// The tunnel maps keep no peer-wide pod CIDRs (the datapath needs none: it routes by the
+/// nodes' CIDRs), so a peer's `podCIDRs` here are its nodes' CIDRs, aggregated. That is all
+/// it serves: the agent validates this peer as it would the published one, and the maps it
+/// makes are the ones it came from. A node the maps hold with no route (no path from this
+/// node to it when the routes were written) is left out: without a route nothing is sent
+/// to it, and nothing from it is taken either (the uplink checks a packet's inner source
+/// against these routes), so leaving it out until the API answers loses no traffic.
+pub fn tunnel_peers_of(routes: &BTreeMap<Ipv4Net, meshnet_common::TunnelNode>, name_of: impl Fn(u32) -> Option<String>) -> BTreeMap<String, crate::config::RawPeer> {
+    // Peer id → (its tunnel port, its nodes by address with their CIDRs).
+    let mut by_peer: BTreeMap<u32, (u16, BTreeMap<Ipv4Addr, Vec<Ipv4Net>>)> = BTreeMap::new();
+    for (net, node) in routes {
+        let (_, nodes) = by_peer.entry(node.peer_id).or_insert_with(|| (u16::from_be(node.port_be), BTreeMap::new()));
+        nodes.entry(addr_of_be(node.addr_be)).or_default().push(*net);
+    }
+    let mut out = BTreeMap::new();
+    for (id, (port, nodes)) in by_peer {
+        let Some(name) = name_of(id) else { continue };
+        let all: Vec<Ipv4Net> = nodes.values().flatten().copied().collect();
+        let peer = crate::config::RawPeer {
+            name: name.clone(),
+            mode: crate::config::PeerMode::Tunnel,
+            pod_cidrs: Ipv4Net::aggregate(&all).iter().map(ToString::to_string).collect(),
+            tunnel_port: Some(u32::from(port)),
+            nodes: nodes
+                .into_iter()
+                .map(|(a, cidrs)| crate::config::RawTunnelNode { address: a.to_string(), pod_cidrs: cidrs.iter().map(ToString::to_string).collect() })
+                .collect(),
+            ..Default::default()
+        };
+        out.insert(name, peer);
+    }
+    out
+}
+
 /// Every route of a route map, by CIDR, with its peer id.
 pub fn routes_of(routes: &Routes) -> anyhow::Result<BTreeMap<Ipv4Net, u32>> {
     let mut out = BTreeMap::new();
@@ -549,15 +587,15 @@ impl ControlMaps {
     }
 
     /// The peers the pinned maps serve, as config peers (a restarted agent's last good
-    /// state). Peers without a name entry are left out: they cannot be matched to anything.
-    pub fn pinned_peers(&self) -> anyhow::Result<BTreeMap<String, crate::config::RawPeer>> {
+    /// state): the gateway peers from the route trie and the peer map, and, given `tunnel`,
+    /// the tunnel peers from its routes (see [`tunnel_peers_of`]). Peers without a name
+    /// entry are left out: they cannot be matched to anything.
+    pub fn pinned_peers(&self, tunnel: Option<&crate::tunnel::TunnelMaps>) -> anyhow::Result<BTreeMap<String, crate::config::RawPeer>> {
         let routes = self.current_routes()?;
-        let mut out = BTreeMap::new();
+        let name_of = |id: u32| self.names.get(&id, 0).ok().map(|v| peer_name_of(&v)).filter(|n| !n.is_empty());
+        let mut out = tunnel.map(|t| tunnel_peers_of(&t.current_routes(), name_of)).unwrap_or_default();
         for (id, pg) in self.current_peers()? {
-            let Ok(name) = self.names.get(&id, 0).map(|v| peer_name_of(&v)) else { continue };
-            if name.is_empty() {
-                continue;
-            }
+            let Some(name) = name_of(id) else { continue };
             let gateways = pg
                 .live()
                 .iter()
@@ -785,6 +823,46 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+
+    /// After a restart, the tunnel peers read back from the tunnel routes are taken by the
+    /// agent's validator as they are, and make exactly the tunnel maps they were read from:
+    /// an agent restarted during an API outage withdraws none of them.
+    #[test]
+    fn pinned_tunnel_peers_make_the_maps_they_came_from() {
+        let file = |peers: &str| {
+            let text = format!(
+                "cluster: cluster1\npodCIDRs: [\"10.244.0.0/16\"]\ninterfaces: [\"veth*\"]\ntunnel: {{port: 31800, interfaces: [eth0]}}\npeers: {peers}\n"
+            );
+            serde_yaml::from_str::<crate::config::RawConfig>(&text).unwrap()
+        };
+        let published = file(
+            "[{name: cluster2, mode: tunnel, podCIDRs: [10.245.0.0/16], tunnelPort: 31801, nodes: [\
+             {address: 192.0.2.2, podCIDRs: [10.245.0.0/24, 10.245.7.0/24]}, {address: 192.0.2.4, podCIDRs: [10.245.1.0/24]}]},\
+             {name: cluster4, mode: tunnel, podCIDRs: [10.248.0.0/16], tunnelPort: 31802, nodes: [{address: 192.0.2.9, podCIDRs: [10.248.3.0/24]}]},\
+             {name: cluster3, podCIDRs: [10.246.0.0/16], gateways: [{address: 192.0.2.3, port: 31674}]}]",
+        );
+        let before = published.validate().unwrap().desired();
+        // What the agent writes: each route with its path (source, interface, MTU) filled in.
+        let pinned: BTreeMap<Ipv4Net, meshnet_common::TunnelNode> = before
+            .tun_routes
+            .iter()
+            .map(|(n, t)| (*n, meshnet_common::TunnelNode { src_be: addr_be(Ipv4Addr::new(192, 0, 2, 1)), ifindex: 7, mtu: 1500, ..*t }))
+            .collect();
+        let names = |id: u32| before.peer_names.get(&id).cloned();
+        let peers = tunnel_peers_of(&pinned, names);
+        assert_eq!(peers.keys().collect::<Vec<_>>(), ["cluster2", "cluster4"]);
+        let c2 = &peers["cluster2"];
+        assert_eq!((c2.mode, c2.tunnel_port), (crate::config::PeerMode::Tunnel, Some(31801)));
+        assert_eq!(c2.pod_cidrs, ["10.245.0.0/23", "10.245.7.0/24"], "the nodes' CIDRs, aggregated");
+        // As the agent merges them before the API is heard: the file has no peers.
+        let candidates = peers.into_iter().map(|(n, p)| (n, vec![p])).collect();
+        let merged = file("[]").merge_api(&BTreeSet::new(), &candidates).unwrap();
+        assert!(merged.rejected.is_empty(), "{:?}", merged.rejected);
+        let after = merged.config.desired();
+        assert_eq!((after.tun_routes, after.tun_nodes), (before.tun_routes, before.tun_nodes));
+        // A peer without a name entry cannot be matched to its published self.
+        assert!(tunnel_peers_of(&pinned, |_| None).is_empty());
+    }
 
     const V1: &str = r#"
 cluster: cluster1

@@ -345,8 +345,8 @@ async fn handle(
                 None => status(404, "NotFound", &format!("{collection} \"{name}\" not found")),
             }
         }
-        (Method::POST, None) => write(&s, &collection, body, true),
-        (Method::PUT, Some(_)) => write(&s, &collection, body, false),
+        (Method::POST, None) => write(&s, &collection, &body, true),
+        (Method::PUT, Some(_)) => write(&s, &collection, &body, false),
         (Method::PATCH, Some(name)) => server_side_apply(&s, &collection, &name, &headers, &q, &body),
         (Method::DELETE, Some(name)) => {
             let (api_version, kind) = kind_of_collection(&collection);
@@ -396,7 +396,7 @@ fn server_side_apply(s: &Arc<Shared>, collection: &str, name: &str, headers: &He
     }
     let current = s.store.lock().unwrap().objects.get(collection).and_then(|m| m.get(name)).cloned();
     let Some(mut obj) = current else {
-        return write(s, collection, Bytes::from(serde_json::to_vec(&patch).unwrap()), true);
+        return write(s, collection, &Bytes::from(serde_json::to_vec(&patch).unwrap()), true);
     };
     for (k, v) in patch.as_object().unwrap() {
         if k == "metadata" {
@@ -414,11 +414,11 @@ fn server_side_apply(s: &Arc<Shared>, collection: &str, name: &str, headers: &He
         }
     }
     obj["metadata"]["resourceVersion"] = Value::Null;
-    write(s, collection, Bytes::from(serde_json::to_vec(&obj).unwrap()), false)
+    write(s, collection, &Bytes::from(serde_json::to_vec(&obj).unwrap()), false)
 }
 
-fn write(s: &Arc<Shared>, collection: &str, body: Bytes, create: bool) -> Response {
-    let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
+fn write(s: &Arc<Shared>, collection: &str, body: &Bytes, create: bool) -> Response {
+    let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
         return status(400, "BadRequest", "body is not JSON");
     };
     let (api_version, kind) = kind_of_collection(collection);
@@ -508,7 +508,7 @@ fn watch_collection(s: &Arc<Shared>, collection: String, q: BTreeMap<String, Str
                         }
                     }
                     Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                    Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => return,
                 }
             }
         }

@@ -581,6 +581,8 @@ fn mesh_networks_apply_never_loses_a_concurrent_edit() {
         secrets: resolve::SecretSource { namespace: "istio-system".into(), selector: resolve::REMOTE_SECRET_SELECTOR.into() },
         resolve: resolve::ResolveOptions::default(),
         cluster: "cluster1".into(),
+        modes: std::collections::BTreeMap::new(),
+        default_mode: meshnet::config::PeerMode::Gateway,
     };
     let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     // One client, so one runtime: the read and the write run in a thread of the test
@@ -944,4 +946,209 @@ fn a_node_annotation_turns_datapath_logging_on_for_that_node() {
     let agent = m.agent();
     let out = agent.child.output();
     assert!(!out.contains("datapath logging on") && out.contains("the annotation is not \"true\""), "{out}");
+}
+
+/// A cluster's meshnet-tunnel Service (deploy/base/tunnel-service.yaml), as 1.18 returns it.
+fn tunnel_service(node_port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "meshnet-tunnel", "namespace": "meshnet", "labels": {"app.kubernetes.io/name": "meshnet", "app.kubernetes.io/component": "tunnel"}},
+        "spec": {
+            "type": "NodePort", "externalTrafficPolicy": "Local", "clusterIP": "10.96.0.60",
+            "selector": {"app.kubernetes.io/name": "meshnet", "app.kubernetes.io/component": "agent"},
+            "ports": [{"name": "tunnel", "protocol": "UDP", "port": 31800, "targetPort": 31800, "nodePort": node_port}]
+        },
+        "status": {"loadBalancer": {}}
+    })
+}
+
+/// A remote secret whose annotation `meshnet.io/mode` is `mode`.
+fn secret_in_mode(cluster: &str, kubeconfig: &str, mode: &str) -> Value {
+    let mut s = remote_secret(cluster, kubeconfig);
+    s["metadata"]["annotations"]["meshnet.io/mode"] = json!(mode);
+    s
+}
+
+impl Mesh {
+    /// The published entry of `peer`, and its status.
+    fn published_peer(&self, peer: &str) -> Option<(Value, Value)> {
+        let (peers, status) = self.published()?;
+        let p = peers.as_array()?.iter().find(|p| p["name"] == peer)?.clone();
+        Some((p, status[peer].clone()))
+    }
+
+    /// Waits until the published `peer` satisfies `ok`.
+    fn wait_peer(&self, peer: &str, what: &str, ok: impl Fn(&Value, &Value) -> bool) -> (Value, Value) {
+        let got = poll(WAIT, || self.published_peer(peer).filter(|(p, s)| ok(p, s)));
+        got.unwrap_or_else(|| panic!("{what}: published {:?}", self.published()))
+    }
+
+    /// The agent's tunnel routes as `cidr peer node:port` lines.
+    fn tunnel_routes(&self) -> Vec<String> {
+        let out = meshnet(&self.ns, &format!("maps dump tunnel -o json --pin-path {}", self.bpffs.pin_path().display()));
+        let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+        v["tunnel"]["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| format!("{} {} {}:{}", r["cidr"].as_str().unwrap(), r["peer"].as_str().unwrap(), r["node"].as_str().unwrap(), r["port"]))
+            .collect()
+    }
+
+    fn wait_tunnel_routes(&self, want: &[&str], what: &str) {
+        let ok = poll(WAIT, || (self.tunnel_routes() == want).then_some(()));
+        assert!(ok.is_some(), "{what}: tunnel routes are {:?}, want {want:?}; published {:?}", self.tunnel_routes(), self.published());
+    }
+
+    /// An agent whose config has a `tunnel:` section (uplink vethq, on the LAN 10.20.144.0/24
+    /// where the remote's nodes are), so that it takes tunnel peers.
+    fn tunnel_agent(&self) -> Agent {
+        self.ns.ip("addr replace 10.20.144.83/24 dev vethq");
+        self.ns.ip("link set vethq up");
+        let cfg = self.dir.0.join("tunnel-agent.yaml");
+        std::fs::write(
+            &cfg,
+            "cluster: cluster1\npodCIDRs: []\ninterfaces: [vethp]\ntunnel: {port: 31800, interfaces: [vethq]}\npeers: []\nhealth: {enabled: false}\n",
+        )
+        .unwrap();
+        let kc = self.kubeconfig().display().to_string();
+        Agent::start(&self.ns, &cfg, &self.bpffs.pin_path(), &["--kube", "--kubeconfig", &kc, "--node-name", "node1"])
+    }
+}
+
+/// A remote whose secret says `meshnet.io/mode: tunnel` is published as a tunnel peer: every
+/// node with its address and pod CIDRs, and its meshnet-tunnel Service's UDP nodePort. Its
+/// east-west gateway is never read (a one-network mesh has none); a bad node is left out with
+/// its reason; a lost Service keeps the last good state; `--mode` wins over the annotation,
+/// and an annotation naming no mode refuses the peer.
+#[test]
+fn tunnel_mode_remotes_are_published_with_their_nodes() {
+    let m = Mesh::new();
+    m.remote.apply(tunnel_service(31800));
+    m.remote.apply(node("node3", "10.20.144.166", "10.245.1.0/24"));
+    m.local.apply(secret_in_mode("cluster2", &m.remote.kubeconfig("cluster2"), "tunnel"));
+    let mut controller = m.controller(&[]);
+    // The two objects are written one after the other: wait for the status of this publish.
+    let (p, st) = m.wait_peer("cluster2", "initial tunnel discovery", |p, st| p["mode"] == "tunnel" && st.get("stale").is_none());
+    assert_eq!(p["podCIDRs"], json!(["10.245.0.0/23"]));
+    assert_eq!(p["tunnelPort"], 31800);
+    assert_eq!(
+        p["nodes"],
+        json!([{"address": "10.20.144.165", "podCIDRs": ["10.245.0.0/24"]}, {"address": "10.20.144.166", "podCIDRs": ["10.245.1.0/24"]}])
+    );
+    assert!(p["gateways"].as_array().is_none_or(Vec::is_empty), "{p}");
+    assert_eq!(st, json!({}), "a healthy tunnel peer has nothing to report");
+    let asked: Vec<String> = m.remote.requests().into_iter().map(|r| r.path).collect();
+    assert!(asked.iter().any(|p| p.starts_with("/api/v1/namespaces/meshnet/services")), "{asked:?}");
+    assert!(!asked.iter().any(|p| p.contains("istio-system/services") || p.contains("/endpoints")), "a tunnel remote's gateway was read: {asked:?}");
+
+    // The nodePort changes; a node joins; a node with a loopback address is left out, with why.
+    m.remote.apply(tunnel_service(31999));
+    m.wait_peer("cluster2", "nodePort change", |p, _| p["tunnelPort"] == 31999);
+    m.remote.apply(node("node4", "10.20.144.167", "10.245.2.0/24"));
+    m.remote.apply(node("node5", "127.0.0.1", "10.245.3.0/24"));
+    let (p, st) = m.wait_peer("cluster2", "nodes change", |p, st| p["nodes"].as_array().unwrap().len() == 3 && st["skipped"].is_string());
+    assert_eq!(p["nodes"][2], json!({"address": "10.20.144.167", "podCIDRs": ["10.245.2.0/24"]}));
+    assert!(st["skipped"].as_str().unwrap().starts_with("node node5: address refused: 127.0.0.1"), "{st}");
+
+    // Without the Service there is no tunnel port: the last good state stays, with the reason.
+    m.remote.delete("v1", "Service", Some("meshnet"), "meshnet-tunnel");
+    let (p, st) = m.wait_peer("cluster2", "Service deleted", |_, st| st["error"].is_string());
+    assert_eq!((p["tunnelPort"].clone(), st["stale"].clone()), (json!(31999), json!(true)));
+    assert!(st["error"].as_str().unwrap().contains("Service meshnet-tunnel not found"), "{st}");
+    m.remote.apply(tunnel_service(31800));
+    m.wait_peer("cluster2", "Service back", |p, st| p["tunnelPort"] == 31800 && st.get("stale").is_none());
+
+    // The flag wins over the annotation.
+    assert!(controller.stop());
+    let mut controller = m.controller(&["--mode", "cluster2=gateway"]);
+    m.wait_peer("cluster2", "--mode cluster2=gateway", |p, _| p.get("mode").is_none() && p["gateways"][0]["port"] == 32361);
+    assert!(controller.stop());
+
+    // An annotation that names no mode refuses the peer, whatever its last state.
+    m.local.apply(secret_in_mode("cluster2", &m.remote.kubeconfig("cluster2"), "tunel"));
+    let _controller = m.controller(&[]);
+    let refused = poll(WAIT, || m.published().filter(|(p, s)| s["cluster2"]["refused"].is_string() && p.as_array().is_some_and(Vec::is_empty)));
+    let (_, status) = refused.unwrap_or_else(|| panic!("a mode typo was not refused: {:?}", m.published()));
+    assert!(status["cluster2"]["refused"].as_str().unwrap().contains(r#"meshnet.io/mode: "tunel" is neither "gateway" nor "tunnel""#), "{status}");
+}
+
+/// An agent with a `tunnel:` section puts a published tunnel peer's nodes into its tunnel
+/// maps, and an agent restarted while the API is down serves them as they were: nothing of a
+/// tunnel peer is withdrawn before the API answers.
+#[test]
+fn a_restart_during_an_api_outage_keeps_the_tunnel_peers() {
+    let m = Mesh::new();
+    m.remote.apply(tunnel_service(31800));
+    m.remote.apply(node("node3", "10.20.144.166", "10.245.1.0/24"));
+    m.local.apply(secret_in_mode("cluster2", &m.remote.kubeconfig("cluster2"), "tunnel"));
+    let _controller = m.controller(&[]);
+    let mut agent = m.tunnel_agent();
+    let want = ["10.245.0.0/24 cluster2 10.20.144.165:31800", "10.245.1.0/24 cluster2 10.20.144.166:31800"];
+    m.wait_tunnel_routes(&want, "initial publish");
+    assert!(m.routes().is_empty(), "a tunnel peer got gateway routes: {:?}", m.routes());
+
+    m.local.set_mode(Mode::Error);
+    agent.child.wait_for_line("Kubernetes API watch failing", WAIT);
+    assert!(agent.child.stop());
+    let agent = m.tunnel_agent();
+    assert!(agent.child.output().contains("waiting for the published peers"), "{}", agent.child.output());
+    // The start's own sync has run (the agent is ready); give a withdrawal time to show.
+    for _ in 0..20 {
+        assert_eq!(m.tunnel_routes(), want, "a restart during an API outage withdrew tunnel routes:\n{}", agent.child.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Once the API answers again, the agent follows it.
+    m.local.set_mode(Mode::Normal);
+    m.remote.apply(tunnel_service(31900));
+    m.wait_tunnel_routes(&["10.245.0.0/24 cluster2 10.20.144.165:31900", "10.245.1.0/24 cluster2 10.20.144.166:31900"], "after the outage");
+}
+
+/// `meshnet mesh-networks` writes no entry for a remote in tunnel mode (by flag or by its
+/// secret's annotation) and drops the hand-written one: with every remote in tunnel mode no
+/// meshNetworks is left, and the comments above the block say so. Beside a remote in gateway
+/// mode, that one's network is written as before, and a tunnel remote labelled with its
+/// network is warned about.
+#[test]
+fn mesh_networks_leave_tunnel_remotes_out() {
+    let m = Mesh::new();
+    let seed = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/seed-mesh-networks.yaml")).unwrap();
+    m.local.apply(istio_configmap(&seed));
+    let lines = |out: &str| out.lines().filter(|l| l.starts_with("# ")).map(str::to_string).collect::<Vec<_>>();
+    let out = mesh_networks_cmd(&m, "--mode cluster2=tunnel");
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(serde_yaml::from_str::<Value>(&out.stdout).unwrap(), json!({"networks": {}}), "{}", out.stdout);
+    let notes = lines(&out.stdout);
+    assert!(notes[0].starts_with("# every remote is in tunnel mode: run Istio multi-primary as ONE network with cluster1"), "{notes:?}");
+    assert!(notes[1].starts_with("# cluster2: tunnel mode: no entry"), "{notes:?}");
+    // The gateways are not read: the remote's is never asked for.
+    assert!(!m.remote.requests().iter().any(|r| r.path.contains("istio-eastwestgateway")), "a tunnel remote's gateway was read");
+
+    // The annotation does the same; -o json keeps the notes out of the JSON; --apply writes it.
+    m.local.apply(secret_in_mode("cluster2", &m.remote.kubeconfig("cluster2"), "tunnel"));
+    let json = mesh_networks_cmd(&m, "-o json");
+    assert_eq!(serde_json::from_str::<Value>(&json.stdout).unwrap(), json!({"networks": {}}), "{}", json.stdout);
+    assert!(json.stderr.contains("cluster2: tunnel mode: no entry"), "{}", json.stderr);
+    let out = mesh_networks_cmd(&m, "--apply");
+    assert!(out.ok, "{}", out.stderr);
+    let cm = m.local.get("v1", "ConfigMap", Some("istio-system"), "istio").unwrap();
+    assert_eq!(serde_yaml::from_str::<Value>(cm["data"]["meshNetworks"].as_str().unwrap()).unwrap(), json!({"networks": {}}));
+    assert!(!cm["data"]["meshNetworks"].as_str().unwrap().contains('#'), "the notes were written into the ConfigMap");
+
+    // A third cluster in gateway mode keeps its network, and this cluster's; cluster2, labelled
+    // with cluster3's network, would be sent through its gateway: warned.
+    let third = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.246.0.0/24", 30443, "10.246.0.5");
+    m.local.apply(remote_secret("cluster3", &third.kubeconfig("cluster3")));
+    m.remote.apply(namespace("istio-system", "network3"));
+    let out = mesh_networks_cmd(&m, "");
+    assert!(out.ok, "{}", out.stderr);
+    let got: Value = serde_yaml::from_str(&out.stdout).unwrap();
+    let nets = got["networks"].as_object().unwrap();
+    assert_eq!(nets.keys().collect::<Vec<_>>(), ["network1", "network3"], "{}", out.stdout);
+    assert_eq!(got["networks"]["network3"]["gateways"], json!([{"address": "10.20.144.170", "port": 30443}]));
+    let notes = lines(&out.stdout);
+    assert!(notes[0].starts_with("# multi-network for the remotes in gateway mode"), "{notes:?}");
+    assert!(notes[1].contains(r#"WARNING: its topology.istio.io/network label is "network3""#) && notes[1].contains(r#"label it "network1""#), "{notes:?}");
 }

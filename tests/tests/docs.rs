@@ -169,6 +169,9 @@ fn doctor_check_names_are_the_codes() {
         "interfaces {pattern:?}",
         "bridges",
         "masquerade",
+        "tunnel uplinks",
+        "tunnel port",
+        "tunnel FORWARD rules",
     ] {
         assert!(doctor.contains(&format!("\"{name}\"")), "doctor.rs has no check named {name:?}");
         let shown = name.replace("{what}", "").replace("{pattern:?}", "\"veth*\"");

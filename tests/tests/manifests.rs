@@ -138,7 +138,7 @@ fn render(dir: &Path) -> String {
 }
 
 /// The objects `kubectl apply -k deploy/overlays/NAME` creates, for either overlay.
-const KUSTOMIZED: [&str; 16] = [
+const KUSTOMIZED: [&str; 17] = [
     "namespace/meshnet",
     "configmap/meshnet-config",
     "serviceaccount/meshnet-agent",
@@ -147,6 +147,7 @@ const KUSTOMIZED: [&str; 16] = [
     "role/meshnet-agent",
     "rolebinding/meshnet-agent",
     "daemonset/meshnet-agent",
+    "service/meshnet-tunnel",
     "serviceaccount/meshnet-controller",
     "role/meshnet-controller",
     "rolebinding/meshnet-controller",
@@ -200,7 +201,7 @@ fn the_kustomization_lists_every_cluster_manifest() {
         assert!(base.join(r).is_file(), "deploy/base/kustomization.yaml lists {r}, which does not exist");
     }
     // Everything in base/ is in it; what is applied on its own lives in deploy/.
-    let separate = ["mesh-networks-rbac.yaml", "remote-reader.yaml", "detach.yaml"];
+    let separate = ["mesh-networks-rbac.yaml", "remote-reader.yaml", "remote-reader-tunnel.yaml", "detach.yaml"];
     for f in manifests() {
         let name = f.file_name().unwrap().to_str().unwrap().to_string();
         let in_base = f.parent() == Some(base.as_path());
@@ -368,4 +369,73 @@ fn the_workloads_arguments_parse() {
     // The downward-API variables the binary reads.
     assert!(read("base/agent.yaml").contains("- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName"));
     assert!(read("base/controller.yaml").contains("- name: POD_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name"));
+}
+
+/// The YAML documents of a manifest.
+fn documents(text: &str) -> Vec<serde_yaml::Value> {
+    text.split("\n---\n").map(|d| serde_yaml::from_str(d).unwrap()).collect()
+}
+
+/// `config.yaml`'s commented `tunnel:` section, uncommented.
+fn commented_tunnel_section(config: &str) -> String {
+    let lines: Vec<&str> = config.lines().collect();
+    let at = lines.iter().position(|l| l.trim() == "# tunnel:").expect("config.yaml has no commented tunnel: section");
+    lines[at..]
+        .iter()
+        .take_while(|l| l.trim_start().starts_with("# ") && (l.trim() == "# tunnel:" || l.trim_start().starts_with("#   ")))
+        .map(|l| l.trim_start().trim_start_matches("# "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Tunnel mode's port is one value in two places: the meshnet-tunnel Service reserves it as a
+/// UDP nodePort for the agents' pods, and the config's `tunnel:` section (commented until tunnel
+/// mode is used) decapsulates it. The section, uncommented, is a config meshnet accepts.
+#[test]
+fn the_tunnel_service_reserves_the_configs_tunnel_port() {
+    let svc = &documents(&read("base/tunnel-service.yaml"))[0];
+    assert_eq!((svc["kind"].as_str(), svc["metadata"]["name"].as_str()), (Some("Service"), Some("meshnet-tunnel")));
+    assert_eq!(svc["metadata"]["namespace"], "meshnet", "the controllers of other clusters look for it in meshnet's namespace");
+    assert_eq!(svc["spec"]["type"], "NodePort");
+    let ports = svc["spec"]["ports"].as_sequence().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!((ports[0]["name"].as_str(), ports[0]["protocol"].as_str()), (Some("tunnel"), Some("UDP")));
+    let node_port = ports[0]["nodePort"].as_u64().unwrap();
+    assert!((30_000..=32_767).contains(&node_port), "{node_port} is outside Kubernetes' default NodePort range");
+    // It selects the agents' pods.
+    let agent = &documents(&read("base/agent.yaml"))[0];
+    let pod_labels = &agent["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in svc["spec"]["selector"].as_mapping().unwrap() {
+        assert_eq!(&pod_labels[k], v, "the selector's {k:?} does not match the agent's pods");
+    }
+
+    let configmap = read("base/config.yaml");
+    let section = commented_tunnel_section(&embedded_config(&configmap));
+    let text = format!("{}\n{section}\n", embedded_config(&configmap));
+    let c = meshnet::config::Config::from_yaml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let t = c.tunnel.expect("the uncommented section makes no tunnel settings");
+    assert_eq!(u64::from(t.port), node_port, "config.yaml's tunnel.port is not the Service's nodePort");
+    // The docs and doctor's fix name the same port and file.
+    let ops = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    assert!(ops.contains(&format!("nodePort {node_port}")) || ops.contains(&format!("UDP {node_port}")), "docs/operations.md does not name the tunnel port {node_port}");
+}
+
+/// A remote joined in tunnel mode lets the reader of remote-reader.yaml read its meshnet-tunnel
+/// Service, and nothing else of meshnet's namespace.
+#[test]
+fn the_remote_reader_may_read_the_tunnel_service_only() {
+    let docs = documents(&read("remote-reader-tunnel.yaml"));
+    let role = docs.iter().find(|d| d["kind"] == "Role").unwrap();
+    assert_eq!(role["metadata"]["namespace"], "meshnet");
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["resources"], serde_yaml::Value::from(vec!["services"]));
+    assert_eq!(rules[0]["resourceNames"], serde_yaml::Value::from(vec!["meshnet-tunnel"]));
+    assert_eq!(rules[0]["verbs"], serde_yaml::Value::from(vec!["get", "list", "watch"]));
+    let binding = docs.iter().find(|d| d["kind"] == "RoleBinding").unwrap();
+    assert_eq!(binding["subjects"][0]["name"], "meshnet-remote-reader");
+    assert_eq!(binding["subjects"][0]["namespace"], "istio-system", "the ServiceAccount of remote-reader.yaml");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let all = assert_valid(&deploy().join("remote-reader-tunnel.yaml"));
+    assert_eq!(all, ["role/meshnet-remote-reader", "rolebinding/meshnet-remote-reader"].iter().map(ToString::to_string).collect());
 }

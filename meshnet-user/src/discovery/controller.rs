@@ -37,10 +37,10 @@ use super::{
     probes::{ControllerMetrics, PeerLabel},
     remote::{self, RemoteEvent},
     published::{self, Published, PublishedEntry, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
-    resolve::{self, ClusterView, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, POD_CIDRS_ANNOTATION},
+    resolve::{self, ClusterView, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, MODE_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
-use crate::config::{RawPeer, Reserved};
+use crate::config::{PeerMode, RawPeer, Reserved};
 
 pub const LEASE_NAME: &str = "meshnet-controller";
 
@@ -62,6 +62,11 @@ pub struct ControllerOptions {
     /// Per-cluster allow-lists from the command line: the only CIDRs that cluster may claim.
     /// They win over the remote secret's annotation.
     pub allowed_cidrs: BTreeMap<String, Vec<Ipv4Net>>,
+    /// Per-cluster modes from the command line (`--mode`); they win over the remote secret's
+    /// annotation.
+    pub modes: BTreeMap<String, PeerMode>,
+    /// The mode of a remote with neither a flag nor an annotation (`--default-mode`).
+    pub default_mode: PeerMode,
     /// How often each remote API server is probed; a failed probe marks its peer stale.
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
@@ -82,14 +87,17 @@ enum Msg {
 }
 
 struct Remote {
-    /// Which secret and key it came from, and a hash of the kubeconfig, to notice changes.
-    fingerprint: (String, u64),
+    /// Which secret and key it came from, a hash of the kubeconfig, and the mode its task
+    /// watches for, to notice changes.
+    fingerprint: (String, u64, PeerMode),
     generation: u64,
     task: JoinHandle<()>,
     pod_cidrs: Option<Vec<Ipv4Net>>,
     /// The secret's allow-list annotation: `Err` when it is unreadable, which refuses the
     /// peer rather than allowing everything.
     allowed: Option<Result<Vec<Ipv4Net>, String>>,
+    /// The secret's mode annotation, as written.
+    mode_annotation: Option<String>,
     view: Option<ClusterView>,
     stale: bool,
     error: Option<String>,
@@ -333,7 +341,7 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        type Wanted = (String, String, Option<Vec<Ipv4Net>>, Option<Result<Vec<Ipv4Net>, String>>);
+        type Wanted = (String, String, Option<Vec<Ipv4Net>>, Option<Result<Vec<Ipv4Net>, String>>, Option<String>);
         let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
         for (sname, secret) in secrets {
             let cidrs = secret
@@ -341,10 +349,11 @@ impl State {
                 .get(POD_CIDRS_ANNOTATION)
                 .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
             let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_allowed(v));
+            let mode = secret.annotations().get(MODE_ANNOTATION).cloned();
             for (cluster, data) in secret.data.iter().flatten() {
                 let text = String::from_utf8_lossy(&data.0).into_owned();
                 let origin = format!("{}/{sname}[{cluster}]", self.opts.secrets.namespace);
-                wanted.insert(cluster.clone(), (origin, text, cidrs.clone(), allowed.clone()));
+                wanted.insert(cluster.clone(), (origin, text, cidrs.clone(), allowed.clone(), mode.clone()));
             }
         }
         self.remotes.retain(|name, _| {
@@ -355,12 +364,17 @@ impl State {
             keep
         });
         self.last_good.retain(|name, _| wanted.contains_key(name));
-        for (name, (origin, text, cidrs, allowed)) in wanted {
-            let fp = (origin.clone(), hash(&text));
+        for (name, (origin, text, cidrs, allowed, mode_annotation)) in wanted {
+            // What the task watches: the gateway's objects or the tunnel Service. A remote
+            // whose mode is refused watches as a gateway remote; it is not published anyway.
+            let mode = resolve::remote_mode(self.opts.modes.get(&name).copied(), mode_annotation.as_deref(), self.opts.default_mode)
+                .unwrap_or_default();
+            let fp = (origin.clone(), hash(&text), mode);
             if self.remotes.get(&name).is_some_and(|r| r.fingerprint == fp) {
                 if let Some(r) = self.remotes.get_mut(&name) {
                     r.pod_cidrs = cidrs;
                     r.allowed = allowed;
+                    r.mode_annotation = mode_annotation;
                 }
                 continue;
             }
@@ -370,12 +384,13 @@ impl State {
             let task = tokio::spawn(remote::remote_task(
                 origin,
                 text,
+                mode,
                 self.opts.clone(),
                 self.tx.clone(),
                 move |event| Msg::Remote { name: who.clone(), generation, event },
                 self.lists.clone(),
             ));
-            info!(peer = %name, "watching remote cluster");
+            info!(peer = %name, ?mode, "watching remote cluster");
             self.remotes.insert(
                 name,
                 Remote {
@@ -384,6 +399,7 @@ impl State {
                     task,
                     pod_cidrs: cidrs,
                     allowed,
+                    mode_annotation,
                     view: None,
                     stale: true,
                     error: None,
@@ -419,6 +435,7 @@ impl State {
                         refused: r.refused.as_deref(),
                         pod_cidrs: r.pod_cidrs.as_deref(),
                         allowed: r.allowed.as_ref(),
+                        mode_annotation: r.mode_annotation.as_deref(),
                     };
                     (name.clone(), input)
                 })
@@ -428,6 +445,8 @@ impl State {
                 resolve: &self.opts.resolve,
                 pod_cidrs: &self.opts.pod_cidrs,
                 allowed_cidrs: &self.opts.allowed_cidrs,
+                modes: &self.opts.modes,
+                default_mode: self.opts.default_mode,
                 reserved: &reserved,
                 local_cidrs: self.local_cidrs.as_deref().unwrap_or_default(),
                 istio: self.istio.as_ref().and_then(Option::as_ref),

@@ -2,7 +2,7 @@
 //! controller applies the result (writes, logs, counters, its memory of each peer's last good
 //! state); nothing here has an effect, so every rule is shown by the golden tests below.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -12,7 +12,7 @@ use super::{
     published::PeerStatus,
     resolve::{self, ClusterView, MeshNetworks, ResolveOptions, ALLOWED_CIDRS_ANNOTATION},
 };
-use crate::config::{self, RawPeer, Reserved};
+use crate::config::{self, PeerMode, RawPeer, Reserved};
 
 /// What the controller knows of one remote cluster.
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,6 +28,8 @@ pub struct RemoteInput<'a> {
     pub pod_cidrs: Option<&'a [Ipv4Net]>,
     /// Its remote secret's allow-list annotation; `Err` when unreadable, which refuses.
     pub allowed: Option<&'a Result<Vec<Ipv4Net>, String>>,
+    /// Its remote secret's mode annotation, as written.
+    pub mode_annotation: Option<&'a str>,
 }
 
 /// Everything the published state depends on.
@@ -39,6 +41,10 @@ pub struct Inputs<'a> {
     pub pod_cidrs: &'a BTreeMap<String, Vec<Ipv4Net>>,
     /// `--allowed-cidrs`, by peer: wins over the secret's annotation.
     pub allowed_cidrs: &'a BTreeMap<String, Vec<Ipv4Net>>,
+    /// `--mode`, by peer: wins over the secret's annotation.
+    pub modes: &'a BTreeMap<String, PeerMode>,
+    /// `--default-mode`: for remotes with neither.
+    pub default_mode: PeerMode,
     pub reserved: &'a Reserved,
     /// This cluster's pod CIDRs: no peer may overlap them.
     pub local_cidrs: &'a [Ipv4Net],
@@ -84,26 +90,81 @@ fn vet(
     }
 }
 
+/// Drops tunnel peers that the agents could not take beside the earlier ones (by name): a
+/// node address another tunnel peer already has (the decapsulating side knows a peer by its
+/// node's address), or more nodes or node pod CIDRs than the datapath holds across all
+/// tunnel peers. Each agent would refuse such a peer anyway; refused here, it is refused
+/// once, with the reason in `status.yaml`.
+fn refuse_tunnel_clashes(peers: Vec<RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+    let max_nodes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_NODES).unwrap_or(usize::MAX);
+    let max_routes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_ROUTES).unwrap_or(usize::MAX);
+    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+    let (mut nodes, mut routes) = (0, 0);
+    let mut refused = BTreeMap::new();
+    for p in peers.iter().filter(|p| p.mode == PeerMode::Tunnel) {
+        let n = p.nodes.len();
+        let r: usize = p.nodes.iter().map(|n| n.pod_cidrs.len()).sum();
+        let why = if nodes + n > max_nodes {
+            Some(format!("nodes: {n} nodes make {} across the tunnel peers; at most {max_nodes}", nodes + n))
+        } else if routes + r > max_routes {
+            Some(format!("nodes: {r} node podCIDRs make {} across the tunnel peers; at most {max_routes}", routes + r))
+        } else {
+            p.nodes
+                .iter()
+                .find_map(|n| owners.get(n.address.as_str()).map(|o| format!("nodes: {} is already a node of peer {o:?}", n.address)))
+        };
+        if let Some(why) = why {
+            refused.insert(p.name.clone(), why);
+            continue;
+        }
+        nodes += n;
+        routes += r;
+        owners.extend(p.nodes.iter().map(|n| (n.address.as_str(), p.name.as_str())));
+    }
+    let refused_names: BTreeSet<String> = refused.keys().cloned().collect();
+    (peers.into_iter().filter(|p| !refused_names.contains(&p.name)).collect(), refused)
+}
+
 /// The published state for `i`.
 #[must_use]
 pub fn desired(i: &Inputs<'_>) -> Desired {
     let mut d = Desired::default();
     let mut peers = Vec::new();
     for (name, r) in i.remotes {
-        let mut st = PeerStatus { stale: r.stale, refused: r.refused.map(str::to_owned), error: r.error.map(str::to_owned) };
+        let mut st = PeerStatus { stale: r.stale, refused: r.refused.map(str::to_owned), error: r.error.map(str::to_owned), skipped: None };
         if r.refused.is_some() {
             d.status.insert(name.clone(), st);
             continue;
         }
+        let mode = match resolve::remote_mode(i.modes.get(name).copied(), r.mode_annotation, i.default_mode) {
+            Ok(m) => m,
+            Err(why) => {
+                d.refused.insert(name.clone(), why);
+                d.status.insert(name.clone(), st);
+                continue;
+            }
+        };
         let allowed = i.allowed_cidrs.get(name);
         let cidrs = i.pod_cidrs.get(name).map(Vec::as_slice).or(r.pod_cidrs);
-        let resolved = r.view.filter(|_| !r.stale).map(|v| resolve::resolve(v, i.resolve, cidrs));
-        if let Some(why) = resolved.as_ref().filter(|x| !x.refusals.is_empty()).map(|x| x.refusals.join("; ")) {
+        let resolved = r.view.filter(|_| !r.stale).map(|v| match mode {
+            PeerMode::Gateway => {
+                let x = resolve::resolve(v, i.resolve, cidrs);
+                (x.refusals.clone(), resolve::peer(name, &x), None)
+            }
+            PeerMode::Tunnel => {
+                let x = resolve::resolve_tunnel(v, i.resolve, cidrs, i.reserved);
+                (x.refusals.clone(), resolve::tunnel_peer(name, &x), x.skipped_summary())
+            }
+        });
+        if let Some(why) = resolved.as_ref().filter(|(refusals, ..)| !refusals.is_empty()).map(|(refusals, ..)| refusals.join("; ")) {
             d.refused.insert(name.clone(), why);
             d.status.insert(name.clone(), st);
             continue;
         }
-        match resolved.map(|x| resolve::peer(name, &x)) {
+        if let Some((_, Ok(_), skipped)) = &resolved {
+            st.skipped.clone_from(skipped);
+        }
+        match resolved.map(|(_, p, _)| p) {
             Some(Ok(p)) => {
                 if let Some(why) = vet(&p, allowed, r.allowed, i.reserved) {
                     d.refused.insert(name.clone(), why);
@@ -164,6 +225,8 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     let (kept, overlapping) = resolve::refuse_overlaps(i.local_cidrs, peers);
     d.refused.extend(overlapping);
+    let (kept, over_budget) = refuse_tunnel_clashes(kept);
+    d.refused.extend(over_budget);
     // A peer refused for an overlap is no one's last good state.
     d.resolved.retain(|name, _| !d.refused.contains_key(name));
     for (name, why) in &d.refused {
@@ -207,6 +270,7 @@ mod tests {
                 }]),
                 ..Endpoints::default()
             }),
+            tunnel_service: None,
         }
     }
 
@@ -221,6 +285,17 @@ mod tests {
     /// Runs `desired` on a cluster with pods in 10.244.0.0/16, Services in 10.96.0.0/12 and a
     /// node at 10.20.144.160, and renders the result as the golden files hold it.
     fn render(remotes: &BTreeMap<String, RemoteInput<'_>>, istio: Option<&ConfigMap>, last_good: &[RawPeer], flags: &[(&str, &str)]) -> String {
+        render_modes(remotes, istio, last_good, flags, &BTreeMap::new(), PeerMode::Gateway)
+    }
+
+    fn render_modes(
+        remotes: &BTreeMap<String, RemoteInput<'_>>,
+        istio: Option<&ConfigMap>,
+        last_good: &[RawPeer],
+        flags: &[(&str, &str)],
+        modes: &BTreeMap<String, PeerMode>,
+        default_mode: PeerMode,
+    ) -> String {
         let reserved = Reserved {
             service_cidrs: vec![net("10.96.0.0/12")],
             local_addresses: BTreeSet::from(["10.20.144.160".parse().unwrap()]),
@@ -232,6 +307,8 @@ mod tests {
             resolve: &ResolveOptions::default(),
             pod_cidrs: &BTreeMap::new(),
             allowed_cidrs: &allowed_cidrs,
+            modes,
+            default_mode,
             reserved: &reserved,
             local_cidrs: &[net("10.244.0.0/16")],
             istio,
@@ -291,6 +368,90 @@ mod tests {
         ]
         .into();
         crate::golden::check("desired_refused.yaml", &render(&remotes, None, &[], &[("outside-flag", "10.246.0.0/24")]));
+    }
+
+    /// A remote in tunnel mode (no east-west gateway at all): every node and its pod CIDRs,
+    /// and the tunnel Service's nodePort.
+    fn tunnel_view(nodes: &[(&str, &str, &str)], node_port: Option<i32>) -> ClusterView {
+        let nodes = nodes
+            .iter()
+            .map(|(name, addr, cidr)| {
+                let info = NodeInfo {
+                    pod_cidrs: [net(cidr)].into(),
+                    addresses: [(NodeAddressType::Internal, addr.parse().unwrap())].into(),
+                    gateway_address: None,
+                };
+                ((*name).to_string(), info)
+            })
+            .collect();
+        let ports = vec![ServicePort { name: Some("tunnel".into()), protocol: Some("UDP".into()), port: 31800, node_port, ..ServicePort::default() }];
+        ClusterView {
+            nodes: Arc::new(nodes),
+            tunnel_service: Some(Service { spec: Some(ServiceSpec { ports: Some(ports), ..ServiceSpec::default() }), ..Service::default() }),
+            ..ClusterView::default()
+        }
+    }
+
+    /// The mode of each remote (flag over annotation over default) decides what it is
+    /// published as; a tunnel peer that cannot resolve keeps its last good state, and the
+    /// tunnel peers together stay within what the agents take.
+    #[test]
+    fn tunnel_mode_remotes_publish_their_nodes() {
+        let gw = view("10.20.144.165", "10.245.0.0/24");
+        let tun = tunnel_view(&[("a", "10.20.144.175", "10.246.0.0/24"), ("b", "10.20.144.176", "10.246.1.0/24"), ("c", "127.0.0.1", "10.246.2.0/24")], Some(31800));
+        let by_flag = tunnel_view(&[("a", "10.20.144.185", "10.247.0.0/24")], Some(31801));
+        let mut no_service = tunnel_view(&[("a", "10.20.144.195", "10.248.0.0/24")], None);
+        no_service.tunnel_service = None;
+        let no_node_port = tunnel_view(&[("a", "10.20.144.196", "10.250.0.0/24")], None);
+        let clash = tunnel_view(&[("a", "10.20.144.175", "10.249.0.0/24")], Some(31800));
+        let remotes = [
+            ("gateway".to_string(), RemoteInput { view: Some(&gw), ..RemoteInput::default() }),
+            ("tunnel".to_string(), RemoteInput { view: Some(&tun), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+            ("tunnel-by-flag".to_string(), RemoteInput { view: Some(&by_flag), mode_annotation: Some("gateway"), ..RemoteInput::default() }),
+            ("tunnel-no-service".to_string(), RemoteInput { view: Some(&no_service), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+            ("tunnel-no-node-port".to_string(), RemoteInput { view: Some(&no_node_port), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+            ("tunnel-typo".to_string(), RemoteInput { view: Some(&tun), mode_annotation: Some("tunel"), ..RemoteInput::default() }),
+            ("zz-node-clash".to_string(), RemoteInput { view: Some(&clash), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+        ]
+        .into();
+        let modes = [("tunnel-by-flag".to_string(), PeerMode::Tunnel)].into();
+        let last_good = [peer("tunnel-no-service", "10.20.144.195", "10.248.0.0/24")];
+        crate::golden::check("desired_tunnel.yaml", &render_modes(&remotes, None, &last_good, &[], &modes, PeerMode::Gateway));
+        // --default-mode tunnel: a remote without annotation or flag is a tunnel peer, and a
+        // gateway-mode view (no tunnel Service watched) cannot resolve as one.
+        let remotes = [("plain".to_string(), RemoteInput { view: Some(&tun), ..RemoteInput::default() })].into();
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Tunnel);
+        assert!(out.contains("mode: tunnel") && out.contains("tunnelPort: 31800"), "{out}");
+        let remotes = [("plain".to_string(), RemoteInput { view: Some(&gw), ..RemoteInput::default() })].into();
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Tunnel);
+        assert!(out.contains("Service meshnet-tunnel not found") && !out.contains("name: plain"), "{out}");
+    }
+
+    /// Past the datapath's 4,096 tunnel nodes in all, the later tunnel peer (by name) is refused.
+    #[test]
+    fn tunnel_peers_share_the_datapaths_node_budget() {
+        let many = |first: u32, n: u32| {
+            let nodes: Vec<(String, String, String)> = (0..n)
+                .map(|i| {
+                    let ip = std::net::Ipv4Addr::from(0xac10_0000 + first + i).to_string();
+                    let cidr = Ipv4Net::new(std::net::Ipv4Addr::from(0x0a40_0000 + ((first + i) << 8)), 24).unwrap().to_string();
+                    (format!("n{i}"), ip, cidr)
+                })
+                .collect();
+            let refs: Vec<(&str, &str, &str)> = nodes.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect();
+            tunnel_view(&refs, Some(31800))
+        };
+        let (a, b) = (many(1, 3000), many(3001, 1500));
+        let remotes = [
+            ("a".to_string(), RemoteInput { view: Some(&a), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+            ("b".to_string(), RemoteInput { view: Some(&b), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+        ]
+        .into();
+        let out = render(&remotes, None, &[], &[]);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(d["peers"].as_sequence().unwrap().len(), 1);
+        assert_eq!(d["refused"]["b"], "nodes: 1500 nodes make 4500 across the tunnel peers; at most 4096");
+        assert!(d["resolved"].get("b").is_none(), "a refused peer became a last good state");
     }
 
     /// Hand-written meshNetworks entries are published for clusters without a secret, one bad

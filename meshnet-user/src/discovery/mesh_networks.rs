@@ -1,7 +1,8 @@
 //! `meshnet mesh-networks`: Istio's `meshNetworks` for the whole mesh, from discovery, so
-//! that nobody hand-edits gateway node IPs and NodePorts in every cluster again.
+//! that nobody hand-edits gateway node IPs and NodePorts in every cluster again. Remote
+//! clusters in tunnel mode get no entry: with them Istio runs as one network.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
 use anyhow::{bail, Context as _};
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Namespace, Node, Secret, Service};
@@ -13,8 +14,9 @@ use tracing::warn;
 
 use super::{
     kubeconfig,
-    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, NETWORK_LABEL},
+    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, MODE_ANNOTATION, NETWORK_LABEL},
 };
+use crate::config::PeerMode;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -24,6 +26,20 @@ pub struct Options {
     pub resolve: ResolveOptions,
     /// This cluster's name in the mesh (Istio's `multiCluster.clusterName`).
     pub cluster: String,
+    /// `--mode`, by cluster: wins over the remote secret's annotation.
+    pub modes: BTreeMap<String, PeerMode>,
+    /// `--default-mode`.
+    pub default_mode: PeerMode,
+}
+
+/// A cluster's network: the label of its Istio namespace, if it has one.
+async fn network_of(client: &Client, opts: &Options) -> anyhow::Result<Option<String>> {
+    let ns = opts.istio_namespace.as_str();
+    Ok(Api::<Namespace>::all(client.clone())
+        .get_opt(ns)
+        .await
+        .context("reading the Istio namespace")?
+        .and_then(|n| n.labels().get(NETWORK_LABEL).cloned()))
 }
 
 /// Reads one cluster's gateway and network name.
@@ -36,18 +52,14 @@ async fn read_cluster(client: &Client, opts: &Options, name: &str) -> anyhow::Re
         nodes: std::sync::Arc::new(nodes.items.into_iter().map(|n| (n.name_any(), n.into())).collect()),
         service: svcs.get_opt(&opts.resolve.gateway_service).await.context("reading the gateway Service")?,
         endpoints: eps.get_opt(&opts.resolve.gateway_service).await.context("reading the gateway Endpoints")?,
+        tunnel_service: None,
     };
-    let network = Api::<Namespace>::all(client.clone())
-        .get_opt(ns)
-        .await
-        .context("reading the Istio namespace")?
-        .and_then(|n| n.labels().get(NETWORK_LABEL).cloned())
+    let network = network_of(client, opts)
+        .await?
         .with_context(|| format!("cluster {name}: namespace {ns} has no {NETWORK_LABEL} label, so its network is unknown"))?;
     Ok((network, resolve::resolve(&view, &opts.resolve, Some(&[]))))
 }
 
-/// Builds `meshNetworks` from the local cluster and every remote secret's cluster. Networks
-/// already in the `istio` ConfigMap that discovery does not produce are kept.
 /// What `generate` made, and from which version of the `istio` ConfigMap: `apply` writes
 /// only over that very version.
 pub struct Generated {
@@ -55,24 +67,39 @@ pub struct Generated {
     pub client: Client,
     /// The resourceVersion of the `istio` ConfigMap the kept networks were read from.
     pub based_on: Option<String>,
+    /// Which Istio setup applies, one line each, for the operator: `-o yaml` prints them as
+    /// comments above the block, `-o json` on stderr.
+    pub notes: Vec<String>,
 }
 
+/// Builds `meshNetworks` from the local cluster and every remote secret's cluster in gateway
+/// mode. Networks already in the `istio` ConfigMap that discovery does not produce are kept,
+/// except those of remote clusters in tunnel mode: istiod must know no gateway for those, so
+/// that it hands out their pod IPs, which meshnet's tunnel carries.
 pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     let client = super::local_client(opts.kubeconfig.as_deref()).await?;
-    let mut clusters: BTreeMap<String, Client> = BTreeMap::new();
-    clusters.insert(opts.cluster.clone(), client.clone());
+    let mut clusters: BTreeMap<String, (Client, PeerMode)> = BTreeMap::new();
+    clusters.insert(opts.cluster.clone(), (client.clone(), PeerMode::Gateway));
     let secrets = Api::<Secret>::namespaced(client.clone(), &opts.secrets.namespace)
         .list(&ListParams::default().labels(&opts.secrets.selector))
         .await
         .context("listing the remote secrets")?;
     for s in &secrets.items {
+        let annotation = s.annotations().get(MODE_ANNOTATION).map(String::as_str);
         for (cluster, data) in s.data.iter().flatten() {
             let origin = format!("{}/{}[{cluster}]", opts.secrets.namespace, s.name_any());
+            let mode = match resolve::remote_mode(opts.modes.get(cluster).copied(), annotation, opts.default_mode) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(cluster = %cluster, error = %e, "skipping cluster");
+                    continue;
+                }
+            };
             let text = String::from_utf8_lossy(&data.0);
             match kubeconfig::vet(&text, &origin) {
                 Ok(kc) => match kubeconfig::client(kc, &origin).await {
                     Ok(c) => {
-                        clusters.insert(cluster.clone(), c);
+                        clusters.insert(cluster.clone(), (c, mode));
                     }
                     Err(e) => warn!(error = %e, "skipping cluster"),
                 },
@@ -91,25 +118,52 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
         .transpose()
         .context("the istio ConfigMap's meshNetworks is not valid YAML")?
         .unwrap_or_default();
+    // This cluster's own entry serves the remotes that reach it through its gateway; with
+    // every remote in tunnel mode none does, and neither its gateway nor its label is needed.
+    let remotes_by_gateway = clusters.iter().any(|(n, (_, m))| n != &opts.cluster && *m == PeerMode::Gateway);
+    let tunnel_only = !remotes_by_gateway && clusters.values().any(|(_, m)| *m == PeerMode::Tunnel);
     let mut out = MeshNetworks::default();
     let mut discovered_registries = Vec::new();
-    for (name, c) in &clusters {
+    let mut tunnel: Vec<(String, Option<String>)> = Vec::new();
+    let mut local_network = None;
+    for (name, (c, mode)) in &clusters {
+        if *mode == PeerMode::Tunnel {
+            let network = network_of(c, opts).await.unwrap_or_else(|e| {
+                warn!(cluster = %name, error = %format!("{e:#}"), "could not read its network label");
+                None
+            });
+            tunnel.push((name.clone(), network));
+            discovered_registries.push(name.clone());
+            continue;
+        }
+        if tunnel_only {
+            // Nothing here reaches this cluster through its gateway: a hand-written entry of
+            // its own has nothing left to say either.
+            local_network = network_of(c, opts).await.ok().flatten();
+            discovered_registries.push(name.clone());
+            continue;
+        }
         match read_cluster(c, opts, name).await {
             Ok((_, r)) if !r.refusals.is_empty() => {
                 warn!(cluster = %name, refused = %r.refusals.join("; "), "cluster refused");
             }
-            Ok((network, r)) => match r.port {
-                Some(port) if !r.addresses.is_empty() => {
-                    out.set_cluster(&network, name, &r.addresses, port);
-                    discovered_registries.push(name.clone());
+            Ok((network, r)) => {
+                if name == &opts.cluster {
+                    local_network = Some(network.clone());
                 }
-                _ => warn!(cluster = %name, problems = %r.problems.join("; "), "no gateway found"),
-            },
+                match r.port {
+                    Some(port) if !r.addresses.is_empty() => {
+                        out.set_cluster(&network, name, &r.addresses, port);
+                        discovered_registries.push(name.clone());
+                    }
+                    _ => warn!(cluster = %name, problems = %r.problems.join("; "), "no gateway found"),
+                }
+            }
             Err(e) if name == &opts.cluster => return Err(e),
             Err(e) => warn!(cluster = %name, error = %format!("{e:#}"), "skipping cluster"),
         }
     }
-    if out.networks.is_empty() {
+    if out.networks.is_empty() && tunnel.is_empty() {
         bail!("discovery found no gateway in any cluster");
     }
     // Hand-written networks that discovery does not cover (fromCidr, other registries) stay.
@@ -120,7 +174,48 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
             out.networks.insert(name, net);
         }
     }
-    Ok(Generated { networks: out, client, based_on })
+    let notes = setup_notes(&opts.cluster, local_network.as_deref(), &tunnel, &out);
+    Ok(Generated { networks: out, client, based_on, notes })
+}
+
+/// Which Istio setup applies, given the remotes in tunnel mode (with their network labels)
+/// and the networks to be written.
+fn setup_notes(local: &str, local_network: Option<&str>, tunnel: &[(String, Option<String>)], out: &MeshNetworks) -> Vec<String> {
+    let mut notes = Vec::new();
+    if tunnel.is_empty() {
+        return notes;
+    }
+    let through_gateway = out.networks.values().any(|n| !n.gateways.is_empty() && n.endpoints.iter().any(|e| e.from_registry.as_deref() != Some(local)));
+    if through_gateway {
+        notes.push(format!(
+            "multi-network for the remotes in gateway mode (the networks below); one network with {local} for those in tunnel mode"
+        ));
+    } else {
+        notes.push(format!(
+            "every remote is in tunnel mode: run Istio multi-primary as ONE network with {local}: no east-west gateway and no meshNetworks entry are needed"
+        ));
+    }
+    for (name, network) in tunnel {
+        let mut note = format!(
+            "{name}: tunnel mode: no entry, so that istiod knows no gateway for it and hands out its pod IPs, which meshnet's tunnel carries"
+        );
+        let _ = match network {
+            Some(n) if Some(n.as_str()) == local_network => Ok(()),
+            Some(n) if out.networks.get(n).is_some_and(|net| !net.gateways.is_empty()) => write!(
+                note,
+                "; WARNING: its {NETWORK_LABEL} label is {n:?}, a network with gateways here, so istiod would send its traffic through them: label it {}",
+                local_network.map_or_else(|| "like this cluster's".to_string(), |l| format!("{l:?} like this cluster's"))
+            ),
+            Some(n) => write!(
+                note,
+                "; its network {n:?} is not this cluster's: istiod reaches it directly only while it knows no gateway for {n:?}; \
+                 the same {NETWORK_LABEL} label on both makes them one network"
+            ),
+            None => Ok(()),
+        };
+        notes.push(note);
+    }
+    notes
 }
 
 /// Writes `meshNetworks` into the `istio` ConfigMap, keeping every other key, but only over
@@ -137,5 +232,45 @@ pub async fn apply(istio_namespace: &str, g: &Generated) -> anyhow::Result<()> {
             "the istio ConfigMap changed while meshNetworks was being built; nothing was written. Run the command again"
         ),
         r => r.map(drop).context("updating the istio ConfigMap"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn networks(yaml: &str) -> MeshNetworks {
+        MeshNetworks::parse(yaml).unwrap()
+    }
+
+    #[test]
+    fn the_notes_say_which_setup_applies() {
+        let none = MeshNetworks::default();
+        assert!(setup_notes("cluster1", Some("network1"), &[], &none).is_empty(), "gateway mode alone needs no note");
+
+        let t = |name: &str, net: Option<&str>| (name.to_string(), net.map(str::to_string));
+        let notes = setup_notes("cluster1", Some("network1"), &[t("cluster2", Some("network1"))], &none);
+        assert_eq!(
+            notes,
+            [
+                "every remote is in tunnel mode: run Istio multi-primary as ONE network with cluster1: no east-west gateway and no meshNetworks entry are needed",
+                "cluster2: tunnel mode: no entry, so that istiod knows no gateway for it and hands out its pod IPs, which meshnet's tunnel carries",
+            ]
+        );
+
+        // Beside a gateway-mode remote, whose network keeps its gateways: a tunnel remote
+        // labelled with that network would be sent through them.
+        let out = networks(
+            "networks:\n  network1: {endpoints: [{fromRegistry: cluster1}], gateways: [{address: 10.20.144.83, port: 31674}]}\n  \
+             network3: {endpoints: [{fromRegistry: cluster3}], gateways: [{address: 10.20.144.170, port: 30443}]}\n",
+        );
+        let notes = setup_notes("cluster1", Some("network1"), &[t("cluster2", Some("network3")), t("cluster4", Some("network4"))], &out);
+        assert!(notes[0].starts_with("multi-network for the remotes in gateway mode"), "{notes:?}");
+        assert!(notes[1].contains(r#"WARNING: its topology.istio.io/network label is "network3", a network with gateways here"#), "{notes:?}");
+        assert!(notes[1].ends_with(r#"label it "network1" like this cluster's"#), "{notes:?}");
+        assert!(notes[2].contains(r#"its network "network4" is not this cluster's"#), "{notes:?}");
+        // This cluster's own entry alone is no gateway remote.
+        let own = networks("networks:\n  network1: {endpoints: [{fromRegistry: cluster1}], gateways: [{address: 10.20.144.83, port: 31674}]}\n");
+        assert!(setup_notes("cluster1", Some("network1"), &[t("cluster2", None)], &own)[0].starts_with("every remote is in tunnel mode"));
     }
 }

@@ -33,6 +33,9 @@ pub struct PeerStatus {
     /// The last problem seen, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A tunnel peer's nodes (or node pod CIDRs) left out of what is published, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 /// One entry of the published peer list, parsed on its own so that one entry the reader

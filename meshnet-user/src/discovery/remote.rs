@@ -1,10 +1,11 @@
-//! One task per remote cluster: it vets the kubeconfig, watches the nodes, the east-west
-//! gateway's Service and Endpoints, and probes the API server, and tells the controller what
-//! it saw. A remote that fails or hangs holds up only its own task.
+//! One task per remote cluster: it vets the kubeconfig, watches the nodes and, in gateway
+//! mode, the east-west gateway's Service and Endpoints or, in tunnel mode, the tunnel
+//! Service, probes the API server, and tells the controller what it saw. A remote that fails
+//! or hangs holds up only its own task.
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use kube::{runtime::watcher, Api};
 use tokio::sync::mpsc;
@@ -15,6 +16,7 @@ use super::{
     resolve::ClusterView,
     watch::{snapshots, Update},
 };
+use crate::config::PeerMode;
 
 /// What a remote's task reports.
 pub(super) enum RemoteEvent {
@@ -32,11 +34,36 @@ pub(super) const CONCURRENT_LISTS: usize = 4;
 /// that hangs must not hold every other back.
 const LIST_TURN: Duration = Duration::from_secs(30);
 
-/// One remote cluster: vet its kubeconfig, then watch its nodes, gateway Service and
-/// Endpoints, and probe its API server. What it sees goes to `tx`, wrapped by `wrap`.
+type Snapshots<K> = Pin<Box<dyn Stream<Item = Update<K>> + Send>>;
+
+/// A watch of the one object `name` in `ns`, or, when `wanted` is false, nothing: only what
+/// the remote's mode needs is read, so a gateway remote's credentials need no right to the
+/// tunnel Service, nor a tunnel remote's any to a gateway it may not have.
+fn one<K>(client: &kube::Client, ns: &str, name: &str, wanted: bool) -> Snapshots<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + super::watch::Relevant<Kept = K>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    if wanted {
+        Box::pin(snapshots(Api::<K>::namespaced(client.clone(), ns), watcher::Config::default().fields(&format!("metadata.name={name}"))))
+    } else {
+        Box::pin(futures::stream::pending())
+    }
+}
+
+/// One remote cluster: vet its kubeconfig, then watch its nodes and what its `mode` needs
+/// (the gateway Service and Endpoints, or the tunnel Service), and probe its API server.
+/// What it sees goes to `tx`, wrapped by `wrap`.
 pub(super) async fn remote_task<M: Send + 'static>(
     origin: String,
     text: String,
+    mode: PeerMode,
     opts: ControllerOptions,
     tx: mpsc::Sender<M>,
     wrap: impl Fn(RemoteEvent) -> M,
@@ -60,13 +87,16 @@ pub(super) async fn remote_task<M: Send + 'static>(
             return;
         }
     };
-    let ns = opts.istio_namespace.as_str();
-    let by_name = format!("metadata.name={}", opts.resolve.gateway_service);
+    let (ns, gw) = (opts.istio_namespace.as_str(), opts.resolve.gateway_service.as_str());
+    let gateway = mode == PeerMode::Gateway;
     let mut nodes = std::pin::pin!(snapshots(Api::<Node>::all(client.clone()), watcher::Config::default()));
-    let mut svcs = std::pin::pin!(snapshots(Api::<Service>::namespaced(client.clone(), ns), watcher::Config::default().fields(&by_name)));
-    let mut eps = std::pin::pin!(snapshots(Api::<Endpoints>::namespaced(client.clone(), ns), watcher::Config::default().fields(&by_name)));
+    let mut svcs = one::<Service>(&client, ns, gw, gateway);
+    let mut eps = one::<Endpoints>(&client, ns, gw, gateway);
+    // In the remote's namespace of meshnet's name here: deploy/ installs both in `meshnet`.
+    let mut tunnel_svc = one::<Service>(&client, &opts.namespace, &opts.resolve.tunnel_service, !gateway);
     let mut view = ClusterView::default();
-    let mut synced = [false; 3];
+    // What is not watched counts as synced.
+    let mut synced = [false, !gateway, !gateway, gateway];
     let mut probe = tokio::time::interval(opts.probe_interval);
     // The watches list when first polled, below.
     let mut turn = lists.acquire_owned().await.ok();
@@ -86,6 +116,10 @@ pub(super) async fn remote_task<M: Send + 'static>(
             },
             Some(u) = eps.next() => match u {
                 Update::Snapshot(s) => { view.endpoints = s.values().next().cloned(); synced[2] = true; None }
+                Update::Error(e) => Some(e),
+            },
+            Some(u) = tunnel_svc.next() => match u {
+                Update::Snapshot(s) => { view.tunnel_service = s.values().next().cloned(); synced[3] = true; None }
                 Update::Error(e) => Some(e),
             },
             _ = probe.tick() => {

@@ -8,9 +8,10 @@ use std::{
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
+use meshnet_common::limits;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{RawGateway, RawPeer};
+use crate::config::{PeerMode, RawGateway, RawPeer, RawTunnelNode, Reserved};
 
 /// Node annotation that overrides the address a gateway on that node is reached at.
 pub const ADDRESS_ANNOTATION: &str = "meshnet.io/gateway-address";
@@ -20,6 +21,11 @@ pub const POD_CIDRS_ANNOTATION: &str = "meshnet.io/pod-cidrs";
 /// Remote-secret annotation that limits the pod CIDRs a remote cluster may claim
 /// (comma-separated); a claim outside it refuses the peer.
 pub const ALLOWED_CIDRS_ANNOTATION: &str = "meshnet.io/allowed-cidrs";
+/// Remote-secret annotation that says how a remote cluster's pods are reached: `gateway`
+/// (through its east-west gateway) or `tunnel` (encapsulated to the node that hosts the pod).
+pub const MODE_ANNOTATION: &str = "meshnet.io/mode";
+/// The Service that reserves a cluster's tunnel NodePort (UDP), in meshnet's namespace.
+pub const TUNNEL_SERVICE: &str = "meshnet-tunnel";
 /// Namespace label Istio reads a cluster's network name from.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 /// Label selector of Istio's remote secrets, the default source of remote credentials.
@@ -59,6 +65,8 @@ pub struct ResolveOptions {
     /// The Service port whose nodePort carries the mesh traffic (Istio's `tls`, 15443).
     pub gateway_port_name: String,
     pub address_type: AddressType,
+    /// The Service whose UDP nodePort is a cluster's tunnel port, in meshnet's namespace.
+    pub tunnel_service: String,
 }
 
 impl Default for ResolveOptions {
@@ -67,6 +75,7 @@ impl Default for ResolveOptions {
             gateway_service: "istio-eastwestgateway".into(),
             gateway_port_name: "tls".into(),
             address_type: AddressType::InternalIp,
+            tunnel_service: TUNNEL_SERVICE.into(),
         }
     }
 }
@@ -124,6 +133,8 @@ pub struct ClusterView {
     pub nodes: std::sync::Arc<BTreeMap<String, NodeInfo>>,
     pub service: Option<Service>,
     pub endpoints: Option<Endpoints>,
+    /// The [`TUNNEL_SERVICE`]; watched only for a remote in tunnel mode.
+    pub tunnel_service: Option<Service>,
 }
 
 /// A cluster's pod CIDRs, gateway NodePort and gateway addresses.
@@ -154,14 +165,16 @@ pub fn node_addresses(node: &NodeInfo) -> BTreeSet<Ipv4Addr> {
 /// The address a gateway on node `name` is reached at, or why the node's annotation is
 /// refused: whoever can annotate a remote Node must not be able to point traffic anywhere,
 /// so the annotation may only pick one of the node's own addresses.
-fn node_address(name: &str, node: &NodeInfo, ty: AddressType) -> Result<Option<Ipv4Addr>, String> {
+/// `field` is the published field the address goes to, for the refusal's wording.
+fn node_address(field: &str, name: &str, node: &NodeInfo, ty: AddressType) -> Result<Option<Ipv4Addr>, String> {
     if let Some(a) = &node.gateway_address {
         let own = node_addresses(node);
         let listed = own.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        return match a.trim().parse::<Ipv4Addr>() {
+        let a = Quoted(a);
+        return match a.0.trim().parse::<Ipv4Addr>() {
             Ok(addr) if own.contains(&addr) => Ok(Some(addr)),
-            Ok(_) => Err(format!("gateways: node {name}'s {ADDRESS_ANNOTATION} {a:?} is not one of its addresses ({listed})")),
-            Err(_) => Err(format!("gateways: node {name}'s {ADDRESS_ANNOTATION} {a:?} is not an IPv4 address")),
+            Ok(_) => Err(format!("{field}: node {name}'s {ADDRESS_ANNOTATION} {a} is not one of its addresses ({listed})")),
+            Err(_) => Err(format!("{field}: node {name}'s {ADDRESS_ANNOTATION} {a} is not an IPv4 address")),
         };
     }
     let want = match ty {
@@ -210,7 +223,7 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
         .filter_map(|a| a.node_name.as_deref())
         .collect();
     for name in gateway_nodes {
-        match view.nodes.get(name).map(|n| node_address(name, n, opts.address_type)) {
+        match view.nodes.get(name).map(|n| node_address("gateways", name, n, opts.address_type)) {
             Some(Ok(Some(a))) => r.addresses.push(a),
             Some(Err(why)) => r.refusals.push(why),
             Some(Ok(None)) | None => r.problems.push(format!("node {name} has no {} address", opts.address_type.kube_name())),
@@ -237,6 +250,237 @@ pub fn peer(name: &str, r: &Resolved) -> Result<RawPeer, String> {
             .iter()
             .take(meshnet_common::limits::MAX_GATEWAYS)
             .map(|a| RawGateway { address: a.to_string(), port: u32::from(port), udp_port: None })
+            .collect(),
+        ..RawPeer::default()
+    })
+}
+
+/// A value taken from a remote object, quoted for a message and cut at 64 characters: an
+/// annotation can be 256 KiB, and messages end up in `status.yaml` and the log.
+pub struct Quoted<'a>(pub &'a str);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MAX: usize = 64;
+        match self.0.char_indices().nth(MAX) {
+            Some((end, _)) => write!(f, "{:?}...", &self.0[..end]),
+            None => write!(f, "{:?}", self.0),
+        }
+    }
+}
+
+/// How remote `name` is reached: `--mode NAME=MODE` (`flag`) wins over its secret's
+/// [`MODE_ANNOTATION`], which wins over `--default-mode`. The operator of this cluster sets
+/// the flags, whoever writes the secret sets the annotation, as with the allow-lists. An
+/// annotation that names no mode refuses the remote rather than guess.
+pub fn remote_mode(flag: Option<PeerMode>, annotation: Option<&str>, default: PeerMode) -> Result<PeerMode, String> {
+    if let Some(m) = flag {
+        return Ok(m);
+    }
+    match annotation.map(str::trim) {
+        None => Ok(default),
+        Some("gateway") => Ok(PeerMode::Gateway),
+        Some("tunnel") => Ok(PeerMode::Tunnel),
+        Some(other) => Err(format!(
+            "annotation {MODE_ANNOTATION}: {} is neither \"gateway\" nor \"tunnel\"; refusing the peer until it is fixed",
+            Quoted(other)
+        )),
+    }
+}
+
+/// A remote cluster resolved for tunnel mode: its pod CIDRs, its tunnel NodePort, and each
+/// usable node with the pod CIDRs it hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedTunnel {
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub port: Option<u16>,
+    /// By address.
+    pub nodes: BTreeMap<Ipv4Addr, Vec<Ipv4Net>>,
+    /// Nodes, or pod CIDRs of a node, left out, and why (the first [`MAX_REASONS`]).
+    pub skipped: Vec<String>,
+    /// How many were left out in all.
+    pub skipped_count: usize,
+    /// Why the peer cannot be built now.
+    pub problems: Vec<String>,
+    /// Why the cluster must not become a peer at all.
+    pub refusals: Vec<String>,
+}
+
+/// Reasons kept for skipped nodes: a cluster of 5,000 nodes without podCIDRs must not write
+/// 5,000 lines into `status.yaml`.
+pub const MAX_REASONS: usize = 16;
+
+impl ResolvedTunnel {
+    fn skip(&mut self, why: String) {
+        self.skipped_count += 1;
+        if self.skipped.len() < MAX_REASONS {
+            self.skipped.push(why);
+        }
+    }
+
+    /// The skipped nodes in one line, for the peer's status.
+    #[must_use]
+    pub fn skipped_summary(&self) -> Option<String> {
+        let more = self.skipped_count.saturating_sub(self.skipped.len());
+        let tail = if more > 0 { format!("; and {more} more") } else { String::new() };
+        (self.skipped_count > 0).then(|| format!("{}{tail}", self.skipped.join("; ")))
+    }
+}
+
+/// Pod CIDRs a Kubernetes node may hold: `spec.podCIDRs` has one per address family, so
+/// more than this is not a node the API server validated.
+const MAX_CIDRS_PER_NODE: usize = limits::MAX_NODE_CIDRS;
+
+/// Resolves a cluster for tunnel mode: its tunnel Service's UDP nodePort and its nodes.
+///
+/// The remote's objects cross a trust boundary, so a node is left out (with the reason) when
+/// it has no usable address (none of `opts.address_type`, or one `reserved` refuses: loopback,
+/// link-local, this cluster's own nodes), no IPv4 podCIDR, more podCIDRs than a node can
+/// have, pod CIDRs outside `pod_cidrs` (when given), an address another node also claims, or
+/// pod CIDRs that overlap another node's (both lose them: which one is lying cannot be
+/// told). A node annotation that points elsewhere than the node's own addresses refuses the
+/// cluster, as in gateway mode. More usable nodes than the datapath holds is a problem, and
+/// the peer keeps its last good state.
+#[must_use]
+pub fn resolve_tunnel(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ipv4Net]>, reserved: &Reserved) -> ResolvedTunnel {
+    let mut r = ResolvedTunnel {
+        pod_cidrs: pod_cidrs.map_or_else(|| node_pod_cidrs(view.nodes.values()), <[Ipv4Net]>::to_vec),
+        ..ResolvedTunnel::default()
+    };
+    if r.pod_cidrs.is_empty() {
+        r.problems.push(format!("no node has an IPv4 podCIDR; set the {POD_CIDRS_ANNOTATION} annotation on the remote secret"));
+    }
+    r.port = tunnel_port(view.tunnel_service.as_ref(), &opts.tunnel_service).map_err(|e| r.problems.push(e)).ok();
+    let max_nodes = usize::try_from(limits::MAX_TUNNEL_NODES).unwrap_or(usize::MAX);
+    // Usable nodes: name, address, pod CIDRs.
+    let mut usable: Vec<(&str, Ipv4Addr, Vec<Ipv4Net>)> = Vec::new();
+    for (name, node) in view.nodes.as_ref() {
+        let address = match node_address("nodes", name, node, opts.address_type) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                r.skip(format!("node {name}: no {} address", opts.address_type.kube_name()));
+                continue;
+            }
+            Err(why) => {
+                r.refusals.push(why);
+                continue;
+            }
+        };
+        if let Some(why) = reserved.refuse_gateway(address) {
+            r.skip(format!("node {name}: address refused: {why}"));
+            continue;
+        }
+        if node.pod_cidrs.is_empty() {
+            r.skip(format!("node {name}: no IPv4 podCIDR"));
+            continue;
+        }
+        if node.pod_cidrs.len() > MAX_CIDRS_PER_NODE {
+            r.skip(format!("node {name}: {} podCIDRs, where a node has one per address family", node.pod_cidrs.len()));
+            continue;
+        }
+        let mut cidrs = Vec::new();
+        for c in &node.pod_cidrs {
+            if r.pod_cidrs.iter().any(|p| p.contains(c)) {
+                cidrs.push(*c);
+            } else {
+                r.skip(format!("node {name}: podCIDR {c} is outside the cluster's podCIDRs"));
+            }
+        }
+        if cidrs.is_empty() {
+            continue;
+        }
+        if usable.len() == max_nodes {
+            r.problems.push(format!("more than {max_nodes} usable nodes: a tunnel peer may have at most {max_nodes}"));
+            return r;
+        }
+        usable.push((name.as_str(), address, cidrs));
+    }
+    // An address claimed twice: packets from it could be either node's, so neither is used.
+    let mut by_address: BTreeMap<Ipv4Addr, Vec<&str>> = BTreeMap::new();
+    for (name, a, _) in &usable {
+        by_address.entry(*a).or_default().push(name);
+    }
+    usable.retain(|(name, a, _)| {
+        let names = &by_address[a];
+        if names.len() > 1 {
+            r.skip(format!("node {name}: address {a} is also node {}'s", names.iter().filter(|n| *n != name).copied().collect::<Vec<_>>().join(", ")));
+        }
+        names.len() == 1
+    });
+    // Overlapping pod CIDRs: a pod address routed to two nodes. Sorted by start, a CIDR
+    // overlaps an earlier one exactly when one still open contains it (CIDRs nest or are
+    // disjoint), so one pass with a stack of open CIDRs finds every overlapping pair.
+    let mut all: Vec<(Ipv4Net, usize)> = usable.iter().enumerate().flat_map(|(i, (_, _, cs))| cs.iter().map(move |c| (*c, i))).collect();
+    all.sort_unstable_by_key(|(c, _)| (c.network(), c.prefix_len()));
+    let mut open: Vec<(Ipv4Net, usize)> = Vec::new();
+    let mut conflicts: BTreeSet<(usize, Ipv4Net, usize, Ipv4Net)> = BTreeSet::new();
+    for (c, i) in all {
+        open.retain(|(o, _)| o.contains(&c.network()));
+        for (o, j) in &open {
+            conflicts.insert((*j, *o, i, c));
+        }
+        open.push((c, i));
+    }
+    let mut lost: BTreeSet<(usize, Ipv4Net)> = BTreeSet::new();
+    for (j, o, i, c) in conflicts {
+        if lost.insert((j, o)) {
+            r.skip(format!("node {}: podCIDR {o} overlaps node {}'s {c}", usable[j].0, usable[i].0));
+        }
+        if lost.insert((i, c)) {
+            r.skip(format!("node {}: podCIDR {c} overlaps node {}'s {o}", usable[i].0, usable[j].0));
+        }
+    }
+    for (i, (_, a, cs)) in usable.into_iter().enumerate() {
+        let kept: Vec<Ipv4Net> = cs.into_iter().filter(|c| !lost.contains(&(i, *c))).collect();
+        if !kept.is_empty() {
+            r.nodes.insert(a, kept);
+        }
+    }
+    if r.nodes.is_empty() && r.refusals.is_empty() {
+        r.problems.push(match r.skipped_summary() {
+            Some(why) => format!("no node is usable for the tunnel: {why}"),
+            None => "the cluster has no node".to_string(),
+        });
+    }
+    r
+}
+
+/// The tunnel port a cluster's tunnel Service reserves: the nodePort of its UDP port (of the
+/// one named `tunnel` when it has several).
+fn tunnel_port(svc: Option<&Service>, name: &str) -> Result<u16, String> {
+    let svc = svc.ok_or_else(|| format!("Service {name} not found (deploy/base/tunnel-service.yaml creates it)"))?;
+    let udp: Vec<_> = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref() == Some("UDP"))
+        .filter_map(|p| Some((p.name.as_deref(), u16::try_from(p.node_port?).ok().filter(|p| *p != 0)?)))
+        .collect();
+    match udp.as_slice() {
+        [] => Err(format!("Service {name} has no UDP nodePort (is it type NodePort, with protocol UDP?)")),
+        [(_, port)] => Ok(*port),
+        many => many
+            .iter()
+            .find(|(n, _)| *n == Some("tunnel"))
+            .map(|(_, p)| *p)
+            .ok_or_else(|| format!("Service {name} has {} UDP nodePorts and none is named \"tunnel\"", many.len())),
+    }
+}
+
+/// The tunnel peer a resolved cluster becomes, or why it cannot be one.
+pub fn tunnel_peer(name: &str, r: &ResolvedTunnel) -> Result<RawPeer, String> {
+    let (Some(port), false, false) = (r.port, r.nodes.is_empty(), r.pod_cidrs.is_empty()) else {
+        return Err(r.problems.join("; "));
+    };
+    Ok(RawPeer {
+        name: name.to_string(),
+        mode: PeerMode::Tunnel,
+        pod_cidrs: r.pod_cidrs.iter().map(ToString::to_string).collect(),
+        tunnel_port: Some(u32::from(port)),
+        nodes: r
+            .nodes
+            .iter()
+            .map(|(a, cs)| RawTunnelNode { address: a.to_string(), pod_cidrs: cs.iter().map(ToString::to_string).collect() })
             .collect(),
         ..RawPeer::default()
     })
@@ -436,6 +680,7 @@ mod tests {
             ),
             service: Some(svc),
             endpoints: Some(ep),
+            tunnel_service: None,
         }
     }
 
@@ -498,6 +743,279 @@ mod tests {
             assert_eq!(r.refusals, [why], "{value}");
             assert!(r.addresses.is_empty(), "{value}");
         }
+    }
+
+    fn info(addresses: &[(NodeAddressType, &str)], cidrs: &[&str]) -> NodeInfo {
+        NodeInfo {
+            pod_cidrs: cidrs.iter().map(|c| c.parse::<Ipv4Net>().unwrap()).collect(),
+            addresses: addresses.iter().map(|(t, a)| (*t, a.parse().unwrap())).collect(),
+            gateway_address: None,
+        }
+    }
+
+    fn internal(ip: &str, cidrs: &[&str]) -> NodeInfo {
+        info(&[(NodeAddressType::Internal, ip)], cidrs)
+    }
+
+    fn tunnel_service(ports: &[(Option<&str>, &str, Option<i32>)]) -> Service {
+        Service {
+            spec: Some(ServiceSpec {
+                type_: Some("NodePort".into()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(name, proto, node_port)| ServicePort {
+                            name: name.map(Into::into),
+                            protocol: Some((*proto).into()),
+                            port: 31800,
+                            node_port: *node_port,
+                            ..ServicePort::default()
+                        })
+                        .collect(),
+                ),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// A tunnel-mode remote: two nodes and the tunnel Service on 31800, no gateway at all.
+    fn tunnel_view(nodes: Vec<(&str, NodeInfo)>) -> ClusterView {
+        ClusterView {
+            nodes: std::sync::Arc::new(nodes.into_iter().map(|(n, i)| (n.to_string(), i)).collect()),
+            tunnel_service: Some(tunnel_service(&[(Some("tunnel"), "UDP", Some(31800))])),
+            ..ClusterView::default()
+        }
+    }
+
+    /// This cluster: node 10.20.144.83, Services in 10.96.0.0/12.
+    fn local() -> Reserved {
+        Reserved { service_cidrs: vec!["10.96.0.0/12".parse().unwrap()], local_addresses: ["10.20.144.83".parse().unwrap()].into() }
+    }
+
+    fn nodes_of(p: &RawPeer) -> Vec<(String, Vec<String>)> {
+        p.nodes.iter().map(|n| (n.address.clone(), n.pod_cidrs.clone())).collect()
+    }
+
+    #[test]
+    fn a_tunnel_peer_has_every_node_and_the_services_nodeport() {
+        let v = tunnel_view(vec![("n3", internal("10.20.144.166", &["10.245.1.0/24"])), ("n2", internal("10.20.144.165", &["10.245.0.0/24"]))]);
+        let r = resolve_tunnel(&v, &ResolveOptions::default(), None, &local());
+        assert_eq!((r.port, r.skipped_count), (Some(31800), 0), "{r:?}");
+        let p = tunnel_peer("cluster2", &r).unwrap();
+        assert_eq!((p.mode, p.tunnel_port, p.pod_cidrs.as_slice()), (PeerMode::Tunnel, Some(31800), &["10.245.0.0/23".to_string()][..]));
+        assert_eq!(nodes_of(&p), [("10.20.144.165".into(), vec!["10.245.0.0/24".into()]), ("10.20.144.166".into(), vec!["10.245.1.0/24".into()])]);
+        assert!(p.gateways.is_empty());
+        crate::config::validate_peer(&p, &local()).unwrap();
+        // The east-west gateway plays no part: a one-network mesh has none.
+        assert!(v.service.is_none() && v.endpoints.is_none());
+    }
+
+    #[test]
+    fn the_tunnel_port_is_the_services_udp_nodeport() {
+        let port = |svc: Option<Service>| {
+            let mut v = tunnel_view(vec![("n2", internal("10.20.144.165", &["10.245.0.0/24"]))]);
+            v.tunnel_service = svc;
+            let r = resolve_tunnel(&v, &ResolveOptions::default(), None, &local());
+            r.port.ok_or_else(|| r.problems.join("; "))
+        };
+        assert_eq!(port(Some(tunnel_service(&[(None, "UDP", Some(31999))]))), Ok(31999));
+        let two = tunnel_service(&[(Some("other"), "UDP", Some(31001)), (Some("tunnel"), "UDP", Some(31002)), (Some("x"), "TCP", Some(31003))]);
+        assert_eq!(port(Some(two)), Ok(31002));
+        for (svc, why) in [
+            (None, "Service meshnet-tunnel not found"),
+            (Some(tunnel_service(&[(Some("tunnel"), "TCP", Some(31800))])), "has no UDP nodePort"),
+            (Some(tunnel_service(&[(Some("tunnel"), "UDP", None)])), "has no UDP nodePort"),
+            (Some(tunnel_service(&[(Some("tunnel"), "UDP", Some(70000))])), "has no UDP nodePort"),
+            (Some(tunnel_service(&[(Some("tunnel"), "UDP", Some(0))])), "has no UDP nodePort"),
+            (Some(tunnel_service(&[(Some("a"), "UDP", Some(31001)), (Some("b"), "UDP", Some(31002))])), "2 UDP nodePorts and none is named \"tunnel\""),
+        ] {
+            let e = port(svc).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        // No port, no peer: the controller keeps the peer's last good state.
+        let mut v = tunnel_view(vec![("n2", internal("10.20.144.165", &["10.245.0.0/24"]))]);
+        v.tunnel_service = None;
+        assert!(tunnel_peer("c", &resolve_tunnel(&v, &ResolveOptions::default(), None, &local())).unwrap_err().contains("not found"));
+    }
+
+    /// Each bad node costs only itself, with a reason; the rest make a peer the agents take.
+    #[test]
+    fn bad_nodes_are_left_out_one_by_one() {
+        let ext = |ip: &str, cidrs: &[&str]| info(&[(NodeAddressType::External, ip)], cidrs);
+        let v = tunnel_view(vec![
+            ("good", internal("10.20.144.165", &["10.245.0.0/24"])),
+            ("no-internal-ip", ext("192.0.2.9", &["10.245.1.0/24"])),
+            ("loopback", internal("127.0.0.1", &["10.245.2.0/24"])),
+            ("metadata", internal("169.254.169.254", &["10.245.3.0/24"])),
+            ("multicast", internal("224.0.0.5", &["10.245.4.0/24"])),
+            ("ours", internal("10.20.144.83", &["10.245.5.0/24"])),
+            ("no-podcidr", internal("10.20.144.170", &[])),
+            ("greedy", internal("10.20.144.171", &["10.245.6.0/24", "10.245.7.0/24", "10.245.8.0/24", "10.245.9.0/24", "10.245.10.0/24"])),
+            ("twin-a", internal("10.20.144.172", &["10.245.11.0/24"])),
+            ("twin-b", internal("10.20.144.172", &["10.245.12.0/24"])),
+            ("thief", internal("10.20.144.173", &["10.245.0.128/25", "10.245.13.0/24"])),
+        ]);
+        let r = resolve_tunnel(&v, &ResolveOptions::default(), None, &local());
+        assert_eq!(
+            r.skipped,
+            [
+                "node greedy: 5 podCIDRs, where a node has one per address family",
+                "node loopback: address refused: 127.0.0.1 is not a unicast address of a remote node (loopback)",
+                "node metadata: address refused: 169.254.169.254 is not a unicast address of a remote node (link-local)",
+                "node multicast: address refused: 224.0.0.5 is not a unicast address of a remote node (multicast)",
+                "node no-internal-ip: no InternalIP address",
+                "node no-podcidr: no IPv4 podCIDR",
+                "node ours: address refused: 10.20.144.83 is an address of this node; the peer's traffic would stay here",
+                "node twin-a: address 10.20.144.172 is also node twin-b's",
+                "node twin-b: address 10.20.144.172 is also node twin-a's",
+                "node good: podCIDR 10.245.0.0/24 overlaps node thief's 10.245.0.128/25",
+                "node thief: podCIDR 10.245.0.128/25 overlaps node good's 10.245.0.0/24",
+            ]
+        );
+        assert!(r.refusals.is_empty() && r.problems.is_empty(), "{r:?}");
+        let p = tunnel_peer("cluster2", &r).unwrap();
+        // Neither claimant keeps the contested range; the thief keeps what is its own.
+        assert_eq!(nodes_of(&p), [("10.20.144.173".into(), vec!["10.245.13.0/24".into()])]);
+        crate::config::validate_peer(&p, &local()).unwrap();
+        assert!(r.skipped_summary().unwrap().starts_with("node greedy: 5 podCIDRs"));
+    }
+
+    /// With the pod CIDRs given (flag or annotation), a node's claim outside them is left
+    /// out: the nodes cannot widen what the operator said the cluster holds.
+    #[test]
+    fn a_node_cannot_claim_outside_the_given_pod_cidrs() {
+        let v = tunnel_view(vec![
+            ("n2", internal("10.20.144.165", &["10.245.0.0/24", "10.99.0.0/24"])),
+            ("n3", internal("10.20.144.166", &["169.254.0.0/24"])),
+        ]);
+        let given: Vec<Ipv4Net> = vec!["10.245.0.0/16".parse().unwrap()];
+        let r = resolve_tunnel(&v, &ResolveOptions::default(), Some(&given), &local());
+        assert_eq!(
+            r.skipped,
+            ["node n2: podCIDR 10.99.0.0/24 is outside the cluster's podCIDRs", "node n3: podCIDR 169.254.0.0/24 is outside the cluster's podCIDRs"]
+        );
+        let p = tunnel_peer("c", &r).unwrap();
+        assert_eq!((p.pod_cidrs.as_slice(), nodes_of(&p)), (&["10.245.0.0/16".to_string()][..], vec![("10.20.144.165".into(), vec!["10.245.0.0/24".into()])]));
+        crate::config::validate_peer(&p, &local()).unwrap();
+        // Without them, a node's claim is the cluster's: a reserved one refuses the whole peer
+        // (in the controller's vetting, as in gateway mode), it is never quietly routed.
+        let r = resolve_tunnel(&v, &ResolveOptions::default(), None, &local());
+        let e = crate::config::validate_peer(&tunnel_peer("c", &r).unwrap(), &local()).unwrap_err();
+        assert!(e.iter().any(|e| e.field.starts_with("podCIDRs") && e.message.contains("169.254.0.0/16")), "{e:?}");
+    }
+
+    #[test]
+    fn the_address_annotation_works_as_in_gateway_mode() {
+        let mut n2 = info(&[(NodeAddressType::Internal, "10.20.144.165"), (NodeAddressType::External, "192.0.2.99")], &["10.245.0.0/24"]);
+        n2.gateway_address = Some("192.0.2.99".into());
+        let r = resolve_tunnel(&tunnel_view(vec![("n2", n2.clone())]), &ResolveOptions::default(), None, &local());
+        assert_eq!(nodes_of(&tunnel_peer("c", &r).unwrap())[0].0, "192.0.2.99");
+        let ext = ResolveOptions { address_type: AddressType::ExternalIp, ..ResolveOptions::default() };
+        n2.gateway_address = None;
+        let r = resolve_tunnel(&tunnel_view(vec![("n2", n2.clone())]), &ext, None, &local());
+        assert_eq!(nodes_of(&tunnel_peer("c", &r).unwrap())[0].0, "192.0.2.99");
+        // Pointing elsewhere than the node's own addresses refuses the cluster.
+        for spoof in ["10.20.144.83", "10.20.144.200", "not an address", &"9".repeat(10_000)] {
+            n2.gateway_address = Some(spoof.into());
+            let r = resolve_tunnel(&tunnel_view(vec![("n2", n2.clone())]), &ResolveOptions::default(), None, &local());
+            assert_eq!(r.refusals.len(), 1, "{spoof}");
+            assert!(r.refusals[0].starts_with("nodes: node n2's meshnet.io/gateway-address"), "{}", r.refusals[0]);
+            assert!(r.refusals[0].len() < 200, "the refusal quotes the whole annotation: {}", r.refusals[0].len());
+        }
+    }
+
+    #[test]
+    fn a_cluster_without_usable_nodes_is_no_peer() {
+        let r = resolve_tunnel(&tunnel_view(vec![("n2", internal("127.0.0.2", &["10.245.0.0/24"]))]), &ResolveOptions::default(), None, &local());
+        let e = tunnel_peer("c", &r).unwrap_err();
+        assert!(e.starts_with("no node is usable for the tunnel: node n2: address refused"), "{e}");
+        let r = resolve_tunnel(&tunnel_view(vec![]), &ResolveOptions::default(), None, &local());
+        assert!(tunnel_peer("c", &r).unwrap_err().contains("no node has an IPv4 podCIDR"));
+    }
+
+    /// `n` nodes 172.16.x.y with a /24 each of 10.64.0.0/10, plus `bad` without a podCIDR.
+    fn many(n: u32, bad: u32) -> ClusterView {
+        let nodes = (0..n + bad)
+            .map(|i| {
+                let ip = Ipv4Addr::from(0xac10_0000 + i + 1).to_string();
+                let cidr = Ipv4Net::new(Ipv4Addr::from(0x0a40_0000 + (i << 8)), 24).unwrap().to_string();
+                let cidrs: &[&str] = if i < n { &[&cidr] } else { &[] };
+                (format!("node-{i:05}"), internal(&ip, cidrs))
+            })
+            .collect::<BTreeMap<_, _>>();
+        ClusterView { nodes: std::sync::Arc::new(nodes), ..tunnel_view(vec![]) }
+    }
+
+    /// The datapath holds 4,096 tunnel nodes: a cluster with more usable nodes is a problem
+    /// (its last good state stays), found without building the whole list; reasons for
+    /// skipped nodes stay a handful, however many.
+    #[test]
+    fn a_huge_node_list_is_bounded() {
+        let max = limits::MAX_TUNNEL_NODES;
+        let r = resolve_tunnel(&many(max, 0), &ResolveOptions::default(), None, &local());
+        let p = tunnel_peer("c", &r).unwrap();
+        assert_eq!(p.nodes.len(), max as usize);
+        crate::config::validate_peer(&p, &local()).unwrap();
+        let r = resolve_tunnel(&many(max + 1, 0), &ResolveOptions::default(), None, &local());
+        assert!(tunnel_peer("c", &r).unwrap_err().contains("more than 4096 usable nodes"), "{:?}", r.problems);
+        let r = resolve_tunnel(&many(10, 5000), &ResolveOptions::default(), None, &local());
+        assert_eq!((r.nodes.len(), r.skipped.len(), r.skipped_count), (10, MAX_REASONS, 5000));
+        assert!(r.skipped_summary().unwrap().ends_with("; and 4984 more"));
+    }
+
+    /// Whatever the remote's nodes say, what resolve_tunnel makes of them never costs the
+    /// peer a node error in the agents' validator: only the cluster-wide pod CIDRs can be
+    /// refused (reserved ranges), and the controller's vetting says so.
+    #[test]
+    fn random_remote_nodes_never_make_an_invalid_node_list() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            u32::try_from(seed % u64::from(n)).unwrap()
+        };
+        let addrs = ["10.20.144.1", "10.20.144.2", "10.20.144.3", "10.20.144.83", "127.0.0.1", "169.254.1.1", "0.0.0.0", "255.255.255.255", "224.1.1.1", "192.0.2.7"];
+        let cidrs = ["10.245.0.0/24", "10.245.0.0/25", "10.245.0.128/25", "10.245.1.0/24", "10.245.0.0/16", "10.0.0.0/8", "10.96.0.0/24", "127.0.0.0/8", "10.245.2.0/30", "10.245.1.7/32"];
+        for round in 0..2000 {
+            let nodes: Vec<(String, NodeInfo)> = (0..=next(6))
+                .map(|i| {
+                    let mut cs: Vec<Ipv4Net> = (0..next(4)).map(|_| cidrs[next(10) as usize].parse().unwrap()).collect();
+                    cs.sort_unstable();
+                    cs.dedup();
+                    let node = NodeInfo { pod_cidrs: cs.into(), addresses: [(NodeAddressType::Internal, addrs[next(10) as usize].parse().unwrap())].into(), gateway_address: None };
+                    (format!("n{i}"), node)
+                })
+                .collect();
+            let v = ClusterView { nodes: std::sync::Arc::new(nodes.into_iter().collect()), ..tunnel_view(vec![]) };
+            let given: Vec<Ipv4Net> = vec!["10.245.0.0/16".parse().unwrap()];
+            for pod_cidrs in [None, Some(given.as_slice())] {
+                let r = resolve_tunnel(&v, &ResolveOptions::default(), pod_cidrs, &local());
+                let Ok(p) = tunnel_peer("c", &r) else { continue };
+                if let Err(errors) = crate::config::validate_peer(&p, &local()) {
+                    assert!(errors.iter().all(|e| e.field.starts_with("podCIDRs[")), "round {round}: {errors:?}\n{p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_mode_flag_wins_over_the_annotation_which_wins_over_the_default() {
+        use PeerMode::{Gateway, Tunnel};
+        assert_eq!(remote_mode(None, None, Gateway), Ok(Gateway));
+        assert_eq!(remote_mode(None, None, Tunnel), Ok(Tunnel));
+        assert_eq!(remote_mode(None, Some("tunnel"), Gateway), Ok(Tunnel));
+        assert_eq!(remote_mode(None, Some(" gateway "), Tunnel), Ok(Gateway));
+        assert_eq!(remote_mode(Some(Gateway), Some("tunnel"), Tunnel), Ok(Gateway));
+        // A flag for the remote makes its annotation irrelevant, even a wrong one.
+        assert_eq!(remote_mode(Some(Tunnel), Some("bogus"), Gateway), Ok(Tunnel));
+        for bad in ["Tunnel", "", "vxlan", "tunnel,gateway"] {
+            let e = remote_mode(None, Some(bad), Gateway).unwrap_err();
+            assert!(e.starts_with("annotation meshnet.io/mode: ") && e.contains("is neither \"gateway\" nor \"tunnel\""), "{e}");
+        }
+        let e = remote_mode(None, Some(&"x".repeat(100_000)), Gateway).unwrap_err();
+        assert!(e.len() < 200, "{}", e.len());
     }
 
     #[test]

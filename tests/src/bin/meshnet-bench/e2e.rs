@@ -15,6 +15,14 @@
 //! - `iptables-N`: meshnet detached; iptables DNAT on node1 (the nf_tables backend,
 //!   `iptables-nft`, where it is installed) does the same rewrite, with N non-matching DNAT
 //!   rules (other remote CIDRs) ahead of the matching one.
+//! - `tunnel-redirect`, `tunnel-stack`: tunnel mode, an agent on each node; the client
+//!   addresses the server pod by its pod IP, as in `plain`, and node1's `from_pod`
+//!   encapsulates it to node2's tunnel port, whose uplink program hands it to the pod
+//!   (`delivery: redirect`, or through node2's stack, the default); the replies the same way
+//!   back. No route between the pod networks on either node.
+//! - `vxlan`: the kernel's VXLAN device on each node (what flannel and Cilium's tunnel mode
+//!   use), routing the other node's pod CIDR over it; no masquerade between pod CIDRs, the
+//!   client addressing the server pod as in `plain`.
 //!
 //! A relay in the gateway pod (as Istio's gateway is) would add a user-space copy to every
 //! mode alike and make the modes look closer than they are, so there is none.
@@ -35,8 +43,8 @@ use anyhow::{bail, ensure, Context as _};
 use meshnet::pins::{Direction, Pins};
 use meshnet_tests::{
     poll,
-    topo::{Options, Topology, NODE1_LAN, NODE2_LAN},
-    Agent, ChildGuard, NetNs,
+    topo::{Options, TempDir, Topology, NODE1_LAN, NODE2_LAN},
+    Agent, Bpffs, ChildGuard, NetNs,
 };
 use serde_json::{json, Value};
 
@@ -54,6 +62,13 @@ const REMOTE_BULK: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 246, 0, 20
 /// The remote pod CIDRs the client reaches; routed, not translated, in the plain mode.
 const REMOTE_CIDRS: [&str; 2] = ["10.245.0.0/16", "10.246.0.0/16"];
 const LOCAL_CIDR: &str = "10.244.0.0/16";
+/// cluster2's pod CIDR (the gateway pod's), which node2 routes back in `plain` and `vxlan`.
+const NODE2_CIDR: &str = "10.245.0.0/16";
+/// Both clusters' tunnel NodePort.
+const TUNNEL_PORT: u16 = 31800;
+/// The VXLAN device's MTU: the LAN's 1500 less VXLAN's 50 bytes of outer headers (what the
+/// kernel gives a VXLAN device on a 1500-byte link, and what flannel configures).
+const VXLAN_MTU: u32 = 1450;
 const MSG: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Client threads of the connection-rate workload. One: a closed loop's rate is then the
@@ -106,11 +121,31 @@ impl Params {
     }
 }
 
+/// How tunnel mode hands a decapsulated packet to its pod (the config's `tunnel.delivery`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery {
+    /// `bpf_redirect_neigh` from the uplink straight to the pod's side.
+    Redirect,
+    /// Through the node's stack (the default).
+    Stack,
+}
+
+impl Delivery {
+    fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Redirect => "redirect",
+            Delivery::Stack => "stack",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Floor,
     Plain,
     Meshnet,
+    Tunnel(Delivery),
+    Vxlan,
     Iptables(usize),
 }
 
@@ -120,6 +155,8 @@ impl Mode {
             Mode::Floor => "floor".into(),
             Mode::Plain => "plain".into(),
             Mode::Meshnet => "meshnet".into(),
+            Mode::Tunnel(d) => format!("tunnel-{}", d.as_str()),
+            Mode::Vxlan => "vxlan".into(),
             Mode::Iptables(n) => format!("iptables-{n}"),
         }
     }
@@ -128,10 +165,30 @@ impl Mode {
         let node2: Ipv4Addr = NODE2_LAN.parse().unwrap();
         match self {
             Mode::Floor => (SocketAddrV4::new(node2, NP_RR), SocketAddrV4::new(node2, NP_BULK)),
-            Mode::Plain => (SocketAddrV4::new(GW_IP, RR_PORT), SocketAddrV4::new(GW_IP, BULK_PORT)),
-            _ => (REMOTE_RR, REMOTE_BULK),
+            // The server pod by its own address: routed, tunnelled or VXLAN-encapsulated.
+            Mode::Plain | Mode::Tunnel(_) | Mode::Vxlan => (SocketAddrV4::new(GW_IP, RR_PORT), SocketAddrV4::new(GW_IP, BULK_PORT)),
+            Mode::Meshnet | Mode::Iptables(_) => (REMOTE_RR, REMOTE_BULK),
         }
     }
+
+    /// What the agents are to do in this mode.
+    fn agents(self) -> AgentState {
+        match self {
+            Mode::Meshnet => AgentState::Gateway,
+            Mode::Tunnel(d) => AgentState::Tunnel(d),
+            _ => AgentState::Off,
+        }
+    }
+}
+
+/// The agents' configuration: node1's agent is attached to the client's veth in gateway mode
+/// and in tunnel mode; node2's only in tunnel mode (to the gateway pod's veth); both
+/// attach their uplink `lan0` in tunnel mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentState {
+    Off,
+    Gateway,
+    Tunnel(Delivery),
 }
 
 fn config(interfaces: &str) -> String {
@@ -148,6 +205,55 @@ peers:
     podCIDRs: [\"10.246.0.0/16\"]
     gateways:
       - {{address: {NODE2_LAN}, port: {NP_BULK}}}
+health:
+  enabled: false
+"
+    )
+}
+
+/// A node's tunnel-mode config (the issue's example): node1 is cluster1 and node2 cluster2,
+/// each the other's tunnel peer with its one node.
+fn tunnel_config(node1: bool, delivery: Delivery) -> String {
+    let (cluster, pods, iface, node_pods, peer, peer_pods, peer_node, peer_node_pods) = if node1 {
+        ("cluster1", LOCAL_CIDR, "vethc", "10.244.0.0/24", "cluster2", NODE2_CIDR, NODE2_LAN, "10.245.0.0/24")
+    } else {
+        ("cluster2", NODE2_CIDR, "vethgw", "10.245.0.0/24", "cluster1", LOCAL_CIDR, NODE1_LAN, "10.244.0.0/24")
+    };
+    format!(
+        "cluster: {cluster}
+podCIDRs: [\"{pods}\"]
+interfaces: [\"{iface}\"]
+tunnel:
+  port: {TUNNEL_PORT}
+  interfaces: [\"lan0\"]
+  podCIDRs: [\"{node_pods}\"]
+  delivery: {}
+peers:
+  - name: {peer}
+    mode: tunnel
+    podCIDRs: [\"{peer_pods}\"]
+    tunnelPort: {TUNNEL_PORT}
+    nodes:
+      - address: {peer_node}
+        podCIDRs: [\"{peer_node_pods}\"]
+health:
+  enabled: false
+",
+        delivery.as_str()
+    )
+}
+
+/// node2's config outside tunnel mode: attached nowhere.
+fn node2_off_config() -> String {
+    format!(
+        "cluster: cluster2
+podCIDRs: [\"{NODE2_CIDR}\"]
+interfaces: [\"mnbench-none\"]
+peers:
+  - name: cluster1
+    podCIDRs: [\"{LOCAL_CIDR}\"]
+    gateways:
+      - {{address: {NODE1_LAN}, port: {NP_RR}}}
 health:
   enabled: false
 "
@@ -230,16 +336,18 @@ fn connect(target: SocketAddrV4) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-/// One request/response and its answer, to check that a mode carries traffic at all.
-fn probe(ns: &NetNs, target: SocketAddrV4) -> anyhow::Result<()> {
-    ns.run(move || -> std::io::Result<()> {
+/// One request/response and its answer, to check that a mode carries traffic at all; returns
+/// the connection's MSS (`TCP_MAXSEG`: the payload of a full segment, which the path MTU, the
+/// peer's SYN and the TCP options in every segment leave).
+fn probe(ns: &NetNs, target: SocketAddrV4) -> anyhow::Result<u32> {
+    ns.run(move || -> std::io::Result<u32> {
         let mut s = connect(target)?;
         let req = [b'R'; MSG];
         s.write_all(&req)?;
         let mut buf = [0u8; MSG];
         s.read_exact(&mut buf)?;
         if buf == req {
-            Ok(())
+            socket2::SockRef::from(&s).mss()
         } else {
             Err(std::io::Error::other("wrong answer"))
         }
@@ -505,12 +613,121 @@ fn plain_leave(t: &Topology) {
     }
 }
 
-/// Field order is drop order: the servers and the agent stop before the namespaces go.
+/// The VXLAN mode's devices, as flannel's vxlan backend sets them up: on each node a VXLAN
+/// device `vx0` (VNI 42, UDP 4789, unicast to the other node over `lan0`, no learning) holding
+/// the network address of the node's pod CIDR as a /32, the other node's pod CIDR routed
+/// `via` the other device's address `onlink`, and that address's MAC a permanent neighbour
+/// entry (flannel writes the same from its lease; no ARP crosses the tunnel). As in `plain`,
+/// neither node masquerades traffic between pod CIDRs.
+///
+/// MTU: the LAN and the pods' interfaces stay at 1500; the device gets 1500 − 50 = 1450, the
+/// kernel's own choice on a 1500-byte link; and the pods' routes to the other cluster's pods
+/// carry `mtu 1450`, as Cilium sets pod routes in tunnel mode (flannel lowers the pods'
+/// interface MTU instead, to the same effect on TCP), so that TCP's MSS fits the tunnel from
+/// the SYN on. Without it every connection to a new destination would first lose a full-size
+/// segment to an ICMP "fragmentation needed" (path MTU discovery through node1), which
+/// neither CNI leaves to chance. meshnet's tunnel clamps the MSS itself and leaves the pods
+/// alone.
+struct VxlanSide<'a> {
+    node: &'a NetNs,
+    pod: &'a NetNs,
+    local: &'static str,
+    remote: &'static str,
+    /// The device's address and MAC, and the other node's.
+    addr: &'static str,
+    mac: &'static str,
+    peer_addr: &'static str,
+    peer_mac: &'static str,
+    /// The pod CIDRs on the other side, and this side's (for the masquerade exemption).
+    remote_cidrs: Vec<&'static str>,
+    own_cidr: &'static str,
+    /// The pod's gateway (its node's bridge address).
+    pod_gw: &'static str,
+}
+
+fn vxlan_sides(t: &Topology) -> [VxlanSide<'_>; 2] {
+    [
+        VxlanSide {
+            node: &t.node1,
+            pod: &t.client,
+            local: NODE1_LAN,
+            remote: NODE2_LAN,
+            addr: "10.244.0.0",
+            mac: "02:00:00:00:42:01",
+            peer_addr: "10.245.0.0",
+            peer_mac: "02:00:00:00:42:02",
+            remote_cidrs: REMOTE_CIDRS.to_vec(),
+            own_cidr: LOCAL_CIDR,
+            pod_gw: "10.244.0.1",
+        },
+        VxlanSide {
+            node: &t.node2,
+            pod: &t.gw,
+            local: NODE2_LAN,
+            remote: NODE1_LAN,
+            addr: "10.245.0.0",
+            mac: "02:00:00:00:42:02",
+            peer_addr: "10.244.0.0",
+            peer_mac: "02:00:00:00:42:01",
+            remote_cidrs: vec![LOCAL_CIDR],
+            own_cidr: NODE2_CIDR,
+            pod_gw: "10.245.0.1",
+        },
+    ]
+}
+
+fn vxlan_enter(t: &Topology) {
+    for s in vxlan_sides(t) {
+        s.node.ip(&format!(
+            "link add vx0 address {} type vxlan id 42 local {} remote {} dstport 4789 dev lan0 nolearning",
+            s.mac, s.local, s.remote
+        ));
+        s.node.ip(&format!("link set vx0 mtu {VXLAN_MTU} up"));
+        s.node.ip(&format!("addr add {}/32 dev vx0", s.addr));
+        s.node.ip(&format!("neigh replace {} lladdr {} dev vx0 nud permanent", s.peer_addr, s.peer_mac));
+        for c in &s.remote_cidrs {
+            s.node.ip(&format!("route add {c} via {} dev vx0 onlink", s.peer_addr));
+            s.node.exec(&format!("iptables -t nat -I POSTROUTING 1 -s {} -d {c} -j RETURN", s.own_cidr));
+            s.pod.ip(&format!("route add {c} via {} mtu {VXLAN_MTU}", s.pod_gw));
+        }
+    }
+}
+
+/// Takes the VXLAN mode's devices, routes and rules out again, whether they are there or not.
+fn vxlan_leave(t: &Topology) {
+    for s in vxlan_sides(t) {
+        let _ = s.node.try_exec("ip link del vx0");
+        for c in &s.remote_cidrs {
+            while s.node.try_exec(&format!("iptables -t nat -D POSTROUTING -s {} -d {c} -j RETURN", s.own_cidr)).0 {}
+            let _ = s.pod.try_exec(&format!("ip route del {c}"));
+        }
+    }
+}
+
+/// Bytes and packets node2's `lan0` received: their ratio during a bulk run tells whether the
+/// sender's 64 KB GSO packets cross the LAN whole (a veth passes them on unsegmented) or are
+/// cut into MTU-sized packets on the way.
+fn lan_rx(t: &Topology) -> (u64, u64) {
+    let read = |f: &str| t.node2.try_exec(&format!("cat /sys/class/net/lan0/statistics/{f}")).1.trim().parse().unwrap_or(0);
+    (read("rx_bytes"), read("rx_packets"))
+}
+
+/// Packets the VXLAN device of node1 sent.
+fn vxlan_tx_packets(t: &Topology) -> u64 {
+    t.node1.try_exec("cat /sys/class/net/vx0/statistics/tx_packets").1.trim().parse().unwrap_or(0)
+}
+
+/// Field order is drop order: the servers and the agents stop before the namespaces go.
 struct Bench {
     _echo: EchoServer,
     _iperf: ChildGuard,
     agent: Agent,
     pins: Pins,
+    /// node2's agent (tunnel mode), its pins, bpffs and config directory.
+    agent2: Agent,
+    pins2: Pins,
+    bpffs2: Bpffs,
+    dir2: TempDir,
     t: Topology,
 }
 
@@ -555,18 +772,50 @@ impl Bench {
         let cfg = t.write_config(&config("mnbench-none"));
         let agent = Agent::start(&t.node1, &cfg, &t.pin_path(), &[]);
         let pins = Pins::new(t.pin_path());
-        Ok(Self { _echo: echo, _iperf: iperf, agent, pins, t })
+        let (bpffs2, dir2) = (Bpffs::new(), TempDir::new());
+        let cfg2 = write_atomically(&dir2, &node2_off_config());
+        let agent2 = Agent::start(&t.node2, &cfg2, &bpffs2.pin_path(), &[]);
+        let pins2 = Pins::new(bpffs2.pin_path());
+        Ok(Self { _echo: echo, _iperf: iperf, agent, pins, agent2, pins2, bpffs2, dir2, t })
     }
 
-    fn attached(&self) -> bool {
-        [Direction::Ingress, Direction::Egress].iter().all(|d| self.pins.link("vethc", *d).exists())
+    /// Whether each agent's programs are where `state` wants them, and no others.
+    fn attached_as(&self, state: AgentState) -> bool {
+        let pods = [Direction::Ingress, Direction::Egress];
+        let tunnel = matches!(state, AgentState::Tunnel(_));
+        pods.iter().all(|d| self.pins.link("vethc", *d).exists() == (state != AgentState::Off))
+            && self.pins.link("lan0", Direction::Uplink).exists() == tunnel
+            && pods.iter().all(|d| self.pins2.link("vethgw", *d).exists() == tunnel)
+            && self.pins2.link("lan0", Direction::Uplink).exists() == tunnel
     }
 
-    fn set_meshnet(&self, on: bool) -> anyhow::Result<()> {
-        self.t.write_config(&config(if on { "vethc" } else { "mnbench-none" }));
-        self.agent.child.signal(nix::sys::signal::Signal::SIGHUP);
-        poll(Duration::from_secs(10), || (self.attached() == on).then_some(()))
-            .with_context(|| format!("meshnet did not {} vethc", if on { "attach to" } else { "detach from" }))
+    /// Whether both nodes' tunnel maps hold the route to the other node's pods with the
+    /// delivery asked for (a change of delivery alone attaches nothing new).
+    fn tunnel_ready(&self, d: Delivery) -> bool {
+        [self.dump(false, "tunnel"), self.dump(true, "tunnel")].iter().all(|v| {
+            let t = &v["tunnel"];
+            t["settings"]["delivery"] == d.as_str() && t["routes"].as_array().is_some_and(|r| !r.is_empty())
+        })
+    }
+
+    fn set_agents(&self, state: AgentState) -> anyhow::Result<()> {
+        let (one, two) = match state {
+            AgentState::Off => (config("mnbench-none"), node2_off_config()),
+            AgentState::Gateway => (config("vethc"), node2_off_config()),
+            AgentState::Tunnel(d) => (tunnel_config(true, d), tunnel_config(false, d)),
+        };
+        self.t.write_config(&one);
+        write_atomically(&self.dir2, &two);
+        for a in [&self.agent, &self.agent2] {
+            a.child.signal(nix::sys::signal::Signal::SIGHUP);
+        }
+        poll(Duration::from_secs(10), || self.attached_as(state).then_some(()))
+            .with_context(|| format!("the agents did not reach {state:?}: their programs are not where it wants them"))?;
+        if let AgentState::Tunnel(d) = state {
+            poll(Duration::from_secs(10), || self.tunnel_ready(d).then_some(()))
+                .with_context(|| format!("the tunnel maps do not show delivery {} with a route", d.as_str()))?;
+        }
+        Ok(())
     }
 
     fn enter(&self, mode: Mode) -> anyhow::Result<()> {
@@ -574,9 +823,10 @@ impl Bench {
         // of the plain mode's to a peer's pod CIDR.
         iptables_clear(&self.t.node1);
         plain_leave(&self.t);
+        vxlan_leave(&self.t);
         let routed = self.t.node1.ip("route show 10.245.0.0/16");
         ensure!(routed.trim().is_empty(), "node1 still routes the remote pod CIDR: {routed}");
-        self.set_meshnet(mode == Mode::Meshnet)?;
+        self.set_agents(mode.agents())?;
         match mode {
             Mode::Iptables(n) => {
                 iptables_restore(&self.t.node1, &iptables_rules(n))?;
@@ -585,14 +835,80 @@ impl Bench {
                 ensure!(count == n + 2, "MNBENCH holds {count} rules, expected {}", n + 2);
             }
             Mode::Plain => plain_enter(&self.t),
-            Mode::Floor | Mode::Meshnet => {}
+            Mode::Vxlan => vxlan_enter(&self.t),
+            Mode::Floor | Mode::Meshnet | Mode::Tunnel(_) => {}
         }
         Ok(())
     }
 
-    fn redirected(&self) -> u64 {
-        self.t.counter("redirected")
+    /// `meshnet maps dump WHAT -o json` of node1's agent, or node2's.
+    fn dump(&self, node2: bool, what: &str) -> Value {
+        if !node2 {
+            return self.t.dump_json(what);
+        }
+        let out = meshnet_tests::meshnet(&self.t.node2, &format!("maps dump {what} -o json --pin-path {}", self.bpffs2.pin_path().display()));
+        serde_json::from_str(&out.stdout).unwrap_or(Value::Null)
     }
+
+    /// The datapath counters that tell which mode carried the traffic, on both nodes.
+    fn counters(&self) -> Counters {
+        let one = self.dump(false, "stats");
+        let two = self.dump(true, "stats");
+        let c = |v: &Value, k: &str| v["stats"][k].as_u64().unwrap_or(0);
+        Counters {
+            redirected: c(&one, "redirected"),
+            encap: [c(&one, "tunnel_encap"), c(&two, "tunnel_encap")],
+            decap: [c(&one, "tunnel_decap"), c(&two, "tunnel_decap")],
+            vxlan_tx: vxlan_tx_packets(&self.t),
+        }
+    }
+}
+
+/// What [`Bench::counters`] reads: node1's gateway-mode translations, both nodes' tunnel
+/// encapsulations and decapsulations (node1, node2), and node1's VXLAN device's sent packets.
+#[derive(Clone, Copy, Debug)]
+struct Counters {
+    redirected: u64,
+    encap: [u64; 2],
+    decap: [u64; 2],
+    vxlan_tx: u64,
+}
+
+impl Counters {
+    /// Checks that the counters moved between `self` and `after` as `mode` carries traffic:
+    /// each datapath counts its own mode's packets, and no other mode's.
+    fn check(&self, after: &Counters, mode: Mode) -> anyhow::Result<()> {
+        let name = mode.name();
+        let redirected = after.redirected - self.redirected;
+        let encap: Vec<u64> = (0..2).map(|i| after.encap[i] - self.encap[i]).collect();
+        let decap: Vec<u64> = (0..2).map(|i| after.decap[i] - self.decap[i]).collect();
+        if mode == Mode::Meshnet {
+            ensure!(redirected > 0, "meshnet mode, but meshnet translated nothing");
+        } else {
+            ensure!(redirected == 0, "{name}: meshnet translated {redirected} packets");
+        }
+        if matches!(mode, Mode::Tunnel(_)) {
+            ensure!(
+                encap.iter().chain(&decap).all(|n| *n > 0),
+                "{name}: the tunnel did not carry both ways (encapsulated {encap:?}, decapsulated {decap:?} on node1, node2)"
+            );
+        } else {
+            ensure!(encap.iter().chain(&decap).all(|n| *n == 0), "{name}: the tunnel carried packets ({encap:?}, {decap:?})");
+        }
+        if mode == Mode::Vxlan {
+            ensure!(after.vxlan_tx > self.vxlan_tx, "vxlan mode, but node1's VXLAN device sent nothing");
+        }
+        Ok(())
+    }
+}
+
+/// Writes `text` as `dir`'s meshnet.yaml by an atomic rename, as a ConfigMap update does.
+fn write_atomically(dir: &TempDir, text: &str) -> std::path::PathBuf {
+    let p = dir.0.join("meshnet.yaml");
+    let tmp = dir.0.join(".meshnet.yaml.new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+    p
 }
 
 #[derive(Default)]
@@ -612,13 +928,38 @@ struct Series {
     crr_tcp: std::collections::BTreeMap<String, Vec<f64>>,
     /// CPU seconds the agent process used while the mode's workloads ran.
     agent_cpu_s: Vec<f64>,
+    /// The probe connection's MSS (`TCP_MAXSEG`).
+    mss: Vec<f64>,
+    /// The average packet node2's `lan0` received during the bulk run, bytes.
+    bulk_lan_avg_bytes: Vec<f64>,
+}
+
+/// Every mode, the floor first (the ratios to the floor use it).
+fn all_modes(p: &Params) -> Vec<Mode> {
+    let mut modes = vec![Mode::Floor, Mode::Plain, Mode::Meshnet, Mode::Tunnel(Delivery::Redirect), Mode::Tunnel(Delivery::Stack), Mode::Vxlan];
+    modes.extend(p.rules.iter().map(|n| Mode::Iptables(*n)));
+    // Development knob, not for published figures: only these modes (and the floor).
+    if let Ok(only) = std::env::var("MNBENCH_MODES") {
+        let only: Vec<&str> = only.split(',').collect();
+        modes.retain(|m| *m == Mode::Floor || only.contains(&m.name().as_str()));
+    }
+    modes
+}
+
+/// Per-repeat ratios of one mode's figures to another's: throughput and connections/s
+/// (higher is better) and the request/response p50 (lower is better).
+fn versus(a: &Series, b: &Series) -> Value {
+    json!({
+        "bulk": Stat::of(&ratios(&a.bulk_gbps, &b.bulk_gbps)).json(),
+        "crr": Stat::of(&ratios(&a.crr_per_s, &b.crr_per_s)).json(),
+        "rr_p50": Stat::of(&ratios(&a.rr_p50_us, &b.rr_p50_us)).json(),
+    })
 }
 
 pub fn run(p: &Params) -> anyhow::Result<Value> {
     let started = Instant::now();
     let b = Bench::setup()?;
-    let mut modes = vec![Mode::Floor, Mode::Plain, Mode::Meshnet];
-    modes.extend(p.rules.iter().map(|n| Mode::Iptables(*n)));
+    let modes = all_modes(p);
     let mut series: Vec<Series> = modes.iter().map(|_| Series::default()).collect();
     for rep in 0..p.reps {
         // Rotated each repeat, so that no mode always runs first or last.
@@ -628,25 +969,25 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             eprintln!("bench: [{:4.0} s] end to end, repeat {}/{}, {}", started.elapsed().as_secs_f64(), rep + 1, p.reps, mode.name());
             b.enter(mode)?;
             let (rr_target, bulk_target) = mode.targets();
-            let before = b.redirected();
+            let before = b.counters();
             let agent_cpu_before = cpu_seconds(b.agent.child.pid());
-            probe(&b.t.client, rr_target)?;
+            // The first connection of a mode may wait for the agents' last map writes.
+            let mss = poll(Duration::from_secs(5), || probe(&b.t.client, rr_target).ok())
+                .map_or_else(|| probe(&b.t.client, rr_target), Ok)
+                .with_context(|| format!("{}: the probe", mode.name()))?;
             // Development knob, not for published figures: only the connection-rate workload.
             let crr_only = std::env::var_os("MNBENCH_CRR_ONLY").is_some();
+            let lan_before = lan_rx(&b.t);
             let (gbps, retrans) = if crr_only { (f64::NAN, 0) } else { bulk(&b.t.client, bulk_target, p.bulk_secs)? };
+            let lan_after = lan_rx(&b.t);
             let (mut lat, secs) = if crr_only { (vec![0], 1.0) } else { rr(&b.t.client, rr_target, p.rr_secs)? };
             let tcp_before = [b.t.client.run(tcp_counters), b.t.gw.run(tcp_counters)];
             let c = crr(&b.t.client, rr_target, p.crr_secs, p.crr_concurrency);
             let tcp_after = [b.t.client.run(tcp_counters), b.t.gw.run(tcp_counters)];
             ensure!(!c.times.is_empty(), "{}: no connection succeeded", mode.name());
             let agent_cpu = cpu_seconds(b.agent.child.pid()) - agent_cpu_before;
-            let moved = b.redirected() - before;
-            // meshnet carried this mode's traffic, or none of it.
-            if mode == Mode::Meshnet {
-                ensure!(moved > 0, "meshnet mode, but meshnet translated nothing");
-            } else {
-                ensure!(moved == 0, "{}: meshnet translated {moved} packets", mode.name());
-            }
+            // Each datapath carried its own mode's traffic, and none of another's.
+            before.check(&b.counters(), mode)?;
             lat.sort_unstable();
             let s = &mut series[i];
             s.bulk_gbps.push(gbps);
@@ -667,12 +1008,14 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 }
             }
             s.agent_cpu_s.push(agent_cpu);
+            s.mss.push(f64::from(mss));
+            s.bulk_lan_avg_bytes.push((lan_after.0 - lan_before.0) as f64 / (lan_after.1 - lan_before.1).max(1) as f64);
         }
     }
     b.enter(Mode::Floor)?;
 
     let floor = &series[0];
-    let m = &series[modes.iter().position(|m| *m == Mode::Meshnet).unwrap()];
+    let of = |mode: Mode| modes.iter().position(|m| *m == mode).map(|i| &series[i]);
     let mut per_mode = serde_json::Map::new();
     let mut ratio_to_floor = serde_json::Map::new();
     let mut meshnet_vs = serde_json::Map::new();
@@ -694,6 +1037,8 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 "crr_stalls": Stat::of(&s.crr_stalls).json(),
                 "crr_tcp": s.crr_tcp.iter().map(|(k, v)| (k.clone(), Stat::of(v).json())).collect::<serde_json::Map<_, _>>(),
                 "agent_cpu_s": Stat::of(&s.agent_cpu_s).json(),
+                "mss": Stat::of(&s.mss).json(),
+                "bulk_lan_avg_bytes": Stat::of(&s.bulk_lan_avg_bytes).json(),
             }),
         );
         ratio_to_floor.insert(
@@ -705,17 +1050,27 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 "rr_p99": Stat::of(&ratios(&s.rr_p99_us, &floor.rr_p99_us)).json(),
             }),
         );
-        if matches!(mode, Mode::Iptables(_) | Mode::Plain) {
+        if let (Some(m), true) = (of(Mode::Meshnet), matches!(mode, Mode::Iptables(_) | Mode::Plain)) {
             let to = if *mode == Mode::Plain { &mut meshnet_vs_plain } else { &mut meshnet_vs };
-            to.insert(
-                mode.name(),
-                json!({
-                    "bulk": Stat::of(&ratios(&m.bulk_gbps, &s.bulk_gbps)).json(),
-                    "crr": Stat::of(&ratios(&m.crr_per_s, &s.crr_per_s)).json(),
-                    "rr_p50": Stat::of(&ratios(&m.rr_p50_us, &s.rr_p50_us)).json(),
-                }),
-            );
+            to.insert(mode.name(), versus(m, s));
         }
+    }
+    // Tunnel mode against plain routing (the floor of a pod network) and the kernel's VXLAN
+    // device, each delivery; and VXLAN against plain routing, for scale.
+    let mut tunnel_vs = serde_json::Map::new();
+    for (mode, against) in [
+        (Mode::Tunnel(Delivery::Redirect), [Mode::Plain, Mode::Vxlan, Mode::Tunnel(Delivery::Stack)]),
+        (Mode::Tunnel(Delivery::Stack), [Mode::Plain, Mode::Vxlan, Mode::Tunnel(Delivery::Redirect)]),
+        (Mode::Vxlan, [Mode::Plain, Mode::Plain, Mode::Plain]),
+    ] {
+        let Some(a) = of(mode) else { continue };
+        let mut v = serde_json::Map::new();
+        for other in against {
+            if let Some(b) = of(other) {
+                v.insert(other.name(), versus(a, b));
+            }
+        }
+        tunnel_vs.insert(mode.name(), Value::Object(v));
     }
     Ok(json!({
         "params": {
@@ -735,6 +1090,13 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         "ratio_to_floor": ratio_to_floor,
         "meshnet_vs_iptables": meshnet_vs,
         "meshnet_vs_plain": meshnet_vs_plain.remove("plain"),
+        "tunnel_vs": tunnel_vs,
+        "tunnel": {
+            "port": TUNNEL_PORT,
+            "overhead_bytes": meshnet_common::tunnel::OVERHEAD,
+            "vxlan_mtu": VXLAN_MTU,
+            "lan_mtu": 1500,
+        },
         "versions": {
             "iperf3": first_line("iperf3 --version"),
             "iptables": first_line(&format!("{} -V", iptables_bins().0)),
@@ -766,4 +1128,30 @@ fn cpu_seconds(pid: i32) -> f64 {
 fn first_line(cmd: &str) -> String {
     let (_, out) = meshnet_tests::try_sh(cmd);
     out.lines().next().unwrap_or("").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_agent_config_validates_and_tunnels_where_it_should() {
+        for d in [Delivery::Redirect, Delivery::Stack] {
+            for node1 in [true, false] {
+                let c = meshnet::config::Config::from_yaml(&tunnel_config(node1, d)).unwrap();
+                let desired = c.desired();
+                assert!(desired.routes.is_empty(), "a tunnel peer has no gateway route");
+                assert_eq!((desired.tun_routes.len(), desired.tun_nodes.len()), (1, 1));
+                let peer: Ipv4Addr = if node1 { NODE2_LAN } else { NODE1_LAN }.parse().unwrap();
+                assert!(desired.tun_nodes.contains_key(&peer));
+                let gw_pod = desired.tun_routes.keys().any(|n| n.contains(&GW_IP));
+                assert_eq!(gw_pod, node1, "node1 tunnels to the gateway pod's node CIDR");
+            }
+        }
+        for text in [config("vethc"), node2_off_config()] {
+            let c = meshnet::config::Config::from_yaml(&text).unwrap();
+            assert!(c.desired().tun_routes.is_empty());
+        }
+        assert_eq!(all_modes(&Params::new(true)).iter().filter(|m| matches!(m, Mode::Tunnel(_) | Mode::Vxlan)).count(), 3);
+    }
 }

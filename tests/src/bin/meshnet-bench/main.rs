@@ -27,6 +27,7 @@ mod control;
 mod discovery;
 mod e2e;
 mod micro;
+mod micro_tunnel;
 mod report;
 mod stats;
 mod svg;

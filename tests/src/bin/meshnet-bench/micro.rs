@@ -173,7 +173,7 @@ pub fn prefixes(set: PrefixSet, count: usize) -> Vec<(u32, [u8; 4])> {
 // Packets
 // ---------------------------------------------------------------------------------------
 
-fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8> {
+pub(crate) fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8> {
     let mut h = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
     if syn {
         h.syn = true;
@@ -247,12 +247,12 @@ struct Dp {
     stats: Stats,
 }
 
-struct Run {
-    ret: u32,
+pub(crate) struct Run {
+    pub ret: u32,
     /// The kernel's per-run average.
-    kernel: Duration,
+    pub kernel: Duration,
     /// The whole syscall, measured here.
-    wall: Duration,
+    pub wall: Duration,
 }
 
 impl Dp {
@@ -296,7 +296,7 @@ fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
     }
 }
 
-fn test_run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> anyhow::Result<Run> {
+pub(crate) fn test_run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> anyhow::Result<Run> {
     let t = Instant::now();
     let r = prog
         .test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() })
@@ -305,11 +305,11 @@ fn test_run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> anyhow::Result<R
     Ok(Run { ret: r.return_value, kernel: r.duration, wall })
 }
 
-fn counter(stats: &Stats, name: &str) -> u64 {
+pub(crate) fn counter(stats: &Stats, name: &str) -> u64 {
     maps::sum_stats(stats).map_or(0, |m| m[name])
 }
 
-fn prog<'a>(ebpf: &'a Ebpf, name: &str) -> &'a SchedClassifier {
+pub(crate) fn prog<'a>(ebpf: &'a Ebpf, name: &str) -> &'a SchedClassifier {
     ebpf.program(name).expect("program").try_into().expect("a tc program")
 }
 
@@ -835,6 +835,12 @@ fn decision_round(dp: &mut Dp, logs: &mut LogMaps, pk: &Packets, p: &Params, out
 /// Every route configuration; the 1-CIDR one is shared by both sets.
 pub fn run(p: &Params) -> anyhow::Result<Value> {
     let started = Instant::now();
+    eprintln!("bench: datapath, tunnel mode (encapsulation, decapsulation, the uplink's other traffic)");
+    let tunnel = crate::micro_tunnel::run(p).context("tunnel mode")?;
+    // Development knob, not for published figures: the tunnel figures alone.
+    if std::env::var_os("MNBENCH_TUNNEL_ONLY").is_some() {
+        return Ok(json!({ "repeat": p.repeat, "reps": p.reps, "tunnel": tunnel, "seconds": round(started.elapsed().as_secs_f64()) }));
+    }
     let mut configs = Vec::new();
     let mut naive = Value::Null;
     for &n in &p.cidr_counts {
@@ -870,6 +876,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         "new_flow_chain": chained,
         "full_maps": full,
         "breakdown": parts,
+        "tunnel": tunnel,
         "seconds": round(started.elapsed().as_secs_f64()),
     }))
 }
