@@ -84,7 +84,7 @@ pub fn mtu_of(iface: &str) -> io::Result<u32> {
         for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
             *d = s.cast_signed();
         }
-        if libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCGIFMTU, &raw mut req) < 0 {
+        if libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCGIFMTU as _, &raw mut req) < 0 {
             return Err(io::Error::last_os_error());
         }
         u32::try_from(req.ifr_ifru.ifru_mtu).map_err(|_| io::Error::other("negative MTU"))
