@@ -62,7 +62,7 @@ const REMOTE_BULK: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 246, 0, 20
 /// The remote pod CIDRs the client reaches; routed, not translated, in the plain mode.
 const REMOTE_CIDRS: [&str; 2] = ["10.245.0.0/16", "10.246.0.0/16"];
 const LOCAL_CIDR: &str = "10.244.0.0/16";
-/// cluster2's pod CIDR (the gateway pod's), which node2 routes back in `plain` and `vxlan`.
+/// cluster2's pod CIDR, where the gateway pod and the servers are.
 const NODE2_CIDR: &str = "10.245.0.0/16";
 /// Both clusters' tunnel NodePort.
 const TUNNEL_PORT: u16 = 31800;
@@ -704,12 +704,13 @@ fn vxlan_leave(t: &Topology) {
     }
 }
 
-/// Bytes and packets node2's `lan0` received: their ratio during a bulk run tells whether the
-/// sender's 64 KB GSO packets cross the LAN whole (a veth passes them on unsegmented) or are
-/// cut into MTU-sized packets on the way.
-fn lan_rx(t: &Topology) -> (u64, u64) {
-    let read = |f: &str| t.node2.try_exec(&format!("cat /sys/class/net/lan0/statistics/{f}")).1.trim().parse().unwrap_or(0);
-    (read("rx_bytes"), read("rx_packets"))
+/// Bytes and packets node2's `lan0` and the server pod's `eth0` received: their ratios during
+/// a bulk run tell whether the sender's 64 KB GSO packets crossed the LAN whole (a veth passes
+/// them on unsegmented) and reached the server so, or were cut into MTU-sized packets on the
+/// way: `[lan bytes, lan packets, pod bytes, pod packets]`.
+fn rx_sizes(t: &Topology) -> [u64; 4] {
+    let read = |ns: &NetNs, dev: &str, f: &str| ns.try_exec(&format!("cat /sys/class/net/{dev}/statistics/{f}")).1.trim().parse().unwrap_or(0);
+    [read(&t.node2, "lan0", "rx_bytes"), read(&t.node2, "lan0", "rx_packets"), read(&t.gw, "eth0", "rx_bytes"), read(&t.gw, "eth0", "rx_packets")]
 }
 
 /// Packets the VXLAN device of node1 sent.
@@ -930,8 +931,9 @@ struct Series {
     agent_cpu_s: Vec<f64>,
     /// The probe connection's MSS (`TCP_MAXSEG`).
     mss: Vec<f64>,
-    /// The average packet node2's `lan0` received during the bulk run, bytes.
+    /// The average packet node2's `lan0` and the server pod received during the bulk run, bytes.
     bulk_lan_avg_bytes: Vec<f64>,
+    bulk_pod_avg_bytes: Vec<f64>,
 }
 
 /// Every mode, the floor first (the ratios to the floor use it).
@@ -977,9 +979,9 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 .with_context(|| format!("{}: the probe", mode.name()))?;
             // Development knob, not for published figures: only the connection-rate workload.
             let crr_only = std::env::var_os("MNBENCH_CRR_ONLY").is_some();
-            let lan_before = lan_rx(&b.t);
+            let rx_before = rx_sizes(&b.t);
             let (gbps, retrans) = if crr_only { (f64::NAN, 0) } else { bulk(&b.t.client, bulk_target, p.bulk_secs)? };
-            let lan_after = lan_rx(&b.t);
+            let rx_after = rx_sizes(&b.t);
             let (mut lat, secs) = if crr_only { (vec![0], 1.0) } else { rr(&b.t.client, rr_target, p.rr_secs)? };
             let tcp_before = [b.t.client.run(tcp_counters), b.t.gw.run(tcp_counters)];
             let c = crr(&b.t.client, rr_target, p.crr_secs, p.crr_concurrency);
@@ -1009,7 +1011,9 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             }
             s.agent_cpu_s.push(agent_cpu);
             s.mss.push(f64::from(mss));
-            s.bulk_lan_avg_bytes.push((lan_after.0 - lan_before.0) as f64 / (lan_after.1 - lan_before.1).max(1) as f64);
+            let avg = |i: usize| (rx_after[i] - rx_before[i]) as f64 / (rx_after[i + 1] - rx_before[i + 1]).max(1) as f64;
+            s.bulk_lan_avg_bytes.push(avg(0));
+            s.bulk_pod_avg_bytes.push(avg(2));
         }
     }
     b.enter(Mode::Floor)?;
@@ -1039,6 +1043,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 "agent_cpu_s": Stat::of(&s.agent_cpu_s).json(),
                 "mss": Stat::of(&s.mss).json(),
                 "bulk_lan_avg_bytes": Stat::of(&s.bulk_lan_avg_bytes).json(),
+                "bulk_pod_avg_bytes": Stat::of(&s.bulk_pod_avg_bytes).json(),
             }),
         );
         ratio_to_floor.insert(
