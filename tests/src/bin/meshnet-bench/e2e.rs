@@ -713,6 +713,15 @@ fn rx_sizes(t: &Topology) -> [u64; 4] {
     [read(&t.node2, "lan0", "rx_bytes"), read(&t.node2, "lan0", "rx_packets"), read(&t.gw, "eth0", "rx_bytes"), read(&t.gw, "eth0", "rx_packets")]
 }
 
+/// The comment of node2's rule that counts the INVALID packets it forwards.
+const INVALID_RULE: &str = "mnbench-invalid";
+
+/// Packets node2 forwarded while its conntrack held them INVALID.
+fn forwarded_invalid(t: &Topology) -> u64 {
+    let out = t.node2.try_exec("iptables -L FORWARD -v -x -n").1;
+    out.lines().filter(|l| l.contains(INVALID_RULE)).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum()
+}
+
 /// Packets the VXLAN device of node1 sent.
 fn vxlan_tx_packets(t: &Topology) -> u64 {
     t.node1.try_exec("cat /sys/class/net/vx0/statistics/tx_packets").1.trim().parse().unwrap_or(0)
@@ -746,6 +755,11 @@ impl Bench {
             let _ = node.try_exec("sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_time_wait=1");
         }
         t.client.exec("sysctl -qw net.ipv4.ip_local_port_range=\"1024 65000\"");
+        // Counts, and lets pass, what node2 forwards while its conntrack holds it INVALID:
+        // kube-proxy drops exactly that (`KUBE-FORWARD -m conntrack --ctstate INVALID -j
+        // DROP`), and a decapsulated packet delivered through the stack whose flow's other
+        // direction never crosses this node's netfilter is such a packet.
+        t.node2.exec(&format!("iptables -I FORWARD 1 -m conntrack --ctstate INVALID -m comment --comment {INVALID_RULE}"));
         // The server closes first, so the gateway pod keeps each connection in TIME_WAIT for
         // 60 s, and client ports come round again within that. A new SYN on such a tuple is
         // only accepted if its TCP timestamp is newer. Linux offsets timestamps by a hash of
@@ -934,6 +948,9 @@ struct Series {
     /// The average packet node2's `lan0` and the server pod received during the bulk run, bytes.
     bulk_lan_avg_bytes: Vec<f64>,
     bulk_pod_avg_bytes: Vec<f64>,
+    /// Packets node2 forwarded while its conntrack held them INVALID, over the mode's
+    /// workloads.
+    node2_forward_invalid: Vec<f64>,
 }
 
 /// Every mode, the floor first (the ratios to the floor use it).
@@ -972,6 +989,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             b.enter(mode)?;
             let (rr_target, bulk_target) = mode.targets();
             let before = b.counters();
+            let invalid_before = forwarded_invalid(&b.t);
             let agent_cpu_before = cpu_seconds(b.agent.child.pid());
             // The first connection of a mode may wait for the agents' last map writes.
             let mss = poll(Duration::from_secs(5), || probe(&b.t.client, rr_target).ok())
@@ -1011,6 +1029,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             }
             s.agent_cpu_s.push(agent_cpu);
             s.mss.push(f64::from(mss));
+            s.node2_forward_invalid.push((forwarded_invalid(&b.t) - invalid_before) as f64);
             let avg = |i: usize| (rx_after[i] - rx_before[i]) as f64 / (rx_after[i + 1] - rx_before[i + 1]).max(1) as f64;
             s.bulk_lan_avg_bytes.push(avg(0));
             s.bulk_pod_avg_bytes.push(avg(2));
@@ -1044,6 +1063,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 "mss": Stat::of(&s.mss).json(),
                 "bulk_lan_avg_bytes": Stat::of(&s.bulk_lan_avg_bytes).json(),
                 "bulk_pod_avg_bytes": Stat::of(&s.bulk_pod_avg_bytes).json(),
+                "node2_forward_invalid": Stat::of(&s.node2_forward_invalid).json(),
             }),
         );
         ratio_to_floor.insert(

@@ -1658,6 +1658,37 @@ fn tunnel_e2e_section(md: &mut String, e2e: &Value, _dp: &Value) {
     if let Some(note) = tunnel_segmentation_note(e2e) {
         md.push_str(&note);
     }
+    if let Some(note) = conntrack_note(e2e) {
+        md.push_str(&note);
+    }
+}
+
+/// What node2's conntrack made of the packets it forwarded, per mode, when a
+/// mode's were INVALID: a node with kube-proxy drops those.
+fn conntrack_note(e2e: &Value) -> Option<String> {
+    let modes: Vec<&str> = e2e["modes"].as_array()?.iter().filter_map(Value::as_str).collect();
+    let invalid = |m: &str| stat(&e2e["per_mode"][m]["node2_forward_invalid"]);
+    let bad: Vec<String> = modes
+        .iter()
+        .filter_map(|m| invalid(m).filter(|s| s.median > 0.0).map(|s| format!("{m}: {} per repeat", per_repeat(&json!(s.json())))))
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    let clean: Vec<&str> = modes.iter().copied().filter(|m| invalid(m).is_some_and(|s| s.max == 0.0)).collect();
+    Some(format!(
+        "**Conntrack on the receiving node.** A rule on node2 counts the packets it forwards \
+         while its conntrack holds them INVALID, which kube-proxy's `KUBE-FORWARD` chain \
+         drops (`-m conntrack --ctstate INVALID -j DROP`); here nothing drops them. Packets counted: \
+         {}{}. With `delivery: stack` the decapsulated client packets cross node2's netfilter but the \
+         server's replies do not (they leave node2 encapsulated from the pod's veth), so conntrack \
+         sees a SYN and then, with no SYN-ACK seen, holds every later packet of the flow INVALID; \
+         the flow's entry waits in SYN_SENT for its timeout (120 s by default). On a node with \
+         kube-proxy those packets would be dropped: tunnel mode's stack delivery needs an exemption \
+         there, or redirect delivery, which passes no netfilter hook.\n\n",
+        bad.join("; "),
+        if clean.is_empty() { String::new() } else { format!(" (none in {})", clean.join(", ")) },
+    ))
 }
 
 /// Where a tunnel mode's GSO packets crossed the LAN whole but reached the pod cut up: what
