@@ -3,9 +3,10 @@
 //! Builds the release eBPF objects (embedded in `meshnet`: the datapath and its logging build,
 //! which is measured beside it), the two benchmark-only variants of it (`bench-no-rewrite`,
 //! `bench-no-clock`: the datapath with one part taken out, so that its cost shows by
-//! difference), the release `meshnet` binary (the agent under test) and the
-//! `meshnet-bench` binary, then runs `meshnet-bench`, which writes docs/benchmarks.md,
-//! docs/benchmarks.json and the plots beside them.
+//! difference), the release `meshnet` binary (the agent under test, on both nodes in tunnel
+//! mode) and the `meshnet-bench` binary, then runs `meshnet-bench`, which writes
+//! docs/benchmarks.md, docs/benchmarks.json and the plots beside them. The end-to-end part's
+//! VXLAN baseline for tunnel mode needs a kernel with VXLAN (`ip link add … type vxlan`).
 
 use std::{
     path::PathBuf,

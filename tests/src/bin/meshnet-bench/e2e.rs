@@ -62,7 +62,7 @@ const REMOTE_BULK: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 246, 0, 20
 /// The remote pod CIDRs the client reaches; routed, not translated, in the plain mode.
 const REMOTE_CIDRS: [&str; 2] = ["10.245.0.0/16", "10.246.0.0/16"];
 const LOCAL_CIDR: &str = "10.244.0.0/16";
-/// cluster2's pod CIDR (the gateway pod's), which node2 routes back in `plain` and `vxlan`.
+/// cluster2's pod CIDR, where the gateway pod and the servers are.
 const NODE2_CIDR: &str = "10.245.0.0/16";
 /// Both clusters' tunnel NodePort.
 const TUNNEL_PORT: u16 = 31800;
@@ -704,12 +704,22 @@ fn vxlan_leave(t: &Topology) {
     }
 }
 
-/// Bytes and packets node2's `lan0` received: their ratio during a bulk run tells whether the
-/// sender's 64 KB GSO packets cross the LAN whole (a veth passes them on unsegmented) or are
-/// cut into MTU-sized packets on the way.
-fn lan_rx(t: &Topology) -> (u64, u64) {
-    let read = |f: &str| t.node2.try_exec(&format!("cat /sys/class/net/lan0/statistics/{f}")).1.trim().parse().unwrap_or(0);
-    (read("rx_bytes"), read("rx_packets"))
+/// Bytes and packets node2's `lan0` and the server pod's `eth0` received: their ratios during
+/// a bulk run tell whether the sender's 64 KB GSO packets crossed the LAN whole (a veth passes
+/// them on unsegmented) and reached the server so, or were cut into MTU-sized packets on the
+/// way: `[lan bytes, lan packets, pod bytes, pod packets]`.
+fn rx_sizes(t: &Topology) -> [u64; 4] {
+    let read = |ns: &NetNs, dev: &str, f: &str| ns.try_exec(&format!("cat /sys/class/net/{dev}/statistics/{f}")).1.trim().parse().unwrap_or(0);
+    [read(&t.node2, "lan0", "rx_bytes"), read(&t.node2, "lan0", "rx_packets"), read(&t.gw, "eth0", "rx_bytes"), read(&t.gw, "eth0", "rx_packets")]
+}
+
+/// The comment of node2's rule that counts the INVALID packets it forwards.
+const INVALID_RULE: &str = "mnbench-invalid";
+
+/// Packets node2 forwarded while its conntrack held them INVALID.
+fn forwarded_invalid(t: &Topology) -> u64 {
+    let out = t.node2.try_exec("iptables -L FORWARD -v -x -n").1;
+    out.lines().filter(|l| l.contains(INVALID_RULE)).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum()
 }
 
 /// Packets the VXLAN device of node1 sent.
@@ -745,6 +755,11 @@ impl Bench {
             let _ = node.try_exec("sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_time_wait=1");
         }
         t.client.exec("sysctl -qw net.ipv4.ip_local_port_range=\"1024 65000\"");
+        // Counts, and lets pass, what node2 forwards while its conntrack holds it INVALID:
+        // kube-proxy drops exactly that (`KUBE-FORWARD -m conntrack --ctstate INVALID -j
+        // DROP`), and a decapsulated packet delivered through the stack whose flow's other
+        // direction never crosses this node's netfilter is such a packet.
+        t.node2.exec(&format!("iptables -I FORWARD 1 -m conntrack --ctstate INVALID -m comment --comment {INVALID_RULE}"));
         // The server closes first, so the gateway pod keeps each connection in TIME_WAIT for
         // 60 s, and client ports come round again within that. A new SYN on such a tuple is
         // only accepted if its TCP timestamp is newer. Linux offsets timestamps by a hash of
@@ -930,8 +945,12 @@ struct Series {
     agent_cpu_s: Vec<f64>,
     /// The probe connection's MSS (`TCP_MAXSEG`).
     mss: Vec<f64>,
-    /// The average packet node2's `lan0` received during the bulk run, bytes.
+    /// The average packet node2's `lan0` and the server pod received during the bulk run, bytes.
     bulk_lan_avg_bytes: Vec<f64>,
+    bulk_pod_avg_bytes: Vec<f64>,
+    /// Packets node2 forwarded while its conntrack held them INVALID, over the mode's
+    /// workloads.
+    node2_forward_invalid: Vec<f64>,
 }
 
 /// Every mode, the floor first (the ratios to the floor use it).
@@ -970,6 +989,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             b.enter(mode)?;
             let (rr_target, bulk_target) = mode.targets();
             let before = b.counters();
+            let invalid_before = forwarded_invalid(&b.t);
             let agent_cpu_before = cpu_seconds(b.agent.child.pid());
             // The first connection of a mode may wait for the agents' last map writes.
             let mss = poll(Duration::from_secs(5), || probe(&b.t.client, rr_target).ok())
@@ -977,9 +997,9 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 .with_context(|| format!("{}: the probe", mode.name()))?;
             // Development knob, not for published figures: only the connection-rate workload.
             let crr_only = std::env::var_os("MNBENCH_CRR_ONLY").is_some();
-            let lan_before = lan_rx(&b.t);
+            let rx_before = rx_sizes(&b.t);
             let (gbps, retrans) = if crr_only { (f64::NAN, 0) } else { bulk(&b.t.client, bulk_target, p.bulk_secs)? };
-            let lan_after = lan_rx(&b.t);
+            let rx_after = rx_sizes(&b.t);
             let (mut lat, secs) = if crr_only { (vec![0], 1.0) } else { rr(&b.t.client, rr_target, p.rr_secs)? };
             let tcp_before = [b.t.client.run(tcp_counters), b.t.gw.run(tcp_counters)];
             let c = crr(&b.t.client, rr_target, p.crr_secs, p.crr_concurrency);
@@ -1009,7 +1029,10 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             }
             s.agent_cpu_s.push(agent_cpu);
             s.mss.push(f64::from(mss));
-            s.bulk_lan_avg_bytes.push((lan_after.0 - lan_before.0) as f64 / (lan_after.1 - lan_before.1).max(1) as f64);
+            s.node2_forward_invalid.push((forwarded_invalid(&b.t) - invalid_before) as f64);
+            let avg = |i: usize| (rx_after[i] - rx_before[i]) as f64 / (rx_after[i + 1] - rx_before[i + 1]).max(1) as f64;
+            s.bulk_lan_avg_bytes.push(avg(0));
+            s.bulk_pod_avg_bytes.push(avg(2));
         }
     }
     b.enter(Mode::Floor)?;
@@ -1039,6 +1062,8 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 "agent_cpu_s": Stat::of(&s.agent_cpu_s).json(),
                 "mss": Stat::of(&s.mss).json(),
                 "bulk_lan_avg_bytes": Stat::of(&s.bulk_lan_avg_bytes).json(),
+                "bulk_pod_avg_bytes": Stat::of(&s.bulk_pod_avg_bytes).json(),
+                "node2_forward_invalid": Stat::of(&s.node2_forward_invalid).json(),
             }),
         );
         ratio_to_floor.insert(

@@ -1,7 +1,9 @@
 //! `cargo xtask bench [--quick]`: meshnet's benchmarks. Measures the datapath through
-//! `BPF_PROG_TEST_RUN`, end-to-end traffic in network namespaces (meshnet against the
-//! untranslated path and against iptables DNAT), and the agent's control plane; writes the
-//! raw results as JSON and renders the report (Markdown and SVG plots) from them.
+//! `BPF_PROG_TEST_RUN` (gateway mode's programs, and tunnel mode's encapsulation and
+//! decapsulation), end-to-end traffic in network namespaces (gateway mode against the
+//! untranslated path and against iptables DNAT; tunnel mode against plain routing and the
+//! kernel's VXLAN device), and the agent's control plane; writes the raw results as JSON and
+//! renders the report (Markdown and SVG plots) from them.
 //!
 //! ```text
 //! meshnet-bench [--quick] [--only micro,e2e,control,discovery] [--out-dir DIR]

@@ -87,9 +87,10 @@ const UNSPEC: u32 = u32::MAX;
 /// inside what a test run takes (a page less the skb's head- and tailroom, 3,712 bytes).
 pub const CHAIN_DEPTH: u32 = 64;
 /// Chain syscalls per round (and as many of the empty program beside them).
-const CHAIN_CALLS: usize = 300;
-/// One-packet calls of each case per round.
-const SAMPLES: usize = 10_000;
+const CHAIN_CALLS: usize = 1_000;
+/// One-packet calls of each case per round: the rounds are short (a quick run's take about
+/// 5 s in all), and longer ones average more of the machine's drift away.
+const SAMPLES: usize = 30_000;
 
 fn config(delivery: &str) -> String {
     format!(

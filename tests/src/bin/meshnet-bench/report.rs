@@ -1530,19 +1530,26 @@ fn tunnel_e2e_targets(e2e: &Value, dp: &Value) -> Vec<Target> {
                 let ratio = &tv[mode][against][key];
                 let r = med(ratio);
                 let (mine, theirs) = (med(&e2e["per_mode"][mode][fig]), med(&e2e["per_mode"][against][fig]));
+                // A void target still says on which side of it every repeat's ratio lay, if one.
+                let side = stat(ratio).and_then(|s| {
+                    let range = format!("{:.3}–{:.3}", s.min, s.max);
+                    if s.max < goal {
+                        Some(format!(" Every repeat's ratio lay below the target ({range})."))
+                    } else if s.min >= goal {
+                        Some(format!(" Every repeat's ratio met it ({range})."))
+                    } else {
+                        None
+                    }
+                });
                 out.push(Target {
                     what: format!("end-to-end {}, {mode} vs. {label}", if key == "bulk" { "TCP throughput" } else { "connection rate" }),
                     measured: format!("{mine:.d$} vs {theirs:.d$} {unit}: {r:.3}×"),
                     goal: format!("≥ {goal:.2}×"),
                     met: r >= goal,
-                    void: void_reason(e2e, &[(mode, fig, what), (against, fig, what)]),
-                    why: format!(
-                        "{} {}",
-                        noise_why(ratio, goal, ""),
-                        tunnel_expected(e2e, dp, mode, key).unwrap_or_default()
-                    )
-                    .trim_end()
-                    .to_string(),
+                    void: void_reason(e2e, &[(mode, fig, what), (against, fig, what)]).map(|v| v + side.as_deref().unwrap_or("")),
+                    why: format!("{} {}", noise_why(ratio, goal, "").trim_end(), tunnel_expected(e2e, dp, mode, key).unwrap_or_default())
+                        .trim_end()
+                        .to_string(),
                 });
             }
         }
@@ -1587,9 +1594,20 @@ fn tunnel_expected(e2e: &Value, dp: &Value, mode: &str, key: &str) -> Option<Str
     } else {
         let gbps = med(&plain["bulk_gbps"]);
         let avg = med(&e2e["per_mode"][mode]["bulk_lan_avg_bytes"]);
+        let pod = med(&e2e["per_mode"][mode]["bulk_pod_avg_bytes"]);
         if !(gbps.is_finite() && avg.is_finite() && avg > 0.0) {
             return None;
         }
+        let cut = if avg > 10_000.0 && pod < 3_000.0 {
+            format!(
+                " So the programs themselves explain little of the gap: the server pod received \
+                 packets of {pod:.0} bytes, node2 cutting each decapsulated GSO packet up in \
+                 software (section 2, \"Tunnel mode's bulk packets are cut up after \
+                 decapsulation\")."
+            )
+        } else {
+            String::new()
+        };
         // Packets over the LAN per second at the plain mode's rate and this mode's packet size,
         // each encapsulated and decapsulated, and about one ACK back per two.
         let pkts = gbps * 1e9 / 8.0 / avg;
@@ -1598,7 +1616,7 @@ fn tunnel_expected(e2e: &Value, dp: &Value, mode: &str, key: &str) -> Option<Str
             "Node2's `lan0` received packets of {avg:.0} bytes on average during this mode's bulk \
              runs (see the MSS and packet-size table below); at {gbps:.1} Gbit/s that is {:.0} \
              packets a second, and with an ACK back per two, {:.1} ms of tunnel programs per \
-             second ({:.1}% of one core).",
+             second ({:.1}% of one core).{cut}",
             pkts,
             ns_per_s / 1e6,
             ns_per_s / 1e9 * 100.0
@@ -1625,18 +1643,91 @@ fn tunnel_e2e_section(md: &mut String, e2e: &Value, _dp: &Value) {
         }
     }
     md.push_str(
-        "\nWhat crosses the LAN in each pod-network mode during the bulk runs (node2's `lan0`: bytes \
-         over packets received; a veth passes a 64 KB GSO packet on whole, so a large average means \
-         the sender's segments crossed unsegmented and were cut, or not, only at the receiving socket):\n\n\
-         | mode | MSS | average packet on the LAN, bytes |\n|---|---|---|\n",
+        "\nWhat the bulk runs' packets looked like in each pod-network mode: bytes over packets \
+         received by node2's `lan0` and by the server pod's `eth0`. A veth passes a 64 KB GSO packet \
+         on whole, so a large average means the sender's segments crossed as one packet; a small one \
+         at the pod means something cut them into MTU-sized packets on the way, in software:\n\n\
+         | mode | MSS | average packet on the LAN, bytes | average packet into the server pod, bytes |\n|---|---|---|---|\n",
     );
     for mode in ["plain", "tunnel-redirect", "tunnel-stack", "vxlan"] {
         let pm = &e2e["per_mode"][mode];
         if pm.is_object() {
-            let _ = writeln!(md, "| {mode} | {} | {} |", per_repeat_distinct(&pm["mss"]), fmt_opt(&pm["bulk_lan_avg_bytes"], 0));
+            let _ = writeln!(
+                md,
+                "| {mode} | {} | {} | {} |",
+                per_repeat_distinct(&pm["mss"]),
+                fmt_opt(&pm["bulk_lan_avg_bytes"], 0),
+                fmt_opt(&pm["bulk_pod_avg_bytes"], 0)
+            );
         }
     }
     md.push('\n');
+    if let Some(note) = tunnel_segmentation_note(e2e) {
+        md.push_str(&note);
+    }
+    if let Some(note) = conntrack_note(e2e) {
+        md.push_str(&note);
+    }
+}
+
+/// What node2's conntrack made of the packets it forwarded, per mode, when a
+/// mode's were INVALID: a node with kube-proxy drops those.
+fn conntrack_note(e2e: &Value) -> Option<String> {
+    let modes: Vec<&str> = e2e["modes"].as_array()?.iter().filter_map(Value::as_str).collect();
+    let invalid = |m: &str| stat(&e2e["per_mode"][m]["node2_forward_invalid"]);
+    let bad: Vec<String> = modes
+        .iter()
+        .filter_map(|m| invalid(m).filter(|s| s.median > 0.0).map(|s| format!("{m}: {} per repeat", per_repeat(&json!(s.json())))))
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    let clean: Vec<&str> = modes.iter().copied().filter(|m| invalid(m).is_some_and(|s| s.max == 0.0)).collect();
+    Some(format!(
+        "**Conntrack on the receiving node.** A rule on node2 counts the packets it forwards \
+         while its conntrack holds them INVALID, which kube-proxy's `KUBE-FORWARD` chain \
+         drops (`-m conntrack --ctstate INVALID -j DROP`); here nothing drops them. Packets counted: \
+         {}{}. With `delivery: stack` the decapsulated client packets cross node2's netfilter but the \
+         server's replies do not (they leave node2 encapsulated from the pod's veth), so conntrack \
+         sees a SYN and then, with no SYN-ACK seen, holds every later packet of the flow INVALID; \
+         the flow's entry waits in SYN_SENT for its timeout (120 s by default). On a node with \
+         kube-proxy those packets would be dropped: tunnel mode's stack delivery needs an exemption \
+         there, or redirect delivery, which passes no netfilter hook.\n\n",
+        bad.join("; "),
+        if clean.is_empty() { String::new() } else { format!(" (none in {})", clean.join(", ")) },
+    ))
+}
+
+/// Where a tunnel mode's GSO packets crossed the LAN whole but reached the pod cut up: what
+/// that costs and why (found with the counters above on 6.18: the bridge `cni0` already
+/// transmits MTU-sized packets).
+fn tunnel_segmentation_note(e2e: &Value) -> Option<String> {
+    let cut: Vec<String> = TUNNEL_MODES
+        .iter()
+        .filter(|m| {
+            let pm = &e2e["per_mode"][**m];
+            let (lan, pod) = (med(&pm["bulk_lan_avg_bytes"]), med(&pm["bulk_pod_avg_bytes"]));
+            lan > 10_000.0 && pod < 3_000.0
+        })
+        .map(|m| format!("{m} ({:.0} → {:.0} bytes)", med(&e2e["per_mode"][*m]["bulk_lan_avg_bytes"]), med(&e2e["per_mode"][*m]["bulk_pod_avg_bytes"])))
+        .collect();
+    (!cut.is_empty()).then(|| {
+        format!(
+            "**Tunnel mode's bulk packets are cut up after decapsulation.** In {}, the client's 64 KB \
+             GSO packets crossed the LAN whole, encapsulated, and reached the server pod as MTU-sized \
+             packets: node2 segmented each one in software after the uplink program took its outer \
+             headers off, before its bridge `cni0` transmitted it, which the throughput shows. The \
+             decapsulated packet still carries `skb->encapsulation` and the UDP-tunnel GSO type that \
+             encapsulation gave it (`bpf_skb_adjust_room` on a shrink clears neither before the \
+             `BPF_F_ADJ_ROOM_DECAP_L4_UDP` flag of bpf-next), so the kernel masks the output \
+             device's features with its `hw_enc_features`, where a bridge has no segmentation \
+             offload, and segments. On a physical LAN (not measured here) the same would come by another way: a NIC's GRO does not \
+             merge UDP packets to a port no tunnel socket owns, so the uplink program sees, and the \
+             pod receives, one MTU-sized packet at a time, where the kernel's VXLAN socket merges \
+             them first.\n\n",
+            cut.join(" and ")
+        )
+    })
 }
 
 /// Section 1's part on tunnel mode.
