@@ -282,9 +282,8 @@ fn drop_first_part(ctx: &TcContext, first: u32) -> Result<(), Counter> {
 /// dropped and counted; everything else passes untouched.
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> i32 {
-    let Some(cfg) = config() else {
-        return PASS;
-    };
+    // The uplink carries all of the node's traffic: the settings are looked up only for UDP,
+    // the one protocol the tunnel uses.
     let Ok(Some(ip)) = parse::ipv4(ctx) else {
         return PASS;
     };
@@ -292,6 +291,9 @@ pub fn decap(ctx: &TcContext) -> i32 {
         return PASS;
     }
     let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
+        return PASS;
+    };
+    let Some(cfg) = config() else {
         return PASS;
     };
     if l4.dport_be != cfg.port_be {

@@ -100,6 +100,18 @@ impl TempDir {
     }
 }
 
+impl TempDir {
+    /// Writes `text` as `meshnet.yaml` here, atomically as a ConfigMap update does, and
+    /// returns its path.
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let p = self.0.join("meshnet.yaml");
+        let tmp = self.0.join(".meshnet.yaml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        p
+    }
+}
+
 impl Default for TempDir {
     fn default() -> Self {
         Self::new()
@@ -209,11 +221,7 @@ impl Topology {
     /// Writes `text` as node1's config file, atomically as a ConfigMap update does, and
     /// returns its path.
     pub fn write_config(&self, text: &str) -> PathBuf {
-        let p = self.dir.0.join("meshnet.yaml");
-        let tmp = self.dir.0.join(".meshnet.yaml.new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
-        p
+        self.dir.write_config(text)
     }
 
     /// The pin path of node1's agent.

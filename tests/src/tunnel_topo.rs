@@ -241,11 +241,7 @@ impl Node {
     /// returns its path. A running agent notices the change by itself.
     #[allow(clippy::must_use_candidate, reason = "rewriting a running agent's config needs no path back")]
     pub fn write_config(&self, text: &str) -> PathBuf {
-        let p = self.dir.0.join("meshnet.yaml");
-        let tmp = self.dir.0.join(".meshnet.yaml.new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
-        p
+        self.dir.write_config(text)
     }
 
     /// `meshnet ARGS` in this node with its pin path.

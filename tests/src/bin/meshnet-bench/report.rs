@@ -1859,8 +1859,8 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
     let _ = writeln!(
         md,
         "The uplink program runs on every packet the node receives on its uplinks, the node's own \
-         traffic included: {uplink:.0} ns net for a TCP packet, which it passes after reading the \
-         tunnel settings (a hash lookup, done before the packet is parsed) and the IPv4 header.\n"
+         traffic included: {uplink:.0} ns net for a TCP packet, which it passes after reading its \
+         IPv4 header (only UDP goes on to the tunnel settings' hash lookup).\n"
     );
 }
 
