@@ -56,7 +56,7 @@ pub struct RawTunnel {
     /// object's (see [`RawConfig::with_node_cidrs`]), else the cluster's `podCIDRs`.
     #[serde(rename = "podCIDRs", default, skip_serializing_if = "Vec::is_empty")]
     pub pod_cidrs: Vec<String>,
-    #[serde(default, skip_serializing_if = "Delivery::is_stack")]
+    #[serde(default, skip_serializing_if = "Delivery::is_redirect")]
     pub delivery: Delivery,
 }
 
@@ -65,17 +65,20 @@ pub struct RawTunnel {
 #[serde(rename_all = "lowercase")]
 pub enum Delivery {
     /// Through the node's stack (routing, FORWARD, NetworkPolicy), as if they had arrived
-    /// unencapsulated.
-    #[default]
+    /// unencapsulated. The node's conntrack then sees a flow one way only (its pod's packets
+    /// leave encapsulated before netfilter), holds the TCP flows and ping replies INVALID,
+    /// and kube-proxy's INVALID drop kills them: only for nodes without that rule.
     Stack,
-    /// Redirected straight to the pod's interface, bypassing the node's netfilter.
+    /// Redirected straight to the pod's interface, past the node's netfilter: conntrack sees
+    /// neither way.
+    #[default]
     Redirect,
 }
 
 impl Delivery {
     #[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
-    fn is_stack(&self) -> bool {
-        *self == Delivery::Stack
+    fn is_redirect(&self) -> bool {
+        *self == Delivery::Redirect
     }
 }
 
@@ -1427,10 +1430,13 @@ peers:
         assert_eq!(pt.nodes[1], TunnelNodeAddr { address: Ipv4Addr::new(192, 0, 2, 4), pod_cidrs: vec!["10.245.1.0/24".parse().unwrap()] });
         assert!(!c.peers[1].is_tunnel());
         assert_eq!(c.peers[1].gateways[0].port, 31674);
-        // Defaults: no podCIDRs and no delivery.
+        // Defaults: no podCIDRs, and redirect delivery (kube-proxy's INVALID drop would kill
+        // what the stack delivers).
         let y = TUNNEL.replace("  podCIDRs: [\"10.244.0.0/24\"]\n  delivery: redirect\n", "");
         let t = Config::from_yaml(&y).unwrap().tunnel.unwrap();
-        assert_eq!((t.pod_cidrs.len(), t.delivery), (0, Delivery::Stack));
+        assert_eq!((t.pod_cidrs.len(), t.delivery), (0, Delivery::Redirect));
+        let y = TUNNEL.replace("delivery: redirect", "delivery: stack");
+        assert_eq!(Config::from_yaml(&y).unwrap().tunnel.unwrap().delivery, Delivery::Stack);
     }
 
     /// The tunnel peer fills only the tunnel maps, the gateway peer only the gateway ones.
@@ -1465,7 +1471,7 @@ peers:
         assert_eq!(tc.nets[1..], [LocalNet::NONE; limits::MAX_NODE_CIDRS - 1]);
 
         // Without tunnel.podCIDRs the cluster's are delivered to; stack delivery sets no flag.
-        let y = TUNNEL.replace("  podCIDRs: [\"10.244.0.0/24\"]\n  delivery: redirect\n", "");
+        let y = TUNNEL.replace("  podCIDRs: [\"10.244.0.0/24\"]\n  delivery: redirect\n", "  delivery: stack\n");
         let tc = Config::from_yaml(&y).unwrap().desired().tun_config.unwrap();
         assert_eq!(tc.flags, 0);
         assert_eq!(tc.nets[0], LocalNet { addr_be: u32::from_ne_bytes([10, 244, 0, 0]), mask_be: u32::from_ne_bytes([255, 255, 0, 0]) });

@@ -60,7 +60,8 @@ fn install_log_program(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 }
 
 /// Set in the agent's environment, takes the path kernels before 5.10 take (a FIB lookup and
-/// `bpf_redirect` toward peer nodes, delivery through the stack) on any kernel: how the tests
+/// `bpf_redirect` toward peer nodes and to pods, through the stack where the pod's neighbour
+/// entry is not resolved yet) on any kernel: how the tests
 /// hold that path to account on the newer kernels of the matrix, and a way out should
 /// `bpf_redirect_neigh` misbehave somewhere.
 pub const NO_REDIRECT_NEIGH_ENV: &str = "MESHNET_NO_REDIRECT_NEIGH";

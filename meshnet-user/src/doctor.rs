@@ -550,7 +550,14 @@ pub fn tunnel_port_check(port: u16, nat: Option<&Result<String, String>>, listen
 pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String], peer_cidrs: &[Ipv4Net]) -> Check {
     const NAME: &str = "tunnel FORWARD rules";
     let text = match filter {
-        None => return Check::new(NAME, Level::Info, "iptables-save not found: FORWARD rules not checked"),
+        None => {
+            return Check::new(
+                NAME,
+                Level::Info,
+                "iptables-save not found: FORWARD rules not checked (kube-proxy's INVALID drop would kill TCP delivered through the stack)",
+            )
+            .fix("set tunnel.delivery: redirect (the default), or check `iptables-save -t filter` on the node for `--ctstate INVALID -j DROP`");
+        }
         Some(Err(e)) => return Check::new(NAME, Level::Warn, format!("could not read the filter table: {e}")),
         Some(Ok(t)) => t,
     };
@@ -559,6 +566,16 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
         uplinks.first().map_or("UPLINK", String::as_str),
         peer_cidrs.first().map_or_else(|| "PEER_POD_CIDR".to_string(), ToString::to_string)
     );
+    if let Some(rule) = invalid_drop(&text) {
+        return Check::new(
+            NAME,
+            Level::Fail,
+            format!(
+                "`{rule}` (kube-proxy's) drops tunnelled TCP and ping replies delivered through the stack: this node's conntrack never sees its own pods' half of a tunnelled flow (it leaves encapsulated, before netfilter), so it holds the other half INVALID"
+            ),
+        )
+        .fix("set tunnel.delivery: redirect (the default): conntrack then sees neither half");
+    }
     let mut policy_drop = false;
     for line in text.lines().map(str::trim) {
         if line.starts_with(":FORWARD DROP") {
@@ -590,6 +607,38 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
         return Check::new(NAME, Level::Warn, "the FORWARD policy is DROP and no rule accepts the peers' pod traffic from the uplink").fix(fix);
     }
     Check::new(NAME, Level::Ok, "no FORWARD rule drops what the tunnel delivers")
+}
+
+/// A rule that FORWARD reaches, directly or through the chains it jumps to, and that drops
+/// what conntrack holds INVALID.
+fn invalid_drop(filter: &str) -> Option<String> {
+    let rules: Vec<(String, Vec<String>, &str)> = filter
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| {
+            let w = words(l);
+            (w.len() > 2 && w[0] == "-A").then(|| (w[1].clone(), w, l))
+        })
+        .collect();
+    let target = |w: &[String]| w.windows(2).find(|p| p[0] == "-j").map(|p| p[1].clone());
+    let mut reached = vec!["FORWARD".to_string()];
+    let mut i = 0;
+    while i < reached.len() {
+        let chain = reached[i].clone();
+        for (_, w, line) in rules.iter().filter(|(c, _, _)| *c == chain) {
+            let state = w.windows(2).find(|p| p[0] == "--ctstate" || p[0] == "--state").map(|p| p[1].clone());
+            let negated = w.windows(2).any(|p| p[0] == "!" && (p[1] == "--ctstate" || p[1] == "--state"));
+            match target(w) {
+                Some(t) if (t == "DROP" || t == "REJECT") && !negated && state.is_some_and(|s| s.split(',').any(|x| x == "INVALID")) => {
+                    return Some((*line).to_string());
+                }
+                Some(t) if !reached.contains(&t) && rules.iter().any(|(c, _, _)| *c == t) => reached.push(t),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// One `interfaces` pattern and the interfaces it matches in this network namespace.
@@ -1138,6 +1187,35 @@ mod tunnel_tests {
         let c = forward_check(filter(":FORWARD ACCEPT [0:0]\n-A FORWARD -i wlan+ -j DROP"), &up, &peers);
         assert_eq!(c.level, Level::Ok, "{c:?}");
         assert_eq!(forward_check(None, &up, &peers).level, Level::Info);
+    }
+
+    /// kube-proxy 1.18's FORWARD rules, as `iptables-save` prints them.
+    const KUBE_PROXY: &str = "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+        -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT";
+
+    #[test]
+    fn kube_proxys_invalid_drop_fails_stack_delivery() {
+        let up = ["eth0".to_string()];
+        let peers = ["10.245.0.0/16".parse().unwrap()];
+        // Reached through a jump, even after a rule that accepts the peers' traffic.
+        let rules = format!(":FORWARD DROP [0:0]\n-A FORWARD -i eth0 -s 10.245.0.0/16 -j ACCEPT\n{KUBE_PROXY}");
+        let c = forward_check(filter(&rules), &up, &peers);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        assert!(c.detail.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"), "{c:?}");
+        assert!(c.fix.as_deref().unwrap().contains("delivery: redirect"), "{c:?}");
+        // Two jumps deep, and with --state.
+        let c = forward_check(filter("-A FORWARD -j A\n-A A -j B\n-A B -m state --state NEW,INVALID -j REJECT"), &up, &peers);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        // A chain FORWARD never jumps to, a negated state, or another verdict: not this.
+        for rules in [
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+            "-A FORWARD -m conntrack ! --ctstate INVALID -j DROP",
+            "-A FORWARD -m conntrack --ctstate INVALID -j LOG",
+            "-A FORWARD -j A\n-A A -j A",
+        ] {
+            assert_ne!(forward_check(filter(rules), &up, &peers).level, Level::Fail, "{rules}");
+        }
     }
 
     #[test]

@@ -78,12 +78,15 @@ pub struct Options {
     /// before 5.10 (a FIB lookup and `bpf_redirect`, the agent keeping the peer nodes'
     /// neighbour entries resolved), which no kernel of the matrix would take by itself.
     pub no_redirect_neigh: bool,
+    /// kube-proxy's first FORWARD rule on both nodes (`KUBE-FORWARD`: `--ctstate INVALID -j
+    /// DROP`), ahead of the topology's own filter, as on every node kube-proxy runs on.
+    pub kube_proxy: bool,
 }
 
 impl Options {
     #[must_use]
     pub fn new(delivery: Delivery) -> Self {
-        Self { delivery, attach_mode: None, gateway: false, strict_checksums: false, no_redirect_neigh: false }
+        Self { delivery, attach_mode: None, gateway: false, strict_checksums: false, no_redirect_neigh: false, kube_proxy: false }
     }
 }
 
@@ -300,6 +303,24 @@ impl Node {
         self.ns.exec("iptables -A FORWARD -i lan0 -j DROP");
     }
 
+    /// kube-proxy's `KUBE-FORWARD` chain, first in FORWARD: it drops what conntrack holds
+    /// INVALID, such as a TCP segment of a flow whose other direction it never saw.
+    fn drop_invalid_as_kube_proxy(&self) {
+        self.ns.exec("iptables -N KUBE-FORWARD");
+        self.ns.exec("iptables -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP");
+        self.ns.exec("iptables -I FORWARD 1 -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD");
+    }
+
+    /// Packets kube-proxy's INVALID rule dropped.
+    #[must_use]
+    pub fn invalid_drops(&self) -> u64 {
+        let out = self.ns.exec("iptables -L KUBE-FORWARD -v -x -n");
+        out.lines()
+            .filter(|l| l.contains("DROP") && l.contains("INVALID"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Packets FORWARD admitted as the remote cluster's pods' from `lan0`: decapsulated
     /// packets delivered through the stack, which `delivery: redirect` bypasses.
     #[must_use]
@@ -390,6 +411,11 @@ impl TunnelTopology {
         node2.ns.ip("link set lan0 up");
         node2.admit_only_the_tunnel("10.244.0.0/16", NODE2_PODS, false);
         node1.admit_only_the_tunnel("10.245.0.0/16", NODE1_PODS, true);
+        if opts.kube_proxy {
+            for node in [&node1, &node2] {
+                node.drop_invalid_as_kube_proxy();
+            }
+        }
 
         let client = topo::pod(&node1.ns, "c", "vethc", &CLIENT_IP.to_string(), "10.244.0.1");
         let client2 = topo::pod(&node1.ns, "c2", "vethc2", &CLIENT2_IP.to_string(), "10.244.0.1");

@@ -239,6 +239,64 @@ fn ping_crosses_redirect_netlink() {
     ping(netlink(Delivery::Redirect));
 }
 
+/// Under kube-proxy, whose first FORWARD rule drops what conntrack holds INVALID, with the
+/// default delivery (the configs say none): TCP both ways, a 1 MB transfer and ping cross,
+/// and kube-proxy's rule drops nothing.
+fn under_kube_proxy(opts: Options) {
+    let t = TunnelTopology::new(Options { kube_proxy: true, ..opts });
+    let config = |side| t.config(side).replace("  delivery: redirect\n", "");
+    let _agents =
+        Agents { node1: t.start_agent_with(Side::Node1, &config(Side::Node1)), node2: t.start_agent_with(Side::Node2, &config(Side::Node2)) };
+    for node in [&t.node1, &t.node2] {
+        let tun = node.dump_json("tunnel")["tunnel"].clone();
+        assert_eq!(tun["settings"]["delivery"], "redirect", "{}: the default delivery: {tun}", node.cluster);
+    }
+    tcp_check(&t.client, CLIENT_IP, APP_A_POD, "hello from cluster1");
+    tcp_check(&t.app_a, APP_A, CLIENT, "hello from cluster2");
+    let data = Arc::new(pattern(1 << 20, 7));
+    let d = data.clone();
+    let (back, _) = t.client.run(move || bulk_echo(APP_B_POD.bulk(), d)).unwrap_or_else(|e| panic!("1 MB to app-b: {e}"));
+    assert!(back == *data, "the 1 MB echo came back different ({} bytes)", back.len());
+    for (ns, dst) in [(&t.client, APP_A), (&t.app_b, CLIENT_IP)] {
+        let (ok, out) = ns.try_exec(&format!("ping -n -c 3 -i 0.2 -W 10 {dst}"));
+        assert!(ok && out.contains("3 packets transmitted, 3 received"), "ping {dst}:\n{out}");
+    }
+    for node in [&t.node1, &t.node2] {
+        assert_eq!(node.invalid_drops(), 0, "{}: kube-proxy's rule dropped tunnelled packets as INVALID", node.cluster);
+        let side = if node.cluster == "cluster1" { Side::Node1 } else { Side::Node2 };
+        let doctor = node.meshnet(&format!("doctor --config {}", node.write_config(&config(side)).display()));
+        assert!(!doctor.stdout.contains("tunnel FORWARD rules"), "{}: redirect delivery needs no FORWARD check:\n{}", node.cluster, doctor.stdout);
+    }
+}
+
+#[test]
+fn flows_cross_under_kube_proxy() {
+    under_kube_proxy(opts(Delivery::Redirect));
+}
+
+#[test]
+fn flows_cross_under_kube_proxy_fib_lookup() {
+    under_kube_proxy(fib_lookup(Delivery::Redirect));
+}
+
+/// Delivered through the stack, a tunnelled flow is seen by the receiving node's conntrack
+/// one way only, and kube-proxy's INVALID drop kills it: doctor fails the node's config,
+/// naming the rule and the fix.
+#[test]
+fn doctor_fails_stack_delivery_under_kube_proxy() {
+    let t = TunnelTopology::new(Options { kube_proxy: true, ..opts(Delivery::Stack) });
+    for side in [Side::Node1, Side::Node2] {
+        let node = t.node(side);
+        let cfg = node.write_config(&t.config(side));
+        let doctor = node.meshnet(&format!("doctor --config {}", cfg.display()));
+        let line =
+            doctor.stdout.lines().find(|l| l.contains("tunnel FORWARD rules")).unwrap_or_else(|| panic!("no FORWARD check:\n{}", doctor.stdout));
+        assert!(line.starts_with("FAIL") && line.contains("--ctstate INVALID -j DROP"), "{}: {line}", node.cluster);
+        assert!(doctor.stdout.contains("fix: set tunnel.delivery: redirect"), "{}", doctor.stdout);
+        assert!(!doctor.ok, "doctor must exit non-zero on a failure");
+    }
+}
+
 /// Every remote pod IP is that pod: with two pods behind one node (as behind one Service),
 /// .21 is answered by app-b and .20 by app-a, over and over, from both client pods.
 #[test]

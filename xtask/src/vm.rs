@@ -97,8 +97,8 @@ const GUEST_TESTS: [&str; 8] = ["verifier", "pipeline", "packets", "e2e", "agent
 /// checksum modes, a held connection across agent restarts, and another tool's programs
 /// beside meshnet's (netlink everywhere, tcx where the kernel has it), the logging build's
 /// lines and rate limit (every matrix kernel has ring buffers), and tunnel mode: every
-/// packet test of its programs (`BPF_PROG_TEST_RUN`), TCP both ways delivered with
-/// `bpf_redirect_neigh`, the refused tunnel packets, and the MTU cases on the FIB lookup
+/// packet test of its programs (`BPF_PROG_TEST_RUN`), TCP both ways, 1 MB and ping
+/// delivered with `bpf_redirect_neigh` (the default) under kube-proxy's INVALID drop, the refused tunnel packets, and the MTU cases on the FIB lookup
 /// and `bpf_redirect` path of kernels before 5.10 (which no matrix kernel takes by itself)
 /// with delivery through the stack. Each tunnel namespace test takes one to two minutes
 /// under emulation: three of them.
@@ -128,7 +128,7 @@ const SUBSET: [(&str, &[&str]); 8] = [
     (
         "tunnel",
         &[
-            "tcp_both_ways_with_pod_ips_preserved_redirect",
+            "flows_cross_under_kube_proxy",
             "foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_stack",
             "mtu_tcp_mss_clamped_large_udp_fragmented_and_pmtu_discovered_fib_lookup_stack",
         ],

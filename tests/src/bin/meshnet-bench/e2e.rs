@@ -18,7 +18,7 @@
 //! - `tunnel-redirect`, `tunnel-stack`: tunnel mode, an agent on each node; the client
 //!   addresses the server pod by its pod IP, as in `plain`, and node1's `from_pod`
 //!   encapsulates it to node2's tunnel port, whose uplink program hands it to the pod
-//!   (`delivery: redirect`, or through node2's stack, the default); the replies the same way
+//!   (`delivery: redirect`, the default, or through node2's stack); the replies the same way
 //!   back. No route between the pod networks on either node.
 //! - `vxlan`: the kernel's VXLAN device on each node (what flannel and Cilium's tunnel mode
 //!   use), routing the other node's pod CIDR over it; no masquerade between pod CIDRs, the
