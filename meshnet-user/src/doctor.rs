@@ -566,12 +566,12 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
         uplinks.first().map_or("UPLINK", String::as_str),
         peer_cidrs.first().map_or_else(|| "PEER_POD_CIDR".to_string(), ToString::to_string)
     );
-    if let Some(rule) = invalid_drop(&text) {
+    if let Some(rule) = invalid_drop(&text, uplinks) {
         return Check::new(
             NAME,
             Level::Fail,
             format!(
-                "`{rule}` (kube-proxy's) drops tunnelled TCP and ping replies delivered through the stack: this node's conntrack never sees its own pods' half of a tunnelled flow (it leaves encapsulated, before netfilter), so it holds the other half INVALID"
+                "`{rule}` (kube-proxy has one) drops tunnelled TCP and ping replies delivered through the stack: this node's conntrack never sees its own pods' half of a tunnelled flow (it leaves encapsulated, before netfilter), so it holds the other half INVALID"
             ),
         )
         .fix("set tunnel.delivery: redirect (the default): conntrack then sees neither half");
@@ -587,7 +587,7 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
         let w = words(line);
         let arg = |opt: &str| w.windows(2).find(|p| p[0] == opt).map(|p| p[1].clone());
         let negated = w.iter().any(|x| x == "!");
-        let iface_ok = arg("-i").is_none_or(|i| uplinks.iter().any(|u| glob::Pattern::new(&i.replace('+', "*")).is_ok_and(|g| g.matches(u))));
+        let iface_ok = in_on_uplink(&w, uplinks);
         let src_ok = arg("-s").is_none_or(|s| net_of(&s).is_some_and(|n| peer_cidrs.iter().any(|p| overlaps(n, *p))));
         if !iface_ok || !src_ok || negated {
             continue;
@@ -610,8 +610,9 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
 }
 
 /// A rule that FORWARD reaches, directly or through the chains it jumps to, and that drops
-/// what conntrack holds INVALID.
-fn invalid_drop(filter: &str) -> Option<String> {
+/// what conntrack holds INVALID coming in on one of the `uplinks` (where decapsulated
+/// packets come in from).
+fn invalid_drop(filter: &str, uplinks: &[String]) -> Option<String> {
     let rules: Vec<(String, Vec<String>, &str)> = filter
         .lines()
         .map(str::trim)
@@ -628,6 +629,9 @@ fn invalid_drop(filter: &str) -> Option<String> {
         for (_, w, line) in rules.iter().filter(|(c, _, _)| *c == chain) {
             let state = w.windows(2).find(|p| p[0] == "--ctstate" || p[0] == "--state").map(|p| p[1].clone());
             let negated = w.windows(2).any(|p| p[0] == "!" && (p[1] == "--ctstate" || p[1] == "--state"));
+            if !in_on_uplink(w, uplinks) {
+                continue;
+            }
             match target(w) {
                 Some(t) if (t == "DROP" || t == "REJECT") && !negated && state.is_some_and(|s| s.split(',').any(|x| x == "INVALID")) => {
                     return Some((*line).to_string());
@@ -639,6 +643,14 @@ fn invalid_drop(filter: &str) -> Option<String> {
         i += 1;
     }
     None
+}
+
+/// Whether a rule's `-i` (none, or an iptables `+` wildcard) can match one of the `uplinks`.
+fn in_on_uplink(w: &[String], uplinks: &[String]) -> bool {
+    let negated = w.windows(3).any(|p| p[0] == "!" && p[1] == "-i");
+    w.windows(2)
+        .find(|p| p[0] == "-i")
+        .is_none_or(|p| negated || uplinks.iter().any(|u| glob::Pattern::new(&p[1].replace('+', "*")).is_ok_and(|g| g.matches(u))))
 }
 
 /// One `interfaces` pattern and the interfaces it matches in this network namespace.
@@ -1204,7 +1216,9 @@ mod tunnel_tests {
         assert_eq!(c.level, Level::Fail, "{c:?}");
         assert!(c.detail.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"), "{c:?}");
         assert!(c.fix.as_deref().unwrap().contains("delivery: redirect"), "{c:?}");
-        // Two jumps deep, and with --state.
+        // Two jumps deep, with --state, and on an interface pattern that holds the uplink.
+        let c = forward_check(filter("-A FORWARD -i eth+ -m conntrack --ctstate INVALID -j DROP"), &up, &peers);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
         let c = forward_check(filter("-A FORWARD -j A\n-A A -j B\n-A B -m state --state NEW,INVALID -j REJECT"), &up, &peers);
         assert_eq!(c.level, Level::Fail, "{c:?}");
         // A chain FORWARD never jumps to, a negated state, or another verdict: not this.
@@ -1213,6 +1227,7 @@ mod tunnel_tests {
             "-A FORWARD -m conntrack ! --ctstate INVALID -j DROP",
             "-A FORWARD -m conntrack --ctstate INVALID -j LOG",
             "-A FORWARD -j A\n-A A -j A",
+            "-A FORWARD -i wlan+ -m conntrack --ctstate INVALID -j DROP",
         ] {
             assert_ne!(forward_check(filter(rules), &up, &peers).level, Level::Fail, "{rules}");
         }
