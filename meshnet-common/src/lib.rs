@@ -453,6 +453,10 @@ pub struct TunnelConfig {
     /// This node's pod CIDRs, the only inner destinations delivered. Unused slots hold
     /// [`LocalNet::NONE`].
     pub nets: [LocalNet; limits::MAX_NODE_CIDRS],
+    /// This node's own addresses inside `nets` (the bridge's gateway address), which the
+    /// tunnel never delivers to: a packet for one would reach the node's own sockets, not a
+    /// pod. Unused slots hold 0. The agent fills them from the node's interfaces.
+    pub hosts_be: [u32; limits::MAX_NODE_CIDRS],
 }
 
 /// Packets and bytes through the tunnel with one peer (`mn_tun_stats_v1`, per CPU). Bytes
@@ -785,7 +789,7 @@ const _: () = {
     assert!(size_of::<LogBudget>() == 24);
     assert!(size_of::<TunnelNode>() == 24);
     assert!(offset_of!(TunnelNode, peer_id) == 12);
-    assert!(size_of::<TunnelConfig>() == 16 + 8 * limits::MAX_NODE_CIDRS);
+    assert!(size_of::<TunnelConfig>() == 16 + 12 * limits::MAX_NODE_CIDRS);
     assert!(size_of::<TunnelStats>() == 32);
     assert!(size_of::<TunnelHeader>() == tunnel::HEADER_LEN as usize);
     assert!(tunnel::SPORT_MIN as u32 + tunnel::SPORT_SPAN as u32 <= 61_000);

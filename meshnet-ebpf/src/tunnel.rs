@@ -374,8 +374,17 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32
     TC_ACT_OK
 }
 
+/// Whether `addr_be` is one of this node's pods: inside its pod CIDRs, and neither one of the
+/// node's own addresses there nor a CIDR's network or broadcast address, which the stack
+/// would take for the node itself.
 #[inline(always)]
 fn is_node_local(cfg: &TunnelConfig, addr_be: u32) -> bool {
-    let hit = |n: &LocalNet| addr_be & n.mask_be == n.addr_be;
-    hit(&cfg.nets[0]) || hit(&cfg.nets[1]) || hit(&cfg.nets[2]) || hit(&cfg.nets[3])
+    let pod = |n: &LocalNet| {
+        let host = !n.mask_be;
+        // Only a CIDR with two host bits or more has a network and a broadcast address.
+        addr_be & n.mask_be == n.addr_be && (u32::from_be(host) < 3 || (addr_be != n.addr_be && addr_be != n.addr_be | host))
+    };
+    let own = |h: u32| h != 0 && h == addr_be;
+    (pod(&cfg.nets[0]) || pod(&cfg.nets[1]) || pod(&cfg.nets[2]) || pod(&cfg.nets[3]))
+        && !(own(cfg.hosts_be[0]) || own(cfg.hosts_be[1]) || own(cfg.hosts_be[2]) || own(cfg.hosts_be[3]))
 }

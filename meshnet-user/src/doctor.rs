@@ -553,8 +553,8 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
         None => {
             return Check::new(
                 NAME,
-                Level::Info,
-                "iptables-save not found: FORWARD rules not checked (kube-proxy's INVALID drop would kill TCP delivered through the stack)",
+                Level::Warn,
+                "iptables-save not found (as in the agent's image): FORWARD rules not checked, and kube-proxy's INVALID drop would kill TCP delivered through the stack",
             )
             .fix("set tunnel.delivery: redirect (the default), or check `iptables-save -t filter` on the node for `--ctstate INVALID -j DROP`");
         }
@@ -566,7 +566,7 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
         uplinks.first().map_or("UPLINK", String::as_str),
         peer_cidrs.first().map_or_else(|| "PEER_POD_CIDR".to_string(), ToString::to_string)
     );
-    if let Some(rule) = invalid_drop(&text, uplinks) {
+    if let Some(rule) = invalid_drop(&text, uplinks, peer_cidrs) {
         return Check::new(
             NAME,
             Level::Fail,
@@ -609,10 +609,11 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
     Check::new(NAME, Level::Ok, "no FORWARD rule drops what the tunnel delivers")
 }
 
-/// A rule that FORWARD reaches, directly or through the chains it jumps to, and that drops
-/// what conntrack holds INVALID coming in on one of the `uplinks` (where decapsulated
-/// packets come in from).
-fn invalid_drop(filter: &str, uplinks: &[String]) -> Option<String> {
+/// The first rule that FORWARD reaches, in order and through the chains it jumps or goes to,
+/// that drops what conntrack holds INVALID coming in on one of the `uplinks` (where
+/// decapsulated packets come in). `None` as well when an ACCEPT of the peers' pod traffic
+/// (`peer_cidrs`) from the uplink comes first: those packets never reach the drop.
+fn invalid_drop(filter: &str, uplinks: &[String], peer_cidrs: &[Ipv4Net]) -> Option<String> {
     let rules: Vec<(String, Vec<String>, &str)> = filter
         .lines()
         .map(str::trim)
@@ -621,26 +622,40 @@ fn invalid_drop(filter: &str, uplinks: &[String]) -> Option<String> {
             (w.len() > 2 && w[0] == "-A").then(|| (w[1].clone(), w, l))
         })
         .collect();
-    let target = |w: &[String]| w.windows(2).find(|p| p[0] == "-j").map(|p| p[1].clone());
-    let mut reached = vec!["FORWARD".to_string()];
-    let mut i = 0;
-    while i < reached.len() {
-        let chain = reached[i].clone();
-        for (_, w, line) in rules.iter().filter(|(c, _, _)| *c == chain) {
-            let state = w.windows(2).find(|p| p[0] == "--ctstate" || p[0] == "--state").map(|p| p[1].clone());
-            let negated = w.windows(2).any(|p| p[0] == "!" && (p[1] == "--ctstate" || p[1] == "--state"));
-            if !in_on_uplink(w, uplinks) {
-                continue;
-            }
-            match target(w) {
-                Some(t) if (t == "DROP" || t == "REJECT") && !negated && state.is_some_and(|s| s.split(',').any(|x| x == "INVALID")) => {
-                    return Some((*line).to_string());
-                }
-                Some(t) if !reached.contains(&t) && rules.iter().any(|(c, _, _)| *c == t) => reached.push(t),
-                _ => {}
-            }
+    walk_for_invalid_drop(&rules, "FORWARD", uplinks, peer_cidrs, &mut vec![]).and_then(|found| found)
+}
+
+/// [`invalid_drop`] in `chain`: `Some(Some(rule))` found, `Some(None)` the peers' traffic is
+/// accepted first, `None` the chain ends without either (the caller goes on).
+fn walk_for_invalid_drop(
+    rules: &[(String, Vec<String>, &str)],
+    chain: &str,
+    uplinks: &[String],
+    peer_cidrs: &[Ipv4Net],
+    seen: &mut Vec<String>,
+) -> Option<Option<String>> {
+    seen.push(chain.to_string());
+    for (_, w, line) in rules.iter().filter(|(c, _, _)| c == chain) {
+        if !in_on_uplink(w, uplinks) {
+            continue;
         }
-        i += 1;
+        let arg = |opt: &str| w.windows(2).find(|p| p[0] == opt).map(|p| p[1].as_str());
+        let target = arg("-j").or_else(|| arg("-g"));
+        let state = arg("--ctstate").or_else(|| arg("--state"));
+        let negated = |opt: &str| w.windows(2).any(|p| p[0] == "!" && p[1] == opt);
+        let invalid = state.is_some_and(|s| s.split(',').any(|x| x == "INVALID")) && !negated("--ctstate") && !negated("--state");
+        let from_peers = arg("-s").and_then(net_of).is_some_and(|n| peer_cidrs.iter().any(|p| overlaps(n, *p))) && !negated("-s");
+        match target {
+            Some("DROP" | "REJECT") if invalid => return Some(Some((*line).to_string())),
+            Some("ACCEPT") if from_peers && state.is_none() => return Some(None),
+            Some("RETURN") if w.len() == 4 => return None,
+            Some(t) if !seen.iter().any(|c| c == t) && rules.iter().any(|(c, _, _)| c == t) => {
+                if let Some(found) = walk_for_invalid_drop(rules, t, uplinks, peer_cidrs, seen) {
+                    return Some(found);
+                }
+            }
+            _ => {}
+        }
     }
     None
 }
@@ -1198,7 +1213,7 @@ mod tunnel_tests {
         // A drop on another interface does not touch the tunnel's packets.
         let c = forward_check(filter(":FORWARD ACCEPT [0:0]\n-A FORWARD -i wlan+ -j DROP"), &up, &peers);
         assert_eq!(c.level, Level::Ok, "{c:?}");
-        assert_eq!(forward_check(None, &up, &peers).level, Level::Info);
+        assert_eq!(forward_check(None, &up, &peers).level, Level::Warn);
     }
 
     /// kube-proxy 1.18's FORWARD rules, as `iptables-save` prints them.
@@ -1210,12 +1225,18 @@ mod tunnel_tests {
     fn kube_proxys_invalid_drop_fails_stack_delivery() {
         let up = ["eth0".to_string()];
         let peers = ["10.245.0.0/16".parse().unwrap()];
-        // Reached through a jump, even after a rule that accepts the peers' traffic.
-        let rules = format!(":FORWARD DROP [0:0]\n-A FORWARD -i eth0 -s 10.245.0.0/16 -j ACCEPT\n{KUBE_PROXY}");
+        // Reached through a jump.
+        let rules = format!(":FORWARD DROP [0:0]\n{KUBE_PROXY}\n-A FORWARD -i eth0 -s 10.245.0.0/16 -j ACCEPT");
         let c = forward_check(filter(&rules), &up, &peers);
         assert_eq!(c.level, Level::Fail, "{c:?}");
         assert!(c.detail.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"), "{c:?}");
         assert!(c.fix.as_deref().unwrap().contains("delivery: redirect"), "{c:?}");
+        // An ACCEPT of the peers' traffic from the uplink ahead of it exempts the tunnel.
+        let rules = format!(":FORWARD DROP [0:0]\n-A FORWARD -i eth0 -s 10.245.0.0/16 -j ACCEPT\n{KUBE_PROXY}");
+        assert_eq!(forward_check(filter(&rules), &up, &peers).level, Level::Ok);
+        // Through a goto, past a chain that returns early.
+        let c = forward_check(filter("-A FORWARD -j R\n-A R -j RETURN\n-A R -j DROP\n-A FORWARD -g G\n-A G -m conntrack --ctstate INVALID -j DROP"), &up, &peers);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
         // Two jumps deep, with --state, and on an interface pattern that holds the uplink.
         let c = forward_check(filter("-A FORWARD -i eth+ -m conntrack --ctstate INVALID -j DROP"), &up, &peers);
         assert_eq!(c.level, Level::Fail, "{c:?}");

@@ -624,6 +624,14 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
         ex.finish(Verdict::TunnelDrop, &["tunnel_not_local"], "dropped: the tunnel delivers only to this node's pods");
         return ex;
     };
+    let host = !n.mask_be;
+    let edge = u32::from_be(host) >= 3 && (addr_be(dst) == n.addr_be || addr_be(dst) == n.addr_be | host);
+    if edge || cfg.hosts_be.iter().any(|h| *h != 0 && *h == addr_be(dst)) {
+        let what = if edge { "the network or broadcast address of one of this node's pod CIDRs" } else { "this node's own address" };
+        ex.step(format!("inner destination: {dst} is {what}, not a pod"));
+        ex.finish(Verdict::TunnelDrop, &["tunnel_not_local"], "dropped: the tunnel delivers only to this node's pods, never to the node itself");
+        return ex;
+    }
     ex.step(format!(
         "inner destination: {dst} is in {}/{}, this node's",
         addr_of_be(n.addr_be),
@@ -1471,7 +1479,15 @@ mod tunnel_tests {
             nat_rev: Some(HashMap::new()),
             tun_routes: BTreeMap::from([("10.245.0.0/24".parse().unwrap(), node)]),
             tun_nodes: BTreeMap::from([(Ipv4Addr::new(192, 0, 2, 2), 7)]),
-            tun_config: Some(TunnelConfig { cluster_id: 1, port_be: 31800u16.to_be(), _pad: 0, flags: 0, mtu: 1500, nets }),
+            tun_config: Some(TunnelConfig {
+                cluster_id: 1,
+                port_be: 31800u16.to_be(),
+                _pad: 0,
+                flags: 0,
+                mtu: 1500,
+                nets,
+                hosts_be: [addr_be(Ipv4Addr::new(10, 244, 0, 1)), 0, 0, 0],
+            }),
             ..Snapshot::default()
         }
     }
@@ -1503,6 +1519,11 @@ mod tunnel_tests {
             ("192.0.2.9", "10.245.0.20:1", "10.244.0.10:2", Verdict::TunnelDrop, "tunnel_unknown_node"),
             ("192.0.2.2", "10.99.0.1:1", "10.244.0.10:2", Verdict::TunnelDrop, "tunnel_spoofed_source"),
             ("192.0.2.2", "10.245.0.20:1", "10.244.1.10:2", Verdict::TunnelDrop, "tunnel_not_local"),
+            // The node itself, inside its pod CIDR: its bridge address, network and broadcast.
+            ("192.0.2.2", "10.245.0.20:1", "10.244.0.1:2", Verdict::TunnelDrop, "tunnel_not_local"),
+            ("192.0.2.2", "10.245.0.20:1", "10.244.0.0:2", Verdict::TunnelDrop, "tunnel_not_local"),
+            ("192.0.2.2", "10.245.0.20:1", "10.244.0.255:2", Verdict::TunnelDrop, "tunnel_not_local"),
+            ("192.0.2.2", "10.245.0.20:1", "10.244.0.254:2", Verdict::TunnelDeliver, "tunnel_decap"),
         ];
         for (from, src, dst, verdict, counter) in cases {
             let e = explain_decap(&s, from.parse().unwrap(), &q(src, dst, Proto::Udp));

@@ -65,6 +65,23 @@ fn interface_addresses() -> Vec<(Ipv4Addr, String)> {
         .unwrap_or_default()
 }
 
+/// This namespace's IPv4 addresses, for [`TunnelMaps::sync`].
+#[must_use]
+pub fn node_addresses() -> Vec<Ipv4Addr> {
+    interface_addresses().into_iter().map(|(a, _)| a).collect()
+}
+
+/// The first of `hosts` that lie in `c`'s pod CIDRs, as [`TunnelConfig::hosts_be`] holds
+/// them. A node has one such address per bridge, so four slots for four CIDRs suffice.
+fn hosts_in(c: &TunnelConfig, hosts: &[Ipv4Addr]) -> [u32; meshnet_common::limits::MAX_NODE_CIDRS] {
+    let mut out = [0; meshnet_common::limits::MAX_NODE_CIDRS];
+    let inside = hosts.iter().map(|h| addr_be(*h)).filter(|h| c.nets.iter().any(|n| n.mask_be != 0 && h & n.mask_be == n.addr_be));
+    for (slot, h) in out.iter_mut().zip(inside) {
+        *slot = h;
+    }
+    out
+}
+
 /// [`resolve_with`] for one node.
 pub fn resolve(dst: Ipv4Addr) -> io::Result<NodePath> {
     resolve_with(dst, &interface_addresses())
@@ -184,13 +201,14 @@ impl TunnelMaps {
     }
 
     /// Makes the maps hold `desired`'s tunnel state, with each node's path from `paths` (a
-    /// node missing there is not routed) and `mtu`, the uplinks' MTU, for the decapsulating
-    /// side. The settings and the node table go in before the routes that lead to them, and
+    /// node missing there is not routed), and for the decapsulating side `mtu`, the uplinks'
+    /// MTU, and `hosts`, this node's addresses (those inside its pod CIDRs are never
+    /// delivered to). The settings and the node table go in before the routes that lead to them, and
     /// routes go before the nodes and settings they used: no packet is encapsulated toward a
     /// node the peer would not take it from, or decapsulated with half a configuration.
-    pub fn sync(&mut self, desired: &Desired, paths: &BTreeMap<Ipv4Addr, NodePath>, mtu: u32) -> anyhow::Result<TunnelReport> {
+    pub fn sync(&mut self, desired: &Desired, paths: &BTreeMap<Ipv4Addr, NodePath>, mtu: u32, hosts: &[Ipv4Addr]) -> anyhow::Result<TunnelReport> {
         let mut report = TunnelReport::default();
-        let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, ..c });
+        let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, hosts_be: hosts_in(&c, hosts), ..c });
         if let Some(c) = want_config {
             if self.current_config() != Some(c) {
                 self.config.insert(0, c, 0).context("writing the tunnel settings")?;
@@ -300,6 +318,8 @@ pub struct TunnelSettingsRow {
     pub delivery: &'static str,
     pub mtu: u32,
     pub pod_cidrs: Vec<String>,
+    /// This node's own addresses inside those CIDRs: never delivered to.
+    pub node_addresses: Vec<String>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -326,6 +346,7 @@ impl TunnelMaps {
                 .filter_map(|n| Ipv4Net::with_netmask(addr_of_be(n.addr_be), addr_of_be(n.mask_be)).ok())
                 .map(|n| n.to_string())
                 .collect(),
+            node_addresses: c.hosts_be.iter().filter(|h| **h != 0).map(|h| addr_of_be(*h).to_string()).collect(),
         });
         let routes = self
             .current_routes()

@@ -156,6 +156,8 @@ fn tcp_both_ways(opts: Options) {
     assert_eq!(settings["delivery"], opts.delivery.as_str(), "{tun}");
     assert_eq!(settings["clusterId"], peer_id("cluster1"), "{tun}");
     assert_eq!(settings["mtu"], MTU, "{tun}");
+    // The agent found node1's bridge address in its pod CIDR, which the tunnel never delivers to.
+    assert_eq!(settings["nodeAddresses"], serde_json::json!(["10.244.0.1"]), "{tun}");
     let routes = tun["routes"].as_array().unwrap_or_else(|| panic!("no routes: {tun}"));
     assert_eq!(routes.len(), 1, "{tun}");
     let r = &routes[0];
@@ -263,8 +265,18 @@ fn under_kube_proxy(opts: Options) {
     }
     for node in [&t.node1, &t.node2] {
         assert_eq!(node.invalid_drops(), 0, "{}: kube-proxy's rule dropped tunnelled packets as INVALID", node.cluster);
+        let c = node.counters();
+        for name in ["tunnel_encap", "tunnel_decap"] {
+            assert!(count(&c, name) > 0, "{}: {name} is 0: {c:?}", node.cluster);
+        }
+        // Without bpf_redirect_neigh the first packets to a pod the node has no neighbour
+        // entry for yet go through the stack: a SYN, which conntrack takes as new.
+        if !opts.no_redirect_neigh {
+            assert_eq!(node.forwarded_from_remote_pods(), 0, "{}: redirected packets went through FORWARD", node.cluster);
+        }
         let side = if node.cluster == "cluster1" { Side::Node1 } else { Side::Node2 };
         let doctor = node.meshnet(&format!("doctor --config {}", node.write_config(&config(side)).display()));
+        assert!(doctor.stdout.contains("tunnel uplinks"), "{}: doctor checked no tunnel:\n{}", node.cluster, doctor.stdout);
         assert!(!doctor.stdout.contains("tunnel FORWARD rules"), "{}: redirect delivery needs no FORWARD check:\n{}", node.cluster, doctor.stdout);
     }
 }
@@ -280,11 +292,16 @@ fn flows_cross_under_kube_proxy_fib_lookup() {
 }
 
 /// Delivered through the stack, a tunnelled flow is seen by the receiving node's conntrack
-/// one way only, and kube-proxy's INVALID drop kills it: doctor fails the node's config,
-/// naming the rule and the fix.
+/// one way only, and kube-proxy's INVALID drop kills it: no connection opens (node1's
+/// conntrack holds the SYN-ACK INVALID), and doctor fails the node's config, naming the rule
+/// and the fix.
 #[test]
 fn doctor_fails_stack_delivery_under_kube_proxy() {
     let t = TunnelTopology::new(Options { kube_proxy: true, ..opts(Delivery::Stack) });
+    let _agents = t.start_agents();
+    let refused = t.client.run(|| TcpStream::connect_timeout(&APP_A_POD.app().into(), Duration::from_secs(3)));
+    assert!(refused.is_err(), "a connection opened through stack delivery under kube-proxy's INVALID drop");
+    assert!(t.node1.invalid_drops() > 0, "node1's INVALID drop dropped nothing");
     for side in [Side::Node1, Side::Node2] {
         let node = t.node(side);
         let cfg = node.write_config(&t.config(side));
@@ -294,6 +311,20 @@ fn doctor_fails_stack_delivery_under_kube_proxy() {
         assert!(line.starts_with("FAIL") && line.contains("--ctstate INVALID -j DROP"), "{}: {line}", node.cluster);
         assert!(doctor.stdout.contains("fix: set tunnel.delivery: redirect"), "{}", doctor.stdout);
         assert!(!doctor.ok, "doctor must exit non-zero on a failure");
+    }
+    // An exemption ahead of kube-proxy's jump (the peers' pods from the uplink, accepted
+    // whatever conntrack thinks) lets stack delivery work, and doctor agrees.
+    for (node, peer_pods) in [(&t.node1, "10.245.0.0/16"), (&t.node2, "10.244.0.0/16")] {
+        node.ns.exec(&format!("iptables -I FORWARD 1 -i lan0 -s {peer_pods} -j ACCEPT"));
+    }
+    tcp_check(&t.client, CLIENT_IP, APP_A_POD, "exempted from cluster1");
+    tcp_check(&t.app_a, APP_A, CLIENT, "exempted from cluster2");
+    for side in [Side::Node1, Side::Node2] {
+        let node = t.node(side);
+        let cfg = node.write_config(&t.config(side));
+        let doctor = node.meshnet(&format!("doctor --config {}", cfg.display()));
+        let line = doctor.stdout.lines().find(|l| l.contains("tunnel FORWARD rules")).unwrap_or_default().to_string();
+        assert!(line.starts_with("OK"), "{}: with the exemption: {line}\n{}", node.cluster, doctor.stdout);
     }
 }
 
@@ -866,6 +897,8 @@ fn foreign_and_spoofed(opts: Options) {
             ..ok
         },
         Craft { what: "to node2's own address", counter: "tunnel_not_local", dst: NODE2_LAN.parse().unwrap(), ..ok },
+        Craft { what: "to node2's bridge, in its pod CIDR", counter: "tunnel_not_local", dst: Ipv4Addr::new(10, 245, 0, 1), ..ok },
+        Craft { what: "to node2's pod CIDR's broadcast", counter: "tunnel_not_local", dst: Ipv4Addr::new(10, 245, 0, 255), ..ok },
         Craft { what: "to cluster2's CIDR outside node2's pods", counter: "tunnel_not_local", dst: Ipv4Addr::new(10, 245, 1, 5), ..ok },
     ];
     let before = t.node2.counters();

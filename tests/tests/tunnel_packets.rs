@@ -37,6 +37,8 @@ const OTHER_NODE_POD: [u8; 4] = [10, 244, 1, 10];
 const REMOTE: [u8; 4] = [10, 245, 0, 20];
 const REMOTE_NODE2: [u8; 4] = [10, 245, 1, 20];
 const NODE: [u8; 4] = [192, 0, 2, 1];
+/// The node's own address in its pod CIDR (the bridge's, the pods' gateway).
+const BRIDGE: [u8; 4] = [10, 244, 0, 1];
 const PEER_NODE: [u8; 4] = [192, 0, 2, 2];
 const PEER_NODE2: [u8; 4] = [192, 0, 2, 3];
 const STRANGER: [u8; 4] = [192, 0, 2, 99];
@@ -84,7 +86,9 @@ impl Harness {
         // The paths the agent would resolve from the kernel's routes.
         let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: 1, mtu: MTU };
         let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
-        let report = tunnel.sync(&desired, &paths, MTU).unwrap();
+        // This node's addresses: the bridge's, in its pod CIDR, and its LAN address.
+        let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+        let report = tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
         assert_eq!((report.routes_written, report.nodes_written), (2, 2), "{report:?}");
         let stats = maps::take_stats(&mut ebpf).unwrap();
         Self { ebpf, _maps: maps, tunnel, stats }
@@ -300,6 +304,9 @@ fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
         ("source of this cluster", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(OTHER_NODE_POD, POD, 53, 5000, b"x")), "tunnel_spoofed_source"),
         ("to another node's pod", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, OTHER_NODE_POD, 53, 5000, b"x")), "tunnel_not_local"),
         ("to the node itself", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, NODE, 53, 5000, b"x")), "tunnel_not_local"),
+        ("to the node's bridge address", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, BRIDGE, 53, 5000, b"x")), "tunnel_not_local"),
+        ("to the pod CIDR's network address", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, [10, 244, 0, 0], 53, 5000, b"x")), "tunnel_not_local"),
+        ("to the pod CIDR's broadcast address", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, [10, 244, 0, 255], 53, 5000, b"x")), "tunnel_not_local"),
         ("to a third party", tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, [8, 8, 8, 8], 53, 53, b"x")), "tunnel_not_local"),
     ];
     for (what, pkt, counter) in &cases {
@@ -390,7 +397,7 @@ fn explain_says_what_the_programs_do() {
     use meshnet::explain::{explain, explain_decap, Proto, Query, Snapshot, Verdict};
     let h = Harness::new();
     let snap = Snapshot::of_maps(&h._maps, 65_536, Ipv4Addr::from(POD)).unwrap().with_tunnel(&h.tunnel);
-    let addrs = [POD, OTHER_NODE_POD, REMOTE, REMOTE_NODE2, [10, 245, 9, 9], [10, 99, 0, 1], NODE];
+    let addrs = [POD, OTHER_NODE_POD, REMOTE, REMOTE_NODE2, [10, 245, 9, 9], [10, 99, 0, 1], NODE, BRIDGE, [10, 244, 0, 255]];
     let mut seen = BTreeMap::<String, u32>::new();
     for dst in addrs {
         for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp] {

@@ -221,7 +221,7 @@ impl TunDp {
         let _ = maps.publish_clock(meshnet::dump::monotonic_ns());
         let mut tun = TunnelMaps::from_ebpf(&mut ebpf)?;
         let path = NodePath { src: NODE.into(), ifindex, mtu: MTU };
-        let report = tun.sync(&desired, &BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path)]), MTU)?;
+        let report = tun.sync(&desired, &BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path)]), MTU, &[])?;
         ensure!((report.routes_written, report.nodes_written) == (1, 1), "tunnel maps: {report:?}");
         tun.nodes.insert(addr_be(CHAIN_NODE.into()), peer_id("cluster2"), 0).context("the chain's node")?;
         let stats = maps::take_stats(&mut ebpf)?;

@@ -1384,8 +1384,8 @@ fn tunnel_mode_bullets(e2e: &Value) -> String {
     format!(
         "- **tunnel-redirect**, **tunnel-stack**: meshnet's tunnel mode (issue 15), an agent on each \
          node with the other node as its tunnel peer (`tunnel.port` {port}, uplink `lan0`, node pod \
-         CIDRs 10.244.0.0/24 and 10.245.0.0/24), `delivery: redirect` or `delivery: stack` (the \
-         default). The client addresses the server pod by its pod IP (10.245.0.10:7000, :5201) as in \
+         CIDRs 10.244.0.0/24 and 10.245.0.0/24), `delivery: redirect` (the default) or \
+         `delivery: stack`. The client addresses the server pod by its pod IP (10.245.0.10:7000, :5201) as in \
          plain; node1's `from_pod` on the client's veth encapsulates it (IPv4, UDP and meshnet's \
          8-byte header: {overhead} bytes) to node2's tunnel port, and node2's uplink program takes it \
          off before netfilter and hands it to the pod, straight to its side (`bpf_redirect_neigh`) or \
