@@ -622,18 +622,24 @@ fn invalid_drop(filter: &str, uplinks: &[String], peer_cidrs: &[Ipv4Net]) -> Opt
             (w.len() > 2 && w[0] == "-A").then(|| (w[1].clone(), w, l))
         })
         .collect();
-    walk_for_invalid_drop(&rules, "FORWARD", uplinks, peer_cidrs, &mut vec![]).and_then(|found| found)
+    match walk_for_invalid_drop(&rules, "FORWARD", uplinks, peer_cidrs, &mut vec![]) {
+        Walk::Dropped(rule) => Some(rule),
+        Walk::Accepted | Walk::Ended => None,
+    }
 }
 
-/// [`invalid_drop`] in `chain`: `Some(Some(rule))` found, `Some(None)` the peers' traffic is
-/// accepted first, `None` the chain ends without either (the caller goes on).
-fn walk_for_invalid_drop(
-    rules: &[(String, Vec<String>, &str)],
-    chain: &str,
-    uplinks: &[String],
-    peer_cidrs: &[Ipv4Net],
-    seen: &mut Vec<String>,
-) -> Option<Option<String>> {
+/// How [`walk_for_invalid_drop`] left a chain.
+enum Walk {
+    /// At this rule, an INVALID drop.
+    Dropped(String),
+    /// The peers' traffic was accepted first.
+    Accepted,
+    /// Neither: the calling chain goes on.
+    Ended,
+}
+
+/// [`invalid_drop`] in `chain`, in order, into the chains it jumps or goes to.
+fn walk_for_invalid_drop(rules: &[(String, Vec<String>, &str)], chain: &str, uplinks: &[String], peer_cidrs: &[Ipv4Net], seen: &mut Vec<String>) -> Walk {
     seen.push(chain.to_string());
     for (_, w, line) in rules.iter().filter(|(c, _, _)| c == chain) {
         if !in_on_uplink(w, uplinks) {
@@ -646,18 +652,19 @@ fn walk_for_invalid_drop(
         let invalid = state.is_some_and(|s| s.split(',').any(|x| x == "INVALID")) && !negated("--ctstate") && !negated("--state");
         let from_peers = arg("-s").and_then(net_of).is_some_and(|n| peer_cidrs.iter().any(|p| overlaps(n, *p))) && !negated("-s");
         match target {
-            Some("DROP" | "REJECT") if invalid => return Some(Some((*line).to_string())),
-            Some("ACCEPT") if from_peers && state.is_none() => return Some(None),
-            Some("RETURN") if w.len() == 4 => return None,
+            Some("DROP" | "REJECT") if invalid => return Walk::Dropped((*line).to_string()),
+            Some("ACCEPT") if from_peers && state.is_none() => return Walk::Accepted,
+            Some("RETURN") if w.len() == 4 => return Walk::Ended,
             Some(t) if !seen.iter().any(|c| c == t) && rules.iter().any(|(c, _, _)| c == t) => {
-                if let Some(found) = walk_for_invalid_drop(rules, t, uplinks, peer_cidrs, seen) {
-                    return Some(found);
+                match walk_for_invalid_drop(rules, t, uplinks, peer_cidrs, seen) {
+                    Walk::Ended => {}
+                    found => return found,
                 }
             }
             _ => {}
         }
     }
-    None
+    Walk::Ended
 }
 
 /// Whether a rule's `-i` (none, or an iptables `+` wildcard) can match one of the `uplinks`.
