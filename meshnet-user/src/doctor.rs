@@ -486,7 +486,7 @@ fn config_checks(path: &Path, checks: &mut Vec<Check>) {
         checks.push(tunnel_port_check(t.port, iptables_save("nat").as_ref(), crate::netlink::udp_listeners().as_deref()));
         if t.delivery == crate::config::Delivery::Stack {
             let peers: Vec<Ipv4Net> = cfg.peers.iter().filter(|p| p.tunnel.is_some()).flat_map(|p| p.pod_cidrs.iter().copied()).collect();
-            checks.push(forward_check(iptables_save("filter"), &uplinks, &peers));
+            checks.push(forward_check(iptables_save("filter").or_else(kernel_filter_rules), &uplinks, &peers));
         }
     }
 }
@@ -554,7 +554,7 @@ pub fn forward_check(filter: Option<Result<String, String>>, uplinks: &[String],
             return Check::new(
                 NAME,
                 Level::Warn,
-                "iptables-save not found (as in the agent's image): FORWARD rules not checked, and kube-proxy's INVALID drop would kill TCP delivered through the stack",
+                "neither iptables-save (the agent's image has none) nor a legacy filter table with rules: FORWARD rules not checked, and kube-proxy's INVALID drop would kill TCP delivered through the stack",
             )
             .fix("set tunnel.delivery: redirect (the default), or check `iptables-save -t filter` on the node for `--ctstate INVALID -j DROP`");
         }
@@ -747,6 +747,17 @@ fn kernel_nat_rules() -> Option<Result<String, String>> {
         (true, _) | (false, 0) => Some(Ok(text)),
         (false, 1) => Some(Err(errors.join("; "))),
         (false, _) => None,
+    }
+}
+
+/// Without iptables-save: the legacy filter table from the kernel, when it holds rules (as on
+/// nodes whose kube-proxy writes with iptables-legacy, CentOS 7's). `None` otherwise: rules
+/// in nftables are not judged here, and an empty answer would read as "nothing drops".
+fn kernel_filter_rules() -> Option<Result<String, String>> {
+    match crate::iptables::legacy_filter_rules() {
+        Ok(Some(t)) if t.lines().any(|l| l.starts_with("-A ")) => Some(Ok(t)),
+        Ok(_) => None,
+        Err(e) => Some(Err(format!("the legacy filter table: {e}"))),
     }
 }
 

@@ -1,11 +1,11 @@
-//! The legacy (x_tables) nat table, read from the kernel the way `iptables-legacy-save` reads
+//! The legacy (x_tables) nat and filter tables, read from the kernel the way `iptables-legacy-save` reads
 //! it, for `doctor` in the agent's pod: the image has no iptables binaries. The kernel hands
 //! the table out through `getsockopt(IPT_SO_GET_INFO / IPT_SO_GET_ENTRIES)` on any IPv4
 //! socket to a caller with CAP_NET_ADMIN; a UDP socket needs no CAP_NET_RAW.
 //!
 //! Only what `doctor` judges is rendered, in `iptables-save`'s words: the chain, source and
-//! destination (with `!`), the output interface, the mark match and the target. Other
-//! matches appear as `-m NAME` alone.
+//! destination (with `!`), the interfaces, the mark match, the conntrack and state matches'
+//! states and the target. Other matches appear as `-m NAME` alone.
 
 use std::{
     fmt::Write as _,
@@ -27,7 +27,15 @@ const ENTRIES_HEAD: usize = 40;
 const ENTRY_LEN: usize = 112;
 /// `struct xt_entry_match` / `xt_entry_target` headers: size (u16), name[29], revision.
 const XT_HEAD: usize = 32;
+const IPT_INV_VIA_IN: u8 = 0x01;
 const IPT_INV_VIA_OUT: u8 = 0x02;
+/// Conntrack states as `xt_conntrack` and `xt_state` store them (`XT_CONNTRACK_STATE_BIT`),
+/// in the order `iptables-save` prints them.
+const CT_STATES: [(u32, &str); 5] = [(1, "INVALID"), (1 << 3, "NEW"), (1 << 2, "RELATED"), (1 << 1, "ESTABLISHED"), (1 << 4, "UNTRACKED")];
+/// `XT_CONNTRACK_STATE`, in the conntrack match's `match_flags` and `invert_flags`.
+const XT_CONNTRACK_STATE: u16 = 1;
+/// `XT_CONNTRACK_STATE_ALIAS`: the match was written as `-m state`.
+const XT_CONNTRACK_STATE_ALIAS: u16 = 1 << 13;
 const IPT_INV_SRCIP: u8 = 0x08;
 const IPT_INV_DSTIP: u8 = 0x10;
 /// Standard verdicts as the kernel stores them (`-verdict - 1`).
@@ -38,6 +46,15 @@ const VERDICT_RETURN: i32 = -5;
 /// The nat table's rules as `-A CHAIN ...` lines. `Ok(None)`: this kernel has no legacy nat
 /// table (ip_tables is not loaded: the host uses nftables, or no iptables at all).
 pub fn legacy_nat_rules() -> io::Result<Option<String>> {
+    legacy_rules("nat")
+}
+
+/// The filter table's, likewise.
+pub fn legacy_filter_rules() -> io::Result<Option<String>> {
+    legacy_rules("filter")
+}
+
+fn legacy_rules(table: &str) -> io::Result<Option<String>> {
     // SAFETY: socket(2) with constant arguments; the fd is owned at once.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -46,7 +63,7 @@ pub fn legacy_nat_rules() -> io::Result<Option<String>> {
     // SAFETY: a new fd that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut info = [0u8; INFO_LEN];
-    info[..3].copy_from_slice(b"nat");
+    info[..table.len()].copy_from_slice(table.as_bytes());
     match getsockopt(&sock, IPT_SO_GET_INFO, &mut info) {
         // No such table, or no ip_tables: nothing legacy here.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)) => return Ok(None),
@@ -59,7 +76,7 @@ pub fn legacy_nat_rules() -> io::Result<Option<String>> {
     let valid_hooks = u32_at(&info, 32);
     let size = u32_at(&info, 80) as usize;
     let mut buf = vec![0u8; ENTRIES_HEAD + size];
-    buf[..3].copy_from_slice(b"nat");
+    buf[..table.len()].copy_from_slice(table.as_bytes());
     buf[32..36].copy_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_ne_bytes());
     getsockopt(&sock, IPT_SO_GET_ENTRIES, &mut buf)?;
     let hooks: Vec<(usize, u32, u32)> =
@@ -152,9 +169,8 @@ fn rule(e: &[u8], chain: &str, target_offset: usize, target: &str, verdict: i32,
     if dmsk != [0; 4] {
         let _ = write!(r, " {}-d {}", bang(IPT_INV_DSTIP), cidr(dst, dmsk));
     }
-    let outiface = name_at(e, 32, 16);
-    if !outiface.is_empty() {
-        let _ = write!(r, " {}-o {outiface}", bang(IPT_INV_VIA_OUT));
+    for (opt, at, inv) in [("-i", 16, IPT_INV_VIA_IN), ("-o", 32, IPT_INV_VIA_OUT)] {
+        let _ = write!(r, "{}", iface(e, at, opt, bang(inv)));
     }
     let mut m = ENTRY_LEN;
     while m + XT_HEAD <= target_offset {
@@ -164,7 +180,28 @@ fn rule(e: &[u8], chain: &str, target_offset: usize, target: &str, verdict: i32,
         }
         let name = name_at(e, m + 2, 29);
         let data = &e[m + XT_HEAD..(m + size).min(target_offset)];
-        if name == "mark" && data.len() >= 9 {
+        let revision = e.get(m + 31).copied().unwrap_or(0);
+        if name == "conntrack" && (1..=3).contains(&revision) && data.len() >= 152 {
+            // xt_conntrack_mtinfo1..3: eight addresses (128 bytes), expiry (8), l4proto and
+            // four ports (10), then match_flags, invert_flags and state_mask: u8 in
+            // revision 1, u16 from 2.
+            let field = |i: usize| if revision == 1 { u16::from(data[146 + i]) } else { u16::from_ne_bytes([data[146 + 2 * i], data[147 + 2 * i]]) };
+            let (flags, invert, states) = (field(0), field(1), field(2));
+            if flags & XT_CONNTRACK_STATE_ALIAS != 0 {
+                // `-m state`, which iptables now writes as a conntrack match.
+                let not = if invert & XT_CONNTRACK_STATE != 0 { "! " } else { "" };
+                let _ = write!(r, " -m state {not}--state {}", state_names(u32::from(states)));
+            } else if flags & XT_CONNTRACK_STATE != 0 {
+                let not = if invert & XT_CONNTRACK_STATE != 0 { "! " } else { "" };
+                let _ = write!(r, " -m conntrack {not}--ctstate {}", state_names(u32::from(states)));
+            } else {
+                let _ = write!(r, " -m conntrack");
+            }
+        } else if name == "state" && data.len() >= 4 {
+            // xt_state_info: statemask.
+            let states = u32::from_ne_bytes(data[0..4].try_into().unwrap_or_default());
+            let _ = write!(r, " -m state --state {}", state_names(states));
+        } else if name == "mark" && data.len() >= 9 {
             // xt_mark_mtinfo1: mark, mask, invert.
             let value = u32::from_ne_bytes(data[0..4].try_into().unwrap_or_default());
             let mask = u32::from_ne_bytes(data[4..8].try_into().unwrap_or_default());
@@ -187,6 +224,33 @@ fn rule(e: &[u8], chain: &str, target_offset: usize, target: &str, verdict: i32,
     };
     let _ = write!(r, " -j {jump}");
     r
+}
+
+/// An interface name at `at` (16 bytes, its mask 32 bytes later) as iptables-save prints it:
+/// the characters the mask covers, and `+` when the mask stops inside the name (a wildcard).
+fn iface(e: &[u8], at: usize, opt: &str, bang: &str) -> String {
+    let (Some(name), Some(mask)) = (e.get(at..at + 16), e.get(at + 32..at + 48)) else { return String::new() };
+    if mask[0] == 0 {
+        return String::new();
+    }
+    let mut s = String::new();
+    for i in 0..16 {
+        if mask[i] == 0 {
+            if name[i - 1] != 0 {
+                s.push('+');
+            }
+            break;
+        }
+        if name[i] != 0 {
+            s.push(char::from(name[i]));
+        }
+    }
+    format!(" {bang}{opt} {s}")
+}
+
+/// `iptables-save`'s list of the conntrack states in `mask`.
+fn state_names(mask: u32) -> String {
+    CT_STATES.iter().filter(|(bit, _)| mask & bit != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]

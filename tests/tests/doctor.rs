@@ -1,5 +1,5 @@
 //! `meshnet doctor` in the agent's pod has no iptables binaries (the image is FROM scratch):
-//! it reads the legacy nat table from the kernel itself. This checks that reading against
+//! it reads the legacy nat and filter tables from the kernel itself. This checks that reading against
 //! `iptables-legacy-save` on the same rules, in a namespace of the test's own.
 
 use std::net::Ipv4Addr;
@@ -95,4 +95,52 @@ fn the_nftables_nat_table_reads_as_iptables_save_prints_it() {
     let without = find_masquerade(&ns.run(meshnet::nftables::ipv4_rules).unwrap(), &pods, &gws);
     assert!(without.pod_rules.is_empty(), "{without:?}");
     assert_eq!(without.other_rules.len(), 2, "{without:?}");
+}
+
+/// kube-proxy's FORWARD rules and a tunnel exemption, as iptables-legacy writes them on a
+/// CentOS 7 node: doctor in the agent's pod reads the filter table from the kernel, in
+/// iptables-save's words for what it judges, and comes to the same verdict on stack delivery.
+#[test]
+fn the_legacy_filter_table_reads_as_iptables_save_prints_it() {
+    use meshnet::doctor::{forward_check, Level};
+    require_root();
+    let ns = NetNs::new("mniptf");
+    let (ok, out) = ns.try_exec("iptables-legacy -t filter -L -n");
+    if !ok {
+        eprintln!("{out}");
+        skip("iptables-legacy with the ip_tables modules");
+        return;
+    }
+    let judged = [
+        "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        "-A KUBE-FORWARD -s 10.244.0.0/16 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A FORWARD -i eth+ -m state --state INVALID,NEW -j DROP",
+        "-A FORWARD -i lan0 -o cni0 -m conntrack ! --ctstate INVALID -j ACCEPT",
+    ];
+    // What doctor prints where iptables-save prints more (`--comment`'s text).
+    let read_as = |r: &str| r.replace(" --comment \"kubernetes forwarding rules\"", "");
+    ns.exec("iptables-legacy -t filter -N KUBE-FORWARD");
+    for r in judged {
+        ns.exec(&format!("iptables-legacy -t filter {r}"));
+    }
+    let saved = ns.exec("iptables-legacy-save -t filter");
+    let read_back = ns.run(meshnet::iptables::legacy_filter_rules).expect("reading the filter table").expect("a legacy filter table");
+    for r in judged {
+        assert!(saved.lines().any(|l| l == r), "fixture: {r:?} not in iptables-legacy-save:\n{saved}");
+        assert!(read_back.lines().any(|l| l == read_as(r)), "{:?} not read back:\n{read_back}", read_as(r));
+    }
+
+    let uplinks = ["lan0".to_string()];
+    let peers = ["10.245.0.0/16".parse().unwrap()];
+    let (from_save, from_kernel) = (forward_check(Some(Ok(saved.clone())), &uplinks, &peers), forward_check(Some(Ok(read_back)), &uplinks, &peers));
+    assert_eq!(from_kernel.level, Level::Fail, "{from_kernel:?}");
+    assert!(from_kernel.detail.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"), "{from_kernel:?}");
+    assert_eq!((from_save.level, from_save.detail), (from_kernel.level, from_kernel.detail));
+
+    // The exemption ahead of kube-proxy's jump: both read it the same, and pass.
+    ns.exec("iptables-legacy -t filter -I FORWARD 1 -i lan0 -s 10.245.0.0/16 -j ACCEPT");
+    let read_back = ns.run(meshnet::iptables::legacy_filter_rules).unwrap().unwrap();
+    assert!(read_back.lines().any(|l| l == "-A FORWARD -i lan0 -s 10.245.0.0/16 -j ACCEPT" || l == "-A FORWARD -s 10.245.0.0/16 -i lan0 -j ACCEPT"), "{read_back}");
+    assert_eq!(forward_check(Some(Ok(read_back)), &uplinks, &peers).level, Level::Ok);
 }
