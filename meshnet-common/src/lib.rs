@@ -93,11 +93,17 @@ pub mod names {
     /// Per-CPU hash: peer id → packets and bytes through the tunnel ([`crate::TunnelStats`]).
     /// The agent creates an entry per tunnel peer; the datapath only adds to them.
     pub const TUN_STATS: &str = "mn_tun_stats_v1";
+    /// Hash: a pod's MAC address ([`crate::PodMac`]) → the ifindex of the host side of its
+    /// interface, which the agent reads from the kernel for every pod interface it attaches
+    /// to. Where the node's route to a pod is a bridge, the decapsulating program sends the
+    /// pod's packets to that port itself: the bridge would segment them (it offers no
+    /// offloads for encapsulated packets, and a decapsulated packet still counts as one).
+    pub const TUN_PORTS: &str = "mn_tun_ports_v1";
 
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 14] = [
+    pub const ALL_MAPS: [&str; 15] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS,
+        TUN_STATS, TUN_PORTS,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
@@ -165,6 +171,8 @@ pub mod limits {
     pub const MAX_TUNNEL_NODES: u32 = 4096;
     /// This node's own pod CIDRs, the only destinations the tunnel delivers to.
     pub const MAX_NODE_CIDRS: usize = 4;
+    /// Pod interfaces on one node (kubelet's default is 110 pods).
+    pub const MAX_POD_PORTS: u32 = 4096;
 }
 
 pub mod tunnel {
@@ -469,6 +477,22 @@ pub struct TunnelStats {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+}
+
+/// Key of `mn_tun_ports_v1`: a pod's MAC address, padded to 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PodMac {
+    pub addr: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl PodMac {
+    #[must_use]
+    pub const fn new(addr: [u8; 6]) -> Self {
+        Self { addr, _pad: [0; 2] }
+    }
 }
 
 /// meshnet's header, right after the outer UDP header.
@@ -791,6 +815,7 @@ const _: () = {
     assert!(offset_of!(TunnelNode, peer_id) == 12);
     assert!(size_of::<TunnelConfig>() == 16 + 12 * limits::MAX_NODE_CIDRS);
     assert!(size_of::<TunnelStats>() == 32);
+    assert!(size_of::<PodMac>() == 8);
     assert!(size_of::<TunnelHeader>() == tunnel::HEADER_LEN as usize);
     assert!(tunnel::SPORT_MIN as u32 + tunnel::SPORT_SPAN as u32 <= 61_000);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
@@ -816,6 +841,7 @@ mod user {
     unsafe impl aya::Pod for super::LogBudget {}
     unsafe impl aya::Pod for super::TunnelNode {}
     unsafe impl aya::Pod for super::TunnelConfig {}
+    unsafe impl aya::Pod for super::PodMac {}
     unsafe impl aya::Pod for super::TunnelStats {}
 }
 

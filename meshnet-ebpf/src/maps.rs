@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use meshnet_common::{
     limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig, TunnelNode,
-    TunnelStats,
+    PodMac, TunnelStats,
 };
 
 // The `name = "..."` strings must equal meshnet_common::names; the attribute takes a
@@ -59,7 +59,7 @@ pub static LOCAL: Array<LocalCidrs> = Array::with_max_entries(1, 0);
 #[map(name = "mn_gw_ports_v1")]
 pub static GW_PORTS: Array<u64> = Array::with_max_entries(limits::GW_PORT_WORDS, 0);
 
-/// Tunnel mode (see `meshnet_common::names::TUN_ROUTES` and the three after it).
+/// Tunnel mode (see `meshnet_common::names::TUN_ROUTES` and the four after it).
 #[map(name = "mn_tun_routes_v1")]
 pub static TUN_ROUTES: LpmTrie<u32, TunnelNode> = LpmTrie::with_max_entries(limits::MAX_TUNNEL_ROUTES, BPF_F_NO_PREALLOC);
 
@@ -71,6 +71,9 @@ pub static TUN_CONFIG: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(1,
 
 #[map(name = "mn_tun_stats_v1")]
 pub static TUN_STATS: PerCpuHashMap<u32, TunnelStats> = PerCpuHashMap::with_max_entries(limits::MAX_PEERS, 0);
+
+#[map(name = "mn_tun_ports_v1")]
+pub static TUN_PORTS: HashMap<PodMac, u32> = HashMap::with_max_entries(limits::MAX_POD_PORTS, BPF_F_NO_PREALLOC);
 
 /// The logging object's rate limit (see `meshnet_common::names::LOG_BUDGET`).
 #[cfg(feature = "datapath-log")]

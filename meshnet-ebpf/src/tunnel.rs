@@ -14,10 +14,10 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use meshnet_common::{tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
+use meshnet_common::{tunnel, tunnel_sport, Counter, FlowKey, LocalNet, PodMac, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
 
 use crate::{
-    maps::{count, TUN_CONFIG, TUN_NODES, TUN_ROUTES, TUN_STATS},
+    maps::{count, TUN_CONFIG, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
     nat::PASS,
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
@@ -363,6 +363,17 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32
         return TC_ACT_OK;
     }
     let hop = fib_lookup_v4(ctx, src_be, dst_be, ifindex(ctx), 0);
+    if hop.rc == BPF_FIB_LKUP_RET_SUCCESS {
+        // Straight out of the pod's own port, where the route is a bridge: the bridge would
+        // segment a GSO packet in software (see `names::TUN_PORTS`).
+        // SAFETY: a read-only copy of a value from a successful lookup.
+        if let Some(port) = unsafe { TUN_PORTS.get(&PodMac::new(hop.dmac)) }.copied() {
+            if parse::set_macs(ctx, hop.dmac, hop.smac).is_ok() {
+                // SAFETY: a helper call with plain values.
+                return unsafe { bpf_redirect(port, 0) } as i32;
+            }
+        }
+    }
     if have_redirect_neigh() && (hop.rc == BPF_FIB_LKUP_RET_SUCCESS || hop.rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
         // SAFETY: a helper call without a next hop: the kernel resolves the pod's address.
         return unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32;

@@ -18,6 +18,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use ipnet::Ipv4Net;
+use meshnet_common::PodMac;
 
 use crate::{
     config::{Config, ConfigError, Desired, RawConfig, RawPeer},
@@ -191,6 +192,10 @@ struct Agent {
     /// When the peer nodes' neighbour entries were last refreshed (kernels without
     /// `bpf_redirect_neigh`; see `tunnel::warm_neighbours`).
     neighbours_warmed: Option<Instant>,
+    /// The pods' MAC addresses by the index of their interface's host side (`None`: no veth),
+    /// for the tunnel's port table. A device keeps its MAC; a pod re-created comes back as a
+    /// new index.
+    pod_macs: BTreeMap<u32, Option<[u8; 6]>>,
 }
 
 /// How often the peer nodes' neighbour entries are refreshed where the datapath cannot
@@ -295,6 +300,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         uplinks: BTreeMap::new(),
         unresolved: Vec::new(),
         neighbours_warmed: None,
+        pod_macs: BTreeMap::new(),
     };
     if agent.api.heard {
         agent.sync().context("filling the maps")?;
@@ -655,8 +661,35 @@ impl Agent {
             }
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
+        self.sync_ports();
         self.rescan_uplinks(&present)?;
         self.sync_tunnel()
+    }
+
+    /// The tunnel's port table (see `names::TUN_PORTS`): each attached pod's MAC address,
+    /// read from the kernel once per interface. Without an entry, decapsulated packets take
+    /// the node's route to the pod, which is right, only slower behind a bridge.
+    fn sync_ports(&mut self) {
+        let live: BTreeSet<u32> = self.attached.values().copied().collect();
+        self.pod_macs.retain(|index, _| live.contains(index));
+        for index in &live {
+            if self.pod_macs.contains_key(index) {
+                continue;
+            }
+            match netlink::veth_peer_mac(*index) {
+                Ok(mac) => {
+                    self.pod_macs.insert(*index, mac);
+                }
+                // Not remembered, so the next rescan asks again.
+                Err(e) => debug!(ifindex = index, error = %e, "reading the pod's MAC address failed"),
+            }
+        }
+        let want = self.pod_macs.iter().filter_map(|(index, mac)| Some((PodMac::new((*mac)?), *index))).collect();
+        match self.tunnel.sync_ports(&want) {
+            Ok((0, 0)) => {}
+            Ok((written, removed)) => debug!(written, removed, "tunnel port table synced"),
+            Err(e) => warn!(error = %format!("{e:#}"), "syncing the tunnel port table failed; decapsulated packets take the node's route"),
+        }
     }
 
     /// The uplinks' side of a rescan: the decapsulating program on every interface the

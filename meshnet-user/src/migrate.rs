@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 use meshnet_common::{
     limits, names, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig,
-    TunnelNode, TunnelStats,
+    PodMac, TunnelNode, TunnelStats,
 };
 use tracing::{info, warn};
 
@@ -45,7 +45,7 @@ fn size<T>() -> u32 {
 
 /// Every map of this build, as the embedded object defines it (flow maps sized `max_flows`).
 #[must_use]
-pub fn specs(max_flows: u32) -> [Spec; 14] {
+pub fn specs(max_flows: u32) -> [Spec; 15] {
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags: NO_PREALLOC, max_entries: max_flows };
     [
         Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
@@ -62,6 +62,7 @@ pub fn specs(max_flows: u32) -> [Spec; 14] {
         Spec { name: names::TUN_NODES, ty: MapType::Hash, key: 4, value: 4, flags: NO_PREALLOC, max_entries: limits::MAX_TUNNEL_NODES },
         Spec { name: names::TUN_CONFIG, ty: MapType::Hash, key: 4, value: size::<TunnelConfig>(), flags: NO_PREALLOC, max_entries: 1 },
         Spec { name: names::TUN_STATS, ty: MapType::PerCpuHash, key: 4, value: size::<TunnelStats>(), flags: 0, max_entries: limits::MAX_PEERS },
+        Spec { name: names::TUN_PORTS, ty: MapType::Hash, key: size::<PodMac>(), value: 4, flags: NO_PREALLOC, max_entries: limits::MAX_POD_PORTS },
     ]
 }
 

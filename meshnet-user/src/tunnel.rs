@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuHashMap, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, PodMac, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 
 use crate::{
@@ -27,6 +27,7 @@ pub type TunRoutes = LpmTrie<MapData, u32, TunnelNode>;
 pub type TunNodes = HashMap<MapData, u32, u32>;
 pub type TunConfigMap = HashMap<MapData, u32, TunnelConfig>;
 pub type TunStats = PerCpuHashMap<MapData, u32, TunnelStats>;
+pub type TunPorts = HashMap<MapData, PodMac, u32>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -114,6 +115,7 @@ pub struct TunnelMaps {
     pub nodes: TunNodes,
     pub config: TunConfigMap,
     pub stats: TunStats,
+    pub ports: TunPorts,
 }
 
 /// What a sync changed, for the agent's log.
@@ -146,19 +148,22 @@ impl TunnelMaps {
             nodes: open(pins, names::TUN_NODES)?,
             config: open(pins, names::TUN_CONFIG)?,
             stats: open(pins, names::TUN_STATS)?,
+            ports: open(pins, names::TUN_PORTS)?,
         })
     }
 
     /// Takes the tunnel maps out of a loaded object (unpinned use: packet tests).
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("the object has no map {name}"));
-        let (r, n, c, s) = (take(names::TUN_ROUTES)?, take(names::TUN_NODES)?, take(names::TUN_CONFIG)?, take(names::TUN_STATS)?);
+        let (r, n, c, s, p) =
+            (take(names::TUN_ROUTES)?, take(names::TUN_NODES)?, take(names::TUN_CONFIG)?, take(names::TUN_STATS)?, take(names::TUN_PORTS)?);
         let bad = |name: &'static str| move |e: aya::maps::MapError| anyhow::anyhow!("map {name}: {e}");
         Ok(Self {
             routes: TunRoutes::try_from(r).map_err(bad(names::TUN_ROUTES))?,
             nodes: TunNodes::try_from(n).map_err(bad(names::TUN_NODES))?,
             config: TunConfigMap::try_from(c).map_err(bad(names::TUN_CONFIG))?,
             stats: TunStats::try_from(s).map_err(bad(names::TUN_STATS))?,
+            ports: TunPorts::try_from(p).map_err(bad(names::TUN_PORTS))?,
         })
     }
 
@@ -175,6 +180,32 @@ impl TunnelMaps {
     #[must_use]
     pub fn current_nodes(&self) -> BTreeMap<Ipv4Addr, u32> {
         self.nodes.iter().flatten().map(|(k, v)| (addr_of_be(k), v)).collect()
+    }
+
+    /// The pod interfaces by their pods' MAC addresses.
+    #[must_use]
+    pub fn current_ports(&self) -> BTreeMap<PodMac, u32> {
+        self.ports.iter().flatten().collect()
+    }
+
+    /// Makes the port table hold `want` (a pod's MAC → the host side of its interface):
+    /// entries of pods gone first, so that a MAC never leads to another pod's interface.
+    /// Returns how many entries it wrote and removed.
+    pub fn sync_ports(&mut self, want: &BTreeMap<PodMac, u32>) -> anyhow::Result<(usize, usize)> {
+        let have = self.current_ports();
+        let mut removed = 0;
+        for mac in have.keys().filter(|m| !want.contains_key(m)) {
+            self.ports.remove(mac).context("removing a pod interface from the port table")?;
+            removed += 1;
+        }
+        let mut written = 0;
+        for (mac, index) in want {
+            if have.get(mac) != Some(index) {
+                self.ports.insert(mac, index, 0).context("writing the port table")?;
+                written += 1;
+            }
+        }
+        Ok((written, removed))
     }
 
     #[must_use]
@@ -322,11 +353,20 @@ pub struct TunnelSettingsRow {
     pub node_addresses: Vec<String>,
 }
 
+/// A pod interface the decapsulating program can send to directly.
 #[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TunnelPortRow {
+    pub mac: String,
+    pub ifindex: u32,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct TunnelDump {
     pub settings: Option<TunnelSettingsRow>,
     pub routes: Vec<TunnelRouteRow>,
     pub peers: Vec<TunnelPeerRow>,
+    pub pod_ports: Vec<TunnelPortRow>,
 }
 
 impl TunnelMaps {
@@ -378,6 +418,11 @@ impl TunnelMaps {
                 }
             })
             .collect();
-        TunnelDump { settings, routes, peers }
+        let pod_ports = self
+            .current_ports()
+            .into_iter()
+            .map(|(mac, ifindex)| TunnelPortRow { mac: mac.addr.map(|b| format!("{b:02x}")).join(":"), ifindex })
+            .collect();
+        TunnelDump { settings, routes, peers, pod_ports }
     }
 }
