@@ -166,6 +166,15 @@ fn tcp_both_ways(opts: Options) {
     assert_eq!(r["node"], NODE2_LAN, "{tun}");
     assert_eq!(r["port"], TUNNEL_PORT, "{tun}");
     assert_eq!(r["source"], NODE1_LAN, "the outer source must be node1's address toward node2: {tun}");
+
+    // Each pod's MAC, read from the pod's namespace, leads to the host side of its interface.
+    for (node, pod, host) in [(&t.node1, &t.client, "vethc"), (&t.node1, &t.client2, "vethc2"), (&t.node2, &t.app_a, "vetha")] {
+        let mac = pod.exec("cat /sys/class/net/eth0/address").trim().to_string();
+        let index: u64 = node.ns.exec(&format!("cat /sys/class/net/{host}/ifindex")).trim().parse().unwrap();
+        let ports = node.dump_json("tunnel")["tunnel"]["podPorts"].clone();
+        let want = serde_json::json!({ "mac": mac, "ifindex": index });
+        assert!(ports.as_array().is_some_and(|p| p.contains(&want)), "{}: {want} is not among the pod ports: {ports}", node.cluster);
+    }
 }
 
 #[test]
@@ -1023,6 +1032,11 @@ fn mtu(opts: Options) {
         assert!(ns.ip("link show lan0").contains(&format!("mtu {MTU} ")));
     }
     let before = (t.node1.counters(), t.node2.counters());
+    let received = |ns: &NetNs| -> (u64, u64) {
+        let read = |f: &str| ns.exec(&format!("cat /sys/class/net/eth0/statistics/{f}")).trim().parse::<u64>().unwrap();
+        (read("rx_bytes"), read("rx_packets"))
+    };
+    let pods_before = [received(&t.client), received(&t.app_a)];
 
     // 1 MB each way, echoed byte for byte. Each SYN and SYN-ACK had its MSS clamped by the
     // node that sent it through the tunnel, so no segment needed fragmenting.
@@ -1035,6 +1049,17 @@ fn mtu(opts: Options) {
             panic!("the 1 MB echo from {} differs from byte {i} on", to.name);
         }
         assert!(mss <= TUNNEL_MSS, "the MSS toward {} is {mss}: the SYN-ACK was not clamped to {TUNNEL_MSS}", to.name);
+    }
+    // Redirected, a GSO packet reaches the pod whole: it leaves by the pod's own port, not
+    // through the bridge, which would cut it into MTU-sized packets in software. So the pods
+    // received packets averaging well over the MTU, ACKs included (veths pass GSO packets
+    // whole; with offload off the pods send no GSO packets to begin with).
+    if opts.delivery == Delivery::Redirect && !opts.strict_checksums {
+        for ((name, ns), (bytes0, packets0)) in [("client", &t.client), ("app-a", &t.app_a)].into_iter().zip(pods_before) {
+            let (bytes, packets) = received(ns);
+            let avg = (bytes - bytes0) / (packets - packets0).max(1);
+            assert!(avg > 2 * u64::from(MTU), "{name} received {} packets averaging {avg} bytes: GSO packets were segmented on the way", packets - packets0);
+        }
     }
     let after = (t.node1.counters(), t.node2.counters());
     for (node, b, a) in [(&t.node1, &before.0, &after.0), (&t.node2, &before.1, &after.1)] {
