@@ -107,11 +107,11 @@ pub fn veth_peer_mac(ifindex: u32) -> io::Result<Option<[u8; 6]>> {
     if host.kind.as_deref() != Some(b"veth".as_slice()) {
         return Ok(None);
     }
-    let Some(peer) = host.link.filter(|l| *l != 0) else { return Ok(None) };
-    let far = sock.get_link(peer, host.link_netnsid)?;
+    let Some(peer) = host.peer.filter(|l| *l != 0) else { return Ok(None) };
+    let far = sock.get_link(peer, host.peer_netnsid)?;
     // A kernel that ignores IFLA_TARGET_NETNSID answers with this namespace's link of that
     // index, another device; one that honours it says so in the reply.
-    if far.index != Some(peer) || (host.link_netnsid.is_some() && far.target_netnsid != host.link_netnsid) {
+    if far.index != Some(peer) || (host.peer_netnsid.is_some() && far.target_netnsid != host.peer_netnsid) {
         return Err(io::Error::other("this kernel cannot read a link in another network namespace (IFLA_TARGET_NETNSID, Linux 4.20)"));
     }
     Ok(far.mac)
@@ -123,9 +123,9 @@ struct Link {
     index: Option<u32>,
     mac: Option<[u8; 6]>,
     /// `IFLA_LINK`: a veth's peer.
-    link: Option<u32>,
+    peer: Option<u32>,
     /// `IFLA_LINK_NETNSID`: the namespace of that peer, when it is another one.
-    link_netnsid: Option<i32>,
+    peer_netnsid: Option<i32>,
     /// `IFLA_INFO_KIND` inside `IFLA_LINKINFO`, without its NUL.
     kind: Option<Vec<u8>>,
     /// `IFLA_TARGET_NETNSID`: the namespace a reply is about, when the request named one.
@@ -139,6 +139,10 @@ struct RouteSocket {
 
 const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
+// libc gives these as c_int; the wire has them narrower.
+const NLM_F_REQUEST: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const AF_UNSPEC: u8 = 0;
 
 impl RouteSocket {
     fn new() -> io::Result<Self> {
@@ -153,7 +157,7 @@ impl RouteSocket {
         let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
         // SAFETY: setsockopt with a timeval of the size given.
         unsafe {
-            libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), size_of::<libc::timeval>() as libc::socklen_t);
+            libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap_or(16));
         }
         Ok(Self { fd })
     }
@@ -164,10 +168,10 @@ impl RouteSocket {
         let mut req = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN + 8);
         req.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
         req.extend_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
-        req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
         req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
         req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-        req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+        req.extend_from_slice(&[AF_UNSPEC, 0, 0, 0]);
         req.extend_from_slice(&index.to_ne_bytes());
         req.extend_from_slice(&[0; 8]); // flags, change
         if let Some(id) = netnsid {
@@ -215,7 +219,7 @@ fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 fn parse_link_reply(b: &[u8]) -> io::Result<Link> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {what}"));
     let ty = u16_at(b, 4).ok_or_else(|| bad("too short"))?;
-    if ty == libc::NLMSG_ERROR as u16 {
+    if ty == NLMSG_ERROR {
         let code = u32_at(b, NLMSG_HDRLEN).ok_or_else(|| bad("short error"))?.cast_signed();
         return Err(io::Error::from_raw_os_error(-code));
     }
@@ -228,8 +232,8 @@ fn parse_link_reply(b: &[u8]) -> io::Result<Link> {
     for (ty, payload) in attrs(body) {
         match ty {
             libc::IFLA_ADDRESS => link.mac = payload.try_into().ok(),
-            libc::IFLA_LINK => link.link = u32_at(payload, 0),
-            libc::IFLA_LINK_NETNSID => link.link_netnsid = u32_at(payload, 0).map(u32::cast_signed),
+            libc::IFLA_LINK => link.peer = u32_at(payload, 0),
+            libc::IFLA_LINK_NETNSID => link.peer_netnsid = u32_at(payload, 0).map(u32::cast_signed),
             libc::IFLA_TARGET_NETNSID => link.target_netnsid = u32_at(payload, 0).map(u32::cast_signed),
             libc::IFLA_LINKINFO => {
                 link.kind = attrs(payload)
@@ -278,14 +282,14 @@ mod tests {
         ]);
         let link = parse_link_reply(&b).unwrap();
         assert_eq!(link.mac, Some([0x0a, 0x58, 0x0a, 0xf4, 0, 5]));
-        assert_eq!((link.index, link.link, link.link_netnsid, link.target_netnsid), (Some(12), Some(7), Some(3), None));
+        assert_eq!((link.index, link.peer, link.peer_netnsid, link.target_netnsid), (Some(12), Some(7), Some(3), None));
         assert_eq!(link.kind.as_deref(), Some(b"veth".as_slice()));
     }
 
     #[test]
     fn malformed_and_error_replies_are_errors_not_panics() {
         let mut err = vec![0u8; NLMSG_HDRLEN + 4];
-        err[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+        err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
         err[NLMSG_HDRLEN..].copy_from_slice(&(-libc::ENODEV).to_ne_bytes());
         assert_eq!(parse_link_reply(&err).unwrap_err().raw_os_error(), Some(libc::ENODEV));
         assert!(parse_link_reply(&[1, 2]).is_err());

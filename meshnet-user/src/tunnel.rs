@@ -155,15 +155,13 @@ impl TunnelMaps {
     /// Takes the tunnel maps out of a loaded object (unpinned use: packet tests).
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("the object has no map {name}"));
-        let (r, n, c, s, p) =
-            (take(names::TUN_ROUTES)?, take(names::TUN_NODES)?, take(names::TUN_CONFIG)?, take(names::TUN_STATS)?, take(names::TUN_PORTS)?);
         let bad = |name: &'static str| move |e: aya::maps::MapError| anyhow::anyhow!("map {name}: {e}");
         Ok(Self {
-            routes: TunRoutes::try_from(r).map_err(bad(names::TUN_ROUTES))?,
-            nodes: TunNodes::try_from(n).map_err(bad(names::TUN_NODES))?,
-            config: TunConfigMap::try_from(c).map_err(bad(names::TUN_CONFIG))?,
-            stats: TunStats::try_from(s).map_err(bad(names::TUN_STATS))?,
-            ports: TunPorts::try_from(p).map_err(bad(names::TUN_PORTS))?,
+            routes: TunRoutes::try_from(take(names::TUN_ROUTES)?).map_err(bad(names::TUN_ROUTES))?,
+            nodes: TunNodes::try_from(take(names::TUN_NODES)?).map_err(bad(names::TUN_NODES))?,
+            config: TunConfigMap::try_from(take(names::TUN_CONFIG)?).map_err(bad(names::TUN_CONFIG))?,
+            stats: TunStats::try_from(take(names::TUN_STATS)?).map_err(bad(names::TUN_STATS))?,
+            ports: TunPorts::try_from(take(names::TUN_PORTS)?).map_err(bad(names::TUN_PORTS))?,
         })
     }
 
