@@ -1388,7 +1388,7 @@ fn tunnel_mode_bullets(e2e: &Value) -> String {
          `delivery: stack`. The client addresses the server pod by its pod IP (10.245.0.10:7000, :5201) as in \
          plain; node1's `from_pod` on the client's veth encapsulates it (IPv4, UDP and meshnet's \
          8-byte header: {overhead} bytes) to node2's tunnel port, and node2's uplink program takes it \
-         off before netfilter and hands it to the pod, straight to its side (`bpf_redirect_neigh`) or \
+         off before netfilter and hands it to the pod, straight to its side (`bpf_redirect` out of the pod's own bridge port) or \
          through node2's stack; the replies take the same path back. No route between the pod \
          networks on either node, no NAT, no masquerade exemption needed (the encapsulated packet \
          leaves by redirect, past node1's netfilter). Pods and LAN at MTU {lan}; the tunnel clamps \
@@ -1724,7 +1724,10 @@ fn tunnel_segmentation_note(e2e: &Value) -> Option<String> {
              offload, and segments. On a physical LAN (not measured here) the same would come by another way: a NIC's GRO does not \
              merge UDP packets to a port no tunnel socket owns, so the uplink program sees, and the \
              pod receives, one MTU-sized packet at a time, where the kernel's VXLAN socket merges \
-             them first.\n\n",
+             them first. \
+             `delivery: redirect` is spared this behind a bridge: it sends the packet out of the pod's \
+             own port, a veth, which offers every offload for encapsulated packets, so the pod gets it \
+             whole.\n\n",
             cut.join(" and ")
         )
     })
