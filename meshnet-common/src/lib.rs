@@ -93,11 +93,12 @@ pub mod names {
     /// Per-CPU hash: peer id → packets and bytes through the tunnel ([`crate::TunnelStats`]).
     /// The agent creates an entry per tunnel peer; the datapath only adds to them.
     pub const TUN_STATS: &str = "mn_tun_stats_v1";
-    /// Hash: a pod's MAC address ([`crate::PodMac`]) → the ifindex of the host side of its
-    /// interface, which the agent reads from the kernel for every pod interface it attaches
-    /// to. Where the node's route to a pod is a bridge, the decapsulating program sends the
-    /// pod's packets to that port itself: the bridge would segment them (it offers no
-    /// offloads for encapsulated packets, and a decapsulated packet still counts as one).
+    /// Hash: a pod's IPv4 address → its interface ([`crate::PodPort`]), which the agent
+    /// reads from the kernel for every pod interface it attaches to. The decapsulating
+    /// program sends a pod's packets out of that port itself, with no FIB lookup and no
+    /// neighbour entry needed: through a bridge, the kernel would segment them in software
+    /// (a bridge offers no offloads for encapsulated packets, and a decapsulated packet still
+    /// counts as one).
     pub const TUN_PORTS: &str = "mn_tun_ports_v1";
 
     /// Every map, for pinning, dumping and detaching.
@@ -479,20 +480,17 @@ pub struct TunnelStats {
     pub rx_bytes: u64,
 }
 
-/// Key of `mn_tun_ports_v1`: a pod's MAC address, padded to 8 bytes.
+/// Value of `mn_tun_ports_v1`: where a pod is.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct PodMac {
-    pub addr: [u8; 6],
-    pub _pad: [u8; 2],
-}
-
-impl PodMac {
-    #[must_use]
-    pub const fn new(addr: [u8; 6]) -> Self {
-        Self { addr, _pad: [0; 2] }
-    }
+pub struct PodPort {
+    /// The host side of the pod's interface.
+    pub ifindex: u32,
+    /// The pod's own MAC address (the frame's destination).
+    pub pod_mac: [u8; 6],
+    /// The host side's MAC address (the frame's source).
+    pub host_mac: [u8; 6],
 }
 
 /// meshnet's header, right after the outer UDP header.
@@ -815,7 +813,7 @@ const _: () = {
     assert!(offset_of!(TunnelNode, peer_id) == 12);
     assert!(size_of::<TunnelConfig>() == 16 + 12 * limits::MAX_NODE_CIDRS);
     assert!(size_of::<TunnelStats>() == 32);
-    assert!(size_of::<PodMac>() == 8);
+    assert!(size_of::<PodPort>() == 16);
     assert!(size_of::<TunnelHeader>() == tunnel::HEADER_LEN as usize);
     assert!(tunnel::SPORT_MIN as u32 + tunnel::SPORT_SPAN as u32 <= 61_000);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
@@ -841,7 +839,7 @@ mod user {
     unsafe impl aya::Pod for super::LogBudget {}
     unsafe impl aya::Pod for super::TunnelNode {}
     unsafe impl aya::Pod for super::TunnelConfig {}
-    unsafe impl aya::Pod for super::PodMac {}
+    unsafe impl aya::Pod for super::PodPort {}
     unsafe impl aya::Pod for super::TunnelStats {}
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use meshnet_common::{
     limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig, TunnelNode,
-    PodMac, TunnelStats,
+    PodPort, TunnelStats,
 };
 
 // The `name = "..."` strings must equal meshnet_common::names; the attribute takes a
@@ -73,7 +73,7 @@ pub static TUN_CONFIG: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(1,
 pub static TUN_STATS: PerCpuHashMap<u32, TunnelStats> = PerCpuHashMap::with_max_entries(limits::MAX_PEERS, 0);
 
 #[map(name = "mn_tun_ports_v1")]
-pub static TUN_PORTS: HashMap<PodMac, u32> = HashMap::with_max_entries(limits::MAX_POD_PORTS, BPF_F_NO_PREALLOC);
+pub static TUN_PORTS: HashMap<u32, PodPort> = HashMap::with_max_entries(limits::MAX_POD_PORTS, BPF_F_NO_PREALLOC);
 
 /// The logging object's rate limit (see `meshnet_common::names::LOG_BUDGET`).
 #[cfg(feature = "datapath-log")]

@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use meshnet_common::{tunnel, tunnel_sport, Counter, FlowKey, LocalNet, PodMac, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
+use meshnet_common::{tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
 
 use crate::{
     maps::{count, TUN_CONFIG, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
@@ -362,18 +362,16 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32
     if cfg.flags & TUN_DELIVER_REDIRECT == 0 {
         return TC_ACT_OK;
     }
-    let hop = fib_lookup_v4(ctx, src_be, dst_be, ifindex(ctx), 0);
-    if hop.rc == BPF_FIB_LKUP_RET_SUCCESS {
-        // Straight out of the pod's own port, where the route is a bridge: the bridge would
-        // segment a GSO packet in software (see `names::TUN_PORTS`).
-        // SAFETY: a read-only copy of a value from a successful lookup.
-        if let Some(port) = unsafe { TUN_PORTS.get(&PodMac::new(hop.dmac)) }.copied() {
-            if parse::set_macs(ctx, hop.dmac, hop.smac).is_ok() {
-                // SAFETY: a helper call with plain values.
-                return unsafe { bpf_redirect(port, 0) } as i32;
-            }
+    // Out of the pod's own port: through a bridge (the route's device behind most CNIs) a GSO
+    // packet would be segmented in software (see `names::TUN_PORTS`).
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    if let Some(p) = unsafe { TUN_PORTS.get(&dst_be) }.copied() {
+        if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() {
+            // SAFETY: a helper call with plain values.
+            return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
         }
     }
+    let hop = fib_lookup_v4(ctx, src_be, dst_be, ifindex(ctx), 0);
     if have_redirect_neigh() && (hop.rc == BPF_FIB_LKUP_RET_SUCCESS || hop.rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
         // SAFETY: a helper call without a next hop: the kernel resolves the pod's address.
         return unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32;

@@ -18,7 +18,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use ipnet::Ipv4Net;
-use meshnet_common::PodMac;
+use meshnet_common::PodPort;
 
 use crate::{
     config::{Config, ConfigError, Desired, RawConfig, RawPeer},
@@ -192,15 +192,20 @@ struct Agent {
     /// When the peer nodes' neighbour entries were last refreshed (kernels without
     /// `bpf_redirect_neigh`; see `tunnel::warm_neighbours`).
     neighbours_warmed: Option<Instant>,
-    /// The pods' MAC addresses by the index of their interface's host side (`None`: no veth),
-    /// for the tunnel's port table. A device keeps its MAC; a pod re-created comes back as a
-    /// new index.
-    pod_macs: BTreeMap<u32, Option<[u8; 6]>>,
+    /// What the kernel said of each attached pod interface (by the index of its host side;
+    /// `None`: no veth) and when, for the tunnel's port table.
+    pod_ports: BTreeMap<u32, (Option<netlink::VethPeer>, Instant)>,
+    /// Addresses two pod interfaces claim, left out of the port table (as last reported).
+    port_conflicts: BTreeSet<std::net::Ipv4Addr>,
 }
 
 /// How often the peer nodes' neighbour entries are refreshed where the datapath cannot
 /// resolve them itself: well within the kernel's default `gc_stale_time` (60 s).
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
+
+/// How often a pod interface's addresses are read again. One without an IPv4 address yet (the
+/// CNI plugin creates the interface before it configures it) is read at every rescan.
+const POD_REREAD: Duration = Duration::from_secs(10);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -300,7 +305,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         uplinks: BTreeMap::new(),
         unresolved: Vec::new(),
         neighbours_warmed: None,
-        pod_macs: BTreeMap::new(),
+        pod_ports: BTreeMap::new(),
+        port_conflicts: BTreeSet::new(),
     };
     if agent.api.heard {
         agent.sync().context("filling the maps")?;
@@ -666,25 +672,35 @@ impl Agent {
         self.sync_tunnel()
     }
 
-    /// The tunnel's port table (see `names::TUN_PORTS`): each attached pod's MAC address,
-    /// read from the kernel once per interface. Without an entry, decapsulated packets take
-    /// the node's route to the pod, which is right, only slower behind a bridge.
+    /// The tunnel's port table (see `names::TUN_PORTS`): each attached pod's addresses, MAC
+    /// and interface, read from the kernel. Without an entry, decapsulated packets take the
+    /// node's route to the pod, which is right, only slower behind a bridge.
     fn sync_ports(&mut self) {
         let live: BTreeSet<u32> = self.attached.values().copied().collect();
-        self.pod_macs.retain(|index, _| live.contains(index));
+        self.pod_ports.retain(|index, _| live.contains(index));
+        let now = Instant::now();
         for index in &live {
-            if self.pod_macs.contains_key(index) {
+            let fresh = self.pod_ports.get(index).is_some_and(|(peer, at)| {
+                now.duration_since(*at) < POD_REREAD && peer.as_ref().is_none_or(|p| !p.addrs.is_empty())
+            });
+            if fresh {
                 continue;
             }
-            match netlink::veth_peer_mac(*index) {
-                Ok(mac) => {
-                    self.pod_macs.insert(*index, mac);
+            match netlink::veth_peer(*index) {
+                Ok(peer) => {
+                    self.pod_ports.insert(*index, (peer, now));
                 }
                 // Not remembered, so the next rescan asks again.
-                Err(e) => debug!(ifindex = index, error = %e, "reading the pod's MAC address failed"),
+                Err(e) => debug!(ifindex = index, error = %e, "reading the pod's interface failed"),
             }
         }
-        let want = self.pod_macs.iter().filter_map(|(index, mac)| Some((PodMac::new((*mac)?), *index))).collect();
+        let (want, conflicts) = port_table(&self.pod_ports);
+        if conflicts != self.port_conflicts {
+            if !conflicts.is_empty() {
+                warn!(addresses = ?conflicts, "pod interfaces share these addresses; the tunnel delivers to them by the node's route");
+            }
+            self.port_conflicts = conflicts;
+        }
         match self.tunnel.sync_ports(&want) {
             Ok((0, 0)) => {}
             Ok((written, removed)) => debug!(written, removed, "tunnel port table synced"),
@@ -721,10 +737,50 @@ impl Agent {
     }
 }
 
+/// The port table the pods' interfaces make, and the addresses left out of it because two
+/// interfaces claim them: a pod with `CAP_NET_ADMIN` could add another pod's address to its
+/// own interface, and must not receive that pod's tunnel traffic.
+fn port_table(pods: &BTreeMap<u32, (Option<netlink::VethPeer>, Instant)>) -> (BTreeMap<std::net::Ipv4Addr, PodPort>, BTreeSet<std::net::Ipv4Addr>) {
+    let mut want = BTreeMap::new();
+    let mut conflicts = BTreeSet::new();
+    for (index, (peer, _)) in pods {
+        let Some(p) = peer else { continue };
+        for addr in &p.addrs {
+            let port = PodPort { ifindex: *index, pod_mac: p.pod_mac, host_mac: p.host_mac };
+            if want.insert(*addr, port).is_some_and(|old: PodPort| old.ifindex != *index) {
+                conflicts.insert(*addr);
+            }
+        }
+    }
+    for addr in &conflicts {
+        want.remove(addr);
+    }
+    (want, conflicts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::RawGateway;
+
+    #[test]
+    fn an_address_two_pod_interfaces_claim_is_left_out_of_the_port_table() {
+        let peer = |mac: u8, addrs: &[[u8; 4]]| {
+            Some(netlink::VethPeer { host_mac: [2; 6], pod_mac: [mac; 6], addrs: addrs.iter().map(|a| std::net::Ipv4Addr::from(*a)).collect() })
+        };
+        let now = Instant::now();
+        let pods = BTreeMap::from([
+            (7, (peer(7, &[[10, 245, 0, 20]]), now)),
+            // Claims .20 besides its own .21.
+            (8, (peer(8, &[[10, 245, 0, 21], [10, 245, 0, 20]]), now)),
+            (9, (None, now)),
+            (10, (peer(10, &[]), now)),
+        ]);
+        let (want, conflicts) = port_table(&pods);
+        assert_eq!(conflicts, BTreeSet::from([std::net::Ipv4Addr::new(10, 245, 0, 20)]));
+        assert_eq!(want.len(), 1);
+        assert_eq!(want[&std::net::Ipv4Addr::new(10, 245, 0, 21)], PodPort { ifindex: 8, pod_mac: [8; 6], host_mac: [2; 6] });
+    }
 
     fn peer(name: &str, cidr: &str) -> RawPeer {
         RawPeer {

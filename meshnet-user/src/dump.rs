@@ -8,7 +8,7 @@
 //! - `stats`: `{counter: value}`
 //! - `tunnel`: `{settings: {clusterId, port, delivery, mtu, podCIDRs} | null, routes: [{cidr,
 //!   peer, node, port, source, ifindex, mtu}], peers: [{peer, nodes, txPackets, txBytes,
-//!   rxPackets, rxBytes}], podPorts: [{mac, ifindex}]}`
+//!   rxPackets, rxBytes}], podPorts: [{address, ifindex, podMac}]}`
 //!
 //! A map whose pin is missing is reported and skipped.
 
@@ -308,8 +308,8 @@ pub fn table(d: &Dump) -> String {
             })
             .collect();
         render(&mut out, "tunnel peers", &["PEER", "NODES", "TX PACKETS", "TX BYTES", "RX PACKETS", "RX BYTES"], &peers);
-        let ports: Vec<Vec<String>> = t.pod_ports.iter().map(|p| vec![p.mac.clone(), p.ifindex.to_string()]).collect();
-        render(&mut out, "tunnel pod ports", &["POD MAC", "IFINDEX"], &ports);
+        let ports: Vec<Vec<String>> = t.pod_ports.iter().map(|p| vec![p.address.clone(), p.ifindex.to_string(), p.pod_mac.clone()]).collect();
+        render(&mut out, "tunnel pod ports", &["POD", "IFINDEX", "POD MAC"], &ports);
     }
     for m in &d.missing {
         let _ = writeln!(out, "missing: {m}");

@@ -638,7 +638,7 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
         u32::from_be(n.mask_be).count_ones()
     ));
     let how = if cfg.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 {
-        "straight to the pod's interface, past netfilter (out of the pod's own port when the node's route is a bridge and the port table knows the pod's MAC, else bpf_redirect_neigh along the route)"
+        "straight to the pod's interface, past netfilter (out of the pod's own port when mn_tun_ports_v1 holds the pod's address, else along the node's route)"
     } else {
         "through the node's stack, as if it had arrived unencapsulated: routing, FORWARD rules and NetworkPolicy see it"
     };

@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 use meshnet_common::{
     limits, names, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig,
-    PodMac, TunnelNode, TunnelStats,
+    PodPort, TunnelNode, TunnelStats,
 };
 use tracing::{info, warn};
 
@@ -62,7 +62,7 @@ pub fn specs(max_flows: u32) -> [Spec; 15] {
         Spec { name: names::TUN_NODES, ty: MapType::Hash, key: 4, value: 4, flags: NO_PREALLOC, max_entries: limits::MAX_TUNNEL_NODES },
         Spec { name: names::TUN_CONFIG, ty: MapType::Hash, key: 4, value: size::<TunnelConfig>(), flags: NO_PREALLOC, max_entries: 1 },
         Spec { name: names::TUN_STATS, ty: MapType::PerCpuHash, key: 4, value: size::<TunnelStats>(), flags: 0, max_entries: limits::MAX_PEERS },
-        Spec { name: names::TUN_PORTS, ty: MapType::Hash, key: size::<PodMac>(), value: 4, flags: NO_PREALLOC, max_entries: limits::MAX_POD_PORTS },
+        Spec { name: names::TUN_PORTS, ty: MapType::Hash, key: 4, value: size::<PodPort>(), flags: NO_PREALLOC, max_entries: limits::MAX_POD_PORTS },
     ]
 }
 

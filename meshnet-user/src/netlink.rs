@@ -1,8 +1,9 @@
 //! Link notifications from the kernel, so the agent attaches to a pod's interface as soon as
-//! it appears rather than at the next rescan.
+//! it appears rather than at the next rescan, and what the kernel says of a pod's interface.
 
 use std::{
     io,
+    net::Ipv4Addr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
@@ -95,26 +96,43 @@ pub fn udp_listeners() -> Option<Vec<u16>> {
     )
 }
 
-/// The MAC address of the other end of a veth: a pod's own interface, in the pod's network
-/// namespace. `RTM_GETLINK` of the host side names the peer's ifindex and the id of its
-/// namespace; a second one with `IFLA_TARGET_NETNSID` (Linux 4.20) reads the peer there.
-/// `None` when the interface is no veth. From the kernel, not from what the pod sends: a pod
-/// can put any source address on its frames, but not change this one without
-/// `CAP_NET_ADMIN` in its namespace.
-pub fn veth_peer_mac(ifindex: u32) -> io::Result<Option<[u8; 6]>> {
+/// A pod's end of a veth, as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethPeer {
+    /// The host side's MAC address.
+    pub host_mac: [u8; 6],
+    /// The pod's interface's MAC address.
+    pub pod_mac: [u8; 6],
+    /// The IPv4 addresses on the pod's interface.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// The other end of a veth: a pod's own interface, in the pod's network namespace.
+/// `RTM_GETLINK` of the host side names the peer's ifindex and the id of its namespace; with
+/// `IFLA_TARGET_NETNSID` and `IFA_TARGET_NETNSID` (Linux 4.20) `RTM_GETLINK` and
+/// `RTM_GETADDR` read the peer there. `None` when the interface is no veth. From the kernel,
+/// not from what the pod sends: a pod puts any source addresses on its packets, but changes
+/// neither its interface's MAC nor its addresses without `CAP_NET_ADMIN` in its namespace.
+pub fn veth_peer(ifindex: u32) -> io::Result<Option<VethPeer>> {
     let sock = RouteSocket::new()?;
     let host = sock.get_link(ifindex, None)?;
     if host.kind.as_deref() != Some(b"veth".as_slice()) {
         return Ok(None);
     }
-    let Some(peer) = host.peer.filter(|l| *l != 0) else { return Ok(None) };
+    let (Some(peer), Some(host_mac)) = (host.peer.filter(|l| *l != 0), host.mac) else { return Ok(None) };
     let far = sock.get_link(peer, host.peer_netnsid)?;
-    // A kernel that ignores IFLA_TARGET_NETNSID answers with this namespace's link of that
+    // A kernel that ignores the target namespace answers with this namespace's link of that
     // index, another device; one that honours it says so in the reply.
     if far.index != Some(peer) || (host.peer_netnsid.is_some() && far.target_netnsid != host.peer_netnsid) {
-        return Err(io::Error::other("this kernel cannot read a link in another network namespace (IFLA_TARGET_NETNSID, Linux 4.20)"));
+        return Err(unsupported());
     }
-    Ok(far.mac)
+    let Some(pod_mac) = far.mac else { return Ok(None) };
+    let addrs = sock.get_addrs(peer, host.peer_netnsid)?;
+    Ok(Some(VethPeer { host_mac, pod_mac, addrs }))
+}
+
+fn unsupported() -> io::Error {
+    io::Error::other("this kernel cannot read links and addresses in another network namespace (IFLA/IFA_TARGET_NETNSID, Linux 4.20)")
 }
 
 /// What [`RouteSocket::get_link`] reads of a link.
@@ -139,10 +157,36 @@ struct RouteSocket {
 
 const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
+const IFADDRMSG_LEN: usize = 8;
 // libc gives these as c_int; the wire has them narrower.
 const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const AF_UNSPEC: u8 = 0;
+const AF_INET: u8 = 2;
+/// `IFA_TARGET_NETNSID` and `NETLINK_GET_STRICT_CHK` (Linux 4.20; libc has no constants for them).
+const IFA_TARGET_NETNSID: u16 = 10;
+const NETLINK_GET_STRICT_CHK: libc::c_int = 12;
+
+/// A request: header, the family-specific message, then one `i32` attribute if any.
+fn request(ty: u16, flags: u16, body: &[u8], attr: Option<(u16, i32)>) -> Vec<u8> {
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + body.len() + 8);
+    req.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
+    req.extend_from_slice(&ty.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    req.extend_from_slice(body);
+    if let Some((ty, value)) = attr {
+        req.extend_from_slice(&8u16.to_ne_bytes());
+        req.extend_from_slice(&ty.to_ne_bytes());
+        req.extend_from_slice(&value.to_ne_bytes());
+    }
+    let len = u32::try_from(req.len()).unwrap_or(0);
+    req[..4].copy_from_slice(&len.to_ne_bytes());
+    req
+}
 
 impl RouteSocket {
     fn new() -> io::Result<Self> {
@@ -155,44 +199,72 @@ impl RouteSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // A kernel that never answers must not hang a rescan.
         let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
-        // SAFETY: setsockopt with a timeval of the size given.
+        // Without strict checking the kernel ignores a dump request's IFA_TARGET_NETNSID and
+        // dumps this namespace's addresses (which the reply then says, and we refuse).
+        let strict: libc::c_int = 1;
+        // SAFETY: setsockopt with values of the sizes given.
         unsafe {
             libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap_or(16));
+            libc::setsockopt(raw, libc::SOL_NETLINK, NETLINK_GET_STRICT_CHK, (&raw const strict).cast(), libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4));
         }
         Ok(Self { fd })
+    }
+
+    fn send(&self, req: &[u8]) -> io::Result<()> {
+        // SAFETY: sending from a buffer of the length given.
+        if unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One datagram of the reply.
+    fn recv(&self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 65_536];
+        // SAFETY: receiving into a buffer of the length given.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n.unsigned_abs());
+        Ok(buf)
     }
 
     /// `RTM_GETLINK` of one link, in the namespace with id `netnsid` (this one when `None`).
     fn get_link(&self, ifindex: u32, netnsid: Option<i32>) -> io::Result<Link> {
         let index = i32::try_from(ifindex).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut req = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN + 8);
-        req.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
-        req.extend_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
-        req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-        req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-        req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-        req.extend_from_slice(&[AF_UNSPEC, 0, 0, 0]);
-        req.extend_from_slice(&index.to_ne_bytes());
-        req.extend_from_slice(&[0; 8]); // flags, change
-        if let Some(id) = netnsid {
-            req.extend_from_slice(&8u16.to_ne_bytes());
-            req.extend_from_slice(&libc::IFLA_TARGET_NETNSID.to_ne_bytes());
-            req.extend_from_slice(&id.to_ne_bytes());
+        let mut body = [0u8; IFINFOMSG_LEN];
+        body[0] = AF_UNSPEC;
+        body[4..8].copy_from_slice(&index.to_ne_bytes());
+        self.send(&request(libc::RTM_GETLINK, 0, &body, netnsid.map(|id| (libc::IFLA_TARGET_NETNSID, id))))?;
+        parse_link_reply(&self.recv()?)
+    }
+
+    /// The IPv4 addresses of link `ifindex` in the namespace with id `netnsid` (a dump of
+    /// the namespace's addresses, filtered here: older kernels ignore a filter in the request).
+    fn get_addrs(&self, ifindex: u32, netnsid: Option<i32>) -> io::Result<Vec<Ipv4Addr>> {
+        let mut body = [0u8; IFADDRMSG_LEN];
+        body[0] = AF_INET;
+        body[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        self.send(&request(libc::RTM_GETADDR, NLM_F_DUMP, &body, netnsid.map(|id| (IFA_TARGET_NETNSID, id))))?;
+        let mut addrs = Vec::new();
+        loop {
+            let datagram = self.recv()?;
+            for msg in messages(&datagram) {
+                match parse_addr_message(msg)? {
+                    AddrMessage::Done => return Ok(addrs),
+                    AddrMessage::Addr { index, addr, target_netnsid } => {
+                        if netnsid.is_some() && target_netnsid != netnsid {
+                            return Err(unsupported());
+                        }
+                        if index == ifindex {
+                            addrs.push(addr);
+                        }
+                    }
+                    AddrMessage::Other => {}
+                }
+            }
         }
-        let len = u32::try_from(req.len()).unwrap_or(0);
-        req[..4].copy_from_slice(&len.to_ne_bytes());
-        // SAFETY: sending from and receiving into buffers of the lengths given.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 65_536];
-        // SAFETY: as above.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        parse_link_reply(&buf[..n.unsigned_abs()])
     }
 }
 
@@ -202,6 +274,16 @@ fn u16_at(b: &[u8], at: usize) -> Option<u16> {
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The netlink messages of one datagram, each with its header.
+fn messages(mut b: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len = usize::try_from(u32_at(b, 0)?).ok()?;
+        let msg = b.get(..len).filter(|_| len >= NLMSG_HDRLEN)?;
+        b = b.get(len.next_multiple_of(4)..).unwrap_or_default();
+        Some(msg)
+    })
 }
 
 /// Route attributes (`struct rtattr`, 4-byte aligned) as (type, payload).
@@ -215,13 +297,25 @@ fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {what}"))
+}
+
+/// The kernel's error in an `NLMSG_ERROR` message (0 is an acknowledgement).
+fn error_of(msg: &[u8]) -> io::Result<()> {
+    let code = u32_at(msg, NLMSG_HDRLEN).ok_or_else(|| bad("short error"))?.cast_signed();
+    if code == 0 {
+        return Ok(());
+    }
+    Err(io::Error::from_raw_os_error(-code))
+}
+
 /// The first message of a reply to `RTM_GETLINK`: the link, or the kernel's error.
 fn parse_link_reply(b: &[u8]) -> io::Result<Link> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {what}"));
     let ty = u16_at(b, 4).ok_or_else(|| bad("too short"))?;
     if ty == NLMSG_ERROR {
-        let code = u32_at(b, NLMSG_HDRLEN).ok_or_else(|| bad("short error"))?.cast_signed();
-        return Err(io::Error::from_raw_os_error(-code));
+        error_of(b)?;
+        return Err(bad("an acknowledgement, no link"));
     }
     if ty != libc::RTM_NEWLINK {
         return Err(bad(&format!("message type {ty}")));
@@ -246,15 +340,53 @@ fn parse_link_reply(b: &[u8]) -> io::Result<Link> {
     Ok(link)
 }
 
+/// One message of a reply to an `RTM_GETADDR` dump.
+#[derive(Debug, PartialEq, Eq)]
+enum AddrMessage {
+    Addr { index: u32, addr: Ipv4Addr, target_netnsid: Option<i32> },
+    Done,
+    /// Not IPv4, or without a local address.
+    Other,
+}
+
+fn parse_addr_message(msg: &[u8]) -> io::Result<AddrMessage> {
+    match u16_at(msg, 4).ok_or_else(|| bad("too short"))? {
+        NLMSG_DONE => return Ok(AddrMessage::Done),
+        NLMSG_ERROR => {
+            error_of(msg)?;
+            return Ok(AddrMessage::Other);
+        }
+        ty if ty != libc::RTM_NEWADDR => return Ok(AddrMessage::Other),
+        _ => {}
+    }
+    let body = msg.get(NLMSG_HDRLEN + IFADDRMSG_LEN..).ok_or_else(|| bad("truncated address"))?;
+    if msg[NLMSG_HDRLEN] != AF_INET {
+        return Ok(AddrMessage::Other);
+    }
+    let index = u32_at(msg, NLMSG_HDRLEN + 4).ok_or_else(|| bad("truncated address"))?;
+    let (mut local, mut address, mut target_netnsid) = (None, None, None);
+    for (ty, payload) in attrs(body) {
+        let v4 = || <[u8; 4]>::try_from(payload).ok().map(Ipv4Addr::from);
+        match ty {
+            libc::IFA_LOCAL => local = v4(),
+            libc::IFA_ADDRESS => address = v4(),
+            IFA_TARGET_NETNSID => target_netnsid = u32_at(payload, 0).map(u32::cast_signed),
+            _ => {}
+        }
+    }
+    // IFA_LOCAL is the interface's own address (IFA_ADDRESS the peer's on point-to-point links).
+    Ok(local.or(address).map_or(AddrMessage::Other, |addr| AddrMessage::Addr { index, addr, target_netnsid }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A reply as the kernel writes it: header, ifinfomsg, then attributes.
-    fn reply(attrs: &[(u16, &[u8])]) -> Vec<u8> {
-        let mut b = vec![0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
-        b[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
-        b[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].copy_from_slice(&12i32.to_ne_bytes());
+    /// A message as the kernel writes it: header, the family-specific part, then attributes.
+    fn message(ty: u16, fixed: &[u8], attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut b = vec![0u8; NLMSG_HDRLEN];
+        b[4..6].copy_from_slice(&ty.to_ne_bytes());
+        b.extend_from_slice(fixed);
         for (ty, payload) in attrs {
             let len = u16::try_from(4 + payload.len()).unwrap();
             b.extend_from_slice(&len.to_ne_bytes());
@@ -267,19 +399,36 @@ mod tests {
         b
     }
 
+    fn ifinfo(index: i32) -> Vec<u8> {
+        let mut m = vec![0u8; IFINFOMSG_LEN];
+        m[4..8].copy_from_slice(&index.to_ne_bytes());
+        m
+    }
+
+    fn ifaddr(family: u8, index: u32) -> Vec<u8> {
+        let mut m = vec![0u8; IFADDRMSG_LEN];
+        m[0] = family;
+        m[4..8].copy_from_slice(&index.to_ne_bytes());
+        m
+    }
+
     #[test]
     fn a_link_reply_gives_mac_peer_namespace_and_kind() {
         let mut info = vec![];
         info.extend_from_slice(&9u16.to_ne_bytes());
         info.extend_from_slice(&libc::IFLA_INFO_KIND.to_ne_bytes());
         info.extend_from_slice(b"veth\0");
-        let b = reply(&[
-            (libc::IFLA_IFNAME, b"vethab12\0"),
-            (libc::IFLA_ADDRESS, &[0x0a, 0x58, 0x0a, 0xf4, 0, 5]),
-            (libc::IFLA_LINK, &7u32.to_ne_bytes()),
-            (libc::IFLA_LINK_NETNSID, &3i32.to_ne_bytes()),
-            (libc::IFLA_LINKINFO | 0x8000, &info),
-        ]);
+        let b = message(
+            libc::RTM_NEWLINK,
+            &ifinfo(12),
+            &[
+                (libc::IFLA_IFNAME, b"vethab12\0"),
+                (libc::IFLA_ADDRESS, &[0x0a, 0x58, 0x0a, 0xf4, 0, 5]),
+                (libc::IFLA_LINK, &7u32.to_ne_bytes()),
+                (libc::IFLA_LINK_NETNSID, &3i32.to_ne_bytes()),
+                (libc::IFLA_LINKINFO | 0x8000, &info),
+            ],
+        );
         let link = parse_link_reply(&b).unwrap();
         assert_eq!(link.mac, Some([0x0a, 0x58, 0x0a, 0xf4, 0, 5]));
         assert_eq!((link.index, link.peer, link.peer_netnsid, link.target_netnsid), (Some(12), Some(7), Some(3), None));
@@ -288,17 +437,48 @@ mod tests {
 
     #[test]
     fn malformed_and_error_replies_are_errors_not_panics() {
-        let mut err = vec![0u8; NLMSG_HDRLEN + 4];
-        err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        err[NLMSG_HDRLEN..].copy_from_slice(&(-libc::ENODEV).to_ne_bytes());
+        let mut err = message(NLMSG_ERROR, &(-libc::ENODEV).to_ne_bytes(), &[]);
         assert_eq!(parse_link_reply(&err).unwrap_err().raw_os_error(), Some(libc::ENODEV));
+        assert_eq!(parse_addr_message(&err).unwrap_err().raw_os_error(), Some(libc::ENODEV));
+        err.truncate(NLMSG_HDRLEN + 2);
+        assert!(parse_link_reply(&err).is_err());
         assert!(parse_link_reply(&[1, 2]).is_err());
+        assert!(parse_addr_message(&message(libc::RTM_NEWADDR, &[2, 0], &[])).is_err());
         // An attribute claiming more than there is ends the walk; a MAC of the wrong size is none.
-        let mut b = reply(&[(libc::IFLA_ADDRESS, &[1, 2, 3])]);
+        let mut b = message(libc::RTM_NEWLINK, &ifinfo(1), &[(libc::IFLA_ADDRESS, &[1, 2, 3])]);
         b.extend_from_slice(&[200, 0, 1, 0]);
         let len = u32::try_from(b.len()).unwrap();
         b[..4].copy_from_slice(&len.to_ne_bytes());
-        let link = parse_link_reply(&b).unwrap();
-        assert_eq!(link.mac, None);
+        assert_eq!(parse_link_reply(&b).unwrap().mac, None);
+        // A datagram whose message claims a length shorter than a header ends the walk.
+        let mut d = message(NLMSG_DONE, &[], &[]);
+        d[..4].copy_from_slice(&4u32.to_ne_bytes());
+        assert_eq!(messages(&d).count(), 0);
+    }
+
+    #[test]
+    fn an_address_dump_gives_each_ipv4_address_with_its_link() {
+        let pod = message(
+            libc::RTM_NEWADDR,
+            &ifaddr(AF_INET, 7),
+            &[
+                (libc::IFA_ADDRESS, &[10, 245, 0, 20]),
+                (libc::IFA_LOCAL, &[10, 245, 0, 20]),
+                (IFA_TARGET_NETNSID, &3i32.to_ne_bytes()),
+            ],
+        );
+        let lo = message(libc::RTM_NEWADDR, &ifaddr(AF_INET, 1), &[(libc::IFA_ADDRESS, &[127, 0, 0, 1])]);
+        let v6 = message(libc::RTM_NEWADDR, &ifaddr(10, 7), &[(libc::IFA_ADDRESS, &[0xfe; 16])]);
+        let datagram = [pod, lo, v6, message(NLMSG_DONE, &[0; 4], &[])].concat();
+        let parsed: Vec<_> = messages(&datagram).map(|m| parse_addr_message(m).unwrap()).collect();
+        assert_eq!(
+            parsed,
+            [
+                AddrMessage::Addr { index: 7, addr: Ipv4Addr::new(10, 245, 0, 20), target_netnsid: Some(3) },
+                AddrMessage::Addr { index: 1, addr: Ipv4Addr::LOCALHOST, target_netnsid: None },
+                AddrMessage::Other,
+                AddrMessage::Done,
+            ]
+        );
     }
 }

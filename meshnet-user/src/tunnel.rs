@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuHashMap, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, PodMac, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, PodPort, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 
 use crate::{
@@ -27,7 +27,7 @@ pub type TunRoutes = LpmTrie<MapData, u32, TunnelNode>;
 pub type TunNodes = HashMap<MapData, u32, u32>;
 pub type TunConfigMap = HashMap<MapData, u32, TunnelConfig>;
 pub type TunStats = PerCpuHashMap<MapData, u32, TunnelStats>;
-pub type TunPorts = HashMap<MapData, PodMac, u32>;
+pub type TunPorts = HashMap<MapData, u32, PodPort>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -180,26 +180,25 @@ impl TunnelMaps {
         self.nodes.iter().flatten().map(|(k, v)| (addr_of_be(k), v)).collect()
     }
 
-    /// The pod interfaces by their pods' MAC addresses.
+    /// The pods' interfaces by the pods' addresses.
     #[must_use]
-    pub fn current_ports(&self) -> BTreeMap<PodMac, u32> {
-        self.ports.iter().flatten().collect()
+    pub fn current_ports(&self) -> BTreeMap<Ipv4Addr, PodPort> {
+        self.ports.iter().flatten().map(|(k, v)| (addr_of_be(k), v)).collect()
     }
 
-    /// Makes the port table hold `want` (a pod's MAC → the host side of its interface):
-    /// entries of pods gone first, so that a MAC never leads to another pod's interface.
-    /// Returns how many entries it wrote and removed.
-    pub fn sync_ports(&mut self, want: &BTreeMap<PodMac, u32>) -> anyhow::Result<(usize, usize)> {
+    /// Makes the port table hold `want` (a pod's address → its interface): entries of pods
+    /// gone first. Returns how many entries it wrote and removed.
+    pub fn sync_ports(&mut self, want: &BTreeMap<Ipv4Addr, PodPort>) -> anyhow::Result<(usize, usize)> {
         let have = self.current_ports();
         let mut removed = 0;
-        for mac in have.keys().filter(|m| !want.contains_key(m)) {
-            self.ports.remove(mac).context("removing a pod interface from the port table")?;
+        for addr in have.keys().filter(|a| !want.contains_key(a)) {
+            self.ports.remove(&addr_be(*addr)).context("removing a pod from the port table")?;
             removed += 1;
         }
         let mut written = 0;
-        for (mac, index) in want {
-            if have.get(mac) != Some(index) {
-                self.ports.insert(mac, index, 0).context("writing the port table")?;
+        for (addr, port) in want {
+            if have.get(addr) != Some(port) {
+                self.ports.insert(addr_be(*addr), port, 0).context("writing the port table")?;
                 written += 1;
             }
         }
@@ -351,11 +350,13 @@ pub struct TunnelSettingsRow {
     pub node_addresses: Vec<String>,
 }
 
-/// A pod interface the decapsulating program can send to directly.
+/// A pod the decapsulating program sends to directly, out of its own interface.
 #[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct TunnelPortRow {
-    pub mac: String,
+    pub address: String,
     pub ifindex: u32,
+    pub pod_mac: String,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -419,7 +420,7 @@ impl TunnelMaps {
         let pod_ports = self
             .current_ports()
             .into_iter()
-            .map(|(mac, ifindex)| TunnelPortRow { mac: mac.addr.map(|b| format!("{b:02x}")).join(":"), ifindex })
+            .map(|(addr, p)| TunnelPortRow { address: addr.to_string(), ifindex: p.ifindex, pod_mac: p.pod_mac.map(|b| format!("{b:02x}")).join(":") })
             .collect();
         TunnelDump { settings, routes, peers, pod_ports }
     }

@@ -167,13 +167,17 @@ fn tcp_both_ways(opts: Options) {
     assert_eq!(r["port"], TUNNEL_PORT, "{tun}");
     assert_eq!(r["source"], NODE1_LAN, "the outer source must be node1's address toward node2: {tun}");
 
-    // Each pod's MAC, read from the pod's namespace, leads to the host side of its interface.
-    for (node, pod, host) in [(&t.node1, &t.client, "vethc"), (&t.node1, &t.client2, "vethc2"), (&t.node2, &t.app_a, "vetha")] {
+    // Each pod's address leads to the host side of its interface, with the pod's MAC as the
+    // pod's own namespace has it.
+    for (node, pod, ip, host) in [(&t.node1, &t.client, CLIENT_IP, "vethc"), (&t.node1, &t.client2, CLIENT2_IP, "vethc2"), (&t.node2, &t.app_a, APP_A, "vetha")] {
         let mac = pod.exec("cat /sys/class/net/eth0/address").trim().to_string();
         let index: u64 = node.ns.exec(&format!("cat /sys/class/net/{host}/ifindex")).trim().parse().unwrap();
-        let ports = node.dump_json("tunnel")["tunnel"]["podPorts"].clone();
-        let want = serde_json::json!({ "mac": mac, "ifindex": index });
-        assert!(ports.as_array().is_some_and(|p| p.contains(&want)), "{}: {want} is not among the pod ports: {ports}", node.cluster);
+        let want = serde_json::json!({ "address": ip.to_string(), "ifindex": index, "podMac": mac });
+        let listed = poll(WAIT, || {
+            let ports = node.dump_json("tunnel")["tunnel"]["podPorts"].clone();
+            ports.as_array().is_some_and(|p| p.contains(&want)).then_some(())
+        });
+        assert!(listed.is_some(), "{}: {want} is not among the pod ports: {}", node.cluster, node.dump_json("tunnel")["tunnel"]["podPorts"]);
     }
 }
 

@@ -21,7 +21,7 @@ use meshnet::{
     maps::{self, ControlMaps, Stats},
     tunnel::{NodePath, TunnelMaps},
 };
-use meshnet_common::{names, tunnel, tunnel_sport, FlowKey, IPPROTO_ICMP, IPPROTO_UDP};
+use meshnet_common::{names, tunnel, tunnel_sport, FlowKey, PodPort, IPPROTO_ICMP, IPPROTO_UDP};
 use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, OK, REDIRECT, SHOT, UNSPEC};
 
 const ETH_HLEN: usize = 14;
@@ -288,6 +288,30 @@ fn a_valid_tunnel_packet_is_delivered_unchanged_and_counted() {
         assert_bytes_eq(what, &out[ETH_HLEN..], &inner[ETH_HLEN..]);
     }
     assert_eq!(h.peer_stats().rx_packets, 3);
+}
+
+#[test]
+fn a_pod_in_the_port_table_gets_its_packets_out_of_its_own_port() {
+    let mut h = Harness::new();
+    let port = PodPort { ifindex: 7, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), port)])).unwrap();
+    let inner = udp(REMOTE, POD, 53, 5000, b"answer");
+    let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &inner);
+    // Redirected (to ifindex 7: TEST_RUN returns the verdict, it sends nothing), addressed
+    // from the host side to the pod, the inner packet unchanged.
+    let out = h.expect("a pod in the port table", names::PROG_TUNNEL_IN, &pkt, REDIRECT, &[("tunnel_decap", 1)]);
+    assert_eq!(out[..6], POD_MAC, "destination MAC");
+    assert_eq!(out[6..12], HOST_MAC, "source MAC");
+    assert_bytes_eq("a pod in the port table", &out[ETH_HLEN..], &inner[ETH_HLEN..]);
+    // Another pod of the node, not in the table, takes the route as before (none here).
+    let other = udp(REMOTE, [10, 244, 0, 11], 53, 5000, b"answer");
+    h.expect("a pod not in the table", names::PROG_TUNNEL_IN, &tunnel_packet(PEER_NODE, PORT, good_header(), &other), OK, &[("tunnel_decap", 1)]);
+    // The table is only for delivery: a packet the checks refuse is dropped all the same.
+    let spoofed = udp([10, 246, 0, 1], POD, 53, 5000, b"answer");
+    h.expect("a spoofed source to a pod in the table", names::PROG_TUNNEL_IN, &tunnel_packet(PEER_NODE, PORT, good_header(), &spoofed), SHOT, &[("tunnel_spoofed_source", 1)]);
+    // Gone from the table, the pod's packets take the route again.
+    h.tunnel.sync_ports(&BTreeMap::new()).unwrap();
+    h.expect("a pod no longer in the table", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
 }
 
 #[test]

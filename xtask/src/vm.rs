@@ -2,7 +2,7 @@
 //!
 //! `cargo xtask test` runs the whole suite on the host, then the datapath tests (the
 //! `meshnet-tests` integration tests that load and attach programs) in a QEMU VM for each
-//! kernel of [`MATRIX`] (Debian's 5.10 and 6.1, without tcx, and 6.12), or for the kernels given
+//! kernel of [`MATRIX`] (Ubuntu's 5.4, Debian's 5.10 and 6.1, without tcx, and 6.12), or for the kernels given
 //! with `--kernel`. The VMs run through virtme-ng on the host's own root filesystem
 //! (read-only), so the test executables built here run there unchanged. KVM is not
 //! assumed: this machine kind cannot start it, so QEMU emulates (TCG).
@@ -32,18 +32,14 @@ use super::{cargo, output, require_root, root_dir, run};
 /// virtme-ng from PyPI, the version this was checked with.
 const VIRTME_NG: &str = "virtme-ng==1.42";
 /// What the VMs need from Debian: QEMU; busybox and udev for virtme-ng's initramfs and its
-/// script I/O ports; kmod's depmod for the extracted modules; `file` to read an image's version.
-const APT_PACKAGES: [&str; 5] = ["qemu-system-x86", "busybox-static", "udev", "kmod", "file"];
+/// script I/O ports; kmod's depmod for the extracted modules; `file` to read an image's version;
+/// curl for the pinned kernel's packages.
+const APT_PACKAGES: [&str; 6] = ["qemu-system-x86", "busybox-static", "udev", "kmod", "file", "curl"];
 
-/// A kernel of the default matrix: a Debian kernel package, found through a meta package of
-/// a Debian suite.
+/// A kernel of the default matrix.
 struct MatrixKernel {
     label: &'static str,
-    /// The Debian suite, looked up with a private apt configuration (target/vm/apt/SUITE),
-    /// whatever the machine's own apt sources are.
-    suite: &'static str,
-    /// The meta package whose dependency is the kernel image package.
-    meta: &'static str,
+    source: Source,
     why: &'static str,
     /// The test targets that run whole on this kernel by default; the others run the
     /// `SUBSET`.
@@ -52,13 +48,52 @@ struct MatrixKernel {
     udev: bool,
 }
 
-/// The default matrix. The ELRepo and EL kernels our users run are in no registry this
-/// project reaches; Debian 11's 5.10 is the oldest verifier at hand.
-const MATRIX: [MatrixKernel; 3] = [
+/// Where a matrix kernel comes from.
+enum Source {
+    /// A Debian kernel package, found through a meta package of a Debian suite, looked up
+    /// with a private apt configuration (target/vm/apt/SUITE), whatever the machine's own apt
+    /// sources are.
+    Debian { suite: &'static str, meta: &'static str },
+    /// Exact packages, downloaded by URL and checked against their SHA-256: the image's
+    /// package (`pkg`, which names the kernel's directory) and its modules'.
+    Pinned { pkg: &'static str, debs: &'static [PinnedDeb] },
+}
+
+struct PinnedDeb {
+    url: &'static str,
+    sha256: &'static str,
+}
+
+/// Ubuntu 20.04's last 5.4 kernel in focal-updates (focal's standard support has ended, so
+/// these files no longer change), from Ubuntu's pool: the image and the modules package that
+/// holds veth, the bridge, netfilter, tc's ingress and 9p. No registry this project reaches
+/// carries ELRepo's kernel-lt 5.4, which docs/kernel-upgrade.md puts on the user's nodes; this
+/// is the same long-term line, with its verifier and helpers.
+const UBUNTU_5_4: &[PinnedDeb] = &[
+    PinnedDeb {
+        url: "http://archive.ubuntu.com/ubuntu/pool/main/l/linux-signed/linux-image-5.4.0-216-generic_5.4.0-216.236_amd64.deb",
+        sha256: "9ab123036173136d766f49cbcd7decb7ab3da629985abd2c7b12a733b1601514",
+    },
+    PinnedDeb {
+        url: "http://archive.ubuntu.com/ubuntu/pool/main/l/linux/linux-modules-5.4.0-216-generic_5.4.0-216.236_amd64.deb",
+        sha256: "6f8da7e233a20a6aafe9bb2c03d7394026a6253c5d5056a4be4d2264ab2e5f45",
+    },
+];
+
+/// The default matrix: 5.4, the long-term line our users run (ELRepo's kernel-lt on CentOS
+/// 7), then Debian's kernels.
+const MATRIX: [MatrixKernel; 4] = [
+    MatrixKernel {
+        label: "5.4",
+        source: Source::Pinned { pkg: "linux-image-5.4.0-216-generic", debs: UBUNTU_5_4 },
+        why: "Ubuntu 20.04's 5.4, the long-term line of ELRepo's kernel-lt: the oldest verifier, no bpf_redirect_neigh, no tcx",
+        // As on 5.10.
+        whole: &["verifier", "pipeline", "packets"],
+        udev: false,
+    },
     MatrixKernel {
         label: "5.10",
-        suite: "bullseye",
-        meta: "linux-image-amd64",
+        source: Source::Debian { suite: "bullseye", meta: "linux-image-amd64" },
         why: "Debian 11's kernel: an older verifier, no tcx, so the netlink clsact path",
         // The kernel's own verdicts (verifier, load paths, every packet test) run whole, the
         // namespace tests as the subset: the host runs them all with netlink forced. Every
@@ -68,8 +103,7 @@ const MATRIX: [MatrixKernel; 3] = [
     },
     MatrixKernel {
         label: "6.1",
-        suite: "bookworm",
-        meta: "linux-image-amd64",
+        source: Source::Debian { suite: "bookworm", meta: "linux-image-amd64" },
         why: "Debian 12's kernel: no tcx, so the netlink clsact path",
         // As on 5.10: under emulation every namespace test costs minutes.
         whole: &["verifier", "pipeline", "packets"],
@@ -77,8 +111,7 @@ const MATRIX: [MatrixKernel; 3] = [
     },
     MatrixKernel {
         label: "6.12",
-        suite: "bookworm",
-        meta: "linux-image-6.12-amd64",
+        source: Source::Debian { suite: "bookworm", meta: "linux-image-6.12-amd64" },
         why: "Debian 12's newer kernel: tcx links",
         // The host (6.18) runs every test on tcx: here too the kernel's own verdicts whole.
         whole: &["verifier", "pipeline", "packets"],
@@ -145,8 +178,8 @@ const GUEST_TIMEOUT_MINUTES: u64 = 25;
 pub struct VmArgs {
     /// Run the datapath tests in a VM booted on this kernel image (bzImage/vmlinuz) instead
     /// of the host suite and the default matrix. Its modules are taken from lib/modules/RELEASE
-    /// in a directory above the image, as in an extracted kernel package. `5.10`, `6.1` and `6.12`
-    /// name the default matrix's Debian kernels. Repeatable.
+    /// in a directory above the image, as in an extracted kernel package. `5.4`, `5.10`, `6.1`
+    /// and `6.12` name the default matrix's kernels. Repeatable.
     #[arg(long = "kernel", value_name = "VMLINUZ")]
     pub kernels: Vec<String>,
     /// Run only a subset of the datapath tests in the VMs (programs load with and without
@@ -356,12 +389,71 @@ fn fetch_debian_kernel(suite: &str, pkg: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Downloads a pinned kernel's packages, checks each against its SHA-256 and extracts them
+/// into target/vm/kernels/PKG, unless it is there already. Returns whether it fetched.
+fn fetch_pinned_kernel(pkg: &str, debs: &[PinnedDeb]) -> anyhow::Result<bool> {
+    let dir = kernels_dir().join(pkg);
+    if dir.join(".complete").exists() {
+        return Ok(false);
+    }
+    let release = package_release(pkg);
+    let dl = kernels_dir().join(".download");
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl)?;
+    let partial = kernels_dir().join(format!("{pkg}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    println!("xtask: fetching {pkg} (pinned packages) into {}", dir.display());
+    for deb in debs {
+        let name = deb.url.rsplit('/').next().unwrap_or("package.deb");
+        let file = dl.join(name);
+        run(Command::new("curl").args(["-fsSL", "--retry", "3", "-o"]).arg(&file).arg(deb.url))
+            .with_context(|| format!("downloading {}", deb.url))?;
+        let sum = output(Command::new("sha256sum").arg(&file)).unwrap_or_default();
+        let got = sum.split_whitespace().next().unwrap_or("");
+        if got != deb.sha256 {
+            bail!("{name}: SHA-256 {got}, expected {}: refusing it", deb.sha256);
+        }
+        run(Command::new("dpkg-deb").arg("-x").arg(&file).arg(&partial)).with_context(|| format!("extracting {name}"))?;
+    }
+    run(Command::new("depmod").arg("-b").arg(&partial).arg(release)).context("depmod for the extracted modules")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir)?;
+    std::fs::write(dir.join(".complete"), format!("{pkg}\n"))?;
+    let _ = std::fs::remove_dir_all(&dl);
+    Ok(true)
+}
+
+impl MatrixKernel {
+    /// The kernel's image package, which names its directory under target/vm/kernels.
+    fn package(&self) -> anyhow::Result<String> {
+        match self.source {
+            Source::Debian { suite, meta } => debian_image_package(suite, meta),
+            Source::Pinned { pkg, .. } => Ok(pkg.to_string()),
+        }
+    }
+
+    /// Fetches the kernel unless it is there; whether it fetched.
+    fn fetch(&self, pkg: &str) -> anyhow::Result<bool> {
+        match self.source {
+            Source::Debian { suite, .. } => fetch_debian_kernel(suite, pkg),
+            Source::Pinned { pkg, debs } => fetch_pinned_kernel(pkg, debs),
+        }
+    }
+
+    fn origin(&self) -> String {
+        match self.source {
+            Source::Debian { suite, .. } => format!("Debian {suite}"),
+            Source::Pinned { .. } => "pinned".to_string(),
+        }
+    }
+}
+
 /// The default matrix's kernels as they are cached (no fetching), with whether each is there.
 fn matrix_state() -> anyhow::Result<Vec<(&'static str, String, bool)>> {
     MATRIX
         .iter()
         .map(|m| {
-            let pkg = debian_image_package(m.suite, m.meta)?;
+            let pkg = m.package()?;
             let there = kernels_dir().join(&pkg).join(".complete").exists();
             Ok((m.label, pkg, there))
         })
@@ -420,9 +512,9 @@ pub fn setup(is_root: bool) -> anyhow::Result<Vec<String>> {
     }
     let mut keep = Vec::new();
     for m in &MATRIX {
-        let pkg = debian_image_package(m.suite, m.meta)?;
-        if fetch_debian_kernel(m.suite, &pkg)? {
-            did.push(format!("kernel {} ({pkg}, Debian {}) in target/vm/kernels", m.label, m.suite));
+        let pkg = m.package()?;
+        if m.fetch(&pkg)? {
+            did.push(format!("kernel {} ({pkg}, {}) in target/vm/kernels", m.label, m.origin()));
         }
         keep.push(pkg);
     }
@@ -490,8 +582,8 @@ fn kernel_from_image(label: String, image: &Path, why: String) -> anyhow::Result
 
 fn matrix_kernel(label: &str) -> anyhow::Result<Kernel> {
     let m = MATRIX.iter().find(|m| m.label == label).context("not a matrix kernel")?;
-    let pkg = debian_image_package(m.suite, m.meta)?;
-    fetch_debian_kernel(m.suite, &pkg)?;
+    let pkg = m.package()?;
+    m.fetch(&pkg)?;
     let release = package_release(&pkg);
     let image = kernels_dir().join(&pkg).join("boot").join(format!("vmlinuz-{release}"));
     Ok(Kernel { whole: m.whole, udev: m.udev, ..kernel_from_image(label.to_string(), &image, format!("{} ({pkg})", m.why))? })
