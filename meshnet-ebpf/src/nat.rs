@@ -324,14 +324,14 @@ fn icmp_to_pod(ctx: &TcContext, ip: &Ipv4) -> i32 {
 
 #[inline(always)]
 fn rewrite_icmp(ctx: &TcContext, e: &parse::IcmpError, rev: &NatRev) -> Result<(), i64> {
-    let inner_off = e.inner_off & 0xff;
+    let inner_off = parse::bounded(e.inner_off, 0xff);
     let inner_csum_off = inner_off + 10;
     let (old_addr, new_addr) = (e.inner_daddr_be as u64, rev.remote_addr_be as u64);
     ctx.l3_csum_replace(inner_csum_off, old_addr, new_addr, 4)?;
     let new_csum = parse::load_u16(ctx, inner_csum_off).ok_or(-1_i64)?;
     let new_ports = parse::ports_word(rev.pod_port_be, rev.remote_port_be);
     // The ICMP checksum covers the quoted bytes (no pseudo-header): every changed word.
-    let icmp_csum_off = e.icmp_csum_off & 0x7f;
+    let icmp_csum_off = parse::bounded(e.icmp_csum_off, 0x7f);
     ctx.l4_csum_replace(icmp_csum_off, e.inner_csum as u64, new_csum as u64, 2)?;
     ctx.l4_csum_replace(icmp_csum_off, old_addr, new_addr, 4)?;
     ctx.l4_csum_replace(icmp_csum_off, e.inner_ports as u64, new_ports as u64, 4)?;

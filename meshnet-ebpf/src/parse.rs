@@ -64,6 +64,25 @@ pub struct Ipv4 {
     pub end: usize,
 }
 
+impl Ipv4 {
+    /// Where the L4 header starts, bounded where the verifier sees it (see [`bounded`]).
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        bounded(self.l4_off, 0x7f)
+    }
+}
+
+/// `v & mask`, masked where the verifier sees it. Kernels before 5.10 forget the bounds of a
+/// scalar spilled to the stack (only constants keep theirs), and the compiler drops a mask it
+/// can prove redundant, spilling the value all the same: the 5.4 verifier then refuses to add
+/// it to a packet pointer. A volatile read is opaque to the compiler, so the mask after it
+/// stays, and the verifier knows the bounds again right where an offset is used.
+#[inline(always)]
+pub fn bounded(v: usize, mask: usize) -> usize {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&raw const v) & mask }
+}
+
 /// The L4 part of a TCP or UDP packet.
 pub struct Ports {
     /// Both ports as one word in wire order (source port first), so both can be rewritten
@@ -81,14 +100,15 @@ pub struct Ports {
 /// non-linear data in when needed.
 #[inline(always)]
 fn ensure(ctx: &TcContext, len: usize) -> Result<(), Counter> {
-    if ctx.data() + len <= ctx.data_end() {
+    // Headers only: a few hundred bytes at most (see `bounded` for why it is masked here).
+    if ctx.data() + bounded(len, 0x3ff) <= ctx.data_end() {
         return Ok(());
     }
     if (ctx.len() as usize) < len {
         return Err(Counter::Truncated);
     }
     ctx.pull_data(len as u32).map_err(|_| Counter::Truncated)?;
-    if ctx.data() + len <= ctx.data_end() {
+    if ctx.data() + bounded(len, 0x3ff) <= ctx.data_end() {
         Ok(())
     } else {
         Err(Counter::Truncated)
@@ -190,13 +210,13 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, Counter> {
             // SAFETY: l4_header proved TCP_MIN_HLEN bytes at p; both ports (0..4) and the
             // flags byte (13) lie within them.
             let (ports, flags) = unsafe { (core::ptr::read_unaligned(p.cast::<u32>()), *p.add(13)) };
-            Ok(Some(Ports::new(ports, flags, (ip.l4_off & 0x7f) + TCP_CSUM)))
+            Ok(Some(Ports::new(ports, flags, ip.l4() + TCP_CSUM)))
         }
         IPPROTO_UDP => {
             let p = l4_header::<UDP_HLEN>(ctx, ip)?;
             // SAFETY: l4_header proved UDP_HLEN bytes at p; both ports lie within them.
             let ports = unsafe { core::ptr::read_unaligned(p.cast::<u32>()) };
-            Ok(Some(Ports::new(ports, 0, (ip.l4_off & 0x7f) + UDP_CSUM)))
+            Ok(Some(Ports::new(ports, 0, ip.l4() + UDP_CSUM)))
         }
         _ => Ok(None),
     }
@@ -206,8 +226,7 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, Counter> {
 /// datagram and the linear packet data.
 #[inline(always)]
 fn l4_header<const LEN: usize>(ctx: &TcContext, ip: &Ipv4) -> Result<*const u8, Counter> {
-    // l4_off is at most ETH_HLEN + 60, which keeps the verifier's range tracking happy.
-    let l4_off = ip.l4_off & 0x7f;
+    let l4_off = ip.l4();
     // The header must lie inside the datagram, not in padding after it: a checksum field
     // beyond the total length is not part of the packet and cannot be fixed.
     if l4_off + LEN > ip.end {
@@ -273,7 +292,7 @@ pub fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<IcmpError>, Count
     if !ip.has_l4 || ip.is_fragment {
         return Ok(None);
     }
-    let l4_off = ip.l4_off & 0x7f;
+    let l4_off = ip.l4();
     let need = l4_off + ICMP_HLEN + IP_MIN_HLEN + 8;
     if need > ip.end {
         return Ok(None);
@@ -351,7 +370,7 @@ pub fn set_addr(ctx: &TcContext, which: Addr, new_be: u32) -> Result<(), i64> {
 /// of `ip`'s L4 header in place. Only the L4 checksum covers ports: the caller fixes it.
 #[inline(always)]
 pub fn set_ports(ctx: &TcContext, ip: &Ipv4, ports: u32) -> Result<(), i64> {
-    let l4_off = ip.l4_off & 0x7f;
+    let l4_off = ip.l4();
     let p = ctx.data() + l4_off;
     if p + 4 > ctx.data_end() {
         return Err(-1);
@@ -571,7 +590,7 @@ const TCP_MAX_OPTIONS: usize = 8;
 /// CHECKSUM_PARTIAL packet's field alone, as it must.
 #[inline(always)]
 pub fn clamp_mss(ctx: &TcContext, ip: &Ipv4, l4: &Ports, max: u16) -> bool {
-    let l4_off = ip.l4_off & 0x7f;
+    let l4_off = ip.l4();
     let Ok(doff) = ctx.load::<u8>(l4_off + 12) else {
         return false;
     };

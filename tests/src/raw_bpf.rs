@@ -16,6 +16,43 @@ pub const PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_FREEZE: libc::c_long = 22;
+
+#[repr(C)]
+struct MapElem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Writes a global data section (`.rodata`, an array of one value) and, when `freeze`, makes
+/// it read-only for user space (5.2+), as aya does when it loads an object: only then does the
+/// verifier take its values as known constants and prune the branches they rule out.
+pub fn set_global_data(map_fd: i32, data: &[u8], freeze: bool) -> std::io::Result<()> {
+    let key = 0u32;
+    let attr = MapElem {
+        map_fd: u32::try_from(map_fd).unwrap_or(u32::MAX),
+        _pad: 0,
+        key: (&raw const key) as u64,
+        value: data.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: the key and the value outlive the call; the attr is of the size given.
+    if unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_ELEM, &raw const attr, size_of::<MapElem>()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if freeze {
+        let fd = u32::try_from(map_fd).unwrap_or(u32::MAX);
+        // SAFETY: BPF_MAP_FREEZE reads the map fd, the first word of the attr.
+        if unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, &raw const fd, size_of::<u32>()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
 
 #[repr(C)]
 struct MapCreate {

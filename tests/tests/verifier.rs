@@ -95,12 +95,20 @@ fn parse(program: String, instructions: usize, log: &str) -> Stats {
 /// `programs` of `object`, loaded with statistics, named with `prefix`.
 fn measure(object: &[u8], programs: &[&str], prefix: &str) -> Vec<Stats> {
     let mut obj = aya_obj::Object::parse(object).expect("parsing the embedded object");
+    // The load-time constant the agent sets (a kernel without bpf_redirect_neigh must never
+    // see the helper), in read-only global data the verifier takes as known, as aya loads it.
+    let neigh = [meshnet::datapath::have_redirect_neigh()];
+    obj.patch_map_data(std::collections::HashMap::from([(names::GLOBAL_HAVE_REDIRECT_NEIGH, (&neigh[..], false))]))
+        .expect("setting the load-time constant");
     // The maps, created by aya from the object's own definitions (kept alive while loading).
     let maps: BTreeMap<String, MapData> = obj
         .maps
         .iter()
         .map(|(name, def)| {
             let data = MapData::create(def.clone(), name, None).unwrap_or_else(|e| panic!("creating map {name}: {e}"));
+            if name.starts_with(".rodata") {
+                raw_bpf::set_global_data(data.fd().as_fd().as_raw_fd(), def.data(), true).unwrap_or_else(|e| panic!("filling {name}: {e}"));
+            }
             (name.clone(), data)
         })
         .collect();
