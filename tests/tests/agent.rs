@@ -855,8 +855,14 @@ fn foreign_programs_keep_working(mode: &str) {
         LinkOrder, SchedClassifier, TcAttachType,
     };
     let t = Topology::new(Options::default());
-    // Run counts are kept only while someone asks for them (kernel >= 5.8).
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    // Run counts are kept only while someone asks for them, which kernels before 5.8 cannot:
+    // there the test checks that the programs stay attached around meshnet's, not that they run.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+    if stats.is_err() {
+        assert!(!meshnet_tests::kernel_at_least(5, 8), "BPF_ENABLE_STATS: {stats:?}");
+        println!("note: no run counts before 5.8 (BPF_ENABLE_STATS): the foreign programs' runs are not checked");
+    }
+    let counted = stats.is_ok();
     // Two instances: tcx refuses the same program twice on one hook.
     let pins = [t.pin_path().with_file_name("foreign_first"), t.pin_path().with_file_name("foreign_last")];
     for pin in &pins {
@@ -877,7 +883,13 @@ fn foreign_programs_keep_working(mode: &str) {
             })
             .collect()
     });
-    let runs = |foreign: &[SchedClassifier]| -> Vec<u64> { foreign.iter().map(|p| p.info().unwrap().run_count()).collect() };
+    let runs = |foreign: &[SchedClassifier]| -> Vec<u64> {
+        if counted {
+            foreign.iter().map(|p| p.info().unwrap().run_count()).collect()
+        } else {
+            Vec::new()
+        }
+    };
     let on_hook = |t: &Topology| -> usize {
         if tcx {
             t.node1.run(|| SchedClassifier::query_tcx("vethc", TcAttachType::Ingress).unwrap().1.iter().filter(|p| p.name_as_str() == Some("foreign_pass")).count())
@@ -894,7 +906,7 @@ fn foreign_programs_keep_working(mode: &str) {
     let before = runs(&foreign);
     assert_eq!(request(&t, app_b(), "translated"), "app 10.245.0.21:8080 got translated");
     let after = runs(&foreign);
-    assert!(after[0] > before[0], "the program before meshnet's stopped running: {before:?} -> {after:?}");
+    assert!(!counted || after[0] > before[0], "the program before meshnet's stopped running: {before:?} -> {after:?}");
     assert!(meshnet_on(&t, "vethc") && on_hook(&t) == 2);
 
     assert!(agent.child.stop());
@@ -911,7 +923,7 @@ fn foreign_programs_keep_working(mode: &str) {
     let before = runs(&foreign);
     t.client.run(|| UdpSocket::bind("0.0.0.0:0").unwrap().send_to(b"anyone?", "10.244.0.1:9").unwrap());
     let after = runs(&foreign);
-    assert!(after.iter().zip(&before).all(|(a, b)| a > b), "a foreign program stopped running after detach: {before:?} -> {after:?}");
+    assert!(!counted || after.iter().zip(&before).all(|(a, b)| a > b), "a foreign program stopped running after detach: {before:?} -> {after:?}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ use meshnet::{
     tunnel::{NodePath, TunnelMaps},
 };
 use meshnet_common::{names, tunnel, tunnel_sport, FlowKey, PodPort, IPPROTO_ICMP, IPPROTO_UDP};
+use meshnet_tests::NetNs;
 use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, OK, REDIRECT, SHOT, UNSPEC};
 
 const ETH_HLEN: usize = 14;
@@ -46,6 +47,12 @@ const STRANGER: [u8; 4] = [192, 0, 2, 99];
 const PORT: u16 = 31800;
 const PEER_PORT: u16 = 31801;
 const MTU: u32 = 1500;
+/// The harness's uplink, whose MAC is `HOST_MAC`.
+const LINK: &str = "tp0";
+
+fn mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
 
 const CONFIG: &str = r#"
 cluster: cluster1
@@ -68,6 +75,11 @@ peers:
 "#;
 
 struct Harness {
+    /// Where this test's thread runs its TEST_RUNs: a veth with this node's address and the
+    /// peer nodes as permanent neighbours, so that the FIB lookup of kernels without
+    /// `bpf_redirect_neigh` finds a complete path (no route to the pods: delivery along the
+    /// route passes decapsulated packets to the stack here).
+    _ns: NetNs,
     ebpf: Ebpf,
     _maps: ControlMaps,
     tunnel: TunnelMaps,
@@ -77,6 +89,19 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         meshnet_tests::require_root();
+        let ns = NetNs::new("tp");
+        ns.ip(&format!("link add {LINK} address {} type veth peer name {LINK}p", mac(HOST_MAC)));
+        ns.ip(&format!("addr add {}/24 dev {LINK}", Ipv4Addr::from(NODE)));
+        ns.ip(&format!("link set {LINK} up"));
+        ns.ip(&format!("link set {LINK}p up"));
+        for peer in [PEER_NODE, PEER_NODE2] {
+            ns.ip(&format!("neigh replace {} lladdr {} dev {LINK} nud permanent", Ipv4Addr::from(peer), mac(PEER_MAC)));
+        }
+        // The FIB lookup answers only for an interface that forwards, as a node's does.
+        ns.exec("sysctl -qw net.ipv4.ip_forward=1");
+        let ifindex: u32 = ns.exec(&format!("cat /sys/class/net/{LINK}/ifindex")).trim().parse().unwrap();
+        // A TEST_RUN runs in its caller's namespace; this thread is the test's own.
+        meshnet_tests::enter(&ns.path());
         let config = Config::from_yaml(CONFIG).unwrap();
         let mut ebpf = Datapath::load_unpinned(config.max_flows).unwrap();
         let mut maps = ControlMaps::from_ebpf(&mut ebpf).unwrap();
@@ -84,14 +109,14 @@ impl Harness {
         maps.sync(&desired).unwrap();
         let mut tunnel = TunnelMaps::from_ebpf(&mut ebpf).unwrap();
         // The paths the agent would resolve from the kernel's routes.
-        let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: 1, mtu: MTU };
+        let path = NodePath { src: Ipv4Addr::from(NODE), ifindex, mtu: MTU };
         let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
         // This node's addresses: the bridge's, in its pod CIDR, and its LAN address.
         let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
         let report = tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
         assert_eq!((report.routes_written, report.nodes_written), (2, 2), "{report:?}");
         let stats = maps::take_stats(&mut ebpf).unwrap();
-        Self { ebpf, _maps: maps, tunnel, stats }
+        Self { _ns: ns, ebpf, _maps: maps, tunnel, stats }
     }
 
     fn try_run(&self, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
@@ -113,7 +138,11 @@ impl Harness {
     fn expect(&self, what: &str, prog: &str, pkt: &[u8], verdict: u32, moved: &[(&str, u64)]) -> Vec<u8> {
         let before = self.counters();
         let (v, out) = self.run(prog, pkt);
-        assert_eq!(v, verdict, "{what}: {prog} returned {} instead of {}", verdict_name(v), verdict_name(verdict));
+        if v != verdict {
+            let after = self.counters();
+            let moved: Vec<_> = after.iter().filter(|(k, n)| before.get(*k) != Some(n)).collect();
+            panic!("{what}: {prog} returned {} instead of {}; counters that moved: {moved:?}", verdict_name(v), verdict_name(verdict));
+        }
         assert_counter_delta(what, &before, &self.counters(), moved);
         out
     }
@@ -185,7 +214,14 @@ fn good_header() -> [u8; 8] {
 fn check_encap(what: &str, out: &[u8], inner: &[u8], node: [u8; 4], key: &FlowKey) {
     let o = tunnel::OVERHEAD as usize;
     assert_eq!(out.len(), inner.len() + o, "{what}: length");
-    assert_bytes_eq(&format!("{what}: Ethernet header"), &out[..ETH_HLEN], &inner[..ETH_HLEN]);
+    // bpf_redirect_neigh writes the MACs when it transmits; before 5.10 the program writes
+    // those of the FIB lookup: the peer node's, from this node's uplink.
+    let mut eth = inner[..ETH_HLEN].to_vec();
+    if meshnet::datapath::have_redirect_neigh() == 0 {
+        eth[..6].copy_from_slice(&PEER_MAC);
+        eth[6..12].copy_from_slice(&HOST_MAC);
+    }
+    assert_bytes_eq(&format!("{what}: Ethernet header"), &out[..ETH_HLEN], &eth);
     let ip = Ipv4HeaderSlice::from_slice(&out[ETH_HLEN..]).unwrap().to_header();
     assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{what}: outer IPv4 checksum");
     assert_eq!((ip.source, ip.destination), (NODE, node), "{what}: outer addresses");
