@@ -354,10 +354,10 @@ fn package_release(pkg: &str) -> &str {
     pkg.strip_prefix("linux-image-").unwrap_or(pkg)
 }
 
-/// Downloads and extracts a Debian kernel package into target/vm/kernels/PKG (the machine's
-/// /boot and /lib/modules stay untouched), unless it is there already. Returns whether it
-/// fetched.
-fn fetch_debian_kernel(suite: &str, pkg: &str) -> anyhow::Result<bool> {
+/// Puts a kernel's packages, extracted, into target/vm/kernels/PKG (the machine's /boot and
+/// /lib/modules stay untouched), unless it is there already: `download` fills the directory
+/// it is given with the .deb files. Returns whether it fetched.
+fn install_kernel(pkg: &str, origin: &str, download: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<bool> {
     let dir = kernels_dir().join(pkg);
     if dir.join(".complete").exists() {
         return Ok(false);
@@ -366,20 +366,19 @@ fn fetch_debian_kernel(suite: &str, pkg: &str) -> anyhow::Result<bool> {
     let dl = kernels_dir().join(".download");
     let _ = std::fs::remove_dir_all(&dl);
     std::fs::create_dir_all(&dl)?;
-    println!("xtask: fetching Debian's {pkg} into {}", dir.display());
-    run(Command::new("apt-get")
-        .args(apt_options(suite)?)
-        .args(["download", "-q", "-o", "APT::Sandbox::User=root", pkg])
-        .current_dir(&dl))
-    .with_context(|| format!("apt-get download {pkg}"))?;
-    let deb = std::fs::read_dir(&dl)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .with_context(|| format!("apt-get download {pkg} left no .deb"))?;
+    println!("xtask: fetching {origin} {pkg} into {}", dir.display());
+    download(&dl)?;
+    let mut debs: Vec<PathBuf> =
+        std::fs::read_dir(&dl)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "deb")).collect();
+    debs.sort();
+    if debs.is_empty() {
+        bail!("downloading {pkg} left no .deb");
+    }
     let partial = kernels_dir().join(format!("{pkg}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial)).with_context(|| format!("extracting {}", deb.display()))?;
+    for deb in &debs {
+        run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&partial)).with_context(|| format!("extracting {}", deb.display()))?;
+    }
     // The package's postinst would run depmod; modprobe in the guest needs modules.dep.
     run(Command::new("depmod").arg("-b").arg(&partial).arg(release)).context("depmod for the extracted modules")?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -389,38 +388,34 @@ fn fetch_debian_kernel(suite: &str, pkg: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Downloads a pinned kernel's packages, checks each against its SHA-256 and extracts them
-/// into target/vm/kernels/PKG, unless it is there already. Returns whether it fetched.
+/// A Debian kernel package, with apt-get from Debian's `suite`.
+fn fetch_debian_kernel(suite: &str, pkg: &str) -> anyhow::Result<bool> {
+    install_kernel(pkg, "Debian's", |dl| {
+        run(Command::new("apt-get")
+            .args(apt_options(suite)?)
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root", pkg])
+            .current_dir(dl))
+        .with_context(|| format!("apt-get download {pkg}"))
+    })
+}
+
+/// A pinned kernel's packages, by URL, each checked against its SHA-256.
 fn fetch_pinned_kernel(pkg: &str, debs: &[PinnedDeb]) -> anyhow::Result<bool> {
-    let dir = kernels_dir().join(pkg);
-    if dir.join(".complete").exists() {
-        return Ok(false);
-    }
-    let release = package_release(pkg);
-    let dl = kernels_dir().join(".download");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl)?;
-    let partial = kernels_dir().join(format!("{pkg}.partial"));
-    let _ = std::fs::remove_dir_all(&partial);
-    println!("xtask: fetching {pkg} (pinned packages) into {}", dir.display());
-    for deb in debs {
-        let name = deb.url.rsplit('/').next().unwrap_or("package.deb");
-        let file = dl.join(name);
-        run(Command::new("curl").args(["-fsSL", "--retry", "3", "-o"]).arg(&file).arg(deb.url))
-            .with_context(|| format!("downloading {}", deb.url))?;
-        let sum = output(Command::new("sha256sum").arg(&file)).unwrap_or_default();
-        let got = sum.split_whitespace().next().unwrap_or("");
-        if got != deb.sha256 {
-            bail!("{name}: SHA-256 {got}, expected {}: refusing it", deb.sha256);
+    install_kernel(pkg, "the pinned", |dl| {
+        for deb in debs {
+            let name = deb.url.rsplit('/').next().unwrap_or("package.deb");
+            let file = dl.join(name);
+            run(Command::new("curl").args(["-fsSL", "--retry", "3", "-o"]).arg(&file).arg(deb.url))
+                .with_context(|| format!("downloading {}", deb.url))?;
+            let sum = output(Command::new("sha256sum").arg(&file)).unwrap_or_default();
+            let got = sum.split_whitespace().next().unwrap_or("");
+            if got != deb.sha256 {
+                let _ = std::fs::remove_file(&file);
+                bail!("{name}: SHA-256 {got}, expected {}: refusing it", deb.sha256);
+            }
         }
-        run(Command::new("dpkg-deb").arg("-x").arg(&file).arg(&partial)).with_context(|| format!("extracting {name}"))?;
-    }
-    run(Command::new("depmod").arg("-b").arg(&partial).arg(release)).context("depmod for the extracted modules")?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&partial, &dir)?;
-    std::fs::write(dir.join(".complete"), format!("{pkg}\n"))?;
-    let _ = std::fs::remove_dir_all(&dl);
-    Ok(true)
+        Ok(())
+    })
 }
 
 impl MatrixKernel {
