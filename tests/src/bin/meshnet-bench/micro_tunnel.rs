@@ -28,9 +28,10 @@
 //!   what encapsulation would cost amortised.
 //!
 //! Everything runs in a network namespace of its own, where the peer node's address and the
-//! pod's are on a veth with permanent neighbours, so that the FIB lookup of redirect
-//! delivery (and of encapsulation on kernels without `bpf_redirect_neigh`) finds a complete
-//! path whatever the host's routes are.
+//! pod's are on a veth with permanent neighbours, so that the FIB lookups (of encapsulation
+//! on kernels without `bpf_redirect_neigh`, and of redirect delivery to a pod not in the port
+//! table) find a complete path whatever the host's routes are. The pod is in the port table,
+//! as the agent enters every pod it attaches to: redirect delivery sends out of its port.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -43,7 +44,7 @@ use meshnet::{
     maps::{self, addr_be, ControlMaps, Stats},
     tunnel::{NodePath, TunnelMaps},
 };
-use meshnet_common::{names, tunnel, FlowKey, IPPROTO_TCP};
+use meshnet_common::{names, tunnel, FlowKey, PodPort, IPPROTO_TCP};
 use meshnet_tests::NetNs;
 use serde_json::{json, Value};
 
@@ -224,6 +225,9 @@ impl TunDp {
         let report = tun.sync(&desired, &BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path)]), MTU, &[])?;
         ensure!((report.routes_written, report.nodes_written) == (1, 1), "tunnel maps: {report:?}");
         tun.nodes.insert(addr_be(CHAIN_NODE.into()), peer_id("cluster2"), 0).context("the chain's node")?;
+        // The pod's entry in the port table, as the agent writes it for a pod it attached to:
+        // redirect delivery sends out of the pod's own port, with no FIB lookup.
+        tun.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), PodPort { ifindex, pod_mac: POD_MAC, host_mac: HOST_MAC })]))?;
         let stats = maps::take_stats(&mut ebpf)?;
         Ok(Self { ebpf, maps, _tunnel: tun, stats })
     }
@@ -256,8 +260,8 @@ fn check_paths(stack: &TunDp, redirect: &TunDp, pk: &Packets) -> anyhow::Result<
     }
     let (v, out) = run_out(stack, names::PROG_TUNNEL_IN, &pk.decap, 1)?;
     ensure!(v == OK && out[14..] == pk.inner_reply[14..], "decapsulation (stack): verdict {v}, {} bytes", out.len());
-    let (v, _) = run_out(redirect, names::PROG_TUNNEL_IN, &pk.decap, 1)?;
-    ensure!(v == REDIRECT, "decapsulation (redirect): verdict {v}");
+    let (v, out) = run_out(redirect, names::PROG_TUNNEL_IN, &pk.decap, 1)?;
+    ensure!(v == REDIRECT && out[..12] == [POD_MAC, HOST_MAC].concat()[..], "decapsulation (redirect): verdict {v}, MACs {:02x?}", &out[..12]);
     for (dp, want) in [(stack, OK), (redirect, REDIRECT)] {
         let before = counter(&dp.stats, "tunnel_decap");
         let (v, out) = run_out(dp, names::PROG_TUNNEL_IN, &pk.chain, CHAIN_DEPTH)?;

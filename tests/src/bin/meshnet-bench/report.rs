@@ -1504,7 +1504,7 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
                      parse of the inner packet for the MSS clamp{}. A tunnel packet refused at the \
                      last check, after every lookup, costs {checks:.0} ns (section 1): the rest, {:.0} ns, \
                      is taking the headers off{}.",
-                    if key == "decap_redirect" { ", then a FIB lookup and `bpf_redirect_neigh`" } else { "" },
+                    if key == "decap_redirect" { ", then the port table's hash lookup of the pod, its MACs written and `bpf_redirect`" } else { "" },
                     med(&c["ns"]) - checks,
                     if key == "decap_redirect" { ", the counter, the second parse and the redirect" } else { ", the counter and the second parse" }
                 )
@@ -1749,7 +1749,9 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
          192.0.2.2, hosting 10.245.0.0/24; cluster3 a gateway peer, for the gateway hot path beside \
          it), `delivery: stack` in one and `redirect` in the other, in a network namespace of its own \
          whose veth holds this node's addresses with permanent neighbours for the peer node and the \
-         pod, so that the FIB lookups find a complete path. After every call the verdict is \
+         pod, so that the FIB lookups find a complete path, and with the pod in the port table as \
+         the agent enters a pod it attaches to (redirect delivery sends out of its port). After \
+         every call the verdict is \
          checked, and at the end the counters account for every call: `tunnel_encap` and \
          `tunnel_decap` grew by exactly the calls made, and no failure or drop counter moved.\n\n\
          - **One-packet runs** (method B; `repeat = 1`, a fresh packet each call), {} calls of each \
