@@ -197,6 +197,8 @@ struct Agent {
     pod_ports: BTreeMap<u32, (Option<netlink::VethPeer>, Instant)>,
     /// Addresses two pod interfaces claim, left out of the port table (as last reported).
     port_conflicts: BTreeSet<std::net::Ipv4Addr>,
+    /// Whether a failed read of a pod interface was logged at warning level (once a run).
+    port_read_warned: bool,
 }
 
 /// How often the peer nodes' neighbour entries are refreshed where the datapath cannot
@@ -307,6 +309,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         neighbours_warmed: None,
         pod_ports: BTreeMap::new(),
         port_conflicts: BTreeSet::new(),
+        port_read_warned: false,
     };
     if agent.api.heard {
         agent.sync().context("filling the maps")?;
@@ -691,6 +694,10 @@ impl Agent {
                     self.pod_ports.insert(*index, (peer, now));
                 }
                 // Not remembered, so the next rescan asks again.
+                Err(e) if !self.port_read_warned => {
+                    self.port_read_warned = true;
+                    warn!(ifindex = index, error = %e, "reading a pod's interface failed; its tunnel packets take the node's route (slower behind a bridge)");
+                }
                 Err(e) => debug!(ifindex = index, error = %e, "reading the pod's interface failed"),
             }
         }
