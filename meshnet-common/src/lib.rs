@@ -100,11 +100,14 @@ pub mod names {
     /// (a bridge offers no offloads for encapsulated packets, and a decapsulated packet still
     /// counts as one).
     pub const TUN_PORTS: &str = "mn_tun_ports_v1";
+    /// Array of `u32`, one slot per [`crate::switch`]: what the agent tells the datapath at
+    /// run time to skip work that cannot matter. An array lookup, which the verifier inlines.
+    pub const SWITCHES: &str = "mn_switches_v1";
 
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 15] = [
+    pub const ALL_MAPS: [&str; 16] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS, TUN_PORTS,
+        TUN_STATS, TUN_PORTS, SWITCHES,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
@@ -126,6 +129,16 @@ pub mod names {
     /// hop with `bpf_fib_lookup`; the verifier prunes the branch the constant rules out, so
     /// an older kernel never sees the helper it lacks.
     pub const GLOBAL_HAVE_REDIRECT_NEIGH: &str = "MN_HAVE_REDIRECT_NEIGH";
+}
+
+/// Slots of `names::SWITCHES`. A fresh map holds zeros, and zero is every switch's safe
+/// setting: a datapath whose switches were never set does all its lookups.
+pub mod switch {
+    /// Non-zero while this node has no tunnel route: `from_pod` then skips the tunnel trie,
+    /// a helper call on every packet. The agent clears it before it writes the first route
+    /// and sets it after it removed the last.
+    pub const NO_TUNNEL_ROUTES: u32 = 0;
+    pub const COUNT: u32 = 1;
 }
 
 pub mod limits {

@@ -75,6 +75,15 @@ pub static TUN_STATS: PerCpuHashMap<u32, TunnelStats> = PerCpuHashMap::with_max_
 #[map(name = "mn_tun_ports_v1")]
 pub static TUN_PORTS: HashMap<u32, PodPort> = HashMap::with_max_entries(limits::MAX_POD_PORTS, BPF_F_NO_PREALLOC);
 
+#[map(name = "mn_switches_v1")]
+pub static SWITCHES: Array<u32> = Array::with_max_entries(meshnet_common::switch::COUNT, 0);
+
+/// Whether switch `slot` (`meshnet_common::switch`) is on; off when unset.
+#[inline(always)]
+pub fn switch_on(slot: u32) -> bool {
+    matches!(SWITCHES.get(slot), Some(&v) if v != 0)
+}
+
 /// The logging object's rate limit (see `meshnet_common::names::LOG_BUDGET`).
 #[cfg(feature = "datapath-log")]
 #[map(name = "mn_log_budget_v1")]

@@ -401,13 +401,18 @@ fn is_local(daddr_be: u32) -> bool {
         if seq & 1 != 0 {
             return false;
         }
-        if core::ptr::read_volatile(core::ptr::addr_of!((*l).count)) == 0 {
+        let count = core::ptr::read_volatile(core::ptr::addr_of!((*l).count));
+        if count == 0 {
             return false;
         }
         // Every slot, at constant offsets: slots past `count` match nothing, so none needs a
         // test of `count`, and each match leaves at once (a flag carried through the slots
-        // would multiply the verifier's states by two per slot).
+        // would multiply the verifier's states by two per slot). Most clusters have one CIDR:
+        // a remote destination then leaves after the first slot, not the last.
         for i in 0..limits::MAX_LOCAL_CIDRS {
+            if i == 1 && count == 1 {
+                return false;
+            }
             let net = core::ptr::read_volatile(core::ptr::addr_of!((*l).nets[i]));
             if daddr_be & net.mask_be == net.addr_be {
                 return core::ptr::read_volatile(core::ptr::addr_of!((*l).seq)) == seq;
@@ -645,13 +650,32 @@ fn rewrite_rev(ctx: &TcContext, ip: &Ipv4, l4: &Ports, rev: &NatRev) -> Result<(
 }
 
 /// Fixes the L4 checksum for an address (in the pseudo-header) and the ports word that
-/// changed. The kernel's helper, because the right update depends on the skb's checksum
-/// state: with CHECKSUM_PARTIAL (local sockets through veth) the field holds only the
-/// pseudo-header's sum, which the port change must not touch.
+/// changed. The right update depends on the skb's checksum state, which only the kernel
+/// knows before 6.2: with CHECKSUM_PARTIAL (local sockets through veth) the field holds only
+/// the pseudo-header's sum, which the port change must not touch; otherwise it holds the
+/// whole checksum. The address goes through the kernel's helper, and how the helper changed
+/// the field tells which state the skb is in (the two states move the field in opposite
+/// directions), so the ports are fixed inline: one helper call per packet instead of two.
 #[inline(always)]
 fn fix_l4_csum(ctx: &TcContext, ip: &Ipv4, l4: &Ports, old_addr: u32, new_addr: u32, new_ports: u32) -> Result<(), i64> {
     let mangle = l4_flags(ip);
-    ctx.l4_csum_replace(l4.csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangle | 4)?;
-    ctx.l4_csum_replace(l4.csum_off, l4.ports as u64, new_ports as u64, mangle | 4)?;
-    Ok(())
+    let off = parse::bounded(l4.csum_off, 0xff);
+    let before = parse::load_u16(ctx, off).ok_or(-1_i64)?;
+    if mangle != 0 && before == 0 {
+        // A UDP datagram without a checksum: nothing covers the change.
+        return Ok(());
+    }
+    ctx.l4_csum_replace(off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangle | 4)?;
+    if l4.ports == new_ports {
+        return Ok(());
+    }
+    let after = parse::load_u16(ctx, off).ok_or(-1_i64)?;
+    match parse::csum_state(before, after, old_addr, new_addr, mangle != 0) {
+        parse::CsumState::Partial => Ok(()),
+        parse::CsumState::Full => parse::set_l4_csum(ctx, off, parse::csum_replace4(after, l4.ports, new_ports), mangle != 0),
+        parse::CsumState::Unknown => {
+            ctx.l4_csum_replace(off, l4.ports as u64, new_ports as u64, mangle | 4)?;
+            Ok(())
+        }
+    }
 }

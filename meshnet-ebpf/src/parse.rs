@@ -83,6 +83,31 @@ pub fn bounded(v: usize, mask: usize) -> usize {
     unsafe { core::ptr::read_volatile(&raw const v) & mask }
 }
 
+/// A packet field read at its own width. Packet fields are often not aligned to it (the IP
+/// header follows a 14-byte Ethernet header), and `read_unaligned` would split each word
+/// into byte loads, shifts and ors: a dozen instructions for one load on the hot path. The
+/// verifier accepts unaligned packet access wherever the CPU handles it (x86-64 and arm64,
+/// what nodes run), and the JIT emits one load, as for the header structs read by field
+/// here and as C programs rely on with `struct iphdr`.
+///
+/// # Safety
+/// `p` lies inside the packet, bounds checked where the verifier sees it.
+#[inline(always)]
+pub unsafe fn load<T: Copy>(p: *const T) -> T {
+    // SAFETY: the caller's; see above for the alignment.
+    unsafe { core::ptr::read(p) }
+}
+
+/// A packet field written at its own width (see [`load`]).
+///
+/// # Safety
+/// `p` lies inside the packet, bounds checked where the verifier sees it, and writable.
+#[inline(always)]
+pub unsafe fn store<T: Copy>(p: *mut T, v: T) {
+    // SAFETY: the caller's.
+    unsafe { core::ptr::write(p, v) }
+}
+
 /// The L4 part of a TCP or UDP packet.
 pub struct Ports {
     /// Both ports as one word in wire order (source port first), so both can be rewritten
@@ -97,13 +122,29 @@ pub struct Ports {
 }
 
 /// Makes `len` bytes from the start of the packet readable with direct access, pulling
-/// non-linear data in when needed.
+/// non-linear data in when needed. For lengths computed from the packet; constant ones
+/// take [`ensure_fixed`].
 #[inline(always)]
 fn ensure(ctx: &TcContext, len: usize) -> Result<(), Counter> {
     // Headers only: a few hundred bytes at most (see `bounded` for why it is masked here).
     if ctx.data() + bounded(len, 0x3ff) <= ctx.data_end() {
         return Ok(());
     }
+    pull(ctx, len)
+}
+
+/// [`ensure`] for a constant length, which keeps its bounds wherever the compiler puts it:
+/// no mask, no stack round trip on the hot path.
+#[inline(always)]
+fn ensure_fixed<const LEN: usize>(ctx: &TcContext) -> Result<(), Counter> {
+    if ctx.data() + LEN <= ctx.data_end() {
+        return Ok(());
+    }
+    pull(ctx, LEN)
+}
+
+#[inline(always)]
+fn pull(ctx: &TcContext, len: usize) -> Result<(), Counter> {
     if (ctx.len() as usize) < len {
         return Err(Counter::Truncated);
     }
@@ -146,13 +187,13 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, BadIpv4> {
     if ctx.len() < ETH_HLEN as u32 {
         return Ok(None);
     }
-    ensure(ctx, ETH_HLEN)?;
+    ensure_fixed::<ETH_HLEN>(ctx)?;
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::Truncated)?;
     // SAFETY: ptr_at checked that the header lies inside the packet.
     if unsafe { (*eth).proto_be } != ETH_P_IP_BE {
         return Ok(None);
     }
-    ensure(ctx, ETH_HLEN + IP_MIN_HLEN)?;
+    ensure_fixed::<{ ETH_HLEN + IP_MIN_HLEN }>(ctx)?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::Truncated)?;
     // SAFETY: as above.
     let (ver_ihl, tot_len, frag_off_be, proto, saddr_be, daddr_be, id_be) = unsafe {
@@ -209,13 +250,13 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, Counter> {
             let p = l4_header::<TCP_MIN_HLEN>(ctx, ip)?;
             // SAFETY: l4_header proved TCP_MIN_HLEN bytes at p; both ports (0..4) and the
             // flags byte (13) lie within them.
-            let (ports, flags) = unsafe { (core::ptr::read_unaligned(p.cast::<u32>()), *p.add(13)) };
+            let (ports, flags) = unsafe { (load(p.cast::<u32>()), *p.add(13)) };
             Ok(Some(Ports::new(ports, flags, ip.l4() + TCP_CSUM)))
         }
         IPPROTO_UDP => {
             let p = l4_header::<UDP_HLEN>(ctx, ip)?;
             // SAFETY: l4_header proved UDP_HLEN bytes at p; both ports lie within them.
-            let ports = unsafe { core::ptr::read_unaligned(p.cast::<u32>()) };
+            let ports = unsafe { load(p.cast::<u32>()) };
             Ok(Some(Ports::new(ports, 0, ip.l4() + UDP_CSUM)))
         }
         _ => Ok(None),
@@ -317,18 +358,18 @@ pub fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Option<IcmpError>, Count
         if *inner != 0x45 || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP) {
             return Ok(None);
         }
-        let inner_ports = core::ptr::read_unaligned(inner.add(IP_MIN_HLEN).cast::<u32>());
+        let inner_ports = load(inner.add(IP_MIN_HLEN).cast::<u32>());
         let b = inner_ports.to_ne_bytes();
         Ok(Some(IcmpError {
             icmp_csum_off: l4_off + 2,
             inner_off: l4_off + ICMP_HLEN,
             inner_proto,
-            inner_saddr_be: core::ptr::read_unaligned(inner.add(12).cast::<u32>()),
-            inner_daddr_be: core::ptr::read_unaligned(inner.add(16).cast::<u32>()),
+            inner_saddr_be: load(inner.add(12).cast::<u32>()),
+            inner_daddr_be: load(inner.add(16).cast::<u32>()),
             inner_ports,
             inner_sport_be: u16::from_ne_bytes([b[0], b[1]]),
             inner_dport_be: u16::from_ne_bytes([b[2], b[3]]),
-            inner_csum: core::ptr::read_unaligned(inner.add(10).cast::<u16>()),
+            inner_csum: load(inner.add(10).cast::<u16>()),
         }))
     }
 }
@@ -359,9 +400,9 @@ pub fn set_addr(ctx: &TcContext, which: Addr, new_be: u32) -> Result<(), i64> {
     unsafe {
         let addr = hdr.add(addr_off).cast::<u32>();
         let csum = hdr.add(IP_CSUM_OFF - ETH_HLEN).cast::<u16>();
-        let old_be = core::ptr::read_unaligned(addr);
-        core::ptr::write_unaligned(addr, new_be);
-        core::ptr::write_unaligned(csum, csum_replace4(core::ptr::read_unaligned(csum), old_be, new_be));
+        let old_be = load(addr);
+        store(addr, new_be);
+        store(csum, csum_replace4(load(csum), old_be, new_be));
     }
     Ok(())
 }
@@ -376,7 +417,7 @@ pub fn set_ports(ctx: &TcContext, ip: &Ipv4, ports: u32) -> Result<(), i64> {
         return Err(-1);
     }
     // SAFETY: checked to lie inside the packet.
-    unsafe { core::ptr::write_unaligned(p as *mut u32, ports) };
+    unsafe { store(p as *mut u32, ports) };
     Ok(())
 }
 
@@ -391,6 +432,52 @@ pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
     !(sum as u16)
 }
 
+/// The skb's checksum state, as told by what `bpf_l4_csum_replace` with
+/// `BPF_F_PSEUDO_HDR` did to an L4 checksum field when one address changed from `old` to
+/// `new`: with CHECKSUM_PARTIAL the kernel adds the change to the pseudo-header's sum the
+/// field holds (`c - old + new`); otherwise it updates the whole checksum (`c + old - new`,
+/// RFC 1624). `Unknown` when the two would give the same value (the addresses' sums are
+/// equal), or the field holds neither (another representation of zero): the caller then
+/// asks the kernel again.
+pub enum CsumState {
+    Full,
+    Partial,
+    Unknown,
+}
+
+#[inline(always)]
+pub fn csum_state(before: u16, after: u16, old: u32, new: u32, mangle0: bool) -> CsumState {
+    // `BPF_F_MARK_MANGLED_0`: a UDP checksum that comes out zero is written as 0xffff.
+    let mangled = |c: u16| if mangle0 && c == 0 { 0xffff } else { c };
+    let full = mangled(csum_replace4(before, old, new));
+    let partial = mangled(!csum_replace4(!before, old, new));
+    // 0 and 0xffff are one value in one's complement: predictions equal up to that tell
+    // nothing.
+    let canonical = |c: u16| if c == 0xffff { 0 } else { c };
+    if canonical(full) == canonical(partial) {
+        CsumState::Unknown
+    } else if after == full {
+        CsumState::Full
+    } else if after == partial {
+        CsumState::Partial
+    } else {
+        CsumState::Unknown
+    }
+}
+
+/// Writes an L4 checksum at `off` (a bounded offset), `mangle0` as [`csum_state`]'s.
+#[inline(always)]
+pub fn set_l4_csum(ctx: &TcContext, off: usize, csum: u16, mangle0: bool) -> Result<(), i64> {
+    let p = ctx.data() + off;
+    if p + 2 > ctx.data_end() {
+        return Err(-1);
+    }
+    let csum = if mangle0 && csum == 0 { 0xffff } else { csum };
+    // SAFETY: checked to lie inside the packet; the tc prologue made it writable.
+    unsafe { store(p as *mut u16, csum) };
+    Ok(())
+}
+
 /// Reads the 16-bit word at `off` (bounds-checked, for a checksum just rewritten).
 #[inline(always)]
 pub fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
@@ -399,7 +486,7 @@ pub fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
         return None;
     }
     // SAFETY: checked to lie inside the packet.
-    Some(unsafe { core::ptr::read_unaligned((start + off) as *const u16) })
+    Some(unsafe { load((start + off) as *const u16) })
 }
 
 /// The fields of the IPv4 header at `ETH_HLEN` that tunnelling rewrites or copies.
@@ -444,17 +531,17 @@ pub fn set_ip_len_frag(ctx: &TcContext, tot_len: u16, frag_off: u16) -> Result<(
         let w0 = hdr.cast::<u32>();
         let w1 = hdr.add(4).cast::<u32>();
         let csum = hdr.add(10).cast::<u16>();
-        let (old0, old1) = (core::ptr::read_unaligned(w0), core::ptr::read_unaligned(w1));
+        let (old0, old1) = (load(w0), load(w1));
         let mut b0 = old0.to_ne_bytes();
         let mut b1 = old1.to_ne_bytes();
         let l = tot_len.to_be_bytes();
         let f = frag_off.to_be_bytes();
         (b0[2], b0[3], b1[2], b1[3]) = (l[0], l[1], f[0], f[1]);
         let (new0, new1) = (u32::from_ne_bytes(b0), u32::from_ne_bytes(b1));
-        core::ptr::write_unaligned(w0, new0);
-        core::ptr::write_unaligned(w1, new1);
-        let c = csum_replace4(core::ptr::read_unaligned(csum), old0, new0);
-        core::ptr::write_unaligned(csum, csum_replace4(c, old1, new1));
+        store(w0, new0);
+        store(w1, new1);
+        let c = csum_replace4(load(csum), old0, new0);
+        store(csum, csum_replace4(c, old1, new1));
     }
     Ok(())
 }
@@ -524,7 +611,7 @@ pub fn write_outer(ctx: &TcContext, tos: u8, inner_len: u16, src_be: u32, dst_be
     unsafe {
         let mut i = 0;
         while i < 9 {
-            core::ptr::write_unaligned(p.add(i), words[i]);
+            store(p.add(i), words[i]);
             i += 1;
         }
         // The Ethernet type stays IPv4, the outer header's.
@@ -554,7 +641,7 @@ pub fn tunnel_packet(ctx: &TcContext, ip: &Ipv4) -> Result<TunnelPacket, Counter
     if ip.end < NEED {
         return Err(Counter::TunnelBadHeader);
     }
-    ensure(ctx, NEED).map_err(|_| Counter::TunnelBadHeader)?;
+    ensure_fixed::<NEED>(ctx).map_err(|_| Counter::TunnelBadHeader)?;
     let start = ctx.data();
     if start + NEED > ctx.data_end() {
         return Err(Counter::TunnelBadHeader);
@@ -566,14 +653,14 @@ pub fn tunnel_packet(ctx: &TcContext, ip: &Ipv4) -> Result<TunnelPacket, Counter
         let inner = p.add(ETH_HLEN + tunnel::OVERHEAD as usize);
         Ok(TunnelPacket {
             outer_len: (ip.end - ETH_HLEN) as u16,
-            magic_be: core::ptr::read_unaligned(hdr.cast::<u16>()),
+            magic_be: load(hdr.cast::<u16>()),
             version: *hdr.add(2),
-            cluster_be: core::ptr::read_unaligned(hdr.add(4).cast::<u32>()),
+            cluster_be: load(hdr.add(4).cast::<u32>()),
             inner_ver_ihl: *inner,
             inner_proto: *inner.add(9),
-            inner_len: u16::from_be(core::ptr::read_unaligned(inner.add(2).cast::<u16>())),
-            inner_saddr_be: core::ptr::read_unaligned(inner.add(12).cast::<u32>()),
-            inner_daddr_be: core::ptr::read_unaligned(inner.add(16).cast::<u32>()),
+            inner_len: u16::from_be(load(inner.add(2).cast::<u16>())),
+            inner_saddr_be: load(inner.add(12).cast::<u32>()),
+            inner_daddr_be: load(inner.add(16).cast::<u32>()),
         })
     }
 }
@@ -656,30 +743,30 @@ pub fn write_frag_needed(ctx: &TcContext, sender_be: u32, src_be: u32, mtu: u16)
     // SAFETY: checked above: the whole frame is inside the packet.
     unsafe {
         let eth = start as *mut [u8; 6];
-        let (dst, src) = (core::ptr::read_unaligned(eth), core::ptr::read_unaligned(eth.add(1)));
-        core::ptr::write_unaligned(eth, src);
-        core::ptr::write_unaligned(eth.add(1), dst);
+        let (dst, src) = (load(eth), load(eth.add(1)));
+        store(eth, src);
+        store(eth.add(1), dst);
         let p = (start + ETH_HLEN) as *mut u32;
         let mut i = 0;
         while i < 5 {
-            core::ptr::write_unaligned(p.add(i), ip[i]);
+            store(p.add(i), ip[i]);
             i += 1;
         }
         let icmp = p.add(5);
-        core::ptr::write_unaligned(icmp, u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]));
-        core::ptr::write_unaligned(icmp.add(1), icmp_w1);
+        store(icmp, u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]));
+        store(icmp.add(1), icmp_w1);
         // The ICMP checksum covers its header and the quote: 9 words.
         let mut sum: u32 = 0;
         let mut j = 0;
         while j < (ICMP_HLEN + ICMP_QUOTE) / 4 {
-            let w = core::ptr::read_unaligned(icmp.add(j));
+            let w = load(icmp.add(j));
             sum += (w >> 16) + (w & 0xffff);
             j += 1;
         }
         let sum = (sum & 0xffff) + (sum >> 16);
         let sum = (sum & 0xffff) + (sum >> 16);
         let c = (!(sum as u16)).to_ne_bytes();
-        core::ptr::write_unaligned(icmp, u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, c[0], c[1]]));
+        store(icmp, u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, c[0], c[1]]));
     }
     Ok(())
 }
@@ -694,8 +781,8 @@ pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), ()> {
     let eth = start as *mut [u8; 6];
     // SAFETY: checked above.
     unsafe {
-        core::ptr::write_unaligned(eth, dst);
-        core::ptr::write_unaligned(eth.add(1), src);
+        store(eth, dst);
+        store(eth.add(1), src);
     }
     Ok(())
 }

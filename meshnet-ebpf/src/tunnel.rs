@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use meshnet_common::{tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
+use meshnet_common::{switch, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
 
 use crate::{
     maps::{count, TUN_CONFIG, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
@@ -55,6 +55,10 @@ const DROP: i32 = TC_ACT_SHOT;
 /// The peer node whose pod CIDR holds `daddr_be`, for a tunnel peer.
 #[inline(always)]
 pub fn route(daddr_be: u32) -> Option<TunnelNode> {
+    if crate::maps::switch_on(switch::NO_TUNNEL_ROUTES) {
+        // Most nodes have no tunnel peer: no helper call for every packet they send.
+        return None;
+    }
     TUN_ROUTES.get(Key::new(32, daddr_be)).copied()
 }
 

@@ -45,7 +45,7 @@ fn size<T>() -> u32 {
 
 /// Every map of this build, as the embedded object defines it (flow maps sized `max_flows`).
 #[must_use]
-pub fn specs(max_flows: u32) -> [Spec; 15] {
+pub fn specs(max_flows: u32) -> [Spec; 16] {
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags: NO_PREALLOC, max_entries: max_flows };
     [
         Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
@@ -63,6 +63,7 @@ pub fn specs(max_flows: u32) -> [Spec; 15] {
         Spec { name: names::TUN_CONFIG, ty: MapType::Hash, key: 4, value: size::<TunnelConfig>(), flags: NO_PREALLOC, max_entries: 1 },
         Spec { name: names::TUN_STATS, ty: MapType::PerCpuHash, key: 4, value: size::<TunnelStats>(), flags: 0, max_entries: limits::MAX_PEERS },
         Spec { name: names::TUN_PORTS, ty: MapType::Hash, key: 4, value: size::<PodPort>(), flags: NO_PREALLOC, max_entries: limits::MAX_POD_PORTS },
+        Spec { name: names::SWITCHES, ty: MapType::Array, key: 4, value: 4, flags: 0, max_entries: meshnet_common::switch::COUNT },
     ]
 }
 

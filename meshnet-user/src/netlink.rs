@@ -1,5 +1,6 @@
 //! Link notifications from the kernel, so the agent attaches to a pod's interface as soon as
 //! it appears rather than at the next rescan, and what the kernel says of a pod's interface.
+//! The netlink message and attribute walkers here serve every netlink reader (nftables too).
 
 use std::{
     io,
@@ -155,14 +156,14 @@ struct RouteSocket {
     fd: OwnedFd,
 }
 
-const NLMSG_HDRLEN: usize = 16;
+pub(crate) const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 const IFADDRMSG_LEN: usize = 8;
 // libc gives these as c_int; the wire has them narrower.
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
 /// `IFA_TARGET_NETNSID` and `NETLINK_GET_STRICT_CHK` (Linux 4.20; libc has no constants for them).
@@ -251,7 +252,7 @@ impl RouteSocket {
         loop {
             let datagram = self.recv()?;
             for msg in messages(&datagram) {
-                match parse_addr_message(msg)? {
+                match parse_addr_message(msg?)? {
                     AddrMessage::Done => return Ok(addrs),
                     AddrMessage::Addr { index, addr, target_netnsid } => {
                         if netnsid.is_some() && target_netnsid != netnsid {
@@ -276,18 +277,29 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// The netlink messages of one datagram, each with its header.
-fn messages(mut b: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// The netlink messages of one datagram, each with its header. A message whose length is
+/// shorter than a header or runs past the datagram is an error, and the walk ends there.
+pub(crate) fn messages(mut b: &[u8]) -> impl Iterator<Item = io::Result<&[u8]>> {
     std::iter::from_fn(move || {
         let len = usize::try_from(u32_at(b, 0)?).ok()?;
-        let msg = b.get(..len).filter(|_| len >= NLMSG_HDRLEN)?;
+        let Some(msg) = b.get(..len).filter(|_| len >= NLMSG_HDRLEN) else {
+            b = &[];
+            return Some(Err(bad("a truncated message")));
+        };
         b = b.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some(msg)
+        Some(Ok(msg))
     })
 }
 
-/// Route attributes (`struct rtattr`, 4-byte aligned) as (type, payload).
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+/// A message's type (`nlmsg_type`).
+pub(crate) fn message_type(msg: &[u8]) -> Option<u16> {
+    u16_at(msg, 4)
+}
+
+/// Netlink attributes (`struct nlattr`, `struct rtattr`: 4-byte aligned) as (type, payload),
+/// without the nested and byte-order flags. An attribute claiming more than there is ends the
+/// walk.
+pub(crate) fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         let len = usize::from(u16_at(b, 0)?);
         let ty = u16_at(b, 2)? & 0x3fff; // without NLA_F_NESTED and NLA_F_NET_BYTEORDER
@@ -302,7 +314,7 @@ fn bad(what: &str) -> io::Error {
 }
 
 /// The kernel's error in an `NLMSG_ERROR` message (0 is an acknowledgement).
-fn error_of(msg: &[u8]) -> io::Result<()> {
+pub(crate) fn error_of(msg: &[u8]) -> io::Result<()> {
     let code = u32_at(msg, NLMSG_HDRLEN).ok_or_else(|| bad("short error"))?.cast_signed();
     if code == 0 {
         return Ok(());
@@ -312,7 +324,7 @@ fn error_of(msg: &[u8]) -> io::Result<()> {
 
 /// The first message of a reply to `RTM_GETLINK`: the link, or the kernel's error.
 fn parse_link_reply(b: &[u8]) -> io::Result<Link> {
-    let ty = u16_at(b, 4).ok_or_else(|| bad("too short"))?;
+    let ty = message_type(b).ok_or_else(|| bad("too short"))?;
     if ty == NLMSG_ERROR {
         error_of(b)?;
         return Err(bad("an acknowledgement, no link"));
@@ -350,7 +362,7 @@ enum AddrMessage {
 }
 
 fn parse_addr_message(msg: &[u8]) -> io::Result<AddrMessage> {
-    match u16_at(msg, 4).ok_or_else(|| bad("too short"))? {
+    match message_type(msg).ok_or_else(|| bad("too short"))? {
         NLMSG_DONE => return Ok(AddrMessage::Done),
         NLMSG_ERROR => {
             error_of(msg)?;
@@ -450,10 +462,17 @@ mod tests {
         let len = u32::try_from(b.len()).unwrap();
         b[..4].copy_from_slice(&len.to_ne_bytes());
         assert_eq!(parse_link_reply(&b).unwrap().mac, None);
-        // A datagram whose message claims a length shorter than a header ends the walk.
+        // A message claiming a length shorter than a header, or longer than the datagram, is
+        // an error that ends the walk.
         let mut d = message(NLMSG_DONE, &[], &[]);
         d[..4].copy_from_slice(&4u32.to_ne_bytes());
-        assert_eq!(messages(&d).count(), 0);
+        let walked: Vec<_> = messages(&d).collect();
+        assert!(walked.len() == 1 && walked[0].is_err());
+        let mut d = message(NLMSG_DONE, &[], &[]);
+        d.extend(message(NLMSG_DONE, &[], &[]));
+        d[16..20].copy_from_slice(&64u32.to_ne_bytes());
+        let walked: Vec<_> = messages(&d).collect();
+        assert!(walked.len() == 2 && walked[0].is_ok() && walked[1].is_err());
     }
 
     #[test]
@@ -470,7 +489,7 @@ mod tests {
         let lo = message(libc::RTM_NEWADDR, &ifaddr(AF_INET, 1), &[(libc::IFA_ADDRESS, &[127, 0, 0, 1])]);
         let v6 = message(libc::RTM_NEWADDR, &ifaddr(10, 7), &[(libc::IFA_ADDRESS, &[0xfe; 16])]);
         let datagram = [pod, lo, v6, message(NLMSG_DONE, &[0; 4], &[])].concat();
-        let parsed: Vec<_> = messages(&datagram).map(|m| parse_addr_message(m).unwrap()).collect();
+        let parsed: Vec<_> = messages(&datagram).map(|m| parse_addr_message(m.unwrap()).unwrap()).collect();
         assert_eq!(
             parsed,
             [

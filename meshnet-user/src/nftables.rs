@@ -16,13 +16,12 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
+use crate::netlink;
+
 const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
@@ -66,47 +65,29 @@ pub fn ipv4_rules() -> io::Result<String> {
         // SAFETY: recv(2) into a buffer of the length passed.
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        let mut at = 0;
-        while at + 16 <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            if len < 16 || at + len > n {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "a truncated netlink message"));
-            }
-            match kind {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let code = buf.get(at + 16..at + 20).map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or_default()));
-                    if code == 0 {
-                        return Ok(out);
-                    }
-                    return Err(io::Error::from_raw_os_error(-code));
+        for msg in netlink::messages(&buf[..n]) {
+            let msg = msg?;
+            match netlink::message_type(msg) {
+                Some(netlink::NLMSG_DONE) => return Ok(out),
+                Some(netlink::NLMSG_ERROR) => {
+                    netlink::error_of(msg)?;
+                    return Ok(out);
                 }
-                _ if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE && len >= 20 => {
-                    if let Some(line) = rule(&buf[at + 20..at + len]) {
+                Some(kind) if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE => {
+                    // After nlmsghdr and nfgenmsg.
+                    if let Some(line) = msg.get(netlink::NLMSG_HDRLEN + 4..).and_then(rule) {
                         let _ = writeln!(out, "{line}");
                     }
                 }
                 _ => {}
             }
-            at += (len + 3) & !3;
         }
     }
 }
 
 /// The attributes in `b`, in order.
-fn attrs(mut b: &[u8]) -> Attrs<'_> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
-        let kind = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            break;
-        }
-        out.push((kind, &b[4..len]));
-        b = &b[((len + 3) & !3).min(b.len())..];
-    }
-    out
+fn attrs(b: &[u8]) -> Attrs<'_> {
+    netlink::attrs(b).collect()
 }
 
 fn get<'a>(a: &Attrs<'a>, kind: u16) -> Option<&'a [u8]> {

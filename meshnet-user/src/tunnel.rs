@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuHashMap, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, PodPort, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, switch, PodPort, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 
 use crate::{
@@ -28,6 +28,7 @@ pub type TunNodes = HashMap<MapData, u32, u32>;
 pub type TunConfigMap = HashMap<MapData, u32, TunnelConfig>;
 pub type TunStats = PerCpuHashMap<MapData, u32, TunnelStats>;
 pub type TunPorts = HashMap<MapData, u32, PodPort>;
+pub type Switches = aya::maps::Array<MapData, u32>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -116,6 +117,8 @@ pub struct TunnelMaps {
     pub config: TunConfigMap,
     pub stats: TunStats,
     pub ports: TunPorts,
+    /// `None` where an older agent's pins lack it: the datapath then does every lookup.
+    pub switches: Option<Switches>,
 }
 
 /// What a sync changed, for the agent's log.
@@ -149,6 +152,7 @@ impl TunnelMaps {
             config: open(pins, names::TUN_CONFIG)?,
             stats: open(pins, names::TUN_STATS)?,
             ports: open(pins, names::TUN_PORTS)?,
+            switches: open(pins, names::SWITCHES).ok(),
         })
     }
 
@@ -162,7 +166,26 @@ impl TunnelMaps {
             config: TunConfigMap::try_from(take(names::TUN_CONFIG)?).map_err(bad(names::TUN_CONFIG))?,
             stats: TunStats::try_from(take(names::TUN_STATS)?).map_err(bad(names::TUN_STATS))?,
             ports: TunPorts::try_from(take(names::TUN_PORTS)?).map_err(bad(names::TUN_PORTS))?,
+            switches: take(names::SWITCHES).ok().and_then(|m| Switches::try_from(m).ok()),
         })
+    }
+
+    /// Sets a datapath switch (`meshnet_common::switch`), writing only a change.
+    fn set_switch(&mut self, slot: u32, on: bool) -> anyhow::Result<()> {
+        let Some(switches) = &mut self.switches else {
+            return Ok(());
+        };
+        let value = u32::from(on);
+        if switches.get(&slot, 0).ok() != Some(value) {
+            switches.set(slot, value, 0).context("setting a datapath switch")?;
+        }
+        Ok(())
+    }
+
+    /// Whether switch `slot` is on (`None` without the map).
+    #[must_use]
+    pub fn switch(&self, slot: u32) -> Option<bool> {
+        self.switches.as_ref().and_then(|s| s.get(&slot, 0).ok()).map(|v| v != 0)
     }
 
     /// The routes the trie holds now.
@@ -267,16 +290,24 @@ impl TunnelMaps {
                 }
                 continue;
             };
-            let value = TunnelNode { src_be: addr_be(path.src), ifindex: path.ifindex, mtu: path.mtu, ..*node };
-            wanted.insert(*net, value);
-            if routes.get(net) != Some(&value) {
-                self.routes.insert(&route_key(*net), value, 0).context("writing a tunnel route")?;
+            wanted.insert(*net, TunnelNode { src_be: addr_be(path.src), ifindex: path.ifindex, mtu: path.mtu, ..*node });
+        }
+        if !wanted.is_empty() {
+            // Before the first route, or the datapath would not look.
+            self.set_switch(switch::NO_TUNNEL_ROUTES, false)?;
+        }
+        for (net, value) in &wanted {
+            if routes.get(net) != Some(value) {
+                self.routes.insert(&route_key(*net), *value, 0).context("writing a tunnel route")?;
                 report.routes_written += 1;
             }
         }
         for net in routes.keys().filter(|n| !wanted.contains_key(n)) {
             self.routes.remove(&route_key(*net)).context("removing a tunnel route")?;
             report.routes_removed += 1;
+        }
+        if wanted.is_empty() {
+            self.set_switch(switch::NO_TUNNEL_ROUTES, true)?;
         }
         for addr in nodes.keys().filter(|a| !desired.tun_nodes.contains_key(a)) {
             self.nodes.remove(&addr_be(*addr)).context("removing a tunnel node")?;

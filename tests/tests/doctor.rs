@@ -25,16 +25,25 @@ fn read(ns: &NetNs) -> String {
     ns.run(meshnet::iptables::legacy_nat_rules).expect("reading the nat table").expect("a legacy nat table")
 }
 
-#[test]
-fn the_legacy_nat_table_reads_as_iptables_save_prints_it() {
+/// A namespace of the test's own where iptables-legacy can write `table`; `None` (the test
+/// reported as skipped) on a kernel without the ip_tables modules.
+fn legacy_ns(name: &str, table: &str) -> Option<NetNs> {
     require_root();
-    let ns = NetNs::new("mnipt");
-    let (ok, out) = ns.try_exec("iptables-legacy -t nat -L -n");
+    let ns = NetNs::new(name);
+    let (ok, out) = ns.try_exec(&format!("iptables-legacy -t {table} -L -n"));
     if !ok {
         eprintln!("{out}");
         skip("iptables-legacy with the ip_tables modules");
-        return;
+        return None;
     }
+    Some(ns)
+}
+
+#[test]
+fn the_legacy_nat_table_reads_as_iptables_save_prints_it() {
+    let Some(ns) = legacy_ns("mnipt", "nat") else {
+        return;
+    };
     for r in RULES {
         ns.exec(&format!("iptables-legacy -t nat {r}"));
     }
@@ -103,14 +112,9 @@ fn the_nftables_nat_table_reads_as_iptables_save_prints_it() {
 #[test]
 fn the_legacy_filter_table_reads_as_iptables_save_prints_it() {
     use meshnet::doctor::{forward_check, Level};
-    require_root();
-    let ns = NetNs::new("mniptf");
-    let (ok, out) = ns.try_exec("iptables-legacy -t filter -L -n");
-    if !ok {
-        eprintln!("{out}");
-        skip("iptables-legacy with the ip_tables modules");
+    let Some(ns) = legacy_ns("mniptf", "filter") else {
         return;
-    }
+    };
     let judged = [
         "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",

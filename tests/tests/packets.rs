@@ -466,6 +466,29 @@ fn reply_from_gateway_is_restored_to_the_remote_pod() {
     assert_eq!(h.flow_counts(), (1, 1));
 }
 
+/// The datapath fixes the ports' part of the L4 checksum inline once it has told the skb's
+/// checksum state from what the kernel's helper did with the address change. A gateway
+/// whose address sums (one's complement) to the same as the remote pod's leaves nothing to
+/// tell it by: the kernel is asked again, and both directions must still come out exact.
+#[test]
+fn addresses_with_equal_checksum_sums_are_translated_exactly() {
+    // 0xc000 + 0x4b08 folds to 0x0b09, as 0x0af5 + 0x0014 (10.245.0.20) does.
+    const TWIN: [u8; 4] = [192, 0, 75, 8];
+    let sum = |a: [u8; 4]| {
+        let s = u32::from(u16::from_be_bytes([a[0], a[1]])) + u32::from(u16::from_be_bytes([a[2], a[3]]));
+        (s & 0xffff) + (s >> 16)
+    };
+    assert_eq!(sum(TWIN), sum(REMOTE), "the test's addresses must sum alike");
+    let h = Harness::new(&CONFIG.replace("192.0.2.2", "192.0.75.8"));
+    for (l4, reply_l4, gw_port, sport) in [(L4::Tcp(SYN), L4::Tcp(SYN | ACK), GW_TCP, 40001), (L4::Udp, L4::Udp, GW_UDP, 5002)] {
+        let (pod, remote, gw) = ((POD, sport), (REMOTE, 8080), (TWIN, gw_port));
+        let out = h.expect("to the gateway", FROM_POD, &pkt(pod, remote, l4, PAYLOAD), OK, &[("redirected", 1)]);
+        assert_translated("to the gateway", &out, &pkt(pod, gw, l4, PAYLOAD), pod, gw);
+        let out = h.expect("reply", TO_POD, &pkt(gw, pod, reply_l4, PAYLOAD), OK, &[("reverse_translated", 1)]);
+        assert_translated("reply", &out, &pkt(remote, pod, reply_l4, PAYLOAD), remote, pod);
+    }
+}
+
 /// Ethernet pads short frames to 60 bytes; the padding is not part of the IP datagram, so it
 /// must be neither checksummed nor touched.
 #[test]

@@ -21,7 +21,7 @@ use meshnet::{
     maps::{self, ControlMaps, Stats},
     tunnel::{NodePath, TunnelMaps},
 };
-use meshnet_common::{names, tunnel, tunnel_sport, FlowKey, PodPort, IPPROTO_ICMP, IPPROTO_UDP};
+use meshnet_common::{names, switch, tunnel, tunnel_sport, FlowKey, PodPort, IPPROTO_ICMP, IPPROTO_UDP};
 use meshnet_tests::NetNs;
 use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, OK, REDIRECT, SHOT, UNSPEC};
 
@@ -83,6 +83,8 @@ struct Harness {
     ebpf: Ebpf,
     _maps: ControlMaps,
     tunnel: TunnelMaps,
+    /// The uplink's ifindex, as the agent resolves the peer nodes' paths.
+    uplink: u32,
     stats: Stats,
 }
 
@@ -116,7 +118,7 @@ impl Harness {
         let report = tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
         assert_eq!((report.routes_written, report.nodes_written), (2, 2), "{report:?}");
         let stats = maps::take_stats(&mut ebpf).unwrap();
-        Self { _ns: ns, ebpf, _maps: maps, tunnel, stats }
+        Self { _ns: ns, ebpf, _maps: maps, tunnel, uplink: ifindex, stats }
     }
 
     fn try_run(&self, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
@@ -262,6 +264,36 @@ fn a_packet_to_a_tunnel_peers_pod_leaves_encapsulated_to_the_node_that_hosts_it(
     let pkt = udp(POD, [10, 245, 9, 9], 5000, 53, b"q");
     let (v, out) = h.run(names::PROG_FROM_POD, &pkt);
     assert_eq!((v, out), (UNSPEC, pkt));
+}
+
+/// A node without tunnel routes tells its datapath to skip the tunnel trie (a helper call on
+/// every packet a pod sends); the switch must be off again before a route is written, or
+/// the new peer's pods would not be reached.
+#[test]
+fn the_tunnel_trie_is_skipped_only_while_there_is_no_tunnel_route() {
+    let mut h = Harness::new();
+    assert_eq!(h.tunnel.switch(switch::NO_TUNNEL_ROUTES), Some(false), "routes written, the trie is looked at");
+    let inner = udp(POD, REMOTE, 5000, 53, b"query");
+    h.expect("with routes", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+
+    // Every tunnel peer gone: the switch is on and nothing is encapsulated any more.
+    let none = meshnet::config::Desired::default();
+    let report = h.tunnel.sync(&none, &BTreeMap::new(), MTU, &[]).unwrap();
+    assert_eq!(report.routes_removed, 2, "{report:?}");
+    assert_eq!(h.tunnel.current_routes().len(), 0);
+    assert_eq!(h.tunnel.switch(switch::NO_TUNNEL_ROUTES), Some(true));
+    let (v, out) = h.run(names::PROG_FROM_POD, &inner);
+    assert_eq!((v, out), (UNSPEC, inner.clone()));
+
+    // Back: switched off before the routes went in, so the first packet is carried.
+    let config = Config::from_yaml(CONFIG).unwrap();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
+    let report = h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    assert_eq!(report.routes_written, 2, "{report:?}");
+    assert_eq!(h.tunnel.switch(switch::NO_TUNNEL_ROUTES), Some(false));
+    let out = h.expect("routes back", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    check_encap("routes back", &out, &inner, PEER_NODE, &FlowKey::new(be(POD), be(REMOTE), 5000u16.to_be(), 53u16.to_be(), IPPROTO_UDP));
 }
 
 #[test]

@@ -265,6 +265,11 @@ impl Dp {
         };
         let mut maps = ControlMaps::from_ebpf(&mut ebpf)?;
         maps.sync(&config.desired())?;
+        // The agent syncs the tunnel maps too, with no tunnel peer here: that switches the
+        // tunnel trie's lookup off. Objects of earlier builds have no such maps.
+        if let Ok(mut tunnel) = meshnet::tunnel::TunnelMaps::from_ebpf(&mut ebpf) {
+            tunnel.sync(&config.desired(), &std::collections::BTreeMap::new(), meshnet::tunnel::DEFAULT_MTU, &[])?;
+        }
         // As the agent does: with a flow clock published the datapath reads no clock. Objects
         // of earlier builds, measured for comparison, have no clock map.
         let _ = maps.publish_clock(meshnet::dump::monotonic_ns());
