@@ -659,7 +659,7 @@ fn rewrite_rev(ctx: &TcContext, ip: &Ipv4, l4: &Ports, rev: &NatRev) -> Result<(
 #[inline(always)]
 fn fix_l4_csum(ctx: &TcContext, ip: &Ipv4, l4: &Ports, old_addr: u32, new_addr: u32, new_ports: u32) -> Result<(), i64> {
     let mangle = l4_flags(ip);
-    let off = parse::bounded(l4.csum_off, 0xff);
+    let off = l4.csum_off;
     let before = parse::load_u16(ctx, off).ok_or(-1_i64)?;
     if mangle != 0 && before == 0 {
         // A UDP datagram without a checksum: nothing covers the change.

@@ -465,10 +465,12 @@ pub fn csum_state(before: u16, after: u16, old: u32, new: u32, mangle0: bool) ->
     }
 }
 
-/// Writes an L4 checksum at `off` (a bounded offset), `mangle0` as [`csum_state`]'s.
+/// Writes an L4 checksum at `off` (inside the headers), `mangle0` as [`csum_state`]'s.
 #[inline(always)]
 pub fn set_l4_csum(ctx: &TcContext, off: usize, csum: u16, mangle0: bool) -> Result<(), i64> {
-    let p = ctx.data() + off;
+    // Bounded here, where it meets the packet pointer: the caller's copy may have been
+    // spilled across a helper call (see `bounded`).
+    let p = ctx.data() + bounded(off, 0x3ff);
     if p + 2 > ctx.data_end() {
         return Err(-1);
     }
@@ -478,15 +480,16 @@ pub fn set_l4_csum(ctx: &TcContext, off: usize, csum: u16, mangle0: bool) -> Res
     Ok(())
 }
 
-/// Reads the 16-bit word at `off` (bounds-checked, for a checksum just rewritten).
+/// Reads the 16-bit word at `off` inside the headers (bounds-checked, for a checksum just
+/// rewritten).
 #[inline(always)]
 pub fn load_u16(ctx: &TcContext, off: usize) -> Option<u16> {
-    let start = ctx.data();
-    if start + off + 2 > ctx.data_end() {
+    let p = ctx.data() + bounded(off, 0x3ff);
+    if p + 2 > ctx.data_end() {
         return None;
     }
     // SAFETY: checked to lie inside the packet.
-    Some(unsafe { load((start + off) as *const u16) })
+    Some(unsafe { load(p as *const u16) })
 }
 
 /// The fields of the IPv4 header at `ETH_HLEN` that tunnelling rewrites or copies.

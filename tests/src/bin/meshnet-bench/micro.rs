@@ -6,12 +6,13 @@
 //! so a naive `repeat` measures the miss path. Three methods avoid it, and each checks the
 //! datapath counters afterwards to prove which path ran:
 //!
-//! - **A, fixed-point flow entries, amortised.** Besides the real flow, the NAT maps get an
-//!   entry for the *rewritten* tuple that translates it to itself (gateway → the same
-//!   gateway; remote pod → the same remote pod for replies). Every one of the `repeat` runs
-//!   then takes the full hit path (hash hit, flag and timestamp update, three checksum
-//!   helpers, two stores), with identical instructions, and `redirected` (or
-//!   `reverse_translated`) grows by exactly `repeat`. One syscall runs 10^6 packets.
+//! - **A, cycling flow entries, amortised.** Besides the real flow, the NAT maps get an
+//!   entry for the *rewritten* tuple that translates it back (gateway → the remote pod; the
+//!   remote pod → the gateway for replies). The `repeat` runs alternate between the two, each
+//!   a genuine translation with old and new addresses and ports that differ, taking the full
+//!   hit path (hash hit, flag and timestamp checks, the rewrite and its checksum work), and
+//!   `redirected` (or `reverse_translated`) grows by exactly `repeat`. One syscall runs 10^6
+//!   packets.
 //! - **B, one syscall per fresh packet.** `repeat = 1`; the kernel copies a fresh packet in
 //!   for every call and times that one run (which includes one clock read). Used for new
 //!   flows (every call a new source address/port, so a genuinely new flow with its LPM walk
@@ -39,7 +40,7 @@ use meshnet::{
     datapath::Datapath,
     maps::{self, addr_be, ControlMaps, Stats},
 };
-use meshnet_common::{limits, names, FlowKey, Gateway, LogBudget, NatRev, PeerGateways, RouteValue, GW_UP, IPPROTO_TCP};
+use meshnet_common::{limits, names, FlowKey, Gateway, LogBudget, NatFwd, NatRev, PeerGateways, RouteValue, GW_UP, IPPROTO_TCP};
 use serde_json::{json, Value};
 
 use crate::stats::{ratios, round, trimmed_mean, Stat};
@@ -378,14 +379,14 @@ impl Packets {
             miss: tcp(POD, POD_PORT, SERVICE, APP_PORT, false),
             local: tcp(POD, POD_PORT, LOCAL_POD, APP_PORT, false),
             // A local pod's answer, from a port no gateway has (APP_PORT is marked as one for
-            // the reply's fixed point).
+            // the reply's cycle).
             foreign: tcp(LOCAL_POD, DB_PORT, POD, POD_PORT, false),
         }
     }
 }
 
 /// Establishes the measured flow the ordinary way (its first packet through `from_pod`), and
-/// adds the fixed-point entries for method A. With `naive`, first shows the trap: a plain
+/// adds the cycling entries for method A. With `naive`, first shows the trap: a plain
 /// `repeat` over the flow's packet.
 fn establish(dp: &mut Dp, pk: &Packets, repeat: u32, naive: Option<&mut Value>) -> anyhow::Result<()> {
     let from_pod = prog(&dp.ebpf, names::PROG_FROM_POD);
@@ -406,13 +407,17 @@ fn establish(dp: &mut Dp, pk: &Packets, repeat: u32, naive: Option<&mut Value>) 
             "runs_that_translated": translated,
         });
     }
-    // The fixed points: the rewritten packet's tuples translate to themselves.
+    // The cycles: the rewritten packet's tuples translate back, so that every run is a
+    // genuine translation, with old and new addresses and ports that differ as a real flow's
+    // do (a tuple translated to itself would change nothing, and checksum work that depends on
+    // the change could be skipped).
     let fwd = dp.maps.nat_fwd.get(&key(POD, POD_PORT, REMOTE, APP_PORT), 0).context("the flow's state")?;
     ensure!(fwd.gw_addr_be == addr_be(GW.into()) && fwd.gw_port_be == GW_TCP.to_be(), "unexpected flow state");
-    dp.maps.nat_fwd.insert(key(POD, POD_PORT, GW, GW_TCP), fwd, 0)?;
+    let back = NatFwd { gw_addr_be: addr_be(REMOTE.into()), gw_port_be: APP_PORT.to_be(), ..fwd };
+    dp.maps.nat_fwd.insert(key(POD, POD_PORT, GW, GW_TCP), back, 0)?;
     let rev = NatRev {
-        remote_addr_be: addr_be(REMOTE.into()),
-        remote_port_be: APP_PORT.to_be(),
+        remote_addr_be: addr_be(GW.into()),
+        remote_port_be: GW_TCP.to_be(),
         pod_port_be: POD_PORT.to_be(),
         flags: 0,
         peer_id: 0,

@@ -278,12 +278,13 @@ fn flow_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
     FlowKey::new(addr_be(src.into()), addr_be(dst.into()), sport.to_be(), dport.to_be(), IPPROTO_TCP)
 }
 
-/// The gateway flow's fixed point (see `micro.rs`, method A): the rewritten tuple, pod →
-/// gateway, translates to itself, so every run of a `repeat` loop takes the hot path.
+/// The gateway flow's cycle (see `micro.rs`, method A): the rewritten tuple, pod → gateway,
+/// translates back to the remote pod, so every run of a `repeat` loop takes the hot path.
 fn gateway_fixed_point(dp: &mut TunDp) -> anyhow::Result<()> {
     let fwd = dp.maps.nat_fwd.get(&flow_key(POD, POD_PORT, GW_REMOTE, APP_PORT), 0).context("the gateway flow's state")?;
     ensure!(fwd.gw_addr_be == addr_be(GW.into()) && fwd.gw_port_be == GW_TCP.to_be(), "unexpected gateway flow state");
-    dp.maps.nat_fwd.insert(flow_key(POD, POD_PORT, GW, GW_TCP), fwd, 0)?;
+    let back = meshnet_common::NatFwd { gw_addr_be: addr_be(GW_REMOTE.into()), gw_port_be: APP_PORT.to_be(), ..fwd };
+    dp.maps.nat_fwd.insert(flow_key(POD, POD_PORT, GW, GW_TCP), back, 0)?;
     Ok(())
 }
 

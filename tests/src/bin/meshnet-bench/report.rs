@@ -376,14 +376,17 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
                     format!(
                         "in the cost breakdown's own loop (section 1) the floor is {:.0} ns, and of the \
                          hot path's {:.0} ns above it the packet \
-                         rewrite takes {:.0} ns (two `bpf_l4_csum_replace` calls, the address, ports \
-                         and IP checksum being written in place) and the flow clock's read {:.0} ns, \
+                         rewrite takes {:.0} ns (one `bpf_l4_csum_replace` call for the address, \
+                         whose effect on the L4 checksum tells the skb's checksum state; the \
+                         address, ports, IP checksum and the ports' share of the L4 checksum \
+                         written in place) and the flow clock's read {:.0} ns, \
                          measured with benchmark builds that leave each out; parsing, the flow lookup \
-                         and the per-CPU counter are the remaining {:.0} ns. The L4 \
-                         checksum helpers are what is left to take: they stay because only the \
-                         kernel knows the skb's checksum state before 6.2; a variant that reads \
-                         `ip_summed` (`bpf_cast_to_kern_ctx`, 6.2+) and updates the checksum inline, \
-                         chosen at load time, is not built yet.",
+                         and the per-CPU counter are the remaining {:.0} ns. The one \
+                         helper call left is what is left to take: only the kernel knows the skb's \
+                         checksum state before 6.2 (and only it can update `skb->csum` of a \
+                         CHECKSUM_COMPLETE packet); a variant that reads `ip_summed` \
+                         (`bpf_cast_to_kern_ctx`, 6.2+) needs kfunc calls, which aya 0.14 cannot \
+                         load, and is not built.",
                         at(&bd["default"], &["empty", "ns"]),
                         at(&bd["default"], &["hot", "ns"]) - at(&bd["default"], &["empty", "ns"]),
                         part("bench-no-rewrite", "hot"),
@@ -731,12 +734,13 @@ fn datapath_section(md: &mut String, dp: &Value) {
          the `redirected` counter grew by {} — one translation, then {} misses. Three methods \
          measure the real paths instead, and after every call the datapath counters are checked \
          to prove which path ran:\n\n\
-         - **A — fixed-point flow entries, {repeat} runs per syscall** (established flows, \
+         - **A — cycling flow entries, {repeat} runs per syscall** (established flows, \
          replies, misses). Besides the real flow, the flow maps get one entry for the *rewritten* \
-         tuple that translates it to itself (gateway → the same gateway; for replies, remote pod → \
-         the same remote pod). Each of the {repeat} runs then takes the full hit path with the \
-         same instructions (hash hit, flow-clock read, TCP-flag check, the in-place rewrite and \
-         two L4 checksum helpers; with the clock standing still the entries are not written), and `redirected` (or `reverse_translated`) must grow by exactly {repeat} per \
+         tuple that translates it back (gateway → the remote pod again; for replies, remote pod → \
+         the gateway), so that the runs alternate between two translations whose old and new \
+         addresses and ports differ as a real flow's do. Each of the {repeat} runs then takes the \
+         full hit path (hash hit, flow-clock read, TCP-flag check, the in-place rewrite and the \
+         checksum helper; with the clock standing still the entries are not written), and `redirected` (or `reverse_translated`) must grow by exactly {repeat} per \
          call. {reps} repeats per figure, the cases interleaved; the floor is the empty tc \
          program `meshnet_empty` of the same object, run on the same packet in the same loop.\n\
          - **B — one syscall per fresh packet** (`repeat = 1`; new flows, and the hot path and the \
@@ -851,7 +855,7 @@ fn datapath_section(md: &mut String, dp: &Value) {
              | part | ns [spread over repeats] |\n|---|---|\n\
              | the whole hot path (default build) | {} |\n\
              | floor: the empty program (test loop, program call and return) | {} |\n\
-             | packet rewrite: address, ports and IP checksum (RFC 1624) written in place, and two `bpf_l4_csum_replace` | {} |\n\
+             | packet rewrite: address, ports, IP checksum (RFC 1624) and the ports' share of the L4 checksum written in place, one `bpf_l4_csum_replace` for the address | {} |\n\
              | the flow clock's read (the tick the agent publishes in `mn_clock_v1`: an inlined array read) | {} |\n\
              | the rest: parsing, the flow-state hash lookup, TCP flag bookkeeping, the per-CPU counter | {:.0} (by difference) |\n\n\
              Replies (`to_pod`) have the same structure: rewrite {} ns, clock {} ns.\n",
@@ -1009,14 +1013,14 @@ fn reference_section(md: &mut String, cs: &[Cfg<'_>], chain: &Value, bd: &Value)
         } else if beats_hot {
             "In this run that makes meshnet cheaper per packet than the reference from 10,000 dense \
              prefixes on (where the reference's trie walk alone reaches 4×), but not at small prefix \
-             counts: there meshnet's fixed per-packet work — the rewrite with its two checksum \
-             helper calls, measured above — costs more than the reference's single lookup. Its \
+             counts: there meshnet's fixed per-packet work — the rewrite with its checksum \
+             helper call, measured above — costs more than the reference's single lookup. Its \
              figure is an \"LPM hit\", a lookup; meshnet's includes rewriting the packet."
         } else {
             "In this run that does **not** make meshnet cheaper per packet than the reference's \
              figures, up to 10,000 dense prefixes: meshnet's flat per-packet cost is dominated by \
              fixed work the reference's \"LPM hit\" (a lookup) does not include — the rewrite with \
-             its two checksum helper calls, measured above. A flat cost only wins against a \
+             its checksum helper call, measured above. A flat cost only wins against a \
              growing one beyond some prefix count, and on this machine that point lies above \
              10,000 dense prefixes (the reference was not measured beyond). New flows, too, cost more here than \
              the reference's first-packet figure."
