@@ -211,7 +211,7 @@ impl Snapshot {
             .map(|m| m.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect())
             .unwrap_or_default();
         let (tun_routes, tun_nodes, tun_config) = match crate::tunnel::TunnelMaps::open(pins) {
-            Ok(t) => (t.current_routes(), t.current_nodes(), t.current_config()),
+            Ok(t) => (t.effective_routes(), t.current_nodes(), t.current_config()),
             Err(_) => Default::default(),
         };
         Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), tun_routes, tun_nodes, tun_config, missing }

@@ -152,7 +152,9 @@ impl TunnelMaps {
             config: open(pins, names::TUN_CONFIG)?,
             stats: open(pins, names::TUN_STATS)?,
             ports: open(pins, names::TUN_PORTS)?,
-            switches: open(pins, names::SWITCHES).ok(),
+            // Missing only where an older agent made the pins; any other failure is an error,
+            // or a switch left on would hide every route written from then on.
+            switches: if pins.map(names::SWITCHES).exists() { Some(open(pins, names::SWITCHES)?) } else { None },
         })
     }
 
@@ -166,7 +168,11 @@ impl TunnelMaps {
             config: TunConfigMap::try_from(take(names::TUN_CONFIG)?).map_err(bad(names::TUN_CONFIG))?,
             stats: TunStats::try_from(take(names::TUN_STATS)?).map_err(bad(names::TUN_STATS))?,
             ports: TunPorts::try_from(take(names::TUN_PORTS)?).map_err(bad(names::TUN_PORTS))?,
-            switches: take(names::SWITCHES).ok().and_then(|m| Switches::try_from(m).ok()),
+            // Objects of earlier builds, measured beside this one, have no such map.
+            switches: match ebpf.take_map(names::SWITCHES) {
+                Some(m) => Some(Switches::try_from(m).map_err(bad(names::SWITCHES))?),
+                None => None,
+            },
         })
     }
 
@@ -186,6 +192,16 @@ impl TunnelMaps {
     #[must_use]
     pub fn switch(&self, slot: u32) -> Option<bool> {
         self.switches.as_ref().and_then(|s| s.get(&slot, 0).ok()).map(|v| v != 0)
+    }
+
+    /// The routes the datapath looks at: the trie's, unless the switch says there are none
+    /// (routes an older agent wrote after a downgrade, under a switch it did not know).
+    #[must_use]
+    pub fn effective_routes(&self) -> BTreeMap<Ipv4Net, TunnelNode> {
+        if self.switch(switch::NO_TUNNEL_ROUTES) == Some(true) {
+            return BTreeMap::new();
+        }
+        self.current_routes()
     }
 
     /// The routes the trie holds now.

@@ -282,6 +282,7 @@ fn the_tunnel_trie_is_skipped_only_while_there_is_no_tunnel_route() {
     assert_eq!(report.routes_removed, 2, "{report:?}");
     assert_eq!(h.tunnel.current_routes().len(), 0);
     assert_eq!(h.tunnel.switch(switch::NO_TUNNEL_ROUTES), Some(true));
+    assert!(h.tunnel.effective_routes().is_empty(), "what explain shows follows the switch");
     let (v, out) = h.run(names::PROG_FROM_POD, &inner);
     assert_eq!((v, out), (UNSPEC, inner.clone()));
 
@@ -292,6 +293,7 @@ fn the_tunnel_trie_is_skipped_only_while_there_is_no_tunnel_route() {
     let report = h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
     assert_eq!(report.routes_written, 2, "{report:?}");
     assert_eq!(h.tunnel.switch(switch::NO_TUNNEL_ROUTES), Some(false));
+    assert_eq!(h.tunnel.effective_routes(), h.tunnel.current_routes());
     let out = h.expect("routes back", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
     check_encap("routes back", &out, &inner, PEER_NODE, &FlowKey::new(be(POD), be(REMOTE), 5000u16.to_be(), 53u16.to_be(), IPPROTO_UDP));
 }
