@@ -141,6 +141,66 @@ pub mod switch {
     pub const COUNT: u32 = 1;
 }
 
+pub mod ip_summed {
+    //! The skb's checksum state (`skb->ip_summed`), which `__sk_buff` does not show. On
+    //! kernels with `bpf_cast_to_kern_ctx` (6.2) the program reads it from the kernel's
+    //! `struct sk_buff`, whose layout, and the kfunc's BTF id, only the running kernel knows.
+    //! So the object carries a placeholder sequence that the loader rewrites before loading:
+    //! into the read ([`read`]) where the kernel's BTF has both, otherwise into a constant
+    //! [`UNKNOWN`] ([`fallback`]), which sends the program down the path that asks the kernel
+    //! through its checksum helper, as every kernel before 6.2 does.
+    //!
+    //! Each `u64` is one BPF instruction as it lies in the object (little endian: opcode,
+    //! registers, 16-bit offset, 32-bit immediate). The sequence leaves the state in r0 and
+    //! clobbers r1-r5, as a call does; r1 holds the context on entry.
+
+    /// `CHECKSUM_NONE`, `_UNNECESSARY`, `_COMPLETE`, `_PARTIAL` (include/linux/skbuff.h).
+    pub const NONE: u64 = 0;
+    pub const UNNECESSARY: u64 = 1;
+    pub const COMPLETE: u64 = 2;
+    pub const PARTIAL: u64 = 3;
+    /// Not read: a value `ip_summed`'s two bits cannot hold.
+    pub const UNKNOWN: u64 = UNKNOWN_IMM as u64;
+    const UNKNOWN_IMM: u32 = 4;
+
+    /// The immediate of the placeholder call, "MNKF": unlikely anywhere else in code.
+    pub const MAGIC: u32 = 0x4d4e_4b46;
+
+    const fn insn(code: u8, regs: u8, off: u16, imm: u32) -> u64 {
+        (code as u64) | (regs as u64) << 8 | (off as u64) << 16 | (imm as u64) << 32
+    }
+
+    /// `BPF_JMP|BPF_CALL`, `BPF_LDX|BPF_MEM|BPF_B`, `BPF_ALU64|BPF_RSH|BPF_K`,
+    /// `BPF_ALU64|BPF_AND|BPF_K`, `BPF_ALU64|BPF_MOV|BPF_K`, `BPF_JMP|BPF_JA`.
+    const CALL: u8 = 0x85;
+    const LDXB: u8 = 0x71;
+    const RSH: u8 = 0x77;
+    const AND: u8 = 0x57;
+    const MOV: u8 = 0xb7;
+    const JA: u8 = 0x05;
+    /// src_reg `BPF_PSEUDO_KFUNC_CALL` (2), dst_reg 0.
+    const KFUNC: u8 = 0x20;
+
+    /// What the object carries: a kfunc call to no function, a byte load at no offset.
+    pub const PLACEHOLDER: [u64; 4] = read(MAGIC, 0, 0);
+
+    /// r0 = bpf_cast_to_kern_ctx(r1) (BTF id `kfunc`); r0 = *(u8 *)(r0 + byte) (`byte` below
+    /// 0x8000: the offset is signed); r0 >>= shift; r0 &= 3. `ip_summed` is a two-bit field,
+    /// little endian.
+    #[must_use]
+    pub const fn read(kfunc: u32, byte: u16, shift: u8) -> [u64; 4] {
+        [insn(CALL, KFUNC, 0, kfunc), insn(LDXB, 0, byte, 0), insn(RSH, 0, 0, shift as u32), insn(AND, 0, 0, 3)]
+    }
+
+    /// r0 = UNKNOWN, then jumps to the next instruction: no-ops the verifier removes (it
+    /// refuses code it cannot reach, so the rest cannot just be jumped over).
+    #[must_use]
+    pub const fn fallback() -> [u64; 4] {
+        let nop = insn(JA, 0, 0, 0);
+        [insn(MOV, 0, 0, UNKNOWN_IMM), nop, nop, nop]
+    }
+}
+
 pub mod limits {
     //! Map sizes and per-value limits.
 

@@ -1,6 +1,8 @@
 //! meshnet's tc programs. The entry points only compose the parsing and NAT modules.
 #![no_std]
 #![no_main]
+// `ip_summed`'s placeholder instructions (see `parse::ip_summed`).
+#![feature(asm_experimental_arch)]
 // The logging build's budget counters: BPF's atomic add (see `log::program::may_log`).
 #![cfg_attr(feature = "datapath-log", feature(core_intrinsics))]
 #![cfg_attr(feature = "datapath-log", allow(internal_features))]

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use meshnet_common::{
-    gateway_start, limits, remap_port, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
+    gateway_start, ip_summed, limits, remap_port, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
     FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_ICMP, IPPROTO_UDP,
 };
 
@@ -665,6 +665,21 @@ fn fix_l4_csum(ctx: &TcContext, ip: &Ipv4, l4: &Ports, old_addr: u32, new_addr: 
         // A UDP datagram without a checksum: nothing covers the change.
         return Ok(());
     }
+    let summed = parse::ip_summed(ctx);
+    if summed == ip_summed::NONE || summed == ip_summed::UNNECESSARY {
+        // The field holds the whole checksum, as the helper would find: both changes inline,
+        // each step's zero mangled as the helper's would be.
+        let mangled = |c: u16| if mangle != 0 && c == 0 { 0xffff } else { c };
+        let after = mangled(parse::csum_replace4(before, old_addr, new_addr));
+        let after = if l4.ports == new_ports { after } else { parse::csum_replace4(after, l4.ports, new_ports) };
+        return parse::set_l4_csum(ctx, off, after, mangle != 0);
+    }
+    if summed == ip_summed::PARTIAL {
+        // The field holds the pseudo-header's sum, which the ports are not part of.
+        return parse::set_l4_csum(ctx, off, !parse::csum_replace4(!before, old_addr, new_addr), mangle != 0);
+    }
+    // CHECKSUM_COMPLETE (only the kernel can update `skb->csum`), or a kernel that cannot
+    // tell: the helper, whose effect on the field tells the state.
     ctx.l4_csum_replace(off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangle | 4)?;
     if l4.ports == new_ports {
         return Ok(());

@@ -465,6 +465,29 @@ pub fn csum_state(before: u16, after: u16, old: u32, new: u32, mangle0: bool) ->
     }
 }
 
+/// The skb's checksum state (`meshnet_common::ip_summed`), or `UNKNOWN` on kernels where
+/// the loader could not make it readable.
+#[inline(always)]
+pub fn ip_summed(ctx: &TcContext) -> u64 {
+    use aya_ebpf::EbpfContext as _;
+    const P: [u64; 4] = meshnet_common::ip_summed::PLACEHOLDER;
+    let state: u64;
+    // SAFETY: the loader rewrites these four instructions into a kfunc call that turns the
+    // context into the kernel's sk_buff and a one-byte read inside it, or into a constant;
+    // either leaves r0 set and r1-r5 clobbered, as declared, and touches no memory of ours.
+    unsafe {
+        core::arch::asm!(
+            ".8byte {0}", ".8byte {1}", ".8byte {2}", ".8byte {3}",
+            const P[0], const P[1], const P[2], const P[3],
+            inout("r1") ctx.as_ptr() => _,
+            lateout("r0") state,
+            lateout("r2") _, lateout("r3") _, lateout("r4") _, lateout("r5") _,
+            options(nostack, readonly),
+        );
+    }
+    state
+}
+
 /// Writes an L4 checksum at `off` (inside the headers), `mangle0` as [`csum_state`]'s.
 #[inline(always)]
 pub fn set_l4_csum(ctx: &TcContext, off: usize, csum: u16, mangle0: bool) -> Result<(), i64> {

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     datapath_log::Choice,
+    ip_summed,
     migrate::Migration,
     pins::{Direction, Pins},
 };
@@ -74,6 +75,49 @@ pub fn have_redirect_neigh() -> u8 {
         return 0;
     }
     u8::from(KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 10, 0)))
+}
+
+/// `object` with its checksum-state placeholders rewritten (see [`crate::ip_summed`]): into
+/// the read of `skb->ip_summed` at `layout`, or into the helper path without one. The second
+/// value says whether the read is in (an object without placeholders has none).
+pub fn prepare_object(object: &[u8], layout: Option<&ip_summed::Layout>) -> anyhow::Result<(Vec<u8>, bool)> {
+    let (patched, sites) = ip_summed::patch(object, layout)?;
+    Ok((patched, layout.is_some() && sites > 0))
+}
+
+/// The running kernel's `sk_buff` layout for [`prepare_object`], where it allows the read.
+#[must_use]
+pub fn skb_layout() -> Option<ip_summed::Layout> {
+    ip_summed::Layout::current()
+        .map_err(|e| {
+            debug!(target: LOG, reason = %format!("{e:#}"), "the datapath asks the checksum helper for the skb's checksum state");
+        })
+        .ok()
+}
+
+/// Runs `load` with the object that reads the skb's checksum state at `layout`, and again
+/// with the one that asks the checksum helper should the kernel refuse the first (a kernel
+/// without a JIT cannot call a kfunc, say). The second value says which one loaded.
+pub fn with_checksum_variant<T>(
+    object: &[u8],
+    layout: Option<&ip_summed::Layout>,
+    mut load: impl FnMut(&[u8]) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, bool)> {
+    let (patched, reads) = prepare_object(object, layout)?;
+    if !reads {
+        return Ok((load(&patched)?, false));
+    }
+    match load(&patched) {
+        Ok(t) => {
+            info!(target: LOG, "the datapath reads the skb's checksum state (bpf_cast_to_kern_ctx)");
+            Ok((t, true))
+        }
+        Err(e) => {
+            warn!(target: LOG, error = %format!("{e:#}"), "the kernel refused the datapath that reads the skb's checksum state; loading the one that asks the checksum helper");
+            let (patched, _) = prepare_object(object, None)?;
+            Ok((load(&patched)?, false))
+        }
+    }
 }
 
 /// How programs are attached to interfaces.
@@ -130,7 +174,11 @@ impl Datapath {
         pins.prepare()?;
         let migration = Migration::prepare(pins, max_flows)?;
         let fresh: Vec<_> = names::ALL_MAPS.iter().map(|n| pins.map(n)).filter(|p| !p.exists()).collect();
-        let loaded = Self::load_pinned(pins, max_flows, object, choice).and_then(|dp| {
+        let layout = skb_layout();
+        let loaded = with_checksum_variant(object, layout.as_ref(), |object| {
+            Self::load_pinned(pins, max_flows, object, choice)
+        })
+        .and_then(|(dp, _)| {
             if !migration.is_empty() {
                 // Before any program of this build runs, so that the first packets already
                 // find their flows.
@@ -173,6 +221,13 @@ impl Datapath {
 
     /// [`Self::load_unpinned`] for another object (a build's output, a variant).
     pub fn load_unpinned_object(max_flows: u32, object: &[u8]) -> anyhow::Result<Ebpf> {
+        let layout = skb_layout();
+        Ok(with_checksum_variant(object, layout.as_ref(), |object| Self::load_unpinned_as_is(max_flows, object))?.0)
+    }
+
+    /// [`Self::load_unpinned_object`] without rewriting the object's placeholders (see
+    /// [`prepare_object`]): for a caller that chose the variant itself.
+    pub fn load_unpinned_as_is(max_flows: u32, object: &[u8]) -> anyhow::Result<Ebpf> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::NAT_FWD, max_flows);
         loader.map_max_entries(names::NAT_REV, max_flows);

@@ -13,6 +13,7 @@ pub mod explain;
 mod golden;
 pub mod health;
 pub mod iptables;
+pub mod ip_summed;
 pub mod maps;
 pub mod metrics;
 pub mod migrate;

@@ -71,6 +71,12 @@ pub struct Options {
     /// receiver verifies full checksums: a wrong checksum from meshnet then loses the packet.
     /// With offload on (the default of veth), local TCP sends CHECKSUM_PARTIAL packets.
     pub strict_checksums: bool,
+    /// Pods send CHECKSUM_PARTIAL packets (their eth0 keeps tx offload), but the host side
+    /// of every pod's veth computes the checksum from the partial sum the packet carries
+    /// (tx off: after tc egress, where `to_pod` ran) and every pod verifies what it receives
+    /// (rx off), as a NIC and the far end would: a wrong partial sum left by `from_pod` or
+    /// `to_pod` then loses the packet. Veth offload alone never computes one.
+    pub verify_partial: bool,
 }
 
 /// The topology. Field order is drop order: servers stop before their namespaces go.
@@ -192,6 +198,16 @@ impl Topology {
                 }
             }
         }
+        if opts.verify_partial {
+            for (ns, ifs) in [(&node1, &["vethc", "vethc2"][..]), (&node2, &["vethgw", "vetha", "vethb"][..])] {
+                for i in ifs {
+                    ns.exec(&format!("ethtool -K {i} tx off >/dev/null"));
+                }
+            }
+            for ns in [&client, &client2, &gw, &app_a, &app_b] {
+                ns.exec("ethtool -K eth0 rx off >/dev/null");
+            }
+        }
 
         let servers = vec![
             peer::gateway(&gw, GW_IP, GW_PORT),
@@ -235,6 +251,14 @@ impl Topology {
     pub fn start_meshnet(&self, extra: &[&str]) -> crate::Agent {
         let cfg = self.write_config(&node1_config(POD_INTERFACES));
         crate::Agent::start(&self.node1, &cfg, &self.pin_path(), extra)
+    }
+
+    /// [`Self::start_meshnet`] with `var=1` in the agent's environment.
+    pub fn start_meshnet_with(&self, var: &str, extra: &[&str]) -> crate::Agent {
+        let cfg = self.write_config(&node1_config(POD_INTERFACES));
+        let mut argv = crate::Agent::argv(&self.node1, &cfg, &self.pin_path(), extra);
+        argv.splice(0..0, ["env".to_string(), format!("{var}=1")]);
+        crate::Agent::spawn(&argv)
     }
 
     /// What a user might hand-write instead of meshnet: iptables DNAT on node1 from the

@@ -147,7 +147,7 @@ fn tcx_prog_ids(t: &Topology) -> Vec<u32> {
 }
 
 fn held_across_restarts(mode: &str) {
-    let t = Topology::new(Options { strict_checksums: true });
+    let t = Topology::new(Options { strict_checksums: true, ..Options::default() });
     let cfg = node1_config(POD_INTERFACES);
     let mut agent = start(&t, &cfg, &["--attach-mode", mode]);
     let mut held = Held::open(&t, app_a());
@@ -399,7 +399,7 @@ fn ingress_prog(t: &Topology) -> (u32, u64) {
 fn held_connection_survives_upgrade_and_downgrade() {
     let canary = std::env::var("MESHNET_UPGRADE_OBJECT")
         .expect("MESHNET_UPGRADE_OBJECT is unset: run this test through `cargo xtask test`, which builds the variant object");
-    let t = Topology::new(Options { strict_checksums: true });
+    let t = Topology::new(Options { strict_checksums: true, ..Options::default() });
     let cfg = node1_config(POD_INTERFACES);
     let mut agent = start(&t, &cfg, &[]);
     let mut held = Held::open(&t, app_b());
@@ -569,7 +569,7 @@ fn downgrade_pins(t: &Topology, planted: (meshnet_common::FlowKey, meshnet_commo
 #[test]
 fn an_upgrade_across_the_map_layout_change_keeps_every_flow() {
     use meshnet_common::{names, FlowKey, NatFwd};
-    let t = Topology::new(Options { strict_checksums: true });
+    let t = Topology::new(Options { strict_checksums: true, ..Options::default() });
     let cfg = node1_config(POD_INTERFACES);
     let mut agent = start(&t, &cfg, &[]);
     let mut held = Held::open(&t, app_b());

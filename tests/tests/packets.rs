@@ -16,11 +16,13 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
 };
 
 use aya::{
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions},
     sys::SyscallError,
+    util::KernelVersion,
     Ebpf,
 };
 use etherparse::{
@@ -30,7 +32,7 @@ use etherparse::{
 use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, REDIRECT};
 use meshnet::{
     config::{peer_id, Config},
-    datapath::Datapath,
+    datapath::{self, Datapath, EBPF_OBJECT},
     maps::{self, ControlMaps, Stats},
 };
 use meshnet_common::{
@@ -110,6 +112,17 @@ fn without_udp_port() -> String {
 // Harness
 // ---------------------------------------------------------------------------------------
 
+/// Which way the programs fix L4 checksums (see `meshnet::ip_summed`).
+#[derive(Debug, Clone, Copy)]
+enum Csum {
+    AsTheAgent,
+    Helper,
+}
+
+/// Tests of checksum arithmetic run both ways: the kernel the suite runs on decides what
+/// `AsTheAgent` is, and the helper path must stay right on every kernel that has the read.
+const BOTH: [Csum; 2] = [Csum::AsTheAgent, Csum::Helper];
+
 /// One freshly loaded object with its control maps filled from a config.
 struct Harness {
     ebpf: Ebpf,
@@ -119,14 +132,26 @@ struct Harness {
 
 impl Harness {
     fn new(yaml: &str) -> Self {
-        Self::with_max_flows(yaml, None)
+        Self::build(yaml, None, Csum::AsTheAgent)
     }
 
     /// With flow maps of `max_flows` entries (below what the config allows), to fill them.
     fn with_max_flows(yaml: &str, max_flows: Option<u32>) -> Self {
+        Self::build(yaml, max_flows, Csum::AsTheAgent)
+    }
+
+    /// With the object the agent would load here (reading the skb's checksum state where
+    /// the kernel allows it, and then failing should the kernel refuse it: the agent's
+    /// fallback would hide that), or with the one every kernel before 6.2 runs.
+    fn build(yaml: &str, max_flows: Option<u32>, csum: Csum) -> Self {
         meshnet_tests::require_root();
         let config = Config::from_yaml(yaml).unwrap();
-        let mut ebpf = Datapath::load_unpinned(max_flows.unwrap_or(config.max_flows)).unwrap();
+        let layout = match csum {
+            Csum::AsTheAgent => datapath::skb_layout(),
+            Csum::Helper => None,
+        };
+        let (object, _) = datapath::prepare_object(EBPF_OBJECT, layout.as_ref()).unwrap();
+        let mut ebpf = Datapath::load_unpinned_as_is(max_flows.unwrap_or(config.max_flows), &object).unwrap();
         let mut maps = ControlMaps::from_ebpf(&mut ebpf).unwrap();
         maps.sync(&config.desired()).unwrap();
         let stats = maps::take_stats(&mut ebpf).unwrap();
@@ -479,13 +504,41 @@ fn addresses_with_equal_checksum_sums_are_translated_exactly() {
         (s & 0xffff) + (s >> 16)
     };
     assert_eq!(sum(TWIN), sum(REMOTE), "the test's addresses must sum alike");
-    let h = Harness::new(&CONFIG.replace("192.0.2.2", "192.0.75.8"));
-    for (l4, reply_l4, gw_port, sport) in [(L4::Tcp(SYN), L4::Tcp(SYN | ACK), GW_TCP, 40001), (L4::Udp, L4::Udp, GW_UDP, 5002)] {
-        let (pod, remote, gw) = ((POD, sport), (REMOTE, 8080), (TWIN, gw_port));
-        let out = h.expect("to the gateway", FROM_POD, &pkt(pod, remote, l4, PAYLOAD), OK, &[("redirected", 1)]);
-        assert_translated("to the gateway", &out, &pkt(pod, gw, l4, PAYLOAD), pod, gw);
-        let out = h.expect("reply", TO_POD, &pkt(gw, pod, reply_l4, PAYLOAD), OK, &[("reverse_translated", 1)]);
-        assert_translated("reply", &out, &pkt(remote, pod, reply_l4, PAYLOAD), remote, pod);
+    for csum in BOTH {
+        let h = Harness::build(&CONFIG.replace("192.0.2.2", "192.0.75.8"), None, csum);
+        for (l4, reply_l4, gw_port, sport) in [(L4::Tcp(SYN), L4::Tcp(SYN | ACK), GW_TCP, 40001), (L4::Udp, L4::Udp, GW_UDP, 5002)] {
+            let (pod, remote, gw) = ((POD, sport), (REMOTE, 8080), (TWIN, gw_port));
+            let what = format!("{csum:?}: to the gateway");
+            let out = h.expect(&what, FROM_POD, &pkt(pod, remote, l4, PAYLOAD), OK, &[("redirected", 1)]);
+            assert_translated(&what, &out, &pkt(pod, gw, l4, PAYLOAD), pod, gw);
+            let what = format!("{csum:?}: reply");
+            let out = h.expect(&what, TO_POD, &pkt(gw, pod, reply_l4, PAYLOAD), OK, &[("reverse_translated", 1)]);
+            assert_translated(&what, &out, &pkt(remote, pod, reply_l4, PAYLOAD), remote, pod);
+        }
+    }
+}
+
+/// Where the kernel has `bpf_cast_to_kern_ctx` (6.2) and its BTF, the agent's object reads
+/// the skb's checksum state instead of asking the checksum helper (a helper call fewer per
+/// translated packet), and the kernel takes it: every other test here loads that object
+/// without the agent's fallback. A kernel that refuses the read (here a kfunc id that names
+/// no kfunc) still gets a datapath, the helper's.
+#[test]
+fn the_checksum_state_is_read_where_the_kernel_has_the_kfunc() {
+    meshnet_tests::require_root();
+    let has = KernelVersion::current().unwrap() >= KernelVersion::new(6, 2, 0)
+        && Path::new("/sys/kernel/btf/vmlinux").exists();
+    let layout = datapath::skb_layout();
+    assert_eq!(layout.is_some(), has, "the layout found: {layout:?}");
+    let (_, reads) = datapath::prepare_object(EBPF_OBJECT, layout.as_ref()).unwrap();
+    assert_eq!(reads, has);
+    let (_, reads) = datapath::prepare_object(EBPF_OBJECT, None).unwrap();
+    assert!(!reads);
+    if let Some(layout) = layout {
+        let bogus = meshnet::ip_summed::Layout { kfunc: 0x7fff_fff0, ..layout };
+        let load = |o: &[u8]| Datapath::load_unpinned_as_is(1024, o);
+        let (_, reads) = datapath::with_checksum_variant(EBPF_OBJECT, Some(&bogus), load).unwrap();
+        assert!(!reads, "a kfunc id that names nothing must not load");
     }
 }
 
@@ -684,7 +737,6 @@ fn udp_with_checksum_gets_a_valid_one() {
 /// zero on the wire would mean "no checksum".
 #[test]
 fn udp_checksum_that_computes_to_zero_is_sent_as_ffff() {
-    let h = Harness::new(CONFIG);
     let (pod, remote, gw) = ((POD, 5001), (REMOTE, 53), (GW, GW_UDP));
     // Pick the last payload word so that the translated datagram sums to zero: with that word
     // zero, the checksum is c; adding c to the sum makes it 0xffff, i.e. a checksum of zero.
@@ -694,9 +746,13 @@ fn udp_checksum_that_computes_to_zero_is_sent_as_ffff() {
     let want = pkt(pod, gw, L4::Udp, &payload);
     assert_eq!(checked(&want).l4_checksum, 0xffff, "the test payload does not produce a zero checksum");
 
-    let out = h.expect("query", FROM_POD, &pkt(pod, remote, L4::Udp, &payload), OK, &[("redirected", 1)]);
-    assert_translated("query", &out, &want, pod, gw);
-    assert_eq!(checked(&out).l4_checksum, 0xffff);
+    for csum in BOTH {
+        let h = Harness::build(CONFIG, None, csum);
+        let what = format!("{csum:?}: query");
+        let out = h.expect(&what, FROM_POD, &pkt(pod, remote, L4::Udp, &payload), OK, &[("redirected", 1)]);
+        assert_translated(&what, &out, &want, pod, gw);
+        assert_eq!(checked(&out).l4_checksum, 0xffff, "{what}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1642,10 +1698,19 @@ fn sweep_seed() -> u64 {
 /// 10,000 random flows (random pods, remote pods, ports, protocol and payload) are
 /// translated with checksums that etherparse recomputes to the same value, both ways: the
 /// request to the gateway and the reply back to the pod (`CHECKSUM_NONE`: TEST_RUN's skbs
-/// carry no offload state).
+/// carry no offload state). The object that asks the checksum helper runs alongside and
+/// must leave every packet byte-identical.
 #[test]
 fn random_tuples_translate_with_valid_checksums_both_ways() {
     let h = Harness::new(CONFIG);
+    let helper = Harness::build(CONFIG, None, Csum::Helper);
+    let run = |prog: &str, what: &str, input: &[u8]| {
+        let (v, out) = h.run(prog, input);
+        let (hv, hout) = helper.run(prog, input);
+        assert_eq!(v, hv, "{what}: the helper path's verdict differs");
+        assert_bytes_eq(&format!("{what}: the helper path's packet"), &hout, &out);
+        (v, out)
+    };
     let seed = sweep_seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut flows = std::collections::HashSet::new();
@@ -1663,7 +1728,7 @@ fn random_tuples_translate_with_valid_checksums_both_ways() {
         let what = format!("seed {seed}, flow {done}: {pod:?}:{sport} -> {remote:?}:{dport} udp={udp}");
         let (l4, reply_l4, gw_port) = if udp { (L4::Udp, L4::Udp, GW_UDP) } else { (L4::Tcp(SYN), L4::Tcp(SYN | ACK), GW_TCP) };
         let first = pkt((pod, sport), (remote, dport), l4, if udp { &payload } else { b"" });
-        let (v, out) = h.run(FROM_POD, &first);
+        let (v, out) = run(FROM_POD, &what, &first);
         assert_eq!(v, OK, "{what}: {}", verdict_name(v));
         let sent = checked(&out);
         assert_eq!(*sent.dst.ip(), Ipv4Addr::from(GW), "{what}");
@@ -1672,13 +1737,13 @@ fn random_tuples_translate_with_valid_checksums_both_ways() {
         let wire_sport = sent.src.port();
         if !udp {
             let data = pkt((pod, sport), (remote, dport), L4::Tcp(ACK | PSH), &payload);
-            let (v, out) = h.run(FROM_POD, &data);
+            let (v, out) = run(FROM_POD, &what, &data);
             assert_eq!(v, OK, "{what}: data: {}", verdict_name(v));
             let s = checked(&out);
             assert_eq!((s.src.port(), s.dst, s.payload.as_slice()), (wire_sport, sent.dst, payload.as_slice()), "{what}: data");
         }
         let reply = pkt((GW, gw_port), (pod, wire_sport), reply_l4, &payload);
-        let (v, back) = h.run(TO_POD, &reply);
+        let (v, back) = run(TO_POD, &what, &reply);
         assert_eq!(v, OK, "{what}: reply: {}", verdict_name(v));
         let r = checked(&back);
         assert_eq!((r.src, r.dst), (ep(remote, dport), ep(pod, sport)), "{what}: reply");

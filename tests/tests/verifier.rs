@@ -93,8 +93,12 @@ fn parse(program: String, instructions: usize, log: &str) -> Stats {
 }
 
 /// `programs` of `object`, loaded with statistics, named with `prefix`.
-fn measure(object: &[u8], programs: &[&str], prefix: &str) -> Vec<Stats> {
-    let mut obj = aya_obj::Object::parse(object).expect("parsing the embedded object");
+/// With `read` the object as the agent loads it on this kernel (reading the skb's checksum
+/// state where it can), without it as kernels before 6.2 run it.
+fn measure(object: &[u8], programs: &[&str], prefix: &str, read: bool) -> Vec<Stats> {
+    let layout = if read { meshnet::datapath::skb_layout() } else { None };
+    let (object, _) = meshnet::datapath::prepare_object(object, layout.as_ref()).expect("rewriting the placeholders");
+    let mut obj = aya_obj::Object::parse(&object).expect("parsing the embedded object");
     // The load-time constant the agent sets (a kernel without bpf_redirect_neigh must never
     // see the helper), in read-only global data the verifier takes as known, as aya loads it.
     let neigh = [meshnet::datapath::have_redirect_neigh()];
@@ -135,11 +139,16 @@ fn measure(object: &[u8], programs: &[&str], prefix: &str) -> Vec<Stats> {
 fn verifier_budget() {
     require_root();
     let release = kernel_release();
-    let mut stats = measure(EBPF_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_TUNNEL_IN, names::PROG_EMPTY], "");
+    let mut stats =
+        measure(EBPF_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_TUNNEL_IN, names::PROG_EMPTY], "", true);
+    // Where this kernel reads the skb's checksum state, the path of kernels before 6.2 too.
+    if meshnet::datapath::skb_layout().is_some() {
+        stats.extend(measure(EBPF_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD], "helper:", false));
+    }
     // The logging build (`--datapath-log`) where the kernel can load it: its translating
     // programs carry a tail call per decision, its line writer aya-log's formatting.
     if meshnet::datapath_log::ring_buffers_supported() {
-        stats.extend(measure(EBPF_LOG_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_LOG], "log:"));
+        stats.extend(measure(EBPF_LOG_OBJECT, &[names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_LOG], "log:", true));
     } else {
         println!("the logging build is not measured: this kernel has no BPF ring buffers");
     }

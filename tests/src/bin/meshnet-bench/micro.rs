@@ -37,7 +37,7 @@ use aya::{
 use etherparse::{PacketBuilder, TcpHeader, TcpOptionElement};
 use meshnet::{
     config::{peer_id, Config},
-    datapath::Datapath,
+    datapath::{self, Datapath, EBPF_OBJECT},
     maps::{self, addr_be, ControlMaps, Stats},
 };
 use meshnet_common::{limits, names, FlowKey, Gateway, LogBudget, NatFwd, NatRev, PeerGateways, RouteValue, GW_UP, IPPROTO_TCP};
@@ -708,6 +708,16 @@ fn full_maps(p: &Params) -> anyhow::Result<Value> {
     }))
 }
 
+/// Name of the measured object's variant that asks the checksum helper, as every kernel
+/// before 6.2 does (`meshnet::ip_summed`): measured beside it where this kernel reads the state.
+pub const CHECKSUM_HELPER_VARIANT: &str = "checksum-helper";
+
+/// Whether the measured object reads the skb's checksum state on this kernel.
+fn reads_checksum_state(p: &Params) -> anyhow::Result<bool> {
+    let layout = datapath::skb_layout();
+    Ok(datapath::prepare_object(p.object.as_deref().unwrap_or(EBPF_OBJECT), layout.as_ref())?.1)
+}
+
 /// The default object and the benchmark variants side by side, one CIDR, method A: what
 /// the rewrite and the clock read cost, by difference.
 fn breakdown(p: &Params) -> anyhow::Result<Value> {
@@ -715,6 +725,10 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
     let mut dps = vec![("default".to_string(), Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?)];
     for (name, obj) in &p.variants {
         dps.push((name.clone(), Dp::load(limits::DEFAULT_NAT_ENTRIES, Some(obj))?));
+    }
+    if reads_checksum_state(p)? {
+        let (helper, _) = datapath::prepare_object(p.object.as_deref().unwrap_or(EBPF_OBJECT), None)?;
+        dps.push((CHECKSUM_HELPER_VARIANT.to_string(), Dp::load(limits::DEFAULT_NAT_ENTRIES, Some(&helper))?));
     }
     for (_, dp) in &mut dps {
         establish(dp, &pk, p.repeat, None)?;
@@ -886,6 +900,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         "new_flow_chain": chained,
         "full_maps": full,
         "breakdown": parts,
+        "checksum_state_read": reads_checksum_state(p)?,
         "tunnel": tunnel,
         "seconds": round(started.elapsed().as_secs_f64()),
     }))

@@ -372,21 +372,31 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
             why: {
                 let bd = &dp["breakdown"];
                 let part = |v: &str, c: &str| at(&bd[v], &[c, "default_minus_this"]);
+                let helper = &bd[crate::micro::CHECKSUM_HELPER_VARIANT];
+                let older = if helper.is_object() {
+                    format!(
+                        " Kernels before 6.2 cannot read the state and run the variant that asks \
+                         the checksum helper (one `bpf_l4_csum_replace` call for the address, \
+                         whose effect on the L4 checksum tells the state): {:.0} ns in the same \
+                         loop on this kernel, {:.2}× the floor (section 1).",
+                        at(helper, &["hot", "ns"]),
+                        at(helper, &["hot", "ns"]) / at(&bd["default"], &["empty", "ns"]),
+                    )
+                } else {
+                    " This kernel cannot read the skb's checksum state (before 6.2, or no BTF): \
+                     the datapath asks the checksum helper."
+                        .to_string()
+                };
                 if bd.is_object() {
                     format!(
                         "in the cost breakdown's own loop (section 1) the floor is {:.0} ns, and of the \
                          hot path's {:.0} ns above it the packet \
-                         rewrite takes {:.0} ns (one `bpf_l4_csum_replace` call for the address, \
-                         whose effect on the L4 checksum tells the skb's checksum state; the \
-                         address, ports, IP checksum and the ports' share of the L4 checksum \
-                         written in place) and the flow clock's read {:.0} ns, \
+                         rewrite takes {:.0} ns (address, ports, IP checksum and L4 checksum \
+                         written in place, the L4 checksum as the skb's checksum state wants it, \
+                         read from the kernel's `sk_buff` through `bpf_cast_to_kern_ctx`) and the \
+                         flow clock's read {:.0} ns, \
                          measured with benchmark builds that leave each out; parsing, the flow lookup \
-                         and the per-CPU counter are the remaining {:.0} ns. The one \
-                         helper call left is what is left to take: only the kernel knows the skb's \
-                         checksum state before 6.2 (and only it can update `skb->csum` of a \
-                         CHECKSUM_COMPLETE packet); a variant that reads `ip_summed` \
-                         (`bpf_cast_to_kern_ctx`, 6.2+) needs kfunc calls, which aya 0.14 cannot \
-                         load, and is not built.",
+                         and the per-CPU counter are the remaining {:.0} ns.{older}",
                         at(&bd["default"], &["empty", "ns"]),
                         at(&bd["default"], &["hot", "ns"]) - at(&bd["default"], &["empty", "ns"]),
                         part("bench-no-rewrite", "hot"),
@@ -739,8 +749,8 @@ fn datapath_section(md: &mut String, dp: &Value) {
          tuple that translates it back (gateway → the remote pod again; for replies, remote pod → \
          the gateway), so that the runs alternate between two translations whose old and new \
          addresses and ports differ as a real flow's do. Each of the {repeat} runs then takes the \
-         full hit path (hash hit, flow-clock read, TCP-flag check, the in-place rewrite and the \
-         checksum helper; with the clock standing still the entries are not written), and `redirected` (or `reverse_translated`) must grow by exactly {repeat} per \
+         full hit path (hash hit, flow-clock read, TCP-flag check, the in-place rewrite and its \
+         checksum work; with the clock standing still the entries are not written), and `redirected` (or `reverse_translated`) must grow by exactly {repeat} per \
          call. {reps} repeats per figure, the cases interleaved; the floor is the empty tc \
          program `meshnet_empty` of the same object, run on the same packet in the same loop.\n\
          - **B — one syscall per fresh packet** (`repeat = 1`; new flows, and the hot path and the \
@@ -855,12 +865,17 @@ fn datapath_section(md: &mut String, dp: &Value) {
              | part | ns [spread over repeats] |\n|---|---|\n\
              | the whole hot path (default build) | {} |\n\
              | floor: the empty program (test loop, program call and return) | {} |\n\
-             | packet rewrite: address, ports, IP checksum (RFC 1624) and the ports' share of the L4 checksum written in place, one `bpf_l4_csum_replace` for the address | {} |\n\
+             | packet rewrite: address, ports, IP checksum (RFC 1624) and L4 checksum written in place; {} | {} |\n\
              | the flow clock's read (the tick the agent publishes in `mn_clock_v1`: an inlined array read) | {} |\n\
              | the rest: parsing, the flow-state hash lookup, TCP flag bookkeeping, the per-CPU counter | {:.0} (by difference) |\n\n\
              Replies (`to_pod`) have the same structure: rewrite {} ns, clock {} ns.\n",
             fmt_opt(&d["hot"]["ns"], 0),
             fmt_opt(&d["empty"]["ns"], 0),
+            if dp["checksum_state_read"].as_bool() == Some(true) {
+                "the L4 checksum as the skb's checksum state (read through `bpf_cast_to_kern_ctx`) wants it"
+            } else {
+                "one `bpf_l4_csum_replace` for the address, whose effect tells the skb's checksum state"
+            },
             fmt_opt(&rw["hot"]["default_minus_this"], 0),
             fmt_opt(&ck["hot"]["default_minus_this"], 0),
             hot - floor - rewrite - clock,
@@ -871,6 +886,19 @@ fn datapath_section(md: &mut String, dp: &Value) {
         // earlier release measured in the same loop, say.
         if let Some(all) = bd.as_object() {
             for (name, v) in all.iter().filter(|(n, _)| *n != "default" && !n.starts_with("bench-")) {
+                if name == crate::micro::CHECKSUM_HELPER_VARIANT {
+                    let _ = writeln!(
+                        md,
+                        "**The path of kernels before 6.2** is `{name}` below: the same object, \
+                         with its placeholder for the skb's checksum state loaded as the constant \
+                         \"unknown\", as the agent loads it where the kernel lacks \
+                         `bpf_cast_to_kern_ctx` or its BTF (or refuses the read). The address's \
+                         change then goes through `bpf_l4_csum_replace`, and what it did to the \
+                         field tells the program the state, so that the ports' share is still \
+                         written inline. Measured on this kernel, so the difference is the helper \
+                         call and the read-back, not another kernel's speed.\n"
+                    );
+                }
                 if name == LOGGING_VARIANT {
                     let _ = writeln!(
                         md,
@@ -886,9 +914,10 @@ fn datapath_section(md: &mut String, dp: &Value) {
                         meshnet_common::limits::LOG_LINES_PER_SEC
                     );
                 }
+                let given = if name == crate::micro::CHECKSUM_HELPER_VARIANT { "" } else { ", another object given with `--variant`," };
                 let _ = writeln!(
                     md,
-                    "**This build against `{name}`**, another object given with `--variant`, measured in \
+                    "**This build against `{name}`**{given} measured in \
                      the same loop (ns per packet [spread]; the change is the median of the per-repeat \
                      differences, negative where this build is cheaper):\n\n\
                      | case | `{name}` | this build | change |\n|---|---|---|---|"
@@ -1014,13 +1043,13 @@ fn reference_section(md: &mut String, cs: &[Cfg<'_>], chain: &Value, bd: &Value)
             "In this run that makes meshnet cheaper per packet than the reference from 10,000 dense \
              prefixes on (where the reference's trie walk alone reaches 4×), but not at small prefix \
              counts: there meshnet's fixed per-packet work — the rewrite with its checksum \
-             helper call, measured above — costs more than the reference's single lookup. Its \
+             work, measured above — costs more than the reference's single lookup. Its \
              figure is an \"LPM hit\", a lookup; meshnet's includes rewriting the packet."
         } else {
             "In this run that does **not** make meshnet cheaper per packet than the reference's \
              figures, up to 10,000 dense prefixes: meshnet's flat per-packet cost is dominated by \
              fixed work the reference's \"LPM hit\" (a lookup) does not include — the rewrite with \
-             its checksum helper call, measured above. A flat cost only wins against a \
+             its checksum work, measured above. A flat cost only wins against a \
              growing one beyond some prefix count, and on this machine that point lies above \
              10,000 dense prefixes (the reference was not measured beyond). New flows, too, cost more here than \
              the reference's first-packet figure."
