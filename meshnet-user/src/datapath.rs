@@ -90,14 +90,15 @@ pub fn prepare_object(object: &[u8], layout: Option<&ip_summed::Layout>) -> anyh
 pub fn skb_layout() -> Option<ip_summed::Layout> {
     ip_summed::Layout::current()
         .map_err(|e| {
-            debug!(target: LOG, reason = %format!("{e:#}"), "the datapath asks the checksum helper for the skb's checksum state");
+            info!(target: LOG, reason = %format!("{e:#}"), "the datapath asks the checksum helper for the skb's checksum state");
         })
         .ok()
 }
 
 /// Runs `load` with the object that reads the skb's checksum state at `layout`, and again
-/// with the one that asks the checksum helper should the kernel refuse the first (a kernel
-/// without a JIT cannot call a kfunc, say). The second value says which one loaded.
+/// with the one that asks the checksum helper should the kernel refuse one of its programs
+/// (a kernel without a JIT cannot call a kfunc, say); any other failure is returned as it is.
+/// The second value says which one loaded.
 pub fn with_checksum_variant<T>(
     object: &[u8],
     layout: Option<&ip_summed::Layout>,
@@ -112,11 +113,13 @@ pub fn with_checksum_variant<T>(
             info!(target: LOG, "the datapath reads the skb's checksum state (bpf_cast_to_kern_ctx)");
             Ok((t, true))
         }
-        Err(e) => {
+        Err(e) if e.chain().any(|c| c.downcast_ref::<aya::programs::ProgramError>().is_some()) => {
             warn!(target: LOG, error = %format!("{e:#}"), "the kernel refused the datapath that reads the skb's checksum state; loading the one that asks the checksum helper");
             let (patched, _) = prepare_object(object, None)?;
-            Ok((load(&patched)?, false))
+            let t = load(&patched).map_err(|e2| e2.context(format!("after the variant that reads the skb's checksum state failed too: {e:#}")))?;
+            Ok((t, false))
         }
+        Err(e) => Err(e),
     }
 }
 

@@ -55,7 +55,7 @@ impl Layout {
         let btf = RawBtf::parse(src, [KFUNC, "sk_buff", "ip_summed"])?;
         let kfunc = btf.found[0].with_context(|| format!("the kernel has no {KFUNC} (6.2 added it)"))?;
         let skb = btf.found[1].context("the kernel's BTF has no struct sk_buff")?;
-        let (bit, size) = btf.find_member(skb, 2, 0, 0)?.context("struct sk_buff has no ip_summed")?;
+        let (bit, size) = btf.find_member(skb, 2, 0, 0, &mut 1_000)?.context("struct sk_buff has no ip_summed")?;
         if size != 2 {
             bail!("sk_buff's ip_summed is {size} bits wide, not 2");
         }
@@ -238,7 +238,8 @@ impl<'a, S: Source + ?Sized> RawBtf<'a, S> {
     /// The bit offset and bit width of the member named `names[name]` of the struct or union
     /// `id`, looking into anonymous members (where recent kernels group `ip_summed` with
     /// other fields).
-    fn find_member(&self, id: u32, name: usize, base: u32, depth: u32) -> anyhow::Result<Option<(u32, u32)>> {
+    /// `budget` bounds the anonymous members looked into, on malformed BTF.
+    fn find_member(&self, id: u32, name: usize, base: u32, depth: u32, budget: &mut u32) -> anyhow::Result<Option<(u32, u32)>> {
         let (info, _, members) = self.record(id)?;
         let kind = (info >> 24) & 0x1f;
         if !(kind == KIND_STRUCT || kind == KIND_UNION) || depth > 8 {
@@ -255,7 +256,7 @@ impl<'a, S: Source + ?Sized> RawBtf<'a, S> {
                     // pahole has not written for the kernels meshnet runs on.
                     bail!("the member has no bitfield width");
                 }
-                return Ok(Some((base + bit, width)));
+                return Ok(Some((base.checked_add(bit).context("a member's offset overflows")?, width)));
             }
             if name_off == 0 {
                 // Names and qualifiers down to the type itself.
@@ -266,7 +267,9 @@ impl<'a, S: Source + ?Sized> RawBtf<'a, S> {
                     }
                     ty = next;
                 }
-                if let Some(found) = self.find_member(ty, name, base + bit, depth + 1)? {
+                *budget = budget.checked_sub(1).context("struct sk_buff's anonymous members go on too long")?;
+                let base = base.checked_add(bit).context("a member's offset overflows")?;
+                if let Some(found) = self.find_member(ty, name, base, depth + 1, budget)? {
                     return Ok(Some(found));
                 }
             }
@@ -288,9 +291,8 @@ pub fn patch(object: &[u8], layout: Option<&Layout>) -> anyhow::Result<(Vec<u8>,
             continue;
         };
         let (start, len) = (usize::try_from(start)?, usize::try_from(len)?);
-        let text = out
-            .get_mut(start..start + len)
-            .context("a code section lies outside the file")?;
+        let end = start.checked_add(len).context("a code section lies outside the file")?;
+        let text = out.get_mut(start..end).context("a code section lies outside the file")?;
         let placeholder: Vec<u8> = ip_summed::PLACEHOLDER
             .iter()
             .flat_map(|i| i.to_le_bytes())

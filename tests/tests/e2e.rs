@@ -137,7 +137,12 @@ fn tcp_and_udp_reach_remote_pods_with_offload() {
 /// receiving pods: the partial sums meshnet leaves must be right.
 #[test]
 fn tcp_and_udp_reach_remote_pods_with_partial_checksums_verified() {
-    basic(Options { verify_partial: true, ..Options::default() });
+    let (t, agent) = setup(Via::Meshnet, Options { verify_partial: true, ..Options::default() });
+    let read = meshnet::datapath::skb_layout().is_some();
+    let agent = agent.expect("meshnet's agent");
+    let out = agent.child.output();
+    assert_eq!(out.contains("the datapath reads the skb's checksum state"), read, "{out}");
+    exchange(&t);
 }
 
 /// The same, with the datapath every kernel before 6.2 runs (the checksum helper tells the
@@ -145,7 +150,9 @@ fn tcp_and_udp_reach_remote_pods_with_partial_checksums_verified() {
 #[test]
 fn tcp_and_udp_reach_remote_pods_with_partial_checksums_verified_through_the_checksum_helper() {
     let t = Topology::new(Options { verify_partial: true, ..Options::default() });
-    let _agent = t.start_meshnet_with(meshnet::ip_summed::NO_KFUNC_ENV, &[]);
+    let agent = t.start_meshnet_with(meshnet::ip_summed::NO_KFUNC_ENV, &[]);
+    let out = agent.child.output();
+    assert!(out.contains("the datapath asks the checksum helper"), "{out}");
     exchange(&t);
 }
 

@@ -526,12 +526,16 @@ fn addresses_with_equal_checksum_sums_are_translated_exactly() {
 #[test]
 fn the_checksum_state_is_read_where_the_kernel_has_the_kfunc() {
     meshnet_tests::require_root();
-    let has = KernelVersion::current().unwrap() >= KernelVersion::new(6, 2, 0)
-        && Path::new("/sys/kernel/btf/vmlinux").exists();
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    let has = KernelVersion::current().unwrap() >= KernelVersion::new(6, 2, 0) && btf;
     let layout = datapath::skb_layout();
-    assert_eq!(layout.is_some(), has, "the layout found: {layout:?}");
+    if std::env::var_os(meshnet::ip_summed::NO_KFUNC_ENV).is_none() {
+        // A kernel before 6.2 may have the kfunc backported: then it is read there too.
+        assert!(layout.is_some() || !has, "no layout on a kernel with the kfunc and BTF");
+    }
+    assert!(layout.is_none() || btf);
     let (_, reads) = datapath::prepare_object(EBPF_OBJECT, layout.as_ref()).unwrap();
-    assert_eq!(reads, has);
+    assert_eq!(reads, layout.is_some());
     let (_, reads) = datapath::prepare_object(EBPF_OBJECT, None).unwrap();
     assert!(!reads);
     if let Some(layout) = layout {
