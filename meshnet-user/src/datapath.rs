@@ -8,6 +8,7 @@
 use std::{collections::BTreeMap, io, path::Path};
 
 use anyhow::{bail, Context as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use aya::{
     maps::ProgramArray,
     programs::{
@@ -24,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::{
     datapath_log::Choice,
     ip_summed,
-    migrate::Migration,
+    migrate::{Migration, NO_PREALLOC},
     pins::{Direction, Pins},
 };
 
@@ -77,12 +78,81 @@ pub fn have_redirect_neigh() -> u8 {
     u8::from(KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 10, 0)))
 }
 
+/// Set in the agent's environment (to "1"), keeps the flow maps allocated on demand on any
+/// kernel: how the tests hold that layout to account on the newer kernels of the matrix.
+pub const ON_DEMAND_FLOWS_ENV: &str = "MESHNET_FLOW_MAPS_ON_DEMAND";
+
+/// The flow maps' `map_flags`: preallocated from 6.1, allocated on demand before.
+///
+/// Before 6.1 a hash map allocated on demand frees a deleted element only after an RCU grace
+/// period, so a program still reading it never sees it reused, and that is worth its cost (a
+/// `kmalloc` per new flow). From 6.1 on (kernel commit 0fd7c5d43339, "bpf: Optimize call_rcu
+/// in non-preallocated hash map") such a map hands a deleted element to the next insert on
+/// that CPU at once, exactly as a preallocated map does: the grace period is gone either way,
+/// and preallocation makes a new flow's two inserts about three times cheaper (see
+/// docs/benchmarks.md). The cost is memory: `nat.maxFlows` elements per flow map up front.
+#[must_use]
+pub fn flow_map_flags() -> u32 {
+    if std::env::var_os(ON_DEMAND_FLOWS_ENV).is_some_and(|v| v == "1") {
+        return NO_PREALLOC;
+    }
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 1, 0)) {
+        0
+    } else {
+        NO_PREALLOC
+    }
+}
+
 /// `object` with its checksum-state placeholders rewritten (see [`crate::ip_summed`]): into
-/// the read of `skb->ip_summed` at `layout`, or into the helper path without one. The second
-/// value says whether the read is in (an object without placeholders has none).
+/// the read of `skb->ip_summed` at `layout`, or into the helper path without one; and with its
+/// flow maps' flags set to [`flow_map_flags`]. The second value says whether the read is in
+/// (an object without placeholders has none).
 pub fn prepare_object(object: &[u8], layout: Option<&ip_summed::Layout>) -> anyhow::Result<(Vec<u8>, bool)> {
-    let (patched, sites) = ip_summed::patch(object, layout)?;
+    let (mut patched, sites) = ip_summed::patch(object, layout)?;
+    set_flow_map_flags(&mut patched, flow_map_flags())?;
     Ok((patched, layout.is_some() && sites > 0))
+}
+
+/// Sets the flow maps' `map_flags` in `object` (see [`flow_map_flags`]).
+pub fn set_flow_map_flags(object: &mut [u8], flags: u32) -> anyhow::Result<()> {
+    for name in [names::NAT_FWD, names::NAT_REV] {
+        set_map_flags(object, name, flags)?;
+    }
+    Ok(())
+}
+
+/// Rewrites the `map_flags` of the hash map `name` in `object`'s legacy map definitions
+/// (`struct bpf_map_def`: type, key size, value size, max entries, flags, ...), which aya
+/// passes to the kernel as they are; it has no setter for them. An object without that map
+/// (one given with `--ebpf-object`) is left alone.
+fn set_map_flags(object: &mut [u8], name: &str, flags: u32) -> anyhow::Result<()> {
+    /// `BPF_MAP_TYPE_HASH`.
+    const HASH: u32 = 1;
+    const FLAGS_AT: usize = 16;
+    let at = {
+        let file = object::File::parse(&*object).context("the eBPF object is not an ELF file")?;
+        let Some(sym) = file.symbols().find(|s| s.name() == Ok(name)) else {
+            return Ok(());
+        };
+        let section = sym.section_index().map(|i| file.section_by_index(i)).transpose()?;
+        let Some((section, (start, len))) =
+            section.filter(|s| s.name() == Ok("maps")).and_then(|s| s.file_range().map(|r| (s, r)))
+        else {
+            bail!("map {name} of the eBPF object is not a legacy map definition");
+        };
+        let end = FLAGS_AT as u64 + 4;
+        let off = sym.address().checked_sub(section.address()).filter(|o| sym.size() >= end && o.checked_add(end).is_some_and(|e| e <= len));
+        let at = off.and_then(|o| start.checked_add(o)).and_then(|a| usize::try_from(a).ok());
+        at.filter(|a| a.checked_add(FLAGS_AT + 4).is_some_and(|e| e <= object.len()))
+            .with_context(|| format!("map {name}'s definition lies outside its section"))?
+    };
+    let word = |o: usize| u32::from_le_bytes([object[o], object[o + 1], object[o + 2], object[o + 3]]);
+    if word(at) != HASH {
+        bail!("map {name} of the eBPF object is not a hash map (type {})", word(at));
+    }
+    let cur = word(at + FLAGS_AT);
+    object[at + FLAGS_AT..at + FLAGS_AT + 4].copy_from_slice(&((cur & !NO_PREALLOC) | flags).to_le_bytes());
+    Ok(())
 }
 
 /// The running kernel's `sk_buff` layout for [`prepare_object`], where it allows the read.
@@ -178,6 +248,8 @@ impl Datapath {
         let migration = Migration::prepare(pins, max_flows)?;
         let fresh: Vec<_> = names::ALL_MAPS.iter().map(|n| pins.map(n)).filter(|p| !p.exists()).collect();
         let layout = skb_layout();
+        let how = if flow_map_flags() == 0 { "preallocated" } else { "allocated on demand" };
+        info!(target: LOG, "the flow maps are {how}");
         let loaded = with_checksum_variant(object, layout.as_ref(), |object| {
             Self::load_pinned(pins, max_flows, object, choice)
         })
@@ -519,4 +591,55 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
     let _ = std::fs::remove_dir(pins.root());
     info!(target: LOG, ?report, "detached");
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of map `name`'s definition in `object`.
+    fn def(object: &[u8], name: &str) -> Vec<u8> {
+        let file = object::File::parse(object).unwrap();
+        let sym = file.symbols().find(|s| s.name() == Ok(name)).unwrap();
+        let section = file.section_by_index(sym.section_index().unwrap()).unwrap();
+        let off = usize::try_from(sym.address() - section.address()).unwrap();
+        section.data().unwrap()[off..off + usize::try_from(sym.size()).unwrap()].to_vec()
+    }
+
+    #[test]
+    fn the_flow_maps_flags_are_set_and_nothing_else_moves() {
+        for object in [EBPF_OBJECT, EBPF_LOG_OBJECT] {
+            let flags_of = |o: &[u8], n| u32::from_le_bytes(def(o, n)[16..20].try_into().unwrap());
+            // As built: allocated on demand.
+            assert_eq!(flags_of(object, names::NAT_FWD), NO_PREALLOC);
+            for want in [0, NO_PREALLOC] {
+                let mut patched = object.to_vec();
+                for name in [names::NAT_FWD, names::NAT_REV] {
+                    set_map_flags(&mut patched, name, want).unwrap();
+                    assert_eq!(flags_of(&patched, name), want);
+                    assert_eq!(def(&patched, name)[..16], def(object, name)[..16], "{name}: type, sizes or entries moved");
+                }
+                // Every other byte of the object is as it was.
+                let changed: Vec<usize> = (0..object.len()).filter(|&i| object[i] != patched[i]).collect();
+                assert!(changed.len() <= 2, "{changed:?}");
+                // A name the object lacks leaves it alone; a map that is not a hash is refused.
+                let before = patched.clone();
+                set_map_flags(&mut patched, "no_such_map", want).unwrap();
+                assert_eq!(patched, before);
+                let err = set_map_flags(&mut patched, names::ROUTES, want).unwrap_err();
+                assert!(format!("{err:#}").contains("not a hash map"), "{err:#}");
+            }
+        }
+    }
+
+    #[test]
+    fn prepare_object_sets_the_flags_the_kernel_wants() {
+        let (patched, _) = prepare_object(EBPF_OBJECT, None).unwrap();
+        for name in [names::NAT_FWD, names::NAT_REV] {
+            assert_eq!(u32::from_le_bytes(def(&patched, name)[16..20].try_into().unwrap()), flow_map_flags());
+        }
+        let preallocated = KernelVersion::current().unwrap() >= KernelVersion::new(6, 1, 0)
+            && std::env::var_os(ON_DEMAND_FLOWS_ENV).is_none_or(|v| v != "1");
+        assert_eq!(flow_map_flags() == 0, preallocated);
+    }
 }

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::pins::Pins;
 
 /// `BPF_F_NO_PREALLOC`.
-const NO_PREALLOC: u32 = 1;
+pub const NO_PREALLOC: u32 = 1;
 /// `BPF_NOEXIST`.
 const NOEXIST: u64 = 1;
 
@@ -43,10 +43,12 @@ fn size<T>() -> u32 {
     u32::try_from(size_of::<T>()).unwrap_or(u32::MAX)
 }
 
-/// Every map of this build, as the embedded object defines it (flow maps sized `max_flows`).
+/// Every map of this build, as the agent loads the embedded object: flow maps sized
+/// `max_flows`, with the flags that [`crate::datapath::flow_map_flags`] chooses.
 #[must_use]
 pub fn specs(max_flows: u32) -> [Spec; 16] {
-    let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags: NO_PREALLOC, max_entries: max_flows };
+    let flags = crate::datapath::flow_map_flags();
+    let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags, max_entries: max_flows };
     [
         Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
         Spec { name: names::PEERS, ty: MapType::Hash, key: 4, value: size::<PeerGateways>(), flags: NO_PREALLOC, max_entries: limits::MAX_PEERS },

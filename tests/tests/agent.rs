@@ -601,6 +601,52 @@ fn an_upgrade_across_the_map_layout_change_keeps_every_flow() {
     held.exchange("after the upgrade");
 }
 
+/// From 6.1 the flow maps are preallocated (`datapath::flow_map_flags` says why); an agent
+/// that finds them allocated on demand (as earlier releases and kernels before 6.1 have
+/// them) moves every flow into preallocated maps at its restart, and back again when told to
+/// allocate on demand: a held connection keeps working across both.
+#[test]
+fn the_flow_maps_allocation_follows_the_kernel_and_a_change_keeps_every_flow() {
+    use meshnet_common::names;
+    use meshnet::datapath::ON_DEMAND_FLOWS_ENV;
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let flags = |t: &Topology| {
+        [names::NAT_FWD, names::NAT_REV].map(|n| aya::maps::MapInfo::from_pin(t.pin_path().join("maps").join(n)).unwrap().map_flags())
+    };
+    // What identifies a flow and its translation (the idle time moves on).
+    let flows = |t: &Topology| {
+        let mut v: Vec<_> = nat(t).iter().map(|r| format!("{} {} {} {} {}", r["proto"], r["pod"], r["remote"], r["gateway"], r["natPort"])).collect();
+        v.sort();
+        v
+    };
+    let on_demand = [1, 1];
+    let chosen = if meshnet_tests::kernel_at_least(6, 1) { [0, 0] } else { on_demand };
+
+    let mut agent = t.start_meshnet_with(ON_DEMAND_FLOWS_ENV, &[]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("flow maps allocated on demand");
+    assert_eq!(flags(&t), on_demand);
+    let before = flows(&t);
+    assert!(!before.is_empty());
+    assert!(agent.child.stop());
+
+    let mut agent = start(&t, &cfg, &[]);
+    assert_eq!(flags(&t), chosen, "the flow maps' flags on this kernel");
+    assert_eq!(flows(&t), before, "flows lost in the move");
+    held.exchange("flow maps as the kernel wants them");
+    assert!(!t.pin_path().join("maps").join(format!("{}_migrating", names::NAT_FWD)).exists());
+    assert!(agent.child.stop());
+    let log = agent.child.output();
+    let want = if chosen == on_demand { "allocated on demand" } else { "preallocated" };
+    assert!(log.contains(&format!("the flow maps are {want}")), "{log}");
+
+    let _agent = t.start_meshnet_with(ON_DEMAND_FLOWS_ENV, &[]);
+    assert_eq!(flags(&t), on_demand);
+    assert_eq!(flows(&t), before, "flows lost in the move back");
+    held.exchange("allocated on demand again");
+}
+
 /// A larger nat.maxFlows takes effect at the next restart, which moves every flow into maps
 /// of the new size: no detach, and a held connection keeps working. A pinned flow map this
 /// build cannot convert is refused, and left as it is.

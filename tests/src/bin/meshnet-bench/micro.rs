@@ -258,12 +258,23 @@ pub(crate) struct Run {
 
 impl Dp {
     fn load(max_flows: u32, object: Option<&[u8]>) -> anyhow::Result<Self> {
-        let config = Config::from_yaml(CONFIG)?;
         // As the agent loads it (the logging build's line writer installed too).
-        let mut ebpf = match object {
+        Self::with(match object {
             None => Datapath::load_unpinned(max_flows)?,
             Some(object) => Datapath::load_unpinned_object(max_flows, object)?,
-        };
+        })
+    }
+
+    /// As the agent loads it, but with the flow maps allocated on demand whatever the kernel.
+    fn load_on_demand(max_flows: u32, object: Option<&[u8]>) -> anyhow::Result<Self> {
+        let layout = datapath::skb_layout();
+        let (mut patched, _) = datapath::prepare_object(object.unwrap_or(EBPF_OBJECT), layout.as_ref())?;
+        datapath::set_flow_map_flags(&mut patched, meshnet::migrate::NO_PREALLOC)?;
+        Self::with(Datapath::load_unpinned_as_is(max_flows, &patched)?)
+    }
+
+    fn with(mut ebpf: aya::Ebpf) -> anyhow::Result<Self> {
+        let config = Config::from_yaml(CONFIG)?;
         let mut maps = ControlMaps::from_ebpf(&mut ebpf)?;
         maps.sync(&config.desired())?;
         // The agent syncs the tunnel maps too, with no tunnel peer here: that switches the
@@ -527,8 +538,15 @@ fn chain_gw(k: usize) -> [u8; 4] {
 /// both inserts and the rewrite, `CHAIN + 1` times per syscall. Every syscall sends a SYN
 /// from a new source port, so every flow is new; `redirected` must grow by `CHAIN + 1` per
 /// syscall and the flow maps are emptied of them between batches.
-fn chain_new_flows(p: &Params) -> anyhow::Result<Value> {
-    let mut dp = Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?;
+///
+/// `on_demand`: with the flow maps allocated on demand (as before 6.1) instead of as the
+/// agent would load them on this kernel.
+fn chain_new_flows(p: &Params, on_demand: bool) -> anyhow::Result<Value> {
+    let mut dp = if on_demand {
+        Dp::load_on_demand(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?
+    } else {
+        Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?
+    };
     let gw_port_be = GW_TCP.to_be();
     let route = |dp: &mut Dp, dst: [u8; 4], peer: usize, gw: [u8; 4]| -> anyhow::Result<()> {
         let id = peer_id(&format!("chain-{peer}"));
@@ -586,6 +604,7 @@ fn chain_new_flows(p: &Params) -> anyhow::Result<Value> {
         ensure!(counter(&dp.stats, c) == 0, "method C: {c} = {}", counter(&dp.stats, c));
     }
     Ok(json!({
+        "flow_maps_preallocated": !on_demand && datapath::flow_map_flags() == 0,
         "chain": CHAIN + 1,
         "new_flows": syscalls * (CHAIN + 1),
         "routes": dp.maps.routes.iter().count(),
@@ -859,6 +878,12 @@ fn decision_round(dp: &mut Dp, logs: &mut LogMaps, pk: &Packets, p: &Params, out
 /// Every route configuration; the 1-CIDR one is shared by both sets.
 pub fn run(p: &Params) -> anyhow::Result<Value> {
     let started = Instant::now();
+    // Development knob, not for published figures: method C alone (for profiling).
+    if std::env::var_os("MNBENCH_CHAIN_ONLY").is_some() {
+        let chained = chain_new_flows(p, false).context("new flows through a chain of routes")?;
+        let on_demand = chain_new_flows(p, true).context("new flows, flow maps allocated on demand")?;
+        return Ok(json!({ "repeat": p.repeat, "reps": p.reps, "new_flow_chain": chained, "new_flow_chain_on_demand": on_demand }));
+    }
     eprintln!("bench: datapath, tunnel mode (encapsulation, decapsulation, the uplink's other traffic)");
     let tunnel = crate::micro_tunnel::run(p).context("tunnel mode")?;
     // Development knob, not for published figures: the tunnel figures alone.
@@ -885,7 +910,15 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     eprintln!("bench: datapath, flow maps full");
     let full = full_maps(p).context("full flow maps")?;
     eprintln!("bench: datapath, new flows amortised over a chain of routes");
-    let chained = chain_new_flows(p).context("new flows through a chain of routes")?;
+    let chained = chain_new_flows(p, false).context("new flows through a chain of routes")?;
+    // Where this kernel preallocates the flow maps: what allocating on demand (kernels before
+    // 6.1, and this build's predecessors) costs a new flow, measured the same way.
+    let on_demand = if datapath::flow_map_flags() == 0 {
+        eprintln!("bench: datapath, new flows amortised, flow maps allocated on demand");
+        chain_new_flows(p, true).context("new flows, flow maps allocated on demand")?
+    } else {
+        Value::Null
+    };
     let parts = if p.variants.is_empty() {
         Value::Null
     } else {
@@ -898,6 +931,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         "configs": configs,
         "naive_repeat": naive,
         "new_flow_chain": chained,
+        "new_flow_chain_on_demand": on_demand,
         "full_maps": full,
         "breakdown": parts,
         "checksum_state_read": reads_checksum_state(p)?,
