@@ -11,6 +11,7 @@ pub mod dump;
 pub mod explain;
 #[cfg(test)]
 mod golden;
+pub mod grace;
 pub mod health;
 pub mod iptables;
 pub mod ip_summed;

@@ -653,7 +653,12 @@ impl ControlMaps {
     /// Carries out `plan`, in its order.
     pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
         for (id, value) in &plan.peer_writes {
+            let replaces = self.peers.get(id, 0).is_ok();
+            crate::grace::before_take(names::PEERS);
             self.peers.insert(id, *value, 0).context("writing the peer map")?;
+            if replaces {
+                crate::grace::freed(names::PEERS);
+            }
         }
         for (id, name) in &plan.name_writes {
             self.names.insert(id, peer_name_value(name), 0).context("writing the peer-name map")?;
@@ -666,6 +671,7 @@ impl ControlMaps {
         }
         for id in &plan.peer_removals {
             self.peers.remove(id).context("removing a peer")?;
+            crate::grace::freed(names::PEERS);
             let _ = self.names.remove(id);
         }
         for id in &plan.name_removals {

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub last_sync: Gauge<f64, AtomicU64>,
     pub gc_expired: Counter,
+    /// Grace periods waited before a map reused an element the agent freed (`crate::grace`).
+    reuse_waits: Counter,
     pub attached_interfaces: Gauge,
     /// The agent loop's pulse, for `/healthz` and `loop_longest_stall_seconds`.
     pub pulse: Pulse,
@@ -112,6 +114,7 @@ impl Metrics {
             reloads: Family::default(),
             last_sync: Gauge::default(),
             gc_expired: Counter::default(),
+            reuse_waits: Counter::default(),
             attached_interfaces: Gauge::default(),
             pulse: Pulse::default(),
             longest_stall: Gauge::default(),
@@ -139,6 +142,11 @@ impl Metrics {
             m.last_sync.clone(),
         );
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
+        registry.register(
+            "map_reuse_waits",
+            "RCU grace periods the agent waited for, between freeing an element of a map it alone writes and that map's next insert (kernels 6.1 and later)",
+            m.reuse_waits.clone(),
+        );
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());
         registry.register(
             "loop_longest_stall_seconds",
@@ -180,6 +188,7 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.last_sync.set(now);
+        self.reuse_waits.inner().store(crate::grace::waits(), Ordering::Relaxed);
     }
 
     /// Refreshes the kernel-side numbers from the pinned maps.

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::{
     config::Desired,
+    grace,
     maps::{addr_be, addr_of_be, open},
     pins::Pins,
 };
@@ -232,12 +233,17 @@ impl TunnelMaps {
         let mut removed = 0;
         for addr in have.keys().filter(|a| !want.contains_key(a)) {
             self.ports.remove(&addr_be(*addr)).context("removing a pod from the port table")?;
+            grace::freed(names::TUN_PORTS);
             removed += 1;
         }
         let mut written = 0;
         for (addr, port) in want {
             if have.get(addr) != Some(port) {
+                grace::before_take(names::TUN_PORTS);
                 self.ports.insert(addr_be(*addr), port, 0).context("writing the port table")?;
+                if have.contains_key(addr) {
+                    grace::freed(names::TUN_PORTS);
+                }
                 written += 1;
             }
         }
@@ -277,8 +283,13 @@ impl TunnelMaps {
         let mut report = TunnelReport::default();
         let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, hosts_be: hosts_in(&c, hosts), ..c });
         if let Some(c) = want_config {
-            if self.current_config() != Some(c) {
+            let have = self.current_config();
+            if have != Some(c) {
+                grace::before_take(names::TUN_CONFIG);
                 self.config.insert(0, c, 0).context("writing the tunnel settings")?;
+                if have.is_some() {
+                    grace::freed(names::TUN_CONFIG);
+                }
                 report.config_changed = true;
             }
         }
@@ -287,12 +298,17 @@ impl TunnelMaps {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         for id in peers.difference(&have_stats) {
             let zero = PerCpuValues::try_from(vec![TunnelStats::default(); cpus]).context("per-CPU values")?;
+            grace::before_take(names::TUN_STATS);
             self.stats.insert(id, zero, 0).context("creating a tunnel peer's counters")?;
         }
         let nodes = self.current_nodes();
         for (addr, id) in &desired.tun_nodes {
             if nodes.get(addr) != Some(id) {
+                grace::before_take(names::TUN_NODES);
                 self.nodes.insert(addr_be(*addr), *id, 0).context("writing the tunnel node table")?;
+                if nodes.contains_key(addr) {
+                    grace::freed(names::TUN_NODES);
+                }
                 report.nodes_written += 1;
             }
         }
@@ -327,13 +343,16 @@ impl TunnelMaps {
         }
         for addr in nodes.keys().filter(|a| !desired.tun_nodes.contains_key(a)) {
             self.nodes.remove(&addr_be(*addr)).context("removing a tunnel node")?;
+            grace::freed(names::TUN_NODES);
             report.nodes_removed += 1;
         }
         for id in have_stats.difference(&peers) {
             let _ = self.stats.remove(id);
+            grace::freed(names::TUN_STATS);
         }
         if want_config.is_none() && self.current_config().is_some() {
             self.config.remove(&0).context("removing the tunnel settings")?;
+            grace::freed(names::TUN_CONFIG);
             report.config_changed = true;
         }
         Ok(report)

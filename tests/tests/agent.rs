@@ -123,6 +123,57 @@ fn reload_adds_changes_and_removes_peers() {
     assert_eq!(routes(&t).len(), 1);
 }
 
+/// From 6.1 the kernel hands a hash element the agent replaced or deleted straight to the
+/// map's next insert, while a program on another CPU may still read it: between two such
+/// writes to the peer map the agent waits for an RCU grace period (`meshnet::grace`), and the
+/// metrics count the waits. Before 6.1 the kernel waits by itself and the agent never does.
+#[test]
+fn replacing_two_peers_waits_out_the_readers_of_the_first() {
+    let t = Topology::new(Options::default());
+    // A second NodePort on node2 for the same gateway, for cluster2's second gateway.
+    t.node2.exec(&format!(
+        "iptables -t nat -A PREROUTING -d {} -p tcp --dport 31999 -j DNAT --to-destination {}:{}",
+        topo::NODE2_LAN,
+        topo::GW_IP,
+        topo::GW_PORT
+    ));
+    let agent = start(&t, &config_with_cluster3(topo::NODEPORT_TCP), &["--metrics-addr", "127.0.0.1:9464"]);
+    let waits = |t: &Topology| -> u64 {
+        let m = http_get(t, "/metrics");
+        let line = m.lines().find(|l| l.starts_with("meshnet_map_reuse_waits_total ")).unwrap_or_else(|| panic!("no wait counter:\n{m}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let mut held = Held::open(&t, app_a());
+    held.exchange("before");
+    let before = waits(&t);
+
+    // Both peers gain a gateway: two replacements in the peer map in one sync.
+    let two = config_with_cluster3(topo::NODEPORT_TCP)
+        .replace(&format!("        udpPort: {}\n", topo::NODEPORT_UDP), &format!("        udpPort: {}\n      - address: {}\n        port: 31999\n", topo::NODEPORT_UDP, topo::NODE2_LAN))
+        .replace("{address: 192.0.2.3, port: 30000}", "{address: 192.0.2.3, port: 30000}, {address: 192.0.2.4, port: 30000}");
+    assert_ne!(two, config_with_cluster3(topo::NODEPORT_TCP));
+    t.write_config(&two);
+    agent.child.signal(Signal::SIGHUP);
+    let both = poll(WAIT, || {
+        let r = routes(&t);
+        (r.iter().any(|r| r.1 == "cluster2" && r.2.len() == 2) && r.iter().any(|r| r.1 == "cluster3" && r.2.len() == 2)).then_some(())
+    });
+    assert!(both.is_some(), "the peers never gained their gateways: {:?}\n{}", routes(&t), agent.child.output());
+    let after = poll(WAIT, || {
+        let w = waits(&t);
+        (!meshnet_tests::kernel_at_least(6, 1) || w > before).then_some(w)
+    });
+    if meshnet_tests::kernel_at_least(6, 1) {
+        assert!(after.is_some(), "no grace period between the two replacements (waits stayed {before})");
+        // The start waited once too: nothing is known of what an earlier agent freed.
+        assert!(before >= 1, "{before}");
+    } else {
+        assert_eq!((before, after), (0, Some(0)), "kernels before 6.1 defer frees themselves");
+    }
+    held.exchange("after");
+    assert_eq!(request(&t, app_b(), "new"), "app 10.245.0.21:8080 got new");
+}
+
 #[test]
 fn bad_reload_keeps_serving_the_old_state() {
     let t = Topology::new(Options::default());
