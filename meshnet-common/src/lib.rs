@@ -20,7 +20,7 @@ pub mod names {
 
     /// LPM trie: remote pod CIDR → peer.
     pub const ROUTES: &str = "mn_routes_v1";
-    /// Hash (not preallocated, so a replaced value is never read torn): peer id → that
+    /// Hash (not preallocated; with meshnet::grace, a replaced value is never read torn): peer id → that
     /// peer's gateways.
     pub const PEERS: &str = "mn_peers_v2";
     /// The preallocated peer map of releases before v2; migrated like the flow maps.

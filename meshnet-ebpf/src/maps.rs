@@ -19,8 +19,11 @@ pub static ROUTES: LpmTrie<u32, RouteValue> = LpmTrie::with_max_entries(limits::
 
 // Not preallocated: a preallocated hash hands a replaced or deleted element straight to the
 // next insert, while a program on another CPU may still be reading it (a torn peer value, or
-// a flow translated with another flow's state). Without preallocation the kernel frees
-// elements only after an RCU grace period.
+// a flow translated with another flow's state). Before kernel 6.1 a hash without
+// preallocation frees elements only after an RCU grace period; from 6.1 it reuses them at
+// once too, and the agent waits the grace period out itself for the maps only it writes
+// (meshnet::grace), while the flow maps are preallocated there (meshnet::datapath::
+// flow_map_flags rewrites their flags at load time).
 #[map(name = "mn_peers_v2")]
 pub static PEERS: HashMap<u32, PeerGateways> = HashMap::with_max_entries(limits::MAX_PEERS, BPF_F_NO_PREALLOC);
 

@@ -470,9 +470,10 @@ fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Co
         return Ok(None);
     };
     let peer_id = route.peer_id;
-    // SAFETY: PEERS is only replaced whole by user space. It is not preallocated, so the
-    // kernel swaps in a new element and frees the old one only after this RCU read section:
-    // the value read here is never torn.
+    // SAFETY: PEERS is only replaced whole by user space: the kernel swaps in a new element,
+    // and the old one is handed out again only after this RCU read section (freed after a
+    // grace period before 6.1; from 6.1 the agent waits one out before its next insert,
+    // meshnet::grace): the value read here is never torn.
     let Some(peer) = (unsafe { PEERS.get(peer_id) }) else {
         return Err((Counter::NoLiveGateway, DROP));
     };

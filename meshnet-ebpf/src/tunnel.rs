@@ -64,8 +64,9 @@ pub fn route(daddr_be: u32) -> Option<TunnelNode> {
 
 #[inline(always)]
 fn config() -> Option<TunnelConfig> {
-    // SAFETY: a read-only copy of a value from a successful lookup; the map is not
-    // preallocated, so an update replaces the value whole and this one stays valid.
+    // SAFETY: a read-only copy of a value from a successful lookup; an update replaces the
+    // value whole, and the old element is reused only after this RCU read section (see
+    // PEERS in nat.rs), so this one stays valid.
     unsafe { TUN_CONFIG.get(&0) }.copied()
 }
 
