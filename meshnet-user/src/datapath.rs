@@ -82,21 +82,27 @@ pub fn have_redirect_neigh() -> u8 {
 /// kernel: how the tests hold that layout to account on the newer kernels of the matrix.
 pub const ON_DEMAND_FLOWS_ENV: &str = "MESHNET_FLOW_MAPS_ON_DEMAND";
 
-/// The flow maps' `map_flags`: preallocated from 6.1, allocated on demand before.
+/// Flow maps larger than this are allocated on demand on any kernel: preallocated, each entry
+/// of each map costs about 110 bytes from the start (29 MB per map at this size), charged to
+/// the agent's memory cgroup.
+pub const PREALLOC_MAX_FLOWS: u32 = 1 << 18;
+
+/// The flow maps' `map_flags` for maps of `max_flows` entries: preallocated where the kernel
+/// reuses a freed hash element at once anyway, allocated on demand otherwise.
 ///
-/// Before 6.1 a hash map allocated on demand frees a deleted element only after an RCU grace
-/// period, so a program still reading it never sees it reused, and that is worth its cost (a
-/// `kmalloc` per new flow). From 6.1 on (kernel commit 0fd7c5d43339, "bpf: Optimize call_rcu
-/// in non-preallocated hash map") such a map hands a deleted element to the next insert on
-/// that CPU at once, exactly as a preallocated map does: the grace period is gone either way,
-/// and preallocation makes a new flow's two inserts about three times cheaper (see
-/// docs/benchmarks.md). The cost is memory: `nat.maxFlows` elements per flow map up front.
+/// Where the kernel frees a deleted element only after an RCU grace period (before 6.1), a
+/// program still reading it never sees it reused, and that is worth its cost: a `kmalloc`
+/// per new flow. Where it hands such an element to the next insert at once, exactly as a
+/// preallocated map does (6.1 on, [`crate::grace::kernel_reuses_freed_elements`]), the grace
+/// period is gone either way, and preallocation makes a new flow's two inserts about 2.5
+/// times cheaper (docs/benchmarks.md), for memory allocated up front: up to
+/// [`PREALLOC_MAX_FLOWS`] entries.
 #[must_use]
-pub fn flow_map_flags() -> u32 {
-    if std::env::var_os(ON_DEMAND_FLOWS_ENV).is_some_and(|v| v == "1") {
+pub fn flow_map_flags(max_flows: u32) -> u32 {
+    if std::env::var_os(ON_DEMAND_FLOWS_ENV).is_some_and(|v| v == "1") || max_flows > PREALLOC_MAX_FLOWS {
         return NO_PREALLOC;
     }
-    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 1, 0)) {
+    if crate::grace::kernel_reuses_freed_elements() {
         0
     } else {
         NO_PREALLOC
@@ -104,12 +110,10 @@ pub fn flow_map_flags() -> u32 {
 }
 
 /// `object` with its checksum-state placeholders rewritten (see [`crate::ip_summed`]): into
-/// the read of `skb->ip_summed` at `layout`, or into the helper path without one; and with its
-/// flow maps' flags set to [`flow_map_flags`]. The second value says whether the read is in
-/// (an object without placeholders has none).
+/// the read of `skb->ip_summed` at `layout`, or into the helper path without one. The second
+/// value says whether the read is in (an object without placeholders has none).
 pub fn prepare_object(object: &[u8], layout: Option<&ip_summed::Layout>) -> anyhow::Result<(Vec<u8>, bool)> {
-    let (mut patched, sites) = ip_summed::patch(object, layout)?;
-    set_flow_map_flags(&mut patched, flow_map_flags())?;
+    let (patched, sites) = ip_summed::patch(object, layout)?;
     Ok((patched, layout.is_some() && sites > 0))
 }
 
@@ -131,12 +135,16 @@ fn set_map_flags(object: &mut [u8], name: &str, flags: u32) -> anyhow::Result<()
     const FLAGS_AT: usize = 16;
     let at = {
         let file = object::File::parse(&*object).context("the eBPF object is not an ELF file")?;
+        if !file.is_little_endian() {
+            bail!("the eBPF object is not little-endian");
+        }
         let Some(sym) = file.symbols().find(|s| s.name() == Ok(name)) else {
             return Ok(());
         };
         let section = sym.section_index().map(|i| file.section_by_index(i)).transpose()?;
+        // "maps", or "maps/<name>": the legacy definitions aya reads.
         let Some((section, (start, len))) =
-            section.filter(|s| s.name() == Ok("maps")).and_then(|s| s.file_range().map(|r| (s, r)))
+            section.filter(|s| s.name().is_ok_and(|n| n.starts_with("maps"))).and_then(|s| s.file_range().map(|r| (s, r)))
         else {
             bail!("map {name} of the eBPF object is not a legacy map definition");
         };
@@ -248,7 +256,7 @@ impl Datapath {
         let migration = Migration::prepare(pins, max_flows)?;
         let fresh: Vec<_> = names::ALL_MAPS.iter().map(|n| pins.map(n)).filter(|p| !p.exists()).collect();
         let layout = skb_layout();
-        let how = if flow_map_flags() == 0 { "preallocated" } else { "allocated on demand" };
+        let how = if flow_map_flags(max_flows) == 0 { "preallocated" } else { "allocated on demand" };
         info!(target: LOG, "the flow maps are {how}");
         let loaded = with_checksum_variant(object, layout.as_ref(), |object| {
             Self::load_pinned(pins, max_flows, object, choice)
@@ -303,6 +311,15 @@ impl Datapath {
     /// [`Self::load_unpinned_object`] without rewriting the object's placeholders (see
     /// [`prepare_object`]): for a caller that chose the variant itself.
     pub fn load_unpinned_as_is(max_flows: u32, object: &[u8]) -> anyhow::Result<Ebpf> {
+        Self::load_unpinned_with_flow_flags(max_flows, object, flow_map_flags(max_flows))
+    }
+
+    /// [`Self::load_unpinned_as_is`] with the flow maps' `map_flags` given: for benchmarks
+    /// that measure the other allocation.
+    pub fn load_unpinned_with_flow_flags(max_flows: u32, object: &[u8], flow_flags: u32) -> anyhow::Result<Ebpf> {
+        let mut object = object.to_vec();
+        set_flow_map_flags(&mut object, flow_flags)?;
+        let object = &object[..];
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::NAT_FWD, max_flows);
         loader.map_max_entries(names::NAT_REV, max_flows);
@@ -336,7 +353,9 @@ impl Datapath {
         }
         loader.map_max_entries(names::NAT_FWD, max_flows);
         loader.map_max_entries(names::NAT_REV, max_flows);
-        let mut ebpf = loader.load(object).context(
+        let mut object = object.to_vec();
+        set_flow_map_flags(&mut object, flow_map_flags(max_flows))?;
+        let mut ebpf = loader.load(&object).context(
             "loading meshnet's eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN and a kernel with \
              LPM and LRU maps; `meshnet doctor` checks the kernel, docs/kernel-upgrade.md explains)",
         )?;
@@ -633,13 +652,10 @@ mod tests {
     }
 
     #[test]
-    fn prepare_object_sets_the_flags_the_kernel_wants() {
-        let (patched, _) = prepare_object(EBPF_OBJECT, None).unwrap();
-        for name in [names::NAT_FWD, names::NAT_REV] {
-            assert_eq!(u32::from_le_bytes(def(&patched, name)[16..20].try_into().unwrap()), flow_map_flags());
-        }
-        let preallocated = KernelVersion::current().unwrap() >= KernelVersion::new(6, 1, 0)
-            && std::env::var_os(ON_DEMAND_FLOWS_ENV).is_none_or(|v| v != "1");
-        assert_eq!(flow_map_flags() == 0, preallocated);
+    fn large_flow_maps_are_never_preallocated() {
+        assert_eq!(flow_map_flags(PREALLOC_MAX_FLOWS + 1), NO_PREALLOC);
+        let reuses = crate::grace::kernel_reuses_freed_elements() && std::env::var_os(ON_DEMAND_FLOWS_ENV).is_none_or(|v| v != "1");
+        assert_eq!(flow_map_flags(PREALLOC_MAX_FLOWS) == 0, reuses);
+        assert_eq!(flow_map_flags(65_536) == 0, reuses);
     }
 }

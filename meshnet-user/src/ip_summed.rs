@@ -19,7 +19,7 @@ use object::{Object as _, ObjectSection as _, SectionKind};
 /// way out should the read misbehave somewhere.
 pub const NO_KFUNC_ENV: &str = "MESHNET_NO_SKB_KFUNC";
 
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 const KFUNC: &str = "bpf_cast_to_kern_ctx";
 
 /// Where the running kernel keeps `ip_summed`, and how to reach its `sk_buff`.
@@ -56,6 +56,11 @@ impl Layout {
         let kfunc = btf.found[0].with_context(|| format!("the kernel has no {KFUNC} (6.2 added it)"))?;
         let skb = btf.found[1].context("the kernel's BTF has no struct sk_buff")?;
         let (bit, size) = btf.find_member(skb, 2, 0, 0, &mut 1_000)?.context("struct sk_buff has no ip_summed")?;
+        if size == 0 {
+            // BTF without kind_flag would encode a bitfield in its int type, which pahole has
+            // not written for the kernels meshnet runs on.
+            bail!("the member has no bitfield width");
+        }
         if size != 2 {
             bail!("sk_buff's ip_summed is {size} bits wide, not 2");
         }
@@ -251,11 +256,6 @@ impl<'a, S: Source + ?Sized> RawBtf<'a, S> {
             let (name_off, mut ty, offset) = (self.u32_at(at)?, self.u32_at(at + 4)?, self.u32_at(at + 8)?);
             let (bit, width) = if kind_flag { (offset & 0xff_ffff, offset >> 24) } else { (offset, 0) };
             if self.names[name].contains(&name_off) {
-                if width == 0 {
-                    // BTF without kind_flag would encode a bitfield in its int type, which
-                    // pahole has not written for the kernels meshnet runs on.
-                    bail!("the member has no bitfield width");
-                }
                 return Ok(Some((base.checked_add(bit).context("a member's offset overflows")?, width)));
             }
             if name_off == 0 {
@@ -276,6 +276,20 @@ impl<'a, S: Source + ?Sized> RawBtf<'a, S> {
         }
         Ok(None)
     }
+}
+
+/// Whether the kernel's BTF at `path` has a struct `name` with a member `member` (inside
+/// anonymous members too).
+pub fn struct_has_member(path: &Path, name: &str, member: &str) -> anyhow::Result<bool> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    has_member(&file, name, member).with_context(|| format!("reading {}", path.display()))
+}
+
+fn has_member<S: Source + ?Sized>(src: &S, name: &str, member: &str) -> anyhow::Result<bool> {
+    // The function name is not asked about: any will do.
+    let btf = RawBtf::parse(src, [KFUNC, name, member])?;
+    let Some(id) = btf.found[1] else { return Ok(false) };
+    Ok(btf.find_member(id, 2, 0, 0, &mut 1_000)?.is_some())
 }
 
 /// `object` with every placeholder sequence rewritten: into the read where `layout` is given,
@@ -359,6 +373,15 @@ mod tests {
 
     fn layout(width: u32, bit: u32, func: &str) -> anyhow::Result<Layout> {
         Layout::from_btf(&btf(width, bit, func))
+    }
+
+    #[test]
+    fn a_struct_member_is_found_or_not() {
+        let blob = btf(2, 5, KFUNC);
+        assert!(has_member(&blob[..], "sk_buff", "ip_summed").unwrap());
+        assert!(!has_member(&blob[..], "sk_buff", "no_such_member").unwrap());
+        assert!(!has_member(&blob[..], "bpf_htab", "ip_summed").unwrap());
+        assert!(has_member(&blob[..8], "sk_buff", "ip_summed").is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, HashMap, Map, MapData, MapError, PerCpuArray,
 };
 use ipnet::Ipv4Net;
 use meshnet_common::{
@@ -653,7 +653,8 @@ impl ControlMaps {
     /// Carries out `plan`, in its order.
     pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
         for (id, value) in &plan.peer_writes {
-            let replaces = self.peers.get(id, 0).is_ok();
+            // Any answer but "no such key" may be a replacement.
+            let replaces = !matches!(self.peers.get(id, 0), Err(MapError::KeyNotFound));
             crate::grace::before_take(names::PEERS);
             self.peers.insert(id, *value, 0).context("writing the peer map")?;
             if replaces {

@@ -76,8 +76,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub last_sync: Gauge<f64, AtomicU64>,
     pub gc_expired: Counter,
-    /// Grace periods waited before a map reused an element the agent freed (`crate::grace`).
-    reuse_waits: Counter,
+    /// Grace periods passed before a map could reuse an element the agent freed (`crate::grace`).
+    reuse_periods: Counter,
     pub attached_interfaces: Gauge,
     /// The agent loop's pulse, for `/healthz` and `loop_longest_stall_seconds`.
     pub pulse: Pulse,
@@ -114,7 +114,7 @@ impl Metrics {
             reloads: Family::default(),
             last_sync: Gauge::default(),
             gc_expired: Counter::default(),
-            reuse_waits: Counter::default(),
+            reuse_periods: Counter::default(),
             attached_interfaces: Gauge::default(),
             pulse: Pulse::default(),
             longest_stall: Gauge::default(),
@@ -143,9 +143,9 @@ impl Metrics {
         );
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
         registry.register(
-            "map_reuse_waits",
-            "RCU grace periods the agent waited for, between freeing an element of a map it alone writes and that map's next insert (kernels 6.1 and later)",
-            m.reuse_waits.clone(),
+            "map_reuse_grace_periods",
+            "RCU grace periods the agent let pass before a map it alone writes could reuse an element it freed (kernels 6.1 and later)",
+            m.reuse_periods.clone(),
         );
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());
         registry.register(
@@ -188,12 +188,13 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.last_sync.set(now);
-        self.reuse_waits.inner().store(crate::grace::waits(), Ordering::Relaxed);
+        self.reuse_periods.inner().store(crate::grace::periods(), Ordering::Relaxed);
     }
 
     /// Refreshes the kernel-side numbers from the pinned maps.
     fn refresh(&self) {
         self.map_walks.inc();
+        self.reuse_periods.inner().store(crate::grace::periods(), Ordering::Relaxed);
         if let Ok(stats) = maps::read_stats(&self.pins) {
             for (name, v) in stats {
                 self.datapath.get_or_create(&EventLabel { event: name.to_string() }).inner().store(v, Ordering::Relaxed);

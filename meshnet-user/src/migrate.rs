@@ -47,7 +47,7 @@ fn size<T>() -> u32 {
 /// `max_flows`, with the flags that [`crate::datapath::flow_map_flags`] chooses.
 #[must_use]
 pub fn specs(max_flows: u32) -> [Spec; 16] {
-    let flags = crate::datapath::flow_map_flags();
+    let flags = crate::datapath::flow_map_flags(max_flows);
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags, max_entries: max_flows };
     [
         Spec { name: names::ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<RouteValue>(), flags: NO_PREALLOC, max_entries: limits::MAX_ROUTES },
@@ -297,6 +297,8 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
             let old = HashMap::<_, u32, PeerGateways>::try_from(old)?;
             let mut new = HashMap::<_, u32, PeerGateways>::try_from(open_pinned(pins, t)?)?;
             for (k, v) in old.iter().flatten() {
+                // The second pass may follow a sync that replaced peers (crate::grace).
+                crate::grace::before_take(names::PEERS);
                 copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
             }
         }

@@ -268,9 +268,8 @@ impl Dp {
     /// As the agent loads it, but with the flow maps allocated on demand whatever the kernel.
     fn load_on_demand(max_flows: u32, object: Option<&[u8]>) -> anyhow::Result<Self> {
         let layout = datapath::skb_layout();
-        let (mut patched, _) = datapath::prepare_object(object.unwrap_or(EBPF_OBJECT), layout.as_ref())?;
-        datapath::set_flow_map_flags(&mut patched, meshnet::migrate::NO_PREALLOC)?;
-        Self::with(Datapath::load_unpinned_as_is(max_flows, &patched)?)
+        let (patched, _) = datapath::prepare_object(object.unwrap_or(EBPF_OBJECT), layout.as_ref())?;
+        Self::with(Datapath::load_unpinned_with_flow_flags(max_flows, &patched, meshnet::migrate::NO_PREALLOC)?)
     }
 
     fn with(mut ebpf: aya::Ebpf) -> anyhow::Result<Self> {
@@ -604,7 +603,7 @@ fn chain_new_flows(p: &Params, on_demand: bool) -> anyhow::Result<Value> {
         ensure!(counter(&dp.stats, c) == 0, "method C: {c} = {}", counter(&dp.stats, c));
     }
     Ok(json!({
-        "flow_maps_preallocated": !on_demand && datapath::flow_map_flags() == 0,
+        "flow_maps_preallocated": !on_demand && datapath::flow_map_flags(limits::DEFAULT_NAT_ENTRIES) == 0,
         "chain": CHAIN + 1,
         "new_flows": syscalls * (CHAIN + 1),
         "routes": dp.maps.routes.iter().count(),
@@ -913,7 +912,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     let chained = chain_new_flows(p, false).context("new flows through a chain of routes")?;
     // Where this kernel preallocates the flow maps: what allocating on demand (kernels before
     // 6.1, and this build's predecessors) costs a new flow, measured the same way.
-    let on_demand = if datapath::flow_map_flags() == 0 {
+    let on_demand = if datapath::flow_map_flags(limits::DEFAULT_NAT_ENTRIES) == 0 {
         eprintln!("bench: datapath, new flows amortised, flow maps allocated on demand");
         chain_new_flows(p, true).context("new flows, flow maps allocated on demand")?
     } else {
