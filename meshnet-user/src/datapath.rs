@@ -595,7 +595,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
         }
     }
     let legacy = [names::NAT_FWD_V1, names::NAT_REV_V1, names::PEERS_V1].map(String::from);
-    let migrating = names::ALL_MAPS.map(crate::migrate::migrating_name);
+    let migrating = names::ALL_MAPS.iter().flat_map(|n| crate::migrate::migrating_names(n));
     for name in names::ALL_MAPS.iter().map(|n| (*n).to_string()).chain(legacy).chain(migrating) {
         let path = pins.map(&name);
         if path.exists() {

@@ -9,7 +9,8 @@
 //! clear message and left in place: flow state is never silently replaced by an empty map.
 //!
 //! A map that keeps its name but must be recreated (a new `nat.maxFlows`) is re-pinned under
-//! `<name>_migrating` first, so that an agent killed mid-migration finds it again.
+//! `<name>_migrating` first, so that an agent killed mid-migration finds it again (and under
+//! `<name>_migrating2` when that agent's own map must be migrated in turn).
 
 use std::path::PathBuf;
 
@@ -89,8 +90,16 @@ pub fn migrating_name(name: &str) -> String {
     format!("{name}_migrating")
 }
 
-fn migrating_pin(pins: &Pins, name: &str) -> PathBuf {
-    pins.map(&migrating_name(name))
+/// Every name a map being migrated may be kept under: the second holds the map of an agent
+/// whose own migration was cut short, when the next one needs another layout again (the
+/// first still holds the map that migration started from).
+#[must_use]
+pub fn migrating_names(name: &str) -> [String; 2] {
+    [migrating_name(name), format!("{name}_migrating2")]
+}
+
+fn migrating_pins(pins: &Pins, name: &str) -> [PathBuf; 2] {
+    migrating_names(name).map(|n| pins.map(&n))
 }
 
 /// One old map to copy from.
@@ -98,6 +107,8 @@ struct Source {
     target: &'static str,
     path: PathBuf,
     data: MapData,
+    /// Moved aside by this agent (so put back should its load fail).
+    moved: bool,
 }
 
 /// Old maps found at load time, copied into the new ones until [`Migration::finish`].
@@ -127,7 +138,7 @@ fn matches(info: &MapInfo, spec: &Spec) -> bool {
 
 impl Migration {
     /// Looks at what is pinned under `pins` before the object is loaded: moves every map this
-    /// build must recreate out of the loader's way (re-pinned under `<name>_migrating`), and
+    /// build must recreate out of the loader's way (re-pinned under a [`migrating_names`] one), and
     /// refuses maps it cannot migrate. Nothing is changed when it refuses.
     pub fn prepare(pins: &Pins, max_flows: u32) -> anyhow::Result<Self> {
         let mut sources = Vec::new();
@@ -138,27 +149,39 @@ impl Migration {
                 let info = MapInfo::from_pin(&path).with_context(|| format!("inspecting {}", path.display()))?;
                 if !matches(&info, &spec) {
                     check_migratable(pins, &spec, &info, &path)?;
-                    moves.push((spec, path));
+                    let aside = migrating_pins(pins, spec.name).into_iter().find(|p| !p.exists()).with_context(|| {
+                        format!(
+                            "{} must be migrated, but two earlier migrations of it were cut short ({} and {} are pinned); \
+                             `meshnet detach` removes them with the node's flow state",
+                            path.display(),
+                            migrating_name(spec.name),
+                            migrating_names(spec.name)[1]
+                        )
+                    })?;
+                    moves.push((spec, path, aside));
                 }
             }
-            for old in [migrating_pin(pins, spec.name)].into_iter().chain(legacy_names(spec.name).iter().map(|n| pins.map(n))) {
+            let asides = migrating_pins(pins, spec.name).into_iter();
+            for old in asides.chain(legacy_names(spec.name).iter().map(|n| pins.map(n))) {
                 if old.exists() {
                     let info = MapInfo::from_pin(&old).with_context(|| format!("inspecting {}", old.display()))?;
                     check_migratable(pins, &spec, &info, &old)?;
                     let data = MapData::from_pin(&old).with_context(|| format!("opening {}", old.display()))?;
-                    sources.push(Source { target: spec.name, path: old, data });
+                    sources.push(Source { target: spec.name, path: old, data, moved: false });
                 }
             }
         }
-        for (spec, path) in moves {
+        let mut fresh = Vec::new();
+        for (spec, path, aside) in moves {
             let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            let aside = migrating_pin(pins, spec.name);
             data.pin(&aside).with_context(|| format!("re-pinning {} at {}", path.display(), aside.display()))?;
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             info!(map = spec.name, from = %aside.display(), "the pinned map differs from what this build needs; migrating its entries");
-            sources.push(Source { target: spec.name, path: aside, data });
+            fresh.push(Source { target: spec.name, path: aside, data, moved: true });
         }
-        Ok(Self { sources })
+        // The maps just moved aside are the newest: copied first, their entries win.
+        fresh.extend(sources);
+        Ok(Self { sources: fresh })
     }
 
     #[must_use]
@@ -170,7 +193,7 @@ impl Migration {
     pub fn restore(self, pins: &Pins) {
         for s in self.sources {
             let home = pins.map(s.target);
-            if s.path == migrating_pin(pins, s.target) && !home.exists() && s.data.pin(&home).is_ok() {
+            if s.moved && !home.exists() && s.data.pin(&home).is_ok() {
                 let _ = std::fs::remove_file(&s.path);
             }
         }

@@ -705,6 +705,41 @@ fn the_flow_maps_allocation_follows_the_kernel_and_a_change_keeps_every_flow() {
     held.exchange("allocated on demand again");
 }
 
+/// An agent killed halfway through a migration leaves the map it started from under
+/// `<name>_migrating`; when the next one needs yet another layout, it moves the half-migrated
+/// map aside as well and carries over the flows of both.
+#[test]
+fn a_migration_cut_short_is_finished_by_an_agent_that_needs_another_layout() {
+    use meshnet::datapath::ON_DEMAND_FLOWS_ENV;
+    use meshnet_common::{names, FlowKey, NatFwd};
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = t.start_meshnet_with(ON_DEMAND_FLOWS_ENV, &[]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("before");
+    assert!(agent.child.stop());
+
+    // What the cut-short migration started from: an on-demand flow map holding a flow no
+    // packet will touch, under the name an agent moves a map aside to.
+    let maps = t.pin_path().join("maps");
+    let real = open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).iter().next().unwrap().unwrap();
+    let planted_key = FlowKey { sport_be: 1234u16.to_be(), ..real.0 };
+    let aside = maps.join(format!("{}_migrating", names::NAT_FWD));
+    let value = u32::try_from(size_of::<NatFwd>()).unwrap();
+    meshnet_tests::raw_bpf::create_pinned(&aside, meshnet_tests::raw_bpf::HASH, 16, value, 65_536, 1);
+    open_hash::<FlowKey, NatFwd>(&aside).insert(planted_key, NatFwd { nat_sport_be: 1234u16.to_be(), ..real.1 }, 0).unwrap();
+
+    let mut agent = start(&t, &cfg, &[]);
+    let flows = nat(&t);
+    assert!(flows.iter().any(|r| r["pod"].as_str().is_some_and(|p| p.ends_with(":1234"))), "the planted flow was lost: {flows:?}");
+    assert!(flows.len() >= 2, "{flows:?}");
+    for n in meshnet::migrate::migrating_names(names::NAT_FWD) {
+        assert!(!maps.join(&n).exists(), "{n} still pinned");
+    }
+    held.exchange("after");
+    assert!(agent.child.stop(), "{}", agent.child.output());
+}
+
 /// A larger nat.maxFlows takes effect at the next restart, which moves every flow into maps
 /// of the new size: no detach, and a held connection keeps working. A pinned flow map this
 /// build cannot convert is refused, and left as it is.
