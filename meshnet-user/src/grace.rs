@@ -70,13 +70,14 @@ pub fn kernel_reuses_freed_elements() -> bool {
     *REUSES.get_or_init(|| {
         let by_version = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 1, 0));
         match crate::ip_summed::struct_has_member(Path::new(crate::ip_summed::VMLINUX_BTF), "bpf_htab", "ma") {
-            Ok(has) => {
+            Ok(Some(has)) => {
                 if has != by_version {
                     info!(btf = has, version = by_version, "the kernel's BTF and its version disagree on how hash maps reuse elements; the BTF decides");
                 }
                 has
             }
-            Err(_) => by_version,
+            // No BTF, or a BTF without the struct: the version decides.
+            Ok(None) | Err(_) => by_version,
         }
     })
 }
@@ -130,8 +131,10 @@ fn start(mut s: MutexGuard<'static, State>) {
         s.worker = true;
         let spawned = std::thread::Builder::new().name("meshnet-grace".into()).spawn(worker);
         if let Err(e) = spawned {
-            // Without a thread the agent waits in line: never an unguarded reuse.
-            warn!(error = %e, "could not start the grace-period thread; waiting in the agent's loop");
+            // Without a thread the agent waits in line: never an unguarded reuse. Tried
+            // again at the next free.
+            static WARNED: OnceLock<()> = OnceLock::new();
+            WARNED.get_or_init(|| warn!(error = %e, "could not start the grace-period thread; waiting in the agent's loop"));
             s.worker = false;
             let target = s.freed;
             drop(s);

@@ -267,7 +267,7 @@ impl<'a, S: Source + ?Sized> RawBtf<'a, S> {
                     }
                     ty = next;
                 }
-                *budget = budget.checked_sub(1).context("struct sk_buff's anonymous members go on too long")?;
+                *budget = budget.checked_sub(1).context("a struct's anonymous members go on too long")?;
                 let base = base.checked_add(bit).context("a member's offset overflows")?;
                 if let Some(found) = self.find_member(ty, name, base, depth + 1, budget)? {
                     return Ok(Some(found));
@@ -278,18 +278,18 @@ impl<'a, S: Source + ?Sized> RawBtf<'a, S> {
     }
 }
 
-/// Whether the kernel's BTF at `path` has a struct `name` with a member `member` (inside
-/// anonymous members too).
-pub fn struct_has_member(path: &Path, name: &str, member: &str) -> anyhow::Result<bool> {
+/// Whether the struct `name` of the kernel's BTF at `path` has a member `member` (inside
+/// anonymous members too); `None` where there is no such struct.
+pub fn struct_has_member(path: &Path, name: &str, member: &str) -> anyhow::Result<Option<bool>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     has_member(&file, name, member).with_context(|| format!("reading {}", path.display()))
 }
 
-fn has_member<S: Source + ?Sized>(src: &S, name: &str, member: &str) -> anyhow::Result<bool> {
+fn has_member<S: Source + ?Sized>(src: &S, name: &str, member: &str) -> anyhow::Result<Option<bool>> {
     // The function name is not asked about: any will do.
     let btf = RawBtf::parse(src, [KFUNC, name, member])?;
-    let Some(id) = btf.found[1] else { return Ok(false) };
-    Ok(btf.find_member(id, 2, 0, 0, &mut 1_000)?.is_some())
+    let Some(id) = btf.found[1] else { return Ok(None) };
+    Ok(Some(btf.find_member(id, 2, 0, 0, &mut 1_000)?.is_some()))
 }
 
 /// `object` with every placeholder sequence rewritten: into the read where `layout` is given,
@@ -378,9 +378,9 @@ mod tests {
     #[test]
     fn a_struct_member_is_found_or_not() {
         let blob = btf(2, 5, KFUNC);
-        assert!(has_member(&blob[..], "sk_buff", "ip_summed").unwrap());
-        assert!(!has_member(&blob[..], "sk_buff", "no_such_member").unwrap());
-        assert!(!has_member(&blob[..], "bpf_htab", "ip_summed").unwrap());
+        assert_eq!(has_member(&blob[..], "sk_buff", "ip_summed").unwrap(), Some(true));
+        assert_eq!(has_member(&blob[..], "sk_buff", "no_such_member").unwrap(), Some(false));
+        assert_eq!(has_member(&blob[..], "bpf_htab", "ip_summed").unwrap(), None);
         assert!(has_member(&blob[..8], "sk_buff", "ip_summed").is_err());
     }
 

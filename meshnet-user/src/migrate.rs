@@ -291,6 +291,22 @@ fn peer_of_rev(sources: &[Source], pins: &Pins, rev_key: &FlowKey, rev: &NatRev)
         .unwrap_or(0)
 }
 
+/// Inserts a flow entry copied from an old map. Entries already there win, except on the
+/// first pass (before this build's programs run, so every entry there is a copy too), where
+/// the one seen last wins: two old maps (a migration cut short) may both hold a flow.
+fn insert_newest<V: aya::Pod>(
+    new: &mut HashMap<MapData, FlowKey, V>,
+    k: FlowKey,
+    v: V,
+    first: bool,
+    seen: impl Fn(&V) -> u64,
+) -> bool {
+    if new.insert(k, v, NOEXIST).is_ok() {
+        return true;
+    }
+    first && new.get(&k, 0).is_ok_and(|cur| seen(&v) > seen(&cur)) && new.insert(k, v, 0).is_ok()
+}
+
 fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Result<usize> {
     let mut copied = 0;
     let old = as_hash(&s.data)?;
@@ -303,7 +319,7 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
                 HashMap::<_, FlowKey, NatFwd>::try_from(old)?.iter().flatten().collect()
             };
             for (k, v) in entries {
-                copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
+                copied += usize::from(insert_newest(&mut new, k, v, first, |v| v.last_seen_ns));
             }
         }
         t if t == names::NAT_REV => {
@@ -313,7 +329,7 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
                 if v.peer_id == 0 {
                     v.peer_id = peer_of_rev(all, pins, &k, &v);
                 }
-                copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
+                copied += usize::from(insert_newest(&mut new, k, v, first, |v| v.last_seen_ns));
             }
         }
         t if t == names::PEERS => {

@@ -97,7 +97,9 @@ fn parse(program: String, instructions: usize, log: &str) -> Stats {
 /// state where it can), without it as kernels before 6.2 run it.
 fn measure(object: &[u8], programs: &[&str], prefix: &str, read: bool) -> Vec<Stats> {
     let layout = if read { meshnet::datapath::skb_layout() } else { None };
-    let (object, _) = meshnet::datapath::prepare_object(object, layout.as_ref()).expect("rewriting the placeholders");
+    let (mut object, _) = meshnet::datapath::prepare_object(object, layout.as_ref()).expect("rewriting the placeholders");
+    let flags = meshnet::datapath::flow_map_flags(meshnet_common::limits::DEFAULT_NAT_ENTRIES);
+    meshnet::datapath::set_flow_map_flags(&mut object, flags).expect("setting the flow maps' flags");
     let mut obj = aya_obj::Object::parse(&object).expect("parsing the embedded object");
     // The load-time constant the agent sets (a kernel without bpf_redirect_neigh must never
     // see the helper), in read-only global data the verifier takes as known, as aya loads it.
