@@ -171,13 +171,37 @@ impl Migration {
                 }
             }
         }
+        // Several old maps of one flow map (a migration cut short) must fit in it together.
+        for spec in specs(max_flows).iter().filter(|s| s.name == names::NAT_FWD || s.name == names::NAT_REV) {
+            let mut paths: Vec<&PathBuf> = moves.iter().filter(|m| m.0.name == spec.name).map(|m| &m.1).collect();
+            paths.extend(sources.iter().filter(|s| s.target == spec.name).map(|s| &s.path));
+            if paths.len() > 1 {
+                let mut keys = std::collections::HashSet::new();
+                for p in &paths {
+                    keys.extend(flow_keys(p)?);
+                }
+                if keys.len() > spec.max_entries as usize {
+                    bail!(
+                        "the old maps of {} hold {} flows together and nat.maxFlows is {}; raise nat.maxFlows to at least {}. \
+                         Nothing was changed",
+                        spec.name,
+                        keys.len(),
+                        spec.max_entries,
+                        keys.len()
+                    );
+                }
+            }
+        }
         let mut fresh = Vec::new();
         for (spec, path, aside) in moves {
-            let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            data.pin(&aside).with_context(|| format!("re-pinning {} at {}", path.display(), aside.display()))?;
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            info!(map = spec.name, from = %aside.display(), "the pinned map differs from what this build needs; migrating its entries");
-            fresh.push(Source { target: spec.name, path: aside, data, moved: true });
+            match move_aside(spec.name, &path, &aside) {
+                Ok(data) => fresh.push(Source { target: spec.name, path: aside, data, moved: true }),
+                Err(e) => {
+                    // Nothing half done: the maps already moved go back home.
+                    Self { sources: fresh }.restore(pins);
+                    return Err(e);
+                }
+            }
         }
         // The maps just moved aside are the newest: copied first, their entries win.
         fresh.extend(sources);
@@ -221,6 +245,31 @@ impl Migration {
         info!(maps = self.sources.len(), late_entries = copied, "migration finished; old maps unpinned");
         Ok(())
     }
+}
+
+fn move_aside(name: &str, path: &std::path::Path, aside: &std::path::Path) -> anyhow::Result<MapData> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    data.pin(aside).with_context(|| format!("re-pinning {} at {}", path.display(), aside.display()))?;
+    if let Err(e) = std::fs::remove_file(path) {
+        let _ = std::fs::remove_file(aside);
+        return Err(e).with_context(|| format!("removing {}", path.display()));
+    }
+    info!(map = name, from = %aside.display(), "the pinned map differs from what this build needs; migrating its entries");
+    Ok(data)
+}
+
+/// The keys of a flow map (checked by [`check_migratable`]: forward v1 values are 24 bytes,
+/// the others 32), as bytes.
+fn flow_keys(path: &std::path::Path) -> anyhow::Result<Vec<[u8; 16]>> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = data.info()?.value_size();
+    let map = Map::from_map_data(data)?;
+    let keys: Vec<FlowKey> = if size == 24 {
+        HashMap::<_, FlowKey, [u8; 24]>::try_from(map)?.keys().flatten().collect()
+    } else {
+        HashMap::<_, FlowKey, [u8; 32]>::try_from(map)?.keys().flatten().collect()
+    };
+    Ok(keys.iter().map(|k| bytemuck::cast(*k)).collect())
 }
 
 fn check_migratable(pins: &Pins, spec: &Spec, info: &MapInfo, path: &std::path::Path) -> anyhow::Result<()> {

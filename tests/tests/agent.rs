@@ -750,6 +750,54 @@ fn a_migration_cut_short_is_finished_by_an_agent_that_needs_another_layout() {
     assert!(agent.child.stop(), "{}", agent.child.output());
 }
 
+/// Runs an agent that should refuse to start; one that starts instead is killed after a
+/// minute (its output then lacks the refusal the caller looks for).
+fn refused_start(t: &Topology, cfg_path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new("timeout")
+        .args(["--signal=KILL", "60", "nsenter"])
+        .args(Agent::argv(&t.node1, cfg_path, &t.pin_path(), &[])[1..].iter())
+        .output()
+        .unwrap()
+}
+
+/// Old flow maps that fit in the new one each on its own but not together (a migration cut
+/// short, then a smaller table) are refused before anything moves: no flow is dropped for
+/// want of room.
+#[test]
+fn old_flow_maps_that_do_not_fit_together_are_refused_and_left_alone() {
+    use meshnet_common::{names, FlowKey, NatFwd};
+    let t = Topology::new(Options::default());
+    let sized = |n: u32| format!("{}nat:\n  maxFlows: {n}\n", node1_config(POD_INTERFACES));
+    let mut agent = start(&t, &sized(1024), &[]);
+    assert_eq!(request(&t, app_a(), "one"), "app 10.245.0.20:8080 got one");
+    assert!(agent.child.stop());
+
+    let maps = t.pin_path().join("maps");
+    let mut home = open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD));
+    let real = home.iter().next().unwrap().unwrap();
+    for i in 0..600u16 {
+        home.insert(FlowKey { sport_be: (10_000 + i).to_be(), ..real.0 }, real.1, 0).unwrap();
+    }
+    let aside = maps.join(format!("{}_migrating", names::NAT_FWD));
+    let value = u32::try_from(size_of::<NatFwd>()).unwrap();
+    meshnet_tests::raw_bpf::create_pinned(&aside, meshnet_tests::raw_bpf::HASH, 16, value, 1024, 1);
+    let mut old = open_hash::<FlowKey, NatFwd>(&aside);
+    for i in 0..600u16 {
+        old.insert(FlowKey { sport_be: (20_000 + i).to_be(), ..real.0 }, real.1, 0).unwrap();
+    }
+    let before = home.keys().count();
+
+    // Another size, so the map at home must move aside too: 1,201 flows for 1,025 entries.
+    let cfg_path = t.write_config(&sized(1025));
+    let out = refused_start(&t, &cfg_path);
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the agent dropped flows for want of room: {text}");
+    assert!(text.contains(&format!("hold {} flows together", before + 600)) && text.contains("raise nat.maxFlows"), "{text}");
+    assert_eq!(open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).keys().count(), before, "the map at home was touched");
+    assert!(aside.exists());
+    assert!(!maps.join(&meshnet::migrate::migrating_names(names::NAT_FWD)[1]).exists());
+}
+
 /// A larger nat.maxFlows takes effect at the next restart, which moves every flow into maps
 /// of the new size: no detach, and a held connection keeps working. A pinned flow map this
 /// build cannot convert is refused, and left as it is.
@@ -779,10 +827,7 @@ fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
     std::fs::remove_file(&rev).unwrap();
     meshnet_tests::raw_bpf::create_pinned(&rev, meshnet_tests::raw_bpf::HASH, 16, 8, 1024, 0);
     let cfg_path = t.write_config(&bigger);
-    let out = std::process::Command::new("nsenter")
-        .args(Agent::argv(&t.node1, &cfg_path, &t.pin_path(), &[])[1..].iter())
-        .output()
-        .unwrap();
+    let out = refused_start(&t, &cfg_path);
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "the agent accepted a map it cannot use: {text}");
     assert!(text.contains("cannot be used by this build") && text.contains(names::NAT_REV), "{text}");
