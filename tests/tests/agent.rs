@@ -88,16 +88,21 @@ fn config_with_cluster3(port2: u16) -> String {
     )
 }
 
-#[test]
-fn reload_adds_changes_and_removes_peers() {
-    let t = Topology::new(Options::default());
-    // A second NodePort on node2 for the same gateway, to move cluster2's gateway to.
+/// A second NodePort on node2 for the same gateway: 31999.
+fn second_nodeport(t: &Topology) {
     t.node2.exec(&format!(
         "iptables -t nat -A PREROUTING -d {} -p tcp --dport 31999 -j DNAT --to-destination {}:{}",
         topo::NODE2_LAN,
         topo::GW_IP,
         topo::GW_PORT
     ));
+}
+
+#[test]
+fn reload_adds_changes_and_removes_peers() {
+    let t = Topology::new(Options::default());
+    // To move cluster2's gateway to.
+    second_nodeport(&t);
     let agent = start(&t, &node1_config(POD_INTERFACES), &[]);
     assert_eq!(request(&t, app_a(), "v1"), "app 10.245.0.20:8080 got v1");
     assert_eq!(nat(&t).len(), 1);
@@ -131,13 +136,8 @@ fn reload_adds_changes_and_removes_peers() {
 #[test]
 fn replacing_two_peers_lets_a_grace_period_pass_after_each() {
     let t = Topology::new(Options::default());
-    // A second NodePort on node2 for the same gateway, for cluster2's second gateway.
-    t.node2.exec(&format!(
-        "iptables -t nat -A PREROUTING -d {} -p tcp --dport 31999 -j DNAT --to-destination {}:{}",
-        topo::NODE2_LAN,
-        topo::GW_IP,
-        topo::GW_PORT
-    ));
+    // For cluster2's second gateway.
+    second_nodeport(&t);
     // No probes: a gateway marked down would replace its peer once more.
     let no_health = "health:\n  enabled: false\n";
     let agent = start(&t, &format!("{}{no_health}", config_with_cluster3(topo::NODEPORT_TCP)), &["--metrics-addr", "127.0.0.1:9464"]);
