@@ -296,11 +296,7 @@ fn check_migratable(pins: &Pins, spec: &Spec, info: &MapInfo, path: &std::path::
         return refuse("its key or value layout is not one this build knows how to convert".into());
     }
     if spec.ty == MapType::Hash && spec.name != names::PEERS {
-        let map = Map::from_map_data(MapData::from_pin(path)?)?;
-        let n = match info.value_size() {
-            24 => HashMap::<_, FlowKey, [u8; 24]>::try_from(map)?.keys().count(),
-            _ => HashMap::<_, FlowKey, [u8; 32]>::try_from(map)?.keys().count(),
-        } as u64;
+        let n = flow_keys(path)?.len() as u64;
         if n > u64::from(spec.max_entries) {
             return refuse(format!(
                 "it holds {n} flows and nat.maxFlows is {}; raise nat.maxFlows to at least {n}",
