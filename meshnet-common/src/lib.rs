@@ -120,6 +120,10 @@ pub mod names {
     pub const PROG_LOG: &str = "meshnet_log";
     /// An empty tc program, the floor in benchmarks.
     pub const PROG_EMPTY: &str = "meshnet_empty";
+    /// Only in the `bench-floor` object: a new flow's lookup and both state inserts, nothing
+    /// else, and the same with one insert; the floors of a new flow in benchmarks.
+    pub const PROG_FLOOR_TWO_INSERTS: &str = "meshnet_floor_two_inserts";
+    pub const PROG_FLOOR_ONE_INSERT: &str = "meshnet_floor_one_insert";
     /// Tunnel mode: tc ingress on the uplinks, where tunnel packets arrive. Decapsulates
     /// what peers' nodes send to this node's tunnel port, before netfilter sees it.
     pub const PROG_TUNNEL_IN: &str = "meshnet_tun_in";

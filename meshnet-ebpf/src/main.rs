@@ -7,6 +7,8 @@
 #![cfg_attr(feature = "datapath-log", feature(core_intrinsics))]
 #![cfg_attr(feature = "datapath-log", allow(internal_features))]
 
+#[cfg(feature = "bench-floor")]
+mod floor;
 mod log;
 mod maps;
 mod nat;
@@ -50,6 +52,20 @@ pub fn meshnet_log(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn meshnet_empty(_ctx: TcContext) -> i32 {
     nat::PASS
+}
+
+/// Benchmark floor: a new flow's lookup and its two inserts, nothing else (see `floor`).
+#[cfg(feature = "bench-floor")]
+#[classifier]
+pub fn meshnet_floor_two_inserts(ctx: TcContext) -> i32 {
+    floor::new_flow(&ctx, true)
+}
+
+/// Benchmark floor: a new flow's lookup and one insert.
+#[cfg(feature = "bench-floor")]
+#[classifier]
+pub fn meshnet_floor_one_insert(ctx: TcContext) -> i32 {
+    floor::new_flow(&ctx, false)
 }
 
 #[cfg(not(test))]

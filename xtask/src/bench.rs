@@ -1,9 +1,9 @@
 //! `cargo xtask bench [--quick]`: builds what the benchmarks measure and runs them.
 //!
 //! Builds the release eBPF objects (embedded in `meshnet`: the datapath and its logging build,
-//! which is measured beside it), the two benchmark-only variants of it (`bench-no-rewrite`,
+//! which is measured beside it), the benchmark-only variants of it (`bench-no-rewrite`,
 //! `bench-no-clock`: the datapath with one part taken out, so that its cost shows by
-//! difference), the release `meshnet` binary (the agent under test, on both nodes in tunnel
+//! difference; `bench-floor`: two extra programs, a new flow's lookup and inserts alone), the release `meshnet` binary (the agent under test, on both nodes in tunnel
 //! mode) and the `meshnet-bench` binary, then runs `meshnet-bench`, which writes
 //! docs/benchmarks.md, docs/benchmarks.json and the plots beside them. The end-to-end part's
 //! VXLAN baseline for tunnel mode needs a kernel with VXLAN (`ip link add … type vxlan`).
@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use super::{build_ebpf, build_ebpf_variant, cargo, ebpf_prerequisites, missing_apt_packages, require_root, root_dir, run, setup};
 
 /// Datapath variants built for the cost breakdown, by cargo feature of meshnet-ebpf.
-const VARIANTS: [&str; 2] = ["bench-no-rewrite", "bench-no-clock"];
+const VARIANTS: [&str; 3] = ["bench-no-rewrite", "bench-no-clock", "bench-floor"];
 
 pub struct Options {
     pub quick: bool,

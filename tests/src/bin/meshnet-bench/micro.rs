@@ -618,6 +618,75 @@ fn chain_new_flows(p: &Params, on_demand: bool) -> anyhow::Result<Value> {
     }))
 }
 
+/// The `bench-floor` build: a new flow's floors (`meshnet-ebpf/src/floor.rs`).
+pub const FLOOR_VARIANT: &str = "bench-floor";
+
+/// Method C on the floor programs of the `bench-floor` build: the same flow maps, allocated
+/// as [`chain_new_flows`] has them, the same calls and batches, each run a new flow (the
+/// program sends the packet on to the next address up). `both`: the floor with both inserts
+/// (meshnet's design), else with one. Every flow's entries must be there to be removed
+/// after its batch: that proves each run inserted.
+fn chain_floor(p: &Params, object: &[u8], both: bool) -> anyhow::Result<Value> {
+    let mut dp = Dp::load(limits::DEFAULT_NAT_ENTRIES, Some(object))?;
+    let name = if both { names::PROG_FLOOR_TWO_INSERTS } else { names::PROG_FLOOR_ONE_INSERT };
+    let unloaded: &mut SchedClassifier = dp.ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+    unloaded.load().with_context(|| format!("the kernel refused {name}"))?;
+    let floor = prog(&dp.ebpf, name);
+    let empty = prog(&dp.ebpf, names::PROG_EMPTY);
+    let repeat = u32::try_from(CHAIN + 1)?;
+    let per_batch = limits::DEFAULT_NAT_ENTRIES as usize * 7 / 10 / (CHAIN + 1);
+    let syscalls = p.new_flows.div_ceil(CHAIN + 1);
+    let mut syn = tcp(POD, 1, REMOTE, APP_PORT, true);
+    let (mut floor_b, mut empty_b) = (Vec::new(), Vec::new());
+    let mut done = 0;
+    while done < syscalls {
+        let n = per_batch.min(syscalls - done);
+        let (mut e, mut f) = (0.0, 0.0);
+        for i in done..done + n {
+            new_flow_syn(&mut syn, i);
+            let r = test_run(floor, &syn, repeat)?;
+            ensure!(r.ret == OK, "{name}, call {i}: verdict {}", r.ret);
+            f += r.kernel.as_nanos() as f64;
+            e += test_run(empty, &syn, repeat)?.kernel.as_nanos() as f64;
+        }
+        floor_b.push(f / n as f64);
+        empty_b.push(e / n as f64);
+        for i in done..done + n {
+            let (ip, port) = new_flow_tuple(i);
+            for k in 0..=CHAIN {
+                let dst = (u32::from_be_bytes(REMOTE) + k as u32).to_be_bytes();
+                dp.maps.nat_fwd.remove(&key(ip, port, dst, APP_PORT)).with_context(|| format!("{name}: flow {k} of call {i}"))?;
+                if both {
+                    let next = (u32::from_be_bytes(dst) + 1).to_be_bytes();
+                    dp.maps.nat_rev.remove(&key(next, APP_PORT, ip, port)).with_context(|| format!("{name}: reply tuple {k} of call {i}"))?;
+                }
+            }
+        }
+        done += n;
+    }
+    ensure!(dp.maps.nat_fwd.keys().count() == 0 && dp.maps.nat_rev.keys().count() == 0, "{name}: entries left after the batches");
+    Ok(json!({
+        "inserts": if both { 2 } else { 1 },
+        "new_flows": syscalls * (CHAIN + 1),
+        "empty": { "ns": Stat::of(&empty_b).json() },
+        "new_flow": {
+            "ns": Stat::of(&floor_b).json(),
+            "net_ns": Stat::of(&floor_b.iter().zip(&empty_b).map(|(f, e)| f - e).collect::<Vec<_>>()).json(),
+        },
+    }))
+}
+
+/// Both floors, where the `bench-floor` build was given.
+fn chain_floors(p: &Params) -> anyhow::Result<Value> {
+    let Some((_, object)) = p.variants.iter().find(|(n, _)| n == FLOOR_VARIANT) else {
+        return Ok(Value::Null);
+    };
+    Ok(json!({
+        "two_inserts": chain_floor(p, object, true).context("the floor with two inserts")?,
+        "one_insert": chain_floor(p, object, false).context("the floor with one insert")?,
+    }))
+}
+
 fn measure_config(p: &Params, n: usize, set: PrefixSet, naive: Option<&mut Value>) -> anyhow::Result<Value> {
     let mut dp = Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?;
     dp.add_routes(&prefixes(set, n - 1))?;
@@ -741,7 +810,7 @@ fn reads_checksum_state(p: &Params) -> anyhow::Result<bool> {
 fn breakdown(p: &Params) -> anyhow::Result<Value> {
     let pk = Packets::new();
     let mut dps = vec![("default".to_string(), Dp::load(limits::DEFAULT_NAT_ENTRIES, p.object.as_deref())?)];
-    for (name, obj) in &p.variants {
+    for (name, obj) in p.variants.iter().filter(|(n, _)| n != FLOOR_VARIANT) {
         dps.push((name.clone(), Dp::load(limits::DEFAULT_NAT_ENTRIES, Some(obj))?));
     }
     if reads_checksum_state(p)? {
@@ -881,7 +950,11 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     if std::env::var_os("MNBENCH_CHAIN_ONLY").is_some() {
         let chained = chain_new_flows(p, false).context("new flows through a chain of routes")?;
         let on_demand = chain_new_flows(p, true).context("new flows, flow maps allocated on demand")?;
-        return Ok(json!({ "repeat": p.repeat, "reps": p.reps, "new_flow_chain": chained, "new_flow_chain_on_demand": on_demand }));
+        let floors = chain_floors(p)?;
+        return Ok(json!({
+            "repeat": p.repeat, "reps": p.reps, "new_flow_chain": chained, "new_flow_chain_on_demand": on_demand,
+            "new_flow_floors": floors,
+        }));
     }
     eprintln!("bench: datapath, tunnel mode (encapsulation, decapsulation, the uplink's other traffic)");
     let tunnel = crate::micro_tunnel::run(p).context("tunnel mode")?;
@@ -918,6 +991,8 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     } else {
         Value::Null
     };
+    eprintln!("bench: datapath, the new flow's floors (its lookup and inserts alone)");
+    let floors = chain_floors(p)?;
     let parts = if p.variants.is_empty() {
         Value::Null
     } else {
@@ -931,6 +1006,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         "naive_repeat": naive,
         "new_flow_chain": chained,
         "new_flow_chain_on_demand": on_demand,
+        "new_flow_floors": floors,
         "full_maps": full,
         "breakdown": parts,
         "checksum_state_read": reads_checksum_state(p)?,
