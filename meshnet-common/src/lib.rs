@@ -103,11 +103,18 @@ pub mod names {
     /// Array of `u32`, one slot per [`crate::switch`]: what the agent tells the datapath at
     /// run time to skip work that cannot matter. An array lookup, which the verifier inlines.
     pub const SWITCHES: &str = "mn_switches_v1";
+    /// Array of one `u32`: this node's tunnel port (network byte order, in the low 16 bits)
+    /// while it has tunnel settings, else 0. The uplink program runs on every packet the node
+    /// receives; this inlined array read lets it pass UDP to any other port (DNS, another
+    /// CNI's VXLAN, UDP NodePorts) without the settings' hash lookup. The agent writes it
+    /// after the settings and clears it before removing them; the settings' own port is
+    /// still checked, so a read of a port being changed can only pass a packet, never take one.
+    pub const TUN_PORT: &str = "mn_tun_port_v1";
 
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 16] = [
+    pub const ALL_MAPS: [&str; 17] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS, TUN_PORTS, SWITCHES,
+        TUN_STATS, TUN_PORTS, SWITCHES, TUN_PORT,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use meshnet_common::{switch, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
 
 use crate::{
-    maps::{count, TUN_CONFIG, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
+    maps::{count, TUN_CONFIG, TUN_NODES, TUN_PORT, TUN_PORTS, TUN_ROUTES, TUN_STATS},
     nat::PASS,
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
@@ -287,8 +287,8 @@ fn drop_first_part(ctx: &TcContext, first: u32) -> Result<(), Counter> {
 /// dropped and counted; everything else passes untouched.
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> i32 {
-    // The uplink carries all of the node's traffic: the settings are looked up only for UDP,
-    // the one protocol the tunnel uses.
+    // The uplink carries all of the node's traffic: the settings are looked up only for UDP
+    // to the tunnel port, which an inlined array read tells (`names::TUN_PORT`).
     let Ok(Some(ip)) = parse::ipv4(ctx) else {
         return PASS;
     };
@@ -298,6 +298,10 @@ pub fn decap(ctx: &TcContext) -> i32 {
     let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
         return PASS;
     };
+    match TUN_PORT.get(0) {
+        Some(&port) if port != 0 && port == u32::from(l4.dport_be) => {}
+        _ => return PASS,
+    }
     let Some(cfg) = config() else {
         return PASS;
     };

@@ -30,6 +30,7 @@ pub type TunConfigMap = HashMap<MapData, u32, TunnelConfig>;
 pub type TunStats = PerCpuHashMap<MapData, u32, TunnelStats>;
 pub type TunPorts = HashMap<MapData, u32, PodPort>;
 pub type Switches = aya::maps::Array<MapData, u32>;
+pub type TunPort = aya::maps::Array<MapData, u32>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -120,6 +121,9 @@ pub struct TunnelMaps {
     pub ports: TunPorts,
     /// `None` where an older agent's pins lack it: the datapath then does every lookup.
     pub switches: Option<Switches>,
+    /// The port the uplink program takes (`names::TUN_PORT`); `None` where an older agent's
+    /// pins lack it, whose programs look up the settings for every UDP packet instead.
+    pub port: Option<TunPort>,
 }
 
 /// What a sync changed, for the agent's log.
@@ -156,6 +160,7 @@ impl TunnelMaps {
             // Missing only where an older agent made the pins; any other failure is an error,
             // or a switch left on would hide every route written from then on.
             switches: if pins.map(names::SWITCHES).exists() { Some(open(pins, names::SWITCHES)?) } else { None },
+            port: if pins.map(names::TUN_PORT).exists() { Some(open(pins, names::TUN_PORT)?) } else { None },
         })
     }
 
@@ -174,7 +179,41 @@ impl TunnelMaps {
                 Some(m) => Some(Switches::try_from(m).map_err(bad(names::SWITCHES))?),
                 None => None,
             },
+            port: match ebpf.take_map(names::TUN_PORT) {
+                Some(m) => Some(TunPort::try_from(m).map_err(bad(names::TUN_PORT))?),
+                None => None,
+            },
         })
+    }
+
+    /// Tells the uplink program which port to take (network byte order; 0: none), writing
+    /// only a change.
+    fn set_port(&mut self, port_be: u16) -> anyhow::Result<()> {
+        let Some(map) = &mut self.port else {
+            return Ok(());
+        };
+        let value = u32::from(port_be);
+        if map.get(&0, 0).ok() != Some(value) {
+            map.set(0, value, 0).context("writing the tunnel port")?;
+        }
+        Ok(())
+    }
+
+    /// The port the uplink program takes (`Some(0)`: none; `None` without the map).
+    #[must_use]
+    pub fn taken_port(&self) -> Option<u16> {
+        self.port.as_ref().and_then(|m| m.get(&0, 0).ok()).and_then(|v| u16::try_from(v).ok()).map(u16::from_be)
+    }
+
+    /// The settings the uplink program acts on: none while the port it takes is not theirs
+    /// (it then passes every packet), as `meshnet explain` must show.
+    #[must_use]
+    pub fn effective_config(&self) -> Option<TunnelConfig> {
+        let cfg = self.current_config()?;
+        match self.taken_port() {
+            Some(port) if port != u16::from_be(cfg.port_be) => None,
+            _ => Some(cfg),
+        }
     }
 
     /// Sets a datapath switch (`meshnet_common::switch`), writing only a change.
@@ -292,6 +331,9 @@ impl TunnelMaps {
                 }
                 report.config_changed = true;
             }
+            // After the settings, so that a packet the program takes finds them; checked even
+            // when they did not change, for a map an older agent's pins lacked.
+            self.set_port(c.port_be)?;
         }
         let peers: BTreeSet<u32> = desired.tun_nodes.values().copied().collect();
         let have_stats: BTreeSet<u32> = self.stats.keys().flatten().collect();
@@ -349,6 +391,9 @@ impl TunnelMaps {
         for id in have_stats.difference(&peers) {
             let _ = self.stats.remove(id);
             grace::freed(names::TUN_STATS);
+        }
+        if want_config.is_none() {
+            self.set_port(0)?;
         }
         if want_config.is_none() && self.current_config().is_some() {
             self.config.remove(&0).context("removing the tunnel settings")?;

@@ -452,6 +452,50 @@ fn traffic_not_for_the_tunnel_port_passes_untouched() {
     }
 }
 
+/// The uplink program takes UDP only to the port the agent publishes beside the settings
+/// (`names::TUN_PORT`), so that the node's other UDP traffic costs no hash lookup. A port
+/// change moves it, removing the settings clears it, and a published port that is not the
+/// settings' (a change half done) makes the program pass packets rather than take them.
+#[test]
+fn the_uplink_takes_only_the_port_published_with_the_settings() {
+    let mut h = Harness::new();
+    assert_eq!(h.tunnel.taken_port(), Some(PORT));
+    let inner = udp(REMOTE, POD, 53, 5000, b"answer");
+    let to = |port| tunnel_packet(PEER_NODE, port, good_header(), &inner);
+    let passes = |h: &Harness, what: &str, pkt: &[u8]| {
+        let before = h.counters();
+        assert_eq!(h.run(names::PROG_TUNNEL_IN, pkt), (UNSPEC, pkt.to_vec()), "{what}");
+        assert_counter_delta(what, &before, &h.counters(), &[]);
+    };
+    h.expect("the tunnel port", names::PROG_TUNNEL_IN, &to(PORT), OK, &[("tunnel_decap", 1)]);
+
+    // The port moves: the old one is any other UDP port now.
+    const MOVED: u16 = 31900;
+    let mut desired = Config::from_yaml(CONFIG).unwrap().desired();
+    desired.tun_config = desired.tun_config.map(|c| meshnet_common::TunnelConfig { port_be: MOVED.to_be(), ..c });
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
+    let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+    assert!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed);
+    assert_eq!(h.tunnel.taken_port(), Some(MOVED));
+    passes(&h, "the old port", &to(PORT));
+    h.expect("the new port", names::PROG_TUNNEL_IN, &to(MOVED), OK, &[("tunnel_decap", 1)]);
+
+    // Published and set ports disagree: neither is taken, and explain says the same.
+    h.tunnel.port.as_mut().unwrap().set(0, u32::from(PORT.to_be()), 0).unwrap();
+    passes(&h, "the published port, not the settings'", &to(PORT));
+    passes(&h, "the settings' port, not the published one", &to(MOVED));
+    assert_eq!(h.tunnel.effective_config(), None);
+    assert_eq!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed, false, "only the port is put right");
+    assert_eq!(h.tunnel.taken_port(), Some(MOVED));
+    h.expect("put right", names::PROG_TUNNEL_IN, &to(MOVED), OK, &[("tunnel_decap", 1)]);
+
+    // No settings: no port taken.
+    h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
+    assert_eq!((h.tunnel.taken_port(), h.tunnel.current_config()), (Some(0), None));
+    passes(&h, "no settings", &to(MOVED));
+}
+
 #[test]
 fn no_truncation_of_a_tunnel_packet_is_delivered_or_crashes_the_program() {
     let h = Harness::new();

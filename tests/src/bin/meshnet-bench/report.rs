@@ -1649,6 +1649,27 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
             },
         });
     }
+    let am = &t["amortised"];
+    if am["uplink_udp"].is_object() {
+        let (udp, tcp) = (med(&am["uplink_udp"]["ratio_to_empty"]), med(&am["uplink_tcp"]["ratio_to_empty"]));
+        let worst = udp.max(tcp);
+        out.push(Target {
+            what: "traffic meshnet does not own on an uplink: `meshnet_tun_in` on UDP to another port than the tunnel's, and on TCP".into(),
+            measured: format!(
+                "{:.1} and {:.1} ns vs {:.1} ns for the empty program: {udp:.2}× and {tcp:.2}×",
+                med(&am["uplink_udp"]["ns"]),
+                med(&am["uplink_tcp"]["ns"]),
+                med(&am["empty"]["ns"])
+            ),
+            goal: "≤ 1.5× the empty program".into(),
+            met: worst <= 1.5,
+            void: void_of(&am[if udp >= tcp { "uplink_udp" } else { "uplink_tcp" }]["ratio_to_empty"], "the uplink's other traffic"),
+            why: "the uplink program sees every packet the node receives there: it reads the IPv4 header, and \
+                  for UDP the ports and the port the agent published beside the tunnel settings (an array \
+                  read the verifier inlines); only UDP to that port goes on to the settings' hash lookup."
+                .into(),
+        });
+    }
     out
 }
 
@@ -2003,7 +2024,10 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
         md,
         "The uplink program runs on every packet the node receives on its uplinks, the node's own \
          traffic included: {uplink:.0} ns net for a TCP packet, which it passes after reading its \
-         IPv4 header (only UDP goes on to the tunnel settings' hash lookup).\n"
+         IPv4 header, and {:.0} ns for UDP to another port than the tunnel's, passed after the ports \
+         and the published tunnel port are read (`mn_tun_port_v1`, an inlined array read): only UDP \
+         to that port goes on to the tunnel settings' hash lookup.\n",
+        med(&am["uplink_udp"]["net_ns"]),
     );
 }
 
