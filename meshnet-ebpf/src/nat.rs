@@ -592,7 +592,8 @@ enum Claim {
 /// Takes the reply tuple `rev_key` for this flow. The insert is tried first: a free tuple,
 /// what nearly every new flow finds, then costs one bucket walk instead of a lookup that
 /// misses and the insert's own walk; a taken one is refused (`BPF_NOEXIST`) before the
-/// kernel takes an element, so probing it changes nothing.
+/// kernel takes an element, so probing it changes nothing. Probing a taken tuple now costs
+/// the bucket's lock and a lookup, not one lookup: only collisions pay that.
 #[inline(always)]
 fn claim(rev_key: &FlowKey, rev: &NatRev) -> Claim {
     let same = |cur: &NatRev| {

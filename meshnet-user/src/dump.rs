@@ -284,7 +284,14 @@ pub fn table(d: &Dump) -> String {
         let settings: Vec<Vec<String>> = t
             .settings
             .iter()
-            .map(|s| vec![s.port.to_string(), s.delivery.to_string(), s.mtu.to_string(), format!("{:08x}", s.cluster_id), s.pod_cidrs.join(",")])
+            .map(|s| {
+                let port = match s.taken_port {
+                    Some(0) => format!("{} (uplink program takes none)", s.port),
+                    Some(taken) if taken != s.port => format!("{} (uplink program takes {taken})", s.port),
+                    _ => s.port.to_string(),
+                };
+                vec![port, s.delivery.to_string(), s.mtu.to_string(), format!("{:08x}", s.cluster_id), s.pod_cidrs.join(",")]
+            })
             .collect();
         render(&mut out, "tunnel settings", &["PORT", "DELIVERY", "MTU", "CLUSTER ID", "POD CIDRS"], &settings);
         let routes: Vec<Vec<String>> = t

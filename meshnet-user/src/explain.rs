@@ -177,6 +177,9 @@ pub struct Snapshot {
     pub tun_routes: BTreeMap<Ipv4Net, TunnelNode>,
     pub tun_nodes: BTreeMap<Ipv4Addr, u32>,
     pub tun_config: Option<TunnelConfig>,
+    /// The port published to the uplink program (`names::TUN_PORT`; `Some(0)`: none), `None`
+    /// without that map (pins of an older release, whose program takes the settings' port).
+    pub tun_port: Option<u16>,
     /// Maps that could not be read, with why.
     pub missing: Vec<String>,
 }
@@ -210,11 +213,11 @@ impl Snapshot {
         let names = maps::open::<maps::Names>(pins, names::PEER_NAMES)
             .map(|m| m.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect())
             .unwrap_or_default();
-        let (tun_routes, tun_nodes, tun_config) = match crate::tunnel::TunnelMaps::open(pins) {
-            Ok(t) => (t.effective_routes(), t.current_nodes(), t.effective_config()),
+        let (tun_routes, tun_nodes, tun_config, tun_port) = match crate::tunnel::TunnelMaps::open(pins) {
+            Ok(t) => (t.effective_routes(), t.current_nodes(), t.current_config(), t.taken_port()),
             Err(_) => Default::default(),
         };
-        Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), tun_routes, tun_nodes, tun_config, missing }
+        Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), tun_routes, tun_nodes, tun_config, tun_port, missing }
     }
 
     /// The same view of maps already open, such as an unpinned load's, whose flow table
@@ -234,6 +237,7 @@ impl Snapshot {
             tun_routes: BTreeMap::new(),
             tun_nodes: BTreeMap::new(),
             tun_config: None,
+            tun_port: None,
             missing: Vec::new(),
         })
     }
@@ -241,7 +245,7 @@ impl Snapshot {
     /// This snapshot with the tunnel maps of `t` (an unpinned load's, in tests).
     #[must_use]
     pub fn with_tunnel(self, t: &crate::tunnel::TunnelMaps) -> Self {
-        Self { tun_routes: t.current_routes(), tun_nodes: t.current_nodes(), tun_config: t.effective_config(), ..self }
+        Self { tun_routes: t.current_routes(), tun_nodes: t.current_nodes(), tun_config: t.current_config(), tun_port: t.taken_port(), ..self }
     }
 
     fn peer_name(&self, id: u32) -> String {
@@ -600,7 +604,23 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
         ex.finish(Verdict::PassNotMeshnet, &[], "not meshnet's: passes unchanged (no tunnel on this node)");
         return ex;
     };
-    ex.step(format!("tunnel port: UDP {} (anything to another port passes untouched)", u16::from_be(cfg.port_be)));
+    let port = u16::from_be(cfg.port_be);
+    match snap.tun_port {
+        Some(taken) if taken != port => {
+            let taken = if taken == 0 { "none".to_string() } else { format!("UDP {taken}") };
+            ex.step(format!(
+                "tunnel port: the settings say UDP {port}, but the port published to the uplink program ({}) is {taken}",
+                names::TUN_PORT
+            ));
+            ex.finish(
+                Verdict::PassNotMeshnet,
+                &[],
+                "passes unchanged: the uplink program takes no port the settings do not name (a change the agent's next sync completes)",
+            );
+            return ex;
+        }
+        _ => ex.step(format!("tunnel port: UDP {port} (anything to another port passes untouched)")),
+    }
     let Some(peer_id) = snap.tun_nodes.get(&from).copied() else {
         ex.step(format!("node: {from} is no tunnel peer's node ({})", names::TUN_NODES));
         ex.finish(Verdict::TunnelDrop, &["tunnel_unknown_node"], "dropped: not from a known peer node");
@@ -1532,5 +1552,11 @@ mod tunnel_tests {
         let none = Snapshot { tun_config: None, ..snapshot() };
         let e = explain_decap(&none, "192.0.2.2".parse().unwrap(), &q("10.245.0.20:1", "10.244.0.10:2", Proto::Udp));
         assert_eq!(e.verdict, Verdict::PassNotMeshnet);
+        // The port published to the uplink program decides too; without that map, the settings.
+        for (taken, verdict) in [(None, Verdict::TunnelDeliver), (Some(31800), Verdict::TunnelDeliver), (Some(31801), Verdict::PassNotMeshnet), (Some(0), Verdict::PassNotMeshnet)] {
+            let s = Snapshot { tun_port: taken, ..snapshot() };
+            let e = explain_decap(&s, "192.0.2.2".parse().unwrap(), &q("10.245.0.20:1", "10.244.0.10:2", Proto::Udp));
+            assert_eq!(e.verdict, verdict, "{taken:?}: {}", e.text());
+        }
     }
 }

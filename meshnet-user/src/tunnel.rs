@@ -134,6 +134,8 @@ pub struct TunnelReport {
     pub nodes_written: usize,
     pub nodes_removed: usize,
     pub config_changed: bool,
+    /// The port published to the uplink program changed (`names::TUN_PORT`).
+    pub port_written: bool,
     /// Peer nodes without a route from here: their pod CIDRs are not routed until they have.
     pub unresolved: Vec<Ipv4Addr>,
 }
@@ -187,16 +189,17 @@ impl TunnelMaps {
     }
 
     /// Tells the uplink program which port to take (network byte order; 0: none), writing
-    /// only a change.
-    fn set_port(&mut self, port_be: u16) -> anyhow::Result<()> {
+    /// only a change; whether it wrote.
+    fn set_port(&mut self, port_be: u16) -> anyhow::Result<bool> {
         let Some(map) = &mut self.port else {
-            return Ok(());
+            return Ok(false);
         };
         let value = u32::from(port_be);
-        if map.get(&0, 0).ok() != Some(value) {
-            map.set(0, value, 0).context("writing the tunnel port")?;
+        if map.get(&0, 0).ok() == Some(value) {
+            return Ok(false);
         }
-        Ok(())
+        map.set(0, value, 0).context("writing the tunnel port")?;
+        Ok(true)
     }
 
     /// The port the uplink program takes (`Some(0)`: none; `None` without the map).
@@ -205,16 +208,6 @@ impl TunnelMaps {
         self.port.as_ref().and_then(|m| m.get(&0, 0).ok()).and_then(|v| u16::try_from(v).ok()).map(u16::from_be)
     }
 
-    /// The settings the uplink program acts on: none while the port it takes is not theirs
-    /// (it then passes every packet), as `meshnet explain` must show.
-    #[must_use]
-    pub fn effective_config(&self) -> Option<TunnelConfig> {
-        let cfg = self.current_config()?;
-        match self.taken_port() {
-            Some(port) if port != u16::from_be(cfg.port_be) => None,
-            _ => Some(cfg),
-        }
-    }
 
     /// Sets a datapath switch (`meshnet_common::switch`), writing only a change.
     fn set_switch(&mut self, slot: u32, on: bool) -> anyhow::Result<()> {
@@ -333,7 +326,7 @@ impl TunnelMaps {
             }
             // After the settings, so that a packet the program takes finds them; checked even
             // when they did not change, for a map an older agent's pins lacked.
-            self.set_port(c.port_be)?;
+            report.port_written = self.set_port(c.port_be)?;
         }
         let peers: BTreeSet<u32> = desired.tun_nodes.values().copied().collect();
         let have_stats: BTreeSet<u32> = self.stats.keys().flatten().collect();
@@ -393,7 +386,7 @@ impl TunnelMaps {
             grace::freed(names::TUN_STATS);
         }
         if want_config.is_none() {
-            self.set_port(0)?;
+            report.port_written = self.set_port(0)?;
         }
         if want_config.is_none() && self.current_config().is_some() {
             self.config.remove(&0).context("removing the tunnel settings")?;
@@ -454,6 +447,9 @@ pub struct TunnelPeerRow {
 pub struct TunnelSettingsRow {
     pub cluster_id: u32,
     pub port: u16,
+    /// The port published to the uplink program (`names::TUN_PORT`; 0: none), which it takes
+    /// only while it is `port`; `None` without that map (pins of an older release).
+    pub taken_port: Option<u16>,
     pub delivery: &'static str,
     pub mtu: u32,
     pub pod_cidrs: Vec<String>,
@@ -487,6 +483,7 @@ impl TunnelMaps {
         let settings = self.current_config().map(|c| TunnelSettingsRow {
             cluster_id: c.cluster_id,
             port: u16::from_be(c.port_be),
+            taken_port: self.taken_port(),
             delivery: if c.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 { "redirect" } else { "stack" },
             mtu: c.mtu,
             pod_cidrs: c

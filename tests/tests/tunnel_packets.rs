@@ -458,8 +458,15 @@ fn traffic_not_for_the_tunnel_port_passes_untouched() {
 /// settings' (a change half done) makes the program pass packets rather than take them.
 #[test]
 fn the_uplink_takes_only_the_port_published_with_the_settings() {
+    use meshnet::explain::{explain_decap, Proto, Query, Snapshot, Verdict};
     let mut h = Harness::new();
     assert_eq!(h.tunnel.taken_port(), Some(PORT));
+    let explained = |h: &Harness| {
+        let snap = Snapshot::of_maps(&h._maps, 65_536, Ipv4Addr::from(POD)).unwrap().with_tunnel(&h.tunnel);
+        let q = Query { src: format!("{}:53", Ipv4Addr::from(REMOTE)).parse().unwrap(), dst: format!("{}:5000", Ipv4Addr::from(POD)).parse().unwrap(), proto: Proto::Udp };
+        explain_decap(&snap, Ipv4Addr::from(PEER_NODE), &q).verdict
+    };
+    assert_eq!(explained(&h), Verdict::TunnelDeliver);
     let inner = udp(REMOTE, POD, 53, 5000, b"answer");
     let to = |port| tunnel_packet(PEER_NODE, port, good_header(), &inner);
     let passes = |h: &Harness, what: &str, pkt: &[u8]| {
@@ -476,19 +483,27 @@ fn the_uplink_takes_only_the_port_published_with_the_settings() {
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
     let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
-    assert!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed);
+    let report = h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
+    assert!(report.config_changed && report.port_written, "{report:?}");
     assert_eq!(h.tunnel.taken_port(), Some(MOVED));
     passes(&h, "the old port", &to(PORT));
     h.expect("the new port", names::PROG_TUNNEL_IN, &to(MOVED), OK, &[("tunnel_decap", 1)]);
 
-    // Published and set ports disagree: neither is taken, and explain says the same.
-    h.tunnel.port.as_mut().unwrap().set(0, u32::from(PORT.to_be()), 0).unwrap();
-    passes(&h, "the published port, not the settings'", &to(PORT));
-    passes(&h, "the settings' port, not the published one", &to(MOVED));
-    assert_eq!(h.tunnel.effective_config(), None);
-    assert_eq!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed, false, "only the port is put right");
-    assert_eq!(h.tunnel.taken_port(), Some(MOVED));
-    h.expect("put right", names::PROG_TUNNEL_IN, &to(MOVED), OK, &[("tunnel_decap", 1)]);
+    // Published and set ports disagree, or none is published yet (a fresh map, as after an
+    // upgrade from pins without it, before the first sync): nothing is taken, and explain
+    // says the same; the next sync puts only the port right.
+    for published in [PORT, 0] {
+        h.tunnel.port.as_mut().unwrap().set(0, u32::from(published.to_be()), 0).unwrap();
+        passes(&h, &format!("published {published}: to {PORT}"), &to(PORT));
+        passes(&h, &format!("published {published}: to the settings' {MOVED}"), &to(MOVED));
+        assert_eq!(explained(&h), Verdict::PassNotMeshnet, "published {published}");
+        let report = h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
+        assert!(!report.config_changed && report.port_written, "published {published}: only the port is put right: {report:?}");
+        assert_eq!(h.tunnel.taken_port(), Some(MOVED));
+        h.expect("put right", names::PROG_TUNNEL_IN, &to(MOVED), OK, &[("tunnel_decap", 1)]);
+        assert_eq!(explained(&h), Verdict::TunnelDeliver);
+    }
+    assert!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().is_noop(), "nothing left to write");
 
     // No settings: no port taken.
     h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
