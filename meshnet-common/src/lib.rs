@@ -103,18 +103,20 @@ pub mod names {
     /// Array of `u32`, one slot per [`crate::switch`]: what the agent tells the datapath at
     /// run time to skip work that cannot matter. An array lookup, which the verifier inlines.
     pub const SWITCHES: &str = "mn_switches_v1";
-    /// Array of one `u32`: this node's tunnel port (network byte order, in the low 16 bits)
-    /// while it has tunnel settings, else 0. The uplink program runs on every packet the node
-    /// receives; this inlined array read lets it pass UDP to any other port (DNS, another
-    /// CNI's VXLAN, UDP NodePorts) without the settings' hash lookup. The agent writes it
-    /// after the settings and clears it before removing them; the settings' own port is
-    /// still checked, so a read of a port being changed can only pass a packet, never take one.
-    pub const TUN_PORT: &str = "mn_tun_port_v1";
+    /// Array of `u32`, one per [`crate::tun_fast`] slot: the tunnel settings that paths run
+    /// per packet read, each an inlined array read instead of the settings' hash lookup. The
+    /// uplink program runs on every packet the node receives and passes UDP to any other port
+    /// than the tunnel's (DNS, another CNI's VXLAN, UDP NodePorts) on it; `from_pod` writes
+    /// the cluster id into every packet it encapsulates. The agent writes the slots after the
+    /// settings and clears them before removing them. The uplink program still checks the
+    /// settings' own port, so a read of a port being changed can only pass a packet, never
+    /// take one.
+    pub const TUN_FAST: &str = "mn_tun_fast_v1";
 
     /// Every map, for pinning, dumping and detaching.
     pub const ALL_MAPS: [&str; 17] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS, TUN_PORTS, SWITCHES, TUN_PORT,
+        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
@@ -150,6 +152,17 @@ pub mod switch {
     /// and sets it after it removed the last.
     pub const NO_TUNNEL_ROUTES: u32 = 0;
     pub const COUNT: u32 = 1;
+}
+
+/// The slots of `names::TUN_FAST`.
+pub mod tun_fast {
+    /// This node's tunnel port (network byte order, in the low 16 bits); 0 without tunnel
+    /// settings.
+    pub const PORT: u32 = 0;
+    /// This cluster's id, as in the settings; 0 without them, and `from_pod` then reads the
+    /// settings (as it does for a cluster whose id happens to be 0).
+    pub const CLUSTER_ID: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 pub mod ip_summed {

@@ -75,9 +75,9 @@ pub static TUN_CONFIG: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(1,
 #[map(name = "mn_tun_stats_v1")]
 pub static TUN_STATS: PerCpuHashMap<u32, TunnelStats> = PerCpuHashMap::with_max_entries(limits::MAX_PEERS, 0);
 
-/// See `meshnet_common::names::TUN_PORT`.
-#[map(name = "mn_tun_port_v1")]
-pub static TUN_PORT: Array<u32> = Array::with_max_entries(1, 0);
+/// See `meshnet_common::names::TUN_FAST`.
+#[map(name = "mn_tun_fast_v1")]
+pub static TUN_FAST: Array<u32> = Array::with_max_entries(meshnet_common::tun_fast::COUNT, 0);
 
 #[map(name = "mn_tun_ports_v1")]
 pub static TUN_PORTS: HashMap<u32, PodPort> = HashMap::with_max_entries(limits::MAX_POD_PORTS, BPF_F_NO_PREALLOC);

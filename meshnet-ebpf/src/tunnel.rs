@@ -14,10 +14,10 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use meshnet_common::{switch, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
+use meshnet_common::{switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
 
 use crate::{
-    maps::{count, TUN_CONFIG, TUN_NODES, TUN_PORT, TUN_PORTS, TUN_ROUTES, TUN_STATS},
+    maps::{count, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
     nat::PASS,
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
@@ -104,7 +104,11 @@ pub fn encap(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> i32 {
 
 #[inline(always)]
 fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Counter> {
-    let cfg = config().ok_or(Counter::TunnelEncapFailed)?;
+    // The id the agent publishes beside the settings; their hash lookup only where it has not.
+    let cluster_id = match TUN_FAST.get(tun_fast::CLUSTER_ID) {
+        Some(&id) if id != 0 => id,
+        _ => config().ok_or(Counter::TunnelEncapFailed)?.cluster_id,
+    };
     let tag = mark(ctx);
     let remainder = tag & SPLIT_TAG_MASK == SPLIT_TAG;
     if remainder {
@@ -134,7 +138,7 @@ fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Co
     // tunnel when the sender sized them for the path (its PMTU), not for the pod's MTU.
     let flags = if ip.proto == IPPROTO_UDP && is_gso(ctx) { ENCAP_FLAGS | u64::from(BPF_F_ADJ_ROOM_FIXED_GSO) } else { ENCAP_FLAGS };
     ctx.adjust_room(tunnel::OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags).map_err(|_| Counter::TunnelEncapFailed)?;
-    parse::write_outer(ctx, hdr.tos, hdr.tot_len, node.src_be, node.addr_be, tunnel_sport(&key), node.port_be, cfg.cluster_id)
+    parse::write_outer(ctx, hdr.tos, hdr.tot_len, node.src_be, node.addr_be, tunnel_sport(&key), node.port_be, cluster_id)
         .map_err(|()| Counter::TunnelEncapFailed)?;
     add_stats(node.peer_id, u64::from(hdr.tot_len), true);
     count(Counter::TunnelEncap);
@@ -288,7 +292,7 @@ fn drop_first_part(ctx: &TcContext, first: u32) -> Result<(), Counter> {
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> i32 {
     // The uplink carries all of the node's traffic: the settings are looked up only for UDP
-    // to the tunnel port, which an inlined array read tells (`names::TUN_PORT`).
+    // to the tunnel port, which an inlined array read tells (`names::TUN_FAST`).
     let Ok(Some(ip)) = parse::ipv4(ctx) else {
         return PASS;
     };
@@ -298,7 +302,7 @@ pub fn decap(ctx: &TcContext) -> i32 {
     let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
         return PASS;
     };
-    match TUN_PORT.get(0) {
+    match TUN_FAST.get(tun_fast::PORT) {
         Some(&port) if port != 0 && port == u32::from(l4.dport_be) => {}
         _ => return PASS,
     }

@@ -177,7 +177,7 @@ pub struct Snapshot {
     pub tun_routes: BTreeMap<Ipv4Net, TunnelNode>,
     pub tun_nodes: BTreeMap<Ipv4Addr, u32>,
     pub tun_config: Option<TunnelConfig>,
-    /// The port published to the uplink program (`names::TUN_PORT`; `Some(0)`: none), `None`
+    /// The port published to the uplink program (`names::TUN_FAST`; `Some(0)`: none), `None`
     /// without that map (pins of an older release, whose program takes the settings' port).
     pub tun_port: Option<u16>,
     /// Maps that could not be read, with why.
@@ -610,7 +610,7 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
             let taken = if taken == 0 { "none".to_string() } else { format!("UDP {taken}") };
             ex.step(format!(
                 "tunnel port: the settings say UDP {port}, but the port published to the uplink program ({}) is {taken}",
-                names::TUN_PORT
+                names::TUN_FAST
             ));
             ex.finish(
                 Verdict::PassNotMeshnet,

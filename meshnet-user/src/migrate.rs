@@ -67,7 +67,7 @@ pub fn specs(max_flows: u32) -> [Spec; 17] {
         Spec { name: names::TUN_STATS, ty: MapType::PerCpuHash, key: 4, value: size::<TunnelStats>(), flags: 0, max_entries: limits::MAX_PEERS },
         Spec { name: names::TUN_PORTS, ty: MapType::Hash, key: 4, value: size::<PodPort>(), flags: NO_PREALLOC, max_entries: limits::MAX_POD_PORTS },
         Spec { name: names::SWITCHES, ty: MapType::Array, key: 4, value: 4, flags: 0, max_entries: meshnet_common::switch::COUNT },
-        Spec { name: names::TUN_PORT, ty: MapType::Array, key: 4, value: 4, flags: 0, max_entries: 1 },
+        Spec { name: names::TUN_FAST, ty: MapType::Array, key: 4, value: 4, flags: 0, max_entries: meshnet_common::tun_fast::COUNT },
     ]
 }
 

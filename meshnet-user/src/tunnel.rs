@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuHashMap, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, switch, PodPort, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, switch, tun_fast, PodPort, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 
 use crate::{
@@ -30,7 +30,7 @@ pub type TunConfigMap = HashMap<MapData, u32, TunnelConfig>;
 pub type TunStats = PerCpuHashMap<MapData, u32, TunnelStats>;
 pub type TunPorts = HashMap<MapData, u32, PodPort>;
 pub type Switches = aya::maps::Array<MapData, u32>;
-pub type TunPort = aya::maps::Array<MapData, u32>;
+pub type TunFast = aya::maps::Array<MapData, u32>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -121,9 +121,9 @@ pub struct TunnelMaps {
     pub ports: TunPorts,
     /// `None` where an older agent's pins lack it: the datapath then does every lookup.
     pub switches: Option<Switches>,
-    /// The port the uplink program takes (`names::TUN_PORT`); `None` where an older agent's
-    /// pins lack it, whose programs look up the settings for every UDP packet instead.
-    pub port: Option<TunPort>,
+    /// The settings the per-packet paths read from an array (`names::TUN_FAST`); `None`
+    /// where an older agent's pins lack it, whose programs look the settings up instead.
+    pub fast: Option<TunFast>,
 }
 
 /// What a sync changed, for the agent's log.
@@ -134,8 +134,8 @@ pub struct TunnelReport {
     pub nodes_written: usize,
     pub nodes_removed: usize,
     pub config_changed: bool,
-    /// The port published to the uplink program changed (`names::TUN_PORT`).
-    pub port_written: bool,
+    /// The settings published for the per-packet paths changed (`names::TUN_FAST`).
+    pub fast_written: bool,
     /// Peer nodes without a route from here: their pod CIDRs are not routed until they have.
     pub unresolved: Vec<Ipv4Addr>,
 }
@@ -162,7 +162,7 @@ impl TunnelMaps {
             // Missing only where an older agent made the pins; any other failure is an error,
             // or a switch left on would hide every route written from then on.
             switches: if pins.map(names::SWITCHES).exists() { Some(open(pins, names::SWITCHES)?) } else { None },
-            port: if pins.map(names::TUN_PORT).exists() { Some(open(pins, names::TUN_PORT)?) } else { None },
+            fast: if pins.map(names::TUN_FAST).exists() { Some(open(pins, names::TUN_FAST)?) } else { None },
         })
     }
 
@@ -181,31 +181,40 @@ impl TunnelMaps {
                 Some(m) => Some(Switches::try_from(m).map_err(bad(names::SWITCHES))?),
                 None => None,
             },
-            port: match ebpf.take_map(names::TUN_PORT) {
-                Some(m) => Some(TunPort::try_from(m).map_err(bad(names::TUN_PORT))?),
+            fast: match ebpf.take_map(names::TUN_FAST) {
+                Some(m) => Some(TunFast::try_from(m).map_err(bad(names::TUN_FAST))?),
                 None => None,
             },
         })
     }
 
-    /// Tells the uplink program which port to take (network byte order; 0: none), writing
-    /// only a change; whether it wrote.
-    fn set_port(&mut self, port_be: u16) -> anyhow::Result<bool> {
-        let Some(map) = &mut self.port else {
+    /// Publishes the settings' port and cluster id to the per-packet paths (`None`: clears
+    /// them), writing only a change; whether it wrote.
+    fn set_fast(&mut self, cfg: Option<&TunnelConfig>) -> anyhow::Result<bool> {
+        let Some(map) = &mut self.fast else {
             return Ok(false);
         };
-        let value = u32::from(port_be);
-        if map.get(&0, 0).ok() == Some(value) {
-            return Ok(false);
+        let want = [(tun_fast::CLUSTER_ID, cfg.map_or(0, |c| c.cluster_id)), (tun_fast::PORT, cfg.map_or(0, |c| u32::from(c.port_be)))];
+        let mut wrote = false;
+        for (slot, value) in want {
+            if map.get(&slot, 0).ok() != Some(value) {
+                map.set(slot, value, 0).context("publishing the tunnel settings to the datapath")?;
+                wrote = true;
+            }
         }
-        map.set(0, value, 0).context("writing the tunnel port")?;
-        Ok(true)
+        Ok(wrote)
     }
 
     /// The port the uplink program takes (`Some(0)`: none; `None` without the map).
     #[must_use]
     pub fn taken_port(&self) -> Option<u16> {
-        self.port.as_ref().and_then(|m| m.get(&0, 0).ok()).and_then(|v| u16::try_from(v).ok()).map(u16::from_be)
+        self.fast_slot(tun_fast::PORT).and_then(|v| u16::try_from(v).ok()).map(u16::from_be)
+    }
+
+    /// A slot of the settings published to the per-packet paths (`None` without the map).
+    #[must_use]
+    pub fn fast_slot(&self, slot: u32) -> Option<u32> {
+        self.fast.as_ref().and_then(|m| m.get(&slot, 0).ok())
     }
 
 
@@ -324,9 +333,9 @@ impl TunnelMaps {
                 }
                 report.config_changed = true;
             }
-            // After the settings, so that a packet the program takes finds them; checked even
-            // when they did not change, for a map an older agent's pins lacked.
-            report.port_written = self.set_port(c.port_be)?;
+            // After the settings, so that a packet the uplink program takes finds them; checked
+            // even when they did not change, for a map an older agent's pins lacked.
+            report.fast_written = self.set_fast(Some(&c))?;
         }
         let peers: BTreeSet<u32> = desired.tun_nodes.values().copied().collect();
         let have_stats: BTreeSet<u32> = self.stats.keys().flatten().collect();
@@ -386,7 +395,7 @@ impl TunnelMaps {
             grace::freed(names::TUN_STATS);
         }
         if want_config.is_none() {
-            report.port_written = self.set_port(0)?;
+            report.fast_written = self.set_fast(None)?;
         }
         if want_config.is_none() && self.current_config().is_some() {
             self.config.remove(&0).context("removing the tunnel settings")?;
@@ -447,7 +456,7 @@ pub struct TunnelPeerRow {
 pub struct TunnelSettingsRow {
     pub cluster_id: u32,
     pub port: u16,
-    /// The port published to the uplink program (`names::TUN_PORT`; 0: none), which it takes
+    /// The port published to the uplink program (`names::TUN_FAST`; 0: none), which it takes
     /// only while it is `port`; `None` without that map (pins of an older release).
     pub taken_port: Option<u16>,
     pub delivery: &'static str,

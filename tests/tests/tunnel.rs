@@ -527,7 +527,7 @@ fn progress(flows: &mut [Flow], when: &str) {
 /// agent is stopped and started again, ten times (SIGTERM, and every other time SIGKILL, as a
 /// crash or an OOM kill would): the datapath carries on while the agent is down and after it
 /// is back, no exchange is lost or answered wrongly, no connection is reset, and each closes
-/// cleanly at the end. One restart finds the pins of an older release (no `mn_tun_port_v1`).
+/// cleanly at the end. One restart finds the pins of an older release (no `mn_tun_fast_v1`).
 #[test]
 fn no_flow_lost_across_ten_restarts_of_both_agents() {
     const RESTARTS: usize = 10;
@@ -555,9 +555,9 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
                 assert!(dead.is_some(), "{side:?}'s agent outlived SIGKILL");
             }
             progress(&mut flows, &format!("with {side:?}'s agent stopped ({r})"));
-            // Pins as an older agent left them, without the published tunnel port: the agent
+            // Pins as an older agent left them, without the tunnel settings published for the per-packet paths: the agent
             // creates the map and fills it before its uplink program is attached.
-            let pin = meshnet::pins::Pins::new(t.node(side).pin_path()).map(meshnet_common::names::TUN_PORT);
+            let pin = meshnet::pins::Pins::new(t.node(side).pin_path()).map(meshnet_common::names::TUN_FAST);
             if r == 3 {
                 std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
             }

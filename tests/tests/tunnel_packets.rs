@@ -21,7 +21,7 @@ use meshnet::{
     maps::{self, ControlMaps, Stats},
     tunnel::{NodePath, TunnelMaps},
 };
-use meshnet_common::{names, switch, tunnel, tunnel_sport, FlowKey, PodPort, IPPROTO_ICMP, IPPROTO_UDP};
+use meshnet_common::{names, switch, tun_fast, tunnel, tunnel_sport, FlowKey, PodPort, IPPROTO_ICMP, IPPROTO_UDP};
 use meshnet_tests::NetNs;
 use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, OK, REDIRECT, SHOT, UNSPEC};
 
@@ -266,6 +266,39 @@ fn a_packet_to_a_tunnel_peers_pod_leaves_encapsulated_to_the_node_that_hosts_it(
     assert_eq!((v, out), (UNSPEC, pkt));
 }
 
+/// `from_pod` writes the cluster id the agent publishes beside the settings
+/// (`names::TUN_FAST`) into every tunnel header, with no lookup of the settings' hash; where
+/// none is published (0: pins of an older agent before its first sync) it reads the settings.
+#[test]
+fn encapsulation_takes_the_cluster_id_published_with_the_settings() {
+    let mut h = Harness::new();
+    let own = peer_id("cluster1");
+    assert_eq!(h.tunnel.fast_slot(tun_fast::CLUSTER_ID), Some(own));
+    let inner = udp(POD, REMOTE, 5000, 53, b"query");
+    let key = FlowKey::new(be(POD), be(REMOTE), 5000u16.to_be(), 53u16.to_be(), IPPROTO_UDP);
+    let out = h.expect("published", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    check_encap("published", &out, &inner, PEER_NODE, &key);
+
+    // The program reads the slot, not the settings: another id there goes on the wire.
+    h.tunnel.fast.as_mut().unwrap().set(tun_fast::CLUSTER_ID, own ^ 1, 0).unwrap();
+    let out = h.expect("another id published", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    assert_eq!(&out[ETH_HLEN + 32..ETH_HLEN + 36], &(own ^ 1).to_be_bytes(), "the header carries the published id");
+    // None published: the settings' id.
+    h.tunnel.fast.as_mut().unwrap().set(tun_fast::CLUSTER_ID, 0, 0).unwrap();
+    let out = h.expect("none published", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    check_encap("none published", &out, &inner, PEER_NODE, &key);
+
+    // The next sync publishes it again; settings removed, nothing is published.
+    let desired = Config::from_yaml(CONFIG).unwrap().desired();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
+    let report = h.tunnel.sync(&desired, &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    assert!(report.fast_written && !report.config_changed, "{report:?}");
+    assert_eq!(h.tunnel.fast_slot(tun_fast::CLUSTER_ID), Some(own));
+    h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
+    assert_eq!((h.tunnel.fast_slot(tun_fast::CLUSTER_ID), h.tunnel.fast_slot(tun_fast::PORT)), (Some(0), Some(0)));
+}
+
 /// A node without tunnel routes tells its datapath to skip the tunnel trie (a helper call on
 /// every packet a pod sends); the switch must be off again before a route is written, or
 /// the new peer's pods would not be reached.
@@ -453,7 +486,7 @@ fn traffic_not_for_the_tunnel_port_passes_untouched() {
 }
 
 /// The uplink program takes UDP only to the port the agent publishes beside the settings
-/// (`names::TUN_PORT`), so that the node's other UDP traffic costs no hash lookup. A port
+/// (`names::TUN_FAST`), so that the node's other UDP traffic costs no hash lookup. A port
 /// change moves it, removing the settings clears it, and a published port that is not the
 /// settings' (a change half done) makes the program pass packets rather than take them.
 #[test]
@@ -484,7 +517,7 @@ fn the_uplink_takes_only_the_port_published_with_the_settings() {
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
     let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
     let report = h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
-    assert!(report.config_changed && report.port_written, "{report:?}");
+    assert!(report.config_changed && report.fast_written, "{report:?}");
     assert_eq!(h.tunnel.taken_port(), Some(MOVED));
     passes(&h, "the old port", &to(PORT));
     h.expect("the new port", names::PROG_TUNNEL_IN, &to(MOVED), OK, &[("tunnel_decap", 1)]);
@@ -493,12 +526,12 @@ fn the_uplink_takes_only_the_port_published_with_the_settings() {
     // upgrade from pins without it, before the first sync): nothing is taken, and explain
     // says the same; the next sync puts only the port right.
     for published in [PORT, 0] {
-        h.tunnel.port.as_mut().unwrap().set(0, u32::from(published.to_be()), 0).unwrap();
+        h.tunnel.fast.as_mut().unwrap().set(tun_fast::PORT, u32::from(published.to_be()), 0).unwrap();
         passes(&h, &format!("published {published}: to {PORT}"), &to(PORT));
         passes(&h, &format!("published {published}: to the settings' {MOVED}"), &to(MOVED));
         assert_eq!(explained(&h), Verdict::PassNotMeshnet, "published {published}");
         let report = h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
-        assert!(!report.config_changed && report.port_written, "published {published}: only the port is put right: {report:?}");
+        assert!(!report.config_changed && report.fast_written, "published {published}: only the port is put right: {report:?}");
         assert_eq!(h.tunnel.taken_port(), Some(MOVED));
         h.expect("put right", names::PROG_TUNNEL_IN, &to(MOVED), OK, &[("tunnel_decap", 1)]);
         assert_eq!(explained(&h), Verdict::TunnelDeliver);

@@ -1619,7 +1619,7 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
                 (lo <= 4.0 && hi > 4.0).then(|| format!("the two estimates, {lo:.2}× and {hi:.2}×, lie on either side of the target."))
             }),
         why: format!(
-            "encapsulation is one LPM lookup (the tunnel route), the settings' lookup, \
+            "encapsulation is one LPM lookup (the tunnel route), the cluster id's array read, \
              `bpf_skb_adjust_room` with the encap flags (it moves the MAC header, sets the inner \
              offsets and the GSO type), the 36 bytes of headers written with the outer IPv4 \
              checksum computed inline, the per-peer counter (a per-CPU hash lookup) and \
@@ -2045,7 +2045,7 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
         "The uplink program runs on every packet the node receives on its uplinks, the node's own \
          traffic included: {uplink:.0} ns net for a TCP packet, which it passes after reading its \
          IPv4 header, and {:.0} ns for UDP to another port than the tunnel's, passed after the ports \
-         and the published tunnel port are read (`mn_tun_port_v1`, an inlined array read): only UDP \
+         and the published tunnel port are read (`mn_tun_fast_v1`, an inlined array read): only UDP \
          to that port goes on to the tunnel settings' hash lookup.\n",
         med(&am["uplink_udp"]["net_ns"]),
     );
