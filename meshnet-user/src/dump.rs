@@ -290,7 +290,11 @@ pub fn table(d: &Dump) -> String {
                     Some(taken) if taken != s.port => format!("{} (uplink program takes {taken})", s.port),
                     _ => s.port.to_string(),
                 };
-                vec![port, s.delivery.to_string(), s.mtu.to_string(), format!("{:08x}", s.cluster_id), s.pod_cidrs.join(",")]
+                let id = match s.published_cluster_id {
+                    Some(p) if p != 0 && p != s.cluster_id => format!("{:08x} (encapsulation writes {p:08x})", s.cluster_id),
+                    _ => format!("{:08x}", s.cluster_id),
+                };
+                vec![port, s.delivery.to_string(), s.mtu.to_string(), id, s.pod_cidrs.join(",")]
             })
             .collect();
         render(&mut out, "tunnel settings", &["PORT", "DELIVERY", "MTU", "CLUSTER ID", "POD CIDRS"], &settings);
@@ -392,6 +396,33 @@ mod tests {
         let json = serde_json::to_string_pretty(&d).unwrap();
         crate::golden::check("dump_table.txt", &table);
         crate::golden::check("dump.json", &json);
+    }
+
+    /// The settings' row flags what the per-packet paths were given when it is not the
+    /// settings' own (a sync not yet done), and stays plain when it is.
+    #[test]
+    fn tunnel_settings_show_what_the_datapath_was_given() {
+        let row = |taken_port, published_cluster_id| crate::tunnel::TunnelSettingsRow {
+            cluster_id: 0x1234_5678,
+            published_cluster_id,
+            port: 31800,
+            taken_port,
+            delivery: "redirect",
+            mtu: 1500,
+            pod_cidrs: vec!["10.244.0.0/24".into()],
+            node_addresses: vec![],
+        };
+        let text = |settings| {
+            let tunnel = crate::tunnel::TunnelDump { settings: Some(settings), routes: vec![], peers: vec![], pod_ports: vec![] };
+            table(&Dump { tunnel: Some(tunnel), ..sample() })
+        };
+        for plain in [row(Some(31800), Some(0x1234_5678)), row(None, None), row(Some(31800), Some(0))] {
+            let t = text(plain);
+            assert!(!t.contains("uplink program takes") && !t.contains("encapsulation writes"), "{t}");
+        }
+        assert!(text(row(Some(0), Some(0x1234_5678))).contains("31800 (uplink program takes none)"));
+        assert!(text(row(Some(31900), Some(0x1234_5678))).contains("31800 (uplink program takes 31900)"));
+        assert!(text(row(Some(31800), Some(7))).contains("12345678 (encapsulation writes 00000007)"));
     }
 
     #[test]

@@ -455,6 +455,9 @@ pub struct TunnelPeerRow {
 #[serde(rename_all = "camelCase")]
 pub struct TunnelSettingsRow {
     pub cluster_id: u32,
+    /// The cluster id published for encapsulation (`names::TUN_FAST`; 0: none, the settings'
+    /// is used), which goes into every tunnel header; `None` without that map.
+    pub published_cluster_id: Option<u32>,
     pub port: u16,
     /// The port published to the uplink program (`names::TUN_FAST`; 0: none), which it takes
     /// only while it is `port`; `None` without that map (pins of an older release).
@@ -491,6 +494,7 @@ impl TunnelMaps {
         let name = |id: u32| names.get(&id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
         let settings = self.current_config().map(|c| TunnelSettingsRow {
             cluster_id: c.cluster_id,
+            published_cluster_id: self.fast_slot(tun_fast::CLUSTER_ID),
             port: u16::from_be(c.port_be),
             taken_port: self.taken_port(),
             delivery: if c.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 { "redirect" } else { "stack" },

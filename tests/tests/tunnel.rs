@@ -555,8 +555,8 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
                 assert!(dead.is_some(), "{side:?}'s agent outlived SIGKILL");
             }
             progress(&mut flows, &format!("with {side:?}'s agent stopped ({r})"));
-            // Pins as an older agent left them, without the tunnel settings published for the per-packet paths: the agent
-            // creates the map and fills it before its uplink program is attached.
+            // Pins as an older agent left them, without the settings published for the
+            // per-packet paths: the agent creates the map and fills it before it attaches.
             let pin = meshnet::pins::Pins::new(t.node(side).pin_path()).map(meshnet_common::names::TUN_FAST);
             if r == 3 {
                 std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));

@@ -297,6 +297,20 @@ fn encapsulation_takes_the_cluster_id_published_with_the_settings() {
     assert_eq!(h.tunnel.fast_slot(tun_fast::CLUSTER_ID), Some(own));
     h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
     assert_eq!((h.tunnel.fast_slot(tun_fast::CLUSTER_ID), h.tunnel.fast_slot(tun_fast::PORT)), (Some(0), Some(0)));
+    // A route without settings (none the agent leaves: it removes routes first) is refused,
+    // counted, as before the id was published: the fallback finds no settings.
+    let node = meshnet_common::TunnelNode {
+        addr_be: be(PEER_NODE),
+        src_be: be(NODE),
+        port_be: PEER_PORT.to_be(),
+        _pad: 0,
+        peer_id: peer_id("cluster2"),
+        ifindex: h.uplink,
+        mtu: MTU,
+    };
+    h.tunnel.routes.insert(&aya::maps::lpm_trie::Key::new(24, be([10, 245, 0, 0])), node, 0).unwrap();
+    h.tunnel.switches.as_mut().unwrap().set(switch::NO_TUNNEL_ROUTES, 0, 0).unwrap();
+    h.expect("a route, no settings", names::PROG_FROM_POD, &inner, SHOT, &[("tunnel_encap_failed", 1)]);
 }
 
 /// A node without tunnel routes tells its datapath to skip the tunnel trie (a helper call on
