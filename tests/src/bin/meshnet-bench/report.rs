@@ -351,6 +351,10 @@ struct Target {
     why: String,
 }
 
+/// What a new flow costs above its floor program (`meshnet-ebpf/src/floor.rs`).
+const ABOVE_FLOOR: &str = "the route trie, the peer's gateways (a hash lookup) and the gateway choice, the local-CIDR \
+                           check, the ports and the L4 checksum, the flow clock and the counters";
+
 /// Why a new flow costs what it does, against its floors (two inserts, one insert) where
 /// they were measured.
 fn new_flow_why(net: f64, floors: Option<(f64, f64)>) -> String {
@@ -369,9 +373,7 @@ fn new_flow_why(net: f64, floors: Option<(f64, f64)>) -> String {
          caches for a flow never seen. Both entries are needed (a reply must be found from its own \
          tuple)"
     );
-    let rest = "what meshnet adds to its floor is the route trie, the peer's gateways (a hash lookup) and \
-                the gateway choice, the local-CIDR check, the ports and the L4 checksum, the flow clock \
-                and the counters; see section 1.";
+    let rest = format!("what meshnet adds to its floor is {ABOVE_FLOOR}; see section 1.");
     let above = if net >= two { format!("meshnet's new flow is {:.0} ns above it", net - two) } else { "meshnet's new flow is below it".into() };
     if two > 300.0 {
         format!("{path} {floor}, so with the kernel's hash map the target is below this design's floor. {above}: {rest}")
@@ -921,11 +923,7 @@ fn datapath_section(md: &mut String, dp: &Value) {
             fmt_opt(&two["net_ns"], 0),
             fmt_opt(&one["net_ns"], 0),
             match med(&chain["new_flow"]["net_ns"]) - med(&two["net_ns"]) {
-                d if d >= 0.0 => format!(
-                    "meshnet's new flow is {d:.0} ns above the first: its route trie, the peer's gateways (a \
-                     hash lookup) and the gateway choice, the local-CIDR check, the ports and the L4 \
-                     checksum, the flow clock and the counters"
-                ),
+                d if d >= 0.0 => format!("meshnet's new flow is {d:.0} ns above the first: {ABOVE_FLOOR}"),
                 _ => "meshnet's new flow is **below** the first".into(),
             },
         );
