@@ -225,7 +225,8 @@ impl Migration {
     }
 
     /// Copies every entry of the old maps into the new pinned ones, leaving entries already
-    /// there alone (the new programs' own are newer). Stats are added only on the first pass.
+    /// there alone (the new programs' own are newer). Counters are moved: added to the new
+    /// map and taken off the old one.
     pub fn copy(&self, pins: &Pins, first: bool) -> anyhow::Result<usize> {
         let mut copied = 0;
         for s in &self.sources {
@@ -387,14 +388,30 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
                 copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
             }
         }
-        t if t == names::STATS && first => {
-            let old = PerCpuArray::<_, u64>::try_from(old)?;
+        t if t == names::STATS => {
+            // Counts are moved, not copied: what is added here is taken off the old map, so
+            // that the second pass adds only what the old programs counted since, and an
+            // agent that resumes a migration cut short adds nothing twice.
+            let mut old = PerCpuArray::<_, u64>::try_from(old)?;
             let mut new = PerCpuArray::<_, u64>::try_from(open_pinned(pins, t)?)?;
             for i in 0..old.len().min(new.len()) {
                 let (Ok(a), Ok(b)) = (old.get(&i, 0), new.get(&i, 0)) else { continue };
+                if a.iter().all(|&x| x == 0) {
+                    continue;
+                }
                 let sum: Vec<u64> = a.iter().zip(b.iter()).map(|(x, y)| x + y).collect();
-                if let Ok(values) = PerCpuValues::try_from(sum) {
-                    copied += usize::from(new.set(i, values, 0).is_ok());
+                let Ok(values) = PerCpuValues::try_from(sum) else { continue };
+                if new.set(i, values, 0).is_err() {
+                    continue;
+                }
+                copied += 1;
+                // Read again: the old programs may have counted meanwhile (until the swap).
+                let now = old.get(&i, 0).map_or_else(|_| a.to_vec(), |v| v.to_vec());
+                let rest: Vec<u64> = now.iter().zip(a.iter()).map(|(n, x)| n.saturating_sub(*x)).collect();
+                if let Ok(values) = PerCpuValues::try_from(rest) {
+                    if let Err(e) = old.set(i, values, 0) {
+                        warn!(counter = i, error = %e, "a migrated counter could not be taken off the old map: a resumed migration would count it twice");
+                    }
                 }
             }
         }

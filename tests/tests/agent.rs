@@ -750,6 +750,52 @@ fn a_migration_cut_short_is_finished_by_an_agent_that_needs_another_layout() {
     assert!(agent.child.stop(), "{}", agent.child.output());
 }
 
+/// Counters are moved when their map migrates, not copied: an agent killed after its first
+/// pass (an older build's map of fewer counters moved aside, its counts added to the new
+/// map) leaves nothing there that the agent finishing the job would add a second time.
+#[test]
+fn a_counter_migration_cut_short_counts_nothing_twice() {
+    use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+    use meshnet_common::{limits, names, Counter};
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &[]);
+    assert!(agent.child.stop());
+
+    let maps = t.pin_path().join("maps");
+    let home = maps.join(names::STATS);
+    let counters = |path: &std::path::Path| PerCpuArray::<_, u64>::try_from(aya::maps::Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap()).unwrap();
+    // An older build's counter map: 17 counters, with counts on two CPUs.
+    std::fs::remove_file(&home).unwrap();
+    meshnet_tests::raw_bpf::create_pinned(&home, meshnet_tests::raw_bpf::PERCPU_ARRAY, 4, 8, 17, 0);
+    let cpus = aya::util::nr_cpus().unwrap();
+    let per_cpu = |first: u64, last: u64| {
+        let mut v = vec![0u64; cpus];
+        v[0] += first;
+        v[cpus - 1] += last;
+        PerCpuValues::try_from(v).unwrap()
+    };
+    let mut old = counters(&home);
+    old.set(Counter::Redirected as u32, per_cpu(7, 5), 0).unwrap();
+    old.set(Counter::PortRemap as u32, per_cpu(3, 0), 0).unwrap();
+    drop(old);
+
+    // The cut-short agent: it moved the map aside, created its own and ran the first pass.
+    let pins = meshnet::pins::Pins::new(t.pin_path());
+    let migration = meshnet::migrate::Migration::prepare(&pins, limits::DEFAULT_NAT_ENTRIES).unwrap();
+    let aside = maps.join(meshnet::migrate::migrating_name(names::STATS));
+    assert!(aside.exists() && !home.exists());
+    meshnet_tests::raw_bpf::create_pinned(&home, meshnet_tests::raw_bpf::PERCPU_ARRAY, 4, 8, Counter::COUNT, 0);
+    migration.copy(&pins, true).unwrap();
+    drop(migration);
+
+    let _agent = start(&t, &cfg, &[]);
+    assert!(!aside.exists(), "the moved-aside counter map is still pinned");
+    let stats = &t.dump_json("stats")["stats"];
+    assert_eq!(stats["redirected"], 12, "{stats}");
+    assert_eq!(stats["port_remap"], 3, "{stats}");
+}
+
 /// Runs an agent that should refuse to start; one that starts instead is killed after a
 /// minute (its output then lacks the refusal the caller looks for).
 fn refused_start(t: &Topology, cfg_path: &std::path::Path) -> std::process::Output {
