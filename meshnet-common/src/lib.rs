@@ -90,9 +90,15 @@ pub mod names {
     /// A hash, not an array, so that an update replaces the value whole: a program never
     /// reads half of the old pod CIDRs and half of the new.
     pub const TUN_CONFIG: &str = "mn_tun_cfg_v1";
-    /// Per-CPU hash: peer id → packets and bytes through the tunnel ([`crate::TunnelStats`]).
-    /// The agent creates an entry per tunnel peer; the datapath only adds to them.
-    pub const TUN_STATS: &str = "mn_tun_stats_v1";
+    /// Per-CPU array: a tunnel peer's slot → its packets and bytes through the tunnel
+    /// ([`crate::TunnelStats`]). The agent gives each tunnel peer a slot, marked with the
+    /// peer's id, and writes it into the peer's routes ([`crate::TunnelNode::stats_slot`]); the
+    /// datapath only adds to it, found by an array read where a hash lookup cost each packet
+    /// about 20 ns.
+    pub const TUN_STATS: &str = "mn_tun_stats_v2";
+    /// The per-CPU hash (peer id → counters) of builds before v2. An agent that finds it
+    /// pinned unpins it: those counters start again from zero.
+    pub const TUN_STATS_V1: &str = "mn_tun_stats_v1";
     /// Hash: a pod's IPv4 address → its interface ([`crate::PodPort`]), which the agent
     /// reads from the kernel for every pod interface it attaches to. The decapsulating
     /// program sends a pod's packets out of that port itself, with no FIB lookup and no
@@ -529,7 +535,9 @@ pub struct TunnelNode {
     pub src_be: u32,
     /// The peer's tunnel NodePort: the outer UDP destination port.
     pub port_be: u16,
-    pub _pad: u16,
+    /// 1 + the slot of the peer's counters in `mn_tun_stats_v2`; 0: none (a route an agent
+    /// before v2 wrote), nothing counted.
+    pub stats_slot: u16,
     pub peer_id: u32,
     /// This node's interface toward the peer node.
     pub ifindex: u32,
@@ -565,8 +573,8 @@ pub struct TunnelConfig {
     pub hosts_be: [u32; limits::MAX_NODE_CIDRS],
 }
 
-/// Packets and bytes through the tunnel with one peer (`mn_tun_stats_v1`, per CPU). Bytes
-/// are the inner packets' IPv4 lengths.
+/// Packets and bytes through the tunnel with one peer (a slot of `mn_tun_stats_v2`, per
+/// CPU). Bytes are the inner packets' IPv4 lengths.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -575,6 +583,10 @@ pub struct TunnelStats {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// The peer whose slot this is, and 1 while the slot is that peer's (0: free). The agent
+    /// writes both on every CPU's copy; the datapath never writes them.
+    pub peer_id: u32,
+    pub in_use: u32,
 }
 
 /// Value of `mn_tun_ports_v1`: where a pod is.
@@ -909,7 +921,9 @@ const _: () = {
     assert!(size_of::<TunnelNode>() == 24);
     assert!(offset_of!(TunnelNode, peer_id) == 12);
     assert!(size_of::<TunnelConfig>() == 16 + 12 * limits::MAX_NODE_CIDRS);
-    assert!(size_of::<TunnelStats>() == 32);
+    assert!(size_of::<TunnelStats>() == 40);
+    assert!(offset_of!(TunnelStats, peer_id) == 32);
+    assert!(offset_of!(TunnelNode, stats_slot) == 10);
     assert!(size_of::<PodPort>() == 16);
     assert!(size_of::<TunnelHeader>() == tunnel::HEADER_LEN as usize);
     assert!(tunnel::SPORT_MIN as u32 + tunnel::SPORT_SPAN as u32 <= 61_000);

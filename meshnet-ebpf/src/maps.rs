@@ -4,7 +4,7 @@
 use aya_ebpf::{
     macros::map,
     bindings::BPF_F_NO_PREALLOC,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use meshnet_common::{
     limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig, TunnelNode,
@@ -72,8 +72,8 @@ pub static TUN_NODES: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_
 #[map(name = "mn_tun_cfg_v1")]
 pub static TUN_CONFIG: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
-#[map(name = "mn_tun_stats_v1")]
-pub static TUN_STATS: PerCpuHashMap<u32, TunnelStats> = PerCpuHashMap::with_max_entries(limits::MAX_PEERS, 0);
+#[map(name = "mn_tun_stats_v2")]
+pub static TUN_STATS: PerCpuArray<TunnelStats> = PerCpuArray::with_max_entries(limits::MAX_PEERS, 0);
 
 /// See `meshnet_common::names::TUN_FAST`.
 #[map(name = "mn_tun_fast_v1")]

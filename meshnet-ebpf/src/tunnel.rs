@@ -140,7 +140,7 @@ fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Co
     ctx.adjust_room(tunnel::OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags).map_err(|_| Counter::TunnelEncapFailed)?;
     parse::write_outer(ctx, hdr.tos, hdr.tot_len, node.src_be, node.addr_be, tunnel_sport(&key), node.port_be, cluster_id)
         .map_err(|()| Counter::TunnelEncapFailed)?;
-    add_stats(node.peer_id, u64::from(hdr.tot_len), true);
+    add_stats(node.stats_slot, u64::from(hdr.tot_len), true);
     count(Counter::TunnelEncap);
     transmit(ctx, node)
 }
@@ -204,9 +204,13 @@ struct NextHop {
     smac: [u8; 6],
 }
 
+/// Adds a packet to the peer counters of `slot` (one more than the array index; 0: none).
 #[inline(always)]
-fn add_stats(peer_id: u32, bytes: u64, tx: bool) {
-    if let Some(s) = TUN_STATS.get_ptr_mut(&peer_id) {
+fn add_stats(slot: u16, bytes: u64, tx: bool) {
+    let Some(index) = u32::from(slot).checked_sub(1) else {
+        return;
+    };
+    if let Some(s) = TUN_STATS.get_ptr_mut(index) {
         // SAFETY: a per-CPU value, written only by this CPU with preemption disabled.
         unsafe {
             if tx {
@@ -342,10 +346,10 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
     {
         return Err(Counter::TunnelBadHeader);
     }
-    match route(t.inner_saddr_be) {
-        Some(n) if n.peer_id == peer_id => {}
+    let sender = match route(t.inner_saddr_be) {
+        Some(n) if n.peer_id == peer_id => n,
         _ => return Err(Counter::TunnelSpoofedSource),
-    }
+    };
     if !is_node_local(cfg, t.inner_daddr_be) {
         return Err(Counter::TunnelNotLocal);
     }
@@ -353,7 +357,7 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
     // segment size; a TCP one gets back the 36 bytes its segments lost.
     let flags = if t.inner_proto == IPPROTO_UDP && is_gso(ctx) { u64::from(BPF_F_ADJ_ROOM_FIXED_GSO) } else { 0 };
     ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags).map_err(|_| Counter::TunnelDecapFailed)?;
-    add_stats(peer_id, u64::from(t.inner_len), false);
+    add_stats(sender.stats_slot, u64::from(t.inner_len), false);
     count(Counter::TunnelDecap);
     if let Ok(Some(inner)) = parse::ipv4(ctx) {
         if inner.proto == IPPROTO_TCP {

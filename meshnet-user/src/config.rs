@@ -1452,7 +1452,7 @@ peers:
             addr_be: u32::from_ne_bytes([192, 0, 2, o4]),
             src_be: 0,
             port_be: 31801_u16.to_be(),
-            _pad: 0,
+            stats_slot: 0,
             peer_id: c2,
             ifindex: 0,
             mtu: 0,

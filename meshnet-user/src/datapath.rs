@@ -273,6 +273,15 @@ impl Datapath {
         match loaded {
             Ok(mut dp) => {
                 dp.migration = Some(migration);
+                // The tunnel counters of builds before v2 (a per-CPU hash this build cannot
+                // convert into its slots): they start again from zero.
+                let old = pins.map(names::TUN_STATS_V1);
+                if old.exists() {
+                    match std::fs::remove_file(&old) {
+                        Ok(()) => info!(target: LOG, map = names::TUN_STATS_V1, "unpinned the tunnel counters of an earlier build; they start again from zero"),
+                        Err(e) => warn!(target: LOG, path = %old.display(), error = %e, "could not unpin the tunnel counters of an earlier build"),
+                    }
+                }
                 Ok(dp)
             }
             Err(e) => {
@@ -594,7 +603,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
             }
         }
     }
-    let legacy = [names::NAT_FWD_V1, names::NAT_REV_V1, names::PEERS_V1].map(String::from);
+    let legacy = [names::NAT_FWD_V1, names::NAT_REV_V1, names::PEERS_V1, names::TUN_STATS_V1].map(String::from);
     let migrating = names::ALL_MAPS.iter().flat_map(|n| crate::migrate::migrating_names(n));
     for name in names::ALL_MAPS.iter().map(|n| (*n).to_string()).chain(legacy).chain(migrating) {
         let path = pins.map(&name);

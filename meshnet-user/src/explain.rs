@@ -1484,7 +1484,7 @@ mod tunnel_tests {
             addr_be: addr_be(Ipv4Addr::new(192, 0, 2, 2)),
             src_be: addr_be(Ipv4Addr::new(192, 0, 2, 1)),
             port_be: 31801u16.to_be(),
-            _pad: 0,
+            stats_slot: 0,
             peer_id: 7,
             ifindex: 3,
             mtu: 1500,

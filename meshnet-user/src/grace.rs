@@ -82,8 +82,9 @@ pub fn kernel_reuses_freed_elements() -> bool {
     })
 }
 
-/// Whether `map`'s freed elements can be handed out again under a reader: the tunnel counters
-/// are preallocated (on any kernel), the others are not.
+/// Whether `map`'s freed elements can be handed out again under a reader: a tunnel counter
+/// slot is freed and taken again by the agent itself (on any kernel), the others' elements
+/// by the kernel's hash maps.
 fn needed(map: &str) -> bool {
     map == names::TUN_STATS || kernel_reuses_freed_elements()
 }

@@ -64,7 +64,7 @@ pub fn specs(max_flows: u32) -> [Spec; 17] {
         Spec { name: names::TUN_ROUTES, ty: MapType::LpmTrie, key: 8, value: size::<TunnelNode>(), flags: NO_PREALLOC, max_entries: limits::MAX_TUNNEL_ROUTES },
         Spec { name: names::TUN_NODES, ty: MapType::Hash, key: 4, value: 4, flags: NO_PREALLOC, max_entries: limits::MAX_TUNNEL_NODES },
         Spec { name: names::TUN_CONFIG, ty: MapType::Hash, key: 4, value: size::<TunnelConfig>(), flags: NO_PREALLOC, max_entries: 1 },
-        Spec { name: names::TUN_STATS, ty: MapType::PerCpuHash, key: 4, value: size::<TunnelStats>(), flags: 0, max_entries: limits::MAX_PEERS },
+        Spec { name: names::TUN_STATS, ty: MapType::PerCpuArray, key: 4, value: size::<TunnelStats>(), flags: 0, max_entries: limits::MAX_PEERS },
         Spec { name: names::TUN_PORTS, ty: MapType::Hash, key: 4, value: size::<PodPort>(), flags: NO_PREALLOC, max_entries: limits::MAX_POD_PORTS },
         Spec { name: names::SWITCHES, ty: MapType::Array, key: 4, value: 4, flags: 0, max_entries: meshnet_common::switch::COUNT },
         Spec { name: names::TUN_FAST, ty: MapType::Array, key: 4, value: 4, flags: 0, max_entries: meshnet_common::tun_fast::COUNT },

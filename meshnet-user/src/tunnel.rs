@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, MapData, PerCpuHashMap, PerCpuValues,
+    HashMap, MapData, PerCpuArray, PerCpuValues,
 };
 use ipnet::Ipv4Net;
 use meshnet_common::{names, switch, tun_fast, PodPort, TunnelConfig, TunnelNode, TunnelStats};
@@ -27,7 +27,7 @@ use crate::{
 pub type TunRoutes = LpmTrie<MapData, u32, TunnelNode>;
 pub type TunNodes = HashMap<MapData, u32, u32>;
 pub type TunConfigMap = HashMap<MapData, u32, TunnelConfig>;
-pub type TunStats = PerCpuHashMap<MapData, u32, TunnelStats>;
+pub type TunStats = PerCpuArray<MapData, TunnelStats>;
 pub type TunPorts = HashMap<MapData, u32, PodPort>;
 pub type Switches = aya::maps::Array<MapData, u32>;
 pub type TunFast = aya::maps::Array<MapData, u32>;
@@ -124,6 +124,9 @@ pub struct TunnelMaps {
     /// The settings the per-packet paths read from an array (`names::TUN_FAST`); `None`
     /// where an older agent's pins lack it, whose programs look the settings up instead.
     pub fast: Option<TunFast>,
+    /// Which counter slot each tunnel peer has (peer id → index), read from the map once.
+    /// The agent is the only writer, so it stays true while these maps are open.
+    slots: Option<BTreeMap<u32, u32>>,
 }
 
 /// What a sync changed, for the agent's log.
@@ -163,6 +166,7 @@ impl TunnelMaps {
             // or a switch left on would hide every route written from then on.
             switches: if pins.map(names::SWITCHES).exists() { Some(open(pins, names::SWITCHES)?) } else { None },
             fast: if pins.map(names::TUN_FAST).exists() { Some(open(pins, names::TUN_FAST)?) } else { None },
+            slots: None,
         })
     }
 
@@ -185,6 +189,7 @@ impl TunnelMaps {
                 Some(m) => Some(TunFast::try_from(m).map_err(bad(names::TUN_FAST))?),
                 None => None,
             },
+            slots: None,
         })
     }
 
@@ -299,19 +304,74 @@ impl TunnelMaps {
     /// Packets and bytes per peer id, summed over the CPUs.
     #[must_use]
     pub fn peer_stats(&self) -> BTreeMap<u32, TunnelStats> {
-        self.stats
-            .iter()
-            .flatten()
-            .map(|(id, per_cpu)| {
-                let sum = per_cpu.iter().fold(TunnelStats::default(), |a, s| TunnelStats {
+        self.used_slots()
+            .filter_map(|(_, per_cpu)| {
+                let owner = per_cpu.first()?;
+                let sum = per_cpu.iter().fold(TunnelStats { peer_id: owner.peer_id, in_use: 1, ..TunnelStats::default() }, |a, s| TunnelStats {
                     tx_packets: a.tx_packets + s.tx_packets,
                     tx_bytes: a.tx_bytes + s.tx_bytes,
                     rx_packets: a.rx_packets + s.rx_packets,
                     rx_bytes: a.rx_bytes + s.rx_bytes,
+                    ..a
                 });
-                (id, sum)
+                Some((owner.peer_id, sum))
             })
             .collect()
+    }
+
+    /// The counter slots in use, with their per-CPU values (a slot's owner is on every copy).
+    fn used_slots(&self) -> impl Iterator<Item = (u32, PerCpuValues<TunnelStats>)> + '_ {
+        (0..self.stats.len())
+            .filter_map(|i| self.stats.get(&i, 0).ok().map(|v| (i, v)))
+            .filter(|(_, v)| v.first().is_some_and(|s| s.in_use != 0))
+    }
+
+    /// Gives every peer of `peers` a counter slot (a free one, zeroed and marked as the
+    /// peer's) and frees the slots of peers not there, returning the peer → slot table.
+    /// A slot is taken again only a grace period after it was freed, so that a packet that
+    /// read a route of its old peer cannot count into its new one.
+    fn assign_slots(&mut self, peers: &BTreeSet<u32>) -> anyhow::Result<BTreeMap<u32, u32>> {
+        let mut slots = match self.slots.take() {
+            Some(s) => s,
+            None => self.used_slots().filter_map(|(i, v)| Some((v.first()?.peer_id, i))).collect(),
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let fill = |s: TunnelStats| PerCpuValues::try_from(vec![s; cpus]).context("per-CPU values");
+        let mut result = Ok(());
+        let new: Vec<u32> = peers.iter().copied().filter(|id| !slots.contains_key(id)).collect();
+        for id in new {
+            let taken: BTreeSet<u32> = slots.values().copied().collect();
+            let Some(free) = (0..self.stats.len()).find(|i| !taken.contains(i)) else {
+                // More tunnel peers than limits::MAX_PEERS is refused by validation.
+                result = Err(anyhow::anyhow!("no free tunnel counter slot for peer {id:#010x}"));
+                break;
+            };
+            grace::before_take(names::TUN_STATS);
+            let owned = fill(TunnelStats { peer_id: id, in_use: 1, ..TunnelStats::default() })?;
+            if let Err(e) = self.stats.set(free, owned, 0) {
+                result = Err(e).context("giving a tunnel peer its counters");
+                break;
+            }
+            slots.insert(id, free);
+        }
+        self.slots = Some(slots.clone());
+        result.map(|()| slots)
+    }
+
+    /// Frees the counter slots of peers not in `peers` (their routes are gone).
+    fn free_slots(&mut self, peers: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let Some(slots) = &mut self.slots else {
+            return Ok(());
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let gone: Vec<(u32, u32)> = slots.iter().filter(|(id, _)| !peers.contains(id)).map(|(id, i)| (*id, *i)).collect();
+        for (id, slot) in gone {
+            let zero = PerCpuValues::try_from(vec![TunnelStats::default(); cpus]).context("per-CPU values")?;
+            self.stats.set(slot, zero, 0).context("freeing a tunnel peer's counters")?;
+            grace::freed(names::TUN_STATS);
+            slots.remove(&id);
+        }
+        Ok(())
     }
 
     /// Makes the maps hold `desired`'s tunnel state, with each node's path from `paths` (a
@@ -338,13 +398,8 @@ impl TunnelMaps {
             report.fast_written = self.set_fast(Some(&c))?;
         }
         let peers: BTreeSet<u32> = desired.tun_nodes.values().copied().collect();
-        let have_stats: BTreeSet<u32> = self.stats.keys().flatten().collect();
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-        for id in peers.difference(&have_stats) {
-            let zero = PerCpuValues::try_from(vec![TunnelStats::default(); cpus]).context("per-CPU values")?;
-            grace::before_take(names::TUN_STATS);
-            self.stats.insert(id, zero, 0).context("creating a tunnel peer's counters")?;
-        }
+        // Before the routes that name them.
+        let slots = self.assign_slots(&peers)?;
         let nodes = self.current_nodes();
         for (addr, id) in &desired.tun_nodes {
             if nodes.get(addr) != Some(id) {
@@ -366,7 +421,8 @@ impl TunnelMaps {
                 }
                 continue;
             };
-            wanted.insert(*net, TunnelNode { src_be: addr_be(path.src), ifindex: path.ifindex, mtu: path.mtu, ..*node });
+            let stats_slot = slots.get(&node.peer_id).and_then(|i| u16::try_from(i + 1).ok()).unwrap_or(0);
+            wanted.insert(*net, TunnelNode { src_be: addr_be(path.src), ifindex: path.ifindex, mtu: path.mtu, stats_slot, ..*node });
         }
         if !wanted.is_empty() {
             // Before the first route, or the datapath would not look.
@@ -390,10 +446,8 @@ impl TunnelMaps {
             grace::freed(names::TUN_NODES);
             report.nodes_removed += 1;
         }
-        for id in have_stats.difference(&peers) {
-            let _ = self.stats.remove(id);
-            grace::freed(names::TUN_STATS);
-        }
+        // After the routes that named them.
+        self.free_slots(&peers)?;
         if want_config.is_none() {
             report.fast_written = self.set_fast(None)?;
         }

@@ -9,6 +9,7 @@ use std::{
 };
 
 pub const HASH: u32 = 1;
+pub const PERCPU_HASH: u32 = 5;
 pub const PERCPU_ARRAY: u32 = 6;
 pub const LRU_HASH: u32 = 9;
 pub const PROG_TYPE_SCHED_CLS: u32 = 3;

@@ -266,6 +266,34 @@ fn a_packet_to_a_tunnel_peers_pod_leaves_encapsulated_to_the_node_that_hosts_it(
     assert_eq!((v, out), (UNSPEC, pkt));
 }
 
+/// Each tunnel peer counts into a slot of its own (found by an array read, its index in the
+/// peer's routes): both nodes of a peer share it, a peer that goes frees it, and the next
+/// peer given it starts from zero, not from what the first one sent.
+#[test]
+fn a_freed_counter_slot_starts_its_next_peer_at_zero() {
+    let mut h = Harness::new();
+    let slots = |h: &Harness| h.tunnel.current_routes().values().map(|n| (n.peer_id, n.stats_slot)).collect::<std::collections::BTreeSet<_>>();
+    let first = slots(&h);
+    assert_eq!(first.len(), 1, "cluster2's two nodes count into one slot: {first:?}");
+    let (_, slot) = *first.first().unwrap();
+    assert_ne!(slot, 0, "cluster2's routes name no counter slot");
+    let inner = udp(POD, REMOTE, 5000, 53, b"query");
+    h.expect("cluster2", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    assert_eq!(h.peer_stats().tx_packets, 1);
+
+    h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
+    assert!(h.tunnel.peer_stats().is_empty(), "{:?}", h.tunnel.peer_stats());
+    let config = Config::from_yaml(&CONFIG.replace("cluster2", "cluster4")).unwrap();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
+    h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    assert_eq!(slots(&h), [(peer_id("cluster4"), slot)].into(), "the freed slot is not the one taken");
+    let fresh = h.tunnel.peer_stats();
+    assert_eq!(fresh.get(&peer_id("cluster4")).map(|s| (s.tx_packets, s.tx_bytes)), Some((0, 0)), "{fresh:?}");
+    h.expect("cluster4", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    assert_eq!(h.tunnel.peer_stats()[&peer_id("cluster4")].tx_packets, 1);
+}
+
 /// `from_pod` writes the cluster id the agent publishes beside the settings
 /// (`names::TUN_FAST`) into every tunnel header, with no lookup of the settings' hash; where
 /// none is published (0: pins of an older agent before its first sync) it reads the settings.
@@ -303,7 +331,7 @@ fn encapsulation_takes_the_cluster_id_published_with_the_settings() {
         addr_be: be(PEER_NODE),
         src_be: be(NODE),
         port_be: PEER_PORT.to_be(),
-        _pad: 0,
+        stats_slot: 0,
         peer_id: peer_id("cluster2"),
         ifindex: h.uplink,
         mtu: MTU,

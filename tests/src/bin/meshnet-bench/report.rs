@@ -1285,7 +1285,10 @@ fn e2e_section(md: &mut String, e2e: &Value, dp: &Value) {
          SYN retransmits (its `TCPSynRetrans` counter) are shown beside them: a SYN refused by \
          one of the gateway's TIME_WAIT sockets (`PAWSTimewait`) is retransmitted after the \
          client's reset within some 15 ms, too short to be a stall but enough to cut the rate \
-         twenty-fold while the median connection time stays put. {} repeats. A figure a target uses is **void** when its repeats spread \
+         twenty-fold while the median connection time stays put. {} repeats, after a warm-up \
+         round that runs every mode's workloads once, briefly, and is not counted (in earlier \
+         runs the first repeat came out slower than the others in most modes at once). A figure \
+         a target uses is **void** when its repeats spread \
          beyond ±{:.0} % of their median, and so is the target. Each run is checked: meshnet's \
          `redirected` counter grows in the \
          meshnet mode and stays put in the others{}. Conntrack's TIME_WAIT timeout is 1 s in the node \
@@ -1620,7 +1623,7 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
             "encapsulation is one LPM lookup (the tunnel route), the cluster id's array read, \
              `bpf_skb_adjust_room` with the encap flags (it moves the MAC header, sets the inner \
              offsets and the GSO type), the 36 bytes of headers written with the outer IPv4 \
-             checksum computed inline, the per-peer counter (a per-CPU hash lookup) and \
+             checksum computed inline, the per-peer counter (a per-CPU array read) and \
              `bpf_redirect_neigh`; its parts are not measured one by one. The gateway hot path, \
              measured in the same loop the same way, costs {:.0} ns net, the encapsulation {:.0} ns \
              (UDP: {:.0} ns). Encapsulation cannot be amortised like the other figures: a packet \
