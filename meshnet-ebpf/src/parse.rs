@@ -646,6 +646,7 @@ pub fn write_outer(ctx: &TcContext, tos: u8, inner_len: u16, src_be: u32, dst_be
 }
 
 /// A packet that arrived on the tunnel port, as far as the fixed-size headers tell.
+#[derive(Clone, Copy)]
 pub struct TunnelPacket {
     /// The outer IPv4 total length.
     pub outer_len: u16,

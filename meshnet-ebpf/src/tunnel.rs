@@ -327,28 +327,20 @@ pub fn decap(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, Counter> {
-    // SAFETY: a read-only copy of a value from a successful lookup.
-    let peer_id = unsafe { TUN_NODES.get(&ip.saddr_be) }.copied().ok_or(Counter::TunnelUnknownNode)?;
     // meshnet never sends fragments or outer options.
-    if ip.is_fragment || ip.l4_off != ETH_HLEN + IP_MIN_HLEN {
-        return Err(Counter::TunnelBadHeader);
-    }
-    let t = parse::tunnel_packet(ctx, ip)?;
-    if t.magic_be != tunnel::MAGIC.to_be() || t.version != tunnel::VERSION {
-        return Err(Counter::TunnelBadHeader);
-    }
-    if u32::from_be(t.cluster_be) != peer_id {
-        return Err(Counter::TunnelWrongCluster);
-    }
-    if t.inner_ver_ihl >> 4 != 4
-        || usize::from(t.inner_ver_ihl & 0x0f) * 4 < IP_MIN_HLEN
-        || u32::from(t.inner_len) + tunnel::OVERHEAD != u32::from(t.outer_len)
-    {
-        return Err(Counter::TunnelBadHeader);
-    }
-    let sender = match route(t.inner_saddr_be) {
-        Some(n) if n.peer_id == peer_id => n,
-        _ => return Err(Counter::TunnelSpoofedSource),
+    let plain = !ip.is_fragment && ip.l4_off == ETH_HLEN + IP_MIN_HLEN;
+    let t = if plain { parse::tunnel_packet(ctx, ip).ok() } else { None };
+    let route_of_source = match t {
+        Some(t) if meshnet_header_ok(&t) && inner_header_ok(&t) => route(t.inner_saddr_be),
+        _ => None,
+    };
+    // The usual sender is the node that hosts the inner source: its route, which the source
+    // check needs anyway, names the node's address and peer, and the node table is read only
+    // when they do not match (a packet to refuse, whose reason the checks find in their
+    // order, or a node of the peer sending for a pod another of its nodes hosts).
+    let (t, sender) = match (t, route_of_source) {
+        (Some(t), Some(n)) if n.addr_be == ip.saddr_be && n.peer_id == u32::from_be(t.cluster_be) => (t, n),
+        _ => checked_sender(ip, t)?,
     };
     if !is_node_local(cfg, t.inner_daddr_be) {
         return Err(Counter::TunnelNotLocal);
@@ -369,6 +361,43 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
         }
     }
     Ok(deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be))
+}
+
+/// Every check of a tunnel packet's sender, in the order that names the reason for refusing
+/// it: a known peer node, a valid header, that node's cluster, an inner source in its peer's
+/// CIDRs. `t` is `None` for a fragment, outer options or a truncated packet.
+#[inline(always)]
+fn checked_sender(ip: &Ipv4, t: Option<parse::TunnelPacket>) -> Result<(parse::TunnelPacket, TunnelNode), Counter> {
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    let peer_id = unsafe { TUN_NODES.get(&ip.saddr_be) }.copied().ok_or(Counter::TunnelUnknownNode)?;
+    let t = t.ok_or(Counter::TunnelBadHeader)?;
+    if !meshnet_header_ok(&t) {
+        return Err(Counter::TunnelBadHeader);
+    }
+    if u32::from_be(t.cluster_be) != peer_id {
+        return Err(Counter::TunnelWrongCluster);
+    }
+    if !inner_header_ok(&t) {
+        return Err(Counter::TunnelBadHeader);
+    }
+    match route(t.inner_saddr_be) {
+        Some(n) if n.peer_id == peer_id => Ok((t, n)),
+        _ => Err(Counter::TunnelSpoofedSource),
+    }
+}
+
+#[inline(always)]
+fn meshnet_header_ok(t: &parse::TunnelPacket) -> bool {
+    t.magic_be == tunnel::MAGIC.to_be() && t.version == tunnel::VERSION
+}
+
+/// An IPv4 inner header whose length is exactly what the outer packet carries after its 36
+/// bytes: nothing smuggled after it, nothing missing.
+#[inline(always)]
+fn inner_header_ok(t: &parse::TunnelPacket) -> bool {
+    t.inner_ver_ihl >> 4 == 4
+        && usize::from(t.inner_ver_ihl & 0x0f) * 4 >= IP_MIN_HLEN
+        && u32::from(t.inner_len) + tunnel::OVERHEAD == u32::from(t.outer_len)
 }
 
 /// Hands a decapsulated packet to its pod: straight to the pod's interface when asked and

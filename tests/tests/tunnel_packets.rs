@@ -423,16 +423,23 @@ fn a_df_packet_too_large_for_the_tunnel_gets_fragmentation_needed_back() {
     h.expect("DF 1464", names::PROG_FROM_POD, &fits, REDIRECT, &[("tunnel_encap", 1)]);
 }
 
+/// A packet is taken from the node that hosts its inner source without a look at the node
+/// table (that node's route names it), and from another node of the same peer after one.
 #[test]
 fn a_valid_tunnel_packet_is_delivered_unchanged_and_counted() {
     let h = Harness::new();
-    for (what, inner) in [("udp", udp(REMOTE, POD, 53, 5000, b"answer")), ("ping", ping(REMOTE, POD)), ("from the second node", udp(REMOTE_NODE2, POD, 1, 2, b"x"))] {
-        let src = if what == "from the second node" { PEER_NODE2 } else { PEER_NODE };
-        let pkt = tunnel_packet(src, PORT, good_header(), &inner);
+    let cases = [
+        ("udp", PEER_NODE, udp(REMOTE, POD, 53, 5000, b"answer")),
+        ("ping", PEER_NODE, ping(REMOTE, POD)),
+        ("from the second node", PEER_NODE2, udp(REMOTE_NODE2, POD, 1, 2, b"x")),
+        ("from the second node, for a pod the first one hosts", PEER_NODE2, udp(REMOTE, POD, 53, 5000, b"answer")),
+    ];
+    for (what, src, inner) in &cases {
+        let pkt = tunnel_packet(*src, PORT, good_header(), inner);
         let out = h.expect(what, names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
         assert_bytes_eq(what, &out[ETH_HLEN..], &inner[ETH_HLEN..]);
     }
-    assert_eq!(h.peer_stats().rx_packets, 3);
+    assert_eq!(h.peer_stats().rx_packets, cases.len() as u64);
 }
 
 #[test]
@@ -465,6 +472,11 @@ fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
     let inner = udp(REMOTE, POD, 53, 5000, b"answer");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("unknown node", tunnel_packet(STRANGER, PORT, good_header(), &inner), "tunnel_unknown_node"),
+        ("unknown node, bad magic", tunnel_packet(STRANGER, PORT, header(0x4d4f, tunnel::VERSION, peer_id("cluster2")), &inner), "tunnel_unknown_node"),
+        // The route of the inner source names the sender and its cluster; a sender that
+        // matches it with a header of another cluster, or another node of the peer with one,
+        // is refused for the header's cluster.
+        ("another node of the peer, wrong cluster", tunnel_packet(PEER_NODE2, PORT, header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster3")), &inner), "tunnel_wrong_cluster"),
         ("bad magic", tunnel_packet(PEER_NODE, PORT, header(0x4d4f, tunnel::VERSION, peer_id("cluster2")), &inner), "tunnel_bad_header"),
         ("bad version", tunnel_packet(PEER_NODE, PORT, header(tunnel::MAGIC, 2, peer_id("cluster2")), &inner), "tunnel_bad_header"),
         ("wrong cluster", tunnel_packet(PEER_NODE, PORT, header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster3")), &inner), "tunnel_wrong_cluster"),

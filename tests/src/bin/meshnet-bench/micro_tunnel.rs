@@ -19,7 +19,9 @@
 //!   `CHAIN_DEPTH` per call). The floor is the empty program at the same repeat count on the
 //!   same packet, interleaved. For that the chain's sender, 10.245.0.2, is entered by hand as
 //!   a node of the peer (the agent would never: it lies in the peer's pod CIDR, as it must for
-//!   the layer it sends to pass the inner-source check of the layer around it).
+//!   the layer it sends to pass the inner-source check of the layer around it), with a route
+//!   of its own (10.245.0.2/32) naming it as the node that hosts that source: each layer then
+//!   comes, as a real packet does, from the node its inner source's route names.
 //! - **The uplink's other traffic: fixed points.** A packet that is no tunnel packet, and a
 //!   refused one, come out of `meshnet_tun_in` as they went in, so `repeat` measures them
 //!   directly (method A of `micro.rs`). So does the gateway hot path, given `micro.rs`'s
@@ -225,6 +227,9 @@ impl TunDp {
         let report = tun.sync(&desired, &BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path)]), MTU, &[])?;
         ensure!((report.routes_written, report.nodes_written) == (1, 1), "tunnel maps: {report:?}");
         tun.nodes.insert(addr_be(CHAIN_NODE.into()), peer_id("cluster2"), 0).context("the chain's node")?;
+        let peer_node = *tun.current_routes().values().next().context("the peer node's route")?;
+        let own = aya::maps::lpm_trie::Key::new(32, addr_be(CHAIN_NODE.into()));
+        tun.routes.insert(&own, meshnet_common::TunnelNode { addr_be: addr_be(CHAIN_NODE.into()), ..peer_node }, 0).context("the chain's node's route")?;
         // The pod's entry in the port table, as the agent writes it for a pod it attached to:
         // redirect delivery sends out of the pod's own port, with no FIB lookup.
         tun.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), PodPort { ifindex, pod_mac: POD_MAC, host_mac: HOST_MAC })]))?;

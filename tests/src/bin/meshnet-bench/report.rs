@@ -1657,8 +1657,9 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
             why: {
                 let checks = med(&t["amortised"]["decap_checks"]["ns"]);
                 format!(
-                    "decapsulation is the settings' and the peer node's hash lookups, the header \
-                     checks, an LPM lookup of the inner source (the peer's CIDRs), then \
+                    "decapsulation is the settings' hash lookup, the header checks, an LPM lookup \
+                     of the inner source (the peer's CIDRs), whose route names the node that hosts \
+                     it (the node table's hash is read only for a packet another node sent), then \
                      `bpf_skb_adjust_room` taking 36 bytes off, the per-peer counter and a second \
                      parse of the inner packet for the MSS clamp{}. A tunnel packet refused at the \
                      last check, after every lookup, costs {checks:.0} ns (section 1): the rest, {:.0} ns, \
