@@ -118,11 +118,17 @@ pub mod names {
     /// settings' own port, so a read of a port being changed can only pass a packet, never
     /// take one.
     pub const TUN_FAST: &str = "mn_tun_fast_v1";
+    /// Array of one [`crate::SeqTunnelConfig`]: the settings of `mn_tun_cfg_v1` again, under a
+    /// seqlock, for the decapsulating program, which reads them for every tunnel packet: an
+    /// array read the verifier inlines instead of a hash lookup. A read the seqlock cannot
+    /// vouch for, or a copy without a port (none written yet, or cleared before the settings
+    /// go), falls back to the hash.
+    pub const TUN_CFG_SEQ: &str = "mn_tun_cfgs_v1";
 
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 17] = [
+    pub const ALL_MAPS: [&str; 18] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST,
+        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST, TUN_CFG_SEQ,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
@@ -573,6 +579,22 @@ pub struct TunnelConfig {
     pub hosts_be: [u32; limits::MAX_NODE_CIDRS],
 }
 
+/// The tunnel settings as `mn_tun_cfgs_v1` holds them. An array value is overwritten in
+/// place, so `seq` guards it as in [`LocalCidrs`]: user space writes the whole value three
+/// times (the old settings with `seq` made odd, the new ones with `seq` still odd, the new
+/// ones with `seq` made even), so that each write changes either `seq` or the settings,
+/// never both. A program that reads an odd `seq`, or another `seq` after the settings than
+/// before, looks the settings' hash up instead: a torn read costs time, never a verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SeqTunnelConfig {
+    pub seq: u32,
+    pub _pad: u32,
+    /// A `port_be` of 0: no settings here (look the hash up).
+    pub cfg: TunnelConfig,
+}
+
 /// Packets and bytes through the tunnel with one peer (a slot of `mn_tun_stats_v2`, per
 /// CPU). Bytes are the inner packets' IPv4 lengths.
 #[repr(C)]
@@ -922,6 +944,8 @@ const _: () = {
     assert!(offset_of!(TunnelNode, peer_id) == 12);
     assert!(size_of::<TunnelConfig>() == 16 + 12 * limits::MAX_NODE_CIDRS);
     assert!(size_of::<TunnelStats>() == 40);
+    assert!(size_of::<SeqTunnelConfig>() == 8 + size_of::<TunnelConfig>());
+    assert!(offset_of!(SeqTunnelConfig, cfg) == 8);
     assert!(offset_of!(TunnelStats, peer_id) == 32);
     assert!(offset_of!(TunnelNode, stats_slot) == 10);
     assert!(size_of::<PodPort>() == 16);
@@ -952,6 +976,7 @@ mod user {
     unsafe impl aya::Pod for super::TunnelConfig {}
     unsafe impl aya::Pod for super::PodPort {}
     unsafe impl aya::Pod for super::TunnelStats {}
+    unsafe impl aya::Pod for super::SeqTunnelConfig {}
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use meshnet_common::{
-    limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig, TunnelNode,
+    limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, SeqTunnelConfig, TunnelConfig, TunnelNode,
     PodPort, TunnelStats,
 };
 
@@ -74,6 +74,10 @@ pub static TUN_CONFIG: HashMap<u32, TunnelConfig> = HashMap::with_max_entries(1,
 
 #[map(name = "mn_tun_stats_v2")]
 pub static TUN_STATS: PerCpuArray<TunnelStats> = PerCpuArray::with_max_entries(limits::MAX_PEERS, 0);
+
+/// See `meshnet_common::names::TUN_CFG_SEQ`.
+#[map(name = "mn_tun_cfgs_v1")]
+pub static TUN_CFG_SEQ: Array<SeqTunnelConfig> = Array::with_max_entries(1, 0);
 
 /// See `meshnet_common::names::TUN_FAST`.
 #[map(name = "mn_tun_fast_v1")]

@@ -14,10 +14,12 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use meshnet_common::{switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT};
+use meshnet_common::{
+    limits, switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT,
+};
 
 use crate::{
-    maps::{count, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
+    maps::{count, TUN_CFG_SEQ, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
     nat::PASS,
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
@@ -68,6 +70,42 @@ fn config() -> Option<TunnelConfig> {
     // value whole, and the old element is reused only after this RCU read section (see
     // PEERS in nat.rs), so this one stays valid.
     unsafe { TUN_CONFIG.get(&0) }.copied()
+}
+
+/// The settings for a tunnel packet: their seqlocked copy (`names::TUN_CFG_SEQ`, an array
+/// read the verifier inlines) when the seqlock vouches for what was read, else their hash.
+#[inline(always)]
+fn settings() -> Option<TunnelConfig> {
+    if let Some(p) = TUN_CFG_SEQ.get_ptr(0) {
+        // SAFETY: a value pointer of an array map, valid for the program run. Volatile reads
+        // keep the seqlock's order: `seq`, then the settings, then `seq` again.
+        unsafe {
+            use core::ptr::read_volatile as rv;
+            let seq = rv(&raw const (*p).seq);
+            if seq & 1 == 0 {
+                let c = &raw const (*p).cfg;
+                let mut cfg = TunnelConfig {
+                    cluster_id: rv(&raw const (*c).cluster_id),
+                    port_be: rv(&raw const (*c).port_be),
+                    _pad: 0,
+                    flags: rv(&raw const (*c).flags),
+                    mtu: rv(&raw const (*c).mtu),
+                    nets: [LocalNet::NONE; limits::MAX_NODE_CIDRS],
+                    hosts_be: [0; limits::MAX_NODE_CIDRS],
+                };
+                let mut i = 0;
+                while i < limits::MAX_NODE_CIDRS {
+                    cfg.nets[i] = rv(&raw const (*c).nets[i]);
+                    cfg.hosts_be[i] = rv(&raw const (*c).hosts_be[i]);
+                    i += 1;
+                }
+                if cfg.port_be != 0 && rv(&raw const (*p).seq) == seq {
+                    return Some(cfg);
+                }
+            }
+        }
+    }
+    config()
 }
 
 #[inline(always)]
@@ -295,8 +333,8 @@ fn drop_first_part(ctx: &TcContext, first: u32) -> Result<(), Counter> {
 /// dropped and counted; everything else passes untouched.
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> i32 {
-    // The uplink carries all of the node's traffic: the settings are looked up only for UDP
-    // to the tunnel port, which an inlined array read tells (`names::TUN_FAST`).
+    // The uplink carries all of the node's traffic: the settings are read only for UDP to the
+    // tunnel port, which an inlined array read tells (`names::TUN_FAST`).
     let Ok(Some(ip)) = parse::ipv4(ctx) else {
         return PASS;
     };
@@ -310,7 +348,7 @@ pub fn decap(ctx: &TcContext) -> i32 {
         Some(&port) if port != 0 && port == u32::from(l4.dport_be) => {}
         _ => return PASS,
     }
-    let Some(cfg) = config() else {
+    let Some(cfg) = settings() else {
         return PASS;
     };
     if l4.dport_be != cfg.port_be {

@@ -6,7 +6,8 @@
 //! - `nat`: `[{proto, pod, remote, gateway, natPort, idleSeconds, state}]`, endpoints as
 //!   `ip:port` strings, `natPort` null unless the source port was remapped
 //! - `stats`: `{counter: value}`
-//! - `tunnel`: `{settings: {clusterId, port, delivery, mtu, podCIDRs} | null, routes: [{cidr,
+//! - `tunnel`: `{settings: {clusterId, publishedClusterId, port, takenPort, delivery, mtu,
+//!   podCIDRs, nodeAddresses, decapCopy} | null, routes: [{cidr,
 //!   peer, node, port, source, ifindex, mtu}], peers: [{peer, nodes, txPackets, txBytes,
 //!   rxPackets, rxBytes}], podPorts: [{address, ifindex, podMac}]}`
 //!
@@ -294,7 +295,11 @@ pub fn table(d: &Dump) -> String {
                     Some(p) if p != 0 && p != s.cluster_id => format!("{:08x} (encapsulation writes {p:08x})", s.cluster_id),
                     _ => format!("{:08x}", s.cluster_id),
                 };
-                vec![port, s.delivery.to_string(), s.mtu.to_string(), id, s.pod_cidrs.join(",")]
+                let mut cidrs = s.pod_cidrs.join(",");
+                if s.decap_copy == "other" {
+                    cidrs.push_str(" (decapsulation reads other settings until the next sync)");
+                }
+                vec![port, s.delivery.to_string(), s.mtu.to_string(), id, cidrs]
             })
             .collect();
         render(&mut out, "tunnel settings", &["PORT", "DELIVERY", "MTU", "CLUSTER ID", "POD CIDRS"], &settings);
@@ -403,6 +408,7 @@ mod tests {
     #[test]
     fn tunnel_settings_show_what_the_datapath_was_given() {
         let row = |taken_port, published_cluster_id| crate::tunnel::TunnelSettingsRow {
+            decap_copy: "same",
             cluster_id: 0x1234_5678,
             published_cluster_id,
             port: 31800,
@@ -423,6 +429,10 @@ mod tests {
         assert!(text(row(Some(0), Some(0x1234_5678))).contains("31800 (uplink program takes none)"));
         assert!(text(row(Some(31900), Some(0x1234_5678))).contains("31800 (uplink program takes 31900)"));
         assert!(text(row(Some(31800), Some(7))).contains("12345678 (encapsulation writes 00000007)"));
+        for (copy, flagged) in [("same", false), ("none", false), ("other", true)] {
+            let t = text(crate::tunnel::TunnelSettingsRow { decap_copy: copy, ..row(Some(31800), Some(0x1234_5678)) });
+            assert_eq!(t.contains("10.244.0.0/24 (decapsulation reads other settings until the next sync)"), flagged, "{copy}: {t}");
+        }
     }
 
     #[test]

@@ -214,7 +214,7 @@ impl Snapshot {
             .map(|m| m.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect())
             .unwrap_or_default();
         let (tun_routes, tun_nodes, tun_config, tun_port) = match crate::tunnel::TunnelMaps::open(pins) {
-            Ok(t) => (t.effective_routes(), t.current_nodes(), t.current_config(), t.taken_port()),
+            Ok(t) => (t.effective_routes(), t.current_nodes(), t.decap_config(), t.taken_port()),
             Err(_) => Default::default(),
         };
         Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), tun_routes, tun_nodes, tun_config, tun_port, missing }
@@ -245,7 +245,7 @@ impl Snapshot {
     /// This snapshot with the tunnel maps of `t` (an unpinned load's, in tests).
     #[must_use]
     pub fn with_tunnel(self, t: &crate::tunnel::TunnelMaps) -> Self {
-        Self { tun_routes: t.current_routes(), tun_nodes: t.current_nodes(), tun_config: t.current_config(), tun_port: t.taken_port(), ..self }
+        Self { tun_routes: t.current_routes(), tun_nodes: t.current_nodes(), tun_config: t.decap_config(), tun_port: t.taken_port(), ..self }
     }
 
     fn peer_name(&self, id: u32) -> String {

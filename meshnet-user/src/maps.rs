@@ -43,6 +43,32 @@ where
 }
 
 /// Opens one pinned map by name with its typed view.
+/// Replaces `cur`, the value of a seqlocked array slot (see [`LocalCidrs`]), with `next`: the
+/// value with an odd sequence number, the new value under it, the new value with the next
+/// even one. Each write changes either the sequence number or the value, never both, so a
+/// reader that sees the same even number before and after its read has read one whole value.
+/// `seq_of` and `with_seq` read and set a value's sequence number. Writes nothing when the
+/// value is already there; whether it wrote.
+pub fn write_seqlocked<V: Copy + PartialEq>(
+    cur: V,
+    next: V,
+    seq_of: impl Fn(&V) -> u32,
+    with_seq: impl Fn(V, u32) -> V,
+    mut write: impl FnMut(V) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    let seq = seq_of(&cur);
+    if seq & 1 == 0 && with_seq(cur, 0) == with_seq(next, 0) {
+        return Ok(false);
+    }
+    let odd = seq | 1;
+    if seq & 1 == 0 {
+        write(with_seq(cur, odd))?;
+    }
+    write(with_seq(next, odd))?;
+    write(with_seq(next, odd.wrapping_add(1)))?;
+    Ok(true)
+}
+
 pub fn open<T>(pins: &Pins, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
@@ -484,16 +510,8 @@ impl ControlMaps {
             *slot = net;
         }
         next.count = u32::try_from(nets.len().min(limits::MAX_LOCAL_CIDRS)).unwrap_or(0);
-        if cur.seq & 1 == 0 && (cur.count, cur.nets) == (next.count, next.nets) {
-            return Ok(());
-        }
-        let odd = cur.seq | 1;
-        let write = |map: &mut LocalMap, v: LocalCidrs| map.set(0, v, 0).context("writing the local CIDR map");
-        if cur.seq & 1 == 0 {
-            write(map, LocalCidrs { seq: odd, ..cur })?;
-        }
-        write(map, LocalCidrs { seq: odd, ..next })?;
-        write(map, LocalCidrs { seq: odd.wrapping_add(1), ..next })
+        write_seqlocked(cur, next, |v| v.seq, |v, seq| LocalCidrs { seq, ..v }, |v| map.set(0, v, 0).context("writing the local CIDR map"))
+            .map(|_| ())
     }
 
     /// Whether the gateway-port bitmap is in use (bit 0); `true` without the map, which then

@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuArray, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, switch, tun_fast, PodPort, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, switch, tun_fast, PodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 
 use crate::{
@@ -31,6 +31,7 @@ pub type TunStats = PerCpuArray<MapData, TunnelStats>;
 pub type TunPorts = HashMap<MapData, u32, PodPort>;
 pub type Switches = aya::maps::Array<MapData, u32>;
 pub type TunFast = aya::maps::Array<MapData, u32>;
+pub type TunCfgSeq = aya::maps::Array<MapData, SeqTunnelConfig>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -124,6 +125,9 @@ pub struct TunnelMaps {
     /// The settings the per-packet paths read from an array (`names::TUN_FAST`); `None`
     /// where an older agent's pins lack it, whose programs look the settings up instead.
     pub fast: Option<TunFast>,
+    /// The settings' seqlocked copy for the decapsulating program (`names::TUN_CFG_SEQ`);
+    /// `None` where an older agent's pins lack it, whose programs look the hash up instead.
+    pub cfg_seq: Option<TunCfgSeq>,
     /// Which counter slot each tunnel peer has (peer id → index), read from the map once.
     /// The agent is the only writer, so it stays true while these maps are open.
     slots: Option<BTreeMap<u32, u32>>,
@@ -166,6 +170,7 @@ impl TunnelMaps {
             // or a switch left on would hide every route written from then on.
             switches: if pins.map(names::SWITCHES).exists() { Some(open(pins, names::SWITCHES)?) } else { None },
             fast: if pins.map(names::TUN_FAST).exists() { Some(open(pins, names::TUN_FAST)?) } else { None },
+            cfg_seq: if pins.map(names::TUN_CFG_SEQ).exists() { Some(open(pins, names::TUN_CFG_SEQ)?) } else { None },
             slots: None,
         })
     }
@@ -189,6 +194,10 @@ impl TunnelMaps {
                 Some(m) => Some(TunFast::try_from(m).map_err(bad(names::TUN_FAST))?),
                 None => None,
             },
+            cfg_seq: match ebpf.take_map(names::TUN_CFG_SEQ) {
+                Some(m) => Some(TunCfgSeq::try_from(m).map_err(bad(names::TUN_CFG_SEQ))?),
+                None => None,
+            },
             slots: None,
         })
     }
@@ -208,6 +217,34 @@ impl TunnelMaps {
             }
         }
         Ok(wrote)
+    }
+
+    /// Copies the settings under the seqlock for the decapsulating program (`None`: clears
+    /// the copy, so that the program looks the hash up), writing only a change; whether it
+    /// wrote.
+    fn set_cfg_seq(&mut self, cfg: Option<&TunnelConfig>) -> anyhow::Result<bool> {
+        let Some(map) = &mut self.cfg_seq else {
+            return Ok(false);
+        };
+        let cur = map.get(&0, 0).context("reading the settings' copy")?;
+        let next = SeqTunnelConfig { cfg: cfg.copied().unwrap_or_default(), ..cur };
+        crate::maps::write_seqlocked(cur, next, |v| v.seq, |v, seq| SeqTunnelConfig { seq, ..v }, |v| {
+            map.set(0, v, 0).context("writing the settings' copy for the datapath")
+        })
+    }
+
+    /// The settings' seqlocked copy, if the seqlock vouches for it and it holds settings.
+    #[must_use]
+    pub fn current_cfg_seq(&self) -> Option<TunnelConfig> {
+        let v = self.cfg_seq.as_ref()?.get(&0, 0).ok()?;
+        (v.seq & 1 == 0 && v.cfg.port_be != 0).then_some(v.cfg)
+    }
+
+    /// The settings the decapsulating program reads: their copy when it holds any, else
+    /// the settings themselves.
+    #[must_use]
+    pub fn decap_config(&self) -> Option<TunnelConfig> {
+        self.current_cfg_seq().or_else(|| self.current_config())
     }
 
     /// The port the uplink program takes (`Some(0)`: none; `None` without the map).
@@ -395,7 +432,7 @@ impl TunnelMaps {
             }
             // After the settings, so that a packet the uplink program takes finds them; checked
             // even when they did not change, for a map an older agent's pins lacked.
-            report.fast_written = self.set_fast(Some(&c))?;
+            report.fast_written = self.set_cfg_seq(Some(&c))? | self.set_fast(Some(&c))?;
         }
         let peers: BTreeSet<u32> = desired.tun_nodes.values().copied().collect();
         // Before the routes that name them.
@@ -449,7 +486,7 @@ impl TunnelMaps {
         // After the routes that named them.
         self.free_slots(&peers)?;
         if want_config.is_none() {
-            report.fast_written = self.set_fast(None)?;
+            report.fast_written = self.set_fast(None)? | self.set_cfg_seq(None)?;
         }
         if want_config.is_none() && self.current_config().is_some() {
             self.config.remove(&0).context("removing the tunnel settings")?;
@@ -521,6 +558,10 @@ pub struct TunnelSettingsRow {
     pub pod_cidrs: Vec<String>,
     /// This node's own addresses inside those CIDRs: never delivered to.
     pub node_addresses: Vec<String>,
+    /// What the decapsulating program reads (`names::TUN_CFG_SEQ`): `same`, a copy of these
+    /// settings; `other`, a copy of other ones (a sync not yet done); `none`, no copy (or one
+    /// being written), so it looks these up.
+    pub decap_copy: &'static str,
 }
 
 /// A pod the decapsulating program sends to directly, out of its own interface.
@@ -546,7 +587,13 @@ impl TunnelMaps {
     #[must_use]
     pub fn dump(&self, names: &BTreeMap<u32, String>) -> TunnelDump {
         let name = |id: u32| names.get(&id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
+        let copy = self.current_cfg_seq();
         let settings = self.current_config().map(|c| TunnelSettingsRow {
+            decap_copy: match copy {
+                Some(k) if k == c => "same",
+                Some(_) => "other",
+                None => "none",
+            },
             cluster_id: c.cluster_id,
             published_cluster_id: self.fast_slot(tun_fast::CLUSTER_ID),
             port: u16::from_be(c.port_be),

@@ -527,7 +527,8 @@ fn progress(flows: &mut [Flow], when: &str) {
 /// agent is stopped and started again, ten times (SIGTERM, and every other time SIGKILL, as a
 /// crash or an OOM kill would): the datapath carries on while the agent is down and after it
 /// is back, no exchange is lost or answered wrongly, no connection is reset, and each closes
-/// cleanly at the end. One restart finds the pins of an older release (no `mn_tun_fast_v1`),
+/// cleanly at the end. One restart finds the pins of an older release (no `mn_tun_fast_v1` or
+/// `mn_tun_cfgs_v1`),
 /// another one the per-peer counters of builds before v2, which it unpins. Each peer's
 /// counters only grow: every agent finds its peer's counter slot again.
 #[test]
@@ -564,15 +565,18 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
             // per-packet paths: the agent creates the map and fills it before it attaches.
             let pins = meshnet::pins::Pins::new(t.node(side).pin_path());
             let pin = pins.map(meshnet_common::names::TUN_FAST);
+            let copy = pins.map(meshnet_common::names::TUN_CFG_SEQ);
             if r == 3 {
-                std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+                for p in [&pin, &copy] {
+                    std::fs::remove_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                }
             }
             let old_stats = pins.map(meshnet_common::names::TUN_STATS_V1);
             if r == 4 {
                 meshnet_tests::raw_bpf::create_pinned(&old_stats, meshnet_tests::raw_bpf::PERCPU_HASH, 4, 32, 1024, 0);
             }
             *agent = t.start_agent(side);
-            assert!(pin.exists(), "{side:?}: {} not pinned again", pin.display());
+            assert!(pin.exists() && copy.exists(), "{side:?}: {} or {} not pinned again", pin.display(), copy.display());
             assert!(!old_stats.exists(), "{side:?}: {} still pinned", old_stats.display());
             progress(&mut flows, &format!("after {side:?}'s restart {r}"));
             let after = sent("after the restart");

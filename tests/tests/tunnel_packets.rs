@@ -266,6 +266,53 @@ fn a_packet_to_a_tunnel_peers_pod_leaves_encapsulated_to_the_node_that_hosts_it(
     assert_eq!((v, out), (UNSPEC, pkt));
 }
 
+/// The decapsulating program reads the settings' seqlocked copy (`names::TUN_CFG_SEQ`) when
+/// the seqlock vouches for it, and their hash otherwise: a copy being written (an odd
+/// sequence number) or an empty one never decides a verdict, and a sync puts the copy right.
+#[test]
+fn decapsulation_reads_the_settings_copy_only_when_the_seqlock_vouches_for_it() {
+    use meshnet_common::{LocalNet, SeqTunnelConfig, TunnelConfig};
+    let mut h = Harness::new();
+    let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
+    let copy = h.tunnel.cfg_seq.as_ref().unwrap().get(&0, 0).unwrap();
+    assert_eq!((copy.seq & 1, Some(copy.cfg)), (0, h.tunnel.current_config()), "the sync's copy");
+    assert!(copy.seq > 0, "the copy was never written under the seqlock");
+    h.expect("the copy", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+    assert_eq!(h.tunnel.dump(&BTreeMap::new()).settings.unwrap().decap_copy, "same");
+
+    let set = |h: &mut Harness, v: SeqTunnelConfig| h.tunnel.cfg_seq.as_mut().unwrap().set(0, v, 0).unwrap();
+    // A copy that names another pod CIDR for this node, vouched for: the program goes by it.
+    let mut other = copy;
+    other.seq += 2;
+    other.cfg.nets[0] = LocalNet { addr_be: be([10, 244, 9, 0]), mask_be: be([255, 255, 255, 0]) };
+    set(&mut h, other);
+    h.expect("a copy of other settings", names::PROG_TUNNEL_IN, &pkt, SHOT, &[("tunnel_not_local", 1)]);
+    assert_eq!(h.tunnel.dump(&BTreeMap::new()).settings.unwrap().decap_copy, "other");
+    // The same copy while it is being written: the hash decides.
+    set(&mut h, SeqTunnelConfig { seq: other.seq + 1, ..other });
+    h.expect("a copy being written", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+    // An empty copy: the hash.
+    set(&mut h, SeqTunnelConfig { seq: other.seq + 2, cfg: TunnelConfig::default(), ..other });
+    h.expect("an empty copy", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+    assert_eq!(h.tunnel.dump(&BTreeMap::new()).settings.unwrap().decap_copy, "none");
+
+    // A sync writes the settings' copy again, under the seqlock.
+    set(&mut h, other);
+    let config = Config::from_yaml(CONFIG).unwrap();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
+    let report = h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    assert!(report.fast_written, "{report:?}");
+    let fixed = h.tunnel.cfg_seq.as_ref().unwrap().get(&0, 0).unwrap();
+    assert_eq!((fixed.seq, Some(fixed.cfg)), (other.seq + 2, h.tunnel.current_config()));
+    h.expect("the copy written again", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+    // Without settings the copy is empty: nothing is taken, by the copy or by the hash.
+    h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
+    assert_eq!(h.tunnel.cfg_seq.as_ref().unwrap().get(&0, 0).unwrap().cfg, TunnelConfig::default());
+    let (v, out) = h.run(names::PROG_TUNNEL_IN, &pkt);
+    assert_eq!((v, out), (UNSPEC, pkt.clone()), "a tunnel packet without settings passes untouched");
+}
+
 /// Each tunnel peer counts into a slot of its own (found by an array read, its index in the
 /// peer's routes): both nodes of a peer share it, a peer that goes frees it, and the next
 /// peer given it starts from zero, not from what the first one sent.

@@ -1657,7 +1657,8 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
             why: {
                 let checks = med(&t["amortised"]["decap_checks"]["ns"]);
                 format!(
-                    "decapsulation is the settings' hash lookup, the header checks, an LPM lookup \
+                    "decapsulation is the settings' read from their seqlocked copy (an array), the \
+                     header checks, an LPM lookup \
                      of the inner source (the peer's CIDRs), whose route names the node that hosts \
                      it (the node table's hash is read only for a packet another node sent), then \
                      `bpf_skb_adjust_room` taking 36 bytes off, the per-peer counter and a second \
