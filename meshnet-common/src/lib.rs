@@ -84,7 +84,8 @@ pub mod names {
     /// ([`crate::TunnelNode`]). `from_pod` encapsulates what a pod sends there.
     pub const TUN_ROUTES: &str = "mn_tun_routes_v1";
     /// Hash: a tunnel peer node's address → its peer id. The decapsulating program takes
-    /// tunnel packets only from these addresses.
+    /// tunnel packets only from these addresses (read only when the inner source's route
+    /// does not name the sender: routes name only these nodes, for the same peers).
     pub const TUN_NODES: &str = "mn_tun_nodes_v1";
     /// Hash of one entry (key 0): this node's tunnel settings ([`crate::TunnelConfig`]).
     /// A hash, not an array, so that an update replaces the value whole: a program never

@@ -184,7 +184,7 @@ mod tests {
     use super::*;
 
     /// The statics are shared by the crate's tests: one test walks the whole story, on the
-    /// preallocated tunnel counters, which need it on every kernel.
+    /// tunnel counter slots, which need it on every kernel.
     #[test]
     fn a_take_waits_for_a_grace_period_after_the_last_free() {
         let map = names::TUN_STATS;

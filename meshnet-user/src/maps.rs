@@ -42,7 +42,6 @@ where
     T::try_from(map).with_context(|| format!("map {name} does not have the layout this build expects"))
 }
 
-/// Opens one pinned map by name with its typed view.
 /// Replaces `cur`, the value of a seqlocked array slot (see [`LocalCidrs`]), with `next`: the
 /// value with an odd sequence number, the new value under it, the new value with the next
 /// even one. Each write changes either the sequence number or the value, never both, so a
@@ -69,6 +68,7 @@ pub fn write_seqlocked<V: Copy + PartialEq>(
     Ok(true)
 }
 
+/// Opens one pinned map by name with its typed view.
 pub fn open<T>(pins: &Pins, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,

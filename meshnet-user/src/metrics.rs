@@ -144,7 +144,7 @@ impl Metrics {
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
         registry.register(
             "map_reuse_grace_periods",
-            "RCU grace periods the agent let pass before a map it alone writes could reuse an element it freed (kernels 6.1 and later; the preallocated tunnel counters on any kernel)",
+            "RCU grace periods the agent let pass before a map it alone writes could reuse an element it freed (kernels 6.1 and later; the tunnel counter slots on any kernel)",
             m.reuse_periods.clone(),
         );
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());

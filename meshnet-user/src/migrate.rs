@@ -226,11 +226,14 @@ impl Migration {
     }
 
     /// Copies every entry of the old maps into the new pinned ones, leaving entries already
-    /// there alone (the new programs' own are newer). Counters are moved: added to the new
-    /// map and taken off the old one.
+    /// there alone (the new programs' own are newer). Counters are moved, on the first pass
+    /// only: added to the new map and taken off the old one.
     pub fn copy(&self, pins: &Pins, first: bool) -> anyhow::Result<usize> {
         let mut copied = 0;
-        for s in &self.sources {
+        // The counters last: a load that fails after this pass puts the old maps back and
+        // drops the new ones, so nothing may fail once counts were taken off an old map.
+        let (counters, rest): (Vec<&Source>, Vec<&Source>) = self.sources.iter().partition(|s| s.target == names::STATS);
+        for s in rest.into_iter().chain(counters) {
             copied += copy_one(pins, s, first, &self.sources)
                 .with_context(|| format!("migrating {} into {}", s.path.display(), s.target))?;
         }
@@ -389,10 +392,12 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
                 copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
             }
         }
-        t if t == names::STATS => {
+        t if t == names::STATS && first => {
             // Counts are moved, not copied: what is added here is taken off the old map, so
-            // that the second pass adds only what the old programs counted since, and an
-            // agent that resumes a migration cut short adds nothing twice.
+            // that an agent that resumes a migration cut short adds nothing twice. Only before
+            // the swap: after it this build's programs count into the new map, and a read and
+            // a write of it from here would lose what they counted in between. What the old
+            // programs count after this pass goes with their map.
             let mut old = PerCpuArray::<_, u64>::try_from(old)?;
             let mut new = PerCpuArray::<_, u64>::try_from(open_pinned(pins, t)?)?;
             for i in 0..old.len().min(new.len()) {

@@ -16,6 +16,7 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use meshnet_common::{names, switch, tun_fast, PodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
+use tracing::warn;
 
 use crate::{
     config::Desired,
@@ -118,7 +119,9 @@ pub struct TunnelMaps {
     pub routes: TunRoutes,
     pub nodes: TunNodes,
     pub config: TunConfigMap,
-    pub stats: TunStats,
+    /// `None` where the pins are an older build's (a CLI of this build run against them):
+    /// nothing is counted or shown per peer then.
+    pub stats: Option<TunStats>,
     pub ports: TunPorts,
     /// `None` where an older agent's pins lack it: the datapath then does every lookup.
     pub switches: Option<Switches>,
@@ -141,7 +144,8 @@ pub struct TunnelReport {
     pub nodes_written: usize,
     pub nodes_removed: usize,
     pub config_changed: bool,
-    /// The settings published for the per-packet paths changed (`names::TUN_FAST`).
+    /// The settings published for the per-packet paths changed (`names::TUN_FAST`, or their
+    /// copy for decapsulation, `names::TUN_CFG_SEQ`).
     pub fast_written: bool,
     /// Peer nodes without a route from here: their pod CIDRs are not routed until they have.
     pub unresolved: Vec<Ipv4Addr>,
@@ -164,7 +168,7 @@ impl TunnelMaps {
             routes: open(pins, names::TUN_ROUTES)?,
             nodes: open(pins, names::TUN_NODES)?,
             config: open(pins, names::TUN_CONFIG)?,
-            stats: open(pins, names::TUN_STATS)?,
+            stats: if pins.map(names::TUN_STATS).exists() { Some(open(pins, names::TUN_STATS)?) } else { None },
             ports: open(pins, names::TUN_PORTS)?,
             // Missing only where an older agent made the pins; any other failure is an error,
             // or a switch left on would hide every route written from then on.
@@ -183,7 +187,7 @@ impl TunnelMaps {
             routes: TunRoutes::try_from(take(names::TUN_ROUTES)?).map_err(bad(names::TUN_ROUTES))?,
             nodes: TunNodes::try_from(take(names::TUN_NODES)?).map_err(bad(names::TUN_NODES))?,
             config: TunConfigMap::try_from(take(names::TUN_CONFIG)?).map_err(bad(names::TUN_CONFIG))?,
-            stats: TunStats::try_from(take(names::TUN_STATS)?).map_err(bad(names::TUN_STATS))?,
+            stats: Some(TunStats::try_from(take(names::TUN_STATS)?).map_err(bad(names::TUN_STATS))?),
             ports: TunPorts::try_from(take(names::TUN_PORTS)?).map_err(bad(names::TUN_PORTS))?,
             // Objects of earlier builds, measured beside this one, have no such map.
             switches: match ebpf.take_map(names::SWITCHES) {
@@ -358,53 +362,55 @@ impl TunnelMaps {
 
     /// The counter slots in use, with their per-CPU values (a slot's owner is on every copy).
     fn used_slots(&self) -> impl Iterator<Item = (u32, PerCpuValues<TunnelStats>)> + '_ {
-        (0..self.stats.len())
-            .filter_map(|i| self.stats.get(&i, 0).ok().map(|v| (i, v)))
+        let stats = self.stats.as_ref();
+        (0..stats.map_or(0, TunStats::len))
+            .filter_map(move |i| stats?.get(&i, 0).ok().map(|v| (i, v)))
             .filter(|(_, v)| v.first().is_some_and(|s| s.in_use != 0))
     }
 
-    /// Gives every peer of `peers` a counter slot (a free one, zeroed and marked as the
-    /// peer's) and frees the slots of peers not there, returning the peer → slot table.
-    /// A slot is taken again only a grace period after it was freed, so that a packet that
-    /// read a route of its old peer cannot count into its new one.
+    /// Gives every peer of `peers` that has none a counter slot (a free one, zeroed and
+    /// marked as the peer's), returning the peer → slot table. A slot is taken again only a
+    /// grace period after it was freed ([`Self::free_slots`]), so that a packet that read a
+    /// route of its old peer cannot count into its new one.
     fn assign_slots(&mut self, peers: &BTreeSet<u32>) -> anyhow::Result<BTreeMap<u32, u32>> {
         let mut slots = match self.slots.take() {
             Some(s) => s,
             None => self.used_slots().filter_map(|(i, v)| Some((v.first()?.peer_id, i))).collect(),
         };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-        let fill = |s: TunnelStats| PerCpuValues::try_from(vec![s; cpus]).context("per-CPU values");
-        let mut result = Ok(());
-        let new: Vec<u32> = peers.iter().copied().filter(|id| !slots.contains_key(id)).collect();
-        for id in new {
-            let taken: BTreeSet<u32> = slots.values().copied().collect();
-            let Some(free) = (0..self.stats.len()).find(|i| !taken.contains(i)) else {
-                // More tunnel peers than limits::MAX_PEERS is refused by validation.
-                result = Err(anyhow::anyhow!("no free tunnel counter slot for peer {id:#010x}"));
-                break;
-            };
-            grace::before_take(names::TUN_STATS);
-            let owned = fill(TunnelStats { peer_id: id, in_use: 1, ..TunnelStats::default() })?;
-            if let Err(e) = self.stats.set(free, owned, 0) {
-                result = Err(e).context("giving a tunnel peer its counters");
-                break;
+        if let Some(stats) = self.stats.as_mut() {
+            let new: Vec<u32> = peers.iter().copied().filter(|id| !slots.contains_key(id)).collect();
+            for id in new {
+                let taken: BTreeSet<u32> = slots.values().copied().collect();
+                // Counters never hold routing up: a peer without a slot is routed, uncounted.
+                let Some(free) = (0..stats.len()).find(|i| !taken.contains(i)) else {
+                    warn!(peer = format!("{id:#010x}"), slots = stats.len(), "no free tunnel counter slot: the peer's packets are not counted");
+                    break;
+                };
+                grace::before_take(names::TUN_STATS);
+                let owned = PerCpuValues::try_from(vec![TunnelStats { peer_id: id, in_use: 1, ..TunnelStats::default() }; cpus])
+                    .context("per-CPU values")?;
+                if let Err(e) = stats.set(free, owned, 0) {
+                    warn!(peer = format!("{id:#010x}"), error = %e, "could not give a tunnel peer its counters: its packets are not counted");
+                    continue;
+                }
+                slots.insert(id, free);
             }
-            slots.insert(id, free);
         }
         self.slots = Some(slots.clone());
-        result.map(|()| slots)
+        Ok(slots)
     }
 
     /// Frees the counter slots of peers not in `peers` (their routes are gone).
     fn free_slots(&mut self, peers: &BTreeSet<u32>) -> anyhow::Result<()> {
-        let Some(slots) = &mut self.slots else {
+        let (Some(slots), Some(stats)) = (&mut self.slots, &mut self.stats) else {
             return Ok(());
         };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let gone: Vec<(u32, u32)> = slots.iter().filter(|(id, _)| !peers.contains(id)).map(|(id, i)| (*id, *i)).collect();
         for (id, slot) in gone {
             let zero = PerCpuValues::try_from(vec![TunnelStats::default(); cpus]).context("per-CPU values")?;
-            self.stats.set(slot, zero, 0).context("freeing a tunnel peer's counters")?;
+            stats.set(slot, zero, 0).context("freeing a tunnel peer's counters")?;
             grace::freed(names::TUN_STATS);
             slots.remove(&id);
         }
@@ -438,6 +444,15 @@ impl TunnelMaps {
         // Before the routes that name them.
         let slots = self.assign_slots(&peers)?;
         let nodes = self.current_nodes();
+        // A node address that moves to another peer loses its routes first: decapsulation
+        // trusts a route that names the sender without reading the node table, so no route
+        // may name the address for its old peer once the table names the new one.
+        let moving: BTreeSet<u32> =
+            nodes.iter().filter(|(a, id)| desired.tun_nodes.get(a).is_some_and(|d| d != *id)).map(|(a, _)| addr_be(*a)).collect();
+        for (net, _) in self.current_routes().iter().filter(|(_, n)| moving.contains(&n.addr_be)) {
+            self.routes.remove(&route_key(*net)).context("removing a tunnel route of a node that moves to another peer")?;
+            report.routes_removed += 1;
+        }
         for (addr, id) in &desired.tun_nodes {
             if nodes.get(addr) != Some(id) {
                 grace::before_take(names::TUN_NODES);

@@ -577,6 +577,8 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
             }
             *agent = t.start_agent(side);
             assert!(pin.exists() && copy.exists(), "{side:?}: {} or {} not pinned again", pin.display(), copy.display());
+            let settings = t.node(side).dump_json("tunnel")["tunnel"]["settings"].clone();
+            assert_eq!(settings["decapCopy"], "same", "{side:?}: the decapsulating program does not read these settings: {settings}");
             assert!(!old_stats.exists(), "{side:?}: {} still pinned", old_stats.display());
             progress(&mut flows, &format!("after {side:?}'s restart {r}"));
             let after = sent("after the restart");

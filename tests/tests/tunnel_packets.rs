@@ -330,6 +330,14 @@ fn a_freed_counter_slot_starts_its_next_peer_at_zero() {
 
     h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
     assert!(h.tunnel.peer_stats().is_empty(), "{:?}", h.tunnel.peer_stats());
+    // A packet that read cluster2's route before it went may still count after the free:
+    // the slot's next peer must not start with it.
+    let index = u32::from(slot - 1);
+    let stats = h.tunnel.stats.as_mut().unwrap();
+    let mut late = stats.get(&index, 0).unwrap().to_vec();
+    late[0].tx_packets += 5;
+    late[0].tx_bytes += 500;
+    stats.set(index, aya::maps::PerCpuValues::try_from(late).unwrap(), 0).unwrap();
     let config = Config::from_yaml(&CONFIG.replace("cluster2", "cluster4")).unwrap();
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
