@@ -230,12 +230,24 @@ impl Migration {
     /// only: added to the new map and taken off the old one.
     pub fn copy(&self, pins: &Pins, first: bool) -> anyhow::Result<usize> {
         let mut copied = 0;
-        // The counters last: a load that fails after this pass puts the old maps back and
-        // drops the new ones, so nothing may fail once counts were taken off an old map.
         let (counters, rest): (Vec<&Source>, Vec<&Source>) = self.sources.iter().partition(|s| s.target == names::STATS);
-        for s in rest.into_iter().chain(counters) {
+        for s in rest {
             copied += copy_one(pins, s, first, &self.sources)
                 .with_context(|| format!("migrating {} into {}", s.path.display(), s.target))?;
+        }
+        if first && !counters.is_empty() {
+            // Last, and every map opened first: a load that fails after this pass puts the old
+            // maps back and drops the new ones, so nothing may fail once counts were taken
+            // off an old map.
+            let mut new = PerCpuArray::<_, u64>::try_from(open_pinned(pins, names::STATS)?)?;
+            let mut olds = Vec::new();
+            for s in counters {
+                let old = as_hash(&s.data).and_then(|m| Ok(PerCpuArray::<_, u64>::try_from(m)?));
+                olds.push(old.with_context(|| format!("migrating {} into {}", s.path.display(), s.target))?);
+            }
+            for old in &mut olds {
+                copied += move_counters(old, &mut new);
+            }
         }
         Ok(copied)
     }
@@ -392,36 +404,37 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
                 copied += usize::from(new.insert(k, v, NOEXIST).is_ok());
             }
         }
-        t if t == names::STATS && first => {
-            // Counts are moved, not copied: what is added here is taken off the old map, so
-            // that an agent that resumes a migration cut short adds nothing twice. Only before
-            // the swap: after it this build's programs count into the new map, and a read and
-            // a write of it from here would lose what they counted in between. What the old
-            // programs count after this pass goes with their map.
-            let mut old = PerCpuArray::<_, u64>::try_from(old)?;
-            let mut new = PerCpuArray::<_, u64>::try_from(open_pinned(pins, t)?)?;
-            for i in 0..old.len().min(new.len()) {
-                let (Ok(a), Ok(b)) = (old.get(&i, 0), new.get(&i, 0)) else { continue };
-                if a.iter().all(|&x| x == 0) {
-                    continue;
-                }
-                let sum: Vec<u64> = a.iter().zip(b.iter()).map(|(x, y)| x + y).collect();
-                let Ok(values) = PerCpuValues::try_from(sum) else { continue };
-                if new.set(i, values, 0).is_err() {
-                    continue;
-                }
-                copied += 1;
-                // Read again: the old programs may have counted meanwhile (until the swap).
-                let now = old.get(&i, 0).map_or_else(|_| a.to_vec(), |v| v.to_vec());
-                let rest: Vec<u64> = now.iter().zip(a.iter()).map(|(n, x)| n.saturating_sub(*x)).collect();
-                if let Ok(values) = PerCpuValues::try_from(rest) {
-                    if let Err(e) = old.set(i, values, 0) {
-                        warn!(counter = i, error = %e, "a migrated counter could not be taken off the old map: a resumed migration would count it twice");
-                    }
-                }
-            }
-        }
         _ => {}
     }
     Ok(copied)
+}
+
+/// Moves the counts of `old` into `new`, counter by counter: added to `new`, then taken off
+/// `old`, so that an agent that resumes a migration cut short adds nothing twice. Only before
+/// the swap: after it this build's programs count into `new`, and a read and a write of it
+/// from here would lose what they counted in between. What the old programs count after this
+/// goes with their map. Never fails: a counter that cannot be moved stays where it is.
+fn move_counters(old: &mut PerCpuArray<MapData, u64>, new: &mut PerCpuArray<MapData, u64>) -> usize {
+    let mut moved = 0;
+    for i in 0..old.len().min(new.len()) {
+        let (Ok(a), Ok(b)) = (old.get(&i, 0), new.get(&i, 0)) else { continue };
+        if a.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let sum: Vec<u64> = a.iter().zip(b.iter()).map(|(x, y)| x + y).collect();
+        let Ok(values) = PerCpuValues::try_from(sum) else { continue };
+        if new.set(i, values, 0).is_err() {
+            continue;
+        }
+        moved += 1;
+        // Read again: the old programs may have counted meanwhile (until the swap).
+        let now = old.get(&i, 0).map_or_else(|_| a.to_vec(), |v| v.to_vec());
+        let rest: Vec<u64> = now.iter().zip(a.iter()).map(|(n, x)| n.saturating_sub(*x)).collect();
+        if let Ok(values) = PerCpuValues::try_from(rest) {
+            if let Err(e) = old.set(i, values, 0) {
+                warn!(counter = i, error = %e, "a migrated counter could not be taken off the old map: a resumed migration would count it twice");
+            }
+        }
+    }
+    moved
 }

@@ -134,6 +134,8 @@ pub struct TunnelMaps {
     /// Which counter slot each tunnel peer has (peer id → index), read from the map once.
     /// The agent is the only writer, so it stays true while these maps are open.
     slots: Option<BTreeMap<u32, u32>>,
+    /// Peers warned of as uncounted (no slot for them), so that a rescan does not warn again.
+    unslotted: BTreeSet<u32>,
 }
 
 /// What a sync changed, for the agent's log.
@@ -176,6 +178,7 @@ impl TunnelMaps {
             fast: if pins.map(names::TUN_FAST).exists() { Some(open(pins, names::TUN_FAST)?) } else { None },
             cfg_seq: if pins.map(names::TUN_CFG_SEQ).exists() { Some(open(pins, names::TUN_CFG_SEQ)?) } else { None },
             slots: None,
+            unslotted: BTreeSet::new(),
         })
     }
 
@@ -203,6 +206,7 @@ impl TunnelMaps {
                 None => None,
             },
             slots: None,
+            unslotted: BTreeSet::new(),
         })
     }
 
@@ -384,6 +388,9 @@ impl TunnelMaps {
                 let taken: BTreeSet<u32> = slots.values().copied().collect();
                 // Counters never hold routing up: a peer without a slot is routed, uncounted.
                 let Some(free) = (0..stats.len()).find(|i| !taken.contains(i)) else {
+                    if !self.unslotted.insert(id) {
+                        break;
+                    }
                     warn!(peer = format!("{id:#010x}"), slots = stats.len(), "no free tunnel counter slot: the peer's packets are not counted");
                     break;
                 };
@@ -391,17 +398,22 @@ impl TunnelMaps {
                 let owned = PerCpuValues::try_from(vec![TunnelStats { peer_id: id, in_use: 1, ..TunnelStats::default() }; cpus])
                     .context("per-CPU values")?;
                 if let Err(e) = stats.set(free, owned, 0) {
+                    if !self.unslotted.insert(id) {
+                        continue;
+                    }
                     warn!(peer = format!("{id:#010x}"), error = %e, "could not give a tunnel peer its counters: its packets are not counted");
                     continue;
                 }
                 slots.insert(id, free);
+                self.unslotted.remove(&id);
             }
         }
         self.slots = Some(slots.clone());
         Ok(slots)
     }
 
-    /// Frees the counter slots of peers not in `peers` (their routes are gone).
+    /// Frees the counter slots of peers not in `peers` (their routes are gone). A slot that
+    /// cannot be freed stays the old peer's, with a warning: counters never hold a sync up.
     fn free_slots(&mut self, peers: &BTreeSet<u32>) -> anyhow::Result<()> {
         let (Some(slots), Some(stats)) = (&mut self.slots, &mut self.stats) else {
             return Ok(());
@@ -410,7 +422,10 @@ impl TunnelMaps {
         let gone: Vec<(u32, u32)> = slots.iter().filter(|(id, _)| !peers.contains(id)).map(|(id, i)| (*id, *i)).collect();
         for (id, slot) in gone {
             let zero = PerCpuValues::try_from(vec![TunnelStats::default(); cpus]).context("per-CPU values")?;
-            stats.set(slot, zero, 0).context("freeing a tunnel peer's counters")?;
+            if let Err(e) = stats.set(slot, zero, 0) {
+                warn!(peer = format!("{id:#010x}"), error = %e, "could not free a gone tunnel peer's counters");
+                continue;
+            }
             grace::freed(names::TUN_STATS);
             slots.remove(&id);
         }
@@ -447,9 +462,8 @@ impl TunnelMaps {
         // A node address that moves to another peer loses its routes first: decapsulation
         // trusts a route that names the sender without reading the node table, so no route
         // may name the address for its old peer once the table names the new one.
-        let moving: BTreeSet<u32> =
-            nodes.iter().filter(|(a, id)| desired.tun_nodes.get(a).is_some_and(|d| d != *id)).map(|(a, _)| addr_be(*a)).collect();
-        for (net, _) in self.current_routes().iter().filter(|(_, n)| moving.contains(&n.addr_be)) {
+        let moving = |n: &TunnelNode| desired.tun_nodes.get(&addr_of_be(n.addr_be)).is_some_and(|id| *id != n.peer_id);
+        for (net, _) in self.current_routes().iter().filter(|(_, n)| moving(n)) {
             self.routes.remove(&route_key(*net)).context("removing a tunnel route of a node that moves to another peer")?;
             report.routes_removed += 1;
         }
