@@ -107,6 +107,14 @@ pub mod names {
     /// (a bridge offers no offloads for encapsulated packets, and a decapsulated packet still
     /// counts as one).
     pub const TUN_PORTS: &str = "mn_tun_ports_v1";
+    /// Array of [`crate::SeqPodPort`], one slot per [`crate::pod_port_slot`] of a pod's
+    /// address: `mn_tun_ports_v1` again, for the pods that own their slot, under a seqlock
+    /// per slot. The decapsulating program reads the slot of every packet's pod first, an
+    /// array read the verifier inlines where the hash's lookup cost each packet about 30 ns;
+    /// a slot that holds another address, or a read its seqlock cannot vouch for, sends it
+    /// to the hash. Two pods share a slot only where their addresses agree in their low
+    /// bits (pod CIDRs of one node far apart): the lowest address gets it.
+    pub const TUN_PORT_SLOTS: &str = "mn_tun_pslots_v1";
     /// Array of `u32`, one slot per [`crate::switch`]: what the agent tells the datapath at
     /// run time to skip work that cannot matter. An array lookup, which the verifier inlines.
     pub const SWITCHES: &str = "mn_switches_v1";
@@ -127,9 +135,9 @@ pub mod names {
     pub const TUN_CFG_SEQ: &str = "mn_tun_cfgs_v1";
 
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 18] = [
+    pub const ALL_MAPS: [&str; 19] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST, TUN_CFG_SEQ,
+        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST, TUN_CFG_SEQ, TUN_PORT_SLOTS,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
@@ -284,6 +292,9 @@ pub mod limits {
     pub const MAX_NODE_CIDRS: usize = 4;
     /// Pod interfaces on one node (kubelet's default is 110 pods).
     pub const MAX_POD_PORTS: u32 = 4096;
+    /// Slots of `mn_tun_pslots_v1`, a power of two: a pod's slot is the low bits of its
+    /// address, so the pods of one node's CIDRs up to a /20 never share one.
+    pub const POD_PORT_SLOTS: u32 = 4096;
 }
 
 pub mod tunnel {
@@ -625,6 +636,27 @@ pub struct PodPort {
     pub host_mac: [u8; 6],
 }
 
+/// Value of `mn_tun_pslots_v1`: a pod's [`PodPort`] in its slot, under the slot's seqlock.
+/// The agent writes a new value in three writes (`seq` made odd, the value, `seq` made even
+/// again), so a reader that sees the same even `seq` before and after has read one whole
+/// value. An `addr_be` of 0 (no pod has it): an empty slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SeqPodPort {
+    pub seq: u32,
+    /// The pod's address, network byte order: the slot holds this pod only.
+    pub addr_be: u32,
+    pub port: PodPort,
+}
+
+/// The slot of `mn_tun_pslots_v1` where the pod at `addr_be` (network byte order) can be.
+#[inline(always)]
+#[must_use]
+pub const fn pod_port_slot(addr_be: u32) -> u32 {
+    u32::from_be(addr_be) & (limits::POD_PORT_SLOTS - 1)
+}
+
 /// meshnet's header, right after the outer UDP header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -950,6 +982,9 @@ const _: () = {
     assert!(offset_of!(TunnelStats, peer_id) == 32);
     assert!(offset_of!(TunnelNode, stats_slot) == 10);
     assert!(size_of::<PodPort>() == 16);
+    assert!(size_of::<SeqPodPort>() == 24);
+    assert!(offset_of!(SeqPodPort, port) == 8);
+    assert!(limits::POD_PORT_SLOTS.is_power_of_two());
     assert!(size_of::<TunnelHeader>() == tunnel::HEADER_LEN as usize);
     assert!(tunnel::SPORT_MIN as u32 + tunnel::SPORT_SPAN as u32 <= 61_000);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
@@ -976,6 +1011,7 @@ mod user {
     unsafe impl aya::Pod for super::TunnelNode {}
     unsafe impl aya::Pod for super::TunnelConfig {}
     unsafe impl aya::Pod for super::PodPort {}
+    unsafe impl aya::Pod for super::SeqPodPort {}
     unsafe impl aya::Pod for super::TunnelStats {}
     unsafe impl aya::Pod for super::SeqTunnelConfig {}
 }

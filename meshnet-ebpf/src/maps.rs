@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use meshnet_common::{
-    limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, SeqTunnelConfig, TunnelConfig, TunnelNode,
+    limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode,
     PodPort, TunnelStats,
 };
 
@@ -85,6 +85,10 @@ pub static TUN_FAST: Array<u32> = Array::with_max_entries(meshnet_common::tun_fa
 
 #[map(name = "mn_tun_ports_v1")]
 pub static TUN_PORTS: HashMap<u32, PodPort> = HashMap::with_max_entries(limits::MAX_POD_PORTS, BPF_F_NO_PREALLOC);
+
+/// See `meshnet_common::names::TUN_PORT_SLOTS`.
+#[map(name = "mn_tun_pslots_v1")]
+pub static TUN_PORT_SLOTS: Array<SeqPodPort> = Array::with_max_entries(limits::POD_PORT_SLOTS, 0);
 
 #[map(name = "mn_switches_v1")]
 pub static SWITCHES: Array<u32> = Array::with_max_entries(meshnet_common::switch::COUNT, 0);

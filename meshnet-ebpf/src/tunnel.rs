@@ -15,11 +15,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use meshnet_common::{
-    limits, switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP, TUN_DELIVER_REDIRECT,
+    limits, pod_port_slot, switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, PodPort, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP,
+    TUN_DELIVER_REDIRECT,
 };
 
 use crate::{
-    maps::{count, TUN_CFG_SEQ, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PORTS, TUN_ROUTES, TUN_STATS},
+    maps::{count, TUN_CFG_SEQ, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PORTS, TUN_PORT_SLOTS, TUN_ROUTES, TUN_STATS},
     nat::PASS,
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
@@ -448,8 +449,7 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32
     }
     // Out of the pod's own port: through a bridge (the route's device behind most CNIs) a GSO
     // packet would be segmented in software (see `names::TUN_PORTS`).
-    // SAFETY: a read-only copy of a value from a successful lookup.
-    if let Some(p) = unsafe { TUN_PORTS.get(&dst_be) }.copied() {
+    if let Some(p) = pod_port(dst_be) {
         if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() {
             // SAFETY: a helper call with plain values.
             return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
@@ -465,6 +465,30 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32
         return unsafe { bpf_redirect(hop.ifindex, 0) } as i32;
     }
     TC_ACT_OK
+}
+
+/// The interface of the pod at `addr_be`: from its slot (`names::TUN_PORT_SLOTS`, an array
+/// read the verifier inlines) when the slot holds that pod and its seqlock vouches for what
+/// was read, else from the port table's hash.
+#[inline(always)]
+fn pod_port(addr_be: u32) -> Option<PodPort> {
+    if let Some(s) = TUN_PORT_SLOTS.get_ptr(pod_port_slot(addr_be)) {
+        // SAFETY: a value pointer of an array map, valid for the program run. Volatile reads
+        // keep the seqlock's order: `seq`, then the value, then `seq` again.
+        unsafe {
+            use core::ptr::read_volatile as rv;
+            let seq = rv(&raw const (*s).seq);
+            if seq & 1 == 0 && rv(&raw const (*s).addr_be) == addr_be {
+                let p = &raw const (*s).port;
+                let port = PodPort { ifindex: rv(&raw const (*p).ifindex), pod_mac: rv(&raw const (*p).pod_mac), host_mac: rv(&raw const (*p).host_mac) };
+                if rv(&raw const (*s).seq) == seq {
+                    return Some(port);
+                }
+            }
+        }
+    }
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    unsafe { TUN_PORTS.get(&addr_be) }.copied()
 }
 
 /// Whether `addr_be` is one of this node's pods: inside its pod CIDRs, and neither one of the

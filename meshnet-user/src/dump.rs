@@ -324,8 +324,9 @@ pub fn table(d: &Dump) -> String {
             })
             .collect();
         render(&mut out, "tunnel peers", &["PEER", "NODES", "TX PACKETS", "TX BYTES", "RX PACKETS", "RX BYTES"], &peers);
-        let ports: Vec<Vec<String>> = t.pod_ports.iter().map(|p| vec![p.address.clone(), p.ifindex.to_string(), p.pod_mac.clone()]).collect();
-        render(&mut out, "tunnel pod ports", &["POD", "IFINDEX", "POD MAC"], &ports);
+        let ports: Vec<Vec<String>> =
+            t.pod_ports.iter().map(|p| vec![p.address.clone(), p.ifindex.to_string(), p.pod_mac.clone(), p.lookup.to_owned()]).collect();
+        render(&mut out, "tunnel pod ports", &["POD", "IFINDEX", "POD MAC", "LOOKUP"], &ports);
     }
     for m in &d.missing {
         let _ = writeln!(out, "missing: {m}");

@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuArray, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, switch, tun_fast, PodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, pod_port_slot, switch, tun_fast, PodPort, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 use tracing::warn;
 
@@ -33,6 +33,7 @@ pub type TunPorts = HashMap<MapData, u32, PodPort>;
 pub type Switches = aya::maps::Array<MapData, u32>;
 pub type TunFast = aya::maps::Array<MapData, u32>;
 pub type TunCfgSeq = aya::maps::Array<MapData, SeqTunnelConfig>;
+pub type TunPortSlots = aya::maps::Array<MapData, SeqPodPort>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -131,6 +132,13 @@ pub struct TunnelMaps {
     /// The settings' seqlocked copy for the decapsulating program (`names::TUN_CFG_SEQ`);
     /// `None` where an older agent's pins lack it, whose programs look the hash up instead.
     pub cfg_seq: Option<TunCfgSeq>,
+    /// The pods' ports again, by slot (`names::TUN_PORT_SLOTS`); `None` where an older
+    /// agent's pins lack it, whose programs look the hash up instead.
+    pub port_slots: Option<TunPortSlots>,
+    /// What each written slot of `port_slots` holds, with its sequence number, read from the
+    /// map once (as `slots`): a slot's number only ever grows, so that no reader takes the
+    /// end of one write for the start of another.
+    port_slots_held: Option<BTreeMap<u32, SeqPodPort>>,
     /// Which counter slot each tunnel peer has (peer id → index), read from the map once.
     /// The agent is the only writer, so it stays true while these maps are open.
     slots: Option<BTreeMap<u32, u32>>,
@@ -177,6 +185,8 @@ impl TunnelMaps {
             switches: if pins.map(names::SWITCHES).exists() { Some(open(pins, names::SWITCHES)?) } else { None },
             fast: if pins.map(names::TUN_FAST).exists() { Some(open(pins, names::TUN_FAST)?) } else { None },
             cfg_seq: if pins.map(names::TUN_CFG_SEQ).exists() { Some(open(pins, names::TUN_CFG_SEQ)?) } else { None },
+            port_slots: if pins.map(names::TUN_PORT_SLOTS).exists() { Some(open(pins, names::TUN_PORT_SLOTS)?) } else { None },
+            port_slots_held: None,
             slots: None,
             unslotted: BTreeSet::new(),
         })
@@ -205,6 +215,11 @@ impl TunnelMaps {
                 Some(m) => Some(TunCfgSeq::try_from(m).map_err(bad(names::TUN_CFG_SEQ))?),
                 None => None,
             },
+            port_slots: match ebpf.take_map(names::TUN_PORT_SLOTS) {
+                Some(m) => Some(TunPortSlots::try_from(m).map_err(bad(names::TUN_PORT_SLOTS))?),
+                None => None,
+            },
+            port_slots_held: None,
             slots: None,
             unslotted: BTreeSet::new(),
         })
@@ -338,7 +353,59 @@ impl TunnelMaps {
                 written += 1;
             }
         }
+        self.sync_port_slots(want)?;
         Ok((written, removed))
+    }
+
+    /// Puts each pod of `want` that owns its slot there (of those that share one, the
+    /// lowest address), and empties the slots no pod owns, writing only changes under each
+    /// slot's seqlock. The hash holds every pod, so a pod without its slot is still found.
+    fn sync_port_slots(&mut self, want: &BTreeMap<Ipv4Addr, PodPort>) -> anyhow::Result<()> {
+        let Some(map) = &mut self.port_slots else {
+            return Ok(());
+        };
+        if self.port_slots_held.is_none() {
+            let mut read = BTreeMap::new();
+            for (slot, v) in map.iter().enumerate() {
+                let v = v.context("reading the port table's slots")?;
+                if v != SeqPodPort::default() {
+                    read.insert(u32::try_from(slot).unwrap_or(u32::MAX), v);
+                }
+            }
+            self.port_slots_held = Some(read);
+        }
+        let Some(held) = &mut self.port_slots_held else {
+            return Ok(());
+        };
+        let mut owners = BTreeMap::new();
+        // Ascending addresses: the first pod seen for a slot is its lowest.
+        for (addr, port) in want {
+            let addr_be = addr_be(*addr);
+            owners.entry(pod_port_slot(addr_be)).or_insert(SeqPodPort { seq: 0, addr_be, port: *port });
+        }
+        let slots: BTreeSet<u32> = held.keys().chain(owners.keys()).copied().collect();
+        for slot in slots {
+            let cur = held.get(&slot).copied().unwrap_or_default();
+            let next = owners.get(&slot).copied().unwrap_or_default();
+            let mut last = cur;
+            let wrote = crate::maps::write_seqlocked(cur, next, |v| v.seq, |v, seq| SeqPodPort { seq, ..v }, |v| {
+                map.set(slot, v, 0).context("writing the port table's slots")?;
+                last = v;
+                Ok(())
+            });
+            held.insert(slot, last);
+            wrote?;
+        }
+        Ok(())
+    }
+
+    /// The pods that the decapsulating program finds in their slot, by address.
+    #[must_use]
+    pub fn slotted_ports(&self) -> BTreeSet<Ipv4Addr> {
+        let Some(map) = &self.port_slots else {
+            return BTreeSet::new();
+        };
+        map.iter().flatten().filter(|v| v.seq & 1 == 0 && v.addr_be != 0).map(|v| addr_of_be(v.addr_be)).collect()
     }
 
     #[must_use]
@@ -600,6 +667,9 @@ pub struct TunnelPortRow {
     pub address: String,
     pub ifindex: u32,
     pub pod_mac: String,
+    /// Where the decapsulating program finds it: `slot` (an array read) or `hash` (its slot
+    /// holds another pod, or none is written yet).
+    pub lookup: &'static str,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -668,10 +738,16 @@ impl TunnelMaps {
                 }
             })
             .collect();
+        let slotted = self.slotted_ports();
         let pod_ports = self
             .current_ports()
             .into_iter()
-            .map(|(addr, p)| TunnelPortRow { address: addr.to_string(), ifindex: p.ifindex, pod_mac: p.pod_mac.map(|b| format!("{b:02x}")).join(":") })
+            .map(|(addr, p)| TunnelPortRow {
+                address: addr.to_string(),
+                ifindex: p.ifindex,
+                pod_mac: p.pod_mac.map(|b| format!("{b:02x}")).join(":"),
+                lookup: if slotted.contains(&addr) { "slot" } else { "hash" },
+            })
             .collect();
         TunnelDump { settings, routes, peers, pod_ports }
     }

@@ -172,7 +172,9 @@ fn tcp_both_ways(opts: Options) {
     for (node, pod, ip, host) in [(&t.node1, &t.client, CLIENT_IP, "vethc"), (&t.node1, &t.client2, CLIENT2_IP, "vethc2"), (&t.node2, &t.app_a, APP_A, "vetha")] {
         let mac = pod.exec("cat /sys/class/net/eth0/address").trim().to_string();
         let index: u64 = node.ns.exec(&format!("cat /sys/class/net/{host}/ifindex")).trim().parse().unwrap();
-        let want = serde_json::json!({ "address": ip.to_string(), "ifindex": index, "podMac": mac });
+        // Each pod of these /24s has a slot of its own: the decapsulating program finds it
+        // by an array read.
+        let want = serde_json::json!({ "address": ip.to_string(), "ifindex": index, "podMac": mac, "lookup": "slot" });
         let listed = poll(WAIT, || {
             let ports = node.dump_json("tunnel")["tunnel"]["podPorts"].clone();
             ports.as_array().is_some_and(|p| p.contains(&want)).then_some(())
@@ -566,8 +568,9 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
             let pins = meshnet::pins::Pins::new(t.node(side).pin_path());
             let pin = pins.map(meshnet_common::names::TUN_FAST);
             let copy = pins.map(meshnet_common::names::TUN_CFG_SEQ);
+            let port_slots = pins.map(meshnet_common::names::TUN_PORT_SLOTS);
             if r == 3 {
-                for p in [&pin, &copy] {
+                for p in [&pin, &copy, &port_slots] {
                     std::fs::remove_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 }
             }
@@ -576,10 +579,16 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
                 meshnet_tests::raw_bpf::create_pinned(&old_stats, meshnet_tests::raw_bpf::PERCPU_HASH, 4, 32, 1024, 0);
             }
             *agent = t.start_agent(side);
-            assert!(pin.exists() && copy.exists(), "{side:?}: {} or {} not pinned again", pin.display(), copy.display());
+            for p in [&pin, &copy, &port_slots] {
+                assert!(p.exists(), "{side:?}: {} not pinned again", p.display());
+            }
             let settings = t.node(side).dump_json("tunnel")["tunnel"]["settings"].clone();
             assert_eq!(settings["decapCopy"], "same", "{side:?}: the decapsulating program does not read these settings: {settings}");
             assert!(!old_stats.exists(), "{side:?}: {} still pinned", old_stats.display());
+            // Every pod's port back in its slot, the slots' map new or kept.
+            let ports = || t.node(side).dump_json("tunnel")["tunnel"]["podPorts"].clone();
+            let slotted = poll(WAIT, || ports().as_array().filter(|p| !p.is_empty() && p.iter().all(|p| p["lookup"] == "slot")).map(|_| ()));
+            assert!(slotted.is_some(), "{side:?}, restart {r}: pods not in their slots: {}", ports());
             progress(&mut flows, &format!("after {side:?}'s restart {r}"));
             let after = sent("after the restart");
             assert!(after > before, "{side:?}, restart {r}: {peer}'s packets went from {before} to {after}");

@@ -8,7 +8,10 @@
 //!
 //! Needs root (loading eBPF): `cargo test -p meshnet-tests --test tunnel_packets`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
@@ -21,7 +24,7 @@ use meshnet::{
     maps::{self, ControlMaps, Stats},
     tunnel::{NodePath, TunnelMaps},
 };
-use meshnet_common::{names, switch, tun_fast, tunnel, tunnel_sport, FlowKey, PodPort, IPPROTO_ICMP, IPPROTO_UDP};
+use meshnet_common::{names, pod_port_slot, switch, tun_fast, tunnel, tunnel_sport, FlowKey, PodPort, SeqPodPort, IPPROTO_ICMP, IPPROTO_UDP};
 use meshnet_tests::NetNs;
 use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, OK, REDIRECT, SHOT, UNSPEC};
 
@@ -90,6 +93,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_config(CONFIG)
+    }
+
+    fn with_config(config: &str) -> Self {
         meshnet_tests::require_root();
         let ns = NetNs::new("tp");
         ns.ip(&format!("link add {LINK} address {} type veth peer name {LINK}p", mac(HOST_MAC)));
@@ -104,7 +111,7 @@ impl Harness {
         let ifindex: u32 = ns.exec(&format!("cat /sys/class/net/{LINK}/ifindex")).trim().parse().unwrap();
         // A TEST_RUN runs in its caller's namespace; this thread is the test's own.
         meshnet_tests::enter(&ns.path());
-        let config = Config::from_yaml(CONFIG).unwrap();
+        let config = Config::from_yaml(config).unwrap();
         let mut ebpf = Datapath::load_unpinned(config.max_flows).unwrap();
         let mut maps = ControlMaps::from_ebpf(&mut ebpf).unwrap();
         let desired = config.desired();
@@ -319,7 +326,7 @@ fn decapsulation_reads_the_settings_copy_only_when_the_seqlock_vouches_for_it() 
 #[test]
 fn a_freed_counter_slot_starts_its_next_peer_at_zero() {
     let mut h = Harness::new();
-    let slots = |h: &Harness| h.tunnel.current_routes().values().map(|n| (n.peer_id, n.stats_slot)).collect::<std::collections::BTreeSet<_>>();
+    let slots = |h: &Harness| h.tunnel.current_routes().values().map(|n| (n.peer_id, n.stats_slot)).collect::<BTreeSet<_>>();
     let first = slots(&h);
     assert_eq!(first.len(), 1, "cluster2's two nodes count into one slot: {first:?}");
     let (_, slot) = *first.first().unwrap();
@@ -519,6 +526,57 @@ fn a_pod_in_the_port_table_gets_its_packets_out_of_its_own_port() {
     // Gone from the table, the pod's packets take the route again.
     h.tunnel.sync_ports(&BTreeMap::new()).unwrap();
     h.expect("a pod no longer in the table", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+}
+
+/// The port table's slots (`names::TUN_PORT_SLOTS`): the decapsulating program takes a pod's
+/// port from its slot only when the slot names that pod and its seqlock vouches for the read;
+/// anything else, a slot another pod holds included, is looked up in the hash.
+#[test]
+fn a_pod_is_delivered_by_its_own_slot_and_never_by_another_pods() {
+    // 10.244.0.10 and 10.244.16.10 agree in their low 12 bits: one slot for the two.
+    let mut h = Harness::with_config(&CONFIG.replace(r#"podCIDRs: ["10.244.0.0/24"]"#, r#"podCIDRs: ["10.244.0.0/24", "10.244.16.0/24"]"#));
+    let twin = [10, 244, 16, 10];
+    assert_eq!(pod_port_slot(be(POD)), pod_port_slot(be(twin)));
+    let twin_mac = [0x02, 0, 0, 0, 0, 0x0b];
+    let a = PodPort { ifindex: 7, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    let b = PodPort { ifindex: 8, pod_mac: twin_mac, host_mac: HOST_MAC };
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), a), (Ipv4Addr::from(twin), b)])).unwrap();
+    assert_eq!(h.tunnel.slotted_ports(), BTreeSet::from([Ipv4Addr::from(POD)]), "the lower address owns the slot");
+    let slots = |h: &Harness| h.tunnel.port_slots.as_ref().unwrap().get(&pod_port_slot(be(POD)), 0).unwrap();
+    let held = slots(&h);
+    assert!(held.seq != 0 && held.seq & 1 == 0, "{held:?}");
+    let deliver = |h: &Harness, what: &str, dst: [u8; 4]| {
+        let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, dst, 53, 5000, b"answer"));
+        let out = h.expect(what, names::PROG_TUNNEL_IN, &pkt, REDIRECT, &[("tunnel_decap", 1)]);
+        <[u8; 6]>::try_from(&out[..6]).unwrap()
+    };
+    assert_eq!(deliver(&h, "the slot's pod", POD), POD_MAC);
+    assert_eq!(deliver(&h, "the pod that shares its slot", twin), twin_mac, "sent with the other pod's port");
+
+    // What the slot holds is what the program sends by: a slot written by hand with another
+    // MAC for the pod is taken as it is...
+    let set = |h: &mut Harness, v: SeqPodPort| h.tunnel.port_slots.as_mut().unwrap().set(pod_port_slot(be(POD)), v, 0).unwrap();
+    let forged = SeqPodPort { port: PodPort { pod_mac: [0x02, 0, 0, 0, 0, 0xee], ..a }, ..held };
+    set(&mut h, forged);
+    assert_eq!(deliver(&h, "a slot rewritten", POD), forged.port.pod_mac, "the slot is not read");
+    // ...but not while it is being written (odd), and never for another address.
+    set(&mut h, SeqPodPort { seq: held.seq + 1, ..forged });
+    assert_eq!(deliver(&h, "a slot being written", POD), POD_MAC, "a slot being written was taken");
+    set(&mut h, SeqPodPort { seq: held.seq + 2, ..forged });
+    assert_eq!(deliver(&h, "a slot of another pod", twin), twin_mac);
+    set(&mut h, held);
+
+    // The first pod gone, the other takes the slot over, and the gone pod's packets take the
+    // route (none here: the stack).
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(twin), b)])).unwrap();
+    assert_eq!(h.tunnel.slotted_ports(), BTreeSet::from([Ipv4Addr::from(twin)]));
+    assert!(slots(&h).seq > held.seq, "a slot's sequence number must only grow: {:?} after {held:?}", slots(&h));
+    assert_eq!(deliver(&h, "the slot's new pod", twin), twin_mac);
+    let gone = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
+    h.expect("a pod gone", names::PROG_TUNNEL_IN, &gone, OK, &[("tunnel_decap", 1)]);
+    h.tunnel.sync_ports(&BTreeMap::new()).unwrap();
+    assert!(h.tunnel.slotted_ports().is_empty());
+    assert_eq!(slots(&h).addr_be, 0, "an emptied slot must name no pod");
 }
 
 #[test]

@@ -38,7 +38,19 @@ pub fn machine_meta(quick: bool) -> Value {
         .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string()))
         .unwrap_or_default();
     let dirty = !cmd("git status --porcelain 2>/dev/null").is_empty();
+    // The CPU's mitigations of speculative execution that tax calls and returns: a program's
+    // helper calls and map lookups pay them, the empty program hardly does, so the ratios
+    // of two machines differ with them.
+    let mitigations: Vec<String> = ["spectre_v2", "retbleed", "spec_rstack_overflow"]
+        .iter()
+        .filter_map(|name| {
+            let state = std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{name}")).ok()?;
+            let state = state.trim();
+            (!state.is_empty() && state != "Not affected").then(|| format!("{name}: {state}"))
+        })
+        .collect();
     json!({
+        "mitigations": mitigations,
         "mode": if quick { "quick" } else { "full" },
         "date": cmd("date -u +%Y-%m-%dT%H:%M:%SZ"),
         "kernel": cmd("uname -r"),
@@ -268,10 +280,14 @@ pub fn write(results: &Value, out_dir: &Path) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "Machine: {} × {}, kernel {}. Load average (1, 5, 15 min) before the run: {}; after: {}.\n",
+        "Machine: {} × {}, kernel {}. CPU mitigations that make every call and return dearer (a program's helper calls and map lookups pay them, the empty program hardly does, so ratios to it differ between machines): {}. Load average (1, 5, 15 min) before the run: {}; after: {}.\n",
         meta["cores"],
         meta["cpu"].as_str().unwrap_or("?"),
         meta["kernel"].as_str().unwrap_or("?"),
+        meta["mitigations"].as_array().filter(|m| !m.is_empty()).map_or_else(
+            || "none reported".to_owned(),
+            |m| m.iter().filter_map(Value::as_str).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+        ),
         load("load_before"),
         load("load_after"),
     );
