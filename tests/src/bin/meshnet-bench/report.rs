@@ -1681,7 +1681,7 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
                      parse of the inner packet for the MSS clamp{}. A tunnel packet refused at the \
                      last check, after every lookup, costs {checks:.0} ns (section 1): the rest, {:.0} ns, \
                      is taking the headers off{}.",
-                    if key == "decap_redirect" { ", then the port table's hash lookup of the pod, its MACs written and `bpf_redirect`" } else { "" },
+                    if key == "decap_redirect" { ", then the pod's port read from its slot (an array, under the slot's seqlock), its MACs written and `bpf_redirect`" } else { "" },
                     med(&c["ns"]) - checks,
                     if key == "decap_redirect" { ", the counter, the second parse and the redirect" } else { ", the counter and the second parse" }
                 )
