@@ -128,9 +128,9 @@ impl Params {
 /// How tunnel mode hands a decapsulated packet to its pod (the config's `tunnel.delivery`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Delivery {
-    /// `bpf_redirect_neigh` from the uplink straight to the pod's side.
+    /// From the uplink straight out of the pod's own port (the default).
     Redirect,
-    /// Through the node's stack (the default).
+    /// Through the node's stack.
     Stack,
 }
 
