@@ -113,7 +113,8 @@ pub mod names {
     /// array read the verifier inlines where the hash's lookup cost each packet about 30 ns;
     /// a slot that holds another address, or a read its seqlock cannot vouch for, sends it
     /// to the hash. Two pods share a slot only where their addresses agree in their low
-    /// bits (pod CIDRs of one node far apart): the lowest address gets it.
+    /// bits (pod CIDRs of one node far apart): the lowest address gets it. The agent changes
+    /// a slot only through empty and a grace period, so that no reader mixes two pods.
     pub const TUN_PORT_SLOTS: &str = "mn_tun_pslots_v1";
     /// Array of `u32`, one slot per [`crate::switch`]: what the agent tells the datapath at
     /// run time to skip work that cannot matter. An array lookup, which the verifier inlines.
@@ -293,7 +294,8 @@ pub mod limits {
     /// Pod interfaces on one node (kubelet's default is 110 pods).
     pub const MAX_POD_PORTS: u32 = 4096;
     /// Slots of `mn_tun_pslots_v1`, a power of two: a pod's slot is the low bits of its
-    /// address, so the pods of one node's CIDRs up to a /20 never share one.
+    /// address, so the pods of one CIDR up to a /20 never share one. A change needs a new
+    /// map name: the agent refuses pins whose layout it does not know.
     pub const POD_PORT_SLOTS: u32 = 4096;
 }
 

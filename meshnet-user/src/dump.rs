@@ -9,7 +9,7 @@
 //! - `tunnel`: `{settings: {clusterId, publishedClusterId, port, takenPort, delivery, mtu,
 //!   podCIDRs, nodeAddresses, decapCopy} | null, routes: [{cidr,
 //!   peer, node, port, source, ifindex, mtu}], peers: [{peer, nodes, txPackets, txBytes,
-//!   rxPackets, rxBytes}], podPorts: [{address, ifindex, podMac}]}`
+//!   rxPackets, rxBytes}], podPorts: [{address, ifindex, podMac, lookup}]}`
 //!
 //! A map whose pin is missing is reported and skipped.
 

@@ -32,7 +32,7 @@ use meshnet_common::names;
 use tracing::{info, warn};
 
 /// The maps whose freed elements are waited out.
-pub const MAPS: [&str; 5] = [names::PEERS, names::TUN_CONFIG, names::TUN_NODES, names::TUN_PORTS, names::TUN_STATS];
+pub const MAPS: [&str; 6] = [names::PEERS, names::TUN_CONFIG, names::TUN_NODES, names::TUN_PORTS, names::TUN_STATS, names::TUN_PORT_SLOTS];
 
 /// Where the kernel refuses the call (`EINVAL` with `nohz_full`, `ENOSYS`, a seccomp filter):
 /// a sleep that outlasts a program's run by many orders of magnitude, though it proves nothing.
@@ -83,10 +83,10 @@ pub fn kernel_reuses_freed_elements() -> bool {
 }
 
 /// Whether `map`'s freed elements can be handed out again under a reader: a tunnel counter
-/// slot is freed and taken again by the agent itself (on any kernel), the others' elements
-/// by the kernel's hash maps.
+/// slot or a pod's port slot is freed and taken again by the agent itself (on any kernel),
+/// the others' elements by the kernel's hash maps.
 fn needed(map: &str) -> bool {
-    map == names::TUN_STATS || kernel_reuses_freed_elements()
+    map == names::TUN_STATS || map == names::TUN_PORT_SLOTS || kernel_reuses_freed_elements()
 }
 
 /// Grace periods completed so far.

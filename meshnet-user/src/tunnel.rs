@@ -146,6 +146,22 @@ pub struct TunnelMaps {
     unslotted: BTreeSet<u32>,
 }
 
+/// Whether a slot names no pod, whatever its sequence number.
+fn holds_nothing(v: &SeqPodPort) -> bool {
+    v.addr_be == 0 && v.port == PodPort::default()
+}
+
+/// Writes `next` into `slot` under its seqlock; `cur` (what the slot holds) follows each
+/// write that succeeds, so that it stays what the map holds.
+fn write_slot(map: &mut TunPortSlots, slot: u32, cur: &mut SeqPodPort, next: SeqPodPort) -> anyhow::Result<()> {
+    crate::maps::write_seqlocked(*cur, next, |v| v.seq, |v, seq| SeqPodPort { seq, ..v }, |v| {
+        map.set(slot, v, 0).context("writing the port table's slots")?;
+        *cur = v;
+        Ok(())
+    })
+    .map(|_| ())
+}
+
 /// What a sync changed, for the agent's log.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct TunnelReport {
@@ -334,7 +350,13 @@ impl TunnelMaps {
 
     /// Makes the port table hold `want` (a pod's address → its interface): entries of pods
     /// gone first. Returns how many entries it wrote and removed.
+    ///
+    /// The program reads a pod's slot before the hash, so a slot never holds what the hash is
+    /// about to lose or change: slots are emptied before the hash changes, whether or not it
+    /// then can, and given a pod only once the hash holds it.
     pub fn sync_ports(&mut self, want: &BTreeMap<Ipv4Addr, PodPort>) -> anyhow::Result<(usize, usize)> {
+        let owners = self.slot_owners(want);
+        let emptied = self.empty_port_slots(&owners);
         let have = self.current_ports();
         let mut removed = 0;
         for addr in have.keys().filter(|a| !want.contains_key(a)) {
@@ -353,16 +375,32 @@ impl TunnelMaps {
                 written += 1;
             }
         }
-        self.sync_port_slots(want)?;
+        emptied?;
+        self.fill_port_slots(&owners)?;
         Ok((written, removed))
     }
 
-    /// Puts each pod of `want` that owns its slot there (of those that share one, the
-    /// lowest address), and empties the slots no pod owns, writing only changes under each
-    /// slot's seqlock. The hash holds every pod, so a pod without its slot is still found.
-    fn sync_port_slots(&mut self, want: &BTreeMap<Ipv4Addr, PodPort>) -> anyhow::Result<()> {
+    /// Which pod of `want` each slot should hold: of the pods inside this node's tunnel pod
+    /// CIDRs (the only ones the program delivers to; an address a pod added to its own
+    /// interface elsewhere takes no slot from another pod), the lowest address of a slot.
+    fn slot_owners(&self, want: &BTreeMap<Ipv4Addr, PodPort>) -> BTreeMap<u32, SeqPodPort> {
+        let nets = self.current_config().map(|c| c.nets).unwrap_or_default();
+        let mut owners = BTreeMap::new();
+        // Ascending addresses: the first pod seen for a slot is its lowest.
+        for (addr, port) in want {
+            let addr_be = addr_be(*addr);
+            if nets.iter().any(|n| n.mask_be != 0 && addr_be & n.mask_be == n.addr_be) {
+                owners.entry(pod_port_slot(addr_be)).or_insert(SeqPodPort { seq: 0, addr_be, port: *port });
+            }
+        }
+        owners
+    }
+
+    /// The slots' map and what the agent wrote to it, read from the map the first time (a
+    /// map an earlier agent, or a crashed one, left behind).
+    fn held_port_slots(&mut self) -> anyhow::Result<Option<(&mut TunPortSlots, &mut BTreeMap<u32, SeqPodPort>)>> {
         let Some(map) = &mut self.port_slots else {
-            return Ok(());
+            return Ok(None);
         };
         if self.port_slots_held.is_none() {
             let mut read = BTreeMap::new();
@@ -374,38 +412,82 @@ impl TunnelMaps {
             }
             self.port_slots_held = Some(read);
         }
-        let Some(held) = &mut self.port_slots_held else {
-            return Ok(());
-        };
-        let mut owners = BTreeMap::new();
-        // Ascending addresses: the first pod seen for a slot is its lowest.
-        for (addr, port) in want {
-            let addr_be = addr_be(*addr);
-            owners.entry(pod_port_slot(addr_be)).or_insert(SeqPodPort { seq: 0, addr_be, port: *port });
-        }
-        let slots: BTreeSet<u32> = held.keys().chain(owners.keys()).copied().collect();
-        for slot in slots {
-            let cur = held.get(&slot).copied().unwrap_or_default();
-            let next = owners.get(&slot).copied().unwrap_or_default();
-            let mut last = cur;
-            let wrote = crate::maps::write_seqlocked(cur, next, |v| v.seq, |v, seq| SeqPodPort { seq, ..v }, |v| {
-                map.set(slot, v, 0).context("writing the port table's slots")?;
-                last = v;
-                Ok(())
-            });
-            held.insert(slot, last);
-            wrote?;
-        }
-        Ok(())
+        Ok(self.port_slots_held.as_mut().map(|held| (map, held)))
     }
 
-    /// The pods that the decapsulating program finds in their slot, by address.
+    /// Empties every slot that holds anything but its owner as `owners` has it (another pod,
+    /// another port of the same pod, a pod gone), and starts a grace period after them: a
+    /// slot changes from one value to another only through empty and a grace period, so
+    /// that no reader, on any CPU's memory order, mixes two pods' values. Goes on past a
+    /// failed write; the first error is returned.
+    fn empty_port_slots(&mut self, owners: &BTreeMap<u32, SeqPodPort>) -> anyhow::Result<()> {
+        let Some((map, held)) = self.held_port_slots()? else {
+            return Ok(());
+        };
+        let mut first_error = None;
+        let mut emptied = false;
+        for (&slot, cur) in held.iter_mut() {
+            // A slot left mid-write (odd) is emptied too, and filled again after the grace.
+            let keep = cur.seq & 1 == 0 && owners.get(&slot).is_some_and(|o| (o.addr_be, o.port) == (cur.addr_be, cur.port));
+            if keep || holds_nothing(cur) {
+                continue;
+            }
+            if let Err(e) = write_slot(map, slot, cur, SeqPodPort::default()) {
+                first_error.get_or_insert(e);
+            }
+            emptied = true;
+        }
+        if emptied {
+            grace::freed(names::TUN_PORT_SLOTS);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Gives each empty slot its owner, once a grace period has passed since slots were last
+    /// emptied. Goes on past a failed write; the first error is returned.
+    fn fill_port_slots(&mut self, owners: &BTreeMap<u32, SeqPodPort>) -> anyhow::Result<()> {
+        let Some((map, held)) = self.held_port_slots()? else {
+            return Ok(());
+        };
+        let mut first_error = None;
+        for (&slot, owner) in owners {
+            let cur = held.entry(slot).or_default();
+            if !holds_nothing(cur) {
+                // Its owner already, or not emptied (a failed write).
+                continue;
+            }
+            grace::before_take(names::TUN_PORT_SLOTS);
+            if let Err(e) = write_slot(map, slot, cur, *owner) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Where the decapsulating program finds each pod of the hash: `slot` (its own slot, with
+    /// the port the hash has), `stale` (its own slot, with another port: until the next
+    /// sync) or `hash`.
+    #[must_use]
+    pub fn port_lookups(&self) -> BTreeMap<Ipv4Addr, &'static str> {
+        self.current_ports()
+            .into_iter()
+            .map(|(addr, port)| {
+                let addr_be = addr_be(addr);
+                let slot = self.port_slots.as_ref().and_then(|m| m.get(&pod_port_slot(addr_be), 0).ok());
+                let lookup = match slot {
+                    Some(v) if v.seq & 1 == 0 && v.addr_be == addr_be => if v.port == port { "slot" } else { "stale" },
+                    _ => "hash",
+                };
+                (addr, lookup)
+            })
+            .collect()
+    }
+
+    /// The pods that the decapsulating program finds in their own slot with the port the
+    /// hash has for them.
     #[must_use]
     pub fn slotted_ports(&self) -> BTreeSet<Ipv4Addr> {
-        let Some(map) = &self.port_slots else {
-            return BTreeSet::new();
-        };
-        map.iter().flatten().filter(|v| v.seq & 1 == 0 && v.addr_be != 0).map(|v| addr_of_be(v.addr_be)).collect()
+        self.port_lookups().into_iter().filter(|(_, l)| *l == "slot").map(|(a, _)| a).collect()
     }
 
     #[must_use]
@@ -667,8 +749,7 @@ pub struct TunnelPortRow {
     pub address: String,
     pub ifindex: u32,
     pub pod_mac: String,
-    /// Where the decapsulating program finds it: `slot` (an array read) or `hash` (its slot
-    /// holds another pod, or none is written yet).
+    /// Where the decapsulating program finds it (see [`TunnelMaps::port_lookups`]).
     pub lookup: &'static str,
 }
 
@@ -738,7 +819,7 @@ impl TunnelMaps {
                 }
             })
             .collect();
-        let slotted = self.slotted_ports();
+        let lookups = self.port_lookups();
         let pod_ports = self
             .current_ports()
             .into_iter()
@@ -746,7 +827,7 @@ impl TunnelMaps {
                 address: addr.to_string(),
                 ifindex: p.ifindex,
                 pod_mac: p.pod_mac.map(|b| format!("{b:02x}")).join(":"),
-                lookup: if slotted.contains(&addr) { "slot" } else { "hash" },
+                lookup: lookups.get(&addr).copied().unwrap_or("hash"),
             })
             .collect();
         TunnelDump { settings, routes, peers, pod_ports }

@@ -579,6 +579,46 @@ fn a_pod_is_delivered_by_its_own_slot_and_never_by_another_pods() {
     assert_eq!(slots(&h).addr_be, 0, "an emptied slot must name no pod");
 }
 
+/// Slots an earlier agent left behind, a crashed one's half-written slot among them, are
+/// read before anything is written: a slot that holds another port than the pod's now, or
+/// a pod gone, is emptied, and a slot's sequence number goes on from where it was. A pod
+/// whose port changes has its slot emptied and then written again, never rewritten in place.
+#[test]
+fn slots_left_by_an_earlier_agent_are_put_right_before_they_are_trusted() {
+    let mut h = Harness::new();
+    let gone = [10, 244, 0, 11];
+    let a = PodPort { ifindex: 7, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    let stale = SeqPodPort { seq: 1000, addr_be: be(POD), port: PodPort { ifindex: 99, pod_mac: [0x02, 0, 0, 0, 0, 0xee], host_mac: HOST_MAC } };
+    let half = SeqPodPort { seq: 2001, addr_be: be(gone), port: stale.port };
+    let slot = |h: &Harness, addr: [u8; 4]| h.tunnel.port_slots.as_ref().unwrap().get(&pod_port_slot(be(addr)), 0).unwrap();
+    for v in [stale, half] {
+        h.tunnel.port_slots.as_mut().unwrap().set(pod_port_slot(v.addr_be), v, 0).unwrap();
+    }
+    let deliver = |h: &Harness, what: &str| {
+        let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
+        let out = h.expect(what, names::PROG_TUNNEL_IN, &pkt, REDIRECT, &[("tunnel_decap", 1)]);
+        <[u8; 6]>::try_from(&out[..6]).unwrap()
+    };
+    assert_eq!(deliver(&h, "a stale slot"), stale.port.pod_mac, "the program does not read the slot");
+    assert!(h.tunnel.slotted_ports().is_empty(), "a slot the hash disagrees with is not the pod's");
+
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), a)])).unwrap();
+    let now = slot(&h, POD);
+    assert_eq!((now.addr_be, now.port), (be(POD), a), "{now:?}");
+    assert!(now.seq > stale.seq && now.seq & 1 == 0, "{now:?} after {stale:?}");
+    let emptied = slot(&h, gone);
+    assert!(emptied.addr_be == 0 && emptied.port == PodPort::default() && emptied.seq > half.seq && emptied.seq & 1 == 0, "{emptied:?}");
+    assert_eq!(deliver(&h, "the slot put right"), POD_MAC);
+    assert_eq!(h.tunnel.slotted_ports(), BTreeSet::from([Ipv4Addr::from(POD)]));
+
+    // The pod's interface replaced (a new ifindex and MAC, the same address).
+    let moved = PodPort { ifindex: 9, pod_mac: [0x02, 0, 0, 0, 0, 0x0c], host_mac: HOST_MAC };
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), moved)])).unwrap();
+    let again = slot(&h, POD);
+    assert_eq!((again.port, again.seq), (moved, now.seq + 4), "emptied (two writes), then written (two): {again:?}");
+    assert_eq!(deliver(&h, "the pod's new interface"), moved.pod_mac);
+}
+
 #[test]
 fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
     let h = Harness::new();
