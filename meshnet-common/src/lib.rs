@@ -110,7 +110,7 @@ pub mod names {
     /// Array of [`crate::SeqPodPort`], one slot per [`crate::pod_port_slot`] of a pod's
     /// address: `mn_tun_ports_v1` again, for the pods that own their slot, under a seqlock
     /// per slot. The decapsulating program reads the slot of every packet's pod first, an
-    /// array read the verifier inlines where the hash's lookup cost each packet about 30 ns;
+    /// array read the verifier inlines where the hash's lookup cost each packet about 25 ns;
     /// a slot that holds another address, or a read its seqlock cannot vouch for, sends it
     /// to the hash. Two pods share a slot only where their addresses agree in their low
     /// bits (pod CIDRs of one node far apart): the lowest address gets it. The agent changes
