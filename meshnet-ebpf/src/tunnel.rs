@@ -481,7 +481,9 @@ fn pod_port(addr_be: u32) -> Option<PodPort> {
             if seq & 1 == 0 && rv(&raw const (*s).addr_be) == addr_be {
                 let p = &raw const (*s).port;
                 let port = PodPort { ifindex: rv(&raw const (*p).ifindex), pod_mac: rv(&raw const (*p).pod_mac), host_mac: rv(&raw const (*p).host_mac) };
-                if rv(&raw const (*s).seq) == seq {
+                // An interface index of 0 is an empty slot's, read half (a CPU that reorders
+                // loads, while the slot is being filled): the hash answers instead.
+                if rv(&raw const (*s).seq) == seq && port.ifindex != 0 {
                     return Some(port);
                 }
             }
