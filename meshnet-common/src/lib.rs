@@ -511,6 +511,14 @@ pub struct LocalNet {
 impl LocalNet {
     /// Matches no address: any address masked with 0 is 0, never `u32::MAX`.
     pub const NONE: LocalNet = LocalNet { addr_be: u32::MAX, mask_be: 0 };
+
+    /// Whether `addr_be` lies in this CIDR. A zeroed slot (mask 0, as `Default` makes one)
+    /// holds nothing rather than everything. The datapath's loops test the mask alone: their
+    /// unused slots hold [`LocalNet::NONE`].
+    #[must_use]
+    pub fn contains(&self, addr_be: u32) -> bool {
+        self.mask_be != 0 && addr_be & self.mask_be == self.addr_be
+    }
 }
 
 /// This cluster's pod CIDRs, as `mn_local_v1` holds them. An array value is overwritten in
@@ -1020,7 +1028,7 @@ mod user {
 
 #[cfg(test)]
 mod tests {
-    use super::FlowKey;
+    use super::{FlowKey, LocalNet};
 
     /// The word-built key is the field-by-field one, padding zeroed.
     #[test]
@@ -1030,5 +1038,17 @@ mod tests {
             k,
             FlowKey { src_be: 0x0a0b_0c0d, dst_be: 0x1121_3141, sport_be: 0xabcd, dport_be: 0x1234, proto: 17, _pad: [0; 3] }
         );
+    }
+
+    /// A CIDR holds its own addresses only; neither an unused slot nor a zeroed one holds any.
+    #[test]
+    fn local_net_contains_its_addresses_and_an_empty_slot_none() {
+        let be = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let net = LocalNet { addr_be: be([10, 244, 1, 0]), mask_be: be([255, 255, 255, 0]) };
+        assert!(net.contains(be([10, 244, 1, 0])) && net.contains(be([10, 244, 1, 255])));
+        assert!(!net.contains(be([10, 244, 2, 1])) && !net.contains(be([11, 244, 1, 1])));
+        for empty in [LocalNet::NONE, LocalNet::default()] {
+            assert!(!empty.contains(be([10, 244, 1, 1])) && !empty.contains(0) && !empty.contains(u32::MAX));
+        }
     }
 }

@@ -638,7 +638,7 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
         }
     }
     let dst = *q.dst.ip();
-    let local = cfg.nets.iter().filter(|n| n.mask_be != 0).find(|n| addr_be(dst) & n.mask_be == n.addr_be);
+    let local = cfg.nets.iter().find(|n| n.contains(addr_be(dst)));
     let Some(n) = local else {
         ex.step(format!("inner destination: {dst} is not in this node's pod CIDRs"));
         ex.finish(Verdict::TunnelDrop, &["tunnel_not_local"], "dropped: the tunnel delivers only to this node's pods");

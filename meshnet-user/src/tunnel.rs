@@ -82,7 +82,7 @@ pub fn node_addresses() -> Vec<Ipv4Addr> {
 /// them. A node has one such address per bridge, so four slots for four CIDRs suffice.
 fn hosts_in(c: &TunnelConfig, hosts: &[Ipv4Addr]) -> [u32; meshnet_common::limits::MAX_NODE_CIDRS] {
     let mut out = [0; meshnet_common::limits::MAX_NODE_CIDRS];
-    let inside = hosts.iter().map(|h| addr_be(*h)).filter(|h| c.nets.iter().any(|n| n.mask_be != 0 && h & n.mask_be == n.addr_be));
+    let inside = hosts.iter().map(|h| addr_be(*h)).filter(|h| c.nets.iter().any(|n| n.contains(*h)));
     for (slot, h) in out.iter_mut().zip(inside) {
         *slot = h;
     }
@@ -389,7 +389,7 @@ impl TunnelMaps {
         // Ascending addresses: the first pod seen for a slot is its lowest.
         for (addr, port) in want {
             let addr_be = addr_be(*addr);
-            if nets.iter().any(|n| n.mask_be != 0 && addr_be & n.mask_be == n.addr_be) {
+            if nets.iter().any(|n| n.contains(addr_be)) {
                 owners.entry(pod_port_slot(addr_be)).or_insert(SeqPodPort { seq: 0, addr_be, port: *port });
             }
         }
