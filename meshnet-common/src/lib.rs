@@ -155,6 +155,10 @@ pub mod names {
     /// else, and the same with one insert; the floors of a new flow in benchmarks.
     pub const PROG_FLOOR_TWO_INSERTS: &str = "meshnet_floor_two_inserts";
     pub const PROG_FLOOR_ONE_INSERT: &str = "meshnet_floor_one_insert";
+    /// Only in the `bench-floor` object: a decapsulation without a check, delivered through
+    /// the stack and by redirect; the floors of a decapsulation in benchmarks.
+    pub const PROG_FLOOR_DECAP_STACK: &str = "meshnet_floor_decap_stack";
+    pub const PROG_FLOOR_DECAP_REDIRECT: &str = "meshnet_floor_decap_redirect";
     /// Tunnel mode: tc ingress on the uplinks, where tunnel packets arrive. Decapsulates
     /// what peers' nodes send to this node's tunnel port, before netfilter sees it.
     pub const PROG_TUNNEL_IN: &str = "meshnet_tun_in";

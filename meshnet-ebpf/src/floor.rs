@@ -1,19 +1,22 @@
-//! Benchmark-only programs (`bench-floor`, never deployed): the least a translator must do
-//! for a flow's first packet, on meshnet's own flow maps, so that the benchmark can show how
-//! much of a new flow's cost is the kernel's hash map and how much is meshnet's. They read
+//! Benchmark-only programs (`bench-floor`, never deployed), so that the benchmark can show how
+//! much of a cost is the kernel's and how much is meshnet's.
+//!
+//! [`new_flow`]: the least a translator must do for a flow's first packet, on meshnet's own
+//! flow maps. They read
 //! the tuple with the datapath's parser, look the flow up (a miss), insert its state and
 //! send the packet on to the next address up (so that `repeat` runs of one call each see a
 //! flow they have not seen, as method C's chain of routes does), with no route trie, no
 //! gateway choice, no L4 checksum and no counter.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
     programs::TcContext,
 };
-use meshnet_common::{FlowKey, NatFwd};
+use meshnet_common::{tun_fast, tunnel, FlowKey, NatFwd};
 
 use crate::{
-    maps::{NAT_FWD, NAT_REV},
+    maps::{NAT_FWD, NAT_REV, TUN_FAST},
     parse::{self, Addr},
 };
 
@@ -49,4 +52,38 @@ pub fn new_flow(ctx: &TcContext, both: bool) -> i32 {
         return TC_ACT_SHOT;
     }
     TC_ACT_OK
+}
+
+/// [`decap`]: the least a decapsulation must do, on meshnet's own maps: parse the outer IPv4
+/// and UDP headers, tell the tunnel port (the same inlined array read as `meshnet_tun_in`),
+/// read the inner destination, take the 36 bytes off and, with `redirect`, send the packet out
+/// of that pod's port (its slot, as `meshnet_tun_in` reads it) with the pod's MACs. No header
+/// check, no check of the sender or the inner addresses, no settings, no counter: what
+/// `meshnet_tun_in` costs above this is what its checks and counters cost.
+#[inline(always)]
+pub fn decap(ctx: &TcContext, redirect: bool) -> i32 {
+    let Ok(Some(ip)) = parse::ipv4(ctx) else {
+        return TC_ACT_SHOT;
+    };
+    let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
+        return TC_ACT_SHOT;
+    };
+    match TUN_FAST.get(tun_fast::PORT) {
+        Some(&port) if port != 0 && port == u32::from(l4.dport_be) => {}
+        _ => return TC_ACT_SHOT,
+    }
+    let Ok(t) = parse::tunnel_packet(ctx, &ip) else {
+        return TC_ACT_SHOT;
+    };
+    if ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    if !redirect {
+        return TC_ACT_OK;
+    }
+    match crate::tunnel::pod_port(t.inner_daddr_be) {
+        // SAFETY: a helper call with plain values.
+        Some(p) if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() => unsafe { bpf_redirect(p.ifindex, 0) as i32 },
+        _ => TC_ACT_SHOT,
+    }
 }

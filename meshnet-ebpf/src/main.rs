@@ -68,6 +68,20 @@ pub fn meshnet_floor_one_insert(ctx: TcContext) -> i32 {
     floor::new_flow(&ctx, false)
 }
 
+/// Benchmark floor: a decapsulation without a check, handed to the stack (see `floor`).
+#[cfg(feature = "bench-floor")]
+#[classifier]
+pub fn meshnet_floor_decap_stack(ctx: TcContext) -> i32 {
+    floor::decap(&ctx, false)
+}
+
+/// Benchmark floor: a decapsulation without a check, redirected out of the pod's port.
+#[cfg(feature = "bench-floor")]
+#[classifier]
+pub fn meshnet_floor_decap_redirect(ctx: TcContext) -> i32 {
+    floor::decap(&ctx, true)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

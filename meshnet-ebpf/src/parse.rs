@@ -658,7 +658,14 @@ pub struct TunnelPacket {
     pub inner_len: u16,
     pub inner_saddr_be: u32,
     pub inner_daddr_be: u32,
+    /// Whether the inner packet may be a TCP SYN, whose MSS the decapsulation clamps: false
+    /// only where its TCP flags were read here and hold no SYN, or it is not TCP. The
+    /// packet is then not parsed again once the outer headers are off.
+    pub maybe_syn: bool,
 }
+
+/// Where a tunnel packet's inner TCP flags are when its inner header has no options.
+const INNER_TCP_FLAGS: usize = ETH_HLEN + tunnel::OVERHEAD as usize + IP_MIN_HLEN + 13;
 
 /// Reads the headers of a tunnel packet: `ip` is the outer header (without options, checked
 /// by the caller), then UDP, meshnet's header and the inner IPv4 header's fixed part.
@@ -678,16 +685,22 @@ pub fn tunnel_packet(ctx: &TcContext, ip: &Ipv4) -> Result<TunnelPacket, Counter
     unsafe {
         let hdr = p.add(ETH_HLEN + (tunnel::OUTER_IP_LEN + tunnel::UDP_LEN) as usize);
         let inner = p.add(ETH_HLEN + tunnel::OVERHEAD as usize);
+        let inner_proto = *inner.add(9);
+        // Read in place only where the inner header is the plain 20 bytes and the flags are in
+        // the linear data; anything else is taken for a possible SYN, and parsed in full.
+        let maybe_syn = inner_proto == IPPROTO_TCP
+            && (*inner != 0x45 || start + INNER_TCP_FLAGS + 1 > ctx.data_end() || *p.add(INNER_TCP_FLAGS) & TCP_SYN != 0);
         Ok(TunnelPacket {
             outer_len: (ip.end - ETH_HLEN) as u16,
             magic_be: load(hdr.cast::<u16>()),
             version: *hdr.add(2),
             cluster_be: load(hdr.add(4).cast::<u32>()),
             inner_ver_ihl: *inner,
-            inner_proto: *inner.add(9),
+            inner_proto,
             inner_len: u16::from_be(load(inner.add(2).cast::<u16>())),
             inner_saddr_be: load(inner.add(12).cast::<u32>()),
             inner_daddr_be: load(inner.add(16).cast::<u32>()),
+            maybe_syn,
         })
     }
 }

@@ -390,11 +390,13 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
     ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags).map_err(|_| Counter::TunnelDecapFailed)?;
     add_stats(sender.stats_slot, u64::from(t.inner_len), false);
     count(Counter::TunnelDecap);
-    if let Ok(Some(inner)) = parse::ipv4(ctx) {
-        if inner.proto == IPPROTO_TCP {
-            if let Ok(Some(l4)) = parse::ports(ctx, &inner) {
-                if l4.tcp_flags & TCP_SYN != 0 && clamp(ctx, &inner, &l4, cfg.mtu) {
-                    count(Counter::TunnelMssClamped);
+    if t.maybe_syn {
+        if let Ok(Some(inner)) = parse::ipv4(ctx) {
+            if inner.proto == IPPROTO_TCP {
+                if let Ok(Some(l4)) = parse::ports(ctx, &inner) {
+                    if l4.tcp_flags & TCP_SYN != 0 && clamp(ctx, &inner, &l4, cfg.mtu) {
+                        count(Counter::TunnelMssClamped);
+                    }
                 }
             }
         }
@@ -471,7 +473,7 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32
 /// read the verifier inlines) when the slot holds that pod and its seqlock vouches for what
 /// was read, else from the port table's hash.
 #[inline(always)]
-fn pod_port(addr_be: u32) -> Option<PodPort> {
+pub(crate) fn pod_port(addr_be: u32) -> Option<PodPort> {
     if let Some(s) = TUN_PORT_SLOTS.get_ptr(pod_port_slot(addr_be)) {
         // SAFETY: a value pointer of an array map, valid for the program run. Volatile reads
         // keep the seqlock's order: `seq`, then the value, then `seq` again.

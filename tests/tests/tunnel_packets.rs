@@ -461,6 +461,45 @@ fn a_syn_through_the_tunnel_has_its_mss_clamped_to_what_fits() {
     let out = h.expect("syn in", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1), ("tunnel_mss_clamped", 1)]);
     let tcp = TcpHeaderSlice::from_slice(&out[ETH_HLEN + 20..]).unwrap().to_header();
     assert!(tcp.options_iterator().any(|o| matches!(o, Ok(TcpOptionElement::MaximumSegmentSize(m)) if m == max)));
+    // The decapsulation reads the inner TCP flags in place only behind a plain 20-byte inner
+    // header; behind IP options the SYN-ACK is parsed in full, and clamped all the same.
+    let synack = with_ip_options(&tcp_syn(REMOTE, POD, 1460));
+    let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &synack);
+    let out = h.expect("syn in, IP options", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1), ("tunnel_mss_clamped", 1)]);
+    let ip = Ipv4HeaderSlice::from_slice(&out[ETH_HLEN..]).unwrap().to_header();
+    let tcp = TcpHeaderSlice::from_slice(&out[ETH_HLEN + 24..]).unwrap().to_header();
+    assert!(tcp.options_iterator().any(|o| matches!(o, Ok(TcpOptionElement::MaximumSegmentSize(m)) if m == max)), "IP options: {tcp:?}");
+    assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(&ip, &[]).unwrap(), "TCP checksum after the clamp, IP options");
+    // A segment that is not a SYN keeps its bytes, even with an MSS option in it.
+    let mut ack = tcp_syn(REMOTE, POD, 1460);
+    ack[ETH_HLEN + 20 + 13] = 0x10;
+    let ack = with_tcp_checksum(ack);
+    let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &ack);
+    let out = h.expect("ack in", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+    assert_bytes_eq("ack in", &out[ETH_HLEN..], &ack[ETH_HLEN..]);
+}
+
+/// `frame` with 4 bytes of IP options (three NOPs and the end of the list) after its fixed
+/// IPv4 header, the header's length, total length and checksum made to match.
+fn with_ip_options(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame[..ETH_HLEN + 20].to_vec();
+    f.extend_from_slice(&[1, 1, 1, 0]);
+    f.extend_from_slice(&frame[ETH_HLEN + 20..]);
+    f[ETH_HLEN] = 0x46;
+    let len = u16::from_be_bytes([f[ETH_HLEN + 2], f[ETH_HLEN + 3]]) + 4;
+    f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&len.to_be_bytes());
+    let ip = Ipv4HeaderSlice::from_slice(&f[ETH_HLEN..]).unwrap().to_header();
+    f[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip.calc_header_checksum().to_be_bytes());
+    f
+}
+
+/// `frame` (IPv4 without options, TCP) with its TCP checksum computed again.
+fn with_tcp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let ip = Ipv4HeaderSlice::from_slice(&frame[ETH_HLEN..]).unwrap().to_header();
+    let tcp = TcpHeaderSlice::from_slice(&frame[ETH_HLEN + 20..]).unwrap().to_header();
+    let sum = tcp.calc_checksum_ipv4(&ip, &frame[ETH_HLEN + 20 + tcp.header_len() as usize..]).unwrap();
+    frame[ETH_HLEN + 36..ETH_HLEN + 38].copy_from_slice(&sum.to_be_bytes());
+    frame
 }
 
 #[test]

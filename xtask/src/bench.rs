@@ -3,8 +3,9 @@
 //! Builds the release eBPF objects (embedded in `meshnet`: the datapath and its logging build,
 //! which is measured beside it), the benchmark-only variants of it (`bench-no-rewrite`,
 //! `bench-no-clock`: the datapath with one part taken out, so that its cost shows by
-//! difference; `bench-floor`: two extra programs, a new flow's lookup and inserts alone), the release `meshnet` binary (the agent under test, on both nodes in tunnel
-//! mode) and the `meshnet-bench` binary, then runs `meshnet-bench`, which writes
+//! difference; `bench-floor`: extra programs, a new flow's lookup and inserts alone and a
+//! decapsulation without its checks), the release `meshnet` binary (the agent under test, on
+//! both nodes in tunnel mode) and the `meshnet-bench` binary, then runs `meshnet-bench`, which writes
 //! docs/benchmarks.md, docs/benchmarks.json and the plots beside them. The end-to-end part's
 //! VXLAN baseline for tunnel mode needs a kernel with VXLAN (`ip link add … type vxlan`).
 

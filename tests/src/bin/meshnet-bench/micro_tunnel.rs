@@ -51,7 +51,7 @@ use meshnet_tests::NetNs;
 use serde_json::{json, Value};
 
 use crate::{
-    micro::{counter, prog, tcp, test_run, Params, Run},
+    micro::{counter, prog, tcp, test_run, Params, Run, FLOOR_VARIANT},
     stats::{ratios, round, trimmed_mean, Stat},
 };
 
@@ -253,6 +253,34 @@ fn run_out(dp: &TunDp, name: &str, pkt: &[u8], repeat: u32) -> anyhow::Result<(u
     Ok((r.return_value, out))
 }
 
+/// The decapsulation floors (`bench-floor`): the object loaded with the redirect config, so
+/// that its maps hold the tunnel port and the pod's slot, with its two floor programs loaded.
+fn load_floor(object: &[u8], ifindex: u32) -> anyhow::Result<TunDp> {
+    let mut dp = TunDp::load(Some(object), "redirect", ifindex)?;
+    for name in [names::PROG_FLOOR_DECAP_STACK, names::PROG_FLOOR_DECAP_REDIRECT] {
+        let p: &mut aya::programs::SchedClassifier = dp.ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+        p.load().with_context(|| format!("the kernel refused {name}"))?;
+    }
+    Ok(dp)
+}
+
+/// Checks that each floor takes every layer of the chain off, one a run, as the programs it
+/// is the floor of do: a run that failed would leave its layer on the packet.
+fn check_floor(floor: &TunDp, pk: &Packets) -> anyhow::Result<()> {
+    for (name, want) in [(names::PROG_FLOOR_DECAP_STACK, OK), (names::PROG_FLOOR_DECAP_REDIRECT, REDIRECT)] {
+        let (v, out) = run_out(floor, name, &pk.chain, CHAIN_DEPTH)?;
+        ensure!(v == want && out[14..] == pk.inner_reply[14..], "{name} on the chain: verdict {v}, {} bytes left", out.len());
+        if want == REDIRECT {
+            ensure!(out[..12] == [POD_MAC, HOST_MAC].concat()[..], "{name}: MACs {:02x?}", &out[..12]);
+        }
+        // One run more than the chain has layers: the last run sees no tunnel packet and must
+        // refuse it, so the floor cannot pass a packet it did not decapsulate.
+        let (v, _) = run_out(floor, name, &pk.chain, CHAIN_DEPTH + 1)?;
+        ensure!(v == SHOT, "{name}: verdict {v} for a packet that is no tunnel packet");
+    }
+    Ok(())
+}
+
 /// Checks once, with the output packets, that each case takes the path it is measured for.
 fn check_paths(stack: &TunDp, redirect: &TunDp, pk: &Packets) -> anyhow::Result<()> {
     let o = tunnel::OVERHEAD as usize;
@@ -320,7 +348,7 @@ fn push(m: &mut BTreeMap<&'static str, Vec<f64>>, k: &'static str, v: f64) {
 }
 
 /// One round: the one-packet cases interleaved, the fixed points, the chains.
-fn round_once(stack: &TunDp, redirect: &TunDp, pk: &Packets, repeat: u32, out: &mut Rounds) -> anyhow::Result<()> {
+fn round_once(stack: &TunDp, redirect: &TunDp, floor: Option<&TunDp>, pk: &Packets, repeat: u32, out: &mut Rounds) -> anyhow::Result<()> {
     let ns = |r: &Run| u32::try_from(r.kernel.as_nanos()).unwrap_or(u32::MAX);
     let (empty, from_pod, tun_in) = (prog(&stack.ebpf, names::PROG_EMPTY), prog(&stack.ebpf, names::PROG_FROM_POD), prog(&stack.ebpf, names::PROG_TUNNEL_IN));
     let tun_in_redirect = prog(&redirect.ebpf, names::PROG_TUNNEL_IN);
@@ -368,34 +396,41 @@ fn round_once(stack: &TunDp, redirect: &TunDp, pk: &Packets, repeat: u32, out: &
         }
         push(&mut out.a, name, r.kernel.as_nanos() as f64);
     }
-    // The chains, interleaved with the empty program on the same packet.
-    let (mut e, mut s, mut r) = (0.0, 0.0, 0.0);
-    for _ in 0..CHAIN_CALLS {
-        let run = test_run(tun_in, &pk.chain, CHAIN_DEPTH)?;
-        ensure!(run.ret == OK, "chain (stack): verdict {}", run.ret);
-        s += run.kernel.as_nanos() as f64;
-        let run = test_run(tun_in_redirect, &pk.chain, CHAIN_DEPTH)?;
-        ensure!(run.ret == REDIRECT, "chain (redirect): verdict {}", run.ret);
-        r += run.kernel.as_nanos() as f64;
-        e += test_run(empty, &pk.chain, CHAIN_DEPTH)?.kernel.as_nanos() as f64;
+    // The chains, interleaved with the empty program on the same packet, and with the floors
+    // where they were built.
+    let mut chains: Vec<(&'static str, &aya::programs::SchedClassifier, u32, f64)> =
+        vec![("decap_stack", tun_in, OK, 0.0), ("decap_redirect", tun_in_redirect, REDIRECT, 0.0), ("empty", empty, UNSPEC, 0.0)];
+    if let Some(f) = floor {
+        chains.push(("floor_stack", prog(&f.ebpf, names::PROG_FLOOR_DECAP_STACK), OK, 0.0));
+        chains.push(("floor_redirect", prog(&f.ebpf, names::PROG_FLOOR_DECAP_REDIRECT), REDIRECT, 0.0));
     }
-    let n = CHAIN_CALLS as f64;
-    push(&mut out.chain, "empty", e / n);
-    push(&mut out.chain, "decap_stack", s / n);
-    push(&mut out.chain, "decap_redirect", r / n);
+    for _ in 0..CHAIN_CALLS {
+        for (name, p, want, total) in &mut chains {
+            let run = test_run(p, &pk.chain, CHAIN_DEPTH)?;
+            ensure!(run.ret == *want, "chain ({name}): verdict {}", run.ret);
+            *total += run.kernel.as_nanos() as f64;
+        }
+    }
+    for (name, _, _, total) in chains {
+        push(&mut out.chain, name, total / CHAIN_CALLS as f64);
+    }
     Ok(())
 }
 
-fn measure(object: Option<&[u8]>, reps: usize, repeat: u32, ifindex: u32) -> anyhow::Result<Value> {
+fn measure(object: Option<&[u8]>, floor: Option<&[u8]>, reps: usize, repeat: u32, ifindex: u32) -> anyhow::Result<Value> {
     let mut stack = TunDp::load(object, "stack", ifindex)?;
     let redirect = TunDp::load(object, "redirect", ifindex)?;
+    let floor = floor.map(|o| load_floor(o, ifindex)).transpose().context("the decapsulation floors")?;
     let pk = Packets::new();
     check_paths(&stack, &redirect, &pk)?;
+    if let Some(f) = &floor {
+        check_floor(f, &pk)?;
+    }
     gateway_fixed_point(&mut stack)?;
     let (s0, r0) = (stack.counters(), redirect.counters());
     let mut rounds = Rounds::default();
     for _ in 0..reps {
-        round_once(&stack, &redirect, &pk, repeat, &mut rounds)?;
+        round_once(&stack, &redirect, floor.as_ref(), &pk, repeat, &mut rounds)?;
     }
     // Every call took the path it was measured for: the counters account for all of them.
     let (s1, r1) = (stack.counters(), redirect.counters());
@@ -507,7 +542,8 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     ns.exec("sysctl -qw net.ipv4.ip_forward=1");
     let ifindex: u32 = ns.exec(&format!("cat /sys/class/net/{LINK}/ifindex")).trim().parse().context("the veth's ifindex")?;
     let (object, reps, repeat) = (p.object.clone(), p.reps, p.repeat);
-    let mut v = ns.run(move || measure(object.as_deref(), reps, repeat, ifindex))?;
+    let floor = p.variants.iter().find(|(n, _)| n == FLOOR_VARIANT).map(|(_, o)| o.clone());
+    let mut v = ns.run(move || measure(object.as_deref(), floor.as_deref(), reps, repeat, ifindex))?;
     v["seconds"] = json!(round(started.elapsed().as_secs_f64()));
     Ok(v)
 }

@@ -1669,21 +1669,46 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
             ),
             goal: "≤ 4× the empty program".into(),
             met: r <= 4.0,
-            void: void_of(&c["ratio_to_empty"], "this decapsulation"),
+            void: void_of(&c["ratio_to_empty"], "this decapsulation").or_else(|| {
+                let floor = &t["chain"][if key == "decap_redirect" { "floor_redirect" } else { "floor_stack" }];
+                (floor.is_object() && med(&c["ns"]) < med(&floor["ns"]))
+                    .then(|| format!("it beats its own floor ({:.1} ns): the measurement is broken.", med(&floor["ns"])))
+            }),
             why: {
                 let checks = med(&t["amortised"]["decap_checks"]["ns"]);
+                let floor = &t["chain"][if key == "decap_redirect" { "floor_redirect" } else { "floor_stack" }];
+                let floor_note = if floor.is_object() {
+                    format!(
+                        " The least a decapsulation must do, with no check and no counter (the \
+                         `bench-floor` build's program, measured in the same chain), costs {:.1} ns, \
+                         {:.2}× the empty program: {}. meshnet's checks, settings and counters \
+                         cost the {:.0} ns above it.",
+                        med(&floor["ns"]),
+                        med(&floor["ratio_to_empty"]),
+                        if med(&floor["ratio_to_empty"]) > 4.0 {
+                            "already above the target, which no decapsulation that checks what it takes in can then meet on this machine"
+                        } else {
+                            "below the target"
+                        },
+                        med(&c["ns"]) - med(&floor["ns"]),
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
                     "decapsulation is the settings' read from their seqlocked copy (an array), the \
                      header checks, an LPM lookup \
                      of the inner source (the peer's CIDRs), whose route names the node that hosts \
                      it (the node table's hash is read only for a packet another node sent), then \
-                     `bpf_skb_adjust_room` taking 36 bytes off, the per-peer counter and a second \
-                     parse of the inner packet for the MSS clamp{}. A tunnel packet refused at the \
+                     `bpf_skb_adjust_room` taking 36 bytes off and the per-peer counter; the inner \
+                     packet is parsed again for the MSS clamp only where it may be a TCP SYN (its \
+                     flags are read in place with the headers, so the chain's layers, UDP, never \
+                     are){}. A tunnel packet refused at the \
                      last check, after every lookup, costs {checks:.0} ns (section 1): the rest, {:.0} ns, \
-                     is taking the headers off{}.",
+                     is taking the headers off{}.{floor_note}",
                     if key == "decap_redirect" { ", then the pod's port read from its slot (an array, under the slot's seqlock), its MACs written and `bpf_redirect`" } else { "" },
                     med(&c["ns"]) - checks,
-                    if key == "decap_redirect" { ", the counter, the second parse and the redirect" } else { ", the counter and the second parse" }
+                    if key == "decap_redirect" { ", the counter and the redirect" } else { " and the counter" }
                 )
             },
         });
@@ -2018,6 +2043,8 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
         (&ch["empty"], format!("the empty program, {} runs per syscall on the chain", t["chain_depth"]), true),
         (&ch["decap_stack"], "decapsulation, delivery through the stack".to_string(), false),
         (&ch["decap_redirect"], "decapsulation, delivery by redirect".to_string(), false),
+        (&ch["floor_stack"], "the decapsulation floor (`bench-floor`), handed to the stack: parse, the tunnel port, the headers off; no check, no counter".to_string(), false),
+        (&ch["floor_redirect"], "the decapsulation floor, by redirect: the same, then the pod's slot, its MACs and `bpf_redirect`".to_string(), false),
         (&am["empty"], format!("the empty program, {} runs per syscall", t["repeat"]), true),
         (&am["gateway_hot"], "gateway mode's hot path (established flow, fixed point)".to_string(), false),
         (&am["uplink_tcp"], "uplink, a TCP packet to the node (passed)".to_string(), false),
@@ -2204,5 +2231,26 @@ mod tests {
         assert_eq!(verdicts(&ts).iter().map(|v| v.1).collect::<Vec<_>>(), ["**void**", "**void**"]);
         assert!(ts[1].void.as_deref().unwrap().contains("every round lay above it"), "{:?}", ts[1].void);
         assert!(tunnel_dp_targets(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn a_decapsulation_is_read_against_its_floor_and_void_below_it() {
+        let s = |x: f64| Stat::of(&[x, x, x]).json();
+        let with_floor = |decap: f64, floor: f64| {
+            let mut dp = tunnel_dp(3.0, 3.5, decap, false);
+            dp["tunnel"]["chain"]["floor_stack"] = json!({"ns": s(10.0 * floor), "ratio_to_empty": s(floor)});
+            dp
+        };
+        // A floor above the target: the target is missed, and the note says no checking
+        // decapsulation could meet it here.
+        let ts = tunnel_dp_targets(&with_floor(6.0, 4.5));
+        assert_eq!(verdicts(&ts)[1].1, "**missed**");
+        assert!(ts[1].why.contains("4.50×") && ts[1].why.contains("already above the target") && ts[1].why.contains("15 ns above it"), "{}", ts[1].why);
+        // Below its own floor: the measurement is broken, whatever the ratio says.
+        let ts = tunnel_dp_targets(&with_floor(3.0, 3.5));
+        assert_eq!(verdicts(&ts)[1].1, "**void**");
+        assert!(ts[1].void.as_deref().unwrap().contains("beats its own floor"), "{:?}", ts[1].void);
+        // Without the floor build, no word of it.
+        assert!(!tunnel_dp_targets(&tunnel_dp(3.0, 3.5, 6.0, false))[1].why.contains("floor"));
     }
 }
