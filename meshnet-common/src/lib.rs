@@ -155,6 +155,9 @@ pub mod names {
     /// else, and the same with one insert; the floors of a new flow in benchmarks.
     pub const PROG_FLOOR_TWO_INSERTS: &str = "meshnet_floor_two_inserts";
     pub const PROG_FLOOR_ONE_INSERT: &str = "meshnet_floor_one_insert";
+    /// Only in the `bench-floor` object: an established flow's lookup and rewrite, nothing
+    /// else; the floor of the hot path in benchmarks.
+    pub const PROG_FLOOR_HOT: &str = "meshnet_floor_hot";
     /// Only in the `bench-floor` object: a decapsulation without a check, delivered through
     /// the stack and by redirect; the floors of a decapsulation in benchmarks.
     pub const PROG_FLOOR_DECAP_STACK: &str = "meshnet_floor_decap_stack";

@@ -2,11 +2,10 @@
 //! much of a cost is the kernel's and how much is meshnet's.
 //!
 //! [`new_flow`]: the least a translator must do for a flow's first packet, on meshnet's own
-//! flow maps. They read
-//! the tuple with the datapath's parser, look the flow up (a miss), insert its state and
-//! send the packet on to the next address up (so that `repeat` runs of one call each see a
-//! flow they have not seen, as method C's chain of routes does), with no route trie, no
-//! gateway choice, no L4 checksum and no counter.
+//! flow maps. They read the tuple with the datapath's parser, look the flow up (a miss),
+//! insert its state and send the packet on to the next address up (so that `repeat` runs of
+//! one call each see a flow they have not seen, as method C's chain of routes does), with no
+//! route trie, no gateway choice, no L4 checksum and no counter.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
@@ -17,8 +16,33 @@ use meshnet_common::{tun_fast, tunnel, FlowKey, NatFwd};
 
 use crate::{
     maps::{NAT_FWD, NAT_REV, TUN_FAST},
+    nat::rewrite_fwd,
     parse::{self, Addr},
 };
+
+/// [`established`]: the least a translator must do for an established flow's packet, on
+/// meshnet's own flow map: parse the tuple with the datapath's parser, look the flow up and
+/// rewrite the packet with the datapath's own rewrite (address, ports, the IP checksum and
+/// the L4 checksum as the skb's state wants it). No local-CIDR check, no flow clock, no TCP
+/// flags, no counter: what `from_pod`'s hot path costs above this is what those cost.
+#[inline(always)]
+pub fn established(ctx: &TcContext) -> i32 {
+    let Ok(Some(ip)) = parse::ipv4(ctx) else {
+        return TC_ACT_SHOT;
+    };
+    let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
+        return TC_ACT_SHOT;
+    };
+    let key = FlowKey::new(ip.saddr_be, ip.daddr_be, l4.sport_be, l4.dport_be, ip.proto);
+    // SAFETY: a read-only copy of a value from a successful lookup.
+    let Some(fwd) = (unsafe { NAT_FWD.get(&key) }).copied() else {
+        return TC_ACT_SHOT;
+    };
+    if rewrite_fwd(ctx, &ip, &l4, &fwd).is_err() {
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_OK
+}
 
 /// `both`: the reply tuple's entry too, as meshnet inserts; without it, one insert, as a
 /// translator that keeps one entry per flow.

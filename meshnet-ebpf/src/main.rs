@@ -68,6 +68,13 @@ pub fn meshnet_floor_one_insert(ctx: TcContext) -> i32 {
     floor::new_flow(&ctx, false)
 }
 
+/// Benchmark floor: an established flow's lookup and rewrite (see `floor`).
+#[cfg(feature = "bench-floor")]
+#[classifier]
+pub fn meshnet_floor_hot(ctx: TcContext) -> i32 {
+    floor::established(&ctx)
+}
+
 /// Benchmark floor: a decapsulation without a check, handed to the stack (see `floor`).
 #[cfg(feature = "bench-floor")]
 #[classifier]

@@ -627,7 +627,7 @@ fn l4_flags(ip: &Ipv4) -> u64 {
 /// IP checksum and the L4 checksum including its pseudo-header. The kernel helpers handle
 /// CHECKSUM_PARTIAL packets (as sent by local sockets through veth) correctly.
 #[inline(always)]
-fn rewrite_fwd(ctx: &TcContext, ip: &Ipv4, l4: &Ports, fwd: &NatFwd) -> Result<(), i64> {
+pub(crate) fn rewrite_fwd(ctx: &TcContext, ip: &Ipv4, l4: &Ports, fwd: &NatFwd) -> Result<(), i64> {
     if cfg!(feature = "bench-no-rewrite") {
         return Ok(());
     }

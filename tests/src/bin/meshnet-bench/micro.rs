@@ -820,6 +820,11 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
     for (_, dp) in &mut dps {
         establish(dp, &pk, p.repeat, None)?;
     }
+    // The hot path's floor (`bench-floor`): the flow's lookup and rewrite alone, on the same
+    // cycling entries. A run that missed would leave the packet as it was, and every run
+    // after it would miss too: the last run's verdict (a miss is a drop) vouches for all.
+    let floor = p.variants.iter().find(|(n, _)| n == FLOOR_VARIANT).map(|(_, obj)| load_hot_floor(obj, &pk, p.repeat)).transpose()?;
+    let mut floor_hot = Amortised::default();
     let mut am: Vec<Vec<Amortised>> = dps.iter().map(|_| CASES.iter().map(|_| Amortised::default()).collect()).collect();
     for _ in 0..p.reps {
         for ((_, dp), m) in dps.iter().zip(&mut am) {
@@ -828,6 +833,12 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
                 a.wall.push(wall);
                 a.kernel.push(kernel);
             }
+        }
+        if let Some(dp) = &floor {
+            let c = Case { name: "floor_hot", prog: prog(&dp.ebpf, names::PROG_FLOOR_HOT), pkt: &pk.hot, counter: None, verdict: OK };
+            let (kernel, wall) = amortised(dp, &c, p.repeat)?;
+            floor_hot.wall.push(wall);
+            floor_hot.kernel.push(kernel);
         }
     }
     // Decisions, round by round with every build in each round, as the cases above: the
@@ -843,6 +854,13 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
         }
     }
     let mut out = serde_json::Map::new();
+    if floor.is_some() {
+        let empty = &am[0][0].kernel;
+        out.insert(
+            FLOOR_VARIANT.to_string(),
+            json!({ "hot": { "ns": Stat::of(&floor_hot.kernel).json(), "ratio_to_empty": Stat::of(&ratios(&floor_hot.kernel, empty)).json() } }),
+        );
+    }
     let names = CASES;
     for (i, (name, _)) in dps.iter().enumerate() {
         let mut v = serde_json::Map::new();
@@ -878,6 +896,17 @@ fn breakdown(p: &Params) -> anyhow::Result<Value> {
         out.insert(name.clone(), Value::Object(v));
     }
     Ok(Value::Object(out))
+}
+
+/// The `bench-floor` object with its flow established and cycling as [`establish`] makes it,
+/// and its hot-path floor program loaded.
+fn load_hot_floor(object: &[u8], pk: &Packets, repeat: u32) -> anyhow::Result<Dp> {
+    let mut dp = Dp::load(limits::DEFAULT_NAT_ENTRIES, Some(object))?;
+    establish(&mut dp, pk, repeat, None)?;
+    let name = names::PROG_FLOOR_HOT;
+    let unloaded: &mut SchedClassifier = dp.ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+    unloaded.load().with_context(|| format!("the kernel refused {name}"))?;
+    Ok(dp)
 }
 
 /// Single runs of the drop packet per round in [`decision_round`].

@@ -420,6 +420,24 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
                 let bd = &dp["breakdown"];
                 let part = |v: &str, c: &str| at(&bd[v], &[c, "default_minus_this"]);
                 let helper = &bd[crate::micro::CHECKSUM_HELPER_VARIANT];
+                let fl = &bd[crate::micro::FLOOR_VARIANT]["hot"];
+                let floor_note = if fl.is_object() {
+                    let r = med(&fl["ratio_to_empty"]);
+                    format!(
+                        " The least a translator must do for an established flow's packet (the \
+                         `bench-floor` build's program: the datapath's parser, the flow lookup and \
+                         its rewrite, no local-CIDR check, clock, TCP flags or counter), measured in \
+                         the same loop, costs {:.0} ns, {r:.2}× the empty program: {}.",
+                        med(&fl["ns"]),
+                        if r > 3.0 {
+                            "already above the target, which no translator keeping its flows in the kernel's hash map can then meet on this machine"
+                        } else {
+                            "below the target"
+                        },
+                    )
+                } else {
+                    String::new()
+                };
                 let older = if helper.is_object() {
                     format!(
                         " Kernels before 6.2 cannot read the state and run the variant that asks \
@@ -443,7 +461,7 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
                          read from the kernel's `sk_buff` through `bpf_cast_to_kern_ctx`) and the \
                          flow clock's read {:.0} ns, \
                          measured with benchmark builds that leave each out; parsing, the flow lookup \
-                         and the per-CPU counter are the remaining {:.0} ns.{older}",
+                         and the per-CPU counter are the remaining {:.0} ns.{floor_note}{older}",
                         at(&bd["default"], &["empty", "ns"]),
                         at(&bd["default"], &["hot", "ns"]) - at(&bd["default"], &["empty", "ns"]),
                         part("bench-no-rewrite", "hot"),
@@ -989,12 +1007,14 @@ fn datapath_section(md: &mut String, dp: &Value) {
              | part | ns [spread over repeats] |\n|---|---|\n\
              | the whole hot path (default build) | {} |\n\
              | floor: the empty program (test loop, program call and return) | {} |\n\
+             | floor: the flow's lookup and rewrite alone (`bench-floor`: the parser, the hash lookup, the rewrite) | {} |\n\
              | packet rewrite: address, ports, IP checksum (RFC 1624) and L4 checksum written in place; {} | {} |\n\
              | the flow clock's read (the tick the agent publishes in `mn_clock_v1`: an inlined array read) | {} |\n\
              | the rest: parsing, the flow-state hash lookup, TCP flag bookkeeping, the per-CPU counter | {:.0} (by difference) |\n\n\
              Replies (`to_pod`) have the same structure: rewrite {} ns, clock {} ns.\n",
             fmt_opt(&d["hot"]["ns"], 0),
             fmt_opt(&d["empty"]["ns"], 0),
+            if bd[crate::micro::FLOOR_VARIANT]["hot"].is_object() { fmt_opt(&bd[crate::micro::FLOOR_VARIANT]["hot"]["ns"], 0) } else { "not measured (no `bench-floor` build given)".into() },
             if dp["checksum_state_read"].as_bool() == Some(true) {
                 "the L4 checksum as the skb's checksum state (read through `bpf_cast_to_kern_ctx`) wants it"
             } else {
@@ -2231,6 +2251,31 @@ mod tests {
         assert_eq!(verdicts(&ts).iter().map(|v| v.1).collect::<Vec<_>>(), ["**void**", "**void**"]);
         assert!(ts[1].void.as_deref().unwrap().contains("every round lay above it"), "{:?}", ts[1].void);
         assert!(tunnel_dp_targets(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn the_hot_path_is_read_against_its_floor() {
+        let s = |x: f64| Stat::of(&[x, x, x]).json();
+        let part = |x: f64| json!({"hot": {"ns": s(x), "default_minus_this": s(x)}});
+        let dp = |floor: Option<f64>| {
+            let mut bd = json!({
+                "default": {"empty": {"ns": s(20.0)}, "hot": {"ns": s(90.0)}},
+                "bench-no-rewrite": part(15.0),
+                "bench-no-clock": part(2.0),
+            });
+            if let Some(f) = floor {
+                bd[crate::micro::FLOOR_VARIANT] = json!({"hot": {"ns": s(20.0 * f), "ratio_to_empty": s(f)}});
+            }
+            json!({
+                "configs": [{"cidrs": 1, "set": "both", "amortised": {"hot": {"ns": s(90.0), "ratio_to_empty": s(4.5)}, "empty": {"ns": s(20.0)}}}],
+                "breakdown": bd,
+            })
+        };
+        let why = |d: &Value| targets(d, &Value::Null, &Value::Null).into_iter().find(|t| t.what.starts_with("hot path: `from_pod`")).unwrap().why;
+        let w = why(&dp(Some(3.4)));
+        assert!(w.contains("68 ns, 3.40×") && w.contains("already above the target"), "{w}");
+        assert!(why(&dp(Some(2.5))).contains("2.50× the empty program: below the target"));
+        assert!(!why(&dp(None)).contains("bench-floor"));
     }
 
     #[test]
