@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use meshnet_common::{tun_fast, tunnel, FlowKey, NatFwd};
+use meshnet_common::{tun_fast, tunnel, FlowKey, NatFwd, IPPROTO_UDP};
 
 use crate::{
     maps::{NAT_FWD, NAT_REV, TUN_FAST},
@@ -79,7 +79,8 @@ pub fn new_flow(ctx: &TcContext, both: bool) -> i32 {
 }
 
 /// [`decap`]: the least a decapsulation must do, on meshnet's own maps: parse the outer IPv4
-/// and UDP headers, tell the tunnel port (the same inlined array read as `meshnet_tun_in`),
+/// header and read the UDP port as `meshnet_tun_in` does, tell the tunnel port (the same
+/// inlined array read),
 /// read the inner destination, take the 36 bytes off and, with `redirect`, send the packet out
 /// of that pod's port (its slot, as `meshnet_tun_in` reads it) with the pod's MACs. No header
 /// check, no check of the sender or the inner addresses, no settings, no counter: what
@@ -89,11 +90,14 @@ pub fn decap(ctx: &TcContext, redirect: bool) -> i32 {
     let Ok(Some(ip)) = parse::ipv4(ctx) else {
         return TC_ACT_SHOT;
     };
-    let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
+    if ip.proto != IPPROTO_UDP || !ip.has_l4 {
+        return TC_ACT_SHOT;
+    }
+    let Some(dport_be) = parse::udp_dport(ctx, &ip) else {
         return TC_ACT_SHOT;
     };
     match TUN_FAST.get(tun_fast::PORT) {
-        Some(&port) if port != 0 && port == u32::from(l4.dport_be) => {}
+        Some(&port) if port != 0 && port == u32::from(dport_be) => {}
         _ => return TC_ACT_SHOT,
     }
     let Ok(t) = parse::tunnel_packet(ctx, &ip) else {

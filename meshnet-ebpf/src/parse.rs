@@ -263,6 +263,23 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, Counter> {
     }
 }
 
+/// The destination port of `ip`, a UDP datagram with its L4 header (the caller checked
+/// both). Behind a plain 20-byte IPv4 header the port is at a constant offset, read with one
+/// constant bounds check; anything else takes [`ports`]. The uplink program asks this of
+/// every UDP packet the node receives, to tell the tunnel's from the rest.
+#[inline(always)]
+pub fn udp_dport(ctx: &TcContext, ip: &Ipv4) -> Option<u16> {
+    const AT: usize = ETH_HLEN + IP_MIN_HLEN;
+    if ip.l4_off == AT && ip.end >= AT + UDP_HLEN {
+        if let Some(p) = ptr_at::<[u16; 4]>(ctx, AT) {
+            // SAFETY: ptr_at proved the 8-byte header inside the packet; the port is its
+            // second field.
+            return Some(unsafe { load(p) }[1]);
+        }
+    }
+    ports(ctx, ip).ok().flatten().map(|l4| l4.dport_be)
+}
+
 /// The start of `ip`'s L4 header, once `LEN` bytes of it are proven inside both the
 /// datagram and the linear packet data.
 #[inline(always)]

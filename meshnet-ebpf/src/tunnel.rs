@@ -342,17 +342,17 @@ pub fn decap(ctx: &TcContext) -> i32 {
     if ip.proto != IPPROTO_UDP || !ip.has_l4 {
         return PASS;
     }
-    let Ok(Some(l4)) = parse::ports(ctx, &ip) else {
+    let Some(dport_be) = parse::udp_dport(ctx, &ip) else {
         return PASS;
     };
     match TUN_FAST.get(tun_fast::PORT) {
-        Some(&port) if port != 0 && port == u32::from(l4.dport_be) => {}
+        Some(&port) if port != 0 && port == u32::from(dport_be) => {}
         _ => return PASS,
     }
     let Some(cfg) = settings() else {
         return PASS;
     };
-    if l4.dport_be != cfg.port_be {
+    if dport_be != cfg.port_be {
         return PASS;
     }
     match decap_or_why(ctx, &ip, &cfg) {

@@ -14,7 +14,7 @@ use aya::maps::{
     HashMap, MapData, PerCpuArray, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, pod_port_slot, switch, tun_fast, PodPort, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{names, pod_port_slot, switch, tun_fast, LocalNet, PodPort, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats};
 use serde::Serialize;
 use tracing::warn;
 
@@ -266,7 +266,10 @@ impl TunnelMaps {
             return Ok(false);
         };
         let cur = map.get(&0, 0).context("reading the settings' copy")?;
-        let next = SeqTunnelConfig { cfg: cfg.copied().unwrap_or_default(), ..cur };
+        // A cleared copy holds no CIDR, not zeroed ones: a zeroed CIDR (mask 0) would hold
+        // every address for a reader that mixed it with the port of the copy before.
+        let cleared = TunnelConfig { nets: [LocalNet::NONE; meshnet_common::limits::MAX_NODE_CIDRS], ..TunnelConfig::default() };
+        let next = SeqTunnelConfig { cfg: cfg.copied().unwrap_or(cleared), ..cur };
         crate::maps::write_seqlocked(cur, next, |v| v.seq, |v, seq| SeqTunnelConfig { seq, ..v }, |v| {
             map.set(0, v, 0).context("writing the settings' copy for the datapath")
         })

@@ -313,9 +313,12 @@ fn decapsulation_reads_the_settings_copy_only_when_the_seqlock_vouches_for_it() 
     let fixed = h.tunnel.cfg_seq.as_ref().unwrap().get(&0, 0).unwrap();
     assert_eq!((fixed.seq, Some(fixed.cfg)), (other.seq + 2, h.tunnel.current_config()));
     h.expect("the copy written again", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
-    // Without settings the copy is empty: nothing is taken, by the copy or by the hash.
+    // Without settings the copy is empty: nothing is taken, by the copy or by the hash. Its
+    // CIDRs hold nothing: a zeroed one would hold every address, for a reader that mixed it
+    // with the copy's port from before.
     h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
-    assert_eq!(h.tunnel.cfg_seq.as_ref().unwrap().get(&0, 0).unwrap().cfg, TunnelConfig::default());
+    let cleared = h.tunnel.cfg_seq.as_ref().unwrap().get(&0, 0).unwrap().cfg;
+    assert_eq!(cleared, TunnelConfig { nets: [LocalNet::NONE; meshnet_common::limits::MAX_NODE_CIDRS], ..TunnelConfig::default() });
     let (v, out) = h.run(names::PROG_TUNNEL_IN, &pkt);
     assert_eq!((v, out), (UNSPEC, pkt.clone()), "a tunnel packet without settings passes untouched");
 }
