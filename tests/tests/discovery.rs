@@ -293,6 +293,30 @@ fn overlapping_cidrs_are_refused() {
     assert!(metrics.contains("meshnet_controller_peer_refused_total{peer=\"cluster3\"} 1"), "{metrics}");
 }
 
+/// A remote that claims a published peer's CIDR is refused, though its name sorts first, and
+/// stays refused across a controller restart: the peer published with it keeps it.
+#[test]
+fn a_remote_cannot_take_a_published_peers_cidr() {
+    let m = Mesh::new();
+    let mut controller = m.controller(&[]);
+    let _agent = m.agent();
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "cluster2 published");
+    let third = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.245.0.0/25", 30443, "10.245.0.6");
+    m.local.apply(remote_secret("aaa", &third.kubeconfig("aaa")));
+    let want = "claims 10.245.0.0/25, which overlaps 10.245.0.0/24 of peer cluster2, published with it before";
+    assert_eq!(refused_reason(&m, "aaa"), want);
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "cluster2 keeps its CIDR");
+    // A restarted controller starts from what it published: the same answer.
+    assert!(controller.stop());
+    m.local.delete("v1", "ConfigMap", Some("meshnet"), "meshnet-status");
+    let _controller = m.controller(&[]);
+    assert_eq!(refused_reason(&m, "aaa"), want);
+    let (peers, _) = m.published().unwrap();
+    let names: Vec<&str> = peers.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["cluster2"]);
+}
+
 #[test]
 fn exec_plugin_in_a_remote_secret_is_refused_and_never_run() {
     let m = Mesh::new();

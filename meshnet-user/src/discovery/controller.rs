@@ -130,6 +130,10 @@ struct State {
     /// What this replica last wrote (or saw written) of each object: `peers.yaml`, then
     /// `status.yaml`. `None` makes the next publish write it.
     published: (Option<String>, Option<String>),
+    /// The readable peers of `peers.yaml` as this replica last wrote or saw it: whoever was
+    /// published with a CIDR or a tunnel node address keeps it against another peer's claim
+    /// (see `desired::Inputs::published`).
+    published_peers: Vec<RawPeer>,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -181,6 +185,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         istio: None,
         last_good: BTreeMap::new(),
         published: (None, None),
+        published_peers: Vec::new(),
         refusals: BTreeMap::new(),
         leader: !opts.leader_election,
         metrics,
@@ -203,6 +208,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             }
             let peers = published::readable_peers(&cm);
             info!(peers = peers.len(), "starting from the published peers");
+            state.published_peers.clone_from(&peers);
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
         }
         Ok(None) => {}
@@ -296,6 +302,10 @@ impl State {
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.values().next().cloned()),
             Msg::Published(Update::Snapshot(cms)) => {
+                // A new leader's record of who held what: the object as the last leader wrote it.
+                if let Some(cm) = cms.values().next() {
+                    self.published_peers = published::readable_peers(cm);
+                }
                 let seen = cms.values().next().and_then(|cm| cm.data.as_ref()?.get(PEERS_KEY).cloned());
                 if self.published.0.is_some() && self.published.0 != seen {
                     warn!("{PEERS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
@@ -451,6 +461,7 @@ impl State {
                 local_cidrs: self.local_cidrs.as_deref().unwrap_or_default(),
                 istio: self.istio.as_ref().and_then(Option::as_ref),
                 last_good: &self.last_good,
+                published: &self.published_peers,
             })
         };
         for w in &d.warnings {
@@ -493,6 +504,7 @@ impl State {
             info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
             self.metrics.published();
             self.published.0 = Some(peers_text);
+            self.published_peers = peers;
         }
         if too_large(&status_text).is_some() {
             status_text = format!("# {} peers; the status of each is too large to publish\n", status.len());

@@ -52,6 +52,10 @@ pub struct Inputs<'a> {
     pub istio: Option<&'a ConfigMap>,
     /// The last good peer of each remote, published while it is stale or unresolvable.
     pub last_good: &'a BTreeMap<String, RawPeer>,
+    /// The peers as last published (the peers ConfigMap as this controller wrote or last saw
+    /// it): a peer published with a CIDR or a tunnel node address keeps it against any other
+    /// peer's claim.
+    pub published: &'a [RawPeer],
 }
 
 /// What to publish, and what the controller remembers and reports about it.
@@ -90,18 +94,45 @@ fn vet(
     }
 }
 
-/// Drops tunnel peers that the agents could not take beside the earlier ones (by name): a
-/// node address another tunnel peer already has (the decapsulating side knows a peer by its
-/// node's address), or more nodes or node pod CIDRs than the datapath holds across all
-/// tunnel peers. Each agent would refuse such a peer anyway; refused here, it is refused
-/// once, with the reason in `status.yaml`.
-fn refuse_tunnel_clashes(peers: Vec<RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+/// Drops tunnel peers that the agents could not take beside the others: a node address that
+/// two tunnel peers list (the decapsulating side knows a peer by its node's address), or
+/// more nodes or node pod CIDRs than the datapath holds across all tunnel peers. Of two peers
+/// that list one address, the one published with it keeps it (see
+/// [`resolve::refuse_overlaps`]); the budget goes first to the peers published before, so
+/// that no newcomer, whatever its name, takes an address or the room of one. Each agent would
+/// refuse such a peer anyway; refused here, it is refused once, with the reason in
+/// `status.yaml`.
+fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
     let max_nodes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_NODES).unwrap_or(usize::MAX);
     let max_routes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_ROUTES).unwrap_or(usize::MAX);
-    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
-    let (mut nodes, mut routes) = (0, 0);
+    let held: BTreeMap<&str, BTreeSet<&str>> =
+        published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
+    let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
     let mut refused = BTreeMap::new();
-    for p in peers.iter().filter(|p| p.mode == PeerMode::Tunnel) {
+    for (i, p) in tunnel.iter().enumerate() {
+        for q in tunnel.iter().skip(i + 1) {
+            let Some(addr) = p.nodes.iter().map(|n| n.address.as_str()).find(|a| q.nodes.iter().any(|m| m.address == *a)) else {
+                continue;
+            };
+            let holds = |who: &RawPeer| held.get(who.name.as_str()).is_some_and(|s| s.contains(addr));
+            let mut refuse = |who: &RawPeer, other: &RawPeer, why: &str| {
+                refused.entry(who.name.clone()).or_insert_with(|| format!("nodes: {addr} is also a node of peer {:?}{why}", other.name));
+            };
+            match resolve::contest(holds(p), holds(q)) {
+                resolve::Contest::First => refuse(q, p, ", published with it before"),
+                resolve::Contest::Second => refuse(p, q, ", published with it before"),
+                resolve::Contest::Neither => {
+                    let why = if holds(p) { ", both published with it before" } else { "; neither was published with it before, so neither is" };
+                    refuse(p, q, why);
+                    refuse(q, p, why);
+                }
+            }
+        }
+    }
+    let mut budget: Vec<&RawPeer> = tunnel.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
+    budget.sort_by_key(|p| (!held.contains_key(p.name.as_str()), p.name.as_str()));
+    let (mut nodes, mut routes) = (0, 0);
+    for p in budget {
         let n = p.nodes.len();
         let r: usize = p.nodes.iter().map(|n| n.pod_cidrs.len()).sum();
         let why = if nodes + n > max_nodes {
@@ -109,9 +140,7 @@ fn refuse_tunnel_clashes(peers: Vec<RawPeer>) -> (Vec<RawPeer>, BTreeMap<String,
         } else if routes + r > max_routes {
             Some(format!("nodes: {r} node podCIDRs make {} across the tunnel peers; at most {max_routes}", routes + r))
         } else {
-            p.nodes
-                .iter()
-                .find_map(|n| owners.get(n.address.as_str()).map(|o| format!("nodes: {} is already a node of peer {o:?}", n.address)))
+            None
         };
         if let Some(why) = why {
             refused.insert(p.name.clone(), why);
@@ -119,10 +148,8 @@ fn refuse_tunnel_clashes(peers: Vec<RawPeer>) -> (Vec<RawPeer>, BTreeMap<String,
         }
         nodes += n;
         routes += r;
-        owners.extend(p.nodes.iter().map(|n| (n.address.as_str(), p.name.as_str())));
     }
-    let refused_names: BTreeSet<String> = refused.keys().cloned().collect();
-    (peers.into_iter().filter(|p| !refused_names.contains(&p.name)).collect(), refused)
+    (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused)
 }
 
 /// The published state for `i`.
@@ -223,9 +250,9 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         }
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name));
-    let (kept, overlapping) = resolve::refuse_overlaps(i.local_cidrs, peers);
+    let (kept, overlapping) = resolve::refuse_overlaps(i.local_cidrs, peers, i.published);
     d.refused.extend(overlapping);
-    let (kept, over_budget) = refuse_tunnel_clashes(kept);
+    let (kept, over_budget) = refuse_tunnel_clashes(kept, i.published);
     d.refused.extend(over_budget);
     // A peer refused for an overlap is no one's last good state.
     d.resolved.retain(|name, _| !d.refused.contains_key(name));
@@ -274,6 +301,11 @@ mod tests {
         }
     }
 
+    fn tunnel_peer(name: &str, node: &str, cidr: &str) -> RawPeer {
+        let nodes = vec![crate::config::RawTunnelNode { address: node.into(), pod_cidrs: vec![cidr.into()] }];
+        RawPeer { name: name.into(), mode: PeerMode::Tunnel, pod_cidrs: vec![cidr.into()], nodes, tunnel_port: Some(31800), ..RawPeer::default() }
+    }
+
     fn peer(name: &str, addr: &str, cidr: &str) -> RawPeer {
         RawPeer { name: name.into(), pod_cidrs: vec![cidr.into()], gateways: vec![RawGateway { address: addr.into(), port: 32361, udp_port: None }], ..RawPeer::default() }
     }
@@ -285,7 +317,7 @@ mod tests {
     /// Runs `desired` on a cluster with pods in 10.244.0.0/16, Services in 10.96.0.0/12 and a
     /// node at 10.20.144.160, and renders the result as the golden files hold it.
     fn render(remotes: &BTreeMap<String, RemoteInput<'_>>, istio: Option<&ConfigMap>, last_good: &[RawPeer], flags: &[(&str, &str)]) -> String {
-        render_modes(remotes, istio, last_good, flags, &BTreeMap::new(), PeerMode::Gateway)
+        render_modes(remotes, istio, last_good, flags, &BTreeMap::new(), PeerMode::Gateway, &[])
     }
 
     fn render_modes(
@@ -295,6 +327,7 @@ mod tests {
         flags: &[(&str, &str)],
         modes: &BTreeMap<String, PeerMode>,
         default_mode: PeerMode,
+        published: &[RawPeer],
     ) -> String {
         let reserved = Reserved {
             service_cidrs: vec![net("10.96.0.0/12")],
@@ -313,6 +346,7 @@ mod tests {
             local_cidrs: &[net("10.244.0.0/16")],
             istio,
             last_good: &last_good,
+            published,
         };
         let d = desired(&i);
         assert_eq!(d, desired(&i), "the same inputs gave two answers");
@@ -416,14 +450,23 @@ mod tests {
         .into();
         let modes = [("tunnel-by-flag".to_string(), PeerMode::Tunnel)].into();
         let last_good = [peer("tunnel-no-service", "10.20.144.195", "10.248.0.0/24")];
-        crate::golden::check("desired_tunnel.yaml", &render_modes(&remotes, None, &last_good, &[], &modes, PeerMode::Gateway));
+        // "tunnel" was published with the node that "zz-node-clash" lists too: it keeps it.
+        let published = [tunnel_peer("tunnel", "10.20.144.175", "10.246.0.0/24")];
+        crate::golden::check("desired_tunnel.yaml", &render_modes(&remotes, None, &last_good, &[], &modes, PeerMode::Gateway, &published));
+        // Had neither been published with it, neither would have it.
+        let out = render_modes(&remotes, None, &last_good, &[], &modes, PeerMode::Gateway, &[]);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        for (who, other) in [("tunnel", "zz-node-clash"), ("zz-node-clash", "tunnel")] {
+            let want = format!("nodes: 10.20.144.175 is also a node of peer {other:?}; neither was published with it before, so neither is");
+            assert_eq!(d["refused"][who].as_str(), Some(want.as_str()), "{out}");
+        }
         // --default-mode tunnel: a remote without annotation or flag is a tunnel peer, and a
         // gateway-mode view (no tunnel Service watched) cannot resolve as one.
         let remotes = [("plain".to_string(), RemoteInput { view: Some(&tun), ..RemoteInput::default() })].into();
-        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Tunnel);
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Tunnel, &[]);
         assert!(out.contains("mode: tunnel") && out.contains("tunnelPort: 31800"), "{out}");
         let remotes = [("plain".to_string(), RemoteInput { view: Some(&gw), ..RemoteInput::default() })].into();
-        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Tunnel);
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Tunnel, &[]);
         assert!(out.contains("Service meshnet-tunnel not found") && !out.contains("name: plain"), "{out}");
     }
 
@@ -452,6 +495,32 @@ mod tests {
         assert_eq!(d["peers"].as_sequence().unwrap().len(), 1);
         assert_eq!(d["refused"]["b"], "nodes: 1500 nodes make 4500 across the tunnel peers; at most 4096");
         assert!(d["resolved"].get("b").is_none(), "a refused peer became a last good state");
+        // A peer published before has the room first, whatever its name: here "b".
+        let published = [tunnel_peer("b", "172.16.11.185", "10.75.185.0/24")];
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(d["refused"]["a"], "nodes: 3000 nodes make 4500 across the tunnel peers; at most 4096", "{out}");
+        assert!(d["refused"].get("b").is_none(), "{out}");
+    }
+
+    /// A remote that claims what another peer was published with is refused, however its
+    /// name sorts; the peer published with it stays.
+    #[test]
+    fn a_newcomer_cannot_take_a_published_peers_cidrs() {
+        let west = view("10.20.144.165", "10.246.0.0/16");
+        let attacker = view("10.20.144.175", "10.246.7.0/24");
+        let remotes = [
+            ("aaa-attacker".to_string(), RemoteInput { view: Some(&attacker), ..RemoteInput::default() }),
+            ("prod-west".to_string(), RemoteInput { view: Some(&west), ..RemoteInput::default() }),
+        ]
+        .into();
+        let published = [peer("prod-west", "10.20.144.165", "10.246.0.0/16")];
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        let names: Vec<&str> = d["peers"].as_sequence().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+        assert_eq!(names, ["prod-west"], "{out}");
+        assert_eq!(d["refused"]["aaa-attacker"], "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before");
+        assert!(d["resolved"].get("aaa-attacker").is_none(), "{out}");
     }
 
     /// Hand-written meshNetworks entries are published for clusters without a secret, one bad

@@ -496,29 +496,81 @@ pub fn outside_allowed(peer: &RawPeer, allowed: &[Ipv4Net], source: &str) -> Opt
     })
 }
 
-/// Drops peers whose CIDRs overlap the local ones, an earlier peer's (by name), or cover
-/// everything. Returns the kept peers and, for each refused one, why.
+/// Whether two CIDRs share an address: one holds the other.
+fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b) || b.contains(&a)
+}
+
+/// Who keeps an address or range that two peers claim: the one of them that `published`
+/// (what was last published) already gave it, if only one; else neither. A remote's objects
+/// cross a trust boundary, so no order of names may let a newcomer take what another peer
+/// holds, nor a peer widen its claim over another's.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Contest {
+    First,
+    Second,
+    Neither,
+}
+
+pub(crate) fn contest(first: bool, second: bool) -> Contest {
+    match (first, second) {
+        (true, false) => Contest::First,
+        (false, true) => Contest::Second,
+        _ => Contest::Neither,
+    }
+}
+
+/// Drops peers whose CIDRs overlap the local ones or cover everything, and settles the
+/// overlaps between peers: of two peers that claim the same addresses, the one published
+/// with them keeps them and the other is refused; when neither was (or both), both are
+/// refused, for no rule could tell the rightful one. Returns the kept peers (in their order)
+/// and, for each refused one, why.
 #[must_use]
-pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
-    let mut claimed: Vec<(Ipv4Net, String)> = local.iter().map(|n| (*n, "the local cluster".to_string())).collect();
-    let mut kept = Vec::new();
+pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, published: &[RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+    let nets_of = |p: &RawPeer| -> Vec<Ipv4Net> { p.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect() };
+    let held: BTreeMap<&str, Vec<Ipv4Net>> = published.iter().map(|p| (p.name.as_str(), nets_of(p))).collect();
+    let holds = |name: &str, range: &Ipv4Net| held.get(name).is_some_and(|nets| nets.iter().any(|h| overlap(*h, *range)));
+    let claims: Vec<Vec<Ipv4Net>> = peers.iter().map(nets_of).collect();
     let mut refused = BTreeMap::new();
-    'peers: for p in peers {
-        let nets: Vec<Ipv4Net> = p.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect();
-        for n in &nets {
+    for (p, nets) in peers.iter().zip(&claims) {
+        let why = nets.iter().find_map(|n| {
             if n.prefix_len() == 0 {
-                refused.insert(p.name.clone(), format!("claims {n}, all of IPv4"));
-                continue 'peers;
+                return Some(format!("claims {n}, all of IPv4"));
             }
-            if let Some((o, owner)) = claimed.iter().find(|(o, _)| o.contains(n) || n.contains(o)) {
-                refused.insert(p.name.clone(), format!("claims {n}, which overlaps {o} of {owner}"));
-                continue 'peers;
+            let o = local.iter().find(|o| overlap(**o, *n))?;
+            Some(format!("claims {n}, which overlaps {o} of the local cluster"))
+        });
+        if let Some(why) = why {
+            refused.insert(p.name.clone(), why);
+        }
+    }
+    // A peer refused on its own (all of IPv4, the local CIDRs) contests nothing: its claim
+    // would otherwise refuse every peer it overlaps.
+    let alone: BTreeSet<String> = refused.keys().cloned().collect();
+    let contesting: Vec<(&RawPeer, &Vec<Ipv4Net>)> = peers.iter().zip(&claims).filter(|(p, _)| !alone.contains(&p.name)).collect();
+    for (i, &(p, p_nets)) in contesting.iter().enumerate() {
+        for &(q, q_nets) in contesting.iter().skip(i + 1) {
+            let Some((n, o)) = p_nets.iter().find_map(|n| q_nets.iter().find(|o| overlap(*n, **o)).map(|o| (n, o))) else {
+                continue;
+            };
+            // The addresses both claim: the narrower of the two CIDRs.
+            let both = if n.prefix_len() >= o.prefix_len() { n } else { o };
+            let (p_held, q_held) = (holds(&p.name, both), holds(&q.name, both));
+            let mut refuse = |who: &RawPeer, mine: &Ipv4Net, theirs: &Ipv4Net, other: &RawPeer, why: &str| {
+                refused.entry(who.name.clone()).or_insert_with(|| format!("claims {mine}, which overlaps {theirs} of peer {}{why}", other.name));
+            };
+            match contest(p_held, q_held) {
+                Contest::First => refuse(q, o, n, p, ", published with it before"),
+                Contest::Second => refuse(p, n, o, q, ", published with it before"),
+                Contest::Neither => {
+                    let why = if p_held { ", both published with it before" } else { "; neither was published with it before, so neither is" };
+                    refuse(p, n, o, q, why);
+                    refuse(q, o, n, p, why);
+                }
             }
         }
-        claimed.extend(nets.into_iter().map(|n| (n, format!("peer {}", p.name))));
-        kept.push(p);
     }
-    (kept, refused)
+    (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused)
 }
 
 /// Istio's `meshNetworks`, in the shape of the `istio` ConfigMap's key.
@@ -1046,11 +1098,34 @@ mod tests {
         let (kept, refused) = refuse_overlaps(
             &["10.244.0.0/16".parse().unwrap()],
             vec![p("a", "10.245.0.0/16"), p("b", "10.245.1.0/24"), p("c", "10.244.5.0/24"), p("d", "0.0.0.0/0"), p("e", "10.246.0.0/16")],
+            &[p("b", "10.245.1.0/24")],
         );
-        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a", "e"]);
-        assert_eq!(refused["b"], "claims 10.245.1.0/24, which overlaps 10.245.0.0/16 of peer a");
+        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["b", "e"]);
+        assert_eq!(refused["a"], "claims 10.245.0.0/16, which overlaps 10.245.1.0/24 of peer b, published with it before");
         assert_eq!(refused["c"], "claims 10.244.5.0/24, which overlaps 10.244.0.0/16 of the local cluster");
         assert_eq!(refused["d"], "claims 0.0.0.0/0, all of IPv4");
+    }
+
+    /// A remote's claims cannot take what another peer was published with, whatever the names:
+    /// not by sorting first, not by widening its own claim over the other's. Two newcomers
+    /// that claim the same addresses are both refused: nothing tells which one is right.
+    #[test]
+    fn a_published_peer_keeps_its_cidrs_against_any_claim() {
+        let p = |name: &str, cidrs: &[&str]| RawPeer { name: name.into(), pod_cidrs: cidrs.iter().map(|c| (*c).into()).collect(), ..RawPeer::default() };
+        let local = ["10.244.0.0/16".parse().unwrap()];
+        let published = [p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]), p("edge", &["10.250.0.0/16"])];
+        // "aaa" sorts first and claims part of prod-west's CIDRs; "edge" widens over another.
+        let west = p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]);
+        let (kept, refused) =
+            refuse_overlaps(&local, vec![p("aaa", &["10.249.5.0/24"]), p("edge", &["10.250.0.0/16", "10.246.0.0/15"]), west.clone()], &published);
+        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod-west"]);
+        assert_eq!(refused["aaa"], "claims 10.249.5.0/24, which overlaps 10.249.0.0/16 of peer prod-west, published with it before");
+        assert_eq!(refused["edge"], "claims 10.246.0.0/15, which overlaps 10.246.0.0/16 of peer prod-west, published with it before");
+        // Two newcomers with the same CIDR: both refused, and a third peer is untouched.
+        let (kept, refused) = refuse_overlaps(&local, vec![p("new-a", &["10.247.0.0/16"]), p("new-b", &["10.247.0.0/24"]), west], &published);
+        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod-west"]);
+        assert!(refused["new-a"].contains("of peer new-b; neither was published with it before"), "{refused:?}");
+        assert!(refused["new-b"].contains("of peer new-a; neither was published with it before"), "{refused:?}");
     }
 
     #[test]
