@@ -551,6 +551,10 @@ struct Claims<'a> {
     tun_nodes: BTreeMap<Ipv4Addr, String>,
     /// The tunnel nodes' pod CIDRs so far, each a `mn_tun_routes_v1` entry.
     tun_routes: usize,
+    /// Peers so far, each a `mn_names_v1` entry (and a gateway peer's a `mn_peers_v2` one).
+    peers: usize,
+    /// Gateway peers' pod CIDRs so far, each a `mn_routes_v1` entry.
+    routes: usize,
 }
 
 /// `f` under the field path `at` (empty for a peer checked on its own).
@@ -584,6 +588,8 @@ impl<'a> Claims<'a> {
             },
             tun_nodes: BTreeMap::new(),
             tun_routes: 0,
+            peers: 0,
+            routes: 0,
         }
     }
 
@@ -604,6 +610,16 @@ impl<'a> Claims<'a> {
         }
         if raw.pod_cidrs.is_empty() {
             c.err(field("podCIDRs"), "must list at least one CIDR");
+        }
+        // The datapath's maps hold so many: a peer past them is refused on its own, never left
+        // to fail the whole apply at the map write.
+        if over(self.peers + 1, limits::MAX_PEERS) {
+            c.err(field("name"), format!("one peer more than the datapath holds (at most {})", limits::MAX_PEERS));
+        }
+        let routes = self.routes + raw.pod_cidrs.len();
+        if raw.mode == PeerMode::Gateway && over(routes, limits::MAX_ROUTES) {
+            let n = raw.pod_cidrs.len();
+            c.err(field("podCIDRs"), format!("{n} CIDRs make {routes} across the peers; at most {}", limits::MAX_ROUTES));
         }
         let mut cidrs: Vec<Ipv4Net> = Vec::new();
         // Every CIDR that parses, refused or not: a node's CIDR inside a refused one has
@@ -760,6 +776,10 @@ impl<'a> Claims<'a> {
     }
 
     fn commit(&mut self, p: &Peer) {
+        self.peers += 1;
+        if p.tunnel.is_none() {
+            self.routes += p.pod_cidrs.len();
+        }
         self.names.insert(p.name.clone());
         self.ids.insert(p.id, p.name.clone());
         let owner = format!("peer {:?}", p.name);
@@ -1332,6 +1352,35 @@ peers:
         // An invalid file is refused whole, whatever was published.
         let broken = RawConfig { interfaces: vec![], ..file };
         assert!(broken.merge_api(&BTreeSet::new(), &published).is_err());
+    }
+
+    /// Published peers past what the datapath's maps hold are refused one by one, each with
+    /// its reason: no peer can make the whole apply fail at a map write on every node.
+    #[test]
+    fn published_peers_past_the_maps_limits_are_refused_one_by_one() {
+        let file = RawConfig::from_yaml(GOOD, "f").unwrap();
+        let limit = limits::MAX_PEERS as usize;
+        // The file's cluster2, then 1,024 more: one too many.
+        let published: BTreeMap<String, Vec<RawPeer>> = (0..limit)
+            .map(|i| {
+                let cidr = format!("11.{}.{}.0/24", i / 256, i % 256);
+                (format!("p{i:04}"), vec![peer(&format!("p{i:04}"), &cidr, "10.20.144.170")])
+            })
+            .collect();
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert_eq!(m.config.peers.len(), limit);
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected.keys().collect::<Vec<_>>());
+        let why: Vec<String> = m.rejected["p1023"].iter().map(ToString::to_string).collect();
+        assert_eq!(why, ["name: one peer more than the datapath holds (at most 1024)"]);
+        // One peer with more CIDRs than the route map holds: refused alone.
+        let mut huge = peer("huge", "12.0.0.0/32", "10.20.144.171");
+        huge.pod_cidrs = (0..=limits::MAX_ROUTES).map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0c00_0000 + i * 2))).collect();
+        let published: BTreeMap<String, Vec<RawPeer>> =
+            [("huge".to_string(), vec![huge]), ("small".to_string(), vec![peer("small", "10.246.0.0/16", "10.20.144.172")])].into();
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert_eq!(m.config.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["cluster2", "small"]);
+        let why: Vec<String> = m.rejected["huge"].iter().map(ToString::to_string).collect();
+        assert_eq!(why, [format!("podCIDRs: 131073 CIDRs make 131074 across the peers; at most {}", limits::MAX_ROUTES)]);
     }
 
     /// The overlap index finds an overlap exactly when a scan of every claimed CIDR does, and
