@@ -483,7 +483,22 @@ impl State {
             debug!("not publishing until the local watches have synced");
             return Ok(());
         }
-        let Desired { peers, status, .. } = self.desired();
+        let Desired { mut peers, mut status, .. } = self.desired();
+        // One remote's enormous entry must not hold back every other peer's updates: the
+        // largest entries are left out until the rest fits, each with its reason.
+        let left_out = fit_published(&mut peers)?;
+        for (name, bytes) in &left_out {
+            status.entry(name.clone()).or_default().refused = Some(format!(
+                "its entry is {bytes} bytes, and with it {PEERS_KEY} would be over the {MAX_PUBLISHED_BYTES} bytes a ConfigMap \
+                 can hold; the largest entries are left out first. Fewer, aggregated pod CIDRs (--pod-cidrs or the \
+                 {POD_CIDRS_ANNOTATION} annotation) make it fit"
+            ));
+        }
+        let names: Vec<&String> = left_out.iter().map(|(n, _)| n).collect();
+        if !names.is_empty() && self.metrics.too_large.get() == 0 {
+            error!(peers = ?names, "peers left out of {PEERS_KEY}: too large to publish beside the others");
+        }
+        self.metrics.too_large.set(i64::from(!names.is_empty()));
         self.metrics.observe(&status, peers.len());
         if !self.leader {
             return Ok(());
@@ -499,7 +514,6 @@ impl State {
             self.metrics.too_large.set(1);
             status_text = format!("{status_text}# {why}\n");
         } else if self.published.0.as_ref() != Some(&peers_text) {
-            self.metrics.too_large.set(0);
             self.apply(PEERS_CONFIGMAP, PEERS_KEY, &peers_text).await?;
             info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
             self.metrics.published();
@@ -553,6 +567,36 @@ fn too_large(text: &str) -> Option<String> {
     })
 }
 
+/// Leaves the largest peers out of `peers` until their `peers.yaml` fits one ConfigMap;
+/// returns each left out with the bytes its entry takes. A YAML sequence is its entries'
+/// texts one after the other, so each entry is measured once.
+fn fit_published(peers: &mut Vec<RawPeer>) -> anyhow::Result<Vec<(String, usize)>> {
+    let sizes: Vec<usize> = peers.iter().map(|p| serde_yaml::to_string(std::slice::from_ref(p)).map(|t| t.len())).collect::<Result<_, _>>()?;
+    let mut total: usize = sizes.iter().sum();
+    let mut by_size: Vec<usize> = (0..peers.len()).collect();
+    // Largest first; of equal sizes, the later name first, so that the choice is stable.
+    by_size.sort_by(|a, b| sizes[*b].cmp(&sizes[*a]).then(peers[*b].name.cmp(&peers[*a].name)));
+    let mut out = BTreeSet::new();
+    for i in by_size {
+        if total <= MAX_PUBLISHED_BYTES {
+            break;
+        }
+        total -= sizes[i];
+        out.insert(i);
+    }
+    let mut left_out = Vec::new();
+    let mut i = 0;
+    peers.retain(|p| {
+        let keep = !out.contains(&i);
+        if !keep {
+            left_out.push((p.name.clone(), sizes[i]));
+        }
+        i += 1;
+        keep
+    });
+    Ok(left_out)
+}
+
 /// The field manager of the controller's server-side applies.
 const FIELD_MANAGER: &str = "meshnet-controller";
 
@@ -582,6 +626,31 @@ mod tests {
         assert_eq!(too_large(&"x".repeat(MAX_PUBLISHED_BYTES)), None);
         let why = too_large(&"x".repeat(MAX_PUBLISHED_BYTES + 1)).unwrap();
         assert!(why.contains("1000001 bytes") && why.contains("keep the last published peers"), "{why}");
+    }
+
+    /// One enormous peer is left out, with its size, and the others are published; peers that
+    /// fit together are all kept.
+    #[test]
+    fn the_largest_peers_are_left_out_until_the_rest_fits() {
+        let peer = |name: &str, cidrs: u32| RawPeer {
+            name: name.into(),
+            pod_cidrs: (0..cidrs).map(|i| format!("{}/32", Ipv4Addr::from(0x0b00_0000 + i * 2))).collect(),
+            ..RawPeer::default()
+        };
+        let mut peers = vec![peer("a", 10), peer("huge", 60_000), peer("z", 10)];
+        let left_out = fit_published(&mut peers).unwrap();
+        assert_eq!(peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a", "z"]);
+        assert_eq!(left_out.len(), 1);
+        assert_eq!(left_out[0].0, "huge");
+        assert!(left_out[0].1 > MAX_PUBLISHED_BYTES, "{left_out:?}");
+        assert!(too_large(&serde_yaml::to_string(&peers).unwrap()).is_none());
+        // Two that are too large only together: the larger goes.
+        let mut peers = vec![peer("b", 30_000), peer("c", 31_000), peer("d", 5)];
+        let left_out = fit_published(&mut peers).unwrap();
+        assert_eq!(left_out.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert!(too_large(&serde_yaml::to_string(&peers).unwrap()).is_none());
+        let mut small = vec![peer("a", 3), peer("b", 3)];
+        assert!(fit_published(&mut small).unwrap().is_empty() && small.len() == 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub struct ControllerMetrics {
     pub(super) refused: prometheus_client::metrics::family::Family<PeerLabel, prometheus_client::metrics::counter::Counter>,
     peers: prometheus_client::metrics::gauge::Gauge,
     pub(super) publish_errors: prometheus_client::metrics::counter::Counter,
-    /// 1 while the peers are too large for one ConfigMap and are not published.
+    /// 1 while the peers are too large for one ConfigMap together, and the largest are left out.
     pub(super) too_large: prometheus_client::metrics::gauge::Gauge,
     last_publish: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
     stale_names: std::sync::Mutex<BTreeSet<String>>,
@@ -47,7 +47,7 @@ impl ControllerMetrics {
         );
         registry.register("peers", "Peers published", m.peers.clone());
         registry.register("publish_errors", "Failed writes of the peers object", m.publish_errors.clone());
-        registry.register("publish_too_large", "1 while the peers exceed what one ConfigMap holds and are not published", m.too_large.clone());
+        registry.register("publish_too_large", "1 while the peers together exceed what one ConfigMap holds and the largest are left out", m.too_large.clone());
         registry.register("last_publish_timestamp_seconds", "Unix time of the last publish", m.last_publish.clone());
         Self { registry, ..m }
     }
