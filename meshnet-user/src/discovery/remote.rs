@@ -127,7 +127,7 @@ pub(super) async fn remote_task<M: Send + 'static>(
                 let ok = tokio::time::timeout(opts.probe_timeout, client.apiserver_version()).await;
                 let event = match ok {
                     Ok(Ok(_)) => RemoteEvent::Healthy,
-                    Ok(Err(e)) => RemoteEvent::Failed(format!("API server: {e}")),
+                    Ok(Err(e)) => RemoteEvent::Failed(format!("API server: {}", remote_text(&e.to_string()))),
                     Err(_) => RemoteEvent::Failed(format!("API server did not answer within {:?}", opts.probe_timeout)),
                 };
                 if !send(event).await { return; }
@@ -135,7 +135,7 @@ pub(super) async fn remote_task<M: Send + 'static>(
             }
         };
         let event = match update {
-            Some(e) => RemoteEvent::Failed(format!("watch: {e}")),
+            Some(e) => RemoteEvent::Failed(format!("watch: {}", remote_text(&e))),
             None if synced.iter().all(|s| *s) => RemoteEvent::View(Box::new(view.clone())),
             None => continue,
         };
@@ -144,3 +144,39 @@ pub(super) async fn remote_task<M: Send + 'static>(
         }
     }
 }
+
+/// An error text a remote API server had a hand in (its response body becomes part of it), as
+/// the status and the log carry it: cut to a few hundred characters, its control characters
+/// escaped, so that no remote can forge log lines or swell every peer's status.
+fn remote_text(text: &str) -> String {
+    const MAX: usize = 300;
+    let mut out = String::new();
+    for c in text.chars().take(MAX) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    let n = text.chars().count();
+    if n > MAX {
+        out = format!("{out}... ({n} characters in all)");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remote_text;
+
+    #[test]
+    fn a_remotes_error_text_is_bounded_and_forges_no_lines() {
+        assert_eq!(remote_text("ApiError: Unauthorized (401)"), "ApiError: Unauthorized (401)");
+        let forged = "denied\n2026-12-06T00:00:00Z  INFO meshnet: published peers\r";
+        assert_eq!(remote_text(forged), "denied\\n2026-12-06T00:00:00Z  INFO meshnet: published peers\\r");
+        let huge = "x".repeat(5_000_000);
+        let out = remote_text(&huge);
+        assert!(out.len() < 400 && out.ends_with("... (5000000 characters in all)"), "{}", &out[..80]);
+    }
+}
+

@@ -97,6 +97,14 @@ pub enum Update<K> {
     Error(String),
 }
 
+/// Whether `name` could be an object's name in a real API server (a DNS subdomain: at most
+/// 253 lowercase letters, digits, '-' and '.'). A remote API server answers whatever it
+/// likes, and names reach messages, the status and the log: an object no real server could
+/// hold is not seen at all.
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
 /// Watches `api` with `config` and yields complete snapshots.
 pub fn snapshots<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = Update<K::Kept>> + Send
 where
@@ -112,7 +120,10 @@ where
                 None
             }
             Ok(watcher::Event::InitApply(o)) => {
-                pending.insert(o.name_any(), o.relevant());
+                let name = o.name_any();
+                if is_object_name(&name) {
+                    pending.insert(name, o.relevant());
+                }
                 None
             }
             Ok(watcher::Event::InitDone) => {
@@ -122,6 +133,9 @@ where
             }
             Ok(watcher::Event::Apply(o)) => {
                 let name = o.name_any();
+                if !is_object_name(&name) {
+                    return std::future::ready(None);
+                }
                 let o = o.relevant();
                 if current.get(&name) == Some(&o) {
                     return std::future::ready(None);
@@ -149,6 +163,16 @@ mod tests {
     use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition, NodeSpec, NodeStatus};
 
     use super::*;
+
+    #[test]
+    fn only_names_a_real_api_server_could_hold_are_seen() {
+        for ok in ["node1", "ip-10-20-144-165.ec2.internal", &"a".repeat(253)] {
+            assert!(is_object_name(ok), "{ok}");
+        }
+        for bad in ["", "Node1", "node1\nINFO forged line", &"a".repeat(254), "node 1", "nodé"] {
+            assert!(!is_object_name(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_heartbeat_leaves_a_node_as_discovery_sees_it() {
