@@ -457,6 +457,8 @@ impl Reserved {
             what
         } else if self.local_addresses.contains(&a) {
             return Some(format!("{a} is an address of this node; the peer's traffic would stay here"));
+        } else if let Some(s) = self.service_cidrs.iter().find(|s| s.contains(&a)) {
+            return Some(format!("{a} lies in the local Service CIDR {s}; the peer's traffic would go to a local Service"));
         } else {
             return None;
         };
@@ -770,6 +772,12 @@ impl<'a> Claims<'a> {
         };
         if let Some(why) = self.reserved.refuse_gateway(a) {
             c.err(field, format!("{value:?} refused: {why}"));
+            return None;
+        }
+        // A pod's address (this cluster's, or a peer's taken so far) is no node's: traffic for
+        // the peer would go to that pod.
+        if let Some((net, owner)) = self.cidrs.overlap(Ipv4Net::from(a)) {
+            c.err(field, format!("{value:?} refused: {a} lies in {net} of {owner}, a pod's address, not a node's"));
             return None;
         }
         Some(a)
@@ -1270,6 +1278,26 @@ peers:
         }
         assert_eq!(gw("10.20.144.83").as_deref(), Some("10.20.144.83 is an address of this node; the peer's traffic would stay here"));
         assert_eq!(gw("10.20.144.165"), None);
+        assert_eq!(
+            gw("10.96.0.10").as_deref(),
+            Some("10.96.0.10 lies in the local Service CIDR 10.96.0.0/12; the peer's traffic would go to a local Service")
+        );
+    }
+
+    /// A gateway or a tunnel node at a pod's address (this cluster's, or a peer's) is refused:
+    /// the peer's traffic would go to that pod.
+    #[test]
+    fn a_gateway_at_a_pods_address_is_refused() {
+        let y = GOOD.replace("192.0.2.2", "10.244.3.7");
+        assert_eq!(
+            errors(&y),
+            [r#"peers[0].gateways[0].address: "10.244.3.7" refused: 10.244.3.7 lies in 10.244.0.0/16 of the local podCIDRs, a pod's address, not a node's"#]
+        );
+        let y = format!("{GOOD}  - name: cluster3\n    podCIDRs: [\"10.246.0.0/16\"]\n    gateways: [{{address: 10.245.0.9, port: 30000}}]\n");
+        assert_eq!(
+            errors(&y),
+            [r#"peers[1].gateways[0].address: "10.245.0.9" refused: 10.245.0.9 lies in 10.245.0.0/16 of peer "cluster2", a pod's address, not a node's"#]
+        );
     }
 
     #[test]
