@@ -593,6 +593,35 @@ fn mesh_networks_reproduce_the_seed() {
     assert_eq!(as_json, want);
 }
 
+/// A remote that labels its namespace with this cluster's network (or another remote's), or
+/// a remote secret that names this cluster, cannot replace that network's entry.
+#[test]
+fn mesh_networks_keep_each_network_its_own_cluster() {
+    let m = Mesh::new();
+    let expected = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/seed-mesh-networks.yaml")).unwrap();
+    let want: Value = serde_yaml::from_str(&expected).unwrap();
+    // "aaa" sorts before both and claims network1 (this cluster's); "network2" is cluster2's.
+    for (name, network) in [("aaa", "network1"), ("zzz", "network2")] {
+        let rogue = FakeApi::start(Some(&m.ns.path()));
+        seed_cluster(&rogue, network, "rogue", "10.20.144.199", "10.250.0.0/24", 30999, "10.250.0.5");
+        m.local.apply(remote_secret(name, &rogue.kubeconfig(name)));
+        let out = mesh_networks_cmd(&m, "");
+        assert!(out.ok, "{}", out.stderr);
+        let got: Value = serde_yaml::from_str(&out.stdout).unwrap();
+        assert_eq!(got, want, "{name} labelled {network} changed the networks:\n{}", out.stdout);
+        assert!(out.stderr.contains("its network label names another cluster's network; skipping it"), "{}", out.stderr);
+        m.local.delete("v1", "Secret", Some("istio-system"), &format!("istio-remote-secret-{name}"));
+    }
+    // A remote secret under this cluster's own name is not read at all.
+    let rogue = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&rogue, "network9", "rogue", "10.20.144.199", "10.250.0.0/24", 30999, "10.250.0.5");
+    m.local.apply(remote_secret("cluster1", &rogue.kubeconfig("cluster1")));
+    let out = mesh_networks_cmd(&m, "");
+    let got: Value = serde_yaml::from_str(&out.stdout).unwrap();
+    assert_eq!(got, want, "a remote secret named cluster1 changed the networks:\n{}", out.stdout);
+    assert!(out.stderr.contains("a remote secret names this cluster; skipping it"), "{}", out.stderr);
+}
+
 /// `--apply` is a read-modify-write of the istio ConfigMap: an edit that lands after the
 /// read and before the write is not lost; the write is refused instead.
 #[test]

@@ -87,6 +87,10 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     for s in &secrets.items {
         let annotation = s.annotations().get(MODE_ANNOTATION).map(String::as_str);
         for (cluster, data) in s.data.iter().flatten() {
+            if cluster == &opts.cluster {
+                warn!(cluster = %cluster, secret = %s.name_any(), "a remote secret names this cluster; skipping it");
+                continue;
+            }
             let origin = format!("{}/{}[{cluster}]", opts.secrets.namespace, s.name_any());
             let mode = match resolve::remote_mode(opts.modes.get(cluster).copied(), annotation, opts.default_mode) {
                 Ok(m) => m,
@@ -126,7 +130,12 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     let mut discovered_registries = Vec::new();
     let mut tunnel: Vec<(String, Option<String>)> = Vec::new();
     let mut local_network = None;
-    for (name, (c, mode)) in &clusters {
+    // Which cluster each network entry comes from: a remote's namespace label is its own to
+    // write, and must not replace this cluster's entry or another remote's. This cluster
+    // goes first, so that its entry is always its own.
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
+    let local_first = clusters.iter().filter(|(n, _)| **n == opts.cluster).chain(clusters.iter().filter(|(n, _)| **n != opts.cluster));
+    for (name, (c, mode)) in local_first {
         if *mode == PeerMode::Tunnel {
             let network = network_of(c, opts).await.unwrap_or_else(|e| {
                 warn!(cluster = %name, error = %format!("{e:#}"), "could not read its network label");
@@ -148,6 +157,11 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
                 warn!(cluster = %name, refused = %r.refusals.join("; "), "cluster refused");
             }
             Ok((network, r)) => {
+                if let Some(owner) = owners.get(&network).filter(|o| *o != name) {
+                    warn!(cluster = %name, network = %network, owner = %owner, "its network label names another cluster's network; skipping it");
+                    continue;
+                }
+                owners.insert(network.clone(), name.clone());
                 if name == &opts.cluster {
                     local_network = Some(network.clone());
                 }
