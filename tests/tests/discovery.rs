@@ -600,8 +600,11 @@ fn mesh_networks_keep_each_network_its_own_cluster() {
     let m = Mesh::new();
     let expected = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/seed-mesh-networks.yaml")).unwrap();
     let want: Value = serde_yaml::from_str(&expected).unwrap();
-    // "aaa" sorts before both and claims network1 (this cluster's); "network2" is cluster2's.
-    for (name, network) in [("aaa", "network1"), ("zzz", "network2")] {
+    // "aaa" sorts before both and claims network1 (this cluster's); "zzz" claims network2,
+    // cluster2's. With the networks applied once, "aaa" claims network2 too: an entry written
+    // for cluster2 stays cluster2's, whatever the names.
+    assert!(mesh_networks_cmd(&m, "--apply").ok);
+    for (name, network) in [("aaa", "network1"), ("zzz", "network2"), ("aaa", "network2")] {
         let rogue = FakeApi::start(Some(&m.ns.path()));
         seed_cluster(&rogue, network, "rogue", "10.20.144.199", "10.250.0.0/24", 30999, "10.250.0.5");
         m.local.apply(remote_secret(name, &rogue.kubeconfig(name)));

@@ -130,10 +130,15 @@ struct State {
     /// What this replica last wrote (or saw written) of each object: `peers.yaml`, then
     /// `status.yaml`. `None` makes the next publish write it.
     published: (Option<String>, Option<String>),
-    /// The readable peers of `peers.yaml` as this replica last wrote or saw it: whoever was
-    /// published with a CIDR or a tunnel node address keeps it against another peer's claim
-    /// (see `desired::Inputs::published`).
-    published_peers: Vec<RawPeer>,
+    /// What each configured peer was last published with: whoever was published with a CIDR
+    /// or a node address keeps it against another peer's claim (see
+    /// `desired::Inputs::published`). A peer's entry stays while the peer is configured, even
+    /// while it is refused, stale or left out, so that one publish without it costs it
+    /// nothing; a replica that does not lead takes the leader's publishes as they are.
+    published_peers: BTreeMap<String, RawPeer>,
+    /// The watch of the peers object has synced: until then this replica does not know who
+    /// holds what (its first read may have failed), and publishes nothing.
+    published_seen: bool,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -185,7 +190,8 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         istio: None,
         last_good: BTreeMap::new(),
         published: (None, None),
-        published_peers: Vec::new(),
+        published_peers: BTreeMap::new(),
+        published_seen: false,
         refusals: BTreeMap::new(),
         leader: !opts.leader_election,
         metrics,
@@ -208,7 +214,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             }
             let peers = published::readable_peers(&cm);
             info!(peers = peers.len(), "starting from the published peers");
-            state.published_peers.clone_from(&peers);
+            state.published_peers = peers.iter().map(|p| (p.name.clone(), p.clone())).collect();
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
         }
         Ok(None) => {}
@@ -302,10 +308,13 @@ impl State {
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.values().next().cloned()),
             Msg::Published(Update::Snapshot(cms)) => {
-                // A new leader's record of who held what: the object as the last leader wrote it.
-                if let Some(cm) = cms.values().next() {
-                    self.published_peers = published::readable_peers(cm);
+                // A replica that does not lead learns who holds what from the leader's writes; the
+                // leader keeps its own record, which no hand edit or deposed leader's late write
+                // may rewrite.
+                if let Some(cm) = cms.values().next().filter(|_| !self.leader || !self.published_seen) {
+                    self.published_peers = published::readable_peers(cm).into_iter().map(|p| (p.name.clone(), p)).collect();
                 }
+                self.published_seen = true;
                 let seen = cms.values().next().and_then(|cm| cm.data.as_ref()?.get(PEERS_KEY).cloned());
                 if self.published.0.is_some() && self.published.0 != seen {
                     warn!("{PEERS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
@@ -421,7 +430,7 @@ impl State {
 
     /// Whether every source a withdrawal could be based on has synced.
     fn synced(&self) -> bool {
-        self.secrets_synced && self.local_cidrs.is_some() && self.istio.is_some()
+        self.secrets_synced && self.local_cidrs.is_some() && self.istio.is_some() && self.published_seen
     }
 
     /// What the reserved-range rules know about this cluster.
@@ -494,6 +503,8 @@ impl State {
                  {POD_CIDRS_ANNOTATION} annotation) make it fit"
             ));
         }
+        // Who holds what: only configured peers (each has a status) keep an entry.
+        self.published_peers.retain(|name, _| status.contains_key(name));
         let names: Vec<&String> = left_out.iter().map(|(n, _)| n).collect();
         if !names.is_empty() && self.metrics.too_large.get() == 0 {
             error!(peers = ?names, "peers left out of {PEERS_KEY}: too large to publish beside the others");
@@ -518,7 +529,7 @@ impl State {
             info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
             self.metrics.published();
             self.published.0 = Some(peers_text);
-            self.published_peers = peers;
+            self.published_peers.extend(peers.into_iter().map(|p| (p.name.clone(), p)));
         }
         if too_large(&status_text).is_some() {
             status_text = format!("# {} peers; the status of each is too large to publish\n", status.len());

@@ -52,10 +52,11 @@ pub struct Inputs<'a> {
     pub istio: Option<&'a ConfigMap>,
     /// The last good peer of each remote, published while it is stale or unresolvable.
     pub last_good: &'a BTreeMap<String, RawPeer>,
-    /// The peers as last published (the peers ConfigMap as this controller wrote or last saw
-    /// it): a peer published with a CIDR or a tunnel node address keeps it against any other
-    /// peer's claim.
-    pub published: &'a [RawPeer],
+    /// What each peer was last published with (the controller keeps each while the peer is
+    /// configured, refused or not): a peer published with a CIDR or a node address keeps it
+    /// against any other peer's claim. Entries of peers no longer configured (no remote
+    /// secret, no hand-written network) are not consulted.
+    pub published: &'a BTreeMap<String, RawPeer>,
 }
 
 /// What to publish, and what the controller remembers and reports about it.
@@ -102,11 +103,11 @@ fn vet(
 /// that no newcomer, whatever its name, takes an address or the room of one. Each agent would
 /// refuse such a peer anyway; refused here, it is refused once, with the reason in
 /// `status.yaml`.
-fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &BTreeMap<String, RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
     let max_nodes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_NODES).unwrap_or(usize::MAX);
     let max_routes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_ROUTES).unwrap_or(usize::MAX);
     let held: BTreeMap<&str, BTreeSet<&str>> =
-        published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
+        published.iter().map(|(name, p)| (name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
     let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
     let mut refused = BTreeMap::new();
     for (i, p) in tunnel.iter().enumerate() {
@@ -250,9 +251,11 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         }
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name));
-    let (kept, overlapping) = resolve::refuse_overlaps(i.local_cidrs, peers, i.published);
+    // Only configured peers hold anything: every remote and hand-written network has a status.
+    let held: BTreeMap<String, RawPeer> = i.published.iter().filter(|(n, _)| d.status.contains_key(*n)).map(|(n, p)| (n.clone(), p.clone())).collect();
+    let (kept, overlapping) = resolve::refuse_overlaps(i.local_cidrs, peers, &held);
     d.refused.extend(overlapping);
-    let (kept, over_budget) = refuse_tunnel_clashes(kept, i.published);
+    let (kept, over_budget) = refuse_tunnel_clashes(kept, &held);
     d.refused.extend(over_budget);
     // A peer refused for an overlap is no one's last good state.
     d.resolved.retain(|name, _| !d.refused.contains_key(name));
@@ -346,7 +349,7 @@ mod tests {
             local_cidrs: &[net("10.244.0.0/16")],
             istio,
             last_good: &last_good,
-            published,
+            published: &published.iter().map(|p| (p.name.clone(), p.clone())).collect(),
         };
         let d = desired(&i);
         assert_eq!(d, desired(&i), "the same inputs gave two answers");
@@ -521,6 +524,49 @@ mod tests {
         assert_eq!(names, ["prod-west"], "{out}");
         assert_eq!(d["refused"]["aaa-attacker"], "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before");
         assert!(d["resolved"].get("aaa-attacker").is_none(), "{out}");
+    }
+
+    /// A pod CIDR over another peer's gateway is a claim on it; and a peer that cannot be
+    /// published now (refused) still holds what it was published with.
+    #[test]
+    fn a_published_peers_gateway_and_cidrs_stay_its_own_while_it_is_refused() {
+        let west = view("10.20.144.165", "10.246.0.0/16");
+        let over_gateway = view("10.20.144.175", "10.20.144.165/32");
+        let remotes = [
+            ("aaa".to_string(), RemoteInput { view: Some(&over_gateway), ..RemoteInput::default() }),
+            ("prod-west".to_string(), RemoteInput { view: Some(&west), ..RemoteInput::default() }),
+        ]
+        .into();
+        let published = [peer("prod-west", "10.20.144.165", "10.246.0.0/16")];
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(
+            d["refused"]["aaa"],
+            "claims 10.20.144.165/32, which holds 10.20.144.165, a node address of peer prod-west, published with it before",
+            "{out}"
+        );
+        assert!(d["refused"].get("prod-west").is_none(), "{out}");
+        // prod-west refused now (its gateway annotation points elsewhere): its CIDRs stay its.
+        let mut spoofed = view("10.20.144.165", "10.246.0.0/16");
+        Arc::make_mut(&mut spoofed.nodes).get_mut("gw").unwrap().gateway_address = Some("10.20.144.99".into());
+        let taker = view("10.20.144.175", "10.246.7.0/24");
+        let remotes = [
+            ("aaa".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() }),
+            ("prod-west".to_string(), RemoteInput { view: Some(&spoofed), ..RemoteInput::default() }),
+        ]
+        .into();
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(
+            d["refused"]["aaa"],
+            "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before (not published now)",
+            "{out}"
+        );
+        assert!(d["peers"].as_sequence().unwrap().is_empty(), "{out}");
+        // Once prod-west's secret is gone it holds nothing, and the claim stands.
+        let remotes = [("aaa".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() })].into();
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
+        assert!(out.contains("name: aaa") && !out.contains("refused:\n  aaa"), "{out}");
     }
 
     /// Hand-written meshNetworks entries are published for clusters without a secret, one bad

@@ -130,12 +130,10 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     let mut discovered_registries = Vec::new();
     let mut tunnel: Vec<(String, Option<String>)> = Vec::new();
     let mut local_network = None;
-    // Which cluster each network entry comes from: a remote's namespace label is its own to
-    // write, and must not replace this cluster's entry or another remote's. This cluster
-    // goes first, so that its entry is always its own.
-    let mut owners: BTreeMap<String, String> = BTreeMap::new();
-    let local_first = clusters.iter().filter(|(n, _)| **n == opts.cluster).chain(clusters.iter().filter(|(n, _)| **n != opts.cluster));
-    for (name, (c, mode)) in local_first {
+    // Each cluster's network and gateway, decided once all are read: a remote's namespace
+    // label is its own to write, and must not take this cluster's network or another's.
+    let mut found: Vec<(&String, String, resolve::Resolved)> = Vec::new();
+    for (name, (c, mode)) in &clusters {
         if *mode == PeerMode::Tunnel {
             let network = network_of(c, opts).await.unwrap_or_else(|e| {
                 warn!(cluster = %name, error = %format!("{e:#}"), "could not read its network label");
@@ -157,24 +155,35 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
                 warn!(cluster = %name, refused = %r.refusals.join("; "), "cluster refused");
             }
             Ok((network, r)) => {
-                if let Some(owner) = owners.get(&network).filter(|o| *o != name) {
-                    warn!(cluster = %name, network = %network, owner = %owner, "its network label names another cluster's network; skipping it");
-                    continue;
-                }
-                owners.insert(network.clone(), name.clone());
                 if name == &opts.cluster {
                     local_network = Some(network.clone());
                 }
-                match r.port {
-                    Some(port) if !r.addresses.is_empty() => {
-                        out.set_cluster(&network, name, &r.addresses, port);
-                        discovered_registries.push(name.clone());
-                    }
-                    _ => warn!(cluster = %name, problems = %r.problems.join("; "), "no gateway found"),
-                }
+                found.push((name, network, r));
             }
             Err(e) if name == &opts.cluster => return Err(e),
             Err(e) => warn!(cluster = %name, error = %format!("{e:#}"), "skipping cluster"),
+        }
+    }
+    // This cluster's network is its own; a network that two remotes name is neither's, for
+    // nothing tells which label is true (clusters sharing a network are not generated); and
+    // an entry already written for other registries or CIDRs stays theirs.
+    let written_for_others = |network: &str, name: &str| {
+        existing.networks.get(network).is_some_and(|n| !n.endpoints.iter().any(|e| e.from_registry.as_deref() == Some(name)))
+    };
+    let others = |name: &str, network: &str| name != opts.cluster && (local_network.as_deref() == Some(network) || written_for_others(network, name));
+    let claimants = |network: &str| found.iter().filter(|(m, n, _)| n == network && !others(m, n)).count();
+    for (name, network, r) in &found {
+        let taken = *name != &opts.cluster && (others(name, network) || claimants(network) > 1);
+        if taken {
+            warn!(cluster = %name, network = %network, "its network label names another cluster's network; skipping it");
+            continue;
+        }
+        match r.port {
+            Some(port) if !r.addresses.is_empty() => {
+                out.set_cluster(network, name, &r.addresses, port);
+                discovered_registries.push((*name).clone());
+            }
+            _ => warn!(cluster = %name, problems = %r.problems.join("; "), "no gateway found"),
         }
     }
     if out.networks.is_empty() && tunnel.is_empty() {

@@ -501,10 +501,10 @@ fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b) || b.contains(&a)
 }
 
-/// Who keeps an address or range that two peers claim: the one of them that `published`
-/// (what was last published) already gave it, if only one; else neither. A remote's objects
-/// cross a trust boundary, so no order of names may let a newcomer take what another peer
-/// holds, nor a peer widen its claim over another's.
+/// Who keeps an address or range that two peers claim: the one of them that was published
+/// with it, if only one; else neither. A remote's objects cross a trust boundary, so no
+/// order of names may let a newcomer take what another peer holds, nor a peer widen its
+/// claim over another's.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Contest {
     First,
@@ -520,25 +520,64 @@ pub(crate) fn contest(first: bool, second: bool) -> Contest {
     }
 }
 
-/// Drops peers whose CIDRs overlap the local ones or cover everything, and settles the
-/// overlaps between peers: of two peers that claim the same addresses, the one published
-/// with them keeps them and the other is refused; when neither was (or both), both are
-/// refused, for no rule could tell the rightful one. Returns the kept peers (in their order)
-/// and, for each refused one, why.
+/// What a peer claims: its pod CIDRs, and the addresses of its gateways and tunnel nodes
+/// (as /32s), which no other peer's pod CIDR may cover: that peer's traffic would go to
+/// whoever claims the CIDR.
+#[derive(Clone, Copy)]
+enum Claim {
+    Cidr(Ipv4Net),
+    Node(Ipv4Addr),
+}
+
+impl Claim {
+    fn net(self) -> Ipv4Net {
+        match self {
+            Claim::Cidr(n) => n,
+            Claim::Node(a) => Ipv4Net::from(a),
+        }
+    }
+
+    /// Whether two peers' claims collide: CIDRs that overlap, or a CIDR over a node's
+    /// address. Two peers with one node address are `desired::refuse_tunnel_clashes`'s.
+    fn collides(self, other: Claim) -> bool {
+        !matches!((self, other), (Claim::Node(_), Claim::Node(_))) && overlap(self.net(), other.net())
+    }
+
+    /// The refusal's words for `self`, a claim of the refused peer, against `other`'s.
+    fn against(self, other: Claim, owner: &str) -> String {
+        match (self, other) {
+            (Claim::Cidr(n), Claim::Node(a)) => format!("claims {n}, which holds {a}, a node address of peer {owner}"),
+            (Claim::Node(a), Claim::Cidr(n)) => format!("node address {a} lies in {n} of peer {owner}"),
+            (mine, theirs) => format!("claims {}, which overlaps {} of peer {owner}", mine.net(), theirs.net()),
+        }
+    }
+}
+
+fn claims_of(p: &RawPeer) -> Vec<Claim> {
+    let cidrs = p.pod_cidrs.iter().filter_map(|c| c.parse().ok()).map(Claim::Cidr);
+    let nodes = p.gateways.iter().map(|g| g.address.as_str()).chain(p.nodes.iter().map(|n| n.address.as_str()));
+    cidrs.chain(nodes.filter_map(|a| a.parse().ok()).map(Claim::Node)).collect()
+}
+
+/// Drops peers whose CIDRs overlap the local ones or cover everything, or whose gateways or
+/// nodes lie in the local pod CIDRs, and settles what two peers both claim (overlapping pod
+/// CIDRs, or a pod CIDR over another's gateway or node): the one that `held` says was
+/// published with it keeps it and the other is refused; when neither was (or both), both
+/// are refused, for no rule could tell the rightful one. `held` is what each configured
+/// peer was last published with, kept while it stays configured: a peer refused or
+/// unpublished now still holds it against every other. Returns the kept peers (in their
+/// order) and, for each refused one, why.
 #[must_use]
-pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, published: &[RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
-    let nets_of = |p: &RawPeer| -> Vec<Ipv4Net> { p.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect() };
-    let held: BTreeMap<&str, Vec<Ipv4Net>> = published.iter().map(|p| (p.name.as_str(), nets_of(p))).collect();
-    let holds = |name: &str, range: &Ipv4Net| held.get(name).is_some_and(|nets| nets.iter().any(|h| overlap(*h, *range)));
-    let claims: Vec<Vec<Ipv4Net>> = peers.iter().map(nets_of).collect();
+pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, held: &BTreeMap<String, RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+    let held_claims: BTreeMap<&str, Vec<Claim>> = held.iter().map(|(n, p)| (n.as_str(), claims_of(p))).collect();
+    let holds = |name: &str, region: Ipv4Net| held_claims.get(name).is_some_and(|cs| cs.iter().any(|c| overlap(c.net(), region)));
+    let claims: Vec<Vec<Claim>> = peers.iter().map(claims_of).collect();
     let mut refused = BTreeMap::new();
-    for (p, nets) in peers.iter().zip(&claims) {
-        let why = nets.iter().find_map(|n| {
-            if n.prefix_len() == 0 {
-                return Some(format!("claims {n}, all of IPv4"));
-            }
-            let o = local.iter().find(|o| overlap(**o, *n))?;
-            Some(format!("claims {n}, which overlaps {o} of the local cluster"))
+    for (p, cs) in peers.iter().zip(&claims) {
+        let why = cs.iter().find_map(|c| match *c {
+            Claim::Cidr(n) if n.prefix_len() == 0 => Some(format!("claims {n}, all of IPv4")),
+            Claim::Cidr(n) => local.iter().find(|o| overlap(**o, n)).map(|o| format!("claims {n}, which overlaps {o} of the local cluster")),
+            Claim::Node(a) => local.iter().find(|o| o.contains(&a)).map(|o| format!("node address {a} lies in {o}, the local cluster's pods")),
         });
         if let Some(why) = why {
             refused.insert(p.name.clone(), why);
@@ -547,25 +586,35 @@ pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, published: &[RawP
     // A peer refused on its own (all of IPv4, the local CIDRs) contests nothing: its claim
     // would otherwise refuse every peer it overlaps.
     let alone: BTreeSet<String> = refused.keys().cloned().collect();
-    let contesting: Vec<(&RawPeer, &Vec<Ipv4Net>)> = peers.iter().zip(&claims).filter(|(p, _)| !alone.contains(&p.name)).collect();
-    for (i, &(p, p_nets)) in contesting.iter().enumerate() {
-        for &(q, q_nets) in contesting.iter().skip(i + 1) {
-            let Some((n, o)) = p_nets.iter().find_map(|n| q_nets.iter().find(|o| overlap(*n, **o)).map(|o| (n, o))) else {
+    let contesting: Vec<(&RawPeer, &Vec<Claim>)> = peers.iter().zip(&claims).filter(|(p, _)| !alone.contains(&p.name)).collect();
+    let collision = |a: &[Claim], b: &[Claim]| a.iter().find_map(|x| b.iter().find(|y| x.collides(**y)).map(|y| (*x, *y)));
+    for (i, &(p, p_claims)) in contesting.iter().enumerate() {
+        for &(q, q_claims) in contesting.iter().skip(i + 1) {
+            let Some((x, y)) = collision(p_claims, q_claims) else {
                 continue;
             };
-            // The addresses both claim: the narrower of the two CIDRs.
-            let both = if n.prefix_len() >= o.prefix_len() { n } else { o };
+            // The addresses both claim: the narrower of the two.
+            let both = if x.net().prefix_len() >= y.net().prefix_len() { x.net() } else { y.net() };
             let (p_held, q_held) = (holds(&p.name, both), holds(&q.name, both));
-            let mut refuse = |who: &RawPeer, mine: &Ipv4Net, theirs: &Ipv4Net, other: &RawPeer, why: &str| {
-                refused.entry(who.name.clone()).or_insert_with(|| format!("claims {mine}, which overlaps {theirs} of peer {}{why}", other.name));
+            let mut refuse = |who: &RawPeer, why: String| {
+                refused.entry(who.name.clone()).or_insert(why);
             };
             match contest(p_held, q_held) {
-                Contest::First => refuse(q, o, n, p, ", published with it before"),
-                Contest::Second => refuse(p, n, o, q, ", published with it before"),
+                Contest::First => refuse(q, format!("{}, published with it before", y.against(x, &p.name))),
+                Contest::Second => refuse(p, format!("{}, published with it before", x.against(y, &q.name))),
                 Contest::Neither => {
                     let why = if p_held { ", both published with it before" } else { "; neither was published with it before, so neither is" };
-                    refuse(p, n, o, q, why);
-                    refuse(q, o, n, p, why);
+                    refuse(p, format!("{}{why}", x.against(y, &q.name)));
+                    refuse(q, format!("{}{why}", y.against(x, &p.name)));
+                }
+            }
+        }
+        // What a configured peer that is not among these holds stays its own.
+        for (owner, theirs) in held_claims.iter().filter(|(n, _)| **n != p.name && !peers.iter().any(|q| q.name == **n)) {
+            if let Some((x, y)) = collision(p_claims, theirs) {
+                let both = if x.net().prefix_len() >= y.net().prefix_len() { x.net() } else { y.net() };
+                if !holds(&p.name, both) {
+                    refused.entry(p.name.clone()).or_insert_with(|| format!("{}, published with it before (not published now)", x.against(y, owner)));
                 }
             }
         }
@@ -1098,7 +1147,7 @@ mod tests {
         let (kept, refused) = refuse_overlaps(
             &["10.244.0.0/16".parse().unwrap()],
             vec![p("a", "10.245.0.0/16"), p("b", "10.245.1.0/24"), p("c", "10.244.5.0/24"), p("d", "0.0.0.0/0"), p("e", "10.246.0.0/16")],
-            &[p("b", "10.245.1.0/24")],
+            &[("b".to_string(), p("b", "10.245.1.0/24"))].into(),
         );
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["b", "e"]);
         assert_eq!(refused["a"], "claims 10.245.0.0/16, which overlaps 10.245.1.0/24 of peer b, published with it before");
@@ -1113,7 +1162,8 @@ mod tests {
     fn a_published_peer_keeps_its_cidrs_against_any_claim() {
         let p = |name: &str, cidrs: &[&str]| RawPeer { name: name.into(), pod_cidrs: cidrs.iter().map(|c| (*c).into()).collect(), ..RawPeer::default() };
         let local = ["10.244.0.0/16".parse().unwrap()];
-        let published = [p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]), p("edge", &["10.250.0.0/16"])];
+        let published: BTreeMap<String, RawPeer> =
+            [p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]), p("edge", &["10.250.0.0/16"])].into_iter().map(|p| (p.name.clone(), p)).collect();
         // "aaa" sorts first and claims part of prod-west's CIDRs; "edge" widens over another.
         let west = p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]);
         let (kept, refused) =
