@@ -103,11 +103,11 @@ fn vet(
 /// that no newcomer, whatever its name, takes an address or the room of one. Each agent would
 /// refuse such a peer anyway; refused here, it is refused once, with the reason in
 /// `status.yaml`.
-fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &BTreeMap<String, RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
     let max_nodes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_NODES).unwrap_or(usize::MAX);
     let max_routes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_ROUTES).unwrap_or(usize::MAX);
     let held: BTreeMap<&str, BTreeSet<&str>> =
-        published.iter().map(|(name, p)| (name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
+        published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
     let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
     let mut refused = BTreeMap::new();
     for (i, p) in tunnel.iter().enumerate() {
@@ -252,7 +252,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     // Only configured peers hold anything: every remote and hand-written network has a status.
-    let held: BTreeMap<String, RawPeer> = i.published.iter().filter(|(n, _)| d.status.contains_key(*n)).map(|(n, p)| (n.clone(), p.clone())).collect();
+    let held: Vec<&RawPeer> = i.published.iter().filter(|(n, _)| d.status.contains_key(*n)).map(|(_, p)| p).collect();
     let (kept, overlapping) = resolve::refuse_overlaps(i.local_cidrs, peers, &held);
     d.refused.extend(overlapping);
     let (kept, over_budget) = refuse_tunnel_clashes(kept, &held);

@@ -559,6 +559,28 @@ fn claims_of(p: &RawPeer) -> Vec<Claim> {
     cidrs.chain(nodes.filter_map(|a| a.parse().ok()).map(Claim::Node)).collect()
 }
 
+/// The first collision between each two of `sets` (by index, the lower first, its claim
+/// first), found in one sweep: CIDRs (and a node's /32) either nest or are apart, so in
+/// order of start, wider first, the ranges still open at a range's start all hold it. A
+/// thousand-node peer beside fifty others costs a sort, not a million comparisons a pair.
+fn first_collisions(sets: &[&[Claim]]) -> BTreeMap<(usize, usize), (Claim, Claim)> {
+    let mut all: Vec<(usize, Claim)> = sets.iter().enumerate().flat_map(|(i, cs)| cs.iter().map(move |c| (i, *c))).collect();
+    all.sort_by_key(|(_, c)| (u32::from(c.net().network()), c.net().prefix_len()));
+    let mut open: Vec<(usize, Claim)> = Vec::new();
+    let mut found = BTreeMap::new();
+    for (i, c) in all {
+        while open.last().is_some_and(|(_, o)| u32::from(o.net().broadcast()) < u32::from(c.net().network())) {
+            open.pop();
+        }
+        for &(j, o) in open.iter().filter(|(j, o)| *j != i && o.collides(c)) {
+            let key = (j.min(i), j.max(i));
+            found.entry(key).or_insert(if j < i { (o, c) } else { (c, o) });
+        }
+        open.push((i, c));
+    }
+    found
+}
+
 /// Drops peers whose CIDRs overlap the local ones or cover everything, or whose gateways or
 /// nodes lie in the local pod CIDRs, and settles what two peers both claim (overlapping pod
 /// CIDRs, or a pod CIDR over another's gateway or node): the one that `held` says was
@@ -568,8 +590,8 @@ fn claims_of(p: &RawPeer) -> Vec<Claim> {
 /// unpublished now still holds it against every other. Returns the kept peers (in their
 /// order) and, for each refused one, why.
 #[must_use]
-pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, held: &BTreeMap<String, RawPeer>) -> (Vec<RawPeer>, BTreeMap<String, String>) {
-    let held_claims: BTreeMap<&str, Vec<Claim>> = held.iter().map(|(n, p)| (n.as_str(), claims_of(p))).collect();
+pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, held: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+    let held_claims: BTreeMap<&str, Vec<Claim>> = held.iter().map(|p| (p.name.as_str(), claims_of(p))).collect();
     let holds = |name: &str, region: Ipv4Net| held_claims.get(name).is_some_and(|cs| cs.iter().any(|c| overlap(c.net(), region)));
     let claims: Vec<Vec<Claim>> = peers.iter().map(claims_of).collect();
     let mut refused = BTreeMap::new();
@@ -587,35 +609,37 @@ pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, held: &BTreeMap<S
     // would otherwise refuse every peer it overlaps.
     let alone: BTreeSet<String> = refused.keys().cloned().collect();
     let contesting: Vec<(&RawPeer, &Vec<Claim>)> = peers.iter().zip(&claims).filter(|(p, _)| !alone.contains(&p.name)).collect();
-    let collision = |a: &[Claim], b: &[Claim]| a.iter().find_map(|x| b.iter().find(|y| x.collides(**y)).map(|y| (*x, *y)));
-    for (i, &(p, p_claims)) in contesting.iter().enumerate() {
-        for &(q, q_claims) in contesting.iter().skip(i + 1) {
-            let Some((x, y)) = collision(p_claims, q_claims) else {
-                continue;
-            };
-            // The addresses both claim: the narrower of the two.
-            let both = if x.net().prefix_len() >= y.net().prefix_len() { x.net() } else { y.net() };
-            let (p_held, q_held) = (holds(&p.name, both), holds(&q.name, both));
-            let mut refuse = |who: &RawPeer, why: String| {
-                refused.entry(who.name.clone()).or_insert(why);
-            };
-            match contest(p_held, q_held) {
-                Contest::First => refuse(q, format!("{}, published with it before", y.against(x, &p.name))),
-                Contest::Second => refuse(p, format!("{}, published with it before", x.against(y, &q.name))),
-                Contest::Neither => {
-                    let why = if p_held { ", both published with it before" } else { "; neither was published with it before, so neither is" };
-                    refuse(p, format!("{}{why}", x.against(y, &q.name)));
-                    refuse(q, format!("{}{why}", y.against(x, &p.name)));
-                }
+    // Who collides with whom: the candidates, then the records of configured peers that are
+    // not candidates now.
+    let absent: Vec<(&str, &Vec<Claim>)> =
+        held_claims.iter().filter(|(n, _)| !peers.iter().any(|q| q.name == **n)).map(|(n, c)| (*n, c)).collect();
+    let sets: Vec<&[Claim]> = contesting.iter().map(|(_, c)| c.as_slice()).chain(absent.iter().map(|(_, c)| c.as_slice())).collect();
+    for ((a, b), (x, y)) in first_collisions(&sets) {
+        // The addresses both claim: the narrower of the two.
+        let both = if x.net().prefix_len() >= y.net().prefix_len() { x.net() } else { y.net() };
+        // Two records of absent peers hold what they held; nothing to settle.
+        let Some(&(p, _)) = contesting.get(a) else {
+            continue;
+        };
+        let mut refuse = |who: &RawPeer, why: String| {
+            refused.entry(who.name.clone()).or_insert(why);
+        };
+        let Some(&(q, _)) = contesting.get(b) else {
+            // What a configured peer that is not among these holds stays its own.
+            let owner = absent[b - contesting.len()].0;
+            if !holds(&p.name, both) {
+                refuse(p, format!("{}, published with it before (not published now)", x.against(y, owner)));
             }
-        }
-        // What a configured peer that is not among these holds stays its own.
-        for (owner, theirs) in held_claims.iter().filter(|(n, _)| **n != p.name && !peers.iter().any(|q| q.name == **n)) {
-            if let Some((x, y)) = collision(p_claims, theirs) {
-                let both = if x.net().prefix_len() >= y.net().prefix_len() { x.net() } else { y.net() };
-                if !holds(&p.name, both) {
-                    refused.entry(p.name.clone()).or_insert_with(|| format!("{}, published with it before (not published now)", x.against(y, owner)));
-                }
+            continue;
+        };
+        let (p_held, q_held) = (holds(&p.name, both), holds(&q.name, both));
+        match contest(p_held, q_held) {
+            Contest::First => refuse(q, format!("{}, published with it before", y.against(x, &p.name))),
+            Contest::Second => refuse(p, format!("{}, published with it before", x.against(y, &q.name))),
+            Contest::Neither => {
+                let why = if p_held { ", both published with it before" } else { "; neither was published with it before, so neither is" };
+                refuse(p, format!("{}{why}", x.against(y, &q.name)));
+                refuse(q, format!("{}{why}", y.against(x, &p.name)));
             }
         }
     }
@@ -1147,12 +1171,52 @@ mod tests {
         let (kept, refused) = refuse_overlaps(
             &["10.244.0.0/16".parse().unwrap()],
             vec![p("a", "10.245.0.0/16"), p("b", "10.245.1.0/24"), p("c", "10.244.5.0/24"), p("d", "0.0.0.0/0"), p("e", "10.246.0.0/16")],
-            &[("b".to_string(), p("b", "10.245.1.0/24"))].into(),
+            &[&p("b", "10.245.1.0/24")],
         );
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["b", "e"]);
         assert_eq!(refused["a"], "claims 10.245.0.0/16, which overlaps 10.245.1.0/24 of peer b, published with it before");
         assert_eq!(refused["c"], "claims 10.244.5.0/24, which overlaps 10.244.0.0/16 of the local cluster");
         assert_eq!(refused["d"], "claims 0.0.0.0/0, all of IPv4");
+    }
+
+    /// The sweep finds exactly the pairs of sets that a comparison of every two claims finds,
+    /// and each pair's claims collide.
+    #[test]
+    fn the_sweep_finds_every_colliding_pair() {
+        let mut seed: u32 = 0x1234_5678;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for _ in 0..200 {
+            let sets: Vec<Vec<Claim>> = (0..6)
+                .map(|_| {
+                    (0..(next() % 6))
+                        .map(|_| {
+                            // Addresses in a small space, so that collisions are common.
+                            let a = Ipv4Addr::from(0x0a00_0000 | (next() & 0xffff));
+                            if next() % 3 == 0 { Claim::Node(a) } else { Claim::Cidr(Ipv4Net::new(a, 16 + (next() % 17) as u8).unwrap().trunc()) }
+                        })
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[Claim]> = sets.iter().map(Vec::as_slice).collect();
+            let found = first_collisions(&refs);
+            let mut naive = BTreeSet::new();
+            for i in 0..sets.len() {
+                for j in i + 1..sets.len() {
+                    if sets[i].iter().any(|x| sets[j].iter().any(|y| x.collides(*y))) {
+                        naive.insert((i, j));
+                    }
+                }
+            }
+            assert_eq!(found.keys().copied().collect::<BTreeSet<_>>(), naive);
+            for ((i, j), (x, y)) in &found {
+                assert!(x.collides(*y) && sets[*i].iter().any(|c| c.net() == x.net()) && sets[*j].iter().any(|c| c.net() == y.net()));
+            }
+        }
     }
 
     /// A remote's claims cannot take what another peer was published with, whatever the names:
@@ -1162,8 +1226,8 @@ mod tests {
     fn a_published_peer_keeps_its_cidrs_against_any_claim() {
         let p = |name: &str, cidrs: &[&str]| RawPeer { name: name.into(), pod_cidrs: cidrs.iter().map(|c| (*c).into()).collect(), ..RawPeer::default() };
         let local = ["10.244.0.0/16".parse().unwrap()];
-        let published: BTreeMap<String, RawPeer> =
-            [p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]), p("edge", &["10.250.0.0/16"])].into_iter().map(|p| (p.name.clone(), p)).collect();
+        let records = [p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]), p("edge", &["10.250.0.0/16"])];
+        let published: Vec<&RawPeer> = records.iter().collect();
         // "aaa" sorts first and claims part of prod-west's CIDRs; "edge" widens over another.
         let west = p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]);
         let (kept, refused) =
