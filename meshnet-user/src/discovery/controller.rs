@@ -136,8 +136,8 @@ struct State {
     /// while it is refused, stale or left out, so that one publish without it costs it
     /// nothing; a replica that does not lead takes the leader's publishes as they are.
     published_peers: BTreeMap<String, RawPeer>,
-    /// The watch of the peers object has synced: until then this replica does not know who
-    /// holds what (its first read may have failed), and publishes nothing.
+    /// The peers object has been read (at start, or by its watch): until then this replica
+    /// does not know who holds what, and publishes nothing; `publish` reads it again.
     published_seen: bool,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
@@ -216,9 +216,10 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             info!(peers = peers.len(), "starting from the published peers");
             state.published_peers = peers.iter().map(|p| (p.name.clone(), p.clone())).collect();
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
+            state.published_seen = true;
         }
-        Ok(None) => {}
-        Err(e) => warn!(error = %format!("{e:#}"), "could not read the published peers; starting empty"),
+        Ok(None) => state.published_seen = true,
+        Err(e) => warn!(error = %format!("{e:#}"), "could not read the published peers; reading them again before publishing"),
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -488,6 +489,18 @@ impl State {
     }
 
     async fn publish(&mut self) -> anyhow::Result<()> {
+        if !self.published_seen {
+            let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
+            match bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await {
+                Ok(cm) => {
+                    let peers = cm.as_ref().map(published::readable_peers).unwrap_or_default();
+                    self.published_peers = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
+                    self.published_seen = true;
+                }
+                // Retried: nothing is published before this replica knows who holds what.
+                Err(e) => return Err(e),
+            }
+        }
         if !self.synced() {
             debug!("not publishing until the local watches have synced");
             return Ok(());

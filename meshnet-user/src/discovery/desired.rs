@@ -109,23 +109,43 @@ fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<Ra
     let held: BTreeMap<&str, BTreeSet<&str>> =
         published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
     let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
+    let holds = |who: &str, addr: &str| held.get(who).is_some_and(|s| s.contains(addr));
+    // Each node address with the candidates that list it, and with the configured peers not
+    // among them that were published with it (they hold it still).
+    let mut listed: BTreeMap<&str, Vec<&RawPeer>> = BTreeMap::new();
+    for p in &tunnel {
+        for n in &p.nodes {
+            let at = listed.entry(n.address.as_str()).or_default();
+            if !at.iter().any(|q| q.name == p.name) {
+                at.push(p);
+            }
+        }
+    }
+    let absent: BTreeMap<&str, &str> = published
+        .iter()
+        .filter(|h| !tunnel.iter().any(|t| t.name == h.name))
+        .flat_map(|h| h.nodes.iter().map(|n| (n.address.as_str(), h.name.as_str())))
+        .collect();
     let mut refused = BTreeMap::new();
-    for (i, p) in tunnel.iter().enumerate() {
-        for q in tunnel.iter().skip(i + 1) {
-            let Some(addr) = p.nodes.iter().map(|n| n.address.as_str()).find(|a| q.nodes.iter().any(|m| m.address == *a)) else {
-                continue;
-            };
-            let holds = |who: &RawPeer| held.get(who.name.as_str()).is_some_and(|s| s.contains(addr));
-            let mut refuse = |who: &RawPeer, other: &RawPeer, why: &str| {
-                refused.entry(who.name.clone()).or_insert_with(|| format!("nodes: {addr} is also a node of peer {:?}{why}", other.name));
-            };
-            match resolve::contest(holds(p), holds(q)) {
-                resolve::Contest::First => refuse(q, p, ", published with it before"),
-                resolve::Contest::Second => refuse(p, q, ", published with it before"),
-                resolve::Contest::Neither => {
-                    let why = if holds(p) { ", both published with it before" } else { "; neither was published with it before, so neither is" };
-                    refuse(p, q, why);
-                    refuse(q, p, why);
+    for (addr, at) in &listed {
+        let mut refuse = |who: &RawPeer, other: &str, why: &str| {
+            refused.entry(who.name.clone()).or_insert_with(|| format!("nodes: {addr} is also a node of peer {other:?}{why}"));
+        };
+        if let Some(owner) = absent.get(addr) {
+            for p in at.iter().filter(|p| !holds(&p.name, addr)) {
+                refuse(p, owner, ", published with it before (not published now)");
+            }
+        }
+        for (i, p) in at.iter().enumerate() {
+            for q in at.iter().skip(i + 1) {
+                match resolve::contest(holds(&p.name, addr), holds(&q.name, addr)) {
+                    resolve::Contest::First => refuse(q, &p.name, ", published with it before"),
+                    resolve::Contest::Second => refuse(p, &q.name, ", published with it before"),
+                    resolve::Contest::Neither => {
+                        let why = if holds(&p.name, addr) { ", both published with it before" } else { "; neither was published with it before, so neither is" };
+                        refuse(p, &q.name, why);
+                        refuse(q, &p.name, why);
+                    }
                 }
             }
         }
@@ -456,6 +476,19 @@ mod tests {
         // "tunnel" was published with the node that "zz-node-clash" lists too: it keeps it.
         let published = [tunnel_peer("tunnel", "10.20.144.175", "10.246.0.0/24")];
         crate::golden::check("desired_tunnel.yaml", &render_modes(&remotes, None, &last_good, &[], &modes, PeerMode::Gateway, &published));
+        // "tunnel" refused now (its mode annotation unreadable) still holds its node address.
+        let refused_now: BTreeMap<String, RemoteInput<'_>> = [
+            ("tunnel".to_string(), RemoteInput { view: Some(&tun), mode_annotation: Some("tunel"), ..RemoteInput::default() }),
+            ("zz-node-clash".to_string(), RemoteInput { view: Some(&clash), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+        ]
+        .into();
+        let out = render_modes(&refused_now, None, &[], &[], &modes, PeerMode::Gateway, &published);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(
+            d["refused"]["zz-node-clash"].as_str(),
+            Some(r#"nodes: 10.20.144.175 is also a node of peer "tunnel", published with it before (not published now)"#),
+            "{out}"
+        );
         // Had neither been published with it, neither would have it.
         let out = render_modes(&remotes, None, &last_good, &[], &modes, PeerMode::Gateway, &[]);
         let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
@@ -563,6 +596,22 @@ mod tests {
             "{out}"
         );
         assert!(d["peers"].as_sequence().unwrap().is_empty(), "{out}");
+        // Refused on its own (its claim now overlaps this cluster's pods), prod-west holds
+        // what it was published with all the same.
+        let overlapping = view("10.20.144.165", "10.244.0.0/15");
+        let remotes = [
+            ("aaa".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() }),
+            ("prod-west".to_string(), RemoteInput { view: Some(&overlapping), ..RemoteInput::default() }),
+        ]
+        .into();
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert!(d["refused"]["prod-west"].as_str().unwrap().contains("of the local cluster"), "{out}");
+        assert_eq!(
+            d["refused"]["aaa"],
+            "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before (not published now)",
+            "{out}"
+        );
         // Once prod-west's secret is gone it holds nothing, and the claim stands.
         let remotes = [("aaa".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() })].into();
         let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);

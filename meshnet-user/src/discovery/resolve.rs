@@ -609,10 +609,10 @@ pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, held: &[&RawPeer]
     // would otherwise refuse every peer it overlaps.
     let alone: BTreeSet<String> = refused.keys().cloned().collect();
     let contesting: Vec<(&RawPeer, &Vec<Claim>)> = peers.iter().zip(&claims).filter(|(p, _)| !alone.contains(&p.name)).collect();
-    // Who collides with whom: the candidates, then the records of configured peers that are
-    // not candidates now.
+    // Who collides with whom: the candidates, then the records of configured peers that do
+    // not contest now (not candidates, or refused on their own): those hold what they held.
     let absent: Vec<(&str, &Vec<Claim>)> =
-        held_claims.iter().filter(|(n, _)| !peers.iter().any(|q| q.name == **n)).map(|(n, c)| (*n, c)).collect();
+        held_claims.iter().filter(|(n, _)| !contesting.iter().any(|(q, _)| q.name == **n)).map(|(n, c)| (*n, c)).collect();
     let sets: Vec<&[Claim]> = contesting.iter().map(|(_, c)| c.as_slice()).chain(absent.iter().map(|(_, c)| c.as_slice())).collect();
     for ((a, b), (x, y)) in first_collisions(&sets) {
         // The addresses both claim: the narrower of the two.
