@@ -613,6 +613,11 @@ fn config(kc: &Kubeconfig, origin: &str) -> Result<kube::Config, VetError> {
         }
         _ => {}
     }
+    // Over plain http the token crosses the LAN readable by anyone on it, and whoever answers
+    // in the server's place gets it; a loopback server (a port-forward, a test) stays on the host.
+    if config.cluster_url.scheme_str() == Some("http") && user.token.is_some() && !is_loopback(config.cluster_url.host().unwrap_or_default()) {
+        return Err(unusable("a token goes over http only to a loopback address: use https"));
+    }
     config.auth_info = AuthInfo {
         token: user.token.as_ref().map(|t| SecretString::from(t.expose_secret().to_owned())),
         client_certificate_data: cert.map(str::to_owned),
@@ -620,6 +625,11 @@ fn config(kc: &Kubeconfig, origin: &str) -> Result<kube::Config, VetError> {
         ..AuthInfo::default()
     };
     Ok(config)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -938,6 +948,18 @@ current-context: x
             assert!(e.contains(what) && !e.contains("s3cr3t") && !e.contains(&body), "{e}");
         }
         let no_ca = ISTIOCTL.replace("    certificate-authority-data: Zm9v\n", "").replace("https://", "http://");
-        assert!(rt.block_on(client(vet(&no_ca, "s").unwrap(), "s")).is_ok());
+        let e = rt.block_on(client(vet(&no_ca, "s").unwrap(), "s")).err().unwrap().to_string();
+        assert!(e.contains("only to a loopback address") && !e.contains(TOKEN), "{e}");
+        for server in ["http://127.0.0.1:6443", "http://127.0.0.53:80", "http://[::1]:6443", "http://localhost:8080"] {
+            let local = no_ca.replace("http://192.0.2.2:6443", server);
+            assert!(rt.block_on(client(vet(&local, "s").unwrap(), "s")).is_ok(), "{server}");
+        }
+        for server in ["http://10.0.0.1:6443", "http://[::ffff:127.0.0.1]:6443", "http://localhost.evil:80", "http://0.0.0.0:80"] {
+            let remote = no_ca.replace("http://192.0.2.2:6443", server);
+            assert!(rt.block_on(client(vet(&remote, "s").unwrap(), "s")).is_err(), "{server}");
+        }
+        let tokenless = no_ca.replace(&format!("  user:\n    token: {TOKEN}\n"), "  user: {}\n");
+        assert_ne!(tokenless, no_ca);
+        assert!(rt.block_on(client(vet(&tokenless, "s").unwrap(), "s")).is_ok());
     }
 }
