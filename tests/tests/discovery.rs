@@ -317,6 +317,50 @@ fn a_remote_cannot_take_a_published_peers_cidr() {
     assert_eq!(names, ["cluster2"]);
 }
 
+/// The peers `holds.yaml` (beside the status) holds, by name, with their pod CIDRs.
+fn holds(m: &Mesh) -> Vec<(String, Value)> {
+    let st = m.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-status").unwrap_or(Value::Null);
+    let holds: Value = st["data"]["holds.yaml"].as_str().and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or(Value::Null);
+    holds.as_array().into_iter().flatten().map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p["podCIDRs"].clone())).collect()
+}
+
+/// A peer refused for a while (here its secret turned bad) keeps what it was published with
+/// across a controller restart: the holds are kept beside the status, not in memory only.
+#[test]
+fn a_refused_peer_keeps_its_cidr_across_a_controller_restart() {
+    let m = Mesh::new();
+    let mut controller = m.controller(&[]);
+    let listed = |name: &str| {
+        m.published().is_some_and(|(p, _)| p.as_array().is_some_and(|a| a.iter().any(|p| p["name"] == name)))
+    };
+    assert!(poll(WAIT, || listed("cluster2").then_some(())).is_some(), "cluster2 never published: {:?}", m.published());
+    assert!(holds(&m).is_empty(), "{:?}", holds(&m));
+    let good = m.remote.kubeconfig("cluster2");
+    let bad = good.replace("\nusers:", "\n    insecure-skip-tls-verify: true\nusers:");
+    assert_ne!(good, bad);
+    m.local.apply(remote_secret("cluster2", &bad));
+    assert!(refused_reason(&m, "cluster2").contains("insecure-skip-tls-verify"));
+    let held = poll(WAIT, || Some(holds(&m)).filter(|h| !h.is_empty()));
+    assert_eq!(held, Some(vec![("cluster2".to_owned(), json!(["10.245.0.0/24"]))]));
+    assert!(!listed("cluster2"));
+
+    assert!(controller.stop());
+    let _controller = m.controller(&[]);
+    let third = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.245.0.0/25", 30443, "10.245.0.6");
+    m.local.apply(remote_secret("aaa", &third.kubeconfig("aaa")));
+    let want = "claims 10.245.0.0/25, which overlaps 10.245.0.0/24 of peer cluster2, published with it before";
+    assert_eq!(refused_reason(&m, "aaa"), format!("{want} (not published now)"));
+    assert!(!listed("aaa"));
+
+    // Its secret put right, the peer is published again with its CIDR, and no longer held.
+    m.local.apply(remote_secret("cluster2", &good));
+    assert!(poll(WAIT, || listed("cluster2").then_some(())).is_some(), "cluster2 not back: {:?}", m.published());
+    let now = poll(WAIT, || m.published().filter(|(_, s)| s["aaa"]["refused"] == want));
+    assert!(now.is_some(), "{:?}", m.published());
+    assert!(poll(WAIT, || holds(&m).is_empty().then_some(())).is_some(), "{:?}", holds(&m));
+}
+
 #[test]
 fn exec_plugin_in_a_remote_secret_is_refused_and_never_run() {
     let m = Mesh::new();

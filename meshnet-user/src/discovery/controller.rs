@@ -36,7 +36,7 @@ use super::{
     leader::Elector,
     probes::{ControllerMetrics, PeerLabel},
     remote::{self, RemoteEvent},
-    published::{self, Published, PublishedEntry, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
+    published::{self, Published, PublishedEntry, HOLDS_KEY, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
     resolve::{self, ClusterView, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, MODE_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
@@ -128,15 +128,20 @@ struct State {
     /// The last good peer of each remote: published while it is stale or not yet synced.
     last_good: BTreeMap<String, RawPeer>,
     /// What this replica last wrote (or saw written) of each object: `peers.yaml`, then
-    /// `status.yaml`. `None` makes the next publish write it.
-    published: (Option<String>, Option<String>),
+    /// `status.yaml` with `holds.yaml`. `None` makes the next publish write it.
+    published: (Option<String>, Option<(String, String)>),
+    /// The peers `peers.yaml` lists as this replica last wrote it (empty when it does not
+    /// know): only these may go without a hold.
+    listed: BTreeSet<String>,
     /// What each configured peer was last published with: whoever was published with a CIDR
     /// or a node address keeps it against another peer's claim (see
     /// `desired::Inputs::published`). A peer's entry stays while the peer is configured, even
     /// while it is refused, stale or left out, so that one publish without it costs it
-    /// nothing; a replica that does not lead takes the leader's publishes as they are.
+    /// nothing; what `peers.yaml` does not list is kept in `holds.yaml`, so that a restart or
+    /// a new leader knows it too. A replica that does not lead takes the leader's publishes
+    /// as they are, and reads the whole record again when it is elected.
     published_peers: BTreeMap<String, RawPeer>,
-    /// The peers object has been read (at start, or by its watch): until then this replica
+    /// The record (the peers object and the holds) has been read: until then this replica
     /// does not know who holds what, and publishes nothing; `publish` reads it again.
     published_seen: bool,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
@@ -190,6 +195,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         istio: None,
         last_good: BTreeMap::new(),
         published: (None, None),
+        listed: BTreeSet::new(),
         published_peers: BTreeMap::new(),
         published_seen: false,
         refusals: BTreeMap::new(),
@@ -199,9 +205,9 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     };
     // Start from what was published before: peers whose remote has not synced yet keep it.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &state.opts.namespace);
-    match bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await {
-        Ok(Some(cm)) => {
-            match Published::parse(Some(&cm)) {
+    match read_record(&cms).await {
+        Ok((cm, record)) => {
+            match Published::parse(cm.as_ref()) {
                 Published::Unreadable(e) => warn!(error = %e, "the published peers are unreadable; starting without them"),
                 Published::Entries(entries) => {
                     for e in entries {
@@ -212,13 +218,12 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
                 }
                 Published::Missing => {}
             }
-            let peers = published::readable_peers(&cm);
-            info!(peers = peers.len(), "starting from the published peers");
-            state.published_peers = peers.iter().map(|p| (p.name.clone(), p.clone())).collect();
+            let peers = cm.as_ref().map(published::readable_peers).unwrap_or_default();
+            info!(peers = peers.len(), held = record.len().saturating_sub(peers.len()), "starting from the published peers");
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
+            state.published_peers = record;
             state.published_seen = true;
         }
-        Ok(None) => state.published_seen = true,
         Err(e) => warn!(error = %format!("{e:#}"), "could not read the published peers; reading them again before publishing"),
     }
 
@@ -251,6 +256,10 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
                     // A new leader writes what it sees, whatever it believes was published:
                     // a write of the old leader's may have landed since.
                     state.published = (None, None);
+                    state.listed.clear();
+                    // What it knows of who holds what is the old leader's publishes as it saw
+                    // them: it reads the record, holds included, before it writes.
+                    state.published_seen &= !state.leader;
                     dirty = true;
                     debounce.as_mut().reset(tokio::time::Instant::now());
                 }
@@ -309,17 +318,16 @@ impl State {
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.values().next().cloned()),
             Msg::Published(Update::Snapshot(cms)) => {
-                // A replica that does not lead learns who holds what from the leader's writes; the
-                // leader keeps its own record, which no hand edit or deposed leader's late write
-                // may rewrite.
-                if let Some(cm) = cms.values().next().filter(|_| !self.leader || !self.published_seen) {
+                // A replica that does not lead follows the leader's writes; the leader keeps its
+                // own record, which no hand edit or deposed leader's late write may rewrite.
+                if let Some(cm) = cms.values().next().filter(|_| !self.leader) {
                     self.published_peers = published::readable_peers(cm).into_iter().map(|p| (p.name.clone(), p)).collect();
                 }
-                self.published_seen = true;
                 let seen = cms.values().next().and_then(|cm| cm.data.as_ref()?.get(PEERS_KEY).cloned());
                 if self.published.0.is_some() && self.published.0 != seen {
                     warn!("{PEERS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
                     self.published.0 = None;
+                    self.listed.clear();
                 }
             }
             Msg::Secrets(Update::Error(e))
@@ -490,16 +498,10 @@ impl State {
 
     async fn publish(&mut self) -> anyhow::Result<()> {
         if !self.published_seen {
+            // Retried on failure: nothing is published before this replica knows who holds what.
             let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
-            match bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await {
-                Ok(cm) => {
-                    let peers = cm.as_ref().map(published::readable_peers).unwrap_or_default();
-                    self.published_peers = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
-                    self.published_seen = true;
-                }
-                // Retried: nothing is published before this replica knows who holds what.
-                Err(e) => return Err(e),
-            }
+            self.published_peers = read_record(&cms).await?.1;
+            self.published_seen = true;
         }
         if !self.synced() {
             debug!("not publishing until the local watches have synced");
@@ -529,7 +531,8 @@ impl State {
         }
         let peers_text = serde_yaml::to_string(&peers)?;
         let mut status_text = serde_yaml::to_string(&status)?;
-        if let Some(why) = too_large(&peers_text) {
+        let why_not = too_large(&peers_text);
+        if let Some(why) = &why_not {
             // Retrying could never succeed: the agents keep what was last published, and the
             // status says why nothing newer reaches them.
             if self.metrics.too_large.get() == 0 {
@@ -537,19 +540,41 @@ impl State {
             }
             self.metrics.too_large.set(1);
             status_text = format!("{status_text}# {why}\n");
-        } else if self.published.0.as_ref() != Some(&peers_text) {
-            self.apply(PEERS_CONFIGMAP, PEERS_KEY, &peers_text).await?;
-            info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
-            self.metrics.published();
-            self.published.0 = Some(peers_text);
-            self.published_peers.extend(peers.into_iter().map(|p| (p.name.clone(), p)));
         }
         if too_large(&status_text).is_some() {
             status_text = format!("# {} peers; the status of each is too large to publish\n", status.len());
         }
-        if self.published.1.as_ref() != Some(&status_text) {
-            self.apply(STATUS_CONFIGMAP, STATUS_KEY, &status_text).await?;
-            self.published.1 = Some(status_text);
+        // The holds go out before the peers object: a peer it stops listing is held first, and
+        // one it lists again keeps its hold until the write that lists it has landed.
+        self.write_status(&status_text, &peers).await?;
+        if why_not.is_none() && self.published.0.as_ref() != Some(&peers_text) {
+            self.apply(PEERS_CONFIGMAP, &[(PEERS_KEY, &peers_text)]).await?;
+            info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
+            self.metrics.published();
+            self.published.0 = Some(peers_text);
+            self.listed = peers.iter().map(|p| p.name.clone()).collect();
+            self.published_peers.extend(peers.iter().map(|p| (p.name.clone(), p.clone())));
+            self.write_status(&status_text, &peers).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the status and the holds: what each configured peer that the peers object may
+    /// not list was last published with.
+    async fn write_status(&mut self, status_text: &str, peers: &[RawPeer]) -> anyhow::Result<()> {
+        let listed = |name: &str| self.listed.contains(name) && peers.iter().any(|p| p.name == name);
+        let holds: Vec<&RawPeer> = self.published_peers.values().filter(|p| !listed(&p.name)).collect();
+        let mut holds_text = serde_yaml::to_string(&holds)?;
+        if status_text.len() + holds_text.len() > MAX_PUBLISHED_BYTES {
+            // Each of these was published once beside the others, so this takes an enormous
+            // status: the holds stay in this replica's memory only.
+            warn!(held = holds.len(), "the holds are too large to keep beside the status; a restart forgets them");
+            holds_text = format!("# {} peers held; too large to keep beside the status\n[]\n", holds.len());
+        }
+        let texts = (status_text.to_owned(), holds_text);
+        if self.published.1.as_ref() != Some(&texts) {
+            self.apply(STATUS_CONFIGMAP, &[(STATUS_KEY, &texts.0), (HOLDS_KEY, &texts.1)]).await?;
+            self.published.1 = Some(texts);
         }
         Ok(())
     }
@@ -557,7 +582,7 @@ impl State {
     /// Writes one of the controller's ConfigMaps with server-side apply: the controller owns
     /// every field it writes, and its write wins over an edit by hand (the same as what a
     /// new leader must do over a late write of the old one). Creates it if it is missing.
-    async fn apply(&self, name: &str, key: &str, text: &str) -> anyhow::Result<()> {
+    async fn apply(&self, name: &str, data: &[(&str, &str)]) -> anyhow::Result<()> {
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -566,13 +591,25 @@ impl State {
                 labels: Some([("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string())].into()),
                 ..ObjectMeta::default()
             },
-            data: Some([(key.to_string(), text.to_string())].into()),
+            data: Some(data.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()),
             ..ConfigMap::default()
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
         bounded(&format!("writing {name}"), api.patch(name, &params, &Patch::Apply(&cm))).await?;
         Ok(())
     }
+}
+
+/// Who holds what, as stored: the published peers, and what each configured peer that they do
+/// not list was last published with (`holds.yaml`). Returns the peers object too.
+async fn read_record(cms: &Api<ConfigMap>) -> anyhow::Result<(Option<ConfigMap>, BTreeMap<String, RawPeer>)> {
+    let peers = bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await?;
+    let status = bounded("reading the peers' holds", cms.get_opt(STATUS_CONFIGMAP)).await?;
+    let holds = status.as_ref().map(published::readable_holds).unwrap_or_default();
+    let listed = peers.as_ref().map(published::readable_peers).unwrap_or_default();
+    // A peer the peers object lists holds what it lists, whatever an older hold says.
+    let record = holds.into_iter().chain(listed).map(|p| (p.name.clone(), p)).collect();
+    Ok((peers, record))
 }
 
 /// What one ConfigMap key may hold: the API server refuses objects over 1 MiB (etcd's

@@ -6,7 +6,10 @@
 //!   agent watches it, so it changes only when a peer does.
 //! - [`STATUS_CONFIGMAP`] (`status.yaml`): each peer's stale, refused or error state, for
 //!   operators. It churns with remote API servers' health, and no agent watches it (their RBAC
-//!   cannot even read it), so that churn never wakes every node.
+//!   cannot even read it), so that churn never wakes every node. Beside it, [`HOLDS_KEY`]
+//!   (`holds.yaml`): what each configured peer that `peers.yaml` does not list now (refused,
+//!   left out) was last published with, so that a restarted or newly elected controller still
+//!   knows who holds which CIDR.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +22,7 @@ pub const PEERS_CONFIGMAP: &str = "meshnet-peers";
 pub const PEERS_KEY: &str = "peers.yaml";
 pub const STATUS_CONFIGMAP: &str = "meshnet-status";
 pub const STATUS_KEY: &str = "status.yaml";
+pub const HOLDS_KEY: &str = "holds.yaml";
 
 /// A peer's health as published beside it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,16 +66,20 @@ impl Published {
     /// Parses the published peers: a YAML list whose entries are parsed one by one.
     #[must_use]
     pub fn parse(cm: Option<&ConfigMap>) -> Self {
+        Self::parse_key(cm, PEERS_KEY)
+    }
+
+    fn parse_key(cm: Option<&ConfigMap>, key: &str) -> Self {
         let Some(cm) = cm else { return Self::Missing };
-        let Some(text) = cm.data.as_ref().and_then(|d| d.get(PEERS_KEY)) else {
-            return Self::Unreadable(format!("the ConfigMap has no key {PEERS_KEY}"));
+        let Some(text) = cm.data.as_ref().and_then(|d| d.get(key)) else {
+            return Self::Unreadable(format!("the ConfigMap has no key {key}"));
         };
         if text.trim().is_empty() {
-            return Self::Unreadable(format!("{PEERS_KEY} is empty (an empty publish is written as [])"));
+            return Self::Unreadable(format!("{key} is empty (an empty publish is written as [])"));
         }
         let values: Vec<serde_yaml::Value> = match serde_yaml::from_str(text) {
             Ok(v) => v,
-            Err(e) => return Self::Unreadable(format!("{PEERS_KEY} is not a YAML list: {e}")),
+            Err(e) => return Self::Unreadable(format!("{key} is not a YAML list: {e}")),
         };
         let mut seen = BTreeSet::new();
         let entries = values
@@ -95,7 +103,18 @@ impl Published {
 /// The readable entries of the published peers.
 #[must_use]
 pub fn readable_peers(cm: &ConfigMap) -> Vec<RawPeer> {
-    match Published::parse(Some(cm)) {
+    readable(cm, PEERS_KEY)
+}
+
+/// The readable entries of the holds kept beside the status (none before a controller wrote
+/// them).
+#[must_use]
+pub fn readable_holds(cm: &ConfigMap) -> Vec<RawPeer> {
+    readable(cm, HOLDS_KEY)
+}
+
+fn readable(cm: &ConfigMap, key: &str) -> Vec<RawPeer> {
+    match Published::parse_key(Some(cm), key) {
         Published::Entries(e) => e
             .into_iter()
             .filter_map(|e| match e {
