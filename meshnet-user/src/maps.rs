@@ -668,13 +668,24 @@ impl ControlMaps {
         })
     }
 
-    /// Carries out `plan`, in its order.
+    /// Carries out `plan`, in its order. Where a map is too full to take a new entry beside
+    /// the old ones, the removals go first: a withdrawn CIDR then leaves a moment before its
+    /// successor arrives (a new flow in between is not translated), where failing would leave
+    /// every change out.
     pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        let mut removed = false;
         for (id, value) in &plan.peer_writes {
             // Any answer but "no such key" may be a replacement.
             let replaces = !matches!(self.peers.get(id, 0), Err(MapError::KeyNotFound));
             crate::grace::before_take(names::PEERS);
-            self.peers.insert(id, *value, 0).context("writing the peer map")?;
+            let mut r = self.peers.insert(id, *value, 0);
+            if !removed && r.as_ref().is_err_and(is_full) {
+                self.remove_planned(plan)?;
+                removed = true;
+                crate::grace::before_take(names::PEERS);
+                r = self.peers.insert(id, *value, 0);
+            }
+            r.context("writing the peer map")?;
             if replaces {
                 crate::grace::freed(names::PEERS);
             }
@@ -683,8 +694,25 @@ impl ControlMaps {
             self.names.insert(id, peer_name_value(name), 0).context("writing the peer-name map")?;
         }
         for (net, id, _) in &plan.route_writes {
-            self.routes.insert(&route_key(*net), RouteValue { peer_id: *id }, 0).context("writing a route")?;
+            let mut r = self.routes.insert(&route_key(*net), RouteValue { peer_id: *id }, 0);
+            if !removed && r.as_ref().is_err_and(is_full) {
+                self.remove_planned(plan)?;
+                removed = true;
+                r = self.routes.insert(&route_key(*net), RouteValue { peer_id: *id }, 0);
+            }
+            r.context("writing a route")?;
         }
+        if !removed {
+            self.remove_planned(plan)?;
+        }
+        for (key, fwd, _) in &plan.flow_purges {
+            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
+        }
+        Ok(())
+    }
+
+    /// The plan's removals: routes, then the peers no route names any more.
+    fn remove_planned(&mut self, plan: &Plan) -> anyhow::Result<()> {
         for net in &plan.route_removals {
             self.routes.remove(&route_key(*net)).context("removing a route")?;
         }
@@ -695,9 +723,6 @@ impl ControlMaps {
         }
         for id in &plan.name_removals {
             let _ = self.names.remove(id);
-        }
-        for (key, fwd, _) in &plan.flow_purges {
-            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
         }
         Ok(())
     }
@@ -743,6 +768,12 @@ impl ControlMaps {
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
+
+/// Whether a map refused an insert for want of room: a hash map says `E2BIG`, an LPM trie
+/// `ENOSPC`.
+pub(crate) fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) if matches!(io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
+}
 
 /// What one garbage-collection pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

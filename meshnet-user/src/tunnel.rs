@@ -619,17 +619,6 @@ impl TunnelMaps {
             self.routes.remove(&route_key(*net)).context("removing a tunnel route of a node that moves to another peer")?;
             report.routes_removed += 1;
         }
-        for (addr, id) in &desired.tun_nodes {
-            if nodes.get(addr) != Some(id) {
-                grace::before_take(names::TUN_NODES);
-                self.nodes.insert(addr_be(*addr), *id, 0).context("writing the tunnel node table")?;
-                if nodes.contains_key(addr) {
-                    grace::freed(names::TUN_NODES);
-                }
-                report.nodes_written += 1;
-            }
-        }
-        let routes = self.current_routes();
         let mut wanted = BTreeMap::new();
         for (net, node) in &desired.tun_routes {
             let addr = addr_of_be(node.addr_be);
@@ -642,27 +631,49 @@ impl TunnelMaps {
             let stats_slot = slots.get(&node.peer_id).and_then(|i| u16::try_from(i + 1).ok()).unwrap_or(0);
             wanted.insert(*net, TunnelNode { src_be: addr_be(path.src), ifindex: path.ifindex, mtu: path.mtu, stats_slot, ..*node });
         }
+        let routes = self.current_routes();
+        // Where a table is too full to take a new entry beside the old ones, the removals go
+        // first (routes, then the nodes they named): a node that leaves then stops a moment
+        // before its successor starts, where failing would leave every change out.
+        let mut room_made = false;
+        for (addr, id) in &desired.tun_nodes {
+            if nodes.get(addr) != Some(id) {
+                grace::before_take(names::TUN_NODES);
+                let mut r = self.nodes.insert(addr_be(*addr), *id, 0);
+                if !room_made && r.as_ref().is_err_and(crate::maps::is_full) {
+                    self.remove_unwanted(&routes, &wanted, &nodes, desired, &mut report)?;
+                    room_made = true;
+                    grace::before_take(names::TUN_NODES);
+                    r = self.nodes.insert(addr_be(*addr), *id, 0);
+                }
+                r.context("writing the tunnel node table")?;
+                if nodes.contains_key(addr) {
+                    grace::freed(names::TUN_NODES);
+                }
+                report.nodes_written += 1;
+            }
+        }
         if !wanted.is_empty() {
             // Before the first route, or the datapath would not look.
             self.set_switch(switch::NO_TUNNEL_ROUTES, false)?;
         }
         for (net, value) in &wanted {
             if routes.get(net) != Some(value) {
-                self.routes.insert(&route_key(*net), *value, 0).context("writing a tunnel route")?;
+                let mut r = self.routes.insert(&route_key(*net), *value, 0);
+                if !room_made && r.as_ref().is_err_and(crate::maps::is_full) {
+                    self.remove_unwanted(&routes, &wanted, &nodes, desired, &mut report)?;
+                    room_made = true;
+                    r = self.routes.insert(&route_key(*net), *value, 0);
+                }
+                r.context("writing a tunnel route")?;
                 report.routes_written += 1;
             }
         }
-        for net in routes.keys().filter(|n| !wanted.contains_key(n)) {
-            self.routes.remove(&route_key(*net)).context("removing a tunnel route")?;
-            report.routes_removed += 1;
+        if !room_made {
+            self.remove_unwanted(&routes, &wanted, &nodes, desired, &mut report)?;
         }
         if wanted.is_empty() {
             self.set_switch(switch::NO_TUNNEL_ROUTES, true)?;
-        }
-        for addr in nodes.keys().filter(|a| !desired.tun_nodes.contains_key(a)) {
-            self.nodes.remove(&addr_be(*addr)).context("removing a tunnel node")?;
-            grace::freed(names::TUN_NODES);
-            report.nodes_removed += 1;
         }
         // After the routes that named them.
         self.free_slots(&peers)?;
@@ -675,6 +686,28 @@ impl TunnelMaps {
             report.config_changed = true;
         }
         Ok(report)
+    }
+
+    /// Removes the routes `wanted` lacks, then the nodes `desired` lacks (after the routes
+    /// that named them).
+    fn remove_unwanted(
+        &mut self,
+        routes: &BTreeMap<Ipv4Net, TunnelNode>,
+        wanted: &BTreeMap<Ipv4Net, TunnelNode>,
+        nodes: &BTreeMap<Ipv4Addr, u32>,
+        desired: &Desired,
+        report: &mut TunnelReport,
+    ) -> anyhow::Result<()> {
+        for net in routes.keys().filter(|n| !wanted.contains_key(n)) {
+            self.routes.remove(&route_key(*net)).context("removing a tunnel route")?;
+            report.routes_removed += 1;
+        }
+        for addr in nodes.keys().filter(|a| !desired.tun_nodes.contains_key(a)) {
+            self.nodes.remove(&addr_be(*addr)).context("removing a tunnel node")?;
+            grace::freed(names::TUN_NODES);
+            report.nodes_removed += 1;
+        }
+        Ok(())
     }
 }
 

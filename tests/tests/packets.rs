@@ -2270,3 +2270,48 @@ fn batch_reads_match_entry_by_entry_walks() {
     assert_eq!(rev, h.maps.nat_rev.iter().map(Result::unwrap).collect());
     assert_eq!((fwd.len(), rev.len()), (1000, 1000));
 }
+
+/// What the agent would make of `peers` peers named `{prefix}{i}`, each with `cidrs` /32s of
+/// its own taken from `base` on (`peers × cidrs` routes) and [`CONFIG`]'s gateway.
+fn many_routes(prefix: &str, peers: u32, cidrs: u32, base: u32) -> meshnet::config::Desired {
+    let template = Config::from_yaml(CONFIG).unwrap().desired();
+    let gateways = *template.peers.values().next().unwrap();
+    let mut d = meshnet::config::Desired { local: template.local, ..Default::default() };
+    for p in 0..peers {
+        let name = format!("{prefix}{p}");
+        let id = peer_id(&name);
+        d.peer_names.insert(id, name);
+        d.peers.insert(id, gateways);
+        for c in 0..cidrs {
+            d.routes.insert(ipnet::Ipv4Net::new(Ipv4Addr::from(base + p * cidrs + c), 32).unwrap(), id);
+        }
+    }
+    assert_eq!(d.peers.len(), peers as usize, "two names hash alike");
+    d
+}
+
+/// The maps hold as many routes and peers as a config may have, and a config of as many
+/// others replaces them: the removals make room where the new entries do not fit beside the
+/// old ones, where failing would leave every change out until the agent restarts.
+#[test]
+fn a_full_route_map_or_peer_map_is_replaced_whole() {
+    use meshnet_common::limits::{MAX_PEERS, MAX_ROUTES};
+    let routes = MAX_ROUTES / MAX_PEERS;
+    let mut h = Harness::new(CONFIG);
+    h.maps.sync(&many_routes("a", MAX_PEERS, routes, 0x0c00_0000)).unwrap();
+    assert_eq!(h.maps.current().unwrap().routes.len(), MAX_ROUTES as usize);
+    // Other peers, other routes: not one entry of either map carries over.
+    let report = h.maps.sync(&many_routes("b", MAX_PEERS, routes, 0x0d00_0000)).unwrap();
+    assert_eq!((report.routes_removed, report.peers_removed), (MAX_ROUTES as usize, MAX_PEERS as usize), "{report:?}");
+    let now = h.maps.current().unwrap();
+    assert_eq!((now.routes.len(), now.peers.len()), (MAX_ROUTES as usize, MAX_PEERS as usize));
+    assert!(now.routes.keys().all(|net| u32::from(net.addr()) >> 24 == 0x0d), "an old route is left");
+    // And half of them back: a partial swap makes room the same way.
+    let mut mixed = many_routes("a", MAX_PEERS / 2, routes, 0x0c00_0000);
+    let other = many_routes("b", MAX_PEERS / 2, routes, 0x0d00_0000);
+    mixed.routes.extend(other.routes);
+    mixed.peers.extend(other.peers);
+    mixed.peer_names.extend(other.peer_names);
+    h.maps.sync(&mixed).unwrap();
+    assert_eq!(h.maps.current().unwrap().routes, mixed.routes);
+}

@@ -884,3 +884,41 @@ fn explain_says_what_the_programs_do() {
         assert!(seen.contains_key(v), "never met {v}: {seen:?}");
     }
 }
+
+/// Full tunnel tables are replaced whole: as many nodes and node pod CIDRs as a config may
+/// have, all of them different the next time. The routes and nodes that go make room where
+/// the new ones do not fit beside them.
+#[test]
+fn full_tunnel_tables_are_replaced_whole() {
+    use meshnet_common::limits::{MAX_TUNNEL_NODES, MAX_TUNNEL_ROUTES};
+    let mut h = Harness::new();
+    let template = Config::from_yaml(CONFIG).unwrap().desired();
+    let node = *template.tun_routes.values().next().unwrap();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let per_node = MAX_TUNNEL_ROUTES / MAX_TUNNEL_NODES;
+    let many = |base: u32| {
+        let mut d = template.clone();
+        d.tun_nodes.clear();
+        d.tun_routes.clear();
+        let mut paths = BTreeMap::new();
+        for n in 0..MAX_TUNNEL_NODES {
+            let addr = Ipv4Addr::from(base + n);
+            d.tun_nodes.insert(addr, node.peer_id);
+            paths.insert(addr, path);
+            for c in 0..per_node {
+                let net = ipnet::Ipv4Net::new(Ipv4Addr::from(base + 0x0100_0000 + n * per_node + c), 32).unwrap();
+                d.tun_routes.insert(net, meshnet_common::TunnelNode { addr_be: u32::from_ne_bytes(addr.octets()), ..node });
+            }
+        }
+        (d, paths)
+    };
+    let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+    let (first, paths) = many(0x6400_0000);
+    h.tunnel.sync(&first, &paths, MTU, &hosts).unwrap();
+    assert_eq!((h.tunnel.current_nodes().len(), h.tunnel.current_routes().len()), (MAX_TUNNEL_NODES as usize, MAX_TUNNEL_ROUTES as usize));
+    let (second, paths) = many(0x6600_0000);
+    let report = h.tunnel.sync(&second, &paths, MTU, &hosts).unwrap();
+    assert_eq!((report.nodes_removed, report.routes_removed), (MAX_TUNNEL_NODES as usize, MAX_TUNNEL_ROUTES as usize), "{report:?}");
+    assert_eq!(h.tunnel.current_nodes(), second.tun_nodes);
+    assert_eq!(h.tunnel.current_routes().keys().collect::<Vec<_>>(), second.tun_routes.keys().collect::<Vec<_>>());
+}
