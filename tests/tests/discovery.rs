@@ -317,15 +317,15 @@ fn a_remote_cannot_take_a_published_peers_cidr() {
     assert_eq!(names, ["cluster2"]);
 }
 
-/// The peers `holds.yaml` (beside the status) holds, by name, with their pod CIDRs.
+/// The peers `meshnet-holds` holds, by name, with their pod CIDRs.
 fn holds(m: &Mesh) -> Vec<(String, Value)> {
-    let st = m.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-status").unwrap_or(Value::Null);
+    let st = m.local.get("v1", "ConfigMap", Some("meshnet"), "meshnet-holds").unwrap_or(Value::Null);
     let holds: Value = st["data"]["holds.yaml"].as_str().and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or(Value::Null);
     holds.as_array().into_iter().flatten().map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p["podCIDRs"].clone())).collect()
 }
 
 /// A peer refused for a while (here its secret turned bad) keeps what it was published with
-/// across a controller restart: the holds are kept beside the status, not in memory only.
+/// across a controller restart: the holds are kept in `meshnet-holds`, not in memory only.
 #[test]
 fn a_refused_peer_keeps_its_cidr_across_a_controller_restart() {
     let m = Mesh::new();
@@ -343,11 +343,16 @@ fn a_refused_peer_keeps_its_cidr_across_a_controller_restart() {
     let held = poll(WAIT, || Some(holds(&m)).filter(|h| !h.is_empty()));
     assert_eq!(held, Some(vec![("cluster2".to_owned(), json!(["10.245.0.0/24"]))]));
     assert!(!listed("cluster2"));
+    // Deleted by hand, the holds are written again.
+    m.local.delete("v1", "ConfigMap", Some("meshnet"), "meshnet-holds");
+    let again = poll(WAIT, || Some(holds(&m)).filter(|h| !h.is_empty()));
+    assert_eq!(again, held, "the holds were not put right");
 
     assert!(controller.stop());
-    let _controller = m.controller(&[]);
+    // Declared before the controller, so dropped after it: its watches end first.
     let third = FakeApi::start(Some(&m.ns.path()));
     seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.245.0.0/25", 30443, "10.245.0.6");
+    let _controller = m.controller(&[]);
     m.local.apply(remote_secret("aaa", &third.kubeconfig("aaa")));
     let want = "claims 10.245.0.0/25, which overlaps 10.245.0.0/24 of peer cluster2, published with it before";
     assert_eq!(refused_reason(&m, "aaa"), format!("{want} (not published now)"));

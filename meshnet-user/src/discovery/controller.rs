@@ -36,7 +36,7 @@ use super::{
     leader::Elector,
     probes::{ControllerMetrics, PeerLabel},
     remote::{self, RemoteEvent},
-    published::{self, Published, PublishedEntry, HOLDS_KEY, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
+    published::{self, Published, PublishedEntry, HOLDS_CONFIGMAP, HOLDS_KEY, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
     resolve::{self, ClusterView, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, MODE_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
@@ -81,6 +81,8 @@ enum Msg {
     Secrets(Update<Secret>),
     /// What `meshnet-peers` holds now, whoever wrote it.
     Published(Update<ConfigMap>),
+    /// What `meshnet-holds` holds now, whoever wrote it.
+    Holds(Update<ConfigMap>),
     LocalNodes(Update<NodeInfo>),
     Istio(Update<ConfigMap>),
     Remote { name: String, generation: u64, event: RemoteEvent },
@@ -128,17 +130,24 @@ struct State {
     /// The last good peer of each remote: published while it is stale or not yet synced.
     last_good: BTreeMap<String, RawPeer>,
     /// What this replica last wrote (or saw written) of each object: `peers.yaml`, then
-    /// `status.yaml` with `holds.yaml`. `None` makes the next publish write it.
-    published: (Option<String>, Option<(String, String)>),
-    /// The peers `peers.yaml` lists as this replica last wrote it (empty when it does not
-    /// know): only these may go without a hold.
+    /// `status.yaml`. `None` makes the next publish write it.
+    published: (Option<String>, Option<String>),
+    /// What this replica last wrote of `holds.yaml`; `None` makes the next publish write it.
+    holds_written: Option<String>,
+    /// Holds left out of `holds.yaml` for its size, as last logged.
+    holds_left_out: Vec<String>,
+    /// The peers `peers.yaml` lists as this replica last read or wrote it (empty when it does
+    /// not know): only these may go without a hold.
     listed: BTreeSet<String>,
+    /// Until when this replica may write as the leader (with leader election): a replica
+    /// whose lease has run out must not overwrite the new leader's writes.
+    lead_until: Option<tokio::time::Instant>,
     /// What each configured peer was last published with: whoever was published with a CIDR
     /// or a node address keeps it against another peer's claim (see
     /// `desired::Inputs::published`). A peer's entry stays while the peer is configured, even
     /// while it is refused, stale or left out, so that one publish without it costs it
-    /// nothing; what `peers.yaml` does not list is kept in `holds.yaml`, so that a restart or
-    /// a new leader knows it too. A replica that does not lead takes the leader's publishes
+    /// nothing; what `peers.yaml` does not list is kept in `meshnet-holds`, so that a restart
+    /// or a new leader knows it too. A replica that does not lead takes the leader's publishes
     /// as they are, and reads the whole record again when it is elected.
     published_peers: BTreeMap<String, RawPeer>,
     /// The record (the peers object and the holds) has been read: until then this replica
@@ -178,6 +187,12 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     );
     spawn_watch(
         tx.clone(),
+        Api::<ConfigMap>::namespaced(client.clone(), &opts.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={HOLDS_CONFIGMAP}")),
+        Msg::Holds,
+    );
+    spawn_watch(
+        tx.clone(),
         Api::<ConfigMap>::namespaced(client.clone(), &ns),
         watcher::Config::default().fields("metadata.name=istio"),
         Msg::Istio,
@@ -195,7 +210,10 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         istio: None,
         last_good: BTreeMap::new(),
         published: (None, None),
+        holds_written: None,
+        holds_left_out: Vec::new(),
         listed: BTreeSet::new(),
+        lead_until: None,
         published_peers: BTreeMap::new(),
         published_seen: false,
         refusals: BTreeMap::new(),
@@ -206,7 +224,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     // Start from what was published before: peers whose remote has not synced yet keep it.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &state.opts.namespace);
     match read_record(&cms).await {
-        Ok((cm, record)) => {
+        Ok(Stored { peers: cm, record, listed }) => {
             match Published::parse(cm.as_ref()) {
                 Published::Unreadable(e) => warn!(error = %e, "the published peers are unreadable; starting without them"),
                 Published::Entries(entries) => {
@@ -222,6 +240,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             info!(peers = peers.len(), held = record.len().saturating_sub(peers.len()), "starting from the published peers");
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
             state.published_peers = record;
+            state.listed = listed;
             state.published_seen = true;
         }
         Err(e) => warn!(error = %format!("{e:#}"), "could not read the published peers; reading them again before publishing"),
@@ -251,11 +270,13 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             _ = lease_tick.tick(), if state.opts.leader_election => {
                 let was = state.leader;
                 state.leader = elector.tick().await;
+                state.lead_until = elector.leading_until();
                 if state.leader != was {
                     info!(leader = state.leader, identity = %state.opts.identity, "leadership changed");
                     // A new leader writes what it sees, whatever it believes was published:
                     // a write of the old leader's may have landed since.
                     state.published = (None, None);
+                    state.holds_written = None;
                     state.listed.clear();
                     // What it knows of who holds what is the old leader's publishes as it saw
                     // them: it reads the record, holds included, before it writes.
@@ -330,10 +351,18 @@ impl State {
                     self.listed.clear();
                 }
             }
+            Msg::Holds(Update::Snapshot(cms)) => {
+                let seen = cms.values().next().and_then(|cm| cm.data.as_ref()?.get(HOLDS_KEY).cloned());
+                if self.holds_written.is_some() && self.holds_written != seen {
+                    warn!("{HOLDS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
+                    self.holds_written = None;
+                }
+            }
             Msg::Secrets(Update::Error(e))
             | Msg::LocalNodes(Update::Error(e))
             | Msg::Istio(Update::Error(e))
-            | Msg::Published(Update::Error(e)) => {
+            | Msg::Published(Update::Error(e))
+            | Msg::Holds(Update::Error(e)) => {
                 warn!(error = %e, "local API watch failed; keeping the last known state");
             }
             Msg::Remote { name, generation, event } => {
@@ -500,7 +529,9 @@ impl State {
         if !self.published_seen {
             // Retried on failure: nothing is published before this replica knows who holds what.
             let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
-            self.published_peers = read_record(&cms).await?.1;
+            let stored = read_record(&cms).await?;
+            self.published_peers = stored.record;
+            self.listed = stored.listed;
             self.published_seen = true;
         }
         if !self.synced() {
@@ -546,35 +577,39 @@ impl State {
         }
         // The holds go out before the peers object: a peer it stops listing is held first, and
         // one it lists again keeps its hold until the write that lists it has landed.
-        self.write_status(&status_text, &peers).await?;
+        self.write_holds(&peers).await?;
         if why_not.is_none() && self.published.0.as_ref() != Some(&peers_text) {
-            self.apply(PEERS_CONFIGMAP, &[(PEERS_KEY, &peers_text)]).await?;
+            self.apply(PEERS_CONFIGMAP, PEERS_KEY, &peers_text).await?;
             info!(peers = ?peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "published peers");
             self.metrics.published();
             self.published.0 = Some(peers_text);
             self.listed = peers.iter().map(|p| p.name.clone()).collect();
             self.published_peers.extend(peers.iter().map(|p| (p.name.clone(), p.clone())));
-            self.write_status(&status_text, &peers).await?;
+            self.write_holds(&peers).await?;
+        }
+        if self.published.1.as_ref() != Some(&status_text) {
+            self.apply(STATUS_CONFIGMAP, STATUS_KEY, &status_text).await?;
+            self.published.1 = Some(status_text);
         }
         Ok(())
     }
 
-    /// Writes the status and the holds: what each configured peer that the peers object may
-    /// not list was last published with.
-    async fn write_status(&mut self, status_text: &str, peers: &[RawPeer]) -> anyhow::Result<()> {
+    /// Writes the holds: what each configured peer that the peers object may not list (about
+    /// to be written as `peers`) was last published with.
+    async fn write_holds(&mut self, peers: &[RawPeer]) -> anyhow::Result<()> {
         let listed = |name: &str| self.listed.contains(name) && peers.iter().any(|p| p.name == name);
-        let holds: Vec<&RawPeer> = self.published_peers.values().filter(|p| !listed(&p.name)).collect();
-        let mut holds_text = serde_yaml::to_string(&holds)?;
-        if status_text.len() + holds_text.len() > MAX_PUBLISHED_BYTES {
-            // Each of these was published once beside the others, so this takes an enormous
-            // status: the holds stay in this replica's memory only.
-            warn!(held = holds.len(), "the holds are too large to keep beside the status; a restart forgets them");
-            holds_text = format!("# {} peers held; too large to keep beside the status\n[]\n", holds.len());
+        let mut holds: Vec<RawPeer> = self.published_peers.values().filter(|p| !listed(&p.name)).cloned().collect();
+        // The largest go first: a remote that made its own record enormous loses its own hold
+        // across a restart, not anyone else's.
+        let left_out: Vec<String> = fit_published(&mut holds)?.into_iter().map(|(name, bytes)| format!("{name} ({bytes} bytes)")).collect();
+        if left_out != self.holds_left_out && !left_out.is_empty() {
+            warn!(peers = ?left_out, "holds too large to keep beside the others; a restart forgets them");
         }
-        let texts = (status_text.to_owned(), holds_text);
-        if self.published.1.as_ref() != Some(&texts) {
-            self.apply(STATUS_CONFIGMAP, &[(STATUS_KEY, &texts.0), (HOLDS_KEY, &texts.1)]).await?;
-            self.published.1 = Some(texts);
+        self.holds_left_out = left_out;
+        let text = serde_yaml::to_string(&holds)?;
+        if self.holds_written.as_ref() != Some(&text) {
+            self.apply(HOLDS_CONFIGMAP, HOLDS_KEY, &text).await?;
+            self.holds_written = Some(text);
         }
         Ok(())
     }
@@ -582,7 +617,11 @@ impl State {
     /// Writes one of the controller's ConfigMaps with server-side apply: the controller owns
     /// every field it writes, and its write wins over an edit by hand (the same as what a
     /// new leader must do over a late write of the old one). Creates it if it is missing.
-    async fn apply(&self, name: &str, data: &[(&str, &str)]) -> anyhow::Result<()> {
+    async fn apply(&self, name: &str, key: &str, text: &str) -> anyhow::Result<()> {
+        // A write after the lease ran out could undo the new leader's: of the holds, say.
+        if self.opts.leader_election && self.lead_until.is_none_or(|t| tokio::time::Instant::now() >= t) {
+            anyhow::bail!("not writing {name}: this replica's lease ran out");
+        }
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -591,7 +630,7 @@ impl State {
                 labels: Some([("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string())].into()),
                 ..ObjectMeta::default()
             },
-            data: Some(data.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()),
+            data: Some([(key.to_string(), text.to_string())].into()),
             ..ConfigMap::default()
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -600,16 +639,54 @@ impl State {
     }
 }
 
-/// Who holds what, as stored: the published peers, and what each configured peer that they do
-/// not list was last published with (`holds.yaml`). Returns the peers object too.
-async fn read_record(cms: &Api<ConfigMap>) -> anyhow::Result<(Option<ConfigMap>, BTreeMap<String, RawPeer>)> {
-    let peers = bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await?;
-    let status = bounded("reading the peers' holds", cms.get_opt(STATUS_CONFIGMAP)).await?;
-    let holds = status.as_ref().map(published::readable_holds).unwrap_or_default();
-    let listed = peers.as_ref().map(published::readable_peers).unwrap_or_default();
-    // A peer the peers object lists holds what it lists, whatever an older hold says.
-    let record = holds.into_iter().chain(listed).map(|p| (p.name.clone(), p)).collect();
-    Ok((peers, record))
+/// Who holds what, as stored.
+struct Stored {
+    /// The peers object.
+    peers: Option<ConfigMap>,
+    /// The published peers, and what each configured peer that they do not list was last
+    /// published with (`meshnet-holds`).
+    record: BTreeMap<String, RawPeer>,
+    /// The names the peers object lists.
+    listed: BTreeSet<String>,
+}
+
+/// Reads who holds what. The peers object is read on both sides of the holds: a writer
+/// holds a peer before the peers object stops listing it and lets the hold go only after it
+/// lists it again, so when the peers object did not change in between, every peer is in one
+/// or the other.
+async fn read_record(cms: &Api<ConfigMap>) -> anyhow::Result<Stored> {
+    let version = |cm: &Option<ConfigMap>| cm.as_ref().map(|c| c.metadata.resource_version.clone());
+    for _ in 0..3 {
+        let before = bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await?;
+        let holds = bounded("reading the peers' holds", cms.get_opt(HOLDS_CONFIGMAP)).await?;
+        let peers = bounded("reading the published peers", cms.get_opt(PEERS_CONFIGMAP)).await?;
+        if version(&before) != version(&peers) {
+            continue;
+        }
+        let held = match published::parse_holds(holds.as_ref()) {
+            Published::Missing => Vec::new(),
+            Published::Unreadable(e) => {
+                warn!(error = %e, "the holds are unreadable; only the published peers hold anything");
+                Vec::new()
+            }
+            Published::Entries(entries) => entries
+                .into_iter()
+                .filter_map(|e| match e {
+                    PublishedEntry::Peer(p) => Some(p),
+                    PublishedEntry::Bad { index, name, error } => {
+                        warn!(index, peer = ?name, error = %error, "a hold is unreadable; it holds nothing");
+                        None
+                    }
+                })
+                .collect(),
+        };
+        let listed_peers = peers.as_ref().map(published::readable_peers).unwrap_or_default();
+        let listed = listed_peers.iter().map(|p| p.name.clone()).collect();
+        // A peer the peers object lists holds what it lists, whatever an older hold says.
+        let record = held.into_iter().chain(listed_peers).map(|p| (p.name.clone(), p)).collect();
+        return Ok(Stored { peers, record, listed });
+    }
+    anyhow::bail!("{PEERS_CONFIGMAP} changed at every read of the holds")
 }
 
 /// What one ConfigMap key may hold: the API server refuses objects over 1 MiB (etcd's
@@ -628,7 +705,7 @@ fn too_large(text: &str) -> Option<String> {
     })
 }
 
-/// Leaves the largest peers out of `peers` until their `peers.yaml` fits one ConfigMap;
+/// Leaves the largest peers out of `peers` until their list fits one ConfigMap;
 /// returns each left out with the bytes its entry takes. A YAML sequence is its entries'
 /// texts one after the other, so each entry is measured once.
 fn fit_published(peers: &mut Vec<RawPeer>) -> anyhow::Result<Vec<(String, usize)>> {

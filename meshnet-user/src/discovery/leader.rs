@@ -64,6 +64,12 @@ impl Elector {
         self.duration * 2 / 3
     }
 
+    /// Until when this replica leads without another renewal (`None`: it does not lead).
+    #[must_use]
+    pub fn leading_until(&self) -> Option<Instant> {
+        self.renewed.map(|t| t + self.renew_deadline())
+    }
+
     fn still_leading(&self) -> bool {
         self.renewed.is_some_and(|t| t.elapsed() < self.renew_deadline())
     }

@@ -6,10 +6,10 @@
 //!   agent watches it, so it changes only when a peer does.
 //! - [`STATUS_CONFIGMAP`] (`status.yaml`): each peer's stale, refused or error state, for
 //!   operators. It churns with remote API servers' health, and no agent watches it (their RBAC
-//!   cannot even read it), so that churn never wakes every node. Beside it, [`HOLDS_KEY`]
-//!   (`holds.yaml`): what each configured peer that `peers.yaml` does not list now (refused,
-//!   left out) was last published with, so that a restarted or newly elected controller still
-//!   knows who holds which CIDR.
+//!   cannot even read it), so that churn never wakes every node.
+//! - [`HOLDS_CONFIGMAP`] (`holds.yaml`): what each configured peer that `peers.yaml` does not
+//!   list now (refused, left out) was last published with, so that a restarted or newly
+//!   elected controller still knows who holds which CIDR. The controller's alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -22,6 +22,7 @@ pub const PEERS_CONFIGMAP: &str = "meshnet-peers";
 pub const PEERS_KEY: &str = "peers.yaml";
 pub const STATUS_CONFIGMAP: &str = "meshnet-status";
 pub const STATUS_KEY: &str = "status.yaml";
+pub const HOLDS_CONFIGMAP: &str = "meshnet-holds";
 pub const HOLDS_KEY: &str = "holds.yaml";
 
 /// A peer's health as published beside it.
@@ -106,11 +107,10 @@ pub fn readable_peers(cm: &ConfigMap) -> Vec<RawPeer> {
     readable(cm, PEERS_KEY)
 }
 
-/// The readable entries of the holds kept beside the status (none before a controller wrote
-/// them).
+/// The holds in [`HOLDS_CONFIGMAP`], entry by entry.
 #[must_use]
-pub fn readable_holds(cm: &ConfigMap) -> Vec<RawPeer> {
-    readable(cm, HOLDS_KEY)
+pub fn parse_holds(cm: Option<&ConfigMap>) -> Published {
+    Published::parse_key(cm, HOLDS_KEY)
 }
 
 fn readable(cm: &ConfigMap, key: &str) -> Vec<RawPeer> {
