@@ -669,9 +669,9 @@ impl ControlMaps {
     }
 
     /// Carries out `plan`, in its order. Where a map is too full to take a new entry beside
-    /// the old ones, the removals go first: a withdrawn CIDR then leaves a moment before its
-    /// successor arrives (a new flow in between is not translated), where failing would leave
-    /// every change out.
+    /// the old ones, the removals go first: a withdrawn CIDR or peer then leaves a moment
+    /// before its successor arrives (a new flow in between passes untranslated, or is dropped
+    /// as having no live gateway), where failing would leave every change out.
     pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
         let mut removed = false;
         for (id, value) in &plan.peer_writes {
@@ -691,14 +691,20 @@ impl ControlMaps {
             }
         }
         for (id, name) in &plan.name_writes {
-            self.names.insert(id, peer_name_value(name), 0).context("writing the peer-name map")?;
-        }
-        for (net, id, _) in &plan.route_writes {
-            let mut r = self.routes.insert(&route_key(*net), RouteValue { peer_id: *id }, 0);
+            let mut r = self.names.insert(id, peer_name_value(name), 0);
             if !removed && r.as_ref().is_err_and(is_full) {
                 self.remove_planned(plan)?;
                 removed = true;
-                r = self.routes.insert(&route_key(*net), RouteValue { peer_id: *id }, 0);
+                r = self.names.insert(id, peer_name_value(name), 0);
+            }
+            r.context("writing the peer-name map")?;
+        }
+        for (net, id, _) in &plan.route_writes {
+            let mut r = trie_insert(&mut self.routes, &route_key(*net), RouteValue { peer_id: *id });
+            if !removed && r.as_ref().is_err_and(is_full) {
+                self.remove_planned(plan)?;
+                removed = true;
+                r = trie_insert(&mut self.routes, &route_key(*net), RouteValue { peer_id: *id });
             }
             r.context("writing a route")?;
         }
@@ -773,6 +779,19 @@ const BPF_NOEXIST: u64 = 1;
 /// `ENOSPC`.
 pub(crate) fn is_full(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) if matches!(io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
+}
+
+/// Inserts into an LPM trie. Before Linux 6.14 a full trie refuses even a key it holds (it
+/// counts before it walks): such a key is taken out and put in again, a moment without it.
+pub(crate) fn trie_insert<V: aya::Pod>(trie: &mut LpmTrie<MapData, u32, V>, key: &Key<u32>, value: V) -> Result<(), MapError> {
+    match trie.insert(key, value, 0) {
+        // A removal is exact where a lookup would match any covering prefix.
+        Err(e) if is_full(&e) => match trie.remove(key) {
+            Ok(()) => trie.insert(key, value, 0),
+            Err(_) => Err(e),
+        },
+        r => r,
+    }
 }
 
 /// What one garbage-collection pass removed.

@@ -2314,4 +2314,27 @@ fn a_full_route_map_or_peer_map_is_replaced_whole() {
     mixed.peer_names.extend(other.peer_names);
     h.maps.sync(&mixed).unwrap();
     assert_eq!(h.maps.current().unwrap().routes, mixed.routes);
+    // A route that moves to another peer in the full trie: before Linux 6.14 a full trie
+    // refuses even a key it holds.
+    let mut moved = mixed.clone();
+    let first = *moved.routes.keys().next().unwrap();
+    let other = *moved.peers.keys().find(|id| Some(*id) != moved.routes.get(&first)).unwrap();
+    moved.routes.insert(first, other);
+    h.maps.sync(&moved).unwrap();
+    assert_eq!(h.maps.current().unwrap().routes, moved.routes);
+    // Peers with a name and no gateways (tunnel peers) fill the name map while the peer map
+    // has room: the names are replaced all the same.
+    let names_only = |prefix: &str, base: u32| {
+        let mut d = many_routes(prefix, MAX_PEERS / 2, 1, base);
+        for i in 0..MAX_PEERS / 2 {
+            let name = format!("{prefix}-tunnel{i}");
+            d.peer_names.insert(peer_id(&name), name);
+        }
+        assert_eq!(d.peer_names.len(), MAX_PEERS as usize, "two names hash alike");
+        d
+    };
+    h.maps.sync(&names_only("c", 0x0e00_0000)).unwrap();
+    let last = names_only("d", 0x0f00_0000);
+    h.maps.sync(&last).unwrap();
+    assert_eq!(h.maps.current().unwrap().names, last.peer_names);
 }

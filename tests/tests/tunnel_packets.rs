@@ -921,4 +921,10 @@ fn full_tunnel_tables_are_replaced_whole() {
     assert_eq!((report.nodes_removed, report.routes_removed), (MAX_TUNNEL_NODES as usize, MAX_TUNNEL_ROUTES as usize), "{report:?}");
     assert_eq!(h.tunnel.current_nodes(), second.tun_nodes);
     assert_eq!(h.tunnel.current_routes().keys().collect::<Vec<_>>(), second.tun_routes.keys().collect::<Vec<_>>());
+    // Every route's value changes (the path's MTU) in the full trie: before Linux 6.14 a full
+    // trie refuses even a key it holds.
+    let lower: BTreeMap<_, _> = paths.keys().map(|a| (*a, NodePath { mtu: MTU - 100, ..path })).collect();
+    let report = h.tunnel.sync(&second, &lower, MTU, &hosts).unwrap();
+    assert_eq!(report.routes_written, MAX_TUNNEL_ROUTES as usize, "{report:?}");
+    assert!(h.tunnel.current_routes().values().all(|n| n.mtu == MTU - 100));
 }
