@@ -700,11 +700,11 @@ impl ControlMaps {
             r.context("writing the peer-name map")?;
         }
         for (net, id, _) in &plan.route_writes {
-            let mut r = trie_insert(&mut self.routes, &route_key(*net), RouteValue { peer_id: *id });
+            let mut r = trie_insert(&mut self.routes, route_key(*net), RouteValue { peer_id: *id });
             if !removed && r.as_ref().is_err_and(is_full) {
                 self.remove_planned(plan)?;
                 removed = true;
-                r = trie_insert(&mut self.routes, &route_key(*net), RouteValue { peer_id: *id });
+                r = trie_insert(&mut self.routes, route_key(*net), RouteValue { peer_id: *id });
             }
             r.context("writing a route")?;
         }
@@ -783,11 +783,11 @@ pub(crate) fn is_full(e: &MapError) -> bool {
 
 /// Inserts into an LPM trie. Before Linux 6.14 a full trie refuses even a key it holds (it
 /// counts before it walks): such a key is taken out and put in again, a moment without it.
-pub(crate) fn trie_insert<V: aya::Pod>(trie: &mut LpmTrie<MapData, u32, V>, key: &Key<u32>, value: V) -> Result<(), MapError> {
-    match trie.insert(key, value, 0) {
+pub(crate) fn trie_insert<V: aya::Pod>(trie: &mut LpmTrie<MapData, u32, V>, key: Key<u32>, value: V) -> Result<(), MapError> {
+    match trie.insert(&key, value, 0) {
         // A removal is exact where a lookup would match any covering prefix.
-        Err(e) if is_full(&e) => match trie.remove(key) {
-            Ok(()) => trie.insert(key, value, 0),
+        Err(e) if is_full(&e) => match trie.remove(&key) {
+            Ok(()) => trie.insert(&key, value, 0),
             Err(_) => Err(e),
         },
         r => r,

@@ -659,11 +659,11 @@ impl TunnelMaps {
         }
         for (net, value) in &wanted {
             if routes.get(net) != Some(value) {
-                let mut r = crate::maps::trie_insert(&mut self.routes, &route_key(*net), *value);
+                let mut r = crate::maps::trie_insert(&mut self.routes, route_key(*net), *value);
                 if !room_made && r.as_ref().is_err_and(crate::maps::is_full) {
                     self.remove_unwanted(&routes, &wanted, &nodes, desired, &mut report)?;
                     room_made = true;
-                    r = crate::maps::trie_insert(&mut self.routes, &route_key(*net), *value);
+                    r = crate::maps::trie_insert(&mut self.routes, route_key(*net), *value);
                 }
                 r.context("writing a tunnel route")?;
                 report.routes_written += 1;
