@@ -324,34 +324,50 @@ fn holds(m: &Mesh) -> Vec<(String, Value)> {
     holds.as_array().into_iter().flatten().map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p["podCIDRs"].clone())).collect()
 }
 
+fn listed(m: &Mesh, name: &str) -> bool {
+    m.published().is_some_and(|(p, _)| p.as_array().is_some_and(|a| a.iter().any(|p| p["name"] == name)))
+}
+
+/// Publishes cluster2, then refuses it (its secret turned bad) until it is held; returns its
+/// good kubeconfig.
+fn hold_cluster2(m: &Mesh) -> String {
+    assert!(poll(WAIT, || listed(m, "cluster2").then_some(())).is_some(), "cluster2 never published: {:?}", m.published());
+    assert!(holds(m).is_empty(), "{:?}", holds(m));
+    let good = m.remote.kubeconfig("cluster2");
+    let bad = good.replace("\nusers:", "\n    insecure-skip-tls-verify: true\nusers:");
+    assert_ne!(good, bad);
+    m.local.apply(remote_secret("cluster2", &bad));
+    assert!(refused_reason(m, "cluster2").contains("insecure-skip-tls-verify"));
+    let held = poll(WAIT, || Some(holds(m)).filter(|h| !h.is_empty()));
+    assert_eq!(held, Some(vec![("cluster2".to_owned(), json!(["10.245.0.0/24"]))]));
+    assert!(!listed(m, "cluster2"));
+    good
+}
+
+/// A remote that claims cluster2's CIDR.
+fn claimant(m: &Mesh) -> FakeApi {
+    let third = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.245.0.0/25", 30443, "10.245.0.6");
+    third
+}
+
 /// A peer refused for a while (here its secret turned bad) keeps what it was published with
 /// across a controller restart: the holds are kept in `meshnet-holds`, not in memory only.
 #[test]
 fn a_refused_peer_keeps_its_cidr_across_a_controller_restart() {
     let m = Mesh::new();
     let mut controller = m.controller(&[]);
-    let listed = |name: &str| {
-        m.published().is_some_and(|(p, _)| p.as_array().is_some_and(|a| a.iter().any(|p| p["name"] == name)))
-    };
-    assert!(poll(WAIT, || listed("cluster2").then_some(())).is_some(), "cluster2 never published: {:?}", m.published());
-    assert!(holds(&m).is_empty(), "{:?}", holds(&m));
-    let good = m.remote.kubeconfig("cluster2");
-    let bad = good.replace("\nusers:", "\n    insecure-skip-tls-verify: true\nusers:");
-    assert_ne!(good, bad);
-    m.local.apply(remote_secret("cluster2", &bad));
-    assert!(refused_reason(&m, "cluster2").contains("insecure-skip-tls-verify"));
-    let held = poll(WAIT, || Some(holds(&m)).filter(|h| !h.is_empty()));
-    assert_eq!(held, Some(vec![("cluster2".to_owned(), json!(["10.245.0.0/24"]))]));
-    assert!(!listed("cluster2"));
+    let listed = |name: &str| listed(&m, name);
+    let good = hold_cluster2(&m);
     // Deleted by hand, the holds are written again.
+    let held = holds(&m);
     m.local.delete("v1", "ConfigMap", Some("meshnet"), "meshnet-holds");
     let again = poll(WAIT, || Some(holds(&m)).filter(|h| !h.is_empty()));
-    assert_eq!(again, held, "the holds were not put right");
+    assert_eq!(again.as_ref(), Some(&held), "the holds were not put right");
 
     assert!(controller.stop());
     // Declared before the controller, so dropped after it: its watches end first.
-    let third = FakeApi::start(Some(&m.ns.path()));
-    seed_cluster(&third, "network3", "node4", "10.20.144.170", "10.245.0.0/25", 30443, "10.245.0.6");
+    let third = claimant(&m);
     let _controller = m.controller(&[]);
     m.local.apply(remote_secret("aaa", &third.kubeconfig("aaa")));
     let want = "claims 10.245.0.0/25, which overlaps 10.245.0.0/24 of peer cluster2, published with it before";
@@ -364,6 +380,25 @@ fn a_refused_peer_keeps_its_cidr_across_a_controller_restart() {
     let now = poll(WAIT, || m.published().filter(|(_, s)| s["aaa"]["refused"] == want));
     assert!(now.is_some(), "{:?}", m.published());
     assert!(poll(WAIT, || holds(&m).is_empty().then_some(())).is_some(), "{:?}", holds(&m));
+}
+
+/// A hold survives a failover too: the new leader knows it from its watches and reads it
+/// again when it takes the lease.
+#[test]
+fn a_refused_peer_keeps_its_cidr_across_a_failover() {
+    let m = Mesh::new();
+    let holder = || lease_holder(&m);
+    let third = claimant(&m);
+    let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "2"]);
+    assert_eq!(poll(WAIT, holder).as_deref(), Some("ctrl-a"));
+    let _b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
+    hold_cluster2(&m);
+    assert!(a.stop());
+    assert!(poll(WAIT, || (holder().as_deref() == Some("ctrl-b")).then_some(())).is_some(), "ctrl-b never took the lease");
+    m.local.apply(remote_secret("aaa", &third.kubeconfig("aaa")));
+    let want = "claims 10.245.0.0/25, which overlaps 10.245.0.0/24 of peer cluster2, published with it before (not published now)";
+    assert_eq!(refused_reason(&m, "aaa"), want);
+    assert!(!listed(&m, "aaa"));
 }
 
 #[test]
@@ -729,11 +764,7 @@ fn mesh_networks_apply_never_loses_a_concurrent_edit() {
 #[test]
 fn a_second_controller_takes_over_when_the_leader_stops() {
     let m = Mesh::new();
-    let holder = || {
-        m.local
-            .get("coordination.k8s.io/v1", "Lease", Some("meshnet"), "meshnet-controller")
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
-    };
+    let holder = || lease_holder(&m);
     let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "2"]);
     let leader = poll(WAIT, holder).expect("nobody took the lease");
     assert_eq!(leader, "ctrl-a");

@@ -140,8 +140,14 @@ struct State {
     /// not know): only these may go without a hold.
     listed: BTreeSet<String>,
     /// Until when this replica may write as the leader (with leader election): a replica
-    /// whose lease has run out must not overwrite the new leader's writes.
+    /// whose lease ran out must not overwrite the new leader's writes.
     lead_until: Option<tokio::time::Instant>,
+    /// The resource versions this replica's own last writes made: a watch event of one of
+    /// them is no one else's edit, only an older view of its own.
+    own_versions: std::collections::VecDeque<String>,
+    /// What the watches last showed of the peers object and of the holds: a replica that does
+    /// not lead keeps its record from both, as a new leader would read it.
+    watched: (BTreeMap<String, RawPeer>, BTreeMap<String, RawPeer>),
     /// What each configured peer was last published with: whoever was published with a CIDR
     /// or a node address keeps it against another peer's claim (see
     /// `desired::Inputs::published`). A peer's entry stays while the peer is configured, even
@@ -214,6 +220,8 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         holds_left_out: Vec::new(),
         listed: BTreeSet::new(),
         lead_until: None,
+        own_versions: std::collections::VecDeque::new(),
+        watched: (BTreeMap::new(), BTreeMap::new()),
         published_peers: BTreeMap::new(),
         published_seen: false,
         refusals: BTreeMap::new(),
@@ -269,9 +277,12 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             due = heartbeat.tick() => state.metrics.pulse.beat(due.into_std()),
             _ = lease_tick.tick(), if state.opts.leader_election => {
                 let was = state.leader;
+                let terms = elector.terms();
                 state.leader = elector.tick().await;
                 state.lead_until = elector.leading_until();
-                if state.leader != was {
+                // A term of its own that followed another's (the loop was held up past the lease)
+                // is an election too.
+                if state.leader != was || elector.terms() != terms {
                     info!(leader = state.leader, identity = %state.opts.identity, "leadership changed");
                     // A new leader writes what it sees, whatever it believes was published:
                     // a write of the old leader's may have landed since.
@@ -286,9 +297,8 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
                 }
             }
             Some(msg) = rx.recv() => {
-                state.handle(msg);
                 // Coalesce bursts (a relist delivers many events) into one publish.
-                if !dirty {
+                if state.handle(msg) && !dirty {
                     dirty = true;
                     debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(50));
                 }
@@ -327,7 +337,8 @@ where
 }
 
 impl State {
-    fn handle(&mut self, msg: Msg) {
+    /// Takes in what a watch or a remote task says; whether it may change what is published.
+    fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Secrets(Update::Snapshot(secrets)) => {
                 self.secrets_synced = true;
@@ -338,25 +349,45 @@ impl State {
                 self.local_addresses = nodes.values().flat_map(resolve::node_addresses).collect();
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.values().next().cloned()),
+            // A replica that does not lead follows the leader's writes; the leader keeps its own
+            // record, which no hand edit or deposed leader's late write may rewrite.
             Msg::Published(Update::Snapshot(cms)) => {
-                // A replica that does not lead follows the leader's writes; the leader keeps its
-                // own record, which no hand edit or deposed leader's late write may rewrite.
-                if let Some(cm) = cms.values().next().filter(|_| !self.leader) {
-                    self.published_peers = published::readable_peers(cm).into_iter().map(|p| (p.name.clone(), p)).collect();
+                let cm = cms.values().next();
+                self.watched.0 = cm.map(published::readable_peers).unwrap_or_default().into_iter().map(|p| (p.name.clone(), p)).collect();
+                if !self.leader {
+                    self.follow();
+                    return true;
                 }
-                let seen = cms.values().next().and_then(|cm| cm.data.as_ref()?.get(PEERS_KEY).cloned());
-                if self.published.0.is_some() && self.published.0 != seen {
-                    warn!("{PEERS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
-                    self.published.0 = None;
-                    self.listed.clear();
+                let seen = cm.and_then(|cm| cm.data.as_ref()?.get(PEERS_KEY).cloned());
+                if self.published.0.is_none() || self.published.0 == seen || self.is_own(cm) {
+                    return false;
                 }
+                warn!("{PEERS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
+                self.published.0 = None;
+                self.listed.clear();
             }
             Msg::Holds(Update::Snapshot(cms)) => {
-                let seen = cms.values().next().and_then(|cm| cm.data.as_ref()?.get(HOLDS_KEY).cloned());
-                if self.holds_written.is_some() && self.holds_written != seen {
-                    warn!("{HOLDS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
-                    self.holds_written = None;
+                let cm = cms.values().next();
+                self.watched.1 = match published::parse_holds(cm) {
+                    Published::Entries(e) => e
+                        .into_iter()
+                        .filter_map(|e| match e {
+                            PublishedEntry::Peer(p) => Some((p.name.clone(), p)),
+                            PublishedEntry::Bad { .. } => None,
+                        })
+                        .collect(),
+                    Published::Missing | Published::Unreadable(_) => BTreeMap::new(),
+                };
+                if !self.leader {
+                    self.follow();
+                    return true;
                 }
+                let seen = cm.and_then(|cm| cm.data.as_ref()?.get(HOLDS_KEY).cloned());
+                if self.holds_written.is_none() || self.holds_written == seen || self.is_own(cm) {
+                    return false;
+                }
+                warn!("{HOLDS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
+                self.holds_written = None;
             }
             Msg::Secrets(Update::Error(e))
             | Msg::LocalNodes(Update::Error(e))
@@ -366,7 +397,7 @@ impl State {
                 warn!(error = %e, "local API watch failed; keeping the last known state");
             }
             Msg::Remote { name, generation, event } => {
-                let Some(r) = self.remotes.get_mut(&name).filter(|r| r.generation == generation) else { return };
+                let Some(r) = self.remotes.get_mut(&name).filter(|r| r.generation == generation) else { return false };
                 match event {
                     RemoteEvent::View(v) => {
                         r.view = Some(*v);
@@ -394,6 +425,20 @@ impl State {
                 }
             }
         }
+        true
+    }
+
+    /// A replica that does not lead takes its record from the leader's writes, the holds and
+    /// the peers object, as a new leader reads them.
+    fn follow(&mut self) {
+        self.published_peers = self.watched.1.clone();
+        self.published_peers.extend(self.watched.0.iter().map(|(n, p)| (n.clone(), p.clone())));
+    }
+
+    /// Whether `cm` is one of this replica's own recent writes (an event the watch delivers
+    /// after a later write of its own already landed).
+    fn is_own(&self, cm: Option<&ConfigMap>) -> bool {
+        cm.and_then(|c| c.metadata.resource_version.as_ref()).is_some_and(|v| self.own_versions.contains(v))
     }
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
@@ -617,9 +662,11 @@ impl State {
     /// Writes one of the controller's ConfigMaps with server-side apply: the controller owns
     /// every field it writes, and its write wins over an edit by hand (the same as what a
     /// new leader must do over a late write of the old one). Creates it if it is missing.
-    async fn apply(&self, name: &str, key: &str, text: &str) -> anyhow::Result<()> {
-        // A write after the lease ran out could undo the new leader's: of the holds, say.
-        if self.opts.leader_election && self.lead_until.is_none_or(|t| tokio::time::Instant::now() >= t) {
+    async fn apply(&mut self, name: &str, key: &str, text: &str) -> anyhow::Result<()> {
+        // A write after the lease ran out could undo the new leader's: of the holds, say. So
+        // none starts then, and none is still waited for then.
+        let lease_end = self.opts.leader_election.then_some(self.lead_until);
+        if lease_end.is_some_and(|end| end.is_none_or(|t| tokio::time::Instant::now() >= t)) {
             anyhow::bail!("not writing {name}: this replica's lease ran out");
         }
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
@@ -634,7 +681,18 @@ impl State {
             ..ConfigMap::default()
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        bounded(&format!("writing {name}"), api.patch(name, &params, &Patch::Apply(&cm))).await?;
+        let (what, patch) = (format!("writing {name}"), Patch::Apply(&cm));
+        let write = bounded(&what, api.patch(name, &params, &patch));
+        let written = match lease_end.flatten() {
+            Some(end) => tokio::time::timeout_at(end, write).await.map_err(|_| anyhow::anyhow!("writing {name}: the lease ran out first"))??,
+            None => write.await?,
+        };
+        if let Some(v) = written.metadata.resource_version {
+            if self.own_versions.len() == 16 {
+                self.own_versions.pop_front();
+            }
+            self.own_versions.push_back(v);
+        }
         Ok(())
     }
 }

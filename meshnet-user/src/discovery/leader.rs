@@ -51,17 +51,26 @@ pub struct Elector {
     observed: Option<(Record, Instant)>,
     /// When this replica last renewed successfully.
     renewed: Option<Instant>,
+    /// How many times this replica took the lease (from no one, or from a holder gone silent).
+    terms: u64,
 }
 
 impl Elector {
     #[must_use]
     pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
-        Self { api, name: name.into(), identity: identity.into(), duration, observed: None, renewed: None }
+        Self { api, name: name.into(), identity: identity.into(), duration, observed: None, renewed: None, terms: 0 }
     }
 
     /// How long a leader keeps acting without a successful renewal.
     fn renew_deadline(&self) -> Duration {
         self.duration * 2 / 3
+    }
+
+    /// How many times this replica took the lease, renewals aside: a change while it believed
+    /// it led all along means another held the lease in between.
+    #[must_use]
+    pub fn terms(&self) -> u64 {
+        self.terms
     }
 
     /// Until when this replica leads without another renewal (`None`: it does not lead).
@@ -93,6 +102,7 @@ impl Elector {
             lease.spec = Some(self.spec(None));
             let made = bounded("creating the lease", self.api.create(&PostParams::default(), &lease)).await?;
             self.took(&made, now);
+            self.terms += 1;
             return Ok(true);
         };
         let record = Record::of(&lease);
@@ -126,6 +136,9 @@ impl Elector {
         // both judge the lease free, one wins.
         let written = bounded("renewing the lease", self.api.replace(&self.name, &PostParams::default(), &lease)).await?;
         self.took(&written, now);
+        if !ours {
+            self.terms += 1;
+        }
         Ok(true)
     }
 
