@@ -323,15 +323,28 @@ impl Datapath {
         Self::load_unpinned_with_flow_flags(max_flows, object, flow_map_flags(max_flows))
     }
 
+    /// [`Self::load_unpinned_as_is`] with other maps sized as given: for tests that fill one,
+    /// where a full-sized table costs minutes in a VM.
+    pub fn load_unpinned_resized(max_flows: u32, object: &[u8], sizes: &[(&str, u32)]) -> anyhow::Result<Ebpf> {
+        Self::load_unpinned_with(max_flows, object, flow_map_flags(max_flows), sizes)
+    }
+
     /// [`Self::load_unpinned_as_is`] with the flow maps' `map_flags` given: for benchmarks
     /// that measure the other allocation.
     pub fn load_unpinned_with_flow_flags(max_flows: u32, object: &[u8], flow_flags: u32) -> anyhow::Result<Ebpf> {
+        Self::load_unpinned_with(max_flows, object, flow_flags, &[])
+    }
+
+    fn load_unpinned_with(max_flows: u32, object: &[u8], flow_flags: u32, sizes: &[(&str, u32)]) -> anyhow::Result<Ebpf> {
         let mut object = object.to_vec();
         set_flow_map_flags(&mut object, flow_flags)?;
         let object = &object[..];
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::NAT_FWD, max_flows);
         loader.map_max_entries(names::NAT_REV, max_flows);
+        for (name, size) in sizes {
+            loader.map_max_entries(name, *size);
+        }
         let neigh = have_redirect_neigh();
         loader.override_global(names::GLOBAL_HAVE_REDIRECT_NEIGH, &neigh, false);
         let mut ebpf = loader.load(object).context("loading meshnet's eBPF object")?;

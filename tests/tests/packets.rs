@@ -135,6 +135,11 @@ impl Harness {
         Self::build(yaml, None, Csum::AsTheAgent)
     }
 
+    /// With some maps sized as given (see `Datapath::load_unpinned_resized`).
+    fn resized(yaml: &str, sizes: &[(&str, u32)]) -> Self {
+        Self::build_sized(yaml, None, Csum::AsTheAgent, sizes)
+    }
+
     /// With flow maps of `max_flows` entries (below what the config allows), to fill them.
     fn with_max_flows(yaml: &str, max_flows: Option<u32>) -> Self {
         Self::build(yaml, max_flows, Csum::AsTheAgent)
@@ -144,6 +149,10 @@ impl Harness {
     /// the kernel allows it, and then failing should the kernel refuse it: the agent's
     /// fallback would hide that), or with the one every kernel before 6.2 runs.
     fn build(yaml: &str, max_flows: Option<u32>, csum: Csum) -> Self {
+        Self::build_sized(yaml, max_flows, csum, &[])
+    }
+
+    fn build_sized(yaml: &str, max_flows: Option<u32>, csum: Csum, sizes: &[(&str, u32)]) -> Self {
         meshnet_tests::require_root();
         let config = Config::from_yaml(yaml).unwrap();
         let layout = match csum {
@@ -151,7 +160,7 @@ impl Harness {
             Csum::Helper => None,
         };
         let (object, _) = datapath::prepare_object(EBPF_OBJECT, layout.as_ref()).unwrap();
-        let mut ebpf = Datapath::load_unpinned_as_is(max_flows.unwrap_or(config.max_flows), &object).unwrap();
+        let mut ebpf = Datapath::load_unpinned_resized(max_flows.unwrap_or(config.max_flows), &object, sizes).unwrap();
         let mut maps = ControlMaps::from_ebpf(&mut ebpf).unwrap();
         maps.sync(&config.desired()).unwrap();
         let stats = maps::take_stats(&mut ebpf).unwrap();
@@ -2290,14 +2299,16 @@ fn many_routes(prefix: &str, peers: u32, cidrs: u32, base: u32) -> meshnet::conf
     d
 }
 
-/// The maps hold as many routes and peers as a config may have, and a config of as many
-/// others replaces them: the removals make room where the new entries do not fit beside the
-/// old ones, where failing would leave every change out until the agent restarts.
+/// Full maps are replaced whole by as many other entries: the removals make room where the
+/// new entries do not fit beside the old ones, where failing would leave every change out
+/// until the agent restarts. The peer maps as a config may fill them; the route trie made
+/// smaller than the agent's, the same code at a size a VM fills in seconds.
 #[test]
 fn a_full_route_map_or_peer_map_is_replaced_whole() {
-    use meshnet_common::limits::{MAX_PEERS, MAX_ROUTES};
+    use meshnet_common::limits::MAX_PEERS;
+    const MAX_ROUTES: u32 = 4 * MAX_PEERS;
     let routes = MAX_ROUTES / MAX_PEERS;
-    let mut h = Harness::new(CONFIG);
+    let mut h = Harness::resized(CONFIG, &[(names::ROUTES, MAX_ROUTES)]);
     h.maps.sync(&many_routes("a", MAX_PEERS, routes, 0x0c00_0000)).unwrap();
     assert_eq!(h.maps.current().unwrap().routes.len(), MAX_ROUTES as usize);
     // Other peers, other routes: not one entry of either map carries over.

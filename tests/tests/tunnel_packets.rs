@@ -97,6 +97,11 @@ impl Harness {
     }
 
     fn with_config(config: &str) -> Self {
+        Self::sized(config, &[])
+    }
+
+    /// With some maps sized as given (see `Datapath::load_unpinned_resized`).
+    fn sized(config: &str, sizes: &[(&str, u32)]) -> Self {
         meshnet_tests::require_root();
         let ns = NetNs::new("tp");
         ns.ip(&format!("link add {LINK} address {} type veth peer name {LINK}p", mac(HOST_MAC)));
@@ -112,7 +117,8 @@ impl Harness {
         // A TEST_RUN runs in its caller's namespace; this thread is the test's own.
         meshnet_tests::enter(&ns.path());
         let config = Config::from_yaml(config).unwrap();
-        let mut ebpf = Datapath::load_unpinned(config.max_flows).unwrap();
+        let (object, _) = meshnet::datapath::prepare_object(meshnet::datapath::EBPF_OBJECT, meshnet::datapath::skb_layout().as_ref()).unwrap();
+        let mut ebpf = Datapath::load_unpinned_resized(config.max_flows, &object, sizes).unwrap();
         let mut maps = ControlMaps::from_ebpf(&mut ebpf).unwrap();
         let desired = config.desired();
         maps.sync(&desired).unwrap();
@@ -885,13 +891,14 @@ fn explain_says_what_the_programs_do() {
     }
 }
 
-/// Full tunnel tables are replaced whole: as many nodes and node pod CIDRs as a config may
-/// have, all of them different the next time. The routes and nodes that go make room where
-/// the new ones do not fit beside them.
+/// Full tunnel tables are replaced whole, all of their entries different the next time: the
+/// routes and nodes that go make room where the new ones do not fit beside them. The tables
+/// made smaller than the agent's, the same code at a size a VM fills in seconds.
 #[test]
 fn full_tunnel_tables_are_replaced_whole() {
-    use meshnet_common::limits::{MAX_TUNNEL_NODES, MAX_TUNNEL_ROUTES};
-    let mut h = Harness::new();
+    const MAX_TUNNEL_NODES: u32 = 512;
+    const MAX_TUNNEL_ROUTES: u32 = 4 * MAX_TUNNEL_NODES;
+    let mut h = Harness::sized(CONFIG, &[(names::TUN_NODES, MAX_TUNNEL_NODES), (names::TUN_ROUTES, MAX_TUNNEL_ROUTES)]);
     let template = Config::from_yaml(CONFIG).unwrap().desired();
     let node = *template.tun_routes.values().next().unwrap();
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
