@@ -268,24 +268,6 @@ health:
 // The request/response server in the gateway pod
 // ---------------------------------------------------------------------------------------
 
-/// The CPUs of the client's and the server's threads: each side's packets are processed in
-/// its sender's softirq, so the path to the server runs on the client's CPU and the path
-/// back on the server's, every repeat the same, where the scheduler would otherwise put both
-/// on one CPU in some repeats and not in others.
-const CLIENT_CPU: usize = 0;
-const SERVER_CPU: usize = 1;
-
-/// Keeps the calling thread on `cpu` (a development knob for now: `MNBENCH_PIN`).
-fn pin(cpu: usize) {
-    if std::env::var_os("MNBENCH_PIN").is_none() || std::thread::available_parallelism().map_or(1, usize::from) < 2 {
-        return;
-    }
-    let mut set = nix::sched::CpuSet::new();
-    if set.set(cpu).is_ok() {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
-}
-
 /// Answers each `MSG`-byte request with the same bytes; a request starting with `C` gets
 /// its answer and then the server closes (the server closes first, so TIME_WAIT stays on
 /// the server side and the client's ports are free again at once).
@@ -312,7 +294,6 @@ impl EchoServer {
             .map(|_| {
                 let (l, stop) = (listener.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    pin(SERVER_CPU);
                     while !stop.load(Ordering::Relaxed) {
                         if let Ok((s, _)) = l.accept() {
                             serve(s);
@@ -381,7 +362,6 @@ fn probe(ns: &NetNs, target: SocketAddrV4) -> anyhow::Result<u32> {
 /// Request/response latencies (ns) over one connection for `secs`.
 fn rr(ns: &NetNs, target: SocketAddrV4, secs: f64) -> anyhow::Result<(Vec<u32>, f64)> {
     ns.run(move || -> std::io::Result<(Vec<u32>, f64)> {
-        pin(CLIENT_CPU);
         let mut s = connect(target)?;
         let req = [b'R'; MSG];
         let mut buf = [0u8; MSG];
@@ -435,7 +415,6 @@ fn crr(ns: &NetNs, target: SocketAddrV4, secs: f64, conc: usize) -> Crr {
     let threads: Vec<_> = (0..conc)
         .map(|_| {
             ns.spawn(move || {
-                pin(CLIENT_CPU);
                 let req = [b'C'; MSG];
                 let mut buf = [0u8; MSG];
                 let mut r = CrrThread { times: Vec::with_capacity(65_536), ..CrrThread::default() };
