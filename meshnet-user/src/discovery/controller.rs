@@ -292,6 +292,9 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
                     // What it knows of who holds what is the old leader's publishes as it saw
                     // them: it reads the record, holds included, before it writes.
                     state.published_seen &= !state.leader;
+                    if !state.leader {
+                        state.follow();
+                    }
                     dirty = true;
                     debounce.as_mut().reset(tokio::time::Instant::now());
                 }
@@ -395,6 +398,7 @@ impl State {
             | Msg::Published(Update::Error(e))
             | Msg::Holds(Update::Error(e)) => {
                 warn!(error = %e, "local API watch failed; keeping the last known state");
+                return false;
             }
             Msg::Remote { name, generation, event } => {
                 let Some(r) = self.remotes.get_mut(&name).filter(|r| r.generation == generation) else { return false };
@@ -687,8 +691,9 @@ impl State {
             Some(end) => tokio::time::timeout_at(end, write).await.map_err(|_| anyhow::anyhow!("writing {name}: the lease ran out first"))??,
             None => write.await?,
         };
-        if let Some(v) = written.metadata.resource_version {
-            if self.own_versions.len() == 16 {
+        // Only the watched objects' versions: the status's would push theirs out.
+        if let Some(v) = written.metadata.resource_version.filter(|_| name != STATUS_CONFIGMAP) {
+            if self.own_versions.len() == 64 {
                 self.own_versions.pop_front();
             }
             self.own_versions.push_back(v);
