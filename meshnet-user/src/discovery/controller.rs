@@ -371,16 +371,7 @@ impl State {
             }
             Msg::Holds(Update::Snapshot(cms)) => {
                 let cm = cms.values().next();
-                self.watched.1 = match published::parse_holds(cm) {
-                    Published::Entries(e) => e
-                        .into_iter()
-                        .filter_map(|e| match e {
-                            PublishedEntry::Peer(p) => Some((p.name.clone(), p)),
-                            PublishedEntry::Bad { .. } => None,
-                        })
-                        .collect(),
-                    Published::Missing | Published::Unreadable(_) => BTreeMap::new(),
-                };
+                self.watched.1 = cm.map(published::readable_holds).unwrap_or_default().into_iter().map(|p| (p.name.clone(), p)).collect();
                 if !self.leader {
                     self.follow();
                     return true;

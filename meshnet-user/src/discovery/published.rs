@@ -113,6 +113,12 @@ pub fn parse_holds(cm: Option<&ConfigMap>) -> Published {
     Published::parse_key(cm, HOLDS_KEY)
 }
 
+/// The readable entries of the holds.
+#[must_use]
+pub fn readable_holds(cm: &ConfigMap) -> Vec<RawPeer> {
+    readable(cm, HOLDS_KEY)
+}
+
 fn readable(cm: &ConfigMap, key: &str) -> Vec<RawPeer> {
     match Published::parse_key(Some(cm), key) {
         Published::Entries(e) => e
@@ -162,5 +168,18 @@ mod tests {
             assert!(matches!(Published::parse(Some(&cm(bad))), Published::Unreadable(_)), "{bad:?}");
         }
         assert_eq!(Published::parse(Some(&cm(Some("[]\n")))), Published::Entries(vec![]));
+    }
+
+    #[test]
+    fn holds_are_read_entry_by_entry_and_garbage_holds_nothing() {
+        let holds = |text: &str| ConfigMap { data: Some([(HOLDS_KEY.to_string(), text.to_string())].into()), ..ConfigMap::default() };
+        let text = "- name: c2\n  podCIDRs: [10.245.0.0/16]\n  gateways: [{address: 10.20.144.165, port: 32361}]\n- podCIDRs: oops\n";
+        assert_eq!(readable_holds(&holds(text)).iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["c2"]);
+        for bad in ["{{{ not yaml", "name: c2\n", "42", ""] {
+            assert!(readable_holds(&holds(bad)).is_empty(), "{bad:?}");
+        }
+        // The peers' key is not the holds' one.
+        assert!(readable_holds(&cm(Some(text))).is_empty());
+        assert_eq!(parse_holds(None), Published::Missing);
     }
 }
