@@ -321,6 +321,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: {source}")]
+    Refused {
+        path: String,
+        #[source]
+        source: crate::yaml::Refused,
+    },
     #[error("{path}: not valid YAML for a meshnet config: {source}")]
     Parse {
         path: String,
@@ -351,6 +357,7 @@ impl RawConfig {
     }
 
     pub fn from_yaml(text: &str, shown: &str) -> Result<Self, ConfigError> {
+        crate::yaml::refuse_aliases(text).map_err(|source| ConfigError::Refused { path: shown.into(), source })?;
         serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: shown.into(), source })
     }
 
@@ -1164,6 +1171,13 @@ peers:
         assert_eq!(u16::from_be(pg.gateways[0].tcp_port_be), 31674);
         assert_eq!(u16::from_be(pg.gateways[0].udp_port_be), 31675);
         assert_eq!(pg.gateways[0].flags, GW_UP);
+    }
+
+    #[test]
+    fn anchors_and_aliases_are_refused_with_where() {
+        let y = GOOD.replacen(r#""10.245.0.0/16""#, r#"&c "10.245.0.0/16""#, 1);
+        let e = Config::from_yaml(&y).unwrap_err();
+        assert!(matches!(&e, ConfigError::Refused { .. }) && e.to_string().contains("YAML anchor"), "{e}");
     }
 
     #[test]

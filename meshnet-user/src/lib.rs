@@ -24,3 +24,4 @@ pub mod nftables;
 mod objcheck;
 pub mod pins;
 pub mod tunnel;
+pub mod yaml;

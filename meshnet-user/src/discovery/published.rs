@@ -78,6 +78,9 @@ impl Published {
         if text.trim().is_empty() {
             return Self::Unreadable(format!("{key} is empty (an empty publish is written as [])"));
         }
+        if let Err(e) = crate::yaml::refuse_aliases(text) {
+            return Self::Unreadable(format!("{key}: {e}"));
+        }
         let values: Vec<serde_yaml::Value> = match serde_yaml::from_str(text) {
             Ok(v) => v,
             Err(e) => return Self::Unreadable(format!("{key} is not a YAML list: {e}")),
@@ -135,7 +138,12 @@ fn readable(cm: &ConfigMap, key: &str) -> Vec<RawPeer> {
 /// The peers' status as published in [`STATUS_CONFIGMAP`].
 #[must_use]
 pub fn parse_status(cm: &ConfigMap) -> BTreeMap<String, PeerStatus> {
-    cm.data.as_ref().and_then(|d| d.get(STATUS_KEY)).and_then(|t| serde_yaml::from_str(t).ok()).unwrap_or_default()
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(STATUS_KEY))
+        .filter(|t| crate::yaml::refuse_aliases(t).is_ok())
+        .and_then(|t| serde_yaml::from_str(t).ok())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -168,6 +176,18 @@ mod tests {
             assert!(matches!(Published::parse(Some(&cm(bad))), Published::Unreadable(_)), "{bad:?}");
         }
         assert_eq!(Published::parse(Some(&cm(Some("[]\n")))), Published::Entries(vec![]));
+    }
+
+    /// Anyone who may edit the ConfigMaps could otherwise make every agent and the controller
+    /// expand a few kilobytes of aliases into gigabytes (see `crate::yaml`).
+    #[test]
+    fn anchors_and_aliases_make_the_objects_unreadable() {
+        let text = "- &a {name: c2, podCIDRs: [10.245.0.0/16], gateways: [{address: 10.20.144.165, port: 32361}]}\n- *a\n";
+        let Published::Unreadable(why) = Published::parse(Some(&cm(Some(text)))) else { panic!("read") };
+        assert!(why.contains("YAML anchor"), "{why}");
+        assert!(readable_holds(&ConfigMap { data: Some([(HOLDS_KEY.to_string(), text.to_string())].into()), ..ConfigMap::default() }).is_empty());
+        let status = "c2: &s {stale: true}\nc3: *s\n";
+        assert!(parse_status(&ConfigMap { data: Some([(STATUS_KEY.to_string(), status.to_string())].into()), ..ConfigMap::default() }).is_empty());
     }
 
     #[test]

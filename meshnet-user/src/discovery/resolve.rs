@@ -680,17 +680,27 @@ pub struct NetworkGateway {
     pub port: u32,
 }
 
+/// Why a meshNetworks text could not be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshNetworksError {
+    #[error(transparent)]
+    Refused(#[from] crate::yaml::Refused),
+    #[error(transparent)]
+    Yaml(#[from] serde_yaml::Error),
+}
+
 impl MeshNetworks {
-    pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
+    pub fn parse(text: &str) -> Result<Self, MeshNetworksError> {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml::from_str(text)
+        crate::yaml::refuse_aliases(text)?;
+        Ok(serde_yaml::from_str(text)?)
     }
 
     /// Parses network by network: one entry of the wrong shape (a string port, a list where
     /// a map belongs) is returned with why, and the others still count.
-    pub fn parse_each(text: &str) -> Result<(Self, BTreeMap<String, String>), serde_yaml::Error> {
+    pub fn parse_each(text: &str) -> Result<(Self, BTreeMap<String, String>), MeshNetworksError> {
         #[derive(Deserialize)]
         struct Loose {
             #[serde(default)]
@@ -699,6 +709,7 @@ impl MeshNetworks {
         if text.trim().is_empty() {
             return Ok((Self::default(), BTreeMap::new()));
         }
+        crate::yaml::refuse_aliases(text)?;
         let loose: Loose = serde_yaml::from_str(text)?;
         let mut out = Self::default();
         let mut broken = BTreeMap::new();
@@ -1262,5 +1273,8 @@ mod tests {
         let names: Vec<String> = m.peers(None).into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["good", "hostname"]);
         assert!(MeshNetworks::parse_each("networks: [1, 2]").is_err());
+        let aliased = "networks:\n  a: &n {endpoints: [{fromRegistry: a}], gateways: [{address: 192.0.2.1, port: 15443}]}\n  b: *n\n";
+        assert!(matches!(MeshNetworks::parse_each(aliased), Err(MeshNetworksError::Refused(_))));
+        assert!(matches!(MeshNetworks::parse(aliased), Err(MeshNetworksError::Refused(_))));
     }
 }
