@@ -296,10 +296,24 @@ enum MapsCommand {
     },
 }
 
+/// The log filter `text` asks for. kube's own warnings quote a remote API server's answers
+/// whole (a body that is not JSON, a refusal's Status), so a remote could write lines of its
+/// choosing into the controller's log; meshnet logs those failures itself, cut and escaped
+/// (`discovery::remote_text`). Unless the filter names kube, kube logs only its errors.
+fn log_filter(text: &str) -> tracing_subscriber::EnvFilter {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(text).unwrap_or_else(|_| "info".into());
+    if !text.contains("kube") {
+        for quiet in ["kube_client=error", "kube_runtime=error"] {
+            filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+        }
+    }
+    filter
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(log_filter(&cli.log_level))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -484,4 +498,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn kube_logs_only_its_errors_unless_asked() {
+        for (text, quiet) in [("info", true), ("debug", true), ("not a filter[", true), ("info,kube_client=debug", false)] {
+            let f = log_filter(text).to_string();
+            assert_eq!(f.contains("kube_client=error") && f.contains("kube_runtime=error"), quiet, "{text}: {f}");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! discovery: list and watch with resourceVersion, watch events and bookmarks, 410 Gone
 //! after a compaction (the client must relist), get, create, replace with optimistic
 //! concurrency, delete, and `/version` as a 1.18 server answers. It can be switched to fail
-//! every request with 500 or to hang. Objects are the JSON a 1.18 cluster returns.
+//! every request with 500, to hang, or to answer without end. Objects are the JSON a 1.18 cluster returns.
 //!
 //! It binds inside a given network namespace, so that processes run there (the controller,
 //! the agent) reach it on that namespace's loopback.
@@ -32,6 +32,9 @@ pub enum Mode {
     Error,
     /// Every request hangs without an answer.
     Hang,
+    /// Every request but `/version` (so that probes pass) gets 200 and a body that never
+    /// ends, with no newline in it: a list that never completes, a watch line without end.
+    Endless,
 }
 
 #[derive(Clone, Debug)]
@@ -319,7 +322,8 @@ async fn handle(
             let _ = mode_rx.changed().await;
             return status(503, "ServiceUnavailable", "was hanging");
         }
-        Mode::Normal => {}
+        Mode::Endless if uri.path() != "/version" => return endless(mode_rx),
+        Mode::Normal | Mode::Endless => {}
     }
     let path = uri.path();
     if path == "/version" {
@@ -514,6 +518,23 @@ fn watch_collection(s: &Arc<Shared>, collection: String, q: BTreeMap<String, Str
         }
     });
     Response::builder().header("content-type", "application/json").body(stream).unwrap()
+}
+
+/// 64 KB of spaces after the start of a JSON list, again and again, until the mode changes.
+fn endless(mut mode_rx: watch::Receiver<(Mode, u64)>) -> Response {
+    let body = async_stream(move |tx: tokio::sync::mpsc::Sender<Bytes>| async move {
+        let chunk = Bytes::from(vec![b' '; 1 << 16]);
+        if tx.send(Bytes::from_static(b"{\"kind\": \"NodeList\", \"apiVersion\": \"v1\", \"items\": [")).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = mode_rx.changed() => return,
+                sent = tx.send(chunk.clone()) => if sent.is_err() { return },
+            }
+        }
+    });
+    Response::builder().header("content-type", "application/json").body(body).unwrap()
 }
 
 /// A streaming body fed by a task.

@@ -275,6 +275,37 @@ fn remote_outage_keeps_the_last_state_and_marks_it_stale() {
     m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32000"], "change after recovery");
 }
 
+/// The controller's peak memory, from /proc.
+fn peak_rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
+}
+
+/// A remote run by someone else may answer without end. kube's client would read it all into
+/// memory, until the controller is killed, and with it every peer's publish, on every restart.
+#[test]
+fn a_remote_that_answers_without_end_costs_only_its_own_peer() {
+    let m = Mesh::new();
+    let endless = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&endless, "network3", "node4", "10.20.144.170", "10.246.0.0/24", 30443, "10.246.0.5");
+    endless.set_mode(Mode::Endless);
+    let controller = m.controller(&[]);
+    let _agent = m.agent();
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "initial discovery");
+    m.local.apply(remote_secret("cluster3", &endless.kubeconfig("cluster3")));
+    let why = poll(WAIT, || {
+        let (_, status) = m.published()?;
+        let e = status_of(&status, "cluster3")["error"].as_str()?.to_owned();
+        e.contains("more than 32 MiB").then_some(e)
+    });
+    assert!(why.is_some(), "cluster3's endless answers were never refused: {:?}", m.published());
+    // Each answer is cut at its bound, again after every backoff; the rest goes on.
+    m.remote.apply(gateway_service(32000));
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32000"], "another remote's change while one answers without end");
+    let peak = peak_rss_kb(controller.pid());
+    assert!(peak < 256 * 1024, "the controller's peak memory grew to {peak} kB");
+}
+
 #[test]
 fn overlapping_cidrs_are_refused() {
     let m = Mesh::new();

@@ -564,10 +564,11 @@ fn decode(data: &str) -> Option<Vec<u8>> {
 #[allow(clippy::unused_async)]
 pub async fn client(kc: Kubeconfig, origin: &str) -> Result<kube::Client, VetError> {
     let config = config(&kc, origin)?;
-    kube::Client::try_from(config).map_err(|_| VetError::Unusable {
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(|_| VetError::Unusable {
         origin: origin.into(),
         what: "the CA, client certificate or key could not be loaded, or the token is not a valid header value",
-    })
+    })?;
+    Ok(builder.with_layer(&super::response_limits::ResponseLimitsLayer).build())
 }
 
 /// The `kube::Config` for a kubeconfig's current context, from its allowed fields only.

@@ -11,6 +11,7 @@ mod probes;
 pub mod published;
 mod remote;
 pub mod resolve;
+mod response_limits;
 pub mod source;
 pub mod watch;
 

@@ -33,6 +33,9 @@ pub(super) const CONCURRENT_LISTS: usize = 4;
 /// How long a remote may hold its turn to list before the next one goes anyway: a remote
 /// that hangs must not hold every other back.
 const LIST_TURN: Duration = Duration::from_secs(30);
+/// Nodes per page of a remote's list: real nodes are up to ~50 KB each (their image lists),
+/// so a page stays well inside what one answer may hold (`response_limits::MAX_BODY`).
+pub(super) const PAGE_SIZE: u32 = 100;
 
 type Snapshots<K> = Pin<Box<dyn Stream<Item = Update<K>> + Send>>;
 
@@ -89,7 +92,7 @@ pub(super) async fn remote_task<M: Send + 'static>(
     };
     let (ns, gw) = (opts.istio_namespace.as_str(), opts.resolve.gateway_service.as_str());
     let gateway = mode == PeerMode::Gateway;
-    let mut nodes = std::pin::pin!(snapshots(Api::<Node>::all(client.clone()), watcher::Config::default()));
+    let mut nodes = std::pin::pin!(snapshots(Api::<Node>::all(client.clone()), watcher::Config::default().page_size(PAGE_SIZE)));
     let mut svcs = one::<Service>(&client, ns, gw, gateway);
     let mut eps = one::<Endpoints>(&client, ns, gw, gateway);
     // In the remote's namespace of meshnet's name here: deploy/ installs both in `meshnet`.

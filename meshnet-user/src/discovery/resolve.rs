@@ -100,11 +100,25 @@ pub enum NodeAddressType {
     Other,
 }
 
+/// A node's pod CIDRs and addresses kept, each: a real node has one or two of the first and a
+/// few of the others, and a remote's node must not cost the controller what it likes.
+const MAX_PER_NODE: usize = 16;
+/// The longest address annotation kept as written; a longer one (never an address) is kept
+/// cut, with a mark that no address parse accepts.
+const MAX_ANNOTATION: usize = 64;
+
 impl From<Node> for NodeInfo {
     fn from(node: Node) -> Self {
         let spec = node.spec.unwrap_or_default();
-        let mut pod_cidrs: Vec<Ipv4Net> =
-            spec.pod_cidrs.into_iter().flatten().chain(spec.pod_cidr).filter_map(|c| c.parse::<Ipv4Net>().ok()).map(|n| n.trunc()).collect();
+        let mut pod_cidrs: Vec<Ipv4Net> = spec
+            .pod_cidrs
+            .into_iter()
+            .flatten()
+            .chain(spec.pod_cidr)
+            .take(MAX_PER_NODE)
+            .filter_map(|c| c.parse::<Ipv4Net>().ok())
+            .map(|n| n.trunc())
+            .collect();
         pod_cidrs.sort_unstable();
         pod_cidrs.dedup();
         let addresses = node
@@ -120,8 +134,16 @@ impl From<Node> for NodeInfo {
                 };
                 Some((ty, a.address.parse().ok()?))
             })
+            .take(MAX_PER_NODE)
             .collect();
-        let gateway_address = node.metadata.annotations.and_then(|mut a| a.remove(ADDRESS_ANNOTATION)).map(String::into_boxed_str);
+        let gateway_address = node.metadata.annotations.and_then(|mut a| a.remove(ADDRESS_ANNOTATION)).map(|mut v| {
+            if v.len() > MAX_ANNOTATION {
+                let cut = (0..=MAX_ANNOTATION).rev().find(|&i| v.is_char_boundary(i)).unwrap_or(0);
+                v.truncate(cut);
+                v.push('…');
+            }
+            v.into_boxed_str()
+        });
         NodeInfo { pod_cidrs: pod_cidrs.into(), addresses, gateway_address }
     }
 }
@@ -837,6 +859,23 @@ mod tests {
         n.metadata.resource_version = Some("42".into());
         n.status.as_mut().unwrap().conditions = Some(vec![k8s_openapi::api::core::v1::NodeCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() }]);
         assert_eq!(NodeInfo::from(n), info);
+    }
+
+    /// A remote's node costs the controller what a real node does, whatever it lists.
+    #[test]
+    fn a_node_is_kept_within_bounds() {
+        let mut n = node("n2", "10.20.144.165", "10.245.0.7/24");
+        let st = n.status.as_mut().unwrap().addresses.as_mut().unwrap();
+        st.extend((0..100_000u32).map(|i| NodeAddress { type_: "InternalIP".into(), address: Ipv4Addr::from(0x0a00_0000 + i).to_string() }));
+        n.spec.as_mut().unwrap().pod_cidrs.as_mut().unwrap().extend((0..1000u32).map(|i| format!("{}/32", Ipv4Addr::from(0x0b00_0000 + i))));
+        let long = format!("192.0.2.1{}", "é".repeat(100_000));
+        n.metadata.annotations = Some([(ADDRESS_ANNOTATION.into(), long)].into());
+        let info = NodeInfo::from(n);
+        assert_eq!((info.addresses.len(), info.pod_cidrs.len()), (MAX_PER_NODE, MAX_PER_NODE));
+        assert_eq!(info.addresses[0].1, "10.20.144.165".parse::<Ipv4Addr>().unwrap());
+        let annotation = info.gateway_address.unwrap();
+        assert!(annotation.len() <= MAX_ANNOTATION + '…'.len_utf8() && annotation.starts_with("192.0.2.1") && annotation.ends_with('…'), "{annotation}");
+        assert!(annotation.parse::<Ipv4Addr>().is_err());
     }
 
     #[test]

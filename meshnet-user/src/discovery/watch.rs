@@ -30,9 +30,20 @@ pub trait Relevant: Sized {
     fn relevant(self) -> Self::Kept;
 }
 
+/// A remote's Service and Endpoints are read for their name, ports and addresses only: their
+/// labels and annotations, which a remote could make as large as it likes, are not kept.
 fn meta(m: ObjectMeta) -> ObjectMeta {
-    ObjectMeta { name: m.name, namespace: m.namespace, labels: m.labels, annotations: m.annotations, ..ObjectMeta::default() }
+    ObjectMeta { name: m.name, namespace: m.namespace, ..ObjectMeta::default() }
 }
+
+/// Objects one watch keeps: a real cluster has at most 5,000 nodes, and every other watch
+/// follows one object by name. A remote that lists more is failed, not followed, so that
+/// no remote can grow the controller without bound (each object is bounded by its
+/// [`Relevant`] part: a node's addresses, a Service's ports, an Endpoints' addresses).
+pub const MAX_OBJECTS: usize = 10_000;
+/// A Service's ports and an Endpoints' subsets, ports and addresses kept, each: a gateway
+/// has a handful; the rest of a remote's list is not read.
+const MAX_LISTED: usize = 64;
 
 /// Nodes are most of what the controller holds (every node of every remote cluster), so they
 /// are kept as the compact [`NodeInfo`], about 100 bytes, not as a `Node` of about 2 KB.
@@ -49,7 +60,7 @@ impl Relevant for Service {
         let spec = self.spec.unwrap_or_default();
         Service {
             metadata: meta(self.metadata),
-            spec: Some(ServiceSpec { ports: spec.ports, type_: spec.type_, ..ServiceSpec::default() }),
+            spec: Some(ServiceSpec { ports: spec.ports.map(|p| p.into_iter().take(MAX_LISTED).collect()), type_: spec.type_, ..ServiceSpec::default() }),
             status: None,
         }
     }
@@ -62,11 +73,15 @@ impl Relevant for Endpoints {
         // the gateway pod.
         let subsets = self.subsets.map(|ss| {
             ss.into_iter()
+                .take(MAX_LISTED)
                 .map(|s| EndpointSubset {
                     addresses: s.addresses.map(|a| {
-                        a.into_iter().map(|a| EndpointAddress { ip: a.ip, node_name: a.node_name, ..EndpointAddress::default() }).collect()
+                        a.into_iter()
+                            .take(MAX_LISTED)
+                            .map(|a| EndpointAddress { ip: a.ip, node_name: a.node_name, ..EndpointAddress::default() })
+                            .collect()
                     }),
-                    ports: s.ports,
+                    ports: s.ports.map(|p| p.into_iter().take(MAX_LISTED).collect()),
                     not_ready_addresses: None,
                 })
                 .collect()
@@ -110,21 +125,37 @@ pub fn snapshots<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = 
 where
     K: Resource + Relevant + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
+    fold(watcher(api, config).default_backoff())
+}
+
+/// [`snapshots`] of a watcher's events.
+fn fold<K>(events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send) -> impl Stream<Item = Update<K::Kept>> + Send
+where
+    K: Resource + Relevant + Send + 'static,
+{
     let mut current: Arc<BTreeMap<String, K::Kept>> = Arc::default();
     let mut pending: BTreeMap<String, K::Kept> = BTreeMap::new();
     let mut synced = false;
-    watcher(api, config).default_backoff().filter_map(move |ev| {
+    let mut overflow = false;
+    events.filter_map(move |ev| {
         let out = match ev {
             Ok(watcher::Event::Init) => {
                 pending.clear();
+                overflow = false;
                 None
             }
             Ok(watcher::Event::InitApply(o)) => {
                 let name = o.name_any();
-                if is_object_name(&name) {
+                if is_object_name(&name) && (pending.len() < MAX_OBJECTS || pending.contains_key(&name)) {
                     pending.insert(name, o.relevant());
+                } else if pending.len() >= MAX_OBJECTS {
+                    overflow = true;
                 }
                 None
+            }
+            Ok(watcher::Event::InitDone) if std::mem::take(&mut overflow) => {
+                pending.clear();
+                Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; not followed")))
             }
             Ok(watcher::Event::InitDone) => {
                 current = Arc::new(std::mem::take(&mut pending));
@@ -139,6 +170,9 @@ where
                 let o = o.relevant();
                 if current.get(&name) == Some(&o) {
                     return std::future::ready(None);
+                }
+                if current.len() >= MAX_OBJECTS && !current.contains_key(&name) {
+                    return std::future::ready(Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; object {name} not followed"))));
                 }
                 // Copies the map only while a consumer still holds the previous snapshot.
                 Arc::make_mut(&mut current).insert(name, o);
@@ -189,6 +223,44 @@ mod tests {
         let mut moved = node("a", "3");
         moved.status.as_mut().unwrap().addresses.as_mut().unwrap()[0].address = "10.20.144.166".into();
         assert_ne!(node("a", "1").relevant(), moved.relevant());
+    }
+
+    fn named(name: String) -> Node {
+        Node { metadata: ObjectMeta { name: Some(name), ..ObjectMeta::default() }, ..Node::default() }
+    }
+
+    fn run(events: Vec<watcher::Event<Node>>) -> Vec<Result<usize, String>> {
+        let updates = futures::executor::block_on(fold(futures::stream::iter(events.into_iter().map(Ok))).collect::<Vec<_>>());
+        updates
+            .into_iter()
+            .map(|u| match u {
+                Update::Snapshot(s) => Ok(s.len()),
+                Update::Error(e) => Err(e),
+            })
+            .collect()
+    }
+
+    /// A remote that lists more objects than a real cluster holds is not followed: its
+    /// objects would otherwise grow the controller without bound.
+    #[test]
+    fn a_remote_listing_too_many_objects_is_failed_not_followed() {
+        let many = |n: usize| (0..n).map(|i| watcher::Event::InitApply(named(format!("n{i}"))));
+        let mut events = vec![watcher::Event::Init];
+        events.extend(many(MAX_OBJECTS + 1));
+        events.push(watcher::Event::InitDone);
+        // A relist that fits is followed again.
+        events.push(watcher::Event::Init);
+        events.extend(many(MAX_OBJECTS));
+        events.push(watcher::Event::InitDone);
+        events.push(watcher::Event::Apply(named("n0".into())));
+        events.push(watcher::Event::Apply(named("extra".into())));
+        events.push(watcher::Event::Delete(named("n1".into())));
+        events.push(watcher::Event::Apply(named("extra".into())));
+        let out = run(events);
+        assert!(matches!(&out[0], Err(e) if e.contains("more than 10000 objects")), "{:?}", out[0]);
+        assert_eq!(out[1], Ok(MAX_OBJECTS));
+        assert!(matches!(&out[2], Err(e) if e.contains("extra not followed")), "{:?}", out[2]);
+        assert_eq!(out[3..], [Ok(MAX_OBJECTS - 1), Ok(MAX_OBJECTS)]);
     }
 
     #[test]
