@@ -794,6 +794,37 @@ pub(crate) fn trie_insert<V: aya::Pod>(trie: &mut LpmTrie<MapData, u32, V>, key:
     }
 }
 
+/// What [`ControlMaps::expiry_scan`] found: the reverse table as read, the flows that looked
+/// expired, the reverse keys of live flows, and forward entries without their reverse half.
+#[derive(Debug, Default)]
+pub struct ExpiryScan {
+    revs: std::collections::HashMap<FlowKey, NatRev>,
+    doomed: Vec<(FlowKey, FlowKey)>,
+    live_rev: std::collections::HashSet<FlowKey>,
+    half: Vec<FlowKey>,
+}
+
+impl ExpiryScan {
+    /// How many flows looked expired.
+    #[must_use]
+    pub fn doomed(&self) -> usize {
+        self.doomed.len()
+    }
+}
+
+/// How long a flow of `proto` with the close bits `flags` may stay idle: UDP `udp_timeout`,
+/// TCP that saw both FINs or a RST `tcp_closed_timeout`, other TCP `tcp_timeout`.
+fn flow_timeout(proto: u8, flags: u32, gc: &GcConfig) -> u64 {
+    let d = if proto != IPPROTO_TCP {
+        gc.udp_timeout
+    } else if flags & FLOW_RST != 0 || flags & (FLOW_FIN_POD | FLOW_FIN_PEER) == FLOW_FIN_POD | FLOW_FIN_PEER {
+        gc.tcp_closed_timeout
+    } else {
+        gc.tcp_timeout
+    };
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// What one garbage-collection pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GcReport {
@@ -810,46 +841,59 @@ impl ControlMaps {
     /// a forward entry go too once idle as long. Forward entries found without their reverse
     /// half get it back.
     pub fn expire(&mut self, now_ns: u64, gc: &GcConfig) -> GcReport {
-        let mut report = GcReport::default();
-        let timeout = |proto: u8, flags: u32| -> u64 {
-            let d = if proto != IPPROTO_TCP {
-                gc.udp_timeout
-            } else if flags & FLOW_RST != 0 || flags & (FLOW_FIN_POD | FLOW_FIN_PEER) == FLOW_FIN_POD | FLOW_FIN_PEER {
-                gc.tcp_closed_timeout
-            } else {
-                gc.tcp_timeout
-            };
-            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-        };
-        let mut doomed = Vec::new();
-        let mut live_rev = std::collections::HashSet::new();
-        let mut half = Vec::new();
+        let scan = self.expiry_scan(now_ns, gc);
+        self.expire_scanned(scan, now_ns, gc)
+    }
+
+    /// Whether a flow whose halves are `fwd` and `rev` has been idle past its timeout.
+    fn idle_past_timeout(&self, proto: u8, fwd: &NatFwd, rev: Option<&NatRev>, now_ns: u64, gc: &GcConfig) -> bool {
+        now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns))))
+            > flow_timeout(proto, fwd.flags | rev.map_or(0, |r| r.flags), gc)
+    }
+
+    /// The first half of [`Self::expire`]: both tables read whole, and what looks expired.
+    pub fn expiry_scan(&self, now_ns: u64, gc: &GcConfig) -> ExpiryScan {
+        let mut scan = ExpiryScan::default();
         // Both tables read whole, the reverse one first: a flow that starts meanwhile has its
         // reverse half in before its forward one, so it is never seen as half a flow.
-        let revs: std::collections::HashMap<FlowKey, NatRev> = self.reverse_flows().into_iter().collect();
+        scan.revs = self.reverse_flows().into_iter().collect();
         for (key, fwd) in self.forward_flows() {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
-            let rev = revs.get(&rev_key).copied();
-            let flags = fwd.flags | rev.map_or(0, |r| r.flags);
-            let last = ClockGap::last_seen(&self.clock_gaps, fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)));
-            if now_ns.saturating_sub(last) > timeout(key.proto, flags) {
-                doomed.push((key, rev_key));
+            let rev = scan.revs.get(&rev_key);
+            if self.idle_past_timeout(key.proto, &fwd, rev, now_ns, gc) {
+                scan.doomed.push((key, rev_key));
             } else {
                 if rev.is_none() {
-                    half.push(key);
+                    scan.half.push(key);
                 }
-                live_rev.insert(rev_key);
+                scan.live_rev.insert(rev_key);
             }
         }
+        scan
+    }
+
+    /// The second half of [`Self::expire`]. The datapath ran on while the tables were read (a
+    /// scan of 65,536 flows takes a while): each flow is read again right before it goes, and
+    /// one that a packet has stamped since, or that now holds another tuple, stays. Deleting
+    /// a flow a packet has just used would cost that flow its reply's translation.
+    pub fn expire_scanned(&mut self, scan: ExpiryScan, now_ns: u64, gc: &GcConfig) -> GcReport {
+        let mut report = GcReport::default();
+        let ExpiryScan { revs, doomed, mut live_rev, half } = scan;
         for (key, rev_key) in &doomed {
+            let Ok(fwd) = self.nat_fwd.get(key, 0) else { continue };
+            let rev = self.nat_rev.get(rev_key, 0).ok();
+            if FlowKey::rev_of_fwd(key, &fwd) != *rev_key || !self.idle_past_timeout(key.proto, &fwd, rev.as_ref(), now_ns, gc) {
+                live_rev.insert(*rev_key);
+                continue;
+            }
             self.remove_flow(key, rev_key);
+            report.flows += 1;
         }
-        report.flows = doomed.len();
         let orphans: Vec<FlowKey> = revs
             .iter()
             .filter(|(k, r)| {
                 !live_rev.contains(*k)
-                    && now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, r.last_seen_ns)) > timeout(k.proto, r.flags)
+                    && now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, r.last_seen_ns)) > flow_timeout(k.proto, r.flags, gc)
             })
             .map(|(k, _)| *k)
             .collect();

@@ -1699,6 +1699,29 @@ fn gc_restores_a_missing_reverse_half_and_expires_whole_flows() {
     assert_eq!(h.flow_counts(), (0, 0));
 }
 
+/// The GC reads the tables whole, then deletes what looked idle: a packet that uses a flow in
+/// between must keep it, or the flow's next reply passes untranslated (for TCP, the pod then
+/// answers the gateway with a RST).
+#[test]
+fn a_flow_used_while_the_gc_scans_is_kept() {
+    let mut h = Harness::new(CONFIG);
+    let (pod, remote, gw) = ((POD, 5000), (REMOTE, 53), (GW, GW_UDP));
+    h.expect("query", FROM_POD, &pkt(pod, remote, L4::Udp, PAYLOAD), OK, &[("redirected", 1)]);
+    let later = meshnet::dump::monotonic_ns() + 200_000_000_000;
+    let scan = h.maps.expiry_scan(later, &gc_config(10));
+    assert_eq!(scan.doomed(), 1, "the UDP flow idle for 200 s did not look expired");
+    // A packet of the flow stamps it meanwhile (at `later`, as the datapath's clock reads then).
+    let fk = flow_key(pod, remote, IPPROTO_UDP);
+    let fwd = h.fwd_of(&fk);
+    h.maps.nat_fwd.insert(fk, NatFwd { last_seen_ns: later, ..fwd }, 0).unwrap();
+    assert_eq!(h.maps.expire_scanned(scan, later, &gc_config(10)).flows, 0, "a flow stamped during the scan was expired");
+    assert_eq!(h.flow_counts(), (1, 1));
+    h.expect("answer", TO_POD, &pkt(gw, pod, L4::Udp, PAYLOAD), OK, &[("reverse_translated", 1)]);
+    // Idle from then on, it goes at a later pass, both halves at once.
+    assert_eq!(h.maps.expire(later + 200_000_000_000, &gc_config(10)).flows, 1);
+    assert_eq!(h.flow_counts(), (0, 0));
+}
+
 // ---------------------------------------------------------------------------------------
 // Sweeps: random tuples, every truncation, random mutations
 // ---------------------------------------------------------------------------------------
