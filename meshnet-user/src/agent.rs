@@ -511,11 +511,18 @@ impl Agent {
         } else {
             BTreeSet::new()
         };
-        let report = self.maps.sync_evicting(&desired, &evict)?;
+        // Each with when it went down, on the datapath's clock: its flows answered since stay.
+        let (now, now_ns) = (Instant::now(), monotonic_ns());
+        let since = |gw: &GatewayId| {
+            let down_for = self.health.down_since(gw).map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            now_ns.saturating_sub(u64::try_from(down_for.as_nanos()).unwrap_or(u64::MAX))
+        };
+        let evict_since = evict.iter().map(|gw| (*gw, since(gw))).collect();
+        let report = self.maps.sync_evicting(&desired, &evict_since)?;
         self.desired = desired;
         self.sync_tunnel()?;
         if evict != self.evicted && !evict.is_empty() {
-            warn!(gateways = ?evict, grace = ?self.config.health.down_grace, flows = report.flows_purged, "gateways down past their grace period; their flows were purged and start again on live gateways");
+            warn!(gateways = ?evict, grace = ?self.config.health.down_grace, flows = report.flows_purged, "gateways down past their grace period; their flows without a reply since were purged and start again on live gateways");
         }
         self.evicted = evict;
         if !report.is_noop() {

@@ -634,12 +634,12 @@ impl ControlMaps {
     /// flows of withdrawn routes or of gateways that are gone are purged last, so their next
     /// packet picks a live gateway. Flows of a gateway that is merely down stay.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
-        self.sync_evicting(desired, &BTreeSet::new())
+        self.sync_evicting(desired, &BTreeMap::new())
     }
 
     /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
     /// and TCP port): those down longer than their grace period.
-    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>) -> anyhow::Result<SyncReport> {
+    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeMap<(Ipv4Addr, u16), u64>) -> anyhow::Result<SyncReport> {
         let current = self.current()?;
         // Before any gateway is published: a flow's replies must never find its port unmarked.
         // The first time, reverse entries too: one whose forward half was lost (a state
@@ -652,10 +652,29 @@ impl ControlMaps {
         let desired_local = local_nets(&desired.local);
         let staying: Vec<LocalNet> = self.published_local()?.into_iter().filter(|n| desired_local.contains(n)).collect();
         self.write_local(&staying)?;
-        let plan = Plan::new(&current, desired, evict);
+        let mut plan = Plan::new(&current, desired, &evict.keys().copied().collect());
+        self.spare_answered(&mut plan, desired, evict);
         self.apply(&plan)?;
         self.write_local(&desired_local)?;
         Ok(plan.report())
+    }
+
+    /// Takes out of `plan`'s purges the flows of an evicted gateway that it answered since it
+    /// was marked down (`evict`: gateway, then when, on the datapath's clock). Health probes
+    /// open new connections, and a gateway that refuses those may still carry the ones it
+    /// has: a flow with a reply since is alive, and purging it would reset it. One without
+    /// goes, and starts again on a live gateway.
+    fn spare_answered(&self, plan: &mut Plan, desired: &Desired, evict: &BTreeMap<(Ipv4Addr, u16), u64>) {
+        let down_since = |fwd: &NatFwd| {
+            let pg = desired.peers.get(&fwd.peer_id)?;
+            let g = pg.live().iter().find(|g| g.addr_be == fwd.gw_addr_be && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be))?;
+            evict.get(&(addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be))).copied()
+        };
+        plan.flow_purges.retain(|(key, fwd, why)| {
+            let Some(since) = (*why == Purge::Evicted).then(|| down_since(fwd)).flatten() else { return true };
+            let answered = self.nat_rev.get(&FlowKey::rev_of_fwd(key, fwd), 0).ok().map(|r| ClockGap::last_seen(&self.clock_gaps, r.last_seen_ns));
+            answered.is_none_or(|at| at < since)
+        });
     }
 
     /// What the control maps hold now.
@@ -852,11 +871,11 @@ impl ControlMaps {
     }
 
     /// The first half of [`Self::expire`]: both tables read whole, and what looks expired.
+    #[must_use]
     pub fn expiry_scan(&self, now_ns: u64, gc: &GcConfig) -> ExpiryScan {
-        let mut scan = ExpiryScan::default();
         // Both tables read whole, the reverse one first: a flow that starts meanwhile has its
         // reverse half in before its forward one, so it is never seen as half a flow.
-        scan.revs = self.reverse_flows().into_iter().collect();
+        let mut scan = ExpiryScan { revs: self.reverse_flows().into_iter().collect(), ..ExpiryScan::default() };
         for (key, fwd) in self.forward_flows() {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
             let rev = scan.revs.get(&rev_key);

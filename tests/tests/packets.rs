@@ -14,7 +14,7 @@
 //! Needs root (loading eBPF): `cargo test -p meshnet-tests --test packets`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
 };
@@ -1411,6 +1411,40 @@ fn a_lost_forward_entry_is_recreated_and_the_flow_keeps_its_tuple() {
     // The pod's next packet leaves on the same tuple: same (down) gateway, same port.
     let out = h.expect("data", FROM_POD, &pkt((POD, 40000), (REMOTE2, dport), L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
     assert_translated("data", &out, &pkt((POD, nat_port), (gw_addr, GW_TCP), L4::Tcp(ACK), PAYLOAD), (POD, nat_port), (gw_addr, GW_TCP));
+}
+
+/// A gateway down past its grace period loses the flows it has not answered since it went
+/// down, and keeps those it still answers: health probes open new connections, and a gateway
+/// that refuses those (a full backlog, a SYN filter) may still carry the ones it has.
+#[test]
+fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
+    let mut h = Harness::new(CONFIG);
+    let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
+    let (answered, silent) = ((POD, 40001), (POD, 40002));
+    for (what, pod) in [("answered", answered), ("silent", silent)] {
+        h.expect(what, FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    }
+    // It went down at `down`; one flow has had a reply since, the other has not.
+    let down = meshnet::dump::monotonic_ns();
+    let stamp = |h: &mut Harness, pod: Ep, at: u64| {
+        let rk = flow_key(gw, pod, IPPROTO_TCP);
+        let rev = h.rev_of(&rk);
+        h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: at, ..rev }, 0).unwrap();
+    };
+    stamp(&mut h, answered, down + 1_000_000_000);
+    stamp(&mut h, silent, down - 1_000_000_000);
+    h.set_gateway_up(GW, false);
+    let mut desired = Config::from_yaml(CONFIG).unwrap().desired();
+    let gw_id = (std::net::Ipv4Addr::from(GW), GW_TCP);
+    desired.apply_health(&BTreeSet::from([gw_id]));
+    let report = h.maps.sync_evicting(&desired, &BTreeMap::from([(gw_id, down)])).unwrap();
+    assert_eq!(report.flows_purged, 1, "{report:?}");
+    assert!(h.maps.nat_fwd.get(&flow_key(answered, remote, IPPROTO_TCP), 0).is_ok(), "the answered flow was purged");
+    assert!(h.maps.nat_fwd.get(&flow_key(silent, remote, IPPROTO_TCP), 0).is_err(), "the silent flow was kept");
+    assert_eq!(h.flow_counts(), (1, 1));
+    // The kept flow goes on through its gateway, both ways.
+    h.expect("data", FROM_POD, &pkt(answered, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
+    h.expect("reply", TO_POD, &pkt(gw, answered, L4::Tcp(ACK), PAYLOAD), OK, &[("reverse_translated", 1)]);
 }
 
 /// An RST marks the flow closing, but later segments in either direction clear it: TCP
