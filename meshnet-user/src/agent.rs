@@ -554,7 +554,7 @@ impl Agent {
         }
         if report.unresolved != self.unresolved {
             if !report.unresolved.is_empty() {
-                warn!(nodes = ?report.unresolved, "no route to these tunnel peer nodes; their pods are unreachable until there is one");
+                warn!(nodes = ?report.unresolved, "no route to these tunnel peer nodes; routes written for them keep their last path, and their other pods are unreachable until there is one");
             }
             self.unresolved.clone_from(&report.unresolved);
         }

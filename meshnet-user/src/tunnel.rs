@@ -585,7 +585,7 @@ impl TunnelMaps {
     }
 
     /// Makes the maps hold `desired`'s tunnel state, with each node's path from `paths` (a
-    /// node missing there is not routed), and for the decapsulating side `mtu`, the uplinks'
+    /// node missing there keeps the routes already written for it, else is not routed), and for the decapsulating side `mtu`, the uplinks'
     /// MTU, and `hosts`, this node's addresses (those inside its pod CIDRs are never
     /// delivered to). The settings and the node table go in before the routes that lead to them, and
     /// routes go before the nodes and settings they used: no packet is encapsulated toward a
@@ -619,6 +619,7 @@ impl TunnelMaps {
             self.routes.remove(&route_key(*net)).context("removing a tunnel route of a node that moves to another peer")?;
             report.routes_removed += 1;
         }
+        let routes = self.current_routes();
         let mut wanted = BTreeMap::new();
         for (net, node) in &desired.tun_routes {
             let addr = addr_of_be(node.addr_be);
@@ -626,12 +627,17 @@ impl TunnelMaps {
                 if !report.unresolved.contains(&addr) {
                     report.unresolved.push(addr);
                 }
+                // A route written for the same node keeps the path last found: a lookup that
+                // fails a moment (an address being replaced, a link flapping) must not cut
+                // every flow to the node until the next rescan.
+                if let Some(kept) = routes.get(net).filter(|r| r.addr_be == node.addr_be && r.peer_id == node.peer_id) {
+                    wanted.insert(*net, *kept);
+                }
                 continue;
             };
             let stats_slot = slots.get(&node.peer_id).and_then(|i| u16::try_from(i + 1).ok()).unwrap_or(0);
             wanted.insert(*net, TunnelNode { src_be: addr_be(path.src), ifindex: path.ifindex, mtu: path.mtu, stats_slot, ..*node });
         }
-        let routes = self.current_routes();
         // Where a table is too full to take a new entry beside the old ones, the removals go
         // first (routes, then the nodes they named): a node that leaves then stops a moment
         // before its successor starts, where failing would leave every change out.

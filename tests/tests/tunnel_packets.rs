@@ -329,6 +329,30 @@ fn decapsulation_reads_the_settings_copy_only_when_the_seqlock_vouches_for_it() 
     assert_eq!((v, out), (UNSPEC, pkt.clone()), "a tunnel packet without settings passes untouched");
 }
 
+/// A peer node whose path cannot be found for a moment (an address being replaced, a link
+/// flapping, a failed read) keeps the routes written for it with the path last found: its
+/// flows go on. A node the peer no longer lists loses them.
+#[test]
+fn a_node_without_a_path_for_a_moment_keeps_its_routes() {
+    let mut h = Harness::new();
+    let inner = udp(POD, REMOTE_NODE2, 5000, 53, b"query");
+    h.expect("before", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    let before = h.tunnel.current_routes();
+    let desired = Config::from_yaml(CONFIG).unwrap().desired();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let only_node1 = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path)]);
+    let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+    let report = h.tunnel.sync(&desired, &only_node1, MTU, &hosts).unwrap();
+    assert_eq!(report.unresolved, [Ipv4Addr::from(PEER_NODE2)]);
+    assert_eq!(report.routes_removed, 0, "{report:?}");
+    assert_eq!(h.tunnel.current_routes(), before);
+    h.expect("while its path is missing", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    // cluster2 stops listing its second node: its route goes, path or not.
+    let one_node = CONFIG.replace("      - address: 192.0.2.3\n        podCIDRs: [\"10.245.1.0/24\"]\n", "");
+    let report = h.tunnel.sync(&Config::from_yaml(&one_node).unwrap().desired(), &only_node1, MTU, &hosts).unwrap();
+    assert_eq!((report.routes_removed, report.nodes_removed), (1, 1), "{report:?}");
+}
+
 /// Each tunnel peer counts into a slot of its own (found by an array read, its index in the
 /// peer's routes): both nodes of a peer share it, a peer that goes frees it, and the next
 /// peer given it starts from zero, not from what the first one sent.
