@@ -607,8 +607,16 @@ impl<'a> Claims<'a> {
     /// paths under `at`. Claims nothing: `commit` does, once the caller accepts the peer.
     fn check(&self, c: &mut Checker, at: &str, raw: &RawPeer) -> Peer {
         let field = |f: &str| under(at, f);
+        // The names map holds 64 bytes: a longer name would come back cut from the pins (after
+        // a restart during an API outage) under another id, and two names alike in their first
+        // 64 bytes would be one. Names reach the log and the metrics: no control characters.
+        let max = std::mem::size_of::<meshnet_common::PeerName>();
         if raw.name.trim().is_empty() {
             c.err(field("name"), "must not be empty");
+        } else if raw.name.len() > max {
+            c.err(field("name"), format!("is {} bytes long; at most {max}", raw.name.len()));
+        } else if raw.name.chars().any(char::is_control) {
+            c.err(field("name"), format!("{:?} holds a control character", raw.name));
         } else if self.names.contains(&raw.name) {
             c.err(field("name"), format!("{:?} is not unique", raw.name));
         } else if raw.name == self.cluster {
@@ -1171,6 +1179,14 @@ peers:
         assert_eq!(u16::from_be(pg.gateways[0].tcp_port_be), 31674);
         assert_eq!(u16::from_be(pg.gateways[0].udp_port_be), 31675);
         assert_eq!(pg.gateways[0].flags, GW_UP);
+    }
+
+    #[test]
+    fn peer_names_fit_the_names_map_and_hold_no_control_character() {
+        let long = "c".repeat(65);
+        assert_eq!(errors(&GOOD.replace("name: cluster2", &format!("name: {long}"))), ["peers[0].name: is 65 bytes long; at most 64"]);
+        assert!(Config::from_yaml(&GOOD.replace("name: cluster2", &format!("name: {}", "c".repeat(64)))).is_ok());
+        assert_eq!(errors(&GOOD.replace("name: cluster2", r#"name: "c2\nINFO forged""#)), [r#"peers[0].name: "c2\nINFO forged" holds a control character"#]);
     }
 
     #[test]

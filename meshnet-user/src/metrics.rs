@@ -217,6 +217,9 @@ impl Metrics {
             let names: std::collections::BTreeMap<u32, String> =
                 m.names.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect();
             if let Ok(t) = crate::tunnel::TunnelMaps::open(&self.pins) {
+                // Only the peers counted now: names that came and went must not pile up.
+                self.tunnel_packets.clear();
+                self.tunnel_bytes.clear();
                 for (id, s) in t.peer_stats() {
                     let peer = names.get(&id).cloned().unwrap_or_else(|| format!("#{id:08x}"));
                     for (direction, packets, bytes) in [("tx", s.tx_packets, s.tx_bytes), ("rx", s.rx_packets, s.rx_bytes)] {

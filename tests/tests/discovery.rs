@@ -322,6 +322,10 @@ fn overlapping_cidrs_are_refused() {
     m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "only cluster2");
     let metrics = m.http(9465, "/metrics");
     assert!(metrics.contains("meshnet_controller_peer_refused_total{peer=\"cluster3\"} 1"), "{metrics}");
+    // Its secret gone, so is its series: names that come and go do not pile up.
+    m.local.delete("v1", "Secret", Some("istio-system"), "istio-remote-secret-cluster3");
+    let gone = poll(WAIT, || (!m.http(9465, "/metrics").contains("peer=\"cluster3\"")).then_some(()));
+    assert!(gone.is_some(), "cluster3's series outlived its secret: {}", m.http(9465, "/metrics"));
 }
 
 /// A remote that claims a published peer's CIDR is refused, though its name sorts first, and

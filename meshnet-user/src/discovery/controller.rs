@@ -162,6 +162,9 @@ struct State {
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
+    /// Peers with a `peer_refused` series: removed once the name is gone from the status, so
+    /// that names cycled through the inputs do not pile up.
+    refused_series: BTreeSet<String>,
     leader: bool,
     metrics: Arc<ControllerMetrics>,
 }
@@ -225,6 +228,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         published_peers: BTreeMap::new(),
         published_seen: false,
         refusals: BTreeMap::new(),
+        refused_series: BTreeSet::new(),
         leader: !opts.leader_election,
         metrics,
         opts,
@@ -559,8 +563,16 @@ impl State {
             if self.refusals.get(name) != Some(why) {
                 warn!(peer = %name, reason = %why, "peer refused");
                 self.metrics.refused.get_or_create(&PeerLabel { peer: name.clone() }).inc();
+                self.refused_series.insert(name.clone());
             }
         }
+        self.refused_series.retain(|name| {
+            let known = d.status.contains_key(name) || d.refused.contains_key(name);
+            if !known {
+                self.metrics.refused.remove(&PeerLabel { peer: name.clone() });
+            }
+            known
+        });
         self.refusals.clone_from(&d.refused);
         d
     }

@@ -248,7 +248,7 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
         match view.nodes.get(name).map(|n| node_address("gateways", name, n, opts.address_type)) {
             Some(Ok(Some(a))) => r.addresses.push(a),
             Some(Err(why)) => r.refusals.push(why),
-            Some(Ok(None)) | None => r.problems.push(format!("node {name} has no {} address", opts.address_type.kube_name())),
+            Some(Ok(None)) | None => r.problems.push(format!("node {} has no {} address", Quoted(name), opts.address_type.kube_name())),
         }
     }
     r.addresses.sort_unstable();
@@ -256,6 +256,8 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
     if r.addresses.is_empty() {
         r.problems.push(format!("no ready endpoint of Service {} on a known node", opts.gateway_service));
     }
+    cap_reasons(&mut r.refusals);
+    cap_reasons(&mut r.problems);
     r
 }
 
@@ -365,6 +367,23 @@ const MAX_CIDRS_PER_NODE: usize = limits::MAX_NODE_CIDRS;
 /// the peer keeps its last good state.
 #[must_use]
 pub fn resolve_tunnel(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ipv4Net]>, reserved: &Reserved) -> ResolvedTunnel {
+    let mut r = resolve_tunnel_nodes(view, opts, pod_cidrs, reserved);
+    cap_reasons(&mut r.refusals);
+    cap_reasons(&mut r.problems);
+    r
+}
+
+/// Keeps the first [`MAX_REASONS`] of `reasons` and says how many more there were: one
+/// reason a node, and a remote's thousands of nodes, must not fill `status.yaml` or the log.
+fn cap_reasons(reasons: &mut Vec<String>) {
+    if reasons.len() > MAX_REASONS {
+        let more = reasons.len() - MAX_REASONS;
+        reasons.truncate(MAX_REASONS);
+        reasons.push(format!("and {more} more"));
+    }
+}
+
+fn resolve_tunnel_nodes(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ipv4Net]>, reserved: &Reserved) -> ResolvedTunnel {
     let mut r = ResolvedTunnel {
         pod_cidrs: pod_cidrs.map_or_else(|| node_pod_cidrs(view.nodes.values()), <[Ipv4Net]>::to_vec),
         ..ResolvedTunnel::default()
@@ -425,7 +444,9 @@ pub fn resolve_tunnel(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Opti
     usable.retain(|(name, a, _)| {
         let names = &by_address[a];
         if names.len() > 1 {
-            r.skip(format!("node {name}: address {a} is also node {}'s", names.iter().filter(|n| *n != name).copied().collect::<Vec<_>>().join(", ")));
+            let others: Vec<&str> = names.iter().filter(|n| *n != name).copied().collect();
+            let more = if others.len() > 3 { format!(" and {} more", others.len() - 3) } else { String::new() };
+            r.skip(format!("node {name}: address {a} is also node {}'s{more}", others[..others.len().min(3)].join(", ")));
         }
         names.len() == 1
     });
@@ -1137,6 +1158,21 @@ mod tests {
         let r = resolve_tunnel(&many(10, 5000), &ResolveOptions::default(), None, &local());
         assert_eq!((r.nodes.len(), r.skipped.len(), r.skipped_count), (10, MAX_REASONS, 5000));
         assert!(r.skipped_summary().unwrap().ends_with("; and 4984 more"));
+        // Refusals are bounded alike: 5,000 nodes annotated with an address not their own.
+        let mut view = many(5000, 0);
+        for n in std::sync::Arc::make_mut(&mut view.nodes).values_mut() {
+            n.gateway_address = Some("192.0.2.7".into());
+        }
+        let r = resolve_tunnel(&view, &ResolveOptions::default(), None, &local());
+        assert_eq!(r.refusals.len(), MAX_REASONS + 1, "{:?}", &r.refusals[..3]);
+        assert_eq!(r.refusals.last().unwrap(), "and 4984 more");
+        // One address claimed by all of them names a few, not all.
+        let mut view = many(5000, 0);
+        for n in std::sync::Arc::make_mut(&mut view.nodes).values_mut() {
+            n.addresses = vec![(NodeAddressType::Internal, Ipv4Addr::new(172, 16, 0, 1))].into();
+        }
+        let r = resolve_tunnel(&view, &ResolveOptions::default(), None, &local());
+        assert!(r.skipped.iter().all(|s| s.len() < 200 && s.ends_with("and 4996 more")), "{:?}", &r.skipped[..1]);
     }
 
     /// Whatever the remote's nodes say, what resolve_tunnel makes of them never costs the
