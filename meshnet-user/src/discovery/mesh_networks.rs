@@ -13,7 +13,8 @@ use kube::{
 use tracing::warn;
 
 use super::{
-    kubeconfig,
+    bounded, kubeconfig,
+    remote::remote_text,
     resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, MODE_ANNOTATION, NETWORK_LABEL},
 };
 use crate::config::PeerMode;
@@ -35,23 +36,41 @@ pub struct Options {
 /// A cluster's network: the label of its Istio namespace, if it has one.
 async fn network_of(client: &Client, opts: &Options) -> anyhow::Result<Option<String>> {
     let ns = opts.istio_namespace.as_str();
-    Ok(Api::<Namespace>::all(client.clone())
-        .get_opt(ns)
-        .await
-        .context("reading the Istio namespace")?
+    Ok(bounded("reading the Istio namespace", Api::<Namespace>::all(client.clone()).get_opt(ns))
+        .await?
         .and_then(|n| n.labels().get(NETWORK_LABEL).cloned()))
+}
+
+/// A cluster's nodes, a page at a time (each page within what a remote's answer may hold,
+/// and within [`API_TIMEOUT`](super::API_TIMEOUT)), as discovery keeps them.
+async fn list_nodes(client: &Client) -> anyhow::Result<BTreeMap<String, resolve::NodeInfo>> {
+    let api = Api::<Node>::all(client.clone());
+    let mut nodes = BTreeMap::new();
+    let mut params = ListParams::default().limit(super::remote::PAGE_SIZE);
+    loop {
+        let page = bounded("listing nodes", api.list(&params)).await?;
+        for n in page.items {
+            if nodes.len() >= super::watch::MAX_OBJECTS {
+                anyhow::bail!("listing nodes: more than {} nodes", super::watch::MAX_OBJECTS);
+            }
+            nodes.insert(n.name_any(), n.into());
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(nodes),
+        }
+    }
 }
 
 /// Reads one cluster's gateway and network name.
 async fn read_cluster(client: &Client, opts: &Options, name: &str) -> anyhow::Result<(String, resolve::Resolved)> {
     let ns = opts.istio_namespace.as_str();
-    let nodes = Api::<Node>::all(client.clone()).list(&ListParams::default()).await.context("listing nodes")?;
     let svcs = Api::<Service>::namespaced(client.clone(), ns);
     let eps = Api::<Endpoints>::namespaced(client.clone(), ns);
     let view = ClusterView {
-        nodes: std::sync::Arc::new(nodes.items.into_iter().map(|n| (n.name_any(), n.into())).collect()),
-        service: svcs.get_opt(&opts.resolve.gateway_service).await.context("reading the gateway Service")?,
-        endpoints: eps.get_opt(&opts.resolve.gateway_service).await.context("reading the gateway Endpoints")?,
+        nodes: std::sync::Arc::new(list_nodes(client).await?),
+        service: bounded("reading the gateway Service", svcs.get_opt(&opts.resolve.gateway_service)).await?,
+        endpoints: bounded("reading the gateway Endpoints", eps.get_opt(&opts.resolve.gateway_service)).await?,
         tunnel_service: None,
     };
     let network = network_of(client, opts)
@@ -136,7 +155,7 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     for (name, (c, mode)) in &clusters {
         if *mode == PeerMode::Tunnel {
             let network = network_of(c, opts).await.unwrap_or_else(|e| {
-                warn!(cluster = %name, error = %format!("{e:#}"), "could not read its network label");
+                warn!(cluster = %name, error = %remote_text(&format!("{e:#}")), "could not read its network label");
                 None
             });
             tunnel.push((name.clone(), network));
@@ -161,7 +180,8 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
                 found.push((name, network, r));
             }
             Err(e) if name == &opts.cluster => return Err(e),
-            Err(e) => warn!(cluster = %name, error = %format!("{e:#}"), "skipping cluster"),
+            // A remote's answer, cut and escaped: it must not write lines of its own here.
+            Err(e) => warn!(cluster = %name, error = %remote_text(&format!("{e:#}")), "skipping cluster"),
         }
     }
     // This cluster's network is its own; a network that two remotes name is neither's, for

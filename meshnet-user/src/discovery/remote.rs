@@ -151,7 +151,7 @@ pub(super) async fn remote_task<M: Send + 'static>(
 /// An error text a remote API server had a hand in (its response body becomes part of it), as
 /// the status and the log carry it: cut to a few hundred characters, its control characters
 /// escaped, so that no remote can forge log lines or swell every peer's status.
-fn remote_text(text: &str) -> String {
+pub(super) fn remote_text(text: &str) -> String {
     const MAX: usize = 300;
     let mut out = String::new();
     for c in text.chars().take(MAX) {
