@@ -236,7 +236,12 @@ pub struct Datapath {
     pub pins: Pins,
     /// Old maps whose entries are still to be carried over (see [`crate::migrate`]).
     migration: Option<Migration>,
+    /// When the last copy of a migration ended, and how long it took.
+    last_copy: Option<(std::time::Instant, std::time::Duration)>,
 }
+
+/// A migration's copy this long is not repeated after every swap (see `catch_up_migration`).
+const SLOW_COPY: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Datapath {
     /// Loads the embedded object `choice` names, reusing maps already pinned under `pins`,
@@ -262,16 +267,18 @@ impl Datapath {
             Self::load_pinned(pins, max_flows, object, choice)
         })
         .and_then(|(dp, _)| {
+            let started = std::time::Instant::now();
             if !migration.is_empty() {
                 // Before any program of this build runs, so that the first packets already
                 // find their flows.
                 let n = migration.copy(pins, true)?;
                 info!(target: LOG, entries = n, "copied the old maps' entries into this build's maps");
             }
-            Ok(dp)
+            Ok((dp, started))
         });
         match loaded {
-            Ok(mut dp) => {
+            Ok((mut dp, started)) => {
+                dp.last_copy = Some((std::time::Instant::now(), started.elapsed()));
                 dp.migration = Some(migration);
                 // The tunnel counters of builds before v2 (a per-CPU hash this build cannot
                 // convert into its slots): they start again from zero.
@@ -294,6 +301,23 @@ impl Datapath {
                 Err(e)
             }
         }
+    }
+
+    /// While a migration is pending, the old programs still run on the interfaces not swapped
+    /// yet and add flows to the old maps, whose replies may already reach an interface this
+    /// build runs on: what they added is copied over after each swap (entries already in the
+    /// new maps win). A copy that takes [`SLOW_COPY`] or more (a full flow table) runs at most
+    /// every other of its own durations, so that a node with many pods is not held up long.
+    fn catch_up_migration(&mut self) {
+        let Some(m) = self.migration.as_ref().filter(|m| !m.is_empty()) else { return };
+        if self.last_copy.is_some_and(|(end, took)| took >= SLOW_COPY && end.elapsed() < took) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = m.copy(&self.pins, false) {
+            warn!(target: LOG, error = %format!("{e:#}"), "copying the old maps' new entries failed; they are copied again once every interface runs this build");
+        }
+        self.last_copy = Some((std::time::Instant::now(), started.elapsed()));
     }
 
     /// Ends a migration once this build's programs are attached everywhere: copies what the
@@ -394,7 +418,7 @@ impl Datapath {
             p.load().with_context(|| format!("the kernel refused program {prog}"))?;
         }
         install_log_program(&mut ebpf)?;
-        Ok(Self { ebpf, pins: pins.clone(), migration: None })
+        Ok(Self { ebpf, pins: pins.clone(), migration: None, last_copy: None })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to `iface`, replacing meshnet's
@@ -412,6 +436,7 @@ impl Datapath {
                 }
             }
         }
+        self.catch_up_migration();
         Ok(how)
     }
 

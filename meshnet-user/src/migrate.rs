@@ -3,8 +3,8 @@
 //! aya reuses a pinned map by name without looking at it. A pinned map this build cannot use
 //! as it is (another type, flags or size, or the pre-v2 names of the flow and peer maps) is
 //! migrated: its entries are copied into the map this build creates, once right after the
-//! load (before the programs are swapped) and once more after the swap, for the flows the
-//! old programs created in between. Only then are the old pins removed. A map that cannot be
+//! load (before the programs are swapped), again after each interface's swap and once more
+//! after the last, for the flows the old programs created in between. Only then are the old pins removed. A map that cannot be
 //! migrated (its key or value layout is unknown, or its entries do not fit) is refused with a
 //! clear message and left in place: flow state is never silently replaced by an empty map.
 //!

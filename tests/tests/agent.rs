@@ -713,6 +713,54 @@ fn the_flow_maps_allocation_follows_the_kernel_and_a_change_keeps_every_flow() {
     held.exchange("allocated on demand again");
 }
 
+/// During a migration the old programs still run on the interfaces not swapped yet: a flow
+/// they add to the old maps after the first copy must reach the new maps as soon as the next
+/// interface is swapped, not only once every interface runs the new build, for its replies
+/// may reach an interface already swapped (and pass untranslated there).
+#[test]
+fn flows_the_old_programs_add_during_a_migration_are_carried_over_at_each_swap() {
+    use meshnet::{
+        datapath::{AttachMode, Datapath},
+        datapath_log::Choice,
+        pins::Pins,
+    };
+    use meshnet_common::{names, FlowKey, NatFwd};
+    meshnet_tests::require_root();
+    let ns = meshnet_tests::NetNs::new("mg");
+    for (a, b) in [("mga", "mgb"), ("mgc", "mgd")] {
+        ns.ip(&format!("link add {a} type veth peer name {b}"));
+        ns.ip(&format!("link set {a} up"));
+    }
+    let bpffs = meshnet_tests::Bpffs::new();
+    let root = bpffs.pin_path();
+    ns.run(move || {
+        let pins = Pins::new(root.clone());
+        let mut old = Datapath::load(&pins, 65_536, Choice::Default).unwrap();
+        for iface in ["mga", "mgc"] {
+            old.attach(iface, AttachMode::Auto).unwrap();
+        }
+        drop(old);
+        // A new nat.maxFlows: the flow maps are moved aside and copied into new ones.
+        let mut new = Datapath::load(&pins, 131_072, Choice::Default).unwrap();
+        let maps = root.join("maps");
+        let aside = maps.join(format!("{}_migrating", names::NAT_FWD));
+        assert!(aside.exists(), "no migration: {aside:?} missing");
+        // What an old program adds after the first copy, on an interface not swapped yet.
+        let key = FlowKey { src_be: u32::from_ne_bytes([10, 244, 0, 9]), dst_be: u32::from_ne_bytes([10, 245, 0, 9]), sport_be: 4242u16.to_be(), dport_be: 80u16.to_be(), proto: 6, ..FlowKey::default() };
+        open_hash::<FlowKey, NatFwd>(&aside).insert(key, NatFwd { last_seen_ns: 1, ..NatFwd::default() }, 0).unwrap();
+        new.attach("mga", AttachMode::Auto).unwrap();
+        assert!(
+            open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).get(&key, 0).is_ok(),
+            "a flow the old programs added during the migration was not carried over at the swap"
+        );
+        new.attach("mgc", AttachMode::Auto).unwrap();
+        new.finish_migration().unwrap();
+        assert!(!aside.exists());
+        meshnet::datapath::detach_interface(&pins, "mga", None);
+        meshnet::datapath::detach_interface(&pins, "mgc", None);
+    });
+}
+
 /// An agent killed halfway through a migration leaves the map it started from under
 /// `<name>_migrating`; when the next one needs yet another layout (here a larger
 /// `nat.maxFlows`), it moves the half-migrated map aside as well, carries over the flows of
