@@ -357,7 +357,7 @@ impl RawConfig {
     }
 
     pub fn from_yaml(text: &str, shown: &str) -> Result<Self, ConfigError> {
-        crate::yaml::refuse_aliases(text).map_err(|source| ConfigError::Refused { path: shown.into(), source })?;
+        crate::yaml::bound_aliases(text).map_err(|source| ConfigError::Refused { path: shown.into(), source })?;
         serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: shown.into(), source })
     }
 
@@ -1190,10 +1190,12 @@ peers:
     }
 
     #[test]
-    fn anchors_and_aliases_are_refused_with_where() {
-        let y = GOOD.replacen(r#""10.245.0.0/16""#, r#"&c "10.245.0.0/16""#, 1);
-        let e = Config::from_yaml(&y).unwrap_err();
-        assert!(matches!(&e, ConfigError::Refused { .. }) && e.to_string().contains("YAML anchor"), "{e}");
+    fn anchors_reused_pass_and_an_alias_bomb_is_refused_with_where() {
+        let y = GOOD.replacen(r#"podCIDRs: ["10.244.0.0/16"]"#, r#"podCIDRs: &mine ["10.244.0.0/16"]"#, 1) + "serviceCIDRs: *mine\n";
+        assert_eq!(Config::from_yaml(&y).unwrap().service_cidrs, Config::from_yaml(GOOD).unwrap().pod_cidrs);
+        let bomb = format!("{GOOD}x:\n{}", crate::yaml::alias_bomb().replace("- ", "  - "));
+        let e = Config::from_yaml(&bomb).unwrap_err();
+        assert!(matches!(&e, ConfigError::Refused { .. }) && e.to_string().contains("YAML aliases"), "{e}");
     }
 
     #[test]

@@ -299,12 +299,12 @@ enum MapsCommand {
 /// The log filter `text` asks for. kube's own warnings quote a remote API server's answers
 /// whole (a body that is not JSON, a refusal's Status), so a remote could write lines of its
 /// choosing into the controller's log; meshnet logs those failures itself, cut and escaped
-/// (`discovery::remote_text`). Unless the filter names kube, kube logs only its errors.
+/// (`discovery::remote_text`). Unless the filter names kube's crate, it logs only its errors.
 fn log_filter(text: &str) -> tracing_subscriber::EnvFilter {
     let mut filter = tracing_subscriber::EnvFilter::try_new(text).unwrap_or_else(|_| "info".into());
-    if !text.contains("kube") {
-        for quiet in ["kube_client=error", "kube_runtime=error"] {
-            filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+    for target in ["kube_client", "kube_runtime"] {
+        if !text.contains(target) {
+            filter = filter.add_directive(format!("{target}=error").parse().expect("a valid directive"));
         }
     }
     filter
@@ -506,9 +506,15 @@ mod tests {
 
     #[test]
     fn kube_logs_only_its_errors_unless_asked() {
-        for (text, quiet) in [("info", true), ("debug", true), ("not a filter[", true), ("info,kube_client=debug", false)] {
+        for (text, client, runtime) in [
+            ("info", true, true),
+            ("debug", true, true),
+            ("not a filter[", true, true),
+            ("info,meshnet::discovery::kubeconfig=debug", true, true),
+            ("info,kube_client=debug", false, true),
+        ] {
             let f = log_filter(text).to_string();
-            assert_eq!(f.contains("kube_client=error") && f.contains("kube_runtime=error"), quiet, "{text}: {f}");
+            assert_eq!((f.contains("kube_client=error"), f.contains("kube_runtime=error")), (client, runtime), "{text}: {f}");
         }
     }
 }

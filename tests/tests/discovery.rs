@@ -296,7 +296,7 @@ fn a_remote_that_answers_without_end_costs_only_its_own_peer() {
     let why = poll(WAIT, || {
         let (_, status) = m.published()?;
         let e = status_of(&status, "cluster3")["error"].as_str()?.to_owned();
-        e.contains("more than 32 MiB").then_some(e)
+        e.contains("more than 8 MiB").then_some(e)
     });
     assert!(why.is_some(), "cluster3's endless answers were never refused: {:?}", m.published());
     // Each answer is cut at its bound, again after every backoff; the rest goes on.

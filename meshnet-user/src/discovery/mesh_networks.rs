@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
 use anyhow::{bail, Context as _};
-use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Namespace, Node, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Namespace, Secret, Service};
 use kube::{
     api::{ListParams, PostParams},
     Api, Client, ResourceExt as _,
@@ -44,10 +44,13 @@ async fn network_of(client: &Client, opts: &Options) -> anyhow::Result<Option<St
 /// A cluster's nodes, a page at a time (each page within what a remote's answer may hold,
 /// and within [`API_TIMEOUT`](super::API_TIMEOUT)), as discovery keeps them.
 async fn list_nodes(client: &Client) -> anyhow::Result<BTreeMap<String, resolve::NodeInfo>> {
-    let api = Api::<Node>::all(client.clone());
+    let api = Api::<resolve::RemoteNode>::all(client.clone());
     let mut nodes = BTreeMap::new();
     let mut params = ListParams::default().limit(super::remote::PAGE_SIZE);
-    loop {
+    // As many pages as the most nodes followed fill, and a few more: a remote may answer
+    // every page with another continue token and nothing new.
+    let most = super::watch::MAX_OBJECTS / super::remote::PAGE_SIZE as usize + 10;
+    for _ in 0..most {
         let page = bounded("listing nodes", api.list(&params)).await?;
         for n in page.items {
             if nodes.len() >= super::watch::MAX_OBJECTS {
@@ -60,6 +63,7 @@ async fn list_nodes(client: &Client) -> anyhow::Result<BTreeMap<String, resolve:
             None => return Ok(nodes),
         }
     }
+    anyhow::bail!("listing nodes: more than {most} pages")
 }
 
 /// Reads one cluster's gateway and network name.

@@ -78,7 +78,7 @@ impl Published {
         if text.trim().is_empty() {
             return Self::Unreadable(format!("{key} is empty (an empty publish is written as [])"));
         }
-        if let Err(e) = crate::yaml::refuse_aliases(text) {
+        if let Err(e) = crate::yaml::bound_aliases(text) {
             return Self::Unreadable(format!("{key}: {e}"));
         }
         let values: Vec<serde_yaml::Value> = match serde_yaml::from_str(text) {
@@ -141,7 +141,7 @@ pub fn parse_status(cm: &ConfigMap) -> BTreeMap<String, PeerStatus> {
     cm.data
         .as_ref()
         .and_then(|d| d.get(STATUS_KEY))
-        .filter(|t| crate::yaml::refuse_aliases(t).is_ok())
+        .filter(|t| crate::yaml::bound_aliases(t).is_ok())
         .and_then(|t| serde_yaml::from_str(t).ok())
         .unwrap_or_default()
 }
@@ -181,13 +181,16 @@ mod tests {
     /// Anyone who may edit the ConfigMaps could otherwise make every agent and the controller
     /// expand a few kilobytes of aliases into gigabytes (see `crate::yaml`).
     #[test]
-    fn anchors_and_aliases_make_the_objects_unreadable() {
-        let text = "- &a {name: c2, podCIDRs: [10.245.0.0/16], gateways: [{address: 10.20.144.165, port: 32361}]}\n- *a\n";
-        let Published::Unreadable(why) = Published::parse(Some(&cm(Some(text)))) else { panic!("read") };
-        assert!(why.contains("YAML anchor"), "{why}");
-        assert!(readable_holds(&ConfigMap { data: Some([(HOLDS_KEY.to_string(), text.to_string())].into()), ..ConfigMap::default() }).is_empty());
-        let status = "c2: &s {stale: true}\nc3: *s\n";
-        assert!(parse_status(&ConfigMap { data: Some([(STATUS_KEY.to_string(), status.to_string())].into()), ..ConfigMap::default() }).is_empty());
+    fn an_alias_bomb_makes_the_objects_unreadable() {
+        let text = crate::yaml::alias_bomb();
+        let Published::Unreadable(why) = Published::parse(Some(&cm(Some(&text)))) else { panic!("read") };
+        assert!(why.contains("YAML aliases"), "{why}");
+        assert!(readable_holds(&ConfigMap { data: Some([(HOLDS_KEY.to_string(), text.clone())].into()), ..ConfigMap::default() }).is_empty());
+        let status = format!("c1: {{stale: true}}\nlist:\n{}", text.replace("- ", "  - "));
+        assert!(parse_status(&ConfigMap { data: Some([(STATUS_KEY.to_string(), status)].into()), ..ConfigMap::default() }).is_empty());
+        // An anchor used once more is no bomb.
+        let small = "- &a {name: c2, podCIDRs: [10.245.0.0/16], gateways: [{address: 10.20.144.165, port: 32361}]}\n- *a\n";
+        assert!(matches!(Published::parse(Some(&cm(Some(small)))), Published::Entries(e) if e.len() == 2));
     }
 
     #[test]

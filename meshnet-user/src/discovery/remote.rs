@@ -6,14 +6,14 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use kube::{runtime::watcher, Api};
 use tokio::sync::mpsc;
 
 use super::{
     controller::ControllerOptions,
     kubeconfig,
-    resolve::ClusterView,
+    resolve::{ClusterView, RemoteNode},
     watch::{snapshots, Update},
 };
 use crate::config::PeerMode;
@@ -35,7 +35,7 @@ pub(super) const CONCURRENT_LISTS: usize = 4;
 const LIST_TURN: Duration = Duration::from_secs(30);
 /// Nodes per page of a remote's list: real nodes are up to ~50 KB each (their image lists),
 /// so a page stays well inside what one answer may hold (`response_limits::MAX_BODY`).
-pub(super) const PAGE_SIZE: u32 = 100;
+pub(super) const PAGE_SIZE: u32 = 50;
 
 type Snapshots<K> = Pin<Box<dyn Stream<Item = Update<K>> + Send>>;
 
@@ -92,7 +92,7 @@ pub(super) async fn remote_task<M: Send + 'static>(
     };
     let (ns, gw) = (opts.istio_namespace.as_str(), opts.resolve.gateway_service.as_str());
     let gateway = mode == PeerMode::Gateway;
-    let mut nodes = std::pin::pin!(snapshots(Api::<Node>::all(client.clone()), watcher::Config::default().page_size(PAGE_SIZE)));
+    let mut nodes = std::pin::pin!(snapshots(Api::<RemoteNode>::all(client.clone()), watcher::Config::default().page_size(PAGE_SIZE)));
     let mut svcs = one::<Service>(&client, ns, gw, gateway);
     let mut eps = one::<Endpoints>(&client, ns, gw, gateway);
     // In the remote's namespace of meshnet's name here: deploy/ installs both in `meshnet`.

@@ -148,6 +148,148 @@ impl From<Node> for NodeInfo {
     }
 }
 
+/// A remote's Node as it comes off the wire, with only what discovery reads parsed: the
+/// name, resource version and address annotation, the first pod CIDRs and addresses. The
+/// rest (images, conditions, managed fields, the other annotations) is skipped without being
+/// stored, so that what a remote sends costs no more memory than its own length, where a
+/// whole `Node` could cost ten times its JSON (`"images":[{},{},...]`).
+#[derive(Debug, Clone)]
+pub struct RemoteNode(pub Node);
+
+impl<'de> Deserialize<'de> for RemoteNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use k8s_openapi::{
+            api::core::v1::{NodeAddress, NodeSpec, NodeStatus},
+            apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        };
+        #[derive(Deserialize, Default)]
+        #[serde(default, rename_all = "camelCase")]
+        struct Meta {
+            name: Option<String>,
+            resource_version: Option<String>,
+            #[serde(deserialize_with = "only_address_annotation")]
+            annotations: Option<BTreeMap<String, String>>,
+        }
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct Spec {
+            #[serde(rename = "podCIDR")]
+            pod_cidr: Option<String>,
+            #[serde(rename = "podCIDRs", deserialize_with = "first_few")]
+            pod_cidrs: Vec<String>,
+        }
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct Status {
+            #[serde(deserialize_with = "first_few")]
+            addresses: Vec<NodeAddress>,
+        }
+        #[derive(Deserialize)]
+        struct Wire {
+            #[serde(default)]
+            metadata: Option<Meta>,
+            #[serde(default)]
+            spec: Option<Spec>,
+            #[serde(default)]
+            status: Option<Status>,
+        }
+        let w = Wire::deserialize(d)?;
+        let (m, spec, status) = (w.metadata.unwrap_or_default(), w.spec.unwrap_or_default(), w.status.unwrap_or_default());
+        Ok(Self(Node {
+            metadata: ObjectMeta { name: m.name, resource_version: m.resource_version, annotations: m.annotations, ..ObjectMeta::default() },
+            spec: Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: Some(spec.pod_cidrs), ..NodeSpec::default() }),
+            status: Some(NodeStatus { addresses: Some(status.addresses), ..NodeStatus::default() }),
+        }))
+    }
+}
+
+/// The first [`MAX_PER_NODE`] items of a list (or none for `null`); the rest are skipped.
+fn first_few<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    struct FirstFew<T>(Vec<T>);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for FirstFew<T> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+                type Value = FirstFew<T>;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a list")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                    let mut out = Vec::new();
+                    while out.len() < MAX_PER_NODE {
+                        match seq.next_element()? {
+                            Some(x) => out.push(x),
+                            None => return Ok(FirstFew(out)),
+                        }
+                    }
+                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                    Ok(FirstFew(out))
+                }
+            }
+            d.deserialize_seq(V(std::marker::PhantomData))
+        }
+    }
+    Ok(Option::<FirstFew<T>>::deserialize(d)?.map(|f| f.0).unwrap_or_default())
+}
+
+/// Of a node's annotations, the [`ADDRESS_ANNOTATION`] alone; the others are skipped.
+fn only_address_annotation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Only(BTreeMap<String, String>);
+    impl<'de> Deserialize<'de> for Only {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Only;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a map of strings")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let mut out = BTreeMap::new();
+                    while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                        if key == ADDRESS_ANNOTATION {
+                            out.insert(key.into_owned(), map.next_value::<String>()?);
+                        } else {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                    Ok(Only(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    Ok(Option::<Only>::deserialize(d)?.map(|o| o.0))
+}
+
+impl kube::Resource for RemoteNode {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+    fn kind((): &()) -> std::borrow::Cow<'_, str> {
+        "Node".into()
+    }
+    fn group((): &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version((): &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural((): &()) -> std::borrow::Cow<'_, str> {
+        "nodes".into()
+    }
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &self.0.metadata
+    }
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+impl From<RemoteNode> for NodeInfo {
+    fn from(node: RemoteNode) -> Self {
+        Self::from(node.0)
+    }
+}
+
 /// What discovery read from one cluster.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
@@ -254,7 +396,8 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
     r.addresses.sort_unstable();
     r.addresses.dedup();
     if r.addresses.is_empty() {
-        r.problems.push(format!("no ready endpoint of Service {} on a known node", opts.gateway_service));
+        // First, before the per-node ones that a cap may cut.
+        r.problems.insert(0, format!("no ready endpoint of Service {} on a known node", opts.gateway_service));
     }
     cap_reasons(&mut r.refusals);
     cap_reasons(&mut r.problems);
@@ -737,7 +880,7 @@ impl MeshNetworks {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        crate::yaml::refuse_aliases(text)?;
+        crate::yaml::bound_aliases(text)?;
         Ok(serde_yaml::from_str(text)?)
     }
 
@@ -752,7 +895,7 @@ impl MeshNetworks {
         if text.trim().is_empty() {
             return Ok((Self::default(), BTreeMap::new()));
         }
-        crate::yaml::refuse_aliases(text)?;
+        crate::yaml::bound_aliases(text)?;
         let loose: Loose = serde_yaml::from_str(text)?;
         let mut out = Self::default();
         let mut broken = BTreeMap::new();
@@ -880,6 +1023,33 @@ mod tests {
         n.metadata.resource_version = Some("42".into());
         n.status.as_mut().unwrap().conditions = Some(vec![k8s_openapi::api::core::v1::NodeCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() }]);
         assert_eq!(NodeInfo::from(n), info);
+    }
+
+    /// A remote's Node is parsed for what discovery reads, and nothing else is stored: it
+    /// makes the same NodeInfo as the whole Node, whatever else it carries.
+    #[test]
+    fn a_remote_node_is_parsed_for_what_discovery_reads() {
+        let mut n = node("n2", "10.20.144.165", "10.245.0.7/24");
+        n.metadata.annotations = Some([(ADDRESS_ANNOTATION.into(), "10.20.144.165".into()), ("other".into(), "x".repeat(1000))].into());
+        n.metadata.resource_version = Some("42".into());
+        let mut json = serde_json::to_value(&n).unwrap();
+        json["status"]["images"] = serde_json::Value::Array(vec![serde_json::json!({}); 100_000]);
+        json["metadata"]["managedFields"] = serde_json::Value::Array(vec![serde_json::json!({"manager": "x"}); 1000]);
+        json["status"]["addresses"] = serde_json::Value::Array(
+            (0..1000u32).map(|i| serde_json::json!({"type": "InternalIP", "address": Ipv4Addr::from(0x0a14_9000 + i).to_string()})).collect(),
+        );
+        let remote: RemoteNode = serde_json::from_value(json).unwrap();
+        assert_eq!(remote.0.metadata.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(), [ADDRESS_ANNOTATION]);
+        assert_eq!(remote.0.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(remote.0.status.as_ref().unwrap().addresses.as_ref().unwrap().len(), MAX_PER_NODE);
+        let info = NodeInfo::from(remote);
+        assert_eq!(info.addresses.len(), MAX_PER_NODE);
+        assert_eq!(info.gateway_address.as_deref(), Some("10.20.144.165"));
+        // A plain node: the same as the whole Node makes; nulls and missing parts are empty.
+        let plain = node("n2", "10.20.144.165", "10.245.0.7/24");
+        assert_eq!(NodeInfo::from(serde_json::from_value::<RemoteNode>(serde_json::to_value(&plain).unwrap()).unwrap()), NodeInfo::from(plain));
+        let bare: RemoteNode = serde_json::from_str(r#"{"metadata": {"name": "n3", "annotations": null}, "spec": {"podCIDRs": null}, "status": null}"#).unwrap();
+        assert_eq!(NodeInfo::from(bare), NodeInfo { pod_cidrs: [].into(), addresses: [].into(), gateway_address: None });
     }
 
     /// A remote's node costs the controller what a real node does, whatever it lists.
@@ -1348,8 +1518,11 @@ mod tests {
         let names: Vec<String> = m.peers(None).into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["good", "hostname"]);
         assert!(MeshNetworks::parse_each("networks: [1, 2]").is_err());
+        // Anchors as Istio accepts them pass; an alias bomb does not.
         let aliased = "networks:\n  a: &n {endpoints: [{fromRegistry: a}], gateways: [{address: 192.0.2.1, port: 15443}]}\n  b: *n\n";
-        assert!(matches!(MeshNetworks::parse_each(aliased), Err(MeshNetworksError::Refused(_))));
-        assert!(matches!(MeshNetworks::parse(aliased), Err(MeshNetworksError::Refused(_))));
+        assert_eq!(MeshNetworks::parse_each(aliased).unwrap().0.networks.len(), 2);
+        let bomb = format!("networks: {{}}\nx:\n{}", crate::yaml::alias_bomb().replace("- ", "  - "));
+        assert!(matches!(MeshNetworks::parse_each(&bomb), Err(MeshNetworksError::Refused(_))));
+        assert!(matches!(MeshNetworks::parse(&bomb), Err(MeshNetworksError::Refused(_))));
     }
 }

@@ -29,7 +29,7 @@ use tokio::time::{Instant, Sleep};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-pub const MAX_BODY: u64 = 32 << 20;
+pub const MAX_BODY: u64 = 8 << 20;
 pub const MAX_WATCH_LINE: u64 = 4 << 20;
 pub const HEADERS_WITHIN: Duration = Duration::from_secs(30);
 pub const BODY_WITHIN: Duration = Duration::from_mins(2);
@@ -114,15 +114,18 @@ impl Body for Bounded {
         };
         if let Some(data) = frame.data_ref() {
             let len = data.len() as u64;
-            let (seen, limit, what) = match this.limits {
-                Limits::Lines => match data.iter().rposition(|&b| b == b'\n') {
-                    Some(i) => (len - 1 - i as u64, MAX_WATCH_LINE, "a line of its watch stream"),
-                    None => (this.seen + len, MAX_WATCH_LINE, "a line of its watch stream"),
+            // For a watch: the line this chunk ends (the bytes before its first newline) and the
+            // line it leaves open (after its last). A chunk is far shorter than the bound, so the
+            // lines wholly inside it need no count of their own.
+            let (ended, seen, limit, what) = match this.limits {
+                Limits::Lines => match (data.iter().position(|&b| b == b'\n'), data.iter().rposition(|&b| b == b'\n')) {
+                    (Some(first), Some(last)) => (this.seen + first as u64, len - 1 - last as u64, MAX_WATCH_LINE, "a line of its watch stream"),
+                    _ => (0, this.seen + len, MAX_WATCH_LINE, "a line of its watch stream"),
                 },
-                Limits::Whole(_) => (this.seen + len, MAX_BODY, "its answer"),
+                Limits::Whole(_) => (0, this.seen + len, MAX_BODY, "its answer"),
             };
             this.seen = seen;
-            if seen > limit {
+            if seen.max(ended) > limit {
                 return Poll::Ready(Some(Err(format!("the remote API server sent more than {} MiB in {what}", limit >> 20).into())));
             }
         }
@@ -171,20 +174,35 @@ mod tests {
     }
 
     const MIB: &[u8] = &[b'x'; 1 << 20];
+    /// Most of a MiB, then the newline that ends a line.
+    const MIB_THEN_NEWLINE: &[u8] = &{
+        let mut c = [b'x'; 1 << 20];
+        c[(1 << 20) - 1] = b'\n';
+        c
+    };
     const LINE: &[u8] = b"{\"type\":\"ADDED\"}\n";
 
     #[tokio::test]
     async fn an_endless_answer_or_line_fails_at_its_bound() {
         let layer = ResponseLimitsLayer;
         let e = read(layer.layer(server(MIB, None)), "/api/v1/nodes?limit=100").await.unwrap_err();
-        assert!(e.contains("more than 32 MiB in its answer"), "{e}");
+        assert!(e.contains("more than 8 MiB in its answer"), "{e}");
         let e = read(layer.layer(server(MIB, None)), "/api/v1/nodes?watch=true&resourceVersion=1").await.unwrap_err();
         assert!(e.contains("more than 4 MiB in a line of its watch stream"), "{e}");
+        // A line ended by the chunk that takes it past the bound fails too.
+        let svc = tower::service_fn(|_req: Request<()>| {
+            let chunks = [MIB, MIB, MIB, MIB, MIB_THEN_NEWLINE];
+            let frames = futures::stream::iter(chunks.map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from_static(c)))));
+            let body: Box<DynBody> = Box::new(http_body_util::StreamBody::new(frames));
+            async move { Ok::<_, BoxError>(Response::new(body)) }
+        });
+        let e = read(layer.layer(svc), "/api/v1/nodes?watch=true").await.unwrap_err();
+        assert!(e.contains("more than 4 MiB in a line"), "{e}");
         // A watch of many short lines may outgrow any one answer's bound.
         let many = usize::try_from(MAX_BODY).unwrap() / LINE.len() + 1;
         assert_eq!(read(layer.layer(server(LINE, Some(many))), "/api/v1/nodes?watch=1").await, Ok(many as u64 * LINE.len() as u64));
         // Within its bound an answer is passed whole.
-        assert_eq!(read(layer.layer(server(MIB, Some(32))), "/api/v1/nodes").await, Ok(32 << 20));
+        assert_eq!(read(layer.layer(server(MIB, Some(8))), "/api/v1/nodes").await, Ok(8 << 20));
     }
 
     #[tokio::test(start_paused = true)]

@@ -54,6 +54,13 @@ impl Relevant for Node {
     }
 }
 
+impl Relevant for super::resolve::RemoteNode {
+    type Kept = NodeInfo;
+    fn relevant(self) -> NodeInfo {
+        NodeInfo::from(self)
+    }
+}
+
 impl Relevant for Service {
     type Kept = Self;
     fn relevant(self) -> Self {
@@ -144,24 +151,35 @@ where
                 overflow = false;
                 None
             }
+            // Past the bound the list is failed at once (its pages may never end), and what
+            // it lists from then on is not kept.
+            Ok(watcher::Event::InitApply(_)) if overflow => None,
             Ok(watcher::Event::InitApply(o)) => {
                 let name = o.name_any();
-                if is_object_name(&name) && (pending.len() < MAX_OBJECTS || pending.contains_key(&name)) {
+                if !is_object_name(&name) {
+                    None
+                } else if pending.len() < MAX_OBJECTS || pending.contains_key(&name) {
                     pending.insert(name, o.relevant());
-                } else if pending.len() >= MAX_OBJECTS {
+                    None
+                } else {
                     overflow = true;
+                    pending.clear();
+                    Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; not followed")))
                 }
-                None
             }
+            // No snapshot until a list fits: the last one stands, stale.
             Ok(watcher::Event::InitDone) if std::mem::take(&mut overflow) => {
-                pending.clear();
-                Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; not followed")))
+                current = Arc::default();
+                synced = false;
+                None
             }
             Ok(watcher::Event::InitDone) => {
                 current = Arc::new(std::mem::take(&mut pending));
                 synced = true;
                 Some(Update::Snapshot(current.clone()))
             }
+            // Not synced (a list past the bound): nothing is followed until a list fits.
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) if !synced => None,
             Ok(watcher::Event::Apply(o)) => {
                 let name = o.name_any();
                 if !is_object_name(&name) {
@@ -172,11 +190,13 @@ where
                     return std::future::ready(None);
                 }
                 if current.len() >= MAX_OBJECTS && !current.contains_key(&name) {
-                    return std::future::ready(Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; object {name} not followed"))));
+                    current = Arc::default();
+                    synced = false;
+                    return std::future::ready(Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; not followed"))));
                 }
                 // Copies the map only while a consumer still holds the previous snapshot.
                 Arc::make_mut(&mut current).insert(name, o);
-                synced.then(|| Update::Snapshot(current.clone()))
+                Some(Update::Snapshot(current.clone()))
             }
             Ok(watcher::Event::Delete(o)) => {
                 let name = o.name_any();
@@ -184,7 +204,7 @@ where
                     return std::future::ready(None);
                 }
                 Arc::make_mut(&mut current).remove(&name);
-                synced.then(|| Update::Snapshot(current.clone()))
+                Some(Update::Snapshot(current.clone()))
             }
             Err(e) => Some(Update::Error(e.to_string())),
         };
@@ -253,14 +273,21 @@ mod tests {
         events.extend(many(MAX_OBJECTS));
         events.push(watcher::Event::InitDone);
         events.push(watcher::Event::Apply(named("n0".into())));
-        events.push(watcher::Event::Apply(named("extra".into())));
         events.push(watcher::Event::Delete(named("n1".into())));
+        events.push(watcher::Event::Apply(named("n1".into())));
+        // Past the bound while watching: nothing more is followed, until a list fits.
         events.push(watcher::Event::Apply(named("extra".into())));
+        events.push(watcher::Event::Delete(named("n2".into())));
+        events.push(watcher::Event::Apply(named("extra2".into())));
+        events.push(watcher::Event::Init);
+        events.extend(many(3));
+        events.push(watcher::Event::InitDone);
         let out = run(events);
-        assert!(matches!(&out[0], Err(e) if e.contains("more than 10000 objects")), "{:?}", out[0]);
-        assert_eq!(out[1], Ok(MAX_OBJECTS));
-        assert!(matches!(&out[2], Err(e) if e.contains("extra not followed")), "{:?}", out[2]);
-        assert_eq!(out[3..], [Ok(MAX_OBJECTS - 1), Ok(MAX_OBJECTS)]);
+        let past = |u: &Result<usize, String>| matches!(u, Err(e) if e.contains("more than 10000 objects; not followed"));
+        assert!(past(&out[0]), "{:?}", out[0]);
+        assert_eq!(out[1..4], [Ok(MAX_OBJECTS), Ok(MAX_OBJECTS - 1), Ok(MAX_OBJECTS)]);
+        assert!(past(&out[4]), "{:?}", out[4]);
+        assert_eq!(out[5..], [Ok(3)]);
     }
 
     #[test]
