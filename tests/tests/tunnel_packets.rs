@@ -347,9 +347,15 @@ fn a_node_without_a_path_for_a_moment_keeps_its_routes() {
     assert_eq!(report.routes_removed, 0, "{report:?}");
     assert_eq!(h.tunnel.current_routes(), before);
     h.expect("while its path is missing", names::PROG_FROM_POD, &inner, REDIRECT, &[("tunnel_encap", 1)]);
+    // Only the path is kept: a new tunnel port of the peer applies meanwhile.
+    let moved = CONFIG.replace("tunnelPort: 31801", "tunnelPort: 31802");
+    h.tunnel.sync(&Config::from_yaml(&moved).unwrap().desired(), &only_node1, MTU, &hosts).unwrap();
+    let now = h.tunnel.current_routes();
+    assert!(now.values().all(|n| u16::from_be(n.port_be) == 31802), "{now:?}");
+    assert_eq!(now.values().map(|n| (n.src_be, n.ifindex, n.mtu)).collect::<Vec<_>>(), before.values().map(|n| (n.src_be, n.ifindex, n.mtu)).collect::<Vec<_>>());
     // cluster2 stops listing its second node: its route goes, path or not.
     let one_node = CONFIG.replace("      - address: 192.0.2.3\n        podCIDRs: [\"10.245.1.0/24\"]\n", "");
-    let report = h.tunnel.sync(&Config::from_yaml(&one_node).unwrap().desired(), &only_node1, MTU, &hosts).unwrap();
+    let report = h.tunnel.sync(&Config::from_yaml(&one_node.replace("tunnelPort: 31801", "tunnelPort: 31802")).unwrap().desired(), &only_node1, MTU, &hosts).unwrap();
     assert_eq!((report.routes_removed, report.nodes_removed), (1, 1), "{report:?}");
 }
 
