@@ -511,18 +511,13 @@ impl Agent {
         } else {
             BTreeSet::new()
         };
-        // Each with when it went down, on the datapath's clock: its flows answered since stay.
-        let (now, now_ns) = (Instant::now(), monotonic_ns());
-        let since = |gw: &GatewayId| {
-            let down_for = self.health.down_since(gw).map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-            now_ns.saturating_sub(u64::try_from(down_for.as_nanos()).unwrap_or(u64::MAX))
-        };
-        let evict_since = evict.iter().map(|gw| (*gw, since(gw))).collect();
-        let report = self.maps.sync_evicting(&desired, &evict_since)?;
+        // Of their flows, those still answered stay (see `ControlMaps::spare_answered`).
+        let grace_ns = u64::try_from(self.config.health.down_grace.as_nanos()).unwrap_or(u64::MAX);
+        let report = self.maps.sync_evicting(&desired, &evict, grace_ns)?;
         self.desired = desired;
         self.sync_tunnel()?;
         if evict != self.evicted && !evict.is_empty() {
-            warn!(gateways = ?evict, grace = ?self.config.health.down_grace, flows = report.flows_purged, "gateways down past their grace period; their flows without a reply since were purged and start again on live gateways");
+            warn!(gateways = ?evict, grace = ?self.config.health.down_grace, flows = report.flows_purged, "gateways down past their grace period; their flows no longer answered are purged and start again on live gateways");
         }
         self.evicted = evict;
         if !report.is_noop() {
@@ -608,8 +603,9 @@ impl Agent {
                 }
             }
         }
-        // A gateway that has now been down past its grace period gets its flows purged.
-        if self.health.down_past(self.config.health.down_grace, now) != self.evicted {
+        // A gateway that has now been down past its grace period gets its flows purged, those
+        // it no longer answers: looked at again every round while one is.
+        if !self.evicted.is_empty() || self.health.down_past(self.config.health.down_grace, now) != self.evicted {
             changed = true;
         }
         if changed {

@@ -3,9 +3,9 @@
 //! it, while the flows already pinned to it stay (a slow SYN-ACK or two must not reset live
 //! connections). It takes `rise` successes in a row to be marked up again. A gateway down
 //! longer than the grace period has its flows purged, so that they start again on a live one:
-//! those that had no reply since it was marked down. A probe is a new connection, and a
-//! gateway that refuses those (a full backlog, a SYN filter) may still carry the ones it has:
-//! a flow that it still answers is kept.
+//! those it no longer answers (their pod sent more than the grace period after the last
+//! reply). A probe is a new connection, and a gateway that refuses those (a full backlog, a
+//! SYN filter) may still carry the ones it has: a flow it still answers is kept.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -100,12 +100,6 @@ impl Health {
             .filter(|(_, s)| s.down_since.is_some_and(|t| now.saturating_duration_since(t) > grace))
             .map(|(k, _)| *k)
             .collect()
-    }
-
-    /// When `gw` was marked down, if it is down.
-    #[must_use]
-    pub fn down_since(&self, gw: &GatewayId) -> Option<Instant> {
-        self.state.get(gw).and_then(|s| s.down_since)
     }
 
     #[must_use]

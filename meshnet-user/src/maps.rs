@@ -634,12 +634,12 @@ impl ControlMaps {
     /// flows of withdrawn routes or of gateways that are gone are purged last, so their next
     /// packet picks a live gateway. Flows of a gateway that is merely down stay.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
-        self.sync_evicting(desired, &BTreeMap::new())
+        self.sync_evicting(desired, &BTreeSet::new(), 0)
     }
 
     /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
     /// and TCP port): those down longer than their grace period.
-    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeMap<(Ipv4Addr, u16), u64>) -> anyhow::Result<SyncReport> {
+    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>, grace_ns: u64) -> anyhow::Result<SyncReport> {
         let current = self.current()?;
         // Before any gateway is published: a flow's replies must never find its port unmarked.
         // The first time, reverse entries too: one whose forward half was lost (a state
@@ -652,28 +652,27 @@ impl ControlMaps {
         let desired_local = local_nets(&desired.local);
         let staying: Vec<LocalNet> = self.published_local()?.into_iter().filter(|n| desired_local.contains(n)).collect();
         self.write_local(&staying)?;
-        let mut plan = Plan::new(&current, desired, &evict.keys().copied().collect());
-        self.spare_answered(&mut plan, desired, evict);
+        let mut plan = Plan::new(&current, desired, evict);
+        self.spare_answered(&mut plan, grace_ns);
         self.apply(&plan)?;
         self.write_local(&desired_local)?;
         Ok(plan.report())
     }
 
-    /// Takes out of `plan`'s purges the flows of an evicted gateway that it answered since it
-    /// was marked down (`evict`: gateway, then when, on the datapath's clock). Health probes
-    /// open new connections, and a gateway that refuses those may still carry the ones it
-    /// has: a flow with a reply since is alive, and purging it would reset it. One without
-    /// goes, and starts again on a live gateway.
-    fn spare_answered(&self, plan: &mut Plan, desired: &Desired, evict: &BTreeMap<(Ipv4Addr, u16), u64>) {
-        let down_since = |fwd: &NatFwd| {
-            let pg = desired.peers.get(&fwd.peer_id)?;
-            let g = pg.live().iter().find(|g| g.addr_be == fwd.gw_addr_be && (g.tcp_port_be == fwd.gw_port_be || g.udp_port_be == fwd.gw_port_be))?;
-            evict.get(&(addr_of_be(g.addr_be), u16::from_be(g.tcp_port_be))).copied()
-        };
+    /// Of `plan`'s evictions (flows of a gateway down past its grace period), keeps those the
+    /// gateway still answers: a flow goes only once its pod has sent more than `grace_ns` after
+    /// the last reply. Health probes open new connections, and a gateway that refuses those (a
+    /// full backlog, a SYN filter) may still carry the ones it has; purging one of those would
+    /// reset it. An idle flow stays too: if its pod sends again and gets no answer, it goes
+    /// at a later sync (the agent syncs at every probe round while a gateway is evicted).
+    fn spare_answered(&self, plan: &mut Plan, grace_ns: u64) {
         plan.flow_purges.retain(|(key, fwd, why)| {
-            let Some(since) = (*why == Purge::Evicted).then(|| down_since(fwd)).flatten() else { return true };
-            let answered = self.nat_rev.get(&FlowKey::rev_of_fwd(key, fwd), 0).ok().map(|r| ClockGap::last_seen(&self.clock_gaps, r.last_seen_ns));
-            answered.is_none_or(|at| at < since)
+            if *why != Purge::Evicted {
+                return true;
+            }
+            let Ok(rev) = self.nat_rev.get(&FlowKey::rev_of_fwd(key, fwd), 0) else { return true };
+            let seen = |at: u64| ClockGap::last_seen(&self.clock_gaps, at);
+            seen(fwd.last_seen_ns) > seen(rev.last_seen_ns).saturating_add(grace_ns)
         });
     }
 

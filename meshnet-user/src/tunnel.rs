@@ -624,20 +624,19 @@ impl TunnelMaps {
         for (net, node) in &desired.tun_routes {
             let addr = addr_of_be(node.addr_be);
             let stats_slot = slots.get(&node.peer_id).and_then(|i| u16::try_from(i + 1).ok()).unwrap_or(0);
-            let path = match paths.get(&addr) {
-                Some(p) => (addr_be(p.src), p.ifindex, p.mtu),
-                None => {
-                    if !report.unresolved.contains(&addr) {
-                        report.unresolved.push(addr);
-                    }
-                    // A route written for the same node keeps the path last found (and only
-                    // that: its port and counter slot are the node's now): a lookup that fails a
-                    // moment (an address being replaced, a link flapping) must not cut every
-                    // flow to the node until the next rescan.
-                    match routes.get(net).filter(|r| r.addr_be == node.addr_be && r.peer_id == node.peer_id) {
-                        Some(kept) => (kept.src_be, kept.ifindex, kept.mtu),
-                        None => continue,
-                    }
+            let path = if let Some(p) = paths.get(&addr) {
+                (addr_be(p.src), p.ifindex, p.mtu)
+            } else {
+                if !report.unresolved.contains(&addr) {
+                    report.unresolved.push(addr);
+                }
+                // A route written for the same node keeps the path last found (and only that:
+                // its port and counter slot are the node's now): a lookup that fails a moment (an
+                // address being replaced, a link flapping) must not cut every flow to the node
+                // until the next rescan.
+                match routes.get(net).filter(|r| r.addr_be == node.addr_be && r.peer_id == node.peer_id) {
+                    Some(kept) => (kept.src_be, kept.ifindex, kept.mtu),
+                    None => continue,
                 }
             };
             let (src_be, ifindex, mtu) = path;

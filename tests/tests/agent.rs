@@ -293,7 +293,7 @@ fn gateway_failover() {
         "        udpPort: 31675\n      - address: 192.0.2.3\n        port: 31674\n",
     ) + "health:\n  intervalSeconds: 1\n  timeoutMilliseconds: 300\n  failureThreshold: 1\n  riseThreshold: 2\n";
     let cfg = format!("{base}  downGraceSeconds: 3600\n");
-    let _agent = start(&t, &cfg, &["--rescan-seconds", "1"]);
+    let agent = start(&t, &cfg, &["--rescan-seconds", "1"]);
 
     // Connections held through both gateways: 100 at least through the one that will stall
     // (`MESHNET_STALL_HELD` scales it), opened in batches, with one flow dump per batch.
@@ -323,8 +323,8 @@ fn gateway_failover() {
             .collect()
     };
 
-    // One connection through 192.0.2.3 stays silent from here on: no reply will be seen on it
-    // while that gateway is down.
+    // One connection through 192.0.2.3 stays silent while it is down, and is later left
+    // unanswered by it.
     let silent = held.iter().position(|(_, g)| g == "192.0.2.3:31674").unwrap();
     let silent_key = (format!("{}:{}", topo::CLIENT_IP, held[silent].0.s.local_addr().unwrap().port()), held[silent].0.target.to_string());
 
@@ -358,11 +358,18 @@ fn gateway_failover() {
     let after: usize = nat(&t).iter().filter(|f| f["gateway"] == "192.0.2.3:31674").count();
     assert_eq!(after, before, "a new flow went to the down gateway: {:?}", nat(&t));
 
-    // Past its grace period, the down gateway's flows without a reply since it went down are
-    // purged (they start again on a live gateway); those it still answered stay, and work.
+    // Past its grace period, the down gateway keeps the flows it still answers (and idle
+    // ones); a flow it no longer answers goes, and starts again on a live gateway: here the
+    // silent connection's packets are dropped at node2 while its pod sends on.
     t.write_config(&format!("{base}  downGraceSeconds: 1\n"));
+    let evicted = poll(WAIT, || agent.child.output().contains("gateways down past their grace period").then_some(()));
+    assert!(evicted.is_some(), "the gateway was never evicted");
+    let flow = nat(&t).into_iter().find(|f| f["pod"] == silent_key.0.as_str() && f["remote"] == silent_key.1.as_str()).unwrap();
+    let wire = flow["natPort"].as_u64().unwrap_or_else(|| u64::from(held[silent].0.s.local_addr().unwrap().port()));
+    t.node2.exec(&format!("iptables -t raw -I PREROUTING -p tcp -d 192.0.2.3 --sport {wire} -j DROP"));
+    held[silent].0.s.write_all(b"into the void\n").unwrap();
     let purged = poll(WAIT, || (!pinned(&t).contains_key(&silent_key)).then_some(()));
-    assert!(purged.is_some(), "the silent flow of a gateway down past its grace period was kept: {:?}", nat(&t));
+    assert!(purged.is_some(), "a flow its down gateway no longer answers was kept: {:?}", nat(&t));
     let now = pinned(&t);
     for (i, (h, gw)) in held.iter_mut().enumerate().filter(|(i, _)| *i != silent) {
         let key = (format!("{}:{}", topo::CLIENT_IP, h.s.local_addr().unwrap().port()), h.target.to_string());

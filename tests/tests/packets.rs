@@ -1413,38 +1413,50 @@ fn a_lost_forward_entry_is_recreated_and_the_flow_keeps_its_tuple() {
     assert_translated("data", &out, &pkt((POD, nat_port), (gw_addr, GW_TCP), L4::Tcp(ACK), PAYLOAD), (POD, nat_port), (gw_addr, GW_TCP));
 }
 
-/// A gateway down past its grace period loses the flows it has not answered since it went
-/// down, and keeps those it still answers: health probes open new connections, and a gateway
-/// that refuses those (a full backlog, a SYN filter) may still carry the ones it has.
+/// A gateway down past its grace period loses the flows it no longer answers (their pod sent
+/// more than the grace period after the last reply), and keeps the others: health probes open
+/// new connections, and a gateway that refuses those (a full backlog, a SYN filter) may still
+/// carry the ones it has. An idle flow stays until its pod sends again unanswered.
 #[test]
 fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     let mut h = Harness::new(CONFIG);
     let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
-    let (answered, silent) = ((POD, 40001), (POD, 40002));
-    for (what, pod) in [("answered", answered), ("silent", silent)] {
+    let (answered, unanswered, idle) = ((POD, 40001), (POD, 40002), (POD, 40003));
+    for (what, pod) in [("answered", answered), ("unanswered", unanswered), ("idle", idle)] {
         h.expect(what, FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
     }
-    // It went down at `down`; one flow has had a reply since, the other has not.
-    let down = meshnet::dump::monotonic_ns();
-    let stamp = |h: &mut Harness, pod: Ep, at: u64| {
-        let rk = flow_key(gw, pod, IPPROTO_TCP);
-        let rev = h.rev_of(&rk);
-        h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: at, ..rev }, 0).unwrap();
+    const SEC: u64 = 1_000_000_000;
+    let grace = 60 * SEC;
+    let t0 = meshnet::dump::monotonic_ns();
+    // When each half was last seen: the pod's packets and the gateway's replies.
+    let stamp = |h: &mut Harness, pod: Ep, sent: u64, replied: u64| {
+        let (fk, rk) = (flow_key(pod, remote, IPPROTO_TCP), flow_key(gw, pod, IPPROTO_TCP));
+        let (fwd, rev) = (h.fwd_of(&fk), h.rev_of(&rk));
+        h.maps.nat_fwd.insert(fk, NatFwd { last_seen_ns: sent, ..fwd }, 0).unwrap();
+        h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: replied, ..rev }, 0).unwrap();
     };
-    stamp(&mut h, answered, down + 1_000_000_000);
-    stamp(&mut h, silent, down - 1_000_000_000);
+    stamp(&mut h, answered, t0 + 100 * SEC, t0 + 100 * SEC);
+    stamp(&mut h, unanswered, t0 + 100 * SEC, t0 + 30 * SEC);
+    stamp(&mut h, idle, t0, t0);
     h.set_gateway_up(GW, false);
     let mut desired = Config::from_yaml(CONFIG).unwrap().desired();
     let gw_id = (std::net::Ipv4Addr::from(GW), GW_TCP);
     desired.apply_health(&BTreeSet::from([gw_id]));
-    let report = h.maps.sync_evicting(&desired, &BTreeMap::from([(gw_id, down)])).unwrap();
+    let evict = BTreeSet::from([gw_id]);
+    let report = h.maps.sync_evicting(&desired, &evict, grace).unwrap();
     assert_eq!(report.flows_purged, 1, "{report:?}");
-    assert!(h.maps.nat_fwd.get(&flow_key(answered, remote, IPPROTO_TCP), 0).is_ok(), "the answered flow was purged");
-    assert!(h.maps.nat_fwd.get(&flow_key(silent, remote, IPPROTO_TCP), 0).is_err(), "the silent flow was kept");
-    assert_eq!(h.flow_counts(), (1, 1));
+    let kept = |h: &Harness, pod: Ep| h.maps.nat_fwd.get(&flow_key(pod, remote, IPPROTO_TCP), 0).is_ok();
+    assert!(kept(&h, answered) && kept(&h, idle), "a flow still answered, or idle, was purged");
+    assert!(!kept(&h, unanswered), "a flow unanswered for longer than the grace period was kept");
     // The kept flow goes on through its gateway, both ways.
     h.expect("data", FROM_POD, &pkt(answered, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
     h.expect("reply", TO_POD, &pkt(gw, answered, L4::Tcp(ACK), PAYLOAD), OK, &[("reverse_translated", 1)]);
+    // Later its gateway stops answering it, and the idle one's pod sends unanswered too:
+    // the next look purges both.
+    stamp(&mut h, answered, t0 + 200 * SEC, t0 + 130 * SEC);
+    stamp(&mut h, idle, t0 + 200 * SEC, t0);
+    assert_eq!(h.maps.sync_evicting(&desired, &evict, grace).unwrap().flows_purged, 2);
+    assert_eq!(h.flow_counts(), (0, 0));
 }
 
 /// An RST marks the flow closing, but later segments in either direction clear it: TCP
