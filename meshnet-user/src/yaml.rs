@@ -7,13 +7,13 @@
 //! own examples write them) stay well inside the bound. (Remote kubeconfigs have stricter
 //! rules of their own: `discovery::kubeconfig` refuses anchors outright.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use serde_saphyr::granit_parser::{Event, Parser};
+use serde_saphyr::granit_parser::{Event, Options, Parser};
 
-/// The nodes (scalars, lists, maps) aliases may add to a text, beyond as many as it holds
-/// itself: what a text twice its length could hold anyway, and a margin for small ones.
-const ALIAS_MARGIN: u64 = 10_000;
+/// What aliases may add to a text, beyond as much as it holds itself (what a text twice its
+/// length could hold anyway), for small texts: in the units of [`bound_aliases`], about bytes.
+const ALIAS_MARGIN: u64 = 64 * 1024;
 
 /// A text refused before it was parsed, with where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,18 +26,25 @@ pub struct Refused {
 
 const TOO_LARGE: &str =
     "YAML aliases (*name) here would expand the text to more than twice its own size, which meshnet refuses: each alias is a copy of its anchor";
+const REDEFINED: &str =
+    "a YAML anchor name defined twice in one document, which meshnet refuses: YAML parsers disagree on which definition a later alias names";
 
-/// Refuses `text` if its aliases would expand it past twice its own nodes plus
-/// [`ALIAS_MARGIN`]. The sizes are counted on the parser's events, one node each, an alias
-/// counting as the nodes its anchor expands to (aliases inside anchors included), so the
-/// count itself costs no more than the text's length. A text this parser cannot read at all
-/// is refused too: whatever another parser would make of it, its aliases were not counted.
+/// Refuses `text` if its aliases would expand it past twice its own size plus
+/// [`ALIAS_MARGIN`]. Sizes are counted on the parser's events: a scalar weighs one plus its
+/// length, a list or a map one, an alias what its anchor expands to (aliases inside anchors
+/// included), so the count itself costs no more than the text's length. An anchor name
+/// defined twice is refused (serde_yaml numbers anchors so that a redefinition makes a later
+/// alias name another anchor than the one counted here), and so is a text this parser cannot
+/// read at all: whatever another parser would make of it, its aliases were not counted.
 pub fn bound_aliases(text: &str) -> Result<(), Refused> {
     // The expanded size of each anchor, and of each collection still open (with its anchor).
     let mut anchors: HashMap<usize, u64> = HashMap::new();
+    let mut names: HashSet<String> = HashSet::new();
     let mut open: Vec<(usize, u64)> = Vec::new();
     let (mut own, mut expanded) = (0u64, 0u64);
-    for ev in Parser::new_from_str(text) {
+    let mut options = Options::default();
+    options.emit_anchor_events = true;
+    for ev in Parser::new_from_str_with_options(text, options) {
         let (event, span) = ev.map_err(|e| Refused {
             line: e.marker().line(),
             column: e.marker().col() + 1,
@@ -47,13 +54,25 @@ pub fn bound_aliases(text: &str) -> Result<(), Refused> {
                 "not valid YAML"
             },
         })?;
+        let at = |why| Refused { line: span.start.line(), column: span.start.col() + 1, why };
         let nodes = match event {
-            Event::Scalar(_, _, anchor, _) => {
-                if anchor != 0 {
-                    anchors.insert(anchor, 1);
+            Event::DocumentStart(..) => {
+                names.clear();
+                continue;
+            }
+            Event::Anchor(_, name) => {
+                if !names.insert(name.into_owned()) {
+                    return Err(at(REDEFINED));
                 }
-                own += 1;
-                1
+                continue;
+            }
+            Event::Scalar(value, _, anchor, _) => {
+                let weight = 1 + value.len() as u64;
+                if anchor != 0 {
+                    anchors.insert(anchor, weight);
+                }
+                own += weight;
+                weight
             }
             Event::SequenceStart(_, anchor, _) | Event::MappingStart(_, anchor, _) => {
                 own += 1;
@@ -82,7 +101,7 @@ pub fn bound_aliases(text: &str) -> Result<(), Refused> {
             parent.1 = parent.1.saturating_add(nodes);
         }
         if expanded > own.saturating_mul(2).saturating_add(ALIAS_MARGIN) {
-            return Err(Refused { line: span.start.line(), column: span.start.col() + 1, why: TOO_LARGE });
+            return Err(at(TOO_LARGE));
         }
     }
     Ok(())
@@ -123,8 +142,17 @@ mod tests {
         let text = alias_bomb();
         assert!(text.len() < 16 * 1024);
         let e = bound_aliases(&text).unwrap_err();
-        // The anchor holds 2,005 nodes; the sixth alias takes the text past its bound.
-        assert_eq!((e.line, e.why), (7, TOO_LARGE));
+        // The anchor weighs some 4,000; a few dozen aliases take the text past its bound.
+        assert!(e.line < 40 && e.why == TOO_LARGE, "{e}");
+        // One long string, copied by each alias: weighed by its length.
+        let long = format!("- &a \"{}\"\n{}", "x".repeat(100_000), "- *a\n".repeat(100));
+        assert_eq!(bound_aliases(&long).unwrap_err().why, TOO_LARGE);
+        // A name defined twice: serde_yaml would let the later alias name the large anchor
+        // after it, which a count by the parser's ids would not see.
+        let redefined = format!("a: &x 0\nb: &x 0\nc: &y [{}]\nd: [*x, *x]\n", vec!["v"; 100].join(","));
+        assert_eq!(bound_aliases(&redefined).unwrap_err(), Refused { line: 2, column: 4, why: REDEFINED });
+        // In another document the name is free again.
+        assert_eq!(bound_aliases("a: &x 0\nb: *x\n---\nc: &x 1\nd: *x\n"), Ok(()));
         let nested: String =
             std::iter::once("a0: &a0 [x, x]\n".to_string()).chain((1..40).map(|i| format!("a{i}: &a{i} [*a{p}, *a{p}]\n", p = i - 1))).collect();
         assert_eq!(bound_aliases(&nested).unwrap_err().why, TOO_LARGE);

@@ -110,22 +110,24 @@ const MAX_ANNOTATION: usize = 64;
 impl From<Node> for NodeInfo {
     fn from(node: Node) -> Self {
         let spec = node.spec.unwrap_or_default();
-        let mut pod_cidrs: Vec<Ipv4Net> = spec
-            .pod_cidrs
+        let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
+        let annotation = node.metadata.annotations.and_then(|mut a| a.remove(ADDRESS_ANNOTATION));
+        Self::from_parts(spec.pod_cidrs.into_iter().flatten().chain(spec.pod_cidr), addresses, annotation)
+    }
+}
+
+impl NodeInfo {
+    fn from_parts(cidrs: impl IntoIterator<Item = String>, addresses: Vec<k8s_openapi::api::core::v1::NodeAddress>, annotation: Option<String>) -> Self {
+        let mut pod_cidrs: Vec<Ipv4Net> = cidrs
             .into_iter()
-            .flatten()
-            .chain(spec.pod_cidr)
             .take(MAX_PER_NODE)
             .filter_map(|c| c.parse::<Ipv4Net>().ok())
             .map(|n| n.trunc())
             .collect();
         pod_cidrs.sort_unstable();
         pod_cidrs.dedup();
-        let addresses = node
-            .status
-            .and_then(|s| s.addresses)
+        let addresses = addresses
             .into_iter()
-            .flatten()
             .filter_map(|a| {
                 let ty = match a.type_.as_str() {
                     "InternalIP" => NodeAddressType::Internal,
@@ -136,7 +138,7 @@ impl From<Node> for NodeInfo {
             })
             .take(MAX_PER_NODE)
             .collect();
-        let gateway_address = node.metadata.annotations.and_then(|mut a| a.remove(ADDRESS_ANNOTATION)).map(|mut v| {
+        let gateway_address = annotation.map(|mut v| {
             if v.len() > MAX_ANNOTATION {
                 let cut = (0..=MAX_ANNOTATION).rev().find(|&i| v.is_char_boundary(i)).unwrap_or(0);
                 v.truncate(cut);
@@ -153,15 +155,17 @@ impl From<Node> for NodeInfo {
 /// rest (images, conditions, managed fields, the other annotations) is skipped without being
 /// stored, so that what a remote sends costs no more memory than its own length, where a
 /// whole `Node` could cost ten times its JSON (`"images":[{},{},...]`).
+/// Each is kept as its metadata (name and resource version, which the watcher reads) and its
+/// [`NodeInfo`], some 400 bytes, and a node without a name is no node: the list fails.
 #[derive(Debug, Clone)]
-pub struct RemoteNode(pub Node);
+pub struct RemoteNode {
+    meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    pub info: NodeInfo,
+}
 
 impl<'de> Deserialize<'de> for RemoteNode {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use k8s_openapi::{
-            api::core::v1::{NodeAddress, NodeSpec, NodeStatus},
-            apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        };
+        use k8s_openapi::{api::core::v1::NodeAddress, apimachinery::pkg::apis::meta::v1::ObjectMeta};
         #[derive(Deserialize, Default)]
         #[serde(default, rename_all = "camelCase")]
         struct Meta {
@@ -195,11 +199,14 @@ impl<'de> Deserialize<'de> for RemoteNode {
         }
         let w = Wire::deserialize(d)?;
         let (m, spec, status) = (w.metadata.unwrap_or_default(), w.spec.unwrap_or_default(), w.status.unwrap_or_default());
-        Ok(Self(Node {
-            metadata: ObjectMeta { name: m.name, resource_version: m.resource_version, annotations: m.annotations, ..ObjectMeta::default() },
-            spec: Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: Some(spec.pod_cidrs), ..NodeSpec::default() }),
-            status: Some(NodeStatus { addresses: Some(status.addresses), ..NodeStatus::default() }),
-        }))
+        if m.name.as_deref().is_none_or(str::is_empty) {
+            return Err(serde::de::Error::custom("a node without a name"));
+        }
+        let annotation = m.annotations.and_then(|mut a| a.remove(ADDRESS_ANNOTATION));
+        Ok(Self {
+            meta: ObjectMeta { name: m.name, resource_version: m.resource_version, ..ObjectMeta::default() },
+            info: NodeInfo::from_parts(spec.pod_cidrs.into_iter().chain(spec.pod_cidr), status.addresses, annotation),
+        })
     }
 }
 
@@ -277,16 +284,16 @@ impl kube::Resource for RemoteNode {
         "nodes".into()
     }
     fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        &self.0.metadata
+        &self.meta
     }
     fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        &mut self.0.metadata
+        &mut self.meta
     }
 }
 
 impl From<RemoteNode> for NodeInfo {
     fn from(node: RemoteNode) -> Self {
-        Self::from(node.0)
+        node.info
     }
 }
 
@@ -1039,9 +1046,8 @@ mod tests {
             (0..1000u32).map(|i| serde_json::json!({"type": "InternalIP", "address": Ipv4Addr::from(0x0a14_9000 + i).to_string()})).collect(),
         );
         let remote: RemoteNode = serde_json::from_value(json).unwrap();
-        assert_eq!(remote.0.metadata.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(), [ADDRESS_ANNOTATION]);
-        assert_eq!(remote.0.metadata.resource_version.as_deref(), Some("42"));
-        assert_eq!(remote.0.status.as_ref().unwrap().addresses.as_ref().unwrap().len(), MAX_PER_NODE);
+        assert_eq!(remote.meta.resource_version.as_deref(), Some("42"));
+        assert_eq!(remote.meta.name.as_deref(), Some("n2"));
         let info = NodeInfo::from(remote);
         assert_eq!(info.addresses.len(), MAX_PER_NODE);
         assert_eq!(info.gateway_address.as_deref(), Some("10.20.144.165"));
@@ -1050,6 +1056,11 @@ mod tests {
         assert_eq!(NodeInfo::from(serde_json::from_value::<RemoteNode>(serde_json::to_value(&plain).unwrap()).unwrap()), NodeInfo::from(plain));
         let bare: RemoteNode = serde_json::from_str(r#"{"metadata": {"name": "n3", "annotations": null}, "spec": {"podCIDRs": null}, "status": null}"#).unwrap();
         assert_eq!(NodeInfo::from(bare), NodeInfo { pod_cidrs: [].into(), addresses: [].into(), gateway_address: None });
+        // No name, no node: a list of such fails whole.
+        for nameless in ["{}", r#"{"metadata": {"name": ""}}"#] {
+            assert!(serde_json::from_str::<RemoteNode>(nameless).is_err(), "{nameless}");
+        }
+        assert!(size_of::<RemoteNode>() < 512, "{}", size_of::<RemoteNode>());
     }
 
     /// A remote's node costs the controller what a real node does, whatever it lists.

@@ -6,9 +6,13 @@
 //!
 //! - the headers must come within [`HEADERS_WITHIN`];
 //! - a response that is not a watch ends within [`BODY_WITHIN`] of its request and holds at
-//!   most [`MAX_BODY`] bytes (a page of a list is at most [`super::remote::PAGE_SIZE`] objects);
+//!   most so many bytes and JSON values ([`NODE_PAGE`] for a page of a node list, of at most
+//!   [`super::remote::PAGE_SIZE`] nodes; [`OTHER`] for the one object anything else asks for);
 //! - a watch stream may run as long as the server keeps it, but no line of it (one event,
-//!   one object) grows past [`MAX_WATCH_LINE`] bytes.
+//!   one object) holds more than [`NODE_EVENT`] (or [`OTHER`]).
+//!
+//! Values are bounded as well as bytes because a parsed value may take a hundred times its
+//! JSON's length (`[{},{},...]`).
 //!
 //! Past a bound the response fails with an error that says which, and the remote's watch
 //! backs off and lists again, as after any failure: the peer is then stale, never
@@ -29,8 +33,23 @@ use tokio::time::{Instant, Sleep};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-pub const MAX_BODY: u64 = 8 << 20;
-pub const MAX_WATCH_LINE: u64 = 4 << 20;
+/// What one answer may hold: bytes, and JSON values (see [`Count`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub bytes: u64,
+    pub values: u64,
+}
+
+/// A page of a node list: 50 real nodes are some 50,000 values (their image lists, conditions
+/// and managed fields) in up to 2.5 MB; 150,000 values of the smallest nodes a remote could
+/// send instead (a name each) parse to some 20 MB (`resolve::RemoteNode`).
+pub const NODE_PAGE: Bounds = Bounds { bytes: 8 << 20, values: 150_000 };
+/// One watch event of a node: one object.
+pub const NODE_EVENT: Bounds = Bounds { bytes: 4 << 20, values: 50_000 };
+/// Anything else a remote is asked for is one small object (the gateway's Service and
+/// Endpoints, a namespace, the version): 10,000 values of empty Services parse to 8 MB.
+pub const OTHER: Bounds = Bounds { bytes: 1 << 20, values: 10_000 };
+
 pub const HEADERS_WITHIN: Duration = Duration::from_secs(30);
 pub const BODY_WITHIN: Duration = Duration::from_mins(2);
 
@@ -71,6 +90,11 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let watch = is_watch(req.uri());
+        let bounds = match (req.uri().path().ends_with("/nodes"), watch) {
+            (true, false) => NODE_PAGE,
+            (true, true) => NODE_EVENT,
+            (false, _) => OTHER,
+        };
         let sent = Instant::now();
         let response = self.inner.call(req);
         Box::pin(async move {
@@ -79,22 +103,73 @@ where
                 .map_err(|_| format!("the remote API server sent no answer within {} s", HEADERS_WITHIN.as_secs()))?
                 .map_err(Into::into)?;
             let limits = if watch { Limits::Lines } else { Limits::Whole(Box::pin(tokio::time::sleep_until(sent + BODY_WITHIN))) };
-            Ok(response.map(|inner| Box::new(Bounded { inner, limits, seen: 0 }) as Box<DynBody>))
+            Ok(response.map(|inner| Box::new(Bounded { inner, limits, bounds, count: Count::default() }) as Box<DynBody>))
         })
     }
 }
 
 enum Limits {
-    /// A watch: `seen` counts the bytes since the last newline.
+    /// A watch: each line (one event) is counted on its own.
     Lines,
-    /// Anything else: `seen` counts every byte, and the body must end by the deadline.
+    /// Anything else: the whole answer is counted, and must end by the deadline.
     Whole(Pin<Box<Sleep>>),
+}
+
+/// Bytes and JSON values of the answer (or of the watch line) so far. A value is counted at
+/// each `{`, `[` and `,` outside strings: what a JSON parser allocates for is at least one of
+/// those each, and `[{},{},...]` is 3 bytes a value where the value parsed may take hundreds.
+#[derive(Default)]
+struct Count {
+    bytes: u64,
+    values: u64,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Count {
+    /// Counts `data`; for a watch (`lines`), from zero again after each newline. Past a bound,
+    /// what was exceeded.
+    fn add(&mut self, data: &[u8], lines: bool, bounds: Bounds) -> Result<(), String> {
+        let Bounds { bytes: max_bytes, values: max_values } = bounds;
+        let what = if lines { "a line of its watch stream" } else { "its answer" };
+        for &b in data {
+            self.bytes += 1;
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' | b',' => self.values += 1,
+                // A newline never stands inside a JSON string: a watch's line, one event, ends.
+                b'\n' if lines => {
+                    self.bytes = 0;
+                    self.values = 0;
+                }
+                _ => {}
+            }
+            if self.bytes > max_bytes {
+                return Err(format!("the remote API server sent more than {} MiB in {what}", max_bytes >> 20));
+            }
+            if self.values > max_values {
+                return Err(format!("the remote API server sent more than {max_values} JSON values in {what}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Bounded {
     inner: Box<DynBody>,
     limits: Limits,
-    seen: u64,
+    bounds: Bounds,
+    count: Count,
 }
 
 impl Body for Bounded {
@@ -113,20 +188,8 @@ impl Body for Bounded {
             other => return other,
         };
         if let Some(data) = frame.data_ref() {
-            let len = data.len() as u64;
-            // For a watch: the line this chunk ends (the bytes before its first newline) and the
-            // line it leaves open (after its last). A chunk is far shorter than the bound, so the
-            // lines wholly inside it need no count of their own.
-            let (ended, seen, limit, what) = match this.limits {
-                Limits::Lines => match (data.iter().position(|&b| b == b'\n'), data.iter().rposition(|&b| b == b'\n')) {
-                    (Some(first), Some(last)) => (this.seen + first as u64, len - 1 - last as u64, MAX_WATCH_LINE, "a line of its watch stream"),
-                    _ => (0, this.seen + len, MAX_WATCH_LINE, "a line of its watch stream"),
-                },
-                Limits::Whole(_) => (0, this.seen + len, MAX_BODY, "its answer"),
-            };
-            this.seen = seen;
-            if seen.max(ended) > limit {
-                return Poll::Ready(Some(Err(format!("the remote API server sent more than {} MiB in {what}", limit >> 20).into())));
+            if let Err(e) = this.count.add(data, matches!(this.limits, Limits::Lines), this.bounds) {
+                return Poll::Ready(Some(Err(e.into())));
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -199,10 +262,42 @@ mod tests {
         let e = read(layer.layer(svc), "/api/v1/nodes?watch=true").await.unwrap_err();
         assert!(e.contains("more than 4 MiB in a line"), "{e}");
         // A watch of many short lines may outgrow any one answer's bound.
-        let many = usize::try_from(MAX_BODY).unwrap() / LINE.len() + 1;
+        let many = usize::try_from(NODE_PAGE.bytes).unwrap() / LINE.len() + 1;
         assert_eq!(read(layer.layer(server(LINE, Some(many))), "/api/v1/nodes?watch=1").await, Ok(many as u64 * LINE.len() as u64));
         // Within its bound an answer is passed whole.
         assert_eq!(read(layer.layer(server(MIB, Some(8))), "/api/v1/nodes").await, Ok(8 << 20));
+        // Anything but nodes is one small object.
+        let e = read(layer.layer(server(MIB, None)), "/api/v1/namespaces/istio-system/services?fieldSelector=x").await.unwrap_err();
+        assert!(e.contains("more than 1 MiB in its answer"), "{e}");
+    }
+
+    /// `[{},{},...]` is 3 bytes a value, and a value parsed may take hundreds: values are
+    /// bounded too, counted outside strings only.
+    #[tokio::test]
+    async fn json_values_are_bounded_as_well_as_bytes() {
+        const EMPTIES: &[u8] = &{
+            let mut c = [0u8; 3 * 4096];
+            let mut i = 0;
+            while i < c.len() {
+                c[i] = b'{';
+                c[i + 1] = b'}';
+                c[i + 2] = b',';
+                i += 3;
+            }
+            c
+        };
+        const QUOTED: &[u8] = b"\"{[,{[,\\\"{[,\",";
+        let layer = ResponseLimitsLayer;
+        let e = read(layer.layer(server(EMPTIES, None)), "/api/v1/nodes?limit=50").await.unwrap_err();
+        assert!(e.contains("more than 150000 JSON values in its answer"), "{e}");
+        let e = read(layer.layer(server(EMPTIES, None)), "/api/v1/nodes?watch=true").await.unwrap_err();
+        assert!(e.contains("more than 50000 JSON values in a line"), "{e}");
+        let e = read(layer.layer(server(EMPTIES, None)), "/api/v1/namespaces/istio-system/endpoints").await.unwrap_err();
+        assert!(e.contains("more than 10000 JSON values in its answer"), "{e}");
+        // Inside strings (escaped quotes too) nothing is a value: 9,000 strings of seven
+        // brackets and commas each count one value each (the comma after each).
+        let n = 9_000;
+        assert_eq!(read(layer.layer(server(QUOTED, Some(n))), "/api/v1/namespaces/x/services").await, Ok((n * QUOTED.len()) as u64));
     }
 
     #[tokio::test(start_paused = true)]
