@@ -513,7 +513,7 @@ impl Agent {
         };
         // Of their flows, those still answered stay (see `ControlMaps::spare_answered`).
         let grace_ns = u64::try_from(self.config.health.down_grace.as_nanos()).unwrap_or(u64::MAX);
-        let report = self.maps.sync_evicting(&desired, &evict, grace_ns)?;
+        let report = self.maps.sync_evicting(&desired, &evict, grace_ns, monotonic_ns())?;
         self.desired = desired;
         self.sync_tunnel()?;
         if evict != self.evicted && !evict.is_empty() {

@@ -3,8 +3,8 @@
 //! it, while the flows already pinned to it stay (a slow SYN-ACK or two must not reset live
 //! connections). It takes `rise` successes in a row to be marked up again. A gateway down
 //! longer than the grace period has its flows purged, so that they start again on a live one:
-//! those it no longer answers (their pod sent more than the grace period after the last
-//! reply). A probe is a new connection, and a gateway that refuses those (a full backlog, a
+//! those it no longer answers (their pod has sent on, with no reply, for longer than the
+//! grace period). A probe is a new connection, and a gateway that refuses those (a full backlog, a
 //! SYN filter) may still carry the ones it has: a flow it still answers is kept.
 
 use std::{

@@ -405,6 +405,9 @@ pub struct ControlMaps {
     clock_published: Option<u64>,
     /// The spells the flow clock stood still, newest last (at most [`MAX_CLOCK_GAPS`]).
     clock_gaps: Vec<ClockGap>,
+    /// Flows of an evicted gateway seen sent on after their last reply: that reply's stamp,
+    /// and when this was first seen (see [`Self::spare_answered`]).
+    unanswered: std::collections::HashMap<FlowKey, (u64, u64)>,
 }
 
 /// Ticks further apart than this mean the clock stood still in between.
@@ -463,6 +466,7 @@ impl ControlMaps {
             gw_ports: open(pins, names::GW_PORTS).ok(),
             clock_published: None,
             clock_gaps: Vec::new(),
+            unanswered: std::collections::HashMap::new(),
         })
     }
 
@@ -481,6 +485,7 @@ impl ControlMaps {
             gw_ports: take(ebpf, names::GW_PORTS).ok(),
             clock_published: None,
             clock_gaps: Vec::new(),
+            unanswered: std::collections::HashMap::new(),
         })
     }
 
@@ -634,12 +639,12 @@ impl ControlMaps {
     /// flows of withdrawn routes or of gateways that are gone are purged last, so their next
     /// packet picks a live gateway. Flows of a gateway that is merely down stay.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
-        self.sync_evicting(desired, &BTreeSet::new(), 0)
+        self.sync_evicting(desired, &BTreeSet::new(), 0, 0)
     }
 
     /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
     /// and TCP port): those down longer than their grace period.
-    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>, grace_ns: u64) -> anyhow::Result<SyncReport> {
+    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>, grace_ns: u64, now_ns: u64) -> anyhow::Result<SyncReport> {
         let current = self.current()?;
         // Before any gateway is published: a flow's replies must never find its port unmarked.
         // The first time, reverse entries too: one whose forward half was lost (a state
@@ -653,27 +658,43 @@ impl ControlMaps {
         let staying: Vec<LocalNet> = self.published_local()?.into_iter().filter(|n| desired_local.contains(n)).collect();
         self.write_local(&staying)?;
         let mut plan = Plan::new(&current, desired, evict);
-        self.spare_answered(&mut plan, grace_ns);
+        self.spare_answered(&mut plan, grace_ns, now_ns);
         self.apply(&plan)?;
         self.write_local(&desired_local)?;
         Ok(plan.report())
     }
 
     /// Of `plan`'s evictions (flows of a gateway down past its grace period), keeps those the
-    /// gateway still answers: a flow goes only once its pod has sent more than `grace_ns` after
-    /// the last reply. Health probes open new connections, and a gateway that refuses those (a
-    /// full backlog, a SYN filter) may still carry the ones it has; purging one of those would
-    /// reset it. An idle flow stays too: if its pod sends again and gets no answer, it goes
-    /// at a later sync (the agent syncs at every probe round while a gateway is evicted).
-    fn spare_answered(&self, plan: &mut Plan, grace_ns: u64) {
+    /// gateway still answers: a flow goes only once its pod has been sending, with no reply,
+    /// for longer than `grace_ns` (from the first sync that saw it sent on after its last
+    /// reply: a pod that speaks after a long silence must have a round trip's time for its
+    /// answer). Health probes open new connections, and a gateway that refuses those (a full
+    /// backlog, a SYN filter) may still carry the ones it has; purging one of those would reset
+    /// it. An idle flow stays too (the agent syncs at every probe round while a gateway is
+    /// evicted). A flow without its reverse half cannot have its replies restored: it goes.
+    fn spare_answered(&mut self, plan: &mut Plan, grace_ns: u64, now_ns: u64) {
+        // `retain` keeps what is purged: true purges, false spares.
+        let mut still = std::collections::HashMap::new();
         plan.flow_purges.retain(|(key, fwd, why)| {
             if *why != Purge::Evicted {
                 return true;
             }
             let Ok(rev) = self.nat_rev.get(&FlowKey::rev_of_fwd(key, fwd), 0) else { return true };
-            let seen = |at: u64| ClockGap::last_seen(&self.clock_gaps, at);
-            seen(fwd.last_seen_ns) > seen(rev.last_seen_ns).saturating_add(grace_ns)
+            if fwd.last_seen_ns <= rev.last_seen_ns {
+                // Answered since it last sent, or idle.
+                return false;
+            }
+            let since = match self.unanswered.get(key) {
+                Some(&(replied, since)) if replied == rev.last_seen_ns => since,
+                _ => now_ns,
+            };
+            if now_ns.saturating_sub(since) > grace_ns {
+                return true;
+            }
+            still.insert(*key, (rev.last_seen_ns, since));
+            false
         });
+        self.unanswered = still;
     }
 
     /// What the control maps hold now.
