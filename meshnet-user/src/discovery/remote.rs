@@ -98,6 +98,9 @@ pub(super) async fn remote_task<M: Send + 'static>(
     // In the remote's namespace of meshnet's name here: deploy/ installs both in `meshnet`.
     let mut tunnel_svc = one::<Service>(&client, &opts.namespace, &opts.resolve.tunnel_service, !gateway);
     let mut view = ClusterView::default();
+    // Nodes past the bound (`watch::MAX_OBJECTS`): not followed until a list fits, and stale
+    // till then, whatever the probes say.
+    let mut unfollowed: Option<String> = None;
     // What is not watched counts as synced.
     let mut synced = [false, !gateway, !gateway, gateway];
     let mut probe = tokio::time::interval(opts.probe_interval);
@@ -110,8 +113,13 @@ pub(super) async fn remote_task<M: Send + 'static>(
         }
         let update = tokio::select! {
             Some(u) = nodes.next() => match u {
-                Update::Snapshot(s) => { view.nodes = s; synced[0] = true; None }
-                Update::Error(e) => Some(e),
+                Update::Snapshot(s) => { view.nodes = s; synced[0] = true; unfollowed = None; None }
+                Update::Error(e) => {
+                    if super::watch::is_unfollowed(&e) {
+                        unfollowed = Some(e.clone());
+                    }
+                    Some(e)
+                }
             },
             Some(u) = svcs.next() => match u {
                 Update::Snapshot(s) => { view.service = s.values().next().cloned(); synced[1] = true; None }
@@ -129,6 +137,7 @@ pub(super) async fn remote_task<M: Send + 'static>(
                 // A watch can hang without an error; a bounded request cannot.
                 let ok = tokio::time::timeout(opts.probe_timeout, client.apiserver_version()).await;
                 let event = match ok {
+                    Ok(Ok(_)) if unfollowed.is_some() => RemoteEvent::Failed(format!("watch: {}", remote_text(unfollowed.as_deref().unwrap_or_default()))),
                     Ok(Ok(_)) => RemoteEvent::Healthy,
                     Ok(Err(e)) => RemoteEvent::Failed(format!("API server: {}", remote_text(&e.to_string()))),
                     Err(_) => RemoteEvent::Failed(format!("API server did not answer within {:?}", opts.probe_timeout)),

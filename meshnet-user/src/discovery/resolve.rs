@@ -179,13 +179,14 @@ impl<'de> Deserialize<'de> for RemoteNode {
         struct Spec {
             #[serde(rename = "podCIDR")]
             pod_cidr: Option<String>,
-            #[serde(rename = "podCIDRs", deserialize_with = "first_few")]
+            #[serde(rename = "podCIDRs", deserialize_with = "first_few::<_, _, MAX_PER_NODE>")]
             pod_cidrs: Vec<String>,
         }
         #[derive(Deserialize, Default)]
         #[serde(default)]
         struct Status {
-            #[serde(deserialize_with = "first_few")]
+            // More read than kept: IPv6 and host names come first on some nodes.
+            #[serde(deserialize_with = "first_few::<_, _, { 4 * MAX_PER_NODE }>")]
             addresses: Vec<NodeAddress>,
         }
         #[derive(Deserialize)]
@@ -210,20 +211,20 @@ impl<'de> Deserialize<'de> for RemoteNode {
     }
 }
 
-/// The first [`MAX_PER_NODE`] items of a list (or none for `null`); the rest are skipped.
-fn first_few<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
-    struct FirstFew<T>(Vec<T>);
-    impl<'de, T: Deserialize<'de>> Deserialize<'de> for FirstFew<T> {
+/// The first `N` items of a list (or none for `null`); the rest are skipped.
+fn first_few<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>, const N: usize>(d: D) -> Result<Vec<T>, D::Error> {
+    struct FirstFew<T, const N: usize>(Vec<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for FirstFew<T, N> {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V<T>(std::marker::PhantomData<T>);
-            impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
-                type Value = FirstFew<T>;
+            struct V<T, const N: usize>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for V<T, N> {
+                type Value = FirstFew<T, N>;
                 fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                     f.write_str("a list")
                 }
                 fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                     let mut out = Vec::new();
-                    while out.len() < MAX_PER_NODE {
+                    while out.len() < N {
                         match seq.next_element()? {
                             Some(x) => out.push(x),
                             None => return Ok(FirstFew(out)),
@@ -236,7 +237,7 @@ fn first_few<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Res
             d.deserialize_seq(V(std::marker::PhantomData))
         }
     }
-    Ok(Option::<FirstFew<T>>::deserialize(d)?.map(|f| f.0).unwrap_or_default())
+    Ok(Option::<FirstFew<T, N>>::deserialize(d)?.map(|f| f.0).unwrap_or_default())
 }
 
 /// Of a node's annotations, the [`ADDRESS_ANNOTATION`] alone; the others are skipped.
@@ -1045,8 +1046,17 @@ mod tests {
         json["status"]["addresses"] = serde_json::Value::Array(
             (0..1000u32).map(|i| serde_json::json!({"type": "InternalIP", "address": Ipv4Addr::from(0x0a14_9000 + i).to_string()})).collect(),
         );
-        let remote: RemoteNode = serde_json::from_value(json).unwrap();
+        let remote: RemoteNode = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(remote.meta.resource_version.as_deref(), Some("42"));
+        // Addresses that are no IPv4 address may come first: more are read than kept.
+        let mut v6_first = json;
+        v6_first["status"]["addresses"] = serde_json::Value::Array(
+            (0..20).map(|i| serde_json::json!({"type": "InternalIP", "address": format!("fd00::{i}")}))
+                .chain([serde_json::json!({"type": "InternalIP", "address": "10.20.144.165"})])
+                .collect(),
+        );
+        let info = NodeInfo::from(serde_json::from_value::<RemoteNode>(v6_first).unwrap());
+        assert_eq!(*info.addresses, [(NodeAddressType::Internal, "10.20.144.165".parse().unwrap())]);
         assert_eq!(remote.meta.name.as_deref(), Some("n2"));
         let info = NodeInfo::from(remote);
         assert_eq!(info.addresses.len(), MAX_PER_NODE);

@@ -132,7 +132,32 @@ pub fn snapshots<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = 
 where
     K: Resource + Relevant + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    fold(watcher(api, config).default_backoff())
+    type Folded<T> = std::pin::Pin<Box<dyn Stream<Item = Update<T>> + Send>>;
+    let open = |api: &Api<K>, config: &watcher::Config| -> Folded<K::Kept> { Box::pin(fold(watcher(api.clone(), config.clone()).default_backoff())) };
+    futures::stream::unfold((api, config, None, None), move |(api, config, mut cur, relist_at): (_, _, Option<Folded<K::Kept>>, Option<tokio::time::Instant>)| async move {
+        if let Some(at) = relist_at {
+            tokio::time::sleep_until(at).await;
+            cur = None;
+        }
+        let update = cur.get_or_insert_with(|| open(&api, &config)).next().await?;
+        // kube's watcher resumes from the last version it saw and lists again only after an
+        // error: a set past the bound would never be listed again, though it shrank.
+        let relist_at = matches!(&update, Update::Error(e) if is_unfollowed(e)).then(|| tokio::time::Instant::now() + RELIST_AFTER);
+        Some((update, (api, config, cur, relist_at)))
+    })
+}
+
+/// After a list past [`MAX_OBJECTS`], how long until the watch lists again.
+const RELIST_AFTER: std::time::Duration = std::time::Duration::from_mins(1);
+
+/// How [`fold`] says that a set is past [`MAX_OBJECTS`] and not followed.
+const UNFOLLOWED: &str = "objects; not followed";
+
+/// Whether a watch's error says that its set is not followed (past [`MAX_OBJECTS`]) until a
+/// list fits, rather than a failure the watch recovers from by itself.
+#[must_use]
+pub fn is_unfollowed(error: &str) -> bool {
+    error.ends_with(UNFOLLOWED)
 }
 
 /// [`snapshots`] of a watcher's events.
@@ -164,7 +189,7 @@ where
                 } else {
                     overflow = true;
                     pending.clear();
-                    Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; not followed")))
+                    Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} {UNFOLLOWED}")))
                 }
             }
             // No snapshot until a list fits: the last one stands, stale.
@@ -192,7 +217,7 @@ where
                 if current.len() >= MAX_OBJECTS && !current.contains_key(&name) {
                     current = Arc::default();
                     synced = false;
-                    return std::future::ready(Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} objects; not followed"))));
+                    return std::future::ready(Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} {UNFOLLOWED}"))));
                 }
                 // Copies the map only while a consumer still holds the previous snapshot.
                 Arc::make_mut(&mut current).insert(name, o);
@@ -285,6 +310,7 @@ mod tests {
         let out = run(events);
         let past = |u: &Result<usize, String>| matches!(u, Err(e) if e.contains("more than 10000 objects; not followed"));
         assert!(past(&out[0]), "{:?}", out[0]);
+        assert!(matches!(&out[0], Err(e) if is_unfollowed(e)));
         assert_eq!(out[1..4], [Ok(MAX_OBJECTS), Ok(MAX_OBJECTS - 1), Ok(MAX_OBJECTS)]);
         assert!(past(&out[4]), "{:?}", out[4]);
         assert_eq!(out[5..], [Ok(3)]);
