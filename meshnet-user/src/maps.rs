@@ -406,8 +406,8 @@ pub struct ControlMaps {
     /// The spells the flow clock stood still, newest last (at most [`MAX_CLOCK_GAPS`]).
     clock_gaps: Vec<ClockGap>,
     /// Flows of an evicted gateway seen sent on after their last reply: that reply's stamp,
-    /// and when this was first seen (see [`Self::spare_answered`]).
-    unanswered: std::collections::HashMap<FlowKey, (u64, u64)>,
+    /// when this was first seen, and the pod's stamp then (see [`Self::spare_answered`]).
+    unanswered: std::collections::HashMap<FlowKey, Unanswered>,
 }
 
 /// Ticks further apart than this mean the clock stood still in between.
@@ -666,9 +666,10 @@ impl ControlMaps {
 
     /// Of `plan`'s evictions (flows of a gateway down past its grace period), keeps those the
     /// gateway still answers: a flow goes only once its pod has been sending, with no reply,
-    /// for longer than `grace_ns` (from the first sync that saw it sent on after its last
-    /// reply: a pod that speaks after a long silence must have a round trip's time for its
-    /// answer). Health probes open new connections, and a gateway that refuses those (a full
+    /// for longer than `grace_ns`. Seen sent on after its last reply, a flow is noted with the
+    /// pod's stamp; once the pod has sent again, with that reply still the last, the grace
+    /// period runs from that sync, and past it the flow goes. The last packet of an idle flow
+    /// may be its pod's (an ACK, stamped a clock tick after the reply): that is no sending on. Health probes open new connections, and a gateway that refuses those (a full
     /// backlog, a SYN filter) may still carry the ones it has; purging one of those would reset
     /// it. An idle flow stays too (the agent syncs at every probe round while a gateway is
     /// evicted). A flow without its reverse half cannot have its replies restored: it goes.
@@ -684,14 +685,17 @@ impl ControlMaps {
                 // Answered since it last sent, or idle.
                 return false;
             }
-            let since = match self.unanswered.get(key) {
-                Some(&(replied, since)) if replied == rev.last_seen_ns => since,
-                _ => now_ns,
+            let mut seen = match self.unanswered.get(key) {
+                Some(u) if u.replied == rev.last_seen_ns => *u,
+                _ => Unanswered { replied: rev.last_seen_ns, sent: fwd.last_seen_ns, since: None },
             };
-            if now_ns.saturating_sub(since) > grace_ns {
-                return true;
+            if fwd.last_seen_ns > seen.sent {
+                let since = *seen.since.get_or_insert(now_ns);
+                if now_ns.saturating_sub(since) > grace_ns {
+                    return true;
+                }
             }
-            still.insert(*key, (rev.last_seen_ns, since));
+            still.insert(*key, seen);
             false
         });
         self.unanswered = still;
@@ -831,6 +835,17 @@ pub(crate) fn trie_insert<V: aya::Pod>(trie: &mut LpmTrie<MapData, u32, V>, key:
         },
         r => r,
     }
+}
+
+/// A flow of an evicted gateway seen sent on after its last reply.
+#[derive(Debug, Clone, Copy)]
+struct Unanswered {
+    /// The last reply's stamp when first seen so.
+    replied: u64,
+    /// The pod's last packet's stamp then.
+    sent: u64,
+    /// When the pod was first seen to send again after that (the agent's clock).
+    since: Option<u64>,
 }
 
 /// What [`ControlMaps::expiry_scan`] found: the reverse table as read, the flows that looked

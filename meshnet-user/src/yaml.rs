@@ -26,6 +26,7 @@ pub struct Refused {
 
 const TOO_LARGE: &str =
     "YAML aliases (*name) here would expand the text to more than twice its own size, which meshnet refuses: each alias is a copy of its anchor";
+const RECURSIVE: &str = "a YAML alias inside the anchor it names, which meshnet refuses: it would copy itself into itself";
 const REDEFINED: &str =
     "a YAML anchor name defined twice in one document, which meshnet refuses: YAML parsers disagree on which definition a later alias names";
 
@@ -91,6 +92,11 @@ pub fn bound_aliases(text: &str) -> Result<(), Refused> {
                 continue;
             }
             Event::Alias(anchor) => {
+                // serde_yaml knows an anchor from its start, and would replay the collection
+                // inside itself until its depth limit.
+                if open.iter().any(|(a, _)| *a == anchor) {
+                    return Err(at(RECURSIVE));
+                }
                 own += 1;
                 anchors.get(&anchor).copied().unwrap_or(1)
             }
@@ -151,6 +157,8 @@ mod tests {
         // after it, which a count by the parser's ids would not see.
         let redefined = format!("a: &x 0\nb: &x 0\nc: &y [{}]\nd: [*x, *x]\n", vec!["v"; 100].join(","));
         assert_eq!(bound_aliases(&redefined).unwrap_err(), Refused { line: 2, column: 4, why: REDEFINED });
+        // An alias inside its own anchor.
+        assert_eq!(bound_aliases("- &a [x, x, *a]\n").unwrap_err().why, RECURSIVE);
         // In another document the name is free again.
         assert_eq!(bound_aliases("a: &x 0\nb: *x\n---\nc: &x 1\nd: *x\n"), Ok(()));
         let nested: String =

@@ -1449,8 +1449,11 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     // the grace period for its answer, and every flow stays.
     let mut look = |h: &mut Harness, at: u64| h.maps.sync_evicting(&desired, &evict, grace, at).unwrap().flows_purged;
     assert_eq!(look(&mut h, t0 + 101 * SEC), 0);
-    assert_eq!(look(&mut h, t0 + 150 * SEC), 0, "purged before the grace period passed unanswered");
-    assert_eq!(look(&mut h, t0 + 162 * SEC), 1);
+    // Its pod sends on, unanswered: the grace period runs from the look that sees it.
+    stamp(&mut h, unanswered, t0 + 140 * SEC, t0 + 30 * SEC);
+    assert_eq!(look(&mut h, t0 + 150 * SEC), 0);
+    assert_eq!(look(&mut h, t0 + 205 * SEC), 0, "purged before the grace period passed unanswered");
+    assert_eq!(look(&mut h, t0 + 212 * SEC), 1);
     assert!(kept(&h, answered) && kept(&h, idle), "a flow still answered, or idle, was purged");
     assert!(!kept(&h, unanswered), "a flow unanswered for longer than the grace period was kept");
     // The kept flow goes on through its gateway, both ways.
@@ -1461,12 +1464,20 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     assert_eq!(look(&mut h, t0 + 300 * SEC), 0);
     stamp(&mut h, answered, t0 + 300 * SEC, t0 + 301 * SEC);
     assert_eq!(look(&mut h, t0 + 400 * SEC), 0);
+    // The pod's ACK of that reply, stamped a clock tick after it, and nothing since: idle,
+    // not unanswered, however long it stays so.
+    stamp(&mut h, answered, t0 + 302 * SEC, t0 + 301 * SEC);
+    assert_eq!(look(&mut h, t0 + 303 * SEC), 0);
+    assert_eq!(look(&mut h, t0 + 900 * SEC), 0, "an idle flow whose last packet was the pod's ACK was purged");
     // Then the gateway stops answering it, and the idle one's pod sends unanswered too:
-    // both go once the grace period has passed so.
-    stamp(&mut h, answered, t0 + 500 * SEC, t0 + 301 * SEC);
-    stamp(&mut h, idle, t0 + 500 * SEC, t0);
-    assert_eq!(look(&mut h, t0 + 500 * SEC), 0);
-    assert_eq!(look(&mut h, t0 + 561 * SEC), 2);
+    // both go once the grace period has passed so, their pods sending on.
+    stamp(&mut h, answered, t0 + 1000 * SEC, t0 + 301 * SEC);
+    stamp(&mut h, idle, t0 + 1000 * SEC, t0);
+    assert_eq!(look(&mut h, t0 + 1000 * SEC), 0);
+    stamp(&mut h, answered, t0 + 1030 * SEC, t0 + 301 * SEC);
+    stamp(&mut h, idle, t0 + 1030 * SEC, t0);
+    assert_eq!(look(&mut h, t0 + 1061 * SEC), 1, "the flow unanswered since 1000 s");
+    assert_eq!(look(&mut h, t0 + 1122 * SEC), 1, "the flow unanswered since 1061 s");
     assert_eq!(h.flow_counts(), (0, 0));
 }
 

@@ -148,6 +148,8 @@ pub(super) async fn remote_task<M: Send + 'static>(
         };
         let event = match update {
             Some(e) => RemoteEvent::Failed(format!("watch: {}", remote_text(&e))),
+            // An unfollowed node set is stale: no view of it goes out as fresh.
+            None if unfollowed.is_some() => continue,
             None if synced.iter().all(|s| *s) => RemoteEvent::View(Box::new(view.clone())),
             None => continue,
         };

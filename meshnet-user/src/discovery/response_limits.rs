@@ -42,7 +42,7 @@ pub struct Bounds {
 
 /// A page of a node list: 50 real nodes are some 50,000 values (their image lists, conditions
 /// and managed fields) in up to 2.5 MB; 150,000 values of the smallest nodes a remote could
-/// send instead (a name each) parse to some 20 MB (`resolve::RemoteNode`).
+/// send instead (a name each) parse to some 30 MB (`resolve::RemoteNode`).
 pub const NODE_PAGE: Bounds = Bounds { bytes: 8 << 20, values: 150_000 };
 /// One watch event of a node: one object.
 pub const NODE_EVENT: Bounds = Bounds { bytes: 4 << 20, values: 50_000 };
@@ -133,7 +133,16 @@ impl Count {
         let Bounds { bytes: max_bytes, values: max_values } = bounds;
         let what = if lines { "a line of its watch stream" } else { "its answer" };
         for &b in data {
+            // kube splits a watch into lines at every newline, in a string or not (a JSON
+            // string holds none): each line is counted afresh, whatever the one before left open.
+            if lines && b == b'\n' {
+                *self = Self::default();
+                continue;
+            }
             self.bytes += 1;
+            if self.bytes > max_bytes {
+                return Err(format!("the remote API server sent more than {} MiB in {what}", max_bytes >> 20));
+            }
             if self.in_string {
                 if self.escaped {
                     self.escaped = false;
@@ -147,15 +156,7 @@ impl Count {
             match b {
                 b'"' => self.in_string = true,
                 b'{' | b'[' | b',' => self.values += 1,
-                // A newline never stands inside a JSON string: a watch's line, one event, ends.
-                b'\n' if lines => {
-                    self.bytes = 0;
-                    self.values = 0;
-                }
                 _ => {}
-            }
-            if self.bytes > max_bytes {
-                return Err(format!("the remote API server sent more than {} MiB in {what}", max_bytes >> 20));
             }
             if self.values > max_values {
                 return Err(format!("the remote API server sent more than {max_values} JSON values in {what}"));
@@ -294,6 +295,22 @@ mod tests {
         assert!(e.contains("more than 50000 JSON values in a line"), "{e}");
         let e = read(layer.layer(server(EMPTIES, None)), "/api/v1/namespaces/istio-system/endpoints").await.unwrap_err();
         assert!(e.contains("more than 10000 JSON values in its answer"), "{e}");
+        // An endless string is bounded in bytes; a line left inside a string does not hide
+        // the next line's values.
+        let open_string = tower::service_fn(|_req: Request<()>| {
+            let frames = futures::stream::iter([Bytes::from_static(b"{\"a\":\"")].into_iter().chain(std::iter::repeat_n(Bytes::from_static(MIB), 64)).map(|b| Ok::<_, BoxError>(Frame::data(b))));
+            let body: Box<DynBody> = Box::new(http_body_util::StreamBody::new(frames));
+            async move { Ok::<_, BoxError>(Response::new(body)) }
+        });
+        let e = read(layer.layer(open_string), "/api/v1/nodes?limit=50").await.unwrap_err();
+        assert!(e.contains("more than 8 MiB in its answer"), "{e}");
+        let split = tower::service_fn(|_req: Request<()>| {
+            let frames = futures::stream::iter([Bytes::from_static(b"{\"a\":\"x\n")].into_iter().chain(std::iter::repeat_n(Bytes::from_static(EMPTIES), 64)).map(|b| Ok::<_, BoxError>(Frame::data(b))));
+            let body: Box<DynBody> = Box::new(http_body_util::StreamBody::new(frames));
+            async move { Ok::<_, BoxError>(Response::new(body)) }
+        });
+        let e = read(layer.layer(split), "/api/v1/nodes?watch=true").await.unwrap_err();
+        assert!(e.contains("more than 50000 JSON values in a line"), "{e}");
         // Inside strings (escaped quotes too) nothing is a value: 9,000 strings of seven
         // brackets and commas each count one value each (the comma after each).
         let n = 9_000;

@@ -141,8 +141,12 @@ where
         }
         let update = cur.get_or_insert_with(|| open(&api, &config)).next().await?;
         // kube's watcher resumes from the last version it saw and lists again only after an
-        // error: a set past the bound would never be listed again, though it shrank.
+        // error: a set past the bound would never be listed again, though it shrank. The
+        // watcher goes at once, and a new one lists after the pause.
         let relist_at = matches!(&update, Update::Error(e) if is_unfollowed(e)).then(|| tokio::time::Instant::now() + RELIST_AFTER);
+        if relist_at.is_some() {
+            cur = None;
+        }
         Some((update, (api, config, cur, relist_at)))
     })
 }
