@@ -297,19 +297,18 @@ mod tests {
         assert!(e.contains("more than 10000 JSON values in its answer"), "{e}");
         // An endless string is bounded in bytes; a line left inside a string does not hide
         // the next line's values.
-        let open_string = tower::service_fn(|_req: Request<()>| {
-            let frames = futures::stream::iter([Bytes::from_static(b"{\"a\":\"")].into_iter().chain(std::iter::repeat_n(Bytes::from_static(MIB), 64)).map(|b| Ok::<_, BoxError>(Frame::data(b))));
-            let body: Box<DynBody> = Box::new(http_body_util::StreamBody::new(frames));
-            async move { Ok::<_, BoxError>(Response::new(body)) }
-        });
-        let e = read(layer.layer(open_string), "/api/v1/nodes?limit=50").await.unwrap_err();
+        // A server whose answer is `first`, then `then` 64 times.
+        let opening = |first: &'static [u8], then: &'static [u8]| {
+            tower::service_fn(move |_req: Request<()>| {
+                let chunks = std::iter::once(first).chain(std::iter::repeat_n(then, 64));
+                let frames = futures::stream::iter(chunks.map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from_static(c)))));
+                let body: Box<DynBody> = Box::new(http_body_util::StreamBody::new(frames));
+                async move { Ok::<_, BoxError>(Response::new(body)) }
+            })
+        };
+        let e = read(layer.layer(opening(b"{\"a\":\"", MIB)), "/api/v1/nodes?limit=50").await.unwrap_err();
         assert!(e.contains("more than 8 MiB in its answer"), "{e}");
-        let split = tower::service_fn(|_req: Request<()>| {
-            let frames = futures::stream::iter([Bytes::from_static(b"{\"a\":\"x\n")].into_iter().chain(std::iter::repeat_n(Bytes::from_static(EMPTIES), 64)).map(|b| Ok::<_, BoxError>(Frame::data(b))));
-            let body: Box<DynBody> = Box::new(http_body_util::StreamBody::new(frames));
-            async move { Ok::<_, BoxError>(Response::new(body)) }
-        });
-        let e = read(layer.layer(split), "/api/v1/nodes?watch=true").await.unwrap_err();
+        let e = read(layer.layer(opening(b"{\"a\":\"x\n", EMPTIES)), "/api/v1/nodes?watch=true").await.unwrap_err();
         assert!(e.contains("more than 50000 JSON values in a line"), "{e}");
         // Inside strings (escaped quotes too) nothing is a value: 9,000 strings of seven
         // brackets and commas each count one value each (the comma after each).
