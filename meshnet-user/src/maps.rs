@@ -668,8 +668,11 @@ impl ControlMaps {
     /// gateway still answers: a flow goes only once its pod has been sending, with no reply,
     /// for longer than `grace_ns`. Seen sent on after its last reply, a flow is noted with the
     /// pod's stamp; once the pod has sent again, with that reply still the last, the grace
-    /// period runs from that sync, and past it the flow goes. The last packet of an idle flow
-    /// may be its pod's (an ACK, stamped a clock tick after the reply): that is no sending on. Health probes open new connections, and a gateway that refuses those (a full
+    /// period runs from that sync, and the flow goes past it once two later syncs have seen
+    /// the pod send again, still unanswered (a retransmitting pod, a one-way stream). The last
+    /// packets of an idle flow may be its pod's own (an ACK, a window update), and a pod that
+    /// speaks after a silence must have its round trip: a live gateway's answer, which resets
+    /// the watch, comes before a second sync could see a second unanswered packet. Health probes open new connections, and a gateway that refuses those (a full
     /// backlog, a SYN filter) may still carry the ones it has; purging one of those would reset
     /// it. An idle flow stays too (the agent syncs at every probe round while a gateway is
     /// evicted). A flow without its reverse half cannot have its replies restored: it goes.
@@ -690,8 +693,12 @@ impl ControlMaps {
                 _ => Unanswered { replied: rev.last_seen_ns, sent: fwd.last_seen_ns, since: None },
             };
             if fwd.last_seen_ns > seen.sent {
-                let since = *seen.since.get_or_insert(now_ns);
-                if now_ns.saturating_sub(since) > grace_ns {
+                let (since, last, moved) = seen.since.get_or_insert((now_ns, fwd.last_seen_ns, 0));
+                if fwd.last_seen_ns > *last {
+                    *last = fwd.last_seen_ns;
+                    *moved += 1;
+                }
+                if *moved >= 2 && now_ns.saturating_sub(*since) > grace_ns {
                     return true;
                 }
             }
@@ -844,8 +851,9 @@ struct Unanswered {
     replied: u64,
     /// The pod's last packet's stamp then.
     sent: u64,
-    /// When the pod was first seen to send again after that (the agent's clock).
-    since: Option<u64>,
+    /// When the pod was first seen to send again after that (the agent's clock), the pod's
+    /// last stamp seen since, and how many later syncs saw it move on.
+    since: Option<(u64, u64, u32)>,
 }
 
 /// What [`ControlMaps::expiry_scan`] found: the reverse table as read, the flows that looked

@@ -367,8 +367,17 @@ fn gateway_failover() {
     let flow = nat(&t).into_iter().find(|f| f["pod"] == silent_key.0.as_str() && f["remote"] == silent_key.1.as_str()).unwrap();
     let wire = flow["natPort"].as_u64().unwrap_or_else(|| u64::from(held[silent].0.s.local_addr().unwrap().port()));
     t.node2.exec(&format!("iptables -t raw -I PREROUTING -p tcp -d 192.0.2.3 --sport {wire} -j DROP"));
-    held[silent].0.s.write_all(b"into the void\n").unwrap();
-    let purged = poll(WAIT, || (!pinned(&t).contains_key(&silent_key)).then_some(()));
+    // Its pod sends on, unanswered, a segment every 200 ms (retransmissions alone space out
+    // past the 1 s grace period here).
+    held[silent].0.s.set_nodelay(true).unwrap();
+    let mut last_write = std::time::Instant::now() - Duration::from_secs(1);
+    let purged = poll(WAIT, || {
+        if last_write.elapsed() >= Duration::from_millis(200) {
+            let _ = held[silent].0.s.write_all(b"into the void\n");
+            last_write = std::time::Instant::now();
+        }
+        (!pinned(&t).contains_key(&silent_key)).then_some(())
+    });
     assert!(purged.is_some(), "a flow its down gateway no longer answers was kept: {:?}", nat(&t));
     let now = pinned(&t);
     for (i, (h, gw)) in held.iter_mut().enumerate().filter(|(i, _)| *i != silent) {

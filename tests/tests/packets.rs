@@ -1452,7 +1452,9 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     // Its pod sends on, unanswered: the grace period runs from the look that sees it.
     stamp(&mut h, unanswered, t0 + 140 * SEC, t0 + 30 * SEC);
     assert_eq!(look(&mut h, t0 + 150 * SEC), 0);
+    stamp(&mut h, unanswered, t0 + 200 * SEC, t0 + 30 * SEC);
     assert_eq!(look(&mut h, t0 + 205 * SEC), 0, "purged before the grace period passed unanswered");
+    stamp(&mut h, unanswered, t0 + 210 * SEC, t0 + 30 * SEC);
     assert_eq!(look(&mut h, t0 + 212 * SEC), 1);
     assert!(kept(&h, answered) && kept(&h, idle), "a flow still answered, or idle, was purged");
     assert!(!kept(&h, unanswered), "a flow unanswered for longer than the grace period was kept");
@@ -1468,7 +1470,10 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     // not unanswered, however long it stays so.
     stamp(&mut h, answered, t0 + 302 * SEC, t0 + 301 * SEC);
     assert_eq!(look(&mut h, t0 + 303 * SEC), 0);
-    assert_eq!(look(&mut h, t0 + 900 * SEC), 0, "an idle flow whose last packet was the pod's ACK was purged");
+    // And a window update seconds later, on the other side of a look: silent again after it.
+    stamp(&mut h, answered, t0 + 310 * SEC, t0 + 301 * SEC);
+    assert_eq!(look(&mut h, t0 + 311 * SEC), 0);
+    assert_eq!(look(&mut h, t0 + 900 * SEC), 0, "an idle flow whose last packets were the pod's was purged");
     // Then the gateway stops answering it, and the idle one's pod sends unanswered too:
     // both go once the grace period has passed so, their pods sending on.
     stamp(&mut h, answered, t0 + 1000 * SEC, t0 + 301 * SEC);
@@ -1477,7 +1482,10 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     stamp(&mut h, answered, t0 + 1030 * SEC, t0 + 301 * SEC);
     stamp(&mut h, idle, t0 + 1030 * SEC, t0);
     assert_eq!(look(&mut h, t0 + 1061 * SEC), 1, "the flow unanswered since 1000 s");
-    assert_eq!(look(&mut h, t0 + 1122 * SEC), 1, "the flow unanswered since 1061 s");
+    stamp(&mut h, idle, t0 + 1100 * SEC, t0);
+    assert_eq!(look(&mut h, t0 + 1122 * SEC), 0, "one more unanswered packet is a round trip's wait");
+    stamp(&mut h, idle, t0 + 1150 * SEC, t0);
+    assert_eq!(look(&mut h, t0 + 1183 * SEC), 1, "the flow unanswered since 1061 s");
     assert_eq!(h.flow_counts(), (0, 0));
 }
 
