@@ -387,11 +387,11 @@ impl State {
                 warn!("{HOLDS_CONFIGMAP} was changed or deleted by someone else; rewriting it");
                 self.holds_written = None;
             }
-            Msg::Secrets(Update::Error(e))
-            | Msg::LocalNodes(Update::Error(e))
-            | Msg::Istio(Update::Error(e))
-            | Msg::Published(Update::Error(e))
-            | Msg::Holds(Update::Error(e)) => {
+            Msg::Secrets(Update::Error(e) | Update::Unfollowed(e))
+            | Msg::LocalNodes(Update::Error(e) | Update::Unfollowed(e))
+            | Msg::Istio(Update::Error(e) | Update::Unfollowed(e))
+            | Msg::Published(Update::Error(e) | Update::Unfollowed(e))
+            | Msg::Holds(Update::Error(e) | Update::Unfollowed(e)) => {
                 warn!(error = %e, "local API watch failed; keeping the last known state");
                 return false;
             }

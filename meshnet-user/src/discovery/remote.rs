@@ -114,24 +114,20 @@ pub(super) async fn remote_task<M: Send + 'static>(
         let update = tokio::select! {
             Some(u) = nodes.next() => match u {
                 Update::Snapshot(s) => { view.nodes = s; synced[0] = true; unfollowed = None; None }
-                Update::Error(e) => {
-                    if super::watch::is_unfollowed(&e) {
-                        unfollowed = Some(e.clone());
-                    }
-                    Some(e)
-                }
+                Update::Unfollowed(e) => { unfollowed = Some(e.clone()); Some(e) }
+                Update::Error(e) => Some(e),
             },
             Some(u) = svcs.next() => match u {
                 Update::Snapshot(s) => { view.service = s.values().next().cloned(); synced[1] = true; None }
-                Update::Error(e) => Some(e),
+                Update::Error(e) | Update::Unfollowed(e) => Some(e),
             },
             Some(u) = eps.next() => match u {
                 Update::Snapshot(s) => { view.endpoints = s.values().next().cloned(); synced[2] = true; None }
-                Update::Error(e) => Some(e),
+                Update::Error(e) | Update::Unfollowed(e) => Some(e),
             },
             Some(u) = tunnel_svc.next() => match u {
                 Update::Snapshot(s) => { view.tunnel_service = s.values().next().cloned(); synced[3] = true; None }
-                Update::Error(e) => Some(e),
+                Update::Error(e) | Update::Unfollowed(e) => Some(e),
             },
             _ = probe.tick() => {
                 // A watch can hang without an error; a bounded request cannot.

@@ -88,7 +88,7 @@ pub async fn spawn(opts: SourceOptions, tx: mpsc::Sender<ApiUpdate>) -> anyhow::
         while let Some(u) = s.next().await {
             let msg = match u {
                 Update::Snapshot(m) => ApiUpdate::Peers(Published::parse(m.values().next())),
-                Update::Error(e) => ApiUpdate::Error(format!("watching {PEERS_CONFIGMAP}: {e}")),
+                Update::Error(e) | Update::Unfollowed(e) => ApiUpdate::Error(format!("watching {PEERS_CONFIGMAP}: {e}")),
             };
             if ptx.send(msg).await.is_err() {
                 break;
@@ -103,7 +103,7 @@ pub async fn spawn(opts: SourceOptions, tx: mpsc::Sender<ApiUpdate>) -> anyhow::
             while let Some(u) = s.next().await {
                 let msg = match u {
                     Update::Snapshot(m) => ApiUpdate::NodeCidrs(resolve::node_pod_cidrs(m.values())),
-                    Update::Error(e) => ApiUpdate::Error(format!("watching node {node}: {e}")),
+                    Update::Error(e) | Update::Unfollowed(e) => ApiUpdate::Error(format!("watching node {node}: {e}")),
                 };
                 if tx.send(msg).await.is_err() {
                     break;

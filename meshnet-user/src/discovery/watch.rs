@@ -117,6 +117,10 @@ pub enum Update<K> {
     Snapshot(Arc<BTreeMap<String, K>>),
     /// The watch failed; it retries with backoff. The last snapshot still stands.
     Error(String),
+    /// The set grew past [`MAX_OBJECTS`]: it is not followed until a list fits, and the last
+    /// snapshot is stale meanwhile. Its own variant, not an error text: a remote's own watch
+    /// error, whatever it says, must not pass for it, nor it for a recoverable failure.
+    Unfollowed(String),
 }
 
 /// Whether `name` could be an object's name in a real API server (a DNS subdomain: at most
@@ -143,7 +147,7 @@ where
         // kube's watcher resumes from the last version it saw and lists again only after an
         // error: a set past the bound would never be listed again, though it shrank. The
         // watcher goes at once, and a new one lists after the pause.
-        let relist_at = matches!(&update, Update::Error(e) if is_unfollowed(e)).then(|| tokio::time::Instant::now() + RELIST_AFTER);
+        let relist_at = matches!(update, Update::Unfollowed(_)).then(|| tokio::time::Instant::now() + RELIST_AFTER);
         if relist_at.is_some() {
             cur = None;
         }
@@ -154,14 +158,8 @@ where
 /// After a list past [`MAX_OBJECTS`], how long until the watch lists again.
 const RELIST_AFTER: std::time::Duration = std::time::Duration::from_mins(1);
 
-/// How [`fold`] says that a set is past [`MAX_OBJECTS`] and not followed.
-const UNFOLLOWED: &str = "objects; not followed";
-
-/// Whether a watch's error says that its set is not followed (past [`MAX_OBJECTS`]) until a
-/// list fits, rather than a failure the watch recovers from by itself.
-#[must_use]
-pub fn is_unfollowed(error: &str) -> bool {
-    error.ends_with(UNFOLLOWED)
+fn unfollowed<T>() -> Update<T> {
+    Update::Unfollowed(format!("the remote lists more than {MAX_OBJECTS} objects; not followed"))
 }
 
 /// [`snapshots`] of a watcher's events.
@@ -193,7 +191,7 @@ where
                 } else {
                     overflow = true;
                     pending.clear();
-                    Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} {UNFOLLOWED}")))
+                    Some(unfollowed())
                 }
             }
             // No snapshot until a list fits: the last one stands, stale.
@@ -221,7 +219,7 @@ where
                 if current.len() >= MAX_OBJECTS && !current.contains_key(&name) {
                     current = Arc::default();
                     synced = false;
-                    return std::future::ready(Some(Update::Error(format!("the remote lists more than {MAX_OBJECTS} {UNFOLLOWED}"))));
+                    return std::future::ready(Some(unfollowed()));
                 }
                 // Copies the map only while a consumer still holds the previous snapshot.
                 Arc::make_mut(&mut current).insert(name, o);
@@ -278,13 +276,14 @@ mod tests {
         Node { metadata: ObjectMeta { name: Some(name), ..ObjectMeta::default() }, ..Node::default() }
     }
 
-    fn run(events: Vec<watcher::Event<Node>>) -> Vec<Result<usize, String>> {
-        let updates = futures::executor::block_on(fold(futures::stream::iter(events.into_iter().map(Ok))).collect::<Vec<_>>());
+    fn run(events: Vec<Result<watcher::Event<Node>, watcher::Error>>) -> Vec<Result<usize, String>> {
+        let updates = futures::executor::block_on(fold(futures::stream::iter(events)).collect::<Vec<_>>());
         updates
             .into_iter()
             .map(|u| match u {
                 Update::Snapshot(s) => Ok(s.len()),
-                Update::Error(e) => Err(e),
+                Update::Error(e) => Err(format!("error: {e}")),
+                Update::Unfollowed(e) => Err(format!("unfollowed: {e}")),
             })
             .collect()
     }
@@ -311,13 +310,23 @@ mod tests {
         events.push(watcher::Event::Init);
         events.extend(many(3));
         events.push(watcher::Event::InitDone);
-        let out = run(events);
-        let past = |u: &Result<usize, String>| matches!(u, Err(e) if e.contains("more than 10000 objects; not followed"));
+        let out = run(events.into_iter().map(Ok).collect());
+        let past = |u: &Result<usize, String>| matches!(u, Err(e) if e == "unfollowed: the remote lists more than 10000 objects; not followed");
         assert!(past(&out[0]), "{:?}", out[0]);
-        assert!(matches!(&out[0], Err(e) if is_unfollowed(e)));
         assert_eq!(out[1..4], [Ok(MAX_OBJECTS), Ok(MAX_OBJECTS - 1), Ok(MAX_OBJECTS)]);
         assert!(past(&out[4]), "{:?}", out[4]);
         assert_eq!(out[5..], [Ok(3)]);
+    }
+
+    /// A remote's own watch error is an error, whatever it says: were it taken for an
+    /// unfollowed set, the remote would pause its own relist at will.
+    #[test]
+    fn a_remote_error_that_reads_like_an_unfollowed_set_stays_an_error() {
+        let text = format!("the remote lists more than {MAX_OBJECTS} objects; not followed");
+        let forged = watcher::Error::WatchError(kube::core::Status { message: text.clone(), reason: "Expired".into(), code: 500, ..kube::core::Status::default() }.boxed());
+        let out = run(vec![Ok(watcher::Event::Init), Ok(watcher::Event::InitDone), Err(forged)]);
+        assert_eq!(out[0], Ok(0));
+        assert!(matches!(&out[1], Err(e) if e.starts_with("error: ") && e.contains(&text)), "{:?}", out[1]);
     }
 
     #[test]
