@@ -330,6 +330,31 @@ fn overlapping_cidrs_are_refused() {
 
 /// A remote that claims a published peer's CIDR is refused, though its name sorts first, and
 /// stays refused across a controller restart: the peer published with it keeps it.
+/// One Node of the local cluster is one object: a typo in its podCIDRs, or a kubelet that
+/// lists another cluster's gateway among its addresses, must not withdraw every peer from
+/// every node. The published peer stays, and the status says what the Node claims.
+#[test]
+fn one_local_node_cannot_withdraw_a_published_peer() {
+    let m = Mesh::new();
+    let _controller = m.controller(&[]);
+    let _agent = m.agent();
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "initial discovery");
+    m.local.apply(node("rogue", "10.20.144.165", "0.0.0.0/1"));
+    let noted = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster2")["localClash"].is_string()));
+    let (peers, status) = noted.unwrap_or_else(|| panic!("the rogue Node's claim was never noted: {:?}", m.published()));
+    let clash = status["cluster2"]["localClash"].as_str().unwrap();
+    assert!(clash.contains("node rogue lists 10.20.144.165") && clash.contains("0.0.0.0/1 overlaps 10.245.0.0/24"), "{clash}");
+    assert!(status_of(&status, "cluster2")["refused"].is_null(), "{status}");
+    assert!(peers.as_array().unwrap().iter().any(|p| p["name"] == "cluster2"), "{peers}");
+    // Still routed, and a change of the peer still reaches the agent past the Node's claim.
+    m.remote.apply(gateway_service(32000));
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32000"], "a change while a local Node claims the peer's range");
+    // The Node gone, so is the note.
+    m.local.delete("v1", "Node", None, "rogue");
+    let cleared = poll(WAIT, || m.published().filter(|(_, s)| status_of(s, "cluster2")["localClash"].is_null()));
+    assert!(cleared.is_some(), "the note outlived the Node: {:?}", m.published());
+}
+
 #[test]
 fn a_remote_cannot_take_a_published_peers_cidr() {
     let m = Mesh::new();

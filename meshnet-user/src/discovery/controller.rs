@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -37,10 +37,10 @@ use super::{
     probes::{ControllerMetrics, PeerLabel},
     remote::{self, RemoteEvent},
     published::{self, Published, PublishedEntry, HOLDS_CONFIGMAP, HOLDS_KEY, PEERS_CONFIGMAP, PEERS_KEY, STATUS_CONFIGMAP, STATUS_KEY},
-    resolve::{self, ClusterView, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, MODE_ANNOTATION, POD_CIDRS_ANNOTATION},
+    resolve::{self, ClusterView, LocalNode, NodeInfo, ResolveOptions, SecretSource, ALLOWED_CIDRS_ANNOTATION, MODE_ANNOTATION, POD_CIDRS_ANNOTATION},
     watch::{snapshots, Update},
 };
-use crate::config::{PeerMode, RawPeer, Reserved};
+use crate::config::{PeerMode, RawPeer};
 
 pub const LEASE_NAME: &str = "meshnet-controller";
 
@@ -121,9 +121,11 @@ struct State {
     remotes: BTreeMap<String, Remote>,
     next_generation: u64,
     secrets_synced: bool,
-    local_cidrs: Option<Vec<Ipv4Net>>,
-    /// Every local node's addresses: no peer may claim them or use them as a gateway.
-    local_addresses: BTreeSet<Ipv4Addr>,
+    /// Every local Node's pod CIDRs and addresses, `None` until the watch synced: no peer may
+    /// claim them, nor use one as a gateway, unless it was published with it before.
+    local: Option<Vec<LocalNode>>,
+    /// What each peer keeps of what local Nodes claim, as last logged.
+    clashes: BTreeMap<String, String>,
     /// `None` until the watch synced; then the ConfigMap, if it exists.
     #[expect(clippy::option_option, reason = "not synced yet differs from synced and absent")]
     istio: Option<Option<ConfigMap>>,
@@ -214,8 +216,8 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         remotes: BTreeMap::new(),
         next_generation: 0,
         secrets_synced: false,
-        local_cidrs: None,
-        local_addresses: BTreeSet::new(),
+        local: None,
+        clashes: BTreeMap::new(),
         istio: None,
         last_good: BTreeMap::new(),
         published: (None, None),
@@ -352,8 +354,7 @@ impl State {
                 self.reconcile_remotes(&secrets);
             }
             Msg::LocalNodes(Update::Snapshot(nodes)) => {
-                self.local_cidrs = Some(resolve::node_pod_cidrs(nodes.values()));
-                self.local_addresses = nodes.values().flat_map(resolve::node_addresses).collect();
+                self.local = Some(nodes.iter().map(|(name, n)| LocalNode::of(name, n)).collect());
             }
             Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.values().next().cloned()),
             // A replica that does not lead follows the leader's writes; the leader keeps its own
@@ -512,18 +513,12 @@ impl State {
 
     /// Whether every source a withdrawal could be based on has synced.
     fn synced(&self) -> bool {
-        self.secrets_synced && self.local_cidrs.is_some() && self.istio.is_some() && self.published_seen
-    }
-
-    /// What the reserved-range rules know about this cluster.
-    fn reserved(&self) -> Reserved {
-        Reserved { service_cidrs: self.opts.service_cidrs.clone(), local_addresses: self.local_addresses.clone() }
+        self.secrets_synced && self.local.is_some() && self.istio.is_some() && self.published_seen
     }
 
     /// Decides what to publish and takes note of it: each peer resolved now becomes its
     /// remote's last good state, and each new refusal is logged and counted once.
     fn desired(&mut self) -> Desired {
-        let reserved = self.reserved();
         let d = {
             let remotes: BTreeMap<String, RemoteInput<'_>> = self
                 .remotes
@@ -548,8 +543,8 @@ impl State {
                 allowed_cidrs: &self.opts.allowed_cidrs,
                 modes: &self.opts.modes,
                 default_mode: self.opts.default_mode,
-                reserved: &reserved,
-                local_cidrs: self.local_cidrs.as_deref().unwrap_or_default(),
+                service_cidrs: &self.opts.service_cidrs,
+                local: self.local.as_deref().unwrap_or_default(),
                 istio: self.istio.as_ref().and_then(Option::as_ref),
                 last_good: &self.last_good,
                 published: &self.published_peers,
@@ -574,6 +569,12 @@ impl State {
             known
         });
         self.refusals.clone_from(&d.refused);
+        for (name, what) in &d.clashes {
+            if self.clashes.get(name) != Some(what) {
+                warn!(peer = %name, clash = %what, "a local Node claims what a published peer holds; the peer keeps it");
+            }
+        }
+        self.clashes.clone_from(&d.clashes);
         d
     }
 
@@ -838,7 +839,7 @@ mod tests {
     fn the_largest_peers_are_left_out_until_the_rest_fits() {
         let peer = |name: &str, cidrs: u32| RawPeer {
             name: name.into(),
-            pod_cidrs: (0..cidrs).map(|i| format!("{}/32", Ipv4Addr::from(0x0b00_0000 + i * 2))).collect(),
+            pod_cidrs: (0..cidrs).map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0b00_0000 + i * 2))).collect(),
             ..RawPeer::default()
         };
         let mut peers = vec![peer("a", 10), peer("huge", 60_000), peer("z", 10)];

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     published::PeerStatus,
-    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, ALLOWED_CIDRS_ANNOTATION},
+    resolve::{self, ClusterView, LocalNode, MeshNetworks, ResolveOptions, ALLOWED_CIDRS_ANNOTATION},
 };
 use crate::config::{self, PeerMode, RawPeer, Reserved};
 
@@ -45,9 +45,11 @@ pub struct Inputs<'a> {
     pub modes: &'a BTreeMap<String, PeerMode>,
     /// `--default-mode`: for remotes with neither.
     pub default_mode: PeerMode,
-    pub reserved: &'a Reserved,
-    /// This cluster's pod CIDRs: no peer may overlap them.
-    pub local_cidrs: &'a [Ipv4Net],
+    /// This cluster's Service CIDRs: no peer may claim them.
+    pub service_cidrs: &'a [Ipv4Net],
+    /// This cluster's Nodes: no peer may claim their pod CIDRs or addresses, unless it was
+    /// published with them before (see [`resolve::unheld_addresses`]).
+    pub local: &'a [LocalNode],
     /// Istio's ConfigMap, for networks written by hand in its `meshNetworks`.
     pub istio: Option<&'a ConfigMap>,
     /// The last good peer of each remote, published while it is stale or unresolvable.
@@ -70,6 +72,9 @@ pub struct Desired {
     pub resolved: BTreeMap<String, RawPeer>,
     /// Every refused peer, and why.
     pub refused: BTreeMap<String, String>,
+    /// Every peer that keeps what this cluster's Nodes now claim of it, and what they claim.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub clashes: BTreeMap<String, String>,
     /// Inputs wrong as a whole, not as one peer (an unreadable `meshNetworks`).
     pub warnings: Vec<String>,
 }
@@ -173,13 +178,23 @@ fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<Ra
     (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused)
 }
 
+/// The reserved-range rules for peer `name`'s tunnel nodes: this cluster's Service CIDRs,
+/// and its Nodes' addresses less those that `name` was published with. A node of the peer
+/// at one of them is left out (and said so); the peer's other nodes stay.
+fn reserved_for(i: &Inputs<'_>, name: &str) -> Reserved {
+    Reserved { service_cidrs: i.service_cidrs.to_vec(), local_addresses: resolve::unheld_addresses(i.local, i.published.get(name)) }
+}
+
 /// The published state for `i`.
 #[must_use]
 pub fn desired(i: &Inputs<'_>) -> Desired {
     let mut d = Desired::default();
     let mut peers = Vec::new();
+    // What this cluster's Nodes claim is `resolve::against_local`'s, which names the Node and
+    // knows what each peer holds.
+    let reserved = Reserved { service_cidrs: i.service_cidrs.to_vec(), local_addresses: BTreeSet::new() };
     for (name, r) in i.remotes {
-        let mut st = PeerStatus { stale: r.stale, refused: r.refused.map(str::to_owned), error: r.error.map(str::to_owned), skipped: None };
+        let mut st = PeerStatus { stale: r.stale, refused: r.refused.map(str::to_owned), error: r.error.map(str::to_owned), ..PeerStatus::default() };
         if r.refused.is_some() {
             d.status.insert(name.clone(), st);
             continue;
@@ -200,7 +215,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                 (x.refusals.clone(), resolve::peer(name, &x), None)
             }
             PeerMode::Tunnel => {
-                let x = resolve::resolve_tunnel(v, i.resolve, cidrs, i.reserved);
+                let x = resolve::resolve_tunnel(v, i.resolve, cidrs, &reserved_for(i, name));
                 (x.refusals.clone(), resolve::tunnel_peer(name, &x), x.skipped_summary())
             }
         });
@@ -214,7 +229,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         }
         match resolved.map(|(_, p, _)| p) {
             Some(Ok(p)) => {
-                if let Some(why) = vet(&p, allowed, r.allowed, i.reserved) {
+                if let Some(why) = vet(&p, allowed, r.allowed, &reserved) {
                     d.refused.insert(name.clone(), why);
                 } else {
                     d.resolved.insert(name.clone(), p.clone());
@@ -229,7 +244,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                 // still pass it.
                 if let Some(p) = i.last_good.get(name) {
                     st.stale = true;
-                    match vet(p, allowed, r.allowed, i.reserved) {
+                    match vet(p, allowed, r.allowed, &reserved) {
                         Some(why) => {
                             d.refused.insert(name.clone(), why);
                         }
@@ -253,16 +268,18 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         }
         for p in mn.peers(None) {
             let discovered = peers.iter().any(|q| q.name == p.name) || i.remotes.contains_key(&p.name);
-            let local_network = p
-                .pod_cidrs
-                .iter()
-                .filter_map(|c| c.parse::<Ipv4Net>().ok())
-                .any(|n| i.local_cidrs.iter().any(|l| l.contains(&n) || n.contains(l)));
+            // This cluster's own network, unless it was published as a peer before: then a Node
+            // of this cluster claims what the peer holds (see `resolve::against_local`).
+            let local_network = !i.published.contains_key(&p.name)
+                && p.pod_cidrs
+                    .iter()
+                    .filter_map(|c| c.parse::<Ipv4Net>().ok())
+                    .any(|n| i.local.iter().flat_map(|l| &l.pod_cidrs).any(|l| l.contains(&n) || n.contains(l)));
             if discovered || local_network {
                 continue;
             }
             d.status.entry(p.name.clone()).or_default();
-            match vet(&p, None, None, i.reserved) {
+            match vet(&p, None, None, &reserved) {
                 Some(why) => {
                     d.refused.insert(p.name.clone(), format!("meshNetworks: {why}"));
                 }
@@ -273,7 +290,19 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     // Only configured peers hold anything: every remote and hand-written network has a status.
     let held: Vec<&RawPeer> = i.published.iter().filter(|(n, _)| d.status.contains_key(*n)).map(|(_, p)| p).collect();
-    let (kept, overlapping) = resolve::refuse_overlaps(i.local_cidrs, peers, &held);
+    peers.retain(|p| match resolve::against_local(p, i.local, i.published.get(&p.name)) {
+        Ok(kept) => {
+            if !kept.is_empty() {
+                d.clashes.insert(p.name.clone(), format!("{}; kept, as the peer was published with it before", kept.join("; ")));
+            }
+            true
+        }
+        Err(why) => {
+            d.refused.insert(p.name.clone(), why);
+            false
+        }
+    });
+    let (kept, overlapping) = resolve::refuse_overlaps(peers, &held);
     d.refused.extend(overlapping);
     let (kept, over_budget) = refuse_tunnel_clashes(kept, &held);
     d.refused.extend(over_budget);
@@ -281,6 +310,10 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     d.resolved.retain(|name, _| !d.refused.contains_key(name));
     for (name, why) in &d.refused {
         d.status.entry(name.clone()).or_default().refused = Some(why.clone());
+    }
+    d.clashes.retain(|name, _| !d.refused.contains_key(name));
+    for (name, what) in &d.clashes {
+        d.status.entry(name.clone()).or_default().local_clash = Some(what.clone());
     }
     d.peers = kept;
     d
@@ -352,10 +385,11 @@ mod tests {
         default_mode: PeerMode,
         published: &[RawPeer],
     ) -> String {
-        let reserved = Reserved {
-            service_cidrs: vec![net("10.96.0.0/12")],
-            local_addresses: BTreeSet::from(["10.20.144.160".parse().unwrap()]),
-        };
+        let local = [LocalNode {
+            name: "node1".into(),
+            pod_cidrs: vec![net("10.244.0.0/16")],
+            addresses: BTreeSet::from(["10.20.144.160".parse().unwrap()]),
+        }];
         let allowed_cidrs = flags.iter().map(|(n, c)| ((*n).to_string(), vec![net(c)])).collect();
         let last_good = last_good.iter().map(|p| (p.name.clone(), p.clone())).collect();
         let i = Inputs {
@@ -365,8 +399,8 @@ mod tests {
             allowed_cidrs: &allowed_cidrs,
             modes,
             default_mode,
-            reserved: &reserved,
-            local_cidrs: &[net("10.244.0.0/16")],
+            service_cidrs: &[net("10.96.0.0/12")],
+            local: &local,
             istio,
             last_good: &last_good,
             published: &published.iter().map(|p| (p.name.clone(), p.clone())).collect(),
@@ -374,6 +408,61 @@ mod tests {
         let d = desired(&i);
         assert_eq!(d, desired(&i), "the same inputs gave two answers");
         serde_yaml::to_string(&d).unwrap()
+    }
+
+    /// A Node of this cluster claiming half of IPv4 and a peer's gateway address (a typo, or
+    /// a compromised kubelet) withdraws no published peer from any node: the peers keep what
+    /// they were published with, and the status says what the Node claims. A peer never
+    /// published is refused, naming the Node; a hand-written network published before is not
+    /// taken for this cluster's own.
+    #[test]
+    fn one_local_node_cannot_withdraw_published_peers() {
+        let (a, b) = (view("10.20.144.165", "10.245.0.0/24"), view("10.20.144.175", "10.254.0.0/16"));
+        let remotes = [
+            ("cluster2".to_string(), RemoteInput { view: Some(&a), ..RemoteInput::default() }),
+            ("cluster3".to_string(), RemoteInput { view: Some(&b), ..RemoteInput::default() }),
+        ]
+        .into();
+        let cm = istio("networks:\n  hand:\n    endpoints:\n    - fromCidr: 10.250.0.0/16\n    gateways:\n    - address: 10.20.144.185\n      port: 30443\n");
+        let published: BTreeMap<String, RawPeer> = [peer("cluster2", "10.20.144.165", "10.245.0.0/24"), peer("hand", "10.20.144.185", "10.250.0.0/16")]
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        let node = |name: &str, cidr: &str, addrs: &[&str]| LocalNode {
+            name: name.into(),
+            pod_cidrs: vec![net(cidr)],
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        };
+        let local = [node("node1", "10.244.0.0/24", &["10.20.144.160"]), node("rogue", "0.0.0.0/1", &["10.20.144.160", "10.20.144.165", "10.20.144.175"])];
+        let i = Inputs {
+            remotes: &remotes,
+            resolve: &ResolveOptions::default(),
+            pod_cidrs: &BTreeMap::new(),
+            allowed_cidrs: &BTreeMap::new(),
+            modes: &BTreeMap::new(),
+            default_mode: PeerMode::Gateway,
+            service_cidrs: &[net("10.96.0.0/12")],
+            local: &local,
+            istio: Some(&cm),
+            last_good: &BTreeMap::new(),
+            published: &published,
+        };
+        let d = desired(&i);
+        assert_eq!(d.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["cluster2", "hand"]);
+        assert_eq!(
+            d.status["cluster2"].local_clash.as_deref(),
+            Some(
+                "node rogue lists 10.20.144.165 among its addresses; node rogue's pod CIDR 0.0.0.0/1 overlaps 10.20.144.165/32; \
+                 node rogue's pod CIDR 0.0.0.0/1 overlaps 10.245.0.0/24; kept, as the peer was published with it before"
+            )
+        );
+        assert!(d.status["hand"].local_clash.as_deref().is_some_and(|c| c.contains("0.0.0.0/1 overlaps 10.250.0.0/16")), "{:?}", d.status["hand"]);
+        assert!(d.refused["cluster3"].contains("node rogue"), "{:?}", d.refused);
+        assert_eq!(d.status["cluster3"].local_clash, None);
+        // Without the rogue Node nothing clashes, and the status says nothing of it.
+        let d = desired(&Inputs { local: &local[..1], ..i });
+        assert_eq!(d.peers.len(), 3);
+        assert!(d.clashes.is_empty() && d.status.values().all(|s| s.local_clash.is_none()));
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct PeerStatus {
     /// A tunnel peer's nodes (or node pod CIDRs) left out of what is published, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// What this cluster's own Nodes now claim of what the peer was published with (a pod
+    /// CIDR, an address): the peer keeps it, and traffic there still goes to the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_clash: Option<String>,
 }
 
 /// One entry of the published peer list, parsed on its own so that one entry the reader

@@ -775,16 +775,76 @@ fn first_collisions(sets: &[&[Claim]]) -> BTreeMap<(usize, usize), (Claim, Claim
     found
 }
 
-/// Drops peers whose CIDRs overlap the local ones or cover everything, or whose gateways or
-/// nodes lie in the local pod CIDRs, and settles what two peers both claim (overlapping pod
-/// CIDRs, or a pod CIDR over another's gateway or node): the one that `held` says was
-/// published with it keeps it and the other is refused; when neither was (or both), both
-/// are refused, for no rule could tell the rightful one. `held` is what each configured
-/// peer was last published with, kept while it stays configured: a peer refused or
-/// unpublished now still holds it against every other. Returns the kept peers (in their
-/// order) and, for each refused one, why.
+/// One Node of this cluster, as the overlap rules see it: what it claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalNode {
+    pub name: String,
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub addresses: BTreeSet<Ipv4Addr>,
+}
+
+impl LocalNode {
+    #[must_use]
+    pub fn of(name: &str, node: &NodeInfo) -> Self {
+        Self { name: name.to_owned(), pod_cidrs: node.pod_cidrs.to_vec(), addresses: node_addresses(node) }
+    }
+}
+
+/// What `held` (a peer's record: what it was published with, if it was) holds of `region`.
+fn held_region(held: Option<&RawPeer>, region: Ipv4Net) -> bool {
+    held.is_some_and(|h| claims_of(h).iter().any(|c| overlap(c.net(), region)))
+}
+
+/// The addresses of this cluster's Nodes that no peer may claim, as they stand against a
+/// peer whose record is `held`: every Node's, less those inside what the peer was published
+/// with. A Node is one object that one kubelet writes (its addresses) or one typo makes
+/// (its podCIDRs): were every peer it overlaps refused, one Node would withdraw every peer
+/// from every node. A peer keeps what it was published with; [`against_local`] notes it.
 #[must_use]
-pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, held: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+pub fn unheld_addresses(local: &[LocalNode], held: Option<&RawPeer>) -> BTreeSet<Ipv4Addr> {
+    local.iter().flat_map(|n| n.addresses.iter().copied()).filter(|a| !held_region(held, Ipv4Net::from(*a))).collect()
+}
+
+/// How `p`'s claims stand against this cluster's Nodes: refused (why) when one overlaps a
+/// Node's pod CIDR, or holds a Node's address, that `held` (what `p` was published with)
+/// does not; else each clash it keeps, published with it before, for the status.
+pub fn against_local(p: &RawPeer, local: &[LocalNode], held: Option<&RawPeer>) -> Result<Vec<String>, String> {
+    let mut kept = Vec::new();
+    for c in claims_of(p) {
+        for n in local {
+            let node = &n.name;
+            for o in n.pod_cidrs.iter().filter(|o| overlap(**o, c.net())) {
+                let both = if o.prefix_len() >= c.net().prefix_len() { *o } else { c.net() };
+                match c {
+                    _ if held_region(held, both) => kept.push(format!("node {node}'s pod CIDR {o} overlaps {}", c.net())),
+                    Claim::Cidr(c) => return Err(format!("claims {c}, which overlaps {o} of the local cluster (node {node})")),
+                    Claim::Node(a) => return Err(format!("node address {a} lies in {o}, the local cluster's pods (node {node})")),
+                }
+            }
+            for a in n.addresses.iter().filter(|a| c.net().contains(*a)) {
+                match c {
+                    _ if held_region(held, Ipv4Net::from(*a)) => kept.push(format!("node {node} lists {a} among its addresses")),
+                    Claim::Cidr(c) => return Err(format!("claims {c}, which covers {a}, an address of node {node}")),
+                    Claim::Node(a) => return Err(format!("{a} is an address of node {node} of the local cluster")),
+                }
+            }
+        }
+    }
+    kept.sort();
+    kept.dedup();
+    Ok(kept)
+}
+
+/// Drops peers whose CIDRs cover everything, and settles what two peers both claim
+/// (overlapping pod CIDRs, or a pod CIDR over another's gateway or node): the one that
+/// `held` says was published with it keeps it and the other is refused; when neither was
+/// (or both), both are refused, for no rule could tell the rightful one. `held` is what
+/// each configured peer was last published with, kept while it stays configured: a peer
+/// refused or unpublished now still holds it against every other. Returns the kept peers
+/// (in their order) and, for each refused one, why. What this cluster's own Nodes claim is
+/// [`against_local`]'s.
+#[must_use]
+pub fn refuse_overlaps(peers: Vec<RawPeer>, held: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
     let held_claims: BTreeMap<&str, Vec<Claim>> = held.iter().map(|p| (p.name.as_str(), claims_of(p))).collect();
     let holds = |name: &str, region: Ipv4Net| held_claims.get(name).is_some_and(|cs| cs.iter().any(|c| overlap(c.net(), region)));
     let claims: Vec<Vec<Claim>> = peers.iter().map(claims_of).collect();
@@ -792,14 +852,13 @@ pub fn refuse_overlaps(local: &[Ipv4Net], peers: Vec<RawPeer>, held: &[&RawPeer]
     for (p, cs) in peers.iter().zip(&claims) {
         let why = cs.iter().find_map(|c| match *c {
             Claim::Cidr(n) if n.prefix_len() == 0 => Some(format!("claims {n}, all of IPv4")),
-            Claim::Cidr(n) => local.iter().find(|o| overlap(**o, n)).map(|o| format!("claims {n}, which overlaps {o} of the local cluster")),
-            Claim::Node(a) => local.iter().find(|o| o.contains(&a)).map(|o| format!("node address {a} lies in {o}, the local cluster's pods")),
+            _ => None,
         });
         if let Some(why) = why {
             refused.insert(p.name.clone(), why);
         }
     }
-    // A peer refused on its own (all of IPv4, the local CIDRs) contests nothing: its claim
+    // A peer refused on its own (all of IPv4) contests nothing: its claim
     // would otherwise refuse every peer it overlaps.
     let alone: BTreeSet<String> = refused.keys().cloned().collect();
     let contesting: Vec<(&RawPeer, &Vec<Claim>)> = peers.iter().zip(&claims).filter(|(p, _)| !alone.contains(&p.name)).collect();
@@ -1446,14 +1505,58 @@ mod tests {
     fn overlapping_and_default_routes_are_refused() {
         let p = |name: &str, cidr: &str| RawPeer { name: name.into(), pod_cidrs: vec![cidr.into()], ..RawPeer::default() };
         let (kept, refused) = refuse_overlaps(
-            &["10.244.0.0/16".parse().unwrap()],
-            vec![p("a", "10.245.0.0/16"), p("b", "10.245.1.0/24"), p("c", "10.244.5.0/24"), p("d", "0.0.0.0/0"), p("e", "10.246.0.0/16")],
+            vec![p("a", "10.245.0.0/16"), p("b", "10.245.1.0/24"), p("d", "0.0.0.0/0"), p("e", "10.246.0.0/16")],
             &[&p("b", "10.245.1.0/24")],
         );
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["b", "e"]);
         assert_eq!(refused["a"], "claims 10.245.0.0/16, which overlaps 10.245.1.0/24 of peer b, published with it before");
-        assert_eq!(refused["c"], "claims 10.244.5.0/24, which overlaps 10.244.0.0/16 of the local cluster");
         assert_eq!(refused["d"], "claims 0.0.0.0/0, all of IPv4");
+    }
+
+    /// One local Node is one object: a kubelet writes its addresses, a typo makes its
+    /// podCIDRs. Whatever it claims, a peer keeps what it was published with (the clash is
+    /// noted); what no record holds is refused, naming the Node; and a peer cannot widen its
+    /// claim over a real Node's pods because some other Node claims everything.
+    #[test]
+    fn a_local_node_cannot_take_what_a_published_peer_holds() {
+        let peer = |cidr: &str, gw: &str| RawPeer {
+            name: "west".into(),
+            pod_cidrs: vec![cidr.into()],
+            gateways: vec![RawGateway { address: gw.into(), port: 31674, udp_port: None }],
+            ..RawPeer::default()
+        };
+        let node = |name: &str, cidrs: &[&str], addrs: &[&str]| LocalNode {
+            name: name.into(),
+            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        };
+        let record = peer("10.245.0.0/16", "10.20.144.165");
+        let real = node("node1", &["10.244.0.0/24"], &["10.20.144.160"]);
+        // Half of IPv4 as pod CIDRs, and the peer's gateway and a pod address as its own.
+        let rogue = node("rogue", &["0.0.0.0/1"], &["10.20.144.165", "10.245.3.3"]);
+        let local = [real.clone(), rogue.clone()];
+        let kept = against_local(&record, &local, Some(&record)).unwrap();
+        assert_eq!(
+            kept,
+            [
+                "node rogue lists 10.20.144.165 among its addresses",
+                "node rogue lists 10.245.3.3 among its addresses",
+                "node rogue's pod CIDR 0.0.0.0/1 overlaps 10.20.144.165/32",
+                "node rogue's pod CIDR 0.0.0.0/1 overlaps 10.245.0.0/16",
+            ]
+        );
+        assert!(unheld_addresses(&local, Some(&record)) == BTreeSet::from(["10.20.144.160".parse().unwrap()]));
+        // Never published: refused, naming the Node.
+        assert_eq!(against_local(&record, &local, None).unwrap_err(), "claims 10.245.0.0/16, which overlaps 0.0.0.0/1 of the local cluster (node rogue)");
+        assert_eq!(unheld_addresses(&local, None).len(), 3);
+        // Widened over the real Node's pods: refused, though the rogue Node's claim is excused.
+        let wider = peer("10.244.0.0/15", "10.20.144.165");
+        assert_eq!(against_local(&wider, &local, Some(&record)).unwrap_err(), "claims 10.244.0.0/15, which overlaps 10.244.0.0/24 of the local cluster (node node1)");
+        // A new gateway at a real Node's address: refused.
+        let moved = peer("10.245.0.0/16", "10.20.144.160");
+        assert_eq!(against_local(&moved, &[real], Some(&record)).unwrap_err(), "10.20.144.160 is an address of node node1 of the local cluster");
+        // Without a clash, nothing to note.
+        assert_eq!(against_local(&record, &[], Some(&record)), Ok(vec![]));
     }
 
     /// The sweep finds exactly the pairs of sets that a comparison of every two claims finds,
@@ -1502,18 +1605,17 @@ mod tests {
     #[test]
     fn a_published_peer_keeps_its_cidrs_against_any_claim() {
         let p = |name: &str, cidrs: &[&str]| RawPeer { name: name.into(), pod_cidrs: cidrs.iter().map(|c| (*c).into()).collect(), ..RawPeer::default() };
-        let local = ["10.244.0.0/16".parse().unwrap()];
         let records = [p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]), p("edge", &["10.250.0.0/16"])];
         let published: Vec<&RawPeer> = records.iter().collect();
         // "aaa" sorts first and claims part of prod-west's CIDRs; "edge" widens over another.
         let west = p("prod-west", &["10.246.0.0/16", "10.249.0.0/16"]);
         let (kept, refused) =
-            refuse_overlaps(&local, vec![p("aaa", &["10.249.5.0/24"]), p("edge", &["10.250.0.0/16", "10.246.0.0/15"]), west.clone()], &published);
+            refuse_overlaps(vec![p("aaa", &["10.249.5.0/24"]), p("edge", &["10.250.0.0/16", "10.246.0.0/15"]), west.clone()], &published);
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod-west"]);
         assert_eq!(refused["aaa"], "claims 10.249.5.0/24, which overlaps 10.249.0.0/16 of peer prod-west, published with it before");
         assert_eq!(refused["edge"], "claims 10.246.0.0/15, which overlaps 10.246.0.0/16 of peer prod-west, published with it before");
         // Two newcomers with the same CIDR: both refused, and a third peer is untouched.
-        let (kept, refused) = refuse_overlaps(&local, vec![p("new-a", &["10.247.0.0/16"]), p("new-b", &["10.247.0.0/24"]), west], &published);
+        let (kept, refused) = refuse_overlaps(vec![p("new-a", &["10.247.0.0/16"]), p("new-b", &["10.247.0.0/24"]), west], &published);
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod-west"]);
         assert!(refused["new-a"].contains("of peer new-b; neither was published with it before"), "{refused:?}");
         assert!(refused["new-b"].contains("of peer new-a; neither was published with it before"), "{refused:?}");
