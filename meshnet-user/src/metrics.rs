@@ -7,9 +7,13 @@
 //! server. A map walk is one syscall per entry (a full flow table is 2 × 65,536 of them), so
 //! walks are cached for [`SCRAPE_CACHE`] and run one at a time, and at most
 //! [`MAX_SCRAPES`] scrapes may be in flight: the rest get a 503 at once. Nobody on the host
-//! can make the agent spend more than one walk per cache period.
+//! can make the agent spend more than one walk per cache period. Nor can anyone make it hold
+//! more than [`MAX_CONNECTIONS`] connections, each for longer than [`HEADER_READ_TIMEOUT`] without
+//! a whole request, or at all past [`CONNECTION_LIFETIME`]: the controller's port is open to every
+//! pod of the cluster.
 
 use std::{
+    io::ErrorKind,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -19,13 +23,14 @@ use std::{
 
 use aya::maps::MapInfo;
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use meshnet_common::names;
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{maps, pins::Pins};
 
@@ -328,9 +333,48 @@ struct Served<P> {
     scrapes: tokio::sync::Semaphore,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until it fails. At most
-/// [`MAX_SCRAPES`] scrapes are in flight; more get a 503 at once.
+/// Connections the metrics server keeps open at once; past it, a new connection is closed as soon
+/// as it is accepted. A Prometheus (or an HA pair) and the kubelet's probes hold a handful, so 64
+/// leaves room for a dozen scrapers, while it bounds what anyone who reaches the port can make the
+/// process hold: 64 tasks with hyper's buffers (at most ~400 KiB each, for a request's headers),
+/// some 26 MiB in all, inside the controller's 128 MiB limit and far below the open-files limit.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one client address keeps open at once: a scraper and the kubelet's probes
+/// need one or two each, and one pod holding stalled connections cannot take the room of
+/// the probes, whose failures would restart the process. (The agent listens on loopback,
+/// where every client has one address: there it is the host's own programs that share it.)
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 8;
+/// Time a client has to send a request's headers, counted from the connection's start or from the
+/// previous answer: a connection left idle, or half a request, is closed after it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection lives. Then it is closed after the request in flight, if any, is
+/// answered, and dropped [`HEADER_READ_TIMEOUT`] later if that takes longer (a request body or an
+/// answer trickling by).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_mins(1);
+
+/// The bounds of [`serve`]'s connections: [`Limits::DEFAULT`], or shorter in the tests.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    connections: usize,
+    per_client: usize,
+    header_read: Duration,
+    lifetime: Duration,
+}
+
+impl Limits {
+    const DEFAULT: Limits =
+        Limits { connections: MAX_CONNECTIONS, per_client: MAX_CONNECTIONS_PER_CLIENT, header_read: HEADER_READ_TIMEOUT, lifetime: CONNECTION_LIFETIME };
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (HTTP/1) on `listener`, for good. At most
+/// [`MAX_SCRAPES`] scrapes are in flight; more get a 503 at once. At most [`MAX_CONNECTIONS`]
+/// connections are open; more are closed at once. A connection's request headers must come within
+/// [`HEADER_READ_TIMEOUT`], and no connection outlives [`CONNECTION_LIFETIME`].
 pub async fn serve<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>) {
+    serve_with(listener, probes, Limits::DEFAULT).await;
+}
+
+async fn serve_with<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>, limits: Limits) {
     let state = Arc::new(Served { probes, scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES) });
     let app = Router::new()
         .route("/metrics", get(scrape::<P>))
@@ -340,8 +384,79 @@ pub async fn serve<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>)
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving metrics, /healthz and /readyz");
     }
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!(error = %e, "metrics server stopped");
+    // hyper's header-read timeout needs a timer, which axum::serve does not give it.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let by_client: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let mut full = false;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // The client gave up before we took it.
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset) => continue,
+            // Out of file descriptors, most likely: wait for some to be closed, as axum::serve does.
+            Err(e) => {
+                warn!(error = %e, "metrics server cannot accept connections");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Accepted and closed, rather than left in the listen queue: the client learns at once.
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            if !full {
+                warn!(max = limits.connections, "metrics server has all the connections it takes; closing new ones");
+            }
+            full = true;
+            continue;
+        };
+        full = false;
+        let client = peer.ip();
+        {
+            let mut by = by_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = by.entry(client).or_default();
+            if *n >= limits.per_client {
+                debug!(%client, max = limits.per_client, "metrics client has all the connections one client gets; closing a new one");
+                continue;
+            }
+            *n += 1;
+        }
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let by_client = by_client.clone();
+        tokio::spawn(async move {
+            bounded(conn, limits).await;
+            let mut by = by_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = by.get_mut(&client) {
+                *n -= 1;
+                if *n == 0 {
+                    by.remove(&client);
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+type Connection = hyper::server::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, TowerToHyperService<Router>>;
+
+/// Runs one connection for at most `limits.lifetime`, then closes it once its request in flight is
+/// answered, or `limits.header_read` later at the latest.
+async fn bounded(conn: Connection, limits: Limits) {
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = tokio::time::sleep(limits.lifetime) => {
+            conn.as_mut().graceful_shutdown();
+            let Ok(result) = tokio::time::timeout(limits.header_read, conn).await else {
+                debug!("metrics connection dropped: still busy {:?} past its lifetime", limits.header_read);
+                return;
+            };
+            result
+        }
+    };
+    // Clients that hang up, or send half a request: nothing for the server to do about them.
+    if let Err(e) = result {
+        debug!(error = %e, "metrics connection ended");
     }
 }
 
@@ -388,6 +503,11 @@ impl Probes for Metrics {
 
 #[cfg(test)]
 mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
     use super::*;
 
     fn metrics() -> Arc<Metrics> {
@@ -440,5 +560,186 @@ mod tests {
         assert!(p.healthz().unwrap_err().contains("silent for 1"), "{:?}", p.healthz());
         p.beat(Instant::now());
         assert!(p.healthz().is_ok());
+    }
+
+    /// Serves [`metrics`] on a loopback port with `limits`.
+    async fn server(limits: Limits) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_with(listener, metrics(), limits));
+        addr
+    }
+
+    /// Reads until the server closes `s` (EOF or reset) and returns what it sent; fails the test
+    /// if that takes longer than `within`.
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> String {
+        let mut got = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        assert!(tokio::time::timeout(within, read).await.is_ok(), "the server kept a connection open for {within:?}");
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// Reads one `/healthz` answer (its body is `ok\n`) off a kept-alive connection: `None`
+    /// once the server has closed it.
+    async fn healthz_answer(s: &mut TcpStream) -> Option<String> {
+        let mut got = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            while !got.ends_with(b"ok\n") {
+                match s.read(&mut buf).await {
+                    Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                    _ => return None,
+                }
+            }
+            Some(String::from_utf8_lossy(&got).to_ascii_lowercase())
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.expect("no answer to /healthz within 5 s")
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        closed_within(&mut s, Duration::from_secs(10)).await
+    }
+
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    /// A request whose headers never end.
+    const STALLED: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+
+    #[tokio::test]
+    async fn scrapes_and_probes_are_answered_over_http1() {
+        let addr = server(Limits::DEFAULT).await;
+        let text = get(addr, "/metrics").await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.to_ascii_lowercase().contains("\r\ncontent-type: text/plain; version=0.0.4\r\n"), "{text}");
+        assert!(text.contains("\nmeshnet_metrics_map_walks_total 1\n"), "{text}");
+        let text = get(addr, "/healthz").await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\nok\n"), "{text}");
+        // Not loaded, so not ready.
+        let text = get(addr, "/readyz").await;
+        assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+        assert!(text.ends_with("\r\n\r\nnot ready: the datapath is not loaded and synced yet\n"), "{text}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404 "));
+        // Keep-alive and pipelining still work: two requests, one connection.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        s.write_all(&[HEALTHZ, last].concat()).await.unwrap();
+        let text = closed_within(&mut s, Duration::from_secs(10)).await;
+        assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{text}");
+    }
+
+    /// Opens a connection from `from` (a loopback address) and sends the start of a request
+    /// whose headers never end.
+    async fn stalled(addr: std::net::SocketAddr, from: [u8; 4]) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((std::net::Ipv4Addr::from(from), 0).into()).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        // The server may have closed it already.
+        let _ = s.write_all(STALLED).await;
+        s
+    }
+
+    /// Whether the server still holds `s` open, 200 ms on.
+    async fn still_open(s: &TcpStream) -> bool {
+        tokio::time::timeout(Duration::from_millis(200), s.peek(&mut [0u8; 1])).await.is_err()
+    }
+
+    /// `/healthz`, asked until it is answered: a connection the server closed frees its room
+    /// only once the server has seen it go.
+    async fn healthz_soon(addr: std::net::SocketAddr) -> String {
+        for _ in 0..100 {
+            let text = get(addr, "/healthz").await;
+            if !text.is_empty() {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("/healthz went unanswered for 10 s");
+    }
+
+    /// Stalled connections past the caps, whole and per client, are closed as soon as they
+    /// are accepted; the ones within them are served until their header timeout (an hour
+    /// here, so that the two can never be mistaken on a slow machine).
+    #[tokio::test]
+    async fn connections_past_the_caps_are_closed_at_once() {
+        let limits = Limits { connections: 6, per_client: 4, header_read: Duration::from_hours(1), ..Limits::DEFAULT };
+        let addr = server(limits).await;
+        let mut held = Vec::new();
+        for _ in 0..limits.per_client {
+            held.push(stalled(addr, [127, 0, 0, 1]).await);
+        }
+        // One client past its share: closed unanswered, though the server has room.
+        for _ in 0..4 {
+            let mut s = stalled(addr, [127, 0, 0, 1]).await;
+            assert_eq!(closed_within(&mut s, Duration::from_secs(10)).await, "", "a connection past the client's share was answered");
+        }
+        // Another client still gets in, up to the whole cap.
+        held.push(stalled(addr, [127, 0, 0, 2]).await);
+        held.push(stalled(addr, [127, 0, 0, 3]).await);
+        for from in [[127, 0, 0, 4], [127, 0, 0, 5]] {
+            let mut s = stalled(addr, from).await;
+            assert_eq!(closed_within(&mut s, Duration::from_secs(10)).await, "", "a connection past the cap was answered");
+        }
+        for s in &held {
+            assert!(still_open(s).await, "a connection within the caps was closed before its header timeout");
+        }
+        drop(held);
+        let text = healthz_soon(addr).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("ok\n"), "{text}");
+    }
+
+    /// A connection that never finishes its request's headers is closed unanswered after
+    /// the header timeout, and its room serves again.
+    #[tokio::test]
+    async fn stalled_connections_time_out() {
+        let limits = Limits { connections: 2, header_read: Duration::from_millis(500), ..Limits::DEFAULT };
+        let addr = server(limits).await;
+        let mut held = vec![stalled(addr, [127, 0, 0, 1]).await, stalled(addr, [127, 0, 0, 1]).await];
+        for s in &mut held {
+            assert_eq!(closed_within(s, Duration::from_secs(30)).await, "", "a stalled request was answered");
+        }
+        let text = healthz_soon(addr).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("ok\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn idle_and_long_lived_connections_are_closed() {
+        let limits =
+            Limits { header_read: Duration::from_millis(500), lifetime: Duration::from_secs(2), ..Limits::DEFAULT };
+        let addr = server(limits).await;
+        // Kept alive, then silent: closed once the next request's headers are overdue.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(HEALTHZ).await.unwrap();
+        assert!(healthz_answer(&mut s).await.unwrap().starts_with("http/1.1 200 ok\r\n"));
+        closed_within(&mut s, Duration::from_secs(5)).await;
+        // Never silent for long, yet closed once its lifetime is up: the request in flight is
+        // answered, and the connection closed after it.
+        let start = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut answered = 0;
+        loop {
+            let late = start.elapsed() >= limits.lifetime + Duration::from_secs(5);
+            assert!(!late, "a busy connection outlived its lifetime");
+            if s.write_all(HEALTHZ).await.is_err() {
+                break;
+            }
+            match healthz_answer(&mut s).await {
+                None => break,
+                Some(text) if text.contains("\r\nconnection: close\r\n") => {
+                    answered += 1;
+                    closed_within(&mut s, Duration::from_secs(5)).await;
+                    break;
+                }
+                Some(_) => answered += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(start.elapsed() >= limits.lifetime, "closed after {:?}", start.elapsed());
+        assert!(answered >= 2, "only {answered} requests answered");
     }
 }
