@@ -366,7 +366,15 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 agent.rescan_logged();
             }
             _ = gc.tick() => agent.collect_garbage(),
-            _ = probe_tick.tick(), if agent.config.health.enabled && !probing => {
+            _ = probe_tick.tick(), if !probing && (agent.config.health.enabled || agent.maps.retiring()) => {
+                if !agent.config.health.enabled {
+                    // No probe rounds, yet flows still use a gateway gone from its peer's list:
+                    // the grace period runs, and their answers are then looked at, all the same.
+                    if let Err(e) = agent.sync() {
+                        error!(error = %format!("{e:#}"), "looking at the flows of removed gateways failed");
+                    }
+                    continue;
+                }
                 probing = true;
                 let targets = Health::targets(&agent.config);
                 let timeout = agent.config.health.timeout;
@@ -604,8 +612,9 @@ impl Agent {
             }
         }
         // A gateway that has now been down past its grace period gets its flows purged, those
-        // it no longer answers: looked at again every round while one is.
-        if !self.evicted.is_empty() || self.health.down_past(self.config.health.down_grace, now) != self.evicted {
+        // it no longer answers: looked at again every round while one is, and while flows
+        // still use a gateway gone from its peer's list (`ControlMaps::spare_retiring`).
+        if !self.evicted.is_empty() || self.maps.retiring() || self.health.down_past(self.config.health.down_grace, now) != self.evicted {
             changed = true;
         }
         if changed {

@@ -197,6 +197,8 @@ pub enum Purge {
     GatewayGone,
     /// Its gateway has been down past its grace period.
     Evicted,
+    /// Its gateway left its peer's list longer ago than the grace period.
+    Retired,
 }
 
 impl Purge {
@@ -206,6 +208,7 @@ impl Purge {
             Purge::PeerChanged => "route moved to another peer",
             Purge::GatewayGone => "gateway removed",
             Purge::Evicted => "gateway down past its grace period",
+            Purge::Retired => "gateway removed past its grace period",
         }
     }
 }
@@ -408,6 +411,9 @@ pub struct ControlMaps {
     /// Flows of an evicted gateway seen sent on after their last reply: that reply's stamp,
     /// when this was first seen, and the pod's stamp then (see [`Self::spare_answered`]).
     unanswered: std::collections::HashMap<FlowKey, Unanswered>,
+    /// Gateways (address, port, as flows hold them) gone from their peer's list while flows
+    /// still use them, and when each was first seen gone (see [`Self::spare_retiring`]).
+    retiring: std::collections::HashMap<(u32, u16), u64>,
 }
 
 /// Ticks further apart than this mean the clock stood still in between.
@@ -467,6 +473,7 @@ impl ControlMaps {
             clock_published: None,
             clock_gaps: Vec::new(),
             unanswered: std::collections::HashMap::new(),
+            retiring: std::collections::HashMap::new(),
         })
     }
 
@@ -486,6 +493,7 @@ impl ControlMaps {
             clock_published: None,
             clock_gaps: Vec::new(),
             unanswered: std::collections::HashMap::new(),
+            retiring: std::collections::HashMap::new(),
         })
     }
 
@@ -637,13 +645,16 @@ impl ControlMaps {
     /// Makes the maps hold `desired`, touching only what differs. New routes and gateways go
     /// in before anything is removed, so no packet meets a half-applied state that drops it;
     /// flows of withdrawn routes or of gateways that are gone are purged last, so their next
-    /// packet picks a live gateway. Flows of a gateway that is merely down stay.
+    /// packet picks a live gateway. Flows of a gateway that is merely down stay. With no
+    /// grace period: [`ControlMaps::sync_evicting`] gives one.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
         self.sync_evicting(desired, &BTreeSet::new(), 0, 0)
     }
 
     /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
-    /// and TCP port): those down longer than their grace period.
+    /// and TCP port): those down longer than their grace period, `grace_ns`. Flows of a
+    /// gateway gone from its peer's list get the same grace period (see
+    /// [`Self::spare_retiring`]).
     pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>, grace_ns: u64, now_ns: u64) -> anyhow::Result<SyncReport> {
         let current = self.current()?;
         // Before any gateway is published: a flow's replies must never find its port unmarked.
@@ -658,10 +669,44 @@ impl ControlMaps {
         let staying: Vec<LocalNet> = self.published_local()?.into_iter().filter(|n| desired_local.contains(n)).collect();
         self.write_local(&staying)?;
         let mut plan = Plan::new(&current, desired, evict);
+        self.spare_retiring(&mut plan, grace_ns, now_ns);
         self.spare_answered(&mut plan, grace_ns, now_ns);
         self.apply(&plan)?;
         self.write_local(&desired_local)?;
         Ok(plan.report())
+    }
+
+    /// Whether flows still use a gateway gone from its peer's list, within its grace period or
+    /// unanswered past it: the agent syncs at every probe round until none does.
+    #[must_use]
+    pub fn retiring(&self) -> bool {
+        !self.retiring.is_empty()
+    }
+
+    /// Of `plan`'s purges of flows whose gateway left its peer's list, spares those within the
+    /// grace period since the gateway was first seen gone, and makes the rest evictions, which
+    /// [`Self::spare_answered`] purges only once unanswered. A gateway leaves the list for a
+    /// moment when its pod is not Ready (a readiness flap, a rollout whose old Envoy still
+    /// drains), for good when its NodePort changes or a peer of more gateways than the list
+    /// holds gets a new one: its node may still carry the flows it has, and a purge resets
+    /// them (the pod's next packet picks another gateway, and the remote end sees a stranger).
+    /// A restarted agent counts from its first sync. With no grace period, they go at once.
+    fn spare_retiring(&mut self, plan: &mut Plan, grace_ns: u64, now_ns: u64) {
+        if grace_ns == 0 {
+            self.retiring.clear();
+            return;
+        }
+        let mut still = std::collections::HashMap::new();
+        for (_, fwd, why) in plan.flow_purges.iter_mut().filter(|(_, _, why)| *why == Purge::GatewayGone) {
+            let gw = (fwd.gw_addr_be, fwd.gw_port_be);
+            let since = *self.retiring.get(&gw).unwrap_or(&now_ns);
+            still.insert(gw, since);
+            if now_ns.saturating_sub(since) > grace_ns {
+                *why = Purge::Retired;
+            }
+        }
+        plan.flow_purges.retain(|(_, _, why)| *why != Purge::GatewayGone);
+        self.retiring = still;
     }
 
     /// Of `plan`'s evictions (flows of a gateway down past its grace period), keeps those the
@@ -680,7 +725,7 @@ impl ControlMaps {
         // `retain` keeps what is purged: true purges, false spares.
         let mut still = std::collections::HashMap::new();
         plan.flow_purges.retain(|(key, fwd, why)| {
-            if *why != Purge::Evicted {
+            if !matches!(why, Purge::Evicted | Purge::Retired) {
                 return true;
             }
             let Ok(rev) = self.nat_rev.get(&FlowKey::rev_of_fwd(key, fwd), 0) else { return true };

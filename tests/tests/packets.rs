@@ -1489,6 +1489,69 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     assert_eq!(h.flow_counts(), (0, 0));
 }
 
+/// A gateway that leaves its peer's list (its pod not Ready for a moment, a rollout, a
+/// NodePort change) may still carry the flows it has: they stay through the grace period
+/// from when the agent first saw it gone, then go only as an evicted gateway's do, once
+/// unanswered. A gateway back in the list keeps its flows, whatever time has passed.
+#[test]
+fn a_gateway_gone_from_the_list_keeps_its_flows_through_the_grace_period() {
+    let mut h = Harness::new(CONFIG);
+    let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
+    let (answered, unanswered) = ((POD, 41001), (POD, 41002));
+    for (what, pod) in [("answered", answered), ("unanswered", unanswered)] {
+        h.expect(what, FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    }
+    const SEC: u64 = 1_000_000_000;
+    let grace = 60 * SEC;
+    let t0 = meshnet::dump::monotonic_ns();
+    let stamp = |h: &mut Harness, pod: Ep, sent: u64, replied: u64| {
+        let (fk, rk) = (flow_key(pod, remote, IPPROTO_TCP), flow_key(gw, pod, IPPROTO_TCP));
+        let (fwd, rev) = (h.fwd_of(&fk), h.rev_of(&rk));
+        h.maps.nat_fwd.insert(fk, NatFwd { last_seen_ns: sent, ..fwd }, 0).unwrap();
+        h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: replied, ..rev }, 0).unwrap();
+    };
+    let kept = |h: &Harness, pod: Ep| h.maps.nat_fwd.get(&flow_key(pod, remote, IPPROTO_TCP), 0).is_ok();
+    // The peer's list now names another gateway only.
+    let moved = Config::from_yaml(&CONFIG.replace("192.0.2.2", "192.0.2.3")).unwrap().desired();
+    let with_gw = Config::from_yaml(CONFIG).unwrap().desired();
+    let none = BTreeSet::new();
+    let mut look = |h: &mut Harness, desired: &meshnet::config::Desired, at: u64| h.maps.sync_evicting(desired, &none, grace, at).unwrap().flows_purged;
+    stamp(&mut h, answered, t0 + 10 * SEC, t0 + 10 * SEC);
+    stamp(&mut h, unanswered, t0 + 10 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 10 * SEC), 0, "a gateway's flows were purged as it left the list");
+    assert!(h.maps.retiring());
+    // Within the grace period, both stay, and the kept flows still go through their gateway.
+    stamp(&mut h, unanswered, t0 + 40 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 50 * SEC), 0);
+    h.expect("data", FROM_POD, &pkt(answered, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
+    h.expect("reply", TO_POD, &pkt(gw, answered, L4::Tcp(ACK), PAYLOAD), OK, &[("reverse_translated", 1)]);
+    assert_eq!(h.fwd_of(&flow_key(answered, remote, IPPROTO_TCP)).gw_addr_be, u32::from_be_bytes(GW).to_be());
+    // Back in the list a moment, then gone again: its flows are its own again, and the
+    // grace period counts from the new departure.
+    assert_eq!(look(&mut h, &with_gw, t0 + 55 * SEC), 0);
+    assert!(!h.maps.retiring());
+    stamp(&mut h, answered, t0 + 100 * SEC, t0 + 100 * SEC);
+    stamp(&mut h, unanswered, t0 + 100 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 100 * SEC), 0, "purged at once on leaving the list again");
+    stamp(&mut h, unanswered, t0 + 150 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 155 * SEC), 0, "purged within the grace period");
+    // Past it: the answered flow stays; the unanswered one goes once its pod has sent on,
+    // unanswered, past the grace period (as an evicted gateway's flows do).
+    stamp(&mut h, unanswered, t0 + 170 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 170 * SEC), 0);
+    stamp(&mut h, unanswered, t0 + 200 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 200 * SEC), 0);
+    stamp(&mut h, unanswered, t0 + 240 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 240 * SEC), 0, "purged before two looks saw it sent on");
+    stamp(&mut h, unanswered, t0 + 280 * SEC, t0 + 5 * SEC);
+    assert_eq!(look(&mut h, &moved, t0 + 280 * SEC), 1);
+    assert!(kept(&h, answered) && !kept(&h, unanswered));
+    assert!(h.maps.retiring(), "the answered flow still uses the gone gateway");
+    // Without a grace period (`sync`), a gone gateway's flows go at once, as before.
+    assert_eq!(h.maps.sync(&moved).unwrap().flows_purged, 1);
+    assert!(!kept(&h, answered) && !h.maps.retiring());
+}
+
 /// An RST marks the flow closing, but later segments in either direction clear it: TCP
 /// ignores an out-of-window RST, and so must the flow's expiry.
 #[test]
