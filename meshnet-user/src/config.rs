@@ -564,6 +564,16 @@ struct Claims<'a> {
     local: Vec<Ipv4Net>,
     /// Gateway peers' pod CIDRs so far, each a `mn_routes_v1` entry.
     routes: usize,
+    /// Whether the peers committed now are the config file's: their gateways' and nodes'
+    /// addresses and their CIDRs are then `fixed`.
+    fixing: bool,
+    /// The file's peers' node addresses (gateways, tunnel nodes) and pod CIDRs, with their
+    /// peer's name. No other peer's CIDR may cover such an address, nor its address lie in
+    /// such a CIDR: a tunnel peer could then send packets from another peer's gateway, which
+    /// `to_pod` takes for that gateway's replies. Between published peers the controller
+    /// settles this, by who was published with what: refused here in the order of names, a
+    /// remote could get any peer refused by claiming its gateway's address.
+    fixed: Vec<(Ipv4Net, String)>,
 }
 
 /// `f` under the field path `at` (empty for a peer checked on its own).
@@ -600,7 +610,15 @@ impl<'a> Claims<'a> {
             peers: 0,
             routes: 0,
             local: local.to_vec(),
+            fixing: true,
+            fixed: Vec::new(),
         }
+    }
+
+    /// The file's peer that holds `net` (one of its CIDRs over it, or an address of its in
+    /// it), other than `name`.
+    fn fixed_over(&self, net: Ipv4Net, name: &str) -> Option<(Ipv4Net, &str)> {
+        self.fixed.iter().find(|(f, owner)| owner != name && (f.contains(&net) || net.contains(f))).map(|(f, o)| (*f, o.as_str()))
     }
 
     /// Checks one peer against the rules and what is claimed; errors go to `c`, with field
@@ -657,6 +675,10 @@ impl<'a> Claims<'a> {
                 c.err(f, format!("{s:?} overlaps {other} of {owner}"));
                 continue;
             }
+            if let Some((a, owner)) = self.fixed_over(net, &raw.name).filter(|(a, _)| a.prefix_len() == 32) {
+                c.err(f, format!("{s:?} covers {}, a node address of peer {owner:?} of the config file", a.addr()));
+                continue;
+            }
             mine.insert(net, me.clone());
             cidrs.push(net);
         }
@@ -685,7 +707,7 @@ impl<'a> Claims<'a> {
         let mut gateways = Vec::new();
         for (gi, g) in raw.gateways.iter().enumerate() {
             let gat = under(at, &format!("gateways[{gi}]"));
-            let address = self.remote_node(c, format!("{gat}.address"), &g.address);
+            let address = self.remote_node(c, format!("{gat}.address"), &g.address, &raw.name);
             let port = c.port(format!("{gat}.port"), g.port);
             let udp_port = match g.udp_port {
                 Some(p) => c.port(format!("{gat}.udpPort"), p).map(Some),
@@ -743,7 +765,7 @@ impl<'a> Claims<'a> {
         let mut node_cidrs = CidrSet::default();
         for (ni, n) in raw.nodes.iter().enumerate() {
             let nat = field(&format!("nodes[{ni}]"));
-            let mut address = self.remote_node(c, format!("{nat}.address"), &n.address);
+            let mut address = self.remote_node(c, format!("{nat}.address"), &n.address, &raw.name);
             // One node, one peer: the decapsulating side knows a peer by its node's address.
             if let Some(a) = address {
                 if nodes.iter().any(|o| o.address == a) {
@@ -781,7 +803,7 @@ impl<'a> Claims<'a> {
 
     /// A remote node's address (a gateway's or a tunnel node's), or `None` with the reason
     /// in `c`.
-    fn remote_node(&self, c: &mut Checker, field: String, value: &str) -> Option<Ipv4Addr> {
+    fn remote_node(&self, c: &mut Checker, field: String, value: &str, name: &str) -> Option<Ipv4Addr> {
         let Ok(a) = value.parse::<Ipv4Addr>() else {
             c.err(field, format!("{value:?} is not a valid IPv4 address"));
             return None;
@@ -796,6 +818,10 @@ impl<'a> Claims<'a> {
         // any peer refused by claiming its gateway's address.)
         if let Some(net) = self.local.iter().find(|n| n.contains(&a)) {
             c.err(field, format!("{value:?} refused: {a} lies in {net}, this cluster's pods' CIDR, a pod's address, not a node's"));
+            return None;
+        }
+        if let Some((net, owner)) = self.fixed_over(Ipv4Net::from(a), name).filter(|(n, _)| n.prefix_len() < 32) {
+            c.err(field, format!("{value:?} refused: {a} lies in {net}, pods of peer {owner:?} of the config file"));
             return None;
         }
         Some(a)
@@ -815,6 +841,11 @@ impl<'a> Claims<'a> {
         for n in p.tunnel.iter().flat_map(|t| &t.nodes) {
             self.tun_nodes.insert(n.address, p.name.clone());
             self.tun_routes += n.pod_cidrs.len();
+        }
+        if self.fixing {
+            let addresses = p.gateways.iter().map(|g| g.address).chain(p.tunnel.iter().flat_map(|t| t.nodes.iter().map(|n| n.address)));
+            let nets = p.pod_cidrs.iter().copied().chain(addresses.map(Ipv4Net::from));
+            self.fixed.extend(nets.map(|n| (n, p.name.clone())));
         }
     }
 }
@@ -884,6 +915,7 @@ impl RawConfig {
         for p in &config.peers {
             claims.commit(p);
         }
+        claims.fixing = false;
         let mut merged = Merged { config: config.clone(), applied: BTreeMap::new(), rejected: BTreeMap::new() };
         for (name, versions) in published {
             if self.peers.iter().any(|p| &p.name == name) {
@@ -1318,8 +1350,9 @@ peers:
     }
 
     /// A gateway or a tunnel node at one of this cluster's pods' addresses is refused: the
-    /// peer's traffic would go to that pod. Inside another peer's pod CIDR it is not refused
-    /// here, where the order of names would decide: the controller settles that contest.
+    /// peer's traffic would go to that pod. Inside a published peer's pod CIDR it is not
+    /// refused here, where the order of names would decide: the controller settles that
+    /// contest (inside a file peer's, it is: `a_published_peer_cannot_claim_a_file_peers_gateway`).
     #[test]
     fn a_gateway_at_a_local_pods_address_is_refused() {
         let y = GOOD.replace("192.0.2.2", "10.244.3.7");
@@ -1327,8 +1360,11 @@ peers:
             errors(&y),
             [r#"peers[0].gateways[0].address: "10.244.3.7" refused: 10.244.3.7 lies in 10.244.0.0/16, this cluster's pods' CIDR, a pod's address, not a node's"#]
         );
-        let y = format!("{GOOD}  - name: cluster3\n    podCIDRs: [\"10.246.0.0/16\"]\n    gateways: [{{address: 10.245.0.9, port: 30000}}]\n");
-        assert!(Config::from_yaml(&y).is_ok());
+        let file = RawConfig::from_yaml(GOOD, "f").unwrap();
+        let (a, b) = (peer("c3", "10.246.0.0/16", "10.20.144.170"), peer("c4", "10.247.0.0/16", "10.246.0.9"));
+        let published: BTreeMap<String, Vec<RawPeer>> = [("c3".to_string(), vec![a]), ("c4".to_string(), vec![b])].into();
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
     }
 
     #[test]
@@ -1411,6 +1447,31 @@ peers:
         // An invalid file is refused whole, whatever was published.
         let broken = RawConfig { interfaces: vec![], ..file };
         assert!(broken.merge_api(&BTreeSet::new(), &published).is_err());
+    }
+
+    /// A published peer cannot claim the address of a gateway (or tunnel node) of a peer of
+    /// the config file, nor put its own inside that peer's pods: a tunnel peer could then send
+    /// packets from that gateway, which `to_pod` takes for its replies and translates into
+    /// the flows with it. Between published peers, who was published first settles it (the
+    /// controller's rule): the agent does not refuse them in the order of their names.
+    #[test]
+    fn a_published_peer_cannot_claim_a_file_peers_gateway() {
+        let file = RawConfig::from_yaml(TUNNEL, "f").unwrap();
+        let covers = tunnel_peer("c5", "192.0.2.0/24", &[("10.20.144.170", &["192.0.2.0/25"])]);
+        let inside = peer("c6", "10.250.0.0/16", "10.245.7.7");
+        let a = peer("c7", "10.251.0.0/16", "10.20.144.180");
+        let b = peer("c8", "10.20.144.0/24", "10.20.144.181");
+        let published: BTreeMap<String, Vec<RawPeer>> =
+            [("c5".to_string(), vec![covers]), ("c6".to_string(), vec![inside]), ("c7".to_string(), vec![a.clone()]), ("c8".to_string(), vec![b.clone()])].into();
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert_eq!(strings(&m.rejected["c5"]), [r#"podCIDRs[0]: "192.0.2.0/24" covers 192.0.2.2, a node address of peer "cluster2" of the config file"#]);
+        assert_eq!(strings(&m.rejected["c6"]), [r#"gateways[0].address: "10.245.7.7" refused: 10.245.7.7 lies in 10.245.0.0/16, pods of peer "cluster2" of the config file"#]);
+        assert_eq!(m.applied, [("c7".to_string(), a), ("c8".to_string(), b)].into());
+        // In the file itself, either order is refused.
+        let yaml = format!("{GOOD}  - name: cluster3\n    podCIDRs: [\"192.0.2.0/24\"]\n    gateways: [{{address: 10.20.144.190, port: 30000}}]\n");
+        assert_eq!(errors(&yaml), [r#"peers[1].podCIDRs[0]: "192.0.2.0/24" covers 192.0.2.2, a node address of peer "cluster2" of the config file"#]);
+        let yaml = GOOD.replace("peers:\n", "peers:\n  - name: cluster0\n    podCIDRs: [\"192.0.2.0/24\"]\n    gateways: [{address: 10.20.144.190, port: 30000}]\n");
+        assert_eq!(errors(&yaml), [r#"peers[1].gateways[0].address: "192.0.2.2" refused: 192.0.2.2 lies in 192.0.2.0/24, pods of peer "cluster0" of the config file"#]);
     }
 
     /// Published peers past what the datapath's maps hold are refused one by one, each with
