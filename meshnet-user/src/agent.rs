@@ -547,7 +547,7 @@ impl Agent {
     fn sync_tunnel(&mut self) -> anyhow::Result<()> {
         let paths = tunnel::resolve_all(&self.desired);
         let mtu = self.uplinks.keys().filter_map(|i| tunnel::mtu_of(i).ok()).min().unwrap_or(tunnel::DEFAULT_MTU);
-        let report = self.tunnel.sync(&self.desired, &paths, mtu, &tunnel::node_addresses())?;
+        let report = self.tunnel.sync(&self.desired, &paths, mtu, &tunnel::node_subnets())?;
         if crate::datapath::have_redirect_neigh() == 0
             && !paths.is_empty()
             && (report.routes_written > 0 || self.neighbours_warmed.is_none_or(|t| t.elapsed() >= NEIGHBOUR_REFRESH))

@@ -64,6 +64,18 @@ fn resolve_with(dst: Ipv4Addr, addrs: &[(Ipv4Addr, String)]) -> io::Result<NodeP
 }
 
 /// This namespace's IPv4 addresses with the interface that holds each.
+/// This namespace's IPv4 addresses with their subnets, for [`TunnelMaps::sync`].
+#[must_use]
+pub fn node_subnets() -> Vec<Ipv4Net> {
+    let Ok(all) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    all.filter_map(|ifa| {
+        let addr = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+        let len = ifa.netmask.as_ref().and_then(|m| m.as_sockaddr_in()).map_or(32, |m| u32::from(m.ip()).leading_ones());
+        Ipv4Net::new(addr, u8::try_from(len).ok()?).ok()
+    })
+    .collect()
+}
+
 fn interface_addresses() -> Vec<(Ipv4Addr, String)> {
     nix::ifaddrs::getifaddrs()
         .map(|all| {
@@ -72,18 +84,37 @@ fn interface_addresses() -> Vec<(Ipv4Addr, String)> {
         .unwrap_or_default()
 }
 
-/// This namespace's IPv4 addresses, for [`TunnelMaps::sync`].
-#[must_use]
-pub fn node_addresses() -> Vec<Ipv4Addr> {
-    interface_addresses().into_iter().map(|(a, _)| a).collect()
-}
-
-/// The first of `hosts` that lie in `c`'s pod CIDRs, as [`TunnelConfig::hosts_be`] holds
-/// them. A node has one such address per bridge, so four slots for four CIDRs suffice.
-fn hosts_in(c: &TunnelConfig, hosts: &[Ipv4Addr]) -> [u32; meshnet_common::limits::MAX_NODE_CIDRS] {
-    let mut out = [0; meshnet_common::limits::MAX_NODE_CIDRS];
-    let inside = hosts.iter().map(|h| addr_be(*h)).filter(|h| c.nets.iter().any(|n| n.contains(*h)));
-    for (slot, h) in out.iter_mut().zip(inside) {
+/// `c` as this node delivers it, given `hosts`, its addresses with their subnets. A pod CIDR
+/// wider than a bridge subnet of this node inside it (the cluster's podCIDRs, taken when
+/// neither `tunnel.podCIDRs` nor the Node's are known) holds every node's pods, and the
+/// other nodes' bridge addresses, which their own decapsulation refuses; and its broadcast
+/// is not the bridge's, which the stack hands to the node's own sockets. Such a CIDR is
+/// narrowed to the bridge subnets inside it: the pods behind this node. (A /31 or /32 inside
+/// is a host route's address, as Calico's `tunl0` has one, not a bridge: no narrowing.)
+/// The addresses of `hosts` inside the result go to [`TunnelConfig::hosts_be`], never
+/// delivered to; a node has one per bridge, so four slots for four CIDRs suffice.
+fn as_delivered(c: TunnelConfig, hosts: &[Ipv4Net]) -> TunnelConfig {
+    const SLOTS: usize = meshnet_common::limits::MAX_NODE_CIDRS;
+    let local_net = |n: Ipv4Net| LocalNet { addr_be: addr_be(n.network()), mask_be: addr_be(n.netmask()) };
+    let net_of = |l: &LocalNet| Ipv4Net::with_netmask(addr_of_be(l.addr_be), addr_of_be(l.mask_be)).ok();
+    let mut nets: Vec<LocalNet> = Vec::new();
+    for slot in c.nets.iter().filter(|n| n.mask_be != 0) {
+        let Some(wide) = net_of(slot) else { continue };
+        let mut bridges: Vec<Ipv4Net> = hosts.iter().map(Ipv4Net::trunc).filter(|b| b.prefix_len() > wide.prefix_len() && b.prefix_len() <= 30 && wide.contains(b)).collect();
+        bridges.sort_unstable();
+        bridges.dedup();
+        if bridges.is_empty() {
+            nets.push(*slot);
+        } else {
+            nets.extend(bridges.into_iter().map(local_net));
+        }
+    }
+    let mut out = TunnelConfig { nets: [LocalNet::NONE; SLOTS], hosts_be: [0; SLOTS], ..c };
+    for (slot, n) in out.nets.iter_mut().zip(nets) {
+        *slot = n;
+    }
+    let inside = hosts.iter().map(|h| addr_be(h.addr())).filter(|h| out.nets.iter().any(|n| n.contains(*h)));
+    for (slot, h) in out.hosts_be.iter_mut().zip(inside) {
         *slot = h;
     }
     out
@@ -586,13 +617,14 @@ impl TunnelMaps {
 
     /// Makes the maps hold `desired`'s tunnel state, with each node's path from `paths` (a
     /// node missing there keeps the routes already written for it, else is not routed), and for the decapsulating side `mtu`, the uplinks'
-    /// MTU, and `hosts`, this node's addresses (those inside its pod CIDRs are never
-    /// delivered to). The settings and the node table go in before the routes that lead to them, and
+    /// MTU, and `hosts`, this node's addresses with their subnets (its pod CIDRs are narrowed
+    /// to its bridges' subnets, and its addresses inside are never delivered to: see
+    /// `as_delivered`). The settings and the node table go in before the routes that lead to them, and
     /// routes go before the nodes and settings they used: no packet is encapsulated toward a
     /// node the peer would not take it from, or decapsulated with half a configuration.
-    pub fn sync(&mut self, desired: &Desired, paths: &BTreeMap<Ipv4Addr, NodePath>, mtu: u32, hosts: &[Ipv4Addr]) -> anyhow::Result<TunnelReport> {
+    pub fn sync(&mut self, desired: &Desired, paths: &BTreeMap<Ipv4Addr, NodePath>, mtu: u32, hosts: &[Ipv4Net]) -> anyhow::Result<TunnelReport> {
         let mut report = TunnelReport::default();
-        let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, hosts_be: hosts_in(&c, hosts), ..c });
+        let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, ..as_delivered(c, hosts) });
         if let Some(c) = want_config {
             let have = self.current_config();
             if have != Some(c) {

@@ -17,6 +17,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
     Ebpf,
 };
+use ipnet::Ipv4Net;
 use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, PacketBuilder, TcpHeader, TcpHeaderSlice, TcpOptionElement};
 use meshnet::{
     config::{peer_id, Config},
@@ -127,7 +128,7 @@ impl Harness {
         let path = NodePath { src: Ipv4Addr::from(NODE), ifindex, mtu: MTU };
         let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
         // This node's addresses: the bridge's, in its pod CIDR, and its LAN address.
-        let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+        let hosts = [Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))];
         let report = tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
         assert_eq!((report.routes_written, report.nodes_written), (2, 2), "{report:?}");
         let stats = maps::take_stats(&mut ebpf).unwrap();
@@ -314,7 +315,7 @@ fn decapsulation_reads_the_settings_copy_only_when_the_seqlock_vouches_for_it() 
     let config = Config::from_yaml(CONFIG).unwrap();
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
-    let report = h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    let report = h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))]).unwrap();
     assert!(report.fast_written, "{report:?}");
     let fixed = h.tunnel.cfg_seq.as_ref().unwrap().get(&0, 0).unwrap();
     assert_eq!((fixed.seq, Some(fixed.cfg)), (other.seq + 2, h.tunnel.current_config()));
@@ -341,7 +342,7 @@ fn a_node_without_a_path_for_a_moment_keeps_its_routes() {
     let desired = Config::from_yaml(CONFIG).unwrap().desired();
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let only_node1 = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path)]);
-    let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+    let hosts = [Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))];
     let report = h.tunnel.sync(&desired, &only_node1, MTU, &hosts).unwrap();
     assert_eq!(report.unresolved, [Ipv4Addr::from(PEER_NODE2)]);
     assert_eq!(report.routes_removed, 0, "{report:?}");
@@ -387,7 +388,7 @@ fn a_freed_counter_slot_starts_its_next_peer_at_zero() {
     let config = Config::from_yaml(&CONFIG.replace("cluster2", "cluster4")).unwrap();
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
-    h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))]).unwrap();
     assert_eq!(slots(&h), [(peer_id("cluster4"), slot)].into(), "the freed slot is not the one taken");
     let fresh = h.tunnel.peer_stats();
     assert_eq!(fresh.get(&peer_id("cluster4")).map(|s| (s.tx_packets, s.tx_bytes)), Some((0, 0)), "{fresh:?}");
@@ -421,7 +422,7 @@ fn encapsulation_takes_the_cluster_id_published_with_the_settings() {
     let desired = Config::from_yaml(CONFIG).unwrap().desired();
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
-    let report = h.tunnel.sync(&desired, &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    let report = h.tunnel.sync(&desired, &paths, MTU, &[Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))]).unwrap();
     assert!(report.fast_written && !report.config_changed, "{report:?}");
     assert_eq!(h.tunnel.fast_slot(tun_fast::CLUSTER_ID), Some(own));
     h.tunnel.sync(&meshnet::config::Desired::default(), &BTreeMap::new(), MTU, &[]).unwrap();
@@ -466,7 +467,7 @@ fn the_tunnel_trie_is_skipped_only_while_there_is_no_tunnel_route() {
     let config = Config::from_yaml(CONFIG).unwrap();
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
-    let report = h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)]).unwrap();
+    let report = h.tunnel.sync(&config.desired(), &paths, MTU, &[Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))]).unwrap();
     assert_eq!(report.routes_written, 2, "{report:?}");
     assert_eq!(h.tunnel.switch(switch::NO_TUNNEL_ROUTES), Some(false));
     assert_eq!(h.tunnel.effective_routes(), h.tunnel.current_routes());
@@ -749,6 +750,46 @@ fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
     assert_eq!(h.peer_stats().rx_packets, 0, "nothing rejected was counted as received");
 }
 
+/// Without `tunnel.podCIDRs` or the Node's, the tunnel takes the cluster's podCIDRs, which
+/// hold every node's pods and bridge addresses, and a bridge broadcast that is not the wide
+/// CIDR's: they are narrowed to this node's bridge subnets, so that only its own pods get
+/// packets, never another node's pods or hosts through it, nor its own sockets a broadcast.
+#[test]
+fn without_this_nodes_pod_cidrs_the_tunnel_delivers_only_behind_its_bridges() {
+    let config = CONFIG.replace("  podCIDRs: [\"10.244.0.0/24\"]\n", "");
+    assert!(!config.contains("10.244.0.0/24"));
+    let mut h = Harness::with_config(&config);
+    let desired = Config::from_yaml(&config).unwrap().desired();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
+    let other_bridge = [10, 244, 1, 1];
+    let cases = |h: &Harness, narrowed: bool| {
+        let refused = if narrowed { Some("tunnel_not_local") } else { None };
+        for (what, dst, refused) in [
+            ("this node's pod", POD, None),
+            ("another node's pod", OTHER_NODE_POD, refused),
+            ("another node's bridge address", other_bridge, refused),
+            ("this node's bridge broadcast", [10, 244, 0, 255], refused),
+        ] {
+            let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, dst, 53, 5000, b"x"));
+            match refused {
+                Some(counter) => drop(h.expect(what, names::PROG_TUNNEL_IN, &pkt, SHOT, &[(counter, 1)])),
+                None => drop(h.expect(what, names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)])),
+            }
+        }
+    };
+    // The bridge known only as an address: the whole cluster CIDR is delivered to.
+    cases(&h, false);
+    // With its subnet, as the node's interfaces give it: only what lies behind the bridge.
+    let hosts: [Ipv4Net; 2] = ["10.244.0.1/24".parse().unwrap(), "192.0.2.1/24".parse().unwrap()];
+    assert!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed);
+    cases(&h, true);
+    // A host route's address inside (Calico's tunl0 has a /32) is no bridge: nothing narrowed.
+    let hosts: [Ipv4Net; 2] = ["10.244.0.1/32".parse().unwrap(), "192.0.2.1/24".parse().unwrap()];
+    assert!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed);
+    cases(&h, false);
+}
+
 /// Makes the outer IPv4 and UDP lengths (and the IPv4 checksum) cover the whole frame.
 fn fix_outer_lengths(frame: &mut [u8]) {
     let ip_len = (frame.len() - ETH_HLEN) as u16;
@@ -811,7 +852,7 @@ fn the_uplink_takes_only_the_port_published_with_the_settings() {
     desired.tun_config = desired.tun_config.map(|c| meshnet_common::TunnelConfig { port_be: MOVED.to_be(), ..c });
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
-    let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+    let hosts = [Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))];
     let report = h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
     assert!(report.config_changed && report.fast_written, "{report:?}");
     assert_eq!(h.tunnel.taken_port(), Some(MOVED));
@@ -949,7 +990,7 @@ fn full_tunnel_tables_are_replaced_whole() {
         }
         (d, paths)
     };
-    let hosts = [Ipv4Addr::from(BRIDGE), Ipv4Addr::from(NODE)];
+    let hosts = [Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))];
     let (first, paths) = many(0x6400_0000);
     h.tunnel.sync(&first, &paths, MTU, &hosts).unwrap();
     assert_eq!((h.tunnel.current_nodes().len(), h.tunnel.current_routes().len()), (MAX_TUNNEL_NODES as usize, MAX_TUNNEL_ROUTES as usize));
