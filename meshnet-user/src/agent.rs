@@ -521,7 +521,9 @@ impl Agent {
         };
         // Of their flows, those still answered stay (see `ControlMaps::spare_answered`).
         let grace_ns = u64::try_from(self.config.health.down_grace.as_nanos()).unwrap_or(u64::MAX);
-        let report = self.maps.sync_evicting(&desired, &evict, grace_ns, monotonic_ns())?;
+        let file_peers = self.file.peers.iter().map(|p| crate::config::peer_id(&p.name)).collect();
+        let e = crate::maps::Evicting { evict: evict.clone(), grace_ns, now_ns: monotonic_ns(), file_peers };
+        let report = self.maps.sync_evicting(&desired, &e)?;
         self.desired = desired;
         self.sync_tunnel()?;
         if evict != self.evicted && !evict.is_empty() {

@@ -186,6 +186,19 @@ pub struct Current {
     pub flows: Vec<(FlowKey, NatFwd)>,
 }
 
+/// What a sync evicts, and the grace it gives (see [`ControlMaps::sync_evicting`]).
+#[derive(Debug, Clone, Default)]
+pub struct Evicting {
+    /// Gateways (address, TCP port) down past their grace period.
+    pub evict: BTreeSet<(Ipv4Addr, u16)>,
+    /// The grace period; 0: none.
+    pub grace_ns: u64,
+    /// `CLOCK_MONOTONIC` now.
+    pub now_ns: u64,
+    /// The ids of the config file's peers.
+    pub file_peers: BTreeSet<u32>,
+}
+
 /// Why a flow's state is removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purge {
@@ -648,14 +661,14 @@ impl ControlMaps {
     /// packet picks a live gateway. Flows of a gateway that is merely down stay. With no
     /// grace period: [`ControlMaps::sync_evicting`] gives one.
     pub fn sync(&mut self, desired: &Desired) -> anyhow::Result<SyncReport> {
-        self.sync_evicting(desired, &BTreeSet::new(), 0, 0)
+        self.sync_evicting(desired, &Evicting::default())
     }
 
-    /// [`ControlMaps::sync`], also purging the flows of the gateways in `evict` (by address
-    /// and TCP port): those down longer than their grace period, `grace_ns`. Flows of a
-    /// gateway gone from its peer's list get the same grace period (see
+    /// [`ControlMaps::sync`], also purging the flows of the gateways that `e` evicts, and
+    /// giving the flows of gateways gone from a published peer's list its grace period (see
     /// [`Self::spare_retiring`]).
-    pub fn sync_evicting(&mut self, desired: &Desired, evict: &BTreeSet<(Ipv4Addr, u16)>, grace_ns: u64, now_ns: u64) -> anyhow::Result<SyncReport> {
+    pub fn sync_evicting(&mut self, desired: &Desired, e: &Evicting) -> anyhow::Result<SyncReport> {
+        let (evict, grace_ns, now_ns) = (&e.evict, e.grace_ns, e.now_ns);
         let current = self.current()?;
         // Before any gateway is published: a flow's replies must never find its port unmarked.
         // The first time, reverse entries too: one whose forward half was lost (a state
@@ -669,7 +682,7 @@ impl ControlMaps {
         let staying: Vec<LocalNet> = self.published_local()?.into_iter().filter(|n| desired_local.contains(n)).collect();
         self.write_local(&staying)?;
         let mut plan = Plan::new(&current, desired, evict);
-        self.spare_retiring(&mut plan, grace_ns, now_ns);
+        self.spare_retiring(&mut plan, &e.file_peers, grace_ns, now_ns);
         self.spare_answered(&mut plan, grace_ns, now_ns);
         self.apply(&plan)?;
         self.write_local(&desired_local)?;
@@ -690,14 +703,16 @@ impl ControlMaps {
     /// drains), for good when its NodePort changes or a peer of more gateways than the list
     /// holds gets a new one: its node may still carry the flows it has, and a purge resets
     /// them (the pod's next packet picks another gateway, and the remote end sees a stranger).
-    /// A restarted agent counts from its first sync. With no grace period, they go at once.
-    fn spare_retiring(&mut self, plan: &mut Plan, grace_ns: u64, now_ns: u64) {
+    /// A restarted agent counts from its first sync. With no grace period, they go at once, as
+    /// do the flows of a gateway an operator took out of the config file (`file_peers`: its
+    /// peers' ids): that says the gateway is to be left, now.
+    fn spare_retiring(&mut self, plan: &mut Plan, file_peers: &BTreeSet<u32>, grace_ns: u64, now_ns: u64) {
         if grace_ns == 0 {
             self.retiring.clear();
             return;
         }
         let mut still = std::collections::HashMap::new();
-        for (_, fwd, why) in plan.flow_purges.iter_mut().filter(|(_, _, why)| *why == Purge::GatewayGone) {
+        for (_, fwd, why) in plan.flow_purges.iter_mut().filter(|(_, f, why)| *why == Purge::GatewayGone && !file_peers.contains(&f.peer_id)) {
             let gw = (fwd.gw_addr_be, fwd.gw_port_be);
             let since = *self.retiring.get(&gw).unwrap_or(&now_ns);
             still.insert(gw, since);
@@ -705,7 +720,7 @@ impl ControlMaps {
                 *why = Purge::Retired;
             }
         }
-        plan.flow_purges.retain(|(_, _, why)| *why != Purge::GatewayGone);
+        plan.flow_purges.retain(|(_, f, why)| *why != Purge::GatewayGone || file_peers.contains(&f.peer_id));
         self.retiring = still;
     }
 

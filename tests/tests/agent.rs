@@ -112,12 +112,12 @@ fn reload_adds_changes_and_removes_peers() {
     let added = poll(WAIT, || routes(&t).iter().any(|r| r.0 == "10.246.0.0/16" && r.1 == "cluster3").then_some(()));
     assert!(added.is_some(), "cluster3 never appeared: {:?}\n{}", routes(&t), agent.child.output());
 
-    // Change cluster2's NodePort and signal: new flows use the new port (the old port's
-    // flows keep it through the grace period: `a_gateway_gone_from_the_list_keeps_its_flows`).
+    // Change cluster2's NodePort and signal: its old flows are purged, new ones use the new port.
     t.write_config(&config_with_cluster3(31999));
     agent.child.signal(Signal::SIGHUP);
     let changed = poll(WAIT, || routes(&t).iter().any(|r| r.0 == "10.245.0.0/16" && r.2 == ["192.0.2.2:31999"]).then_some(()));
     assert!(changed.is_some(), "gateway port never changed: {:?}", routes(&t));
+    assert!(nat(&t).iter().all(|f| f["gateway"] != "192.0.2.2:31674"), "flows via the old port survived: {:?}", nat(&t));
     assert_eq!(request(&t, app_b(), "v2"), "app 10.245.0.21:8080 got v2");
     assert!(nat(&t).iter().any(|f| f["gateway"] == "192.0.2.2:31999"));
 

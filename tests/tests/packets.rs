@@ -1447,7 +1447,10 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     let kept = |h: &Harness, pod: Ep| h.maps.nat_fwd.get(&flow_key(pod, remote, IPPROTO_TCP), 0).is_ok();
     // The first look: the unanswered flow's pod may have just spoken after a silence; it gets
     // the grace period for its answer, and every flow stays.
-    let mut look = |h: &mut Harness, at: u64| h.maps.sync_evicting(&desired, &evict, grace, at).unwrap().flows_purged;
+    let mut look = |h: &mut Harness, at: u64| {
+        let e = meshnet::maps::Evicting { evict: evict.clone(), grace_ns: grace, now_ns: at, ..Default::default() };
+        h.maps.sync_evicting(&desired, &e).unwrap().flows_purged
+    };
     assert_eq!(look(&mut h, t0 + 101 * SEC), 0);
     // Its pod sends on, unanswered: the grace period runs from the look that sees it.
     stamp(&mut h, unanswered, t0 + 140 * SEC, t0 + 30 * SEC);
@@ -1489,8 +1492,8 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     assert_eq!(h.flow_counts(), (0, 0));
 }
 
-/// A gateway that leaves its peer's list (its pod not Ready for a moment, a rollout, a
-/// NodePort change) may still carry the flows it has: they stay through the grace period
+/// A gateway that leaves a published peer's list (its pod not Ready for a moment, a rollout,
+/// a NodePort change) may still carry the flows it has: they stay through the grace period
 /// from when the agent first saw it gone, then go only as an evicted gateway's do, once
 /// unanswered. A gateway back in the list keeps its flows, whatever time has passed.
 #[test]
@@ -1514,8 +1517,9 @@ fn a_gateway_gone_from_the_list_keeps_its_flows_through_the_grace_period() {
     // The peer's list now names another gateway only.
     let moved = Config::from_yaml(&CONFIG.replace("192.0.2.2", "192.0.2.3")).unwrap().desired();
     let with_gw = Config::from_yaml(CONFIG).unwrap().desired();
-    let none = BTreeSet::new();
-    let mut look = |h: &mut Harness, desired: &meshnet::config::Desired, at: u64| h.maps.sync_evicting(desired, &none, grace, at).unwrap().flows_purged;
+    let mut look = |h: &mut Harness, desired: &meshnet::config::Desired, at: u64| {
+        h.maps.sync_evicting(desired, &meshnet::maps::Evicting { grace_ns: grace, now_ns: at, ..Default::default() }).unwrap().flows_purged
+    };
     stamp(&mut h, answered, t0 + 10 * SEC, t0 + 10 * SEC);
     stamp(&mut h, unanswered, t0 + 10 * SEC, t0 + 5 * SEC);
     assert_eq!(look(&mut h, &moved, t0 + 10 * SEC), 0, "a gateway's flows were purged as it left the list");
@@ -1547,8 +1551,10 @@ fn a_gateway_gone_from_the_list_keeps_its_flows_through_the_grace_period() {
     assert_eq!(look(&mut h, &moved, t0 + 280 * SEC), 1);
     assert!(kept(&h, answered) && !kept(&h, unanswered));
     assert!(h.maps.retiring(), "the answered flow still uses the gone gateway");
-    // Without a grace period (`sync`), a gone gateway's flows go at once, as before.
-    assert_eq!(h.maps.sync(&moved).unwrap().flows_purged, 1);
+    // A gateway an operator took out of the config file is to be left now: its flows go at
+    // once, answered or not (as they do without a grace period).
+    let file = meshnet::maps::Evicting { grace_ns: grace, now_ns: t0 + 300 * SEC, file_peers: BTreeSet::from([meshnet::config::peer_id("cluster2")]), ..Default::default() };
+    assert_eq!(h.maps.sync_evicting(&moved, &file).unwrap().flows_purged, 1);
     assert!(!kept(&h, answered) && !h.maps.retiring());
 }
 
