@@ -251,9 +251,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
         None => None,
     };
+    let (max_flows, too_small) = crate::migrate::room_for_pinned(&opts.pins, config.max_flows);
+    if let Some(why) = too_small {
+        error!("{why}");
+    }
     let load = |choice| match &object {
-        Some(object) => Datapath::load_object(&opts.pins, config.max_flows, object, choice),
-        None => Datapath::load(&opts.pins, config.max_flows, choice),
+        Some(object) => Datapath::load_object(&opts.pins, max_flows, object, choice),
+        None => Datapath::load(&opts.pins, max_flows, choice),
     };
     let mut datapath = match load(choice) {
         Ok(dp) => dp,

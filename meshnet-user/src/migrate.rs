@@ -105,6 +105,38 @@ fn migrating_pins(pins: &Pins, name: &str) -> [PathBuf; 2] {
     migrating_names(name).map(|n| pins.map(&n))
 }
 
+/// The flow maps' size this start takes: `wanted` (`nat.maxFlows`), unless the flow maps
+/// pinned now (at home, moved aside by a migration cut short, or of an older layout) hold
+/// more flows together: then a size that holds them all (the maps' own, when they do, so
+/// that they are kept), with why. No flow is dropped for want of room, and a config that
+/// asks for too little does not keep the agent from starting: while it is not running, its
+/// GC, clock, probes and new pods all wait.
+#[must_use]
+pub fn room_for_pinned(pins: &Pins, wanted: u32) -> (u32, Option<String>) {
+    let mut need = 0;
+    let mut own = 0;
+    for name in [names::NAT_FWD, names::NAT_REV] {
+        let home = pins.map(name);
+        let asides = migrating_pins(pins, name).into_iter().chain(legacy_names(name).iter().map(|n| pins.map(n)));
+        let mut keys = std::collections::HashSet::new();
+        // A map it cannot read is `Migration::prepare`'s to refuse, with its reason.
+        for p in std::iter::once(home.clone()).chain(asides).filter(|p| p.exists()) {
+            keys.extend(flow_keys(&p).unwrap_or_default());
+        }
+        need = need.max(u32::try_from(keys.len()).unwrap_or(u32::MAX));
+        own = own.max(MapInfo::from_pin(&home).map_or(0, |i| i.max_entries()));
+    }
+    if need <= wanted {
+        return (wanted, None);
+    }
+    let size = if need <= own { own } else { need };
+    let why = format!(
+        "nat.maxFlows is {wanted}, but the flow maps hold {need} flows: they get {size} entries, so that none is dropped, until \
+         a start finds the flows within nat.maxFlows; raise nat.maxFlows to at least {need}, or restart once enough have expired"
+    );
+    (size, Some(why))
+}
+
 /// One old map to copy from.
 struct Source {
     target: &'static str,

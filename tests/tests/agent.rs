@@ -878,10 +878,12 @@ fn refused_start(t: &Topology, cfg_path: &std::path::Path) -> std::process::Outp
 }
 
 /// Old flow maps that fit in the new one each on its own but not together (a migration cut
-/// short, then a smaller table) are refused before anything moves: no flow is dropped for
-/// want of room.
+/// short, then a smaller table), or a nat.maxFlows lowered below the flows the maps hold: no
+/// flow is dropped for want of room, and the agent still starts (without it no GC, clock,
+/// probe or new pod's programs): the flow maps get room for every flow, and the log says to
+/// raise nat.maxFlows.
 #[test]
-fn old_flow_maps_that_do_not_fit_together_are_refused_and_left_alone() {
+fn flow_maps_too_small_for_their_flows_grow_to_hold_them_and_the_agent_starts() {
     use meshnet_common::{names, FlowKey, NatFwd};
     let t = Topology::new(Options::default());
     let sized = |n: u32| format!("{}nat:\n  maxFlows: {n}\n", node1_config(POD_INTERFACES));
@@ -903,16 +905,28 @@ fn old_flow_maps_that_do_not_fit_together_are_refused_and_left_alone() {
         old.insert(FlowKey { sport_be: (20_000 + i).to_be(), ..real.0 }, real.1, 0).unwrap();
     }
     let before = home.keys().count();
+    let together = before + 600;
+    let max_entries = |t: &Topology| aya::maps::MapInfo::from_pin(t.pin_path().join("maps").join(names::NAT_FWD)).unwrap().max_entries();
 
     // Another size, so the map at home must move aside too: 1,201 flows for 1,025 entries.
-    let cfg_path = t.write_config(&sized(1025));
-    let out = refused_start(&t, &cfg_path);
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "the agent dropped flows for want of room: {text}");
-    assert!(text.contains(&format!("hold {} flows together", before + 600)) && text.contains("raise nat.maxFlows"), "{text}");
-    assert_eq!(open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).keys().count(), before, "the map at home was touched");
-    assert!(aside.exists());
-    assert!(!maps.join(&meshnet::migrate::migrating_names(names::NAT_FWD)[1]).exists());
+    let mut agent = start(&t, &sized(1025), &[]);
+    let said = format!("raise nat.maxFlows to at least {together}");
+    let logged = poll(WAIT, || agent.child.output().contains(&said).then_some(()));
+    assert!(logged.is_some(), "no word of the too small nat.maxFlows: {}", agent.child.output());
+    let home = open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD));
+    assert_eq!(home.keys().count(), together, "flows were dropped for want of room");
+    assert_eq!(max_entries(&t), u32::try_from(together).unwrap());
+    assert!(!aside.exists(), "the migration cut short was not finished");
+    assert_eq!(request(&t, app_a(), "two"), "app 10.245.0.20:8080 got two");
+    assert!(agent.child.stop());
+
+    // Lowered below what the maps hold: they are kept as they are.
+    let mut agent = start(&t, &sized(1024), &[]);
+    let logged = poll(WAIT, || agent.child.output().contains(&said).then_some(()));
+    assert!(logged.is_some(), "no word of the too small nat.maxFlows: {}", agent.child.output());
+    assert_eq!(max_entries(&t), u32::try_from(together).unwrap(), "the flow maps were resized below their flows");
+    assert!(open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).keys().count() >= together);
+    assert!(agent.child.stop());
 }
 
 /// A larger nat.maxFlows takes effect at the next restart, which moves every flow into maps
