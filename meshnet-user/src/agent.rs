@@ -347,6 +347,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(agent.opts.rescan);
     let mut gc = tokio::time::interval(agent.config.gc.interval);
     let mut probe_tick = tokio::time::interval(agent.config.health.interval);
+    // Its ticks go unpolled for as long as no probe round is due (probes off, nothing
+    // retiring) or one is running: a burst of every missed tick would then follow.
+    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (probe_tx, mut probe_rx) = mpsc::channel::<Vec<(GatewayId, bool)>>(4);
     let mut probing = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));

@@ -108,7 +108,7 @@ fn migrating_pins(pins: &Pins, name: &str) -> [PathBuf; 2] {
 /// The flow maps' size this start takes: `wanted` (`nat.maxFlows`), unless the flow maps
 /// pinned now (at home, moved aside by a migration cut short, or of an older layout) hold
 /// more flows together: then a size that holds them all (the maps' own, when they do, so
-/// that they are kept), with why. No flow is dropped for want of room, and a config that
+/// that they are kept; else the flows and `wanted` more), with why. No flow is dropped for want of room, and a config that
 /// asks for too little does not keep the agent from starting: while it is not running, its
 /// GC, clock, probes and new pods all wait.
 #[must_use]
@@ -129,7 +129,9 @@ pub fn room_for_pinned(pins: &Pins, wanted: u32) -> (u32, Option<String>) {
     if need <= wanted {
         return (wanted, None);
     }
-    let size = if need <= own { own } else { need };
+    // Room for nat.maxFlows more, too: maps just as full as their flows would refuse every
+    // new flow, and lose those the old programs add until the last copy.
+    let size = if need <= own { own } else { need.saturating_add(wanted) };
     let why = format!(
         "nat.maxFlows is {wanted}, but the flow maps hold {need} flows: they get {size} entries, so that none is dropped, until \
          a start finds the flows within nat.maxFlows; raise nat.maxFlows to at least {need}, or restart once enough have expired"

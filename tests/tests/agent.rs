@@ -880,13 +880,14 @@ fn refused_start(t: &Topology, cfg_path: &std::path::Path) -> std::process::Outp
 /// Old flow maps that fit in the new one each on its own but not together (a migration cut
 /// short, then a smaller table), or a nat.maxFlows lowered below the flows the maps hold: no
 /// flow is dropped for want of room, and the agent still starts (without it no GC, clock,
-/// probe or new pod's programs): the flow maps get room for every flow, and the log says to
-/// raise nat.maxFlows.
+/// probe or new pod's programs): the flow maps get room for every flow and nat.maxFlows
+/// more, and the log says to raise nat.maxFlows.
 #[test]
 fn flow_maps_too_small_for_their_flows_grow_to_hold_them_and_the_agent_starts() {
     use meshnet_common::{names, FlowKey, NatFwd};
     let t = Topology::new(Options::default());
-    let sized = |n: u32| format!("{}nat:\n  maxFlows: {n}\n", node1_config(POD_INTERFACES));
+    // No GC while the flows are counted: the planted ones copy a closed flow's state.
+    let sized = |n: u32| format!("{}nat:\n  maxFlows: {n}\n  gcIntervalSeconds: 3600\n", node1_config(POD_INTERFACES));
     let mut agent = start(&t, &sized(1024), &[]);
     assert_eq!(request(&t, app_a(), "one"), "app 10.245.0.20:8080 got one");
     assert!(agent.child.stop());
@@ -913,18 +914,22 @@ fn flow_maps_too_small_for_their_flows_grow_to_hold_them_and_the_agent_starts() 
     let said = format!("raise nat.maxFlows to at least {together}");
     let logged = poll(WAIT, || agent.child.output().contains(&said).then_some(()));
     assert!(logged.is_some(), "no word of the too small nat.maxFlows: {}", agent.child.output());
+    let finished = poll(WAIT, || (!aside.exists()).then_some(()));
+    assert!(finished.is_some(), "the migration cut short was not finished: {}", agent.child.output());
+    let size = u32::try_from(together).unwrap() + 1025;
+    assert_eq!(max_entries(&t), size);
     let home = open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD));
     assert_eq!(home.keys().count(), together, "flows were dropped for want of room");
-    assert_eq!(max_entries(&t), u32::try_from(together).unwrap());
-    assert!(!aside.exists(), "the migration cut short was not finished");
     assert_eq!(request(&t, app_a(), "two"), "app 10.245.0.20:8080 got two");
     assert!(agent.child.stop());
 
-    // Lowered below what the maps hold: they are kept as they are.
+    // Lowered below what the maps hold (the request above added a flow): they are kept as
+    // they are.
     let mut agent = start(&t, &sized(1024), &[]);
+    let said = format!("they get {size} entries, so that none is dropped");
     let logged = poll(WAIT, || agent.child.output().contains(&said).then_some(()));
     assert!(logged.is_some(), "no word of the too small nat.maxFlows: {}", agent.child.output());
-    assert_eq!(max_entries(&t), u32::try_from(together).unwrap(), "the flow maps were resized below their flows");
+    assert_eq!(max_entries(&t), size, "the flow maps were resized below their flows");
     assert!(open_hash::<FlowKey, NatFwd>(&maps.join(names::NAT_FWD)).keys().count() >= together);
     assert!(agent.child.stop());
 }

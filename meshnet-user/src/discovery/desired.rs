@@ -290,18 +290,32 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     // Only configured peers hold anything: every remote and hand-written network has a status.
     let held: Vec<&RawPeer> = i.published.iter().filter(|(n, _)| d.status.contains_key(*n)).map(|(_, p)| p).collect();
-    peers.retain(|p| match resolve::against_local(p, i.local, i.published.get(&p.name)) {
-        Ok(kept) => {
-            if !kept.is_empty() {
-                d.clashes.insert(p.name.clone(), format!("{}; kept, as the peer was published with it before", kept.join("; ")));
+    // A peer published before keeps what it was published with, and when a change of its
+    // clashes with a local Node, it stays as it was published: no Node, however it came to
+    // claim what it claims, withdraws a peer from every node.
+    let peers: Vec<RawPeer> = peers
+        .into_iter()
+        .filter_map(|p| {
+            let held = i.published.get(&p.name);
+            match resolve::against_local(&p, i.local, held) {
+                Ok(kept) => {
+                    if !kept.is_empty() {
+                        d.clashes.insert(p.name.clone(), format!("{}; kept, as the peer was published with it before", kept.join("; ")));
+                    }
+                    Some(p)
+                }
+                Err(why) => {
+                    if let Some((h, Ok(_))) = held.map(|h| (h, resolve::against_local(h, i.local, Some(h)))) {
+                        d.clashes.insert(p.name.clone(), format!("its change is refused: {why}; it stays as it was published"));
+                        Some(h.clone())
+                    } else {
+                        d.refused.insert(p.name.clone(), why);
+                        None
+                    }
+                }
             }
-            true
-        }
-        Err(why) => {
-            d.refused.insert(p.name.clone(), why);
-            false
-        }
-    });
+        })
+        .collect();
     let (kept, overlapping) = resolve::refuse_overlaps(peers, &held);
     d.refused.extend(overlapping);
     let (kept, over_budget) = refuse_tunnel_clashes(kept, &held);
@@ -459,6 +473,16 @@ mod tests {
         assert!(d.status["hand"].local_clash.as_deref().is_some_and(|c| c.contains("0.0.0.0/1 overlaps 10.250.0.0/16")), "{:?}", d.status["hand"]);
         assert!(d.refused["cluster3"].contains("node rogue"), "{:?}", d.refused);
         assert_eq!(d.status["cluster3"].local_clash, None);
+        // The peer's gateway moves to a node the rogue Node's claim covers: the change is
+        // refused, and the peer stays as it was published, not withdrawn.
+        let moved = view("10.20.144.166", "10.245.0.0/24");
+        let remotes2: BTreeMap<String, RemoteInput<'_>> = [("cluster2".to_string(), RemoteInput { view: Some(&moved), ..RemoteInput::default() })].into();
+        let d = desired(&Inputs { remotes: &remotes2, ..i });
+        let kept = d.peers.iter().find(|p| p.name == "cluster2").expect("cluster2 was withdrawn");
+        assert_eq!(kept.gateways[0].address, "10.20.144.165");
+        let clash = d.status["cluster2"].local_clash.as_deref().unwrap();
+        assert!(clash.starts_with("its change is refused: ") && clash.contains("(node rogue)") && clash.ends_with("it stays as it was published"), "{clash}");
+        assert!(!d.refused.contains_key("cluster2"));
         // Without the rogue Node nothing clashes, and the status says nothing of it.
         let d = desired(&Inputs { local: &local[..1], ..i });
         assert_eq!(d.peers.len(), 3);
@@ -685,8 +709,8 @@ mod tests {
             "{out}"
         );
         assert!(d["peers"].as_sequence().unwrap().is_empty(), "{out}");
-        // Refused on its own (its claim now overlaps this cluster's pods), prod-west holds
-        // what it was published with all the same.
+        // Its claim now overlaps this cluster's pods: the change is refused, and prod-west
+        // stays as it was published, holding what it was published with all the same.
         let overlapping = view("10.20.144.165", "10.244.0.0/15");
         let remotes = [
             ("aaa".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() }),
@@ -695,12 +719,11 @@ mod tests {
         .into();
         let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
         let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
-        assert!(d["refused"]["prod-west"].as_str().unwrap().contains("of the local cluster"), "{out}");
-        assert_eq!(
-            d["refused"]["aaa"],
-            "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before (not published now)",
-            "{out}"
-        );
+        assert!(d["refused"].get("prod-west").is_none(), "{out}");
+        let clash = d["status"]["prod-west"]["localClash"].as_str().unwrap();
+        assert!(clash.contains("overlaps 10.244.0.0/16 of the local cluster (node node1)") && clash.ends_with("it stays as it was published"), "{out}");
+        assert!(out.contains("- name: prod-west\n  podCIDRs:\n  - 10.246.0.0/16\n"), "{out}");
+        assert_eq!(d["refused"]["aaa"], "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before", "{out}");
         // Once prod-west's secret is gone it holds nothing, and the claim stands.
         let remotes = [("aaa".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() })].into();
         let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);

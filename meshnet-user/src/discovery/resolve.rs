@@ -790,9 +790,17 @@ impl LocalNode {
     }
 }
 
-/// What `held` (a peer's record: what it was published with, if it was) holds of `region`.
-fn held_region(held: Option<&RawPeer>, region: Ipv4Net) -> bool {
-    held.is_some_and(|h| claims_of(h).iter().any(|c| overlap(c.net(), region)))
+/// Whether `held` (a peer's record, of what it was published with) holds `claim`'s `region`
+/// (the addresses a local Node's claim shares with it) as the same kind of claim: a pod
+/// CIDR's region inside a CIDR it was published with, a node address it was published with
+/// as one. A record of a pod CIDR excuses no gateway moved into a Node's pods, nor one of
+/// part of a Node's CIDR a wider claim over all of it.
+fn holds_as(held: &[Claim], claim: Claim, region: Ipv4Net) -> bool {
+    held.iter().any(|h| match (h, claim) {
+        (Claim::Cidr(h), Claim::Cidr(_)) => h.contains(&region),
+        (Claim::Node(h), Claim::Node(a)) => *h == a,
+        _ => false,
+    })
 }
 
 /// The addresses of this cluster's Nodes that no peer may claim, as they stand against a
@@ -802,13 +810,15 @@ fn held_region(held: Option<&RawPeer>, region: Ipv4Net) -> bool {
 /// from every node. A peer keeps what it was published with; [`against_local`] notes it.
 #[must_use]
 pub fn unheld_addresses(local: &[LocalNode], held: Option<&RawPeer>) -> BTreeSet<Ipv4Addr> {
-    local.iter().flat_map(|n| n.addresses.iter().copied()).filter(|a| !held_region(held, Ipv4Net::from(*a))).collect()
+    let held = held.map(claims_of).unwrap_or_default();
+    local.iter().flat_map(|n| n.addresses.iter().copied()).filter(|a| !holds_as(&held, Claim::Node(*a), Ipv4Net::from(*a))).collect()
 }
 
 /// How `p`'s claims stand against this cluster's Nodes: refused (why) when one overlaps a
 /// Node's pod CIDR, or holds a Node's address, that `held` (what `p` was published with)
 /// does not; else each clash it keeps, published with it before, for the status.
 pub fn against_local(p: &RawPeer, local: &[LocalNode], held: Option<&RawPeer>) -> Result<Vec<String>, String> {
+    let held = held.map(claims_of).unwrap_or_default();
     let mut kept = Vec::new();
     for c in claims_of(p) {
         for n in local {
@@ -816,14 +826,14 @@ pub fn against_local(p: &RawPeer, local: &[LocalNode], held: Option<&RawPeer>) -
             for o in n.pod_cidrs.iter().filter(|o| overlap(**o, c.net())) {
                 let both = if o.prefix_len() >= c.net().prefix_len() { *o } else { c.net() };
                 match c {
-                    _ if held_region(held, both) => kept.push(format!("node {node}'s pod CIDR {o} overlaps {}", c.net())),
+                    _ if holds_as(&held, c, both) => kept.push(format!("node {node}'s pod CIDR {o} overlaps {}", c.net())),
                     Claim::Cidr(c) => return Err(format!("claims {c}, which overlaps {o} of the local cluster (node {node})")),
                     Claim::Node(a) => return Err(format!("node address {a} lies in {o}, the local cluster's pods (node {node})")),
                 }
             }
             for a in n.addresses.iter().filter(|a| c.net().contains(*a)) {
                 match c {
-                    _ if held_region(held, Ipv4Net::from(*a)) => kept.push(format!("node {node} lists {a} among its addresses")),
+                    _ if holds_as(&held, c, Ipv4Net::from(*a)) => kept.push(format!("node {node} lists {a} among its addresses")),
                     Claim::Cidr(c) => return Err(format!("claims {c}, which covers {a}, an address of node {node}")),
                     Claim::Node(a) => return Err(format!("{a} is an address of node {node} of the local cluster")),
                 }
@@ -1545,7 +1555,10 @@ mod tests {
                 "node rogue's pod CIDR 0.0.0.0/1 overlaps 10.245.0.0/16",
             ]
         );
-        assert!(unheld_addresses(&local, Some(&record)) == BTreeSet::from(["10.20.144.160".parse().unwrap()]));
+        // Only what the record held as a node address is excused as one: a pod address of the
+        // peer that a local Node lists is no node of the peer's.
+        let unheld = unheld_addresses(&local, Some(&record));
+        assert!(unheld == BTreeSet::from(["10.20.144.160".parse().unwrap(), "10.245.3.3".parse().unwrap()]), "{unheld:?}");
         // Never published: refused, naming the Node.
         assert_eq!(against_local(&record, &local, None).unwrap_err(), "claims 10.245.0.0/16, which overlaps 0.0.0.0/1 of the local cluster (node rogue)");
         assert_eq!(unheld_addresses(&local, None).len(), 3);
@@ -1555,6 +1568,16 @@ mod tests {
         // A new gateway at a real Node's address: refused.
         let moved = peer("10.245.0.0/16", "10.20.144.160");
         assert_eq!(against_local(&moved, &[real], Some(&record)).unwrap_err(), "10.20.144.160 is an address of node node1 of the local cluster");
+        // A gateway moved to the address a local Node lists inside the peer's held pods: the
+        // record held a CIDR there, not that node, so it is refused.
+        let into = peer("10.245.0.0/16", "10.245.3.3");
+        assert_eq!(against_local(&into, &[rogue], Some(&record)).unwrap_err(), "node address 10.245.3.3 lies in 0.0.0.0/1, the local cluster's pods (node rogue)");
+        // Having held a part of a Node's CIDR, a claim over the whole of it is refused.
+        let part = peer("10.246.0.0/25", "10.20.144.165");
+        let wide = peer("10.246.0.0/23", "10.20.144.165");
+        let late = [node("late", &["10.246.0.0/24"], &[])];
+        assert!(against_local(&part, &late, Some(&part)).is_ok());
+        assert_eq!(against_local(&wide, &late, Some(&part)).unwrap_err(), "claims 10.246.0.0/23, which overlaps 10.246.0.0/24 of the local cluster (node late)");
         // Without a clash, nothing to note.
         assert_eq!(against_local(&record, &[], Some(&record)), Ok(vec![]));
     }
