@@ -565,15 +565,17 @@ struct Claims<'a> {
     /// Gateway peers' pod CIDRs so far, each a `mn_routes_v1` entry.
     routes: usize,
     /// Whether the peers committed now are the config file's: their gateways' and nodes'
-    /// addresses and their CIDRs are then `fixed`.
+    /// addresses, and a tunnel peer's pod CIDRs, are then fixed.
     fixing: bool,
-    /// The file's peers' node addresses (gateways, tunnel nodes) and pod CIDRs, with their
-    /// peer's name. No other peer's CIDR may cover such an address, nor its address lie in
-    /// such a CIDR: a tunnel peer could then send packets from another peer's gateway, which
-    /// `to_pod` takes for that gateway's replies. Between published peers the controller
-    /// settles this, by who was published with what: refused here in the order of names, a
-    /// remote could get any peer refused by claiming its gateway's address.
-    fixed: Vec<(Ipv4Net, String)>,
+    /// The file's peers' node addresses (gateways, tunnel nodes), with their peer's name. No
+    /// tunnel peer's CIDR may cover one: that peer could send packets from the gateway, which
+    /// `to_pod` takes for the gateway's replies, into the flows with it. (Between published
+    /// peers the controller settles this, by who was published with what: refused here in
+    /// the order of names, a remote could get any peer refused by claiming its gateway's.)
+    fixed_nodes: Vec<(Ipv4Addr, String)>,
+    /// The file's tunnel peers' pod CIDRs, with their peer's name: no gateway or node of
+    /// another peer may lie in one, for the same reason.
+    fixed_tunnel_cidrs: Vec<(Ipv4Net, String)>,
 }
 
 /// `f` under the field path `at` (empty for a peer checked on its own).
@@ -611,14 +613,9 @@ impl<'a> Claims<'a> {
             routes: 0,
             local: local.to_vec(),
             fixing: true,
-            fixed: Vec::new(),
+            fixed_nodes: Vec::new(),
+            fixed_tunnel_cidrs: Vec::new(),
         }
-    }
-
-    /// The file's peer that holds `net` (one of its CIDRs over it, or an address of its in
-    /// it), other than `name`.
-    fn fixed_over(&self, net: Ipv4Net, name: &str) -> Option<(Ipv4Net, &str)> {
-        self.fixed.iter().find(|(f, owner)| owner != name && (f.contains(&net) || net.contains(f))).map(|(f, o)| (*f, o.as_str()))
     }
 
     /// Checks one peer against the rules and what is claimed; errors go to `c`, with field
@@ -675,8 +672,9 @@ impl<'a> Claims<'a> {
                 c.err(f, format!("{s:?} overlaps {other} of {owner}"));
                 continue;
             }
-            if let Some((a, owner)) = self.fixed_over(net, &raw.name).filter(|(a, _)| a.prefix_len() == 32) {
-                c.err(f, format!("{s:?} covers {}, a node address of peer {owner:?} of the config file", a.addr()));
+            let fixed = self.fixed_nodes.iter().find(|(a, owner)| *owner != raw.name && net.contains(a));
+            if let Some((a, owner)) = fixed.filter(|_| raw.mode == PeerMode::Tunnel) {
+                c.err(f, format!("{s:?} covers {a}, a node address of peer {owner:?} of the config file, and a tunnel peer's CIDR may not"));
                 continue;
             }
             mine.insert(net, me.clone());
@@ -820,8 +818,8 @@ impl<'a> Claims<'a> {
             c.err(field, format!("{value:?} refused: {a} lies in {net}, this cluster's pods' CIDR, a pod's address, not a node's"));
             return None;
         }
-        if let Some((net, owner)) = self.fixed_over(Ipv4Net::from(a), name).filter(|(n, _)| n.prefix_len() < 32) {
-            c.err(field, format!("{value:?} refused: {a} lies in {net}, pods of peer {owner:?} of the config file"));
+        if let Some((net, owner)) = self.fixed_tunnel_cidrs.iter().find(|(n, owner)| owner != name && n.contains(&a)) {
+            c.err(field, format!("{value:?} refused: {a} lies in {net}, pods of tunnel peer {owner:?} of the config file"));
             return None;
         }
         Some(a)
@@ -844,8 +842,10 @@ impl<'a> Claims<'a> {
         }
         if self.fixing {
             let addresses = p.gateways.iter().map(|g| g.address).chain(p.tunnel.iter().flat_map(|t| t.nodes.iter().map(|n| n.address)));
-            let nets = p.pod_cidrs.iter().copied().chain(addresses.map(Ipv4Net::from));
-            self.fixed.extend(nets.map(|n| (n, p.name.clone())));
+            self.fixed_nodes.extend(addresses.map(|a| (a, p.name.clone())));
+            if p.tunnel.is_some() {
+                self.fixed_tunnel_cidrs.extend(p.pod_cidrs.iter().map(|n| (*n, p.name.clone())));
+            }
         }
     }
 }
@@ -1352,7 +1352,7 @@ peers:
     /// A gateway or a tunnel node at one of this cluster's pods' addresses is refused: the
     /// peer's traffic would go to that pod. Inside a published peer's pod CIDR it is not
     /// refused here, where the order of names would decide: the controller settles that
-    /// contest (inside a file peer's, it is: `a_published_peer_cannot_claim_a_file_peers_gateway`).
+    /// contest (inside a tunnel peer's of the file, it is: `no_tunnel_peer_can_claim_a_file_peers_gateway`).
     #[test]
     fn a_gateway_at_a_local_pods_address_is_refused() {
         let y = GOOD.replace("192.0.2.2", "10.244.3.7");
@@ -1449,29 +1449,47 @@ peers:
         assert!(broken.merge_api(&BTreeSet::new(), &published).is_err());
     }
 
-    /// A published peer cannot claim the address of a gateway (or tunnel node) of a peer of
-    /// the config file, nor put its own inside that peer's pods: a tunnel peer could then send
-    /// packets from that gateway, which `to_pod` takes for its replies and translates into
-    /// the flows with it. Between published peers, who was published first settles it (the
-    /// controller's rule): the agent does not refuse them in the order of their names.
+    /// No tunnel peer may claim the address of a gateway (or tunnel node) of a peer of the
+    /// config file, nor may any peer put its own inside a tunnel peer's pods of the file:
+    /// the tunnel peer could then send packets from that gateway, which `to_pod` takes for
+    /// its replies and translates into the flows with it. A gateway peer's CIDR over a node
+    /// (pods and nodes in one VPC range, as with AWS's CNI) sends no packet from it: allowed.
+    /// Between published peers, who was published first settles it (the controller's rule):
+    /// the agent does not refuse them in the order of their names.
     #[test]
-    fn a_published_peer_cannot_claim_a_file_peers_gateway() {
+    fn no_tunnel_peer_can_claim_a_file_peers_gateway() {
         let file = RawConfig::from_yaml(TUNNEL, "f").unwrap();
         let covers = tunnel_peer("c5", "192.0.2.0/24", &[("10.20.144.170", &["192.0.2.0/25"])]);
         let inside = peer("c6", "10.250.0.0/16", "10.245.7.7");
         let a = peer("c7", "10.251.0.0/16", "10.20.144.180");
         let b = peer("c8", "10.20.144.0/24", "10.20.144.181");
-        let published: BTreeMap<String, Vec<RawPeer>> =
-            [("c5".to_string(), vec![covers]), ("c6".to_string(), vec![inside]), ("c7".to_string(), vec![a.clone()]), ("c8".to_string(), vec![b.clone()])].into();
+        let vpc = peer("c9", "192.0.2.0/24", "10.20.144.182");
+        let published: BTreeMap<String, Vec<RawPeer>> = [
+            ("c5".to_string(), vec![covers]),
+            ("c6".to_string(), vec![inside]),
+            ("c7".to_string(), vec![a.clone()]),
+            ("c8".to_string(), vec![b.clone()]),
+            ("c9".to_string(), vec![vpc.clone()]),
+        ]
+        .into();
         let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
-        assert_eq!(strings(&m.rejected["c5"]), [r#"podCIDRs[0]: "192.0.2.0/24" covers 192.0.2.2, a node address of peer "cluster2" of the config file"#]);
-        assert_eq!(strings(&m.rejected["c6"]), [r#"gateways[0].address: "10.245.7.7" refused: 10.245.7.7 lies in 10.245.0.0/16, pods of peer "cluster2" of the config file"#]);
-        assert_eq!(m.applied, [("c7".to_string(), a), ("c8".to_string(), b)].into());
-        // In the file itself, either order is refused.
+        assert_eq!(
+            strings(&m.rejected["c5"]),
+            [r#"podCIDRs[0]: "192.0.2.0/24" covers 192.0.2.2, a node address of peer "cluster2" of the config file, and a tunnel peer's CIDR may not"#]
+        );
+        assert_eq!(
+            strings(&m.rejected["c6"]),
+            [r#"gateways[0].address: "10.245.7.7" refused: 10.245.7.7 lies in 10.245.0.0/16, pods of tunnel peer "cluster2" of the config file"#]
+        );
+        assert_eq!(m.applied, [("c7".to_string(), a), ("c8".to_string(), b), ("c9".to_string(), vpc)].into());
+        // In the file itself, either order is refused; a gateway peer over a node is not.
+        let over = "  - name: cluster4\n    mode: tunnel\n    podCIDRs: [\"192.0.2.0/24\"]\n    tunnelPort: 31801\n    nodes: [{address: 10.20.144.190, podCIDRs: [\"192.0.2.0/25\"]}]\n";
+        let e = errors(&format!("{TUNNEL}{over}"));
+        assert!(e.iter().any(|e| e.contains(r#"podCIDRs[0]: "192.0.2.0/24" covers 192.0.2.2, a node address of peer "cluster2""#)), "{e:?}");
+        let e = errors(&TUNNEL.replace("peers:\n", &format!("peers:\n{over}")));
+        assert!(e.iter().any(|e| e.contains(r#"address: "192.0.2.2" refused: 192.0.2.2 lies in 192.0.2.0/24, pods of tunnel peer "cluster4""#)), "{e:?}");
         let yaml = format!("{GOOD}  - name: cluster3\n    podCIDRs: [\"192.0.2.0/24\"]\n    gateways: [{{address: 10.20.144.190, port: 30000}}]\n");
-        assert_eq!(errors(&yaml), [r#"peers[1].podCIDRs[0]: "192.0.2.0/24" covers 192.0.2.2, a node address of peer "cluster2" of the config file"#]);
-        let yaml = GOOD.replace("peers:\n", "peers:\n  - name: cluster0\n    podCIDRs: [\"192.0.2.0/24\"]\n    gateways: [{address: 10.20.144.190, port: 30000}]\n");
-        assert_eq!(errors(&yaml), [r#"peers[1].gateways[0].address: "192.0.2.2" refused: 192.0.2.2 lies in 192.0.2.0/24, pods of peer "cluster0" of the config file"#]);
+        assert!(Config::from_yaml(&yaml).is_ok());
     }
 
     /// Published peers past what the datapath's maps hold are refused one by one, each with
