@@ -63,7 +63,6 @@ fn resolve_with(dst: Ipv4Addr, addrs: &[(Ipv4Addr, String)]) -> io::Result<NodeP
     Ok(NodePath { src, ifindex, mtu: mtu_of(name).unwrap_or(DEFAULT_MTU) })
 }
 
-/// This namespace's IPv4 addresses with the interface that holds each.
 /// This namespace's IPv4 addresses with their subnets, for [`TunnelMaps::sync`].
 #[must_use]
 pub fn node_subnets() -> Vec<Ipv4Net> {
@@ -76,6 +75,7 @@ pub fn node_subnets() -> Vec<Ipv4Net> {
     .collect()
 }
 
+/// This namespace's IPv4 addresses with the interface that holds each.
 fn interface_addresses() -> Vec<(Ipv4Addr, String)> {
     nix::ifaddrs::getifaddrs()
         .map(|all| {
@@ -84,29 +84,41 @@ fn interface_addresses() -> Vec<(Ipv4Addr, String)> {
         .unwrap_or_default()
 }
 
-/// `c` as this node delivers it, given `hosts`, its addresses with their subnets. A pod CIDR
-/// wider than a bridge subnet of this node inside it (the cluster's podCIDRs, taken when
-/// neither `tunnel.podCIDRs` nor the Node's are known) holds every node's pods, and the
-/// other nodes' bridge addresses, which their own decapsulation refuses; and its broadcast
-/// is not the bridge's, which the stack hands to the node's own sockets. Such a CIDR is
-/// narrowed to the bridge subnets inside it: the pods behind this node. (A /31 or /32 inside
-/// is a host route's address, as Calico's `tunl0` has one, not a bridge: no narrowing.)
-/// The addresses of `hosts` inside the result go to [`TunnelConfig::hosts_be`], never
-/// delivered to; a node has one per bridge, so four slots for four CIDRs suffice.
-fn as_delivered(c: TunnelConfig, hosts: &[Ipv4Net]) -> TunnelConfig {
+/// `c` as this node delivers it, given `hosts`, its addresses with their subnets, and `pods`,
+/// the addresses of the pods it has read. A pod CIDR wider than a bridge of this node (the
+/// cluster's podCIDRs, taken when neither `tunnel.podCIDRs` nor the Node's are known) holds
+/// every node's pods and the other nodes' bridge addresses, which their own decapsulation
+/// refuses, and the bridge's broadcast is not its own, which the stack hands to the node's
+/// sockets. Such a CIDR is narrowed to the subnets of this node's interfaces inside it that
+/// hold its pods, when they hold every pod of it this node has: so a subnet that holds none
+/// (docker0's, the LAN's inside a wide cluster CIDR) narrows nothing, nor do pods routed one
+/// by one (Calico, Cilium), and without pods read yet it stays wide. (A /31 or /32 is a host
+/// route's address, as Calico's `tunl0` has, not a bridge.) The addresses of `hosts` inside
+/// the result go to [`TunnelConfig::hosts_be`], never delivered to; a node has one per
+/// bridge, so four slots for four CIDRs suffice. Past the slots, a CIDR stays wide.
+fn as_delivered(c: TunnelConfig, hosts: &[Ipv4Net], pods: &[Ipv4Addr]) -> TunnelConfig {
     const SLOTS: usize = meshnet_common::limits::MAX_NODE_CIDRS;
     let local_net = |n: Ipv4Net| LocalNet { addr_be: addr_be(n.network()), mask_be: addr_be(n.netmask()) };
     let net_of = |l: &LocalNet| Ipv4Net::with_netmask(addr_of_be(l.addr_be), addr_of_be(l.mask_be)).ok();
+    let wanted: Vec<&LocalNet> = c.nets.iter().filter(|n| n.mask_be != 0).collect();
     let mut nets: Vec<LocalNet> = Vec::new();
-    for slot in c.nets.iter().filter(|n| n.mask_be != 0) {
+    for (i, slot) in wanted.iter().enumerate() {
         let Some(wide) = net_of(slot) else { continue };
-        let mut bridges: Vec<Ipv4Net> = hosts.iter().map(Ipv4Net::trunc).filter(|b| b.prefix_len() > wide.prefix_len() && b.prefix_len() <= 30 && wide.contains(b)).collect();
+        let inside: Vec<&Ipv4Addr> = pods.iter().filter(|p| wide.contains(*p)).collect();
+        let mut bridges: Vec<Ipv4Net> = hosts
+            .iter()
+            .map(Ipv4Net::trunc)
+            .filter(|b| b.prefix_len() > wide.prefix_len() && b.prefix_len() <= 30 && wide.contains(b))
+            .filter(|b| inside.iter().any(|p| b.contains(*p)))
+            .collect();
         bridges.sort_unstable();
         bridges.dedup();
-        if bridges.is_empty() {
-            nets.push(*slot);
-        } else {
+        let all_behind = !inside.is_empty() && inside.iter().all(|p| bridges.iter().any(|b| b.contains(*p)));
+        // The CIDRs still to come keep a slot each.
+        if all_behind && nets.len() + bridges.len() + (wanted.len() - i - 1) <= SLOTS {
             nets.extend(bridges.into_iter().map(local_net));
+        } else {
+            nets.push(**slot);
         }
     }
     let mut out = TunnelConfig { nets: [LocalNet::NONE; SLOTS], hosts_be: [0; SLOTS], ..c };
@@ -617,14 +629,15 @@ impl TunnelMaps {
 
     /// Makes the maps hold `desired`'s tunnel state, with each node's path from `paths` (a
     /// node missing there keeps the routes already written for it, else is not routed), and for the decapsulating side `mtu`, the uplinks'
-    /// MTU, and `hosts`, this node's addresses with their subnets (its pod CIDRs are narrowed
-    /// to its bridges' subnets, and its addresses inside are never delivered to: see
-    /// `as_delivered`). The settings and the node table go in before the routes that lead to them, and
+    /// MTU, and `hosts`, this node's addresses with their subnets (with the port table's pods,
+    /// they narrow its pod CIDRs to the bridges that hold its pods, and its addresses inside
+    /// are never delivered to: see `as_delivered`). The settings and the node table go in before the routes that lead to them, and
     /// routes go before the nodes and settings they used: no packet is encapsulated toward a
     /// node the peer would not take it from, or decapsulated with half a configuration.
     pub fn sync(&mut self, desired: &Desired, paths: &BTreeMap<Ipv4Addr, NodePath>, mtu: u32, hosts: &[Ipv4Net]) -> anyhow::Result<TunnelReport> {
         let mut report = TunnelReport::default();
-        let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, ..as_delivered(c, hosts) });
+        let pods: Vec<Ipv4Addr> = self.current_ports().into_keys().collect();
+        let want_config = desired.tun_config.map(|c| TunnelConfig { mtu, ..as_delivered(c, hosts, &pods) });
         if let Some(c) = want_config {
             let have = self.current_config();
             if have != Some(c) {

@@ -752,8 +752,9 @@ fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
 
 /// Without `tunnel.podCIDRs` or the Node's, the tunnel takes the cluster's podCIDRs, which
 /// hold every node's pods and bridge addresses, and a bridge broadcast that is not the wide
-/// CIDR's: they are narrowed to this node's bridge subnets, so that only its own pods get
-/// packets, never another node's pods or hosts through it, nor its own sockets a broadcast.
+/// CIDR's: they are narrowed to the subnets of this node's bridges that hold its pods, so
+/// that only its own pods get packets, never another node's pods or hosts through it, nor
+/// its own sockets a broadcast. A subnet that holds no pod of the node narrows nothing.
 #[test]
 fn without_this_nodes_pod_cidrs_the_tunnel_delivers_only_behind_its_bridges() {
     let config = CONFIG.replace("  podCIDRs: [\"10.244.0.0/24\"]\n", "");
@@ -763,10 +764,14 @@ fn without_this_nodes_pod_cidrs_the_tunnel_delivers_only_behind_its_bridges() {
     let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
     let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path)]);
     let other_bridge = [10, 244, 1, 1];
+    // This node's pod, read from its interface: delivered out of its own port.
+    let port = PodPort { ifindex: 7, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), port)])).unwrap();
     let cases = |h: &Harness, narrowed: bool| {
         let refused = if narrowed { Some("tunnel_not_local") } else { None };
+        let pod = udp(REMOTE, POD, 53, 5000, b"x");
+        h.expect("this node's pod", names::PROG_TUNNEL_IN, &tunnel_packet(PEER_NODE, PORT, good_header(), &pod), REDIRECT, &[("tunnel_decap", 1)]);
         for (what, dst, refused) in [
-            ("this node's pod", POD, None),
             ("another node's pod", OTHER_NODE_POD, refused),
             ("another node's bridge address", other_bridge, refused),
             ("this node's bridge broadcast", [10, 244, 0, 255], refused),
@@ -784,8 +789,9 @@ fn without_this_nodes_pod_cidrs_the_tunnel_delivers_only_behind_its_bridges() {
     let hosts: [Ipv4Net; 2] = ["10.244.0.1/24".parse().unwrap(), "192.0.2.1/24".parse().unwrap()];
     assert!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed);
     cases(&h, true);
-    // A host route's address inside (Calico's tunl0 has a /32) is no bridge: nothing narrowed.
-    let hosts: [Ipv4Net; 2] = ["10.244.0.1/32".parse().unwrap(), "192.0.2.1/24".parse().unwrap()];
+    // A subnet inside that holds none of the node's pods (docker0's, a LAN's) narrows nothing,
+    // nor does a host route's address (Calico's tunl0 has a /32).
+    let hosts: [Ipv4Net; 3] = ["10.244.0.1/32".parse().unwrap(), "10.244.200.1/24".parse().unwrap(), "192.0.2.1/24".parse().unwrap()];
     assert!(h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap().config_changed);
     cases(&h, false);
 }
