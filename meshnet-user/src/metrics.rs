@@ -388,7 +388,7 @@ async fn serve_with<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
     let open = Arc::new(tokio::sync::Semaphore::new(limits.connections));
-    let by_client: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let by_client = ByClient::default();
     let mut full = false;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -411,29 +411,49 @@ async fn serve_with<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>
             continue;
         };
         full = false;
-        let client = peer.ip();
-        {
-            let mut by = by_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let n = by.entry(client).or_default();
-            if *n >= limits.per_client {
-                debug!(%client, max = limits.per_client, "metrics client has all the connections one client gets; closing a new one");
-                continue;
-            }
-            *n += 1;
-        }
+        let Some(share) = ClientShare::take(&by_client, peer.ip(), limits.per_client) else {
+            debug!(client = %peer.ip(), max = limits.per_client, "metrics client has all the connections one client gets; closing a new one");
+            continue;
+        };
         let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let by_client = by_client.clone();
         tokio::spawn(async move {
+            // Given back however the task ends, a panic included.
+            let _held = (permit, share);
             bounded(conn, limits).await;
-            let mut by = by_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(n) = by.get_mut(&client) {
-                *n -= 1;
-                if *n == 0 {
-                    by.remove(&client);
-                }
-            }
-            drop(permit);
         });
+    }
+}
+
+type ByClient = Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One of a client address's connections, counted while it lives.
+struct ClientShare {
+    by: ByClient,
+    client: std::net::IpAddr,
+}
+
+impl ClientShare {
+    /// One more connection for `client`, if it has fewer than `max`.
+    fn take(by: &ByClient, client: std::net::IpAddr, max: usize) -> Option<Self> {
+        let mut counts = by.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(client).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self { by: by.clone(), client })
+    }
+}
+
+impl Drop for ClientShare {
+    fn drop(&mut self) {
+        let mut counts = self.by.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -691,6 +711,26 @@ mod tests {
         drop(held);
         let text = healthz_soon(addr).await;
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("ok\n"), "{text}");
+    }
+
+    /// A client's share of connections comes back however its task ends: after as many panics
+    /// as it may hold connections, it still gets one.
+    #[tokio::test]
+    async fn a_clients_share_comes_back_when_its_task_panics() {
+        let by = ByClient::default();
+        let client: std::net::IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..3 {
+            let share = ClientShare::take(&by, client, 2).unwrap();
+            let task = tokio::spawn(async move {
+                let _held = share;
+                panic!("a connection's task fails");
+            });
+            assert!(task.await.is_err());
+        }
+        let (a, b) = (ClientShare::take(&by, client, 2), ClientShare::take(&by, client, 2));
+        assert!(a.is_some() && b.is_some() && ClientShare::take(&by, client, 2).is_none());
+        drop((a, b));
+        assert!(by.lock().unwrap().is_empty());
     }
 
     /// A connection that never finishes its request's headers is closed unanswered after
