@@ -161,6 +161,8 @@ struct State {
     /// The record (the peers object and the holds) has been read: until then this replica
     /// does not know who holds what, and publishes nothing; `publish` reads it again.
     published_seen: bool,
+    /// Cluster names more than one remote secret holds, with why: refused, with no task.
+    duplicates: BTreeMap<String, String>,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -229,6 +231,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         watched: (BTreeMap::new(), BTreeMap::new()),
         published_peers: BTreeMap::new(),
         published_seen: false,
+        duplicates: BTreeMap::new(),
         refusals: BTreeMap::new(),
         refused_series: BTreeSet::new(),
         leader: !opts.leader_election,
@@ -443,30 +446,24 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        type Wanted = (String, String, Option<Vec<Ipv4Net>>, Option<Result<Vec<Ipv4Net>, String>>, Option<String>);
-        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
-        for (sname, secret) in secrets {
-            let cidrs = secret
-                .annotations()
-                .get(POD_CIDRS_ANNOTATION)
-                .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
-            let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_allowed(v));
-            let mode = secret.annotations().get(MODE_ANNOTATION).cloned();
-            for (cluster, data) in secret.data.iter().flatten() {
-                let text = String::from_utf8_lossy(&data.0).into_owned();
-                let origin = format!("{}/{sname}[{cluster}]", self.opts.secrets.namespace);
-                wanted.insert(cluster.clone(), (origin, text, cidrs.clone(), allowed.clone(), mode.clone()));
+        let (wanted, duplicates) = wanted_remotes(&self.opts.secrets.namespace, secrets);
+        for (name, why) in &duplicates {
+            if self.duplicates.get(name) != Some(why) {
+                error!(peer = %name, error = %why, "remote cluster refused");
             }
         }
         self.remotes.retain(|name, _| {
             let keep = wanted.contains_key(name);
-            if !keep {
+            if !keep && !duplicates.contains_key(name) {
                 info!(peer = %name, "remote secret removed; withdrawing the peer");
             }
             keep
         });
-        self.last_good.retain(|name, _| wanted.contains_key(name));
-        for (name, (origin, text, cidrs, allowed, mode_annotation)) in wanted {
+        // A name refused while two secrets hold it keeps its last good state, as across any
+        // other change of its secret: it is published again once one secret holds it.
+        self.last_good.retain(|name, _| wanted.contains_key(name) || duplicates.contains_key(name));
+        self.duplicates = duplicates;
+        for (name, Wanted { origin, text, pod_cidrs: cidrs, allowed, mode_annotation }) in wanted {
             // What the task watches: the gateway's objects or the tunnel Service. A remote
             // whose mode is refused watches as a gateway remote; it is not published anyway.
             let mode = resolve::remote_mode(self.opts.modes.get(&name).copied(), mode_annotation.as_deref(), self.opts.default_mode)
@@ -535,6 +532,7 @@ impl State {
                     };
                     (name.clone(), input)
                 })
+                .chain(self.duplicates.iter().map(|(name, why)| (name.clone(), RemoteInput { refused: Some(why), ..RemoteInput::default() })))
                 .collect();
             desired::desired(&Inputs {
                 remotes: &remotes,
@@ -706,6 +704,70 @@ impl State {
     }
 }
 
+/// What one remote secret's key asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wanted {
+    /// `namespace/secret[key]`.
+    origin: String,
+    /// The kubeconfig.
+    text: String,
+    pod_cidrs: Option<Vec<Ipv4Net>>,
+    /// The allow-list annotation: `Err` when it is unreadable, which refuses the peer.
+    allowed: Option<Result<Vec<Ipv4Net>, String>>,
+    mode_annotation: Option<String>,
+}
+
+/// The cluster names that more than one of `secrets` (by name) holds a key for, with why.
+/// Whichever secret won would be the later name's, so whoever may create a secret there
+/// could take over a cluster another secret holds: none of them is used.
+pub(super) fn held_twice<'a>(namespace: &str, secrets: impl IntoIterator<Item = (&'a str, &'a Secret)>) -> BTreeMap<String, String> {
+    let mut sources: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (sname, secret) in secrets {
+        for cluster in secret.data.iter().flatten().map(|(k, _)| k) {
+            sources.entry(cluster).or_default().push(format!("{namespace}/{sname}[{cluster}]"));
+        }
+    }
+    sources
+        .into_iter()
+        .filter(|(_, origins)| origins.len() > 1)
+        .map(|(cluster, origins)| {
+            let why = format!(
+                "more than one remote secret holds a kubeconfig for this cluster ({}); none is used until only one does",
+                origins.join(", ")
+            );
+            (cluster.to_owned(), why)
+        })
+        .collect()
+}
+
+/// The remotes the secrets in `namespace` ask for, by cluster name (each data key is one),
+/// and the names refused, with why (see [`held_twice`]).
+fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>) {
+    let refused = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
+    let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+    for (sname, secret) in secrets {
+        let pod_cidrs = secret
+            .annotations()
+            .get(POD_CIDRS_ANNOTATION)
+            .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
+        let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_allowed(v));
+        let mode_annotation = secret.annotations().get(MODE_ANNOTATION).cloned();
+        for (cluster, data) in secret.data.iter().flatten() {
+            let w = Wanted {
+                origin: format!("{namespace}/{sname}[{cluster}]"),
+                text: String::from_utf8_lossy(&data.0).into_owned(),
+                pod_cidrs: pod_cidrs.clone(),
+                allowed: allowed.clone(),
+                mode_annotation: mode_annotation.clone(),
+            };
+            if !refused.contains_key(cluster) {
+                wanted.insert(cluster.clone(), w);
+            }
+        }
+    }
+    (wanted, refused)
+}
+
 /// Who holds what, as stored.
 struct Stored {
     /// The peers object.
@@ -856,6 +918,55 @@ mod tests {
         assert!(too_large(&serde_yaml::to_string(&peers).unwrap()).is_none());
         let mut small = vec![peer("a", 3), peer("b", 3)];
         assert!(fit_published(&mut small).unwrap().is_empty() && small.len() == 2);
+    }
+
+    fn secret(name: &str, keys: &[&str], annotations: &[(&str, &str)]) -> (String, Secret) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(annotations.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()),
+                ..ObjectMeta::default()
+            },
+            data: Some(keys.iter().map(|k| ((*k).to_string(), k8s_openapi::ByteString(format!("kubeconfig of {name}").into_bytes()))).collect()),
+            ..Secret::default()
+        };
+        (name.to_owned(), secret)
+    }
+
+    /// Whoever can write one remote secret must not take over a cluster another one holds:
+    /// two kubeconfigs for one name, and neither is used; the reason names every source.
+    #[test]
+    fn a_cluster_in_two_remote_secrets_is_refused_from_both() {
+        let secrets = [
+            secret("a-istio-remote-secret", &["cluster2", "cluster3"], &[]),
+            secret("z-planted", &["cluster2", "cluster4"], &[]),
+            secret("b-third", &["cluster4"], &[]),
+        ]
+        .into();
+        let (wanted, refused) = wanted_remotes("istio-system", &secrets);
+        assert_eq!(wanted.keys().collect::<Vec<_>>(), ["cluster3"]);
+        assert_eq!(wanted["cluster3"].text, "kubeconfig of a-istio-remote-secret");
+        assert_eq!(
+            refused,
+            BTreeMap::from([
+                (
+                    "cluster2".to_owned(),
+                    "more than one remote secret holds a kubeconfig for this cluster (istio-system/a-istio-remote-secret[cluster2], \
+                     istio-system/z-planted[cluster2]); none is used until only one does"
+                        .to_owned()
+                ),
+                (
+                    "cluster4".to_owned(),
+                    "more than one remote secret holds a kubeconfig for this cluster (istio-system/b-third[cluster4], \
+                     istio-system/z-planted[cluster4]); none is used until only one does"
+                        .to_owned()
+                ),
+            ])
+        );
+        // One secret each: no refusal.
+        let (wanted, refused) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
+        assert_eq!(wanted.len(), 2);
+        assert!(refused.is_empty());
     }
 
     #[test]
