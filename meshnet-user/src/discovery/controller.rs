@@ -277,6 +277,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     // API_TIMEOUT), so a loop that stops beating is wedged and the pod should restart.
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut dirty = false;
+    let mut retry = PublishRetry::default();
     let mut debounce = Box::pin(tokio::time::sleep(Duration::from_hours(1)));
     info!(namespace = %state.opts.namespace, istio_namespace = %state.opts.istio_namespace, "meshnet controller started");
     loop {
@@ -318,11 +319,22 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             () = &mut debounce, if dirty => {
                 dirty = false;
                 debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_hours(1));
-                if let Err(e) = state.publish().await {
-                    error!(error = %format!("{e:#}"), "publishing peers failed; retrying");
-                    state.metrics.publish_errors.inc();
-                    dirty = true;
-                    debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                match state.publish().await {
+                    Ok(()) => {
+                        if retry.succeeded() {
+                            info!("publishing peers works again");
+                        }
+                    }
+                    Err(e) => {
+                        let error = format!("{e:#}");
+                        let (after, log) = retry.failed(&error);
+                        if log {
+                            error!(error = %error, retry_after = ?after, "publishing peers failed; retrying, less often while it fails");
+                        }
+                        state.metrics.publish_errors.inc();
+                        dirty = true;
+                        debounce.as_mut().reset(tokio::time::Instant::now() + after);
+                    }
                 }
             }
         }
@@ -768,6 +780,41 @@ fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTree
     (wanted, refused)
 }
 
+/// When to publish again after a failure, and whether to say so. An error that persists (a
+/// 403, a webhook that denies the write) must not cost the API server a few calls and the log
+/// a line every second: the retries back off, and one error is logged once while it lasts.
+#[derive(Debug, Default)]
+struct PublishRetry {
+    /// Failures since the last success.
+    failures: u32,
+    /// The error last logged, while publishing fails.
+    logged: Option<String>,
+}
+
+/// The first retry's delay; each failure doubles it, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+impl PublishRetry {
+    /// Takes note of a failure with `error`: how long to wait, and whether to log it (not
+    /// when it is the one logged last).
+    fn failed(&mut self, error: &str) -> (Duration, bool) {
+        let after = RETRY_FIRST.saturating_mul(1 << self.failures.min(16)).min(RETRY_MAX);
+        self.failures = self.failures.saturating_add(1);
+        let log = self.logged.as_deref() != Some(error);
+        if log {
+            self.logged = Some(error.to_owned());
+        }
+        (after, log)
+    }
+
+    /// Takes note of a success: whether publishing had been failing.
+    fn succeeded(&mut self) -> bool {
+        self.logged = None;
+        std::mem::take(&mut self.failures) > 0
+    }
+}
+
 /// Who holds what, as stored.
 struct Stored {
     /// The peers object.
@@ -967,6 +1014,28 @@ mod tests {
         let (wanted, refused) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
         assert_eq!(wanted.len(), 2);
         assert!(refused.is_empty());
+    }
+
+    /// A persistent error is retried less and less often, up to half a minute apart, and
+    /// logged once; another error is logged when it comes, and a success starts over.
+    #[test]
+    fn publish_retries_back_off_and_log_each_error_once() {
+        let mut r = PublishRetry::default();
+        let schedule: Vec<(u64, bool)> = (0..9).map(|_| r.failed("403 Forbidden")).map(|(d, log)| (d.as_secs(), log)).collect();
+        assert_eq!(
+            schedule,
+            [(1, true), (2, false), (4, false), (8, false), (16, false), (30, false), (30, false), (30, false), (30, false)]
+        );
+        for _ in 0..100 {
+            r.failed("403 Forbidden");
+        }
+        assert_eq!(r.failed("403 Forbidden"), (RETRY_MAX, false), "the delay stays capped");
+        assert_eq!(r.failed("denied by webhook"), (RETRY_MAX, true), "a new error is logged, and the backoff goes on");
+        assert_eq!(r.failed("403 Forbidden"), (RETRY_MAX, true), "so is one that comes back");
+        assert!(r.succeeded(), "a success after failures is said");
+        assert!(!r.succeeded());
+        assert_eq!(r.failed("403 Forbidden"), (RETRY_FIRST, true), "a success starts over");
+        assert_eq!(r.failed("403 Forbidden"), (2 * RETRY_FIRST, false));
     }
 
     #[test]
