@@ -94,7 +94,9 @@ struct Remote {
     fingerprint: (String, u64, PeerMode),
     generation: u64,
     task: JoinHandle<()>,
-    pod_cidrs: Option<Vec<Ipv4Net>>,
+    /// The secret's pod CIDRs annotation: `Err` when it is unreadable, which refuses the peer
+    /// rather than publishing what the rest of it says.
+    pod_cidrs: Option<Result<Vec<Ipv4Net>, String>>,
     /// The secret's allow-list annotation: `Err` when it is unreadable, which refuses the
     /// peer rather than allowing everything.
     allowed: Option<Result<Vec<Ipv4Net>, String>>,
@@ -538,7 +540,7 @@ impl State {
                         stale: r.stale,
                         error: r.error.as_deref(),
                         refused: r.refused.as_deref(),
-                        pod_cidrs: r.pod_cidrs.as_deref(),
+                        pod_cidrs: r.pod_cidrs.as_ref(),
                         allowed: r.allowed.as_ref(),
                         mode_annotation: r.mode_annotation.as_deref(),
                     };
@@ -723,7 +725,8 @@ struct Wanted {
     origin: String,
     /// The kubeconfig.
     text: String,
-    pod_cidrs: Option<Vec<Ipv4Net>>,
+    /// The pod CIDRs annotation: `Err` when it is unreadable, which refuses the peer.
+    pod_cidrs: Option<Result<Vec<Ipv4Net>, String>>,
     /// The allow-list annotation: `Err` when it is unreadable, which refuses the peer.
     allowed: Option<Result<Vec<Ipv4Net>, String>>,
     mode_annotation: Option<String>,
@@ -761,8 +764,8 @@ fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTree
         let pod_cidrs = secret
             .annotations()
             .get(POD_CIDRS_ANNOTATION)
-            .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
-        let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_allowed(v));
+            .map(|v| parse_cidrs(v));
+        let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_cidrs(v));
         let mode_annotation = secret.annotations().get(MODE_ANNOTATION).cloned();
         for (cluster, data) in secret.data.iter().flatten() {
             let w = Wanted {
@@ -914,13 +917,15 @@ fn fit_published(peers: &mut Vec<RawPeer>) -> anyhow::Result<Vec<(String, usize)
 /// The field manager of the controller's server-side applies.
 const FIELD_MANAGER: &str = "meshnet-controller";
 
-/// The allow-list annotation's CIDRs. Any entry that is not a CIDR makes the whole list
-/// unreadable: a typo must not widen what a remote may claim.
-fn parse_allowed(v: &str) -> Result<Vec<Ipv4Net>, String> {
+/// The CIDRs of a remote secret's annotation (the allow-list, the pod CIDRs). Any entry that
+/// is not a CIDR makes the whole list unreadable: a typo must not widen what a remote may
+/// claim, nor publish part of what it holds. The entry is quoted and cut: whoever writes the
+/// secret writes it, and it goes to the status and the log.
+fn parse_cidrs(v: &str) -> Result<Vec<Ipv4Net>, String> {
     v.split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
-        .map(|c| c.parse::<Ipv4Net>().map_err(|_| format!("{c:?} is not an IPv4 CIDR; refusing the peer until it is fixed")))
+        .map(|c| c.parse::<Ipv4Net>().map_err(|_| format!("{} is not an IPv4 CIDR; refusing the peer until it is fixed", resolve::Quoted(c))))
         .collect()
 }
 
@@ -1038,11 +1043,27 @@ mod tests {
         assert_eq!(r.failed("403 Forbidden"), (2 * RETRY_FIRST, false));
     }
 
+    /// A typo in the pod CIDRs annotation must not publish what is left of it: an entry that is
+    /// not a CIDR refuses the peer, naming the entry, quoted and cut, as the allow-list does.
+    #[test]
+    fn pod_cidr_annotations_fail_closed() {
+        let read = |v: &str| {
+            let (wanted, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into());
+            wanted["cluster2"].pod_cidrs.clone().unwrap()
+        };
+        assert_eq!(read(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
+        assert_eq!(read("10.245.0.0/16,10.246.0.0"), Err("\"10.246.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into()));
+        let e = read(&format!("10.245.0.0/16,10.\n{}", "9".repeat(256 * 1024))).unwrap_err();
+        assert!(e.len() < 160 && e.starts_with("\"10.\\n999") && !e.contains('\n'), "{e}");
+        let (wanted, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into());
+        assert_eq!(wanted["cluster2"].pod_cidrs, None);
+    }
+
     #[test]
     fn allow_list_annotations_fail_closed() {
-        assert_eq!(parse_allowed(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
+        assert_eq!(parse_cidrs(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
         assert_eq!(
-            parse_allowed("10.245.0.0/16,10.246.0.0"),
+            parse_cidrs("10.245.0.0/16,10.246.0.0"),
             Err("\"10.246.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into())
         );
     }
