@@ -461,6 +461,35 @@ fn a_refused_peer_keeps_its_cidr_across_a_failover() {
     assert!(!listed(&m, "aaa"));
 }
 
+/// A second secret with cluster2's key, sorting after Istio's, took cluster2 over: its
+/// kubeconfig replaced the first one's, without a word. Now the name is refused from both,
+/// naming them, logged once, and cluster2 is back when the second goes.
+#[test]
+fn a_cluster_two_remote_secrets_hold_is_refused_until_one_goes() {
+    let m = Mesh::new();
+    let controller = m.controller(&[]);
+    let _agent = m.agent();
+    let want = ["10.245.0.0/24 cluster2 10.20.144.165:32361"];
+    m.wait_routes(&want, "initial discovery");
+    let planted = FakeApi::start(Some(&m.ns.path()));
+    seed_cluster(&planted, "network9", "rogue", "10.20.144.199", "10.245.0.0/24", 30999, "10.245.0.9");
+    let mut second = remote_secret("cluster2", &planted.kubeconfig("cluster2"));
+    second["metadata"]["name"] = json!("zz-planted");
+    m.local.apply(second.clone());
+    let why = "more than one remote secret holds a kubeconfig for this cluster (istio-system/istio-remote-secret-cluster2[cluster2], \
+               istio-system/zz-planted[cluster2]); none is used until only one does";
+    assert_eq!(refused_reason(&m, "cluster2"), why);
+    m.wait_routes(&[], "cluster2 refused");
+    // Another event of the secrets, the same refusal: not logged again.
+    second["metadata"]["annotations"]["note"] = json!("touched");
+    m.local.apply(second);
+    m.local.delete("v1", "Secret", Some("istio-system"), "zz-planted");
+    m.wait_routes(&want, "the second secret gone");
+    assert!(poll(WAIT, || m.published().filter(|(_, s)| s["cluster2"]["refused"].is_null())).is_some(), "{:?}", m.published());
+    assert_eq!(controller.output().matches("more than one remote secret holds").count(), 1, "{}", controller.output());
+    assert!(planted.requests().is_empty(), "the second secret's kubeconfig was used");
+}
+
 #[test]
 fn exec_plugin_in_a_remote_secret_is_refused_and_never_run() {
     let m = Mesh::new();

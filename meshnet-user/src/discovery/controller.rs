@@ -94,7 +94,9 @@ struct Remote {
     fingerprint: (String, u64, PeerMode),
     generation: u64,
     task: JoinHandle<()>,
-    pod_cidrs: Option<Vec<Ipv4Net>>,
+    /// The secret's pod CIDRs annotation: `Err` when it is unreadable, which refuses the peer
+    /// rather than publishing what the rest of it says.
+    pod_cidrs: Option<Result<Vec<Ipv4Net>, String>>,
     /// The secret's allow-list annotation: `Err` when it is unreadable, which refuses the
     /// peer rather than allowing everything.
     allowed: Option<Result<Vec<Ipv4Net>, String>>,
@@ -161,6 +163,8 @@ struct State {
     /// The record (the peers object and the holds) has been read: until then this replica
     /// does not know who holds what, and publishes nothing; `publish` reads it again.
     published_seen: bool,
+    /// Cluster names more than one remote secret holds, with why: refused, with no task.
+    duplicates: BTreeMap<String, String>,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -229,6 +233,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         watched: (BTreeMap::new(), BTreeMap::new()),
         published_peers: BTreeMap::new(),
         published_seen: false,
+        duplicates: BTreeMap::new(),
         refusals: BTreeMap::new(),
         refused_series: BTreeSet::new(),
         leader: !opts.leader_election,
@@ -274,6 +279,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     // API_TIMEOUT), so a loop that stops beating is wedged and the pod should restart.
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut dirty = false;
+    let mut retry = PublishRetry::default();
     let mut debounce = Box::pin(tokio::time::sleep(Duration::from_hours(1)));
     info!(namespace = %state.opts.namespace, istio_namespace = %state.opts.istio_namespace, "meshnet controller started");
     loop {
@@ -315,11 +321,22 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             () = &mut debounce, if dirty => {
                 dirty = false;
                 debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_hours(1));
-                if let Err(e) = state.publish().await {
-                    error!(error = %format!("{e:#}"), "publishing peers failed; retrying");
-                    state.metrics.publish_errors.inc();
-                    dirty = true;
-                    debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                match state.publish().await {
+                    Ok(()) => {
+                        if retry.succeeded() {
+                            info!("publishing peers works again");
+                        }
+                    }
+                    Err(e) => {
+                        let error = format!("{e:#}");
+                        let (after, log) = retry.failed(&error);
+                        if log {
+                            error!(error = %error, retry_after = ?after, "publishing peers failed; retrying, less often while it fails");
+                        }
+                        state.metrics.publish_errors.inc();
+                        dirty = true;
+                        debounce.as_mut().reset(tokio::time::Instant::now() + after);
+                    }
                 }
             }
         }
@@ -443,30 +460,24 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        type Wanted = (String, String, Option<Vec<Ipv4Net>>, Option<Result<Vec<Ipv4Net>, String>>, Option<String>);
-        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
-        for (sname, secret) in secrets {
-            let cidrs = secret
-                .annotations()
-                .get(POD_CIDRS_ANNOTATION)
-                .map(|v| v.split(',').filter_map(|c| c.trim().parse::<Ipv4Net>().ok()).collect::<Vec<_>>());
-            let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_allowed(v));
-            let mode = secret.annotations().get(MODE_ANNOTATION).cloned();
-            for (cluster, data) in secret.data.iter().flatten() {
-                let text = String::from_utf8_lossy(&data.0).into_owned();
-                let origin = format!("{}/{sname}[{cluster}]", self.opts.secrets.namespace);
-                wanted.insert(cluster.clone(), (origin, text, cidrs.clone(), allowed.clone(), mode.clone()));
+        let (wanted, duplicates) = wanted_remotes(&self.opts.secrets.namespace, secrets);
+        for (name, why) in &duplicates {
+            if self.duplicates.get(name) != Some(why) {
+                error!(peer = %name, error = %why, "remote cluster refused");
             }
         }
         self.remotes.retain(|name, _| {
             let keep = wanted.contains_key(name);
-            if !keep {
+            if !keep && !duplicates.contains_key(name) {
                 info!(peer = %name, "remote secret removed; withdrawing the peer");
             }
             keep
         });
-        self.last_good.retain(|name, _| wanted.contains_key(name));
-        for (name, (origin, text, cidrs, allowed, mode_annotation)) in wanted {
+        // A name refused while two secrets hold it keeps its last good state, as across any
+        // other change of its secret: it is published again once one secret holds it.
+        self.last_good.retain(|name, _| wanted.contains_key(name) || duplicates.contains_key(name));
+        self.duplicates = duplicates;
+        for (name, Wanted { origin, text, pod_cidrs: cidrs, allowed, mode_annotation }) in wanted {
             // What the task watches: the gateway's objects or the tunnel Service. A remote
             // whose mode is refused watches as a gateway remote; it is not published anyway.
             let mode = resolve::remote_mode(self.opts.modes.get(&name).copied(), mode_annotation.as_deref(), self.opts.default_mode)
@@ -529,12 +540,13 @@ impl State {
                         stale: r.stale,
                         error: r.error.as_deref(),
                         refused: r.refused.as_deref(),
-                        pod_cidrs: r.pod_cidrs.as_deref(),
+                        pod_cidrs: r.pod_cidrs.as_ref(),
                         allowed: r.allowed.as_ref(),
                         mode_annotation: r.mode_annotation.as_deref(),
                     };
                     (name.clone(), input)
                 })
+                .chain(self.duplicates.iter().map(|(name, why)| (name.clone(), RemoteInput { refused: Some(why), ..RemoteInput::default() })))
                 .collect();
             desired::desired(&Inputs {
                 remotes: &remotes,
@@ -706,6 +718,106 @@ impl State {
     }
 }
 
+/// What one remote secret's key asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wanted {
+    /// `namespace/secret[key]`.
+    origin: String,
+    /// The kubeconfig.
+    text: String,
+    /// The pod CIDRs annotation: `Err` when it is unreadable, which refuses the peer.
+    pod_cidrs: Option<Result<Vec<Ipv4Net>, String>>,
+    /// The allow-list annotation: `Err` when it is unreadable, which refuses the peer.
+    allowed: Option<Result<Vec<Ipv4Net>, String>>,
+    mode_annotation: Option<String>,
+}
+
+/// The cluster names that more than one of `secrets` (by name) holds a key for, with why.
+/// Whichever secret won would be the later name's, so whoever may create a secret there
+/// could take over a cluster another secret holds: none of them is used.
+pub(super) fn held_twice<'a>(namespace: &str, secrets: impl IntoIterator<Item = (&'a str, &'a Secret)>) -> BTreeMap<String, String> {
+    let mut sources: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (sname, secret) in secrets {
+        for cluster in secret.data.iter().flatten().map(|(k, _)| k) {
+            sources.entry(cluster).or_default().push(format!("{namespace}/{sname}[{cluster}]"));
+        }
+    }
+    sources
+        .into_iter()
+        .filter(|(_, origins)| origins.len() > 1)
+        .map(|(cluster, origins)| {
+            let why = format!(
+                "more than one remote secret holds a kubeconfig for this cluster ({}); none is used until only one does",
+                origins.join(", ")
+            );
+            (cluster.to_owned(), why)
+        })
+        .collect()
+}
+
+/// The remotes the secrets in `namespace` ask for, by cluster name (each data key is one),
+/// and the names refused, with why (see [`held_twice`]).
+fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>) {
+    let refused = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
+    let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+    for (sname, secret) in secrets {
+        let pod_cidrs = secret
+            .annotations()
+            .get(POD_CIDRS_ANNOTATION)
+            .map(|v| parse_cidrs(v));
+        let allowed = secret.annotations().get(ALLOWED_CIDRS_ANNOTATION).map(|v| parse_cidrs(v));
+        let mode_annotation = secret.annotations().get(MODE_ANNOTATION).cloned();
+        for (cluster, data) in secret.data.iter().flatten() {
+            let w = Wanted {
+                origin: format!("{namespace}/{sname}[{cluster}]"),
+                text: String::from_utf8_lossy(&data.0).into_owned(),
+                pod_cidrs: pod_cidrs.clone(),
+                allowed: allowed.clone(),
+                mode_annotation: mode_annotation.clone(),
+            };
+            if !refused.contains_key(cluster) {
+                wanted.insert(cluster.clone(), w);
+            }
+        }
+    }
+    (wanted, refused)
+}
+
+/// When to publish again after a failure, and whether to say so. An error that persists (a
+/// 403, a webhook that denies the write) must not cost the API server a few calls and the log
+/// a line every second: the retries back off, and one error is logged once while it lasts.
+#[derive(Debug, Default)]
+struct PublishRetry {
+    /// Failures since the last success.
+    failures: u32,
+    /// The error last logged, while publishing fails.
+    logged: Option<String>,
+}
+
+/// The first retry's delay; each failure doubles it, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+impl PublishRetry {
+    /// Takes note of a failure with `error`: how long to wait, and whether to log it (not
+    /// when it is the one logged last).
+    fn failed(&mut self, error: &str) -> (Duration, bool) {
+        let after = RETRY_FIRST.saturating_mul(1 << self.failures.min(16)).min(RETRY_MAX);
+        self.failures = self.failures.saturating_add(1);
+        let log = self.logged.as_deref() != Some(error);
+        if log {
+            self.logged = Some(error.to_owned());
+        }
+        (after, log)
+    }
+
+    /// Takes note of a success: whether publishing had been failing.
+    fn succeeded(&mut self) -> bool {
+        self.logged = None;
+        std::mem::take(&mut self.failures) > 0
+    }
+}
+
 /// Who holds what, as stored.
 struct Stored {
     /// The peers object.
@@ -805,13 +917,15 @@ fn fit_published(peers: &mut Vec<RawPeer>) -> anyhow::Result<Vec<(String, usize)
 /// The field manager of the controller's server-side applies.
 const FIELD_MANAGER: &str = "meshnet-controller";
 
-/// The allow-list annotation's CIDRs. Any entry that is not a CIDR makes the whole list
-/// unreadable: a typo must not widen what a remote may claim.
-fn parse_allowed(v: &str) -> Result<Vec<Ipv4Net>, String> {
+/// The CIDRs of a remote secret's annotation (the allow-list, the pod CIDRs). Any entry that
+/// is not a CIDR makes the whole list unreadable: a typo must not widen what a remote may
+/// claim, nor publish part of what it holds. The entry is quoted and cut: whoever writes the
+/// secret writes it, and it goes to the status and the log.
+fn parse_cidrs(v: &str) -> Result<Vec<Ipv4Net>, String> {
     v.split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
-        .map(|c| c.parse::<Ipv4Net>().map_err(|_| format!("{c:?} is not an IPv4 CIDR; refusing the peer until it is fixed")))
+        .map(|c| c.parse::<Ipv4Net>().map_err(|_| format!("{} is not an IPv4 CIDR; refusing the peer until it is fixed", resolve::Quoted(c))))
         .collect()
 }
 
@@ -858,11 +972,98 @@ mod tests {
         assert!(fit_published(&mut small).unwrap().is_empty() && small.len() == 2);
     }
 
+    fn secret(name: &str, keys: &[&str], annotations: &[(&str, &str)]) -> (String, Secret) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(annotations.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()),
+                ..ObjectMeta::default()
+            },
+            data: Some(keys.iter().map(|k| ((*k).to_string(), k8s_openapi::ByteString(format!("kubeconfig of {name}").into_bytes()))).collect()),
+            ..Secret::default()
+        };
+        (name.to_owned(), secret)
+    }
+
+    /// Whoever can write one remote secret must not take over a cluster another one holds:
+    /// two kubeconfigs for one name, and neither is used; the reason names every source.
+    #[test]
+    fn a_cluster_in_two_remote_secrets_is_refused_from_both() {
+        let secrets = [
+            secret("a-istio-remote-secret", &["cluster2", "cluster3"], &[]),
+            secret("z-planted", &["cluster2", "cluster4"], &[]),
+            secret("b-third", &["cluster4"], &[]),
+        ]
+        .into();
+        let (wanted, refused) = wanted_remotes("istio-system", &secrets);
+        assert_eq!(wanted.keys().collect::<Vec<_>>(), ["cluster3"]);
+        assert_eq!(wanted["cluster3"].text, "kubeconfig of a-istio-remote-secret");
+        assert_eq!(
+            refused,
+            BTreeMap::from([
+                (
+                    "cluster2".to_owned(),
+                    "more than one remote secret holds a kubeconfig for this cluster (istio-system/a-istio-remote-secret[cluster2], \
+                     istio-system/z-planted[cluster2]); none is used until only one does"
+                        .to_owned()
+                ),
+                (
+                    "cluster4".to_owned(),
+                    "more than one remote secret holds a kubeconfig for this cluster (istio-system/b-third[cluster4], \
+                     istio-system/z-planted[cluster4]); none is used until only one does"
+                        .to_owned()
+                ),
+            ])
+        );
+        // One secret each: no refusal.
+        let (wanted, refused) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
+        assert_eq!(wanted.len(), 2);
+        assert!(refused.is_empty());
+    }
+
+    /// A persistent error is retried less and less often, up to half a minute apart, and
+    /// logged once; another error is logged when it comes, and a success starts over.
+    #[test]
+    fn publish_retries_back_off_and_log_each_error_once() {
+        let mut r = PublishRetry::default();
+        let schedule: Vec<(u64, bool)> = (0..9).map(|_| r.failed("403 Forbidden")).map(|(d, log)| (d.as_secs(), log)).collect();
+        assert_eq!(
+            schedule,
+            [(1, true), (2, false), (4, false), (8, false), (16, false), (30, false), (30, false), (30, false), (30, false)]
+        );
+        for _ in 0..100 {
+            r.failed("403 Forbidden");
+        }
+        assert_eq!(r.failed("403 Forbidden"), (RETRY_MAX, false), "the delay stays capped");
+        assert_eq!(r.failed("denied by webhook"), (RETRY_MAX, true), "a new error is logged, and the backoff goes on");
+        assert_eq!(r.failed("403 Forbidden"), (RETRY_MAX, true), "so is one that comes back");
+        assert!(r.succeeded(), "a success after failures is said");
+        assert!(!r.succeeded());
+        assert_eq!(r.failed("403 Forbidden"), (RETRY_FIRST, true), "a success starts over");
+        assert_eq!(r.failed("403 Forbidden"), (2 * RETRY_FIRST, false));
+    }
+
+    /// A typo in the pod CIDRs annotation must not publish what is left of it: an entry that is
+    /// not a CIDR refuses the peer, naming the entry, quoted and cut, as the allow-list does.
+    #[test]
+    fn pod_cidr_annotations_fail_closed() {
+        let read = |v: &str| {
+            let (wanted, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into());
+            wanted["cluster2"].pod_cidrs.clone().unwrap()
+        };
+        assert_eq!(read(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
+        assert_eq!(read("10.245.0.0/16,10.246.0.0"), Err("\"10.246.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into()));
+        let e = read(&format!("10.245.0.0/16,10.\n{}", "9".repeat(256 * 1024))).unwrap_err();
+        assert!(e.len() < 160 && e.starts_with("\"10.\\n999") && !e.contains('\n'), "{e}");
+        let (wanted, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into());
+        assert_eq!(wanted["cluster2"].pod_cidrs, None);
+    }
+
     #[test]
     fn allow_list_annotations_fail_closed() {
-        assert_eq!(parse_allowed(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
+        assert_eq!(parse_cidrs(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
         assert_eq!(
-            parse_allowed("10.245.0.0/16,10.246.0.0"),
+            parse_cidrs("10.245.0.0/16,10.246.0.0"),
             Err("\"10.246.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into())
         );
     }

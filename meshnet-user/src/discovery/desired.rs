@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     published::PeerStatus,
-    resolve::{self, ClusterView, LocalNode, MeshNetworks, ResolveOptions, ALLOWED_CIDRS_ANNOTATION},
+    resolve::{self, ClusterView, LocalNode, MeshNetworks, ResolveOptions, ALLOWED_CIDRS_ANNOTATION, POD_CIDRS_ANNOTATION},
 };
 use crate::config::{self, PeerMode, RawPeer, Reserved};
 
@@ -24,8 +24,8 @@ pub struct RemoteInput<'a> {
     pub error: Option<&'a str>,
     /// Why the remote is refused as a whole (its kubeconfig, ...).
     pub refused: Option<&'a str>,
-    /// Its remote secret's pod CIDR override.
-    pub pod_cidrs: Option<&'a [Ipv4Net]>,
+    /// Its remote secret's pod CIDR override; `Err` when unreadable, which refuses.
+    pub pod_cidrs: Option<&'a Result<Vec<Ipv4Net>, String>>,
     /// Its remote secret's allow-list annotation; `Err` when unreadable, which refuses.
     pub allowed: Option<&'a Result<Vec<Ipv4Net>, String>>,
     /// Its remote secret's mode annotation, as written.
@@ -208,7 +208,17 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             }
         };
         let allowed = i.allowed_cidrs.get(name);
-        let cidrs = i.pod_cidrs.get(name).map(Vec::as_slice).or(r.pod_cidrs);
+        // `--pod-cidrs` wins over the annotation, readable or not, as `--allowed-cidrs` does.
+        let cidrs = match (i.pod_cidrs.get(name), r.pod_cidrs) {
+            (Some(flag), _) => Some(flag.as_slice()),
+            (None, Some(Ok(annotation))) => Some(annotation.as_slice()),
+            (None, Some(Err(e))) => {
+                d.refused.insert(name.clone(), format!("annotation {POD_CIDRS_ANNOTATION}: {e}"));
+                d.status.insert(name.clone(), st);
+                continue;
+            }
+            (None, None) => None,
+        };
         let resolved = r.view.filter(|_| !r.stale).map(|v| match mode {
             PeerMode::Gateway => {
                 let x = resolve::resolve(v, i.resolve, cidrs);
@@ -525,6 +535,8 @@ mod tests {
         let local = view("10.20.144.167", "10.244.5.0/24");
         let wide = view("10.20.144.168", "10.246.0.0/16");
         let unreadable: Result<Vec<Ipv4Net>, String> = Err("\"x\" is not a CIDR".into());
+        let typo = view("10.20.144.170", "10.248.0.0/24");
+        let unreadable_cidrs: Result<Vec<Ipv4Net>, String> = Err("\"10.248.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into());
         let mut spoofed = view("10.20.144.169", "10.247.0.0/16");
         Arc::make_mut(&mut spoofed.nodes).get_mut("gw").unwrap().gateway_address = Some("10.20.144.160".into());
         let remotes = [
@@ -534,6 +546,7 @@ mod tests {
             ("overlaps-local".to_string(), RemoteInput { view: Some(&local), ..RemoteInput::default() }),
             ("outside-flag".to_string(), RemoteInput { view: Some(&wide), ..RemoteInput::default() }),
             ("unreadable-allow-list".to_string(), RemoteInput { view: Some(&wide), allowed: Some(&unreadable), ..RemoteInput::default() }),
+            ("unreadable-pod-cidrs".to_string(), RemoteInput { view: Some(&typo), pod_cidrs: Some(&unreadable_cidrs), ..RemoteInput::default() }),
             ("spoofed-gateway".to_string(), RemoteInput { view: Some(&spoofed), ..RemoteInput::default() }),
         ]
         .into();

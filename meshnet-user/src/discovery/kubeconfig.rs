@@ -614,10 +614,22 @@ fn config(kc: &Kubeconfig, origin: &str) -> Result<kube::Config, VetError> {
         }
         _ => {}
     }
-    // Over plain http the token crosses the LAN readable by anyone on it, and whoever answers
-    // in the server's place gets it; a loopback server (a port-forward, a test) stays on the host.
-    if config.cluster_url.scheme_str() == Some("http") && user.token.is_some() && !is_loopback(config.cluster_url.host().unwrap_or_default()) {
-        return Err(unusable("a token goes over http only to a loopback address: use https"));
+    // Whoever writes the secret picks where the controller's requests go, and a few hundred
+    // characters of the answer end up in status.yaml: the server is checked as a target, not
+    // only as a place to send the token. Over plain http a token crosses the LAN readable by
+    // anyone on it, and a server that answers with no TLS can be anything on the network (the
+    // metadata service, a node's own ports); a loopback server (a port-forward, a test) stays
+    // on the host. The texts name the field, never its value.
+    let server_is = |why| {
+        let i = kc.clusters.iter().position(|c| c.cluster.as_ref().is_some_and(|x| std::ptr::eq(x, cluster))).unwrap_or(0);
+        VetError::Invalid { origin: origin.into(), path: format!("clusters[{i}].cluster.server"), why, at: None }
+    };
+    let host = config.cluster_url.host().unwrap_or_default();
+    if config.cluster_url.scheme_str() == Some("http") && !is_loopback(host) {
+        return Err(server_is("uses plain http, which meshnet allows only to a loopback address: use https"));
+    }
+    if let Some(why) = no_api_server_at(host) {
+        return Err(server_is(why));
     }
     config.auth_info = AuthInfo {
         token: user.token.as_ref().map(|t| SecretString::from(t.expose_secret().to_owned())),
@@ -626,6 +638,64 @@ fn config(kc: &Kubeconfig, origin: &str) -> Result<kube::Config, VetError> {
         ..AuthInfo::default()
     };
     Ok(config)
+}
+
+/// Why no other cluster's API server can be at `host` (a URL's host, IPv6 in brackets), if
+/// it is an address no API server has: 0.0.0.0 reaches this host, 169.254.169.254 the cloud
+/// metadata service. The address is read as the resolver reads it: `getaddrinfo` takes
+/// `2852039166` or `0xa9fea9fe` for 169.254.169.254 too. A name is the resolver's to answer.
+fn no_api_server_at(host: &str) -> Option<&'static str> {
+    let ip = if let Some(inner) = host.strip_prefix('[') {
+        // A zone (`%25eth0`) or anything else a resolver might still make an address of is refused.
+        let Some(ip) = inner.strip_suffix(']').and_then(|h| h.parse::<std::net::Ipv6Addr>().ok()) else {
+            return Some("is a bracketed host that is not a plain IPv6 address");
+        };
+        std::net::IpAddr::V6(ip)
+    } else {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        host.parse::<std::net::IpAddr>().ok().or_else(|| inet_aton(host).map(std::net::IpAddr::V4))?
+    };
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("is an unspecified address (0.0.0.0/8), which reaches this host"),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => Some("is an unspecified address (::), which reaches this host"),
+        std::net::IpAddr::V4(v4) if v4.is_link_local() => {
+            Some("is a link-local address (169.254.0.0/16), where the cloud metadata service answers")
+        }
+        std::net::IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("is a link-local address (fe80::/10)"),
+        std::net::IpAddr::V4(v4) if v4.is_broadcast() => Some("is the broadcast address"),
+        ip if ip.is_multicast() => Some("is a multicast address"),
+        _ => None,
+    }
+}
+
+/// The IPv4 address glibc's `inet_aton` (and with it `getaddrinfo`) reads in `s`, which no
+/// IP parser of Rust's does: one to four parts, each decimal, octal (a leading `0`) or hex
+/// (`0x`), the last one filling the bytes the others leave. Taking a little more than glibc
+/// does only refuses a name no DNS has.
+fn inet_aton(s: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut addr: u64 = 0;
+    for (i, part) in parts.iter().enumerate() {
+        let (digits, radix) = match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            Some(hex) => (hex, 16),
+            None if part.len() > 1 && part.starts_with('0') => (&part[1..], 8),
+            None => (*part, 10),
+        };
+        if digits.starts_with(['+', '-']) {
+            return None;
+        }
+        let value = if digits.is_empty() && radix == 16 { 0 } else { u64::from_str_radix(digits, radix).ok()? };
+        // The last part fills the bytes left: 4 of them after no dot, 1 after three.
+        let bits = if i + 1 == parts.len() { 8 * (4 - i) } else { 8 };
+        if value >> bits != 0 {
+            return None;
+        }
+        addr = addr << bits | value;
+    }
+    u32::try_from(addr).ok().map(std::net::Ipv4Addr::from)
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -961,6 +1031,90 @@ current-context: x
         }
         let tokenless = no_ca.replace(&format!("  user:\n    token: {TOKEN}\n"), "  user: {}\n");
         assert_ne!(tokenless, no_ca);
-        assert!(rt.block_on(client(vet(&tokenless, "s").unwrap(), "s")).is_ok());
+        assert!(rt.block_on(client(vet(&tokenless.replace("192.0.2.2", "127.0.0.1"), "s").unwrap(), "s")).is_ok());
+    }
+
+    /// Whoever writes a remote secret chooses where the controller sends its requests, and the
+    /// answer's first few hundred characters land in `status.yaml`: no plain http past the
+    /// host, with a token or without, and no address no other cluster's API server has (the
+    /// metadata service, this host through 0.0.0.0, a multicast group), in whatever spelling
+    /// the resolver takes. The error names the field, never the address.
+    #[test]
+    fn servers_no_remote_api_server_has_are_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let with = |server: &str, token: bool| {
+            let text = ISTIOCTL.replace("    certificate-authority-data: Zm9v\n", "").replace("https://192.0.2.2:6443", server);
+            let text = if token { text } else { text.replace(&format!("  user:\n    token: {TOKEN}\n"), "  user: {}\n") };
+            rt.block_on(client(vet(&text, "s").unwrap(), "s")).map(|_| ())
+        };
+        for server in ["http://192.0.2.2:6443", "http://10.0.0.1", "http://api.example:80", "http://169.254.169.254"] {
+            let e = with(server, false).unwrap_err().to_string();
+            assert!(e.contains("`clusters[0].cluster.server` uses plain http") && e.contains("only to a loopback address"), "{server}: {e}");
+        }
+        let mut texts = std::collections::BTreeSet::new();
+        for server in [
+            "https://169.254.169.254",
+            "https://169.254.0.1:6443",
+            "https://[fe80::1]:6443",
+            "https://[febf::1]",
+            "https://[::ffff:169.254.169.254]",
+            "https://0.0.0.0:6443",
+            "https://0.1.2.3",
+            "https://[::]:6443",
+            "https://[::ffff:0.0.0.0]",
+            "https://224.0.0.1",
+            "https://239.255.255.250:1900",
+            "https://[ff02::1]",
+            "https://255.255.255.255",
+            // What getaddrinfo takes for an address though no IP parser does.
+            "https://2852039166",
+            "https://0xa9fea9fe",
+            "https://0251.0376.0251.0376",
+            "https://169.254.43518",
+            "https://0",
+            "https://0x0.0",
+            "https://[fe80::1%25eth0]",
+        ] {
+            for token in [true, false] {
+                let Err(e) = with(server, token) else { panic!("{server} accepted") };
+                let msg = e.to_string();
+                assert!(msg.starts_with("s: `clusters[0].cluster.server` is "), "{server}: {msg}");
+                let authority = server.trim_start_matches("https://");
+                // `0` is in any text; the count of texts below shows it is not taken from the value.
+                assert!((authority.len() < 2 || !msg.contains(authority)) && !msg.contains(TOKEN), "{server} leaks into: {msg}");
+                texts.insert(msg);
+            }
+        }
+        // One fixed text a kind, whatever the spelling: nothing of the value is in them.
+        assert_eq!(texts.len(), 7, "{texts:#?}");
+        // The index is the entry's own in the kubeconfig it checks.
+        let second = ISTIOCTL
+            .replace("    certificate-authority-data: Zm9v\n", "")
+            .replace("clusters:\n", "clusters:\n- cluster: {server: 'https://192.0.2.9'}\n  name: other\n")
+            .replace("https://192.0.2.2:6443", "https://169.254.169.254");
+        let e = rt.block_on(client(vet(&second, "s").unwrap(), "s")).err().unwrap().to_string();
+        assert!(e.contains("`clusters[0].cluster.server`"), "{e}");
+        let e = config(&vet(&second, "s").unwrap(), "s").err().unwrap().to_string();
+        assert!(e.contains("`clusters[0].cluster.server`"), "the vetted config holds the selected entry alone: {e}");
+        let kc: Kubeconfig = serde_saphyr::from_str_with_options(&second, options()).unwrap();
+        let e = config(&kc, "s").err().unwrap().to_string();
+        assert!(e.contains("`clusters[1].cluster.server`"), "{e}");
+        // Addresses an API server may have, and names, which are the resolver's to answer.
+        for server in [
+            "https://192.0.2.2:6443",
+            "https://10.0.0.1",
+            "https://169.255.0.1",
+            "https://[2001:db8::1]:6443",
+            "https://[fec0::1]",
+            "https://api.example:6443",
+            "https://cafe.de",
+            "https://1.2.3.4.example",
+            "https://127.0.0.1:6443",
+            "http://127.0.0.1:6443",
+            "http://[::1]:6443",
+            "http://localhost:8080",
+        ] {
+            assert!(with(server, true).is_ok() && with(server, false).is_ok(), "{server}");
+        }
     }
 }

@@ -107,9 +107,16 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
         .list(&ListParams::default().labels(&opts.secrets.selector))
         .await
         .context("listing the remote secrets")?;
+    let twice = super::controller::held_twice(&opts.secrets.namespace, secrets.items.iter().map(|s| (s.metadata.name.as_deref().unwrap_or_default(), s)));
+    for (cluster, why) in &twice {
+        warn!(cluster = %cluster, error = %why, "skipping cluster");
+    }
     for s in &secrets.items {
         let annotation = s.annotations().get(MODE_ANNOTATION).map(String::as_str);
         for (cluster, data) in s.data.iter().flatten() {
+            if twice.contains_key(cluster) {
+                continue;
+            }
             if cluster == &opts.cluster {
                 warn!(cluster = %cluster, secret = %s.name_any(), "a remote secret names this cluster; skipping it");
                 continue;

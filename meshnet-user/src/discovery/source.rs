@@ -58,12 +58,10 @@ pub async fn node_asks_for_datapath_log(opts: &SourceOptions) -> bool {
         anyhow::Ok(meta.metadata.annotations.and_then(|a| a.get(DATAPATH_LOG_ANNOTATION).cloned()))
     };
     match tokio::time::timeout(NODE_READ_TIMEOUT, read).await {
-        Ok(Ok(Some(v))) if v == "true" => true,
-        Ok(Ok(Some(v))) if v == "false" => false,
-        Ok(Ok(Some(v))) => {
-            warn!(node, annotation = DATAPATH_LOG_ANNOTATION, value = %v, "the annotation is not \"true\"; datapath logging stays off");
+        Ok(Ok(Some(v))) => datapath_log_asked(&v).unwrap_or_else(|shown| {
+            warn!(node, annotation = DATAPATH_LOG_ANNOTATION, value = %shown, "the annotation is not \"true\"; datapath logging stays off");
             false
-        }
+        }),
         Ok(Ok(None)) => false,
         Ok(Err(e)) => {
             warn!(node, error = %e, "could not read this node's {DATAPATH_LOG_ANNOTATION} annotation; datapath logging stays off unless asked for by flag or config");
@@ -73,6 +71,17 @@ pub async fn node_asks_for_datapath_log(opts: &SourceOptions) -> bool {
             warn!(node, "the API server did not answer within {NODE_READ_TIMEOUT:?}; this node's {DATAPATH_LOG_ANNOTATION} annotation is not read");
             false
         }
+    }
+}
+
+/// What a Node's [`DATAPATH_LOG_ANNOTATION`] value asks for; `Err` with the value as the
+/// log shows it when it is neither "true" nor "false": quoted, escaped and cut, as whoever
+/// may annotate a Node writes it (up to 256 KiB, newlines that would forge log lines).
+fn datapath_log_asked(value: &str) -> Result<bool, String> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(resolve::Quoted(other).to_string()),
     }
 }
 
@@ -112,4 +121,23 @@ pub async fn spawn(opts: SourceOptions, tx: mpsc::Sender<ApiUpdate>) -> anyhow::
         });
     } else { warn!("no --node-name (or NODE_NAME): the local pod CIDRs come from the config file only") }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whoever may annotate a Node writes the value (up to 256 KiB): the log shows it quoted,
+    /// escaped and cut, so that it forges no line and floods nothing.
+    #[test]
+    fn an_annotation_value_is_logged_quoted_and_cut() {
+        assert_eq!(datapath_log_asked("true"), Ok(true));
+        assert_eq!(datapath_log_asked("false"), Ok(false));
+        assert_eq!(datapath_log_asked("yes"), Err("\"yes\"".into()));
+        let forged = format!("yes\n2026-12-06T00:00:00Z  INFO meshnet: published peers\r\u{1b}[2J{}", "x".repeat(256 * 1024));
+        let shown = datapath_log_asked(&forged).unwrap_err();
+        assert!(shown.len() < 120, "{} bytes: {}", shown.len(), &shown[..120.min(shown.len())]);
+        assert!(shown.starts_with("\"yes\\n2026-12-06") && shown.ends_with("..."), "{shown}");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+    }
 }
