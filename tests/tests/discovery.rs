@@ -465,7 +465,7 @@ fn a_refused_peer_keeps_its_cidr_across_a_failover() {
 /// kubeconfig replaced the first one's, without a word. Now the name is refused from both,
 /// naming them, logged once, and cluster2 is back when the second goes.
 #[test]
-fn a_cluster_two_remote_secrets_hold_is_refused_until_one_goes() {
+fn a_cluster_two_remote_secrets_hold_keeps_its_last_state_until_one_goes() {
     let m = Mesh::new();
     let controller = m.controller(&[]);
     let _agent = m.agent();
@@ -477,15 +477,19 @@ fn a_cluster_two_remote_secrets_hold_is_refused_until_one_goes() {
     second["metadata"]["name"] = json!("zz-planted");
     m.local.apply(second.clone());
     let why = "more than one remote secret holds a kubeconfig for this cluster (istio-system/istio-remote-secret-cluster2[cluster2], \
-               istio-system/zz-planted[cluster2]); none is used until only one does";
-    assert_eq!(refused_reason(&m, "cluster2"), why);
-    m.wait_routes(&[], "cluster2 refused");
+               istio-system/zz-planted[cluster2]); none is followed until only one does";
+    // Neither is followed, and cluster2 stays at its last known state: a rotation that adds
+    // the new secret first must not withdraw it.
+    let kept = poll(WAIT, || m.published().filter(|(_, s)| s["cluster2"]["error"] == why && s["cluster2"]["stale"] == true));
+    assert!(kept.is_some(), "cluster2 not kept stale with the reason: {:?}", m.published());
+    assert!(kept.unwrap().0.as_array().unwrap().iter().any(|p| p["name"] == "cluster2"));
+    m.wait_routes(&want, "cluster2 kept while two secrets hold it");
     // Another event of the secrets, the same refusal: not logged again.
     second["metadata"]["annotations"]["note"] = json!("touched");
     m.local.apply(second);
     m.local.delete("v1", "Secret", Some("istio-system"), "zz-planted");
     m.wait_routes(&want, "the second secret gone");
-    assert!(poll(WAIT, || m.published().filter(|(_, s)| s["cluster2"]["refused"].is_null())).is_some(), "{:?}", m.published());
+    assert!(poll(WAIT, || m.published().filter(|(_, s)| s["cluster2"]["error"].is_null() && s["cluster2"]["stale"].is_null())).is_some(), "{:?}", m.published());
     assert_eq!(controller.output().matches("more than one remote secret holds").count(), 1, "{}", controller.output());
     assert!(planted.requests().is_empty(), "the second secret's kubeconfig was used");
 }

@@ -546,7 +546,10 @@ impl State {
                     };
                     (name.clone(), input)
                 })
-                .chain(self.duplicates.iter().map(|(name, why)| (name.clone(), RemoteInput { refused: Some(why), ..RemoteInput::default() })))
+                // Neither kubeconfig is followed, and the peer stays at its last known state, as
+                // through an outage: a rotation that adds the new secret before it deletes the
+                // old one must not withdraw the peer (and reset its flows) on every node.
+                .chain(self.duplicates.iter().map(|(name, why)| (name.clone(), RemoteInput { stale: true, error: Some(why), ..RemoteInput::default() })))
                 .collect();
             desired::desired(&Inputs {
                 remotes: &remotes,
@@ -747,7 +750,7 @@ pub(super) fn held_twice<'a>(namespace: &str, secrets: impl IntoIterator<Item = 
         .filter(|(_, origins)| origins.len() > 1)
         .map(|(cluster, origins)| {
             let why = format!(
-                "more than one remote secret holds a kubeconfig for this cluster ({}); none is used until only one does",
+                "more than one remote secret holds a kubeconfig for this cluster ({}); none is followed until only one does",
                 origins.join(", ")
             );
             (cluster.to_owned(), why)
@@ -988,7 +991,7 @@ mod tests {
     /// Whoever can write one remote secret must not take over a cluster another one holds:
     /// two kubeconfigs for one name, and neither is used; the reason names every source.
     #[test]
-    fn a_cluster_in_two_remote_secrets_is_refused_from_both() {
+    fn a_cluster_in_two_remote_secrets_follows_neither() {
         let secrets = [
             secret("a-istio-remote-secret", &["cluster2", "cluster3"], &[]),
             secret("z-planted", &["cluster2", "cluster4"], &[]),
@@ -1004,13 +1007,13 @@ mod tests {
                 (
                     "cluster2".to_owned(),
                     "more than one remote secret holds a kubeconfig for this cluster (istio-system/a-istio-remote-secret[cluster2], \
-                     istio-system/z-planted[cluster2]); none is used until only one does"
+                     istio-system/z-planted[cluster2]); none is followed until only one does"
                         .to_owned()
                 ),
                 (
                     "cluster4".to_owned(),
                     "more than one remote secret holds a kubeconfig for this cluster (istio-system/b-third[cluster4], \
-                     istio-system/z-planted[cluster4]); none is used until only one does"
+                     istio-system/z-planted[cluster4]); none is followed until only one does"
                         .to_owned()
                 ),
             ])
