@@ -554,18 +554,91 @@ fn attach_netlink(prog: &mut SchedClassifier, iface: &str, dir: Direction) -> an
     Ok(())
 }
 
-/// Interfaces in this network namespace whose names match any of `patterns`.
+/// The interface globs of a config.
+pub fn interface_globs(patterns: &[String]) -> anyhow::Result<Vec<glob::Pattern>> {
+    patterns.iter().map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface glob {p:?}"))).collect()
+}
+
+/// Interfaces in this network namespace whose names match any of `patterns`. One dump of
+/// the links: it may miss a device while others come and go (see `index_name`).
 pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
-    let globs: Vec<glob::Pattern> = patterns
-        .iter()
-        .map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface glob {p:?}")))
-        .collect::<Result<_, _>>()?;
+    let globs = interface_globs(patterns)?;
     let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
     Ok(all
         .iter()
         .filter_map(|i| Some((i.name().to_str().ok()?.to_owned(), i.index())))
         .filter(|(name, _)| globs.iter().any(|g| g.matches(name)))
         .collect())
+}
+
+/// The current name of the device with this index, `None` when there is none: asked of the
+/// kernel by index (`SIOCGIFNAME`), so it answers for one device whatever the others do.
+pub fn index_name(index: u32) -> io::Result<Option<String>> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO | libc::ENODEV) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: on success if_indextoname wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(Some(name.to_string_lossy().into_owned()))
+}
+
+/// Renames the link pins of interfaces renamed in place (`from` to `to`): a pin is named
+/// after its interface, and the next agent must find these devices' links under their new
+/// names, to swap its programs into them rather than add a second pair beside them. Each
+/// goes through a name of its own first, so that interfaces that swapped names swap pins.
+/// Says, for each move, whether it failed: its links are then unpinned (so detached), and
+/// the interface needs attaching again.
+#[must_use]
+pub fn move_pins(pins: &Pins, moves: &[(String, String)]) -> Vec<bool> {
+    const DIRS: [Direction; 3] = [Direction::Ingress, Direction::Egress, Direction::Uplink];
+    // '%' never starts an interface's pin name (see `Pins::link`).
+    let aside = |i: usize, dir: Direction| pins.links_dir().join(format!("%moving{i}@{}", dir.as_str()));
+    let unpin = |path: &Path| {
+        if let Ok(link) = PinnedLink::from_pin(path) {
+            let _ = link.unpin();
+        }
+    };
+    let mut failed = vec![false; moves.len()];
+    for (i, (from, _)) in moves.iter().enumerate() {
+        for dir in DIRS {
+            let pin = pins.link(from, dir);
+            if pin.exists() && std::fs::rename(&pin, aside(i, dir)).is_err() {
+                failed[i] = true;
+            }
+        }
+        // Now, before another move may put its pins under this name.
+        if failed[i] {
+            for dir in DIRS {
+                unpin(&aside(i, dir));
+                unpin(&pins.link(from, dir));
+            }
+        }
+    }
+    for (i, (_, to)) in moves.iter().enumerate() {
+        if failed[i] {
+            continue;
+        }
+        for dir in DIRS {
+            let from = aside(i, dir);
+            if from.exists() && std::fs::rename(&from, pins.link(to, dir)).is_err() {
+                failed[i] = true;
+            }
+        }
+        if failed[i] {
+            for dir in DIRS {
+                unpin(&aside(i, dir));
+                unpin(&pins.link(to, dir));
+            }
+        }
+    }
+    failed
 }
 
 /// Removes meshnet's programs from one interface (tcx link and netlink filters), e.g. when
@@ -588,14 +661,7 @@ pub fn detach_interface(pins: &Pins, iface: &str, ifindex: Option<u32>) {
 
 /// The current name of an interface index, if it still exists.
 fn name_of_index(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: on success if_indextoname wrote a NUL-terminated name into `buf`.
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_str().ok().map(str::to_owned)
+    index_name(index).ok().flatten()
 }
 
 /// What `detach` removed.

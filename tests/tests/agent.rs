@@ -592,6 +592,65 @@ fn interfaces_are_tracked_by_index() {
     assert!(detached.is_some(), "meshnet is still on the renamed interface");
 }
 
+/// The tcx programs on one hook of `iface` in node1, by id.
+fn tcx_ids_on(t: &Topology, iface: &'static str, dir: aya::programs::TcAttachType) -> Vec<u32> {
+    t.node1.run(move || {
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(iface, dir).unwrap();
+        progs.iter().map(aya::programs::ProgramInfo::id).collect()
+    })
+}
+
+/// The client pod's flows as `maps dump` shows them, without their idle times.
+fn client_flows(t: &Topology) -> Vec<String> {
+    let pod = format!("{}:", topo::CLIENT_IP);
+    let mut v: Vec<String> = nat(t)
+        .iter()
+        .filter(|f| f["pod"].as_str().is_some_and(|p| p.starts_with(&pod)))
+        .map(|f| format!("{} {} {} {} {}", f["proto"], f["pod"], f["remote"], f["gateway"], f["natPort"]))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A pod's interface renamed to a name that still matches is the same device, with the
+/// same pod behind it: it keeps its programs and its flows (taken for gone, its flows were
+/// purged, and the next packet of a held connection picked a new translation the far end
+/// answered with a reset), and a restarted agent swaps its programs into the links the
+/// device already carries instead of adding a second pair.
+#[test]
+fn a_renamed_interface_that_still_matches_keeps_its_programs_and_flows() {
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &["--rescan-seconds", "3600"]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("before the rename");
+    let before = client_flows(&t);
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    t.node1.exec("ip link set vethc down && ip link set vethc name vethc9 && ip link set vethc9 up");
+    agent.child.wait_for_line("iface=\"vethc9\"", WAIT);
+    assert_eq!(client_flows(&t), before, "the flows of a renamed interface were purged:\n{}", agent.child.output());
+    assert!(meshnet_on(&t, "vethc9"), "meshnet is not on the renamed interface");
+    held.exchange("after the rename");
+    let links = t.pin_path().join("links");
+    assert!(!links.join("vethc@ingress").exists(), "the link pins kept the old name");
+    let tcx = meshnet_tests::kernel_at_least(6, 6);
+    if tcx {
+        assert!(links.join("vethc9@ingress").exists() && links.join("vethc9@egress").exists());
+    }
+
+    assert!(agent.child.stop());
+    let _agent = start(&t, &cfg, &["--rescan-seconds", "3600"]);
+    if tcx {
+        for dir in [aya::programs::TcAttachType::Ingress, aya::programs::TcAttachType::Egress] {
+            let ids = tcx_ids_on(&t, "vethc9", dir);
+            assert_eq!(ids.len(), 1, "{dir:?}: one meshnet program after a restart, not another pair: {ids:?}");
+        }
+    }
+    held.exchange("after a restart");
+    assert_eq!(client_flows(&t), before);
+}
+
 // ---------------------------------------------------------------------------------------
 // Upgrades across a map layout change
 // ---------------------------------------------------------------------------------------
