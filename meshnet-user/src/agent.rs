@@ -187,6 +187,13 @@ struct Agent {
     desired: Desired,
     /// Uplinks with the decapsulating program, and their index then (as `attached`).
     uplinks: BTreeMap<String, u32>,
+    /// Pod interfaces and uplinks whose last attach failed while an earlier agent's programs
+    /// were on them: those run on, with the maps they were loaded with, so a migration
+    /// away from those maps waits for them.
+    behind: BTreeSet<String>,
+    uplinks_behind: BTreeSet<String>,
+    /// Whether a migration's wait for them was logged.
+    migration_wait_logged: bool,
     /// Peer nodes without a route from here, as last reported.
     unresolved: Vec<std::net::Ipv4Addr>,
     /// When the peer nodes' neighbour entries were last refreshed (kernels without
@@ -305,6 +312,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tunnel,
         desired: Desired::default(),
         uplinks: BTreeMap::new(),
+        behind: BTreeSet::new(),
+        uplinks_behind: BTreeSet::new(),
+        migration_wait_logged: false,
         unresolved: Vec::new(),
         neighbours_warmed: None,
         pod_ports: BTreeMap::new(),
@@ -324,9 +334,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     }
     agent.rescan_interfaces()?;
-    // This build's programs now run on every interface: what the old ones added to maps
-    // being migrated is copied over, and the old maps go.
-    agent.datapath.finish_migration().context("migrating the old maps")?;
+    agent.settle_migration().context("migrating the old maps")?;
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
     }
@@ -650,6 +658,27 @@ impl Agent {
         if let Err(e) = self.rescan_interfaces() {
             warn!(error = %format!("{e:#}"), "interface rescan failed");
         }
+        if let Err(e) = self.settle_migration() {
+            error!(error = %format!("{e:#}"), "finishing the migration of the old maps failed");
+        }
+    }
+
+    /// Ends a pending migration once no interface runs an earlier agent's programs: what
+    /// they added to the old maps is copied over, and the old maps go. Not before: those
+    /// programs use the old maps, and what they add after the last copy would be lost.
+    fn settle_migration(&mut self) -> anyhow::Result<()> {
+        if !self.datapath.migration_pending() {
+            return Ok(());
+        }
+        if !self.behind.is_empty() || !self.uplinks_behind.is_empty() {
+            if !self.migration_wait_logged {
+                let waiting: Vec<&String> = self.behind.iter().chain(&self.uplinks_behind).collect();
+                warn!(interfaces = ?waiting, "the old maps stay until these interfaces, which still run the earlier programs, run this build's");
+                self.migration_wait_logged = true;
+            }
+            return Ok(());
+        }
+        self.datapath.finish_migration()
     }
 
     /// Attaches to matching interfaces not attached yet, follows those renamed, and forgets
@@ -669,6 +698,7 @@ impl Agent {
                 info!(iface, flows = n, "purged the flows of the interface's pod");
             }
         }
+        self.behind.retain(|iface| present.contains_key(iface));
         for (iface, index) in &present {
             if self.attached.contains_key(iface) {
                 continue;
@@ -677,8 +707,17 @@ impl Agent {
                 Ok(how) => {
                     info!(iface, ifindex = index, ?how, "attached");
                     self.attached.insert(iface.clone(), *index);
+                    self.behind.remove(iface);
                 }
-                Err(e) => warn!(iface, error = %format!("{e:#}"), "attach failed; will retry"),
+                Err(e) => {
+                    self.metrics.attach_failures.inc();
+                    if e.earlier_run {
+                        self.behind.insert(iface.clone());
+                        warn!(iface, error = %e, "attach failed; the programs that were there run on, and the next rescan tries again");
+                    } else {
+                        warn!(iface, error = %e, "attach failed; the next rescan tries again");
+                    }
+                }
             }
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
@@ -741,6 +780,7 @@ impl Agent {
             detach_interface(&self.opts.pins, &iface, Some(index));
             self.uplinks.remove(&iface);
         }
+        self.uplinks_behind.retain(|iface| present.contains_key(iface));
         for (iface, index) in &present {
             if self.uplinks.contains_key(iface) {
                 continue;
@@ -749,8 +789,15 @@ impl Agent {
                 Ok(how) => {
                     info!(iface, ifindex = index, ?how, "attached to uplink");
                     self.uplinks.insert(iface.clone(), *index);
+                    self.uplinks_behind.remove(iface);
                 }
-                Err(e) => warn!(iface, error = %format!("{e:#}"), "uplink attach failed; will retry"),
+                Err(e) => {
+                    self.metrics.attach_failures.inc();
+                    if e.earlier_run {
+                        self.uplinks_behind.insert(iface.clone());
+                    }
+                    warn!(iface, error = %e, earlier_programs_run = e.earlier_run, "uplink attach failed; the next rescan tries again");
+                }
             }
         }
         Ok(())

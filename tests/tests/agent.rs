@@ -651,6 +651,98 @@ fn a_renamed_interface_that_still_matches_keeps_its_programs_and_flows() {
     assert_eq!(client_flows(&t), before);
 }
 
+/// meshnet's programs on vethc in node1, by direction, as `mode` attaches them: tcx links'
+/// program ids, or the ids of the netlink filters' programs.
+fn meshnet_ids(t: &Topology, mode: &str) -> [Vec<u32>; 2] {
+    use aya::programs::TcAttachType::{Egress, Ingress};
+    if mode == "tcx" {
+        return [tcx_ids_on(t, "vethc", Ingress), tcx_ids_on(t, "vethc", Egress)];
+    }
+    ["ingress", "egress"].map(|d| {
+        // "filter ... bpf chain 0 handle 0x1 meshnet_from_pod direct-action not_in_hw id 42 tag ..."
+        let filters = t.node1.exec(&format!("tc filter show dev vethc {d}"));
+        filters
+            .lines()
+            .filter(|l| l.contains("meshnet_"))
+            .map(|l| l.split_whitespace().skip_while(|w| *w != "id").nth(1).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("no id in {l:?}")))
+            .collect()
+    })
+}
+
+/// An attach that fails halfway (a new agent's egress link cannot be pinned: a directory
+/// stands where its pin goes) leaves the interface as it was: the pair the earlier agent
+/// attached (`earlier_mode`) keeps translating (detaching both, as before, left the pod
+/// without programs until an attach worked, and its connections were reset), the
+/// migration to maps of a new `nat.maxFlows` waits with the old maps those programs use,
+/// and the first rescan after the obstacle goes swaps both directions and finishes it.
+fn a_failed_attach_leaves_the_earlier_programs(earlier_mode: &str) {
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &["--attach-mode", earlier_mode]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("before");
+    let none: [Vec<u32>; 2] = [vec![], vec![]];
+    let before = meshnet_ids(&t, earlier_mode);
+    assert!(before.iter().all(|ids| ids.len() == 1), "{before:?}");
+    assert!(agent.child.stop());
+
+    let links = t.pin_path().join("links");
+    let aside = links.join("vethc-aside@egress");
+    if earlier_mode == "tcx" {
+        // The earlier agent's egress link, pinned under another name so that it stays.
+        std::fs::rename(links.join("vethc@egress"), &aside).unwrap();
+    }
+    std::fs::create_dir(links.join("vethc@egress")).unwrap();
+    let migrating = t.pin_path().join("maps").join(format!("{}_migrating", meshnet_common::names::NAT_FWD));
+    let mut agent = start(&t, &format!("{cfg}nat:\n  maxFlows: 131072\n"), &["--attach-mode", "tcx"]);
+    assert!(agent.child.output().contains("attach failed"), "{}", agent.child.output());
+    held.exchange("after the failed attach");
+    assert_eq!(meshnet_ids(&t, earlier_mode), before, "the earlier programs were not left as they were");
+    if earlier_mode != "tcx" {
+        assert_eq!(meshnet_ids(&t, "tcx"), none, "the failed attach left a tcx link behind");
+    }
+    assert!(migrating.exists(), "the migration finished while vethc still runs the earlier programs");
+    held.exchange("while the attach fails");
+
+    // The obstacle goes, the agent held still meanwhile (a rescan between the two steps
+    // would pin a second egress link).
+    agent.child.signal(Signal::SIGSTOP);
+    std::fs::remove_dir(links.join("vethc@egress")).unwrap();
+    if earlier_mode == "tcx" {
+        std::fs::rename(&aside, links.join("vethc@egress")).unwrap();
+    }
+    agent.child.signal(Signal::SIGCONT);
+    let finished = poll(WAIT, || (!migrating.exists()).then_some(()));
+    assert!(finished.is_some(), "the migration never finished:\n{}", agent.child.output());
+    let after = meshnet_ids(&t, "tcx");
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a.len(), 1, "{after:?}");
+        assert_ne!(a, b, "the new agent's programs were never swapped in");
+    }
+    if earlier_mode != "tcx" {
+        assert_eq!(meshnet_ids(&t, earlier_mode), none, "the earlier netlink filters stayed beside the tcx links");
+    }
+    held.exchange("after the retry");
+}
+
+#[test]
+fn a_failed_attach_leaves_the_earlier_tcx_links_and_the_migration_waits() {
+    if !skip_unless_tcx() {
+        return;
+    }
+    a_failed_attach_leaves_the_earlier_programs("tcx");
+}
+
+/// The same where the earlier agent attached netlink filters (before a kernel upgrade): the
+/// tcx link the new agent made on the direction that worked goes, the filter comes back.
+#[test]
+fn a_failed_attach_leaves_the_earlier_netlink_filters_and_the_migration_waits() {
+    if !skip_unless_tcx() {
+        return;
+    }
+    a_failed_attach_leaves_the_earlier_programs("netlink");
+}
+
 // ---------------------------------------------------------------------------------------
 // Upgrades across a map layout change
 // ---------------------------------------------------------------------------------------
