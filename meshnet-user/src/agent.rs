@@ -26,7 +26,7 @@ use crate::{
         published::{Published, PublishedEntry, PEERS_CONFIGMAP},
         source::{self, ApiUpdate, SourceOptions},
     },
-    datapath::{detach_interface, matching_interfaces, AttachMode, Datapath},
+    datapath::{detach_interface, index_name, interface_globs, matching_interfaces, move_pins, AttachMode, Datapath},
     datapath_log,
     dump::monotonic_ns,
     health::{self, GatewayId, Health},
@@ -187,6 +187,13 @@ struct Agent {
     desired: Desired,
     /// Uplinks with the decapsulating program, and their index then (as `attached`).
     uplinks: BTreeMap<String, u32>,
+    /// Pod interfaces and uplinks whose last attach failed while an earlier agent's programs
+    /// were on them: those run on, with the maps they were loaded with, so a migration
+    /// away from those maps waits for them.
+    behind: BTreeSet<String>,
+    uplinks_behind: BTreeSet<String>,
+    /// Whether a migration's wait for them was logged.
+    migration_wait_logged: bool,
     /// Peer nodes without a route from here, as last reported.
     unresolved: Vec<std::net::Ipv4Addr>,
     /// When the peer nodes' neighbour entries were last refreshed (kernels without
@@ -309,6 +316,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tunnel,
         desired: Desired::default(),
         uplinks: BTreeMap::new(),
+        behind: BTreeSet::new(),
+        uplinks_behind: BTreeSet::new(),
+        migration_wait_logged: false,
         unresolved: Vec::new(),
         neighbours_warmed: None,
         pod_ports: BTreeMap::new(),
@@ -328,9 +338,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     }
     agent.rescan_interfaces()?;
-    // This build's programs now run on every interface: what the old ones added to maps
-    // being migrated is copied over, and the old maps go.
-    agent.datapath.finish_migration().context("migrating the old maps")?;
+    agent.settle_migration().context("migrating the old maps")?;
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
     }
@@ -659,16 +667,37 @@ impl Agent {
         if let Err(e) = self.rescan_interfaces() {
             warn!(error = %format!("{e:#}"), "interface rescan failed");
         }
+        if let Err(e) = self.settle_migration() {
+            error!(error = %format!("{e:#}"), "finishing the migration of the old maps failed");
+        }
     }
 
-    /// Attaches to matching interfaces not attached yet, and forgets those that are gone,
-    /// renamed or re-created as another device.
+    /// Ends a pending migration once no interface runs an earlier agent's programs: what
+    /// they added to the old maps is copied over, and the old maps go. Not before: those
+    /// programs use the old maps, and what they add after the last copy would be lost.
+    fn settle_migration(&mut self) -> anyhow::Result<()> {
+        if !self.datapath.migration_pending() {
+            return Ok(());
+        }
+        if !self.behind.is_empty() || !self.uplinks_behind.is_empty() {
+            if !self.migration_wait_logged {
+                let waiting: Vec<&String> = self.behind.iter().chain(&self.uplinks_behind).collect();
+                warn!(interfaces = ?waiting, "the old maps stay until these interfaces, which still run the earlier programs, run this build's");
+                self.migration_wait_logged = true;
+            }
+            return Ok(());
+        }
+        self.datapath.finish_migration()
+    }
+
+    /// Attaches to matching interfaces not attached yet, follows those renamed, and forgets
+    /// those that are gone, re-created as another device or no longer matching.
     fn rescan_interfaces(&mut self) -> anyhow::Result<()> {
-        let present = matching_interfaces(&self.config.interfaces)?;
-        let gone: Vec<(String, u32)> =
-            self.attached.iter().filter(|(name, index)| present.get(*name) != Some(index)).map(|(n, i)| (n.clone(), *i)).collect();
-        for (iface, index) in gone {
-            info!(iface, ifindex = index, "interface gone, renamed, re-created or no longer matching; detaching");
+        let globs = interface_globs(&self.config.interfaces)?;
+        let mut present = matching_interfaces(&self.config.interfaces)?;
+        let seen = reconcile(&self.attached, &present, |n| globs.iter().any(|g| g.matches(n)), index_name);
+        for (iface, index) in follow(&self.opts.pins, &mut self.attached, &mut present, seen) {
+            info!(iface, ifindex = index, "interface gone, re-created or no longer matching; detaching");
             detach_interface(&self.opts.pins, &iface, Some(index));
             self.attached.remove(&iface);
             // Flows made through that device belong to a pod that is gone (or no longer
@@ -678,6 +707,7 @@ impl Agent {
                 info!(iface, flows = n, "purged the flows of the interface's pod");
             }
         }
+        self.behind.retain(|iface| present.contains_key(iface));
         for (iface, index) in &present {
             if self.attached.contains_key(iface) {
                 continue;
@@ -686,8 +716,17 @@ impl Agent {
                 Ok(how) => {
                     info!(iface, ifindex = index, ?how, "attached");
                     self.attached.insert(iface.clone(), *index);
+                    self.behind.remove(iface);
                 }
-                Err(e) => warn!(iface, error = %format!("{e:#}"), "attach failed; will retry"),
+                Err(e) => {
+                    self.metrics.attach_failures.inc();
+                    if e.earlier_run {
+                        self.behind.insert(iface.clone());
+                        warn!(iface, error = %e, "attach failed; the programs that were there run on, and the next rescan tries again");
+                    } else {
+                        warn!(iface, error = %e, "attach failed; the next rescan tries again");
+                    }
+                }
             }
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
@@ -740,15 +779,17 @@ impl Agent {
     /// tunnel section names, except pod interfaces (one program per direction and device).
     fn rescan_uplinks(&mut self, pods: &BTreeMap<String, u32>) -> anyhow::Result<()> {
         let patterns = self.config.tunnel.as_ref().map(|t| t.interfaces.clone()).unwrap_or_default();
+        let globs = interface_globs(&patterns)?;
         let mut present = if patterns.is_empty() { BTreeMap::new() } else { matching_interfaces(&patterns)? };
         present.retain(|name, _| !pods.contains_key(name));
-        let gone: Vec<(String, u32)> =
-            self.uplinks.iter().filter(|(name, index)| present.get(*name) != Some(index)).map(|(n, i)| (n.clone(), *i)).collect();
-        for (iface, index) in gone {
+        let wanted = |n: &str| !pods.contains_key(n) && globs.iter().any(|g| g.matches(n));
+        let seen = reconcile(&self.uplinks, &present, wanted, index_name);
+        for (iface, index) in follow(&self.opts.pins, &mut self.uplinks, &mut present, seen) {
             info!(iface, ifindex = index, "uplink gone or no longer named by tunnel.interfaces; detaching");
             detach_interface(&self.opts.pins, &iface, Some(index));
             self.uplinks.remove(&iface);
         }
+        self.uplinks_behind.retain(|iface| present.contains_key(iface));
         for (iface, index) in &present {
             if self.uplinks.contains_key(iface) {
                 continue;
@@ -757,12 +798,119 @@ impl Agent {
                 Ok(how) => {
                     info!(iface, ifindex = index, ?how, "attached to uplink");
                     self.uplinks.insert(iface.clone(), *index);
+                    self.uplinks_behind.remove(iface);
                 }
-                Err(e) => warn!(iface, error = %format!("{e:#}"), "uplink attach failed; will retry"),
+                Err(e) => {
+                    self.metrics.attach_failures.inc();
+                    if e.earlier_run {
+                        self.uplinks_behind.insert(iface.clone());
+                    }
+                    warn!(iface, error = %e, earlier_programs_run = e.earlier_run, "uplink attach failed; the next rescan tries again");
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Applies what a rescan found of the interfaces of `entries` (attached pods' or uplinks'):
+/// one the listing missed stays, a renamed one moves to its new name with its link pins,
+/// and those gone are returned for the caller to detach (and forget). `present` gets each
+/// that stays, under its name now, so that it is not attached a second time.
+fn follow(
+    pins: &Pins,
+    entries: &mut BTreeMap<String, u32>,
+    present: &mut BTreeMap<String, u32>,
+    seen: BTreeMap<String, Seen>,
+) -> Vec<(String, u32)> {
+    let mut gone = Vec::new();
+    let mut moves = Vec::new();
+    for (iface, s) in seen {
+        let index = entries[&iface];
+        match s {
+            Seen::Missed => {
+                debug!(iface, ifindex = index, "interface missing from the listing, yet there; kept");
+                present.insert(iface, index);
+            }
+            Seen::Unsure(why) => warn!(iface, ifindex = index, why, "cannot tell whether the interface is still there; kept until the next rescan"),
+            Seen::Renamed(to) => moves.push((iface, to, index)),
+            Seen::Gone => gone.push((iface, index)),
+        }
+    }
+    let names: Vec<(String, String)> = moves.iter().map(|(from, to, _)| (from.clone(), to.clone())).collect();
+    let failed = move_pins(pins, &names);
+    // Every old name out first: interfaces may have swapped names.
+    for (from, _, _) in &moves {
+        entries.remove(from);
+    }
+    for ((from, to, index), failed) in moves.into_iter().zip(failed) {
+        if failed {
+            // Attached again under the new name in this rescan; the same pod, so its flows stay.
+            warn!(iface = to, from, ifindex = index, "interface renamed, and its link pins could not follow; attaching it again");
+            detach_interface(pins, &to, Some(index));
+        } else {
+            info!(iface = to, from, ifindex = index, "interface renamed; its programs and its pod's flows stay");
+            entries.insert(to.clone(), index);
+        }
+        present.insert(to, index);
+    }
+    gone
+}
+
+/// What a rescan makes of an interface it attached before that the listing does not show
+/// under the name and index it had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    /// Still there under its name: the listing missed it.
+    Missed,
+    /// The same device under another name that still matches.
+    Renamed(String),
+    /// Deleted, re-created as another device, or no longer matching.
+    Gone,
+    /// The kernel could not say: left as it is until the next rescan.
+    Unsure(String),
+}
+
+/// Each interface of `attached` that `listed` does not show as it was, and what became of
+/// it, by what the kernel says of its index now (`name_of`: its current name, `None` when no
+/// device has it), not by the listing alone: one dump of the links can miss a device (musl's
+/// `if_nameindex` ignores `NLM_F_DUMP_INTR`), and a device taken for gone would lose its
+/// programs and its pod's flows.
+fn reconcile(
+    attached: &BTreeMap<String, u32>,
+    listed: &BTreeMap<String, u32>,
+    wanted: impl Fn(&str) -> bool,
+    name_of: impl Fn(u32) -> std::io::Result<Option<String>>,
+) -> BTreeMap<String, Seen> {
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    for (iface, index) in attached.iter().filter(|(name, index)| listed.get(*name) != Some(*index)) {
+        let s = match name_of(*index) {
+            Ok(Some(now)) if !wanted(&now) => Seen::Gone,
+            Ok(Some(now)) if now == *iface => Seen::Missed,
+            Ok(Some(now)) => Seen::Renamed(now),
+            Ok(None) => Seen::Gone,
+            Err(e) => Seen::Unsure(e.to_string()),
+        };
+        seen.insert(iface.clone(), s);
+    }
+    // A name that an entry keeps, or that two renames take, answered for two devices: a
+    // rename happened between the looks, and the next rescan sees it whole.
+    let kept = |name: &str| attached.contains_key(name) && seen.get(name).is_none_or(|s| matches!(s, Seen::Missed | Seen::Unsure(_)));
+    let mut targets: BTreeMap<String, usize> = BTreeMap::new();
+    for s in seen.values() {
+        if let Seen::Renamed(to) = s {
+            *targets.entry(to.clone()).or_default() += 1;
+        }
+    }
+    let clash: Vec<String> = seen
+        .iter()
+        .filter(|(_, s)| matches!(s, Seen::Renamed(to) if kept(to) || targets[to] > 1))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in clash {
+        seen.insert(name, Seen::Unsure("its new name answered for another interface too".into()));
+    }
+    seen
 }
 
 /// The port table the pods' interfaces make, and the addresses left out of it because two
@@ -808,6 +956,62 @@ mod tests {
         assert_eq!(conflicts, BTreeSet::from([std::net::Ipv4Addr::new(10, 245, 0, 20)]));
         assert_eq!(want.len(), 1);
         assert_eq!(want[&std::net::Ipv4Addr::new(10, 245, 0, 21)], PodPort { ifindex: 8, pod_mac: [8; 6], host_mac: [2; 6] });
+    }
+
+    #[test]
+    fn a_live_interface_missing_from_the_listing_is_not_taken_for_gone() {
+        let attached: BTreeMap<String, u32> = [
+            ("veth1", 10),
+            ("veth2", 11),
+            ("veth3", 12),
+            ("veth4", 13),
+            ("veth5", 14),
+            ("veth6", 15),
+            ("veth7", 16),
+            ("vetha", 20),
+            ("vethb", 21),
+            ("vethc", 30),
+            ("vethd", 31),
+        ]
+        .into_iter()
+        .map(|(n, i)| (n.to_string(), i))
+        .collect();
+        // One dump of the links, as it may come back while pods come and go: veth1 missing
+        // though it lives, veth6 re-created under its name, vetha and vethb swapped names.
+        let listed: BTreeMap<String, u32> = [("veth2", 11), ("veth3b", 12), ("veth6", 40), ("vetha", 21), ("vethb", 20), ("vethc", 30)]
+            .into_iter()
+            .map(|(n, i)| (n.to_string(), i))
+            .collect();
+        // What the kernel says of each index now (vethd's name was taken by the listing's
+        // vethc in between: a rename under way, not two devices of one name).
+        let name_of = |index: u32| -> std::io::Result<Option<String>> {
+            match index {
+                10 => Ok(Some("veth1".into())),
+                11 => Ok(Some("veth2".into())),
+                12 => Ok(Some("veth3b".into())),
+                13 => Ok(Some("other0".into())),
+                14 | 15 => Ok(None),
+                16 => Err(std::io::Error::from_raw_os_error(libc::EMFILE)),
+                20 => Ok(Some("vethb".into())),
+                21 => Ok(Some("vetha".into())),
+                30 | 31 => Ok(Some("vethc".into())),
+                _ => unreachable!("{index}"),
+            }
+        };
+        let seen = reconcile(&attached, &listed, |n| n.starts_with("veth"), name_of);
+        let unsure = |s: &Seen| matches!(s, Seen::Unsure(_));
+        assert_eq!(seen.get("veth1"), Some(&Seen::Missed), "{seen:?}");
+        assert_eq!(seen.get("veth2"), None, "listed as it was");
+        assert_eq!(seen.get("veth3"), Some(&Seen::Renamed("veth3b".into())));
+        assert_eq!(seen.get("veth4"), Some(&Seen::Gone), "renamed to a name that does not match");
+        assert_eq!(seen.get("veth5"), Some(&Seen::Gone), "deleted");
+        assert_eq!(seen.get("veth6"), Some(&Seen::Gone), "re-created: the old device is gone");
+        assert!(seen.get("veth7").is_some_and(unsure), "{seen:?}");
+        assert_eq!(seen.get("vetha"), Some(&Seen::Renamed("vethb".into())));
+        assert_eq!(seen.get("vethb"), Some(&Seen::Renamed("vetha".into())));
+        assert_eq!(seen.get("vethc"), None);
+        assert!(seen.get("vethd").is_some_and(unsure), "{seen:?}");
+        assert_eq!(seen.len(), 9, "{seen:?}");
     }
 
     fn peer(name: &str, cidr: &str) -> RawPeer {

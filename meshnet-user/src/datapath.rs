@@ -320,6 +320,12 @@ impl Datapath {
         self.last_copy = Some((std::time::Instant::now(), started.elapsed()));
     }
 
+    /// Whether old maps are still to be carried over and unpinned.
+    #[must_use]
+    pub fn migration_pending(&self) -> bool {
+        self.migration.as_ref().is_some_and(|m| !m.is_empty())
+    }
+
     /// Ends a migration once this build's programs are attached everywhere: copies what the
     /// old programs added meanwhile and removes the old pins.
     pub fn finish_migration(&mut self) -> anyhow::Result<()> {
@@ -422,27 +428,45 @@ impl Datapath {
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to `iface`, replacing meshnet's
-    /// previous programs there atomically if it had any.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Attached> {
-        let mut how = Attached::Tcx;
-        for dir in [Direction::Ingress, Direction::Egress] {
-            match self.attach_one(iface, dir, mode) {
-                Ok(h) => how = h,
-                Err(e) => {
-                    // Half a pair is worse than none: from_pod alone would send a pod's
-                    // packets to the gateway with no to_pod to restore the replies.
-                    detach_interface(&self.pins, iface, None);
-                    return Err(e);
-                }
-            }
-        }
+    /// previous programs there atomically if it had any. One that fails leaves the interface
+    /// as it was (see [`AttachFailed`]).
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, AttachFailed> {
+        let how = self.attach_hooks(iface, &[Direction::Ingress, Direction::Egress], mode)?;
         self.catch_up_migration();
         Ok(how)
     }
 
     /// Attaches the tunnel's decapsulating program (ingress) to the uplink `iface`.
-    pub fn attach_uplink(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Attached> {
-        self.attach_one(iface, Direction::Uplink, mode)
+    pub fn attach_uplink(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, AttachFailed> {
+        self.attach_hooks(iface, &[Direction::Uplink], mode)
+    }
+
+    /// Attaches the programs of `dirs` to `iface`, all or none of them. Should one fail, each
+    /// hook tried gets back what meshnet had on it before (an earlier agent's program, which
+    /// still translates its pod's flows) or loses what this attempt added where there was
+    /// nothing: half a pair is worse than none (from_pod alone would send a pod's packets to
+    /// the gateway with no to_pod to restore the replies), and none is worse than the
+    /// earlier pair.
+    fn attach_hooks(&mut self, iface: &str, dirs: &[Direction], mode: AttachMode) -> Result<Attached, AttachFailed> {
+        let before: Vec<Hook> = dirs.iter().map(|d| Hook::before(&self.pins, iface, *d)).collect();
+        let mut how = Attached::Tcx;
+        for (i, dir) in dirs.iter().enumerate() {
+            match self.attach_one(iface, *dir, mode) {
+                Ok(h) => how = h,
+                Err(error) => {
+                    let earlier_run = before.iter().any(Hook::had_programs);
+                    // The failed hook too: its attempt may have replaced a link before failing.
+                    for hook in before.into_iter().take(i + 1) {
+                        let dir = hook.dir;
+                        if let Err(e) = hook.put_back(&self.pins, iface) {
+                            warn!(target: LOG, iface, direction = dir.as_str(), error = %format!("{e:#}"), "could not put back what was attached before");
+                        }
+                    }
+                    return Err(AttachFailed { error, earlier_run });
+                }
+            }
+        }
+        Ok(how)
     }
 
     fn attach_one(&mut self, iface: &str, dir: Direction, mode: AttachMode) -> anyhow::Result<Attached> {
@@ -494,6 +518,141 @@ impl Datapath {
         }
         Ok(Attached::Netlink)
     }
+}
+
+/// An attach that failed, having left the interface as it was.
+#[derive(Debug)]
+pub struct AttachFailed {
+    pub error: anyhow::Error,
+    /// meshnet's programs were on the interface before (an earlier agent's, or ones whose
+    /// state could not be read): they run on, with the maps they were loaded with.
+    pub earlier_run: bool,
+}
+
+impl std::fmt::Display for AttachFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+/// The parent of a tc hook's filters (`TC_H_CLSACT` with `TC_H_MIN_INGRESS` or
+/// `TC_H_MIN_EGRESS`), as the filters of that hook are listed.
+fn clsact_parent(dir: Direction) -> u32 {
+    match dir.tc() {
+        TcAttachType::Egress => 0xffff_fff3,
+        _ => 0xffff_fff2,
+    }
+}
+
+/// What meshnet had on one hook of an interface before an attach, to put back should the
+/// attach fail.
+enum Before {
+    Nothing,
+    /// A program held open, so that the kernel keeps it while another replaces it.
+    Program { id: u32, _fd: std::os::fd::OwnedFd },
+    /// Unreadable: left alone whatever happens.
+    Unknown,
+}
+
+impl Before {
+    fn program(id: u32) -> anyhow::Result<Self> {
+        Ok(Self::Program { id, _fd: prog_fd_by_id(id).with_context(|| format!("opening program {id}"))? })
+    }
+
+    fn from(found: anyhow::Result<Option<u32>>) -> Self {
+        match found.and_then(|id| id.map_or(Ok(Self::Nothing), Self::program)) {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(target: LOG, error = %format!("{e:#}"), "cannot tell what is attached before an attach");
+                Self::Unknown
+            }
+        }
+    }
+}
+
+/// One hook of an interface as meshnet had it before an attach: its pinned tcx link's
+/// program, if that link is on this interface, and its netlink filter's.
+struct Hook {
+    dir: Direction,
+    tcx: Before,
+    netlink: Before,
+}
+
+impl Hook {
+    fn before(pins: &Pins, iface: &str, dir: Direction) -> Self {
+        let pin = pins.link(iface, dir);
+        let tcx = if pin.exists() {
+            Before::from((|| {
+                let id = FdLink::from(PinnedLink::from_pin(&pin)?).info()?.program_id();
+                let (_, on_iface) = SchedClassifier::query_tcx(iface, dir.tc())?;
+                // A link whose device was renamed away or re-created is not this interface's.
+                Ok(on_iface.iter().any(|p| p.id() == id).then_some(id))
+            })())
+        } else {
+            Before::Nothing
+        };
+        let netlink = Before::from((|| {
+            let index = nix::net::if_::if_nametoindex(iface)?;
+            Ok(crate::netlink::tc_filter_program(index, clsact_parent(dir), NL_PRIORITY, NL_HANDLE.into())?)
+        })());
+        Self { dir, tcx, netlink }
+    }
+
+    fn had_programs(&self) -> bool {
+        [&self.tcx, &self.netlink].iter().any(|b| !matches!(b, Before::Nothing))
+    }
+
+    /// Puts the hook back as it was. The earlier programs go back first and what this
+    /// attempt added goes after: both for a moment are better than neither.
+    fn put_back(self, pins: &Pins, iface: &str) -> anyhow::Result<()> {
+        let pin = pins.link(iface, self.dir);
+        if let Before::Program { id, .. } = &self.tcx {
+            attach_tcx(&mut program_by_id(*id, self.dir)?, iface, self.dir, &pin)?;
+        }
+        if let Before::Program { id, .. } = &self.netlink {
+            attach_netlink(&mut program_by_id(*id, self.dir)?, iface, self.dir)?;
+        }
+        if matches!(self.tcx, Before::Nothing) {
+            if let Ok(link) = PinnedLink::from_pin(&pin) {
+                let _ = link.unpin();
+            }
+        }
+        if matches!(self.netlink, Before::Nothing) {
+            let _ = tc::qdisc_detach_program(iface, self.dir.tc(), self.dir.program());
+        }
+        Ok(())
+    }
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`: a reference to a loaded program, which keeps it loaded.
+fn prog_fd_by_id(id: u32) -> io::Result<std::os::fd::OwnedFd> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    /// `union bpf_attr` as this command reads it: the id, `next_id`, `open_flags`.
+    #[repr(C)]
+    struct Attr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = Attr { id, next_id: 0, open_flags: 0 };
+    // SAFETY: the bpf syscall with a `bpf_attr` of the size given.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, &raw mut attr, size_of::<Attr>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just returned this fd, which nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// A loaded program by its id, as a tc classifier named after `dir`'s program (the name a
+/// netlink filter carries).
+fn program_by_id(id: u32, dir: Direction) -> anyhow::Result<SchedClassifier> {
+    let info = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .with_context(|| format!("program {id} is no longer loaded"))?;
+    Ok(SchedClassifier::from_program_info(info, dir.program().into())?)
 }
 
 fn attach_tcx(prog: &mut SchedClassifier, iface: &str, dir: Direction, link_pin: &Path) -> anyhow::Result<()> {
@@ -554,18 +713,91 @@ fn attach_netlink(prog: &mut SchedClassifier, iface: &str, dir: Direction) -> an
     Ok(())
 }
 
-/// Interfaces in this network namespace whose names match any of `patterns`.
+/// The interface globs of a config.
+pub fn interface_globs(patterns: &[String]) -> anyhow::Result<Vec<glob::Pattern>> {
+    patterns.iter().map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface glob {p:?}"))).collect()
+}
+
+/// Interfaces in this network namespace whose names match any of `patterns`. One dump of
+/// the links: it may miss a device while others come and go (see `index_name`).
 pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
-    let globs: Vec<glob::Pattern> = patterns
-        .iter()
-        .map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface glob {p:?}")))
-        .collect::<Result<_, _>>()?;
+    let globs = interface_globs(patterns)?;
     let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
     Ok(all
         .iter()
         .filter_map(|i| Some((i.name().to_str().ok()?.to_owned(), i.index())))
         .filter(|(name, _)| globs.iter().any(|g| g.matches(name)))
         .collect())
+}
+
+/// The current name of the device with this index, `None` when there is none: asked of the
+/// kernel by index (`SIOCGIFNAME`), so it answers for one device whatever the others do.
+pub fn index_name(index: u32) -> io::Result<Option<String>> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO | libc::ENODEV) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: on success if_indextoname wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(Some(name.to_string_lossy().into_owned()))
+}
+
+/// Renames the link pins of interfaces renamed in place (`from` to `to`): a pin is named
+/// after its interface, and the next agent must find these devices' links under their new
+/// names, to swap its programs into them rather than add a second pair beside them. Each
+/// goes through a name of its own first, so that interfaces that swapped names swap pins.
+/// Says, for each move, whether it failed: its links are then unpinned (so detached), and
+/// the interface needs attaching again.
+#[must_use]
+pub fn move_pins(pins: &Pins, moves: &[(String, String)]) -> Vec<bool> {
+    const DIRS: [Direction; 3] = [Direction::Ingress, Direction::Egress, Direction::Uplink];
+    // '%' never starts an interface's pin name (see `Pins::link`).
+    let aside = |i: usize, dir: Direction| pins.links_dir().join(format!("%moving{i}@{}", dir.as_str()));
+    let unpin = |path: &Path| {
+        if let Ok(link) = PinnedLink::from_pin(path) {
+            let _ = link.unpin();
+        }
+    };
+    let mut failed = vec![false; moves.len()];
+    for (i, (from, _)) in moves.iter().enumerate() {
+        for dir in DIRS {
+            let pin = pins.link(from, dir);
+            if pin.exists() && std::fs::rename(&pin, aside(i, dir)).is_err() {
+                failed[i] = true;
+            }
+        }
+        // Now, before another move may put its pins under this name.
+        if failed[i] {
+            for dir in DIRS {
+                unpin(&aside(i, dir));
+                unpin(&pins.link(from, dir));
+            }
+        }
+    }
+    for (i, (_, to)) in moves.iter().enumerate() {
+        if failed[i] {
+            continue;
+        }
+        for dir in DIRS {
+            let from = aside(i, dir);
+            if from.exists() && std::fs::rename(&from, pins.link(to, dir)).is_err() {
+                failed[i] = true;
+            }
+        }
+        if failed[i] {
+            for dir in DIRS {
+                unpin(&aside(i, dir));
+                unpin(&pins.link(to, dir));
+            }
+        }
+    }
+    failed
 }
 
 /// Removes meshnet's programs from one interface (tcx link and netlink filters), e.g. when
@@ -588,14 +820,7 @@ pub fn detach_interface(pins: &Pins, iface: &str, ifindex: Option<u32>) {
 
 /// The current name of an interface index, if it still exists.
 fn name_of_index(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: on success if_indextoname wrote a NUL-terminated name into `buf`.
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_str().ok().map(str::to_owned)
+    index_name(index).ok().flatten()
 }
 
 /// What `detach` removed.

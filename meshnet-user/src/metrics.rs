@@ -84,6 +84,8 @@ pub struct Metrics {
     /// Grace periods passed before a map could reuse an element the agent freed (`crate::grace`).
     reuse_periods: Counter,
     pub attached_interfaces: Gauge,
+    /// Attaches that failed (each left its interface as it was, and is tried again at the next rescan).
+    pub attach_failures: Counter,
     /// The agent loop's pulse, for `/healthz` and `loop_longest_stall_seconds`.
     pub pulse: Pulse,
     longest_stall: Gauge<f64, AtomicU64>,
@@ -121,6 +123,7 @@ impl Metrics {
             gc_expired: Counter::default(),
             reuse_periods: Counter::default(),
             attached_interfaces: Gauge::default(),
+            attach_failures: Counter::default(),
             pulse: Pulse::default(),
             longest_stall: Gauge::default(),
             map_walks: Counter::default(),
@@ -153,6 +156,11 @@ impl Metrics {
             m.reuse_periods.clone(),
         );
         registry.register("attached_interfaces", "Interfaces meshnet is attached to", m.attached_interfaces.clone());
+        registry.register(
+            "attach_failures",
+            "Attaches to an interface that failed; each left the interface as it was and is tried again at the next rescan",
+            m.attach_failures.clone(),
+        );
         registry.register(
             "loop_longest_stall_seconds",
             "The longest one turn of the agent's loop (a sync, a GC pass, a rescan) has held it since the start",

@@ -132,6 +132,30 @@ pub fn veth_peer(ifindex: u32) -> io::Result<Option<VethPeer>> {
     Ok(Some(VethPeer { host_mac, pod_mac, addrs }))
 }
 
+/// The id of the program in the bpf filter at `priority` and `handle` among the filters of
+/// `parent` (a clsact hook) on interface `ifindex`; `None` when there is no such filter.
+pub fn tc_filter_program(ifindex: u32, parent: u32, priority: u16, handle: u32) -> io::Result<Option<u32>> {
+    let sock = RouteSocket::new()?;
+    let index = i32::try_from(ifindex).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut body = [0u8; TCMSG_LEN];
+    body[4..8].copy_from_slice(&index.to_ne_bytes());
+    body[12..16].copy_from_slice(&parent.to_ne_bytes());
+    sock.send(&request(libc::RTM_GETTFILTER, NLM_F_DUMP, &body, None))?;
+    let mut found = None;
+    loop {
+        let datagram = sock.recv()?;
+        for msg in messages(&datagram) {
+            match parse_filter_message(msg?)? {
+                FilterMessage::Done => return Ok(found),
+                FilterMessage::Filter(f) if f.priority == priority && f.handle == handle && f.kind == b"bpf" => {
+                    found = f.program.or(found);
+                }
+                FilterMessage::Filter(_) => {}
+            }
+        }
+    }
+}
+
 fn unsupported() -> io::Error {
     io::Error::other("this kernel cannot read links and addresses in another network namespace (IFLA/IFA_TARGET_NETNSID, Linux 4.20)")
 }
@@ -151,6 +175,62 @@ struct Link {
     target_netnsid: Option<i32>,
 }
 
+/// What [`tc_filter_program`] reads of a tc filter.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Filter {
+    priority: u16,
+    handle: u32,
+    /// `TCA_KIND`, without its NUL.
+    kind: Vec<u8>,
+    /// `TCA_BPF_ID` inside `TCA_OPTIONS`.
+    program: Option<u32>,
+}
+
+/// One message of a reply to an `RTM_GETTFILTER` dump.
+#[derive(Debug, PartialEq, Eq)]
+enum FilterMessage {
+    Filter(Filter),
+    Done,
+}
+
+/// A message of a filter dump. A dump the kernel says was interrupted by a change
+/// (`NLM_F_DUMP_INTR`) may lack a filter, and is an error: absence is not to be concluded.
+fn parse_filter_message(msg: &[u8]) -> io::Result<FilterMessage> {
+    const NLM_F_DUMP_INTR: u16 = 0x10;
+    const TCA_KIND: u16 = 1;
+    const TCA_OPTIONS: u16 = 2;
+    const TCA_BPF_ID: u16 = 11;
+    if u16_at(msg, 6).is_some_and(|f| f & NLM_F_DUMP_INTR != 0) {
+        return Err(io::Error::new(io::ErrorKind::Interrupted, "the filter dump was interrupted by a change"));
+    }
+    match message_type(msg).ok_or_else(|| bad("too short"))? {
+        NLMSG_DONE => return Ok(FilterMessage::Done),
+        NLMSG_ERROR => {
+            error_of(msg)?;
+            return Err(bad("an acknowledgement, no filter"));
+        }
+        ty if ty != libc::RTM_NEWTFILTER => return Err(bad(&format!("message type {ty}"))),
+        _ => {}
+    }
+    let len = usize::try_from(u32_at(msg, 0).unwrap_or(0)).unwrap_or(0).min(msg.len());
+    let body = msg.get(NLMSG_HDRLEN + TCMSG_LEN..len).ok_or_else(|| bad("truncated filter"))?;
+    let info = u32_at(msg, NLMSG_HDRLEN + 16).ok_or_else(|| bad("truncated filter"))?;
+    let mut f = Filter {
+        // tcm_info: the priority in the upper half, the protocol in the lower.
+        priority: u16::try_from(info >> 16).unwrap_or_default(),
+        handle: u32_at(msg, NLMSG_HDRLEN + 8).ok_or_else(|| bad("truncated filter"))?,
+        ..Filter::default()
+    };
+    for (ty, payload) in attrs(body) {
+        match ty {
+            TCA_KIND => f.kind = payload.split(|c| *c == 0).next().unwrap_or_default().to_vec(),
+            TCA_OPTIONS => f.program = attrs(payload).find(|(t, _)| *t == TCA_BPF_ID).and_then(|(_, p)| u32_at(p, 0)),
+            _ => {}
+        }
+    }
+    Ok(FilterMessage::Filter(f))
+}
+
 /// A blocking NETLINK_ROUTE socket for one request at a time.
 struct RouteSocket {
     fd: OwnedFd,
@@ -159,6 +239,8 @@ struct RouteSocket {
 pub(crate) const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 const IFADDRMSG_LEN: usize = 8;
+/// `struct tcmsg`: family and padding, ifindex, handle, parent, info.
+const TCMSG_LEN: usize = 20;
 // libc gives these as c_int; the wire has them narrower.
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
@@ -473,6 +555,36 @@ mod tests {
         d[16..20].copy_from_slice(&64u32.to_ne_bytes());
         let walked: Vec<_> = messages(&d).collect();
         assert!(walked.len() == 2 && walked[0].is_ok() && walked[1].is_err());
+    }
+
+    #[test]
+    fn a_filter_dump_gives_each_filters_priority_handle_kind_and_program() {
+        let tcmsg = |handle: u32, info: u32| {
+            let mut m = vec![0u8; TCMSG_LEN];
+            m[8..12].copy_from_slice(&handle.to_ne_bytes());
+            m[12..16].copy_from_slice(&0xffff_fff2u32.to_ne_bytes());
+            m[16..20].copy_from_slice(&info.to_ne_bytes());
+            m
+        };
+        let mut options = vec![];
+        options.extend_from_slice(&20u16.to_ne_bytes());
+        options.extend_from_slice(&7u16.to_ne_bytes()); // TCA_BPF_NAME
+        options.extend_from_slice(b"meshnet_from_pod");
+        options.extend_from_slice(&8u16.to_ne_bytes());
+        options.extend_from_slice(&11u16.to_ne_bytes()); // TCA_BPF_ID
+        options.extend_from_slice(&42u32.to_ne_bytes());
+        let info = (0x4d4e_u32 << 16) | 0x0300;
+        // The chain's own message (handle 0, no options), then its filter.
+        let head = message(libc::RTM_NEWTFILTER, &tcmsg(0, info), &[(1, b"bpf\0")]);
+        let filter = message(libc::RTM_NEWTFILTER, &tcmsg(1, info), &[(1, b"bpf\0"), (2 | 0x8000, &options)]);
+        let datagram = [head, filter, message(NLMSG_DONE, &[0; 4], &[])].concat();
+        let parsed: Vec<_> = messages(&datagram).map(|m| parse_filter_message(m.unwrap()).unwrap()).collect();
+        let f = |handle, program| FilterMessage::Filter(Filter { priority: 0x4d4e, handle, kind: b"bpf".to_vec(), program });
+        assert_eq!(parsed, [f(0, None), f(1, Some(42)), FilterMessage::Done]);
+        // Interrupted by a change: it may lack the filter.
+        let mut done = message(NLMSG_DONE, &[0; 4], &[]);
+        done[6..8].copy_from_slice(&0x12u16.to_ne_bytes());
+        assert_eq!(parse_filter_message(&done).unwrap_err().kind(), io::ErrorKind::Interrupted);
     }
 
     #[test]

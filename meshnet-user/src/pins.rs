@@ -69,8 +69,10 @@ impl Pins {
         self.root.join("links")
     }
 
-    /// A tcx link of one interface and direction. Named by interface name: a renamed
-    /// interface keeps its link, which `detach` still finds by listing the directory.
+    /// A tcx link of one interface and direction. Named by interface name: an agent that
+    /// sees an interface renamed moves its pins (`datapath::move_pins`); one renamed while
+    /// no agent ran keeps its link under the old name, which `detach` still finds by
+    /// listing the directory.
     /// bpffs refuses names with a dot (it reserves them for its own files), so dots in an
     /// interface name (`eth0.100`) are percent-encoded.
     #[must_use]

@@ -592,6 +592,157 @@ fn interfaces_are_tracked_by_index() {
     assert!(detached.is_some(), "meshnet is still on the renamed interface");
 }
 
+/// The tcx programs on one hook of `iface` in node1, by id.
+fn tcx_ids_on(t: &Topology, iface: &'static str, dir: aya::programs::TcAttachType) -> Vec<u32> {
+    t.node1.run(move || {
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(iface, dir).unwrap();
+        progs.iter().map(aya::programs::ProgramInfo::id).collect()
+    })
+}
+
+/// The client pod's flows as `maps dump` shows them, without their idle times.
+fn client_flows(t: &Topology) -> Vec<String> {
+    let pod = format!("{}:", topo::CLIENT_IP);
+    let mut v: Vec<String> = nat(t)
+        .iter()
+        .filter(|f| f["pod"].as_str().is_some_and(|p| p.starts_with(&pod)))
+        .map(|f| format!("{} {} {} {} {}", f["proto"], f["pod"], f["remote"], f["gateway"], f["natPort"]))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A pod's interface renamed to a name that still matches is the same device, with the
+/// same pod behind it: it keeps its programs and its flows (taken for gone, its flows were
+/// purged, and the next packet of a held connection picked a new translation the far end
+/// answered with a reset), and a restarted agent swaps its programs into the links the
+/// device already carries instead of adding a second pair.
+#[test]
+fn a_renamed_interface_that_still_matches_keeps_its_programs_and_flows() {
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &["--rescan-seconds", "3600"]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("before the rename");
+    let before = client_flows(&t);
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    t.node1.exec("ip link set vethc down && ip link set vethc name vethc9 && ip link set vethc9 up");
+    agent.child.wait_for_line("iface=\"vethc9\"", WAIT);
+    assert_eq!(client_flows(&t), before, "the flows of a renamed interface were purged:\n{}", agent.child.output());
+    assert!(meshnet_on(&t, "vethc9"), "meshnet is not on the renamed interface");
+    held.exchange("after the rename");
+    let links = t.pin_path().join("links");
+    assert!(!links.join("vethc@ingress").exists(), "the link pins kept the old name");
+    let tcx = meshnet_tests::kernel_at_least(6, 6);
+    if tcx {
+        assert!(links.join("vethc9@ingress").exists() && links.join("vethc9@egress").exists());
+    }
+
+    assert!(agent.child.stop());
+    let _agent = start(&t, &cfg, &["--rescan-seconds", "3600"]);
+    if tcx {
+        for dir in [aya::programs::TcAttachType::Ingress, aya::programs::TcAttachType::Egress] {
+            let ids = tcx_ids_on(&t, "vethc9", dir);
+            assert_eq!(ids.len(), 1, "{dir:?}: one meshnet program after a restart, not another pair: {ids:?}");
+        }
+    }
+    held.exchange("after a restart");
+    assert_eq!(client_flows(&t), before);
+}
+
+/// meshnet's programs on vethc in node1, by direction, as `mode` attaches them: tcx links'
+/// program ids, or the ids of the netlink filters' programs.
+fn meshnet_ids(t: &Topology, mode: &str) -> [Vec<u32>; 2] {
+    use aya::programs::TcAttachType::{Egress, Ingress};
+    if mode == "tcx" {
+        return [tcx_ids_on(t, "vethc", Ingress), tcx_ids_on(t, "vethc", Egress)];
+    }
+    ["ingress", "egress"].map(|d| {
+        // "filter ... bpf chain 0 handle 0x1 meshnet_from_pod direct-action not_in_hw id 42 tag ..."
+        let filters = t.node1.exec(&format!("tc filter show dev vethc {d}"));
+        filters
+            .lines()
+            .filter(|l| l.contains("meshnet_"))
+            .map(|l| l.split_whitespace().skip_while(|w| *w != "id").nth(1).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("no id in {l:?}")))
+            .collect()
+    })
+}
+
+/// An attach that fails halfway (a new agent's egress link cannot be pinned: a directory
+/// stands where its pin goes) leaves the interface as it was: the pair the earlier agent
+/// attached (`earlier_mode`) keeps translating (detaching both, as before, left the pod
+/// without programs until an attach worked, and its connections were reset), the
+/// migration to maps of a new `nat.maxFlows` waits with the old maps those programs use,
+/// and the first rescan after the obstacle goes swaps both directions and finishes it.
+fn a_failed_attach_leaves_the_earlier_programs(earlier_mode: &str) {
+    let t = Topology::new(Options::default());
+    let cfg = node1_config(POD_INTERFACES);
+    let mut agent = start(&t, &cfg, &["--attach-mode", earlier_mode]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("before");
+    let none: [Vec<u32>; 2] = [vec![], vec![]];
+    let before = meshnet_ids(&t, earlier_mode);
+    assert!(before.iter().all(|ids| ids.len() == 1), "{before:?}");
+    assert!(agent.child.stop());
+
+    let links = t.pin_path().join("links");
+    let aside = links.join("vethc-aside@egress");
+    if earlier_mode == "tcx" {
+        // The earlier agent's egress link, pinned under another name so that it stays.
+        std::fs::rename(links.join("vethc@egress"), &aside).unwrap();
+    }
+    std::fs::create_dir(links.join("vethc@egress")).unwrap();
+    let migrating = t.pin_path().join("maps").join(format!("{}_migrating", meshnet_common::names::NAT_FWD));
+    let mut agent = start(&t, &format!("{cfg}nat:\n  maxFlows: 131072\n"), &["--attach-mode", "tcx"]);
+    assert!(agent.child.output().contains("attach failed"), "{}", agent.child.output());
+    held.exchange("after the failed attach");
+    assert_eq!(meshnet_ids(&t, earlier_mode), before, "the earlier programs were not left as they were");
+    if earlier_mode != "tcx" {
+        assert_eq!(meshnet_ids(&t, "tcx"), none, "the failed attach left a tcx link behind");
+    }
+    assert!(migrating.exists(), "the migration finished while vethc still runs the earlier programs");
+    held.exchange("while the attach fails");
+
+    // The obstacle goes, the agent held still meanwhile (a rescan between the two steps
+    // would pin a second egress link).
+    agent.child.signal(Signal::SIGSTOP);
+    std::fs::remove_dir(links.join("vethc@egress")).unwrap();
+    if earlier_mode == "tcx" {
+        std::fs::rename(&aside, links.join("vethc@egress")).unwrap();
+    }
+    agent.child.signal(Signal::SIGCONT);
+    let finished = poll(WAIT, || (!migrating.exists()).then_some(()));
+    assert!(finished.is_some(), "the migration never finished:\n{}", agent.child.output());
+    let after = meshnet_ids(&t, "tcx");
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a.len(), 1, "{after:?}");
+        assert_ne!(a, b, "the new agent's programs were never swapped in");
+    }
+    if earlier_mode != "tcx" {
+        assert_eq!(meshnet_ids(&t, earlier_mode), none, "the earlier netlink filters stayed beside the tcx links");
+    }
+    held.exchange("after the retry");
+}
+
+#[test]
+fn a_failed_attach_leaves_the_earlier_tcx_links_and_the_migration_waits() {
+    if !skip_unless_tcx() {
+        return;
+    }
+    a_failed_attach_leaves_the_earlier_programs("tcx");
+}
+
+/// The same where the earlier agent attached netlink filters (before a kernel upgrade): the
+/// tcx link the new agent made on the direction that worked goes, the filter comes back.
+#[test]
+fn a_failed_attach_leaves_the_earlier_netlink_filters_and_the_migration_waits() {
+    if !skip_unless_tcx() {
+        return;
+    }
+    a_failed_attach_leaves_the_earlier_programs("netlink");
+}
+
 // ---------------------------------------------------------------------------------------
 // Upgrades across a map layout change
 // ---------------------------------------------------------------------------------------
