@@ -192,8 +192,8 @@ struct Agent {
     /// away from those maps waits for them.
     behind: BTreeSet<String>,
     uplinks_behind: BTreeSet<String>,
-    /// Whether a migration's wait for them was logged.
-    migration_wait_logged: bool,
+    /// The interfaces a migration's wait was last logged for, and when.
+    migration_wait_logged: Option<(Vec<String>, Instant)>,
     /// Peer nodes without a route from here, as last reported.
     unresolved: Vec<std::net::Ipv4Addr>,
     /// When the peer nodes' neighbour entries were last refreshed (kernels without
@@ -211,6 +211,9 @@ struct Agent {
 /// How often the peer nodes' neighbour entries are refreshed where the datapath cannot
 /// resolve them itself: well within the kernel's default `gc_stale_time` (60 s).
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
+
+/// How often a migration that waits on interfaces says so again.
+const MIGRATION_WAIT_LOG: Duration = Duration::from_mins(10);
 
 /// How often a pod interface's addresses are read again. One without an IPv4 address yet (the
 /// CNI plugin creates the interface before it configures it) is read at every rescan.
@@ -318,7 +321,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         uplinks: BTreeMap::new(),
         behind: BTreeSet::new(),
         uplinks_behind: BTreeSet::new(),
-        migration_wait_logged: false,
+        migration_wait_logged: None,
         unresolved: Vec::new(),
         neighbours_warmed: None,
         pod_ports: BTreeMap::new(),
@@ -680,10 +683,13 @@ impl Agent {
             return Ok(());
         }
         if !self.behind.is_empty() || !self.uplinks_behind.is_empty() {
-            if !self.migration_wait_logged {
-                let waiting: Vec<&String> = self.behind.iter().chain(&self.uplinks_behind).collect();
+            // Said again when the list changes, and every ten minutes while it lasts: a wait
+            // that does not end keeps the old maps and their copies going.
+            let waiting: Vec<String> = self.behind.iter().chain(&self.uplinks_behind).cloned().collect();
+            let due = self.migration_wait_logged.as_ref().is_none_or(|(w, at)| *w != waiting || at.elapsed() >= MIGRATION_WAIT_LOG);
+            if due {
                 warn!(interfaces = ?waiting, "the old maps stay until these interfaces, which still run the earlier programs, run this build's");
-                self.migration_wait_logged = true;
+                self.migration_wait_logged = Some((waiting, Instant::now()));
             }
             return Ok(());
         }
@@ -695,7 +701,9 @@ impl Agent {
     fn rescan_interfaces(&mut self) -> anyhow::Result<()> {
         let globs = interface_globs(&self.config.interfaces)?;
         let mut present = matching_interfaces(&self.config.interfaces)?;
-        let seen = reconcile(&self.attached, &present, |n| globs.iter().any(|g| g.matches(n)), index_name);
+        let pins = &self.opts.pins;
+        let seen = reconcile(&self.attached, &present, |n| globs.iter().any(|g| g.matches(n)), index_name, |was, now, i| crate::datapath::runs_ours(pins, was, now, i));
+        let (renamed, unsure) = renames_and_unsure(&seen);
         for (iface, index) in follow(&self.opts.pins, &mut self.attached, &mut present, seen) {
             info!(iface, ifindex = index, "interface gone, re-created or no longer matching; detaching");
             detach_interface(&self.opts.pins, &iface, Some(index));
@@ -707,7 +715,13 @@ impl Agent {
                 info!(iface, flows = n, "purged the flows of the interface's pod");
             }
         }
-        self.behind.retain(|iface| present.contains_key(iface));
+        // Still running the earlier programs: under its new name, or while the kernel cannot say.
+        for (from, to) in renamed {
+            if self.behind.remove(&from) {
+                self.behind.insert(to);
+            }
+        }
+        self.behind.retain(|iface| present.contains_key(iface) || unsure.contains(iface));
         for (iface, index) in &present {
             if self.attached.contains_key(iface) {
                 continue;
@@ -783,13 +797,20 @@ impl Agent {
         let mut present = if patterns.is_empty() { BTreeMap::new() } else { matching_interfaces(&patterns)? };
         present.retain(|name, _| !pods.contains_key(name));
         let wanted = |n: &str| !pods.contains_key(n) && globs.iter().any(|g| g.matches(n));
-        let seen = reconcile(&self.uplinks, &present, wanted, index_name);
+        let pins = &self.opts.pins;
+        let seen = reconcile(&self.uplinks, &present, wanted, index_name, |was, now, i| crate::datapath::runs_ours_on_uplink(pins, was, now, i));
+        let (renamed, unsure) = renames_and_unsure(&seen);
         for (iface, index) in follow(&self.opts.pins, &mut self.uplinks, &mut present, seen) {
             info!(iface, ifindex = index, "uplink gone or no longer named by tunnel.interfaces; detaching");
             detach_interface(&self.opts.pins, &iface, Some(index));
             self.uplinks.remove(&iface);
         }
-        self.uplinks_behind.retain(|iface| present.contains_key(iface));
+        for (from, to) in renamed {
+            if self.uplinks_behind.remove(&from) {
+                self.uplinks_behind.insert(to);
+            }
+        }
+        self.uplinks_behind.retain(|iface| present.contains_key(iface) || unsure.contains(iface));
         for (iface, index) in &present {
             if self.uplinks.contains_key(iface) {
                 continue;
@@ -857,6 +878,13 @@ fn follow(
     gone
 }
 
+/// The renames of `seen` (from, to), and the interfaces it is unsure of.
+fn renames_and_unsure(seen: &BTreeMap<String, Seen>) -> (Vec<(String, String)>, BTreeSet<String>) {
+    let renamed = seen.iter().filter_map(|(from, s)| if let Seen::Renamed(to) = s { Some((from.clone(), to.clone())) } else { None }).collect();
+    let unsure = seen.iter().filter(|(_, s)| matches!(s, Seen::Unsure(_))).map(|(n, _)| n.clone()).collect();
+    (renamed, unsure)
+}
+
 /// What a rescan makes of an interface it attached before that the listing does not show
 /// under the name and index it had.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -881,12 +909,16 @@ fn reconcile(
     listed: &BTreeMap<String, u32>,
     wanted: impl Fn(&str) -> bool,
     name_of: impl Fn(u32) -> std::io::Result<Option<String>>,
+    ours: impl Fn(&str, &str, u32) -> bool,
 ) -> BTreeMap<String, Seen> {
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     for (iface, index) in attached.iter().filter(|(name, index)| listed.get(*name) != Some(*index)) {
         let s = match name_of(*index) {
             Ok(Some(now)) if !wanted(&now) => Seen::Gone,
             Ok(Some(now)) if now == *iface => Seen::Missed,
+            // Another name at the index: the same device renamed only if it runs what was
+            // attached to it, not a new one that took a deleted one's index.
+            Ok(Some(now)) if !ours(iface, &now, *index) => Seen::Gone,
             Ok(Some(now)) => Seen::Renamed(now),
             Ok(None) => Seen::Gone,
             Err(e) => Seen::Unsure(e.to_string()),
@@ -972,6 +1004,7 @@ mod tests {
             ("vethb", 21),
             ("vethc", 30),
             ("vethd", 31),
+            ("vethe", 50),
         ]
         .into_iter()
         .map(|(n, i)| (n.to_string(), i))
@@ -995,10 +1028,14 @@ mod tests {
                 20 => Ok(Some("vethb".into())),
                 21 => Ok(Some("vetha".into())),
                 30 | 31 => Ok(Some("vethc".into())),
+                50 => Ok(Some("vethf".into())),
                 _ => unreachable!("{index}"),
             }
         };
-        let seen = reconcile(&attached, &listed, |n| n.starts_with("veth"), name_of);
+        // Every device under another name runs what was attached to it, but vethe's index:
+        // vethe was deleted, and a new pod's vethf took its index.
+        let ours = |was: &str, now: &str, index: u32| (was, now, index) != ("vethe", "vethf", 50);
+        let seen = reconcile(&attached, &listed, |n| n.starts_with("veth"), name_of, ours);
         let unsure = |s: &Seen| matches!(s, Seen::Unsure(_));
         assert_eq!(seen.get("veth1"), Some(&Seen::Missed), "{seen:?}");
         assert_eq!(seen.get("veth2"), None, "listed as it was");
@@ -1011,7 +1048,8 @@ mod tests {
         assert_eq!(seen.get("vethb"), Some(&Seen::Renamed("vetha".into())));
         assert_eq!(seen.get("vethc"), None);
         assert!(seen.get("vethd").is_some_and(unsure), "{seen:?}");
-        assert_eq!(seen.len(), 9, "{seen:?}");
+        assert_eq!(seen.get("vethe"), Some(&Seen::Gone), "another device at a deleted one's index is no rename");
+        assert_eq!(seen.len(), 10, "{seen:?}");
     }
 
     fn peer(name: &str, cidr: &str) -> RawPeer {

@@ -603,14 +603,21 @@ impl Hook {
     }
 
     /// Puts the hook back as it was. The earlier programs go back first and what this
-    /// attempt added goes after: both for a moment are better than neither.
+    /// attempt added goes after: both for a moment are better than neither. Every step is
+    /// taken, whichever fails: one that cannot put a program back must not leave what this
+    /// attempt added on the other.
     fn put_back(self, pins: &Pins, iface: &str) -> anyhow::Result<()> {
         let pin = pins.link(iface, self.dir);
+        let mut failed = None;
         if let Before::Program { id, .. } = &self.tcx {
-            attach_tcx(&mut program_by_id(*id, self.dir)?, iface, self.dir, &pin)?;
+            if let Err(e) = program_by_id(*id, self.dir).and_then(|mut p| attach_tcx(&mut p, iface, self.dir, &pin)) {
+                failed = Some(e);
+            }
         }
         if let Before::Program { id, .. } = &self.netlink {
-            attach_netlink(&mut program_by_id(*id, self.dir)?, iface, self.dir)?;
+            if let Err(e) = program_by_id(*id, self.dir).and_then(|mut p| attach_netlink(&mut p, iface, self.dir)) {
+                failed.get_or_insert(e);
+            }
         }
         if matches!(self.tcx, Before::Nothing) {
             if let Ok(link) = PinnedLink::from_pin(&pin) {
@@ -620,8 +627,33 @@ impl Hook {
         if matches!(self.netlink, Before::Nothing) {
             let _ = tc::qdisc_detach_program(iface, self.dir.tc(), self.dir.program());
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
+}
+
+/// Whether the device at `index`, named `now`, runs the ingress program meshnet attached to
+/// the pod interface it knew as `was`: its pinned tcx link's program among the device's tcx
+/// programs, or meshnet's netlink filter on it. A device that took a deleted one's index
+/// (one moved in from another namespace may keep its index) runs neither.
+#[must_use]
+pub fn runs_ours(pins: &Pins, was: &str, now: &str, index: u32) -> bool {
+    runs_ours_on(pins, Direction::Ingress, was, now, index)
+}
+
+/// [`runs_ours`] for an uplink's decapsulating program.
+#[must_use]
+pub fn runs_ours_on_uplink(pins: &Pins, was: &str, now: &str, index: u32) -> bool {
+    runs_ours_on(pins, Direction::Uplink, was, now, index)
+}
+
+fn runs_ours_on(pins: &Pins, dir: Direction, was: &str, now: &str, index: u32) -> bool {
+    let tcx = (|| -> anyhow::Result<bool> {
+        let id = FdLink::from(PinnedLink::from_pin(pins.link(was, dir))?).info()?.program_id();
+        let (_, on_iface) = SchedClassifier::query_tcx(now, dir.tc())?;
+        Ok(on_iface.iter().any(|p| p.id() == id))
+    })();
+    let netlink = crate::netlink::tc_filter_program(index, clsact_parent(dir), NL_PRIORITY, NL_HANDLE.into());
+    tcx.unwrap_or(false) || netlink.is_ok_and(|id| id.is_some())
 }
 
 /// `BPF_PROG_GET_FD_BY_ID`: a reference to a loaded program, which keeps it loaded.
