@@ -494,6 +494,28 @@ fn a_cluster_two_remote_secrets_hold_keeps_its_last_state_until_one_goes() {
     assert!(planted.requests().is_empty(), "the second secret's kubeconfig was used");
 }
 
+/// A second secret for a cluster keeps it at its last known state under the first secret's
+/// own annotations: a peer its allow-list refuses is not published again by adding a secret.
+#[test]
+fn a_second_secret_does_not_lift_the_first_ones_allow_list() {
+    let m = Mesh::new();
+    let _controller = m.controller(&[]);
+    let _agent = m.agent();
+    m.wait_routes(&["10.245.0.0/24 cluster2 10.20.144.165:32361"], "initial discovery");
+    let mut narrowed = remote_secret("cluster2", &m.remote.kubeconfig("cluster2"));
+    narrowed["metadata"]["annotations"]["meshnet.io/allowed-cidrs"] = json!("10.99.0.0/16");
+    m.local.apply(narrowed);
+    assert!(refused_reason(&m, "cluster2").contains("outside the CIDRs this cluster may claim"));
+    m.wait_routes(&[], "cluster2 refused by its allow-list");
+    let mut second = remote_secret("cluster2", &m.remote.kubeconfig("cluster2"));
+    second["metadata"]["name"] = json!("zz-second");
+    m.local.apply(second);
+    let seen = poll(WAIT, || m.published().filter(|(_, s)| s["cluster2"]["error"].as_str().is_some_and(|e| e.contains("more than one remote secret"))));
+    let (peers, status) = seen.unwrap_or_else(|| panic!("the second secret was never noticed: {:?}", m.published()));
+    assert!(peers.as_array().unwrap().iter().all(|p| p["name"] != "cluster2"), "published past its allow-list: {peers}");
+    assert!(status["cluster2"]["refused"].as_str().is_some_and(|r| r.contains("outside the CIDRs")), "{status}");
+}
+
 #[test]
 fn exec_plugin_in_a_remote_secret_is_refused_and_never_run() {
     let m = Mesh::new();

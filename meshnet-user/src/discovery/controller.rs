@@ -163,8 +163,10 @@ struct State {
     /// The record (the peers object and the holds) has been read: until then this replica
     /// does not know who holds what, and publishes nothing; `publish` reads it again.
     published_seen: bool,
-    /// Cluster names more than one remote secret holds, with why: refused, with no task.
-    duplicates: BTreeMap<String, String>,
+    /// Cluster names more than one remote secret holds: no task follows either kubeconfig,
+    /// and the peer stays at its last known state, under the annotations of the remote it
+    /// was (its allow-list, pod CIDRs and mode: a second secret must not lift them).
+    duplicates: BTreeMap<String, Duplicate>,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -313,9 +315,13 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             }
             Some(msg) = rx.recv() => {
                 // Coalesce bursts (a relist delivers many events) into one publish.
-                if state.handle(msg) && !dirty {
+                if state.handle(msg) {
+                    let now = tokio::time::Instant::now();
+                    // A change while a failed publish waits for its retry goes out within
+                    // RETRY_FIRST, not after the backoff: it may be what the failure needs.
+                    let at = if dirty { debounce.deadline().min(now + RETRY_FIRST) } else { now + Duration::from_millis(50) };
                     dirty = true;
-                    debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(50));
+                    debounce.as_mut().reset(at);
                 }
             }
             () = &mut debounce, if dirty => {
@@ -460,11 +466,21 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        let (wanted, duplicates) = wanted_remotes(&self.opts.secrets.namespace, secrets);
-        for (name, why) in &duplicates {
-            if self.duplicates.get(name) != Some(why) {
+        let (wanted, reasons) = wanted_remotes(&self.opts.secrets.namespace, secrets);
+        let mut duplicates = BTreeMap::new();
+        for (name, why) in reasons {
+            if self.duplicates.get(&name).is_none_or(|d| d.why != why) {
                 error!(peer = %name, error = %why, "remote cluster refused");
             }
+            let was = self.duplicates.remove(&name).map(|d| (d.pod_cidrs, d.allowed, d.mode_annotation));
+            let was = was.or_else(|| self.remotes.get(&name).map(|r| (r.pod_cidrs.clone(), r.allowed.clone(), r.mode_annotation.clone())));
+            // Never followed before: nothing of it was published, so nothing stands.
+            let Some((pod_cidrs, allowed, mode_annotation)) = was else {
+                self.last_good.remove(&name);
+                duplicates.insert(name, Duplicate { why, pod_cidrs: None, allowed: None, mode_annotation: None });
+                continue;
+            };
+            duplicates.insert(name, Duplicate { why, pod_cidrs, allowed, mode_annotation });
         }
         self.remotes.retain(|name, _| {
             let keep = wanted.contains_key(name);
@@ -549,7 +565,17 @@ impl State {
                 // Neither kubeconfig is followed, and the peer stays at its last known state, as
                 // through an outage: a rotation that adds the new secret before it deletes the
                 // old one must not withdraw the peer (and reset its flows) on every node.
-                .chain(self.duplicates.iter().map(|(name, why)| (name.clone(), RemoteInput { stale: true, error: Some(why), ..RemoteInput::default() })))
+                .chain(self.duplicates.iter().map(|(name, d)| {
+                    let input = RemoteInput {
+                        stale: true,
+                        error: Some(&d.why),
+                        pod_cidrs: d.pod_cidrs.as_ref(),
+                        allowed: d.allowed.as_ref(),
+                        mode_annotation: d.mode_annotation.as_deref(),
+                        ..RemoteInput::default()
+                    };
+                    (name.clone(), input)
+                }))
                 .collect();
             desired::desired(&Inputs {
                 remotes: &remotes,
@@ -719,6 +745,14 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// A cluster name that two remote secrets hold (see [`State::duplicates`]).
+struct Duplicate {
+    why: String,
+    pod_cidrs: Option<Result<Vec<Ipv4Net>, String>>,
+    allowed: Option<Result<Vec<Ipv4Net>, String>>,
+    mode_annotation: Option<String>,
 }
 
 /// What one remote secret's key asks for.
@@ -928,7 +962,7 @@ fn parse_cidrs(v: &str) -> Result<Vec<Ipv4Net>, String> {
     v.split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
-        .map(|c| c.parse::<Ipv4Net>().map_err(|_| format!("{} is not an IPv4 CIDR; refusing the peer until it is fixed", resolve::Quoted(c))))
+        .map(|c| c.parse::<Ipv4Net>().map_err(|_| format!("{} is not an IPv4 CIDR", resolve::Quoted(c))))
         .collect()
 }
 
@@ -1055,7 +1089,7 @@ mod tests {
             wanted["cluster2"].pod_cidrs.clone().unwrap()
         };
         assert_eq!(read(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
-        assert_eq!(read("10.245.0.0/16,10.246.0.0"), Err("\"10.246.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into()));
+        assert_eq!(read("10.245.0.0/16,10.246.0.0"), Err("\"10.246.0.0\" is not an IPv4 CIDR".into()));
         let e = read(&format!("10.245.0.0/16,10.\n{}", "9".repeat(256 * 1024))).unwrap_err();
         assert!(e.len() < 160 && e.starts_with("\"10.\\n999") && !e.contains('\n'), "{e}");
         let (wanted, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into());
@@ -1067,7 +1101,7 @@ mod tests {
         assert_eq!(parse_cidrs(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
         assert_eq!(
             parse_cidrs("10.245.0.0/16,10.246.0.0"),
-            Err("\"10.246.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into())
+            Err("\"10.246.0.0\" is not an IPv4 CIDR".into())
         );
     }
 }

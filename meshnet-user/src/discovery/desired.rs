@@ -95,7 +95,7 @@ fn vet(
     }
     match annotation {
         Some(Ok(list)) => resolve::outside_allowed(p, list, &format!("annotation {ALLOWED_CIDRS_ANNOTATION}")),
-        Some(Err(e)) => Some(format!("annotation {ALLOWED_CIDRS_ANNOTATION}: {e}")),
+        Some(Err(e)) => Some(format!("annotation {ALLOWED_CIDRS_ANNOTATION}: {e}; refusing the peer until it is fixed")),
         None => None,
     }
 }
@@ -209,17 +209,18 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         };
         let allowed = i.allowed_cidrs.get(name);
         // `--pod-cidrs` wins over the annotation, readable or not, as `--allowed-cidrs` does.
-        let cidrs = match (i.pod_cidrs.get(name), r.pod_cidrs) {
-            (Some(flag), _) => Some(flag.as_slice()),
-            (None, Some(Ok(annotation))) => Some(annotation.as_slice()),
-            (None, Some(Err(e))) => {
-                d.refused.insert(name.clone(), format!("annotation {POD_CIDRS_ANNOTATION}: {e}"));
-                d.status.insert(name.clone(), st);
-                continue;
-            }
-            (None, None) => None,
+        // An unreadable one publishes no part of it: the peer keeps its last known state, as
+        // an unresolvable one does (a typo must not withdraw it from every node).
+        let (cidrs, unreadable) = match (i.pod_cidrs.get(name), r.pod_cidrs) {
+            (Some(flag), _) => (Some(flag.as_slice()), None),
+            (None, Some(Ok(annotation))) => (Some(annotation.as_slice()), None),
+            (None, Some(Err(e))) => (None, Some(format!("annotation {POD_CIDRS_ANNOTATION}: {e}; the peer keeps its last known state until it is fixed"))),
+            (None, None) => (None, None),
         };
-        let resolved = r.view.filter(|_| !r.stale).map(|v| match mode {
+        if let Some(e) = &unreadable {
+            st.error = Some(e.clone());
+        }
+        let resolved = r.view.filter(|_| !r.stale && unreadable.is_none()).map(|v| match mode {
             PeerMode::Gateway => {
                 let x = resolve::resolve(v, i.resolve, cidrs);
                 (x.refusals.clone(), resolve::peer(name, &x), None)
@@ -535,8 +536,6 @@ mod tests {
         let local = view("10.20.144.167", "10.244.5.0/24");
         let wide = view("10.20.144.168", "10.246.0.0/16");
         let unreadable: Result<Vec<Ipv4Net>, String> = Err("\"x\" is not a CIDR".into());
-        let typo = view("10.20.144.170", "10.248.0.0/24");
-        let unreadable_cidrs: Result<Vec<Ipv4Net>, String> = Err("\"10.248.0.0\" is not an IPv4 CIDR; refusing the peer until it is fixed".into());
         let mut spoofed = view("10.20.144.169", "10.247.0.0/16");
         Arc::make_mut(&mut spoofed.nodes).get_mut("gw").unwrap().gateway_address = Some("10.20.144.160".into());
         let remotes = [
@@ -546,11 +545,32 @@ mod tests {
             ("overlaps-local".to_string(), RemoteInput { view: Some(&local), ..RemoteInput::default() }),
             ("outside-flag".to_string(), RemoteInput { view: Some(&wide), ..RemoteInput::default() }),
             ("unreadable-allow-list".to_string(), RemoteInput { view: Some(&wide), allowed: Some(&unreadable), ..RemoteInput::default() }),
-            ("unreadable-pod-cidrs".to_string(), RemoteInput { view: Some(&typo), pod_cidrs: Some(&unreadable_cidrs), ..RemoteInput::default() }),
             ("spoofed-gateway".to_string(), RemoteInput { view: Some(&spoofed), ..RemoteInput::default() }),
         ]
         .into();
         crate::golden::check("desired_refused.yaml", &render(&remotes, None, &[], &[("outside-flag", "10.246.0.0/24")]));
+    }
+
+    /// A typo in a remote secret's pod CIDRs annotation publishes no part of it, and withdraws
+    /// nothing: the peer keeps its last known state, stale, with the reason.
+    #[test]
+    fn an_unreadable_pod_cidrs_annotation_keeps_the_last_known_state() {
+        let typo = view("10.20.144.170", "10.248.0.0/24");
+        let unreadable: Result<Vec<Ipv4Net>, String> = Err("\"10.248.0.0\" is not an IPv4 CIDR".into());
+        let remotes = [
+            ("typo".to_string(), RemoteInput { view: Some(&typo), pod_cidrs: Some(&unreadable), ..RemoteInput::default() }),
+            ("new-typo".to_string(), RemoteInput { view: Some(&typo), pod_cidrs: Some(&unreadable), ..RemoteInput::default() }),
+        ]
+        .into();
+        let out = render(&remotes, None, &[peer("typo", "10.20.144.170", "10.248.0.0/16")], &[]);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        let why = "annotation meshnet.io/pod-cidrs: \"10.248.0.0\" is not an IPv4 CIDR; the peer keeps its last known state until it is fixed";
+        assert_eq!(d["status"]["typo"]["error"], why, "{out}");
+        assert_eq!(d["status"]["typo"]["stale"], true, "{out}");
+        assert_eq!(d["status"]["new-typo"]["error"], why, "{out}");
+        assert!(out.contains("- name: typo\n  podCIDRs:\n  - 10.248.0.0/16\n"), "the last known state was not kept: {out}");
+        assert!(!out.contains("- name: new-typo"), "a peer never resolved was published: {out}");
+        assert!(d["refused"].as_mapping().unwrap().is_empty(), "{out}");
     }
 
     /// A remote in tunnel mode (no east-west gateway at all): every node and its pod CIDRs,
