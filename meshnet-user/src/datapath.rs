@@ -581,20 +581,8 @@ struct Hook {
 impl Hook {
     fn before(pins: &Pins, iface: &str, dir: Direction) -> Self {
         let pin = pins.link(iface, dir);
-        let tcx = if pin.exists() {
-            Before::from((|| {
-                let id = FdLink::from(PinnedLink::from_pin(&pin)?).info()?.program_id();
-                let (_, on_iface) = SchedClassifier::query_tcx(iface, dir.tc())?;
-                // A link whose device was renamed away or re-created is not this interface's.
-                Ok(on_iface.iter().any(|p| p.id() == id).then_some(id))
-            })())
-        } else {
-            Before::Nothing
-        };
-        let netlink = Before::from((|| {
-            let index = nix::net::if_::if_nametoindex(iface)?;
-            Ok(crate::netlink::tc_filter_program(index, clsact_parent(dir), NL_PRIORITY, NL_HANDLE.into())?)
-        })());
+        let tcx = if pin.exists() { Before::from(pinned_program_on(&pin, iface, dir)) } else { Before::Nothing };
+        let netlink = Before::from(nix::net::if_::if_nametoindex(iface).map_err(Into::into).and_then(|index| filter_program(index, dir)));
         Self { dir, tcx, netlink }
     }
 
@@ -647,13 +635,21 @@ pub fn runs_ours_on_uplink(pins: &Pins, was: &str, now: &str, index: u32) -> boo
 }
 
 fn runs_ours_on(pins: &Pins, dir: Direction, was: &str, now: &str, index: u32) -> bool {
-    let tcx = (|| -> anyhow::Result<bool> {
-        let id = FdLink::from(PinnedLink::from_pin(pins.link(was, dir))?).info()?.program_id();
-        let (_, on_iface) = SchedClassifier::query_tcx(now, dir.tc())?;
-        Ok(on_iface.iter().any(|p| p.id() == id))
-    })();
-    let netlink = crate::netlink::tc_filter_program(index, clsact_parent(dir), NL_PRIORITY, NL_HANDLE.into());
-    tcx.unwrap_or(false) || netlink.is_ok_and(|id| id.is_some())
+    let runs = |found: anyhow::Result<Option<u32>>| found.is_ok_and(|id| id.is_some());
+    runs(pinned_program_on(&pins.link(was, dir), now, dir)) || runs(filter_program(index, dir))
+}
+
+/// The program of the tcx link pinned at `pin`, if that link is on `iface`: a link follows
+/// the device it was made on, which a rename or a re-created device leaves elsewhere.
+fn pinned_program_on(pin: &Path, iface: &str, dir: Direction) -> anyhow::Result<Option<u32>> {
+    let id = FdLink::from(PinnedLink::from_pin(pin)?).info()?.program_id();
+    let (_, on_iface) = SchedClassifier::query_tcx(iface, dir.tc())?;
+    Ok(on_iface.iter().any(|p| p.id() == id).then_some(id))
+}
+
+/// The program of meshnet's netlink filter on the device at `index`, if it has one.
+fn filter_program(index: u32, dir: Direction) -> anyhow::Result<Option<u32>> {
+    Ok(crate::netlink::tc_filter_program(index, clsact_parent(dir), NL_PRIORITY, NL_HANDLE.into())?)
 }
 
 /// `BPF_PROG_GET_FD_BY_ID`: a reference to a loaded program, which keeps it loaded.

@@ -236,6 +236,15 @@ impl Harness {
         self.maps.nat_rev.get(key, 0).unwrap()
     }
 
+    /// Sets when each half of the TCP flow from `pod` to `remote` through `gw` was last
+    /// seen: the pod's packets (`sent`) and the gateway's replies (`replied`).
+    fn stamp(&mut self, pod: Ep, remote: Ep, gw: Ep, sent: u64, replied: u64) {
+        let (fk, rk) = (flow_key(pod, remote, IPPROTO_TCP), flow_key(gw, pod, IPPROTO_TCP));
+        let (fwd, rev) = (self.fwd_of(&fk), self.rev_of(&rk));
+        self.maps.nat_fwd.insert(fk, NatFwd { last_seen_ns: sent, ..fwd }, 0).unwrap();
+        self.maps.nat_rev.insert(rk, NatRev { last_seen_ns: replied, ..rev }, 0).unwrap();
+    }
+
     /// Sets the up flag of cluster2's gateway at `addr`, the way the agent's health checks do:
     /// by rewriting the peer's whole gateway set.
     fn set_gateway_up(&mut self, addr: [u8; 4], up: bool) {
@@ -1429,13 +1438,7 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     const SEC: u64 = 1_000_000_000;
     let grace = 60 * SEC;
     let t0 = meshnet::dump::monotonic_ns();
-    // When each half was last seen: the pod's packets and the gateway's replies.
-    let stamp = |h: &mut Harness, pod: Ep, sent: u64, replied: u64| {
-        let (fk, rk) = (flow_key(pod, remote, IPPROTO_TCP), flow_key(gw, pod, IPPROTO_TCP));
-        let (fwd, rev) = (h.fwd_of(&fk), h.rev_of(&rk));
-        h.maps.nat_fwd.insert(fk, NatFwd { last_seen_ns: sent, ..fwd }, 0).unwrap();
-        h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: replied, ..rev }, 0).unwrap();
-    };
+    let stamp = |h: &mut Harness, pod: Ep, sent: u64, replied: u64| h.stamp(pod, remote, gw, sent, replied);
     stamp(&mut h, answered, t0 + 100 * SEC, t0 + 100 * SEC);
     stamp(&mut h, unanswered, t0 + 100 * SEC, t0 + 30 * SEC);
     stamp(&mut h, idle, t0, t0);
@@ -1507,12 +1510,7 @@ fn a_gateway_gone_from_the_list_keeps_its_flows_through_the_grace_period() {
     const SEC: u64 = 1_000_000_000;
     let grace = 60 * SEC;
     let t0 = meshnet::dump::monotonic_ns();
-    let stamp = |h: &mut Harness, pod: Ep, sent: u64, replied: u64| {
-        let (fk, rk) = (flow_key(pod, remote, IPPROTO_TCP), flow_key(gw, pod, IPPROTO_TCP));
-        let (fwd, rev) = (h.fwd_of(&fk), h.rev_of(&rk));
-        h.maps.nat_fwd.insert(fk, NatFwd { last_seen_ns: sent, ..fwd }, 0).unwrap();
-        h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: replied, ..rev }, 0).unwrap();
-    };
+    let stamp = |h: &mut Harness, pod: Ep, sent: u64, replied: u64| h.stamp(pod, remote, gw, sent, replied);
     let kept = |h: &Harness, pod: Ep| h.maps.nat_fwd.get(&flow_key(pod, remote, IPPROTO_TCP), 0).is_ok();
     // The peer's list now names another gateway only.
     let moved = Config::from_yaml(&CONFIG.replace("192.0.2.2", "192.0.2.3")).unwrap().desired();

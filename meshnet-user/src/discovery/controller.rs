@@ -316,10 +316,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             Some(msg) = rx.recv() => {
                 // Coalesce bursts (a relist delivers many events) into one publish.
                 if state.handle(msg) {
-                    let now = tokio::time::Instant::now();
-                    // A change while a failed publish waits for its retry goes out within
-                    // RETRY_FIRST, not after the backoff: it may be what the failure needs.
-                    let at = if dirty { debounce.deadline().min(now + RETRY_FIRST) } else { now + Duration::from_millis(50) };
+                    let at = publish_after_change(dirty.then(|| debounce.deadline()), tokio::time::Instant::now());
                     dirty = true;
                     debounce.as_mut().reset(at);
                 }
@@ -831,6 +828,17 @@ struct PublishRetry {
     logged: Option<String>,
 }
 
+/// When to publish after a change, given when a publish was already due (`None`: none is).
+/// Bursts (a relist delivers many events) coalesce into one publish; a change while a failed
+/// publish waits for its retry goes out within [`RETRY_FIRST`], not after the backoff: it
+/// may be what the failure needs.
+fn publish_after_change(due: Option<tokio::time::Instant>, now: tokio::time::Instant) -> tokio::time::Instant {
+    match due {
+        Some(due) => due.min(now + RETRY_FIRST),
+        None => now + Duration::from_millis(50),
+    }
+}
+
 /// The first retry's delay; each failure doubles it, up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -1078,6 +1086,20 @@ mod tests {
         assert!(!r.succeeded());
         assert_eq!(r.failed("403 Forbidden"), (RETRY_FIRST, true), "a success starts over");
         assert_eq!(r.failed("403 Forbidden"), (2 * RETRY_FIRST, false));
+    }
+
+    /// A change is published 50 ms on, with the rest of its burst; one that comes while a failed
+    /// publish waits out its backoff goes within a second, and never later than what was due.
+    #[test]
+    fn a_change_while_a_failed_publish_waits_goes_out_within_a_second() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(publish_after_change(None, now), now + Duration::from_millis(50));
+        assert_eq!(publish_after_change(Some(now + RETRY_MAX), now), now + RETRY_FIRST, "the backoff is not waited out");
+        let mut r = PublishRetry::default();
+        let backoff = (0..10).map(|_| r.failed("403 Forbidden").0).last().unwrap();
+        assert_eq!(publish_after_change(Some(now + backoff), now), now + RETRY_FIRST);
+        let burst = now + Duration::from_millis(50);
+        assert_eq!(publish_after_change(Some(burst), now + Duration::from_millis(10)), burst, "a burst is not put off");
     }
 
     /// A typo in the pod CIDRs annotation must not publish what is left of it: an entry that is
