@@ -409,10 +409,20 @@ pub enum Counter {
     TunnelNotLocal = 28,
     /// A decapsulated packet that could not be delivered (a helper failed); dropped.
     TunnelDecapFailed = 29,
+    /// `delivery: redirect`: an inner destination in this node's pod CIDRs whose route leads
+    /// off the node (through a gateway, or back out of the uplink), so no pod is behind it:
+    /// dropped, never sent on past the forwarding path.
+    TunnelNoPod = 30,
+    /// To the port the uplink program takes while the tunnel settings name another (the
+    /// agent is changing the port), or have none: dropped.
+    TunnelPortChanging = 31,
+    /// From a pod interface, with a source address another pod interface holds, or on a flow
+    /// another interface made: a pod posing as another pod (spoofing); dropped.
+    SpoofedSource = 32,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 33;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -444,6 +454,9 @@ impl Counter {
         Counter::TunnelSpoofedSource,
         Counter::TunnelNotLocal,
         Counter::TunnelDecapFailed,
+        Counter::TunnelNoPod,
+        Counter::TunnelPortChanging,
+        Counter::SpoofedSource,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -480,6 +493,9 @@ impl Counter {
             Counter::TunnelSpoofedSource => "tunnel_spoofed_source",
             Counter::TunnelNotLocal => "tunnel_not_local",
             Counter::TunnelDecapFailed => "tunnel_decap_failed",
+            Counter::TunnelNoPod => "tunnel_no_pod",
+            Counter::TunnelPortChanging => "tunnel_port_changing",
+            Counter::SpoofedSource => "spoofed_source",
         }
     }
 }

@@ -81,8 +81,15 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             // timestamp and flag bits, where a lost update is harmless. The entry is written
             // only when something changed: the clock ticks once a second, so an established
             // flow's packets write nothing in between.
+            let cur = unsafe { *fwd };
+            if cur.ifindex != 0 && cur.ifindex != ifindex(ctx) {
+                // Another interface's flow: a pod posing as another pod, whose close bits and
+                // timestamps it must not touch (a forged RST would get the flow expired).
+                return drop_packet(ctx, Counter::SpoofedSource, &ip, Some(&l4));
+            }
+            // SAFETY: as above.
             let (fwd, idle, rst_was) = unsafe {
-                let mut cur = *fwd;
+                let mut cur = cur;
                 let idle = now.saturating_sub(cur.last_seen_ns) >= limits::HALF_CHECK_NS;
                 let rst_was = cur.flags & FLOW_RST != 0;
                 if cur.ifindex == 0 {
@@ -158,6 +165,9 @@ fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
     let Some(fwd) = fwd else {
         return if is_remote(ip.daddr_be) { drop_packet(ctx, Counter::FragmentDropped, ip, None) } else { PASS };
     };
+    if fwd.ifindex != 0 && fwd.ifindex != ifindex(ctx) {
+        return drop_packet(ctx, Counter::SpoofedSource, ip, None);
+    }
     if parse::set_addr(ctx, Addr::Dst, fwd.gw_addr_be).is_err() {
         return drop_packet(ctx, Counter::RewriteFailed, ip, None);
     }
@@ -340,6 +350,15 @@ fn rewrite_icmp(ctx: &TcContext, e: &parse::IcmpError, rev: &NatRev) -> Result<(
     Ok(())
 }
 
+/// Whether a packet on the pod interface `ifindex` may carry the source `src_be`: not when
+/// the address is another interface's pod (a pod with `CAP_NET_RAW` can write any source),
+/// which would let it claim that pod's reply tuples or speak in its name. An address no pod
+/// interface holds may be a pod the agent has not read yet, and passes.
+#[inline(always)]
+pub(crate) fn may_send_as(src_be: u32, ifindex: u32) -> bool {
+    crate::tunnel::pod_behind(src_be, ifindex) != Some(false)
+}
+
 /// `-E2BIG`: what an insert into a full hash map answers.
 const E2BIG_NEG: i32 = -7;
 
@@ -469,6 +488,9 @@ fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Co
     let Some(route) = ROUTES.get(Key::new(32, key.dst_be)) else {
         return Ok(None);
     };
+    if !may_send_as(key.src_be, ifindex) {
+        return Err((Counter::SpoofedSource, DROP));
+    }
     let peer_id = route.peer_id;
     // SAFETY: PEERS is only replaced whole by user space: the kernel swaps in a new element,
     // and the old one is handed out again only after this RCU read section (freed after a

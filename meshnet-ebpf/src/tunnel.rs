@@ -148,6 +148,9 @@ fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Co
         Some(&id) if id != 0 => id,
         _ => config().ok_or(Counter::TunnelEncapFailed)?.cluster_id,
     };
+    if !sends_as_itself(ip.saddr_be, ifindex(ctx)) {
+        return Err(Counter::SpoofedSource);
+    }
     let tag = mark(ctx);
     let remainder = tag & SPLIT_TAG_MASK == SPLIT_TAG;
     if remainder {
@@ -182,6 +185,21 @@ fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Co
     add_stats(node.stats_slot, u64::from(hdr.tot_len), true);
     count(Counter::TunnelEncap);
     transmit(ctx, node)
+}
+
+/// Whether a pod's packet on `ifindex` carries a source the peer may take for that pod: the
+/// receiving node checks only that the source is one of this cluster's pods, so a pod that
+/// wrote another's address (`CAP_NET_RAW`) would pass NetworkPolicy there in its name. The
+/// source must be the interface's own pod, or, for a pod the agent has not read yet, an
+/// address of this node's pod CIDRs that no pod interface holds.
+#[inline(always)]
+fn sends_as_itself(src_be: u32, ifindex: u32) -> bool {
+    match pod_behind(src_be, ifindex) {
+        Some(own) => own,
+        None => settings().is_some_and(|c| {
+            c.nets[0].contains(src_be) || c.nets[1].contains(src_be) || c.nets[2].contains(src_be) || c.nets[3].contains(src_be)
+        }),
+    }
 }
 
 /// Lowers the MSS of a SYN so that a full segment fits the tunnel toward a link of `mtu`.
@@ -231,7 +249,14 @@ fn fib_lookup_v4(ctx: &TcContext, src_be: u32, dst_be: u32, ifindex: u32, flags:
         }
         let rc = fib_lookup(ctx.skb.skb.cast(), p.as_mut_ptr(), size_of::<bpf_fib_lookup>() as i32, flags) as u32;
         let r = p.as_ptr();
-        NextHop { rc, ifindex: core::ptr::read_volatile(&raw const (*r).ifindex), dmac: (*r).dmac, smac: (*r).smac }
+        NextHop {
+            rc,
+            ifindex: core::ptr::read_volatile(&raw const (*r).ifindex),
+            // The kernel puts a route's gateway where the destination was (offset 32).
+            dst_be: core::ptr::read_volatile(w.add(4).cast::<u32>()),
+            dmac: (*r).dmac,
+            smac: (*r).smac,
+        }
     }
 }
 
@@ -239,6 +264,8 @@ fn fib_lookup_v4(ctx: &TcContext, src_be: u32, dst_be: u32, ifindex: u32, flags:
 struct NextHop {
     rc: u32,
     ifindex: u32,
+    /// The next hop's address: the destination itself on a link, else the route's gateway.
+    dst_be: u32,
     dmac: [u8; 6],
     smac: [u8; 6],
 }
@@ -349,12 +376,13 @@ pub fn decap(ctx: &TcContext) -> i32 {
         Some(&port) if port != 0 && port == u32::from(dport_be) => {}
         _ => return PASS,
     }
-    let Some(cfg) = settings() else {
-        return PASS;
+    // The published port and the settings disagree only while the agent changes them: a
+    // packet to the port the uplink takes is meshnet's either way, and would only meet a
+    // closed port in the stack.
+    let Some(cfg) = settings().filter(|c| c.port_be == dport_be) else {
+        count(Counter::TunnelPortChanging);
+        return DROP;
     };
-    if dport_be != cfg.port_be {
-        return PASS;
-    }
     match decap_or_why(ctx, &ip, &cfg) {
         Ok(verdict) => verdict,
         Err(why) => {
@@ -388,8 +416,6 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
     // segment size; a TCP one gets back the 36 bytes its segments lost.
     let flags = if t.inner_proto == IPPROTO_UDP && is_gso(ctx) { u64::from(BPF_F_ADJ_ROOM_FIXED_GSO) } else { 0 };
     ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags).map_err(|_| Counter::TunnelDecapFailed)?;
-    add_stats(sender.stats_slot, u64::from(t.inner_len), false);
-    count(Counter::TunnelDecap);
     if t.maybe_syn {
         if let Ok(Some(inner)) = parse::ipv4(ctx) {
             if inner.proto == IPPROTO_TCP {
@@ -401,7 +427,10 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
             }
         }
     }
-    Ok(deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be))
+    let verdict = deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be)?;
+    add_stats(sender.stats_slot, u64::from(t.inner_len), false);
+    count(Counter::TunnelDecap);
+    Ok(verdict)
 }
 
 /// Every check of a tunnel packet's sender, in the order that names the reason for refusing
@@ -444,29 +473,42 @@ fn inner_header_ok(t: &parse::TunnelPacket) -> bool {
 /// Hands a decapsulated packet to its pod: straight to the pod's interface when asked and
 /// the kernel can (no netfilter on the way), else through the stack, which routes it as if
 /// it had arrived unencapsulated (FORWARD rules and NetworkPolicy see it).
+///
+/// A redirect bypasses the forwarding path, TTL and FORWARD rules included, so it may only
+/// reach a pod: an address of the node's pod CIDRs whose route leads off the node (through a
+/// gateway, or back out of the uplink) has no pod behind it and is refused, where the stack
+/// would have sent it on. A pod the agent has not read yet still gets through: its route is
+/// a link of the node (its own veth on a routed CNI, the bridge otherwise).
 #[inline(always)]
-fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> i32 {
+fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> Result<i32, Counter> {
     if cfg.flags & TUN_DELIVER_REDIRECT == 0 {
-        return TC_ACT_OK;
+        return Ok(TC_ACT_OK);
     }
     // Out of the pod's own port: through a bridge (the route's device behind most CNIs) a GSO
     // packet would be segmented in software (see `names::TUN_PORTS`).
     if let Some(p) = pod_port(dst_be) {
         if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() {
             // SAFETY: a helper call with plain values.
-            return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
+            return Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32);
         }
     }
     let hop = fib_lookup_v4(ctx, src_be, dst_be, ifindex(ctx), 0);
-    if have_redirect_neigh() && (hop.rc == BPF_FIB_LKUP_RET_SUCCESS || hop.rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+    let found = hop.rc == BPF_FIB_LKUP_RET_SUCCESS || hop.rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+    // Before 5.10 a lookup that finds no neighbour leaves the interface as it was given (the
+    // uplink); such kernels have no `bpf_redirect_neigh` either, and pass it to the stack.
+    let knows_device = hop.rc == BPF_FIB_LKUP_RET_SUCCESS || have_redirect_neigh();
+    if found && (hop.dst_be != dst_be || (knows_device && hop.ifindex == ifindex(ctx))) {
+        return Err(Counter::TunnelNoPod);
+    }
+    if have_redirect_neigh() && found {
         // SAFETY: a helper call without a next hop: the kernel resolves the pod's address.
-        return unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+        return Ok(unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
     }
     if hop.rc == BPF_FIB_LKUP_RET_SUCCESS && parse::set_macs(ctx, hop.dmac, hop.smac).is_ok() {
         // SAFETY: a helper call with plain values.
-        return unsafe { bpf_redirect(hop.ifindex, 0) } as i32;
+        return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
     }
-    TC_ACT_OK
+    Ok(TC_ACT_OK)
 }
 
 /// The interface of the pod at `addr_be`: from its slot (`names::TUN_PORT_SLOTS`, an array
@@ -493,6 +535,20 @@ pub(crate) fn pod_port(addr_be: u32) -> Option<PodPort> {
     }
     // SAFETY: a read-only copy of a value from a successful lookup.
     unsafe { TUN_PORTS.get(&addr_be) }.copied()
+}
+
+/// Whether the pod at `addr_be` is the one behind the pod interface `ifindex` (`None`: no
+/// pod interface holds the address). A slot that names another interface may be stale (an
+/// agent that crashed between its writes of the hash and the slot): the hash decides then,
+/// a lookup that only a packet from another interface's address pays.
+#[inline(always)]
+pub(crate) fn pod_behind(addr_be: u32, ifindex: u32) -> Option<bool> {
+    match pod_port(addr_be) {
+        Some(p) if p.ifindex == ifindex => Some(true),
+        // SAFETY: a read-only copy of a value from a successful lookup.
+        Some(_) => Some(unsafe { TUN_PORTS.get(&addr_be) }.is_some_and(|p| p.ifindex == ifindex)),
+        None => None,
+    }
 }
 
 /// Whether `addr_be` is one of this node's pods: inside its pod CIDRs, and neither one of the

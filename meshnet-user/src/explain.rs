@@ -612,11 +612,12 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
                 "tunnel port: the settings say UDP {port}, but the port published to the uplink program ({}) is {taken}",
                 names::TUN_FAST
             ));
-            ex.finish(
-                Verdict::PassNotMeshnet,
-                &[],
-                "passes unchanged: the uplink program takes no port the settings do not name (a change the agent's next sync completes)",
-            );
+            let why = if taken == "none" {
+                "passes unchanged: the uplink program takes no port (a change the agent's next sync completes)".to_string()
+            } else {
+                format!("passes unchanged: the uplink program takes {taken} only, and drops what it gets there while the settings name another port (tunnel_port_changing), until the agent's next sync completes the change")
+            };
+            ex.finish(Verdict::PassNotMeshnet, &[], why);
             return ex;
         }
         _ => ex.step(format!("tunnel port: UDP {port} (anything to another port passes untouched)")),
@@ -658,7 +659,7 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
         u32::from_be(n.mask_be).count_ones()
     ));
     let how = if cfg.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 {
-        "straight to the pod's interface, past netfilter (out of the pod's own port when mn_tun_ports_v1 holds the pod's address, else along the node's route)"
+        "straight to the pod's interface, past netfilter (out of the pod's own port when mn_tun_ports_v1 holds the pod's address, else along the node's route if it stays on this node: one through a gateway or back out of the uplink has no pod behind it, and the packet is dropped, tunnel_no_pod)"
     } else {
         "through the node's stack, as if it had arrived unencapsulated: routing, FORWARD rules and NetworkPolicy see it"
     };

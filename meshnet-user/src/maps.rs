@@ -1053,6 +1053,10 @@ pub fn take_stats(ebpf: &mut aya::Ebpf) -> anyhow::Result<Stats> {
 pub fn sum_stats(stats: &Stats) -> anyhow::Result<BTreeMap<&'static str, u64>> {
     let mut out = BTreeMap::new();
     for c in Counter::ALL {
+        if c as u32 >= stats.len() {
+            // Pins of an older agent, which had fewer counters (`maps dump` run by a newer CLI).
+            continue;
+        }
         let values = stats.get(&(c as u32), 0).with_context(|| format!("reading counter {}", c.name()))?;
         out.insert(c.name(), values.iter().sum());
     }

@@ -876,6 +876,51 @@ fn malformed_variants(good: &[u8]) -> Vec<(String, Vec<u8>)> {
 /// (with the ports) like any packet of its flow, the later ones by the ports their first
 /// fragment carried (tracked by source, destination, IP id and protocol). A later fragment
 /// whose first fragment was not seen is dropped and counted; replies come back the same way.
+/// A pod may not act on another pod's flows nor open flows in its name (a pod with
+/// `CAP_NET_RAW` writes any source): a forged RST would get the victim's idle connection
+/// expired, and flows opened in its name would take the reply tuples its own connections
+/// need. TEST_RUN runs every packet on the loopback (index 1): the victim's interface is
+/// made another one (7) in the flow map and the port table.
+#[test]
+fn a_pod_cannot_act_on_another_pods_flows_nor_open_flows_in_its_name() {
+    let mut h = Harness::new(CONFIG);
+    let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
+    let victim = (POD, 42001);
+    h.expect("the victim's SYN", FROM_POD, &pkt(victim, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    let (fk, rk) = (flow_key(victim, remote, IPPROTO_TCP), flow_key(gw, victim, IPPROTO_TCP));
+    assert_eq!(h.fwd_of(&fk).ifindex, 1, "the flow is its interface's");
+    let fwd = NatFwd { ifindex: 7, ..h.fwd_of(&fk) };
+    h.maps.nat_fwd.insert(fk, fwd, 0).unwrap();
+    let rev = h.rev_of(&rk);
+    for (what, l4) in [("a forged RST", L4::Tcp(RST | ACK)), ("a forged FIN", L4::Tcp(FIN | ACK)), ("forged data", L4::Tcp(PSH | ACK))] {
+        let out = h.expect(what, FROM_POD, &pkt(victim, remote, l4, PAYLOAD), SHOT, &[("spoofed_source", 1)]);
+        assert_bytes_eq(what, &out, &pkt(victim, remote, l4, PAYLOAD));
+        assert_eq!((h.fwd_of(&fk), h.rev_of(&rk)), (fwd, rev), "{what}: the flow is untouched");
+    }
+    let first = first_fragment(victim, remote, L4::Tcp(ACK), &[0xab; 64]);
+    h.expect("a forged first fragment", FROM_POD, &first, SHOT, &[("spoofed_source", 1)]);
+    // The victim's own packets, on its interface, would still pass: its flow is as it was.
+    assert_eq!(h.fwd_of(&fk).flags & FLOW_RST, 0);
+
+    // New flows in the victim's name: refused while its address is another interface's pod.
+    let mut tunnel = meshnet::tunnel::TunnelMaps::from_ebpf(&mut h.ebpf).unwrap();
+    let port = |ifindex| meshnet_common::PodPort { ifindex, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), port(7))])).unwrap();
+    let flows = h.flow_counts();
+    for sport in [42002, 42003] {
+        h.expect("a SYN in the victim's name", FROM_POD, &pkt((POD, sport), remote, L4::Tcp(SYN), b""), SHOT, &[("spoofed_source", 1)]);
+    }
+    h.expect("UDP in the victim's name", FROM_POD, &pkt((POD, 5353), (REMOTE, 53), L4::Udp, b"q"), SHOT, &[("spoofed_source", 1)]);
+    assert_eq!(h.flow_counts(), flows, "no flow was opened in the victim's name");
+    // An address no pod interface holds may be a pod the agent has not read yet.
+    h.expect("an address no interface holds", FROM_POD, &pkt((LOCAL_POD, 42004), remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    // Traffic meshnet does not own is not its to judge.
+    h.expect_unchanged("to a pod of this cluster", FROM_POD, &pkt((POD, 42005), (LOCAL_POD, 80), L4::Tcp(SYN), b""), &[]);
+    // On its own interface the address opens flows again.
+    tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), port(1))])).unwrap();
+    h.expect("the pod itself", FROM_POD, &pkt((POD, 42006), remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+}
+
 #[test]
 fn fragments_to_remote_pods_are_translated() {
     let h = Harness::new(CONFIG);

@@ -83,7 +83,7 @@ struct Harness {
     /// peer nodes as permanent neighbours, so that the FIB lookup of kernels without
     /// `bpf_redirect_neigh` finds a complete path (no route to the pods: delivery along the
     /// route passes decapsulated packets to the stack here).
-    _ns: NetNs,
+    ns: NetNs,
     ebpf: Ebpf,
     _maps: ControlMaps,
     tunnel: TunnelMaps,
@@ -132,7 +132,7 @@ impl Harness {
         let report = tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
         assert_eq!((report.routes_written, report.nodes_written), (2, 2), "{report:?}");
         let stats = maps::take_stats(&mut ebpf).unwrap();
-        Self { _ns: ns, ebpf, _maps: maps, tunnel, uplink: ifindex, stats }
+        Self { ns, ebpf, _maps: maps, tunnel, uplink: ifindex, stats }
     }
 
     fn try_run(&self, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
@@ -607,6 +607,50 @@ fn a_pod_in_the_port_table_gets_its_packets_out_of_its_own_port() {
     h.expect("a pod no longer in the table", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
 }
 
+/// Delivery by redirect bypasses the node's forwarding (its TTL and FORWARD rules): it may
+/// hand a packet only to something on this node. An address of the node's pod CIDRs that no
+/// pod holds, whose route leads through a gateway, is dropped and counted, where the stack
+/// would have sent it on to the LAN; one whose route is a link of the node (a pod the agent
+/// has not read yet) is still redirected there.
+#[test]
+fn delivery_by_redirect_never_sends_a_packet_off_the_node() {
+    let h = Harness::new();
+    let free = [10, 244, 0, 77];
+    let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, free, 53, 5000, b"x"));
+    h.expect("no route", names::PROG_TUNNEL_IN, &pkt, OK, &[("tunnel_decap", 1)]);
+    // The node's default route, through a router of the LAN.
+    h.ns.ip(&format!("neigh replace 192.0.2.254 lladdr {} dev {LINK} nud permanent", mac(PEER_MAC)));
+    h.ns.ip(&format!("route add default via 192.0.2.254 dev {LINK}"));
+    h.expect("a route through a gateway", names::PROG_TUNNEL_IN, &pkt, SHOT, &[("tunnel_no_pod", 1)]);
+    assert_eq!(h.peer_stats().rx_packets, 1, "only delivered packets are counted as received");
+    // A pod the agent has not read yet: its route is a link of the node.
+    h.ns.ip("link add tpv0 type veth peer name tpv1");
+    h.ns.ip("link set tpv0 up");
+    h.ns.ip("link set tpv1 up");
+    h.ns.ip("route add 10.244.0.64/26 dev tpv0");
+    h.ns.ip("neigh replace 10.244.0.77 lladdr 02:00:00:00:00:4d dev tpv0 nud permanent");
+    h.expect("a route on a link of the node", names::PROG_TUNNEL_IN, &pkt, REDIRECT, &[("tunnel_decap", 1)]);
+}
+
+/// A pod may send through the tunnel only as itself: the peer node checks no more than that
+/// the source is one of this cluster's pods, and NetworkPolicy there trusts it.
+#[test]
+fn a_pod_cannot_send_through_the_tunnel_as_another_pod() {
+    let mut h = Harness::new();
+    let inner = |src| udp(src, REMOTE, 5000, 53, b"query");
+    // TEST_RUN runs on the namespace's loopback, index 1: that is the sending pod's interface.
+    let own = PodPort { ifindex: 1, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    let other = PodPort { ifindex: 7, ..own };
+    let neighbour = [10, 244, 0, 11];
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), own), (Ipv4Addr::from(neighbour), other)])).unwrap();
+    h.expect("as itself", names::PROG_FROM_POD, &inner(POD), REDIRECT, &[("tunnel_encap", 1)]);
+    h.expect("as the pod of another interface", names::PROG_FROM_POD, &inner(neighbour), SHOT, &[("spoofed_source", 1)]);
+    // An address no interface holds: a pod not read yet, if it is in this node's pod CIDRs.
+    h.expect("as a pod not read yet", names::PROG_FROM_POD, &inner([10, 244, 0, 12]), REDIRECT, &[("tunnel_encap", 1)]);
+    h.expect("as a pod of another node", names::PROG_FROM_POD, &inner(OTHER_NODE_POD), SHOT, &[("spoofed_source", 1)]);
+    h.expect("as an address outside the cluster", names::PROG_FROM_POD, &inner([192, 168, 1, 1]), SHOT, &[("spoofed_source", 1)]);
+}
+
 /// The port table's slots (`names::TUN_PORT_SLOTS`): the decapsulating program takes a pod's
 /// port from its slot only when the slot names that pod and its seqlock vouches for the read;
 /// anything else, a slot another pod holds included, is looked up in the hash.
@@ -830,8 +874,10 @@ fn traffic_not_for_the_tunnel_port_passes_untouched() {
 
 /// The uplink program takes UDP only to the port the agent publishes beside the settings
 /// (`names::TUN_FAST`), so that the node's other UDP traffic costs no hash lookup. A port
-/// change moves it, removing the settings clears it, and a published port that is not the
-/// settings' (a change half done) makes the program pass packets rather than take them.
+/// change moves it, removing the settings clears it, and while a published port is not the
+/// settings' (a change half done) the program takes no packet to the settings' port, and
+/// drops, counted, what comes to the published one (meshnet's either way, which the stack
+/// would answer from a closed port).
 #[test]
 fn the_uplink_takes_only_the_port_published_with_the_settings() {
     use meshnet::explain::{explain_decap, Proto, Query, Snapshot, Verdict};
@@ -870,7 +916,11 @@ fn the_uplink_takes_only_the_port_published_with_the_settings() {
     // says the same; the next sync puts only the port right.
     for published in [PORT, 0] {
         h.tunnel.fast.as_mut().unwrap().set(tun_fast::PORT, u32::from(published.to_be()), 0).unwrap();
-        passes(&h, &format!("published {published}: to {PORT}"), &to(PORT));
+        if published == 0 {
+            passes(&h, &format!("published {published}: to {PORT}"), &to(PORT));
+        } else {
+            h.expect(&format!("published {published}: to {PORT}"), names::PROG_TUNNEL_IN, &to(PORT), SHOT, &[("tunnel_port_changing", 1)]);
+        }
         passes(&h, &format!("published {published}: to the settings' {MOVED}"), &to(MOVED));
         assert_eq!(explained(&h), Verdict::PassNotMeshnet, "published {published}");
         let report = h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
