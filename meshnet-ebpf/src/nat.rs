@@ -82,20 +82,19 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             // only when something changed: the clock ticks once a second, so an established
             // flow's packets write nothing in between.
             let cur = unsafe { *fwd };
-            if cur.ifindex != 0 && cur.ifindex != ifindex(ctx) {
+            let Some(owner) = flow_owner(cur.ifindex, ip.saddr_be, ifindex(ctx)) else {
                 // Another interface's flow: a pod posing as another pod, whose close bits and
                 // timestamps it must not touch (a forged RST would get the flow expired).
                 return drop_packet(ctx, Counter::SpoofedSource, &ip, Some(&l4));
-            }
+            };
             // SAFETY: as above.
             let (fwd, idle, rst_was) = unsafe {
                 let mut cur = cur;
                 let idle = now.saturating_sub(cur.last_seen_ns) >= limits::HALF_CHECK_NS;
                 let rst_was = cur.flags & FLOW_RST != 0;
-                if cur.ifindex == 0 {
-                    // Migrated from a release that did not record it.
-                    cur.ifindex = ifindex(ctx);
-                    (*fwd).ifindex = cur.ifindex;
+                if cur.ifindex != owner {
+                    cur.ifindex = owner;
+                    (*fwd).ifindex = owner;
                 }
                 if now > cur.last_seen_ns {
                     cur.last_seen_ns = now;
@@ -165,7 +164,7 @@ fn later_fragment_fwd(ctx: &TcContext, ip: &Ipv4) -> i32 {
     let Some(fwd) = fwd else {
         return if is_remote(ip.daddr_be) { drop_packet(ctx, Counter::FragmentDropped, ip, None) } else { PASS };
     };
-    if fwd.ifindex != 0 && fwd.ifindex != ifindex(ctx) {
+    if flow_owner(fwd.ifindex, ip.saddr_be, ifindex(ctx)).is_none() {
         return drop_packet(ctx, Counter::SpoofedSource, ip, None);
     }
     if parse::set_addr(ctx, Addr::Dst, fwd.gw_addr_be).is_err() {
@@ -357,6 +356,23 @@ fn rewrite_icmp(ctx: &TcContext, e: &parse::IcmpError, rev: &NatRev) -> Result<(
 #[inline(always)]
 pub(crate) fn may_send_as(src_be: u32, ifindex: u32) -> bool {
     crate::tunnel::pod_behind(src_be, ifindex) != Some(false)
+}
+
+/// The interface a flow belongs to once a packet of it from `src_be` came in on `ifindex`
+/// (`None`: not to this one; the packet is another pod's in its name). A flow made on another
+/// interface passes to this one when its source is this interface's pod: the other one is
+/// gone (a pod re-created with its address, which may reopen the same tuple while the old
+/// flow lives on), or its flow was opened from an address no pod held yet. Flows of releases
+/// that did not record the interface (0) go to the first that sends on them.
+#[inline(always)]
+fn flow_owner(flow_ifindex: u32, src_be: u32, ifindex: u32) -> Option<u32> {
+    (flow_ifindex == 0 || flow_ifindex == ifindex || may_send_as_itself(src_be, ifindex)).then_some(ifindex)
+}
+
+/// Whether `src_be` is the pod behind the pod interface `ifindex`, as the agent read it.
+#[inline(always)]
+fn may_send_as_itself(src_be: u32, ifindex: u32) -> bool {
+    crate::tunnel::pod_behind(src_be, ifindex) == Some(true)
 }
 
 /// `-E2BIG`: what an insert into a full hash map answers.

@@ -191,14 +191,13 @@ fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Co
 /// receiving node checks only that the source is one of this cluster's pods, so a pod that
 /// wrote another's address (`CAP_NET_RAW`) would pass NetworkPolicy there in its name. The
 /// source must be the interface's own pod, or, for a pod the agent has not read yet, an
-/// address of this node's pod CIDRs that no pod interface holds.
+/// address of this node's pod CIDRs that no pod interface holds and that could be a pod's
+/// (not the node's own there, nor a CIDR's network or broadcast address).
 #[inline(always)]
 fn sends_as_itself(src_be: u32, ifindex: u32) -> bool {
     match pod_behind(src_be, ifindex) {
         Some(own) => own,
-        None => settings().is_some_and(|c| {
-            c.nets[0].contains(src_be) || c.nets[1].contains(src_be) || c.nets[2].contains(src_be) || c.nets[3].contains(src_be)
-        }),
+        None => settings().is_some_and(|c| is_node_local(&c, src_be)),
     }
 }
 
@@ -249,14 +248,7 @@ fn fib_lookup_v4(ctx: &TcContext, src_be: u32, dst_be: u32, ifindex: u32, flags:
         }
         let rc = fib_lookup(ctx.skb.skb.cast(), p.as_mut_ptr(), size_of::<bpf_fib_lookup>() as i32, flags) as u32;
         let r = p.as_ptr();
-        NextHop {
-            rc,
-            ifindex: core::ptr::read_volatile(&raw const (*r).ifindex),
-            // The kernel puts a route's gateway where the destination was (offset 32).
-            dst_be: core::ptr::read_volatile(w.add(4).cast::<u32>()),
-            dmac: (*r).dmac,
-            smac: (*r).smac,
-        }
+        NextHop { rc, ifindex: core::ptr::read_volatile(&raw const (*r).ifindex), dmac: (*r).dmac, smac: (*r).smac }
     }
 }
 
@@ -264,8 +256,6 @@ fn fib_lookup_v4(ctx: &TcContext, src_be: u32, dst_be: u32, ifindex: u32, flags:
 struct NextHop {
     rc: u32,
     ifindex: u32,
-    /// The next hop's address: the destination itself on a link, else the route's gateway.
-    dst_be: u32,
     dmac: [u8; 6],
     smac: [u8; 6],
 }
@@ -474,11 +464,12 @@ fn inner_header_ok(t: &parse::TunnelPacket) -> bool {
 /// the kernel can (no netfilter on the way), else through the stack, which routes it as if
 /// it had arrived unencapsulated (FORWARD rules and NetworkPolicy see it).
 ///
-/// A redirect bypasses the forwarding path, TTL and FORWARD rules included, so it may only
-/// reach a pod: an address of the node's pod CIDRs whose route leads off the node (through a
-/// gateway, or back out of the uplink) has no pod behind it and is refused, where the stack
-/// would have sent it on. A pod the agent has not read yet still gets through: its route is
-/// a link of the node (its own veth on a routed CNI, the bridge otherwise).
+/// A redirect bypasses the forwarding path, TTL and FORWARD rules included, so it must not
+/// send a packet back out of the uplink it came in on: an address of the node's pod CIDRs
+/// routed there has no pod behind it (a node whose bridge does not exist yet, or a default
+/// route), and is refused, where the stack would have sent it on to the LAN. A pod the agent
+/// has not read yet still gets through, along its route (its own veth on a routed CNI, the
+/// bridge otherwise).
 #[inline(always)]
 fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> Result<i32, Counter> {
     if cfg.flags & TUN_DELIVER_REDIRECT == 0 {
@@ -497,7 +488,7 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> Res
     // Before 5.10 a lookup that finds no neighbour leaves the interface as it was given (the
     // uplink); such kernels have no `bpf_redirect_neigh` either, and pass it to the stack.
     let knows_device = hop.rc == BPF_FIB_LKUP_RET_SUCCESS || have_redirect_neigh();
-    if found && (hop.dst_be != dst_be || (knows_device && hop.ifindex == ifindex(ctx))) {
+    if found && knows_device && hop.ifindex == ifindex(ctx) {
         return Err(Counter::TunnelNoPod);
     }
     if have_redirect_neigh() && found {
@@ -546,7 +537,7 @@ pub(crate) fn pod_behind(addr_be: u32, ifindex: u32) -> Option<bool> {
     match pod_port(addr_be) {
         Some(p) if p.ifindex == ifindex => Some(true),
         // SAFETY: a read-only copy of a value from a successful lookup.
-        Some(_) => Some(unsafe { TUN_PORTS.get(&addr_be) }.is_some_and(|p| p.ifindex == ifindex)),
+        Some(_) => unsafe { TUN_PORTS.get(&addr_be) }.map(|p| p.ifindex == ifindex),
         None => None,
     }
 }

@@ -916,9 +916,13 @@ fn a_pod_cannot_act_on_another_pods_flows_nor_open_flows_in_its_name() {
     h.expect("an address no interface holds", FROM_POD, &pkt((LOCAL_POD, 42004), remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
     // Traffic meshnet does not own is not its to judge.
     h.expect_unchanged("to a pod of this cluster", FROM_POD, &pkt((POD, 42005), (LOCAL_POD, 80), L4::Tcp(SYN), b""), &[]);
-    // On its own interface the address opens flows again.
+    // On its own interface the address opens flows again, and takes over a flow another
+    // interface made in its name (as a pod re-created with its address, on a new interface,
+    // may reopen a tuple the old flow still holds).
     tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), port(1))])).unwrap();
     h.expect("the pod itself", FROM_POD, &pkt((POD, 42006), remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    h.expect("the pod itself, on the old flow", FROM_POD, &pkt(victim, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
+    assert_eq!(h.fwd_of(&fk).ifindex, 1, "the flow is its interface's now");
 }
 
 #[test]
