@@ -824,6 +824,27 @@ fn mesh_networks_keep_each_network_its_own_cluster() {
     assert!(out.stderr.contains("a remote secret names this cluster; skipping it"), "{}", out.stderr);
 }
 
+/// A remote whose gateway node's address is the metadata service's, or a Node's of this
+/// cluster, gets no gateway in meshNetworks: the output says which and why.
+#[test]
+fn mesh_networks_leave_out_a_remotes_gateway_at_a_reserved_or_local_address() {
+    let m = Mesh::new();
+    for (ip, why) in [
+        ("169.254.169.254", "169.254.169.254 is not a unicast address of a remote node (link-local)"),
+        ("10.20.144.83", "10.20.144.83 is an address of node node1 of the local cluster"),
+    ] {
+        m.remote.apply(node("node2", ip, "10.245.0.0/24"));
+        let out = mesh_networks_cmd(&m, "--apply");
+        assert!(out.ok, "{ip}: {}", out.stderr);
+        assert!(out.stdout.contains(&format!("# cluster2: gateway {ip} left out: {why}\n")), "{ip}: {}", out.stdout);
+        assert!(out.stdout.contains("# cluster2: network network2 left out: no usable gateway\n"), "{ip}: {}", out.stdout);
+        let cm = m.local.get("v1", "ConfigMap", Some("istio-system"), "istio").unwrap();
+        let applied: Value = serde_yaml::from_str(cm["data"]["meshNetworks"].as_str().unwrap()).unwrap();
+        assert!(applied["networks"].get("network2").is_none(), "{ip}: {applied:?}");
+        assert_eq!(applied["networks"]["network1"]["gateways"][0]["address"], "10.20.144.83", "{ip}: {applied:?}");
+    }
+}
+
 /// `--apply` is a read-modify-write of the istio ConfigMap: an edit that lands after the
 /// read and before the write is not lost; the write is refused instead.
 #[test]
@@ -1111,6 +1132,42 @@ fn a_bad_mesh_networks_entry_spoils_only_itself() {
         &["10.245.0.0/24 cluster2 10.20.144.165:32999", "10.254.0.0/16 good 10.20.144.175:30443"],
         "an update after the bad entries",
     );
+}
+
+/// A typo in Istio's meshNetworks, or the istio ConfigMap deleted (an Istio reinstall does
+/// it), withdraws no hand-written peer from the agents, nor does a controller restart
+/// meanwhile: it stays, stale, with the reason. A controller that starts without the
+/// ConfigMap (Istio gone for good) publishes none.
+#[test]
+fn an_unreadable_or_deleted_mesh_networks_keeps_the_hand_written_peers() {
+    let m = Mesh::new();
+    m.local.apply(istio_configmap("networks:\n  hand:\n    endpoints: [{fromCidr: 10.254.0.0/16}]\n    gateways: [{address: 10.20.144.175, port: 30443}]\n"));
+    let mut controller = m.controller(&[]);
+    let _agent = m.agent();
+    let both = ["10.245.0.0/24 cluster2 10.20.144.165:32361", "10.254.0.0/16 hand 10.20.144.175:30443"];
+    m.wait_routes(&both, "the hand-written network");
+    m.local.apply(istio_configmap("networks:\n  hand: {endpoints: [{fromCidr: 10.254.0.0/16}]\n"));
+    for (what, said) in [("a typo", "meshNetworks is not valid YAML"), ("the ConfigMap deleted", "the istio ConfigMap is gone")] {
+        if what == "the ConfigMap deleted" {
+            m.local.delete("v1", "ConfigMap", Some("istio-system"), "istio");
+        }
+        let seen = poll(WAIT, || m.published().filter(|(_, s)| s["hand"]["error"].as_str().is_some_and(|e| e.contains(said))));
+        let (peers, status) = seen.unwrap_or_else(|| panic!("{what}: the status never said so: {:?}", m.published()));
+        assert_eq!(status["hand"]["stale"], true, "{what}: {status:?}");
+        assert!(peers.as_array().unwrap().iter().any(|p| p["name"] == "hand"), "{what}: withdrawn: {peers:?}");
+        assert_eq!(m.routes(), both, "{what}");
+        if what == "a typo" {
+            // A new controller starts from what was published: its first publish keeps it.
+            drop(controller);
+            controller = m.controller(&[]);
+            let stale = poll(WAIT, || Some(m.http(9465, "/readyz")).filter(|r| r.contains("stale peers: hand")));
+            assert!(stale.is_some(), "a restarted controller dropped it: {}", m.http(9465, "/readyz"));
+            assert_eq!(m.routes(), both, "after a restart");
+        }
+    }
+    drop(controller);
+    let _controller = m.controller(&[]);
+    m.wait_routes(&both[..1], "a controller started without the ConfigMap");
 }
 
 /// The agent follows the published object peer by peer: garbage, a deleted object or one

@@ -131,6 +131,12 @@ struct State {
     /// `None` until the watch synced; then the ConfigMap, if it exists.
     #[expect(clippy::option_option, reason = "not synced yet differs from synced and absent")]
     istio: Option<Option<ConfigMap>>,
+    /// The last known peer of each hand-written network (see `desired::Inputs::hand`): at
+    /// the start, every published peer, which the first readable `meshNetworks` narrows, or
+    /// none when the ConfigMap is missing then.
+    hand: BTreeMap<String, RawPeer>,
+    /// The warnings (an unreadable `meshNetworks`, ...) as last logged.
+    warned: Vec<String>,
     /// The last good peer of each remote: published while it is stale or not yet synced.
     last_good: BTreeMap<String, RawPeer>,
     /// What this replica last wrote (or saw written) of each object: `peers.yaml`, then
@@ -225,6 +231,8 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         local: None,
         clashes: BTreeMap::new(),
         istio: None,
+        hand: BTreeMap::new(),
+        warned: Vec::new(),
         last_good: BTreeMap::new(),
         published: (None, None),
         holds_written: None,
@@ -260,6 +268,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             let peers = cm.as_ref().map(published::readable_peers).unwrap_or_default();
             info!(peers = peers.len(), held = record.len().saturating_sub(peers.len()), "starting from the published peers");
             state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
+            state.hand.clone_from(&state.last_good);
             state.published_peers = record;
             state.listed = listed;
             state.published_seen = true;
@@ -376,7 +385,15 @@ impl State {
             Msg::LocalNodes(Update::Snapshot(nodes)) => {
                 self.local = Some(nodes.iter().map(|(name, n)| LocalNode::of(name, n)).collect());
             }
-            Msg::Istio(Update::Snapshot(cms)) => self.istio = Some(cms.values().next().cloned()),
+            Msg::Istio(Update::Snapshot(cms)) => {
+                let cm = cms.values().next().cloned();
+                // Its deletion keeps the networks it gave only once this replica has seen it:
+                // a controller started without it (Istio gone for good) publishes none.
+                if cm.is_none() && self.istio.is_none() {
+                    self.hand.clear();
+                }
+                self.istio = Some(cm);
+            }
             // A replica that does not lead follows the leader's writes; the leader keeps its own
             // record, which no hand edit or deposed leader's late write may rewrite.
             Msg::Published(Update::Snapshot(cms)) => {
@@ -584,13 +601,16 @@ impl State {
                 service_cidrs: &self.opts.service_cidrs,
                 local: self.local.as_deref().unwrap_or_default(),
                 istio: self.istio.as_ref().and_then(Option::as_ref),
+                hand: &self.hand,
                 last_good: &self.last_good,
                 published: &self.published_peers,
             })
         };
-        for w in &d.warnings {
+        for w in d.warnings.iter().filter(|w| !self.warned.contains(w)) {
             warn!("{w}");
         }
+        self.warned.clone_from(&d.warnings);
+        self.hand.clone_from(&d.hand);
         self.last_good.extend(d.resolved.iter().map(|(n, p)| (n.clone(), p.clone())));
         for (name, why) in &d.refused {
             if self.refusals.get(name) != Some(why) {
@@ -753,7 +773,7 @@ struct Duplicate {
 }
 
 /// What one remote secret's key asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 struct Wanted {
     /// `namespace/secret[key]`.
     origin: String,
@@ -764,6 +784,20 @@ struct Wanted {
     /// The allow-list annotation: `Err` when it is unreadable, which refuses the peer.
     allowed: Option<Result<Vec<Ipv4Net>, String>>,
     mode_annotation: Option<String>,
+}
+
+/// The kubeconfig holds a token or a client key: a `{:?}` in a log line or a panic message
+/// must not print it.
+impl std::fmt::Debug for Wanted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wanted")
+            .field("origin", &self.origin)
+            .field("text", &format_args!("<redacted, {} bytes>", self.text.len()))
+            .field("pod_cidrs", &self.pod_cidrs)
+            .field("allowed", &self.allowed)
+            .field("mode_annotation", &self.mode_annotation)
+            .finish()
+    }
 }
 
 /// The cluster names that more than one of `secrets` (by name) holds a key for, with why.
@@ -1064,6 +1098,21 @@ mod tests {
         let (wanted, refused) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
         assert_eq!(wanted.len(), 2);
         assert!(refused.is_empty());
+    }
+
+    /// Nothing that prints a remote secret's key for a log line or a failed assertion shows
+    /// its credentials.
+    #[test]
+    fn a_wanted_remote_never_prints_its_kubeconfig() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.planted-token";
+        let mut secrets: BTreeMap<String, Secret> = [secret("s", &["cluster2"], &[])].into();
+        let data = secrets.get_mut("s").and_then(|s| s.data.as_mut()).unwrap();
+        let text = format!("users:\n- name: u\n  user:\n    token: {token}\n");
+        data.insert("cluster2".into(), k8s_openapi::ByteString(text.clone().into_bytes()));
+        let (wanted, _) = wanted_remotes("istio-system", &secrets);
+        let shown = format!("{wanted:?}");
+        assert!(!shown.contains("planted-token"), "{shown}");
+        assert!(shown.contains(&format!("<redacted, {} bytes>", text.len())) && shown.contains("istio-system/s[cluster2]"), "{shown}");
     }
 
     /// A persistent error is retried less and less often, up to half a minute apart, and

@@ -52,6 +52,9 @@ pub struct Inputs<'a> {
     pub local: &'a [LocalNode],
     /// Istio's ConfigMap, for networks written by hand in its `meshNetworks`.
     pub istio: Option<&'a ConfigMap>,
+    /// The last known peer of each hand-written network: kept, stale, while `meshNetworks` (or
+    /// that network's entry) is unreadable or the ConfigMap is gone. See [`hand_written`].
+    pub hand: &'a BTreeMap<String, RawPeer>,
     /// The last good peer of each remote, published while it is stale or unresolvable.
     pub last_good: &'a BTreeMap<String, RawPeer>,
     /// What each peer was last published with (the controller keeps each while the peer is
@@ -77,6 +80,9 @@ pub struct Desired {
     pub clashes: BTreeMap<String, String>,
     /// Inputs wrong as a whole, not as one peer (an unreadable `meshNetworks`).
     pub warnings: Vec<String>,
+    /// The last known peer of each hand-written network, for the next [`Inputs::hand`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub hand: BTreeMap<String, RawPeer>,
 }
 
 /// Why `p` must not be published, if it must not: the agent's own validator (so that no agent
@@ -185,6 +191,52 @@ fn reserved_for(i: &Inputs<'_>, name: &str) -> Reserved {
     Reserved { service_cidrs: i.service_cidrs.to_vec(), local_addresses: resolve::unheld_addresses(i.local, i.published.get(name)) }
 }
 
+/// The networks written by hand in Istio's `meshNetworks` (for clusters without a secret),
+/// each with its status; sets `d.hand`, what each gave last. What a readable text no longer
+/// gives is withdrawn, as a removed remote secret's peer is. What a typo makes unreadable
+/// (the whole text, or one network) keeps its last known state, stale: a syntax error must
+/// not withdraw every hand-written peer from every node and release what they hold. So does
+/// a deleted ConfigMap: Istio's installers delete and recreate it, and its deletion says
+/// nothing of any one network (the controller passes no last known state before it has seen
+/// the ConfigMap since it started).
+fn hand_written(i: &Inputs<'_>, d: &mut Desired) -> Vec<(RawPeer, PeerStatus)> {
+    let stale = |error: String| PeerStatus { stale: true, error: Some(error), ..PeerStatus::default() };
+    let given = i.istio.map(|cm| MeshNetworks::parse_each(cm.data.as_ref().and_then(|d| d.get("meshNetworks")).map_or("", String::as_str)));
+    let mut out = Vec::new();
+    let why = match given {
+        Some(Ok((mn, broken))) => {
+            for (name, why) in broken {
+                let why = format!("meshNetworks: {why}");
+                if let Some(p) = i.hand.get(&name) {
+                    d.hand.insert(name, p.clone());
+                    out.push((p.clone(), stale(format!("{why}; the network keeps its last known state until it is fixed"))));
+                } else {
+                    d.status.entry(name.clone()).or_default();
+                    d.refused.insert(name, why);
+                }
+            }
+            for p in mn.peers(None) {
+                // Refused now, it is remembered as it was, as a remote's last good state is.
+                if let Some(last) = i.hand.get(&p.name) {
+                    d.hand.insert(p.name.clone(), last.clone());
+                }
+                out.push((p, PeerStatus::default()));
+            }
+            return out;
+        }
+        Some(Err(e)) => format!("istio ConfigMap: meshNetworks is not valid YAML: {e}; the networks it gave keep their last known state until it is fixed"),
+        None => "the istio ConfigMap is gone; the networks it gave keep their last known state until it is back".to_owned(),
+    };
+    for (name, p) in i.hand.iter().filter(|(name, _)| !i.remotes.contains_key(*name)) {
+        d.hand.insert(name.clone(), p.clone());
+        out.push((p.clone(), stale(why.clone())));
+    }
+    if i.istio.is_some() || !out.is_empty() {
+        d.warnings.push(why);
+    }
+    out
+}
+
 /// The published state for `i`.
 #[must_use]
 pub fn desired(i: &Inputs<'_>) -> Desired {
@@ -266,37 +318,30 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         }
         d.status.insert(name.clone(), st);
     }
-    // Networks written by hand in Istio's meshNetworks, for clusters without a secret.
-    if let Some(cm) = i.istio {
-        let text = cm.data.as_ref().and_then(|d| d.get("meshNetworks")).cloned().unwrap_or_default();
-        let (mn, broken) = MeshNetworks::parse_each(&text).unwrap_or_else(|e| {
-            d.warnings.push(format!("istio ConfigMap: meshNetworks is not valid YAML; ignoring it: {e}"));
-            (MeshNetworks::default(), BTreeMap::new())
-        });
-        for (name, why) in broken {
-            d.status.entry(name.clone()).or_default();
-            d.refused.insert(name, format!("meshNetworks: {why}"));
+    for (p, st) in hand_written(i, &mut d) {
+        let discovered = peers.iter().any(|q| q.name == p.name) || i.remotes.contains_key(&p.name);
+        // This cluster's own network, unless it was published as a peer before: then a Node
+        // of this cluster claims what the peer holds (see `resolve::against_local`).
+        let local_network = !i.published.contains_key(&p.name)
+            && p.pod_cidrs
+                .iter()
+                .filter_map(|c| c.parse::<Ipv4Net>().ok())
+                .any(|n| i.local.iter().flat_map(|l| &l.pod_cidrs).any(|l| l.contains(&n) || n.contains(l)));
+        if discovered || local_network {
+            // Not a hand-written peer: kept, it would outlive its remote secret.
+            d.hand.remove(&p.name);
+            continue;
         }
-        for p in mn.peers(None) {
-            let discovered = peers.iter().any(|q| q.name == p.name) || i.remotes.contains_key(&p.name);
-            // This cluster's own network, unless it was published as a peer before: then a Node
-            // of this cluster claims what the peer holds (see `resolve::against_local`).
-            let local_network = !i.published.contains_key(&p.name)
-                && p.pod_cidrs
-                    .iter()
-                    .filter_map(|c| c.parse::<Ipv4Net>().ok())
-                    .any(|n| i.local.iter().flat_map(|l| &l.pod_cidrs).any(|l| l.contains(&n) || n.contains(l)));
-            if discovered || local_network {
-                continue;
-            }
-            d.status.entry(p.name.clone()).or_default();
-            match vet(&p, None, None, &reserved) {
-                Some(why) => {
-                    d.refused.insert(p.name.clone(), format!("meshNetworks: {why}"));
-                }
-                None => peers.push(p),
-            }
+        let stale = st.stale;
+        d.status.insert(p.name.clone(), st);
+        if let Some(why) = vet(&p, None, None, &reserved) {
+            d.refused.insert(p.name.clone(), format!("meshNetworks: {why}"));
+            continue;
         }
+        if !stale {
+            d.hand.insert(p.name.clone(), p.clone());
+        }
+        peers.push(p);
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     // Only configured peers hold anything: every remote and hand-written network has a status.
@@ -427,6 +472,7 @@ mod tests {
             service_cidrs: &[net("10.96.0.0/12")],
             local: &local,
             istio,
+            hand: &BTreeMap::new(),
             last_good: &last_good,
             published: &published.iter().map(|p| (p.name.clone(), p.clone())).collect(),
         };
@@ -469,6 +515,7 @@ mod tests {
             service_cidrs: &[net("10.96.0.0/12")],
             local: &local,
             istio: Some(&cm),
+            hand: &BTreeMap::new(),
             last_good: &BTreeMap::new(),
             published: &published,
         };
@@ -571,6 +618,83 @@ mod tests {
         assert!(out.contains("- name: typo\n  podCIDRs:\n  - 10.248.0.0/16\n"), "the last known state was not kept: {out}");
         assert!(!out.contains("- name: new-typo"), "a peer never resolved was published: {out}");
         assert!(d["refused"].as_mapping().unwrap().is_empty(), "{out}");
+    }
+
+    /// A typo in Istio's meshNetworks, or the ConfigMap deleted, withdraws no hand-written
+    /// peer: each keeps its last known state and what it holds, stale, with the reason. A
+    /// network that a readable text no longer lists is withdrawn, and holds nothing.
+    #[test]
+    fn an_unreadable_mesh_networks_keeps_the_hand_written_peers() {
+        type Peers = BTreeMap<String, RawPeer>;
+        let cm = istio(
+            "networks:\n  \
+               hand: {endpoints: [{fromCidr: 10.250.0.0/16}], gateways: [{address: 10.20.144.185, port: 30443}]}\n  \
+               other: {endpoints: [{fromCidr: 10.251.0.0/16}], gateways: [{address: 10.20.144.186, port: 30443}]}\n",
+        );
+        let local = [LocalNode { name: "node1".into(), pod_cidrs: vec![net("10.244.0.0/16")], addresses: BTreeSet::new() }];
+        let taker = view("10.20.144.175", "10.250.7.0/24");
+        let remotes: BTreeMap<String, RemoteInput<'_>> = [("taker".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() })].into();
+        let none = BTreeMap::new();
+        let run_with = |remotes: &BTreeMap<String, RemoteInput<'_>>, istio: Option<&ConfigMap>, hand: &Peers, published: &Peers| {
+            desired(&Inputs {
+                remotes,
+                resolve: &ResolveOptions::default(),
+                pod_cidrs: &none,
+                allowed_cidrs: &none,
+                modes: &BTreeMap::new(),
+                default_mode: PeerMode::Gateway,
+                service_cidrs: &[],
+                local: &local,
+                istio,
+                hand,
+                last_good: &BTreeMap::new(),
+                published,
+            })
+        };
+        let run = |istio: Option<&ConfigMap>, hand: &Peers, published: &Peers| run_with(&remotes, istio, hand, published);
+        let names = |d: &Desired| d.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let nothing = Peers::new();
+        let first = run_with(&BTreeMap::new(), Some(&cm), &nothing, &nothing);
+        assert_eq!(names(&first), ["hand", "other"], "{first:?}");
+        assert_eq!(first.hand.keys().collect::<Vec<_>>(), ["hand", "other"]);
+        let published: Peers = first.peers.iter().map(|p| (p.name.clone(), p.clone())).collect();
+        let typo = istio("networks:\n  hand: {endpoints: [{fromCidr: 10.250.0.0/16}]\n");
+        let d = run(Some(&typo), &first.hand, &published);
+        assert_eq!(names(&d), ["hand", "other"], "a typo withdrew the hand-written peers: {d:?}");
+        assert_eq!(d.hand, first.hand);
+        let error = d.status["hand"].error.as_deref().unwrap();
+        assert!(d.status["hand"].stale && error.starts_with("istio ConfigMap: meshNetworks is not valid YAML: "), "{error}");
+        assert!(error.ends_with("the networks it gave keep their last known state until it is fixed"), "{error}");
+        assert_eq!(d.warnings, [error]);
+        // What they hold stays theirs.
+        assert_eq!(d.refused["taker"], "claims 10.250.7.0/24, which overlaps 10.250.0.0/16 of peer hand, published with it before", "{d:?}");
+        // One network's entry misshapen: that network keeps its last known state.
+        let one = istio(
+            "networks:\n  \
+               hand: {endpoints: {fromCidr: 10.250.0.0/16}, gateways: [{address: 10.20.144.185, port: 30443}]}\n  \
+               other: {endpoints: [{fromCidr: 10.251.0.0/16}], gateways: [{address: 10.20.144.187, port: 30443}]}\n",
+        );
+        let d = run(Some(&one), &first.hand, &published);
+        assert_eq!(names(&d), ["hand", "other"], "{d:?}");
+        assert_eq!(d.peers[0], first.peers[0]);
+        let error = d.status["hand"].error.as_deref().unwrap();
+        assert!(d.status["hand"].stale && error.starts_with("meshNetworks: ") && error.ends_with("keeps its last known state until it is fixed"), "{error}");
+        assert!(!d.status["other"].stale && !d.refused.contains_key("hand"), "{d:?}");
+        assert_eq!(d.hand["other"].gateways[0].address, "10.20.144.187");
+        // The ConfigMap deleted: the same, until it is back.
+        let d = run(None, &first.hand, &published);
+        assert_eq!(names(&d), ["hand", "other"], "{d:?}");
+        assert_eq!(d.status["other"].error.as_deref(), Some("the istio ConfigMap is gone; the networks it gave keep their last known state until it is back"));
+        assert!(d.refused.contains_key("taker"), "{d:?}");
+        // With no last known state (a controller that has not seen the ConfigMap) nothing stays.
+        let d = run(None, &nothing, &published);
+        assert_eq!(names(&d), ["taker"], "{d:?}");
+        assert!(d.warnings.is_empty() && d.hand.is_empty(), "{d:?}");
+        // A readable text without "other" withdraws it; it holds nothing any more.
+        let without = istio("networks:\n  hand: {endpoints: [{fromCidr: 10.250.0.0/16}], gateways: [{address: 10.20.144.185, port: 30443}]}\n");
+        let d = run(Some(&without), &first.hand, &published);
+        assert_eq!(names(&d), ["hand"], "{d:?}");
+        assert!(!d.status.contains_key("other") && !d.hand.contains_key("other"), "{d:?}");
     }
 
     /// A remote in tunnel mode (no east-west gateway at all): every node and its pod CIDRs,

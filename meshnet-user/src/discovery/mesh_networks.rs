@@ -2,7 +2,7 @@
 //! that nobody hand-edits gateway node IPs and NodePorts in every cluster again. Remote
 //! clusters in tunnel mode get no entry: with them Istio runs as one network.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{bail, Context as _};
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Namespace, Secret, Service};
@@ -15,9 +15,9 @@ use tracing::warn;
 use super::{
     bounded, kubeconfig,
     remote::remote_text,
-    resolve::{self, ClusterView, MeshNetworks, ResolveOptions, SecretSource, MODE_ANNOTATION, NETWORK_LABEL},
+    resolve::{self, ClusterView, LocalNode, MeshNetworks, ResolveOptions, SecretSource, MODE_ANNOTATION, NETWORK_LABEL},
 };
-use crate::config::PeerMode;
+use crate::config::{PeerMode, RawGateway, RawPeer, Reserved};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -81,6 +81,28 @@ async fn read_cluster(client: &Client, opts: &Options, name: &str) -> anyhow::Re
         .await?
         .with_context(|| format!("cluster {name}: namespace {ns} has no {NETWORK_LABEL} label, so its network is unknown"))?;
     Ok((network, resolve::resolve(&view, &opts.resolve, Some(&[]))))
+}
+
+/// The gateway addresses of remote `name` that istiod may be given, at most
+/// [`MAX_GATEWAYS`](meshnet_common::limits::MAX_GATEWAYS), and each one left out with why. A
+/// remote's API server writes its Nodes' addresses: one at 169.254.169.254, at loopback or at
+/// a Node of this cluster would send this cluster's traffic for that network there, so the
+/// rules the controller applies to a peer's gateways apply here too (the agent's reserved
+/// ranges, then this cluster's Nodes).
+fn usable_gateways(name: &str, addresses: &[Ipv4Addr], port: u16, local: &[LocalNode]) -> (Vec<Ipv4Addr>, Vec<String>) {
+    let max = meshnet_common::limits::MAX_GATEWAYS;
+    let (mut kept, mut left_out) = (Vec::new(), Vec::new());
+    for a in addresses {
+        let gateways = vec![RawGateway { address: a.to_string(), port: u32::from(port), udp_port: None }];
+        let as_peer = RawPeer { name: name.to_owned(), gateways, ..RawPeer::default() };
+        let why = Reserved::default().refuse_gateway(*a).or_else(|| resolve::against_local(&as_peer, local, None).err());
+        match why {
+            Some(why) => left_out.push(format!("{name}: gateway {a} left out: {why}")),
+            None if kept.len() == max => left_out.push(format!("{name}: gateway {a} left out: more than {max} gateways")),
+            None => kept.push(*a),
+        }
+    }
+    (kept, left_out)
 }
 
 /// What `generate` made, and from which version of the `istio` ConfigMap: `apply` writes
@@ -155,6 +177,12 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     // This cluster's own entry serves the remotes that reach it through its gateway; with
     // every remote in tunnel mode none does, and neither its gateway nor its label is needed.
     let remotes_by_gateway = clusters.iter().any(|(n, (_, m))| n != &opts.cluster && *m == PeerMode::Gateway);
+    let local: Vec<LocalNode> = if remotes_by_gateway {
+        list_nodes(&client).await.context("listing this cluster's nodes")?.iter().map(|(n, info)| LocalNode::of(n, info)).collect()
+    } else {
+        Vec::new()
+    };
+    let mut left_out = Vec::new();
     let tunnel_only = !remotes_by_gateway && clusters.values().any(|(_, m)| *m == PeerMode::Tunnel);
     let mut out = MeshNetworks::default();
     let mut discovered_registries = Vec::new();
@@ -210,8 +238,19 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
             continue;
         }
         match r.port {
+            Some(0) => left_out.push(format!("{name}: network {network} left out: nodePort 0 is not a valid port")),
             Some(port) if !r.addresses.is_empty() => {
-                out.set_cluster(network, name, &r.addresses, port);
+                let (addresses, why) = if *name == &opts.cluster {
+                    (r.addresses.clone(), Vec::new())
+                } else {
+                    usable_gateways(name, &r.addresses, port, &local)
+                };
+                left_out.extend(why);
+                if addresses.is_empty() {
+                    left_out.push(format!("{name}: network {network} left out: no usable gateway"));
+                    continue;
+                }
+                out.set_cluster(network, name, &addresses, port);
                 discovered_registries.push((*name).clone());
             }
             _ => warn!(cluster = %name, problems = %r.problems.join("; "), "no gateway found"),
@@ -228,7 +267,11 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
             out.networks.insert(name, net);
         }
     }
-    let notes = setup_notes(&opts.cluster, local_network.as_deref(), &tunnel, &out);
+    for why in &left_out {
+        warn!("{why}");
+    }
+    let mut notes = setup_notes(&opts.cluster, local_network.as_deref(), &tunnel, &out);
+    notes.extend(left_out);
     Ok(Generated { networks: out, client, based_on, notes })
 }
 
@@ -295,6 +338,30 @@ mod tests {
 
     fn networks(yaml: &str) -> MeshNetworks {
         MeshNetworks::parse(yaml).unwrap()
+    }
+
+    /// A remote's gateway node at the metadata service, at loopback, at a Node of this cluster
+    /// or inside its pods is left out of what istiod is given, with why; past the eight
+    /// gateways the datapath takes, the rest are left out too.
+    #[test]
+    fn a_remotes_gateway_at_a_reserved_or_local_address_is_left_out() {
+        let local = [LocalNode { name: "node1".into(), pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()], addresses: ["10.20.144.83".parse().unwrap()].into() }];
+        let addresses: Vec<Ipv4Addr> = ["169.254.169.254", "127.0.0.1", "10.20.144.83", "10.244.3.3", "10.20.144.165"].iter().map(|a| a.parse().unwrap()).collect();
+        let (kept, left_out) = usable_gateways("cluster2", &addresses, 32361, &local);
+        assert_eq!(kept, ["10.20.144.165".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(
+            left_out,
+            [
+                "cluster2: gateway 169.254.169.254 left out: 169.254.169.254 is not a unicast address of a remote node (link-local)",
+                "cluster2: gateway 127.0.0.1 left out: 127.0.0.1 is not a unicast address of a remote node (loopback)",
+                "cluster2: gateway 10.20.144.83 left out: 10.20.144.83 is an address of node node1 of the local cluster",
+                "cluster2: gateway 10.244.3.3 left out: node address 10.244.3.3 lies in 10.244.0.0/16, the local cluster's pods (node node1)",
+            ]
+        );
+        let many: Vec<Ipv4Addr> = (1..=10).map(|i| Ipv4Addr::new(10, 20, 145, i)).collect();
+        let (kept, left_out) = usable_gateways("cluster3", &many, 30443, &local);
+        assert_eq!(kept, many[..8]);
+        assert_eq!(left_out, ["cluster3: gateway 10.20.145.9 left out: more than 8 gateways", "cluster3: gateway 10.20.145.10 left out: more than 8 gateways"]);
     }
 
     #[test]
