@@ -45,6 +45,8 @@ pub struct AgentOptions {
     /// config file is checked for changes.
     pub rescan: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    /// A Unix socket for the probes' `/healthz` and `/readyz` (`metrics::serve_health`).
+    pub health_socket: Option<PathBuf>,
     /// An eBPF object to load instead of the embedded one.
     pub ebpf_object: Option<PathBuf>,
     /// Load the logging build of the datapath (also asked for by the config's `datapathLog`).
@@ -287,9 +289,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(opts.pins.clone()));
     // Before any program is attached, so that no line of this build's is written unread.
     datapath_log::spawn(&mut datapath.ebpf, metrics.clone())?;
+    // Bound in the background: a port or socket taken by someone else must not keep the
+    // datapath from being attached.
     if let Some(addr) = opts.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
+        tokio::spawn(metrics::serve_on(addr, metrics.clone()));
+    }
+    if let Some(path) = opts.health_socket.clone() {
+        tokio::spawn(metrics::serve_health_on(path, metrics.clone()));
     }
     let (api_tx, mut api_rx) = mpsc::channel::<ApiUpdate>(16);
     if let Some(src) = opts.kube.clone() {

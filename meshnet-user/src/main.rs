@@ -52,8 +52,15 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         rescan_seconds: f64,
         /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9090).
+        /// If it cannot be bound (a port someone else holds), the agent runs on and binds it
+        /// in the background once it can; a malformed address is an error at start.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve /healthz and /readyz for the kubelet's exec probes (`meshnet probe`) on a Unix
+        /// socket at this path, in a directory of the container's own: no client of
+        /// --metrics-addr can crowd it out. Bound in the background, as --metrics-addr is.
+        #[arg(long, value_name = "PATH")]
+        health_socket: Option<PathBuf>,
         /// Load this eBPF object instead of the embedded one (for testing builds).
         #[arg(long, hide = true)]
         ebpf_object: Option<PathBuf>,
@@ -120,6 +127,11 @@ enum Command {
         /// Serve Prometheus metrics, /healthz and /readyz (503 while a peer is stale).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve /healthz and /readyz for the kubelet's exec probes (`meshnet probe`) on a Unix
+        /// socket at this path, in a directory of the container's own: no client of
+        /// --metrics-addr can crowd it out. Bound in the background, as --metrics-addr is.
+        #[arg(long, value_name = "PATH")]
+        health_socket: Option<PathBuf>,
     },
     /// Print Istio's meshNetworks for the mesh from discovery (the block operators used to
     /// hand-edit in every cluster); --apply writes it into the istio ConfigMap.
@@ -139,7 +151,27 @@ enum Command {
     },
     /// Remove everything meshnet installed: its tc programs and links on every interface,
     /// and every pin under --pin-path. Flow state is lost.
-    Detach,
+    Detach {
+        /// After detaching, print the result and wait for SIGTERM or SIGINT, then exit 0 (for
+        /// a DaemonSet's pod, which must not exit). A failed detach exits 1 at once, so that
+        /// the kubelet runs it again.
+        #[arg(long)]
+        then_wait: bool,
+    },
+    /// Ask a running agent's or controller's --health-socket for /healthz or /readyz: the
+    /// manifests' exec probes. Prints the answer; exits 0 on a 200, 1 otherwise (no answer
+    /// within --timeout-seconds included).
+    Probe {
+        #[arg(value_enum)]
+        what: ProbeWhat,
+        /// The --health-socket of the agent or controller.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Give up (exit 1) after this long: Kubernetes before 1.20 does not time exec probes
+        /// out, so a probe must end by itself, within the probe's timeoutSeconds.
+        #[arg(long, default_value_t = 2.0)]
+        timeout_seconds: f64,
+    },
     /// Validate a config file and print what the datapath would hold, without touching it.
     Check {
         /// The static config file (YAML).
@@ -269,6 +301,12 @@ fn parse_cluster_mode(s: &str) -> Result<(String, PeerMode), String> {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum ProbeWhat {
+    Healthz,
+    Readyz,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum MeshOutput {
     Yaml,
     Json,
@@ -334,6 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             attach_mode,
             rescan_seconds,
             metrics_addr,
+            health_socket,
             ebpf_object,
             datapath_log,
             kube,
@@ -348,6 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 attach_mode,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 metrics_addr,
+                health_socket,
                 ebpf_object,
                 datapath_log,
                 kube: kube.then_some(SourceOptions { kubeconfig: kube_args.kubeconfig, namespace: kube_args.namespace, node_name }),
@@ -367,6 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             identity,
             lease_duration_seconds,
             metrics_addr,
+            health_socket,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(controller::run(ControllerOptions {
@@ -391,6 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
                 lease_duration: Duration::from_secs(lease_duration_seconds.max(1)),
                 metrics_addr,
+                health_socket,
             }))?;
         }
         Command::MeshNetworks { kube_args, discovery, cluster, output, apply } => {
@@ -429,10 +471,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::Ok(())
             })?;
         }
-        Command::Detach => {
+        Command::Detach { then_wait } => {
             // A running agent would attach again at its next rescan, so detaching under it
             // would only leave the node half done.
-            let _lock = match pins.root().is_dir().then(|| pins.lock(Duration::ZERO, |_| {})) {
+            let lock = match pins.root().is_dir().then(|| pins.lock(Duration::ZERO, |_| {})) {
                 Some(Err(meshnet::pins::LockError::Held { path, holder, .. })) => anyhow::bail!(
                     "a meshnet agent{holder} is running on {path}; stop it first (delete the DaemonSet, \
                      or kill the process), then detach"
@@ -448,6 +490,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.pins,
                 pins.root().display()
             );
+            // Not held while it waits: an agent installed again must not wait for this pod to go.
+            drop(lock);
+            if then_wait {
+                println!("waiting for SIGTERM");
+                wait_for_termination()?;
+            }
+        }
+        Command::Probe { what, socket, timeout_seconds } => {
+            let path = match what {
+                ProbeWhat::Healthz => "/healthz",
+                ProbeWhat::Readyz => "/readyz",
+            };
+            match meshnet::metrics::probe(&socket, path, Duration::from_secs_f64(timeout_seconds.max(0.1))) {
+                Ok(body) => print!("{body}"),
+                Err(why) => anyhow::bail!("{why}"),
+            }
         }
         Command::Check { config } => {
             let c = Config::load(&config)?;
@@ -498,6 +556,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGTERM or SIGINT without spinning. A handler of the runtime's, not the default
+/// action: as a container's process 1, the kernel would drop a signal it has no handler for.
+fn wait_for_termination() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    rt.block_on(async {
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        anyhow::Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -11,9 +11,21 @@
 //! more than [`MAX_CONNECTIONS`] connections, each for longer than [`HEADER_READ_TIMEOUT`] without
 //! a whole request, or at all past [`CONNECTION_LIFETIME`]: the controller's port is open to every
 //! pod of the cluster.
+//!
+//! Those caps are what anyone who reaches the port can fill, and the kubelet's probes would
+//! share them: every client of the agent's loopback address is 127.0.0.1, so a host program
+//! holding 8 stalled connections would fail the agent's liveness probe and get it restarted. So
+//! the probes have a path of their own, [`serve_health`]: `/healthz` and `/readyz` on a Unix
+//! socket in a directory of the container's own (`--health-socket`), asked by `meshnet probe`
+//! as an exec probe. A second TCP port would not do: it is as open as the first (the agent is
+//! on the host's network, and the kubelet's httpGet reaches the controller at its pod IP,
+//! where every pod may connect), so its cap could be filled the same way. A socket file in the
+//! pod's own volume is reachable from the container and from root on the node, and from
+//! nobody else.
 
 use std::{
     io::ErrorKind,
+    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -382,34 +394,34 @@ pub async fn serve<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>)
     serve_with(listener, probes, Limits::DEFAULT).await;
 }
 
-async fn serve_with<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>, limits: Limits) {
+/// The routes of `/healthz` and `/readyz`, and of `/metrics` with `scrapes`.
+fn routes<P: Probes>(probes: Arc<P>, scrapes: bool) -> Router {
     let state = Arc::new(Served { probes, scrapes: tokio::sync::Semaphore::new(MAX_SCRAPES) });
     let app = Router::new()
-        .route("/metrics", get(scrape::<P>))
         .route("/healthz", get(|State(s): State<Arc<Served<P>>>| async move { answer(s.probes.healthz(), "ok\n") }))
-        .route("/readyz", get(|State(s): State<Arc<Served<P>>>| async move { answer(s.probes.readyz(), "ready\n") }))
-        .with_state(state);
+        .route("/readyz", get(|State(s): State<Arc<Served<P>>>| async move { answer(s.probes.readyz(), "ready\n") }));
+    let app = if scrapes { app.route("/metrics", get(scrape::<P>)) } else { app };
+    app.with_state(state)
+}
+
+/// hyper's header-read timeout needs a timer, which axum::serve does not give it.
+fn http1(limits: Limits) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
+    http
+}
+
+async fn serve_with<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>, limits: Limits) {
+    let app = routes(probes, true);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving metrics, /healthz and /readyz");
     }
-    // hyper's header-read timeout needs a timer, which axum::serve does not give it.
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
+    let http = http1(limits);
     let open = Arc::new(tokio::sync::Semaphore::new(limits.connections));
     let by_client = ByClient::default();
     let mut full = false;
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            // The client gave up before we took it.
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset) => continue,
-            // Out of file descriptors, most likely: wait for some to be closed, as axum::serve does.
-            Err(e) => {
-                warn!(error = %e, "metrics server cannot accept connections");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        let Some((stream, peer)) = accepted(listener.accept().await, "metrics server").await else { continue };
         // Accepted and closed, rather than left in the listen queue: the client learns at once.
         let Ok(permit) = open.clone().try_acquire_owned() else {
             if !full {
@@ -429,6 +441,22 @@ async fn serve_with<P: Probes>(listener: tokio::net::TcpListener, probes: Arc<P>
             let _held = (permit, share);
             bounded(conn, limits).await;
         });
+    }
+}
+
+/// An accepted connection, or `None` when there is none to serve and the server should accept
+/// again.
+async fn accepted<T>(r: std::io::Result<T>, server: &str) -> Option<T> {
+    match r {
+        Ok(accepted) => Some(accepted),
+        // The client gave up before we took it.
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset) => None,
+        // Out of file descriptors, most likely: wait for some to be closed, as axum::serve does.
+        Err(e) => {
+            warn!(error = %e, "{server} cannot accept connections");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            None
+        }
     }
 }
 
@@ -465,11 +493,14 @@ impl Drop for ClientShare {
     }
 }
 
-type Connection = hyper::server::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, TowerToHyperService<Router>>;
+type Connection<S> = hyper::server::conn::http1::Connection<TokioIo<S>, TowerToHyperService<Router>>;
 
 /// Runs one connection for at most `limits.lifetime`, then closes it once its request in flight is
 /// answered, or `limits.header_read` later at the latest.
-async fn bounded(conn: Connection, limits: Limits) {
+async fn bounded<S>(conn: Connection<S>, limits: Limits)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -485,6 +516,132 @@ async fn bounded(conn: Connection, limits: Limits) {
     // Clients that hang up, or send half a request: nothing for the server to do about them.
     if let Err(e) = result {
         debug!(error = %e, "metrics connection ended");
+    }
+}
+
+/// Connections the health socket keeps open at once. Only the container's own processes reach
+/// it (the kubelet's exec probes, two at a time), so this bounds a pile-up of hung probes, not
+/// anyone's abuse.
+pub const HEALTH_CONNECTIONS: usize = 4;
+/// The first wait before a failed bind of `--metrics-addr` or `--health-socket` is tried again;
+/// it doubles after each failure, up to [`BIND_RETRY_MAX`].
+pub const BIND_RETRY_FIRST: Duration = Duration::from_millis(500);
+pub const BIND_RETRY_MAX: Duration = Duration::from_secs(10);
+/// A bind that keeps failing the same way is logged again this often.
+const BIND_LOG_EVERY: Duration = Duration::from_mins(5);
+
+/// [`serve`] on `addr` once it can be bound. A port someone else holds must not keep the agent
+/// from loading and attaching the datapath, which needs no metrics: the bind is tried again in
+/// the background, every [`BIND_RETRY_MAX`] at the longest, until it is free.
+pub async fn serve_on<P: Probes>(addr: std::net::SocketAddr, probes: Arc<P>) {
+    let listener = bind_retrying(&format!("--metrics-addr {addr}"), || {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    })
+    .await;
+    serve(listener, probes).await;
+}
+
+/// [`serve_health`] on a Unix socket at `path` once it can be bound (tried again in the
+/// background as [`serve_on`] does). Until then the probes fail: liveness restarts the
+/// container, which costs the datapath nothing, and the restarts and this log say why.
+pub async fn serve_health_on<P: Probes>(path: std::path::PathBuf, probes: Arc<P>) {
+    let listener = bind_retrying(&format!("--health-socket {}", path.display()), || bind_unix(&path)).await;
+    serve_health(listener, probes).await;
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    // A container restarted in the same pod finds its predecessor's socket in the volume, which
+    // nobody serves any more. Anything else there is not ours to remove.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+async fn bind_retrying<L>(what: &str, mut bind: impl FnMut() -> std::io::Result<L>) -> L {
+    let mut wait = BIND_RETRY_FIRST;
+    let mut logged: Option<(String, Instant)> = None;
+    let mut attempts = 0u64;
+    loop {
+        match bind() {
+            Ok(bound) => {
+                if logged.is_some() {
+                    info!(what, attempts, "bound at last");
+                }
+                return bound;
+            }
+            Err(e) => {
+                attempts += 1;
+                let error = e.to_string();
+                if logged.as_ref().is_none_or(|(last, at)| *last != error || at.elapsed() >= BIND_LOG_EVERY) {
+                    warn!(what, %error, attempts, "cannot bind; trying again in the background (the datapath does not wait for it)");
+                    logged = Some((error, Instant::now()));
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(BIND_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Serves `/healthz` and `/readyz` (HTTP/1, no `/metrics`) on `listener`, for good, with caps of
+/// its own: the probes' path, which no client of the metrics address can crowd out.
+pub async fn serve_health<P: Probes>(listener: tokio::net::UnixListener, probes: Arc<P>) {
+    serve_health_with(listener, probes, Limits { connections: HEALTH_CONNECTIONS, ..Limits::DEFAULT }).await;
+}
+
+async fn serve_health_with<P: Probes>(listener: tokio::net::UnixListener, probes: Arc<P>, limits: Limits) {
+    let app = routes(probes, false);
+    if let Ok(addr) = listener.local_addr() {
+        info!(socket = ?addr.as_pathname(), "serving /healthz and /readyz");
+    }
+    let http = http1(limits);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    loop {
+        let Some((stream, _)) = accepted(listener.accept().await, "health socket").await else { continue };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            debug!(max = limits.connections, "health socket has all the connections it takes; closing a new one");
+            continue;
+        };
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        tokio::spawn(async move {
+            let _held = permit;
+            bounded(conn, limits).await;
+        });
+    }
+}
+
+/// `meshnet probe`: GET `path` from the health socket at `socket`, all within `timeout`. `Ok`
+/// with the answer's body when it is a 200, `Err` with why otherwise. The timeout is the probe's
+/// own: Kubernetes before 1.20 does not time exec probes out.
+pub fn probe(socket: &Path, path: &str, timeout: Duration) -> Result<String, String> {
+    let (socket, path) = (socket.to_path_buf(), path.to_string());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A thread, so that the timeout also covers a connect that blocks (a wedged server whose
+    // listen queue is full).
+    std::thread::spawn(move || {
+        let _ = tx.send(probe_now(&socket, &path));
+    });
+    rx.recv_timeout(timeout).unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+fn probe_now(socket: &Path, path: &str) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    // HTTP/1.0: the server closes the connection after its answer, which ends the read.
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).map_err(|e| format!("asking {path}: {e}"))?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).map_err(|e| format!("reading the answer to {path}: {e}"))?;
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply.split_once("\r\n\r\n").ok_or_else(|| format!("{path}: no whole answer: {reply:?}"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(body.to_string())
+    } else {
+        Err(format!("{path}: {status}: {}", body.trim_end()))
     }
 }
 
@@ -719,6 +876,99 @@ mod tests {
         drop(held);
         let text = healthz_soon(addr).await;
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("ok\n"), "{text}");
+    }
+
+    /// A directory of this test's own, removed on drop.
+    struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("meshnet-{tag}-{}-{:?}", std::process::id(), Instant::now()));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    async fn probe_async(socket: &Path, path: &'static str) -> Result<String, String> {
+        let socket = socket.to_path_buf();
+        tokio::task::spawn_blocking(move || probe(&socket, path, Duration::from_secs(10))).await.unwrap()
+    }
+
+    /// Every local client of the agent's loopback port is 127.0.0.1: one that holds its share of
+    /// stalled connections shuts everyone else from there out, the kubelet's httpGet probes too.
+    /// The probes' socket is not counted with them, and answers all the same.
+    #[tokio::test]
+    async fn the_health_socket_answers_while_a_client_holds_the_metrics_ports_share() {
+        let limits = Limits { header_read: Duration::from_hours(1), ..Limits::DEFAULT };
+        let m = metrics();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_with(listener, m.clone(), limits));
+        let dir = Dir::new("health");
+        let socket = dir.0.join("health.sock");
+        tokio::spawn(serve_health_on(socket.clone(), m));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_CLIENT {
+            held.push(stalled(addr, [127, 0, 0, 1]).await);
+        }
+        // What the kubelet's httpGet would meet.
+        assert_eq!(get(addr, "/healthz").await, "", "the metrics port answered past the client's share");
+        let mut answered = None;
+        for _ in 0..100 {
+            match probe_async(&socket, "/healthz").await {
+                Err(e) if e.contains("No such file") => tokio::time::sleep(Duration::from_millis(100)).await,
+                r => {
+                    answered = Some(r);
+                    break;
+                }
+            }
+        }
+        assert_eq!(answered, Some(Ok("ok\n".to_string())), "/healthz on the health socket");
+        // Not loaded, so not ready: the probe says so, and why.
+        let e = probe_async(&socket, "/readyz").await.unwrap_err();
+        assert!(e.contains(" 503 ") && e.ends_with("not ready: the datapath is not loaded and synced yet"), "{e}");
+        // The socket has no /metrics: scrapers have the port.
+        assert!(probe_async(&socket, "/metrics").await.unwrap_err().contains(" 404 "));
+        for s in &held {
+            assert!(still_open(s).await);
+        }
+    }
+
+    /// A restarted container finds its predecessor's socket in the pod's volume: it is replaced.
+    /// Anything else at the path is left alone, and binding is tried again until it is gone.
+    #[tokio::test]
+    async fn a_stale_health_socket_is_replaced_and_a_file_is_not() {
+        let dir = Dir::new("stale");
+        let socket = dir.0.join("health.sock");
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(probe_async(&socket, "/healthz").await.unwrap_err().contains("refused"));
+        drop(bind_unix(&socket).unwrap());
+        let file = dir.0.join("file");
+        std::fs::write(&file, "mine").unwrap();
+        assert!(bind_unix(&file).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    }
+
+    /// A bind that fails is tried again with a growing wait, bounded by BIND_RETRY_MAX.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_bind_is_tried_again_with_a_bounded_backoff() {
+        let start = tokio::time::Instant::now();
+        let mut tries = Vec::new();
+        let bound = bind_retrying("test", || {
+            tries.push(start.elapsed());
+            if tries.len() < 8 { Err(std::io::Error::from(ErrorKind::AddrInUse)) } else { Ok("bound") }
+        })
+        .await;
+        assert_eq!(bound, "bound");
+        let waits: Vec<Duration> = tries.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(waits, [ms(500), ms(1000), ms(2000), ms(4000), ms(8000), BIND_RETRY_MAX, BIND_RETRY_MAX]);
     }
 
     /// A client's share of connections comes back however its task ends: after as many panics

@@ -413,3 +413,21 @@ pub fn skip_unless_tcx() -> bool {
     skip("tcx (kernel >= 6.6)");
     false
 }
+
+/// The container `name` of a workload manifest (or patch) of deploy/.
+#[must_use]
+pub fn container(doc: &serde_yaml::Value, name: &str) -> serde_yaml::Value {
+    doc["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+        .clone()
+}
+
+/// A YAML list of strings.
+#[must_use]
+pub fn strings(v: &serde_yaml::Value) -> Vec<String> {
+    v.as_sequence().unwrap_or_else(|| panic!("not a list: {v:?}")).iter().map(|s| s.as_str().unwrap().to_string()).collect()
+}

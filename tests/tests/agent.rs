@@ -446,6 +446,94 @@ fn metrics_health_and_readiness() {
     assert!(redirected >= 3, "{redirected}");
 }
 
+/// Every local client of the agent's loopback port comes from 127.0.0.1, the kubelet's httpGet
+/// probes too: a program of the node holding stalled connections past the caps would have them
+/// closed unanswered, and liveness would restart the agent. The probes ask the health socket,
+/// which those connections do not reach.
+#[test]
+fn the_probes_are_answered_while_stalled_connections_fill_the_metrics_port() {
+    let t = Topology::new(Options::default());
+    let socket = t.dir.0.join("health.sock");
+    let socket_arg = socket.display().to_string();
+    let _agent = start(&t, &node1_config(POD_INTERFACES), &["--metrics-addr", "127.0.0.1:9464", "--health-socket", &socket_arg]);
+    assert!(http_get(&t, "/healthz").starts_with("HTTP/1.0 200"));
+    // Past the whole cap (64), so also past one client's share (8).
+    let held: Vec<TcpStream> = t.node1.run(|| {
+        (0..70)
+            .map(|_| {
+                let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
+                // Closed already by the server, for those past the caps.
+                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+                s
+            })
+            .collect()
+    });
+    // What an httpGet probe meets now: closed unanswered.
+    let crowded = t.node1.run(|| {
+        let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        got
+    });
+    assert_eq!(crowded, "", "the metrics port answered past its caps");
+    for (what, body) in [("healthz", "ok\n"), ("readyz", "ready\n")] {
+        let out = meshnet_tests::meshnet(&t.node1, &format!("probe {what} --socket {socket_arg}"));
+        assert!(out.ok && out.stdout == body, "probe {what} through the health socket: {out:?}");
+    }
+    drop(held);
+}
+
+/// A metrics port someone else holds does not keep the datapath from being attached: the agent
+/// says so, translates, and serves the port once it is free.
+#[test]
+fn an_agent_whose_metrics_port_is_taken_attaches_and_serves_once_it_is_free() {
+    let t = Topology::new(Options::default());
+    let squatter = t.node1.run(|| std::net::TcpListener::bind("127.0.0.1:9464").unwrap());
+    let agent = start(&t, &node1_config(POD_INTERFACES), &["--metrics-addr", "127.0.0.1:9464"]);
+    let said = poll(WAIT, || agent.child.output().contains("cannot bind; trying again").then_some(()));
+    assert!(said.is_some(), "the agent did not say its port is taken:\n{}", agent.child.output());
+    assert!(meshnet_on(&t, "vethc"), "the programs are not attached");
+    assert_eq!(request(&t, app_a(), "port taken"), "app 10.245.0.20:8080 got port taken");
+    drop(squatter);
+    assert!(http_get(&t, "/healthz").starts_with("HTTP/1.0 200"), "{}", agent.child.output());
+    assert!(agent.child.output().contains("bound at last"), "{}", agent.child.output());
+}
+
+/// The uninstall DaemonSet's `detach --then-wait`: it detaches, says so, and then stays up,
+/// asleep, until SIGTERM, on which it exits 0. Under a running agent it fails at once.
+#[test]
+fn detach_then_wait_detaches_then_sleeps_until_sigterm() {
+    let t = Topology::new(Options::default());
+    let mut agent = start(&t, &node1_config(POD_INTERFACES), &[]);
+    let out = t.meshnet("detach --then-wait");
+    assert!(!out.ok && out.stderr.contains("stop it first"), "{out:?}");
+    assert!(agent.child.stop());
+    assert!(meshnet_on(&t, "vethc"));
+
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", t.node1.path().display()))
+        .arg(meshnet_tests::meshnet_bin())
+        .args(["--pin-path", &t.pin_path().display().to_string(), "detach", "--then-wait"]);
+    let mut detach = meshnet_tests::ChildGuard::spawn(&mut cmd);
+    detach.wait_for_line("detached:", WAIT);
+    detach.wait_for_line("waiting for SIGTERM", WAIT);
+    assert!(!meshnet_on(&t, "vethc"), "meshnet still attached after detach");
+    // Asleep in the kernel, not spinning: its state is S, and it has used no CPU time since.
+    let stat = |pid: i32| {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<String> = text.rsplit_once(") ").unwrap().1.split(' ').map(str::to_string).collect();
+        (fields[0].clone(), fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap())
+    };
+    let pid = detach.pid();
+    let asleep = poll(WAIT, || (stat(pid).0 == "S").then(|| stat(pid).1));
+    let ticks = asleep.unwrap_or_else(|| panic!("detach --then-wait is not asleep: {:?}", stat(pid)));
+    let stirred = poll(Duration::from_secs(1), || Some(stat(pid)).filter(|s| *s != ("S".to_string(), ticks)));
+    assert_eq!(stirred, None, "detach --then-wait woke up or ran");
+    assert!(detach.stop(), "detach --then-wait did not exit 0 on SIGTERM:\n{}", detach.output());
+}
+
 /// (id, tag) of the program on the client's interface, attached through tcx (kernels >= 6.6,
 /// where the agent's `auto` takes tcx) or a netlink filter: the tag hashes the instructions.
 fn ingress_prog(t: &Topology) -> (u32, u64) {

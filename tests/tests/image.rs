@@ -21,7 +21,7 @@ use std::{
 };
 
 use meshnet_tests::{
-    peer, poll,
+    container, peer, poll, strings,
     topo::{self, app_a, Options, TempDir, Topology},
     ChildGuard, NetNs,
 };
@@ -166,21 +166,6 @@ fn yaml(path: &str) -> serde_yaml::Value {
     serde_yaml::from_str(&std::fs::read_to_string(repo().join(path)).unwrap()).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// The container `name` of a workload manifest (or patch).
-fn container(doc: &serde_yaml::Value, name: &str) -> serde_yaml::Value {
-    doc["spec"]["template"]["spec"]["containers"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"].as_str() == Some(name))
-        .unwrap_or_else(|| panic!("no container {name}"))
-        .clone()
-}
-
-fn strings(v: &serde_yaml::Value) -> Vec<String> {
-    v.as_sequence().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
-}
-
 /// The agent container's capabilities in a manifest: it drops all and adds these.
 fn agent_caps(path: &str) -> Vec<String> {
     let caps = container(&yaml(path), "agent")["securityContext"]["capabilities"].clone();
@@ -274,6 +259,71 @@ fn image_is_reproducible_with_the_layout_the_manifests_expect() {
     assert_eq!(container(&yaml("deploy/base/agent.yaml"), "agent")["securityContext"]["runAsUser"].as_u64(), Some(0));
 }
 
+/// Every program the manifests under deploy/ run in the image, as (manifest, what, path): each
+/// container's `command[0]` and each exec probe's. Without a `command`, the image's entrypoint
+/// runs, which the test above checks.
+fn manifest_programs() -> Vec<(String, String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&repo().join("deploy"), &mut files);
+    files.sort();
+    let mut programs = Vec::new();
+    for file in files {
+        let name = file.strip_prefix(repo()).unwrap().display().to_string();
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in text.split("\n---\n") {
+            let doc: serde_yaml::Value = serde_yaml::from_str(doc).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let pod = if doc["kind"] == "Pod" { doc["spec"].clone() } else { doc["spec"]["template"]["spec"].clone() };
+            for list in ["initContainers", "containers"] {
+                for c in pod[list].as_sequence().into_iter().flatten() {
+                    let who = c["name"].as_str().unwrap_or("?");
+                    if let Some(cmd) = c["command"].as_sequence() {
+                        programs.push((name.clone(), format!("{who}: command"), cmd[0].as_str().unwrap().to_string()));
+                    }
+                    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                        if let Some(cmd) = c[probe]["exec"]["command"].as_sequence() {
+                            programs.push((name.clone(), format!("{who}: {probe}"), cmd[0].as_str().unwrap().to_string()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    programs
+}
+
+/// The image is FROM scratch: a manifest that runs anything but what it holds (a shell, say)
+/// makes a pod that never starts. Every container's command and exec probe is an executable
+/// file of the image.
+#[test]
+fn every_program_the_manifests_run_is_in_the_image() {
+    let programs = manifest_programs();
+    // The walk finds what it must: the uninstall's command and the workloads' probes.
+    for (file, what) in [("deploy/detach.yaml", "detach: command"), ("deploy/base/agent.yaml", "agent: livenessProbe"), ("deploy/base/controller.yaml", "controller: readinessProbe")] {
+        assert!(programs.iter().any(|p| p.0 == file && p.1 == what), "{file}: no {what} found in {programs:?}");
+    }
+    if !have_buildah() {
+        return;
+    }
+    let out = TempDir::new();
+    let image = unpack(&build(&out.0));
+    for (file, what, program) in &programs {
+        assert!(program.starts_with('/'), "{file}: {what}: {program} is not an absolute path");
+        let in_image = image.root.join(program.trim_start_matches('/'));
+        let meta = std::fs::symlink_metadata(&in_image).unwrap_or_else(|e| panic!("{file}: {what}: {program} is not in the image: {e}"));
+        assert!(meta.is_file() && meta.permissions().mode() & 0o111 == 0o111, "{file}: {what}: {program} is not an executable file: {meta:?}");
+    }
+}
+
 #[test]
 fn image_build_refuses_a_missing_or_dynamic_binary() {
     if !have_buildah() {
@@ -295,6 +345,8 @@ struct Jail {
     netns: PathBuf,
     bpffs: PathBuf,
     config_dir: PathBuf,
+    /// Mounted at /run/meshnet, as the pod's emptyDir for the health socket.
+    run_dir: PathBuf,
     caps: u64,
 }
 
@@ -331,13 +383,14 @@ impl Jail {
     fn command(&self, args: &[&str]) -> Command {
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
         let root = c(&self.root);
-        let (proc_, sys, bpf, etc) = (
+        let (proc_, sys, bpf, etc, run) = (
             c(&self.root.join("proc")),
             c(&self.root.join("sys")),
             c(&self.root.join("sys/fs/bpf")),
             c(&self.root.join("etc/meshnet")),
+            c(&self.root.join("run/meshnet")),
         );
-        let (bpffs, config) = (c(&self.bpffs), c(&self.config_dir));
+        let (bpffs, config, run_dir) = (c(&self.bpffs), c(&self.config_dir), c(&self.run_dir));
         let (slash, proc_fs, sysfs) = (c(Path::new("/")), CString::new("proc").unwrap(), CString::new("sysfs").unwrap());
         let netns = std::fs::File::open(&self.netns).unwrap();
         let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").unwrap().trim().parse().unwrap();
@@ -371,8 +424,9 @@ impl Jail {
                     || mount(&bpffs, &bpf, none, libc::MS_BIND) != 0
                     || mount(&config, &etc, none, libc::MS_BIND) != 0
                     || remount_ro(&etc) != 0
+                    || mount(&run_dir, &run, none, libc::MS_BIND) != 0
                 {
-                    return Err(child_error(b"image test: mounting proc, sysfs, the bpffs or the config failed\n"));
+                    return Err(child_error(b"image test: mounting proc, sysfs, the bpffs, the config or /run/meshnet failed\n"));
                 }
                 if libc::chroot(root.as_ptr()) != 0 || libc::chdir(slash.as_ptr()) != 0 || libc::setgroups(0, std::ptr::null()) != 0 {
                     return Err(child_error(b"image test: entering the root failed\n"));
@@ -449,7 +503,15 @@ fn agent_from_image(root: &Path, manifest: &str, caps: &[String]) {
         let _ = std::io::stdout().lock().write_all(line.as_bytes());
         mask &= own;
     }
-    let jail = Jail { root: root.to_path_buf(), netns: t.node1.path(), bpffs: t.bpffs.dir.clone(), config_dir: config_dir.0.clone(), caps: mask };
+    let run_dir = TempDir::new();
+    let jail = Jail {
+        root: root.to_path_buf(),
+        netns: t.node1.path(),
+        bpffs: t.bpffs.dir.clone(),
+        config_dir: config_dir.0.clone(),
+        run_dir: run_dir.0.clone(),
+        caps: mask,
+    };
 
     let agent_argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = ChildGuard::spawn(&mut jail.command(&agent_argv));
@@ -463,6 +525,15 @@ fn agent_from_image(root: &Path, manifest: &str, caps: &[String]) {
     assert!(status.lines().any(|l| l.split_whitespace().nth(1) == Some("0") && l.starts_with("Uid:")), "{manifest}: not uid 0");
     let ready = poll(Duration::from_secs(10), || http_status(&t.node1, &metrics, "/readyz").filter(|l| l.contains(" 200 ")));
     assert!(ready.is_some(), "{manifest}: /readyz is not 200: {:?}", http_status(&t.node1, &metrics, "/readyz"));
+    // The DaemonSet's exec probes, run in the container as the kubelet runs them.
+    for (probe, body) in [("livenessProbe", "ok\n"), ("readinessProbe", "ready\n")] {
+        let cmd = strings(&agent[probe]["exec"]["command"]);
+        assert_eq!(cmd[0], "/usr/local/bin/meshnet", "{manifest}: {probe}");
+        let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
+        let answered = poll(Duration::from_secs(10), || jail.command(&args).output().ok().filter(|o| o.status.success()));
+        let out = answered.unwrap_or_else(|| panic!("{manifest}: {probe} {cmd:?} fails: {:?}", jail.command(&args).output()));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), body, "{manifest}: {probe}");
+    }
 
     let reply = t.client.run(|| peer::tcp_request(app_a(), "from the image")).unwrap_or_else(|e| panic!("{manifest}: TCP to app-a: {e}"));
     assert_eq!(reply, "app 10.245.0.20:8080 got from the image", "{manifest}");
@@ -492,7 +563,7 @@ fn unpacked_image_runs_the_agent_with_the_daemonsets_capabilities() {
     let out = TempDir::new();
     let image = unpack(&build(&out.0));
     // The mountpoints a runtime creates in the container's root.
-    for d in ["proc", "sys", "etc/meshnet"] {
+    for d in ["proc", "sys", "etc/meshnet", "run/meshnet"] {
         std::fs::create_dir_all(image.root.join(d)).unwrap();
     }
     // The default DaemonSet, and the variant for older kernels and Docker 19.03 (which works

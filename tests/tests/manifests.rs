@@ -6,14 +6,17 @@
 //! the validator is that strict. `cargo xtask setup` installs both tools under target/tools
 //! (see xtask/src/manifests.rs); nothing here uses the network.
 //!
-//! Also: the ConfigMap holds a config meshnet accepts, the workloads' arguments parse, and
-//! the probes use the port of --metrics-addr.
+//! Also: the ConfigMap holds a config meshnet accepts, the workloads' arguments parse, the
+//! probes ask the --health-socket in a volume of the pod's own, and the RBAC grants exactly the
+//! verbs the code calls.
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     process::Command,
 };
+
+use meshnet_tests::{container, strings};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -223,7 +226,7 @@ fn rendered_overlay(name: &str) -> String {
     assert_eq!(passed, want, "kubectl apply -k deploy/overlays/{name} would apply other objects than expected");
     assert!(rendered.contains("image: meshnet:0.1.0"));
     // The patch replaced the capability list and kept the rest of the container.
-    for kept in ["- --kube", "mountPath: /sys/fs/bpf/meshnet", "readOnlyRootFilesystem: true", "- ALL", "host: 127.0.0.1"] {
+    for kept in ["- --kube", "mountPath: /sys/fs/bpf/meshnet", "readOnlyRootFilesystem: true", "- ALL", "- /run/meshnet/health.sock"] {
         assert!(rendered.contains(kept), "{name}: {kept} lost:\n{rendered}");
     }
     rendered
@@ -334,32 +337,37 @@ fn args(manifest: &str) -> Vec<String> {
 #[test]
 fn the_workloads_arguments_parse() {
     let bin = meshnet_tests::meshnet_bin();
-    for (file, want) in [
-        ("base/agent.yaml", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "127.0.0.1:9464"]),
+    let health = ["--health-socket", "/run/meshnet/health.sock"];
+    for (file, name, want) in [
+        ("base/agent.yaml", "agent", vec!["agent", "--config", "/etc/meshnet/config.yaml", "--kube", "--metrics-addr", "127.0.0.1:9464"]),
         (
             "base/controller.yaml",
+            "controller",
             vec!["controller", "--leader-election", "true", "--service-cidrs", "10.96.0.0/12", "--metrics-addr", "0.0.0.0:9464"],
         ),
     ] {
         let manifest = read(file);
         let a = args(&manifest);
-        assert_eq!(a, want, "{file}");
+        assert_eq!(a, [want, health.to_vec()].concat(), "{file}");
         let out = Command::new(&bin).args(&a).arg("--help").output().unwrap();
         assert!(out.status.success(), "{file}: meshnet {a:?} does not parse:\n{}", String::from_utf8_lossy(&out.stderr));
-        // Both probes on the --metrics-addr port.
-        let port = a.last().unwrap().rsplit(':').next().unwrap();
-        for probe in ["path: /healthz", "path: /readyz"] {
-            let at = manifest.find(probe).unwrap_or_else(|| panic!("{file}: no {probe} probe"));
-            assert!(manifest[at..].lines().nth(1).unwrap().trim() == format!("port: {port}"), "{file}: {probe} not on {port}");
+        // Both probes ask the health socket, never the metrics port whose caps anyone who
+        // reaches it can fill, and the socket's directory is a volume of the pod's own.
+        let c = container(&documents(&manifest)[0], name);
+        for (probe, what) in [("livenessProbe", "healthz"), ("readinessProbe", "readyz")] {
+            let p = &c[probe];
+            assert!(p["httpGet"].is_null() && p["tcpSocket"].is_null(), "{file}: {probe} is not an exec probe");
+            let cmd = strings(&p["exec"]["command"]);
+            assert_eq!(cmd, ["/usr/local/bin/meshnet", "probe", what, "--socket", health[1]], "{file}: {probe}");
+            let out = Command::new(&bin).args(&cmd[1..]).arg("--help").output().unwrap();
+            assert!(out.status.success(), "{file}: {probe} {cmd:?} does not parse:\n{}", String::from_utf8_lossy(&out.stderr));
         }
-    }
-    // The agent is on the host's network: its metrics stay on the node's loopback, where the
-    // kubelet's probes reach them, and it sees only meshnet's own pins.
-    let agent = read("base/agent.yaml");
-    for probe in ["path: /healthz", "path: /readyz"] {
-        let at = agent.find(probe).unwrap();
-        assert_eq!(agent[..at].lines().last().unwrap().trim(), "", "{probe}");
-        assert_eq!(agent[..at].trim_end().lines().last().unwrap().trim(), "host: 127.0.0.1", "agent.yaml: {probe} not on loopback");
+        let mount = c["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["mountPath"] == "/run/meshnet").cloned();
+        let mount = mount.unwrap_or_else(|| panic!("{file}: nothing mounted at /run/meshnet"));
+        let volumes = documents(&manifest)[0]["spec"]["template"]["spec"]["volumes"].clone();
+        let volume = volumes.as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).cloned().unwrap();
+        assert!(volume["emptyDir"].is_mapping(), "{file}: the health socket's directory is not an emptyDir: {volume:?}");
+        assert!(mount["readOnly"].is_null(), "{file}: the health socket's directory is read-only");
     }
     for file in ["base/agent.yaml", "detach.yaml"] {
         let m = read(file);
@@ -369,6 +377,69 @@ fn the_workloads_arguments_parse() {
     // The downward-API variables the binary reads.
     assert!(read("base/agent.yaml").contains("- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName"));
     assert!(read("base/controller.yaml").contains("- name: POD_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name"));
+    // The uninstall's command parses too.
+    let detach = container(&documents(&read("detach.yaml"))[0], "detach");
+    let argv = [strings(&detach["command"]), strings(&detach["args"])].concat();
+    assert_eq!(argv, ["/usr/local/bin/meshnet", "detach", "--then-wait"]);
+    let out = Command::new(&bin).args(&argv[1..]).arg("--help").output().unwrap();
+    assert!(out.status.success(), "detach.yaml: {argv:?} does not parse:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every rule of every Role and ClusterRole meshnet's own code runs under, and the calls that
+/// need it: a verb no call makes fails this test, and so does one the code needs that is gone.
+/// A watch (kube's watcher) is a list and a watch; a server-side apply is a patch, and a create
+/// when the object is missing.
+const RBAC: &[(&str, &str, &[&str], &[&str], &[&str])] = &[
+    // (file, Role or ClusterRole namespace/name, resources, resourceNames, verbs)
+    // The agent: get its own Node (the datapath-log annotation, source.rs), watch it; watch
+    // meshnet-peers.
+    ("base/agent-rbac.yaml", "ClusterRole /meshnet-agent", &["nodes"], &[], &["get", "list", "watch"]),
+    ("base/agent-rbac.yaml", "Role meshnet/meshnet-agent", &["configmaps"], &["meshnet-peers"], &["list", "watch"]),
+    // The controller: watch the remote secrets (mesh-networks lists them) and the istio
+    // ConfigMap; watch the Nodes (mesh-networks lists them).
+    ("base/controller-rbac.yaml", "Role istio-system/meshnet-controller", &["secrets"], &[], &["list", "watch"]),
+    ("base/controller-rbac.yaml", "Role istio-system/meshnet-controller", &["configmaps"], &["istio"], &["list", "watch"]),
+    ("base/controller-rbac.yaml", "ClusterRole /meshnet-controller", &["nodes"], &[], &["list", "watch"]),
+    // Its ConfigMaps: applied (a create when missing); peers and holds read at start and
+    // watched; status only written. The Lease: get, create, replace.
+    ("base/controller-rbac.yaml", "Role meshnet/meshnet-controller", &["configmaps"], &[], &["create"]),
+    ("base/controller-rbac.yaml", "Role meshnet/meshnet-controller", &["configmaps"], &["meshnet-peers", "meshnet-holds"], &["get", "list", "watch", "patch"]),
+    ("base/controller-rbac.yaml", "Role meshnet/meshnet-controller", &["configmaps"], &["meshnet-status"], &["patch"]),
+    ("base/controller-rbac.yaml", "Role meshnet/meshnet-controller", &["leases"], &[], &["create"]),
+    ("base/controller-rbac.yaml", "Role meshnet/meshnet-controller", &["leases"], &["meshnet-controller"], &["get", "update"]),
+    // mesh-networks: get and replace the istio ConfigMap; get the gateway Service, its
+    // Endpoints and the Istio namespace, by name.
+    ("mesh-networks-rbac.yaml", "Role istio-system/meshnet-mesh-networks", &["configmaps"], &["istio"], &["get", "update"]),
+    ("mesh-networks-rbac.yaml", "Role istio-system/meshnet-mesh-networks", &["services", "endpoints"], &["istio-eastwestgateway"], &["get"]),
+    ("mesh-networks-rbac.yaml", "ClusterRole /meshnet-mesh-networks", &["namespaces"], &["istio-system"], &["get"]),
+];
+
+#[test]
+fn the_rbac_grants_exactly_what_the_code_calls() {
+    let files: BTreeSet<&str> = RBAC.iter().map(|r| r.0).collect();
+    let mut got = Vec::new();
+    for file in files {
+        for d in documents(&read(file)) {
+            let kind = d["kind"].as_str().unwrap_or_default();
+            if kind != "Role" && kind != "ClusterRole" {
+                continue;
+            }
+            let who = format!("{kind} {}/{}", d["metadata"]["namespace"].as_str().unwrap_or_default(), d["metadata"]["name"].as_str().unwrap());
+            for rule in d["rules"].as_sequence().unwrap() {
+                let list = |key: &str| if rule[key].is_null() { Vec::new() } else { strings(&rule[key]) };
+                assert!(list("apiGroups").iter().all(|g| g.is_empty() || g == "coordination.k8s.io"), "{file}: {who}: {rule:?}");
+                got.push((file.to_string(), who.clone(), list("resources"), list("resourceNames"), list("verbs")));
+            }
+        }
+    }
+    let want: Vec<_> = RBAC
+        .iter()
+        .map(|(f, who, res, names, verbs)| {
+            let v = |s: &[&str]| s.iter().map(ToString::to_string).collect::<Vec<_>>();
+            ((*f).to_string(), (*who).to_string(), v(res), v(names), v(verbs))
+        })
+        .collect();
+    assert_eq!(got, want, "the RBAC files differ from what the code calls (this test's table says which call needs which verb)");
 }
 
 /// The YAML documents of a manifest.

@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::{
@@ -75,6 +74,8 @@ pub struct ControllerOptions {
     /// How long a lease holds without renewal; another replica takes over after that.
     pub lease_duration: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    /// A Unix socket for the probes' `/healthz` and `/readyz` (`metrics::serve_health`).
+    pub health_socket: Option<std::path::PathBuf>,
 }
 
 enum Msg {
@@ -188,8 +189,10 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     let client = super::local_client(opts.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(ControllerMetrics::new());
     if let Some(addr) = opts.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
-        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        tokio::spawn(crate::metrics::serve_on(addr, metrics.clone()));
+    }
+    if let Some(path) = opts.health_socket.clone() {
+        tokio::spawn(crate::metrics::serve_health_on(path, metrics.clone()));
     }
     let (tx, mut rx) = mpsc::channel::<Msg>(256);
     let ns = opts.istio_namespace.clone();
