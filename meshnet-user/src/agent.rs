@@ -243,7 +243,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         stopped_before_start("waiting for the pin directory");
         return Ok(());
     };
-    let _lock = held??;
+    let pin_lock = held??;
+    if let Some(holder) = pin_lock.legacy_holder() {
+        warn!(
+            pin_path = %opts.pins.root().display(),
+            "the pin directory's own lock, which agents before this version take, is still held{holder}; \
+             running without it. An older agent still running here would fight this one over the maps: stop it. \
+             Otherwise another process opened the directory before it was closed to other users \
+             (`fuser -v` on the directory finds it)"
+        );
+    }
     let wanted = opts.datapath_log || config.datapath_log;
     let node_asks = match &opts.kube {
         Some(src) if !wanted => {

@@ -5,7 +5,11 @@
 //! fd); netlink clsact filters live on in the kernel by themselves and are found again by
 //! their fixed priority and handle, or by their program name.
 
-use std::{collections::BTreeMap, io, path::Path};
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context as _};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
@@ -647,6 +651,27 @@ fn pinned_program_on(pin: &Path, iface: &str, dir: Direction) -> anyhow::Result<
     Ok(on_iface.iter().any(|p| p.id() == id).then_some(id))
 }
 
+/// The name of the program in the link pinned at `pin` (as the kernel keeps it: its first 15
+/// bytes).
+fn pinned_link_program(pin: &Path) -> anyhow::Result<String> {
+    let id = FdLink::from(PinnedLink::from_pin(pin)?).info()?.program_id();
+    let info = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .with_context(|| format!("program {id} is no longer loaded"))?;
+    Ok(info.name_as_str().unwrap_or_default().to_string())
+}
+
+/// Whether a program the kernel names `name` is one meshnet attaches through a tcx link. The
+/// kernel keeps 15 bytes of a name, which leave meshnet's three apart.
+fn is_link_program(name: &str) -> bool {
+    const KEPT: usize = 15;
+    [Direction::Ingress, Direction::Egress, Direction::Uplink].iter().any(|d| {
+        let full = d.program();
+        !name.is_empty() && full.get(..KEPT).unwrap_or(full) == name
+    })
+}
+
 /// The program of meshnet's netlink filter on the device at `index`, if it has one.
 fn filter_program(index: u32, dir: Direction) -> anyhow::Result<Option<u32>> {
     Ok(crate::netlink::tc_filter_program(index, clsact_parent(dir), NL_PRIORITY, NL_HANDLE.into())?)
@@ -851,33 +876,40 @@ fn name_of_index(index: u32) -> Option<String> {
     index_name(index).ok().flatten()
 }
 
-/// What `detach` removed.
+/// What `detach` removed, and what it left.
 #[derive(Debug, Default)]
 pub struct DetachReport {
     pub tcx_links: usize,
     pub netlink_filters: usize,
     pub pins: usize,
+    /// Entries of the links directory that are not meshnet's tcx links, and what they are.
+    pub left: Vec<(PathBuf, String)>,
 }
 
 /// Removes everything meshnet installed: its tcx links, its netlink filters (found by their
 /// program names, which no other tool uses), and every pin under `pins`. Filters and links of
-/// other tools are never touched.
+/// other tools are never touched, even where they are pinned among meshnet's.
 pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
     let mut report = DetachReport::default();
     if let Ok(entries) = std::fs::read_dir(pins.links_dir()) {
         for entry in entries.flatten() {
             let path = entry.path();
-            match PinnedLink::from_pin(&path) {
-                Ok(link) => {
-                    // Unpinning drops the last reference once our fd closes: the kernel then
-                    // detaches the tcx link.
-                    let fd = link.unpin().with_context(|| format!("unpinning {}", path.display()))?;
-                    drop(fd);
+            match pinned_link_program(&path) {
+                // Unpinning drops the last reference once our fd closes: the kernel then
+                // detaches the tcx link.
+                Ok(name) if is_link_program(&name) => {
+                    std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
                     report.tcx_links += 1;
                 }
-                Err(e) => {
-                    warn!(target: LOG, path = %path.display(), error = %e, "not a link pin; removing it");
-                    let _ = std::fs::remove_file(&path);
+                // Whoever pinned it there (a user who could write to the directory before it
+                // was closed, another tool) keeps it: unpinning another's link detaches it.
+                found => {
+                    let what = found.map_or_else(
+                        |e| format!("not a tcx link of meshnet's: {e:#}"),
+                        |name| format!("a link of program {name}, not meshnet's"),
+                    );
+                    warn!(target: LOG, path = %path.display(), what, "left in place");
+                    report.left.push((path, what));
                 }
             }
         }
@@ -903,7 +935,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
             report.pins += 1;
         }
     }
-    for dir in [pins.links_dir(), pins.maps_dir()] {
+    for dir in [pins.links_dir(), pins.maps_dir(), pins.lock_dir()] {
         let _ = std::fs::remove_dir(dir);
     }
     // The root itself goes too unless it is a mount point (EBUSY) or holds foreign pins.

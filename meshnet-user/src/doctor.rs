@@ -119,6 +119,7 @@ pub fn run(pins: &Pins, config: Option<&Path>) -> Vec<Check> {
         aya::sys::is_map_supported(MapType::RingBuf).map_err(|e| format!("{:#}", anyhow::Error::from(e))),
     ));
     checks.push(bpffs_check(pins));
+    checks.extend(pin_dir_check(pins));
     checks.push(pins_check(pins));
     if let Some(c) = flow_table_check(pins) {
         checks.push(c);
@@ -283,7 +284,7 @@ pub fn bpffs_verdict(root: &Path, probed: &Path, is_bpffs: Result<bool, String>)
         format!("{} (checked at {}, the nearest existing directory)", root.display(), probed.display())
     };
     let fix = format!(
-        "`mount -t bpf bpf /sys/fs/bpf` (persistently: `bpffs /sys/fs/bpf bpf defaults 0 0` in /etc/fstab; in a pod, \
+        "`mount -t bpf bpf /sys/fs/bpf -o mode=700` (persistently: `{FSTAB_LINE}` in /etc/fstab; in a pod, \
          mount the host's /sys/fs/bpf), or pass --pin-path DIR on a bpffs; {KERNEL_DOC}"
     );
     match is_bpffs {
@@ -296,6 +297,82 @@ pub fn bpffs_verdict(root: &Path, probed: &Path, is_bpffs: Result<bool, String>)
         .fix(fix),
         Err(e) => Check::new(NAME, Level::Fail, format!("cannot check {at}: {e}")).fix(fix),
     }
+}
+
+/// The /etc/fstab line of a bpffs only root can enter, so that no other user can create the
+/// pin directory before the agent does.
+const FSTAB_LINE: &str = "bpffs /sys/fs/bpf bpf defaults,mode=700 0 0";
+
+/// What `lstat` says of a directory on the pin path.
+#[derive(Debug, Clone, Copy)]
+pub struct DirMode {
+    pub symlink: bool,
+    pub uid: u32,
+    pub mode: u32,
+}
+
+/// Who besides the agent can reach the pin directory or, before the agent creates it, its
+/// nearest existing ancestor.
+#[must_use]
+pub fn pin_dir_check(pins: &Pins) -> Option<Check> {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = pins.root();
+    // `probe_dir` follows a symlink, and passes over one that leads nowhere.
+    let probed = if root.is_symlink() { root } else { pins.probe_dir()? };
+    let m = std::fs::symlink_metadata(probed).ok()?;
+    let found = DirMode { symlink: m.file_type().is_symlink(), uid: m.uid(), mode: m.mode() & 0o7777 };
+    Some(pin_dir_verdict(root, probed, found, nix::unistd::geteuid().as_raw()))
+}
+
+/// Fails where the agent refuses the pin directory (a symlink, another owner, writable by
+/// others); warns where other users can open it, or create it before the agent does.
+#[must_use]
+pub fn pin_dir_verdict(root: &Path, probed: &Path, found: DirMode, euid: u32) -> Check {
+    const NAME: &str = "pin directory";
+    let shown = root.display();
+    let mount = format!("mount the bpffs with `mode=700` (`{FSTAB_LINE}` in /etc/fstab); {KERNEL_DOC}");
+    if probed != root {
+        if found.mode & 0o002 != 0 {
+            return Check::new(
+                NAME,
+                Level::Warn,
+                format!(
+                    "{shown} does not exist yet and any user can create it in {} (mode {:o}): the agent would then \
+                     refuse to start",
+                    probed.display(),
+                    found.mode
+                ),
+            )
+            .fix(mount);
+        }
+        return Check::new(NAME, Level::Ok, format!("{shown} does not exist yet; only the agent's user can create it"));
+    }
+    let refused = |what: String| {
+        Check::new(NAME, Level::Fail, format!("{shown} {what}: the agent refuses to pin there"))
+            .fix(format!("check what it holds, remove it (`rm -r {shown}`) and start the agent, which creates it; {mount}"))
+    };
+    if found.symlink {
+        return refused("is a symlink".into());
+    }
+    if found.uid != euid {
+        return refused(format!("is owned by uid {}, not {euid}", found.uid));
+    }
+    if found.mode & 0o022 != 0 {
+        return refused(format!("has mode {:o}: other users can write to it", found.mode));
+    }
+    if found.mode & 0o077 != 0 {
+        return Check::new(
+            NAME,
+            Level::Warn,
+            format!(
+                "other users can open {shown} (mode {:o}) and lock it, which holds back agents before this version; \
+                 the agent closes it (mode 700) when it starts",
+                found.mode
+            ),
+        )
+        .fix(format!("`chmod 700 {shown}`, or start the agent"));
+    }
+    Check::new(NAME, Level::Ok, format!("{shown} is closed to other users (mode {:o})", found.mode))
 }
 
 /// Which of meshnet's maps are pinned (informational: an agent has run with this
@@ -1074,7 +1151,8 @@ mod tests {
         let c = bpffs_verdict(root, Path::new("/sys/fs/bpf"), Ok(false));
         assert_eq!(c.level, Level::Fail);
         assert!(c.detail.contains("checked at /sys/fs/bpf"));
-        assert!(c.fix.as_deref().unwrap().contains("mount -t bpf bpf /sys/fs/bpf"));
+        assert!(c.fix.as_deref().unwrap().contains("mount -t bpf bpf /sys/fs/bpf -o mode=700"), "{c:?}");
+        assert!(c.fix.as_deref().unwrap().contains("bpffs /sys/fs/bpf bpf defaults,mode=700 0 0"), "{c:?}");
         assert_eq!(bpffs_verdict(root, root, Err("EACCES".into())).level, Level::Fail);
 
         let dir = Path::new("/sys/fs/bpf/meshnet/maps");
@@ -1083,6 +1161,34 @@ mod tests {
         let c = pins_verdict(dir, &[names::ROUTES]);
         assert_eq!(c.level, Level::Warn);
         assert!(c.detail.contains(names::NAT_FWD));
+    }
+
+    #[test]
+    fn a_pin_directory_others_can_reach() {
+        let root = Path::new("/sys/fs/bpf/meshnet");
+        let dir = |symlink, uid, mode| DirMode { symlink, uid, mode };
+        let at_root = |found| pin_dir_verdict(root, root, found, 0);
+        assert_eq!(at_root(dir(false, 0, 0o700)).level, Level::Ok);
+        // An older agent's, or the kubelet's: the agent closes it.
+        let c = at_root(dir(false, 0, 0o755));
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("mode 755") && c.fix.unwrap().contains("chmod 700 /sys/fs/bpf/meshnet"));
+        for (found, why) in [
+            (dir(false, 0, 0o777), "mode 777"),
+            (dir(false, 0, 0o770), "mode 770"),
+            (dir(false, 65534, 0o700), "owned by uid 65534"),
+            (dir(true, 65534, 0o777), "is a symlink"),
+        ] {
+            let c = at_root(found);
+            assert_eq!(c.level, Level::Fail, "{found:?}");
+            assert!(c.detail.contains(why) && c.detail.contains("refuses"), "{c:?}");
+        }
+        // Not there yet: a bpffs mounted without mode= lets anyone create it.
+        let parent = Path::new("/sys/fs/bpf");
+        let c = pin_dir_verdict(root, parent, dir(false, 0, 0o1777), 0);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.fix.unwrap().contains("mode=700"));
+        assert_eq!(pin_dir_verdict(root, parent, dir(false, 0, 0o700), 0).level, Level::Ok);
     }
 
     #[test]

@@ -474,13 +474,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Detach { then_wait } => {
             // A running agent would attach again at its next rescan, so detaching under it
             // would only leave the node half done.
-            let lock = match pins.root().is_dir().then(|| pins.lock(Duration::ZERO, |_| {})) {
-                Some(Err(meshnet::pins::LockError::Held { path, holder, .. })) => anyhow::bail!(
+            let running = |path: &str, holder: &str| {
+                anyhow::anyhow!(
                     "a meshnet agent{holder} is running on {path}; stop it first (delete the DaemonSet, \
                      or kill the process), then detach"
-                ),
-                Some(r) => Some(r?),
-                None => None,
+                )
+            };
+            let lock = pins.root().is_dir().then(|| pins.prepare().map(|()| pins.lock(Duration::ZERO, |_| {})));
+            let lock_guard = match lock.transpose()?.transpose() {
+                Err(meshnet::pins::LockError::Held { path, holder, .. }) => return Err(running(&path, &holder)),
+                // An agent before this version locks only the root.
+                Ok(Some(l)) if l.legacy_holder().is_some() => {
+                    return Err(running(&pins.root().display().to_string(), l.legacy_holder().unwrap_or_default()));
+                }
+                r => r?,
             };
             let r = datapath::detach(&pins)?;
             println!(
@@ -490,8 +497,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.pins,
                 pins.root().display()
             );
+            for (path, what) in &r.left {
+                println!("left {}: {what}", path.display());
+            }
             // Not held while it waits: an agent installed again must not wait for this pod to go.
-            drop(lock);
+            drop(lock_guard);
             if then_wait {
                 println!("waiting for SIGTERM");
                 wait_for_termination()?;

@@ -88,7 +88,16 @@ impl Pins {
         self.root.ancestors().find(|a| a.exists())
     }
 
-    /// Creates the directory tree; fails with a fix when the root is not on a bpffs.
+    /// The directory whose `flock` keeps a second agent out. Inside the root, which only
+    /// the agent's user can enter, so that no other user can open it and hold the lock.
+    /// (bpffs holds no regular files, so a directory it is.)
+    #[must_use]
+    pub fn lock_dir(&self) -> PathBuf {
+        self.root.join("lock")
+    }
+
+    /// Creates the directory tree; fails with a fix when the root is not on a bpffs, or
+    /// when a part of it is not the agent's alone.
     ///
     /// The filesystem is checked before anything is created: on a node without a bpffs,
     /// `/sys/fs/bpf` is a sysfs directory that refuses `mkdir` with EPERM, which says
@@ -107,15 +116,76 @@ impl Pins {
             };
             anyhow::bail!(
                 "{at} is not on a bpffs, so pinned maps and links would not survive the agent; \
-                 mount one with `mount -t bpf bpf /sys/fs/bpf` (see docs/kernel-upgrade.md) or \
-                 pass --pin-path DIR on a bpffs"
+                 mount one with `mount -t bpf bpf /sys/fs/bpf -o mode=700` (see docs/kernel-upgrade.md) \
+                 or pass --pin-path DIR on a bpffs"
             );
         }
-        for d in [self.maps_dir(), self.links_dir()] {
-            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        self.make_private()
+    }
+
+    /// Creates the root, `maps`, `links` and the lock directory with mode 0700 and checks
+    /// each: a bpffs mounted without `mode=` lets every user create entries at its top, so
+    /// before the agent first runs (after a reboot, or a `meshnet detach`) any user could
+    /// have made one of them, world-writable or a symlink to a directory of theirs. The
+    /// agent (uid 0 without `CAP_DAC_OVERRIDE`) would then pin into it, and that user could
+    /// unlink its tcx links or plant maps. One that is the agent's own but open to others
+    /// (0755, from an agent before this check or the kubelet's `DirectoryOrCreate`) cannot
+    /// have been written to by anyone else and is closed to 0700.
+    fn make_private(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let euid = nix::unistd::geteuid().as_raw();
+        for (i, dir) in [self.root.clone(), self.maps_dir(), self.links_dir(), self.lock_dir()].iter().enumerate() {
+            // The root's parents are the operator's (or its bpffs's), the rest inside the root.
+            let made = std::fs::DirBuilder::new().recursive(i == 0).mode(0o700).create(dir);
+            if let Err(e) = made {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(anyhow::anyhow!("creating {}: {e}", dir.display()));
+                }
+            }
+            private_dir(dir, euid)?;
         }
         Ok(())
     }
+}
+
+/// Checks that `dir` is a directory of `euid`'s that no one else can write to, and closes it
+/// to others (mode 0700).
+fn private_dir(dir: &Path, euid: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let shown = dir.display();
+    let fix = format!(
+        "check what it holds, remove it (`rm -r {shown}`) and start the agent again, which creates it \
+         (mount the bpffs with `mode=700` so that no other user can create it again)"
+    );
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| anyhow::anyhow!("checking {shown}: {e}"))?;
+    let refuse = |what: String| {
+        anyhow::anyhow!(
+            "{shown} {what}: whoever controls it could unlink meshnet's pinned links or plant maps, \
+             so the agent refuses to pin there; {fix}"
+        )
+    };
+    if meta.file_type().is_symlink() {
+        let to = std::fs::read_link(dir).map(|t| format!(" (to {})", t.display())).unwrap_or_default();
+        return Err(refuse(format!("is a symlink{to}")));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("is not a directory".into()));
+    }
+    if meta.uid() != euid {
+        return Err(refuse(format!("is owned by uid {}, not by the agent's ({euid})", meta.uid())));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "has mode {mode:o}: its group or other users can write to it (if nothing else has, `chmod 700 {shown}` \
+             is enough)"
+        )));
+    }
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| anyhow::anyhow!("closing {shown} to other users (chmod 700): {e}"))?;
+    }
+    Ok(())
 }
 
 /// Whether `path` lies on a bpf filesystem.
@@ -166,6 +236,115 @@ mod tests {
         assert!(!s.0.join("maps").exists());
     }
 
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn the_tree_is_made_closed_to_other_users() {
+        let s = Scratch::new("fresh");
+        let pins = Pins::new(s.0.join("meshnet"));
+        pins.make_private().unwrap();
+        for d in [pins.root().to_path_buf(), pins.maps_dir(), pins.links_dir(), pins.lock_dir()] {
+            assert_eq!(mode_of(&d), 0o700, "{}", d.display());
+        }
+    }
+
+    /// An older agent's tree (0755, as `create_dir_all` or the kubelet made it): no one else
+    /// could write to it, so it is kept and closed.
+    #[test]
+    fn an_older_agents_tree_is_closed_not_refused() {
+        let s = Scratch::new("older");
+        let pins = Pins::new(s.0.join("meshnet"));
+        for d in [pins.maps_dir(), pins.links_dir()] {
+            std::fs::create_dir_all(&d).unwrap();
+            chmod(&d, 0o755);
+        }
+        chmod(pins.root(), 0o755);
+        std::fs::write(pins.map("kept"), "").unwrap();
+        pins.make_private().unwrap();
+        for d in [pins.root().to_path_buf(), pins.maps_dir(), pins.links_dir()] {
+            assert_eq!(mode_of(&d), 0o700, "{}", d.display());
+        }
+        assert!(pins.map("kept").exists());
+    }
+
+    #[test]
+    fn a_tree_others_can_write_to_is_refused() {
+        let s = Scratch::new("open");
+        let pins = Pins::new(s.0.join("meshnet"));
+        std::fs::create_dir(pins.root()).unwrap();
+        chmod(pins.root(), 0o777);
+        let err = format!("{:#}", pins.make_private().unwrap_err());
+        assert!(err.starts_with(&format!("{} has mode 777", pins.root().display())), "{err}");
+        assert!(err.contains("refuses") && err.contains("chmod 700"), "{err}");
+        assert!(!pins.maps_dir().exists(), "created maps/ in a directory others can write to");
+        assert_eq!(mode_of(pins.root()), 0o777, "a refused directory was changed");
+
+        // One level down, and only the group.
+        chmod(pins.root(), 0o700);
+        std::fs::create_dir(pins.maps_dir()).unwrap();
+        chmod(&pins.maps_dir(), 0o770);
+        let err = format!("{:#}", pins.make_private().unwrap_err());
+        assert!(err.starts_with(&format!("{} has mode 770", pins.maps_dir().display())), "{err}");
+    }
+
+    #[test]
+    fn a_symlink_anywhere_in_the_tree_is_refused() {
+        let s = Scratch::new("link");
+        let theirs = s.0.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        let pins = Pins::new(s.0.join("meshnet"));
+        std::os::unix::fs::symlink(&theirs, pins.root()).unwrap();
+        let err = format!("{:#}", pins.make_private().unwrap_err());
+        assert!(err.starts_with(&format!("{} is a symlink (to {})", pins.root().display(), theirs.display())), "{err}");
+        assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0, "created something in the symlink's target");
+
+        std::fs::remove_file(pins.root()).unwrap();
+        std::fs::create_dir(pins.root()).unwrap();
+        std::os::unix::fs::symlink(&theirs, pins.links_dir()).unwrap();
+        let err = format!("{:#}", pins.make_private().unwrap_err());
+        assert!(err.starts_with(&format!("{} is a symlink", pins.links_dir().display())), "{err}");
+    }
+
+    #[test]
+    fn a_directory_of_another_user_is_refused() {
+        use std::os::unix::fs::MetadataExt as _;
+        let s = Scratch::new("owner");
+        let ours = std::fs::metadata(&s.0).unwrap().uid();
+        chmod(&s.0, 0o700);
+        let err = format!("{:#}", private_dir(&s.0, ours + 1).unwrap_err());
+        assert!(err.contains(&format!("is owned by uid {ours}, not by the agent's ({})", ours + 1)), "{err}");
+        private_dir(&s.0, ours).unwrap();
+    }
+
+    /// An older agent (or anyone who opened the root before it was closed) holding the lock
+    /// on the root keeps out neither this agent nor, through it, the lock between agents of
+    /// this version; the holder is told to the caller.
+    #[test]
+    fn the_lock_on_the_root_is_taken_when_free_and_not_required() {
+        use nix::fcntl::{Flock, FlockArg};
+        let s = Scratch::new("lock");
+        let pins = Pins::new(s.0.join("meshnet"));
+        pins.make_private().unwrap();
+        let older = Flock::lock(std::fs::File::open(pins.root()).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
+        let first = pins.lock(std::time::Duration::ZERO, |_| {}).unwrap();
+        assert!(first.legacy_holder().is_some());
+        assert!(matches!(pins.lock(std::time::Duration::ZERO, |_| {}), Err(LockError::Held { .. })));
+        drop((first, older));
+        let second = pins.lock(std::time::Duration::ZERO, |_| {}).unwrap();
+        assert_eq!(second.legacy_holder(), None);
+        // Now an older agent is the one kept out.
+        let older = std::fs::File::open(pins.root()).unwrap();
+        assert!(Flock::lock(older, FlockArg::LockExclusiveNonblock).is_err());
+    }
+
     /// A node without a bpffs mounted: /sys/fs/bpf is then a plain sysfs directory, where
     /// `mkdir` answers EPERM. The error must name the missing bpffs, not the mkdir.
     #[test]
@@ -187,6 +366,16 @@ mod tests {
 #[derive(Debug)]
 pub struct PinLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
+    legacy: Result<nix::fcntl::Flock<std::fs::File>, String>,
+}
+
+impl PinLock {
+    /// Who still holds the lock agents before this version take (on the root itself), when
+    /// it was not free in time: empty, or ` (pid N)`.
+    #[must_use]
+    pub fn legacy_holder(&self) -> Option<&str> {
+        self.legacy.as_ref().err().map(String::as_str)
+    }
 }
 
 /// Why the pin directory could not be locked.
@@ -204,21 +393,60 @@ pub enum LockError {
 }
 
 impl Pins {
-    /// Takes the pin directory's lock, waiting up to `wait` for another holder to go, and
-    /// calling `waiting` every ten seconds while it waits (for a log line).
+    /// Takes the pin directory's lock (after [`Self::prepare`]), waiting up to `wait` for
+    /// another holder to go, and calling `waiting` every ten seconds while it waits (for a
+    /// log line).
+    ///
+    /// Agents before this version lock the root itself, which any user who could open it
+    /// could lock too, keeping every agent out. This one locks [`Self::lock_dir`], which
+    /// only root can open, and then, for as long as agents that lock the root may still be
+    /// around (an upgrade's old pod while it stops, a rollback's new one), the root as well,
+    /// so that neither an older agent nor a newer one runs the datapath beside it. The root's
+    /// lock is waited for within the same `wait` but is not required: a holder that outlasts
+    /// it is most likely a process that opened the root before it was closed to others (the
+    /// old agent's pod is killed within its grace period), and refusing would let it keep
+    /// meshnet off the node. The caller says so ([`PinLock::legacy_holder`]).
     pub fn lock(&self, wait: std::time::Duration, mut waiting: impl FnMut(&str)) -> Result<PinLock, LockError> {
+        use std::time::{Duration, Instant};
+        let until = Instant::now() + wait;
+        let lock = self.flock(&self.lock_dir(), until, wait, &mut waiting)?;
+        // An agent of this version that just let go of the first lets go of this one as it
+        // exits too, if a moment later: a wait used up on the first must not take that for
+        // an older agent's.
+        let until = until.max(Instant::now() + wait.min(Duration::from_secs(2)));
+        let legacy = match self.flock(&self.root, until, wait, &mut waiting) {
+            Ok(l) => Ok(l),
+            Err(LockError::Held { holder, .. }) => Err(holder),
+            Err(e) => return Err(e),
+        };
+        Ok(PinLock { _lock: lock, legacy })
+    }
+
+    fn flock(
+        &self,
+        dir: &Path,
+        until: std::time::Instant,
+        wait: std::time::Duration,
+        waiting: &mut impl FnMut(&str),
+    ) -> Result<nix::fcntl::Flock<std::fs::File>, LockError> {
         use nix::fcntl::{Flock, FlockArg};
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = self.root.display().to_string();
-        let io = |source| LockError::Io { path: path.clone(), source };
-        let start = std::time::Instant::now();
+        let io = |source| LockError::Io { path: dir.display().to_string(), source };
         let mut tries = 0_u32;
-        let mut file = std::fs::File::open(&self.root).map_err(io)?;
+        // Not through a symlink someone put in its place since `prepare` looked.
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir)
+            .map_err(io)?;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(PinLock { _lock: lock }),
+                Ok(lock) => return Ok(lock),
                 Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                    let holder = lock_holder(&self.root).map_or_else(String::new, |pid| format!(" (pid {pid})"));
-                    if start.elapsed() >= wait {
+                    let holder = lock_holder(dir).map_or_else(String::new, |pid| format!(" (pid {pid})"));
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
                         return Err(LockError::Held { path, holder, waited: wait });
                     }
                     if tries.is_multiple_of(10) {
@@ -226,7 +454,7 @@ impl Pins {
                     }
                     tries += 1;
                     file = f;
-                    std::thread::sleep(std::time::Duration::from_secs(1).min(wait.saturating_sub(start.elapsed())));
+                    std::thread::sleep(std::time::Duration::from_secs(1).min(left));
                 }
                 Err((_, e)) => return Err(io(e.into())),
             }

@@ -1507,3 +1507,157 @@ fn foreign_programs_keep_working_tcx() {
     }
     foreign_programs_keep_working("tcx");
 }
+
+/// `cmd` run as uid 65534 (nobody), as a local user without any of root's rights.
+fn as_nobody(cmd: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd]);
+    c
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// A pin directory another user made before the agent (a bpffs mounted without `mode=` lets
+/// anyone create it): theirs, open to everyone, or a symlink to a directory of theirs. The
+/// agent refuses each, says why and how to fix it, and pins nothing there. An older agent's
+/// (0755, root's) is kept and closed to other users.
+#[test]
+fn a_pin_directory_another_user_could_change_is_refused() {
+    use std::os::unix::fs::{chown, symlink, PermissionsExt as _};
+    let t = Topology::new(Options::default());
+    let cfg = t.write_config(&node1_config(POD_INTERFACES));
+    let root = t.pin_path();
+    let theirs = root.with_file_name("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    chown(&theirs, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let shown = root.display().to_string();
+    let cases: [(&str, &dyn Fn(), String); 3] = [
+        (
+            "owned by nobody",
+            &|| chown(&root, Some(65534), Some(65534)).unwrap(),
+            format!("{shown} is owned by uid 65534, not by the agent's (0)"),
+        ),
+        (
+            "mode 0777",
+            &|| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap(),
+            format!("{shown} has mode 777"),
+        ),
+        (
+            "a symlink",
+            &|| {
+                std::fs::remove_dir(&root).unwrap();
+                symlink(&theirs, &root).unwrap();
+            },
+            format!("{shown} is a symlink (to {})", theirs.display()),
+        ),
+    ];
+    for (what, make, says) in cases {
+        std::fs::create_dir(&root).unwrap();
+        make();
+        let out = refused_start(&t, &cfg);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: the agent started:\n{stderr}");
+        let fixed = stderr.contains("refuses to pin there") && stderr.contains(&format!("rm -r {shown}"));
+        assert!(stderr.contains(&says) && fixed, "{what}:\n{stderr}");
+        let inside = std::fs::read_dir(&root).unwrap().count();
+        assert_eq!(inside, 0, "{what}: the agent created something in it");
+        let _ = std::fs::remove_file(&root).or_else(|_| std::fs::remove_dir(&root));
+    }
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+
+    // As an older agent (or the kubelet's DirectoryOrCreate) left it.
+    std::fs::create_dir_all(root.join("maps")).unwrap();
+    for d in [root.clone(), root.join("maps")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let _agent = Agent::start(&t.node1, &cfg, &root, &[]);
+    for d in ["", "maps", "links", "lock"] {
+        assert_eq!(mode_of(&root.join(d)), 0o700, "{}/{d}", root.display());
+    }
+    let doctor = t.meshnet("doctor");
+    assert!(doctor.stdout.contains(&format!("OK    pin directory: {shown} is closed to other users (mode 700)")), "{doctor:?}");
+}
+
+/// A local user who opened the pin directory while others could (before the agent closed
+/// it: the kubelet creates it 0755) and holds a lock on it keeps no agent out; once the
+/// agent runs, no such user can open it, or the lock the agent holds, at all.
+#[test]
+fn a_user_holding_the_old_lock_keeps_no_agent_out() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = Topology::new(Options::default());
+    let root = t.pin_path();
+    std::fs::create_dir(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shown = root.display().to_string();
+    // The lock stays with the open directory, which `sleep` inherits under the same pid.
+    let mut holder =
+        meshnet_tests::ChildGuard::spawn(&mut as_nobody(&format!("exec 9<{shown} && flock -n 9 && echo locked && exec sleep 600")));
+    holder.wait_for_line("locked", WAIT);
+
+    let cfg = t.write_config(&node1_config(POD_INTERFACES));
+    let argv = Agent::argv(&t.node1, &cfg, &root, &["--lock-wait-seconds", "2"]);
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env("MESHNET_LOG", "info");
+    let mut agent = meshnet_tests::ChildGuard::spawn(&mut cmd);
+    agent.wait_for_line("pin directory's own lock, which agents before this version take, is still held", WAIT);
+    agent.wait_for_line("meshnet agent ready", WAIT);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("with the old lock held by another user");
+
+    assert_eq!(mode_of(&root), 0o700);
+    for dir in [root.clone(), root.join("lock")] {
+        let out = as_nobody(&format!("flock -n {} true", dir.display())).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("Permission denied"), "{}: {stderr}", dir.display());
+    }
+    // The agent's own lock still keeps a second agent out.
+    let argv = Agent::argv(&t.node1, &cfg, &root, &["--lock-wait-seconds", "1"]);
+    let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("another meshnet agent"), "{out:?}");
+    held.exchange("after the second agent");
+}
+
+/// A tcx link pinned among meshnet's whose program is not meshnet's (pinned there by someone
+/// who could write to the directory, or another tool): `detach` removes meshnet's links,
+/// leaves that one pinned and attached, and says so.
+#[test]
+fn detach_leaves_a_link_that_is_not_meshnets() {
+    use aya::programs::{links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType};
+    if !skip_unless_tcx() {
+        return;
+    }
+    let t = Topology::new(Options::default());
+    let agent = start(&t, &node1_config(POD_INTERFACES), &["--attach-mode", "tcx"]);
+    drop(agent);
+    assert!(meshnet_on(&t, "vethc"));
+    let prog = t.pin_path().with_file_name("foreign_prog");
+    meshnet_tests::raw_bpf::load_pinned_pass_program(&prog);
+    let link = t.pin_path().join("links/foreign@ingress");
+    let pin = link.clone();
+    t.node1.run(move || {
+        let mut p = SchedClassifier::from_pin(&prog).unwrap();
+        let id = p.attach_with_options("vethc", TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default())).unwrap();
+        let fd: FdLink = p.take_link(id).unwrap().try_into().unwrap();
+        fd.pin(&pin).unwrap();
+    });
+    let foreign_on = |t: &Topology| {
+        t.node1.run(|| {
+            let (_, progs) = SchedClassifier::query_tcx("vethc", TcAttachType::Ingress).unwrap();
+            progs.iter().any(|p| p.name_as_str() == Some("foreign_pass"))
+        })
+    };
+    assert!(foreign_on(&t));
+
+    let out = t.meshnet("detach");
+    assert!(out.ok, "{out:?}");
+    assert!(out.stdout.contains(&format!("left {}: a link of program foreign_pass, not meshnet's", link.display())), "{out:?}");
+    assert!(link.exists(), "detach unpinned another program's link");
+    // bpffs lets go of an unpinned object after an RCU grace period, not at the unlink.
+    let gone = poll(WAIT, || (!meshnet_on(&t, "vethc")).then_some(()));
+    assert!(gone.is_some(), "meshnet still attached after detach: {out:?}");
+    assert!(foreign_on(&t), "detach detached another program's link");
+}
