@@ -804,6 +804,13 @@ pub const FLOW_FIN_PEER: u32 = 2;
 pub const FLOW_RST: u32 = 4;
 /// The flow's source port was remapped because of a collision.
 pub const FLOW_REMAPPED: u32 = 8;
+/// [`NatRev::flags`] only: no reply has reached the pod since the flow was created. Set by
+/// `new_flow`, cleared by the first reply; the GC expires such a flow after
+/// `nat.unansweredTimeoutSeconds` instead of the established timeouts, so that junk a pod
+/// sends (to ports nobody answers, with bad checksums) cannot hold the table for a day. It
+/// says "unanswered", not "answered": entries of earlier releases, and every entry re-created
+/// from its other half, lack it and count as answered, the safe side for a live connection.
+pub const FLOW_UNANSWERED: u32 = 16;
 
 /// Forward translation of one pod flow.
 #[repr(C)]
@@ -906,7 +913,7 @@ impl FlowKey {
             gw_port_be: rev_key.sport_be,
             nat_sport_be: rev_key.dport_be,
             peer_id: rev.peer_id,
-            flags: rev.flags | if rev_key.dport_be == rev.pod_port_be { 0 } else { FLOW_REMAPPED },
+            flags: (rev.flags & !FLOW_UNANSWERED) | if rev_key.dport_be == rev.pod_port_be { 0 } else { FLOW_REMAPPED },
             last_seen_ns: now_ns,
         }
     }
@@ -918,7 +925,9 @@ impl FlowKey {
             remote_addr_be: fwd_key.dst_be,
             remote_port_be: fwd_key.dport_be,
             pod_port_be: fwd_key.sport_be,
-            flags: fwd.flags & !FLOW_REMAPPED,
+            // Never unanswered: a re-created reverse entry may belong to a flow that has long
+            // been answered; `new_flow` marks its own.
+            flags: fwd.flags & !(FLOW_REMAPPED | FLOW_UNANSWERED),
             peer_id: fwd.peer_id,
             last_seen_ns: now_ns,
         }

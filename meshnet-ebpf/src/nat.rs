@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use meshnet_common::{
     gateway_start, ip_summed, limits, remap_port, Counter, FlowKey, FragKey, FragPorts, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD,
-    FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_ICMP, IPPROTO_UDP,
+    FLOW_REMAPPED, FLOW_RST, FLOW_UNANSWERED, GW_UP, IPPROTO_ICMP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -113,7 +113,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
             }
             (fwd, false)
         }
-        None => match new_flow(&key, ifindex(ctx), now) {
+        None => match new_flow(&key, ifindex(ctx), now, l4.tcp_flags) {
             Ok(Some(fwd)) => (fwd, true),
             Ok(None) => return PASS,
             Err((c, verdict)) => {
@@ -282,6 +282,9 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
             (*rev).last_seen_ns = now;
         }
         let flags = cur.flags;
+        // Cleared by the first reply, in its write; later replies find it clear and, between
+        // two ticks, write nothing.
+        cur.flags &= !FLOW_UNANSWERED;
         note_tcp_flags(&mut cur.flags, l4.tcp_flags, FLOW_FIN_PEER);
         if cur.flags != flags {
             (*rev).flags = cur.flags;
@@ -497,10 +500,10 @@ fn note_tcp_flags(flags: &mut u32, tcp: u8, fin: u32) {
     }
 }
 
-/// Sets up translation for a flow's first packet. `Ok(None)`: not meshnet's to translate.
-/// `Err`: a counter and the verdict to return.
+/// Sets up translation for a flow's first packet, whose TCP flags are `tcp` (0 for UDP).
+/// `Ok(None)`: not meshnet's to translate. `Err`: a counter and the verdict to return.
 #[inline(always)]
-fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Counter, i32)> {
+fn new_flow(key: &FlowKey, ifindex: u32, now: u64, tcp: u8) -> Result<Option<NatFwd>, (Counter, i32)> {
     let Some(route) = ROUTES.get(Key::new(32, key.dst_be)) else {
         return Ok(None);
     };
@@ -566,7 +569,10 @@ fn new_flow(key: &FlowKey, ifindex: u32, now: u64) -> Result<Option<NatFwd>, (Co
         _pad: 0,
         last_seen_ns: now,
     };
-    let rev = FlowKey::rev_value_of_fwd(key, &fwd, now);
+    // A flow opened by a RST (or a FIN) is closing from its first packet, and its timeout says so.
+    note_tcp_flags(&mut fwd.flags, tcp, FLOW_FIN_POD);
+    let mut rev = FlowKey::rev_value_of_fwd(key, &fwd, now);
+    rev.flags |= FLOW_UNANSWERED;
     let mut rev_key = FlowKey::rev_of_fwd(key, &fwd);
     // Claiming the reply tuple is what detects a collision: two flows from one pod port to
     // different remote pods would otherwise become one tuple towards the gateway, and the

@@ -357,6 +357,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     agent.rescan_interfaces()?;
     agent.settle_migration().context("migrating the old maps")?;
+    // Once this build's programs run: see ControlMaps::forget_unanswered.
+    let forgotten = agent.maps.forget_unanswered();
+    if forgotten > 0 {
+        info!(flows = forgotten, "flows of before this start count as answered");
+    }
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");
     }

@@ -152,6 +152,9 @@ pub struct RawNat {
     /// An established TCP flow idle this long is expired. Long, since an idle but open
     /// connection must keep working.
     pub tcp_timeout_seconds: u64,
+    /// A flow that never got a reply, idle this long, is expired, whatever its protocol: it
+    /// holds table room that nothing will ever free otherwise (see `FLOW_UNANSWERED`).
+    pub unanswered_timeout_seconds: u64,
     /// How often the garbage collector walks the flow state.
     pub gc_interval_seconds: u64,
 }
@@ -163,6 +166,7 @@ impl Default for RawNat {
             udp_timeout_seconds: 120,
             tcp_closed_timeout_seconds: 10,
             tcp_timeout_seconds: 86_400,
+            unanswered_timeout_seconds: 60,
             gc_interval_seconds: 5,
         }
     }
@@ -221,6 +225,7 @@ pub struct GcConfig {
     pub udp_timeout: Duration,
     pub tcp_closed_timeout: Duration,
     pub tcp_timeout: Duration,
+    pub unanswered_timeout: Duration,
     pub interval: Duration,
 }
 
@@ -970,6 +975,7 @@ impl RawConfig {
             ("nat.udpTimeoutSeconds", self.nat.udp_timeout_seconds),
             ("nat.tcpClosedTimeoutSeconds", self.nat.tcp_closed_timeout_seconds),
             ("nat.tcpTimeoutSeconds", self.nat.tcp_timeout_seconds),
+            ("nat.unansweredTimeoutSeconds", self.nat.unanswered_timeout_seconds),
             ("nat.gcIntervalSeconds", self.nat.gc_interval_seconds),
             ("health.intervalSeconds", self.health.interval_seconds),
             ("health.timeoutMilliseconds", self.health.timeout_milliseconds),
@@ -1001,6 +1007,7 @@ impl RawConfig {
                 udp_timeout: Duration::from_secs(self.nat.udp_timeout_seconds),
                 tcp_closed_timeout: Duration::from_secs(self.nat.tcp_closed_timeout_seconds),
                 tcp_timeout: Duration::from_secs(self.nat.tcp_timeout_seconds),
+                unanswered_timeout: Duration::from_secs(self.nat.unanswered_timeout_seconds),
                 interval: Duration::from_secs(self.nat.gc_interval_seconds),
             },
             health: HealthConfig {
@@ -1193,6 +1200,16 @@ peers:
         let e = errors(&format!("{GOOD}health:\n  riseThreshold: 0\n  downGraceSeconds: 86401\n"));
         assert!(e.iter().any(|m| m.contains("health.riseThreshold")), "{e:?}");
         assert!(e.iter().any(|m| m.contains("health.downGraceSeconds")), "{e:?}");
+    }
+
+    /// A minute unless set; a zero would expire every new flow before its reply came.
+    #[test]
+    fn the_unanswered_timeout_defaults_to_a_minute_and_is_checked() {
+        assert_eq!(Config::from_yaml(GOOD).unwrap().gc.unanswered_timeout, Duration::from_mins(1));
+        let c = Config::from_yaml(&format!("{GOOD}nat:\n  unansweredTimeoutSeconds: 2\n")).unwrap();
+        assert_eq!(c.gc.unanswered_timeout, Duration::from_secs(2));
+        let e = errors(&format!("{GOOD}nat:\n  unansweredTimeoutSeconds: 0\n"));
+        assert!(e.iter().any(|m| m.contains("nat.unansweredTimeoutSeconds")), "{e:?}");
     }
 
     #[test]
@@ -1688,7 +1705,7 @@ peers:
             serde_yaml::to_string(&raw).unwrap(),
             "cluster: cluster1\npodCIDRs:\n- 10.244.0.0/16\ninterfaces:\n- cni0\n- cali*\npeers:\n- name: cluster2\n  podCIDRs:\n  \
              - 10.245.0.0/16\n  gateways:\n  - address: 192.0.2.2\n    port: 31674\n    udpPort: 31675\nnat:\n  maxFlows: 65536\n  \
-             udpTimeoutSeconds: 120\n  tcpClosedTimeoutSeconds: 10\n  tcpTimeoutSeconds: 86400\n  gcIntervalSeconds: 5\nhealth:\n  \
+             udpTimeoutSeconds: 120\n  tcpClosedTimeoutSeconds: 10\n  tcpTimeoutSeconds: 86400\n  unansweredTimeoutSeconds: 60\n  gcIntervalSeconds: 5\nhealth:\n  \
              enabled: true\n  intervalSeconds: 2\n  timeoutMilliseconds: 1000\n  failureThreshold: 2\n  riseThreshold: 2\n  downGraceSeconds: 60\n"
         );
         let json = r#"{"name":"cluster2","podCIDRs":["10.245.0.0/16"],"gateways":[{"address":"192.0.2.2","port":31674,"udpPort":31675}]}"#;

@@ -3,8 +3,9 @@
 //! The JSON shapes are a stable interface (documented in docs/operations.md):
 //! - `routes`: `[{cidr, peer, gateways: [{address, port, udpPort, up}]}]`
 //! - `gateways`: `[{peer, address, port, udpPort, up}]`
-//! - `nat`: `[{proto, pod, remote, gateway, natPort, idleSeconds, state}]`, endpoints as
-//!   `ip:port` strings, `natPort` null unless the source port was remapped
+//! - `nat`: `[{proto, pod, remote, gateway, natPort, idleSeconds, state, unanswered}]`,
+//!   endpoints as `ip:port` strings, `natPort` null unless the source port was remapped,
+//!   `unanswered` true while a flow opened since the agent started has had no reply
 //! - `stats`: `{counter: value}`
 //! - `tunnel`: `{settings: {clusterId, publishedClusterId, port, takenPort, delivery, mtu,
 //!   podCIDRs, nodeAddresses, decapCopy} | null, routes: [{cidr,
@@ -16,7 +17,8 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use meshnet_common::{
-    names, FlowKey, Gateway, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
+    names, FlowKey, Gateway, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, FLOW_UNANSWERED, GW_UP, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use serde::Serialize;
 
@@ -72,6 +74,8 @@ pub struct NatRow {
     pub nat_port: Option<u16>,
     pub idle_seconds: u64,
     pub state: String,
+    /// No reply yet: the GC expires it after `nat.unansweredTimeoutSeconds` of idleness.
+    pub unanswered: bool,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -202,6 +206,7 @@ pub fn collect(pins: &Pins, what: What) -> Dump {
                         nat_port: (f.flags & FLOW_REMAPPED != 0).then(|| u16::from_be(f.nat_sport_be)),
                         idle_seconds: now.saturating_sub(last) / 1_000_000_000,
                         state: flow_state(k.proto, flags).into(),
+                        unanswered: flags & FLOW_UNANSWERED != 0,
                     }
                 })
                 .collect();
@@ -272,10 +277,12 @@ pub fn table(d: &Dump) -> String {
                     n.nat_port.map_or("-".into(), |p| p.to_string()),
                     format!("{}s", n.idle_seconds),
                     n.state.clone(),
+                    if n.unanswered { "no".into() } else { "yes".into() },
                 ]
             })
             .collect();
-        render(&mut out, "nat", &["PROTO", "POD", "REMOTE", "VIA GATEWAY", "NAT PORT", "IDLE", "STATE"], &rows);
+        let header = ["PROTO", "POD", "REMOTE", "VIA GATEWAY", "NAT PORT", "IDLE", "STATE", "ANSWERED"];
+        render(&mut out, "nat", &header, &rows);
     }
     if let Some(stats) = &d.stats {
         let rows: Vec<Vec<String>> = stats.iter().map(|(k, v)| vec![(*k).to_string(), v.to_string()]).collect();
@@ -380,15 +387,28 @@ mod tests {
                 udp_port: Some(31675),
                 up: true,
             }]),
-            nat: Some(vec![NatRow {
-                proto: "udp".into(),
-                pod: "10.244.0.10:5300".into(),
-                remote: "10.245.0.21:8080".into(),
-                gateway: "192.0.2.2:31675".into(),
-                nat_port: Some(62_111),
-                idle_seconds: 3,
-                state: "active".into(),
-            }]),
+            nat: Some(vec![
+                NatRow {
+                    proto: "udp".into(),
+                    pod: "10.244.0.10:5300".into(),
+                    remote: "10.245.0.21:8080".into(),
+                    gateway: "192.0.2.2:31675".into(),
+                    nat_port: Some(62_111),
+                    idle_seconds: 3,
+                    state: "active".into(),
+                    unanswered: false,
+                },
+                NatRow {
+                    proto: "tcp".into(),
+                    pod: "10.244.0.10:41000".into(),
+                    remote: "10.245.0.22:443".into(),
+                    gateway: "192.0.2.2:31674".into(),
+                    nat_port: None,
+                    idle_seconds: 12,
+                    state: "established".into(),
+                    unanswered: true,
+                },
+            ]),
             stats: Some(BTreeMap::from([("redirected", 7), ("port_remap", 1)])),
             tunnel: None,
             missing: vec![],

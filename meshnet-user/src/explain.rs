@@ -36,7 +36,7 @@ use std::{
 use ipnet::Ipv4Net;
 use meshnet_common::{
     gateway_start, limits, names, remap_port, tunnel, tunnel_sport, FlowKey, Gateway, NatFwd, NatRev, PeerGateways,
-    TunnelConfig, TunnelNode, FLOW_REMAPPED, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
+    TunnelConfig, TunnelNode, FLOW_REMAPPED, FLOW_UNANSWERED, GW_UP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::Serialize;
 
@@ -308,6 +308,8 @@ pub struct FlowRow {
     pub state: String,
     /// Whether the reverse entry (how replies are restored) exists.
     pub reply_entry: bool,
+    /// No reply yet: the GC expires it after `nat.unansweredTimeoutSeconds` of idleness.
+    pub unanswered: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -467,13 +469,15 @@ fn flow_row(snap: &Snapshot, key: &FlowKey, f: &NatFwd) -> FlowRow {
         idle_seconds: snap.now_ns.saturating_sub(last) / 1_000_000_000,
         state: flow_state(key.proto, flags).into(),
         reply_entry: rev.is_some(),
+        unanswered: flags & FLOW_UNANSWERED != 0,
     }
 }
 
 fn describe_flow_row(r: &FlowRow) -> String {
     let nat = r.nat_port.map(|p| format!(", source port remapped to {p}")).unwrap_or_default();
     let rev = if r.reply_entry { "" } else { ", NO reply entry" };
-    format!("{} -> {} via {}{nat}, idle {}s, {}{rev}", r.pod, r.remote, r.gateway, r.idle_seconds, r.state)
+    let unanswered = if r.unanswered { ", no reply yet" } else { "" };
+    format!("{} -> {} via {}{nat}, idle {}s, {}{unanswered}{rev}", r.pod, r.remote, r.gateway, r.idle_seconds, r.state)
 }
 
 /// The datapath's gateway choice for a new flow whose hash starts at slot `start`: the first
@@ -938,8 +942,9 @@ fn new_flow(snap: &Snapshot, q: &Query, key: &FlowKey, peer_id: u32, gws: &[Gate
         ex.finish(
             Verdict::DropTableFull,
             &["nat_table_full"],
-            "dropped: the flow table is full and established flows are never evicted for a new one; raise \
-             nat.maxFlows (the agent migrates its flows on restart) or lower the nat timeouts",
+            "dropped: the flow table is full and established flows are never evicted for a new one (flows that never \
+             got a reply go once idle for nat.unansweredTimeoutSeconds); raise nat.maxFlows (the agent migrates its \
+             flows on restart) or lower the nat timeouts",
         );
         return;
     }
@@ -1068,6 +1073,12 @@ fn existing_flow(snap: &Snapshot, ex: &mut Explanation, key: &FlowKey, fwd: &Nat
                 row.gateway
             )),
         }
+    }
+    if row.unanswered {
+        ex.step(
+            "no reply has reached the pod since the flow began: the agent's GC expires it once idle for \
+             nat.unansweredTimeoutSeconds, not the established timeouts",
+        );
     }
     if snap.nat_rev.is_some() && !row.reply_entry {
         ex.step(format!(
@@ -1250,6 +1261,28 @@ mod tests {
         assert_eq!(e.verdict, Verdict::ExistingFlow);
         assert!(!e.flow.unwrap().reply_entry);
         assert!(e.steps.iter().any(|s| s.contains("re-creates it")));
+    }
+
+    /// A flow whose reverse entry is still unanswered says so, and when it goes; an answered
+    /// one does not.
+    #[test]
+    fn an_unanswered_flow_is_flagged() {
+        let gws = [gw(2, 31674, 0, true)];
+        let mut s = snapshot(&gws);
+        let k = key(40000, REMOTE, 8080, Proto::Tcp);
+        add_flow(&mut s, k, &gws[0], 40000, 0);
+        let q = query("10.244.0.10:40000", "10.245.0.20:8080", Proto::Tcp);
+        let e = explain(&s, &q);
+        assert!(!e.flow.unwrap().unanswered);
+        assert!(!e.steps.iter().any(|s| s.contains("unansweredTimeoutSeconds")), "{:?}", e.steps);
+        for rev in s.nat_rev.as_mut().unwrap().values_mut() {
+            rev.flags |= FLOW_UNANSWERED;
+        }
+        let e = explain(&s, &q);
+        assert_eq!(e.verdict, Verdict::ExistingFlow);
+        assert!(e.flow.unwrap().unanswered);
+        assert!(e.steps.iter().any(|s| s.contains("no reply yet")), "{:?}", e.steps);
+        assert!(e.steps.iter().any(|s| s.contains("nat.unansweredTimeoutSeconds")), "{:?}", e.steps);
     }
 
     #[test]

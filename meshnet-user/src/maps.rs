@@ -16,7 +16,7 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use meshnet_common::{
     limits, names, Counter, FlowKey, LocalCidrs, LocalNet, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, FLOW_FIN_PEER, FLOW_FIN_POD,
-    FLOW_RST, GW_UP, IPPROTO_TCP,
+    FLOW_RST, FLOW_UNANSWERED, GW_UP, IPPROTO_TCP,
 };
 
 use crate::{
@@ -884,6 +884,41 @@ impl ControlMaps {
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update only if the key is present.
+const BPF_EXIST: u64 = 2;
+
+impl ControlMaps {
+    /// Clears [`FLOW_UNANSWERED`] on every reverse entry that has it, writing only those; how
+    /// many it cleared. Run once at the start, after this build's programs are attached: an
+    /// earlier release's `to_pod` never clears the bit, so a flow this release's programs
+    /// opened before a downgrade and got answered under it would carry it still, and be
+    /// expired while established. From here on only flows opened since count as unanswered;
+    /// those of before live out the longer timeouts, the safe side (a restart of this very
+    /// release forgets too, for the same reason: it cannot tell who ran in between).
+    ///
+    /// A packet may write the same entry between its read here and the write (the datapath
+    /// writes fields in place, this write the whole value): the write then takes back what
+    /// the packet wrote. That is a timestamp one tick older, or the close bits of that packet, which the
+    /// flow's next packet writes again; the entries concerned are only those still
+    /// unanswered, flows opened moments ago or never answered.
+    pub fn forget_unanswered(&mut self) -> usize {
+        let marked: Vec<FlowKey> =
+            self.reverse_flows().into_iter().filter(|(_, r)| r.flags & FLOW_UNANSWERED != 0).map(|(k, _)| k).collect();
+        let mut cleared = 0;
+        for key in &marked {
+            // Read again: the table read whole may be a while old.
+            let Ok(mut rev) = self.nat_rev.get(key, 0) else { continue };
+            if rev.flags & FLOW_UNANSWERED == 0 {
+                continue;
+            }
+            rev.flags &= !FLOW_UNANSWERED;
+            // Only over an entry still there: one the datapath took back meanwhile (a flow whose
+            // forward half it could not insert) stays out.
+            cleared += usize::from(self.nat_rev.insert(key, rev, BPF_EXIST).is_ok());
+        }
+        cleared
+    }
+}
 
 /// Whether a map refused an insert for want of room: a hash map says `E2BIG`, an LPM trie
 /// `ENOSPC`.
@@ -934,8 +969,9 @@ impl ExpiryScan {
     }
 }
 
-/// How long a flow of `proto` with the close bits `flags` may stay idle: UDP `udp_timeout`,
-/// TCP that saw both FINs or a RST `tcp_closed_timeout`, other TCP `tcp_timeout`.
+/// How long a flow of `proto` with the bits `flags` may stay idle: UDP `udp_timeout`, TCP
+/// that saw both FINs or a RST `tcp_closed_timeout`, other TCP `tcp_timeout`; a flow that
+/// never got a reply no longer than `unanswered_timeout`.
 fn flow_timeout(proto: u8, flags: u32, gc: &GcConfig) -> u64 {
     let d = if proto != IPPROTO_TCP {
         gc.udp_timeout
@@ -944,6 +980,7 @@ fn flow_timeout(proto: u8, flags: u32, gc: &GcConfig) -> u64 {
     } else {
         gc.tcp_timeout
     };
+    let d = if flags & FLOW_UNANSWERED != 0 { d.min(gc.unanswered_timeout) } else { d };
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -958,7 +995,8 @@ pub struct GcReport {
 
 impl ControlMaps {
     /// Expires idle flows: UDP after `udp_timeout`, TCP that saw both FINs or a RST after
-    /// `tcp_closed_timeout`, other TCP after `tcp_timeout`. `now_ns` is on the clock the
+    /// `tcp_closed_timeout`, other TCP after `tcp_timeout`, any flow whose reverse entry is
+    /// still unanswered after at most `unanswered_timeout`. `now_ns` is on the clock the
     /// datapath stamps with (CLOCK_MONOTONIC: the published tick, or `bpf_ktime_get_ns`). Reverse entries without
     /// a forward entry go too once idle as long. Forward entries found without their reverse
     /// half get it back.
@@ -1068,6 +1106,8 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+    use meshnet_common::IPPROTO_UDP;
+    use std::time::Duration;
 
     /// After a restart, the tunnel peers read back from the tunnel routes are taken by the
     /// agent's validator as they are, and make exactly the tunnel maps they were read from:
@@ -1249,6 +1289,24 @@ peers:
         assert_eq!(ClockGap::last_seen(&gaps, 600), 600);
         assert_eq!(ClockGap::last_seen(&gaps, 700), 900);
         assert_eq!(ClockGap::last_seen(&[], 100), 100);
+    }
+
+    /// A flow no reply reached goes after the unanswered timeout whatever its protocol, or
+    /// sooner if its own timeout is shorter; once answered it has its protocol's timeout again.
+    #[test]
+    fn unanswered_flows_get_the_unanswered_timeout() {
+        let s = |n| Duration::from_secs(n);
+        let gc =
+            GcConfig { udp_timeout: s(120), tcp_closed_timeout: s(10), tcp_timeout: s(86_400), unanswered_timeout: s(60), interval: s(5) };
+        let secs = |proto, flags| flow_timeout(proto, flags, &gc) / 1_000_000_000;
+        assert_eq!(secs(IPPROTO_TCP, FLOW_UNANSWERED), 60);
+        assert_eq!(secs(IPPROTO_UDP, FLOW_UNANSWERED), 60);
+        assert_eq!(secs(IPPROTO_TCP, FLOW_UNANSWERED | FLOW_RST), 10);
+        assert_eq!(secs(IPPROTO_TCP, FLOW_UNANSWERED | FLOW_FIN_POD), 60);
+        assert_eq!(secs(IPPROTO_TCP, 0), 86_400);
+        assert_eq!(secs(IPPROTO_TCP, FLOW_FIN_POD), 86_400);
+        assert_eq!(secs(IPPROTO_TCP, FLOW_RST), 10);
+        assert_eq!(secs(IPPROTO_UDP, 0), 120);
     }
 
     /// The purge's route lookup agrees with a plain longest-prefix match.

@@ -36,7 +36,7 @@ use std::{
 use aya::maps::MapInfo;
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
-use meshnet_common::names;
+use meshnet_common::{names, FLOW_UNANSWERED};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -93,6 +93,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub last_sync: Gauge<f64, AtomicU64>,
     pub gc_expired: Counter,
+    /// Flows no reply has reached yet, from the last walk.
+    unanswered_flows: Gauge,
     /// Grace periods passed before a map could reuse an element the agent freed (`crate::grace`).
     reuse_periods: Counter,
     pub attached_interfaces: Gauge,
@@ -133,6 +135,7 @@ impl Metrics {
             reloads: Family::default(),
             last_sync: Gauge::default(),
             gc_expired: Counter::default(),
+            unanswered_flows: Gauge::default(),
             reuse_periods: Counter::default(),
             attached_interfaces: Gauge::default(),
             attach_failures: Counter::default(),
@@ -162,6 +165,11 @@ impl Metrics {
             m.last_sync.clone(),
         );
         registry.register("gc_expired_flows", "Flows expired by the garbage collector", m.gc_expired.clone());
+        registry.register(
+            "unanswered_flows",
+            "Flows opened since the agent started that no reply has reached yet; the GC expires them once idle for nat.unansweredTimeoutSeconds",
+            m.unanswered_flows.clone(),
+        );
         registry.register(
             "map_reuse_grace_periods",
             "RCU grace periods the agent let pass before a map it alone writes could reuse an element it freed (kernels 6.1 and later; the tunnel counter slots on any kernel)",
@@ -226,11 +234,14 @@ impl Metrics {
             }
         }
         if let Ok(m) = maps::ControlMaps::open(&self.pins) {
+            let revs = m.reverse_flows();
+            let unanswered = revs.iter().filter(|(_, r)| r.flags & FLOW_UNANSWERED != 0).count();
+            self.unanswered_flows.set(i64::try_from(unanswered).unwrap_or(i64::MAX));
             let entries = [
                 (names::ROUTES, m.routes.keys().count()),
                 (names::PEERS, m.peers.keys().count()),
                 (names::NAT_FWD, m.forward_flows().len()),
-                (names::NAT_REV, m.reverse_flows().len()),
+                (names::NAT_REV, revs.len()),
             ];
             for (name, n) in entries {
                 let label = MapLabel { map: name.to_string() };

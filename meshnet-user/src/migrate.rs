@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 use meshnet_common::{
     limits, names, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig,
-    PodPort, SeqPodPort, SeqTunnelConfig, TunnelNode, TunnelStats,
+    PodPort, SeqPodPort, SeqTunnelConfig, TunnelNode, TunnelStats, FLOW_UNANSWERED,
 };
 use tracing::{info, warn};
 
@@ -427,6 +427,10 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
                 if v.peer_id == 0 {
                     v.peer_id = peer_of_rev(all, pins, &k, &v);
                 }
+                // The old map's programs may answer the flow after this copy, clearing the bit
+                // there only (or be of a release that never clears it): the copy counts as
+                // answered, as ControlMaps::forget_unanswered makes every flow of before the start.
+                v.flags &= !FLOW_UNANSWERED;
                 copied += usize::from(insert_newest(&mut new, k, v, first, |v| v.last_seen_ns));
             }
         }

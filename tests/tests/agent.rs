@@ -414,6 +414,41 @@ fn idle_and_closed_flows_expire() {
     held.exchange("still here");
 }
 
+/// A pod fills the flow table with connection attempts nobody answers (their SYNs are lost
+/// past the gateway's node, and the pod closes each socket before it retries): every new
+/// remote flow on the node is refused, but only until the junk has been idle for
+/// nat.unansweredTimeoutSeconds, not for the day an established flow may idle. Another
+/// pod's connection then gets through.
+#[test]
+fn a_table_full_of_unanswered_flows_frees_itself() {
+    const MAX: u16 = 1024;
+    const JUNK: u16 = MAX + 100;
+    let t = Topology::new(Options::default());
+    // By their source ports: the other pod's connection, and the health probes, get through.
+    t.node2.exec(&format!("iptables -t raw -A PREROUTING -p tcp --syn --sport 20000:{} -j DROP", 20_000 + JUNK));
+    let timeouts = format!("nat:\n  maxFlows: {MAX}\n  unansweredTimeoutSeconds: 2\n  gcIntervalSeconds: 1\n");
+    let cfg = node1_config(POD_INTERFACES) + &timeouts;
+    let _agent = start(&t, &cfg, &[]);
+    let before = t.counter("nat_table_full");
+    t.client.run(move || {
+        use socket2::{Domain, Socket, Type};
+        for i in 0..JUNK {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s.bind(&SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 20_000 + i).into()).unwrap();
+            // One SYN, sent by connect() itself; closing in SYN-SENT sends nothing more.
+            let _ = s.connect(&app_a().into());
+        }
+    });
+    let full = poll(WAIT, || (t.counter("nat_table_full") >= before + u64::from(JUNK - MAX)).then_some(()));
+    assert!(full.is_some(), "the junk never filled the table: nat_table_full {}", t.counter("nat_table_full"));
+    // Its SYNs are retransmitted until the junk expires and its flow finds room.
+    let reply = t.client2.run(|| peer::tcp_request(app_b(), "through"));
+    assert_eq!(reply.expect("the other pod's connection never got through"), "app 10.245.0.21:8080 got through");
+    let junk = || nat(&t).iter().filter(|f| f["pod"].as_str().unwrap().starts_with("10.244.0.10:")).count();
+    assert!(poll(WAIT, || (junk() == 0).then_some(())).is_some(), "{} junk flows still held", junk());
+}
+
 fn http_get(t: &Topology, path: &str) -> String {
     meshnet_tests::http_get(&t.node1, "127.0.0.1:9464".parse().unwrap(), path)
 }
@@ -1178,7 +1213,7 @@ fn flow_maps_too_small_for_their_flows_grow_to_hold_them_and_the_agent_starts() 
 /// build cannot convert is refused, and left as it is.
 #[test]
 fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
-    use meshnet_common::names;
+    use meshnet_common::{names, FlowKey, NatRev, FLOW_UNANSWERED};
     let t = Topology::new(Options::default());
     let cfg = node1_config(POD_INTERFACES);
     let mut agent = start(&t, &cfg, &[]);
@@ -1186,6 +1221,17 @@ fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
     held.exchange("small table");
     let before = nat(&t);
     assert!(agent.child.stop());
+    // Every flow marked unanswered, as a downgrade leaves one this build opened and an earlier
+    // release answered (its replies never clear the mark): carried over, each counts as
+    // answered, or the held connection would expire once idle for a minute.
+    let mut revs = open_hash::<FlowKey, NatRev>(&t.pin_path().join("maps").join(names::NAT_REV));
+    let keys: Vec<FlowKey> = revs.keys().map(Result::unwrap).collect();
+    assert!(!keys.is_empty());
+    for k in keys {
+        let v = revs.get(&k, 0).unwrap();
+        revs.insert(k, NatRev { flags: v.flags | FLOW_UNANSWERED, ..v }, 0).unwrap();
+    }
+    drop(revs);
 
     let bigger = format!("{cfg}nat:\n  maxFlows: 131072\n");
     let mut agent = start(&t, &bigger, &[]);
@@ -1194,6 +1240,7 @@ fn max_flows_grows_without_a_detach_and_an_unknown_map_is_refused() {
     assert_eq!(info.max_entries(), 131_072);
     assert!(!t.pin_path().join("maps").join(format!("{}_migrating", names::NAT_FWD)).exists());
     assert_eq!(nat(&t).len(), before.len(), "flows lost in the resize: {:?}", nat(&t));
+    assert!(nat(&t).iter().all(|f| f["unanswered"] == false), "a carried-over flow counts as unanswered: {:?}", nat(&t));
     held.exchange("big table");
     assert!(agent.child.stop());
 

@@ -38,8 +38,8 @@ use meshnet::{
 use meshnet_common::{
     gateway_start,
     limits::{REMAP_PORT_MIN, REMAP_PORT_SPAN},
-    names, remap_port, FlowKey, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, GW_UP,
-    IPPROTO_TCP, IPPROTO_UDP,
+    names, remap_port, FlowKey, NatFwd, NatRev, FLOW_FIN_PEER, FLOW_FIN_POD, FLOW_REMAPPED, FLOW_RST, FLOW_UNANSWERED,
+    GW_UP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1285,7 +1285,7 @@ fn a_new_flow_records_forward_and_reverse_state() {
     assert_eq!(r.remote_addr_be.to_ne_bytes(), REMOTE);
     assert_eq!(r.remote_port_be.to_ne_bytes(), 8080u16.to_be_bytes());
     assert_eq!(r.pod_port_be.to_ne_bytes(), 40000u16.to_be_bytes());
-    assert_eq!((r.flags, r.peer_id), (0, peer_id("cluster2")));
+    assert_eq!((r.flags, r.peer_id), (FLOW_UNANSWERED, peer_id("cluster2")), "no reply yet");
     assert_ne!(r.last_seen_ns, 0);
 
     // The two entries point at each other as meshnet-common says.
@@ -1423,7 +1423,9 @@ fn a_lost_reverse_entry_is_recreated_from_the_forward_path() {
     age_fwd(&mut h, &fk);
     h.expect("after idle", FROM_POD, &pkt(pod, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1), ("rev_restored", 1)]);
     assert_eq!(h.flow_counts(), (1, 1));
-    assert_eq!(NatRev { last_seen_ns: 0, ..h.rev_of(&rk) }, NatRev { last_seen_ns: 0, ..rev_before });
+    // Re-created as answered: the forward path cannot tell whether a reply ever came.
+    let answered = NatRev { last_seen_ns: 0, flags: rev_before.flags & !FLOW_UNANSWERED, ..rev_before };
+    assert_eq!(NatRev { last_seen_ns: 0, ..h.rev_of(&rk) }, answered);
     let out = h.expect("reply", TO_POD, &pkt(gw, pod, L4::Tcp(ACK), b"ok"), OK, &[("reverse_translated", 1)]);
     assert_translated("reply", &out, &pkt(remote, pod, L4::Tcp(ACK), b"ok"), remote, pod);
 }
@@ -1716,6 +1718,7 @@ fn gc_config(closed_secs: u64) -> meshnet::config::GcConfig {
         udp_timeout: Duration::from_secs(120),
         tcp_closed_timeout: Duration::from_secs(closed_secs),
         tcp_timeout: Duration::from_secs(86_400),
+        unanswered_timeout: Duration::from_secs(60),
         interval: Duration::from_secs(5),
     }
 }
@@ -1782,6 +1785,122 @@ fn established_flows_are_stamped_with_the_published_clock_and_written_only_when_
     assert_eq!(report.flows, 1, "only the flow idle since before the stall expires");
     assert!(h.maps.nat_fwd.get(&uk, 0).is_ok(), "a flow stamped during the stall was expired");
     assert!(h.maps.nat_fwd.get(&ok, 0).is_err());
+}
+
+const SEC: u64 = 1_000_000_000;
+
+/// A harness whose flow clock stands at a tick far from the kernel's clock, and that tick.
+fn clocked() -> (Harness, u64) {
+    let mut h = Harness::new(CONFIG);
+    let tick = meshnet::dump::monotonic_ns() + 1_000 * SEC;
+    h.maps.publish_clock(tick).unwrap();
+    (h, tick)
+}
+
+/// A flow no reply ever reached (a SYN to a port nobody answers, junk a pod sends) goes
+/// after `unansweredTimeoutSeconds` of idleness, where a TCP flow would otherwise hold its
+/// table room for the established timeout (a day). A flow that got one reply and then fell
+/// silent is an idle connection, and keeps the established timeout.
+#[test]
+fn an_unanswered_flow_expires_after_the_unanswered_timeout_and_an_answered_one_lives_on() {
+    let (mut h, tick) = clocked();
+    let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
+    let (junk, answered) = ((POD, 40001), (POD, 40002));
+    h.expect("SYN, never answered", FROM_POD, &pkt(junk, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    h.expect("SYN", FROM_POD, &pkt(answered, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    h.expect("SYN-ACK", TO_POD, &pkt(gw, answered, L4::Tcp(SYN | ACK), b""), OK, &[("reverse_translated", 1)]);
+    let (jk, ak) = (flow_key(junk, remote, IPPROTO_TCP), flow_key(answered, remote, IPPROTO_TCP));
+    // UDP too: a datagram nobody answers.
+    let (upod, uremote) = ((POD, 5000), (REMOTE, 53));
+    h.expect("UDP, never answered", FROM_POD, &pkt(upod, uremote, L4::Udp, b"q"), OK, &[("redirected", 1)]);
+    let uk = flow_key(upod, uremote, IPPROTO_UDP);
+
+    assert_eq!(h.maps.expire(tick + 59 * SEC, &gc_config(10)).flows, 0, "expired before the unanswered timeout");
+    assert_eq!(h.maps.expire(tick + 61 * SEC, &gc_config(10)).flows, 2);
+    assert!(h.maps.nat_fwd.get(&jk, 0).is_err(), "the unanswered TCP flow outlived the unanswered timeout");
+    assert!(h.maps.nat_fwd.get(&uk, 0).is_err(), "the unanswered UDP flow outlived the unanswered timeout");
+    assert!(h.maps.nat_fwd.get(&ak, 0).is_ok(), "an answered, idle flow was expired");
+    assert_eq!(h.maps.expire(tick + 3_600 * SEC, &gc_config(10)).flows, 0);
+    assert_eq!(h.flow_counts(), (1, 1), "both halves of the unanswered flows go, and the answered one stays whole");
+}
+
+/// The first packet's TCP flags are the flow's: one opened by a RST (or a FIN) is closing
+/// from the start, and a RST-opened one goes after the closed timeout.
+#[test]
+fn a_flow_opened_by_a_rst_or_a_fin_records_it() {
+    let (mut h, tick) = clocked();
+    let remote = (REMOTE, 8080);
+    let (rst, fin, syn) = ((POD, 40001), (POD, 40002), (POD, 40003));
+    h.expect("opening RST", FROM_POD, &pkt(rst, remote, L4::Tcp(RST | ACK), b""), OK, &[("redirected", 1)]);
+    h.expect("opening FIN", FROM_POD, &pkt(fin, remote, L4::Tcp(FIN | ACK), b""), OK, &[("redirected", 1)]);
+    h.expect("opening SYN", FROM_POD, &pkt(syn, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    let key = |pod| flow_key(pod, remote, IPPROTO_TCP);
+    assert_eq!(h.fwd_of(&key(rst)).flags & FLOW_RST, FLOW_RST);
+    assert_eq!(h.fwd_of(&key(fin)).flags & (FLOW_FIN_POD | FLOW_RST), FLOW_FIN_POD);
+    assert_eq!(h.fwd_of(&key(syn)).flags, 0);
+    // Past the closed timeout, well before the unanswered one.
+    assert_eq!(h.maps.expire(tick + 11 * SEC, &gc_config(10)).flows, 1);
+    assert!(h.maps.nat_fwd.get(&key(rst), 0).is_err(), "the RST-opened flow outlived the closed timeout");
+}
+
+/// The first reply clears the mark, written at once even between two ticks of the clock
+/// (the flow would otherwise expire as unanswered); later replies of that tick write
+/// nothing.
+#[test]
+fn the_first_reply_clears_unanswered_and_later_replies_write_nothing() {
+    let (mut h, tick) = clocked();
+    let (pod, remote, gw) = ((POD, 40000), (REMOTE, 8080), (GW, GW_TCP));
+    let rk = flow_key(gw, pod, IPPROTO_TCP);
+    h.expect("SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    // Stamped ahead of the clock: a reply that wrote the entry whole would set the stamp back.
+    let r = h.rev_of(&rk);
+    assert_eq!(r.flags, FLOW_UNANSWERED);
+    h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: tick + 1, ..r }, 0).unwrap();
+    h.expect("SYN-ACK", TO_POD, &pkt(gw, pod, L4::Tcp(SYN | ACK), b""), OK, &[("reverse_translated", 1)]);
+    let answered = h.rev_of(&rk);
+    assert_eq!(answered.flags, 0, "the first reply left the flow unanswered");
+    assert_eq!(answered.last_seen_ns, tick + 1);
+    // A peer id no packet writes: a store of the whole entry would take it back.
+    h.maps.nat_rev.insert(rk, NatRev { peer_id: 0xdead, ..answered }, 0).unwrap();
+    for i in 0..3 {
+        h.expect("data", TO_POD, &pkt(gw, pod, L4::Tcp(ACK), b"ok"), OK, &[("reverse_translated", 1)]);
+        assert_eq!(h.rev_of(&rk), NatRev { peer_id: 0xdead, ..answered }, "reply {i} wrote the reverse entry");
+    }
+}
+
+/// At its start the agent makes every flow it finds answered: a flow these programs opened
+/// before a downgrade and that was answered under an earlier release (whose replies never
+/// clear the mark) must not expire as unanswered after the upgrade back. Only entries with
+/// the mark are written; flows opened after the start are unanswered again.
+#[test]
+fn flows_of_before_the_start_count_as_answered() {
+    let (mut h, tick) = clocked();
+    let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
+    let (old, answered) = ((POD, 40001), (POD, 40002));
+    for (what, pod) in [("SYN", old), ("SYN, answered", answered)] {
+        h.expect(what, FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    }
+    h.expect("SYN-ACK", TO_POD, &pkt(gw, answered, L4::Tcp(SYN | ACK), b""), OK, &[("reverse_translated", 1)]);
+    // An earlier release's replies: the stamp moves, the mark stays.
+    let rk = flow_key(gw, old, IPPROTO_TCP);
+    let r = h.rev_of(&rk);
+    h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: tick + 10 * SEC, ..r }, 0).unwrap();
+    // A peer id no packet writes on the answered entry: a store of it would take it back.
+    let ak = flow_key(gw, answered, IPPROTO_TCP);
+    let a = NatRev { peer_id: 0xdead, ..h.rev_of(&ak) };
+    h.maps.nat_rev.insert(ak, a, 0).unwrap();
+
+    assert_eq!(h.maps.forget_unanswered(), 1);
+    assert_eq!(h.rev_of(&rk), NatRev { last_seen_ns: tick + 10 * SEC, flags: r.flags & !FLOW_UNANSWERED, ..r });
+    assert_eq!(h.rev_of(&ak), a, "an entry without the mark was written");
+    let expired = h.maps.expire(tick + 3_600 * SEC, &gc_config(10)).flows;
+    assert_eq!(expired, 0, "a flow of before the start was expired as unanswered");
+    assert_eq!(h.flow_counts(), (2, 2));
+    assert_eq!(h.maps.forget_unanswered(), 0);
+
+    let new = (POD, 40003);
+    h.expect("SYN after the start", FROM_POD, &pkt(new, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    assert_eq!(h.rev_of(&flow_key(gw, new, IPPROTO_TCP)).flags, FLOW_UNANSWERED);
 }
 
 /// Traffic to this cluster's own pod CIDRs passes before any lookup: even a route over a
@@ -1877,7 +1996,9 @@ fn gc_restores_a_missing_reverse_half_and_expires_whole_flows() {
     let report = h.maps.expire(now, &gc_config(10));
     assert_eq!((report.flows, report.revs_restored), (0, 1));
     assert_eq!(h.flow_counts(), (1, 1));
-    assert_eq!(NatRev { last_seen_ns: 0, ..h.rev_of(&rk) }, NatRev { last_seen_ns: 0, ..rev });
+    // Restored as answered, as the GC cannot tell whether a reply ever came.
+    let answered = NatRev { last_seen_ns: 0, flags: rev.flags & !FLOW_UNANSWERED, ..rev };
+    assert_eq!(NatRev { last_seen_ns: 0, ..h.rev_of(&rk) }, answered);
 
     // A stray RST followed by traffic: the flow is not closed, so the closed timeout does not
     // apply to it.
