@@ -512,7 +512,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ProbeWhat::Healthz => "/healthz",
                 ProbeWhat::Readyz => "/readyz",
             };
-            match meshnet::metrics::probe(&socket, path, Duration::from_secs_f64(timeout_seconds.max(0.1))) {
+            // Bounded both ways: an `inf` or a NaN must not panic the probe.
+            let timeout = Duration::try_from_secs_f64(timeout_seconds.clamp(0.1, 60.0)).unwrap_or(Duration::from_secs(2));
+            match meshnet::metrics::probe(&socket, path, timeout) {
                 Ok(body) => print!("{body}"),
                 Err(why) => anyhow::bail!("{why}"),
             }

@@ -817,7 +817,7 @@ fn a_failed_attach_leaves_the_earlier_programs(earlier_mode: &str) {
     }
     std::fs::create_dir(links.join("vethc@egress")).unwrap();
     let migrating = t.pin_path().join("maps").join(format!("{}_migrating", meshnet_common::names::NAT_FWD));
-    let mut agent = start(&t, &format!("{cfg}nat:\n  maxFlows: 131072\n"), &["--attach-mode", "tcx"]);
+    let agent = start(&t, &format!("{cfg}nat:\n  maxFlows: 131072\n"), &["--attach-mode", "tcx"]);
     assert!(agent.child.output().contains("attach failed"), "{}", agent.child.output());
     held.exchange("after the failed attach");
     assert_eq!(meshnet_ids(&t, earlier_mode), before, "the earlier programs were not left as they were");

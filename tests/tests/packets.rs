@@ -1501,7 +1501,7 @@ fn an_evicted_gateway_keeps_the_flows_it_still_answers() {
     let kept = |h: &Harness, pod: Ep| h.maps.nat_fwd.get(&flow_key(pod, remote, IPPROTO_TCP), 0).is_ok();
     // The first look: the unanswered flow's pod may have just spoken after a silence; it gets
     // the grace period for its answer, and every flow stays.
-    let mut look = |h: &mut Harness, at: u64| {
+    let look = |h: &mut Harness, at: u64| {
         let e = meshnet::maps::Evicting { evict: evict.clone(), grace_ns: grace, now_ns: at, ..Default::default() };
         h.maps.sync_evicting(&desired, &e).unwrap().flows_purged
     };
@@ -1566,7 +1566,7 @@ fn a_gateway_gone_from_the_list_keeps_its_flows_through_the_grace_period() {
     // The peer's list now names another gateway only.
     let moved = Config::from_yaml(&CONFIG.replace("192.0.2.2", "192.0.2.3")).unwrap().desired();
     let with_gw = Config::from_yaml(CONFIG).unwrap().desired();
-    let mut look = |h: &mut Harness, desired: &meshnet::config::Desired, at: u64| {
+    let look = |h: &mut Harness, desired: &meshnet::config::Desired, at: u64| {
         h.maps.sync_evicting(desired, &meshnet::maps::Evicting { grace_ns: grace, now_ns: at, ..Default::default() }).unwrap().flows_purged
     };
     stamp(&mut h, answered, t0 + 10 * SEC, t0 + 10 * SEC);
