@@ -197,12 +197,13 @@ fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
 fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
     let rev_key = FlowKey::rev_of_fwd(key, fwd);
     match NAT_REV.get_ptr_mut(rev_key) {
-        // SAFETY: as in egress_from_pod.
+        // SAFETY: as in egress_from_pod. Written only when the bit changes: a write of flags
+        // read before a reply cleared the unanswered mark would bring the mark back.
         Some(rev) => unsafe {
-            if rst {
-                (*rev).flags |= FLOW_RST;
-            } else {
-                (*rev).flags &= !FLOW_RST;
+            let flags = (*rev).flags;
+            let want = if rst { flags | FLOW_RST } else { flags & !FLOW_RST };
+            if want != flags {
+                (*rev).flags = want;
             }
         },
         None => {
@@ -221,12 +222,12 @@ fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
 fn check_fwd(rev_key: &FlowKey, rev: &NatRev, ifindex: u32, now: u64, rst: bool) {
     let key = FlowKey::fwd_of_rev(rev_key, rev);
     match NAT_FWD.get_ptr_mut(key) {
-        // SAFETY: as in egress_from_pod.
+        // SAFETY: as in egress_from_pod; written only when the bit changes, as in check_rev.
         Some(fwd) => unsafe {
-            if rst {
-                (*fwd).flags |= FLOW_RST;
-            } else {
-                (*fwd).flags &= !FLOW_RST;
+            let flags = (*fwd).flags;
+            let want = if rst { flags | FLOW_RST } else { flags & !FLOW_RST };
+            if want != flags {
+                (*fwd).flags = want;
             }
         },
         None => {

@@ -243,16 +243,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         stopped_before_start("waiting for the pin directory");
         return Ok(());
     };
-    let pin_lock = held??;
-    if let Some(holder) = pin_lock.legacy_holder() {
-        warn!(
-            pin_path = %opts.pins.root().display(),
-            "the pin directory's own lock, which agents before this version take, is still held{holder}; \
-             running without it. An older agent still running here would fight this one over the maps: stop it. \
-             Otherwise another process opened the directory before it was closed to other users \
-             (`fuser -v` on the directory finds it)"
-        );
-    }
+    let _pin_lock = held??;
     let wanted = opts.datapath_log || config.datapath_log;
     let node_asks = match &opts.kube {
         Some(src) if !wanted => {
@@ -357,10 +348,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     agent.rescan_interfaces()?;
     agent.settle_migration().context("migrating the old maps")?;
-    // Once this build's programs run: see ControlMaps::forget_unanswered.
-    let forgotten = agent.maps.forget_unanswered();
-    if forgotten > 0 {
-        info!(flows = forgotten, "flows of before this start count as answered");
+    // Once this build's programs run: see ControlMaps::note_unanswered_at_start.
+    let noted = agent.maps.note_unanswered_at_start();
+    if noted > 0 {
+        info!(flows = noted, "flows of before this start count as answered");
     }
     if agent.attached.is_empty() {
         warn!(patterns = ?agent.config.interfaces, "no interface matches yet; waiting for one to appear");

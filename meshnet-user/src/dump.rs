@@ -196,7 +196,9 @@ pub fn collect(pins: &Pins, what: What) -> Dump {
                 .map(|(k, f)| {
                     // Each direction records its own FINs; the state needs both.
                     let rev = m.nat_rev.get(&FlowKey::rev_of_fwd(&k, &f), 0).ok();
-                    let flags = f.flags | rev.map_or(0, |r| r.flags);
+                    // A forward half's copy of the unanswered mark is an earlier release's (see
+                    // ControlMaps::judged_flags).
+                    let flags = (f.flags & !FLOW_UNANSWERED) | rev.map_or(0, |r| r.flags);
                     let last = f.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
                     NatRow {
                         proto: proto_name(k.proto),

@@ -459,7 +459,8 @@ fn endpoint(addr_be: u32, port_be: u16) -> String {
 
 fn flow_row(snap: &Snapshot, key: &FlowKey, f: &NatFwd) -> FlowRow {
     let rev = snap.nat_rev.as_ref().and_then(|m| m.get(&FlowKey::rev_of_fwd(key, f)));
-    let flags = f.flags | rev.map_or(0, |r| r.flags);
+    // A forward half's copy of the unanswered mark is an earlier release's.
+    let flags = (f.flags & !FLOW_UNANSWERED) | rev.map_or(0, |r| r.flags);
     let last = f.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
     FlowRow {
         pod: endpoint(key.src_be, key.sport_be),

@@ -483,10 +483,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let lock = pins.root().is_dir().then(|| pins.prepare().map(|()| pins.lock(Duration::ZERO, |_| {})));
             let lock_guard = match lock.transpose()?.transpose() {
                 Err(meshnet::pins::LockError::Held { path, holder, .. }) => return Err(running(&path, &holder)),
-                // An agent before this version locks only the root.
-                Ok(Some(l)) if l.legacy_holder().is_some() => {
-                    return Err(running(&pins.root().display().to_string(), l.legacy_holder().unwrap_or_default()));
-                }
                 r => r?,
             };
             let r = datapath::detach(&pins)?;

@@ -427,6 +427,9 @@ pub struct ControlMaps {
     /// Gateways (address, port, as flows hold them) gone from their peer's list while flows
     /// still use them, and when each was first seen gone (see [`Self::spare_retiring`]).
     retiring: std::collections::HashMap<(u32, u16), u64>,
+    /// Reverse entries marked unanswered when the agent started, whose mark it does not trust
+    /// (see [`Self::note_unanswered_at_start`]); each leaves the set with its flow.
+    marked_before_start: std::collections::HashSet<FlowKey>,
 }
 
 /// Ticks further apart than this mean the clock stood still in between.
@@ -487,6 +490,7 @@ impl ControlMaps {
             clock_gaps: Vec::new(),
             unanswered: std::collections::HashMap::new(),
             retiring: std::collections::HashMap::new(),
+            marked_before_start: std::collections::HashSet::new(),
         })
     }
 
@@ -507,6 +511,7 @@ impl ControlMaps {
             clock_gaps: Vec::new(),
             unanswered: std::collections::HashMap::new(),
             retiring: std::collections::HashMap::new(),
+            marked_before_start: std::collections::HashSet::new(),
         })
     }
 
@@ -884,39 +889,30 @@ impl ControlMaps {
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
-/// `BPF_EXIST`: update only if the key is present.
-const BPF_EXIST: u64 = 2;
 
 impl ControlMaps {
-    /// Clears [`FLOW_UNANSWERED`] on every reverse entry that has it, writing only those; how
-    /// many it cleared. Run once at the start, after this build's programs are attached: an
+    /// Takes note of every reverse entry marked [`FLOW_UNANSWERED`], whose mark the GC then
+    /// ignores; how many. Run once at the start, after this build's programs are attached: an
     /// earlier release's `to_pod` never clears the bit, so a flow this release's programs
     /// opened before a downgrade and got answered under it would carry it still, and be
     /// expired while established. From here on only flows opened since count as unanswered;
     /// those of before live out the longer timeouts, the safe side (a restart of this very
-    /// release forgets too, for the same reason: it cannot tell who ran in between).
-    ///
-    /// A packet may write the same entry between its read here and the write (the datapath
-    /// writes fields in place, this write the whole value): the write then takes back what
-    /// the packet wrote. That is a timestamp one tick older, or the close bits of that packet, which the
-    /// flow's next packet writes again; the entries concerned are only those still
-    /// unanswered, flows opened moments ago or never answered.
-    pub fn forget_unanswered(&mut self) -> usize {
-        let marked: Vec<FlowKey> =
+    /// release forgets too, for the same reason: it cannot tell who ran in between). Nothing
+    /// is written: a write of the whole entry would take back what a packet wrote in place
+    /// meanwhile (a RST cleared), and a replaced element is reused at once.
+    pub fn note_unanswered_at_start(&mut self) -> usize {
+        self.marked_before_start =
             self.reverse_flows().into_iter().filter(|(_, r)| r.flags & FLOW_UNANSWERED != 0).map(|(k, _)| k).collect();
-        let mut cleared = 0;
-        for key in &marked {
-            // Read again: the table read whole may be a while old.
-            let Ok(mut rev) = self.nat_rev.get(key, 0) else { continue };
-            if rev.flags & FLOW_UNANSWERED == 0 {
-                continue;
-            }
-            rev.flags &= !FLOW_UNANSWERED;
-            // Only over an entry still there: one the datapath took back meanwhile (a flow whose
-            // forward half it could not insert) stays out.
-            cleared += usize::from(self.nat_rev.insert(key, rev, BPF_EXIST).is_ok());
-        }
-        cleared
+        self.marked_before_start.len()
+    }
+
+    /// The flags the GC judges a flow by: both halves' close bits, and the reverse half's
+    /// unanswered mark unless it was there before the start. A forward entry's copy of the
+    /// mark is never trusted: an earlier release re-created forward halves from reverse ones
+    /// with every flag, and nothing clears it there.
+    fn judged_flags(&self, fwd: &NatFwd, rev: Option<(&FlowKey, &NatRev)>) -> u32 {
+        let rev_flags = rev.map_or(0, |(k, r)| if self.marked_before_start.contains(k) { r.flags & !FLOW_UNANSWERED } else { r.flags });
+        (fwd.flags & !FLOW_UNANSWERED) | rev_flags
     }
 }
 
@@ -1006,9 +1002,9 @@ impl ControlMaps {
     }
 
     /// Whether a flow whose halves are `fwd` and `rev` has been idle past its timeout.
-    fn idle_past_timeout(&self, proto: u8, fwd: &NatFwd, rev: Option<&NatRev>, now_ns: u64, gc: &GcConfig) -> bool {
-        now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns))))
-            > flow_timeout(proto, fwd.flags | rev.map_or(0, |r| r.flags), gc)
+    fn idle_past_timeout(&self, proto: u8, fwd: &NatFwd, rev: Option<(&FlowKey, &NatRev)>, now_ns: u64, gc: &GcConfig) -> bool {
+        now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, fwd.last_seen_ns.max(rev.map_or(0, |(_, r)| r.last_seen_ns))))
+            > flow_timeout(proto, self.judged_flags(fwd, rev), gc)
     }
 
     /// The first half of [`Self::expire`]: both tables read whole, and what looks expired.
@@ -1020,7 +1016,7 @@ impl ControlMaps {
         for (key, fwd) in self.forward_flows() {
             let rev_key = FlowKey::rev_of_fwd(&key, &fwd);
             let rev = scan.revs.get(&rev_key);
-            if self.idle_past_timeout(key.proto, &fwd, rev, now_ns, gc) {
+            if self.idle_past_timeout(key.proto, &fwd, rev.map(|r| (&rev_key, r)), now_ns, gc) {
                 scan.doomed.push((key, rev_key));
             } else {
                 if rev.is_none() {
@@ -1042,7 +1038,7 @@ impl ControlMaps {
         for (key, rev_key) in &doomed {
             let Ok(fwd) = self.nat_fwd.get(key, 0) else { continue };
             let rev = self.nat_rev.get(rev_key, 0).ok();
-            if FlowKey::rev_of_fwd(key, &fwd) != *rev_key || !self.idle_past_timeout(key.proto, &fwd, rev.as_ref(), now_ns, gc) {
+            if FlowKey::rev_of_fwd(key, &fwd) != *rev_key || !self.idle_past_timeout(key.proto, &fwd, rev.as_ref().map(|r| (rev_key, r)), now_ns, gc) {
                 live_rev.insert(*rev_key);
                 continue;
             }
@@ -1053,7 +1049,8 @@ impl ControlMaps {
             .iter()
             .filter(|(k, r)| {
                 !live_rev.contains(*k)
-                    && now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, r.last_seen_ns)) > flow_timeout(k.proto, r.flags, gc)
+                    && now_ns.saturating_sub(ClockGap::last_seen(&self.clock_gaps, r.last_seen_ns))
+                        > flow_timeout(k.proto, self.judged_flags(&NatFwd::default(), Some((k, r))), gc)
             })
             .map(|(k, _)| *k)
             .collect();

@@ -429,7 +429,7 @@ fn copy_one(pins: &Pins, s: &Source, first: bool, all: &[Source]) -> anyhow::Res
                 }
                 // The old map's programs may answer the flow after this copy, clearing the bit
                 // there only (or be of a release that never clears it): the copy counts as
-                // answered, as ControlMaps::forget_unanswered makes every flow of before the start.
+                // answered, as ControlMaps::note_unanswered_at_start takes every flow of before the start.
                 v.flags &= !FLOW_UNANSWERED;
                 copied += usize::from(insert_newest(&mut new, k, v, first, |v| v.last_seen_ns));
             }

@@ -142,15 +142,18 @@ impl Pins {
                     return Err(anyhow::anyhow!("creating {}: {e}", dir.display()));
                 }
             }
-            private_dir(dir, euid)?;
+            private_dir(dir, euid, i == 0)?;
         }
         Ok(())
     }
 }
 
 /// Checks that `dir` is a directory of `euid`'s that no one else can write to, and closes it
-/// to others (mode 0700).
-fn private_dir(dir: &Path, euid: u32) -> anyhow::Result<()> {
+/// to others (mode 0700). The root may have been open to writes (a bpffs mounted there is
+/// 1777): what others could have made in it is checked as its subdirectories are, by owner,
+/// and nothing else in it is read. Group writes count only for a group other than root's (an
+/// older agent under umask 002 made 0775 directories).
+fn private_dir(dir: &Path, euid: u32, root: bool) -> anyhow::Result<()> {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let shown = dir.display();
     let fix = format!(
@@ -175,15 +178,21 @@ fn private_dir(dir: &Path, euid: u32) -> anyhow::Result<()> {
         return Err(refuse(format!("is owned by uid {}, not by the agent's ({euid})", meta.uid())));
     }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
+    let open_to_writes = mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != 0);
+    if open_to_writes && !root {
         return Err(refuse(format!(
             "has mode {mode:o}: its group or other users can write to it (if nothing else has, `chmod 700 {shown}` \
              is enough)"
         )));
     }
     if mode != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| anyhow::anyhow!("closing {shown} to other users (chmod 700): {e}"))?;
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            Ok(()) => {}
+            // Closed to writes already: reads by others are no reason to stop (a security
+            // module may refuse the agent a chmod it never needed before).
+            Err(e) if !open_to_writes => tracing::warn!(dir = %shown, error = %e, "could not close the pin directory to other users' reads"),
+            Err(e) => return Err(anyhow::anyhow!("closing {shown} to other users (chmod 700): {e}")),
+        }
     }
     Ok(())
 }
@@ -275,24 +284,36 @@ mod tests {
         assert!(pins.map("kept").exists());
     }
 
+    /// A subdirectory others can write to may hold pins they planted: refused, untouched. The
+    /// root is only read for its subdirectories, each checked: the agent's own root is closed
+    /// whatever its mode (a bpffs mounted there is 1777), as is a directory only root's group
+    /// can write to.
     #[test]
     fn a_tree_others_can_write_to_is_refused() {
+        use std::os::unix::fs::chown;
         let s = Scratch::new("open");
         let pins = Pins::new(s.0.join("meshnet"));
         std::fs::create_dir(pins.root()).unwrap();
-        chmod(pins.root(), 0o777);
-        let err = format!("{:#}", pins.make_private().unwrap_err());
-        assert!(err.starts_with(&format!("{} has mode 777", pins.root().display())), "{err}");
-        assert!(err.contains("refuses") && err.contains("chmod 700"), "{err}");
-        assert!(!pins.maps_dir().exists(), "created maps/ in a directory others can write to");
-        assert_eq!(mode_of(pins.root()), 0o777, "a refused directory was changed");
-
-        // One level down, and only the group.
-        chmod(pins.root(), 0o700);
         std::fs::create_dir(pins.maps_dir()).unwrap();
+        chmod(&pins.maps_dir(), 0o777);
+        let err = format!("{:#}", pins.make_private().unwrap_err());
+        assert!(err.starts_with(&format!("{} has mode 777", pins.maps_dir().display())), "{err}");
+        assert!(err.contains("refuses") && err.contains("chmod 700"), "{err}");
+        assert!(!pins.links_dir().exists(), "went on past a directory others can write to");
+        assert_eq!(mode_of(&pins.maps_dir()), 0o777, "a refused directory was changed");
+
+        // Only the group, another than root's.
         chmod(&pins.maps_dir(), 0o770);
+        chown(pins.maps_dir(), None, Some(65534)).unwrap();
         let err = format!("{:#}", pins.make_private().unwrap_err());
         assert!(err.starts_with(&format!("{} has mode 770", pins.maps_dir().display())), "{err}");
+        // Root's group: closed.
+        chown(pins.maps_dir(), None, Some(0)).unwrap();
+        chmod(pins.root(), 0o1777);
+        pins.make_private().unwrap();
+        for d in [pins.root().to_path_buf(), pins.maps_dir(), pins.links_dir(), pins.lock_dir()] {
+            assert_eq!(mode_of(&d), 0o700, "{}", d.display());
+        }
     }
 
     #[test]
@@ -319,30 +340,28 @@ mod tests {
         let s = Scratch::new("owner");
         let ours = std::fs::metadata(&s.0).unwrap().uid();
         chmod(&s.0, 0o700);
-        let err = format!("{:#}", private_dir(&s.0, ours + 1).unwrap_err());
+        let err = format!("{:#}", private_dir(&s.0, ours + 1, true).unwrap_err());
         assert!(err.contains(&format!("is owned by uid {ours}, not by the agent's ({})", ours + 1)), "{err}");
-        private_dir(&s.0, ours).unwrap();
+        private_dir(&s.0, ours, true).unwrap();
     }
 
-    /// An older agent (or anyone who opened the root before it was closed) holding the lock
-    /// on the root keeps out neither this agent nor, through it, the lock between agents of
-    /// this version; the holder is told to the caller.
+    /// An older agent (which locks only the root) holding its lock keeps this agent out, and
+    /// this one, once it holds both, keeps out an older one and another of its own version.
     #[test]
-    fn the_lock_on_the_root_is_taken_when_free_and_not_required() {
+    fn the_lock_on_the_root_is_required_both_ways() {
         use nix::fcntl::{Flock, FlockArg};
         let s = Scratch::new("lock");
         let pins = Pins::new(s.0.join("meshnet"));
         pins.make_private().unwrap();
         let older = Flock::lock(std::fs::File::open(pins.root()).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
-        let first = pins.lock(std::time::Duration::ZERO, |_| {}).unwrap();
-        assert!(first.legacy_holder().is_some());
         assert!(matches!(pins.lock(std::time::Duration::ZERO, |_| {}), Err(LockError::Held { .. })));
-        drop((first, older));
-        let second = pins.lock(std::time::Duration::ZERO, |_| {}).unwrap();
-        assert_eq!(second.legacy_holder(), None);
-        // Now an older agent is the one kept out.
+        drop(older);
+        let first = pins.lock(std::time::Duration::ZERO, |_| {}).unwrap();
+        assert!(matches!(pins.lock(std::time::Duration::ZERO, |_| {}), Err(LockError::Held { .. })));
         let older = std::fs::File::open(pins.root()).unwrap();
-        assert!(Flock::lock(older, FlockArg::LockExclusiveNonblock).is_err());
+        assert!(Flock::lock(older, FlockArg::LockExclusiveNonblock).is_err(), "an older agent got in");
+        drop(first);
+        assert!(pins.lock(std::time::Duration::ZERO, |_| {}).is_ok());
     }
 
     /// A node without a bpffs mounted: /sys/fs/bpf is then a plain sysfs directory, where
@@ -366,16 +385,7 @@ mod tests {
 #[derive(Debug)]
 pub struct PinLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
-    legacy: Result<nix::fcntl::Flock<std::fs::File>, String>,
-}
-
-impl PinLock {
-    /// Who still holds the lock agents before this version take (on the root itself), when
-    /// it was not free in time: empty, or ` (pid N)`.
-    #[must_use]
-    pub fn legacy_holder(&self) -> Option<&str> {
-        self.legacy.as_ref().err().map(String::as_str)
-    }
+    _root: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Why the pin directory could not be locked.
@@ -399,27 +409,21 @@ impl Pins {
     ///
     /// Agents before this version lock the root itself, which any user who could open it
     /// could lock too, keeping every agent out. This one locks [`Self::lock_dir`], which
-    /// only root can open, and then, for as long as agents that lock the root may still be
-    /// around (an upgrade's old pod while it stops, a rollback's new one), the root as well,
-    /// so that neither an older agent nor a newer one runs the datapath beside it. The root's
-    /// lock is waited for within the same `wait` but is not required: a holder that outlasts
-    /// it is most likely a process that opened the root before it was closed to others (the
-    /// old agent's pod is killed within its grace period), and refusing would let it keep
-    /// meshnet off the node. The caller says so ([`PinLock::legacy_holder`]).
+    /// only root can open, and the root as well: an agent that locks only the root (an
+    /// upgrade's old pod while it stops, a rollback's) must never run the datapath beside
+    /// this one, and a holder of the root's lock cannot be told from such an agent (in
+    /// another pod's pid namespace it has no pid here). Since [`Self::prepare`] closes the
+    /// root to other users, only a process that opened it before and kept it open can hold
+    /// that lock against the agent.
     pub fn lock(&self, wait: std::time::Duration, mut waiting: impl FnMut(&str)) -> Result<PinLock, LockError> {
         use std::time::{Duration, Instant};
         let until = Instant::now() + wait;
         let lock = self.flock(&self.lock_dir(), until, wait, &mut waiting)?;
         // An agent of this version that just let go of the first lets go of this one as it
-        // exits too, if a moment later: a wait used up on the first must not take that for
-        // an older agent's.
+        // exits too, if a moment later: a wait used up on the first must not refuse it.
         let until = until.max(Instant::now() + wait.min(Duration::from_secs(2)));
-        let legacy = match self.flock(&self.root, until, wait, &mut waiting) {
-            Ok(l) => Ok(l),
-            Err(LockError::Held { holder, .. }) => Err(holder),
-            Err(e) => return Err(e),
-        };
-        Ok(PinLock { _lock: lock, legacy })
+        let root = self.flock(&self.root, until, wait, &mut waiting)?;
+        Ok(PinLock { _lock: lock, _root: root })
     }
 
     fn flock(

@@ -1568,9 +1568,10 @@ fn mode_of(path: &std::path::Path) -> u32 {
 }
 
 /// A pin directory another user made before the agent (a bpffs mounted without `mode=` lets
-/// anyone create it): theirs, open to everyone, or a symlink to a directory of theirs. The
-/// agent refuses each, says why and how to fix it, and pins nothing there. An older agent's
-/// (0755, root's) is kept and closed to other users.
+/// anyone create it): theirs, a subdirectory open to everyone's writes, or a symlink to a
+/// directory of theirs. The agent refuses each, says why and how to fix it, and pins nothing
+/// there. An older agent's (0755, root's), or a root that is root's but open to writes (a
+/// bpffs mounted there is 1777), is kept and closed to other users.
 #[test]
 fn a_pin_directory_another_user_could_change_is_refused() {
     use std::os::unix::fs::{chown, symlink, PermissionsExt as _};
@@ -1589,9 +1590,12 @@ fn a_pin_directory_another_user_could_change_is_refused() {
             format!("{shown} is owned by uid 65534, not by the agent's (0)"),
         ),
         (
-            "mode 0777",
-            &|| std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap(),
-            format!("{shown} has mode 777"),
+            "maps/ with mode 0777",
+            &|| {
+                std::fs::create_dir(root.join("maps")).unwrap();
+                std::fs::set_permissions(root.join("maps"), std::fs::Permissions::from_mode(0o777)).unwrap();
+            },
+            format!("{shown}/maps has mode 777"),
         ),
         (
             "a symlink",
@@ -1608,19 +1612,23 @@ fn a_pin_directory_another_user_could_change_is_refused() {
         let out = refused_start(&t, &cfg);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: the agent started:\n{stderr}");
-        let fixed = stderr.contains("refuses to pin there") && stderr.contains(&format!("rm -r {shown}"));
+        let fixed = stderr.contains("refuses to pin there") && stderr.contains("rm -r ");
         assert!(stderr.contains(&says) && fixed, "{what}:\n{stderr}");
-        let inside = std::fs::read_dir(&root).unwrap().count();
+        let inside = std::fs::read_dir(&root).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "maps").count();
         assert_eq!(inside, 0, "{what}: the agent created something in it");
+        if root.join("maps").is_dir() {
+            assert_eq!(std::fs::read_dir(root.join("maps")).unwrap().count(), 0, "{what}: the agent pinned into it");
+            std::fs::remove_dir(root.join("maps")).unwrap();
+        }
         let _ = std::fs::remove_file(&root).or_else(|_| std::fs::remove_dir(&root));
     }
     assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
 
-    // As an older agent (or the kubelet's DirectoryOrCreate) left it.
+    // As an older agent (or the kubelet's DirectoryOrCreate) left it, under a root that is
+    // root's but open to writes, as a bpffs mounted there is.
     std::fs::create_dir_all(root.join("maps")).unwrap();
-    for d in [root.clone(), root.join("maps")] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    std::fs::set_permissions(root.join("maps"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let _agent = Agent::start(&t.node1, &cfg, &root, &[]);
     for d in ["", "maps", "links", "lock"] {
         assert_eq!(mode_of(&root.join(d)), 0o700, "{}/{d}", root.display());

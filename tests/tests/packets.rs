@@ -1868,35 +1868,37 @@ fn the_first_reply_clears_unanswered_and_later_replies_write_nothing() {
     }
 }
 
-/// At its start the agent makes every flow it finds answered: a flow these programs opened
-/// before a downgrade and that was answered under an earlier release (whose replies never
-/// clear the mark) must not expire as unanswered after the upgrade back. Only entries with
-/// the mark are written; flows opened after the start are unanswered again.
+/// At its start the agent takes every flow it finds for answered: a flow these programs
+/// opened before a downgrade and that was answered under an earlier release (whose replies
+/// never clear the mark) must not expire as unanswered after the upgrade back. Nothing is
+/// written; flows opened after the start are unanswered again, and a forward half's copy
+/// of the mark (an earlier release re-created forward halves with every flag) counts for
+/// nothing.
 #[test]
 fn flows_of_before_the_start_count_as_answered() {
     let (mut h, tick) = clocked();
     let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
-    let (old, answered) = ((POD, 40001), (POD, 40002));
-    for (what, pod) in [("SYN", old), ("SYN, answered", answered)] {
+    let (old, answered, copied) = ((POD, 40001), (POD, 40002), (POD, 40004));
+    for (what, pod) in [("SYN", old), ("SYN, answered", answered), ("SYN, copied", copied)] {
         h.expect(what, FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
     }
     h.expect("SYN-ACK", TO_POD, &pkt(gw, answered, L4::Tcp(SYN | ACK), b""), OK, &[("reverse_translated", 1)]);
+    h.expect("SYN-ACK", TO_POD, &pkt(gw, copied, L4::Tcp(SYN | ACK), b""), OK, &[("reverse_translated", 1)]);
     // An earlier release's replies: the stamp moves, the mark stays.
     let rk = flow_key(gw, old, IPPROTO_TCP);
     let r = h.rev_of(&rk);
     h.maps.nat_rev.insert(rk, NatRev { last_seen_ns: tick + 10 * SEC, ..r }, 0).unwrap();
-    // A peer id no packet writes on the answered entry: a store of it would take it back.
-    let ak = flow_key(gw, answered, IPPROTO_TCP);
-    let a = NatRev { peer_id: 0xdead, ..h.rev_of(&ak) };
-    h.maps.nat_rev.insert(ak, a, 0).unwrap();
+    // An earlier release's forward half, re-created from its reverse one with the mark.
+    let ck = flow_key(copied, remote, IPPROTO_TCP);
+    let c = h.fwd_of(&ck);
+    h.maps.nat_fwd.insert(ck, NatFwd { flags: c.flags | FLOW_UNANSWERED, ..c }, 0).unwrap();
+    let (fwd_before, rev_before) = (h.nat_fwd(), h.nat_rev());
 
-    assert_eq!(h.maps.forget_unanswered(), 1);
-    assert_eq!(h.rev_of(&rk), NatRev { last_seen_ns: tick + 10 * SEC, flags: r.flags & !FLOW_UNANSWERED, ..r });
-    assert_eq!(h.rev_of(&ak), a, "an entry without the mark was written");
+    assert_eq!(h.maps.note_unanswered_at_start(), 1);
+    assert_eq!((h.nat_fwd(), h.nat_rev()), (fwd_before, rev_before), "the note wrote to the flow maps");
     let expired = h.maps.expire(tick + 3_600 * SEC, &gc_config(10)).flows;
     assert_eq!(expired, 0, "a flow of before the start was expired as unanswered");
-    assert_eq!(h.flow_counts(), (2, 2));
-    assert_eq!(h.maps.forget_unanswered(), 0);
+    assert_eq!(h.flow_counts(), (3, 3));
 
     let new = (POD, 40003);
     h.expect("SYN after the start", FROM_POD, &pkt(new, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
