@@ -256,26 +256,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     // Start from what was published before: peers whose remote has not synced yet keep it.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &state.opts.namespace);
     match read_record(&cms).await {
-        Ok(Stored { peers: cm, record, listed }) => {
-            match Published::parse(cm.as_ref()) {
-                Published::Unreadable(e) => warn!(error = %e, "the published peers are unreadable; starting without them"),
-                Published::Entries(entries) => {
-                    for e in entries {
-                        if let PublishedEntry::Bad { index, name, error } = e {
-                            warn!(index, peer = ?name, error = %error, "a published peer is unreadable; starting without it");
-                        }
-                    }
-                }
-                Published::Missing => {}
-            }
-            let peers = cm.as_ref().map(published::readable_peers).unwrap_or_default();
-            info!(peers = peers.len(), held = record.len().saturating_sub(peers.len()), "starting from the published peers");
-            state.last_good = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
-            state.hand.clone_from(&state.last_good);
-            state.published_peers = record;
-            state.listed = listed;
-            state.published_seen = true;
-        }
+        Ok(stored) => state.start_from(stored),
         Err(e) => warn!(error = %format!("{e:#}"), "could not read the published peers; reading them again before publishing"),
     }
 
@@ -555,6 +536,35 @@ impl State {
         }
     }
 
+    /// Takes what was published before, once read: peers whose remote has not synced yet
+    /// keep it, and so do hand-written networks while `meshNetworks` is unreadable. The one
+    /// place for it, whether the first read works at the start or only before a publish.
+    fn start_from(&mut self, Stored { peers: cm, record, listed }: Stored) {
+        match Published::parse(cm.as_ref()) {
+            Published::Unreadable(e) => warn!(error = %e, "the published peers are unreadable; starting without them"),
+            Published::Entries(entries) => {
+                for e in entries {
+                    if let PublishedEntry::Bad { index, name, error } = e {
+                        warn!(index, peer = ?name, error = %error, "a published peer is unreadable; starting without it");
+                    }
+                }
+            }
+            Published::Missing => {}
+        }
+        let peers = cm.as_ref().map(published::readable_peers).unwrap_or_default();
+        info!(peers = peers.len(), held = record.len().saturating_sub(peers.len()), "starting from the published peers");
+        let peers: BTreeMap<String, RawPeer> = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
+        // A controller that found the ConfigMap missing at its start publishes no network of it.
+        if !matches!(self.istio, Some(None)) {
+            self.hand.clone_from(&peers);
+        }
+        // Nothing resolved yet: no peer is published before this.
+        self.last_good = peers;
+        self.published_peers = record;
+        self.listed = listed;
+        self.published_seen = true;
+    }
+
     /// Whether every source a withdrawal could be based on has synced.
     fn synced(&self) -> bool {
         self.secrets_synced && self.local.is_some() && self.istio.is_some() && self.published_seen
@@ -644,9 +654,7 @@ impl State {
             // Retried on failure: nothing is published before this replica knows who holds what.
             let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
             let stored = read_record(&cms).await?;
-            self.published_peers = stored.record;
-            self.listed = stored.listed;
-            self.published_seen = true;
+            self.start_from(stored);
         }
         if !self.synced() {
             debug!("not publishing until the local watches have synced");

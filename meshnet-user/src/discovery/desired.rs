@@ -80,7 +80,7 @@ pub struct Desired {
     pub clashes: BTreeMap<String, String>,
     /// Inputs wrong as a whole, not as one peer (an unreadable `meshNetworks`).
     pub warnings: Vec<String>,
-    /// The last known peer of each hand-written network, for the next [`Inputs::hand`].
+    /// The last published peer of each hand-written network, for the next [`Inputs::hand`].
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub hand: BTreeMap<String, RawPeer>,
 }
@@ -192,7 +192,7 @@ fn reserved_for(i: &Inputs<'_>, name: &str) -> Reserved {
 }
 
 /// The networks written by hand in Istio's `meshNetworks` (for clusters without a secret),
-/// each with its status; sets `d.hand`, what each gave last. What a readable text no longer
+/// each with its status. What a readable text no longer
 /// gives is withdrawn, as a removed remote secret's peer is. What a typo makes unreadable
 /// (the whole text, or one network) keeps its last known state, stale: a syntax error must
 /// not withdraw every hand-written peer from every node and release what they hold. So does
@@ -205,30 +205,23 @@ fn hand_written(i: &Inputs<'_>, d: &mut Desired) -> Vec<(RawPeer, PeerStatus)> {
     let mut out = Vec::new();
     let why = match given {
         Some(Ok((mn, broken))) => {
-            for (name, why) in broken {
+            // A discovered cluster's peer is not the entry's to refuse.
+            for (name, why) in broken.into_iter().filter(|(name, _)| !i.remotes.contains_key(name)) {
                 let why = format!("meshNetworks: {why}");
                 if let Some(p) = i.hand.get(&name) {
-                    d.hand.insert(name, p.clone());
                     out.push((p.clone(), stale(format!("{why}; the network keeps its last known state until it is fixed"))));
                 } else {
                     d.status.entry(name.clone()).or_default();
                     d.refused.insert(name, why);
                 }
             }
-            for p in mn.peers(None) {
-                // Refused now, it is remembered as it was, as a remote's last good state is.
-                if let Some(last) = i.hand.get(&p.name) {
-                    d.hand.insert(p.name.clone(), last.clone());
-                }
-                out.push((p, PeerStatus::default()));
-            }
+            out.extend(mn.peers(None).into_iter().map(|p| (p, PeerStatus::default())));
             return out;
         }
         Some(Err(e)) => format!("istio ConfigMap: meshNetworks is not valid YAML: {e}; the networks it gave keep their last known state until it is fixed"),
         None => "the istio ConfigMap is gone; the networks it gave keep their last known state until it is back".to_owned(),
     };
-    for (name, p) in i.hand.iter().filter(|(name, _)| !i.remotes.contains_key(*name)) {
-        d.hand.insert(name.clone(), p.clone());
+    for (_, p) in i.hand.iter().filter(|(name, _)| !i.remotes.contains_key(*name)) {
         out.push((p.clone(), stale(why.clone())));
     }
     if i.istio.is_some() || !out.is_empty() {
@@ -318,6 +311,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         }
         d.status.insert(name.clone(), st);
     }
+    let mut hand = BTreeSet::new();
     for (p, st) in hand_written(i, &mut d) {
         let discovered = peers.iter().any(|q| q.name == p.name) || i.remotes.contains_key(&p.name);
         // This cluster's own network, unless it was published as a peer before: then a Node
@@ -329,18 +323,25 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
                 .any(|n| i.local.iter().flat_map(|l| &l.pod_cidrs).any(|l| l.contains(&n) || n.contains(l)));
         if discovered || local_network {
             // Not a hand-written peer: kept, it would outlive its remote secret.
-            d.hand.remove(&p.name);
             continue;
         }
-        let stale = st.stale;
+        hand.insert(p.name.clone());
+        let (p, st) = match vet(&p, None, None, &reserved) {
+            None => (p, st),
+            Some(why) => {
+                let why = format!("meshNetworks: {why}");
+                // A value out of range is a typo as much as a misspelt key: a network published
+                // before keeps that state, stale, rather than going from every node.
+                let Some(last) = i.hand.get(&p.name).filter(|last| !st.stale && vet(last, None, None, &reserved).is_none()) else {
+                    d.status.insert(p.name.clone(), st);
+                    d.refused.insert(p.name.clone(), why);
+                    continue;
+                };
+                let error = Some(format!("{why}; the network keeps its last known state until it is fixed"));
+                (last.clone(), PeerStatus { stale: true, error, ..st })
+            }
+        };
         d.status.insert(p.name.clone(), st);
-        if let Some(why) = vet(&p, None, None, &reserved) {
-            d.refused.insert(p.name.clone(), format!("meshNetworks: {why}"));
-            continue;
-        }
-        if !stale {
-            d.hand.insert(p.name.clone(), p.clone());
-        }
         peers.push(p);
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -384,6 +385,13 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     d.clashes.retain(|name, _| !d.refused.contains_key(name));
     for (name, what) in &d.clashes {
         d.status.entry(name.clone()).or_default().local_clash = Some(what.clone());
+    }
+    // A version refused now is no network's last state: a later typo must bring back only
+    // what was published.
+    for name in hand {
+        if let Some(p) = kept.iter().find(|p| p.name == name).or_else(|| i.hand.get(&name)) {
+            d.hand.insert(name, p.clone());
+        }
     }
     d.peers = kept;
     d
@@ -620,6 +628,32 @@ mod tests {
         assert!(d["refused"].as_mapping().unwrap().is_empty(), "{out}");
     }
 
+    /// `desired` of `remotes` and Istio's ConfigMap, with what each hand-written network and
+    /// each peer published last.
+    fn with_hand(
+        remotes: &BTreeMap<String, RemoteInput<'_>>,
+        local: &[LocalNode],
+        istio: Option<&ConfigMap>,
+        hand: &BTreeMap<String, RawPeer>,
+        published: &BTreeMap<String, RawPeer>,
+    ) -> Desired {
+        let none = BTreeMap::new();
+        desired(&Inputs {
+            remotes,
+            resolve: &ResolveOptions::default(),
+            pod_cidrs: &none,
+            allowed_cidrs: &none,
+            modes: &BTreeMap::new(),
+            default_mode: PeerMode::Gateway,
+            service_cidrs: &[],
+            local,
+            istio,
+            hand,
+            last_good: &BTreeMap::new(),
+            published,
+        })
+    }
+
     /// A typo in Istio's meshNetworks, or the ConfigMap deleted, withdraws no hand-written
     /// peer: each keeps its last known state and what it holds, stale, with the reason. A
     /// network that a readable text no longer lists is withdrawn, and holds nothing.
@@ -634,22 +668,8 @@ mod tests {
         let local = [LocalNode { name: "node1".into(), pod_cidrs: vec![net("10.244.0.0/16")], addresses: BTreeSet::new() }];
         let taker = view("10.20.144.175", "10.250.7.0/24");
         let remotes: BTreeMap<String, RemoteInput<'_>> = [("taker".to_string(), RemoteInput { view: Some(&taker), ..RemoteInput::default() })].into();
-        let none = BTreeMap::new();
         let run_with = |remotes: &BTreeMap<String, RemoteInput<'_>>, istio: Option<&ConfigMap>, hand: &Peers, published: &Peers| {
-            desired(&Inputs {
-                remotes,
-                resolve: &ResolveOptions::default(),
-                pod_cidrs: &none,
-                allowed_cidrs: &none,
-                modes: &BTreeMap::new(),
-                default_mode: PeerMode::Gateway,
-                service_cidrs: &[],
-                local: &local,
-                istio,
-                hand,
-                last_good: &BTreeMap::new(),
-                published,
-            })
+            with_hand(remotes, &local, istio, hand, published)
         };
         let run = |istio: Option<&ConfigMap>, hand: &Peers, published: &Peers| run_with(&remotes, istio, hand, published);
         let names = |d: &Desired| d.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
@@ -695,6 +715,93 @@ mod tests {
         let d = run(Some(&without), &first.hand, &published);
         assert_eq!(names(&d), ["hand"], "{d:?}");
         assert!(!d.status.contains_key("other") && !d.hand.contains_key("other"), "{d:?}");
+    }
+
+    /// `desired` of hand-written networks alone, with what each published last.
+    fn hand_only(text: &str, hand: &BTreeMap<String, RawPeer>, published: &BTreeMap<String, RawPeer>) -> Desired {
+        with_hand(&BTreeMap::new(), &[], Some(&istio(text)), hand, published)
+    }
+
+    const HAND: &str = "hand: {endpoints: [{fromCidr: 10.250.0.0/16}, {fromCidr: 10.252.0.0/16}], gateways: [{address: 10.20.144.185, port: 30443}]}";
+    const OTHER: &str = "other: {endpoints: [{fromCidr: 10.251.0.0/16}], gateways: [{address: 10.20.144.186, port: 30443}]}";
+
+    /// A misspelt key is a typo even where the text still parses: read as absent, it would
+    /// withdraw a network (or part of it) without a word. The whole text, or that network,
+    /// keeps its last known state, and the reason names the key.
+    #[test]
+    fn a_misspelt_key_in_mesh_networks_withdraws_no_hand_written_peer() {
+        let names = |d: &Desired| d.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let first = hand_only(&format!("networks:\n  {HAND}\n  {OTHER}\n"), &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(names(&first), ["hand", "other"], "{first:?}");
+        let published: BTreeMap<String, RawPeer> = first.peers.iter().map(|p| (p.name.clone(), p.clone())).collect();
+        let run = |text: &str| hand_only(text, &first.hand, &published);
+
+        let d = run(&format!("netwroks:\n  {HAND}\n  {OTHER}\n"));
+        assert_eq!(d.peers, first.peers, "{d:?}");
+        let error = d.status["hand"].error.as_deref().unwrap();
+        assert!(d.status["hand"].stale && d.status["other"].stale && error.contains("netwroks"), "{d:?}");
+        assert_eq!(d.warnings, [error]);
+
+        let hand_typos = [
+            ("adress", HAND.replace("address:", "adress:")),
+            ("fromCIDR", HAND.replace("{fromCidr: 10.252.0.0/16}", "{fromCIDR: 10.252.0.0/16}")),
+            ("gateway", HAND.replace("gateways:", "gateway:")),
+            ("registryServiceName", HAND.replace("address: 10.20.144.185", "registryServiceName: gw.istio-system.svc")),
+            ("neither fromCidr nor fromRegistry", HAND.replace("{fromCidr: 10.252.0.0/16}", "{}")),
+        ];
+        for (key, typo) in hand_typos {
+            let d = run(&format!("networks:\n  {typo}\n  {OTHER}\n"));
+            assert_eq!(d.peers, first.peers, "{key}: {d:?}");
+            let error = d.status["hand"].error.as_deref().unwrap();
+            assert!(d.status["hand"].stale && error.starts_with("meshNetworks: ") && error.contains(key), "{key}: {error}");
+            assert!(!d.status["other"].stale && d.refused.is_empty() && d.warnings.is_empty(), "{key}: {d:?}");
+            assert_eq!(d.hand, first.hand, "{key}");
+            // A network never published is refused, with the same reason.
+            let d = hand_only(&format!("networks:\n  {typo}\n  {OTHER}\n"), &BTreeMap::new(), &BTreeMap::new());
+            assert_eq!(names(&d), ["other"], "{key}: {d:?}");
+            assert!(d.refused["hand"].contains(key), "{key}: {d:?}");
+        }
+
+        // istiod's own fields read, and a network of fromRegistry endpoints alone is istiod's:
+        // no typo of it is reported, and nothing is published for it.
+        let istio_text = format!(
+            "networks:\n  {}\n  {OTHER}\n  \
+               registry: {{endpoints: [{{fromRegistry: cluster9}}], gateways: [{{adress: 192.0.2.1, port: 15443}}]}}\n  \
+               service: {{endpoints: [{{fromRegistry: cluster8}}], gateways: [{{registryServiceName: gw.svc, port: 15443}}]}}\n",
+            HAND.replace("port: 30443}", "port: 30443, locality: us-east1/a}"),
+        );
+        let d = run(&istio_text);
+        assert_eq!(d.peers, first.peers, "{d:?}");
+        assert_eq!(d.status.keys().collect::<Vec<_>>(), ["hand", "other"], "{d:?}");
+        assert!(d.refused.is_empty() && d.warnings.is_empty() && !d.status["hand"].stale, "{d:?}");
+    }
+
+    /// A value the validator refuses (a port out of range, a CIDR with host bits) keeps a
+    /// network published before at that state, stale, as a misspelt key does; and only a
+    /// published version is remembered, so that a later typo brings back no refused one.
+    #[test]
+    fn a_refused_value_keeps_the_last_published_hand_written_peer() {
+        let first = hand_only(&format!("networks:\n  {HAND}\n  {OTHER}\n"), &BTreeMap::new(), &BTreeMap::new());
+        let published: BTreeMap<String, RawPeer> = first.peers.iter().map(|p| (p.name.clone(), p.clone())).collect();
+        for (what, typo) in [("port", HAND.replace("30443", "304430")), ("fromCidr", HAND.replace("10.250.0.0/16", "10.250.0.1/16"))] {
+            let d = hand_only(&format!("networks:\n  {typo}\n  {OTHER}\n"), &first.hand, &published);
+            assert_eq!(d.peers, first.peers, "{what}: {d:?}");
+            let error = d.status["hand"].error.as_deref().unwrap();
+            assert!(d.status["hand"].stale && error.starts_with("meshNetworks: ") && error.ends_with("keeps its last known state until it is fixed"), "{what}: {error}");
+            assert!(d.refused.is_empty(), "{what}: {d:?}");
+            assert_eq!(d.hand, first.hand, "{what}");
+            // Never published: refused.
+            let d = hand_only(&format!("networks:\n  {typo}\n"), &BTreeMap::new(), &BTreeMap::new());
+            assert!(d.peers.is_empty() && d.refused.contains_key("hand") && d.hand.is_empty(), "{what}: {d:?}");
+        }
+        // A change refused for its overlap with a published peer is not remembered: the next
+        // typo brings back what was published.
+        let taking = HAND.replace("10.252.0.0/16", "10.251.0.0/24");
+        let d = hand_only(&format!("networks:\n  {taking}\n  {OTHER}\n"), &first.hand, &published);
+        assert!(d.refused["hand"].contains("10.251.0.0/16 of peer other"), "{d:?}");
+        assert_eq!(d.hand, first.hand);
+        let d = hand_only(&format!("networks:\n  {HAND}\n  other: [\n"), &d.hand, &published);
+        assert_eq!(d.peers, first.peers, "{d:?}");
     }
 
     /// A remote in tunnel mode (no east-west gateway at all): every node and its pod CIDRs,

@@ -231,6 +231,7 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
     };
     let others = |name: &str, network: &str| name != opts.cluster && (local_network.as_deref() == Some(network) || written_for_others(network, name));
     let claimants = |network: &str| found.iter().filter(|(m, n, _)| n == network && !others(m, n)).count();
+    let mut no_gateway: Vec<(String, String)> = Vec::new();
     for (name, network, r) in &found {
         let taken = *name != &opts.cluster && (others(name, network) || claimants(network) > 1);
         if taken {
@@ -247,7 +248,7 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
                 };
                 left_out.extend(why);
                 if addresses.is_empty() {
-                    left_out.push(format!("{name}: network {network} left out: no usable gateway"));
+                    no_gateway.push(((*name).clone(), network.clone()));
                     continue;
                 }
                 out.set_cluster(network, name, &addresses, port);
@@ -264,9 +265,18 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
         let covered = out.networks.contains_key(&name)
             || net.endpoints.iter().any(|e| e.from_registry.as_ref().is_some_and(|r| discovered_registries.contains(r)));
         if !covered {
+            // What it lists is not vetted here: the output says so rather than "left out".
+            no_gateway.retain(|(cluster, network)| {
+                let same = &name == network || net.endpoints.iter().any(|e| e.from_registry.as_deref() == Some(cluster.as_str()));
+                if same {
+                    left_out.push(format!("{cluster}: no usable gateway for network {network}; the existing entry {name} stays as it was, unchecked"));
+                }
+                !same
+            });
             out.networks.insert(name, net);
         }
     }
+    left_out.extend(no_gateway.iter().map(|(cluster, network)| format!("{cluster}: network {network} left out: no usable gateway")));
     for why in &left_out {
         warn!("{why}");
     }

@@ -39,7 +39,7 @@ impl ControllerMetrics {
             ready: std::sync::atomic::AtomicBool::new(false),
             pulse: crate::metrics::Pulse::default(),
         };
-        registry.register("peer_stale", "1 while a peer's API server fails and its last known state is served", m.stale.clone());
+        registry.register("peer_stale", "1 while a peer's last known state is served: its API server fails, or what describes it is unreadable or gone", m.stale.clone());
         registry.register(
             "peer_refused",
             "Peers refused (reserved ranges, allow-lists, invalid fields, overlapping CIDRs), counted once per reason",

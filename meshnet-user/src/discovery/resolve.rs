@@ -909,14 +909,18 @@ pub fn refuse_overlaps(peers: Vec<RawPeer>, held: &[&RawPeer]) -> (Vec<RawPeer>,
     (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused)
 }
 
-/// Istio's `meshNetworks`, in the shape of the `istio` ConfigMap's key.
+/// Istio's `meshNetworks`, in the shape of the `istio` ConfigMap's key. Exactly the fields of
+/// istiod's `MeshNetworks` are read, and any other is refused: a misspelt key read as absent
+/// would withdraw a hand-written network, or part of it, without a word.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MeshNetworks {
     #[serde(default)]
     pub networks: BTreeMap<String, Network>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Network {
     #[serde(default)]
     pub endpoints: Vec<NetworkEndpoint>,
@@ -925,7 +929,7 @@ pub struct Network {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkEndpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_registry: Option<String>,
@@ -934,13 +938,55 @@ pub struct NetworkEndpoint {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkGateway {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_service_name: Option<String>,
     pub port: u32,
+    /// Kept so that rewriting an entry keeps it; meshnet does not use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+}
+
+impl Network {
+    /// Why this network, written by hand (a `fromCidr` endpoint), gives no peer or only part
+    /// of what it says. A network of `fromRegistry` endpoints alone is istiod's, not
+    /// meshnet's, and never misshapen here.
+    fn misshapen(&self) -> Option<String> {
+        let hand = self.endpoints.iter().any(|e| e.from_cidr.is_some() || e.from_registry.is_none());
+        if !hand {
+            return None;
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            match (&e.from_cidr, &e.from_registry) {
+                (None, None) => return Some(format!("endpoints[{i}]: neither fromCidr nor fromRegistry")),
+                (Some(_), Some(_)) => return Some(format!("endpoints[{i}]: both fromCidr and fromRegistry; Istio takes one")),
+                _ => {}
+            }
+        }
+        for (i, g) in self.gateways.iter().enumerate() {
+            match (&g.address, &g.registry_service_name) {
+                (None, None) => return Some(format!("gateways[{i}]: neither address nor registryServiceName")),
+                (Some(_), Some(_)) => return Some(format!("gateways[{i}]: both address and registryServiceName; Istio takes one")),
+                _ => {}
+            }
+        }
+        if !self.gateways.iter().any(|g| g.address.is_some()) {
+            return Some("a fromCidr network needs a gateway with an address (meshnet cannot look up registryServiceName)".to_owned());
+        }
+        None
+    }
+}
+
+/// Whether a network's entry, as written, lists only `fromRegistry` endpoints: istiod's to
+/// read, so that no typo of it is meshnet's to report.
+fn registry_only(v: &serde_yaml::Value) -> bool {
+    v.get("endpoints").and_then(serde_yaml::Value::as_sequence).is_some_and(|s| {
+        !s.is_empty()
+            && s.iter().all(|e| e.as_mapping().is_some_and(|m| m.len() == 1 && m.contains_key("fromRegistry")))
+    })
 }
 
 /// Why a meshNetworks text could not be read at all.
@@ -961,10 +1007,12 @@ impl MeshNetworks {
         Ok(serde_yaml::from_str(text)?)
     }
 
-    /// Parses network by network: one entry of the wrong shape (a string port, a list where
-    /// a map belongs) is returned with why, and the others still count.
+    /// Parses network by network: one hand-written entry of the wrong shape (a string port, a
+    /// list where a map belongs, a misspelt key, no gateway address) is returned with why, and
+    /// the others still count.
     pub fn parse_each(text: &str) -> Result<(Self, BTreeMap<String, String>), MeshNetworksError> {
         #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
         struct Loose {
             #[serde(default)]
             networks: BTreeMap<String, serde_yaml::Value>,
@@ -977,12 +1025,14 @@ impl MeshNetworks {
         let mut out = Self::default();
         let mut broken = BTreeMap::new();
         for (name, v) in loose.networks {
-            match serde_yaml::from_value::<Network>(v) {
+            let registry_only = registry_only(&v);
+            match serde_yaml::from_value::<Network>(v).map_err(|e| e.to_string()).and_then(|n| n.misshapen().map_or(Ok(n), Err)) {
                 Ok(n) => {
                     out.networks.insert(name, n);
                 }
+                Err(_) if registry_only => {}
                 Err(e) => {
-                    broken.insert(name, e.to_string());
+                    broken.insert(name, e);
                 }
             }
         }
@@ -1021,7 +1071,7 @@ impl MeshNetworks {
                 endpoints: vec![NetworkEndpoint { from_registry: Some(cluster.to_string()), from_cidr: None }],
                 gateways: addresses
                     .iter()
-                    .map(|a| NetworkGateway { address: Some(a.to_string()), registry_service_name: None, port: u32::from(port) })
+                    .map(|a| NetworkGateway { address: Some(a.to_string()), registry_service_name: None, port: u32::from(port), locality: None })
                     .collect(),
             },
         );
