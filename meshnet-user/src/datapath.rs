@@ -653,13 +653,12 @@ fn pinned_program_on(pin: &Path, iface: &str, dir: Direction) -> anyhow::Result<
 
 /// The name of the program in the link pinned at `pin` (as the kernel keeps it: its first 15
 /// bytes).
-fn pinned_link_program(pin: &Path) -> anyhow::Result<String> {
+fn pinned_link_program(pin: &Path) -> anyhow::Result<Option<String>> {
     let id = FdLink::from(PinnedLink::from_pin(pin)?).info()?.program_id();
-    let info = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .with_context(|| format!("program {id} is no longer loaded"))?;
-    Ok(info.name_as_str().unwrap_or_default().to_string())
+    // Listing programs by id takes CAP_SYS_ADMIN, which a detach with only the agent's
+    // capabilities lacks: `None` then, the program unknown.
+    let info = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == id);
+    Ok(info.map(|p| p.name_as_str().unwrap_or_default().to_string()))
 }
 
 /// Whether a program the kernel names `name` is one meshnet attaches through a tcx link. The
@@ -896,8 +895,10 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
             let path = entry.path();
             match pinned_link_program(&path) {
                 // Unpinning drops the last reference once our fd closes: the kernel then
-                // detaches the tcx link.
-                Ok(name) if is_link_program(&name) => {
+                // detaches the tcx link. A link whose program cannot be named here is taken
+                // for meshnet's, as it was before names were checked: in meshnet's own closed
+                // directory, leaving it would leave meshnet attached with its maps gone.
+                Ok(name) if name.as_deref().is_none_or(is_link_program) => {
                     std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
                     report.tcx_links += 1;
                 }
@@ -906,7 +907,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
                 found => {
                     let what = found.map_or_else(
                         |e| format!("not a tcx link of meshnet's: {e:#}"),
-                        |name| format!("a link of program {name}, not meshnet's"),
+                        |name| format!("a link of program {}, not meshnet's", name.unwrap_or_default()),
                     );
                     warn!(target: LOG, path = %path.display(), what, "left in place");
                     report.left.push((path, what));

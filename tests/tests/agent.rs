@@ -1637,11 +1637,13 @@ fn a_pin_directory_another_user_could_change_is_refused() {
     assert!(doctor.stdout.contains(&format!("OK    pin directory: {shown} is closed to other users (mode 700)")), "{doctor:?}");
 }
 
-/// A local user who opened the pin directory while others could (before the agent closed
-/// it: the kubelet creates it 0755) and holds a lock on it keeps no agent out; once the
-/// agent runs, no such user can open it, or the lock the agent holds, at all.
+/// The lock agents before this version take (on the pin directory itself) is required: its
+/// holder cannot be told from an older agent, which must never run beside this one. A local
+/// user who opened the directory while others could (the kubelet creates it 0755) and holds
+/// that lock keeps the agent waiting, as an older agent would; once the agent runs, no such
+/// user can open the directory, or the lock the agent holds, at all.
 #[test]
-fn a_user_holding_the_old_lock_keeps_no_agent_out() {
+fn the_old_lock_is_required_and_no_user_can_take_it_once_the_agent_ran() {
     use std::os::unix::fs::PermissionsExt as _;
     let t = Topology::new(Options::default());
     let root = t.pin_path();
@@ -1654,15 +1656,16 @@ fn a_user_holding_the_old_lock_keeps_no_agent_out() {
     holder.wait_for_line("locked", WAIT);
 
     let cfg = t.write_config(&node1_config(POD_INTERFACES));
-    let argv = Agent::argv(&t.node1, &cfg, &root, &["--lock-wait-seconds", "2"]);
-    let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env("MESHNET_LOG", "info");
-    let mut agent = meshnet_tests::ChildGuard::spawn(&mut cmd);
-    agent.wait_for_line("pin directory's own lock, which agents before this version take, is still held", WAIT);
-    agent.wait_for_line("meshnet agent ready", WAIT);
-    let mut held = Held::open(&t, app_a());
-    held.exchange("with the old lock held by another user");
+    let argv = Agent::argv(&t.node1, &cfg, &root, &["--lock-wait-seconds", "1"]);
+    let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("another meshnet agent"), "an agent ran beside the old lock's holder: {stderr}");
+    assert!(!meshnet_on(&t, "vethc"), "the refused agent attached");
+    drop(holder);
 
+    let _agent = Agent::start(&t.node1, &cfg, &root, &[]);
+    let mut held = Held::open(&t, app_a());
+    held.exchange("once the old lock was free");
     assert_eq!(mode_of(&root), 0o700);
     for dir in [root.clone(), root.join("lock")] {
         let out = as_nobody(&format!("flock -n {} true", dir.display())).output().unwrap();
