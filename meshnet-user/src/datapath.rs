@@ -453,6 +453,13 @@ impl Datapath {
     /// earlier pair.
     fn attach_hooks(&mut self, iface: &str, dirs: &[Direction], mode: AttachMode) -> Result<Attached, AttachFailed> {
         let before: Vec<Hook> = dirs.iter().map(|d| Hook::before(&self.pins, iface, *d)).collect();
+        // A hook whose state cannot be read (a netlink dump cut short while pods come and go)
+        // may hold an earlier agent's program, which an attach would replace and could not
+        // put back should it fail: nothing is touched, and the next rescan tries again.
+        if let Some(hook) = before.iter().find(|h| h.unknown()) {
+            let error = anyhow::anyhow!("cannot read what is attached to {iface} {}; left as it is", hook.dir.as_str());
+            return Err(AttachFailed { error, earlier_run: true });
+        }
         let mut how = Attached::Tcx;
         for (i, dir) in dirs.iter().enumerate() {
             match self.attach_one(iface, *dir, mode) {
@@ -584,10 +591,26 @@ struct Hook {
 
 impl Hook {
     fn before(pins: &Pins, iface: &str, dir: Direction) -> Self {
+        // A read that fails once (a dump interrupted by a change) is asked again.
+        let mut hook = Self::read(pins, iface, dir);
+        for _ in 0..2 {
+            if !hook.unknown() {
+                break;
+            }
+            hook = Self::read(pins, iface, dir);
+        }
+        hook
+    }
+
+    fn read(pins: &Pins, iface: &str, dir: Direction) -> Self {
         let pin = pins.link(iface, dir);
         let tcx = if pin.exists() { Before::from(pinned_program_on(&pin, iface, dir)) } else { Before::Nothing };
         let netlink = Before::from(nix::net::if_::if_nametoindex(iface).map_err(Into::into).and_then(|index| filter_program(index, dir)));
         Self { dir, tcx, netlink }
+    }
+
+    fn unknown(&self) -> bool {
+        matches!(self.tcx, Before::Unknown) || matches!(self.netlink, Before::Unknown)
     }
 
     fn had_programs(&self) -> bool {

@@ -543,23 +543,31 @@ const BIND_LOG_EVERY: Duration = Duration::from_mins(5);
 
 /// [`serve`] on `addr` once it can be bound. A port someone else holds must not keep the agent
 /// from loading and attaching the datapath, which needs no metrics: the bind is tried again in
-/// the background, every [`BIND_RETRY_MAX`] at the longest, until it is free.
-pub async fn serve_on<P: Probes>(addr: std::net::SocketAddr, probes: Arc<P>) {
-    let listener = bind_retrying(&format!("--metrics-addr {addr}"), || {
+/// the background, every [`BIND_RETRY_MAX`] at the longest, until it is free. The first try
+/// is made here, before the caller goes on: a free port is served by the time it says ready.
+pub fn serve_on<P: Probes>(addr: std::net::SocketAddr, probes: Arc<P>) -> impl std::future::Future<Output = ()> {
+    let bind = move || {
         let l = std::net::TcpListener::bind(addr)?;
         l.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(l)
-    })
-    .await;
-    serve(listener, probes).await;
+    };
+    let first = bind();
+    async move {
+        let listener = bind_retrying(&format!("--metrics-addr {addr}"), first, bind).await;
+        serve(listener, probes).await;
+    }
 }
 
-/// [`serve_health`] on a Unix socket at `path` once it can be bound (tried again in the
-/// background as [`serve_on`] does). Until then the probes fail: liveness restarts the
-/// container, which costs the datapath nothing, and the restarts and this log say why.
-pub async fn serve_health_on<P: Probes>(path: std::path::PathBuf, probes: Arc<P>) {
-    let listener = bind_retrying(&format!("--health-socket {}", path.display()), || bind_unix(&path)).await;
-    serve_health(listener, probes).await;
+/// [`serve_health`] on a Unix socket at `path` once it can be bound (first tried here, then
+/// again in the background as [`serve_on`] does). Until then the probes fail: liveness
+/// restarts the container, which costs the datapath nothing, and the restarts and this log
+/// say why.
+pub fn serve_health_on<P: Probes>(path: std::path::PathBuf, probes: Arc<P>) -> impl std::future::Future<Output = ()> {
+    let first = bind_unix(&path);
+    async move {
+        let listener = bind_retrying(&format!("--health-socket {}", path.display()), first, || bind_unix(&path)).await;
+        serve_health(listener, probes).await;
+    }
 }
 
 fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
@@ -572,12 +580,13 @@ fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::bind(path)
 }
 
-async fn bind_retrying<L>(what: &str, mut bind: impl FnMut() -> std::io::Result<L>) -> L {
+async fn bind_retrying<L>(what: &str, first: std::io::Result<L>, mut bind: impl FnMut() -> std::io::Result<L>) -> L {
     let mut wait = BIND_RETRY_FIRST;
     let mut logged: Option<(String, Instant)> = None;
     let mut attempts = 0u64;
+    let mut next = Some(first);
     loop {
-        match bind() {
+        match next.take().unwrap_or_else(&mut bind) {
             Ok(bound) => {
                 if logged.is_some() {
                     info!(what, attempts, "bound at last");
@@ -971,7 +980,8 @@ mod tests {
     async fn a_failed_bind_is_tried_again_with_a_bounded_backoff() {
         let start = tokio::time::Instant::now();
         let mut tries = Vec::new();
-        let bound = bind_retrying("test", || {
+        tries.push(start.elapsed());
+        let bound = bind_retrying("test", Err(std::io::Error::from(ErrorKind::AddrInUse)), || {
             tries.push(start.elapsed());
             if tries.len() < 8 { Err(std::io::Error::from(ErrorKind::AddrInUse)) } else { Ok("bound") }
         })
