@@ -357,16 +357,16 @@ pub fn pin_dir_verdict(root: &Path, probed: &Path, found: DirMode, euid: u32) ->
     if found.uid != euid {
         return refused(format!("is owned by uid {}, not {euid}", found.uid));
     }
-    if found.mode & 0o022 != 0 {
-        return refused(format!("has mode {:o}: other users can write to it", found.mode));
-    }
     if found.mode & 0o077 != 0 {
+        // The agent closes its own root whatever its mode, and refuses what it holds that
+        // others made or can write to.
+        let how = if found.mode & 0o022 != 0 { "write to" } else { "open" };
         return Check::new(
             NAME,
             Level::Warn,
             format!(
-                "other users can open {shown} (mode {:o}) and lock it, which holds back agents before this version; \
-                 the agent closes it (mode 700) when it starts",
+                "other users can {how} {shown} (mode {:o}), and one that opens it and locks it keeps the agent \
+                 waiting; the agent closes it (mode 700) when it starts",
                 found.mode
             ),
         )
@@ -1169,13 +1169,15 @@ mod tests {
         let dir = |symlink, uid, mode| DirMode { symlink, uid, mode };
         let at_root = |found| pin_dir_verdict(root, root, found, 0);
         assert_eq!(at_root(dir(false, 0, 0o700)).level, Level::Ok);
-        // An older agent's, or the kubelet's: the agent closes it.
-        let c = at_root(dir(false, 0, 0o755));
-        assert_eq!(c.level, Level::Warn);
-        assert!(c.detail.contains("mode 755") && c.fix.unwrap().contains("chmod 700 /sys/fs/bpf/meshnet"));
+        // An older agent's, or the kubelet's, or a bpffs mounted there: the agent's own, which
+        // it closes.
+        for (mode, how) in [(0o755, "open"), (0o777, "write to"), (0o1777, "write to"), (0o770, "write to")] {
+            let c = at_root(dir(false, 0, mode));
+            assert_eq!(c.level, Level::Warn, "{mode:o}");
+            assert!(c.detail.contains(&format!("can {how}")) && c.detail.contains(&format!("mode {mode:o}")), "{c:?}");
+            assert!(c.fix.unwrap().contains("chmod 700 /sys/fs/bpf/meshnet"));
+        }
         for (found, why) in [
-            (dir(false, 0, 0o777), "mode 777"),
-            (dir(false, 0, 0o770), "mode 770"),
             (dir(false, 65534, 0o700), "owned by uid 65534"),
             (dir(true, 65534, 0o777), "is a symlink"),
         ] {
