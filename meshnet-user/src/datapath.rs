@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     io,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
@@ -674,14 +675,46 @@ fn pinned_program_on(pin: &Path, iface: &str, dir: Direction) -> anyhow::Result<
     Ok(on_iface.iter().any(|p| p.id() == id).then_some(id))
 }
 
-/// The name of the program in the link pinned at `pin` (as the kernel keeps it: its first 15
-/// bytes).
-fn pinned_link_program(pin: &Path) -> anyhow::Result<Option<String>> {
+/// The id of the program in the link pinned at `pin`, and its name (as the kernel keeps it:
+/// its first 15 bytes).
+fn pinned_link_program(pin: &Path) -> anyhow::Result<(u32, Option<String>)> {
     let id = FdLink::from(PinnedLink::from_pin(pin)?).info()?.program_id();
     // Listing programs by id takes CAP_SYS_ADMIN, which a detach with only the agent's
     // capabilities lacks: `None` then, the program unknown.
     let info = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == id);
-    Ok(info.map(|p| p.name_as_str().unwrap_or_default().to_string()))
+    Ok((id, info.map(|p| p.name_as_str().unwrap_or_default().to_string())))
+}
+
+/// How long `detach` waits for the kernel to take unpinned links off their hooks.
+pub const DETACH_WAIT: Duration = Duration::from_secs(10);
+
+/// How many of `programs` are still on a tcx hook of any interface, waiting up to `wait` for
+/// none to be. The kernel detaches an unpinned link in a deferred work item that takes the
+/// RTNL lock, so a node busy with netns or device changes can keep it attached for a while
+/// after the unpin returned.
+fn still_on_tcx_hooks(programs: &[u32], wait: Duration) -> usize {
+    if programs.is_empty() {
+        return 0;
+    }
+    let count = || {
+        let Ok(all) = nix::net::if_::if_nameindex() else { return 0 };
+        let names: Vec<String> = all.iter().filter_map(|i| i.name().to_str().ok().map(str::to_owned)).collect();
+        names
+            .iter()
+            .flat_map(|iface| [TcAttachType::Ingress, TcAttachType::Egress].map(|d| SchedClassifier::query_tcx(iface, d)))
+            .filter_map(Result::ok)
+            .flat_map(|(_, on_hook)| on_hook)
+            .filter(|p| programs.contains(&p.id()))
+            .count()
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = count();
+        if left == 0 || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Whether a program the kernel names `name` is one meshnet attaches through a tcx link. The
@@ -906,6 +939,8 @@ pub struct DetachReport {
     pub pins: usize,
     /// Entries of the links directory that are not meshnet's tcx links, and what they are.
     pub left: Vec<(PathBuf, String)>,
+    /// Hooks where an unpinned link was still attached when `detach` stopped waiting.
+    pub still_attached: usize,
 }
 
 /// Removes everything meshnet installed: its tcx links, its netlink filters (found by their
@@ -913,6 +948,7 @@ pub struct DetachReport {
 /// other tools are never touched, even where they are pinned among meshnet's.
 pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
     let mut report = DetachReport::default();
+    let mut unpinned = Vec::new();
     if let Ok(entries) = std::fs::read_dir(pins.links_dir()) {
         for entry in entries.flatten() {
             let path = entry.path();
@@ -921,16 +957,17 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
                 // detaches the tcx link. A link whose program cannot be named here is taken
                 // for meshnet's, as it was before names were checked: in meshnet's own closed
                 // directory, leaving it would leave meshnet attached with its maps gone.
-                Ok(name) if name.as_deref().is_none_or(is_link_program) => {
+                Ok((id, name)) if name.as_deref().is_none_or(is_link_program) => {
                     std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
                     report.tcx_links += 1;
+                    unpinned.push(id);
                 }
                 // Whoever pinned it there (a user who could write to the directory before it
                 // was closed, another tool) keeps it: unpinning another's link detaches it.
                 found => {
                     let what = found.map_or_else(
                         |e| format!("not a tcx link of meshnet's: {e:#}"),
-                        |name| format!("a link of program {}, not meshnet's", name.unwrap_or_default()),
+                        |(_, name)| format!("a link of program {}, not meshnet's", name.unwrap_or_default()),
                     );
                     warn!(target: LOG, path = %path.display(), what, "left in place");
                     report.left.push((path, what));
@@ -964,6 +1001,12 @@ pub fn detach(pins: &Pins) -> anyhow::Result<DetachReport> {
     }
     // The root itself goes too unless it is a mount point (EBUSY) or holds foreign pins.
     let _ = std::fs::remove_dir(pins.root());
+    // Said detached only once it is: an uninstall that then unloads or upgrades must not
+    // find meshnet's programs still running.
+    report.still_attached = still_on_tcx_hooks(&unpinned, DETACH_WAIT);
+    if report.still_attached > 0 {
+        warn!(target: LOG, hooks = report.still_attached, waited = ?DETACH_WAIT, "unpinned links are still attached; the kernel detaches them when it gets to it");
+    }
     info!(target: LOG, ?report, "detached");
     Ok(report)
 }

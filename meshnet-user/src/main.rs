@@ -496,6 +496,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (path, what) in &r.left {
                 println!("left {}: {what}", path.display());
             }
+            if r.still_attached > 0 {
+                println!(
+                    "{} hooks still ran meshnet's unpinned links after {:?}: the kernel detaches them when it \
+                     gets to it (a busy RTNL lock)",
+                    r.still_attached,
+                    datapath::DETACH_WAIT
+                );
+            }
             // Not held while it waits: an agent installed again must not wait for this pod to go.
             drop(lock_guard);
             if then_wait {
