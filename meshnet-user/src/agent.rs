@@ -715,13 +715,24 @@ impl Agent {
         let pins = &self.opts.pins;
         let seen = reconcile(&self.attached, &present, |n| globs.iter().any(|g| g.matches(n)), index_name, |was, now, i| crate::datapath::runs_ours(pins, was, now, i));
         let (renamed, unsure) = renames_and_unsure(&seen);
+        // A device that still exists but no longer matches (the patterns changed, say from the
+        // bridge to the pods' veths) is detached only once what matches now is attached, and
+        // its flows stay: its pods live on, and the devices now attached take their flows
+        // over (`nat::flow_owner`). Detached first, its pods' replies would pass untranslated
+        // meanwhile, and purged, every connection through it would be reset.
+        let mut no_longer_matching = Vec::new();
         for (iface, index) in follow(&self.opts.pins, &mut self.attached, &mut present, seen) {
-            info!(iface, ifindex = index, "interface gone, re-created or no longer matching; detaching");
-            detach_interface(&self.opts.pins, &iface, Some(index));
+            let exists = !matches!(index_name(index), Ok(None));
             self.attached.remove(&iface);
-            // Flows made through that device belong to a pod that is gone (or no longer
-            // translated): they would only hold table space until they expire.
-            let n = self.maps.purge_interface(index);
+            if exists && !present.contains_key(&iface) {
+                no_longer_matching.push((iface, index));
+                continue;
+            }
+            info!(iface, ifindex = index, "interface gone or re-created; detaching");
+            detach_interface(&self.opts.pins, &iface, Some(index));
+            // Flows made through a device that is gone belong to a pod that is gone: they
+            // would only hold table space until they expire.
+            let n = if exists { 0 } else { self.maps.purge_interface(index) };
             if n > 0 {
                 info!(iface, flows = n, "purged the flows of the interface's pod");
             }
@@ -753,6 +764,10 @@ impl Agent {
                     }
                 }
             }
+        }
+        for (iface, index) in no_longer_matching {
+            info!(iface, ifindex = index, "interface no longer matches; detached, its flows kept");
+            detach_interface(&self.opts.pins, &iface, Some(index));
         }
         self.metrics.attached_interfaces.set(i64::try_from(self.attached.len()).unwrap_or(0));
         self.sync_ports();

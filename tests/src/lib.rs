@@ -275,7 +275,8 @@ impl ChildGuard {
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return true };
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: an agent's clean exit under a loaded, emulated VM can take seconds.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status.success();

@@ -4,8 +4,7 @@
 //! `meshnet agent --kube` into the datapath's maps.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -194,16 +193,10 @@ impl Mesh {
         assert!(ok.is_some(), "{what}: routes are {:?}, want {want:?}; published {:?}", self.routes(), self.published());
     }
 
+    /// A metrics port's answer: a port bound in the background after a (re)start is waited
+    /// for, and a slow answer is waited for as long as any other I/O of the tests.
     fn http(&self, port: u16, path: &str) -> String {
-        let path = path.to_string();
-        self.ns.run(move || {
-            let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(5)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out
-        })
+        meshnet_tests::http_get(&self.ns, SocketAddr::from(([127, 0, 0, 1], port)), path)
     }
 }
 
@@ -449,9 +442,9 @@ fn a_refused_peer_keeps_its_cidr_across_a_failover() {
     let m = Mesh::new();
     let holder = || lease_holder(&m);
     let third = claimant(&m);
-    let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "2"]);
+    let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "15"]);
     assert_eq!(poll(WAIT, holder).as_deref(), Some("ctrl-a"));
-    let _b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
+    let _b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "15", "--metrics-addr", "127.0.0.1:9466"]);
     hold_cluster2(&m);
     assert!(a.stop());
     assert!(poll(WAIT, || (holder().as_deref() == Some("ctrl-b")).then_some(())).is_some(), "ctrl-b never took the lease");
@@ -907,10 +900,10 @@ fn mesh_networks_apply_never_loses_a_concurrent_edit() {
 fn a_second_controller_takes_over_when_the_leader_stops() {
     let m = Mesh::new();
     let holder = || lease_holder(&m);
-    let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "2"]);
+    let mut a = m.controller(&["--identity", "ctrl-a", "--lease-duration-seconds", "15"]);
     let leader = poll(WAIT, holder).expect("nobody took the lease");
     assert_eq!(leader, "ctrl-a");
-    let b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "2", "--metrics-addr", "127.0.0.1:9466"]);
+    let b = m.controller(&["--identity", "ctrl-b", "--lease-duration-seconds", "15", "--metrics-addr", "127.0.0.1:9466"]);
     let published = poll(WAIT, || m.published().filter(|(p, _)| p[0]["name"] == "cluster2"));
     assert!(published.is_some());
     // b waits while a renews.
@@ -944,7 +937,7 @@ fn lease(holder: &str, renew_time: &str) -> Value {
     json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "meshnet-controller", "namespace": "meshnet"},
-        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 2, "acquireTime": renew_time, "renewTime": renew_time}
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "acquireTime": renew_time, "renewTime": renew_time}
     })
 }
 
@@ -960,9 +953,10 @@ fn lease_holder(m: &Mesh) -> Option<String> {
 #[test]
 fn leader_election_ignores_other_nodes_clocks() {
     let m = Mesh::new();
-    // A live leader with a clock 26 years behind: it renews every 300 ms.
+    // A live leader with a clock 26 years behind: it renews every 300 ms. Leases of 15 s: a
+    // stall of the test thread on a loaded machine must not pass for a dead leader.
     m.local.apply(lease("ghost", "2000-01-01T00:00:00.000000Z"));
-    let mut c = m.controller(&["--identity", "ctrl", "--lease-duration-seconds", "2"]);
+    let mut c = m.controller(&["--identity", "ctrl", "--lease-duration-seconds", "15"]);
     for i in 1..=30 {
         let at = std::time::Instant::now();
         assert_eq!(lease_holder(&m).as_deref(), Some("ghost"), "took the lease of a live leader:\n{}", c.output());

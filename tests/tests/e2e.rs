@@ -187,14 +187,17 @@ fn two_hundred_concurrent_flows() {
                 (target, TcpStream::connect_timeout(&target.into(), IO_TIMEOUT).unwrap())
             })
             .collect();
-        // All 200 are open at once; now each does its exchange.
+        // All 200 are open at once; now each does its exchange. A second handle of each keeps
+        // it open until the flows are counted: closed flows may expire first on a slow machine.
+        let kept: Vec<TcpStream> = conns.iter().map(|(_, s)| s.try_clone().unwrap()).collect();
         let handles: Vec<_> = conns
             .into_iter()
             .enumerate()
             .map(|(i, (target, s))| std::thread::spawn(move || (i, target, peer::tcp_exchange(s, target, &format!("flow {i}")))))
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        (handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), kept)
     });
+    let (replies, _kept) = replies;
     assert_eq!(replies.len(), 200);
     for (i, target, reply) in replies {
         assert_eq!(reply.unwrap(), format!("app {target} got flow {i}"));

@@ -523,14 +523,14 @@ fn agent_from_image(root: &Path, manifest: &str, caps: &[String]) {
     assert_eq!((status_caps(&status, "CapInh:"), status_caps(&status, "CapAmb:")), (0, 0), "{manifest}");
     assert!(status.lines().any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])), "{manifest}: privileges can be gained");
     assert!(status.lines().any(|l| l.split_whitespace().nth(1) == Some("0") && l.starts_with("Uid:")), "{manifest}: not uid 0");
-    let ready = poll(Duration::from_secs(10), || http_status(&t.node1, &metrics, "/readyz").filter(|l| l.contains(" 200 ")));
+    let ready = poll(Duration::from_mins(1), || http_status(&t.node1, &metrics, "/readyz").filter(|l| l.contains(" 200 ")));
     assert!(ready.is_some(), "{manifest}: /readyz is not 200: {:?}", http_status(&t.node1, &metrics, "/readyz"));
     // The DaemonSet's exec probes, run in the container as the kubelet runs them.
     for (probe, body) in [("livenessProbe", "ok\n"), ("readinessProbe", "ready\n")] {
         let cmd = strings(&agent[probe]["exec"]["command"]);
         assert_eq!(cmd[0], "/usr/local/bin/meshnet", "{manifest}: {probe}");
         let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
-        let answered = poll(Duration::from_secs(10), || jail.command(&args).output().ok().filter(|o| o.status.success()));
+        let answered = poll(Duration::from_mins(1), || jail.command(&args).output().ok().filter(|o| o.status.success()));
         let out = answered.unwrap_or_else(|| panic!("{manifest}: {probe} {cmd:?} fails: {:?}", jail.command(&args).output()));
         assert_eq!(String::from_utf8_lossy(&out.stdout), body, "{manifest}: {probe}");
     }

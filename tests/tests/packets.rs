@@ -2010,6 +2010,8 @@ fn gc_restores_a_missing_reverse_half_and_expires_whole_flows() {
     assert_eq!(h.maps.expire(later, &gc_config(1)).flows, 0, "a flow with traffic after a stray RST was expired");
     // A RST that is the last word: expired after the closed timeout, both halves at once.
     h.expect("final RST", TO_POD, &pkt(gw, pod, L4::Tcp(RST), b""), OK, &[("reverse_translated", 1)]);
+    // Taken after the RST: a stall before it must not bring its stamp within the timeout.
+    let later = meshnet::dump::monotonic_ns() + 5_000_000_000;
     assert_eq!(h.maps.expire(later, &gc_config(1)).flows, 1);
     assert_eq!(h.flow_counts(), (0, 0));
 }

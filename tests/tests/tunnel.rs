@@ -1104,13 +1104,15 @@ fn mtu(opts: Options) {
     }
     // Redirected, a GSO packet reaches the pod whole: it leaves by the pod's own port, not
     // through the bridge, which would cut it into MTU-sized packets in software. So the pods
-    // received packets averaging well over the MTU, ACKs included (veths pass GSO packets
-    // whole; with offload off the pods send no GSO packets to begin with).
+    // received packets averaging over the MTU, ACKs included, which segmented packets never
+    // could (veths pass GSO packets whole; with offload off the pods send no GSO packets to
+    // begin with). Not by how much: TCP sizes its GSO packets by its pacing rate, which a
+    // slow machine keeps low.
     if opts.delivery == Delivery::Redirect && !opts.strict_checksums {
         for ((name, ns), (bytes0, packets0)) in [("client", &t.client), ("app-a", &t.app_a)].into_iter().zip(pods_before) {
             let (bytes, packets) = received(ns);
             let avg = (bytes - bytes0) / (packets - packets0).max(1);
-            assert!(avg > 2 * u64::from(MTU), "{name} received {} packets averaging {avg} bytes: GSO packets were segmented on the way", packets - packets0);
+            assert!(avg > u64::from(MTU), "{name} received {} packets averaging {avg} bytes: GSO packets were segmented on the way", packets - packets0);
         }
     }
     let after = (t.node1.counters(), t.node2.counters());
