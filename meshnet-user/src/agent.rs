@@ -694,6 +694,7 @@ impl Agent {
             return Ok(());
         }
         if !self.behind.is_empty() || !self.uplinks_behind.is_empty() {
+            self.datapath.copy_owed_migration();
             // Said again when the list changes, and every ten minutes while it lasts: a wait
             // that does not end keeps the old maps and their copies going.
             let waiting: Vec<String> = self.behind.iter().chain(&self.uplinks_behind).cloned().collect();

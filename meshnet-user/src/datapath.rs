@@ -243,6 +243,10 @@ pub struct Datapath {
     migration: Option<Migration>,
     /// When the last copy of a migration ended, and how long it took.
     last_copy: Option<(std::time::Instant, std::time::Duration)>,
+    /// A swap's copy was skipped (the last one was slow): [`Self::copy_owed_migration`] runs
+    /// it at the next rescan, not only at the next swap, which an interface whose attach keeps
+    /// failing could put off for good.
+    copy_owed: bool,
 }
 
 /// A migration's copy this long is not repeated after every swap (see `catch_up_migration`).
@@ -316,13 +320,23 @@ impl Datapath {
     fn catch_up_migration(&mut self) {
         let Some(m) = self.migration.as_ref().filter(|m| !m.is_empty()) else { return };
         if self.last_copy.is_some_and(|(end, took)| took >= SLOW_COPY && end.elapsed() < took) {
+            self.copy_owed = true;
             return;
         }
+        self.copy_owed = false;
         let started = std::time::Instant::now();
         if let Err(e) = m.copy(&self.pins, false) {
             warn!(target: LOG, error = %format!("{e:#}"), "copying the old maps' new entries failed; they are copied again once every interface runs this build");
         }
         self.last_copy = Some((std::time::Instant::now(), started.elapsed()));
+    }
+
+    /// Runs a copy a swap skipped, once its pause is over. Flows the old programs made just
+    /// before that swap have their replies translated only once they are copied.
+    pub fn copy_owed_migration(&mut self) {
+        if self.copy_owed {
+            self.catch_up_migration();
+        }
     }
 
     /// Whether old maps are still to be carried over and unpinned.
@@ -429,7 +443,7 @@ impl Datapath {
             p.load().with_context(|| format!("the kernel refused program {prog}"))?;
         }
         install_log_program(&mut ebpf)?;
-        Ok(Self { ebpf, pins: pins.clone(), migration: None, last_copy: None })
+        Ok(Self { ebpf, pins: pins.clone(), migration: None, last_copy: None, copy_owed: false })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to `iface`, replacing meshnet's
