@@ -551,6 +551,7 @@ fn config_checks(path: &Path, checks: &mut Vec<Check>) {
         let br_netfilter = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists();
         checks.push(bridge_check(&bridges, br_netfilter));
     }
+    checks.push(big_tcp_check(&big_ipv4_packets()));
     let gateways: Vec<Ipv4Addr> = cfg.peers.iter().flat_map(|p| p.gateways.iter().map(|g| g.address)).collect();
     // Tunnel traffic leaves encapsulated before netfilter: only gateway peers need it.
     if !gateways.is_empty() || cfg.peers.iter().all(|p| p.tunnel.is_none()) {
@@ -773,6 +774,49 @@ pub fn interfaces_check(pattern: &str, found: Result<Vec<String>, String>) -> Ch
             let more = if f.len() > SHOWN { format!(" and {} more", f.len() - SHOWN) } else { String::new() };
             let list: Vec<&str> = f.iter().take(SHOWN).map(String::as_str).collect();
             Check::new(name, Level::Ok, format!("matches {}: {}{more}", f.len(), list.join(", ")))
+        }
+    }
+}
+
+/// The interfaces of this namespace that build IPv4 packets past 64 KB (BIG TCP), with their
+/// GSO and GRO maximums.
+fn big_ipv4_packets() -> Result<Vec<(String, u32, u32)>, String> {
+    let all = nix::net::if_::if_nameindex().map_err(|e| format!("listing interfaces: {e}"))?;
+    Ok(all
+        .iter()
+        .filter_map(|i| {
+            let name = i.name().to_str().ok()?.to_owned();
+            let (gso, gro) = crate::netlink::ipv4_big_packet_sizes(i.index()).ok()?;
+            let (gso, gro) = (gso.unwrap_or(0), gro.unwrap_or(0));
+            (gso > IPV4_MAX_PACKET || gro > IPV4_MAX_PACKET).then_some((name, gso, gro))
+        })
+        .collect())
+}
+
+/// The largest IPv4 packet whose total length its header can say.
+const IPV4_MAX_PACKET: u32 = 65_536;
+
+/// Interfaces with IPv4 BIG TCP on: their packets past 64 KB carry a total length of 0,
+/// which the datapath refuses as malformed (a reply of a flow then reaches the pod
+/// untranslated), wherever they reach a pod interface meshnet is on.
+#[must_use]
+pub fn big_tcp_check(found: &Result<Vec<(String, u32, u32)>, String>) -> Check {
+    const NAME: &str = "IPv4 BIG TCP";
+    match found {
+        Err(e) => Check::new(NAME, Level::Warn, format!("cannot tell: {e}")),
+        Ok(f) if f.is_empty() => Check::new(NAME, Level::Ok, "no interface builds IPv4 packets past 64 KB"),
+        Ok(f) => {
+            let list: Vec<String> = f.iter().map(|(n, gso, gro)| format!("{n} (gso_ipv4_max_size {gso}, gro_ipv4_max_size {gro})")).collect();
+            Check::new(
+                NAME,
+                Level::Fail,
+                format!(
+                    "on {}: packets past 64 KB carry an IPv4 total length of 0, which meshnet refuses as malformed \
+                     (`malformed` grows; large transfers to remote pods stall or are reset)",
+                    list.join(", ")
+                ),
+            )
+            .fix("`ip link set dev IFACE gso_ipv4_max_size 65536 gro_ipv4_max_size 65536` (and turn off the CNI's IPv4 BIG TCP option)")
         }
     }
 }
@@ -1201,6 +1245,11 @@ mod tests {
         assert!(c.detail.contains("no pods run"));
         let many: Vec<String> = (0..8).map(|i| format!("veth{i}")).collect();
         assert!(interfaces_check("veth*", Ok(many)).detail.ends_with("veth4 and 3 more"));
+        assert_eq!(big_tcp_check(&Ok(vec![])).level, Level::Ok);
+        assert_eq!(big_tcp_check(&Err("EPERM".into())).level, Level::Warn);
+        let c = big_tcp_check(&Ok(vec![("eth0".into(), 65_536, 185_000)]));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("eth0 (gso_ipv4_max_size 65536, gro_ipv4_max_size 185000)"), "{}", c.detail);
         assert_eq!(bridge_check(&[], true).level, Level::Ok);
         let c = bridge_check(&["cni0".into()], true);
         assert_eq!(c.level, Level::Warn);

@@ -132,6 +132,14 @@ pub fn veth_peer(ifindex: u32) -> io::Result<Option<VethPeer>> {
     Ok(Some(VethPeer { host_mac, pod_mac, addrs }))
 }
 
+/// The largest IPv4 packets link `ifindex` may build by GSO and by GRO
+/// (`IFLA_GSO_IPV4_MAX_SIZE`, `IFLA_GRO_IPV4_MAX_SIZE`; Linux 6.3): past 65,536, IPv4 BIG TCP
+/// is on there. `None` for a size the kernel does not report (before 6.3: no BIG TCP).
+pub fn ipv4_big_packet_sizes(ifindex: u32) -> io::Result<(Option<u32>, Option<u32>)> {
+    let link = RouteSocket::new()?.get_link(ifindex, None)?;
+    Ok((link.gso_ipv4_max_size, link.gro_ipv4_max_size))
+}
+
 /// The id of the program in the bpf filter at `priority` and `handle` among the filters of
 /// `parent` (a clsact hook) on interface `ifindex`; `None` when there is no such filter.
 pub fn tc_filter_program(ifindex: u32, parent: u32, priority: u16, handle: u32) -> io::Result<Option<u32>> {
@@ -173,7 +181,14 @@ struct Link {
     kind: Option<Vec<u8>>,
     /// `IFLA_TARGET_NETNSID`: the namespace a reply is about, when the request named one.
     target_netnsid: Option<i32>,
+    /// `IFLA_GSO_IPV4_MAX_SIZE` and `IFLA_GRO_IPV4_MAX_SIZE`.
+    gso_ipv4_max_size: Option<u32>,
+    gro_ipv4_max_size: Option<u32>,
 }
+
+/// `enum` values of `if_link.h` (Linux 6.3) that the libc crate does not name yet.
+const IFLA_GSO_IPV4_MAX_SIZE: u16 = 63;
+const IFLA_GRO_IPV4_MAX_SIZE: u16 = 64;
 
 /// What [`tc_filter_program`] reads of a tc filter.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -423,6 +438,8 @@ fn parse_link_reply(b: &[u8]) -> io::Result<Link> {
             libc::IFLA_LINK => link.peer = u32_at(payload, 0),
             libc::IFLA_LINK_NETNSID => link.peer_netnsid = u32_at(payload, 0).map(u32::cast_signed),
             libc::IFLA_TARGET_NETNSID => link.target_netnsid = u32_at(payload, 0).map(u32::cast_signed),
+            IFLA_GSO_IPV4_MAX_SIZE => link.gso_ipv4_max_size = u32_at(payload, 0),
+            IFLA_GRO_IPV4_MAX_SIZE => link.gro_ipv4_max_size = u32_at(payload, 0),
             libc::IFLA_LINKINFO => {
                 link.kind = attrs(payload)
                     .find(|(t, _)| *t == libc::IFLA_INFO_KIND)
