@@ -108,7 +108,22 @@ macro_rules! kept_whole {
         }
     )*};
 }
-kept_whole!(Secret, ConfigMap, k8s_openapi::api::coordination::v1::Lease);
+kept_whole!(ConfigMap, k8s_openapi::api::coordination::v1::Lease);
+
+/// A remote secret is held as what is read of it: each key's value (a kubeconfig) up to one
+/// byte past the longest [`kubeconfig::vet`](super::kubeconfig::vet) reads, which still
+/// refuses it. Each labelled Secret could otherwise hold a MiB, for as long as it exists.
+impl Relevant for Secret {
+    type Kept = Self;
+    fn relevant(mut self) -> Self {
+        for v in self.data.iter_mut().flat_map(|d| d.values_mut()) {
+            v.0.truncate(super::kubeconfig::MAX_KUBECONFIG + 1);
+            v.0.shrink_to_fit();
+        }
+        self.string_data = None;
+        self
+    }
+}
 
 /// What a watched set did.
 #[derive(Debug)]
@@ -384,6 +399,29 @@ mod tests {
         let out = run(vec![Ok(watcher::Event::Init), Ok(watcher::Event::InitDone), Err(forged)]);
         assert_eq!(out[0], Ok(0));
         assert!(matches!(&out[1], Err(e) if e.starts_with("error: ") && e.contains(&text)), "{:?}", out[1]);
+    }
+
+    /// A labelled Secret is held as what is read of it: each key's value up to one byte past
+    /// the longest kubeconfig read, so a MiB of one key is a cut value, still refused as too
+    /// long, and a kubeconfig that fits is kept whole.
+    #[test]
+    fn a_secret_keeps_no_more_of_a_value_than_is_read() {
+        use super::super::kubeconfig::{vet, VetError, MAX_KUBECONFIG};
+        let value = |text: String| k8s_openapi::ByteString(text.into_bytes());
+        let fits = "apiVersion: v1\nkind: Config\n".to_owned();
+        let secret = Secret {
+            metadata: ObjectMeta { name: Some("remote".into()), annotations: Some([("a".to_owned(), "b".to_owned())].into()), ..ObjectMeta::default() },
+            data: Some([("big".to_owned(), value("a, ".repeat(350_000))), ("small".to_owned(), value(fits.clone()))].into()),
+            ..Secret::default()
+        };
+        let kept = secret.clone().relevant();
+        let data = kept.data.as_ref().unwrap();
+        assert_eq!(data["small"].0, fits.as_bytes());
+        assert_eq!(data["big"].0.len(), MAX_KUBECONFIG + 1);
+        assert!(data["big"].0.capacity() <= MAX_KUBECONFIG + 1 + 64, "the cut value still holds {} bytes", data["big"].0.capacity());
+        assert_eq!(kept.metadata, secret.metadata);
+        let text = String::from_utf8_lossy(&data["big"].0);
+        assert!(matches!(vet(&text, "s"), Err(VetError::TooLarge { .. })));
     }
 
     #[test]
