@@ -106,17 +106,75 @@ fn vet(
     }
 }
 
+/// What the datapath holds across all tunnel peers: nodes, and node pod CIDRs.
+fn tunnel_room() -> (usize, usize) {
+    let max_nodes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_NODES).unwrap_or(usize::MAX);
+    let max_routes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_ROUTES).unwrap_or(usize::MAX);
+    (max_nodes, max_routes)
+}
+
+/// What `p` takes of [`tunnel_room`].
+fn tunnel_size(p: &RawPeer) -> (usize, usize) {
+    (p.nodes.len(), p.nodes.iter().map(|n| n.pod_cidrs.len()).sum())
+}
+
+/// Why `nodes` and `routes` in all, with `p`'s, do not fit the tunnel room, if they do not.
+fn over_room(p: (usize, usize), nodes: usize, routes: usize) -> Option<String> {
+    let (max_nodes, max_routes) = tunnel_room();
+    if nodes > max_nodes {
+        Some(format!("nodes: {} nodes make {nodes} across the tunnel peers; at most {max_nodes}", p.0))
+    } else if routes > max_routes {
+        Some(format!("nodes: {} node podCIDRs make {routes} across the tunnel peers; at most {max_routes}", p.1))
+    } else {
+        None
+    }
+}
+
+/// Tunnel peers published before, each at the version it was published with where its
+/// current one does not fit the datapath's room beside the others as they were published
+/// (`fits` says whether that version passes today's rules; if not, the current one stays, and
+/// [`refuse_tunnel_clashes`] refuses it). The room is each published peer's as it was
+/// published first, growth getting what is left in order of name: else one peer growing
+/// would have every peer that sorts after it refused and withdrawn from every node. Returns
+/// the peers and, for each kept as it was published, why.
+fn keep_published_room(peers: Vec<RawPeer>, published: &[&RawPeer], fits: impl Fn(&RawPeer) -> bool) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+    let records: BTreeMap<&str, &RawPeer> = published.iter().filter(|h| h.mode == PeerMode::Tunnel).map(|h| (h.name.as_str(), *h)).collect();
+    let record = |p: &RawPeer| records.get(p.name.as_str()).copied().filter(|_| p.mode == PeerMode::Tunnel);
+    let (mut nodes, mut routes) = peers.iter().filter_map(record).map(tunnel_size).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let mut kept = BTreeMap::new();
+    let peers = peers
+        .into_iter()
+        .map(|p| {
+            let Some(h) = record(&p) else {
+                return p;
+            };
+            let (held, size) = (tunnel_size(h), tunnel_size(&p));
+            let (with_nodes, with_routes) = (nodes - held.0 + size.0, routes - held.1 + size.1);
+            match over_room(size, with_nodes, with_routes) {
+                None => {
+                    (nodes, routes) = (with_nodes, with_routes);
+                    p
+                }
+                Some(why) if over_room(held, nodes, routes).is_none() && fits(h) => {
+                    kept.insert(p.name.clone(), format!("{why}; it stays as it was published"));
+                    h.clone()
+                }
+                Some(_) => p,
+            }
+        })
+        .collect();
+    (peers, kept)
+}
+
 /// Drops tunnel peers that the agents could not take beside the others: a node address that
 /// two tunnel peers list (the decapsulating side knows a peer by its node's address), or
 /// more nodes or node pod CIDRs than the datapath holds across all tunnel peers. Of two peers
 /// that list one address, the one published with it keeps it (see
-/// [`resolve::refuse_overlaps`]); the budget goes first to the peers published before, so
-/// that no newcomer, whatever its name, takes an address or the room of one. Each agent would
-/// refuse such a peer anyway; refused here, it is refused once, with the reason in
-/// `status.yaml`.
+/// [`resolve::refuse_overlaps`]); the room goes first to the peers published before, each
+/// to what it was published with, so that no newcomer, whatever its name, nor another's
+/// growth takes an address or the room of one. Each agent would refuse such a peer anyway;
+/// refused here, it is refused once, with the reason in `status.yaml`.
 fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
-    let max_nodes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_NODES).unwrap_or(usize::MAX);
-    let max_routes = usize::try_from(meshnet_common::limits::MAX_TUNNEL_ROUTES).unwrap_or(usize::MAX);
     let held: BTreeMap<&str, BTreeSet<&str>> =
         published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
     let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
@@ -163,23 +221,21 @@ fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<Ra
     }
     let mut budget: Vec<&RawPeer> = tunnel.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
     budget.sort_by_key(|p| (!held.contains_key(p.name.as_str()), p.name.as_str()));
-    let (mut nodes, mut routes) = (0, 0);
+    let records: BTreeMap<&str, &RawPeer> = published.iter().filter(|h| h.mode == PeerMode::Tunnel).map(|h| (h.name.as_str(), *h)).collect();
+    let reserved = |p: &RawPeer| records.get(p.name.as_str()).map_or((0, 0), |h| tunnel_size(h));
+    let (mut nodes, mut routes) = budget.iter().map(|p| reserved(p)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     for p in budget {
-        let n = p.nodes.len();
-        let r: usize = p.nodes.iter().map(|n| n.pod_cidrs.len()).sum();
-        let why = if nodes + n > max_nodes {
-            Some(format!("nodes: {n} nodes make {} across the tunnel peers; at most {max_nodes}", nodes + n))
-        } else if routes + r > max_routes {
-            Some(format!("nodes: {r} node podCIDRs make {} across the tunnel peers; at most {max_routes}", routes + r))
-        } else {
-            None
-        };
-        if let Some(why) = why {
+        let (held, size) = (reserved(p), tunnel_size(p));
+        let (with_nodes, with_routes) = (nodes - held.0 + size.0, routes - held.1 + size.1);
+        if let Some(why) = over_room(size, with_nodes, with_routes) {
+            // Its room is let go: the records may hold more than the room (one held while its
+            // peer was not published, another published meanwhile), and kept, it would have
+            // every peer after it refused in turn.
             refused.insert(p.name.clone(), why);
+            (nodes, routes) = (nodes - held.0, routes - held.1);
             continue;
         }
-        nodes += n;
-        routes += r;
+        (nodes, routes) = (with_nodes, with_routes);
     }
     (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused)
 }
@@ -347,6 +403,10 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     // Only configured peers hold anything: every remote and hand-written network has a status.
     let held: Vec<&RawPeer> = i.published.iter().filter(|(n, _)| d.status.contains_key(*n)).map(|(_, p)| p).collect();
+    // Before the clashes are settled, so that a version kept as it was published is settled
+    // as any other, and so is what it claims.
+    let fits = |h: &RawPeer| vet(h, i.allowed_cidrs.get(&h.name), i.remotes.get(&h.name).and_then(|r| r.allowed), &reserved).is_none();
+    let (peers, kept_small) = keep_published_room(peers, &held, fits);
     // A peer published before keeps what it was published with, and when a change of its
     // clashes with a local Node, it stays as it was published: no Node, however it came to
     // claim what it claims, withdraws a peer from every node.
@@ -381,6 +441,10 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     d.resolved.retain(|name, _| !d.refused.contains_key(name));
     for (name, why) in &d.refused {
         d.status.entry(name.clone()).or_default().refused = Some(why.clone());
+    }
+    for (name, why) in kept_small.into_iter().filter(|(name, _)| !d.refused.contains_key(name)) {
+        let st = d.status.entry(name).or_default();
+        st.error = Some(st.error.take().map_or_else(|| why.clone(), |e| format!("{e}; {why}")));
     }
     d.clashes.retain(|name, _| !d.refused.contains_key(name));
     for (name, what) in &d.clashes {
@@ -914,6 +978,68 @@ mod tests {
         let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
         assert_eq!(d["refused"]["a"], "nodes: 3000 nodes make 4500 across the tunnel peers; at most 4096", "{out}");
         assert!(d["refused"].get("b").is_none(), "{out}");
+    }
+
+    /// The tunnel budget is kept for the peers as they were published: one that grows gets
+    /// only the room left, else it stays as it was published (said so in its status), and no
+    /// other published peer, sorted after it or not, is withdrawn for its growth.
+    #[test]
+    fn a_published_tunnel_peers_growth_withdraws_no_other() {
+        let many = |first: u32, n: u32| {
+            let nodes: Vec<(String, String, String)> = (0..n)
+                .map(|i| {
+                    let ip = std::net::Ipv4Addr::from(0xac10_0000 + first + i).to_string();
+                    let cidr = Ipv4Net::new(std::net::Ipv4Addr::from(0x0a40_0000 + ((first + i) << 8)), 24).unwrap().to_string();
+                    (format!("n{i}"), ip, cidr)
+                })
+                .collect();
+            let refs: Vec<(&str, &str, &str)> = nodes.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect();
+            tunnel_view(&refs, Some(31800))
+        };
+        let run = |aaa: &ClusterView, prod: &ClusterView, published: &[RawPeer]| {
+            let remotes = [
+                ("aaa".to_string(), RemoteInput { view: Some(aaa), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+                ("prod".to_string(), RemoteInput { view: Some(prod), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+            ]
+            .into();
+            let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, published);
+            let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+            let peers: Vec<RawPeer> = serde_yaml::from_value(d["peers"].clone()).unwrap();
+            // What a failure shows: the peers' sizes, the refusals and the status.
+            let sizes: Vec<(String, usize)> = peers.iter().map(|p| (p.name.clone(), p.nodes.len())).collect();
+            let out = format!("{sizes:?} refused: {:?} status: {:?}", d["refused"], d["status"]);
+            (peers, d, out)
+        };
+        let (small, prod) = (many(1, 100), many(5001, 100));
+        let (published, _, out) = run(&small, &prod, &[]);
+        assert_eq!(published.iter().map(|p| p.nodes.len()).collect::<Vec<_>>(), [100, 100], "{out}");
+        // aaa grows past what is left: prod stays, aaa stays as it was published.
+        let (peers, d, out) = run(&many(1, 4096), &prod, &published);
+        assert!(peers == published, "{out}");
+        assert!(d["refused"].as_mapping().is_none_or(serde_yaml::Mapping::is_empty), "{out}");
+        assert_eq!(
+            d["status"]["aaa"]["error"],
+            "nodes: 4096 nodes make 4196 across the tunnel peers; at most 4096; it stays as it was published",
+            "{out}"
+        );
+        assert!(d["status"]["prod"].get("error").is_none(), "{out}");
+        // Growth within what is left is published.
+        let (peers, _, out) = run(&many(1, 3996), &prod, &published);
+        assert_eq!(peers.iter().map(|p| p.nodes.len()).collect::<Vec<_>>(), [3996, 100], "{out}");
+        // A newcomer has only what is left, as before; and without the published version to
+        // fall back on, a published peer that grew past the room is refused, not the others.
+        let raw = |name: &str, first: u32, n: u32| {
+            let node = |i: u32| {
+                let address = std::net::Ipv4Addr::from(0xac10_0000 + first + i).to_string();
+                crate::config::RawTunnelNode { address, pod_cidrs: vec![] }
+            };
+            RawPeer { name: name.into(), mode: PeerMode::Tunnel, nodes: (0..n).map(node).collect(), tunnel_port: Some(31800), ..RawPeer::default() }
+        };
+        let records: Vec<&RawPeer> = published.iter().collect();
+        let (kept, refused) = refuse_tunnel_clashes(vec![raw("aaa", 1, 4096), published[1].clone(), raw("new", 6001, 4000)], &records);
+        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod"]);
+        assert_eq!(refused["aaa"], "nodes: 4096 nodes make 4196 across the tunnel peers; at most 4096");
+        assert_eq!(refused["new"], "nodes: 4000 nodes make 4100 across the tunnel peers; at most 4096");
     }
 
     /// A remote that claims what another peer was published with is refused, however its

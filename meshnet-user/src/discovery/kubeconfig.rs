@@ -70,7 +70,16 @@ pub enum VetError {
     Incomplete { origin: String, what: &'static str },
     #[error("{origin}: unusable kubeconfig: {what}")]
     Unusable { origin: String, what: &'static str },
+    /// No length: the controller holds a value cut one byte past the bound.
+    #[error("{origin}: the kubeconfig is longer than meshnet reads: at most {MAX_KUBECONFIG} bytes (64 KiB)")]
+    TooLarge { origin: String },
 }
+
+/// The longest kubeconfig text read. `istioctl x create-remote-secret` writes a few KiB (a CA,
+/// a token); a client certificate and key, or a CA bundle of a dozen, fit many times over.
+/// Checked before any parsing: a text becomes a tree of some 50 times its size while it is
+/// checked, once for each key of each remote secret, whoever writes them.
+pub const MAX_KUBECONFIG: usize = 64 * 1024;
 
 /// A refused key: its name when meshnet knows it, else no name at all (an unknown key is
 /// secret content like any other).
@@ -481,6 +490,9 @@ fn options() -> serde_saphyr::Options {
 /// holding only the current context and its allowed fields. `origin` names where it came
 /// from for errors, e.g. `istio-system/istio-remote-secret-cluster2[cluster2]`.
 pub fn vet(text: &str, origin: &str) -> Result<Kubeconfig, VetError> {
+    if text.len() > MAX_KUBECONFIG {
+        return Err(VetError::TooLarge { origin: origin.into() });
+    }
     let tree = events(text, origin)?;
     let mut places = Vec::new();
     check(&tree, &KUBECONFIG, "", origin, &mut places)?;
@@ -760,6 +772,22 @@ users:
             assert!(!msg.contains(secret), "{secret} leaks into: {msg}");
         }
         msg
+    }
+
+    /// A text past the bound is refused before it is parsed: a 1 MiB secret of
+    /// `extensions: [a, a, ...]` is some 50 MB as a tree while it is checked. The error names
+    /// the bound, and nothing of the text.
+    #[test]
+    fn a_kubeconfig_past_64_kib_is_refused_unparsed() {
+        let token = format!("    token: {TOKEN}");
+        let pad = (MAX_KUBECONFIG - kubeconfig(&token, "").len()) / 4;
+        let most = kubeconfig(&token, &"Zm9v".repeat(pad));
+        assert!(most.len() <= MAX_KUBECONFIG && vet(&most, "s").is_ok());
+        let over = kubeconfig(&token, &"Zm9v".repeat(pad + 1));
+        let msg = refused(&over, "at most 65536 bytes (64 KiB)");
+        assert_eq!(msg, "istio-system/remote[cluster2]: the kubeconfig is longer than meshnet reads: at most 65536 bytes (64 KiB)");
+        let flood = format!("{ISTIOCTL}extensions: [{}a]\n", "a, ".repeat(350_000));
+        refused(&flood, "at most 65536 bytes (64 KiB)");
     }
 
     #[test]

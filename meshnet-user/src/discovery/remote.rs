@@ -14,7 +14,7 @@ use super::{
     controller::ControllerOptions,
     kubeconfig,
     resolve::{ClusterView, RemoteNode},
-    watch::{snapshots, Update},
+    watch::{snapshots, snapshots_of, Update},
 };
 use crate::config::PeerMode;
 
@@ -54,7 +54,7 @@ where
         + 'static,
 {
     if wanted {
-        Box::pin(snapshots(Api::<K>::namespaced(client.clone(), ns), watcher::Config::default().fields(&format!("metadata.name={name}"))))
+        Box::pin(snapshots_of(Api::<K>::namespaced(client.clone(), ns), name))
     } else {
         Box::pin(futures::stream::pending())
     }

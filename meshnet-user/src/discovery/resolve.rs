@@ -847,7 +847,8 @@ pub fn against_local(p: &RawPeer, local: &[LocalNode], held: Option<&RawPeer>) -
 
 /// Drops peers whose CIDRs cover everything, and settles what two peers both claim
 /// (overlapping pod CIDRs, or a pod CIDR over another's gateway or node): the one that
-/// `held` says was published with it keeps it and the other is refused; when neither was
+/// `held` says was published with it, as the same kind of claim, keeps it and the other is
+/// refused; when neither was
 /// (or both), both are refused, for no rule could tell the rightful one. `held` is what
 /// each configured peer was last published with, kept while it stays configured: a peer
 /// refused or unpublished now still holds it against every other. Returns the kept peers
@@ -856,7 +857,19 @@ pub fn against_local(p: &RawPeer, local: &[LocalNode], held: Option<&RawPeer>) -
 #[must_use]
 pub fn refuse_overlaps(peers: Vec<RawPeer>, held: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
     let held_claims: BTreeMap<&str, Vec<Claim>> = held.iter().map(|p| (p.name.as_str(), claims_of(p))).collect();
-    let holds = |name: &str, region: Ipv4Net| held_claims.get(name).is_some_and(|cs| cs.iter().any(|c| overlap(c.net(), region)));
+    // Held as the same kind of claim: a pod CIDR by a held CIDR over any of it (a peer that
+    // widened keeps what it had), a node address by that address held as a node. A record's
+    // node address holds no CIDR over it: two peers may hold one node address, and the copy
+    // could then contest the other's node with a /32 and have both refused.
+    let holds = |name: &str, claim: Claim, region: Ipv4Net| {
+        held_claims.get(name).is_some_and(|cs| {
+            cs.iter().any(|h| match (*h, claim) {
+                (Claim::Cidr(h), Claim::Cidr(_)) => overlap(h, region),
+                (Claim::Node(h), Claim::Node(a)) => h == a,
+                _ => false,
+            })
+        })
+    };
     let claims: Vec<Vec<Claim>> = peers.iter().map(claims_of).collect();
     let mut refused = BTreeMap::new();
     for (p, cs) in peers.iter().zip(&claims) {
@@ -890,12 +903,12 @@ pub fn refuse_overlaps(peers: Vec<RawPeer>, held: &[&RawPeer]) -> (Vec<RawPeer>,
         let Some(&(q, _)) = contesting.get(b) else {
             // What a configured peer that is not among these holds stays its own.
             let owner = absent[b - contesting.len()].0;
-            if !holds(&p.name, both) {
+            if !holds(&p.name, x, both) {
                 refuse(p, format!("{}, published with it before (not published now)", x.against(y, owner)));
             }
             continue;
         };
-        let (p_held, q_held) = (holds(&p.name, both), holds(&q.name, both));
+        let (p_held, q_held) = (holds(&p.name, x, both), holds(&q.name, y, both));
         match contest(p_held, q_held) {
             Contest::First => refuse(q, format!("{}, published with it before", y.against(x, &p.name))),
             Contest::Second => refuse(p, format!("{}, published with it before", x.against(y, &q.name))),
@@ -1692,6 +1705,48 @@ mod tests {
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod-west"]);
         assert!(refused["new-a"].contains("of peer new-b; neither was published with it before"), "{refused:?}");
         assert!(refused["new-b"].contains("of peer new-a; neither was published with it before"), "{refused:?}");
+    }
+
+    /// A peer's record holds each claim as what it was: a gateway published at another peer's
+    /// gateway address (two node addresses never collide) holds that node, not a pod CIDR
+    /// over it. Else the copy, then a /32 pod CIDR on it, would refuse both and withdraw the
+    /// rightful peer from every node.
+    #[test]
+    fn a_node_address_held_in_common_holds_no_cidr_over_it() {
+        let peer = |name: &str, cidrs: &[&str], gw: &str| RawPeer {
+            name: name.into(),
+            pod_cidrs: cidrs.iter().map(|c| (*c).into()).collect(),
+            gateways: vec![RawGateway { address: gw.into(), port: 31674, udp_port: None }],
+            ..RawPeer::default()
+        };
+        let west = peer("west", &["10.245.0.0/16"], "10.20.144.165");
+        // Sorts first, and copies west's gateway address: nothing collides, both are published.
+        let copy = peer("aaa", &["10.250.0.0/16"], "10.20.144.165");
+        let (kept, refused) = refuse_overlaps(vec![copy.clone(), west.clone()], &[&west]);
+        assert_eq!(kept.len(), 2, "{refused:?}");
+        // Then claims that address as a pod CIDR too, its record holding the node address.
+        let over = peer("aaa", &["10.250.0.0/16", "10.20.144.165/32"], "10.20.144.165");
+        let (kept, refused) = refuse_overlaps(vec![over.clone(), west.clone()], &[&copy, &west]);
+        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["west"], "{refused:?}");
+        assert_eq!(refused["aaa"], "claims 10.20.144.165/32, which holds 10.20.144.165, a node address of peer west, published with it before");
+        // The same against west's record while west is not a candidate.
+        let (kept, refused) = refuse_overlaps(vec![over], &[&copy, &west]);
+        assert!(kept.is_empty());
+        assert_eq!(
+            refused["aaa"],
+            "claims 10.20.144.165/32, which holds 10.20.144.165, a node address of peer west, published with it before (not published now)"
+        );
+        // A pod CIDR is still held by a held CIDR over any of it: widened, aaa keeps its claim
+        // against a newcomer's yet wider one.
+        let wide = peer("aaa", &["10.250.0.0/15"], "10.20.144.170");
+        let (kept, refused) = refuse_overlaps(vec![wide, peer("zzz", &["10.248.0.0/14"], "10.20.144.171")], &[&copy]);
+        assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["aaa"]);
+        assert_eq!(refused["zzz"], "claims 10.248.0.0/14, which overlaps 10.250.0.0/15 of peer aaa, published with it before");
+        // A node address is held only as itself, not by a pod CIDR the record held around it.
+        let moved = peer("west", &["10.246.0.0/16"], "10.245.3.3");
+        let (kept, refused) = refuse_overlaps(vec![moved, peer("new", &["10.245.3.0/24"], "10.20.144.172")], &[&west]);
+        assert!(kept.is_empty(), "{refused:?}");
+        assert_eq!(refused["west"], "node address 10.245.3.3 lies in 10.245.3.0/24 of peer new; neither was published with it before, so neither is");
     }
 
     #[test]

@@ -37,9 +37,10 @@ fn meta(m: ObjectMeta) -> ObjectMeta {
 }
 
 /// Objects one watch keeps: a real cluster has at most 5,000 nodes, and every other watch
-/// follows one object by name. A remote that lists more is failed, not followed, so that
-/// no remote can grow the controller without bound (each object is bounded by its
-/// [`Relevant`] part: a node's addresses, a Service's ports, an Endpoints' addresses).
+/// follows one object by name (a remote's keeps that one alone: [`snapshots_of`]). A remote
+/// that lists more is failed, not followed, so that no remote can grow the controller
+/// without bound (each object is bounded by its [`Relevant`] part: a node's addresses, a
+/// Service's ports, an Endpoints' addresses).
 pub const MAX_OBJECTS: usize = 10_000;
 /// A Service's ports and an Endpoints' subsets, ports and addresses kept, each: a gateway
 /// has a handful; the rest of a remote's list is not read.
@@ -107,7 +108,22 @@ macro_rules! kept_whole {
         }
     )*};
 }
-kept_whole!(Secret, ConfigMap, k8s_openapi::api::coordination::v1::Lease);
+kept_whole!(ConfigMap, k8s_openapi::api::coordination::v1::Lease);
+
+/// A remote secret is held as what is read of it: each key's value (a kubeconfig) up to one
+/// byte past the longest [`kubeconfig::vet`](super::kubeconfig::vet) reads, which still
+/// refuses it. Each labelled Secret could otherwise hold a MiB, for as long as it exists.
+impl Relevant for Secret {
+    type Kept = Self;
+    fn relevant(mut self) -> Self {
+        for v in self.data.iter_mut().flat_map(|d| d.values_mut()) {
+            v.0.truncate(super::kubeconfig::MAX_KUBECONFIG + 1);
+            v.0.shrink_to_fit();
+        }
+        self.string_data = None;
+        self
+    }
+}
 
 /// What a watched set did.
 #[derive(Debug)]
@@ -136,14 +152,35 @@ pub fn snapshots<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = 
 where
     K: Resource + Relevant + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
+    watch(api, config, None)
+}
+
+/// Watches the one object `name` of `api` and yields snapshots of it alone. The field
+/// selector only asks: a remote API server may ignore it and list up to [`MAX_OBJECTS`]
+/// others, each up to an answer's bound. Those are dropped unstored, so the watch holds one
+/// object at most, and no other can pass for it.
+pub fn snapshots_of<K>(api: Api<K>, name: &str) -> impl Stream<Item = Update<K::Kept>> + Send
+where
+    K: Resource + Relevant + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watch(api, watcher::Config::default().fields(&format!("metadata.name={name}")), Some(name.to_owned()))
+}
+
+fn watch<K>(api: Api<K>, config: watcher::Config, only: Option<String>) -> impl Stream<Item = Update<K::Kept>> + Send
+where
+    K: Resource + Relevant + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
     type Folded<T> = std::pin::Pin<Box<dyn Stream<Item = Update<T>> + Send>>;
-    let open = |api: &Api<K>, config: &watcher::Config| -> Folded<K::Kept> { Box::pin(fold(watcher(api.clone(), config.clone()).default_backoff())) };
-    futures::stream::unfold((api, config, None, None), move |(api, config, mut cur, relist_at): (_, _, Option<Folded<K::Kept>>, Option<tokio::time::Instant>)| async move {
+    let open = |api: &Api<K>, config: &watcher::Config, only: &Option<String>| -> Folded<K::Kept> {
+        Box::pin(fold(watcher(api.clone(), config.clone()).default_backoff(), only.clone()))
+    };
+    let start = ((api, config, only), None, None);
+    futures::stream::unfold(start, move |(what, mut cur, relist_at): (_, Option<Folded<K::Kept>>, Option<tokio::time::Instant>)| async move {
         if let Some(at) = relist_at {
             tokio::time::sleep_until(at).await;
             cur = None;
         }
-        let update = cur.get_or_insert_with(|| open(&api, &config)).next().await?;
+        let update = cur.get_or_insert_with(|| open(&what.0, &what.1, &what.2)).next().await?;
         // kube's watcher resumes from the last version it saw and lists again only after an
         // error: a set past the bound would never be listed again, though it shrank. The
         // watcher goes at once, and a new one lists after the pause.
@@ -151,7 +188,7 @@ where
         if relist_at.is_some() {
             cur = None;
         }
-        Some((update, (api, config, cur, relist_at)))
+        Some((update, (what, cur, relist_at)))
     })
 }
 
@@ -162,8 +199,8 @@ fn unfollowed<T>() -> Update<T> {
     Update::Unfollowed(format!("the remote lists more than {MAX_OBJECTS} objects; not followed"))
 }
 
-/// [`snapshots`] of a watcher's events.
-fn fold<K>(events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send) -> impl Stream<Item = Update<K::Kept>> + Send
+/// [`snapshots`] of a watcher's events; of the object named `only` alone, when given.
+fn fold<K>(events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send, only: Option<String>) -> impl Stream<Item = Update<K::Kept>> + Send
 where
     K: Resource + Relevant + Send + 'static,
 {
@@ -173,6 +210,11 @@ where
     let mut overflow = false;
     events.filter_map(move |ev| {
         let out = match ev {
+            Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o))
+                if only.as_deref().is_some_and(|n| o.meta().name.as_deref() != Some(n)) =>
+            {
+                None
+            }
             Ok(watcher::Event::Init) => {
                 pending.clear();
                 overflow = false;
@@ -277,7 +319,7 @@ mod tests {
     }
 
     fn run(events: Vec<Result<watcher::Event<Node>, watcher::Error>>) -> Vec<Result<usize, String>> {
-        let updates = futures::executor::block_on(fold(futures::stream::iter(events)).collect::<Vec<_>>());
+        let updates = futures::executor::block_on(fold(futures::stream::iter(events), None).collect::<Vec<_>>());
         updates
             .into_iter()
             .map(|u| match u {
@@ -318,6 +360,36 @@ mod tests {
         assert_eq!(out[5..], [Ok(3)]);
     }
 
+    /// A watch of one named object holds that object alone, whatever the remote lists: a
+    /// remote that ignores the field selector would otherwise have the controller hold up to
+    /// MAX_OBJECTS answers of a megabyte each, and its first by name taken for the gateway.
+    #[test]
+    fn a_watch_of_one_name_keeps_that_object_alone() {
+        let others = |from: usize| (from..=from + MAX_OBJECTS).map(|i| watcher::Event::InitApply(named(format!("a{i}"))));
+        let mut events = vec![watcher::Event::Init];
+        events.extend(others(0));
+        events.push(watcher::Event::InitApply(named("gw".into())));
+        events.extend(others(MAX_OBJECTS + 1));
+        events.push(watcher::Event::InitDone);
+        events.extend((0..=MAX_OBJECTS).map(|i| watcher::Event::Apply(named(format!("b{i}")))));
+        events.push(watcher::Event::Delete(named("a0".into())));
+        let mut moved = named("gw".into());
+        moved.spec = Some(k8s_openapi::api::core::v1::NodeSpec { pod_cidr: Some("10.245.0.0/24".into()), ..Default::default() });
+        events.push(watcher::Event::Apply(moved));
+        events.push(watcher::Event::Delete(named("gw".into())));
+        events.push(watcher::Event::Apply(named("gw".into())));
+        let events = futures::stream::iter(events.into_iter().map(Ok));
+        let updates = futures::executor::block_on(fold(events, Some("gw".into())).collect::<Vec<_>>());
+        let names: Vec<Vec<String>> = updates
+            .into_iter()
+            .map(|u| match u {
+                Update::Snapshot(s) => s.keys().cloned().collect(),
+                Update::Error(e) | Update::Unfollowed(e) => panic!("{e}"),
+            })
+            .collect();
+        assert_eq!(names, [vec!["gw".to_owned()], vec!["gw".to_owned()], vec![], vec!["gw".to_owned()]]);
+    }
+
     /// A remote's own watch error is an error, whatever it says: were it taken for an
     /// unfollowed set, the remote would pause its own relist at will.
     #[test]
@@ -327,6 +399,29 @@ mod tests {
         let out = run(vec![Ok(watcher::Event::Init), Ok(watcher::Event::InitDone), Err(forged)]);
         assert_eq!(out[0], Ok(0));
         assert!(matches!(&out[1], Err(e) if e.starts_with("error: ") && e.contains(&text)), "{:?}", out[1]);
+    }
+
+    /// A labelled Secret is held as what is read of it: each key's value up to one byte past
+    /// the longest kubeconfig read, so a MiB of one key is a cut value, still refused as too
+    /// long, and a kubeconfig that fits is kept whole.
+    #[test]
+    fn a_secret_keeps_no_more_of_a_value_than_is_read() {
+        use super::super::kubeconfig::{vet, VetError, MAX_KUBECONFIG};
+        let value = |text: String| k8s_openapi::ByteString(text.into_bytes());
+        let fits = "apiVersion: v1\nkind: Config\n".to_owned();
+        let secret = Secret {
+            metadata: ObjectMeta { name: Some("remote".into()), annotations: Some([("a".to_owned(), "b".to_owned())].into()), ..ObjectMeta::default() },
+            data: Some([("big".to_owned(), value("a, ".repeat(350_000))), ("small".to_owned(), value(fits.clone()))].into()),
+            ..Secret::default()
+        };
+        let kept = secret.clone().relevant();
+        let data = kept.data.as_ref().unwrap();
+        assert_eq!(data["small"].0, fits.as_bytes());
+        assert_eq!(data["big"].0.len(), MAX_KUBECONFIG + 1);
+        assert!(data["big"].0.capacity() <= MAX_KUBECONFIG + 1 + 64, "the cut value still holds {} bytes", data["big"].0.capacity());
+        assert_eq!(kept.metadata, secret.metadata);
+        let text = String::from_utf8_lossy(&data["big"].0);
+        assert!(matches!(vet(&text, "s"), Err(VetError::TooLarge { .. })));
     }
 
     #[test]
