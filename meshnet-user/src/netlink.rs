@@ -546,6 +546,21 @@ mod tests {
         assert_eq!(link.kind.as_deref(), Some(b"veth".as_slice()));
     }
 
+    /// What this kernel says of the loopback device's largest IPv4 packets: the default of
+    /// 64 KB from 6.3 on (the attributes are read where they are), nothing before.
+    #[test]
+    fn the_loopbacks_ipv4_packet_sizes_are_read() {
+        let sizes = ipv4_big_packet_sizes(1).unwrap();
+        if aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 3, 0)) {
+            assert_eq!(sizes, (Some(65_536), Some(65_536)));
+        } else {
+            assert_eq!(sizes, (None, None));
+        }
+        let b = message(libc::RTM_NEWLINK, &ifinfo(3), &[(IFLA_GSO_IPV4_MAX_SIZE, &185_000u32.to_ne_bytes()), (IFLA_GRO_IPV4_MAX_SIZE, &65_536u32.to_ne_bytes())]);
+        let link = parse_link_reply(&b).unwrap();
+        assert_eq!((link.gso_ipv4_max_size, link.gro_ipv4_max_size), (Some(185_000), Some(65_536)));
+    }
+
     #[test]
     fn malformed_and_error_replies_are_errors_not_panics() {
         let mut err = message(NLMSG_ERROR, &(-libc::ENODEV).to_ne_bytes(), &[]);
