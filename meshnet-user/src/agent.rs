@@ -720,12 +720,15 @@ impl Agent {
         // bridge to the pods' veths) is detached only once what matches now is attached, and
         // its flows stay: its pods live on, and the devices now attached take their flows
         // over (`nat::flow_owner`). Detached first, its pods' replies would pass untranslated
-        // meanwhile, and purged, every connection through it would be reset.
+        // meanwhile, and purged, every connection through it would be reset. Not one whose
+        // index a matching device now has (another device took it, or ours is not told
+        // apart): detached after that device is attached, it would lose its filters.
         let mut no_longer_matching = Vec::new();
         for (iface, index) in follow(&self.opts.pins, &mut self.attached, &mut present, seen) {
             let exists = !matches!(index_name(index), Ok(None));
             self.attached.remove(&iface);
-            if exists && !present.contains_key(&iface) {
+            let matched_again = present.values().any(|i| *i == index);
+            if exists && !matched_again && !present.contains_key(&iface) {
                 no_longer_matching.push((iface, index));
                 continue;
             }
@@ -733,7 +736,7 @@ impl Agent {
             detach_interface(&self.opts.pins, &iface, Some(index));
             // Flows made through a device that is gone belong to a pod that is gone: they
             // would only hold table space until they expire.
-            let n = if exists { 0 } else { self.maps.purge_interface(index) };
+            let n = if exists && !matched_again { 0 } else { self.maps.purge_interface(index) };
             if n > 0 {
                 info!(iface, flows = n, "purged the flows of the interface's pod");
             }
@@ -745,6 +748,7 @@ impl Agent {
             }
         }
         self.behind.retain(|iface| present.contains_key(iface) || unsure.contains(iface));
+        let mut attach_failed = false;
         for (iface, index) in &present {
             if self.attached.contains_key(iface) {
                 continue;
@@ -756,6 +760,7 @@ impl Agent {
                     self.behind.remove(iface);
                 }
                 Err(e) => {
+                    attach_failed = true;
                     self.metrics.attach_failures.inc();
                     if e.earlier_run {
                         self.behind.insert(iface.clone());
@@ -767,6 +772,12 @@ impl Agent {
             }
         }
         for (iface, index) in no_longer_matching {
+            if attach_failed {
+                // Kept as it is until what matches now is attached: looked at again next rescan.
+                debug!(iface, ifindex = index, "interface no longer matches; kept until the interfaces that do are attached");
+                self.attached.insert(iface, index);
+                continue;
+            }
             info!(iface, ifindex = index, "interface no longer matches; detached, its flows kept");
             detach_interface(&self.opts.pins, &iface, Some(index));
         }

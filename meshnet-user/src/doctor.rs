@@ -551,7 +551,7 @@ fn config_checks(path: &Path, checks: &mut Vec<Check>) {
         let br_netfilter = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists();
         checks.push(bridge_check(&bridges, br_netfilter));
     }
-    checks.push(big_tcp_check(&big_ipv4_packets()));
+    checks.push(big_tcp_check(&big_ipv4_packets(), &matched));
     let gateways: Vec<Ipv4Addr> = cfg.peers.iter().flat_map(|p| p.gateways.iter().map(|g| g.address)).collect();
     // Tunnel traffic leaves encapsulated before netfilter: only gateway peers need it.
     if !gateways.is_empty() || cfg.peers.iter().all(|p| p.tunnel.is_none()) {
@@ -782,15 +782,25 @@ pub fn interfaces_check(pattern: &str, found: Result<Vec<String>, String>) -> Ch
 /// GSO and GRO maximums.
 fn big_ipv4_packets() -> Result<Vec<(String, u32, u32)>, String> {
     let all = nix::net::if_::if_nameindex().map_err(|e| format!("listing interfaces: {e}"))?;
-    Ok(all
-        .iter()
-        .filter_map(|i| {
-            let name = i.name().to_str().ok()?.to_owned();
-            let (gso, gro) = crate::netlink::ipv4_big_packet_sizes(i.index()).ok()?;
-            let (gso, gro) = (gso.unwrap_or(0), gro.unwrap_or(0));
-            (gso > IPV4_MAX_PACKET || gro > IPV4_MAX_PACKET).then_some((name, gso, gro))
-        })
-        .collect())
+    let mut found = Vec::new();
+    let mut failed = None;
+    for i in &all {
+        let name = i.name().to_string_lossy().into_owned();
+        match crate::netlink::ipv4_big_packet_sizes(i.index()) {
+            Ok((gso, gro)) => {
+                let (gso, gro) = (gso.unwrap_or(0), gro.unwrap_or(0));
+                if gso > IPV4_MAX_PACKET || gro > IPV4_MAX_PACKET {
+                    found.push((name, gso, gro));
+                }
+            }
+            Err(e) => failed = Some(format!("reading {name}: {e}")),
+        }
+    }
+    // One that cannot be read is not taken for one without BIG TCP.
+    match failed {
+        Some(e) if found.is_empty() => Err(e),
+        _ => Ok(found),
+    }
 }
 
 /// The largest IPv4 packet whose total length its header can say.
@@ -798,18 +808,21 @@ const IPV4_MAX_PACKET: u32 = 65_536;
 
 /// Interfaces with IPv4 BIG TCP on: their packets past 64 KB carry a total length of 0,
 /// which the datapath refuses as malformed (a reply of a flow then reaches the pod
-/// untranslated), wherever they reach a pod interface meshnet is on.
+/// untranslated), wherever they reach a pod interface meshnet is on. A failure on a pod
+/// interface (`pods`), which meshnet's programs see; a warning elsewhere (an uplink's GRO
+/// packets reach the pods; a storage NIC's never do).
 #[must_use]
-pub fn big_tcp_check(found: &Result<Vec<(String, u32, u32)>, String>) -> Check {
+pub fn big_tcp_check(found: &Result<Vec<(String, u32, u32)>, String>, pods: &std::collections::BTreeSet<String>) -> Check {
     const NAME: &str = "IPv4 BIG TCP";
     match found {
         Err(e) => Check::new(NAME, Level::Warn, format!("cannot tell: {e}")),
         Ok(f) if f.is_empty() => Check::new(NAME, Level::Ok, "no interface builds IPv4 packets past 64 KB"),
         Ok(f) => {
             let list: Vec<String> = f.iter().map(|(n, gso, gro)| format!("{n} (gso_ipv4_max_size {gso}, gro_ipv4_max_size {gro})")).collect();
+            let level = if f.iter().any(|(n, ..)| pods.contains(n)) { Level::Fail } else { Level::Warn };
             Check::new(
                 NAME,
-                Level::Fail,
+                level,
                 format!(
                     "on {}: packets past 64 KB carry an IPv4 total length of 0, which meshnet refuses as malformed \
                      (`malformed` grows; large transfers to remote pods stall or are reset)",
@@ -1245,11 +1258,14 @@ mod tests {
         assert!(c.detail.contains("no pods run"));
         let many: Vec<String> = (0..8).map(|i| format!("veth{i}")).collect();
         assert!(interfaces_check("veth*", Ok(many)).detail.ends_with("veth4 and 3 more"));
-        assert_eq!(big_tcp_check(&Ok(vec![])).level, Level::Ok);
-        assert_eq!(big_tcp_check(&Err("EPERM".into())).level, Level::Warn);
-        let c = big_tcp_check(&Ok(vec![("eth0".into(), 65_536, 185_000)]));
-        assert_eq!(c.level, Level::Fail);
+        let pods: std::collections::BTreeSet<String> = ["veth1".to_string()].into();
+        assert_eq!(big_tcp_check(&Ok(vec![]), &pods).level, Level::Ok);
+        assert_eq!(big_tcp_check(&Err("EPERM".into()), &pods).level, Level::Warn);
+        let c = big_tcp_check(&Ok(vec![("eth0".into(), 65_536, 185_000)]), &pods);
+        assert_eq!(c.level, Level::Warn);
         assert!(c.detail.contains("eth0 (gso_ipv4_max_size 65536, gro_ipv4_max_size 185000)"), "{}", c.detail);
+        let c = big_tcp_check(&Ok(vec![("eth0".into(), 65_536, 185_000), ("veth1".into(), 185_000, 65_536)]), &pods);
+        assert_eq!(c.level, Level::Fail);
         assert_eq!(bridge_check(&[], true).level, Level::Ok);
         let c = bridge_check(&["cni0".into()], true);
         assert_eq!(c.level, Level::Warn);

@@ -957,10 +957,12 @@ fn leader_election_ignores_other_nodes_clocks() {
     // stall of the test thread on a loaded machine must not pass for a dead leader.
     m.local.apply(lease("ghost", "2000-01-01T00:00:00.000000Z"));
     let mut c = m.controller(&["--identity", "ctrl", "--lease-duration-seconds", "15"]);
-    for i in 1..=30 {
+    // 18 s of renewals: past a lease duration, so that a controller that took the lease once it
+    // ran out by the leader's clock, ignoring the renewals, would fail here.
+    for i in 1..=60 {
         let at = std::time::Instant::now();
         assert_eq!(lease_holder(&m).as_deref(), Some("ghost"), "took the lease of a live leader:\n{}", c.output());
-        m.local.apply(lease("ghost", &format!("2000-01-01T00:00:{i:02}.000000Z")));
+        m.local.apply(lease("ghost", &format!("2000-01-01T00:{:02}:{:02}.000000Z", i / 60, i % 60)));
         // Paced renewals, like a real leader's: this is the live leader, not a wait for a result.
         std::thread::sleep(Duration::from_millis(300).saturating_sub(at.elapsed()));
     }

@@ -138,9 +138,11 @@ fn over_room(p: (usize, usize), nodes: usize, routes: usize) -> Option<String> {
 /// would have every peer that sorts after it refused and withdrawn from every node. Returns
 /// the peers and, for each kept as it was published, why.
 fn keep_published_room(peers: Vec<RawPeer>, published: &[&RawPeer], fits: impl Fn(&RawPeer) -> bool) -> (Vec<RawPeer>, BTreeMap<String, String>) {
-    let records: BTreeMap<&str, &RawPeer> = published.iter().filter(|h| h.mode == PeerMode::Tunnel).map(|h| (h.name.as_str(), *h)).collect();
-    let record = |p: &RawPeer| records.get(p.name.as_str()).copied().filter(|_| p.mode == PeerMode::Tunnel);
-    let (mut nodes, mut routes) = peers.iter().filter_map(record).map(tunnel_size).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let reserved = reservations(peers.iter(), published);
+    let record = |p: &RawPeer| {
+        reserved.contains_key(p.name.as_str()).then(|| published.iter().find(|h| h.name == p.name).copied()).flatten()
+    };
+    let (mut nodes, mut routes) = reserved.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     let mut kept = BTreeMap::new();
     let peers = peers
         .into_iter()
@@ -164,6 +166,28 @@ fn keep_published_room(peers: Vec<RawPeer>, published: &[&RawPeer], fits: impl F
         })
         .collect();
     (peers, kept)
+}
+
+/// The room each of `peers` that was published as a tunnel peer and is one now holds: its
+/// published size, granted in name order while the room lasts. The records may add up to
+/// more than the room (one kept while its peer was refused, others grown meanwhile): a
+/// record past it holds nothing, and its peer takes its turn with the newcomers, rather than
+/// have every peer after it refused in turn. A peer published in gateway mode holds none.
+fn reservations<'a>(peers: impl Iterator<Item = &'a RawPeer>, published: &[&RawPeer]) -> BTreeMap<String, (usize, usize)> {
+    let mut held: Vec<(&str, (usize, usize))> = peers
+        .filter(|p| p.mode == PeerMode::Tunnel)
+        .filter_map(|p| published.iter().find(|h| h.name == p.name && h.mode == PeerMode::Tunnel).map(|h| (p.name.as_str(), tunnel_size(h))))
+        .collect();
+    held.sort_unstable();
+    let (mut nodes, mut routes) = (0, 0);
+    let mut out = BTreeMap::new();
+    for (name, size) in held {
+        if over_room(size, nodes + size.0, routes + size.1).is_none() {
+            (nodes, routes) = (nodes + size.0, routes + size.1);
+            out.insert(name.to_owned(), size);
+        }
+    }
+    out
 }
 
 /// Drops tunnel peers that the agents could not take beside the others: a node address that
@@ -219,11 +243,12 @@ fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<Ra
             }
         }
     }
-    let mut budget: Vec<&RawPeer> = tunnel.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
-    budget.sort_by_key(|p| (!held.contains_key(p.name.as_str()), p.name.as_str()));
-    let records: BTreeMap<&str, &RawPeer> = published.iter().filter(|h| h.mode == PeerMode::Tunnel).map(|h| (h.name.as_str(), *h)).collect();
-    let reserved = |p: &RawPeer| records.get(p.name.as_str()).map_or((0, 0), |h| tunnel_size(h));
-    let (mut nodes, mut routes) = budget.iter().map(|p| reserved(p)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let budget: Vec<&RawPeer> = tunnel.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
+    let reservations = reservations(budget.iter().copied(), published);
+    let mut budget = budget;
+    budget.sort_by_key(|p| (!reservations.contains_key(p.name.as_str()), p.name.as_str()));
+    let reserved = |p: &RawPeer| reservations.get(p.name.as_str()).copied().unwrap_or((0, 0));
+    let (mut nodes, mut routes) = reservations.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     for p in budget {
         let (held, size) = (reserved(p), tunnel_size(p));
         let (with_nodes, with_routes) = (nodes - held.0 + size.0, routes - held.1 + size.1);
@@ -1040,6 +1065,22 @@ mod tests {
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod"]);
         assert_eq!(refused["aaa"], "nodes: 4096 nodes make 4196 across the tunnel peers; at most 4096");
         assert_eq!(refused["new"], "nodes: 4000 nodes make 4100 across the tunnel peers; at most 4096");
+
+        // Records past the room (one kept while its peer was refused, another grown meanwhile):
+        // the peer coming back takes its turn with the newcomers; the live ones stay.
+        let names = |kept: &[RawPeer]| kept.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let small: Vec<RawPeer> = (0..10).map(|i| raw(&format!("a{i}"), 10_000 + i * 100, 100)).collect();
+        let back = raw("zz", 1, 4000);
+        let records: Vec<&RawPeer> = small.iter().chain([&back]).collect();
+        let (kept, refused) = refuse_tunnel_clashes(small.iter().cloned().chain([back.clone()]).collect(), &records);
+        assert_eq!(names(&kept), names(&small), "{refused:?}");
+        assert_eq!(refused["zz"], "nodes: 4000 nodes make 5000 across the tunnel peers; at most 4096");
+        // A peer published in gateway mode holds no tunnel room: turned tunnel, it is a newcomer.
+        let gateway = RawPeer { name: "aaa".into(), mode: PeerMode::Gateway, ..RawPeer::default() };
+        let prod = raw("prod", 5001, 100);
+        let (kept, refused) = refuse_tunnel_clashes(vec![raw("aaa", 1, 3000), raw("prod", 5001, 3000)], &[&gateway, &prod]);
+        assert_eq!(names(&kept), ["prod"], "{refused:?}");
+        assert_eq!(refused["aaa"], "nodes: 3000 nodes make 6000 across the tunnel peers; at most 4096");
     }
 
     /// A remote that claims what another peer was published with is refused, however its

@@ -71,15 +71,16 @@ pub enum VetError {
     #[error("{origin}: unusable kubeconfig: {what}")]
     Unusable { origin: String, what: &'static str },
     /// No length: the controller holds a value cut one byte past the bound.
-    #[error("{origin}: the kubeconfig is longer than meshnet reads: at most {MAX_KUBECONFIG} bytes (64 KiB)")]
+    #[error("{origin}: the kubeconfig is longer than meshnet reads: at most {MAX_KUBECONFIG} bytes (256 KiB)")]
     TooLarge { origin: String },
 }
 
 /// The longest kubeconfig text read. `istioctl x create-remote-secret` writes a few KiB (a CA,
-/// a token); a client certificate and key, or a CA bundle of a dozen, fit many times over.
+/// a token); a client certificate and key, or a corporate CA bundle, fit (Mozilla's whole
+/// bundle, base64-encoded, is about 290 KB: a kubeconfig carrying it is refused).
 /// Checked before any parsing: a text becomes a tree of some 50 times its size while it is
 /// checked, once for each key of each remote secret, whoever writes them.
-pub const MAX_KUBECONFIG: usize = 64 * 1024;
+pub const MAX_KUBECONFIG: usize = 256 * 1024;
 
 /// A refused key: its name when meshnet knows it, else no name at all (an unknown key is
 /// secret content like any other).
@@ -784,10 +785,10 @@ users:
         let most = kubeconfig(&token, &"Zm9v".repeat(pad));
         assert!(most.len() <= MAX_KUBECONFIG && vet(&most, "s").is_ok());
         let over = kubeconfig(&token, &"Zm9v".repeat(pad + 1));
-        let msg = refused(&over, "at most 65536 bytes (64 KiB)");
-        assert_eq!(msg, "istio-system/remote[cluster2]: the kubeconfig is longer than meshnet reads: at most 65536 bytes (64 KiB)");
+        let msg = refused(&over, "at most 262144 bytes (256 KiB)");
+        assert_eq!(msg, "istio-system/remote[cluster2]: the kubeconfig is longer than meshnet reads: at most 262144 bytes (256 KiB)");
         let flood = format!("{ISTIOCTL}extensions: [{}a]\n", "a, ".repeat(350_000));
-        refused(&flood, "at most 65536 bytes (64 KiB)");
+        refused(&flood, "at most 262144 bytes (256 KiB)");
     }
 
     #[test]
