@@ -717,7 +717,7 @@ impl Agent {
         let seen = reconcile(&self.attached, &present, |n| globs.iter().any(|g| g.matches(n)), index_name, |was, now, i| crate::datapath::runs_ours(pins, was, now, i));
         let (renamed, unsure) = renames_and_unsure(&seen);
         // A device that still exists but no longer matches (the patterns changed, say from the
-        // bridge to the pods' veths) is detached only once what matches now is attached, and
+        // bridge to the pods' veths) is detached only after what matches now is attached, and
         // its flows stay: its pods live on, and the devices now attached take their flows
         // over (`nat::flow_owner`). Detached first, its pods' replies would pass untranslated
         // meanwhile, and purged, every connection through it would be reset. Not one whose
@@ -748,7 +748,6 @@ impl Agent {
             }
         }
         self.behind.retain(|iface| present.contains_key(iface) || unsure.contains(iface));
-        let mut attach_failed = false;
         for (iface, index) in &present {
             if self.attached.contains_key(iface) {
                 continue;
@@ -760,7 +759,6 @@ impl Agent {
                     self.behind.remove(iface);
                 }
                 Err(e) => {
-                    attach_failed = true;
                     self.metrics.attach_failures.inc();
                     if e.earlier_run {
                         self.behind.insert(iface.clone());
@@ -771,13 +769,9 @@ impl Agent {
                 }
             }
         }
+        // Not kept past this rescan, whatever its attaches did: a device that no longer
+        // matches must not run the programs on (a restarted agent would not know it had them).
         for (iface, index) in no_longer_matching {
-            if attach_failed {
-                // Kept as it is until what matches now is attached: looked at again next rescan.
-                debug!(iface, ifindex = index, "interface no longer matches; kept until the interfaces that do are attached");
-                self.attached.insert(iface, index);
-                continue;
-            }
             info!(iface, ifindex = index, "interface no longer matches; detached, its flows kept");
             detach_interface(&self.opts.pins, &iface, Some(index));
         }

@@ -617,6 +617,7 @@ impl State {
                 hand: &self.hand,
                 last_good: &self.last_good,
                 published: &self.published_peers,
+                listed: &self.listed,
             })
         };
         for w in d.warnings.iter().filter(|w| !self.warned.contains(w)) {

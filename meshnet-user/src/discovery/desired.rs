@@ -62,6 +62,8 @@ pub struct Inputs<'a> {
     /// against any other peer's claim. Entries of peers no longer configured (no remote
     /// secret, no hand-written network) are not consulted.
     pub published: &'a BTreeMap<String, RawPeer>,
+    /// The peers in the published list now: their records have the tunnel room first.
+    pub listed: &'a BTreeSet<String>,
 }
 
 /// What to publish, and what the controller remembers and reports about it.
@@ -137,8 +139,12 @@ fn over_room(p: (usize, usize), nodes: usize, routes: usize) -> Option<String> {
 /// published first, growth getting what is left in order of name: else one peer growing
 /// would have every peer that sorts after it refused and withdrawn from every node. Returns
 /// the peers and, for each kept as it was published, why.
-fn keep_published_room(peers: Vec<RawPeer>, published: &[&RawPeer], fits: impl Fn(&RawPeer) -> bool) -> (Vec<RawPeer>, BTreeMap<String, String>) {
-    let reserved = reservations(peers.iter(), published);
+fn keep_published_room(
+    peers: Vec<RawPeer>,
+    published: &[&RawPeer],
+    reserved: &BTreeMap<String, (usize, usize)>,
+    fits: impl Fn(&RawPeer) -> bool,
+) -> (Vec<RawPeer>, BTreeMap<String, String>) {
     let record = |p: &RawPeer| {
         reserved.contains_key(p.name.as_str()).then(|| published.iter().find(|h| h.name == p.name).copied()).flatten()
     };
@@ -169,19 +175,27 @@ fn keep_published_room(peers: Vec<RawPeer>, published: &[&RawPeer], fits: impl F
 }
 
 /// The room each of `peers` that was published as a tunnel peer and is one now holds: its
-/// published size, granted in name order while the room lasts. The records may add up to
-/// more than the room (one kept while its peer was refused, others grown meanwhile): a
-/// record past it holds nothing, and its peer takes its turn with the newcomers, rather than
-/// have every peer after it refused in turn. A peer published in gateway mode holds none.
-fn reservations<'a>(peers: impl Iterator<Item = &'a RawPeer>, published: &[&RawPeer]) -> BTreeMap<String, (usize, usize)> {
-    let mut held: Vec<(&str, (usize, usize))> = peers
+/// published size, granted while the room lasts, first to the peers `listed` now, then to
+/// the others, each by name. The records may add up to more than the room (one kept while
+/// its peer was refused, others grown meanwhile): a record past it holds nothing, and its
+/// peer takes its turn with the newcomers, rather than have every peer after it refused in
+/// turn; and a live peer keeps its room against one coming back. A peer published in
+/// gateway mode holds none. Reckoned once, before any clash is settled, for both
+/// [`keep_published_room`] and [`refuse_tunnel_clashes`]: reckoned again over fewer peers,
+/// it could give a version kept for its room no room.
+fn reservations(peers: &[RawPeer], published: &[&RawPeer], listed: &BTreeSet<String>) -> BTreeMap<String, (usize, usize)> {
+    let mut held: Vec<(bool, &str, (usize, usize))> = peers
+        .iter()
         .filter(|p| p.mode == PeerMode::Tunnel)
-        .filter_map(|p| published.iter().find(|h| h.name == p.name && h.mode == PeerMode::Tunnel).map(|h| (p.name.as_str(), tunnel_size(h))))
+        .filter_map(|p| {
+            let h = published.iter().find(|h| h.name == p.name && h.mode == PeerMode::Tunnel)?;
+            Some((!listed.contains(&p.name), p.name.as_str(), tunnel_size(h)))
+        })
         .collect();
     held.sort_unstable();
     let (mut nodes, mut routes) = (0, 0);
     let mut out = BTreeMap::new();
-    for (name, size) in held {
+    for (_, name, size) in held {
         if over_room(size, nodes + size.0, routes + size.1).is_none() {
             (nodes, routes) = (nodes + size.0, routes + size.1);
             out.insert(name.to_owned(), size);
@@ -198,7 +212,11 @@ fn reservations<'a>(peers: impl Iterator<Item = &'a RawPeer>, published: &[&RawP
 /// to what it was published with, so that no newcomer, whatever its name, nor another's
 /// growth takes an address or the room of one. Each agent would refuse such a peer anyway;
 /// refused here, it is refused once, with the reason in `status.yaml`.
-fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+fn refuse_tunnel_clashes(
+    peers: Vec<RawPeer>,
+    published: &[&RawPeer],
+    reserved: &BTreeMap<String, (usize, usize)>,
+) -> (Vec<RawPeer>, BTreeMap<String, String>) {
     let held: BTreeMap<&str, BTreeSet<&str>> =
         published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
     let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
@@ -243,12 +261,11 @@ fn refuse_tunnel_clashes(peers: Vec<RawPeer>, published: &[&RawPeer]) -> (Vec<Ra
             }
         }
     }
-    let budget: Vec<&RawPeer> = tunnel.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
-    let reservations = reservations(budget.iter().copied(), published);
-    let mut budget = budget;
-    budget.sort_by_key(|p| (!reservations.contains_key(p.name.as_str()), p.name.as_str()));
-    let reserved = |p: &RawPeer| reservations.get(p.name.as_str()).copied().unwrap_or((0, 0));
-    let (mut nodes, mut routes) = reservations.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let mut budget: Vec<&RawPeer> = tunnel.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
+    budget.sort_by_key(|p| (!reserved.contains_key(p.name.as_str()), p.name.as_str()));
+    // What peers refused since hold is let go.
+    let reserved = |p: &RawPeer| reserved.get(p.name.as_str()).copied().unwrap_or((0, 0));
+    let (mut nodes, mut routes) = budget.iter().map(|p| reserved(p)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     for p in budget {
         let (held, size) = (reserved(p), tunnel_size(p));
         let (with_nodes, with_routes) = (nodes - held.0 + size.0, routes - held.1 + size.1);
@@ -431,7 +448,8 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     // Before the clashes are settled, so that a version kept as it was published is settled
     // as any other, and so is what it claims.
     let fits = |h: &RawPeer| vet(h, i.allowed_cidrs.get(&h.name), i.remotes.get(&h.name).and_then(|r| r.allowed), &reserved).is_none();
-    let (peers, kept_small) = keep_published_room(peers, &held, fits);
+    let room = reservations(&peers, &held, i.listed);
+    let (peers, kept_small) = keep_published_room(peers, &held, &room, fits);
     // A peer published before keeps what it was published with, and when a change of its
     // clashes with a local Node, it stays as it was published: no Node, however it came to
     // claim what it claims, withdraws a peer from every node.
@@ -460,7 +478,7 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         .collect();
     let (kept, overlapping) = resolve::refuse_overlaps(peers, &held);
     d.refused.extend(overlapping);
-    let (kept, over_budget) = refuse_tunnel_clashes(kept, &held);
+    let (kept, over_budget) = refuse_tunnel_clashes(kept, &held, &room);
     d.refused.extend(over_budget);
     // A peer refused for an overlap is no one's last good state.
     d.resolved.retain(|name, _| !d.refused.contains_key(name));
@@ -560,6 +578,7 @@ mod tests {
         let allowed_cidrs = flags.iter().map(|(n, c)| ((*n).to_string(), vec![net(c)])).collect();
         let last_good = last_good.iter().map(|p| (p.name.clone(), p.clone())).collect();
         let i = Inputs {
+            listed: &BTreeSet::new(),
             remotes,
             resolve: &ResolveOptions::default(),
             pod_cidrs: &BTreeMap::new(),
@@ -603,6 +622,7 @@ mod tests {
         };
         let local = [node("node1", "10.244.0.0/24", &["10.20.144.160"]), node("rogue", "0.0.0.0/1", &["10.20.144.160", "10.20.144.165", "10.20.144.175"])];
         let i = Inputs {
+            listed: &BTreeSet::new(),
             remotes: &remotes,
             resolve: &ResolveOptions::default(),
             pod_cidrs: &BTreeMap::new(),
@@ -728,6 +748,7 @@ mod tests {
     ) -> Desired {
         let none = BTreeMap::new();
         desired(&Inputs {
+            listed: &BTreeSet::new(),
             remotes,
             resolve: &ResolveOptions::default(),
             pod_cidrs: &none,
@@ -1061,24 +1082,33 @@ mod tests {
             RawPeer { name: name.into(), mode: PeerMode::Tunnel, nodes: (0..n).map(node).collect(), tunnel_port: Some(31800), ..RawPeer::default() }
         };
         let records: Vec<&RawPeer> = published.iter().collect();
-        let (kept, refused) = refuse_tunnel_clashes(vec![raw("aaa", 1, 4096), published[1].clone(), raw("new", 6001, 4000)], &records);
+        let clashes = |candidates: Vec<RawPeer>, records: &[&RawPeer], listed: &[&str]| {
+            let listed: BTreeSet<String> = listed.iter().map(|n| (*n).to_owned()).collect();
+            refuse_tunnel_clashes(candidates.clone(), records, &reservations(&candidates, records, &listed))
+        };
+        let (kept, refused) = clashes(vec![raw("aaa", 1, 4096), published[1].clone(), raw("new", 6001, 4000)], &records, &["aaa", "prod"]);
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod"]);
         assert_eq!(refused["aaa"], "nodes: 4096 nodes make 4196 across the tunnel peers; at most 4096");
         assert_eq!(refused["new"], "nodes: 4000 nodes make 4100 across the tunnel peers; at most 4096");
 
         // Records past the room (one kept while its peer was refused, another grown meanwhile):
-        // the peer coming back takes its turn with the newcomers; the live ones stay.
+        // the peer coming back takes its turn with the newcomers, however its name sorts; the
+        // live ones stay.
         let names = |kept: &[RawPeer]| kept.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
         let small: Vec<RawPeer> = (0..10).map(|i| raw(&format!("a{i}"), 10_000 + i * 100, 100)).collect();
-        let back = raw("zz", 1, 4000);
-        let records: Vec<&RawPeer> = small.iter().chain([&back]).collect();
-        let (kept, refused) = refuse_tunnel_clashes(small.iter().cloned().chain([back.clone()]).collect(), &records);
-        assert_eq!(names(&kept), names(&small), "{refused:?}");
-        assert_eq!(refused["zz"], "nodes: 4000 nodes make 5000 across the tunnel peers; at most 4096");
+        let live: Vec<&str> = small.iter().map(|p| p.name.as_str()).collect();
+        for back in ["0zz", "zz"] {
+            let back = raw(back, 1, 4000);
+            let records: Vec<&RawPeer> = small.iter().chain([&back]).collect();
+            let (kept, refused) = clashes(small.iter().cloned().chain([back.clone()]).collect(), &records, &live);
+            let kept: Vec<String> = names(&kept).into_iter().filter(|n| *n != back.name).collect();
+            assert_eq!(kept, names(&small), "{refused:?}");
+            assert_eq!(refused[&back.name], "nodes: 4000 nodes make 5000 across the tunnel peers; at most 4096");
+        }
         // A peer published in gateway mode holds no tunnel room: turned tunnel, it is a newcomer.
         let gateway = RawPeer { name: "aaa".into(), mode: PeerMode::Gateway, ..RawPeer::default() };
         let prod = raw("prod", 5001, 100);
-        let (kept, refused) = refuse_tunnel_clashes(vec![raw("aaa", 1, 3000), raw("prod", 5001, 3000)], &[&gateway, &prod]);
+        let (kept, refused) = clashes(vec![raw("aaa", 1, 3000), raw("prod", 5001, 3000)], &[&gateway, &prod], &["aaa", "prod"]);
         assert_eq!(names(&kept), ["prod"], "{refused:?}");
         assert_eq!(refused["aaa"], "nodes: 3000 nodes make 6000 across the tunnel peers; at most 4096");
     }
