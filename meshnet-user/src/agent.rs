@@ -717,8 +717,8 @@ impl Agent {
         let seen = reconcile(&self.attached, &present, |n| globs.iter().any(|g| g.matches(n)), index_name, |was, now, i| crate::datapath::runs_ours(pins, was, now, i));
         let (renamed, unsure) = renames_and_unsure(&seen);
         // A device that still exists but no longer matches (the patterns changed, say from the
-        // bridge to the pods' veths) is detached only after what matches now is attached, and
-        // its flows stay: its pods live on, and the devices now attached take their flows
+        // bridge to the pods' veths) is detached after this rescan's attaches of what matches
+        // now (whether or not they worked), and its flows stay: its pods live on, and the devices now attached take their flows
         // over (`nat::flow_owner`). Detached first, its pods' replies would pass untranslated
         // meanwhile, and purged, every connection through it would be reset. Not one whose
         // index a matching device now has (another device took it, or ours is not told

@@ -150,6 +150,10 @@ struct State {
     /// The peers `peers.yaml` lists as this replica last read or wrote it (empty when it does
     /// not know): only these may go without a hold.
     listed: BTreeSet<String>,
+    /// The peers `peers.yaml` lists as this replica last read, wrote or saw it, never
+    /// forgotten as `listed` is on doubt: their records have the tunnel room first (see
+    /// `desired::reservations`), and a hand edit must not hand a live peer's room to another.
+    live: BTreeSet<String>,
     /// Until when this replica may write as the leader (with leader election): a replica
     /// whose lease ran out must not overwrite the new leader's writes.
     lead_until: Option<tokio::time::Instant>,
@@ -241,6 +245,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         holds_written: None,
         holds_left_out: Vec::new(),
         listed: BTreeSet::new(),
+        live: BTreeSet::new(),
         lead_until: None,
         own_versions: std::collections::VecDeque::new(),
         watched: (BTreeMap::new(), BTreeMap::new()),
@@ -452,6 +457,7 @@ impl State {
     /// A replica that does not lead takes its record from the leader's writes, the holds and
     /// the peers object, as a new leader reads them.
     fn follow(&mut self) {
+        self.live = self.watched.0.keys().cloned().collect();
         self.published_peers = self.watched.1.clone();
         self.published_peers.extend(self.watched.0.iter().map(|(n, p)| (n.clone(), p.clone())));
     }
@@ -561,6 +567,7 @@ impl State {
         // Nothing resolved yet: no peer is published before this.
         self.last_good = peers;
         self.published_peers = record;
+        self.live.clone_from(&listed);
         self.listed = listed;
         self.published_seen = true;
     }
@@ -617,7 +624,7 @@ impl State {
                 hand: &self.hand,
                 last_good: &self.last_good,
                 published: &self.published_peers,
-                listed: &self.listed,
+                listed: &self.live,
             })
         };
         for w in d.warnings.iter().filter(|w| !self.warned.contains(w)) {
@@ -707,6 +714,7 @@ impl State {
             self.metrics.published();
             self.published.0 = Some(peers_text);
             self.listed = peers.iter().map(|p| p.name.clone()).collect();
+            self.live.clone_from(&self.listed);
             self.published_peers.extend(peers.iter().map(|p| (p.name.clone(), p.clone())));
             self.write_holds(&peers).await?;
         }

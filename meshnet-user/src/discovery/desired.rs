@@ -184,9 +184,11 @@ fn keep_published_room(
 /// [`keep_published_room`] and [`refuse_tunnel_clashes`]: reckoned again over fewer peers,
 /// it could give a version kept for its room no room.
 fn reservations(peers: &[RawPeer], published: &[&RawPeer], listed: &BTreeSet<String>) -> BTreeMap<String, (usize, usize)> {
+    // Whatever mode a candidate has now: one that is a gateway peer now may yet go out as
+    // its published tunnel version (`against_local`); one that stays a gateway peer never
+    // reaches the tunnel budget, where only its members' rooms are summed.
     let mut held: Vec<(bool, &str, (usize, usize))> = peers
         .iter()
-        .filter(|p| p.mode == PeerMode::Tunnel)
         .filter_map(|p| {
             let h = published.iter().find(|h| h.name == p.name && h.mode == PeerMode::Tunnel)?;
             Some((!listed.contains(&p.name), p.name.as_str(), tunnel_size(h)))
@@ -1111,6 +1113,11 @@ mod tests {
         let (kept, refused) = clashes(vec![raw("aaa", 1, 3000), raw("prod", 5001, 3000)], &[&gateway, &prod], &["aaa", "prod"]);
         assert_eq!(names(&kept), ["prod"], "{refused:?}");
         assert_eq!(refused["aaa"], "nodes: 3000 nodes make 6000 across the tunnel peers; at most 4096");
+        // One published as a tunnel peer that is a gateway peer now keeps its room: a Node
+        // clash may yet send out its published tunnel version (`against_local`).
+        let now_gateway = RawPeer { name: "prod".into(), mode: PeerMode::Gateway, ..RawPeer::default() };
+        let room = reservations(&[now_gateway], &[&prod], &BTreeSet::new());
+        assert_eq!(room.get("prod"), Some(&(100, 0)));
     }
 
     /// A remote that claims what another peer was published with is refused, however its
