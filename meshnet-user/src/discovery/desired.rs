@@ -153,7 +153,9 @@ fn keep_published_room(
     let peers = peers
         .into_iter()
         .map(|p| {
-            let Some(h) = record(&p) else {
+            // A gateway peer now keeps its record's room through this pass: a Node clash may
+            // yet send out its published tunnel version (`against_local`).
+            let Some(h) = record(&p).filter(|_| p.mode == PeerMode::Tunnel) else {
                 return p;
             };
             let (held, size) = (tunnel_size(h), tunnel_size(&p));
@@ -187,17 +189,19 @@ fn reservations(peers: &[RawPeer], published: &[&RawPeer], listed: &BTreeSet<Str
     // Whatever mode a candidate has now: one that is a gateway peer now may yet go out as
     // its published tunnel version (`against_local`); one that stays a gateway peer never
     // reaches the tunnel budget, where only its members' rooms are summed.
-    let mut held: Vec<(bool, &str, (usize, usize))> = peers
+    // Gateway peers now last: they rarely go out as their tunnel version, and must not crowd
+    // out a tunnel peer's record.
+    let mut held: Vec<(bool, bool, &str, (usize, usize))> = peers
         .iter()
         .filter_map(|p| {
             let h = published.iter().find(|h| h.name == p.name && h.mode == PeerMode::Tunnel)?;
-            Some((!listed.contains(&p.name), p.name.as_str(), tunnel_size(h)))
+            Some((p.mode != PeerMode::Tunnel, !listed.contains(&p.name), p.name.as_str(), tunnel_size(h)))
         })
         .collect();
     held.sort_unstable();
     let (mut nodes, mut routes) = (0, 0);
     let mut out = BTreeMap::new();
-    for (_, name, size) in held {
+    for (_, _, name, size) in held {
         if over_room(size, nodes + size.0, routes + size.1).is_none() {
             (nodes, routes) = (nodes + size.0, routes + size.1);
             out.insert(name.to_owned(), size);
@@ -1118,6 +1122,16 @@ mod tests {
         let now_gateway = RawPeer { name: "prod".into(), mode: PeerMode::Gateway, ..RawPeer::default() };
         let room = reservations(&[now_gateway], &[&prod], &BTreeSet::new());
         assert_eq!(room.get("prod"), Some(&(100, 0)));
+        // ... and through the published-room pass, whatever the names: a peer that grows into
+        // that room stays at its published version, as it would were the room a tunnel peer's.
+        let (was_tunnel, grows) = (raw("a-was-tunnel", 1, 1000), raw("prod", 5001, 3000));
+        let now = vec![RawPeer { name: "a-was-tunnel".into(), mode: PeerMode::Gateway, ..RawPeer::default() }, raw("prod", 5001, 3500)];
+        let records = [&was_tunnel, &grows];
+        let listed: BTreeSet<String> = ["a-was-tunnel".to_string(), "prod".to_string()].into();
+        let (out, kept) = keep_published_room(now.clone(), &records, &reservations(&now, &records, &listed), |_| true);
+        assert_eq!(out[1].nodes.len(), 3000, "{kept:?}");
+        assert_eq!(out[0].mode, PeerMode::Gateway);
+        assert_eq!(kept["prod"], "nodes: 3500 nodes make 4500 across the tunnel peers; at most 4096; it stays as it was published");
     }
 
     /// A remote that claims what another peer was published with is refused, however its
