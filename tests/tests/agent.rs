@@ -268,7 +268,7 @@ fn pods_created_after_start_are_covered() {
     let others = nat(&t).len() - 1;
     // And forgotten when it goes, with its flows.
     t.node1.ip("link del vethlate");
-    agent.child.wait_for_line("no longer matching", WAIT);
+    agent.child.wait_for_line("interface gone or re-created", WAIT);
     let purged = poll(WAIT, || (of_late(&t) == 0).then_some(()));
     assert!(purged.is_some(), "the flows of a deleted pod were kept: {:?}", nat(&t));
     assert_eq!(nat(&t).len(), others, "flows of other pods were purged too");
