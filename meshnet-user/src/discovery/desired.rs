@@ -922,6 +922,19 @@ mod tests {
 
     /// A remote in tunnel mode (no east-west gateway at all): every node and its pod CIDRs,
     /// and the tunnel Service's nodePort.
+    /// A tunnel peer of `n` nodes, 172.16.0.`first`… with a /24 of 10.64.`first`.0… each.
+    fn many_nodes(first: u32, n: u32) -> ClusterView {
+        let nodes: Vec<(String, String, String)> = (0..n)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::from(0xac10_0000 + first + i).to_string();
+                let cidr = Ipv4Net::new(std::net::Ipv4Addr::from(0x0a40_0000 + ((first + i) << 8)), 24).unwrap().to_string();
+                (format!("n{i}"), ip, cidr)
+            })
+            .collect();
+        let refs: Vec<(&str, &str, &str)> = nodes.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect();
+        tunnel_view(&refs, Some(31800))
+    }
+
     fn tunnel_view(nodes: &[(&str, &str, &str)], node_port: Option<i32>) -> ClusterView {
         let nodes = nodes
             .iter()
@@ -1002,18 +1015,7 @@ mod tests {
     /// Past the datapath's 4,096 tunnel nodes in all, the later tunnel peer (by name) is refused.
     #[test]
     fn tunnel_peers_share_the_datapaths_node_budget() {
-        let many = |first: u32, n: u32| {
-            let nodes: Vec<(String, String, String)> = (0..n)
-                .map(|i| {
-                    let ip = std::net::Ipv4Addr::from(0xac10_0000 + first + i).to_string();
-                    let cidr = Ipv4Net::new(std::net::Ipv4Addr::from(0x0a40_0000 + ((first + i) << 8)), 24).unwrap().to_string();
-                    (format!("n{i}"), ip, cidr)
-                })
-                .collect();
-            let refs: Vec<(&str, &str, &str)> = nodes.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect();
-            tunnel_view(&refs, Some(31800))
-        };
-        let (a, b) = (many(1, 3000), many(3001, 1500));
+        let (a, b) = (many_nodes(1, 3000), many_nodes(3001, 1500));
         let remotes = [
             ("a".to_string(), RemoteInput { view: Some(&a), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
             ("b".to_string(), RemoteInput { view: Some(&b), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
@@ -1037,17 +1039,6 @@ mod tests {
     /// other published peer, sorted after it or not, is withdrawn for its growth.
     #[test]
     fn a_published_tunnel_peers_growth_withdraws_no_other() {
-        let many = |first: u32, n: u32| {
-            let nodes: Vec<(String, String, String)> = (0..n)
-                .map(|i| {
-                    let ip = std::net::Ipv4Addr::from(0xac10_0000 + first + i).to_string();
-                    let cidr = Ipv4Net::new(std::net::Ipv4Addr::from(0x0a40_0000 + ((first + i) << 8)), 24).unwrap().to_string();
-                    (format!("n{i}"), ip, cidr)
-                })
-                .collect();
-            let refs: Vec<(&str, &str, &str)> = nodes.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect();
-            tunnel_view(&refs, Some(31800))
-        };
         let run = |aaa: &ClusterView, prod: &ClusterView, published: &[RawPeer]| {
             let remotes = [
                 ("aaa".to_string(), RemoteInput { view: Some(aaa), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
@@ -1062,11 +1053,11 @@ mod tests {
             let out = format!("{sizes:?} refused: {:?} status: {:?}", d["refused"], d["status"]);
             (peers, d, out)
         };
-        let (small, prod) = (many(1, 100), many(5001, 100));
+        let (small, prod) = (many_nodes(1, 100), many_nodes(5001, 100));
         let (published, _, out) = run(&small, &prod, &[]);
         assert_eq!(published.iter().map(|p| p.nodes.len()).collect::<Vec<_>>(), [100, 100], "{out}");
         // aaa grows past what is left: prod stays, aaa stays as it was published.
-        let (peers, d, out) = run(&many(1, 4096), &prod, &published);
+        let (peers, d, out) = run(&many_nodes(1, 4096), &prod, &published);
         assert!(peers == published, "{out}");
         assert!(d["refused"].as_mapping().is_none_or(serde_yaml::Mapping::is_empty), "{out}");
         assert_eq!(
@@ -1076,7 +1067,7 @@ mod tests {
         );
         assert!(d["status"]["prod"].get("error").is_none(), "{out}");
         // Growth within what is left is published.
-        let (peers, _, out) = run(&many(1, 3996), &prod, &published);
+        let (peers, _, out) = run(&many_nodes(1, 3996), &prod, &published);
         assert_eq!(peers.iter().map(|p| p.nodes.len()).collect::<Vec<_>>(), [3996, 100], "{out}");
         // A newcomer has only what is left, as before; and without the published version to
         // fall back on, a published peer that grew past the room is refused, not the others.
