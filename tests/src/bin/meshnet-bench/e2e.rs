@@ -95,6 +95,12 @@ const CRR_WARMUP: Duration = Duration::from_millis(300);
 /// The warm-up round's workloads: iperf3's (after its 1 s omitted), and the others'.
 const WARMUP_BULK_SECS: u32 = 1;
 const WARMUP_SECS: f64 = 0.5;
+/// Where the load generators run, and where the servers do. Left to the scheduler, a client and
+/// its server shared one CPU in some runs and not in others, and the same mode's repeats
+/// differed by a quarter; each on a CPU of its own, the softirqs that carry a packet run where
+/// its sender does in every repeat.
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
 
 pub struct Params {
     pub reps: usize,
@@ -294,6 +300,7 @@ impl EchoServer {
             .map(|_| {
                 let (l, stop) = (listener.clone(), stop.clone());
                 std::thread::spawn(move || {
+                    pin(SERVER_CPU);
                     while !stop.load(Ordering::Relaxed) {
                         if let Ok((s, _)) = l.accept() {
                             serve(s);
@@ -332,6 +339,26 @@ impl Drop for EchoServer {
 // Load generators, run in the client pod; bounded by time and count
 // ---------------------------------------------------------------------------------------
 
+/// Keeps the calling thread on `cpu` ([`CLIENT_CPU`], [`SERVER_CPU`]) where the machine has
+/// more than one. `MNBENCH_NO_PIN` leaves it to the scheduler (a development knob, to compare;
+/// not for published figures).
+fn pin(cpu: usize) {
+    if !pinned() {
+        return;
+    }
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        // A refusal (a cpuset without that CPU) leaves the thread where it was: the figures
+        // are then only noisier, which the spread check reports.
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Whether [`pin`] pins: more than one CPU, and no `MNBENCH_NO_PIN`.
+fn pinned() -> bool {
+    std::env::var_os("MNBENCH_NO_PIN").is_none() && std::thread::available_parallelism().is_ok_and(|n| n.get() > SERVER_CPU)
+}
+
 fn connect(target: SocketAddrV4) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT)?;
     s.set_nodelay(true)?;
@@ -362,6 +389,7 @@ fn probe(ns: &NetNs, target: SocketAddrV4) -> anyhow::Result<u32> {
 /// Request/response latencies (ns) over one connection for `secs`.
 fn rr(ns: &NetNs, target: SocketAddrV4, secs: f64) -> anyhow::Result<(Vec<u32>, f64)> {
     ns.run(move || -> std::io::Result<(Vec<u32>, f64)> {
+        pin(CLIENT_CPU);
         let mut s = connect(target)?;
         let req = [b'R'; MSG];
         let mut buf = [0u8; MSG];
@@ -415,6 +443,7 @@ fn crr(ns: &NetNs, target: SocketAddrV4, secs: f64, conc: usize) -> Crr {
     let threads: Vec<_> = (0..conc)
         .map(|_| {
             ns.spawn(move || {
+                pin(CLIENT_CPU);
                 let req = [b'C'; MSG];
                 let mut buf = [0u8; MSG];
                 let mut r = CrrThread { times: Vec::with_capacity(65_536), ..CrrThread::default() };
@@ -506,6 +535,7 @@ fn bulk(ns: &NetNs, target: SocketAddrV4, secs: u32) -> anyhow::Result<(f64, u64
         .args(["netns", "exec", &ns.name, "iperf3", "-c", &target.ip().to_string(), "-p"])
         .arg(target.port().to_string())
         .args(["-t", &secs.to_string(), "-O", "1", "-J", "--connect-timeout", "3000"])
+        .args(if pinned() { vec!["-A".to_string(), CLIENT_CPU.to_string()] } else { Vec::new() })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -783,7 +813,7 @@ impl Bench {
             &GW_IP.to_string(),
             "-p",
             &BULK_PORT.to_string(),
-        ]));
+        ]).args(if pinned() { vec!["-A".to_string(), SERVER_CPU.to_string()] } else { Vec::new() }));
         poll(Duration::from_secs(10), || {
             t.gw.try_exec(&format!("ss -Hltn sport = :{BULK_PORT}")).1.contains(&BULK_PORT.to_string()).then_some(())
         })
@@ -1125,6 +1155,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
             "rr_secs": p.rr_secs,
             "crr_secs": p.crr_secs,
             "crr_concurrency": p.crr_concurrency,
+            "pinned": pinned().then(|| json!({ "client_cpu": CLIENT_CPU, "server_cpu": SERVER_CPU })),
             "crr_warmup_ms": CRR_WARMUP.as_millis(),
             "warmup_round": { "bulk_secs": WARMUP_BULK_SECS, "rr_secs": WARMUP_SECS, "crr_secs": WARMUP_SECS },
             "stall_ms": STALL.as_millis(),

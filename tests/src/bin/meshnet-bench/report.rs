@@ -1323,7 +1323,7 @@ fn e2e_section(md: &mut String, e2e: &Value, dp: &Value) {
          client's reset within some 15 ms, too short to be a stall but enough to cut the rate \
          twenty-fold while the median connection time stays put. {} repeats, after a warm-up \
          round that runs every mode's workloads once, briefly, and is not counted (in earlier \
-         runs the first repeat came out slower than the others in most modes at once). A figure \
+         runs the first repeat came out slower than the others in most modes at once).{} A figure \
          a target uses is **void** when its repeats spread \
          beyond ±{:.0} % of their median, and so is the target. Each run is checked: meshnet's \
          `redirected` counter grows in the \
@@ -1349,6 +1349,14 @@ fn e2e_section(md: &mut String, e2e: &Value, dp: &Value) {
         p["crr_warmup_ms"],
         p["stall_ms"],
         p["reps"],
+        match (p["pinned"]["client_cpu"].as_u64(), p["pinned"]["server_cpu"].as_u64()) {
+            (Some(c), Some(s)) => format!(
+                " The load generators (the client's threads, iperf3's client) run on CPU {c} and the servers (the \
+                 request/response server's threads, iperf3's server) on CPU {s}: left to the scheduler, a client and its \
+                 server shared one CPU in some repeats and not in others, and a mode's repeats differed by a quarter."
+            ),
+            _ => String::new(),
+        },
         SPREAD_LIMIT * 100.0,
         if has_tunnel_modes(e2e) {
             "; the tunnel counters (`tunnel_encap`, `tunnel_decap`) grow on both nodes in the tunnel \
