@@ -134,11 +134,19 @@ pub mod names {
     /// vouch for, or a copy without a port (none written yet, or cleared before the settings
     /// go), falls back to the hash.
     pub const TUN_CFG_SEQ: &str = "mn_tun_cfgs_v1";
+    /// Array of 1024 `u64`: a bitmap of the tunnel peers' ports (their `tunnelPort`), laid out
+    /// as [`GW_PORTS`]. `from_pod` drops a pod's own UDP to one of them (`tunnel_forged`):
+    /// masqueraded to the node's address, as traffic leaving the pod network usually is, it
+    /// would come from a node the peer knows, and the peer would deliver what it carries as
+    /// if this node had encapsulated it, in the name of any pod of this cluster. meshnet's own
+    /// tunnel packets are encapsulated after this check. The agent keeps the bits equal to the
+    /// peers' ports.
+    pub const TUN_PEER_PORTS: &str = "mn_tun_pports_v1";
 
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 19] = [
+    pub const ALL_MAPS: [&str; 20] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST, TUN_CFG_SEQ, TUN_PORT_SLOTS,
+        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST, TUN_CFG_SEQ, TUN_PORT_SLOTS, TUN_PEER_PORTS,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
@@ -267,7 +275,7 @@ pub mod limits {
     /// This cluster's pod CIDRs the datapath recognises without a lookup; more are fine,
     /// their traffic just takes the lookups.
     pub const MAX_LOCAL_CIDRS: usize = 8;
-    /// Words of the gateway-port bitmap (`names::GW_PORTS`): 65,536 bits.
+    /// Words of the port bitmaps (`names::GW_PORTS`, `names::TUN_PEER_PORTS`): 65,536 bits.
     pub const GW_PORT_WORDS: u32 = 1024;
     /// Datagrams being fragmented at once, per node.
     pub const MAX_FRAGS: u32 = 8192;
@@ -419,10 +427,13 @@ pub enum Counter {
     /// From a pod interface, with a source address another pod interface holds, or on a flow
     /// another interface made: a pod posing as another pod (spoofing); dropped.
     SpoofedSource = 32,
+    /// From a pod, UDP to a tunnel peer's port (`names::TUN_PEER_PORTS`): a datagram of its
+    /// own that the peer could take for tunnel traffic; dropped.
+    TunnelForged = 33,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 34;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -457,6 +468,7 @@ impl Counter {
         Counter::TunnelNoPod,
         Counter::TunnelPortChanging,
         Counter::SpoofedSource,
+        Counter::TunnelForged,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -496,6 +508,7 @@ impl Counter {
             Counter::TunnelNoPod => "tunnel_no_pod",
             Counter::TunnelPortChanging => "tunnel_port_changing",
             Counter::SpoofedSource => "spoofed_source",
+            Counter::TunnelForged => "tunnel_forged",
         }
     }
 }

@@ -62,6 +62,10 @@ pub static LOCAL: Array<LocalCidrs> = Array::with_max_entries(1, 0);
 #[map(name = "mn_gw_ports_v1")]
 pub static GW_PORTS: Array<u64> = Array::with_max_entries(limits::GW_PORT_WORDS, 0);
 
+/// The tunnel peers' ports (see `meshnet_common::names::TUN_PEER_PORTS`).
+#[map(name = "mn_tun_pports_v1")]
+pub static TUN_PEER_PORTS: Array<u64> = Array::with_max_entries(limits::GW_PORT_WORDS, 0);
+
 /// Tunnel mode (see `meshnet_common::names::TUN_ROUTES` and the four after it).
 #[map(name = "mn_tun_routes_v1")]
 pub static TUN_ROUTES: LpmTrie<u32, TunnelNode> = LpmTrie::with_max_entries(limits::MAX_TUNNEL_ROUTES, BPF_F_NO_PREALLOC);

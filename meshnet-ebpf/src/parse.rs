@@ -776,8 +776,10 @@ pub fn clamp_mss(ctx: &TcContext, ip: &Ipv4, l4: &Ports, max: u16) -> bool {
 /// ICMP "destination unreachable", code "fragmentation needed".
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// What an ICMP error quotes of the packet it is about: its header (without options) and
-/// the first 8 bytes after it, the ports and the TCP sequence number.
-const ICMP_QUOTE: usize = IP_MIN_HLEN + 8;
+/// the 20 bytes after it, the least RFC 792 asks (8) and a TCP header whole. A packet whose
+/// L4 checksum the device is to fill (`CHECKSUM_PARTIAL`) cannot be cut short of that
+/// field (`bpf_skb_change_tail` refuses), and TCP's lies 16 bytes in.
+const ICMP_QUOTE: usize = IP_MIN_HLEN + 20;
 /// The ICMP error's own IPv4 and ICMP headers.
 pub const ICMP_ERROR_ROOM: i32 = (IP_MIN_HLEN + ICMP_HLEN) as i32;
 /// Where the packet ends once only its quoted part is left.

@@ -20,7 +20,7 @@ use meshnet_common::{
 };
 
 use crate::{
-    maps::{count, TUN_CFG_SEQ, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PORTS, TUN_PORT_SLOTS, TUN_ROUTES, TUN_STATS},
+    maps::{count, TUN_CFG_SEQ, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PEER_PORTS, TUN_PORTS, TUN_PORT_SLOTS, TUN_ROUTES, TUN_STATS},
     nat::PASS,
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
@@ -63,6 +63,14 @@ pub fn route(daddr_be: u32) -> Option<TunnelNode> {
         return None;
     }
     TUN_ROUTES.get(Key::new(32, daddr_be)).copied()
+}
+
+/// Whether `port_be` is a tunnel peer's port (`names::TUN_PEER_PORTS`), where a pod's own
+/// datagram could pass for tunnel traffic.
+#[inline(always)]
+pub fn is_peer_port(port_be: u16) -> bool {
+    let port = u32::from(u16::from_be(port_be));
+    TUN_PEER_PORTS.get(port >> 6).is_some_and(|w| w & (1 << (port & 63)) != 0)
 }
 
 #[inline(always)]
@@ -117,10 +125,13 @@ fn mark(ctx: &TcContext) -> u32 {
 
 /// Whether the skb is a GSO packet: its segments are cut after encapsulation, with the
 /// overhead taken off their size by `bpf_skb_adjust_room`, so its length is no MTU problem.
+/// More than one segment, not any: TCP sets `gso_segs` to 1 on every segment it sends whole,
+/// and such a segment too large for the tunnel must get "fragmentation needed" like any
+/// other packet (`gso_size`, which says it outright, is readable only from 5.7).
 #[inline(always)]
 fn is_gso(ctx: &TcContext) -> bool {
     // SAFETY: as above; `gso_segs` is in `__sk_buff` since 5.1.
-    unsafe { (*ctx.skb.skb).gso_segs != 0 }
+    unsafe { (*ctx.skb.skb).gso_segs > 1 }
 }
 
 #[inline(always)]

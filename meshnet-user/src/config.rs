@@ -1079,6 +1079,9 @@ pub struct Desired {
     /// This node's tunnel settings (`mn_tun_cfg_v1`) when the config has a `tunnel:`
     /// section; `mtu` is 0 for the agent to fill from the uplinks.
     pub tun_config: Option<TunnelConfig>,
+    /// Tunnel peers' ports (`mn_tun_pports_v1`), host order: pods may send no UDP of their
+    /// own there.
+    pub tun_peer_ports: BTreeSet<u16>,
 }
 
 impl Config {
@@ -1090,6 +1093,7 @@ impl Config {
             // A tunnel peer is none of the gateway datapath's: a route to it there would
             // send its traffic to a gateway it does not have.
             if let Some(t) = &p.tunnel {
+                d.tun_peer_ports.insert(t.port);
                 for n in &t.nodes {
                     d.tun_nodes.insert(n.address, p.id);
                     let node = TunnelNode {

@@ -336,6 +336,10 @@ pub fn table(d: &Dump) -> String {
         let ports: Vec<Vec<String>> =
             t.pod_ports.iter().map(|p| vec![p.address.clone(), p.ifindex.to_string(), p.pod_mac.clone(), p.lookup.to_owned()]).collect();
         render(&mut out, "tunnel pod ports", &["POD", "IFINDEX", "POD MAC", "LOOKUP"], &ports);
+        if !t.peer_ports.is_empty() {
+            let list: Vec<String> = t.peer_ports.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "tunnel peer ports (pods' own UDP to them is dropped, tunnel_forged): {}", list.join(", "));
+        }
     }
     for m in &d.missing {
         let _ = writeln!(out, "missing: {m}");
@@ -442,13 +446,14 @@ mod tests {
             node_addresses: vec![],
         };
         let text = |settings| {
-            let tunnel = crate::tunnel::TunnelDump { settings: Some(settings), routes: vec![], peers: vec![], pod_ports: vec![] };
+            let tunnel = crate::tunnel::TunnelDump { settings: Some(settings), routes: vec![], peers: vec![], pod_ports: vec![], peer_ports: vec![31801] };
             table(&Dump { tunnel: Some(tunnel), ..sample() })
         };
         for plain in [row(Some(31800), Some(0x1234_5678)), row(None, None), row(Some(31800), Some(0))] {
             let t = text(plain);
             assert!(!t.contains("uplink program takes") && !t.contains("encapsulation writes"), "{t}");
         }
+        assert!(text(row(None, None)).contains("tunnel peer ports (pods' own UDP to them is dropped, tunnel_forged): 31801"));
         assert!(text(row(Some(0), Some(0x1234_5678))).contains("31800 (uplink program takes none)"));
         assert!(text(row(Some(31900), Some(0x1234_5678))).contains("31800 (uplink program takes 31900)"));
         assert!(text(row(Some(31800), Some(7))).contains("12345678 (encapsulation writes 00000007)"));

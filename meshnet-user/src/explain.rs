@@ -26,7 +26,7 @@
 //! that node carrying the packet: every check it makes, in its order.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::{self, Write as _},
     ops::ControlFlow,
     net::{Ipv4Addr, SocketAddrV4},
@@ -180,6 +180,9 @@ pub struct Snapshot {
     /// The port published to the uplink program (`names::TUN_FAST`; `Some(0)`: none), `None`
     /// without that map (pins of an older release, whose program takes the settings' port).
     pub tun_port: Option<u16>,
+    /// The tunnel peers' ports, where a pod's own UDP is dropped (`names::TUN_PEER_PORTS`;
+    /// empty without that map: pins of an older release, whose program does not check).
+    pub tun_peer_ports: BTreeSet<u16>,
     /// Maps that could not be read, with why.
     pub missing: Vec<String>,
 }
@@ -213,11 +216,25 @@ impl Snapshot {
         let names = maps::open::<maps::Names>(pins, names::PEER_NAMES)
             .map(|m| m.iter().flatten().map(|(id, n)| (id, maps::peer_name_of(&n))).collect())
             .unwrap_or_default();
-        let (tun_routes, tun_nodes, tun_config, tun_port) = match crate::tunnel::TunnelMaps::open(pins) {
-            Ok(t) => (t.effective_routes(), t.current_nodes(), t.decap_config(), t.taken_port()),
+        let (tun_routes, tun_nodes, tun_config, tun_port, tun_peer_ports) = match crate::tunnel::TunnelMaps::open(pins) {
+            Ok(t) => (t.effective_routes(), t.current_nodes(), t.decap_config(), t.taken_port(), t.current_peer_ports().unwrap_or_default()),
             Err(_) => Default::default(),
         };
-        Snapshot { routes, peers, names, nat_fwd, nat_rev, nat_fill, now_ns: monotonic_ns(), tun_routes, tun_nodes, tun_config, tun_port, missing }
+        Snapshot {
+            routes,
+            peers,
+            names,
+            nat_fwd,
+            nat_rev,
+            nat_fill,
+            now_ns: monotonic_ns(),
+            tun_routes,
+            tun_nodes,
+            tun_config,
+            tun_port,
+            tun_peer_ports,
+            missing,
+        }
     }
 
     /// The same view of maps already open, such as an unpinned load's, whose flow table
@@ -238,6 +255,7 @@ impl Snapshot {
             tun_nodes: BTreeMap::new(),
             tun_config: None,
             tun_port: None,
+            tun_peer_ports: BTreeSet::new(),
             missing: Vec::new(),
         })
     }
@@ -245,7 +263,14 @@ impl Snapshot {
     /// This snapshot with the tunnel maps of `t` (an unpinned load's, in tests).
     #[must_use]
     pub fn with_tunnel(self, t: &crate::tunnel::TunnelMaps) -> Self {
-        Self { tun_routes: t.current_routes(), tun_nodes: t.current_nodes(), tun_config: t.decap_config(), tun_port: t.taken_port(), ..self }
+        Self {
+            tun_routes: t.current_routes(),
+            tun_nodes: t.current_nodes(),
+            tun_config: t.decap_config(),
+            tun_port: t.taken_port(),
+            tun_peer_ports: t.current_peer_ports().unwrap_or_default(),
+            ..self
+        }
     }
 
     fn peer_name(&self, id: u32) -> String {
@@ -757,6 +782,19 @@ fn route_stage<'s>(snap: &'s Snapshot, q: &Query, ex: &mut Explanation) -> Optio
     };
     let Some((net, peer_id)) = longest_match(routes, dst) else {
         ex.step(format!("route: no remote CIDR contains {dst} ({} routes in {})", routes.len(), names::ROUTES));
+        if q.proto == Proto::Udp && snap.tun_peer_ports.contains(&q.dst.port()) {
+            ex.finish(
+                Verdict::TunnelDrop,
+                &["tunnel_forged"],
+                format!(
+                    "dropped: UDP {} is a tunnel peer's port ({}); a pod's own datagram there could pass for this node's \
+                     tunnel traffic at the peer, in the name of any pod of this cluster",
+                    q.dst.port(),
+                    names::TUN_PEER_PORTS
+                ),
+            );
+            return None;
+        }
         ex.finish(Verdict::PassNotMeshnet, &[], "not meshnet's: passes unchanged");
         return None;
     };
@@ -1543,6 +1581,7 @@ mod tunnel_tests {
                 nets,
                 hosts_be: [addr_be(Ipv4Addr::new(10, 244, 0, 1)), 0, 0, 0],
             }),
+            tun_peer_ports: BTreeSet::from([31801]),
             ..Snapshot::default()
         }
     }
@@ -1564,6 +1603,21 @@ mod tunnel_tests {
         // Outside the nodes' pod CIDRs the gateway path decides (here: no route, passes).
         let e = explain(&s, &q("10.244.0.10:40000", "10.245.9.9:8080", Proto::Tcp));
         assert_eq!(e.verdict, Verdict::PassNotMeshnet, "{}", e.text());
+    }
+
+    /// A pod's own UDP to a peer's tunnel port, at any address outside the pod networks, is
+    /// dropped: it could pass for tunnel traffic there.
+    #[test]
+    fn a_pods_own_datagram_to_a_peers_tunnel_port_is_dropped() {
+        let s = snapshot();
+        for dst in ["192.0.2.2:31801", "192.0.2.77:31801"] {
+            let e = explain(&s, &q("10.244.0.10:40000", dst, Proto::Udp));
+            assert_eq!((e.verdict, e.counters.as_slice()), (Verdict::TunnelDrop, ["tunnel_forged"].as_slice()), "{dst}: {}", e.text());
+        }
+        for (dst, proto) in [("192.0.2.2:31801", Proto::Tcp), ("192.0.2.2:31802", Proto::Udp), ("192.0.2.2:31800", Proto::Udp)] {
+            let e = explain(&s, &q("10.244.0.10:40000", dst, proto));
+            assert_eq!(e.verdict, Verdict::PassNotMeshnet, "{dst} {proto:?}: {}", e.text());
+        }
     }
 
     #[test]

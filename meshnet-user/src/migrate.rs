@@ -47,7 +47,7 @@ fn size<T>() -> u32 {
 /// Every map of this build, as the agent loads the embedded object: flow maps sized
 /// `max_flows`, with the flags that [`crate::datapath::flow_map_flags`] chooses.
 #[must_use]
-pub fn specs(max_flows: u32) -> [Spec; 19] {
+pub fn specs(max_flows: u32) -> [Spec; 20] {
     let flags = crate::datapath::flow_map_flags(max_flows);
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags, max_entries: max_flows };
     [
@@ -70,6 +70,7 @@ pub fn specs(max_flows: u32) -> [Spec; 19] {
         Spec { name: names::TUN_FAST, ty: MapType::Array, key: 4, value: 4, flags: 0, max_entries: meshnet_common::tun_fast::COUNT },
         Spec { name: names::TUN_CFG_SEQ, ty: MapType::Array, key: 4, value: size::<SeqTunnelConfig>(), flags: 0, max_entries: 1 },
         Spec { name: names::TUN_PORT_SLOTS, ty: MapType::Array, key: 4, value: size::<SeqPodPort>(), flags: 0, max_entries: limits::POD_PORT_SLOTS },
+        Spec { name: names::TUN_PEER_PORTS, ty: MapType::Array, key: 4, value: 8, flags: 0, max_entries: limits::GW_PORT_WORDS },
     ]
 }
 

@@ -34,6 +34,7 @@ pub type Switches = aya::maps::Array<MapData, u32>;
 pub type TunFast = aya::maps::Array<MapData, u32>;
 pub type TunCfgSeq = aya::maps::Array<MapData, SeqTunnelConfig>;
 pub type TunPortSlots = aya::maps::Array<MapData, SeqPodPort>;
+pub type TunPeerPorts = aya::maps::Array<MapData, u64>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
 /// side before any uplink is attached: Ethernet's.
@@ -182,6 +183,12 @@ pub struct TunnelMaps {
     /// map once (as `slots`): a slot's number only ever grows, so that no reader takes the
     /// end of one write for the start of another.
     port_slots_held: Option<BTreeMap<u32, SeqPodPort>>,
+    /// The tunnel peers' ports (`names::TUN_PEER_PORTS`); `None` where an older agent's pins
+    /// lack it, whose programs do not check them.
+    pub peer_ports: Option<TunPeerPorts>,
+    /// What `peer_ports` holds, word by word, read from the map once: the agent is its only
+    /// writer, so a sync compares with this, not with 1,024 lookups.
+    peer_ports_held: Option<Vec<u64>>,
     /// Which counter slot each tunnel peer has (peer id → index), read from the map once.
     /// The agent is the only writer, so it stays true while these maps are open.
     slots: Option<BTreeMap<u32, u32>>,
@@ -216,6 +223,8 @@ pub struct TunnelReport {
     /// The settings published for the per-packet paths changed (`names::TUN_FAST`, or their
     /// copy for decapsulation, `names::TUN_CFG_SEQ`).
     pub fast_written: bool,
+    /// The tunnel peers' ports changed (`names::TUN_PEER_PORTS`).
+    pub peer_ports_written: bool,
     /// Peer nodes without a route from here: their pod CIDRs are not routed until they have.
     pub unresolved: Vec<Ipv4Addr>,
 }
@@ -246,6 +255,8 @@ impl TunnelMaps {
             cfg_seq: if pins.map(names::TUN_CFG_SEQ).exists() { Some(open(pins, names::TUN_CFG_SEQ)?) } else { None },
             port_slots: if pins.map(names::TUN_PORT_SLOTS).exists() { Some(open(pins, names::TUN_PORT_SLOTS)?) } else { None },
             port_slots_held: None,
+            peer_ports: if pins.map(names::TUN_PEER_PORTS).exists() { Some(open(pins, names::TUN_PEER_PORTS)?) } else { None },
+            peer_ports_held: None,
             slots: None,
             unslotted: BTreeSet::new(),
         })
@@ -279,6 +290,11 @@ impl TunnelMaps {
                 None => None,
             },
             port_slots_held: None,
+            peer_ports: match ebpf.take_map(names::TUN_PEER_PORTS) {
+                Some(m) => Some(TunPeerPorts::try_from(m).map_err(bad(names::TUN_PEER_PORTS))?),
+                None => None,
+            },
+            peer_ports_held: None,
             slots: None,
             unslotted: BTreeSet::new(),
         })
@@ -299,6 +315,54 @@ impl TunnelMaps {
             }
         }
         Ok(wrote)
+    }
+
+    /// Makes the peer-port bitmap hold exactly `ports` (host order), writing only the words
+    /// that change; whether it wrote. A bit is cleared only when no peer has the port: the
+    /// drop it causes is of a pod's own datagram, so a stale bit would only refuse traffic
+    /// to a port no tunnel uses any more, and a missing one would let a forgery through.
+    fn set_peer_ports(&mut self, ports: &BTreeSet<u16>) -> anyhow::Result<bool> {
+        let Some(map) = &mut self.peer_ports else {
+            return Ok(false);
+        };
+        let mut want: BTreeMap<u32, u64> = BTreeMap::new();
+        for p in ports {
+            *want.entry(u32::from(*p) >> 6).or_default() |= 1 << (p & 63);
+        }
+        if self.peer_ports_held.is_none() {
+            let words = (0..meshnet_common::limits::GW_PORT_WORDS)
+                .map(|i| map.get(&i, 0).context("reading the tunnel peers' ports"))
+                .collect::<anyhow::Result<Vec<u64>>>()?;
+            self.peer_ports_held = Some(words);
+        }
+        let held = self.peer_ports_held.get_or_insert_default();
+        let mut wrote = false;
+        for (i, have) in held.iter_mut().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            let w = want.get(&i).copied().unwrap_or(0);
+            if *have != w {
+                map.set(i, w, 0).context("writing the tunnel peers' ports")?;
+                *have = w;
+                wrote = true;
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// The tunnel peers' ports the datapath holds (`None` without the map).
+    #[must_use]
+    pub fn current_peer_ports(&self) -> Option<BTreeSet<u16>> {
+        let map = self.peer_ports.as_ref()?;
+        let mut out = BTreeSet::new();
+        for i in 0..meshnet_common::limits::GW_PORT_WORDS {
+            let w = map.get(&i, 0).ok()?;
+            for bit in 0..64 {
+                if w & (1 << bit) != 0 {
+                    out.insert(u16::try_from(i * 64 + bit).ok()?);
+                }
+            }
+        }
+        Some(out)
     }
 
     /// Copies the settings under the seqlock for the decapsulating program (`None`: clears
@@ -652,6 +716,9 @@ impl TunnelMaps {
             // even when they did not change, for a map an older agent's pins lacked.
             report.fast_written = self.set_cfg_seq(Some(&c))? | self.set_fast(Some(&c))?;
         }
+        // Before any route: a pod must not reach a peer's port with its own datagrams from the
+        // moment its packets can be encapsulated there.
+        report.peer_ports_written = self.set_peer_ports(&desired.tun_peer_ports)?;
         let peers: BTreeSet<u32> = desired.tun_nodes.values().copied().collect();
         // Before the routes that name them.
         let slots = self.assign_slots(&peers)?;
@@ -851,6 +918,8 @@ pub struct TunnelDump {
     pub routes: Vec<TunnelRouteRow>,
     pub peers: Vec<TunnelPeerRow>,
     pub pod_ports: Vec<TunnelPortRow>,
+    /// The tunnel peers' ports, where pods' own UDP is dropped (`names::TUN_PEER_PORTS`).
+    pub peer_ports: Vec<u16>,
 }
 
 impl TunnelMaps {
@@ -921,6 +990,7 @@ impl TunnelMaps {
                 lookup: lookups.get(&addr).copied().unwrap_or("hash"),
             })
             .collect();
-        TunnelDump { settings, routes, peers, pod_ports }
+        let peer_ports = self.current_peer_ports().unwrap_or_default().into_iter().collect();
+        TunnelDump { settings, routes, peers, pod_ports, peer_ports }
     }
 }

@@ -1006,6 +1006,65 @@ fn foreign_and_spoofed(opts: Options) {
     assert!(payloads.iter().all(|p| !t.server(APP_A_POD).saw(&p[..20])), "app-a received a fragmented tunnel packet");
 }
 
+/// A pod's own datagram to a peer node's tunnel port, with meshnet's header and a packet in
+/// the name of another pod inside. Masqueraded to node1's address, as CNIs do with traffic
+/// leaving the pod network, it would come from a node node2 knows and be delivered: node1's
+/// `from_pod` drops it (`tunnel_forged`). The same datagram from node1 itself is delivered,
+/// which is why operations.md has the node's netfilter drop the rest ("Senders"); with those
+/// rules on both nodes, the tunnel still carries everything, since its own packets never
+/// cross netfilter.
+fn a_pods_own_datagram(opts: Options) {
+    let (t, _agents) = setup(opts);
+    t.node1.ns.exec("iptables -t nat -A POSTROUTING -s 10.244.0.0/16 -o lan0 -j MASQUERADE");
+    let forged = Craft { what: "from the client pod, as 10.244.0.99", src: Ipv4Addr::new(10, 244, 0, 99), ..Craft::well_formed() };
+    let payloads: Vec<Vec<u8>> = (0..CRAFTED_TIMES).map(|i| format!("forged #{i}").into_bytes()).collect();
+    let datagrams: Vec<Vec<u8>> = payloads.iter().map(|p| forged.datagram(p)).collect();
+    let (before1, before2) = (t.node1.counters(), t.node2.counters());
+    let sent = datagrams.clone();
+    t.client.run(move || {
+        let s = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+        for d in sent {
+            s.send_to(&d, (NODE2_LAN, TUNNEL_PORT)).unwrap();
+        }
+    });
+    let forged_count = |c: &serde_json::Map<String, serde_json::Value>| count(c, "tunnel_forged") - count(&before1, "tunnel_forged");
+    let counted = poll(WAIT, || (forged_count(&t.node1.counters()) >= CRAFTED_TIMES).then_some(()));
+    assert!(counted.is_some(), "node1 did not count the pod's datagrams as forged: +{}", forged_count(&t.node1.counters()));
+    // Dropped on the pod's interface: nothing of them can still be on its way.
+    assert_eq!(forged_count(&t.node1.counters()), CRAFTED_TIMES);
+    assert_eq!(t.node2.counter("tunnel_decap"), count(&before2, "tunnel_decap"), "node2 decapsulated a pod's own datagram");
+    assert!(payloads.iter().all(|p| !t.server(APP_A_POD).saw(p)), "app-a received a forged packet");
+
+    // The same datagram from node1's own address passes node2's checks: only the sender's
+    // side can tell it from tunnel traffic.
+    let from_node = forged.send(&t, 1).pop().unwrap();
+    assert!(poll(WAIT, || t.server(APP_A_POD).saw(&from_node).then_some(())).is_some(), "the datagram itself is not one node2 takes");
+
+    for node in [&t.node1, &t.node2] {
+        node.ns.exec(&format!("iptables -I FORWARD 1 -p udp --dport {TUNNEL_PORT} -j DROP"));
+        node.ns.exec(&format!("iptables -I OUTPUT 1 -p udp --dport {TUNNEL_PORT} -j DROP"));
+    }
+    let refused = t.node1.ns.run(move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.send_to(b"x", (NODE2_LAN, TUNNEL_PORT)).is_err()
+    });
+    assert!(refused, "node1's OUTPUT rule let a host process send to the tunnel port");
+    tcp_check(&t.client, CLIENT_IP, APP_A_POD, "through the tunnel past the rules");
+    tcp_check(&t.app_a, APP_A, CLIENT, "back through the tunnel past the rules");
+    udp_check(&t.client, CLIENT_IP, APP_B_POD, "a datagram past the rules");
+    udp_check(&t.app_b, APP_B, CLIENT, "a datagram back past the rules");
+}
+
+#[test]
+fn a_pods_own_datagram_to_the_tunnel_port_never_reaches_the_peer_redirect() {
+    a_pods_own_datagram(opts(Delivery::Redirect));
+}
+
+#[test]
+fn a_pods_own_datagram_to_the_tunnel_port_never_reaches_the_peer_fib_lookup_stack() {
+    a_pods_own_datagram(fib_lookup(Delivery::Stack));
+}
+
 #[test]
 fn foreign_and_spoofed_tunnel_packets_are_dropped_and_counted_stack() {
     foreign_and_spoofed(opts(Delivery::Stack));

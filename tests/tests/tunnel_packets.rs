@@ -147,6 +147,24 @@ impl Harness {
         self.try_run(prog, pkt).unwrap()
     }
 
+    /// A run of `prog` on `pkt` as an skb of `gso_segs` segments (`__sk_buff.gso_segs`,
+    /// which a TEST_RUN context may set): its verdict and the counters that moved.
+    fn run_segs(&self, prog: &str, pkt: &[u8], gso_segs: u32) -> (u32, Vec<(&'static str, u64)>) {
+        const SK_BUFF_LEN: usize = 192;
+        const GSO_SEGS_OFFSET: usize = 164;
+        let mut ctx = [0u8; SK_BUFF_LEN];
+        ctx[GSO_SEGS_OFFSET..GSO_SEGS_OFFSET + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; pkt.len() + 256];
+        let before = self.counters();
+        let r = p
+            .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() })
+            .unwrap();
+        let after = self.counters();
+        let moved = after.iter().filter(|(k, n)| before.get(*k) != Some(n)).map(|(k, n)| (*k, n - before.get(k).copied().unwrap_or(0))).collect();
+        (r.return_value, moved)
+    }
+
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         maps::sum_stats(&self.stats).unwrap()
     }
@@ -554,14 +572,30 @@ fn a_df_packet_too_large_for_the_tunnel_gets_fragmentation_needed_back() {
     assert_eq!(ip.header_checksum, ip.calc_header_checksum());
     assert_eq!((ip.source, ip.destination, ip.protocol), (NODE, POD, IpNumber::ICMP));
     let icmp = &out[ETH_HLEN + 20..];
-    assert_eq!(icmp.len(), 8 + 28);
+    assert_eq!(icmp.len(), 8 + 40);
     assert_eq!((icmp[0], icmp[1]), (3, 4), "destination unreachable, fragmentation needed");
     assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), (MTU - tunnel::OVERHEAD) as u16, "the tunnel's MTU");
     assert_eq!(etherparse::checksum::Sum16BitWords::new().add_slice(icmp).ones_complement(), 0, "ICMP checksum");
-    assert_bytes_eq("quote", &icmp[8..], &big[ETH_HLEN..ETH_HLEN + 28]);
+    assert_bytes_eq("quote", &icmp[8..], &big[ETH_HLEN..ETH_HLEN + 40]);
     // One byte less than the limit fits.
     let fits = with_df(udp(POD, REMOTE, 5000, 9000, &[0x5a; 1436]), true);
     h.expect("DF 1464", names::PROG_FROM_POD, &fits, REDIRECT, &[("tunnel_encap", 1)]);
+}
+
+/// TCP marks every segment it sends whole as one segment (`gso_segs` 1): such a segment too
+/// large for the tunnel gets "fragmentation needed" as any packet does, and only a packet of
+/// several segments, which GSO cuts after encapsulation, is taken whole.
+#[test]
+fn a_single_tcp_segment_too_large_for_the_tunnel_gets_fragmentation_needed() {
+    let h = Harness::new();
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC).ipv4(POD, REMOTE, 64).tcp(40000, 8080, 1, 65535).write(&mut out, &[0x5a; 1460]).unwrap();
+    let segment = with_df(out, true);
+    assert_eq!(segment.len(), ETH_HLEN + 1500);
+    let (v, moved) = h.run_segs(names::PROG_FROM_POD, &segment, 1);
+    assert_eq!((verdict_name(v), moved), (verdict_name(REDIRECT), vec![("tunnel_frag_needed", 1)]), "one segment");
+    let (v, moved) = h.run_segs(names::PROG_FROM_POD, &segment, 2);
+    assert_eq!((verdict_name(v), moved), (verdict_name(REDIRECT), vec![("tunnel_encap", 1)]), "a GSO packet of two");
 }
 
 /// A packet is taken from the node that hosts its inner source without a look at the node
@@ -659,6 +693,40 @@ fn a_pod_cannot_send_through_the_tunnel_as_another_pod() {
     h.expect("as a pod not read yet", names::PROG_FROM_POD, &inner([10, 244, 0, 12]), REDIRECT, &[("tunnel_encap", 1)]);
     h.expect("as a pod of another node", names::PROG_FROM_POD, &inner(OTHER_NODE_POD), SHOT, &[("spoofed_source", 1)]);
     h.expect("as an address outside the cluster", names::PROG_FROM_POD, &inner([192, 168, 1, 1]), SHOT, &[("spoofed_source", 1)]);
+}
+
+/// A pod must not send a datagram of its own to a peer's tunnel port: masqueraded to this
+/// node's address on its way out, as most CNIs do with traffic leaving the pod network, it
+/// comes from a node the peer knows, and the peer would take it for tunnel traffic and
+/// deliver the packet inside in the name of any pod of this cluster (past the check that a
+/// pod sends only as itself, and past NetworkPolicy there). An ordinary UDP socket does it.
+#[test]
+fn a_pod_cannot_pass_its_own_datagram_off_as_tunnel_traffic() {
+    let h = Harness::new();
+    // What the peer would decapsulate: meshnet's header, then a packet from another pod.
+    let mut forged = header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster1")).to_vec();
+    forged.extend_from_slice(&udp([10, 244, 0, 99], REMOTE, 5000, 53, b"query")[ETH_HLEN..]);
+    let to = |dst, proto_udp: bool, dport| {
+        if proto_udp {
+            udp(POD, dst, 40000, dport, &forged)
+        } else {
+            let b = PacketBuilder::ethernet2(POD_MAC, HOST_MAC).ipv4(POD, dst, 64).tcp(40000, dport, 1, 65535);
+            let mut f = Vec::new();
+            b.write(&mut f, &forged).unwrap();
+            f
+        }
+    };
+    let forged_moved: &[(&str, u64)] = &[("tunnel_forged", 1)];
+    h.expect("UDP to a peer node's tunnel port", names::PROG_FROM_POD, &to(PEER_NODE, true, PEER_PORT), SHOT, forged_moved);
+    // The peer's NodePort answers on every address of its nodes, and a node may have more
+    // than the one the tunnel uses: the port alone decides.
+    h.expect("UDP to that port at another address", names::PROG_FROM_POD, &to(STRANGER, true, PEER_PORT), SHOT, forged_moved);
+    h.expect("UDP to another port of a peer node", names::PROG_FROM_POD, &to(PEER_NODE, true, PEER_PORT + 1), UNSPEC, &[]);
+    h.expect("TCP to the tunnel port", names::PROG_FROM_POD, &to(PEER_NODE, false, PEER_PORT), UNSPEC, &[]);
+    // This cluster's own port is no peer's: its nodes take tunnel packets only from peers'.
+    h.expect("UDP to this cluster's tunnel port", names::PROG_FROM_POD, &to(PEER_NODE, true, PORT), UNSPEC, &[]);
+    // The pod's real tunnel traffic, to a peer's pod, still leaves encapsulated.
+    h.expect("to a peer's pod", names::PROG_FROM_POD, &udp(POD, REMOTE, 40000, PEER_PORT, b"x"), REDIRECT, &[("tunnel_encap", 1)]);
 }
 
 /// The port table's slots (`names::TUN_PORT_SLOTS`): the decapsulating program takes a pod's

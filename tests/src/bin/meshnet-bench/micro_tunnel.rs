@@ -325,8 +325,9 @@ fn gateway_fixed_point(dp: &mut TunDp) -> anyhow::Result<()> {
 
 /// Counters that must not move while the figures are taken, but for the fixed points that
 /// are refused on purpose (checked call by call).
-const FAILURES: [&str; 12] = [
+const FAILURES: [&str; 13] = [
     "spoofed_source",
+    "tunnel_forged",
     "tunnel_no_pod",
     "tunnel_port_changing",
     "tunnel_encap_failed",
