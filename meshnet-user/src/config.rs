@@ -402,6 +402,20 @@ pub fn peer_id(name: &str) -> u32 {
     name.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
+/// Two peer names of one id, the first by name order: found among `c0`, `c1`, ... in some
+/// 80,000 names (the birthday bound of 32-bit ids), as anyone choosing a name can.
+#[cfg(test)]
+pub(crate) fn colliding_names() -> (String, String) {
+    let mut seen: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
+    for i in 0u32.. {
+        let name = format!("c{i}");
+        if let Some(other) = seen.insert(peer_id(&name), name.clone()) {
+            return if other < name { (other, name) } else { (name, other) };
+        }
+    }
+    unreachable!()
+}
+
 /// Address ranges that no peer may claim as pod CIDRs, with what they are. Routing any of
 /// them to a remote gateway would hand that cluster traffic the node never meant to send
 /// it: the cloud metadata service (and the node credentials it serves), loopback services,
@@ -949,6 +963,20 @@ impl RawConfig {
         local_addresses: &BTreeSet<Ipv4Addr>,
         published: &BTreeMap<String, Vec<RawPeer>>,
     ) -> Result<Merged, Vec<FieldError>> {
+        self.merge_api_keeping(local_addresses, published, &BTreeSet::new())
+    }
+
+    /// [`Self::merge_api`], where the published peers named in `applied` (those in force
+    /// now) keep their ids against newcomers. Peers are taken in name order, and of two
+    /// with one id the later is refused: whoever may add a remote cluster could otherwise
+    /// pick a name of a peer's id that sorts first, and have that peer withdrawn here. (The
+    /// controller publishes no such pair; this holds against one that did.)
+    pub fn merge_api_keeping(
+        &self,
+        local_addresses: &BTreeSet<Ipv4Addr>,
+        published: &BTreeMap<String, Vec<RawPeer>>,
+        applied: &BTreeSet<String>,
+    ) -> Result<Merged, Vec<FieldError>> {
         let mut config = self.validate_on(local_addresses)?;
         let mut c = Checker { errors: Vec::new() };
         let (_, reserved) = self.validate_local(&mut c, local_addresses);
@@ -957,6 +985,11 @@ impl RawConfig {
             claims.commit(p);
         }
         claims.fixing = false;
+        // Held even if no version of it passes now: a newcomer must not take the id of a
+        // peer that is only refused for the moment. The file's peers hold theirs first.
+        for name in applied.iter().filter(|n| published.contains_key(*n) && !self.peers.iter().any(|p| &p.name == *n)) {
+            claims.ids.entry(peer_id(name)).or_insert_with(|| name.clone());
+        }
         let mut merged = Merged { config: config.clone(), applied: BTreeMap::new(), rejected: BTreeMap::new() };
         for (name, versions) in published {
             if self.peers.iter().any(|p| &p.name == name) {
@@ -1947,6 +1980,25 @@ peers:
         wide.nodes[0].pod_cidrs = (0..=limits::MAX_TUNNEL_ROUTES).map(|i| format!("{}/32", Ipv4Addr::from(0x6440_0000 + i))).collect();
         let e = strings(&validate_peer(&wide, &node()).unwrap_err());
         assert_eq!(e, ["nodes: 16385 node podCIDRs make 16385 across the tunnel peers; at most 16384"]);
+    }
+
+    /// Of two published peers with one id, the one applied before keeps it, though the
+    /// newcomer sorts first; with nothing applied, the first by name is taken, as before.
+    #[test]
+    fn a_newcomer_cannot_take_an_applied_peers_id() {
+        let file = RawConfig::from_yaml(GOOD, "f").unwrap();
+        let (first, second) = colliding_names();
+        let published: BTreeMap<String, Vec<RawPeer>> = [
+            (first.clone(), vec![peer(&first, "10.250.0.0/16", "10.20.144.170")]),
+            (second.clone(), vec![peer(&second, "10.251.0.0/16", "10.20.144.171")]),
+        ]
+        .into();
+        let m = file.merge_api_keeping(&BTreeSet::new(), &published, &[second.clone()].into()).unwrap();
+        assert_eq!(m.applied.keys().collect::<Vec<_>>(), [&second]);
+        let why = format!("name: {first:?} hashes to the same id as {second:?}; rename one");
+        assert_eq!(strings(&m.rejected[&first]), [why]);
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert_eq!(m.applied.keys().collect::<Vec<_>>(), [&first]);
     }
 
     /// A remote's tunnel peer at the datapath's limits, 4,096 nodes with four CIDRs each, all
