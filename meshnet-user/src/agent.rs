@@ -498,7 +498,8 @@ impl Agent {
         // Before the API is heard, the published peers are what the pinned maps hold: the
         // file's peers apply now, even through an API outage, and withdraw nothing else.
         let candidates = if self.api.heard { self.api.candidates() } else { self.api.pinned() };
-        let merged = match file.merge_api(&netlink::local_addresses(), &candidates) {
+        let applied = self.api.last_good.keys().cloned().collect();
+        let merged = match file.merge_api_keeping(&netlink::local_addresses(), &candidates, &applied) {
             Ok(m) => m,
             Err(errors) => {
                 let e = ConfigError::Invalid { path: shown, errors };

@@ -402,6 +402,20 @@ pub fn peer_id(name: &str) -> u32 {
     name.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
+/// Two peer names of one id, the first by name order: found among `c0`, `c1`, ... in some
+/// 80,000 names (the birthday bound of 32-bit ids), as anyone choosing a name can.
+#[cfg(test)]
+pub(crate) fn colliding_names() -> (String, String) {
+    let mut seen: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
+    for i in 0u32.. {
+        let name = format!("c{i}");
+        if let Some(other) = seen.insert(peer_id(&name), name.clone()) {
+            return if other < name { (other, name) } else { (name, other) };
+        }
+    }
+    unreachable!()
+}
+
 /// Address ranges that no peer may claim as pod CIDRs, with what they are. Routing any of
 /// them to a remote gateway would hand that cluster traffic the node never meant to send
 /// it: the cloud metadata service (and the node credentials it serves), loopback services,
@@ -521,30 +535,60 @@ impl Checker {
     }
 }
 
-/// CIDRs with their owners, for overlap checks in O(log n) each: two CIDRs overlap only if
-/// one contains the other, so a CIDR overlaps the set if one of its at most 33 supernets is
-/// in it, or if some CIDR in it starts within its range.
-#[derive(Default)]
-struct CidrSet {
-    by_start: BTreeMap<(u32, u8), String>,
+/// CIDRs with their owners, for overlap and containment checks in O(log n) each: two CIDRs
+/// overlap only if one contains the other, so a CIDR overlaps the set if one of its at most
+/// 33 supernets is in it, or if some CIDR in it starts within its range. A remote's peer
+/// lists thousands of CIDRs (a tunnel peer's nodes, each with its own), and a scan of every
+/// one for each would make one validation millions of comparisons.
+pub(crate) struct CidrSet<O = String> {
+    by_start: BTreeMap<(u32, u8), O>,
+    /// Bit `n` set: some member is a /n. A supernet of a length no member has is not looked
+    /// up, so a set of /32s finds one in a single lookup, not 33.
+    lens: u64,
 }
 
-impl CidrSet {
-    fn insert(&mut self, net: Ipv4Net, owner: String) {
+impl<O> Default for CidrSet<O> {
+    fn default() -> Self {
+        Self { by_start: BTreeMap::new(), lens: 0 }
+    }
+}
+
+impl<O> FromIterator<(Ipv4Net, O)> for CidrSet<O> {
+    fn from_iter<I: IntoIterator<Item = (Ipv4Net, O)>>(iter: I) -> Self {
+        let mut set = Self::default();
+        for (net, owner) in iter {
+            set.insert(net, owner);
+        }
+        set
+    }
+}
+
+impl<O> CidrSet<O> {
+    /// Adds `net`, unless it is in already (its first owner stays).
+    pub(crate) fn insert(&mut self, net: Ipv4Net, owner: O) {
         self.by_start.entry((u32::from(net.network()), net.prefix_len())).or_insert(owner);
+        self.lens |= 1 << net.prefix_len();
+    }
+
+    /// The widest CIDR of the set that contains `net` (or is it), and its owner.
+    pub(crate) fn covering(&self, net: Ipv4Net) -> Option<(Ipv4Net, &O)> {
+        for len in (0..=net.prefix_len()).filter(|len| self.lens & 1 << len != 0) {
+            let sup = Ipv4Net::new(net.network(), len).ok()?.trunc();
+            if let Some(owner) = self.by_start.get(&(u32::from(sup.network()), len)) {
+                return Some((sup, owner));
+            }
+        }
+        None
     }
 
     /// A CIDR of the set that overlaps `net`, and its owner.
-    fn overlap(&self, net: Ipv4Net) -> Option<(Ipv4Net, &str)> {
-        for len in 0..=net.prefix_len() {
-            let sup = Ipv4Net::new(net.network(), len).ok()?.trunc();
-            if let Some(owner) = self.by_start.get(&(u32::from(sup.network()), len)) {
-                return Some((sup, owner.as_str()));
-            }
+    pub(crate) fn overlap(&self, net: Ipv4Net) -> Option<(Ipv4Net, &O)> {
+        if let Some(found) = self.covering(net) {
+            return Some(found);
         }
         let (start, end) = (u32::from(net.network()), u32::from(net.broadcast()));
         let ((first, len), owner) = self.by_start.range((start, 0)..=(end, 32)).next()?;
-        Some((Ipv4Net::new(Ipv4Addr::from(*first), *len).ok()?, owner.as_str()))
+        Some((Ipv4Net::new(Ipv4Addr::from(*first), *len).ok()?, owner))
     }
 }
 
@@ -765,13 +809,18 @@ impl<'a> Claims<'a> {
             );
         }
         let mut nodes: Vec<TunnelNodeAddr> = Vec::new();
+        // Looked up, not scanned: a remote's peer may list 4,096 nodes with four CIDRs each,
+        // and a scan for each would cost every agent's apply (and the controller's vetting)
+        // hundreds of millions of comparisons.
+        let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let peer_cidrs: CidrSet<()> = parsed.iter().map(|p| (*p, ())).collect();
         let mut node_cidrs = CidrSet::default();
         for (ni, n) in raw.nodes.iter().enumerate() {
             let nat = field(&format!("nodes[{ni}]"));
             let mut address = self.remote_node(c, format!("{nat}.address"), &n.address, &raw.name);
             // One node, one peer: the decapsulating side knows a peer by its node's address.
             if let Some(a) = address {
-                if nodes.iter().any(|o| o.address == a) {
+                if addresses.contains(&a) {
                     c.err(format!("{nat}.address"), format!("{:?} is listed twice", n.address));
                     address = None;
                 } else if let Some(owner) = self.tun_nodes.get(&a) {
@@ -786,7 +835,7 @@ impl<'a> Claims<'a> {
             for (ci, s) in n.pod_cidrs.iter().enumerate() {
                 let f = format!("{nat}.podCIDRs[{ci}]");
                 let Some(net) = c.cidr(f.clone(), s) else { continue };
-                if !parsed.iter().any(|p| p.contains(&net)) {
+                if peer_cidrs.covering(net).is_none() {
                     c.err(f, format!("{s:?} is not inside any of the peer's podCIDRs"));
                     continue;
                 }
@@ -798,6 +847,7 @@ impl<'a> Claims<'a> {
                 pod_cidrs.push(net);
             }
             if let Some(address) = address {
+                addresses.insert(address);
                 nodes.push(TunnelNodeAddr { address, pod_cidrs });
             }
         }
@@ -913,6 +963,20 @@ impl RawConfig {
         local_addresses: &BTreeSet<Ipv4Addr>,
         published: &BTreeMap<String, Vec<RawPeer>>,
     ) -> Result<Merged, Vec<FieldError>> {
+        self.merge_api_keeping(local_addresses, published, &BTreeSet::new())
+    }
+
+    /// [`Self::merge_api`], where the published peers named in `applied` (those in force
+    /// now) keep their ids against newcomers. Peers are taken in name order, and of two
+    /// with one id the later is refused: whoever may add a remote cluster could otherwise
+    /// pick a name of a peer's id that sorts first, and have that peer withdrawn here. (The
+    /// controller publishes no such pair; this holds against one that did.)
+    pub fn merge_api_keeping(
+        &self,
+        local_addresses: &BTreeSet<Ipv4Addr>,
+        published: &BTreeMap<String, Vec<RawPeer>>,
+        applied: &BTreeSet<String>,
+    ) -> Result<Merged, Vec<FieldError>> {
         let mut config = self.validate_on(local_addresses)?;
         let mut c = Checker { errors: Vec::new() };
         let (_, reserved) = self.validate_local(&mut c, local_addresses);
@@ -921,6 +985,11 @@ impl RawConfig {
             claims.commit(p);
         }
         claims.fixing = false;
+        // Held even if no version of it passes now: a newcomer must not take the id of a
+        // peer that is only refused for the moment. The file's peers hold theirs first.
+        for name in applied.iter().filter(|n| published.contains_key(*n) && !self.peers.iter().any(|p| &p.name == *n)) {
+            claims.ids.entry(peer_id(name)).or_insert_with(|| name.clone());
+        }
         let mut merged = Merged { config: config.clone(), applied: BTreeMap::new(), rejected: BTreeMap::new() };
         for (name, versions) in published {
             if self.peers.iter().any(|p| &p.name == name) {
@@ -1561,6 +1630,9 @@ peers:
             let scan = all.iter().any(|o| o.contains(&cidr) || cidr.contains(o));
             let found = set.overlap(cidr);
             assert_eq!(found.is_some(), scan, "{cidr}");
+            let covered = all.iter().any(|o| o.contains(&cidr));
+            assert_eq!(set.covering(cidr).is_some(), covered, "{cidr}");
+            assert!(set.covering(cidr).is_none_or(|(o, _)| o.contains(&cidr)), "{cidr}");
             if let Some((other, _)) = found {
                 assert!(other.contains(&cidr) || cidr.contains(&other), "{cidr} does not overlap {other}");
             }
@@ -1912,6 +1984,54 @@ peers:
         wide.nodes[0].pod_cidrs = (0..=limits::MAX_TUNNEL_ROUTES).map(|i| format!("{}/32", Ipv4Addr::from(0x6440_0000 + i))).collect();
         let e = strings(&validate_peer(&wide, &node()).unwrap_err());
         assert_eq!(e, ["nodes: 16385 node podCIDRs make 16385 across the tunnel peers; at most 16384"]);
+    }
+
+    /// Of two published peers with one id, the one applied before keeps it, though the
+    /// newcomer sorts first; with nothing applied, the first by name is taken, as before.
+    #[test]
+    fn a_newcomer_cannot_take_an_applied_peers_id() {
+        let file = RawConfig::from_yaml(GOOD, "f").unwrap();
+        let (first, second) = colliding_names();
+        let published: BTreeMap<String, Vec<RawPeer>> = [
+            (first.clone(), vec![peer(&first, "10.250.0.0/16", "10.20.144.170")]),
+            (second.clone(), vec![peer(&second, "10.251.0.0/16", "10.20.144.171")]),
+        ]
+        .into();
+        let m = file.merge_api_keeping(&BTreeSet::new(), &published, &[second.clone()].into()).unwrap();
+        assert_eq!(m.applied.keys().collect::<Vec<_>>(), [&second]);
+        let why = format!("name: {first:?} hashes to the same id as {second:?}; rename one");
+        assert_eq!(strings(&m.rejected[&first]), [why]);
+        let m = file.merge_api(&BTreeSet::new(), &published).unwrap();
+        assert_eq!(m.applied.keys().collect::<Vec<_>>(), [&first]);
+    }
+
+    /// A remote's tunnel peer at the datapath's limits, 4,096 nodes with four CIDRs each, all
+    /// apart (16,384 peer CIDRs), costs a lookup per node address and CIDR, not a scan of
+    /// the others: every agent validates it on each apply, and the controller before it
+    /// publishes. In a debug build here the scans took 20 s, the lookups 0.4 s (the rest of
+    /// the checks); tests assert no timings, `cargo test` shows a regression as a slow test.
+    #[test]
+    fn a_tunnel_peer_at_the_limits_is_validated_without_a_scan_per_node() {
+        let mut p = tunnel_peer("c2", "100.64.0.0/10", &[]);
+        p.nodes = (0..limits::MAX_TUNNEL_NODES)
+            .map(|i| RawTunnelNode {
+                address: Ipv4Addr::from(0xac10_0000 + i).to_string(),
+                pod_cidrs: (0..4).map(|k| format!("{}/32", Ipv4Addr::from(0x6440_0000 + (i * 4 + k) * 2))).collect(),
+            })
+            .collect();
+        p.pod_cidrs = p.nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect();
+        let v = validate_peer(&p, &node()).unwrap();
+        assert_eq!(v.tunnel.unwrap().nodes.len(), 4096);
+        // The lookups refuse what the scans did, in the same words.
+        p.nodes[1].address = p.nodes[0].address.clone();
+        p.nodes[2].pod_cidrs[3] = "100.65.0.1/32".into();
+        assert_eq!(
+            strings(&validate_peer(&p, &node()).unwrap_err()),
+            [
+                r#"nodes[1].address: "172.16.0.0" is listed twice"#,
+                r#"nodes[2].podCIDRs[3]: "100.65.0.1/32" is not inside any of the peer's podCIDRs"#,
+            ]
+        );
     }
 
     /// deploy/config.example.yaml is valid as shipped, and with its tunnel part uncommented

@@ -425,9 +425,13 @@ impl State {
             Msg::Remote { name, generation, event } => {
                 let Some(r) = self.remotes.get_mut(&name).filter(|r| r.generation == generation) else { return false };
                 match event {
-                    RemoteEvent::View(v) => {
-                        r.view = Some(*v);
-                        r.stale = false;
+                    // Empty when an earlier event of this task took the view this one
+                    // announced, or a newer one: the remote is as fresh as that view.
+                    RemoteEvent::View(latest) => {
+                        if let Some(v) = latest.take() {
+                            r.view = Some(v);
+                        }
+                        r.stale = r.view.is_none();
                         r.error = None;
                     }
                     RemoteEvent::Healthy => {

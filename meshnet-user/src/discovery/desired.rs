@@ -334,6 +334,44 @@ fn hand_written(i: &Inputs<'_>, d: &mut Desired) -> Vec<(RawPeer, PeerStatus)> {
     out
 }
 
+/// Settles peers whose names hash to one datapath id ([`config::peer_id`]). Every agent
+/// refuses the later of two by name, so a remote secret's key chosen to collide with a
+/// peer's name, and to sort before it, would have that peer refused on every node. As with
+/// what two peers claim ([`resolve::refuse_overlaps`]), the one published with its name
+/// before keeps the id and the other is refused; when neither was (or both), both are: no
+/// rule could tell the rightful one, and an order of names is one a newcomer picks. A
+/// configured peer that is not among `peers` (refused, or unpublished now) holds its id all
+/// the same, as it holds its claims. Returns the kept peers (in their order) and, for each
+/// refused one, why.
+fn refuse_id_clashes(peers: Vec<RawPeer>, held: &[&RawPeer]) -> (Vec<RawPeer>, BTreeMap<String, String>) {
+    let held: BTreeSet<&str> = held.iter().map(|p| p.name.as_str()).collect();
+    let contesting: BTreeSet<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+    let mut by_id: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
+    for name in contesting.iter().chain(&held) {
+        by_id.entry(config::peer_id(name)).or_default().insert(name);
+    }
+    let mut refused = BTreeMap::new();
+    for p in &peers {
+        let id = config::peer_id(&p.name);
+        let others: Vec<&str> = by_id[&id].iter().copied().filter(|n| *n != p.name).collect();
+        let Some(first) = others.first() else { continue };
+        let same = |other: &str| format!("its name hashes to the same datapath id ({id:#010x}) as peer {other}'s");
+        let holder = others.iter().find(|n| held.contains(**n));
+        let why = match holder {
+            // Another held peer among these: both were published with it, and neither keeps it.
+            _ if held.contains(p.name.as_str()) => match others.iter().find(|n| held.contains(**n) && contesting.contains(**n)) {
+                Some(other) => format!("{}, both published with it before", same(other)),
+                None => continue,
+            },
+            Some(h) if contesting.contains(h) => format!("{}, published with it before", same(h)),
+            Some(h) => format!("{}, published with it before (not published now)", same(h)),
+            None => format!("{}; neither was published with it before, so neither is", same(first)),
+        };
+        refused.insert(p.name.clone(), why);
+    }
+    (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused)
+}
+
 /// The published state for `i`.
 #[must_use]
 pub fn desired(i: &Inputs<'_>) -> Desired {
@@ -482,6 +520,9 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
             }
         })
         .collect();
+    // First: a peer refused for its id contests no one's claims.
+    let (peers, same_id) = refuse_id_clashes(peers, &held);
+    d.refused.extend(same_id);
     let (kept, overlapping) = resolve::refuse_overlaps(peers, &held);
     d.refused.extend(overlapping);
     let (kept, over_budget) = refuse_tunnel_clashes(kept, &held, &room);
@@ -1143,6 +1184,50 @@ mod tests {
         assert_eq!(names, ["prod-west"], "{out}");
         assert_eq!(d["refused"]["aaa-attacker"], "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before");
         assert!(d["resolved"].get("aaa-attacker").is_none(), "{out}");
+    }
+
+    /// Of two peers whose names hash to one datapath id, the one published before keeps it
+    /// and the newcomer is refused, even though it sorts first (as the agents walk peers);
+    /// while it is refused (not published now) it still holds its id; two newcomers are both
+    /// refused, for no rule could tell the rightful one.
+    #[test]
+    fn a_newcomer_cannot_take_a_published_peers_datapath_id() {
+        let (first, second) = config::colliding_names();
+        assert_eq!(config::peer_id(&first), config::peer_id(&second));
+        let id = config::peer_id(&first);
+        let west = view("10.20.144.165", "10.246.0.0/16");
+        let attacker = view("10.20.144.175", "10.247.0.0/16");
+        let remotes: BTreeMap<String, RemoteInput<'_>> = [
+            (first.clone(), RemoteInput { view: Some(&attacker), ..RemoteInput::default() }),
+            (second.clone(), RemoteInput { view: Some(&west), ..RemoteInput::default() }),
+        ]
+        .into();
+        let render_with = |remotes: &BTreeMap<String, RemoteInput<'_>>, published: &[RawPeer]| {
+            let out = render_modes(remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, published);
+            serde_yaml::from_str::<serde_yaml::Value>(&out).unwrap()
+        };
+        let names = |d: &serde_yaml::Value| -> Vec<String> {
+            d["peers"].as_sequence().unwrap().iter().filter_map(|p| Some(p["name"].as_str()?.to_owned())).collect()
+        };
+        let published = [peer(&second, "10.20.144.165", "10.246.0.0/16")];
+        let d = render_with(&remotes, &published);
+        assert_eq!(names(&d), std::slice::from_ref(&second), "{d:?}");
+        let why = format!("its name hashes to the same datapath id ({id:#010x}) as peer {second}'s, published with it before");
+        assert_eq!(d["refused"][first.as_str()].as_str(), Some(why.as_str()));
+        assert!(d["resolved"].get(first.as_str()).is_none(), "{d:?}");
+        // Refused itself now (all of IPv4), the published peer still holds its id.
+        let everything = view("10.20.144.165", "0.0.0.0/0");
+        let mut held_refused = remotes.clone();
+        held_refused.insert(second.clone(), RemoteInput { view: Some(&everything), ..RemoteInput::default() });
+        let d = render_with(&held_refused, &published);
+        assert!(names(&d).is_empty(), "{d:?}");
+        assert_eq!(d["refused"][first.as_str()].as_str(), Some(format!("{why} (not published now)").as_str()));
+        // Neither published before: neither is published.
+        let d = render_with(&remotes, &[]);
+        assert!(names(&d).is_empty(), "{d:?}");
+        let neither = |other: &str| format!("its name hashes to the same datapath id ({id:#010x}) as peer {other}'s; neither was published with it before, so neither is");
+        assert_eq!(d["refused"][first.as_str()].as_str(), Some(neither(&second).as_str()));
+        assert_eq!(d["refused"][second.as_str()].as_str(), Some(neither(&first).as_str()));
     }
 
     /// A pod CIDR over another peer's gateway is a claim on it; and a peer that cannot be

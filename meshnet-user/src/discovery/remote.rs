@@ -20,10 +20,59 @@ use crate::config::PeerMode;
 
 /// What a remote's task reports.
 pub(super) enum RemoteEvent {
-    View(Box<ClusterView>),
+    /// A new view is in the remote's [`Latest`]: the event carries none, so that the views a
+    /// slow controller has yet to read are never more than one per remote, however many
+    /// events wait in the channel.
+    View(Arc<Latest>),
     Healthy,
     Failed(String),
     Refused(String),
+}
+
+/// A remote's newest view that the controller has not taken yet. Each view holds its own
+/// copy of the remote's node set once the watch has changed it, up to some megabytes: sent
+/// whole, every queued view would be one, and the channel holds 256.
+#[derive(Default)]
+pub(super) struct Latest(std::sync::Mutex<Option<ClusterView>>);
+
+impl Latest {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ClusterView>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The newest view, unless an earlier [`RemoteEvent::View`] took it (then the view that
+    /// event announced is already the controller's, or a newer one is).
+    pub(super) fn take(&self) -> Option<ClusterView> {
+        self.slot().take()
+    }
+}
+
+/// What the remote's task tells the controller, in order, with at most one view waiting.
+#[derive(Default)]
+pub(super) struct Outbox {
+    latest: Arc<Latest>,
+    /// The last event sent was a view (whether the controller took it, the slot says).
+    view_sent_last: bool,
+}
+
+impl Outbox {
+    /// Puts `view` in the slot; the event to send, if one must go out. A view waiting behind
+    /// no other event is replaced in place: the controller reads the newer one in its stead.
+    /// One that an error or a probe's result followed gets a new event, so that the
+    /// controller still sees the view after them and ends where the remote is: it may read
+    /// the newer view early (at the first event), never late, and never an older one last.
+    pub(super) fn view(&mut self, view: ClusterView) -> Option<RemoteEvent> {
+        let was_empty = self.latest.slot().replace(view).is_none();
+        let send = was_empty || !self.view_sent_last;
+        self.view_sent_last = true;
+        send.then(|| RemoteEvent::View(self.latest.clone()))
+    }
+
+    /// Any other event, which goes out as it is.
+    pub(super) fn other(&mut self, event: RemoteEvent) -> RemoteEvent {
+        self.view_sent_last = false;
+        event
+    }
 }
 
 /// Remotes listing their objects at once. An initial list of a large cluster is its whole
@@ -98,6 +147,7 @@ pub(super) async fn remote_task<M: Send + 'static>(
     // In the remote's namespace of meshnet's name here: deploy/ installs both in `meshnet`.
     let mut tunnel_svc = one::<Service>(&client, &opts.namespace, &opts.resolve.tunnel_service, !gateway);
     let mut view = ClusterView::default();
+    let mut outbox = Outbox::default();
     // Nodes past the bound (`watch::MAX_OBJECTS`): not followed until a list fits, and stale
     // till then, whatever the probes say.
     let mut unfollowed: Option<String> = None;
@@ -138,15 +188,18 @@ pub(super) async fn remote_task<M: Send + 'static>(
                     Ok(Err(e)) => RemoteEvent::Failed(format!("API server: {}", remote_text(&e.to_string()))),
                     Err(_) => RemoteEvent::Failed(format!("API server did not answer within {:?}", opts.probe_timeout)),
                 };
-                if !send(event).await { return; }
+                if !send(outbox.other(event)).await { return; }
                 continue;
             }
         };
         let event = match update {
-            Some(e) => RemoteEvent::Failed(format!("watch: {}", remote_text(&e))),
+            Some(e) => outbox.other(RemoteEvent::Failed(format!("watch: {}", remote_text(&e)))),
             // An unfollowed node set is stale: no view of it goes out as fresh.
             None if unfollowed.is_some() => continue,
-            None if synced.iter().all(|s| *s) => RemoteEvent::View(Box::new(view.clone())),
+            None if synced.iter().all(|s| *s) => match outbox.view(view.clone()) {
+                Some(event) => event,
+                None => continue,
+            },
             None => continue,
         };
         if !send(event).await {
@@ -177,7 +230,56 @@ pub(super) fn remote_text(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::remote_text;
+    use super::{remote_text, Arc, ClusterView, Outbox, RemoteEvent};
+
+    /// A controller that reads slowly has at most one view of a remote waiting, however many
+    /// the remote's watches make (each its own copy of the node set): the events carry none.
+    /// A probe's result or an error between two views gets the later one its own event, so
+    /// the controller, reading them in order, ends where the remote is.
+    #[test]
+    fn a_slow_controller_has_at_most_one_view_of_a_remote_waiting() {
+        let view = |n: usize| {
+            let nodes = (0..n).map(|i| (format!("n{i}"), super::super::resolve::NodeInfo::default()));
+            ClusterView { nodes: Arc::new(nodes.collect()), ..ClusterView::default() }
+        };
+        let mut outbox = Outbox::default();
+        let mut queue: Vec<RemoteEvent> = Vec::new();
+        let mut made = Vec::new();
+        for n in 1..=1000 {
+            let v = view(n);
+            made.push(Arc::downgrade(&v.nodes));
+            queue.extend(outbox.view(v));
+        }
+        assert_eq!(queue.len(), 1);
+        assert_eq!(made.iter().filter(|w| w.upgrade().is_some()).count(), 1, "views alive");
+        queue.push(outbox.other(RemoteEvent::Failed("watch: gone".into())));
+        queue.extend(outbox.view(view(1001)));
+        queue.extend(outbox.view(view(1002)));
+        assert_eq!(queue.len(), 3);
+        // The controller's fold of them: its view, whether stale, its error.
+        let mut seen: (Option<usize>, bool, Option<String>) = (None, true, None);
+        let mut states = Vec::new();
+        for event in queue {
+            match event {
+                RemoteEvent::View(latest) => {
+                    if let Some(v) = latest.take() {
+                        seen.0 = Some(v.nodes.len());
+                    }
+                    (seen.1, seen.2) = (seen.0.is_none(), None);
+                }
+                RemoteEvent::Failed(e) => (seen.1, seen.2) = (true, Some(e)),
+                RemoteEvent::Healthy | RemoteEvent::Refused(_) => unreachable!(),
+            }
+            states.push(seen.clone());
+        }
+        // The newest view is read at once; the error still marks it stale until the event
+        // after it, as it would have marked the older one.
+        let failed = Some("watch: gone".to_owned());
+        assert_eq!(states, [(Some(1002), false, None), (Some(1002), true, failed), (Some(1002), false, None)]);
+        // Taken, the slot is empty: the next view is announced again.
+        assert!(outbox.view(view(3)).is_some());
+        assert!(outbox.view(view(4)).is_none());
+    }
 
     #[test]
     fn a_remotes_error_text_is_bounded_and_forges_no_lines() {

@@ -7,9 +7,13 @@
 //! emitted when that part changed. A node's status heartbeat (every 10 s on Kubernetes 1.18,
 //! for every node of every remote cluster) then costs one comparison, not a copy of the
 //! whole set and a recomputation of every peer: per event the work is O(log n), and the
-//! initial list O(n), never O(n²).
+//! initial list O(n), never O(n²). Changes are snapshot together, at most every
+//! [`SNAPSHOT_EVERY`]: each snapshot taken while the last is still held copies the set.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+};
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{ConfigMap, EndpointAddress, EndpointSubset, Endpoints, Node, Secret, Service, ServiceSpec};
@@ -129,7 +133,8 @@ impl Relevant for Secret {
 #[derive(Debug)]
 pub enum Update<K> {
     /// The complete current set, keyed by name. Shared, not copied: the watch and every
-    /// holder of its latest snapshot hold one map between them, and a change copies it once.
+    /// holder of its latest snapshot hold one map between them, and the changes folded into
+    /// the next snapshot copy it once.
     Snapshot(Arc<BTreeMap<String, K>>),
     /// The watch failed; it retries with backoff. The last snapshot still stands.
     Error(String),
@@ -172,7 +177,7 @@ where
 {
     type Folded<T> = std::pin::Pin<Box<dyn Stream<Item = Update<T>> + Send>>;
     let open = |api: &Api<K>, config: &watcher::Config, only: &Option<String>| -> Folded<K::Kept> {
-        Box::pin(fold(watcher(api.clone(), config.clone()).default_backoff(), only.clone()))
+        Box::pin(fold_paced(watcher(api.clone(), config.clone()).default_backoff(), only.clone(), SNAPSHOT_EVERY))
     };
     let start = ((api, config, only), None, None);
     futures::stream::unfold(start, move |(what, mut cur, relist_at): (_, Option<Folded<K::Kept>>, Option<tokio::time::Instant>)| async move {
@@ -199,85 +204,201 @@ fn unfollowed<T>() -> Update<T> {
     Update::Unfollowed(format!("the remote lists more than {MAX_OBJECTS} objects; not followed"))
 }
 
-/// [`snapshots`] of a watcher's events; of the object named `only` alone, when given.
+/// One watched set, folded in one event at a time. What goes out is decided here; when a
+/// snapshot goes out is its driver's (`fold`, [`fold_paced`]).
+struct Folder<K: Relevant> {
+    only: Option<String>,
+    current: Arc<BTreeMap<String, K::Kept>>,
+    pending: BTreeMap<String, K::Kept>,
+    synced: bool,
+    overflow: bool,
+    /// `current` changed since the last snapshot went out.
+    dirty: bool,
+}
+
+impl<K: Resource + Relevant> Folder<K> {
+    fn new(only: Option<String>) -> Self {
+        Self { only, current: Arc::default(), pending: BTreeMap::new(), synced: false, overflow: false, dirty: false }
+    }
+
+    /// The snapshot owed, if the set changed since the last one.
+    fn flush(&mut self, out: &mut VecDeque<Update<K::Kept>>) {
+        if std::mem::take(&mut self.dirty) {
+            out.push_back(Update::Snapshot(self.current.clone()));
+        }
+    }
+
+    /// An error or an unfollowed set goes out after the snapshot owed: a consumer sees them
+    /// in the order they happened.
+    fn emit(&mut self, out: &mut VecDeque<Update<K::Kept>>, update: Update<K::Kept>) {
+        self.flush(out);
+        out.push_back(update);
+    }
+
+    fn apply(&mut self, ev: Result<watcher::Event<K>, watcher::Error>, out: &mut VecDeque<Update<K::Kept>>) {
+        match ev {
+            Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o))
+                if self.only.as_deref().is_some_and(|n| o.meta().name.as_deref() != Some(n)) => {}
+            Ok(watcher::Event::Init) => {
+                self.pending.clear();
+                self.overflow = false;
+            }
+            // Past the bound the list is failed at once (its pages may never end), and what
+            // it lists from then on is not kept.
+            Ok(watcher::Event::InitApply(_)) if self.overflow => {}
+            Ok(watcher::Event::InitApply(o)) => {
+                let name = o.name_any();
+                if !is_object_name(&name) {
+                    return;
+                }
+                if self.pending.len() < MAX_OBJECTS || self.pending.contains_key(&name) {
+                    self.pending.insert(name, o.relevant());
+                } else {
+                    self.overflow = true;
+                    self.pending.clear();
+                    self.emit(out, unfollowed());
+                }
+            }
+            // No snapshot until a list fits: the last one stands, stale.
+            Ok(watcher::Event::InitDone) if std::mem::take(&mut self.overflow) => {
+                self.flush(out);
+                self.current = Arc::default();
+                self.synced = false;
+            }
+            Ok(watcher::Event::InitDone) => {
+                self.current = Arc::new(std::mem::take(&mut self.pending));
+                self.synced = true;
+                self.dirty = true;
+            }
+            // Not synced (a list past the bound): nothing is followed until a list fits.
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) if !self.synced => {}
+            Ok(watcher::Event::Apply(o)) => {
+                let name = o.name_any();
+                if !is_object_name(&name) {
+                    return;
+                }
+                let o = o.relevant();
+                if self.current.get(&name) == Some(&o) {
+                    return;
+                }
+                if self.current.len() >= MAX_OBJECTS && !self.current.contains_key(&name) {
+                    self.flush(out);
+                    self.current = Arc::default();
+                    self.synced = false;
+                    out.push_back(unfollowed());
+                    return;
+                }
+                // Copies the map only while a consumer still holds the previous snapshot:
+                // once per snapshot taken, however many events are folded in before it.
+                Arc::make_mut(&mut self.current).insert(name, o);
+                self.dirty = true;
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                let name = o.name_any();
+                if self.current.contains_key(&name) {
+                    Arc::make_mut(&mut self.current).remove(&name);
+                    self.dirty = true;
+                }
+            }
+            Err(e) => self.emit(out, Update::Error(e.to_string())),
+        }
+    }
+}
+
+/// [`snapshots`] of a watcher's events, one for each event that changes the set; of the
+/// object named `only` alone, when given.
+#[cfg(test)]
 fn fold<K>(events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send, only: Option<String>) -> impl Stream<Item = Update<K::Kept>> + Send
 where
     K: Resource + Relevant + Send + 'static,
 {
-    let mut current: Arc<BTreeMap<String, K::Kept>> = Arc::default();
-    let mut pending: BTreeMap<String, K::Kept> = BTreeMap::new();
-    let mut synced = false;
-    let mut overflow = false;
-    events.filter_map(move |ev| {
-        let out = match ev {
-            Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o))
-                if only.as_deref().is_some_and(|n| o.meta().name.as_deref() != Some(n)) =>
-            {
-                None
-            }
-            Ok(watcher::Event::Init) => {
-                pending.clear();
-                overflow = false;
-                None
-            }
-            // Past the bound the list is failed at once (its pages may never end), and what
-            // it lists from then on is not kept.
-            Ok(watcher::Event::InitApply(_)) if overflow => None,
-            Ok(watcher::Event::InitApply(o)) => {
-                let name = o.name_any();
-                if !is_object_name(&name) {
-                    None
-                } else if pending.len() < MAX_OBJECTS || pending.contains_key(&name) {
-                    pending.insert(name, o.relevant());
-                    None
-                } else {
-                    overflow = true;
-                    pending.clear();
-                    Some(unfollowed())
+    let mut folder = Folder::<K>::new(only);
+    events.flat_map(move |ev| {
+        let mut out = VecDeque::new();
+        folder.apply(ev, &mut out);
+        folder.flush(&mut out);
+        futures::stream::iter(out)
+    })
+}
+
+/// How often a watched set that keeps changing is snapshot at most. Each snapshot taken
+/// while the last is still held (by the remote's task, the controller, a queued view) costs
+/// a copy of the whole set: a remote streaming small changes to each of 10,000 nodes would
+/// otherwise cost one copy of some megabytes per event. The controller waits 50 ms for
+/// changes to settle before it publishes anyway.
+pub const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// [`snapshots`] of a watcher's events, as `fold` makes them but coalesced: every event
+/// already at hand is folded in before a snapshot is taken, and a snapshot is taken at most
+/// every `every`, and at the latest `every` after the set changed, however fast events
+/// come. Errors and unfollowed sets go out at once, after the snapshot they follow.
+fn fold_paced<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    only: Option<String>,
+    every: std::time::Duration,
+) -> impl Stream<Item = Update<K::Kept>> + Send
+where
+    K: Resource + Relevant + Send + 'static,
+{
+    use futures::FutureExt as _;
+    use tokio::time::Instant;
+    struct Paced<S, K: Relevant> {
+        events: std::pin::Pin<Box<S>>,
+        folder: Folder<K>,
+        out: VecDeque<Update<K::Kept>>,
+        /// When the last snapshot went out, and when the set first changed since.
+        last: Option<Instant>,
+        since: Option<Instant>,
+        ended: bool,
+    }
+    let start = Paced { events: Box::pin(events), folder: Folder::<K>::new(only), out: VecDeque::new(), last: None, since: None, ended: false };
+    futures::stream::unfold(start, move |mut p| async move {
+        loop {
+            if let Some(u) = p.out.pop_front() {
+                if matches!(u, Update::Snapshot(_)) {
+                    (p.last, p.since) = (Some(Instant::now()), None);
                 }
+                return Some((u, p));
             }
-            // No snapshot until a list fits: the last one stands, stale.
-            Ok(watcher::Event::InitDone) if std::mem::take(&mut overflow) => {
-                current = Arc::default();
-                synced = false;
-                None
+            if p.ended {
+                return None;
             }
-            Ok(watcher::Event::InitDone) => {
-                current = Arc::new(std::mem::take(&mut pending));
-                synced = true;
-                Some(Update::Snapshot(current.clone()))
-            }
-            // Not synced (a list past the bound): nothing is followed until a list fits.
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) if !synced => None,
-            Ok(watcher::Event::Apply(o)) => {
-                let name = o.name_any();
-                if !is_object_name(&name) {
-                    return std::future::ready(None);
+            let ev = match p.since.filter(|_| p.folder.dirty) {
+                None => p.events.next().await,
+                Some(since) => {
+                    let now = Instant::now();
+                    let (quiet_at, latest) = (p.last.map_or(now, |l| l + every), since + every);
+                    if now >= latest {
+                        p.folder.flush(&mut p.out);
+                        continue;
+                    }
+                    match p.events.next().now_or_never() {
+                        Some(ev) => ev,
+                        None if now >= quiet_at => {
+                            p.folder.flush(&mut p.out);
+                            continue;
+                        }
+                        None => tokio::select! {
+                            biased;
+                            ev = p.events.next() => ev,
+                            () = tokio::time::sleep_until(quiet_at.min(latest)) => {
+                                p.folder.flush(&mut p.out);
+                                continue;
+                            }
+                        },
+                    }
                 }
-                let o = o.relevant();
-                if current.get(&name) == Some(&o) {
-                    return std::future::ready(None);
+            };
+            if let Some(ev) = ev {
+                p.folder.apply(ev, &mut p.out);
+                if p.folder.dirty && p.since.is_none() {
+                    p.since = Some(Instant::now());
                 }
-                if current.len() >= MAX_OBJECTS && !current.contains_key(&name) {
-                    current = Arc::default();
-                    synced = false;
-                    return std::future::ready(Some(unfollowed()));
-                }
-                // Copies the map only while a consumer still holds the previous snapshot.
-                Arc::make_mut(&mut current).insert(name, o);
-                Some(Update::Snapshot(current.clone()))
+            } else {
+                p.folder.flush(&mut p.out);
+                p.ended = true;
             }
-            Ok(watcher::Event::Delete(o)) => {
-                let name = o.name_any();
-                if !current.contains_key(&name) {
-                    return std::future::ready(None);
-                }
-                Arc::make_mut(&mut current).remove(&name);
-                Some(Update::Snapshot(current.clone()))
-            }
-            Err(e) => Some(Update::Error(e.to_string())),
-        };
-        std::future::ready(out)
+        }
     })
 }
 
@@ -388,6 +509,90 @@ mod tests {
             })
             .collect();
         assert_eq!(names, [vec!["gw".to_owned()], vec!["gw".to_owned()], vec![], vec!["gw".to_owned()]]);
+    }
+
+    /// Node `name` with pod CIDR number `cidr`.
+    fn node_in(name: &str, cidr: u32) -> Node {
+        let mut n = named(name.into());
+        n.spec = Some(NodeSpec { pod_cidr: Some(format!("{}/24", std::net::Ipv4Addr::from(0x0a00_0000 + (cidr << 8)))), ..NodeSpec::default() });
+        n
+    }
+
+    /// A list of 10,000 nodes, then `changes` events that each move a node's pod CIDR.
+    fn listed_then_changed(changes: u32) -> Vec<Result<watcher::Event<Node>, watcher::Error>> {
+        let mut events = vec![watcher::Event::Init];
+        events.extend((0..10_000).map(|i| watcher::Event::InitApply(node_in(&format!("n{i}"), i))));
+        events.push(watcher::Event::InitDone);
+        events.extend((0..changes).map(|i| watcher::Event::Apply(node_in(&format!("n{}", i * 7 % 10_000), 20_000 + i))));
+        events.into_iter().map(Ok).collect()
+    }
+
+    fn sets(updates: Vec<Update<NodeInfo>>) -> Vec<Arc<BTreeMap<String, NodeInfo>>> {
+        updates
+            .into_iter()
+            .map(|u| match u {
+                Update::Snapshot(s) => s,
+                Update::Error(e) | Update::Unfollowed(e) => panic!("{e}"),
+            })
+            .collect()
+    }
+
+    /// A burst of events at hand is folded in whole before a snapshot is taken: each snapshot
+    /// still held costs the next change a copy of the whole set, some megabytes for 10,000
+    /// nodes, and a remote could stream changes as fast as it likes. One snapshot a change
+    /// (1,001 here, 1,000 copies) becomes one in all, the same set.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_one_snapshot_not_one_each() {
+        let each = sets(fold(futures::stream::iter(listed_then_changed(1000)), None).collect().await);
+        assert_eq!(each.len(), 1001);
+        let paced = sets(fold_paced(futures::stream::iter(listed_then_changed(1000)), None, SNAPSHOT_EVERY).collect().await);
+        assert_eq!(paced.len(), 1);
+        assert_eq!(paced.last(), each.last());
+    }
+
+    /// Changes that keep coming, one a millisecond for a second, are snapshot once every
+    /// SNAPSHOT_EVERY at most (so copied as often), and the last snapshot is the whole state.
+    #[tokio::test(start_paused = true)]
+    async fn changes_that_keep_coming_are_snapshot_at_a_bounded_rate() {
+        let all = listed_then_changed(1000);
+        let events = futures::stream::iter(all.into_iter().enumerate()).then(|(i, e)| async move {
+            if i > 10_002 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            e
+        });
+        let started = tokio::time::Instant::now();
+        let paced = sets(fold_paced(events, None, SNAPSHOT_EVERY).collect().await);
+        let most = started.elapsed().as_millis() / SNAPSHOT_EVERY.as_millis() + 2;
+        assert!(u128::try_from(paced.len()).unwrap() <= most && paced.len() > 1, "{} snapshots over {:?}", paced.len(), started.elapsed());
+        let each = sets(fold(futures::stream::iter(listed_then_changed(1000)), None).collect().await);
+        assert_eq!(paced.last(), each.last());
+    }
+
+    /// An error goes out after the snapshot of the changes before it, and before those after.
+    #[tokio::test(start_paused = true)]
+    async fn coalesced_snapshots_keep_their_place_around_errors() {
+        let error = || watcher::Error::WatchError(kube::core::Status { message: "gone".into(), code: 500, ..kube::core::Status::default() }.boxed());
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(node_in("a", 1))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(node_in("b", 2))),
+            Err(error()),
+            Ok(watcher::Event::Apply(node_in("c", 3))),
+            Ok(watcher::Event::Delete(node_in("a", 1))),
+        ];
+        let out: Vec<Result<Vec<String>, String>> = fold_paced(futures::stream::iter(events), None, SNAPSHOT_EVERY)
+            .map(|u| match u {
+                Update::Snapshot(s) => Ok(s.keys().cloned().collect()),
+                Update::Error(e) | Update::Unfollowed(e) => Err(e),
+            })
+            .collect()
+            .await;
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[0], Ok(vec!["a".to_owned(), "b".to_owned()]));
+        assert!(out[1].is_err());
+        assert_eq!(out[2], Ok(vec!["b".to_owned(), "c".to_owned()]));
     }
 
     /// A remote's own watch error is an error, whatever it says: were it taken for an
