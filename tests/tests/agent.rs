@@ -1817,12 +1817,13 @@ fn a_local_address_in_a_published_peers_cidr_breaks_no_flow() {
     held.exchange("after the reload");
     assert_eq!(flows(&t), 1, "{:?}", nat(&t));
 
-    // A publish (the same peer) and a restart keep it too: what is held comes from the pins.
-    publish(&api, "\"10.245.0.0/16\"");
-    agent.child.wait_for_line("published peers changed", WAIT);
-    // Applied right after that line: were the peer refused, its routes would go now.
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(routes(&t), want, "{}", agent.child.output());
+    // A publish that adds a range and a restart keep it too: what is held comes from the
+    // pins. The added range shows when the publish is applied.
+    publish(&api, "10.245.0.0/16, 10.247.0.0/16");
+    let gw = vec![format!("{}:{}", topo::NODE2_LAN, topo::NODEPORT_TCP)];
+    let want = vec![("10.245.0.0/16".to_string(), "cluster2".to_string(), gw.clone()), ("10.247.0.0/16".to_string(), "cluster2".to_string(), gw)];
+    let applied = poll(WAIT, || (routes(&t) == want).then_some(()));
+    assert!(applied.is_some(), "the publish was not applied whole: {:?}\n{}", routes(&t), agent.child.output());
     held.exchange("after a publish");
     assert!(agent.child.stop(), "{}", agent.child.output());
     held.exchange("agent stopped");
@@ -1834,7 +1835,7 @@ fn a_local_address_in_a_published_peers_cidr_breaks_no_flow() {
 
     // A new claim over an address of the node is refused; the peer keeps its last good state.
     t.node1.ip("addr add 10.250.0.1/32 dev lo");
-    publish(&api, "10.245.0.0/16, 10.250.0.0/16");
+    publish(&api, "10.245.0.0/16, 10.247.0.0/16, 10.250.0.0/16");
     let line = agent.child.wait_for_line("published peers: not applying", WAIT);
     assert!(line.contains("10.250.0.0/16 covers 10.250.0.1, an address of this node"), "{line}");
     assert_eq!(routes(&t), want);
