@@ -21,7 +21,7 @@ use ipnet::Ipv4Net;
 use meshnet_common::PodPort;
 
 use crate::{
-    config::{Config, ConfigError, Desired, RawConfig, RawPeer},
+    config::{Config, ConfigError, Desired, KeptLocal, PeerMode, RawConfig, RawPeer},
     discovery::{
         published::{Published, PublishedEntry, PEERS_CONFIGMAP},
         source::{self, ApiUpdate, SourceOptions},
@@ -80,6 +80,8 @@ struct ApiPeers {
     object: Option<String>,
     /// What was reported last, so each problem is logged once.
     reported: BTreeMap<String, String>,
+    /// The addresses of this node that published peers keep, as last logged (each once).
+    kept: BTreeSet<KeptLocal>,
 }
 
 impl ApiPeers {
@@ -498,8 +500,19 @@ impl Agent {
         // Before the API is heard, the published peers are what the pinned maps hold: the
         // file's peers apply now, even through an API outage, and withdraw nothing else.
         let candidates = if self.api.heard { self.api.candidates() } else { self.api.pinned() };
+        // What the pinned maps hold for each peer, before this sync changes them: a published
+        // peer keeps it, though an address of this node lies in it (see `config::Held`).
+        let mut held = self.maps.held_claims(&self.tunnel).unwrap_or_else(|e| {
+            warn!(error = %format!("{e:#}"), "the maps' peers are unreadable; published peers keep none of this node's addresses");
+            BTreeMap::new()
+        });
+        for (name, p) in self.api.last_good.iter().filter(|(_, p)| p.mode == PeerMode::Tunnel) {
+            if let Some(h) = held.get_mut(name) {
+                h.pod_cidrs.extend(p.pod_cidrs.iter().filter_map(|c| c.parse::<Ipv4Net>().ok()));
+            }
+        }
         let applied = self.api.last_good.keys().cloned().collect();
-        let merged = match file.merge_api_keeping(&netlink::local_addresses(), &candidates, &applied) {
+        let merged = match file.merge_api_with(&netlink::local_addresses(), &held, &candidates, &applied) {
             Ok(m) => m,
             Err(errors) => {
                 let e = ConfigError::Invalid { path: shown, errors };
@@ -523,6 +536,7 @@ impl Agent {
             self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
             return false;
         }
+        self.report_kept(merged.kept);
         if self.api.heard {
             self.api.last_good = merged.applied;
             self.api.refused = merged
@@ -535,6 +549,23 @@ impl Agent {
         self.metrics.reloads.get_or_create(&ResultLabel { result: "ok".into() }).inc();
         self.rescan_logged();
         true
+    }
+
+    /// Logs each address of this node that a published peer keeps once, when it starts to.
+    fn report_kept(&mut self, kept: Vec<KeptLocal>) {
+        let kept: BTreeSet<KeptLocal> = kept.into_iter().collect();
+        for k in kept.difference(&self.api.kept) {
+            warn!(
+                peer = %k.peer,
+                claim = %k.claim,
+                address = %k.address,
+                "{k}; the peer keeps it, as the maps held it for the peer before (were it withdrawn, one local address, such as a Service's externalIP, would break every flow to the peer on every node): remove the address, or correct the peer's claim"
+            );
+        }
+        for k in self.api.kept.difference(&kept) {
+            info!(peer = %k.peer, claim = %k.claim, address = %k.address, "a published peer no longer covers this address of the node");
+        }
+        self.api.kept = kept;
     }
 
     /// Writes the config's desired state, with gateway health applied, into the maps.

@@ -450,6 +450,13 @@ impl Reserved {
     /// Why `cidr` must not be routed to a peer, or `None` if it may.
     #[must_use]
     pub fn refuse_cidr(&self, cidr: Ipv4Net) -> Option<String> {
+        self.refuse_cidr_sparing(cidr, |_| false)
+    }
+
+    /// [`Reserved::refuse_cidr`], but a local address that `spared` says the peer keeps (see
+    /// [`Held`]) refuses nothing.
+    #[must_use]
+    pub fn refuse_cidr_sparing(&self, cidr: Ipv4Net, spared: impl Fn(Ipv4Addr) -> bool) -> Option<String> {
         let overlaps = |o: &Ipv4Net| o.contains(&cidr) || cidr.contains(o);
         if cidr.prefix_len() == 0 {
             return Some(format!("{cidr} would send all traffic to the peer; refusing a default route"));
@@ -460,7 +467,7 @@ impl Reserved {
         if let Some(s) = self.service_cidrs.iter().find(|s| overlaps(s)) {
             return Some(format!("{cidr} overlaps the local Service CIDR {s}"));
         }
-        if let Some(a) = self.local_addresses.iter().find(|a| cidr.contains(*a)) {
+        if let Some(a) = self.local_addresses.iter().find(|a| cidr.contains(*a) && !spared(**a)) {
             return Some(format!("{cidr} covers {a}, an address of this node"));
         }
         None
@@ -469,6 +476,13 @@ impl Reserved {
     /// Why `a` must not be a gateway address, or `None` if it may.
     #[must_use]
     pub fn refuse_gateway(&self, a: Ipv4Addr) -> Option<String> {
+        self.refuse_gateway_sparing(a, false)
+    }
+
+    /// [`Reserved::refuse_gateway`], but `spared` (the peer keeps `a`, see [`Held`]) lets a
+    /// local address be.
+    #[must_use]
+    pub fn refuse_gateway_sparing(&self, a: Ipv4Addr, spared: bool) -> Option<String> {
         let what = if a.is_unspecified() {
             "unspecified"
         } else if a.is_broadcast() {
@@ -481,7 +495,7 @@ impl Reserved {
             "link-local"
         } else if let Some((_, what)) = RESERVED_RANGES.iter().find(|(r, _)| r.contains(&a)) {
             what
-        } else if self.local_addresses.contains(&a) {
+        } else if self.local_addresses.contains(&a) && !spared {
             return Some(format!("{a} is an address of this node; the peer's traffic would stay here"));
         } else {
             return None;
@@ -490,8 +504,72 @@ impl Reserved {
     }
 }
 
+/// What the datapath's maps hold for one peer, as `ControlMaps::held_claims` reads them: the
+/// addresses they route to it (its gateway routes, its tunnel nodes' pod CIDRs) and its node
+/// addresses (gateways, tunnel nodes). The pins outlive the agent, so this holds across its
+/// restarts.
+///
+/// A published peer keeps what it holds though an address of this node comes to lie in it:
+/// anyone allowed to create a Service can have an `externalIP` bound on every node
+/// (kube-proxy's IPVS mode does), and were the peer refused for it, every agent would
+/// withdraw the peer and break its flows at the next publish, reload or restart. What the
+/// peer does not hold yet (a new or wider CIDR, a new node) is refused as before, so a
+/// remote still cannot newly claim this node's addresses. The controller has the same rule
+/// for what a peer was published with (`resolve::unheld_addresses`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The addresses the maps route to the peer.
+    pub cidrs: Vec<Ipv4Net>,
+    /// The peer's gateways and tunnel nodes the maps hold.
+    pub nodes: BTreeSet<Ipv4Addr>,
+    /// A tunnel peer's pod CIDRs as the agent last applied them (the tunnel maps keep only its
+    /// nodes' CIDRs): nothing routes a local address there that no node CIDR covers. Empty
+    /// after a restart, when the pinned version (its nodes' CIDRs) is the one that passes.
+    pub pod_cidrs: Vec<Ipv4Net>,
+}
+
+impl Held {
+    /// What `p` holds, a peer as the maps serve it (see `ControlMaps::pinned_peers`).
+    #[must_use]
+    pub fn of(p: &RawPeer) -> Self {
+        let cidrs = p.pod_cidrs.iter().chain(p.nodes.iter().flat_map(|n| &n.pod_cidrs)).filter_map(|c| c.parse().ok());
+        let nodes = p.gateways.iter().map(|g| g.address.as_str()).chain(p.nodes.iter().map(|n| n.address.as_str()));
+        Self { cidrs: cidrs.collect(), nodes: nodes.filter_map(|a| a.parse().ok()).collect(), pod_cidrs: Vec::new() }
+    }
+
+    /// Whether the maps route all of `net` to the peer.
+    #[must_use]
+    pub fn routes(&self, net: Ipv4Net) -> bool {
+        self.cidrs.iter().any(|h| h.contains(&net))
+    }
+}
+
+/// An address of this node that a published peer keeps, since the maps held it for the peer
+/// (see [`Held`]): in `claim`, one of its pod CIDRs, or `address` itself as its gateway or
+/// tunnel node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeptLocal {
+    pub peer: String,
+    pub claim: String,
+    pub address: Ipv4Addr,
+}
+
+impl fmt::Display for KeptLocal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let peer = &self.peer;
+        if self.claim == self.address.to_string() {
+            write!(f, "{} of published peer {peer:?} is an address of this node", self.address)
+        } else {
+            write!(f, "{} of published peer {peer:?} covers {}, an address of this node", self.claim, self.address)
+        }
+    }
+}
+
+#[derive(Default)]
 struct Checker {
     errors: Vec<FieldError>,
+    /// The local addresses that the peer checked keeps (see [`Held`]).
+    kept: Vec<KeptLocal>,
 }
 
 impl Checker {
@@ -625,6 +703,8 @@ struct Claims<'a> {
     /// The file's tunnel peers' pod CIDRs, with their peer's name: no gateway or node of
     /// another peer may lie in one, for the same reason.
     fixed_tunnel_cidrs: Vec<(Ipv4Net, String)>,
+    /// What the maps hold for each published peer, by name: see [`Held`].
+    held: Option<&'a BTreeMap<String, Held>>,
 }
 
 /// `f` under the field path `at` (empty for a peer checked on its own).
@@ -664,7 +744,14 @@ impl<'a> Claims<'a> {
             fixing: true,
             fixed_nodes: Vec::new(),
             fixed_tunnel_cidrs: Vec::new(),
+            held: None,
         }
+    }
+
+    /// What the maps hold for published peer `name`. Nothing for the file's peers: an
+    /// operator's error there is reported as it always was.
+    fn held(&self, name: &str) -> Option<&'a Held> {
+        self.held.filter(|_| !self.fixing).and_then(|h| h.get(name))
     }
 
     /// Checks one peer against the rules and what is claimed; errors go to `c`, with field
@@ -709,14 +796,33 @@ impl<'a> Claims<'a> {
         let mut parsed: Vec<Ipv4Net> = Vec::new();
         let mut mine = CidrSet::default();
         let me = format!("peer {:?}", raw.name);
+        let held = self.held(&raw.name);
+        let node_cidrs: Vec<Ipv4Net> = raw.nodes.iter().flat_map(|n| &n.pod_cidrs).filter_map(|s| s.parse().ok()).collect();
         for (ci, s) in raw.pod_cidrs.iter().enumerate() {
             let f = field(&format!("podCIDRs[{ci}]"));
             let Some(net) = c.cidr(f.clone(), s) else { continue };
             parsed.push(net);
-            if let Some(why) = self.reserved.refuse_cidr(net) {
+            // A local address in it is kept where the maps already route it to this peer as
+            // this version would: a gateway peer's route inside one they hold, a tunnel
+            // peer's (which routes by its nodes' CIDRs) with every node CIDR over the address
+            // inside one they hold; or where no node CIDR covers it (nothing routes it), inside
+            // the tunnel peer's pod CIDRs as applied. Anything wider or new is refused.
+            let spared = |a: Ipv4Addr| {
+                held.is_some_and(|h| match raw.mode {
+                    PeerMode::Gateway => h.routes(net),
+                    PeerMode::Tunnel => {
+                        let mut over = node_cidrs.iter().filter(|n| n.contains(&a)).peekable();
+                        let unrouted = over.peek().is_none() && h.pod_cidrs.iter().any(|p| p.contains(&net));
+                        unrouted || (h.routes(Ipv4Net::from(a)) && over.all(|n| h.routes(*n)))
+                    }
+                })
+            };
+            if let Some(why) = self.reserved.refuse_cidr_sparing(net, spared) {
                 c.err(f, format!("{s:?} refused: {why}"));
                 continue;
             }
+            let kept = self.reserved.local_addresses.iter().filter(|a| net.contains(*a));
+            c.kept.extend(kept.map(|a| KeptLocal { peer: raw.name.clone(), claim: net.to_string(), address: *a }));
             if let Some((other, owner)) = self.cidrs.overlap(net).or_else(|| mine.overlap(net)) {
                 c.err(f, format!("{s:?} overlaps {other} of {owner}"));
                 continue;
@@ -861,9 +967,14 @@ impl<'a> Claims<'a> {
             c.err(field, format!("{value:?} is not a valid IPv4 address"));
             return None;
         };
-        if let Some(why) = self.reserved.refuse_gateway(a) {
+        // One the maps already hold as this published peer's node it keeps (see [`Held`]).
+        let held = self.held(name).is_some_and(|h| h.nodes.contains(&a));
+        if let Some(why) = self.reserved.refuse_gateway_sparing(a, held) {
             c.err(field, format!("{value:?} refused: {why}"));
             return None;
+        }
+        if held && self.reserved.local_addresses.contains(&a) {
+            c.kept.push(KeptLocal { peer: name.to_string(), claim: a.to_string(), address: a });
         }
         // A pod's address of this cluster is no node's: traffic for the peer would go to that
         // pod. (Another peer's pod CIDR over the address is the controller's to settle, by
@@ -911,7 +1022,7 @@ impl<'a> Claims<'a> {
 pub fn validate_peer(raw: &RawPeer, reserved: &Reserved) -> Result<Peer, Vec<FieldError>> {
     // Whether this node can take a tunnel peer is each agent's to say, from its own config.
     let claims = Claims::new("", reserved, &[], true);
-    let mut c = Checker { errors: Vec::new() };
+    let mut c = Checker::default();
     let p = claims.check(&mut c, "", raw);
     if c.errors.is_empty() {
         Ok(p)
@@ -928,6 +1039,8 @@ pub struct Merged {
     pub applied: BTreeMap<String, RawPeer>,
     /// Published peers whose newest version was refused, with every problem.
     pub rejected: BTreeMap<String, Vec<FieldError>>,
+    /// The addresses of this node that the applied published peers keep (see [`Held`]).
+    pub kept: Vec<KeptLocal>,
 }
 
 impl RawConfig {
@@ -938,7 +1051,7 @@ impl RawConfig {
 
     /// Validates, also refusing peers that claim one of `local_addresses` (this node's).
     pub fn validate_on(&self, local_addresses: &BTreeSet<Ipv4Addr>) -> Result<Config, Vec<FieldError>> {
-        let mut c = Checker { errors: Vec::new() };
+        let mut c = Checker::default();
         let (mut config, reserved) = self.validate_local(&mut c, local_addresses);
         let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs, self.tunnel.is_some());
         for (pi, raw) in self.peers.iter().enumerate() {
@@ -963,7 +1076,7 @@ impl RawConfig {
         local_addresses: &BTreeSet<Ipv4Addr>,
         published: &BTreeMap<String, Vec<RawPeer>>,
     ) -> Result<Merged, Vec<FieldError>> {
-        self.merge_api_keeping(local_addresses, published, &BTreeSet::new())
+        self.merge_api_with(local_addresses, &BTreeMap::new(), published, &BTreeSet::new())
     }
 
     /// [`Self::merge_api`], where the published peers named in `applied` (those in force
@@ -977,8 +1090,30 @@ impl RawConfig {
         published: &BTreeMap<String, Vec<RawPeer>>,
         applied: &BTreeSet<String>,
     ) -> Result<Merged, Vec<FieldError>> {
+        self.merge_api_with(local_addresses, &BTreeMap::new(), published, applied)
+    }
+
+    /// [`RawConfig::merge_api`], where a published peer keeps what `held` (by peer name: what
+    /// the datapath's maps hold) says it holds, though one of `local_addresses` lies in it.
+    pub fn merge_api_held(
+        &self,
+        local_addresses: &BTreeSet<Ipv4Addr>,
+        held: &BTreeMap<String, Held>,
+        published: &BTreeMap<String, Vec<RawPeer>>,
+    ) -> Result<Merged, Vec<FieldError>> {
+        self.merge_api_with(local_addresses, held, published, &BTreeSet::new())
+    }
+
+    /// [`Self::merge_api_keeping`] and [`Self::merge_api_held`] at once, as the agent merges.
+    pub fn merge_api_with(
+        &self,
+        local_addresses: &BTreeSet<Ipv4Addr>,
+        held: &BTreeMap<String, Held>,
+        published: &BTreeMap<String, Vec<RawPeer>>,
+        applied: &BTreeSet<String>,
+    ) -> Result<Merged, Vec<FieldError>> {
         let mut config = self.validate_on(local_addresses)?;
-        let mut c = Checker { errors: Vec::new() };
+        let mut c = Checker::default();
         let (_, reserved) = self.validate_local(&mut c, local_addresses);
         let mut claims = Claims::new(&self.cluster, &reserved, &config.pod_cidrs, self.tunnel.is_some());
         for p in &config.peers {
@@ -990,18 +1125,20 @@ impl RawConfig {
         for name in applied.iter().filter(|n| published.contains_key(*n) && !self.peers.iter().any(|p| &p.name == *n)) {
             claims.ids.entry(peer_id(name)).or_insert_with(|| name.clone());
         }
-        let mut merged = Merged { config: config.clone(), applied: BTreeMap::new(), rejected: BTreeMap::new() };
+        claims.held = Some(held);
+        let mut merged = Merged { config: config.clone(), applied: BTreeMap::new(), rejected: BTreeMap::new(), kept: Vec::new() };
         for (name, versions) in published {
             if self.peers.iter().any(|p| &p.name == name) {
                 continue;
             }
             for (i, raw) in versions.iter().enumerate() {
-                let mut c = Checker { errors: Vec::new() };
+                let mut c = Checker::default();
                 let p = claims.check(&mut c, "", raw);
                 if c.errors.is_empty() {
                     claims.commit(&p);
                     config.peers.push(p);
                     merged.applied.insert(name.clone(), raw.clone());
+                    merged.kept.extend(c.kept);
                     break;
                 }
                 if i == 0 {
@@ -2057,5 +2194,137 @@ peers:
         let c = Config::from_yaml(&uncommented).unwrap();
         assert_eq!(c.tunnel.unwrap().port, 31800);
         assert_eq!(c.peers.iter().filter(|p| p.is_tunnel()).count(), 1);
+    }
+
+    fn locals(addresses: &[&str]) -> BTreeSet<Ipv4Addr> {
+        addresses.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    fn held(name: &str, cidrs: &[&str], nodes: &[&str]) -> BTreeMap<String, Held> {
+        let h = Held { cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(), nodes: locals(nodes), pod_cidrs: Vec::new() };
+        [(name.to_string(), h)].into()
+    }
+
+    /// A local address (a Service's externalIP that kube-proxy binds on every node, say) in
+    /// what the maps already route to a published peer leaves the peer as it is: were it
+    /// refused, every node would withdraw it. What the peer does not hold yet is refused.
+    #[test]
+    fn a_published_peer_keeps_what_the_maps_hold_over_a_local_address() {
+        let mut file = RawConfig::from_yaml(GOOD, "f").unwrap();
+        file.peers.clear();
+        let local = locals(&["10.245.0.20", "10.20.144.83", "10.250.0.5"]);
+        let c2 = peer("c2", "10.245.0.0/16", "10.20.144.165");
+        let one = |p: &RawPeer| -> BTreeMap<String, Vec<RawPeer>> { [("c2".to_string(), vec![p.clone()])].into() };
+        let held_c2 = held("c2", &["10.245.0.0/16"], &["10.20.144.165"]);
+        let m = file.merge_api_held(&local, &held_c2, &one(&c2)).unwrap();
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        assert_eq!(m.config.peers[0].pod_cidrs, ["10.245.0.0/16".parse::<Ipv4Net>().unwrap()]);
+        let kept = KeptLocal { peer: "c2".into(), claim: "10.245.0.0/16".into(), address: "10.245.0.20".parse().unwrap() };
+        assert_eq!(m.kept, std::slice::from_ref(&kept));
+        assert_eq!(kept.to_string(), r#"10.245.0.0/16 of published peer "c2" covers 10.245.0.20, an address of this node"#);
+        // Not held (nothing, or only for another peer): refused as before.
+        let refused = [r#"podCIDRs[0]: "10.245.0.0/16" refused: 10.245.0.0/16 covers 10.245.0.20, an address of this node"#];
+        for h in [BTreeMap::new(), held("c3", &["10.245.0.0/16"], &[])] {
+            let m = file.merge_api_held(&local, &h, &one(&c2)).unwrap();
+            assert_eq!(strings(&m.rejected["c2"]), refused);
+            assert!(m.config.peers.is_empty() && m.applied.is_empty() && m.kept.is_empty());
+        }
+        assert_eq!(strings(&file.merge_api(&local, &one(&c2)).unwrap().rejected["c2"]), refused);
+        // A narrower route inside what is held claims nothing new.
+        let narrower = peer("c2", "10.245.0.0/24", "10.20.144.165");
+        assert!(file.merge_api_held(&local, &held_c2, &one(&narrower)).unwrap().rejected.is_empty());
+        // A wider CIDR, or another one, over a local address is a new claim: refused, and the
+        // last good version (held) stays.
+        let held_narrow = held("c2", &["10.245.0.0/24"], &["10.20.144.165"]);
+        let m = file.merge_api_held(&local, &held_narrow, &[("c2".to_string(), vec![c2.clone(), narrower.clone()])].into()).unwrap();
+        assert_eq!(strings(&m.rejected["c2"]), refused);
+        assert_eq!(m.applied["c2"], narrower);
+        let mut other = c2.clone();
+        other.pod_cidrs.push("10.250.0.0/16".into());
+        let m = file.merge_api_held(&local, &held_c2, &[("c2".to_string(), vec![other, c2.clone()])].into()).unwrap();
+        assert_eq!(
+            strings(&m.rejected["c2"]),
+            [r#"podCIDRs[1]: "10.250.0.0/16" refused: 10.250.0.0/16 covers 10.250.0.5, an address of this node"#]
+        );
+        assert_eq!(m.applied["c2"], c2);
+        // A gateway at a local address: kept if held as this peer's node, refused if new.
+        let mut at_local = c2.clone();
+        at_local.gateways.push(RawGateway { address: "10.20.144.83".into(), port: 31674, udp_port: None });
+        let held_gw = held("c2", &["10.245.0.0/16"], &["10.20.144.165", "10.20.144.83"]);
+        let m = file.merge_api_held(&local, &held_gw, &one(&at_local)).unwrap();
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        assert!(m.kept.iter().any(|k| k.claim == "10.20.144.83" && k.to_string() == r#"10.20.144.83 of published peer "c2" is an address of this node"#));
+        let m = file.merge_api_held(&local, &held_c2, &one(&at_local)).unwrap();
+        assert_eq!(
+            strings(&m.rejected["c2"]),
+            [r#"gateways[1].address: "10.20.144.83" refused: 10.20.144.83 is an address of this node; the peer's traffic would stay here"#]
+        );
+        // The file's own peers are the operator's: held or not, their errors are reported.
+        let file = RawConfig::from_yaml(GOOD, "f").unwrap();
+        let e = file.merge_api_held(&local, &held("cluster2", &["10.245.0.0/16"], &["192.0.2.2"]), &BTreeMap::new()).unwrap_err();
+        assert_eq!(strings(&e), [r#"peers[0].podCIDRs[0]: "10.245.0.0/16" refused: 10.245.0.0/16 covers 10.245.0.20, an address of this node"#]);
+    }
+
+    /// A tunnel peer routes by its nodes' CIDRs: a local address in its pod CIDR is kept where
+    /// the maps route it to the peer, and this version's node CIDRs over it are held too.
+    #[test]
+    fn a_published_tunnel_peer_keeps_what_the_maps_route_to_it() {
+        let mut file = RawConfig::from_yaml(TUNNEL, "f").unwrap();
+        file.peers.clear();
+        let local = locals(&["10.245.0.20", "10.245.9.9", "192.0.2.9"]);
+        let c2 = tunnel_peer("c2", "10.245.0.0/16", &[("192.0.2.2", &["10.245.0.0/24"]), ("192.0.2.4", &["10.245.1.0/24"])]);
+        let one = |p: &RawPeer| -> BTreeMap<String, Vec<RawPeer>> { [("c2".to_string(), vec![p.clone()])].into() };
+        // As the maps hold it: its nodes' routes, not its pod CIDR.
+        let held_c2 = held("c2", &["10.245.0.0/24", "10.245.1.0/24"], &["192.0.2.2", "192.0.2.4"]);
+        let refused = |a: &str| format!(r#"podCIDRs[0]: "10.245.0.0/16" refused: 10.245.0.0/16 covers {a}, an address of this node"#);
+        // 10.245.9.9 is in the pod CIDR but in no route the maps hold: a new claim.
+        let m = file.merge_api_held(&local, &held_c2, &one(&c2)).unwrap();
+        assert_eq!(strings(&m.rejected["c2"]), [refused("10.245.9.9")]);
+        let local = locals(&["10.245.0.20", "192.0.2.9"]);
+        let m = file.merge_api_held(&local, &held_c2, &one(&c2)).unwrap();
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        assert_eq!(m.kept.iter().map(ToString::to_string).collect::<Vec<_>>(), [
+            r#"10.245.0.0/16 of published peer "c2" covers 10.245.0.20, an address of this node"#
+        ]);
+        assert_eq!(strings(&file.merge_api(&local, &one(&c2)).unwrap().rejected["c2"]), [refused("10.245.0.20")]);
+        // A node CIDR over the address wider than the route held: refused.
+        let wider = tunnel_peer("c2", "10.245.0.0/16", &[("192.0.2.2", &["10.245.0.0/23"])]);
+        assert_eq!(strings(&file.merge_api_held(&local, &held_c2, &one(&wider)).unwrap().rejected["c2"]), [refused("10.245.0.20")]);
+        // A node at a local address: kept when held as the peer's, refused when new.
+        let mut at_local = c2.clone();
+        at_local.nodes.push(RawTunnelNode { address: "192.0.2.9".into(), pod_cidrs: vec!["10.245.2.0/24".into()] });
+        let m = file.merge_api_held(&local, &held_c2, &one(&at_local)).unwrap();
+        assert_eq!(
+            strings(&m.rejected["c2"]),
+            [r#"nodes[2].address: "192.0.2.9" refused: 192.0.2.9 is an address of this node; the peer's traffic would stay here"#]
+        );
+        let held_node = held("c2", &["10.245.0.0/24", "10.245.1.0/24", "10.245.2.0/24"], &["192.0.2.2", "192.0.2.4", "192.0.2.9"]);
+        assert!(file.merge_api_held(&local, &held_node, &one(&at_local)).unwrap().rejected.is_empty());
+        // An address no node CIDR covers, inside the pod CIDR as the agent applied it: nothing
+        // routes it to the peer, which keeps it; a pod CIDR grown over it is refused.
+        let local = locals(&["10.245.200.1"]);
+        let mut applied = held_c2.clone();
+        applied.get_mut("c2").unwrap().pod_cidrs = vec!["10.245.0.0/16".parse().unwrap()];
+        let m = file.merge_api_held(&local, &applied, &one(&c2)).unwrap();
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        assert_eq!(m.kept.len(), 1);
+        applied.get_mut("c2").unwrap().pod_cidrs = vec!["10.245.0.0/17".parse().unwrap()];
+        assert_eq!(strings(&file.merge_api_held(&local, &applied, &one(&c2)).unwrap().rejected["c2"]), [refused("10.245.200.1")]);
+        // A node CIDR over it is a route: held only as one.
+        let mut routed = c2.clone();
+        routed.nodes[1].pod_cidrs.push("10.245.200.0/24".into());
+        applied.get_mut("c2").unwrap().pod_cidrs = vec!["10.245.0.0/16".parse().unwrap()];
+        assert_eq!(strings(&file.merge_api_held(&local, &applied, &one(&routed)).unwrap().rejected["c2"]), [refused("10.245.200.1")]);
+    }
+
+    /// What a peer holds, read back from a peer as the maps serve it.
+    #[test]
+    fn held_claims_are_read_from_a_pinned_peer() {
+        let t = tunnel_peer("c2", "10.245.0.0/23", &[("192.0.2.2", &["10.245.0.0/24"]), ("192.0.2.4", &["10.245.1.0/24"])]);
+        let h = Held::of(&t);
+        assert!(h.routes("10.245.1.0/24".parse().unwrap()) && h.routes("10.245.0.20/32".parse().unwrap()));
+        assert!(!h.routes("10.245.0.0/22".parse().unwrap()));
+        assert_eq!(h.nodes, locals(&["192.0.2.2", "192.0.2.4"]));
+        assert_eq!(Held::of(&peer("c3", "10.246.0.0/16", "192.0.2.3")), held("c3", &["10.246.0.0/16"], &["192.0.2.3"])["c3"]);
     }
 }

@@ -660,6 +660,18 @@ impl ControlMaps {
         Ok(out)
     }
 
+    /// What the maps hold for each peer, by name (see [`crate::config::Held`]): what
+    /// [`ControlMaps::pinned_peers`] gives, and the tunnel nodes held without a route yet.
+    pub fn held_claims(&self, tunnel: &crate::tunnel::TunnelMaps) -> anyhow::Result<BTreeMap<String, crate::config::Held>> {
+        let pinned = self.pinned_peers(Some(tunnel))?;
+        let mut out: BTreeMap<String, crate::config::Held> = pinned.iter().map(|(n, p)| (n.clone(), crate::config::Held::of(p))).collect();
+        for (a, id) in tunnel.current_nodes() {
+            let Some(name) = self.names.get(&id, 0).ok().map(|v| peer_name_of(&v)).filter(|n| !n.is_empty()) else { continue };
+            out.entry(name).or_default().nodes.insert(a);
+        }
+        Ok(out)
+    }
+
     /// Makes the maps hold `desired`, touching only what differs. New routes and gateways go
     /// in before anything is removed, so no packet meets a half-applied state that drops it;
     /// flows of withdrawn routes or of gateways that are gone are purged last, so their next

@@ -1759,3 +1759,87 @@ fn detach_leaves_a_link_that_is_not_meshnets() {
     assert!(gone.is_some(), "meshnet still attached after detach: {out:?}");
     assert!(foreign_on(&t), "detach detached another program's link");
 }
+
+/// Publishes cluster2 as the standard config has it, but with the pod CIDRs `cidrs` (a YAML
+/// flow list's items), as `meshnet controller` writes `meshnet-peers`, into `api`.
+fn publish(api: &meshnet_tests::fakeapi::FakeApi, cidrs: &str) {
+    let peers = format!(
+        "- name: cluster2\n  podCIDRs: [{cidrs}]\n  gateways: [{{address: {}, port: {}, udpPort: {}}}]\n",
+        topo::NODE2_LAN,
+        topo::NODEPORT_TCP,
+        topo::NODEPORT_UDP
+    );
+    api.apply(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "meshnet-peers", "namespace": "meshnet"},
+        "data": {"peers.yaml": peers, "status.yaml": "{}\n"}
+    }));
+}
+
+/// An address of the node inside a published peer's pod CIDR (a Service's `externalIPs` entry,
+/// which kube-proxy in IPVS mode binds on every node) withdraws nothing the maps already hold
+/// for the peer: not at a reload, a publish or a restart, and a connection held through it
+/// keeps working with its flow. A new claim over a node address is still refused.
+#[test]
+fn a_local_address_in_a_published_peers_cidr_breaks_no_flow() {
+    let t = Topology::new(Options::default());
+    let api = meshnet_tests::fakeapi::FakeApi::start(Some(&t.node1.path()));
+    api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "meshnet"}, "status": {"phase": "Active"}}));
+    api.apply(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node1"},
+        "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": topo::NODE1_LAN}]}
+    }));
+    publish(&api, "10.245.0.0/16");
+    let kubeconfig = t.dir.0.join("kubeconfig.yaml");
+    std::fs::write(&kubeconfig, api.kubeconfig("cluster1")).unwrap();
+    let kc = kubeconfig.display().to_string();
+    let args = ["--kube", "--kubeconfig", &kc, "--node-name", "node1"];
+    let cfg = node1_config(POD_INTERFACES);
+    let cfg = cfg.split("peers:").next().unwrap().to_string() + "peers: []\n";
+    let mut agent = start(&t, &cfg, &args);
+    let want = vec![("10.245.0.0/16".to_string(), "cluster2".to_string(), vec![format!("{}:{}", topo::NODE2_LAN, topo::NODEPORT_TCP)])];
+    let applied = poll(WAIT, || (routes(&t) == want).then_some(()));
+    assert!(applied.is_some(), "the published peer never applied: {:?}\n{}", routes(&t), agent.child.output());
+    let mut held = Held::open(&t, app_a());
+    held.exchange("before");
+    let flows = |t: &Topology| nat(t).into_iter().filter(|f| f["remote"] == "10.245.0.20:8080").count();
+    assert_eq!(flows(&t), 1, "{:?}", nat(&t));
+
+    // The address appears on node1 (never the host's namespace), and the agent reloads.
+    t.node1.ip("addr add 10.245.0.99/32 dev lo");
+    agent.child.signal(Signal::SIGHUP);
+    let line = agent.child.wait_for_line("covers 10.245.0.99, an address of this node", WAIT);
+    assert!(line.contains("cluster2") && line.contains("10.245.0.0/16"), "{line}");
+    agent.child.wait_for_line("config reloaded", WAIT);
+    assert_eq!(routes(&t), want, "{}", agent.child.output());
+    held.exchange("after the reload");
+    assert_eq!(flows(&t), 1, "{:?}", nat(&t));
+
+    // A publish that adds a range and a restart keep it too: what is held comes from the
+    // pins. The added range shows when the publish is applied.
+    publish(&api, "10.245.0.0/16, 10.247.0.0/16");
+    let gw = vec![format!("{}:{}", topo::NODE2_LAN, topo::NODEPORT_TCP)];
+    let want = vec![("10.245.0.0/16".to_string(), "cluster2".to_string(), gw.clone()), ("10.247.0.0/16".to_string(), "cluster2".to_string(), gw)];
+    let applied = poll(WAIT, || (routes(&t) == want).then_some(()));
+    assert!(applied.is_some(), "the publish was not applied whole: {:?}\n{}", routes(&t), agent.child.output());
+    held.exchange("after a publish");
+    assert!(agent.child.stop(), "{}", agent.child.output());
+    held.exchange("agent stopped");
+    let mut agent = start(&t, &cfg, &args);
+    assert!(agent.child.output().contains("covers 10.245.0.99, an address of this node"), "{}", agent.child.output());
+    assert_eq!(routes(&t), want, "{}", agent.child.output());
+    held.exchange("agent restarted");
+    assert_eq!(flows(&t), 1, "{:?}", nat(&t));
+
+    // A new claim over an address of the node is refused; the peer keeps its last good state.
+    t.node1.ip("addr add 10.250.0.1/32 dev lo");
+    publish(&api, "10.245.0.0/16, 10.247.0.0/16, 10.250.0.0/16");
+    let line = agent.child.wait_for_line("published peers: not applying", WAIT);
+    assert!(line.contains("10.250.0.0/16 covers 10.250.0.1, an address of this node"), "{line}");
+    assert_eq!(routes(&t), want);
+    held.exchange("a new claim refused");
+    assert_eq!(flows(&t), 1, "{:?}", nat(&t));
+    assert!(agent.child.stop(), "{}", agent.child.output());
+}
