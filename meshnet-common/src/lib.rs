@@ -135,7 +135,8 @@ pub mod names {
     /// go), falls back to the hash.
     pub const TUN_CFG_SEQ: &str = "mn_tun_cfgs_v1";
     /// Array of 1024 `u64`: a bitmap of the tunnel peers' ports (their `tunnelPort`), laid out
-    /// as [`GW_PORTS`]. `from_pod` drops a pod's own UDP to one of them (`tunnel_forged`):
+    /// as [`GW_PORTS`]. `from_pod` drops a pod's own UDP to one of them at a peer node's
+    /// address (`mn_tun_nodes_v1`; `tunnel_forged`):
     /// masqueraded to the node's address, as traffic leaving the pod network usually is, it
     /// would come from a node the peer knows, and the peer would deliver what it carries as
     /// if this node had encapsulated it, in the name of any pod of this cluster. meshnet's own
@@ -427,8 +428,8 @@ pub enum Counter {
     /// From a pod interface, with a source address another pod interface holds, or on a flow
     /// another interface made: a pod posing as another pod (spoofing); dropped.
     SpoofedSource = 32,
-    /// From a pod, UDP to a tunnel peer's port (`names::TUN_PEER_PORTS`): a datagram of its
-    /// own that the peer could take for tunnel traffic; dropped.
+    /// From a pod, UDP to a tunnel peer node at a tunnel peer's port (`names::TUN_PEER_PORTS`):
+    /// a datagram of its own that the peer could take for tunnel traffic; dropped.
     TunnelForged = 33,
 }
 

@@ -115,7 +115,7 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
         }
         None => match new_flow(&key, ifindex(ctx), now, l4.tcp_flags) {
             Ok(Some(fwd)) => (fwd, true),
-            Ok(None) if ip.proto == IPPROTO_UDP && crate::tunnel::is_peer_port(l4.dport_be) => {
+            Ok(None) if ip.proto == IPPROTO_UDP && crate::tunnel::is_peer_tunnel(ip.daddr_be, l4.dport_be) => {
                 return drop_packet(ctx, Counter::TunnelForged, &ip, Some(&l4));
             }
             Ok(None) => return PASS,

@@ -560,6 +560,131 @@ pub fn ip_header(ctx: &TcContext) -> Option<IpHeader> {
     }
 }
 
+/// Bytes summed per step of [`split_keeps_l4_checksum`], and the most steps: tails of up to 8 KB,
+/// what a pod of a jumbo MTU can send whole.
+const SUM_STEP: usize = 64;
+const SUM_STEPS: usize = 128;
+
+/// Adds the `N` bytes at `off` to `sum` (`bpf_csum_diff`'s running sum). `N` is a constant, a
+/// multiple of 4, and the buffer is written whole by the load before it is read: kernels
+/// before 5.10 refuse a helper length that may be 0, and a zeroed buffer becomes a `memset`
+/// call, which they refuse beside tail calls.
+#[inline(always)]
+fn sum_bytes<const N: usize>(ctx: &TcContext, off: usize, sum: u32) -> Result<u32, ()> {
+    let mut buf = core::mem::MaybeUninit::<[u32; SUM_STEP / 4]>::uninit();
+    let p = buf.as_mut_ptr().cast::<u32>();
+    // SAFETY: helper calls into a stack buffer of SUM_STEP bytes, with N ≤ SUM_STEP of them,
+    // the second reading only what the first wrote.
+    unsafe {
+        if aya_ebpf::helpers::bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, p.cast(), N as u32) != 0 {
+            return Err(());
+        }
+        let r = aya_ebpf::helpers::bpf_csum_diff(core::ptr::null_mut(), 0, p, N as u32, sum);
+        if r < 0 {
+            return Err(());
+        }
+        Ok(r as u32)
+    }
+}
+
+/// Before a whole TCP or UDP datagram of `tot_len` bytes is cut to its first `keep` payload
+/// bytes (the rest goes on as a later fragment), makes its L4 checksum come out right for the
+/// datagram reassembled. A checksum the device is still to compute (`CHECKSUM_PARTIAL`, what
+/// a pod's socket leaves with offload on) would cover the first fragment only: the bytes cut
+/// off are added to the seed it starts from. A checksum already computed covers the whole
+/// datagram and stays; which one the field holds, `bpf_l4_csum_replace` tells by what it did
+/// to it (as for the address in `nat`), and what it did to a computed one is undone. Works on
+/// every kernel, without the checksum state the loaded variant may not read.
+#[inline(always)]
+pub fn split_keeps_l4_checksum(ctx: &TcContext, proto: u8, tot_len: usize, keep: usize) -> Result<(), ()> {
+    let (field, mangle) = match proto {
+        IPPROTO_TCP => (TCP_CSUM, 0),
+        IPPROTO_UDP => (UDP_CSUM, u64::from(aya_ebpf::bindings::BPF_F_MARK_MANGLED_0)),
+        _ => return Ok(()),
+    };
+    let l4 = ETH_HLEN + IP_MIN_HLEN;
+    let (from, end) = (l4 + keep, ETH_HLEN + tot_len);
+    if from >= end || keep & 1 != 0 || end - from > SUM_STEP * SUM_STEPS {
+        return Err(());
+    }
+    let mut sum: u32 = 0;
+    let mut off = from;
+    let mut i = 0;
+    while i < SUM_STEPS && end - off >= SUM_STEP {
+        sum = sum_bytes::<SUM_STEP>(ctx, off, sum)?;
+        off += SUM_STEP;
+        i += 1;
+    }
+    // What is left, under SUM_STEP bytes, in constant lengths.
+    if end - off >= 32 {
+        sum = sum_bytes::<32>(ctx, off, sum)?;
+        off += 32;
+    }
+    if end - off >= 16 {
+        sum = sum_bytes::<16>(ctx, off, sum)?;
+        off += 16;
+    }
+    if end - off >= 8 {
+        sum = sum_bytes::<8>(ctx, off, sum)?;
+        off += 8;
+    }
+    if end - off >= 4 {
+        sum = sum_bytes::<4>(ctx, off, sum)?;
+        off += 4;
+    }
+    let rest = end - off;
+    if rest > 0 {
+        // The last one to three bytes, zero-padded to a word as the checksum pads an odd end
+        // (`off` is even, so their place in the sum is right).
+        let mut w: u32 = 0;
+        let p = (&raw mut w).cast::<u8>();
+        // SAFETY: helper calls into a 4-byte local, at most 2 + 1 bytes of it.
+        unsafe {
+            let skb = ctx.skb.skb.cast();
+            // Constant stack offsets: older verifiers refuse a variable one for a helper.
+            let rc = match rest {
+                1 => aya_ebpf::helpers::bpf_skb_load_bytes(skb, off as u32, p.cast(), 1),
+                2 => aya_ebpf::helpers::bpf_skb_load_bytes(skb, off as u32, p.cast(), 2),
+                _ => match aya_ebpf::helpers::bpf_skb_load_bytes(skb, off as u32, p.cast(), 2) {
+                    0 => aya_ebpf::helpers::bpf_skb_load_bytes(skb, (off + 2) as u32, p.add(2).cast(), 1),
+                    e => e,
+                },
+            };
+            if rc != 0 {
+                return Err(());
+            }
+            let r = aya_ebpf::helpers::bpf_csum_diff(core::ptr::null_mut(), 0, &raw mut w, 4, sum);
+            if r < 0 {
+                return Err(());
+            }
+            sum = r as u32;
+        }
+    }
+    let fold = |v: u32| {
+        let v = (v & 0xffff) + (v >> 16);
+        ((v & 0xffff) + (v >> 16)) as u16
+    };
+    let s16 = fold(sum);
+    // Adding 0 or 0xffff (both zero) changes nothing that matters, and would leave the two
+    // states below indistinguishable.
+    if s16 == 0 || s16 == 0xffff {
+        return Ok(());
+    }
+    let at = l4 + field;
+    let read = |ctx: &TcContext| ptr_at::<u16>(ctx, at).map(|p| unsafe { load(p) });
+    let before = read(ctx).ok_or(())?;
+    let flags = u64::from(aya_ebpf::bindings::BPF_F_PSEUDO_HDR) | mangle | 4;
+    ctx.l4_csum_replace(at, 0, u64::from(sum), flags).map_err(|_| ())?;
+    let after = read(ctx).ok_or(())?;
+    let seeded = fold(u32::from(before) + u32::from(s16));
+    let seeded = if seeded == 0 && mangle != 0 { 0xffff } else { seeded };
+    if after != seeded && !(mangle != 0 && before == 0) {
+        // A computed checksum, changed as if the bytes had changed: put it back.
+        ctx.l4_csum_replace(at, u64::from(sum), 0, flags).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
 /// Rewrites the total length and the fragment field of the IPv4 header at `ETH_HLEN`, with
 /// its checksum: what splitting a datagram into fragments changes.
 #[inline(always)]

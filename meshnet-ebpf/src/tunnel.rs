@@ -65,12 +65,16 @@ pub fn route(daddr_be: u32) -> Option<TunnelNode> {
     TUN_ROUTES.get(Key::new(32, daddr_be)).copied()
 }
 
-/// Whether `port_be` is a tunnel peer's port (`names::TUN_PEER_PORTS`), where a pod's own
-/// datagram could pass for tunnel traffic.
+/// Whether `daddr_be:port_be` is a tunnel peer node's tunnel port, where a pod's own datagram
+/// could pass for tunnel traffic: the port among the peers' (`names::TUN_PEER_PORTS`, an
+/// inlined array read), then the address among their nodes. Only a peer node's: the ports
+/// come from the remotes, and one that named 53 must not cut every pod off DNS.
 #[inline(always)]
-pub fn is_peer_port(port_be: u16) -> bool {
+pub fn is_peer_tunnel(daddr_be: u32, port_be: u16) -> bool {
     let port = u32::from(u16::from_be(port_be));
     TUN_PEER_PORTS.get(port >> 6).is_some_and(|w| w & (1 << (port & 63)) != 0)
+        // SAFETY: a lookup whose value is not read.
+        && unsafe { TUN_NODES.get(&daddr_be) }.is_some()
 }
 
 #[inline(always)]
@@ -183,7 +187,7 @@ fn encap_or_why(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Co
         if hdr.frag_off & IP_DF != 0 {
             return frag_needed(ctx, ip, node);
         }
-        split(ctx, &hdr, node)?;
+        split(ctx, &hdr, ip.proto, node)?;
         hdr = parse::ip_header(ctx).ok_or(Counter::TunnelEncapFailed)?;
     }
     // A UDP GSO send (UDP_SEGMENT, as QUIC stacks do) keeps its segment size: the kernel
@@ -319,7 +323,7 @@ fn frag_needed(ctx: &TcContext, ip: &Ipv4, node: &TunnelNode) -> Result<i32, Cou
 /// that fits. The pod that receives them reassembles the datagram, as after any router
 /// that fragments.
 #[inline(always)]
-fn split(ctx: &TcContext, hdr: &parse::IpHeader, node: &TunnelNode) -> Result<(), Counter> {
+fn split(ctx: &TcContext, hdr: &parse::IpHeader, proto: u8, node: &TunnelNode) -> Result<(), Counter> {
     if hdr.ihl != IP_MIN_HLEN {
         return Err(Counter::TunnelEncapFailed);
     }
@@ -332,6 +336,10 @@ fn split(ctx: &TcContext, hdr: &parse::IpHeader, node: &TunnelNode) -> Result<()
     let cloned = ctx.clone_redirect(ifindex(ctx), u64::from(BPF_F_INGRESS));
     ctx.set_mark(0);
     cloned.map_err(|_| Counter::TunnelEncapFailed)?;
+    // A whole datagram carries its L4 checksum in this, the first fragment.
+    if hdr.frag_off & (IP_MF | IP_OFFSET_MASK) == 0 {
+        parse::split_keeps_l4_checksum(ctx, proto, usize::from(hdr.tot_len), first as usize).map_err(|()| Counter::TunnelEncapFailed)?;
+    }
     let len = IP_MIN_HLEN as u32 + first;
     // SAFETY: the context's skb; the helper bounds the new length itself.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, ETH_HLEN as u32 + len, 0) } != 0 {

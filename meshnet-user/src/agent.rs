@@ -21,7 +21,7 @@ use ipnet::Ipv4Net;
 use meshnet_common::PodPort;
 
 use crate::{
-    config::{Config, ConfigError, Desired, KeptLocal, PeerMode, RawConfig, RawPeer},
+    config::{Config, ConfigError, Desired, KeptLocal, RawConfig, RawPeer},
     discovery::{
         published::{Published, PublishedEntry, PEERS_CONFIGMAP},
         source::{self, ApiUpdate, SourceOptions},
@@ -502,15 +502,16 @@ impl Agent {
         let candidates = if self.api.heard { self.api.candidates() } else { self.api.pinned() };
         // What the pinned maps hold for each peer, before this sync changes them: a published
         // peer keeps it, though an address of this node lies in it (see `config::Held`).
-        let mut held = self.maps.held_claims(&self.tunnel).unwrap_or_else(|e| {
-            warn!(error = %format!("{e:#}"), "the maps' peers are unreadable; published peers keep none of this node's addresses");
-            BTreeMap::new()
-        });
-        for (name, p) in self.api.last_good.iter().filter(|(_, p)| p.mode == PeerMode::Tunnel) {
-            if let Some(h) = held.get_mut(name) {
-                h.pod_cidrs.extend(p.pod_cidrs.iter().filter_map(|c| c.parse::<Ipv4Net>().ok()));
+        // Unreadable, they would keep nothing, and a peer over a local address would be
+        // withdrawn: this apply waits for the next instead, as for a bad file.
+        let held = match self.maps.held_claims(&self.tunnel) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "the maps' peers are unreadable; not applying until they are");
+                self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
+                return false;
             }
-        }
+        };
         let applied = self.api.last_good.keys().cloned().collect();
         let merged = match file.merge_api_with(&netlink::local_addresses(), &held, &candidates, &applied) {
             Ok(m) => m,

@@ -476,13 +476,6 @@ impl Reserved {
     /// Why `a` must not be a gateway address, or `None` if it may.
     #[must_use]
     pub fn refuse_gateway(&self, a: Ipv4Addr) -> Option<String> {
-        self.refuse_gateway_sparing(a, false)
-    }
-
-    /// [`Reserved::refuse_gateway`], but `spared` (the peer keeps `a`, see [`Held`]) lets a
-    /// local address be.
-    #[must_use]
-    pub fn refuse_gateway_sparing(&self, a: Ipv4Addr, spared: bool) -> Option<String> {
         let what = if a.is_unspecified() {
             "unspecified"
         } else if a.is_broadcast() {
@@ -495,7 +488,7 @@ impl Reserved {
             "link-local"
         } else if let Some((_, what)) = RESERVED_RANGES.iter().find(|(r, _)| r.contains(&a)) {
             what
-        } else if self.local_addresses.contains(&a) && !spared {
+        } else if self.local_addresses.contains(&a) {
             return Some(format!("{a} is an address of this node; the peer's traffic would stay here"));
         } else {
             return None;
@@ -505,9 +498,8 @@ impl Reserved {
 }
 
 /// What the datapath's maps hold for one peer, as `ControlMaps::held_claims` reads them: the
-/// addresses they route to it (its gateway routes, its tunnel nodes' pod CIDRs) and its node
-/// addresses (gateways, tunnel nodes). The pins outlive the agent, so this holds across its
-/// restarts.
+/// addresses they route to it (its gateway routes, its tunnel nodes' pod CIDRs). The pins
+/// outlive the agent, so this holds across its restarts.
 ///
 /// A published peer keeps what it holds though an address of this node comes to lie in it:
 /// anyone allowed to create a Service can have an `externalIP` bound on every node
@@ -515,17 +507,14 @@ impl Reserved {
 /// withdraw the peer and break its flows at the next publish, reload or restart. What the
 /// peer does not hold yet (a new or wider CIDR, a new node) is refused as before, so a
 /// remote still cannot newly claim this node's addresses. The controller has the same rule
-/// for what a peer was published with (`resolve::unheld_addresses`).
+/// for what a peer was published with (`resolve::unheld_addresses`). A gateway or tunnel node
+/// at an address of this node is never kept: packets for the peer would go to whatever
+/// listens there (a Service's externalIP, its backends), and a peer withdrawn is better than a
+/// peer intercepted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Held {
     /// The addresses the maps route to the peer.
     pub cidrs: Vec<Ipv4Net>,
-    /// The peer's gateways and tunnel nodes the maps hold.
-    pub nodes: BTreeSet<Ipv4Addr>,
-    /// A tunnel peer's pod CIDRs as the agent last applied them (the tunnel maps keep only its
-    /// nodes' CIDRs): nothing routes a local address there that no node CIDR covers. Empty
-    /// after a restart, when the pinned version (its nodes' CIDRs) is the one that passes.
-    pub pod_cidrs: Vec<Ipv4Net>,
 }
 
 impl Held {
@@ -533,8 +522,7 @@ impl Held {
     #[must_use]
     pub fn of(p: &RawPeer) -> Self {
         let cidrs = p.pod_cidrs.iter().chain(p.nodes.iter().flat_map(|n| &n.pod_cidrs)).filter_map(|c| c.parse().ok());
-        let nodes = p.gateways.iter().map(|g| g.address.as_str()).chain(p.nodes.iter().map(|n| n.address.as_str()));
-        Self { cidrs: cidrs.collect(), nodes: nodes.filter_map(|a| a.parse().ok()).collect(), pod_cidrs: Vec::new() }
+        Self { cidrs: cidrs.collect() }
     }
 
     /// Whether the maps route all of `net` to the peer.
@@ -545,8 +533,7 @@ impl Held {
 }
 
 /// An address of this node that a published peer keeps, since the maps held it for the peer
-/// (see [`Held`]): in `claim`, one of its pod CIDRs, or `address` itself as its gateway or
-/// tunnel node.
+/// (see [`Held`]): in `claim`, one of its pod CIDRs.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeptLocal {
     pub peer: String,
@@ -556,12 +543,7 @@ pub struct KeptLocal {
 
 impl fmt::Display for KeptLocal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let peer = &self.peer;
-        if self.claim == self.address.to_string() {
-            write!(f, "{} of published peer {peer:?} is an address of this node", self.address)
-        } else {
-            write!(f, "{} of published peer {peer:?} covers {}, an address of this node", self.claim, self.address)
-        }
+        write!(f, "{} of published peer {:?} covers {}, an address of this node", self.claim, self.peer, self.address)
     }
 }
 
@@ -805,15 +787,14 @@ impl<'a> Claims<'a> {
             // A local address in it is kept where the maps already route it to this peer as
             // this version would: a gateway peer's route inside one they hold, a tunnel
             // peer's (which routes by its nodes' CIDRs) with every node CIDR over the address
-            // inside one they hold; or where no node CIDR covers it (nothing routes it), inside
-            // the tunnel peer's pod CIDRs as applied. Anything wider or new is refused.
+            // inside one they hold, or where no node CIDR covers it (a tunnel peer's pod CIDRs
+            // route nothing themselves). Anything wider or new is refused.
             let spared = |a: Ipv4Addr| {
                 held.is_some_and(|h| match raw.mode {
                     PeerMode::Gateway => h.routes(net),
                     PeerMode::Tunnel => {
                         let mut over = node_cidrs.iter().filter(|n| n.contains(&a)).peekable();
-                        let unrouted = over.peek().is_none() && h.pod_cidrs.iter().any(|p| p.contains(&net));
-                        unrouted || (h.routes(Ipv4Net::from(a)) && over.all(|n| h.routes(*n)))
+                        over.peek().is_none() || (h.routes(Ipv4Net::from(a)) && over.all(|n| h.routes(*n)))
                     }
                 })
             };
@@ -967,14 +948,11 @@ impl<'a> Claims<'a> {
             c.err(field, format!("{value:?} is not a valid IPv4 address"));
             return None;
         };
-        // One the maps already hold as this published peer's node it keeps (see [`Held`]).
-        let held = self.held(name).is_some_and(|h| h.nodes.contains(&a));
-        if let Some(why) = self.reserved.refuse_gateway_sparing(a, held) {
+        // Never kept, held or not (see [`Held`]): the peer's packets would go to what listens
+        // at the address here.
+        if let Some(why) = self.reserved.refuse_gateway(a) {
             c.err(field, format!("{value:?} refused: {why}"));
             return None;
-        }
-        if held && self.reserved.local_addresses.contains(&a) {
-            c.kept.push(KeptLocal { peer: name.to_string(), claim: a.to_string(), address: a });
         }
         // A pod's address of this cluster is no node's: traffic for the peer would go to that
         // pod. (Another peer's pod CIDR over the address is the controller's to settle, by
@@ -2200,9 +2178,8 @@ peers:
         addresses.iter().map(|a| a.parse().unwrap()).collect()
     }
 
-    fn held(name: &str, cidrs: &[&str], nodes: &[&str]) -> BTreeMap<String, Held> {
-        let h = Held { cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(), nodes: locals(nodes), pod_cidrs: Vec::new() };
-        [(name.to_string(), h)].into()
+    fn held(name: &str, cidrs: &[&str]) -> BTreeMap<String, Held> {
+        [(name.to_string(), Held { cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect() })].into()
     }
 
     /// A local address (a Service's externalIP that kube-proxy binds on every node, say) in
@@ -2215,7 +2192,7 @@ peers:
         let local = locals(&["10.245.0.20", "10.20.144.83", "10.250.0.5"]);
         let c2 = peer("c2", "10.245.0.0/16", "10.20.144.165");
         let one = |p: &RawPeer| -> BTreeMap<String, Vec<RawPeer>> { [("c2".to_string(), vec![p.clone()])].into() };
-        let held_c2 = held("c2", &["10.245.0.0/16"], &["10.20.144.165"]);
+        let held_c2 = held("c2", &["10.245.0.0/16"]);
         let m = file.merge_api_held(&local, &held_c2, &one(&c2)).unwrap();
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         assert_eq!(m.config.peers[0].pod_cidrs, ["10.245.0.0/16".parse::<Ipv4Net>().unwrap()]);
@@ -2224,7 +2201,7 @@ peers:
         assert_eq!(kept.to_string(), r#"10.245.0.0/16 of published peer "c2" covers 10.245.0.20, an address of this node"#);
         // Not held (nothing, or only for another peer): refused as before.
         let refused = [r#"podCIDRs[0]: "10.245.0.0/16" refused: 10.245.0.0/16 covers 10.245.0.20, an address of this node"#];
-        for h in [BTreeMap::new(), held("c3", &["10.245.0.0/16"], &[])] {
+        for h in [BTreeMap::new(), held("c3", &["10.245.0.0/16"])] {
             let m = file.merge_api_held(&local, &h, &one(&c2)).unwrap();
             assert_eq!(strings(&m.rejected["c2"]), refused);
             assert!(m.config.peers.is_empty() && m.applied.is_empty() && m.kept.is_empty());
@@ -2235,7 +2212,7 @@ peers:
         assert!(file.merge_api_held(&local, &held_c2, &one(&narrower)).unwrap().rejected.is_empty());
         // A wider CIDR, or another one, over a local address is a new claim: refused, and the
         // last good version (held) stays.
-        let held_narrow = held("c2", &["10.245.0.0/24"], &["10.20.144.165"]);
+        let held_narrow = held("c2", &["10.245.0.0/24"]);
         let m = file.merge_api_held(&local, &held_narrow, &[("c2".to_string(), vec![c2.clone(), narrower.clone()])].into()).unwrap();
         assert_eq!(strings(&m.rejected["c2"]), refused);
         assert_eq!(m.applied["c2"], narrower);
@@ -2247,13 +2224,10 @@ peers:
             [r#"podCIDRs[1]: "10.250.0.0/16" refused: 10.250.0.0/16 covers 10.250.0.5, an address of this node"#]
         );
         assert_eq!(m.applied["c2"], c2);
-        // A gateway at a local address: kept if held as this peer's node, refused if new.
+        // A gateway at a local address is refused, held or not: the peer's packets would go to
+        // whatever listens there (a Service's externalIP at the remote gateway's address).
         let mut at_local = c2.clone();
         at_local.gateways.push(RawGateway { address: "10.20.144.83".into(), port: 31674, udp_port: None });
-        let held_gw = held("c2", &["10.245.0.0/16"], &["10.20.144.165", "10.20.144.83"]);
-        let m = file.merge_api_held(&local, &held_gw, &one(&at_local)).unwrap();
-        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
-        assert!(m.kept.iter().any(|k| k.claim == "10.20.144.83" && k.to_string() == r#"10.20.144.83 of published peer "c2" is an address of this node"#));
         let m = file.merge_api_held(&local, &held_c2, &one(&at_local)).unwrap();
         assert_eq!(
             strings(&m.rejected["c2"]),
@@ -2261,7 +2235,7 @@ peers:
         );
         // The file's own peers are the operator's: held or not, their errors are reported.
         let file = RawConfig::from_yaml(GOOD, "f").unwrap();
-        let e = file.merge_api_held(&local, &held("cluster2", &["10.245.0.0/16"], &["192.0.2.2"]), &BTreeMap::new()).unwrap_err();
+        let e = file.merge_api_held(&local, &held("cluster2", &["10.245.0.0/16"]), &BTreeMap::new()).unwrap_err();
         assert_eq!(strings(&e), [r#"peers[0].podCIDRs[0]: "10.245.0.0/16" refused: 10.245.0.0/16 covers 10.245.0.20, an address of this node"#]);
     }
 
@@ -2275,46 +2249,36 @@ peers:
         let c2 = tunnel_peer("c2", "10.245.0.0/16", &[("192.0.2.2", &["10.245.0.0/24"]), ("192.0.2.4", &["10.245.1.0/24"])]);
         let one = |p: &RawPeer| -> BTreeMap<String, Vec<RawPeer>> { [("c2".to_string(), vec![p.clone()])].into() };
         // As the maps hold it: its nodes' routes, not its pod CIDR.
-        let held_c2 = held("c2", &["10.245.0.0/24", "10.245.1.0/24"], &["192.0.2.2", "192.0.2.4"]);
+        let held_c2 = held("c2", &["10.245.0.0/24", "10.245.1.0/24"]);
         let refused = |a: &str| format!(r#"podCIDRs[0]: "10.245.0.0/16" refused: 10.245.0.0/16 covers {a}, an address of this node"#);
-        // 10.245.9.9 is in the pod CIDR but in no route the maps hold: a new claim.
-        let m = file.merge_api_held(&local, &held_c2, &one(&c2)).unwrap();
-        assert_eq!(strings(&m.rejected["c2"]), [refused("10.245.9.9")]);
-        let local = locals(&["10.245.0.20", "192.0.2.9"]);
+        // 10.245.9.9 is in the pod CIDR but in no node's CIDR: nothing routes it to the peer,
+        // which keeps it, as it keeps 10.245.0.20, which the maps route to it.
         let m = file.merge_api_held(&local, &held_c2, &one(&c2)).unwrap();
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         assert_eq!(m.kept.iter().map(ToString::to_string).collect::<Vec<_>>(), [
-            r#"10.245.0.0/16 of published peer "c2" covers 10.245.0.20, an address of this node"#
+            r#"10.245.0.0/16 of published peer "c2" covers 10.245.0.20, an address of this node"#,
+            r#"10.245.0.0/16 of published peer "c2" covers 10.245.9.9, an address of this node"#,
         ]);
+        // Not held: refused at the first address.
         assert_eq!(strings(&file.merge_api(&local, &one(&c2)).unwrap().rejected["c2"]), [refused("10.245.0.20")]);
-        // A node CIDR over the address wider than the route held: refused.
+        // A node CIDR over an address, wider than the route held, is a new route: refused.
         let wider = tunnel_peer("c2", "10.245.0.0/16", &[("192.0.2.2", &["10.245.0.0/23"])]);
         assert_eq!(strings(&file.merge_api_held(&local, &held_c2, &one(&wider)).unwrap().rejected["c2"]), [refused("10.245.0.20")]);
-        // A node at a local address: kept when held as the peer's, refused when new.
+        let mut routed = c2.clone();
+        routed.nodes[1].pod_cidrs.push("10.245.9.0/24".into());
+        assert_eq!(strings(&file.merge_api_held(&local, &held_c2, &one(&routed)).unwrap().rejected["c2"]), [refused("10.245.9.9")]);
+        // A node at a local address is refused, held or not: the peer's tunnel packets would go
+        // to whatever listens there.
         let mut at_local = c2.clone();
         at_local.nodes.push(RawTunnelNode { address: "192.0.2.9".into(), pod_cidrs: vec!["10.245.2.0/24".into()] });
-        let m = file.merge_api_held(&local, &held_c2, &one(&at_local)).unwrap();
-        assert_eq!(
-            strings(&m.rejected["c2"]),
-            [r#"nodes[2].address: "192.0.2.9" refused: 192.0.2.9 is an address of this node; the peer's traffic would stay here"#]
-        );
-        let held_node = held("c2", &["10.245.0.0/24", "10.245.1.0/24", "10.245.2.0/24"], &["192.0.2.2", "192.0.2.4", "192.0.2.9"]);
-        assert!(file.merge_api_held(&local, &held_node, &one(&at_local)).unwrap().rejected.is_empty());
-        // An address no node CIDR covers, inside the pod CIDR as the agent applied it: nothing
-        // routes it to the peer, which keeps it; a pod CIDR grown over it is refused.
-        let local = locals(&["10.245.200.1"]);
-        let mut applied = held_c2.clone();
-        applied.get_mut("c2").unwrap().pod_cidrs = vec!["10.245.0.0/16".parse().unwrap()];
-        let m = file.merge_api_held(&local, &applied, &one(&c2)).unwrap();
-        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
-        assert_eq!(m.kept.len(), 1);
-        applied.get_mut("c2").unwrap().pod_cidrs = vec!["10.245.0.0/17".parse().unwrap()];
-        assert_eq!(strings(&file.merge_api_held(&local, &applied, &one(&c2)).unwrap().rejected["c2"]), [refused("10.245.200.1")]);
-        // A node CIDR over it is a route: held only as one.
-        let mut routed = c2.clone();
-        routed.nodes[1].pod_cidrs.push("10.245.200.0/24".into());
-        applied.get_mut("c2").unwrap().pod_cidrs = vec!["10.245.0.0/16".parse().unwrap()];
-        assert_eq!(strings(&file.merge_api_held(&local, &applied, &one(&routed)).unwrap().rejected["c2"]), [refused("10.245.200.1")]);
+        let held_node = held("c2", &["10.245.0.0/24", "10.245.1.0/24", "10.245.2.0/24"]);
+        for h in [&held_c2, &held_node] {
+            let m = file.merge_api_held(&local, h, &one(&at_local)).unwrap();
+            assert_eq!(
+                strings(&m.rejected["c2"]),
+                [r#"nodes[2].address: "192.0.2.9" refused: 192.0.2.9 is an address of this node; the peer's traffic would stay here"#]
+            );
+        }
     }
 
     /// What a peer holds, read back from a peer as the maps serve it.
@@ -2324,7 +2288,6 @@ peers:
         let h = Held::of(&t);
         assert!(h.routes("10.245.1.0/24".parse().unwrap()) && h.routes("10.245.0.20/32".parse().unwrap()));
         assert!(!h.routes("10.245.0.0/22".parse().unwrap()));
-        assert_eq!(h.nodes, locals(&["192.0.2.2", "192.0.2.4"]));
-        assert_eq!(Held::of(&peer("c3", "10.246.0.0/16", "192.0.2.3")), held("c3", &["10.246.0.0/16"], &["192.0.2.3"])["c3"]);
+        assert_eq!(Held::of(&peer("c3", "10.246.0.0/16", "192.0.2.3")), held("c3", &["10.246.0.0/16"])["c3"]);
     }
 }

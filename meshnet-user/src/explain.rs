@@ -782,13 +782,13 @@ fn route_stage<'s>(snap: &'s Snapshot, q: &Query, ex: &mut Explanation) -> Optio
     };
     let Some((net, peer_id)) = longest_match(routes, dst) else {
         ex.step(format!("route: no remote CIDR contains {dst} ({} routes in {})", routes.len(), names::ROUTES));
-        if q.proto == Proto::Udp && snap.tun_peer_ports.contains(&q.dst.port()) {
+        if q.proto == Proto::Udp && snap.tun_peer_ports.contains(&q.dst.port()) && snap.tun_nodes.contains_key(&dst) {
             ex.finish(
                 Verdict::TunnelDrop,
                 &["tunnel_forged"],
                 format!(
-                    "dropped: UDP {} is a tunnel peer's port ({}); a pod's own datagram there could pass for this node's \
-                     tunnel traffic at the peer, in the name of any pod of this cluster",
+                    "dropped: {dst} is a tunnel peer node and UDP {} a tunnel peer's port ({}); a pod's own datagram \
+                     there could pass for this node's tunnel traffic at the peer, in the name of any pod of this cluster",
                     q.dst.port(),
                     names::TUN_PEER_PORTS
                 ),
@@ -1605,16 +1605,19 @@ mod tunnel_tests {
         assert_eq!(e.verdict, Verdict::PassNotMeshnet, "{}", e.text());
     }
 
-    /// A pod's own UDP to a peer's tunnel port, at any address outside the pod networks, is
-    /// dropped: it could pass for tunnel traffic there.
+    /// A pod's own UDP to a peer node's tunnel port is dropped: it could pass for tunnel
+    /// traffic there.
     #[test]
     fn a_pods_own_datagram_to_a_peers_tunnel_port_is_dropped() {
         let s = snapshot();
-        for dst in ["192.0.2.2:31801", "192.0.2.77:31801"] {
-            let e = explain(&s, &q("10.244.0.10:40000", dst, Proto::Udp));
-            assert_eq!((e.verdict, e.counters.as_slice()), (Verdict::TunnelDrop, ["tunnel_forged"].as_slice()), "{dst}: {}", e.text());
-        }
-        for (dst, proto) in [("192.0.2.2:31801", Proto::Tcp), ("192.0.2.2:31802", Proto::Udp), ("192.0.2.2:31800", Proto::Udp)] {
+        let e = explain(&s, &q("10.244.0.10:40000", "192.0.2.2:31801", Proto::Udp));
+        assert_eq!((e.verdict, e.counters.as_slice()), (Verdict::TunnelDrop, ["tunnel_forged"].as_slice()), "{}", e.text());
+        for (dst, proto) in [
+            ("192.0.2.77:31801", Proto::Udp),
+            ("192.0.2.2:31801", Proto::Tcp),
+            ("192.0.2.2:31802", Proto::Udp),
+            ("192.0.2.2:31800", Proto::Udp),
+        ] {
             let e = explain(&s, &q("10.244.0.10:40000", dst, proto));
             assert_eq!(e.verdict, Verdict::PassNotMeshnet, "{dst} {proto:?}: {}", e.text());
         }

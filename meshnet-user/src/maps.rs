@@ -665,9 +665,11 @@ impl ControlMaps {
     pub fn held_claims(&self, tunnel: &crate::tunnel::TunnelMaps) -> anyhow::Result<BTreeMap<String, crate::config::Held>> {
         let pinned = self.pinned_peers(Some(tunnel))?;
         let mut out: BTreeMap<String, crate::config::Held> = pinned.iter().map(|(n, p)| (n.clone(), crate::config::Held::of(p))).collect();
-        for (a, id) in tunnel.current_nodes() {
+        // A tunnel peer with nodes but no route yet is held too: what no node CIDR of it covers
+        // it keeps (see `config::Held`).
+        for id in tunnel.current_nodes().into_values() {
             let Some(name) = self.names.get(&id, 0).ok().map(|v| peer_name_of(&v)).filter(|n| !n.is_empty()) else { continue };
-            out.entry(name).or_default().nodes.insert(a);
+            out.entry(name).or_default();
         }
         Ok(out)
     }

@@ -1137,6 +1137,49 @@ fn path_mtu_discovery(ns: &NetNs, src: Ipv4Addr, to: Pod, node: &Node) {
     assert_eq!(String::from_utf8_lossy(&buf[..n]), to.summary(&fits, s.local_addr().unwrap()));
 }
 
+/// A UDP datagram sent without DF (`IP_PMTUDISC_DONT`, as some DNS servers send) that fits
+/// the pod's MTU but not the tunnel's, with its checksum left to the device (checksum
+/// offload, a veth's default): split in two for the tunnel, it must still carry the checksum
+/// of the whole datagram. node1's uplink computes checksums in software (`tx off`), as a NIC
+/// without checksum offload for tunnels does: a checksum over the first fragment alone
+/// would reach app-a, which verifies it on reassembly and drops the datagram.
+fn split_datagram_keeps_its_checksum(opts: Options) {
+    let (t, _agents) = setup(opts);
+    t.node1.ns.exec("ethtool -K lan0 tx off >/dev/null");
+    let before = t.node1.counter("tunnel_fragmented");
+    let req = summary_request(1472);
+    let r = req.clone();
+    let answered = t.client.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let v = libc::IP_PMTUDISC_DONT;
+        let len = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap();
+        // SAFETY: setsockopt with a c_int and its length.
+        let rc = unsafe { libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, (&raw const v).cast(), len) };
+        assert_eq!(rc, 0, "IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = vec![0u8; 65_536];
+        // Sent again until answered: one datagram may be lost for other reasons.
+        poll(WAIT, || {
+            s.send_to(&r, APP_A_POD.app()).unwrap();
+            let (n, _) = s.recv_from(&mut buf).ok()?;
+            Some((String::from_utf8_lossy(&buf[..n]).into_owned(), s.local_addr().unwrap().port()))
+        })
+    });
+    let (reply, port) = answered.expect("app-a never answered the split datagram: its checksum covered part of it");
+    assert_eq!(reply, APP_A_POD.summary(&req, v4(CLIENT_IP, port)));
+    assert!(t.node1.counter("tunnel_fragmented") > before, "the datagram was not split for the tunnel");
+}
+
+#[test]
+fn a_split_datagram_keeps_its_checksum_redirect() {
+    split_datagram_keeps_its_checksum(opts(Delivery::Redirect));
+}
+
+#[test]
+fn a_split_datagram_keeps_its_checksum_fib_lookup_stack() {
+    split_datagram_keeps_its_checksum(fib_lookup(Delivery::Stack));
+}
+
 fn mtu(opts: Options) {
     let (t, _agents) = setup(opts);
     for ns in [&t.node1.ns, &t.node2.ns] {

@@ -148,8 +148,9 @@ impl Harness {
     }
 
     /// A run of `prog` on `pkt` as an skb of `gso_segs` segments (`__sk_buff.gso_segs`,
-    /// which a TEST_RUN context may set): its verdict and the counters that moved.
-    fn run_segs(&self, prog: &str, pkt: &[u8], gso_segs: u32) -> (u32, Vec<(&'static str, u64)>) {
+    /// which a TEST_RUN context may set on newer kernels): its verdict and the counters that moved;
+    /// `None` where the kernel refuses such a context.
+    fn run_segs(&self, prog: &str, pkt: &[u8], gso_segs: u32) -> Option<(u32, Vec<(&'static str, u64)>)> {
         const SK_BUFF_LEN: usize = 192;
         const GSO_SEGS_OFFSET: usize = 164;
         let mut ctx = [0u8; SK_BUFF_LEN];
@@ -157,12 +158,14 @@ impl Harness {
         let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
         let mut out = vec![0u8; pkt.len() + 256];
         let before = self.counters();
-        let r = p
-            .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() })
-            .unwrap();
+        let r = match p.test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() }) {
+            Ok(r) => r,
+            Err(aya::programs::ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => return None,
+            Err(e) => panic!("TEST_RUN with a context: {e}"),
+        };
         let after = self.counters();
         let moved = after.iter().filter(|(k, n)| before.get(*k) != Some(n)).map(|(k, n)| (*k, n - before.get(k).copied().unwrap_or(0))).collect();
-        (r.return_value, moved)
+        Some((r.return_value, moved))
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
@@ -592,9 +595,12 @@ fn a_single_tcp_segment_too_large_for_the_tunnel_gets_fragmentation_needed() {
     PacketBuilder::ethernet2(POD_MAC, HOST_MAC).ipv4(POD, REMOTE, 64).tcp(40000, 8080, 1, 65535).write(&mut out, &[0x5a; 1460]).unwrap();
     let segment = with_df(out, true);
     assert_eq!(segment.len(), ETH_HLEN + 1500);
-    let (v, moved) = h.run_segs(names::PROG_FROM_POD, &segment, 1);
+    let Some((v, moved)) = h.run_segs(names::PROG_FROM_POD, &segment, 1) else {
+        meshnet_tests::skip("gso_segs in a TEST_RUN context");
+        return;
+    };
     assert_eq!((verdict_name(v), moved), (verdict_name(REDIRECT), vec![("tunnel_frag_needed", 1)]), "one segment");
-    let (v, moved) = h.run_segs(names::PROG_FROM_POD, &segment, 2);
+    let (v, moved) = h.run_segs(names::PROG_FROM_POD, &segment, 2).expect("a context the kernel took once");
     assert_eq!((verdict_name(v), moved), (verdict_name(REDIRECT), vec![("tunnel_encap", 1)]), "a GSO packet of two");
 }
 
@@ -718,9 +724,11 @@ fn a_pod_cannot_pass_its_own_datagram_off_as_tunnel_traffic() {
     };
     let forged_moved: &[(&str, u64)] = &[("tunnel_forged", 1)];
     h.expect("UDP to a peer node's tunnel port", names::PROG_FROM_POD, &to(PEER_NODE, true, PEER_PORT), SHOT, forged_moved);
-    // The peer's NodePort answers on every address of its nodes, and a node may have more
-    // than the one the tunnel uses: the port alone decides.
-    h.expect("UDP to that port at another address", names::PROG_FROM_POD, &to(STRANGER, true, PEER_PORT), SHOT, forged_moved);
+    h.expect("UDP to another peer node's tunnel port", names::PROG_FROM_POD, &to(PEER_NODE2, true, PEER_PORT), SHOT, forged_moved);
+    // Anywhere else the port is anyone's: the ports come from the remotes, and one that named
+    // 53 would otherwise cut every pod off DNS. (The node's netfilter covers a peer node's other
+    // addresses: operations.md, "Senders".)
+    h.expect("UDP to that port at another address", names::PROG_FROM_POD, &to(STRANGER, true, PEER_PORT), UNSPEC, &[]);
     h.expect("UDP to another port of a peer node", names::PROG_FROM_POD, &to(PEER_NODE, true, PEER_PORT + 1), UNSPEC, &[]);
     h.expect("TCP to the tunnel port", names::PROG_FROM_POD, &to(PEER_NODE, false, PEER_PORT), UNSPEC, &[]);
     // This cluster's own port is no peer's: its nodes take tunnel packets only from peers'.
