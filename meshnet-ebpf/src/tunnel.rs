@@ -332,14 +332,16 @@ fn split(ctx: &TcContext, hdr: &parse::IpHeader, proto: u8, node: &TunnelNode) -
     if first == 0 || payload <= first {
         return Err(Counter::TunnelEncapFailed);
     }
+    // A whole datagram carries its L4 checksum in this, the first fragment. Before the copy
+    // goes round, so that a failure drops the datagram whole, not half of it; the copy loses
+    // the L4 header with the first part.
+    if hdr.frag_off & (IP_MF | IP_OFFSET_MASK) == 0 {
+        parse::split_keeps_l4_checksum(ctx, proto, usize::from(hdr.tot_len), first as usize).map_err(|()| Counter::TunnelEncapFailed)?;
+    }
     ctx.set_mark(SPLIT_TAG | first);
     let cloned = ctx.clone_redirect(ifindex(ctx), u64::from(BPF_F_INGRESS));
     ctx.set_mark(0);
     cloned.map_err(|_| Counter::TunnelEncapFailed)?;
-    // A whole datagram carries its L4 checksum in this, the first fragment.
-    if hdr.frag_off & (IP_MF | IP_OFFSET_MASK) == 0 {
-        parse::split_keeps_l4_checksum(ctx, proto, usize::from(hdr.tot_len), first as usize).map_err(|()| Counter::TunnelEncapFailed)?;
-    }
     let len = IP_MIN_HLEN as u32 + first;
     // SAFETY: the context's skb; the helper bounds the new length itself.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, ETH_HLEN as u32 + len, 0) } != 0 {

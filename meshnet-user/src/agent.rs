@@ -82,6 +82,8 @@ struct ApiPeers {
     reported: BTreeMap<String, String>,
     /// The addresses of this node that published peers keep, as last logged (each once).
     kept: BTreeSet<KeptLocal>,
+    /// What the maps held for each peer at the last read that worked (see `config::Held`).
+    held: BTreeMap<String, crate::config::Held>,
 }
 
 impl ApiPeers {
@@ -503,13 +505,16 @@ impl Agent {
         // What the pinned maps hold for each peer, before this sync changes them: a published
         // peer keeps it, though an address of this node lies in it (see `config::Held`).
         // Unreadable, they would keep nothing, and a peer over a local address would be
-        // withdrawn: this apply waits for the next instead, as for a bad file.
+        // withdrawn: what the last read found stands in (refusing the apply instead would lose
+        // a reload, which nothing tries again).
         let held = match self.maps.held_claims(&self.tunnel) {
-            Ok(h) => h,
+            Ok(h) => {
+                self.api.held.clone_from(&h);
+                h
+            }
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "the maps' peers are unreadable; not applying until they are");
-                self.metrics.reloads.get_or_create(&ResultLabel { result: "error".into() }).inc();
-                return false;
+                warn!(error = %format!("{e:#}"), "the maps' peers are unreadable; published peers keep what they held at the last read");
+                self.api.held.clone()
             }
         };
         let applied = self.api.last_good.keys().cloned().collect();
