@@ -108,8 +108,9 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
                 (cur, idle, rst_was)
             };
             let rst_now = fwd.flags & FLOW_RST != 0;
-            if idle || rst_was != rst_now {
-                check_rev(&key, &fwd, now, rst_now);
+            let reopens = reopens(l4.tcp_flags);
+            if idle || rst_was != rst_now || reopens {
+                check_rev(&key, &fwd, now, rst_now, reopens);
             }
             (fwd, false)
         }
@@ -193,18 +194,31 @@ fn later_fragment_rev(ctx: &TcContext, ip: &Ipv4) -> i32 {
     counted(Counter::FragmentTranslated, DONE)
 }
 
-/// The forward path's look at the reverse half, on the first packet after an idle spell or
-/// when the RST state changed: re-creates a missing reverse entry (lost to a race with the
-/// agent's GC), and mirrors the RST bit so that either direction can clear it.
+/// Whether a pod's TCP segment on a flow it has starts the flow's question over: a RST, or a
+/// SYN without ACK. Until the peer answers again the flow counts as unanswered. Otherwise a
+/// pod with raw sockets could make a flow answered once (any listener behind a NodePort
+/// answers a SYN), reset it, clear the RST with one more segment the peer never sees, and
+/// hold the entry for the established timeout (a day) at two packets a flow; a live
+/// connection's next reply clears the mark again.
 #[inline(always)]
-fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool) {
+fn reopens(tcp: u8) -> bool {
+    tcp & TCP_RST != 0 || tcp & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The forward path's look at the reverse half, on the first packet after an idle spell,
+/// when the RST state changed or when the pod's segment [`reopens`] the flow: re-creates a
+/// missing reverse entry (lost to a race with the agent's GC), mirrors the RST bit so that
+/// either direction can clear it, and marks the flow unanswered again.
+#[inline(always)]
+fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool, reopens: bool) {
     let rev_key = FlowKey::rev_of_fwd(key, fwd);
     match NAT_REV.get_ptr_mut(rev_key) {
-        // SAFETY: as in egress_from_pod. Written only when the bit changes: a write of flags
+        // SAFETY: as in egress_from_pod. Written only when a bit changes: a write of flags
         // read before a reply cleared the unanswered mark would bring the mark back.
         Some(rev) => unsafe {
             let flags = (*rev).flags;
             let want = if rst { flags | FLOW_RST } else { flags & !FLOW_RST };
+            let want = if reopens { want | FLOW_UNANSWERED } else { want };
             if want != flags {
                 (*rev).flags = want;
             }
@@ -370,10 +384,12 @@ pub(crate) fn may_send_as(src_be: u32, ifindex: u32) -> bool {
 /// interface passes to this one when its source is this interface's pod: the other one is
 /// gone (a pod re-created with its address, which may reopen the same tuple while the old
 /// flow lives on), or its flow was opened from an address no pod held yet. Flows of releases
-/// that did not record the interface (0) go to the first that sends on them.
+/// that did not record the interface (0) go to the first that sends on them and may send as
+/// their source: not to a pod posing as another, who could reset them.
 #[inline(always)]
 fn flow_owner(flow_ifindex: u32, src_be: u32, ifindex: u32) -> Option<u32> {
-    (flow_ifindex == 0 || flow_ifindex == ifindex || may_send_as_itself(src_be, ifindex)).then_some(ifindex)
+    (flow_ifindex == ifindex || (flow_ifindex == 0 && may_send_as(src_be, ifindex)) || may_send_as_itself(src_be, ifindex))
+        .then_some(ifindex)
 }
 
 /// Whether `src_be` is the pod behind the pod interface `ifindex`, as the agent read it.

@@ -428,7 +428,8 @@ pub struct ControlMaps {
     /// still use them, and when each was first seen gone (see [`Self::spare_retiring`]).
     retiring: std::collections::HashMap<(u32, u16), u64>,
     /// Reverse entries marked unanswered when the agent started, whose mark it does not trust
-    /// (see [`Self::note_unanswered_at_start`]); each leaves the set with its flow.
+    /// (see [`Self::note_unanswered_at_start`]); each leaves the set once a GC pass sees it
+    /// answered.
     marked_before_start: std::collections::HashSet<FlowKey>,
 }
 
@@ -875,6 +876,29 @@ impl ControlMaps {
         doomed.len()
     }
 
+    /// Removes the flows another pod's interface holds in the name of an address that has
+    /// just become a pod's (`owners`: the address, as flow keys hold it, → its pod's
+    /// interface); how many. The datapath lets a pod send from an address no pod holds yet,
+    /// and then lets the flow stay with the interface it was made on: without this, a pod
+    /// with raw sockets could open flows from the address the next pod will get, keep them
+    /// alive, and hold that pod's reply tuples (and their remaps) for as long as it liked,
+    /// failing every flow the new pod opens to a gateway. Flows of releases that recorded no
+    /// interface (0) stay: their pod is not known.
+    pub fn purge_posers(&mut self, owners: &BTreeMap<u32, u32>) -> usize {
+        if owners.is_empty() {
+            return 0;
+        }
+        let doomed: Vec<(FlowKey, NatFwd)> = self
+            .forward_flows()
+            .into_iter()
+            .filter(|(k, f)| f.ifindex != 0 && owners.get(&k.src_be).is_some_and(|owner| *owner != f.ifindex))
+            .collect();
+        for (key, fwd) in &doomed {
+            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
+        }
+        doomed.len()
+    }
+
     /// Removes both halves of a flow without ever leaving a forward entry without its
     /// reverse one. The datapath runs concurrently and may re-create the forward entry (a
     /// packet of the flow arrives just then and starts it again, on the tuple it held when
@@ -1049,6 +1073,10 @@ impl ControlMaps {
     pub fn expire_scanned(&mut self, scan: ExpiryScan, now_ns: u64, gc: &GcConfig) -> GcReport {
         let mut report = GcReport::default();
         let ExpiryScan { revs, doomed, mut live_rev, half } = scan;
+        // A flow seen answered since the start is judged like any other from here on: a mark
+        // it gets later (its pod reset it or opened it again) is this release's own. One whose
+        // reverse half the scan did not see keeps its pardon.
+        self.marked_before_start.retain(|k| revs.get(k).is_none_or(|r| r.flags & FLOW_UNANSWERED != 0));
         for (key, rev_key) in &doomed {
             let Ok(fwd) = self.nat_fwd.get(key, 0) else { continue };
             let rev = self.nat_rev.get(rev_key, 0).ok();

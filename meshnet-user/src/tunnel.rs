@@ -465,7 +465,7 @@ impl TunnelMaps {
     /// about to lose or change: slots are emptied before the hash changes, whether or not it
     /// then can, and given a pod only once the hash holds it.
     pub fn sync_ports(&mut self, want: &BTreeMap<Ipv4Addr, PodPort>) -> anyhow::Result<(usize, usize)> {
-        let owners = self.slot_owners(want);
+        let mut owners = self.slot_owners(want);
         let emptied = self.empty_port_slots(&owners);
         let have = self.current_ports();
         let mut removed = 0;
@@ -475,18 +475,32 @@ impl TunnelMaps {
             removed += 1;
         }
         let mut written = 0;
+        // One refused insert (the table full) leaves out only its own pod, not every pod after.
+        let mut refused = Ok(());
+        let mut left_out = BTreeSet::new();
         for (addr, port) in want {
             if have.get(addr) != Some(port) {
                 grace::before_take(names::TUN_PORTS);
-                self.ports.insert(addr_be(*addr), port, 0).context("writing the port table")?;
+                match self.ports.insert(addr_be(*addr), port, 0) {
+                    Ok(()) => written += 1,
+                    Err(e) => {
+                        left_out.insert(addr_be(*addr));
+                        if refused.is_ok() {
+                            refused = Err(anyhow::Error::new(e).context(format!("writing the port table ({addr})")));
+                        }
+                        continue;
+                    }
+                }
                 if have.contains_key(addr) {
                     grace::freed(names::TUN_PORTS);
                 }
-                written += 1;
             }
         }
         emptied?;
+        // A slot holds only a pod the hash holds.
+        owners.retain(|_, o| !left_out.contains(&o.addr_be));
         self.fill_port_slots(&owners)?;
+        refused?;
         Ok((written, removed))
     }
 

@@ -925,6 +925,64 @@ fn a_pod_cannot_act_on_another_pods_flows_nor_open_flows_in_its_name() {
     assert_eq!(h.fwd_of(&fk).ifindex, 1, "the flow is its interface's now");
 }
 
+/// Flows of a release that recorded no interface (0, as migrated from the v1 layout) go to
+/// the first interface that sends on them, but only one that may send as their source: a pod
+/// posing as another could otherwise take an idle connection over and reset it.
+#[test]
+fn a_flow_of_no_interface_goes_only_to_one_that_may_send_as_its_source() {
+    let (mut h, tick) = clocked();
+    let remote = (REMOTE, 8080);
+    let victim = (POD, 42001);
+    h.expect("the victim's SYN", FROM_POD, &pkt(victim, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    let fk = flow_key(victim, remote, IPPROTO_TCP);
+    let fwd = NatFwd { ifindex: 0, ..h.fwd_of(&fk) };
+    h.maps.nat_fwd.insert(fk, fwd, 0).unwrap();
+    let mut tunnel = meshnet::tunnel::TunnelMaps::from_ebpf(&mut h.ebpf).unwrap();
+    let port = |ifindex| meshnet_common::PodPort { ifindex, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), port(7))])).unwrap();
+    h.expect("a forged RST", FROM_POD, &pkt(victim, remote, L4::Tcp(RST | ACK), b""), SHOT, &[("spoofed_source", 1)]);
+    assert_eq!(h.fwd_of(&fk), fwd, "the flow is untouched");
+    assert_eq!(h.maps.expire(tick + 11 * SEC, &gc_config(10)).flows, 0);
+    // Its own pod's interface takes it.
+    tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), port(1))])).unwrap();
+    h.expect("the pod itself", FROM_POD, &pkt(victim, remote, L4::Tcp(ACK), PAYLOAD), OK, &[("redirected", 1)]);
+    assert_eq!(h.fwd_of(&fk).ifindex, 1);
+}
+
+/// A pod can send from an address no pod holds yet (the agent may not have read its pod),
+/// and its flows stay with its interface. Once the address is a pod's, the agent removes
+/// the flows another interface made in its name, so that they cannot hold the new pod's
+/// reply tuples: flows opened from `V:p` to other remote pods take the reply tuple the new
+/// pod's `V:p` needs, and those of the fallback ports too.
+#[test]
+fn flows_made_in_the_name_of_an_address_that_becomes_a_pod_go() {
+    let mut h = Harness::new(CONFIG);
+    let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
+    let sport = 42001;
+    // The poser, on interface 1 (TEST_RUN's), takes the reply tuple (gw, V:p) and every
+    // fallback port of the flow the pod is about to open.
+    let victim_key = flow_key((LOCAL_POD, sport), remote, IPPROTO_TCP);
+    let mut posers = vec![sport];
+    posers.extend((0..meshnet_common::limits::REMAP_ATTEMPTS).map(|i| remap_port(&victim_key, i)));
+    for (n, p) in posers.iter().enumerate() {
+        let other = (Ipv4Addr::new(10, 245, 1, u8::try_from(n + 1).unwrap()).octets(), 9000);
+        h.expect("a flow in the coming pod's name", FROM_POD, &pkt((LOCAL_POD, *p), other, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    }
+    // A flow of the poser's own address stays.
+    h.expect("the poser's own flow", FROM_POD, &pkt((POD, 42002), remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    let mut tunnel = meshnet::tunnel::TunnelMaps::from_ebpf(&mut h.ebpf).unwrap();
+    let port = |ifindex| meshnet_common::PodPort { ifindex, pod_mac: POD_MAC, host_mac: HOST_MAC };
+    // Where the new pod's SYN would go today: its interface (7) is not TEST_RUN's, so the
+    // claim is shown on the flow map itself.
+    tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(LOCAL_POD), port(7)), (Ipv4Addr::from(POD), port(1))])).unwrap();
+    let owners = BTreeMap::from([(u32::from_ne_bytes(LOCAL_POD), 7), (u32::from_ne_bytes(POD), 1)]);
+    assert_eq!(h.maps.purge_posers(&owners), posers.len(), "the flows made in the pod's name");
+    assert_eq!(h.flow_counts(), (1, 1), "the poser's own flow stays, whole");
+    assert!(h.maps.nat_rev.get(&flow_key(gw, (LOCAL_POD, sport), IPPROTO_TCP), 0).is_err(), "the pod's reply tuple is free");
+    // Its own interface's flows stay.
+    assert_eq!(h.maps.purge_posers(&BTreeMap::from([(u32::from_ne_bytes(POD), 1)])), 0);
+}
+
 #[test]
 fn fragments_to_remote_pods_are_translated() {
     let h = Harness::new(CONFIG);
@@ -1822,6 +1880,55 @@ fn an_unanswered_flow_expires_after_the_unanswered_timeout_and_an_answered_one_l
     assert!(h.maps.nat_fwd.get(&ak, 0).is_ok(), "an answered, idle flow was expired");
     assert_eq!(h.maps.expire(tick + 3_600 * SEC, &gc_config(10)).flows, 0);
     assert_eq!(h.flow_counts(), (1, 1), "both halves of the unanswered flows go, and the answered one stays whole");
+}
+
+/// A pod with raw sockets cannot make a flow answered once and then hold it for the
+/// established timeout: any listener behind a NodePort answers a SYN, the pod's kernel resets
+/// the half-open connection, and one more segment the peer never sees (TTL 1) would clear the
+/// RST. The pod's RST, or a SYN it sends again, makes the flow unanswered until the peer
+/// answers again; a live connection's next reply does so.
+#[test]
+fn a_pods_reset_or_new_syn_leaves_its_flow_unanswered_until_the_peer_answers_again() {
+    let (mut h, tick) = clocked();
+    let (remote, gw) = ((REMOTE, 8080), (GW, GW_TCP));
+    let (after_rst, after_syn, live) = ((POD, 40001), (POD, 40002), (POD, 40003));
+    for pod in [after_rst, after_syn, live] {
+        h.expect("raw SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+        h.expect("the gateway's SYN-ACK", TO_POD, &pkt(gw, pod, L4::Tcp(SYN | ACK), b""), OK, &[("reverse_translated", 1)]);
+        assert_eq!(h.rev_of(&flow_key(gw, pod, IPPROTO_TCP)).flags & FLOW_UNANSWERED, 0, "answered");
+    }
+    h.expect("the kernel's RST", FROM_POD, &pkt(after_rst, remote, L4::Tcp(RST), b""), OK, &[("redirected", 1)]);
+    h.expect("an ACK that clears the RST", FROM_POD, &pkt(after_rst, remote, L4::Tcp(ACK), b""), OK, &[("redirected", 1)]);
+    h.expect("a SYN again", FROM_POD, &pkt(after_syn, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    h.expect("an ACK", FROM_POD, &pkt(after_syn, remote, L4::Tcp(ACK), b""), OK, &[("redirected", 1)]);
+    // The live connection: a RST the peer ignored (out of window), then the peer speaks on.
+    h.expect("a stray RST", FROM_POD, &pkt(live, remote, L4::Tcp(RST | ACK), b""), OK, &[("redirected", 1)]);
+    h.expect("data", FROM_POD, &pkt(live, remote, L4::Tcp(PSH | ACK), PAYLOAD), OK, &[("redirected", 1)]);
+    h.expect("the peer's answer", TO_POD, &pkt(gw, live, L4::Tcp(ACK), b"ok"), OK, &[("reverse_translated", 1)]);
+    for (what, pod, flags) in [("after its RST", after_rst, FLOW_UNANSWERED), ("after its SYN", after_syn, FLOW_UNANSWERED), ("live", live, 0)] {
+        let f = h.rev_of(&flow_key(gw, pod, IPPROTO_TCP)).flags;
+        assert_eq!(f & (FLOW_UNANSWERED | FLOW_RST), flags, "{what}: reverse flags {f:#x}");
+    }
+    assert_eq!(h.maps.expire(tick + 59 * SEC, &gc_config(10)).flows, 0, "expired before the unanswered timeout");
+    assert_eq!(h.maps.expire(tick + 61 * SEC, &gc_config(10)).flows, 2, "the two flows no peer answers were held");
+    assert!(h.maps.nat_fwd.get(&flow_key(live, remote, IPPROTO_TCP), 0).is_ok(), "the live connection was expired");
+}
+
+/// A flow marked unanswered at the agent's start is pardoned (see
+/// `flows_of_before_the_start_count_as_answered`) only until a GC pass sees it answered: a mark
+/// its pod gets after that is this release's own.
+#[test]
+fn a_pardoned_flow_seen_answered_counts_its_later_marks() {
+    let (mut h, tick) = clocked();
+    let (pod, remote, gw) = ((POD, 40001), (REMOTE, 8080), (GW, GW_TCP));
+    h.expect("SYN", FROM_POD, &pkt(pod, remote, L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    assert_eq!(h.maps.note_unanswered_at_start(), 1);
+    assert_eq!(h.maps.expire(tick + 61 * SEC, &gc_config(10)).flows, 0, "pardoned");
+    h.expect("SYN-ACK", TO_POD, &pkt(gw, pod, L4::Tcp(SYN | ACK), b""), OK, &[("reverse_translated", 1)]);
+    assert_eq!(h.maps.expire(tick + 61 * SEC, &gc_config(10)).flows, 0, "answered");
+    h.expect("the kernel's RST", FROM_POD, &pkt(pod, remote, L4::Tcp(RST), b""), OK, &[("redirected", 1)]);
+    h.expect("an ACK that clears the RST", FROM_POD, &pkt(pod, remote, L4::Tcp(ACK), b""), OK, &[("redirected", 1)]);
+    assert_eq!(h.maps.expire(tick + 61 * SEC, &gc_config(10)).flows, 1, "the flow's new mark was pardoned too");
 }
 
 /// The first packet's TCP flags are the flow's: one opened by a RST (or a FIN) is closing

@@ -209,13 +209,16 @@ pub(super) async fn remote_task<M: Send + 'static>(
 }
 
 /// An error text a remote API server had a hand in (its response body becomes part of it), as
-/// the status and the log carry it: cut to a few hundred characters, its control characters
-/// escaped, so that no remote can forge log lines or swell every peer's status.
+/// the status and the log carry it: cut to a few hundred characters, every character that does
+/// not print escaped, so that no remote can forge log lines or swell every peer's status. Not
+/// only control characters: a terminal or an editor breaks lines at U+2028, and U+202E turns
+/// the rest of a line around, so a text could show what it does not hold.
 pub(super) fn remote_text(text: &str) -> String {
     const MAX: usize = 300;
     let mut out = String::new();
     for c in text.chars().take(MAX) {
-        if c.is_control() {
+        // `escape_debug` escapes what does not print, and quotes and backslashes, which do.
+        if c.is_control() || (c.escape_debug().len() > 1 && !matches!(c, '"' | '\'' | '\\')) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -286,6 +289,9 @@ mod tests {
         assert_eq!(remote_text("ApiError: Unauthorized (401)"), "ApiError: Unauthorized (401)");
         let forged = "denied\n2026-12-06T00:00:00Z  INFO meshnet: published peers\r";
         assert_eq!(remote_text(forged), "denied\\n2026-12-06T00:00:00Z  INFO meshnet: published peers\\r");
+        // Line and paragraph separators, and a right-to-left override; what prints stays.
+        assert_eq!(remote_text("a\u{2028}b\u{2029}c\u{202e}d"), "a\\u{2028}b\\u{2029}c\\u{202e}d");
+        assert_eq!(remote_text(r#"node "n1" \ café 東京"#), r#"node "n1" \ café 東京"#);
         let huge = "x".repeat(5_000_000);
         let out = remote_text(&huge);
         assert!(out.len() < 400 && out.ends_with("... (5000000 characters in all)"), "{}", &out[..80]);
