@@ -10,6 +10,9 @@
 //! - `plain`: what a flat pod network gives: node1 routes the remote pod CIDRs to node2 and
 //!   node2 routes back, no masquerade of pod-to-pod traffic; the client addresses the gateway
 //!   pod by its pod IP and real port. No NodePort, no translation anywhere.
+//! - `plain-notrack`: `plain` with conntrack off for traffic between the pod CIDRs on both
+//!   nodes (`raw` table `NOTRACK`): what the tunnel's redirect delivery skips besides the
+//!   routing, so that a tunnel faster than `plain` can be told from a broken benchmark.
 //! - `meshnet`: the client addresses the remote pod (10.245.0.20:7000, 10.246.0.20:5201);
 //!   meshnet's programs on the pod's veth rewrite it to the NodePort.
 //! - `iptables-N`: meshnet detached; iptables DNAT on node1 (the nf_tables backend,
@@ -81,6 +84,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// followed the machine's load at every concurrency (at one thread a whole repeat of every
 /// mode at half the others' rate). One thread keeps the modes of a repeat comparable.
 const CRR_CONCURRENCY: usize = 1;
+/// Slices of a repeat in a full run. A whole repeat of every mode in one stretch (as before)
+/// made the figures follow the machine: one repeat came out fast or slow in several modes at
+/// once, and with 7 repeats one such stretch voided the target. A repeat made of slices taken
+/// across the whole run sees the machine's good and bad stretches as every other repeat does.
+const SLICES: usize = 4;
 /// Caps on the load generators besides their duration.
 const MAX_RR: usize = 5_000_000;
 const MAX_CONNECTIONS: u64 = 2_000_000;
@@ -104,6 +112,9 @@ const SERVER_CPU: usize = 1;
 
 pub struct Params {
     pub reps: usize,
+    /// Each repeat's workloads are run in this many slices, spread over the whole run (see
+    /// [`run`]); `bulk_secs`, `rr_secs` and `crr_secs` are a repeat's totals.
+    pub slices: usize,
     pub bulk_secs: u32,
     pub rr_secs: f64,
     pub crr_secs: f64,
@@ -115,12 +126,26 @@ impl Params {
     #[must_use]
     pub fn new(quick: bool) -> Self {
         if quick {
-            Self { reps: 3, bulk_secs: 2, rr_secs: 2.0, crr_secs: 2.0, crr_concurrency: CRR_CONCURRENCY, rules: vec![1, 1_000, 10_000] }
+            Self { reps: 3, slices: 1, bulk_secs: 2, rr_secs: 2.0, crr_secs: 2.0, crr_concurrency: CRR_CONCURRENCY, rules: vec![1, 1_000, 10_000] }
         } else {
-            Self { reps: 7, bulk_secs: 8, rr_secs: 5.0, crr_secs: 5.0, crr_concurrency: CRR_CONCURRENCY, rules: vec![1, 1_000, 10_000] }
+            Self { reps: 7, slices: SLICES, bulk_secs: 8, rr_secs: 5.0, crr_secs: 5.0, crr_concurrency: CRR_CONCURRENCY, rules: vec![1, 1_000, 10_000] }
         }
-        // Development knob, not for published figures: another concurrency, to compare.
+        // Development knobs, not for published figures: another concurrency or number of
+        // slices, to compare.
         .with_concurrency(std::env::var("MNBENCH_CRR_CONCURRENCY").ok().and_then(|v| v.parse().ok()))
+        .with_slices(std::env::var("MNBENCH_SLICES").ok().and_then(|v| v.parse().ok()))
+    }
+
+    fn with_slices(mut self, n: Option<usize>) -> Self {
+        if let Some(n) = n.filter(|n| *n > 0) {
+            self.slices = n;
+        }
+        self
+    }
+
+    /// One slice's share of a repeat's iperf3 run: whole seconds, at least one.
+    fn bulk_slice_secs(&self) -> u32 {
+        (self.bulk_secs / u32::try_from(self.slices).unwrap_or(u32::MAX)).max(1)
     }
 
     fn with_concurrency(mut self, c: Option<usize>) -> Self {
@@ -153,6 +178,8 @@ impl Delivery {
 enum Mode {
     Floor,
     Plain,
+    /// Plain routing with conntrack off between the pod CIDRs on both nodes.
+    PlainNoTrack,
     Meshnet,
     Tunnel(Delivery),
     Vxlan,
@@ -164,6 +191,7 @@ impl Mode {
         match self {
             Mode::Floor => "floor".into(),
             Mode::Plain => "plain".into(),
+            Mode::PlainNoTrack => "plain-notrack".into(),
             Mode::Meshnet => "meshnet".into(),
             Mode::Tunnel(d) => format!("tunnel-{}", d.as_str()),
             Mode::Vxlan => "vxlan".into(),
@@ -176,7 +204,9 @@ impl Mode {
         match self {
             Mode::Floor => (SocketAddrV4::new(node2, NP_RR), SocketAddrV4::new(node2, NP_BULK)),
             // The server pod by its own address: routed, tunnelled or VXLAN-encapsulated.
-            Mode::Plain | Mode::Tunnel(_) | Mode::Vxlan => (SocketAddrV4::new(GW_IP, RR_PORT), SocketAddrV4::new(GW_IP, BULK_PORT)),
+            Mode::Plain | Mode::PlainNoTrack | Mode::Tunnel(_) | Mode::Vxlan => {
+                (SocketAddrV4::new(GW_IP, RR_PORT), SocketAddrV4::new(GW_IP, BULK_PORT))
+            }
             Mode::Meshnet | Mode::Iptables(_) => (REMOTE_RR, REMOTE_BULK),
         }
     }
@@ -412,7 +442,9 @@ fn rr(ns: &NetNs, target: SocketAddrV4, secs: f64) -> anyhow::Result<(Vec<u32>, 
 
 /// What a connection-rate run measured.
 struct Crr {
-    per_s: f64,
+    /// Connections completed inside the window, and the window's length.
+    done: u64,
+    secs: f64,
     failed: u64,
     /// Connections that took longer than [`STALL`].
     stalls: u64,
@@ -483,7 +515,7 @@ fn crr(ns: &NetNs, target: SocketAddrV4, secs: f64, conc: usize) -> Crr {
         all.times.extend(r.times);
     }
     all.times.sort_unstable();
-    Crr { per_s: all.done as f64 / secs, failed: all.failed, stalls: all.stalls, times: all.times }
+    Crr { done: all.done, secs, failed: all.failed, stalls: all.stalls, times: all.times }
 }
 
 /// The TCP counters of a namespace that show a connection-rate run losing time to
@@ -644,6 +676,31 @@ fn plain_leave(t: &Topology) {
     for (ns, route, rule) in plain_setup(t) {
         let _ = ns.try_exec(&format!("ip route del {route}"));
         while ns.try_exec(&format!("iptables -t nat -D POSTROUTING {rule}")).0 {}
+    }
+}
+
+/// The plain-notrack mode's `raw` rules, as (node, match): both directions between the pod
+/// CIDRs on both nodes, so that neither node's conntrack sees the pods' traffic.
+fn notrack_rules(t: &Topology) -> Vec<(&NetNs, String)> {
+    let mut v = Vec::new();
+    for node in [&t.node1, &t.node2] {
+        for c in REMOTE_CIDRS {
+            v.push((node, format!("-s {LOCAL_CIDR} -d {c}")));
+            v.push((node, format!("-s {c} -d {LOCAL_CIDR}")));
+        }
+    }
+    v
+}
+
+fn notrack_enter(t: &Topology) {
+    for (ns, m) in notrack_rules(t) {
+        ns.exec(&format!("iptables -t raw -I PREROUTING 1 {m} -j NOTRACK"));
+    }
+}
+
+fn notrack_leave(t: &Topology) {
+    for (ns, m) in notrack_rules(t) {
+        while ns.try_exec(&format!("iptables -t raw -D PREROUTING {m} -j NOTRACK")).0 {}
     }
 }
 
@@ -872,6 +929,7 @@ impl Bench {
         // of the plain mode's to a peer's pod CIDR.
         iptables_clear(&self.t.node1);
         plain_leave(&self.t);
+        notrack_leave(&self.t);
         vxlan_leave(&self.t);
         let routed = self.t.node1.ip("route show 10.245.0.0/16");
         ensure!(routed.trim().is_empty(), "node1 still routes the remote pod CIDR: {routed}");
@@ -884,6 +942,10 @@ impl Bench {
                 ensure!(count == n + 2, "MNBENCH holds {count} rules, expected {}", n + 2);
             }
             Mode::Plain => plain_enter(&self.t),
+            Mode::PlainNoTrack => {
+                plain_enter(&self.t);
+                notrack_enter(&self.t);
+            }
             Mode::Vxlan => vxlan_enter(&self.t),
             Mode::Floor | Mode::Meshnet | Mode::Tunnel(_) => {}
         }
@@ -987,9 +1049,61 @@ struct Series {
     node2_forward_invalid: Vec<f64>,
 }
 
+/// One mode's slices of one repeat, summed.
+#[derive(Default)]
+struct Acc {
+    /// Each slice's throughput (the slices run equally long).
+    bulk_gbps: Vec<f64>,
+    bulk_retrans: u64,
+    rr_lat: Vec<u32>,
+    rr_secs: f64,
+    crr_done: u64,
+    crr_secs: f64,
+    crr_times: Vec<u32>,
+    crr_failed: u64,
+    crr_stalls: u64,
+    /// [`TCP_COUNTERS`] of the client, then of the gateway pod.
+    crr_tcp: Vec<u64>,
+    agent_cpu_s: f64,
+    mss: u32,
+    node2_forward_invalid: u64,
+    /// [`rx_sizes`]' bytes and packets of node2's `lan0` and the server pod over the bulk runs.
+    rx: [u64; 4],
+}
+
+impl Acc {
+    /// The repeat's figures, appended to its mode's series.
+    fn into_series(mut self, s: &mut Series) {
+        self.rr_lat.sort_unstable();
+        self.crr_times.sort_unstable();
+        s.bulk_gbps.push(self.bulk_gbps.iter().sum::<f64>() / self.bulk_gbps.len().max(1) as f64);
+        s.bulk_retrans.push(self.bulk_retrans as f64);
+        s.rr_p50_us.push(f64::from(quantile_sorted(&self.rr_lat, 0.50)) / 1e3);
+        s.rr_p99_us.push(f64::from(quantile_sorted(&self.rr_lat, 0.99)) / 1e3);
+        s.rr_per_s.push(self.rr_lat.len() as f64 / self.rr_secs);
+        s.crr_per_s.push(self.crr_done as f64 / self.crr_secs);
+        s.crr_p50_us.push(f64::from(quantile_sorted(&self.crr_times, 0.50)) / 1e3);
+        s.crr_p99_us.push(f64::from(quantile_sorted(&self.crr_times, 0.99)) / 1e3);
+        s.crr_max_ms.push(f64::from(self.crr_times.last().copied().unwrap_or(0)) / 1e6);
+        s.crr_failed += self.crr_failed;
+        s.crr_stalls.push(self.crr_stalls as f64);
+        for (k, n) in self.crr_tcp.iter().enumerate() {
+            let name = format!("{}_{}", ["client", "gateway"][k / TCP_COUNTERS.len()], TCP_COUNTERS[k % TCP_COUNTERS.len()].0);
+            s.crr_tcp.entry(name).or_default().push(*n as f64);
+        }
+        s.agent_cpu_s.push(self.agent_cpu_s);
+        s.mss.push(f64::from(self.mss));
+        s.node2_forward_invalid.push(self.node2_forward_invalid as f64);
+        let avg = |i: usize| self.rx[i] as f64 / self.rx[i + 1].max(1) as f64;
+        s.bulk_lan_avg_bytes.push(avg(0));
+        s.bulk_pod_avg_bytes.push(avg(2));
+    }
+}
+
 /// Every mode, the floor first (the ratios to the floor use it).
 fn all_modes(p: &Params) -> Vec<Mode> {
-    let mut modes = vec![Mode::Floor, Mode::Plain, Mode::Meshnet, Mode::Tunnel(Delivery::Redirect), Mode::Tunnel(Delivery::Stack), Mode::Vxlan];
+    let mut modes =
+        vec![Mode::Floor, Mode::Plain, Mode::PlainNoTrack, Mode::Meshnet, Mode::Tunnel(Delivery::Redirect), Mode::Tunnel(Delivery::Stack), Mode::Vxlan];
     modes.extend(p.rules.iter().map(|n| Mode::Iptables(*n)));
     // Development knob, not for published figures: only these modes (and the floor).
     if let Ok(only) = std::env::var("MNBENCH_MODES") {
@@ -1033,12 +1147,24 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
         let c = crr(&b.t.client, rr_target, WARMUP_SECS, p.crr_concurrency);
         ensure!(!c.times.is_empty(), "{}: no connection succeeded in the warm-up round", mode.name());
     }
-    for rep in 0..p.reps {
-        // Rotated each repeat, so that no mode always runs first or last.
+    // Round j measures one slice of repeat j % reps in every mode, so each repeat's slices lie
+    // spread evenly over the whole run.
+    let mut acc: Vec<Vec<Acc>> = modes.iter().map(|_| (0..p.reps).map(|_| Acc::default()).collect()).collect();
+    let rounds = p.reps * p.slices;
+    let (bulk_secs, rr_secs, crr_secs) = (p.bulk_slice_secs(), p.rr_secs / p.slices as f64, p.crr_secs / p.slices as f64);
+    for round in 0..rounds {
+        let rep = round % p.reps;
+        // Rotated each round, so that no mode always runs first or last.
         for k in 0..modes.len() {
-            let i = (k + rep) % modes.len();
+            let i = (k + round) % modes.len();
             let mode = modes[i];
-            eprintln!("bench: [{:4.0} s] end to end, repeat {}/{}, {}", started.elapsed().as_secs_f64(), rep + 1, p.reps, mode.name());
+            eprintln!(
+                "bench: [{:4.0} s] end to end, round {}/{rounds} (repeat {}), {}",
+                started.elapsed().as_secs_f64(),
+                round + 1,
+                rep + 1,
+                mode.name()
+            );
             b.enter(mode)?;
             let (rr_target, bulk_target) = mode.targets();
             let before = b.counters();
@@ -1049,41 +1175,42 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
                 .map_or_else(|| probe(&b.t.client, rr_target), Ok)
                 .with_context(|| format!("{}: the probe", mode.name()))?;
             let rx_before = rx_sizes(&b.t);
-            let (gbps, retrans) = if crr_only { (f64::NAN, 0) } else { bulk(&b.t.client, bulk_target, p.bulk_secs)? };
+            let (gbps, retrans) = if crr_only { (f64::NAN, 0) } else { bulk(&b.t.client, bulk_target, bulk_secs)? };
             let rx_after = rx_sizes(&b.t);
-            let (mut lat, secs) = if crr_only { (vec![0], 1.0) } else { rr(&b.t.client, rr_target, p.rr_secs)? };
+            let (lat, secs) = if crr_only { (vec![0], 1.0) } else { rr(&b.t.client, rr_target, rr_secs)? };
             let tcp_before = [b.t.client.run(tcp_counters), b.t.gw.run(tcp_counters)];
-            let c = crr(&b.t.client, rr_target, p.crr_secs, p.crr_concurrency);
+            let c = crr(&b.t.client, rr_target, crr_secs, p.crr_concurrency);
             let tcp_after = [b.t.client.run(tcp_counters), b.t.gw.run(tcp_counters)];
             ensure!(!c.times.is_empty(), "{}: no connection succeeded", mode.name());
             let agent_cpu = cpu_seconds(b.agent.child.pid()) - agent_cpu_before;
             // Each datapath carried its own mode's traffic, and none of another's.
             before.check(&b.counters(), mode)?;
-            lat.sort_unstable();
-            let s = &mut series[i];
-            s.bulk_gbps.push(gbps);
-            s.bulk_retrans.push(retrans as f64);
-            s.rr_p50_us.push(f64::from(quantile_sorted(&lat, 0.50)) / 1e3);
-            s.rr_p99_us.push(f64::from(quantile_sorted(&lat, 0.99)) / 1e3);
-            s.rr_per_s.push(lat.len() as f64 / secs);
-            s.crr_per_s.push(c.per_s);
-            s.crr_p50_us.push(f64::from(quantile_sorted(&c.times, 0.50)) / 1e3);
-            s.crr_p99_us.push(f64::from(quantile_sorted(&c.times, 0.99)) / 1e3);
-            s.crr_max_ms.push(f64::from(*c.times.last().unwrap()) / 1e6);
-            s.crr_failed += c.failed;
-            s.crr_stalls.push(c.stalls as f64);
-            for (side, (after, before)) in tcp_after.iter().zip(&tcp_before).enumerate() {
-                for (k, (a, b)) in after.iter().zip(before).enumerate() {
-                    let name = format!("{}_{}", ["client", "gateway"][side], TCP_COUNTERS[k].0);
-                    s.crr_tcp.entry(name).or_default().push(a.saturating_sub(*b) as f64);
-                }
+            let a = &mut acc[i][rep];
+            a.bulk_gbps.push(gbps);
+            a.bulk_retrans += retrans;
+            a.rr_lat.extend(lat);
+            a.rr_secs += secs;
+            a.crr_done += c.done;
+            a.crr_secs += c.secs;
+            a.crr_times.extend(c.times);
+            a.crr_failed += c.failed;
+            a.crr_stalls += c.stalls;
+            let deltas = tcp_after.iter().zip(&tcp_before).flat_map(|(after, before)| after.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)));
+            a.crr_tcp.resize(2 * TCP_COUNTERS.len(), 0);
+            for (sum, d) in a.crr_tcp.iter_mut().zip(deltas) {
+                *sum += d;
             }
-            s.agent_cpu_s.push(agent_cpu);
-            s.mss.push(f64::from(mss));
-            s.node2_forward_invalid.push((forwarded_invalid(&b.t) - invalid_before) as f64);
-            let avg = |i: usize| (rx_after[i] - rx_before[i]) as f64 / (rx_after[i + 1] - rx_before[i + 1]).max(1) as f64;
-            s.bulk_lan_avg_bytes.push(avg(0));
-            s.bulk_pod_avg_bytes.push(avg(2));
+            a.agent_cpu_s += agent_cpu;
+            a.mss = mss;
+            a.node2_forward_invalid += forwarded_invalid(&b.t) - invalid_before;
+            for (sum, (after, before)) in a.rx.iter_mut().zip(rx_after.iter().zip(&rx_before)) {
+                *sum += after - before;
+            }
+        }
+    }
+    for (s, reps) in series.iter_mut().zip(acc) {
+        for a in reps {
+            a.into_series(s);
         }
     }
     b.enter(Mode::Floor)?;
@@ -1135,14 +1262,15 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     // device, each delivery; and VXLAN against plain routing, for scale.
     let mut tunnel_vs = serde_json::Map::new();
     for (mode, against) in [
-        (Mode::Tunnel(Delivery::Redirect), [Mode::Plain, Mode::Vxlan, Mode::Tunnel(Delivery::Stack)]),
-        (Mode::Tunnel(Delivery::Stack), [Mode::Plain, Mode::Vxlan, Mode::Tunnel(Delivery::Redirect)]),
-        (Mode::Vxlan, [Mode::Plain, Mode::Plain, Mode::Plain]),
+        (Mode::Tunnel(Delivery::Redirect), &[Mode::Plain, Mode::PlainNoTrack, Mode::Vxlan, Mode::Tunnel(Delivery::Stack)][..]),
+        (Mode::Tunnel(Delivery::Stack), &[Mode::Plain, Mode::PlainNoTrack, Mode::Vxlan, Mode::Tunnel(Delivery::Redirect)]),
+        (Mode::Vxlan, &[Mode::Plain]),
+        (Mode::PlainNoTrack, &[Mode::Plain]),
     ] {
         let Some(a) = of(mode) else { continue };
         let mut v = serde_json::Map::new();
         for other in against {
-            if let Some(b) = of(other) {
+            if let Some(b) = of(*other) {
                 v.insert(other.name(), versus(a, b));
             }
         }
@@ -1151,7 +1279,9 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     Ok(json!({
         "params": {
             "reps": p.reps,
+            "slices": p.slices,
             "bulk_secs": p.bulk_secs,
+            "bulk_slice_secs": p.bulk_slice_secs(),
             "rr_secs": p.rr_secs,
             "crr_secs": p.crr_secs,
             "crr_concurrency": p.crr_concurrency,
