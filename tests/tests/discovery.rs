@@ -1043,15 +1043,19 @@ fn remote_claims_on_reserved_ranges_are_refused() {
     let metrics = m.http(9465, "/metrics");
     assert!(metrics.contains("meshnet_controller_peer_refused_total{peer=\"cluster3\"} 1"), "{metrics}");
 
-    // cluster2's node points its gateway at the local node's address, which is not one of
-    // its own: the peer is refused and withdrawn, and comes back when the annotation goes.
+    // cluster2's only gateway node points its gateway at the local node's address, which is
+    // not one of its own: that gateway is left out, and with none left the peer keeps its
+    // last good state, stale, with the reason (one Node's annotation withdraws no peer from
+    // any node); it is live again when the annotation goes.
     let mut n2 = node("node2", "10.20.144.165", "10.245.0.0/24");
     n2["metadata"]["annotations"] = json!({"meshnet.io/gateway-address": "10.20.144.83"});
     m.remote.apply(n2);
-    let why = refused_reason(&m, "cluster2");
-    assert!(why.contains("meshnet.io/gateway-address \"10.20.144.83\" is not one of its addresses (10.20.144.165)"), "{why}");
-    m.wait_routes(&[], "cluster2 withdrawn");
+    let spoofed = "node node2: meshnet.io/gateway-address \"10.20.144.83\" is not one of its addresses (10.20.144.165)";
+    let (_, st) = m.wait_peer("cluster2", "cluster2 kept, stale", |_, s| s["stale"] == true && s["error"].as_str().is_some_and(|e| e.contains(spoofed)));
+    assert!(st["refused"].is_null(), "{st}");
+    m.wait_routes(&want, "cluster2 kept");
     m.remote.apply(node("node2", "10.20.144.165", "10.245.0.0/24"));
+    m.wait_peer("cluster2", "cluster2 live again", |_, s| s["stale"].is_null() && s["error"].is_null());
     m.wait_routes(&want, "cluster2 back");
     assert!(m.routes().iter().all(|r| !r.starts_with("169.254.") && !r.starts_with("10.96.")), "{:?}", m.routes());
 }

@@ -210,64 +210,90 @@ fn reservations(peers: &[RawPeer], published: &[&RawPeer], listed: &BTreeSet<Str
     out
 }
 
-/// Drops tunnel peers that the agents could not take beside the others: a node address that
-/// two tunnel peers list (the decapsulating side knows a peer by its node's address), or
-/// more nodes or node pod CIDRs than the datapath holds across all tunnel peers. Of two peers
-/// that list one address, the one published with it keeps it (see
-/// [`resolve::refuse_overlaps`]); the room goes first to the peers published before, each
-/// to what it was published with, so that no newcomer, whatever its name, nor another's
-/// growth takes an address or the room of one. Each agent would refuse such a peer anyway;
-/// refused here, it is refused once, with the reason in `status.yaml`.
-fn refuse_tunnel_clashes(
-    peers: Vec<RawPeer>,
-    published: &[&RawPeer],
-    reserved: &BTreeMap<String, (usize, usize)>,
-) -> (Vec<RawPeer>, BTreeMap<String, String>) {
-    let held: BTreeMap<&str, BTreeSet<&str>> =
-        published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
-    let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
-    let holds = |who: &str, addr: &str| held.get(who).is_some_and(|s| s.contains(addr));
-    // Each node address with the candidates that list it, and with the configured peers not
-    // among them that were published with it (they hold it still).
-    let mut listed: BTreeMap<&str, Vec<&RawPeer>> = BTreeMap::new();
-    for p in &tunnel {
-        for n in &p.nodes {
-            let at = listed.entry(n.address.as_str()).or_default();
-            if !at.iter().any(|q| q.name == p.name) {
-                at.push(p);
+/// Tunnel peers kept (some without nodes another peer has), those refused and why, and the
+/// nodes each kept one lost, in one line, for its `skipped:` status.
+type TunnelClashes = (Vec<RawPeer>, BTreeMap<String, String>, BTreeMap<String, String>);
+
+/// Settles what the agents could not take of the tunnel peers beside each other: a node
+/// address that two tunnel peers list (the decapsulating side knows a peer by its node's
+/// address), and more nodes or node pod CIDRs than the datapath holds across all tunnel
+/// peers. Of two peers that list one address, the one published with it keeps it (see
+/// [`resolve::refuse_overlaps`]); when neither was (or both), neither does. A peer that
+/// loses an address loses that node alone, as a node the resolver leaves out costs no
+/// other (said so in its `skipped:`); one left with no node is refused. The room goes first
+/// to the peers published before, each to what it was published with, so that no
+/// newcomer, whatever its name, nor another's growth takes an address or the room of one.
+/// Each agent would refuse such a peer anyway; settled here, it is settled once, with the
+/// reason in `status.yaml`.
+fn refuse_tunnel_clashes(mut peers: Vec<RawPeer>, published: &[&RawPeer], reserved: &BTreeMap<String, (usize, usize)>) -> TunnelClashes {
+    // Each peer's node addresses that it loses, and why.
+    let mut taken: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    {
+        let held: BTreeMap<&str, BTreeSet<&str>> =
+            published.iter().map(|p| (p.name.as_str(), p.nodes.iter().map(|n| n.address.as_str()).collect())).collect();
+        let tunnel: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel).collect();
+        let holds = |who: &str, addr: &str| held.get(who).is_some_and(|s| s.contains(addr));
+        // Each node address with the candidates that list it, and with the configured peers
+        // not among them that were published with it (they hold it still).
+        let mut listed: BTreeMap<&str, Vec<&RawPeer>> = BTreeMap::new();
+        for p in &tunnel {
+            for n in &p.nodes {
+                let at = listed.entry(n.address.as_str()).or_default();
+                if !at.iter().any(|q| q.name == p.name) {
+                    at.push(p);
+                }
             }
         }
-    }
-    let absent: BTreeMap<&str, &str> = published
-        .iter()
-        .filter(|h| !tunnel.iter().any(|t| t.name == h.name))
-        .flat_map(|h| h.nodes.iter().map(|n| (n.address.as_str(), h.name.as_str())))
-        .collect();
-    let mut refused = BTreeMap::new();
-    for (addr, at) in &listed {
-        let mut refuse = |who: &RawPeer, other: &str, why: &str| {
-            refused.entry(who.name.clone()).or_insert_with(|| format!("nodes: {addr} is also a node of peer {other:?}{why}"));
-        };
-        if let Some(owner) = absent.get(addr) {
-            for p in at.iter().filter(|p| !holds(&p.name, addr)) {
-                refuse(p, owner, ", published with it before (not published now)");
+        let absent: BTreeMap<&str, &str> = published
+            .iter()
+            .filter(|h| !tunnel.iter().any(|t| t.name == h.name))
+            .flat_map(|h| h.nodes.iter().map(|n| (n.address.as_str(), h.name.as_str())))
+            .collect();
+        for (addr, at) in &listed {
+            let mut lose = |who: &RawPeer, other: &str, why: &str| {
+                let by_address = taken.entry(who.name.clone()).or_default();
+                by_address.entry((*addr).to_owned()).or_insert_with(|| format!("nodes: {addr} is also a node of peer {other:?}{why}"));
+            };
+            if let Some(owner) = absent.get(addr) {
+                for p in at.iter().filter(|p| !holds(&p.name, addr)) {
+                    lose(p, owner, ", published with it before (not published now)");
+                }
             }
-        }
-        for (i, p) in at.iter().enumerate() {
-            for q in at.iter().skip(i + 1) {
-                match resolve::contest(holds(&p.name, addr), holds(&q.name, addr)) {
-                    resolve::Contest::First => refuse(q, &p.name, ", published with it before"),
-                    resolve::Contest::Second => refuse(p, &q.name, ", published with it before"),
-                    resolve::Contest::Neither => {
-                        let why = if holds(&p.name, addr) { ", both published with it before" } else { "; neither was published with it before, so neither is" };
-                        refuse(p, &q.name, why);
-                        refuse(q, &p.name, why);
+            for (i, p) in at.iter().enumerate() {
+                for q in at.iter().skip(i + 1) {
+                    match resolve::contest(holds(&p.name, addr), holds(&q.name, addr)) {
+                        resolve::Contest::First => lose(q, &p.name, ", published with it before"),
+                        resolve::Contest::Second => lose(p, &q.name, ", published with it before"),
+                        resolve::Contest::Neither => {
+                            let why = if holds(&p.name, addr) { ", both published with it before" } else { "; neither was published with it before, so neither is" };
+                            lose(p, &q.name, why);
+                            lose(q, &p.name, why);
+                        }
                     }
                 }
             }
         }
     }
-    let mut budget: Vec<&RawPeer> = tunnel.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
+    let mut refused = BTreeMap::new();
+    let mut skipped = BTreeMap::new();
+    for p in peers.iter_mut().filter(|p| p.mode == PeerMode::Tunnel) {
+        let Some(gone) = taken.get(&p.name) else { continue };
+        if p.nodes.iter().all(|n| gone.contains_key(&n.address)) {
+            // The first of its addresses, as the reason.
+            refused.insert(p.name.clone(), gone.values().next().cloned().unwrap_or_default());
+            continue;
+        }
+        p.nodes.retain(|n| !gone.contains_key(&n.address));
+        // As few reasons as the resolver keeps: a remote listing thousands of another's
+        // addresses must not fill `status.yaml`.
+        let more = gone.len().saturating_sub(resolve::MAX_REASONS);
+        let mut why: Vec<String> = gone.values().take(resolve::MAX_REASONS).map(|w| format!("{w}; that node is left out")).collect();
+        if more > 0 {
+            why.push(format!("and {more} more"));
+        }
+        skipped.insert(p.name.clone(), why.join("; "));
+    }
+    let mut budget: Vec<&RawPeer> = peers.iter().filter(|p| p.mode == PeerMode::Tunnel && !refused.contains_key(&p.name)).collect();
     budget.sort_by_key(|p| (!reserved.contains_key(p.name.as_str()), p.name.as_str()));
     // What peers refused since hold is let go.
     let reserved = |p: &RawPeer| reserved.get(p.name.as_str()).copied().unwrap_or((0, 0));
@@ -285,7 +311,75 @@ fn refuse_tunnel_clashes(
         }
         (nodes, routes) = (with_nodes, with_routes);
     }
-    (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused)
+    skipped.retain(|name, _| !refused.contains_key(name));
+    (peers.into_iter().filter(|p| !refused.contains_key(&p.name)).collect(), refused, skipped)
+}
+
+/// What [`settle_claims`] decided.
+struct Settled {
+    /// The peers to publish, in their order.
+    peers: Vec<RawPeer>,
+    /// The peers refused, and why.
+    refused: BTreeMap<String, String>,
+    /// The peers published as they were before, their change refused, and why.
+    kept_published: BTreeMap<String, String>,
+    /// The tunnel nodes each peer to publish lost to another peer, in one line.
+    skipped: BTreeMap<String, String>,
+}
+
+/// Settles what the peers claim of each other: pod CIDRs and node addresses
+/// ([`resolve::refuse_overlaps`]), then tunnel node addresses and room
+/// ([`refuse_tunnel_clashes`]). A peer published before whose change loses (it grew into
+/// what another peer was published with, or lists a node address another has) goes out as
+/// it was published, its `record`, when today's rules still pass that version (`record`
+/// says so): were it refused, whoever claimed first the range a peer will grow into, or the
+/// address a node of its will have, would withdraw it from every node when it grows. That
+/// version holds all it claims, so it loses only to a peer published with the same (both
+/// were): then the change is refused, as it is for a peer never published. A peer refused
+/// while the others stand as they are now stays refused when one of them goes back to its
+/// published version: a newcomer claiming what a published peer grows into waits, as two
+/// newcomers do (neither was published with it).
+fn settle_claims<'a>(
+    peers: &[RawPeer],
+    held: &[&RawPeer],
+    room: &BTreeMap<String, (usize, usize)>,
+    record: impl Fn(&RawPeer) -> Option<&'a RawPeer>,
+) -> Settled {
+    let records: BTreeMap<&str, &RawPeer> = peers.iter().filter_map(|p| Some((p.name.as_str(), record(p).filter(|h| *h != p)?))).collect();
+    // Peers whose published version lost too: their change is refused.
+    let mut lost_too = BTreeSet::new();
+    'again: loop {
+        let mut kept_published: BTreeMap<String, String> = BTreeMap::new();
+        let mut refused = BTreeMap::new();
+        loop {
+            let candidates: Vec<RawPeer> =
+                peers.iter().map(|p| if kept_published.contains_key(&p.name) { records[p.name.as_str()].clone() } else { p.clone() }).collect();
+            let (kept, mut now) = resolve::refuse_overlaps(candidates, held);
+            let (kept, over, skipped) = refuse_tunnel_clashes(kept, held, room);
+            now.extend(over);
+            let mut changed = false;
+            for (name, why) in now {
+                if kept_published.contains_key(&name) {
+                    // Its published version loses too (both were published with what it
+                    // claims): its change is refused, and all is settled again from the
+                    // start, for that version may have had others refused meanwhile.
+                    lost_too.insert(name);
+                    continue 'again;
+                }
+                if records.contains_key(name.as_str()) && !lost_too.contains(&name) {
+                    kept_published.insert(name, why);
+                    changed = true;
+                } else {
+                    refused.entry(name).or_insert(why);
+                }
+            }
+            if !changed {
+                let peers = kept.into_iter().filter(|p| !refused.contains_key(&p.name)).collect();
+                let skipped = skipped.into_iter().filter(|(name, _)| !refused.contains_key(name)).collect();
+                return Settled { peers, refused, kept_published, skipped };
+            }
+        }
+    }
 }
 
 /// The reserved-range rules for peer `name`'s tunnel nodes: this cluster's Service CIDRs,
@@ -407,25 +501,23 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
         if let Some(e) = &unreadable {
             st.error = Some(e.clone());
         }
+        // A remote Node that cannot be used (its address annotation refused, ...) is left out,
+        // and costs no other: anyone who can patch one Node must not withdraw the peer. With
+        // nothing usable left, the peer keeps its last good state, as when it is stale.
         let resolved = r.view.filter(|_| !r.stale && unreadable.is_none()).map(|v| match mode {
             PeerMode::Gateway => {
                 let x = resolve::resolve(v, i.resolve, cidrs);
-                (x.refusals.clone(), resolve::peer(name, &x), None)
+                (resolve::peer(name, &x), (!x.skipped.is_empty()).then(|| x.skipped.join("; ")))
             }
             PeerMode::Tunnel => {
                 let x = resolve::resolve_tunnel(v, i.resolve, cidrs, &reserved_for(i, name));
-                (x.refusals.clone(), resolve::tunnel_peer(name, &x), x.skipped_summary())
+                (resolve::tunnel_peer(name, &x), x.skipped_summary())
             }
         });
-        if let Some(why) = resolved.as_ref().filter(|(refusals, ..)| !refusals.is_empty()).map(|(refusals, ..)| refusals.join("; ")) {
-            d.refused.insert(name.clone(), why);
-            d.status.insert(name.clone(), st);
-            continue;
-        }
-        if let Some((_, Ok(_), skipped)) = &resolved {
+        if let Some((Ok(_), skipped)) = &resolved {
             st.skipped.clone_from(skipped);
         }
-        match resolved.map(|(_, p, _)| p) {
+        match resolved.map(|(p, _)| p) {
             Some(Ok(p)) => {
                 if let Some(why) = vet(&p, allowed, r.allowed, &reserved) {
                     d.refused.insert(name.clone(), why);
@@ -523,10 +615,32 @@ pub fn desired(i: &Inputs<'_>) -> Desired {
     // First: a peer refused for its id contests no one's claims.
     let (peers, same_id) = refuse_id_clashes(peers, &held);
     d.refused.extend(same_id);
-    let (kept, overlapping) = resolve::refuse_overlaps(peers, &held);
-    d.refused.extend(overlapping);
-    let (kept, over_budget) = refuse_tunnel_clashes(kept, &held, &room);
-    d.refused.extend(over_budget);
+    // A change of a published peer that loses to another's claim leaves the peer as it was
+    // published, if that version passes today's rules.
+    let record = |p: &RawPeer| {
+        held.iter().copied().find(|h| h.name == p.name).filter(|h| fits(h) && resolve::against_local(h, i.local, Some(h)).is_ok())
+    };
+    let settled = settle_claims(&peers, &held, &room, record);
+    d.refused.extend(settled.refused);
+    for (name, why) in settled.kept_published {
+        // The refused change is no last good state.
+        d.resolved.remove(&name);
+        let st = d.status.entry(name.clone()).or_default();
+        let why = format!("its change is refused: {why}; it stays as it was published");
+        st.error = Some(st.error.take().map_or_else(|| why.clone(), |e| format!("{e}; {why}")));
+        // What this cluster's Nodes claim of it is what they claim of the published version.
+        d.clashes.remove(&name);
+        if let Some(Ok(kept)) = i.published.get(&name).map(|h| resolve::against_local(h, i.local, Some(h))) {
+            if !kept.is_empty() {
+                d.clashes.insert(name, format!("{}; kept, as the peer was published with it before", kept.join("; ")));
+            }
+        }
+    }
+    for (name, lost) in settled.skipped {
+        let st = d.status.entry(name).or_default();
+        st.skipped = Some(st.skipped.take().map_or_else(|| lost.clone(), |s| format!("{s}; {lost}")));
+    }
+    let kept = settled.peers;
     // A peer refused for an overlap is no one's last good state.
     d.resolved.retain(|name, _| !d.refused.contains_key(name));
     for (name, why) in &d.refused {
@@ -739,7 +853,10 @@ mod tests {
         crate::golden::check("desired_stale.yaml", &render(&remotes, None, &last_good, &[]));
     }
 
-    /// Each refusal stops one peer and says why; the others are published.
+    /// Each refusal stops one peer and says why; the others are published. (A gateway node's
+    /// address annotation that is not one of its addresses leaves that gateway out: with
+    /// none left, and no last good state, "spoofed-gateway" is not published, with the
+    /// reason as its error.)
     #[test]
     fn refusals_stop_one_peer_each() {
         let good = view("10.20.144.165", "10.245.0.0/24");
@@ -951,11 +1068,13 @@ mod tests {
             let d = hand_only(&format!("networks:\n  {typo}\n"), &BTreeMap::new(), &BTreeMap::new());
             assert!(d.peers.is_empty() && d.refused.contains_key("hand") && d.hand.is_empty(), "{what}: {d:?}");
         }
-        // A change refused for its overlap with a published peer is not remembered: the next
-        // typo brings back what was published.
+        // A change refused for its overlap with a published peer leaves the network as it was
+        // published, and is not remembered: the next typo brings back what was published.
         let taking = HAND.replace("10.252.0.0/16", "10.251.0.0/24");
         let d = hand_only(&format!("networks:\n  {taking}\n  {OTHER}\n"), &first.hand, &published);
-        assert!(d.refused["hand"].contains("10.251.0.0/16 of peer other"), "{d:?}");
+        assert!(d.refused.is_empty() && d.peers == first.peers, "{d:?}");
+        let error = d.status["hand"].error.as_deref().unwrap();
+        assert!(error.starts_with("its change is refused: ") && error.contains("10.251.0.0/16 of peer other") && error.ends_with("it stays as it was published"), "{error}");
         assert_eq!(d.hand, first.hand);
         let d = hand_only(&format!("networks:\n  {HAND}\n  other: [\n"), &d.hand, &published);
         assert_eq!(d.peers, first.peers, "{d:?}");
@@ -1036,13 +1155,18 @@ mod tests {
             Some(r#"nodes: 10.20.144.175 is also a node of peer "tunnel", published with it before (not published now)"#),
             "{out}"
         );
-        // Had neither been published with it, neither would have it.
+        // Had neither been published with it, neither would have it: "tunnel" loses that node
+        // alone, "zz-node-clash", whose only node it is, is refused.
         let out = render_modes(&remotes, None, &last_good, &[], &modes, PeerMode::Gateway, &[]);
         let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
-        for (who, other) in [("tunnel", "zz-node-clash"), ("zz-node-clash", "tunnel")] {
-            let want = format!("nodes: 10.20.144.175 is also a node of peer {other:?}; neither was published with it before, so neither is");
-            assert_eq!(d["refused"][who].as_str(), Some(want.as_str()), "{out}");
-        }
+        let want = |other: &str| format!("nodes: 10.20.144.175 is also a node of peer {other:?}; neither was published with it before, so neither is");
+        assert_eq!(d["refused"]["zz-node-clash"].as_str(), Some(want("tunnel").as_str()), "{out}");
+        assert!(d["refused"].get("tunnel").is_none(), "{out}");
+        let skipped = d["status"]["tunnel"]["skipped"].as_str().unwrap();
+        assert!(skipped.ends_with(&format!("; {}; that node is left out", want("zz-node-clash"))), "{out}");
+        let peers: Vec<RawPeer> = serde_yaml::from_value(d["peers"].clone()).unwrap();
+        let tunnel = peers.iter().find(|p| p.name == "tunnel").unwrap();
+        assert_eq!(tunnel.nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>(), ["10.20.144.176"], "{out}");
         // --default-mode tunnel: a remote without annotation or flag is a tunnel peer, and a
         // gateway-mode view (no tunnel Service watched) cannot resolve as one.
         let remotes = [("plain".to_string(), RemoteInput { view: Some(&tun), ..RemoteInput::default() })].into();
@@ -1122,7 +1246,8 @@ mod tests {
         let records: Vec<&RawPeer> = published.iter().collect();
         let clashes = |candidates: Vec<RawPeer>, records: &[&RawPeer], listed: &[&str]| {
             let listed: BTreeSet<String> = listed.iter().map(|n| (*n).to_owned()).collect();
-            refuse_tunnel_clashes(candidates.clone(), records, &reservations(&candidates, records, &listed))
+            let (kept, refused, _) = refuse_tunnel_clashes(candidates.clone(), records, &reservations(&candidates, records, &listed));
+            (kept, refused)
         };
         let (kept, refused) = clashes(vec![raw("aaa", 1, 4096), published[1].clone(), raw("new", 6001, 4000)], &records, &["aaa", "prod"]);
         assert_eq!(kept.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["prod"]);
@@ -1184,6 +1309,169 @@ mod tests {
         assert_eq!(names, ["prod-west"], "{out}");
         assert_eq!(d["refused"]["aaa-attacker"], "claims 10.246.7.0/24, which overlaps 10.246.0.0/16 of peer prod-west, published with it before");
         assert!(d["resolved"].get("aaa-attacker").is_none(), "{out}");
+    }
+
+    /// A published peer that grows into what a newer peer was published with is not
+    /// withdrawn: its change is refused and it stays as it was published, the newer peer
+    /// keeping what it was published with. A peer never published, two published with what
+    /// they both claim, or a newcomer claiming what a published peer grows into: as before,
+    /// the rules of who keeps what stand.
+    #[test]
+    fn a_published_peers_growth_into_a_newer_claim_does_not_withdraw_it() {
+        let parse = |out: &str| serde_yaml::from_str::<serde_yaml::Value>(out).unwrap();
+        let a = view("10.20.144.165", "10.245.0.0/23"); // grew from /24
+        let b = view("10.20.144.175", "10.245.1.0/24");
+        let remotes: BTreeMap<String, RemoteInput<'_>> = [
+            ("a".to_string(), RemoteInput { view: Some(&a), ..RemoteInput::default() }),
+            ("b".to_string(), RemoteInput { view: Some(&b), ..RemoteInput::default() }),
+        ]
+        .into();
+        let published = [peer("a", "10.20.144.165", "10.245.0.0/24"), peer("b", "10.20.144.175", "10.245.1.0/24")];
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published);
+        assert!(out.contains("- name: a\n  podCIDRs:\n  - 10.245.0.0/24\n"), "a was withdrawn: {out}");
+        assert!(out.contains("- name: b\n  podCIDRs:\n  - 10.245.1.0/24\n"), "{out}");
+        let d = parse(&out);
+        assert!(d["refused"].as_mapping().unwrap().is_empty(), "{out}");
+        assert_eq!(
+            d["status"]["a"]["error"],
+            "its change is refused: claims 10.245.0.0/23, which overlaps 10.245.1.0/24 of peer b, published with it before; it stays as it was published",
+            "{out}"
+        );
+        assert!(d["status"]["b"].get("error").is_none() && d["status"]["b"].get("refused").is_none(), "{out}");
+        // The refused change is no last good state.
+        assert!(d["resolved"].get("a").is_none() && d["resolved"].get("b").is_some(), "{out}");
+
+        // Never published, the grown peer is refused.
+        let d = parse(&render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published[1..]));
+        assert_eq!(d["refused"]["a"], "claims 10.245.0.0/23, which overlaps 10.245.1.0/24 of peer b, published with it before", "{d:?}");
+        assert_eq!(d["peers"].as_sequence().unwrap().len(), 1, "{d:?}");
+        // Both published with what they both claim: the published version clashes too, and
+        // neither is published.
+        let wider = view("10.20.144.165", "10.245.0.0/22");
+        let both_held: BTreeMap<String, RemoteInput<'_>> = [
+            ("a".to_string(), RemoteInput { view: Some(&wider), ..RemoteInput::default() }),
+            ("b".to_string(), RemoteInput { view: Some(&b), ..RemoteInput::default() }),
+        ]
+        .into();
+        let records = [peer("a", "10.20.144.165", "10.245.0.0/23"), published[1].clone()];
+        let d = parse(&render_modes(&both_held, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &records));
+        assert!(d["peers"].as_sequence().unwrap().is_empty(), "{d:?}");
+        assert_eq!(d["refused"]["a"], "claims 10.245.0.0/22, which overlaps 10.245.1.0/24 of peer b, both published with it before", "{d:?}");
+        assert_eq!(d["refused"]["b"], "claims 10.245.1.0/24, which overlaps 10.245.0.0/22 of peer a, both published with it before", "{d:?}");
+        // A newcomer claiming what a published peer grows into: neither has it; the
+        // published peer stays as it was published, the newcomer waits.
+        let newcomer: BTreeMap<String, RemoteInput<'_>> = [
+            ("a".to_string(), RemoteInput { view: Some(&a), ..RemoteInput::default() }),
+            ("c".to_string(), RemoteInput { view: Some(&b), ..RemoteInput::default() }),
+        ]
+        .into();
+        let out = render_modes(&newcomer, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &published[..1]);
+        let d = parse(&out);
+        assert!(out.contains("- name: a\n  podCIDRs:\n  - 10.245.0.0/24\n") && !out.contains("- name: c\n"), "{out}");
+        let neither = "neither was published with it before, so neither is";
+        assert_eq!(d["refused"]["c"].as_str(), Some(format!("claims 10.245.1.0/24, which overlaps 10.245.0.0/23 of peer a; {neither}").as_str()), "{out}");
+        assert_eq!(
+            d["status"]["a"]["error"].as_str(),
+            Some(format!("its change is refused: claims 10.245.0.0/23, which overlaps 10.245.1.0/24 of peer c; {neither}; it stays as it was published").as_str()),
+            "{out}"
+        );
+        // The published version is settled as any other: a newcomer that claims part of it
+        // (which the change gave up) is refused, rather than both going out over each other.
+        let (moved, b, newer) = (view("10.20.144.165", "10.246.0.0/16"), view("10.20.144.175", "10.246.0.0/24"), view("10.20.144.185", "10.245.7.0/24"));
+        let remotes: BTreeMap<String, RemoteInput<'_>> = [
+            ("a".to_string(), RemoteInput { view: Some(&moved), ..RemoteInput::default() }),
+            ("b".to_string(), RemoteInput { view: Some(&b), ..RemoteInput::default() }),
+            ("c".to_string(), RemoteInput { view: Some(&newer), ..RemoteInput::default() }),
+        ]
+        .into();
+        let records = [peer("a", "10.20.144.165", "10.245.0.0/16"), peer("b", "10.20.144.175", "10.246.0.0/24")];
+        let out = render_modes(&remotes, None, &[], &[], &BTreeMap::new(), PeerMode::Gateway, &records);
+        let d = parse(&out);
+        let peers: Vec<RawPeer> = serde_yaml::from_value(d["peers"].clone()).unwrap();
+        assert_eq!(peers, records, "{out}");
+        assert_eq!(d["refused"]["c"], "claims 10.245.7.0/24, which overlaps 10.245.0.0/16 of peer a, published with it before", "{out}");
+        assert!(d["status"]["a"]["error"].as_str().is_some_and(|e| e.starts_with("its change is refused: claims 10.246.0.0/16")), "{out}");
+    }
+
+    /// A tunnel peer's new node at an address another tunnel peer was published with costs
+    /// that node alone; a peer left with no node stays as it was published.
+    #[test]
+    fn a_tunnel_peers_new_node_at_an_address_another_listed_first_withdraws_nothing() {
+        let a = tunnel_view(&[("n1", "10.20.144.175", "10.246.0.0/24"), ("n2", "10.20.144.176", "10.246.1.0/24")], Some(31800));
+        let b = tunnel_view(&[("x", "10.20.144.176", "10.247.0.0/24")], Some(31800));
+        let t = |v| RemoteInput { view: Some(v), mode_annotation: Some("tunnel"), ..RemoteInput::default() };
+        let remotes = [("a".to_string(), t(&a)), ("b".to_string(), t(&b))].into();
+        let published = [tunnel_peer("a", "10.20.144.175", "10.246.0.0/24"), tunnel_peer("b", "10.20.144.176", "10.247.0.0/24")];
+        let out = render_modes(&remotes, None, &[], &[("b", "10.247.0.0/16")], &BTreeMap::new(), PeerMode::Gateway, &published);
+        assert!(out.contains("name: a"), "{out}");
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        let peers: Vec<RawPeer> = serde_yaml::from_value(d["peers"].clone()).unwrap();
+        assert_eq!(peers.len(), 2, "{out}");
+        assert_eq!(peers[0].nodes, published[0].nodes, "{out}");
+        assert_eq!(peers[0].pod_cidrs, ["10.246.0.0/23"], "{out}");
+        assert_eq!(peers[1], published[1], "{out}");
+        assert!(d["refused"].as_mapping().unwrap().is_empty(), "{out}");
+        assert_eq!(d["status"]["a"]["skipped"], r#"nodes: 10.20.144.176 is also a node of peer "b", published with it before; that node is left out"#, "{out}");
+        assert!(d["status"]["b"].get("skipped").is_none(), "{out}");
+        // Its only node moved to that address: the peer stays as it was published.
+        let moved = tunnel_view(&[("n1", "10.20.144.176", "10.246.0.0/24")], Some(31800));
+        let remotes = [("a".to_string(), t(&moved)), ("b".to_string(), t(&b))].into();
+        let out = render_modes(&remotes, None, &[], &[("b", "10.247.0.0/16")], &BTreeMap::new(), PeerMode::Gateway, &published);
+        let d: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        let peers: Vec<RawPeer> = serde_yaml::from_value(d["peers"].clone()).unwrap();
+        assert_eq!(peers, published, "{out}");
+        assert_eq!(
+            d["status"]["a"]["error"],
+            r#"its change is refused: nodes: 10.20.144.176 is also a node of peer "b", published with it before; it stays as it was published"#,
+            "{out}"
+        );
+        assert!(d["refused"].as_mapping().unwrap().is_empty(), "{out}");
+    }
+
+    /// Whoever can annotate one remote Node (its kubelet can) withdraws no peer with an
+    /// address annotation the check refuses: in gateway mode that gateway is left out, and
+    /// with none left the peer keeps its last good state, stale; in tunnel mode that node is.
+    #[test]
+    fn one_remote_nodes_bad_gateway_annotation_costs_that_node_alone() {
+        let parse = |out: &str| serde_yaml::from_str::<serde_yaml::Value>(out).unwrap();
+        let mut two = view("10.20.144.165", "10.245.0.0/24");
+        let gw2 = NodeInfo {
+            pod_cidrs: [net("10.245.1.0/24")].into(),
+            addresses: [(NodeAddressType::Internal, "10.20.144.166".parse().unwrap())].into(),
+            gateway_address: Some("1.2.3.4".into()),
+        };
+        Arc::make_mut(&mut two.nodes).insert("gw2".into(), gw2);
+        let subsets = two.endpoints.as_mut().unwrap().subsets.as_mut().unwrap();
+        subsets[0].addresses.as_mut().unwrap().push(EndpointAddress { ip: "10.0.0.2".into(), node_name: Some("gw2".into()), ..EndpointAddress::default() });
+        let mut one = view("10.20.144.175", "10.254.0.0/16");
+        Arc::make_mut(&mut one.nodes).get_mut("gw").unwrap().gateway_address = Some("1.2.3.4".into());
+        let tun = tunnel_view(&[("n1", "10.20.144.185", "10.246.0.0/24"), ("n2", "10.20.144.186", "10.246.1.0/24")], Some(31800));
+        let mut tun_spoofed = tun.clone();
+        Arc::make_mut(&mut tun_spoofed.nodes).get_mut("n2").unwrap().gateway_address = Some("1.2.3.4".into());
+        let remotes = [
+            ("one".to_string(), RemoteInput { view: Some(&one), ..RemoteInput::default() }),
+            ("tun".to_string(), RemoteInput { view: Some(&tun_spoofed), mode_annotation: Some("tunnel"), ..RemoteInput::default() }),
+            ("two".to_string(), RemoteInput { view: Some(&two), ..RemoteInput::default() }),
+        ]
+        .into();
+        let last_good = [peer("one", "10.20.144.175", "10.254.0.0/16")];
+        let out = render(&remotes, None, &last_good, &[]);
+        let d = parse(&out);
+        assert!(d["refused"].as_mapping().unwrap().is_empty(), "{out}");
+        let peers: Vec<RawPeer> = serde_yaml::from_value(d["peers"].clone()).unwrap();
+        assert_eq!(peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["one", "tun", "two"], "{out}");
+        // Two gateways: the other stays.
+        assert_eq!(peers[2].gateways.iter().map(|g| g.address.as_str()).collect::<Vec<_>>(), ["10.20.144.165"], "{out}");
+        assert_eq!(peers[2].pod_cidrs, ["10.245.0.0/23"], "{out}");
+        assert_eq!(d["status"]["two"]["skipped"], r#"node gw2: meshnet.io/gateway-address "1.2.3.4" is not one of its addresses (10.20.144.166)"#, "{out}");
+        // Its only gateway: the last good state, stale, with the reason.
+        assert_eq!(peers[0], last_good[0], "{out}");
+        assert_eq!(d["status"]["one"]["stale"], true, "{out}");
+        let error = d["status"]["one"]["error"].as_str().unwrap();
+        assert!(error.contains(r#"node gw: meshnet.io/gateway-address "1.2.3.4" is not one of its addresses (10.20.144.175)"#), "{out}");
+        // Tunnel mode: the node is skipped, the others stay.
+        assert_eq!(peers[1].nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>(), ["10.20.144.185"], "{out}");
+        assert_eq!(d["status"]["tun"]["skipped"], r#"node n2: meshnet.io/gateway-address "1.2.3.4" is not one of its addresses (10.20.144.186)"#, "{out}");
     }
 
     /// Of two peers whose names hash to one datapath id, the one published before keeps it
@@ -1250,7 +1538,8 @@ mod tests {
             "{out}"
         );
         assert!(d["refused"].get("prod-west").is_none(), "{out}");
-        // prod-west refused now (its gateway annotation points elsewhere): its CIDRs stay its.
+        // prod-west not published now (its only gateway node's annotation points elsewhere,
+        // and it has no last good state here): its CIDRs stay its.
         let mut spoofed = view("10.20.144.165", "10.246.0.0/16");
         Arc::make_mut(&mut spoofed.nodes).get_mut("gw").unwrap().gateway_address = Some("10.20.144.99".into());
         let taker = view("10.20.144.175", "10.246.7.0/24");

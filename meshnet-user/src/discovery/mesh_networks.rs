@@ -209,9 +209,6 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
             continue;
         }
         match read_cluster(c, opts, name).await {
-            Ok((_, r)) if !r.refusals.is_empty() => {
-                warn!(cluster = %name, refused = %r.refusals.join("; "), "cluster refused");
-            }
             Ok((network, r)) => {
                 if name == &opts.cluster {
                     local_network = Some(network.clone());
@@ -238,6 +235,8 @@ pub async fn generate(opts: &Options) -> anyhow::Result<Generated> {
             warn!(cluster = %name, network = %network, "its network label names another cluster's network; skipping it");
             continue;
         }
+        // A gateway node whose address annotation is refused costs that gateway alone.
+        left_out.extend(r.skipped.iter().map(|why| format!("{name}: gateway left out: {why}")));
         match r.port {
             Some(0) => left_out.push(format!("{name}: network {network} left out: nodePort 0 is not a valid port")),
             Some(port) if !r.addresses.is_empty() => {

@@ -38,7 +38,8 @@ pub struct PeerStatus {
     /// The last problem seen, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// A tunnel peer's nodes (or node pod CIDRs) left out of what is published, and why.
+    /// A peer's remote nodes left out of what is published (a tunnel peer's nodes or node pod
+    /// CIDRs, a gateway peer's gateway nodes), and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
     /// What this cluster's own Nodes now claim of what the peer was published with (a pod

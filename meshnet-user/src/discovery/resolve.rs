@@ -317,8 +317,9 @@ pub struct Resolved {
     pub addresses: Vec<Ipv4Addr>,
     /// Why something could not be resolved.
     pub problems: Vec<String>,
-    /// Why the cluster must not become a peer at all (it claims what it may not).
-    pub refusals: Vec<String>,
+    /// Gateway nodes left out, and why (the first [`MAX_REASONS`]): one node's annotation
+    /// costs that gateway alone.
+    pub skipped: Vec<String>,
 }
 
 /// The IPv4 pod CIDRs of all nodes, aggregated.
@@ -334,19 +335,20 @@ pub fn node_addresses(node: &NodeInfo) -> BTreeSet<Ipv4Addr> {
     node.addresses.iter().map(|(_, a)| *a).collect()
 }
 
-/// The address a gateway on node `name` is reached at, or why the node's annotation is
-/// refused: whoever can annotate a remote Node must not be able to point traffic anywhere,
-/// so the annotation may only pick one of the node's own addresses.
-/// `field` is the published field the address goes to, for the refusal's wording.
-fn node_address(field: &str, name: &str, node: &NodeInfo, ty: AddressType) -> Result<Option<Ipv4Addr>, String> {
+/// The address a gateway on a node is reached at, or why the node's annotation is refused:
+/// whoever can annotate a remote Node must not be able to point traffic anywhere, so the
+/// annotation may only pick one of the node's own addresses. A refused annotation costs
+/// that node alone (left out, with the reason): anyone who can patch one Node (its own
+/// kubelet can) must not withdraw the whole peer from every node.
+fn node_address(node: &NodeInfo, ty: AddressType) -> Result<Option<Ipv4Addr>, String> {
     if let Some(a) = &node.gateway_address {
         let own = node_addresses(node);
         let listed = own.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         let a = Quoted(a);
         return match a.0.trim().parse::<Ipv4Addr>() {
             Ok(addr) if own.contains(&addr) => Ok(Some(addr)),
-            Ok(_) => Err(format!("{field}: node {name}'s {ADDRESS_ANNOTATION} {a} is not one of its addresses ({listed})")),
-            Err(_) => Err(format!("{field}: node {name}'s {ADDRESS_ANNOTATION} {a} is not an IPv4 address")),
+            Ok(_) => Err(format!("{ADDRESS_ANNOTATION} {a} is not one of its addresses ({listed})")),
+            Err(_) => Err(format!("{ADDRESS_ANNOTATION} {a} is not an IPv4 address")),
         };
     }
     let want = match ty {
@@ -395,9 +397,15 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
         .filter_map(|a| a.node_name.as_deref())
         .collect();
     for name in gateway_nodes {
-        match view.nodes.get(name).map(|n| node_address("gateways", name, n, opts.address_type)) {
+        match view.nodes.get(name).map(|n| node_address(n, opts.address_type)) {
             Some(Ok(Some(a))) => r.addresses.push(a),
-            Some(Err(why)) => r.refusals.push(why),
+            // That gateway is left out, the others stay; with none left, the reason is the
+            // peer's problem, and it keeps its last good state.
+            Some(Err(why)) => {
+                let why = format!("node {name}: {why}");
+                r.skipped.push(why.clone());
+                r.problems.push(why);
+            }
             Some(Ok(None)) | None => r.problems.push(format!("node {} has no {} address", Quoted(name), opts.address_type.kube_name())),
         }
     }
@@ -405,9 +413,11 @@ pub fn resolve(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ip
     r.addresses.dedup();
     if r.addresses.is_empty() {
         // First, before the per-node ones that a cap may cut.
-        r.problems.insert(0, format!("no ready endpoint of Service {} on a known node", opts.gateway_service));
+        let svc = &opts.gateway_service;
+        let why = if r.skipped.is_empty() { format!("no ready endpoint of Service {svc} on a known node") } else { format!("no usable gateway node for Service {svc}") };
+        r.problems.insert(0, why);
     }
-    cap_reasons(&mut r.refusals);
+    cap_reasons(&mut r.skipped);
     cap_reasons(&mut r.problems);
     r
 }
@@ -477,8 +487,6 @@ pub struct ResolvedTunnel {
     pub skipped_count: usize,
     /// Why the peer cannot be built now.
     pub problems: Vec<String>,
-    /// Why the cluster must not become a peer at all.
-    pub refusals: Vec<String>,
 }
 
 /// Reasons kept for skipped nodes: a cluster of 5,000 nodes without podCIDRs must not write
@@ -513,13 +521,12 @@ const MAX_CIDRS_PER_NODE: usize = limits::MAX_NODE_CIDRS;
 /// link-local, this cluster's own nodes), no IPv4 podCIDR, more podCIDRs than a node can
 /// have, pod CIDRs outside `pod_cidrs` (when given), an address another node also claims, or
 /// pod CIDRs that overlap another node's (both lose them: which one is lying cannot be
-/// told). A node annotation that points elsewhere than the node's own addresses refuses the
-/// cluster, as in gateway mode. More usable nodes than the datapath holds is a problem, and
-/// the peer keeps its last good state.
+/// told), or an address annotation that points elsewhere than the node's own addresses (a
+/// gateway is left out for it in gateway mode). More usable nodes than the datapath holds
+/// is a problem, and the peer keeps its last good state.
 #[must_use]
 pub fn resolve_tunnel(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Option<&[Ipv4Net]>, reserved: &Reserved) -> ResolvedTunnel {
     let mut r = resolve_tunnel_nodes(view, opts, pod_cidrs, reserved);
-    cap_reasons(&mut r.refusals);
     cap_reasons(&mut r.problems);
     r
 }
@@ -551,14 +558,14 @@ fn resolve_tunnel_nodes(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Op
     // Usable nodes: name, address, pod CIDRs.
     let mut usable: Vec<(&str, Ipv4Addr, Vec<Ipv4Net>)> = Vec::new();
     for (name, node) in view.nodes.as_ref() {
-        let address = match node_address("nodes", name, node, opts.address_type) {
+        let address = match node_address(node, opts.address_type) {
             Ok(Some(a)) => a,
             Ok(None) => {
                 r.skip(format!("node {name}: no {} address", opts.address_type.kube_name()));
                 continue;
             }
             Err(why) => {
-                r.refusals.push(why);
+                r.skip(format!("node {name}: {why}"));
                 continue;
             }
         };
@@ -614,7 +621,7 @@ fn resolve_tunnel_nodes(view: &ClusterView, opts: &ResolveOptions, pod_cidrs: Op
             r.nodes.insert(a, kept);
         }
     }
-    if r.nodes.is_empty() && r.refusals.is_empty() {
+    if r.nodes.is_empty() {
         r.problems.push(match r.skipped_summary() {
             Some(why) => format!("no node is usable for the tunnel: {why}"),
             None => "the cluster has no node".to_string(),
@@ -1291,26 +1298,30 @@ mod tests {
         std::sync::Arc::make_mut(&mut v.nodes).insert("n2".into(), n2.into());
         let r = resolve(&v, &ResolveOptions::default(), None);
         assert_eq!(r.addresses, ["192.0.2.99".parse::<Ipv4Addr>().unwrap()]);
-        assert!(r.refusals.is_empty());
+        assert!(r.skipped.is_empty());
         let ext = ResolveOptions { address_type: AddressType::ExternalIp, ..ResolveOptions::default() };
         let r = resolve(&view(), &ext, None);
         assert!(r.addresses.is_empty());
         assert!(peer("c", &r).unwrap_err().contains("no ExternalIP address"));
     }
 
-    /// Whoever can annotate a remote Node must not be able to point the gateway anywhere.
+    /// Whoever can annotate a remote Node must not be able to point the gateway anywhere, nor
+    /// withdraw the peer: that gateway is left out, with the reason; with no gateway left,
+    /// the reason is the peer's problem (it keeps its last good state).
     #[test]
-    fn annotation_outside_the_nodes_addresses_refuses_the_cluster() {
+    fn annotation_outside_the_nodes_addresses_leaves_that_gateway_out() {
         for (value, why) in [
-            ("169.254.169.254", r#"gateways: node n2's meshnet.io/gateway-address "169.254.169.254" is not one of its addresses (10.20.144.165)"#),
-            ("10.20.144.166", r#"gateways: node n2's meshnet.io/gateway-address "10.20.144.166" is not one of its addresses (10.20.144.165)"#),
-            ("gw.example.com", r#"gateways: node n2's meshnet.io/gateway-address "gw.example.com" is not an IPv4 address"#),
+            ("169.254.169.254", r#"node n2: meshnet.io/gateway-address "169.254.169.254" is not one of its addresses (10.20.144.165)"#),
+            ("10.20.144.166", r#"node n2: meshnet.io/gateway-address "10.20.144.166" is not one of its addresses (10.20.144.165)"#),
+            ("gw.example.com", r#"node n2: meshnet.io/gateway-address "gw.example.com" is not an IPv4 address"#),
         ] {
             let mut v = view();
             std::sync::Arc::make_mut(&mut v.nodes).get_mut("n2").unwrap().gateway_address = Some(value.into());
             let r = resolve(&v, &ResolveOptions::default(), None);
-            assert_eq!(r.refusals, [why], "{value}");
+            assert_eq!(r.skipped, [why], "{value}");
             assert!(r.addresses.is_empty(), "{value}");
+            let e = peer("c", &r).unwrap_err();
+            assert_eq!(e, format!("no usable gateway node for Service istio-eastwestgateway; {why}"), "{value}");
         }
     }
 
@@ -1527,7 +1538,7 @@ mod tests {
                 "node thief: podCIDR 10.245.0.128/25 overlaps node good's 10.245.0.0/24",
             ]
         );
-        assert!(r.refusals.is_empty() && r.problems.is_empty(), "{r:?}");
+        assert!(r.problems.is_empty(), "{r:?}");
         let p = tunnel_peer("cluster2", &r).unwrap();
         // Neither claimant keeps the contested range; the thief keeps what is its own.
         assert_eq!(nodes_of(&p), [("10.20.144.173".into(), vec!["10.245.13.0/24".into()])]);
@@ -1569,13 +1580,15 @@ mod tests {
         n2.gateway_address = None;
         let r = resolve_tunnel(&tunnel_view(vec![("n2", n2.clone())]), &ext, None, &local());
         assert_eq!(nodes_of(&tunnel_peer("c", &r).unwrap())[0].0, "192.0.2.99");
-        // Pointing elsewhere than the node's own addresses refuses the cluster.
+        // Pointing elsewhere than the node's own addresses leaves that node out, and it alone.
+        let n3 = internal("10.20.144.166", &["10.245.1.0/24"]);
         for spoof in ["10.20.144.83", "10.20.144.200", "not an address", &"9".repeat(10_000)] {
             n2.gateway_address = Some(spoof.into());
-            let r = resolve_tunnel(&tunnel_view(vec![("n2", n2.clone())]), &ResolveOptions::default(), None, &local());
-            assert_eq!(r.refusals.len(), 1, "{spoof}");
-            assert!(r.refusals[0].starts_with("nodes: node n2's meshnet.io/gateway-address"), "{}", r.refusals[0]);
-            assert!(r.refusals[0].len() < 200, "the refusal quotes the whole annotation: {}", r.refusals[0].len());
+            let r = resolve_tunnel(&tunnel_view(vec![("n2", n2.clone()), ("n3", n3.clone())]), &ResolveOptions::default(), None, &local());
+            assert_eq!(r.skipped.len(), 1, "{spoof}");
+            assert!(r.skipped[0].starts_with("node n2: meshnet.io/gateway-address"), "{}", r.skipped[0]);
+            assert!(r.skipped[0].len() < 200, "the reason quotes the whole annotation: {}", r.skipped[0].len());
+            assert_eq!(nodes_of(&tunnel_peer("c", &r).unwrap()), [("10.20.144.166".into(), vec!["10.245.1.0/24".into()])], "{spoof}");
         }
     }
 
@@ -1616,14 +1629,15 @@ mod tests {
         let r = resolve_tunnel(&many(10, 5000), &ResolveOptions::default(), None, &local());
         assert_eq!((r.nodes.len(), r.skipped.len(), r.skipped_count), (10, MAX_REASONS, 5000));
         assert!(r.skipped_summary().unwrap().ends_with("; and 4984 more"));
-        // Refusals are bounded alike: 5,000 nodes annotated with an address not their own.
+        // So are 5,000 nodes annotated with an address not their own.
         let mut view = many(5000, 0);
         for n in std::sync::Arc::make_mut(&mut view.nodes).values_mut() {
             n.gateway_address = Some("192.0.2.7".into());
         }
         let r = resolve_tunnel(&view, &ResolveOptions::default(), None, &local());
-        assert_eq!(r.refusals.len(), MAX_REASONS + 1, "{:?}", &r.refusals[..3]);
-        assert_eq!(r.refusals.last().unwrap(), "and 4984 more");
+        assert_eq!((r.nodes.len(), r.skipped.len(), r.skipped_count), (0, MAX_REASONS, 5000));
+        let e = tunnel_peer("c", &r).unwrap_err();
+        assert!(e.starts_with("no node is usable for the tunnel: node node-00000: meshnet.io/gateway-address") && e.ends_with("; and 4984 more"), "{e}");
         // One address claimed by all of them names a few, not all.
         let mut view = many(5000, 0);
         for n in std::sync::Arc::make_mut(&mut view.nodes).values_mut() {
