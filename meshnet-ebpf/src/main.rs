@@ -18,7 +18,11 @@ mod tunnel;
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// tc ingress on the host side of pod interfaces: sees what pods send.
+// The macro calls this body as a function of its own, which LLVM may leave uninlined once it
+// grows (the logging build's did): a subprogram, where the logging build's tail call is not
+// allowed without BTF. Inlined, the program is one function.
 #[classifier]
+#[inline(always)]
 pub fn meshnet_from_pod(ctx: TcContext) -> i32 {
     #[cfg(feature = "upgrade-canary")]
     // SAFETY: a helper without arguments; its result is deliberately unused.
@@ -30,12 +34,14 @@ pub fn meshnet_from_pod(ctx: TcContext) -> i32 {
 
 /// tc egress on the host side of pod interfaces: sees what pods receive.
 #[classifier]
+#[inline(always)]
 pub fn meshnet_to_pod(ctx: TcContext) -> i32 {
     nat::ingress_to_pod(&ctx)
 }
 
 /// tc ingress on the uplinks (tunnel mode): takes tunnel packets off before netfilter.
 #[classifier]
+#[inline(always)]
 pub fn meshnet_tun_in(ctx: TcContext) -> i32 {
     tunnel::decap(&ctx)
 }
