@@ -88,7 +88,7 @@ const CRR_CONCURRENCY: usize = 1;
 /// made the figures follow the machine: one repeat came out fast or slow in several modes at
 /// once, and with 7 repeats one such stretch voided the target. A repeat made of slices taken
 /// across the whole run sees the machine's good and bad stretches as every other repeat does.
-const SLICES: usize = 4;
+const SLICES: usize = 3;
 /// Caps on the load generators besides their duration.
 const MAX_RR: usize = 5_000_000;
 const MAX_CONNECTIONS: u64 = 2_000_000;
@@ -128,7 +128,7 @@ impl Params {
         if quick {
             Self { reps: 3, slices: 1, bulk_secs: 2, rr_secs: 2.0, crr_secs: 2.0, crr_concurrency: CRR_CONCURRENCY, rules: vec![1, 1_000, 10_000] }
         } else {
-            Self { reps: 7, slices: SLICES, bulk_secs: 8, rr_secs: 5.0, crr_secs: 5.0, crr_concurrency: CRR_CONCURRENCY, rules: vec![1, 1_000, 10_000] }
+            Self { reps: 7, slices: SLICES, bulk_secs: 6, rr_secs: 4.5, crr_secs: 4.5, crr_concurrency: CRR_CONCURRENCY, rules: vec![1, 1_000, 10_000] }
         }
         // Development knobs, not for published figures: another concurrency or number of
         // slices, to compare.
