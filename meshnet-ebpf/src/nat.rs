@@ -224,7 +224,10 @@ fn check_rev(key: &FlowKey, fwd: &NatFwd, now: u64, rst: bool, reopens: bool) {
             }
         },
         None => {
-            let rev = FlowKey::rev_value_of_fwd(key, fwd, now);
+            let mut rev = FlowKey::rev_value_of_fwd(key, fwd, now);
+            if reopens {
+                rev.flags |= FLOW_UNANSWERED;
+            }
             match NAT_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
                 Ok(()) => count(Counter::RevRestored),
                 Err(E2BIG_NEG) => count(Counter::NatTableFull),

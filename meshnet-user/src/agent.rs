@@ -848,12 +848,12 @@ impl Agent {
                 Err(e) => debug!(ifindex = index, error = %e, "reading the pod's interface failed"),
             }
         }
-        let (want, conflicts) = port_table(&self.pod_ports, &self.port_owners);
+        let (want, conflicts) = port_table(&self.pod_ports);
         if conflicts != self.port_conflicts {
             if !conflicts.is_empty() {
                 warn!(
                     addresses = ?conflicts,
-                    "pod interfaces share these addresses; each stays its earlier interface's, and one no interface had is left out of the port table (the tunnel delivers to it by the node's route)"
+                    "pod interfaces share these addresses; they are left out of the port table (the tunnel delivers to them by the node's route)"
                 );
             }
             self.port_conflicts = conflicts;
@@ -861,7 +861,12 @@ impl Agent {
         match self.tunnel.sync_ports(&want) {
             Ok((0, 0)) => {}
             Ok((written, removed)) => debug!(written, removed, "tunnel port table synced"),
-            Err(e) => warn!(error = %format!("{e:#}"), "syncing the tunnel port table failed; decapsulated packets take the node's route"),
+            Err(e) => {
+                // The addresses it wrote are not yet taken for owned: a sync that writes them
+                // all finds them new, and purges.
+                warn!(error = %format!("{e:#}"), "syncing the tunnel port table failed; decapsulated packets take the node's route");
+                return;
+            }
         }
         // Addresses that have just become a pod's: flows made in their name elsewhere go.
         let owners: BTreeMap<std::net::Ipv4Addr, u32> = want.iter().map(|(addr, port)| (*addr, port.ifindex)).collect();
@@ -1038,36 +1043,25 @@ fn reconcile(
 /// the pods started after it out of it: unknown addresses, which any pod may send as.
 const MAX_POD_ADDRS: usize = 16;
 
-/// The port table the pods' interfaces make (`owners`: each address's interface in the last
-/// one), and the addresses two interfaces claim. A pod with `CAP_NET_ADMIN` could add
-/// another pod's address to its own interface, and must not receive that pod's tunnel
-/// traffic nor get it left out of the table (an address no pod holds may be sent as by any
-/// pod): an address keeps the interface it had, and one no interface had before is left out.
-fn port_table(
-    pods: &BTreeMap<u32, (Option<netlink::VethPeer>, Instant)>,
-    owners: &BTreeMap<std::net::Ipv4Addr, u32>,
-) -> (BTreeMap<std::net::Ipv4Addr, PodPort>, BTreeSet<std::net::Ipv4Addr>) {
-    let mut claims: BTreeMap<std::net::Ipv4Addr, Vec<PodPort>> = BTreeMap::new();
+/// The port table the pods' interfaces make, and the addresses left out of it because two
+/// interfaces claim them: a pod with `CAP_NET_ADMIN` could add another pod's address to its
+/// own interface, and must not receive that pod's tunnel traffic. (Keeping the address with
+/// the interface that had it first would be worse: such a pod could add the addresses the
+/// next pods will be given, and own them before they come.)
+fn port_table(pods: &BTreeMap<u32, (Option<netlink::VethPeer>, Instant)>) -> (BTreeMap<std::net::Ipv4Addr, PodPort>, BTreeSet<std::net::Ipv4Addr>) {
+    let mut want = BTreeMap::new();
+    let mut conflicts = BTreeSet::new();
     for (index, (peer, _)) in pods {
         let Some(p) = peer else { continue };
         for addr in p.addrs.iter().take(MAX_POD_ADDRS) {
             let port = PodPort { ifindex: *index, pod_mac: p.pod_mac, host_mac: p.host_mac };
-            let c = claims.entry(*addr).or_default();
-            if !c.iter().any(|o| o.ifindex == *index) {
-                c.push(port);
+            if want.insert(*addr, port).is_some_and(|old: PodPort| old.ifindex != *index) {
+                conflicts.insert(*addr);
             }
         }
     }
-    let mut want = BTreeMap::new();
-    let mut conflicts = BTreeSet::new();
-    for (addr, c) in claims {
-        if c.len() > 1 {
-            conflicts.insert(addr);
-        }
-        let kept = if c.len() == 1 { c.first() } else { c.iter().find(|p| owners.get(&addr) == Some(&p.ifindex)) };
-        if let Some(port) = kept {
-            want.insert(addr, *port);
-        }
+    for addr in &conflicts {
+        want.remove(addr);
     }
     (want, conflicts)
 }
@@ -1090,20 +1084,10 @@ mod tests {
             (9, (None, now)),
             (10, (peer(10, &[]), now)),
         ]);
-        let (want, conflicts) = port_table(&pods, &BTreeMap::new());
+        let (want, conflicts) = port_table(&pods);
         assert_eq!(conflicts, BTreeSet::from([std::net::Ipv4Addr::new(10, 245, 0, 20)]));
         assert_eq!(want.len(), 1);
         assert_eq!(want[&std::net::Ipv4Addr::new(10, 245, 0, 21)], PodPort { ifindex: 8, pod_mac: [8; 6], host_mac: [2; 6] });
-        // An address that was an interface's before another claimed it stays that one's: left
-        // out, it would be an address any pod may send as.
-        let owners = BTreeMap::from([(std::net::Ipv4Addr::new(10, 245, 0, 20), 7)]);
-        let (want, conflicts) = port_table(&pods, &owners);
-        assert_eq!(conflicts, BTreeSet::from([std::net::Ipv4Addr::new(10, 245, 0, 20)]));
-        assert_eq!(want[&std::net::Ipv4Addr::new(10, 245, 0, 20)].ifindex, 7);
-        assert_eq!(want.len(), 2);
-        // Nor does a claimant that was not its owner take it.
-        let (want, _) = port_table(&pods, &BTreeMap::from([(std::net::Ipv4Addr::new(10, 245, 0, 20), 99)]));
-        assert!(!want.contains_key(&std::net::Ipv4Addr::new(10, 245, 0, 20)));
     }
 
     /// A pod that adds thousands of addresses to its interface takes a few slots of the port
@@ -1116,7 +1100,7 @@ mod tests {
             (7, (Some(netlink::VethPeer { host_mac: [2; 6], pod_mac: [7; 6], addrs: many }), now)),
             (8, (Some(netlink::VethPeer { host_mac: [2; 6], pod_mac: [8; 6], addrs: vec![std::net::Ipv4Addr::new(10, 246, 0, 9)] }), now)),
         ]);
-        let (want, _) = port_table(&pods, &BTreeMap::new());
+        let (want, _) = port_table(&pods);
         assert_eq!(want.len(), MAX_POD_ADDRS + 1);
         assert_eq!(want[&std::net::Ipv4Addr::new(10, 246, 0, 9)].ifindex, 8);
     }

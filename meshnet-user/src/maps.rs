@@ -429,7 +429,7 @@ pub struct ControlMaps {
     retiring: std::collections::HashMap<(u32, u16), u64>,
     /// Reverse entries marked unanswered when the agent started, whose mark it does not trust
     /// (see [`Self::note_unanswered_at_start`]); each leaves the set once a GC pass sees it
-    /// answered.
+    /// answered, or with its flow.
     marked_before_start: std::collections::HashSet<FlowKey>,
 }
 
@@ -888,15 +888,18 @@ impl ControlMaps {
         if owners.is_empty() {
             return 0;
         }
-        let doomed: Vec<(FlowKey, NatFwd)> = self
-            .forward_flows()
-            .into_iter()
-            .filter(|(k, f)| f.ifindex != 0 && owners.get(&k.src_be).is_some_and(|owner| *owner != f.ifindex))
-            .collect();
-        for (key, fwd) in &doomed {
-            self.remove_flow(key, &FlowKey::rev_of_fwd(key, fwd));
+        let posed = |k: &FlowKey, f: &NatFwd| f.ifindex != 0 && owners.get(&k.src_be).is_some_and(|owner| *owner != f.ifindex);
+        let doomed: Vec<FlowKey> = self.forward_flows().into_iter().filter(|(k, f)| posed(k, f)).map(|(k, _)| k).collect();
+        let mut n = 0;
+        for key in &doomed {
+            // Read again: the pod's own packet may have taken the flow over since.
+            let Ok(fwd) = self.nat_fwd.get(key, 0) else { continue };
+            if posed(key, &fwd) {
+                self.remove_flow(key, &FlowKey::rev_of_fwd(key, &fwd));
+                n += 1;
+            }
         }
-        doomed.len()
+        n
     }
 
     /// Removes both halves of a flow without ever leaving a forward entry without its
@@ -908,6 +911,8 @@ impl ControlMaps {
         // still restored; the forward path re-creates its half), the other way round is not.
         let _ = self.nat_rev.remove(rev_key);
         let _ = self.nat_fwd.remove(key);
+        // A later flow on the reply tuple is judged as its own.
+        self.marked_before_start.remove(rev_key);
         self.ensure_rev(key);
     }
 
@@ -1104,6 +1109,7 @@ impl ControlMaps {
                 continue;
             }
             let _ = self.nat_rev.remove(k);
+            self.marked_before_start.remove(k);
             self.ensure_rev(&fwd_key);
             report.orphans += 1;
         }

@@ -1931,6 +1931,20 @@ fn a_pardoned_flow_seen_answered_counts_its_later_marks() {
     assert_eq!(h.maps.expire(tick + 61 * SEC, &gc_config(10)).flows, 1, "the flow's new mark was pardoned too");
 }
 
+/// The pardon leaves with its flow: a later flow on the same reply tuple (the pod's port,
+/// the same gateway, another remote pod) is judged as its own.
+#[test]
+fn a_pardon_does_not_pass_to_a_later_flow_on_its_reply_tuple() {
+    let (mut h, tick) = clocked();
+    let pod = (POD, 40001);
+    h.expect("SYN", FROM_POD, &pkt(pod, (REMOTE, 8080), L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    assert_eq!(h.maps.note_unanswered_at_start(), 1);
+    h.expect("RST", FROM_POD, &pkt(pod, (REMOTE, 8080), L4::Tcp(RST), b""), OK, &[("redirected", 1)]);
+    assert_eq!(h.maps.expire(tick + 11 * SEC, &gc_config(10)).flows, 1, "the reset flow goes after the closed timeout");
+    h.expect("SYN to another pod", FROM_POD, &pkt(pod, (REMOTE2, 8080), L4::Tcp(SYN), b""), OK, &[("redirected", 1)]);
+    assert_eq!(h.maps.expire(tick + 61 * SEC, &gc_config(10)).flows, 1, "the new flow kept the old one's pardon");
+}
+
 /// The first packet's TCP flags are the flow's: one opened by a RST (or a FIN) is closing
 /// from the start, and a RST-opened one goes after the closed timeout.
 #[test]
