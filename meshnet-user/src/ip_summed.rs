@@ -8,7 +8,7 @@
 //! the result, the placeholders become a constant that keeps the helper path, the one every
 //! kernel before 6.2 takes.
 
-use std::path::Path;
+use std::{path::Path, sync::OnceLock};
 
 use anyhow::{bail, Context as _};
 use meshnet_common::ip_summed;
@@ -35,10 +35,14 @@ pub struct Layout {
 impl Layout {
     /// The running kernel's, unless [`NO_KFUNC_ENV`] says not to; `Err` says why not.
     pub fn current() -> anyhow::Result<Self> {
+        // The running kernel's BTF stays as it is while a process lives, and reading its
+        // megabytes again cost more than the rest of preparing an object: the packet tests
+        // prepare one per test, hundreds under emulation in the kernel matrix.
+        static RUNNING: OnceLock<Result<Layout, String>> = OnceLock::new();
         if std::env::var_os(NO_KFUNC_ENV).is_some_and(|v| v == "1") {
             bail!("{NO_KFUNC_ENV}=1");
         }
-        Self::from_file(Path::new(VMLINUX_BTF))
+        RUNNING.get_or_init(|| Self::from_file(Path::new(VMLINUX_BTF)).map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
     }
 
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {

@@ -401,6 +401,23 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 }
 
 fn prepare() -> anyhow::Result<PathBuf> {
+    set_up_if_needed()?;
+    build_ebpf()?;
+    build_meshnet()
+}
+
+/// [`prepare`] for the test suite: everything `cargo test --workspace` builds, and the debug
+/// `meshnet` with the same features. Built alone (`-p meshnet`), `meshnet` resolved its
+/// dependencies' features without the other members and the dev-dependencies, and the test
+/// build then compiled tokio, hyper, k8s-openapi and kube a second time.
+pub fn prepare_tests() -> anyhow::Result<PathBuf> {
+    set_up_if_needed()?;
+    build_ebpf()?;
+    run(cargo("build").args(["--workspace", "--all-targets"]))?;
+    Ok(root_dir().join("target/debug/meshnet"))
+}
+
+fn set_up_if_needed() -> anyhow::Result<()> {
     if !ebpf_prerequisites().is_empty()
         || !static_prerequisites().is_empty()
         || !missing_apt_packages().is_empty()
@@ -408,8 +425,7 @@ fn prepare() -> anyhow::Result<PathBuf> {
     {
         setup()?;
     }
-    build_ebpf()?;
-    build_meshnet()
+    Ok(())
 }
 
 /// The host suite's tests that run a second time against the static binary: they start
@@ -420,7 +436,7 @@ const STATIC_SMOKE_TESTS: [&str; 1] = ["pipeline"];
 /// The whole suite on the host's kernel, then its smoke tests against the static binary.
 fn test(args: &[String]) -> anyhow::Result<vm::Counts> {
     require_root("test")?;
-    let bin = prepare()?;
+    let bin = prepare_tests()?;
     // A build with different program instructions, for the upgrade-under-a-live-flow test.
     let canary = build_ebpf_variant(Some("upgrade-canary"))?;
     let started = std::time::Instant::now();
@@ -433,8 +449,9 @@ fn test(args: &[String]) -> anyhow::Result<vm::Counts> {
         .env("MESHNET_STATIC_BIN", &static_bin);
     let mut counts = counted(cmd, args)?;
     println!("\nxtask: the smoke tests again, against the static binary {}", static_bin.display());
+    // The whole workspace's features, as above, so that nothing is compiled again.
     let mut cmd = cargo("test");
-    cmd.args(["-p", "meshnet-tests", "--no-fail-fast"])
+    cmd.args(["--workspace", "--no-fail-fast"])
         .env("MESHNET_BIN", &static_bin)
         .env("MESHNET_UPGRADE_OBJECT", &canary)
         .env("MESHNET_STATIC_BIN", &static_bin);

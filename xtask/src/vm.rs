@@ -614,7 +614,8 @@ fn resolve_kernels(vm: &VmArgs) -> anyhow::Result<Vec<Kernel>> {
 /// The datapath test executables, built on the host (the host run built them already).
 fn test_executables() -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let out = cargo("test")
-        .args(["--no-run", "-p", "meshnet-tests", "--message-format=json"])
+        // The workspace's features, as the host suite builds them (see `prepare_tests`).
+        .args(["--no-run", "--workspace", "--message-format=json"])
         .stderr(Stdio::inherit())
         .output()
         .context("cargo test --no-run")?;
@@ -624,7 +625,8 @@ fn test_executables() -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let mut found = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if msg["reason"] != "compiler-artifact" || msg["target"]["kind"] != serde_json::json!(["test"]) {
+        let ours = msg["manifest_path"].as_str().is_some_and(|p| Path::new(p) == root_dir().join("tests/Cargo.toml"));
+        if msg["reason"] != "compiler-artifact" || msg["target"]["kind"] != serde_json::json!(["test"]) || !ours {
             continue;
         }
         let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str()) else { continue };
@@ -898,13 +900,13 @@ fn run_guest(
     if uname.is_empty() {
         println!("{tag} the guest never started its script ({exit})");
     }
-    let status = std::fs::read_to_string(out.join("status")).map(|s| s.trim().to_string()).unwrap_or_default();
-    if status.is_empty() {
+    let verdict = std::fs::read_to_string(out.join("status")).map(|s| s.trim().to_string()).unwrap_or_default();
+    if verdict.is_empty() {
         println!("{tag} the guest's script did not finish ({exit})");
-    } else if !exit.success() && status == "0" {
+    } else if !exit.success() && verdict == "0" {
         println!("{tag} virtme-run said {exit}; the guest's script finished with status 0");
     }
-    let ok = status == "0" && counts.failed == 0 && !timed_out.load(Ordering::Relaxed) && !uname.is_empty();
+    let ok = verdict == "0" && counts.failed == 0 && !timed_out.load(Ordering::Relaxed) && !uname.is_empty();
     Ok(GuestResult { kernel: k.clone(), uname, counts, ok, secs, per_target })
 }
 
@@ -1036,7 +1038,7 @@ pub fn test(args: &[String], vm: &VmArgs, host: fn(&[String]) -> anyhow::Result<
         total.add(host(args)?);
         host_secs = t.elapsed().as_secs();
     } else {
-        super::prepare()?;
+        super::prepare_tests()?;
         super::build_ebpf_variant(Some("upgrade-canary"))?;
         super::build_static()?;
     }
