@@ -431,10 +431,14 @@ pub enum Counter {
     /// From a pod, UDP to a tunnel peer node at a tunnel peer's port (`names::TUN_PEER_PORTS`):
     /// a datagram of its own that the peer could take for tunnel traffic; dropped.
     TunnelForged = 33,
+    /// To the tunnel port on an uplink, in a frame not addressed to this host's MAC (another
+    /// host's, which a switch floods or a promiscuous uplink sees, or a broadcast or
+    /// multicast, which meshnet never sends): dropped.
+    TunnelNotForNode = 34,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::ReverseTranslated,
@@ -470,6 +474,7 @@ impl Counter {
         Counter::TunnelPortChanging,
         Counter::SpoofedSource,
         Counter::TunnelForged,
+        Counter::TunnelNotForNode,
     ];
 
     /// The stable name used in dumps and metrics.
@@ -510,6 +515,7 @@ impl Counter {
             Counter::TunnelPortChanging => "tunnel_port_changing",
             Counter::SpoofedSource => "spoofed_source",
             Counter::TunnelForged => "tunnel_forged",
+            Counter::TunnelNotForNode => "tunnel_not_for_node",
         }
     }
 }

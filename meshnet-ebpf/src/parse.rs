@@ -830,6 +830,12 @@ pub fn tunnel_packet(ctx: &TcContext, ip: &Ipv4) -> Result<TunnelPacket, Counter
     let p = start as *const u8;
     // SAFETY: NEED bytes from the start are inside the packet.
     unsafe {
+        // The stack checks the outer header's checksum only after tc ingress: a redirect would
+        // deliver what `ip_rcv` drops. Summed with its checksum, a right header comes to 0.
+        let w = p.add(ETH_HLEN).cast::<u32>();
+        if ipv4_csum(&[load(w), load(w.add(1)), load(w.add(2)), load(w.add(3)), load(w.add(4))]) != 0 {
+            return Err(Counter::TunnelBadHeader);
+        }
         let hdr = p.add(ETH_HLEN + (tunnel::OUTER_IP_LEN + tunnel::UDP_LEN) as usize);
         let inner = p.add(ETH_HLEN + tunnel::OVERHEAD as usize);
         let inner_proto = *inner.add(9);

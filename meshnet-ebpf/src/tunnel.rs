@@ -138,6 +138,15 @@ fn is_gso(ctx: &TcContext) -> bool {
     unsafe { (*ctx.skb.skb).gso_segs > 1 }
 }
 
+/// `skb->pkt_type` of a frame to the receiving device's own MAC (linux/if_packet.h).
+const PACKET_HOST: u32 = 0;
+
+#[inline(always)]
+fn pkt_type(ctx: &TcContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).pkt_type }
+}
+
 #[inline(always)]
 fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: as above.
@@ -386,6 +395,13 @@ pub fn decap(ctx: &TcContext) -> i32 {
     match TUN_FAST.get(tun_fast::PORT) {
         Some(&port) if port != 0 && port == u32::from(dport_be) => {}
         _ => return PASS,
+    }
+    // Only a frame to this host's own MAC is decapsulated. The stack drops a frame to another
+    // host's (a switch flooding it, an uplink in promiscuous mode) in `ip_rcv`, but a redirect
+    // would hand its inner packet to a pod; and meshnet never sends a broadcast or multicast.
+    if pkt_type(ctx) != PACKET_HOST {
+        count(Counter::TunnelNotForNode);
+        return DROP;
     }
     // The published port and the settings disagree only while the agent changes them: a
     // packet to the port the uplink takes is meshnet's either way, and would only meet a

@@ -561,6 +561,9 @@ fn config_checks(path: &Path, checks: &mut Vec<Check>) {
         let found = datapath::matching_interfaces(&t.interfaces).map_err(|e| format!("{e:#}"));
         let uplinks: Vec<String> = found.as_ref().map(|f| f.keys().cloned().collect()).unwrap_or_default();
         checks.push(uplinks_check(&t.interfaces, found.map(|f| f.into_keys().collect()), &matched));
+        if let Some(c) = uplink_mac_check(&uplinks.iter().map(|u| enslaved(Path::new("/sys/class/net"), u)).collect::<Vec<_>>()) {
+            checks.push(c);
+        }
         checks.push(tunnel_port_check(t.port, iptables_save("nat").as_ref(), crate::netlink::udp_listeners().as_deref()));
         if t.delivery == crate::config::Delivery::Stack {
             let peers: Vec<Ipv4Net> = cfg.peers.iter().filter(|p| p.tunnel.is_some()).flat_map(|p| p.pod_cidrs.iter().copied()).collect();
@@ -593,6 +596,50 @@ pub fn uplinks_check(patterns: &[String], found: Result<Vec<String>, String>, po
             }
         }
     }
+}
+
+/// An uplink enslaved to another device (a bridge, a bond) as `/sys/class/net` shows it: the
+/// uplink, its MAC, its master and the master's MAC. `None` for one without a master.
+fn enslaved(sys: &Path, uplink: &str) -> Option<Enslaved> {
+    let mac = |dev: &Path| std::fs::read_to_string(dev.join("address")).ok().map(|m| m.trim().to_string());
+    let dev = sys.join(uplink);
+    let master = std::fs::read_link(dev.join("master")).ok()?;
+    let master_name = master.file_name()?.to_string_lossy().into_owned();
+    Some(Enslaved { uplink: uplink.to_string(), mac: mac(&dev)?, master: master_name.clone(), master_mac: mac(&sys.join(master_name))? })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enslaved {
+    pub uplink: String,
+    pub mac: String,
+    pub master: String,
+    pub master_mac: String,
+}
+
+/// The uplink program takes only frames to its interface's own MAC (`tunnel_not_for_node`
+/// counts the others). Peers address the node's address, which on an enslaved uplink lives on
+/// its master: a master whose MAC is not the uplink's gets frames that the uplink takes for
+/// another host's. `None` when no uplink is enslaved, so that most nodes show no such row.
+#[must_use]
+pub fn uplink_mac_check(uplinks: &[Option<Enslaved>]) -> Option<Check> {
+    const NAME: &str = "tunnel uplink MACs";
+    let enslaved: Vec<&Enslaved> = uplinks.iter().flatten().collect();
+    if enslaved.is_empty() {
+        return None;
+    }
+    let differ: Vec<&&Enslaved> = enslaved.iter().filter(|e| !e.mac.eq_ignore_ascii_case(&e.master_mac)).collect();
+    Some(match differ.first() {
+        None => Check::new(NAME, Level::Ok, format!("{} share their masters' MACs", enslaved.iter().map(|e| e.uplink.as_str()).collect::<Vec<_>>().join(", "))),
+        Some(e) => Check::new(
+            NAME,
+            Level::Warn,
+            format!(
+                "{} ({}) is a port of {} ({}): frames to the node's address there are another host's to {}, and the uplink program drops them (tunnel_not_for_node)",
+                e.uplink, e.mac, e.master, e.master_mac, e.uplink
+            ),
+        )
+        .fix(format!("name {} in `tunnel.interfaces` instead of {}", e.master, e.uplink)),
+    })
 }
 
 /// The tunnel port's reservation: a NodePort Service (`meshnet-tunnel`) keeps any other
@@ -1464,5 +1511,28 @@ mod tunnel_tests {
         assert_eq!(uplinks_check(&p, Ok(vec![]), &pods).level, Level::Fail);
         assert_eq!(uplinks_check(&p, Ok(vec!["eth0".into()]), &pods).level, Level::Ok);
         assert_eq!(uplinks_check(&p, Ok(vec!["veth1".into()]), &pods).level, Level::Warn);
+    }
+
+    #[test]
+    fn an_uplink_whose_master_has_another_mac_is_named() {
+        let port = |mac: &str| Enslaved { uplink: "eth0".into(), mac: mac.into(), master: "br0".into(), master_mac: "02:00:00:00:00:01".into() };
+        assert_eq!(uplink_mac_check(&[None, None]), None, "no enslaved uplink, no row");
+        assert_eq!(uplink_mac_check(&[Some(port("02:00:00:00:00:01"))]).unwrap().level, Level::Ok);
+        let c = uplink_mac_check(&[None, Some(port("02:00:00:00:00:02"))]).unwrap();
+        assert!(c.level == Level::Warn && c.detail.contains("tunnel_not_for_node") && c.fix.as_deref().unwrap_or("").contains("br0"), "{c:?}");
+    }
+
+    #[test]
+    fn an_enslaved_uplink_is_read_from_sysfs() {
+        let dir = crate::scratch::Scratch::new("doctor-sysfs");
+        let sys = dir.0.as_path();
+        for (dev, mac) in [("eth0", "02:00:00:00:00:02"), ("br0", "02:00:00:00:00:01"), ("eth1", "02:00:00:00:00:03")] {
+            std::fs::create_dir_all(sys.join(dev)).unwrap();
+            std::fs::write(sys.join(dev).join("address"), format!("{mac}\n")).unwrap();
+        }
+        std::os::unix::fs::symlink("../br0", sys.join("eth0").join("master")).unwrap();
+        let want = Enslaved { uplink: "eth0".into(), mac: "02:00:00:00:00:02".into(), master: "br0".into(), master_mac: "02:00:00:00:00:01".into() };
+        assert_eq!(enslaved(sys, "eth0"), Some(want));
+        assert_eq!(enslaved(sys, "eth1"), None);
     }
 }

@@ -22,6 +22,8 @@ pub mod netlink;
 pub mod nftables;
 #[cfg(test)]
 mod objcheck;
+#[cfg(test)]
+mod scratch;
 pub mod pins;
 pub mod tunnel;
 pub mod yaml;

@@ -1004,6 +1004,76 @@ fn foreign_and_spoofed(opts: Options) {
     assert!(bad(&after) <= 2 * CRAFTED_TIMES, "more bad headers than fragments: +{}", bad(&after));
     assert_eq!(count(&after, "tunnel_decap"), count(&before, "tunnel_decap"), "a fragment was decapsulated");
     assert!(payloads.iter().all(|p| !t.server(APP_A_POD).saw(&p[..20])), "app-a received a fragmented tunnel packet");
+
+    // Well-formed tunnel packets in frames sent raw on node1's `lan0`: to another host's MAC
+    // (what a switch floods, or an uplink in promiscuous mode sees) and to the broadcast
+    // address, each dropped and counted; then one to node2's own MAC, delivered and answered,
+    // so that the drops are the MAC's doing.
+    let (node1_mac, node2_mac) = (mac_of(&t.node1.ns, "lan0"), mac_of(&t.node2.ns, "lan0"));
+    let frames = |what: &'static str, dst: [u8; 6], times: u64| {
+        let payloads: Vec<Vec<u8>> = (0..times).map(|i| format!("raw frame {what} #{i}").into_bytes()).collect();
+        let frames: Vec<Vec<u8>> = payloads
+            .iter()
+            .map(|p| {
+                let mut f = Vec::new();
+                etherparse::PacketBuilder::ethernet2(node1_mac, dst)
+                    .ipv4(NODE1_LAN.parse::<Ipv4Addr>().unwrap().octets(), NODE2_LAN.parse::<Ipv4Addr>().unwrap().octets(), 64)
+                    .udp(40_000, TUNNEL_PORT)
+                    .write(&mut f, &ok.datagram(p))
+                    .unwrap();
+                f
+            })
+            .collect();
+        (payloads, frames)
+    };
+    let before = t.node2.counters();
+    let (mut payloads, mut raw) = frames("to another host", [0x02, 0, 0, 0, 0x99, 0x99], CRAFTED_TIMES);
+    let (p, f) = frames("to everyone", [0xff; 6], CRAFTED_TIMES);
+    payloads.extend(p);
+    raw.extend(f);
+    send_raw(&t.node1.ns, "lan0", raw);
+    let not_ours = |c: &serde_json::Map<String, serde_json::Value>| count(c, "tunnel_not_for_node") - count(&before, "tunnel_not_for_node");
+    let counted = poll(WAIT, || (not_ours(&t.node2.counters()) >= 2 * CRAFTED_TIMES).then_some(()));
+    let after = t.node2.counters();
+    assert!(counted.is_some(), "the frames for other hosts were not refused: tunnel_not_for_node +{}", not_ours(&after));
+    assert_eq!(not_ours(&after), 2 * CRAFTED_TIMES);
+    assert_eq!(count(&after, "tunnel_decap"), count(&before, "tunnel_decap"), "a frame for another host was decapsulated");
+    let (mine, raw) = frames("to node2", node2_mac, 1);
+    send_raw(&t.node1.ns, "lan0", raw);
+    let (n, _) = answers.recv_from(&mut buf).expect("no answer to the frame addressed to node2");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), APP_A_POD.reply(&String::from_utf8(mine[0].clone()).unwrap(), v4(CLIENT_IP, CRAFTED_PORT)));
+    assert!(payloads.iter().all(|p| !t.server(APP_A_POD).saw(p)), "app-a received a frame addressed to another host");
+    assert_eq!(t.node2.counter("tunnel_not_for_node"), count(&before, "tunnel_not_for_node") + 2 * CRAFTED_TIMES);
+}
+
+/// The MAC address of `iface` in `ns`.
+fn mac_of(ns: &NetNs, iface: &str) -> [u8; 6] {
+    let text = ns.exec(&format!("cat /sys/class/net/{iface}/address"));
+    let bytes: Vec<u8> = text.trim().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+    bytes.try_into().unwrap_or_else(|b| panic!("{iface}: MAC {b:?}"))
+}
+
+/// Sends whole Ethernet `frames` out of `iface` in `ns` from a packet socket.
+fn send_raw(ns: &NetNs, iface: &'static str, frames: Vec<Vec<u8>>) {
+    ns.run(move || {
+        let sock = socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, None).unwrap();
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "no {iface}");
+        for f in frames {
+            // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sa.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+            sa.sll_ifindex = i32::try_from(ifindex).unwrap();
+            sa.sll_halen = 6;
+            sa.sll_addr[..6].copy_from_slice(&f[..6]);
+            let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>()).unwrap();
+            // SAFETY: sendto with a live buffer, its length, and a sockaddr_ll with its length.
+            let n = unsafe { libc::sendto(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0, (&raw const sa).cast(), len) };
+            assert_eq!(usize::try_from(n).ok(), Some(f.len()), "sendto on {iface}: {}", std::io::Error::last_os_error());
+        }
+    });
 }
 
 /// A pod's own datagram to a peer node's tunnel port, with meshnet's header and a packet in

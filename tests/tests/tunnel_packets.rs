@@ -51,6 +51,10 @@ const STRANGER: [u8; 4] = [192, 0, 2, 99];
 const PORT: u16 = 31800;
 const PEER_PORT: u16 = 31801;
 const MTU: u32 = 1500;
+/// Where tunnel packets are addressed. A test run receives its frame on the loopback device,
+/// whose MAC is all zeros, and the uplink program takes only frames to the receiver's own:
+/// there a frame to `HOST_MAC` is another host's.
+const RX_MAC: [u8; 6] = [0; 6];
 /// The harness's uplink, whose MAC is `HOST_MAC`.
 const LINK: &str = "tp0";
 
@@ -233,7 +237,7 @@ fn tunnel_packet(outer_src: [u8; 4], dport: u16, hdr: [u8; 8], inner_frame: &[u8
     let mut out = Vec::new();
     let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, outer_src, NODE).unwrap();
     ip.dont_fragment = true;
-    PacketBuilder::ethernet2(PEER_MAC, HOST_MAC)
+    PacketBuilder::ethernet2(PEER_MAC, RX_MAC)
         .ip(etherparse::IpHeaders::Ipv4(ip, etherparse::Ipv4Extensions::default()))
         .udp(40123, dport)
         .write(&mut out, &payload)
@@ -839,6 +843,28 @@ fn slots_left_by_an_earlier_agent_are_put_right_before_they_are_trusted() {
     assert_eq!(deliver(&h, "the pod's new interface"), moved.pod_mac);
 }
 
+/// Only a frame to this host's own MAC is decapsulated: one to another host's (a switch
+/// flooding it, a promiscuous uplink), a broadcast or a multicast is dropped and counted, and
+/// never redirected to the pod it names, which the stack would not have delivered it to
+/// either. A frame of another host's to any other port is not meshnet's, and passes.
+#[test]
+fn a_tunnel_frame_not_addressed_to_this_host_is_dropped_and_counted() {
+    // `delivery: redirect` (the default), with the pod in the port table.
+    let mut h = Harness::new();
+    h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), PodPort { ifindex: 7, pod_mac: POD_MAC, host_mac: HOST_MAC })])).unwrap();
+    let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
+    let to = |mac: [u8; 6]| [&mac[..], &pkt[6..]].concat();
+    for (what, mac) in [("another host's", HOST_MAC), ("broadcast", [0xff; 6]), ("multicast", [0x01, 0, 0x5e, 0, 0, 1])] {
+        h.expect(what, names::PROG_TUNNEL_IN, &to(mac), SHOT, &[("tunnel_not_for_node", 1)]);
+    }
+    let other_port = tunnel_packet(PEER_NODE, PORT + 1, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
+    let other_port = [&HOST_MAC[..], &other_port[6..]].concat();
+    let before = h.counters();
+    assert_eq!(h.run(names::PROG_TUNNEL_IN, &other_port), (UNSPEC, other_port.clone()), "another host's frame to another port");
+    assert_counter_delta("another port", &before, &h.counters(), &[]);
+    h.expect("this host's", names::PROG_TUNNEL_IN, &pkt, REDIRECT, &[("tunnel_decap", 1)]);
+}
+
 #[test]
 fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
     let h = Harness::new();
@@ -877,6 +903,11 @@ fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
     let l = u16::from_be_bytes([claims[at], claims[at + 1]]) + 4;
     claims[at..at + 2].copy_from_slice(&l.to_be_bytes());
     h.expect("inner longer than sent", names::PROG_TUNNEL_IN, &claims, SHOT, &[("tunnel_bad_header", 1)]);
+    // An outer header whose checksum is wrong, which `ip_rcv` would drop after the uplink
+    // program: the right packet with one bit of its checksum flipped.
+    let mut corrupt = tunnel_packet(PEER_NODE, PORT, good_header(), &inner);
+    corrupt[ETH_HLEN + 11] ^= 1;
+    h.expect("outer checksum wrong", names::PROG_TUNNEL_IN, &corrupt, SHOT, &[("tunnel_bad_header", 1)]);
     assert_eq!(h.peer_stats().rx_packets, 0, "nothing rejected was counted as received");
 }
 

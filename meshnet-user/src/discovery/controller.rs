@@ -847,10 +847,31 @@ pub(super) fn held_twice<'a>(namespace: &str, secrets: impl IntoIterator<Item = 
         .collect()
 }
 
+/// The most kubeconfigs followed from one remote secret. `istioctl x create-remote-secret`
+/// writes one; each is a remote task with its own connections, so one object holding
+/// thousands of keys (a Secret may hold 1 MiB) must not start thousands of them.
+pub(super) const MAX_KEYS_PER_SECRET: usize = 16;
+
+/// The most remote clusters followed: as many peers as the datapath holds.
+pub(super) const MAX_REMOTES: usize = meshnet_common::limits::MAX_PEERS as usize;
+
 /// The remotes the secrets in `namespace` ask for, by cluster name (each data key is one),
-/// and the names refused, with why (see [`held_twice`]).
+/// and the names refused, with why: held by two secrets (see [`held_twice`]), in a secret
+/// with more than [`MAX_KEYS_PER_SECRET`] keys (all of its keys), or past the first
+/// [`MAX_REMOTES`] names. A refused name keeps what was published for it.
 fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>) {
-    let refused = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
+    let mut refused = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
+    for (sname, secret) in secrets {
+        let keys = secret.data.as_ref().map_or(0, BTreeMap::len);
+        if keys > MAX_KEYS_PER_SECRET {
+            let why = format!(
+                "remote secret {namespace}/{sname} holds {keys} kubeconfigs, more than the {MAX_KEYS_PER_SECRET} meshnet follows from one secret; none of them is followed"
+            );
+            for cluster in secret.data.iter().flatten().map(|(k, _)| k) {
+                refused.entry(cluster.clone()).or_insert_with(|| why.clone());
+            }
+        }
+    }
     let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
     for (sname, secret) in secrets {
         let pod_cidrs = secret
@@ -871,6 +892,12 @@ fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTree
                 wanted.insert(cluster.clone(), w);
             }
         }
+    }
+    let past: Vec<String> = wanted.keys().skip(MAX_REMOTES).cloned().collect();
+    for name in past {
+        wanted.remove(&name);
+        let why = format!("more remote clusters than meshnet follows (at most {MAX_REMOTES}): only the first {MAX_REMOTES} by name are");
+        refused.insert(name, why);
     }
     (wanted, refused)
 }
@@ -1122,6 +1149,31 @@ mod tests {
         let (wanted, refused) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
         assert_eq!(wanted.len(), 2);
         assert!(refused.is_empty());
+    }
+
+    /// One secret with a key per cluster by the thousand starts no remote task for any of
+    /// them, and the remotes followed stay within what the datapath holds.
+    #[test]
+    fn remote_secrets_are_followed_within_bounds() {
+        fn keys(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let names = |n: usize, prefix: &str| (0..n).map(|i| format!("{prefix}{i:04}")).collect::<Vec<_>>();
+        let many = names(MAX_KEYS_PER_SECRET + 1, "bulk");
+        let full = names(MAX_KEYS_PER_SECRET, "full");
+        let secrets = [secret("bulk", &keys(&many), &[]), secret("full", &keys(&full), &[]), secret("one", &["cluster2"], &[])].into();
+        let (wanted, refused) = wanted_remotes("istio-system", &secrets);
+        assert_eq!(wanted.len(), MAX_KEYS_PER_SECRET + 1, "{:?}", wanted.keys().collect::<Vec<_>>());
+        assert!(wanted.contains_key("cluster2") && full.iter().all(|k| wanted.contains_key(k)));
+        assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), many);
+        assert!(refused["bulk0000"].contains(&format!("holds {} kubeconfigs", MAX_KEYS_PER_SECRET + 1)), "{}", refused["bulk0000"]);
+
+        let per_secret: Vec<Vec<String>> = names(MAX_REMOTES + 2, "c").chunks(MAX_KEYS_PER_SECRET).map(<[String]>::to_vec).collect();
+        let secrets: BTreeMap<String, Secret> = per_secret.iter().enumerate().map(|(i, k)| secret(&format!("s{i:03}"), &keys(k), &[])).collect();
+        let (wanted, refused) = wanted_remotes("istio-system", &secrets);
+        assert_eq!(wanted.len(), MAX_REMOTES);
+        assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), [format!("c{MAX_REMOTES:04}"), format!("c{:04}", MAX_REMOTES + 1)]);
+        assert!(refused.values().all(|why| why.contains("at most")), "{refused:?}");
     }
 
     /// Nothing that prints a remote secret's key for a log line or a failed assertion shows
