@@ -10,7 +10,7 @@ use aya_ebpf::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_tail},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -25,7 +25,9 @@ use crate::{
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
 
-/// Set by the agent at load time (`names::GLOBAL_HAVE_REDIRECT_NEIGH`).
+/// Set by the agent at load time (`names::GLOBAL_HAVE_REDIRECT_NEIGH`): the kernel has
+/// `bpf_redirect_neigh` and `bpf_redirect_peer`, both 5.10. The verifier never walks the
+/// branches of the value not set, so older kernels load calls to helpers they lack.
 #[unsafe(no_mangle)]
 static MN_HAVE_REDIRECT_NEIGH: u8 = 0;
 
@@ -512,12 +514,15 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> Res
     if cfg.flags & TUN_DELIVER_REDIRECT == 0 {
         return Ok(TC_ACT_OK);
     }
-    // Out of the pod's own port: through a bridge (the route's device behind most CNIs) a GSO
-    // packet would be segmented in software (see `names::TUN_PORTS`).
+    // Through the pod's own port: through a bridge (the route's device behind most CNIs) a
+    // GSO packet would be segmented in software (see `names::TUN_PORTS`). From 5.10 straight
+    // into the pod's end of its veth (the port table holds only veths whose other end is in
+    // another namespace, as `bpf_redirect_peer` needs), skipping the host end's transmit and
+    // the backlog queue; below that out of the host end.
     if let Some(p) = pod_port(dst_be) {
         if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() {
-            // SAFETY: a helper call with plain values.
-            return Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32);
+            // SAFETY: helper calls with plain values.
+            return Ok(unsafe { if have_redirect_neigh() { bpf_redirect_peer(p.ifindex, 0) } else { bpf_redirect(p.ifindex, 0) } } as i32);
         }
     }
     let hop = fib_lookup_v4(ctx, src_be, dst_be, ifindex(ctx), 0);

@@ -111,7 +111,9 @@ pub struct VethPeer {
 /// The other end of a veth: a pod's own interface, in the pod's network namespace.
 /// `RTM_GETLINK` of the host side names the peer's ifindex and the id of its namespace; with
 /// `IFLA_TARGET_NETNSID` and `IFA_TARGET_NETNSID` (Linux 4.20) `RTM_GETLINK` and
-/// `RTM_GETADDR` read the peer there. `None` when the interface is no veth. From the kernel,
+/// `RTM_GETADDR` read the peer there. `None` when the interface is no veth, or its other end
+/// is in this namespace (no pod's: the tunnel hands packets to the other end of a port
+/// table's veth with `bpf_redirect_peer`, which drops them within one namespace). From the kernel,
 /// not from what the pod sends: a pod puts any source addresses on its packets, but changes
 /// neither its interface's MAC nor its addresses without `CAP_NET_ADMIN` in its namespace.
 pub fn veth_peer(ifindex: u32) -> io::Result<Option<VethPeer>> {
@@ -120,11 +122,11 @@ pub fn veth_peer(ifindex: u32) -> io::Result<Option<VethPeer>> {
     if host.kind.as_deref() != Some(b"veth".as_slice()) {
         return Ok(None);
     }
-    let (Some(peer), Some(host_mac)) = (host.peer.filter(|l| *l != 0), host.mac) else { return Ok(None) };
+    let (Some(peer), Some(host_mac), Some(_)) = (host.peer.filter(|l| *l != 0), host.mac, host.peer_netnsid) else { return Ok(None) };
     let far = sock.get_link(peer, host.peer_netnsid)?;
     // A kernel that ignores the target namespace answers with this namespace's link of that
     // index, another device; one that honours it says so in the reply.
-    if far.index != Some(peer) || (host.peer_netnsid.is_some() && far.target_netnsid != host.peer_netnsid) {
+    if far.index != Some(peer) || far.target_netnsid != host.peer_netnsid {
         return Err(unsupported());
     }
     let Some(pod_mac) = far.mac else { return Ok(None) };

@@ -22,6 +22,7 @@ use std::{
 use meshnet::config::peer_id;
 use nix::sys::signal::Signal;
 use meshnet_tests::{
+    kernel_at_least,
     peer::IO_TIMEOUT,
     poll,
     topo::{APP_A, APP_B, APP_PORT, CLIENT2_IP, CLIENT_IP, GW_IP, GW_PORT, NODE1_LAN, NODE2_LAN, NODEPORT_TCP},
@@ -181,6 +182,71 @@ fn tcp_both_ways(opts: Options) {
         });
         assert!(listed.is_some(), "{}: {want} is not among the pod ports: {}", node.cluster, node.dump_json("tunnel")["tunnel"]["podPorts"]);
     }
+}
+
+/// The port table holds only veths whose other end is in another namespace: a pod's.
+/// `bpf_redirect_peer` hands a packet to that other end, and drops it when the end is in the
+/// node's own namespace. Such a veth, matched by `interfaces`, with an address of the node's
+/// pod CIDR on its other end, is left out, while a pod that comes after it is listed.
+#[test]
+fn a_veth_with_both_ends_on_the_node_is_no_pod_port() {
+    let (t, _agents) = setup(opts(Delivery::Redirect));
+    let node = &t.node1;
+    node.ns.ip("link add vethsame type veth peer name samep");
+    node.ns.ip("addr add 10.244.0.99/24 dev samep");
+    node.ns.ip("link set samep up");
+    node.ns.ip("link set vethsame up");
+    let late = NetNs::new("late");
+    node.ns.ip(&format!("link add vethlate type veth peer name eth0 netns {}", late.name));
+    node.ns.ip("link set vethlate master cni0 up");
+    late.ip("addr add 10.244.0.77/24 dev eth0");
+    late.ip("link set eth0 up");
+    let addresses = || -> Vec<String> {
+        let ports = node.dump_json("tunnel")["tunnel"]["podPorts"].clone();
+        ports.as_array().into_iter().flatten().filter_map(|p| p["address"].as_str().map(str::to_string)).collect()
+    };
+    let listed = poll(WAIT, || addresses().contains(&"10.244.0.77".to_string()).then_some(()));
+    assert!(listed.is_some(), "the pod that came later is not among the pod ports: {:?}", addresses());
+    assert!(!addresses().contains(&"10.244.0.99".to_string()), "a veth within the node's namespace is a pod port: {:?}", addresses());
+}
+
+/// `delivery: redirect` hands a pod of the port table its packets straight into its end of
+/// the veth where the kernel has `bpf_redirect_peer` (5.10): the host end transmits none of
+/// them. Below 5.10, or with the agent held to that path, the host end sends each one.
+fn redirect_delivery_path(opts: Options) {
+    const DATAGRAMS: u64 = 50;
+    let peer = kernel_at_least(5, 10) && !opts.no_redirect_neigh;
+    let (t, _agents) = setup(opts);
+    let listed = poll(WAIT, || {
+        let ports = t.node2.dump_json("tunnel")["tunnel"]["podPorts"].clone();
+        ports.as_array().into_iter().flatten().any(|p| p["address"] == APP_A.to_string() && p["lookup"] == "slot").then_some(())
+    });
+    assert!(listed.is_some(), "app-a is not among node2's pod ports: {}", t.node2.dump_json("tunnel"));
+    // Neighbours resolved and caches warm before counting.
+    udp_check(&t.client, CLIENT_IP, APP_A_POD, "warm-up");
+    let sent = || -> u64 { t.node2.ns.exec("cat /sys/class/net/vetha/statistics/tx_packets").trim().parse().unwrap() };
+    let (before, decap) = (sent(), t.node2.counter("tunnel_decap"));
+    for i in 0..DATAGRAMS {
+        udp_check(&t.client, CLIENT_IP, APP_A_POD, &format!("datagram {i}"));
+    }
+    let (host_end, decapsulated) = (sent() - before, t.node2.counter("tunnel_decap") - decap);
+    assert!(decapsulated >= DATAGRAMS, "only {decapsulated} of {DATAGRAMS} datagrams were decapsulated");
+    if peer {
+        // A few may be the bridge's own (IPv6 multicast flooded to its ports).
+        assert!(host_end < DATAGRAMS / 2, "vetha transmitted {host_end} packets for {DATAGRAMS} datagrams: not handed to the pod's end");
+    } else {
+        assert!(host_end >= DATAGRAMS, "vetha transmitted {host_end} packets for {DATAGRAMS} datagrams");
+    }
+}
+
+#[test]
+fn redirect_delivery_enters_the_pods_end_where_the_kernel_can() {
+    redirect_delivery_path(opts(Delivery::Redirect));
+}
+
+#[test]
+fn redirect_delivery_leaves_by_the_host_end_on_the_path_before_5_10() {
+    redirect_delivery_path(fib_lookup(Delivery::Redirect));
 }
 
 #[test]
