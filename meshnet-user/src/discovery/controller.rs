@@ -280,6 +280,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let mut dirty = false;
     let mut retry = PublishRetry::default();
+    let mut last_publish: Option<tokio::time::Instant> = None;
     let mut debounce = Box::pin(tokio::time::sleep(Duration::from_hours(1)));
     info!(namespace = %state.opts.namespace, istio_namespace = %state.opts.istio_namespace, "meshnet controller started");
     loop {
@@ -314,13 +315,14 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
             Some(msg) = rx.recv() => {
                 // Coalesce bursts (a relist delivers many events) into one publish.
                 if state.handle(msg) {
-                    let at = publish_after_change(dirty.then(|| debounce.deadline()), tokio::time::Instant::now());
+                    let at = publish_after_change(dirty.then(|| debounce.deadline()), tokio::time::Instant::now(), last_publish);
                     dirty = true;
                     debounce.as_mut().reset(at);
                 }
             }
             () = &mut debounce, if dirty => {
                 dirty = false;
+                last_publish = Some(tokio::time::Instant::now());
                 debounce.as_mut().reset(tokio::time::Instant::now() + Duration::from_hours(1));
                 match state.publish().await {
                     Ok(()) => {
@@ -913,16 +915,23 @@ struct PublishRetry {
     logged: Option<String>,
 }
 
-/// When to publish after a change, given when a publish was already due (`None`: none is).
-/// Bursts (a relist delivers many events) coalesce into one publish; a change while a failed
-/// publish waits for its retry goes out within [`RETRY_FIRST`], not after the backoff: it
-/// may be what the failure needs.
-fn publish_after_change(due: Option<tokio::time::Instant>, now: tokio::time::Instant) -> tokio::time::Instant {
-    match due {
+/// When to publish after a change, given when a publish was already due (`None`: none is)
+/// and when the last one was tried. Bursts (a relist delivers many events) coalesce into one
+/// publish; a change while a failed publish waits for its retry goes out within
+/// [`RETRY_FIRST`], not after the backoff: it may be what the failure needs. Never sooner than
+/// [`REPUBLISH_MIN`] after the last: a remote whose objects change without pause (nodes
+/// flapping, or an API server that means harm) must not have every agent of the cluster
+/// resync, and the API server send each of them the ConfigMap, many times a second.
+fn publish_after_change(due: Option<tokio::time::Instant>, now: tokio::time::Instant, last: Option<tokio::time::Instant>) -> tokio::time::Instant {
+    let at = match due {
         Some(due) => due.min(now + RETRY_FIRST),
         None => now + Duration::from_millis(50),
-    }
+    };
+    last.map_or(at, |l| at.max(l + REPUBLISH_MIN))
 }
+
+/// The shortest time between two publishes.
+const REPUBLISH_MIN: Duration = Duration::from_secs(1);
 
 /// The first retry's delay; each failure doubles it, up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -1218,13 +1227,25 @@ mod tests {
     #[test]
     fn a_change_while_a_failed_publish_waits_goes_out_within_a_second() {
         let now = tokio::time::Instant::now();
-        assert_eq!(publish_after_change(None, now), now + Duration::from_millis(50));
-        assert_eq!(publish_after_change(Some(now + RETRY_MAX), now), now + RETRY_FIRST, "the backoff is not waited out");
+        assert_eq!(publish_after_change(None, now, None), now + Duration::from_millis(50));
+        assert_eq!(publish_after_change(Some(now + RETRY_MAX), now, None), now + RETRY_FIRST, "the backoff is not waited out");
         let mut r = PublishRetry::default();
         let backoff = (0..10).map(|_| r.failed("403 Forbidden").0).last().unwrap();
-        assert_eq!(publish_after_change(Some(now + backoff), now), now + RETRY_FIRST);
+        assert_eq!(publish_after_change(Some(now + backoff), now, None), now + RETRY_FIRST);
         let burst = now + Duration::from_millis(50);
-        assert_eq!(publish_after_change(Some(burst), now + Duration::from_millis(10)), burst, "a burst is not put off");
+        assert_eq!(publish_after_change(Some(burst), now + Duration::from_millis(10), None), burst, "a burst is not put off");
+    }
+
+    /// Changes without pause are published once a second at most, and one after a quiet second
+    /// goes out as before.
+    #[test]
+    fn publishes_are_a_second_apart_at_least() {
+        let now = tokio::time::Instant::now();
+        let last = now - Duration::from_millis(200);
+        assert_eq!(publish_after_change(None, now, Some(last)), last + REPUBLISH_MIN);
+        assert_eq!(publish_after_change(Some(now + Duration::from_millis(10)), now, Some(last)), last + REPUBLISH_MIN);
+        let quiet = now - Duration::from_secs(5);
+        assert_eq!(publish_after_change(None, now, Some(quiet)), now + Duration::from_millis(50));
     }
 
     /// A typo in the pod CIDRs annotation must not publish what is left of it: an entry that is
