@@ -32,7 +32,7 @@ use crate::{
 static MN_HAVE_REDIRECT_NEIGH: u8 = 0;
 
 #[inline(always)]
-fn have_redirect_neigh() -> bool {
+pub(crate) fn have_redirect_neigh() -> bool {
     // SAFETY: a global of the object's read-only data; volatile so that the load-time value
     // is read, not the compile-time 0.
     unsafe { core::ptr::read_volatile(&raw const MN_HAVE_REDIRECT_NEIGH) != 0 }
