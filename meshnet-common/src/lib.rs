@@ -408,7 +408,8 @@ pub enum Counter {
     /// To this node's tunnel port, but not from a known peer node: dropped.
     TunnelUnknownNode = 24,
     /// To the tunnel port, from a peer node, with a truncated or malformed meshnet header
-    /// (magic, version) or inner packet: dropped.
+    /// (magic, version) or inner packet, or an outer IPv4 header that is a fragment, has
+    /// options or a wrong checksum: dropped.
     TunnelBadHeader = 25,
     /// A tunnel header naming another cluster than the sending node's: dropped.
     TunnelWrongCluster = 26,
@@ -431,9 +432,10 @@ pub enum Counter {
     /// From a pod, UDP to a tunnel peer node at a tunnel peer's port (`names::TUN_PEER_PORTS`):
     /// a datagram of its own that the peer could take for tunnel traffic; dropped.
     TunnelForged = 33,
-    /// To the tunnel port on an uplink, in a frame not addressed to this host's MAC (another
-    /// host's, which a switch floods or a promiscuous uplink sees, or a broadcast or
-    /// multicast, which meshnet never sends): dropped.
+    /// To the tunnel port on an uplink, in a broadcast or multicast frame, which meshnet never
+    /// sends: dropped. (A frame to another host's MAC is decapsulated but handed to the stack,
+    /// never redirected: the stack drops it unless a bridge or macvlan above the uplink owns
+    /// the MAC.)
     TunnelNotForNode = 34,
 }
 
@@ -620,6 +622,13 @@ pub struct TunnelNode {
 /// to the pod's interface, bypassing the node's netfilter; without it they go through the
 /// stack (routing, FORWARD, NetworkPolicy) as if they had arrived unencapsulated.
 pub const TUN_DELIVER_REDIRECT: u32 = 1;
+
+/// [`TunnelConfig::flags`], with [`TUN_DELIVER_REDIRECT`]: a pod of the port table gets the
+/// packet with `bpf_redirect_peer` (5.10) straight into its end of the veth, which skips the
+/// host end's qdisc and tc egress (a bandwidth limit, a CNI's eBPF policy there). Without it,
+/// or before 5.10, out of the host end with `bpf_redirect`; a program older than this bit
+/// ignores it and does the same.
+pub const TUN_DELIVER_PEER: u32 = 2;
 
 /// This node's tunnel settings (`mn_tun_cfg_v1`, key 0).
 #[repr(C)]

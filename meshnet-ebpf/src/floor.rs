@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    helpers::bpf_redirect,
     programs::TcContext,
 };
 use meshnet_common::{tun_fast, tunnel, FlowKey, NatFwd, IPPROTO_UDP};
@@ -82,8 +82,8 @@ pub fn new_flow(ctx: &TcContext, both: bool) -> i32 {
 /// header and read the UDP port as `meshnet_tun_in` does, tell the tunnel port (the same
 /// inlined array read), read the inner destination and check the outer header's checksum
 /// (which nothing after a decapsulation before the stack would), take the 36 bytes off and,
-/// with `redirect`, hand the packet to that pod's port (its slot, as `meshnet_tun_in` reads
-/// it, and the same helper) with the pod's MACs. No check of the frame's MAC, of meshnet's
+/// with `redirect`, send the packet out of that pod's port (its slot, as `meshnet_tun_in`
+/// reads it, and `bpf_redirect`, as `delivery: redirect` does) with the pod's MACs. No check of the frame's MAC, of meshnet's
 /// header, the sender or the inner addresses, no settings, no counter: what
 /// `meshnet_tun_in` costs above this is what its checks and counters cost.
 #[inline(always)]
@@ -112,9 +112,7 @@ pub fn decap(ctx: &TcContext, redirect: bool) -> i32 {
     }
     match crate::tunnel::pod_port(t.inner_daddr_be) {
         // SAFETY: a helper call with plain values.
-        Some(p) if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() => unsafe {
-            (if crate::tunnel::have_redirect_neigh() { bpf_redirect_peer(p.ifindex, 0) } else { bpf_redirect(p.ifindex, 0) }) as i32
-        },
+        Some(p) if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() => unsafe { bpf_redirect(p.ifindex, 0) as i32 },
         _ => TC_ACT_SHOT,
     }
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use meshnet_common::{
     limits, pod_port_slot, switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, PodPort, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP,
-    TUN_DELIVER_REDIRECT,
+    TUN_DELIVER_PEER, TUN_DELIVER_REDIRECT,
 };
 
 use crate::{
@@ -32,7 +32,7 @@ use crate::{
 static MN_HAVE_REDIRECT_NEIGH: u8 = 0;
 
 #[inline(always)]
-pub(crate) fn have_redirect_neigh() -> bool {
+fn have_redirect_neigh() -> bool {
     // SAFETY: a global of the object's read-only data; volatile so that the load-time value
     // is read, not the compile-time 0.
     unsafe { core::ptr::read_volatile(&raw const MN_HAVE_REDIRECT_NEIGH) != 0 }
@@ -140,8 +140,11 @@ fn is_gso(ctx: &TcContext) -> bool {
     unsafe { (*ctx.skb.skb).gso_segs > 1 }
 }
 
-/// `skb->pkt_type` of a frame to the receiving device's own MAC (linux/if_packet.h).
+/// `skb->pkt_type` (linux/if_packet.h): a frame to the receiving device's own MAC, to the
+/// broadcast address, to a multicast one.
 const PACKET_HOST: u32 = 0;
+const PACKET_BROADCAST: u32 = 1;
+const PACKET_MULTICAST: u32 = 2;
 
 #[inline(always)]
 fn pkt_type(ctx: &TcContext) -> u32 {
@@ -398,10 +401,9 @@ pub fn decap(ctx: &TcContext) -> i32 {
         Some(&port) if port != 0 && port == u32::from(dport_be) => {}
         _ => return PASS,
     }
-    // Only a frame to this host's own MAC is decapsulated. The stack drops a frame to another
-    // host's (a switch flooding it, an uplink in promiscuous mode) in `ip_rcv`, but a redirect
-    // would hand its inner packet to a pod; and meshnet never sends a broadcast or multicast.
-    if pkt_type(ctx) != PACKET_HOST {
+    // meshnet sends tunnel packets to one node's MAC, never to a broadcast or multicast one.
+    let pkt_type = pkt_type(ctx);
+    if pkt_type == PACKET_BROADCAST || pkt_type == PACKET_MULTICAST {
         count(Counter::TunnelNotForNode);
         return DROP;
     }
@@ -412,7 +414,7 @@ pub fn decap(ctx: &TcContext) -> i32 {
         count(Counter::TunnelPortChanging);
         return DROP;
     };
-    match decap_or_why(ctx, &ip, &cfg) {
+    match decap_or_why(ctx, &ip, &cfg, pkt_type == PACKET_HOST) {
         Ok(verdict) => verdict,
         Err(why) => {
             count(why);
@@ -422,7 +424,7 @@ pub fn decap(ctx: &TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, Counter> {
+fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig, to_this_host: bool) -> Result<i32, Counter> {
     // meshnet never sends fragments or outer options.
     let plain = !ip.is_fragment && ip.l4_off == ETH_HLEN + IP_MIN_HLEN;
     let t = if plain { parse::tunnel_packet(ctx, ip).ok() } else { None };
@@ -456,7 +458,11 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig) -> Result<i32, C
             }
         }
     }
-    let verdict = deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be)?;
+    // A frame to another host's MAC (a switch flooding it, an uplink in promiscuous mode) goes
+    // to the stack, which decides as for any such frame: `ip_rcv` drops it, unless a bridge or
+    // a macvlan above the uplink owns the MAC (the node's address is there). A redirect would
+    // hand it to a pod whatever the MAC.
+    let verdict = if to_this_host { deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be)? } else { TC_ACT_OK };
     add_stats(sender.stats_slot, u64::from(t.inner_len), false);
     count(Counter::TunnelDecap);
     Ok(verdict)
@@ -515,14 +521,15 @@ fn deliver(ctx: &TcContext, cfg: &TunnelConfig, src_be: u32, dst_be: u32) -> Res
         return Ok(TC_ACT_OK);
     }
     // Through the pod's own port: through a bridge (the route's device behind most CNIs) a
-    // GSO packet would be segmented in software (see `names::TUN_PORTS`). From 5.10 straight
-    // into the pod's end of its veth (the port table holds only veths whose other end is in
-    // another namespace, as `bpf_redirect_peer` needs), skipping the host end's transmit and
-    // the backlog queue; below that out of the host end.
+    // GSO packet would be segmented in software (see `names::TUN_PORTS`). Out of the host end
+    // of its veth, whose qdisc and tc egress see it; with `delivery: peer` from 5.10 straight
+    // into the pod's end, which skips them and the backlog queue (the port table holds only
+    // veths whose other end is in another namespace, as `bpf_redirect_peer` needs).
     if let Some(p) = pod_port(dst_be) {
         if parse::set_macs(ctx, p.pod_mac, p.host_mac).is_ok() {
+            let peer = cfg.flags & TUN_DELIVER_PEER != 0 && have_redirect_neigh();
             // SAFETY: helper calls with plain values.
-            return Ok(unsafe { if have_redirect_neigh() { bpf_redirect_peer(p.ifindex, 0) } else { bpf_redirect(p.ifindex, 0) } } as i32);
+            return Ok(unsafe { if peer { bpf_redirect_peer(p.ifindex, 0) } else { bpf_redirect(p.ifindex, 0) } } as i32);
         }
     }
     let hop = fib_lookup_v4(ctx, src_be, dst_be, ifindex(ctx), 0);

@@ -13,7 +13,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use meshnet_common::{limits, Gateway, LocalNet, PeerGateways, TunnelConfig, TunnelNode, GW_UP, TUN_DELIVER_REDIRECT};
+use meshnet_common::{limits, Gateway, LocalNet, PeerGateways, TunnelConfig, TunnelNode, GW_UP, TUN_DELIVER_PEER, TUN_DELIVER_REDIRECT};
 use serde::{Deserialize, Serialize};
 
 /// The config file as written.
@@ -70,9 +70,13 @@ pub enum Delivery {
     /// and kube-proxy's INVALID drop kills them: only for nodes without that rule.
     Stack,
     /// Redirected straight to the pod's interface, past the node's netfilter: conntrack sees
-    /// neither way.
+    /// neither way. Out of the host end of the pod's veth, whose qdisc and tc egress see it.
     #[default]
     Redirect,
+    /// As `Redirect`, but from 5.10 straight into the pod's end of its veth
+    /// (`bpf_redirect_peer`): the fastest, and past the host end's qdisc and tc egress too (a
+    /// bandwidth limit, a CNI's eBPF policy there). Below 5.10 as `Redirect`.
+    Peer,
 }
 
 impl Delivery {
@@ -1313,6 +1317,7 @@ impl Config {
             flags: match t.delivery {
                 Delivery::Stack => 0,
                 Delivery::Redirect => TUN_DELIVER_REDIRECT,
+                Delivery::Peer => TUN_DELIVER_REDIRECT | TUN_DELIVER_PEER,
             },
             nets: [LocalNet::NONE; limits::MAX_NODE_CIDRS],
             ..TunnelConfig::default()
@@ -1832,6 +1837,10 @@ peers:
         assert_eq!((t.pod_cidrs.len(), t.delivery), (0, Delivery::Redirect));
         let y = TUNNEL.replace("delivery: redirect", "delivery: stack");
         assert_eq!(Config::from_yaml(&y).unwrap().tunnel.unwrap().delivery, Delivery::Stack);
+        let y = TUNNEL.replace("delivery: redirect", "delivery: peer");
+        let c = Config::from_yaml(&y).unwrap();
+        assert_eq!(c.tunnel.as_ref().unwrap().delivery, Delivery::Peer);
+        assert_eq!(c.desired().tun_config.unwrap().flags, TUN_DELIVER_REDIRECT | TUN_DELIVER_PEER);
     }
 
     /// The tunnel peer fills only the tunnel maps, the gateway peer only the gateway ones.

@@ -598,14 +598,19 @@ pub fn uplinks_check(patterns: &[String], found: Result<Vec<String>, String>, po
     }
 }
 
-/// An uplink enslaved to another device (a bridge, a bond) as `/sys/class/net` shows it: the
-/// uplink, its MAC, its master and the master's MAC. `None` for one without a master.
+/// An uplink enslaved to a bridge or a bond as `/sys/class/net` shows it: the uplink, its
+/// MAC, its master and the master's MAC. `None` for one without a master, or with another kind
+/// (a VRF, Open vSwitch's `ovs-system`: their MAC is no address peers send to).
 fn enslaved(sys: &Path, uplink: &str) -> Option<Enslaved> {
     let mac = |dev: &Path| std::fs::read_to_string(dev.join("address")).ok().map(|m| m.trim().to_string());
     let dev = sys.join(uplink);
     let master = std::fs::read_link(dev.join("master")).ok()?;
     let master_name = master.file_name()?.to_string_lossy().into_owned();
-    Some(Enslaved { uplink: uplink.to_string(), mac: mac(&dev)?, master: master_name.clone(), master_mac: mac(&sys.join(master_name))? })
+    let master_dev = sys.join(&master_name);
+    if !master_dev.join("bridge").exists() && !master_dev.join("bonding").exists() {
+        return None;
+    }
+    Some(Enslaved { uplink: uplink.to_string(), mac: mac(&dev)?, master: master_name, master_mac: mac(&master_dev)? })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -616,10 +621,11 @@ pub struct Enslaved {
     pub master_mac: String,
 }
 
-/// The uplink program takes only frames to its interface's own MAC (`tunnel_not_for_node`
-/// counts the others). Peers address the node's address, which on an enslaved uplink lives on
-/// its master: a master whose MAC is not the uplink's gets frames that the uplink takes for
-/// another host's. `None` when no uplink is enslaved, so that most nodes show no such row.
+/// The uplink program redirects only frames to its interface's own MAC to pods, and hands
+/// the stack those to another host's. Peers address the node's address, which on an enslaved
+/// uplink lives on its master: a master whose MAC is not the uplink's gets frames that the
+/// uplink takes for another host's, so `delivery: redirect` does not apply to them. `None`
+/// when no uplink is enslaved to a bridge or bond, so that most nodes show no such row.
 #[must_use]
 pub fn uplink_mac_check(uplinks: &[Option<Enslaved>]) -> Option<Check> {
     const NAME: &str = "tunnel uplink MACs";
@@ -634,7 +640,7 @@ pub fn uplink_mac_check(uplinks: &[Option<Enslaved>]) -> Option<Check> {
             NAME,
             Level::Warn,
             format!(
-                "{} ({}) is a port of {} ({}): frames to the node's address there are another host's to {}, and the uplink program drops them (tunnel_not_for_node)",
+                "{} ({}) is a port of {} ({}): frames to the node's address there are another host's to {}, which the uplink program hands to the stack, never to a pod by redirect",
                 e.uplink, e.mac, e.master, e.master_mac, e.uplink
             ),
         )
@@ -1519,20 +1525,23 @@ mod tunnel_tests {
         assert_eq!(uplink_mac_check(&[None, None]), None, "no enslaved uplink, no row");
         assert_eq!(uplink_mac_check(&[Some(port("02:00:00:00:00:01"))]).unwrap().level, Level::Ok);
         let c = uplink_mac_check(&[None, Some(port("02:00:00:00:00:02"))]).unwrap();
-        assert!(c.level == Level::Warn && c.detail.contains("tunnel_not_for_node") && c.fix.as_deref().unwrap_or("").contains("br0"), "{c:?}");
+        assert!(c.level == Level::Warn && c.detail.contains("another host's") && c.fix.as_deref().unwrap_or("").contains("br0"), "{c:?}");
     }
 
     #[test]
     fn an_enslaved_uplink_is_read_from_sysfs() {
         let dir = crate::scratch::Scratch::new("doctor-sysfs");
         let sys = dir.0.as_path();
-        for (dev, mac) in [("eth0", "02:00:00:00:00:02"), ("br0", "02:00:00:00:00:01"), ("eth1", "02:00:00:00:00:03")] {
+        for (dev, mac) in [("eth0", "02:00:00:00:00:02"), ("br0", "02:00:00:00:00:01"), ("eth1", "02:00:00:00:00:03"), ("eth2", "02:00:00:00:00:04"), ("vrf0", "02:00:00:00:00:05")] {
             std::fs::create_dir_all(sys.join(dev)).unwrap();
             std::fs::write(sys.join(dev).join("address"), format!("{mac}\n")).unwrap();
         }
+        std::fs::create_dir(sys.join("br0").join("bridge")).unwrap();
         std::os::unix::fs::symlink("../br0", sys.join("eth0").join("master")).unwrap();
+        std::os::unix::fs::symlink("../vrf0", sys.join("eth2").join("master")).unwrap();
         let want = Enslaved { uplink: "eth0".into(), mac: "02:00:00:00:00:02".into(), master: "br0".into(), master_mac: "02:00:00:00:00:01".into() };
         assert_eq!(enslaved(sys, "eth0"), Some(want));
-        assert_eq!(enslaved(sys, "eth1"), None);
+        assert_eq!(enslaved(sys, "eth1"), None, "no master");
+        assert_eq!(enslaved(sys, "eth2"), None, "a VRF's MAC is no address peers send to");
     }
 }

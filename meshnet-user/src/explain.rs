@@ -688,7 +688,9 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
         addr_of_be(n.addr_be),
         u32::from_be(n.mask_be).count_ones()
     ));
-    let how = if cfg.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 {
+    let how = if cfg.flags & meshnet_common::TUN_DELIVER_PEER != 0 {
+        "straight to the pod's interface, past netfilter (into the pod's end of its veth from 5.10, past the host end's qdisc and tc egress, when mn_tun_ports_v1 holds the pod's address, else along the node's route if it stays on this node: one through a gateway or back out of the uplink has no pod behind it, and the packet is dropped, tunnel_no_pod)"
+    } else if cfg.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 {
         "straight to the pod's interface, past netfilter (out of the pod's own port when mn_tun_ports_v1 holds the pod's address, else along the node's route if it stays on this node: one through a gateway or back out of the uplink has no pod behind it, and the packet is dropped, tunnel_no_pod)"
     } else {
         "through the node's stack, as if it had arrived unencapsulated: routing, FORWARD rules and NetworkPolicy see it"

@@ -952,7 +952,11 @@ impl TunnelMaps {
             published_cluster_id: self.fast_slot(tun_fast::CLUSTER_ID),
             port: u16::from_be(c.port_be),
             taken_port: self.taken_port(),
-            delivery: if c.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0 { "redirect" } else { "stack" },
+            delivery: match (c.flags & meshnet_common::TUN_DELIVER_REDIRECT != 0, c.flags & meshnet_common::TUN_DELIVER_PEER != 0) {
+                (false, _) => "stack",
+                (true, false) => "redirect",
+                (true, true) => "peer",
+            },
             mtu: c.mtu,
             pod_cidrs: c
                 .nets

@@ -50,6 +50,8 @@ pub enum Delivery {
     Stack,
     /// `bpf_redirect_neigh` straight to the pod's interface.
     Redirect,
+    /// As `Redirect`, into the pod's end of its veth (`bpf_redirect_peer`) from 5.10.
+    Peer,
 }
 
 impl Delivery {
@@ -58,6 +60,7 @@ impl Delivery {
         match self {
             Self::Stack => "stack",
             Self::Redirect => "redirect",
+            Self::Peer => "peer",
         }
     }
 }

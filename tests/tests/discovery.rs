@@ -460,7 +460,7 @@ fn a_refused_peer_keeps_its_cidr_across_a_failover() {
 #[test]
 fn a_cluster_two_remote_secrets_hold_keeps_its_last_state_until_one_goes() {
     let m = Mesh::new();
-    let controller = m.controller(&[]);
+    let mut controller = m.controller(&[]);
     let _agent = m.agent();
     let want = ["10.245.0.0/24 cluster2 10.20.144.165:32361"];
     m.wait_routes(&want, "initial discovery");
@@ -477,6 +477,16 @@ fn a_cluster_two_remote_secrets_hold_keeps_its_last_state_until_one_goes() {
     assert!(kept.is_some(), "cluster2 not kept stale with the reason: {:?}", m.published());
     assert!(kept.unwrap().0.as_array().unwrap().iter().any(|p| p["name"] == "cluster2"));
     m.wait_routes(&want, "cluster2 kept while two secrets hold it");
+    // A restart with both secrets there (an upgrade, a failover): the new process never
+    // followed cluster2, and keeps it all the same. The status, deleted meanwhile, is written
+    // again by its first publish.
+    assert!(controller.stop());
+    m.local.delete("v1", "ConfigMap", Some("meshnet"), "meshnet-status");
+    let controller = m.controller(&[]);
+    let kept = poll(WAIT, || m.published().filter(|(_, s)| s["cluster2"]["error"] == why && s["cluster2"]["stale"] == true));
+    assert!(kept.is_some(), "the new controller never published: {:?}", m.published());
+    assert!(listed(&m, "cluster2"), "cluster2 withdrawn by the restart: {:?}", m.published());
+    m.wait_routes(&want, "cluster2 kept across the restart");
     // Another event of the secrets, the same refusal: not logged again.
     second["metadata"]["annotations"]["note"] = json!("touched");
     m.local.apply(second);

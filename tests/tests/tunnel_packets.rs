@@ -843,20 +843,23 @@ fn slots_left_by_an_earlier_agent_are_put_right_before_they_are_trusted() {
     assert_eq!(deliver(&h, "the pod's new interface"), moved.pod_mac);
 }
 
-/// Only a frame to this host's own MAC is decapsulated: one to another host's (a switch
-/// flooding it, a promiscuous uplink), a broadcast or a multicast is dropped and counted, and
-/// never redirected to the pod it names, which the stack would not have delivered it to
-/// either. A frame of another host's to any other port is not meshnet's, and passes.
+/// A broadcast or multicast frame to the tunnel port is dropped and counted. One to another
+/// host's MAC (a switch flooding it, a promiscuous uplink) is decapsulated but handed to the
+/// stack, which drops it unless a bridge or macvlan above the uplink owns the MAC: never
+/// redirected to the pod it names. A frame of another host's to any other port is not
+/// meshnet's, and passes.
 #[test]
-fn a_tunnel_frame_not_addressed_to_this_host_is_dropped_and_counted() {
+fn a_tunnel_frame_not_addressed_to_this_host_is_never_redirected() {
     // `delivery: redirect` (the default), with the pod in the port table.
     let mut h = Harness::new();
     h.tunnel.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), PodPort { ifindex: 7, pod_mac: POD_MAC, host_mac: HOST_MAC })])).unwrap();
     let pkt = tunnel_packet(PEER_NODE, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
     let to = |mac: [u8; 6]| [&mac[..], &pkt[6..]].concat();
-    for (what, mac) in [("another host's", HOST_MAC), ("broadcast", [0xff; 6]), ("multicast", [0x01, 0, 0x5e, 0, 0, 1])] {
+    for (what, mac) in [("broadcast", [0xff; 6]), ("multicast", [0x01, 0, 0x5e, 0, 0, 1])] {
         h.expect(what, names::PROG_TUNNEL_IN, &to(mac), SHOT, &[("tunnel_not_for_node", 1)]);
     }
+    let out = h.expect("another host's", names::PROG_TUNNEL_IN, &to(HOST_MAC), OK, &[("tunnel_decap", 1)]);
+    assert_eq!(out[..6], HOST_MAC, "the frame's destination is left as it came");
     let other_port = tunnel_packet(PEER_NODE, PORT + 1, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
     let other_port = [&HOST_MAC[..], &other_port[6..]].concat();
     let before = h.counters();

@@ -476,20 +476,20 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        let (wanted, reasons) = wanted_remotes(&self.opts.secrets.namespace, secrets);
+        let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets);
         let mut duplicates = BTreeMap::new();
         for (name, why) in reasons {
             if self.duplicates.get(&name).is_none_or(|d| d.why != why) {
                 error!(peer = %name, error = %why, "remote cluster refused");
             }
+            // The annotations it was followed with, else those of the one secret that asks for
+            // it. Its last good state stands either way: followed before this process started
+            // (the published record has it), it is not withdrawn because this process never
+            // followed it; never published, there is none.
             let was = self.duplicates.remove(&name).map(|d| (d.pod_cidrs, d.allowed, d.mode_annotation));
             let was = was.or_else(|| self.remotes.get(&name).map(|r| (r.pod_cidrs.clone(), r.allowed.clone(), r.mode_annotation.clone())));
-            // Never followed before: nothing of it was published, so nothing stands.
-            let Some((pod_cidrs, allowed, mode_annotation)) = was else {
-                self.last_good.remove(&name);
-                duplicates.insert(name, Duplicate { why, pod_cidrs: None, allowed: None, mode_annotation: None });
-                continue;
-            };
+            let was = was.or_else(|| asked.get(&name).map(|w| (w.pod_cidrs.clone(), w.allowed.clone(), w.mode_annotation.clone())));
+            let (pod_cidrs, allowed, mode_annotation) = was.unwrap_or_default();
             duplicates.insert(name, Duplicate { why, pod_cidrs, allowed, mode_annotation });
         }
         self.remotes.retain(|name, _| {
@@ -860,9 +860,12 @@ pub(super) const MAX_REMOTES: usize = meshnet_common::limits::MAX_PEERS as usize
 /// The remotes the secrets in `namespace` ask for, by cluster name (each data key is one),
 /// and the names refused, with why: held by two secrets (see [`held_twice`]), in a secret
 /// with more than [`MAX_KEYS_PER_SECRET`] keys (all of its keys), or past the first
-/// [`MAX_REMOTES`] names. A refused name keeps what was published for it.
-fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>) {
-    let mut refused = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
+/// [`MAX_REMOTES`] names. A refused name keeps what was published for it. Last, what one
+/// secret alone asks for each refused name it holds (not a name two secrets hold).
+fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>, BTreeMap<String, Wanted>) {
+    let twice = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
+    let mut refused = twice.clone();
+    let mut asked = BTreeMap::new();
     for (sname, secret) in secrets {
         let keys = secret.data.as_ref().map_or(0, BTreeMap::len);
         if keys > MAX_KEYS_PER_SECRET {
@@ -892,16 +895,18 @@ fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTree
             };
             if !refused.contains_key(cluster) {
                 wanted.insert(cluster.clone(), w);
+            } else if !twice.contains_key(cluster) {
+                asked.insert(cluster.clone(), w);
             }
         }
     }
     let past: Vec<String> = wanted.keys().skip(MAX_REMOTES).cloned().collect();
     for name in past {
-        wanted.remove(&name);
+        asked.extend(wanted.remove_entry(&name));
         let why = format!("more remote clusters than meshnet follows (at most {MAX_REMOTES}): only the first {MAX_REMOTES} by name are");
         refused.insert(name, why);
     }
-    (wanted, refused)
+    (wanted, refused, asked)
 }
 
 /// When to publish again after a failure, and whether to say so. An error that persists (a
@@ -1134,7 +1139,7 @@ mod tests {
             secret("b-third", &["cluster4"], &[]),
         ]
         .into();
-        let (wanted, refused) = wanted_remotes("istio-system", &secrets);
+        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets);
         assert_eq!(wanted.keys().collect::<Vec<_>>(), ["cluster3"]);
         assert_eq!(wanted["cluster3"].text, "kubeconfig of a-istio-remote-secret");
         assert_eq!(
@@ -1155,7 +1160,7 @@ mod tests {
             ])
         );
         // One secret each: no refusal.
-        let (wanted, refused) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
+        let (wanted, refused, _) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
         assert_eq!(wanted.len(), 2);
         assert!(refused.is_empty());
     }
@@ -1170,17 +1175,22 @@ mod tests {
         let names = |n: usize, prefix: &str| (0..n).map(|i| format!("{prefix}{i:04}")).collect::<Vec<_>>();
         let many = names(MAX_KEYS_PER_SECRET + 1, "bulk");
         let full = names(MAX_KEYS_PER_SECRET, "full");
-        let secrets = [secret("bulk", &keys(&many), &[]), secret("full", &keys(&full), &[]), secret("one", &["cluster2"], &[])].into();
-        let (wanted, refused) = wanted_remotes("istio-system", &secrets);
+        let secrets = [secret("bulk", &keys(&many), &[(MODE_ANNOTATION, "tunnel")]), secret("full", &keys(&full), &[]), secret("one", &["cluster2"], &[])].into();
+        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets);
         assert_eq!(wanted.len(), MAX_KEYS_PER_SECRET + 1, "{:?}", wanted.keys().collect::<Vec<_>>());
         assert!(wanted.contains_key("cluster2") && full.iter().all(|k| wanted.contains_key(k)));
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), many);
         assert!(refused["bulk0000"].contains(&format!("holds {} kubeconfigs", MAX_KEYS_PER_SECRET + 1)), "{}", refused["bulk0000"]);
+        // What the one secret asks for each refused name: the annotations its last good state
+        // keeps being judged by.
+        assert_eq!(asked.keys().cloned().collect::<Vec<_>>(), many);
+        assert_eq!(asked["bulk0000"].mode_annotation.as_deref(), Some("tunnel"));
 
         let per_secret: Vec<Vec<String>> = names(MAX_REMOTES + 2, "c").chunks(MAX_KEYS_PER_SECRET).map(<[String]>::to_vec).collect();
         let secrets: BTreeMap<String, Secret> = per_secret.iter().enumerate().map(|(i, k)| secret(&format!("s{i:03}"), &keys(k), &[])).collect();
-        let (wanted, refused) = wanted_remotes("istio-system", &secrets);
+        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets);
         assert_eq!(wanted.len(), MAX_REMOTES);
+        assert_eq!(asked.keys().collect::<Vec<_>>(), refused.keys().collect::<Vec<_>>());
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), [format!("c{MAX_REMOTES:04}"), format!("c{:04}", MAX_REMOTES + 1)]);
         assert!(refused.values().all(|why| why.contains("at most")), "{refused:?}");
     }
@@ -1194,7 +1204,7 @@ mod tests {
         let data = secrets.get_mut("s").and_then(|s| s.data.as_mut()).unwrap();
         let text = format!("users:\n- name: u\n  user:\n    token: {token}\n");
         data.insert("cluster2".into(), k8s_openapi::ByteString(text.clone().into_bytes()));
-        let (wanted, _) = wanted_remotes("istio-system", &secrets);
+        let (wanted, _, _) = wanted_remotes("istio-system", &secrets);
         let shown = format!("{wanted:?}");
         assert!(!shown.contains("planted-token"), "{shown}");
         assert!(shown.contains(&format!("<redacted, {} bytes>", text.len())) && shown.contains("istio-system/s[cluster2]"), "{shown}");
@@ -1253,14 +1263,14 @@ mod tests {
     #[test]
     fn pod_cidr_annotations_fail_closed() {
         let read = |v: &str| {
-            let (wanted, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into());
+            let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into());
             wanted["cluster2"].pod_cidrs.clone().unwrap()
         };
         assert_eq!(read(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
         assert_eq!(read("10.245.0.0/16,10.246.0.0"), Err("\"10.246.0.0\" is not an IPv4 CIDR".into()));
         let e = read(&format!("10.245.0.0/16,10.\n{}", "9".repeat(256 * 1024))).unwrap_err();
         assert!(e.len() < 160 && e.starts_with("\"10.\\n999") && !e.contains('\n'), "{e}");
-        let (wanted, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into());
+        let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into());
         assert_eq!(wanted["cluster2"].pod_cidrs, None);
     }
 

@@ -1592,7 +1592,7 @@ fn tunnel_mode_bullets(e2e: &Value) -> String {
          `delivery: stack`. The client addresses the server pod by its pod IP (10.245.0.10:7000, :5201) as in \
          plain; node1's `from_pod` on the client's veth encapsulates it (IPv4, UDP and meshnet's \
          8-byte header: {overhead} bytes) to node2's tunnel port, and node2's uplink program takes it \
-         off before netfilter and hands it to the pod, straight to its side (`bpf_redirect_peer` into the pod's end of its veth from 5.10, `bpf_redirect` out of its host end below) or \
+         off before netfilter and hands it to the pod, straight to its side (`bpf_redirect` out of the pod's own bridge port) or \
          through node2's stack; the replies take the same path back. No route between the pod \
          networks on either node, no NAT, no masquerade exemption needed (the encapsulated packet \
          leaves by redirect, past node1's netfilter). Pods and LAN at MTU {lan}; the tunnel clamps \
@@ -1743,7 +1743,7 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
                      are){}. A tunnel packet refused at the \
                      last check, after every lookup, costs {checks:.0} ns (section 1): the rest, {:.0} ns, \
                      is taking the headers off{}.{floor_note}",
-                    if key == "decap_redirect" { ", then the pod's port read from its slot (an array, under the slot's seqlock), its MACs written and `bpf_redirect_peer` (`bpf_redirect` before 5.10)" } else { "" },
+                    if key == "decap_redirect" { ", then the pod's port read from its slot (an array, under the slot's seqlock), its MACs written and `bpf_redirect`" } else { "" },
                     med(&c["ns"]) - checks,
                     if key == "decap_redirect" { ", the counter and the redirect" } else { " and the counter" }
                 )
@@ -2118,7 +2118,7 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
         (&ch["decap_stack"], "decapsulation, delivery through the stack".to_string(), false),
         (&ch["decap_redirect"], "decapsulation, delivery by redirect".to_string(), false),
         (&ch["floor_stack"], "the decapsulation floor (`bench-floor`), handed to the stack: parse, the tunnel port, the outer checksum, the headers off; no other check, no counter".to_string(), false),
-        (&ch["floor_redirect"], "the decapsulation floor, by redirect: the same, then the pod's slot, its MACs and the redirect `meshnet_tun_in` uses".to_string(), false),
+        (&ch["floor_redirect"], "the decapsulation floor, by redirect: the same, then the pod's slot, its MACs and `bpf_redirect`".to_string(), false),
         (&am["empty"], format!("the empty program, {} runs per syscall", t["repeat"]), true),
         (&am["gateway_hot"], "gateway mode's hot path (established flow, fixed point)".to_string(), false),
         (&am["uplink_tcp"], "uplink, a TCP packet to the node (passed)".to_string(), false),
