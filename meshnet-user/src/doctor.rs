@@ -172,6 +172,11 @@ impl fmt::Display for KernelRelease {
 /// The oldest kernel meshnet runs on: clsact with direct action (4.5), LPM trie (4.11),
 /// LRU hash (4.10), bounded loops (5.3); 5.4 is the first LTS with all of them.
 pub const MIN_KERNEL: KernelRelease = KernelRelease::new(5, 4, 0);
+/// The 5.4 stable release that brought 5.5's verifier reading of read-only data ("bpf: Track
+/// contents of read-only maps as scalars"), which prunes the branches a load-time constant
+/// rules out. Before it the verifier walks them too, and refuses the programs' calls to the
+/// 5.10 helpers a 5.4 kernel lacks, on a branch that would never run.
+pub const RODATA_5_4: KernelRelease = KernelRelease::new(5, 4, 144);
 /// tcx links.
 pub const TCX_KERNEL: KernelRelease = KernelRelease::new(6, 6, 0);
 /// `CAP_BPF` and `CAP_PERFMON`.
@@ -199,6 +204,23 @@ pub fn kernel_check(release: &str) -> Check {
         };
         return Check::new(NAME, Level::Fail, why)
             .fix(format!("upgrade the node's kernel to 5.4 or newer (6.6 or newer for tcx links); {KERNEL_DOC}"));
+    }
+    if k.major == 5 && k.minor == 4 && k < RODATA_5_4 {
+        // A stable number below 144 is one; a distribution's 5.4.0-NNN (Ubuntu's) does not show
+        // its stable base, and may carry the backport (Ubuntu 20.04's does since late 2021).
+        let (level, what) = if k.patch == 0 {
+            (Level::Warn, "may be older than 5.4.144 (its release does not show its stable base)")
+        } else {
+            (Level::Fail, "is older than 5.4.144")
+        };
+        return Check::new(
+            NAME,
+            level,
+            format!(
+                "{release} {what}: before 5.4.144 the verifier does not read read-only data, walks the branches                  meshnet's load-time constants rule out, and refuses their calls to helpers of 5.10, so the programs do not load"
+            ),
+        )
+        .fix(format!("use 5.4.144 or newer (ELRepo's kernel-lt is), or 5.10 or newer; {KERNEL_DOC}"));
     }
     Check::new(NAME, Level::Ok, format!("{release} (5.4 or newer)"))
 }
@@ -1167,7 +1189,12 @@ mod tests {
         let c = kernel_check("4.19.0-25-amd64");
         assert_eq!(c.level, Level::Fail);
         assert!(c.detail.contains("bounded loops"));
-        assert_eq!(kernel_check("5.4.0-42-generic").level, Level::Ok);
+        // 5.4 before 5.4.144: no pruning on read-only data; a 5.4.0-NNN may have it backported.
+        assert_eq!(kernel_check("5.4.0-42-generic").level, Level::Warn);
+        assert_eq!(kernel_check("5.4.143").level, Level::Fail);
+        assert_eq!(kernel_check("5.4.144-1.el7.elrepo.x86_64").level, Level::Ok);
+        assert_eq!(kernel_check("5.4.278-1.el7.elrepo.x86_64").level, Level::Ok);
+        assert_eq!(kernel_check("5.10.0-46-amd64").level, Level::Ok);
         assert_eq!(kernel_check("6.18.0").level, Level::Ok);
         assert_eq!(kernel_check("weird").level, Level::Warn);
     }
