@@ -432,10 +432,11 @@ pub enum Counter {
     /// From a pod, UDP to a tunnel peer node at a tunnel peer's port (`names::TUN_PEER_PORTS`):
     /// a datagram of its own that the peer could take for tunnel traffic; dropped.
     TunnelForged = 33,
-    /// To the tunnel port on an uplink, in a broadcast or multicast frame, which meshnet never
-    /// sends: dropped. (A frame to another host's MAC is decapsulated but handed to the stack,
-    /// never redirected: the stack drops it unless a bridge or macvlan above the uplink owns
-    /// the MAC.)
+    /// To the tunnel port on an uplink, in a frame not addressed to the uplink's MAC. A
+    /// broadcast or multicast one (meshnet never sends them) is dropped; one to another host's
+    /// MAC (a switch flooding it) is dropped if a check refuses it, else decapsulated and handed
+    /// to the stack, never redirected: the stack drops it, unless a bridge or macvlan above the
+    /// uplink owns the MAC.
     TunnelNotForNode = 34,
 }
 

@@ -414,10 +414,14 @@ pub fn decap(ctx: &TcContext) -> i32 {
         count(Counter::TunnelPortChanging);
         return DROP;
     };
-    match decap_or_why(ctx, &ip, &cfg, pkt_type == PACKET_HOST) {
+    // A frame to another host's MAC (a switch flooding it, an uplink in promiscuous mode) is
+    // counted as such whatever the checks say: on a LAN, frames flooded to every node are
+    // no attack on this one.
+    let to_this_host = pkt_type == PACKET_HOST;
+    match decap_or_why(ctx, &ip, &cfg, to_this_host) {
         Ok(verdict) => verdict,
         Err(why) => {
-            count(why);
+            count(if to_this_host { why } else { Counter::TunnelNotForNode });
             DROP
         }
     }
@@ -458,11 +462,14 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig, to_this_host: bo
             }
         }
     }
-    // A frame to another host's MAC (a switch flooding it, an uplink in promiscuous mode) goes
-    // to the stack, which decides as for any such frame: `ip_rcv` drops it, unless a bridge or
-    // a macvlan above the uplink owns the MAC (the node's address is there). A redirect would
-    // hand it to a pod whatever the MAC.
-    let verdict = if to_this_host { deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be)? } else { TC_ACT_OK };
+    if !to_this_host {
+        // A frame to another host's MAC goes to the stack, which decides as for any such frame:
+        // `ip_rcv` drops it, unless a bridge or a macvlan above the uplink owns the MAC (the
+        // node's address is there). A redirect would hand it to a pod whatever the MAC.
+        count(Counter::TunnelNotForNode);
+        return Ok(TC_ACT_OK);
+    }
+    let verdict = deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be)?;
     add_stats(sender.stats_slot, u64::from(t.inner_len), false);
     count(Counter::TunnelDecap);
     Ok(verdict)

@@ -206,21 +206,18 @@ pub fn kernel_check(release: &str) -> Check {
             .fix(format!("upgrade the node's kernel to 5.4 or newer (6.6 or newer for tcx links); {KERNEL_DOC}"));
     }
     if k.major == 5 && k.minor == 4 && k < RODATA_5_4 {
-        // A stable number below 144 is one; a distribution's 5.4.0-NNN (Ubuntu's) does not show
-        // its stable base, and may carry the backport (Ubuntu 20.04's does since late 2021).
-        let (level, what) = if k.patch == 0 {
-            (Level::Warn, "may be older than 5.4.144 (its release does not show its stable base)")
-        } else {
-            (Level::Fail, "is older than 5.4.144")
-        };
+        // A warning, not a failure: a distribution may freeze the number it shows and backport
+        // the fix (Ubuntu 20.04's 5.4.0-NNN carries it since late 2021; Oracle's UEK shows 5.4.17).
         return Check::new(
             NAME,
-            level,
+            Level::Warn,
             format!(
-                "{release} {what}: before 5.4.144 the verifier does not read read-only data, walks the branches                  meshnet's load-time constants rule out, and refuses their calls to helpers of 5.10, so the programs do not load"
+                "{release} shows a 5.4 older than 5.4.144: unless its distribution backported it, the verifier \
+                 does not read read-only data, walks the branches meshnet's load-time constants rule out, and \
+                 refuses their calls to helpers of 5.10, so the programs do not load"
             ),
         )
-        .fix(format!("use 5.4.144 or newer (ELRepo's kernel-lt is), or 5.10 or newer; {KERNEL_DOC}"));
+        .fix(format!("if the agent cannot load its programs (`unknown func`), use 5.4.144 or newer (ELRepo's kernel-lt is), or 5.10 or newer; {KERNEL_DOC}"));
     }
     Check::new(NAME, Level::Ok, format!("{release} (5.4 or newer)"))
 }
@@ -662,7 +659,7 @@ pub fn uplink_mac_check(uplinks: &[Option<Enslaved>]) -> Option<Check> {
             NAME,
             Level::Warn,
             format!(
-                "{} ({}) is a port of {} ({}): frames to the node's address there are another host's to {}, which the uplink program hands to the stack, never to a pod by redirect",
+                "{} ({}) is a port of {} ({}): frames to the node's address there are another host's to {}, which the uplink program hands to the stack, never to a pod by redirect (tunnel_not_for_node counts them), so kube-proxy's INVALID drop kills their TCP flows as with `delivery: stack`",
                 e.uplink, e.mac, e.master, e.master_mac, e.uplink
             ),
         )
@@ -1189,9 +1186,10 @@ mod tests {
         let c = kernel_check("4.19.0-25-amd64");
         assert_eq!(c.level, Level::Fail);
         assert!(c.detail.contains("bounded loops"));
-        // 5.4 before 5.4.144: no pruning on read-only data; a 5.4.0-NNN may have it backported.
+        // 5.4 before 5.4.144: no pruning on read-only data, unless backported.
         assert_eq!(kernel_check("5.4.0-42-generic").level, Level::Warn);
-        assert_eq!(kernel_check("5.4.143").level, Level::Fail);
+        assert_eq!(kernel_check("5.4.143").level, Level::Warn);
+        assert_eq!(kernel_check("5.4.17-2136.el8uek.x86_64").level, Level::Warn, "Oracle's UEK freezes the number");
         assert_eq!(kernel_check("5.4.144-1.el7.elrepo.x86_64").level, Level::Ok);
         assert_eq!(kernel_check("5.4.278-1.el7.elrepo.x86_64").level, Level::Ok);
         assert_eq!(kernel_check("5.10.0-46-amd64").level, Level::Ok);

@@ -112,7 +112,7 @@ pub struct VethPeer {
 /// `RTM_GETLINK` of the host side names the peer's ifindex and the id of its namespace; with
 /// `IFLA_TARGET_NETNSID` and `IFA_TARGET_NETNSID` (Linux 4.20) `RTM_GETLINK` and
 /// `RTM_GETADDR` read the peer there. `None` when the interface is no veth, or its other end
-/// is in this namespace (no pod's: the tunnel hands packets to the other end of a port
+/// is in this namespace (no pod's: `delivery: peer` hands packets to the other end of a port
 /// table's veth with `bpf_redirect_peer`, which drops them within one namespace). From the kernel,
 /// not from what the pod sends: a pod puts any source addresses on its packets, but changes
 /// neither its interface's MAC nor its addresses without `CAP_NET_ADMIN` in its namespace.

@@ -48,7 +48,8 @@ pub const OVERHEAD: u32 = 36;
 pub enum Delivery {
     /// Through the node's stack: routing and FORWARD see it, as if it arrived unencapsulated.
     Stack,
-    /// `bpf_redirect_neigh` straight to the pod's interface.
+    /// Straight to the pod's interface: out of its port's host end (`bpf_redirect`), or along
+    /// the node's route (`bpf_redirect_neigh`).
     Redirect,
     /// As `Redirect`, into the pod's end of its veth (`bpf_redirect_peer`) from 5.10.
     Peer,

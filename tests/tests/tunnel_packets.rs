@@ -52,8 +52,8 @@ const PORT: u16 = 31800;
 const PEER_PORT: u16 = 31801;
 const MTU: u32 = 1500;
 /// Where tunnel packets are addressed. A test run receives its frame on the loopback device,
-/// whose MAC is all zeros, and the uplink program takes only frames to the receiver's own:
-/// there a frame to `HOST_MAC` is another host's.
+/// whose MAC is all zeros, and the uplink program redirects only frames to the receiver's
+/// own: there a frame to `HOST_MAC` is another host's.
 const RX_MAC: [u8; 6] = [0; 6];
 /// The harness's uplink, whose MAC is `HOST_MAC`.
 const LINK: &str = "tp0";
@@ -846,8 +846,8 @@ fn slots_left_by_an_earlier_agent_are_put_right_before_they_are_trusted() {
 /// A broadcast or multicast frame to the tunnel port is dropped and counted. One to another
 /// host's MAC (a switch flooding it, a promiscuous uplink) is decapsulated but handed to the
 /// stack, which drops it unless a bridge or macvlan above the uplink owns the MAC: never
-/// redirected to the pod it names. A frame of another host's to any other port is not
-/// meshnet's, and passes.
+/// redirected to the pod it names, and counted as another host's. A frame of another host's
+/// to any other port is not meshnet's, and passes.
 #[test]
 fn a_tunnel_frame_not_addressed_to_this_host_is_never_redirected() {
     // `delivery: redirect` (the default), with the pod in the port table.
@@ -858,8 +858,13 @@ fn a_tunnel_frame_not_addressed_to_this_host_is_never_redirected() {
     for (what, mac) in [("broadcast", [0xff; 6]), ("multicast", [0x01, 0, 0x5e, 0, 0, 1])] {
         h.expect(what, names::PROG_TUNNEL_IN, &to(mac), SHOT, &[("tunnel_not_for_node", 1)]);
     }
-    let out = h.expect("another host's", names::PROG_TUNNEL_IN, &to(HOST_MAC), OK, &[("tunnel_decap", 1)]);
+    let out = h.expect("another host's", names::PROG_TUNNEL_IN, &to(HOST_MAC), OK, &[("tunnel_not_for_node", 1)]);
     assert_eq!(out[..6], HOST_MAC, "the frame's destination is left as it came");
+    assert_eq!(out.len(), pkt.len() - tunnel::OVERHEAD as usize, "decapsulated for the stack");
+    // Refused by a check, it is counted as another host's all the same: flooded frames for
+    // other nodes are no attack on this one.
+    let spoofed = tunnel_packet(STRANGER, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
+    h.expect("another host's, refused", names::PROG_TUNNEL_IN, &[&HOST_MAC[..], &spoofed[6..]].concat(), SHOT, &[("tunnel_not_for_node", 1)]);
     let other_port = tunnel_packet(PEER_NODE, PORT + 1, good_header(), &udp(REMOTE, POD, 53, 5000, b"answer"));
     let other_port = [&HOST_MAC[..], &other_port[6..]].concat();
     let before = h.counters();

@@ -79,7 +79,7 @@ const POD_MAC: [u8; 6] = [2, 0, 0, 0, 0, 10];
 const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 /// Where tunnel packets are addressed: a test run receives its frame on the loopback device,
-/// whose MAC is all zeros, and the uplink program takes only frames to the receiver's own.
+/// whose MAC is all zeros, and the uplink program delivers only frames to the receiver's own.
 const RX_MAC: [u8; 6] = [0; 6];
 /// The veth of the benchmark's namespace that holds this node's addresses.
 const LINK: &str = "mnb0";
