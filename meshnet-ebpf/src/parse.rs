@@ -291,7 +291,9 @@ fn l4_header<const LEN: usize>(ctx: &TcContext, ip: &Ipv4) -> Result<*const u8, 
         return Err(Counter::Truncated);
     }
     ensure(ctx, l4_off + LEN)?;
-    let p = ctx.data() + l4_off;
+    // Masked again after `ensure`, whose helper call clobbers the registers: the offset would
+    // come back from the stack, where kernels before 5.10 forget its bounds (see `bounded`).
+    let p = ctx.data() + ip.l4();
     if p + LEN > ctx.data_end() {
         return Err(Counter::Truncated);
     }
