@@ -346,10 +346,11 @@ pub mod tunnel {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// A packet from a pod rewritten towards a peer's gateway.
-    Redirected = 0,
-    /// A reply rewritten back to the remote pod's address.
-    ReverseTranslated = 1,
+    // Slots 0 and 1 are retired: `redirected` and `reverse_translated`, which counted every
+    // packet of a translated flow in each direction until flow events replaced them
+    // (`FlowOpened`, `FlowAnswered`). A map pinned by an older agent keeps its totals there,
+    // shown nowhere, and an older program still attached during a rollout goes on adding to
+    // them; so they are never reused.
     /// New flow to a remote CIDR whose peer has no gateway for the protocol (UDP without a
     /// UDP NodePort), passed unchanged.
     NoGatewayForProto = 2,
@@ -438,13 +439,26 @@ pub enum Counter {
     /// to the stack, never redirected: the stack drops it, unless a bridge or macvlan above the
     /// uplink owns the MAC.
     TunnelNotForNode = 34,
+    /// A flow from a pod to a remote pod opened toward a peer's gateway: its forward entry
+    /// created, at its first packet. Flow events are counted, not packets, so that an
+    /// established flow's packets write no counter; per-flow activity is in the flow table
+    /// (`maps dump nat`).
+    FlowOpened = 35,
+    /// An answer to a translated flow: a reply rewritten back to the remote pod's address
+    /// while the flow was unanswered (its first reply, and the first after the pod reset or
+    /// reopened it). The flows still unanswered are `meshnet_unanswered_flows`.
+    FlowAnswered = 36,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 35;
-    pub const ALL: [Counter; Self::COUNT as usize] = [
-        Counter::Redirected,
-        Counter::ReverseTranslated,
+    /// The stats map's slots, the retired ones included.
+    pub const COUNT: u32 = 37;
+    /// Slots no counter uses any more (see the enum), never shown.
+    pub const RETIRED: [u32; 2] = [0, 1];
+    /// Every live counter.
+    pub const ALL: [Counter; Self::COUNT as usize - Self::RETIRED.len()] = [
+        Counter::FlowOpened,
+        Counter::FlowAnswered,
         Counter::NoGatewayForProto,
         Counter::NoLiveGateway,
         Counter::PortRemap,
@@ -484,8 +498,6 @@ impl Counter {
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Redirected => "redirected",
-            Counter::ReverseTranslated => "reverse_translated",
             Counter::NoGatewayForProto => "no_gateway_for_proto",
             Counter::NoLiveGateway => "no_live_gateway",
             Counter::PortRemap => "port_remap",
@@ -519,7 +531,15 @@ impl Counter {
             Counter::SpoofedSource => "spoofed_source",
             Counter::TunnelForged => "tunnel_forged",
             Counter::TunnelNotForNode => "tunnel_not_for_node",
+            Counter::FlowOpened => "flow_opened",
+            Counter::FlowAnswered => "flow_answered",
         }
+    }
+
+    /// The counter in slot `i` of the stats map, if a live one.
+    #[must_use]
+    pub fn from_index(i: u32) -> Option<Counter> {
+        Self::ALL.iter().copied().find(|c| *c as u32 == i)
     }
 }
 
@@ -1043,7 +1063,13 @@ const _: () = {
     assert!(size_of::<NatRev>() == 24);
     assert!(offset_of!(NatRev, peer_id) == 12);
     assert!(offset_of!(NatRev, last_seen_ns) == 16);
-    assert!(Counter::ALL.len() == Counter::COUNT as usize);
+    assert!(Counter::ALL.len() + Counter::RETIRED.len() == Counter::COUNT as usize);
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        let slot = Counter::ALL[i] as u32;
+        assert!(slot < Counter::COUNT && slot != Counter::RETIRED[0] && slot != Counter::RETIRED[1]);
+        i += 1;
+    }
     assert!(size_of::<LogBudget>() == 24);
     assert!(size_of::<TunnelNode>() == 24);
     assert!(offset_of!(TunnelNode, peer_id) == 12);

@@ -133,7 +133,6 @@ pub fn egress_from_pod(ctx: &TcContext) -> i32 {
         // The first fragment carries the ports; the rest of the datagram finds them here.
         remember_fragment(&ip, &l4);
     }
-    count(Counter::Redirected);
     if new {
         return log::new_flow(ctx, &key, fwd.gw_addr_be, fwd.gw_port_be, fwd.nat_sport_be, DONE);
     }
@@ -294,7 +293,7 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
     }
     let now = now_ns();
     // SAFETY: as in egress_from_pod, which also says why only changes are written.
-    let (rev, idle, rst_was) = unsafe {
+    let (rev, idle, rst_was, answers) = unsafe {
         let mut cur = *rev;
         let idle = now.saturating_sub(cur.last_seen_ns) >= limits::HALF_CHECK_NS;
         let rst_was = cur.flags & FLOW_RST != 0;
@@ -305,12 +304,13 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
         let flags = cur.flags;
         // Cleared by the first reply, in its write; later replies find it clear and, between
         // two ticks, write nothing.
+        let answers = cur.flags & FLOW_UNANSWERED != 0;
         cur.flags &= !FLOW_UNANSWERED;
         note_tcp_flags(&mut cur.flags, l4.tcp_flags, FLOW_FIN_PEER);
         if cur.flags != flags {
             (*rev).flags = cur.flags;
         }
-        (cur, idle, rst_was)
+        (cur, idle, rst_was, answers)
     };
     let rst_now = rev.flags & FLOW_RST != 0;
     if idle || rst_was != rst_now {
@@ -320,7 +320,10 @@ pub fn ingress_to_pod(ctx: &TcContext) -> i32 {
     if rewrite_rev(ctx, &ip, &l4, &rev).is_err() {
         return drop_packet(ctx, Counter::RewriteFailed, &ip, Some(&l4));
     }
-    counted(Counter::ReverseTranslated, DONE)
+    if answers {
+        count(Counter::FlowAnswered);
+    }
+    DONE
 }
 
 /// An ICMP error about a translated flow quotes the packet as it left: `pod:wire port ->
@@ -623,6 +626,8 @@ fn new_flow(key: &FlowKey, ifindex: u32, now: u64, tcp: u8) -> Result<Option<Nat
     match NAT_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
         Ok(()) => {
             // Counted once the flow exists: a remap whose flow is then refused is no remap.
+            // Flow events are counted, not packets: an established flow's packet writes nothing.
+            count(Counter::FlowOpened);
             if fwd.flags & FLOW_REMAPPED != 0 {
                 count(Counter::PortRemap);
             }

@@ -112,7 +112,7 @@ pub fn name_fields(line: &str) -> String {
     line.split(' ')
         .map(|token| {
             if let Some(n) = token.strip_prefix("reason=") {
-                if let Some(c) = n.parse::<usize>().ok().and_then(|i| Counter::ALL.get(i)) {
+                if let Some(c) = n.parse::<u32>().ok().and_then(Counter::from_index) {
                     return format!("reason={}", c.name());
                 }
             } else if let Some(n) = token.strip_prefix("proto=") {
@@ -212,6 +212,8 @@ mod tests {
         assert_eq!(name_fields("new flow proto=17 a -> b"), "new flow proto=udp a -> b");
         // What names nothing stays as it is.
         assert_eq!(name_fields("drop reason=99 proto=132 x"), "drop reason=99 proto=132 x");
+        // By slot, not by position in the list: the retired slots name nothing.
+        assert_eq!(name_fields("reason=34 reason=35 reason=0"), "reason=tunnel_not_for_node reason=flow_opened reason=0");
         assert_eq!(name_fields("drop reason=x proto="), "drop reason=x proto=");
     }
 

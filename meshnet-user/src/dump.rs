@@ -415,7 +415,7 @@ mod tests {
                     unanswered: true,
                 },
             ]),
-            stats: Some(BTreeMap::from([("redirected", 7), ("port_remap", 1)])),
+            stats: Some(BTreeMap::from([("flow_opened", 7), ("port_remap", 1)])),
             tunnel: None,
             missing: vec![],
         }

@@ -912,7 +912,7 @@ fn new_flow_any_port(proto: Proto, gws: &[Gateway], ex: &mut Explanation) {
     let one_of: Vec<String> = ex.candidates.iter().map(|c| c.gateway.clone()).collect();
     ex.finish(
         Verdict::Redirect,
-        &["redirected"],
+        &["flow_opened"],
         format!("a new flow is rewritten to one of {} (give the source port for the exact one)", one_of.join(", ")),
     );
 }
@@ -958,7 +958,7 @@ fn new_flow(snap: &Snapshot, q: &Query, key: &FlowKey, peer_id: u32, gws: &[Gate
         ));
         ex.finish(
             Verdict::Redirect,
-            &["redirected"],
+            &["flow_opened"],
             format!("rewritten to {chosen_s} (source port {sport} unless it collides); {restored}"),
         );
         return;
@@ -992,12 +992,12 @@ fn new_flow(snap: &Snapshot, q: &Query, key: &FlowKey, peer_id: u32, gws: &[Gate
     match (taken, nat_port) {
         (false, _) => ex.finish(
             Verdict::Redirect,
-            &["redirected"],
+            &["flow_opened"],
             format!("rewritten to {chosen_s} and recorded as a new flow; {restored}"),
         ),
         (true, Some(port)) => ex.finish(
             Verdict::Redirect,
-            &["redirected", "port_remap"],
+            &["flow_opened", "port_remap"],
             format!(
                 "rewritten to {chosen_s} with source port {port} and recorded as a new flow; {restored} and to port {sport}"
             ),
@@ -1136,7 +1136,8 @@ fn existing_flow(snap: &Snapshot, ex: &mut Explanation, key: &FlowKey, fwd: &Nat
     };
     let action = format!("rewritten to {}{wire} as recorded for this flow; {restored}", row.gateway);
     ex.flow = Some(row);
-    ex.finish(Verdict::ExistingFlow, &["redirected"], action);
+    // Flow events are counted, not packets: an established flow's packet moves no counter.
+    ex.finish(Verdict::ExistingFlow, &[], action);
 }
 
 #[cfg(test)]
@@ -1259,7 +1260,7 @@ mod tests {
         assert!(flow.reply_entry);
         assert!(e.steps.iter().any(|s| s.contains("is marked down")), "{:?}", e.steps);
         assert!(e.action.contains("source port 61234"), "{}", e.action);
-        assert_eq!(e.counters, ["redirected"]);
+        assert!(e.counters.is_empty(), "{:?}", e.counters);
     }
 
     #[test]
@@ -1466,7 +1467,7 @@ mod tests {
         assert_eq!(reply.taken_by.as_deref(), Some("10.244.0.10:44444 -> 10.245.0.21:53"));
         assert_eq!(reply.nat_port, Some(remap_port(&k, 0)));
         assert_eq!(reply.remap.len(), limits::REMAP_ATTEMPTS as usize);
-        assert_eq!(e.counters, ["redirected", "port_remap"]);
+        assert_eq!(e.counters, ["flow_opened", "port_remap"]);
 
         // The first candidate taken too: the second one.
         let p0 = remap_port(&k, 0);
@@ -1506,7 +1507,7 @@ mod tests {
         assert_eq!(e.verdict, Verdict::Redirect);
         let reply = e.reply.unwrap();
         assert!(reply.taken_by.is_none() && reply.nat_port.is_none());
-        assert_eq!(e.counters, ["redirected"]);
+        assert_eq!(e.counters, ["flow_opened"]);
     }
 
     #[test]
@@ -1535,7 +1536,7 @@ mod tests {
         assert!(text.contains("  - route: 10.245.0.20 is in 10.245.0.0/16, peer cluster2\n"), "{text}");
         assert!(text.contains("    [0] 192.0.2.2 tcp 31674 udp 31675 up\n"), "{text}");
         assert!(text.contains("\nverdict: rewritten to 192.0.2.2:31674 and recorded as a new flow"), "{text}");
-        assert!(text.ends_with("counters: redirected\n"), "{text}");
+        assert!(text.ends_with("counters: flow_opened\n"), "{text}");
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["verdict"], "redirect");
         assert_eq!(v["proto"], "tcp");

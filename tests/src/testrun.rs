@@ -23,6 +23,7 @@ pub fn verdict_name(v: u32) -> String {
 }
 
 /// Asserts that exactly the counters in `moved` grew, by the given amounts, and no other.
+#[track_caller]
 pub fn assert_counter_delta(
     what: &str,
     before: &BTreeMap<&'static str, u64>,

@@ -472,7 +472,7 @@ fn metrics_health_and_readiness() {
     assert!(http_get(&t, "/readyz").starts_with("HTTP/1.0 200"));
     let m = http_get(&t, "/metrics");
     for needle in [
-        "meshnet_datapath_packets_total{event=\"redirected\"}",
+        "meshnet_datapath_packets_total{event=\"flow_opened\"}",
         "meshnet_map_entries{map=\"mn_routes_v1\"} 1",
         "meshnet_map_entries{map=\"mn_nat_fwd_v2\"} 1",
         "meshnet_datapath_packets_total{event=\"nat_table_full\"} 0",
@@ -483,12 +483,13 @@ fn metrics_health_and_readiness() {
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }
-    let redirected: u64 = m
+    // One request, one flow: flows are counted, not their packets (five or more from the pod).
+    let opened: u64 = m
         .lines()
-        .find(|l| l.starts_with("meshnet_datapath_packets_total{event=\"redirected\"}"))
+        .find(|l| l.starts_with("meshnet_datapath_packets_total{event=\"flow_opened\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap();
-    assert!(redirected >= 3, "{redirected}");
+    assert!((1..3).contains(&opened), "{opened} flows opened for one request:\n{m}");
 }
 
 /// Every local client of the agent's loopback port comes from 127.0.0.1, the kubelet's httpGet
@@ -1158,7 +1159,8 @@ fn a_counter_migration_cut_short_counts_nothing_twice() {
         PerCpuValues::try_from(v).unwrap()
     };
     let mut old = counters(&home);
-    old.set(Counter::Redirected as u32, per_cpu(7, 5), 0).unwrap();
+    // Slot 0: `redirected`, retired when flow events replaced per-packet counts.
+    old.set(Counter::RETIRED[0], per_cpu(7, 5), 0).unwrap();
     old.set(Counter::PortRemap as u32, per_cpu(3, 0), 0).unwrap();
     drop(old);
 
@@ -1174,8 +1176,10 @@ fn a_counter_migration_cut_short_counts_nothing_twice() {
     let _agent = start(&t, &cfg, &[]);
     assert!(!aside.exists(), "the moved-aside counter map is still pinned");
     let stats = &t.dump_json("stats")["stats"];
-    assert_eq!(stats["redirected"], 12, "{stats}");
     assert_eq!(stats["port_remap"], 3, "{stats}");
+    // The retired slot's per-packet total is neither shown nor taken for flows.
+    assert_eq!(stats["flow_opened"].as_u64().unwrap_or(0), 0, "{stats}");
+    assert!(stats.get("redirected").is_none(), "{stats}");
 }
 
 /// Runs an agent that should refuse to start; one that starts instead is killed after a

@@ -107,8 +107,8 @@ fn exchange(t: &Topology) {
     let (reply, from) = udp(t, app_b(), "udp b");
     assert_eq!(reply, "app 10.245.0.21:8080 got udp b");
     assert_eq!(from, SocketAddr::from(app_b()), "the reply must come from the remote pod the client addressed");
-    assert!(t.counter("redirected") >= 3);
-    assert!(t.counter("reverse_translated") >= 3);
+    assert!(t.counter("flow_opened") >= 3);
+    assert!(t.counter("flow_answered") >= 3);
     assert_eq!(t.counter("rewrite_failed"), 0);
 
     // The flows are in the NAT dump with their original and translated tuples.
@@ -294,5 +294,5 @@ fn random_tuples_with_partial_checksums_arrive_intact() {
         failures
     });
     assert!(failures.is_empty(), "{} of {n} flows failed: {:?}", failures.len(), &failures[..failures.len().min(10)]);
-    assert!(t.counter("redirected") >= n as u64);
+    assert!(t.counter("flow_opened") >= n as u64);
 }

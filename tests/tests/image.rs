@@ -540,7 +540,7 @@ fn agent_from_image(root: &Path, manifest: &str, caps: &[String]) {
     let out = jail.command(&["maps", "dump", "stats", "-o", "json"]).output().unwrap();
     assert!(out.status.success(), "{manifest}: maps dump from the image: {}", String::from_utf8_lossy(&out.stderr));
     let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(dump["stats"]["redirected"].as_u64() >= Some(1), "{manifest}: nothing redirected: {dump}");
+    assert!(dump["stats"]["flow_opened"].as_u64() >= Some(1), "{manifest}: nothing redirected: {dump}");
 
     // doctor from the image, with the agent's rights and no iptables binaries: it reads the
     // node's nat rules from the kernel (iptables-nft's here, over netlink) and finds the

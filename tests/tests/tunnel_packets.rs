@@ -176,6 +176,7 @@ impl Harness {
         maps::sum_stats(&self.stats).unwrap()
     }
 
+    #[track_caller]
     fn expect(&self, what: &str, prog: &str, pkt: &[u8], verdict: u32, moved: &[(&str, u64)]) -> Vec<u8> {
         let before = self.counters();
         let (v, out) = self.run(prog, pkt);

@@ -18,11 +18,11 @@
 //! - `iptables-N`: meshnet detached; iptables DNAT on node1 (the nf_tables backend,
 //!   `iptables-nft`, where it is installed) does the same rewrite, with N non-matching DNAT
 //!   rules (other remote CIDRs) ahead of the matching one.
-//! - `tunnel-redirect`, `tunnel-stack`: tunnel mode, an agent on each node; the client
-//!   addresses the server pod by its pod IP, as in `plain`, and node1's `from_pod`
+//! - `tunnel-redirect`, `tunnel-peer`, `tunnel-stack`: tunnel mode, an agent on each node;
+//!   the client addresses the server pod by its pod IP, as in `plain`, and node1's `from_pod`
 //!   encapsulates it to node2's tunnel port, whose uplink program hands it to the pod
-//!   (`delivery: redirect`, the default, or through node2's stack); the replies the same way
-//!   back. No route between the pod networks on either node.
+//!   (`delivery: redirect`, the default, out of the pod's host-side port; `peer`, into the
+//!   pod's own end of the veth; or through node2's stack); the replies the same way back. No route between the pod networks on either node.
 //! - `vxlan`: the kernel's VXLAN device on each node (what flannel and Cilium's tunnel mode
 //!   use), routing the other node's pod CIDR over it; no masquerade between pod CIDRs, the
 //!   client addressing the server pod as in `plain`.
@@ -163,6 +163,8 @@ enum Delivery {
     Redirect,
     /// Through the node's stack.
     Stack,
+    /// Into the pod's own end of its veth (`bpf_redirect_peer`, 5.10 and newer).
+    Peer,
 }
 
 impl Delivery {
@@ -170,6 +172,7 @@ impl Delivery {
         match self {
             Delivery::Redirect => "redirect",
             Delivery::Stack => "stack",
+            Delivery::Peer => "peer",
         }
     }
 }
@@ -967,7 +970,7 @@ impl Bench {
         let two = self.dump(true, "stats");
         let c = |v: &Value, k: &str| v["stats"][k].as_u64().unwrap_or(0);
         Counters {
-            redirected: c(&one, "redirected"),
+            opened: c(&one, "flow_opened"),
             encap: [c(&one, "tunnel_encap"), c(&two, "tunnel_encap")],
             decap: [c(&one, "tunnel_decap"), c(&two, "tunnel_decap")],
             vxlan_tx: vxlan_tx_packets(&self.t),
@@ -975,11 +978,11 @@ impl Bench {
     }
 }
 
-/// What [`Bench::counters`] reads: node1's gateway-mode translations, both nodes' tunnel
+/// What [`Bench::counters`] reads: node1's gateway-mode flows opened, both nodes' tunnel
 /// encapsulations and decapsulations (node1, node2), and node1's VXLAN device's sent packets.
 #[derive(Clone, Copy, Debug)]
 struct Counters {
-    redirected: u64,
+    opened: u64,
     encap: [u64; 2],
     decap: [u64; 2],
     vxlan_tx: u64,
@@ -990,13 +993,13 @@ impl Counters {
     /// each datapath counts its own mode's packets, and no other mode's.
     fn check(&self, after: &Counters, mode: Mode) -> anyhow::Result<()> {
         let name = mode.name();
-        let redirected = after.redirected - self.redirected;
+        let opened = after.opened - self.opened;
         let encap: Vec<u64> = (0..2).map(|i| after.encap[i] - self.encap[i]).collect();
         let decap: Vec<u64> = (0..2).map(|i| after.decap[i] - self.decap[i]).collect();
         if mode == Mode::Meshnet {
-            ensure!(redirected > 0, "meshnet mode, but meshnet translated nothing");
+            ensure!(opened > 0, "meshnet mode, but meshnet translated no flow");
         } else {
-            ensure!(redirected == 0, "{name}: meshnet translated {redirected} packets");
+            ensure!(opened == 0, "{name}: meshnet translated {opened} flows");
         }
         if matches!(mode, Mode::Tunnel(_)) {
             ensure!(
@@ -1103,7 +1106,7 @@ impl Acc {
 /// Every mode, the floor first (the ratios to the floor use it).
 fn all_modes(p: &Params) -> Vec<Mode> {
     let mut modes =
-        vec![Mode::Floor, Mode::Plain, Mode::PlainNoTrack, Mode::Meshnet, Mode::Tunnel(Delivery::Redirect), Mode::Tunnel(Delivery::Stack), Mode::Vxlan];
+        vec![Mode::Floor, Mode::Plain, Mode::PlainNoTrack, Mode::Meshnet, Mode::Tunnel(Delivery::Redirect), Mode::Tunnel(Delivery::Peer), Mode::Tunnel(Delivery::Stack), Mode::Vxlan];
     modes.extend(p.rules.iter().map(|n| Mode::Iptables(*n)));
     // Development knob, not for published figures: only these modes (and the floor).
     if let Ok(only) = std::env::var("MNBENCH_MODES") {
@@ -1263,6 +1266,7 @@ pub fn run(p: &Params) -> anyhow::Result<Value> {
     let mut tunnel_vs = serde_json::Map::new();
     for (mode, against) in [
         (Mode::Tunnel(Delivery::Redirect), &[Mode::Plain, Mode::PlainNoTrack, Mode::Vxlan, Mode::Tunnel(Delivery::Stack)][..]),
+        (Mode::Tunnel(Delivery::Peer), &[Mode::Plain, Mode::PlainNoTrack, Mode::Vxlan, Mode::Tunnel(Delivery::Redirect)]),
         (Mode::Tunnel(Delivery::Stack), &[Mode::Plain, Mode::PlainNoTrack, Mode::Vxlan, Mode::Tunnel(Delivery::Redirect)]),
         (Mode::Vxlan, &[Mode::Plain]),
         (Mode::PlainNoTrack, &[Mode::Plain]),
@@ -1344,7 +1348,7 @@ mod tests {
 
     #[test]
     fn every_agent_config_validates_and_tunnels_where_it_should() {
-        for d in [Delivery::Redirect, Delivery::Stack] {
+        for d in [Delivery::Redirect, Delivery::Stack, Delivery::Peer] {
             for node1 in [true, false] {
                 let c = meshnet::config::Config::from_yaml(&tunnel_config(node1, d)).unwrap();
                 let desired = c.desired();
@@ -1360,6 +1364,6 @@ mod tests {
             let c = meshnet::config::Config::from_yaml(&text).unwrap();
             assert!(c.desired().tun_routes.is_empty());
         }
-        assert_eq!(all_modes(&Params::new(true)).iter().filter(|m| matches!(m, Mode::Tunnel(_) | Mode::Vxlan)).count(), 3);
+        assert_eq!(all_modes(&Params::new(true)).iter().filter(|m| matches!(m, Mode::Tunnel(_) | Mode::Vxlan)).count(), 4);
     }
 }

@@ -384,7 +384,9 @@ fn round_once(stack: &TunDp, redirect: &TunDp, floor: Option<&TunDp>, pk: &Packe
     // Fixed points, `repeat` runs per syscall.
     for (name, pkt, want, grows) in [
         ("empty", &pk.encap_tcp, UNSPEC, None),
-        ("gateway_hot", &pk.gw_hot, OK, Some("redirected")),
+        // An established flow: no counter moves, and the verdict vouches for every run (one
+        // that missed would pass, and so would every run after it).
+        ("gateway_hot", &pk.gw_hot, OK, None),
         ("uplink_tcp", &pk.uplink_tcp, UNSPEC, None),
         ("uplink_udp", &pk.uplink_udp, UNSPEC, None),
         ("uplink_refused", &pk.refused, SHOT, Some("tunnel_unknown_node")),
@@ -450,8 +452,7 @@ fn measure(object: Option<&[u8]>, floor: Option<&[u8]>, reps: usize, repeat: u32
     ensure!(grew(&s0, &s1, "tunnel_encap") == 2 * calls, "tunnel_encap grew by {}, expected {}", grew(&s0, &s1, "tunnel_encap"), 2 * calls);
     ensure!(grew(&s0, &s1, "tunnel_decap") == calls + chains, "tunnel_decap (stack) grew by {}", grew(&s0, &s1, "tunnel_decap"));
     ensure!(grew(&r0, &r1, "tunnel_decap") == calls + chains, "tunnel_decap (redirect) grew by {}", grew(&r0, &r1, "tunnel_decap"));
-    let hot = calls + (reps as u64) * u64::from(repeat);
-    ensure!(grew(&s0, &s1, "redirected") == hot, "the gateway hot path: redirected grew by {}, expected {hot}", grew(&s0, &s1, "redirected"));
+    ensure!(grew(&s0, &s1, "flow_opened") == 0, "the gateway hot path opened {} flows", grew(&s0, &s1, "flow_opened"));
     for k in FAILURES {
         ensure!(grew(&s0, &s1, k) == 0 && grew(&r0, &r1, k) == 0, "{k} moved while measuring");
     }

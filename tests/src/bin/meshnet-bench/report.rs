@@ -426,7 +426,7 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
                     format!(
                         " The least a translator must do for an established flow's packet (the \
                          `bench-floor` build's program: the datapath's parser, the flow lookup and \
-                         its rewrite, no local-CIDR check, clock, TCP flags or counter), measured in \
+                         its rewrite, no local-CIDR check, clock or TCP flags), measured in \
                          the same loop, costs {:.0} ns, {r:.2}× the empty program: {}.",
                         med(&fl["ns"]),
                         if r > 3.0 {
@@ -460,8 +460,9 @@ fn targets(dp: &Value, e2e: &Value, cp: &Value) -> Vec<Target> {
                          written in place, the L4 checksum as the skb's checksum state wants it, \
                          read from the kernel's `sk_buff` through `bpf_cast_to_kern_ctx`) and the \
                          flow clock's read {:.0} ns, \
-                         measured with benchmark builds that leave each out; parsing, the flow lookup \
-                         and the per-CPU counter are the remaining {:.0} ns.{floor_note}{older}",
+                         measured with benchmark builds that leave each out; parsing, the local-CIDR \
+                         check, the flow lookup and the TCP flags are the remaining {:.0} ns (an \
+                         established flow's packet is not counted: meshnet counts flow events).{floor_note}{older}",
                         at(&bd["default"], &["empty", "ns"]),
                         at(&bd["default"], &["hot", "ns"]) - at(&bd["default"], &["empty", "ns"]),
                         part("bench-no-rewrite", "hot"),
@@ -837,32 +838,35 @@ fn datapath_section(md: &mut String, dp: &Value) {
          again on the one packet it built, and a rewriting program sees its own output from the \
          second run on. For `meshnet_from_pod` that output (pod → gateway NodePort) is not a \
          flow it knows, so a naive `repeat` measures the miss path: in this run a naive \
-         {repeat}-repeat call over an established flow's packet reported {:.0} ns per packet, and \
-         the `redirected` counter grew by {} — one translation, then {} misses. Three methods \
-         measure the real paths instead, and after every call the datapath counters are checked \
-         to prove which path ran:\n\n\
+         {repeat}-repeat call over a new flow's first packet reported {:.0} ns per packet, and \
+         the `flow_opened` counter grew by {} — one translation, then {} misses. Three methods \
+         measure the real paths instead, and after every call the verdict, the datapath's \
+         counters and its flow maps are checked to prove which path ran:\n\n\
          - **A — cycling flow entries, {repeat} runs per syscall** (established flows, \
          replies, misses). Besides the real flow, the flow maps get one entry for the *rewritten* \
          tuple that translates it back (gateway → the remote pod again; for replies, remote pod → \
          the gateway), so that the runs alternate between two translations whose old and new \
          addresses and ports differ as a real flow's do. Each of the {repeat} runs then takes the \
          full hit path (hash hit, flow-clock read, TCP-flag check, the in-place rewrite and its \
-         checksum work; with the clock standing still the entries are not written), and `redirected` (or `reverse_translated`) must grow by exactly {repeat} per \
-         call. {reps} repeats per figure, the cases interleaved; the floor is the empty tc \
+         checksum work; with the clock standing still the entries are not written). A packet of \
+         an established flow moves no counter (meshnet counts flow events), so the verdict is the \
+         proof: a run that missed would leave its packet and the maps as they were, every later \
+         run would miss too, and the call would return the miss's verdict; every counter and \
+         flow entry is checked unchanged after each call, which that needs. {reps} repeats per figure, the cases interleaved; the floor is the empty tc \
          program `meshnet_empty` of the same object, run on the same packet in the same loop.\n\
          - **B — one syscall per fresh packet** (`repeat = 1`; new flows, and the hot path and the \
          floor measured the same way). The kernel copies a fresh packet in for each call and times \
          that single run, which adds one clock read and colder caches to every figure, the floor's \
          included. Each new-flow call is a SYN from a new source address and port, so a genuinely \
          new flow: trie walk, gateway choice, reply-tuple claim, both inserts, rewrite. \
-         `redirected` must grow by one per call with no port remap and no failed insert. Each \
+         `flow_opened` must grow by one per call with no port remap and no failed insert. Each \
          new-flow call is interleaved with an empty-program call and a hot-path call; {} new \
          flows per configuration in batches of {} (the flow maps are emptied between batches, so \
          no insert meets a full map); the batches' 99th-percentile-trimmed means are the repeats.\n\
          - **C — new flows, amortised over a chain of routes.** The gateway a new flow is sent to \
          is itself routed to another peer, whose gateway is routed to another, {} peers deep: \
          every run of one {}-repeat syscall sees the packet the previous run rewrote, a flow it \
-         has never seen, and translates it (`redirected` must grow by {} per call). Every syscall \
+         has never seen, and translates it (`flow_opened` must grow by {} per call). Every syscall \
          starts from a new source port. {} new flows, flow maps emptied between batches; floor: \
          the empty program at the same repeat count, interleaved.\n",
         dp["naive_repeat"]["ns_per_packet"].as_f64().unwrap_or(f64::NAN),
@@ -1010,7 +1014,7 @@ fn datapath_section(md: &mut String, dp: &Value) {
              | floor: the flow's lookup and rewrite alone (`bench-floor`: the parser, the hash lookup, the rewrite) | {} |\n\
              | packet rewrite: address, ports, IP checksum (RFC 1624) and L4 checksum written in place; {} | {} |\n\
              | the flow clock's read (the tick the agent publishes in `mn_clock_v1`: an inlined array read) | {} |\n\
-             | the rest: parsing, the flow-state hash lookup, TCP flag bookkeeping, the per-CPU counter | {:.0} (by difference) |\n\n\
+             | the rest: parsing, the local-CIDR check, the flow-state hash lookup, TCP flag bookkeeping (no counter: flow events are counted, not packets) | {:.0} (by difference) |\n\n\
              Replies (`to_pod`) have the same structure: rewrite {} ns, clock {} ns.\n",
             fmt_opt(&d["hot"]["ns"], 0),
             fmt_opt(&d["empty"]["ns"], 0),
@@ -1326,7 +1330,7 @@ fn e2e_section(md: &mut String, e2e: &Value, dp: &Value) {
          runs the first repeat came out slower than the others in most modes at once).{}{} A figure \
          a target uses is **void** when its repeats spread \
          beyond ±{:.0} % of their median, and so is the target. Each run is checked: meshnet's \
-         `redirected` counter grows in the \
+         `flow_opened` counter grows in the \
          meshnet mode and stays put in the others{}. Conntrack's TIME_WAIT timeout is 1 s in the node \
          namespaces (all modes alike) so that the connection-rate runs do not fill the conntrack \
          table, and the client pod sends TCP timestamps without the per-destination offset \
@@ -1560,7 +1564,7 @@ fn discovery_section(md: &mut String, d: &Value) {
 // ---------------------------------------------------------------------------------------
 
 /// The tunnel modes an end-to-end run measured.
-const TUNNEL_MODES: [&str; 2] = ["tunnel-redirect", "tunnel-stack"];
+const TUNNEL_MODES: [&str; 3] = ["tunnel-redirect", "tunnel-peer", "tunnel-stack"];
 
 fn has_tunnel_modes(e2e: &Value) -> bool {
     e2e["modes"].as_array().is_some_and(|m| m.iter().any(|m| m.as_str().is_some_and(|m| m.starts_with("tunnel-") || m == "vxlan")))
@@ -1586,14 +1590,15 @@ fn tunnel_mode_bullets(e2e: &Value) -> String {
     }
     let t = &e2e["tunnel"];
     format!(
-        "- **tunnel-redirect**, **tunnel-stack**: meshnet's tunnel mode (issue 15), an agent on each \
-         node with the other node as its tunnel peer (`tunnel.port` {port}, uplink `lan0`, node pod \
-         CIDRs 10.244.0.0/24 and 10.245.0.0/24), `delivery: redirect` (the default) or \
-         `delivery: stack`. The client addresses the server pod by its pod IP (10.245.0.10:7000, :5201) as in \
+        "- **tunnel-redirect**, **tunnel-peer**, **tunnel-stack**: meshnet's tunnel mode (issue 15), an \
+         agent on each node with the other node as its tunnel peer (`tunnel.port` {port}, uplink \
+         `lan0`, node pod CIDRs 10.244.0.0/24 and 10.245.0.0/24), `delivery: redirect` (the \
+         default), `delivery: peer` (`bpf_redirect_peer` into the pod's own end of its veth, past \
+         the host end's transmit and the backlog queue) or `delivery: stack`. The client addresses the server pod by its pod IP (10.245.0.10:7000, :5201) as in \
          plain; node1's `from_pod` on the client's veth encapsulates it (IPv4, UDP and meshnet's \
          8-byte header: {overhead} bytes) to node2's tunnel port, and node2's uplink program takes it \
-         off before netfilter and hands it to the pod, straight to its side (`bpf_redirect` out of the pod's own bridge port) or \
-         through node2's stack; the replies take the same path back. No route between the pod \
+         off before netfilter and hands it to the pod, straight to its side (`bpf_redirect` out of the pod's own bridge port, \
+         or `bpf_redirect_peer` into the pod's end of its veth) or through node2's stack; the replies take the same path back. No route between the pod \
          networks on either node, no NAT, no masquerade exemption needed (the encapsulated packet \
          leaves by redirect, past node1's netfilter). Pods and LAN at MTU {lan}; the tunnel clamps \
          the MSS of SYN and SYN-ACK to {clamp} (1500 − {overhead} − 40) in both directions.\n\
@@ -1825,7 +1830,8 @@ fn tunnel_expected(e2e: &Value, dp: &Value, mode: &str, key: &str) -> Option<Str
     // One-packet runs' net figures, the dearer measure: a program on a live path runs between
     // other work, as in those runs, not over and over.
     let encap = med(&t["per_call"]["encap_tcp"]["net_ns"]);
-    let decap = med(&t["per_call"][if mode == "tunnel-redirect" { "decap_redirect" } else { "decap_stack" }]["net_ns"]);
+    // Peer delivery has no figure of its own there: its helper call stands in for redirect's.
+    let decap = med(&t["per_call"][if mode == "tunnel-stack" { "decap_stack" } else { "decap_redirect" }]["net_ns"]);
     let plain = &e2e["per_mode"]["plain"];
     if !(encap.is_finite() && decap.is_finite()) {
         return None;
@@ -1909,7 +1915,7 @@ fn tunnel_e2e_section(md: &mut String, e2e: &Value, _dp: &Value) {
          at the pod means something cut them into MTU-sized packets on the way, in software:\n\n\
          | mode | MSS | average packet on the LAN, bytes | average packet into the server pod, bytes |\n|---|---|---|---|\n",
     );
-    for mode in ["plain", "tunnel-redirect", "tunnel-stack", "vxlan"] {
+    for mode in ["plain", "tunnel-redirect", "tunnel-peer", "tunnel-stack", "vxlan"] {
         let pm = &e2e["per_mode"][mode];
         if pm.is_object() {
             let _ = writeln!(
@@ -2022,9 +2028,9 @@ fn tunnel_segmentation_note(e2e: &Value) -> Option<String> {
              merge UDP packets to a port no tunnel socket owns, so the uplink program sees, and the \
              pod receives, one MTU-sized packet at a time, where the kernel's VXLAN socket merges \
              them first. \
-             `delivery: redirect` is spared this behind a bridge: it sends the packet out of the pod's \
-             own port, a veth, which offers every offload for encapsulated packets, so the pod gets it \
-             whole.\n\n",
+             `delivery: redirect` and `peer` are spared this behind a bridge: they send the packet out \
+             of the pod's own port, or into its end, a veth, which offers every offload for encapsulated \
+             packets, so the pod gets it whole.\n\n",
             cut.join(" and ")
         )
     })
@@ -2275,24 +2281,26 @@ mod tests {
             "params": {"stall_ms": 200, "cores": 2},
             "modes": figures.iter().map(|(m, _)| *m).collect::<Vec<_>>(),
             "per_mode": per_mode,
-            "tunnel_vs": {"tunnel-redirect": vs, "tunnel-stack": vs},
+            "tunnel_vs": {"tunnel-redirect": vs, "tunnel-peer": vs, "tunnel-stack": vs},
         })
     }
 
     #[test]
     fn tunnel_e2e_targets_against_plain_and_vxlan() {
-        let all = [("plain", TIGHT), ("tunnel-redirect", TIGHT), ("tunnel-stack", TIGHT), ("vxlan", TIGHT)];
+        let all = [("plain", TIGHT), ("tunnel-redirect", TIGHT), ("tunnel-peer", TIGHT), ("tunnel-stack", TIGHT), ("vxlan", TIGHT)];
         // 0.95: meets ≥ 0.90× plain, misses ≥ 1.0× VXLAN; throughput then connections/s, per
         // delivery.
         let ts = tunnel_e2e_targets(&tunnel_e2e(&all, 0.95), &Value::Null);
         let want = [("≥ 0.90×", "**met**"), ("≥ 0.90×", "**met**"), ("≥ 1.00×", "**missed**"), ("≥ 1.00×", "**missed**")];
-        assert_eq!(verdicts(&ts), [want, want].concat());
-        assert!(ts[0].what.contains("tunnel-redirect vs. plain") && ts[7].what.contains("tunnel-stack vs. the kernel's VXLAN"));
+        assert_eq!(verdicts(&ts), [want, want, want].concat());
+        assert!(ts[0].what.contains("tunnel-redirect vs. plain") && ts[4].what.contains("tunnel-peer vs. plain"));
+        assert!(ts[11].what.contains("tunnel-stack vs. the kernel's VXLAN"));
         // A VXLAN figure that spreads too far voids only the targets against VXLAN.
         let wide: &[f64] = &[803.0, 1_223.0, 11_108.0];
-        let ts = tunnel_e2e_targets(&tunnel_e2e(&[("plain", TIGHT), ("tunnel-redirect", TIGHT), ("tunnel-stack", TIGHT), ("vxlan", wide)], 1.2), &Value::Null);
+        let all = [("plain", TIGHT), ("tunnel-redirect", TIGHT), ("tunnel-peer", TIGHT), ("tunnel-stack", TIGHT), ("vxlan", wide)];
+        let ts = tunnel_e2e_targets(&tunnel_e2e(&all, 1.2), &Value::Null);
         let v: Vec<&str> = verdicts(&ts).iter().map(|v| v.1).collect();
-        assert_eq!(v, ["**met**", "**met**", "**void**", "**void**", "**met**", "**met**", "**void**", "**void**"]);
+        assert_eq!(v, ["**met**", "**met**", "**void**", "**void**"].repeat(3));
         // Without tunnel modes there are no tunnel targets.
         assert!(tunnel_e2e_targets(&json!({"modes": ["floor"]}), &Value::Null).is_empty());
     }
