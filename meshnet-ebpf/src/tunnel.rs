@@ -382,8 +382,9 @@ fn drop_first_part(ctx: &TcContext, first: u32) -> Result<(), Counter> {
 }
 
 /// tc ingress on an uplink: takes tunnel packets off the wire, before netfilter, and
-/// delivers their inner packet. Anything sent to the tunnel port that fails a check is
-/// dropped and counted; everything else passes untouched.
+/// delivers their inner packet. Anything sent to this node's tunnel port that fails a check
+/// is dropped and counted; everything else, a packet the node routes on to another host's
+/// tunnel port included, passes untouched.
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> i32 {
     // The uplink carries all of the node's traffic: the settings are read only for UDP to the
@@ -411,6 +412,9 @@ pub fn decap(ctx: &TcContext) -> i32 {
     // packet to the port the uplink takes is meshnet's either way, and would only meet a
     // closed port in the stack.
     let Some(cfg) = settings().filter(|c| c.port_be == dport_be) else {
+        if routed_on(ctx, &ip) {
+            return PASS;
+        }
         count(Counter::TunnelPortChanging);
         return DROP;
     };
@@ -442,10 +446,13 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig, to_this_host: bo
     // order, or a node of the peer sending for a pod another of its nodes hosts).
     let (t, sender) = match (t, route_of_source) {
         (Some(t), Some(n)) if n.addr_be == ip.saddr_be && n.peer_id == u32::from_be(t.cluster_be) => (t, n),
-        _ => checked_sender(ip, t)?,
+        _ => match checked_sender(ip, t) {
+            Ok(checked) => checked,
+            Err(why) => return refused(ctx, ip, to_this_host, why),
+        },
     };
     if !is_node_local(cfg, t.inner_daddr_be) {
-        return Err(Counter::TunnelNotLocal);
+        return refused(ctx, ip, to_this_host, Counter::TunnelNotLocal);
     }
     // As on the way in: a UDP GSO packet (two veths on one host pass them whole) keeps its
     // segment size; a TCP one gets back the 36 bytes its segments lost.
@@ -473,6 +480,31 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig, to_this_host: bo
     add_stats(sender.stats_slot, u64::from(t.inner_len), false);
     count(Counter::TunnelDecap);
     Ok(verdict)
+}
+
+/// A packet to the tunnel port that failed a check (`why`), before anything was changed:
+/// refused, unless it is not this node's to check. One that the node routes on to another
+/// host (a node that is also a router, or the way to a peer's node behind it) is no tunnel
+/// packet of this node's, whatever it carries, and passes untouched as it would without
+/// meshnet. Only refusals pay for the lookup; a frame to another host's MAC is the stack's
+/// to drop either way.
+#[inline(always)]
+fn refused(ctx: &TcContext, ip: &Ipv4, to_this_host: bool, why: Counter) -> Result<i32, Counter> {
+    if to_this_host && routed_on(ctx, ip) {
+        Ok(PASS)
+    } else {
+        Err(why)
+    }
+}
+
+/// Whether the node would forward `ip` rather than take it: the kernel's FIB lookup finds a
+/// route on to another host. One of the node's own addresses is local ("not forwarded"), and
+/// so is every address to an uplink that does not forward, which keeps refusing: the stack
+/// would not route on what came in there.
+#[inline(always)]
+fn routed_on(ctx: &TcContext, ip: &Ipv4) -> bool {
+    let hop = fib_lookup_v4(ctx, ip.saddr_be, ip.daddr_be, ifindex(ctx), 0);
+    hop.rc == BPF_FIB_LKUP_RET_SUCCESS || hop.rc == BPF_FIB_LKUP_RET_NO_NEIGH
 }
 
 /// Every check of a tunnel packet's sender, in the order that names the reason for refusing

@@ -650,7 +650,7 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
             ex.finish(Verdict::PassNotMeshnet, &[], why);
             return ex;
         }
-        _ => ex.step(format!("tunnel port: UDP {port} (anything to another port passes untouched)")),
+        _ => ex.step(format!("tunnel port: UDP {port} (anything to another port passes untouched, and so does a packet this node routes on to another host: what follows is for one sent to this node)")),
     }
     let Some(peer_id) = snap.tun_nodes.get(&from).copied() else {
         ex.step(format!("node: {from} is no tunnel peer's node ({})", names::TUN_NODES));

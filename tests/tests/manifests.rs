@@ -256,6 +256,24 @@ fn the_readme_installs_the_users_overlay() {
 }
 
 /// The `capabilities.add` list of the agent in rendered YAML (kubectl's block style).
+/// The controller, which parses what other clusters send, runs under the runtime's default
+/// seccomp profile in both overlays, asked for in the only form Kubernetes 1.18 knows; the
+/// agent asks for none (deploy/base/agent.yaml says why).
+#[test]
+fn the_controller_runs_under_the_runtimes_default_seccomp_profile() {
+    const ANNOTATION: &str = "seccomp.security.alpha.kubernetes.io/pod";
+    for overlay in ["modern", "centos7-docker19"] {
+        let rendered = rendered_overlay(overlay);
+        let workloads: Vec<serde_yaml::Value> = documents(&rendered).into_iter().filter(|d| d["kind"] == "Deployment" || d["kind"] == "DaemonSet").collect();
+        let profile = |name: &str| {
+            let w = workloads.iter().find(|d| d["metadata"]["name"] == name).unwrap_or_else(|| panic!("{overlay}: no {name}"));
+            w["spec"]["template"]["metadata"]["annotations"][ANNOTATION].as_str().map(str::to_string)
+        };
+        assert_eq!(profile("meshnet-controller").as_deref(), Some("runtime/default"), "{overlay}: the controller's pod");
+        assert_eq!(profile("meshnet-agent"), None, "{overlay}: the agent's pod");
+    }
+}
+
 fn added_capabilities(rendered: &str) -> Vec<String> {
     let lines: Vec<&str> = rendered.lines().collect();
     let at = lines.iter().position(|l| l.trim() == "add:").expect("no capabilities.add");

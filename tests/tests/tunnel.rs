@@ -1126,6 +1126,60 @@ fn foreign_and_spoofed(opts: Options) {
     assert_eq!(count(&after, "tunnel_decap") - count(&before, "tunnel_decap"), 1, "only the frame to node2 was delivered");
 }
 
+/// A datagram to the tunnel port that node2 routes on to one of its pods (every node is a
+/// router for its pods) is no tunnel packet of node2's: the pod's own socket on that port
+/// gets it untouched, and no counter of node2's moves. The same datagram to node2 itself is
+/// refused, so it is the destination that makes the difference.
+fn routed_on(opts: Options) {
+    let (t, _agents) = setup(opts);
+    let sock = t.app_a.run(|| UdpSocket::bind((APP_A, TUNNEL_PORT)).unwrap());
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (node1_mac, node2_mac) = (mac_of(&t.node1.ns, "lan0"), mac_of(&t.node2.ns, "lan0"));
+    // From a cluster1 pod's address, which node2's FORWARD admits from the LAN.
+    let frame = |dst: Ipv4Addr, payload: &[u8]| {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(node1_mac, node2_mac)
+            .ipv4(CLIENT_IP.octets(), dst.octets(), 64)
+            .udp(40_000, TUNNEL_PORT)
+            .write(&mut f, payload)
+            .unwrap();
+        f
+    };
+    let before = t.node2.counters();
+    let payloads: Vec<Vec<u8>> = (0..CRAFTED_TIMES).map(|i| format!("routed through node2 #{i}").into_bytes()).collect();
+    send_raw(&t.node1.ns, "lan0", payloads.iter().map(|p| frame(APP_A, p)).collect());
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    while got.len() < payloads.len() {
+        let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("app-a got {} of {} datagrams routed through node2: {e}", got.len(), payloads.len()));
+        assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(CLIENT_IP, 40_000)), "the source is left as it was sent");
+        got.push(buf[..n].to_vec());
+    }
+    got.sort();
+    let mut want = payloads.clone();
+    want.sort();
+    assert_eq!(got, want, "app-a must get each datagram as it was sent");
+    let after = t.node2.counters();
+    for n in DROP_COUNTERS.iter().chain(&["tunnel_not_for_node", "tunnel_port_changing", "tunnel_decap"]) {
+        assert_eq!(count(&after, n), count(&before, n), "{n} moved for datagrams node2 routes on");
+    }
+
+    let to_node2 = frame(NODE2_LAN.parse().unwrap(), b"to node2 itself");
+    send_raw(&t.node1.ns, "lan0", vec![to_node2]);
+    let refused = poll(WAIT, || (t.node2.counter("tunnel_unknown_node") > count(&after, "tunnel_unknown_node")).then_some(()));
+    assert!(refused.is_some(), "the same datagram to node2 itself was not refused as from an unknown node");
+}
+
+#[test]
+fn a_datagram_routed_on_through_a_node_to_the_tunnel_port_passes_redirect() {
+    routed_on(opts(Delivery::Redirect));
+}
+
+#[test]
+fn a_datagram_routed_on_through_a_node_to_the_tunnel_port_passes_netlink() {
+    routed_on(netlink(Delivery::Stack));
+}
+
 /// The MAC address of `iface` in `ns`.
 fn mac_of(ns: &NetNs, iface: &str) -> [u8; 6] {
     let text = ns.exec(&format!("cat /sys/class/net/{iface}/address"));

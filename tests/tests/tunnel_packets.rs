@@ -233,10 +233,15 @@ fn header(magic: u16, version: u8, cluster: u32) -> [u8; 8] {
 /// A tunnel packet as a peer node sends it: outer IPv4/UDP to this node's port, `hdr`, and
 /// the inner IPv4 packet (a frame without its Ethernet header).
 fn tunnel_packet(outer_src: [u8; 4], dport: u16, hdr: [u8; 8], inner_frame: &[u8]) -> Vec<u8> {
+    tunnel_packet_to(outer_src, NODE, dport, hdr, inner_frame)
+}
+
+/// As [`tunnel_packet`], to `outer_dst` instead of this node.
+fn tunnel_packet_to(outer_src: [u8; 4], outer_dst: [u8; 4], dport: u16, hdr: [u8; 8], inner_frame: &[u8]) -> Vec<u8> {
     let mut payload = hdr.to_vec();
     payload.extend_from_slice(&inner_frame[ETH_HLEN..]);
     let mut out = Vec::new();
-    let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, outer_src, NODE).unwrap();
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, outer_src, outer_dst).unwrap();
     ip.dont_fragment = true;
     PacketBuilder::ethernet2(PEER_MAC, RX_MAC)
         .ip(etherparse::IpHeaders::Ipv4(ip, etherparse::Ipv4Extensions::default()))
@@ -874,6 +879,56 @@ fn a_tunnel_frame_not_addressed_to_this_host_is_never_redirected() {
     h.expect("this host's", names::PROG_TUNNEL_IN, &pkt, REDIRECT, &[("tunnel_decap", 1)]);
 }
 
+/// An address on the uplink's subnet other than the node's: the node routes packets to it on.
+const BEYOND: [u8; 4] = [192, 0, 2, 50];
+
+/// A packet to the tunnel port that this node routes on to another host (a node that is also
+/// a router on the LAN, or the way to another node behind it) is not this node's to refuse:
+/// whatever it carries, it passes untouched and uncounted, as without meshnet. The same
+/// packet to the node itself, to a destination the node would not route on (a blackhole),
+/// or through an uplink that does not forward, is refused and counted as before.
+#[test]
+fn a_tunnel_port_packet_the_node_routes_on_is_not_its_to_refuse() {
+    let h = Harness::new();
+    const BLACKHOLE: [u8; 4] = [198, 51, 100, 7];
+    h.ns.ip("route add blackhole 198.51.100.0/24");
+    let inner = udp(REMOTE, POD, 53, 5000, b"answer");
+    let not_meshnets = |dst: [u8; 4]| {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(PEER_MAC, RX_MAC).ipv4(PEER_NODE, dst, 64).udp(40_000, PORT).write(&mut out, b"an application's own datagram").unwrap();
+        out
+    };
+    type Make<'a> = Box<dyn Fn([u8; 4]) -> Vec<u8> + 'a>;
+    let cases: [(&str, Make, &str); 5] = [
+        ("from an unknown node", Box::new(|d| tunnel_packet_to(STRANGER, d, PORT, good_header(), &inner)), "tunnel_unknown_node"),
+        ("with a bad magic", Box::new(|d| tunnel_packet_to(PEER_NODE, d, PORT, header(0x5858, tunnel::VERSION, peer_id("cluster2")), &inner)), "tunnel_bad_header"),
+        ("naming another cluster", Box::new(|d| tunnel_packet_to(PEER_NODE, d, PORT, header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster3")), &inner)), "tunnel_wrong_cluster"),
+        (
+            "for another node's pod",
+            Box::new(|d| tunnel_packet_to(PEER_NODE, d, PORT, good_header(), &udp(REMOTE, OTHER_NODE_POD, 53, 5000, b"answer"))),
+            "tunnel_not_local",
+        ),
+        ("not meshnet's at all", Box::new(not_meshnets), "tunnel_bad_header"),
+    ];
+    let passes = |what: &str, pkt: &[u8]| {
+        let before = h.counters();
+        assert_eq!(h.run(names::PROG_TUNNEL_IN, pkt), (UNSPEC, pkt.to_vec()), "{what}: must pass untouched");
+        assert_counter_delta(what, &before, &h.counters(), &[]);
+    };
+    for (what, make, why) in &cases {
+        passes(&format!("{what}, routed on"), &make(BEYOND));
+        h.expect(&format!("{what}, to the node"), names::PROG_TUNNEL_IN, &make(NODE), SHOT, &[(why, 1)]);
+        h.expect(&format!("{what}, to a blackhole"), names::PROG_TUNNEL_IN, &make(BLACKHOLE), SHOT, &[(why, 1)]);
+    }
+    // A well-formed one is taken whatever its outer destination: every check vouches for it.
+    h.expect("well-formed, routed on", names::PROG_TUNNEL_IN, &tunnel_packet_to(PEER_NODE, BEYOND, PORT, good_header(), &inner), OK, &[("tunnel_decap", 1)]);
+
+    h.ns.exec("sysctl -qw net.ipv4.conf.all.forwarding=0");
+    for (what, make, why) in &cases {
+        h.expect(&format!("{what}, forwarding off"), names::PROG_TUNNEL_IN, &make(BEYOND), SHOT, &[(why, 1)]);
+    }
+}
+
 #[test]
 fn every_rejected_tunnel_packet_is_dropped_and_counted_by_its_reason() {
     let h = Harness::new();
@@ -1046,6 +1101,8 @@ fn the_uplink_takes_only_the_port_published_with_the_settings() {
             passes(&h, &format!("published {published}: to {PORT}"), &to(PORT));
         } else {
             h.expect(&format!("published {published}: to {PORT}"), names::PROG_TUNNEL_IN, &to(PORT), SHOT, &[("tunnel_port_changing", 1)]);
+            let routed_on = tunnel_packet_to(PEER_NODE, BEYOND, PORT, good_header(), &inner);
+            passes(&h, &format!("published {published}: to {PORT}, routed on to another host"), &routed_on);
         }
         passes(&h, &format!("published {published}: to the settings' {MOVED}"), &to(MOVED));
         assert_eq!(explained(&h), Verdict::PassNotMeshnet, "published {published}");
