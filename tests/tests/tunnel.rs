@@ -1180,6 +1180,47 @@ fn a_datagram_routed_on_through_a_node_to_the_tunnel_port_passes_netlink() {
     routed_on(netlink(Delivery::Stack));
 }
 
+/// UDP GRO on the receiving uplink never merges tunnel packets, which would put one outer
+/// header over several and have them refused: meshnet sends them with a UDP checksum of 0,
+/// and the kernel's UDP GRO takes only datagrams that have one, forwarding
+/// (`rx-udp-gro-forwarding`) and by frag list (`rx-gro-list`) alike. With each feature on
+/// node2's uplink, GRO running there (a veth's NAPI queue) and node1 sending wire-sized
+/// packets (no TSO), 1 MB crosses both ways with no packet refused.
+#[test]
+fn udp_gro_on_the_uplink_never_merges_tunnel_packets() {
+    // A veth queues its packets for NAPI, where GRO runs, when GRO is turned on while it is up.
+    if !meshnet_tests::kernel_at_least(5, 13) {
+        meshnet_tests::skip("GRO on a veth without XDP (kernel >= 5.13)");
+        return;
+    }
+    let (t, _agents) = setup(opts(Delivery::Redirect));
+    t.node1.ns.exec("ethtool -K lan0 tso off gso off");
+    let napi_packets = || {
+        let stats = t.node2.ns.exec("ethtool -S lan0");
+        let line = stats.lines().find(|l| l.trim().starts_with("rx_queue_0_xdp_packets:")).unwrap_or_else(|| panic!("no NAPI queue counter:\n{stats}"));
+        line.split(':').nth(1).unwrap().trim().parse::<u64>().unwrap()
+    };
+    for feature in ["rx-udp-gro-forwarding", "rx-gro-list"] {
+        t.node2.ns.exec(&format!("ethtool -K lan0 gro off && ethtool -K lan0 gro on {feature} on"));
+        let (before, napi_before) = (t.node2.counters(), napi_packets());
+        for (ns, to, seed) in [(&t.client, APP_A_POD, 1), (&t.app_a, CLIENT, 2)] {
+            let data = Arc::new(pattern(1 << 20, seed));
+            let d = data.clone();
+            let (back, _) = ns.run(move || bulk_echo(to.bulk(), d)).unwrap_or_else(|e| panic!("{feature}: 1 MB to {}: {e}", to.bulk()));
+            assert!(back == *data, "{feature}: the 1 MB echo from {} did not come back whole", to.name);
+        }
+        let after = t.node2.counters();
+        let through_gro = napi_packets() - napi_before;
+        assert!(through_gro >= 1_000, "{feature}: only {through_gro} packets went through node2's GRO");
+        for n in DROP_COUNTERS {
+            assert_eq!(count(&after, n), count(&before, n), "{feature}: {n} rose: tunnel packets were merged");
+        }
+        let decap = count(&after, "tunnel_decap") - count(&before, "tunnel_decap");
+        assert!(decap + 10 >= through_gro, "{feature}: {through_gro} packets through GRO, {decap} decapsulated: some were merged");
+        t.node2.ns.exec(&format!("ethtool -K lan0 {feature} off"));
+    }
+}
+
 /// The MAC address of `iface` in `ns`.
 fn mac_of(ns: &NetNs, iface: &str) -> [u8; 6] {
     let text = ns.exec(&format!("cat /sys/class/net/{iface}/address"));
