@@ -7,8 +7,9 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::{BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_NET},
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_UNSUPP_LWT, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_tail},
     maps::lpm_trie::Key,
@@ -411,17 +412,17 @@ pub fn decap(ctx: &TcContext) -> i32 {
     // The published port and the settings disagree only while the agent changes them: a
     // packet to the port the uplink takes is meshnet's either way, and would only meet a
     // closed port in the stack.
+    // A frame to another host's MAC (a switch flooding it, an uplink in promiscuous mode) is
+    // counted as such whatever the checks say: on a LAN, frames flooded to every node are
+    // no attack on this one.
+    let to_this_host = pkt_type == PACKET_HOST;
     let Some(cfg) = settings().filter(|c| c.port_be == dport_be) else {
-        if routed_on(ctx, &ip) {
+        if to_this_host && routed_on(ctx, &ip) {
             return PASS;
         }
         count(Counter::TunnelPortChanging);
         return DROP;
     };
-    // A frame to another host's MAC (a switch flooding it, an uplink in promiscuous mode) is
-    // counted as such whatever the checks say: on a LAN, frames flooded to every node are
-    // no attack on this one.
-    let to_this_host = pkt_type == PACKET_HOST;
     match decap_or_why(ctx, &ip, &cfg, to_this_host) {
         Ok(verdict) => verdict,
         Err(why) => {
@@ -497,14 +498,27 @@ fn refused(ctx: &TcContext, ip: &Ipv4, to_this_host: bool, why: Counter) -> Resu
     }
 }
 
-/// Whether the node would forward `ip` rather than take it: the kernel's FIB lookup finds a
-/// route on to another host. One of the node's own addresses is local ("not forwarded"), and
-/// so is every address to an uplink that does not forward, which keeps refusing: the stack
-/// would not route on what came in there.
+/// Whether the node would forward `ip` to another host rather than take it: the kernel's FIB
+/// lookup finds a route on (through a neighbour not resolved yet, to a link whose MTU it
+/// exceeds, or into a lightweight tunnel, too). One of the node's own addresses is local
+/// ("not forwarded"), and so is every address to an uplink that does not forward: the stack
+/// would not route on what came in there. Never for:
+/// - a multicast, reserved or limited-broadcast address, which the stack takes in although
+///   the FIB finds them a unicast route;
+/// - a tunnel peer's node: meshnet sends this cluster's tunnel packets from each node's own
+///   uplink, so one on its way to a peer through this node is a forgery in the cluster's
+///   name, which the peer would take from a node it knows.
 #[inline(always)]
 fn routed_on(ctx: &TcContext, ip: &Ipv4) -> bool {
+    if u32::from_be(ip.daddr_be) >> 28 >= 0xe {
+        return false;
+    }
+    // SAFETY: a lookup whose value is not read.
+    if unsafe { TUN_NODES.get(&ip.daddr_be) }.is_some() {
+        return false;
+    }
     let hop = fib_lookup_v4(ctx, ip.saddr_be, ip.daddr_be, ifindex(ctx), 0);
-    hop.rc == BPF_FIB_LKUP_RET_SUCCESS || hop.rc == BPF_FIB_LKUP_RET_NO_NEIGH
+    matches!(hop.rc, BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED | BPF_FIB_LKUP_RET_UNSUPP_LWT)
 }
 
 /// Every check of a tunnel packet's sender, in the order that names the reason for refusing

@@ -645,12 +645,12 @@ pub fn explain_decap(snap: &Snapshot, from: Ipv4Addr, q: &Query) -> Explanation 
             let why = if taken == "none" {
                 "passes unchanged: the uplink program takes no port (a change the agent's next sync completes)".to_string()
             } else {
-                format!("passes unchanged: the uplink program takes {taken} only, and drops what it gets there while the settings name another port (tunnel_port_changing), until the agent's next sync completes the change")
+                format!("passes unchanged: the uplink program takes {taken} only, and drops what it gets there while the settings name another port (tunnel_port_changing; but for a packet this node routes on to another host), until the agent's next sync completes the change")
             };
             ex.finish(Verdict::PassNotMeshnet, &[], why);
             return ex;
         }
-        _ => ex.step(format!("tunnel port: UDP {port} (anything to another port passes untouched, and so does a packet this node routes on to another host: what follows is for one sent to this node)")),
+        _ => ex.step(format!("tunnel port: UDP {port} (anything to another port passes untouched, and so does a packet this node routes on to another host, unless that is a tunnel peer's node or a multicast or broadcast address: what follows is for one sent to this node)")),
     }
     let Some(peer_id) = snap.tun_nodes.get(&from).copied() else {
         ex.step(format!("node: {from} is no tunnel peer's node ({})", names::TUN_NODES));

@@ -255,7 +255,6 @@ fn the_readme_installs_the_users_overlay() {
     }
 }
 
-/// The `capabilities.add` list of the agent in rendered YAML (kubectl's block style).
 /// The controller, which parses what other clusters send, runs under the runtime's default
 /// seccomp profile in both overlays, asked for in the only form Kubernetes 1.18 knows; the
 /// agent asks for none (deploy/base/agent.yaml says why).
@@ -274,6 +273,7 @@ fn the_controller_runs_under_the_runtimes_default_seccomp_profile() {
     }
 }
 
+/// The `capabilities.add` list of the agent in rendered YAML (kubectl's block style).
 fn added_capabilities(rendered: &str) -> Vec<String> {
     let lines: Vec<&str> = rendered.lines().collect();
     let at = lines.iter().position(|l| l.trim() == "add:").expect("no capabilities.add");

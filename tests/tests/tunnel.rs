@@ -1127,9 +1127,10 @@ fn foreign_and_spoofed(opts: Options) {
 }
 
 /// A datagram to the tunnel port that node2 routes on to one of its pods (every node is a
-/// router for its pods) is no tunnel packet of node2's: the pod's own socket on that port
-/// gets it untouched, and no counter of node2's moves. The same datagram to node2 itself is
-/// refused, so it is the destination that makes the difference.
+/// router for its pods; on a routed pod network the LAN sends them there) is no tunnel
+/// packet of node2's: the pod's own socket on that port gets it untouched, and no counter of
+/// node2's moves. The same datagram to node2 itself is refused, so it is the destination
+/// that makes the difference, and so is one that node2 would route on to a peer's node.
 fn routed_on(opts: Options) {
     let (t, _agents) = setup(opts);
     let sock = t.app_a.run(|| UdpSocket::bind((APP_A, TUNNEL_PORT)).unwrap());
@@ -1164,10 +1165,14 @@ fn routed_on(opts: Options) {
         assert_eq!(count(&after, n), count(&before, n), "{n} moved for datagrams node2 routes on");
     }
 
-    let to_node2 = frame(NODE2_LAN.parse().unwrap(), b"to node2 itself");
-    send_raw(&t.node1.ns, "lan0", vec![to_node2]);
-    let refused = poll(WAIT, || (t.node2.counter("tunnel_unknown_node") > count(&after, "tunnel_unknown_node")).then_some(()));
-    assert!(refused.is_some(), "the same datagram to node2 itself was not refused as from an unknown node");
+    // The same datagram to node2 itself, and through node2 to node1, a node of node2's tunnel
+    // peer (a forgery in cluster2's name there), is refused.
+    for (to, dst) in [("node2 itself", NODE2_LAN), ("node1, a peer's node, through node2", NODE1_LAN)] {
+        let before = t.node2.counter("tunnel_unknown_node");
+        send_raw(&t.node1.ns, "lan0", vec![frame(dst.parse().unwrap(), format!("to {to}").as_bytes())]);
+        let refused = poll(WAIT, || (t.node2.counter("tunnel_unknown_node") > before).then_some(()));
+        assert!(refused.is_some(), "the same datagram to {to} was not refused as from an unknown node");
+    }
 }
 
 #[test]

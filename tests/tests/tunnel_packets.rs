@@ -882,11 +882,14 @@ fn a_tunnel_frame_not_addressed_to_this_host_is_never_redirected() {
 /// An address on the uplink's subnet other than the node's: the node routes packets to it on.
 const BEYOND: [u8; 4] = [192, 0, 2, 50];
 
-/// A packet to the tunnel port that this node routes on to another host (a node that is also
-/// a router on the LAN, or the way to another node behind it) is not this node's to refuse:
-/// whatever it carries, it passes untouched and uncounted, as without meshnet. The same
-/// packet to the node itself, to a destination the node would not route on (a blackhole),
-/// or through an uplink that does not forward, is refused and counted as before.
+/// A packet to the tunnel port that this node routes on to another host (a pod of a routed
+/// pod network, a host behind a node that is also a router) is not this node's to refuse:
+/// whatever it carries, it passes untouched and uncounted, as without meshnet, also when it
+/// exceeds the next link's MTU. The same packet is refused and counted as before when it
+/// goes to the node itself, to a destination the node would not route on (a blackhole), to
+/// a tunnel peer's node (which would take a forgery in this cluster's name from it), to a
+/// multicast or the limited broadcast address, or in through an interface that does not
+/// forward (a TEST_RUN's packet comes in on `lo`).
 #[test]
 fn a_tunnel_port_packet_the_node_routes_on_is_not_its_to_refuse() {
     let h = Harness::new();
@@ -917,13 +920,16 @@ fn a_tunnel_port_packet_the_node_routes_on_is_not_its_to_refuse() {
     };
     for (what, make, why) in &cases {
         passes(&format!("{what}, routed on"), &make(BEYOND));
-        h.expect(&format!("{what}, to the node"), names::PROG_TUNNEL_IN, &make(NODE), SHOT, &[(why, 1)]);
-        h.expect(&format!("{what}, to a blackhole"), names::PROG_TUNNEL_IN, &make(BLACKHOLE), SHOT, &[(why, 1)]);
+        for (to, dst) in [("the node", NODE), ("a blackhole", BLACKHOLE), ("a peer's node", PEER_NODE2), ("a multicast group", [224, 0, 0, 1]), ("everyone", [255; 4])] {
+            h.expect(&format!("{what}, to {to}"), names::PROG_TUNNEL_IN, &make(dst), SHOT, &[(why, 1)]);
+        }
     }
+    let large = tunnel_packet_to(STRANGER, BEYOND, PORT, good_header(), &udp(REMOTE, POD, 53, 5000, &[0x5a; 1600]));
+    passes("larger than the next link's MTU, routed on", &large);
     // A well-formed one is taken whatever its outer destination: every check vouches for it.
     h.expect("well-formed, routed on", names::PROG_TUNNEL_IN, &tunnel_packet_to(PEER_NODE, BEYOND, PORT, good_header(), &inner), OK, &[("tunnel_decap", 1)]);
 
-    h.ns.exec("sysctl -qw net.ipv4.conf.all.forwarding=0");
+    h.ns.exec("sysctl -qw net.ipv4.conf.lo.forwarding=0");
     for (what, make, why) in &cases {
         h.expect(&format!("{what}, forwarding off"), names::PROG_TUNNEL_IN, &make(BEYOND), SHOT, &[(why, 1)]);
     }
