@@ -476,7 +476,8 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets);
+        let followed: BTreeSet<&str> = self.remotes.keys().chain(self.last_good.keys()).map(String::as_str).collect();
+        let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets, &followed);
         let mut duplicates = BTreeMap::new();
         for (name, why) in reasons {
             if self.duplicates.get(&name).is_none_or(|d| d.why != why) {
@@ -859,10 +860,16 @@ pub(super) const MAX_REMOTES: usize = meshnet_common::limits::MAX_PEERS as usize
 
 /// The remotes the secrets in `namespace` ask for, by cluster name (each data key is one),
 /// and the names refused, with why: held by two secrets (see [`held_twice`]), in a secret
-/// with more than [`MAX_KEYS_PER_SECRET`] keys (all of its keys), or past the first
-/// [`MAX_REMOTES`] names. A refused name keeps what was published for it. Last, what one
-/// secret alone asks for each refused name it holds (not a name two secrets hold).
-fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>, BTreeMap<String, Wanted>) {
+/// with more than [`MAX_KEYS_PER_SECRET`] keys (all of its keys), or past [`MAX_REMOTES`]
+/// names: the `followed` ones (being followed, or published) keep their place, and new ones
+/// take the room left by name, so that a new secret never pushes out a peer whose traffic
+/// flows. A refused name keeps what was published for it. Last, what one secret alone asks
+/// for each refused name it holds (not a name two secrets hold).
+fn wanted_remotes(
+    namespace: &str,
+    secrets: &BTreeMap<String, Secret>,
+    followed: &BTreeSet<&str>,
+) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>, BTreeMap<String, Wanted>) {
     let twice = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
     let mut refused = twice.clone();
     let mut asked = BTreeMap::new();
@@ -900,10 +907,13 @@ fn wanted_remotes(namespace: &str, secrets: &BTreeMap<String, Secret>) -> (BTree
             }
         }
     }
-    let past: Vec<String> = wanted.keys().skip(MAX_REMOTES).cloned().collect();
+    let (old, new): (Vec<&String>, Vec<&String>) = wanted.keys().partition(|n| followed.contains(n.as_str()));
+    let past: Vec<String> = old.into_iter().chain(new).skip(MAX_REMOTES).cloned().collect();
     for name in past {
         asked.extend(wanted.remove_entry(&name));
-        let why = format!("more remote clusters than meshnet follows (at most {MAX_REMOTES}): only the first {MAX_REMOTES} by name are");
+        let why = format!(
+            "more remote clusters than meshnet follows (at most {MAX_REMOTES}): those already followed keep their place, and new ones take the room left by name"
+        );
         refused.insert(name, why);
     }
     (wanted, refused, asked)
@@ -1139,7 +1149,7 @@ mod tests {
             secret("b-third", &["cluster4"], &[]),
         ]
         .into();
-        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets);
+        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
         assert_eq!(wanted.keys().collect::<Vec<_>>(), ["cluster3"]);
         assert_eq!(wanted["cluster3"].text, "kubeconfig of a-istio-remote-secret");
         assert_eq!(
@@ -1160,7 +1170,7 @@ mod tests {
             ])
         );
         // One secret each: no refusal.
-        let (wanted, refused, _) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into());
+        let (wanted, refused, _) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into(), &BTreeSet::new());
         assert_eq!(wanted.len(), 2);
         assert!(refused.is_empty());
     }
@@ -1176,7 +1186,7 @@ mod tests {
         let many = names(MAX_KEYS_PER_SECRET + 1, "bulk");
         let full = names(MAX_KEYS_PER_SECRET, "full");
         let secrets = [secret("bulk", &keys(&many), &[(MODE_ANNOTATION, "tunnel")]), secret("full", &keys(&full), &[]), secret("one", &["cluster2"], &[])].into();
-        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets);
+        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
         assert_eq!(wanted.len(), MAX_KEYS_PER_SECRET + 1, "{:?}", wanted.keys().collect::<Vec<_>>());
         assert!(wanted.contains_key("cluster2") && full.iter().all(|k| wanted.contains_key(k)));
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), many);
@@ -1188,11 +1198,26 @@ mod tests {
 
         let per_secret: Vec<Vec<String>> = names(MAX_REMOTES + 2, "c").chunks(MAX_KEYS_PER_SECRET).map(<[String]>::to_vec).collect();
         let secrets: BTreeMap<String, Secret> = per_secret.iter().enumerate().map(|(i, k)| secret(&format!("s{i:03}"), &keys(k), &[])).collect();
-        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets);
+        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
         assert_eq!(wanted.len(), MAX_REMOTES);
         assert_eq!(asked.keys().collect::<Vec<_>>(), refused.keys().collect::<Vec<_>>());
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), [format!("c{MAX_REMOTES:04}"), format!("c{:04}", MAX_REMOTES + 1)]);
         assert!(refused.values().all(|why| why.contains("at most")), "{refused:?}");
+
+        // Full, a new name first by name does not push out a remote already followed: the
+        // new one is refused, and the followed ones stay.
+        let followed: Vec<String> = wanted.keys().cloned().collect();
+        let mut secrets = secrets;
+        secrets.extend([secret("early", &["a-new-cluster"], &[])]);
+        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &followed.iter().map(String::as_str).collect());
+        assert_eq!(wanted.keys().cloned().collect::<Vec<_>>(), followed, "a followed remote lost its place");
+        assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), ["a-new-cluster".to_string(), format!("c{MAX_REMOTES:04}"), format!("c{:04}", MAX_REMOTES + 1)]);
+        // A secret of followed remotes gone, the room it leaves goes to the new names.
+        secrets.remove("s000");
+        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &followed.iter().map(String::as_str).collect());
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(wanted.len(), MAX_REMOTES - MAX_KEYS_PER_SECRET + 3);
+        assert!(["a-new-cluster".to_string(), format!("c{MAX_REMOTES:04}")].iter().all(|n| wanted.contains_key(n)));
     }
 
     /// Nothing that prints a remote secret's key for a log line or a failed assertion shows
@@ -1204,7 +1229,7 @@ mod tests {
         let data = secrets.get_mut("s").and_then(|s| s.data.as_mut()).unwrap();
         let text = format!("users:\n- name: u\n  user:\n    token: {token}\n");
         data.insert("cluster2".into(), k8s_openapi::ByteString(text.clone().into_bytes()));
-        let (wanted, _, _) = wanted_remotes("istio-system", &secrets);
+        let (wanted, _, _) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
         let shown = format!("{wanted:?}");
         assert!(!shown.contains("planted-token"), "{shown}");
         assert!(shown.contains(&format!("<redacted, {} bytes>", text.len())) && shown.contains("istio-system/s[cluster2]"), "{shown}");
@@ -1263,14 +1288,14 @@ mod tests {
     #[test]
     fn pod_cidr_annotations_fail_closed() {
         let read = |v: &str| {
-            let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into());
+            let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into(), &BTreeSet::new());
             wanted["cluster2"].pod_cidrs.clone().unwrap()
         };
         assert_eq!(read(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
         assert_eq!(read("10.245.0.0/16,10.246.0.0"), Err("\"10.246.0.0\" is not an IPv4 CIDR".into()));
         let e = read(&format!("10.245.0.0/16,10.\n{}", "9".repeat(256 * 1024))).unwrap_err();
         assert!(e.len() < 160 && e.starts_with("\"10.\\n999") && !e.contains('\n'), "{e}");
-        let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into());
+        let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into(), &BTreeSet::new());
         assert_eq!(wanted["cluster2"].pod_cidrs, None);
     }
 
