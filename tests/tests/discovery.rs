@@ -497,6 +497,39 @@ fn a_cluster_two_remote_secrets_hold_keeps_its_last_state_until_one_goes() {
     assert!(planted.requests().is_empty(), "the second secret's kubeconfig was used");
 }
 
+/// One remote secret with thousands of keys costs neither a log line, a status entry nor a
+/// metrics series for each: past a few, the refused names without a state to keep are
+/// counted in one log line, and the cluster already followed goes on as before.
+#[test]
+fn a_secret_with_thousands_of_keys_costs_one_log_line_not_one_per_key() {
+    const KEYS: usize = 5_000;
+    let m = Mesh::new();
+    let controller = m.controller(&[]);
+    let _agent = m.agent();
+    let want = ["10.245.0.0/24 cluster2 10.20.144.165:32361"];
+    m.wait_routes(&want, "initial discovery");
+    let data: serde_json::Map<String, Value> =
+        (0..KEYS).map(|i| (format!("bulk{i:05}"), json!(base64::engine::general_purpose::STANDARD.encode("apiVersion: v1\nkind: Config\n")))).collect();
+    m.local.apply(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "bulk", "namespace": "istio-system", "labels": {"istio/multiCluster": "true"}},
+        "data": data
+    }));
+    let listed = poll(WAIT, || m.published().filter(|(_, s)| s["bulk00000"]["error"].as_str().is_some_and(|e| e.contains(&format!("holds {KEYS} kubeconfigs")))));
+    let (peers, status) = listed.unwrap_or_else(|| panic!("the bulk secret's refusal was never published: {:?}", m.published()));
+    let entries = status.as_object().unwrap();
+    assert!(entries.len() <= 65 + 1, "{} status entries for one secret", entries.len());
+    assert!(entries.contains_key("cluster2") && peers.as_array().unwrap().iter().any(|p| p["name"] == "cluster2"));
+    let unlisted = poll(WAIT, || controller.output().contains("more remote clusters refused than are listed one by one").then_some(()));
+    assert!(unlisted.is_some(), "{}", controller.output());
+    let out = controller.output();
+    assert!(out.contains(&format!("count={}", KEYS - 64)), "{out}");
+    assert!(out.matches("remote cluster refused").count() <= 64, "one log line per key: {} lines", out.matches("remote cluster refused").count());
+    let metrics = m.http(9465, "/metrics");
+    assert!(metrics.matches("peer=\"bulk").count() <= 2 * 64, "{} bulk series", metrics.matches("peer=\"bulk").count());
+    m.wait_routes(&want, "cluster2 followed beside the bulk secret");
+}
+
 /// A second secret for a cluster keeps it at its last known state under the first secret's
 /// own annotations: a peer its allow-list refuses is not published again by adding a secret.
 #[test]

@@ -178,6 +178,8 @@ struct State {
     /// and the peer stays at its last known state, under the annotations of the remote it
     /// was (its allow-list, pod CIDRs and mode: a second secret must not lift them).
     duplicates: BTreeMap<String, Duplicate>,
+    /// Remote clusters refused but not listed (see [`MAX_UNLISTED_REFUSALS`]), as last logged.
+    unlisted_refusals: usize,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -252,6 +254,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         published_peers: BTreeMap::new(),
         published_seen: false,
         duplicates: BTreeMap::new(),
+        unlisted_refusals: 0,
         refusals: BTreeMap::new(),
         refused_series: BTreeSet::new(),
         leader: !opts.leader_election,
@@ -478,6 +481,26 @@ impl State {
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
         let followed: BTreeSet<&str> = self.remotes.keys().chain(self.last_good.keys()).map(String::as_str).collect();
         let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets, &followed);
+        // A refused name with a state to keep (followed, published, or listed as refused
+        // already) keeps its entry. Past a few, the others are only counted: one secret
+        // with thousands of keys must not cost a log line, a status entry and a metrics
+        // series for each.
+        let listed = |name: &str| followed.contains(name) || self.duplicates.contains_key(name);
+        let (keep, unlisted): (Vec<_>, Vec<_>) = reasons.into_iter().partition(|(name, _)| listed(name));
+        let room = MAX_UNLISTED_REFUSALS.min(unlisted.len());
+        let mut reasons = keep;
+        reasons.extend(unlisted.iter().take(room).cloned());
+        let unlisted: Vec<&String> = unlisted[room..].iter().map(|(n, _)| n).collect();
+        if unlisted.len() != self.unlisted_refusals {
+            if !unlisted.is_empty() {
+                error!(
+                    count = unlisted.len(),
+                    first = %unlisted[0],
+                    "more remote clusters refused than are listed one by one; none of these has a state to keep"
+                );
+            }
+            self.unlisted_refusals = unlisted.len();
+        }
         let mut duplicates = BTreeMap::new();
         for (name, why) in reasons {
             if self.duplicates.get(&name).is_none_or(|d| d.why != why) {
@@ -854,6 +877,10 @@ pub(super) fn held_twice<'a>(namespace: &str, secrets: impl IntoIterator<Item = 
 /// writes one; each is a remote task with its own connections, so one object holding
 /// thousands of keys (a Secret may hold 1 MiB) must not start thousands of them.
 pub(super) const MAX_KEYS_PER_SECRET: usize = 16;
+
+/// The most refused remote clusters without a state to keep that get a log line, a status
+/// entry and a metrics series each; the rest are counted in one log line.
+pub(super) const MAX_UNLISTED_REFUSALS: usize = 64;
 
 /// The most remote clusters followed: as many peers as the datapath holds.
 pub(super) const MAX_REMOTES: usize = meshnet_common::limits::MAX_PEERS as usize;
