@@ -178,8 +178,9 @@ struct State {
     /// and the peer stays at its last known state, under the annotations of the remote it
     /// was (its allow-list, pod CIDRs and mode: a second secret must not lift them).
     duplicates: BTreeMap<String, Duplicate>,
-    /// Remote clusters refused but not listed (see [`MAX_UNLISTED_REFUSALS`]), as last logged.
-    unlisted_refusals: usize,
+    /// How many refused remote clusters are not listed one by one (see
+    /// [`Self::listed_refusals`]), as last logged.
+    unlisted_refusals: Option<usize>,
     /// Peers refused (reserved ranges, allow-lists, overlaps, ...), with why: logged and
     /// counted once each.
     refusals: BTreeMap<String, String>,
@@ -254,7 +255,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         published_peers: BTreeMap::new(),
         published_seen: false,
         duplicates: BTreeMap::new(),
-        unlisted_refusals: 0,
+        unlisted_refusals: None,
         refusals: BTreeMap::new(),
         refused_series: BTreeSet::new(),
         leader: !opts.leader_election,
@@ -471,6 +472,15 @@ impl State {
         self.published_peers.extend(self.watched.0.iter().map(|(n, p)| (n.clone(), p.clone())));
     }
 
+    /// The refused remotes that get a status entry and metrics series of their own: every one
+    /// with a state to keep (followed, published or held), and the first
+    /// [`MAX_UNLISTED_REFUSALS`] by name of the others.
+    fn listed_refusals(&self) -> BTreeSet<&str> {
+        let state = |n: &str| self.remotes.contains_key(n) || self.last_good.contains_key(n) || self.published_peers.contains_key(n);
+        let (kept, others): (Vec<&str>, Vec<&str>) = self.duplicates.keys().map(String::as_str).partition(|n| state(n));
+        kept.into_iter().chain(others.into_iter().take(MAX_UNLISTED_REFUSALS)).collect()
+    }
+
     /// Whether `cm` is one of this replica's own recent writes (an event the watch delivers
     /// after a later write of its own already landed).
     fn is_own(&self, cm: Option<&ConfigMap>) -> bool {
@@ -479,31 +489,25 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        let followed: BTreeSet<&str> = self.remotes.keys().chain(self.last_good.keys()).map(String::as_str).collect();
-        let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets, &followed);
-        // A refused name with a state to keep (followed, published, or listed as refused
-        // already) keeps its entry. Past a few, the others are only counted: one secret
-        // with thousands of keys must not cost a log line, a status entry and a metrics
-        // series for each.
-        let listed = |name: &str| followed.contains(name) || self.duplicates.contains_key(name);
-        let (keep, unlisted): (Vec<_>, Vec<_>) = reasons.into_iter().partition(|(name, _)| listed(name));
-        let room = MAX_UNLISTED_REFUSALS.min(unlisted.len());
-        let mut reasons = keep;
-        reasons.extend(unlisted.iter().take(room).cloned());
-        let unlisted: Vec<&String> = unlisted[room..].iter().map(|(n, _)| n).collect();
-        if unlisted.len() != self.unlisted_refusals {
-            if !unlisted.is_empty() {
-                error!(
-                    count = unlisted.len(),
-                    first = %unlisted[0],
-                    "more remote clusters refused than are listed one by one; none of these has a state to keep"
-                );
+        let followed: BTreeSet<String> =
+            self.remotes.keys().chain(self.last_good.keys()).chain(self.published_peers.keys()).cloned().collect();
+        let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets, &followed.iter().map(String::as_str).collect());
+        // Every refused name is kept (below), but past a few, those with no state to keep are
+        // only counted in the log, as in the status (see `unlisted`): one secret with
+        // thousands of keys must not cost a log line for each.
+        let no_state: Vec<&String> = reasons.keys().filter(|n| !followed.contains(*n)).collect();
+        let shown: BTreeSet<String> = no_state.iter().take(MAX_UNLISTED_REFUSALS).map(|n| (*n).clone()).collect();
+        let beyond = no_state.get(MAX_UNLISTED_REFUSALS).map(|first| ((*first).clone(), no_state.len() - MAX_UNLISTED_REFUSALS));
+        if beyond.as_ref().map(|(_, n)| *n) != self.unlisted_refusals {
+            if let Some((first, count)) = &beyond {
+                error!(count, %first, "more remote clusters refused than are listed one by one; none of these has a state to keep");
             }
-            self.unlisted_refusals = unlisted.len();
+            self.unlisted_refusals = beyond.map(|(_, n)| n);
         }
         let mut duplicates = BTreeMap::new();
         for (name, why) in reasons {
-            if self.duplicates.get(&name).is_none_or(|d| d.why != why) {
+            let listed = followed.contains(&name) || shown.contains(&name);
+            if listed && self.duplicates.get(&name).is_none_or(|d| d.why != why) {
                 error!(peer = %name, error = %why, "remote cluster refused");
             }
             // The annotations it was followed with, else those of the one secret that asks for
@@ -611,6 +615,7 @@ impl State {
     /// remote's last good state, and each new refusal is logged and counted once.
     fn desired(&mut self) -> Desired {
         let d = {
+            let listed = self.listed_refusals();
             let remotes: BTreeMap<String, RemoteInput<'_>> = self
                 .remotes
                 .iter()
@@ -629,7 +634,7 @@ impl State {
                 // Neither kubeconfig is followed, and the peer stays at its last known state, as
                 // through an outage: a rotation that adds the new secret before it deletes the
                 // old one must not withdraw the peer (and reset its flows) on every node.
-                .chain(self.duplicates.iter().map(|(name, d)| {
+                .chain(self.duplicates.iter().filter(|(name, _)| listed.contains(name.as_str())).map(|(name, d)| {
                     let input = RemoteInput {
                         stale: true,
                         error: Some(&d.why),
@@ -934,8 +939,11 @@ fn wanted_remotes(
             }
         }
     }
+    // A followed name refused for now (two secrets hold it while one rotates) keeps its place
+    // too: it comes back when the refusal ends.
+    let reserved = refused.keys().filter(|n| followed.contains(n.as_str())).count();
     let (old, new): (Vec<&String>, Vec<&String>) = wanted.keys().partition(|n| followed.contains(n.as_str()));
-    let past: Vec<String> = old.into_iter().chain(new).skip(MAX_REMOTES).cloned().collect();
+    let past: Vec<String> = old.into_iter().chain(new).skip(MAX_REMOTES.saturating_sub(reserved)).cloned().collect();
     for name in past {
         asked.extend(wanted.remove_entry(&name));
         let why = format!(
@@ -1239,6 +1247,13 @@ mod tests {
         let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &followed.iter().map(String::as_str).collect());
         assert_eq!(wanted.keys().cloned().collect::<Vec<_>>(), followed, "a followed remote lost its place");
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), ["a-new-cluster".to_string(), format!("c{MAX_REMOTES:04}"), format!("c{:04}", MAX_REMOTES + 1)]);
+        // A followed remote that two secrets hold for a while (a rotation) keeps its place:
+        // the new name does not take it.
+        let mut rotating = secrets.clone();
+        rotating.extend([secret("rotated", &["c0005"], &[])]);
+        let (wanted, refused, _) = wanted_remotes("istio-system", &rotating, &followed.iter().map(String::as_str).collect());
+        assert!(refused.contains_key("c0005") && refused.contains_key("a-new-cluster"), "{:?}", refused.keys().collect::<Vec<_>>());
+        assert_eq!(wanted.len(), MAX_REMOTES - 1);
         // A secret of followed remotes gone, the room it leaves goes to the new names.
         secrets.remove("s000");
         let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &followed.iter().map(String::as_str).collect());
