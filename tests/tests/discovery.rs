@@ -541,6 +541,18 @@ fn a_secret_with_thousands_of_keys_costs_one_log_line_not_one_per_key() {
     let bulk_lines = out.lines().filter(|l| l.contains("remote cluster refused") && l.contains("peer=bulk")).count();
     assert!(bulk_lines <= 64, "{bulk_lines} refusal lines for the bulk secret after another secret");
     assert_eq!(out.matches("more remote clusters refused than are listed").count(), 1, "the count, unchanged, was logged again");
+
+    // cluster2, held by a second secret too, is refused with a state to keep: though 64
+    // names without one come before it, it keeps its status entry and stays published.
+    let mut second = remote_secret("cluster2", "apiVersion: v1\nkind: Config\n");
+    second["metadata"]["name"] = json!("zz-second");
+    m.local.apply(second);
+    let kept = poll(WAIT, || {
+        m.published().filter(|(_, s)| s["cluster2"]["stale"] == true && s["cluster2"]["error"].as_str().is_some_and(|e| e.contains("more than one remote secret")))
+    });
+    let (peers, _) = kept.unwrap_or_else(|| panic!("cluster2 not kept stale with its reason: {:?}", m.published()));
+    assert!(peers.as_array().unwrap().iter().any(|p| p["name"] == "cluster2"), "cluster2 withdrawn: {peers:?}");
+    m.wait_routes(&want, "cluster2 kept while two secrets hold it, beside the bulk secret");
 }
 
 /// A second secret for a cluster keeps it at its last known state under the first secret's

@@ -178,6 +178,9 @@ struct State {
     /// and the peer stays at its last known state, under the annotations of the remote it
     /// was (its allow-list, pod CIDRs and mode: a second secret must not lift them).
     duplicates: BTreeMap<String, Duplicate>,
+    /// The remote secrets as last seen, for choosing the remotes again once the published
+    /// record has been read.
+    secrets: Arc<BTreeMap<String, Secret>>,
     /// How many refused remote clusters are not listed one by one (see
     /// [`Self::listed_refusals`]), as last logged.
     unlisted_refusals: Option<usize>,
@@ -256,6 +259,7 @@ pub async fn run(opts: ControllerOptions) -> anyhow::Result<()> {
         published_seen: false,
         duplicates: BTreeMap::new(),
         unlisted_refusals: None,
+        secrets: Arc::default(),
         refusals: BTreeMap::new(),
         refused_series: BTreeSet::new(),
         leader: !opts.leader_election,
@@ -376,6 +380,7 @@ impl State {
             Msg::Secrets(Update::Snapshot(secrets)) => {
                 self.secrets_synced = true;
                 self.reconcile_remotes(&secrets);
+                self.secrets = secrets;
             }
             Msg::LocalNodes(Update::Snapshot(nodes)) => {
                 self.local = Some(nodes.iter().map(|(name, n)| LocalNode::of(name, n)).collect());
@@ -472,9 +477,9 @@ impl State {
         self.published_peers.extend(self.watched.0.iter().map(|(n, p)| (n.clone(), p.clone())));
     }
 
-    /// The refused remotes that get a status entry and metrics series of their own: every one
-    /// with a state to keep (followed, published or held), and the first
-    /// [`MAX_UNLISTED_REFUSALS`] by name of the others.
+    /// The refused remotes that get a status entry and metrics series of their own (the
+    /// status's entries make the series): every one with a state to keep (followed,
+    /// published or held), and the first [`MAX_UNLISTED_REFUSALS`] by name of the others.
     fn listed_refusals(&self) -> BTreeSet<&str> {
         let state = |n: &str| self.remotes.contains_key(n) || self.last_good.contains_key(n) || self.published_peers.contains_key(n);
         let (kept, others): (Vec<&str>, Vec<&str>) = self.duplicates.keys().map(String::as_str).partition(|n| state(n));
@@ -498,12 +503,6 @@ impl State {
         let no_state: Vec<&String> = reasons.keys().filter(|n| !followed.contains(*n)).collect();
         let shown: BTreeSet<String> = no_state.iter().take(MAX_UNLISTED_REFUSALS).map(|n| (*n).clone()).collect();
         let beyond = no_state.get(MAX_UNLISTED_REFUSALS).map(|first| ((*first).clone(), no_state.len() - MAX_UNLISTED_REFUSALS));
-        if beyond.as_ref().map(|(_, n)| *n) != self.unlisted_refusals {
-            if let Some((first, count)) = &beyond {
-                error!(count, %first, "more remote clusters refused than are listed one by one; none of these has a state to keep");
-            }
-            self.unlisted_refusals = beyond.map(|(_, n)| n);
-        }
         let mut duplicates = BTreeMap::new();
         for (name, why) in reasons {
             let listed = followed.contains(&name) || shown.contains(&name);
@@ -519,6 +518,12 @@ impl State {
             let was = was.or_else(|| asked.get(&name).map(|w| (w.pod_cidrs.clone(), w.allowed.clone(), w.mode_annotation.clone())));
             let (pod_cidrs, allowed, mode_annotation) = was.unwrap_or_default();
             duplicates.insert(name, Duplicate { why, pod_cidrs, allowed, mode_annotation });
+        }
+        if beyond.as_ref().map(|(_, n)| *n) != self.unlisted_refusals {
+            if let Some((first, count)) = &beyond {
+                error!(count, %first, "more remote clusters refused than are listed one by one; none of these has a state to keep");
+            }
+            self.unlisted_refusals = beyond.map(|(_, n)| n);
         }
         self.remotes.retain(|name, _| {
             let keep = wanted.contains_key(name);
@@ -615,7 +620,6 @@ impl State {
     /// remote's last good state, and each new refusal is logged and counted once.
     fn desired(&mut self) -> Desired {
         let d = {
-            let listed = self.listed_refusals();
             let remotes: BTreeMap<String, RemoteInput<'_>> = self
                 .remotes
                 .iter()
@@ -634,7 +638,7 @@ impl State {
                 // Neither kubeconfig is followed, and the peer stays at its last known state, as
                 // through an outage: a rotation that adds the new secret before it deletes the
                 // old one must not withdraw the peer (and reset its flows) on every node.
-                .chain(self.duplicates.iter().filter(|(name, _)| listed.contains(name.as_str())).map(|(name, d)| {
+                .chain(self.duplicates.iter().map(|(name, d)| {
                     let input = RemoteInput {
                         stale: true,
                         error: Some(&d.why),
@@ -662,6 +666,10 @@ impl State {
                 listed: &self.live,
             })
         };
+        // Only their presentation is bounded: every refused remote is an input as before.
+        let mut d = d;
+        let listed = self.listed_refusals();
+        d.status.retain(|name, _| !self.duplicates.contains_key(name) || listed.contains(name.as_str()));
         for w in d.warnings.iter().filter(|w| !self.warned.contains(w)) {
             warn!("{w}");
         }
@@ -698,6 +706,14 @@ impl State {
             let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
             let stored = read_record(&cms).await?;
             self.start_from(stored);
+            // Remotes chosen before this read did not know who was published (the record's
+            // first read failed): chosen again, those published keep their place among the
+            // 1,024. Not before the secrets are seen: their absence would end every last
+            // good state the record just gave.
+            if self.secrets_synced {
+                let secrets = self.secrets.clone();
+                self.reconcile_remotes(&secrets);
+            }
         }
         if !self.synced() {
             debug!("not publishing until the local watches have synced");
