@@ -512,7 +512,8 @@ fn a_secret_with_thousands_of_keys_costs_one_log_line_not_one_per_key() {
         (0..KEYS).map(|i| (format!("bulk{i:05}"), json!(base64::engine::general_purpose::STANDARD.encode("apiVersion: v1\nkind: Config\n")))).collect();
     m.local.apply(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": {"name": "bulk", "namespace": "istio-system", "labels": {"istio/multiCluster": "true"}},
+        // A mode no remote can have, too: each name would be a refused peer besides.
+        "metadata": {"name": "bulk", "namespace": "istio-system", "labels": {"istio/multiCluster": "true"}, "annotations": {"meshnet.io/mode": "bogus"}},
         "data": data
     }));
     let listed = poll(WAIT, || m.published().filter(|(_, s)| s["bulk00000"]["error"].as_str().is_some_and(|e| e.contains(&format!("holds {KEYS} kubeconfigs")))));
@@ -526,6 +527,8 @@ fn a_secret_with_thousands_of_keys_costs_one_log_line_not_one_per_key() {
     assert!(out.contains(&format!("count={}", KEYS - 64)), "{out}");
     let bulk_lines = out.lines().filter(|l| l.contains("remote cluster refused") && l.contains("peer=bulk")).count();
     assert!((1..=64).contains(&bulk_lines), "{bulk_lines} refusal lines for the bulk secret");
+    let peer_lines = out.lines().filter(|l| l.contains("peer refused") && l.contains("peer=bulk")).count();
+    assert!(peer_lines <= 64, "{peer_lines} peer refusal lines for the bulk secret");
     let metrics = m.http(9465, "/metrics");
     assert!(metrics.matches("peer=\"bulk").count() <= 2 * 64, "{} bulk series", metrics.matches("peer=\"bulk").count());
     m.wait_routes(&want, "cluster2 followed beside the bulk secret");

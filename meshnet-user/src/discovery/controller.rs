@@ -494,18 +494,26 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        let followed: BTreeSet<String> =
-            self.remotes.keys().chain(self.last_good.keys()).chain(self.published_peers.keys()).cloned().collect();
-        let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets, &followed.iter().map(String::as_str).collect());
+        let with_state: BTreeSet<String> = self.last_good.keys().chain(self.published_peers.keys()).cloned().collect();
+        let standing = |n: &str| {
+            if with_state.contains(n) {
+                Standing::State
+            } else if self.remotes.contains_key(n) {
+                Standing::Followed
+            } else {
+                Standing::New
+            }
+        };
+        let (wanted, reasons, asked) = wanted_remotes(&self.opts.secrets.namespace, secrets, standing);
         // Every refused name is kept (below), but past a few, those with no state to keep are
-        // only counted in the log, as in the status (see `unlisted`): one secret with
+        // only counted in the log, as in the status (see `listed_refusals`): one secret with
         // thousands of keys must not cost a log line for each.
-        let no_state: Vec<&String> = reasons.keys().filter(|n| !followed.contains(*n)).collect();
+        let no_state: Vec<&String> = reasons.keys().filter(|n| !with_state.contains(*n)).collect();
         let shown: BTreeSet<String> = no_state.iter().take(MAX_UNLISTED_REFUSALS).map(|n| (*n).clone()).collect();
         let beyond = no_state.get(MAX_UNLISTED_REFUSALS).map(|first| ((*first).clone(), no_state.len() - MAX_UNLISTED_REFUSALS));
         let mut duplicates = BTreeMap::new();
         for (name, why) in reasons {
-            let listed = followed.contains(&name) || shown.contains(&name);
+            let listed = with_state.contains(&name) || shown.contains(&name);
             if listed && self.duplicates.get(&name).is_none_or(|d| d.why != why) {
                 error!(peer = %name, error = %why, "remote cluster refused");
             }
@@ -670,6 +678,7 @@ impl State {
         let mut d = d;
         let listed = self.listed_refusals();
         d.status.retain(|name, _| !self.duplicates.contains_key(name) || listed.contains(name.as_str()));
+        d.refused.retain(|name, _| !self.duplicates.contains_key(name) || listed.contains(name.as_str()));
         for w in d.warnings.iter().filter(|w| !self.warned.contains(w)) {
             warn!("{w}");
         }
@@ -706,10 +715,10 @@ impl State {
             let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &self.opts.namespace);
             let stored = read_record(&cms).await?;
             self.start_from(stored);
-            // Remotes chosen before this read did not know who was published (the record's
-            // first read failed): chosen again, those published keep their place among the
-            // 1,024. Not before the secrets are seen: their absence would end every last
-            // good state the record just gave.
+            // Remotes chosen before this read (the record's first read failed, or a new
+            // leadership reads it again) may not have known who was published: chosen again,
+            // those published keep their place among the 1,024. Not before the secrets are
+            // seen: their absence would end every last good state the record just gave.
             if self.secrets_synced {
                 let secrets = self.secrets.clone();
                 self.reconcile_remotes(&secrets);
@@ -835,6 +844,17 @@ impl State {
     }
 }
 
+/// Where a remote cluster's name stands when there are more than [`MAX_REMOTES`]: the
+/// earlier, the surer its place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Standing {
+    /// Its peer has a state: resolved before, published or held. Its traffic may flow.
+    State,
+    /// Followed by this process, nothing resolved yet.
+    Followed,
+    New,
+}
+
 /// A cluster name that two remote secrets hold (see [`State::duplicates`]).
 struct Duplicate {
     why: String,
@@ -909,14 +929,14 @@ pub(super) const MAX_REMOTES: usize = meshnet_common::limits::MAX_PEERS as usize
 /// The remotes the secrets in `namespace` ask for, by cluster name (each data key is one),
 /// and the names refused, with why: held by two secrets (see [`held_twice`]), in a secret
 /// with more than [`MAX_KEYS_PER_SECRET`] keys (all of its keys), or past [`MAX_REMOTES`]
-/// names: the `followed` ones (being followed, or published) keep their place, and new ones
+/// names: those with a [`Standing`] keep their place, those with a state first, and new ones
 /// take the room left by name, so that a new secret never pushes out a peer whose traffic
 /// flows. A refused name keeps what was published for it. Last, what one secret alone asks
 /// for each refused name it holds (not a name two secrets hold).
 fn wanted_remotes(
     namespace: &str,
     secrets: &BTreeMap<String, Secret>,
-    followed: &BTreeSet<&str>,
+    standing: impl Fn(&str) -> Standing,
 ) -> (BTreeMap<String, Wanted>, BTreeMap<String, String>, BTreeMap<String, Wanted>) {
     let twice = held_twice(namespace, secrets.iter().map(|(n, s)| (n.as_str(), s)));
     let mut refused = twice.clone();
@@ -955,11 +975,13 @@ fn wanted_remotes(
             }
         }
     }
-    // A followed name refused for now (two secrets hold it while one rotates) keeps its place
-    // too: it comes back when the refusal ends.
-    let reserved = refused.keys().filter(|n| followed.contains(n.as_str())).count();
-    let (old, new): (Vec<&String>, Vec<&String>) = wanted.keys().partition(|n| followed.contains(n.as_str()));
-    let past: Vec<String> = old.into_iter().chain(new).skip(MAX_REMOTES.saturating_sub(reserved)).cloned().collect();
+    // A name with a standing refused for now (two secrets hold it while one rotates) keeps
+    // its place too: it comes back when the refusal ends.
+    let reserved = refused.keys().filter(|n| standing(n) != Standing::New).count();
+    let mut order: Vec<&String> = wanted.keys().collect();
+    // Stable: by name within each standing.
+    order.sort_by_key(|n| standing(n));
+    let past: Vec<String> = order.into_iter().skip(MAX_REMOTES.saturating_sub(reserved)).cloned().collect();
     for name in past {
         asked.extend(wanted.remove_entry(&name));
         let why = format!(
@@ -1200,7 +1222,7 @@ mod tests {
             secret("b-third", &["cluster4"], &[]),
         ]
         .into();
-        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
+        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, |_| Standing::New);
         assert_eq!(wanted.keys().collect::<Vec<_>>(), ["cluster3"]);
         assert_eq!(wanted["cluster3"].text, "kubeconfig of a-istio-remote-secret");
         assert_eq!(
@@ -1221,7 +1243,7 @@ mod tests {
             ])
         );
         // One secret each: no refusal.
-        let (wanted, refused, _) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into(), &BTreeSet::new());
+        let (wanted, refused, _) = wanted_remotes("istio-system", &[secret("a", &["cluster2"], &[]), secret("b", &["cluster3"], &[])].into(), |_| Standing::New);
         assert_eq!(wanted.len(), 2);
         assert!(refused.is_empty());
     }
@@ -1237,7 +1259,7 @@ mod tests {
         let many = names(MAX_KEYS_PER_SECRET + 1, "bulk");
         let full = names(MAX_KEYS_PER_SECRET, "full");
         let secrets = [secret("bulk", &keys(&many), &[(MODE_ANNOTATION, "tunnel")]), secret("full", &keys(&full), &[]), secret("one", &["cluster2"], &[])].into();
-        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
+        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets, |_| Standing::New);
         assert_eq!(wanted.len(), MAX_KEYS_PER_SECRET + 1, "{:?}", wanted.keys().collect::<Vec<_>>());
         assert!(wanted.contains_key("cluster2") && full.iter().all(|k| wanted.contains_key(k)));
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), many);
@@ -1249,7 +1271,7 @@ mod tests {
 
         let per_secret: Vec<Vec<String>> = names(MAX_REMOTES + 2, "c").chunks(MAX_KEYS_PER_SECRET).map(<[String]>::to_vec).collect();
         let secrets: BTreeMap<String, Secret> = per_secret.iter().enumerate().map(|(i, k)| secret(&format!("s{i:03}"), &keys(k), &[])).collect();
-        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
+        let (wanted, refused, asked) = wanted_remotes("istio-system", &secrets, |_| Standing::New);
         assert_eq!(wanted.len(), MAX_REMOTES);
         assert_eq!(asked.keys().collect::<Vec<_>>(), refused.keys().collect::<Vec<_>>());
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), [format!("c{MAX_REMOTES:04}"), format!("c{:04}", MAX_REMOTES + 1)]);
@@ -1260,19 +1282,38 @@ mod tests {
         let followed: Vec<String> = wanted.keys().cloned().collect();
         let mut secrets = secrets;
         secrets.extend([secret("early", &["a-new-cluster"], &[])]);
-        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &followed.iter().map(String::as_str).collect());
+        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, |n| if followed.contains(&n.to_string()) { Standing::State } else { Standing::New });
         assert_eq!(wanted.keys().cloned().collect::<Vec<_>>(), followed, "a followed remote lost its place");
         assert_eq!(refused.keys().cloned().collect::<Vec<_>>(), ["a-new-cluster".to_string(), format!("c{MAX_REMOTES:04}"), format!("c{:04}", MAX_REMOTES + 1)]);
         // A followed remote that two secrets hold for a while (a rotation) keeps its place:
         // the new name does not take it.
         let mut rotating = secrets.clone();
         rotating.extend([secret("rotated", &["c0005"], &[])]);
-        let (wanted, refused, _) = wanted_remotes("istio-system", &rotating, &followed.iter().map(String::as_str).collect());
+        let (wanted, refused, _) = wanted_remotes("istio-system", &rotating, |n| if followed.contains(&n.to_string()) { Standing::State } else { Standing::New });
         assert!(refused.contains_key("c0005") && refused.contains_key("a-new-cluster"), "{:?}", refused.keys().collect::<Vec<_>>());
         assert_eq!(wanted.len(), MAX_REMOTES - 1);
+        // Followed blindly (a controller that could not read what was published when it
+        // started), the first 1,024 by name give way to a published name once it is known,
+        // before one followed without a state yet.
+        let blind: BTreeSet<&String> = followed.iter().collect();
+        let mut late = secrets.clone();
+        late.extend([secret("zz-published", &["zz-published"], &[])]);
+        let standing = |n: &str| {
+            if n == "zz-published" {
+                Standing::State
+            } else if blind.contains(&n.to_string()) {
+                Standing::Followed
+            } else {
+                Standing::New
+            }
+        };
+        let (wanted, refused, _) = wanted_remotes("istio-system", &late, standing);
+        assert!(wanted.contains_key("zz-published") && wanted.len() == MAX_REMOTES, "{:?}", refused.keys().collect::<Vec<_>>());
+        assert!(refused.contains_key("a-new-cluster") && refused.contains_key(&format!("c{:04}", MAX_REMOTES - 1)), "{:?}", refused.keys().collect::<Vec<_>>());
+
         // A secret of followed remotes gone, the room it leaves goes to the new names.
         secrets.remove("s000");
-        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, &followed.iter().map(String::as_str).collect());
+        let (wanted, refused, _) = wanted_remotes("istio-system", &secrets, |n| if followed.contains(&n.to_string()) { Standing::State } else { Standing::New });
         assert!(refused.is_empty(), "{refused:?}");
         assert_eq!(wanted.len(), MAX_REMOTES - MAX_KEYS_PER_SECRET + 3);
         assert!(["a-new-cluster".to_string(), format!("c{MAX_REMOTES:04}")].iter().all(|n| wanted.contains_key(n)));
@@ -1287,7 +1328,7 @@ mod tests {
         let data = secrets.get_mut("s").and_then(|s| s.data.as_mut()).unwrap();
         let text = format!("users:\n- name: u\n  user:\n    token: {token}\n");
         data.insert("cluster2".into(), k8s_openapi::ByteString(text.clone().into_bytes()));
-        let (wanted, _, _) = wanted_remotes("istio-system", &secrets, &BTreeSet::new());
+        let (wanted, _, _) = wanted_remotes("istio-system", &secrets, |_| Standing::New);
         let shown = format!("{wanted:?}");
         assert!(!shown.contains("planted-token"), "{shown}");
         assert!(shown.contains(&format!("<redacted, {} bytes>", text.len())) && shown.contains("istio-system/s[cluster2]"), "{shown}");
@@ -1346,14 +1387,14 @@ mod tests {
     #[test]
     fn pod_cidr_annotations_fail_closed() {
         let read = |v: &str| {
-            let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into(), &BTreeSet::new());
+            let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[(POD_CIDRS_ANNOTATION, v)])].into(), |_| Standing::New);
             wanted["cluster2"].pod_cidrs.clone().unwrap()
         };
         assert_eq!(read(" 10.245.0.0/16, 10.246.0.0/24 ,"), Ok(vec!["10.245.0.0/16".parse().unwrap(), "10.246.0.0/24".parse().unwrap()]));
         assert_eq!(read("10.245.0.0/16,10.246.0.0"), Err("\"10.246.0.0\" is not an IPv4 CIDR".into()));
         let e = read(&format!("10.245.0.0/16,10.\n{}", "9".repeat(256 * 1024))).unwrap_err();
         assert!(e.len() < 160 && e.starts_with("\"10.\\n999") && !e.contains('\n'), "{e}");
-        let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into(), &BTreeSet::new());
+        let (wanted, _, _) = wanted_remotes("istio-system", &[secret("s", &["cluster2"], &[])].into(), |_| Standing::New);
         assert_eq!(wanted["cluster2"].pod_cidrs, None);
     }
 
