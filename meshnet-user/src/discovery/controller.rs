@@ -985,7 +985,7 @@ fn wanted_remotes(
     for name in past {
         asked.extend(wanted.remove_entry(&name));
         let why = format!(
-            "more remote clusters than meshnet follows (at most {MAX_REMOTES}): those already followed keep their place, and new ones take the room left by name"
+            "more remote clusters than meshnet follows (at most {MAX_REMOTES}): those with a state keep their place first, then those followed without one, and new ones take the room left by name"
         );
         refused.insert(name, why);
     }
