@@ -409,13 +409,13 @@ pub fn decap(ctx: &TcContext) -> i32 {
         count(Counter::TunnelNotForNode);
         return DROP;
     }
-    // The published port and the settings disagree only while the agent changes them: a
-    // packet to the port the uplink takes is meshnet's either way, and would only meet a
-    // closed port in the stack.
     // A frame to another host's MAC (a switch flooding it, an uplink in promiscuous mode) is
     // counted as such whatever the checks say: on a LAN, frames flooded to every node are
     // no attack on this one.
     let to_this_host = pkt_type == PACKET_HOST;
+    // The published port and the settings disagree only while the agent changes them: a
+    // packet to the port the uplink takes is meshnet's either way, and would only meet a
+    // closed port in the stack, unless the node routes it on.
     let Some(cfg) = settings().filter(|c| c.port_be == dport_be) else {
         if to_this_host && routed_on(ctx, &ip) {
             return PASS;
@@ -485,9 +485,9 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig, to_this_host: bo
 
 /// A packet to the tunnel port that failed a check (`why`), before anything was changed:
 /// refused, unless it is not this node's to check. One that the node routes on to another
-/// host (a node that is also a router, or the way to a peer's node behind it) is no tunnel
-/// packet of this node's, whatever it carries, and passes untouched as it would without
-/// meshnet. Only refusals pay for the lookup; a frame to another host's MAC is the stack's
+/// host (a pod of a routed pod network, a host behind a node that is also a router) is no
+/// tunnel packet of this node's, whatever it carries, and passes untouched as it would
+/// without meshnet (see [`routed_on`] for the exceptions). Only refusals pay for the lookup; a frame to another host's MAC is the stack's
 /// to drop either way.
 #[inline(always)]
 fn refused(ctx: &TcContext, ip: &Ipv4, to_this_host: bool, why: Counter) -> Result<i32, Counter> {

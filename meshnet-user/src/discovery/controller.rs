@@ -477,12 +477,17 @@ impl State {
         self.published_peers.extend(self.watched.0.iter().map(|(n, p)| (n.clone(), p.clone())));
     }
 
+    /// Whether the remote `name`'s peer has a state to keep: resolved before, published or
+    /// held. Its traffic may flow.
+    fn has_state(&self, name: &str) -> bool {
+        self.last_good.contains_key(name) || self.published_peers.contains_key(name)
+    }
+
     /// The refused remotes that get a status entry and metrics series of their own (the
-    /// status's entries make the series): every one with a state to keep (followed,
-    /// published or held), and the first [`MAX_UNLISTED_REFUSALS`] by name of the others.
+    /// status's entries make the series): every one with a state to keep, and the first
+    /// [`MAX_UNLISTED_REFUSALS`] by name of the others.
     fn listed_refusals(&self) -> BTreeSet<&str> {
-        let state = |n: &str| self.remotes.contains_key(n) || self.last_good.contains_key(n) || self.published_peers.contains_key(n);
-        let (kept, others): (Vec<&str>, Vec<&str>) = self.duplicates.keys().map(String::as_str).partition(|n| state(n));
+        let (kept, others): (Vec<&str>, Vec<&str>) = self.duplicates.keys().map(String::as_str).partition(|n| self.has_state(n));
         kept.into_iter().chain(others.into_iter().take(MAX_UNLISTED_REFUSALS)).collect()
     }
 
@@ -494,9 +499,8 @@ impl State {
 
     /// Starts, restarts or stops remote tasks to match the remote secrets.
     fn reconcile_remotes(&mut self, secrets: &BTreeMap<String, Secret>) {
-        let with_state: BTreeSet<String> = self.last_good.keys().chain(self.published_peers.keys()).cloned().collect();
         let standing = |n: &str| {
-            if with_state.contains(n) {
+            if self.has_state(n) {
                 Standing::State
             } else if self.remotes.contains_key(n) {
                 Standing::Followed
@@ -508,12 +512,12 @@ impl State {
         // Every refused name is kept (below), but past a few, those with no state to keep are
         // only counted in the log, as in the status (see `listed_refusals`): one secret with
         // thousands of keys must not cost a log line for each.
-        let no_state: Vec<&String> = reasons.keys().filter(|n| !with_state.contains(*n)).collect();
+        let no_state: Vec<&String> = reasons.keys().filter(|n| !self.has_state(n)).collect();
         let shown: BTreeSet<String> = no_state.iter().take(MAX_UNLISTED_REFUSALS).map(|n| (*n).clone()).collect();
         let beyond = no_state.get(MAX_UNLISTED_REFUSALS).map(|first| ((*first).clone(), no_state.len() - MAX_UNLISTED_REFUSALS));
         let mut duplicates = BTreeMap::new();
         for (name, why) in reasons {
-            let listed = with_state.contains(&name) || shown.contains(&name);
+            let listed = self.has_state(&name) || shown.contains(&name);
             if listed && self.duplicates.get(&name).is_none_or(|d| d.why != why) {
                 error!(peer = %name, error = %why, "remote cluster refused");
             }
@@ -627,7 +631,7 @@ impl State {
     /// Decides what to publish and takes note of it: each peer resolved now becomes its
     /// remote's last good state, and each new refusal is logged and counted once.
     fn desired(&mut self) -> Desired {
-        let d = {
+        let mut d = {
             let remotes: BTreeMap<String, RemoteInput<'_>> = self
                 .remotes
                 .iter()
@@ -675,7 +679,6 @@ impl State {
             })
         };
         // Only their presentation is bounded: every refused remote is an input as before.
-        let mut d = d;
         let listed = self.listed_refusals();
         d.status.retain(|name, _| !self.duplicates.contains_key(name) || listed.contains(name.as_str()));
         d.refused.retain(|name, _| !self.duplicates.contains_key(name) || listed.contains(name.as_str()));
@@ -848,7 +851,7 @@ impl State {
 /// earlier, the surer its place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Standing {
-    /// Its peer has a state: resolved before, published or held. Its traffic may flow.
+    /// Its peer has a state (see `State::has_state`).
     State,
     /// Followed by this process, nothing resolved yet.
     Followed,
