@@ -17,11 +17,13 @@
 //!   this node's tunnel port; every run of one `CHAIN_DEPTH`-repeat syscall takes one layer
 //!   off, so each run decapsulates a packet it has not seen (`tunnel_decap` must grow by
 //!   `CHAIN_DEPTH` per call). The floor is the empty program at the same repeat count on the
-//!   same packet, interleaved. For that the chain's sender, 10.245.0.2, is entered by hand as
-//!   a node of the peer (the agent would never: it lies in the peer's pod CIDR, as it must for
-//!   the layer it sends to pass the inner-source check of the layer around it), with a route
-//!   of its own (10.245.0.2/32) naming it as the node that hosts that source: each layer then
-//!   comes, as a real packet does, from the node its inner source's route names.
+//!   same packet, interleaved. For that the chain's sender, 10.245.1.2, is a second node of
+//!   the peer hosting 10.245.1.0/24, given to the agent's sync by hand (no config passes it:
+//!   its address lies in its own pod CIDR, as it must for the layer it sends to pass the
+//!   inner-source check of the layer around it): each layer then comes, as a real packet
+//!   does, from the node its inner source's route names, and the routes' trie holds two
+//!   disjoint CIDRs, as configs do (a route nested in another, which the validator refuses,
+//!   made each lookup walk deeper than any real one).
 //! - **The uplink's other traffic: fixed points.** A packet that is no tunnel packet, and a
 //!   refused one, come out of `meshnet_tun_in` as they went in, so `repeat` measures them
 //!   directly (method A of `micro.rs`). So does the gateway hot path, given `micro.rs`'s
@@ -69,8 +71,9 @@ const NODE: [u8; 4] = [192, 0, 2, 1];
 const PEER_NODE: [u8; 4] = [192, 0, 2, 2];
 /// Not a node of any peer: its tunnel packets are refused.
 const STRANGER: [u8; 4] = [192, 0, 2, 99];
-/// The chain's sender: a node of the peer by hand, inside the peer's pod CIDR.
-const CHAIN_NODE: [u8; 4] = [10, 245, 0, 2];
+/// The chain's sender: a node of the peer by hand, inside its own pod CIDR, [`CHAIN_NET`].
+const CHAIN_NODE: [u8; 4] = [10, 245, 1, 2];
+const CHAIN_NET: &str = "10.245.1.0/24";
 const PORT: u16 = 31800;
 const MTU: u32 = 1500;
 const POD_PORT: u16 = 40_000;
@@ -222,17 +225,17 @@ impl TunDp {
             Some(object) => Datapath::load_unpinned_object(config.max_flows, object)?,
         };
         let mut maps = ControlMaps::from_ebpf(&mut ebpf)?;
-        let desired = config.desired();
+        let mut desired = config.desired();
         maps.sync(&desired)?;
         let _ = maps.publish_clock(meshnet::dump::monotonic_ns());
         let mut tun = TunnelMaps::from_ebpf(&mut ebpf)?;
+        let peer_node = *desired.tun_routes.values().next().context("the peer node's route")?;
+        desired.tun_nodes.insert(CHAIN_NODE.into(), peer_id("cluster2"));
+        desired.tun_routes.insert(CHAIN_NET.parse()?, meshnet_common::TunnelNode { addr_be: addr_be(CHAIN_NODE.into()), ..peer_node });
         let path = NodePath { src: NODE.into(), ifindex, mtu: MTU };
-        let report = tun.sync(&desired, &BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path)]), MTU, &[])?;
-        ensure!((report.routes_written, report.nodes_written) == (1, 1), "tunnel maps: {report:?}");
-        tun.nodes.insert(addr_be(CHAIN_NODE.into()), peer_id("cluster2"), 0).context("the chain's node")?;
-        let peer_node = *tun.current_routes().values().next().context("the peer node's route")?;
-        let own = aya::maps::lpm_trie::Key::new(32, addr_be(CHAIN_NODE.into()));
-        tun.routes.insert(&own, meshnet_common::TunnelNode { addr_be: addr_be(CHAIN_NODE.into()), ..peer_node }, 0).context("the chain's node's route")?;
+        let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(CHAIN_NODE), path)]);
+        let report = tun.sync(&desired, &paths, MTU, &[])?;
+        ensure!((report.routes_written, report.nodes_written) == (2, 2), "tunnel maps: {report:?}");
         // The pod's entry in the port table, as the agent writes it for a pod it attached to:
         // redirect delivery sends out of the pod's own port, with no FIB lookup. Its port is
         // the loopback (index 1), where TEST_RUN's packets come in: the pod's packets are

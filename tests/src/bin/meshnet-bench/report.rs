@@ -2069,9 +2069,11 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
          layer's inner packet again a tunnel packet from a peer node to this node's tunnel port, \
          so that each of the {} runs of one syscall takes a layer off a packet it has not seen \
          (`tunnel_decap` grows by {} per call); the empty program at the same repeat count on the \
-         same packet beside it; {} calls of each per round. The chain's sender is entered by hand \
-         as a node of the peer at 10.245.0.2, inside the peer's pod CIDR, which no agent would do: \
-         it lets every layer pass the inner-source check of the layer around it.\n\
+         same packet beside it; {} calls of each per round. The chain's sender is a second node of the \
+         peer, 10.245.1.2, hosting 10.245.1.0/24, given to the agent's sync by hand since its \
+         address lies inside its own pod CIDR, which no config passes: it lets every layer pass the \
+         inner-source check of the layer around it, sent, as a real packet is, by the node that \
+         hosts its inner source, with routes that nest no more than a real config's.\n\
          - **Fixed points** ({} runs per syscall; the packet comes out as it went in): what \
          `meshnet_tun_in` costs a packet that is not for the tunnel (TCP and UDP to the node), a \
          tunnel packet from an unknown node and one refused at the last check (both dropped and \
