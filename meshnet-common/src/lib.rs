@@ -116,6 +116,17 @@ pub mod names {
     /// bits (pod CIDRs of one node far apart): the lowest address gets it. The agent changes
     /// a slot only through empty and a grace period, so that no reader mixes two pods.
     pub const TUN_PORT_SLOTS: &str = "mn_tun_pslots_v1";
+    /// Array of [`crate::SeqNodeSlot`], one slot per [`crate::node_slot`] of a tunnel peer
+    /// node's address: the node, its peer, its counter slot and the pod CIDRs its routes in
+    /// `mn_tun_routes_v1` name, under a seqlock per slot. The decapsulating program reads the
+    /// sender's slot first, an array read the verifier inlines, and looks the inner source's
+    /// route up in the trie (about 15 ns a packet) only when the slot does not say that the
+    /// sender hosts it: a sender with no slot, a pod of another node of the peer, a packet to
+    /// refuse. The slot holds only CIDRs that overlap no other route, so it names the node the
+    /// trie's longest match would. The agent empties a slot before the routes or nodes it
+    /// reflects change, fills it only once they hold what it says, and changes it only
+    /// through empty and a grace period, as `mn_tun_pslots_v1`'s.
+    pub const TUN_NODE_SLOTS: &str = "mn_tun_nslots_v1";
     /// Array of `u32`, one slot per [`crate::switch`]: what the agent tells the datapath at
     /// run time to skip work that cannot matter. An array lookup, which the verifier inlines.
     pub const SWITCHES: &str = "mn_switches_v1";
@@ -145,9 +156,9 @@ pub mod names {
     pub const TUN_PEER_PORTS: &str = "mn_tun_pports_v1";
 
     /// Every map, for pinning, dumping and detaching.
-    pub const ALL_MAPS: [&str; 20] = [
+    pub const ALL_MAPS: [&str; 21] = [
         ROUTES, PEERS, NAT_FWD, NAT_REV, STATS, PEER_NAMES, FRAGS, CLOCK, LOCAL, GW_PORTS, TUN_ROUTES, TUN_NODES, TUN_CONFIG,
-        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST, TUN_CFG_SEQ, TUN_PORT_SLOTS, TUN_PEER_PORTS,
+        TUN_STATS, TUN_PORTS, SWITCHES, TUN_FAST, TUN_CFG_SEQ, TUN_PORT_SLOTS, TUN_PEER_PORTS, TUN_NODE_SLOTS,
     ];
 
     /// tc ingress on the host side of pod interfaces: what pods send. The names are long
@@ -313,6 +324,10 @@ pub mod limits {
     /// address, so the pods of one CIDR up to a /20 never share one. A change needs a new
     /// map name: the agent refuses pins whose layout it does not know.
     pub const POD_PORT_SLOTS: u32 = 4096;
+    /// Slots of `mn_tun_nslots_v1`, a power of two: a node's slot is the low bits of its
+    /// address, so the nodes of one LAN up to a /20 never share one. A change needs a new
+    /// map name, as above.
+    pub const NODE_SLOTS: u32 = 4096;
 }
 
 pub mod tunnel {
@@ -740,6 +755,37 @@ pub const fn pod_port_slot(addr_be: u32) -> u32 {
     u32::from_be(addr_be) & (limits::POD_PORT_SLOTS - 1)
 }
 
+/// Value of `mn_tun_nslots_v1`: a tunnel peer node in its slot, with the pod CIDRs it hosts
+/// (those of its routes that overlap no other route, at most [`limits::MAX_NODE_CIDRS`]),
+/// under the slot's seqlock, written as [`SeqPodPort`]'s. A slot holds no CIDR with a mask
+/// of 0 (no route is a default route), and the datapath takes none: an empty slot holds
+/// [`LocalNet::NONE`] in every CIDR, and a zeroed one, never written, holds nothing either.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SeqNodeSlot {
+    pub seq: u32,
+    /// The node's address, network byte order: the slot holds this node only.
+    pub addr_be: u32,
+    pub peer_id: u32,
+    /// As [`TunnelNode::stats_slot`].
+    pub stats_slot: u16,
+    pub _pad: u16,
+    pub nets: [LocalNet; limits::MAX_NODE_CIDRS],
+}
+
+impl SeqNodeSlot {
+    /// A slot that names no node.
+    pub const EMPTY: SeqNodeSlot = SeqNodeSlot { seq: 0, addr_be: 0, peer_id: 0, stats_slot: 0, _pad: 0, nets: [LocalNet::NONE; limits::MAX_NODE_CIDRS] };
+}
+
+/// The slot of `mn_tun_nslots_v1` where the node at `addr_be` (network byte order) can be.
+#[inline(always)]
+#[must_use]
+pub const fn node_slot(addr_be: u32) -> u32 {
+    u32::from_be(addr_be) & (limits::NODE_SLOTS - 1)
+}
+
 /// meshnet's header, right after the outer UDP header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -1083,6 +1129,9 @@ const _: () = {
     assert!(size_of::<SeqPodPort>() == 24);
     assert!(offset_of!(SeqPodPort, port) == 8);
     assert!(limits::POD_PORT_SLOTS.is_power_of_two());
+    assert!(size_of::<SeqNodeSlot>() == 16 + 8 * limits::MAX_NODE_CIDRS);
+    assert!(offset_of!(SeqNodeSlot, nets) == 16);
+    assert!(limits::NODE_SLOTS.is_power_of_two());
     assert!(size_of::<TunnelHeader>() == tunnel::HEADER_LEN as usize);
     assert!(tunnel::SPORT_MIN as u32 + tunnel::SPORT_SPAN as u32 <= 61_000);
     assert!(limits::REMAP_PORT_MIN as u32 + limits::REMAP_PORT_SPAN as u32 <= 65_535);
@@ -1110,6 +1159,7 @@ mod user {
     unsafe impl aya::Pod for super::TunnelConfig {}
     unsafe impl aya::Pod for super::PodPort {}
     unsafe impl aya::Pod for super::SeqPodPort {}
+    unsafe impl aya::Pod for super::SeqNodeSlot {}
     unsafe impl aya::Pod for super::TunnelStats {}
     unsafe impl aya::Pod for super::SeqTunnelConfig {}
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use meshnet_common::{
-    limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode,
+    limits, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatRev, PeerGateways, PeerName, RouteValue, SeqNodeSlot, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode,
     PodPort, TunnelStats,
 };
 
@@ -93,6 +93,10 @@ pub static TUN_PORTS: HashMap<u32, PodPort> = HashMap::with_max_entries(limits::
 /// See `meshnet_common::names::TUN_PORT_SLOTS`.
 #[map(name = "mn_tun_pslots_v1")]
 pub static TUN_PORT_SLOTS: Array<SeqPodPort> = Array::with_max_entries(limits::POD_PORT_SLOTS, 0);
+
+/// See `meshnet_common::names::TUN_NODE_SLOTS`.
+#[map(name = "mn_tun_nslots_v1")]
+pub static TUN_NODE_SLOTS: Array<SeqNodeSlot> = Array::with_max_entries(limits::NODE_SLOTS, 0);
 
 #[map(name = "mn_switches_v1")]
 pub static SWITCHES: Array<u32> = Array::with_max_entries(meshnet_common::switch::COUNT, 0);

@@ -16,12 +16,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use meshnet_common::{
-    limits, pod_port_slot, switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, PodPort, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP,
+    limits, node_slot, pod_port_slot, switch, tun_fast, tunnel, tunnel_sport, Counter, FlowKey, LocalNet, PodPort, TunnelConfig, TunnelNode, IPPROTO_TCP, IPPROTO_UDP,
     TUN_DELIVER_PEER, TUN_DELIVER_REDIRECT,
 };
 
 use crate::{
-    maps::{count, TUN_CFG_SEQ, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_PEER_PORTS, TUN_PORTS, TUN_PORT_SLOTS, TUN_ROUTES, TUN_STATS},
+    maps::{count, TUN_CFG_SEQ, TUN_CONFIG, TUN_FAST, TUN_NODES, TUN_NODE_SLOTS, TUN_PEER_PORTS, TUN_PORTS, TUN_PORT_SLOTS, TUN_ROUTES, TUN_STATS},
     nat::PASS,
     parse::{self, Ipv4, ETH_HLEN, IP_DF, IP_MF, IP_MIN_HLEN, IP_OFFSET_MASK, TCP_SYN},
 };
@@ -437,18 +437,23 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig, to_this_host: bo
     // meshnet never sends fragments or outer options.
     let plain = !ip.is_fragment && ip.l4_off == ETH_HLEN + IP_MIN_HLEN;
     let t = if plain { parse::tunnel_packet(ctx, ip).ok() } else { None };
-    let route_of_source = match t {
-        Some(t) if meshnet_header_ok(&t) && inner_header_ok(&t) => route(t.inner_saddr_be),
+    // The usual sender is the node that hosts the inner source: its slot says so with an
+    // array read; else the inner source's route, which the source check needs anyway, names
+    // the node's address and peer. The node table is read only when neither matches (a
+    // packet to refuse, whose reason the checks find in their order, or a node of the peer
+    // sending for a pod another of its nodes hosts).
+    let usual = match t {
+        Some(t) if meshnet_header_ok(&t) && inner_header_ok(&t) => {
+            let cluster = u32::from_be(t.cluster_be);
+            slotted_sender(ip.saddr_be, cluster, t.inner_saddr_be)
+                .or_else(|| route(t.inner_saddr_be).filter(|n| n.addr_be == ip.saddr_be && n.peer_id == cluster).map(|n| n.stats_slot))
+        }
         _ => None,
     };
-    // The usual sender is the node that hosts the inner source: its route, which the source
-    // check needs anyway, names the node's address and peer, and the node table is read only
-    // when they do not match (a packet to refuse, whose reason the checks find in their
-    // order, or a node of the peer sending for a pod another of its nodes hosts).
-    let (t, sender) = match (t, route_of_source) {
-        (Some(t), Some(n)) if n.addr_be == ip.saddr_be && n.peer_id == u32::from_be(t.cluster_be) => (t, n),
+    let (t, stats_slot) = match (t, usual) {
+        (Some(t), Some(stats_slot)) => (t, stats_slot),
         _ => match checked_sender(ip, t) {
-            Ok(checked) => checked,
+            Ok((t, n)) => (t, n.stats_slot),
             Err(why) => return refused(ctx, ip, to_this_host, why),
         },
     };
@@ -478,7 +483,7 @@ fn decap_or_why(ctx: &TcContext, ip: &Ipv4, cfg: &TunnelConfig, to_this_host: bo
         return Ok(TC_ACT_OK);
     }
     let verdict = deliver(ctx, cfg, t.inner_saddr_be, t.inner_daddr_be)?;
-    add_stats(sender.stats_slot, u64::from(t.inner_len), false);
+    add_stats(stats_slot, u64::from(t.inner_len), false);
     count(Counter::TunnelDecap);
     Ok(verdict)
 }
@@ -541,6 +546,35 @@ fn checked_sender(ip: &Ipv4, t: Option<parse::TunnelPacket>) -> Result<(parse::T
     match route(t.inner_saddr_be) {
         Some(n) if n.peer_id == peer_id => Ok((t, n)),
         _ => Err(Counter::TunnelSpoofedSource),
+    }
+}
+
+/// The counter slot of the sender `saddr_be` when its slot (`names::TUN_NODE_SLOTS`, an array
+/// read the verifier inlines) names it as a node of `cluster` that hosts `inner_saddr_be`:
+/// what the inner source's route would say, without the trie. `None` sends the packet to the
+/// trie: no slot for the sender, a source the slot does not hold, a read its seqlock cannot
+/// vouch for.
+#[inline(always)]
+fn slotted_sender(saddr_be: u32, cluster: u32, inner_saddr_be: u32) -> Option<u16> {
+    let s = TUN_NODE_SLOTS.get_ptr(node_slot(saddr_be))?;
+    // SAFETY: a value pointer of an array map, valid for the program run. Volatile reads keep
+    // the seqlock's order: `seq`, then the value, then `seq` again.
+    unsafe {
+        use core::ptr::read_volatile as rv;
+        let seq = rv(&raw const (*s).seq);
+        if seq & 1 != 0 || rv(&raw const (*s).addr_be) != saddr_be || rv(&raw const (*s).peer_id) != cluster {
+            return None;
+        }
+        let stats_slot = rv(&raw const (*s).stats_slot);
+        let mut hosts = false;
+        let mut i = 0;
+        while i < limits::MAX_NODE_CIDRS {
+            // A mask of 0 holds nothing: an empty slot's CIDRs, and a zeroed slot's.
+            let n = rv(&raw const (*s).nets[i]);
+            hosts |= n.mask_be != 0 && inner_saddr_be & n.mask_be == n.addr_be;
+            i += 1;
+        }
+        (hosts && rv(&raw const (*s).seq) == seq).then_some(stats_slot)
     }
 }
 

@@ -9,7 +9,7 @@
 //! - `stats`: `{counter: value}`
 //! - `tunnel`: `{settings: {clusterId, publishedClusterId, port, takenPort, delivery, mtu,
 //!   podCIDRs, nodeAddresses, decapCopy} | null, routes: [{cidr,
-//!   peer, node, port, source, ifindex, mtu}], peers: [{peer, nodes, txPackets, txBytes,
+//!   peer, node, port, source, ifindex, mtu, decap}], peers: [{peer, nodes, txPackets, txBytes,
 //!   rxPackets, rxBytes}], podPorts: [{address, ifindex, podMac, lookup}]}`
 //!
 //! A map whose pin is missing is reported and skipped.
@@ -315,9 +315,12 @@ pub fn table(d: &Dump) -> String {
         let routes: Vec<Vec<String>> = t
             .routes
             .iter()
-            .map(|r| vec![r.cidr.clone(), r.peer.clone(), format!("{}:{}", r.node, r.port), r.source.clone(), r.ifindex.to_string(), r.mtu.to_string()])
+            .map(|r| {
+                let node = format!("{}:{}", r.node, r.port);
+                vec![r.cidr.clone(), r.peer.clone(), node, r.source.clone(), r.ifindex.to_string(), r.mtu.to_string(), r.decap.to_owned()]
+            })
             .collect();
-        render(&mut out, "tunnel routes", &["CIDR", "PEER", "NODE", "SOURCE", "IFINDEX", "MTU"], &routes);
+        render(&mut out, "tunnel routes", &["CIDR", "PEER", "NODE", "SOURCE", "IFINDEX", "MTU", "DECAP"], &routes);
         let peers: Vec<Vec<String>> = t
             .peers
             .iter()

@@ -32,7 +32,8 @@ use meshnet_common::names;
 use tracing::{info, warn};
 
 /// The maps whose freed elements are waited out.
-pub const MAPS: [&str; 6] = [names::PEERS, names::TUN_CONFIG, names::TUN_NODES, names::TUN_PORTS, names::TUN_STATS, names::TUN_PORT_SLOTS];
+pub const MAPS: [&str; 7] =
+    [names::PEERS, names::TUN_CONFIG, names::TUN_NODES, names::TUN_PORTS, names::TUN_STATS, names::TUN_PORT_SLOTS, names::TUN_NODE_SLOTS];
 
 /// Where the kernel refuses the call (`EINVAL` with `nohz_full`, `ENOSYS`, a seccomp filter):
 /// a sleep that outlasts a program's run by many orders of magnitude, though it proves nothing.
@@ -83,10 +84,10 @@ pub fn kernel_reuses_freed_elements() -> bool {
 }
 
 /// Whether `map`'s freed elements can be handed out again under a reader: a tunnel counter
-/// slot or a pod's port slot is freed and taken again by the agent itself (on any kernel),
-/// the others' elements by the kernel's hash maps.
+/// slot, a pod's port slot or a node's slot is freed and taken again by the agent itself (on
+/// any kernel), the others' elements by the kernel's hash maps.
 fn needed(map: &str) -> bool {
-    map == names::TUN_STATS || map == names::TUN_PORT_SLOTS || kernel_reuses_freed_elements()
+    map == names::TUN_STATS || map == names::TUN_PORT_SLOTS || map == names::TUN_NODE_SLOTS || kernel_reuses_freed_elements()
 }
 
 /// Grace periods completed so far.
@@ -191,6 +192,7 @@ mod tests {
         assert!(needed(map));
         // The pods' port slots too: the agent itself empties a slot and fills it again.
         assert!(needed(names::TUN_PORT_SLOTS));
+        assert!(needed(names::TUN_NODE_SLOTS));
         // The start: one grace period, whatever was freed before.
         before_take(map);
         let after_start = periods();

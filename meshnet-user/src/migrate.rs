@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 use meshnet_common::{
     limits, names, Counter, FlowKey, FragKey, FragPorts, LocalCidrs, NatFwd, NatFwdV1, NatRev, PeerGateways, PeerName, RouteValue, TunnelConfig,
-    PodPort, SeqPodPort, SeqTunnelConfig, TunnelNode, TunnelStats, FLOW_UNANSWERED,
+    PodPort, SeqNodeSlot, SeqPodPort, SeqTunnelConfig, TunnelNode, TunnelStats, FLOW_UNANSWERED,
 };
 use tracing::{info, warn};
 
@@ -47,7 +47,7 @@ fn size<T>() -> u32 {
 /// Every map of this build, as the agent loads the embedded object: flow maps sized
 /// `max_flows`, with the flags that [`crate::datapath::flow_map_flags`] chooses.
 #[must_use]
-pub fn specs(max_flows: u32) -> [Spec; 20] {
+pub fn specs(max_flows: u32) -> [Spec; 21] {
     let flags = crate::datapath::flow_map_flags(max_flows);
     let flow = |name, value| Spec { name, ty: MapType::Hash, key: size::<FlowKey>(), value, flags, max_entries: max_flows };
     [
@@ -71,6 +71,7 @@ pub fn specs(max_flows: u32) -> [Spec; 20] {
         Spec { name: names::TUN_CFG_SEQ, ty: MapType::Array, key: 4, value: size::<SeqTunnelConfig>(), flags: 0, max_entries: 1 },
         Spec { name: names::TUN_PORT_SLOTS, ty: MapType::Array, key: 4, value: size::<SeqPodPort>(), flags: 0, max_entries: limits::POD_PORT_SLOTS },
         Spec { name: names::TUN_PEER_PORTS, ty: MapType::Array, key: 4, value: 8, flags: 0, max_entries: limits::GW_PORT_WORDS },
+        Spec { name: names::TUN_NODE_SLOTS, ty: MapType::Array, key: 4, value: size::<SeqNodeSlot>(), flags: 0, max_entries: limits::NODE_SLOTS },
     ]
 }
 

@@ -14,7 +14,9 @@ use aya::maps::{
     HashMap, MapData, PerCpuArray, PerCpuValues,
 };
 use ipnet::Ipv4Net;
-use meshnet_common::{names, pod_port_slot, switch, tun_fast, LocalNet, PodPort, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats};
+use meshnet_common::{
+    names, node_slot, pod_port_slot, switch, tun_fast, LocalNet, PodPort, SeqNodeSlot, SeqPodPort, SeqTunnelConfig, TunnelConfig, TunnelNode, TunnelStats,
+};
 use serde::Serialize;
 use tracing::warn;
 
@@ -34,6 +36,7 @@ pub type Switches = aya::maps::Array<MapData, u32>;
 pub type TunFast = aya::maps::Array<MapData, u32>;
 pub type TunCfgSeq = aya::maps::Array<MapData, SeqTunnelConfig>;
 pub type TunPortSlots = aya::maps::Array<MapData, SeqPodPort>;
+pub type TunNodeSlots = aya::maps::Array<MapData, SeqNodeSlot>;
 pub type TunPeerPorts = aya::maps::Array<MapData, u64>;
 
 /// The MTU assumed for an interface whose MTU cannot be read, and for the decapsulating
@@ -183,6 +186,11 @@ pub struct TunnelMaps {
     /// map once (as `slots`): a slot's number only ever grows, so that no reader takes the
     /// end of one write for the start of another.
     port_slots_held: Option<BTreeMap<u32, SeqPodPort>>,
+    /// The tunnel peer nodes with the pod CIDRs they host, by slot (`names::TUN_NODE_SLOTS`);
+    /// `None` where an older agent's pins lack it, whose programs look every route up.
+    pub node_slots: Option<TunNodeSlots>,
+    /// What each written slot of `node_slots` holds, as `port_slots_held`.
+    node_slots_held: Option<BTreeMap<u32, SeqNodeSlot>>,
     /// The tunnel peers' ports (`names::TUN_PEER_PORTS`); `None` where an older agent's pins
     /// lack it, whose programs do not check them.
     pub peer_ports: Option<TunPeerPorts>,
@@ -196,20 +204,174 @@ pub struct TunnelMaps {
     unslotted: BTreeSet<u32>,
 }
 
-/// Whether a slot names no pod, whatever its sequence number.
-fn holds_nothing(v: &SeqPodPort) -> bool {
-    v.addr_be == 0 && v.port == PodPort::default()
+/// A value of an array of seqlocked slots that only the agent writes, each slot holding one
+/// owner or nothing (`names::TUN_PORT_SLOTS`, `names::TUN_NODE_SLOTS`).
+trait SeqSlot: aya::Pod + PartialEq + Default {
+    /// The map's name, for its grace periods and errors.
+    const MAP: &'static str;
+    /// What an emptied slot holds, its sequence number aside.
+    const EMPTY: Self;
+    fn seq(&self) -> u32;
+    #[must_use]
+    fn with_seq(self, seq: u32) -> Self;
+    /// Whether the slot holds no owner, whatever its sequence number: emptied, or zeroed as
+    /// the kernel made it.
+    fn holds_nothing(&self) -> bool {
+        let v = self.with_seq(0);
+        v == Self::EMPTY || v == Self::default()
+    }
+}
+
+impl SeqSlot for SeqPodPort {
+    const MAP: &'static str = names::TUN_PORT_SLOTS;
+    const EMPTY: Self = SeqPodPort { seq: 0, addr_be: 0, port: PodPort { ifindex: 0, pod_mac: [0; 6], host_mac: [0; 6] } };
+    fn seq(&self) -> u32 {
+        self.seq
+    }
+    fn with_seq(self, seq: u32) -> Self {
+        SeqPodPort { seq, ..self }
+    }
+}
+
+impl SeqSlot for SeqNodeSlot {
+    const MAP: &'static str = names::TUN_NODE_SLOTS;
+    const EMPTY: Self = SeqNodeSlot::EMPTY;
+    fn seq(&self) -> u32 {
+        self.seq
+    }
+    fn with_seq(self, seq: u32) -> Self {
+        SeqNodeSlot { seq, ..self }
+    }
 }
 
 /// Writes `next` into `slot` under its seqlock; `cur` (what the slot holds) follows each
 /// write that succeeds, so that it stays what the map holds.
-fn write_slot(map: &mut TunPortSlots, slot: u32, cur: &mut SeqPodPort, next: SeqPodPort) -> anyhow::Result<()> {
-    crate::maps::write_seqlocked(*cur, next, |v| v.seq, |v, seq| SeqPodPort { seq, ..v }, |v| {
-        map.set(slot, v, 0).context("writing the port table's slots")?;
+fn write_slot<V: SeqSlot>(map: &mut aya::maps::Array<MapData, V>, slot: u32, cur: &mut V, next: V) -> anyhow::Result<()> {
+    crate::maps::write_seqlocked(*cur, next, V::seq, V::with_seq, |v| {
+        map.set(slot, v, 0).with_context(|| format!("writing the slots of {}", V::MAP))?;
         *cur = v;
         Ok(())
     })
     .map(|_| ())
+}
+
+/// A slot map and what the agent wrote to it, read from the map the first time (a map an
+/// earlier agent, or a crashed one, left behind).
+fn held_slots<'a, V: SeqSlot>(
+    map: &'a mut Option<aya::maps::Array<MapData, V>>,
+    held: &'a mut Option<BTreeMap<u32, V>>,
+) -> anyhow::Result<Option<(&'a mut aya::maps::Array<MapData, V>, &'a mut BTreeMap<u32, V>)>> {
+    let Some(map) = map else {
+        return Ok(None);
+    };
+    if held.is_none() {
+        let mut read = BTreeMap::new();
+        for (slot, v) in map.iter().enumerate() {
+            let v = v.with_context(|| format!("reading the slots of {}", V::MAP))?;
+            if v != V::default() {
+                read.insert(u32::try_from(slot).unwrap_or(u32::MAX), v);
+            }
+        }
+        *held = Some(read);
+    }
+    Ok(held.as_mut().map(|held| (map, held)))
+}
+
+/// Empties every slot that holds anything but its owner as `owners` has it (another owner,
+/// the same one with another value, one gone), and starts a grace period after them: a slot
+/// changes from one value to another only through empty and a grace period, so that no
+/// reader, on any CPU's memory order, mixes two values. Goes on past a failed write; the
+/// first error is returned.
+fn empty_slots<V: SeqSlot>(
+    map: &mut Option<aya::maps::Array<MapData, V>>,
+    held: &mut Option<BTreeMap<u32, V>>,
+    owners: &BTreeMap<u32, V>,
+) -> anyhow::Result<()> {
+    let Some((map, held)) = held_slots(map, held)? else {
+        return Ok(());
+    };
+    let mut first_error = None;
+    let mut emptied = false;
+    for (&slot, cur) in held.iter_mut() {
+        // A slot left mid-write (odd) is emptied too, and filled again after the grace.
+        let keep = cur.seq() & 1 == 0 && owners.get(&slot).is_some_and(|o| o.with_seq(0) == cur.with_seq(0));
+        if keep || cur.holds_nothing() {
+            continue;
+        }
+        if let Err(e) = write_slot(map, slot, cur, V::EMPTY) {
+            first_error.get_or_insert(e);
+        }
+        emptied = true;
+    }
+    if emptied {
+        grace::freed(V::MAP);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Gives each empty slot its owner, once a grace period has passed since slots were last
+/// emptied. Goes on past a failed write; the first error is returned.
+fn fill_slots<V: SeqSlot>(
+    map: &mut Option<aya::maps::Array<MapData, V>>,
+    held: &mut Option<BTreeMap<u32, V>>,
+    owners: &BTreeMap<u32, V>,
+) -> anyhow::Result<()> {
+    let Some((map, held)) = held_slots(map, held)? else {
+        return Ok(());
+    };
+    let mut first_error = None;
+    for (&slot, owner) in owners {
+        let cur = held.entry(slot).or_default();
+        if !cur.holds_nothing() {
+            // Its owner already, or not emptied (a failed write).
+            continue;
+        }
+        grace::before_take(V::MAP);
+        if let Err(e) = write_slot(map, slot, cur, *owner) {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Which node each slot of `names::TUN_NODE_SLOTS` should hold, from the routes `wanted`
+/// (CIDR → node): a node's CIDRs that overlap no other route (where another route lies inside
+/// or around one, the trie's longest match decides), at most
+/// [`meshnet_common::limits::MAX_NODE_CIDRS`] of them; of nodes that share a slot, the lowest
+/// address. A node with no such CIDR takes no slot: its packets go to the trie.
+fn node_slot_owners(wanted: &BTreeMap<Ipv4Net, TunnelNode>) -> BTreeMap<u32, SeqNodeSlot> {
+    let overlaps = |net: &Ipv4Net| {
+        let around = (0..net.prefix_len()).any(|len| Ipv4Net::new(net.network(), len).is_ok_and(|n| wanted.contains_key(&n.trunc())));
+        // Sorted by address, then prefix: what `net` holds follows it.
+        let inside = wanted.range(net..).nth(1).is_some_and(|(n, _)| net.contains(n));
+        around || inside
+    };
+    let mut by_node: BTreeMap<Ipv4Addr, SeqNodeSlot> = BTreeMap::new();
+    for (net, node) in wanted {
+        if overlaps(net) {
+            continue;
+        }
+        let slot = by_node.entry(addr_of_be(node.addr_be)).or_insert(SeqNodeSlot {
+            addr_be: node.addr_be,
+            peer_id: node.peer_id,
+            stats_slot: node.stats_slot,
+            ..SeqNodeSlot::EMPTY
+        });
+        // A route names its node with its peer and counter slot: routes of one node that
+        // disagree (a sync in between) give it no slot.
+        if (slot.peer_id, slot.stats_slot) != (node.peer_id, node.stats_slot) {
+            slot.peer_id = 0;
+        }
+        if let Some(free) = slot.nets.iter_mut().find(|n| **n == LocalNet::NONE) {
+            *free = LocalNet { addr_be: addr_be(net.network()), mask_be: addr_be(net.netmask()) };
+        }
+    }
+    let mut owners = BTreeMap::new();
+    // Ascending addresses: the first node seen for a slot is its lowest.
+    for v in by_node.into_values().filter(|v| v.peer_id != 0) {
+        owners.entry(node_slot(v.addr_be)).or_insert(v);
+    }
+    owners
 }
 
 /// What a sync changed, for the agent's log.
@@ -255,6 +417,8 @@ impl TunnelMaps {
             cfg_seq: if pins.map(names::TUN_CFG_SEQ).exists() { Some(open(pins, names::TUN_CFG_SEQ)?) } else { None },
             port_slots: if pins.map(names::TUN_PORT_SLOTS).exists() { Some(open(pins, names::TUN_PORT_SLOTS)?) } else { None },
             port_slots_held: None,
+            node_slots: if pins.map(names::TUN_NODE_SLOTS).exists() { Some(open(pins, names::TUN_NODE_SLOTS)?) } else { None },
+            node_slots_held: None,
             peer_ports: if pins.map(names::TUN_PEER_PORTS).exists() { Some(open(pins, names::TUN_PEER_PORTS)?) } else { None },
             peer_ports_held: None,
             slots: None,
@@ -290,6 +454,11 @@ impl TunnelMaps {
                 None => None,
             },
             port_slots_held: None,
+            node_slots: match ebpf.take_map(names::TUN_NODE_SLOTS) {
+                Some(m) => Some(TunNodeSlots::try_from(m).map_err(bad(names::TUN_NODE_SLOTS))?),
+                None => None,
+            },
+            node_slots_held: None,
             peer_ports: match ebpf.take_map(names::TUN_PEER_PORTS) {
                 Some(m) => Some(TunPeerPorts::try_from(m).map_err(bad(names::TUN_PEER_PORTS))?),
                 None => None,
@@ -466,7 +635,7 @@ impl TunnelMaps {
     /// then can, and given a pod only once the hash holds it.
     pub fn sync_ports(&mut self, want: &BTreeMap<Ipv4Addr, PodPort>) -> anyhow::Result<(usize, usize)> {
         let mut owners = self.slot_owners(want);
-        let emptied = self.empty_port_slots(&owners);
+        let emptied = empty_slots(&mut self.port_slots, &mut self.port_slots_held, &owners);
         let have = self.current_ports();
         let mut removed = 0;
         for addr in have.keys().filter(|a| !want.contains_key(a)) {
@@ -499,7 +668,7 @@ impl TunnelMaps {
         emptied?;
         // A slot holds only a pod the hash holds.
         owners.retain(|_, o| !left_out.contains(&o.addr_be));
-        self.fill_port_slots(&owners)?;
+        fill_slots(&mut self.port_slots, &mut self.port_slots_held, &owners)?;
         refused?;
         Ok((written, removed))
     }
@@ -520,74 +689,6 @@ impl TunnelMaps {
         owners
     }
 
-    /// The slots' map and what the agent wrote to it, read from the map the first time (a
-    /// map an earlier agent, or a crashed one, left behind).
-    fn held_port_slots(&mut self) -> anyhow::Result<Option<(&mut TunPortSlots, &mut BTreeMap<u32, SeqPodPort>)>> {
-        let Some(map) = &mut self.port_slots else {
-            return Ok(None);
-        };
-        if self.port_slots_held.is_none() {
-            let mut read = BTreeMap::new();
-            for (slot, v) in map.iter().enumerate() {
-                let v = v.context("reading the port table's slots")?;
-                if v != SeqPodPort::default() {
-                    read.insert(u32::try_from(slot).unwrap_or(u32::MAX), v);
-                }
-            }
-            self.port_slots_held = Some(read);
-        }
-        Ok(self.port_slots_held.as_mut().map(|held| (map, held)))
-    }
-
-    /// Empties every slot that holds anything but its owner as `owners` has it (another pod,
-    /// another port of the same pod, a pod gone), and starts a grace period after them: a
-    /// slot changes from one value to another only through empty and a grace period, so
-    /// that no reader, on any CPU's memory order, mixes two pods' values. Goes on past a
-    /// failed write; the first error is returned.
-    fn empty_port_slots(&mut self, owners: &BTreeMap<u32, SeqPodPort>) -> anyhow::Result<()> {
-        let Some((map, held)) = self.held_port_slots()? else {
-            return Ok(());
-        };
-        let mut first_error = None;
-        let mut emptied = false;
-        for (&slot, cur) in held.iter_mut() {
-            // A slot left mid-write (odd) is emptied too, and filled again after the grace.
-            let keep = cur.seq & 1 == 0 && owners.get(&slot).is_some_and(|o| (o.addr_be, o.port) == (cur.addr_be, cur.port));
-            if keep || holds_nothing(cur) {
-                continue;
-            }
-            if let Err(e) = write_slot(map, slot, cur, SeqPodPort::default()) {
-                first_error.get_or_insert(e);
-            }
-            emptied = true;
-        }
-        if emptied {
-            grace::freed(names::TUN_PORT_SLOTS);
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    /// Gives each empty slot its owner, once a grace period has passed since slots were last
-    /// emptied. Goes on past a failed write; the first error is returned.
-    fn fill_port_slots(&mut self, owners: &BTreeMap<u32, SeqPodPort>) -> anyhow::Result<()> {
-        let Some((map, held)) = self.held_port_slots()? else {
-            return Ok(());
-        };
-        let mut first_error = None;
-        for (&slot, owner) in owners {
-            let cur = held.entry(slot).or_default();
-            if !holds_nothing(cur) {
-                // Its owner already, or not emptied (a failed write).
-                continue;
-            }
-            grace::before_take(names::TUN_PORT_SLOTS);
-            if let Err(e) = write_slot(map, slot, cur, *owner) {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
     /// Where the decapsulating program finds each pod of the hash: `slot` (its own slot, with
     /// the port the hash has), `stale` (its own slot, with another port: until the next
     /// sync) or `hash`.
@@ -605,6 +706,18 @@ impl TunnelMaps {
                 (addr, lookup)
             })
             .collect()
+    }
+
+    /// Whether the node of route `net` → `n` has its slot (`names::TUN_NODE_SLOTS`) with that
+    /// CIDR, its peer and its counter slot, where the decapsulating program takes a packet
+    /// from it with a source in `net` without the trie.
+    #[must_use]
+    pub fn slotted(&self, net: Ipv4Net, n: &TunnelNode) -> bool {
+        let Some(v) = self.node_slots.as_ref().and_then(|m| m.get(&node_slot(n.addr_be), 0).ok()) else {
+            return false;
+        };
+        let cidr = LocalNet { addr_be: addr_be(net.network()), mask_be: addr_be(net.netmask()) };
+        v.seq & 1 == 0 && (v.addr_be, v.peer_id, v.stats_slot) == (n.addr_be, n.peer_id, n.stats_slot) && v.nets.contains(&cidr)
     }
 
     /// The pods that the decapsulating program finds in their own slot with the port the
@@ -737,14 +850,6 @@ impl TunnelMaps {
         // Before the routes that name them.
         let slots = self.assign_slots(&peers)?;
         let nodes = self.current_nodes();
-        // A node address that moves to another peer loses its routes first: decapsulation
-        // trusts a route that names the sender without reading the node table, so no route
-        // may name the address for its old peer once the table names the new one.
-        let moving = |n: &TunnelNode| desired.tun_nodes.get(&addr_of_be(n.addr_be)).is_some_and(|id| *id != n.peer_id);
-        for (net, _) in self.current_routes().iter().filter(|(_, n)| moving(n)) {
-            self.routes.remove(&route_key(*net)).context("removing a tunnel route of a node that moves to another peer")?;
-            report.routes_removed += 1;
-        }
         let routes = self.current_routes();
         let mut wanted = BTreeMap::new();
         for (net, node) in &desired.tun_routes {
@@ -768,6 +873,20 @@ impl TunnelMaps {
             let (src_be, ifindex, mtu) = path;
             wanted.insert(*net, TunnelNode { src_be, ifindex, mtu, stats_slot, ..*node });
         }
+        // Decapsulation trusts a node's slot without reading the routes or the node table: a
+        // slot is emptied before anything it says changes, and filled after the routes below.
+        let node_owners = node_slot_owners(&wanted);
+        empty_slots(&mut self.node_slots, &mut self.node_slots_held, &node_owners)?;
+        // A node address that moves to another peer loses its routes first: decapsulation
+        // trusts a route that names the sender without reading the node table, so no route
+        // may name the address for its old peer once the table names the new one. (A path
+        // kept above is only ever a route of the same peer's node, which this leaves alone.)
+        let moving = |n: &TunnelNode| desired.tun_nodes.get(&addr_of_be(n.addr_be)).is_some_and(|id| *id != n.peer_id);
+        for (net, _) in routes.iter().filter(|(_, n)| moving(n)) {
+            self.routes.remove(&route_key(*net)).context("removing a tunnel route of a node that moves to another peer")?;
+            report.routes_removed += 1;
+        }
+        let routes = self.current_routes();
         // Where a table is too full to take a new entry beside the old ones, the removals go
         // first (routes, then the nodes they named): a node that leaves then stops a moment
         // before its successor starts, where failing would leave every change out.
@@ -811,6 +930,8 @@ impl TunnelMaps {
         if wanted.is_empty() {
             self.set_switch(switch::NO_TUNNEL_ROUTES, true)?;
         }
+        // Once the routes and nodes hold what the slots say.
+        fill_slots(&mut self.node_slots, &mut self.node_slots_held, &node_owners)?;
         // After the routes that named them.
         self.free_slots(&peers)?;
         if want_config.is_none() {
@@ -879,6 +1000,9 @@ pub struct TunnelRouteRow {
     pub source: String,
     pub ifindex: u32,
     pub mtu: u32,
+    /// How the decapsulating program finds that a packet from the node with a source in the
+    /// CIDR is the node's: `slot` (the node's slot holds the CIDR) or `trie`.
+    pub decap: &'static str,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -971,6 +1095,7 @@ impl TunnelMaps {
             .current_routes()
             .into_iter()
             .map(|(net, n)| TunnelRouteRow {
+                decap: if self.slotted(net, &n) { "slot" } else { "trie" },
                 cidr: net.to_string(),
                 peer: name(n.peer_id),
                 node: addr_of_be(n.addr_be).to_string(),
@@ -1010,5 +1135,66 @@ impl TunnelMaps {
             .collect();
         let peer_ports = self.current_peer_ports().unwrap_or_default().into_iter().collect();
         TunnelDump { settings, routes, peers, pod_ports, peer_ports }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(addr: [u8; 4], peer_id: u32, stats_slot: u16) -> TunnelNode {
+        TunnelNode { addr_be: addr_be(Ipv4Addr::from(addr)), peer_id, stats_slot, ..TunnelNode::default() }
+    }
+
+    fn cidr(net: Ipv4Net) -> LocalNet {
+        LocalNet { addr_be: addr_be(net.network()), mask_be: addr_be(net.netmask()) }
+    }
+
+    /// A slot says what the trie's longest match would: only CIDRs that overlap no other route,
+    /// at most four a node, the lowest address of a slot, and no slot for a node whose routes
+    /// disagree on its peer or counters.
+    #[test]
+    fn a_node_slot_holds_only_what_the_trie_would_answer_alike() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let a = node([192, 0, 2, 2], 7, 1);
+        let b = node([192, 0, 2, 3], 8, 2);
+        // The same low 12 bits as a, a higher address: a has the slot.
+        let a_twin = node([192, 1, 2, 2], 7, 1);
+        let mut wanted: BTreeMap<Ipv4Net, TunnelNode> = [
+            (net("10.245.0.0/24"), a),
+            (net("10.245.1.0/24"), a),
+            // b's /24 holds a /28 of a: neither is slotted, the trie decides between them.
+            (net("10.246.0.0/24"), b),
+            (net("10.246.0.16/28"), a),
+            (net("10.247.0.0/24"), b),
+            (net("10.248.0.0/24"), a_twin),
+        ]
+        .into();
+        let owners = node_slot_owners(&wanted);
+        assert_eq!(owners.len(), 2, "{owners:?}");
+        let sa = owners[&node_slot(a.addr_be)];
+        assert_eq!((sa.addr_be, sa.peer_id, sa.stats_slot), (a.addr_be, 7, 1));
+        assert_eq!(sa.nets, [cidr(net("10.245.0.0/24")), cidr(net("10.245.1.0/24")), LocalNet::NONE, LocalNet::NONE]);
+        let sb = owners[&node_slot(b.addr_be)];
+        assert_eq!(sb.nets, [cidr(net("10.247.0.0/24")), LocalNet::NONE, LocalNet::NONE, LocalNet::NONE]);
+        assert_eq!(sb.seq, 0);
+
+        // Six CIDRs: the first four by address are slotted, the others go to the trie.
+        for i in 2..6 {
+            wanted.insert(net(&format!("10.245.{i}.0/24")), a);
+        }
+        let sa = node_slot_owners(&wanted)[&node_slot(a.addr_be)];
+        assert_eq!(sa.nets.map(|n| n.addr_be), [0, 1, 2, 3].map(|i| addr_be(Ipv4Addr::new(10, 245, i, 0))));
+
+        // Routes of one node that name two counter slots (a sync between them): no slot for
+        // it, and the next node of its slot has it.
+        wanted.insert(net("10.245.9.0/24"), node([192, 0, 2, 2], 7, 3));
+        assert_eq!(node_slot_owners(&wanted)[&node_slot(a.addr_be)].addr_be, a_twin.addr_be);
+        // Nor for two peers.
+        wanted.insert(net("10.245.9.0/24"), node([192, 0, 2, 2], 9, 1));
+        assert_eq!(node_slot_owners(&wanted)[&node_slot(a.addr_be)].addr_be, a_twin.addr_be);
+        // A route around another, however far up: neither.
+        let wanted: BTreeMap<Ipv4Net, TunnelNode> = [(net("10.0.0.0/8"), b), (net("10.245.0.0/24"), a)].into();
+        assert!(node_slot_owners(&wanted).is_empty());
     }
 }

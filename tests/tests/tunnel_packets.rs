@@ -25,7 +25,9 @@ use meshnet::{
     maps::{self, ControlMaps, Stats},
     tunnel::{NodePath, TunnelMaps},
 };
-use meshnet_common::{names, pod_port_slot, switch, tun_fast, tunnel, tunnel_sport, FlowKey, PodPort, SeqPodPort, IPPROTO_ICMP, IPPROTO_UDP};
+use meshnet_common::{
+    names, node_slot, pod_port_slot, switch, tun_fast, tunnel, tunnel_sport, FlowKey, LocalNet, PodPort, SeqNodeSlot, SeqPodPort, IPPROTO_ICMP, IPPROTO_UDP,
+};
 use meshnet_tests::NetNs;
 use meshnet_tests::testrun::{assert_bytes_eq, assert_counter_delta, verdict_name, OK, REDIRECT, SHOT, UNSPEC};
 
@@ -808,6 +810,83 @@ fn a_pod_is_delivered_by_its_own_slot_and_never_by_another_pods() {
     h.tunnel.sync_ports(&BTreeMap::new()).unwrap();
     assert!(h.tunnel.slotted_ports().is_empty());
     assert_eq!(slots(&h).addr_be, 0, "an emptied slot must name no pod");
+}
+
+/// The nodes' slots (`names::TUN_NODE_SLOTS`): the decapsulating program takes a sender for
+/// the node that hosts the inner source when the sender's slot says so, for the header's
+/// cluster, under a seqlock that vouches for the read; anything else goes to the trie and the
+/// node table, which refuse with their reasons. The agent's sync keeps the slots to what the
+/// routes say: a CIDR that moves to another peer's node is no longer taken from the old one.
+#[test]
+fn a_sender_is_taken_by_its_slot_only_while_the_routes_say_the_same() {
+    let mut h = Harness::new();
+    let routes = h.tunnel.current_routes();
+    assert!(routes.iter().all(|(net, n)| h.tunnel.slotted(*net, n)), "every route's node has its slot: {routes:?}");
+    let inner = |src: [u8; 4]| udp(src, POD, 53, 5000, b"answer");
+    let take = |h: &Harness, what: &str, sender: [u8; 4], src: [u8; 4]| {
+        h.expect(what, names::PROG_TUNNEL_IN, &tunnel_packet(sender, PORT, good_header(), &inner(src)), OK, &[("tunnel_decap", 1)]);
+    };
+    let refuse = |h: &Harness, what: &str, sender: [u8; 4], src: [u8; 4], why: &str| {
+        h.expect(what, names::PROG_TUNNEL_IN, &tunnel_packet(sender, PORT, good_header(), &inner(src)), SHOT, &[(why, 1)]);
+    };
+    take(&h, "a pod of the sender's", PEER_NODE, REMOTE);
+    take(&h, "a pod of another node of the peer", PEER_NODE2, REMOTE);
+    assert_eq!(h.peer_stats().rx_packets, 2, "packets taken by the slot are counted for their peer");
+
+    // What the slot says is what the program goes by: a slot written by hand that gives the
+    // node a CIDR no route holds is taken as it is (so only the agent may write it)...
+    let slot = node_slot(be(PEER_NODE));
+    let held: SeqNodeSlot = h.tunnel.node_slots.as_ref().unwrap().get(&slot, 0).unwrap();
+    assert!(held.seq != 0 && held.seq & 1 == 0 && held.addr_be == be(PEER_NODE), "{held:?}");
+    let forged = SeqNodeSlot { nets: [LocalNet { addr_be: be([10, 99, 0, 0]), mask_be: be([255, 255, 0, 0]) }; 4], ..held };
+    let set = |h: &mut Harness, v: SeqNodeSlot| h.tunnel.node_slots.as_mut().unwrap().set(slot, v, 0).unwrap();
+    set(&mut h, forged);
+    take(&h, "a source the slot was given by hand", PEER_NODE, [10, 99, 0, 1]);
+    assert!(!h.tunnel.slotted("10.245.0.0/24".parse().unwrap(), &routes[&"10.245.0.0/24".parse().unwrap()]), "the dump must tell a slot the routes disagree with");
+    // ...but not while it is being written (odd), nor for another cluster or another sender,
+    // nor with a mask of 0, which a zeroed slot holds.
+    set(&mut h, SeqNodeSlot { seq: held.seq + 1, ..forged });
+    refuse(&h, "a slot being written", PEER_NODE, [10, 99, 0, 1], "tunnel_spoofed_source");
+    set(&mut h, SeqNodeSlot { peer_id: peer_id("cluster3"), ..forged });
+    refuse(&h, "a slot of another cluster", PEER_NODE, [10, 99, 0, 1], "tunnel_spoofed_source");
+    set(&mut h, SeqNodeSlot { addr_be: be(STRANGER), ..forged });
+    refuse(&h, "a slot of another address", PEER_NODE, [10, 99, 0, 1], "tunnel_spoofed_source");
+    refuse(&h, "from the address the slot names, a stranger", STRANGER, [10, 99, 0, 1], "tunnel_unknown_node");
+    set(&mut h, SeqNodeSlot { nets: [LocalNet::default(); 4], ..held });
+    refuse(&h, "a slot of zeroed CIDRs", PEER_NODE, [10, 99, 0, 1], "tunnel_spoofed_source");
+    take(&h, "a slot of zeroed CIDRs, a pod the trie gives the sender", PEER_NODE, REMOTE);
+    set(&mut h, held);
+
+    // The second node's CIDR moves to a node of another tunnel peer: its slot no longer holds
+    // it, and the new node's does.
+    let third = [192, 0, 2, 4];
+    let moved = CONFIG.replace(r#"podCIDRs: ["10.245.0.0/16"]"#, r#"podCIDRs: ["10.245.0.0/24", "10.245.2.0/24"]"#).replace(
+        "      - address: 192.0.2.3\n        podCIDRs: [\"10.245.1.0/24\"]\n",
+        "      - address: 192.0.2.3\n        podCIDRs: [\"10.245.2.0/24\"]\n",
+    ) + "  - name: cluster3\n    mode: tunnel\n    podCIDRs: [\"10.245.1.0/24\"]\n    tunnelPort: 31801\n    nodes:\n      - address: 192.0.2.4\n        podCIDRs: [\"10.245.1.0/24\"]\n";
+    let desired = Config::from_yaml(&moved).unwrap().desired();
+    let path = NodePath { src: Ipv4Addr::from(NODE), ifindex: h.uplink, mtu: MTU };
+    let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(PEER_NODE2), path), (Ipv4Addr::from(third), path)]);
+    let hosts = [Ipv4Net::from(Ipv4Addr::from(BRIDGE)), Ipv4Net::from(Ipv4Addr::from(NODE))];
+    h.tunnel.sync(&desired, &paths, MTU, &hosts).unwrap();
+    let routes = h.tunnel.current_routes();
+    assert_eq!(routes.len(), 3, "{routes:?}");
+    assert!(routes.iter().all(|(net, n)| h.tunnel.slotted(*net, n)), "every route's node has its slot: {routes:?}");
+    let s2: SeqNodeSlot = h.tunnel.node_slots.as_ref().unwrap().get(&node_slot(be(PEER_NODE2)), 0).unwrap();
+    assert!(s2.nets.iter().all(|n| *n != LocalNet { addr_be: be([10, 245, 1, 0]), mask_be: be([255, 255, 255, 0]) }), "{s2:?}");
+    refuse(&h, "a pod of a CIDR the sender lost to another peer", PEER_NODE2, REMOTE_NODE2, "tunnel_spoofed_source");
+    take(&h, "a pod of the sender's new CIDR", PEER_NODE2, [10, 245, 2, 20]);
+    let cluster3 = header(tunnel::MAGIC, tunnel::VERSION, peer_id("cluster3"));
+    h.expect("the CIDR from its new node", names::PROG_TUNNEL_IN, &tunnel_packet(third, PORT, cluster3, &inner(REMOTE_NODE2)), OK, &[("tunnel_decap", 1)]);
+
+    // No tunnel peer left: every slot is emptied.
+    let none = Config::from_yaml(&CONFIG[..CONFIG.find("peers:").unwrap()]).unwrap().desired();
+    h.tunnel.sync(&none, &BTreeMap::new(), MTU, &hosts).unwrap();
+    for a in [PEER_NODE, PEER_NODE2, third] {
+        let v: SeqNodeSlot = h.tunnel.node_slots.as_ref().unwrap().get(&node_slot(be(a)), 0).unwrap();
+        assert_eq!(SeqNodeSlot { seq: 0, ..v }, SeqNodeSlot::EMPTY, "{a:?}");
+        assert_eq!(v.seq & 1, 0);
+    }
 }
 
 /// Slots an earlier agent left behind, a crashed one's half-written slot among them, are

@@ -21,9 +21,9 @@
 //!   the peer hosting 10.245.1.0/24, given to the agent's sync by hand (no config passes it:
 //!   its address lies in its own pod CIDR, as it must for the layer it sends to pass the
 //!   inner-source check of the layer around it): each layer then comes, as a real packet
-//!   does, from the node its inner source's route names, and the routes' trie holds two
-//!   disjoint CIDRs, as configs do (a route nested in another, which the validator refuses,
-//!   made each lookup walk deeper than any real one).
+//!   does, from the node its inner source's route names, whose slot says so, and the routes'
+//!   trie holds two disjoint CIDRs, as configs do (a route nested in another, which the
+//!   validator refuses, made each lookup walk deeper than any real one).
 //! - **The uplink's other traffic: fixed points.** A packet that is no tunnel packet, and a
 //!   refused one, come out of `meshnet_tun_in` as they went in, so `repeat` measures them
 //!   directly (method A of `micro.rs`). So does the gateway hot path, given `micro.rs`'s
@@ -236,6 +236,11 @@ impl TunDp {
         let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(CHAIN_NODE), path)]);
         let report = tun.sync(&desired, &paths, MTU, &[])?;
         ensure!((report.routes_written, report.nodes_written) == (2, 2), "tunnel maps: {report:?}");
+        // Both nodes are checked from their slots, on objects that have them.
+        if tun.node_slots.is_some() {
+            let slotted = tun.current_routes().iter().filter(|(net, n)| tun.slotted(**net, n)).count();
+            ensure!(slotted == 2, "the nodes' slots hold {slotted} of their 2 routes");
+        }
         // The pod's entry in the port table, as the agent writes it for a pod it attached to:
         // redirect delivery sends out of the pod's own port, with no FIB lookup. Its port is
         // the loopback (index 1), where TEST_RUN's packets come in: the pod's packets are

@@ -1739,9 +1739,10 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
                 };
                 format!(
                     "decapsulation is the settings' read from their seqlocked copy (an array), the \
-                     header checks, an LPM lookup \
-                     of the inner source (the peer's CIDRs), whose route names the node that hosts \
-                     it (the node table's hash is read only for a packet another node sent), then \
+                     header checks, the sender's slot (an array, under the slot's seqlock), which \
+                     says that the sender is a node of the header's cluster and hosts the inner \
+                     source (the trie of routes and the node table's hash are read only where it \
+                     does not: a pod of another node of the peer, a packet to refuse), then \
                      `bpf_skb_adjust_room` taking 36 bytes off and the per-peer counter; the inner \
                      packet is parsed again for the MSS clamp only where it may be a TCP SYN (its \
                      flags are read in place with the headers, so the chain's layers, UDP, never \
@@ -2073,7 +2074,7 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
          peer, 10.245.1.2, hosting 10.245.1.0/24, given to the agent's sync by hand since its \
          address lies inside its own pod CIDR, which no config passes: it lets every layer pass the \
          inner-source check of the layer around it, sent, as a real packet is, by the node that \
-         hosts its inner source, with routes that nest no more than a real config's.\n\
+         hosts its inner source, whose slot says so, with routes that nest no more than a real config's.\n\
          - **Fixed points** ({} runs per syscall; the packet comes out as it went in): what \
          `meshnet_tun_in` costs a packet that is not for the tunnel (TCP and UDP to the node), a \
          tunnel packet from an unknown node and one refused at the last check (both dropped and \
