@@ -431,6 +431,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Some(update) = api_rx.recv() => agent.api_update(update),
         }
     }
+    if let Err(e) = agent.tunnel.empty_node_slots() {
+        warn!(error = %format!("{e:#}"), "could not empty the tunnel nodes' slots before stopping");
+    }
     info!("stopping; the datapath stays in place (`meshnet detach` removes it)");
     Ok(())
 }

@@ -204,6 +204,11 @@ pub struct TunnelMaps {
     unslotted: BTreeSet<u32>,
 }
 
+/// An array of seqlocked slots.
+type SlotArray<V> = aya::maps::Array<MapData, V>;
+/// A slot map with what the agent wrote to it, by slot.
+type HeldSlots<'a, V> = (&'a mut SlotArray<V>, &'a mut BTreeMap<u32, V>);
+
 /// A value of an array of seqlocked slots that only the agent writes, each slot holding one
 /// owner or nothing (`names::TUN_PORT_SLOTS`, `names::TUN_NODE_SLOTS`).
 trait SeqSlot: aya::Pod + PartialEq + Default {
@@ -246,7 +251,7 @@ impl SeqSlot for SeqNodeSlot {
 
 /// Writes `next` into `slot` under its seqlock; `cur` (what the slot holds) follows each
 /// write that succeeds, so that it stays what the map holds.
-fn write_slot<V: SeqSlot>(map: &mut aya::maps::Array<MapData, V>, slot: u32, cur: &mut V, next: V) -> anyhow::Result<()> {
+fn write_slot<V: SeqSlot>(map: &mut SlotArray<V>, slot: u32, cur: &mut V, next: V) -> anyhow::Result<()> {
     crate::maps::write_seqlocked(*cur, next, V::seq, V::with_seq, |v| {
         map.set(slot, v, 0).with_context(|| format!("writing the slots of {}", V::MAP))?;
         *cur = v;
@@ -258,9 +263,9 @@ fn write_slot<V: SeqSlot>(map: &mut aya::maps::Array<MapData, V>, slot: u32, cur
 /// A slot map and what the agent wrote to it, read from the map the first time (a map an
 /// earlier agent, or a crashed one, left behind).
 fn held_slots<'a, V: SeqSlot>(
-    map: &'a mut Option<aya::maps::Array<MapData, V>>,
+    map: &'a mut Option<SlotArray<V>>,
     held: &'a mut Option<BTreeMap<u32, V>>,
-) -> anyhow::Result<Option<(&'a mut aya::maps::Array<MapData, V>, &'a mut BTreeMap<u32, V>)>> {
+) -> anyhow::Result<Option<HeldSlots<'a, V>>> {
     let Some(map) = map else {
         return Ok(None);
     };
@@ -283,7 +288,7 @@ fn held_slots<'a, V: SeqSlot>(
 /// reader, on any CPU's memory order, mixes two values. Goes on past a failed write; the
 /// first error is returned.
 fn empty_slots<V: SeqSlot>(
-    map: &mut Option<aya::maps::Array<MapData, V>>,
+    map: &mut Option<SlotArray<V>>,
     held: &mut Option<BTreeMap<u32, V>>,
     owners: &BTreeMap<u32, V>,
 ) -> anyhow::Result<()> {
@@ -310,9 +315,12 @@ fn empty_slots<V: SeqSlot>(
 }
 
 /// Gives each empty slot its owner, once a grace period has passed since slots were last
-/// emptied. Goes on past a failed write; the first error is returned.
+/// emptied. A slot still zeroed as the kernel made it, where that is not the emptied value,
+/// is emptied first like any other: a read that mixed zeros with its first owner could
+/// otherwise hold what neither says (a node's CIDR at address 0). Goes on past a failed
+/// write; the first error is returned.
 fn fill_slots<V: SeqSlot>(
-    map: &mut Option<aya::maps::Array<MapData, V>>,
+    map: &mut Option<SlotArray<V>>,
     held: &mut Option<BTreeMap<u32, V>>,
     owners: &BTreeMap<u32, V>,
 ) -> anyhow::Result<()> {
@@ -320,9 +328,24 @@ fn fill_slots<V: SeqSlot>(
         return Ok(());
     };
     let mut first_error = None;
+    if V::EMPTY != V::default() {
+        let mut emptied = false;
+        for &slot in owners.keys() {
+            let cur = held.entry(slot).or_default();
+            if *cur == V::default() {
+                if let Err(e) = write_slot(map, slot, cur, V::EMPTY) {
+                    first_error.get_or_insert(e);
+                }
+                emptied = true;
+            }
+        }
+        if emptied {
+            grace::freed(V::MAP);
+        }
+    }
     for (&slot, owner) in owners {
         let cur = held.entry(slot).or_default();
-        if !cur.holds_nothing() {
+        if !cur.holds_nothing() || cur.with_seq(0) == V::default() && V::EMPTY != V::default() {
             // Its owner already, or not emptied (a failed write).
             continue;
         }
@@ -577,6 +600,14 @@ impl TunnelMaps {
         self.fast.as_ref().and_then(|m| m.get(&slot, 0).ok())
     }
 
+
+    /// Empties every node slot, for an agent that stops: the programs stay attached, and an
+    /// older agent started next keeps the routes without knowing the slots, which would
+    /// then say what the routes no longer do. Until the next start fills them, the trie
+    /// answers for every sender.
+    pub fn empty_node_slots(&mut self) -> anyhow::Result<()> {
+        empty_slots(&mut self.node_slots, &mut self.node_slots_held, &BTreeMap::new())
+    }
 
     /// Sets a datapath switch (`meshnet_common::switch`), writing only a change.
     fn set_switch(&mut self, slot: u32, on: bool) -> anyhow::Result<()> {

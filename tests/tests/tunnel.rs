@@ -607,10 +607,12 @@ fn progress(flows: &mut [Flow], when: &str) {
 /// crash or an OOM kill would): the datapath carries on while the agent is down and after it
 /// is back, no exchange is lost or answered wrongly, no connection is reset, and each closes
 /// cleanly at the end. One restart finds the pins of an older release (no `mn_tun_fast_v1`,
-/// `mn_tun_cfgs_v1` or `mn_tun_pslots_v1`), another one the per-peer counters of builds
-/// before v2, which it unpins, another one pod port slots a crashed agent could have left,
-/// which it puts right. Each peer's counters only grow: every agent finds its peer's counter
-/// slot again.
+/// `mn_tun_cfgs_v1`, `mn_tun_pslots_v1` or `mn_tun_nslots_v1`), another one the per-peer
+/// counters of builds before v2, which it unpins, another one pod port slots a crashed agent
+/// could have left, another one node slots that say more than the routes, which it puts
+/// right. An agent stopped cleanly leaves the node slots empty (an older agent started next
+/// would not keep them), one killed leaves them. Each peer's counters only grow: every agent
+/// finds its peer's counter slot again.
 #[test]
 fn no_flow_lost_across_ten_restarts_of_both_agents() {
     const RESTARTS: usize = 10;
@@ -638,6 +640,12 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
                 assert!(dead.is_some(), "{side:?}'s agent outlived SIGKILL");
             }
             progress(&mut flows, &format!("with {side:?}'s agent stopped ({r})"));
+            let decap = || -> Vec<String> {
+                let routes = t.node(side).dump_json("tunnel")["tunnel"]["routes"].clone();
+                routes.as_array().unwrap_or_else(|| panic!("{side:?}: no routes: {routes}")).iter().map(|r| r["decap"].as_str().unwrap_or("?").to_owned()).collect()
+            };
+            let left = if r % 2 == 0 { "trie" } else { "slot" };
+            assert!(decap().iter().all(|d| d == left), "{side:?}, restart {r}: the nodes' slots after the agent stopped: {:?}", decap());
             let peer = if side == Side::Node1 { "cluster2" } else { "cluster1" };
             let sent = |what: &str| t.node(side).tunnel_peer(peer)["txPackets"].as_u64().unwrap_or_else(|| panic!("{side:?}, {what}: no txPackets"));
             let before = sent("before the restart");
@@ -647,8 +655,9 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
             let pin = pins.map(meshnet_common::names::TUN_FAST);
             let copy = pins.map(meshnet_common::names::TUN_CFG_SEQ);
             let port_slots = pins.map(meshnet_common::names::TUN_PORT_SLOTS);
+            let node_slots = pins.map(meshnet_common::names::TUN_NODE_SLOTS);
             if r == 3 {
-                for p in [&pin, &copy, &port_slots] {
+                for p in [&pin, &copy, &port_slots, &node_slots] {
                     std::fs::remove_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 }
             }
@@ -668,8 +677,27 @@ fn no_flow_lost_across_ten_restarts_of_both_agents() {
                     slots.set(i, meshnet_common::SeqPodPort { seq: v.seq + 100, port, ..v }, 0).unwrap();
                 }
             }
+            // Node slots that say more than the routes: each node given a CIDR of addresses no
+            // route holds, as a stale slot could. The agent must empty and refill them before
+            // it attaches; a read after its start finds none.
+            let forged = meshnet_common::LocalNet { addr_be: u32::from_ne_bytes([10, 99, 0, 0]), mask_be: u32::from_ne_bytes([255, 255, 0, 0]) };
+            if r == 7 {
+                let mut slots: meshnet::tunnel::TunNodeSlots = meshnet::maps::open(&pins, meshnet_common::names::TUN_NODE_SLOTS).unwrap();
+                let held: Vec<_> = slots.iter().enumerate().filter_map(|(i, v)| Some((u32::try_from(i).ok()?, v.ok()?))).filter(|(_, v)| v.addr_be != 0).collect();
+                assert!(!held.is_empty(), "{side:?}: no node in its slot before restart {r}");
+                for (i, v) in held {
+                    let mut nets = v.nets;
+                    nets[meshnet_common::limits::MAX_NODE_CIDRS - 1] = forged;
+                    slots.set(i, meshnet_common::SeqNodeSlot { seq: v.seq + 100, nets, ..v }, 0).unwrap();
+                }
+            }
             *agent = t.start_agent(side);
-            for p in [&pin, &copy, &port_slots] {
+            let slots: meshnet::tunnel::TunNodeSlots = meshnet::maps::open(&pins, meshnet_common::names::TUN_NODE_SLOTS).unwrap();
+            let stale = slots.iter().filter_map(Result::ok).filter(|v| v.nets.contains(&forged)).count();
+            assert_eq!(stale, 0, "{side:?}, restart {r}: node slots still say what no route does");
+            let slotted = poll(WAIT, || decap().iter().all(|d| d == "slot").then_some(()));
+            assert!(slotted.is_some(), "{side:?}, restart {r}: nodes not in their slots: {:?}", decap());
+            for p in [&pin, &copy, &port_slots, &node_slots] {
                 assert!(p.exists(), "{side:?}: {} not pinned again", p.display());
             }
             let settings = t.node(side).dump_json("tunnel")["tunnel"]["settings"].clone();
