@@ -295,12 +295,23 @@ fn empty_slots<V: SeqSlot>(
     let Some((map, held)) = held_slots(map, held)? else {
         return Ok(());
     };
-    let mut first_error = None;
-    let mut emptied = false;
-    for (&slot, cur) in held.iter_mut() {
+    let slots: Vec<u32> = held.keys().copied().collect();
+    let first_error = empty_each(map, held, slots, |slot, cur| {
         // A slot left mid-write (odd) is emptied too, and filled again after the grace.
         let keep = cur.seq() & 1 == 0 && owners.get(&slot).is_some_and(|o| o.with_seq(0) == cur.with_seq(0));
-        if keep || cur.holds_nothing() {
+        !keep && !cur.holds_nothing()
+    });
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Empties each of `slots` that `empty` picks, then starts a grace period if it emptied any;
+/// the first failed write's error.
+fn empty_each<V: SeqSlot>(map: &mut SlotArray<V>, held: &mut BTreeMap<u32, V>, slots: Vec<u32>, empty: impl Fn(u32, &V) -> bool) -> Option<anyhow::Error> {
+    let mut first_error = None;
+    let mut emptied = false;
+    for slot in slots {
+        let cur = held.entry(slot).or_default();
+        if !empty(slot, cur) {
             continue;
         }
         if let Err(e) = write_slot(map, slot, cur, V::EMPTY) {
@@ -311,7 +322,7 @@ fn empty_slots<V: SeqSlot>(
     if emptied {
         grace::freed(V::MAP);
     }
-    first_error.map_or(Ok(()), Err)
+    first_error
 }
 
 /// Gives each empty slot its owner, once a grace period has passed since slots were last
@@ -329,19 +340,7 @@ fn fill_slots<V: SeqSlot>(
     };
     let mut first_error = None;
     if V::EMPTY != V::default() {
-        let mut emptied = false;
-        for &slot in owners.keys() {
-            let cur = held.entry(slot).or_default();
-            if *cur == V::default() {
-                if let Err(e) = write_slot(map, slot, cur, V::EMPTY) {
-                    first_error.get_or_insert(e);
-                }
-                emptied = true;
-            }
-        }
-        if emptied {
-            grace::freed(V::MAP);
-        }
+        first_error = empty_each(map, held, owners.keys().copied().collect(), |_, cur| *cur == V::default());
     }
     for (&slot, owner) in owners {
         let cur = held.entry(slot).or_default();
