@@ -24,6 +24,10 @@
 //!   does, from the node its inner source's route names, whose slot says so, and the routes'
 //!   trie holds two disjoint CIDRs, as configs do (a route nested in another, which the
 //!   validator refuses, made each lookup walk deeper than any real one).
+//! - **Decapsulation with a wide trie.** The same chain, by redirect, on a third object whose
+//!   routes' trie also holds [`wide_routes`], some 16,000 peer-node CIDRs: what a peer with
+//!   as many nodes would enter. A sender's slot answers without the trie, so the figure shows
+//!   whether decapsulation stays flat as a peer grows.
 //! - **The uplink's other traffic: fixed points.** A packet that is no tunnel packet, and a
 //!   refused one, come out of `meshnet_tun_in` as they went in, so `repeat` measures them
 //!   directly (method A of `micro.rs`). So does the gateway hot path, given `micro.rs`'s
@@ -74,6 +78,8 @@ const STRANGER: [u8; 4] = [192, 0, 2, 99];
 /// The chain's sender: a node of the peer by hand, inside its own pod CIDR, [`CHAIN_NET`].
 const CHAIN_NODE: [u8; 4] = [10, 245, 1, 2];
 const CHAIN_NET: &str = "10.245.1.0/24";
+/// The pod CIDR of the peer's first node, [`PEER_NODE`], as [`config`] has it.
+const FIRST_NET: &str = "10.245.0.0/24";
 const PORT: u16 = 31800;
 const MTU: u32 = 1500;
 const POD_PORT: u16 = 40_000;
@@ -100,6 +106,19 @@ const CHAIN_CALLS: usize = 1_000;
 /// One-packet calls of each case per round: the rounds are short (a quick run's take about
 /// 5 s in all), and longer ones average more of the machine's drift away.
 const SAMPLES: usize = 30_000;
+
+/// Every /24 of 10.192.0.0/10 but the local cluster's 10.244.0.0/16, the gateway peer's
+/// 10.246.0.0/16 and the chain's two: 15,870 CIDRs which, with the chain's, fill the routes'
+/// trie to 15,872 of its 16,384 entries, deepening every lookup about 10.245.0.0/16 as a
+/// peer of that many nodes would. They all name the peer's first node: what is measured is
+/// the trie's depth, and the chain's sender keeps its slot to itself.
+fn wide_routes() -> impl Iterator<Item = ipnet::Ipv4Net> {
+    (0..1u32 << 14).filter_map(|i| {
+        let a = Ipv4Addr::from(0x0ac0_0000 + (i << 8)).octets();
+        let taken = matches!(a[1], 244 | 246) || (a[1] == 245 && a[2] < 2);
+        (!taken).then(|| ipnet::Ipv4Net::new(a.into(), 24).expect("a /24"))
+    })
+}
 
 fn config(delivery: &str) -> String {
     format!(
@@ -217,8 +236,9 @@ struct TunDp {
 
 impl TunDp {
     /// The object with its maps filled from the config as the agent fills them, the path to
-    /// the peer node being `ifindex` (this namespace's veth), plus the chain's node.
-    fn load(object: Option<&[u8]>, delivery: &str, ifindex: u32) -> anyhow::Result<Self> {
+    /// the peer node being `ifindex` (this namespace's veth), plus the chain's node, and
+    /// [`wide_routes`] if `wide`.
+    fn load(object: Option<&[u8]>, delivery: &str, ifindex: u32, wide: bool) -> anyhow::Result<Self> {
         let config = Config::from_yaml(&config(delivery))?;
         let mut ebpf = match object {
             None => Datapath::load_unpinned(config.max_flows)?,
@@ -234,12 +254,20 @@ impl TunDp {
         desired.tun_routes.insert(CHAIN_NET.parse()?, meshnet_common::TunnelNode { addr_be: addr_be(CHAIN_NODE.into()), ..peer_node });
         let path = NodePath { src: NODE.into(), ifindex, mtu: MTU };
         let paths = BTreeMap::from([(Ipv4Addr::from(PEER_NODE), path), (Ipv4Addr::from(CHAIN_NODE), path)]);
+        if wide {
+            desired.tun_routes.extend(wide_routes().map(|net| (net, peer_node)));
+        }
         let report = tun.sync(&desired, &paths, MTU, &[])?;
-        ensure!((report.routes_written, report.nodes_written) == (2, 2), "tunnel maps: {report:?}");
-        // Both nodes are checked from their slots, on objects that have them.
+        ensure!((report.routes_written, report.nodes_written) == (desired.tun_routes.len(), 2), "tunnel maps: {report:?}");
+        // The nodes are taken on their slots, on objects that have them.
         if tun.node_slots.is_some() {
-            let slotted = tun.current_routes().iter().filter(|(net, n)| tun.slotted(**net, n)).count();
-            ensure!(slotted == 2, "the nodes' slots hold {slotted} of their 2 routes");
+            // The wide routes all name the first node, whose slot keeps only some of them.
+            let routes = tun.current_routes();
+            let slotted = |net: &str| -> anyhow::Result<bool> {
+                let net = net.parse()?;
+                Ok(routes.get(&net).is_some_and(|n| tun.slotted(net, n)))
+            };
+            ensure!(slotted(CHAIN_NET)? && (wide || slotted(FIRST_NET)?), "the nodes' slots do not hold their routes");
         }
         // The pod's entry in the port table, as the agent writes it for a pod it attached to:
         // redirect delivery sends out of the pod's own port, with no FIB lookup. Its port is
@@ -269,7 +297,7 @@ fn run_out(dp: &TunDp, name: &str, pkt: &[u8], repeat: u32) -> anyhow::Result<(u
 /// The decapsulation floors (`bench-floor`): the object loaded with the redirect config, so
 /// that its maps hold the tunnel port and the pod's slot, with its two floor programs loaded.
 fn load_floor(object: &[u8], ifindex: u32) -> anyhow::Result<TunDp> {
-    let mut dp = TunDp::load(Some(object), "redirect", ifindex)?;
+    let mut dp = TunDp::load(Some(object), "redirect", ifindex, false)?;
     for name in [names::PROG_FLOOR_DECAP_STACK, names::PROG_FLOOR_DECAP_REDIRECT] {
         let p: &mut aya::programs::SchedClassifier = dp.ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
         p.load().with_context(|| format!("the kernel refused {name}"))?;
@@ -295,7 +323,7 @@ fn check_floor(floor: &TunDp, pk: &Packets) -> anyhow::Result<()> {
 }
 
 /// Checks once, with the output packets, that each case takes the path it is measured for.
-fn check_paths(stack: &TunDp, redirect: &TunDp, pk: &Packets) -> anyhow::Result<()> {
+fn check_paths(stack: &TunDp, redirect: &TunDp, wide: &TunDp, pk: &Packets) -> anyhow::Result<()> {
     let o = tunnel::OVERHEAD as usize;
     for (what, pkt) in [("TCP", &pk.encap_tcp), ("UDP", &pk.encap_udp)] {
         let (v, out) = run_out(stack, names::PROG_FROM_POD, pkt, 1)?;
@@ -308,7 +336,7 @@ fn check_paths(stack: &TunDp, redirect: &TunDp, pk: &Packets) -> anyhow::Result<
     ensure!(v == OK && out[14..] == pk.inner_reply[14..], "decapsulation (stack): verdict {v}, {} bytes", out.len());
     let (v, out) = run_out(redirect, names::PROG_TUNNEL_IN, &pk.decap, 1)?;
     ensure!(v == REDIRECT && out[..12] == [POD_MAC, HOST_MAC].concat()[..], "decapsulation (redirect): verdict {v}, MACs {:02x?}", &out[..12]);
-    for (dp, want) in [(stack, OK), (redirect, REDIRECT)] {
+    for (dp, want) in [(stack, OK), (redirect, REDIRECT), (wide, REDIRECT)] {
         let before = counter(&dp.stats, "tunnel_decap");
         let (v, out) = run_out(dp, names::PROG_TUNNEL_IN, &pk.chain, CHAIN_DEPTH)?;
         let moved = counter(&dp.stats, "tunnel_decap") - before;
@@ -366,7 +394,7 @@ fn push(m: &mut BTreeMap<&'static str, Vec<f64>>, k: &'static str, v: f64) {
 }
 
 /// One round: the one-packet cases interleaved, the fixed points, the chains.
-fn round_once(stack: &TunDp, redirect: &TunDp, floor: Option<&TunDp>, pk: &Packets, repeat: u32, out: &mut Rounds) -> anyhow::Result<()> {
+fn round_once(stack: &TunDp, redirect: &TunDp, wide: &TunDp, floor: Option<&TunDp>, pk: &Packets, repeat: u32, out: &mut Rounds) -> anyhow::Result<()> {
     let ns = |r: &Run| u32::try_from(r.kernel.as_nanos()).unwrap_or(u32::MAX);
     let (empty, from_pod, tun_in) = (prog(&stack.ebpf, names::PROG_EMPTY), prog(&stack.ebpf, names::PROG_FROM_POD), prog(&stack.ebpf, names::PROG_TUNNEL_IN));
     let tun_in_redirect = prog(&redirect.ebpf, names::PROG_TUNNEL_IN);
@@ -418,8 +446,12 @@ fn round_once(stack: &TunDp, redirect: &TunDp, floor: Option<&TunDp>, pk: &Packe
     }
     // The chains, interleaved with the empty program on the same packet, and with the floors
     // where they were built.
-    let mut chains: Vec<(&'static str, &aya::programs::SchedClassifier, u32, f64)> =
-        vec![("decap_stack", tun_in, OK, 0.0), ("decap_redirect", tun_in_redirect, REDIRECT, 0.0), ("empty", empty, UNSPEC, 0.0)];
+    let mut chains: Vec<(&'static str, &aya::programs::SchedClassifier, u32, f64)> = vec![
+        ("decap_stack", tun_in, OK, 0.0),
+        ("decap_redirect", tun_in_redirect, REDIRECT, 0.0),
+        ("decap_redirect_wide", prog(&wide.ebpf, names::PROG_TUNNEL_IN), REDIRECT, 0.0),
+        ("empty", empty, UNSPEC, 0.0),
+    ];
     if let Some(f) = floor {
         chains.push(("floor_stack", prog(&f.ebpf, names::PROG_FLOOR_DECAP_STACK), OK, 0.0));
         chains.push(("floor_redirect", prog(&f.ebpf, names::PROG_FLOOR_DECAP_REDIRECT), REDIRECT, 0.0));
@@ -438,31 +470,33 @@ fn round_once(stack: &TunDp, redirect: &TunDp, floor: Option<&TunDp>, pk: &Packe
 }
 
 fn measure(object: Option<&[u8]>, floor: Option<&[u8]>, reps: usize, repeat: u32, ifindex: u32) -> anyhow::Result<Value> {
-    let mut stack = TunDp::load(object, "stack", ifindex)?;
-    let redirect = TunDp::load(object, "redirect", ifindex)?;
+    let mut stack = TunDp::load(object, "stack", ifindex, false)?;
+    let redirect = TunDp::load(object, "redirect", ifindex, false)?;
+    let wide = TunDp::load(object, "redirect", ifindex, true)?;
     let floor = floor.map(|o| load_floor(o, ifindex)).transpose().context("the decapsulation floors")?;
     let pk = Packets::new();
-    check_paths(&stack, &redirect, &pk)?;
+    check_paths(&stack, &redirect, &wide, &pk)?;
     if let Some(f) = &floor {
         check_floor(f, &pk)?;
     }
     gateway_fixed_point(&mut stack)?;
-    let (s0, r0) = (stack.counters(), redirect.counters());
+    let (s0, r0, w0) = (stack.counters(), redirect.counters(), wide.counters());
     let mut rounds = Rounds::default();
     for _ in 0..reps {
-        round_once(&stack, &redirect, floor.as_ref(), &pk, repeat, &mut rounds)?;
+        round_once(&stack, &redirect, &wide, floor.as_ref(), &pk, repeat, &mut rounds)?;
     }
     // Every call took the path it was measured for: the counters account for all of them.
-    let (s1, r1) = (stack.counters(), redirect.counters());
+    let (s1, r1, w1) = (stack.counters(), redirect.counters(), wide.counters());
     let grew = |a: &BTreeMap<&str, u64>, b: &BTreeMap<&str, u64>, k: &str| b.get(k).copied().unwrap_or(0) - a.get(k).copied().unwrap_or(0);
     let calls = (reps * SAMPLES) as u64;
     let chains = (reps * CHAIN_CALLS) as u64 * u64::from(CHAIN_DEPTH);
     ensure!(grew(&s0, &s1, "tunnel_encap") == 2 * calls, "tunnel_encap grew by {}, expected {}", grew(&s0, &s1, "tunnel_encap"), 2 * calls);
     ensure!(grew(&s0, &s1, "tunnel_decap") == calls + chains, "tunnel_decap (stack) grew by {}", grew(&s0, &s1, "tunnel_decap"));
     ensure!(grew(&r0, &r1, "tunnel_decap") == calls + chains, "tunnel_decap (redirect) grew by {}", grew(&r0, &r1, "tunnel_decap"));
+    ensure!(grew(&w0, &w1, "tunnel_decap") == chains, "tunnel_decap (wide trie) grew by {}", grew(&w0, &w1, "tunnel_decap"));
     ensure!(grew(&s0, &s1, "flow_opened") == 0, "the gateway hot path opened {} flows", grew(&s0, &s1, "flow_opened"));
     for k in FAILURES {
-        ensure!(grew(&s0, &s1, k) == 0 && grew(&r0, &r1, k) == 0, "{k} moved while measuring");
+        ensure!(grew(&s0, &s1, k) == 0 && grew(&r0, &r1, k) == 0 && grew(&w0, &w1, k) == 0, "{k} moved while measuring");
     }
 
     let b_empty = &rounds.b["empty"];
@@ -518,11 +552,13 @@ fn measure(object: Option<&[u8]>, floor: Option<&[u8]>, reps: usize, repeat: u32
             json!({ "ns": Stat::of(v).json(), "ratio_to_empty": Stat::of(&ratios(v, c_empty)).json(), "net_ns": Stat::of(&v.iter().zip(c_empty).map(|(x, e)| x - e).collect::<Vec<_>>()).json() }),
         );
     }
+    chain["decap_redirect_wide"]["ratio_to_narrow"] = Stat::of(&ratios(&rounds.chain["decap_redirect_wide"], &rounds.chain["decap_redirect"])).json();
     Ok(json!({
         "rounds": reps,
         "samples_per_round": SAMPLES,
         "repeat": repeat,
         "chain_depth": CHAIN_DEPTH,
+        "wide_routes": wide_routes().count() + 2,
         "chain_calls_per_round": CHAIN_CALLS,
         "mtu": MTU,
         "packet_bytes": {
@@ -587,6 +623,19 @@ mod tests {
         }
         assert_eq!(&c[at..], &inner[14..]);
         assert!(chain_packet(CHAIN_DEPTH, &inner).len() <= 3_712);
+    }
+
+    #[test]
+    fn the_wide_routes_are_disjoint_from_every_other_route_and_fill_the_trie_to_its_limit() {
+        let wide: Vec<_> = wide_routes().collect();
+        assert_eq!(wide.len() + 2, 15_872);
+        assert!(wide.len() + 2 <= meshnet_common::limits::MAX_TUNNEL_ROUTES as usize);
+        let others: Vec<ipnet::Ipv4Net> =
+            ["10.244.0.0/16", "10.246.0.0/16", FIRST_NET, CHAIN_NET].iter().map(|n| n.parse().unwrap()).collect();
+        for net in &wide {
+            assert!(others.iter().all(|o| !o.contains(&net.network()) && !net.contains(&o.network())), "{net}");
+        }
+        assert!(wide.iter().any(|n| n.to_string() == "10.245.2.0/24"));
     }
 
     #[test]

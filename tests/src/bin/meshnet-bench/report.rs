@@ -1758,6 +1758,37 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
             },
         });
     }
+    let (narrow, wide) = (&t["chain"]["decap_redirect"], &t["chain"]["decap_redirect_wide"]);
+    if narrow.is_object() && wide.is_object() {
+        let r = med(&wide["ratio_to_narrow"]);
+        out.push(Target {
+            what: format!("tunnel mode: decapsulation by redirect, from 2 to {} peer-node CIDRs in the routes' trie", t["wide_routes"]),
+            measured: format!("{:.1} / {:.1} ns: {r:.2}×", med(&narrow["ns"]), med(&wide["ns"])),
+            goal: "flat within 1.5×".into(),
+            met: r <= 1.5,
+            void: stat(&wide["ratio_to_narrow"]).filter(|s| s.void(SPREAD_LIMIT)).map(|s| {
+                let (lo, hi) = s.spread_pct();
+                format!(
+                    "the per-round ratios ranged {:.2}–{:.2} around a median of {:.2} ({lo:+.0} % / {hi:+.0} %), beyond ±{:.0} %, \
+                     so the run does not tell whether the target is met.",
+                    s.min,
+                    s.max,
+                    s.median,
+                    SPREAD_LIMIT * 100.0
+                )
+            }),
+            why: format!(
+                "the same chain on an object whose trie also holds every /24 of 10.192.0.0/10 but \
+                 10.244.0.0/16, 10.246.0.0/16 and the chain's two, {} CIDRs in all, as a peer of that \
+                 many nodes would enter them. A packet from the node that hosts its inner source is \
+                 taken on its sender's slot, an array indexed by the node's address, and reads no \
+                 trie; the wide trie costs only the lookups the slots do not answer: a pod another \
+                 node of the peer hosts, a packet to refuse, and encapsulation's route, which \
+                 `from_pod` looks up for every packet while a tunnel peer is configured.",
+                t["wide_routes"]
+            ),
+        });
+    }
     let am = &t["amortised"];
     if am["uplink_udp"].is_object() {
         let (udp, tcp) = (med(&am["uplink_udp"]["ratio_to_empty"]), med(&am["uplink_tcp"]["ratio_to_empty"]));
@@ -2074,7 +2105,7 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
          peer, 10.245.1.2, hosting 10.245.1.0/24, given to the agent's sync by hand since its \
          address lies inside its own pod CIDR, which no config passes: it lets every layer pass the \
          inner-source check of the layer around it, sent, as a real packet is, by the node that \
-         hosts its inner source, whose slot says so, with routes that nest no more than a real config's.\n\
+         hosts its inner source, whose slot says so, with routes that nest no more than a real config's.{}\n\
          - **Fixed points** ({} runs per syscall; the packet comes out as it went in): what \
          `meshnet_tun_in` costs a packet that is not for the tunnel (TCP and UDP to the node), a \
          tunnel packet from an unknown node and one refused at the last check (both dropped and \
@@ -2090,6 +2121,16 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
         t["chain_depth"],
         t["chain_depth"],
         t["chain_calls_per_round"],
+        if t["wide_routes"].is_u64() {
+            format!(
+                " The same chain by redirect is also measured on a third object whose routes' trie holds {} \
+                 peer-node CIDRs (every /24 of 10.192.0.0/10 but this cluster's, the gateway peer's and the \
+                 chain's), as a peer of that many nodes would enter them.",
+                t["wide_routes"]
+            )
+        } else {
+            String::new()
+        },
         t["repeat"],
         t["rounds"],
     );
@@ -2128,6 +2169,7 @@ fn tunnel_datapath_section(md: &mut String, dp: &Value) {
         (&ch["empty"], format!("the empty program, {} runs per syscall on the chain", t["chain_depth"]), true),
         (&ch["decap_stack"], "decapsulation, delivery through the stack".to_string(), false),
         (&ch["decap_redirect"], "decapsulation, delivery by redirect".to_string(), false),
+        (&ch["decap_redirect_wide"], format!("decapsulation, delivery by redirect, {} peer-node CIDRs in the trie", t["wide_routes"]), false),
         (&ch["floor_stack"], "the decapsulation floor (`bench-floor`), handed to the stack: parse, the tunnel port, the outer checksum, the headers off; no other check, no counter".to_string(), false),
         (&ch["floor_redirect"], "the decapsulation floor, by redirect: the same, then the pod's slot, its MACs and `bpf_redirect`".to_string(), false),
         (&am["empty"], format!("the empty program, {} runs per syscall", t["repeat"]), true),
