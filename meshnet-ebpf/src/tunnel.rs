@@ -561,11 +561,19 @@ fn slotted_sender(saddr_be: u32, cluster: u32, inner_saddr_be: u32) -> Option<u1
     // the seqlock's order: `seq`, then the value, then `seq` again.
     unsafe {
         use core::ptr::read_volatile as rv;
-        // No node has the address 0 nor sends from 255.255.255.255: refused here, neither can
-        // come from a read that mixed an empty slot's value with a node's on a CPU that
-        // reorders loads (the agent changes a slot only through empty).
+        // An empty slot holds the address 0, the peer id 0 and CIDRs that hold nothing but with
+        // a mask of 0. A read that mixed its values with a node's, on a CPU that reorders
+        // loads (the agent changes a slot only through empty), must not take a sender: so no
+        // sender at 0, no cluster id 0 (a peer whose name hashed to 0 would be taken by the
+        // trie) and no inner source 255.255.255.255 is taken here.
         let seq = rv(&raw const (*s).seq);
-        if seq & 1 != 0 || saddr_be == 0 || inner_saddr_be == u32::MAX || rv(&raw const (*s).addr_be) != saddr_be || rv(&raw const (*s).peer_id) != cluster {
+        if seq & 1 != 0
+            || saddr_be == 0
+            || cluster == 0
+            || inner_saddr_be == u32::MAX
+            || rv(&raw const (*s).addr_be) != saddr_be
+            || rv(&raw const (*s).peer_id) != cluster
+        {
             return None;
         }
         let stats_slot = rv(&raw const (*s).stats_slot);

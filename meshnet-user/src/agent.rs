@@ -341,20 +341,27 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         port_conflicts: BTreeSet::new(),
         port_read_warned: false,
     };
-    if agent.api.heard {
-        agent.sync().context("filling the maps")?;
-    } else {
-        // Until the API has been heard, the published peers in the pinned maps (from before
-        // a restart) keep serving as they are: nothing is withdrawn on the strength of an
-        // empty start. The file's own peers apply now.
-        info!("waiting for the published peers; applying the file's peers over the pinned state");
-        agent.api.object = Some(format!("waiting for ConfigMap {PEERS_CONFIGMAP}"));
-        if !agent.apply_effective("start") {
-            anyhow::bail!("the config cannot be applied over the pinned state");
+    let started = (|| -> anyhow::Result<()> {
+        if agent.api.heard {
+            agent.sync().context("filling the maps")?;
+        } else {
+            // Until the API has been heard, the published peers in the pinned maps (from
+            // before a restart) keep serving as they are: nothing is withdrawn on the strength
+            // of an empty start. The file's own peers apply now.
+            info!("waiting for the published peers; applying the file's peers over the pinned state");
+            agent.api.object = Some(format!("waiting for ConfigMap {PEERS_CONFIGMAP}"));
+            if !agent.apply_effective("start") {
+                anyhow::bail!("the config cannot be applied over the pinned state");
+            }
         }
+        agent.rescan_interfaces()?;
+        agent.settle_migration().context("migrating the old maps")
+    })();
+    if let Err(e) = started {
+        // A start that failed is often rolled back to an older agent, as a stop is.
+        agent.empty_node_slots();
+        return Err(e);
     }
-    agent.rescan_interfaces()?;
-    agent.settle_migration().context("migrating the old maps")?;
     // Once this build's programs run: see ControlMaps::note_unanswered_at_start.
     let noted = agent.maps.note_unanswered_at_start();
     if noted > 0 {
@@ -431,9 +438,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Some(update) = api_rx.recv() => agent.api_update(update),
         }
     }
-    if let Err(e) = agent.tunnel.empty_node_slots() {
-        warn!(error = %format!("{e:#}"), "could not empty the tunnel nodes' slots before stopping");
-    }
+    agent.empty_node_slots();
     info!("stopping; the datapath stays in place (`meshnet detach` removes it)");
     Ok(())
 }
@@ -453,6 +458,14 @@ fn stopped_before_start(while_: &str) {
 }
 
 impl Agent {
+    /// Before the agent exits: an older agent started next would keep the routes without
+    /// knowing the slots, which this build's programs, attached until it swaps them, trust.
+    fn empty_node_slots(&mut self) {
+        if let Err(e) = self.tunnel.empty_node_slots() {
+            warn!(error = %format!("{e:#}"), "could not empty the tunnel nodes' slots before stopping");
+        }
+    }
+
     /// Merges what the API published with the file and applies what is valid.
     fn api_update(&mut self, update: ApiUpdate) {
         match update {

@@ -78,6 +78,9 @@ const STRANGER: [u8; 4] = [192, 0, 2, 99];
 /// The chain's sender: a node of the peer by hand, inside its own pod CIDR, [`CHAIN_NET`].
 const CHAIN_NODE: [u8; 4] = [10, 245, 1, 2];
 const CHAIN_NET: &str = "10.245.1.0/24";
+/// A pod of [`CHAIN_NODE`]: the source of the chain's innermost packet, so that its layer too
+/// comes from the node that hosts its source.
+const CHAIN_POD: [u8; 4] = [10, 245, 1, 20];
 /// The pod CIDR of the peer's first node, [`PEER_NODE`], as [`config`] has it.
 const FIRST_NET: &str = "10.245.0.0/24";
 const PORT: u16 = 31800;
@@ -193,6 +196,8 @@ struct Packets {
     /// The reply to `encap_tcp`, as it arrives from the peer node.
     inner_reply: Vec<u8>,
     decap: Vec<u8>,
+    /// What the chain leaves once every layer is off: a packet of a pod of the chain's node.
+    chain_inner: Vec<u8>,
     chain: Vec<u8>,
     gw_hot: Vec<u8>,
     uplink_tcp: Vec<u8>,
@@ -206,11 +211,13 @@ struct Packets {
 impl Packets {
     fn new() -> Self {
         let inner_reply = tcp(REMOTE, APP_PORT, POD, POD_PORT, false);
+        let chain_inner = tcp(CHAIN_POD, APP_PORT, POD, POD_PORT, false);
         Self {
             encap_tcp: tcp(POD, POD_PORT, REMOTE, APP_PORT, false),
             encap_udp: udp(POD, 5_000, REMOTE, 53, &[0x5a; 41]),
             decap: tunnel_packet(PEER_NODE, NODE, &inner_reply),
-            chain: chain_packet(CHAIN_DEPTH, &inner_reply),
+            chain: chain_packet(CHAIN_DEPTH, &chain_inner),
+            chain_inner,
             gw_hot: tcp(POD, POD_PORT, GW_REMOTE, APP_PORT, false),
             // The node's own traffic on the uplink: TCP, and UDP to another port than the
             // tunnel's (the dearer of the two: the ports are read).
@@ -230,7 +237,7 @@ impl Packets {
 struct TunDp {
     ebpf: Ebpf,
     maps: ControlMaps,
-    _tunnel: TunnelMaps,
+    tunnel: TunnelMaps,
     stats: Stats,
 }
 
@@ -275,7 +282,7 @@ impl TunDp {
         // encapsulated only from its own port.
         tun.sync_ports(&BTreeMap::from([(Ipv4Addr::from(POD), PodPort { ifindex: 1, pod_mac: POD_MAC, host_mac: HOST_MAC })]))?;
         let stats = maps::take_stats(&mut ebpf)?;
-        Ok(Self { ebpf, maps, _tunnel: tun, stats })
+        Ok(Self { ebpf, maps, tunnel: tun, stats })
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
@@ -310,7 +317,7 @@ fn load_floor(object: &[u8], ifindex: u32) -> anyhow::Result<TunDp> {
 fn check_floor(floor: &TunDp, pk: &Packets) -> anyhow::Result<()> {
     for (name, want) in [(names::PROG_FLOOR_DECAP_STACK, OK), (names::PROG_FLOOR_DECAP_REDIRECT, REDIRECT)] {
         let (v, out) = run_out(floor, name, &pk.chain, CHAIN_DEPTH)?;
-        ensure!(v == want && out[14..] == pk.inner_reply[14..], "{name} on the chain: verdict {v}, {} bytes left", out.len());
+        ensure!(v == want && out[14..] == pk.chain_inner[14..], "{name} on the chain: verdict {v}, {} bytes left", out.len());
         if want == REDIRECT {
             ensure!(out[..12] == [POD_MAC, HOST_MAC].concat()[..], "{name}: MACs {:02x?}", &out[..12]);
         }
@@ -341,7 +348,7 @@ fn check_paths(stack: &TunDp, redirect: &TunDp, wide: &TunDp, pk: &Packets) -> a
         let (v, out) = run_out(dp, names::PROG_TUNNEL_IN, &pk.chain, CHAIN_DEPTH)?;
         let moved = counter(&dp.stats, "tunnel_decap") - before;
         ensure!(v == want && moved == u64::from(CHAIN_DEPTH), "decapsulation chain: verdict {v}, {moved} decapsulations");
-        ensure!(out[14..] == pk.inner_reply[14..], "decapsulation chain: {} bytes left", out.len());
+        ensure!(out[14..] == pk.chain_inner[14..], "decapsulation chain: {} bytes left", out.len());
     }
     let (v, _) = run_out(stack, names::PROG_FROM_POD, &pk.gw_hot, 1)?;
     ensure!(v == OK, "the gateway flow's first packet: verdict {v}");
@@ -552,13 +559,16 @@ fn measure(object: Option<&[u8]>, floor: Option<&[u8]>, reps: usize, repeat: u32
             json!({ "ns": Stat::of(v).json(), "ratio_to_empty": Stat::of(&ratios(v, c_empty)).json(), "net_ns": Stat::of(&v.iter().zip(c_empty).map(|(x, e)| x - e).collect::<Vec<_>>()).json() }),
         );
     }
-    chain["decap_redirect_wide"]["ratio_to_narrow"] = Stat::of(&ratios(&rounds.chain["decap_redirect_wide"], &rounds.chain["decap_redirect"])).json();
+    // Net of the empty program, so that the figure's fixed part does not hide the growth.
+    let (wide_net, narrow_net) = (net_of(&rounds.chain["decap_redirect_wide"], c_empty), net_of(&rounds.chain["decap_redirect"], c_empty));
+    chain["decap_redirect_wide"]["net_ratio_to_narrow"] = Stat::of(&ratios(&wide_net, &narrow_net)).json();
     Ok(json!({
         "rounds": reps,
         "samples_per_round": SAMPLES,
         "repeat": repeat,
         "chain_depth": CHAIN_DEPTH,
         "wide_routes": wide_routes().count() + 2,
+        "node_slots": wide.tunnel.node_slots.is_some(),
         "chain_calls_per_round": CHAIN_CALLS,
         "mtu": MTU,
         "packet_bytes": {

@@ -1760,13 +1760,19 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
     }
     let (narrow, wide) = (&t["chain"]["decap_redirect"], &t["chain"]["decap_redirect_wide"]);
     if narrow.is_object() && wide.is_object() {
-        let r = med(&wide["ratio_to_narrow"]);
+        let r = med(&wide["net_ratio_to_narrow"]);
         out.push(Target {
             what: format!("tunnel mode: decapsulation by redirect, from 2 to {} peer-node CIDRs in the routes' trie", t["wide_routes"]),
-            measured: format!("{:.1} / {:.1} ns: {r:.2}×", med(&narrow["ns"]), med(&wide["ns"])),
-            goal: "flat within 1.5×".into(),
-            met: r <= 1.5,
-            void: stat(&wide["ratio_to_narrow"]).filter(|s| s.void(SPREAD_LIMIT)).map(|s| {
+            measured: format!(
+                "{:.1} / {:.1} ns, {:.1} / {:.1} ns net of the empty program: {r:.2}×",
+                med(&narrow["ns"]),
+                med(&wide["ns"]),
+                med(&narrow["net_ns"]),
+                med(&wide["net_ns"])
+            ),
+            goal: "net, flat within 1.25×".into(),
+            met: r <= 1.25,
+            void: stat(&wide["net_ratio_to_narrow"]).filter(|s| s.void(SPREAD_LIMIT)).map(|s| {
                 let (lo, hi) = s.spread_pct();
                 format!(
                     "the per-round ratios ranged {:.2}–{:.2} around a median of {:.2} ({lo:+.0} % / {hi:+.0} %), beyond ±{:.0} %, \
@@ -1780,12 +1786,18 @@ fn tunnel_dp_targets(dp: &Value) -> Vec<Target> {
             why: format!(
                 "the same chain on an object whose trie also holds every /24 of 10.192.0.0/10 but \
                  10.244.0.0/16, 10.246.0.0/16 and the chain's two, {} CIDRs in all, as a peer of that \
-                 many nodes would enter them. A packet from the node that hosts its inner source is \
-                 taken on its sender's slot, an array indexed by the node's address, and reads no \
-                 trie; the wide trie costs only the lookups the slots do not answer: a pod another \
-                 node of the peer hosts, a packet to refuse, and encapsulation's route, which \
-                 `from_pod` looks up for every packet while a tunnel peer is configured.",
-                t["wide_routes"]
+                 many nodes would enter them. {}",
+                t["wide_routes"],
+                if t["node_slots"].as_bool() == Some(true) {
+                    "A packet from the node that hosts its inner source is taken on its sender's slot, \
+                     an array indexed by the node's address, and reads no trie; the wide trie costs only \
+                     the lookups the slots do not answer: a pod another node of the peer hosts, a packet \
+                     to refuse, and encapsulation's route, which `from_pod` looks up for every packet \
+                     while a tunnel peer is configured."
+                } else {
+                    "This object has no node slots: every decapsulation looks its inner source up in the trie, \
+                     which walks deeper the more CIDRs it holds."
+                }
             ),
         });
     }
